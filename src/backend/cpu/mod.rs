@@ -1,0 +1,312 @@
+//! The CPU reference backend: f32 everywhere, plain loops a reader can check against the paper or
+//! PyTorch, rayon for threads, and matrix products through `matrixmultiply` (see `gemm.rs`).
+
+pub mod gemm;
+
+use super::{Activation, Backend};
+use crate::tensor::{PoolId, Tensor};
+use anyhow::{bail, ensure, Result};
+use rayon::prelude::*;
+
+/// One allocation. Owned through a raw pointer so that operations, which take `&self`, can hand out
+/// a mutable view of the output and shared views of the inputs at once; every operation checks that
+/// its output does not overlap its inputs before doing so (`CpuBackend::views`).
+struct CpuPool {
+    ptr: *mut f32,
+    len: usize,
+    label: String,
+}
+
+impl Drop for CpuPool {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len came from Box::into_raw of a boxed slice of exactly this length.
+        unsafe { drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len))) };
+    }
+}
+
+#[derive(Default)]
+pub struct CpuBackend {
+    pools: Vec<CpuPool>,
+}
+
+impl CpuBackend {
+    pub fn new() -> CpuBackend {
+        CpuBackend::default()
+    }
+
+    fn pool(&self, t: &Tensor) -> &CpuPool {
+        let p = self
+            .pools
+            .get(t.pool.0)
+            .unwrap_or_else(|| panic!("tensor {t:?} refers to a pool this backend does not own"));
+        assert!(t.end() <= p.len, "tensor {t:?} runs past the end of pool '{}' ({} elements)", p.label, p.len);
+        p
+    }
+
+    fn view(&self, t: &Tensor) -> &[f32] {
+        let p = self.pool(t);
+        // SAFETY: in bounds (checked in `pool`); no mutable view of these elements exists while an
+        // operation runs because `views` checks that outputs and inputs are disjoint.
+        unsafe { std::slice::from_raw_parts(p.ptr.add(t.offset), t.numel()) }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn view_mut(&self, t: &Tensor) -> &mut [f32] {
+        let p = self.pool(t);
+        // SAFETY: as in `view`; callers obtain it only through `views`, which rejects overlap.
+        unsafe { std::slice::from_raw_parts_mut(p.ptr.add(t.offset), t.numel()) }
+    }
+
+    /// Mutable views of `outs` and shared views of `ins`, after checking that no output overlaps
+    /// another output or any input (an overlap is a bug in the caller, hence a panic).
+    fn views<const O: usize, const I: usize>(
+        &self,
+        outs: [&Tensor; O],
+        ins: [&Tensor; I],
+    ) -> ([&mut [f32]; O], [&[f32]; I]) {
+        for (i, o) in outs.iter().enumerate() {
+            for o2 in &outs[i + 1..] {
+                assert!(!o.overlaps(o2), "output tensors overlap: {o:?} and {o2:?}");
+            }
+            for x in &ins {
+                assert!(!o.overlaps(x), "output {o:?} overlaps input {x:?}");
+            }
+        }
+        (outs.map(|t| self.view_mut(t)), ins.map(|t| self.view(t)))
+    }
+}
+
+fn check_len(what: &str, t: &Tensor, want: usize) -> Result<()> {
+    ensure!(t.numel() >= want, "{what}: tensor of {} elements, operation needs {want}", t.numel());
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn alloc(&mut self, len: usize, label: &str) -> Result<PoolId> {
+        let mut v: Vec<f32> = Vec::new();
+        if v.try_reserve_exact(len).is_err() {
+            bail!("cannot allocate pool '{label}': {} MiB of host memory", len * 4 >> 20);
+        }
+        v.resize(len, 0.0);
+        let b = v.into_boxed_slice();
+        let ptr = Box::into_raw(b) as *mut f32;
+        self.pools.push(CpuPool { ptr, len, label: label.to_string() });
+        Ok(PoolId(self.pools.len() - 1))
+    }
+
+    fn pool_sizes(&self) -> Vec<(String, usize)> {
+        self.pools.iter().map(|p| (p.label.clone(), p.len * 4)).collect()
+    }
+
+    fn upload(&self, dst: &Tensor, src: &[f32]) -> Result<()> {
+        ensure!(src.len() == dst.numel(), "upload of {} elements into a tensor of {}", src.len(), dst.numel());
+        let ([d], []) = self.views([dst], []);
+        d.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download(&self, src: &Tensor) -> Result<Vec<f32>> {
+        Ok(self.view(src).to_vec())
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &Tensor,
+        ids: &[u32],
+        wte: &Tensor,
+        wpe: &Tensor,
+        batch: usize,
+        seq: usize,
+        dim: usize,
+    ) -> Result<()> {
+        ensure!(ids.len() == batch * seq, "embedding: {} ids for batch {batch} × seq {seq}", ids.len());
+        let vocab = wte.numel() / dim;
+        let positions = wpe.numel() / dim;
+        ensure!(seq <= positions, "embedding: sequence of {seq} tokens exceeds the {positions} positions");
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("embedding: token id {bad} is outside the vocabulary of {vocab}");
+        }
+        check_len("embedding out", out, batch * seq * dim)?;
+        let ([o], [wte, wpe]) = self.views([out], [wte, wpe]);
+        o[..batch * seq * dim].par_chunks_mut(dim).enumerate().for_each(|(row, o)| {
+            let id = ids[row] as usize;
+            let t = row % seq;
+            let (e, p) = (&wte[id * dim..(id + 1) * dim], &wpe[t * dim..(t + 1) * dim]);
+            for c in 0..dim {
+                o[c] = e[c] + p[c];
+            }
+        });
+        Ok(())
+    }
+
+    fn layer_norm_forward(
+        &self,
+        out: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check_len("layer_norm out", out, rows * cols)?;
+        check_len("layer_norm inp", inp, rows * cols)?;
+        check_len("layer_norm mean", mean, rows)?;
+        check_len("layer_norm rstd", rstd, rows)?;
+        let ([o, m, r], [x, w, b]) = self.views([out, mean, rstd], [inp, weight, bias]);
+        o[..rows * cols]
+            .par_chunks_mut(cols)
+            .zip(x[..rows * cols].par_chunks(cols))
+            .zip(m[..rows].par_iter_mut().zip(r[..rows].par_iter_mut()))
+            .for_each(|((o, x), (m, r))| {
+                // Two passes in f64 for the statistics: the reference for the f32/bf16 kernels.
+                let mu = x.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+                let var = x.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / cols as f64;
+                let rs = 1.0 / (var + eps as f64).sqrt();
+                for c in 0..cols {
+                    o[c] = ((x[c] as f64 - mu) * rs) as f32 * w[c] + b[c];
+                }
+                *m = mu as f32;
+                *r = rs as f32;
+            });
+        Ok(())
+    }
+
+    fn linear_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()> {
+        check_len("linear out", out, rows * out_f)?;
+        check_len("linear inp", inp, rows * in_f)?;
+        check_len("linear weight", weight, out_f * in_f)?;
+        let ([o], [x, w]) = self.views([out], [inp, weight]);
+        let o = &mut o[..rows * out_f];
+        match bias {
+            Some(b) => {
+                check_len("linear bias", b, out_f)?;
+                assert!(!out.overlaps(b), "output {out:?} overlaps bias {b:?}");
+                let b = &self.view(b)[..out_f];
+                o.par_chunks_mut(out_f).for_each(|row| row.copy_from_slice(b));
+            }
+            None => o.fill(0.0),
+        }
+        // out (rows × out_f) += x (rows × in_f) · wᵀ, wᵀ read in place: element (k, n) at n·in_f + k.
+        gemm::sgemm_par(
+            rows,
+            in_f,
+            out_f,
+            gemm::Mat { data: x, row_stride: in_f, col_stride: 1 },
+            gemm::Mat { data: w, row_stride: 1, col_stride: in_f },
+            o,
+            1.0,
+        );
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: &Tensor,
+        lse: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Result<()> {
+        let width = heads * head_dim;
+        ensure!(!causal || q_len == kv_len, "causal attention needs q_len == kv_len ({q_len} vs {kv_len})");
+        check_len("attention out", out, batch * q_len * width)?;
+        check_len("attention q", q, batch * q_len * width)?;
+        check_len("attention k", k, batch * kv_len * width)?;
+        check_len("attention v", v, batch * kv_len * width)?;
+        check_len("attention lse", lse, batch * q_len * heads)?;
+        let ([o, l], [q, k, v]) = self.views([out, lse], [q, k, v]);
+        // One task per (batch, query row): it computes every head of that row, so each task owns a
+        // contiguous slice of `out` and of `lse`.
+        o[..batch * q_len * width]
+            .par_chunks_mut(width)
+            .zip(l[..batch * q_len * heads].par_chunks_mut(heads))
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; kv_len],
+                |scores, (row, (o, l))| {
+                    let (b, i) = (row / q_len, row % q_len);
+                    let keys = if causal { i + 1 } else { kv_len };
+                    for h in 0..heads {
+                        let qh = &q[row * width + h * head_dim..][..head_dim];
+                        let mut max = f32::NEG_INFINITY;
+                        for (j, s) in scores[..keys].iter_mut().enumerate() {
+                            let kh = &k[(b * kv_len + j) * width + h * head_dim..][..head_dim];
+                            *s = dot(qh, kh) * scale;
+                            max = max.max(*s);
+                        }
+                        let mut sum = 0f32;
+                        for s in &mut scores[..keys] {
+                            *s = (*s - max).exp();
+                            sum += *s;
+                        }
+                        let oh = &mut o[h * head_dim..(h + 1) * head_dim];
+                        oh.fill(0.0);
+                        for (j, &p) in scores[..keys].iter().enumerate() {
+                            let vh = &v[(b * kv_len + j) * width + h * head_dim..][..head_dim];
+                            for d in 0..head_dim {
+                                oh[d] += p * vh[d];
+                            }
+                        }
+                        let inv = 1.0 / sum;
+                        oh.iter_mut().for_each(|x| *x *= inv);
+                        l[h] = max + sum.ln();
+                    }
+                },
+            );
+        Ok(())
+    }
+
+    fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
+        check_len("activation out", out, n)?;
+        check_len("activation inp", inp, n)?;
+        let ([o], [x]) = self.views([out], [inp]);
+        let f: fn(f32) -> f32 = match act {
+            Activation::QuickGelu => |x| x / (1.0 + (-1.702 * x).exp()),
+            Activation::Gelu => |x| (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32,
+            Activation::GeluTanh => |x| {
+                let x = x as f64;
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                (0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())) as f32
+            },
+            Activation::Silu => |x| x / (1.0 + (-x).exp()),
+        };
+        o[..n].par_iter_mut().zip(x[..n].par_iter()).for_each(|(o, &x)| *o = f(x));
+        Ok(())
+    }
+
+    fn add_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
+        check_len("add out", out, n)?;
+        check_len("add a", a, n)?;
+        check_len("add b", b, n)?;
+        let ([o], [a, b]) = self.views([out], [a, b]);
+        o[..n].par_iter_mut().zip(a[..n].par_iter().zip(b[..n].par_iter())).for_each(|(o, (a, b))| *o = a + b);
+        Ok(())
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}

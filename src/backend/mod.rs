@@ -1,0 +1,173 @@
+//! The `Backend` trait: every numeric operation the models use, one method each.
+//!
+//! Argument order follows llm.c: outputs first, then inputs and saved statistics, then dimensions.
+//! Tensors are views into pools the backend owns (see `tensor::Layout`); an operation never
+//! allocates. The CPU backend (`cpu`) is the readable f32 reference; the CUDA backend (issue 5)
+//! implements the same methods with hand-written kernels.
+
+pub mod cpu;
+
+use crate::tensor::{PoolId, Tensor};
+use anyhow::{bail, Result};
+use std::fmt;
+use std::str::FromStr;
+
+/// Elementwise activation functions, named as in the configs that select them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// x · sigmoid(1.702 x), CLIP's `quick_gelu`.
+    QuickGelu,
+    /// The exact erf form, PyTorch's `gelu` (transformers' `gelu`).
+    Gelu,
+    /// The tanh approximation (transformers' `gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// x · sigmoid(x) (`silu`, `swish`).
+    Silu,
+}
+
+impl Activation {
+    /// Parses a transformers/diffusers activation name (`hidden_act`, `act_fn`).
+    pub fn from_config_name(name: &str) -> Option<Activation> {
+        Some(match name {
+            "quick_gelu" => Activation::QuickGelu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "silu" | "swish" => Activation::Silu,
+            _ => return None,
+        })
+    }
+
+    pub const CONFIG_NAMES: &'static str =
+        "quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu, swish";
+}
+
+/// Which backend a command runs on (`--device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda),
+            _ => Err(format!("unknown device '{s}' (expected cpu or cuda)")),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
+/// Creates the backend for `device`, or says plainly why it cannot.
+pub fn create(device: Device) -> Result<Box<dyn Backend>> {
+    match device {
+        Device::Cpu => Ok(Box::new(cpu::CpuBackend::new())),
+        Device::Cuda => {
+            if cfg!(feature = "cuda") {
+                bail!(
+                    "--device cuda: this binary was built with the `cuda` feature, but the CUDA \
+                     backend is not implemented yet (issue 5); use --device cpu"
+                )
+            } else {
+                bail!(
+                    "--device cuda: CUDA support was not compiled into this binary; rebuild with \
+                     `cargo build --release --features cuda`, or use --device cpu"
+                )
+            }
+        }
+    }
+}
+
+pub trait Backend {
+    /// A short name for messages ("cpu", "cuda:0 (NVIDIA H100)").
+    fn name(&self) -> String;
+
+    /// Allocates a pool of `len` f32-equivalent elements. Pools live as long as the backend.
+    fn alloc(&mut self, len: usize, label: &str) -> Result<PoolId>;
+
+    /// (label, bytes) of every pool, for `--verbose` reports.
+    fn pool_sizes(&self) -> Vec<(String, usize)>;
+
+    /// Copies host data into `dst` (`src.len()` must equal `dst.numel()`).
+    fn upload(&self, dst: &Tensor, src: &[f32]) -> Result<()>;
+
+    /// Copies `src` to the host.
+    fn download(&self, src: &Tensor) -> Result<Vec<f32>>;
+
+    /// out[b, t, :] = wte[ids[b·seq + t], :] + wpe[t, :]; out (batch, seq, dim), wte (vocab, dim),
+    /// wpe (max_positions ≥ seq, dim). Ids are checked against the vocabulary.
+    fn embedding_forward(
+        &self,
+        out: &Tensor,
+        ids: &[u32],
+        wte: &Tensor,
+        wpe: &Tensor,
+        batch: usize,
+        seq: usize,
+        dim: usize,
+    ) -> Result<()>;
+
+    /// Layer norm over the last dimension: out, mean (rows), rstd (rows), inp (rows, cols).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_forward(
+        &self,
+        out: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()>;
+
+    /// out (rows, out_f) = inp (rows, in_f) · weightᵀ + bias, weight (out_f, in_f) as PyTorch's Linear.
+    fn linear_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()>;
+
+    /// Multi-head scaled dot-product attention on token-major tensors:
+    /// q (batch, q_len, heads·head_dim), k and v (batch, kv_len, heads·head_dim),
+    /// out like q, lse (batch, q_len, heads) the log-sum-exp of each softmax row (saved for backward).
+    /// `causal` masks key j > query i (requires q_len == kv_len).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        out: &Tensor,
+        lse: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Result<()>;
+
+    /// out = act(inp), n elements.
+    fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()>;
+
+    /// out = a + b, n elements (residual connections).
+    fn add_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()>;
+}

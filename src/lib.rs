@@ -1,0 +1,10 @@
+//! roentgen: a from-scratch engine for text-to-chest-X-ray latent diffusion (Stable Diffusion v1.x,
+//! as fine-tuned by RoentGen). See ARCHITECTURE.md in the project's shared folder for the layout.
+
+pub mod backend;
+pub mod nn;
+pub mod models;
+pub mod rng;
+pub mod tensor;
+pub mod tokenizer;
+pub mod weights;

@@ -1,0 +1,249 @@
+//! `CLIPTextModel` (transformers): token + position embeddings, pre-LN transformer layers with a
+//! causal mask, quick_gelu or gelu MLPs, final layer norm; the output is `last_hidden_state`.
+//!
+//! Stable Diffusion v1 feeds the 77 padded ids with no attention mask, so the only mask is causal.
+
+use super::{allocate, ConfigReader};
+use crate::backend::{Activation, Backend};
+use crate::nn::{LayerNorm, LayerNormActs, Linear};
+use crate::tensor::{Layout, Tensor};
+use crate::weights::{self, LoadReport};
+use anyhow::{bail, Result};
+use serde_json::Value;
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub layer_norm_eps: f32,
+    pub hidden_act: Activation,
+}
+
+impl ClipTextConfig {
+    pub fn from_file(path: &Path) -> Result<ClipTextConfig> {
+        Self::from_json(&weights::read_json(path)?, path)
+    }
+
+    /// Parses a `CLIPTextConfig` (or the `text_config` of a full `CLIPConfig`), with transformers'
+    /// defaults for absent fields.
+    pub fn from_json(v: &Value, path: &Path) -> Result<ClipTextConfig> {
+        let v = match v.get("model_type").and_then(|m| m.as_str()) {
+            Some("clip") => v.get("text_config").unwrap_or(v),
+            Some("clip_text_model") | None => v,
+            Some(other) => bail!(
+                "{}: field \"model_type\" is \"{other}\"; expected \"clip_text_model\" (a CLIP text encoder)",
+                path.display()
+            ),
+        };
+        let r = ConfigReader::new(v, path)?;
+        let act_name = r.str("hidden_act", "quick_gelu")?;
+        let hidden_act = match Activation::from_config_name(act_name) {
+            Some(a @ (Activation::QuickGelu | Activation::Gelu | Activation::GeluTanh)) => a,
+            _ => bail!(
+                "{}: field \"hidden_act\" is \"{act_name}\", which the CLIP text encoder does not support \
+                 (supported: quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast)",
+                path.display()
+            ),
+        };
+        let c = ClipTextConfig {
+            vocab_size: r.usize("vocab_size", 49408)?,
+            hidden_size: r.usize("hidden_size", 512)?,
+            intermediate_size: r.usize("intermediate_size", 2048)?,
+            num_hidden_layers: r.usize("num_hidden_layers", 12)?,
+            num_attention_heads: r.usize("num_attention_heads", 8)?,
+            max_position_embeddings: r.usize("max_position_embeddings", 77)?,
+            layer_norm_eps: r.f32("layer_norm_eps", 1e-5)?,
+            hidden_act,
+        };
+        if c.hidden_size % c.num_attention_heads != 0 {
+            bail!(
+                "{}: field \"hidden_size\" ({}) is not divisible by \"num_attention_heads\" ({})",
+                path.display(),
+                c.hidden_size,
+                c.num_attention_heads
+            );
+        }
+        Ok(c)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ClipLayerParams {
+    pub layer_norm1: LayerNorm,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    pub layer_norm2: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClipParams {
+    pub token_embedding: Tensor,    // (vocab, C)
+    pub position_embedding: Tensor, // (max_positions, C)
+    pub layers: Vec<ClipLayerParams>,
+    pub final_layer_norm: LayerNorm,
+}
+
+/// The parameter table of a CLIPTextModel, under transformers' names.
+pub fn params_layout(l: &mut Layout, c: &ClipTextConfig) -> ClipParams {
+    let (d, eps) = (c.hidden_size, c.layer_norm_eps);
+    let token_embedding = l.tensor("text_model.embeddings.token_embedding.weight", [c.vocab_size, d]);
+    let position_embedding = l.tensor("text_model.embeddings.position_embedding.weight", [c.max_position_embeddings, d]);
+    let layers = (0..c.num_hidden_layers)
+        .map(|i| {
+            let p = format!("text_model.encoder.layers.{i}");
+            ClipLayerParams {
+                layer_norm1: LayerNorm::layout(l, &format!("{p}.layer_norm1"), d, eps),
+                q_proj: Linear::layout(l, &format!("{p}.self_attn.q_proj"), d, d, true),
+                k_proj: Linear::layout(l, &format!("{p}.self_attn.k_proj"), d, d, true),
+                v_proj: Linear::layout(l, &format!("{p}.self_attn.v_proj"), d, d, true),
+                out_proj: Linear::layout(l, &format!("{p}.self_attn.out_proj"), d, d, true),
+                layer_norm2: LayerNorm::layout(l, &format!("{p}.layer_norm2"), d, eps),
+                fc1: Linear::layout(l, &format!("{p}.mlp.fc1"), d, c.intermediate_size, true),
+                fc2: Linear::layout(l, &format!("{p}.mlp.fc2"), c.intermediate_size, d, true),
+            }
+        })
+        .collect();
+    let final_layer_norm = LayerNorm::layout(l, "text_model.final_layer_norm", d, eps);
+    ClipParams { token_embedding, position_embedding, layers, final_layer_norm }
+}
+
+/// What one layer's forward writes (and its backward will read); rows = batch · seq.
+#[derive(Clone, Debug)]
+pub struct ClipLayerActs {
+    pub ln1: LayerNormActs,
+    pub q: Tensor,        // (rows, C)
+    pub k: Tensor,        // (rows, C)
+    pub v: Tensor,        // (rows, C)
+    pub attn: Tensor,     // (rows, C) heads concatenated
+    pub lse: Tensor,      // (rows, heads)
+    pub attn_out: Tensor, // (rows, C) after out_proj
+    pub residual1: Tensor,
+    pub ln2: LayerNormActs,
+    pub fc1: Tensor,  // (rows, intermediate)
+    pub act: Tensor,  // (rows, intermediate)
+    pub fc2: Tensor,  // (rows, C)
+    pub residual2: Tensor,
+}
+
+/// The activation arena of one forward at (batch, seq).
+#[derive(Clone, Debug)]
+pub struct ClipActs {
+    pub batch: usize,
+    pub seq: usize,
+    pub embeddings: Tensor, // (rows, C)
+    pub layers: Vec<ClipLayerActs>,
+    pub final_layer_norm: LayerNormActs,
+}
+
+pub fn acts_layout(l: &mut Layout, c: &ClipTextConfig, batch: usize, seq: usize) -> ClipActs {
+    let (rows, d, f, h) = (batch * seq, c.hidden_size, c.intermediate_size, c.num_attention_heads);
+    let embeddings = l.tensor("embeddings", [batch, seq, d]);
+    let layers = (0..c.num_hidden_layers)
+        .map(|i| {
+            let p = format!("layers.{i}");
+            ClipLayerActs {
+                ln1: LayerNorm::acts_layout(l, &format!("{p}.layer_norm1"), rows, d),
+                q: l.tensor(format!("{p}.q"), [rows, d]),
+                k: l.tensor(format!("{p}.k"), [rows, d]),
+                v: l.tensor(format!("{p}.v"), [rows, d]),
+                attn: l.tensor(format!("{p}.attn"), [rows, d]),
+                lse: l.tensor(format!("{p}.lse"), [rows, h]),
+                attn_out: l.tensor(format!("{p}.attn_out"), [rows, d]),
+                residual1: l.tensor(format!("{p}.residual1"), [rows, d]),
+                ln2: LayerNorm::acts_layout(l, &format!("{p}.layer_norm2"), rows, d),
+                fc1: l.tensor(format!("{p}.fc1"), [rows, f]),
+                act: l.tensor(format!("{p}.act"), [rows, f]),
+                fc2: l.tensor(format!("{p}.fc2"), [rows, d]),
+                residual2: l.tensor(format!("{p}.residual2"), [rows, d]),
+            }
+        })
+        .collect();
+    let final_layer_norm = LayerNorm::acts_layout(l, "final_layer_norm", rows, d);
+    ClipActs { batch, seq, embeddings, layers, final_layer_norm }
+}
+
+pub struct ClipTextModel {
+    pub config: ClipTextConfig,
+    pub params: ClipParams,
+    /// The parameter table: name → (offset, shape) in the parameter pool.
+    pub table: Layout,
+}
+
+impl ClipTextModel {
+    /// Allocates the parameter pool (uninitialised: zeros) for `config`.
+    pub fn allocate(backend: &mut dyn Backend, config: ClipTextConfig) -> Result<ClipTextModel> {
+        let (params, table) = allocate(backend, "text_encoder.params", |l| params_layout(l, &config))?;
+        Ok(ClipTextModel { config, params, table })
+    }
+
+    /// Loads a text_encoder component folder (config.json + safetensors, `variant` e.g. "fp16").
+    pub fn load(backend: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(ClipTextModel, LoadReport)> {
+        let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
+        let files = weights::weight_files(dir, variant)?;
+        let model = Self::allocate(backend, config)?;
+        let report = weights::load_into(backend, &model.table, &files)?;
+        Ok((model, report))
+    }
+
+    /// The real architecture with random weights (for benchmarks and `inspect --random-weights`).
+    pub fn random(backend: &mut dyn Backend, config: ClipTextConfig, seed: u64) -> Result<ClipTextModel> {
+        let model = Self::allocate(backend, config)?;
+        super::randomize(backend, &model.table, seed)?;
+        Ok(model)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.table.numel()
+    }
+
+    /// Allocates the activation arena for a forward at (batch, seq).
+    pub fn allocate_acts(&self, backend: &mut dyn Backend, batch: usize, seq: usize) -> Result<ClipActs> {
+        let c = self.config.clone();
+        Ok(allocate(backend, "text_encoder.acts", |l| acts_layout(l, &c, batch, seq))?.0)
+    }
+
+    /// `last_hidden_state` (batch, seq, C) for `ids` (batch · seq token ids), written into `acts`.
+    pub fn forward(&self, b: &dyn Backend, acts: &ClipActs, ids: &[u32]) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, seq, d) = (acts.batch, acts.seq, c.hidden_size);
+        let rows = batch * seq;
+        if seq > c.max_position_embeddings {
+            bail!("text encoder: {seq} tokens exceed max_position_embeddings {}", c.max_position_embeddings);
+        }
+        let p = &self.params;
+        b.embedding_forward(&acts.embeddings, ids, &p.token_embedding, &p.position_embedding, batch, seq, d)?;
+        let (heads, hd) = (c.num_attention_heads, c.head_dim());
+        let mut x = acts.embeddings;
+        for (lp, la) in p.layers.iter().zip(&acts.layers) {
+            lp.layer_norm1.forward(b, &la.ln1, &x, rows)?;
+            lp.q_proj.forward(b, &la.q, &la.ln1.out, rows)?;
+            lp.k_proj.forward(b, &la.k, &la.ln1.out, rows)?;
+            lp.v_proj.forward(b, &la.v, &la.ln1.out, rows)?;
+            let scale = 1.0 / (hd as f32).sqrt();
+            b.attention_forward(&la.attn, &la.lse, &la.q, &la.k, &la.v, batch, seq, seq, heads, hd, scale, true)?;
+            lp.out_proj.forward(b, &la.attn_out, &la.attn, rows)?;
+            b.add_forward(&la.residual1, &x, &la.attn_out, rows * d)?;
+            lp.layer_norm2.forward(b, &la.ln2, &la.residual1, rows)?;
+            lp.fc1.forward(b, &la.fc1, &la.ln2.out, rows)?;
+            b.activation_forward(&la.act, &la.fc1, c.hidden_act, rows * c.intermediate_size)?;
+            lp.fc2.forward(b, &la.fc2, &la.act, rows)?;
+            b.add_forward(&la.residual2, &la.residual1, &la.fc2, rows * d)?;
+            x = la.residual2;
+        }
+        p.final_layer_norm.forward(b, &acts.final_layer_norm, &x, rows)?;
+        Ok(acts.final_layer_norm.out.reshape([batch, seq, d]))
+    }
+}

@@ -1,0 +1,83 @@
+//! Models, each written once over `&dyn Backend`: config parsed from config.json, parameter table
+//! built from the config, forward (and later backward) over an activation arena.
+
+pub mod clip;
+
+use crate::backend::Backend;
+use crate::rng::SplitMix64;
+use crate::tensor::Layout;
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// Runs a layout function unbound to size it, allocates one pool of exactly that size, and runs it
+/// again bound to the pool. Returns the typed tensors and the layout (the name → (offset, shape)
+/// table).
+pub fn allocate<T>(backend: &mut dyn Backend, label: &str, build: impl Fn(&mut Layout) -> T) -> Result<(T, Layout)> {
+    let total = Layout::measure(&build).total();
+    let pool = backend.alloc(total, label)?;
+    let mut layout = Layout::new(pool);
+    let typed = build(&mut layout);
+    Ok((typed, layout))
+}
+
+/// Fills every parameter of `table` with random values in the style of the usual initialisations:
+/// biases 0, normalisation weights 1, everything else N(0, 0.02²). For `--random-weights`, where
+/// the point is the architecture's cost, not its outputs.
+pub fn randomize(backend: &dyn Backend, table: &Layout, seed: u64) -> Result<()> {
+    let mut rng = SplitMix64::new(seed);
+    let mut buf = Vec::new();
+    for e in table.entries() {
+        let n = e.shape.numel();
+        buf.clear();
+        let is_norm = e.name.contains("norm") || e.name.contains("layer_norm");
+        if e.name.ends_with(".bias") {
+            buf.resize(n, 0.0);
+        } else if is_norm && e.shape.rank() == 1 {
+            buf.resize(n, 1.0);
+        } else {
+            buf.extend((0..n).map(|_| 0.02 * rng.next_normal()));
+        }
+        let t = crate::tensor::Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
+        backend.upload(&t, &buf)?;
+    }
+    Ok(())
+}
+
+/// Typed reads of config.json fields, with transformers' defaults and errors that name the field.
+pub(crate) struct ConfigReader<'a> {
+    pub obj: &'a serde_json::Map<String, Value>,
+    pub path: &'a Path,
+}
+
+impl<'a> ConfigReader<'a> {
+    pub fn new(v: &'a Value, path: &'a Path) -> Result<Self> {
+        let obj = v.as_object().with_context(|| format!("{}: expected a JSON object", path.display()))?;
+        Ok(ConfigReader { obj, path })
+    }
+
+    fn bad(&self, field: &str, want: &str) -> anyhow::Error {
+        anyhow::anyhow!("{}: field \"{field}\" is {}; expected {want}", self.path.display(), self.obj[field])
+    }
+
+    pub fn usize(&self, field: &str, default: usize) -> Result<usize> {
+        match self.obj.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| self.bad(field, "a positive integer")),
+        }
+    }
+
+    pub fn f32(&self, field: &str, default: f32) -> Result<f32> {
+        match self.obj.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| self.bad(field, "a number")),
+        }
+    }
+
+    pub fn str(&self, field: &str, default: &'a str) -> Result<&'a str> {
+        match self.obj.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_str().ok_or_else(|| self.bad(field, "a string")),
+        }
+    }
+}

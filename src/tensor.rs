@@ -1,0 +1,235 @@
+//! DType, Shape and `Tensor`: a typed, contiguous view into a backend pool.
+//!
+//! There are no general strides: every tensor is a dense row-major block at `offset` elements into
+//! pool `pool`. Layout decisions (NHWC, (B, T, C)) are made by the model code and written in the
+//! shape, so a reader can see them.
+
+use std::collections::HashMap;
+use std::fmt;
+
+/// Element types of checkpoint files and device storage. The CPU backend computes in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Up to `Shape::MAX_RANK` dimensions, stored inline so tensors are `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    dims: [usize; Shape::MAX_RANK],
+    rank: u8,
+}
+
+impl Shape {
+    pub const MAX_RANK: usize = 6;
+
+    pub fn new(dims: &[usize]) -> Shape {
+        assert!(dims.len() <= Self::MAX_RANK, "rank {} exceeds {}", dims.len(), Self::MAX_RANK);
+        let mut d = [0usize; Self::MAX_RANK];
+        d[..dims.len()].copy_from_slice(dims);
+        Shape { dims: d, rank: dims.len() as u8 }
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        &self.dims[..self.rank as usize]
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank as usize
+    }
+
+    pub fn numel(&self) -> usize {
+        self.dims().iter().product()
+    }
+}
+
+impl From<&[usize]> for Shape {
+    fn from(d: &[usize]) -> Self {
+        Shape::new(d)
+    }
+}
+
+impl<const N: usize> From<[usize; N]> for Shape {
+    fn from(d: [usize; N]) -> Self {
+        Shape::new(&d)
+    }
+}
+
+impl fmt::Debug for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.dims())
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.dims())
+    }
+}
+
+/// Identifies one allocation (a pool) of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PoolId(pub usize);
+
+impl PoolId {
+    /// The pool of tensors laid out by a measuring pass (see `Layout`); never allocated.
+    pub const UNBOUND: PoolId = PoolId(usize::MAX);
+}
+
+/// A contiguous view: `shape.numel()` elements at `offset` in `pool`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tensor {
+    pub pool: PoolId,
+    pub offset: usize,
+    pub shape: Shape,
+}
+
+impl Tensor {
+    pub fn numel(&self) -> usize {
+        self.shape.numel()
+    }
+
+    pub fn end(&self) -> usize {
+        self.offset + self.numel()
+    }
+
+    /// True when the two views share at least one element.
+    pub fn overlaps(&self, other: &Tensor) -> bool {
+        self.pool == other.pool && self.offset < other.end() && other.offset < self.end()
+    }
+
+    /// The same elements seen with another shape of equal size.
+    pub fn reshape(&self, shape: impl Into<Shape>) -> Tensor {
+        let shape = shape.into();
+        assert_eq!(shape.numel(), self.numel(), "reshape {} -> {}", self.shape, shape);
+        Tensor { shape, ..*self }
+    }
+}
+
+/// One named entry of a `Layout`.
+#[derive(Clone, Debug)]
+pub struct LayoutEntry {
+    pub name: String,
+    pub offset: usize,
+    pub shape: Shape,
+}
+
+/// Lays tensors out one after another in a single pool. Used for both the parameter buffer (the
+/// name → (offset, shape) table) and the activation arena.
+///
+/// A model describes its memory once, in a function that takes a `&mut Layout`; that function is
+/// run first unbound to learn the total size (`Layout::measure`), the pool is allocated with exactly
+/// that size, and it is run again bound to the pool to get the tensors. Nothing is allocated after.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pool: PoolId,
+    next: usize,
+    entries: Vec<LayoutEntry>,
+    index: HashMap<String, usize>,
+}
+
+/// Offsets are rounded up to this many elements (64 bytes in f32) so each tensor starts aligned.
+const LAYOUT_ALIGN: usize = 16;
+
+impl Layout {
+    pub fn new(pool: PoolId) -> Layout {
+        Layout { pool, next: 0, entries: Vec::new(), index: HashMap::new() }
+    }
+
+    /// The pool this layout's tensors live in (`PoolId::UNBOUND` for a measuring pass).
+    pub fn pool(&self) -> PoolId {
+        self.pool
+    }
+
+    pub fn unbound() -> Layout {
+        Layout::new(PoolId::UNBOUND)
+    }
+
+    /// Reserves a tensor named `name`.
+    pub fn tensor(&mut self, name: impl Into<String>, shape: impl Into<Shape>) -> Tensor {
+        let (name, shape) = (name.into(), shape.into());
+        let offset = self.next;
+        self.next = (offset + shape.numel()).div_ceil(LAYOUT_ALIGN) * LAYOUT_ALIGN;
+        let previous = self.index.insert(name.clone(), self.entries.len());
+        assert!(previous.is_none(), "layout: tensor name '{name}' used twice");
+        self.entries.push(LayoutEntry { name, offset, shape });
+        Tensor { pool: self.pool, offset, shape }
+    }
+
+    /// Elements needed for everything reserved so far.
+    pub fn total(&self) -> usize {
+        self.next
+    }
+
+    pub fn entries(&self) -> &[LayoutEntry] {
+        &self.entries
+    }
+
+    pub fn find(&self, name: &str) -> Option<&LayoutEntry> {
+        self.index.get(name).map(|&i| &self.entries[i])
+    }
+
+    /// Sum of the element counts of all entries (excludes alignment padding).
+    pub fn numel(&self) -> usize {
+        self.entries.iter().map(|e| e.shape.numel()).sum()
+    }
+
+    /// Runs a layout function unbound and returns the layout it produced (sizes, names).
+    pub fn measure<T>(build: impl FnOnce(&mut Layout) -> T) -> Layout {
+        let mut l = Layout::unbound();
+        build(&mut l);
+        l
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_places_tensors_aligned_and_disjoint() {
+        let mut l = Layout::new(PoolId(3));
+        let a = l.tensor("a", [3, 5]);
+        let b = l.tensor("b", [7]);
+        assert_eq!(a.offset, 0);
+        assert_eq!(b.offset, 16);
+        assert!(!a.overlaps(&b));
+        assert_eq!(l.total(), 32);
+        assert_eq!(l.numel(), 22);
+        assert_eq!(l.find("b").unwrap().shape.dims(), &[7]);
+    }
+
+    #[test]
+    fn overlap_detects_shared_elements() {
+        let t = |o, n| Tensor { pool: PoolId(0), offset: o, shape: Shape::new(&[n]) };
+        assert!(t(0, 10).overlaps(&t(9, 2)));
+        assert!(!t(0, 10).overlaps(&t(10, 2)));
+        let other_pool = Tensor { pool: PoolId(1), ..t(0, 10) };
+        assert!(!t(0, 10).overlaps(&other_pool));
+    }
+}
