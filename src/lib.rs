@@ -2,8 +2,9 @@
 //! as fine-tuned by RoentGen). See ARCHITECTURE.md in the project's shared folder for the layout.
 
 pub mod backend;
-pub mod nn;
+pub mod inspect;
 pub mod models;
+pub mod nn;
 pub mod rng;
 pub mod tensor;
 pub mod tokenizer;

@@ -166,7 +166,13 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// out = act(inp), n elements.
-    fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()>;
+    fn activation_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        act: Activation,
+        n: usize,
+    ) -> Result<()>;
 
     /// out = a + b, n elements (residual connections).
     fn add_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()>;

@@ -27,8 +27,12 @@ impl SafetensorsFile {
         let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         // SAFETY: the file is mapped read-only; a concurrent writer could change its bytes under us,
         // which would give wrong numbers but not memory unsafety in our code (we copy out of it).
-        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
-        let f = SafetensorsFile { path: path.to_path_buf(), mmap };
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("{}: cannot map", path.display()))?;
+        let f = SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+        };
         f.parse()?; // validate once, so later calls cannot fail on the header
         Ok(f)
     }
@@ -63,8 +67,11 @@ impl SafetensorsFile {
     pub fn metadata(&self) -> Result<Vec<(String, String)>> {
         let (_, meta) = SafeTensors::read_metadata(&self.mmap)
             .map_err(|e| anyhow::anyhow!("{}: {}", self.path.display(), describe_error(&e)))?;
-        let mut v: Vec<(String, String)> =
-            meta.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+        let mut v: Vec<(String, String)> = meta
+            .metadata()
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
         v.sort();
         Ok(v)
     }
@@ -74,11 +81,15 @@ fn describe_error(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
         E::HeaderTooSmall => "the file is too short to hold a header (truncated?)".into(),
-        E::HeaderTooLarge => "the header length field is larger than allowed (corrupt or not safetensors)".into(),
+        E::HeaderTooLarge => {
+            "the header length field is larger than allowed (corrupt or not safetensors)".into()
+        }
         E::InvalidHeaderLength => "the header length exceeds the file size (truncated?)".into(),
         E::InvalidHeaderDeserialization(msg) => format!("the JSON header cannot be parsed ({msg})"),
         E::InvalidHeader(msg) => format!("the header is invalid ({msg})"),
-        E::MetadataIncompleteBuffer => "the tensor data is shorter than the header says (truncated?)".into(),
+        E::MetadataIncompleteBuffer => {
+            "the tensor data is shorter than the header says (truncated?)".into()
+        }
         other => other.to_string(),
     }
 }
@@ -120,5 +131,45 @@ pub fn to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// A tensor to write: f32 values or i64 ids.
+pub enum OutTensor<'a> {
+    F32(&'a [f32]),
+    I64(&'a [i64]),
+}
+
+/// Writes a safetensors file atomically (a temporary file beside it, then a rename), so an
+/// interrupted write never leaves a half file under the final name.
+pub fn write_atomic(path: &Path, tensors: &[(&str, Vec<usize>, OutTensor)]) -> Result<()> {
+    let mut bufs: Vec<(String, Vec<usize>, StDtype, Vec<u8>)> = Vec::new();
+    for (name, shape, t) in tensors {
+        let (dtype, bytes) = match t {
+            OutTensor::F32(v) => (
+                StDtype::F32,
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+            OutTensor::I64(v) => (
+                StDtype::I64,
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+        };
+        bufs.push((name.to_string(), shape.clone(), dtype, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bufs
+        .iter()
+        .map(|(n, s, d, b)| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| anyhow::anyhow!("tensor '{n}': {e}"))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let tmp = path.with_extension("safetensors.tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }

@@ -1,0 +1,125 @@
+//! Shared test helpers: fixture paths, safetensors reads, and the parity tolerances (kept here, in
+//! one place, as ARCHITECTURE.md asks).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// CPU vs PyTorch in f32: max |a − b| ≤ F32_PARITY · max(1, max |b|).
+pub const F32_PARITY: f32 = 1e-4;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    root().join("tests").join("fixtures").join(rel)
+}
+
+pub fn sd14_config() -> PathBuf {
+    root().join("weights").join("sd-v1-4-config")
+}
+
+/// Reads one tensor of a fixture file as f32 (F32 or I64 on disk).
+pub fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("{}: {name}: {e}", path.display()));
+    let data = match t.dtype() {
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        safetensors::Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
+            .collect(),
+        d => panic!("{name}: unexpected dtype {d:?}"),
+    };
+    (t.shape().to_vec(), data)
+}
+
+pub fn read_ids(path: &Path, name: &str) -> (Vec<usize>, Vec<u32>) {
+    let (shape, v) = read_f32(path, name);
+    (shape, v.into_iter().map(|x| x as u32).collect())
+}
+
+/// Asserts the f32 parity bar and prints the error seen, so a passing run still shows the margin.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: {} values, reference has {}",
+        got.len(),
+        want.len()
+    );
+    let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+    let (mut max_err, mut at) = (0f32, 0);
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let e = (a - b).abs();
+        if e > max_err || e.is_nan() {
+            max_err = e;
+            at = i;
+        }
+    }
+    println!(
+        "{what}: max |ours - reference| = {max_err:.3e} (bar {:.1e}, scale {scale:.3})",
+        rel * scale
+    );
+    assert!(
+        max_err <= rel * scale,
+        "{what}: max error {max_err:e} at index {at} (ours {}, reference {}) exceeds {:e}",
+        got[at],
+        want[at],
+        rel * scale
+    );
+    // Guard against a vacuous comparison: the reference must not be constant.
+    let first = want[0];
+    assert!(
+        want.iter().any(|&x| x != first),
+        "{what}: reference tensor is constant"
+    );
+}
+
+/// Runs the roentgen binary; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_roentgen"))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn roentgen");
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Copies a folder (non-recursive files and one level of subfolders) into a new temp dir.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &dst.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, dst.join(e.file_name())).unwrap();
+        }
+    }
+}
