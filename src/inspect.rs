@@ -129,7 +129,7 @@ fn inspect_component(
                 let model = ClipTextModel::random(backend, config, 0)?;
                 v["parameters"] = json!(model.num_params());
                 v["instantiated"] = json!("random weights");
-            } else if has_weights(dir, opts.variant) {
+            } else if weights::weight_files_if_any(dir, opts.variant)?.is_some() {
                 let (model, report) = ClipTextModel::load(backend, dir, opts.variant)?;
                 v["parameters"] = json!(model.num_params());
                 v["instantiated"] = json!(format!(
@@ -148,8 +148,7 @@ fn inspect_component(
         }
         _ => {}
     }
-    if has_weights(dir, opts.variant) {
-        let files = weights::weight_files(dir, opts.variant)?;
+    if let Some(files) = weights::weight_files_if_any(dir, opts.variant)? {
         let mut tensors = Vec::new();
         for f in &files {
             tensors.extend(SafetensorsFile::open(f)?.infos()?);
@@ -169,10 +168,6 @@ fn inspect_component(
         }
     }
     Ok(v)
-}
-
-fn has_weights(dir: &Path, variant: Option<&str>) -> bool {
-    weights::weight_files(dir, variant).is_ok()
 }
 
 /// 123060480 → "123,060,480".

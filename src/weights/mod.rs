@@ -117,6 +117,16 @@ pub fn weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
     )
 }
 
+/// Like `weight_files`, but `None` for a folder with no weight files of any kind (a config-only
+/// component); a folder that has some but not a loadable set is still an error.
+pub fn weight_files_if_any(dir: &Path, variant: Option<&str>) -> Result<Option<Vec<PathBuf>>> {
+    match weight_files(dir, variant) {
+        Ok(f) => Ok(Some(f)),
+        Err(_) if list_weight_like(dir).is_empty() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn list_weight_like(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
@@ -127,7 +137,11 @@ fn list_weight_like(dir: &Path) -> Vec<String> {
                         .iter()
                         .any(|s| n.ends_with(s))
                 })
-                .filter(|n| n != "config.json")
+                .filter(|n| !n.ends_with("config.json") && !n.ends_with("model_index.json"))
+                .filter(|n| {
+                    !["vocab.json", "tokenizer.json", "special_tokens_map.json"]
+                        .contains(&n.as_str())
+                })
                 .collect()
         })
         .unwrap_or_default();

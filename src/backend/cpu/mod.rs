@@ -374,3 +374,101 @@ impl Backend for CpuBackend {
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+    use crate::tensor::Layout;
+
+    fn randn(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.next_normal()).collect()
+    }
+
+    /// Non-causal cross-attention (q_len ≠ kv_len, as the U-Net's text attention) against the
+    /// softmax(QKᵀ·scale)V formula evaluated in f64, including the saved log-sum-exp.
+    #[test]
+    fn attention_matches_f64_formula_cross_and_causal() {
+        for &(batch, q_len, kv_len, heads, hd, causal) in &[
+            (2usize, 5usize, 7usize, 3usize, 8usize, false),
+            (1, 6, 6, 2, 40, true),
+        ] {
+            let w = heads * hd;
+            let mut rng = SplitMix64::new(3);
+            let (q, k, v) = (
+                randn(&mut rng, batch * q_len * w),
+                randn(&mut rng, batch * kv_len * w),
+                randn(&mut rng, batch * kv_len * w),
+            );
+            let mut b = CpuBackend::new();
+            let build = |l: &mut Layout| {
+                (
+                    l.tensor("q", [batch * q_len * w]),
+                    l.tensor("k", [batch * kv_len * w]),
+                    l.tensor("v", [batch * kv_len * w]),
+                    l.tensor("o", [batch * q_len * w]),
+                    l.tensor("lse", [batch * q_len * heads]),
+                )
+            };
+            let ((tq, tk, tv, to, tl), _) = crate::models::allocate(&mut b, "t", build).unwrap();
+            b.upload(&tq, &q).unwrap();
+            b.upload(&tk, &k).unwrap();
+            b.upload(&tv, &v).unwrap();
+            let scale = 1.0 / (hd as f32).sqrt();
+            b.attention_forward(
+                &to, &tl, &tq, &tk, &tv, batch, q_len, kv_len, heads, hd, scale, causal,
+            )
+            .unwrap();
+            let (o, lse) = (b.download(&to).unwrap(), b.download(&tl).unwrap());
+            let mut max_err = 0f64;
+            for bi in 0..batch {
+                for i in 0..q_len {
+                    for h in 0..heads {
+                        let keys = if causal { i + 1 } else { kv_len };
+                        let s: Vec<f64> = (0..keys)
+                            .map(|j| {
+                                (0..hd)
+                                    .map(|d| {
+                                        q[(bi * q_len + i) * w + h * hd + d] as f64
+                                            * k[(bi * kv_len + j) * w + h * hd + d] as f64
+                                    })
+                                    .sum::<f64>()
+                                    * scale as f64
+                            })
+                            .collect();
+                        let z: f64 = s.iter().map(|x| x.exp()).sum();
+                        max_err =
+                            max_err.max((lse[(bi * q_len + i) * heads + h] as f64 - z.ln()).abs());
+                        for d in 0..hd {
+                            let want: f64 = (0..keys)
+                                .map(|j| {
+                                    s[j].exp() / z * v[(bi * kv_len + j) * w + h * hd + d] as f64
+                                })
+                                .sum();
+                            max_err = max_err
+                                .max((o[(bi * q_len + i) * w + h * hd + d] as f64 - want).abs());
+                        }
+                    }
+                }
+            }
+            println!("attention (causal {causal}): max error {max_err:e}");
+            assert!(max_err < 1e-5, "max error {max_err}");
+        }
+    }
+
+    #[test]
+    fn overlapping_output_and_input_is_refused() {
+        let mut b = CpuBackend::new();
+        let pool = b.alloc(64, "t").unwrap();
+        let t = |o, n| Tensor {
+            pool,
+            offset: o,
+            shape: crate::tensor::Shape::new(&[n]),
+        };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            b.add_forward(&t(0, 32), &t(16, 32), &t(32, 32), 32)
+                .unwrap();
+        }));
+        assert!(r.is_err(), "an output overlapping an input must be refused");
+    }
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Regenerates the parity fixtures from PyTorch: builds a pinned Python environment in .venv-fixtures
+# (torch, transformers, diffusers; open-clip-torch only for its CLIP BPE list) and runs
+# tests/fixtures/generate.py. `cargo test` never runs Python; run this only to change fixtures.
+#
+#   scripts/make-fixtures.sh              # everything
+#   scripts/make-fixtures.sh clip         # one part: tokenizer | clip | pipeline | counts
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv-fixtures}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --upgrade pip
+# Pinned: the fixtures record these versions in tests/fixtures/VERSIONS.json.
+"$VENV/bin/pip" install -q torch==2.15.0 transformers==5.23.0 diffusers==0.42.1 safetensors==0.8.0 numpy==2.4.6
+# Only the data file bpe_simple_vocab_16e6.txt.gz is used; without --no-deps it would pull in
+# torchvision and ftfy.
+"$VENV/bin/pip" install -q --no-deps open-clip-torch==3.3.0
+"$VENV/bin/python" tests/fixtures/generate.py "$@"
+du -sh tests/fixtures
