@@ -21,16 +21,8 @@ fn bench(c: &mut Criterion) {
         let a: Vec<f32> = (0..m * k).map(|_| rng.next_normal()).collect();
         let w: Vec<f32> = (0..n * k).map(|_| rng.next_normal()).collect();
         let mut out = vec![0f32; m * n];
-        let am = Mat {
-            data: &a,
-            row_stride: k,
-            col_stride: 1,
-        };
-        let wm = Mat {
-            data: &w,
-            row_stride: 1,
-            col_stride: k,
-        }; // Linear weight (N, K) read transposed
+        let am = Mat { data: &a, row_stride: k, col_stride: 1 };
+        let wm = Mat { data: &w, row_stride: 1, col_stride: k }; // Linear weight (N, K) read transposed
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
         g.bench_with_input(BenchmarkId::new("matrixmultiply_par", name), &(), |b, _| {
             b.iter(|| sgemm_par(m, k, n, am, wm, black_box(&mut out), 0.0))

@@ -8,8 +8,7 @@ use roentgen::models::clip::{ClipTextConfig, ClipTextModel};
 use std::path::Path;
 
 fn bench(c: &mut Criterion) {
-    let cfg_path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("weights/sd-v1-4-config/text_encoder/config.json");
+    let cfg_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/sd-v1-4-config/text_encoder/config.json");
     let cfg = ClipTextConfig::from_file(&cfg_path).unwrap();
     let mut b = CpuBackend::new();
     let model = ClipTextModel::random(&mut b, cfg.clone(), 0).unwrap();
@@ -17,17 +16,13 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     for batch in [1usize, 2] {
         let acts = model.allocate_acts(&mut b, batch, 77).unwrap();
-        let ids: Vec<u32> = (0..batch * 77)
-            .map(|i| (i as u32 * 7919) % cfg.vocab_size as u32)
-            .collect();
+        let ids: Vec<u32> = (0..batch * 77).map(|i| (i as u32 * 7919) % cfg.vocab_size as u32).collect();
         // Matmul FLOP per token: 2 · params of the linear layers (attention scores are ~1% more).
         let per_token = 2
             * cfg.num_hidden_layers
             * (4 * cfg.hidden_size * cfg.hidden_size + 2 * cfg.hidden_size * cfg.intermediate_size);
         g.throughput(Throughput::Elements((per_token * batch * 77) as u64));
-        g.bench_function(format!("forward_batch{batch}"), |bch| {
-            bch.iter(|| model.forward(&b, &acts, &ids).unwrap())
-        });
+        g.bench_function(format!("forward_batch{batch}"), |bch| bch.iter(|| model.forward(&b, &acts, &ids).unwrap()));
     }
     g.finish();
 }

@@ -27,9 +27,7 @@ pub fn inspect(backend: &mut dyn Backend, path: &Path, opts: &InspectOptions) ->
         let mut comps = serde_json::Map::new();
         for (name, (lib, class)) in weights::pipeline_components(path)? {
             let dir = path.join(&name);
-            let v = if !dir.is_dir()
-                && matches!(name.as_str(), "safety_checker" | "feature_extractor")
-            {
+            let v = if !dir.is_dir() && matches!(name.as_str(), "safety_checker" | "feature_extractor") {
                 json!({"class": class, "library": lib, "note": "absent (not used by roentgen)"})
             } else if !dir.is_dir() {
                 json!({"class": class, "library": lib, "error": format!("{}: missing component folder", dir.display())})
@@ -40,9 +38,7 @@ pub fn inspect(backend: &mut dyn Backend, path: &Path, opts: &InspectOptions) ->
             };
             comps.insert(name, v);
         }
-        return Ok(
-            json!({"path": path.display().to_string(), "kind": "pipeline", "components": comps}),
-        );
+        return Ok(json!({"path": path.display().to_string(), "kind": "pipeline", "components": comps}));
     }
     let mut v = inspect_component(backend, path, None, opts)?;
     v["path"] = json!(path.display().to_string());
@@ -52,10 +48,7 @@ pub fn inspect(backend: &mut dyn Backend, path: &Path, opts: &InspectOptions) ->
 fn inspect_file(path: &Path, list: bool) -> Result<Value> {
     let f = SafetensorsFile::open(path)?;
     let infos = f.infos()?;
-    let params: usize = infos
-        .iter()
-        .map(|t| t.shape.iter().product::<usize>())
-        .sum();
+    let params: usize = infos.iter().map(|t| t.shape.iter().product::<usize>()).sum();
     let mut dtypes = std::collections::BTreeMap::<String, usize>::new();
     for t in &infos {
         *dtypes.entry(t.dtype.clone()).or_default() += 1;
@@ -102,10 +95,7 @@ fn inspect_component(
     class: Option<&str>,
     opts: &InspectOptions,
 ) -> Result<Value> {
-    let class = class
-        .map(str::to_string)
-        .or_else(|| component_class(dir))
-        .unwrap_or_else(|| "unknown".into());
+    let class = class.map(str::to_string).or_else(|| component_class(dir)).unwrap_or_else(|| "unknown".into());
     let mut v = json!({"kind": "component", "class": class});
     for cfg in ["config.json", "scheduler_config.json"] {
         let p = dir.join(cfg);
@@ -142,9 +132,8 @@ fn inspect_component(
             }
         }
         "UNet2DConditionModel" | "AutoencoderKL" => {
-            v["not_implemented"] = json!(format!(
-                "the {class} architecture is not built yet (issue 3); its files are listed only"
-            ));
+            v["not_implemented"] =
+                json!(format!("the {class} architecture is not built yet (issue 3); its files are listed only"));
         }
         _ => {}
     }
@@ -153,14 +142,8 @@ fn inspect_component(
         for f in &files {
             tensors.extend(SafetensorsFile::open(f)?.infos()?);
         }
-        let elements: usize = tensors
-            .iter()
-            .map(|t| t.shape.iter().product::<usize>())
-            .sum();
-        v["files"] = json!(files
-            .iter()
-            .map(|f| f.display().to_string())
-            .collect::<Vec<_>>());
+        let elements: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
+        v["files"] = json!(files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>());
         v["tensor_count"] = json!(tensors.len());
         v["file_elements"] = json!(elements);
         if opts.tensors {
@@ -194,11 +177,7 @@ fn render_into(s: &mut String, v: &Value, indent: &str) {
     use std::fmt::Write;
     let get = |k: &str| v.get(k);
     if let Some(p) = get("path").and_then(|p| p.as_str()) {
-        let _ = writeln!(
-            s,
-            "{indent}{p} ({})",
-            get("kind").and_then(|k| k.as_str()).unwrap_or("")
-        );
+        let _ = writeln!(s, "{indent}{p} ({})", get("kind").and_then(|k| k.as_str()).unwrap_or(""));
     }
     if let Some(c) = get("class").and_then(|c| c.as_str()) {
         let _ = writeln!(s, "{indent}  class: {c}");
@@ -209,18 +188,10 @@ fn render_into(s: &mut String, v: &Value, indent: &str) {
     if let Some(pc) = get("parsed_config").and_then(|c| c.as_str()) {
         let _ = writeln!(s, "{indent}  config: {pc}");
     } else if let Some(cfg) = get("config") {
-        let _ = writeln!(
-            s,
-            "{indent}  config: {}",
-            serde_json::to_string(cfg).unwrap_or_default()
-        );
+        let _ = writeln!(s, "{indent}  config: {}", serde_json::to_string(cfg).unwrap_or_default());
     }
     if let Some(t) = get("tokenizer") {
-        let _ = writeln!(
-            s,
-            "{indent}  tokenizer: {}",
-            serde_json::to_string(t).unwrap_or_default()
-        );
+        let _ = writeln!(s, "{indent}  tokenizer: {}", serde_json::to_string(t).unwrap_or_default());
     }
     if let Some(n) = get("parameters").and_then(|n| n.as_u64()) {
         let _ = writeln!(s, "{indent}  parameters: {}", thousands(n));
@@ -228,10 +199,7 @@ fn render_into(s: &mut String, v: &Value, indent: &str) {
     if let Some(i) = get("instantiated").and_then(|i| i.as_str()) {
         let _ = writeln!(s, "{indent}  instantiated: {i}");
     }
-    if let Some(n) = get("not_implemented")
-        .or(get("note"))
-        .and_then(|n| n.as_str())
-    {
+    if let Some(n) = get("not_implemented").or(get("note")).and_then(|n| n.as_str()) {
         let _ = writeln!(s, "{indent}  note: {n}");
     }
     if let Some(files) = get("files").and_then(|f| f.as_array()) {
@@ -240,27 +208,15 @@ fn render_into(s: &mut String, v: &Value, indent: &str) {
         }
     }
     if let Some(n) = get("tensor_count").and_then(|n| n.as_u64()) {
-        let elems = get("file_elements")
-            .or(get("elements"))
-            .and_then(|e| e.as_u64())
-            .unwrap_or(0);
+        let elems = get("file_elements").or(get("elements")).and_then(|e| e.as_u64()).unwrap_or(0);
         let _ = writeln!(s, "{indent}  tensors: {n} ({} elements)", thousands(elems));
     }
     if let Some(d) = get("dtypes") {
-        let _ = writeln!(
-            s,
-            "{indent}  dtypes: {}",
-            serde_json::to_string(d).unwrap_or_default()
-        );
+        let _ = writeln!(s, "{indent}  dtypes: {}", serde_json::to_string(d).unwrap_or_default());
     }
     if let Some(ts) = get("tensors").and_then(|t| t.as_array()) {
         for t in ts {
-            let shape: Vec<String> = t["shape"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|d| d.to_string())
-                .collect();
+            let shape: Vec<String> = t["shape"].as_array().into_iter().flatten().map(|d| d.to_string()).collect();
             let _ = writeln!(
                 s,
                 "{indent}    {:<72} {:>5} [{}]",

@@ -69,9 +69,9 @@ enum Command {
         /// Weight file variant, e.g. fp16 (reads model.fp16.safetensors).
         #[arg(long)]
         variant: Option<String>,
-        /// List every tensor (name, dtype, shape).
+        /// Omit the per-tensor listing (name, dtype, shape); print counts and configs only.
         #[arg(long)]
-        tensors: bool,
+        summary: bool,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -113,30 +113,13 @@ fn run(cli: Cli) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("--threads")?;
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
     }
     match cli.command {
-        Command::Tokenize {
-            model,
-            input,
-            prompt,
-        } => tokenize(&model, input.as_deref(), &prompt),
-        Command::Inspect {
-            path,
-            random_weights,
-            variant,
-            tensors,
-            json,
-        } => {
+        Command::Tokenize { model, input, prompt } => tokenize(&model, input.as_deref(), &prompt),
+        Command::Inspect { path, random_weights, variant, summary, json } => {
             let mut b = backend::create(cli.global.device)?;
-            let opts = InspectOptions {
-                variant: variant.as_deref(),
-                random_weights,
-                tensors,
-            };
+            let opts = InspectOptions { variant: variant.as_deref(), random_weights, tensors: !summary };
             let v = inspect(b.as_mut(), &path, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -146,24 +129,9 @@ fn run(cli: Cli) -> Result<()> {
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
         }
-        Command::EncodeText {
-            model,
-            tokenizer,
-            prompt,
-            out,
-            variant,
-            random_weights,
-        } => {
+        Command::EncodeText { model, tokenizer, prompt, out, variant, random_weights } => {
             let mut b = backend::create(cli.global.device)?;
-            encode_text(
-                b.as_mut(),
-                &model,
-                tokenizer.as_deref(),
-                &prompt,
-                &out,
-                variant.as_deref(),
-                random_weights,
-            )?;
+            encode_text(b.as_mut(), &model, tokenizer.as_deref(), &prompt, &out, variant.as_deref(), random_weights)?;
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
         }
@@ -237,11 +205,7 @@ fn encode_text(
     let te_dir = weights::component_dir(model, "text_encoder")?;
     let tok = ClipTokenizer::from_dir(tokenizer.unwrap_or(model))?;
     let clip = if random_weights {
-        ClipTextModel::random(
-            b,
-            ClipTextConfig::from_file(&te_dir.join("config.json"))?,
-            0,
-        )?
+        ClipTextModel::random(b, ClipTextConfig::from_file(&te_dir.join("config.json"))?, 0)?
     } else {
         ClipTextModel::load(b, &te_dir, variant)?.0
     };
@@ -261,16 +225,8 @@ fn encode_text(
     weights::safetensors::write_atomic(
         out,
         &[
-            (
-                "last_hidden_state",
-                hidden.shape.dims().to_vec(),
-                OutTensor::F32(&values),
-            ),
-            (
-                "input_ids",
-                vec![prompts.len(), seq],
-                OutTensor::I64(&ids64),
-            ),
+            ("last_hidden_state", hidden.shape.dims().to_vec(), OutTensor::F32(&values)),
+            ("input_ids", vec![prompts.len(), seq], OutTensor::I64(&ids64)),
         ],
     )?;
     eprintln!(

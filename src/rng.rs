@@ -10,10 +10,7 @@ pub struct SplitMix64 {
 
 impl SplitMix64 {
     pub fn new(seed: u64) -> SplitMix64 {
-        SplitMix64 {
-            state: seed,
-            spare: None,
-        }
+        SplitMix64 { state: seed, spare: None }
     }
 
     pub fn next_u64(&mut self) -> u64 {

@@ -49,18 +49,10 @@ impl Shape {
     pub const MAX_RANK: usize = 6;
 
     pub fn new(dims: &[usize]) -> Shape {
-        assert!(
-            dims.len() <= Self::MAX_RANK,
-            "rank {} exceeds {}",
-            dims.len(),
-            Self::MAX_RANK
-        );
+        assert!(dims.len() <= Self::MAX_RANK, "rank {} exceeds {}", dims.len(), Self::MAX_RANK);
         let mut d = [0usize; Self::MAX_RANK];
         d[..dims.len()].copy_from_slice(dims);
-        Shape {
-            dims: d,
-            rank: dims.len() as u8,
-        }
+        Shape { dims: d, rank: dims.len() as u8 }
     }
 
     pub fn dims(&self) -> &[usize] {
@@ -134,13 +126,7 @@ impl Tensor {
     /// The same elements seen with another shape of equal size.
     pub fn reshape(&self, shape: impl Into<Shape>) -> Tensor {
         let shape = shape.into();
-        assert_eq!(
-            shape.numel(),
-            self.numel(),
-            "reshape {} -> {}",
-            self.shape,
-            shape
-        );
+        assert_eq!(shape.numel(), self.numel(), "reshape {} -> {}", self.shape, shape);
         Tensor { shape, ..*self }
     }
 }
@@ -172,12 +158,7 @@ const LAYOUT_ALIGN: usize = 16;
 
 impl Layout {
     pub fn new(pool: PoolId) -> Layout {
-        Layout {
-            pool,
-            next: 0,
-            entries: Vec::new(),
-            index: HashMap::new(),
-        }
+        Layout { pool, next: 0, entries: Vec::new(), index: HashMap::new() }
     }
 
     /// The pool this layout's tensors live in (`PoolId::UNBOUND` for a measuring pass).
@@ -195,20 +176,9 @@ impl Layout {
         let offset = self.next;
         self.next = (offset + shape.numel()).div_ceil(LAYOUT_ALIGN) * LAYOUT_ALIGN;
         let previous = self.index.insert(name.clone(), self.entries.len());
-        assert!(
-            previous.is_none(),
-            "layout: tensor name '{name}' used twice"
-        );
-        self.entries.push(LayoutEntry {
-            name,
-            offset,
-            shape,
-        });
-        Tensor {
-            pool: self.pool,
-            offset,
-            shape,
-        }
+        assert!(previous.is_none(), "layout: tensor name '{name}' used twice");
+        self.entries.push(LayoutEntry { name, offset, shape });
+        Tensor { pool: self.pool, offset, shape }
     }
 
     /// Elements needed for everything reserved so far.
@@ -256,17 +226,10 @@ mod tests {
 
     #[test]
     fn overlap_detects_shared_elements() {
-        let t = |o, n| Tensor {
-            pool: PoolId(0),
-            offset: o,
-            shape: Shape::new(&[n]),
-        };
+        let t = |o, n| Tensor { pool: PoolId(0), offset: o, shape: Shape::new(&[n]) };
         assert!(t(0, 10).overlaps(&t(9, 2)));
         assert!(!t(0, 10).overlaps(&t(10, 2)));
-        let other_pool = Tensor {
-            pool: PoolId(1),
-            ..t(0, 10)
-        };
+        let other_pool = Tensor { pool: PoolId(1), ..t(0, 10) };
         assert!(!t(0, 10).overlaps(&other_pool));
     }
 }

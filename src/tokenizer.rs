@@ -108,11 +108,8 @@ impl ClipTokenizer {
             }
             dir.to_path_buf()
         };
-        let (vocab_path, merges_path, json_path) = (
-            dir.join("vocab.json"),
-            dir.join("merges.txt"),
-            dir.join("tokenizer.json"),
-        );
+        let (vocab_path, merges_path, json_path) =
+            (dir.join("vocab.json"), dir.join("merges.txt"), dir.join("tokenizer.json"));
         let config = Self::read_config(&dir)?;
         if vocab_path.is_file() && merges_path.is_file() {
             Self::from_vocab_merges(&vocab_path, &merges_path, &config, &dir)
@@ -148,8 +145,8 @@ impl ClipTokenizer {
         dir: &Path,
     ) -> Result<ClipTokenizer> {
         let vocab = parse_vocab(&read_json(vocab_path)?, vocab_path)?;
-        let text = std::fs::read_to_string(merges_path)
-            .with_context(|| format!("{}: cannot read", merges_path.display()))?;
+        let text =
+            std::fs::read_to_string(merges_path).with_context(|| format!("{}: cannot read", merges_path.display()))?;
         let mut merges = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if (i == 0 && line.starts_with("#version")) || line.trim().is_empty() {
@@ -158,69 +155,37 @@ impl ClipTokenizer {
             let mut parts = line.split(' ');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
-                _ => bail!(
-                    "{}:{}: expected two symbols separated by one space",
-                    merges_path.display(),
-                    i + 1
-                ),
+                _ => bail!("{}:{}: expected two symbols separated by one space", merges_path.display(), i + 1),
             }
         }
         // The special tokens, in transformers' registration order; a later one with the same text
         // sets the flags (a token given as a bare string is not normalized).
         let mut added: Vec<AddedToken> = Vec::new();
         for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
-            let default = if key == "bos_token" {
-                "<|startoftext|>"
-            } else {
-                "<|endoftext|>"
-            };
-            let (content, normalized) = config
-                .get(key)
-                .and_then(token_content)
-                .unwrap_or((default.into(), None));
+            let default = if key == "bos_token" { "<|startoftext|>" } else { "<|endoftext|>" };
+            let (content, normalized) = config.get(key).and_then(token_content).unwrap_or((default.into(), None));
             let id = *vocab.get(&content).with_context(|| {
-                format!(
-                    "{}: {key} '{content}' is not in the vocabulary {}",
-                    dir.display(),
-                    vocab_path.display()
-                )
+                format!("{}: {key} '{content}' is not in the vocabulary {}", dir.display(), vocab_path.display())
             })?;
             added.retain(|t| t.content != content);
-            added.push(AddedToken {
-                content,
-                id,
-                normalized: normalized.unwrap_or(false),
-            });
+            added.push(AddedToken { content, id, normalized: normalized.unwrap_or(false) });
         }
         Self::build(vocab, merges, added, config, None, dir)
     }
 
-    fn from_tokenizer_json(
-        path: &Path,
-        config: &serde_json::Map<String, Value>,
-        dir: &Path,
-    ) -> Result<ClipTokenizer> {
+    fn from_tokenizer_json(path: &Path, config: &serde_json::Map<String, Value>, dir: &Path) -> Result<ClipTokenizer> {
         let j = read_json(path)?;
-        let model = j
-            .get("model")
-            .with_context(|| format!("{}: no \"model\"", path.display()))?;
+        let model = j.get("model").with_context(|| format!("{}: no \"model\"", path.display()))?;
         let ty = model.get("type").and_then(|t| t.as_str()).unwrap_or("");
-        let suffix = model
-            .get("end_of_word_suffix")
-            .and_then(|t| t.as_str())
-            .unwrap_or("");
+        let suffix = model.get("end_of_word_suffix").and_then(|t| t.as_str()).unwrap_or("");
         if ty != "BPE" || suffix != END_OF_WORD {
             bail!(
                 "{}: not a CLIP tokenizer (model type '{ty}', end_of_word_suffix '{suffix}'; expected BPE with '</w>')",
                 path.display()
             );
         }
-        let vocab = parse_vocab(
-            model
-                .get("vocab")
-                .with_context(|| format!("{}: no model.vocab", path.display()))?,
-            path,
-        )?;
+        let vocab =
+            parse_vocab(model.get("vocab").with_context(|| format!("{}: no model.vocab", path.display()))?, path)?;
         let raw = model
             .get("merges")
             .and_then(|m| m.as_array())
@@ -229,46 +194,24 @@ impl ClipTokenizer {
         for (i, m) in raw.iter().enumerate() {
             // Older files write "a b", newer ones ["a", "b"].
             let pair = match m {
-                Value::String(s) => s
-                    .split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string())),
-                Value::Array(a) if a.len() == 2 => a[0]
-                    .as_str()
-                    .zip(a[1].as_str())
-                    .map(|(x, y)| (x.to_string(), y.to_string())),
+                Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())),
+                Value::Array(a) if a.len() == 2 => {
+                    a[0].as_str().zip(a[1].as_str()).map(|(x, y)| (x.to_string(), y.to_string()))
+                }
                 _ => None,
             };
-            merges.push(pair.with_context(|| {
-                format!(
-                    "{}: model.merges[{i}] is not a pair of symbols",
-                    path.display()
-                )
-            })?);
+            merges
+                .push(pair.with_context(|| format!("{}: model.merges[{i}] is not a pair of symbols", path.display()))?);
         }
         let mut added = Vec::new();
-        for t in j
-            .get("added_tokens")
-            .and_then(|a| a.as_array())
-            .into_iter()
-            .flatten()
-        {
+        for t in j.get("added_tokens").and_then(|a| a.as_array()).into_iter().flatten() {
             let content = t.get("content").and_then(|c| c.as_str());
             let id = t.get("id").and_then(|c| c.as_u64());
             let (Some(content), Some(id)) = (content, id) else {
-                bail!(
-                    "{}: an added_tokens entry lacks content or id",
-                    path.display()
-                );
+                bail!("{}: an added_tokens entry lacks content or id", path.display());
             };
-            let normalized = t
-                .get("normalized")
-                .and_then(|n| n.as_bool())
-                .unwrap_or(false);
-            added.push(AddedToken {
-                content: content.to_string(),
-                id: id as u32,
-                normalized,
-            });
+            let normalized = t.get("normalized").and_then(|n| n.as_bool()).unwrap_or(false);
+            added.push(AddedToken { content: content.to_string(), id: id as u32, normalized });
         }
         // Without a tokenizer_config.json, take what tokenizer.json itself says, then SD v1's values.
         let json_max = j
@@ -294,17 +237,11 @@ impl ClipTokenizer {
         dir: &Path,
     ) -> Result<ClipTokenizer> {
         let id_of = |key: &str, default: &str| -> Result<u32> {
-            let content = config
-                .get(key)
-                .and_then(token_content)
-                .map(|(c, _)| c)
-                .unwrap_or(default.to_string());
-            vocab.get(&content).copied().with_context(|| {
-                format!(
-                    "{}: {key} '{content}' is not in the vocabulary",
-                    dir.display()
-                )
-            })
+            let content = config.get(key).and_then(token_content).map(|(c, _)| c).unwrap_or(default.to_string());
+            vocab
+                .get(&content)
+                .copied()
+                .with_context(|| format!("{}: {key} '{content}' is not in the vocabulary", dir.display()))
         };
         let bos_id = id_of("bos_token", "<|startoftext|>")?;
         let eos_id = id_of("eos_token", "<|endoftext|>")?;
@@ -315,27 +252,17 @@ impl ClipTokenizer {
             _ => fallback_max.unwrap_or(77),
         };
         if max_length < 2 {
-            bail!(
-                "{}: model_max_length {max_length} leaves no room for BOS and EOS",
-                dir.display()
-            );
+            bail!("{}: model_max_length {max_length} leaves no room for BOS and EOS", dir.display());
         }
         let byte_chars = bytes_to_unicode();
         for c in byte_chars {
             for s in [c.to_string(), format!("{c}{END_OF_WORD}")] {
                 if !vocab.contains_key(&s) {
-                    bail!(
-                        "{}: the vocabulary lacks the byte symbol '{s}' (not a CLIP vocabulary)",
-                        dir.display()
-                    );
+                    bail!("{}: the vocabulary lacks the byte symbol '{s}' (not a CLIP vocabulary)", dir.display());
                 }
             }
         }
-        let merges = merges
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| (p, i as u32))
-            .collect();
+        let merges = merges.into_iter().enumerate().map(|(i, p)| (p, i as u32)).collect();
         Ok(ClipTokenizer {
             vocab,
             merges,
@@ -367,9 +294,7 @@ impl ClipTokenizer {
             }
             let normalized = self.normalize(raw);
             // Step 1b: added tokens matched after normalization.
-            for (piece, special) in
-                split_added(&normalized, self.added.iter().filter(|t| t.normalized))
-            {
+            for (piece, special) in split_added(&normalized, self.added.iter().filter(|t| t.normalized)) {
                 match special {
                     Some(id) => ids.push(id),
                     None => self.encode_normalized(piece, &mut ids),
@@ -388,11 +313,7 @@ impl ClipTokenizer {
     fn encode_normalized(&self, text: &str, ids: &mut Vec<u32>) {
         for piece in self.clip_re.find_iter(text) {
             for word in self.byte_level_re.find_iter(piece.as_str()) {
-                let mapped: String = word
-                    .as_str()
-                    .bytes()
-                    .map(|b| self.byte_chars[b as usize])
-                    .collect();
+                let mapped: String = word.as_str().bytes().map(|b| self.byte_chars[b as usize]).collect();
                 self.bpe(&mapped, ids);
             }
         }
@@ -406,19 +327,13 @@ impl ClipTokenizer {
             last.push_str(END_OF_WORD);
         }
         loop {
-            let best = symbols
-                .windows(2)
-                .filter_map(|w| self.merges.get(&(w[0].clone(), w[1].clone())).copied())
-                .min();
+            let best = symbols.windows(2).filter_map(|w| self.merges.get(&(w[0].clone(), w[1].clone())).copied()).min();
             let Some(rank) = best else { break };
             let mut merged = Vec::with_capacity(symbols.len());
             let mut i = 0;
             while i < symbols.len() {
                 if i + 1 < symbols.len()
-                    && self
-                        .merges
-                        .get(&(symbols[i].clone(), symbols[i + 1].clone()))
-                        == Some(&rank)
+                    && self.merges.get(&(symbols[i].clone(), symbols[i + 1].clone())) == Some(&rank)
                 {
                     merged.push(format!("{}{}", symbols[i], symbols[i + 1]));
                     i += 2;
@@ -447,48 +362,31 @@ impl ClipTokenizer {
         ids.extend_from_slice(&body[..keep]);
         ids.push(self.eos_id);
         ids.resize(self.max_length, self.pad_id);
-        Encoding {
-            ids,
-            tokens,
-            truncated: tokens > self.max_length,
-        }
+        Encoding { ids, tokens, truncated: tokens > self.max_length }
     }
 }
 
 fn parse_vocab(v: &Value, path: &Path) -> Result<HashMap<String, u32>> {
-    let obj = v
-        .as_object()
-        .with_context(|| format!("{}: the vocabulary is not a JSON object", path.display()))?;
+    let obj = v.as_object().with_context(|| format!("{}: the vocabulary is not a JSON object", path.display()))?;
     obj.iter()
         .map(|(k, id)| {
             id.as_u64()
                 .filter(|&i| i <= u32::MAX as u64)
                 .map(|i| (k.clone(), i as u32))
-                .with_context(|| {
-                    format!(
-                        "{}: vocabulary entry '{k}' has no integer id",
-                        path.display()
-                    )
-                })
+                .with_context(|| format!("{}: vocabulary entry '{k}' has no integer id", path.display()))
         })
         .collect()
 }
 
 /// Splits `text` at every occurrence of the added tokens (longest match first at each position):
 /// pieces of plain text with `None`, added tokens with their id.
-fn split_added<'a, 'b>(
-    text: &'a str,
-    tokens: impl Iterator<Item = &'b AddedToken>,
-) -> Vec<(&'a str, Option<u32>)> {
+fn split_added<'a, 'b>(text: &'a str, tokens: impl Iterator<Item = &'b AddedToken>) -> Vec<(&'a str, Option<u32>)> {
     let mut tokens: Vec<&AddedToken> = tokens.filter(|t| !t.content.is_empty()).collect();
     tokens.sort_by_key(|t| std::cmp::Reverse(t.content.len()));
     let mut out = Vec::new();
     let (mut start, mut i) = (0, 0);
     while i < text.len() {
-        if let Some(t) = tokens
-            .iter()
-            .find(|t| text[i..].starts_with(t.content.as_str()))
-        {
+        if let Some(t) = tokens.iter().find(|t| text[i..].starts_with(t.content.as_str())) {
             if start < i {
                 out.push((&text[start..i], None));
             }
@@ -523,20 +421,8 @@ mod tests {
 
     #[test]
     fn split_added_finds_tokens_anywhere() {
-        let t = [AddedToken {
-            content: "<|e|>".into(),
-            id: 7,
-            normalized: false,
-        }];
+        let t = [AddedToken { content: "<|e|>".into(), id: 7, normalized: false }];
         let parts = split_added("a<|e|>b<|e|>", t.iter());
-        assert_eq!(
-            parts,
-            vec![
-                ("a", None),
-                ("<|e|>", Some(7)),
-                ("b", None),
-                ("<|e|>", Some(7))
-            ]
-        );
+        assert_eq!(parts, vec![("a", None), ("<|e|>", Some(7)), ("b", None), ("<|e|>", Some(7))]);
     }
 }

@@ -8,15 +8,9 @@ use std::path::{Path, PathBuf};
 /// Runs the CLI, expects failure with exit code 1 and an error line containing every `needles`.
 fn expect_error(args: &[&str], needles: &[&str]) -> String {
     let (code, out, err) = run_cli(args, None);
-    assert_eq!(
-        code, 1,
-        "expected exit 1 for {args:?}; stdout {out}; stderr {err}"
-    );
+    assert_eq!(code, 1, "expected exit 1 for {args:?}; stdout {out}; stderr {err}");
     assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no error line: {err}"));
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {err}"));
     for n in needles {
         assert!(line.contains(n), "error line lacks {n:?}: {line}");
     }
@@ -54,33 +48,16 @@ fn s(v: &[String]) -> Vec<&str> {
 }
 
 /// Rewrites a safetensors file through `edit` on (name, dtype, shape, bytes) entries.
-fn rewrite(
-    path: &Path,
-    edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
-) {
+fn rewrite(path: &Path, edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut entries: Vec<_> = st
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.to_string(),
-                v.dtype(),
-                v.shape().to_vec(),
-                v.data().to_vec(),
-            )
-        })
-        .collect();
+    let mut entries: Vec<_> =
+        st.iter().map(|(n, v)| (n.to_string(), v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     edit(&mut entries);
     let views: Vec<_> = entries
         .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
         .collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
@@ -93,21 +70,12 @@ fn truncated_safetensors_file_is_named() {
     let len = std::fs::metadata(&f).unwrap().len();
     let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
     file.set_len(len / 2).unwrap();
-    expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &["model.safetensors", "truncated"],
-    );
+    expect_error(&s(&encode(&pipe, dir.path())), &["model.safetensors", "truncated"]);
     // inspect reads headers only, and must say the same
-    expect_error(
-        &["inspect", f.to_str().unwrap()],
-        &["model.safetensors", "truncated"],
-    );
+    expect_error(&["inspect", f.to_str().unwrap()], &["model.safetensors", "truncated"]);
     // a file cut inside its header
     file.set_len(20).unwrap();
-    expect_error(
-        &["inspect", f.to_str().unwrap()],
-        &["model.safetensors", "not a valid safetensors file"],
-    );
+    expect_error(&["inspect", f.to_str().unwrap()], &["model.safetensors", "not a valid safetensors file"]);
 }
 
 #[test]
@@ -118,17 +86,11 @@ fn corrupt_safetensors_header_is_named() {
     let mut bytes = std::fs::read(&f).unwrap();
     bytes[8..16].copy_from_slice(b"garbage!");
     std::fs::write(&f, &bytes).unwrap();
-    expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &["model.safetensors", "JSON header cannot be parsed"],
-    );
+    expect_error(&s(&encode(&pipe, dir.path())), &["model.safetensors", "JSON header cannot be parsed"]);
     // a header length larger than the file
     bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     std::fs::write(&f, &bytes).unwrap();
-    expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &["model.safetensors", "header"],
-    );
+    expect_error(&s(&encode(&pipe, dir.path())), &["model.safetensors", "header"]);
 }
 
 #[test]
@@ -136,10 +98,7 @@ fn missing_component_folder_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
     std::fs::remove_dir_all(pipe.join("text_encoder")).unwrap();
-    expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &["text_encoder", "missing component folder"],
-    );
+    expect_error(&s(&encode(&pipe, dir.path())), &["text_encoder", "missing component folder"]);
 }
 
 #[test]
@@ -147,22 +106,13 @@ fn missing_weight_file_and_config_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
     std::fs::remove_file(pipe.join("text_encoder/model.safetensors")).unwrap();
-    let line = expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &["text_encoder", "no safetensors weights"],
-    );
-    assert!(
-        line.contains("model.fp16.safetensors"),
-        "the listing shows what is there: {line}"
-    );
+    let line = expect_error(&s(&encode(&pipe, dir.path())), &["text_encoder", "no safetensors weights"]);
+    assert!(line.contains("model.fp16.safetensors"), "the listing shows what is there: {line}");
     let mut args = encode(&pipe, dir.path());
     args.extend(["--variant".into(), "fp32".into()]);
     expect_error(&s(&args), &["text_encoder", "no 'fp32' variant weights"]);
     std::fs::remove_file(pipe.join("text_encoder/config.json")).unwrap();
-    expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &["text_encoder/config.json", "cannot read"],
-    );
+    expect_error(&s(&encode(&pipe, dir.path())), &["text_encoder/config.json", "cannot read"]);
 }
 
 #[test]
@@ -171,10 +121,7 @@ fn missing_shard_is_named() {
     let te = dir.path().join("te");
     copy_dir(&fixture("clip-a-sharded"), &te);
     std::fs::remove_file(te.join("model-00002-of-00004.safetensors")).unwrap();
-    expect_error(
-        &["inspect", te.to_str().unwrap()],
-        &["model-00002-of-00004.safetensors", "missing"],
-    );
+    expect_error(&["inspect", te.to_str().unwrap()], &["model-00002-of-00004.safetensors", "missing"]);
 }
 
 #[test]
@@ -182,20 +129,12 @@ fn wrong_shape_names_the_tensor_and_both_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
     rewrite(&pipe.join("text_encoder/model.safetensors"), |e| {
-        let t = e
-            .iter_mut()
-            .find(|t| t.0.ends_with("layers.1.mlp.fc1.weight"))
-            .unwrap();
+        let t = e.iter_mut().find(|t| t.0.ends_with("layers.1.mlp.fc1.weight")).unwrap();
         t.2.reverse(); // (96, 40) stored as (40, 96): same bytes, transposed shape
     });
     expect_error(
         &s(&encode(&pipe, dir.path())),
-        &[
-            "model.safetensors",
-            "encoder.layers.1.mlp.fc1.weight",
-            "[40, 96]",
-            "[96, 40]",
-        ],
+        &["model.safetensors", "encoder.layers.1.mlp.fc1.weight", "[40, 96]", "[96, 40]"],
     );
 }
 
@@ -204,16 +143,10 @@ fn wrong_dtype_names_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
     rewrite(&pipe.join("text_encoder/model.safetensors"), |e| {
-        let t = e
-            .iter_mut()
-            .find(|t| t.0.ends_with("final_layer_norm.weight"))
-            .unwrap();
+        let t = e.iter_mut().find(|t| t.0.ends_with("final_layer_norm.weight")).unwrap();
         t.1 = safetensors::Dtype::I32;
     });
-    expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &["final_layer_norm.weight", "I32", "F32, F16 or BF16"],
-    );
+    expect_error(&s(&encode(&pipe, dir.path())), &["final_layer_norm.weight", "I32", "F32, F16 or BF16"]);
 }
 
 #[test]
@@ -221,30 +154,14 @@ fn missing_and_unexpected_tensors_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
     let f = pipe.join("text_encoder/model.safetensors");
-    rewrite(&f, |e| {
-        e.retain(|t| !t.0.ends_with("layers.2.self_attn.v_proj.bias"))
-    });
-    expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &[
-            "1 expected tensor(s) missing",
-            "layers.2.self_attn.v_proj.bias",
-        ],
-    );
+    rewrite(&f, |e| e.retain(|t| !t.0.ends_with("layers.2.self_attn.v_proj.bias")));
+    expect_error(&s(&encode(&pipe, dir.path())), &["1 expected tensor(s) missing", "layers.2.self_attn.v_proj.bias"]);
     copy_dir(&fixture("clip-b"), &pipe.join("text_encoder"));
     rewrite(&f, |e| {
         let extra = e[0].clone();
-        e.push((
-            "text_model.encoder.layers.9.extra.weight".into(),
-            extra.1,
-            extra.2,
-            extra.3,
-        ));
+        e.push(("text_model.encoder.layers.9.extra.weight".into(), extra.1, extra.2, extra.3));
     });
-    expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &["unexpected tensor", "layers.9.extra.weight"],
-    );
+    expect_error(&s(&encode(&pipe, dir.path())), &["unexpected tensor", "layers.9.extra.weight"]);
 }
 
 #[test]
@@ -252,63 +169,31 @@ fn unknown_hidden_act_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = pipeline(dir.path());
     let cfg = pipe.join("text_encoder/config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"gelu\"", "\"relu6\"");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"gelu\"", "\"relu6\"");
     std::fs::write(&cfg, text).unwrap();
-    expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &["config.json", "hidden_act", "relu6"],
-    );
+    expect_error(&s(&encode(&pipe, dir.path())), &["config.json", "hidden_act", "relu6"]);
     std::fs::write(&cfg, "{\"hidden_size\": \"wide\"}").unwrap();
-    expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &["config.json", "hidden_size", "positive integer"],
-    );
+    expect_error(&s(&encode(&pipe, dir.path())), &["config.json", "hidden_size", "positive integer"]);
     std::fs::write(&cfg, "{not json").unwrap();
-    expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &["config.json", "invalid JSON"],
-    );
+    expect_error(&s(&encode(&pipe, dir.path())), &["config.json", "invalid JSON"]);
 }
 
 #[test]
 fn bad_tokenizer_folders_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    expect_error(
-        &["tokenize", "--model", "/no/such/folder", "--prompt", "x"],
-        &["/no/such/folder"],
-    );
+    expect_error(&["tokenize", "--model", "/no/such/folder", "--prompt", "x"], &["/no/such/folder"]);
     std::fs::write(dir.path().join("vocab.json"), "{\"a\": 0}").unwrap();
     expect_error(
-        &[
-            "tokenize",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--prompt",
-            "x",
-        ],
+        &["tokenize", "--model", dir.path().to_str().unwrap(), "--prompt", "x"],
         &["not a CLIP tokenizer folder"],
     );
     std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\na b\n").unwrap();
     expect_error(
-        &[
-            "tokenize",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--prompt",
-            "x",
-        ],
+        &["tokenize", "--model", dir.path().to_str().unwrap(), "--prompt", "x"],
         &["bos_token", "not in the vocabulary"],
     );
     expect_error(
-        &[
-            "tokenize",
-            "--model",
-            sd14_config().to_str().unwrap(),
-            "--input",
-            "/no/such/prompts.txt",
-        ],
+        &["tokenize", "--model", sd14_config().to_str().unwrap(), "--input", "/no/such/prompts.txt"],
         &["/no/such/prompts.txt"],
     );
 }
@@ -316,26 +201,14 @@ fn bad_tokenizer_folders_are_named() {
 #[test]
 fn over_long_prompt_is_truncated_with_a_warning() {
     let long = "bilateral pleural effusions with adjacent atelectasis. ".repeat(20);
-    let (code, out, err) = run_cli(
-        &[
-            "tokenize",
-            "--model",
-            sd14_config().to_str().unwrap(),
-            "--prompt",
-            &long,
-        ],
-        None,
-    );
+    let (code, out, err) = run_cli(&["tokenize", "--model", sd14_config().to_str().unwrap(), "--prompt", &long], None);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["truncated"], true);
     assert_eq!(v["ids"].as_array().unwrap().len(), 77);
     assert_eq!(v["ids"][76], 49407, "EOS stays last after truncation");
     assert!(v["tokens"].as_u64().unwrap() > 77);
-    assert!(
-        err.contains("warning: prompt 1 has") && err.contains("truncated to 77"),
-        "{err}"
-    );
+    assert!(err.contains("warning: prompt 1 has") && err.contains("truncated to 77"), "{err}");
 }
 
 #[test]
@@ -344,12 +217,7 @@ fn cuda_device_without_cuda_build_says_so() {
         return;
     }
     expect_error(
-        &[
-            "--device",
-            "cuda",
-            "inspect",
-            sd14_config().to_str().unwrap(),
-        ],
+        &["--device", "cuda", "inspect", sd14_config().to_str().unwrap()],
         &["CUDA support was not compiled", "--features cuda"],
     );
 }

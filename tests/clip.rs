@@ -24,13 +24,7 @@ fn check_forward(what: &str, dir: &Path, variant: Option<&str>, io: &Path, refer
 #[test]
 fn clip_text_encoder_matches_transformers_quick_gelu_config() {
     let dir = fixture("clip-a");
-    check_forward(
-        "clip-a last_hidden_state",
-        &dir,
-        None,
-        &dir.join("io.safetensors"),
-        "last_hidden_state",
-    );
+    check_forward("clip-a last_hidden_state", &dir, None, &dir.join("io.safetensors"), "last_hidden_state");
 }
 
 #[test]
@@ -38,25 +32,13 @@ fn clip_text_encoder_matches_transformers_gelu_config() {
     let dir = fixture("clip-b");
     let cfg = ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
     assert_eq!(cfg.head_dim(), 8);
-    check_forward(
-        "clip-b last_hidden_state",
-        &dir,
-        None,
-        &dir.join("io.safetensors"),
-        "last_hidden_state",
-    );
+    check_forward("clip-b last_hidden_state", &dir, None, &dir.join("io.safetensors"), "last_hidden_state");
 }
 
 #[test]
 fn sharded_checkpoint_loads_like_the_single_file() {
     let io = fixture("clip-a").join("io.safetensors");
-    check_forward(
-        "clip-a from 4 shards",
-        &fixture("clip-a-sharded"),
-        None,
-        &io,
-        "last_hidden_state",
-    );
+    check_forward("clip-a from 4 shards", &fixture("clip-a-sharded"), None, &io, "last_hidden_state");
 }
 
 #[test]
@@ -87,17 +69,13 @@ fn bf16_variant_is_converted_once_and_matches_reference() {
 fn known_buffer_position_ids_is_ignored() {
     let mut b = CpuBackend::new();
     let (_, report) = ClipTextModel::load(&mut b, &fixture("clip-a"), None).unwrap();
-    assert_eq!(
-        report.ignored,
-        vec!["text_model.embeddings.position_ids".to_string()]
-    );
+    assert_eq!(report.ignored, vec!["text_model.embeddings.position_ids".to_string()]);
 }
 
 #[test]
 fn sd14_text_encoder_has_the_reference_parameter_count() {
     let counts: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap()).unwrap();
     let want = counts["text_encoder"].as_u64().unwrap() as usize;
     assert_eq!(want, 123_060_480);
     let cfg = ClipTextConfig::from_file(&sd14_config().join("text_encoder/config.json")).unwrap();
@@ -108,25 +86,11 @@ fn sd14_text_encoder_has_the_reference_parameter_count() {
 
 #[test]
 fn inspect_random_weights_instantiates_sd14_clip() {
-    let (code, out, err) = run_cli(
-        &[
-            "inspect",
-            sd14_config().to_str().unwrap(),
-            "--random-weights",
-            "--json",
-        ],
-        None,
-    );
+    let (code, out, err) = run_cli(&["inspect", sd14_config().to_str().unwrap(), "--random-weights", "--json"], None);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(
-        v["components"]["text_encoder"]["parameters"].as_u64(),
-        Some(123_060_480)
-    );
-    assert_eq!(
-        v["components"]["tokenizer"]["tokenizer"]["pad_id"].as_u64(),
-        Some(49407)
-    );
+    assert_eq!(v["components"]["text_encoder"]["parameters"].as_u64(), Some(123_060_480));
+    assert_eq!(v["components"]["tokenizer"]["tokenizer"]["pad_id"].as_u64(), Some(49407));
 }
 
 /// A pipeline folder: the tiny f16 text encoder with the full CLIP vocabulary, and the SD v1.4 tokenizer.
@@ -144,11 +108,7 @@ fn encode_text_cli_matches_diffusers_encode_prompt() {
     let prompts: Vec<String> =
         serde_json::from_str(&std::fs::read_to_string(pipe.join("prompts.json")).unwrap()).unwrap();
     let out = dir.path().join("emb.safetensors");
-    let mut args = vec![
-        "encode-text".to_string(),
-        "--model".into(),
-        pipe.display().to_string(),
-    ];
+    let mut args = vec!["encode-text".to_string(), "--model".into(), pipe.display().to_string()];
     for p in &prompts {
         args.extend(["--prompt".to_string(), p.clone()]);
     }
@@ -156,10 +116,7 @@ fn encode_text_cli_matches_diffusers_encode_prompt() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, _, err) = run_cli(&args, None);
     assert_eq!(code, 0, "{err}");
-    assert!(
-        err.contains("warning: prompt 4 has"),
-        "the over-long prompt must be reported: {err}"
-    );
+    assert!(err.contains("warning: prompt 4 has"), "the over-long prompt must be reported: {err}");
     let io = pipe.join("io.safetensors");
     assert_eq!(read_ids(&out, "input_ids"), read_ids(&io, "input_ids"));
     let (shape, got) = read_f32(&out, "last_hidden_state");
@@ -175,7 +132,11 @@ fn ids_outside_the_vocabulary_are_refused() {
     let pipe = dir.path().join("pipe");
     copy_dir(&fixture("clip-a"), &pipe.join("text_encoder"));
     copy_dir(&sd14_config().join("tokenizer"), &pipe.join("tokenizer"));
-    std::fs::write(pipe.join("model_index.json"), r#"{"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}"#).unwrap();
+    std::fs::write(
+        pipe.join("model_index.json"),
+        r#"{"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}"#,
+    )
+    .unwrap();
     let out = dir.path().join("emb.safetensors");
     let (code, _, err) = run_cli(
         &[

@@ -21,12 +21,7 @@ fn cases() -> Vec<Case> {
             let v: serde_json::Value = serde_json::from_str(&l.unwrap()).unwrap();
             Case {
                 text: v["text"].as_str().unwrap().to_string(),
-                ids: v["ids"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap() as u32)
-                    .collect(),
+                ids: v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
                 tokens: v["tokens"].as_u64().unwrap() as usize,
                 truncated: v["truncated"].as_bool().unwrap(),
             }
@@ -36,11 +31,7 @@ fn cases() -> Vec<Case> {
 
 fn check_all(tok: &ClipTokenizer, form: &str) {
     let cases = cases();
-    assert!(
-        cases.len() > 2000,
-        "expected a few thousand cases, found {}",
-        cases.len()
-    );
+    assert!(cases.len() > 2000, "expected a few thousand cases, found {}", cases.len());
     let mut bad = Vec::new();
     for c in &cases {
         let e = tok.encode(&c.text);
@@ -52,11 +43,7 @@ fn check_all(tok: &ClipTokenizer, form: &str) {
         }
     }
     let truncated = cases.iter().filter(|c| c.truncated).count();
-    println!(
-        "{form}: {} cases ({truncated} over-long), {} mismatches",
-        cases.len(),
-        bad.len()
-    );
+    println!("{form}: {} cases ({truncated} over-long), {} mismatches", cases.len(), bad.len());
     assert!(
         bad.is_empty(),
         "{form}: {} of {} cases differ from transformers, e.g.\n{}",
@@ -65,19 +52,13 @@ fn check_all(tok: &ClipTokenizer, form: &str) {
         bad[..bad.len().min(5)].join("\n")
     );
     assert!(truncated > 50, "the cases must exercise truncation");
-    assert!(
-        cases.iter().any(|c| c.text.is_empty()),
-        "the cases must include the empty (unconditional) prompt"
-    );
+    assert!(cases.iter().any(|c| c.text.is_empty()), "the cases must include the empty (unconditional) prompt");
 }
 
 #[test]
 fn tokenizer_matches_transformers_vocab_merges_form() {
     let tok = ClipTokenizer::from_dir(&sd14_config().join("tokenizer")).unwrap();
-    assert_eq!(
-        (tok.bos_id, tok.eos_id, tok.pad_id, tok.max_length),
-        (49406, 49407, 49407, 77)
-    );
+    assert_eq!((tok.bos_id, tok.eos_id, tok.pad_id, tok.max_length), (49406, 49407, 49407, 77));
     check_all(&tok, "vocab.json + merges.txt");
 }
 
@@ -90,10 +71,7 @@ fn tokenizer_matches_transformers_lone_tokenizer_json_form() {
         .unwrap();
     std::fs::write(dir.path().join("tokenizer.json"), json).unwrap();
     let tok = ClipTokenizer::from_dir(dir.path()).unwrap();
-    assert_eq!(
-        (tok.bos_id, tok.eos_id, tok.pad_id, tok.max_length),
-        (49406, 49407, 49407, 77)
-    );
+    assert_eq!((tok.bos_id, tok.eos_id, tok.pad_id, tok.max_length), (49406, 49407, 49407, 77));
     check_all(&tok, "lone tokenizer.json");
 }
 
@@ -110,11 +88,8 @@ fn empty_prompt_is_bos_eos_then_padding() {
 
 #[test]
 fn tokenize_cli_prints_reference_ids_and_warns_when_truncating() {
-    let cs: Vec<Case> = cases()
-        .into_iter()
-        .filter(|c| !c.text.contains(['\n', '\r']) && !c.text.is_empty())
-        .take(400)
-        .collect();
+    let cs: Vec<Case> =
+        cases().into_iter().filter(|c| !c.text.contains(['\n', '\r']) && !c.text.is_empty()).take(400).collect();
     assert!(cs.iter().any(|c| c.truncated));
     let input: String = cs.iter().map(|c| format!("{}\n", c.text)).collect();
     let dir = tempfile::tempdir().unwrap();
@@ -122,44 +97,22 @@ fn tokenize_cli_prints_reference_ids_and_warns_when_truncating() {
     std::fs::write(&file, &input).unwrap();
     let model = sd14_config();
     for args in [
-        vec![
-            "tokenize",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            file.to_str().unwrap(),
-        ],
+        vec!["tokenize", "--model", model.to_str().unwrap(), "--input", file.to_str().unwrap()],
         vec!["tokenize", "--model", model.to_str().unwrap()],
     ] {
-        let stdin = if args.len() == 3 {
-            Some(input.as_str())
-        } else {
-            None
-        };
+        let stdin = if args.len() == 3 { Some(input.as_str()) } else { None };
         let (code, out, err) = run_cli(&args, stdin);
         assert_eq!(code, 0, "stderr: {err}");
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), cs.len());
         for (line, c) in lines.iter().zip(&cs) {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let ids: Vec<u32> = v["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect();
+            let ids: Vec<u32> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
             assert_eq!(ids, c.ids, "{:?}", c.text);
             assert_eq!(v["tokens"].as_u64().unwrap() as usize, c.tokens);
             assert_eq!(v["truncated"].as_bool().unwrap(), c.truncated);
         }
-        let warnings = err
-            .lines()
-            .filter(|l| l.starts_with("warning:") && l.contains("truncated"))
-            .count();
-        assert_eq!(
-            warnings,
-            cs.iter().filter(|c| c.truncated).count(),
-            "stderr: {err}"
-        );
+        let warnings = err.lines().filter(|l| l.starts_with("warning:") && l.contains("truncated")).count();
+        assert_eq!(warnings, cs.iter().filter(|c| c.truncated).count(), "stderr: {err}");
     }
 }

@@ -37,8 +37,7 @@ impl Activation {
         })
     }
 
-    pub const CONFIG_NAMES: &'static str =
-        "quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu, swish";
+    pub const CONFIG_NAMES: &'static str = "quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu, swish";
 }
 
 /// Which backend a command runs on (`--device`).
@@ -166,13 +165,7 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// out = act(inp), n elements.
-    fn activation_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        act: Activation,
-        n: usize,
-    ) -> Result<()>;
+    fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()>;
 
     /// out = a + b, n elements (residual connections).
     fn add_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()>;

@@ -99,14 +99,9 @@ pub struct ClipParams {
 /// The parameter table of a CLIPTextModel, under transformers' names.
 pub fn params_layout(l: &mut Layout, c: &ClipTextConfig) -> ClipParams {
     let (d, eps) = (c.hidden_size, c.layer_norm_eps);
-    let token_embedding = l.tensor(
-        "text_model.embeddings.token_embedding.weight",
-        [c.vocab_size, d],
-    );
-    let position_embedding = l.tensor(
-        "text_model.embeddings.position_embedding.weight",
-        [c.max_position_embeddings, d],
-    );
+    let token_embedding = l.tensor("text_model.embeddings.token_embedding.weight", [c.vocab_size, d]);
+    let position_embedding =
+        l.tensor("text_model.embeddings.position_embedding.weight", [c.max_position_embeddings, d]);
     let layers = (0..c.num_hidden_layers)
         .map(|i| {
             let p = format!("text_model.encoder.layers.{i}");
@@ -123,12 +118,7 @@ pub fn params_layout(l: &mut Layout, c: &ClipTextConfig) -> ClipParams {
         })
         .collect();
     let final_layer_norm = LayerNorm::layout(l, "text_model.final_layer_norm", d, eps);
-    ClipParams {
-        token_embedding,
-        position_embedding,
-        layers,
-        final_layer_norm,
-    }
+    ClipParams { token_embedding, position_embedding, layers, final_layer_norm }
 }
 
 /// What one layer's forward writes (and its backward will read); rows = batch · seq.
@@ -160,12 +150,7 @@ pub struct ClipActs {
 }
 
 pub fn acts_layout(l: &mut Layout, c: &ClipTextConfig, batch: usize, seq: usize) -> ClipActs {
-    let (rows, d, f, h) = (
-        batch * seq,
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_attention_heads,
-    );
+    let (rows, d, f, h) = (batch * seq, c.hidden_size, c.intermediate_size, c.num_attention_heads);
     let embeddings = l.tensor("embeddings", [batch, seq, d]);
     let layers = (0..c.num_hidden_layers)
         .map(|i| {
@@ -188,13 +173,7 @@ pub fn acts_layout(l: &mut Layout, c: &ClipTextConfig, batch: usize, seq: usize)
         })
         .collect();
     let final_layer_norm = LayerNorm::acts_layout(l, "final_layer_norm", rows, d);
-    ClipActs {
-        batch,
-        seq,
-        embeddings,
-        layers,
-        final_layer_norm,
-    }
+    ClipActs { batch, seq, embeddings, layers, final_layer_norm }
 }
 
 pub struct ClipTextModel {
@@ -207,22 +186,12 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// Allocates the parameter pool (uninitialised: zeros) for `config`.
     pub fn allocate(backend: &mut dyn Backend, config: ClipTextConfig) -> Result<ClipTextModel> {
-        let (params, table) = allocate(backend, "text_encoder.params", |l| {
-            params_layout(l, &config)
-        })?;
-        Ok(ClipTextModel {
-            config,
-            params,
-            table,
-        })
+        let (params, table) = allocate(backend, "text_encoder.params", |l| params_layout(l, &config))?;
+        Ok(ClipTextModel { config, params, table })
     }
 
     /// Loads a text_encoder component folder (config.json + safetensors, `variant` e.g. "fp16").
-    pub fn load(
-        backend: &mut dyn Backend,
-        dir: &Path,
-        variant: Option<&str>,
-    ) -> Result<(ClipTextModel, LoadReport)> {
+    pub fn load(backend: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(ClipTextModel, LoadReport)> {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
         let files = weights::weight_files(dir, variant)?;
         let model = Self::allocate(backend, config)?;
@@ -231,11 +200,7 @@ impl ClipTextModel {
     }
 
     /// The real architecture with random weights (for benchmarks and `inspect --random-weights`).
-    pub fn random(
-        backend: &mut dyn Backend,
-        config: ClipTextConfig,
-        seed: u64,
-    ) -> Result<ClipTextModel> {
+    pub fn random(backend: &mut dyn Backend, config: ClipTextConfig, seed: u64) -> Result<ClipTextModel> {
         let model = Self::allocate(backend, config)?;
         super::randomize(backend, &model.table, seed)?;
         Ok(model)
@@ -246,17 +211,9 @@ impl ClipTextModel {
     }
 
     /// Allocates the activation arena for a forward at (batch, seq).
-    pub fn allocate_acts(
-        &self,
-        backend: &mut dyn Backend,
-        batch: usize,
-        seq: usize,
-    ) -> Result<ClipActs> {
+    pub fn allocate_acts(&self, backend: &mut dyn Backend, batch: usize, seq: usize) -> Result<ClipActs> {
         let c = self.config.clone();
-        Ok(allocate(backend, "text_encoder.acts", |l| {
-            acts_layout(l, &c, batch, seq)
-        })?
-        .0)
+        Ok(allocate(backend, "text_encoder.acts", |l| acts_layout(l, &c, batch, seq))?.0)
     }
 
     /// `last_hidden_state` (batch, seq, C) for `ids` (batch · seq token ids), written into `acts`.
@@ -265,21 +222,10 @@ impl ClipTextModel {
         let (batch, seq, d) = (acts.batch, acts.seq, c.hidden_size);
         let rows = batch * seq;
         if seq > c.max_position_embeddings {
-            bail!(
-                "text encoder: {seq} tokens exceed max_position_embeddings {}",
-                c.max_position_embeddings
-            );
+            bail!("text encoder: {seq} tokens exceed max_position_embeddings {}", c.max_position_embeddings);
         }
         let p = &self.params;
-        b.embedding_forward(
-            &acts.embeddings,
-            ids,
-            &p.token_embedding,
-            &p.position_embedding,
-            batch,
-            seq,
-            d,
-        )?;
+        b.embedding_forward(&acts.embeddings, ids, &p.token_embedding, &p.position_embedding, batch, seq, d)?;
         let (heads, hd) = (c.num_attention_heads, c.head_dim());
         let mut x = acts.embeddings;
         for (lp, la) in p.layers.iter().zip(&acts.layers) {
@@ -288,9 +234,7 @@ impl ClipTextModel {
             lp.k_proj.forward(b, &la.k, &la.ln1.out, rows)?;
             lp.v_proj.forward(b, &la.v, &la.ln1.out, rows)?;
             let scale = 1.0 / (hd as f32).sqrt();
-            b.attention_forward(
-                &la.attn, &la.lse, &la.q, &la.k, &la.v, batch, seq, seq, heads, hd, scale, true,
-            )?;
+            b.attention_forward(&la.attn, &la.lse, &la.q, &la.k, &la.v, batch, seq, seq, heads, hd, scale, true)?;
             lp.out_proj.forward(b, &la.attn_out, &la.attn, rows)?;
             b.add_forward(&la.residual1, &x, &la.attn_out, rows * d)?;
             lp.layer_norm2.forward(b, &la.ln2, &la.residual1, rows)?;
@@ -300,8 +244,7 @@ impl ClipTextModel {
             b.add_forward(&la.residual2, &la.residual1, &la.fc2, rows * d)?;
             x = la.residual2;
         }
-        p.final_layer_norm
-            .forward(b, &acts.final_layer_norm, &x, rows)?;
+        p.final_layer_norm.forward(b, &acts.final_layer_norm, &x, rows)?;
         Ok(acts.final_layer_norm.out.reshape([batch, seq, d]))
     }
 }

@@ -13,11 +13,7 @@ use std::path::Path;
 /// Runs a layout function unbound to size it, allocates one pool of exactly that size, and runs it
 /// again bound to the pool. Returns the typed tensors and the layout (the name → (offset, shape)
 /// table).
-pub fn allocate<T>(
-    backend: &mut dyn Backend,
-    label: &str,
-    build: impl Fn(&mut Layout) -> T,
-) -> Result<(T, Layout)> {
+pub fn allocate<T>(backend: &mut dyn Backend, label: &str, build: impl Fn(&mut Layout) -> T) -> Result<(T, Layout)> {
     let total = Layout::measure(&build).total();
     let pool = backend.alloc(total, label)?;
     let mut layout = Layout::new(pool);
@@ -42,11 +38,7 @@ pub fn randomize(backend: &dyn Backend, table: &Layout, seed: u64) -> Result<()>
         } else {
             buf.extend((0..n).map(|_| 0.02 * rng.next_normal()));
         }
-        let t = crate::tensor::Tensor {
-            pool: table.pool(),
-            offset: e.offset,
-            shape: e.shape,
-        };
+        let t = crate::tensor::Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
         backend.upload(&t, &buf)?;
     }
     Ok(())
@@ -60,38 +52,27 @@ pub(crate) struct ConfigReader<'a> {
 
 impl<'a> ConfigReader<'a> {
     pub fn new(v: &'a Value, path: &'a Path) -> Result<Self> {
-        let obj = v
-            .as_object()
-            .with_context(|| format!("{}: expected a JSON object", path.display()))?;
+        let obj = v.as_object().with_context(|| format!("{}: expected a JSON object", path.display()))?;
         Ok(ConfigReader { obj, path })
     }
 
     fn bad(&self, field: &str, want: &str) -> anyhow::Error {
-        anyhow::anyhow!(
-            "{}: field \"{field}\" is {}; expected {want}",
-            self.path.display(),
-            self.obj[field]
-        )
+        anyhow::anyhow!("{}: field \"{field}\" is {}; expected {want}", self.path.display(), self.obj[field])
     }
 
     pub fn usize(&self, field: &str, default: usize) -> Result<usize> {
         match self.obj.get(field) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_u64()
-                .filter(|&n| n > 0)
-                .map(|n| n as usize)
-                .ok_or_else(|| self.bad(field, "a positive integer")),
+            Some(v) => {
+                v.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| self.bad(field, "a positive integer"))
+            }
         }
     }
 
     pub fn f32(&self, field: &str, default: f32) -> Result<f32> {
         match self.obj.get(field) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .map(|x| x as f32)
-                .ok_or_else(|| self.bad(field, "a number")),
+            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| self.bad(field, "a number")),
         }
     }
 

@@ -19,25 +19,12 @@ impl Linear {
     pub fn layout(l: &mut Layout, prefix: &str, in_f: usize, out_f: usize, bias: bool) -> Linear {
         let weight = l.tensor(format!("{prefix}.weight"), [out_f, in_f]);
         let bias = bias.then(|| l.tensor(format!("{prefix}.bias"), [out_f]));
-        Linear {
-            weight,
-            bias,
-            in_f,
-            out_f,
-        }
+        Linear { weight, bias, in_f, out_f }
     }
 
     /// out (rows, out_f) = inp (rows, in_f) · Wᵀ + b.
     pub fn forward(&self, b: &dyn Backend, out: &Tensor, inp: &Tensor, rows: usize) -> Result<()> {
-        b.linear_forward(
-            out,
-            inp,
-            &self.weight,
-            self.bias.as_ref(),
-            rows,
-            self.in_f,
-            self.out_f,
-        )
+        b.linear_forward(out, inp, &self.weight, self.bias.as_ref(), rows, self.in_f, self.out_f)
     }
 }
 
@@ -62,12 +49,7 @@ impl LayerNorm {
     pub fn layout(l: &mut Layout, prefix: &str, dim: usize, eps: f32) -> LayerNorm {
         let weight = l.tensor(format!("{prefix}.weight"), [dim]);
         let bias = l.tensor(format!("{prefix}.bias"), [dim]);
-        LayerNorm {
-            weight,
-            bias,
-            dim,
-            eps,
-        }
+        LayerNorm { weight, bias, dim, eps }
     }
 
     pub fn acts_layout(l: &mut Layout, prefix: &str, rows: usize, dim: usize) -> LayerNormActs {
@@ -78,23 +60,7 @@ impl LayerNorm {
         }
     }
 
-    pub fn forward(
-        &self,
-        b: &dyn Backend,
-        acts: &LayerNormActs,
-        inp: &Tensor,
-        rows: usize,
-    ) -> Result<()> {
-        b.layer_norm_forward(
-            &acts.out,
-            &acts.mean,
-            &acts.rstd,
-            inp,
-            &self.weight,
-            &self.bias,
-            rows,
-            self.dim,
-            self.eps,
-        )
+    pub fn forward(&self, b: &dyn Backend, acts: &LayerNormActs, inp: &Tensor, rows: usize) -> Result<()> {
+        b.layer_norm_forward(&acts.out, &acts.mean, &acts.rstd, inp, &self.weight, &self.bias, rows, self.dim, self.eps)
     }
 }

@@ -19,8 +19,7 @@ use std::path::{Path, PathBuf};
 
 /// Reads and parses a JSON file, naming it in every error.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
@@ -32,9 +31,7 @@ pub fn is_pipeline_folder(dir: &Path) -> bool {
 pub fn pipeline_components(dir: &Path) -> Result<BTreeMap<String, (String, String)>> {
     let path = dir.join("model_index.json");
     let v = read_json(&path)?;
-    let obj = v
-        .as_object()
-        .with_context(|| format!("{}: expected a JSON object", path.display()))?;
+    let obj = v.as_object().with_context(|| format!("{}: expected a JSON object", path.display()))?;
     let mut out = BTreeMap::new();
     for (k, val) in obj {
         if k.starts_with('_') {
@@ -58,10 +55,7 @@ pub fn component_dir(dir: &Path, component: &str) -> Result<PathBuf> {
     if is_pipeline_folder(dir) {
         let sub = dir.join(component);
         if !sub.is_dir() {
-            bail!(
-                "{}: missing component folder '{component}' of the pipeline",
-                sub.display()
-            );
+            bail!("{}: missing component folder '{component}' of the pipeline", sub.display());
         }
         return Ok(sub);
     }
@@ -72,14 +66,8 @@ pub fn component_dir(dir: &Path, component: &str) -> Result<PathBuf> {
 pub fn weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
     for base in ["model", "diffusion_pytorch_model"] {
         let (single, index) = match variant {
-            Some(v) => (
-                format!("{base}.{v}.safetensors"),
-                format!("{base}.safetensors.index.{v}.json"),
-            ),
-            None => (
-                format!("{base}.safetensors"),
-                format!("{base}.safetensors.index.json"),
-            ),
+            Some(v) => (format!("{base}.{v}.safetensors"), format!("{base}.safetensors.index.{v}.json")),
+            None => (format!("{base}.safetensors"), format!("{base}.safetensors.index.json")),
         };
         let single = dir.join(single);
         if single.is_file() {
@@ -95,10 +83,7 @@ pub fn weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
         Some(v) => format!("no '{v}' variant weights"),
         None => "no safetensors weights".to_string(),
     };
-    let hint = if listing
-        .iter()
-        .any(|f| f.ends_with(".bin") || f.ends_with(".ckpt") || f.ends_with(".pt"))
-    {
+    let hint = if listing.iter().any(|f| f.ends_with(".bin") || f.ends_with(".ckpt") || f.ends_with(".pt")) {
         " (PyTorch pickle files are not read: convert them to safetensors)"
     } else if variant.is_none() && listing.iter().any(|f| f.contains(".fp16.")) {
         " (only an fp16 variant is present: pass --variant fp16)"
@@ -109,11 +94,7 @@ pub fn weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
         "{}: {what}{hint}; expected model.safetensors, diffusion_pytorch_model.safetensors or a \
          *.safetensors.index.json (found: {})",
         dir.display(),
-        if listing.is_empty() {
-            "nothing weight-like".to_string()
-        } else {
-            listing.join(", ")
-        }
+        if listing.is_empty() { "nothing weight-like".to_string() } else { listing.join(", ") }
     )
 }
 
@@ -132,16 +113,9 @@ fn list_weight_like(dir: &Path) -> Vec<String> {
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| {
-                    [".safetensors", ".json", ".bin", ".ckpt", ".pt"]
-                        .iter()
-                        .any(|s| n.ends_with(s))
-                })
+                .filter(|n| [".safetensors", ".json", ".bin", ".ckpt", ".pt"].iter().any(|s| n.ends_with(s)))
                 .filter(|n| !n.ends_with("config.json") && !n.ends_with("model_index.json"))
-                .filter(|n| {
-                    !["vocab.json", "tokenizer.json", "special_tokens_map.json"]
-                        .contains(&n.as_str())
-                })
+                .filter(|n| !["vocab.json", "tokenizer.json", "special_tokens_map.json"].contains(&n.as_str()))
                 .collect()
         })
         .unwrap_or_default();
@@ -160,20 +134,13 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let mut seen = HashSet::new();
     let mut files = Vec::new();
     for (tensor, file) in map {
-        let file = file.as_str().with_context(|| {
-            format!(
-                "{}: weight_map[\"{tensor}\"] is not a file name",
-                index.display()
-            )
-        })?;
+        let file = file
+            .as_str()
+            .with_context(|| format!("{}: weight_map[\"{tensor}\"] is not a file name", index.display()))?;
         if seen.insert(file.to_string()) {
             let p = dir.join(file);
             if !p.is_file() {
-                bail!(
-                    "{}: shard listed by {} is missing",
-                    p.display(),
-                    index.display()
-                );
+                bail!("{}: shard listed by {} is missing", p.display(), index.display());
             }
             files.push(p);
         }
@@ -212,10 +179,7 @@ pub fn load_into(
     files: &[PathBuf],
     alias_prefix: Option<&str>,
 ) -> Result<LoadReport> {
-    let mut report = LoadReport {
-        files: files.to_vec(),
-        ..Default::default()
-    };
+    let mut report = LoadReport { files: files.to_vec(), ..Default::default() };
     let mut loaded: HashSet<&str> = HashSet::new();
     let mut unexpected: Vec<String> = Vec::new();
     let mut scratch: Vec<f32> = Vec::new();
@@ -226,12 +190,8 @@ pub fn load_into(
         let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
         names.sort();
         for name in names {
-            let view = st
-                .tensor(&name)
-                .with_context(|| format!("{}: tensor '{name}'", path.display()))?;
-            let entry = table
-                .find(&name)
-                .or_else(|| alias_prefix.and_then(|p| table.find(&format!("{p}{name}"))));
+            let view = st.tensor(&name).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
+            let entry = table.find(&name).or_else(|| alias_prefix.and_then(|p| table.find(&format!("{p}{name}"))));
             let Some(entry) = entry else {
                 if is_known_buffer(&name) {
                     report.ignored.push(name);
@@ -241,10 +201,7 @@ pub fn load_into(
                 continue;
             };
             if loaded.contains(entry.name.as_str()) {
-                bail!(
-                    "{}: tensor '{name}' appears in more than one weight file",
-                    path.display()
-                );
+                bail!("{}: tensor '{name}' appears in more than one weight file", path.display());
             }
             let dtype = float_dtype(view.dtype()).with_context(|| {
                 format!(
@@ -262,30 +219,16 @@ pub fn load_into(
                 );
             }
             scratch.resize(entry.shape.numel(), 0.0);
-            to_f32(dtype, view.data(), &mut scratch)
-                .with_context(|| format!("{}: tensor '{name}'", path.display()))?;
-            let t = crate::tensor::Tensor {
-                pool,
-                offset: entry.offset,
-                shape: entry.shape,
-            };
+            to_f32(dtype, view.data(), &mut scratch).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
+            let t = crate::tensor::Tensor { pool, offset: entry.offset, shape: entry.shape };
             backend.upload(&t, &scratch)?;
             loaded.insert(entry.name.as_str());
             report.tensors += 1;
             *report.dtypes.entry(dtype.to_string()).or_default() += 1;
         }
     }
-    let missing: Vec<&str> = table
-        .entries()
-        .iter()
-        .map(|e| e.name.as_str())
-        .filter(|n| !loaded.contains(n))
-        .collect();
-    let where_ = files
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let missing: Vec<&str> = table.entries().iter().map(|e| e.name.as_str()).filter(|n| !loaded.contains(n)).collect();
+    let where_ = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
     if !missing.is_empty() {
         bail!(
             "{where_}: {} expected tensor(s) missing: {}",
@@ -314,12 +257,7 @@ fn table_pool(table: &Layout) -> Result<crate::tensor::PoolId> {
 /// The first few names and a count of the rest.
 pub fn abbreviate(names: &[String]) -> String {
     const SHOW: usize = 8;
-    let mut s = names
-        .iter()
-        .take(SHOW)
-        .map(|n| format!("'{n}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut s = names.iter().take(SHOW).map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ");
     if names.len() > SHOW {
         s.push_str(&format!(" and {} more", names.len() - SHOW));
     }

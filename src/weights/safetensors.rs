@@ -27,12 +27,8 @@ impl SafetensorsFile {
         let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         // SAFETY: the file is mapped read-only; a concurrent writer could change its bytes under us,
         // which would give wrong numbers but not memory unsafety in our code (we copy out of it).
-        let mmap = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("{}: cannot map", path.display()))?;
-        let f = SafetensorsFile {
-            path: path.to_path_buf(),
-            mmap,
-        };
+        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
+        let f = SafetensorsFile { path: path.to_path_buf(), mmap };
         f.parse()?; // validate once, so later calls cannot fail on the header
         Ok(f)
     }
@@ -81,15 +77,11 @@ fn describe_error(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
         E::HeaderTooSmall => "the file is too short to hold a header (truncated?)".into(),
-        E::HeaderTooLarge => {
-            "the header length field is larger than allowed (corrupt or not safetensors)".into()
-        }
+        E::HeaderTooLarge => "the header length field is larger than allowed (corrupt or not safetensors)".into(),
         E::InvalidHeaderLength => "the header length exceeds the file size (truncated?)".into(),
         E::InvalidHeaderDeserialization(msg) => format!("the JSON header cannot be parsed ({msg})"),
         E::InvalidHeader(msg) => format!("the header is invalid ({msg})"),
-        E::MetadataIncompleteBuffer => {
-            "the tensor data is shorter than the header says (truncated?)".into()
-        }
+        E::MetadataIncompleteBuffer => "the tensor data is shorter than the header says (truncated?)".into(),
         other => other.to_string(),
     }
 }
@@ -146,14 +138,8 @@ pub fn write_atomic(path: &Path, tensors: &[(&str, Vec<usize>, OutTensor)]) -> R
     let mut bufs: Vec<(String, Vec<usize>, StDtype, Vec<u8>)> = Vec::new();
     for (name, shape, t) in tensors {
         let (dtype, bytes) = match t {
-            OutTensor::F32(v) => (
-                StDtype::F32,
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ),
-            OutTensor::I64(v) => (
-                StDtype::I64,
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ),
+            OutTensor::F32(v) => (StDtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            OutTensor::I64(v) => (StDtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         };
         bufs.push((name.to_string(), shape.clone(), dtype, bytes));
     }
@@ -165,11 +151,9 @@ pub fn write_atomic(path: &Path, tensors: &[(&str, Vec<usize>, OutTensor)]) -> R
                 .map_err(|e| anyhow::anyhow!("tensor '{n}': {e}"))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let tmp = path.with_extension("safetensors.tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }

@@ -23,20 +23,14 @@ pub fn sd14_config() -> PathBuf {
 pub fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st
-        .tensor(name)
-        .unwrap_or_else(|e| panic!("{}: {name}: {e}", path.display()));
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("{}: {name}: {e}", path.display()));
     let data = match t.dtype() {
-        safetensors::Dtype::F32 => t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect(),
-        safetensors::Dtype::I64 => t
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
-            .collect(),
+        safetensors::Dtype::F32 => {
+            t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+        }
+        safetensors::Dtype::I64 => {
+            t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect()
+        }
         d => panic!("{name}: unexpected dtype {d:?}"),
     };
     (t.shape().to_vec(), data)
@@ -49,13 +43,7 @@ pub fn read_ids(path: &Path, name: &str) -> (Vec<usize>, Vec<u32>) {
 
 /// Asserts the f32 parity bar and prints the error seen, so a passing run still shows the margin.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: {} values, reference has {}",
-        got.len(),
-        want.len()
-    );
+    assert_eq!(got.len(), want.len(), "{what}: {} values, reference has {}", got.len(), want.len());
     let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
     let (mut max_err, mut at) = (0f32, 0);
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
@@ -65,10 +53,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
             at = i;
         }
     }
-    println!(
-        "{what}: max |ours - reference| = {max_err:.3e} (bar {:.1e}, scale {scale:.3})",
-        rel * scale
-    );
+    println!("{what}: max |ours - reference| = {max_err:.3e} (bar {:.1e}, scale {scale:.3})", rel * scale);
     assert!(
         max_err <= rel * scale,
         "{what}: max error {max_err:e} at index {at} (ours {}, reference {}) exceeds {:e}",
@@ -78,10 +63,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
     );
     // Guard against a vacuous comparison: the reference must not be constant.
     let first = want[0];
-    assert!(
-        want.iter().any(|&x| x != first),
-        "{what}: reference tensor is constant"
-    );
+    assert!(want.iter().any(|&x| x != first), "{what}: reference tensor is constant");
 }
 
 /// Runs the roentgen binary; returns (exit code, stdout, stderr).
@@ -90,11 +72,7 @@ pub fn run_cli(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_roentgen"))
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -22,10 +22,7 @@ pub fn sgemm(m: usize, k: usize, n: usize, a: Mat, b: Mat, c: &mut [f32], beta: 
     if m > 0 && k > 0 {
         let last_a = (m - 1) * a.row_stride + (k - 1) * a.col_stride;
         let last_b = (k - 1) * b.row_stride + (n - 1) * b.col_stride;
-        assert!(
-            last_a < a.data.len() && last_b < b.data.len(),
-            "sgemm operand out of bounds"
-        );
+        assert!(last_a < a.data.len() && last_b < b.data.len(), "sgemm operand out of bounds");
     }
     // SAFETY: every index the kernel touches is within the slices (checked above); c is exclusive.
     unsafe {
@@ -56,18 +53,12 @@ pub fn sgemm_par(m: usize, k: usize, n: usize, a: Mat, b: Mat, c: &mut [f32], be
     if block >= m || n == 0 {
         return sgemm(m, k, n, a, b, c, beta);
     }
-    c[..m * n]
-        .par_chunks_mut(block * n)
-        .enumerate()
-        .for_each(|(i, c)| {
-            let r0 = i * block;
-            let rows = c.len() / n;
-            let a = Mat {
-                data: &a.data[r0 * a.row_stride..],
-                ..a
-            };
-            sgemm(rows, k, n, a, b, c, beta);
-        });
+    c[..m * n].par_chunks_mut(block * n).enumerate().for_each(|(i, c)| {
+        let r0 = i * block;
+        let rows = c.len() / n;
+        let a = Mat { data: &a.data[r0 * a.row_stride..], ..a };
+        sgemm(rows, k, n, a, b, c, beta);
+    });
 }
 
 /// The textbook triple loop, for tests and for the benchmark's baseline.
@@ -76,8 +67,7 @@ pub fn sgemm_naive(m: usize, k: usize, n: usize, a: Mat, b: Mat, c: &mut [f32], 
         for j in 0..n {
             let mut acc = 0f32;
             for p in 0..k {
-                acc += a.data[i * a.row_stride + p * a.col_stride]
-                    * b.data[p * b.row_stride + j * b.col_stride];
+                acc += a.data[i * a.row_stride + p * a.col_stride] * b.data[p * b.row_stride + j * b.col_stride];
             }
             c[i * n + j] = acc + beta * c[i * n + j];
         }
@@ -96,24 +86,12 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|_| rng.next_normal()).collect();
         let w: Vec<f32> = (0..n * k).map(|_| rng.next_normal()).collect(); // (n, k), used transposed
         let c0: Vec<f32> = (0..m * n).map(|_| rng.next_normal()).collect();
-        let am = Mat {
-            data: &a,
-            row_stride: k,
-            col_stride: 1,
-        };
-        let bm = Mat {
-            data: &w,
-            row_stride: 1,
-            col_stride: k,
-        };
+        let am = Mat { data: &a, row_stride: k, col_stride: 1 };
+        let bm = Mat { data: &w, row_stride: 1, col_stride: k };
         let (mut c1, mut c2) = (c0.clone(), c0.clone());
         sgemm_par(m, k, n, am, bm, &mut c1, 0.5);
         sgemm_naive(m, k, n, am, bm, &mut c2, 0.5);
-        let err = c1
-            .iter()
-            .zip(&c2)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let err = c1.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         println!("max |par - naive| = {err:e}");
         assert!(err < 1e-4, "max error {err}");
     }

@@ -20,11 +20,7 @@ struct CpuPool {
 impl Drop for CpuPool {
     fn drop(&mut self) {
         // SAFETY: ptr/len came from Box::into_raw of a boxed slice of exactly this length.
-        unsafe {
-            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                self.ptr, self.len,
-            )))
-        };
+        unsafe { drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len))) };
     }
 }
 
@@ -43,12 +39,7 @@ impl CpuBackend {
             .pools
             .get(t.pool.0)
             .unwrap_or_else(|| panic!("tensor {t:?} refers to a pool this backend does not own"));
-        assert!(
-            t.end() <= p.len,
-            "tensor {t:?} runs past the end of pool '{}' ({} elements)",
-            p.label,
-            p.len
-        );
+        assert!(t.end() <= p.len, "tensor {t:?} runs past the end of pool '{}' ({} elements)", p.label, p.len);
         p
     }
 
@@ -86,11 +77,7 @@ impl CpuBackend {
 }
 
 fn check_len(what: &str, t: &Tensor, want: usize) -> Result<()> {
-    ensure!(
-        t.numel() >= want,
-        "{what}: tensor of {} elements, operation needs {want}",
-        t.numel()
-    );
+    ensure!(t.numel() >= want, "{what}: tensor of {} elements, operation needs {want}", t.numel());
     Ok(())
 }
 
@@ -102,36 +89,21 @@ impl Backend for CpuBackend {
     fn alloc(&mut self, len: usize, label: &str) -> Result<PoolId> {
         let mut v: Vec<f32> = Vec::new();
         if v.try_reserve_exact(len).is_err() {
-            bail!(
-                "cannot allocate pool '{label}': {} MiB of host memory",
-                len * 4 >> 20
-            );
+            bail!("cannot allocate pool '{label}': {} MiB of host memory", len * 4 >> 20);
         }
         v.resize(len, 0.0);
         let b = v.into_boxed_slice();
         let ptr = Box::into_raw(b) as *mut f32;
-        self.pools.push(CpuPool {
-            ptr,
-            len,
-            label: label.to_string(),
-        });
+        self.pools.push(CpuPool { ptr, len, label: label.to_string() });
         Ok(PoolId(self.pools.len() - 1))
     }
 
     fn pool_sizes(&self) -> Vec<(String, usize)> {
-        self.pools
-            .iter()
-            .map(|p| (p.label.clone(), p.len * 4))
-            .collect()
+        self.pools.iter().map(|p| (p.label.clone(), p.len * 4)).collect()
     }
 
     fn upload(&self, dst: &Tensor, src: &[f32]) -> Result<()> {
-        ensure!(
-            src.len() == dst.numel(),
-            "upload of {} elements into a tensor of {}",
-            src.len(),
-            dst.numel()
-        );
+        ensure!(src.len() == dst.numel(), "upload of {} elements into a tensor of {}", src.len(), dst.numel());
         let ([d], []) = self.views([dst], []);
         d.copy_from_slice(src);
         Ok(())
@@ -151,33 +123,23 @@ impl Backend for CpuBackend {
         seq: usize,
         dim: usize,
     ) -> Result<()> {
-        ensure!(
-            ids.len() == batch * seq,
-            "embedding: {} ids for batch {batch} × seq {seq}",
-            ids.len()
-        );
+        ensure!(ids.len() == batch * seq, "embedding: {} ids for batch {batch} × seq {seq}", ids.len());
         let vocab = wte.numel() / dim;
         let positions = wpe.numel() / dim;
-        ensure!(
-            seq <= positions,
-            "embedding: sequence of {seq} tokens exceeds the {positions} positions"
-        );
+        ensure!(seq <= positions, "embedding: sequence of {seq} tokens exceeds the {positions} positions");
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             bail!("embedding: token id {bad} is outside the vocabulary of {vocab}");
         }
         check_len("embedding out", out, batch * seq * dim)?;
         let ([o], [wte, wpe]) = self.views([out], [wte, wpe]);
-        o[..batch * seq * dim]
-            .par_chunks_mut(dim)
-            .enumerate()
-            .for_each(|(row, o)| {
-                let id = ids[row] as usize;
-                let t = row % seq;
-                let (e, p) = (&wte[id * dim..(id + 1) * dim], &wpe[t * dim..(t + 1) * dim]);
-                for c in 0..dim {
-                    o[c] = e[c] + p[c];
-                }
-            });
+        o[..batch * seq * dim].par_chunks_mut(dim).enumerate().for_each(|(row, o)| {
+            let id = ids[row] as usize;
+            let t = row % seq;
+            let (e, p) = (&wte[id * dim..(id + 1) * dim], &wpe[t * dim..(t + 1) * dim]);
+            for c in 0..dim {
+                o[c] = e[c] + p[c];
+            }
+        });
         Ok(())
     }
 
@@ -236,8 +198,7 @@ impl Backend for CpuBackend {
                 check_len("linear bias", b, out_f)?;
                 assert!(!out.overlaps(b), "output {out:?} overlaps bias {b:?}");
                 let b = &self.view(b)[..out_f];
-                o.par_chunks_mut(out_f)
-                    .for_each(|row| row.copy_from_slice(b));
+                o.par_chunks_mut(out_f).for_each(|row| row.copy_from_slice(b));
             }
             None => o.fill(0.0),
         }
@@ -246,16 +207,8 @@ impl Backend for CpuBackend {
             rows,
             in_f,
             out_f,
-            gemm::Mat {
-                data: x,
-                row_stride: in_f,
-                col_stride: 1,
-            },
-            gemm::Mat {
-                data: w,
-                row_stride: 1,
-                col_stride: in_f,
-            },
+            gemm::Mat { data: x, row_stride: in_f, col_stride: 1 },
+            gemm::Mat { data: w, row_stride: 1, col_stride: in_f },
             o,
             1.0,
         );
@@ -278,10 +231,7 @@ impl Backend for CpuBackend {
         causal: bool,
     ) -> Result<()> {
         let width = heads * head_dim;
-        ensure!(
-            !causal || q_len == kv_len,
-            "causal attention needs q_len == kv_len ({q_len} vs {kv_len})"
-        );
+        ensure!(!causal || q_len == kv_len, "causal attention needs q_len == kv_len ({q_len} vs {kv_len})");
         check_len("attention out", out, batch * q_len * width)?;
         check_len("attention q", q, batch * q_len * width)?;
         check_len("attention k", k, batch * kv_len * width)?;
@@ -329,21 +279,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn activation_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        act: Activation,
-        n: usize,
-    ) -> Result<()> {
+    fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
         check_len("activation out", out, n)?;
         check_len("activation inp", inp, n)?;
         let ([o], [x]) = self.views([out], [inp]);
         let f: fn(f32) -> f32 = match act {
             Activation::QuickGelu => |x| x / (1.0 + (-1.702 * x).exp()),
-            Activation::Gelu => {
-                |x| (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32
-            }
+            Activation::Gelu => |x| (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32,
             Activation::GeluTanh => |x| {
                 let x = x as f64;
                 let c = (2.0 / std::f64::consts::PI).sqrt();
@@ -351,10 +293,7 @@ impl Backend for CpuBackend {
             },
             Activation::Silu => |x| x / (1.0 + (-x).exp()),
         };
-        o[..n]
-            .par_iter_mut()
-            .zip(x[..n].par_iter())
-            .for_each(|(o, &x)| *o = f(x));
+        o[..n].par_iter_mut().zip(x[..n].par_iter()).for_each(|(o, &x)| *o = f(x));
         Ok(())
     }
 
@@ -363,10 +302,7 @@ impl Backend for CpuBackend {
         check_len("add a", a, n)?;
         check_len("add b", b, n)?;
         let ([o], [a, b]) = self.views([out], [a, b]);
-        o[..n]
-            .par_iter_mut()
-            .zip(a[..n].par_iter().zip(b[..n].par_iter()))
-            .for_each(|(o, (a, b))| *o = a + b);
+        o[..n].par_iter_mut().zip(a[..n].par_iter().zip(b[..n].par_iter())).for_each(|(o, (a, b))| *o = a + b);
         Ok(())
     }
 }
@@ -389,10 +325,9 @@ mod tests {
     /// softmax(QKᵀ·scale)V formula evaluated in f64, including the saved log-sum-exp.
     #[test]
     fn attention_matches_f64_formula_cross_and_causal() {
-        for &(batch, q_len, kv_len, heads, hd, causal) in &[
-            (2usize, 5usize, 7usize, 3usize, 8usize, false),
-            (1, 6, 6, 2, 40, true),
-        ] {
+        for &(batch, q_len, kv_len, heads, hd, causal) in
+            &[(2usize, 5usize, 7usize, 3usize, 8usize, false), (1, 6, 6, 2, 40, true)]
+        {
             let w = heads * hd;
             let mut rng = SplitMix64::new(3);
             let (q, k, v) = (
@@ -415,10 +350,7 @@ mod tests {
             b.upload(&tk, &k).unwrap();
             b.upload(&tv, &v).unwrap();
             let scale = 1.0 / (hd as f32).sqrt();
-            b.attention_forward(
-                &to, &tl, &tq, &tk, &tv, batch, q_len, kv_len, heads, hd, scale, causal,
-            )
-            .unwrap();
+            b.attention_forward(&to, &tl, &tq, &tk, &tv, batch, q_len, kv_len, heads, hd, scale, causal).unwrap();
             let (o, lse) = (b.download(&to).unwrap(), b.download(&tl).unwrap());
             let mut max_err = 0f64;
             for bi in 0..batch {
@@ -437,16 +369,11 @@ mod tests {
                             })
                             .collect();
                         let z: f64 = s.iter().map(|x| x.exp()).sum();
-                        max_err =
-                            max_err.max((lse[(bi * q_len + i) * heads + h] as f64 - z.ln()).abs());
+                        max_err = max_err.max((lse[(bi * q_len + i) * heads + h] as f64 - z.ln()).abs());
                         for d in 0..hd {
-                            let want: f64 = (0..keys)
-                                .map(|j| {
-                                    s[j].exp() / z * v[(bi * kv_len + j) * w + h * hd + d] as f64
-                                })
-                                .sum();
-                            max_err = max_err
-                                .max((o[(bi * q_len + i) * w + h * hd + d] as f64 - want).abs());
+                            let want: f64 =
+                                (0..keys).map(|j| s[j].exp() / z * v[(bi * kv_len + j) * w + h * hd + d] as f64).sum();
+                            max_err = max_err.max((o[(bi * q_len + i) * w + h * hd + d] as f64 - want).abs());
                         }
                     }
                 }
@@ -460,14 +387,9 @@ mod tests {
     fn overlapping_output_and_input_is_refused() {
         let mut b = CpuBackend::new();
         let pool = b.alloc(64, "t").unwrap();
-        let t = |o, n| Tensor {
-            pool,
-            offset: o,
-            shape: crate::tensor::Shape::new(&[n]),
-        };
+        let t = |o, n| Tensor { pool, offset: o, shape: crate::tensor::Shape::new(&[n]) };
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            b.add_forward(&t(0, 32), &t(16, 32), &t(32, 32), 32)
-                .unwrap();
+            b.add_forward(&t(0, 32), &t(16, 32), &t(32, 32), 32).unwrap();
         }));
         assert!(r.is_err(), "an output overlapping an input must be refused");
     }
