@@ -6,6 +6,8 @@ pub mod inspect;
 pub mod models;
 pub mod nn;
 pub mod rng;
+pub mod schedulers;
 pub mod tensor;
 pub mod tokenizer;
+pub mod torch_rng;
 pub mod weights;

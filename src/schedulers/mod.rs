@@ -1,0 +1,1 @@
+//! Noise schedulers (diffusers semantics): PNDM, DDIM, Euler, Euler ancestral, DPM-Solver++ 2M.
