@@ -233,3 +233,66 @@ mod tests {
         assert!(!t(0, 10).overlaps(&other_pool));
     }
 }
+
+/// A stack allocator over one pool, for activations whose lifetimes nest (a block's temporaries
+/// die when the block returns). Forward passes take tensors from it with `alloc` and give back
+/// everything above a `mark` with `release`. Its size comes from a planning run of the same
+/// forward on `backend::plan::PlanBackend` (which computes nothing), so the real run never
+/// allocates and never runs out.
+#[derive(Clone, Debug)]
+pub struct Arena {
+    pool: PoolId,
+    top: usize,
+    peak: usize,
+    capacity: usize,
+}
+
+impl Arena {
+    /// An unbounded, unbound arena that only measures.
+    pub fn planning() -> Arena {
+        Arena { pool: PoolId::UNBOUND, top: 0, peak: 0, capacity: usize::MAX }
+    }
+
+    pub fn new(pool: PoolId, capacity: usize) -> Arena {
+        Arena { pool, top: 0, peak: 0, capacity }
+    }
+
+    pub fn alloc(&mut self, shape: impl Into<Shape>) -> anyhow::Result<Tensor> {
+        let shape = shape.into();
+        let offset = self.top;
+        let end = (offset + shape.numel()).div_ceil(LAYOUT_ALIGN) * LAYOUT_ALIGN;
+        if end > self.capacity {
+            anyhow::bail!(
+                "activation arena exhausted: {} elements needed, {} planned (the planning run and the real run differ)",
+                end,
+                self.capacity
+            );
+        }
+        self.top = end;
+        self.peak = self.peak.max(end);
+        Ok(Tensor { pool: self.pool, offset, shape })
+    }
+
+    pub fn mark(&self) -> usize {
+        self.top
+    }
+
+    /// Frees every tensor allocated after `mark`.
+    pub fn release(&mut self, mark: usize) {
+        debug_assert!(mark <= self.top);
+        self.top = mark;
+    }
+
+    pub fn reset(&mut self) {
+        self.top = 0;
+    }
+
+    /// The most elements in use at once so far.
+    pub fn peak(&self) -> usize {
+        self.peak
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}

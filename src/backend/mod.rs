@@ -6,6 +6,7 @@
 //! implements the same methods with hand-written kernels.
 
 pub mod cpu;
+pub mod plan;
 
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{bail, Result};
@@ -169,4 +170,87 @@ pub trait Backend {
 
     /// out = a + b, n elements (residual connections).
     fn add_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()>;
+
+    /// 2-D convolution on channels-last tensors: inp (batch, h, w, c_in), out (batch, oh, ow, c_out)
+    /// with oh = (h + pad_top + pad_bottom − kh) / stride + 1 (likewise ow), weight in PyTorch's
+    /// layout (c_out, c_in, kh, kw). `pad` is [top, bottom, left, right] (the VAE's downsampler pads
+    /// asymmetrically).
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        batch: usize,
+        h: usize,
+        w: usize,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: [usize; 4],
+    ) -> Result<()>;
+
+    /// Group norm on channels-last tensors, statistics over (hw, c / groups) per (batch, group),
+    /// optionally followed by SiLU (the resnet's norm → act pair, fused). inp/out (batch, hw, c),
+    /// mean/rstd (batch, groups).
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_forward(
+        &self,
+        out: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        batch: usize,
+        hw: usize,
+        c: usize,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> Result<()>;
+
+    /// Nearest-neighbour resize, channels-last: inp (batch, ih, iw, c) → out (batch, oh, ow, c),
+    /// source index floor(o · in / out) as PyTorch's `interpolate(mode="nearest")`.
+    #[allow(clippy::too_many_arguments)]
+    fn upsample_nearest_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        batch: usize,
+        ih: usize,
+        iw: usize,
+        oh: usize,
+        ow: usize,
+        c: usize,
+    ) -> Result<()>;
+
+    /// out[b, r, :] = inp[b, r, :] + bias[b, :]: a per-sample channel vector added at every position
+    /// (the resnet's time embedding). inp/out (batch, rows, c), bias (batch, c).
+    fn add_bias_rows_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        bias: &Tensor,
+        batch: usize,
+        rows: usize,
+        c: usize,
+    ) -> Result<()>;
+
+    /// Channel concatenation, channels-last: out (rows, ca + cb) = [a (rows, ca) | b (rows, cb)]
+    /// (the U-Net's skip connections, `torch.cat([h, skip], dim=1)` in NCHW).
+    fn concat_channels_forward(
+        &self,
+        out: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        rows: usize,
+        ca: usize,
+        cb: usize,
+    ) -> Result<()>;
+
+    /// GEGLU: inp (rows, 2·inner) = [x | gate] → out (rows, inner) = x · gelu(gate) (exact erf gelu).
+    fn geglu_forward(&self, out: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()>;
 }

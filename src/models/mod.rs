@@ -2,6 +2,7 @@
 //! built from the config, forward (and later backward) over an activation arena.
 
 pub mod clip;
+pub mod unet;
 
 use crate::backend::Backend;
 use crate::rng::SplitMix64;

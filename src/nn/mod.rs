@@ -64,3 +64,171 @@ impl LayerNorm {
         b.layer_norm_forward(&acts.out, &acts.mean, &acts.rstd, inp, &self.weight, &self.bias, rows, self.dim, self.eps)
     }
 }
+
+pub mod attention;
+pub mod resnet;
+pub mod sampling;
+
+use crate::tensor::Arena;
+
+/// A channels-last feature map: `t` holds (batch, h, w, c).
+#[derive(Clone, Copy, Debug)]
+pub struct Fmap {
+    pub t: Tensor,
+    pub batch: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+impl Fmap {
+    pub fn alloc(arena: &mut Arena, batch: usize, h: usize, w: usize, c: usize) -> Result<Fmap> {
+        Ok(Fmap { t: arena.alloc([batch, h, w, c])?, batch, h, w, c })
+    }
+
+    /// batch · h · w: the row count when the map is seen as a (rows, c) matrix.
+    pub fn rows(&self) -> usize {
+        self.batch * self.h * self.w
+    }
+
+    pub fn numel(&self) -> usize {
+        self.rows() * self.c
+    }
+}
+
+impl Linear {
+    /// A 1×1 convolution's weight (out_f, in_f, 1, 1), applied as a linear layer: on channels-last
+    /// maps the two are the same product.
+    pub fn layout_conv1x1(l: &mut Layout, prefix: &str, in_f: usize, out_f: usize) -> Linear {
+        let weight = l.tensor(format!("{prefix}.weight"), [out_f, in_f, 1, 1]);
+        let bias = Some(l.tensor(format!("{prefix}.bias"), [out_f]));
+        Linear { weight, bias, in_f, out_f }
+    }
+
+    /// As `forward`, with the output taken from the arena.
+    pub fn apply(&self, b: &dyn Backend, arena: &mut Arena, inp: &Tensor, rows: usize) -> Result<Tensor> {
+        let out = arena.alloc([rows, self.out_f])?;
+        self.forward(b, &out, inp, rows)?;
+        Ok(out)
+    }
+
+    pub fn apply_fmap(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<Fmap> {
+        let t = self.apply(b, arena, &x.t, x.rows())?;
+        Ok(Fmap { t, c: self.out_f, ..*x })
+    }
+}
+
+impl LayerNorm {
+    /// As `forward`, with output and statistics taken from the arena; returns the output.
+    pub fn apply(&self, b: &dyn Backend, arena: &mut Arena, inp: &Tensor, rows: usize) -> Result<Tensor> {
+        let acts = LayerNormActs {
+            out: arena.alloc([rows, self.dim])?,
+            mean: arena.alloc([rows])?,
+            rstd: arena.alloc([rows])?,
+        };
+        self.forward(b, &acts, inp, rows)?;
+        Ok(acts.out)
+    }
+}
+
+/// `torch.nn.Conv2d` on channels-last maps; weight (c_out, c_in, k, k) as PyTorch stores it.
+#[derive(Clone, Copy, Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    /// [top, bottom, left, right]
+    pub pad: [usize; 4],
+}
+
+impl Conv2d {
+    pub fn layout(
+        l: &mut Layout,
+        prefix: &str,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: [usize; 4],
+    ) -> Conv2d {
+        let weight = l.tensor(format!("{prefix}.weight"), [c_out, c_in, kernel, kernel]);
+        let bias = Some(l.tensor(format!("{prefix}.bias"), [c_out]));
+        Conv2d { weight, bias, c_in, c_out, kernel, stride, pad }
+    }
+
+    pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let [pt, pb, pl, pr] = self.pad;
+        ((h + pt + pb - self.kernel) / self.stride + 1, (w + pl + pr - self.kernel) / self.stride + 1)
+    }
+
+    pub fn apply(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<Fmap> {
+        anyhow::ensure!(x.c == self.c_in, "conv2d: input has {} channels, weight expects {}", x.c, self.c_in);
+        let (oh, ow) = self.out_size(x.h, x.w);
+        let out = Fmap::alloc(arena, x.batch, oh, ow, self.c_out)?;
+        b.conv2d_forward(
+            &out.t,
+            &x.t,
+            &self.weight,
+            self.bias.as_ref(),
+            x.batch,
+            x.h,
+            x.w,
+            self.c_in,
+            self.c_out,
+            self.kernel,
+            self.stride,
+            self.pad,
+        )?;
+        Ok(out)
+    }
+}
+
+/// `torch.nn.GroupNorm` (affine) on channels-last maps.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub c: usize,
+    pub groups: usize,
+    pub eps: f32,
+}
+
+impl GroupNorm {
+    pub fn layout(l: &mut Layout, prefix: &str, c: usize, groups: usize, eps: f32) -> GroupNorm {
+        let weight = l.tensor(format!("{prefix}.weight"), [c]);
+        let bias = l.tensor(format!("{prefix}.bias"), [c]);
+        GroupNorm { weight, bias, c, groups, eps }
+    }
+
+    /// Normalises `x`, then applies SiLU when `silu` (the resnet's norm → act pair).
+    pub fn apply(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap, silu: bool) -> Result<Fmap> {
+        let out = Fmap::alloc(arena, x.batch, x.h, x.w, x.c)?;
+        let mean = arena.alloc([x.batch, self.groups])?;
+        let rstd = arena.alloc([x.batch, self.groups])?;
+        b.group_norm_forward(
+            &out.t,
+            &mean,
+            &rstd,
+            &x.t,
+            &self.weight,
+            &self.bias,
+            x.batch,
+            x.h * x.w,
+            x.c,
+            self.groups,
+            self.eps,
+            silu,
+        )?;
+        Ok(out)
+    }
+}
+
+/// out = a + b as a new arena tensor.
+pub fn add(b: &dyn Backend, arena: &mut Arena, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let out = arena.alloc(x.shape)?;
+    b.add_forward(&out, x, y, x.numel())?;
+    Ok(out)
+}

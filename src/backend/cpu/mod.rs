@@ -285,13 +285,13 @@ impl Backend for CpuBackend {
         let ([o], [x]) = self.views([out], [inp]);
         let f: fn(f32) -> f32 = match act {
             Activation::QuickGelu => |x| x / (1.0 + (-1.702 * x).exp()),
-            Activation::Gelu => |x| (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32,
+            Activation::Gelu => gelu,
             Activation::GeluTanh => |x| {
                 let x = x as f64;
                 let c = (2.0 / std::f64::consts::PI).sqrt();
                 (0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())) as f32
             },
-            Activation::Silu => |x| x / (1.0 + (-x).exp()),
+            Activation::Silu => silu,
         };
         o[..n].par_iter_mut().zip(x[..n].par_iter()).for_each(|(o, &x)| *o = f(x));
         Ok(())
@@ -305,6 +305,232 @@ impl Backend for CpuBackend {
         o[..n].par_iter_mut().zip(a[..n].par_iter().zip(b[..n].par_iter())).for_each(|(o, (a, b))| *o = a + b);
         Ok(())
     }
+
+    fn conv2d_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        batch: usize,
+        h: usize,
+        w: usize,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: [usize; 4],
+    ) -> Result<()> {
+        let [pt, pb, pl, pr] = pad;
+        ensure!(
+            stride >= 1 && h + pt + pb >= kernel && w + pl + pr >= kernel,
+            "conv2d: kernel {kernel} does not fit {h}×{w} with padding {pad:?}"
+        );
+        let oh = (h + pt + pb - kernel) / stride + 1;
+        let ow = (w + pl + pr - kernel) / stride + 1;
+        let rows = batch * oh * ow;
+        let k = c_in * kernel * kernel;
+        check_len("conv2d out", out, rows * c_out)?;
+        check_len("conv2d inp", inp, batch * h * w * c_in)?;
+        check_len("conv2d weight", weight, c_out * k)?;
+        let ([o], [x, wt]) = self.views([out], [inp, weight]);
+        let o = &mut o[..rows * c_out];
+        match bias {
+            Some(b) => {
+                check_len("conv2d bias", b, c_out)?;
+                assert!(!out.overlaps(b), "output {out:?} overlaps bias {b:?}");
+                let b = &self.view(b)[..c_out];
+                o.par_chunks_mut(c_out).for_each(|row| row.copy_from_slice(b));
+            }
+            None => o.fill(0.0),
+        }
+        // The weight (c_out, c_in·kh·kw) read transposed: element (k, n) at n·K + k.
+        let wm = gemm::Mat { data: wt, row_stride: 1, col_stride: k };
+        if kernel == 1 && stride == 1 && pad == [0; 4] {
+            let xm = gemm::Mat { data: x, row_stride: c_in, col_stride: 1 };
+            gemm::sgemm_par(rows, k, c_out, xm, wm, o, 1.0);
+            return Ok(());
+        }
+        // Implicit GEMM by tiles: each task gathers the patches of TILE output pixels into a
+        // (TILE, K) matrix, K ordered (c_in, ky, kx) as PyTorch's weight, and multiplies it.
+        const TILE: usize = 128;
+        o.par_chunks_mut(TILE * c_out).enumerate().for_each_init(
+            || vec![0f32; TILE * k],
+            |patch, (tile, o)| {
+                let r0 = tile * TILE;
+                let n = o.len() / c_out;
+                for r in 0..n {
+                    let p = &mut patch[r * k..(r + 1) * k];
+                    let (b, rem) = ((r0 + r) / (oh * ow), (r0 + r) % (oh * ow));
+                    let (oy, ox) = (rem / ow, rem % ow);
+                    for ky in 0..kernel {
+                        let iy = (oy * stride + ky) as isize - pt as isize;
+                        for kx in 0..kernel {
+                            let ix = (ox * stride + kx) as isize - pl as isize;
+                            let inside = iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w;
+                            let base = if inside { ((b * h + iy as usize) * w + ix as usize) * c_in } else { 0 };
+                            let kk = ky * kernel + kx;
+                            for ci in 0..c_in {
+                                p[ci * kernel * kernel + kk] = if inside { x[base + ci] } else { 0.0 };
+                            }
+                        }
+                    }
+                }
+                let pm = gemm::Mat { data: &patch[..n * k], row_stride: k, col_stride: 1 };
+                gemm::sgemm(n, k, c_out, pm, wm, o, 1.0);
+            },
+        );
+        Ok(())
+    }
+
+    fn group_norm_forward(
+        &self,
+        out: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        batch: usize,
+        hw: usize,
+        c: usize,
+        groups: usize,
+        eps: f32,
+        silu_after: bool,
+    ) -> Result<()> {
+        ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels not divisible into {groups} groups");
+        let n = batch * hw * c;
+        check_len("group_norm out", out, n)?;
+        check_len("group_norm inp", inp, n)?;
+        check_len("group_norm mean", mean, batch * groups)?;
+        check_len("group_norm rstd", rstd, batch * groups)?;
+        let ([o, m, r], [x, w, bi]) = self.views([out, mean, rstd], [inp, weight, bias]);
+        let cpg = c / groups;
+        let count = (hw * cpg) as f64;
+        // One task per (batch, group): two passes in f64 for the statistics, then the affine map.
+        let stats: Vec<(f64, f64)> = (0..batch * groups)
+            .into_par_iter()
+            .map(|bg| {
+                let (b, g) = (bg / groups, bg % groups);
+                let xs = &x[b * hw * c..(b + 1) * hw * c];
+                let mut sum = 0f64;
+                for p in 0..hw {
+                    sum += xs[p * c + g * cpg..p * c + (g + 1) * cpg].iter().map(|&v| v as f64).sum::<f64>();
+                }
+                let mu = sum / count;
+                let mut var = 0f64;
+                for p in 0..hw {
+                    var += xs[p * c + g * cpg..p * c + (g + 1) * cpg]
+                        .iter()
+                        .map(|&v| (v as f64 - mu).powi(2))
+                        .sum::<f64>();
+                }
+                (mu, 1.0 / (var / count + eps as f64).sqrt())
+            })
+            .collect();
+        for (i, &(mu, rs)) in stats.iter().enumerate() {
+            m[i] = mu as f32;
+            r[i] = rs as f32;
+        }
+        o[..n].par_chunks_mut(c).zip(x[..n].par_chunks(c)).enumerate().for_each(|(row, (o, x))| {
+            let b = row / hw;
+            for ch in 0..c {
+                let (mu, rs) = stats[b * groups + ch / cpg];
+                let y = ((x[ch] as f64 - mu) * rs) as f32 * w[ch] + bi[ch];
+                o[ch] = if silu_after { silu(y) } else { y };
+            }
+        });
+        Ok(())
+    }
+
+    fn upsample_nearest_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        batch: usize,
+        ih: usize,
+        iw: usize,
+        oh: usize,
+        ow: usize,
+        c: usize,
+    ) -> Result<()> {
+        check_len("upsample out", out, batch * oh * ow * c)?;
+        check_len("upsample inp", inp, batch * ih * iw * c)?;
+        let ([o], [x]) = self.views([out], [inp]);
+        // PyTorch: scale = in / out in f32, source = min(floor(dst · scale), in − 1).
+        let (sy, sx) = (ih as f32 / oh as f32, iw as f32 / ow as f32);
+        o[..batch * oh * ow * c].par_chunks_mut(c).enumerate().for_each(|(row, o)| {
+            let (b, rem) = (row / (oh * ow), row % (oh * ow));
+            let (oy, ox) = (rem / ow, rem % ow);
+            let iy = ((oy as f32 * sy).floor() as usize).min(ih - 1);
+            let ix = ((ox as f32 * sx).floor() as usize).min(iw - 1);
+            o.copy_from_slice(&x[((b * ih + iy) * iw + ix) * c..][..c]);
+        });
+        Ok(())
+    }
+
+    fn add_bias_rows_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        bias: &Tensor,
+        batch: usize,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        check_len("add_bias_rows out", out, batch * rows * c)?;
+        check_len("add_bias_rows inp", inp, batch * rows * c)?;
+        check_len("add_bias_rows bias", bias, batch * c)?;
+        let ([o], [x, bias]) = self.views([out], [inp, bias]);
+        o[..batch * rows * c].par_chunks_mut(c).zip(x.par_chunks(c)).enumerate().for_each(|(r, (o, x))| {
+            let bv = &bias[(r / rows) * c..][..c];
+            for i in 0..c {
+                o[i] = x[i] + bv[i];
+            }
+        });
+        Ok(())
+    }
+
+    fn concat_channels_forward(
+        &self,
+        out: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        rows: usize,
+        ca: usize,
+        cb: usize,
+    ) -> Result<()> {
+        check_len("concat out", out, rows * (ca + cb))?;
+        check_len("concat a", a, rows * ca)?;
+        check_len("concat b", b, rows * cb)?;
+        let ([o], [a, b]) = self.views([out], [a, b]);
+        o[..rows * (ca + cb)].par_chunks_mut(ca + cb).enumerate().for_each(|(r, o)| {
+            o[..ca].copy_from_slice(&a[r * ca..(r + 1) * ca]);
+            o[ca..].copy_from_slice(&b[r * cb..(r + 1) * cb]);
+        });
+        Ok(())
+    }
+
+    fn geglu_forward(&self, out: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()> {
+        check_len("geglu out", out, rows * inner)?;
+        check_len("geglu inp", inp, rows * 2 * inner)?;
+        let ([o], [x]) = self.views([out], [inp]);
+        o[..rows * inner].par_chunks_mut(inner).zip(x.par_chunks(2 * inner)).for_each(|(o, x)| {
+            for i in 0..inner {
+                o[i] = x[i] * gelu(x[inner + i]);
+            }
+        });
+        Ok(())
+    }
+}
+
+/// The exact (erf) GELU, evaluated in f64.
+fn gelu(x: f32) -> f32 {
+    (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -1,0 +1,489 @@
+//! diffusers' `UNet2DConditionModel` for Stable Diffusion v1.x/2.x: everything read from
+//! unet/config.json; anything we do not support is refused naming the field and value.
+
+use super::{allocate, ConfigReader};
+use crate::backend::plan::PlanBackend;
+use crate::backend::Backend;
+use crate::nn::attention::Transformer2D;
+use crate::nn::resnet::ResnetBlock2D;
+use crate::nn::sampling::{Downsample2D, Upsample2D};
+use crate::nn::{Conv2d, Fmap, GroupNorm, Linear};
+use crate::tensor::{Arena, Layout, Tensor};
+use crate::weights::{self, LoadReport};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DownBlockType {
+    CrossAttnDown,
+    Down,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpBlockType {
+    CrossAttnUp,
+    Up,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_block_types: Vec<DownBlockType>,
+    pub up_block_types: Vec<UpBlockType>,
+    pub layers_per_block: Vec<usize>,
+    pub transformer_layers_per_block: Vec<usize>,
+    /// Heads per down block (diffusers: `num_attention_heads or attention_head_dim`, SD v1's quirk).
+    pub heads: Vec<usize>,
+    pub cross_attention_dim: usize,
+    pub use_linear_projection: bool,
+    pub upcast_attention: bool,
+    pub norm_num_groups: usize,
+    pub norm_eps: f32,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f32,
+    pub downsample_padding: usize,
+}
+
+/// A per-block setting given as one value or a list of one per down block.
+fn per_block(r: &ConfigReader, field: &str, default: usize, n: usize) -> Result<Vec<usize>> {
+    match r.obj.get(field) {
+        None | Some(Value::Null) => Ok(vec![default; n]),
+        Some(Value::Array(a)) => {
+            if a.len() != n {
+                bail!("{}: field \"{field}\" has {} entries for {n} blocks", r.path.display(), a.len());
+            }
+            a.iter()
+                .map(|v| v.as_u64().filter(|&x| x > 0).map(|x| x as usize))
+                .collect::<Option<Vec<_>>>()
+                .with_context(|| format!("{}: field \"{field}\" must hold positive integers", r.path.display()))
+        }
+        Some(_) => Ok(vec![r.usize(field, default)?; n]),
+    }
+}
+
+fn strings(r: &ConfigReader, field: &str) -> Result<Vec<String>> {
+    r.obj
+        .get(field)
+        .and_then(|v| v.as_array())
+        .and_then(|a| a.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+        .with_context(|| format!("{}: field \"{field}\" must be a list of block type names", r.path.display()))
+}
+
+impl UNetConfig {
+    pub fn from_file(path: &Path) -> Result<UNetConfig> {
+        Self::from_json(&weights::read_json(path)?, path)
+    }
+
+    pub fn from_json(v: &Value, path: &Path) -> Result<UNetConfig> {
+        let r = ConfigReader::new(v, path)?;
+        let refuse = |field: &str, value: &Value| -> anyhow::Error {
+            anyhow::anyhow!("{}: field \"{field}\" = {value} is not supported", path.display())
+        };
+        // Features of other U-Nets (SDXL, inpainting variants, class conditioning...): accept only
+        // their defaults.
+        let must_be_default: &[(&str, Value)] = &[
+            ("center_input_sample", Value::Bool(false)),
+            ("only_cross_attention", Value::Bool(false)),
+            ("dual_cross_attention", Value::Bool(false)),
+            ("class_embed_type", Value::Null),
+            ("addition_embed_type", Value::Null),
+            ("num_class_embeds", Value::Null),
+            ("encoder_hid_dim", Value::Null),
+            ("encoder_hid_dim_type", Value::Null),
+            ("resnet_time_scale_shift", Value::String("default".into())),
+            ("time_embedding_type", Value::String("positional".into())),
+            ("time_embedding_dim", Value::Null),
+            ("time_embedding_act_fn", Value::Null),
+            ("timestep_post_act", Value::Null),
+            ("time_cond_proj_dim", Value::Null),
+            ("conv_in_kernel", Value::from(3)),
+            ("conv_out_kernel", Value::from(3)),
+            ("projection_class_embeddings_input_dim", Value::Null),
+            ("attention_type", Value::String("default".into())),
+            ("class_embeddings_concat", Value::Bool(false)),
+            ("mid_block_only_cross_attention", Value::Null),
+            ("cross_attention_norm", Value::Null),
+            ("addition_time_embed_dim", Value::Null),
+            ("resnet_skip_time_act", Value::Bool(false)),
+            ("resnet_out_scale_factor", Value::from(1.0)),
+            ("reverse_transformer_layers_per_block", Value::Null),
+            ("mid_block_type", Value::String("UNetMidBlock2DCrossAttn".into())),
+            ("act_fn", Value::String("silu".into())),
+        ];
+        for (field, default) in must_be_default {
+            if let Some(v) = r.obj.get(*field) {
+                let same = v == default || (v.as_f64().is_some() && v.as_f64() == default.as_f64());
+                if !same {
+                    return Err(refuse(field, v));
+                }
+            }
+        }
+        if let Some(v) = r.obj.get("mid_block_scale_factor") {
+            if v.as_f64() != Some(1.0) {
+                return Err(refuse("mid_block_scale_factor", v));
+            }
+        }
+        if let Some(v) = r.obj.get("num_attention_heads") {
+            if !v.is_null() {
+                // diffusers itself refuses it (its "attention_head_dim" already means heads).
+                return Err(refuse("num_attention_heads", v));
+            }
+        }
+        let down: Vec<DownBlockType> = strings(&r, "down_block_types")?
+            .iter()
+            .map(|s| match s.as_str() {
+                "CrossAttnDownBlock2D" => Ok(DownBlockType::CrossAttnDown),
+                "DownBlock2D" => Ok(DownBlockType::Down),
+                other => Err(anyhow::anyhow!(
+                    "{}: field \"down_block_types\" contains \"{other}\", which is not supported \
+                     (supported: CrossAttnDownBlock2D, DownBlock2D)",
+                    path.display()
+                )),
+            })
+            .collect::<Result<_>>()?;
+        let up: Vec<UpBlockType> = strings(&r, "up_block_types")?
+            .iter()
+            .map(|s| match s.as_str() {
+                "CrossAttnUpBlock2D" => Ok(UpBlockType::CrossAttnUp),
+                "UpBlock2D" => Ok(UpBlockType::Up),
+                other => Err(anyhow::anyhow!(
+                    "{}: field \"up_block_types\" contains \"{other}\", which is not supported \
+                     (supported: CrossAttnUpBlock2D, UpBlock2D)",
+                    path.display()
+                )),
+            })
+            .collect::<Result<_>>()?;
+        let n = down.len();
+        let block_out_channels: Vec<usize> = match r.obj.get("block_out_channels") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_u64().filter(|&x| x > 0).map(|x| x as usize))
+                .collect::<Option<_>>()
+                .with_context(|| {
+                    format!("{}: field \"block_out_channels\" must hold positive integers", path.display())
+                })?,
+            _ => bail!("{}: field \"block_out_channels\" (a list) is missing", path.display()),
+        };
+        if block_out_channels.len() != n || up.len() != n {
+            bail!(
+                "{}: {} down blocks, {} up blocks and {} block_out_channels must agree",
+                path.display(),
+                n,
+                up.len(),
+                block_out_channels.len()
+            );
+        }
+        if let Some(v @ Value::Array(_)) = r.obj.get("cross_attention_dim") {
+            return Err(refuse("cross_attention_dim", v));
+        }
+        let heads = per_block(&r, "attention_head_dim", 8, n)?;
+        let norm_num_groups = r.usize("norm_num_groups", 32)?;
+        let c = UNetConfig {
+            in_channels: r.usize("in_channels", 4)?,
+            out_channels: r.usize("out_channels", 4)?,
+            layers_per_block: per_block(&r, "layers_per_block", 2, n)?,
+            transformer_layers_per_block: per_block(&r, "transformer_layers_per_block", 1, n)?,
+            heads,
+            cross_attention_dim: r.usize("cross_attention_dim", 1280)?,
+            use_linear_projection: r.obj.get("use_linear_projection").and_then(|v| v.as_bool()).unwrap_or(false),
+            upcast_attention: r.obj.get("upcast_attention").and_then(|v| v.as_bool()).unwrap_or(false),
+            norm_num_groups,
+            norm_eps: r.f32("norm_eps", 1e-5)?,
+            flip_sin_to_cos: r.obj.get("flip_sin_to_cos").and_then(|v| v.as_bool()).unwrap_or(true),
+            freq_shift: r.f32("freq_shift", 0.0)?,
+            downsample_padding: match r.obj.get("downsample_padding") {
+                None | Some(Value::Null) => 1,
+                Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| refuse("downsample_padding", v))?,
+            },
+            block_out_channels,
+            down_block_types: down,
+            up_block_types: up,
+        };
+        for (i, &ch) in c.block_out_channels.iter().enumerate() {
+            if ch % norm_num_groups != 0 {
+                bail!(
+                    "{}: block_out_channels[{i}] = {ch} is not divisible by norm_num_groups {norm_num_groups}",
+                    path.display()
+                );
+            }
+            if ch % c.heads[i] != 0 {
+                bail!(
+                    "{}: block_out_channels[{i}] = {ch} is not divisible by {} attention heads",
+                    path.display(),
+                    c.heads[i]
+                );
+            }
+        }
+        Ok(c)
+    }
+
+    /// Latent downscale of the whole U-Net: 2^(number of downsamplers).
+    pub fn total_downscale(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DownBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2D>,
+    pub downsampler: Option<Downsample2D>,
+}
+
+#[derive(Clone, Debug)]
+pub struct UpBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2D>,
+    pub upsampler: Option<Upsample2D>,
+}
+
+#[derive(Clone, Debug)]
+pub struct UNetParams {
+    pub time_linear_1: Linear,
+    pub time_linear_2: Linear,
+    pub conv_in: Conv2d,
+    pub down: Vec<DownBlock>,
+    pub mid_resnets: [ResnetBlock2D; 2],
+    pub mid_attention: Transformer2D,
+    pub up: Vec<UpBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+}
+
+/// The parameter table under diffusers' names, with diffusers' channel bookkeeping.
+pub fn params_layout(l: &mut Layout, c: &UNetConfig) -> UNetParams {
+    let ch = &c.block_out_channels;
+    let n = ch.len();
+    let temb = ch[0] * 4;
+    let (g, eps) = (c.norm_num_groups, c.norm_eps);
+    let time_linear_1 = Linear::layout(l, "time_embedding.linear_1", ch[0], temb, true);
+    let time_linear_2 = Linear::layout(l, "time_embedding.linear_2", temb, temb, true);
+    let conv_in = Conv2d::layout(l, "conv_in", c.in_channels, ch[0], 3, 1, [1; 4]);
+    let transformer = |l: &mut Layout, p: &str, channels: usize, heads: usize, layers: usize| {
+        Transformer2D::layout(
+            l,
+            p,
+            channels,
+            heads,
+            channels / heads,
+            layers,
+            c.cross_attention_dim,
+            g,
+            c.use_linear_projection,
+        )
+    };
+    let mut down = Vec::new();
+    let mut out_ch = ch[0];
+    for i in 0..n {
+        let in_ch = out_ch;
+        out_ch = ch[i];
+        let p = format!("down_blocks.{i}");
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for j in 0..c.layers_per_block[i] {
+            let rin = if j == 0 { in_ch } else { out_ch };
+            resnets.push(ResnetBlock2D::layout(l, &format!("{p}.resnets.{j}"), rin, out_ch, Some(temb), g, eps));
+            if c.down_block_types[i] == DownBlockType::CrossAttnDown {
+                let tl = c.transformer_layers_per_block[i];
+                attentions.push(transformer(l, &format!("{p}.attentions.{j}"), out_ch, c.heads[i], tl));
+            }
+        }
+        let downsampler =
+            (i + 1 < n).then(|| Downsample2D::layout(l, &format!("{p}.downsamplers.0"), out_ch, c.downsample_padding));
+        down.push(DownBlock { resnets, attentions, downsampler });
+    }
+    let last = ch[n - 1];
+    let mid_resnets = [
+        ResnetBlock2D::layout(l, "mid_block.resnets.0", last, last, Some(temb), g, eps),
+        ResnetBlock2D::layout(l, "mid_block.resnets.1", last, last, Some(temb), g, eps),
+    ];
+    let mid_attention =
+        transformer(l, "mid_block.attentions.0", last, c.heads[n - 1], c.transformer_layers_per_block[n - 1]);
+    let rev: Vec<usize> = ch.iter().rev().copied().collect();
+    let mut up = Vec::new();
+    let mut out_ch = rev[0];
+    for i in 0..n {
+        let prev_out = out_ch;
+        out_ch = rev[i];
+        let in_ch = rev[(i + 1).min(n - 1)];
+        let bi = n - 1 - i; // the down block this up block mirrors
+        let p = format!("up_blocks.{i}");
+        let layers = c.layers_per_block[bi] + 1;
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for j in 0..layers {
+            let skip = if j == layers - 1 { in_ch } else { out_ch };
+            let rin = if j == 0 { prev_out } else { out_ch };
+            resnets.push(ResnetBlock2D::layout(l, &format!("{p}.resnets.{j}"), rin + skip, out_ch, Some(temb), g, eps));
+            if c.up_block_types[i] == UpBlockType::CrossAttnUp {
+                let tl = c.transformer_layers_per_block[bi];
+                attentions.push(transformer(l, &format!("{p}.attentions.{j}"), out_ch, c.heads[bi], tl));
+            }
+        }
+        let upsampler = (i + 1 < n).then(|| Upsample2D::layout(l, &format!("{p}.upsamplers.0"), out_ch));
+        up.push(UpBlock { resnets, attentions, upsampler });
+    }
+    let conv_norm_out = GroupNorm::layout(l, "conv_norm_out", ch[0], g, eps);
+    let conv_out = Conv2d::layout(l, "conv_out", ch[0], c.out_channels, 3, 1, [1; 4]);
+    UNetParams { time_linear_1, time_linear_2, conv_in, down, mid_resnets, mid_attention, up, conv_norm_out, conv_out }
+}
+
+/// diffusers' `get_timestep_embedding` (scale 1, max_period 10000), computed in f32 as torch does.
+pub fn timestep_embedding(t: f32, dim: usize, flip_sin_to_cos: bool, freq_shift: f32) -> Vec<f32> {
+    let half = dim / 2;
+    let log_period = -(10000f64.ln()) as f32;
+    let mut sin = Vec::with_capacity(half);
+    let mut cos = Vec::with_capacity(half);
+    for i in 0..half {
+        let exponent = log_period * i as f32 / (half as f32 - freq_shift);
+        let arg = t * exponent.exp();
+        sin.push(arg.sin());
+        cos.push(arg.cos());
+    }
+    let (first, second) = if flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
+    let mut emb = first;
+    emb.extend(second);
+    emb.resize(dim, 0.0); // odd dims are zero-padded
+    emb
+}
+
+/// Block outputs kept after a forward, for locating a mismatch against diffusers.
+pub type Probes = Vec<(String, Fmap)>;
+
+pub struct UNet {
+    pub config: UNetConfig,
+    pub params: UNetParams,
+    pub table: Layout,
+}
+
+impl UNet {
+    pub fn allocate(backend: &mut dyn Backend, config: UNetConfig) -> Result<UNet> {
+        let (params, table) = allocate(backend, "unet.params", |l| params_layout(l, &config))?;
+        Ok(UNet { config, params, table })
+    }
+
+    pub fn load(backend: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(UNet, LoadReport)> {
+        let config = UNetConfig::from_file(&dir.join("config.json"))?;
+        let files = weights::weight_files(dir, variant)?;
+        let model = Self::allocate(backend, config)?;
+        let report = weights::load_into(backend, &model.table, &files, None)?;
+        Ok((model, report))
+    }
+
+    pub fn random(backend: &mut dyn Backend, config: UNetConfig, seed: u64) -> Result<UNet> {
+        let model = Self::allocate(backend, config)?;
+        super::randomize(backend, &model.table, seed)?;
+        Ok(model)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.table.numel()
+    }
+
+    /// Plans the activation arena for (batch, latent h, latent w, context length) and allocates it.
+    pub fn allocate_arena(
+        &self,
+        backend: &mut dyn Backend,
+        batch: usize,
+        h: usize,
+        w: usize,
+        ctx_len: usize,
+    ) -> Result<Arena> {
+        let mut plan = Arena::planning();
+        let sample = Fmap::alloc(&mut plan, batch, h, w, self.config.in_channels)?;
+        let ctx = plan.alloc([batch * ctx_len, self.config.cross_attention_dim])?;
+        self.forward(&PlanBackend, &mut plan, &sample, 0.0, &ctx, ctx_len, None)?;
+        let pool = backend.alloc(plan.peak(), "unet.activations")?;
+        Ok(Arena::new(pool, plan.peak()))
+    }
+
+    /// The noise prediction for `sample` (batch, h, w, in_channels; channels-last) at `timestep`
+    /// (the same for the whole batch, as the pipeline calls it), conditioned on `context`
+    /// (batch · ctx_len, cross_attention_dim). `sample` and `context` may live in `arena` (allocated
+    /// before this call; the arena is not reset here). Block outputs go to `probes` if given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        sample: &Fmap,
+        timestep: f32,
+        context: &Tensor,
+        ctx_len: usize,
+        mut probes: Option<&mut Probes>,
+    ) -> Result<Fmap> {
+        let c = &self.config;
+        let p = &self.params;
+        let batch = sample.batch;
+        if sample.c != c.in_channels {
+            bail!("unet: sample has {} channels, config in_channels is {}", sample.c, c.in_channels);
+        }
+        let mut probe = |name: String, f: &Fmap| {
+            if let Some(v) = probes.as_deref_mut() {
+                v.push((name, *f));
+            }
+        };
+        let ctx = (context, ctx_len);
+        // Time embedding: sinusoidal (host) → linear → SiLU → linear; every resnet uses SiLU of it.
+        let t_emb = arena.alloc([batch, c.block_out_channels[0]])?;
+        let one = timestep_embedding(timestep, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
+        b.upload(&t_emb, &one.repeat(batch))?;
+        let e1 = p.time_linear_1.apply(b, arena, &t_emb, batch)?;
+        let e1s = arena.alloc(e1.shape)?;
+        b.activation_forward(&e1s, &e1, crate::backend::Activation::Silu, e1.numel())?;
+        let emb = p.time_linear_2.apply(b, arena, &e1s, batch)?;
+        let temb_act = arena.alloc(emb.shape)?;
+        b.activation_forward(&temb_act, &emb, crate::backend::Activation::Silu, emb.numel())?;
+        let temb = Some(&temb_act);
+
+        let mut x = p.conv_in.apply(b, arena, sample)?;
+        probe("conv_in".into(), &x);
+        let mut skips = vec![x];
+        for (i, blk) in p.down.iter().enumerate() {
+            for (j, res) in blk.resnets.iter().enumerate() {
+                x = res.forward(b, arena, &x, temb)?;
+                if let Some(a) = blk.attentions.get(j) {
+                    x = a.forward(b, arena, &x, ctx)?;
+                }
+                skips.push(x);
+            }
+            if let Some(d) = &blk.downsampler {
+                x = d.forward(b, arena, &x)?;
+                skips.push(x);
+            }
+            probe(format!("down_blocks.{i}"), &x);
+        }
+        x = p.mid_resnets[0].forward(b, arena, &x, temb)?;
+        x = p.mid_attention.forward(b, arena, &x, ctx)?;
+        x = p.mid_resnets[1].forward(b, arena, &x, temb)?;
+        probe("mid_block".into(), &x);
+        for (i, blk) in p.up.iter().enumerate() {
+            for (j, res) in blk.resnets.iter().enumerate() {
+                let skip = skips.pop().context("unet: skip connections exhausted (internal)")?;
+                if (skip.h, skip.w) != (x.h, x.w) {
+                    bail!("unet: skip {}×{} vs hidden {}×{} (internal)", skip.h, skip.w, x.h, x.w);
+                }
+                let cat = Fmap::alloc(arena, batch, x.h, x.w, x.c + skip.c)?;
+                b.concat_channels_forward(&cat.t, &x.t, &skip.t, x.rows(), x.c, skip.c)?;
+                x = res.forward(b, arena, &cat, temb)?;
+                if let Some(a) = blk.attentions.get(j) {
+                    x = a.forward(b, arena, &x, ctx)?;
+                }
+            }
+            if let Some(u) = &blk.upsampler {
+                // Resize to the next skip's size (diffusers' upsample_size), which is 2× unless the
+                // latent size is not a multiple of the total downscale.
+                let size = skips.last().map(|s| (s.h, s.w));
+                x = u.forward(b, arena, &x, size)?;
+            }
+            probe(format!("up_blocks.{i}"), &x);
+        }
+        let n = p.conv_norm_out.apply(b, arena, &x, true)?;
+        let out = p.conv_out.apply(b, arena, &n)?;
+        probe("conv_out".into(), &out);
+        Ok(out)
+    }
+}
