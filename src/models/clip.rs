@@ -195,7 +195,7 @@ impl ClipTextModel {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
         let files = weights::weight_files(dir, variant)?;
         let model = Self::allocate(backend, config)?;
-        let report = weights::load_into(backend, &model.table, &files, Some("text_model."))?;
+        let report = weights::load_into(backend, &model.table, &files, &|n| Some(format!("text_model.{n}")))?;
         Ok((model, report))
     }
 

@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod unet;
+pub mod vae;
 
 use crate::backend::Backend;
 use crate::rng::SplitMix64;

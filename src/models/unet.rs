@@ -369,7 +369,7 @@ impl UNet {
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
         let files = weights::weight_files(dir, variant)?;
         let model = Self::allocate(backend, config)?;
-        let report = weights::load_into(backend, &model.table, &files, None)?;
+        let report = weights::load_into(backend, &model.table, &files, &weights::no_alias)?;
         Ok((model, report))
     }
 

@@ -152,6 +152,10 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Names of tensors a checkpoint may carry that are buffers, not parameters, and are ignored.
+pub fn no_alias(_: &str) -> Option<String> {
+    None
+}
+
 pub fn is_known_buffer(name: &str) -> bool {
     name.ends_with("embeddings.position_ids") || name.ends_with("embeddings.token_type_ids")
 }
@@ -170,14 +174,14 @@ pub struct LoadReport {
 /// f16/bf16 to f32 once. Every expected tensor must be present with the expected shape; known
 /// buffers are ignored; any other tensor is an error, as is a tensor present in two files.
 ///
-/// `alias_prefix`: checkpoints written by some library versions omit a leading prefix of the
-/// canonical names (transformers 5 saves CLIPTextModel without "text_model."); a name not in the
-/// table is looked up again with the prefix added.
+/// `alias`: maps a file's tensor name that is not in the table to the canonical name it stands for
+/// (older or newer library versions name some tensors differently: transformers 5 saves
+/// CLIPTextModel without "text_model.", diffusers 0.2 named the VAE's attention "query"/"proj_attn").
 pub fn load_into(
     backend: &dyn Backend,
     table: &Layout,
     files: &[PathBuf],
-    alias_prefix: Option<&str>,
+    alias: &dyn Fn(&str) -> Option<String>,
 ) -> Result<LoadReport> {
     let mut report = LoadReport { files: files.to_vec(), ..Default::default() };
     let mut loaded: HashSet<&str> = HashSet::new();
@@ -191,7 +195,7 @@ pub fn load_into(
         names.sort();
         for name in names {
             let view = st.tensor(&name).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
-            let entry = table.find(&name).or_else(|| alias_prefix.and_then(|p| table.find(&format!("{p}{name}"))));
+            let entry = table.find(&name).or_else(|| alias(&name).and_then(|a| table.find(&a)));
             let Some(entry) = entry else {
                 if is_known_buffer(&name) {
                     report.ignored.push(name);
@@ -210,7 +214,13 @@ pub fn load_into(
                     view.dtype()
                 )
             })?;
-            if view.shape() != entry.shape.dims() {
+            // A 1×1 convolution stored where a linear layer is expected (or the reverse) has the
+            // same elements in the same order: compare shapes without trailing 1s.
+            let squeeze = |s: &[usize]| {
+                let n = s.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+                s[..n].to_vec()
+            };
+            if squeeze(view.shape()) != squeeze(entry.shape.dims()) {
                 bail!(
                     "{}: tensor '{name}' has shape {:?}, but the config implies {:?}",
                     path.display(),
