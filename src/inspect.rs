@@ -2,6 +2,8 @@
 
 use crate::backend::Backend;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::unet::{UNet, UNetConfig};
+use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{self, safetensors::SafetensorsFile};
 use anyhow::{bail, Result};
@@ -122,18 +124,41 @@ fn inspect_component(
             } else if weights::weight_files_if_any(dir, opts.variant)?.is_some() {
                 let (model, report) = ClipTextModel::load(backend, dir, opts.variant)?;
                 v["parameters"] = json!(model.num_params());
-                v["instantiated"] = json!(format!(
-                    "loaded {} tensors from {} file(s) ({:?}); ignored buffers: {:?}",
-                    report.tensors,
-                    report.files.len(),
-                    report.dtypes,
-                    report.ignored
-                ));
+                v["instantiated"] = json!(describe_load(&report));
             }
         }
-        "UNet2DConditionModel" | "AutoencoderKL" => {
-            v["not_implemented"] =
-                json!(format!("the {class} architecture is not built yet (issue 3); its files are listed only"));
+        "UNet2DConditionModel" => {
+            let config = UNetConfig::from_file(&dir.join("config.json"))?;
+            v["parsed_config"] = json!(format!("{config:?}"));
+            if opts.random_weights {
+                let model = UNet::random(backend, config, 0)?;
+                v["parameters"] = json!(model.num_params());
+                v["instantiated"] = json!("random weights");
+            } else if weights::weight_files_if_any(dir, opts.variant)?.is_some() {
+                let (model, report) = UNet::load(backend, dir, opts.variant)?;
+                v["parameters"] = json!(model.num_params());
+                v["instantiated"] = json!(describe_load(&report));
+            }
+        }
+        "AutoencoderKL" => {
+            let config = VaeConfig::from_file(&dir.join("config.json"))?;
+            v["parsed_config"] = json!(format!("{config:?}"));
+            let model = if opts.random_weights {
+                v["instantiated"] = json!("random weights");
+                Some(AutoencoderKL::random(backend, config, 0)?)
+            } else if weights::weight_files_if_any(dir, opts.variant)?.is_some() {
+                let (model, report) = AutoencoderKL::load(backend, dir, opts.variant)?;
+                v["instantiated"] = json!(describe_load(&report));
+                Some(model)
+            } else {
+                None
+            };
+            if let Some(m) = model {
+                let (enc, dec) = m.split_params();
+                v["parameters"] = json!(m.num_params());
+                v["parameters_encoder"] = json!(enc);
+                v["parameters_decoder"] = json!(dec);
+            }
         }
         _ => {}
     }
@@ -151,6 +176,16 @@ fn inspect_component(
         }
     }
     Ok(v)
+}
+
+fn describe_load(report: &weights::LoadReport) -> String {
+    format!(
+        "loaded {} tensors from {} file(s) ({:?}); ignored buffers: {:?}",
+        report.tensors,
+        report.files.len(),
+        report.dtypes,
+        report.ignored
+    )
 }
 
 /// 123060480 → "123,060,480".
@@ -195,6 +230,16 @@ fn render_into(s: &mut String, v: &Value, indent: &str) {
     }
     if let Some(n) = get("parameters").and_then(|n| n.as_u64()) {
         let _ = writeln!(s, "{indent}  parameters: {}", thousands(n));
+    }
+    if let (Some(e), Some(d)) =
+        (get("parameters_encoder").and_then(|n| n.as_u64()), get("parameters_decoder").and_then(|n| n.as_u64()))
+    {
+        let _ = writeln!(
+            s,
+            "{indent}  parameters: encoder + quant_conv {}, decoder + post_quant_conv {}",
+            thousands(e),
+            thousands(d)
+        );
     }
     if let Some(i) = get("instantiated").and_then(|i| i.as_str()) {
         let _ = writeln!(s, "{indent}  instantiated: {i}");

@@ -2,6 +2,7 @@
 //! as fine-tuned by RoentGen). See ARCHITECTURE.md in the project's shared folder for the layout.
 
 pub mod backend;
+pub mod bench;
 pub mod inspect;
 pub mod models;
 pub mod nn;

@@ -98,6 +98,41 @@ enum Command {
         #[arg(long)]
         random_weights: bool,
     },
+    /// Time a model stage: one guided U-Net step (`unet`), the VAE decoder (`vae-decode`) or the
+    /// text encoder (`text-encoder`), with the FLOP counted from the shapes and the rate achieved.
+    /// With --random-weights no weight files are needed, e.g.
+    /// `roentgen bench unet --model weights/sd-v1-4-config --random-weights --height 512 --width 512`.
+    Bench {
+        /// unet, vae-decode or text-encoder
+        stage: roentgen::bench::Stage,
+        /// A pipeline folder (or the stage's component folder).
+        #[arg(long)]
+        model: PathBuf,
+        /// Use random weights with the config's architecture.
+        #[arg(long)]
+        random_weights: bool,
+        /// Weight file variant, e.g. fp16.
+        #[arg(long)]
+        variant: Option<String>,
+        /// Image height in pixels (the U-Net runs at height / 8).
+        #[arg(long, default_value_t = 512)]
+        height: usize,
+        /// Image width in pixels.
+        #[arg(long, default_value_t = 512)]
+        width: usize,
+        /// Prompts per call (classifier-free guidance doubles the U-Net and text-encoder batch).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Untimed calls first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Timed calls.
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -129,6 +164,22 @@ fn run(cli: Cli) -> Result<()> {
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
         }
+        Command::Bench { stage, model, random_weights, variant, height, width, batch, warmup, iters, json } => {
+            let mut b = backend::create(cli.global.device)?;
+            let opts = roentgen::bench::BenchOptions {
+                model: &model,
+                variant: variant.as_deref(),
+                random_weights,
+                height,
+                width,
+                batch,
+                warmup,
+                iters,
+            };
+            bench(b.as_mut(), stage, opts, json)?;
+            report_pools(b.as_ref(), cli.global.verbose);
+            Ok(())
+        }
         Command::EncodeText { model, tokenizer, prompt, out, variant, random_weights } => {
             let mut b = backend::create(cli.global.device)?;
             encode_text(b.as_mut(), &model, tokenizer.as_deref(), &prompt, &out, variant.as_deref(), random_weights)?;
@@ -136,6 +187,25 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    b: &mut dyn Backend,
+    stage: roentgen::bench::Stage,
+    opts: roentgen::bench::BenchOptions,
+    json: bool,
+) -> Result<()> {
+    if opts.batch == 0 || opts.height == 0 || opts.width == 0 {
+        bail!("--batch, --height and --width must be positive");
+    }
+    let r = roentgen::bench::run(b, stage, &opts)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", r.render());
+    }
+    Ok(())
 }
 
 fn report_pools(b: &dyn Backend, verbose: bool) {

@@ -85,11 +85,16 @@ fn sd14_text_encoder_has_the_reference_parameter_count() {
 }
 
 #[test]
-fn inspect_random_weights_instantiates_sd14_clip() {
-    let (code, out, err) = run_cli(&["inspect", sd14_config().to_str().unwrap(), "--random-weights", "--json"], None);
+fn inspect_random_weights_instantiates_the_sd14_architecture() {
+    let (code, out, err) =
+        run_cli(&["inspect", sd14_config().to_str().unwrap(), "--random-weights", "--summary", "--json"], None);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["components"]["text_encoder"]["parameters"].as_u64(), Some(123_060_480));
+    assert_eq!(v["components"]["unet"]["parameters"].as_u64(), Some(859_520_964));
+    assert_eq!(v["components"]["vae"]["parameters"].as_u64(), Some(83_653_863));
+    assert_eq!(v["components"]["vae"]["parameters_encoder"].as_u64(), Some(34_163_664));
+    assert_eq!(v["components"]["vae"]["parameters_decoder"].as_u64(), Some(49_490_199));
     assert_eq!(v["components"]["tokenizer"]["tokenizer"]["pad_id"].as_u64(), Some(49407));
 }
 

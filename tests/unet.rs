@@ -63,3 +63,30 @@ fn sd14_unet_has_the_reference_parameter_count() {
     assert_eq!(table.numel() as u64, counts["unet"].as_u64().unwrap());
     assert_eq!(table.numel(), 859_520_964);
 }
+
+#[test]
+fn sd14_guided_step_flop_count_matches_pytorch_flop_counter() {
+    // The planning run counts FLOP from the shapes without allocating the 3.4 GB of weights; the
+    // reference is torch.utils.flop_counter on the same architecture (tests/fixtures/generate.py).
+    let counts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap()).unwrap();
+    let want = counts["unet_guided_step_512_flops"].as_u64().unwrap();
+    let cfg = UNetConfig::from_file(&sd14_config().join("unet/config.json")).unwrap();
+    let mut table = roentgen::tensor::Layout::unbound();
+    let params = roentgen::models::unet::params_layout(&mut table, &cfg);
+    let unet = UNet { config: cfg, params, table };
+    let (peak, kinds) = unet.plan_detailed(2, 64, 64, 77).unwrap();
+    println!(
+        "conv {:.4} linear {:.4} attention {:.4} TFLOP",
+        kinds[0] as f64 / 1e12,
+        kinds[1] as f64 / 1e12,
+        kinds[2] as f64 / 1e12
+    );
+    let flops: u64 = kinds.iter().sum();
+    println!(
+        "SD v1.4 guided step: {:.3} TFLOP, activation arena {:.0} MiB",
+        flops as f64 / 1e12,
+        peak as f64 * 4.0 / 1048576.0
+    );
+    assert_eq!(flops, want, "ours {flops}, PyTorch {want}");
+}

@@ -6,8 +6,33 @@ use super::{Activation, Backend};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
 
+/// Counts the floating-point work of what runs on it (2 per multiply-add of the matrix products,
+/// convolutions and attention; elementwise work is not counted), so benchmarks can report achieved
+/// FLOP/s from the shapes.
 #[derive(Default)]
-pub struct PlanBackend;
+pub struct PlanBackend {
+    /// FLOP of convolutions, linear layers, attention.
+    flops: [std::cell::Cell<u64>; 3],
+}
+
+impl PlanBackend {
+    pub fn new() -> PlanBackend {
+        PlanBackend::default()
+    }
+
+    pub fn flops(&self) -> u64 {
+        self.flops.iter().map(|c| c.get()).sum()
+    }
+
+    /// (convolutions, linear layers, attention) FLOP.
+    pub fn flops_by_kind(&self) -> [u64; 3] {
+        [self.flops[0].get(), self.flops[1].get(), self.flops[2].get()]
+    }
+
+    fn count(&self, kind: usize, f: usize) {
+        self.flops[kind].set(self.flops[kind].get() + f as u64);
+    }
+}
 
 impl Backend for PlanBackend {
     fn name(&self) -> String {
@@ -57,10 +82,11 @@ impl Backend for PlanBackend {
         _: &Tensor,
         _: &Tensor,
         _: Option<&Tensor>,
-        _: usize,
-        _: usize,
-        _: usize,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
     ) -> Result<()> {
+        self.count(1, 2 * rows * in_f * out_f);
         Ok(())
     }
     fn attention_forward(
@@ -70,14 +96,16 @@ impl Backend for PlanBackend {
         _: &Tensor,
         _: &Tensor,
         _: &Tensor,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
         _: f32,
         _: bool,
     ) -> Result<()> {
+        // QKᵀ and PV: two products of q_len × kv_len × head_dim per (batch, head).
+        self.count(2, 4 * batch * heads * q_len * kv_len * head_dim);
         Ok(())
     }
     fn activation_forward(&self, _: &Tensor, _: &Tensor, _: Activation, _: usize) -> Result<()> {
@@ -92,15 +120,18 @@ impl Backend for PlanBackend {
         _: &Tensor,
         _: &Tensor,
         _: Option<&Tensor>,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: [usize; 4],
+        batch: usize,
+        h: usize,
+        w: usize,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: [usize; 4],
     ) -> Result<()> {
+        let oh = (h + pad[0] + pad[1] - kernel) / stride + 1;
+        let ow = (w + pad[2] + pad[3] - kernel) / stride + 1;
+        self.count(0, 2 * batch * oh * ow * c_out * c_in * kernel * kernel);
         Ok(())
     }
     fn group_norm_forward(

@@ -383,7 +383,25 @@ impl UNet {
         self.table.numel()
     }
 
+    /// Runs the forward on the planning backend: (peak activation elements, FLOP) for
+    /// (batch, latent h, latent w, context length).
+    pub fn plan(&self, batch: usize, h: usize, w: usize, ctx_len: usize) -> Result<(usize, u64)> {
+        let (peak, by_kind) = self.plan_detailed(batch, h, w, ctx_len)?;
+        Ok((peak, by_kind.iter().sum()))
+    }
+
+    /// As `plan`, with the FLOP split into (convolutions, linear layers, attention).
+    pub fn plan_detailed(&self, batch: usize, h: usize, w: usize, ctx_len: usize) -> Result<(usize, [u64; 3])> {
+        let mut arena = Arena::planning();
+        let plan = PlanBackend::new();
+        let sample = Fmap::alloc(&mut arena, batch, h, w, self.config.in_channels)?;
+        let ctx = arena.alloc([batch * ctx_len, self.config.cross_attention_dim])?;
+        self.forward(&plan, &mut arena, &sample, 0.0, &ctx, ctx_len, None)?;
+        Ok((arena.peak(), plan.flops_by_kind()))
+    }
+
     /// Plans the activation arena for (batch, latent h, latent w, context length) and allocates it.
+    /// The caller allocates the sample and then the context in it first, as the plan does.
     pub fn allocate_arena(
         &self,
         backend: &mut dyn Backend,
@@ -392,12 +410,9 @@ impl UNet {
         w: usize,
         ctx_len: usize,
     ) -> Result<Arena> {
-        let mut plan = Arena::planning();
-        let sample = Fmap::alloc(&mut plan, batch, h, w, self.config.in_channels)?;
-        let ctx = plan.alloc([batch * ctx_len, self.config.cross_attention_dim])?;
-        self.forward(&PlanBackend, &mut plan, &sample, 0.0, &ctx, ctx_len, None)?;
-        let pool = backend.alloc(plan.peak(), "unet.activations")?;
-        Ok(Arena::new(pool, plan.peak()))
+        let (peak, _) = self.plan(batch, h, w, ctx_len)?;
+        let pool = backend.alloc(peak, "unet.activations")?;
+        Ok(Arena::new(pool, peak))
     }
 
     /// The noise prediction for `sample` (batch, h, w, in_channels; channels-last) at `timestep`

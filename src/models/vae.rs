@@ -275,21 +275,28 @@ impl AutoencoderKL {
         (enc, self.num_params() - enc)
     }
 
+    /// (peak activation elements, FLOP) of `decode` at (batch, latent h, latent w).
+    pub fn plan_decode(&self, batch: usize, h: usize, w: usize) -> Result<(usize, u64)> {
+        let mut arena = Arena::planning();
+        let plan = PlanBackend::new();
+        let z = Fmap::alloc(&mut arena, batch, h, w, self.config.latent_channels)?;
+        self.decode(&plan, &mut arena, &z)?;
+        Ok((arena.peak(), plan.flops()))
+    }
+
     /// An arena planned for `decode` of (batch, latent h, latent w); the latents are allocated in
     /// it first by the caller, as in the plan.
     pub fn allocate_decode_arena(&self, backend: &mut dyn Backend, batch: usize, h: usize, w: usize) -> Result<Arena> {
-        let mut plan = Arena::planning();
-        let z = Fmap::alloc(&mut plan, batch, h, w, self.config.latent_channels)?;
-        self.decode(&PlanBackend, &mut plan, &z)?;
-        let pool = backend.alloc(plan.peak(), "vae.decode.activations")?;
-        Ok(Arena::new(pool, plan.peak()))
+        let (peak, _) = self.plan_decode(batch, h, w)?;
+        let pool = backend.alloc(peak, "vae.decode.activations")?;
+        Ok(Arena::new(pool, peak))
     }
 
     /// An arena planned for `encode` of (batch, image h, image w).
     pub fn allocate_encode_arena(&self, backend: &mut dyn Backend, batch: usize, h: usize, w: usize) -> Result<Arena> {
         let mut plan = Arena::planning();
         let x = Fmap::alloc(&mut plan, batch, h, w, self.config.in_channels)?;
-        self.encode(&PlanBackend, &mut plan, &x)?;
+        self.encode(&PlanBackend::new(), &mut plan, &x)?;
         let pool = backend.alloc(plan.peak(), "vae.encode.activations")?;
         Ok(Arena::new(pool, plan.peak()))
     }

@@ -8,20 +8,16 @@ use crate::tensor::{PoolId, Tensor};
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-/// One allocation. Owned through a raw pointer so that operations, which take `&self`, can hand out
-/// a mutable view of the output and shared views of the inputs at once; every operation checks that
-/// its output does not overlap its inputs before doing so (`CpuBackend::views`).
+/// One allocation: an anonymous memory map (zero pages, page-aligned, transparent huge pages
+/// requested so that multi-GiB parameter pools do not cost a page fault per 4 KiB). Operations
+/// take `&self` and hand out a mutable view of the output and shared views of the inputs at once
+/// through the raw pointer; every operation checks that its output does not overlap its inputs
+/// before doing so (`CpuBackend::views`).
 struct CpuPool {
     ptr: *mut f32,
     len: usize,
     label: String,
-}
-
-impl Drop for CpuPool {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len came from Box::into_raw of a boxed slice of exactly this length.
-        unsafe { drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len))) };
-    }
+    _map: memmap2::MmapMut,
 }
 
 #[derive(Default)]
@@ -87,14 +83,15 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&mut self, len: usize, label: &str) -> Result<PoolId> {
-        let mut v: Vec<f32> = Vec::new();
-        if v.try_reserve_exact(len).is_err() {
-            bail!("cannot allocate pool '{label}': {} MiB of host memory", len * 4 >> 20);
-        }
-        v.resize(len, 0.0);
-        let b = v.into_boxed_slice();
-        let ptr = Box::into_raw(b) as *mut f32;
-        self.pools.push(CpuPool { ptr, len, label: label.to_string() });
+        let bytes = len.checked_mul(4).filter(|&b| b < isize::MAX as usize);
+        let bytes =
+            bytes.ok_or_else(|| anyhow::anyhow!("cannot allocate pool '{label}': {len} elements is too many"))?;
+        let mut map = memmap2::MmapMut::map_anon(bytes.max(1))
+            .map_err(|e| anyhow::anyhow!("cannot allocate pool '{label}': {} MiB of host memory ({e})", bytes >> 20))?;
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage); // a hint; without it the pool still works
+        let ptr = map.as_mut_ptr() as *mut f32;
+        self.pools.push(CpuPool { ptr, len, label: label.to_string(), _map: map });
         Ok(PoolId(self.pools.len() - 1))
     }
 
