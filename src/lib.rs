@@ -3,9 +3,11 @@
 
 pub mod backend;
 pub mod bench;
+pub mod images;
 pub mod inspect;
 pub mod models;
 pub mod nn;
+pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod tensor;

@@ -98,6 +98,11 @@ enum Command {
         #[arg(long)]
         random_weights: bool,
     },
+    /// Generate images from prompts with a Stable Diffusion v1.x pipeline folder (diffusers layout).
+    /// Defaults are the RoentGen paper's: 75 steps, guidance 4, 512×512, and the pipeline's scheduler
+    /// (PNDM for SD v1.4). The same --seed gives the same initial noise as diffusers with
+    /// `generator=torch.Generator().manual_seed(seed)`.
+    Sample(SampleArgs),
     /// Time a model stage: one guided U-Net step (`unet`), the VAE decoder (`vae-decode`) or the
     /// text encoder (`text-encoder`), with the FLOP counted from the shapes and the rate achieved.
     /// With --random-weights no weight files are needed, e.g.
@@ -135,6 +140,76 @@ enum Command {
     },
 }
 
+#[derive(Args)]
+struct SampleArgs {
+    /// A pipeline folder: model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/.
+    #[arg(long)]
+    model: PathBuf,
+    /// A prompt (repeatable).
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// A file of prompts, one per line (blank lines skipped).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// The negative prompt, used for every prompt (default: the empty, unconditional prompt).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// Images per U-Net call (guidance doubles the call's batch); bounds memory, not results.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Seed of the torch-compatible generator (default: drawn from the clock and reported).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Which of torch's CPU normal kernels to reproduce: native (what torch uses on this CPU),
+    /// avx2 (x86 with AVX2/AVX-512) or default (scalar: forced or non-x86).
+    #[arg(long, default_value = "native")]
+    rng: String,
+    /// Image height in pixels (a multiple of the VAE's scale factor, 8 for SD).
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    /// Image width in pixels.
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 75)]
+    steps: usize,
+    /// Classifier-free guidance scale (≤ 1 turns guidance off).
+    #[arg(long, default_value_t = 4.0)]
+    guidance: f32,
+    /// pndm, ddim, euler, euler-a or dpm++2m (default: the pipeline's scheduler_config.json).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Karras sigmas (euler and dpm++2m).
+    #[arg(long)]
+    karras_sigmas: bool,
+    /// Override the scheduler's timestep_spacing: leading, trailing or linspace.
+    #[arg(long)]
+    timestep_spacing: Option<String>,
+    /// Initial noise from a safetensors file (tensor `latents`, [N, C, H/8, W/8]) instead of the seed,
+    /// as diffusers' `latents=` argument.
+    #[arg(long)]
+    latents_in: Option<PathBuf>,
+    /// Also write a safetensors file with `image` ([N, 3, H, W] in [0, 1], as diffusers'
+    /// output_type="pt"), the final `latents` and the `prompt_embeds`.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// Output: a .png file (numbered when several images) or a folder.
+    #[arg(long, default_value = "samples")]
+    out: PathBuf,
+    /// Write single-channel luminance PNGs (a chest X-ray is gray).
+    #[arg(long)]
+    gray: bool,
+    /// Weight file variant, e.g. fp16.
+    #[arg(long)]
+    variant: Option<String>,
+    /// Print a JSON summary (files, timings) on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -164,6 +239,12 @@ fn run(cli: Cli) -> Result<()> {
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
         }
+        Command::Sample(args) => {
+            let mut b = backend::create(cli.global.device)?;
+            sample(b.as_mut(), args)?;
+            report_pools(b.as_ref(), cli.global.verbose);
+            Ok(())
+        }
         Command::Bench { stage, model, random_weights, variant, height, width, batch, warmup, iters, json } => {
             let mut b = backend::create(cli.global.device)?;
             let opts = roentgen::bench::BenchOptions {
@@ -187,6 +268,178 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The PNG paths for `n` images: a file name for one image, numbered names for several, or files
+/// in a folder.
+fn output_paths(out: &Path, n: usize, seed: u64) -> Result<Vec<PathBuf>> {
+    let is_file = out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let paths: Vec<PathBuf> = if is_file {
+        if n == 1 {
+            vec![out.to_path_buf()]
+        } else {
+            let stem = out.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.png"))).collect()
+        }
+    } else {
+        std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
+        (0..n).map(|i| out.join(format!("{seed}-{i:04}.png"))).collect()
+    };
+    // Fail before the long run, not after it.
+    let dir = paths[0].parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let probe = dir.join(format!(".roentgen-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("{}: the output folder is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(paths)
+}
+
+fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
+    use roentgen::pipeline::{read_latents, Pipeline, SampleRequest};
+    use roentgen::schedulers::{SchedulerKind, SchedulerOptions};
+    use roentgen::torch_rng::NormalVariant;
+    let mut prompts = a.prompt.clone();
+    if let Some(f) = &a.prompts {
+        let text = std::fs::read_to_string(f).with_context(|| format!("{}: cannot read", f.display()))?;
+        prompts
+            .extend(text.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty()).map(String::from));
+    }
+    if prompts.is_empty() {
+        bail!("no prompt given: use --prompt TEXT (repeatable) or --prompts FILE");
+    }
+    let rng_variant = match a.rng.as_str() {
+        "native" => NormalVariant::native(),
+        other => other.parse::<NormalVariant>().map_err(|e| anyhow::anyhow!("--rng: {e}"))?,
+    };
+    let scheduler = match &a.scheduler {
+        Some(s) => Some(s.parse::<SchedulerKind>().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
+        None => None,
+    };
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+            % 1_000_000_007
+    });
+    let latents_in = match &a.latents_in {
+        Some(p) => Some(read_latents(p)?),
+        None => None,
+    };
+    let t_load = std::time::Instant::now();
+    let pipe = Pipeline::load(b, &a.model, a.variant.as_deref())?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let req = SampleRequest {
+        prompts: prompts.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        num_images_per_prompt: a.num_images,
+        batch_size: a.batch_size,
+        seed,
+        rng_variant,
+        height: a.height,
+        width: a.width,
+        steps: a.steps,
+        guidance: a.guidance,
+        scheduler,
+        scheduler_options: SchedulerOptions {
+            karras_sigmas: a.karras_sigmas.then_some(true),
+            timestep_spacing: a.timestep_spacing.clone(),
+            ..Default::default()
+        },
+        latents_in: None,
+    };
+    let req = match latents_in {
+        Some((shape, v)) => {
+            let want = pipe.latent_shape(&req);
+            if shape != want {
+                bail!(
+                    "{}: tensor 'latents' has shape {shape:?}; this run needs {want:?} ({} prompt(s) × {} image(s), {} latent channels, {}×{} px / {})",
+                    a.latents_in.as_ref().unwrap().display(),
+                    prompts.len(),
+                    a.num_images,
+                    want[1],
+                    a.height,
+                    a.width,
+                    pipe.vae_scale_factor()
+                );
+            }
+            SampleRequest { latents_in: Some(v), ..req }
+        }
+        None => req,
+    };
+    pipe.validate(&req)?;
+    let n = prompts.len() * a.num_images;
+    let paths = output_paths(&a.out, n, seed)?;
+    eprintln!(
+        "sampling {n} image(s) of {}×{} from {} on {}: seed {seed}, {} steps, guidance {}",
+        a.width,
+        a.height,
+        a.model.display(),
+        b.name(),
+        a.steps,
+        a.guidance
+    );
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} U-Net calls [{elapsed_precise} < {eta_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let mut warn = |m: String| bar.suspend(|| eprintln!("warning: {m}"));
+    let out = pipe.generate(b, &req, &mut progress, &mut warn)?;
+    bar.finish_and_clear();
+
+    let [_, _, lh, lw] = out.latent_shape;
+    let f = pipe.vae_scale_factor();
+    let (h, w, c) = (lh * f, lw * f, pipe.vae.config.out_channels);
+    let sched_name = out.scheduler.cli_name().to_string();
+    for (i, path) in paths.iter().enumerate() {
+        let prompt = &prompts[i / a.num_images];
+        let text = [
+            ("prompt", prompt.clone()),
+            ("negative_prompt", a.negative_prompt.clone().unwrap_or_default()),
+            ("seed", seed.to_string()),
+            ("image_index", i.to_string()),
+            ("steps", a.steps.to_string()),
+            ("guidance", a.guidance.to_string()),
+            ("scheduler", sched_name.clone()),
+            ("model", a.model.display().to_string()),
+            ("software", format!("roentgen {}", env!("CARGO_PKG_VERSION"))),
+        ];
+        let img = &out.images[i * c * h * w..(i + 1) * c * h * w];
+        roentgen::images::write_png(path, img, c, h, w, a.gray, &text)?;
+    }
+    if let Some(d) = &a.dump {
+        let [pn, ps, pd] = out.prompt_embeds_shape;
+        roentgen::weights::safetensors::write_atomic(
+            d,
+            &[
+                ("image", vec![n, c, h, w], OutTensor::F32(&out.images)),
+                ("latents", out.latent_shape.to_vec(), OutTensor::F32(&out.latents)),
+                ("prompt_embeds", vec![pn, ps, pd], OutTensor::F32(&out.prompt_embeds)),
+            ],
+        )?;
+    }
+    let t = &out.timings;
+    eprintln!(
+        "wrote {n} image(s) to {}: load {load_s:.2} s, text encoding {:.2} s, denoising {:.2} s ({:.3} s per step, {} U-Net calls), VAE decode {:.2} s",
+        if paths.len() == 1 { paths[0].display().to_string() } else { a.out.display().to_string() },
+        t.text_encoding_s,
+        t.denoising_s,
+        t.per_step_s,
+        t.unet_calls,
+        t.vae_decode_s
+    );
+    if a.json {
+        let summary = serde_json::json!({
+            "files": paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "seed": seed, "scheduler": sched_name, "steps": a.steps, "guidance": a.guidance,
+            "height": h, "width": w, "timings": { "load_s": load_s, "text_encoding_s": t.text_encoding_s,
+            "denoising_s": t.denoising_s, "per_step_s": t.per_step_s, "vae_decode_s": t.vae_decode_s, "unet_calls": t.unet_calls },
+            "dump": a.dump.as_ref().map(|d| d.display().to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

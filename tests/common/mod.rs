@@ -131,3 +131,25 @@ pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f3
     }
     out
 }
+
+/// End to end (`roentgen sample` vs `StableDiffusionPipeline`, f32): the decoded image, in [0, 1],
+/// within this absolute error; the final latents and embeddings within it relative to max(1, max|b|).
+/// Looser than F32_PARITY because errors compound over the denoising steps.
+pub const PIPELINE_ABS: f32 = 1e-3;
+
+/// A sampling pipeline folder: a fixture pipe-* folder completed with the tiny text encoder and the
+/// SD v1.4 tokenizer (removed from the fixtures to keep them small; see generate.py).
+pub fn assemble_pipeline(name: &str, dst: &Path) -> PathBuf {
+    let pipe = dst.join(name);
+    copy_dir(&fixture(name), &pipe);
+    copy_dir(&fixture("tiny-text-pipeline/text_encoder"), &pipe.join("text_encoder"));
+    copy_dir(&sd14_config().join("tokenizer"), &pipe.join("tokenizer"));
+    pipe
+}
+
+/// Writes one f32 tensor to a safetensors file.
+pub fn write_f32(path: &Path, name: &str, shape: &[usize], data: &[f32]) {
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes).unwrap();
+    std::fs::write(path, safetensors::serialize(vec![(name.to_string(), view)], None).unwrap()).unwrap();
+}

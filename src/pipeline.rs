@@ -1,0 +1,397 @@
+//! Text-to-image sampling as diffusers' `StableDiffusionPipeline.__call__` does it: prompt and
+//! negative-prompt embeddings, initial latents from a torch-compatible generator (or given),
+//! classifier-free guidance with the unconditional half first in one U-Net batch, the scheduler's
+//! loop, VAE decode, and `(image / 2 + 0.5).clamp(0, 1)`.
+//!
+//! Latents live on the host in NCHW (torch's order: the generator's draws and the schedulers are
+//! defined on it); each U-Net call uploads them channels-last. `batch_size` bounds the U-Net batch
+//! only: every step runs the U-Net over the images chunk by chunk and then steps the scheduler once
+//! over all of them, so the ancestral sampler's noise is drawn exactly as diffusers draws it for the
+//! whole batch.
+
+use crate::backend::Backend;
+use crate::models::clip::ClipTextModel;
+use crate::models::unet::UNet;
+use crate::models::vae::AutoencoderKL;
+use crate::nn::Fmap;
+use crate::schedulers::{self, Scheduler, SchedulerKind, SchedulerOptions};
+use crate::tokenizer::ClipTokenizer;
+use crate::torch_rng::{NormalVariant, TorchGenerator};
+use crate::weights;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// A loaded Stable Diffusion pipeline folder.
+pub struct Pipeline {
+    pub dir: PathBuf,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: serde_json::Value,
+    pub scheduler_config_path: PathBuf,
+}
+
+/// Everything one `generate` call needs besides the pipeline.
+#[derive(Clone, Debug)]
+pub struct SampleRequest {
+    pub prompts: Vec<String>,
+    /// One negative prompt for every prompt ("" when absent: the unconditional prompt).
+    pub negative_prompt: Option<String>,
+    pub num_images_per_prompt: usize,
+    /// Most images per U-Net call (the call itself is twice that with guidance).
+    pub batch_size: usize,
+    pub seed: u64,
+    pub rng_variant: NormalVariant,
+    pub height: usize,
+    pub width: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub scheduler: Option<SchedulerKind>,
+    pub scheduler_options: SchedulerOptions,
+    /// Initial noise [N, C, h, w] (NCHW, before `init_noise_sigma`), as diffusers' `latents=`.
+    pub latents_in: Option<Vec<f32>>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    pub load_s: f64,
+    pub text_encoding_s: f64,
+    pub denoising_s: f64,
+    pub per_step_s: f64,
+    pub vae_decode_s: f64,
+    pub unet_calls: usize,
+}
+
+pub struct SampleOutput {
+    /// [N, 3, H, W] in [0, 1], image i from prompt i / num_images_per_prompt.
+    pub images: Vec<f32>,
+    /// Final latents [N, C, h, w] (what diffusers returns with output_type="latent").
+    pub latents: Vec<f32>,
+    /// The U-Net's conditioning [negatives..., prompts...] (or prompts only without guidance),
+    /// each [77, hidden], one row per image as diffusers' `prompt_embeds` after duplication.
+    pub prompt_embeds: Vec<f32>,
+    pub prompt_embeds_shape: [usize; 3],
+    pub num_images: usize,
+    pub latent_shape: [usize; 4],
+    pub timings: Timings,
+    pub scheduler: SchedulerKind,
+}
+
+fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(x.len(), 0.0);
+    for b in 0..n {
+        for ch in 0..c {
+            for y in 0..h {
+                for xx in 0..w {
+                    out[((b * h + y) * w + xx) * c + ch] = x[((b * c + ch) * h + y) * w + xx];
+                }
+            }
+        }
+    }
+}
+
+fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for y in 0..h {
+                for xx in 0..w {
+                    out[((b * c + ch) * h + y) * w + xx] = x[((b * h + y) * w + xx) * c + ch];
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Pipeline {
+    /// Loads every component of a diffusers pipeline folder (model_index.json, text_encoder/,
+    /// tokenizer/, unet/, vae/, scheduler/), checking that they fit together.
+    pub fn load(b: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<Pipeline> {
+        if !weights::is_pipeline_folder(dir) {
+            bail!(
+                "{}: not a pipeline folder (no model_index.json); sampling needs the whole pipeline \
+                 (text_encoder/, tokenizer/, unet/, vae/, scheduler/)",
+                dir.display()
+            );
+        }
+        for comp in ["text_encoder", "tokenizer", "unet", "vae", "scheduler"] {
+            weights::component_dir(dir, comp)?;
+        }
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+        let (text_encoder, _) = ClipTextModel::load(b, &dir.join("text_encoder"), variant)?;
+        let (unet, _) = UNet::load(b, &dir.join("unet"), variant)?;
+        let (vae, _) = AutoencoderKL::load(b, &dir.join("vae"), variant)?;
+        if text_encoder.config.hidden_size != unet.config.cross_attention_dim {
+            bail!(
+                "{}: text_encoder hidden_size {} does not match unet cross_attention_dim {}",
+                dir.display(),
+                text_encoder.config.hidden_size,
+                unet.config.cross_attention_dim
+            );
+        }
+        if vae.config.latent_channels != unet.config.in_channels || unet.config.out_channels != unet.config.in_channels
+        {
+            bail!(
+                "{}: vae latent_channels {} does not match unet in_channels {} / out_channels {}",
+                dir.display(),
+                vae.config.latent_channels,
+                unet.config.in_channels,
+                unet.config.out_channels
+            );
+        }
+        if tokenizer.vocab_size() > text_encoder.config.vocab_size {
+            bail!(
+                "{}: the tokenizer has {} tokens but the text encoder's vocabulary is {}",
+                dir.display(),
+                tokenizer.vocab_size(),
+                text_encoder.config.vocab_size
+            );
+        }
+        let scheduler_config_path = schedulers::config_path(&dir.join("scheduler"))?;
+        let scheduler_config = weights::read_json(&scheduler_config_path)?;
+        Ok(Pipeline {
+            dir: dir.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            scheduler_config_path,
+        })
+    }
+
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config.scale_factor()
+    }
+
+    /// Checks a request before any work: sizes, counts, the initial latents' shape.
+    pub fn validate(&self, r: &SampleRequest) -> Result<()> {
+        let f = self.vae_scale_factor();
+        if r.height == 0 || r.width == 0 || r.height % f != 0 || r.width % f != 0 {
+            bail!(
+                "--height {} / --width {}: both must be positive multiples of {f} (the VAE's scale factor)",
+                r.height,
+                r.width
+            );
+        }
+        if r.prompts.is_empty() {
+            bail!("no prompt given (use --prompt or --prompts FILE)");
+        }
+        if r.num_images_per_prompt == 0 || r.batch_size == 0 || r.steps == 0 {
+            bail!("--num-images, --batch-size and --steps must be at least 1");
+        }
+        if !r.guidance.is_finite() {
+            bail!("--guidance must be a finite number");
+        }
+        if let Some(l) = &r.latents_in {
+            let want = self.latent_numel(r);
+            if l.len() != want {
+                let [n, c, h, w] = self.latent_shape(r);
+                bail!(
+                    "--latents-in: tensor 'latents' has {} elements; expected [{n}, {c}, {h}, {w}] = {want}",
+                    l.len()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn latent_shape(&self, r: &SampleRequest) -> [usize; 4] {
+        let f = self.vae_scale_factor();
+        [r.prompts.len() * r.num_images_per_prompt, self.unet.config.in_channels, r.height / f, r.width / f]
+    }
+
+    fn latent_numel(&self, r: &SampleRequest) -> usize {
+        self.latent_shape(r).iter().product()
+    }
+
+    /// Text embeddings of `texts` (each [77, hidden]), in one text-encoder batch.
+    fn encode_texts(&self, b: &mut dyn Backend, texts: &[String], warn: &mut dyn FnMut(String)) -> Result<Vec<f32>> {
+        let seq = self.tokenizer.max_length;
+        let mut ids = Vec::with_capacity(texts.len() * seq);
+        for (i, t) in texts.iter().enumerate() {
+            let e = self.tokenizer.encode(t);
+            if e.truncated {
+                warn(format!(
+                    "prompt {} has {} tokens; truncated to {} as the reference tokenizer does",
+                    i + 1,
+                    e.tokens,
+                    self.tokenizer.max_length
+                ));
+            }
+            ids.extend(e.ids);
+        }
+        let acts = self.text_encoder.allocate_acts(b, texts.len(), seq)?;
+        let out = self.text_encoder.forward(b, &acts, &ids)?;
+        b.download(&out)
+    }
+
+    /// Runs the whole pipeline. `progress(done, total)` is called after each U-Net call; `warn`
+    /// receives messages for stderr.
+    pub fn generate(
+        &self,
+        b: &mut dyn Backend,
+        r: &SampleRequest,
+        progress: &mut dyn FnMut(usize, usize),
+        warn: &mut dyn FnMut(String),
+    ) -> Result<SampleOutput> {
+        self.validate(r)?;
+        let mut timings = Timings::default();
+        let cfg_on = r.guidance > 1.0;
+        let [n, c, lh, lw] = self.latent_shape(r);
+        let per_image = c * lh * lw;
+        let seq = self.tokenizer.max_length;
+        let hidden = self.text_encoder.config.hidden_size;
+
+        // 1. Text embeddings: unique prompts (and their negatives) in one batch, then one row per
+        //    image, each prompt's rows consecutive (diffusers' repeat + view).
+        let t0 = Instant::now();
+        let p = r.prompts.len();
+        let mut texts = r.prompts.clone();
+        if cfg_on {
+            texts.extend(std::iter::repeat_n(r.negative_prompt.clone().unwrap_or_default(), p));
+        }
+        let emb = self.encode_texts(b, &texts, warn)?;
+        let row = seq * hidden;
+        let expand = |first: usize| -> Vec<f32> {
+            let mut v = Vec::with_capacity(n * row);
+            for i in 0..p {
+                for _ in 0..r.num_images_per_prompt {
+                    v.extend_from_slice(&emb[(first + i) * row..(first + i + 1) * row]);
+                }
+            }
+            v
+        };
+        let cond = expand(0);
+        let uncond = if cfg_on { expand(p) } else { Vec::new() };
+        timings.text_encoding_s = t0.elapsed().as_secs_f64();
+
+        // 2. Scheduler and initial latents (one draw for the whole batch, as diffusers).
+        let mut sched: Box<dyn Scheduler> = schedulers::from_config(
+            r.scheduler,
+            &self.scheduler_config,
+            &self.scheduler_config_path,
+            &r.scheduler_options,
+        )?;
+        sched.set_timesteps(r.steps)?;
+        let timesteps: Vec<f64> = sched.timesteps().to_vec();
+        let mut generator = TorchGenerator::with_variant(r.seed, r.rng_variant);
+        let mut latents = match &r.latents_in {
+            Some(l) => l.clone(),
+            None => generator.randn(n * per_image),
+        };
+        let sigma0 = sched.init_noise_sigma();
+        latents.iter_mut().for_each(|x| *x *= sigma0);
+
+        // 3. Denoising: per step, the U-Net over chunks of images, then one scheduler step.
+        let chunk = r.batch_size.min(n);
+        let mult = if cfg_on { 2 } else { 1 };
+        let mut arena = self.unet.allocate_arena(b, mult * chunk, lh, lw, seq)?;
+        let t1 = Instant::now();
+        let total_calls = timesteps.len() * n.div_ceil(chunk);
+        let mut calls = 0;
+        let mut noise = vec![0f32; n * per_image];
+        let mut host_in = Vec::new();
+        for (i, &t) in timesteps.iter().enumerate() {
+            for start in (0..n).step_by(chunk) {
+                let k = chunk.min(n - start);
+                let ub = mult * k;
+                let mut x = latents[start * per_image..(start + k) * per_image].to_vec();
+                sched.scale_model_input(&mut x, i);
+                // U-Net batch: [uncond images..., cond images...] as diffusers' torch.cat.
+                let mut batch_in = Vec::with_capacity(ub * per_image);
+                let mut ctx = Vec::with_capacity(ub * row);
+                if cfg_on {
+                    batch_in.extend_from_slice(&x);
+                    ctx.extend_from_slice(&uncond[start * row..(start + k) * row]);
+                }
+                batch_in.extend_from_slice(&x);
+                ctx.extend_from_slice(&cond[start * row..(start + k) * row]);
+                arena.reset();
+                let xin = Fmap::alloc(&mut arena, ub, lh, lw, c)?;
+                let ctx_t = arena.alloc([ub * seq, hidden])?;
+                nchw_to_nhwc(&batch_in, ub, c, lh, lw, &mut host_in);
+                b.upload(&xin.t, &host_in)?;
+                b.upload(&ctx_t, &ctx)?;
+                let out = self.unet.forward(b, &mut arena, &xin, t as f32, &ctx_t, seq, None)?;
+                let pred = nhwc_to_nchw(&b.download(&out.t)?, ub, c, lh, lw);
+                let dst = &mut noise[start * per_image..(start + k) * per_image];
+                if cfg_on {
+                    let (u, cnd) = pred.split_at(k * per_image);
+                    for ((d, &u), &cv) in dst.iter_mut().zip(u).zip(cnd) {
+                        *d = u + r.guidance * (cv - u);
+                    }
+                } else {
+                    dst.copy_from_slice(&pred);
+                }
+                calls += 1;
+                progress(calls, total_calls);
+            }
+            latents = sched.step(&noise, i, &latents, &mut generator)?;
+            if latents.iter().any(|x| !x.is_finite()) {
+                bail!(
+                    "the latents became non-finite at step {} (timestep {t}): the weights or settings are broken",
+                    i + 1
+                );
+            }
+        }
+        timings.denoising_s = t1.elapsed().as_secs_f64();
+        timings.per_step_s = timings.denoising_s / timesteps.len().max(1) as f64;
+        timings.unet_calls = calls;
+
+        // 4. VAE decode, chunk by chunk, and diffusers' postprocess to [0, 1].
+        let t2 = Instant::now();
+        let f = self.vae_scale_factor();
+        let (h, w) = (lh * f, lw * f);
+        let out_c = self.vae.config.out_channels;
+        let mut images = Vec::with_capacity(n * out_c * h * w);
+        let mut vae_arena = self.vae.allocate_decode_arena(b, chunk, lh, lw)?;
+        let sf = self.vae.config.scaling_factor;
+        for start in (0..n).step_by(chunk) {
+            let k = chunk.min(n - start);
+            let z: Vec<f32> = latents[start * per_image..(start + k) * per_image].iter().map(|x| x / sf).collect();
+            vae_arena.reset();
+            let zt = Fmap::alloc(&mut vae_arena, k, lh, lw, c)?;
+            nchw_to_nhwc(&z, k, c, lh, lw, &mut host_in);
+            b.upload(&zt.t, &host_in)?;
+            let img = self.vae.decode(b, &mut vae_arena, &zt)?;
+            let px = nhwc_to_nchw(&b.download(&img.t)?, k, out_c, h, w);
+            images.extend(px.iter().map(|x| (x / 2.0 + 0.5).clamp(0.0, 1.0)));
+        }
+        timings.vae_decode_s = t2.elapsed().as_secs_f64();
+
+        let mut prompt_embeds = uncond;
+        prompt_embeds.extend_from_slice(&cond);
+        Ok(SampleOutput {
+            images,
+            latents,
+            prompt_embeds,
+            prompt_embeds_shape: [mult * n, seq, hidden],
+            num_images: n,
+            latent_shape: [n, c, lh, lw],
+            timings,
+            scheduler: sched.kind(),
+        })
+    }
+}
+
+/// Reads `--latents-in`: a safetensors file with an f32 (or f16/bf16) tensor named `latents`.
+pub fn read_latents(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
+    let f = weights::safetensors::SafetensorsFile::open(path)?;
+    let st = f.parse()?;
+    let view = st.tensor("latents").map_err(|_| anyhow::anyhow!("{}: no tensor named 'latents'", path.display()))?;
+    let dtype = weights::safetensors::float_dtype(view.dtype()).with_context(|| {
+        format!("{}: tensor 'latents' has dtype {:?}; expected F32, F16 or BF16", path.display(), view.dtype())
+    })?;
+    let shape = view.shape().to_vec();
+    if shape.len() != 4 {
+        bail!("{}: tensor 'latents' has shape {shape:?}; expected [N, C, H/f, W/f]", path.display());
+    }
+    let mut v = vec![0f32; shape.iter().product()];
+    weights::safetensors::to_f32(dtype, view.data(), &mut v)?;
+    Ok((shape, v))
+}
