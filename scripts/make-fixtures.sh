@@ -4,7 +4,7 @@
 # tests/fixtures/generate.py. `cargo test` never runs Python; run this only to change fixtures.
 #
 #   scripts/make-fixtures.sh              # everything
-#   scripts/make-fixtures.sh clip         # one part: tokenizer | clip | pipeline | counts
+#   scripts/make-fixtures.sh clip         # one part of generate.py (see below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,5 +19,13 @@ fi
 # Only the data file bpe_simple_vocab_16e6.txt.gz is used; without --no-deps it would pull in
 # torchvision and ftfy.
 "$VENV/bin/pip" install -q --no-deps open-clip-torch==3.3.0
-"$VENV/bin/python" tests/fixtures/generate.py "$@"
+# generate.py: tokenizer, CLIP, U-Net, VAE, pipelines, parameter counts (parts: tokenizer | clip |
+# pipeline | unet | vae | sd-pipelines | counts). generate_schedulers.py: torch randn per CPU
+# capability and every scheduler step by step (parts: randn | schedulers).
+if [ "$#" -eq 0 ]; then
+  "$VENV/bin/python" tests/fixtures/generate.py
+  "$VENV/bin/python" tests/fixtures/generate_schedulers.py
+else
+  "$VENV/bin/python" tests/fixtures/generate.py "$@"
+fi
 du -sh tests/fixtures

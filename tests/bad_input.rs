@@ -221,3 +221,105 @@ fn cuda_device_without_cuda_build_says_so() {
         &["CUDA support was not compiled", "--features cuda"],
     );
 }
+
+// ---- sampling ----
+
+fn sample_args(pipe: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["sample", "--model", pipe.to_str().unwrap(), "--prompt", "Small right effusion.", "--steps", "2"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    v.extend(["--height", "16", "--width", "16", "--out"].iter().map(|s| s.to_string()));
+    v.push(out.display().to_string());
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+#[test]
+fn sampling_size_not_a_multiple_of_the_vae_factor_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let mut a = sample_args(&pipe, &dir.path().join("o"), &[]);
+    let i = a.iter().position(|x| x == "--height").unwrap();
+    a[i + 1] = "15".into();
+    expect_error(&s(&a), &["--height 15", "multiples of 2"]);
+}
+
+#[test]
+fn latents_in_of_the_wrong_shape_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let f = dir.path().join("l.safetensors");
+    write_f32(&f, "latents", &[1, 4, 4, 8], &(0..128).map(|i| (i as f32).sin()).collect::<Vec<_>>());
+    expect_error(&s(&sample_args(&pipe, &dir.path().join("o"), &["--latents-in", f.to_str().unwrap()])), &["l.safetensors", "[1, 4, 4, 8]", "[1, 4, 8, 8]"]);
+    write_f32(&f, "noise", &[1, 4, 8, 8], &(0..256).map(|i| (i as f32).sin()).collect::<Vec<_>>());
+    expect_error(&s(&sample_args(&pipe, &dir.path().join("o"), &["--latents-in", f.to_str().unwrap()])), &["no tensor named 'latents'"]);
+}
+
+#[test]
+fn unwritable_output_path_is_refused_before_sampling() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    // a folder below a regular file cannot be created
+    expect_error(&s(&sample_args(&pipe, &blocker.join("sub"), &[])), &["cannot create the output folder"]);
+}
+
+#[test]
+fn missing_or_mismatched_components_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let out = dir.path().join("o");
+    std::fs::remove_dir_all(pipe.join("vae")).unwrap();
+    expect_error(&s(&sample_args(&pipe, &out, &[])), &["vae", "missing component folder"]);
+    // a VAE from another pipeline: 4 latent channels still, but the unet wants cross-attention 8 from
+    // a text encoder of width 40 (clip-b)
+    copy_dir(&fixture("pipe-a/vae"), &pipe.join("vae"));
+    std::fs::remove_dir_all(pipe.join("text_encoder")).unwrap();
+    copy_dir(&fixture("clip-b"), &pipe.join("text_encoder"));
+    expect_error(&s(&sample_args(&pipe, &out, &[])), &["hidden_size 40", "cross_attention_dim 8"]);
+    expect_error(&s(&sample_args(&dir.path().join("nothing"), &out, &[])), &["nothing"]);
+    expect_error(&s(&sample_args(&fixture("clip-a"), &out, &[])), &["not a pipeline folder"]);
+}
+
+#[test]
+fn unsupported_unet_block_type_or_config_value_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let cfg = pipe.join("unet/config.json");
+    let orig = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, orig.replace("\"DownBlock2D\"", "\"KDownBlock2D\"")).unwrap();
+    expect_error(&s(&sample_args(&pipe, &dir.path().join("o"), &[])), &["down_block_types", "KDownBlock2D"]);
+    let mut v: serde_json::Value = serde_json::from_str(&orig).unwrap();
+    v["class_embed_type"] = "timestep".into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    expect_error(&s(&sample_args(&pipe, &dir.path().join("o"), &[])), &["class_embed_type", "timestep"]);
+    let mut v: serde_json::Value = serde_json::from_str(&orig).unwrap();
+    v["num_attention_heads"] = 4.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    expect_error(&s(&sample_args(&pipe, &dir.path().join("o"), &[])), &["num_attention_heads"]);
+    std::fs::write(&cfg, &orig).unwrap();
+    let sched = pipe.join("scheduler/scheduler_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sched).unwrap()).unwrap();
+    v["beta_schedule"] = "sigmoid".into();
+    std::fs::write(&sched, v.to_string()).unwrap();
+    expect_error(&s(&sample_args(&pipe, &dir.path().join("o"), &[])), &["beta_schedule", "sigmoid"]);
+    expect_error(&s(&sample_args(&pipe, &dir.path().join("o"), &["--scheduler", "lms"])), &["--scheduler", "lms"]);
+}
+
+#[test]
+fn gray_output_is_single_channel_with_the_settings_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let out = dir.path().join("x.png");
+    let a = sample_args(&pipe, &out, &["--gray", "--seed", "5", "--negative-prompt", "lateral"]);
+    let (code, _, err) = run_cli(&s(&a), None);
+    assert_eq!(code, 0, "{err}");
+    let (color, w, h, px, text) = roentgen::images::read_png(&out).unwrap();
+    assert_eq!((color, w, h), (png::ColorType::Grayscale, 16, 16));
+    assert!(px.iter().any(|&p| p != px[0]), "a constant image");
+    let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()).unwrap();
+    assert_eq!((get("seed").as_str(), get("negative_prompt").as_str(), get("scheduler").as_str()), ("5", "lateral", "pndm"));
+    assert!(err.contains("text encoding") && err.contains("per step") && err.contains("VAE decode"), "{err}");
+}
