@@ -225,10 +225,11 @@ fn cuda_device_without_cuda_build_says_so() {
 // ---- sampling ----
 
 fn sample_args(pipe: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = vec!["sample", "--model", pipe.to_str().unwrap(), "--prompt", "Small right effusion.", "--steps", "2"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let mut v: Vec<String> =
+        vec!["sample", "--model", pipe.to_str().unwrap(), "--prompt", "Small right effusion.", "--steps", "2"]
+            .into_iter()
+            .map(String::from)
+            .collect();
     v.extend(["--height", "16", "--width", "16", "--out"].iter().map(|s| s.to_string()));
     v.push(out.display().to_string());
     v.extend(extra.iter().map(|s| s.to_string()));
@@ -251,9 +252,15 @@ fn latents_in_of_the_wrong_shape_is_refused() {
     let pipe = assemble_pipeline("pipe-a", dir.path());
     let f = dir.path().join("l.safetensors");
     write_f32(&f, "latents", &[1, 4, 4, 8], &(0..128).map(|i| (i as f32).sin()).collect::<Vec<_>>());
-    expect_error(&s(&sample_args(&pipe, &dir.path().join("o"), &["--latents-in", f.to_str().unwrap()])), &["l.safetensors", "[1, 4, 4, 8]", "[1, 4, 8, 8]"]);
+    expect_error(
+        &s(&sample_args(&pipe, &dir.path().join("o"), &["--latents-in", f.to_str().unwrap()])),
+        &["l.safetensors", "[1, 4, 4, 8]", "[1, 4, 8, 8]"],
+    );
     write_f32(&f, "noise", &[1, 4, 8, 8], &(0..256).map(|i| (i as f32).sin()).collect::<Vec<_>>());
-    expect_error(&s(&sample_args(&pipe, &dir.path().join("o"), &["--latents-in", f.to_str().unwrap()])), &["no tensor named 'latents'"]);
+    expect_error(
+        &s(&sample_args(&pipe, &dir.path().join("o"), &["--latents-in", f.to_str().unwrap()])),
+        &["no tensor named 'latents'"],
+    );
 }
 
 #[test]
@@ -320,6 +327,9 @@ fn gray_output_is_single_channel_with_the_settings_recorded() {
     assert_eq!((color, w, h), (png::ColorType::Grayscale, 16, 16));
     assert!(px.iter().any(|&p| p != px[0]), "a constant image");
     let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()).unwrap();
-    assert_eq!((get("seed").as_str(), get("negative_prompt").as_str(), get("scheduler").as_str()), ("5", "lateral", "pndm"));
+    assert_eq!(
+        (get("seed").as_str(), get("negative_prompt").as_str(), get("scheduler").as_str()),
+        ("5", "lateral", "pndm")
+    );
     assert!(err.contains("text encoding") && err.contains("per step") && err.contains("VAE decode"), "{err}");
 }

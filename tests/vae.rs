@@ -32,6 +32,20 @@ fn check_vae(name: &str) {
     let (mshape, want) = read_f32(&io, "moments");
     assert_eq!(mshape, vec![moments.batch, moments.c, moments.h, moments.w]);
     assert_close(&format!("{name} encoder moments"), &download_nchw(&b, &moments), &want, F32_PARITY);
+    let (mean, logvar) = roentgen::models::vae::split_moments(&b.download(&moments.t).unwrap(), 4);
+    let (m, h, w) = (moments.batch, moments.h, moments.w);
+    assert_close(
+        &format!("{name} latent mean"),
+        &nhwc_to_nchw(&mean, m, 4, h, w),
+        &read_f32(&io, "mean").1,
+        F32_PARITY,
+    );
+    assert_close(
+        &format!("{name} latent logvar"),
+        &nhwc_to_nchw(&logvar, m, 4, h, w),
+        &read_f32(&io, "logvar").1,
+        F32_PARITY,
+    );
 
     let (zshape, z) = read_f32(&io, "latents");
     let mut arena = vae.allocate_decode_arena(&mut b, zshape[0], zshape[2], zshape[3]).unwrap();

@@ -222,6 +222,18 @@ pub fn params_layout(l: &mut Layout, c: &VaeConfig) -> VaeParams {
     }
 }
 
+/// diffusers' `DiagonalGaussianDistribution` of channels-last moments (batch, h, w, 2·latent): the
+/// mean and the log-variance clamped to [−30, 20], each (batch, h, w, latent).
+pub fn split_moments(moments: &[f32], latent: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut mean = Vec::with_capacity(moments.len() / 2);
+    let mut logvar = Vec::with_capacity(moments.len() / 2);
+    for px in moments.chunks_exact(2 * latent) {
+        mean.extend_from_slice(&px[..latent]);
+        logvar.extend(px[latent..].iter().map(|v| v.clamp(-30.0, 20.0)));
+    }
+    (mean, logvar)
+}
+
 /// diffusers 0.2-era checkpoints name the mid-block attention query/key/value/proj_attn.
 fn legacy_attention_name(name: &str) -> Option<String> {
     for (old, new) in [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0.")]
