@@ -3,11 +3,13 @@
 
 pub mod backend;
 pub mod bench;
+pub mod eval;
 pub mod images;
 pub mod inspect;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod prepare;
 pub mod rng;
 pub mod schedulers;
 pub mod tensor;

@@ -103,6 +103,12 @@ enum Command {
     /// (PNDM for SD v1.4). The same --seed gives the same initial noise as diffusers with
     /// `generator=torch.Generator().manual_seed(seed)`.
     Sample(SampleArgs),
+    /// Build training/test manifests from MIMIC-CXR-JPG or the IU X-ray reports (the paper's filtering).
+    #[command(subcommand)]
+    Prepare(roentgen::prepare::PrepareCommand),
+    /// Evaluate generated images: MS-SSIM diversity, FID with Inception, XRV DenseNet or CLIP features.
+    #[command(subcommand)]
+    Eval(roentgen::eval::EvalCommand),
     /// Time a model stage: one guided U-Net step (`unet`), the VAE decoder (`vae-decode`) or the
     /// text encoder (`text-encoder`), with the FLOP counted from the shapes and the rate achieved.
     /// With --random-weights no weight files are needed, e.g.
@@ -245,6 +251,8 @@ fn run(cli: Cli) -> Result<()> {
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
         }
+        Command::Prepare(cmd) => roentgen::prepare::run(cmd),
+        Command::Eval(cmd) => roentgen::eval::run(cmd),
         Command::Bench { stage, model, random_weights, variant, height, width, batch, warmup, iters, json } => {
             let mut b = backend::create(cli.global.device)?;
             let opts = roentgen::bench::BenchOptions {
