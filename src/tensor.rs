@@ -245,16 +245,19 @@ pub struct Arena {
     top: usize,
     peak: usize,
     capacity: usize,
+    /// While set, `release` keeps everything: a training forward saves every activation for the
+    /// backward pass.
+    keep: bool,
 }
 
 impl Arena {
     /// An unbounded, unbound arena that only measures.
     pub fn planning() -> Arena {
-        Arena { pool: PoolId::UNBOUND, top: 0, peak: 0, capacity: usize::MAX }
+        Arena { pool: PoolId::UNBOUND, top: 0, peak: 0, capacity: usize::MAX, keep: false }
     }
 
     pub fn new(pool: PoolId, capacity: usize) -> Arena {
-        Arena { pool, top: 0, peak: 0, capacity }
+        Arena { pool, top: 0, peak: 0, capacity, keep: false }
     }
 
     pub fn alloc(&mut self, shape: impl Into<Shape>) -> anyhow::Result<Tensor> {
@@ -277,10 +280,25 @@ impl Arena {
         self.top
     }
 
-    /// Frees every tensor allocated after `mark`.
+    /// Frees every tensor allocated after `mark` (unless `keep` is set).
     pub fn release(&mut self, mark: usize) {
         debug_assert!(mark <= self.top);
+        if !self.keep {
+            self.top = mark;
+        }
+    }
+
+    /// Frees everything after `mark`, even while keeping (the end of a training step).
+    pub fn release_all_to(&mut self, mark: usize) {
         self.top = mark;
+    }
+
+    pub fn set_keep(&mut self, keep: bool) {
+        self.keep = keep;
+    }
+
+    pub fn pool(&self) -> PoolId {
+        self.pool
     }
 
     pub fn reset(&mut self) {

@@ -253,4 +253,182 @@ pub trait Backend {
 
     /// GEGLU: inp (rows, 2·inner) = [x | gate] → out (rows, inner) = x · gelu(gate) (exact erf gelu).
     fn geglu_forward(&self, out: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()>;
+
+    // ---- training: backward passes (they ACCUMULATE into every gradient they write, as llm.c
+    // does, so residual and skip paths need no special casing; callers zero gradients first),
+    // the loss, and the optimizer ----
+
+    /// t = 0.
+    fn zero(&self, t: &Tensor) -> Result<()>;
+
+    /// dst += src, n elements.
+    fn accumulate(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()>;
+
+    /// t *= s, n elements.
+    fn scale(&self, t: &Tensor, s: f32, n: usize) -> Result<()>;
+
+    /// Of `linear_forward`: dinp += dout · W, dweight += doutᵀ · inp, dbias += Σ_rows dout.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        dinp: Option<&Tensor>,
+        dweight: &Tensor,
+        dbias: Option<&Tensor>,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()>;
+
+    /// Of `layer_norm_forward`, from the saved mean and rstd.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(
+        &self,
+        dinp: &Tensor,
+        dweight: &Tensor,
+        dbias: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+
+    /// Of `attention_forward`, recomputing the softmax from the saved log-sum-exp.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: &Tensor,
+        dk: &Tensor,
+        dv: &Tensor,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Result<()>;
+
+    /// Of `activation_forward`: dinp += dout · act'(inp).
+    fn activation_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()>;
+
+    /// Of `conv2d_forward`: data, weight and bias gradients (dinp optional: the first layer's input
+    /// needs none).
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_backward(
+        &self,
+        dinp: Option<&Tensor>,
+        dweight: &Tensor,
+        dbias: Option<&Tensor>,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        batch: usize,
+        h: usize,
+        w: usize,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: [usize; 4],
+    ) -> Result<()>;
+
+    /// Of `group_norm_forward` (with its SiLU when `silu`, recomputed from the saved statistics).
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_backward(
+        &self,
+        dinp: &Tensor,
+        dweight: &Tensor,
+        dbias: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        batch: usize,
+        hw: usize,
+        c: usize,
+        groups: usize,
+        silu: bool,
+    ) -> Result<()>;
+
+    /// Of `upsample_nearest_forward`: each input position sums the gradients of its copies.
+    #[allow(clippy::too_many_arguments)]
+    fn upsample_nearest_backward(
+        &self,
+        dinp: &Tensor,
+        dout: &Tensor,
+        batch: usize,
+        ih: usize,
+        iw: usize,
+        oh: usize,
+        ow: usize,
+        c: usize,
+    ) -> Result<()>;
+
+    /// Of `add_bias_rows_forward`, the bias part: dbias[b, :] += Σ_r dout[b, r, :].
+    fn add_bias_rows_backward(&self, dbias: &Tensor, dout: &Tensor, batch: usize, rows: usize, c: usize) -> Result<()>;
+
+    /// Of `concat_channels_forward`: da += dout[:, :ca], db += dout[:, ca:].
+    fn concat_channels_backward(
+        &self,
+        da: &Tensor,
+        db: &Tensor,
+        dout: &Tensor,
+        rows: usize,
+        ca: usize,
+        cb: usize,
+    ) -> Result<()>;
+
+    /// Of `geglu_forward`.
+    fn geglu_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()>;
+
+    /// Of `embedding_forward`: dwte[ids] += dout rows, dwpe[t] += dout rows.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_backward(
+        &self,
+        dwte: &Tensor,
+        dwpe: &Tensor,
+        dout: &Tensor,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        dim: usize,
+    ) -> Result<()>;
+
+    /// Mean squared error: loss[0] = mean((pred − target)²); dpred = 2 (pred − target) / n (written).
+    fn mse_loss(&self, dpred: &Tensor, loss: &Tensor, pred: &Tensor, target: &Tensor, n: usize) -> Result<()>;
+
+    /// out[0] = Σ x² over n elements (accumulated in f64), for gradient-norm clipping.
+    fn sum_squares(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()>;
+
+    /// One AdamW step over flat memory (torch.optim.AdamW semantics: decoupled weight decay
+    /// p ← p − lr·wd·p, bias-corrected moments, eps added to the bias-corrected √v̂).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_step(
+        &self,
+        param: &Tensor,
+        grad: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        n: usize,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        step: usize,
+    ) -> Result<()>;
 }

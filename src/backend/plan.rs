@@ -173,4 +173,167 @@ impl Backend for PlanBackend {
     fn geglu_forward(&self, _: &Tensor, _: &Tensor, _: usize, _: usize) -> Result<()> {
         Ok(())
     }
+
+    fn zero(&self, _: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn accumulate(&self, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn scale(&self, _: &Tensor, _: f32, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn linear_backward(
+        &self,
+        dinp: Option<&Tensor>,
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()> {
+        self.count(1, 2 * rows * in_f * out_f * (1 + dinp.is_some() as usize));
+        Ok(())
+    }
+    fn layer_norm_backward(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: usize,
+    ) -> Result<()> {
+        Ok(())
+    }
+    fn attention_backward(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        _: f32,
+        _: bool,
+    ) -> Result<()> {
+        // recomputed QKᵀ, then dV, dP, dQ, dK: five products.
+        self.count(2, 10 * batch * heads * q_len * kv_len * head_dim);
+        Ok(())
+    }
+    fn activation_backward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: Activation, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn conv2d_backward(
+        &self,
+        dinp: Option<&Tensor>,
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        batch: usize,
+        h: usize,
+        w: usize,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: [usize; 4],
+    ) -> Result<()> {
+        let oh = (h + pad[0] + pad[1] - kernel) / stride + 1;
+        let ow = (w + pad[2] + pad[3] - kernel) / stride + 1;
+        self.count(0, 2 * batch * oh * ow * c_out * c_in * kernel * kernel * (1 + dinp.is_some() as usize));
+        Ok(())
+    }
+    fn group_norm_backward(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: bool,
+    ) -> Result<()> {
+        Ok(())
+    }
+    fn upsample_nearest_backward(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+    ) -> Result<()> {
+        Ok(())
+    }
+    fn add_bias_rows_backward(&self, _: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn concat_channels_backward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn geglu_backward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn embedding_backward(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &[u32],
+        _: usize,
+        _: usize,
+        _: usize,
+    ) -> Result<()> {
+        Ok(())
+    }
+    fn mse_loss(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn sum_squares(&self, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn adamw_step(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: f32,
+        _: f32,
+        _: f32,
+        _: f32,
+        _: f32,
+        _: usize,
+    ) -> Result<()> {
+        Ok(())
+    }
 }

@@ -3,11 +3,12 @@
 
 use super::{allocate, ConfigReader};
 use crate::backend::plan::PlanBackend;
+use crate::backend::Activation;
 use crate::backend::Backend;
-use crate::nn::attention::Transformer2D;
-use crate::nn::resnet::ResnetBlock2D;
+use crate::nn::attention::{Transformer2D, Transformer2DSaved};
+use crate::nn::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::sampling::{Downsample2D, Upsample2D};
-use crate::nn::{Conv2d, Fmap, GroupNorm, Linear};
+use crate::nn::{zeros, zeros_like, Conv2d, Fmap, GroupNorm, Linear};
 use crate::tensor::{Arena, Layout, Tensor};
 use crate::weights::{self, LoadReport};
 use anyhow::{bail, Context, Result};
@@ -400,6 +401,29 @@ impl UNet {
         Ok((arena.peak(), plan.flops_by_kind()))
     }
 
+    /// Peak arena elements of a training step at (batch, h, w, ctx_len): the forward keeping every
+    /// activation, the loss gradient, and the backward's temporaries on top. The caller allocates,
+    /// in this order, the sample, the context, the context gradient and the output gradient first.
+    pub fn plan_training(&self, batch: usize, h: usize, w: usize, ctx_len: usize) -> Result<usize> {
+        let plan = PlanBackend::new();
+        let mut arena = Arena::planning();
+        let sample = Fmap::alloc(&mut arena, batch, h, w, self.config.in_channels)?;
+        let ctx = arena.alloc([batch * ctx_len, self.config.cross_attention_dim])?;
+        let dctx = arena.alloc(ctx.shape)?;
+        let dout = Fmap::alloc(&mut arena, batch, h, w, self.config.out_channels)?;
+        arena.set_keep(true);
+        let saved = self.forward_saved(&plan, &mut arena, &sample, &[0.0], &ctx, ctx_len)?;
+        arena.set_keep(false);
+        self.backward(&self.params, &plan, &mut arena, &saved, &dout, &dctx, None)?;
+        Ok(arena.peak())
+    }
+
+    /// The gradient buffers: the parameter layout bound to a pool of its own ("unet.grads").
+    pub fn allocate_grads(&self, backend: &mut dyn Backend) -> Result<(UNetParams, Layout)> {
+        let c = self.config.clone();
+        allocate(backend, "unet.grads", |l| params_layout(l, &c))
+    }
+
     /// Plans the activation arena for (batch, latent h, latent w, context length) and allocates it.
     /// The caller allocates the sample and then the context in it first, as the plan does.
     pub fn allocate_arena(
@@ -428,77 +452,313 @@ impl UNet {
         timestep: f32,
         context: &Tensor,
         ctx_len: usize,
-        mut probes: Option<&mut Probes>,
+        probes: Option<&mut Probes>,
     ) -> Result<Fmap> {
+        let s = self.forward_saved(b, arena, sample, &[timestep], context, ctx_len)?;
+        if let Some(p) = probes {
+            p.extend(s.probes.iter().cloned());
+        }
+        Ok(s.out)
+    }
+
+    /// The forward pass, returning everything the backward pass reads (valid while the arena keeps
+    /// its tensors: call `arena.set_keep(true)` first when training). `timesteps` holds one value
+    /// for the whole batch or one per sample (training draws one per sample).
+    pub fn forward_saved(
+        &self,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        sample: &Fmap,
+        timesteps: &[f32],
+        context: &Tensor,
+        ctx_len: usize,
+    ) -> Result<UNetSaved> {
         let c = &self.config;
         let p = &self.params;
         let batch = sample.batch;
         if sample.c != c.in_channels {
             bail!("unet: sample has {} channels, config in_channels is {}", sample.c, c.in_channels);
         }
-        let mut probe = |name: String, f: &Fmap| {
-            if let Some(v) = probes.as_deref_mut() {
-                v.push((name, *f));
-            }
-        };
+        if timesteps.len() != 1 && timesteps.len() != batch {
+            bail!("unet: {} timesteps for a batch of {batch}", timesteps.len());
+        }
+        let mut probes = Vec::new();
         let ctx = (context, ctx_len);
         // Time embedding: sinusoidal (host) → linear → SiLU → linear; every resnet uses SiLU of it.
-        let t_emb = arena.alloc([batch, c.block_out_channels[0]])?;
-        let one = timestep_embedding(timestep, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
-        b.upload(&t_emb, &one.repeat(batch))?;
+        let dim0 = c.block_out_channels[0];
+        let t_emb = arena.alloc([batch, dim0])?;
+        let mut host = Vec::with_capacity(batch * dim0);
+        for i in 0..batch {
+            let t = timesteps[if timesteps.len() == 1 { 0 } else { i }];
+            host.extend(timestep_embedding(t, dim0, c.flip_sin_to_cos, c.freq_shift));
+        }
+        b.upload(&t_emb, &host)?;
         let e1 = p.time_linear_1.apply(b, arena, &t_emb, batch)?;
         let e1s = arena.alloc(e1.shape)?;
-        b.activation_forward(&e1s, &e1, crate::backend::Activation::Silu, e1.numel())?;
+        b.activation_forward(&e1s, &e1, Activation::Silu, e1.numel())?;
         let emb = p.time_linear_2.apply(b, arena, &e1s, batch)?;
         let temb_act = arena.alloc(emb.shape)?;
-        b.activation_forward(&temb_act, &emb, crate::backend::Activation::Silu, emb.numel())?;
+        b.activation_forward(&temb_act, &emb, Activation::Silu, emb.numel())?;
         let temb = Some(&temb_act);
 
-        let mut x = p.conv_in.apply(b, arena, sample)?;
-        probe("conv_in".into(), &x);
+        let conv_in_out = p.conv_in.apply(b, arena, sample)?;
+        probes.push(("conv_in".to_string(), conv_in_out));
+        let mut x = conv_in_out;
         let mut skips = vec![x];
+        let mut down = Vec::new();
         for (i, blk) in p.down.iter().enumerate() {
             for (j, res) in blk.resnets.iter().enumerate() {
-                x = res.forward(b, arena, &x, temb)?;
-                if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(b, arena, &x, ctx)?;
-                }
+                let rs = res.forward_saved(b, arena, &x, temb)?;
+                x = rs.out;
+                let attn = match blk.attentions.get(j) {
+                    Some(a) => {
+                        let s = a.forward_saved(b, arena, &x, ctx)?;
+                        x = s.out;
+                        Some(s)
+                    }
+                    None => None,
+                };
                 skips.push(x);
+                down.push(DownUnitSaved::Res { block: i, index: j, res: rs, attn });
             }
             if let Some(d) = &blk.downsampler {
+                let input = x;
                 x = d.forward(b, arena, &x)?;
                 skips.push(x);
+                down.push(DownUnitSaved::Down { block: i, input, out: x });
             }
-            probe(format!("down_blocks.{i}"), &x);
+            probes.push((format!("down_blocks.{i}"), x));
         }
-        x = p.mid_resnets[0].forward(b, arena, &x, temb)?;
-        x = p.mid_attention.forward(b, arena, &x, ctx)?;
-        x = p.mid_resnets[1].forward(b, arena, &x, temb)?;
-        probe("mid_block".into(), &x);
+        let mid0 = p.mid_resnets[0].forward_saved(b, arena, &x, temb)?;
+        let mid_attn = p.mid_attention.forward_saved(b, arena, &mid0.out, ctx)?;
+        let mid1 = p.mid_resnets[1].forward_saved(b, arena, &mid_attn.out, temb)?;
+        x = mid1.out;
+        probes.push(("mid_block".into(), x));
+        let mut up = Vec::new();
         for (i, blk) in p.up.iter().enumerate() {
+            let mut units = Vec::new();
             for (j, res) in blk.resnets.iter().enumerate() {
+                let skip_index = skips.len() - 1;
                 let skip = skips.pop().context("unet: skip connections exhausted (internal)")?;
                 if (skip.h, skip.w) != (x.h, x.w) {
                     bail!("unet: skip {}×{} vs hidden {}×{} (internal)", skip.h, skip.w, x.h, x.w);
                 }
                 let cat = Fmap::alloc(arena, batch, x.h, x.w, x.c + skip.c)?;
                 b.concat_channels_forward(&cat.t, &x.t, &skip.t, x.rows(), x.c, skip.c)?;
-                x = res.forward(b, arena, &cat, temb)?;
-                if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(b, arena, &x, ctx)?;
-                }
+                let rs = res.forward_saved(b, arena, &cat, temb)?;
+                let hidden_in = x;
+                x = rs.out;
+                let attn = match blk.attentions.get(j) {
+                    Some(a) => {
+                        let s = a.forward_saved(b, arena, &x, ctx)?;
+                        x = s.out;
+                        Some(s)
+                    }
+                    None => None,
+                };
+                units.push(UpUnitSaved { hidden_in, skip_index, cat, res: rs, attn });
             }
+            let mut upsample = None;
             if let Some(u) = &blk.upsampler {
                 // Resize to the next skip's size (diffusers' upsample_size), which is 2× unless the
                 // latent size is not a multiple of the total downscale.
                 let size = skips.last().map(|s| (s.h, s.w));
-                x = u.forward(b, arena, &x, size)?;
+                let input = x;
+                let (upm, out) = u.forward_saved(b, arena, &x, size)?;
+                x = out;
+                upsample = Some((input, upm, out));
             }
-            probe(format!("up_blocks.{i}"), &x);
+            probes.push((format!("up_blocks.{i}"), x));
+            up.push(UpBlockSaved { units, upsample });
         }
-        let n = p.conv_norm_out.apply(b, arena, &x, true)?;
-        let out = p.conv_out.apply(b, arena, &n)?;
-        probe("conv_out".into(), &out);
-        Ok(out)
+        let norm_in = x;
+        let norm_out = p.conv_norm_out.apply_saved(b, arena, &x, true)?;
+        let out = p.conv_out.apply(b, arena, &norm_out.out)?;
+        probes.push(("conv_out".into(), out));
+        Ok(UNetSaved {
+            sample: *sample,
+            context: *context,
+            ctx_len,
+            t_emb,
+            e1,
+            e1s,
+            emb,
+            temb_act,
+            conv_in_out,
+            down,
+            mid: (mid0, mid_attn, mid1),
+            up,
+            norm_in,
+            norm_out,
+            out,
+            probes,
+        })
     }
+
+    /// The backward pass of `forward_saved`: accumulates every parameter gradient into `g` (the
+    /// parameter layout bound to the gradient pool), the context gradient into `dctx`
+    /// (batch · ctx_len, cross_attention_dim) and, if given, the sample gradient into `dsample`.
+    /// Temporaries come from `arena` (above the saved forward) and are released on return.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        g: &UNetParams,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        s: &UNetSaved,
+        dout: &Fmap,
+        dctx: &Tensor,
+        dsample: Option<&Fmap>,
+    ) -> Result<()> {
+        let p = &self.params;
+        let mark = arena.mark();
+        let batch = s.sample.batch;
+        // One gradient buffer per skip tensor: the up path's concatenations and the down path's
+        // next layer both accumulate into it.
+        let mut skip_maps = vec![s.conv_in_out];
+        for u in &s.down {
+            skip_maps.push(match u {
+                DownUnitSaved::Res { res, attn, .. } => attn.as_ref().map_or(res.out, |a| a.out),
+                DownUnitSaved::Down { out, .. } => *out,
+            });
+        }
+        let dskips: Vec<Fmap> = skip_maps.iter().map(|m| zeros_like(b, arena, m)).collect::<Result<_>>()?;
+        let dtemb = zeros(b, arena, s.temb_act.shape)?;
+        let temb = Some(&s.temb_act);
+        let dtemb_opt = Some(&dtemb);
+
+        let dn = zeros_like(b, arena, &s.norm_out.out)?;
+        p.conv_out.backward(&g.conv_out, b, Some(&dn), dout, &s.norm_out.out)?;
+        let mut dx = zeros_like(b, arena, &s.norm_in)?;
+        p.conv_norm_out.backward(&g.conv_norm_out, b, &dx, &dn, &s.norm_in, &s.norm_out)?;
+
+        for ((blk, gblk), bs) in p.up.iter().zip(&g.up).zip(&s.up).rev() {
+            if let (Some(u), Some(gu), Some((input, upm, _))) = (&blk.upsampler, &gblk.upsampler, &bs.upsample) {
+                let dxin = zeros_like(b, arena, input)?;
+                u.backward(gu, b, arena, input, upm, &dx, &dxin)?;
+                dx = dxin;
+            }
+            for (j, unit) in bs.units.iter().enumerate().rev() {
+                if let (Some(a), Some(asaved)) = (blk.attentions.get(j), &unit.attn) {
+                    let dres = zeros_like(b, arena, &unit.res.out)?;
+                    a.backward(&gblk.attentions[j], b, arena, asaved, &dx, &dres, dctx)?;
+                    dx = dres;
+                }
+                let dcat = zeros_like(b, arena, &unit.cat)?;
+                blk.resnets[j].backward(&gblk.resnets[j], b, arena, &unit.res, &dx, &dcat, temb, dtemb_opt)?;
+                let dprev = zeros_like(b, arena, &unit.hidden_in)?;
+                let skip = &dskips[unit.skip_index];
+                b.concat_channels_backward(&dprev.t, &skip.t, &dcat.t, unit.cat.rows(), unit.hidden_in.c, skip.c)?;
+                dx = dprev;
+            }
+        }
+
+        let (mid0, mid_attn, mid1) = &s.mid;
+        let dr1 = zeros_like(b, arena, &mid0.out)?;
+        let da = zeros_like(b, arena, &mid0.out)?;
+        p.mid_resnets[1].backward(&g.mid_resnets[1], b, arena, mid1, &dx, &dr1, temb, dtemb_opt)?;
+        p.mid_attention.backward(&g.mid_attention, b, arena, mid_attn, &dr1, &da, dctx)?;
+        let last = dskips.len() - 1;
+        p.mid_resnets[0].backward(&g.mid_resnets[0], b, arena, mid0, &da, &dskips[last], temb, dtemb_opt)?;
+
+        for (i, unit) in s.down.iter().enumerate().rev() {
+            let (dout_i, dinp_i) = (&dskips[i + 1], &dskips[i]);
+            match unit {
+                DownUnitSaved::Res { block, index, res, attn } => {
+                    let (blk, gblk) = (&p.down[*block], &g.down[*block]);
+                    let dres = match attn {
+                        Some(asaved) => {
+                            let dr = zeros_like(b, arena, &res.out)?;
+                            blk.attentions[*index].backward(
+                                &gblk.attentions[*index],
+                                b,
+                                arena,
+                                asaved,
+                                dout_i,
+                                &dr,
+                                dctx,
+                            )?;
+                            dr
+                        }
+                        None => *dout_i,
+                    };
+                    blk.resnets[*index].backward(
+                        &gblk.resnets[*index],
+                        b,
+                        arena,
+                        res,
+                        &dres,
+                        dinp_i,
+                        temb,
+                        dtemb_opt,
+                    )?;
+                }
+                DownUnitSaved::Down { block, input, .. } => {
+                    let (d, gd) = (p.down[*block].downsampler.as_ref(), g.down[*block].downsampler.as_ref());
+                    let (d, gd) = (d.context("internal: downsampler")?, gd.context("internal: downsampler")?);
+                    d.conv.backward(&gd.conv, b, Some(dinp_i), dout_i, input)?;
+                }
+            }
+        }
+        p.conv_in.backward(&g.conv_in, b, dsample, &dskips[0], &s.sample)?;
+
+        // temb_act = SiLU(emb); emb = linear_2(SiLU(e1)); e1 = linear_1(t_emb).
+        let demb = zeros(b, arena, s.emb.shape)?;
+        b.activation_backward(&demb, &dtemb, &s.emb, Activation::Silu, s.emb.numel())?;
+        let de1s = zeros(b, arena, s.e1s.shape)?;
+        p.time_linear_2.backward(&g.time_linear_2, b, Some(&de1s), &demb, &s.e1s, batch)?;
+        let de1 = zeros(b, arena, s.e1.shape)?;
+        b.activation_backward(&de1, &de1s, &s.e1, Activation::Silu, s.e1.numel())?;
+        p.time_linear_1.backward(&g.time_linear_1, b, None, &de1, &s.t_emb, batch)?;
+        arena.release_all_to(mark);
+        Ok(())
+    }
+}
+
+/// One step of the U-Net's down path: a resnet (and its transformer) or a downsampler; each output
+/// is a skip connection.
+#[derive(Clone, Debug)]
+pub enum DownUnitSaved {
+    Res { block: usize, index: usize, res: ResnetSaved, attn: Option<Transformer2DSaved> },
+    Down { block: usize, input: Fmap, out: Fmap },
+}
+
+#[derive(Clone, Debug)]
+pub struct UpUnitSaved {
+    /// The hidden state before the concatenation with the skip.
+    pub hidden_in: Fmap,
+    /// Which skip (index into [conv_in output, down units' outputs...]) was concatenated.
+    pub skip_index: usize,
+    pub cat: Fmap,
+    pub res: ResnetSaved,
+    pub attn: Option<Transformer2DSaved>,
+}
+
+#[derive(Clone, Debug)]
+pub struct UpBlockSaved {
+    pub units: Vec<UpUnitSaved>,
+    /// (input, resized map, output) of the upsampler.
+    pub upsample: Option<(Fmap, Fmap, Fmap)>,
+}
+
+/// Everything the U-Net's backward pass reads.
+#[derive(Clone, Debug)]
+pub struct UNetSaved {
+    pub sample: Fmap,
+    pub context: Tensor,
+    pub ctx_len: usize,
+    pub t_emb: Tensor,
+    pub e1: Tensor,
+    pub e1s: Tensor,
+    pub emb: Tensor,
+    pub temb_act: Tensor,
+    pub conv_in_out: Fmap,
+    pub down: Vec<DownUnitSaved>,
+    pub mid: (ResnetSaved, Transformer2DSaved, ResnetSaved),
+    pub up: Vec<UpBlockSaved>,
+    pub norm_in: Fmap,
+    pub norm_out: crate::nn::GroupNormOut,
+    pub out: Fmap,
+    /// Block outputs, for locating a mismatch against diffusers.
+    pub probes: Probes,
 }

@@ -2,7 +2,7 @@
 //! `Transformer2DModel` (the U-Net's spatial transformer) and the VAE's single-head
 //! `Attention` with group norm and residual.
 
-use super::{add, Fmap, GroupNorm, LayerNorm, Linear};
+use super::{add, zeros, zeros_like, Fmap, GroupNorm, GroupNormOut, LayerNorm, LayerNormActs, Linear};
 use crate::backend::Backend;
 use crate::tensor::{Arena, Layout, Tensor};
 use anyhow::Result;
@@ -51,16 +51,94 @@ impl Attention {
         seq: usize,
         context: Option<(&Tensor, usize)>,
     ) -> Result<Tensor> {
+        Ok(self.forward_saved(b, arena, x, batch, seq, context)?.out)
+    }
+
+    pub fn forward_saved(
+        &self,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        x: &Tensor,
+        batch: usize,
+        seq: usize,
+        context: Option<(&Tensor, usize)>,
+    ) -> Result<AttentionSaved> {
         let (ctx, kv_len) = context.unwrap_or((x, seq));
         let q = self.to_q.apply(b, arena, x, batch * seq)?;
         let k = self.to_k.apply(b, arena, ctx, batch * kv_len)?;
         let v = self.to_v.apply(b, arena, ctx, batch * kv_len)?;
         let o = arena.alloc([batch * seq, self.heads * self.head_dim])?;
         let lse = arena.alloc([batch * seq, self.heads])?;
-        let scale = 1.0 / (self.head_dim as f32).sqrt();
-        b.attention_forward(&o, &lse, &q, &k, &v, batch, seq, kv_len, self.heads, self.head_dim, scale, false)?;
-        self.to_out.apply(b, arena, &o, batch * seq)
+        b.attention_forward(&o, &lse, &q, &k, &v, batch, seq, kv_len, self.heads, self.head_dim, self.scale(), false)?;
+        let out = self.to_out.apply(b, arena, &o, batch * seq)?;
+        Ok(AttentionSaved { x: *x, ctx: *ctx, batch, seq, kv_len, q, k, v, o, lse, out })
     }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    /// Accumulates into `g`, `dx` and (cross attention) `dctx`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        g: &Attention,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        s: &AttentionSaved,
+        dout: &Tensor,
+        dx: &Tensor,
+        dctx: Option<&Tensor>,
+    ) -> Result<()> {
+        let mark = arena.mark();
+        let (rows, kv_rows, inner) = (s.batch * s.seq, s.batch * s.kv_len, self.heads * self.head_dim);
+        let d_o = zeros(b, arena, [rows, inner])?;
+        self.to_out.backward(&g.to_out, b, Some(&d_o), dout, &s.o, rows)?;
+        let dq = zeros(b, arena, [rows, inner])?;
+        let dk = zeros(b, arena, [kv_rows, inner])?;
+        let dv = zeros(b, arena, [kv_rows, inner])?;
+        b.attention_backward(
+            &dq,
+            &dk,
+            &dv,
+            &d_o,
+            &s.q,
+            &s.k,
+            &s.v,
+            &s.o,
+            &s.lse,
+            s.batch,
+            s.seq,
+            s.kv_len,
+            self.heads,
+            self.head_dim,
+            self.scale(),
+            false,
+        )?;
+        self.to_q.backward(&g.to_q, b, Some(dx), &dq, &s.x, rows)?;
+        let dkv_in = dctx.unwrap_or(dx);
+        self.to_k.backward(&g.to_k, b, Some(dkv_in), &dk, &s.ctx, kv_rows)?;
+        self.to_v.backward(&g.to_v, b, Some(dkv_in), &dv, &s.ctx, kv_rows)?;
+        arena.release_all_to(mark);
+        Ok(())
+    }
+}
+
+/// What an attention layer's backward reads.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionSaved {
+    pub x: Tensor,
+    /// The keys' and values' source: the context for cross attention, else `x`.
+    pub ctx: Tensor,
+    pub batch: usize,
+    pub seq: usize,
+    pub kv_len: usize,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub lse: Tensor,
+    pub out: Tensor,
 }
 
 /// Self-attention, cross-attention and a GEGLU feed-forward, each pre-LN with a residual.
@@ -91,7 +169,7 @@ impl BasicTransformerBlock {
         }
     }
 
-    pub fn forward(
+    pub fn forward_saved(
         &self,
         b: &dyn Backend,
         arena: &mut Arena,
@@ -99,22 +177,80 @@ impl BasicTransformerBlock {
         batch: usize,
         seq: usize,
         context: (&Tensor, usize),
-    ) -> Result<Tensor> {
+    ) -> Result<BlockSaved> {
         let rows = batch * seq;
-        let n = self.norm1.apply(b, arena, x, rows)?;
-        let a = self.attn1.forward(b, arena, &n, batch, seq, None)?;
-        let x = add(b, arena, x, &a)?;
-        let n = self.norm2.apply(b, arena, &x, rows)?;
-        let a = self.attn2.forward(b, arena, &n, batch, seq, Some(context))?;
-        let x = add(b, arena, &x, &a)?;
-        let n = self.norm3.apply(b, arena, &x, rows)?;
-        let f = self.ff_proj.apply(b, arena, &n, rows)?;
+        let ln1 = self.norm1.apply(b, arena, x, rows)?;
+        let a1 = self.attn1.forward_saved(b, arena, &ln1.out, batch, seq, None)?;
+        let x1 = add(b, arena, x, &a1.out)?;
+        let ln2 = self.norm2.apply(b, arena, &x1, rows)?;
+        let a2 = self.attn2.forward_saved(b, arena, &ln2.out, batch, seq, Some(context))?;
+        let x2 = add(b, arena, &x1, &a2.out)?;
+        let ln3 = self.norm3.apply(b, arena, &x2, rows)?;
+        let f = self.ff_proj.apply(b, arena, &ln3.out, rows)?;
         let inner = self.ff_out.in_f;
         let g = arena.alloc([rows, inner])?;
         b.geglu_forward(&g, &f, rows, inner)?;
-        let f = self.ff_out.apply(b, arena, &g, rows)?;
-        add(b, arena, &x, &f)
+        let f2 = self.ff_out.apply(b, arena, &g, rows)?;
+        let out = add(b, arena, &x2, &f2)?;
+        Ok(BlockSaved { x: *x, rows, ln1, a1, x1, ln2, a2, x2, ln3, f, g, out })
     }
+
+    /// Accumulates into `gr`, `dx` and `dctx`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        gr: &BasicTransformerBlock,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        s: &BlockSaved,
+        dout: &Tensor,
+        dx: &Tensor,
+        dctx: &Tensor,
+    ) -> Result<()> {
+        let mark = arena.mark();
+        let (rows, d) = (s.rows, self.ff_out.out_f);
+        let inner = self.ff_out.in_f;
+        // out = x2 + ff(ln3(x2))
+        let dx2 = zeros(b, arena, [rows, d])?;
+        b.accumulate(&dx2, dout, rows * d)?;
+        let dg = zeros(b, arena, [rows, inner])?;
+        self.ff_out.backward(&gr.ff_out, b, Some(&dg), dout, &s.g, rows)?;
+        let df = zeros(b, arena, [rows, 2 * inner])?;
+        b.geglu_backward(&df, &dg, &s.f, rows, inner)?;
+        let dn3 = zeros(b, arena, [rows, d])?;
+        self.ff_proj.backward(&gr.ff_proj, b, Some(&dn3), &df, &s.ln3.out, rows)?;
+        self.norm3.backward(&gr.norm3, b, &dx2, &dn3, &s.x2, &s.ln3, rows)?;
+        // x2 = x1 + attn2(ln2(x1), ctx)
+        let dx1 = zeros(b, arena, [rows, d])?;
+        b.accumulate(&dx1, &dx2, rows * d)?;
+        let dn2 = zeros(b, arena, [rows, d])?;
+        self.attn2.backward(&gr.attn2, b, arena, &s.a2, &dx2, &dn2, Some(dctx))?;
+        self.norm2.backward(&gr.norm2, b, &dx1, &dn2, &s.x1, &s.ln2, rows)?;
+        // x1 = x + attn1(ln1(x))
+        b.accumulate(dx, &dx1, rows * d)?;
+        let dn1 = zeros(b, arena, [rows, d])?;
+        self.attn1.backward(&gr.attn1, b, arena, &s.a1, &dx1, &dn1, None)?;
+        self.norm1.backward(&gr.norm1, b, dx, &dn1, &s.x, &s.ln1, rows)?;
+        arena.release_all_to(mark);
+        Ok(())
+    }
+}
+
+/// What a transformer block's backward reads.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockSaved {
+    pub x: Tensor,
+    pub rows: usize,
+    pub ln1: LayerNormActs,
+    pub a1: AttentionSaved,
+    pub x1: Tensor,
+    pub ln2: LayerNormActs,
+    pub a2: AttentionSaved,
+    pub x2: Tensor,
+    pub ln3: LayerNormActs,
+    pub f: Tensor,
+    pub g: Tensor,
+    pub out: Tensor,
 }
 
 /// The U-Net's spatial transformer: group norm, projection in (1×1 conv, or linear with
@@ -169,19 +305,74 @@ impl Transformer2D {
 
     /// `context`: the text embeddings (batch · ctx_len, context_dim) and ctx_len.
     pub fn forward(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap, context: (&Tensor, usize)) -> Result<Fmap> {
+        Ok(self.forward_saved(b, arena, x, context)?.out)
+    }
+
+    pub fn forward_saved(
+        &self,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        x: &Fmap,
+        context: (&Tensor, usize),
+    ) -> Result<Transformer2DSaved> {
         let out = Fmap::alloc(arena, x.batch, x.h, x.w, x.c)?;
         let mark = arena.mark();
         let seq = x.h * x.w;
-        let n = self.norm.apply(b, arena, x, false)?;
-        let mut h = self.proj_in.apply(b, arena, &n.t, x.rows())?;
+        let norm = self.norm.apply_saved(b, arena, x, false)?;
+        let h0 = self.proj_in.apply(b, arena, &norm.out.t, x.rows())?;
+        let mut h = h0;
+        let mut blocks = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            h = block.forward(b, arena, &h, x.batch, seq, context)?;
+            let s = block.forward_saved(b, arena, &h, x.batch, seq, context)?;
+            h = s.out;
+            blocks.push(s);
         }
         let p = self.proj_out.apply(b, arena, &h, x.rows())?;
         b.add_forward(&out.t, &p, &x.t, out.numel())?;
         arena.release(mark);
-        Ok(out)
+        Ok(Transformer2DSaved { x: *x, norm, h0, blocks, h_last: h, out })
     }
+
+    /// Accumulates into `g`, `dx` and `dctx` (batch · ctx_len, context_dim).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        g: &Transformer2D,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        s: &Transformer2DSaved,
+        dout: &Fmap,
+        dx: &Fmap,
+        dctx: &Tensor,
+    ) -> Result<()> {
+        let mark = arena.mark();
+        let rows = s.x.rows();
+        let inner = self.proj_in.out_f;
+        b.accumulate(&dx.t, &dout.t, dx.numel())?;
+        let mut dh = zeros(b, arena, [rows, inner])?;
+        self.proj_out.backward(&g.proj_out, b, Some(&dh), &dout.t, &s.h_last, rows)?;
+        for ((block, gb), bs) in self.blocks.iter().zip(&g.blocks).zip(&s.blocks).rev() {
+            let dprev = zeros(b, arena, [rows, inner])?;
+            block.backward(gb, b, arena, bs, &dh, &dprev, dctx)?;
+            dh = dprev;
+        }
+        let dn = zeros_like(b, arena, &s.norm.out)?;
+        self.proj_in.backward(&g.proj_in, b, Some(&dn.t), &dh, &s.norm.out.t, rows)?;
+        self.norm.backward(&g.norm, b, dx, &dn, &s.x, &s.norm)?;
+        arena.release_all_to(mark);
+        Ok(())
+    }
+}
+
+/// What a spatial transformer's backward reads.
+#[derive(Clone, Debug)]
+pub struct Transformer2DSaved {
+    pub x: Fmap,
+    pub norm: GroupNormOut,
+    pub h0: Tensor,
+    pub blocks: Vec<BlockSaved>,
+    pub h_last: Tensor,
+    pub out: Fmap,
 }
 
 /// The VAE's mid-block attention: group norm, one head over all h·w positions with q/k/v biases,

@@ -116,18 +116,45 @@ impl Linear {
         let t = self.apply(b, arena, &x.t, x.rows())?;
         Ok(Fmap { t, c: self.out_f, ..*x })
     }
+
+    /// Accumulates this layer's gradients into `g` (the same layer laid out in the gradient pool)
+    /// and, if given, the input gradient into `dinp`.
+    pub fn backward(
+        &self,
+        g: &Linear,
+        b: &dyn Backend,
+        dinp: Option<&Tensor>,
+        dout: &Tensor,
+        inp: &Tensor,
+        rows: usize,
+    ) -> Result<()> {
+        b.linear_backward(dinp, &g.weight, g.bias.as_ref(), dout, inp, &self.weight, rows, self.in_f, self.out_f)
+    }
 }
 
 impl LayerNorm {
-    /// As `forward`, with output and statistics taken from the arena; returns the output.
-    pub fn apply(&self, b: &dyn Backend, arena: &mut Arena, inp: &Tensor, rows: usize) -> Result<Tensor> {
+    /// As `forward`, with output and statistics taken from the arena.
+    pub fn apply(&self, b: &dyn Backend, arena: &mut Arena, inp: &Tensor, rows: usize) -> Result<LayerNormActs> {
         let acts = LayerNormActs {
             out: arena.alloc([rows, self.dim])?,
             mean: arena.alloc([rows])?,
             rstd: arena.alloc([rows])?,
         };
         self.forward(b, &acts, inp, rows)?;
-        Ok(acts.out)
+        Ok(acts)
+    }
+
+    pub fn backward(
+        &self,
+        g: &LayerNorm,
+        b: &dyn Backend,
+        dinp: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        acts: &LayerNormActs,
+        rows: usize,
+    ) -> Result<()> {
+        b.layer_norm_backward(dinp, &g.weight, &g.bias, dout, inp, &self.weight, &acts.mean, &acts.rstd, rows, self.dim)
     }
 }
 
@@ -184,6 +211,26 @@ impl Conv2d {
         )?;
         Ok(out)
     }
+
+    /// `dout` is the gradient of this layer's output for input `x`; accumulates into `g` and `dx`.
+    pub fn backward(&self, g: &Conv2d, b: &dyn Backend, dx: Option<&Fmap>, dout: &Fmap, x: &Fmap) -> Result<()> {
+        b.conv2d_backward(
+            dx.map(|d| &d.t),
+            &g.weight,
+            g.bias.as_ref(),
+            &dout.t,
+            &x.t,
+            &self.weight,
+            x.batch,
+            x.h,
+            x.w,
+            self.c_in,
+            self.c_out,
+            self.kernel,
+            self.stride,
+            self.pad,
+        )
+    }
 }
 
 /// `torch.nn.GroupNorm` (affine) on channels-last maps.
@@ -205,6 +252,38 @@ impl GroupNorm {
 
     /// Normalises `x`, then applies SiLU when `silu` (the resnet's norm → act pair).
     pub fn apply(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap, silu: bool) -> Result<Fmap> {
+        Ok(self.apply_saved(b, arena, x, silu)?.out)
+    }
+
+    pub fn backward(
+        &self,
+        g: &GroupNorm,
+        b: &dyn Backend,
+        dx: &Fmap,
+        dout: &Fmap,
+        x: &Fmap,
+        saved: &GroupNormOut,
+    ) -> Result<()> {
+        b.group_norm_backward(
+            &dx.t,
+            &g.weight,
+            &g.bias,
+            &dout.t,
+            &x.t,
+            &self.weight,
+            &self.bias,
+            &saved.mean,
+            &saved.rstd,
+            x.batch,
+            x.h * x.w,
+            x.c,
+            self.groups,
+            saved.silu,
+        )
+    }
+
+    /// As `apply`, returning the statistics the backward pass needs too.
+    pub fn apply_saved(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap, silu: bool) -> Result<GroupNormOut> {
         let out = Fmap::alloc(arena, x.batch, x.h, x.w, x.c)?;
         let mean = arena.alloc([x.batch, self.groups])?;
         let rstd = arena.alloc([x.batch, self.groups])?;
@@ -222,8 +301,29 @@ impl GroupNorm {
             self.eps,
             silu,
         )?;
-        Ok(out)
+        Ok(GroupNormOut { out, mean, rstd, silu })
     }
+}
+
+/// A group norm's output and saved statistics.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupNormOut {
+    pub out: Fmap,
+    pub mean: Tensor,
+    pub rstd: Tensor,
+    pub silu: bool,
+}
+
+/// A zeroed arena tensor (gradient buffers: backward passes accumulate).
+pub fn zeros(b: &dyn Backend, arena: &mut Arena, shape: impl Into<crate::tensor::Shape>) -> Result<Tensor> {
+    let t = arena.alloc(shape)?;
+    b.zero(&t)?;
+    Ok(t)
+}
+
+/// A zeroed feature map shaped like `like`.
+pub fn zeros_like(b: &dyn Backend, arena: &mut Arena, like: &Fmap) -> Result<Fmap> {
+    Ok(Fmap { t: zeros(b, arena, like.t.shape)?, ..*like })
 }
 
 /// out = a + b as a new arena tensor.

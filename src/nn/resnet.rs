@@ -1,6 +1,6 @@
 //! diffusers' `ResnetBlock2D` (time_embedding_norm "default", output_scale_factor 1, no up/down).
 
-use super::{Conv2d, Fmap, GroupNorm, Linear};
+use super::{zeros, zeros_like, Conv2d, Fmap, GroupNorm, GroupNormOut, Linear};
 use crate::backend::Backend;
 use crate::tensor::{Arena, Layout, Tensor};
 use anyhow::Result;
@@ -39,26 +39,87 @@ impl ResnetBlock2D {
     }
 
     /// `temb_act` is SiLU(time embedding), (batch, temb_channels), shared by every resnet.
-    /// The output is allocated before the block's temporaries, which are released on return.
+    /// The output is allocated before the block's temporaries, which are released on return
+    /// (kept when the arena keeps, for the backward pass).
     pub fn forward(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap, temb_act: Option<&Tensor>) -> Result<Fmap> {
+        Ok(self.forward_saved(b, arena, x, temb_act)?.out)
+    }
+
+    pub fn forward_saved(
+        &self,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        x: &Fmap,
+        temb_act: Option<&Tensor>,
+    ) -> Result<ResnetSaved> {
         let out = Fmap::alloc(arena, x.batch, x.h, x.w, self.conv2.c_out)?;
         let mark = arena.mark();
-        let h = self.norm1.apply(b, arena, x, true)?;
-        let mut h = self.conv1.apply(b, arena, &h)?;
+        let n1 = self.norm1.apply_saved(b, arena, x, true)?;
+        let h1 = self.conv1.apply(b, arena, &n1.out)?;
+        let mut h1t = h1;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb_act) {
             let t = proj.apply(b, arena, temb, x.batch)?;
-            let ht = Fmap::alloc(arena, h.batch, h.h, h.w, h.c)?;
-            b.add_bias_rows_forward(&ht.t, &h.t, &t, h.batch, h.h * h.w, h.c)?;
-            h = ht;
+            h1t = Fmap::alloc(arena, h1.batch, h1.h, h1.w, h1.c)?;
+            b.add_bias_rows_forward(&h1t.t, &h1.t, &t, h1.batch, h1.h * h1.w, h1.c)?;
         }
-        let h = self.norm2.apply(b, arena, &h, true)?;
-        let h = self.conv2.apply(b, arena, &h)?;
+        let n2 = self.norm2.apply_saved(b, arena, &h1t, true)?;
+        let h2 = self.conv2.apply(b, arena, &n2.out)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.apply(b, arena, x)?,
             None => *x,
         };
-        b.add_forward(&out.t, &shortcut.t, &h.t, out.numel())?;
+        b.add_forward(&out.t, &shortcut.t, &h2.t, out.numel())?;
         arena.release(mark);
-        Ok(out)
+        Ok(ResnetSaved { x: *x, n1, h1, h1t, n2, out })
     }
+
+    /// Accumulates parameter gradients into `g`, the input gradient into `dx` and the gradient of
+    /// SiLU(time embedding) into `dtemb_act`. Temporaries are released on return.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        g: &ResnetBlock2D,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        s: &ResnetSaved,
+        dout: &Fmap,
+        dx: &Fmap,
+        temb_act: Option<&Tensor>,
+        dtemb_act: Option<&Tensor>,
+    ) -> Result<()> {
+        let mark = arena.mark();
+        match (&self.conv_shortcut, &g.conv_shortcut) {
+            (Some(c), Some(gc)) => c.backward(gc, b, Some(dx), dout, &s.x)?,
+            _ => b.accumulate(&dx.t, &dout.t, dx.numel())?,
+        }
+        let dn2 = zeros_like(b, arena, &s.n2.out)?;
+        self.conv2.backward(&g.conv2, b, Some(&dn2), dout, &s.n2.out)?;
+        let dh1 = zeros_like(b, arena, &s.h1t)?;
+        self.norm2.backward(&g.norm2, b, &dh1, &dn2, &s.h1t, &s.n2)?;
+        if let (Some(proj), Some(gproj), Some(temb), Some(dtemb)) =
+            (&self.time_emb_proj, &g.time_emb_proj, temb_act, dtemb_act)
+        {
+            // h1t = h1 + proj(temb)[b]: h1 receives dh1 unchanged; the projection the row sums.
+            let dt = zeros(b, arena, [s.x.batch, proj.out_f])?;
+            b.add_bias_rows_backward(&dt, &dh1.t, s.x.batch, s.h1.h * s.h1.w, s.h1.c)?;
+            proj.backward(gproj, b, Some(dtemb), &dt, temb, s.x.batch)?;
+        }
+        let dn1 = zeros_like(b, arena, &s.n1.out)?;
+        self.conv1.backward(&g.conv1, b, Some(&dn1), &dh1, &s.n1.out)?;
+        self.norm1.backward(&g.norm1, b, dx, &dn1, &s.x, &s.n1)?;
+        arena.release_all_to(mark);
+        Ok(())
+    }
+}
+
+/// What a resnet's backward pass reads (valid while the forward arena keeps its tensors).
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetSaved {
+    pub x: Fmap,
+    pub n1: GroupNormOut,
+    pub h1: Fmap,
+    /// h1 plus the projected time embedding (h1 itself without one).
+    pub h1t: Fmap,
+    pub n2: GroupNormOut,
+    pub out: Fmap,
 }

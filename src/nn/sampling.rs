@@ -38,9 +38,41 @@ impl Upsample2D {
     /// its total downscale, as diffusers' `upsample_size`), else to twice the size. The resized
     /// map stays on the arena until the caller's enclosing release.
     pub fn forward(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap, size: Option<(usize, usize)>) -> Result<Fmap> {
+        Ok(self.forward_saved(b, arena, x, size)?.1)
+    }
+
+    /// Returns (the resized map, the output).
+    pub fn forward_saved(
+        &self,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        x: &Fmap,
+        size: Option<(usize, usize)>,
+    ) -> Result<(Fmap, Fmap)> {
         let (oh, ow) = size.unwrap_or((2 * x.h, 2 * x.w));
         let up = Fmap::alloc(arena, x.batch, oh, ow, x.c)?;
         b.upsample_nearest_forward(&up.t, &x.t, x.batch, x.h, x.w, oh, ow, x.c)?;
-        self.conv.apply(b, arena, &up)
+        let out = self.conv.apply(b, arena, &up)?;
+        Ok((up, out))
+    }
+
+    /// Accumulates into `g` and `dx`, given the input `x` and the resized map `up` of the forward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        g: &Upsample2D,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        x: &Fmap,
+        up: &Fmap,
+        dout: &Fmap,
+        dx: &Fmap,
+    ) -> Result<()> {
+        let mark = arena.mark();
+        let dup = super::zeros_like(b, arena, up)?;
+        self.conv.backward(&g.conv, b, Some(&dup), dout, up)?;
+        b.upsample_nearest_backward(&dx.t, &dup.t, x.batch, x.h, x.w, up.h, up.w, x.c)?;
+        arena.release_all_to(mark);
+        Ok(())
     }
 }

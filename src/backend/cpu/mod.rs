@@ -1,6 +1,7 @@
 //! The CPU reference backend: f32 everywhere, plain loops a reader can check against the paper or
 //! PyTorch, rayon for threads, and matrix products through `matrixmultiply` (see `gemm.rs`).
 
+mod backward;
 pub mod gemm;
 
 use super::{Activation, Backend};
@@ -51,6 +52,20 @@ impl CpuBackend {
         let p = self.pool(t);
         // SAFETY: as in `view`; callers obtain it only through `views`, which rejects overlap.
         unsafe { std::slice::from_raw_parts_mut(p.ptr.add(t.offset), t.numel()) }
+    }
+
+    /// As `views`, for a variable number of outputs (optional gradients): checks that no output
+    /// overlaps another output or any input, then returns the outputs' mutable views.
+    fn outs_checked(&self, outs: &[&Tensor], ins: &[&Tensor]) -> Vec<&mut [f32]> {
+        for (i, o) in outs.iter().enumerate() {
+            for o2 in &outs[i + 1..] {
+                assert!(!o.overlaps(o2), "output tensors overlap: {o:?} and {o2:?}");
+            }
+            for x in ins {
+                assert!(!o.overlaps(x), "output {o:?} overlaps input {x:?}");
+            }
+        }
+        outs.iter().map(|t| self.view_mut(t)).collect()
     }
 
     /// Mutable views of `outs` and shared views of `ins`, after checking that no output overlaps
@@ -517,6 +532,305 @@ impl Backend for CpuBackend {
                 o[i] = x[i] * gelu(x[inner + i]);
             }
         });
+        Ok(())
+    }
+
+    fn zero(&self, t: &Tensor) -> Result<()> {
+        let ([o], []) = self.views([t], []);
+        o.par_iter_mut().for_each(|x| *x = 0.0);
+        Ok(())
+    }
+
+    fn accumulate(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
+        check_len("accumulate dst", dst, n)?;
+        check_len("accumulate src", src, n)?;
+        let ([d], [x]) = self.views([dst], [src]);
+        d[..n].par_iter_mut().zip(x[..n].par_iter()).for_each(|(d, x)| *d += x);
+        Ok(())
+    }
+
+    fn scale(&self, t: &Tensor, s: f32, n: usize) -> Result<()> {
+        check_len("scale", t, n)?;
+        let ([o], []) = self.views([t], []);
+        o[..n].par_iter_mut().for_each(|x| *x *= s);
+        Ok(())
+    }
+
+    fn linear_backward(
+        &self,
+        dinp: Option<&Tensor>,
+        dweight: &Tensor,
+        dbias: Option<&Tensor>,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()> {
+        check_len("linear_backward dout", dout, rows * out_f)?;
+        check_len("linear_backward inp", inp, rows * in_f)?;
+        check_len("linear_backward dweight", dweight, out_f * in_f)?;
+        let mut outs: Vec<&Tensor> = vec![dweight];
+        outs.extend(dinp);
+        outs.extend(dbias);
+        let mut v = self.outs_checked(&outs, &[dout, inp, weight]).into_iter();
+        let dw = v.next().unwrap();
+        let di = dinp.map(|_| v.next().unwrap());
+        let db = dbias.map(|_| v.next().unwrap());
+        backward::linear(di, dw, db, self.view(dout), self.view(inp), self.view(weight), rows, in_f, out_f);
+        Ok(())
+    }
+
+    fn layer_norm_backward(
+        &self,
+        dinp: &Tensor,
+        dweight: &Tensor,
+        dbias: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check_len("layer_norm_backward dinp", dinp, rows * cols)?;
+        let ([di, dw, db], [dy, x, w, m, r]) = self.views([dinp, dweight, dbias], [dout, inp, weight, mean, rstd]);
+        backward::layer_norm(di, dw, db, dy, x, w, m, r, rows, cols);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dq: &Tensor,
+        dk: &Tensor,
+        dv: &Tensor,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Result<()> {
+        let w = heads * head_dim;
+        check_len("attention_backward dq", dq, batch * q_len * w)?;
+        check_len("attention_backward dk", dk, batch * kv_len * w)?;
+        check_len("attention_backward dv", dv, batch * kv_len * w)?;
+        let ([dqs, dks, dvs], [dy, q, k, v, o, l]) = self.views([dq, dk, dv], [dout, q, k, v, out, lse]);
+        let p = |s: &mut [f32]| backward::SharedMut(s.as_mut_ptr());
+        backward::attention(
+            p(dqs),
+            p(dks),
+            p(dvs),
+            dy,
+            q,
+            k,
+            v,
+            o,
+            l,
+            batch,
+            q_len,
+            kv_len,
+            heads,
+            head_dim,
+            scale,
+            causal,
+        );
+        Ok(())
+    }
+
+    fn activation_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
+        check_len("activation_backward", dinp, n)?;
+        let ([di], [dy, x]) = self.views([dinp], [dout, inp]);
+        backward::activation(di, dy, x, act, n);
+        Ok(())
+    }
+
+    fn conv2d_backward(
+        &self,
+        dinp: Option<&Tensor>,
+        dweight: &Tensor,
+        dbias: Option<&Tensor>,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        batch: usize,
+        h: usize,
+        w: usize,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: [usize; 4],
+    ) -> Result<()> {
+        check_len("conv2d_backward dweight", dweight, c_out * c_in * kernel * kernel)?;
+        check_len("conv2d_backward inp", inp, batch * h * w * c_in)?;
+        let mut outs: Vec<&Tensor> = vec![dweight];
+        outs.extend(dinp);
+        outs.extend(dbias);
+        let mut it = self.outs_checked(&outs, &[dout, inp, weight]).into_iter();
+        let dw = it.next().unwrap();
+        let di = dinp.map(|_| it.next().unwrap());
+        let db = dbias.map(|_| it.next().unwrap());
+        backward::conv2d(
+            di,
+            dw,
+            db,
+            self.view(dout),
+            self.view(inp),
+            self.view(weight),
+            batch,
+            h,
+            w,
+            c_in,
+            c_out,
+            kernel,
+            stride,
+            pad,
+        );
+        Ok(())
+    }
+
+    fn group_norm_backward(
+        &self,
+        dinp: &Tensor,
+        dweight: &Tensor,
+        dbias: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        batch: usize,
+        hw: usize,
+        c: usize,
+        groups: usize,
+        silu_after: bool,
+    ) -> Result<()> {
+        check_len("group_norm_backward dinp", dinp, batch * hw * c)?;
+        let ([di, dw, db], [dy, x, w, bi, m, r]) =
+            self.views([dinp, dweight, dbias], [dout, inp, weight, bias, mean, rstd]);
+        backward::group_norm(di, dw, db, dy, x, w, bi, m, r, batch, hw, c, groups, silu_after);
+        Ok(())
+    }
+
+    fn upsample_nearest_backward(
+        &self,
+        dinp: &Tensor,
+        dout: &Tensor,
+        batch: usize,
+        ih: usize,
+        iw: usize,
+        oh: usize,
+        ow: usize,
+        c: usize,
+    ) -> Result<()> {
+        check_len("upsample_backward dinp", dinp, batch * ih * iw * c)?;
+        check_len("upsample_backward dout", dout, batch * oh * ow * c)?;
+        let ([di], [dy]) = self.views([dinp], [dout]);
+        backward::upsample_nearest(di, dy, batch, ih, iw, oh, ow, c);
+        Ok(())
+    }
+
+    fn add_bias_rows_backward(&self, dbias: &Tensor, dout: &Tensor, batch: usize, rows: usize, c: usize) -> Result<()> {
+        check_len("add_bias_rows_backward dbias", dbias, batch * c)?;
+        let ([db], [dy]) = self.views([dbias], [dout]);
+        db[..batch * c].par_chunks_mut(c).enumerate().for_each(|(b, db)| {
+            for (ch, d) in db.iter_mut().enumerate() {
+                let s: f64 = (0..rows).map(|r| dy[(b * rows + r) * c + ch] as f64).sum();
+                *d += s as f32;
+            }
+        });
+        Ok(())
+    }
+
+    fn concat_channels_backward(
+        &self,
+        da: &Tensor,
+        db: &Tensor,
+        dout: &Tensor,
+        rows: usize,
+        ca: usize,
+        cb: usize,
+    ) -> Result<()> {
+        check_len("concat_backward da", da, rows * ca)?;
+        check_len("concat_backward db", db, rows * cb)?;
+        let ([a, b], [dy]) = self.views([da, db], [dout]);
+        a[..rows * ca].par_chunks_mut(ca).zip(b[..rows * cb].par_chunks_mut(cb)).enumerate().for_each(|(r, (a, b))| {
+            let g = &dy[r * (ca + cb)..(r + 1) * (ca + cb)];
+            a.iter_mut().zip(&g[..ca]).for_each(|(x, y)| *x += y);
+            b.iter_mut().zip(&g[ca..]).for_each(|(x, y)| *x += y);
+        });
+        Ok(())
+    }
+
+    fn geglu_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()> {
+        check_len("geglu_backward dinp", dinp, rows * 2 * inner)?;
+        let ([di], [dy, x]) = self.views([dinp], [dout, inp]);
+        backward::geglu(di, dy, x, rows, inner);
+        Ok(())
+    }
+
+    fn embedding_backward(
+        &self,
+        dwte: &Tensor,
+        dwpe: &Tensor,
+        dout: &Tensor,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        dim: usize,
+    ) -> Result<()> {
+        let ([te, pe], [dy]) = self.views([dwte, dwpe], [dout]);
+        // Serial over rows: the same token id may appear in several rows.
+        for row in 0..batch * seq {
+            let (id, t) = (ids[row] as usize, row % seq);
+            let g = &dy[row * dim..(row + 1) * dim];
+            te[id * dim..(id + 1) * dim].iter_mut().zip(g).for_each(|(x, y)| *x += y);
+            pe[t * dim..(t + 1) * dim].iter_mut().zip(g).for_each(|(x, y)| *x += y);
+        }
+        Ok(())
+    }
+
+    fn mse_loss(&self, dpred: &Tensor, loss: &Tensor, pred: &Tensor, target: &Tensor, n: usize) -> Result<()> {
+        check_len("mse dpred", dpred, n)?;
+        let ([d, l], [p, t]) = self.views([dpred, loss], [pred, target]);
+        l[0] = backward::mse(d, p, t, n);
+        Ok(())
+    }
+
+    fn sum_squares(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()> {
+        let ([o], [x]) = self.views([out], [x]);
+        o[0] = x[..n].par_iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() as f32;
+        Ok(())
+    }
+
+    fn adamw_step(
+        &self,
+        param: &Tensor,
+        grad: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        n: usize,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        step: usize,
+    ) -> Result<()> {
+        ensure!(step >= 1, "adamw: step counts from 1");
+        let ([p, mm, vv], [g]) = self.views([param, m, v], [grad]);
+        backward::adamw(&mut p[..n], &g[..n], &mut mm[..n], &mut vv[..n], lr, beta1, beta2, eps, weight_decay, step);
         Ok(())
     }
 }

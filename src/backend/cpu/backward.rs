@@ -1,0 +1,452 @@
+//! Backward passes of the CPU reference, on slices. Every function ACCUMULATES into the gradients it
+//! is given (see the `Backend` trait). Statistics are recomputed in f64 where forward did.
+
+use super::gelu;
+use super::gemm::{self, Mat};
+use crate::backend::Activation;
+use rayon::prelude::*;
+
+/// A pointer shared by tasks that write disjoint elements (each task owns a set of (batch, head)
+/// columns of a strided tensor, which slices cannot express).
+#[derive(Clone, Copy)]
+pub(super) struct SharedMut(pub *mut f32);
+// SAFETY: only used where each task writes a disjoint set of elements (documented at each use).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Through a method, so closures capture the Send + Sync wrapper and not the bare pointer.
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: offsets stay within the tensor (checked by the caller's length checks).
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// dinp += dout · W; dweight += doutᵀ · inp; dbias += Σ_rows dout.
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    dinp: Option<&mut [f32]>,
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    rows: usize,
+    in_f: usize,
+    out_f: usize,
+) {
+    if let Some(di) = dinp {
+        let a = Mat { data: dout, row_stride: out_f, col_stride: 1 };
+        let b = Mat { data: weight, row_stride: in_f, col_stride: 1 };
+        gemm::sgemm_par(rows, out_f, in_f, a, b, &mut di[..rows * in_f], 1.0);
+    }
+    let a = Mat { data: dout, row_stride: 1, col_stride: out_f }; // doutᵀ (out_f × rows)
+    let b = Mat { data: inp, row_stride: in_f, col_stride: 1 };
+    gemm::sgemm_par(out_f, rows, in_f, a, b, &mut dweight[..out_f * in_f], 1.0);
+    if let Some(db) = dbias {
+        column_sums_into(db, dout, rows, out_f);
+    }
+}
+
+/// db[c] += Σ_r x[r, c], in f64.
+fn column_sums_into(db: &mut [f32], x: &[f32], rows: usize, cols: usize) {
+    db[..cols].par_iter_mut().enumerate().for_each(|(c, d)| {
+        let s: f64 = (0..rows).map(|r| x[r * cols + c] as f64).sum();
+        *d += s as f32;
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm(
+    dinp: &mut [f32],
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    rows: usize,
+    cols: usize,
+) {
+    dinp[..rows * cols].par_chunks_mut(cols).enumerate().for_each(|(r, di)| {
+        let (x, dy) = (&inp[r * cols..(r + 1) * cols], &dout[r * cols..(r + 1) * cols]);
+        let (mu, rs) = (mean[r] as f64, rstd[r] as f64);
+        let (mut m1, mut m2) = (0f64, 0f64);
+        for c in 0..cols {
+            let xhat = (x[c] as f64 - mu) * rs;
+            let g = dy[c] as f64 * weight[c] as f64;
+            m1 += g;
+            m2 += g * xhat;
+        }
+        m1 /= cols as f64;
+        m2 /= cols as f64;
+        for c in 0..cols {
+            let xhat = (x[c] as f64 - mu) * rs;
+            let g = dy[c] as f64 * weight[c] as f64;
+            di[c] += ((g - m1 - xhat * m2) * rs) as f32;
+        }
+    });
+    dweight[..cols].par_iter_mut().zip(dbias[..cols].par_iter_mut()).enumerate().for_each(|(c, (dw, db))| {
+        let (mut sw, mut sb) = (0f64, 0f64);
+        for r in 0..rows {
+            let xhat = (inp[r * cols + c] as f64 - mean[r] as f64) * rstd[r] as f64;
+            sw += dout[r * cols + c] as f64 * xhat;
+            sb += dout[r * cols + c] as f64;
+        }
+        *dw += sw as f32;
+        *db += sb as f32;
+    });
+}
+
+/// Attention backward per (batch, head), softmax rows recomputed from the saved log-sum-exp.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    dq: SharedMut,
+    dk: SharedMut,
+    dv: SharedMut,
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    batch: usize,
+    q_len: usize,
+    kv_len: usize,
+    heads: usize,
+    hd: usize,
+    scale: f32,
+    causal: bool,
+) {
+    let w = heads * hd;
+    (0..batch * heads).into_par_iter().for_each(|bh| {
+        let (b, h) = (bh / heads, bh % heads);
+        let mut p = vec![0f32; kv_len];
+        let mut dp = vec![0f32; kv_len];
+        for i in 0..q_len {
+            let row = b * q_len + i;
+            let keys = if causal { i + 1 } else { kv_len };
+            let qi = &q[row * w + h * hd..][..hd];
+            let doi = &dout[row * w + h * hd..][..hd];
+            let oi = &out[row * w + h * hd..][..hd];
+            let l = lse[row * heads + h];
+            // D_i = dO_i · O_i = Σ_j P_ij dP_ij
+            let d: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
+            for j in 0..keys {
+                let kj = &k[(b * kv_len + j) * w + h * hd..][..hd];
+                let vj = &v[(b * kv_len + j) * w + h * hd..][..hd];
+                let s: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                p[j] = (s - l).exp();
+                dp[j] = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
+            }
+            // SAFETY: this task is the only writer of head h of batch b in dq, dk and dv.
+            unsafe {
+                let dqi = std::slice::from_raw_parts_mut(dq.at(row * w + h * hd), hd);
+                for j in 0..keys {
+                    let ds = p[j] * (dp[j] - d) * scale;
+                    let base = (b * kv_len + j) * w + h * hd;
+                    let kj = &k[base..][..hd];
+                    let dkj = std::slice::from_raw_parts_mut(dk.at(base), hd);
+                    let dvj = std::slice::from_raw_parts_mut(dv.at(base), hd);
+                    for t in 0..hd {
+                        dqi[t] += ds * kj[t];
+                        dkj[t] += ds * qi[t];
+                        dvj[t] += p[j] * doi[t];
+                    }
+                }
+            }
+        }
+    });
+}
+
+pub fn activation(dinp: &mut [f32], dout: &[f32], inp: &[f32], act: Activation, n: usize) {
+    let d: fn(f32) -> f32 = match act {
+        Activation::QuickGelu => |x| {
+            let s = 1.0 / (1.0 + (-1.702 * x).exp());
+            s + x * 1.702 * s * (1.0 - s)
+        },
+        Activation::Gelu => |x| {
+            let x = x as f64;
+            let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+            let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            (cdf + x * pdf) as f32
+        },
+        Activation::GeluTanh => |x| {
+            let x = x as f64;
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let u = c * (x + 0.044715 * x * x * x);
+            let t = u.tanh();
+            (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)) as f32
+        },
+        Activation::Silu => |x| {
+            let s = 1.0 / (1.0 + (-x).exp());
+            s * (1.0 + x * (1.0 - s))
+        },
+    };
+    dinp[..n].par_iter_mut().zip(dout[..n].par_iter().zip(inp[..n].par_iter())).for_each(|(di, (&g, &x))| {
+        *di += g * d(x);
+    });
+}
+
+/// Gathers the (c_in, ky, kx)-ordered patches of `n` output pixels starting at pixel `r0`.
+#[allow(clippy::too_many_arguments)]
+fn im2col(
+    patch: &mut [f32],
+    x: &[f32],
+    r0: usize,
+    n: usize,
+    h: usize,
+    w: usize,
+    c_in: usize,
+    kernel: usize,
+    stride: usize,
+    pad: [usize; 4],
+    oh: usize,
+    ow: usize,
+) {
+    let k = c_in * kernel * kernel;
+    patch[..n * k].par_chunks_mut(k).enumerate().for_each(|(r, p)| {
+        let (b, rem) = ((r0 + r) / (oh * ow), (r0 + r) % (oh * ow));
+        let (oy, ox) = (rem / ow, rem % ow);
+        for ky in 0..kernel {
+            let iy = (oy * stride + ky) as isize - pad[0] as isize;
+            for kx in 0..kernel {
+                let ix = (ox * stride + kx) as isize - pad[2] as isize;
+                let inside = iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w;
+                let base = if inside { ((b * h + iy as usize) * w + ix as usize) * c_in } else { 0 };
+                for ci in 0..c_in {
+                    p[ci * kernel * kernel + ky * kernel + kx] = if inside { x[base + ci] } else { 0.0 };
+                }
+            }
+        }
+    });
+}
+
+/// Conv backward by tiles of output pixels: dW += doutᵀ·patches, dpatches = dout·W scattered back
+/// (col2im) into dinp, db += Σ dout. Tiles run in order (their input windows overlap); the products
+/// inside a tile are parallel.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d(
+    mut dinp: Option<&mut [f32]>,
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    batch: usize,
+    h: usize,
+    w: usize,
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    stride: usize,
+    pad: [usize; 4],
+) {
+    let oh = (h + pad[0] + pad[1] - kernel) / stride + 1;
+    let ow = (w + pad[2] + pad[3] - kernel) / stride + 1;
+    let rows = batch * oh * ow;
+    let k = c_in * kernel * kernel;
+    if let Some(db) = dbias {
+        column_sums_into(db, dout, rows, c_out);
+    }
+    if kernel == 1 && stride == 1 && pad == [0; 4] {
+        linear(dinp, dweight, None, dout, inp, weight, rows, c_in, c_out);
+        return;
+    }
+    const TILE: usize = 1024;
+    let mut patch = vec![0f32; TILE.min(rows) * k];
+    for r0 in (0..rows).step_by(TILE) {
+        let n = TILE.min(rows - r0);
+        let dt = &dout[r0 * c_out..(r0 + n) * c_out];
+        im2col(&mut patch, inp, r0, n, h, w, c_in, kernel, stride, pad, oh, ow);
+        let a = Mat { data: dt, row_stride: 1, col_stride: c_out }; // doutᵀ tile (c_out × n)
+        let b = Mat { data: &patch, row_stride: k, col_stride: 1 };
+        gemm::sgemm_par(c_out, n, k, a, b, &mut dweight[..c_out * k], 1.0);
+        if let Some(di) = dinp.as_deref_mut() {
+            let a = Mat { data: dt, row_stride: c_out, col_stride: 1 };
+            let b = Mat { data: weight, row_stride: k, col_stride: 1 };
+            gemm::sgemm_par(n, c_out, k, a, b, &mut patch[..n * k], 0.0);
+            for r in 0..n {
+                let (bb, rem) = ((r0 + r) / (oh * ow), (r0 + r) % (oh * ow));
+                let (oy, ox) = (rem / ow, rem % ow);
+                let p = &patch[r * k..(r + 1) * k];
+                for ky in 0..kernel {
+                    let iy = (oy * stride + ky) as isize - pad[0] as isize;
+                    if iy < 0 || iy as usize >= h {
+                        continue;
+                    }
+                    for kx in 0..kernel {
+                        let ix = (ox * stride + kx) as isize - pad[2] as isize;
+                        if ix < 0 || ix as usize >= w {
+                            continue;
+                        }
+                        let base = ((bb * h + iy as usize) * w + ix as usize) * c_in;
+                        let kk = ky * kernel + kx;
+                        for ci in 0..c_in {
+                            di[base + ci] += p[ci * kernel * kernel + kk];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Group norm (+ SiLU) backward: per (batch, group) reductions, then per element.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm(
+    dinp: &mut [f32],
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    batch: usize,
+    hw: usize,
+    c: usize,
+    groups: usize,
+    silu_after: bool,
+) {
+    let cpg = c / groups;
+    // dy: the gradient at the affine output (through SiLU when fused).
+    let n = batch * hw * c;
+    let dy: Vec<f32> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            if !silu_after {
+                return dout[i];
+            }
+            let (b, ch) = (i / (hw * c), i % c);
+            let g = b * groups + ch / cpg;
+            let y = ((inp[i] as f64 - mean[g] as f64) * rstd[g] as f64) as f32 * weight[ch] + bias[ch];
+            let s = 1.0 / (1.0 + (-y).exp());
+            dout[i] * s * (1.0 + y * (1.0 - s))
+        })
+        .collect();
+    let xhat = |i: usize| -> f64 {
+        let (b, ch) = (i / (hw * c), i % c);
+        let g = b * groups + ch / cpg;
+        (inp[i] as f64 - mean[g] as f64) * rstd[g] as f64
+    };
+    // Per (batch, group): mean of dxhat and of dxhat·xhat.
+    let stats: Vec<(f64, f64)> = (0..batch * groups)
+        .into_par_iter()
+        .map(|bg| {
+            let (b, g) = (bg / groups, bg % groups);
+            let (mut m1, mut m2) = (0f64, 0f64);
+            for p in 0..hw {
+                for ch in g * cpg..(g + 1) * cpg {
+                    let i = (b * hw + p) * c + ch;
+                    let dxh = dy[i] as f64 * weight[ch] as f64;
+                    m1 += dxh;
+                    m2 += dxh * xhat(i);
+                }
+            }
+            let cnt = (hw * cpg) as f64;
+            (m1 / cnt, m2 / cnt)
+        })
+        .collect();
+    dinp[..n].par_chunks_mut(c).enumerate().for_each(|(row, di)| {
+        let b = row / hw;
+        for ch in 0..c {
+            let i = row * c + ch;
+            let g = b * groups + ch / cpg;
+            let (m1, m2) = stats[g];
+            let dxh = dy[i] as f64 * weight[ch] as f64;
+            di[ch] += ((dxh - m1 - xhat(i) * m2) * rstd[g] as f64) as f32;
+        }
+    });
+    dweight[..c].par_iter_mut().zip(dbias[..c].par_iter_mut()).enumerate().for_each(|(ch, (dw, db))| {
+        let (mut sw, mut sb) = (0f64, 0f64);
+        for row in 0..batch * hw {
+            let i = row * c + ch;
+            sw += dy[i] as f64 * xhat(i);
+            sb += dy[i] as f64;
+        }
+        *dw += sw as f32;
+        *db += sb as f32;
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn upsample_nearest(
+    dinp: &mut [f32],
+    dout: &[f32],
+    batch: usize,
+    ih: usize,
+    iw: usize,
+    oh: usize,
+    ow: usize,
+    c: usize,
+) {
+    let (sy, sx) = (ih as f32 / oh as f32, iw as f32 / ow as f32);
+    // One task per batch image: its input rows receive only its own output's gradients.
+    dinp[..batch * ih * iw * c].par_chunks_mut(ih * iw * c).enumerate().for_each(|(b, di)| {
+        for oy in 0..oh {
+            let iy = ((oy as f32 * sy).floor() as usize).min(ih - 1);
+            for ox in 0..ow {
+                let ix = ((ox as f32 * sx).floor() as usize).min(iw - 1);
+                let src = &dout[((b * oh + oy) * ow + ox) * c..][..c];
+                let dst = &mut di[(iy * iw + ix) * c..][..c];
+                for t in 0..c {
+                    dst[t] += src[t];
+                }
+            }
+        }
+    });
+}
+
+pub fn geglu(dinp: &mut [f32], dout: &[f32], inp: &[f32], rows: usize, inner: usize) {
+    dinp[..rows * 2 * inner].par_chunks_mut(2 * inner).enumerate().for_each(|(r, di)| {
+        let x = &inp[r * 2 * inner..(r + 1) * 2 * inner];
+        let g = &dout[r * inner..(r + 1) * inner];
+        for i in 0..inner {
+            let gate = x[inner + i] as f64;
+            let cdf = 0.5 * (1.0 + libm::erf(gate / std::f64::consts::SQRT_2));
+            let pdf = (-0.5 * gate * gate).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            di[i] += g[i] * gelu(x[inner + i]);
+            di[inner + i] += (g[i] as f64 * x[i] as f64 * (cdf + gate * pdf)) as f32;
+        }
+    });
+}
+
+pub fn mse(dpred: &mut [f32], pred: &[f32], target: &[f32], n: usize) -> f32 {
+    let sum: f64 = pred[..n].par_iter().zip(target[..n].par_iter()).map(|(&p, &t)| ((p - t) as f64).powi(2)).sum();
+    dpred[..n].par_iter_mut().zip(pred[..n].par_iter().zip(target[..n].par_iter())).for_each(|(d, (&p, &t))| {
+        *d = 2.0 * (p - t) / n as f32;
+    });
+    (sum / n as f64) as f32
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn adamw(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    wd: f32,
+    step: usize,
+) {
+    // torch.optim.AdamW (single-tensor, foreach=False path): p *= 1 − lr·wd; m, v updated;
+    // denom = √v / √(1 − β2^t) + eps; p −= (lr / (1 − β1^t)) · m / denom.
+    // The scalars are Python floats (f64) in torch, cast to f32 where they meet the tensors.
+    let bc1 = 1.0 - (beta1 as f64).powi(step as i32);
+    let bc2_sqrt = (1.0 - (beta2 as f64).powi(step as i32)).sqrt() as f32;
+    let step_size = (lr as f64 / bc1) as f32;
+    let decay = (1.0 - lr as f64 * wd as f64) as f32;
+    p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut().zip(v.par_iter_mut())).for_each(|((p, &g), (m, v))| {
+        *p *= decay;
+        *m = *m + (g - *m) * (1.0 - beta1);
+        *v = *v * beta2 + g * g * (1.0 - beta2);
+        let denom = v.sqrt() / bc2_sqrt + eps;
+        *p -= step_size * *m / denom;
+    });
+}

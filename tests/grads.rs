@@ -1,0 +1,89 @@
+//! Gradients against PyTorch's loss.backward() (tests/fixtures/generate.py, gen_grads): every
+//! parameter of a small U-Net and text encoder, and the U-Net's input gradients.
+
+mod common;
+use common::*;
+use roentgen::backend::cpu::CpuBackend;
+use roentgen::backend::Backend;
+use roentgen::models::unet::UNet;
+use roentgen::nn::Fmap;
+use roentgen::tensor::{Arena, Layout, Tensor};
+
+/// Compares every gradient in `table` (bound to the gradient pool) with the fixture's `grad.<name>`.
+fn check_all_grads(what: &str, b: &CpuBackend, table: &Layout, io: &std::path::Path, alias: &dyn Fn(&str) -> String) {
+    let bytes = std::fs::read(io).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut checked = 0;
+    for e in table.entries() {
+        let key = format!("grad.{}", e.name);
+        let key = if st.tensor(&key).is_ok() { key } else { format!("grad.{}", alias(&e.name)) };
+        let (_, want) = read_f32(io, &key);
+        let t = Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
+        let got = b.download(&t).unwrap();
+        assert_grad_close(&format!("{what} {}", e.name), &got, &want);
+        checked += 1;
+    }
+    println!("{what}: {checked} parameter gradients match");
+}
+
+/// Gradients may legitimately be constant (e.g. a bias whose every output sees the same upstream
+/// value), so only the error bar of assert_close applies, relative to the tensor's own scale.
+fn assert_grad_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(err <= F32_PARITY * scale.max(1e-3), "{what}: max error {err:e}, scale {scale:e}");
+}
+
+#[test]
+fn unet_gradients_match_pytorch_backward() {
+    let dir = fixture("grads");
+    let io = dir.join("unet-io.safetensors");
+    let mut b = CpuBackend::new();
+    let (unet, _) = UNet::load(&mut b, &dir.join("unet"), None).unwrap();
+    let (grads, gtable) = unet.allocate_grads(&mut b).unwrap();
+    let (sshape, sample) = read_f32(&io, "sample");
+    let (n, c, h, w) = (sshape[0], sshape[1], sshape[2], sshape[3]);
+    let (cshape, ctx) = read_f32(&io, "encoder_hidden_states");
+    let ctx_len = cshape[1];
+    let (_, timesteps) = read_f32(&io, "timesteps");
+    let (_, target) = read_f32(&io, "target");
+
+    let cap = unet.plan_training(n, h, w, ctx_len).unwrap();
+    let pool = b.alloc(cap, "train.arena").unwrap();
+    let mut arena = Arena::new(pool, cap);
+    let x = Fmap::alloc(&mut arena, n, h, w, c).unwrap();
+    let ctx_t = arena.alloc([n * ctx_len, cshape[2]]).unwrap();
+    let dctx = arena.alloc(ctx_t.shape).unwrap();
+    let dout = Fmap::alloc(&mut arena, n, h, w, c).unwrap();
+    b.upload(&x.t, &nchw_to_nhwc(&sample, n, c, h, w)).unwrap();
+    b.upload(&ctx_t, &ctx).unwrap();
+    b.zero(&dctx).unwrap();
+    arena.set_keep(true);
+    let saved = unet.forward_saved(&b, &mut arena, &x, &timesteps, &ctx_t, ctx_len).unwrap();
+    arena.set_keep(false);
+    // loss = mean((pred − target)²), in channels-last order (the mean does not care).
+    let side = b.alloc(2 * x.numel() + 16, "test.side").unwrap();
+    let mut l = Layout::new(side);
+    let tgt = l.tensor("target", [x.numel()]);
+    let loss = l.tensor("loss", [1]);
+    let dsample = Fmap { t: l.tensor("dsample", x.t.shape), ..x };
+    b.upload(&tgt, &nchw_to_nhwc(&target, n, c, h, w)).unwrap();
+    b.zero(&dsample.t).unwrap();
+    b.mse_loss(&dout.t, &loss, &saved.out.t, &tgt, x.numel()).unwrap();
+    unet.backward(&grads, &b, &mut arena, &saved, &dout, &dctx, Some(&dsample)).unwrap();
+
+    let got_loss = b.download(&loss).unwrap()[0];
+    let want_loss = read_f32(&io, "loss").1[0];
+    println!("loss: ours {got_loss}, PyTorch {want_loss}");
+    assert!((got_loss - want_loss).abs() <= F32_PARITY * want_loss.abs().max(1.0));
+    check_all_grads("unet", &b, &gtable, &io, &|n| n.to_string());
+    let ds = nhwc_to_nchw(&b.download(&dsample.t).unwrap(), n, c, h, w);
+    assert_close("d loss / d sample", &ds, &read_f32(&io, "grad.sample").1, F32_PARITY);
+    assert_close(
+        "d loss / d context",
+        &b.download(&dctx).unwrap(),
+        &read_f32(&io, "grad.encoder_hidden_states").1,
+        F32_PARITY,
+    );
+}
