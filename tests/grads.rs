@@ -87,3 +87,35 @@ fn unet_gradients_match_pytorch_backward() {
         F32_PARITY,
     );
 }
+
+#[test]
+fn text_encoder_gradients_match_pytorch_backward() {
+    use roentgen::models::clip::ClipTextModel;
+    let dir = fixture("grads");
+    let io = dir.join("text-io.safetensors");
+    let mut b = CpuBackend::new();
+    let (clip, _) = ClipTextModel::load(&mut b, &dir.join("text_encoder"), None).unwrap();
+    let (grads, gtable) = clip.allocate_grads(&mut b).unwrap();
+    let (ishape, ids) = read_ids(&io, "input_ids");
+    let (batch, seq) = (ishape[0], ishape[1]);
+    let (_, target) = read_f32(&io, "target");
+    let acts = clip.allocate_acts(&mut b, batch, seq).unwrap();
+    let hidden = clip.forward(&b, &acts, &ids).unwrap();
+    let side = b.alloc(2 * target.len() + 16, "test.side").unwrap();
+    let mut l = Layout::new(side);
+    let tgt = l.tensor("target", [target.len()]);
+    let dout = l.tensor("dout", [target.len()]);
+    let loss = l.tensor("loss", [1]);
+    b.upload(&tgt, &target).unwrap();
+    b.mse_loss(&dout, &loss, &hidden, &tgt, target.len()).unwrap();
+    let cap = clip.plan_backward(batch, seq).unwrap();
+    let pool = b.alloc(cap, "bwd").unwrap();
+    let mut arena = Arena::new(pool, cap);
+    clip.backward(&b, &mut arena, &grads, &acts, &dout, &ids).unwrap();
+    let got_loss = b.download(&loss).unwrap()[0];
+    let want_loss = read_f32(&io, "loss").1[0];
+    println!("loss: ours {got_loss}, PyTorch {want_loss}");
+    assert!((got_loss - want_loss).abs() <= F32_PARITY * want_loss.abs().max(1.0));
+    // transformers 5 names the parameters without "text_model." in some paths: accept either.
+    check_all_grads("text encoder", &b, &gtable, &io, &|n| n.trim_start_matches("text_model.").to_string());
+}

@@ -5,8 +5,9 @@
 
 use super::{allocate, ConfigReader};
 use crate::backend::{Activation, Backend};
-use crate::nn::{LayerNorm, LayerNormActs, Linear};
-use crate::tensor::{Layout, Tensor};
+use crate::backend::plan::PlanBackend;
+use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
+use crate::tensor::{Arena, Layout, Tensor};
 use crate::weights::{self, LoadReport};
 use anyhow::{bail, Result};
 use serde_json::Value;
@@ -246,5 +247,78 @@ impl ClipTextModel {
         }
         p.final_layer_norm.forward(b, &acts.final_layer_norm, &x, rows)?;
         Ok(acts.final_layer_norm.out.reshape([batch, seq, d]))
+    }
+
+    /// The gradient buffers: the parameter layout bound to its own pool ("text_encoder.grads").
+    pub fn allocate_grads(&self, backend: &mut dyn Backend) -> Result<(ClipParams, Layout)> {
+        let c = self.config.clone();
+        allocate(backend, "text_encoder.grads", |l| params_layout(l, &c))
+    }
+
+    /// Arena elements the backward pass needs for its temporaries at (batch, seq).
+    pub fn plan_backward(&self, batch: usize, seq: usize) -> Result<usize> {
+        let c = self.config.clone();
+        let mut l = Layout::unbound();
+        let acts = acts_layout(&mut l, &c, batch, seq);
+        let dout = l.tensor("dout", [batch * seq, c.hidden_size]);
+        let mut arena = Arena::planning();
+        let ids = vec![0u32; batch * seq];
+        self.backward(&PlanBackend::new(), &mut arena, &self.params, &acts, &dout, &ids)?;
+        Ok(arena.peak())
+    }
+
+    /// The backward pass of `forward` (whose `acts` it reads): accumulates every parameter gradient
+    /// into `g` for the gradient `dout` (batch · seq, hidden) of `last_hidden_state`. Temporaries
+    /// come from `arena` and are released on return.
+    pub fn backward(
+        &self,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        g: &ClipParams,
+        acts: &ClipActs,
+        dout: &Tensor,
+        ids: &[u32],
+    ) -> Result<()> {
+        let c = &self.config;
+        let p = &self.params;
+        let mark = arena.mark();
+        let (batch, seq, d, f) = (acts.batch, acts.seq, c.hidden_size, c.intermediate_size);
+        let rows = batch * seq;
+        let (heads, hd) = (c.num_attention_heads, c.head_dim());
+        let x_last = acts.layers.last().map_or(acts.embeddings, |l| l.residual2);
+        let mut dx = zeros(b, arena, [rows, d])?;
+        p.final_layer_norm.backward(&g.final_layer_norm, b, &dx, dout, &x_last, &acts.final_layer_norm, rows)?;
+        for (i, ((lp, lg), la)) in p.layers.iter().zip(&g.layers).zip(&acts.layers).enumerate().rev() {
+            let x_in = if i == 0 { acts.embeddings } else { acts.layers[i - 1].residual2 };
+            // residual2 = residual1 + fc2(act(fc1(ln2(residual1))))
+            let dres1 = zeros(b, arena, [rows, d])?;
+            b.accumulate(&dres1, &dx, rows * d)?;
+            let dact = zeros(b, arena, [rows, f])?;
+            lp.fc2.backward(&lg.fc2, b, Some(&dact), &dx, &la.act, rows)?;
+            let dfc1 = zeros(b, arena, [rows, f])?;
+            b.activation_backward(&dfc1, &dact, &la.fc1, c.hidden_act, rows * f)?;
+            let dln2 = zeros(b, arena, [rows, d])?;
+            lp.fc1.backward(&lg.fc1, b, Some(&dln2), &dfc1, &la.ln2.out, rows)?;
+            lp.layer_norm2.backward(&lg.layer_norm2, b, &dres1, &dln2, &la.residual1, &la.ln2, rows)?;
+            // residual1 = x + out_proj(attention(q, k, v)), causal
+            let dxin = zeros(b, arena, [rows, d])?;
+            b.accumulate(&dxin, &dres1, rows * d)?;
+            let dattn = zeros(b, arena, [rows, d])?;
+            lp.out_proj.backward(&lg.out_proj, b, Some(&dattn), &dres1, &la.attn, rows)?;
+            let (dq, dk, dv) = (zeros(b, arena, [rows, d])?, zeros(b, arena, [rows, d])?, zeros(b, arena, [rows, d])?);
+            let scale = 1.0 / (hd as f32).sqrt();
+            b.attention_backward(
+                &dq, &dk, &dv, &dattn, &la.q, &la.k, &la.v, &la.attn, &la.lse, batch, seq, seq, heads, hd, scale, true,
+            )?;
+            let dln1 = zeros(b, arena, [rows, d])?;
+            lp.q_proj.backward(&lg.q_proj, b, Some(&dln1), &dq, &la.ln1.out, rows)?;
+            lp.k_proj.backward(&lg.k_proj, b, Some(&dln1), &dk, &la.ln1.out, rows)?;
+            lp.v_proj.backward(&lg.v_proj, b, Some(&dln1), &dv, &la.ln1.out, rows)?;
+            lp.layer_norm1.backward(&lg.layer_norm1, b, &dxin, &dln1, &x_in, &la.ln1, rows)?;
+            dx = dxin;
+        }
+        b.embedding_backward(&g.token_embedding, &g.position_embedding, &dx, ids, batch, seq, d)?;
+        arena.release_all_to(mark);
+        Ok(())
     }
 }
