@@ -14,5 +14,6 @@ pub mod rng;
 pub mod schedulers;
 pub mod tensor;
 pub mod tokenizer;
+pub mod train;
 pub mod torch_rng;
 pub mod weights;

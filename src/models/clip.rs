@@ -4,8 +4,8 @@
 //! Stable Diffusion v1 feeds the 77 padded ids with no attention mask, so the only mask is causal.
 
 use super::{allocate, ConfigReader};
-use crate::backend::{Activation, Backend};
 use crate::backend::plan::PlanBackend;
+use crate::backend::{Activation, Backend};
 use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
 use crate::tensor::{Arena, Layout, Tensor};
 use crate::weights::{self, LoadReport};

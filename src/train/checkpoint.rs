@@ -1,0 +1,1 @@
+//! Checkpoints in diffusers layout, with optimizer and RNG state for resume.

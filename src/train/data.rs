@@ -1,0 +1,1 @@
+//! Training data: manifests of (image, text) pairs and image preprocessing.

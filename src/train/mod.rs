@@ -1,0 +1,363 @@
+//! Fine-tuning Stable Diffusion as RoentGen did: U-Net and CLIP text encoder trained jointly, VAE
+//! frozen, MSE between the U-Net's prediction and the noise (or v), AdamW with fp32 master weights
+//! (on the CPU the weights are fp32), global gradient-norm clipping.
+//!
+//! One optimizer step = zero the gradients; for each micro-batch: text encoder forward, DDPM
+//! noising (`add_noise`), U-Net forward (saving activations), MSE, U-Net backward (parameters and
+//! the text context), text-encoder backward; then the global norm, clipping, AdamW over the flat
+//! parameter pools. Every pool is allocated once, before the first step.
+
+pub mod checkpoint;
+pub mod data;
+pub mod schedule;
+
+use crate::backend::Backend;
+use crate::models::clip::{ClipActs, ClipParams, ClipTextModel};
+use crate::models::unet::{UNet, UNetParams};
+use crate::nn::Fmap;
+use crate::tensor::{Arena, Layout, PoolId, Tensor};
+use anyhow::{bail, Result};
+use schedule::LrSchedule;
+
+/// What the noise is compared with (the scheduler config's `prediction_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+}
+
+/// Optimizer and loss settings; defaults are diffusers' train_text_to_image and the paper's lr.
+#[derive(Clone, Debug)]
+pub struct OptimOptions {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Global gradient-norm clipping (None: off).
+    pub max_grad_norm: Option<f32>,
+    pub train_text_encoder: bool,
+    pub grad_accum: usize,
+    pub schedule: LrSchedule,
+}
+
+impl Default for OptimOptions {
+    fn default() -> Self {
+        OptimOptions {
+            lr: 5e-5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+            max_grad_norm: Some(1.0),
+            train_text_encoder: true,
+            grad_accum: 1,
+            schedule: LrSchedule::Constant,
+        }
+    }
+}
+
+/// One micro-batch, on the host, in torch's layouts.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// [n, c, h, w]: VAE latents already multiplied by the scaling factor (what the U-Net sees).
+    pub latents: Vec<f32>,
+    pub latent_shape: [usize; 4],
+    /// n × 77 token ids.
+    pub input_ids: Vec<u32>,
+    /// [n, c, h, w] standard normal noise.
+    pub noise: Vec<f32>,
+    /// n training timesteps in [0, num_train_timesteps).
+    pub timesteps: Vec<usize>,
+}
+
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct StepStats {
+    pub step: usize,
+    pub loss: f32,
+    pub grad_norm: f32,
+    pub lr: f32,
+}
+
+/// A model's optimizer state: gradients and AdamW moments laid out like its parameters.
+struct OptState {
+    params_pool: PoolId,
+    len: usize,
+    grads: Tensor,
+    m: Tensor,
+    v: Tensor,
+}
+
+impl OptState {
+    fn new(b: &mut dyn Backend, table: &Layout, grads_pool: PoolId, label: &str) -> Result<OptState> {
+        let len = table.total();
+        let whole = |pool| Tensor { pool, offset: 0, shape: [len].into() };
+        let m = b.alloc(len, &format!("{label}.adam_m"))?;
+        let v = b.alloc(len, &format!("{label}.adam_v"))?;
+        Ok(OptState { params_pool: table.pool(), len, grads: whole(grads_pool), m: whole(m), v: whole(v) })
+    }
+
+    fn params(&self) -> Tensor {
+        Tensor { pool: self.params_pool, offset: 0, shape: [self.len].into() }
+    }
+}
+
+pub struct Trainer {
+    pub options: OptimOptions,
+    pub alphas_cumprod: Vec<f32>,
+    pub prediction_type: PredictionType,
+    unet_grads: UNetParams,
+    unet_opt: OptState,
+    clip_grads: Option<ClipParams>,
+    clip_opt: Option<OptState>,
+    clip_acts: ClipActs,
+    clip_arena: Arena,
+    arena: Arena,
+    /// (sample, context, context gradient, output gradient) at the bottom of `arena`.
+    io: (Fmap, Tensor, Tensor, Fmap),
+    side: Layout,
+    pub micro_batch: usize,
+    /// Optimizer steps taken (AdamW's t).
+    pub step: usize,
+}
+
+impl Trainer {
+    /// Allocates every buffer for micro-batches of `micro_batch` latents of (h, w).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        b: &mut dyn Backend,
+        unet: &UNet,
+        clip: &ClipTextModel,
+        options: OptimOptions,
+        alphas_cumprod: Vec<f32>,
+        prediction_type: PredictionType,
+        micro_batch: usize,
+        h: usize,
+        w: usize,
+        seq: usize,
+    ) -> Result<Trainer> {
+        if clip.config.hidden_size != unet.config.cross_attention_dim {
+            bail!(
+                "text encoder hidden_size {} does not match the U-Net's cross_attention_dim {}",
+                clip.config.hidden_size,
+                unet.config.cross_attention_dim
+            );
+        }
+        let (unet_grads, ugt) = unet.allocate_grads(b)?;
+        let unet_opt = OptState::new(b, &unet.table, ugt.pool(), "unet")?;
+        let (clip_grads, clip_opt) = if options.train_text_encoder {
+            let (g, t) = clip.allocate_grads(b)?;
+            (Some(g), Some(OptState::new(b, &clip.table, t.pool(), "text_encoder")?))
+        } else {
+            (None, None)
+        };
+        let clip_acts = clip.allocate_acts(b, micro_batch, seq)?;
+        let cap = clip.plan_backward(micro_batch, seq)?;
+        let clip_arena = Arena::new(b.alloc(cap, "text_encoder.backward")?, cap);
+        let cap = unet.plan_training(micro_batch, h, w, seq)?;
+        let mut arena = Arena::new(b.alloc(cap, "unet.training")?, cap);
+        let sample = Fmap::alloc(&mut arena, micro_batch, h, w, unet.config.in_channels)?;
+        let ctx = arena.alloc([micro_batch * seq, unet.config.cross_attention_dim])?;
+        let dctx = arena.alloc(ctx.shape)?;
+        let dout = Fmap::alloc(&mut arena, micro_batch, h, w, unet.config.out_channels)?;
+        let n = sample.numel();
+        let side_pool = b.alloc(n + 64, "train.side")?;
+        let mut side = Layout::new(side_pool);
+        side.tensor("target", [n]);
+        side.tensor("loss", [1]);
+        side.tensor("sumsq", [1]);
+        Ok(Trainer {
+            options,
+            alphas_cumprod,
+            prediction_type,
+            unet_grads,
+            unet_opt,
+            clip_grads,
+            clip_opt,
+            clip_acts,
+            clip_arena,
+            arena,
+            io: (sample, ctx, dctx, dout),
+            side,
+            micro_batch,
+            step: 0,
+        })
+    }
+
+    fn side(&self, name: &str) -> Tensor {
+        let e = self.side.find(name).expect("side buffer");
+        Tensor { pool: self.side.pool(), offset: e.offset, shape: e.shape }
+    }
+
+    /// diffusers' `DDPMScheduler.add_noise` (f32) and the loss target for one micro-batch:
+    /// (noisy latents, target), both NCHW.
+    pub fn noisy_and_target(&self, batch: &Batch) -> Result<(Vec<f32>, Vec<f32>)> {
+        let [n, c, h, w] = batch.latent_shape;
+        let per = c * h * w;
+        let mut noisy = vec![0f32; n * per];
+        let mut target = vec![0f32; n * per];
+        for i in 0..n {
+            let t = batch.timesteps[i];
+            let ac = *self.alphas_cumprod.get(t).ok_or_else(|| {
+                anyhow::anyhow!("timestep {t} outside the {} training timesteps", self.alphas_cumprod.len())
+            })?;
+            let (sa, s1a) = (ac.powf(0.5), (1.0 - ac).powf(0.5));
+            for j in i * per..(i + 1) * per {
+                let (x0, e) = (batch.latents[j], batch.noise[j]);
+                noisy[j] = sa * x0 + s1a * e;
+                target[j] = match self.prediction_type {
+                    PredictionType::Epsilon => e,
+                    PredictionType::VPrediction => sa * e - s1a * x0,
+                };
+            }
+        }
+        Ok((noisy, target))
+    }
+
+    /// One optimizer step over `micro_batches` (gradient accumulation: the loss is averaged).
+    /// Returns the mean loss, the gradient norm before clipping and the learning rate used.
+    pub fn train_step(
+        &mut self,
+        b: &dyn Backend,
+        unet: &UNet,
+        clip: &ClipTextModel,
+        micro_batches: &[Batch],
+        total_steps: usize,
+    ) -> Result<StepStats> {
+        if micro_batches.is_empty() {
+            bail!("train_step: no micro-batches");
+        }
+        b.zero(&self.unet_opt.grads)?;
+        if let Some(o) = &self.clip_opt {
+            b.zero(&o.grads)?;
+        }
+        let inv_accum = 1.0 / micro_batches.len() as f32;
+        let mut loss_sum = 0f64;
+        for mb in micro_batches {
+            loss_sum += self.micro_step(b, unet, clip, mb, inv_accum)? as f64;
+        }
+        let loss = (loss_sum / micro_batches.len() as f64) as f32;
+        if !loss.is_finite() {
+            bail!("the loss is {loss} at step {}: stopping (the last checkpoint is intact)", self.step + 1);
+        }
+        // Global gradient norm over both models, then torch's clip_grad_norm_ scaling.
+        let sumsq = self.side("sumsq");
+        let mut total = 0f64;
+        for o in std::iter::once(&self.unet_opt).chain(self.clip_opt.as_ref()) {
+            b.sum_squares(&sumsq, &o.grads, o.len)?;
+            total += b.download(&sumsq)?[0] as f64;
+        }
+        let grad_norm = total.sqrt() as f32;
+        if !grad_norm.is_finite() {
+            bail!(
+                "the gradient norm is {grad_norm} at step {}: stopping (the last checkpoint is intact)",
+                self.step + 1
+            );
+        }
+        if let Some(max) = self.options.max_grad_norm {
+            let coef = (max / (grad_norm + 1e-6)).min(1.0);
+            for o in std::iter::once(&self.unet_opt).chain(self.clip_opt.as_ref()) {
+                b.scale(&o.grads, coef, o.len)?;
+            }
+        }
+        self.step += 1;
+        let o = &self.options;
+        let lr = o.schedule.lr(o.lr, self.step - 1, total_steps);
+        for st in std::iter::once(&self.unet_opt).chain(self.clip_opt.as_ref()) {
+            b.adamw_step(
+                &st.params(),
+                &st.grads,
+                &st.m,
+                &st.v,
+                st.len,
+                lr,
+                o.beta1,
+                o.beta2,
+                o.eps,
+                o.weight_decay,
+                self.step,
+            )?;
+        }
+        Ok(StepStats { step: self.step, loss, grad_norm, lr })
+    }
+
+    fn micro_step(
+        &mut self,
+        b: &dyn Backend,
+        unet: &UNet,
+        clip: &ClipTextModel,
+        mb: &Batch,
+        inv_accum: f32,
+    ) -> Result<f32> {
+        let [n, c, h, w] = mb.latent_shape;
+        let (sample, ctx, dctx, dout) = self.io;
+        if n != self.micro_batch || (h, w, c) != (sample.h, sample.w, sample.c) {
+            bail!(
+                "micro-batch of shape {:?}; the trainer was built for [{}, {}, {}, {}]",
+                mb.latent_shape,
+                self.micro_batch,
+                sample.c,
+                sample.h,
+                sample.w
+            );
+        }
+        let seq = self.clip_acts.seq;
+        if mb.input_ids.len() != n * seq || mb.noise.len() != mb.latents.len() || mb.timesteps.len() != n {
+            bail!(
+                "micro-batch: {} ids, {} noise values, {} timesteps for {n} samples",
+                mb.input_ids.len(),
+                mb.noise.len(),
+                mb.timesteps.len()
+            );
+        }
+        let hidden = clip.forward(b, &self.clip_acts, &mb.input_ids)?;
+        let (noisy, target) = self.noisy_and_target(mb)?;
+        b.upload(&sample.t, &nchw_to_nhwc(&noisy, n, c, h, w))?;
+        b.zero(&ctx)?;
+        b.accumulate(&ctx, &hidden, ctx.numel())?;
+        b.zero(&dctx)?;
+        let tgt = self.side("target");
+        b.upload(&Tensor { shape: [target.len()].into(), ..tgt }, &nchw_to_nhwc(&target, n, c, h, w))?;
+        let base = self.arena.mark();
+        self.arena.set_keep(true);
+        let ts: Vec<f32> = mb.timesteps.iter().map(|&t| t as f32).collect();
+        let saved = unet.forward_saved(b, &mut self.arena, &sample, &ts, &ctx, seq);
+        self.arena.set_keep(false);
+        let saved = saved?;
+        let loss_t = self.side("loss");
+        b.mse_loss(&dout.t, &loss_t, &saved.out.t, &tgt, dout.numel())?;
+        if inv_accum != 1.0 {
+            b.scale(&dout.t, inv_accum, dout.numel())?;
+        }
+        unet.backward(&self.unet_grads, b, &mut self.arena, &saved, &dout, &dctx, None)?;
+        self.arena.release_all_to(base);
+        if let Some(g) = &self.clip_grads {
+            clip.backward(b, &mut self.clip_arena, g, &self.clip_acts, &dctx, &mb.input_ids)?;
+        }
+        Ok(b.download(&loss_t)?[0])
+    }
+
+    /// The AdamW moments of (U-Net, text encoder), for checkpoints.
+    pub fn optimizer_pools(&self) -> Vec<(&'static str, Tensor, Tensor)> {
+        let mut v = vec![("unet", self.unet_opt.m, self.unet_opt.v)];
+        if let Some(o) = &self.clip_opt {
+            v.push(("text_encoder", o.m, o.v));
+        }
+        v
+    }
+}
+
+/// (n, c, h, w) → (n, h, w, c).
+pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for y in 0..h {
+                for xx in 0..w {
+                    out[((b * h + y) * w + xx) * c + ch] = x[((b * c + ch) * h + y) * w + xx];
+                }
+            }
+        }
+    }
+    out
+}
