@@ -103,6 +103,14 @@ enum Command {
     /// (PNDM for SD v1.4). The same --seed gives the same initial noise as diffusers with
     /// `generator=torch.Generator().manual_seed(seed)`.
     Sample(SampleArgs),
+    /// Fine-tune a pipeline on image/report pairs as RoentGen: U-Net and CLIP text encoder jointly,
+    /// VAE frozen, MSE on the noise, AdamW (lr 5e-5). Writes OUTPUT/checkpoint-N pipeline folders
+    /// (loadable by `roentgen sample` and diffusers) and OUTPUT/train_log.jsonl.
+    Train(TrainArgs),
+    /// One optimizer step from a fresh optimizer state on a given batch (safetensors: `latents` or
+    /// `pixel_values`, `input_ids`, `noise`, `timesteps`); writes the updated pipeline and prints the
+    /// loss and gradient norm as JSON. The parity hook for checking a step against PyTorch.
+    TrainStep(TrainStepArgs),
     /// Build training/test manifests from MIMIC-CXR-JPG or the IU X-ray reports (the paper's filtering).
     #[command(subcommand)]
     Prepare(roentgen::prepare::PrepareCommand),
@@ -216,6 +224,132 @@ struct SampleArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct OptimArgs {
+    /// Learning rate (the paper's 5e-5).
+    #[arg(long, default_value_t = 5e-5)]
+    lr: f32,
+    /// AdamW β1.
+    #[arg(long, default_value_t = 0.9)]
+    adam_beta1: f32,
+    /// AdamW β2.
+    #[arg(long, default_value_t = 0.999)]
+    adam_beta2: f32,
+    /// AdamW ε.
+    #[arg(long, default_value_t = 1e-8)]
+    adam_eps: f32,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 1e-2)]
+    weight_decay: f32,
+    /// Global gradient-norm clipping (0 turns it off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    /// Train the CLIP text encoder jointly (on by default, as RoentGen): true or false.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    train_text_encoder: bool,
+}
+
+impl OptimArgs {
+    fn options(
+        &self,
+        grad_accum: usize,
+        schedule: roentgen::train::schedule::LrSchedule,
+    ) -> roentgen::train::OptimOptions {
+        roentgen::train::OptimOptions {
+            lr: self.lr,
+            beta1: self.adam_beta1,
+            beta2: self.adam_beta2,
+            eps: self.adam_eps,
+            weight_decay: self.weight_decay,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            train_text_encoder: self.train_text_encoder,
+            grad_accum,
+            schedule,
+        }
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The pipeline folder to start from (diffusers layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Manifest: JSONL ({"image": path, "text": prompt} per line) or CSV with image,text columns.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder for checkpoint-N/ and train_log.jsonl.
+    #[arg(long)]
+    output: PathBuf,
+    /// Training resolution (shorter side resized, center crop); a multiple of 8.
+    #[arg(long, default_value_t = 512)]
+    resolution: usize,
+    /// Images per micro-batch.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// Seed of the data order, timesteps and noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// constant, constant_with_warmup or cosine.
+    #[arg(long, default_value = "constant")]
+    lr_schedule: String,
+    /// Warmup steps of the learning-rate schedule.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// pretrained, or random (the paper's "Rnd U-Net" rows).
+    #[arg(long, default_value = "pretrained")]
+    unet_init: String,
+    /// Write a checkpoint every N steps (and always at the end).
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: usize,
+    /// Continue from the latest checkpoint in --output.
+    #[arg(long)]
+    resume: bool,
+    /// Allow an existing, non-empty --output (checkpoints of the same step are replaced atomically).
+    #[arg(long)]
+    overwrite: bool,
+    /// Encode every image once with the frozen VAE and reuse its latent distribution.
+    #[arg(long)]
+    cache_latents: bool,
+    /// Log every N steps to train_log.jsonl.
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    /// skip or fail on missing/unreadable images.
+    #[arg(long, default_value = "fail")]
+    on_bad_image: roentgen::train::data::OnBadImage,
+    /// Weight file variant of the source model, e.g. fp16.
+    #[arg(long)]
+    variant: Option<String>,
+    #[command(flatten)]
+    optim: OptimArgs,
+}
+
+#[derive(Args)]
+struct TrainStepArgs {
+    /// The pipeline folder (diffusers layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Safetensors batch: latents (or pixel_values), input_ids, noise, timesteps.
+    #[arg(long)]
+    batch: PathBuf,
+    /// Where to write the updated pipeline.
+    #[arg(long)]
+    output: PathBuf,
+    /// Replace an existing --output.
+    #[arg(long)]
+    overwrite: bool,
+    /// Weight file variant, e.g. fp16.
+    #[arg(long)]
+    variant: Option<String>,
+    #[command(flatten)]
+    optim: OptimArgs,
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -249,6 +383,75 @@ fn run(cli: Cli) -> Result<()> {
             let mut b = backend::create(cli.global.device)?;
             sample(b.as_mut(), args)?;
             report_pools(b.as_ref(), cli.global.verbose);
+            Ok(())
+        }
+        Command::Train(a) => {
+            let mut b = backend::create(cli.global.device)?;
+            let schedule = roentgen::train::schedule::LrSchedule::parse(&a.lr_schedule, a.warmup_steps)?;
+            let unet_init_random = match a.unet_init.as_str() {
+                "pretrained" => false,
+                "random" => true,
+                other => bail!("--unet-init '{other}': expected pretrained or random"),
+            };
+            let cfg = roentgen::train::run::TrainConfig {
+                model: a.model.clone(),
+                data: a.data.clone(),
+                output: a.output.clone(),
+                resolution: a.resolution,
+                batch_size: a.batch_size,
+                steps: a.steps,
+                seed: a.seed,
+                optim: a.optim.options(a.grad_accum, schedule),
+                unet_init_random,
+                checkpoint_every: a.checkpoint_every,
+                resume: a.resume,
+                overwrite: a.overwrite,
+                cache_latents: a.cache_latents,
+                log_every: a.log_every,
+                on_bad_image: a.on_bad_image,
+                variant: a.variant.clone(),
+            };
+            let bar = indicatif::ProgressBar::new(a.steps as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let mut log = |s: &roentgen::train::StepStats, ips: f64| {
+                bar.set_position(s.step as u64);
+                bar.set_message(format!("loss {:.4} lr {:.2e} {:.2} img/s", s.loss, s.lr, ips));
+            };
+            let last = roentgen::train::run::train(b.as_mut(), &cfg, &mut log)?;
+            bar.finish_and_clear();
+            eprintln!(
+                "training done: {} (a pipeline folder: roentgen sample --model {} ...)",
+                last.display(),
+                last.display()
+            );
+            println!(
+                "{}",
+                serde_json::json!({"checkpoint": last.display().to_string(), "log": a.output.join("train_log.jsonl").display().to_string()})
+            );
+            report_pools(b.as_ref(), cli.global.verbose);
+            Ok(())
+        }
+        Command::TrainStep(a) => {
+            let mut b = backend::create(cli.global.device)?;
+            let opts = a.optim.options(1, roentgen::train::schedule::LrSchedule::Constant);
+            let s = roentgen::train::run::train_step(
+                b.as_mut(),
+                &a.model,
+                &a.batch,
+                &a.output,
+                opts,
+                a.overwrite,
+                a.variant.as_deref(),
+            )?;
+            println!(
+                "{}",
+                serde_json::json!({"loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr, "output": a.output.display().to_string()})
+            );
             Ok(())
         }
         Command::Prepare(cmd) => roentgen::prepare::run(cmd),

@@ -1,1 +1,145 @@
-//! Checkpoints in diffusers layout, with optimizer and RNG state for resume.
+//! Checkpoints: a complete diffusers pipeline folder (the trained unet/ and text_encoder/, the
+//! untouched components copied from the source model) that `StableDiffusionPipeline.from_pretrained`
+//! and `roentgen sample` load, plus `training_state/` (AdamW moments, step, options) for `--resume`.
+//! Every checkpoint is written to a temporary folder beside its destination and renamed into place,
+//! so an interrupted write never damages an existing checkpoint.
+
+use crate::backend::Backend;
+use crate::tensor::{Layout, Tensor};
+use crate::weights::safetensors::{write_atomic, OutTensor};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// Writes every tensor of `table` (the parameter layout bound to its pool) as f32 safetensors.
+pub fn save_table(b: &dyn Backend, table: &Layout, path: &Path) -> Result<()> {
+    let mut data = Vec::with_capacity(table.entries().len());
+    for e in table.entries() {
+        data.push((
+            e.name.clone(),
+            e.shape.dims().to_vec(),
+            b.download(&Tensor { pool: table.pool(), offset: e.offset, shape: e.shape })?,
+        ));
+    }
+    let refs: Vec<(&str, Vec<usize>, OutTensor)> =
+        data.iter().map(|(n, s, v)| (n.as_str(), s.clone(), OutTensor::F32(v))).collect();
+    write_atomic(path, &refs)
+}
+
+fn copy_tree(src: &Path, dst: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()> {
+    std::fs::create_dir_all(dst).with_context(|| format!("{}: cannot create", dst.display()))?;
+    for e in std::fs::read_dir(src).with_context(|| format!("{}: cannot read", src.display()))? {
+        let e = e?;
+        let p = e.path();
+        if skip(&p) {
+            continue;
+        }
+        let to = dst.join(e.file_name());
+        if p.is_dir() {
+            copy_tree(&p, &to, skip)?;
+        } else {
+            std::fs::copy(&p, &to).with_context(|| format!("{}: cannot copy to {}", p.display(), to.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// What a checkpoint holds besides the models.
+pub struct CheckpointContents<'a> {
+    /// The pipeline folder training started from (its untouched components are copied).
+    pub source: &'a Path,
+    pub unet: &'a Layout,
+    pub text_encoder: &'a Layout,
+    /// (name, m, v) per optimised model, whole pools.
+    pub optimizer: Vec<(&'static str, Tensor, Tensor)>,
+    /// step, seed, options, data position: anything `--resume` needs, as JSON.
+    pub state: serde_json::Value,
+}
+
+/// Writes a checkpoint to `dest` atomically (replacing an existing one only once the new one is
+/// complete).
+pub fn save(b: &dyn Backend, dest: &Path, c: &CheckpointContents) -> Result<()> {
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+    let name = dest.file_name().context("checkpoint path has no name")?.to_string_lossy().into_owned();
+    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove a stale temporary", tmp.display()))?;
+    }
+    // Untouched components (and model_index.json) from the source; trained ones written fresh.
+    let trained = |p: &Path| -> bool {
+        let top = p
+            .strip_prefix(c.source)
+            .ok()
+            .and_then(|r| r.components().next())
+            .map(|c| c.as_os_str().to_string_lossy().into_owned());
+        let is_weights = p.extension().is_some_and(|e| e == "safetensors" || e == "bin")
+            || p.to_string_lossy().ends_with(".index.json");
+        matches!(top.as_deref(), Some("unet" | "text_encoder")) && is_weights
+            || top
+                .as_deref()
+                .is_some_and(|t| t.starts_with("checkpoint-") || t == "training_state" || t.starts_with(".tmp-"))
+    };
+    copy_tree(c.source, &tmp, &trained)?;
+    save_table(b, c.unet, &tmp.join("unet/diffusion_pytorch_model.safetensors"))?;
+    save_table(b, c.text_encoder, &tmp.join("text_encoder/model.safetensors"))?;
+    let st = tmp.join("training_state");
+    std::fs::create_dir_all(&st)?;
+    let mut moments = Vec::new();
+    for (name, m, v) in &c.optimizer {
+        moments.push((format!("{name}.exp_avg"), b.download(m)?));
+        moments.push((format!("{name}.exp_avg_sq"), b.download(v)?));
+    }
+    let refs: Vec<(&str, Vec<usize>, OutTensor)> =
+        moments.iter().map(|(n, v)| (n.as_str(), vec![v.len()], OutTensor::F32(v))).collect();
+    write_atomic(&st.join("optimizer.safetensors"), &refs)?;
+    std::fs::write(st.join("trainer.json"), serde_json::to_string_pretty(&c.state)?)?;
+    if dest.exists() {
+        let old = parent.join(format!(".old-{name}-{}", std::process::id()));
+        std::fs::rename(dest, &old).with_context(|| format!("{}: cannot move aside", dest.display()))?;
+        std::fs::rename(&tmp, dest).with_context(|| format!("{}: cannot rename into place", dest.display()))?;
+        std::fs::remove_dir_all(&old).ok();
+    } else {
+        std::fs::rename(&tmp, dest).with_context(|| format!("{}: cannot rename into place", dest.display()))?;
+    }
+    Ok(())
+}
+
+/// The newest `checkpoint-N` folder under `dir` (or `dir` itself when it is a checkpoint).
+pub fn latest(dir: &Path) -> Result<PathBuf> {
+    if dir.join("training_state/trainer.json").is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    let mut best: Option<(usize, PathBuf)> = None;
+    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))? {
+        let p = e?.path();
+        let n = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("checkpoint-"))
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(n) = n {
+            if p.join("training_state/trainer.json").is_file() && best.as_ref().is_none_or(|(b, _)| n > *b) {
+                best = Some((n, p));
+            }
+        }
+    }
+    match best {
+        Some((_, p)) => Ok(p),
+        None => bail!("{}: no checkpoint-N folder with training_state/ to resume from", dir.display()),
+    }
+}
+
+/// Reads `training_state/` of a checkpoint: (trainer.json, AdamW moments by name).
+pub fn read_state(ckpt: &Path) -> Result<(serde_json::Value, Vec<(String, Vec<f32>)>)> {
+    let st = ckpt.join("training_state");
+    let state = crate::weights::read_json(&st.join("trainer.json"))?;
+    let f = crate::weights::safetensors::SafetensorsFile::open(&st.join("optimizer.safetensors"))?;
+    let parsed = f.parse()?;
+    let mut out = Vec::new();
+    for (name, view) in parsed.iter() {
+        let mut v = vec![0f32; view.shape().iter().product()];
+        crate::weights::safetensors::to_f32(crate::tensor::DType::F32, view.data(), &mut v)?;
+        out.push((name.to_string(), v));
+    }
+    Ok((state, out))
+}

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod run;
 pub mod schedule;
 
 use crate::backend::Backend;
@@ -335,6 +336,25 @@ impl Trainer {
             clip.backward(b, &mut self.clip_arena, g, &self.clip_acts, &dctx, &mb.input_ids)?;
         }
         Ok(b.download(&loss_t)?[0])
+    }
+
+    /// Restores AdamW moments saved by a checkpoint (names "unet.exp_avg", ...) and the step count.
+    pub fn restore(&mut self, b: &dyn Backend, moments: &[(String, Vec<f32>)], step: usize) -> Result<()> {
+        let find = |name: String| moments.iter().find(|(n, _)| *n == name).map(|(_, v)| v);
+        for (name, o) in
+            std::iter::once(("unet", &self.unet_opt)).chain(self.clip_opt.as_ref().map(|o| ("text_encoder", o)))
+        {
+            for (suffix, t) in [("exp_avg", o.m), ("exp_avg_sq", o.v)] {
+                let v = find(format!("{name}.{suffix}"))
+                    .ok_or_else(|| anyhow::anyhow!("the checkpoint has no optimizer state '{name}.{suffix}'"))?;
+                if v.len() != o.len {
+                    bail!("optimizer state '{name}.{suffix}' has {} values; this model needs {}", v.len(), o.len);
+                }
+                b.upload(&t, v)?;
+            }
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// The AdamW moments of (U-Net, text encoder), for checkpoints.

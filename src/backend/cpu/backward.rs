@@ -414,8 +414,18 @@ pub fn geglu(dinp: &mut [f32], dout: &[f32], inp: &[f32], rows: usize, inner: us
     });
 }
 
+/// Σ f(i) over 0..n in f64, deterministically: fixed chunks summed in parallel, partial sums added
+/// in order (rayon's adaptive `sum` splits by timing, which would make results vary in the last
+/// bits between runs, and resumed training must reproduce an uninterrupted run exactly).
+pub fn det_sum(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
+    const CHUNK: usize = 1 << 14;
+    let parts: Vec<f64> =
+        (0..n.div_ceil(CHUNK)).into_par_iter().map(|c| (c * CHUNK..((c + 1) * CHUNK).min(n)).map(&f).sum()).collect();
+    parts.iter().sum()
+}
+
 pub fn mse(dpred: &mut [f32], pred: &[f32], target: &[f32], n: usize) -> f32 {
-    let sum: f64 = pred[..n].par_iter().zip(target[..n].par_iter()).map(|(&p, &t)| ((p - t) as f64).powi(2)).sum();
+    let sum = det_sum(n, |i| ((pred[i] - target[i]) as f64).powi(2));
     dpred[..n].par_iter_mut().zip(pred[..n].par_iter().zip(target[..n].par_iter())).for_each(|(d, (&p, &t))| {
         *d = 2.0 * (p - t) / n as f32;
     });

@@ -810,7 +810,7 @@ impl Backend for CpuBackend {
 
     fn sum_squares(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()> {
         let ([o], [x]) = self.views([out], [x]);
-        o[0] = x[..n].par_iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() as f32;
+        o[0] = backward::det_sum(n, |i| (x[i] as f64) * (x[i] as f64)) as f32;
         Ok(())
     }
 

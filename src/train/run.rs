@@ -1,0 +1,426 @@
+//! `roentgen train` and `roentgen train-step`: the loops around `Trainer`.
+//!
+//! Randomness is a function of (seed, step): the data order of each epoch, the timesteps, the noise
+//! and the VAE's latent samples of a step are drawn from streams seeded by them, so a run resumed
+//! from a checkpoint reproduces the uninterrupted run exactly (the CPU backend's reductions are
+//! deterministic for a given thread count).
+
+use super::checkpoint::{self, CheckpointContents};
+use super::data::{load_image, read_manifest, Example, OnBadImage};
+use super::{Batch, OptimOptions, PredictionType, StepStats, Trainer};
+use crate::backend::Backend;
+use crate::models::clip::ClipTextModel;
+use crate::models::unet::UNet;
+use crate::models::vae::{split_moments, AutoencoderKL};
+use crate::nn::Fmap;
+use crate::rng::SplitMix64;
+use crate::tokenizer::ClipTokenizer;
+use crate::weights;
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub output: PathBuf,
+    pub resolution: usize,
+    pub batch_size: usize,
+    pub steps: usize,
+    pub seed: u64,
+    pub optim: OptimOptions,
+    pub unet_init_random: bool,
+    pub checkpoint_every: usize,
+    pub resume: bool,
+    pub overwrite: bool,
+    pub cache_latents: bool,
+    pub log_every: usize,
+    pub on_bad_image: OnBadImage,
+    pub variant: Option<String>,
+}
+
+/// The frozen and trained models of a pipeline folder, loaded for training.
+pub struct Models {
+    pub tokenizer: ClipTokenizer,
+    pub clip: ClipTextModel,
+    pub unet: UNet,
+    pub vae: AutoencoderKL,
+    pub alphas_cumprod: Vec<f32>,
+    pub prediction_type: PredictionType,
+}
+
+impl Models {
+    pub fn load(
+        b: &mut dyn Backend,
+        dir: &Path,
+        variant: Option<&str>,
+        unet_random: bool,
+        seed: u64,
+    ) -> Result<Models> {
+        if !weights::is_pipeline_folder(dir) {
+            bail!("{}: not a pipeline folder (no model_index.json); training needs the whole pipeline", dir.display());
+        }
+        let tokenizer = ClipTokenizer::from_dir(&weights::component_dir(dir, "tokenizer")?)?;
+        let (clip, _) = ClipTextModel::load(b, &weights::component_dir(dir, "text_encoder")?, variant)?;
+        let unet_dir = weights::component_dir(dir, "unet")?;
+        let unet = if unet_random {
+            // The paper's "Rnd U-Net": the architecture of the config, trained from random weights.
+            UNet::random(b, crate::models::unet::UNetConfig::from_file(&unet_dir.join("config.json"))?, seed)?
+        } else {
+            UNet::load(b, &unet_dir, variant)?.0
+        };
+        let (vae, _) = AutoencoderKL::load(b, &weights::component_dir(dir, "vae")?, variant)?;
+        let sched_path = crate::schedulers::config_path(&weights::component_dir(dir, "scheduler")?)?;
+        let sched = weights::read_json(&sched_path)?;
+        let alphas_cumprod = crate::schedulers::training_alphas_cumprod(&sched, &sched_path)?;
+        let prediction_type = match sched.get("prediction_type").and_then(|v| v.as_str()).unwrap_or("epsilon") {
+            "epsilon" => PredictionType::Epsilon,
+            "v_prediction" => PredictionType::VPrediction,
+            other => bail!(
+                "{}: prediction_type \"{other}\" is not supported for training (epsilon, v_prediction)",
+                sched_path.display()
+            ),
+        };
+        Ok(Models { tokenizer, clip, unet, vae, alphas_cumprod, prediction_type })
+    }
+}
+
+/// Encodes images to the VAE's latent distribution, one image at a time, channels-first output.
+struct Encoder {
+    arena: crate::tensor::Arena,
+    res: usize,
+}
+
+impl Encoder {
+    fn new(b: &mut dyn Backend, vae: &AutoencoderKL, res: usize) -> Result<Encoder> {
+        Ok(Encoder { arena: vae.allocate_encode_arena(b, 1, res, res)?, res })
+    }
+
+    /// (mean, logvar), each [c, h, w].
+    fn encode(&mut self, b: &dyn Backend, vae: &AutoencoderKL, planar: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let r = self.res;
+        self.arena.reset();
+        let x = Fmap::alloc(&mut self.arena, 1, r, r, 3)?;
+        b.upload(&x.t, &super::nchw_to_nhwc(planar, 1, 3, r, r))?;
+        let m = vae.encode(b, &mut self.arena, &x)?;
+        let z = vae.config.latent_channels;
+        let (mean, logvar) = split_moments(&b.download(&m.t)?, z);
+        let to_chw = |v: &[f32]| {
+            let mut o = vec![0f32; v.len()];
+            for p in 0..m.h * m.w {
+                for c in 0..z {
+                    o[c * m.h * m.w + p] = v[p * z + c];
+                }
+            }
+            o
+        };
+        Ok((to_chw(&mean), to_chw(&logvar)))
+    }
+}
+
+/// The epoch's order of example indices: Fisher–Yates with a stream of (seed, epoch).
+fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut rng = SplitMix64::new(seed ^ 0xDA7A_0000_0000_0000 ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+fn ensure_output(cfg: &TrainConfig) -> Result<()> {
+    let out = &cfg.output;
+    let non_empty = out.is_dir() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if out.exists() && !out.is_dir() {
+        bail!("--output {}: exists and is not a folder", out.display());
+    }
+    if non_empty && !cfg.resume && !cfg.overwrite {
+        bail!(
+            "--output {}: the folder exists and is not empty; pass --resume to continue its latest checkpoint, \
+             or --overwrite to write new checkpoints into it",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("--output {}: cannot create", out.display()))?;
+    Ok(())
+}
+
+/// Runs `roentgen train`; returns the path of the last checkpoint.
+pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepStats, f64)) -> Result<PathBuf> {
+    if cfg.resolution == 0 || cfg.resolution % 8 != 0 {
+        bail!("--resolution {}: must be a positive multiple of 8", cfg.resolution);
+    }
+    if cfg.batch_size == 0 || cfg.steps == 0 || cfg.optim.grad_accum == 0 {
+        bail!("--batch-size, --steps and --grad-accum must be at least 1");
+    }
+    ensure_output(cfg)?;
+    let resume_from = if cfg.resume { Some(checkpoint::latest(&cfg.output)?) } else { None };
+    let load_dir = resume_from.clone().unwrap_or_else(|| cfg.model.clone());
+    let models =
+        Models::load(b, &load_dir, cfg.variant.as_deref(), cfg.unet_init_random && resume_from.is_none(), cfg.seed)?;
+    let f = models.vae.config.scale_factor();
+    if cfg.resolution % f != 0 {
+        bail!("--resolution {} is not a multiple of the VAE's scale factor {f}", cfg.resolution);
+    }
+    let lat = cfg.resolution / f;
+
+    // Data: rows, then images checked up front (header only) so bad rows are counted before work.
+    let rows = read_manifest(&cfg.data)?;
+    let mut good: Vec<Example> = Vec::with_capacity(rows.len());
+    let mut bad = Vec::new();
+    for r in rows {
+        match image::image_dimensions(&r.image) {
+            Ok(_) => good.push(r),
+            Err(e) => bad.push(format!("{}:{}: {}: {e}", cfg.data.display(), r.line, r.image.display())),
+        }
+    }
+    if !bad.is_empty() {
+        match cfg.on_bad_image {
+            OnBadImage::Fail => bail!(
+                "{} unreadable or missing image(s), e.g. {} (use --on-bad-image skip to leave them out)",
+                bad.len(),
+                bad[0]
+            ),
+            OnBadImage::Skip => {
+                eprintln!("warning: skipping {} unreadable or missing image(s), e.g. {}", bad.len(), bad[0])
+            }
+        }
+    }
+    if good.is_empty() {
+        bail!("{}: no usable rows", cfg.data.display());
+    }
+    let seq = models.tokenizer.max_length;
+    let ids: Vec<Vec<u32>> = good.iter().map(|e| models.tokenizer.encode(&e.text).ids).collect();
+    let mut encoder = Encoder::new(b, &models.vae, cfg.resolution)?;
+    let mut cache: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; good.len()];
+    if cfg.cache_latents {
+        let bar = indicatif::ProgressBar::new(good.len() as u64);
+        bar.set_message("encoding latents");
+        for (i, e) in good.iter().enumerate() {
+            let px = load_image(&e.image, cfg.resolution)?;
+            cache[i] = Some(encoder.encode(b, &models.vae, &px)?);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+    }
+
+    let mut trainer = Trainer::new(
+        b,
+        &models.unet,
+        &models.clip,
+        cfg.optim.clone(),
+        models.alphas_cumprod.clone(),
+        models.prediction_type,
+        cfg.batch_size,
+        lat,
+        lat,
+        seq,
+    )?;
+    if let Some(ckpt) = &resume_from {
+        let (state, moments) = checkpoint::read_state(ckpt)?;
+        let step = state.get("step").and_then(|v| v.as_u64()).context("trainer.json: no step")? as usize;
+        trainer.restore(b, &moments, step)?;
+        eprintln!("resuming from {} at step {step}", ckpt.display());
+    }
+    let n = good.len();
+    let per_step = cfg.batch_size * cfg.optim.grad_accum;
+    let z = models.vae.config.latent_channels;
+    let per = z * lat * lat;
+    let sf = models.vae.config.scaling_factor;
+    let log_path = cfg.output.join("train_log.jsonl");
+    let mut log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("{}: cannot open", log_path.display()))?;
+    let mut last_ckpt = resume_from.clone();
+    let t0 = Instant::now();
+    let start = trainer.step;
+    let mut perm: (u64, Vec<usize>) = (0, permutation(n, cfg.seed, 0));
+    while trainer.step < cfg.steps {
+        let step = trainer.step + 1;
+        let mut rng = SplitMix64::new(cfg.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        let mut micro = Vec::with_capacity(cfg.optim.grad_accum);
+        for a in 0..cfg.optim.grad_accum {
+            let mut mb = Batch {
+                latents: Vec::with_capacity(cfg.batch_size * per),
+                latent_shape: [cfg.batch_size, z, lat, lat],
+                input_ids: Vec::with_capacity(cfg.batch_size * seq),
+                noise: Vec::with_capacity(cfg.batch_size * per),
+                timesteps: Vec::with_capacity(cfg.batch_size),
+            };
+            for k in 0..cfg.batch_size {
+                let counter = (step - 1) * per_step + a * cfg.batch_size + k;
+                let epoch = (counter / n) as u64;
+                if perm.0 != epoch {
+                    perm = (epoch, permutation(n, cfg.seed, epoch));
+                }
+                let idx = perm.1[counter % n];
+                let (mean, logvar) = match &cache[idx] {
+                    Some(m) => m.clone(),
+                    None => {
+                        let px = load_image(&good[idx].image, cfg.resolution)
+                            .with_context(|| format!("{}:{}", cfg.data.display(), good[idx].line))?;
+                        encoder.encode(b, &models.vae, &px)?
+                    }
+                };
+                // latent_dist.sample() · scaling_factor
+                for (m, lv) in mean.iter().zip(&logvar) {
+                    mb.latents.push((m + (0.5 * lv).exp() * rng.next_normal()) * sf);
+                }
+                mb.input_ids.extend_from_slice(&ids[idx]);
+                mb.timesteps.push((rng.next_u64() % models.alphas_cumprod.len() as u64) as usize);
+            }
+            mb.noise.extend((0..cfg.batch_size * per).map(|_| rng.next_normal()));
+            micro.push(mb);
+        }
+        let stats = trainer.train_step(b, &models.unet, &models.clip, &micro, cfg.steps)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let ips = ((stats.step - start) * per_step) as f64 / secs.max(1e-9);
+        if stats.step % cfg.log_every.max(1) == 0 || stats.step == cfg.steps {
+            let line = serde_json::json!({"step": stats.step, "loss": stats.loss, "lr": stats.lr,
+                "grad_norm": stats.grad_norm, "images_per_s": ips, "elapsed_s": secs});
+            writeln!(log_file, "{line}").with_context(|| format!("{}: cannot write", log_path.display()))?;
+        }
+        log(&stats, ips);
+        if (cfg.checkpoint_every > 0 && stats.step % cfg.checkpoint_every == 0) || stats.step == cfg.steps {
+            let dest = cfg.output.join(format!("checkpoint-{}", stats.step));
+            let state = serde_json::json!({"step": stats.step, "seed": cfg.seed, "source_model": cfg.model.display().to_string(),
+                "data": cfg.data.display().to_string(), "resolution": cfg.resolution, "batch_size": cfg.batch_size,
+                "grad_accum": cfg.optim.grad_accum, "lr": cfg.optim.lr, "steps": cfg.steps,
+                "train_text_encoder": cfg.optim.train_text_encoder, "loss": stats.loss});
+            checkpoint::save(
+                b,
+                &dest,
+                &CheckpointContents {
+                    source: &load_dir,
+                    unet: &models.unet.table,
+                    text_encoder: &models.clip.table,
+                    optimizer: trainer.optimizer_pools(),
+                    state,
+                },
+            )?;
+            last_ckpt = Some(dest);
+        }
+    }
+    last_ckpt.context("no step was run (the checkpoint is already at --steps)")
+}
+
+/// Reads a `train-step` batch file: `latents` [n, c, h, w] (scaled, what the U-Net sees) or
+/// `pixel_values` [n, 3, H, W] in [−1, 1] (encoded with the VAE's mean), `input_ids` [n, seq],
+/// `noise` like the latents, `timesteps` [n].
+pub fn read_step_batch(path: &Path, models: &Models, b: &mut dyn Backend) -> Result<Batch> {
+    let f = weights::safetensors::SafetensorsFile::open(path)?;
+    let st = f.parse()?;
+    let get = |name: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+        let Ok(view) = st.tensor(name) else { return Ok(None) };
+        let shape = view.shape().to_vec();
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::I64 => {
+                view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
+            }
+            safetensors::Dtype::I32 => {
+                view.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect()
+            }
+            d => {
+                let dt = weights::safetensors::float_dtype(d)
+                    .with_context(|| format!("{}: tensor '{name}' has dtype {d:?}", path.display()))?;
+                let mut v = vec![0f32; n];
+                weights::safetensors::to_f32(dt, view.data(), &mut v)?;
+                v
+            }
+        };
+        Ok(Some((shape, v)))
+    };
+    let need = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+        get(name)?.with_context(|| format!("{}: no tensor named '{name}'", path.display()))
+    };
+    let (latents, shape) = match (get("latents")?, get("pixel_values")?) {
+        (Some((s, v)), _) => (v, s),
+        (None, Some((s, px))) => {
+            if s.len() != 4 || s[1] != 3 || s[2] != s[3] {
+                bail!("{}: pixel_values has shape {s:?}; expected [n, 3, R, R]", path.display());
+            }
+            let mut enc = Encoder::new(b, &models.vae, s[2])?;
+            let mut lat = Vec::new();
+            let mut lshape = vec![s[0]];
+            for i in 0..s[0] {
+                let (mean, _) = enc.encode(b, &models.vae, &px[i * 3 * s[2] * s[3]..(i + 1) * 3 * s[2] * s[3]])?;
+                lat.extend(mean.iter().map(|x| x * models.vae.config.scaling_factor));
+            }
+            let f = models.vae.config.scale_factor();
+            lshape.extend([models.vae.config.latent_channels, s[2] / f, s[3] / f]);
+            (lat, lshape)
+        }
+        (None, None) => bail!("{}: needs a 'latents' or a 'pixel_values' tensor", path.display()),
+    };
+    if shape.len() != 4 {
+        bail!("{}: latents have shape {shape:?}; expected [n, c, h, w]", path.display());
+    }
+    let (ishape, ids) = need("input_ids")?;
+    let (nshape, noise) = need("noise")?;
+    let (_, ts) = need("timesteps")?;
+    if nshape != shape || ishape.len() != 2 || ishape[0] != shape[0] || ts.len() != shape[0] {
+        bail!(
+            "{}: shapes do not agree: latents {shape:?}, noise {nshape:?}, input_ids {ishape:?}, {} timesteps",
+            path.display(),
+            ts.len()
+        );
+    }
+    Ok(Batch {
+        latents,
+        latent_shape: [shape[0], shape[1], shape[2], shape[3]],
+        input_ids: ids.iter().map(|&x| x as u32).collect(),
+        noise,
+        timesteps: ts.iter().map(|&t| t as usize).collect(),
+    })
+}
+
+/// `roentgen train-step`: one step from a fresh optimizer on a given batch; writes the updated
+/// pipeline to `output` and returns the step's statistics.
+pub fn train_step(
+    b: &mut dyn Backend,
+    model: &Path,
+    batch_file: &Path,
+    output: &Path,
+    optim: OptimOptions,
+    overwrite: bool,
+    variant: Option<&str>,
+) -> Result<StepStats> {
+    if output.exists() && !overwrite {
+        bail!("--output {}: exists; pass --overwrite to replace it", output.display());
+    }
+    let models = Models::load(b, model, variant, false, 0)?;
+    let batch = read_step_batch(batch_file, &models, b)?;
+    let [n, _, h, w] = batch.latent_shape;
+    let seq = batch.input_ids.len() / n;
+    let mut trainer = Trainer::new(
+        b,
+        &models.unet,
+        &models.clip,
+        optim,
+        models.alphas_cumprod.clone(),
+        models.prediction_type,
+        n,
+        h,
+        w,
+        seq,
+    )?;
+    let stats = trainer.train_step(b, &models.unet, &models.clip, &[batch], 1)?;
+    checkpoint::save(
+        b,
+        output,
+        &CheckpointContents {
+            source: model,
+            unet: &models.unet.table,
+            text_encoder: &models.clip.table,
+            optimizer: trainer.optimizer_pools(),
+            state: serde_json::json!({"step": 1, "loss": stats.loss, "grad_norm": stats.grad_norm}),
+        },
+    )?;
+    Ok(stats)
+}

@@ -1,0 +1,276 @@
+//! `roentgen train` and `train-step` end to end: the loss falls on a small synthetic dataset,
+//! resume is exact, checkpoints load in `sample`, `train-step` agrees with PyTorch, bad input is
+//! refused clearly.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+/// 16×16 gray images whose content follows the text: a bright left or right half, or a bright
+/// disc; with a JSONL manifest. Deterministic.
+fn synthetic_dataset(dir: &Path, n: usize) -> PathBuf {
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    let mut manifest = String::new();
+    for i in 0..n {
+        let kind = i % 3;
+        let img = image::GrayImage::from_fn(16, 16, |x, y| {
+            let v = match kind {
+                0 => {
+                    if x < 8 {
+                        220
+                    } else {
+                        30
+                    }
+                }
+                1 => {
+                    if x >= 8 {
+                        220
+                    } else {
+                        30
+                    }
+                }
+                _ => {
+                    if (x as i32 - 8).pow(2) + (y as i32 - 8).pow(2) < 20 {
+                        230
+                    } else {
+                        20
+                    }
+                }
+            };
+            image::Luma([(v + (i as u32 * 7 + x + y) % 11) as u8])
+        });
+        let p = dir.join(format!("img/{i}.png"));
+        img.save(&p).unwrap();
+        let text =
+            ["Large left pleural effusion.", "Large right pleural effusion.", "Rounded opacity in the mid lung."][kind];
+        manifest.push_str(&format!("{{\"image\": \"img/{i}.png\", \"text\": \"{text}\"}}\n"));
+    }
+    let m = dir.join("train.jsonl");
+    std::fs::write(&m, manifest).unwrap();
+    m
+}
+
+fn train_args<'a>(pipe: &'a str, data: &'a str, out: &'a str, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "train",
+        "--model",
+        pipe,
+        "--data",
+        data,
+        "--output",
+        out,
+        "--resolution",
+        "16",
+        "--batch-size",
+        "2",
+        "--steps",
+        steps,
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "1",
+        "--seed",
+        "3",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn training_lowers_the_loss_and_its_checkpoint_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let data = synthetic_dataset(&dir.path().join("data"), 12);
+    let out = dir.path().join("run");
+    let (p, d, o) = (pipe.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    let (code, stdout, err) =
+        run_cli(&train_args(p, d, o, "60", &["--cache-latents", "--checkpoint-every", "30"]), None);
+    assert_eq!(code, 0, "{err}");
+    let l = losses(&out);
+    assert_eq!(l.len(), 60);
+    let first: f64 = l[..10].iter().sum::<f64>() / 10.0;
+    let last: f64 = l[50..].iter().sum::<f64>() / 10.0;
+    println!("mean loss of steps 1-10: {first:.4}, of steps 51-60: {last:.4}");
+    assert!(last < 0.9 * first, "the loss did not fall: {first} → {last}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let ckpt = v["checkpoint"].as_str().unwrap();
+    assert!(ckpt.ends_with("checkpoint-60"));
+    assert!(out.join("checkpoint-30/unet/diffusion_pytorch_model.safetensors").is_file());
+    // The checkpoint is a pipeline folder: sample from it.
+    let png = dir.path().join("s.png");
+    let (code, _, err) = run_cli(
+        &[
+            "sample",
+            "--model",
+            ckpt,
+            "--prompt",
+            "Large left pleural effusion.",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--steps",
+            "3",
+            "--seed",
+            "1",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(png.is_file());
+}
+
+#[test]
+fn resumed_training_reproduces_the_uninterrupted_run_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let data = synthetic_dataset(&dir.path().join("data"), 5);
+    let (a, bdir) = (dir.path().join("a"), dir.path().join("b"));
+    let (p, d) = (pipe.to_str().unwrap(), data.to_str().unwrap());
+    let (code, _, err) =
+        run_cli(&train_args(p, d, a.to_str().unwrap(), "6", &["--checkpoint-every", "3", "--grad-accum", "2"]), None);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run_cli(
+        &train_args(p, d, bdir.to_str().unwrap(), "3", &["--checkpoint-every", "3", "--grad-accum", "2"]),
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run_cli(
+        &train_args(p, d, bdir.to_str().unwrap(), "6", &["--checkpoint-every", "3", "--grad-accum", "2", "--resume"]),
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (la, lb) = (losses(&a), losses(&bdir));
+    println!("uninterrupted {la:?}\nresumed       {lb:?}");
+    assert_eq!(la.len(), 6);
+    assert_eq!(la, lb, "losses differ after resume");
+    for comp in ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"] {
+        let fa = std::fs::read(a.join("checkpoint-6").join(comp)).unwrap();
+        let fb = std::fs::read(bdir.join("checkpoint-6").join(comp)).unwrap();
+        assert!(fa == fb, "{comp} differs between the uninterrupted and the resumed run");
+    }
+}
+
+#[test]
+fn train_step_matches_the_first_pytorch_step() {
+    // The first of gen_train10's steps, from a pipeline folder holding the same models.
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("pipe");
+    copy_dir(&fixture("grads/unet"), &pipe.join("unet"));
+    copy_dir(&fixture("train10/text_encoder"), &pipe.join("text_encoder"));
+    copy_dir(&fixture("pipe-a/vae"), &pipe.join("vae"));
+    copy_dir(&sd14_config().join("scheduler"), &pipe.join("scheduler"));
+    copy_dir(&sd14_config().join("tokenizer"), &pipe.join("tokenizer"));
+    std::fs::copy(fixture("pipe-a/model_index.json"), pipe.join("model_index.json")).unwrap();
+    let io = fixture("train10/io.safetensors");
+    let batch = dir.path().join("batch.safetensors");
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for name in ["latents", "noise", "input_ids", "timesteps"] {
+        let (s, v) = read_f32(&io, &format!("b0.{name}"));
+        tensors.push((name.to_string(), s, v));
+    }
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views: Vec<_> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+        })
+        .collect();
+    std::fs::write(&batch, safetensors::serialize(views, None).unwrap()).unwrap();
+    let out = dir.path().join("stepped");
+    let (code, stdout, err) = run_cli(
+        &[
+            "train-step",
+            "--model",
+            pipe.to_str().unwrap(),
+            "--batch",
+            batch.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--lr",
+            "1e-3",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let (loss, norm) = (v["loss"].as_f64().unwrap() as f32, v["grad_norm"].as_f64().unwrap() as f32);
+    let (wl, wn) = (read_f32(&io, "losses").1[0], read_f32(&io, "grad_norms").1[0]);
+    println!("train-step: loss {loss} (PyTorch {wl}), grad norm {norm} (PyTorch {wn})");
+    assert!((loss - wl).abs() <= F32_PARITY * wl.max(1.0) && (norm - wn).abs() <= F32_PARITY * wn.max(1.0));
+    assert!(out.join("unet/diffusion_pytorch_model.safetensors").is_file() && out.join("model_index.json").is_file());
+    // refuses to overwrite silently
+    let (code, _, err) = run_cli(
+        &[
+            "train-step",
+            "--model",
+            pipe.to_str().unwrap(),
+            "--batch",
+            batch.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("--overwrite"), "{err}");
+}
+
+#[test]
+fn bad_training_input_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let data = synthetic_dataset(&dir.path().join("data"), 4);
+    let p = pipe.to_str().unwrap();
+    let run = |args: &[&str]| run_cli(args, None);
+    let out = dir.path().join("o");
+    let o = out.to_str().unwrap();
+    // resolution not a multiple of 8
+    let mut a = train_args(p, data.to_str().unwrap(), o, "1", &[]);
+    let i = a.iter().position(|x| *x == "16").unwrap();
+    a[i] = "12";
+    let (code, _, err) = run(&a);
+    assert!(code == 1 && err.contains("--resolution 12"), "{err}");
+    // missing image: fail by default, skip on request
+    let bad = dir.path().join("data/bad.jsonl");
+    std::fs::write(
+        &bad,
+        format!(
+            "{}{{\"image\": \"img/missing.png\", \"text\": \"No acute process.\"}}\n",
+            std::fs::read_to_string(&data).unwrap()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run(&train_args(p, bad.to_str().unwrap(), o, "1", &[]));
+    assert!(code == 1 && err.contains("missing.png") && err.contains("--on-bad-image skip"), "{err}");
+    let (code, _, err) = run(&train_args(p, bad.to_str().unwrap(), o, "1", &["--on-bad-image", "skip"]));
+    assert!(code == 0 && err.contains("skipping 1"), "{err}");
+    // the output now exists: refused without --resume/--overwrite
+    let (code, _, err) = run(&train_args(p, data.to_str().unwrap(), o, "1", &[]));
+    assert!(code == 1 && err.contains("--resume") && err.contains("--overwrite"), "{err}");
+    // empty text, unreadable image, malformed row
+    let m = dir.path().join("data/m.jsonl");
+    std::fs::write(&m, "{\"image\": \"img/0.png\", \"text\": \"  \"}\n").unwrap();
+    let (code, _, err) = run(&train_args(p, m.to_str().unwrap(), dir.path().join("o2").to_str().unwrap(), "1", &[]));
+    assert!(code == 1 && err.contains("m.jsonl:1") && err.contains("empty text"), "{err}");
+    std::fs::write(dir.path().join("data/img/junk.png"), b"not a png").unwrap();
+    std::fs::write(&m, "{\"image\": \"img/junk.png\", \"text\": \"Small effusion.\"}\n").unwrap();
+    let (code, _, err) = run(&train_args(p, m.to_str().unwrap(), dir.path().join("o3").to_str().unwrap(), "1", &[]));
+    assert!(code == 1 && err.contains("junk.png"), "{err}");
+    std::fs::write(&m, "{\"picture\": \"img/0.png\"}\n").unwrap();
+    let (code, _, err) = run(&train_args(p, m.to_str().unwrap(), dir.path().join("o4").to_str().unwrap(), "1", &[]));
+    assert!(code == 1 && err.contains("m.jsonl:1") && err.contains("\"image\""), "{err}");
+    assert!(!err.contains("panicked"));
+}
