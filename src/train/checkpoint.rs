@@ -43,6 +43,20 @@ fn copy_tree(src: &Path, dst: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()>
     Ok(())
 }
 
+/// The weights are written in f32: a config that says otherwise ("torch_dtype"/"dtype": "float16",
+/// from an f16 source) would make transformers ≥ 5 load them rounded to f16.
+fn mark_f32(config: &Path) -> Result<()> {
+    let mut v = crate::weights::read_json(config)?;
+    if let Some(o) = v.as_object_mut() {
+        for key in ["torch_dtype", "dtype"] {
+            if o.contains_key(key) {
+                o.insert(key.to_string(), serde_json::Value::String("float32".into()));
+            }
+        }
+    }
+    std::fs::write(config, serde_json::to_string_pretty(&v)? + "\n").with_context(|| format!("{}: cannot write", config.display()))
+}
+
 /// What a checkpoint holds besides the models.
 pub struct CheckpointContents<'a> {
     /// The pipeline folder training started from (its untouched components are copied).
@@ -82,6 +96,9 @@ pub fn save(b: &dyn Backend, dest: &Path, c: &CheckpointContents) -> Result<()> 
     copy_tree(c.source, &tmp, &trained)?;
     save_table(b, c.unet, &tmp.join("unet/diffusion_pytorch_model.safetensors"))?;
     save_table(b, c.text_encoder, &tmp.join("text_encoder/model.safetensors"))?;
+    for comp in ["unet", "text_encoder"] {
+        mark_f32(&tmp.join(comp).join("config.json"))?;
+    }
     let st = tmp.join("training_state");
     std::fs::create_dir_all(&st)?;
     let mut moments = Vec::new();
