@@ -219,6 +219,9 @@ struct SampleArgs {
     /// Weight file variant, e.g. fp16.
     #[arg(long)]
     variant: Option<String>,
+    /// Use the U-Net's EMA weights (unet_ema/, written by `roentgen train --ema`).
+    #[arg(long)]
+    ema: bool,
     /// Print a JSON summary (files, timings) on stdout.
     #[arg(long)]
     json: bool,
@@ -316,6 +319,13 @@ struct TrainArgs {
     /// Encode every image once with the frozen VAE and reuse its latent distribution.
     #[arg(long)]
     cache_latents: bool,
+    /// Keep an EMA of the U-Net weights (written as unet_ema/ in each checkpoint; sample it with
+    /// `roentgen sample --ema`).
+    #[arg(long)]
+    ema: bool,
+    /// The EMA's maximum decay.
+    #[arg(long, default_value_t = 0.9999)]
+    ema_decay: f32,
     /// Log every N steps to train_log.jsonl.
     #[arg(long, default_value_t = 10)]
     log_every: usize,
@@ -410,6 +420,7 @@ fn run(cli: Cli) -> Result<()> {
                 log_every: a.log_every,
                 on_bad_image: a.on_bad_image,
                 variant: a.variant.clone(),
+                ema_decay: a.ema.then_some(a.ema_decay),
             };
             let bar = indicatif::ProgressBar::new(a.steps as u64);
             bar.set_style(
@@ -534,7 +545,7 @@ fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
         None => None,
     };
     let t_load = std::time::Instant::now();
-    let pipe = Pipeline::load(b, &a.model, a.variant.as_deref())?;
+    let pipe = Pipeline::load_with_unet(b, &a.model, a.variant.as_deref(), if a.ema { "unet_ema" } else { "unet" })?;
     let load_s = t_load.elapsed().as_secs_f64();
     let req = SampleRequest {
         prompts: prompts.clone(),

@@ -111,6 +111,11 @@ impl Pipeline {
     /// Loads every component of a diffusers pipeline folder (model_index.json, text_encoder/,
     /// tokenizer/, unet/, vae/, scheduler/), checking that they fit together.
     pub fn load(b: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<Pipeline> {
+        Self::load_with_unet(b, dir, variant, "unet")
+    }
+
+    /// As `load`, with the U-Net from another subfolder (`unet_ema` for EMA weights).
+    pub fn load_with_unet(b: &mut dyn Backend, dir: &Path, variant: Option<&str>, unet_dir: &str) -> Result<Pipeline> {
         if !weights::is_pipeline_folder(dir) {
             bail!(
                 "{}: not a pipeline folder (no model_index.json); sampling needs the whole pipeline \
@@ -118,12 +123,12 @@ impl Pipeline {
                 dir.display()
             );
         }
-        for comp in ["text_encoder", "tokenizer", "unet", "vae", "scheduler"] {
+        for comp in ["text_encoder", "tokenizer", unet_dir, "vae", "scheduler"] {
             weights::component_dir(dir, comp)?;
         }
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
         let (text_encoder, _) = ClipTextModel::load(b, &dir.join("text_encoder"), variant)?;
-        let (unet, _) = UNet::load(b, &dir.join("unet"), variant)?;
+        let (unet, _) = UNet::load(b, &dir.join(unet_dir), variant)?;
         let (vae, _) = AutoencoderKL::load(b, &dir.join("vae"), variant)?;
         if text_encoder.config.hidden_size != unet.config.cross_attention_dim {
             bail!(

@@ -161,6 +161,11 @@ impl Layout {
         Layout { pool, next: 0, entries: Vec::new(), index: HashMap::new() }
     }
 
+    /// The same table placed in another pool of the same size (gradients, moments, EMA weights).
+    pub fn rebind(&self, pool: PoolId) -> Layout {
+        Layout { pool, ..self.clone() }
+    }
+
     /// The pool this layout's tensors live in (`PoolId::UNBOUND` for a measuring pass).
     pub fn pool(&self) -> PoolId {
         self.pool

@@ -274,3 +274,93 @@ fn bad_training_input_is_refused_clearly() {
     assert!(code == 1 && err.contains("m.jsonl:1") && err.contains("\"image\""), "{err}");
     assert!(!err.contains("panicked"));
 }
+
+fn read_all(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = st
+        .iter()
+        .map(|(n, t)| {
+            (n.to_string(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn ema_follows_diffusers_decay_and_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let data = synthetic_dataset(&dir.path().join("data"), 4);
+    let out = dir.path().join("run");
+    let (p, d, o) = (pipe.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    let (code, _, err) = run_cli(&train_args(p, d, o, "3", &["--ema", "--checkpoint-every", "1"]), None);
+    assert_eq!(code, 0, "{err}");
+    let w = |k: usize| read_all(&out.join(format!("checkpoint-{k}/unet/diffusion_pytorch_model.safetensors")));
+    let ema3 = read_all(&out.join("checkpoint-3/unet_ema/diffusion_pytorch_model.safetensors"));
+    let (w1, w2, w3) = (w(1), w(2), w(3));
+    // diffusers EMAModel: decay 0 at the first step, then min(0.9999, (1 + t) / (10 + t)).
+    let (d2, d3) = (2.0f32 / 11.0, 3.0f32 / 12.0);
+    let mut worst = 0f32;
+    for (((n, a), (_, b)), ((_, c), (_, e))) in w1.iter().zip(&w2).zip(w3.iter().zip(&ema3)) {
+        for i in 0..a.len() {
+            let mut m = a[i];
+            m -= (1.0 - d2) * (m - b[i]);
+            m -= (1.0 - d3) * (m - c[i]);
+            worst = worst.max((m - e[i]).abs());
+        }
+        assert!(worst < 1e-5, "{n}: EMA off by {worst}");
+    }
+    println!("EMA after 3 steps: max deviation from the formula {worst:.1e}");
+    let png = dir.path().join("e.png");
+    let ckpt = out.join("checkpoint-3");
+    let (code, _, err) = run_cli(
+        &[
+            "sample",
+            "--model",
+            ckpt.to_str().unwrap(),
+            "--ema",
+            "--prompt",
+            "x ray",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--steps",
+            "2",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let data = synthetic_dataset(&dir.path().join("data"), 4);
+    let out = dir.path().join("run");
+    let (p, d, o) = (pipe.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    let mut a = train_args(p, d, o, "10", &["--checkpoint-every", "1", "--max-grad-norm", "0"]);
+    let i = a.iter().position(|x| *x == "1e-3").unwrap();
+    a[i] = "1e30";
+    let (code, _, err) = run_cli(&a, None);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("stopping") && err.contains("last checkpoint is intact"), "{err}");
+    assert!(!err.contains("panicked"));
+    // Step 1 ran with finite gradients; its checkpoint is complete and loadable.
+    let ck = out.join("checkpoint-1");
+    assert!(
+        ck.join("unet/diffusion_pytorch_model.safetensors").is_file()
+            && ck.join("training_state/trainer.json").is_file()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary folders left behind");
+}

@@ -431,4 +431,7 @@ pub trait Backend {
         weight_decay: f32,
         step: usize,
     ) -> Result<()>;
+
+    /// dst += w · (src − dst), n elements (an exponential moving average's update).
+    fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()>;
 }

@@ -336,4 +336,7 @@ impl Backend for PlanBackend {
     ) -> Result<()> {
         Ok(())
     }
+    fn lerp(&self, _: &Tensor, _: &Tensor, _: usize, _: f32) -> Result<()> {
+        Ok(())
+    }
 }

@@ -54,7 +54,8 @@ fn mark_f32(config: &Path) -> Result<()> {
             }
         }
     }
-    std::fs::write(config, serde_json::to_string_pretty(&v)? + "\n").with_context(|| format!("{}: cannot write", config.display()))
+    std::fs::write(config, serde_json::to_string_pretty(&v)? + "\n")
+        .with_context(|| format!("{}: cannot write", config.display()))
 }
 
 /// What a checkpoint holds besides the models.
@@ -63,6 +64,8 @@ pub struct CheckpointContents<'a> {
     pub source: &'a Path,
     pub unet: &'a Layout,
     pub text_encoder: &'a Layout,
+    /// The U-Net's EMA weights, written as `unet_ema/` (diffusers' name) when training with --ema.
+    pub unet_ema: Option<&'a Layout>,
     /// (name, m, v) per optimised model, whole pools.
     pub optimizer: Vec<(&'static str, Tensor, Tensor)>,
     /// step, seed, options, data position: anything `--resume` needs, as JSON.
@@ -89,6 +92,7 @@ pub fn save(b: &dyn Backend, dest: &Path, c: &CheckpointContents) -> Result<()> 
         let is_weights = p.extension().is_some_and(|e| e == "safetensors" || e == "bin")
             || p.to_string_lossy().ends_with(".index.json");
         matches!(top.as_deref(), Some("unet" | "text_encoder")) && is_weights
+            || top.as_deref() == Some("unet_ema")
             || top
                 .as_deref()
                 .is_some_and(|t| t.starts_with("checkpoint-") || t == "training_state" || t.starts_with(".tmp-"))
@@ -98,6 +102,11 @@ pub fn save(b: &dyn Backend, dest: &Path, c: &CheckpointContents) -> Result<()> 
     save_table(b, c.text_encoder, &tmp.join("text_encoder/model.safetensors"))?;
     for comp in ["unet", "text_encoder"] {
         mark_f32(&tmp.join(comp).join("config.json"))?;
+    }
+    if let Some(ema) = c.unet_ema {
+        std::fs::create_dir_all(tmp.join("unet_ema"))?;
+        std::fs::copy(tmp.join("unet/config.json"), tmp.join("unet_ema/config.json"))?;
+        save_table(b, ema, &tmp.join("unet_ema/diffusion_pytorch_model.safetensors"))?;
     }
     let st = tmp.join("training_state");
     std::fs::create_dir_all(&st)?;

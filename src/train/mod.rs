@@ -120,6 +120,8 @@ pub struct Trainer {
     pub micro_batch: usize,
     /// Optimizer steps taken (AdamW's t).
     pub step: usize,
+    /// EMA of the U-Net weights: (the table in the EMA pool, maximum decay).
+    ema: Option<(Layout, f32)>,
 }
 
 impl Trainer {
@@ -182,7 +184,36 @@ impl Trainer {
             side,
             micro_batch,
             step: 0,
+            ema: None,
         })
+    }
+
+    /// Keeps an exponential moving average of the U-Net's weights, as diffusers' EMAModel with
+    /// `decay` (update_after_step 0, no EMA warmup: decay_t = min(decay, (1 + t) / (10 + t)) with
+    /// t = optimizer step − 1, and 0 at the first step). Starts from the current weights.
+    pub fn enable_ema(&mut self, b: &mut dyn Backend, unet: &UNet, decay: f32) -> Result<()> {
+        let pool = b.alloc(unet.table.total(), "unet.ema")?;
+        let table = unet.table.rebind(pool);
+        let whole = Tensor { pool, offset: 0, shape: [unet.table.total()].into() };
+        b.zero(&whole)?;
+        b.accumulate(&whole, &self.unet_opt.params(), unet.table.total())?;
+        self.ema = Some((table, decay));
+        Ok(())
+    }
+
+    /// The EMA weights' table (bound to the EMA pool), if enabled.
+    pub fn ema_table(&self) -> Option<&Layout> {
+        self.ema.as_ref().map(|(t, _)| t)
+    }
+
+    fn ema_update(&self, b: &dyn Backend) -> Result<()> {
+        if let Some((table, max_decay)) = &self.ema {
+            let t = self.step.saturating_sub(1);
+            let decay = if t == 0 { 0.0 } else { ((1.0 + t as f64) / (10.0 + t as f64)).min(*max_decay as f64) };
+            let whole = Tensor { pool: table.pool(), offset: 0, shape: [table.total()].into() };
+            b.lerp(&whole, &self.unet_opt.params(), table.total(), (1.0 - decay) as f32)?;
+        }
+        Ok(())
     }
 
     fn side(&self, name: &str) -> Tensor {
@@ -279,6 +310,7 @@ impl Trainer {
                 self.step,
             )?;
         }
+        self.ema_update(b)?;
         Ok(StepStats { step: self.step, loss, grad_norm, lr })
     }
 

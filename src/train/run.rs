@@ -39,6 +39,8 @@ pub struct TrainConfig {
     pub log_every: usize,
     pub on_bad_image: OnBadImage,
     pub variant: Option<String>,
+    /// EMA of the U-Net weights with this maximum decay (diffusers' --use_ema, 0.9999).
+    pub ema_decay: Option<f32>,
 }
 
 /// The frozen and trained models of a pipeline folder, loaded for training.
@@ -219,10 +221,19 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
         lat,
         seq,
     )?;
+    if let Some(decay) = cfg.ema_decay {
+        trainer.enable_ema(b, &models.unet, decay)?;
+    }
     if let Some(ckpt) = &resume_from {
         let (state, moments) = checkpoint::read_state(ckpt)?;
         let step = state.get("step").and_then(|v| v.as_u64()).context("trainer.json: no step")? as usize;
         trainer.restore(b, &moments, step)?;
+        if let Some(table) = trainer.ema_table() {
+            let dir = ckpt.join("unet_ema");
+            let files = weights::weight_files(&dir, None)
+                .with_context(|| format!("{}: --ema needs the checkpoint's EMA weights", ckpt.display()))?;
+            weights::load_into(b, table, &files, &weights::no_alias)?;
+        }
         eprintln!("resuming from {} at step {step}", ckpt.display());
     }
     let n = good.len();
@@ -299,6 +310,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                     source: &load_dir,
                     unet: &models.unet.table,
                     text_encoder: &models.clip.table,
+                    unet_ema: trainer.ema_table(),
                     optimizer: trainer.optimizer_pools(),
                     state,
                 },
@@ -418,6 +430,7 @@ pub fn train_step(
             source: model,
             unet: &models.unet.table,
             text_encoder: &models.clip.table,
+            unet_ema: None,
             optimizer: trainer.optimizer_pools(),
             state: serde_json::json!({"step": 1, "loss": stats.loss, "grad_norm": stats.grad_norm}),
         },

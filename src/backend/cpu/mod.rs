@@ -833,6 +833,14 @@ impl Backend for CpuBackend {
         backward::adamw(&mut p[..n], &g[..n], &mut mm[..n], &mut vv[..n], lr, beta1, beta2, eps, weight_decay, step);
         Ok(())
     }
+
+    fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
+        check_len("lerp dst", dst, n)?;
+        check_len("lerp src", src, n)?;
+        let ([d], [x]) = self.views([dst], [src]);
+        d[..n].par_iter_mut().zip(x[..n].par_iter()).for_each(|(d, &x)| *d -= w * (*d - x));
+        Ok(())
+    }
 }
 
 /// The exact (erf) GELU, evaluated in f64.
