@@ -8,6 +8,7 @@ pub mod images;
 pub mod inspect;
 pub mod models;
 pub mod nn;
+pub mod phantom;
 pub mod pipeline;
 pub mod prepare;
 pub mod rng;

@@ -1,0 +1,1 @@
+//! Procedural chest-radiograph phantoms with findings and report sentences (issue 7).
