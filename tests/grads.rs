@@ -119,3 +119,23 @@ fn text_encoder_gradients_match_pytorch_backward() {
     // transformers 5 names the parameters without "text_model." in some paths: accept either.
     check_all_grads("text encoder", &b, &gtable, &io, &|n| n.trim_start_matches("text_model.").to_string());
 }
+
+#[test]
+fn vae_gradients_match_pytorch_backward() {
+    use roentgen::models::vae::AutoencoderKL;
+    use roentgen::train::vae::VaeTrainer;
+    let dir = fixture("vae-grads");
+    let io = dir.join("io.safetensors");
+    let mut b = CpuBackend::new();
+    let (vae, _) = AutoencoderKL::load(&mut b, &dir, None).unwrap();
+    let (ishape, images) = read_f32(&io, "images");
+    let (_, eps) = read_f32(&io, "eps");
+    let kw = read_f32(&io, "kl_weight").1[0];
+    let mut tr = VaeTrainer::new(&mut b, &vae, Default::default(), kw, ishape[0], ishape[2]).unwrap();
+    let (loss, rec, kl) = tr.compute_grads(&b, &vae, &images, &eps).unwrap();
+    let (wl, wr, wk) = (read_f32(&io, "loss").1[0], read_f32(&io, "rec_loss").1[0], read_f32(&io, "kl").1[0]);
+    println!("loss {loss} (PyTorch {wl}), reconstruction {rec} ({wr}), KL {kl} ({wk})");
+    assert!((loss - wl).abs() <= F32_PARITY * wl.abs().max(1.0));
+    assert!((kl - wk).abs() <= F32_PARITY * wk.abs().max(1.0));
+    check_all_grads("vae", &b, &tr.grad_table, &io, &|n| n.to_string());
+}

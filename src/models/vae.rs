@@ -4,10 +4,10 @@
 use super::{allocate, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::Backend;
-use crate::nn::attention::VaeAttention;
-use crate::nn::resnet::ResnetBlock2D;
+use crate::nn::attention::{VaeAttention, VaeAttentionSaved};
+use crate::nn::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::sampling::{Downsample2D, Upsample2D};
-use crate::nn::{Conv2d, Fmap, GroupNorm};
+use crate::nn::{zeros_like, Conv2d, Fmap, GroupNorm, GroupNormOut};
 use crate::tensor::{Arena, Layout};
 use crate::weights::{self, LoadReport};
 use anyhow::{bail, Context, Result};
@@ -124,12 +124,85 @@ impl MidBlock {
     }
 
     fn forward(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<Fmap> {
-        let mut x = self.resnets[0].forward(b, arena, x, None)?;
-        if let Some(a) = &self.attention {
-            x = a.forward(b, arena, &x)?;
-        }
-        self.resnets[1].forward(b, arena, &x, None)
+        Ok(self.forward_saved(b, arena, x)?.r1.out)
     }
+
+    fn forward_saved(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<MidSaved> {
+        let r0 = self.resnets[0].forward_saved(b, arena, x, None)?;
+        let attn = match &self.attention {
+            Some(a) => Some(a.forward_saved(b, arena, &r0.out)?),
+            None => None,
+        };
+        let r1 = self.resnets[1].forward_saved(b, arena, &attn.as_ref().map_or(r0.out, |a| a.out), None)?;
+        Ok(MidSaved { r0, attn, r1 })
+    }
+
+    fn backward(
+        &self,
+        g: &MidBlock,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        s: &MidSaved,
+        dout: &Fmap,
+        dx: &Fmap,
+    ) -> Result<()> {
+        let mark = arena.mark();
+        let d1 = zeros_like(b, arena, &s.r1.x)?;
+        self.resnets[1].backward(&g.resnets[1], b, arena, &s.r1, dout, &d1, None, None)?;
+        let d0 = match (&self.attention, &g.attention, &s.attn) {
+            (Some(a), Some(ga), Some(sa)) => {
+                let d = zeros_like(b, arena, &s.r0.out)?;
+                a.backward(ga, b, arena, sa, &d1, &d)?;
+                d
+            }
+            _ => d1,
+        };
+        self.resnets[0].backward(&g.resnets[0], b, arena, &s.r0, &d0, dx, None, None)?;
+        arena.release_all_to(mark);
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MidSaved {
+    pub r0: ResnetSaved,
+    pub attn: Option<VaeAttentionSaved>,
+    pub r1: ResnetSaved,
+}
+
+/// One step of the encoder's down path or the decoder's up path.
+#[derive(Clone, Debug)]
+pub enum VaeUnitSaved {
+    Res(ResnetSaved),
+    Down { input: Fmap, out: Fmap },
+    Up { input: Fmap, up: Fmap, out: Fmap },
+}
+
+/// What the encoder's backward reads.
+#[derive(Clone, Debug)]
+pub struct EncoderSaved {
+    pub x: Fmap,
+    pub conv_in_out: Fmap,
+    pub units: Vec<VaeUnitSaved>,
+    pub mid: MidSaved,
+    pub norm_in: Fmap,
+    pub norm: GroupNormOut,
+    pub conv_out_out: Fmap,
+    /// quant_conv's output (mean and log-variance channels).
+    pub moments: Fmap,
+}
+
+/// What the decoder's backward reads.
+#[derive(Clone, Debug)]
+pub struct DecoderSaved {
+    pub z: Fmap,
+    pub pq_out: Fmap,
+    pub conv_in_out: Fmap,
+    pub mid: MidSaved,
+    pub units: Vec<VaeUnitSaved>,
+    pub norm_in: Fmap,
+    pub norm: GroupNormOut,
+    pub out: Fmap,
 }
 
 #[derive(Clone, Debug)]
@@ -316,6 +389,10 @@ impl AutoencoderKL {
     /// Image (batch, h, w, in_channels) in [−1, 1] → the moments (batch, h/f, w/f, 2·latent):
     /// mean in the first `latent_channels` channels, log-variance (not yet clamped) in the rest.
     pub fn encode(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<Fmap> {
+        Ok(self.encode_saved(b, arena, x)?.moments)
+    }
+
+    pub fn encode_saved(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<EncoderSaved> {
         let p = &self.params;
         let f = self.config.scale_factor();
         if x.c != self.config.in_channels {
@@ -324,45 +401,204 @@ impl AutoencoderKL {
         if x.h % f != 0 || x.w % f != 0 {
             bail!("vae: image size {}×{} is not a multiple of {f}", x.h, x.w);
         }
-        let mut h = p.enc_conv_in.apply(b, arena, x)?;
+        let conv_in_out = p.enc_conv_in.apply(b, arena, x)?;
+        let mut h = conv_in_out;
+        let mut units = Vec::new();
         for blk in &p.enc_blocks {
             for r in &blk.resnets {
-                h = r.forward(b, arena, &h, None)?;
+                let s = r.forward_saved(b, arena, &h, None)?;
+                h = s.out;
+                units.push(VaeUnitSaved::Res(s));
             }
             if let Some(d) = &blk.downsampler {
+                let input = h;
                 h = d.forward(b, arena, &h)?;
+                units.push(VaeUnitSaved::Down { input, out: h });
             }
         }
-        h = p.enc_mid.forward(b, arena, &h)?;
-        let n = p.enc_norm_out.apply(b, arena, &h, true)?;
-        let moments = p.enc_conv_out.apply(b, arena, &n)?;
-        match &p.quant_conv {
-            Some(q) => q.apply(b, arena, &moments),
-            None => Ok(moments),
+        let mid = p.enc_mid.forward_saved(b, arena, &h)?;
+        let norm_in = mid.r1.out;
+        let norm = p.enc_norm_out.apply_saved(b, arena, &norm_in, true)?;
+        let conv_out_out = p.enc_conv_out.apply(b, arena, &norm.out)?;
+        let moments = match &p.quant_conv {
+            Some(q) => q.apply(b, arena, &conv_out_out)?,
+            None => conv_out_out,
+        };
+        Ok(EncoderSaved { x: *x, conv_in_out, units, mid, norm_in, norm, conv_out_out, moments })
+    }
+
+    /// Accumulates the encoder's (and quant_conv's) gradients into `g` for the gradient of the
+    /// moments, and the image gradient into `dx` if given.
+    pub fn encode_backward(
+        &self,
+        g: &VaeParams,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        s: &EncoderSaved,
+        dmoments: &Fmap,
+        dx: Option<&Fmap>,
+    ) -> Result<()> {
+        let p = &self.params;
+        let mark = arena.mark();
+        let dco = match (&p.quant_conv, &g.quant_conv) {
+            (Some(q), Some(gq)) => {
+                let d = zeros_like(b, arena, &s.conv_out_out)?;
+                q.backward(gq, b, Some(&d), dmoments, &s.conv_out_out)?;
+                d
+            }
+            _ => *dmoments,
+        };
+        let dn = zeros_like(b, arena, &s.norm.out)?;
+        p.enc_conv_out.backward(&g.enc_conv_out, b, Some(&dn), &dco, &s.norm.out)?;
+        let dmid_out = zeros_like(b, arena, &s.norm_in)?;
+        p.enc_norm_out.backward(&g.enc_norm_out, b, &dmid_out, &dn, &s.norm_in, &s.norm)?;
+        let mut dh = zeros_like(b, arena, &s.mid.r0.x)?;
+        p.enc_mid.backward(&g.enc_mid, b, arena, &s.mid, &dmid_out, &dh)?;
+        // Walk the units backwards, pairing each with its layer.
+        let mut layers = Vec::new();
+        for (bi, blk) in p.enc_blocks.iter().enumerate() {
+            for ri in 0..blk.resnets.len() {
+                layers.push((bi, Some(ri)));
+            }
+            if blk.downsampler.is_some() {
+                layers.push((bi, None));
+            }
         }
+        for ((bi, ri), unit) in layers.iter().zip(&s.units).rev() {
+            match (ri, unit) {
+                (Some(ri), VaeUnitSaved::Res(rs)) => {
+                    let d = zeros_like(b, arena, &rs.x)?;
+                    p.enc_blocks[*bi].resnets[*ri].backward(
+                        &g.enc_blocks[*bi].resnets[*ri],
+                        b,
+                        arena,
+                        rs,
+                        &dh,
+                        &d,
+                        None,
+                        None,
+                    )?;
+                    dh = d;
+                }
+                (None, VaeUnitSaved::Down { input, .. }) => {
+                    let d = zeros_like(b, arena, input)?;
+                    let (ds, gds) = (p.enc_blocks[*bi].downsampler.as_ref(), g.enc_blocks[*bi].downsampler.as_ref());
+                    ds.context("internal")?.conv.backward(&gds.context("internal")?.conv, b, Some(&d), &dh, input)?;
+                    dh = d;
+                }
+                _ => bail!("internal: encoder units out of order"),
+            }
+        }
+        p.enc_conv_in.backward(&g.enc_conv_in, b, dx, &dh, &s.x)?;
+        arena.release_all_to(mark);
+        Ok(())
     }
 
     /// Latents (already divided by `scaling_factor`; batch, h, w, latent) → image in about [−1, 1].
     pub fn decode(&self, b: &dyn Backend, arena: &mut Arena, z: &Fmap) -> Result<Fmap> {
+        Ok(self.decode_saved(b, arena, z)?.out)
+    }
+
+    pub fn decode_saved(&self, b: &dyn Backend, arena: &mut Arena, z: &Fmap) -> Result<DecoderSaved> {
         let p = &self.params;
         if z.c != self.config.latent_channels {
             bail!("vae: latents have {} channels, config latent_channels is {}", z.c, self.config.latent_channels);
         }
-        let z = match &p.post_quant_conv {
+        let pq_out = match &p.post_quant_conv {
             Some(q) => q.apply(b, arena, z)?,
             None => *z,
         };
-        let mut h = p.dec_conv_in.apply(b, arena, &z)?;
-        h = p.dec_mid.forward(b, arena, &h)?;
+        let conv_in_out = p.dec_conv_in.apply(b, arena, &pq_out)?;
+        let mid = p.dec_mid.forward_saved(b, arena, &conv_in_out)?;
+        let mut h = mid.r1.out;
+        let mut units = Vec::new();
         for blk in &p.dec_blocks {
             for r in &blk.resnets {
-                h = r.forward(b, arena, &h, None)?;
+                let s = r.forward_saved(b, arena, &h, None)?;
+                h = s.out;
+                units.push(VaeUnitSaved::Res(s));
             }
             if let Some(u) = &blk.upsampler {
-                h = u.forward(b, arena, &h, None)?;
+                let input = h;
+                let (up, out) = u.forward_saved(b, arena, &h, None)?;
+                h = out;
+                units.push(VaeUnitSaved::Up { input, up, out });
             }
         }
-        let n = p.dec_norm_out.apply(b, arena, &h, true)?;
-        p.dec_conv_out.apply(b, arena, &n)
+        let norm_in = h;
+        let norm = p.dec_norm_out.apply_saved(b, arena, &h, true)?;
+        let out = p.dec_conv_out.apply(b, arena, &norm.out)?;
+        Ok(DecoderSaved { z: *z, pq_out, conv_in_out, mid, units, norm_in, norm, out })
+    }
+
+    /// Accumulates the decoder's (and post_quant_conv's) gradients into `g` and the latent gradient
+    /// into `dz`.
+    pub fn decode_backward(
+        &self,
+        g: &VaeParams,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        s: &DecoderSaved,
+        dout: &Fmap,
+        dz: &Fmap,
+    ) -> Result<()> {
+        let p = &self.params;
+        let mark = arena.mark();
+        let dn = zeros_like(b, arena, &s.norm.out)?;
+        p.dec_conv_out.backward(&g.dec_conv_out, b, Some(&dn), dout, &s.norm.out)?;
+        let mut dh = zeros_like(b, arena, &s.norm_in)?;
+        p.dec_norm_out.backward(&g.dec_norm_out, b, &dh, &dn, &s.norm_in, &s.norm)?;
+        let mut layers = Vec::new();
+        for (bi, blk) in p.dec_blocks.iter().enumerate() {
+            for ri in 0..blk.resnets.len() {
+                layers.push((bi, Some(ri)));
+            }
+            if blk.upsampler.is_some() {
+                layers.push((bi, None));
+            }
+        }
+        for ((bi, ri), unit) in layers.iter().zip(&s.units).rev() {
+            match (ri, unit) {
+                (Some(ri), VaeUnitSaved::Res(rs)) => {
+                    let d = zeros_like(b, arena, &rs.x)?;
+                    p.dec_blocks[*bi].resnets[*ri].backward(
+                        &g.dec_blocks[*bi].resnets[*ri],
+                        b,
+                        arena,
+                        rs,
+                        &dh,
+                        &d,
+                        None,
+                        None,
+                    )?;
+                    dh = d;
+                }
+                (None, VaeUnitSaved::Up { input, up, .. }) => {
+                    let d = zeros_like(b, arena, input)?;
+                    let (us, gus) = (p.dec_blocks[*bi].upsampler.as_ref(), g.dec_blocks[*bi].upsampler.as_ref());
+                    us.context("internal")?.backward(gus.context("internal")?, b, arena, input, up, &dh, &d)?;
+                    dh = d;
+                }
+                _ => bail!("internal: decoder units out of order"),
+            }
+        }
+        let dmid_in = zeros_like(b, arena, &s.conv_in_out)?;
+        p.dec_mid.backward(&g.dec_mid, b, arena, &s.mid, &dh, &dmid_in)?;
+        match (&p.post_quant_conv, &g.post_quant_conv) {
+            (Some(q), Some(gq)) => {
+                let d = zeros_like(b, arena, &s.pq_out)?;
+                p.dec_conv_in.backward(&g.dec_conv_in, b, Some(&d), &dmid_in, &s.pq_out)?;
+                q.backward(gq, b, Some(dz), &d, &s.z)?;
+            }
+            _ => p.dec_conv_in.backward(&g.dec_conv_in, b, Some(dz), &dmid_in, &s.pq_out)?,
+        }
+        arena.release_all_to(mark);
+        Ok(())
+    }
+
+    /// The gradient buffers: the parameter layout bound to its own pool ("vae.grads").
+    pub fn allocate_grads(&self, backend: &mut dyn Backend) -> Result<(VaeParams, Layout)> {
+        let c = self.config.clone();
+        allocate(backend, "vae.grads", |l| params_layout(l, &c))
     }
 }

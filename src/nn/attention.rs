@@ -392,12 +392,44 @@ impl VaeAttention {
     }
 
     pub fn forward(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<Fmap> {
+        Ok(self.forward_saved(b, arena, x)?.out)
+    }
+
+    pub fn forward_saved(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<VaeAttentionSaved> {
         let out = Fmap::alloc(arena, x.batch, x.h, x.w, x.c)?;
         let mark = arena.mark();
-        let n = self.group_norm.apply(b, arena, x, false)?;
-        let a = self.attn.forward(b, arena, &n.t, x.batch, x.h * x.w, None)?;
-        b.add_forward(&out.t, &a, &x.t, out.numel())?;
+        let norm = self.group_norm.apply_saved(b, arena, x, false)?;
+        let attn = self.attn.forward_saved(b, arena, &norm.out.t, x.batch, x.h * x.w, None)?;
+        b.add_forward(&out.t, &attn.out, &x.t, out.numel())?;
         arena.release(mark);
-        Ok(out)
+        Ok(VaeAttentionSaved { x: *x, norm, attn, out })
     }
+
+    /// Accumulates into `g` and `dx`.
+    pub fn backward(
+        &self,
+        g: &VaeAttention,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        s: &VaeAttentionSaved,
+        dout: &Fmap,
+        dx: &Fmap,
+    ) -> Result<()> {
+        let mark = arena.mark();
+        b.accumulate(&dx.t, &dout.t, dx.numel())?;
+        let dn = zeros_like(b, arena, &s.norm.out)?;
+        self.attn.backward(&g.attn, b, arena, &s.attn, &dout.t, &dn.t, None)?;
+        self.group_norm.backward(&g.group_norm, b, dx, &dn, &s.x, &s.norm)?;
+        arena.release_all_to(mark);
+        Ok(())
+    }
+}
+
+/// What the VAE attention's backward reads.
+#[derive(Clone, Copy, Debug)]
+pub struct VaeAttentionSaved {
+    pub x: Fmap,
+    pub norm: GroupNormOut,
+    pub attn: AttentionSaved,
+    pub out: Fmap,
 }

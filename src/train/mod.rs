@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod run;
 pub mod schedule;
+pub mod vae;
 
 use crate::backend::Backend;
 use crate::models::clip::{ClipActs, ClipParams, ClipTextModel};
@@ -81,16 +82,16 @@ pub struct StepStats {
 }
 
 /// A model's optimizer state: gradients and AdamW moments laid out like its parameters.
-struct OptState {
-    params_pool: PoolId,
-    len: usize,
-    grads: Tensor,
-    m: Tensor,
-    v: Tensor,
+pub(crate) struct OptState {
+    pub(crate) params_pool: PoolId,
+    pub(crate) len: usize,
+    pub(crate) grads: Tensor,
+    pub(crate) m: Tensor,
+    pub(crate) v: Tensor,
 }
 
 impl OptState {
-    fn new(b: &mut dyn Backend, table: &Layout, grads_pool: PoolId, label: &str) -> Result<OptState> {
+    pub(crate) fn new(b: &mut dyn Backend, table: &Layout, grads_pool: PoolId, label: &str) -> Result<OptState> {
         let len = table.total();
         let whole = |pool| Tensor { pool, offset: 0, shape: [len].into() };
         let m = b.alloc(len, &format!("{label}.adam_m"))?;
@@ -98,7 +99,7 @@ impl OptState {
         Ok(OptState { params_pool: table.pool(), len, grads: whole(grads_pool), m: whole(m), v: whole(v) })
     }
 
-    fn params(&self) -> Tensor {
+    pub(crate) fn params(&self) -> Tensor {
         Tensor { pool: self.params_pool, offset: 0, shape: [self.len].into() }
     }
 }
