@@ -111,6 +111,10 @@ enum Command {
     /// `pixel_values`, `input_ids`, `noise`, `timesteps`); writes the updated pipeline and prints the
     /// loss and gradient norm as JSON. The parity hook for checking a step against PyTorch.
     TrainStep(TrainStepArgs),
+    /// Train the VAE (encoder and decoder): reconstruction MSE plus kl_weight × KL, AdamW. From a
+    /// VAE or pipeline folder (--model), or from scratch (--config vae_config.json). Writes
+    /// OUTPUT/checkpoint-N VAE folders (config.json + diffusion_pytorch_model.safetensors).
+    TrainVae(TrainVaeArgs),
     /// Build training/test manifests from MIMIC-CXR-JPG or the IU X-ray reports (the paper's filtering).
     #[command(subcommand)]
     Prepare(roentgen::prepare::PrepareCommand),
@@ -340,6 +344,48 @@ struct TrainArgs {
 }
 
 #[derive(Args)]
+struct TrainVaeArgs {
+    /// A VAE folder, or a pipeline folder (its vae/), to fine-tune.
+    #[arg(long, conflicts_with = "config")]
+    model: Option<PathBuf>,
+    /// A VAE config.json to train from scratch (PyTorch's default initialisation).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Manifest (JSONL or CSV with image,text columns; the text is not used).
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    resolution: usize,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f32,
+    /// Weight of the KL term.
+    #[arg(long, default_value_t = 1e-6)]
+    kl_weight: f32,
+    /// Global gradient-norm clipping (0 turns it off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: usize,
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    overwrite: bool,
+    #[arg(long, default_value = "fail")]
+    on_bad_image: roentgen::train::data::OnBadImage,
+}
+
+#[derive(Args)]
 struct TrainStepArgs {
     /// The pipeline folder (diffusers layout).
     #[arg(long)]
@@ -463,6 +509,39 @@ fn run(cli: Cli) -> Result<()> {
                 "{}",
                 serde_json::json!({"loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr, "output": a.output.display().to_string()})
             );
+            Ok(())
+        }
+        Command::TrainVae(a) => {
+            let mut b = backend::create(cli.global.device)?;
+            let cfg = roentgen::train::vae::TrainVaeConfig {
+                model: a.model.clone(),
+                config: a.config.clone(),
+                data: a.data.clone(),
+                output: a.output.clone(),
+                resolution: a.resolution,
+                batch_size: a.batch_size,
+                steps: a.steps,
+                seed: a.seed,
+                optim: roentgen::train::OptimOptions {
+                    lr: a.lr,
+                    max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+                    ..Default::default()
+                },
+                kl_weight: a.kl_weight,
+                checkpoint_every: a.checkpoint_every,
+                log_every: a.log_every,
+                resume: a.resume,
+                overwrite: a.overwrite,
+                on_bad_image: a.on_bad_image,
+            };
+            let bar = indicatif::ProgressBar::new(a.steps as u64);
+            let mut log = |s: &roentgen::train::vae::VaeStats| {
+                bar.set_position(s.step as u64);
+                bar.set_message(format!("loss {:.4} (rec {:.4}, kl {:.1})", s.loss, s.rec_loss, s.kl));
+            };
+            let last = roentgen::train::vae::train_vae(b.as_mut(), &cfg, &mut log)?;
+            bar.finish_and_clear();
+            println!("{}", serde_json::json!({"checkpoint": last.display().to_string()}));
             Ok(())
         }
         Command::Prepare(cmd) => roentgen::prepare::run(cmd),

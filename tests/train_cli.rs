@@ -364,3 +364,47 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
         .collect();
     assert!(leftovers.is_empty(), "temporary folders left behind");
 }
+
+#[test]
+fn train_vae_from_scratch_lowers_the_reconstruction_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_dataset(&dir.path().join("data"), 6);
+    let out = dir.path().join("vae-run");
+    let cfg = fixture("vae-a/config.json");
+    let (code, stdout, err) = run_cli(
+        &[
+            "train-vae",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--resolution",
+            "16",
+            "--batch-size",
+            "2",
+            "--steps",
+            "40",
+            "--lr",
+            "2e-3",
+            "--log-every",
+            "1",
+            "--kl-weight",
+            "1e-4",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let rec: Vec<f64> = std::fs::read_to_string(out.join("train_vae_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["rec_loss"].as_f64().unwrap())
+        .collect();
+    let (first, last) = (rec[..5].iter().sum::<f64>() / 5.0, rec[35..].iter().sum::<f64>() / 5.0);
+    println!("VAE reconstruction MSE: steps 1-5 {first:.4}, steps 36-40 {last:.4}");
+    assert!(last < 0.5 * first, "{first} → {last}");
+    let ck: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let mut b = roentgen::backend::cpu::CpuBackend::new();
+    roentgen::models::vae::AutoencoderKL::load(&mut b, Path::new(ck["checkpoint"].as_str().unwrap()), None).unwrap();
+}

@@ -53,6 +53,52 @@ pub fn randomize(backend: &dyn Backend, table: &Layout, seed: u64) -> Result<()>
     Ok(())
 }
 
+/// PyTorch's default initialisation, for models trained from scratch (the paper's "Rnd U-Net", a
+/// new VAE): weights of linear and convolution layers uniform in ±1/√fan_in (kaiming_uniform with
+/// a = √5), their biases uniform in ±1/√fan_in of the weight, normalisation weights 1 and biases 0,
+/// embeddings N(0, 1) scaled as transformers does (std 0.02). Deterministic per seed.
+pub fn init_default(backend: &dyn Backend, table: &Layout, seed: u64) -> Result<()> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut buf = Vec::new();
+    for (i, e) in table.entries().iter().enumerate() {
+        let n = e.shape.numel();
+        buf.clear();
+        buf.resize(n, 0f32);
+        let weight_of_bias = e.name.strip_suffix(".bias").map(|p| format!("{p}.weight"));
+        let is_norm = e.name.contains("norm") && e.shape.rank() == 1;
+        let bound = if e.name.contains("embedding") {
+            None
+        } else if is_norm {
+            if e.name.ends_with(".weight") {
+                buf.fill(1.0);
+            }
+            None
+        } else if let Some(w) = weight_of_bias {
+            table.find(&w).filter(|w| w.shape.rank() >= 2).map(|w| 1.0 / ((w.shape.numel() / w.shape.dims()[0]) as f64).sqrt())
+        } else if e.shape.rank() >= 2 {
+            Some(1.0 / ((n / e.shape.dims()[0]) as f64).sqrt())
+        } else {
+            None
+        };
+        let embedding = e.name.contains("embedding") && e.shape.rank() >= 2;
+        if bound.is_some() || embedding {
+            buf.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+                let mut rng = SplitMix64::new(seed ^ ((i as u64) << 32) ^ (c as u64).wrapping_mul(0x9E37_79B9));
+                for x in chunk.iter_mut() {
+                    *x = match bound {
+                        Some(a) => ((2.0 * rng.next_f64() - 1.0) * a) as f32,
+                        None => 0.02 * rng.next_normal(),
+                    };
+                }
+            });
+        }
+        let t = crate::tensor::Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
+        backend.upload(&t, &buf)?;
+    }
+    Ok(())
+}
+
 /// Typed reads of config.json fields, with transformers' defaults and errors that name the field.
 pub(crate) struct ConfigReader<'a> {
     pub obj: &'a serde_json::Map<String, Value>,

@@ -130,6 +130,47 @@ pub fn save(b: &dyn Backend, dest: &Path, c: &CheckpointContents) -> Result<()> 
     Ok(())
 }
 
+/// Writes a single-component checkpoint (the VAE of `train-vae`): `config.json`, the weights as
+/// `diffusion_pytorch_model.safetensors` (loadable by diffusers' `from_pretrained` on the folder),
+/// and `training_state/`, atomically.
+pub fn save_component(
+    b: &dyn Backend,
+    dest: &Path,
+    config: &serde_json::Value,
+    table: &Layout,
+    optimizer: &[(&str, Tensor, Tensor)],
+    state: &serde_json::Value,
+) -> Result<()> {
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = dest.file_name().context("checkpoint path has no name")?.to_string_lossy().into_owned();
+    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(tmp.join("training_state")).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)? + "\n")?;
+    mark_f32(&tmp.join("config.json"))?;
+    save_table(b, table, &tmp.join("diffusion_pytorch_model.safetensors"))?;
+    let mut moments = Vec::new();
+    for (n, m, v) in optimizer {
+        moments.push((format!("{n}.exp_avg"), b.download(m)?));
+        moments.push((format!("{n}.exp_avg_sq"), b.download(v)?));
+    }
+    let refs: Vec<(&str, Vec<usize>, OutTensor)> =
+        moments.iter().map(|(n, v)| (n.as_str(), vec![v.len()], OutTensor::F32(v))).collect();
+    write_atomic(&tmp.join("training_state/optimizer.safetensors"), &refs)?;
+    std::fs::write(tmp.join("training_state/trainer.json"), serde_json::to_string_pretty(state)?)?;
+    if dest.exists() {
+        let old = parent.join(format!(".old-{name}-{}", std::process::id()));
+        std::fs::rename(dest, &old)?;
+        std::fs::rename(&tmp, dest)?;
+        std::fs::remove_dir_all(&old).ok();
+    } else {
+        std::fs::rename(&tmp, dest).with_context(|| format!("{}: cannot rename into place", dest.display()))?;
+    }
+    Ok(())
+}
+
 /// The newest `checkpoint-N` folder under `dir` (or `dir` itself when it is a checkpoint).
 pub fn latest(dir: &Path) -> Result<PathBuf> {
     if dir.join("training_state/trainer.json").is_file() {

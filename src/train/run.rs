@@ -68,8 +68,10 @@ impl Models {
         let (clip, _) = ClipTextModel::load(b, &weights::component_dir(dir, "text_encoder")?, variant)?;
         let unet_dir = weights::component_dir(dir, "unet")?;
         let unet = if unet_random {
-            // The paper's "Rnd U-Net": the architecture of the config, trained from random weights.
-            UNet::random(b, crate::models::unet::UNetConfig::from_file(&unet_dir.join("config.json"))?, seed)?
+            // The paper's "Rnd U-Net": the architecture of the config, from PyTorch's default init.
+            let u = UNet::allocate(b, crate::models::unet::UNetConfig::from_file(&unet_dir.join("config.json"))?)?;
+            crate::models::init_default(b, &u.table, seed)?;
+            u
         } else {
             UNet::load(b, &unet_dir, variant)?.0
         };
@@ -123,7 +125,7 @@ impl Encoder {
 }
 
 /// The epoch's order of example indices: Fisher–Yates with a stream of (seed, epoch).
-fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+pub(crate) fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut rng = SplitMix64::new(seed ^ 0xDA7A_0000_0000_0000 ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut v: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
@@ -134,12 +136,16 @@ fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 }
 
 fn ensure_output(cfg: &TrainConfig) -> Result<()> {
-    let out = &cfg.output;
+    prepare_output(&cfg.output, cfg.resume, cfg.overwrite)
+}
+
+/// Refuses a non-empty output folder unless resuming or overwriting; creates it.
+pub(crate) fn prepare_output(out: &Path, resume: bool, overwrite: bool) -> Result<()> {
     let non_empty = out.is_dir() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
     if out.exists() && !out.is_dir() {
         bail!("--output {}: exists and is not a folder", out.display());
     }
-    if non_empty && !cfg.resume && !cfg.overwrite {
+    if non_empty && !resume && !overwrite {
         bail!(
             "--output {}: the folder exists and is not empty; pass --resume to continue its latest checkpoint, \
              or --overwrite to write new checkpoints into it",

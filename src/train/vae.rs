@@ -155,6 +155,27 @@ impl VaeTrainer {
         result
     }
 
+    /// The AdamW moments (for checkpoints) and a restore for `--resume`.
+    pub fn optimizer_pools(&self) -> Vec<(&'static str, Tensor, Tensor)> {
+        vec![("vae", self.opt.m, self.opt.v)]
+    }
+
+    pub fn restore(&mut self, b: &dyn Backend, moments: &[(String, Vec<f32>)], step: usize) -> Result<()> {
+        for (suffix, t) in [("exp_avg", self.opt.m), ("exp_avg_sq", self.opt.v)] {
+            let v = moments
+                .iter()
+                .find(|(n, _)| *n == format!("vae.{suffix}"))
+                .map(|(_, v)| v)
+                .ok_or_else(|| anyhow::anyhow!("the checkpoint has no optimizer state 'vae.{suffix}'"))?;
+            if v.len() != self.opt.len {
+                bail!("optimizer state 'vae.{suffix}' has {} values; this VAE needs {}", v.len(), self.opt.len);
+            }
+            b.upload(&t, v)?;
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// One AdamW step on a batch (global-norm clipping as the U-Net trainer).
     pub fn train_step(
         &mut self,
@@ -195,4 +216,112 @@ impl VaeTrainer {
         )?;
         Ok(VaeStats { step: self.step, loss, rec_loss: rec, kl, grad_norm, lr })
     }
+}
+
+/// `roentgen train-vae` settings.
+#[derive(Clone, Debug)]
+pub struct TrainVaeConfig {
+    /// A VAE folder or a pipeline folder (its vae/) to fine-tune, or None with `config`.
+    pub model: Option<std::path::PathBuf>,
+    /// A VAE config.json to train from scratch (PyTorch's default initialisation).
+    pub config: Option<std::path::PathBuf>,
+    pub data: std::path::PathBuf,
+    pub output: std::path::PathBuf,
+    pub resolution: usize,
+    pub batch_size: usize,
+    pub steps: usize,
+    pub seed: u64,
+    pub optim: OptimOptions,
+    pub kl_weight: f32,
+    pub checkpoint_every: usize,
+    pub log_every: usize,
+    pub resume: bool,
+    pub overwrite: bool,
+    pub on_bad_image: super::data::OnBadImage,
+}
+
+/// Runs `roentgen train-vae`; returns the last checkpoint (a VAE component folder).
+pub fn train_vae(
+    b: &mut dyn Backend,
+    cfg: &TrainVaeConfig,
+    log: &mut dyn FnMut(&VaeStats),
+) -> Result<std::path::PathBuf> {
+    use crate::models::vae::VaeConfig;
+    use crate::rng::SplitMix64;
+    use anyhow::Context;
+    use std::io::Write;
+    if cfg.resolution == 0 || cfg.batch_size == 0 || cfg.steps == 0 {
+        bail!("--resolution, --batch-size and --steps must be positive");
+    }
+    super::run::prepare_output(&cfg.output, cfg.resume, cfg.overwrite)?;
+    let resume_from = if cfg.resume { Some(super::checkpoint::latest(&cfg.output)?) } else { None };
+    // The model: a checkpoint to resume, a VAE (or pipeline) to fine-tune, or a config from scratch.
+    let (vae, config_json) = if let Some(ck) = &resume_from {
+        (AutoencoderKL::load(b, ck, None)?.0, crate::weights::read_json(&ck.join("config.json"))?)
+    } else if let Some(m) = &cfg.model {
+        let dir =
+            if crate::weights::is_pipeline_folder(m) { crate::weights::component_dir(m, "vae")? } else { m.clone() };
+        (AutoencoderKL::load(b, &dir, None)?.0, crate::weights::read_json(&dir.join("config.json"))?)
+    } else if let Some(c) = &cfg.config {
+        let v = AutoencoderKL::allocate(b, VaeConfig::from_file(c)?)?;
+        crate::models::init_default(b, &v.table, cfg.seed)?;
+        (v, crate::weights::read_json(c)?)
+    } else {
+        bail!("give --model (a VAE or pipeline folder to fine-tune) or --config (a VAE config to train from scratch)");
+    };
+    let rows = super::data::read_manifest(&cfg.data)?;
+    let (good, bad): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| image::image_dimensions(&r.image).is_ok());
+    if !bad.is_empty() {
+        match cfg.on_bad_image {
+            super::data::OnBadImage::Fail => bail!(
+                "{} unreadable or missing image(s), e.g. {}:{}: {} (use --on-bad-image skip to leave them out)",
+                bad.len(),
+                cfg.data.display(),
+                bad[0].line,
+                bad[0].image.display()
+            ),
+            super::data::OnBadImage::Skip => {
+                eprintln!("warning: skipping {} unreadable or missing image(s)", bad.len())
+            }
+        }
+    }
+    if good.is_empty() {
+        bail!("{}: no usable rows", cfg.data.display());
+    }
+    let mut tr = VaeTrainer::new(b, &vae, cfg.optim.clone(), cfg.kl_weight, cfg.batch_size, cfg.resolution)?;
+    if let Some(ck) = &resume_from {
+        let (state, moments) = super::checkpoint::read_state(ck)?;
+        let step = state.get("step").and_then(|v| v.as_u64()).context("trainer.json: no step")? as usize;
+        tr.restore(b, &moments, step)?;
+    }
+    let f = vae.config.scale_factor();
+    let per_eps = vae.config.latent_channels * (cfg.resolution / f) * (cfg.resolution / f);
+    let log_path = cfg.output.join("train_vae_log.jsonl");
+    let mut log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let mut last = resume_from.clone();
+    let n = good.len();
+    while tr.step < cfg.steps {
+        let step = tr.step + 1;
+        let mut rng = SplitMix64::new(cfg.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        let mut images = Vec::with_capacity(cfg.batch_size * 3 * cfg.resolution * cfg.resolution);
+        for k in 0..cfg.batch_size {
+            let counter = (step - 1) * cfg.batch_size + k;
+            let idx = super::run::permutation(n, cfg.seed, (counter / n) as u64)[counter % n];
+            images.extend(super::data::load_image(&good[idx].image, cfg.resolution)?);
+        }
+        let eps: Vec<f32> = (0..cfg.batch_size * per_eps).map(|_| rng.next_normal()).collect();
+        let s = tr.train_step(b, &vae, &images, &eps, cfg.steps)?;
+        if s.step % cfg.log_every.max(1) == 0 || s.step == cfg.steps {
+            writeln!(log_file, "{}", serde_json::to_string(&s)?)?;
+        }
+        log(&s);
+        if (cfg.checkpoint_every > 0 && s.step % cfg.checkpoint_every == 0) || s.step == cfg.steps {
+            let dest = cfg.output.join(format!("checkpoint-{}", s.step));
+            let state = serde_json::json!({"step": s.step, "seed": cfg.seed, "kl_weight": cfg.kl_weight,
+                "resolution": cfg.resolution, "batch_size": cfg.batch_size, "lr": cfg.optim.lr, "loss": s.loss});
+            super::checkpoint::save_component(b, &dest, &config_json, &vae.table, &tr.optimizer_pools(), &state)?;
+            last = Some(dest);
+        }
+    }
+    last.context("no step was run (the checkpoint is already at --steps)")
 }
