@@ -1,14 +1,32 @@
 //! `roentgen eval`: MS-SSIM diversity and FID with three feature networks (issue 6).
 
-use anyhow::{bail, Result};
+pub mod clip_vision;
+pub mod densenet;
+pub mod features;
+pub mod fid;
+pub mod frechet;
+pub mod inception;
+pub mod msssim;
+pub mod ops;
+pub mod resize;
+pub mod tensors;
+
+use anyhow::Result;
 use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
-    /// (not built yet)
-    MsSsim,
+    /// Intra-prompt diversity: mean MS-SSIM over all image pairs sharing a prompt (paper, Figure 3).
+    MsSsim(msssim::MsSsimArgs),
+    /// Fréchet distance between the feature distributions of two image folders (InceptionV3,
+    /// TorchXRayVision DenseNet-121 or CLIP features; paper, Table 1).
+    #[command(after_long_help = fid::CONVERT_HELP)]
+    Fid(fid::FidArgs),
 }
 
-pub fn run(_cmd: EvalCommand) -> Result<()> {
-    bail!("`roentgen eval` is not built yet (issue 6)")
+pub fn run(cmd: EvalCommand) -> Result<()> {
+    match cmd {
+        EvalCommand::MsSsim(a) => msssim::run(a),
+        EvalCommand::Fid(a) => fid::run(a),
+    }
 }

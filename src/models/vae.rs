@@ -123,10 +123,6 @@ impl MidBlock {
         }
     }
 
-    fn forward(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<Fmap> {
-        Ok(self.forward_saved(b, arena, x)?.r1.out)
-    }
-
     fn forward_saved(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<MidSaved> {
         let r0 = self.resnets[0].forward_saved(b, arena, x, None)?;
         let attn = match &self.attention {

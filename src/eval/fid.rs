@@ -1,0 +1,289 @@
+//! `roentgen eval fid`: the Fréchet distance between the feature distributions of two image folders,
+//! with InceptionV3 (pytorch-fid), TorchXRayVision's DenseNet-121 or CLIP's image tower.
+//!
+//! Features are cached per folder in `.roentgen-features-<net>-<key>.safetensors` (tensor
+//! `features` [N, D]; the metadata lists each image's name, size and modification time), where
+//! `<key>` hashes the weights file (and the CLIP config). A later run reuses the rows of unchanged
+//! images and computes only new or modified ones; removed images drop out. A folder that is not
+//! writable just goes uncached (with a warning).
+
+use super::features::{list_images, load_image, FeatureKind, FeatureNet};
+use super::frechet::{frechet_distance, stats};
+use anyhow::{anyhow, bail, Context, Result};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// How to obtain each network's weights as safetensors (shown by `--help`).
+pub const CONVERT_HELP: &str = "\
+Weights are safetensors files with the public releases' tensor names. To convert:
+
+  inception (pytorch-fid's pt_inception-2015-12-05):
+    import torch, safetensors.torch; from pytorch_fid.inception import FID_WEIGHTS_URL
+    sd = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location=\"cpu\")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, \"pt_inception-2015-12-05.safetensors\")
+
+  xrv (TorchXRayVision densenet121-res224-all):
+    import torchxrayvision as xrv, safetensors.torch
+    m = xrv.models.DenseNet(weights=\"densenet121-res224-all\")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, \"xrv-densenet121-res224-all.safetensors\")
+
+  clip, clip-proj (openai/clip-vit-base-patch32; a transformers CLIPModel or
+  CLIPVisionModelWithProjection model.safetensors also works as it is):
+    import safetensors.torch; from transformers import CLIPVisionModelWithProjection
+    m = CLIPVisionModelWithProjection.from_pretrained(\"openai/clip-vit-base-patch32\")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, \"clip-vit-base-patch32-vision.safetensors\")
+";
+
+#[derive(clap::Args, Debug)]
+pub struct FidArgs {
+    /// Folder of real images (PNG 8/16-bit gray or RGB, JPEG; not recursive).
+    #[arg(long)]
+    pub real: PathBuf,
+    /// Folder of generated images.
+    #[arg(long)]
+    pub fake: PathBuf,
+    /// Feature network: inception (2048-d pool3), xrv (1024-d), clip (pooled, 768-d for ViT-B/32),
+    /// clip-proj (projected, 512-d).
+    #[arg(long, value_enum)]
+    pub features: FeatureKind,
+    /// The network's weights (safetensors; see below for converting the public releases).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// transformers config.json of the CLIP model, for towers other than ViT-B/32.
+    #[arg(long)]
+    pub clip_config: Option<PathBuf>,
+    /// Neither read nor write the per-folder feature cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Print a JSON object on stdout instead of the text line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The features of one folder and where they came from.
+pub struct FolderFeatures {
+    pub dir: PathBuf,
+    pub n: usize,
+    pub dims: usize,
+    pub features: Vec<f32>,
+    pub reused: usize,
+    pub computed: usize,
+    pub cache: Option<PathBuf>,
+}
+
+pub fn run(a: FidArgs) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    // Check both folders before the (slow) work.
+    let real_list = list_images(&a.real)?;
+    let fake_list = list_images(&a.fake)?;
+    for (dir, list) in [(&a.real, &real_list), (&a.fake, &fake_list)] {
+        if list.len() < 2 {
+            bail!(
+                "{}: {} image; FID needs at least 2 per folder (a covariance of one sample is undefined)",
+                dir.display(),
+                list.len()
+            );
+        }
+    }
+    let net = FeatureNet::load(a.features, &a.weights, a.clip_config.as_deref())?;
+    let key = if a.no_cache { 0 } else { cache_key(&a.weights, a.clip_config.as_deref())? };
+    let real = folder_features(&a.real, &net, a.features, key, !a.no_cache)?;
+    let fake = folder_features(&a.fake, &net, a.features, key, !a.no_cache)?;
+    let (d, name) = (real.dims, a.features.name());
+    let fid = frechet_distance(&stats(&real.features, real.n, d)?, &stats(&fake.features, fake.n, d)?)?;
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        let folder = |f: &FolderFeatures| {
+            serde_json::json!({"dir": f.dir.display().to_string(), "images": f.n, "cached": f.reused,
+                "computed": f.computed, "cache": f.cache.as_ref().map(|p| p.display().to_string())})
+        };
+        let v = serde_json::json!({"fid": fid, "features": name, "dims": d,
+            "weights": a.weights.display().to_string(), "real": folder(&real), "fake": folder(&fake), "seconds": secs});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("FID {fid:.6} ({name}, {d}-d features; real: {} images, fake: {} images)", real.n, fake.n);
+    }
+    Ok(())
+}
+
+/// Features of every image in `dir`, reusing the cache where it is valid.
+pub fn folder_features(
+    dir: &Path,
+    net: &FeatureNet,
+    kind: FeatureKind,
+    key: u64,
+    use_cache: bool,
+) -> Result<FolderFeatures> {
+    let paths = list_images(dir)?;
+    let dims = net.dims();
+    let entries: Vec<Entry> = paths.iter().map(|p| Entry::of(p)).collect::<Result<_>>()?;
+    let cache = use_cache.then(|| dir.join(format!(".roentgen-features-{}-{key:016x}.safetensors", kind.name())));
+    let mut known: HashMap<Entry, Vec<f32>> = HashMap::new();
+    if let Some(c) = cache.as_ref().filter(|c| c.exists()) {
+        match read_cache(c, dims) {
+            Ok(m) => known = m,
+            Err(e) => eprintln!("warning: ignoring the feature cache: {e:#}"),
+        }
+    }
+    let mut out = vec![0f32; paths.len() * dims];
+    let mut todo = Vec::new();
+    let mut reused = 0;
+    for (i, e) in entries.iter().enumerate() {
+        match known.get(e) {
+            Some(f) => {
+                out[i * dims..(i + 1) * dims].copy_from_slice(f);
+                reused += 1;
+            }
+            None => todo.push(i),
+        }
+    }
+    let bar = indicatif::ProgressBar::new(todo.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bar:40} {pos}/{len} images [{elapsed_precise} < {eta_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("{} features of {}", kind.name(), dir.display()));
+    let computed: Vec<(usize, Vec<f32>)> = todo
+        .par_iter()
+        .map(|&i| {
+            let p = &paths[i];
+            let f = net.extract(&load_image(p)?).with_context(|| format!("{}: feature extraction", p.display()))?;
+            if f.len() != dims || f.iter().any(|v| !v.is_finite()) {
+                bail!(
+                    "{}: the network produced {} features, {} non-finite",
+                    p.display(),
+                    f.len(),
+                    f.iter().filter(|v| !v.is_finite()).count()
+                );
+            }
+            bar.inc(1);
+            Ok((i, f))
+        })
+        .collect::<Result<_>>()?;
+    bar.finish_and_clear();
+    for (i, f) in &computed {
+        out[i * dims..(i + 1) * dims].copy_from_slice(f);
+    }
+    let n = paths.len();
+    let mut cache = cache;
+    if let Some(c) = &cache {
+        if !computed.is_empty() || known.len() != reused {
+            if let Err(e) = write_cache(c, kind, key, &entries, &out, dims) {
+                eprintln!("warning: features not cached: {e:#}");
+                cache = None;
+            }
+        }
+    }
+    eprintln!("{}: {n} images ({} computed, {reused} from the cache)", dir.display(), computed.len());
+    Ok(FolderFeatures { dir: dir.to_path_buf(), n, dims, features: out, reused, computed: computed.len(), cache })
+}
+
+/// One image as the cache identifies it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+struct Entry {
+    name: String,
+    size: u64,
+    mtime_ns: u64,
+}
+
+impl Entry {
+    fn of(p: &Path) -> Result<Entry> {
+        let m = std::fs::metadata(p).with_context(|| format!("{}: cannot read", p.display()))?;
+        let mtime_ns = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let name = p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(Entry { name, size: m.len(), mtime_ns })
+    }
+}
+
+fn read_cache(path: &Path, dims: usize) -> Result<HashMap<Entry, Vec<f32>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let files = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("files"))
+        .ok_or_else(|| anyhow!("{}: no file list in the metadata", path.display()))?;
+    let entries: Vec<Entry> =
+        serde_json::from_str(files).with_context(|| format!("{}: corrupt file list", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let t = st.tensor("features").map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if t.dtype() != safetensors::Dtype::F32 || t.shape() != [entries.len(), dims] {
+        bail!(
+            "{}: features {:?} {:?} do not match {} images × {dims}",
+            path.display(),
+            t.dtype(),
+            t.shape(),
+            entries.len()
+        );
+    }
+    let v: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    Ok(entries.into_iter().zip(v.chunks_exact(dims.max(1))).map(|(e, f)| (e, f.to_vec())).collect())
+}
+
+fn write_cache(path: &Path, kind: FeatureKind, key: u64, entries: &[Entry], feats: &[f32], dims: usize) -> Result<()> {
+    let bytes: Vec<u8> = feats.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![entries.len(), dims], &bytes)
+        .map_err(|e| anyhow!("{e}"))?;
+    let meta: HashMap<String, String> = [
+        ("files".to_string(), serde_json::to_string(entries)?),
+        ("network".to_string(), kind.name().to_string()),
+        ("key".to_string(), format!("{key:016x}")),
+        ("software".to_string(), format!("roentgen {}", env!("CARGO_PKG_VERSION"))),
+    ]
+    .into();
+    let out = safetensors::serialize(vec![("features".to_string(), view)], Some(meta)).map_err(|e| anyhow!("{e}"))?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, out).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}
+
+/// The cache key: a hash of the weights file's bytes (and of the CLIP config, which changes the
+/// network), so other weights never reuse these features.
+pub fn cache_key(weights: &Path, clip_config: Option<&Path>) -> Result<u64> {
+    let f = std::fs::File::open(weights).with_context(|| format!("{}: cannot open", weights.display()))?;
+    // SAFETY: read-only map; a concurrent writer could only change the hash.
+    let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("{}: cannot map", weights.display()))?;
+    let mut h = hash_bytes(&map);
+    if let Some(c) = clip_config {
+        let b = std::fs::read(c).with_context(|| format!("{}: cannot read", c.display()))?;
+        h = mix(h ^ hash_bytes(&b).rotate_left(17));
+    }
+    Ok(h)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A fast 64-bit content hash (not cryptographic): 8-byte words folded per 16 MiB block in parallel,
+/// blocks combined in order.
+fn hash_bytes(b: &[u8]) -> u64 {
+    const BLOCK: usize = 16 << 20;
+    let hashes: Vec<u64> = b
+        .par_chunks(BLOCK)
+        .map(|blk| {
+            let mut h: u64 = 0x243F_6A88_85A3_08D3;
+            let mut words = blk.chunks_exact(8);
+            for w in &mut words {
+                let v = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+                h = (h.rotate_left(5) ^ v).wrapping_mul(0x517C_C1B7_2722_0A95);
+            }
+            for &x in words.remainder() {
+                h = (h.rotate_left(5) ^ x as u64).wrapping_mul(0x517C_C1B7_2722_0A95);
+            }
+            mix(h)
+        })
+        .collect();
+    hashes.iter().fold(mix(b.len() as u64), |acc, &h| mix(acc.rotate_left(7) ^ h))
+}

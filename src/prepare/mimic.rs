@@ -1,0 +1,340 @@
+//! `roentgen prepare mimic`: the paper's MIMIC-CXR-JPG training and test sets (Section 3, Table 1).
+//!
+//! The rules, in the order they apply (each drop is counted, in images, in the summary):
+//! 1. split: `train` is subject groups p10–p18 minus the official test split ("Nine subgroups (P10-P18,
+//!    excluding the studies used in the official MIMIC-CXR test set)"; the official validate split
+//!    stays in), `p19` is the hold-out group p19 (whatever its official split), `test` is the official
+//!    test split of every group. `--groups` narrows or replaces the groups (e.g. `p10` alone);
+//! 2. view: the image's ViewPosition in the metadata CSV, `--views PA` (default), `AP`, `LATERAL`, a
+//!    comma list, or `all` (no view filter);
+//! 3. the JPEG must exist under `files/` (partial downloads are fine: what is absent is counted);
+//! 4. the study's report must exist and have an IMPRESSION section (see [`super::report`]);
+//! 5. the impression must have ≥ 7 characters and ≤ 77 CLIP tokens;
+//! 6. `--cap-no-finding N` keeps N of the studies labelled "No Finding" = 1.0 by CheXpert, chosen by a
+//!    seeded shuffle (`--seed`), with all their selected images (the paper caps "No finding" reports);
+//! 7. `--sample N` keeps a seeded random N images (the paper's p19 test set has 5,000).
+//!
+//! Rows are one per image, ordered by subject, study and DICOM id; a study with several selected
+//! views appears once per image with the same text.
+
+use super::{report, Count, Row, Summary, TextFilter, TextStats, TextVerdict, FINDINGS};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use rayon::prelude::*;
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub struct MimicArgs {
+    /// MIMIC-CXR-JPG root: files/pXX/pSUBJECT/sSTUDY/DICOM.jpg and mimic-cxr-2.0.0-metadata.csv,
+    /// -chexpert.csv, -split.csv (or .csv.gz).
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Where the reports are, as files/pXX/pSUBJECT/sSTUDY.txt (MIMIC-CXR's mimic-cxr-reports.zip
+    /// unpacked). Default: --root.
+    #[arg(long)]
+    pub reports: Option<PathBuf>,
+    /// The JSONL manifest to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// train: p10–p18 minus the official test split; p19: the hold-out group; test: the official test split.
+    #[arg(long, value_enum, default_value = "train")]
+    pub split: Split,
+    /// Subject groups, e.g. "p10" or "p10,p11" (default: p10–p18 for train, p19 for p19, all for test).
+    #[arg(long)]
+    pub groups: Option<String>,
+    /// ViewPosition(s) to keep: PA, AP, LATERAL, a comma list, or all.
+    #[arg(long, default_value = "PA")]
+    pub views: String,
+    /// Keep at most N studies labelled "No Finding" (seeded choice).
+    #[arg(long)]
+    pub cap_no_finding: Option<usize>,
+    /// Keep a seeded random sample of N images at the end (e.g. 5000 for the paper's p19 test set).
+    #[arg(long)]
+    pub sample: Option<usize>,
+    /// Seed of the No-Finding cap and the sample.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Drop impressions shorter than this many characters.
+    #[arg(long, default_value_t = 7)]
+    pub min_chars: usize,
+    /// Drop impressions over this many CLIP tokens (BOS/EOS included).
+    #[arg(long, default_value_t = 77)]
+    pub max_tokens: usize,
+    /// CLIP tokenizer (a tokenizer or pipeline folder).
+    #[arg(long, default_value = "weights/sd-v1-4-config")]
+    pub tokenizer: PathBuf,
+    /// Where to write the summary JSON (default: <manifest stem>.summary.json beside the manifest).
+    #[arg(long)]
+    pub summary: Option<PathBuf>,
+    /// Print the summary as one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    P19,
+    Test,
+}
+
+/// Opens `<root>/<base>.csv` or `<root>/<base>.csv.gz`.
+fn open_csv(root: &Path, base: &str) -> Result<(PathBuf, csv::Reader<Box<dyn Read>>)> {
+    for name in [format!("{base}.csv"), format!("{base}.csv.gz")] {
+        let p = root.join(&name);
+        if p.is_file() {
+            let f = std::fs::File::open(&p).with_context(|| format!("{}: cannot open", p.display()))?;
+            let r: Box<dyn Read> = if name.ends_with(".gz") {
+                Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)))
+            } else {
+                Box::new(std::io::BufReader::new(f))
+            };
+            return Ok((p, csv::Reader::from_reader(r)));
+        }
+    }
+    bail!("{}: missing {base}.csv (or .csv.gz)", root.display())
+}
+
+/// Reads a CSV into rows of the named columns, with errors naming the file, line and column.
+fn read_columns(root: &Path, base: &str, cols: &[&str]) -> Result<(PathBuf, Vec<Vec<String>>)> {
+    let (path, mut rdr) = open_csv(root, base)?;
+    let headers = rdr.headers().with_context(|| format!("{}: cannot read the header", path.display()))?.clone();
+    let idx: Vec<usize> = cols
+        .iter()
+        .map(|c| headers.iter().position(|h| h == *c).with_context(|| format!("{}: no column {c:?}", path.display())))
+        .collect::<Result<_>>()?;
+    let mut rows = Vec::new();
+    for (i, rec) in rdr.records().enumerate() {
+        let rec = rec.with_context(|| format!("{}: line {}: malformed CSV", path.display(), i + 2))?;
+        rows.push(idx.iter().map(|&j| rec.get(j).unwrap_or("").trim().to_string()).collect());
+    }
+    Ok((path, rows))
+}
+
+/// A CheXpert cell: 1.0 positive, 0.0 negative, −1.0 uncertain, empty not mentioned.
+fn label(v: &str, path: &Path, line: usize, col: &str) -> Result<Option<f32>> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    match v.parse::<f32>() {
+        Ok(x) if x == 1.0 || x == 0.0 || x == -1.0 => Ok(Some(x)),
+        _ => bail!("{}: line {line}: column {col:?}: {v:?} is not 1.0, 0.0, -1.0 or empty", path.display()),
+    }
+}
+
+struct Image {
+    dicom: String,
+    subject: String,
+    study: String,
+    view: String,
+    group: String,
+}
+
+/// What became of a study's report.
+enum StudyText {
+    MissingReport,
+    NoImpression,
+    Filtered(TextVerdict),
+    Kept { text: String, chars: usize, tokens: usize },
+}
+
+pub fn run(a: MimicArgs) -> Result<()> {
+    let root = super::absolute(&a.root)?;
+    let reports = a.reports.as_deref().map(super::absolute).transpose()?.unwrap_or_else(|| root.clone());
+    let views = super::parse_views(&a.views)?;
+    let groups: Option<BTreeSet<String>> = match (&a.groups, a.split) {
+        (Some(g), _) => Some(g.split(',').map(|x| x.trim().to_ascii_lowercase()).filter(|x| !x.is_empty()).collect()),
+        (None, Split::Train) => Some((10..=18).map(|i| format!("p{i}")).collect()),
+        (None, Split::P19) => Some(["p19".to_string()].into()),
+        (None, Split::Test) => None,
+    };
+    let tok = super::load_tokenizer(&a.tokenizer)?;
+    let filter = TextFilter { min_chars: a.min_chars, max_tokens: a.max_tokens };
+
+    let meta_cols = ["dicom_id", "subject_id", "study_id", "ViewPosition"];
+    let (meta_path, meta) = read_columns(&root, "mimic-cxr-2.0.0-metadata", &meta_cols)?;
+    let (_, split_rows) = read_columns(&root, "mimic-cxr-2.0.0-split", &["dicom_id", "split"])?;
+    let official: HashMap<String, String> =
+        split_rows.into_iter().map(|mut r| (r.swap_remove(0), r.swap_remove(0))).collect();
+    let mut chex_cols = vec!["subject_id", "study_id"];
+    chex_cols.extend_from_slice(&FINDINGS);
+    let (chex_path, chex_rows) = read_columns(&root, "mimic-cxr-2.0.0-chexpert", &chex_cols)?;
+    let mut labels: HashMap<(String, String), Vec<Option<f32>>> = HashMap::new();
+    for (i, r) in chex_rows.iter().enumerate() {
+        let v =
+            FINDINGS.iter().enumerate().map(|(k, f)| label(&r[k + 2], &chex_path, i + 2, f)).collect::<Result<_>>()?;
+        labels.insert((r[0].clone(), r[1].clone()), v);
+    }
+
+    let mut images = Vec::with_capacity(meta.len());
+    for (i, r) in meta.into_iter().enumerate() {
+        let [dicom, subject, study, view]: [String; 4] = r.try_into().expect("four columns");
+        if subject.len() < 2 || !subject.bytes().all(|b| b.is_ascii_digit()) || study.is_empty() || dicom.is_empty() {
+            bail!(
+                "{}: line {}: bad dicom_id/subject_id/study_id {dicom:?}/{subject:?}/{study:?}",
+                meta_path.display(),
+                i + 2
+            );
+        }
+        let group = format!("p{}", &subject[..2]);
+        images.push(Image { dicom, subject, study, view, group });
+    }
+    if images.is_empty() {
+        bail!("{}: no images listed", meta_path.display());
+    }
+    images.sort_by(|x, y| (&x.subject, &x.study, &x.dicom).cmp(&(&y.subject, &y.study, &y.dicom)));
+
+    let mut dropped: Vec<(&str, usize)> = Vec::new();
+    let mut count_drop = |name: &'static str, n: usize| dropped.push((name, n));
+    // 1. split and groups.
+    let n0 = images.len();
+    images.retain(|im| {
+        let in_group = groups.as_ref().map_or(true, |g| g.contains(&im.group));
+        let test = official.get(&im.dicom).is_some_and(|s| s == "test");
+        in_group
+            && match a.split {
+                Split::Train => !test,
+                Split::P19 => true,
+                Split::Test => test,
+            }
+    });
+    count_drop("split", n0 - images.len());
+    // 2. views.
+    let n0 = images.len();
+    if let Some(v) = &views {
+        images.retain(|im| v.iter().any(|x| x.eq_ignore_ascii_case(&im.view)));
+    }
+    count_drop("view", n0 - images.len());
+    // 3. the JPEG on disk.
+    let path_of = |im: &Image| {
+        root.join("files")
+            .join(&im.group)
+            .join(format!("p{}", im.subject))
+            .join(format!("s{}", im.study))
+            .join(format!("{}.jpg", im.dicom))
+    };
+    let n0 = images.len();
+    let exists: Vec<bool> = images.par_iter().map(|im| path_of(im).is_file()).collect();
+    let mut it = exists.iter();
+    images.retain(|_| *it.next().unwrap_or(&false));
+    if n0 > 0 && images.is_empty() {
+        bail!(
+            "{}: none of the {n0} selected images exist (expected e.g. {})",
+            root.display(),
+            "files/p10/p10000032/s50414267/<dicom_id>.jpg under it"
+        );
+    }
+    count_drop("missing_image", n0 - images.len());
+
+    // 4–5. one report per study, read and filtered in parallel.
+    let mut studies: Vec<(&str, &str, &str)> =
+        images.iter().map(|im| (im.subject.as_str(), im.study.as_str(), im.group.as_str())).collect();
+    studies.dedup();
+    let texts: HashMap<(String, String), StudyText> = studies
+        .par_iter()
+        .map(|&(subject, study, group)| {
+            let p = reports.join("files").join(group).join(format!("p{subject}")).join(format!("s{study}.txt"));
+            let t = match std::fs::read(&p) {
+                Err(_) => StudyText::MissingReport,
+                Ok(bytes) => match report::impression(&String::from_utf8_lossy(&bytes)) {
+                    None => StudyText::NoImpression,
+                    Some(text) => match filter.check(&text, &tok) {
+                        TextVerdict::Keep { chars, tokens } => StudyText::Kept { text, chars, tokens },
+                        v => StudyText::Filtered(v),
+                    },
+                },
+            };
+            ((subject.to_string(), study.to_string()), t)
+        })
+        .collect();
+    let mut counts = [0usize; 4];
+    images.retain(|im| {
+        let k = match &texts[&(im.subject.clone(), im.study.clone())] {
+            StudyText::MissingReport => 0,
+            StudyText::NoImpression => 1,
+            StudyText::Filtered(TextVerdict::TooShort) => 2,
+            StudyText::Filtered(_) => 3,
+            StudyText::Kept { .. } => return true,
+        };
+        counts[k] += 1;
+        false
+    });
+    for (name, n) in ["missing_report", "no_impression", "too_short", "too_many_tokens"].into_iter().zip(counts) {
+        count_drop(name, n);
+    }
+    let labels_of = |im: &Image| labels.get(&(im.subject.clone(), im.study.clone()));
+    // 6. the No-Finding cap, by study.
+    let n0 = images.len();
+    if let Some(cap) = a.cap_no_finding {
+        let nf = FINDINGS.iter().position(|f| *f == "No Finding").expect("No Finding");
+        let is_nf = |im: &Image| labels_of(im).is_some_and(|l| l[nf] == Some(1.0));
+        let mut nf_studies: Vec<(String, String)> =
+            images.iter().filter(|im| is_nf(im)).map(|im| (im.subject.clone(), im.study.clone())).collect();
+        nf_studies.dedup();
+        super::shuffle(&mut nf_studies, a.seed);
+        let keep: BTreeSet<(String, String)> = nf_studies.into_iter().take(cap).collect();
+        images.retain(|im| !is_nf(im) || keep.contains(&(im.subject.clone(), im.study.clone())));
+    }
+    count_drop("no_finding_cap", n0 - images.len());
+    // 7. the sample.
+    let n0 = images.len();
+    if let Some(n) = a.sample.filter(|&n| n < images.len()) {
+        let mut idx: Vec<usize> = (0..images.len()).collect();
+        super::shuffle(&mut idx, a.seed ^ 0x5A3F_0C1E_9B27_D468);
+        let keep: BTreeSet<usize> = idx.into_iter().take(n).collect();
+        let mut i = 0;
+        images.retain(|_| {
+            i += 1;
+            keep.contains(&(i - 1))
+        });
+    }
+    count_drop("sample", n0 - images.len());
+
+    let mut rows = Vec::with_capacity(images.len());
+    let (mut chars, mut tokens) = (Vec::new(), Vec::new());
+    let mut positives = [0usize; FINDINGS.len()];
+    for im in &images {
+        let StudyText::Kept { text, chars: c, tokens: t } = &texts[&(im.subject.clone(), im.study.clone())] else {
+            unreachable!("kept images have kept texts")
+        };
+        chars.push(*c);
+        tokens.push(*t);
+        let mut lab = Map::new();
+        if let Some(l) = labels_of(im) {
+            for (k, v) in l.iter().enumerate() {
+                if let Some(v) = v {
+                    lab.insert(FINDINGS[k].to_string(), json!(v));
+                    positives[k] += (*v == 1.0) as usize;
+                }
+            }
+        }
+        let extra = json!({
+            "subject_id": im.subject, "study_id": im.study, "dicom_id": im.dicom, "view": im.view,
+            "group": im.group, "split": official.get(&im.dicom).map(String::as_str).unwrap_or(""),
+            "chars": c, "tokens": t, "labels": lab,
+        });
+        let Value::Object(extra) = extra else { unreachable!() };
+        rows.push(Row { image: path_of(im).display().to_string(), text: text.clone(), extra });
+    }
+    let summary = Summary {
+        dataset: "mimic-cxr".into(),
+        manifest: a.out.display().to_string(),
+        options: json!({
+            "root": root.display().to_string(), "reports": reports.display().to_string(),
+            "split": format!("{:?}", a.split).to_lowercase(), "groups": groups,
+            "views": views.as_ref().map_or(json!("all"), |v| json!(v)),
+            "cap_no_finding": a.cap_no_finding, "sample": a.sample, "seed": a.seed,
+            "min_chars": a.min_chars, "max_tokens": a.max_tokens, "tokenizer": a.tokenizer.display().to_string(),
+        }),
+        images: rows.len(),
+        studies: images.iter().map(|im| (&im.subject, &im.study)).collect::<BTreeSet<_>>().len(),
+        subjects: Some(images.iter().map(|im| &im.subject).collect::<BTreeSet<_>>().len()),
+        findings: FINDINGS.iter().zip(positives).map(|(f, c)| Count { name: f.to_string(), count: c }).collect(),
+        text: TextStats::new(&chars, &tokens),
+        dropped: dropped.into_iter().map(|(n, c)| Count { name: n.to_string(), count: c }).collect(),
+    };
+    super::finish(&a.out, a.summary.as_deref(), &rows, &summary, a.json)
+}

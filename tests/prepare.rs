@@ -1,0 +1,721 @@
+//! `roentgen prepare`: the paper's manifests from a synthetic MIMIC-CXR-JPG tree in the published
+//! layout (MIMIC-CXR needs credentialed access) and from a real sample of the IU X-ray reports
+//! (tests/fixtures/iu-xray). Each filtering rule has a case that is present only if the rule is
+//! missing (or absent only if the rule is wrong).
+
+mod common;
+use common::*;
+use roentgen::tokenizer::ClipTokenizer;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+fn tokenizer() -> ClipTokenizer {
+    ClipTokenizer::from_dir(&sd14_config()).unwrap()
+}
+
+/// A text of exactly `n` CLIP tokens (BOS/EOS included), spread over several report lines.
+fn text_of_tokens(tok: &ClipTokenizer, n: usize) -> String {
+    let words = ["left", "right", "lung", "base", "opacity", "effusion"];
+    let mut s = String::from("Diffuse");
+    let mut i = 0;
+    while tok.encode(&s).tokens < n {
+        s.push_str(if i % 9 == 8 { "\n " } else { " " });
+        s.push_str(words[i % words.len()]);
+        i += 1;
+    }
+    assert_eq!(tok.encode(&s).tokens, n, "could not build a {n}-token text");
+    s
+}
+
+const STD_REPORT: &str = "                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+ 
+ INDICATION:  ___F with new onset ascites  // eval for infection
+ 
+ TECHNIQUE:  Chest PA and lateral
+ 
+ COMPARISON:  None.
+ 
+ FINDINGS: 
+ 
+ There is no focal consolidation, pleural effusion or pneumothorax.  Bilateral
+ nodular opacities that most likely represent nipple shadows. The
+ cardiomediastinal silhouette is normal.
+ 
+ IMPRESSION: 
+ 
+ No acute cardiopulmonary process.
+";
+
+// Report layouts seen in MIMIC-CXR (the impressions expected are in `expected_texts`).
+const R_INLINE: &str = " FINDINGS: Edema.
+ Impression:   Mild pulmonary edema,
+   slightly improved since ___.
+";
+const R_NUMBERED: &str = " FINDINGS: see below
+
+ IMPRESSION:
+ 
+ 1.  Moderate right pleural effusion.
+ 2.  Left basilar atelectasis.
+ 
+ RECOMMENDATION(S):  Follow-up radiograph in 6 weeks.
+";
+const R_SPACED: &str = " COMPARISON: ___
+ IMPRESSION :  Small left pleural effusion.
+ NOTIFICATION:  Dr. ___ was paged at 10:30 a.m.
+";
+const R_ADDENDUM: &str = " IMPRESSION: Preliminary: no pneumothorax.
+
+ ADDENDUM: reviewed
+ IMPRESSION: Small apical pneumothorax on the right.
+";
+const R_WET_READ: &str = "                                 FINAL REPORT
+ WET READ: ___ ___ 3:15 PM
+  no ptx
+ IMPRESSION: Left lower lobe consolidation
+ concerning for pneumonia.
+";
+
+struct Study {
+    subject: &'static str,
+    study: &'static str,
+    split: &'static str,
+    views: Vec<&'static str>,
+    /// None: no report file.
+    report: Option<String>,
+    labels: Vec<(&'static str, &'static str)>,
+    /// Leave the JPEGs off the disk.
+    no_jpeg: bool,
+    /// No row in the CheXpert CSV.
+    no_labels: bool,
+}
+
+fn st(subject: &'static str, study: &'static str, split: &'static str, views: &[&'static str], report: &str) -> Study {
+    Study {
+        subject,
+        study,
+        split,
+        views: views.to_vec(),
+        report: Some(report.to_string()),
+        labels: vec![],
+        no_jpeg: false,
+        no_labels: false,
+    }
+}
+
+fn with(mut s: Study, labels: &[(&'static str, &'static str)]) -> Study {
+    s.labels = labels.to_vec();
+    s
+}
+
+/// The synthetic collection; the comment says what each study tests. Expected impressions are in
+/// `expected_texts`.
+fn studies(tok: &ClipTokenizer) -> Vec<Study> {
+    let nf = [("No Finding", "1.0")];
+    let long78 = format!(" IMPRESSION:\n {}\n", text_of_tokens(tok, 78));
+    let exact77 = format!(" FINDINGS: Patchy opacity.\n\n IMPRESSION:\n {}\n", text_of_tokens(tok, 77));
+    let mut v = vec![
+        // Standard layout; PA kept, LATERAL dropped by --views PA.
+        with(st("10000032", "50414267", "train", &["PA", "LATERAL"], STD_REPORT), &nf),
+        // Lower-case inline header, impression over two lines; AP.
+        with(st("10000032", "53189527", "train", &["AP"], R_INLINE), &[("Edema", "1.0"), ("Pleural Effusion", "-1.0")]),
+        // Numbered list, ended by RECOMMENDATION(S).
+        with(
+            st("10000764", "57375967", "train", &["PA"], R_NUMBERED),
+            &[("Pleural Effusion", "1.0"), ("Atelectasis", "1.0"), ("No Finding", "")],
+        ),
+        // Space before the colon; NOTIFICATION (with a time's colon) ends it.
+        with(st("11000011", "51029426", "train", &["PA"], R_SPACED), &[("Pleural Effusion", "1.0")]),
+        // No IMPRESSION at all: dropped, not replaced by the findings.
+        with(
+            st("11000011", "52002000", "train", &["PA"], " FINDINGS:\n Enlarged heart.  No effusion.\n"),
+            &[("Cardiomegaly", "1.0")],
+        ),
+        // 6 characters: dropped ("Slight").
+        st("11000183", "50000001", "train", &["PA"], " IMPRESSION: Slight\n"),
+        // 7 characters: kept.
+        with(st("11000183", "50000002", "train", &["PA"], " IMPRESSION:\n Stable.\n"), &[("Support Devices", "1.0")]),
+        // 78 tokens: dropped.
+        st("12000001", "50000003", "train", &["PA"], &long78),
+        // 77 tokens: kept.
+        with(st("12000001", "50000004", "train", &["PA"], &exact77), &[("Lung Opacity", "1.0")]),
+        // Two impressions (an addendum): the last one.
+        with(st("13000001", "50000005", "train", &["PA"], R_ADDENDUM), &[("Pneumothorax", "1.0")]),
+        // CONCLUSION is an impression; no CheXpert row at all.
+        Study {
+            no_labels: true,
+            ..st("14000001", "50000006", "train", &["PA"], " CONCLUSION:\n Cardiomegaly without edema.\n")
+        },
+        // No report file.
+        Study { report: None, ..st("18000001", "50000007", "train", &["PA"], "") },
+        // JPEG missing from disk.
+        Study {
+            no_jpeg: true,
+            ..st("18000001", "50000008", "train", &["PA"], " IMPRESSION: Clear lungs bilaterally.\n")
+        },
+        // Official validate split stays in training; WET READ header before the impression.
+        with(
+            st("10000888", "59000002", "validate", &["PA"], R_WET_READ),
+            &[("Consolidation", "1.0"), ("Pneumonia", "1.0")],
+        ),
+        // Official test split, p10: not in train; in test.
+        with(
+            st("10000999", "59000001", "test", &["PA", "LATERAL"], " IMPRESSION: Large right pleural effusion.\n"),
+            &[("Pleural Effusion", "1.0")],
+        ),
+        // p19: hold-out only.
+        with(
+            st("19000001", "58000001", "train", &["PA"], " Impression: Right lower lobe pneumonia.\n"),
+            &[("Pneumonia", "1.0")],
+        ),
+        with(
+            st("19000002", "58000002", "test", &["PA"], " IMPRESSION: Mild cardiomegaly.\n"),
+            &[("Cardiomegaly", "1.0")],
+        ),
+        with(st("19000003", "58000003", "validate", &["LATERAL"], " IMPRESSION: No acute process.\n"), &nf),
+    ];
+    // More "No Finding" studies for the cap (with the first study: five in train).
+    for (subject, study) in
+        [("15000001", "50000011"), ("16000001", "50000012"), ("17000001", "50000013"), ("18000002", "50000014")]
+    {
+        v.push(with(st(subject, study, "train", &["PA"], STD_REPORT), &nf));
+    }
+    v
+}
+
+/// study id → the impression the manifest must carry.
+fn expected_texts(tok: &ClipTokenizer) -> BTreeMap<&'static str, String> {
+    let n = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut m: BTreeMap<&str, String> = [
+        ("50414267", "No acute cardiopulmonary process."),
+        ("53189527", "Mild pulmonary edema, slightly improved since ___."),
+        ("57375967", "1. Moderate right pleural effusion. 2. Left basilar atelectasis."),
+        ("51029426", "Small left pleural effusion."),
+        ("50000002", "Stable."),
+        ("50000005", "Small apical pneumothorax on the right."),
+        ("50000006", "Cardiomegaly without edema."),
+        ("59000002", "Left lower lobe consolidation concerning for pneumonia."),
+        ("59000001", "Large right pleural effusion."),
+        ("58000001", "Right lower lobe pneumonia."),
+        ("58000002", "Mild cardiomegaly."),
+        ("58000003", "No acute process."),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k, v.to_string()))
+    .collect();
+    m.insert("50000004", n(&text_of_tokens(tok, 77)));
+    for s in ["50000011", "50000012", "50000013", "50000014"] {
+        m.insert(s, "No acute cardiopulmonary process.".into());
+    }
+    m
+}
+
+const FINDINGS: [&str; 14] = roentgen::prepare::FINDINGS;
+
+/// Writes the tree: JPEGs, reports, and the three CSVs (gzip'd when `gz`).
+fn write_tree(root: &Path, studies: &[Study], gz: bool) {
+    let mut meta = String::from(concat!(
+        "dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns,StudyDate,",
+        "StudyTime,ProcedureCodeSequence_CodeMeaning,ViewCodeSequence_CodeMeaning,",
+        "PatientOrientationCodeSequence_CodeMeaning\n"
+    ));
+    let mut split = String::from("dicom_id,study_id,subject_id,split\n");
+    let mut chex = format!("subject_id,study_id,{}\n", FINDINGS.join(","));
+    for (k, s) in studies.iter().enumerate() {
+        let dir = root.join("files").join(format!("p{}", &s.subject[..2])).join(format!("p{}", s.subject));
+        for (i, view) in s.views.iter().enumerate() {
+            let dicom =
+                format!("{:08x}-{:08x}-{:08x}-{:08x}-{:08x}", 0x02aa804e + k, i, k * 7, 0x7bc16630u32, 0x4e384014u32);
+            let (desc, rest) = ("CHEST (PA AND LAT)", "postero-anterior,Erect");
+            meta += &format!(
+                "{dicom},{},{},{desc},{view},3056,2544,21800506,213014.531,{desc},{rest}\n",
+                s.subject, s.study
+            );
+            split += &format!("{dicom},{},{},{}\n", s.study, s.subject, s.split);
+            if !s.no_jpeg {
+                let p = dir.join(format!("s{}", s.study)).join(format!("{dicom}.jpg"));
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                image::GrayImage::from_fn(16, 12, |x, y| image::Luma([(x * 13 + y * 7) as u8])).save(&p).unwrap();
+            }
+        }
+        if let Some(r) = &s.report {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("s{}.txt", s.study)), r).unwrap();
+        }
+        if !s.no_labels {
+            let cells: Vec<&str> =
+                FINDINGS.iter().map(|f| s.labels.iter().find(|(n, _)| n == f).map_or("", |(_, v)| *v)).collect();
+            chex += &format!("{},{},{}\n", s.subject, s.study, cells.join(","));
+        }
+    }
+    for (name, text) in [("metadata", meta), ("split", split), ("chexpert", chex)] {
+        let base = root.join(format!("mimic-cxr-2.0.0-{name}.csv"));
+        if gz {
+            use std::io::Write;
+            let f = std::fs::File::create(base.with_extension("csv.gz")).unwrap();
+            let mut e = flate2::write::GzEncoder::new(f, flate2::Compression::default());
+            e.write_all(text.as_bytes()).unwrap();
+            e.finish().unwrap();
+        } else {
+            std::fs::write(base, text).unwrap();
+        }
+    }
+}
+
+struct Run {
+    rows: Vec<Value>,
+    summary: Value,
+    stdout: String,
+}
+
+fn read_jsonl(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn prepare(args: &[&str], out: &Path) -> Run {
+    let tok = sd14_config().display().to_string();
+    let mut full = vec!["prepare"];
+    full.extend_from_slice(args);
+    full.extend_from_slice(&["--out", out.to_str().unwrap(), "--tokenizer", &tok]);
+    let (code, stdout, err) = run_cli(&full, None);
+    assert_eq!(code, 0, "{full:?}: {err}");
+    let stem = out.file_stem().unwrap().to_str().unwrap();
+    let summary =
+        serde_json::from_str(&std::fs::read_to_string(out.with_file_name(format!("{stem}.summary.json"))).unwrap())
+            .unwrap();
+    Run { rows: read_jsonl(out), summary, stdout }
+}
+
+fn mimic(root: &Path, extra: &[&str], out: &Path) -> Run {
+    let mut a = vec!["mimic", "--root", root.to_str().unwrap()];
+    a.extend_from_slice(extra);
+    prepare(&a, out)
+}
+
+fn studies_of(r: &Run) -> Vec<String> {
+    r.rows.iter().map(|x| x["study_id"].as_str().unwrap().to_string()).collect()
+}
+
+fn dropped(r: &Run, name: &str) -> u64 {
+    r.summary["dropped"].as_array().unwrap().iter().find(|d| d["name"] == name).unwrap()["count"].as_u64().unwrap()
+}
+
+fn tree(gz: bool) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("mimic-cxr-jpg");
+    write_tree(&root, &studies(&tokenizer()), gz);
+    (dir, root)
+}
+
+#[test]
+fn mimic_train_applies_every_rule() {
+    let tok = tokenizer();
+    let (dir, root) = tree(false);
+    let r = mimic(&root, &[], &dir.path().join("train.jsonl"));
+    println!("{}", r.stdout);
+    let got = studies_of(&r);
+    let want = [
+        "50414267", "57375967", "59000002", "51029426", "50000002", "50000004", "50000005", "50000006", "50000011",
+        "50000012", "50000013", "50000014",
+    ];
+    assert_eq!(
+        got.iter().collect::<BTreeSet<_>>(),
+        want.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>().iter().collect()
+    );
+    assert_eq!(got.len(), want.len(), "one row per image");
+    // Rows in subject/study order; images exist; text as expected; only PA.
+    let texts = expected_texts(&tok);
+    for (row, next) in r.rows.iter().zip(r.rows.iter().skip(1)) {
+        assert!(
+            (row["subject_id"].as_str(), row["study_id"].as_str())
+                <= (next["subject_id"].as_str(), next["study_id"].as_str())
+        );
+    }
+    for row in &r.rows {
+        let study = row["study_id"].as_str().unwrap();
+        assert_eq!(row["text"].as_str().unwrap(), texts[study], "study {study}");
+        assert_eq!(row["view"], "PA");
+        let img = PathBuf::from(row["image"].as_str().unwrap());
+        assert!(img.is_absolute() && img.is_file(), "{img:?}");
+        assert!(img.ends_with(format!(
+            "files/p{}/p{}/s{study}/{}.jpg",
+            &row["subject_id"].as_str().unwrap()[..2],
+            row["subject_id"].as_str().unwrap(),
+            row["dicom_id"].as_str().unwrap()
+        )));
+        assert_eq!(row["tokens"].as_u64().unwrap() as usize, tok.encode(&texts[study]).tokens);
+    }
+    // Each rule's drop count (in images).
+    for (name, n) in [
+        ("split", 5),
+        ("view", 2),
+        ("missing_image", 1),
+        ("missing_report", 1),
+        ("no_impression", 1),
+        ("too_short", 1),
+        ("too_many_tokens", 1),
+        ("no_finding_cap", 0),
+        ("sample", 0),
+    ] {
+        assert_eq!(dropped(&r, name), n, "dropped {name}");
+    }
+    // Table 1's rows.
+    let s = &r.summary;
+    assert_eq!(s["images"], 12);
+    assert_eq!(s["studies"], 12);
+    assert_eq!(s["subjects"], 12);
+    let count =
+        |f: &str| s["findings"].as_array().unwrap().iter().find(|x| x["name"] == f).unwrap()["count"].as_u64().unwrap();
+    for (f, n) in [
+        ("No Finding", 5),
+        ("Pleural Effusion", 2),
+        ("Atelectasis", 1),
+        ("Edema", 0),
+        ("Pneumothorax", 1),
+        ("Cardiomegaly", 0),
+        ("Pneumonia", 1),
+        ("Consolidation", 1),
+        ("Support Devices", 1),
+        ("Lung Opacity", 1),
+    ] {
+        assert_eq!(count(f), n, "{f}");
+    }
+    assert_eq!(s["findings"].as_array().unwrap().len(), 14);
+    let chars: Vec<f64> = r.rows.iter().map(|x| x["text"].as_str().unwrap().chars().count() as f64).collect();
+    let tokens: Vec<f64> = r.rows.iter().map(|x| tok.encode(x["text"].as_str().unwrap()).tokens as f64).collect();
+    let ms = |v: &[f64]| {
+        let m = v.iter().sum::<f64>() / v.len() as f64;
+        (m, (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt())
+    };
+    let close = |a: &Value, b: f64| assert!((a.as_f64().unwrap() - b).abs() < 1e-9, "{a} vs {b}");
+    close(&s["text"]["chars_mean"], ms(&chars).0);
+    close(&s["text"]["chars_std"], ms(&chars).1);
+    close(&s["text"]["tokens_mean"], ms(&tokens).0);
+    close(&s["text"]["tokens_std"], ms(&tokens).1);
+    assert!(r.stdout.contains("Mean no. tok.") && r.stdout.contains("Pleural Effusion"), "{}", r.stdout);
+    // Labels travel with the rows: uncertain (-1.0) and negatives kept, empty cells left out.
+    let row = r.rows.iter().find(|x| x["study_id"] == "57375967").unwrap();
+    assert_eq!(row["labels"]["Pleural Effusion"], 1.0);
+    assert!(row["labels"].get("No Finding").is_none());
+}
+
+#[test]
+fn mimic_gzip_csvs_give_the_same_manifest() {
+    let (d1, plain) = tree(false);
+    let (d2, gz) = tree(true);
+    let a = mimic(&plain, &[], &d1.path().join("a.jsonl"));
+    let b = mimic(&gz, &[], &d2.path().join("b.jsonl"));
+    let strip = |r: &Run| {
+        r.rows.iter().map(|x| (x["study_id"].clone(), x["dicom_id"].clone(), x["text"].clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&a), strip(&b));
+}
+
+#[test]
+fn mimic_views() {
+    let (dir, root) = tree(false);
+    let all = mimic(&root, &["--views", "all"], &dir.path().join("all.jsonl"));
+    assert_eq!(all.rows.len(), 14, "PA + the LATERAL of 50414267 + the AP of 53189527");
+    let ap_lat = mimic(&root, &["--views", "AP,lateral"], &dir.path().join("al.jsonl"));
+    let views: Vec<_> =
+        ap_lat.rows.iter().map(|x| (x["study_id"].as_str().unwrap(), x["view"].as_str().unwrap())).collect();
+    assert_eq!(views, [("50414267", "LATERAL"), ("53189527", "AP")]);
+    assert_eq!(ap_lat.rows[1]["text"], "Mild pulmonary edema, slightly improved since ___.");
+    // A report's several views share its text.
+    let pair: Vec<_> = all.rows.iter().filter(|x| x["study_id"] == "50414267").collect();
+    assert_eq!(pair.len(), 2);
+    assert_eq!(pair[0]["text"], pair[1]["text"]);
+}
+
+#[test]
+fn mimic_splits_and_groups() {
+    let (dir, root) = tree(false);
+    let p19 = mimic(&root, &["--split", "p19", "--views", "all"], &dir.path().join("p19.jsonl"));
+    assert_eq!(studies_of(&p19), ["58000001", "58000002", "58000003"], "p19 whatever its official split");
+    let test = mimic(&root, &["--split", "test"], &dir.path().join("test.jsonl"));
+    assert_eq!(studies_of(&test), ["59000001", "58000002"], "official test split, every group");
+    assert!(test.rows.iter().all(|x| x["split"] == "test"));
+    let test_all = mimic(&root, &["--split", "test", "--views", "all"], &dir.path().join("ta.jsonl"));
+    assert_eq!(test_all.rows.len(), 3);
+    let p10 = mimic(&root, &["--groups", "p10"], &dir.path().join("p10.jsonl"));
+    assert_eq!(studies_of(&p10), ["50414267", "57375967", "59000002"]);
+    assert!(p10.rows.iter().all(|x| x["group"] == "p10"));
+}
+
+#[test]
+fn mimic_no_finding_cap_and_sample() {
+    let (dir, root) = tree(false);
+    let nf_studies = |r: &Run| {
+        r.rows
+            .iter()
+            .filter(|x| x["labels"]["No Finding"] == 1.0)
+            .map(|x| x["study_id"].as_str().unwrap().to_string())
+            .collect::<BTreeSet<_>>()
+    };
+    let full = mimic(&root, &[], &dir.path().join("full.jsonl"));
+    assert_eq!(nf_studies(&full).len(), 5);
+    let capped = mimic(&root, &["--cap-no-finding", "2", "--seed", "3"], &dir.path().join("cap.jsonl"));
+    assert_eq!(nf_studies(&capped).len(), 2);
+    assert_eq!(capped.rows.len(), 12 - 3, "only No-Finding studies are removed");
+    assert_eq!(dropped(&capped, "no_finding_cap"), 3);
+    let again = mimic(&root, &["--cap-no-finding", "2", "--seed", "3"], &dir.path().join("cap2.jsonl"));
+    assert_eq!(nf_studies(&again), nf_studies(&capped), "seeded");
+    let seeds: BTreeSet<_> = (0..6)
+        .map(|s| {
+            nf_studies(&mimic(
+                &root,
+                &["--cap-no-finding", "2", "--seed", &s.to_string()],
+                &dir.path().join(format!("s{s}.jsonl")),
+            ))
+        })
+        .collect();
+    assert!(seeds.len() > 1, "the seed picks which studies stay");
+    let sample = mimic(&root, &["--sample", "5", "--seed", "1"], &dir.path().join("sample.jsonl"));
+    assert_eq!(sample.rows.len(), 5);
+    let all: BTreeSet<_> = studies_of(&full).into_iter().collect();
+    assert!(studies_of(&sample).iter().all(|s| all.contains(s)));
+    assert_eq!(dropped(&sample, "sample"), 7);
+}
+
+#[test]
+fn mimic_reports_folder_and_summary_path() {
+    let (dir, root) = tree(false);
+    // Move the reports into a separate tree, as mimic-cxr-reports.zip unpacks.
+    let reports = dir.path().join("reports");
+    for e in walk(&root.join("files")) {
+        if e.extension().is_some_and(|x| x == "txt") {
+            let dst = reports.join(e.strip_prefix(&root).unwrap());
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            std::fs::rename(&e, &dst).unwrap();
+        }
+    }
+    let none = mimic(&root, &["--json"], &dir.path().join("none.jsonl"));
+    assert!(none.rows.is_empty());
+    assert_eq!(dropped(&none, "missing_report"), 16);
+    let _: Value = serde_json::from_str(none.stdout.trim()).expect("--json prints one JSON object");
+    let sp = dir.path().join("elsewhere/summary.json");
+    let tok = sd14_config().display().to_string();
+    let out = dir.path().join("sub/with.jsonl");
+    let args = [
+        "prepare",
+        "mimic",
+        "--root",
+        root.to_str().unwrap(),
+        "--reports",
+        reports.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--summary",
+        sp.to_str().unwrap(),
+        "--tokenizer",
+        &tok,
+    ];
+    let (code, _, err) = run_cli(&args, None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(read_jsonl(&out).len(), 12);
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(sp).unwrap()).unwrap();
+    assert_eq!(s["images"], 12);
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(d).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            v.extend(walk(&p));
+        } else {
+            v.push(p);
+        }
+    }
+    v
+}
+
+#[test]
+fn impression_extraction() {
+    use roentgen::prepare::report::impression;
+    assert_eq!(impression(STD_REPORT).as_deref(), Some("No acute cardiopulmonary process."));
+    assert_eq!(impression("FINDINGS: x\nIMPRESSION:No acute process.\n").as_deref(), Some("No acute process."));
+    assert_eq!(impression(" FINDINGS AND IMPRESSION:\n Heart size normal.\n").as_deref(), Some("Heart size normal."));
+    assert_eq!(impression(" impressions:\n   1. Edema.\n   2. Effusion.\n").as_deref(), Some("1. Edema. 2. Effusion."));
+    assert_eq!(impression(" IMPRESSION:\n\n").as_deref(), None, "an empty impression is no impression");
+    assert_eq!(impression(" FINDINGS: x\r\n IMPRESSION:\r\n Small effusion.\r\n").as_deref(), Some("Small effusion."));
+    assert_eq!(impression(" FINDINGS: Impression of a mass.\n").as_deref(), None);
+    assert_eq!(
+        impression(" IMPRESSION: Lines and tubes: unchanged.\n Dr. ___ paged at 10:30.\n").as_deref(),
+        Some("Lines and tubes: unchanged. Dr. ___ paged at 10:30."),
+    );
+}
+
+fn expect_error(args: &[&str], needles: &[&str]) {
+    let tok = sd14_config().display().to_string();
+    let mut full = vec!["prepare"];
+    full.extend_from_slice(args);
+    full.extend_from_slice(&["--tokenizer", &tok]);
+    let (code, out, err) = run_cli(&full, None);
+    assert_eq!(code, 1, "expected exit 1 for {args:?}; stdout {out}; stderr {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {err}"));
+    for n in needles {
+        assert!(line.contains(n), "error line lacks {n:?}: {line}");
+    }
+    println!("{args:?}\n  → {line}");
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let (dir, root) = tree(false);
+    let out = dir.path().join("o.jsonl");
+    let (r, o) = (root.to_str().unwrap(), out.to_str().unwrap());
+    expect_error(&["mimic", "--root", r, "--out", o, "--views", ","], &["--views", "PA, AP, LATERAL"]);
+    let chex = root.join("mimic-cxr-2.0.0-chexpert.csv");
+    let good = std::fs::read_to_string(&chex).unwrap();
+    std::fs::write(&chex, good.replacen(",1.0,", ",yes,", 1)).unwrap();
+    expect_error(&["mimic", "--root", r, "--out", o], &["chexpert.csv", "line", "\"yes\""]);
+    std::fs::write(&chex, good.replace("Edema,", "Oedema,")).unwrap();
+    expect_error(&["mimic", "--root", r, "--out", o], &["chexpert.csv", "no column \"Edema\""]);
+    std::fs::remove_file(&chex).unwrap();
+    expect_error(&["mimic", "--root", r, "--out", o], &["mimic-cxr-2.0.0-chexpert.csv", "missing"]);
+    std::fs::write(&chex, good).unwrap();
+    std::fs::remove_dir_all(root.join("files")).unwrap();
+    expect_error(&["mimic", "--root", r, "--out", o], &["none of the", "files/p10/p10000032/s50414267"]);
+    assert!(!out.exists(), "no manifest on error");
+
+    let iu = fixture("iu-xray");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    expect_error(&["iu-xray", "--reports", empty.to_str().unwrap(), "--out", o], &["empty", "no .xml reports"]);
+    std::fs::write(empty.join("7.xml"), "<eCitation><uId id=\"CXR7\"/>").unwrap();
+    expect_error(&["iu-xray", "--reports", empty.to_str().unwrap(), "--out", o], &["7.xml", "not valid XML"]);
+    expect_error(
+        &["iu-xray", "--reports", iu.to_str().unwrap(), "--out", o, "--views", "PA"],
+        &["--views PA", "--metadata"],
+    );
+    let junk = dir.path().join("junk.tgz");
+    std::fs::write(&junk, b"not a tarball").unwrap();
+    expect_error(&["iu-xray", "--reports", junk.to_str().unwrap(), "--out", o], &["junk.tgz"]);
+}
+
+/// The IU fixture, read by `make_sample.py` with xml.etree + transformers.
+fn iu_expected() -> Vec<Value> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(fixture("iu-xray/expected.json")).unwrap()).unwrap();
+    v["reports"].as_array().unwrap().clone()
+}
+
+fn iu(reports: &Path, extra: &[&str], out: &Path) -> Run {
+    let mut a = vec!["iu-xray", "--reports", reports.to_str().unwrap()];
+    a.extend_from_slice(extra);
+    prepare(&a, out)
+}
+
+#[test]
+fn iu_xray_matches_an_independent_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("png");
+    let r = iu(&fixture("iu-xray"), &["--images", imgs.to_str().unwrap()], &dir.path().join("iu.jsonl"));
+    println!("{}", r.stdout);
+    let exp = iu_expected();
+    let kept: Vec<(String, String, String)> = exp
+        .iter()
+        .filter(|e| e["verdict"] == "keep")
+        .flat_map(|e| {
+            e["images"].as_array().unwrap().iter().map(|id| {
+                let id = id.as_str().unwrap();
+                (
+                    imgs.join(format!("{id}.png")).display().to_string(),
+                    e["impression"].as_str().unwrap().to_string(),
+                    e["file"].as_str().unwrap().to_string(),
+                )
+            })
+        })
+        .collect();
+    let got: Vec<(String, String, String)> = r
+        .rows
+        .iter()
+        .map(|x| {
+            (
+                x["image"].as_str().unwrap().into(),
+                x["text"].as_str().unwrap().into(),
+                x["report"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(got, kept);
+    for (row, e) in r.rows.iter().zip(
+        exp.iter()
+            .filter(|e| e["verdict"] == "keep")
+            .flat_map(|e| e["images"].as_array().unwrap().iter().map(move |_| e)),
+    ) {
+        assert_eq!(row["tokens"], e["tokens"]);
+        assert_eq!(row["findings"], e["findings"]);
+        assert_eq!(row["uid"], e["uid"]);
+    }
+    // Drops per rule, in images (reports for no_image), against the independent verdicts.
+    let n = |v: &str| {
+        exp.iter().filter(|e| e["verdict"] == v).map(|e| e["images"].as_array().unwrap().len().max(1)).sum::<usize>()
+            as u64
+    };
+    for (name, v) in [
+        ("no_image (reports)", "no_image"),
+        ("no_section", "no_section"),
+        ("too_short", "too_short"),
+        ("too_many_tokens", "too_many_tokens"),
+    ] {
+        assert_eq!(dropped(&r, name), n(v), "{name}");
+        assert!(n(v) > 0, "the fixture exercises {name}");
+    }
+    // The 77-token boundary is in the sample on both sides.
+    assert!(exp.iter().any(|e| e["tokens"] == 77 && e["verdict"] == "keep"));
+    assert!(exp.iter().any(|e| e["tokens"] == 78 && e["verdict"] == "too_many_tokens"));
+    assert_eq!(r.summary["studies"].as_u64().unwrap(), exp.iter().filter(|e| e["verdict"] == "keep").count() as u64);
+}
+
+#[test]
+fn iu_xray_tgz_same_as_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let tgz = dir.path().join("NLMCXR_reports.tgz");
+    {
+        let f = std::fs::File::create(&tgz).unwrap();
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(f, flate2::Compression::default()));
+        b.append_dir_all("ecgen-radiology", fixture("iu-xray/ecgen-radiology")).unwrap();
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    let a = iu(&fixture("iu-xray"), &["--images", "/x"], &dir.path().join("a.jsonl"));
+    let b = iu(&tgz, &["--images", "/x"], &dir.path().join("b.jsonl"));
+    assert!(!a.rows.is_empty());
+    assert_eq!(a.rows, b.rows);
+}
+
+#[test]
+fn iu_xray_findings_ext_and_views() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = iu_expected();
+    let f = iu(&fixture("iu-xray"), &["--section", "findings", "--image-ext", "jpg"], &dir.path().join("f.jsonl"));
+    for row in &f.rows {
+        assert_eq!(row["text"], row["findings"]);
+        assert!(row["image"].as_str().unwrap().ends_with(&format!("{}.jpg", row["image_id"].as_str().unwrap())));
+    }
+    // Reports without FINDINGS are dropped; over-long findings are dropped though their impression is fine.
+    let no_findings: Vec<&str> = exp
+        .iter()
+        .filter(|e| e["findings"] == "" && !e["images"].as_array().unwrap().is_empty())
+        .map(|e| e["file"].as_str().unwrap())
+        .collect();
+    assert!(!no_findings.is_empty());
+    assert!(f.rows.iter().all(|x| !no_findings.contains(&x["report"].as_str().unwrap())));
+    assert!(dropped(&f, "no_section") > 0);
+    // Views from a DICOM metadata CSV; "CXR1_1_IM-0001-3001" is spelled "CXR1_IM-0001-3001" there.
+    let meta = dir.path().join("meta.csv");
+    std::fs::write(
+        &meta,
+        "imageid,Other,View Position\nCXR1_IM-0001-3001,a,PA\nCXR1_IM-0001-4001,b,LL\nCXR2_IM-0652-1001,c,PA\n",
+    )
+    .unwrap();
+    let pa =
+        iu(&fixture("iu-xray"), &["--metadata", meta.to_str().unwrap(), "--views", "PA"], &dir.path().join("pa.jsonl"));
+    let ids: Vec<&str> = pa.rows.iter().map(|x| x["image_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["CXR1_1_IM-0001-3001", "CXR2_IM-0652-1001"]);
+    assert!(pa.rows.iter().all(|x| x["view"] == "PA"));
+    assert!(dropped(&pa, "view") > 0);
+}
