@@ -19,12 +19,20 @@ fi
 # Only the data file bpe_simple_vocab_16e6.txt.gz is used; without --no-deps it would pull in
 # torchvision and ftfy.
 "$VENV/bin/pip" install -q --no-deps open-clip-torch==3.3.0
+# Evaluation references (issue 6): MS-SSIM, FID networks and their preprocessing.
+"$VENV/bin/pip" install -q pytorch_msssim==1.0.0 pillow==13.0.0 torchvision==0.29.2 scipy==1.17.1 \
+  pytorch-fid==0.3.0 scikit-image==0.26.0
+"$VENV/bin/pip" install -q --no-deps torchxrayvision==1.5.7
 # generate.py: tokenizer, CLIP, U-Net, VAE, pipelines, parameter counts (parts: tokenizer | clip |
 # pipeline | unet | vae | sd-pipelines | counts). generate_schedulers.py: torch randn per CPU
 # capability and every scheduler step by step (parts: randn | schedulers).
+# generate_msssim.py, generate_fid.py and iu-xray/make_sample.py: the evaluation and report fixtures.
 if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate.py
   "$VENV/bin/python" tests/fixtures/generate_schedulers.py
+  "$VENV/bin/python" tests/fixtures/generate_msssim.py
+  "$VENV/bin/python" tests/fixtures/generate_fid.py
+  "$VENV/bin/python" tests/fixtures/iu-xray/make_sample.py
 else
   "$VENV/bin/python" tests/fixtures/generate.py "$@"
 fi
