@@ -18,3 +18,4 @@ pub mod tokenizer;
 pub mod train;
 pub mod torch_rng;
 pub mod weights;
+pub mod wordpiece;

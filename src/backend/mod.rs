@@ -434,4 +434,54 @@ pub trait Backend {
 
     /// dst += w · (src − dst), n elements (an exponential moving average's update).
     fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()>;
+
+    // ---- attention with a padding mask over the keys (BERT text encoders, whose pipelines may
+    // pass the tokenizer's attention mask) ----
+
+    /// As `attention_forward` (never causal), with a mask over the keys: key j of sequence b takes
+    /// part in that sequence's softmax rows only where `key_mask[b·kv_len + j] != 0`. transformers
+    /// adds the dtype's minimum to masked scores, whose probabilities then underflow to exactly 0,
+    /// so skipping those keys is the same computation. Query rows are never masked: padded positions
+    /// still get an output (attending to the unmasked keys), as in transformers. `key_mask` has
+    /// batch · kv_len entries in host memory (as `embedding_forward`'s ids) and every sequence must
+    /// keep at least one key; `lse` holds the log-sum-exp over the unmasked keys.
+    #[allow(clippy::too_many_arguments)]
+    fn masked_attention_forward(
+        &self,
+        out: &Tensor,
+        lse: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        key_mask: &[u32],
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+    ) -> Result<()>;
+
+    /// Of `masked_attention_forward` (same mask), recomputing the softmax from the saved
+    /// log-sum-exp; masked keys get no gradient from this call.
+    #[allow(clippy::too_many_arguments)]
+    fn masked_attention_backward(
+        &self,
+        dq: &Tensor,
+        dk: &Tensor,
+        dv: &Tensor,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        key_mask: &[u32],
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+    ) -> Result<()>;
 }

@@ -339,4 +339,46 @@ impl Backend for PlanBackend {
     fn lerp(&self, _: &Tensor, _: &Tensor, _: usize, _: f32) -> Result<()> {
         Ok(())
     }
+    fn masked_attention_forward(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &[u32],
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        _: f32,
+    ) -> Result<()> {
+        // Counted over every key, as for unmasked attention: the shapes, not the mask, set the work
+        // a dense kernel does.
+        self.count(2, 4 * batch * heads * q_len * kv_len * head_dim);
+        Ok(())
+    }
+    fn masked_attention_backward(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &[u32],
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        _: f32,
+    ) -> Result<()> {
+        self.count(2, 10 * batch * heads * q_len * kv_len * head_dim);
+        Ok(())
+    }
 }

@@ -1,6 +1,7 @@
 //! Models, each written once over `&dyn Backend`: config parsed from config.json, parameter table
 //! built from the config, forward (and later backward) over an activation arena.
 
+pub mod bert;
 pub mod clip;
 pub mod unet;
 pub mod vae;

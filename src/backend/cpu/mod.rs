@@ -841,6 +841,97 @@ impl Backend for CpuBackend {
         d[..n].par_iter_mut().zip(x[..n].par_iter()).for_each(|(d, &x)| *d -= w * (*d - x));
         Ok(())
     }
+
+    fn masked_attention_forward(
+        &self,
+        out: &Tensor,
+        lse: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        key_mask: &[u32],
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let width = heads * head_dim;
+        check_key_mask(key_mask, batch, kv_len)?;
+        check_len("masked attention out", out, batch * q_len * width)?;
+        check_len("masked attention q", q, batch * q_len * width)?;
+        check_len("masked attention k", k, batch * kv_len * width)?;
+        check_len("masked attention v", v, batch * kv_len * width)?;
+        check_len("masked attention lse", lse, batch * q_len * heads)?;
+        let ([o, l], [q, k, v]) = self.views([out, lse], [q, k, v]);
+        backward::masked_attention_forward(o, l, q, k, v, key_mask, batch, q_len, kv_len, heads, head_dim, scale);
+        Ok(())
+    }
+
+    fn masked_attention_backward(
+        &self,
+        dq: &Tensor,
+        dk: &Tensor,
+        dv: &Tensor,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        key_mask: &[u32],
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let w = heads * head_dim;
+        check_key_mask(key_mask, batch, kv_len)?;
+        check_len("masked_attention_backward dq", dq, batch * q_len * w)?;
+        check_len("masked_attention_backward dk", dk, batch * kv_len * w)?;
+        check_len("masked_attention_backward dv", dv, batch * kv_len * w)?;
+        check_len("masked_attention_backward dout", dout, batch * q_len * w)?;
+        check_len("masked_attention_backward out", out, batch * q_len * w)?;
+        check_len("masked_attention_backward lse", lse, batch * q_len * heads)?;
+        let ([dqs, dks, dvs], [dy, q, k, v, o, l]) = self.views([dq, dk, dv], [dout, q, k, v, out, lse]);
+        let p = |s: &mut [f32]| backward::SharedMut(s.as_mut_ptr());
+        backward::masked_attention(
+            p(dqs),
+            p(dks),
+            p(dvs),
+            dy,
+            q,
+            k,
+            v,
+            o,
+            l,
+            key_mask,
+            batch,
+            q_len,
+            kv_len,
+            heads,
+            head_dim,
+            scale,
+        );
+        Ok(())
+    }
+}
+
+/// A key mask must cover every key of every sequence and keep at least one key per sequence (an
+/// all-masked row has no softmax; transformers would average every value there instead).
+fn check_key_mask(key_mask: &[u32], batch: usize, kv_len: usize) -> Result<()> {
+    ensure!(
+        key_mask.len() == batch * kv_len,
+        "attention mask: {} entries for batch {batch} × {kv_len} keys",
+        key_mask.len()
+    );
+    if let Some(b) = (0..batch).find(|&b| key_mask[b * kv_len..(b + 1) * kv_len].iter().all(|&m| m == 0)) {
+        bail!("attention mask: sequence {b} masks every key");
+    }
+    Ok(())
 }
 
 /// The exact (erf) GELU, evaluated in f64.

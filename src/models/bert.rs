@@ -1,0 +1,591 @@
+//! `BertModel` (transformers) as a Stable Diffusion text encoder: the RoentGen paper swaps CLIP for
+//! the domain-specific RadBERT and SapBERT. Word + position + token-type embeddings and a layer
+//! norm, then post-LN encoder layers (self-attention → dense → LayerNorm(· + x); intermediate dense
+//! → activation → output dense → LayerNorm(· + ·)); the output is `last_hidden_state`. No final
+//! layer norm and no pooler: diffusers conditions the U-Net on `last_hidden_state` only.
+//!
+//! Reference quirks reproduced here:
+//! - token_type_ids are all zero (diffusers passes none; transformers then uses its zero buffer),
+//!   so row 0 of `token_type_embeddings` is added at every position;
+//! - the padding attention mask is applied only when asked: diffusers passes
+//!   `attention_mask` only if the text encoder's config sets `use_attention_mask`
+//!   (`BertConfig::use_attention_mask`); otherwise padding tokens are attended to like any other;
+//! - `word_embeddings` is an `nn.Embedding(padding_idx=pad_token_id)`, whose backward never
+//!   writes the pad row: `backward` leaves that row's gradient as it found it;
+//! - checkpoints of BertForMaskedLM & co. name everything under `bert.` and carry heads (`cls.*`,
+//!   `classifier.*`) and a pooler, which are ignored, as are the `position_ids`/`token_type_ids`
+//!   buffers; TF-converted checkpoints call the layer-norm parameters `gamma`/`beta`.
+
+use super::{allocate, ConfigReader};
+use crate::backend::plan::PlanBackend;
+use crate::backend::{Activation, Backend};
+use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
+use crate::tensor::{Arena, Layout, Shape, Tensor};
+use crate::weights::safetensors::{float_dtype, to_f32, SafetensorsFile};
+use crate::weights::{self, LoadReport};
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: Activation,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f32,
+    /// The `padding_idx` of the word embeddings (its gradient row stays untouched); `None` when
+    /// the config has `"pad_token_id": null`.
+    pub pad_token_id: Option<usize>,
+    /// diffusers' switch: when true, pipelines pass the tokenizer's attention mask to `forward`.
+    pub use_attention_mask: bool,
+}
+
+impl BertConfig {
+    pub fn from_file(path: &Path) -> Result<BertConfig> {
+        Self::from_json(&weights::read_json(path)?, path)
+    }
+
+    /// Parses a `BertConfig` with transformers' defaults for absent fields (bert-base's sizes).
+    /// Variants this encoder does not implement (decoders, relative position embeddings) are
+    /// refused with the field named rather than computed wrongly.
+    pub fn from_json(v: &Value, path: &Path) -> Result<BertConfig> {
+        let r = ConfigReader::new(v, path)?;
+        match r.str("model_type", "bert")? {
+            "bert" => {}
+            other => bail!(
+                "{}: field \"model_type\" is \"{other}\"; expected \"bert\" (a BERT text encoder)",
+                path.display()
+            ),
+        }
+        let flag = |field: &str| -> Result<bool> {
+            match r.obj.get(field) {
+                None | Some(Value::Null) => Ok(false),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(x) => bail!("{}: field \"{field}\" is {x}; expected true or false", path.display()),
+            }
+        };
+        for field in ["is_decoder", "add_cross_attention"] {
+            if flag(field)? {
+                bail!("{}: field \"{field}\" is true; only BERT encoders are supported", path.display());
+            }
+        }
+        let pos = r.str("position_embedding_type", "absolute")?;
+        if pos != "absolute" {
+            bail!("{}: field \"position_embedding_type\" is \"{pos}\"; only \"absolute\" is supported", path.display());
+        }
+        let act_name = r.str("hidden_act", "gelu")?;
+        let hidden_act = Activation::from_config_name(act_name).with_context(|| {
+            format!(
+                "{}: field \"hidden_act\" is \"{act_name}\", which is not supported (supported: {})",
+                path.display(),
+                Activation::CONFIG_NAMES
+            )
+        })?;
+        let pad_token_id =
+            match r.obj.get("pad_token_id") {
+                None => Some(0),
+                Some(Value::Null) => None,
+                Some(x) => Some(x.as_u64().map(|n| n as usize).with_context(|| {
+                    format!("{}: field \"pad_token_id\" is {x}; expected an integer", path.display())
+                })?),
+            };
+        let c = BertConfig {
+            vocab_size: r.usize("vocab_size", 30522)?,
+            hidden_size: r.usize("hidden_size", 768)?,
+            num_hidden_layers: r.usize("num_hidden_layers", 12)?,
+            num_attention_heads: r.usize("num_attention_heads", 12)?,
+            intermediate_size: r.usize("intermediate_size", 3072)?,
+            hidden_act,
+            max_position_embeddings: r.usize("max_position_embeddings", 512)?,
+            type_vocab_size: r.usize("type_vocab_size", 2)?,
+            layer_norm_eps: r.f32("layer_norm_eps", 1e-12)?,
+            pad_token_id,
+            use_attention_mask: flag("use_attention_mask")?,
+        };
+        if c.hidden_size % c.num_attention_heads != 0 {
+            bail!(
+                "{}: field \"hidden_size\" ({}) is not divisible by \"num_attention_heads\" ({})",
+                path.display(),
+                c.hidden_size,
+                c.num_attention_heads
+            );
+        }
+        if let Some(p) = c.pad_token_id.filter(|&p| p >= c.vocab_size) {
+            bail!("{}: field \"pad_token_id\" ({p}) is outside the vocabulary of {}", path.display(), c.vocab_size);
+        }
+        Ok(c)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BertLayerParams {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    /// `attention.output.dense`
+    pub attention_dense: Linear,
+    /// `attention.output.LayerNorm`
+    pub attention_layer_norm: LayerNorm,
+    /// `intermediate.dense`
+    pub intermediate: Linear,
+    /// `output.dense`
+    pub output_dense: Linear,
+    /// `output.LayerNorm`
+    pub output_layer_norm: LayerNorm,
+}
+
+#[derive(Clone, Debug)]
+pub struct BertParams {
+    pub word_embeddings: Tensor,       // (vocab, C)
+    pub position_embeddings: Tensor,   // (max_positions, C)
+    pub token_type_embeddings: Tensor, // (type_vocab, C)
+    pub embeddings_layer_norm: LayerNorm,
+    pub layers: Vec<BertLayerParams>,
+}
+
+/// The parameter table of a BertModel, under transformers' names (as `BertModel.save_pretrained`
+/// writes them: no `bert.` prefix, no pooler).
+pub fn params_layout(l: &mut Layout, c: &BertConfig) -> BertParams {
+    let (d, f, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
+    let word_embeddings = l.tensor("embeddings.word_embeddings.weight", [c.vocab_size, d]);
+    let position_embeddings = l.tensor("embeddings.position_embeddings.weight", [c.max_position_embeddings, d]);
+    let token_type_embeddings = l.tensor("embeddings.token_type_embeddings.weight", [c.type_vocab_size, d]);
+    let embeddings_layer_norm = LayerNorm::layout(l, "embeddings.LayerNorm", d, eps);
+    let layers = (0..c.num_hidden_layers)
+        .map(|i| {
+            let p = format!("encoder.layer.{i}");
+            BertLayerParams {
+                query: Linear::layout(l, &format!("{p}.attention.self.query"), d, d, true),
+                key: Linear::layout(l, &format!("{p}.attention.self.key"), d, d, true),
+                value: Linear::layout(l, &format!("{p}.attention.self.value"), d, d, true),
+                attention_dense: Linear::layout(l, &format!("{p}.attention.output.dense"), d, d, true),
+                attention_layer_norm: LayerNorm::layout(l, &format!("{p}.attention.output.LayerNorm"), d, eps),
+                intermediate: Linear::layout(l, &format!("{p}.intermediate.dense"), d, f, true),
+                output_dense: Linear::layout(l, &format!("{p}.output.dense"), f, d, true),
+                output_layer_norm: LayerNorm::layout(l, &format!("{p}.output.LayerNorm"), d, eps),
+            }
+        })
+        .collect();
+    BertParams { word_embeddings, position_embeddings, token_type_embeddings, embeddings_layer_norm, layers }
+}
+
+/// What one layer's forward writes (and its backward reads); rows = batch · seq.
+#[derive(Clone, Debug)]
+pub struct BertLayerActs {
+    pub q: Tensor,    // (rows, C)
+    pub k: Tensor,    // (rows, C)
+    pub v: Tensor,    // (rows, C)
+    pub attn: Tensor, // (rows, C) heads concatenated
+    pub lse: Tensor,  // (rows, heads)
+    pub attn_dense: Tensor,
+    /// attn_dense + layer input
+    pub residual1: Tensor,
+    pub ln1: LayerNormActs,
+    pub intermediate: Tensor, // (rows, intermediate)
+    pub act: Tensor,          // (rows, intermediate)
+    pub output_dense: Tensor, // (rows, C)
+    /// output_dense + ln1.out
+    pub residual2: Tensor,
+    /// The layer's output.
+    pub ln2: LayerNormActs,
+}
+
+/// The activation arena of one forward at (batch, seq).
+#[derive(Clone, Debug)]
+pub struct BertActs {
+    pub batch: usize,
+    pub seq: usize,
+    /// word + position embeddings
+    pub word_position: Tensor,
+    /// word + position + token-type embeddings (the embedding layer norm's input)
+    pub embeddings: Tensor,
+    pub embeddings_ln: LayerNormActs,
+    pub layers: Vec<BertLayerActs>,
+}
+
+impl BertActs {
+    /// `last_hidden_state` (rows, C): the last layer's output.
+    pub fn output(&self) -> Tensor {
+        self.layers.last().map_or(self.embeddings_ln.out, |l| l.ln2.out)
+    }
+}
+
+pub fn acts_layout(l: &mut Layout, c: &BertConfig, batch: usize, seq: usize) -> BertActs {
+    let (rows, d, f, h) = (batch * seq, c.hidden_size, c.intermediate_size, c.num_attention_heads);
+    let word_position = l.tensor("word_position", [rows, d]);
+    let embeddings = l.tensor("embeddings", [rows, d]);
+    let embeddings_ln = LayerNorm::acts_layout(l, "embeddings.LayerNorm", rows, d);
+    let layers = (0..c.num_hidden_layers)
+        .map(|i| {
+            let p = format!("layer.{i}");
+            BertLayerActs {
+                q: l.tensor(format!("{p}.q"), [rows, d]),
+                k: l.tensor(format!("{p}.k"), [rows, d]),
+                v: l.tensor(format!("{p}.v"), [rows, d]),
+                attn: l.tensor(format!("{p}.attn"), [rows, d]),
+                lse: l.tensor(format!("{p}.lse"), [rows, h]),
+                attn_dense: l.tensor(format!("{p}.attn_dense"), [rows, d]),
+                residual1: l.tensor(format!("{p}.residual1"), [rows, d]),
+                ln1: LayerNorm::acts_layout(l, &format!("{p}.attention.LayerNorm"), rows, d),
+                intermediate: l.tensor(format!("{p}.intermediate"), [rows, f]),
+                act: l.tensor(format!("{p}.act"), [rows, f]),
+                output_dense: l.tensor(format!("{p}.output_dense"), [rows, d]),
+                residual2: l.tensor(format!("{p}.residual2"), [rows, d]),
+                ln2: LayerNorm::acts_layout(l, &format!("{p}.output.LayerNorm"), rows, d),
+            }
+        })
+        .collect();
+    BertActs { batch, seq, word_position, embeddings, embeddings_ln, layers }
+}
+
+/// Row `row` of a (rows, width) tensor, as a tensor of its own.
+fn row_view(t: &Tensor, row: usize, width: usize) -> Tensor {
+    Tensor { pool: t.pool, offset: t.offset + row * width, shape: Shape::new(&[width]) }
+}
+
+pub struct BertModel {
+    pub config: BertConfig,
+    pub params: BertParams,
+    /// The parameter table: name → (offset, shape) in the parameter pool.
+    pub table: Layout,
+}
+
+impl BertModel {
+    /// Allocates the parameter pool (uninitialised: zeros) for `config`.
+    pub fn allocate(backend: &mut dyn Backend, config: BertConfig) -> Result<BertModel> {
+        let (params, table) = allocate(backend, "text_encoder.params", |l| params_layout(l, &config))?;
+        Ok(BertModel { config, params, table })
+    }
+
+    /// Loads a transformers folder (config.json + safetensors, `variant` e.g. "fp16"): a BertModel,
+    /// or a model with heads whose encoder is under `bert.` (the heads are ignored).
+    pub fn load(backend: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(BertModel, LoadReport)> {
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let files = weights::weight_files(dir, variant)?;
+        let model = Self::allocate(backend, config)?;
+        let report = load_weights(backend, &model.table, &files)?;
+        Ok((model, report))
+    }
+
+    /// The architecture with random weights (benchmarks, `--random-weights`).
+    pub fn random(backend: &mut dyn Backend, config: BertConfig, seed: u64) -> Result<BertModel> {
+        let model = Self::allocate(backend, config)?;
+        super::randomize(backend, &model.table, seed)?;
+        // `randomize` recognises norms by a lower-case "norm"; BERT spells them "LayerNorm".
+        for e in model.table.entries().iter().filter(|e| e.name.ends_with("LayerNorm.weight")) {
+            let t = Tensor { pool: model.table.pool(), offset: e.offset, shape: e.shape };
+            backend.upload(&t, &vec![1.0; e.shape.numel()])?;
+        }
+        Ok(model)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.table.numel()
+    }
+
+    /// Allocates the activation arena for a forward at (batch, seq).
+    pub fn allocate_acts(&self, backend: &mut dyn Backend, batch: usize, seq: usize) -> Result<BertActs> {
+        let c = self.config.clone();
+        Ok(allocate(backend, "text_encoder.acts", |l| acts_layout(l, &c, batch, seq))?.0)
+    }
+
+    /// `last_hidden_state` (batch, seq, C) for `ids` (batch · seq token ids), written into `acts`.
+    /// `mask` (batch · seq, nonzero = a real token) is the tokenizer's attention mask: pass it
+    /// exactly when the pipeline would (`config.use_attention_mask`); `None` attends everywhere.
+    pub fn forward(&self, b: &dyn Backend, acts: &BertActs, ids: &[u32], mask: Option<&[u32]>) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, seq, d) = (acts.batch, acts.seq, c.hidden_size);
+        let rows = batch * seq;
+        self.check_inputs(batch, seq, ids, mask)?;
+        let p = &self.params;
+        b.embedding_forward(&acts.word_position, ids, &p.word_embeddings, &p.position_embeddings, batch, seq, d)?;
+        let token_type0 = row_view(&p.token_type_embeddings, 0, d);
+        b.add_bias_rows_forward(&acts.embeddings, &acts.word_position, &token_type0, 1, rows, d)?;
+        p.embeddings_layer_norm.forward(b, &acts.embeddings_ln, &acts.embeddings, rows)?;
+        let (heads, hd) = (c.num_attention_heads, c.head_dim());
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut x = acts.embeddings_ln.out;
+        for (lp, la) in p.layers.iter().zip(&acts.layers) {
+            lp.query.forward(b, &la.q, &x, rows)?;
+            lp.key.forward(b, &la.k, &x, rows)?;
+            lp.value.forward(b, &la.v, &x, rows)?;
+            match mask {
+                Some(m) => b.masked_attention_forward(
+                    &la.attn, &la.lse, &la.q, &la.k, &la.v, m, batch, seq, seq, heads, hd, scale,
+                )?,
+                None => b.attention_forward(
+                    &la.attn, &la.lse, &la.q, &la.k, &la.v, batch, seq, seq, heads, hd, scale, false,
+                )?,
+            }
+            lp.attention_dense.forward(b, &la.attn_dense, &la.attn, rows)?;
+            b.add_forward(&la.residual1, &la.attn_dense, &x, rows * d)?;
+            lp.attention_layer_norm.forward(b, &la.ln1, &la.residual1, rows)?;
+            lp.intermediate.forward(b, &la.intermediate, &la.ln1.out, rows)?;
+            b.activation_forward(&la.act, &la.intermediate, c.hidden_act, rows * c.intermediate_size)?;
+            lp.output_dense.forward(b, &la.output_dense, &la.act, rows)?;
+            b.add_forward(&la.residual2, &la.output_dense, &la.ln1.out, rows * d)?;
+            lp.output_layer_norm.forward(b, &la.ln2, &la.residual2, rows)?;
+            x = la.ln2.out;
+        }
+        Ok(acts.output().reshape([batch, seq, d]))
+    }
+
+    fn check_inputs(&self, batch: usize, seq: usize, ids: &[u32], mask: Option<&[u32]>) -> Result<()> {
+        let c = &self.config;
+        if seq > c.max_position_embeddings {
+            bail!("text encoder: {seq} tokens exceed max_position_embeddings {}", c.max_position_embeddings);
+        }
+        ensure!(ids.len() == batch * seq, "text encoder: {} ids for batch {batch} × seq {seq}", ids.len());
+        if let Some(m) = mask {
+            ensure!(
+                m.len() == batch * seq,
+                "text encoder: attention mask of {} for batch {batch} × seq {seq}",
+                m.len()
+            );
+            if let Some(i) = (0..batch).find(|&i| m[i * seq..(i + 1) * seq].iter().all(|&x| x == 0)) {
+                bail!("text encoder: the attention mask of sequence {i} is all zeros (no token to attend to)");
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradient buffers: the parameter layout bound to its own pool ("text_encoder.grads").
+    pub fn allocate_grads(&self, backend: &mut dyn Backend) -> Result<(BertParams, Layout)> {
+        let c = self.config.clone();
+        allocate(backend, "text_encoder.grads", |l| params_layout(l, &c))
+    }
+
+    /// Arena elements the backward pass needs for its temporaries at (batch, seq).
+    pub fn plan_backward(&self, batch: usize, seq: usize) -> Result<usize> {
+        let c = self.config.clone();
+        let mut l = Layout::unbound();
+        let acts = acts_layout(&mut l, &c, batch, seq);
+        let dout = l.tensor("dout", [batch * seq, c.hidden_size]);
+        let mut arena = Arena::planning();
+        let ids = vec![0u32; batch * seq];
+        self.backward(&PlanBackend::new(), &mut arena, &self.params, &acts, &dout, &ids, None)?;
+        Ok(arena.peak())
+    }
+
+    /// The backward pass of `forward` (whose `acts` it reads, with the same `ids` and `mask`):
+    /// accumulates every parameter gradient into `g` for the gradient `dout` (batch · seq, hidden)
+    /// of `last_hidden_state`. Temporaries come from `arena` and are released on return.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        g: &BertParams,
+        acts: &BertActs,
+        dout: &Tensor,
+        ids: &[u32],
+        mask: Option<&[u32]>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let p = &self.params;
+        let (batch, seq, d, f) = (acts.batch, acts.seq, c.hidden_size, c.intermediate_size);
+        let rows = batch * seq;
+        self.check_inputs(batch, seq, ids, mask)?;
+        let mark = arena.mark();
+        let (heads, hd) = (c.num_attention_heads, c.head_dim());
+        let scale = 1.0 / (hd as f32).sqrt();
+        // dx: the gradient of the current layer's output (a view of `dout` for the last layer).
+        let mut dx = *dout;
+        for (i, ((lp, lg), la)) in p.layers.iter().zip(&g.layers).zip(&acts.layers).enumerate().rev() {
+            let x_in = if i == 0 { acts.embeddings_ln.out } else { acts.layers[i - 1].ln2.out };
+            // out = LN2(residual2), residual2 = output_dense(act(intermediate(h1))) + h1, h1 = LN1(…)
+            let dres2 = zeros(b, arena, [rows, d])?;
+            lp.output_layer_norm.backward(&lg.output_layer_norm, b, &dres2, &dx, &la.residual2, &la.ln2, rows)?;
+            let dh1 = zeros(b, arena, [rows, d])?;
+            b.accumulate(&dh1, &dres2, rows * d)?;
+            let dact = zeros(b, arena, [rows, f])?;
+            lp.output_dense.backward(&lg.output_dense, b, Some(&dact), &dres2, &la.act, rows)?;
+            let dinter = zeros(b, arena, [rows, f])?;
+            b.activation_backward(&dinter, &dact, &la.intermediate, c.hidden_act, rows * f)?;
+            lp.intermediate.backward(&lg.intermediate, b, Some(&dh1), &dinter, &la.ln1.out, rows)?;
+            // h1 = LN1(residual1), residual1 = attention_dense(attention(q, k, v)) + x_in
+            let dres1 = zeros(b, arena, [rows, d])?;
+            lp.attention_layer_norm.backward(
+                &lg.attention_layer_norm,
+                b,
+                &dres1,
+                &dh1,
+                &la.residual1,
+                &la.ln1,
+                rows,
+            )?;
+            let dxin = zeros(b, arena, [rows, d])?;
+            b.accumulate(&dxin, &dres1, rows * d)?;
+            let dattn = zeros(b, arena, [rows, d])?;
+            lp.attention_dense.backward(&lg.attention_dense, b, Some(&dattn), &dres1, &la.attn, rows)?;
+            let (dq, dk, dv) = (zeros(b, arena, [rows, d])?, zeros(b, arena, [rows, d])?, zeros(b, arena, [rows, d])?);
+            match mask {
+                Some(m) => b.masked_attention_backward(
+                    &dq, &dk, &dv, &dattn, &la.q, &la.k, &la.v, &la.attn, &la.lse, m, batch, seq, seq, heads, hd, scale,
+                )?,
+                None => b.attention_backward(
+                    &dq, &dk, &dv, &dattn, &la.q, &la.k, &la.v, &la.attn, &la.lse, batch, seq, seq, heads, hd, scale,
+                    false,
+                )?,
+            }
+            lp.query.backward(&lg.query, b, Some(&dxin), &dq, &x_in, rows)?;
+            lp.key.backward(&lg.key, b, Some(&dxin), &dk, &x_in, rows)?;
+            lp.value.backward(&lg.value, b, Some(&dxin), &dv, &x_in, rows)?;
+            dx = dxin;
+        }
+        // embeddings_ln.out = LN(word + position + token_type[0])
+        let demb = zeros(b, arena, [rows, d])?;
+        p.embeddings_layer_norm.backward(
+            &g.embeddings_layer_norm,
+            b,
+            &demb,
+            &dx,
+            &acts.embeddings,
+            &acts.embeddings_ln,
+            rows,
+        )?;
+        b.add_bias_rows_backward(&row_view(&g.token_type_embeddings, 0, d), &demb, 1, rows, d)?;
+        // nn.Embedding(padding_idx=pad) never writes the pad row's gradient: keep it as it was.
+        let pad_row = c.pad_token_id.map(|pad| row_view(&g.word_embeddings, pad, d));
+        let saved = match pad_row {
+            Some(row) => {
+                let s = zeros(b, arena, [d])?;
+                b.accumulate(&s, &row, d)?;
+                Some((row, s))
+            }
+            None => None,
+        };
+        b.embedding_backward(&g.word_embeddings, &g.position_embeddings, &demb, ids, batch, seq, d)?;
+        if let Some((row, s)) = saved {
+            b.zero(&row)?;
+            b.accumulate(&row, &s, d)?;
+        }
+        arena.release_all_to(mark);
+        Ok(())
+    }
+}
+
+/// The name a checkpoint tensor has in our table: without the `bert.` prefix of models with
+/// heads, and with TF-era `gamma`/`beta` layer-norm names mapped to `weight`/`bias`.
+fn canonical_name(name: &str) -> String {
+    let n = name.strip_prefix("bert.").unwrap_or(name);
+    if let Some(base) = n.strip_suffix("LayerNorm.gamma") {
+        format!("{base}LayerNorm.weight")
+    } else if let Some(base) = n.strip_suffix("LayerNorm.beta") {
+        format!("{base}LayerNorm.bias")
+    } else {
+        n.to_string()
+    }
+}
+
+/// Tensors a BERT checkpoint may carry that the text encoder does not use: buffers, the pooler,
+/// and the heads of BertForMaskedLM / BertForPreTraining / BertForSequenceClassification.
+fn is_ignored(name: &str) -> bool {
+    let n = name.strip_prefix("bert.").unwrap_or(name);
+    weights::is_known_buffer(name)
+        || n.starts_with("pooler.")
+        || name.starts_with("cls.")
+        || name.starts_with("classifier.")
+}
+
+/// As `weights::load_into`, with BERT's names: every table tensor must be present once with the
+/// config's shape (f32/f16/bf16 converted to f32); ignored tensors are reported in
+/// `LoadReport::ignored`; anything else is an error naming the tensors.
+fn load_weights(backend: &dyn Backend, table: &Layout, files: &[PathBuf]) -> Result<LoadReport> {
+    let mut report = LoadReport { files: files.to_vec(), ..Default::default() };
+    let mut loaded: HashSet<String> = HashSet::new();
+    let mut unexpected: Vec<String> = Vec::new();
+    let mut scratch: Vec<f32> = Vec::new();
+    ensure!(table.pool() != crate::tensor::PoolId::UNBOUND, "internal: loading into an unbound parameter layout");
+    for path in files {
+        let file = SafetensorsFile::open(path)?;
+        let st = file.parse()?;
+        let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+        names.sort();
+        for name in names {
+            let canonical = canonical_name(&name);
+            let Some(entry) = table.find(&canonical) else {
+                if is_ignored(&name) {
+                    report.ignored.push(name);
+                } else {
+                    unexpected.push(name);
+                }
+                continue;
+            };
+            if !loaded.insert(canonical.clone()) {
+                bail!("{}: tensor '{canonical}' appears more than once (with or without 'bert.')", path.display());
+            }
+            let view = st.tensor(&name).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
+            let dtype = float_dtype(view.dtype()).with_context(|| {
+                format!(
+                    "{}: tensor '{name}' has dtype {:?}; parameters must be F32, F16 or BF16",
+                    path.display(),
+                    view.dtype()
+                )
+            })?;
+            if view.shape() != entry.shape.dims() {
+                bail!(
+                    "{}: tensor '{name}' has shape {:?}, but the config implies {:?}",
+                    path.display(),
+                    view.shape(),
+                    entry.shape.dims()
+                );
+            }
+            scratch.resize(entry.shape.numel(), 0.0);
+            to_f32(dtype, view.data(), &mut scratch).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
+            backend.upload(&Tensor { pool: table.pool(), offset: entry.offset, shape: entry.shape }, &scratch)?;
+            report.tensors += 1;
+            *report.dtypes.entry(dtype.to_string()).or_default() += 1;
+        }
+    }
+    let where_ = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    let missing: Vec<String> =
+        table.entries().iter().filter(|e| !loaded.contains(&e.name)).map(|e| e.name.clone()).collect();
+    if !missing.is_empty() {
+        bail!("{where_}: {} expected tensor(s) missing: {}", missing.len(), weights::abbreviate(&missing));
+    }
+    if !unexpected.is_empty() {
+        bail!(
+            "{where_}: {} unexpected tensor(s) that a BERT encoder with this config does not have (wrong model \
+             type or config?): {}",
+            unexpected.len(),
+            weights::abbreviate(&unexpected)
+        );
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_names_map_to_the_table() {
+        assert_eq!(canonical_name("bert.embeddings.LayerNorm.gamma"), "embeddings.LayerNorm.weight");
+        assert_eq!(canonical_name("encoder.layer.3.output.LayerNorm.beta"), "encoder.layer.3.output.LayerNorm.bias");
+        assert_eq!(
+            canonical_name("bert.encoder.layer.0.attention.self.query.weight"),
+            "encoder.layer.0.attention.self.query.weight"
+        );
+        assert!(is_ignored("bert.pooler.dense.weight") && is_ignored("pooler.dense.bias"));
+        assert!(is_ignored("cls.predictions.bias") && is_ignored("bert.embeddings.position_ids"));
+        assert!(!is_ignored("encoder.layer.0.attention.self.query.weight") && !is_ignored("text_model.x"));
+    }
+
+    #[test]
+    fn bert_base_has_its_published_parameter_count() {
+        // bert-base-uncased without the pooler: 109,482,240 − 768·768 − 768.
+        let c = BertConfig::from_json(&serde_json::json!({"model_type": "bert"}), Path::new("config.json")).unwrap();
+        assert_eq!(Layout::measure(|l| params_layout(l, &c)).numel(), 109_482_240 - 768 * 768 - 768);
+    }
+}
