@@ -26,12 +26,14 @@ fi
 # generate.py: tokenizer, CLIP, U-Net, VAE, pipelines, parameter counts (parts: tokenizer | clip |
 # pipeline | unet | vae | sd-pipelines | counts). generate_schedulers.py: torch randn per CPU
 # capability and every scheduler step by step (parts: randn | schedulers).
-# generate_msssim.py, generate_fid.py and iu-xray/make_sample.py: the evaluation and report fixtures.
+# generate_msssim.py, generate_fid.py, iu-xray/make_sample.py: evaluation and report fixtures;
+# generate_bert.py: BERT models, WordPiece vocabularies and tokenizer cases.
 if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate.py
   "$VENV/bin/python" tests/fixtures/generate_schedulers.py
   "$VENV/bin/python" tests/fixtures/generate_msssim.py
   "$VENV/bin/python" tests/fixtures/generate_fid.py
+  "$VENV/bin/python" tests/fixtures/generate_bert.py
   "$VENV/bin/python" tests/fixtures/iu-xray/make_sample.py
 else
   "$VENV/bin/python" tests/fixtures/generate.py "$@"
