@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use roentgen::backend::{self, Backend, Device};
 use roentgen::inspect::{inspect, render_text, InspectOptions};
-use roentgen::models::clip::{ClipTextConfig, ClipTextModel};
+use roentgen::models::text::{TextEncoder, TextTokenizer};
 use roentgen::tokenizer::ClipTokenizer;
 use roentgen::weights::{self, safetensors::OutTensor};
 use std::io::{BufRead, Write};
@@ -339,6 +339,14 @@ struct TrainArgs {
     /// Weight file variant of the source model, e.g. fp16.
     #[arg(long)]
     variant: Option<String>,
+    /// Replace the pipeline's text encoder with a transformers folder (e.g. RadBERT: config.json,
+    /// model.safetensors, vocab.txt); with --unet-init random the U-Net's cross-attention is sized for it.
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// Keep the text encoder frozen (the paper's domain-encoder setting); same as
+    /// --train-text-encoder false.
+    #[arg(long)]
+    freeze_text_encoder: bool,
     #[command(flatten)]
     optim: OptimArgs,
 }
@@ -467,7 +475,12 @@ fn run(cli: Cli) -> Result<()> {
                 on_bad_image: a.on_bad_image,
                 variant: a.variant.clone(),
                 ema_decay: a.ema.then_some(a.ema_decay),
+                text_encoder: a.text_encoder.clone(),
             };
+            let mut cfg = cfg;
+            if a.freeze_text_encoder {
+                cfg.optim.train_text_encoder = false;
+            }
             let bar = indicatif::ProgressBar::new(a.steps as u64);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -827,22 +840,27 @@ fn encode_text(
     random_weights: bool,
 ) -> Result<()> {
     let te_dir = weights::component_dir(model, "text_encoder")?;
-    let tok = ClipTokenizer::from_dir(tokenizer.unwrap_or(model))?;
-    let clip = if random_weights {
-        ClipTextModel::random(b, ClipTextConfig::from_file(&te_dir.join("config.json"))?, 0)?
-    } else {
-        ClipTextModel::load(b, &te_dir, variant)?.0
+    let tok_dir = match tokenizer {
+        Some(t) => t.to_path_buf(),
+        None => weights::component_dir(model, "tokenizer")?,
     };
-    let seq = tok.max_length;
+    let tok = TextTokenizer::from_dir(&tok_dir)?;
+    let clip = if random_weights { TextEncoder::random(b, &te_dir, 0)? } else { TextEncoder::load(b, &te_dir, variant)?.0 };
+    let seq = tok.max_length();
     let mut ids = Vec::with_capacity(prompts.len() * seq);
+    let mut mask = Vec::with_capacity(prompts.len() * seq);
     for (i, p) in prompts.iter().enumerate() {
         let enc = tok.encode(p);
-        warn_truncated(&tok, i + 1, &enc);
+        if enc.truncated {
+            eprintln!("warning: prompt {} has {} tokens; truncated to {seq} as the reference tokenizer does", i + 1, enc.tokens);
+        }
         ids.extend(enc.ids);
+        mask.extend(enc.mask);
     }
     let acts = clip.allocate_acts(b, prompts.len(), seq)?;
     let t0 = std::time::Instant::now();
-    let hidden = clip.forward(b, &acts, &ids)?;
+    let hidden = clip.forward(b, &acts, &ids, &mask)?;
+    let hidden = hidden.reshape([prompts.len(), seq, clip.hidden_size()]);
     let secs = t0.elapsed().as_secs_f64();
     let values = b.download(&hidden)?;
     let ids64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();

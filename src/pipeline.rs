@@ -10,12 +10,11 @@
 //! whole batch.
 
 use crate::backend::Backend;
-use crate::models::clip::ClipTextModel;
+use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::models::unet::UNet;
 use crate::models::vae::AutoencoderKL;
 use crate::nn::Fmap;
 use crate::schedulers::{self, Scheduler, SchedulerKind, SchedulerOptions};
-use crate::tokenizer::ClipTokenizer;
 use crate::torch_rng::{NormalVariant, TorchGenerator};
 use crate::weights;
 use anyhow::{bail, Context, Result};
@@ -25,8 +24,8 @@ use std::time::Instant;
 /// A loaded Stable Diffusion pipeline folder.
 pub struct Pipeline {
     pub dir: PathBuf,
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
+    pub tokenizer: TextTokenizer,
+    pub text_encoder: TextEncoder,
     pub unet: UNet,
     pub vae: AutoencoderKL,
     pub scheduler_config: serde_json::Value,
@@ -126,15 +125,15 @@ impl Pipeline {
         for comp in ["text_encoder", "tokenizer", unet_dir, "vae", "scheduler"] {
             weights::component_dir(dir, comp)?;
         }
-        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
-        let (text_encoder, _) = ClipTextModel::load(b, &dir.join("text_encoder"), variant)?;
+        let tokenizer = TextTokenizer::from_dir(&dir.join("tokenizer"))?;
+        let (text_encoder, _) = TextEncoder::load(b, &dir.join("text_encoder"), variant)?;
         let (unet, _) = UNet::load(b, &dir.join(unet_dir), variant)?;
         let (vae, _) = AutoencoderKL::load(b, &dir.join("vae"), variant)?;
-        if text_encoder.config.hidden_size != unet.config.cross_attention_dim {
+        if text_encoder.hidden_size() != unet.config.cross_attention_dim {
             bail!(
                 "{}: text_encoder hidden_size {} does not match unet cross_attention_dim {}",
                 dir.display(),
-                text_encoder.config.hidden_size,
+                text_encoder.hidden_size(),
                 unet.config.cross_attention_dim
             );
         }
@@ -148,12 +147,12 @@ impl Pipeline {
                 unet.config.out_channels
             );
         }
-        if tokenizer.vocab_size() > text_encoder.config.vocab_size {
+        if tokenizer.vocab_size() > text_encoder.vocab_size() {
             bail!(
                 "{}: the tokenizer has {} tokens but the text encoder's vocabulary is {}",
                 dir.display(),
                 tokenizer.vocab_size(),
-                text_encoder.config.vocab_size
+                text_encoder.vocab_size()
             );
         }
         let scheduler_config_path = schedulers::config_path(&dir.join("scheduler"))?;
@@ -216,8 +215,9 @@ impl Pipeline {
 
     /// Text embeddings of `texts` (each [77, hidden]), in one text-encoder batch.
     fn encode_texts(&self, b: &mut dyn Backend, texts: &[String], warn: &mut dyn FnMut(String)) -> Result<Vec<f32>> {
-        let seq = self.tokenizer.max_length;
+        let seq = self.tokenizer.max_length();
         let mut ids = Vec::with_capacity(texts.len() * seq);
+        let mut mask = Vec::with_capacity(texts.len() * seq);
         for (i, t) in texts.iter().enumerate() {
             let e = self.tokenizer.encode(t);
             if e.truncated {
@@ -225,13 +225,14 @@ impl Pipeline {
                     "prompt {} has {} tokens; truncated to {} as the reference tokenizer does",
                     i + 1,
                     e.tokens,
-                    self.tokenizer.max_length
+                    self.tokenizer.max_length()
                 ));
             }
             ids.extend(e.ids);
+            mask.extend(e.mask);
         }
         let acts = self.text_encoder.allocate_acts(b, texts.len(), seq)?;
-        let out = self.text_encoder.forward(b, &acts, &ids)?;
+        let out = self.text_encoder.forward(b, &acts, &ids, &mask)?;
         b.download(&out)
     }
 
@@ -249,8 +250,8 @@ impl Pipeline {
         let cfg_on = r.guidance > 1.0;
         let [n, c, lh, lw] = self.latent_shape(r);
         let per_image = c * lh * lw;
-        let seq = self.tokenizer.max_length;
-        let hidden = self.text_encoder.config.hidden_size;
+        let seq = self.tokenizer.max_length();
+        let hidden = self.text_encoder.hidden_size();
 
         // 1. Text embeddings: unique prompts (and their negatives) in one batch, then one row per
         //    image, each prompt's rows consecutive (diffusers' repeat + view).

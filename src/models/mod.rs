@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod clip;
+pub mod text;
 pub mod unet;
 pub mod vae;
 

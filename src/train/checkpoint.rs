@@ -58,12 +58,57 @@ fn mark_f32(config: &Path) -> Result<()> {
         .with_context(|| format!("{}: cannot write", config.display()))
 }
 
+/// Puts another text encoder's config and tokenizer files in a checkpoint and names their classes in
+/// model_index.json, so diffusers builds the pipeline with them.
+fn replace_text_components(src: &Path, ckpt: &Path) -> Result<()> {
+    std::fs::copy(src.join("config.json"), ckpt.join("text_encoder/config.json"))
+        .with_context(|| format!("{}: cannot copy config.json", src.display()))?;
+    let tok = ckpt.join("tokenizer");
+    if tok.exists() {
+        std::fs::remove_dir_all(&tok)?;
+    }
+    std::fs::create_dir_all(&tok)?;
+    let mut wordpiece = false;
+    for name in
+        ["vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    {
+        if src.join(name).is_file() {
+            std::fs::copy(src.join(name), tok.join(name))?;
+            wordpiece |= name == "vocab.txt";
+        }
+    }
+    let cfg = crate::weights::read_json(&src.join("config.json"))?;
+    let te_class =
+        cfg.pointer("/architectures/0").and_then(|v| v.as_str()).unwrap_or("BertModel").replace("ForMaskedLM", "Model");
+    let tok_class = if wordpiece
+        || crate::weights::read_json(&tok.join("tokenizer.json"))
+            .ok()
+            .and_then(|j| j.pointer("/model/type").and_then(|t| t.as_str()).map(|t| t == "WordPiece"))
+            .unwrap_or(false)
+    {
+        "BertTokenizer"
+    } else {
+        "CLIPTokenizer"
+    };
+    let mi = ckpt.join("model_index.json");
+    let mut index = crate::weights::read_json(&mi)?;
+    index["text_encoder"] = serde_json::json!(["transformers", te_class]);
+    index["tokenizer"] = serde_json::json!(["transformers", tok_class]);
+    std::fs::write(&mi, serde_json::to_string_pretty(&index)? + "\n")?;
+    Ok(())
+}
+
 /// What a checkpoint holds besides the models.
 pub struct CheckpointContents<'a> {
     /// The pipeline folder training started from (its untouched components are copied).
     pub source: &'a Path,
     pub unet: &'a Layout,
+    /// Written as unet/config.json.
+    pub unet_config: &'a serde_json::Value,
     pub text_encoder: &'a Layout,
+    /// A transformers folder whose config.json and tokenizer files replace the source's
+    /// text_encoder/ and tokenizer/ (training with another text encoder).
+    pub text_source: Option<&'a Path>,
     /// The U-Net's EMA weights, written as `unet_ema/` (diffusers' name) when training with --ema.
     pub unet_ema: Option<&'a Layout>,
     /// (name, m, v) per optimised model, whole pools.
@@ -100,6 +145,10 @@ pub fn save(b: &dyn Backend, dest: &Path, c: &CheckpointContents) -> Result<()> 
     copy_tree(c.source, &tmp, &trained)?;
     save_table(b, c.unet, &tmp.join("unet/diffusion_pytorch_model.safetensors"))?;
     save_table(b, c.text_encoder, &tmp.join("text_encoder/model.safetensors"))?;
+    std::fs::write(tmp.join("unet/config.json"), serde_json::to_string_pretty(c.unet_config)? + "\n")?;
+    if let Some(src) = c.text_source {
+        replace_text_components(src, &tmp)?;
+    }
     for comp in ["unet", "text_encoder"] {
         mark_f32(&tmp.join(comp).join("config.json"))?;
     }

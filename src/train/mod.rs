@@ -14,7 +14,7 @@ pub mod schedule;
 pub mod vae;
 
 use crate::backend::Backend;
-use crate::models::clip::{ClipActs, ClipParams, ClipTextModel};
+use crate::models::text::{TextActs, TextEncoder, TextGrads};
 use crate::models::unet::{UNet, UNetParams};
 use crate::nn::Fmap;
 use crate::tensor::{Arena, Layout, PoolId, Tensor};
@@ -67,6 +67,9 @@ pub struct Batch {
     pub latent_shape: [usize; 4],
     /// n × 77 token ids.
     pub input_ids: Vec<u32>,
+    /// n × seq attention mask (1 for real tokens); used only by text encoders configured with
+    /// `use_attention_mask`.
+    pub attention_mask: Vec<u32>,
     /// [n, c, h, w] standard normal noise.
     pub noise: Vec<f32>,
     /// n training timesteps in [0, num_train_timesteps).
@@ -110,9 +113,9 @@ pub struct Trainer {
     pub prediction_type: PredictionType,
     unet_grads: UNetParams,
     unet_opt: OptState,
-    clip_grads: Option<ClipParams>,
+    clip_grads: Option<TextGrads>,
     clip_opt: Option<OptState>,
-    clip_acts: ClipActs,
+    clip_acts: TextActs,
     clip_arena: Arena,
     arena: Arena,
     /// (sample, context, context gradient, output gradient) at the bottom of `arena`.
@@ -131,7 +134,7 @@ impl Trainer {
     pub fn new(
         b: &mut dyn Backend,
         unet: &UNet,
-        clip: &ClipTextModel,
+        clip: &TextEncoder,
         options: OptimOptions,
         alphas_cumprod: Vec<f32>,
         prediction_type: PredictionType,
@@ -140,10 +143,10 @@ impl Trainer {
         w: usize,
         seq: usize,
     ) -> Result<Trainer> {
-        if clip.config.hidden_size != unet.config.cross_attention_dim {
+        if clip.hidden_size() != unet.config.cross_attention_dim {
             bail!(
                 "text encoder hidden_size {} does not match the U-Net's cross_attention_dim {}",
-                clip.config.hidden_size,
+                clip.hidden_size(),
                 unet.config.cross_attention_dim
             );
         }
@@ -151,7 +154,7 @@ impl Trainer {
         let unet_opt = OptState::new(b, &unet.table, ugt.pool(), "unet")?;
         let (clip_grads, clip_opt) = if options.train_text_encoder {
             let (g, t) = clip.allocate_grads(b)?;
-            (Some(g), Some(OptState::new(b, &clip.table, t.pool(), "text_encoder")?))
+            (Some(g), Some(OptState::new(b, clip.table(), t.pool(), "text_encoder")?))
         } else {
             (None, None)
         };
@@ -253,7 +256,7 @@ impl Trainer {
         &mut self,
         b: &dyn Backend,
         unet: &UNet,
-        clip: &ClipTextModel,
+        clip: &TextEncoder,
         micro_batches: &[Batch],
         total_steps: usize,
     ) -> Result<StepStats> {
@@ -319,7 +322,7 @@ impl Trainer {
         &mut self,
         b: &dyn Backend,
         unet: &UNet,
-        clip: &ClipTextModel,
+        clip: &TextEncoder,
         mb: &Batch,
         inv_accum: f32,
     ) -> Result<f32> {
@@ -335,8 +338,12 @@ impl Trainer {
                 sample.w
             );
         }
-        let seq = self.clip_acts.seq;
-        if mb.input_ids.len() != n * seq || mb.noise.len() != mb.latents.len() || mb.timesteps.len() != n {
+        let seq = self.clip_acts.batch_seq().1;
+        if mb.input_ids.len() != n * seq
+            || mb.attention_mask.len() != n * seq
+            || mb.noise.len() != mb.latents.len()
+            || mb.timesteps.len() != n
+        {
             bail!(
                 "micro-batch: {} ids, {} noise values, {} timesteps for {n} samples",
                 mb.input_ids.len(),
@@ -344,7 +351,7 @@ impl Trainer {
                 mb.timesteps.len()
             );
         }
-        let hidden = clip.forward(b, &self.clip_acts, &mb.input_ids)?;
+        let hidden = clip.forward(b, &self.clip_acts, &mb.input_ids, &mb.attention_mask)?;
         let (noisy, target) = self.noisy_and_target(mb)?;
         b.upload(&sample.t, &nchw_to_nhwc(&noisy, n, c, h, w))?;
         b.zero(&ctx)?;
@@ -366,7 +373,7 @@ impl Trainer {
         unet.backward(&self.unet_grads, b, &mut self.arena, &saved, &dout, &dctx, None)?;
         self.arena.release_all_to(base);
         if let Some(g) = &self.clip_grads {
-            clip.backward(b, &mut self.clip_arena, g, &self.clip_acts, &dctx, &mb.input_ids)?;
+            clip.backward(b, &mut self.clip_arena, g, &self.clip_acts, &dctx, &mb.input_ids, &mb.attention_mask)?;
         }
         Ok(b.download(&loss_t)?[0])
     }

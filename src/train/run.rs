@@ -9,12 +9,11 @@ use super::checkpoint::{self, CheckpointContents};
 use super::data::{load_image, read_manifest, Example, OnBadImage};
 use super::{Batch, OptimOptions, PredictionType, StepStats, Trainer};
 use crate::backend::Backend;
-use crate::models::clip::ClipTextModel;
-use crate::models::unet::UNet;
+use crate::models::text::{TextEncoder, TextTokenizer};
+use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{split_moments, AutoencoderKL};
 use crate::nn::Fmap;
 use crate::rng::SplitMix64;
-use crate::tokenizer::ClipTokenizer;
 use crate::weights;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
@@ -41,16 +40,24 @@ pub struct TrainConfig {
     pub variant: Option<String>,
     /// EMA of the U-Net weights with this maximum decay (diffusers' --use_ema, 0.9999).
     pub ema_decay: Option<f32>,
+    /// A transformers text-encoder folder (config.json, weights, tokenizer files) replacing the
+    /// pipeline's CLIP, e.g. RadBERT (the paper's "Text Encoders" rows).
+    pub text_encoder: Option<PathBuf>,
 }
 
 /// The frozen and trained models of a pipeline folder, loaded for training.
 pub struct Models {
-    pub tokenizer: ClipTokenizer,
-    pub clip: ClipTextModel,
+    pub tokenizer: TextTokenizer,
+    pub text: TextEncoder,
     pub unet: UNet,
+    /// The U-Net's config.json as written to checkpoints (cross_attention_dim follows the text
+    /// encoder when it was replaced).
+    pub unet_config: serde_json::Value,
     pub vae: AutoencoderKL,
     pub alphas_cumprod: Vec<f32>,
     pub prediction_type: PredictionType,
+    /// Where the text encoder's and tokenizer's files come from, when not the pipeline's own.
+    pub text_source: Option<PathBuf>,
 }
 
 impl Models {
@@ -60,21 +67,44 @@ impl Models {
         variant: Option<&str>,
         unet_random: bool,
         seed: u64,
+        text_override: Option<&Path>,
     ) -> Result<Models> {
         if !weights::is_pipeline_folder(dir) {
             bail!("{}: not a pipeline folder (no model_index.json); training needs the whole pipeline", dir.display());
         }
-        let tokenizer = ClipTokenizer::from_dir(&weights::component_dir(dir, "tokenizer")?)?;
-        let (clip, _) = ClipTextModel::load(b, &weights::component_dir(dir, "text_encoder")?, variant)?;
+        let (tok_dir, te_dir) = match text_override {
+            Some(t) => {
+                if !t.join("config.json").is_file() {
+                    bail!("--text-encoder {}: no config.json (expected a transformers model folder)", t.display());
+                }
+                (t.to_path_buf(), t.to_path_buf())
+            }
+            None => (weights::component_dir(dir, "tokenizer")?, weights::component_dir(dir, "text_encoder")?),
+        };
+        let tokenizer = TextTokenizer::from_dir(&tok_dir)?;
+        let (text, _) = TextEncoder::load(b, &te_dir, if text_override.is_some() { None } else { variant })?;
         let unet_dir = weights::component_dir(dir, "unet")?;
+        let mut unet_config = weights::read_json(&unet_dir.join("config.json"))?;
         let unet = if unet_random {
-            // The paper's "Rnd U-Net": the architecture of the config, from PyTorch's default init.
-            let u = UNet::allocate(b, crate::models::unet::UNetConfig::from_file(&unet_dir.join("config.json"))?)?;
+            // The paper's "Rnd U-Net": the architecture of the config, from PyTorch's default
+            // init, with cross-attention sized for the text encoder.
+            unet_config["cross_attention_dim"] = serde_json::Value::from(text.hidden_size());
+            let c = UNetConfig::from_json(&unet_config, &unet_dir.join("config.json"))?;
+            let u = UNet::allocate(b, c)?;
             crate::models::init_default(b, &u.table, seed)?;
             u
         } else {
             UNet::load(b, &unet_dir, variant)?.0
         };
+        if text.hidden_size() != unet.config.cross_attention_dim {
+            bail!(
+                "the text encoder's hidden size {} does not match the U-Net's cross_attention_dim {}; \
+                 a new text encoder needs a new U-Net: add --unet-init random",
+                text.hidden_size(),
+                unet.config.cross_attention_dim
+            );
+        }
+        // (A tokenizer larger than the encoder's vocabulary is caught by the embedding's id check.)
         let (vae, _) = AutoencoderKL::load(b, &weights::component_dir(dir, "vae")?, variant)?;
         let sched_path = crate::schedulers::config_path(&weights::component_dir(dir, "scheduler")?)?;
         let sched = weights::read_json(&sched_path)?;
@@ -87,7 +117,35 @@ impl Models {
                 sched_path.display()
             ),
         };
-        Ok(Models { tokenizer, clip, unet, vae, alphas_cumprod, prediction_type })
+        Ok(Models {
+            tokenizer,
+            text,
+            unet,
+            unet_config,
+            vae,
+            alphas_cumprod,
+            prediction_type,
+            text_source: text_override.map(Path::to_path_buf),
+        })
+    }
+
+    fn checkpoint<'a>(
+        &'a self,
+        source: &'a Path,
+        ema: Option<&'a crate::tensor::Layout>,
+        optimizer: Vec<(&'static str, crate::tensor::Tensor, crate::tensor::Tensor)>,
+        state: serde_json::Value,
+    ) -> CheckpointContents<'a> {
+        CheckpointContents {
+            source,
+            unet: &self.unet.table,
+            unet_config: &self.unet_config,
+            text_encoder: self.text.table(),
+            text_source: self.text_source.as_deref(),
+            unet_ema: ema,
+            optimizer,
+            state,
+        }
     }
 }
 
@@ -167,8 +225,9 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
     ensure_output(cfg)?;
     let resume_from = if cfg.resume { Some(checkpoint::latest(&cfg.output)?) } else { None };
     let load_dir = resume_from.clone().unwrap_or_else(|| cfg.model.clone());
-    let models =
-        Models::load(b, &load_dir, cfg.variant.as_deref(), cfg.unet_init_random && resume_from.is_none(), cfg.seed)?;
+    let text_override = if resume_from.is_none() { cfg.text_encoder.as_deref() } else { None };
+    let unet_random = cfg.unet_init_random && resume_from.is_none();
+    let models = Models::load(b, &load_dir, cfg.variant.as_deref(), unet_random, cfg.seed, text_override)?;
     let f = models.vae.config.scale_factor();
     if cfg.resolution % f != 0 {
         bail!("--resolution {} is not a multiple of the VAE's scale factor {f}", cfg.resolution);
@@ -200,8 +259,8 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
     if good.is_empty() {
         bail!("{}: no usable rows", cfg.data.display());
     }
-    let seq = models.tokenizer.max_length;
-    let ids: Vec<Vec<u32>> = good.iter().map(|e| models.tokenizer.encode(&e.text).ids).collect();
+    let seq = models.tokenizer.max_length();
+    let tokens: Vec<crate::models::text::TextTokens> = good.iter().map(|e| models.tokenizer.encode(&e.text)).collect();
     let mut encoder = Encoder::new(b, &models.vae, cfg.resolution)?;
     let mut cache: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; good.len()];
     if cfg.cache_latents {
@@ -218,7 +277,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
     let mut trainer = Trainer::new(
         b,
         &models.unet,
-        &models.clip,
+        &models.text,
         cfg.optim.clone(),
         models.alphas_cumprod.clone(),
         models.prediction_type,
@@ -266,6 +325,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                 latents: Vec::with_capacity(cfg.batch_size * per),
                 latent_shape: [cfg.batch_size, z, lat, lat],
                 input_ids: Vec::with_capacity(cfg.batch_size * seq),
+                attention_mask: Vec::with_capacity(cfg.batch_size * seq),
                 noise: Vec::with_capacity(cfg.batch_size * per),
                 timesteps: Vec::with_capacity(cfg.batch_size),
             };
@@ -288,13 +348,14 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                 for (m, lv) in mean.iter().zip(&logvar) {
                     mb.latents.push((m + (0.5 * lv).exp() * rng.next_normal()) * sf);
                 }
-                mb.input_ids.extend_from_slice(&ids[idx]);
+                mb.input_ids.extend_from_slice(&tokens[idx].ids);
+                mb.attention_mask.extend_from_slice(&tokens[idx].mask);
                 mb.timesteps.push((rng.next_u64() % models.alphas_cumprod.len() as u64) as usize);
             }
             mb.noise.extend((0..cfg.batch_size * per).map(|_| rng.next_normal()));
             micro.push(mb);
         }
-        let stats = trainer.train_step(b, &models.unet, &models.clip, &micro, cfg.steps)?;
+        let stats = trainer.train_step(b, &models.unet, &models.text, &micro, cfg.steps)?;
         let secs = t0.elapsed().as_secs_f64();
         let ips = ((stats.step - start) * per_step) as f64 / secs.max(1e-9);
         if stats.step % cfg.log_every.max(1) == 0 || stats.step == cfg.steps {
@@ -312,14 +373,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
             checkpoint::save(
                 b,
                 &dest,
-                &CheckpointContents {
-                    source: &load_dir,
-                    unet: &models.unet.table,
-                    text_encoder: &models.clip.table,
-                    unet_ema: trainer.ema_table(),
-                    optimizer: trainer.optimizer_pools(),
-                    state,
-                },
+                &models.checkpoint(&load_dir, trainer.ema_table(), trainer.optimizer_pools(), state),
             )?;
             last_ckpt = Some(dest);
         }
@@ -389,9 +443,15 @@ pub fn read_step_batch(path: &Path, models: &Models, b: &mut dyn Backend) -> Res
             ts.len()
         );
     }
+    let attention_mask = match get("attention_mask")? {
+        Some((_, m)) if m.len() == ids.len() => m.iter().map(|&x| x as u32).collect(),
+        Some((s, _)) => bail!("{}: attention_mask has shape {s:?}; expected {ishape:?}", path.display()),
+        None => vec![1; ids.len()],
+    };
     Ok(Batch {
         latents,
         latent_shape: [shape[0], shape[1], shape[2], shape[3]],
+        attention_mask,
         input_ids: ids.iter().map(|&x| x as u32).collect(),
         noise,
         timesteps: ts.iter().map(|&t| t as usize).collect(),
@@ -412,14 +472,14 @@ pub fn train_step(
     if output.exists() && !overwrite {
         bail!("--output {}: exists; pass --overwrite to replace it", output.display());
     }
-    let models = Models::load(b, model, variant, false, 0)?;
+    let models = Models::load(b, model, variant, false, 0, None)?;
     let batch = read_step_batch(batch_file, &models, b)?;
     let [n, _, h, w] = batch.latent_shape;
     let seq = batch.input_ids.len() / n;
     let mut trainer = Trainer::new(
         b,
         &models.unet,
-        &models.clip,
+        &models.text,
         optim,
         models.alphas_cumprod.clone(),
         models.prediction_type,
@@ -428,18 +488,8 @@ pub fn train_step(
         w,
         seq,
     )?;
-    let stats = trainer.train_step(b, &models.unet, &models.clip, &[batch], 1)?;
-    checkpoint::save(
-        b,
-        output,
-        &CheckpointContents {
-            source: model,
-            unet: &models.unet.table,
-            text_encoder: &models.clip.table,
-            unet_ema: None,
-            optimizer: trainer.optimizer_pools(),
-            state: serde_json::json!({"step": 1, "loss": stats.loss, "grad_norm": stats.grad_norm}),
-        },
-    )?;
+    let stats = trainer.train_step(b, &models.unet, &models.text, &[batch], 1)?;
+    let state = serde_json::json!({"step": 1, "loss": stats.loss, "grad_norm": stats.grad_norm});
+    checkpoint::save(b, output, &models.checkpoint(model, None, trainer.optimizer_pools(), state))?;
     Ok(stats)
 }
