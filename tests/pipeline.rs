@@ -134,3 +134,48 @@ fn sample_with_seed_matches_diffusers_euler_ancestral() {
     let r = runs("pipe-b");
     check_run("pipe-b", &r[1], 1);
 }
+
+#[test]
+fn sample_with_a_bert_text_encoder_matches_diffusers() {
+    // The paper's domain-encoder setting: a BERT-family text encoder with the attention mask on.
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("pipe-bert");
+    copy_dir(&fixture("pipe-bert"), &pipe);
+    let run: Value = serde_json::from_str(&std::fs::read_to_string(pipe.join("run.json")).unwrap()).unwrap();
+    let io = pipe.join("io.safetensors");
+    let (shape, lat) = read_f32(&io, "latents_in");
+    let lf = dir.path().join("latents.safetensors");
+    write_f32(&lf, "latents", &shape, &lat);
+    let dump = dir.path().join("dump.safetensors");
+    let out = dir.path().join("out");
+    let mut args: Vec<String> = vec!["sample".into(), "--model".into(), pipe.display().to_string()];
+    for p in run["prompts"].as_array().unwrap() {
+        args.extend(["--prompt".into(), p.as_str().unwrap().into()]);
+    }
+    let num = |k: &str| run[k].as_u64().unwrap().to_string();
+    args.extend(["--negative-prompt".into(), run["negative"].as_str().unwrap().into()]);
+    args.extend([
+        "--num-images".into(),
+        num("num_images"),
+        "--height".into(),
+        num("height"),
+        "--width".into(),
+        num("width"),
+    ]);
+    args.extend(["--steps".into(), num("steps"), "--guidance".into(), "4".into(), "--batch-size".into(), "3".into()]);
+    args.extend(["--latents-in".into(), lf.display().to_string(), "--dump".into(), dump.display().to_string()]);
+    args.extend(["--out".into(), out.display().to_string()]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = run_cli(&argv, None);
+    assert_eq!(code, 0, "{err}");
+    assert_close(
+        "pipe-bert prompt_embeds",
+        &read_f32(&dump, "prompt_embeds").1,
+        &read_f32(&io, "prompt_embeds").1,
+        F32_PARITY,
+    );
+    let (got, want) = (read_f32(&dump, "image").1, read_f32(&io, "image").1);
+    let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("pipe-bert: image max |ours - diffusers| = {max_err:.2e}");
+    assert!(max_err <= PIPELINE_ABS, "{max_err}");
+}
