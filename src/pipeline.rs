@@ -15,6 +15,7 @@ use crate::models::unet::UNet;
 use crate::models::vae::AutoencoderKL;
 use crate::nn::Fmap;
 use crate::schedulers::{self, Scheduler, SchedulerKind, SchedulerOptions};
+use crate::tensor::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::torch_rng::{NormalVariant, TorchGenerator};
 use crate::weights;
 use anyhow::{bail, Context, Result};
@@ -76,34 +77,6 @@ pub struct SampleOutput {
     pub latent_shape: [usize; 4],
     pub timings: Timings,
     pub scheduler: SchedulerKind,
-}
-
-fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize, out: &mut Vec<f32>) {
-    out.clear();
-    out.resize(x.len(), 0.0);
-    for b in 0..n {
-        for ch in 0..c {
-            for y in 0..h {
-                for xx in 0..w {
-                    out[((b * h + y) * w + xx) * c + ch] = x[((b * c + ch) * h + y) * w + xx];
-                }
-            }
-        }
-    }
-}
-
-fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for y in 0..h {
-                for xx in 0..w {
-                    out[((b * c + ch) * h + y) * w + xx] = x[((b * h + y) * w + xx) * c + ch];
-                }
-            }
-        }
-    }
-    out
 }
 
 impl Pipeline {
@@ -301,7 +274,6 @@ impl Pipeline {
         let total_calls = timesteps.len() * n.div_ceil(chunk);
         let mut calls = 0;
         let mut noise = vec![0f32; n * per_image];
-        let mut host_in = Vec::new();
         for (i, &t) in timesteps.iter().enumerate() {
             for start in (0..n).step_by(chunk) {
                 let k = chunk.min(n - start);
@@ -320,8 +292,7 @@ impl Pipeline {
                 arena.reset();
                 let xin = Fmap::alloc(&mut arena, ub, lh, lw, c)?;
                 let ctx_t = arena.alloc([ub * seq, hidden])?;
-                nchw_to_nhwc(&batch_in, ub, c, lh, lw, &mut host_in);
-                b.upload(&xin.t, &host_in)?;
+                b.upload(&xin.t, &nchw_to_nhwc(&batch_in, ub, c, lh, lw))?;
                 b.upload(&ctx_t, &ctx)?;
                 let out = self.unet.forward(b, &mut arena, &xin, t as f32, &ctx_t, seq, None)?;
                 let pred = nhwc_to_nchw(&b.download(&out.t)?, ub, c, lh, lw);
@@ -362,8 +333,7 @@ impl Pipeline {
             let z: Vec<f32> = latents[start * per_image..(start + k) * per_image].iter().map(|x| x / sf).collect();
             vae_arena.reset();
             let zt = Fmap::alloc(&mut vae_arena, k, lh, lw, c)?;
-            nchw_to_nhwc(&z, k, c, lh, lw, &mut host_in);
-            b.upload(&zt.t, &host_in)?;
+            b.upload(&zt.t, &nchw_to_nhwc(&z, k, c, lh, lw))?;
             let img = self.vae.decode(b, &mut vae_arena, &zt)?;
             let px = nhwc_to_nchw(&b.download(&img.t)?, k, out_c, h, w);
             images.extend(px.iter().map(|x| (x / 2.0 + 0.5).clamp(0.0, 1.0)));

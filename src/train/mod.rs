@@ -17,6 +17,7 @@ use crate::backend::Backend;
 use crate::models::text::{TextActs, TextEncoder, TextGrads};
 use crate::models::unet::{UNet, UNetParams};
 use crate::nn::Fmap;
+pub use crate::tensor::nchw_to_nhwc;
 use crate::tensor::{Arena, Layout, PoolId, Tensor};
 use anyhow::{bail, Result};
 use schedule::LrSchedule;
@@ -82,6 +83,39 @@ pub struct StepStats {
     pub loss: f32,
     pub grad_norm: f32,
     pub lr: f32,
+}
+
+/// The end of an optimizer step over one or more models' flat pools: the global gradient norm
+/// (before clipping), torch's `clip_grad_norm_` scaling, the learning rate of `step` (1-based) and
+/// AdamW. A non-finite norm stops the run. Returns (gradient norm, learning rate).
+pub(crate) fn clip_and_step(
+    b: &dyn Backend,
+    states: &[&OptState],
+    sumsq: &Tensor,
+    o: &OptimOptions,
+    step: usize,
+    total_steps: usize,
+) -> Result<(f32, f32)> {
+    let mut total = 0f64;
+    for st in states {
+        b.sum_squares(sumsq, &st.grads, st.len)?;
+        total += b.download(sumsq)?[0] as f64;
+    }
+    let grad_norm = total.sqrt() as f32;
+    if !grad_norm.is_finite() {
+        bail!("the gradient norm is {grad_norm} at step {step}: stopping (the last checkpoint is intact)");
+    }
+    if let Some(max) = o.max_grad_norm {
+        let coef = (max / (grad_norm + 1e-6)).min(1.0);
+        for st in states {
+            b.scale(&st.grads, coef, st.len)?;
+        }
+    }
+    let lr = o.schedule.lr(o.lr, step - 1, total_steps);
+    for st in states {
+        b.adamw_step(&st.params(), &st.grads, &st.m, &st.v, st.len, lr, o.beta1, o.beta2, o.eps, o.weight_decay, step)?;
+    }
+    Ok((grad_norm, lr))
 }
 
 /// A model's optimizer state: gradients and AdamW moments laid out like its parameters.
@@ -276,44 +310,10 @@ impl Trainer {
         if !loss.is_finite() {
             bail!("the loss is {loss} at step {}: stopping (the last checkpoint is intact)", self.step + 1);
         }
-        // Global gradient norm over both models, then torch's clip_grad_norm_ scaling.
-        let sumsq = self.side("sumsq");
-        let mut total = 0f64;
-        for o in std::iter::once(&self.unet_opt).chain(self.clip_opt.as_ref()) {
-            b.sum_squares(&sumsq, &o.grads, o.len)?;
-            total += b.download(&sumsq)?[0] as f64;
-        }
-        let grad_norm = total.sqrt() as f32;
-        if !grad_norm.is_finite() {
-            bail!(
-                "the gradient norm is {grad_norm} at step {}: stopping (the last checkpoint is intact)",
-                self.step + 1
-            );
-        }
-        if let Some(max) = self.options.max_grad_norm {
-            let coef = (max / (grad_norm + 1e-6)).min(1.0);
-            for o in std::iter::once(&self.unet_opt).chain(self.clip_opt.as_ref()) {
-                b.scale(&o.grads, coef, o.len)?;
-            }
-        }
+        let states: Vec<&OptState> = std::iter::once(&self.unet_opt).chain(self.clip_opt.as_ref()).collect();
+        let (grad_norm, lr) =
+            clip_and_step(b, &states, &self.side("sumsq"), &self.options, self.step + 1, total_steps)?;
         self.step += 1;
-        let o = &self.options;
-        let lr = o.schedule.lr(o.lr, self.step - 1, total_steps);
-        for st in std::iter::once(&self.unet_opt).chain(self.clip_opt.as_ref()) {
-            b.adamw_step(
-                &st.params(),
-                &st.grads,
-                &st.m,
-                &st.v,
-                st.len,
-                lr,
-                o.beta1,
-                o.beta2,
-                o.eps,
-                o.weight_decay,
-                self.step,
-            )?;
-        }
         self.ema_update(b)?;
         Ok(StepStats { step: self.step, loss, grad_norm, lr })
     }
@@ -405,19 +405,4 @@ impl Trainer {
         }
         v
     }
-}
-
-/// (n, c, h, w) → (n, h, w, c).
-pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for y in 0..h {
-                for xx in 0..w {
-                    out[((b * h + y) * w + xx) * c + ch] = x[((b * c + ch) * h + y) * w + xx];
-                }
-            }
-        }
-    }
-    out
 }

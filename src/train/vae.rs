@@ -189,31 +189,9 @@ impl VaeTrainer {
         if !loss.is_finite() {
             bail!("the VAE loss is {loss} at step {}: stopping (the last checkpoint is intact)", self.step + 1);
         }
-        b.sum_squares(&self.side, &self.opt.grads, self.opt.len)?;
-        let grad_norm = b.download(&self.side)?[0].sqrt();
-        if !grad_norm.is_finite() {
-            bail!("the VAE gradient norm is {grad_norm} at step {}: stopping", self.step + 1);
-        }
-        if let Some(max) = self.options.max_grad_norm {
-            b.scale(&self.opt.grads, (max / (grad_norm + 1e-6)).min(1.0), self.opt.len)?;
-        }
+        let sumsq = Tensor { shape: [1].into(), ..self.side };
+        let (grad_norm, lr) = super::clip_and_step(b, &[&self.opt], &sumsq, &self.options, self.step + 1, total_steps)?;
         self.step += 1;
-        let o = &self.options;
-        let lr = o.schedule.lr(o.lr, self.step - 1, total_steps);
-        let st = &self.opt;
-        b.adamw_step(
-            &st.params(),
-            &st.grads,
-            &st.m,
-            &st.v,
-            st.len,
-            lr,
-            o.beta1,
-            o.beta2,
-            o.eps,
-            o.weight_decay,
-            self.step,
-        )?;
         Ok(VaeStats { step: self.step, loss, rec_loss: rec, kl, grad_norm, lr })
     }
 }
