@@ -115,6 +115,9 @@ enum Command {
     /// VAE or pipeline folder (--model), or from scratch (--config vae_config.json). Writes
     /// OUTPUT/checkpoint-N VAE folders (config.json + diffusion_pytorch_model.safetensors).
     TrainVae(TrainVaeArgs),
+    /// Draw synthetic chest-radiograph phantoms with findings, report sentences and a training
+    /// manifest (deterministic per seed).
+    Phantom(roentgen::phantom::PhantomArgs),
     /// Build training/test manifests from MIMIC-CXR-JPG or the IU X-ray reports (the paper's filtering).
     #[command(subcommand)]
     Prepare(roentgen::prepare::PrepareCommand),
@@ -557,6 +560,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::json!({"checkpoint": last.display().to_string()}));
             Ok(())
         }
+        Command::Phantom(a) => roentgen::phantom::run_phantom(a),
         Command::Prepare(cmd) => roentgen::prepare::run(cmd),
         Command::Eval(cmd) => roentgen::eval::run(cmd),
         Command::Bench { stage, model, random_weights, variant, height, width, batch, warmup, iters, json } => {

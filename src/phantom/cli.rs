@@ -1,0 +1,169 @@
+//! `roentgen phantom`: writes a folder of phantoms, their manifest and a label summary.
+
+use super::spec::Findings;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rayon::prelude::*;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Smallest and largest image side accepted.
+pub const MIN_SIZE: usize = 32;
+pub const MAX_SIZE: usize = 4096;
+
+#[derive(Args, Debug, Clone)]
+pub struct PhantomArgs {
+    /// Output folder: phantom-NNNNN.png, manifest.jsonl (for `roentgen train`) and summary.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 1000)]
+    pub count: usize,
+    /// Image side in pixels (square images; at least 32).
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// Seed: the same seed writes byte-identical files; image i depends only on (seed, i).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the summary as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Label counts over a set of phantoms.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    pub images: usize,
+    /// Per evaluation class ("no-finding", "cardiomegaly", "effusion-left", …); an image with two
+    /// findings counts in both.
+    pub classes: BTreeMap<String, usize>,
+    /// Finer counts: effusion and pneumothorax by side and size, consolidation by lobe, and the number
+    /// of findings per image.
+    pub details: BTreeMap<String, usize>,
+}
+
+impl Summary {
+    pub fn add(&mut self, f: &Findings) {
+        self.images += 1;
+        for c in f.classes() {
+            *self.classes.entry(c).or_default() += 1;
+        }
+        let mut bump = |k: String| *self.details.entry(k).or_default() += 1;
+        if let Some(e) = f.effusion {
+            bump(format!("effusion {} {}", e.laterality.name(), e.size.name()));
+        }
+        if let Some(p) = f.pneumothorax {
+            bump(format!("pneumothorax {} {}", p.side.name(), p.size.name()));
+        }
+        if let Some(l) = f.consolidation {
+            bump(format!("consolidation {}", l.name()));
+        }
+        let n = f.cardiomegaly as usize
+            + f.effusion.is_some() as usize
+            + f.pneumothorax.is_some() as usize
+            + f.consolidation.is_some() as usize;
+        bump(format!("images with {n} finding(s)"));
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({"images": self.images, "classes": self.classes, "details": self.details})
+    }
+
+    pub fn render_table(&self) -> String {
+        let mut s = format!("{} phantoms\n", self.images);
+        let pct = |n: usize| 100.0 * n as f64 / self.images.max(1) as f64;
+        s.push_str(&format!("{:<34}{:>7}{:>8}\n", "class", "images", "%"));
+        for (k, &n) in &self.classes {
+            s.push_str(&format!("{k:<34}{n:>7}{:>7.1}%\n", pct(n)));
+        }
+        s.push_str(&format!("{:<34}{:>7}{:>8}\n", "detail", "images", "%"));
+        for (k, &n) in &self.details {
+            s.push_str(&format!("{k:<34}{n:>7}{:>7.1}%\n", pct(n)));
+        }
+        s
+    }
+}
+
+pub fn check_size(size: usize) -> Result<()> {
+    if size < MIN_SIZE {
+        bail!("--size {size}: phantoms need at least {MIN_SIZE}×{MIN_SIZE} pixels (ribs and pleural lines vanish below that)");
+    }
+    if size > MAX_SIZE {
+        bail!("--size {size}: at most {MAX_SIZE}");
+    }
+    Ok(())
+}
+
+/// File name of image `i` among `count`.
+pub fn file_name(i: usize, count: usize) -> String {
+    let digits = (count.saturating_sub(1)).to_string().len().max(5);
+    format!("phantom-{i:0digits$}.png")
+}
+
+/// Writes the phantoms, the manifest and summary.json; returns the summary.
+pub fn write_phantoms(out: &Path, count: usize, size: usize, seed: u64) -> Result<Summary> {
+    if count == 0 {
+        bail!("--count 0: nothing to generate (give at least 1)");
+    }
+    check_size(size)?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
+    let rows: Vec<Result<(String, Findings)>> = (0..count)
+        .into_par_iter()
+        .map(|i| {
+            let g = super::generate(seed, i as u64, size);
+            let name = file_name(i, count);
+            let text = [
+                ("prompt", g.text.clone()),
+                ("labels", g.labels.to_string()),
+                ("seed", seed.to_string()),
+                ("index", i.to_string()),
+                ("generator", "roentgen phantom".to_string()),
+            ];
+            crate::images::write_png(&out.join(&name), &g.pixels, 1, size, size, true, &text)?;
+            let row = json!({"image": name, "text": g.text, "labels": g.labels});
+            Ok((row.to_string(), g.findings))
+        })
+        .collect();
+    let mut summary = Summary::default();
+    let mut manifest = String::new();
+    for r in rows {
+        let (line, f) = r?;
+        manifest.push_str(&line);
+        manifest.push('\n');
+        summary.add(&f);
+    }
+    write_atomic(&out.join("manifest.jsonl"), manifest.as_bytes())?;
+    let mut js = serde_json::to_string_pretty(&summary.to_json())?;
+    js.push('\n');
+    write_atomic(&out.join("summary.json"), js.as_bytes())?;
+    Ok(summary)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    f.write_all(bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
+}
+
+pub fn run_phantom(a: PhantomArgs) -> Result<()> {
+    let t = std::time::Instant::now();
+    let summary = write_phantoms(&a.out, a.count, a.size, a.seed)?;
+    if a.json {
+        println!("{}", summary.to_json());
+    } else {
+        print!("{}", summary.render_table());
+        println!(
+            "wrote {} images ({}×{}) and {} in {:.1} s",
+            summary.images,
+            a.size,
+            a.size,
+            a.out.join("manifest.jsonl").display(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
