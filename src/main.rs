@@ -314,6 +314,9 @@ struct TrainArgs {
     /// pretrained, or random (the paper's "Rnd U-Net" rows).
     #[arg(long, default_value = "pretrained")]
     unet_init: String,
+    /// pretrained, or random (train the text encoder from scratch; its config.json is enough).
+    #[arg(long, default_value = "pretrained")]
+    text_encoder_init: String,
     /// Write a checkpoint every N steps (and always at the end).
     #[arg(long, default_value_t = 500)]
     checkpoint_every: usize,
@@ -479,6 +482,11 @@ fn run(cli: Cli) -> Result<()> {
                 variant: a.variant.clone(),
                 ema_decay: a.ema.then_some(a.ema_decay),
                 text_encoder: a.text_encoder.clone(),
+                text_encoder_init_random: match a.text_encoder_init.as_str() {
+                    "pretrained" => false,
+                    "random" => true,
+                    other => bail!("--text-encoder-init '{other}': expected pretrained or random"),
+                },
             };
             let mut cfg = cfg;
             if a.freeze_text_encoder {

@@ -43,6 +43,8 @@ pub struct TrainConfig {
     /// A transformers text-encoder folder (config.json, weights, tokenizer files) replacing the
     /// pipeline's CLIP, e.g. RadBERT (the paper's "Text Encoders" rows).
     pub text_encoder: Option<PathBuf>,
+    /// Start the text encoder from PyTorch's default initialisation (its config only).
+    pub text_encoder_init_random: bool,
 }
 
 /// The frozen and trained models of a pipeline folder, loaded for training.
@@ -68,6 +70,7 @@ impl Models {
         unet_random: bool,
         seed: u64,
         text_override: Option<&Path>,
+        text_random: bool,
     ) -> Result<Models> {
         if !weights::is_pipeline_folder(dir) {
             bail!("{}: not a pipeline folder (no model_index.json); training needs the whole pipeline", dir.display());
@@ -82,7 +85,11 @@ impl Models {
             None => (weights::component_dir(dir, "tokenizer")?, weights::component_dir(dir, "text_encoder")?),
         };
         let tokenizer = TextTokenizer::from_dir(&tok_dir)?;
-        let (text, _) = TextEncoder::load(b, &te_dir, if text_override.is_some() { None } else { variant })?;
+        let text = if text_random {
+            TextEncoder::init_default(b, &te_dir, seed ^ 0x7E47)?
+        } else {
+            TextEncoder::load(b, &te_dir, if text_override.is_some() { None } else { variant })?.0
+        };
         let unet_dir = weights::component_dir(dir, "unet")?;
         let mut unet_config = weights::read_json(&unet_dir.join("config.json"))?;
         let unet = if unet_random {
@@ -227,7 +234,8 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
     let load_dir = resume_from.clone().unwrap_or_else(|| cfg.model.clone());
     let text_override = if resume_from.is_none() { cfg.text_encoder.as_deref() } else { None };
     let unet_random = cfg.unet_init_random && resume_from.is_none();
-    let models = Models::load(b, &load_dir, cfg.variant.as_deref(), unet_random, cfg.seed, text_override)?;
+    let text_random = cfg.text_encoder_init_random && resume_from.is_none();
+    let models = Models::load(b, &load_dir, cfg.variant.as_deref(), unet_random, cfg.seed, text_override, text_random)?;
     let f = models.vae.config.scale_factor();
     if cfg.resolution % f != 0 {
         bail!("--resolution {} is not a multiple of the VAE's scale factor {f}", cfg.resolution);
@@ -472,7 +480,7 @@ pub fn train_step(
     if output.exists() && !overwrite {
         bail!("--output {}: exists; pass --overwrite to replace it", output.display());
     }
-    let models = Models::load(b, model, variant, false, 0, None)?;
+    let models = Models::load(b, model, variant, false, 0, None, false)?;
     let batch = read_step_batch(batch_file, &models, b)?;
     let [n, _, h, w] = batch.latent_shape;
     let seq = batch.input_ids.len() / n;
