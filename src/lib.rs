@@ -15,7 +15,7 @@ pub mod rng;
 pub mod schedulers;
 pub mod tensor;
 pub mod tokenizer;
-pub mod train;
 pub mod torch_rng;
+pub mod train;
 pub mod weights;
 pub mod wordpiece;

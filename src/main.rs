@@ -857,14 +857,19 @@ fn encode_text(
         None => weights::component_dir(model, "tokenizer")?,
     };
     let tok = TextTokenizer::from_dir(&tok_dir)?;
-    let clip = if random_weights { TextEncoder::random(b, &te_dir, 0)? } else { TextEncoder::load(b, &te_dir, variant)?.0 };
+    let clip =
+        if random_weights { TextEncoder::random(b, &te_dir, 0)? } else { TextEncoder::load(b, &te_dir, variant)?.0 };
     let seq = tok.max_length();
     let mut ids = Vec::with_capacity(prompts.len() * seq);
     let mut mask = Vec::with_capacity(prompts.len() * seq);
     for (i, p) in prompts.iter().enumerate() {
         let enc = tok.encode(p);
         if enc.truncated {
-            eprintln!("warning: prompt {} has {} tokens; truncated to {seq} as the reference tokenizer does", i + 1, enc.tokens);
+            eprintln!(
+                "warning: prompt {} has {} tokens; truncated to {seq} as the reference tokenizer does",
+                i + 1,
+                enc.tokens
+            );
         }
         ids.extend(enc.ids);
         mask.extend(enc.mask);

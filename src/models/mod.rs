@@ -77,7 +77,10 @@ pub fn init_default(backend: &dyn Backend, table: &Layout, seed: u64) -> Result<
             }
             None
         } else if let Some(w) = weight_of_bias {
-            table.find(&w).filter(|w| w.shape.rank() >= 2).map(|w| 1.0 / ((w.shape.numel() / w.shape.dims()[0]) as f64).sqrt())
+            table
+                .find(&w)
+                .filter(|w| w.shape.rank() >= 2)
+                .map(|w| 1.0 / ((w.shape.numel() / w.shape.dims()[0]) as f64).sqrt())
         } else if e.shape.rank() >= 2 {
             Some(1.0 / ((n / e.shape.dims()[0]) as f64).sqrt())
         } else {
