@@ -111,6 +111,7 @@ pub fn attention(
     v: &[f32],
     out: &[f32],
     lse: &[f32],
+    key_mask: Option<&[u32]>,
     batch: usize,
     q_len: usize,
     kv_len: usize,
@@ -124,27 +125,29 @@ pub fn attention(
         let (b, h) = (bh / heads, bh % heads);
         let mut p = vec![0f32; kv_len];
         let mut dp = vec![0f32; kv_len];
+        let mut keys = Vec::with_capacity(kv_len);
         for i in 0..q_len {
             let row = b * q_len + i;
-            let keys = if causal { i + 1 } else { kv_len };
+            keys.clear();
+            keys.extend((0..kv_len).filter(|&j| allowed(key_mask, b, kv_len, causal, i, j)));
             let qi = &q[row * w + h * hd..][..hd];
             let doi = &dout[row * w + h * hd..][..hd];
             let oi = &out[row * w + h * hd..][..hd];
             let l = lse[row * heads + h];
-            // D_i = dO_i · O_i = Σ_j P_ij dP_ij
+            // D_i = dO_i · O_i = Σ_j P_ij dP_ij (excluded keys have P = 0)
             let d: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
-            for j in 0..keys {
+            for (n, &j) in keys.iter().enumerate() {
                 let kj = &k[(b * kv_len + j) * w + h * hd..][..hd];
                 let vj = &v[(b * kv_len + j) * w + h * hd..][..hd];
                 let s: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                p[j] = (s - l).exp();
-                dp[j] = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
+                p[n] = (s - l).exp();
+                dp[n] = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
             }
             // SAFETY: this task is the only writer of head h of batch b in dq, dk and dv.
             unsafe {
                 let dqi = std::slice::from_raw_parts_mut(dq.at(row * w + h * hd), hd);
-                for j in 0..keys {
-                    let ds = p[j] * (dp[j] - d) * scale;
+                for (n, &j) in keys.iter().enumerate() {
+                    let ds = p[n] * (dp[n] - d) * scale;
                     let base = (b * kv_len + j) * w + h * hd;
                     let kj = &k[base..][..hd];
                     let dkj = std::slice::from_raw_parts_mut(dk.at(base), hd);
@@ -152,7 +155,7 @@ pub fn attention(
                     for t in 0..hd {
                         dqi[t] += ds * kj[t];
                         dkj[t] += ds * qi[t];
-                        dvj[t] += p[j] * doi[t];
+                        dvj[t] += p[n] * doi[t];
                     }
                 }
             }
@@ -461,24 +464,26 @@ pub fn adamw(
     });
 }
 
-/// The forward of `Backend::masked_attention_forward` (kept beside its backward so the two masks
-/// read alike): one task per (batch, query row), every head of that row; keys whose mask entry is
-/// 0 are skipped, which equals transformers' additive dtype-minimum mask (their probabilities
-/// underflow to exactly 0). The caller has checked the lengths and that each sequence keeps a key.
+/// Attention forward for every `Backend` variant: one task per (batch, query row), every head of
+/// that row. A key takes part when the key mask (if any) is nonzero and, when `causal`, it is not
+/// after the query; the others are skipped, which equals transformers' additive dtype-minimum mask
+/// (their probabilities underflow to exactly 0). The caller has checked the lengths and that each
+/// row keeps at least one key.
 #[allow(clippy::too_many_arguments)]
-pub fn masked_attention_forward(
+pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    key_mask: &[u32],
+    key_mask: Option<&[u32]>,
     batch: usize,
     q_len: usize,
     kv_len: usize,
     heads: usize,
     hd: usize,
     scale: f32,
+    causal: bool,
 ) {
     let w = heads * hd;
     out[..batch * q_len * w]
@@ -486,33 +491,30 @@ pub fn masked_attention_forward(
         .zip(lse[..batch * q_len * heads].par_chunks_mut(heads))
         .enumerate()
         .for_each_init(
-            || vec![0f32; kv_len],
-            |scores, (row, (o, l))| {
-                let b = row / q_len;
-                let mask = &key_mask[b * kv_len..(b + 1) * kv_len];
+            || (vec![0f32; kv_len], Vec::with_capacity(kv_len)),
+            |(scores, keys), (row, (o, l))| {
+                let (b, i) = (row / q_len, row % q_len);
+                keys.clear();
+                keys.extend((0..kv_len).filter(|&j| allowed(key_mask, b, kv_len, causal, i, j)));
                 for h in 0..heads {
                     let qh = &q[row * w + h * hd..][..hd];
                     let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        if mask[j] != 0 {
-                            let kh = &k[(b * kv_len + j) * w + h * hd..][..hd];
-                            *s = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
-                            max = max.max(*s);
-                        }
+                    for (n, &j) in keys.iter().enumerate() {
+                        let kh = &k[(b * kv_len + j) * w + h * hd..][..hd];
+                        scores[n] = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        max = max.max(scores[n]);
                     }
                     let mut sum = 0f32;
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        *s = if mask[j] != 0 { (*s - max).exp() } else { 0.0 };
+                    for s in &mut scores[..keys.len()] {
+                        *s = (*s - max).exp();
                         sum += *s;
                     }
                     let oh = &mut o[h * hd..(h + 1) * hd];
                     oh.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        if mask[j] != 0 {
-                            let vh = &v[(b * kv_len + j) * w + h * hd..][..hd];
-                            for d in 0..hd {
-                                oh[d] += p * vh[d];
-                            }
+                    for (n, &j) in keys.iter().enumerate() {
+                        let vh = &v[(b * kv_len + j) * w + h * hd..][..hd];
+                        for d in 0..hd {
+                            oh[d] += scores[n] * vh[d];
                         }
                     }
                     let inv = 1.0 / sum;
@@ -523,65 +525,7 @@ pub fn masked_attention_forward(
         );
 }
 
-/// The backward of `masked_attention_forward`, per (batch, head) as `attention`: the softmax rows
-/// are recomputed from the saved log-sum-exp over the unmasked keys only, so masked keys and their
-/// values receive no gradient.
-#[allow(clippy::too_many_arguments)]
-pub fn masked_attention(
-    dq: SharedMut,
-    dk: SharedMut,
-    dv: SharedMut,
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    key_mask: &[u32],
-    batch: usize,
-    q_len: usize,
-    kv_len: usize,
-    heads: usize,
-    hd: usize,
-    scale: f32,
-) {
-    let w = heads * hd;
-    (0..batch * heads).into_par_iter().for_each(|bh| {
-        let (b, h) = (bh / heads, bh % heads);
-        let keys: Vec<usize> = (0..kv_len).filter(|&j| key_mask[b * kv_len + j] != 0).collect();
-        let mut p = vec![0f32; keys.len()];
-        let mut dp = vec![0f32; keys.len()];
-        for i in 0..q_len {
-            let row = b * q_len + i;
-            let qi = &q[row * w + h * hd..][..hd];
-            let doi = &dout[row * w + h * hd..][..hd];
-            let oi = &out[row * w + h * hd..][..hd];
-            let l = lse[row * heads + h];
-            // D_i = dO_i · O_i = Σ_j P_ij dP_ij (over the unmasked keys: the others have P = 0)
-            let d: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
-            for (n, &j) in keys.iter().enumerate() {
-                let kj = &k[(b * kv_len + j) * w + h * hd..][..hd];
-                let vj = &v[(b * kv_len + j) * w + h * hd..][..hd];
-                let s: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                p[n] = (s - l).exp();
-                dp[n] = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
-            }
-            // SAFETY: this task is the only writer of head h of batch b in dq, dk and dv.
-            unsafe {
-                let dqi = std::slice::from_raw_parts_mut(dq.at(row * w + h * hd), hd);
-                for (n, &j) in keys.iter().enumerate() {
-                    let ds = p[n] * (dp[n] - d) * scale;
-                    let base = (b * kv_len + j) * w + h * hd;
-                    let kj = &k[base..][..hd];
-                    let dkj = std::slice::from_raw_parts_mut(dk.at(base), hd);
-                    let dvj = std::slice::from_raw_parts_mut(dv.at(base), hd);
-                    for t in 0..hd {
-                        dqi[t] += ds * kj[t];
-                        dkj[t] += ds * qi[t];
-                        dvj[t] += p[n] * doi[t];
-                    }
-                }
-            }
-        }
-    });
+/// Whether query i of batch b attends to key j.
+fn allowed(key_mask: Option<&[u32]>, b: usize, kv_len: usize, causal: bool, i: usize, j: usize) -> bool {
+    key_mask.is_none_or(|m| m[b * kv_len + j] != 0) && (!causal || j <= i)
 }

@@ -250,44 +250,7 @@ impl Backend for CpuBackend {
         check_len("attention v", v, batch * kv_len * width)?;
         check_len("attention lse", lse, batch * q_len * heads)?;
         let ([o, l], [q, k, v]) = self.views([out, lse], [q, k, v]);
-        // One task per (batch, query row): it computes every head of that row, so each task owns a
-        // contiguous slice of `out` and of `lse`.
-        o[..batch * q_len * width]
-            .par_chunks_mut(width)
-            .zip(l[..batch * q_len * heads].par_chunks_mut(heads))
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; kv_len],
-                |scores, (row, (o, l))| {
-                    let (b, i) = (row / q_len, row % q_len);
-                    let keys = if causal { i + 1 } else { kv_len };
-                    for h in 0..heads {
-                        let qh = &q[row * width + h * head_dim..][..head_dim];
-                        let mut max = f32::NEG_INFINITY;
-                        for (j, s) in scores[..keys].iter_mut().enumerate() {
-                            let kh = &k[(b * kv_len + j) * width + h * head_dim..][..head_dim];
-                            *s = dot(qh, kh) * scale;
-                            max = max.max(*s);
-                        }
-                        let mut sum = 0f32;
-                        for s in &mut scores[..keys] {
-                            *s = (*s - max).exp();
-                            sum += *s;
-                        }
-                        let oh = &mut o[h * head_dim..(h + 1) * head_dim];
-                        oh.fill(0.0);
-                        for (j, &p) in scores[..keys].iter().enumerate() {
-                            let vh = &v[(b * kv_len + j) * width + h * head_dim..][..head_dim];
-                            for d in 0..head_dim {
-                                oh[d] += p * vh[d];
-                            }
-                        }
-                        let inv = 1.0 / sum;
-                        oh.iter_mut().for_each(|x| *x *= inv);
-                        l[h] = max + sum.ln();
-                    }
-                },
-            );
+        backward::attention_forward(o, l, q, k, v, None, batch, q_len, kv_len, heads, head_dim, scale, causal);
         Ok(())
     }
 
@@ -636,6 +599,7 @@ impl Backend for CpuBackend {
             v,
             o,
             l,
+            None,
             batch,
             q_len,
             kv_len,
@@ -865,7 +829,7 @@ impl Backend for CpuBackend {
         check_len("masked attention v", v, batch * kv_len * width)?;
         check_len("masked attention lse", lse, batch * q_len * heads)?;
         let ([o, l], [q, k, v]) = self.views([out, lse], [q, k, v]);
-        backward::masked_attention_forward(o, l, q, k, v, key_mask, batch, q_len, kv_len, heads, head_dim, scale);
+        backward::attention_forward(o, l, q, k, v, Some(key_mask), batch, q_len, kv_len, heads, head_dim, scale, false);
         Ok(())
     }
 
@@ -898,7 +862,7 @@ impl Backend for CpuBackend {
         check_len("masked_attention_backward lse", lse, batch * q_len * heads)?;
         let ([dqs, dks, dvs], [dy, q, k, v, o, l]) = self.views([dq, dk, dv], [dout, q, k, v, out, lse]);
         let p = |s: &mut [f32]| backward::SharedMut(s.as_mut_ptr());
-        backward::masked_attention(
+        backward::attention(
             p(dqs),
             p(dks),
             p(dvs),
@@ -908,13 +872,14 @@ impl Backend for CpuBackend {
             v,
             o,
             l,
-            key_mask,
+            Some(key_mask),
             batch,
             q_len,
             kv_len,
             heads,
             head_dim,
             scale,
+            false,
         );
         Ok(())
     }
@@ -941,10 +906,6 @@ fn gelu(x: f32) -> f32 {
 
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(test)]
