@@ -1,8 +1,168 @@
 //! Build script. Without the `cuda` feature it does nothing: the crate builds with no CUDA toolkit.
-//! With `cuda`, it will compile kernels/*.cu with nvcc to cubins (sm_80, sm_90a) and PTX, embed them
-//! and print each kernel's registers and spills; that arrives with the CUDA backend (issue 5).
+//!
+//! With `cuda`, every kernels/*.cu is compiled by nvcc into a fatbin holding cubins for sm_80 (A100)
+//! and sm_90a (H100/H200) and PTX for compute_80 (a JIT fallback for newer cards); the fatbins are
+//! embedded in the binary (`$OUT_DIR/kernels.rs`). ptxas reports each kernel's registers, shared
+//! memory and spills; the report is embedded too (`roentgen cuda-info` prints it), printed here when
+//! ROENTGEN_PTXAS_VERBOSE=1, and a kernel that spills fails the build unless it is listed, with a
+//! reason, in kernels/spills-allowed.txt.
+//!
+//! nvcc is found through $NVCC, then $CUDA_HOME/bin or $CUDA_PATH/bin, then the pinned pip toolchain
+//! that scripts/install-cuda-toolchain.sh puts in .cuda-toolchain/, then $PATH.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=CUDA_PATH");
+    println!("cargo:rerun-if-env-changed=ROENTGEN_PTXAS_VERBOSE");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let nvcc = find_nvcc().unwrap_or_else(|| {
+        panic!(
+            "\n\nthe `cuda` feature needs nvcc (CUDA 12.8 or newer, for sm_90a) and none was found.\n\
+             Install the pinned compiler (no GPU or driver needed): scripts/install-cuda-toolchain.sh\n\
+             or point NVCC at an nvcc binary, or CUDA_HOME at a CUDA toolkit.\n\n"
+        )
+    });
+    let include = nvcc.parent().and_then(Path::parent).map(|p| p.join("include"));
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels")
+        .expect("kernels/: cannot read")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    sources.sort();
+    for e in std::fs::read_dir("kernels").unwrap().flatten() {
+        println!("cargo:rerun-if-changed={}", e.path().display());
+    }
+    let allowed = std::fs::read_to_string("kernels/spills-allowed.txt").unwrap_or_default();
+    let allowed: Vec<&str> = allowed
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let verbose = std::env::var("ROENTGEN_PTXAS_VERBOSE").is_ok_and(|v| v == "1");
+
+    let mut modules = String::from("/// (module name, fatbin) for every kernels/*.cu.\npub const MODULES: &[(&str, &[u8])] = &[\n");
+    let mut report = String::new();
+    let mut spills = Vec::new();
+    for src in &sources {
+        let stem = src.file_stem().unwrap().to_string_lossy().to_string();
+        let fatbin = out_dir.join(format!("{stem}.fatbin"));
+        let mut cmd = Command::new(&nvcc);
+        cmd.arg("-fatbin")
+            .arg("-O3")
+            .arg("-std=c++17")
+            .arg("-lineinfo")
+            .arg("-Xptxas")
+            .arg("-v")
+            .arg("-gencode=arch=compute_80,code=sm_80")
+            .arg("-gencode=arch=compute_90a,code=sm_90a")
+            .arg("-gencode=arch=compute_80,code=compute_80")
+            .arg("-Ikernels");
+        if let Some(inc) = &include {
+            if inc.is_dir() {
+                cmd.arg(format!("-I{}", inc.display()));
+            }
+        }
+        cmd.arg("-o").arg(&fatbin).arg(src);
+        let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+        let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            panic!("\n\nnvcc failed on {}:\n{log}\n", src.display());
+        }
+        for k in parse_ptxas(&log) {
+            let line = format!(
+                "{:<44} {:<7} {:>3} regs {:>6} B smem {:>4} B stack  spills {}/{} B",
+                k.name, k.arch, k.regs, k.smem, k.stack, k.spill_stores, k.spill_loads
+            );
+            if verbose {
+                println!("cargo:warning={line}");
+            }
+            if (k.spill_stores > 0 || k.spill_loads > 0) && !allowed.iter().any(|a| k.name.contains(a)) {
+                spills.push(line.clone());
+            }
+            report.push_str(&line);
+            report.push('\n');
+        }
+        modules.push_str(&format!("    ({stem:?}, include_bytes!({:?})),\n", fatbin.display().to_string()));
+    }
+    modules.push_str("];\n");
+    if !spills.is_empty() {
+        panic!(
+            "\n\nthese kernels spill registers (fix them, or list the kernel with a reason in \
+             kernels/spills-allowed.txt):\n{}\n",
+            spills.join("\n")
+        );
+    }
+    modules.push_str(&format!("/// ptxas's report: one line per kernel and architecture.\npub const PTXAS_REPORT: &str = {report:?};\n"));
+    modules.push_str(&format!("/// The nvcc that compiled the kernels.\npub const NVCC: &str = {:?};\n", nvcc.display().to_string()));
+    std::fs::write(out_dir.join("kernels.rs"), modules).unwrap();
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    let exe = |p: PathBuf| p.is_file().then_some(p);
+    if let Some(p) = std::env::var_os("NVCC") {
+        return exe(PathBuf::from(p));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(p) = std::env::var_os(var).and_then(|h| exe(PathBuf::from(h).join("bin/nvcc"))) {
+            return Some(p);
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(".cuda-toolchain/venv/lib") {
+        for e in rd.flatten() {
+            if let Some(p) = exe(e.path().join("site-packages/nvidia/cu13/bin/nvcc")) {
+                return std::fs::canonicalize(p).ok();
+            }
+        }
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).find_map(|d| exe(d.join("nvcc")))
+}
+
+struct PtxasKernel {
+    name: String,
+    arch: String,
+    regs: u32,
+    smem: u32,
+    stack: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+}
+
+/// Parses `-Xptxas -v` output: "Compiling entry function 'k' for 'sm_80'", then "N bytes stack
+/// frame, S bytes spill stores, L bytes spill loads", then "Used R registers, ... B bytes smem".
+fn parse_ptxas(log: &str) -> Vec<PtxasKernel> {
+    let num_before = |line: &str, unit: &str| -> u32 {
+        line.find(unit)
+            .and_then(|i| line[..i].split_whitespace().last().and_then(|w| w.parse().ok()))
+            .unwrap_or(0)
+    };
+    let mut out: Vec<PtxasKernel> = Vec::new();
+    for line in log.lines() {
+        if let Some(i) = line.find("Compiling entry function '") {
+            let rest = &line[i + 26..];
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            let arch = rest.split("for '").nth(1).and_then(|s| s.split('\'').next()).unwrap_or("").to_string();
+            out.push(PtxasKernel { name, arch, regs: 0, smem: 0, stack: 0, spill_stores: 0, spill_loads: 0 });
+        } else if let Some(k) = out.last_mut() {
+            if line.contains("spill stores") {
+                k.stack = num_before(line, "bytes stack frame");
+                k.spill_stores = num_before(line, "bytes spill stores");
+                k.spill_loads = num_before(line, "bytes spill loads");
+            } else if line.contains("Used") && line.contains("registers") {
+                k.regs = num_before(line, "registers");
+                k.smem = num_before(line, "bytes smem");
+            }
+        }
+    }
+    out
 }

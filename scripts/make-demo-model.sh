@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-demo-work}
 VAE_STEPS=${VAE_STEPS:-600}
-UNET_STEPS=${UNET_STEPS:-3000}
+UNET_STEPS=${UNET_STEPS:-6000}
 BIN=target/release/roentgen
 cargo build --release --quiet
 mkdir -p "$WORK"
@@ -31,5 +31,5 @@ cp weights/sd-v1-4-config/model_index.json "$INIT/model_index.json"
 # 4. text encoder + U-Net jointly, as RoentGen
 $BIN train --model "$INIT" --data "$WORK/phantoms/manifest.jsonl" --output "$WORK/run" --resolution 64 \
   --batch-size 16 --steps "$UNET_STEPS" --lr 5e-4 --lr-schedule constant_with_warmup --warmup-steps 100 \
-  --text-encoder-init random --unet-init random --cache-latents --checkpoint-every 500 --seed 2 --overwrite --log-every 10
+  --text-encoder-init random --unet-init random --uncond-prob 0.1 --cache-latents --checkpoint-every 500 --seed 2 --overwrite --log-every 10
 echo "model: $WORK/run/checkpoint-$UNET_STEPS"

@@ -45,6 +45,8 @@ pub struct BenchOptions<'a> {
     pub batch: usize,
     pub warmup: usize,
     pub iters: usize,
+    /// After timing, run once more with per-kernel timing (`Backend::set_profiling`).
+    pub profile: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -59,6 +61,9 @@ pub struct BenchReport {
     pub min_ms: f64,
     pub gflop_per_call: f64,
     pub achieved_gflops: f64,
+    /// With --profile: (kernel, calls, milliseconds) of one call, slowest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<(String, usize, f64)>,
 }
 
 impl BenchReport {
@@ -76,11 +81,27 @@ impl BenchReport {
             self.min_ms,
             self.gflop_per_call,
             self.achieved_gflops
-        )
+        ) + &self.render_kernels()
+    }
+
+    fn render_kernels(&self) -> String {
+        if self.kernels.is_empty() {
+            return String::new();
+        }
+        let total: f64 = self.kernels.iter().map(|k| k.2).sum();
+        let mut s = format!("\n  per kernel (one call, serialised by the timing events; total {total:.2} ms):");
+        for (name, calls, ms) in &self.kernels {
+            s += &format!("\n    {name:<44} {calls:>5} calls {ms:>9.3} ms {:>5.1}%", 100.0 * ms / total.max(1e-12));
+        }
+        s
     }
 }
 
-fn time_it(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+type Timing = ((f64, f64), Vec<(String, usize, f64)>);
+
+/// (mean, min) milliseconds over `iters` calls after `warmup`, and with `profile` the per-kernel
+/// times of one more call.
+fn time_it(b: &dyn Backend, profile: bool, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     for _ in 0..warmup {
         f()?;
     }
@@ -92,7 +113,15 @@ fn time_it(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Re
     }
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     let min = times.iter().copied().fold(f64::INFINITY, f64::min);
-    Ok((mean, min))
+    let mut kernels = Vec::new();
+    if profile {
+        b.set_profiling(true);
+        let r = f();
+        kernels = b.kernel_profile();
+        b.set_profiling(false);
+        r?;
+    }
+    Ok(((mean, min), kernels))
 }
 
 fn random_values(n: usize, seed: u64) -> Vec<f32> {
@@ -105,7 +134,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
         bail!("--iters must be at least 1");
     }
     let report =
-        |stage: &str, shape: String, params, act: usize, flops: u64, (mean, min): (f64, f64), b: &dyn Backend| {
+        |stage: &str, shape: String, params, act: usize, flops: u64, ((mean, min), kernels): Timing, b: &dyn Backend| {
             BenchReport {
                 stage: stage.into(),
                 backend: b.name(),
@@ -117,6 +146,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
                 min_ms: min,
                 gflop_per_call: flops as f64 / 1e9,
                 achieved_gflops: flops as f64 / 1e9 / (min / 1e3),
+                kernels,
             }
         };
     match stage {
@@ -140,9 +170,10 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             b.upload(&x.t, &random_values(x.numel(), 1))?;
             b.upload(&ctx, &random_values(ctx.numel(), 2))?;
             let base = arena.mark();
-            let times = time_it(o.warmup, o.iters, || {
+            let times = time_it(b, o.profile, o.warmup, o.iters, || {
                 arena.release(base);
-                unet.forward(b, &mut arena, &x, 500.0, &ctx, ctx_len, None).map(|_| ())
+                unet.forward(b, &mut arena, &x, 500.0, &ctx, ctx_len, None)?;
+                b.synchronize()
             })?;
             let shape = format!(
                 "batch {n} (guided, {} prompt(s)) × {h}×{w} latents ({}×{} px), 77 text tokens",
@@ -167,9 +198,10 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             let z = Fmap::alloc(&mut arena, o.batch, h, w, vae.config.latent_channels)?;
             b.upload(&z.t, &random_values(z.numel(), 3))?;
             let base = arena.mark();
-            let times = time_it(o.warmup, o.iters, || {
+            let times = time_it(b, o.profile, o.warmup, o.iters, || {
                 arena.release(base);
-                vae.decode(b, &mut arena, &z).map(|_| ())
+                vae.decode(b, &mut arena, &z)?;
+                b.synchronize()
             })?;
             let shape = format!("batch {} × {}×{} latents → {}×{} px", o.batch, h, w, o.height, o.width);
             let (_, dec) = vae.split_params();
@@ -191,7 +223,10 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             let flops = (n * seq) as u64
                 * c.num_hidden_layers as u64
                 * (2 * (4 * d * d + 2 * d * c.intermediate_size) + 4 * seq * d) as u64;
-            let times = time_it(o.warmup, o.iters, || clip.forward(b, &acts, &ids).map(|_| ()))?;
+            let times = time_it(b, o.profile, o.warmup, o.iters, || {
+                clip.forward(b, &acts, &ids)?;
+                b.synchronize()
+            })?;
             let act: usize = b.pool_sizes().iter().filter(|(l, _)| l.contains("acts")).map(|(_, s)| s / 4).sum();
             let shape = format!("batch {n} × {seq} tokens");
             Ok(report("text encoder", shape, clip.num_params(), act, flops, times, b))

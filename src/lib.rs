@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod bench;
 pub mod eval;
+pub mod export;
 pub mod images;
 pub mod inspect;
 pub mod models;

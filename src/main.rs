@@ -34,6 +34,10 @@ struct Global {
     /// Backend to compute on: cpu (the f32 reference) or cuda (needs a build with --features cuda).
     #[arg(long, global = true, default_value = "cpu")]
     device: Device,
+    /// CUDA arithmetic: bf16 (tensor cores for convolutions, attention and linear layers, f32
+    /// accumulation) or f32 (exact, for parity checks). The CPU backend is always f32.
+    #[arg(long, global = true, default_value = "bf16")]
+    precision: backend::Precision,
     /// CPU threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -124,6 +128,25 @@ enum Command {
     /// Evaluate generated images: MS-SSIM diversity, FID with Inception, XRV DenseNet or CLIP features.
     #[command(subcommand)]
     Eval(roentgen::eval::EvalCommand),
+    /// Copy a pipeline folder (e.g. a training checkpoint) into a clean one for sharing: configs,
+    /// scheduler, tokenizer and weights (rewritten in f16 or f32), without the training state.
+    Export {
+        /// The pipeline folder to export (a `train` checkpoint works).
+        #[arg(long)]
+        model: PathBuf,
+        /// The new pipeline folder (written to a temporary folder, then renamed into place).
+        #[arg(long)]
+        out: PathBuf,
+        /// f16 (half the size; loads everywhere diffusers does) or f32.
+        #[arg(long, default_value = "f16")]
+        dtype: roentgen::export::ExportDtype,
+        /// Ship the U-Net's EMA weights (unet_ema/) as the U-Net.
+        #[arg(long)]
+        ema: bool,
+        /// Replace an existing --out folder.
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Time a model stage: one guided U-Net step (`unet`), the VAE decoder (`vae-decode`) or the
     /// text encoder (`text-encoder`), with the FLOP counted from the shapes and the rate achieved.
     /// With --random-weights no weight files are needed, e.g.
@@ -155,6 +178,9 @@ enum Command {
         /// Timed calls.
         #[arg(long, default_value_t = 3)]
         iters: usize,
+        /// Then run once more timing every kernel (CUDA; events serialise the stream).
+        #[arg(long)]
+        profile: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -164,8 +190,10 @@ enum Command {
 #[derive(Args)]
 struct SampleArgs {
     /// A pipeline folder: model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/.
+    /// Without it, the bundled phantom demo model (weights/phantom-demo) is used: a small model
+    /// trained by roentgen on synthetic phantoms, not a medical model.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// A prompt (repeatable).
     #[arg(long)]
     prompt: Vec<String>,
@@ -188,12 +216,13 @@ struct SampleArgs {
     /// avx2 (x86 with AVX2/AVX-512) or default (scalar: forced or non-x86).
     #[arg(long, default_value = "native")]
     rng: String,
-    /// Image height in pixels (a multiple of the VAE's scale factor, 8 for SD).
-    #[arg(long, default_value_t = 512)]
-    height: usize,
-    /// Image width in pixels.
-    #[arg(long, default_value_t = 512)]
-    width: usize,
+    /// Image height in pixels, a multiple of the VAE's scale factor (default: the U-Net config's
+    /// sample_size × that factor, as diffusers: 512 for SD v1.4, 64 for the phantom demo).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels (default as --height).
+    #[arg(long)]
+    width: Option<usize>,
     /// Denoising steps.
     #[arg(long, default_value_t = 75)]
     steps: usize,
@@ -317,6 +346,11 @@ struct TrainArgs {
     /// pretrained, or random (train the text encoder from scratch; its config.json is enough).
     #[arg(long, default_value = "pretrained")]
     text_encoder_init: String,
+    /// Probability of replacing an example's text with the empty prompt (caption dropout), so the
+    /// model learns the unconditional prediction that classifier-free guidance subtracts. 0 (the
+    /// paper's and diffusers' default) never drops.
+    #[arg(long, default_value_t = 0.0)]
+    uncond_prob: f64,
     /// Write a checkpoint every N steps (and always at the end).
     #[arg(long, default_value_t = 500)]
     checkpoint_every: usize,
@@ -438,7 +472,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Tokenize { model, input, prompt } => tokenize(&model, input.as_deref(), &prompt),
         Command::Inspect { path, random_weights, variant, summary, json } => {
-            let mut b = backend::create(cli.global.device)?;
+            let mut b = backend::create(cli.global.device, cli.global.precision)?;
             let opts = InspectOptions { variant: variant.as_deref(), random_weights, tensors: !summary };
             let v = inspect(b.as_mut(), &path, &opts)?;
             if json {
@@ -449,14 +483,22 @@ fn run(cli: Cli) -> Result<()> {
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
         }
+        Command::Export { model, out, dtype, ema, overwrite } => {
+            let r = roentgen::export::export(&model, &out, dtype, ema, overwrite)?;
+            for (c, n, bytes) in &r.components {
+                println!("{c:<13} {n:>5} tensors {:>9.2} MiB", *bytes as f64 / 1048576.0);
+            }
+            println!("wrote {}", out.display());
+            Ok(())
+        }
         Command::Sample(args) => {
-            let mut b = backend::create(cli.global.device)?;
+            let mut b = backend::create(cli.global.device, cli.global.precision)?;
             sample(b.as_mut(), args)?;
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
         }
         Command::Train(a) => {
-            let mut b = backend::create(cli.global.device)?;
+            let mut b = backend::create(cli.global.device, cli.global.precision)?;
             let schedule = roentgen::train::schedule::LrSchedule::parse(&a.lr_schedule, a.warmup_steps)?;
             let unet_init_random = match a.unet_init.as_str() {
                 "pretrained" => false,
@@ -487,6 +529,7 @@ fn run(cli: Cli) -> Result<()> {
                     "random" => true,
                     other => bail!("--text-encoder-init '{other}': expected pretrained or random"),
                 },
+                uncond_prob: a.uncond_prob,
             };
             let mut cfg = cfg;
             if a.freeze_text_encoder {
@@ -518,7 +561,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::TrainStep(a) => {
-            let mut b = backend::create(cli.global.device)?;
+            let mut b = backend::create(cli.global.device, cli.global.precision)?;
             let opts = a.optim.options(1, roentgen::train::schedule::LrSchedule::Constant);
             let s = roentgen::train::run::train_step(
                 b.as_mut(),
@@ -536,7 +579,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::TrainVae(a) => {
-            let mut b = backend::create(cli.global.device)?;
+            let mut b = backend::create(cli.global.device, cli.global.precision)?;
             let cfg = roentgen::train::vae::TrainVaeConfig {
                 model: a.model.clone(),
                 config: a.config.clone(),
@@ -571,8 +614,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Phantom(a) => roentgen::phantom::run_phantom(a),
         Command::Prepare(cmd) => roentgen::prepare::run(cmd),
         Command::Eval(cmd) => roentgen::eval::run(cmd),
-        Command::Bench { stage, model, random_weights, variant, height, width, batch, warmup, iters, json } => {
-            let mut b = backend::create(cli.global.device)?;
+        Command::Bench { stage, model, random_weights, variant, height, width, batch, warmup, iters, profile, json } => {
+            let mut b = backend::create(cli.global.device, cli.global.precision)?;
             let opts = roentgen::bench::BenchOptions {
                 model: &model,
                 variant: variant.as_deref(),
@@ -582,13 +625,14 @@ fn run(cli: Cli) -> Result<()> {
                 batch,
                 warmup,
                 iters,
+                profile,
             };
             bench(b.as_mut(), stage, opts, json)?;
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
         }
         Command::EncodeText { model, tokenizer, prompt, out, variant, random_weights } => {
-            let mut b = backend::create(cli.global.device)?;
+            let mut b = backend::create(cli.global.device, cli.global.precision)?;
             encode_text(b.as_mut(), &model, tokenizer.as_deref(), &prompt, &out, variant.as_deref(), random_weights)?;
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
@@ -617,6 +661,33 @@ fn output_paths(out: &Path, n: usize, seed: u64) -> Result<Vec<PathBuf>> {
     std::fs::write(&probe, b"").with_context(|| format!("{}: the output folder is not writable", dir.display()))?;
     let _ = std::fs::remove_file(&probe);
     Ok(paths)
+}
+
+/// The bundled demo pipeline: weights/phantom-demo next to the binary's source tree, or under the
+/// current folder.
+fn demo_model() -> Result<PathBuf> {
+    let candidates = [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/phantom-demo"),
+        PathBuf::from("weights/phantom-demo"),
+    ];
+    candidates.iter().find(|p| p.join("model_index.json").is_file()).cloned().with_context(|| {
+        format!(
+            "no --model given and the bundled demo model is not at {} (a checkout of roentgen has it); \
+             pass --model DIR with a diffusers pipeline folder",
+            candidates[0].display()
+        )
+    })
+}
+
+/// diffusers' default image size: the U-Net config's sample_size × the VAE's scale factor.
+fn default_image_size(pipe: &roentgen::pipeline::Pipeline) -> usize {
+    let f = pipe.vae.config.scale_factor();
+    std::fs::read_to_string(pipe.dir.join("unet").join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("sample_size").and_then(|s| s.as_u64().or_else(|| s.get(0).and_then(|x| x.as_u64()))))
+        .map(|s| s as usize * f)
+        .unwrap_or(64 * f)
 }
 
 fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
@@ -648,9 +719,24 @@ fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
         Some(p) => Some(read_latents(p)?),
         None => None,
     };
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => {
+            let demo = demo_model()?;
+            eprintln!(
+                "note: no --model given, so this samples the bundled phantom demo ({}): a small model that \
+                 roentgen trained on synthetic chest phantoms, not a medical model. For real chest X-rays use \
+                 --model with a Stable Diffusion v1.x / RoentGen pipeline folder (see weights/README.md).",
+                demo.display()
+            );
+            demo
+        }
+    };
     let t_load = std::time::Instant::now();
-    let pipe = Pipeline::load_with_unet(b, &a.model, a.variant.as_deref(), if a.ema { "unet_ema" } else { "unet" })?;
+    let pipe = Pipeline::load_with_unet(b, &model, a.variant.as_deref(), if a.ema { "unet_ema" } else { "unet" })?;
     let load_s = t_load.elapsed().as_secs_f64();
+    let default_px = default_image_size(&pipe);
+    let (height, width) = (a.height.unwrap_or(default_px), a.width.unwrap_or(default_px));
     let req = SampleRequest {
         prompts: prompts.clone(),
         negative_prompt: a.negative_prompt.clone(),
@@ -658,8 +744,8 @@ fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
         batch_size: a.batch_size,
         seed,
         rng_variant,
-        height: a.height,
-        width: a.width,
+        height,
+        width,
         steps: a.steps,
         guidance: a.guidance,
         scheduler,
@@ -680,8 +766,8 @@ fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
                     prompts.len(),
                     a.num_images,
                     want[1],
-                    a.height,
-                    a.width,
+                    height,
+                    width,
                     pipe.vae_scale_factor()
                 );
             }
@@ -694,9 +780,9 @@ fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
     let paths = output_paths(&a.out, n, seed)?;
     eprintln!(
         "sampling {n} image(s) of {}×{} from {} on {}: seed {seed}, {} steps, guidance {}",
-        a.width,
-        a.height,
-        a.model.display(),
+        width,
+        height,
+        model.display(),
         b.name(),
         a.steps,
         a.guidance
@@ -728,7 +814,7 @@ fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
             ("steps", a.steps.to_string()),
             ("guidance", a.guidance.to_string()),
             ("scheduler", sched_name.clone()),
-            ("model", a.model.display().to_string()),
+            ("model", model.display().to_string()),
             ("software", format!("roentgen {}", env!("CARGO_PKG_VERSION"))),
         ];
         let img = &out.images[i * c * h * w..(i + 1) * c * h * w];

@@ -6,6 +6,8 @@
 //! implements the same methods with hand-written kernels.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod plan;
 
 use crate::tensor::{PoolId, Tensor};
@@ -68,22 +70,38 @@ impl fmt::Display for Device {
     }
 }
 
+/// Arithmetic of the CUDA backend (`--precision`); the CPU backend is always f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("unknown precision '{s}' (expected f32 or bf16)")),
+        }
+    }
+}
+
 /// Creates the backend for `device`, or says plainly why it cannot.
-pub fn create(device: Device) -> Result<Box<dyn Backend>> {
+pub fn create(device: Device, precision: Precision) -> Result<Box<dyn Backend>> {
     match device {
         Device::Cpu => Ok(Box::new(cpu::CpuBackend::new())),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => Ok(Box::new(cuda::CudaBackend::new(0, precision)?)),
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda => {
-            if cfg!(feature = "cuda") {
-                bail!(
-                    "--device cuda: this binary was built with the `cuda` feature, but the CUDA \
-                     backend is not implemented yet (issue 5); use --device cpu"
-                )
-            } else {
-                bail!(
-                    "--device cuda: CUDA support was not compiled into this binary; rebuild with \
-                     `cargo build --release --features cuda`, or use --device cpu"
-                )
-            }
+            let _ = precision;
+            bail!(
+                "--device cuda: CUDA support was not compiled into this binary; rebuild with \
+                 `cargo build --release --features cuda` (scripts/install-cuda-toolchain.sh installs nvcc), \
+                 or use --device cpu"
+            )
         }
     }
 }
@@ -97,6 +115,21 @@ pub trait Backend {
 
     /// (label, bytes) of every pool, for `--verbose` reports.
     fn pool_sizes(&self) -> Vec<(String, usize)>;
+
+    /// Waits until every queued operation has finished (a no-op on the CPU, whose operations are
+    /// synchronous); timings call it before reading the clock.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Turns per-kernel timing on or off (CUDA: events around every launch, which serialises the
+    /// stream; for `bench --profile`). Backends without kernels ignore it.
+    fn set_profiling(&self, _on: bool) {}
+
+    /// (kernel, calls, total milliseconds) accumulated while profiling, slowest first.
+    fn kernel_profile(&self) -> Vec<(String, usize, f64)> {
+        Vec::new()
+    }
 
     /// Copies host data into `dst` (`src.len()` must equal `dst.numel()`).
     fn upload(&self, dst: &Tensor, src: &[f32]) -> Result<()>;

@@ -45,6 +45,8 @@ pub struct TrainConfig {
     pub text_encoder: Option<PathBuf>,
     /// Start the text encoder from PyTorch's default initialisation (its config only).
     pub text_encoder_init_random: bool,
+    /// Caption dropout: the probability that an example is trained with the empty prompt.
+    pub uncond_prob: f64,
 }
 
 /// The frozen and trained models of a pipeline folder, loaded for training.
@@ -267,7 +269,11 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
     if good.is_empty() {
         bail!("{}: no usable rows", cfg.data.display());
     }
+    if !(0.0..=1.0).contains(&cfg.uncond_prob) {
+        bail!("--uncond-prob {}: expected a probability in [0, 1]", cfg.uncond_prob);
+    }
     let seq = models.tokenizer.max_length();
+    let empty = models.tokenizer.encode("");
     let tokens: Vec<crate::models::text::TextTokens> = good.iter().map(|e| models.tokenizer.encode(&e.text)).collect();
     let mut encoder = Encoder::new(b, &models.vae, cfg.resolution)?;
     let mut cache: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; good.len()];
@@ -356,8 +362,11 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                 for (m, lv) in mean.iter().zip(&logvar) {
                     mb.latents.push((m + (0.5 * lv).exp() * rng.next_normal()) * sf);
                 }
-                mb.input_ids.extend_from_slice(&tokens[idx].ids);
-                mb.attention_mask.extend_from_slice(&tokens[idx].mask);
+                // Drawn only when dropout is on, so runs without it keep their streams.
+                let drop = cfg.uncond_prob > 0.0 && ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < cfg.uncond_prob;
+                let t = if drop { &empty } else { &tokens[idx] };
+                mb.input_ids.extend_from_slice(&t.ids);
+                mb.attention_mask.extend_from_slice(&t.mask);
                 mb.timesteps.push((rng.next_u64() % models.alphas_cumprod.len() as u64) as usize);
             }
             mb.noise.extend((0..cfg.batch_size * per).map(|_| rng.next_normal()));
@@ -377,7 +386,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
             let state = serde_json::json!({"step": stats.step, "seed": cfg.seed, "source_model": cfg.model.display().to_string(),
                 "data": cfg.data.display().to_string(), "resolution": cfg.resolution, "batch_size": cfg.batch_size,
                 "grad_accum": cfg.optim.grad_accum, "lr": cfg.optim.lr, "steps": cfg.steps,
-                "train_text_encoder": cfg.optim.train_text_encoder, "loss": stats.loss});
+                "train_text_encoder": cfg.optim.train_text_encoder, "uncond_prob": cfg.uncond_prob, "loss": stats.loss});
             checkpoint::save(
                 b,
                 &dest,

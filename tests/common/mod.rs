@@ -7,8 +7,15 @@ use std::path::{Path, PathBuf};
 /// CPU vs PyTorch in f32: max |a − b| ≤ F32_PARITY · max(1, max |b|).
 pub const F32_PARITY: f32 = 1e-4;
 
+/// The repository root: where the test binary was built, or $ROENTGEN_ROOT (test binaries copied to
+/// another machine by scripts/gpu-bundle.sh run against that machine's checkout).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("ROENTGEN_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// The `roentgen` binary under test: cargo's, or $ROENTGEN_BIN.
+pub fn roentgen_bin() -> PathBuf {
+    std::env::var_os("ROENTGEN_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_roentgen")))
 }
 
 pub fn fixture(rel: &str) -> PathBuf {
@@ -70,7 +77,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
 pub fn run_cli(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
     use std::io::Write;
     use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_roentgen"))
+    let mut child = Command::new(roentgen_bin())
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())

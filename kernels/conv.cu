@@ -1,0 +1,602 @@
+// 2-D convolution, forward and backward, as implicit GEMMs (no im2col buffer).
+//
+// Mirrors `conv2d_forward` (src/backend/cpu/mod.rs) and `backward::conv2d` (src/backend/cpu/backward.rs):
+// activations NHWC, weight (c_out, c_in, k, k) as PyTorch, pad [top, bottom, left, right], any stride.
+//
+// Two GEMM families, each in an exact f32 SIMT version and a bf16 tensor-core version
+// (mma.sync.m16n8k16, operands rounded to bf16 when staged in shared memory, f32 accumulation):
+//
+//  * conv2d_igemm_*  "gather rows" GEMM  D[m, n] (=|+=) Σ_{tap, c} S[pix(m, tap), c] · Wt[n, tap, c]
+//    Forward:   m = output pixel, n = c_out, S = input, Wt = weight permuted to (c_out, k·k, c_in).
+//    Data grad: m = input pixel of one stride phase (iy ≡ py, ix ≡ px mod stride), n = c_in,
+//               S = dout, Wt = weight permuted to (k·k, c_in, c_out); only the taps that reach that
+//               phase are visited (for stride 1: all taps, one phase).
+//    The reduction is walked tap by tap, 16 or 32 channels at a time, so every operand load reads
+//    consecutive channels of one pixel (contiguous in NHWC, and in the permuted weight).
+//  * conv2d_wgrad_*  dW[co, ci, tap] += Σ_p dout[p, co] · inp[pix(p, tap), ci]: one tap per block
+//    row, the pixel sum split across grid.z, partial sums added with atomicAdd (so the weight
+//    gradient's f32 summation order, and its last bits, vary from run to run).
+// plus conv2d_weight_permute (the weight layouts above) and conv2d_bias_grad (column sums of dout).
+#include "common.cuh"
+
+namespace conv_detail {
+
+// ---- shared helpers ---------------------------------------------------------------------------
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// p[0..3], of which only the first `n` are read (n ≤ 0: nothing is read, zeros returned); one
+// 16-byte load when all four are valid and `vec` says p is 16-byte aligned.
+__device__ __forceinline__ float4 load4(const float* p, int n, bool vec) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (n >= 4 && vec) {
+        v = __ldg(reinterpret_cast<const float4*>(p));
+    } else {
+        if (n > 0) v.x = __ldg(p);
+        if (n > 1) v.y = __ldg(p + 1);
+        if (n > 2) v.z = __ldg(p + 2);
+        if (n > 3) v.w = __ldg(p + 3);
+    }
+    return v;
+}
+
+// Geometry of one row m of a conv2d_igemm GEMM: m = (b, qy, qx) over a (batch, RH, RW) grid, and the
+// source pixel of reduction tap (jy, jx) is (y + jy·tys, x + jx·txs) of image b, where
+// y = qy·ss + sy0, x = qx·ss + sx0. rb = b·SH, or -1 for rows past M (always read as zero).
+struct RowGeo {
+    int rb, y, x;
+};
+
+__device__ __forceinline__ RowGeo row_geo(int m, int M, int RH, int RW, int SH, int ss, int sy0, int sx0) {
+    RowGeo g;
+    if (m >= M) {
+        g.rb = -1;
+        g.y = 0;
+        g.x = 0;
+        return g;
+    }
+    const int b = m / (RH * RW);
+    const int r = m - b * (RH * RW);
+    const int qy = r / RW;
+    const int qx = r - qy * RW;
+    g.rb = b * SH;
+    g.y = qy * ss + sy0;
+    g.x = qx * ss + sx0;
+    return g;
+}
+
+// Element offset of channel 0 of the source pixel at (g.y + dy, g.x + dx), or -1 when that pixel is
+// in the padding (or the row is past M).
+__device__ __forceinline__ long long src_offset(const RowGeo& g, int dy, int dx, int SH, int SW, int C) {
+    const int y = g.y + dy, x = g.x + dx;
+    if (g.rb < 0 || y < 0 || y >= SH || x < 0 || x >= SW) return -1;
+    return ((long long)(g.rb + y) * SW + x) * C;
+}
+
+// Element offset of channel 0 of row m's destination pixel: m = (b, qy, qx) over (batch, RH, RW),
+// written at pixel (qy·os + dy0, qx·os + dx0) of a (batch, DH, DW, N) tensor. m < M.
+__device__ __forceinline__ long long dst_offset(int m, int RH, int RW, int DH, int DW, int os, int dy0, int dx0, int N) {
+    const int b = m / (RH * RW);
+    const int r = m - b * (RH * RW);
+    const int qy = r / RW;
+    const int qx = r - qy * RW;
+    return ((long long)(b * DH + qy * os + dy0) * DW + (qx * os + dx0)) * N;
+}
+
+// Position of the next reduction tile of conv2d_igemm: tap (jy, jx) of (nty, ntx), channels c0.. .
+struct KPos {
+    int jy, jx, c0;
+};
+
+__device__ __forceinline__ void kpos_next(KPos& k, int BK, int C, int ntx) {
+    k.c0 += BK;
+    if (k.c0 >= C) {
+        k.c0 = 0;
+        if (++k.jx == ntx) {
+            k.jx = 0;
+            ++k.jy;
+        }
+    }
+}
+
+// An output pixel p = (b, y, x) of the (batch, oh, ow) grid, walked forward without divisions.
+struct Pix {
+    int b, y, x;
+};
+
+__device__ __forceinline__ Pix pix_of(int p, int oh, int ow) {
+    Pix q;
+    q.b = p / (oh * ow);
+    const int r = p - q.b * (oh * ow);
+    q.y = r / ow;
+    q.x = r - q.y * ow;
+    return q;
+}
+
+// Advances q by dy·ow + dx pixels (0 ≤ dx < ow, dy ≥ 0).
+__device__ __forceinline__ void pix_advance(Pix& q, int dy, int dx, int oh, int ow) {
+    q.x += dx;
+    q.y += dy;
+    if (q.x >= ow) {
+        q.x -= ow;
+        q.y += 1;
+    }
+    while (q.y >= oh) {
+        q.y -= oh;
+        q.b += 1;
+    }
+}
+
+// Element offset of channel 0 of the input pixel read by output pixel q through tap (ky, kx), or
+// -1 in the padding. Forward geometry: iy = oy·stride − pt + ky.
+__device__ __forceinline__ long long tap_offset(const Pix& q, int ky, int kx, int stride, int pt, int pl, int h, int w,
+                                                int c) {
+    const int iy = q.y * stride - pt + ky, ix = q.x * stride - pl + kx;
+    if (iy < 0 || iy >= h || ix < 0 || ix >= w) return -1;
+    return ((long long)(q.b * h + iy) * w + ix) * c;
+}
+
+// Stores v into dst: overwrite, or add to what is there (the backward ops accumulate).
+__device__ __forceinline__ void put(float* p, float v, int accumulate) {
+    if (accumulate)
+        *p += v;
+    else
+        *p = v;
+}
+
+// Tile shapes.
+// f32 SIMT: 64×64 block tile, 16-deep reduction tile, 256 threads, 4×4 outputs per thread.
+constexpr int F_BM = 64, F_BN = 64, F_BK = 16, F_PAD = 4;
+// bf16 mma: 128×64 block tile, 32-deep reduction tile, 256 threads = 8 warps as 4 (M) × 2 (N), each
+// warp 32×32 = 2 (m16) × 4 (n8) mma tiles. Shared tiles hold bf16 pairs as 32-bit words, row-major
+// with the reduction index k contiguous: word kw of a row holds k = 2kw (low half) and 2kw+1 (high
+// half). Rows are H_LDW = 20 words (16 data + 4 padding): fragment loads at word g·20 + t (g < 8,
+// t < 4) fall in 32 distinct banks.
+constexpr int H_BM = 128, H_BN = 64, H_BK = 32, H_LDW = H_BK / 2 + 4;
+
+// One m16n8k16 step of a warp's 32×32 tile from shared tiles As (rows m) and Bs (rows n), reduction
+// words kw0..kw0+7 (k = 2·kw0 .. 2·kw0+15). Fragment layouts (PTX ISA, "Matrix Fragments for
+// mma.m16n8k16 with floating point type", .bf16), g = lane >> 2, t = lane & 3:
+//   A (16×16, row-major) a[0] = A[g][2t, 2t+1]    a[1] = A[g+8][2t, 2t+1]
+//                        a[2] = A[g][2t+8, 2t+9]  a[3] = A[g+8][2t+8, 2t+9]
+//   B (16×8, "col": stored per column n, k contiguous)
+//                        b[0] = B[2t, 2t+1][g]    b[1] = B[2t+8, 2t+9][g]
+//   C/D (16×8 f32)       c[0], c[1] = C[g][2t, 2t+1]   c[2], c[3] = C[g+8][2t, 2t+1]
+// (the lower k of each pair in the register's low half, which is the word layout of the tiles).
+__device__ __forceinline__ void warp_mma_32x32(float acc[2][4][4], const uint32_t (*As)[H_LDW],
+                                               const uint32_t (*Bs)[H_LDW], int wm0, int wn0, int kw0, int g,
+                                               int t) {
+    uint32_t af[2][4], bfr[4][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int r = wm0 + i * 16 + g;
+        af[i][0] = As[r][kw0 + t];
+        af[i][1] = As[r + 8][kw0 + t];
+        af[i][2] = As[r][kw0 + t + 4];
+        af[i][3] = As[r + 8][kw0 + t + 4];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int c = wn0 + j * 8 + g;
+        bfr[j][0] = Bs[c][kw0 + t];
+        bfr[j][1] = Bs[c][kw0 + t + 4];
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], af[i], bfr[j], acc[i][j]);
+}
+
+// Four consecutive-k values as bf16 into a tile row at k = 4·kq .. 4·kq+3 (words 2kq, 2kq+1).
+__device__ __forceinline__ void store_bf16x4(uint32_t (*S)[H_LDW], int row, int kq, float4 v) {
+    *reinterpret_cast<uint2*>(&S[row][2 * kq]) = make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
+}
+
+}  // namespace conv_detail
+
+using namespace conv_detail;
+
+// ---- weight layouts ---------------------------------------------------------------------------
+
+/// out[co·s_co + ci·s_ci + t·s_t] = w[(co·c_in + ci)·taps + t] for the `total` = c_out·c_in·taps
+/// elements of a PyTorch conv weight (c_out, c_in, kh, kw), taps = kh·kw. The forward uses
+/// (c_out, taps, c_in) (s_co = taps·c_in, s_ci = 1, s_t = c_in), the data gradient (taps, c_in, c_out)
+/// (s_co = 1, s_ci = c_out, s_t = c_in·c_out): the layouts conv2d_igemm_* reads channel-contiguously.
+/// Launch: grid (⌈total/256⌉), block (256).
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_weight_permute(float* __restrict__ out, const float* __restrict__ w, int total, int c_in, int taps,
+                          int s_co, int s_ci, int s_t) {
+    const int i = blockIdx.x * 256 + threadIdx.x;
+    if (i >= total) return;
+    const int t = i % taps;
+    const int r = i / taps;
+    const int ci = r % c_in;
+    const int co = r / c_in;
+    out[(size_t)co * s_co + (size_t)ci * s_ci + (size_t)t * s_t] = w[i];
+}
+
+// ---- gather-rows implicit GEMM: forward and data gradient ---------------------------------------
+//
+// Parameters (both precisions):
+//   dst    (batch, DH, DW, N); row m = (b, qy, qx) of a (batch, RH, RW) grid (M rows) goes to pixel
+//          (qy·os + dy0, qx·os + dx0); overwritten (accumulate = 0, + bias[n] when bias ≠ null) or
+//          added to (accumulate = 1).
+//   src    (batch, SH, SW, C); row m's source pixel for tap (jy, jx), jy < nty, jx < ntx, is
+//          (qy·ss + sy0 + jy·tys, qx·ss + sx0 + jx·txs); pixels outside the image read as zero.
+//   wt     element (n, tap, c) at n·bs_n + tap·bs_t + c, tap = tap0 + jy·tapys + jx·tapxs.
+//   D[m, n] = Σ_{jy, jx, c < C} src[pix(m, jy, jx), c] · wt[n, tap(jy, jx), c].
+// The forward: M = batch·oh·ow, RH×RW = DH×DW = oh×ow, os = 1, N = c_out, SH×SW×C = h×w×c_in,
+// ss = stride, sy0 = −pt, sx0 = −pl, tys = txs = 1, nty = ntx = k, tap = ky·k + kx,
+// wt (c_out, k·k, c_in). The data gradient of stride phase (py, px): RH×RW = the pixels iy ≡ py,
+// ix ≡ px, DH×DW = h×w, os = stride, (dy0, dx0) = (py, px), N = c_in, SH×SW×C = oh×ow×c_out, ss = 1,
+// jy walks ky = ky0 + jy·stride with ky0 = (py + pt) mod stride, oy = qy + (py + pt − ky0)/stride − jy
+// (sy0 = (py + pt − ky0)/stride, tys = −1), wt (k·k, c_in, c_out). See conv.rs.
+
+/// f32 SIMT version. Launch: grid (⌈M/64⌉, ⌈N/64⌉), block (256), no dynamic shared memory.
+/// Thread (ty, tx) = (tid / 16, tid % 16) computes rows ty·4.., columns tx·4.. of the 64×64 tile.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_igemm_f32(float* __restrict__ dst, const float* __restrict__ src, const float* __restrict__ wt,
+                     const float* __restrict__ bias, int M, int RH, int RW, int N, int C, int SH, int SW, int ss,
+                     int sy0, int sx0, int tys, int txs, int nty, int ntx, int tap0, int tapys, int tapxs, int bs_n,
+                     int bs_t, int DH, int DW, int os, int dy0, int dx0, int accumulate) {
+    // Tiles stored k-major: As[k][m], Bs[k][n] (the compute loop reads 4 consecutive m / n).
+    __shared__ __align__(16) float As[F_BK][F_BM + F_PAD];
+    __shared__ __align__(16) float Bs[F_BK][F_BN + F_PAD];
+    const int tid = threadIdx.x;
+    const int m0 = blockIdx.x * F_BM, n0 = blockIdx.y * F_BN;
+
+    // Loader: thread loads channels lk..lk+3 of A row lrow and of B row (output column) lrow.
+    const int lrow = tid >> 2, lk = (tid & 3) * 4;
+    const RowGeo ag = row_geo(m0 + lrow, M, RH, RW, SH, ss, sy0, sx0);
+    const int bn = n0 + lrow;
+    const bool a_vec = (C % 4 == 0) && aligned16(src);
+    const bool b_vec = (C % 4 == 0) && (bs_n % 4 == 0) && (bs_t % 4 == 0) && aligned16(wt);
+    const int ktiles = nty * ntx * CEIL_DIV(C, F_BK);
+
+    KPos kp = {0, 0, 0};
+    float4 ra = make_float4(0.f, 0.f, 0.f, 0.f), rb = ra;
+    auto load = [&]() {
+        const int c = kp.c0 + lk;
+        const long long so = src_offset(ag, kp.jy * tys, kp.jx * txs, SH, SW, C);
+        ra = load4(so >= 0 ? src + so + c : src, so >= 0 ? C - c : 0, a_vec);
+        const int tap = tap0 + kp.jy * tapys + kp.jx * tapxs;
+        rb = load4(bn < N ? wt + (size_t)bn * bs_n + (size_t)tap * bs_t + c : wt, bn < N ? C - c : 0, b_vec);
+        kpos_next(kp, F_BK, C, ntx);
+    };
+
+    const int tx = tid & 15, ty = tid >> 4;
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+    if (ktiles > 0) load();
+    for (int kt = 0; kt < ktiles; ++kt) {
+        As[lk + 0][lrow] = ra.x;
+        As[lk + 1][lrow] = ra.y;
+        As[lk + 2][lrow] = ra.z;
+        As[lk + 3][lrow] = ra.w;
+        Bs[lk + 0][lrow] = rb.x;
+        Bs[lk + 1][lrow] = rb.y;
+        Bs[lk + 2][lrow] = rb.z;
+        Bs[lk + 3][lrow] = rb.w;
+        __syncthreads();
+        if (kt + 1 < ktiles) load();  // the next tile's global loads overlap this tile's math
+#pragma unroll
+        for (int k = 0; k < F_BK; ++k) {
+            const float4 a = *reinterpret_cast<const float4*>(&As[k][ty * 4]);
+            const float4 b = *reinterpret_cast<const float4*>(&Bs[k][tx * 4]);
+            const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = m0 + ty * 4 + i;
+        if (m >= M) continue;
+        float* d = dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int n = n0 + tx * 4 + j;
+            if (n >= N) continue;
+            put(d + n, acc[i][j] + (bias ? bias[n] : 0.f), accumulate);
+        }
+    }
+}
+
+/// bf16 tensor-core version (same parameters and result, operands rounded to bf16).
+/// Launch: grid (⌈M/128⌉, ⌈N/64⌉), block (256), no dynamic shared memory (15 KiB static).
+/// Warp w computes rows (w % 4)·32.., columns (w / 4)·32.. of the 128×64 tile.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_igemm_bf16(float* __restrict__ dst, const float* __restrict__ src, const float* __restrict__ wt,
+                      const float* __restrict__ bias, int M, int RH, int RW, int N, int C, int SH, int SW, int ss,
+                      int sy0, int sx0, int tys, int txs, int nty, int ntx, int tap0, int tapys, int tapxs, int bs_n,
+                      int bs_t, int DH, int DW, int os, int dy0, int dx0, int accumulate) {
+    __shared__ __align__(16) uint32_t As[H_BM][H_LDW];  // As[m][k-pair]
+    __shared__ __align__(16) uint32_t Bs[H_BN][H_LDW];  // Bs[n][k-pair]
+    const int tid = threadIdx.x;
+    const int m0 = blockIdx.x * H_BM, n0 = blockIdx.y * H_BN;
+
+    // Loader: thread loads k-quad lq (channels 4·lq..4·lq+3 of the tile) of A rows lrow + 32r (r < 4)
+    // and of B rows lrow + 32r (r < 2); 8 consecutive threads cover one row's 32 channels.
+    const int lrow = tid >> 3, lq = tid & 7;
+    RowGeo ag[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) ag[r] = row_geo(m0 + lrow + 32 * r, M, RH, RW, SH, ss, sy0, sx0);
+    const bool a_vec = (C % 4 == 0) && aligned16(src);
+    const bool b_vec = (C % 4 == 0) && (bs_n % 4 == 0) && (bs_t % 4 == 0) && aligned16(wt);
+    const int ktiles = nty * ntx * CEIL_DIV(C, H_BK);
+
+    KPos kp = {0, 0, 0};
+    float4 ra[4], rb[2];
+    auto load = [&]() {
+        const int c = kp.c0 + 4 * lq;
+        const int dy = kp.jy * tys, dx = kp.jx * txs;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const long long so = src_offset(ag[r], dy, dx, SH, SW, C);
+            ra[r] = load4(so >= 0 ? src + so + c : src, so >= 0 ? C - c : 0, a_vec);
+        }
+        const size_t wtap = (size_t)(tap0 + kp.jy * tapys + kp.jx * tapxs) * bs_t + c;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int n = n0 + lrow + 32 * r;
+            rb[r] = load4(n < N ? wt + (size_t)n * bs_n + wtap : wt, n < N ? C - c : 0, b_vec);
+        }
+        kpos_next(kp, H_BK, C, ntx);
+    };
+
+    const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int wm0 = (warp & 3) * 32, wn0 = (warp >> 2) * 32;
+    float acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    if (ktiles > 0) load();
+    for (int kt = 0; kt < ktiles; ++kt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) store_bf16x4(As, lrow + 32 * r, lq, ra[r]);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) store_bf16x4(Bs, lrow + 32 * r, lq, rb[r]);
+        __syncthreads();
+        if (kt + 1 < ktiles) load();  // the next tile's global loads overlap this tile's math
+#pragma unroll
+        for (int ks = 0; ks < H_BK / 16; ++ks) warp_mma_32x32(acc, As, Bs, wm0, wn0, ks * 8, g, t);
+        __syncthreads();
+    }
+
+    // acc[i][j][2h + e] is D[row wm0 + i·16 + g + 8h][column wn0 + j·8 + 2t + e].
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = m0 + wm0 + i * 16 + g + 8 * h;
+            if (m >= M) continue;
+            float* d = dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N);
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int n = n0 + wn0 + j * 8 + 2 * t + e;
+                    if (n >= N) continue;
+                    put(d + n, acc[i][j][2 * h + e] + (bias ? bias[n] : 0.f), accumulate);
+                }
+        }
+}
+
+// ---- weight gradient ----------------------------------------------------------------------------
+//
+// dw[(co·c_in + ci)·k² + tap] += Σ_{p in this block's pixel range} dout[p, co] · inp[pix(p, tap), ci],
+// p over the batch·oh·ow output pixels, pix(p, tap) the input pixel (oy·stride − pt + ky,
+// ox·stride − pl + kx) (zero in the padding), tap = ky·k + kx: the GEMM dW_tap = doutᵀ · patches_tap
+// of `backward::conv2d`. Block (x, y, z): output channels x·BM.., tap y / ⌈c_in/BN⌉, input channels
+// (y mod ⌈c_in/BN⌉)·BN.., pixels [z·chunk, min(P, (z+1)·chunk)) (chunk a multiple of the tile
+// depth). Blocks of different z add into the same dw elements with atomicAdd.
+
+/// f32 SIMT version. Launch: grid (⌈c_out/64⌉, ⌈c_in/64⌉·k², splits), block (256).
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_wgrad_f32(float* __restrict__ dw, const float* __restrict__ dout, const float* __restrict__ x, int P,
+                     int oh, int ow, int h, int w, int c_in, int c_out, int k, int stride, int pt, int pl, int chunk) {
+    __shared__ __align__(16) float As[F_BK][F_BM + F_PAD];  // As[p][co]
+    __shared__ __align__(16) float Bs[F_BK][F_BN + F_PAD];  // Bs[p][ci]
+    const int tid = threadIdx.x;
+    const int ci_tiles = CEIL_DIV(c_in, F_BN);
+    const int co0 = blockIdx.x * F_BM;
+    const int tap = blockIdx.y / ci_tiles, ci0 = (blockIdx.y % ci_tiles) * F_BN;
+    const int ky = tap / k, kx = tap % k;
+    const int p_begin = blockIdx.z * chunk, p_end = min(P, p_begin + chunk);
+
+    // Loader: thread loads channels lc..lc+3 of pixel p_tile + lp (16 threads per pixel row).
+    const int lp = tid >> 4, lc = (tid & 15) * 4;
+    const bool a_vec = (c_out % 4 == 0) && aligned16(dout);
+    const bool b_vec = (c_in % 4 == 0) && aligned16(x);
+    float4 ra = make_float4(0.f, 0.f, 0.f, 0.f), rb = ra;
+    auto load = [&](int pb) {
+        const int p = pb + lp;
+        const bool ok = p < p_end;
+        const int co = co0 + lc, ci = ci0 + lc;
+        ra = load4(ok ? dout + (size_t)p * c_out + co : dout, ok ? c_out - co : 0, a_vec);
+        long long xo = -1;
+        if (ok) xo = tap_offset(pix_of(p, oh, ow), ky, kx, stride, pt, pl, h, w, c_in);
+        rb = load4(xo >= 0 ? x + xo + ci : x, xo >= 0 ? c_in - ci : 0, b_vec);
+    };
+
+    const int tx = tid & 15, ty = tid >> 4;  // rows (co) ty·4.., columns (ci) tx·4..
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+    if (p_begin < p_end) load(p_begin);
+    for (int pb = p_begin; pb < p_end; pb += F_BK) {
+        *reinterpret_cast<float4*>(&As[lp][lc]) = ra;
+        *reinterpret_cast<float4*>(&Bs[lp][lc]) = rb;
+        __syncthreads();
+        if (pb + F_BK < p_end) load(pb + F_BK);
+#pragma unroll
+        for (int kk = 0; kk < F_BK; ++kk) {
+            const float4 a = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
+            const float4 b = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
+            const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+    if (p_begin >= p_end) return;
+
+    const int taps = k * k;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int co = co0 + ty * 4 + i;
+        if (co >= c_out) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int ci = ci0 + tx * 4 + j;
+            if (ci >= c_in) continue;
+            atomicAdd(dw + ((size_t)co * c_in + ci) * taps + tap, acc[i][j]);  // split-pixel partial sums
+        }
+    }
+}
+
+/// bf16 tensor-core version (same parameters and result, operands rounded to bf16).
+/// Launch: grid (⌈c_out/128⌉, ⌈c_in/64⌉·k², splits), block (256); warp w computes output channels
+/// (w % 4)·32.., input channels (w / 4)·32.. of the 128×64 tile; the reduction tile is 32 pixels.
+/// Loader unit u: channel quad q = (u & 1) + 2·(u >> 5), pixel pair pp = (u >> 1) & 15, i.e. pixels
+/// 2pp, 2pp+1 of the tile, 4 channels each; the two pixels' values go to one bf16x2 word per channel
+/// (word pp of row channel): a warp's stores hit 32 distinct banks, its loads read 16 pixels × 32 B.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_wgrad_bf16(float* __restrict__ dw, const float* __restrict__ dout, const float* __restrict__ x, int P,
+                      int oh, int ow, int h, int w, int c_in, int c_out, int k, int stride, int pt, int pl,
+                      int chunk) {
+    __shared__ __align__(16) uint32_t As[H_BM][H_LDW];  // As[co][pixel pair]
+    __shared__ __align__(16) uint32_t Bs[H_BN][H_LDW];  // Bs[ci][pixel pair]
+    const int tid = threadIdx.x;
+    const int ci_tiles = CEIL_DIV(c_in, H_BN);
+    const int co0 = blockIdx.x * H_BM;
+    const int tap = blockIdx.y / ci_tiles, ci0 = (blockIdx.y % ci_tiles) * H_BN;
+    const int ky = tap / k, kx = tap % k;
+    const int p_begin = blockIdx.z * chunk, p_end = min(P, p_begin + chunk);
+
+    // A units tid and tid + 256 (quads 0..31 of 128 channels), B unit tid (quads 0..15 of 64).
+    const int pp = (tid >> 1) & 15;
+    const int qa0 = (tid & 1) + 2 * (tid >> 5);  // quad of unit tid; unit tid + 256 has quad qa0 + 16
+    const bool a_vec = (c_out % 4 == 0) && aligned16(dout);
+    const bool b_vec = (c_in % 4 == 0) && aligned16(x);
+    // Pixel 2pp of the current load tile, tracked incrementally (step H_BK pixels per tile).
+    Pix q0 = pix_of(p_begin + 2 * pp, oh, ow);
+    const int step_y = H_BK / ow, step_x = H_BK % ow, one_y = 1 / ow, one_x = 1 % ow;
+
+    float4 ra[2][2], rb[2];  // [unit][pixel], [pixel]
+    auto load = [&](int pb) {
+        Pix q = q0;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int p = pb + 2 * pp + e;
+            const bool ok = p < p_end;
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int co = co0 + 4 * (qa0 + 16 * u);
+                ra[u][e] = load4(ok ? dout + (size_t)p * c_out + co : dout, ok ? c_out - co : 0, a_vec);
+            }
+            const int ci = ci0 + 4 * qa0;
+            long long xo = -1;
+            if (ok) xo = tap_offset(q, ky, kx, stride, pt, pl, h, w, c_in);
+            rb[e] = load4(xo >= 0 ? x + xo + ci : x, xo >= 0 ? c_in - ci : 0, b_vec);
+            if (e == 0) pix_advance(q, one_y, one_x, oh, ow);  // pixel 2pp + 1
+        }
+        pix_advance(q0, step_y, step_x, oh, ow);  // pixel 2pp of the next tile
+    };
+
+    const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int wm0 = (warp & 3) * 32, wn0 = (warp >> 2) * 32;
+    float acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    if (p_begin < p_end) load(p_begin);
+    for (int pb = p_begin; pb < p_end; pb += H_BK) {
+        // Channel c of a quad gets the word (pixel 2pp, pixel 2pp+1) at k-pair pp.
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const int row = 4 * (qa0 + 16 * u);
+            As[row + 0][pp] = pack_bf16x2(ra[u][0].x, ra[u][1].x);
+            As[row + 1][pp] = pack_bf16x2(ra[u][0].y, ra[u][1].y);
+            As[row + 2][pp] = pack_bf16x2(ra[u][0].z, ra[u][1].z);
+            As[row + 3][pp] = pack_bf16x2(ra[u][0].w, ra[u][1].w);
+        }
+        {
+            const int row = 4 * qa0;
+            Bs[row + 0][pp] = pack_bf16x2(rb[0].x, rb[1].x);
+            Bs[row + 1][pp] = pack_bf16x2(rb[0].y, rb[1].y);
+            Bs[row + 2][pp] = pack_bf16x2(rb[0].z, rb[1].z);
+            Bs[row + 3][pp] = pack_bf16x2(rb[0].w, rb[1].w);
+        }
+        __syncthreads();
+        if (pb + H_BK < p_end) load(pb + H_BK);
+#pragma unroll
+        for (int ks = 0; ks < H_BK / 16; ++ks) warp_mma_32x32(acc, As, Bs, wm0, wn0, ks * 8, g, t);
+        __syncthreads();
+    }
+    if (p_begin >= p_end) return;
+
+    const int taps = k * k;
+    // acc[i][j][2h + e] is dW_tap[co0 + wm0 + i·16 + g + 8h][ci0 + wn0 + j·8 + 2t + e].
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) {
+            const int co = co0 + wm0 + i * 16 + g + 8 * h2;
+            if (co >= c_out) continue;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int ci = ci0 + wn0 + j * 8 + 2 * t + e;
+                    if (ci >= c_in) continue;
+                    atomicAdd(dw + ((size_t)co * c_in + ci) * taps + tap, acc[i][j][2 * h2 + e]);
+                }
+        }
+}
+
+// ---- bias gradient ------------------------------------------------------------------------------
+
+/// db[c] += Σ_r dout[r, c] over rows [y·chunk, min(rows, (y+1)·chunk)) for block (x, y), c in
+/// x·32..x·32+31: the column sums of `backward::column_sums_into`. Launch: grid (⌈n/32⌉, splits),
+/// block (256) = 8 row lanes × 32 columns; blocks of different y add with atomicAdd.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_bias_grad(float* __restrict__ db, const float* __restrict__ dout, int rows, int n, int chunk) {
+    __shared__ float part[8][33];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    const int c = blockIdx.x * 32 + tx;
+    const int r0 = blockIdx.y * chunk, r1 = min(rows, r0 + chunk);
+    float s = 0.f;
+    if (c < n)
+        for (int r = r0 + ty; r < r1; r += 8) s += dout[(size_t)r * n + c];
+    part[ty][tx] = s;
+    __syncthreads();
+    if (ty == 0 && c < n) {
+#pragma unroll
+        for (int i = 1; i < 8; ++i) s += part[i][tx];
+        atomicAdd(db + c, s);
+    }
+}

@@ -1,0 +1,614 @@
+//! The CUDA backend: the `Backend` operations as hand-written kernels (kernels/*.cu, compiled ahead of
+//! time by build.rs and embedded), launched through the driver API as llm.c does; linear layers through
+//! cuBLAS. Pools are device allocations of f32 made once (`alloc`); operations never allocate, except
+//! the small scratch buffers below, which grow only when a larger request arrives and are counted.
+//!
+//! Precision: the pools hold f32. `Precision::F32` runs every operation in f32 (the parity path,
+//! ≤ 1e-4 against the CPU reference); `Precision::Bf16` runs convolutions, attention and linear
+//! layers on bf16 tensor cores (operands rounded to bf16 when staged, f32 accumulation), the
+//! elementwise and normalisation kernels in f32.
+//!
+//! The driver is loaded at run time (cudarc's `dynamic-loading`): a `cuda` build starts on a machine
+//! without CUDA and `CudaBackend::new` says "no CUDA driver" instead of crashing.
+
+mod attention;
+mod conv;
+mod ops;
+
+use super::{Activation, Backend, Precision};
+use crate::tensor::{PoolId, Tensor};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use cudarc::cublas::{result as cublas, sys as cublas_sys};
+use cudarc::driver::{result as cu, sys};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+
+/// The fatbins built from kernels/*.cu (see build.rs).
+pub mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// One kernel parameter, in the kernel's parameter order.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    /// A device address.
+    P(u64),
+    I(i32),
+    F(f32),
+}
+
+struct DevPool {
+    ptr: u64,
+    len: usize,
+    label: String,
+}
+
+/// A device buffer that grows on demand (ids, masks, reduction workspaces).
+#[derive(Default, Clone, Copy)]
+struct Scratch {
+    ptr: u64,
+    bytes: usize,
+}
+
+const SLOTS: usize = 4;
+
+pub struct CudaBackend {
+    name: String,
+    cc: (i32, i32),
+    ctx: sys::CUcontext,
+    stream: sys::CUstream,
+    modules: Vec<sys::CUmodule>,
+    functions: RefCell<HashMap<String, sys::CUfunction>>,
+    pools: Vec<DevPool>,
+    blas: cublas_sys::cublasHandle_t,
+    precision: Precision,
+    u32_scratch: RefCell<[Scratch; SLOTS]>,
+    f32_scratch: RefCell<[Scratch; SLOTS]>,
+    allocations: Cell<usize>,
+    allocated_bytes: Cell<usize>,
+    /// Per-kernel (calls, milliseconds) while profiling is on.
+    profile: RefCell<Option<HashMap<String, (usize, f64)>>>,
+}
+
+fn driver<T>(r: Result<T, cu::DriverError>, what: &str) -> Result<T> {
+    r.map_err(|e| anyhow!("CUDA: {what}: {e:?}"))
+}
+
+/// True when the CUDA driver library can be loaded on this machine.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library.
+    unsafe { sys::is_culib_present() }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`, loads the kernels for its compute capability and creates the stream
+    /// and cuBLAS handle. Fails with a plain message where there is no driver or no device.
+    pub fn new(ordinal: usize, precision: Precision) -> Result<CudaBackend> {
+        if !driver_present() {
+            bail!("--device cuda: no CUDA driver (libcuda.so) on this machine; use --device cpu");
+        }
+        driver(cu::init(), "cuInit")?;
+        let count = driver(cu::device::get_count(), "cuDeviceGetCount")?;
+        ensure!(count > 0, "--device cuda: the CUDA driver sees no GPU");
+        ensure!((ordinal as i32) < count, "--device cuda:{ordinal}: only {count} GPU(s)");
+        let dev = driver(cu::device::get(ordinal as i32), "cuDeviceGet")?;
+        let gpu = driver(cu::device::get_name(dev), "cuDeviceGetName")?;
+        // SAFETY: dev is a valid device; the primary context is retained for the process's life.
+        let ctx = unsafe { driver(cu::primary_ctx::retain(dev), "cuDevicePrimaryCtxRetain")? };
+        unsafe { driver(cu::ctx::set_current(ctx), "cuCtxSetCurrent")? };
+        let attr = |a| unsafe { cu::device::get_attribute(dev, a) };
+        let major = driver(attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR), "attribute")?;
+        let minor = driver(attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR), "attribute")?;
+        ensure!(
+            major >= 8,
+            "--device cuda: {gpu} has compute capability {major}.{minor}; the kernels need 8.0 or newer (A100, H100)"
+        );
+        // A blocking stream: synchronous copies on the legacy stream order after its work.
+        let stream = driver(cu::stream::create(cu::stream::StreamKind::Default), "cuStreamCreate")?;
+        let mut modules = Vec::new();
+        for (name, image) in kernels::MODULES {
+            // The fatbin holds sm_80 and sm_90a cubins and compute_80 PTX; the driver picks.
+            let m = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }
+                .map_err(|e| anyhow!("CUDA: loading kernels/{name}.cu's module on {gpu} (sm_{major}{minor}): {e:?}"))?;
+            modules.push(m);
+        }
+        // SAFETY: loads libcublas dynamically; a missing library is reported, not a crash.
+        if !unsafe { cublas_sys::is_culib_present() } {
+            bail!("--device cuda: the driver is present but libcublas is not; install the CUDA toolkit's cuBLAS");
+        }
+        let blas = cublas::create_handle().map_err(|e| anyhow!("cuBLAS: create handle: {e:?}"))?;
+        unsafe { cublas::set_stream(blas, stream as cublas_sys::cudaStream_t) }
+            .map_err(|e| anyhow!("cuBLAS: set stream: {e:?}"))?;
+        Ok(CudaBackend {
+            name: format!("cuda:{ordinal} ({gpu}, sm_{major}{minor}, {precision:?})"),
+            cc: (major, minor),
+            ctx,
+            stream,
+            modules,
+            functions: RefCell::new(HashMap::new()),
+            pools: Vec::new(),
+            blas,
+            precision,
+            u32_scratch: RefCell::new([Scratch::default(); SLOTS]),
+            f32_scratch: RefCell::new([Scratch::default(); SLOTS]),
+            allocations: Cell::new(0),
+            allocated_bytes: Cell::new(0),
+            profile: RefCell::new(None),
+        })
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+
+    pub(crate) fn use_bf16(&self) -> bool {
+        self.precision == Precision::Bf16
+    }
+
+    /// Device allocations made so far (pools and scratch growth); a steady-state loop keeps it flat.
+    pub fn allocation_count(&self) -> usize {
+        self.allocations.get()
+    }
+
+    /// Waits for all queued work; surfaces asynchronous kernel faults.
+    pub fn synchronize(&self) -> Result<()> {
+        unsafe { driver(cu::stream::synchronize(self.stream), "stream synchronize (a kernel failed)") }
+    }
+
+    fn raw_alloc(&self, bytes: usize, what: &str) -> Result<u64> {
+        let bytes = bytes.max(4);
+        let p = unsafe { cu::malloc_sync(bytes) }.map_err(|e| {
+            let (free, total) = cu::mem_get_info().unwrap_or((0, 0));
+            anyhow!(
+                "CUDA: allocating {what}: {:.1} MiB needed, {:.1} MiB free of {:.1} MiB ({e:?})",
+                bytes as f64 / 1048576.0,
+                free as f64 / 1048576.0,
+                total as f64 / 1048576.0
+            )
+        })?;
+        unsafe { driver(cu::memset_d8_sync(p, 0, bytes), "memset")? };
+        self.allocations.set(self.allocations.get() + 1);
+        self.allocated_bytes.set(self.allocated_bytes.get() + bytes);
+        Ok(p)
+    }
+
+    /// Device address of the tensor's first element (bounds-checked against its pool).
+    pub(crate) fn dptr(&self, t: &Tensor) -> u64 {
+        let p = self
+            .pools
+            .get(t.pool.0)
+            .unwrap_or_else(|| panic!("tensor {t:?} refers to a pool this backend does not own"));
+        assert!(t.end() <= p.len, "tensor {t:?} runs past the end of pool '{}' ({} elements)", p.label, p.len);
+        p.ptr + 4 * t.offset as u64
+    }
+
+    fn function(&self, kernel: &str) -> Result<sys::CUfunction> {
+        if let Some(f) = self.functions.borrow().get(kernel) {
+            return Ok(*f);
+        }
+        let cname = CString::new(kernel).unwrap();
+        for m in &self.modules {
+            if let Ok(f) = unsafe { cu::module::get_function(*m, cname.clone()) } {
+                self.functions.borrow_mut().insert(kernel.to_string(), f);
+                return Ok(f);
+            }
+        }
+        bail!("CUDA: no kernel named '{kernel}' in the embedded modules (a build/backend mismatch)")
+    }
+
+    /// Opts `kernel` in to more than 48 KiB of dynamic shared memory.
+    pub(crate) fn set_max_dynamic_shared(&self, kernel: &str, bytes: u32) -> Result<()> {
+        let f = self.function(kernel)?;
+        unsafe {
+            cu::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        }
+        .map_err(|e| anyhow!("CUDA: {kernel}: {bytes} B of dynamic shared memory refused: {e:?}"))
+    }
+
+    /// Launches `kernel` on the backend's stream with `args` in the kernel's parameter order.
+    pub(crate) fn launch(
+        &self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(()); // nothing to do (an empty tensor)
+        }
+        let f = self.function(kernel)?;
+        let timer = self.profile_start()?;
+        // Each parameter is passed as a pointer to its value; the values live in `vals`.
+        let mut vals: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::P(p) => p,
+                Arg::I(i) => i as u32 as u64,
+                Arg::F(x) => x.to_bits() as u64,
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = vals.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
+        // SAFETY: the argument list matches the kernel's signature (each kernel's wrapper builds it);
+        // a u64 slot holds a pointer, and an int or float in its low bytes (little endian).
+        unsafe { cu::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut params) }
+            .map_err(|e| anyhow!("CUDA: launching {kernel} grid {grid:?} block {block:?} smem {shared_bytes}: {e:?}"))?;
+        self.profile_end(timer, kernel)?;
+        if cfg!(debug_assertions) || std::env::var_os("ROENTGEN_CUDA_SYNC").is_some() {
+            self.synchronize().with_context(|| format!("after {kernel}"))?;
+        }
+        Ok(())
+    }
+
+    /// With profiling on: an event recorded before the launch.
+    fn profile_start(&self) -> Result<Option<sys::CUevent>> {
+        if self.profile.borrow().is_none() {
+            return Ok(None);
+        }
+        let e = driver(cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT), "event")?;
+        unsafe { driver(cu::event::record(e, self.stream), "event record")? };
+        Ok(Some(e))
+    }
+
+    /// Records the end event, waits for it and adds the elapsed time to `kernel`'s entry.
+    fn profile_end(&self, start: Option<sys::CUevent>, kernel: &str) -> Result<()> {
+        let Some(start) = start else { return Ok(()) };
+        let end = driver(cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT), "event")?;
+        let ms = unsafe {
+            driver(cu::event::record(end, self.stream), "event record")?;
+            driver(cu::event::synchronize(end), "event synchronize")?;
+            let ms = driver(cu::event::elapsed(start, end), "event elapsed")?;
+            let _ = cu::event::destroy(start);
+            let _ = cu::event::destroy(end);
+            ms
+        };
+        if let Some(p) = self.profile.borrow_mut().as_mut() {
+            let e = p.entry(kernel.to_string()).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += ms as f64;
+        }
+        Ok(())
+    }
+
+    fn scratch(&self, table: &RefCell<[Scratch; SLOTS]>, slot: usize, bytes: usize, what: &str) -> Result<u64> {
+        assert!(slot < SLOTS, "scratch slot {slot} out of range");
+        let mut t = table.borrow_mut();
+        if t[slot].bytes < bytes {
+            if t[slot].ptr != 0 {
+                self.synchronize()?;
+                unsafe { driver(cu::free_sync(t[slot].ptr), "free")? };
+            }
+            let grow = bytes.next_power_of_two().max(1024);
+            t[slot] = Scratch { ptr: self.raw_alloc(grow, what)?, bytes: grow };
+        }
+        Ok(t[slot].ptr)
+    }
+
+    /// Copies host u32 data (token ids, key masks) to the scratch buffer of `slot`.
+    pub(crate) fn upload_u32(&self, slot: usize, data: &[u32]) -> Result<u64> {
+        let p = self.scratch(&self.u32_scratch, slot, data.len() * 4, "u32 scratch")?;
+        if !data.is_empty() {
+            // Ordered after the stream's queued work (a blocking stream), so no kernel still reads it.
+            self.synchronize()?;
+            unsafe { driver(cu::memcpy_htod_sync(p, data), "copy to device")? };
+        }
+        Ok(p)
+    }
+
+    /// An f32 workspace of at least `n` elements for `slot`; contents undefined.
+    pub(crate) fn workspace(&self, slot: usize, n: usize) -> Result<u64> {
+        self.scratch(&self.f32_scratch, slot, n * 4, "f32 workspace")
+    }
+
+    /// C (col-major m×n, ldc) = alpha·op(A)·op(B) + beta·C, f32 in memory; in bf16 mode cuBLAS may
+    /// round the operands to bf16 (compute type 32F_FAST_16BF) and use tensor cores.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) -> Result<()> {
+        use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let alpha = 1.0f32;
+        let compute = if self.use_bf16() {
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
+        } else {
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        let f32t = cublas_sys::cudaDataType::CUDA_R_32F;
+        let timer = self.profile_start()?;
+        // SAFETY: pointers come from `dptr` of checked tensors; sizes were validated by the caller.
+        let r = unsafe {
+            cublas::gemm_ex(
+                self.blas,
+                op(ta),
+                op(tb),
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                a as *const c_void,
+                f32t,
+                lda as i32,
+                b as *const c_void,
+                f32t,
+                ldb as i32,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                f32t,
+                ldc as i32,
+                compute,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| anyhow!("cuBLAS: gemm {m}×{n}×{k}: {e:?}"));
+        r?;
+        self.profile_end(timer, "cublas_gemm (linear layers)")
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = cu::stream::synchronize(self.stream);
+            for p in &self.pools {
+                let _ = cu::free_sync(p.ptr);
+            }
+            for s in self.u32_scratch.borrow().iter().chain(self.f32_scratch.borrow().iter()) {
+                if s.ptr != 0 {
+                    let _ = cu::free_sync(s.ptr);
+                }
+            }
+            let _ = cublas::destroy_handle(self.blas);
+            for m in &self.modules {
+                let _ = cu::module::unload(*m);
+            }
+            let _ = cu::stream::destroy(self.stream);
+        }
+        let _ = self.ctx;
+    }
+}
+
+pub(crate) fn check_len(what: &str, t: &Tensor, need: usize) -> Result<()> {
+    ensure!(t.numel() >= need, "{what}: tensor has {} elements, the operation needs {need}", t.numel());
+    Ok(())
+}
+
+const LIN_BLOCK: u32 = 256;
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn alloc(&mut self, len: usize, label: &str) -> Result<PoolId> {
+        let ptr = self.raw_alloc(len * 4, &format!("pool '{label}'"))?;
+        self.pools.push(DevPool { ptr, len, label: label.to_string() });
+        Ok(PoolId(self.pools.len() - 1))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        CudaBackend::synchronize(self)
+    }
+
+    fn set_profiling(&self, on: bool) {
+        *self.profile.borrow_mut() = on.then(HashMap::new);
+    }
+
+    fn kernel_profile(&self) -> Vec<(String, usize, f64)> {
+        let mut v: Vec<(String, usize, f64)> =
+            self.profile.borrow().iter().flatten().map(|(k, (c, ms))| (k.clone(), *c, *ms)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
+    }
+
+    fn pool_sizes(&self) -> Vec<(String, usize)> {
+        self.pools.iter().map(|p| (p.label.clone(), p.len * 4)).collect()
+    }
+
+    fn upload(&self, dst: &Tensor, src: &[f32]) -> Result<()> {
+        ensure!(src.len() == dst.numel(), "upload: {} values for a tensor of {}", src.len(), dst.numel());
+        let p = self.dptr(dst);
+        self.synchronize()?;
+        unsafe { driver(cu::memcpy_htod_sync(p, src), "copy to device") }
+    }
+
+    fn download(&self, src: &Tensor) -> Result<Vec<f32>> {
+        let p = self.dptr(src);
+        let mut out = vec![0f32; src.numel()];
+        self.synchronize()?;
+        unsafe { driver(cu::memcpy_dtoh_sync(&mut out, p), "copy to host")? };
+        Ok(out)
+    }
+
+    fn embedding_forward(&self, out: &Tensor, ids: &[u32], wte: &Tensor, wpe: &Tensor, batch: usize, seq: usize, dim: usize) -> Result<()> {
+        self.embedding_forward_impl(out, ids, wte, wpe, batch, seq, dim)
+    }
+
+    fn layer_norm_forward(&self, out: &Tensor, mean: &Tensor, rstd: &Tensor, inp: &Tensor, weight: &Tensor, bias: &Tensor, rows: usize, cols: usize, eps: f32) -> Result<()> {
+        self.layer_norm_forward_impl(out, mean, rstd, inp, weight, bias, rows, cols, eps)
+    }
+
+    /// out (rows, out_f) = inp · Wᵀ + bias. Row-major X (rows×in) is column-major Xᵀ; so
+    /// outᵀ (out_f×rows, col-major) = op_T(W as col-major in×out) · Xᵀ.
+    fn linear_forward(&self, out: &Tensor, inp: &Tensor, weight: &Tensor, bias: Option<&Tensor>, rows: usize, in_f: usize, out_f: usize) -> Result<()> {
+        check_len("linear out", out, rows * out_f)?;
+        check_len("linear inp", inp, rows * in_f)?;
+        check_len("linear weight", weight, out_f * in_f)?;
+        assert!(!out.overlaps(inp) && !out.overlaps(weight), "linear: output overlaps an input");
+        let beta = match bias {
+            Some(b) => {
+                check_len("linear bias", b, out_f)?;
+                let n = rows * out_f;
+                self.launch(
+                    "linear_bias_fill",
+                    ((n as u32).div_ceil(LIN_BLOCK), 1, 1),
+                    (LIN_BLOCK, 1, 1),
+                    0,
+                    &[Arg::P(self.dptr(out)), Arg::P(self.dptr(b)), Arg::I(rows as i32), Arg::I(out_f as i32)],
+                )?;
+                1.0
+            }
+            None => 0.0,
+        };
+        self.gemm(true, false, out_f, rows, in_f, self.dptr(weight), in_f, self.dptr(inp), in_f, beta, self.dptr(out), out_f)
+    }
+
+    fn attention_forward(&self, out: &Tensor, lse: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, batch: usize, q_len: usize, kv_len: usize, heads: usize, head_dim: usize, scale: f32, causal: bool) -> Result<()> {
+        self.attention_forward_impl(out, lse, q, k, v, batch, q_len, kv_len, heads, head_dim, scale, causal)
+    }
+
+    fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
+        self.activation_forward_impl(out, inp, act, n)
+    }
+
+    fn add_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
+        self.add_forward_impl(out, a, b, n)
+    }
+
+    fn conv2d_forward(&self, out: &Tensor, inp: &Tensor, weight: &Tensor, bias: Option<&Tensor>, batch: usize, h: usize, w: usize, c_in: usize, c_out: usize, kernel: usize, stride: usize, pad: [usize; 4]) -> Result<()> {
+        self.conv2d_forward_impl(out, inp, weight, bias, batch, h, w, c_in, c_out, kernel, stride, pad)
+    }
+
+    fn group_norm_forward(&self, out: &Tensor, mean: &Tensor, rstd: &Tensor, inp: &Tensor, weight: &Tensor, bias: &Tensor, batch: usize, hw: usize, c: usize, groups: usize, eps: f32, silu: bool) -> Result<()> {
+        self.group_norm_forward_impl(out, mean, rstd, inp, weight, bias, batch, hw, c, groups, eps, silu)
+    }
+
+    fn upsample_nearest_forward(&self, out: &Tensor, inp: &Tensor, batch: usize, ih: usize, iw: usize, oh: usize, ow: usize, c: usize) -> Result<()> {
+        self.upsample_nearest_forward_impl(out, inp, batch, ih, iw, oh, ow, c)
+    }
+
+    fn add_bias_rows_forward(&self, out: &Tensor, inp: &Tensor, bias: &Tensor, batch: usize, rows: usize, c: usize) -> Result<()> {
+        self.add_bias_rows_forward_impl(out, inp, bias, batch, rows, c)
+    }
+
+    fn concat_channels_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, rows: usize, ca: usize, cb: usize) -> Result<()> {
+        self.concat_channels_forward_impl(out, a, b, rows, ca, cb)
+    }
+
+    fn geglu_forward(&self, out: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()> {
+        self.geglu_forward_impl(out, inp, rows, inner)
+    }
+
+    fn zero(&self, t: &Tensor) -> Result<()> {
+        self.zero_impl(t)
+    }
+
+    fn accumulate(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
+        self.accumulate_impl(dst, src, n)
+    }
+
+    fn scale(&self, t: &Tensor, s: f32, n: usize) -> Result<()> {
+        self.scale_impl(t, s, n)
+    }
+
+    /// dinp += dout · W; dweight += doutᵀ · inp; dbias += Σ_rows dout (column-major views as in
+    /// `linear_forward`).
+    fn linear_backward(&self, dinp: Option<&Tensor>, dweight: &Tensor, dbias: Option<&Tensor>, dout: &Tensor, inp: &Tensor, weight: &Tensor, rows: usize, in_f: usize, out_f: usize) -> Result<()> {
+        check_len("linear_backward dout", dout, rows * out_f)?;
+        check_len("linear_backward inp", inp, rows * in_f)?;
+        check_len("linear_backward weight", weight, out_f * in_f)?;
+        check_len("linear_backward dweight", dweight, out_f * in_f)?;
+        if let Some(di) = dinp {
+            check_len("linear_backward dinp", di, rows * in_f)?;
+            // dinpᵀ (in×rows) += Wᵀ(col-major view of W: in×out) · doutᵀ (out×rows)
+            self.gemm(false, false, in_f, rows, out_f, self.dptr(weight), in_f, self.dptr(dout), out_f, 1.0, self.dptr(di), in_f)?;
+        }
+        // dWᵀ (in×out, col-major) += Xᵀ (in×rows) · dout (rows×out) = Xᵀ · op_T(doutᵀ)
+        self.gemm(false, true, in_f, out_f, rows, self.dptr(inp), in_f, self.dptr(dout), out_f, 1.0, self.dptr(dweight), in_f)?;
+        if let Some(db) = dbias {
+            check_len("linear_backward dbias", db, out_f)?;
+            self.launch(
+                "linear_bias_grad",
+                ((out_f as u32).div_ceil(32), 1, 1),
+                (32, 8, 1),
+                0,
+                &[Arg::P(self.dptr(db)), Arg::P(self.dptr(dout)), Arg::I(rows as i32), Arg::I(out_f as i32)],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn layer_norm_backward(&self, dinp: &Tensor, dweight: &Tensor, dbias: &Tensor, dout: &Tensor, inp: &Tensor, weight: &Tensor, mean: &Tensor, rstd: &Tensor, rows: usize, cols: usize) -> Result<()> {
+        self.layer_norm_backward_impl(dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, cols)
+    }
+
+    fn attention_backward(&self, dq: &Tensor, dk: &Tensor, dv: &Tensor, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, batch: usize, q_len: usize, kv_len: usize, heads: usize, head_dim: usize, scale: f32, causal: bool) -> Result<()> {
+        self.attention_backward_impl(dq, dk, dv, dout, q, k, v, out, lse, batch, q_len, kv_len, heads, head_dim, scale, causal)
+    }
+
+    fn activation_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
+        self.activation_backward_impl(dinp, dout, inp, act, n)
+    }
+
+    fn conv2d_backward(&self, dinp: Option<&Tensor>, dweight: &Tensor, dbias: Option<&Tensor>, dout: &Tensor, inp: &Tensor, weight: &Tensor, batch: usize, h: usize, w: usize, c_in: usize, c_out: usize, kernel: usize, stride: usize, pad: [usize; 4]) -> Result<()> {
+        self.conv2d_backward_impl(dinp, dweight, dbias, dout, inp, weight, batch, h, w, c_in, c_out, kernel, stride, pad)
+    }
+
+    fn group_norm_backward(&self, dinp: &Tensor, dweight: &Tensor, dbias: &Tensor, dout: &Tensor, inp: &Tensor, weight: &Tensor, bias: &Tensor, mean: &Tensor, rstd: &Tensor, batch: usize, hw: usize, c: usize, groups: usize, silu: bool) -> Result<()> {
+        self.group_norm_backward_impl(dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd, batch, hw, c, groups, silu)
+    }
+
+    fn upsample_nearest_backward(&self, dinp: &Tensor, dout: &Tensor, batch: usize, ih: usize, iw: usize, oh: usize, ow: usize, c: usize) -> Result<()> {
+        self.upsample_nearest_backward_impl(dinp, dout, batch, ih, iw, oh, ow, c)
+    }
+
+    fn add_bias_rows_backward(&self, dbias: &Tensor, dout: &Tensor, batch: usize, rows: usize, c: usize) -> Result<()> {
+        self.add_bias_rows_backward_impl(dbias, dout, batch, rows, c)
+    }
+
+    fn concat_channels_backward(&self, da: &Tensor, db: &Tensor, dout: &Tensor, rows: usize, ca: usize, cb: usize) -> Result<()> {
+        self.concat_channels_backward_impl(da, db, dout, rows, ca, cb)
+    }
+
+    fn geglu_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()> {
+        self.geglu_backward_impl(dinp, dout, inp, rows, inner)
+    }
+
+    fn embedding_backward(&self, dwte: &Tensor, dwpe: &Tensor, dout: &Tensor, ids: &[u32], batch: usize, seq: usize, dim: usize) -> Result<()> {
+        self.embedding_backward_impl(dwte, dwpe, dout, ids, batch, seq, dim)
+    }
+
+    fn mse_loss(&self, dpred: &Tensor, loss: &Tensor, pred: &Tensor, target: &Tensor, n: usize) -> Result<()> {
+        self.mse_loss_impl(dpred, loss, pred, target, n)
+    }
+
+    fn sum_squares(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()> {
+        self.sum_squares_impl(out, x, n)
+    }
+
+    fn adamw_step(&self, param: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor, n: usize, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, step: usize) -> Result<()> {
+        self.adamw_step_impl(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, step)
+    }
+
+    fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
+        self.lerp_impl(dst, src, n, w)
+    }
+
+    fn masked_attention_forward(&self, out: &Tensor, lse: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, key_mask: &[u32], batch: usize, q_len: usize, kv_len: usize, heads: usize, head_dim: usize, scale: f32) -> Result<()> {
+        self.masked_attention_forward_impl(out, lse, q, k, v, key_mask, batch, q_len, kv_len, heads, head_dim, scale)
+    }
+
+    fn masked_attention_backward(&self, dq: &Tensor, dk: &Tensor, dv: &Tensor, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, key_mask: &[u32], batch: usize, q_len: usize, kv_len: usize, heads: usize, head_dim: usize, scale: f32) -> Result<()> {
+        self.masked_attention_backward_impl(dq, dk, dv, dout, q, k, v, out, lse, key_mask, batch, q_len, kv_len, heads, head_dim, scale)
+    }
+}
