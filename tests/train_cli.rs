@@ -243,6 +243,9 @@ fn bad_training_input_is_refused_clearly() {
     a[i] = "12";
     let (code, _, err) = run(&a);
     assert!(code == 1 && err.contains("--resolution 12"), "{err}");
+    // caption dropout outside [0, 1]
+    let (code, _, err) = run(&train_args(p, data.to_str().unwrap(), o, "1", &["--uncond-prob", "1.5"]));
+    assert!(code == 1 && err.contains("--uncond-prob 1.5"), "{err}");
     // missing image: fail by default, skip on request
     let bad = dir.path().join("data/bad.jsonl");
     std::fs::write(
@@ -477,4 +480,33 @@ fn training_against_a_frozen_bert_encoder_with_a_random_unet() {
         None,
     );
     assert!(code == 1 && err.contains("--unet-init random"), "{err}");
+}
+
+#[test]
+fn uncond_prob_one_trains_on_the_empty_prompt_only() {
+    // With --uncond-prob 1 every caption is dropped, so two manifests that differ only in their
+    // texts must give identical weights; without dropout they must not.
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let data = synthetic_dataset(&dir.path().join("data"), 4);
+    let other = dir.path().join("data/other.jsonl");
+    let text = std::fs::read_to_string(&data).unwrap();
+    let swapped: String = text
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["text"] = serde_json::Value::from("Large right pneumothorax with mediastinal shift.");
+            format!("{v}\n")
+        })
+        .collect();
+    std::fs::write(&other, swapped).unwrap();
+    let p = pipe.to_str().unwrap();
+    let weights = |manifest: &Path, tag: &str, prob: &str| {
+        let out = dir.path().join(tag);
+        let (code, _, err) = run_cli(&train_args(p, manifest.to_str().unwrap(), out.to_str().unwrap(), "2", &["--uncond-prob", prob]), None);
+        assert_eq!(code, 0, "{err}");
+        read_all(&out.join("checkpoint-2/unet/diffusion_pytorch_model.safetensors"))
+    };
+    assert!(weights(&data, "a1", "1") == weights(&other, "b1", "1"), "captions leaked through --uncond-prob 1");
+    assert!(weights(&data, "a0", "0") != weights(&other, "b0", "0"), "captions had no effect without dropout");
 }

@@ -1,0 +1,81 @@
+//! `roentgen export`: a pipeline copied to f16 loads, samples like the original (exactly, for weights
+//! that are f16 values),
+//! is half the size, leaves training state behind, and refuses to overwrite silently.
+
+mod common;
+use common::*;
+
+fn dir_bytes(p: &std::path::Path) -> u64 {
+    std::fs::read_dir(p)
+        .unwrap()
+        .flatten()
+        .map(|e| if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().unwrap().len() })
+        .sum()
+}
+
+fn sample_image(pipe: &std::path::Path, dir: &std::path::Path, tag: &str) -> Vec<f32> {
+    let dump = dir.join(format!("{tag}.safetensors"));
+    let (code, _, err) = run_cli(
+        &[
+            "sample", "--model", pipe.to_str().unwrap(), "--prompt", "Small right pleural effusion.",
+            "--height", "16", "--width", "16", "--steps", "4", "--seed", "5",
+            "--out", dir.join(tag).to_str().unwrap(), "--dump", dump.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    read_f32(&dump, "image").1
+}
+
+#[test]
+fn export_to_f16_samples_like_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture_pipe = assemble_pipeline("pipe-a", dir.path());
+    let want = sample_image(&fixture_pipe, dir.path(), "fixture");
+    // An f32 copy first (the fixture's own files are partly f16): it must sample bit-identically.
+    let pipe = dir.path().join("f32");
+    let (code, _, err) = run_cli(
+        &["export", "--model", fixture_pipe.to_str().unwrap(), "--out", pipe.to_str().unwrap(), "--dtype", "f32"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(sample_image(&pipe, dir.path(), "f32copy"), want, "an f32 export must sample bit-identically");
+    std::fs::create_dir_all(pipe.join("training_state")).unwrap();
+    std::fs::write(pipe.join("training_state/trainer.json"), "{}").unwrap();
+    let out = dir.path().join("exported");
+    let (code, stdout, err) = run_cli(&["export", "--model", pipe.to_str().unwrap(), "--out", out.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("unet") && stdout.contains("wrote"), "{stdout}");
+    assert!(!out.join("training_state").exists());
+    // every float tensor is f16 now
+    let st_bytes = std::fs::read(out.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
+    assert!(st.iter().all(|(_, v)| v.dtype() == safetensors::Dtype::F16));
+    let (a, b) = (dir_bytes(&pipe.join("unet")), dir_bytes(&out.join("unet")));
+    println!("unet: {a} bytes → {b} bytes");
+    assert!(b * 10 < a * 6, "f16 U-Net is not about half the size: {a} → {b}");
+    let got = sample_image(&out, dir.path(), "f16");
+    // The fixture's weights are f16 values (the generator stores them so), so rounding them to f16
+    // is exact and the f16 export must sample bit-identically; a wrong conversion (bytes, order,
+    // names) would not.
+    assert_eq!(got, want, "the f16 export changed the image");
+    // refuses to overwrite; --overwrite replaces
+    let (code, _, err) = run_cli(&["export", "--model", pipe.to_str().unwrap(), "--out", out.to_str().unwrap()], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("--overwrite"), "{err}");
+    let (code, _, err) = run_cli(
+        &["export", "--model", pipe.to_str().unwrap(), "--out", out.to_str().unwrap(), "--overwrite", "--dtype", "f32"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(dir_bytes(&out.join("unet")), a, "--overwrite did not replace the f16 export");
+}
+
+#[test]
+fn export_refuses_a_folder_that_is_not_a_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) =
+        run_cli(&["export", "--model", dir.path().to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("model_index.json"), "{err}");
+}
