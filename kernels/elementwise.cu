@@ -56,6 +56,7 @@ static __device__ __forceinline__ float ew_act_grad(float x, int act) {
             const float half_1pt = 1.0f / (1.0f + expf(-2.0f * u));  // 0.5(1 + t)
             const float ch = coshf(u);
             const float sech2 = 1.0f / (ch * ch);  // 1 − t² (0 once cosh² overflows)
+            if (sech2 == 0.0f) return half_1pt;     // |x| so large that x² may be inf: avoid 0·inf
             return half_1pt + 0.5f * x * sech2 * EW_SQRT_2_OVER_PI * (1.0f + 3.0f * EW_GELU_A * x * x);
         }
         default: {  // Silu: s·(1 + x·(1 − s))

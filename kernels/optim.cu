@@ -28,12 +28,12 @@ static __device__ __forceinline__ double opt_block_sum_d(double v, double* scrat
 extern "C" __global__ void opt_mse_partial(float* dpred, double* partial, const float* pred, const float* target,
                                            int n) {
     __shared__ double scratch[32];
-    const float inv_n_f = (float)n;
+    const float n_f = (float)n;
     double s = 0.0;
     OPT_FOR(i, n) {
         const float d = pred[i] - target[i];
         s += (double)d * (double)d;
-        dpred[i] = (2.0f * d) / inv_n_f;
+        dpred[i] = (2.0f * d) / n_f;
     }
     s = opt_block_sum_d(s, scratch);
     if (threadIdx.x == 0) partial[blockIdx.x] = s;

@@ -9,8 +9,11 @@ cd "$(dirname "$0")/.."
 WORK=${1:-demo-work}
 VAE_STEPS=${VAE_STEPS:-600}
 UNET_STEPS=${UNET_STEPS:-6000}
-BIN=target/release/roentgen
-cargo build --release --quiet
+# BIN=path/to/roentgen uses a binary already built (e.g. one built with --features cuda)
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN=target/release/roentgen
+fi
 mkdir -p "$WORK"
 # 1. data: 64 px phantoms with impressions
 [ -f "$WORK/phantoms/manifest.jsonl" ] || $BIN phantom --out "$WORK/phantoms" --count 4000 --size 64 --seed 7 > "$WORK/phantoms.txt"

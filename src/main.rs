@@ -18,9 +18,11 @@ use std::path::{Path, PathBuf};
     about = "Text-to-chest-X-ray latent diffusion (Stable Diffusion v1.x, RoentGen): sample, fine-tune, evaluate",
     long_about = "roentgen reads Stable Diffusion checkpoints in diffusers layout and runs them with its own \
                   CPU reference backend (and, with --features cuda, its own CUDA kernels).\n\n\
-                  Built so far: the CLIP tokenizer (`tokenize`), the CLIP text encoder (`encode-text`), \
-                  checkpoint inspection (`inspect`). Sampling, training and evaluation come with later issues; \
-                  the binary does not offer them until they exist."
+                  Sample (`sample`; with no --model, the bundled phantom demo model), fine-tune (`train`, \
+                  `train-vae`, `train-step`), evaluate (`eval fid`, `eval ms-ssim`, `eval phantom`), build \
+                  data (`prepare`, `phantom`), and the tools around them (`export`, `bench`, `inspect`, \
+                  `tokenize`, `encode-text`). `--device cuda` needs a build with --features cuda and an \
+                  NVIDIA GPU of compute capability 8.0 or newer."
 )]
 struct Cli {
     #[command(flatten)]

@@ -395,6 +395,41 @@ mod suite {
         });
     }
 
+    /// The whole denoising loop allocates nothing per step: a fresh backend that samples 2 steps and
+    /// one that samples 7 end with the same number of device allocations.
+    fn denoising_allocation_case(r: &mut Runner) {
+        r.case("allocations do not grow with the number of denoising steps", || {
+            use roentgen::pipeline::{Pipeline, SampleRequest};
+            let dir = tempfile::tempdir()?;
+            let pipe_dir = assemble_pipeline("pipe-a", dir.path());
+            let count = |steps: usize| -> Result<usize> {
+                let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
+                let pipe = Pipeline::load(&mut gpu, &pipe_dir, None)?;
+                let req = SampleRequest {
+                    prompts: vec!["Large left pleural effusion.".into(), "Enlarged cardiac silhouette.".into()],
+                    negative_prompt: None,
+                    num_images_per_prompt: 1,
+                    batch_size: 2,
+                    seed: 5,
+                    rng_variant: Default::default(),
+                    height: 16,
+                    width: 16,
+                    steps,
+                    guidance: 4.0,
+                    scheduler: None,
+                    scheduler_options: Default::default(),
+                    latents_in: None,
+                };
+                let out = pipe.generate(&mut gpu, &req, &mut |_, _| {}, &mut |_| {})?;
+                ensure!(out.images.iter().all(|v| v.is_finite()), "non-finite pixels after {steps} steps");
+                Ok(gpu.allocation_count())
+            };
+            let (short, long) = (count(2)?, count(7)?);
+            ensure!(short == long, "{short} device allocations for 2 steps, {long} for 7");
+            Ok(format!("{short} allocations for 2 steps and for 7"))
+        });
+    }
+
     /// `roentgen sample` and `train-step` with --device cuda against --device cpu on fixture pipelines.
     fn end_to_end_cases(r: &mut Runner, precision: &str, bar: f64) {
         let sample = |device: &str, dir: &std::path::Path, pipe: &std::path::Path| -> Result<Vec<f32>> {
@@ -487,7 +522,7 @@ mod suite {
     fn read_all_f32(path: &std::path::Path) -> Vec<f32> {
         let bytes = std::fs::read(path).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut names: Vec<_> = st.names().into_iter().cloned().collect();
+        let mut names: Vec<_> = st.names().into_iter().map(|s| s.to_string()).collect();
         names.sort();
         let mut out = Vec::new();
         for n in names {
@@ -495,7 +530,7 @@ mod suite {
             match t.dtype() {
                 safetensors::Dtype::F32 => out.extend(t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()))),
                 safetensors::Dtype::F16 => out.extend(t.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())),
-                _ => {}
+                other => panic!("{}: tensor {n} has dtype {other:?}; expected F32 or F16", path.display()),
             }
         }
         out
@@ -539,6 +574,7 @@ mod suite {
             }
         }
         if std::env::var_os("ROENTGEN_CUDA_SKIP_E2E").is_none() {
+            denoising_allocation_case(&mut r);
             end_to_end_cases(&mut r, "f32", 1e-4);
             // bf16 through a whole denoising loop / step: errors compound over ~20 layers and 6
             // steps, so the end-to-end bar is 5e-2 relative L2 (per operation it is 2e-2).

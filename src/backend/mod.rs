@@ -11,7 +11,7 @@ pub mod cuda;
 pub mod plan;
 
 use crate::tensor::{PoolId, Tensor};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::fmt;
 use std::str::FromStr;
 
@@ -97,7 +97,7 @@ pub fn create(device: Device, precision: Precision) -> Result<Box<dyn Backend>> 
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => {
             let _ = precision;
-            bail!(
+            anyhow::bail!(
                 "--device cuda: CUDA support was not compiled into this binary; rebuild with \
                  `cargo build --release --features cuda` (scripts/install-cuda-toolchain.sh installs nvcc), \
                  or use --device cpu"

@@ -1,0 +1,355 @@
+// Normalisation kernels: layer norm and group norm (with the resnet's fused SiLU), forward and
+// backward, mirroring src/backend/cpu/mod.rs (`layer_norm_forward`, `group_norm_forward`) and
+// src/backend/cpu/backward.rs (`layer_norm`, `group_norm`).
+//
+// Precision: the CPU reference computes the statistics and every normalised value in f64 and
+// rounds to f32 at the end; these kernels do the same (per-thread f64 accumulators, f64 warp/block
+// reductions, xhat = (x − μ)·rstd in f64). The affine map y = xhat·w + b is f32 as on the CPU and is
+// written with __fmul_rn/__fadd_rn so that nvcc cannot contract it into an FMA (bit-parity).
+//
+// Determinism: every reduction has a fixed shape (per-block partial sums written to a workspace,
+// combined in a fixed order by a later kernel); no atomics, so results are bit-reproducible.
+//
+// Workspace layouts (f64, written and read by the Rust wrappers in src/backend/cuda/ops.rs):
+//   group norm forward  : psum[BG·NC] | psq[BG·NC] | stats[2·BG] = (μ, rstd) per (batch, group)
+//   group norm backward : p1[BG·NC] | p2[BG·NC] | stats[2·BG] = (mean dxhat, mean dxhat·xhat)
+//   dweight/dbias       : part[RC][c][2] = (Σ dy·xhat, Σ dy) per row chunk and channel
+// where BG = batch·groups, NC = chunks per group (the grid's blocks per group), RC = row chunks.
+#include "common.cuh"
+
+// Sum over a 1-D block of at most 1024 threads (blockDim.x a multiple of 32) in f64; every thread
+// gets the result. `scratch` is 32 doubles of shared memory; the call contains __syncthreads and
+// must be reached by every thread of the block.
+static __device__ __forceinline__ double nrm_block_sum_d(double v, double* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.0;
+    return warp_sum_d(v);
+}
+
+// Σ p[0..n) by one full warp in a fixed order (lane-strided, then a butterfly); every lane gets it.
+static __device__ __forceinline__ double nrm_warp_sum_array(const double* p, int n) {
+    double s = 0.0;
+    for (int k = threadIdx.x & 31; k < n; k += 32) s += p[k];
+    return warp_sum_d(s);
+}
+
+// The f32 affine output y = xhat·w + b with xhat = ((x − μ)·rstd) evaluated in f64 and rounded,
+// exactly as the CPU's `((x as f64 − mu) * rs) as f32 * w + b`.
+static __device__ __forceinline__ float nrm_affine(float x, double mu, double rs, float w, float b) {
+    const float xh = (float)(((double)x - mu) * rs);
+    return __fadd_rn(__fmul_rn(xh, w), b);
+}
+
+// The gradient at the affine output of a group norm: dout itself, or when the SiLU is fused,
+// dout·silu'(y) with y recomputed from the saved f32 mean and rstd (backward.rs `group_norm`:
+// s = 1/(1+e^(−y)), dy = dout·s·(1 + y·(1 − s)), all f32).
+static __device__ __forceinline__ float nrm_gn_dy(float dout, float x, float w, float b, float mean, float rstd,
+                                                  int silu) {
+    if (!silu) return dout;
+    const float y = nrm_affine(x, (double)mean, (double)rstd, w, b);
+    const float s = 1.0f / (1.0f + expf(-y));
+    return __fmul_rn(__fmul_rn(dout, s), __fadd_rn(1.0f, __fmul_rn(y, __fsub_rn(1.0f, s))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer norm
+// ---------------------------------------------------------------------------------------------
+
+// layer_norm_forward: out = ((x − μ)·rstd)·w + b per row of `cols`, μ and the population variance
+// in f64 by two passes, rstd = 1/√(var + eps); mean[row] = μ, rstd[row] = rstd (rounded to f32).
+// Mirrors cpu/mod.rs `layer_norm_forward`.
+// Launch: block 256 threads = 8 warps, one warp per row; grid ceil(rows/8) (capped; warps stride
+// over rows).
+extern "C" __global__ void ln_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
+                                      const float* bias, int rows, int cols, float eps) {
+    const int lane = threadIdx.x & 31;
+    const long long wpb = blockDim.x >> 5;
+    for (long long row = blockIdx.x * wpb + (threadIdx.x >> 5); row < rows; row += (long long)gridDim.x * wpb) {
+        const float* x = inp + row * cols;
+        float* o = out + row * cols;
+        double s = 0.0;
+        for (int c = lane; c < cols; c += 32) s += (double)x[c];
+        const double mu = warp_sum_d(s) / cols;
+        double q = 0.0;
+        for (int c = lane; c < cols; c += 32) {
+            const double d = (double)x[c] - mu;
+            q += d * d;
+        }
+        const double rs = 1.0 / sqrt(warp_sum_d(q) / cols + (double)eps);
+        for (int c = lane; c < cols; c += 32) o[c] = nrm_affine(x[c], mu, rs, weight[c], bias[c]);
+        if (lane == 0) {
+            mean[row] = (float)mu;
+            rstd[row] = (float)rs;
+        }
+    }
+}
+
+// layer_norm_backward, the input part: with xhat = (x − μ)·rstd and g = dy·w (f64),
+// dinp += (g − mean(g) − xhat·mean(g·xhat))·rstd from the saved f32 μ and rstd.
+// Mirrors backward.rs `layer_norm` (first loop). Launch: as ln_forward (one warp per row).
+extern "C" __global__ void ln_backward_dinp(float* dinp, const float* dout, const float* inp, const float* weight,
+                                            const float* mean, const float* rstd, int rows, int cols) {
+    const int lane = threadIdx.x & 31;
+    const long long wpb = blockDim.x >> 5;
+    for (long long row = blockIdx.x * wpb + (threadIdx.x >> 5); row < rows; row += (long long)gridDim.x * wpb) {
+        const float* x = inp + row * cols;
+        const float* dy = dout + row * cols;
+        float* di = dinp + row * cols;
+        const double mu = (double)mean[row], rs = (double)rstd[row];
+        double m1 = 0.0, m2 = 0.0;
+        for (int c = lane; c < cols; c += 32) {
+            const double xhat = ((double)x[c] - mu) * rs;
+            const double g = (double)dy[c] * (double)weight[c];
+            m1 += g;
+            m2 += g * xhat;
+        }
+        m1 = warp_sum_d(m1) / cols;
+        m2 = warp_sum_d(m2) / cols;
+        for (int c = lane; c < cols; c += 32) {
+            const double xhat = ((double)x[c] - mu) * rs;
+            const double g = (double)dy[c] * (double)weight[c];
+            di[c] = di[c] + (float)((g - m1 - xhat * m2) * rs);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dweight / dbias of both norms: column sums over rows
+// ---------------------------------------------------------------------------------------------
+
+#define NRM_DP_ROWS 8  // blockDim.y of nrm_dparams_partial
+
+// Partial sums, per chunk of `rows_per_chunk` rows and per channel ch, of dy·xhat and dy (f64),
+// where the statistics of element (r, ch) are mean/rstd[(r / hw)·groups + ch / (c / groups)] and dy
+// is `nrm_gn_dy` (SiLU recomputed when `silu`). Group norm: rows = batch·hw. Layer norm: hw = 1,
+// groups = 1 (statistics per row), silu = 0, `bias` unused (may be null).
+// Mirrors the dweight/dbias loops of backward.rs `layer_norm` and `group_norm`.
+// Launch: block (32, 8): threadIdx.x picks the channel (coalesced), threadIdx.y strides the rows;
+// grid (ceil(c/32), row chunks). Writes part[(chunk·c + ch)·2 + {0, 1}].
+extern "C" __global__ void nrm_dparams_partial(double* part, const float* dout, const float* inp, const float* weight,
+                                               const float* bias, const float* mean, const float* rstd, int rows,
+                                               int hw, int c, int groups, int rows_per_chunk, int silu) {
+    __shared__ double sw_s[NRM_DP_ROWS][33];
+    __shared__ double sb_s[NRM_DP_ROWS][33];
+    const int ch = blockIdx.x * 32 + threadIdx.x;
+    const int r0 = blockIdx.y * rows_per_chunk;
+    const int r1 = (int)min((long long)rows, (long long)r0 + rows_per_chunk);
+    double sw = 0.0, sb = 0.0;
+    if (ch < c) {
+        const int g = ch / (c / groups);
+        const float w = silu ? weight[ch] : 0.0f;
+        const float b = silu ? bias[ch] : 0.0f;
+        for (int r = r0 + threadIdx.y; r < r1; r += NRM_DP_ROWS) {
+            const size_t i = (size_t)r * c + ch;
+            const int st = (r / hw) * groups + g;
+            const float m = mean[st], rs = rstd[st];
+            const float x = inp[i];
+            const float dy = nrm_gn_dy(dout[i], x, w, b, m, rs, silu);
+            const double xhat = ((double)x - (double)m) * (double)rs;
+            sw += (double)dy * xhat;
+            sb += (double)dy;
+        }
+    }
+    sw_s[threadIdx.y][threadIdx.x] = sw;
+    sb_s[threadIdx.y][threadIdx.x] = sb;
+    __syncthreads();
+    if (threadIdx.y == 0 && ch < c) {
+#pragma unroll
+        for (int y = 1; y < NRM_DP_ROWS; y++) {
+            sw += sw_s[y][threadIdx.x];
+            sb += sb_s[y][threadIdx.x];
+        }
+        const size_t o = ((size_t)blockIdx.y * c + ch) * 2;
+        part[o] = sw;
+        part[o + 1] = sb;
+    }
+}
+
+// dweight[ch] += Σ_chunks part[chunk][ch][0], dbias[ch] += Σ_chunks part[chunk][ch][1], summed in
+// chunk order in f64 and rounded once (as the CPU's `*dw += sw as f32`).
+// Launch: 1-D, one thread per channel (block 256, grid ceil(c/256)).
+extern "C" __global__ void nrm_dparams_finalize(float* dweight, float* dbias, const double* part, int c, int chunks) {
+    for (int ch = blockIdx.x * blockDim.x + threadIdx.x; ch < c; ch += gridDim.x * blockDim.x) {
+        double sw = 0.0, sb = 0.0;
+        for (int k = 0; k < chunks; k++) {
+            const size_t o = ((size_t)k * c + ch) * 2;
+            sw += part[o];
+            sb += part[o + 1];
+        }
+        dweight[ch] = dweight[ch] + (float)sw;
+        dbias[ch] = dbias[ch] + (float)sb;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group norm: channels-last (batch, hw, c), statistics per (batch, group) over hw × c/groups.
+// Each (batch, group) is split into `nchunks` chunks of `rows_per_chunk` positions; block `blk`
+// handles chunk blk % nchunks of group bg = blk / nchunks (grid = BG·nchunks blocks, 1-D).
+// ---------------------------------------------------------------------------------------------
+
+// The elements of one chunk: positions [p0, p1) of group g of batch b, channels g·cpg + [0, cpg).
+struct NrmChunk {
+    size_t base;  // element offset of (b, p0, g·cpg)
+    int count;    // (p1 − p0)·cpg
+};
+
+static __device__ __forceinline__ NrmChunk nrm_chunk(int blk, int nchunks, int hw, int c, int groups,
+                                                     int rows_per_chunk) {
+    const int cpg = c / groups;
+    const int bg = blk / nchunks, chunk = blk - bg * nchunks;
+    const int b = bg / groups, g = bg - b * groups;
+    const int p0 = chunk * rows_per_chunk;  // < hw by construction of nchunks
+    const int p1 = (int)min((long long)hw, (long long)p0 + rows_per_chunk);
+    return NrmChunk{((size_t)b * hw + p0) * c + (size_t)g * cpg, (p1 - p0) * cpg};
+}
+
+// group_norm_forward pass 1: psum[blk] = Σ x over the block's chunk (f64).
+// Mirrors the first loop of cpu/mod.rs `group_norm_forward`. Launch: 1-D grid BG·nchunks, block 256.
+extern "C" __global__ void gn_forward_sum(double* psum, const float* inp, int hw, int c, int groups, int nchunks,
+                                          int rows_per_chunk) {
+    __shared__ double scratch[32];
+    const int cpg = c / groups;
+    const NrmChunk ck = nrm_chunk(blockIdx.x, nchunks, hw, c, groups, rows_per_chunk);
+    const float* x = inp + ck.base;
+    double s = 0.0;
+    for (int k = threadIdx.x; k < ck.count; k += blockDim.x) {
+        const int p = k / cpg, j = k - p * cpg;
+        s += (double)x[(size_t)p * c + j];
+    }
+    s = nrm_block_sum_d(s, scratch);
+    if (threadIdx.x == 0) psum[blockIdx.x] = s;
+}
+
+// group_norm_forward pass 2: μ = Σ psum[bg·nchunks..] / (hw·cpg) (warp 0, fixed order: the same
+// value gn_forward_finalize computes), then psq[blk] = Σ (x − μ)² over the chunk (f64).
+// Mirrors the second loop of cpu/mod.rs `group_norm_forward`. Launch: as gn_forward_sum.
+extern "C" __global__ void gn_forward_sqdev(double* psq, const double* psum, const float* inp, int hw, int c,
+                                            int groups, int nchunks, int rows_per_chunk) {
+    __shared__ double scratch[32];
+    __shared__ double mu_s;
+    const int cpg = c / groups;
+    const int bg = blockIdx.x / nchunks;
+    if (threadIdx.x < 32) {
+        const double s = nrm_warp_sum_array(psum + (size_t)bg * nchunks, nchunks);
+        if (threadIdx.x == 0) mu_s = s / ((double)hw * cpg);
+    }
+    __syncthreads();
+    const double mu = mu_s;
+    const NrmChunk ck = nrm_chunk(blockIdx.x, nchunks, hw, c, groups, rows_per_chunk);
+    const float* x = inp + ck.base;
+    double q = 0.0;
+    for (int k = threadIdx.x; k < ck.count; k += blockDim.x) {
+        const int p = k / cpg, j = k - p * cpg;
+        const double d = (double)x[(size_t)p * c + j] - mu;
+        q += d * d;
+    }
+    q = nrm_block_sum_d(q, scratch);
+    if (threadIdx.x == 0) psq[blockIdx.x] = q;
+}
+
+// group_norm_forward pass 3: per (batch, group) μ = Σpsum / n, var = Σpsq / n (population),
+// rstd = 1/√(var + eps) in f64; mean/rstd outputs get them rounded to f32, stats[2bg..] keeps the
+// f64 values for the normalisation pass (the CPU normalises with the f64 statistics too).
+// Launch: grid BG, block 32 (one warp per group).
+extern "C" __global__ void gn_forward_finalize(float* mean, float* rstd, double* stats, const double* psum,
+                                               const double* psq, int hw, int cpg, int nchunks, float eps) {
+    const int bg = blockIdx.x;
+    const double n = (double)hw * cpg;
+    const double s = nrm_warp_sum_array(psum + (size_t)bg * nchunks, nchunks);
+    const double q = nrm_warp_sum_array(psq + (size_t)bg * nchunks, nchunks);
+    if (threadIdx.x == 0) {
+        const double mu = s / n;
+        const double rs = 1.0 / sqrt(q / n + (double)eps);
+        mean[bg] = (float)mu;
+        rstd[bg] = (float)rs;
+        stats[2 * bg] = mu;
+        stats[2 * bg + 1] = rs;
+    }
+}
+
+// group_norm_forward pass 4: out = ((x − μ)·rstd)·w[ch] + b[ch], then SiLU y/(1 + e^(−y)) when
+// `silu` (f32, as cpu/mod.rs `silu`). Launch: 1-D grid-stride over batch·hw·c (block 256).
+extern "C" __global__ void gn_forward_apply(float* out, const float* inp, const float* weight, const float* bias,
+                                            const double* stats, int batch, int hw, int c, int groups, int silu) {
+    const long long n = (long long)batch * hw * c;
+    const unsigned cpg = c / groups;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const unsigned ui = (unsigned)i;  // i < n ≤ 2^31 − 1 (checked by the wrapper): 32-bit division
+        const unsigned row = ui / (unsigned)c, ch = ui - row * (unsigned)c;
+        const unsigned bg = (row / (unsigned)hw) * (unsigned)groups + ch / cpg;
+        float y = nrm_affine(inp[i], stats[2 * bg], stats[2 * bg + 1], weight[ch], bias[ch]);
+        if (silu) y = y / (1.0f + expf(-y));
+        out[i] = y;
+    }
+}
+
+// group_norm_backward pass 1: over the block's chunk, with dy = nrm_gn_dy, dxhat = dy·w (f64) and
+// xhat = (x − μ)·rstd from the saved f32 statistics: p1[blk] = Σ dxhat, p2[blk] = Σ dxhat·xhat.
+// Mirrors the `stats` loop of backward.rs `group_norm`. Launch: as gn_forward_sum.
+extern "C" __global__ void gn_backward_reduce(double* p1, double* p2, const float* dout, const float* inp,
+                                              const float* weight, const float* bias, const float* mean,
+                                              const float* rstd, int hw, int c, int groups, int nchunks,
+                                              int rows_per_chunk, int silu) {
+    __shared__ double scratch[32];
+    const int cpg = c / groups;
+    const int bg = blockIdx.x / nchunks, g = bg % groups;
+    const float m = mean[bg], rs = rstd[bg];
+    const NrmChunk ck = nrm_chunk(blockIdx.x, nchunks, hw, c, groups, rows_per_chunk);
+    double m1 = 0.0, m2 = 0.0;
+    for (int k = threadIdx.x; k < ck.count; k += blockDim.x) {
+        const int p = k / cpg, j = k - p * cpg;
+        const int ch = g * cpg + j;
+        const size_t i = ck.base + (size_t)p * c + j;
+        const float x = inp[i], w = weight[ch];
+        const float dy = nrm_gn_dy(dout[i], x, w, silu ? bias[ch] : 0.0f, m, rs, silu);
+        const double dxh = (double)dy * (double)w;
+        const double xhat = ((double)x - (double)m) * (double)rs;
+        m1 += dxh;
+        m2 += dxh * xhat;
+    }
+    m1 = nrm_block_sum_d(m1, scratch);
+    m2 = nrm_block_sum_d(m2, scratch);
+    if (threadIdx.x == 0) {
+        p1[blockIdx.x] = m1;
+        p2[blockIdx.x] = m2;
+    }
+}
+
+// group_norm_backward pass 2: stats[2bg] = Σp1 / n, stats[2bg + 1] = Σp2 / n (n = hw·cpg), f64.
+// Launch: grid BG, block 32.
+extern "C" __global__ void gn_backward_finalize(double* stats, const double* p1, const double* p2, int hw, int cpg,
+                                                int nchunks) {
+    const int bg = blockIdx.x;
+    const double n = (double)hw * cpg;
+    const double s1 = nrm_warp_sum_array(p1 + (size_t)bg * nchunks, nchunks);
+    const double s2 = nrm_warp_sum_array(p2 + (size_t)bg * nchunks, nchunks);
+    if (threadIdx.x == 0) {
+        stats[2 * bg] = s1 / n;
+        stats[2 * bg + 1] = s2 / n;
+    }
+}
+
+// group_norm_backward pass 3: dinp += (dxhat − m1 − xhat·m2)·rstd (f64, rounded once), m1/m2 from
+// stats. Mirrors the dinp loop of backward.rs `group_norm`. Launch: 1-D grid-stride over
+// batch·hw·c (block 256). (dweight/dbias: nrm_dparams_partial + nrm_dparams_finalize.)
+extern "C" __global__ void gn_backward_dinp(float* dinp, const float* dout, const float* inp, const float* weight,
+                                            const float* bias, const float* mean, const float* rstd,
+                                            const double* stats, int batch, int hw, int c, int groups, int silu) {
+    const long long n = (long long)batch * hw * c;
+    const unsigned cpg = c / groups;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const unsigned ui = (unsigned)i;  // i < n ≤ 2^31 − 1 (checked by the wrapper): 32-bit division
+        const unsigned row = ui / (unsigned)c, ch = ui - row * (unsigned)c;
+        const unsigned bg = (row / (unsigned)hw) * (unsigned)groups + ch / cpg;
+        const float m = mean[bg], rs = rstd[bg];
+        const float x = inp[i], w = weight[ch];
+        const float dy = nrm_gn_dy(dout[i], x, w, silu ? bias[ch] : 0.0f, m, rs, silu);
+        const double dxh = (double)dy * (double)w;
+        const double xhat = ((double)x - (double)m) * (double)rs;
+        dinp[i] = dinp[i] + (float)((dxh - stats[2 * bg] - xhat * stats[2 * bg + 1]) * (double)rs);
+    }
+}

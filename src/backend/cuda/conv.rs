@@ -1,0 +1,413 @@
+//! 2-D convolution on the GPU (kernels/conv.cu): forward and backward as implicit GEMMs.
+//!
+//! Semantics are those of the CPU reference (`conv2d_forward` in backend/cpu/mod.rs,
+//! `backward::conv2d` in backend/cpu/backward.rs): NHWC activations, PyTorch weight layout
+//! (c_out, c_in, k, k), pad [top, bottom, left, right], any stride ≥ 1. The forward overwrites `out`;
+//! the backward adds into dinp, dweight and dbias.
+//!
+//! * forward: `conv2d_igemm_{f32,bf16}` over output pixels × c_out, reducing tap by tap over c_in,
+//!   with the weight permuted to (c_out, k·k, c_in) in workspace slot `WS_SLOT` (for k = 1 that is
+//!   the weight itself).
+//! * data gradient: the same kernel over input pixels × c_in, once per stride phase (py, px) (the
+//!   input pixels with iy ≡ py, ix ≡ px mod stride), visiting only the taps whose output pixel
+//!   (iy + pt − ky)/stride is whole, with the weight permuted to (k·k, c_in, c_out).
+//! * weight gradient: `conv2d_wgrad_{f32,bf16}`, one tap per block row, the pixel sum split over
+//!   grid.z with atomicAdd.
+//! * bias gradient: `conv2d_bias_grad`, column sums of dout.
+
+use super::{Arg, CudaBackend};
+use crate::tensor::Tensor;
+use anyhow::{ensure, Result};
+
+/// The workspace slot holding the permuted weight (valid only during one call).
+const WS_SLOT: usize = 0;
+
+/// Tile sizes of kernels/conv.cu (must match F_BM/F_BN/F_BK and H_BM/H_BN/H_BK there).
+const F_BM: usize = 64;
+const F_BN: usize = 64;
+const F_BK: usize = 16;
+const H_BM: usize = 128;
+const H_BN: usize = 64;
+const H_BK: usize = 32;
+const THREADS: u32 = 256;
+
+fn check_len(what: &str, t: &Tensor, want: usize) -> Result<()> {
+    ensure!(t.numel() >= want, "{what}: tensor of {} elements, operation needs {want}", t.numel());
+    Ok(())
+}
+
+/// An i32 kernel argument, refusing sizes past i32 (the kernels index with 32-bit ints).
+fn int(what: &str, v: usize) -> Result<Arg> {
+    ensure!(v <= i32::MAX as usize, "conv2d: {what} = {v} exceeds the kernels' 32-bit indices");
+    Ok(Arg::I(v as i32))
+}
+
+/// Output size of one spatial dimension.
+fn out_dim(size: usize, pad_lo: usize, pad_hi: usize, kernel: usize, stride: usize) -> usize {
+    (size + pad_lo + pad_hi - kernel) / stride + 1
+}
+
+/// Arguments of one conv2d_igemm_* launch (see the comment above those kernels in conv.cu).
+struct Igemm {
+    dst: u64,
+    src: u64,
+    wt: u64,
+    bias: u64,
+    /// Rows: a (batch, rh, rw) grid.
+    batch: usize,
+    rh: usize,
+    rw: usize,
+    n: usize,
+    c: usize,
+    sh: usize,
+    sw: usize,
+    ss: usize,
+    sy0: i64,
+    sx0: i64,
+    tys: i64,
+    txs: i64,
+    nty: usize,
+    ntx: usize,
+    tap0: usize,
+    tapys: usize,
+    tapxs: usize,
+    bs_n: usize,
+    bs_t: usize,
+    dh: usize,
+    dw: usize,
+    os: usize,
+    dy0: usize,
+    dx0: usize,
+    accumulate: bool,
+}
+
+fn small(what: &str, v: i64) -> Result<Arg> {
+    ensure!(v.unsigned_abs() <= i32::MAX as u64, "conv2d: {what} = {v} exceeds the kernels' 32-bit indices");
+    Ok(Arg::I(v as i32))
+}
+
+impl CudaBackend {
+    /// Permutes the PyTorch weight (c_out, c_in, taps) into the workspace with element (co, ci, t)
+    /// at co·s_co + ci·s_ci + t·s_t; returns the workspace address.
+    fn conv_permute_weight(
+        &self,
+        weight: &Tensor,
+        c_out: usize,
+        c_in: usize,
+        taps: usize,
+        strides: [usize; 3],
+    ) -> Result<u64> {
+        let total = c_out * c_in * taps;
+        let ws = self.workspace(WS_SLOT, total.max(1))?;
+        let [s_co, s_ci, s_t] = strides;
+        self.launch(
+            "conv2d_weight_permute",
+            (total.div_ceil(THREADS as usize) as u32, 1, 1),
+            (THREADS, 1, 1),
+            0,
+            &[
+                Arg::P(ws),
+                Arg::P(self.dptr(weight)),
+                int("weight elements", total)?,
+                int("c_in", c_in)?,
+                int("taps", taps)?,
+                int("weight stride", s_co)?,
+                int("weight stride", s_ci)?,
+                int("weight stride", s_t)?,
+            ],
+        )?;
+        Ok(ws)
+    }
+
+    fn conv_igemm(&self, g: &Igemm) -> Result<()> {
+        let m = g.batch * g.rh * g.rw;
+        if m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        // Largest element offsets are 64-bit in the kernels; pixel and row counts must fit i32.
+        int("rows", m)?;
+        int("batch·height", g.batch * g.sh.max(g.dh))?;
+        let (kernel, bm, bn) =
+            if self.use_bf16() { ("conv2d_igemm_bf16", H_BM, H_BN) } else { ("conv2d_igemm_f32", F_BM, F_BN) };
+        let grid_x = m.div_ceil(bm);
+        let grid_y = g.n.div_ceil(bn);
+        ensure!(grid_x <= i32::MAX as usize && grid_y <= 65535, "conv2d: grid {grid_x}×{grid_y} too large");
+        self.launch(
+            kernel,
+            (grid_x as u32, grid_y as u32, 1),
+            (THREADS, 1, 1),
+            0,
+            &[
+                Arg::P(g.dst),
+                Arg::P(g.src),
+                Arg::P(g.wt),
+                Arg::P(g.bias),
+                int("rows", m)?,
+                int("rh", g.rh)?,
+                int("rw", g.rw)?,
+                int("n", g.n)?,
+                int("c", g.c)?,
+                int("sh", g.sh)?,
+                int("sw", g.sw)?,
+                int("ss", g.ss)?,
+                small("sy0", g.sy0)?,
+                small("sx0", g.sx0)?,
+                small("tys", g.tys)?,
+                small("txs", g.txs)?,
+                int("nty", g.nty)?,
+                int("ntx", g.ntx)?,
+                int("tap0", g.tap0)?,
+                int("tapys", g.tapys)?,
+                int("tapxs", g.tapxs)?,
+                int("bs_n", g.bs_n)?,
+                int("bs_t", g.bs_t)?,
+                int("dh", g.dh)?,
+                int("dw", g.dw)?,
+                int("os", g.os)?,
+                int("dy0", g.dy0)?,
+                int("dx0", g.dx0)?,
+                Arg::I(g.accumulate as i32),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn conv2d_forward_impl(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        batch: usize,
+        h: usize,
+        w: usize,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: [usize; 4],
+    ) -> Result<()> {
+        let [pt, pb, pl, pr] = pad;
+        ensure!(
+            stride >= 1 && kernel >= 1 && h + pt + pb >= kernel && w + pl + pr >= kernel,
+            "conv2d: kernel {kernel} (stride {stride}) does not fit {h}×{w} with padding {pad:?}"
+        );
+        let oh = out_dim(h, pt, pb, kernel, stride);
+        let ow = out_dim(w, pl, pr, kernel, stride);
+        let taps = kernel * kernel;
+        let k = c_in * taps;
+        check_len("conv2d out", out, batch * oh * ow * c_out)?;
+        check_len("conv2d inp", inp, batch * h * w * c_in)?;
+        check_len("conv2d weight", weight, c_out * k)?;
+        let bias_ptr = match bias {
+            Some(b) => {
+                check_len("conv2d bias", b, c_out)?;
+                ensure!(!out.overlaps(b), "conv2d: output {out:?} overlaps bias {b:?}");
+                self.dptr(b)
+            }
+            None => 0,
+        };
+        ensure!(!out.overlaps(inp), "conv2d: output {out:?} overlaps input {inp:?}");
+        if batch * oh * ow == 0 || c_out == 0 {
+            return Ok(());
+        }
+        // (c_out, taps, c_in): for a 1×1 kernel the weight as it is.
+        let wt = if taps == 1 {
+            self.dptr(weight)
+        } else {
+            self.conv_permute_weight(weight, c_out, c_in, taps, [taps * c_in, 1, c_in])?
+        };
+        self.conv_igemm(&Igemm {
+            dst: self.dptr(out),
+            src: self.dptr(inp),
+            wt,
+            bias: bias_ptr,
+            batch,
+            rh: oh,
+            rw: ow,
+            n: c_out,
+            c: c_in,
+            sh: h,
+            sw: w,
+            ss: stride,
+            sy0: -(pt as i64),
+            sx0: -(pl as i64),
+            tys: 1,
+            txs: 1,
+            nty: kernel,
+            ntx: kernel,
+            tap0: 0,
+            tapys: kernel,
+            tapxs: 1,
+            bs_n: taps * c_in,
+            bs_t: c_in,
+            dh: oh,
+            dw: ow,
+            os: 1,
+            dy0: 0,
+            dx0: 0,
+            accumulate: false,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn conv2d_backward_impl(
+        &self,
+        dinp: Option<&Tensor>,
+        dweight: &Tensor,
+        dbias: Option<&Tensor>,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        batch: usize,
+        h: usize,
+        w: usize,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: [usize; 4],
+    ) -> Result<()> {
+        let [pt, pb, pl, pr] = pad;
+        ensure!(
+            stride >= 1 && kernel >= 1 && h + pt + pb >= kernel && w + pl + pr >= kernel,
+            "conv2d backward: kernel {kernel} (stride {stride}) does not fit {h}×{w} with padding {pad:?}"
+        );
+        let oh = out_dim(h, pt, pb, kernel, stride);
+        let ow = out_dim(w, pl, pr, kernel, stride);
+        let taps = kernel * kernel;
+        let k = c_in * taps;
+        let rows = batch * oh * ow;
+        check_len("conv2d dout", dout, rows * c_out)?;
+        check_len("conv2d inp", inp, batch * h * w * c_in)?;
+        check_len("conv2d weight", weight, c_out * k)?;
+        check_len("conv2d dweight", dweight, c_out * k)?;
+        if let Some(db) = dbias {
+            check_len("conv2d dbias", db, c_out)?;
+        }
+        if let Some(di) = dinp {
+            check_len("conv2d dinp", di, batch * h * w * c_in)?;
+            ensure!(!di.overlaps(dout), "conv2d backward: dinp {di:?} overlaps dout {dout:?}");
+        }
+        if rows == 0 || c_out == 0 {
+            return Ok(());
+        }
+        int("rows", rows)?;
+        int("batch·height", batch * h.max(oh))?;
+
+        // Bias gradient: column sums of dout, rows split so that there are ~1024 blocks.
+        if let Some(db) = dbias {
+            let col_blocks = c_out.div_ceil(32);
+            let splits = (1024 / col_blocks).clamp(1, rows.div_ceil(64).max(1)).min(65535);
+            let chunk = rows.div_ceil(splits);
+            let splits = rows.div_ceil(chunk);
+            self.launch(
+                "conv2d_bias_grad",
+                (col_blocks as u32, splits as u32, 1),
+                (THREADS, 1, 1),
+                0,
+                &[
+                    Arg::P(self.dptr(db)),
+                    Arg::P(self.dptr(dout)),
+                    int("rows", rows)?,
+                    int("c_out", c_out)?,
+                    int("chunk", chunk)?,
+                ],
+            )?;
+        }
+
+        // Weight gradient: the pixel sum split so that there are ~1024 blocks, ≥ 256 pixels each.
+        if c_in > 0 {
+            let (kname, bm, bn, bk) = if self.use_bf16() {
+                ("conv2d_wgrad_bf16", H_BM, H_BN, H_BK)
+            } else {
+                ("conv2d_wgrad_f32", F_BM, F_BN, F_BK)
+            };
+            let gx = c_out.div_ceil(bm);
+            let gy = c_in.div_ceil(bn) * taps;
+            ensure!(gy <= 65535, "conv2d backward: {gy} weight-gradient block rows exceed the grid limit");
+            let splits = (1024 / (gx * gy)).clamp(1, rows.div_ceil(256)).min(65535);
+            let chunk = rows.div_ceil(splits).div_ceil(bk) * bk;
+            let splits = rows.div_ceil(chunk);
+            self.launch(
+                kname,
+                (gx as u32, gy as u32, splits as u32),
+                (THREADS, 1, 1),
+                0,
+                &[
+                    Arg::P(self.dptr(dweight)),
+                    Arg::P(self.dptr(dout)),
+                    Arg::P(self.dptr(inp)),
+                    int("rows", rows)?,
+                    int("oh", oh)?,
+                    int("ow", ow)?,
+                    int("h", h)?,
+                    int("w", w)?,
+                    int("c_in", c_in)?,
+                    int("c_out", c_out)?,
+                    int("kernel", kernel)?,
+                    int("stride", stride)?,
+                    int("pad top", pt)?,
+                    int("pad left", pl)?,
+                    int("chunk", chunk)?,
+                ],
+            )?;
+        }
+
+        // Data gradient: one launch per stride phase (py, px), over the input pixels
+        // iy = qy·stride + py, ix = qx·stride + px. Tap ky reaches them when (iy + pt − ky) is a
+        // multiple of the stride, i.e. ky = ky0 + j·stride with ky0 = (py + pt) mod stride; its output
+        // row is oy = (iy + pt − ky)/stride = qy + (py + pt − ky0)/stride − j (the kernel drops
+        // oy outside [0, oh)). Likewise for x.
+        let Some(di) = dinp else { return Ok(()) };
+        if batch * h * w == 0 || c_in == 0 {
+            return Ok(());
+        }
+        // (taps, c_in, c_out): element (co, ci, t) at t·c_in·c_out + ci·c_out + co.
+        let wt = self.conv_permute_weight(weight, c_out, c_in, taps, [1, c_out, c_in * c_out])?;
+        let s = stride;
+        for py in 0..s.min(h) {
+            let ky0 = (py + pt) % s;
+            let nty = if ky0 < kernel { (kernel - ky0).div_ceil(s) } else { 0 };
+            for px in 0..s.min(w) {
+                let kx0 = (px + pl) % s;
+                let ntx = if kx0 < kernel { (kernel - kx0).div_ceil(s) } else { 0 };
+                if nty == 0 || ntx == 0 {
+                    continue; // no tap reaches this phase: its gradient is zero
+                }
+                self.conv_igemm(&Igemm {
+                    dst: self.dptr(di),
+                    src: self.dptr(dout),
+                    wt,
+                    bias: 0,
+                    batch,
+                    rh: (h - py).div_ceil(s),
+                    rw: (w - px).div_ceil(s),
+                    n: c_in,
+                    c: c_out,
+                    sh: oh,
+                    sw: ow,
+                    ss: 1,
+                    sy0: ((py + pt - ky0) / s) as i64,
+                    sx0: ((px + pl - kx0) / s) as i64,
+                    tys: -1,
+                    txs: -1,
+                    nty,
+                    ntx,
+                    tap0: ky0 * kernel + kx0,
+                    tapys: s * kernel,
+                    tapxs: s,
+                    bs_n: c_out,
+                    bs_t: c_in * c_out,
+                    dh: h,
+                    dw: w,
+                    os: s,
+                    dy0: py,
+                    dx0: px,
+                    accumulate: true,
+                })?;
+            }
+        }
+        Ok(())
+    }
+}

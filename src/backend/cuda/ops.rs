@@ -1,0 +1,1019 @@
+//! Every `Backend` operation except linear, conv2d and attention: layer norm and group norm
+//! (kernels/norm.cu), the elementwise and data-movement operations (kernels/elementwise.cu), and
+//! the loss, sum of squares and AdamW step (kernels/optim.cu). Each `<op>_impl` has the trait
+//! method's signature, validates sizes like the CPU reference (src/backend/cpu), computes the grid
+//! and launches. All of these run in f32 (with f64 statistics and reductions where the CPU uses
+//! f64) in both precision modes; none uses atomics, so their results are deterministic.
+//!
+//! Index range: the kernels take sizes as i32 and index elements in 32 bits (pointer offsets in 64),
+//! so every element count must stay below 2^31; `int` checks it with a plain error.
+//!
+//! Workspaces (reused, grown only when too small): slot 0 holds the per-block partial sums and
+//! per-group statistics of group norm and the partials of the loss/sum-of-squares reductions; slot
+//! 1 the per-chunk column sums of the norms' dweight/dbias and of `add_bias_rows_backward`. The
+//! u32 upload slot 0 carries token ids (embedding forward) or the rows grouped by id (backward).
+
+use super::{Arg, CudaBackend};
+use crate::backend::Activation;
+use crate::tensor::Tensor;
+use anyhow::{bail, ensure, Result};
+
+/// Threads per block of the 1-D kernels.
+const BLOCK: u32 = 256;
+/// Most blocks of a 1-D grid-stride launch (2M threads: several waves on any current GPU).
+const MAX_GRID: usize = 8192;
+/// Group norm: elements per block aimed at by the statistics passes, and most chunks per group.
+const GN_CHUNK_ELEMS: usize = 8192;
+const GN_MAX_CHUNKS: usize = 1024;
+/// Column sums (dweight/dbias, bias rows): rows per chunk aimed at, and most chunks.
+const COL_CHUNK_ROWS: usize = 256;
+const COL_MAX_CHUNKS: usize = 256;
+
+fn need(what: &str, t: &Tensor, want: usize) -> Result<()> {
+    ensure!(t.numel() >= want, "{what}: tensor of {} elements, operation needs {want}", t.numel());
+    Ok(())
+}
+
+/// A size or count as the kernels' i32 parameter.
+fn int(what: &str, v: usize) -> Result<i32> {
+    ensure!(
+        v <= i32::MAX as usize,
+        "{what}: {v} elements exceed the CUDA kernels' 32-bit index range (2^31 − 1); split the batch"
+    );
+    Ok(v as i32)
+}
+
+/// Outputs must not overlap each other or any input (the CPU reference asserts the same).
+fn disjoint(what: &str, outs: &[&Tensor], ins: &[&Tensor]) -> Result<()> {
+    for (i, o) in outs.iter().enumerate() {
+        for o2 in &outs[i + 1..] {
+            ensure!(!o.overlaps(o2), "{what}: output tensors overlap: {o:?} and {o2:?}");
+        }
+        for x in ins {
+            ensure!(!o.overlaps(x), "{what}: output {o:?} overlaps input {x:?}");
+        }
+    }
+    Ok(())
+}
+
+/// The 1-D grid-stride launch shape for n elements.
+fn grid1(n: usize) -> (u32, u32, u32) {
+    (n.div_ceil(BLOCK as usize).clamp(1, MAX_GRID) as u32, 1, 1)
+}
+
+/// The activation code of kernels/elementwise.cu `ew_act`.
+fn act_code(act: Activation) -> i32 {
+    match act {
+        Activation::QuickGelu => 0,
+        Activation::Gelu => 1,
+        Activation::GeluTanh => 2,
+        Activation::Silu => 3,
+    }
+}
+
+/// (chunks, rows per chunk) splitting `rows` rows into chunks of about `target` rows, at most
+/// `max_chunks` of them (rows ≥ 1).
+fn chunking(rows: usize, target: usize, max_chunks: usize) -> (usize, usize) {
+    let mut per = target.max(1);
+    let mut chunks = rows.div_ceil(per);
+    if chunks > max_chunks {
+        per = rows.div_ceil(max_chunks);
+        chunks = rows.div_ceil(per);
+    }
+    (chunks, per)
+}
+
+/// The address of f64 element `index` of a workspace (an f32 workspace holding f64 arrays).
+fn f64_at(base: u64, index: usize) -> u64 {
+    base + 8 * index as u64
+}
+
+impl CudaBackend {
+    fn ops_launch1(&self, kernel: &str, n: usize, args: &[Arg]) -> Result<()> {
+        self.launch(kernel, grid1(n), (BLOCK, 1, 1), 0, args)
+    }
+
+    /// An f64 workspace of `n` values in slot `slot`.
+    fn ops_workspace_f64(&self, slot: usize, n: usize) -> Result<u64> {
+        let p = self.workspace(slot, 2 * n.max(1))?;
+        ensure!(p % 8 == 0, "CUDA workspace {p:#x} is not 8-byte aligned");
+        Ok(p)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn embedding_forward_impl(
+        &self,
+        out: &Tensor,
+        ids: &[u32],
+        wte: &Tensor,
+        wpe: &Tensor,
+        batch: usize,
+        seq: usize,
+        dim: usize,
+    ) -> Result<()> {
+        ensure!(ids.len() == batch * seq, "embedding: {} ids for batch {batch} × seq {seq}", ids.len());
+        ensure!(dim > 0, "embedding: dimension 0");
+        let vocab = wte.numel() / dim;
+        let positions = wpe.numel() / dim;
+        ensure!(seq <= positions, "embedding: sequence of {seq} tokens exceeds the {positions} positions");
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("embedding: token id {bad} is outside the vocabulary of {vocab}");
+        }
+        let n = batch * seq * dim;
+        need("embedding out", out, n)?;
+        disjoint("embedding", &[out], &[wte, wpe])?;
+        int("embedding", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let ids_d = self.upload_u32(0, ids)?;
+        self.ops_launch1(
+            "ew_embedding_fwd",
+            n,
+            &[
+                Arg::P(self.dptr(out)),
+                Arg::P(ids_d),
+                Arg::P(self.dptr(wte)),
+                Arg::P(self.dptr(wpe)),
+                Arg::I(batch as i32),
+                Arg::I(seq as i32),
+                Arg::I(dim as i32),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn layer_norm_forward_impl(
+        &self,
+        out: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        need("layer_norm out", out, rows * cols)?;
+        need("layer_norm inp", inp, rows * cols)?;
+        need("layer_norm mean", mean, rows)?;
+        need("layer_norm rstd", rstd, rows)?;
+        need("layer_norm weight", weight, cols)?;
+        need("layer_norm bias", bias, cols)?;
+        disjoint("layer_norm", &[out, mean, rstd], &[inp, weight, bias])?;
+        int("layer_norm", rows * cols)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        // One warp per row, 8 rows per block.
+        self.launch(
+            "ln_forward",
+            (rows.div_ceil(8).clamp(1, MAX_GRID) as u32, 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            &[
+                Arg::P(self.dptr(out)),
+                Arg::P(self.dptr(mean)),
+                Arg::P(self.dptr(rstd)),
+                Arg::P(self.dptr(inp)),
+                Arg::P(self.dptr(weight)),
+                Arg::P(self.dptr(bias)),
+                Arg::I(rows as i32),
+                Arg::I(cols as i32),
+                Arg::F(eps),
+            ],
+        )
+    }
+
+    pub(crate) fn activation_forward_impl(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
+        need("activation out", out, n)?;
+        need("activation inp", inp, n)?;
+        disjoint("activation", &[out], &[inp])?;
+        let ni = int("activation", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1(
+            "ew_activation_fwd",
+            n,
+            &[Arg::P(self.dptr(out)), Arg::P(self.dptr(inp)), Arg::I(ni), Arg::I(act_code(act))],
+        )
+    }
+
+    pub(crate) fn add_forward_impl(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
+        need("add out", out, n)?;
+        need("add a", a, n)?;
+        need("add b", b, n)?;
+        disjoint("add", &[out], &[a, b])?;
+        let ni = int("add", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1("ew_add", n, &[Arg::P(self.dptr(out)), Arg::P(self.dptr(a)), Arg::P(self.dptr(b)), Arg::I(ni)])
+    }
+
+    /// Group norm forward in four launches: per-chunk sums, per-chunk squared deviations about the
+    /// mean, per-group statistics (f64, two passes as the CPU), then the normalisation (+ SiLU).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn group_norm_forward_impl(
+        &self,
+        out: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        batch: usize,
+        hw: usize,
+        c: usize,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> Result<()> {
+        ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels not divisible into {groups} groups");
+        let n = batch * hw * c;
+        let bg = batch * groups;
+        need("group_norm out", out, n)?;
+        need("group_norm inp", inp, n)?;
+        need("group_norm mean", mean, bg)?;
+        need("group_norm rstd", rstd, bg)?;
+        need("group_norm weight", weight, c)?;
+        need("group_norm bias", bias, c)?;
+        disjoint("group_norm", &[out, mean, rstd], &[inp, weight, bias])?;
+        int("group_norm", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let cpg = c / groups;
+        let (nchunks, rpc) = chunking(hw, GN_CHUNK_ELEMS / cpg, GN_MAX_CHUNKS);
+        let blocks = int("group_norm blocks", bg * nchunks)?;
+        let ws = self.ops_workspace_f64(0, 2 * bg * nchunks + 2 * bg)?;
+        let (psum, psq, stats) = (ws, f64_at(ws, bg * nchunks), f64_at(ws, 2 * bg * nchunks));
+        let (hw_i, c_i, g_i, nc_i, rpc_i) = (hw as i32, c as i32, groups as i32, nchunks as i32, rpc as i32);
+        let x = self.dptr(inp);
+        let grid = (blocks as u32, 1, 1);
+        self.launch(
+            "gn_forward_sum",
+            grid,
+            (BLOCK, 1, 1),
+            0,
+            &[Arg::P(psum), Arg::P(x), Arg::I(hw_i), Arg::I(c_i), Arg::I(g_i), Arg::I(nc_i), Arg::I(rpc_i)],
+        )?;
+        self.launch(
+            "gn_forward_sqdev",
+            grid,
+            (BLOCK, 1, 1),
+            0,
+            &[
+                Arg::P(psq),
+                Arg::P(psum),
+                Arg::P(x),
+                Arg::I(hw_i),
+                Arg::I(c_i),
+                Arg::I(g_i),
+                Arg::I(nc_i),
+                Arg::I(rpc_i),
+            ],
+        )?;
+        self.launch(
+            "gn_forward_finalize",
+            (bg as u32, 1, 1),
+            (32, 1, 1),
+            0,
+            &[
+                Arg::P(self.dptr(mean)),
+                Arg::P(self.dptr(rstd)),
+                Arg::P(stats),
+                Arg::P(psum),
+                Arg::P(psq),
+                Arg::I(hw_i),
+                Arg::I(cpg as i32),
+                Arg::I(nc_i),
+                Arg::F(eps),
+            ],
+        )?;
+        self.ops_launch1(
+            "gn_forward_apply",
+            n,
+            &[
+                Arg::P(self.dptr(out)),
+                Arg::P(x),
+                Arg::P(self.dptr(weight)),
+                Arg::P(self.dptr(bias)),
+                Arg::P(stats),
+                Arg::I(batch as i32),
+                Arg::I(hw_i),
+                Arg::I(c_i),
+                Arg::I(g_i),
+                Arg::I(silu as i32),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn upsample_nearest_forward_impl(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        batch: usize,
+        ih: usize,
+        iw: usize,
+        oh: usize,
+        ow: usize,
+        c: usize,
+    ) -> Result<()> {
+        let n_out = batch * oh * ow * c;
+        let n_in = batch * ih * iw * c;
+        need("upsample out", out, n_out)?;
+        need("upsample inp", inp, n_in)?;
+        disjoint("upsample", &[out], &[inp])?;
+        int("upsample out", n_out)?;
+        int("upsample inp", n_in)?;
+        if n_out == 0 {
+            return Ok(());
+        }
+        ensure!(ih > 0 && iw > 0, "upsample: empty input {ih}×{iw} for an output of {oh}×{ow}");
+        // PyTorch: scale = in / out in f32 (the CPU computes the same).
+        let (sy, sx) = (ih as f32 / oh as f32, iw as f32 / ow as f32);
+        self.ops_launch1(
+            "ew_upsample_fwd",
+            n_out,
+            &[
+                Arg::P(self.dptr(out)),
+                Arg::P(self.dptr(inp)),
+                Arg::I(batch as i32),
+                Arg::I(ih as i32),
+                Arg::I(iw as i32),
+                Arg::I(oh as i32),
+                Arg::I(ow as i32),
+                Arg::I(c as i32),
+                Arg::F(sy),
+                Arg::F(sx),
+            ],
+        )
+    }
+
+    pub(crate) fn add_bias_rows_forward_impl(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        bias: &Tensor,
+        batch: usize,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let n = batch * rows * c;
+        need("add_bias_rows out", out, n)?;
+        need("add_bias_rows inp", inp, n)?;
+        need("add_bias_rows bias", bias, batch * c)?;
+        disjoint("add_bias_rows", &[out], &[inp, bias])?;
+        int("add_bias_rows", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1(
+            "ew_add_bias_rows",
+            n,
+            &[
+                Arg::P(self.dptr(out)),
+                Arg::P(self.dptr(inp)),
+                Arg::P(self.dptr(bias)),
+                Arg::I(batch as i32),
+                Arg::I(rows as i32),
+                Arg::I(c as i32),
+            ],
+        )
+    }
+
+    pub(crate) fn concat_channels_forward_impl(
+        &self,
+        out: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        rows: usize,
+        ca: usize,
+        cb: usize,
+    ) -> Result<()> {
+        let n = rows * (ca + cb);
+        need("concat out", out, n)?;
+        need("concat a", a, rows * ca)?;
+        need("concat b", b, rows * cb)?;
+        disjoint("concat", &[out], &[a, b])?;
+        int("concat", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1(
+            "ew_concat_fwd",
+            n,
+            &[
+                Arg::P(self.dptr(out)),
+                Arg::P(self.dptr(a)),
+                Arg::P(self.dptr(b)),
+                Arg::I(rows as i32),
+                Arg::I(ca as i32),
+                Arg::I(cb as i32),
+            ],
+        )
+    }
+
+    pub(crate) fn geglu_forward_impl(&self, out: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()> {
+        let n = rows * inner;
+        need("geglu out", out, n)?;
+        need("geglu inp", inp, 2 * n)?;
+        disjoint("geglu", &[out], &[inp])?;
+        int("geglu inp", 2 * n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1(
+            "ew_geglu_fwd",
+            n,
+            &[Arg::P(self.dptr(out)), Arg::P(self.dptr(inp)), Arg::I(rows as i32), Arg::I(inner as i32)],
+        )
+    }
+
+    pub(crate) fn zero_impl(&self, t: &Tensor) -> Result<()> {
+        let n = t.numel();
+        let ni = int("zero", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1("ew_zero", n, &[Arg::P(self.dptr(t)), Arg::I(ni)])
+    }
+
+    pub(crate) fn accumulate_impl(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
+        need("accumulate dst", dst, n)?;
+        need("accumulate src", src, n)?;
+        disjoint("accumulate", &[dst], &[src])?;
+        let ni = int("accumulate", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1("ew_accumulate", n, &[Arg::P(self.dptr(dst)), Arg::P(self.dptr(src)), Arg::I(ni)])
+    }
+
+    pub(crate) fn scale_impl(&self, t: &Tensor, s: f32, n: usize) -> Result<()> {
+        need("scale", t, n)?;
+        let ni = int("scale", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1("ew_scale", n, &[Arg::P(self.dptr(t)), Arg::F(s), Arg::I(ni)])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn layer_norm_backward_impl(
+        &self,
+        dinp: &Tensor,
+        dweight: &Tensor,
+        dbias: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let n = rows * cols;
+        need("layer_norm_backward dinp", dinp, n)?;
+        need("layer_norm_backward dout", dout, n)?;
+        need("layer_norm_backward inp", inp, n)?;
+        need("layer_norm_backward weight", weight, cols)?;
+        need("layer_norm_backward dweight", dweight, cols)?;
+        need("layer_norm_backward dbias", dbias, cols)?;
+        need("layer_norm_backward mean", mean, rows)?;
+        need("layer_norm_backward rstd", rstd, rows)?;
+        disjoint("layer_norm_backward", &[dinp, dweight, dbias], &[dout, inp, weight, mean, rstd])?;
+        int("layer_norm_backward", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (di, dy, x, w, m, r) =
+            (self.dptr(dinp), self.dptr(dout), self.dptr(inp), self.dptr(weight), self.dptr(mean), self.dptr(rstd));
+        self.launch(
+            "ln_backward_dinp",
+            (rows.div_ceil(8).clamp(1, MAX_GRID) as u32, 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            &[
+                Arg::P(di),
+                Arg::P(dy),
+                Arg::P(x),
+                Arg::P(w),
+                Arg::P(m),
+                Arg::P(r),
+                Arg::I(rows as i32),
+                Arg::I(cols as i32),
+            ],
+        )?;
+        // Layer norm = statistics per row: hw = 1, one group; no SiLU, so no bias.
+        self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), dy, x, w, 0, m, r, rows, 1, cols, 1, false)
+    }
+
+    /// dweight[ch] += Σ dy·xhat, dbias[ch] += Σ dy over all rows (f64 column sums by row chunks,
+    /// then a fixed-order sum over the chunks): the parameter gradients of both norms.
+    #[allow(clippy::too_many_arguments)]
+    fn ops_norm_dparams(
+        &self,
+        dweight: u64,
+        dbias: u64,
+        dout: u64,
+        inp: u64,
+        weight: u64,
+        bias: u64,
+        mean: u64,
+        rstd: u64,
+        rows: usize,
+        hw: usize,
+        c: usize,
+        groups: usize,
+        silu: bool,
+    ) -> Result<()> {
+        let (chunks, rpc) = chunking(rows, COL_CHUNK_ROWS, COL_MAX_CHUNKS);
+        let part = self.ops_workspace_f64(1, chunks * c * 2)?;
+        self.launch(
+            "nrm_dparams_partial",
+            (c.div_ceil(32) as u32, chunks as u32, 1),
+            (32, 8, 1),
+            0,
+            &[
+                Arg::P(part),
+                Arg::P(dout),
+                Arg::P(inp),
+                Arg::P(weight),
+                Arg::P(bias),
+                Arg::P(mean),
+                Arg::P(rstd),
+                Arg::I(rows as i32),
+                Arg::I(hw as i32),
+                Arg::I(c as i32),
+                Arg::I(groups as i32),
+                Arg::I(rpc as i32),
+                Arg::I(silu as i32),
+            ],
+        )?;
+        self.ops_launch1(
+            "nrm_dparams_finalize",
+            c,
+            &[Arg::P(dweight), Arg::P(dbias), Arg::P(part), Arg::I(c as i32), Arg::I(chunks as i32)],
+        )
+    }
+
+    pub(crate) fn activation_backward_impl(
+        &self,
+        dinp: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        act: Activation,
+        n: usize,
+    ) -> Result<()> {
+        need("activation_backward dinp", dinp, n)?;
+        need("activation_backward dout", dout, n)?;
+        need("activation_backward inp", inp, n)?;
+        disjoint("activation_backward", &[dinp], &[dout, inp])?;
+        let ni = int("activation_backward", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1(
+            "ew_activation_bwd",
+            n,
+            &[
+                Arg::P(self.dptr(dinp)),
+                Arg::P(self.dptr(dout)),
+                Arg::P(self.dptr(inp)),
+                Arg::I(ni),
+                Arg::I(act_code(act)),
+            ],
+        )
+    }
+
+    /// Group norm backward: per-chunk sums of dxhat and dxhat·xhat, per-group means, the input
+    /// gradient, then the parameter gradients (`ops_norm_dparams`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn group_norm_backward_impl(
+        &self,
+        dinp: &Tensor,
+        dweight: &Tensor,
+        dbias: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        batch: usize,
+        hw: usize,
+        c: usize,
+        groups: usize,
+        silu: bool,
+    ) -> Result<()> {
+        ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels not divisible into {groups} groups");
+        let n = batch * hw * c;
+        let bg = batch * groups;
+        need("group_norm_backward dinp", dinp, n)?;
+        need("group_norm_backward dout", dout, n)?;
+        need("group_norm_backward inp", inp, n)?;
+        need("group_norm_backward weight", weight, c)?;
+        need("group_norm_backward bias", bias, c)?;
+        need("group_norm_backward dweight", dweight, c)?;
+        need("group_norm_backward dbias", dbias, c)?;
+        need("group_norm_backward mean", mean, bg)?;
+        need("group_norm_backward rstd", rstd, bg)?;
+        disjoint("group_norm_backward", &[dinp, dweight, dbias], &[dout, inp, weight, bias, mean, rstd])?;
+        int("group_norm_backward", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let cpg = c / groups;
+        let (nchunks, rpc) = chunking(hw, GN_CHUNK_ELEMS / cpg, GN_MAX_CHUNKS);
+        let blocks = int("group_norm_backward blocks", bg * nchunks)?;
+        let ws = self.ops_workspace_f64(0, 2 * bg * nchunks + 2 * bg)?;
+        let (p1, p2, stats) = (ws, f64_at(ws, bg * nchunks), f64_at(ws, 2 * bg * nchunks));
+        let (dy, x, w, b, m, r) =
+            (self.dptr(dout), self.dptr(inp), self.dptr(weight), self.dptr(bias), self.dptr(mean), self.dptr(rstd));
+        let (hw_i, c_i, g_i, nc_i) = (hw as i32, c as i32, groups as i32, nchunks as i32);
+        self.launch(
+            "gn_backward_reduce",
+            (blocks as u32, 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            &[
+                Arg::P(p1),
+                Arg::P(p2),
+                Arg::P(dy),
+                Arg::P(x),
+                Arg::P(w),
+                Arg::P(b),
+                Arg::P(m),
+                Arg::P(r),
+                Arg::I(hw_i),
+                Arg::I(c_i),
+                Arg::I(g_i),
+                Arg::I(nc_i),
+                Arg::I(rpc as i32),
+                Arg::I(silu as i32),
+            ],
+        )?;
+        self.launch(
+            "gn_backward_finalize",
+            (bg as u32, 1, 1),
+            (32, 1, 1),
+            0,
+            &[Arg::P(stats), Arg::P(p1), Arg::P(p2), Arg::I(hw_i), Arg::I(cpg as i32), Arg::I(nc_i)],
+        )?;
+        self.ops_launch1(
+            "gn_backward_dinp",
+            n,
+            &[
+                Arg::P(self.dptr(dinp)),
+                Arg::P(dy),
+                Arg::P(x),
+                Arg::P(w),
+                Arg::P(b),
+                Arg::P(m),
+                Arg::P(r),
+                Arg::P(stats),
+                Arg::I(batch as i32),
+                Arg::I(hw_i),
+                Arg::I(c_i),
+                Arg::I(g_i),
+                Arg::I(silu as i32),
+            ],
+        )?;
+        self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), dy, x, w, b, m, r, batch * hw, hw, c, groups, silu)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn upsample_nearest_backward_impl(
+        &self,
+        dinp: &Tensor,
+        dout: &Tensor,
+        batch: usize,
+        ih: usize,
+        iw: usize,
+        oh: usize,
+        ow: usize,
+        c: usize,
+    ) -> Result<()> {
+        let n_in = batch * ih * iw * c;
+        let n_out = batch * oh * ow * c;
+        need("upsample_backward dinp", dinp, n_in)?;
+        need("upsample_backward dout", dout, n_out)?;
+        disjoint("upsample_backward", &[dinp], &[dout])?;
+        int("upsample_backward dinp", n_in)?;
+        int("upsample_backward dout", n_out)?;
+        if n_in == 0 || n_out == 0 {
+            return Ok(());
+        }
+        let (sy, sx) = (ih as f32 / oh as f32, iw as f32 / ow as f32);
+        // One thread per input element, gathering its copies in the CPU's order (no atomics).
+        self.ops_launch1(
+            "ew_upsample_bwd",
+            n_in,
+            &[
+                Arg::P(self.dptr(dinp)),
+                Arg::P(self.dptr(dout)),
+                Arg::I(batch as i32),
+                Arg::I(ih as i32),
+                Arg::I(iw as i32),
+                Arg::I(oh as i32),
+                Arg::I(ow as i32),
+                Arg::I(c as i32),
+                Arg::F(sy),
+                Arg::F(sx),
+            ],
+        )
+    }
+
+    pub(crate) fn add_bias_rows_backward_impl(
+        &self,
+        dbias: &Tensor,
+        dout: &Tensor,
+        batch: usize,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        need("add_bias_rows_backward dbias", dbias, batch * c)?;
+        need("add_bias_rows_backward dout", dout, batch * rows * c)?;
+        disjoint("add_bias_rows_backward", &[dbias], &[dout])?;
+        int("add_bias_rows_backward", batch * rows * c)?;
+        if batch * rows * c == 0 {
+            return Ok(()); // nothing to add
+        }
+        ensure!(batch <= 65535, "add_bias_rows_backward: batch {batch} exceeds the grid's 65535");
+        let (chunks, rpc) = chunking(rows, COL_CHUNK_ROWS, COL_MAX_CHUNKS);
+        let part = self.ops_workspace_f64(1, batch * chunks * c)?;
+        self.launch(
+            "ew_bias_rows_bwd_partial",
+            (c.div_ceil(32) as u32, chunks as u32, batch as u32),
+            (32, 8, 1),
+            0,
+            &[Arg::P(part), Arg::P(self.dptr(dout)), Arg::I(rows as i32), Arg::I(c as i32), Arg::I(rpc as i32)],
+        )?;
+        self.ops_launch1(
+            "ew_bias_rows_bwd_finalize",
+            batch * c,
+            &[Arg::P(self.dptr(dbias)), Arg::P(part), Arg::I(batch as i32), Arg::I(c as i32), Arg::I(chunks as i32)],
+        )
+    }
+
+    pub(crate) fn concat_channels_backward_impl(
+        &self,
+        da: &Tensor,
+        db: &Tensor,
+        dout: &Tensor,
+        rows: usize,
+        ca: usize,
+        cb: usize,
+    ) -> Result<()> {
+        let n = rows * (ca + cb);
+        need("concat_backward da", da, rows * ca)?;
+        need("concat_backward db", db, rows * cb)?;
+        need("concat_backward dout", dout, n)?;
+        disjoint("concat_backward", &[da, db], &[dout])?;
+        int("concat_backward", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1(
+            "ew_concat_bwd",
+            n,
+            &[
+                Arg::P(self.dptr(da)),
+                Arg::P(self.dptr(db)),
+                Arg::P(self.dptr(dout)),
+                Arg::I(rows as i32),
+                Arg::I(ca as i32),
+                Arg::I(cb as i32),
+            ],
+        )
+    }
+
+    pub(crate) fn geglu_backward_impl(
+        &self,
+        dinp: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        rows: usize,
+        inner: usize,
+    ) -> Result<()> {
+        let n = rows * inner;
+        need("geglu_backward dinp", dinp, 2 * n)?;
+        need("geglu_backward dout", dout, n)?;
+        need("geglu_backward inp", inp, 2 * n)?;
+        disjoint("geglu_backward", &[dinp], &[dout, inp])?;
+        int("geglu_backward", 2 * n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1(
+            "ew_geglu_bwd",
+            n,
+            &[
+                Arg::P(self.dptr(dinp)),
+                Arg::P(self.dptr(dout)),
+                Arg::P(self.dptr(inp)),
+                Arg::I(rows as i32),
+                Arg::I(inner as i32),
+            ],
+        )
+    }
+
+    /// Without atomics: the rows are grouped by token id here (a stable sort keeps each id's rows
+    /// ascending), uploaded as [distinct ids | starts | rows], and each destination row of dwte and
+    /// dwpe is summed by one thread per element in the CPU's row order.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn embedding_backward_impl(
+        &self,
+        dwte: &Tensor,
+        dwpe: &Tensor,
+        dout: &Tensor,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        dim: usize,
+    ) -> Result<()> {
+        let rows = batch * seq;
+        ensure!(ids.len() == rows, "embedding_backward: {} ids for batch {batch} × seq {seq}", ids.len());
+        ensure!(dim > 0, "embedding_backward: dimension 0");
+        let vocab = dwte.numel() / dim;
+        let positions = dwpe.numel() / dim;
+        ensure!(seq <= positions, "embedding_backward: sequence of {seq} tokens exceeds the {positions} positions");
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("embedding_backward: token id {bad} is outside the vocabulary of {vocab}");
+        }
+        need("embedding_backward dout", dout, rows * dim)?;
+        disjoint("embedding_backward", &[dwte, dwpe], &[dout])?;
+        int("embedding_backward", rows * dim)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let mut order: Vec<u32> = (0..rows as u32).collect();
+        order.sort_by_key(|&r| ids[r as usize]);
+        let mut uniq: Vec<u32> = Vec::new();
+        let mut starts: Vec<u32> = Vec::new();
+        for (k, &r) in order.iter().enumerate() {
+            let id = ids[r as usize];
+            if uniq.last() != Some(&id) {
+                uniq.push(id);
+                starts.push(k as u32);
+            }
+        }
+        starts.push(rows as u32);
+        let u = uniq.len();
+        let mut buf = uniq;
+        buf.extend_from_slice(&starts);
+        buf.extend_from_slice(&order);
+        let base = self.upload_u32(0, &buf)?;
+        let (uniq_d, starts_d, order_d) = (base, base + 4 * u as u64, base + 4 * (2 * u + 1) as u64);
+        let items = u + seq;
+        self.launch(
+            "ew_embedding_bwd",
+            (dim.div_ceil(128).min(MAX_GRID) as u32, items.min(65535) as u32, 1),
+            (128, 1, 1),
+            0,
+            &[
+                Arg::P(self.dptr(dwte)),
+                Arg::P(self.dptr(dwpe)),
+                Arg::P(self.dptr(dout)),
+                Arg::P(uniq_d),
+                Arg::P(starts_d),
+                Arg::P(order_d),
+                Arg::I(u as i32),
+                Arg::I(batch as i32),
+                Arg::I(seq as i32),
+                Arg::I(dim as i32),
+            ],
+        )
+    }
+
+    /// loss[0] = mean((pred − target)²) (f64 sum, deterministic), dpred = 2(pred − target)/n
+    /// (written).
+    pub(crate) fn mse_loss_impl(
+        &self,
+        dpred: &Tensor,
+        loss: &Tensor,
+        pred: &Tensor,
+        target: &Tensor,
+        n: usize,
+    ) -> Result<()> {
+        need("mse dpred", dpred, n)?;
+        need("mse pred", pred, n)?;
+        need("mse target", target, n)?;
+        need("mse loss", loss, 1)?;
+        disjoint("mse", &[dpred, loss], &[pred, target])?;
+        let ni = int("mse", n)?;
+        let parts = n.div_ceil(BLOCK as usize * 8).clamp(1, 1024);
+        let partial = self.ops_workspace_f64(0, parts)?;
+        self.launch(
+            "opt_mse_partial",
+            (parts as u32, 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            &[
+                Arg::P(self.dptr(dpred)),
+                Arg::P(partial),
+                Arg::P(self.dptr(pred)),
+                Arg::P(self.dptr(target)),
+                Arg::I(ni),
+            ],
+        )?;
+        self.launch(
+            "opt_sum_finalize",
+            (1, 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            &[Arg::P(self.dptr(loss)), Arg::P(partial), Arg::I(parts as i32), Arg::I(ni), Arg::I(1)],
+        )
+    }
+
+    /// out[0] = Σ x² over n elements (f64, deterministic), rounded to f32.
+    pub(crate) fn sum_squares_impl(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()> {
+        need("sum_squares x", x, n)?;
+        need("sum_squares out", out, 1)?;
+        disjoint("sum_squares", &[out], &[x])?;
+        let ni = int("sum_squares", n)?;
+        let parts = n.div_ceil(BLOCK as usize * 8).clamp(1, 1024);
+        let partial = self.ops_workspace_f64(0, parts)?;
+        self.launch(
+            "opt_sum_squares_partial",
+            (parts as u32, 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            &[Arg::P(partial), Arg::P(self.dptr(x)), Arg::I(ni)],
+        )?;
+        self.launch(
+            "opt_sum_finalize",
+            (1, 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            &[Arg::P(self.dptr(out)), Arg::P(partial), Arg::I(parts as i32), Arg::I(ni), Arg::I(0)],
+        )
+    }
+
+    /// torch.optim.AdamW, with the scalars computed exactly as the CPU reference (backward.rs
+    /// `adamw`): f64, then rounded to f32.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn adamw_step_impl(
+        &self,
+        param: &Tensor,
+        grad: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        n: usize,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        step: usize,
+    ) -> Result<()> {
+        ensure!(step >= 1, "adamw: step counts from 1");
+        need("adamw param", param, n)?;
+        need("adamw grad", grad, n)?;
+        need("adamw m", m, n)?;
+        need("adamw v", v, n)?;
+        disjoint("adamw", &[param, m, v], &[grad])?;
+        let ni = int("adamw", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let bc1 = 1.0 - (beta1 as f64).powi(step as i32);
+        let bc2_sqrt = (1.0 - (beta2 as f64).powi(step as i32)).sqrt() as f32;
+        let step_size = (lr as f64 / bc1) as f32;
+        let decay = (1.0 - lr as f64 * weight_decay as f64) as f32;
+        self.ops_launch1(
+            "opt_adamw",
+            n,
+            &[
+                Arg::P(self.dptr(param)),
+                Arg::P(self.dptr(grad)),
+                Arg::P(self.dptr(m)),
+                Arg::P(self.dptr(v)),
+                Arg::I(ni),
+                Arg::F(decay),
+                Arg::F(beta2),
+                Arg::F(1.0 - beta1),
+                Arg::F(1.0 - beta2),
+                Arg::F(bc2_sqrt),
+                Arg::F(step_size),
+                Arg::F(eps),
+            ],
+        )
+    }
+
+    pub(crate) fn lerp_impl(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
+        need("lerp dst", dst, n)?;
+        need("lerp src", src, n)?;
+        disjoint("lerp", &[dst], &[src])?;
+        let ni = int("lerp", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1("ew_lerp", n, &[Arg::P(self.dptr(dst)), Arg::P(self.dptr(src)), Arg::I(ni), Arg::F(w)])
+    }
+}
