@@ -15,7 +15,7 @@
 //!   grid.z with atomicAdd.
 //! * bias gradient: `conv2d_bias_grad`, column sums of dout.
 
-use super::{Arg, CudaBackend};
+use super::{check_disjoint, Arg, CudaBackend};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
@@ -287,8 +287,10 @@ impl CudaBackend {
         }
         if let Some(di) = dinp {
             check_len("conv2d dinp", di, batch * h * w * c_in)?;
-            ensure!(!di.overlaps(dout), "conv2d backward: dinp {di:?} overlaps dout {dout:?}");
         }
+        // As the CPU reference (outs_checked): no gradient may alias another or an input.
+        let outs: Vec<&Tensor> = std::iter::once(dweight).chain(dinp).chain(dbias).collect();
+        check_disjoint("conv2d backward", &outs, &[dout, inp, weight])?;
         if rows == 0 || c_out == 0 {
             return Ok(());
         }

@@ -109,7 +109,12 @@ impl CudaBackend {
         let mut modules = Vec::new();
         for (name, image) in kernels::MODULES {
             // The fatbin holds sm_80 and sm_90a cubins and compute_80 PTX; the driver picks.
-            let m = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }
+            // include_bytes! data is only byte-aligned, while the fatbin header holds 64-bit fields
+            // (nvcc itself places fatbins 8-byte aligned): load from an 8-byte-aligned copy.
+            let mut aligned = vec![0u64; image.len().div_ceil(8)];
+            // SAFETY: `aligned` holds at least image.len() bytes.
+            unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr() as *mut u8, image.len()) };
+            let m = unsafe { cu::module::load_data(aligned.as_ptr() as *const c_void) }
                 .map_err(|e| anyhow!("CUDA: loading kernels/{name}.cu's module on {gpu} (sm_{major}{minor}): {e:?}"))?;
             modules.push(m);
         }
@@ -281,7 +286,10 @@ impl CudaBackend {
         if t[slot].bytes < bytes {
             if t[slot].ptr != 0 {
                 self.synchronize()?;
-                unsafe { driver(cu::free_sync(t[slot].ptr), "free")? };
+                let old = std::mem::take(&mut t[slot]);
+                // Forgotten before the new allocation: should that fail, the slot must not keep a
+                // freed address (a later smaller request would be handed it; Drop would free it again).
+                unsafe { driver(cu::free_sync(old.ptr), "free")? };
             }
             let grow = bytes.next_power_of_two().max(1024);
             t[slot] = Scratch { ptr: self.raw_alloc(grow, what)?, bytes: grow };
@@ -393,6 +401,19 @@ pub(crate) fn check_len(what: &str, t: &Tensor, need: usize) -> Result<()> {
     Ok(())
 }
 
+/// Outputs must not overlap each other or any input (the CPU reference asserts the same).
+pub(crate) fn check_disjoint(what: &str, outs: &[&Tensor], ins: &[&Tensor]) -> Result<()> {
+    for (i, o) in outs.iter().enumerate() {
+        for o2 in &outs[i + 1..] {
+            ensure!(!o.overlaps(o2), "{what}: output tensors overlap: {o:?} and {o2:?}");
+        }
+        for x in ins {
+            ensure!(!o.overlaps(x), "{what}: output {o:?} overlaps input {x:?}");
+        }
+    }
+    Ok(())
+}
+
 const LIN_BLOCK: u32 = 256;
 
 impl Backend for CudaBackend {
@@ -458,10 +479,12 @@ impl Backend for CudaBackend {
         let beta = match bias {
             Some(b) => {
                 check_len("linear bias", b, out_f)?;
+                assert!(!out.overlaps(b), "linear: output overlaps the bias");
                 let n = rows * out_f;
+                // The kernel is grid-stride: cap the grid (a `n as u32` could wrap to an empty grid).
                 self.launch(
                     "linear_bias_fill",
-                    ((n as u32).div_ceil(LIN_BLOCK), 1, 1),
+                    (n.div_ceil(LIN_BLOCK as usize).clamp(1, 65535) as u32, 1, 1),
                     (LIN_BLOCK, 1, 1),
                     0,
                     &[Arg::P(self.dptr(out)), Arg::P(self.dptr(b)), Arg::I(rows as i32), Arg::I(out_f as i32)],
@@ -528,6 +551,9 @@ impl Backend for CudaBackend {
         check_len("linear_backward inp", inp, rows * in_f)?;
         check_len("linear_backward weight", weight, out_f * in_f)?;
         check_len("linear_backward dweight", dweight, out_f * in_f)?;
+        // As the CPU reference (outs_checked): no gradient may alias another or an input.
+        let outs: Vec<&Tensor> = std::iter::once(dweight).chain(dinp).chain(dbias).collect();
+        check_disjoint("linear_backward", &outs, &[dout, inp, weight])?;
         if let Some(di) = dinp {
             check_len("linear_backward dinp", di, rows * in_f)?;
             // dinpᵀ (in×rows) += Wᵀ(col-major view of W: in×out) · doutᵀ (out×rows)
