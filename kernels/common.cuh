@@ -47,10 +47,14 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 // D = A·B + C for one m16n8k16 tile: bf16 operands, f32 accumulators (PTX ISA, "Matrix Fragments
 // for mma.m16n8k16"): a[4] and b[2] are bf16x2 registers, c/d four floats per lane.
 __device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+#ifdef ROENTGEN_EMU  // the CPU emulation of the kernels (tests/kernel_emu/emu.h) emulates the instruction
+    emu_mma_bf16_16816(d, a, b, c);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
           "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
 }
