@@ -26,6 +26,9 @@
 //   *_bf16_d<H>  tensor cores (mma.sync m16n8k16 bf16 → f32): operands rounded to bf16 when staged in
 //                shared memory, f32 accumulators and f32 softmax statistics. H = hd rounded up to a
 //                multiple of 16 (the k-step of the QKᵀ product); columns hd..H are zero-filled.
+// Head dims above 160 (the VAE's one head of 512) take a materialised path instead: the score
+// matrix in a workspace, the products through cuBLAS, and the row kernels attention_wide_* at the
+// end of this file (see there and src/backend/cuda/attention.rs).
 #include "common.cuh"
 #include <math_constants.h>
 
@@ -886,3 +889,83 @@ AB_INSTANTIATE(112)
 AB_INSTANTIATE(128)
 AB_INSTANTIATE(144)
 AB_INSTANTIATE(160)
+
+// ============================================================================================
+// Materialised path for head dims the flash kernels do not hold (hd > 160: the VAE's mid-block
+// attention has one head of 512). Per (batch, head) pair the host computes S = Q·Kᵀ (raw scores, no
+// scale) with cuBLAS into a workspace, these kernels turn S into P (forward) or P and dS (backward)
+// in place, and cuBLAS does the remaining products (O = P·V; dV += Pᵀ·dO, dQ += dS·K, dK += dSᵀ·Q).
+// The workspace holds a chunk of rows of the flattened (pair, query) row space: workspace row r is
+// global row R = row0 + r, R = (b·heads + h)·q_len + i, its kv_len scores contiguous. Masking and
+// the log-sum-exp follow the flash kernels exactly (att_key_ok, causal j ≤ i, lse = m + ln Σ p,
+// -inf for a row with no allowed key).
+// ============================================================================================
+#define AW_THREADS 256
+
+// Max over a block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result. `scratch`
+// needs 32 floats of shared memory; contains __syncthreads (reached by every thread).
+__device__ __forceinline__ float aw_block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : ATT_NEG_INF;
+    return warp_max(v);
+}
+
+// Row softmax of the scaled scores, in place: s (nrows, kv_len) holds q_i·k_j (unscaled) on entry
+// and P_ij = exp(scale·s_ij − m_i) / Σ_j' exp(scale·s_ij' − m_i) over the allowed keys on exit (0 for
+// excluded keys); lse (batch, q_len, heads) gets m_i + ln Σ_j exp(scale·s_ij − m_i), as
+// backward.rs `attention_forward` (max first, then the sum of exp(s − max)).
+// Launch: grid (nrows), block 256, no dynamic smem; row0: the chunk's first global row.
+extern "C" __global__ void __launch_bounds__(AW_THREADS)
+attention_wide_softmax(float* __restrict__ s, float* __restrict__ lse, const unsigned* __restrict__ key_mask,
+                       int row0, int q_len, int kv_len, int heads, float scale, int causal) {
+    __shared__ float aw_red[32];
+    const int R = row0 + (int)blockIdx.x;
+    const int pair = R / q_len, i = R - pair * q_len;
+    const int b = pair / heads, h = pair - b * heads;
+    float* row = s + (size_t)blockIdx.x * kv_len;
+    const int j_end = causal ? min(kv_len, i + 1) : kv_len;
+    float m = ATT_NEG_INF;
+    for (int j = threadIdx.x; j < j_end; j += blockDim.x)
+        if (att_key_ok(key_mask, b, kv_len, j)) m = fmaxf(m, row[j] * scale);
+    m = aw_block_max(m, aw_red);
+    float l = 0.0f;
+    if (m != ATT_NEG_INF)
+        for (int j = threadIdx.x; j < j_end; j += blockDim.x)
+            if (att_key_ok(key_mask, b, kv_len, j)) l += expf(row[j] * scale - m);
+    l = block_sum(l, aw_red);
+    // l ≥ 1 whenever a key is allowed (the max term is exp(0)); 0 only for a row without keys.
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+        const bool ok = j < j_end && att_key_ok(key_mask, b, kv_len, j);
+        row[j] = ok ? expf(row[j] * scale - m) * inv : 0.0f;
+    }
+    if (threadIdx.x == 0) lse[((size_t)b * q_len + i) * heads + h] = l > 0.0f ? m + logf(l) : ATT_NEG_INF;
+}
+
+// The backward's elementwise step, in place: p (nrows, kv_len) holds q_i·k_j (unscaled) on entry and
+// P_ij = exp(scale·s_ij − lse_i) on exit; ds holds dP_ij = dO_i·v_j on entry and
+// dS_ij = P_ij (dP_ij − D_i) · scale on exit (both 0 for excluded keys), D from attention_bwd_delta.
+// As attention_bwd_dq_f32 / backward.rs `attention`.
+// Launch: grid (nrows), block 256, no dynamic smem.
+extern "C" __global__ void __launch_bounds__(AW_THREADS)
+attention_wide_bwd_ds(float* __restrict__ p, float* __restrict__ ds, const float* __restrict__ lse,
+                      const float* __restrict__ delta, const unsigned* __restrict__ key_mask, int row0, int q_len,
+                      int kv_len, int heads, float scale, int causal) {
+    const int R = row0 + (int)blockIdx.x;
+    const int pair = R / q_len, i = R - pair * q_len;
+    const int b = pair / heads, h = pair - b * heads;
+    const size_t sidx = ((size_t)b * q_len + i) * heads + h;
+    const float lse_i = lse[sidx], d_i = delta[sidx];
+    float* prow = p + (size_t)blockIdx.x * kv_len;
+    float* dsrow = ds + (size_t)blockIdx.x * kv_len;
+    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+        const bool ok = (!causal || j <= i) && att_key_ok(key_mask, b, kv_len, j);
+        const float pj = ok ? expf(prow[j] * scale - lse_i) : 0.0f;
+        dsrow[j] = ok ? pj * (dsrow[j] - d_i) * scale : 0.0f;
+        prow[j] = pj;
+    }
+}

@@ -257,6 +257,11 @@ mod suite {
             (2, 1024, 1024, 8, 80, false), // SD 32×32 self-attention
             (2, 64, 64, 8, 160, false),    // SD 8×8 self-attention
             (1, 33, 19, 3, 24, false),     // odd sizes
+            // head_dim > 160: the materialised path (cuBLAS + row softmax)
+            (2, 40, 40, 1, 512, false),    // the VAE's mid-block attention (one head of 512), small
+            (2, 33, 45, 2, 200, false),    // two heads of 200 (a head's rows strided in the token rows)
+            (1, 40, 40, 2, 200, true),     // causal
+            (1, 1024, 1024, 1, 512, false), // a 256×256 VAE's mid-block (32×32 latent)
         ];
         for &(bt, ql, kl, hd, dh, causal) in atts {
             let d = hd * dh;
@@ -280,7 +285,7 @@ mod suite {
             });
         }
         // masked attention (BERT): padding keys of a 2-sequence batch
-        for &(bt, l, hd, dh) in &[(2, 12, 2, 16), (2, 77, 12, 64)] {
+        for &(bt, l, hd, dh) in &[(2, 12, 2, 16), (2, 77, 12, 64), (2, 20, 1, 200)] {
             let d = hd * dh;
             let sc = 1.0 / (dh as f32).sqrt();
             let mask: Vec<u32> = (0..bt * l).map(|i| u32::from(i % l < l - 3 * (i / l) - 1)).collect();
@@ -366,6 +371,68 @@ mod suite {
                 b.embedding_backward(&t[0], &t[1], &t[2], &ids, bt, seq, dim)
             });
         }
+    }
+
+    /// The materialised attention path (head_dim > 160) with its workspace limit lowered, so that
+    /// chunks split pairs and span pairs (masked and causal too), forward and backward.
+    fn wide_attention_chunk_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
+        let mut rng = Rng(0xA77E ^ bf16 as u64);
+        let default = gpu.attention_workspace_limit();
+        // (batch, q_len, kv_len, heads, head_dim, causal, masked, limit in score rows)
+        let cases: &[(usize, usize, usize, usize, usize, bool, bool, usize)] = &[
+            (2, 23, 300, 3, 161, false, false, 7),
+            (2, 9, 9, 3, 200, true, false, 40),
+            (2, 30, 45, 1, 176, false, true, 11),
+        ];
+        for &(bt, ql, kl, hd, dh, causal, masked, rows) in cases {
+            gpu.set_attention_workspace_limit(rows * kl);
+            let d = hd * dh;
+            let sc = 1.0 / (dh as f32).sqrt();
+            let name = format!("b{bt} q{ql} kv{kl} h{hd} d{dh} causal={causal} masked={masked}, chunks of {rows} rows");
+            let mask: Vec<u32> = (0..bt * kl).map(|i| u32::from(i % kl < kl - 3 * (i / kl) - 1 || i % 5 == 0)).collect();
+            let (q, k, v) = (rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d));
+            let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()];
+            let fwd = |b: &dyn Backend, t: &[Tensor]| {
+                if masked {
+                    b.masked_attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &mask, bt, ql, kl, hd, dh, sc)
+                } else {
+                    b.attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], bt, ql, kl, hd, dh, sc, causal)
+                }
+            };
+            r.case(&format!("{tag}/wide attention_forward {name}"), || compare(gpu, bf16, &ins, &[0, 1], &fwd));
+            let mut cpu = CpuBackend::new();
+            let st = place(&mut cpu, &ins).unwrap();
+            fwd(&cpu, &st).unwrap();
+            let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
+            let ins = vec![rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d), rng.normal(bt * ql * d), q, k, v, o, lse];
+            r.case(&format!("{tag}/wide attention_backward {name}"), || {
+                compare(gpu, bf16, &ins, &[0, 1, 2], &|b, t| {
+                    if masked {
+                        b.masked_attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &mask, bt, ql, kl, hd, dh, sc)
+                    } else {
+                        b.attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], bt, ql, kl, hd, dh, sc, causal)
+                    }
+                })
+            });
+        }
+        gpu.set_attention_workspace_limit(default);
+        // Overlapping outputs are refused with an error (the CPU reference asserts).
+        r.case(&format!("{tag}/attention and conv2d refuse overlapping outputs"), || {
+            let (dh, l) = (200, 6);
+            let t = place(gpu, &[rng.normal(3 * l * dh), vec![0.0; l], rng.normal(16 * 9 * 4)])?;
+            let win = |off: usize, n: usize| Tensor { pool: t[0].pool, offset: t[0].offset + off, shape: [n].into() };
+            let (q, o) = (win(0, l * dh), win(l * dh / 2, l * dh));
+            let e = gpu.attention_forward(&o, &t[1], &q, &q, &q, 1, l, l, 1, dh, 0.1, false).err();
+            ensure!(e.is_some_and(|e| e.to_string().contains("overlaps")), "attention_forward with out overlapping q was accepted");
+            let e = gpu.attention_backward(&o, &o, &o, &q, &q, &q, &q, &q, &t[1], 1, l, l, 1, dh, 0.1, false).err();
+            ensure!(e.is_some_and(|e| e.to_string().contains("overlap")), "attention_backward with dq = dk = dv was accepted");
+            let w = &t[2];
+            let out = Tensor { pool: w.pool, offset: w.offset, shape: [4 * 4 * 4].into() };
+            let e = gpu.conv2d_forward(&out, &q, w, None, 1, 4, 4, 4, 4, 3, 1, [1, 1, 1, 1]).err();
+            ensure!(e.is_some_and(|e| e.to_string().contains("overlaps")), "conv2d_forward with out overlapping the weight was accepted");
+            gpu.synchronize()?;
+            Ok("refused".into())
+        });
     }
 
     /// A second pass over ops that use scratch memory must not allocate.
@@ -569,6 +636,7 @@ mod suite {
             let mut gpu = CudaBackend::new(0, prec).expect("CUDA backend");
             println!("device: {}", gpu.name());
             op_cases(&mut r, &mut gpu, bf16, tag);
+            wide_attention_chunk_cases(&mut r, &mut gpu, bf16, tag);
             if !bf16 {
                 allocation_case(&mut r, &mut gpu);
             }

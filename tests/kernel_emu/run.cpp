@@ -77,6 +77,8 @@ static void register_kernels() {
     REG(attention_fwd_f32, AF_THREADS);
     REG(attention_bwd_dq_f32, AF_THREADS);
     REG(attention_bwd_dkdv_f32, AF_THREADS);
+    REG(attention_wide_softmax, AW_THREADS);
+    REG(attention_wide_bwd_ds, AW_THREADS);
     REG_AB(16);
     REG_AB(32);
     REG_AB(48);
@@ -255,6 +257,47 @@ struct Cuda {
     uint64_t workspace(size_t slot, size_t n) const { return scratch(f32s, slot, n * 4); }
     uint64_t dptr(const T& t) const { return t.d(); }
 
+    // mod.rs `check_disjoint`: outputs must not overlap each other or any input.
+    static void check_disjoint(const char* what, const vector<const T*>& outs, const vector<const T*>& ins) {
+        for (size_t i = 0; i < outs.size(); i++) {
+            for (size_t j = i + 1; j < outs.size(); j++)
+                ENSURE(!outs[i]->overlaps(*outs[j]), "%s: output tensors overlap", what);
+            for (auto* x : ins) ENSURE(!outs[i]->overlaps(*x), "%s: output overlaps an input", what);
+        }
+    }
+
+    // mod.rs `gemm` / `gemm_for` (cuBLAS gemm_ex, not emulable): C (col-major m×n, ldc) =
+    // op(A)·op(B) + beta·C, a naive loop with f64 sums rounded to f32 once. In bf16 mode the operands
+    // are rounded to bf16 first (CUBLAS_COMPUTE_32F_FAST_16BF). beta == 0 does not read C (as BLAS).
+    void gemm(bool ta, bool tb, size_t m, size_t n, size_t k, uint64_t a, size_t lda, uint64_t b, size_t ldb,
+              float beta, uint64_t c, size_t ldc) const {
+        if (m == 0 || n == 0) return;
+        const float* A = (const float*)(uintptr_t)a;
+        const float* B = (const float*)(uintptr_t)b;
+        float* C = (float*)(uintptr_t)c;
+        ENSURE(lda >= std::max<size_t>(1, ta ? k : m) && ldb >= std::max<size_t>(1, tb ? n : k) && ldc >= std::max<size_t>(1, m),
+               "cuBLAS: gemm leading dimensions (invalid value)");
+        auto rd = [&](float x) { return bf16 ? __bfloat162float(__float2bfloat16_rn(x)) : x; };
+        vector<double> col(m);
+        for (size_t j = 0; j < n; j++) {
+            for (size_t i = 0; i < m; i++) {
+                double acc = 0;
+                for (size_t l = 0; l < k; l++) {
+                    const float av = ta ? A[i * lda + l] : A[l * lda + i];
+                    const float bv = tb ? B[l * ldb + j] : B[j * ldb + l];
+                    acc += (double)rd(av) * (double)rd(bv);
+                }
+                col[i] = acc;
+            }
+            for (size_t i = 0; i < m; i++) {
+                float& cv = C[j * ldc + i];
+                cv = beta == 0.0f ? (float)col[i] : (float)(col[i] + (double)beta * (double)cv);
+            }
+        }
+    }
+    // mod.rs `attention_workspace_limit` (tests lower it to exercise the chunking).
+    size_t attn_ws_limit = 32u << 20;
+
     // ---------------------------------------------------------------- mod.rs (linear bias parts)
     static constexpr unsigned LIN_BLOCK = 256;
     void linear_bias_fill(const T& out, const T& b, size_t rows, size_t out_f) const {
@@ -322,12 +365,11 @@ struct Cuda {
         ENSURE(out.numel() >= batch * oh * ow * c_out && inp.numel() >= batch * h * w * c_in &&
                    weight.numel() >= c_out * k,
                "conv2d: sizes");
-        uint64_t bias_ptr = 0;
-        if (bias) {
-            ENSURE(bias->numel() >= c_out && !out.overlaps(*bias), "conv2d bias");
-            bias_ptr = dptr(*bias);
-        }
-        ENSURE(!out.overlaps(inp), "conv2d: overlap");
+        if (bias) ENSURE(bias->numel() >= c_out, "conv2d bias");
+        vector<const T*> ins{&inp, &weight};
+        if (bias) ins.push_back(bias);
+        check_disjoint("conv2d", {&out}, ins);
+        uint64_t bias_ptr = bias ? dptr(*bias) : 0;
         if (batch * oh * ow == 0 || c_out == 0) return;
         uint64_t wt = taps == 1 ? dptr(weight) : conv_permute_weight(weight, c_out, c_in, taps, taps * c_in, 1, c_in);
         conv_igemm(Igemm{dptr(out), dptr(inp), wt, bias_ptr, batch, oh, ow, c_out, c_in, h, w, stride, -(int64_t)pt,
@@ -344,7 +386,13 @@ struct Cuda {
                    dweight.numel() >= c_out * k,
                "conv2d bwd: sizes");
         if (dbias) ENSURE(dbias->numel() >= c_out, "dbias");
-        if (dinp) ENSURE(dinp->numel() >= batch * h * w * c_in && !dinp->overlaps(dout), "dinp");
+        if (dinp) ENSURE(dinp->numel() >= batch * h * w * c_in, "dinp");
+        {
+            vector<const T*> outs{&dweight};
+            if (dinp) outs.push_back(dinp);
+            if (dbias) outs.push_back(dbias);
+            check_disjoint("conv2d backward", outs, {&dout, &inp, &weight});
+        }
         if (rows == 0 || c_out == 0) return;
         cint("rows", rows);
         cint("batch·height", batch * std::max(h, oh));
@@ -412,14 +460,15 @@ struct Cuda {
     struct Dims {
         size_t batch, q_len, kv_len, heads, hd;
         Dims check(const char* what, bool causal) const {
-            ENSURE(hd >= 1 && hd <= MAX_HEAD_DIM, "%s: head_dim %zu is not supported", what, hd);
+            ENSURE(hd >= 1, "%s: head_dim 0", what);
             ENSURE(!causal || q_len == kv_len, "%s: causal attention needs q_len == kv_len", what);
-            ENSURE(batch * heads <= 65535, "%s: batch × heads exceeds the grid's y limit", what);
+            ENSURE(hd > MAX_HEAD_DIM || batch * heads <= 65535, "%s: batch × heads exceeds the grid's y limit", what);
             size_t mx = 2147483647u;
             ENSURE(q_len <= mx && kv_len <= mx && batch * q_len * heads <= mx && batch * kv_len <= mx, "%s: 32-bit", what);
             return *this;
         }
         size_t width() const { return heads * hd; }
+        bool wide() const { return hd > MAX_HEAD_DIM; }
         void ints(vector<Arg>& a) const {
             a.push_back(emu::I((int)q_len));
             a.push_back(emu::I((int)kv_len));
@@ -436,6 +485,94 @@ struct Cuda {
         }
     }
     static size_t blocks(size_t n, size_t per) { return cdiv(n, per); }
+    static constexpr size_t WS_DELTA = 0, WS_P = 1, WS_DP = 2;
+    static constexpr unsigned WIDE_THREADS = 256;
+    struct Seg {
+        size_t b, h, i0, i1, ws_row;
+    };
+    struct Chunk {
+        size_t row0, nrows;
+        vector<Seg> segs;
+    };
+    // attention.rs `wide_chunks`: returns the rows per chunk.
+    static size_t wide_chunks(size_t batch, size_t heads, size_t q_len, size_t kv_len, size_t limit, vector<Chunk>& out) {
+        out.clear();
+        size_t total = batch * heads * q_len;
+        if (total == 0) return 0;
+        size_t per = clampz(limit / std::max<size_t>(kv_len, 1), 1, total);
+        for (size_t row0 = 0; row0 < total; row0 += per) {
+            size_t end = std::min(row0 + per, total);
+            Chunk c{row0, end - row0, {}};
+            for (size_t pair = row0 / q_len; pair <= (end - 1) / q_len; pair++) {
+                size_t i0 = std::max(row0, pair * q_len) - pair * q_len;
+                size_t i1 = std::min(end, (pair + 1) * q_len) - pair * q_len;
+                c.segs.push_back(Seg{pair / heads, pair % heads, i0, i1, pair * q_len + i0 - row0});
+            }
+            out.push_back(c);
+        }
+        return per;
+    }
+    static Arg wide_int(const char* what, size_t v) {
+        ENSURE(v <= 2147483647u, "attention: %s = %zu exceeds the kernels' 32-bit indices", what, v);
+        return emu::I((int)v);
+    }
+    static uint64_t at(uint64_t base, size_t elems) { return base + 4 * (uint64_t)elems; }
+    void wide_forward(const T& out, const T& lse, const T& q, const T& k, const T& v, uint64_t mask, Dims d,
+                      float scale, bool causal) const {
+        size_t w = d.width();
+        vector<Chunk> chunks;
+        size_t per = wide_chunks(d.batch, d.heads, d.q_len, d.kv_len, attn_ws_limit, chunks);
+        uint64_t s_ws = workspace(WS_P, per * d.kv_len);
+        if (d.kv_len == 0) {
+            T prefix;
+            prefix.p = out.p;
+            prefix.n = d.batch * d.q_len * w;
+            zero(prefix);
+        }
+        uint64_t pq = dptr(q), pk = dptr(k), pv = dptr(v), po = dptr(out);
+        for (auto& c : chunks) {
+            for (auto& g : c.segs) {
+                size_t qoff = (g.b * d.q_len + g.i0) * w + g.h * d.hd, koff = g.b * d.kv_len * w + g.h * d.hd;
+                gemm(true, false, d.kv_len, g.i1 - g.i0, d.hd, at(pk, koff), w, at(pq, qoff), w, 0.0f,
+                     at(s_ws, g.ws_row * d.kv_len), d.kv_len);
+            }
+            launch("attention_wide_softmax", {c.nrows, 1, 1}, {WIDE_THREADS, 1, 1}, 0,
+                   {emu::P(s_ws), emu::P(dptr(lse)), emu::P(mask), wide_int("row", c.row0), wide_int("q_len", d.q_len),
+                    wide_int("kv_len", d.kv_len), wide_int("heads", d.heads), emu::F(scale), emu::I((int)causal)});
+            if (d.kv_len == 0) continue;
+            for (auto& g : c.segs) {
+                size_t qoff = (g.b * d.q_len + g.i0) * w + g.h * d.hd, koff = g.b * d.kv_len * w + g.h * d.hd;
+                gemm(false, false, d.hd, g.i1 - g.i0, d.kv_len, at(pv, koff), w, at(s_ws, g.ws_row * d.kv_len), d.kv_len,
+                     0.0f, at(po, qoff), w);
+            }
+        }
+    }
+    void wide_backward(const T& dq, const T& dk, const T& dv, const T& dout, const T& q, const T& k, const T& v,
+                       const T& lse, uint64_t delta, uint64_t mask, uint64_t p_ws, uint64_t ds_ws,
+                       const vector<Chunk>& chunks, Dims d, float scale, bool causal) const {
+        size_t w = d.width();
+        uint64_t pq = dptr(q), pk = dptr(k), pv = dptr(v), pdo = dptr(dout);
+        uint64_t pdq = dptr(dq), pdk = dptr(dk), pdv = dptr(dv);
+        for (auto& c : chunks) {
+            for (auto& g : c.segs) {
+                size_t n = g.i1 - g.i0, qoff = (g.b * d.q_len + g.i0) * w + g.h * d.hd, koff = g.b * d.kv_len * w + g.h * d.hd;
+                size_t ws = g.ws_row * d.kv_len;
+                gemm(true, false, d.kv_len, n, d.hd, at(pk, koff), w, at(pq, qoff), w, 0.0f, at(p_ws, ws), d.kv_len);
+                gemm(true, false, d.kv_len, n, d.hd, at(pv, koff), w, at(pdo, qoff), w, 0.0f, at(ds_ws, ws), d.kv_len);
+            }
+            launch("attention_wide_bwd_ds", {c.nrows, 1, 1}, {WIDE_THREADS, 1, 1}, 0,
+                   {emu::P(p_ws), emu::P(ds_ws), emu::P(dptr(lse)), emu::P(delta), emu::P(mask), wide_int("row", c.row0),
+                    wide_int("q_len", d.q_len), wide_int("kv_len", d.kv_len), wide_int("heads", d.heads), emu::F(scale),
+                    emu::I((int)causal)});
+            for (auto& g : c.segs) {
+                size_t n = g.i1 - g.i0, qoff = (g.b * d.q_len + g.i0) * w + g.h * d.hd, koff = g.b * d.kv_len * w + g.h * d.hd;
+                size_t ws = g.ws_row * d.kv_len;
+                gemm(false, true, d.hd, d.kv_len, n, at(pdo, qoff), w, at(p_ws, ws), d.kv_len, 1.0f, at(pdv, koff), w);
+                gemm(false, true, d.hd, d.kv_len, n, at(pq, qoff), w, at(ds_ws, ws), d.kv_len, 1.0f, at(pdk, koff), w);
+                gemm(false, false, d.hd, n, d.kv_len, at(pk, koff), w, at(ds_ws, ws), d.kv_len, 1.0f, at(pdq, qoff), w);
+            }
+        }
+    }
     void attn_launch(const string& kernel, std::tuple<size_t, size_t, size_t> grid, size_t smem,
                      const vector<Arg>& args) const {
         unsigned sm = (unsigned)smem;
@@ -451,8 +588,10 @@ struct Cuda {
                    k.numel() >= d.batch * d.kv_len * w && v.numel() >= d.batch * d.kv_len * w &&
                    lse.numel() >= d.batch * d.q_len * d.heads,
                "%s: sizes", what);
+        check_disjoint(what, {&out, &lse}, {&q, &k, &v});
         if (d.batch * d.heads * d.q_len == 0) return;
         uint64_t mask = key_mask ? upload_u32(0, *key_mask) : 0;
+        if (d.wide()) return wide_forward(out, lse, q, k, v, mask, d, scale, causal);
         vector<Arg> args{emu::P(dptr(out)), emu::P(dptr(lse)), emu::P(dptr(q)), emu::P(dptr(k)), emu::P(dptr(v)),
                          emu::P(mask)};
         d.ints(args);
@@ -479,14 +618,23 @@ struct Cuda {
                    v.numel() >= d.batch * d.kv_len * w && out.numel() >= d.batch * d.q_len * w &&
                    lse.numel() >= d.batch * d.q_len * d.heads,
                "%s: sizes", what);
+        check_disjoint(what, {&dq, &dk, &dv}, {&dout, &q, &k, &v, &out, &lse});
         if (d.batch * d.heads * d.q_len * d.kv_len == 0) return;
         size_t rows = d.batch * d.q_len;
-        uint64_t delta = workspace(0, rows * d.heads);
+        uint64_t delta = workspace(WS_DELTA, rows * d.heads);
         uint64_t mask = key_mask ? upload_u32(0, *key_mask) : 0;
+        uint64_t p_ws = 0, ds_ws = 0;
+        vector<Chunk> chunks;
+        if (d.wide()) {
+            size_t per = wide_chunks(d.batch, d.heads, d.q_len, d.kv_len, attn_ws_limit, chunks);
+            p_ws = workspace(WS_P, per * d.kv_len);
+            ds_ws = workspace(WS_DP, per * d.kv_len);
+        }
         launch("attention_bwd_delta", {blocks(rows * d.heads, DELTA_ITEMS_PER_BLOCK), 1, 1},
                {32 * DELTA_ITEMS_PER_BLOCK, 1, 1}, 0,
                {emu::P(delta), emu::P(dptr(dout)), emu::P(dptr(out)), emu::I((int)rows), emu::I((int)d.heads),
                 emu::I((int)d.hd)});
+        if (d.wide()) return wide_backward(dq, dk, dv, dout, q, k, v, lse, delta, mask, p_ws, ds_ws, chunks, d, scale, causal);
         auto tail = [&](vector<Arg>& a) {
             d.ints(a);
             a.push_back(emu::F(scale));
@@ -1119,11 +1267,13 @@ static vector<uint32_t> make_mask(Rng& rng, size_t batch, size_t kv) {
     return m;
 }
 
-static Report attention_case(bool bf16, AttShape a, bool masked, uint64_t seed) {
+// ws_limit: the materialised path's workspace limit (elements per score-matrix chunk; 0: default).
+static Report attention_case(bool bf16, AttShape a, bool masked, uint64_t seed, size_t ws_limit = 0) {
     Report r;
     Rng rng(seed);
     Cuda cu;
     cu.bf16 = bf16;
+    if (ws_limit) cu.attn_ws_limit = ws_limit;
     const size_t w = a.heads * a.hd;
     const float scale = 1.0f / std::sqrt((float)a.hd);
     auto q = rng.randn(a.b * a.lq * w), k = rng.randn(a.b * a.lkv * w), v = rng.randn(a.b * a.lkv * w);
@@ -1150,6 +1300,67 @@ static Report attention_case(bool bf16, AttShape a, bool masked, uint64_t seed) 
     compare(r, "dq", bf16, inc(tdq, dq0), dq);
     compare(r, "dk", bf16, inc(tdk, dk0), dk);
     compare(r, "dv", bf16, inc(tdv, dv0), dv);
+    return r;
+}
+
+// The materialised path without keys: out 0 and lse -inf (as the flash kernels), backward a no-op;
+// and the wrappers refuse outputs overlapping inputs (as the CPU reference).
+static Report attention_wide_edge_case(bool bf16) {
+    Report r;
+    Rng rng(7);
+    Cuda cu;
+    cu.bf16 = bf16;
+    const size_t b = 2, lq = 5, heads = 2, hd = 200, w = heads * hd;
+    T tq(rng.randn(b * lq * w)), tk(1), tv(1), tout(rng.randn(b * lq * w)), tlse(rng.randn(b * lq * heads));
+    Cuda::Dims d{b, lq, 0, heads, hd};
+    cu.attn_forward("attention", tout, tlse, tq, tk, tv, nullptr, d, 0.1f, false);
+    for (size_t i = 0; i < tout.n; i++)
+        if (tout.p[i] != 0.0f) {
+            r.failure(fmt("kv 0: out[%zu] = %g, not 0", i, tout.p[i]));
+            return r;
+        }
+    for (size_t i = 0; i < tlse.n; i++)
+        if (!(std::isinf(tlse.p[i]) && tlse.p[i] < 0)) {
+            r.failure(fmt("kv 0: lse[%zu] = %g, not -inf", i, tlse.p[i]));
+            return r;
+        }
+    r.note("kv 0: out 0, lse -inf");
+    // Overlap refusals (the Rust returns Err before launching anything).
+    T big(rng.randn(3 * lq * w)), lse2(b * lq * heads);
+    T qv, ov;
+    qv.p = big.p;
+    qv.n = lq * w;
+    ov.p = big.p + lq * w / 2;  // overlaps qv
+    ov.n = lq * w;
+    Cuda::Dims d1{1, lq, lq, heads, hd};
+    bool refused = false;
+    try {
+        cu.attn_forward("attention", ov, lse2, qv, qv, qv, nullptr, d1, 0.1f, false);
+    } catch (const RustErr& e) {
+        refused = string(e.what()).find("overlaps an input") != string::npos;
+    }
+    if (!refused) r.failure("attention forward with out overlapping q was not refused");
+    refused = false;
+    try {
+        cu.attn_backward("attention_backward", ov, ov, ov, qv, qv, qv, qv, qv, lse2, nullptr, d1, 0.1f, false);
+    } catch (const RustErr& e) {
+        refused = string(e.what()).find("output tensors overlap") != string::npos;
+    }
+    if (!refused) r.failure("attention backward with dq = dk was not refused");
+    refused = false;
+    try {
+        const size_t pad[4] = {1, 1, 1, 1};
+        T cw(rng.randn(4 * 4 * 9));
+        T co;
+        co.p = cw.p;
+        co.n = 4 * 4 * 4;
+        T cx(rng.randn(4 * 4 * 4));
+        cu.conv2d_forward(co, cx, cw, nullptr, 1, 4, 4, 4, 4, 3, 1, pad);
+    } catch (const RustErr& e) {
+        refused = string(e.what()).find("overlaps an input") != string::npos;
+    }
+    if (!refused) r.failure("conv2d forward with out overlapping the weight was not refused");
+    if (r.ok) r.note("overlapping outputs refused (attention fwd/bwd, conv2d fwd)");
     return r;
 }
 
@@ -1784,6 +1995,31 @@ static vector<Case> all_cases() {
             v.push_back({fmt("attention fwd+bwd %s: %s", bf ? "bf16" : "f32", a.what),
                          [aa, bf] { return attention_case(bf, aa.s, aa.masked, 101 + aa.s.hd); }});
         }
+    // Head dims past the flash kernels (> 160): the materialised path (cuBLAS emulated by a naive
+    // GEMM in class Cuda; the softmax / dS kernels and attention_bwd_delta are the real ones).
+    struct AW {
+        const char* what;
+        AttShape s;
+        bool masked;
+        size_t ws_limit;  // elements per score chunk (0: the default 32 Mi)
+    } wides[] = {
+        {"wide hd 512 (VAE: 1 head), q=kv 64, 2 images", {2, 64, 64, 1, 512, false}, false, 0},
+        {"wide hd 200, q 33 kv 41, 2x2 heads", {2, 33, 41, 2, 200, false}, false, 0},
+        {"wide hd 176, q 30 kv 45, key mask", {2, 30, 45, 1, 176, false}, true, 0},
+        {"wide hd 200, q=kv 40, causal", {1, 40, 40, 2, 200, true}, false, 0},
+        {"wide hd 161, q 23 kv 300 (> 256 keys a row), 2x3 pairs, chunks of 7 rows split pairs",
+         {2, 23, 300, 3, 161, false}, false, 7 * 300},
+        {"wide hd 200, q=kv 9, 2x3 pairs, chunks of 40 rows span pairs, causal", {2, 9, 9, 3, 200, true}, false, 40 * 9},
+    };
+    for (int bf = 0; bf < 2; bf++)
+        for (auto& a : wides) {
+            auto aa = a;
+            v.push_back({fmt("attention fwd+bwd %s: %s", bf ? "bf16" : "f32", a.what),
+                         [aa, bf] { return attention_case(bf, aa.s, aa.masked, 301 + aa.s.hd, aa.ws_limit); }});
+        }
+    for (int bf = 0; bf < 2; bf++)
+        v.push_back({fmt("attention %s: wide path without keys; overlap refusals", bf ? "bf16" : "f32"),
+                     [bf] { return attention_wide_edge_case(bf); }});
     v.push_back({"group_norm fwd+bwd: 2x600x96, 3 groups (3 chunks per group)",
                  [] { return group_norm_case(2, 600, 96, 3, false, 21); }});
     v.push_back({"group_norm+SiLU fwd+bwd: 2x600x96, 3 groups", [] { return group_norm_case(2, 600, 96, 3, true, 22); }});

@@ -4,7 +4,24 @@
 //!
 //! Paths: `use_bf16()` selects the tensor-core kernels `attention_*_bf16_d<H>` (H = head_dim rounded
 //! up to a multiple of 16, one instantiation per bucket); otherwise the exact f32 SIMT kernels
-//! `attention_*_f32`. Any head_dim in 1..=160.
+//! `attention_*_f32`. Both hold head_dim 1..=160.
+//!
+//! Wider heads (the VAE's mid-block attention: one head of 512) take the materialised path
+//! (`wide_forward` / `wide_backward`): per (batch, head) pair, S = Q·Kᵀ through cuBLAS into a
+//! workspace, `attention_wide_softmax` (P and the log-sum-exp, in place) and O = P·V through cuBLAS;
+//! backward D = rowsum(dO ∘ O) (`attention_bwd_delta`), S and dP = dO·Vᵀ through cuBLAS,
+//! `attention_wide_bwd_ds` (P and dS = P ∘ (dP − D) · scale, in place), then dV += Pᵀ·dO,
+//! dK += dSᵀ·Q, dQ += dS·K through cuBLAS (accumulating, beta = 1). Key masks and causal masks are
+//! honoured as in the flash kernels. The GEMMs are those of linear layers (`CudaBackend::gemm`):
+//! exact f32 (CUBLAS_COMPUTE_32F) in f32 precision, CUBLAS_COMPUTE_32F_FAST_16BF (operands rounded
+//! to bf16 on tensor cores, f32 accumulation) in bf16 precision; the softmax and dS kernels are f32
+//! in both. The score matrices are processed in chunks of rows of the flattened (pair, query) space
+//! (`wide_chunks`): at most `attention_workspace_limit()` elements (default 32 Mi = 128 MiB) per
+//! matrix, so ≤ 128 MiB in forward and ≤ 256 MiB in backward (S/P and dP/dS); a 512×512 VAE image
+//! (4096 tokens, 64 MiB per pair) is one pair per chunk.
+//!
+//! Workspace slots within one call: 0 = D (backward, both paths); 1 = S/P and 2 = dP/dS (materialised
+//! path). The u32 upload slot 0 holds the key mask.
 //!
 //! Backward is three launches on the stream, deterministic (no atomics): `attention_bwd_delta`
 //! (D = rowsum(dO ∘ O) into workspace slot 0), then the query-side kernel (dq, one block per query
@@ -15,13 +32,21 @@
 //! The shared-memory sizes below mirror the tile layouts documented above each kernel in
 //! attention.cu; a change to one must be made in the other.
 
-use super::{check_len, Arg, CudaBackend};
+use super::{check_disjoint, check_len, Arg, CudaBackend};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
-/// The largest head_dim the kernels hold (the f32 kernels keep 160 / 32 = 5 columns per lane; the
-/// largest bf16 bucket is 160).
+/// The largest head_dim the flash kernels hold (the f32 kernels keep 160 / 32 = 5 columns per lane;
+/// the largest bf16 bucket is 160); wider heads take the materialised path.
 const MAX_HEAD_DIM: usize = 160;
+/// Workspace slots (see the module docs).
+const WS_DELTA: usize = 0;
+const WS_P: usize = 1;
+const WS_DP: usize = 2;
+/// Threads per block of the materialised path's kernels (attention_wide_*).
+const WIDE_THREADS: u32 = 256;
+/// Default most elements of one score matrix chunk of the materialised path (128 MiB of f32).
+pub(crate) const WIDE_WORKSPACE_ELEMS: usize = 32 << 20;
 /// Threads per block of every attention kernel but the delta kernel (4 warps).
 const THREADS: u32 = 128;
 /// Rows (queries or keys) per block: f32 kernels 4 warps × 4 rows, bf16 kernels 4 warps × 16 rows.
@@ -88,12 +113,12 @@ struct Dims {
 impl Dims {
     fn check(self, what: &str, causal: bool) -> Result<Dims> {
         let Dims { batch, q_len, kv_len, heads, hd } = self;
-        ensure!(
-            (1..=MAX_HEAD_DIM).contains(&hd),
-            "{what}: head_dim {hd} is not supported by the CUDA attention kernels (1..={MAX_HEAD_DIM})"
-        );
+        ensure!(hd >= 1, "{what}: head_dim 0");
         ensure!(!causal || q_len == kv_len, "{what}: causal attention needs q_len == kv_len ({q_len} vs {kv_len})");
-        ensure!(batch * heads <= 65535, "{what}: batch {batch} × heads {heads} exceeds the grid's y limit (65535)");
+        ensure!(
+            hd > MAX_HEAD_DIM || batch * heads <= 65535,
+            "{what}: batch {batch} × heads {heads} exceeds the grid's y limit (65535)"
+        );
         let max = i32::MAX as usize;
         ensure!(
             q_len <= max && kv_len <= max && batch * q_len * heads <= max && batch * kv_len <= max,
@@ -104,6 +129,11 @@ impl Dims {
 
     fn width(self) -> usize {
         self.heads * self.hd
+    }
+
+    /// Whether the materialised path serves these dimensions (head_dim above the flash kernels').
+    fn wide(self) -> bool {
+        self.hd > MAX_HEAD_DIM
     }
 
     fn ints(self) -> [Arg; 4] {
@@ -126,6 +156,58 @@ fn check_key_mask(what: &str, key_mask: &[u32], batch: usize, kv_len: usize) -> 
 
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
+}
+
+/// Query rows [i0, i1) of pair (b, h) inside a chunk of the materialised path; their scores start at
+/// row `ws_row` of the chunk's workspace (kv_len elements per row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seg {
+    b: usize,
+    h: usize,
+    i0: usize,
+    i1: usize,
+    ws_row: usize,
+}
+
+/// Rows [row0, row0 + nrows) of the flattened (pair, query) row space R = (b·heads + h)·q_len + i,
+/// and the pieces of pairs they cover.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Chunk {
+    row0: usize,
+    nrows: usize,
+    segs: Vec<Seg>,
+}
+
+/// Splits the batch·heads·q_len rows into chunks of at most `limit / kv_len` rows (at least one), so
+/// that a chunk's score matrix has at most `limit` elements (one row may exceed it). Returns the
+/// rows per chunk (the workspace size is that × kv_len) and the chunks.
+fn wide_chunks(batch: usize, heads: usize, q_len: usize, kv_len: usize, limit: usize) -> (usize, Vec<Chunk>) {
+    let total = batch * heads * q_len;
+    if total == 0 {
+        return (0, Vec::new());
+    }
+    let per = (limit / kv_len.max(1)).clamp(1, total);
+    let mut chunks = Vec::with_capacity(total.div_ceil(per));
+    for row0 in (0..total).step_by(per) {
+        let end = (row0 + per).min(total);
+        let mut segs = Vec::new();
+        for pair in row0 / q_len..=(end - 1) / q_len {
+            let i0 = row0.max(pair * q_len) - pair * q_len;
+            let i1 = end.min((pair + 1) * q_len) - pair * q_len;
+            segs.push(Seg { b: pair / heads, h: pair % heads, i0, i1, ws_row: pair * q_len + i0 - row0 });
+        }
+        chunks.push(Chunk { row0, nrows: end - row0, segs });
+    }
+    (per, chunks)
+}
+
+/// The profile label of the materialised path's GEMMs.
+const WIDE_GEMM: &str = "cublas_gemm (attention, head_dim > 160)";
+
+/// An i32 kernel argument of the materialised path.
+fn wide_int(what: &str, v: usize) -> Result<Arg> {
+    ensure!(v <= i32::MAX as usize, "attention: {what} = {v} exceeds the kernels' 32-bit indices");
+    Ok(Arg::I(v as i32))
 }
 
 impl CudaBackend {
@@ -162,6 +244,8 @@ impl CudaBackend {
         check_len(&format!("{what} k"), k, d.batch * d.kv_len * w)?;
         check_len(&format!("{what} v"), v, d.batch * d.kv_len * w)?;
         check_len(&format!("{what} lse"), lse, d.batch * d.q_len * d.heads)?;
+        // As the CPU reference (`views`): no output may overlap another or an input.
+        check_disjoint(what, &[out, lse], &[q, k, v])?;
         if d.batch * d.heads * d.q_len == 0 {
             return Ok(());
         }
@@ -169,6 +253,9 @@ impl CudaBackend {
             Some(m) => self.upload_u32(0, m)?,
             None => 0,
         };
+        if d.wide() {
+            return self.wide_forward(out, lse, q, k, v, mask, d, scale, causal);
+        }
         let mut args = vec![
             Arg::P(self.dptr(out)),
             Arg::P(self.dptr(lse)),
@@ -222,15 +309,24 @@ impl CudaBackend {
         check_len(&format!("{what} v"), v, d.batch * d.kv_len * w)?;
         check_len(&format!("{what} out"), out, d.batch * d.q_len * w)?;
         check_len(&format!("{what} lse"), lse, d.batch * d.q_len * d.heads)?;
+        // As the CPU reference (`views`): no gradient may overlap another or an input.
+        check_disjoint(what, &[dq, dk, dv], &[dout, q, k, v, out, lse])?;
         if d.batch * d.heads * d.q_len * d.kv_len == 0 {
             return Ok(()); // no query/key pair: nothing to accumulate
         }
-        // Scratch first (growing it or uploading synchronises the stream), then the three launches.
+        // Scratch first (growing it or uploading synchronises the stream), then the launches.
         let rows = d.batch * d.q_len;
-        let delta = self.workspace(0, rows * d.heads)?;
+        let delta = self.workspace(WS_DELTA, rows * d.heads)?;
         let mask = match key_mask {
             Some(m) => self.upload_u32(0, m)?,
             None => 0,
+        };
+        // The materialised path's score workspaces (before any launch: growing one synchronises).
+        let wide = if d.wide() {
+            let (per, chunks) = wide_chunks(d.batch, d.heads, d.q_len, d.kv_len, self.attention_workspace_limit());
+            Some((self.workspace(WS_P, per * d.kv_len)?, self.workspace(WS_DP, per * d.kv_len)?, chunks))
+        } else {
+            None
         };
         self.launch(
             "attention_bwd_delta",
@@ -246,6 +342,10 @@ impl CudaBackend {
                 Arg::I(d.hd as i32),
             ],
         )?;
+        if let Some((p_ws, ds_ws, chunks)) = wide {
+            return self
+                .wide_backward(dq, dk, dv, dout, q, k, v, lse, delta, mask, p_ws, ds_ws, &chunks, d, scale, causal);
+        }
         let (pq, pk, pv, pdo, plse) = (self.dptr(q), self.dptr(k), self.dptr(v), self.dptr(dout), self.dptr(lse));
         let tail = |args: &mut Vec<Arg>| {
             args.extend(d.ints());
@@ -287,6 +387,234 @@ impl CudaBackend {
             self.attn_launch("attention_bwd_dq_f32", grid_q, f32_bwd_smem(d.hd), &dq_args)?;
             self.attn_launch("attention_bwd_dkdv_f32", grid_k, f32_bwd_smem(d.hd), &dkdv_args)
         }
+    }
+
+    /// The materialised forward (head_dim > 160): per chunk, S = Q·Kᵀ per pair piece (cuBLAS), the
+    /// row softmax writing P in place and the lse, then O = P·V per piece (cuBLAS).
+    #[allow(clippy::too_many_arguments)]
+    fn wide_forward(
+        &self,
+        out: &Tensor,
+        lse: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: u64,
+        d: Dims,
+        scale: f32,
+        causal: bool,
+    ) -> Result<()> {
+        let w = d.width();
+        let (per, chunks) = wide_chunks(d.batch, d.heads, d.q_len, d.kv_len, self.attention_workspace_limit());
+        let s_ws = self.workspace(WS_P, per * d.kv_len)?;
+        if d.kv_len == 0 {
+            // No keys: every output row is 0 (the kernel below writes lse = -inf), as the flash path.
+            self.zero_impl(&Tensor { shape: [d.batch * d.q_len * w].into(), ..*out })?;
+        }
+        let (pq, pk, pv, po) = (self.dptr(q), self.dptr(k), self.dptr(v), self.dptr(out));
+        let at = |base: u64, elems: usize| base + 4 * elems as u64;
+        for c in &chunks {
+            for g in &c.segs {
+                // Sᵀ (kv_len × n, col-major, ld kv_len) = K_p (col-major Kᵀ, transposed) · Qᵀ_p.
+                let qoff = (g.b * d.q_len + g.i0) * w + g.h * d.hd;
+                let koff = g.b * d.kv_len * w + g.h * d.hd;
+                self.gemm_for(
+                    WIDE_GEMM,
+                    true,
+                    false,
+                    d.kv_len,
+                    g.i1 - g.i0,
+                    d.hd,
+                    at(pk, koff),
+                    w,
+                    at(pq, qoff),
+                    w,
+                    0.0,
+                    at(s_ws, g.ws_row * d.kv_len),
+                    d.kv_len,
+                )?;
+            }
+            self.launch(
+                "attention_wide_softmax",
+                (c.nrows as u32, 1, 1),
+                (WIDE_THREADS, 1, 1),
+                0,
+                &[
+                    Arg::P(s_ws),
+                    Arg::P(self.dptr(lse)),
+                    Arg::P(mask),
+                    wide_int("row", c.row0)?,
+                    wide_int("q_len", d.q_len)?,
+                    wide_int("kv_len", d.kv_len)?,
+                    wide_int("heads", d.heads)?,
+                    Arg::F(scale),
+                    Arg::I(causal as i32),
+                ],
+            )?;
+            if d.kv_len == 0 {
+                continue;
+            }
+            for g in &c.segs {
+                // Oᵀ_p (hd × n, ld w) = Vᵀ_p (hd × kv_len, ld w) · Pᵀ (kv_len × n, ld kv_len).
+                let qoff = (g.b * d.q_len + g.i0) * w + g.h * d.hd;
+                let koff = g.b * d.kv_len * w + g.h * d.hd;
+                self.gemm_for(
+                    WIDE_GEMM,
+                    false,
+                    false,
+                    d.hd,
+                    g.i1 - g.i0,
+                    d.kv_len,
+                    at(pv, koff),
+                    w,
+                    at(s_ws, g.ws_row * d.kv_len),
+                    d.kv_len,
+                    0.0,
+                    at(po, qoff),
+                    w,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The materialised backward (head_dim > 160), after D: per chunk, S = Q·Kᵀ and dP = dO·Vᵀ per
+    /// piece (cuBLAS), P and dS in place, then dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K (cuBLAS, beta 1).
+    #[allow(clippy::too_many_arguments)]
+    fn wide_backward(
+        &self,
+        dq: &Tensor,
+        dk: &Tensor,
+        dv: &Tensor,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        lse: &Tensor,
+        delta: u64,
+        mask: u64,
+        p_ws: u64,
+        ds_ws: u64,
+        chunks: &[Chunk],
+        d: Dims,
+        scale: f32,
+        causal: bool,
+    ) -> Result<()> {
+        let w = d.width();
+        let (pq, pk, pv, pdo) = (self.dptr(q), self.dptr(k), self.dptr(v), self.dptr(dout));
+        let (pdq, pdk, pdv) = (self.dptr(dq), self.dptr(dk), self.dptr(dv));
+        let at = |base: u64, elems: usize| base + 4 * elems as u64;
+        for c in chunks {
+            for g in &c.segs {
+                let (n, qoff, koff) =
+                    (g.i1 - g.i0, (g.b * d.q_len + g.i0) * w + g.h * d.hd, g.b * d.kv_len * w + g.h * d.hd);
+                let ws = g.ws_row * d.kv_len;
+                // Sᵀ = K_p · Qᵀ_p and dPᵀ = V_p · dOᵀ_p (kv_len × n, ld kv_len), as in the forward.
+                self.gemm_for(
+                    WIDE_GEMM,
+                    true,
+                    false,
+                    d.kv_len,
+                    n,
+                    d.hd,
+                    at(pk, koff),
+                    w,
+                    at(pq, qoff),
+                    w,
+                    0.0,
+                    at(p_ws, ws),
+                    d.kv_len,
+                )?;
+                self.gemm_for(
+                    WIDE_GEMM,
+                    true,
+                    false,
+                    d.kv_len,
+                    n,
+                    d.hd,
+                    at(pv, koff),
+                    w,
+                    at(pdo, qoff),
+                    w,
+                    0.0,
+                    at(ds_ws, ws),
+                    d.kv_len,
+                )?;
+            }
+            self.launch(
+                "attention_wide_bwd_ds",
+                (c.nrows as u32, 1, 1),
+                (WIDE_THREADS, 1, 1),
+                0,
+                &[
+                    Arg::P(p_ws),
+                    Arg::P(ds_ws),
+                    Arg::P(self.dptr(lse)),
+                    Arg::P(delta),
+                    Arg::P(mask),
+                    wide_int("row", c.row0)?,
+                    wide_int("q_len", d.q_len)?,
+                    wide_int("kv_len", d.kv_len)?,
+                    wide_int("heads", d.heads)?,
+                    Arg::F(scale),
+                    Arg::I(causal as i32),
+                ],
+            )?;
+            for g in &c.segs {
+                let (n, qoff, koff) =
+                    (g.i1 - g.i0, (g.b * d.q_len + g.i0) * w + g.h * d.hd, g.b * d.kv_len * w + g.h * d.hd);
+                let ws = g.ws_row * d.kv_len;
+                // dVᵀ_p (hd × kv_len, ld w) += dOᵀ_p (hd × n, ld w) · P (n × kv_len: Pᵀ col-major, transposed).
+                self.gemm_for(
+                    WIDE_GEMM,
+                    false,
+                    true,
+                    d.hd,
+                    d.kv_len,
+                    n,
+                    at(pdo, qoff),
+                    w,
+                    at(p_ws, ws),
+                    d.kv_len,
+                    1.0,
+                    at(pdv, koff),
+                    w,
+                )?;
+                // dKᵀ_p += Qᵀ_p · dS.
+                self.gemm_for(
+                    WIDE_GEMM,
+                    false,
+                    true,
+                    d.hd,
+                    d.kv_len,
+                    n,
+                    at(pq, qoff),
+                    w,
+                    at(ds_ws, ws),
+                    d.kv_len,
+                    1.0,
+                    at(pdk, koff),
+                    w,
+                )?;
+                // dQᵀ_p (hd × n, ld w) += Kᵀ_p (hd × kv_len, ld w) · dSᵀ (kv_len × n, ld kv_len).
+                self.gemm_for(
+                    WIDE_GEMM,
+                    false,
+                    false,
+                    d.hd,
+                    n,
+                    d.kv_len,
+                    at(pk, koff),
+                    w,
+                    at(ds_ws, ws),
+                    d.kv_len,
+                    1.0,
+                    at(pdq, qoff),
+                    w,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -409,5 +737,42 @@ mod tests {
         assert_eq!(bf16_bucket(40), 48);
         assert_eq!(bf16_bucket(8), 16);
         assert_eq!(bf16_bucket(160), 160);
+    }
+
+    /// The chunks of the materialised path partition the (pair, query) rows in order, each within
+    /// the limit (unless one row exceeds it), and each piece maps to its own workspace rows.
+    #[test]
+    fn wide_chunks_partition_the_rows() {
+        for &(batch, heads, q_len, kv_len, limit) in &[
+            (1, 1, 4096, 4096, WIDE_WORKSPACE_ELEMS), // 512×512 VAE: one pair per chunk
+            (2, 1, 4096, 4096, WIDE_WORKSPACE_ELEMS),
+            (1, 1, 8192, 8192, WIDE_WORKSPACE_ELEMS), // a pair split over two chunks
+            (2, 3, 7, 5, 5 * 10),                     // chunks across pairs and splitting them
+            (2, 3, 7, 5, 1),                          // a row per chunk
+            (3, 2, 16, 16, 1 << 20),                  // everything in one chunk
+            (1, 2, 5, 0, 64),                         // no keys
+        ] {
+            let (per, chunks) = wide_chunks(batch, heads, q_len, kv_len, limit);
+            let total = batch * heads * q_len;
+            assert!(per >= 1 && (per * kv_len <= limit || per == 1), "{per} rows of {kv_len} over {limit}");
+            let mut next = 0;
+            for c in &chunks {
+                assert_eq!(c.row0, next);
+                assert!(c.nrows >= 1 && c.nrows <= per);
+                let mut ws = 0;
+                for g in &c.segs {
+                    assert_eq!(g.ws_row, ws);
+                    assert!(g.i0 < g.i1 && g.i1 <= q_len && g.b < batch && g.h < heads);
+                    assert_eq!((g.b * heads + g.h) * q_len + g.i0, c.row0 + ws);
+                    ws += g.i1 - g.i0;
+                }
+                assert_eq!(ws, c.nrows);
+                next += c.nrows;
+            }
+            assert_eq!(next, total);
+        }
+        assert_eq!(wide_chunks(1, 1, 4096, 4096, WIDE_WORKSPACE_ELEMS).1.len(), 1);
+        assert_eq!(wide_chunks(1, 1, 8192, 8192, WIDE_WORKSPACE_ELEMS).1.len(), 2);
+        assert_eq!(wide_chunks(0, 1, 5, 5, 10), (0, Vec::new()));
     }
 }

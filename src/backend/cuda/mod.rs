@@ -67,6 +67,8 @@ pub struct CudaBackend {
     f32_scratch: RefCell<[Scratch; SLOTS]>,
     allocations: Cell<usize>,
     allocated_bytes: Cell<usize>,
+    /// attention.rs: most elements of one score-matrix chunk (head_dim > 160).
+    attn_ws_limit: Cell<usize>,
     /// Per-kernel (calls, milliseconds) while profiling is on.
     profile: RefCell<Option<HashMap<String, (usize, f64)>>>,
 }
@@ -139,6 +141,7 @@ impl CudaBackend {
             f32_scratch: RefCell::new([Scratch::default(); SLOTS]),
             allocations: Cell::new(0),
             allocated_bytes: Cell::new(0),
+            attn_ws_limit: Cell::new(attention::WIDE_WORKSPACE_ELEMS),
             profile: RefCell::new(None),
         })
     }
@@ -313,11 +316,32 @@ impl CudaBackend {
         self.scratch(&self.f32_scratch, slot, n * 4, "f32 workspace")
     }
 
-    /// C (col-major m×n, ldc) = alpha·op(A)·op(B) + beta·C, f32 in memory; in bf16 mode cuBLAS may
-    /// round the operands to bf16 (compute type 32F_FAST_16BF) and use tensor cores.
+    /// C (col-major m×n, ldc) = op(A)·op(B) + beta·C, f32 in memory; in bf16 mode cuBLAS may
+    /// round the operands to bf16 (compute type 32F_FAST_16BF) and use tensor cores. (Linear layers.)
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) -> Result<()> {
+        self.gemm_for("cublas_gemm (linear layers)", ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+    }
+
+    /// As `gemm`, its time profiled under `label`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_for(
+        &self,
+        label: &str,
         ta: bool,
         tb: bool,
         m: usize,
@@ -368,9 +392,21 @@ impl CudaBackend {
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| anyhow!("cuBLAS: gemm {m}×{n}×{k}: {e:?}"));
+        .map_err(|e| anyhow!("cuBLAS: gemm {m}×{n}×{k} ({label}): {e:?}"));
         r?;
-        self.profile_end(timer, "cublas_gemm (linear layers)")
+        self.profile_end(timer, label)
+    }
+
+    /// The most elements of one score-matrix chunk of the attention path for head dims above 160
+    /// (attention.rs: the forward holds one such matrix in a workspace, the backward two).
+    pub fn attention_workspace_limit(&self) -> usize {
+        self.attn_ws_limit.get()
+    }
+
+    /// Sets `attention_workspace_limit` (at least one row is always processed; tests lower it to
+    /// exercise the chunking). Default 32 Mi elements (128 MiB).
+    pub fn set_attention_workspace_limit(&self, elems: usize) {
+        self.attn_ws_limit.set(elems.max(1));
     }
 }
 
