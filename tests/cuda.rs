@@ -497,6 +497,57 @@ mod suite {
         });
     }
 
+    /// Training steps allocate nothing either: 1 step and 4 steps (with latents cached, checkpoint at
+    /// the end) on fresh backends end with the same number of device allocations.
+    fn training_allocation_case(r: &mut Runner) {
+        r.case("allocations do not grow with the number of training steps", || {
+            use roentgen::train::run::{train, TrainConfig};
+            let dir = tempfile::tempdir()?;
+            let pipe = assemble_pipeline("pipe-a", dir.path());
+            // Four 16×16 gray images whose content follows the text.
+            std::fs::create_dir_all(dir.path().join("img"))?;
+            let mut manifest = String::new();
+            for i in 0..4u32 {
+                let img = image::GrayImage::from_fn(16, 16, |x, y| image::Luma([((x * 13 + y * 7 + i * 29) % 251) as u8]));
+                img.save(dir.path().join(format!("img/{i}.png")))?;
+                let text = ["Large left pleural effusion.", "No acute cardiopulmonary process."][i as usize % 2];
+                manifest.push_str(&format!("{{\"image\": \"img/{i}.png\", \"text\": \"{text}\"}}\n"));
+            }
+            let data = dir.path().join("train.jsonl");
+            std::fs::write(&data, manifest)?;
+            let count = |steps: usize| -> Result<usize> {
+                let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
+                let cfg = TrainConfig {
+                    model: pipe.clone(),
+                    data: data.clone(),
+                    output: dir.path().join(format!("run-{steps}")),
+                    resolution: 16,
+                    batch_size: 2,
+                    steps,
+                    seed: 3,
+                    optim: Default::default(),
+                    unet_init_random: false,
+                    checkpoint_every: 1000,
+                    resume: false,
+                    overwrite: true,
+                    cache_latents: true,
+                    log_every: 1,
+                    on_bad_image: roentgen::train::data::OnBadImage::Fail,
+                    variant: None,
+                    ema_decay: None,
+                    text_encoder: None,
+                    text_encoder_init_random: false,
+                    uncond_prob: 0.0,
+                };
+                train(&mut gpu, &cfg, &mut |_, _| {})?;
+                Ok(gpu.allocation_count())
+            };
+            let (short, long) = (count(1)?, count(4)?);
+            ensure!(short == long, "{short} device allocations for 1 training step, {long} for 4");
+            Ok(format!("{short} allocations for 1 step and for 4"))
+        });
+    }
+
     /// `roentgen sample` and `train-step` with --device cuda against --device cpu on fixture pipelines.
     fn end_to_end_cases(r: &mut Runner, precision: &str, bar: f64) {
         let sample = |device: &str, dir: &std::path::Path, pipe: &std::path::Path| -> Result<Vec<f32>> {
@@ -643,6 +694,7 @@ mod suite {
         }
         if std::env::var_os("ROENTGEN_CUDA_SKIP_E2E").is_none() {
             denoising_allocation_case(&mut r);
+            training_allocation_case(&mut r);
             end_to_end_cases(&mut r, "f32", 1e-4);
             // bf16 through a whole denoising loop / step: errors compound over ~20 layers and 6
             // steps, so the end-to-end bar is 5e-2 relative L2 (per operation it is 2e-2).
