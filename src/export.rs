@@ -46,8 +46,7 @@ pub fn export(src: &Path, dst: &Path, dtype: ExportDtype, ema: bool, overwrite: 
         std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    std::fs::copy(src.join("model_index.json"), tmp.join("model_index.json"))
-        .with_context(|| format!("{}: cannot copy model_index.json", src.display()))?;
+    write_model_index(src, &tmp)?;
     let mut report = ExportReport { components: Vec::new() };
     for comp in ["scheduler", "tokenizer"] {
         let from = src.join(comp);
@@ -91,7 +90,8 @@ fn copy_files(from: &Path, to: &Path) -> Result<()> {
     for e in std::fs::read_dir(from).with_context(|| format!("{}: cannot read", from.display()))? {
         let p = e?.path();
         if p.is_file() {
-            std::fs::copy(&p, to.join(p.file_name().unwrap())).with_context(|| format!("{}: cannot copy", p.display()))?;
+            std::fs::copy(&p, to.join(p.file_name().unwrap()))
+                .with_context(|| format!("{}: cannot copy", p.display()))?;
         }
     }
     Ok(())
@@ -133,4 +133,31 @@ fn convert(src: &Path, dst: &Path, dtype: ExportDtype) -> Result<(usize, u64)> {
     let bytes = safetensors::serialize(views, None).map_err(|e| anyhow::anyhow!("{}: {e}", dst.display()))?;
     std::fs::write(dst, &bytes).with_context(|| format!("{}: cannot write", dst.display()))?;
     Ok((bufs.len(), bytes.len() as u64))
+}
+
+/// model_index.json with every component whose folder the export does not contain (typically
+/// `safety_checker` and `feature_extractor`, which roentgen never writes) set to `[null, null]`, and
+/// `requires_safety_checker: false` when the safety checker is absent: how diffusers itself saves a
+/// pipeline without them, so `from_pretrained` loads the export without looking for missing folders.
+fn write_model_index(src: &Path, dst: &Path) -> Result<()> {
+    let path = src.join("model_index.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut index: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let obj = index.as_object_mut().with_context(|| format!("{}: not a JSON object", path.display()))?;
+    let shipped = |name: &str| MODEL_COMPONENTS.contains(&name) || ["scheduler", "tokenizer"].contains(&name);
+    let mut dropped_checker = false;
+    for (name, value) in obj.iter_mut() {
+        let is_component = !name.starts_with('_') && value.as_array().is_some_and(|a| a.len() == 2);
+        if is_component && !(shipped(name) && src.join(name).is_dir()) && !value[0].is_null() {
+            *value = serde_json::json!([null, null]);
+            dropped_checker |= name == "safety_checker";
+        }
+    }
+    if dropped_checker {
+        obj.insert("requires_safety_checker".into(), serde_json::Value::Bool(false));
+    }
+    let out = serde_json::to_string_pretty(&index)? + "\n";
+    std::fs::write(dst.join("model_index.json"), out)
+        .with_context(|| format!("{}: cannot write", dst.join("model_index.json").display()))
 }

@@ -17,9 +17,23 @@ fn sample_image(pipe: &std::path::Path, dir: &std::path::Path, tag: &str) -> Vec
     let dump = dir.join(format!("{tag}.safetensors"));
     let (code, _, err) = run_cli(
         &[
-            "sample", "--model", pipe.to_str().unwrap(), "--prompt", "Small right pleural effusion.",
-            "--height", "16", "--width", "16", "--steps", "4", "--seed", "5",
-            "--out", dir.join(tag).to_str().unwrap(), "--dump", dump.to_str().unwrap(),
+            "sample",
+            "--model",
+            pipe.to_str().unwrap(),
+            "--prompt",
+            "Small right pleural effusion.",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--steps",
+            "4",
+            "--seed",
+            "5",
+            "--out",
+            dir.join(tag).to_str().unwrap(),
+            "--dump",
+            dump.to_str().unwrap(),
         ],
         None,
     );
@@ -43,7 +57,8 @@ fn export_to_f16_samples_like_the_original() {
     std::fs::create_dir_all(pipe.join("training_state")).unwrap();
     std::fs::write(pipe.join("training_state/trainer.json"), "{}").unwrap();
     let out = dir.path().join("exported");
-    let (code, stdout, err) = run_cli(&["export", "--model", pipe.to_str().unwrap(), "--out", out.to_str().unwrap()], None);
+    let (code, stdout, err) =
+        run_cli(&["export", "--model", pipe.to_str().unwrap(), "--out", out.to_str().unwrap()], None);
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("unet") && stdout.contains("wrote"), "{stdout}");
     assert!(!out.join("training_state").exists());
@@ -74,8 +89,37 @@ fn export_to_f16_samples_like_the_original() {
 #[test]
 fn export_refuses_a_folder_that_is_not_a_pipeline() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, _, err) =
-        run_cli(&["export", "--model", dir.path().to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()], None);
+    let (code, _, err) = run_cli(
+        &["export", "--model", dir.path().to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()],
+        None,
+    );
     assert_eq!(code, 1);
     assert!(err.contains("model_index.json"), "{err}");
+}
+
+/// A pipeline whose model_index.json names a safety checker and feature extractor it does not have
+/// (SD v1.4's, as training checkpoints copy it) exports with those set to [null, null] and
+/// `requires_safety_checker: false`, diffusers' form for a pipeline saved without them.
+#[test]
+fn export_nulls_components_that_are_not_shipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    std::fs::copy(sd14_config().join("model_index.json"), pipe.join("model_index.json")).unwrap();
+    let out = dir.path().join("exported");
+    let (code, _, err) = run_cli(&["export", "--model", pipe.to_str().unwrap(), "--out", out.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{err}");
+    let src: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pipe.join("model_index.json")).unwrap()).unwrap();
+    assert_eq!(src["safety_checker"][1], "StableDiffusionSafetyChecker", "the input must name a safety checker");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model_index.json")).unwrap()).unwrap();
+    for comp in ["safety_checker", "feature_extractor"] {
+        assert_eq!(v[comp], serde_json::json!([null, null]), "{comp}: {v}");
+    }
+    assert_eq!(v["requires_safety_checker"], false);
+    for comp in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        assert_eq!(v[comp], src[comp], "{comp} must be kept as it was");
+    }
+    // and it still samples
+    sample_image(&out, dir.path(), "nulled");
 }
