@@ -50,7 +50,8 @@ fn main() {
         .collect();
     let verbose = std::env::var("ROENTGEN_PTXAS_VERBOSE").is_ok_and(|v| v == "1");
 
-    let mut modules = String::from("/// (module name, fatbin) for every kernels/*.cu.\npub const MODULES: &[(&str, &[u8])] = &[\n");
+    let mut modules =
+        String::from("/// (module name, fatbin) for every kernels/*.cu.\npub const MODULES: &[(&str, &[u8])] = &[\n");
     let mut report = String::new();
     let mut spills = Vec::new();
     for src in &sources {
@@ -102,8 +103,13 @@ fn main() {
             spills.join("\n")
         );
     }
-    modules.push_str(&format!("/// ptxas's report: one line per kernel and architecture.\npub const PTXAS_REPORT: &str = {report:?};\n"));
-    modules.push_str(&format!("/// The nvcc that compiled the kernels.\npub const NVCC: &str = {:?};\n", nvcc.display().to_string()));
+    modules.push_str(&format!(
+        "/// ptxas's report: one line per kernel and architecture.\npub const PTXAS_REPORT: &str = {report:?};\n"
+    ));
+    modules.push_str(&format!(
+        "/// The nvcc that compiled the kernels.\npub const NVCC: &str = {:?};\n",
+        nvcc.display().to_string()
+    ));
     std::fs::write(out_dir.join("kernels.rs"), modules).unwrap();
 }
 
@@ -142,9 +148,7 @@ struct PtxasKernel {
 /// frame, S bytes spill stores, L bytes spill loads", then "Used R registers, ... B bytes smem".
 fn parse_ptxas(log: &str) -> Vec<PtxasKernel> {
     let num_before = |line: &str, unit: &str| -> u32 {
-        line.find(unit)
-            .and_then(|i| line[..i].split_whitespace().last().and_then(|w| w.parse().ok()))
-            .unwrap_or(0)
+        line.find(unit).and_then(|i| line[..i].split_whitespace().last().and_then(|w| w.parse().ok())).unwrap_or(0)
     };
     let mut out: Vec<PtxasKernel> = Vec::new();
     for line in log.lines() {

@@ -101,7 +101,13 @@ type Timing = ((f64, f64), Vec<(String, usize, f64)>);
 
 /// (mean, min) milliseconds over `iters` calls after `warmup`, and with `profile` the per-kernel
 /// times of one more call.
-fn time_it(b: &dyn Backend, profile: bool, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+fn time_it(
+    b: &dyn Backend,
+    profile: bool,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Timing> {
     for _ in 0..warmup {
         f()?;
     }
@@ -133,22 +139,27 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
     if o.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let report =
-        |stage: &str, shape: String, params, act: usize, flops: u64, ((mean, min), kernels): Timing, b: &dyn Backend| {
-            BenchReport {
-                stage: stage.into(),
-                backend: b.name(),
-                shape,
-                parameters: params,
-                activation_bytes: act * 4,
-                iters: o.iters,
-                mean_ms: mean,
-                min_ms: min,
-                gflop_per_call: flops as f64 / 1e9,
-                achieved_gflops: flops as f64 / 1e9 / (min / 1e3),
-                kernels,
-            }
-        };
+    let report = |stage: &str,
+                  shape: String,
+                  params,
+                  act: usize,
+                  flops: u64,
+                  ((mean, min), kernels): Timing,
+                  b: &dyn Backend| {
+        BenchReport {
+            stage: stage.into(),
+            backend: b.name(),
+            shape,
+            parameters: params,
+            activation_bytes: act * 4,
+            iters: o.iters,
+            mean_ms: mean,
+            min_ms: min,
+            gflop_per_call: flops as f64 / 1e9,
+            achieved_gflops: flops as f64 / 1e9 / (min / 1e3),
+            kernels,
+        }
+    };
     match stage {
         Stage::Unet => {
             let dir = weights::component_dir(o.model, "unet")?;

@@ -616,7 +616,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::Phantom(a) => roentgen::phantom::run_phantom(a),
         Command::Prepare(cmd) => roentgen::prepare::run(cmd),
         Command::Eval(cmd) => roentgen::eval::run(cmd),
-        Command::Bench { stage, model, random_weights, variant, height, width, batch, warmup, iters, profile, json } => {
+        Command::Bench {
+            stage,
+            model,
+            random_weights,
+            variant,
+            height,
+            width,
+            batch,
+            warmup,
+            iters,
+            profile,
+            json,
+        } => {
             let mut b = backend::create(cli.global.device, cli.global.precision)?;
             let opts = roentgen::bench::BenchOptions {
                 model: &model,
@@ -668,10 +680,8 @@ fn output_paths(out: &Path, n: usize, seed: u64) -> Result<Vec<PathBuf>> {
 /// The bundled demo pipeline: weights/phantom-demo next to the binary's source tree, or under the
 /// current folder.
 fn demo_model() -> Result<PathBuf> {
-    let candidates = [
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/phantom-demo"),
-        PathBuf::from("weights/phantom-demo"),
-    ];
+    let candidates =
+        [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/phantom-demo"), PathBuf::from("weights/phantom-demo")];
     candidates.iter().find(|p| p.join("model_index.json").is_file()).cloned().with_context(|| {
         format!(
             "no --model given and the bundled demo model is not at {} (a checkout of roentgen has it); \

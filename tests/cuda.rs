@@ -179,16 +179,43 @@ mod suite {
         // layer norm
         for &(rows, cols) in &[(3, 32), (154, 768), (5, 1000)] {
             let x: Vec<f32> = rng.normal(rows * cols).into_iter().map(|v| v * 2.0 + 0.5).collect();
-            let ins = vec![vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows], x.clone(), rng.normal(cols), rng.normal(cols)];
+            let ins = vec![
+                vec![0.0; rows * cols],
+                vec![0.0; rows],
+                vec![0.0; rows],
+                x.clone(),
+                rng.normal(cols),
+                rng.normal(cols),
+            ];
             g(format!("layer_norm_forward {rows}x{cols}"), ins, &[0, 1, 2], &|b, t| {
                 b.layer_norm_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], rows, cols, 1e-5)
             });
             // backward from the statistics the CPU computes of x
             let mut cpu = CpuBackend::new();
-            let st = place(&mut cpu, &[vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows], x.clone(), vec![1.0; cols], vec![0.0; cols]]).unwrap();
+            let st = place(
+                &mut cpu,
+                &[
+                    vec![0.0; rows * cols],
+                    vec![0.0; rows],
+                    vec![0.0; rows],
+                    x.clone(),
+                    vec![1.0; cols],
+                    vec![0.0; cols],
+                ],
+            )
+            .unwrap();
             cpu.layer_norm_forward(&st[0], &st[1], &st[2], &st[3], &st[4], &st[5], rows, cols, 1e-5).unwrap();
             let (mean, rstd) = (cpu.download(&st[1]).unwrap(), cpu.download(&st[2]).unwrap());
-            let ins = vec![rng.normal(rows * cols), rng.normal(cols), rng.normal(cols), rng.normal(rows * cols), x, rng.normal(cols), mean, rstd];
+            let ins = vec![
+                rng.normal(rows * cols),
+                rng.normal(cols),
+                rng.normal(cols),
+                rng.normal(rows * cols),
+                x,
+                rng.normal(cols),
+                mean,
+                rstd,
+            ];
             g(format!("layer_norm_backward {rows}x{cols}"), ins, &[0, 1, 2], &|b, t| {
                 b.layer_norm_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], rows, cols)
             });
@@ -198,37 +225,66 @@ mod suite {
         for &(n, hw, c, gr) in &[(2, 16, 64, 32), (1, 4096, 320, 32), (2, 256, 32, 8), (1, 49, 96, 32)] {
             for silu in [false, true] {
                 let x: Vec<f32> = rng.normal(n * hw * c).into_iter().map(|v| v * 1.5 - 0.3).collect();
-                let ins = vec![vec![0.0; n * hw * c], vec![0.0; n * gr], vec![0.0; n * gr], x.clone(), rng.normal(c), rng.normal(c)];
+                let ins = vec![
+                    vec![0.0; n * hw * c],
+                    vec![0.0; n * gr],
+                    vec![0.0; n * gr],
+                    x.clone(),
+                    rng.normal(c),
+                    rng.normal(c),
+                ];
                 g(format!("group_norm_forward {n}x{hw}x{c}/{gr} silu={silu}"), ins, &[0, 1, 2], &|b, t| {
                     b.group_norm_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], n, hw, c, gr, 1e-5, silu)
                 });
                 let mut cpu = CpuBackend::new();
                 let (w, bi) = (rng.normal(c), rng.normal(c));
-                let st = place(&mut cpu, &[vec![0.0; n * hw * c], vec![0.0; n * gr], vec![0.0; n * gr], x.clone(), w.clone(), bi.clone()]).unwrap();
-                cpu.group_norm_forward(&st[0], &st[1], &st[2], &st[3], &st[4], &st[5], n, hw, c, gr, 1e-5, silu).unwrap();
+                let st = place(
+                    &mut cpu,
+                    &[vec![0.0; n * hw * c], vec![0.0; n * gr], vec![0.0; n * gr], x.clone(), w.clone(), bi.clone()],
+                )
+                .unwrap();
+                cpu.group_norm_forward(&st[0], &st[1], &st[2], &st[3], &st[4], &st[5], n, hw, c, gr, 1e-5, silu)
+                    .unwrap();
                 let (mean, rstd) = (cpu.download(&st[1]).unwrap(), cpu.download(&st[2]).unwrap());
-                let ins = vec![rng.normal(n * hw * c), rng.normal(c), rng.normal(c), rng.normal(n * hw * c), x, w, bi, mean, rstd];
+                let ins = vec![
+                    rng.normal(n * hw * c),
+                    rng.normal(c),
+                    rng.normal(c),
+                    rng.normal(n * hw * c),
+                    x,
+                    w,
+                    bi,
+                    mean,
+                    rstd,
+                ];
                 g(format!("group_norm_backward {n}x{hw}x{c}/{gr} silu={silu}"), ins, &[0, 1, 2], &|b, t| {
-                    b.group_norm_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], n, hw, c, gr, silu)
+                    b.group_norm_backward(
+                        &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], n, hw, c, gr, silu,
+                    )
                 });
             }
         }
 
         // convolution: (batch, h, w, c_in, c_out, kernel, stride, pad)
         let convs: &[(usize, usize, usize, usize, usize, usize, usize, [usize; 4])] = &[
-            (2, 8, 8, 4, 32, 3, 1, [1, 1, 1, 1]),     // conv_in of a small U-Net
+            (2, 8, 8, 4, 32, 3, 1, [1, 1, 1, 1]),      // conv_in of a small U-Net
             (1, 64, 64, 320, 320, 3, 1, [1, 1, 1, 1]), // SD's 64×64 resnet conv
-            (2, 16, 16, 64, 64, 3, 2, [1, 1, 1, 1]),  // U-Net downsampler
-            (1, 17, 15, 32, 16, 3, 2, [0, 1, 0, 1]),  // the VAE's asymmetric-pad downsampler, odd sizes
-            (2, 9, 9, 48, 24, 1, 1, [0, 0, 0, 0]),    // 1×1 shortcut
-            (1, 12, 12, 3, 16, 3, 1, [1, 1, 1, 1]),   // RGB input
-            (1, 8, 8, 32, 4, 3, 1, [1, 1, 1, 1]),     // conv_out to 4 latent channels
+            (2, 16, 16, 64, 64, 3, 2, [1, 1, 1, 1]),   // U-Net downsampler
+            (1, 17, 15, 32, 16, 3, 2, [0, 1, 0, 1]),   // the VAE's asymmetric-pad downsampler, odd sizes
+            (2, 9, 9, 48, 24, 1, 1, [0, 0, 0, 0]),     // 1×1 shortcut
+            (1, 12, 12, 3, 16, 3, 1, [1, 1, 1, 1]),    // RGB input
+            (1, 8, 8, 32, 4, 3, 1, [1, 1, 1, 1]),      // conv_out to 4 latent channels
         ];
         for &(n, h, w, ci, co, k, s, pad) in convs {
             let oh = (h + pad[0] + pad[1] - k) / s + 1;
             let ow = (w + pad[2] + pad[3] - k) / s + 1;
             let fan = (ci * k * k) as f32;
-            let ins = vec![rng.normal(n * oh * ow * co), rng.normal(n * h * w * ci), rng.scaled(co * ci * k * k, fan.powf(-0.5)), rng.normal(co)];
+            let ins = vec![
+                rng.normal(n * oh * ow * co),
+                rng.normal(n * h * w * ci),
+                rng.scaled(co * ci * k * k, fan.powf(-0.5)),
+                rng.normal(co),
+            ];
             let name = format!("{n}x{h}x{w}x{ci}->{co} k{k} s{s} pad{pad:?}");
             g(format!("conv2d_forward {name}"), ins, &[0], &|b, t| {
                 b.conv2d_forward(&t[0], &t[1], &t[2], Some(&t[3]), n, h, w, ci, co, k, s, pad)
@@ -258,9 +314,9 @@ mod suite {
             (2, 64, 64, 8, 160, false),    // SD 8×8 self-attention
             (1, 33, 19, 3, 24, false),     // odd sizes
             // head_dim > 160: the materialised path (cuBLAS + row softmax)
-            (2, 40, 40, 1, 512, false),    // the VAE's mid-block attention (one head of 512), small
-            (2, 33, 45, 2, 200, false),    // two heads of 200 (a head's rows strided in the token rows)
-            (1, 40, 40, 2, 200, true),     // causal
+            (2, 40, 40, 1, 512, false), // the VAE's mid-block attention (one head of 512), small
+            (2, 33, 45, 2, 200, false), // two heads of 200 (a head's rows strided in the token rows)
+            (1, 40, 40, 2, 200, true),  // causal
             (1, 1024, 1024, 1, 512, false), // a 256×256 VAE's mid-block (32×32 latent)
         ];
         for &(bt, ql, kl, hd, dh, causal) in atts {
@@ -276,12 +332,26 @@ mod suite {
                 continue; // the backward at 4096×77 is covered by the smaller shapes; keep the CPU time sane
             }
             let mut cpu = CpuBackend::new();
-            let st = place(&mut cpu, &[vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()]).unwrap();
+            let st =
+                place(&mut cpu, &[vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()])
+                    .unwrap();
             cpu.attention_forward(&st[0], &st[1], &st[2], &st[3], &st[4], bt, ql, kl, hd, dh, sc, causal).unwrap();
             let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
-            let ins = vec![rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d), rng.normal(bt * ql * d), q, k, v, o, lse];
+            let ins = vec![
+                rng.normal(bt * ql * d),
+                rng.normal(bt * kl * d),
+                rng.normal(bt * kl * d),
+                rng.normal(bt * ql * d),
+                q,
+                k,
+                v,
+                o,
+                lse,
+            ];
             g(format!("attention_backward {name}"), ins, &[0, 1, 2], &|b, t| {
-                b.attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], bt, ql, kl, hd, dh, sc, causal)
+                b.attention_backward(
+                    &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], bt, ql, kl, hd, dh, sc, causal,
+                )
             });
         }
         // masked attention (BERT): padding keys of a 2-sequence batch
@@ -296,12 +366,25 @@ mod suite {
                 b.masked_attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &m2, bt, l, l, hd, dh, sc)
             });
             let mut cpu = CpuBackend::new();
-            let st = place(&mut cpu, &[vec![0.0; bt * l * d], vec![0.0; bt * l * hd], q.clone(), k.clone(), v.clone()]).unwrap();
+            let st = place(&mut cpu, &[vec![0.0; bt * l * d], vec![0.0; bt * l * hd], q.clone(), k.clone(), v.clone()])
+                .unwrap();
             cpu.masked_attention_forward(&st[0], &st[1], &st[2], &st[3], &st[4], &mask, bt, l, l, hd, dh, sc).unwrap();
             let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
-            let ins = vec![rng.normal(bt * l * d), rng.normal(bt * l * d), rng.normal(bt * l * d), rng.normal(bt * l * d), q, k, v, o, lse];
+            let ins = vec![
+                rng.normal(bt * l * d),
+                rng.normal(bt * l * d),
+                rng.normal(bt * l * d),
+                rng.normal(bt * l * d),
+                q,
+                k,
+                v,
+                o,
+                lse,
+            ];
             g(format!("masked_attention_backward b{bt} l{l} h{hd} d{dh}"), ins, &[0, 1, 2], &|b, t| {
-                b.masked_attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &mask, bt, l, l, hd, dh, sc)
+                b.masked_attention_backward(
+                    &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &mask, bt, l, l, hd, dh, sc,
+                )
             });
         }
 
@@ -309,67 +392,110 @@ mod suite {
         for &n in &[1000usize, 1 << 20] {
             for act in ACTS {
                 let x = rng.scaled(n, 3.0);
-                g(format!("activation_forward {act:?} n{n}"), vec![vec![0.0; n], x.clone()], &[0], &|b, t| b.activation_forward(&t[0], &t[1], act, n));
+                g(format!("activation_forward {act:?} n{n}"), vec![vec![0.0; n], x.clone()], &[0], &|b, t| {
+                    b.activation_forward(&t[0], &t[1], act, n)
+                });
                 g(format!("activation_backward {act:?} n{n}"), vec![rng.normal(n), rng.normal(n), x], &[0], &|b, t| {
                     b.activation_backward(&t[0], &t[1], &t[2], act, n)
                 });
             }
-            g(format!("add_forward n{n}"), vec![vec![0.0; n], rng.normal(n), rng.normal(n)], &[0], &|b, t| b.add_forward(&t[0], &t[1], &t[2], n));
-            g(format!("accumulate n{n}"), vec![rng.normal(n), rng.normal(n)], &[0], &|b, t| b.accumulate(&t[0], &t[1], n));
+            g(format!("add_forward n{n}"), vec![vec![0.0; n], rng.normal(n), rng.normal(n)], &[0], &|b, t| {
+                b.add_forward(&t[0], &t[1], &t[2], n)
+            });
+            g(format!("accumulate n{n}"), vec![rng.normal(n), rng.normal(n)], &[0], &|b, t| {
+                b.accumulate(&t[0], &t[1], n)
+            });
             g(format!("scale n{n}"), vec![rng.normal(n)], &[0], &|b, t| b.scale(&t[0], -0.37, n));
             g(format!("lerp n{n}"), vec![rng.normal(n), rng.normal(n)], &[0], &|b, t| b.lerp(&t[0], &t[1], n, 0.0123));
             g(format!("zero n{n}"), vec![rng.normal(n)], &[0], &|b, t| b.zero(&t[0]));
-            g(format!("mse_loss n{n}"), vec![rng.normal(n), vec![0.0], rng.normal(n), rng.normal(n)], &[0, 1], &|b, t| {
-                b.mse_loss(&t[0], &t[1], &t[2], &t[3], n)
+            g(
+                format!("mse_loss n{n}"),
+                vec![rng.normal(n), vec![0.0], rng.normal(n), rng.normal(n)],
+                &[0, 1],
+                &|b, t| b.mse_loss(&t[0], &t[1], &t[2], &t[3], n),
+            );
+            g(format!("sum_squares n{n}"), vec![vec![0.0], rng.normal(n)], &[0], &|b, t| {
+                b.sum_squares(&t[0], &t[1], n)
             });
-            g(format!("sum_squares n{n}"), vec![vec![0.0], rng.normal(n)], &[0], &|b, t| b.sum_squares(&t[0], &t[1], n));
             let vv: Vec<f32> = rng.normal(n).into_iter().map(|x| x * x * 1e-3).collect();
-            g(format!("adamw_step n{n}"), vec![rng.normal(n), rng.scaled(n, 0.1), rng.scaled(n, 0.01), vv], &[0, 2, 3], &|b, t| {
-                b.adamw_step(&t[0], &t[1], &t[2], &t[3], n, 1e-3, 0.9, 0.999, 1e-8, 1e-2, 7)
-            });
+            g(
+                format!("adamw_step n{n}"),
+                vec![rng.normal(n), rng.scaled(n, 0.1), rng.scaled(n, 0.01), vv],
+                &[0, 2, 3],
+                &|b, t| b.adamw_step(&t[0], &t[1], &t[2], &t[3], n, 1e-3, 0.9, 0.999, 1e-8, 1e-2, 7),
+            );
         }
         for &(n, rows, c) in &[(2, 64, 320), (1, 7, 33)] {
-            g(format!("add_bias_rows_forward {n}x{rows}x{c}"), vec![vec![0.0; n * rows * c], rng.normal(n * rows * c), rng.normal(n * c)], &[0], &|b, t| {
-                b.add_bias_rows_forward(&t[0], &t[1], &t[2], n, rows, c)
-            });
-            g(format!("add_bias_rows_backward {n}x{rows}x{c}"), vec![rng.normal(n * c), rng.normal(n * rows * c)], &[0], &|b, t| {
-                b.add_bias_rows_backward(&t[0], &t[1], n, rows, c)
-            });
+            g(
+                format!("add_bias_rows_forward {n}x{rows}x{c}"),
+                vec![vec![0.0; n * rows * c], rng.normal(n * rows * c), rng.normal(n * c)],
+                &[0],
+                &|b, t| b.add_bias_rows_forward(&t[0], &t[1], &t[2], n, rows, c),
+            );
+            g(
+                format!("add_bias_rows_backward {n}x{rows}x{c}"),
+                vec![rng.normal(n * c), rng.normal(n * rows * c)],
+                &[0],
+                &|b, t| b.add_bias_rows_backward(&t[0], &t[1], n, rows, c),
+            );
         }
         for &(rows, ca, cb) in &[(128, 320, 640), (9, 3, 5)] {
-            g(format!("concat_channels_forward {rows}x({ca}+{cb})"), vec![vec![0.0; rows * (ca + cb)], rng.normal(rows * ca), rng.normal(rows * cb)], &[0], &|b, t| {
-                b.concat_channels_forward(&t[0], &t[1], &t[2], rows, ca, cb)
-            });
-            g(format!("concat_channels_backward {rows}x({ca}+{cb})"), vec![rng.normal(rows * ca), rng.normal(rows * cb), rng.normal(rows * (ca + cb))], &[0, 1], &|b, t| {
-                b.concat_channels_backward(&t[0], &t[1], &t[2], rows, ca, cb)
-            });
+            g(
+                format!("concat_channels_forward {rows}x({ca}+{cb})"),
+                vec![vec![0.0; rows * (ca + cb)], rng.normal(rows * ca), rng.normal(rows * cb)],
+                &[0],
+                &|b, t| b.concat_channels_forward(&t[0], &t[1], &t[2], rows, ca, cb),
+            );
+            g(
+                format!("concat_channels_backward {rows}x({ca}+{cb})"),
+                vec![rng.normal(rows * ca), rng.normal(rows * cb), rng.normal(rows * (ca + cb))],
+                &[0, 1],
+                &|b, t| b.concat_channels_backward(&t[0], &t[1], &t[2], rows, ca, cb),
+            );
         }
         for &(rows, inner) in &[(4096, 1280), (7, 12)] {
             let x = rng.scaled(rows * 2 * inner, 2.0);
-            g(format!("geglu_forward {rows}x{inner}"), vec![vec![0.0; rows * inner], x.clone()], &[0], &|b, t| b.geglu_forward(&t[0], &t[1], rows, inner));
-            g(format!("geglu_backward {rows}x{inner}"), vec![rng.normal(rows * 2 * inner), rng.normal(rows * inner), x], &[0], &|b, t| {
-                b.geglu_backward(&t[0], &t[1], &t[2], rows, inner)
+            g(format!("geglu_forward {rows}x{inner}"), vec![vec![0.0; rows * inner], x.clone()], &[0], &|b, t| {
+                b.geglu_forward(&t[0], &t[1], rows, inner)
             });
+            g(
+                format!("geglu_backward {rows}x{inner}"),
+                vec![rng.normal(rows * 2 * inner), rng.normal(rows * inner), x],
+                &[0],
+                &|b, t| b.geglu_backward(&t[0], &t[1], &t[2], rows, inner),
+            );
         }
         for &(n, ih, iw, oh, ow, c) in &[(2, 8, 8, 16, 16, 64), (1, 5, 7, 10, 14, 3), (1, 4, 4, 7, 9, 8)] {
-            g(format!("upsample_nearest_forward {ih}x{iw}->{oh}x{ow}x{c}"), vec![vec![0.0; n * oh * ow * c], rng.normal(n * ih * iw * c)], &[0], &|b, t| {
-                b.upsample_nearest_forward(&t[0], &t[1], n, ih, iw, oh, ow, c)
-            });
-            g(format!("upsample_nearest_backward {ih}x{iw}->{oh}x{ow}x{c}"), vec![rng.normal(n * ih * iw * c), rng.normal(n * oh * ow * c)], &[0], &|b, t| {
-                b.upsample_nearest_backward(&t[0], &t[1], n, ih, iw, oh, ow, c)
-            });
+            g(
+                format!("upsample_nearest_forward {ih}x{iw}->{oh}x{ow}x{c}"),
+                vec![vec![0.0; n * oh * ow * c], rng.normal(n * ih * iw * c)],
+                &[0],
+                &|b, t| b.upsample_nearest_forward(&t[0], &t[1], n, ih, iw, oh, ow, c),
+            );
+            g(
+                format!("upsample_nearest_backward {ih}x{iw}->{oh}x{ow}x{c}"),
+                vec![rng.normal(n * ih * iw * c), rng.normal(n * oh * ow * c)],
+                &[0],
+                &|b, t| b.upsample_nearest_backward(&t[0], &t[1], n, ih, iw, oh, ow, c),
+            );
         }
         for &(bt, seq, dim, vocab) in &[(2, 77, 768, 49408), (3, 5, 8, 11)] {
             let ids: Vec<u32> = (0..bt * seq).map(|_| (rng.next() % vocab as u64) as u32).collect();
             let i2 = ids.clone();
-            g(format!("embedding_forward b{bt} s{seq} d{dim}"), vec![vec![0.0; bt * seq * dim], rng.normal(vocab * dim), rng.normal(77 * dim)], &[0], &|b, t| {
-                b.embedding_forward(&t[0], &i2, &t[1], &t[2], bt, seq, dim)
-            });
+            g(
+                format!("embedding_forward b{bt} s{seq} d{dim}"),
+                vec![vec![0.0; bt * seq * dim], rng.normal(vocab * dim), rng.normal(77 * dim)],
+                &[0],
+                &|b, t| b.embedding_forward(&t[0], &i2, &t[1], &t[2], bt, seq, dim),
+            );
             let mut ids = ids;
             ids[1] = ids[0]; // a repeated id accumulates twice
-            g(format!("embedding_backward b{bt} s{seq} d{dim}"), vec![rng.normal(vocab * dim), rng.normal(77 * dim), rng.normal(bt * seq * dim)], &[0, 1], &|b, t| {
-                b.embedding_backward(&t[0], &t[1], &t[2], &ids, bt, seq, dim)
-            });
+            g(
+                format!("embedding_backward b{bt} s{seq} d{dim}"),
+                vec![rng.normal(vocab * dim), rng.normal(77 * dim), rng.normal(bt * seq * dim)],
+                &[0, 1],
+                &|b, t| b.embedding_backward(&t[0], &t[1], &t[2], &ids, bt, seq, dim),
+            );
         }
     }
 
@@ -389,7 +515,8 @@ mod suite {
             let d = hd * dh;
             let sc = 1.0 / (dh as f32).sqrt();
             let name = format!("b{bt} q{ql} kv{kl} h{hd} d{dh} causal={causal} masked={masked}, chunks of {rows} rows");
-            let mask: Vec<u32> = (0..bt * kl).map(|i| u32::from(i % kl < kl - 3 * (i / kl) - 1 || i % 5 == 0)).collect();
+            let mask: Vec<u32> =
+                (0..bt * kl).map(|i| u32::from(i % kl < kl - 3 * (i / kl) - 1 || i % 5 == 0)).collect();
             let (q, k, v) = (rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d));
             let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()];
             let fwd = |b: &dyn Backend, t: &[Tensor]| {
@@ -404,13 +531,29 @@ mod suite {
             let st = place(&mut cpu, &ins).unwrap();
             fwd(&cpu, &st).unwrap();
             let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
-            let ins = vec![rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d), rng.normal(bt * ql * d), q, k, v, o, lse];
+            let ins = vec![
+                rng.normal(bt * ql * d),
+                rng.normal(bt * kl * d),
+                rng.normal(bt * kl * d),
+                rng.normal(bt * ql * d),
+                q,
+                k,
+                v,
+                o,
+                lse,
+            ];
             r.case(&format!("{tag}/wide attention_backward {name}"), || {
                 compare(gpu, bf16, &ins, &[0, 1, 2], &|b, t| {
                     if masked {
-                        b.masked_attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &mask, bt, ql, kl, hd, dh, sc)
+                        b.masked_attention_backward(
+                            &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &mask, bt, ql, kl, hd, dh,
+                            sc,
+                        )
                     } else {
-                        b.attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], bt, ql, kl, hd, dh, sc, causal)
+                        b.attention_backward(
+                            &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], bt, ql, kl, hd, dh, sc,
+                            causal,
+                        )
                     }
                 })
             });
@@ -423,13 +566,22 @@ mod suite {
             let win = |off: usize, n: usize| Tensor { pool: t[0].pool, offset: t[0].offset + off, shape: [n].into() };
             let (q, o) = (win(0, l * dh), win(l * dh / 2, l * dh));
             let e = gpu.attention_forward(&o, &t[1], &q, &q, &q, 1, l, l, 1, dh, 0.1, false).err();
-            ensure!(e.is_some_and(|e| e.to_string().contains("overlaps")), "attention_forward with out overlapping q was accepted");
+            ensure!(
+                e.is_some_and(|e| e.to_string().contains("overlaps")),
+                "attention_forward with out overlapping q was accepted"
+            );
             let e = gpu.attention_backward(&o, &o, &o, &q, &q, &q, &q, &q, &t[1], 1, l, l, 1, dh, 0.1, false).err();
-            ensure!(e.is_some_and(|e| e.to_string().contains("overlap")), "attention_backward with dq = dk = dv was accepted");
+            ensure!(
+                e.is_some_and(|e| e.to_string().contains("overlap")),
+                "attention_backward with dq = dk = dv was accepted"
+            );
             let w = &t[2];
             let out = Tensor { pool: w.pool, offset: w.offset, shape: [4 * 4 * 4].into() };
             let e = gpu.conv2d_forward(&out, &q, w, None, 1, 4, 4, 4, 4, 3, 1, [1, 1, 1, 1]).err();
-            ensure!(e.is_some_and(|e| e.to_string().contains("overlaps")), "conv2d_forward with out overlapping the weight was accepted");
+            ensure!(
+                e.is_some_and(|e| e.to_string().contains("overlaps")),
+                "conv2d_forward with out overlapping the weight was accepted"
+            );
             gpu.synchronize()?;
             Ok("refused".into())
         });
@@ -441,7 +593,27 @@ mod suite {
             let mut rng = Rng(9);
             let (bt, l, hd, dh, n) = (2, 77, 4, 16, 4096);
             let d = hd * dh;
-            let t = place(gpu, &[vec![0.0; bt * l * d], vec![0.0; bt * l * hd], rng.normal(bt * l * d), rng.normal(bt * l * d), rng.normal(bt * l * d), vec![0.0], rng.normal(n), rng.normal(49408 * 8), rng.normal(77 * 8), vec![0.0; bt * l * 8], vec![0.0; 2 * 256 * 32], vec![0.0; 2 * 8], vec![0.0; 2 * 8], rng.normal(2 * 256 * 32), rng.normal(32), rng.normal(32)])?;
+            let t = place(
+                gpu,
+                &[
+                    vec![0.0; bt * l * d],
+                    vec![0.0; bt * l * hd],
+                    rng.normal(bt * l * d),
+                    rng.normal(bt * l * d),
+                    rng.normal(bt * l * d),
+                    vec![0.0],
+                    rng.normal(n),
+                    rng.normal(49408 * 8),
+                    rng.normal(77 * 8),
+                    vec![0.0; bt * l * 8],
+                    vec![0.0; 2 * 256 * 32],
+                    vec![0.0; 2 * 8],
+                    vec![0.0; 2 * 8],
+                    rng.normal(2 * 256 * 32),
+                    rng.normal(32),
+                    rng.normal(32),
+                ],
+            )?;
             let mask: Vec<u32> = (0..bt * l).map(|i| u32::from(i % l < 50)).collect();
             let ids: Vec<u32> = (0..bt * l).map(|i| (i * 613 % 49408) as u32).collect();
             let round = |gpu: &CudaBackend| -> Result<()> {
@@ -508,7 +680,8 @@ mod suite {
             std::fs::create_dir_all(dir.path().join("img"))?;
             let mut manifest = String::new();
             for i in 0..4u32 {
-                let img = image::GrayImage::from_fn(16, 16, |x, y| image::Luma([((x * 13 + y * 7 + i * 29) % 251) as u8]));
+                let img =
+                    image::GrayImage::from_fn(16, 16, |x, y| image::Luma([((x * 13 + y * 7 + i * 29) % 251) as u8]));
                 img.save(dir.path().join(format!("img/{i}.png")))?;
                 let text = ["Large left pleural effusion.", "No acute cardiopulmonary process."][i as usize % 2];
                 manifest.push_str(&format!("{{\"image\": \"img/{i}.png\", \"text\": \"{text}\"}}\n"));
@@ -554,10 +727,29 @@ mod suite {
             let dump = dir.join(format!("dump-{device}.safetensors"));
             let (code, _, err) = run_cli(
                 &[
-                    "--device", device, "--precision", precision, "sample", "--model", pipe.to_str().unwrap(),
-                    "--prompt", "Large left pleural effusion.", "--prompt", "No acute cardiopulmonary process.",
-                    "--height", "16", "--width", "16", "--steps", "6", "--seed", "3",
-                    "--out", dir.join(format!("png-{device}")).to_str().unwrap(), "--dump", dump.to_str().unwrap(),
+                    "--device",
+                    device,
+                    "--precision",
+                    precision,
+                    "sample",
+                    "--model",
+                    pipe.to_str().unwrap(),
+                    "--prompt",
+                    "Large left pleural effusion.",
+                    "--prompt",
+                    "No acute cardiopulmonary process.",
+                    "--height",
+                    "16",
+                    "--width",
+                    "16",
+                    "--steps",
+                    "6",
+                    "--seed",
+                    "3",
+                    "--out",
+                    dir.join(format!("png-{device}")).to_str().unwrap(),
+                    "--dump",
+                    dump.to_str().unwrap(),
                 ],
                 None,
             );
@@ -599,8 +791,21 @@ mod suite {
             let step = |device: &str| -> Result<(f64, f64, Vec<f32>)> {
                 let out = dir.path().join(format!("stepped-{device}"));
                 let (code, stdout, err) = run_cli(
-                    &["--device", device, "--precision", precision, "train-step", "--model", pipe.to_str().unwrap(),
-                      "--batch", batch.to_str().unwrap(), "--output", out.to_str().unwrap(), "--lr", "1e-3"],
+                    &[
+                        "--device",
+                        device,
+                        "--precision",
+                        precision,
+                        "train-step",
+                        "--model",
+                        pipe.to_str().unwrap(),
+                        "--batch",
+                        batch.to_str().unwrap(),
+                        "--output",
+                        out.to_str().unwrap(),
+                        "--lr",
+                        "1e-3",
+                    ],
                     None,
                 );
                 ensure!(code == 0, "train-step --device {device}: {err}");
@@ -628,11 +833,14 @@ mod suite {
     }
 
     fn write_many_f32(path: &std::path::Path, named: &[(String, Vec<usize>, Vec<f32>)]) {
-        let bytes: Vec<Vec<u8>> = named.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let bytes: Vec<Vec<u8>> =
+            named.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
         let views: Vec<_> = named
             .iter()
             .zip(&bytes)
-            .map(|((n, s, _), b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+            .map(|((n, s, _), b)| {
+                (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+            })
             .collect();
         std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
     }
@@ -646,8 +854,12 @@ mod suite {
         for n in names {
             let t = st.tensor(&n).unwrap();
             match t.dtype() {
-                safetensors::Dtype::F32 => out.extend(t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()))),
-                safetensors::Dtype::F16 => out.extend(t.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())),
+                safetensors::Dtype::F32 => {
+                    out.extend(t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())))
+                }
+                safetensors::Dtype::F16 => {
+                    out.extend(t.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
+                }
                 other => panic!("{}: tensor {n} has dtype {other:?}; expected F32 or F16", path.display()),
             }
         }
@@ -668,7 +880,10 @@ mod suite {
 
     pub fn main() {
         let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-        println!("running the CUDA parity suite (CUDA vs the CPU reference){}", filter.as_ref().map(|f| format!(", cases containing '{f}'")).unwrap_or_default());
+        println!(
+            "running the CUDA parity suite (CUDA vs the CPU reference){}",
+            filter.as_ref().map(|f| format!(", cases containing '{f}'")).unwrap_or_default()
+        );
         let why = if !driver_present() {
             Some("no CUDA driver (libcuda) on this machine".to_string())
         } else {

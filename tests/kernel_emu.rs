@@ -26,7 +26,9 @@ fn cuda_kernels_on_the_cpu_emulation() {
     }
     let found = Command::new(&cxx).arg("--version").output().is_ok_and(|o| o.status.success());
     if !found {
-        println!("SKIPPED: no g++ (C++ compiler `{cxx}` not found; set CXX): the CUDA kernels' CPU emulation did not run");
+        println!(
+            "SKIPPED: no g++ (C++ compiler `{cxx}` not found; set CXX): the CUDA kernels' CPU emulation did not run"
+        );
         assert!(!required, "ROENTGEN_REQUIRE_EMU is set but there is no C++ compiler (`{cxx}`)");
         return;
     }

@@ -503,7 +503,10 @@ fn uncond_prob_one_trains_on_the_empty_prompt_only() {
     let p = pipe.to_str().unwrap();
     let weights = |manifest: &Path, tag: &str, prob: &str| {
         let out = dir.path().join(tag);
-        let (code, _, err) = run_cli(&train_args(p, manifest.to_str().unwrap(), out.to_str().unwrap(), "2", &["--uncond-prob", prob]), None);
+        let (code, _, err) = run_cli(
+            &train_args(p, manifest.to_str().unwrap(), out.to_str().unwrap(), "2", &["--uncond-prob", prob]),
+            None,
+        );
         assert_eq!(code, 0, "{err}");
         read_all(&out.join("checkpoint-2/unet/diffusion_pytorch_model.safetensors"))
     };

@@ -363,7 +363,8 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                     mb.latents.push((m + (0.5 * lv).exp() * rng.next_normal()) * sf);
                 }
                 // Drawn only when dropout is on, so runs without it keep their streams.
-                let drop = cfg.uncond_prob > 0.0 && ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < cfg.uncond_prob;
+                let drop =
+                    cfg.uncond_prob > 0.0 && ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < cfg.uncond_prob;
                 let t = if drop { &empty } else { &tokens[idx] };
                 mb.input_ids.extend_from_slice(&t.ids);
                 mb.attention_mask.extend_from_slice(&t.mask);

@@ -244,8 +244,9 @@ impl CudaBackend {
         let mut params: Vec<*mut c_void> = vals.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
         // SAFETY: the argument list matches the kernel's signature (each kernel's wrapper builds it);
         // a u64 slot holds a pointer, and an int or float in its low bytes (little endian).
-        unsafe { cu::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut params) }
-            .map_err(|e| anyhow!("CUDA: launching {kernel} grid {grid:?} block {block:?} smem {shared_bytes}: {e:?}"))?;
+        unsafe { cu::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut params) }.map_err(|e| {
+            anyhow!("CUDA: launching {kernel} grid {grid:?} block {block:?} smem {shared_bytes}: {e:?}")
+        })?;
         self.profile_end(timer, kernel)?;
         if cfg!(debug_assertions) || std::env::var_os("ROENTGEN_CUDA_SYNC").is_some() {
             self.synchronize().with_context(|| format!("after {kernel}"))?;
@@ -497,17 +498,46 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn embedding_forward(&self, out: &Tensor, ids: &[u32], wte: &Tensor, wpe: &Tensor, batch: usize, seq: usize, dim: usize) -> Result<()> {
+    fn embedding_forward(
+        &self,
+        out: &Tensor,
+        ids: &[u32],
+        wte: &Tensor,
+        wpe: &Tensor,
+        batch: usize,
+        seq: usize,
+        dim: usize,
+    ) -> Result<()> {
         self.embedding_forward_impl(out, ids, wte, wpe, batch, seq, dim)
     }
 
-    fn layer_norm_forward(&self, out: &Tensor, mean: &Tensor, rstd: &Tensor, inp: &Tensor, weight: &Tensor, bias: &Tensor, rows: usize, cols: usize, eps: f32) -> Result<()> {
+    fn layer_norm_forward(
+        &self,
+        out: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
         self.layer_norm_forward_impl(out, mean, rstd, inp, weight, bias, rows, cols, eps)
     }
 
     /// out (rows, out_f) = inp · Wᵀ + bias. Row-major X (rows×in) is column-major Xᵀ; so
     /// outᵀ (out_f×rows, col-major) = op_T(W as col-major in×out) · Xᵀ.
-    fn linear_forward(&self, out: &Tensor, inp: &Tensor, weight: &Tensor, bias: Option<&Tensor>, rows: usize, in_f: usize, out_f: usize) -> Result<()> {
+    fn linear_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()> {
         check_len("linear out", out, rows * out_f)?;
         check_len("linear inp", inp, rows * in_f)?;
         check_len("linear weight", weight, out_f * in_f)?;
@@ -529,10 +559,37 @@ impl Backend for CudaBackend {
             }
             None => 0.0,
         };
-        self.gemm(true, false, out_f, rows, in_f, self.dptr(weight), in_f, self.dptr(inp), in_f, beta, self.dptr(out), out_f)
+        self.gemm(
+            true,
+            false,
+            out_f,
+            rows,
+            in_f,
+            self.dptr(weight),
+            in_f,
+            self.dptr(inp),
+            in_f,
+            beta,
+            self.dptr(out),
+            out_f,
+        )
     }
 
-    fn attention_forward(&self, out: &Tensor, lse: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, batch: usize, q_len: usize, kv_len: usize, heads: usize, head_dim: usize, scale: f32, causal: bool) -> Result<()> {
+    fn attention_forward(
+        &self,
+        out: &Tensor,
+        lse: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Result<()> {
         self.attention_forward_impl(out, lse, q, k, v, batch, q_len, kv_len, heads, head_dim, scale, causal)
     }
 
@@ -544,23 +601,77 @@ impl Backend for CudaBackend {
         self.add_forward_impl(out, a, b, n)
     }
 
-    fn conv2d_forward(&self, out: &Tensor, inp: &Tensor, weight: &Tensor, bias: Option<&Tensor>, batch: usize, h: usize, w: usize, c_in: usize, c_out: usize, kernel: usize, stride: usize, pad: [usize; 4]) -> Result<()> {
+    fn conv2d_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        batch: usize,
+        h: usize,
+        w: usize,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: [usize; 4],
+    ) -> Result<()> {
         self.conv2d_forward_impl(out, inp, weight, bias, batch, h, w, c_in, c_out, kernel, stride, pad)
     }
 
-    fn group_norm_forward(&self, out: &Tensor, mean: &Tensor, rstd: &Tensor, inp: &Tensor, weight: &Tensor, bias: &Tensor, batch: usize, hw: usize, c: usize, groups: usize, eps: f32, silu: bool) -> Result<()> {
+    fn group_norm_forward(
+        &self,
+        out: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        batch: usize,
+        hw: usize,
+        c: usize,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> Result<()> {
         self.group_norm_forward_impl(out, mean, rstd, inp, weight, bias, batch, hw, c, groups, eps, silu)
     }
 
-    fn upsample_nearest_forward(&self, out: &Tensor, inp: &Tensor, batch: usize, ih: usize, iw: usize, oh: usize, ow: usize, c: usize) -> Result<()> {
+    fn upsample_nearest_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        batch: usize,
+        ih: usize,
+        iw: usize,
+        oh: usize,
+        ow: usize,
+        c: usize,
+    ) -> Result<()> {
         self.upsample_nearest_forward_impl(out, inp, batch, ih, iw, oh, ow, c)
     }
 
-    fn add_bias_rows_forward(&self, out: &Tensor, inp: &Tensor, bias: &Tensor, batch: usize, rows: usize, c: usize) -> Result<()> {
+    fn add_bias_rows_forward(
+        &self,
+        out: &Tensor,
+        inp: &Tensor,
+        bias: &Tensor,
+        batch: usize,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
         self.add_bias_rows_forward_impl(out, inp, bias, batch, rows, c)
     }
 
-    fn concat_channels_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, rows: usize, ca: usize, cb: usize) -> Result<()> {
+    fn concat_channels_forward(
+        &self,
+        out: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        rows: usize,
+        ca: usize,
+        cb: usize,
+    ) -> Result<()> {
         self.concat_channels_forward_impl(out, a, b, rows, ca, cb)
     }
 
@@ -582,7 +693,18 @@ impl Backend for CudaBackend {
 
     /// dinp += dout · W; dweight += doutᵀ · inp; dbias += Σ_rows dout (column-major views as in
     /// `linear_forward`).
-    fn linear_backward(&self, dinp: Option<&Tensor>, dweight: &Tensor, dbias: Option<&Tensor>, dout: &Tensor, inp: &Tensor, weight: &Tensor, rows: usize, in_f: usize, out_f: usize) -> Result<()> {
+    fn linear_backward(
+        &self,
+        dinp: Option<&Tensor>,
+        dweight: &Tensor,
+        dbias: Option<&Tensor>,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()> {
         check_len("linear_backward dout", dout, rows * out_f)?;
         check_len("linear_backward inp", inp, rows * in_f)?;
         check_len("linear_backward weight", weight, out_f * in_f)?;
@@ -593,10 +715,36 @@ impl Backend for CudaBackend {
         if let Some(di) = dinp {
             check_len("linear_backward dinp", di, rows * in_f)?;
             // dinpᵀ (in×rows) += Wᵀ(col-major view of W: in×out) · doutᵀ (out×rows)
-            self.gemm(false, false, in_f, rows, out_f, self.dptr(weight), in_f, self.dptr(dout), out_f, 1.0, self.dptr(di), in_f)?;
+            self.gemm(
+                false,
+                false,
+                in_f,
+                rows,
+                out_f,
+                self.dptr(weight),
+                in_f,
+                self.dptr(dout),
+                out_f,
+                1.0,
+                self.dptr(di),
+                in_f,
+            )?;
         }
         // dWᵀ (in×out, col-major) += Xᵀ (in×rows) · dout (rows×out) = Xᵀ · op_T(doutᵀ)
-        self.gemm(false, true, in_f, out_f, rows, self.dptr(inp), in_f, self.dptr(dout), out_f, 1.0, self.dptr(dweight), in_f)?;
+        self.gemm(
+            false,
+            true,
+            in_f,
+            out_f,
+            rows,
+            self.dptr(inp),
+            in_f,
+            self.dptr(dout),
+            out_f,
+            1.0,
+            self.dptr(dweight),
+            in_f,
+        )?;
         if let Some(db) = dbias {
             check_len("linear_backward dbias", db, out_f)?;
             self.launch(
@@ -610,27 +758,105 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn layer_norm_backward(&self, dinp: &Tensor, dweight: &Tensor, dbias: &Tensor, dout: &Tensor, inp: &Tensor, weight: &Tensor, mean: &Tensor, rstd: &Tensor, rows: usize, cols: usize) -> Result<()> {
+    fn layer_norm_backward(
+        &self,
+        dinp: &Tensor,
+        dweight: &Tensor,
+        dbias: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
         self.layer_norm_backward_impl(dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, cols)
     }
 
-    fn attention_backward(&self, dq: &Tensor, dk: &Tensor, dv: &Tensor, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, batch: usize, q_len: usize, kv_len: usize, heads: usize, head_dim: usize, scale: f32, causal: bool) -> Result<()> {
-        self.attention_backward_impl(dq, dk, dv, dout, q, k, v, out, lse, batch, q_len, kv_len, heads, head_dim, scale, causal)
+    fn attention_backward(
+        &self,
+        dq: &Tensor,
+        dk: &Tensor,
+        dv: &Tensor,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Result<()> {
+        self.attention_backward_impl(
+            dq, dk, dv, dout, q, k, v, out, lse, batch, q_len, kv_len, heads, head_dim, scale, causal,
+        )
     }
 
     fn activation_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
         self.activation_backward_impl(dinp, dout, inp, act, n)
     }
 
-    fn conv2d_backward(&self, dinp: Option<&Tensor>, dweight: &Tensor, dbias: Option<&Tensor>, dout: &Tensor, inp: &Tensor, weight: &Tensor, batch: usize, h: usize, w: usize, c_in: usize, c_out: usize, kernel: usize, stride: usize, pad: [usize; 4]) -> Result<()> {
-        self.conv2d_backward_impl(dinp, dweight, dbias, dout, inp, weight, batch, h, w, c_in, c_out, kernel, stride, pad)
+    fn conv2d_backward(
+        &self,
+        dinp: Option<&Tensor>,
+        dweight: &Tensor,
+        dbias: Option<&Tensor>,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        batch: usize,
+        h: usize,
+        w: usize,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: [usize; 4],
+    ) -> Result<()> {
+        self.conv2d_backward_impl(
+            dinp, dweight, dbias, dout, inp, weight, batch, h, w, c_in, c_out, kernel, stride, pad,
+        )
     }
 
-    fn group_norm_backward(&self, dinp: &Tensor, dweight: &Tensor, dbias: &Tensor, dout: &Tensor, inp: &Tensor, weight: &Tensor, bias: &Tensor, mean: &Tensor, rstd: &Tensor, batch: usize, hw: usize, c: usize, groups: usize, silu: bool) -> Result<()> {
-        self.group_norm_backward_impl(dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd, batch, hw, c, groups, silu)
+    fn group_norm_backward(
+        &self,
+        dinp: &Tensor,
+        dweight: &Tensor,
+        dbias: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        batch: usize,
+        hw: usize,
+        c: usize,
+        groups: usize,
+        silu: bool,
+    ) -> Result<()> {
+        self.group_norm_backward_impl(
+            dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd, batch, hw, c, groups, silu,
+        )
     }
 
-    fn upsample_nearest_backward(&self, dinp: &Tensor, dout: &Tensor, batch: usize, ih: usize, iw: usize, oh: usize, ow: usize, c: usize) -> Result<()> {
+    fn upsample_nearest_backward(
+        &self,
+        dinp: &Tensor,
+        dout: &Tensor,
+        batch: usize,
+        ih: usize,
+        iw: usize,
+        oh: usize,
+        ow: usize,
+        c: usize,
+    ) -> Result<()> {
         self.upsample_nearest_backward_impl(dinp, dout, batch, ih, iw, oh, ow, c)
     }
 
@@ -638,7 +864,15 @@ impl Backend for CudaBackend {
         self.add_bias_rows_backward_impl(dbias, dout, batch, rows, c)
     }
 
-    fn concat_channels_backward(&self, da: &Tensor, db: &Tensor, dout: &Tensor, rows: usize, ca: usize, cb: usize) -> Result<()> {
+    fn concat_channels_backward(
+        &self,
+        da: &Tensor,
+        db: &Tensor,
+        dout: &Tensor,
+        rows: usize,
+        ca: usize,
+        cb: usize,
+    ) -> Result<()> {
         self.concat_channels_backward_impl(da, db, dout, rows, ca, cb)
     }
 
@@ -646,7 +880,16 @@ impl Backend for CudaBackend {
         self.geglu_backward_impl(dinp, dout, inp, rows, inner)
     }
 
-    fn embedding_backward(&self, dwte: &Tensor, dwpe: &Tensor, dout: &Tensor, ids: &[u32], batch: usize, seq: usize, dim: usize) -> Result<()> {
+    fn embedding_backward(
+        &self,
+        dwte: &Tensor,
+        dwpe: &Tensor,
+        dout: &Tensor,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        dim: usize,
+    ) -> Result<()> {
         self.embedding_backward_impl(dwte, dwpe, dout, ids, batch, seq, dim)
     }
 
@@ -658,7 +901,20 @@ impl Backend for CudaBackend {
         self.sum_squares_impl(out, x, n)
     }
 
-    fn adamw_step(&self, param: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor, n: usize, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, step: usize) -> Result<()> {
+    fn adamw_step(
+        &self,
+        param: &Tensor,
+        grad: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        n: usize,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        step: usize,
+    ) -> Result<()> {
         self.adamw_step_impl(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, step)
     }
 
@@ -666,11 +922,45 @@ impl Backend for CudaBackend {
         self.lerp_impl(dst, src, n, w)
     }
 
-    fn masked_attention_forward(&self, out: &Tensor, lse: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, key_mask: &[u32], batch: usize, q_len: usize, kv_len: usize, heads: usize, head_dim: usize, scale: f32) -> Result<()> {
+    fn masked_attention_forward(
+        &self,
+        out: &Tensor,
+        lse: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        key_mask: &[u32],
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+    ) -> Result<()> {
         self.masked_attention_forward_impl(out, lse, q, k, v, key_mask, batch, q_len, kv_len, heads, head_dim, scale)
     }
 
-    fn masked_attention_backward(&self, dq: &Tensor, dk: &Tensor, dv: &Tensor, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, key_mask: &[u32], batch: usize, q_len: usize, kv_len: usize, heads: usize, head_dim: usize, scale: f32) -> Result<()> {
-        self.masked_attention_backward_impl(dq, dk, dv, dout, q, k, v, out, lse, key_mask, batch, q_len, kv_len, heads, head_dim, scale)
+    fn masked_attention_backward(
+        &self,
+        dq: &Tensor,
+        dk: &Tensor,
+        dv: &Tensor,
+        dout: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        key_mask: &[u32],
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+    ) -> Result<()> {
+        self.masked_attention_backward_impl(
+            dq, dk, dv, dout, q, k, v, out, lse, key_mask, batch, q_len, kv_len, heads, head_dim, scale,
+        )
     }
 }
