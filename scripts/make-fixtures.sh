@@ -24,7 +24,7 @@ fi
   pytorch-fid==0.3.0 scikit-image==0.26.0
 "$VENV/bin/pip" install -q --no-deps torchxrayvision==1.5.7
 # generate.py: tokenizer, CLIP, U-Net, VAE, pipelines, parameter counts (parts: tokenizer | clip |
-# pipeline | unet | vae | sd-pipelines | counts). generate_schedulers.py: torch randn per CPU
+# pipeline | unet | vae | sd-pipelines | counts | demo). generate_schedulers.py: torch randn per CPU
 # capability and every scheduler step by step (parts: randn | schedulers).
 # generate_msssim.py, generate_fid.py, iu-xray/make_sample.py: evaluation and report fixtures;
 # generate_bert.py: BERT models, WordPiece vocabularies and tokenizer cases.

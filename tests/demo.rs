@@ -102,3 +102,38 @@ fn demo_follows_laterality() {
 /// At least 4 of 6 images with the finding on the requested side, per class (chance, for a finding
 /// drawn on a random side when shown at all, is under 50%).
 const MIN_SIDE: f64 = 4.0 / 6.0;
+
+/// diffusers' StableDiffusionPipeline loads the bundled folder as shipped and, from the same initial
+/// latents, samples what roentgen samples (reference: tests/fixtures/generate.py, part "demo").
+#[test]
+fn demo_samples_as_diffusers_does() {
+    let io = fixture("demo/io-demo.safetensors");
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("demo/run.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (shape, lat) = read_f32(&io, "latents_in");
+    let lf = dir.path().join("latents.safetensors");
+    write_f32(&lf, "latents", &shape, &lat);
+    let dump = dir.path().join("dump.safetensors");
+    let size = run["size"].as_u64().unwrap().to_string();
+    let steps = run["steps"].as_u64().unwrap().to_string();
+    let guidance = run["guidance"].as_f64().unwrap().to_string();
+    let mut args: Vec<String> = vec!["sample".into(), "--model".into(), demo_dir().display().to_string()];
+    for p in run["prompts"].as_array().unwrap() {
+        args.extend(["--prompt".into(), p.as_str().unwrap().into()]);
+    }
+    args.extend(
+        ["--height", &size, "--width", &size, "--steps", &steps, "--guidance", &guidance, "--out"].map(String::from),
+    );
+    args.push(dir.path().join("png/").display().to_string());
+    args.extend(["--latents-in".into(), lf.display().to_string(), "--dump".into(), dump.display().to_string()]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = run_cli(&argv, None);
+    assert_eq!(code, 0, "{err}");
+    let (got_shape, got) = read_f32(&dump, "image");
+    let (want_shape, want) = read_f32(&io, "image");
+    assert_eq!(got_shape, want_shape);
+    let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("demo: image max |ours - diffusers| = {max_err:.2e} (bar {PIPELINE_ABS:.0e})");
+    assert!(max_err <= PIPELINE_ABS, "demo image differs from diffusers by {max_err}");
+    assert_close("demo image", &got, &want, PIPELINE_ABS);
+}
