@@ -41,4 +41,14 @@ for prec in bf16 f32; do
     echo '```' >> "$S"
   done
 done
+# Side by side with diffusers/PyTorch (issue 9), where diffusers is importable (carried as a wheel).
+echo "## side by side (scripts/bench-peers.py)" >> "$S"
+if python3 -c "import diffusers" >/dev/null 2>&1; then
+  echo '```' >> "$S"
+  timeout "${ROENTGEN_PEERS_TIMEOUT:-150}" python3 scripts/bench-peers.py --binary "$BIN" --device cuda \
+    --json-out "$OUT/peers.json" >> "$S" 2>&1 || echo "bench-peers: exit $?" >> "$S"
+  echo '```' >> "$S"
+else
+  echo "skipped: diffusers is not importable here (carry it as a wheel)" >> "$S"
+fi
 cat "$S"
