@@ -108,7 +108,8 @@ const MIN_SIDE: f64 = 4.0 / 6.0;
 #[test]
 fn demo_samples_as_diffusers_does() {
     let io = fixture("demo/io-demo.safetensors");
-    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("demo/run.json")).unwrap()).unwrap();
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("demo/run.json")).unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (shape, lat) = read_f32(&io, "latents_in");
     let lf = dir.path().join("latents.safetensors");
