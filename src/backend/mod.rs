@@ -106,6 +106,26 @@ pub fn create(device: Device, precision: Precision) -> Result<Box<dyn Backend>> 
     }
 }
 
+/// A tensor argument must hold at least `want` elements (checked by every backend).
+pub(crate) fn check_len(what: &str, t: &Tensor, want: usize) -> Result<()> {
+    anyhow::ensure!(t.numel() >= want, "{what}: tensor of {} elements, operation needs {want}", t.numel());
+    Ok(())
+}
+
+/// A key mask must cover every key of every sequence and keep at least one key per sequence (an
+/// all-masked row has no softmax; transformers would average every value there instead).
+pub(crate) fn check_key_mask(what: &str, key_mask: &[u32], batch: usize, kv_len: usize) -> Result<()> {
+    anyhow::ensure!(
+        key_mask.len() == batch * kv_len,
+        "{what}: attention mask has {} entries for batch {batch} × {kv_len} keys",
+        key_mask.len()
+    );
+    if let Some(b) = (0..batch).find(|&b| key_mask[b * kv_len..(b + 1) * kv_len].iter().all(|&m| m == 0)) {
+        anyhow::bail!("{what}: attention mask: sequence {b} masks every key");
+    }
+    Ok(())
+}
+
 pub trait Backend {
     /// A short name for messages ("cpu", "cuda:0 (NVIDIA H100)").
     fn name(&self) -> String;

@@ -4,7 +4,7 @@
 mod backward;
 pub mod gemm;
 
-use super::{Activation, Backend};
+use super::{check_key_mask, check_len, Activation, Backend};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
@@ -85,11 +85,6 @@ impl CpuBackend {
         }
         (outs.map(|t| self.view_mut(t)), ins.map(|t| self.view(t)))
     }
-}
-
-fn check_len(what: &str, t: &Tensor, want: usize) -> Result<()> {
-    ensure!(t.numel() >= want, "{what}: tensor of {} elements, operation needs {want}", t.numel());
-    Ok(())
 }
 
 impl Backend for CpuBackend {
@@ -822,7 +817,7 @@ impl Backend for CpuBackend {
         scale: f32,
     ) -> Result<()> {
         let width = heads * head_dim;
-        check_key_mask(key_mask, batch, kv_len)?;
+        check_key_mask("attention", key_mask, batch, kv_len)?;
         check_len("masked attention out", out, batch * q_len * width)?;
         check_len("masked attention q", q, batch * q_len * width)?;
         check_len("masked attention k", k, batch * kv_len * width)?;
@@ -853,7 +848,7 @@ impl Backend for CpuBackend {
         scale: f32,
     ) -> Result<()> {
         let w = heads * head_dim;
-        check_key_mask(key_mask, batch, kv_len)?;
+        check_key_mask("attention", key_mask, batch, kv_len)?;
         check_len("masked_attention_backward dq", dq, batch * q_len * w)?;
         check_len("masked_attention_backward dk", dk, batch * kv_len * w)?;
         check_len("masked_attention_backward dv", dv, batch * kv_len * w)?;
@@ -883,20 +878,6 @@ impl Backend for CpuBackend {
         );
         Ok(())
     }
-}
-
-/// A key mask must cover every key of every sequence and keep at least one key per sequence (an
-/// all-masked row has no softmax; transformers would average every value there instead).
-fn check_key_mask(key_mask: &[u32], batch: usize, kv_len: usize) -> Result<()> {
-    ensure!(
-        key_mask.len() == batch * kv_len,
-        "attention mask: {} entries for batch {batch} × {kv_len} keys",
-        key_mask.len()
-    );
-    if let Some(b) = (0..batch).find(|&b| key_mask[b * kv_len..(b + 1) * kv_len].iter().all(|&m| m == 0)) {
-        bail!("attention mask: sequence {b} masks every key");
-    }
-    Ok(())
 }
 
 /// The exact (erf) GELU, evaluated in f64.

@@ -32,7 +32,8 @@
 //! The shared-memory sizes below mirror the tile layouts documented above each kernel in
 //! attention.cu; a change to one must be made in the other.
 
-use super::{check_disjoint, check_len, Arg, CudaBackend};
+use super::{check_disjoint, Arg, CudaBackend};
+use crate::backend::{check_key_mask, check_len};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
@@ -139,19 +140,6 @@ impl Dims {
     fn ints(self) -> [Arg; 4] {
         [Arg::I(self.q_len as i32), Arg::I(self.kv_len as i32), Arg::I(self.heads as i32), Arg::I(self.hd as i32)]
     }
-}
-
-/// As the CPU backend: the mask covers every key of every sequence, and each sequence keeps a key.
-fn check_key_mask(what: &str, key_mask: &[u32], batch: usize, kv_len: usize) -> Result<()> {
-    ensure!(
-        key_mask.len() == batch * kv_len,
-        "{what}: attention mask has {} entries for batch {batch} × {kv_len} keys",
-        key_mask.len()
-    );
-    if let Some(b) = (0..batch).find(|&b| key_mask[b * kv_len..(b + 1) * kv_len].iter().all(|&m| m == 0)) {
-        anyhow::bail!("{what}: attention mask: sequence {b} masks every key");
-    }
-    Ok(())
 }
 
 fn blocks(n: usize, per: usize) -> u32 {

@@ -15,7 +15,8 @@
 //!   grid.z with atomicAdd.
 //! * bias gradient: `conv2d_bias_grad`, column sums of dout.
 
-use super::{check_disjoint, Arg, CudaBackend};
+use super::{check_disjoint, to_i32, Arg, CudaBackend};
+use crate::backend::check_len;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
@@ -31,15 +32,9 @@ const H_BN: usize = 64;
 const H_BK: usize = 32;
 const THREADS: u32 = 256;
 
-fn check_len(what: &str, t: &Tensor, want: usize) -> Result<()> {
-    ensure!(t.numel() >= want, "{what}: tensor of {} elements, operation needs {want}", t.numel());
-    Ok(())
-}
-
 /// An i32 kernel argument, refusing sizes past i32 (the kernels index with 32-bit ints).
 fn int(what: &str, v: usize) -> Result<Arg> {
-    ensure!(v <= i32::MAX as usize, "conv2d: {what} = {v} exceeds the kernels' 32-bit indices");
-    Ok(Arg::I(v as i32))
+    Ok(Arg::I(to_i32(&format!("conv2d {what}"), v)?))
 }
 
 /// Output size of one spatial dimension.

@@ -15,7 +15,7 @@ mod attention;
 mod conv;
 mod ops;
 
-use super::{Activation, Backend, Precision};
+use super::{check_len, Activation, Backend, Precision};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::{result as cublas, sys as cublas_sys};
@@ -433,9 +433,13 @@ impl Drop for CudaBackend {
     }
 }
 
-pub(crate) fn check_len(what: &str, t: &Tensor, need: usize) -> Result<()> {
-    ensure!(t.numel() >= need, "{what}: tensor has {} elements, the operation needs {need}", t.numel());
-    Ok(())
+/// A size or count as the kernels' i32 parameter (they index with 32-bit ints).
+pub(crate) fn to_i32(what: &str, v: usize) -> Result<i32> {
+    ensure!(
+        v <= i32::MAX as usize,
+        "{what}: {v} elements exceed the CUDA kernels' 32-bit index range (2^31 − 1); split the batch"
+    );
+    Ok(v as i32)
 }
 
 /// Outputs must not overlap each other or any input (the CPU reference asserts the same).

@@ -13,7 +13,8 @@
 //! 1 the per-chunk column sums of the norms' dweight/dbias and of `add_bias_rows_backward`. The
 //! u32 upload slot 0 carries token ids (embedding forward) or the rows grouped by id (backward).
 
-use super::{Arg, CudaBackend};
+use super::{to_i32, Arg, CudaBackend};
+use crate::backend::check_len;
 use crate::backend::Activation;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
@@ -28,20 +29,6 @@ const GN_MAX_CHUNKS: usize = 1024;
 /// Column sums (dweight/dbias, bias rows): rows per chunk aimed at, and most chunks.
 const COL_CHUNK_ROWS: usize = 256;
 const COL_MAX_CHUNKS: usize = 256;
-
-fn need(what: &str, t: &Tensor, want: usize) -> Result<()> {
-    ensure!(t.numel() >= want, "{what}: tensor of {} elements, operation needs {want}", t.numel());
-    Ok(())
-}
-
-/// A size or count as the kernels' i32 parameter.
-fn int(what: &str, v: usize) -> Result<i32> {
-    ensure!(
-        v <= i32::MAX as usize,
-        "{what}: {v} elements exceed the CUDA kernels' 32-bit index range (2^31 − 1); split the batch"
-    );
-    Ok(v as i32)
-}
 
 /// Outputs must not overlap each other or any input (the CPU reference asserts the same).
 fn disjoint(what: &str, outs: &[&Tensor], ins: &[&Tensor]) -> Result<()> {
@@ -120,9 +107,9 @@ impl CudaBackend {
             bail!("embedding: token id {bad} is outside the vocabulary of {vocab}");
         }
         let n = batch * seq * dim;
-        need("embedding out", out, n)?;
+        check_len("embedding out", out, n)?;
         disjoint("embedding", &[out], &[wte, wpe])?;
-        int("embedding", n)?;
+        to_i32("embedding", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -155,14 +142,14 @@ impl CudaBackend {
         cols: usize,
         eps: f32,
     ) -> Result<()> {
-        need("layer_norm out", out, rows * cols)?;
-        need("layer_norm inp", inp, rows * cols)?;
-        need("layer_norm mean", mean, rows)?;
-        need("layer_norm rstd", rstd, rows)?;
-        need("layer_norm weight", weight, cols)?;
-        need("layer_norm bias", bias, cols)?;
+        check_len("layer_norm out", out, rows * cols)?;
+        check_len("layer_norm inp", inp, rows * cols)?;
+        check_len("layer_norm mean", mean, rows)?;
+        check_len("layer_norm rstd", rstd, rows)?;
+        check_len("layer_norm weight", weight, cols)?;
+        check_len("layer_norm bias", bias, cols)?;
         disjoint("layer_norm", &[out, mean, rstd], &[inp, weight, bias])?;
-        int("layer_norm", rows * cols)?;
+        to_i32("layer_norm", rows * cols)?;
         if rows == 0 {
             return Ok(());
         }
@@ -187,10 +174,10 @@ impl CudaBackend {
     }
 
     pub(crate) fn activation_forward_impl(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
-        need("activation out", out, n)?;
-        need("activation inp", inp, n)?;
+        check_len("activation out", out, n)?;
+        check_len("activation inp", inp, n)?;
         disjoint("activation", &[out], &[inp])?;
-        let ni = int("activation", n)?;
+        let ni = to_i32("activation", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -202,11 +189,11 @@ impl CudaBackend {
     }
 
     pub(crate) fn add_forward_impl(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
-        need("add out", out, n)?;
-        need("add a", a, n)?;
-        need("add b", b, n)?;
+        check_len("add out", out, n)?;
+        check_len("add a", a, n)?;
+        check_len("add b", b, n)?;
         disjoint("add", &[out], &[a, b])?;
-        let ni = int("add", n)?;
+        let ni = to_i32("add", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -234,20 +221,20 @@ impl CudaBackend {
         ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels not divisible into {groups} groups");
         let n = batch * hw * c;
         let bg = batch * groups;
-        need("group_norm out", out, n)?;
-        need("group_norm inp", inp, n)?;
-        need("group_norm mean", mean, bg)?;
-        need("group_norm rstd", rstd, bg)?;
-        need("group_norm weight", weight, c)?;
-        need("group_norm bias", bias, c)?;
+        check_len("group_norm out", out, n)?;
+        check_len("group_norm inp", inp, n)?;
+        check_len("group_norm mean", mean, bg)?;
+        check_len("group_norm rstd", rstd, bg)?;
+        check_len("group_norm weight", weight, c)?;
+        check_len("group_norm bias", bias, c)?;
         disjoint("group_norm", &[out, mean, rstd], &[inp, weight, bias])?;
-        int("group_norm", n)?;
+        to_i32("group_norm", n)?;
         if n == 0 {
             return Ok(());
         }
         let cpg = c / groups;
         let (nchunks, rpc) = chunking(hw, GN_CHUNK_ELEMS / cpg, GN_MAX_CHUNKS);
-        let blocks = int("group_norm blocks", bg * nchunks)?;
+        let blocks = to_i32("group_norm blocks", bg * nchunks)?;
         let ws = self.ops_workspace_f64(0, 2 * bg * nchunks + 2 * bg)?;
         let (psum, psq, stats) = (ws, f64_at(ws, bg * nchunks), f64_at(ws, 2 * bg * nchunks));
         let (hw_i, c_i, g_i, nc_i, rpc_i) = (hw as i32, c as i32, groups as i32, nchunks as i32, rpc as i32);
@@ -325,11 +312,11 @@ impl CudaBackend {
     ) -> Result<()> {
         let n_out = batch * oh * ow * c;
         let n_in = batch * ih * iw * c;
-        need("upsample out", out, n_out)?;
-        need("upsample inp", inp, n_in)?;
+        check_len("upsample out", out, n_out)?;
+        check_len("upsample inp", inp, n_in)?;
         disjoint("upsample", &[out], &[inp])?;
-        int("upsample out", n_out)?;
-        int("upsample inp", n_in)?;
+        to_i32("upsample out", n_out)?;
+        to_i32("upsample inp", n_in)?;
         if n_out == 0 {
             return Ok(());
         }
@@ -364,11 +351,11 @@ impl CudaBackend {
         c: usize,
     ) -> Result<()> {
         let n = batch * rows * c;
-        need("add_bias_rows out", out, n)?;
-        need("add_bias_rows inp", inp, n)?;
-        need("add_bias_rows bias", bias, batch * c)?;
+        check_len("add_bias_rows out", out, n)?;
+        check_len("add_bias_rows inp", inp, n)?;
+        check_len("add_bias_rows bias", bias, batch * c)?;
         disjoint("add_bias_rows", &[out], &[inp, bias])?;
-        int("add_bias_rows", n)?;
+        to_i32("add_bias_rows", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -396,11 +383,11 @@ impl CudaBackend {
         cb: usize,
     ) -> Result<()> {
         let n = rows * (ca + cb);
-        need("concat out", out, n)?;
-        need("concat a", a, rows * ca)?;
-        need("concat b", b, rows * cb)?;
+        check_len("concat out", out, n)?;
+        check_len("concat a", a, rows * ca)?;
+        check_len("concat b", b, rows * cb)?;
         disjoint("concat", &[out], &[a, b])?;
-        int("concat", n)?;
+        to_i32("concat", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -420,10 +407,10 @@ impl CudaBackend {
 
     pub(crate) fn geglu_forward_impl(&self, out: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()> {
         let n = rows * inner;
-        need("geglu out", out, n)?;
-        need("geglu inp", inp, 2 * n)?;
+        check_len("geglu out", out, n)?;
+        check_len("geglu inp", inp, 2 * n)?;
         disjoint("geglu", &[out], &[inp])?;
-        int("geglu inp", 2 * n)?;
+        to_i32("geglu inp", 2 * n)?;
         if n == 0 {
             return Ok(());
         }
@@ -436,7 +423,7 @@ impl CudaBackend {
 
     pub(crate) fn zero_impl(&self, t: &Tensor) -> Result<()> {
         let n = t.numel();
-        let ni = int("zero", n)?;
+        let ni = to_i32("zero", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -444,10 +431,10 @@ impl CudaBackend {
     }
 
     pub(crate) fn accumulate_impl(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
-        need("accumulate dst", dst, n)?;
-        need("accumulate src", src, n)?;
+        check_len("accumulate dst", dst, n)?;
+        check_len("accumulate src", src, n)?;
         disjoint("accumulate", &[dst], &[src])?;
-        let ni = int("accumulate", n)?;
+        let ni = to_i32("accumulate", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -455,8 +442,8 @@ impl CudaBackend {
     }
 
     pub(crate) fn scale_impl(&self, t: &Tensor, s: f32, n: usize) -> Result<()> {
-        need("scale", t, n)?;
-        let ni = int("scale", n)?;
+        check_len("scale", t, n)?;
+        let ni = to_i32("scale", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -478,16 +465,16 @@ impl CudaBackend {
         cols: usize,
     ) -> Result<()> {
         let n = rows * cols;
-        need("layer_norm_backward dinp", dinp, n)?;
-        need("layer_norm_backward dout", dout, n)?;
-        need("layer_norm_backward inp", inp, n)?;
-        need("layer_norm_backward weight", weight, cols)?;
-        need("layer_norm_backward dweight", dweight, cols)?;
-        need("layer_norm_backward dbias", dbias, cols)?;
-        need("layer_norm_backward mean", mean, rows)?;
-        need("layer_norm_backward rstd", rstd, rows)?;
+        check_len("layer_norm_backward dinp", dinp, n)?;
+        check_len("layer_norm_backward dout", dout, n)?;
+        check_len("layer_norm_backward inp", inp, n)?;
+        check_len("layer_norm_backward weight", weight, cols)?;
+        check_len("layer_norm_backward dweight", dweight, cols)?;
+        check_len("layer_norm_backward dbias", dbias, cols)?;
+        check_len("layer_norm_backward mean", mean, rows)?;
+        check_len("layer_norm_backward rstd", rstd, rows)?;
         disjoint("layer_norm_backward", &[dinp, dweight, dbias], &[dout, inp, weight, mean, rstd])?;
-        int("layer_norm_backward", n)?;
+        to_i32("layer_norm_backward", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -570,11 +557,11 @@ impl CudaBackend {
         act: Activation,
         n: usize,
     ) -> Result<()> {
-        need("activation_backward dinp", dinp, n)?;
-        need("activation_backward dout", dout, n)?;
-        need("activation_backward inp", inp, n)?;
+        check_len("activation_backward dinp", dinp, n)?;
+        check_len("activation_backward dout", dout, n)?;
+        check_len("activation_backward inp", inp, n)?;
         disjoint("activation_backward", &[dinp], &[dout, inp])?;
-        let ni = int("activation_backward", n)?;
+        let ni = to_i32("activation_backward", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -614,23 +601,23 @@ impl CudaBackend {
         ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels not divisible into {groups} groups");
         let n = batch * hw * c;
         let bg = batch * groups;
-        need("group_norm_backward dinp", dinp, n)?;
-        need("group_norm_backward dout", dout, n)?;
-        need("group_norm_backward inp", inp, n)?;
-        need("group_norm_backward weight", weight, c)?;
-        need("group_norm_backward bias", bias, c)?;
-        need("group_norm_backward dweight", dweight, c)?;
-        need("group_norm_backward dbias", dbias, c)?;
-        need("group_norm_backward mean", mean, bg)?;
-        need("group_norm_backward rstd", rstd, bg)?;
+        check_len("group_norm_backward dinp", dinp, n)?;
+        check_len("group_norm_backward dout", dout, n)?;
+        check_len("group_norm_backward inp", inp, n)?;
+        check_len("group_norm_backward weight", weight, c)?;
+        check_len("group_norm_backward bias", bias, c)?;
+        check_len("group_norm_backward dweight", dweight, c)?;
+        check_len("group_norm_backward dbias", dbias, c)?;
+        check_len("group_norm_backward mean", mean, bg)?;
+        check_len("group_norm_backward rstd", rstd, bg)?;
         disjoint("group_norm_backward", &[dinp, dweight, dbias], &[dout, inp, weight, bias, mean, rstd])?;
-        int("group_norm_backward", n)?;
+        to_i32("group_norm_backward", n)?;
         if n == 0 {
             return Ok(());
         }
         let cpg = c / groups;
         let (nchunks, rpc) = chunking(hw, GN_CHUNK_ELEMS / cpg, GN_MAX_CHUNKS);
-        let blocks = int("group_norm_backward blocks", bg * nchunks)?;
+        let blocks = to_i32("group_norm_backward blocks", bg * nchunks)?;
         let ws = self.ops_workspace_f64(0, 2 * bg * nchunks + 2 * bg)?;
         let (p1, p2, stats) = (ws, f64_at(ws, bg * nchunks), f64_at(ws, 2 * bg * nchunks));
         let (dy, x, w, b, m, r) =
@@ -701,11 +688,11 @@ impl CudaBackend {
     ) -> Result<()> {
         let n_in = batch * ih * iw * c;
         let n_out = batch * oh * ow * c;
-        need("upsample_backward dinp", dinp, n_in)?;
-        need("upsample_backward dout", dout, n_out)?;
+        check_len("upsample_backward dinp", dinp, n_in)?;
+        check_len("upsample_backward dout", dout, n_out)?;
         disjoint("upsample_backward", &[dinp], &[dout])?;
-        int("upsample_backward dinp", n_in)?;
-        int("upsample_backward dout", n_out)?;
+        to_i32("upsample_backward dinp", n_in)?;
+        to_i32("upsample_backward dout", n_out)?;
         if n_in == 0 || n_out == 0 {
             return Ok(());
         }
@@ -737,10 +724,10 @@ impl CudaBackend {
         rows: usize,
         c: usize,
     ) -> Result<()> {
-        need("add_bias_rows_backward dbias", dbias, batch * c)?;
-        need("add_bias_rows_backward dout", dout, batch * rows * c)?;
+        check_len("add_bias_rows_backward dbias", dbias, batch * c)?;
+        check_len("add_bias_rows_backward dout", dout, batch * rows * c)?;
         disjoint("add_bias_rows_backward", &[dbias], &[dout])?;
-        int("add_bias_rows_backward", batch * rows * c)?;
+        to_i32("add_bias_rows_backward", batch * rows * c)?;
         if batch * rows * c == 0 {
             return Ok(()); // nothing to add
         }
@@ -771,11 +758,11 @@ impl CudaBackend {
         cb: usize,
     ) -> Result<()> {
         let n = rows * (ca + cb);
-        need("concat_backward da", da, rows * ca)?;
-        need("concat_backward db", db, rows * cb)?;
-        need("concat_backward dout", dout, n)?;
+        check_len("concat_backward da", da, rows * ca)?;
+        check_len("concat_backward db", db, rows * cb)?;
+        check_len("concat_backward dout", dout, n)?;
         disjoint("concat_backward", &[da, db], &[dout])?;
-        int("concat_backward", n)?;
+        to_i32("concat_backward", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -802,11 +789,11 @@ impl CudaBackend {
         inner: usize,
     ) -> Result<()> {
         let n = rows * inner;
-        need("geglu_backward dinp", dinp, 2 * n)?;
-        need("geglu_backward dout", dout, n)?;
-        need("geglu_backward inp", inp, 2 * n)?;
+        check_len("geglu_backward dinp", dinp, 2 * n)?;
+        check_len("geglu_backward dout", dout, n)?;
+        check_len("geglu_backward inp", inp, 2 * n)?;
         disjoint("geglu_backward", &[dinp], &[dout, inp])?;
-        int("geglu_backward", 2 * n)?;
+        to_i32("geglu_backward", 2 * n)?;
         if n == 0 {
             return Ok(());
         }
@@ -846,9 +833,9 @@ impl CudaBackend {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             bail!("embedding_backward: token id {bad} is outside the vocabulary of {vocab}");
         }
-        need("embedding_backward dout", dout, rows * dim)?;
+        check_len("embedding_backward dout", dout, rows * dim)?;
         disjoint("embedding_backward", &[dwte, dwpe], &[dout])?;
-        int("embedding_backward", rows * dim)?;
+        to_i32("embedding_backward", rows * dim)?;
         if rows == 0 {
             return Ok(());
         }
@@ -901,12 +888,12 @@ impl CudaBackend {
         target: &Tensor,
         n: usize,
     ) -> Result<()> {
-        need("mse dpred", dpred, n)?;
-        need("mse pred", pred, n)?;
-        need("mse target", target, n)?;
-        need("mse loss", loss, 1)?;
+        check_len("mse dpred", dpred, n)?;
+        check_len("mse pred", pred, n)?;
+        check_len("mse target", target, n)?;
+        check_len("mse loss", loss, 1)?;
         disjoint("mse", &[dpred, loss], &[pred, target])?;
-        let ni = int("mse", n)?;
+        let ni = to_i32("mse", n)?;
         let parts = n.div_ceil(BLOCK as usize * 8).clamp(1, 1024);
         let partial = self.ops_workspace_f64(0, parts)?;
         self.launch(
@@ -933,10 +920,10 @@ impl CudaBackend {
 
     /// out[0] = Σ x² over n elements (f64, deterministic), rounded to f32.
     pub(crate) fn sum_squares_impl(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()> {
-        need("sum_squares x", x, n)?;
-        need("sum_squares out", out, 1)?;
+        check_len("sum_squares x", x, n)?;
+        check_len("sum_squares out", out, 1)?;
         disjoint("sum_squares", &[out], &[x])?;
-        let ni = int("sum_squares", n)?;
+        let ni = to_i32("sum_squares", n)?;
         let parts = n.div_ceil(BLOCK as usize * 8).clamp(1, 1024);
         let partial = self.ops_workspace_f64(0, parts)?;
         self.launch(
@@ -973,12 +960,12 @@ impl CudaBackend {
         step: usize,
     ) -> Result<()> {
         ensure!(step >= 1, "adamw: step counts from 1");
-        need("adamw param", param, n)?;
-        need("adamw grad", grad, n)?;
-        need("adamw m", m, n)?;
-        need("adamw v", v, n)?;
+        check_len("adamw param", param, n)?;
+        check_len("adamw grad", grad, n)?;
+        check_len("adamw m", m, n)?;
+        check_len("adamw v", v, n)?;
         disjoint("adamw", &[param, m, v], &[grad])?;
-        let ni = int("adamw", n)?;
+        let ni = to_i32("adamw", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -1007,10 +994,10 @@ impl CudaBackend {
     }
 
     pub(crate) fn lerp_impl(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
-        need("lerp dst", dst, n)?;
-        need("lerp src", src, n)?;
+        check_len("lerp dst", dst, n)?;
+        check_len("lerp src", src, n)?;
         disjoint("lerp", &[dst], &[src])?;
-        let ni = int("lerp", n)?;
+        let ni = to_i32("lerp", n)?;
         if n == 0 {
             return Ok(());
         }
