@@ -60,6 +60,8 @@ pub struct CudaBackend {
     stream: sys::CUstream,
     modules: Vec<sys::CUmodule>,
     functions: RefCell<HashMap<String, sys::CUfunction>>,
+    /// The dynamic shared memory each kernel has been allowed so far (bytes).
+    smem_opt_in: RefCell<HashMap<String, u32>>,
     pools: Vec<DevPool>,
     blas: cublas_sys::cublasHandle_t,
     precision: Precision,
@@ -134,6 +136,7 @@ impl CudaBackend {
             stream,
             modules,
             functions: RefCell::new(HashMap::new()),
+            smem_opt_in: RefCell::new(HashMap::new()),
             pools: Vec::new(),
             blas,
             precision,
@@ -207,6 +210,10 @@ impl CudaBackend {
 
     /// Opts `kernel` in to more than 48 KiB of dynamic shared memory.
     pub(crate) fn set_max_dynamic_shared(&self, kernel: &str, bytes: u32) -> Result<()> {
+        // A driver call once per kernel and size, not before every launch.
+        if self.smem_opt_in.borrow().get(kernel).is_some_and(|&b| b >= bytes) {
+            return Ok(());
+        }
         let f = self.function(kernel)?;
         unsafe {
             cu::function::set_function_attribute(
@@ -215,7 +222,9 @@ impl CudaBackend {
                 bytes as i32,
             )
         }
-        .map_err(|e| anyhow!("CUDA: {kernel}: {bytes} B of dynamic shared memory refused: {e:?}"))
+        .map_err(|e| anyhow!("CUDA: {kernel}: {bytes} B of dynamic shared memory refused: {e:?}"))?;
+        self.smem_opt_in.borrow_mut().insert(kernel.to_string(), bytes);
+        Ok(())
     }
 
     /// Launches `kernel` on the backend's stream with `args` in the kernel's parameter order.

@@ -13,7 +13,7 @@
 //! 1 the per-chunk column sums of the norms' dweight/dbias and of `add_bias_rows_backward`. The
 //! u32 upload slot 0 carries token ids (embedding forward) or the rows grouped by id (backward).
 
-use super::{to_i32, Arg, CudaBackend};
+use super::{check_disjoint, to_i32, Arg, CudaBackend};
 use crate::backend::check_len;
 use crate::backend::Activation;
 use crate::tensor::Tensor;
@@ -31,18 +31,6 @@ const COL_CHUNK_ROWS: usize = 256;
 const COL_MAX_CHUNKS: usize = 256;
 
 /// Outputs must not overlap each other or any input (the CPU reference asserts the same).
-fn disjoint(what: &str, outs: &[&Tensor], ins: &[&Tensor]) -> Result<()> {
-    for (i, o) in outs.iter().enumerate() {
-        for o2 in &outs[i + 1..] {
-            ensure!(!o.overlaps(o2), "{what}: output tensors overlap: {o:?} and {o2:?}");
-        }
-        for x in ins {
-            ensure!(!o.overlaps(x), "{what}: output {o:?} overlaps input {x:?}");
-        }
-    }
-    Ok(())
-}
-
 /// The 1-D grid-stride launch shape for n elements.
 fn grid1(n: usize) -> (u32, u32, u32) {
     (n.div_ceil(BLOCK as usize).clamp(1, MAX_GRID) as u32, 1, 1)
@@ -108,7 +96,7 @@ impl CudaBackend {
         }
         let n = batch * seq * dim;
         check_len("embedding out", out, n)?;
-        disjoint("embedding", &[out], &[wte, wpe])?;
+        check_disjoint("embedding", &[out], &[wte, wpe])?;
         to_i32("embedding", n)?;
         if n == 0 {
             return Ok(());
@@ -148,7 +136,7 @@ impl CudaBackend {
         check_len("layer_norm rstd", rstd, rows)?;
         check_len("layer_norm weight", weight, cols)?;
         check_len("layer_norm bias", bias, cols)?;
-        disjoint("layer_norm", &[out, mean, rstd], &[inp, weight, bias])?;
+        check_disjoint("layer_norm", &[out, mean, rstd], &[inp, weight, bias])?;
         to_i32("layer_norm", rows * cols)?;
         if rows == 0 {
             return Ok(());
@@ -176,7 +164,7 @@ impl CudaBackend {
     pub(crate) fn activation_forward_impl(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
         check_len("activation out", out, n)?;
         check_len("activation inp", inp, n)?;
-        disjoint("activation", &[out], &[inp])?;
+        check_disjoint("activation", &[out], &[inp])?;
         let ni = to_i32("activation", n)?;
         if n == 0 {
             return Ok(());
@@ -192,7 +180,7 @@ impl CudaBackend {
         check_len("add out", out, n)?;
         check_len("add a", a, n)?;
         check_len("add b", b, n)?;
-        disjoint("add", &[out], &[a, b])?;
+        check_disjoint("add", &[out], &[a, b])?;
         let ni = to_i32("add", n)?;
         if n == 0 {
             return Ok(());
@@ -227,7 +215,7 @@ impl CudaBackend {
         check_len("group_norm rstd", rstd, bg)?;
         check_len("group_norm weight", weight, c)?;
         check_len("group_norm bias", bias, c)?;
-        disjoint("group_norm", &[out, mean, rstd], &[inp, weight, bias])?;
+        check_disjoint("group_norm", &[out, mean, rstd], &[inp, weight, bias])?;
         to_i32("group_norm", n)?;
         if n == 0 {
             return Ok(());
@@ -314,7 +302,7 @@ impl CudaBackend {
         let n_in = batch * ih * iw * c;
         check_len("upsample out", out, n_out)?;
         check_len("upsample inp", inp, n_in)?;
-        disjoint("upsample", &[out], &[inp])?;
+        check_disjoint("upsample", &[out], &[inp])?;
         to_i32("upsample out", n_out)?;
         to_i32("upsample inp", n_in)?;
         if n_out == 0 {
@@ -354,7 +342,7 @@ impl CudaBackend {
         check_len("add_bias_rows out", out, n)?;
         check_len("add_bias_rows inp", inp, n)?;
         check_len("add_bias_rows bias", bias, batch * c)?;
-        disjoint("add_bias_rows", &[out], &[inp, bias])?;
+        check_disjoint("add_bias_rows", &[out], &[inp, bias])?;
         to_i32("add_bias_rows", n)?;
         if n == 0 {
             return Ok(());
@@ -386,7 +374,7 @@ impl CudaBackend {
         check_len("concat out", out, n)?;
         check_len("concat a", a, rows * ca)?;
         check_len("concat b", b, rows * cb)?;
-        disjoint("concat", &[out], &[a, b])?;
+        check_disjoint("concat", &[out], &[a, b])?;
         to_i32("concat", n)?;
         if n == 0 {
             return Ok(());
@@ -409,7 +397,7 @@ impl CudaBackend {
         let n = rows * inner;
         check_len("geglu out", out, n)?;
         check_len("geglu inp", inp, 2 * n)?;
-        disjoint("geglu", &[out], &[inp])?;
+        check_disjoint("geglu", &[out], &[inp])?;
         to_i32("geglu inp", 2 * n)?;
         if n == 0 {
             return Ok(());
@@ -433,7 +421,7 @@ impl CudaBackend {
     pub(crate) fn accumulate_impl(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
         check_len("accumulate dst", dst, n)?;
         check_len("accumulate src", src, n)?;
-        disjoint("accumulate", &[dst], &[src])?;
+        check_disjoint("accumulate", &[dst], &[src])?;
         let ni = to_i32("accumulate", n)?;
         if n == 0 {
             return Ok(());
@@ -473,7 +461,7 @@ impl CudaBackend {
         check_len("layer_norm_backward dbias", dbias, cols)?;
         check_len("layer_norm_backward mean", mean, rows)?;
         check_len("layer_norm_backward rstd", rstd, rows)?;
-        disjoint("layer_norm_backward", &[dinp, dweight, dbias], &[dout, inp, weight, mean, rstd])?;
+        check_disjoint("layer_norm_backward", &[dinp, dweight, dbias], &[dout, inp, weight, mean, rstd])?;
         to_i32("layer_norm_backward", n)?;
         if n == 0 {
             return Ok(());
@@ -560,7 +548,7 @@ impl CudaBackend {
         check_len("activation_backward dinp", dinp, n)?;
         check_len("activation_backward dout", dout, n)?;
         check_len("activation_backward inp", inp, n)?;
-        disjoint("activation_backward", &[dinp], &[dout, inp])?;
+        check_disjoint("activation_backward", &[dinp], &[dout, inp])?;
         let ni = to_i32("activation_backward", n)?;
         if n == 0 {
             return Ok(());
@@ -610,7 +598,7 @@ impl CudaBackend {
         check_len("group_norm_backward dbias", dbias, c)?;
         check_len("group_norm_backward mean", mean, bg)?;
         check_len("group_norm_backward rstd", rstd, bg)?;
-        disjoint("group_norm_backward", &[dinp, dweight, dbias], &[dout, inp, weight, bias, mean, rstd])?;
+        check_disjoint("group_norm_backward", &[dinp, dweight, dbias], &[dout, inp, weight, bias, mean, rstd])?;
         to_i32("group_norm_backward", n)?;
         if n == 0 {
             return Ok(());
@@ -690,7 +678,7 @@ impl CudaBackend {
         let n_out = batch * oh * ow * c;
         check_len("upsample_backward dinp", dinp, n_in)?;
         check_len("upsample_backward dout", dout, n_out)?;
-        disjoint("upsample_backward", &[dinp], &[dout])?;
+        check_disjoint("upsample_backward", &[dinp], &[dout])?;
         to_i32("upsample_backward dinp", n_in)?;
         to_i32("upsample_backward dout", n_out)?;
         if n_in == 0 || n_out == 0 {
@@ -726,7 +714,7 @@ impl CudaBackend {
     ) -> Result<()> {
         check_len("add_bias_rows_backward dbias", dbias, batch * c)?;
         check_len("add_bias_rows_backward dout", dout, batch * rows * c)?;
-        disjoint("add_bias_rows_backward", &[dbias], &[dout])?;
+        check_disjoint("add_bias_rows_backward", &[dbias], &[dout])?;
         to_i32("add_bias_rows_backward", batch * rows * c)?;
         if batch * rows * c == 0 {
             return Ok(()); // nothing to add
@@ -761,7 +749,7 @@ impl CudaBackend {
         check_len("concat_backward da", da, rows * ca)?;
         check_len("concat_backward db", db, rows * cb)?;
         check_len("concat_backward dout", dout, n)?;
-        disjoint("concat_backward", &[da, db], &[dout])?;
+        check_disjoint("concat_backward", &[da, db], &[dout])?;
         to_i32("concat_backward", n)?;
         if n == 0 {
             return Ok(());
@@ -792,7 +780,7 @@ impl CudaBackend {
         check_len("geglu_backward dinp", dinp, 2 * n)?;
         check_len("geglu_backward dout", dout, n)?;
         check_len("geglu_backward inp", inp, 2 * n)?;
-        disjoint("geglu_backward", &[dinp], &[dout, inp])?;
+        check_disjoint("geglu_backward", &[dinp], &[dout, inp])?;
         to_i32("geglu_backward", 2 * n)?;
         if n == 0 {
             return Ok(());
@@ -834,7 +822,7 @@ impl CudaBackend {
             bail!("embedding_backward: token id {bad} is outside the vocabulary of {vocab}");
         }
         check_len("embedding_backward dout", dout, rows * dim)?;
-        disjoint("embedding_backward", &[dwte, dwpe], &[dout])?;
+        check_disjoint("embedding_backward", &[dwte, dwpe], &[dout])?;
         to_i32("embedding_backward", rows * dim)?;
         if rows == 0 {
             return Ok(());
@@ -892,7 +880,7 @@ impl CudaBackend {
         check_len("mse pred", pred, n)?;
         check_len("mse target", target, n)?;
         check_len("mse loss", loss, 1)?;
-        disjoint("mse", &[dpred, loss], &[pred, target])?;
+        check_disjoint("mse", &[dpred, loss], &[pred, target])?;
         let ni = to_i32("mse", n)?;
         let parts = n.div_ceil(BLOCK as usize * 8).clamp(1, 1024);
         let partial = self.ops_workspace_f64(0, parts)?;
@@ -922,7 +910,7 @@ impl CudaBackend {
     pub(crate) fn sum_squares_impl(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()> {
         check_len("sum_squares x", x, n)?;
         check_len("sum_squares out", out, 1)?;
-        disjoint("sum_squares", &[out], &[x])?;
+        check_disjoint("sum_squares", &[out], &[x])?;
         let ni = to_i32("sum_squares", n)?;
         let parts = n.div_ceil(BLOCK as usize * 8).clamp(1, 1024);
         let partial = self.ops_workspace_f64(0, parts)?;
@@ -964,7 +952,7 @@ impl CudaBackend {
         check_len("adamw grad", grad, n)?;
         check_len("adamw m", m, n)?;
         check_len("adamw v", v, n)?;
-        disjoint("adamw", &[param, m, v], &[grad])?;
+        check_disjoint("adamw", &[param, m, v], &[grad])?;
         let ni = to_i32("adamw", n)?;
         if n == 0 {
             return Ok(());
@@ -996,7 +984,7 @@ impl CudaBackend {
     pub(crate) fn lerp_impl(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
         check_len("lerp dst", dst, n)?;
         check_len("lerp src", src, n)?;
-        disjoint("lerp", &[dst], &[src])?;
+        check_disjoint("lerp", &[dst], &[src])?;
         let ni = to_i32("lerp", n)?;
         if n == 0 {
             return Ok(());
