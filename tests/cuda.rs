@@ -389,7 +389,7 @@ mod suite {
         }
 
         // elementwise
-        for &n in &[1000usize, 1 << 20] {
+        for &n in &[1000usize, 1001, 1 << 20] {
             for act in ACTS {
                 let x = rng.scaled(n, 3.0);
                 g(format!("activation_forward {act:?} n{n}"), vec![vec![0.0; n], x.clone()], &[0], &|b, t| {
@@ -408,6 +408,16 @@ mod suite {
             g(format!("scale n{n}"), vec![rng.normal(n)], &[0], &|b, t| b.scale(&t[0], -0.37, n));
             g(format!("lerp n{n}"), vec![rng.normal(n), rng.normal(n)], &[0], &|b, t| b.lerp(&t[0], &t[1], n, 0.0123));
             g(format!("zero n{n}"), vec![rng.normal(n)], &[0], &|b, t| b.zero(&t[0]));
+            // Training noise: the same Philox stream as the CPU (a partial last group of four when
+            // n % 4 != 0; the three values past n must stay untouched), and add_noise in place.
+            g(format!("randn n{n}"), vec![rng.normal(n + 3)], &[0], &|b, t| {
+                b.randn(&t[0], n, 0xFEED_FACE_CAFE_BEEF, (9 << 32) | 2)
+            });
+            for v in [false, true] {
+                g(format!("ddpm_add_noise n{n} v_prediction {v}"), vec![rng.normal(n), rng.normal(n)], &[0, 1], &|b, t| {
+                    b.ddpm_add_noise(&t[0], &t[1], n, 0.8, 0.6, v)
+                });
+            }
             g(
                 format!("mse_loss n{n}"),
                 vec![rng.normal(n), vec![0.0], rng.normal(n), rng.normal(n)],

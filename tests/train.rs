@@ -8,7 +8,7 @@ use roentgen::backend::Backend;
 use roentgen::models::clip::ClipTextModel;
 use roentgen::models::unet::UNet;
 use roentgen::tensor::{Layout, Tensor};
-use roentgen::train::{Batch, OptimOptions, PredictionType, Trainer};
+use roentgen::train::{Batch, Noise, OptimOptions, PredictionType, Trainer};
 
 fn batch(io: &std::path::Path, k: usize) -> Batch {
     let (shape, latents) = read_f32(io, &format!("b{k}.latents"));
@@ -17,7 +17,7 @@ fn batch(io: &std::path::Path, k: usize) -> Batch {
         latent_shape: [shape[0], shape[1], shape[2], shape[3]],
         input_ids: read_ids(io, &format!("b{k}.input_ids")).1,
         attention_mask: vec![1; 2 * 8],
-        noise: read_f32(io, &format!("b{k}.noise")).1,
+        noise: Noise::Given(read_f32(io, &format!("b{k}.noise")).1),
         timesteps: read_f32(io, &format!("b{k}.timesteps")).1.iter().map(|&t| t as usize).collect(),
     }
 }
@@ -77,4 +77,51 @@ fn ten_adamw_steps_match_pytorch() {
     let wu = compare_weights("unet", &b, &unet.table, &io, "unet");
     let wt = compare_weights("text encoder", &b, clip.table(), &io, "text_encoder");
     println!("final weights: max relative error unet {wu:.2e}, text encoder {wt:.2e}");
+}
+
+/// Noise drawn on the backend (`Noise::Philox`, as `roentgen train` uses) is the Philox stream laid
+/// out channels-last: a step with it equals, bit for bit, a step given that stream reordered to NCHW
+/// as host noise, for epsilon and v-prediction targets (both paths are the same f32 operations).
+#[test]
+fn backend_drawn_noise_equals_the_same_noise_given() {
+    let io = fixture("train10/io.safetensors");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sd14_config().join("scheduler/scheduler_config.json")).unwrap())
+            .unwrap();
+    let ac =
+        roentgen::schedulers::training_alphas_cumprod(&cfg, std::path::Path::new("scheduler_config.json")).unwrap();
+    let (seed, stream) = (0x5EED_0000_0000_0007u64, (3u64 << 32) | 1);
+    for pt in [PredictionType::Epsilon, PredictionType::VPrediction] {
+        let step = |noise: Noise| {
+            let mut b = CpuBackend::new();
+            let (unet, _) = UNet::load(&mut b, &fixture("grads/unet"), None).unwrap();
+            let (clip, _) = ClipTextModel::load(&mut b, &fixture("train10/text_encoder"), None).unwrap();
+            let clip = roentgen::models::text::TextEncoder::Clip(clip);
+            let opts = OptimOptions { lr: 1e-3, ..OptimOptions::default() };
+            let mut tr = Trainer::new(&mut b, &unet, &clip, opts, ac.clone(), pt, 2, 8, 6, 8).unwrap();
+            let mb = Batch { noise, ..batch(&io, 0) };
+            let s = tr.train_step(&b, &unet, &clip, &[mb], 10).unwrap();
+            let w = b.download(&Tensor { pool: unet.table.pool(), offset: 0, shape: [unet.table.total()].into() });
+            (s.loss, s.grad_norm, w.unwrap())
+        };
+        let [n, c, h, w] = batch(&io, 0).latent_shape;
+        let mut nhwc = vec![0f32; n * c * h * w];
+        roentgen::rng::philox_normals(&mut nhwc, seed, stream);
+        // (n, h, w, c) → (n, c, h, w)
+        let mut nchw = vec![0f32; nhwc.len()];
+        for (i, &z) in nhwc.iter().enumerate() {
+            let (ch, rest) = (i % c, i / c);
+            let (x, rest) = (rest % w, rest / w);
+            let (y, s) = (rest % h, rest / h);
+            nchw[((s * c + ch) * h + y) * w + x] = z;
+        }
+        let (l0, g0, w0) = step(Noise::Given(nchw));
+        let (l1, g1, w1) = step(Noise::Philox { seed, stream });
+        println!("{pt:?}: loss {l1} (given {l0}), grad norm {g1} (given {g0})");
+        assert_eq!((l1.to_bits(), g1.to_bits()), (l0.to_bits(), g0.to_bits()), "{pt:?}: loss / gradient norm differ");
+        assert!(w0.iter().zip(&w1).all(|(a, b)| a.to_bits() == b.to_bits()), "{pt:?}: updated weights differ");
+        // And the noise mattered: another stream gives another step.
+        let (l2, _, _) = step(Noise::Philox { seed, stream: stream + 1 });
+        assert_ne!(l2, l1, "{pt:?}: a different noise stream gave the same loss");
+    }
 }

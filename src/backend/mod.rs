@@ -488,6 +488,27 @@ pub trait Backend {
     /// dst += w · (src − dst), n elements (an exponential moving average's update).
     fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()>;
 
+    // ---- training noise, drawn where the model runs ----
+
+    /// out[i] = element i of the standard-normal stream (`seed`, `stream`), i < n: Philox4x32-10
+    /// through Box–Muller (src/rng.rs `philox_normals`, which is the CPU implementation). Every
+    /// backend draws the same values, so a training run's noise does not depend on the device.
+    fn randn(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()>;
+
+    /// DDPM's forward process in place, for one sample of n values (diffusers' `add_noise` and the
+    /// loss target, f32): x ← √ᾱ·x + √(1−ᾱ)·noise; with `v_prediction`, noise ← √ᾱ·noise − √(1−ᾱ)·x₀
+    /// (the velocity), else the noise is left as the target.
+    #[allow(clippy::too_many_arguments)]
+    fn ddpm_add_noise(
+        &self,
+        x: &Tensor,
+        noise: &Tensor,
+        n: usize,
+        sqrt_alpha: f32,
+        sqrt_one_minus_alpha: f32,
+        v_prediction: bool,
+    ) -> Result<()>;
+
     // ---- attention with a padding mask over the keys (BERT text encoders, whose pipelines may
     // pass the tokenizer's attention mask) ----
 

@@ -339,6 +339,12 @@ impl Backend for PlanBackend {
     fn lerp(&self, _: &Tensor, _: &Tensor, _: usize, _: f32) -> Result<()> {
         Ok(())
     }
+    fn randn(&self, _: &Tensor, _: usize, _: u64, _: u64) -> Result<()> {
+        Ok(())
+    }
+    fn ddpm_add_noise(&self, _: &Tensor, _: &Tensor, _: usize, _: f32, _: f32, _: bool) -> Result<()> {
+        Ok(())
+    }
     fn masked_attention_forward(
         &self,
         _: &Tensor,

@@ -71,10 +71,22 @@ pub struct Batch {
     /// n × seq attention mask (1 for real tokens); used only by text encoders configured with
     /// `use_attention_mask`.
     pub attention_mask: Vec<u32>,
-    /// [n, c, h, w] standard normal noise.
-    pub noise: Vec<f32>,
+    /// The noise added to the latents.
+    pub noise: Noise,
     /// n training timesteps in [0, num_train_timesteps).
     pub timesteps: Vec<usize>,
+}
+
+/// Where a micro-batch's noise comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Noise {
+    /// [n, c, h, w] standard normal values from the caller (`train-step` batch files, and the
+    /// parity tests, which feed PyTorch's); added on the host and uploaded.
+    Given(Vec<f32>),
+    /// Drawn on the backend, where the U-Net runs (`Backend::randn`, Philox4x32-10): element i of
+    /// stream (`seed`, `stream`) is value i of the U-Net's input in its channels-last layout
+    /// (n, h, w, c). Nothing but the clean latents crosses to the device.
+    Philox { seed: u64, stream: u64 },
 }
 
 #[derive(Clone, Copy, Debug, serde::Serialize)]
@@ -259,21 +271,28 @@ impl Trainer {
         Tensor { pool: self.side.pool(), offset: e.offset, shape: e.shape }
     }
 
-    /// diffusers' `DDPMScheduler.add_noise` (f32) and the loss target for one micro-batch:
-    /// (noisy latents, target), both NCHW.
+    /// (√ᾱ_t, √(1 − ᾱ_t)) in f32, as diffusers' `add_noise` computes them.
+    fn noise_coefs(&self, t: usize) -> Result<(f32, f32)> {
+        let ac = *self.alphas_cumprod.get(t).ok_or_else(|| {
+            anyhow::anyhow!("timestep {t} outside the {} training timesteps", self.alphas_cumprod.len())
+        })?;
+        Ok((ac.powf(0.5), (1.0 - ac).powf(0.5)))
+    }
+
+    /// diffusers' `DDPMScheduler.add_noise` (f32) and the loss target for one micro-batch with
+    /// given noise: (noisy latents, target), both NCHW. (Philox noise is added on the backend.)
     pub fn noisy_and_target(&self, batch: &Batch) -> Result<(Vec<f32>, Vec<f32>)> {
         let [n, c, h, w] = batch.latent_shape;
         let per = c * h * w;
+        let Noise::Given(noise) = &batch.noise else {
+            bail!("noisy_and_target: the batch's noise is drawn on the backend, not given");
+        };
         let mut noisy = vec![0f32; n * per];
         let mut target = vec![0f32; n * per];
         for i in 0..n {
-            let t = batch.timesteps[i];
-            let ac = *self.alphas_cumprod.get(t).ok_or_else(|| {
-                anyhow::anyhow!("timestep {t} outside the {} training timesteps", self.alphas_cumprod.len())
-            })?;
-            let (sa, s1a) = (ac.powf(0.5), (1.0 - ac).powf(0.5));
+            let (sa, s1a) = self.noise_coefs(batch.timesteps[i])?;
             for j in i * per..(i + 1) * per {
-                let (x0, e) = (batch.latents[j], batch.noise[j]);
+                let (x0, e) = (batch.latents[j], noise[j]);
                 noisy[j] = sa * x0 + s1a * e;
                 target[j] = match self.prediction_type {
                     PredictionType::Epsilon => e,
@@ -339,26 +358,46 @@ impl Trainer {
             );
         }
         let seq = self.clip_acts.batch_seq().1;
+        let given = match &mb.noise {
+            Noise::Given(v) => v.len(),
+            Noise::Philox { .. } => mb.latents.len(),
+        };
         if mb.input_ids.len() != n * seq
             || mb.attention_mask.len() != n * seq
-            || mb.noise.len() != mb.latents.len()
+            || mb.latents.len() != n * c * h * w
+            || given != mb.latents.len()
             || mb.timesteps.len() != n
         {
             bail!(
-                "micro-batch: {} ids, {} noise values, {} timesteps for {n} samples",
+                "micro-batch: {} ids, {} latent values, {given} noise values, {} timesteps for {n} samples",
                 mb.input_ids.len(),
-                mb.noise.len(),
+                mb.latents.len(),
                 mb.timesteps.len()
             );
         }
         let hidden = clip.forward(b, &self.clip_acts, &mb.input_ids, &mb.attention_mask)?;
-        let (noisy, target) = self.noisy_and_target(mb)?;
-        b.upload(&sample.t, &nchw_to_nhwc(&noisy, n, c, h, w))?;
+        let tgt = self.side("target");
+        let per = c * h * w;
+        match &mb.noise {
+            Noise::Given(_) => {
+                let (noisy, target) = self.noisy_and_target(mb)?;
+                b.upload(&sample.t, &nchw_to_nhwc(&noisy, n, c, h, w))?;
+                b.upload(&Tensor { shape: [n * per].into(), ..tgt }, &nchw_to_nhwc(&target, n, c, h, w))?;
+            }
+            Noise::Philox { seed, stream } => {
+                b.upload(&sample.t, &nchw_to_nhwc(&mb.latents, n, c, h, w))?;
+                b.randn(&tgt, n * per, *seed, *stream)?;
+                let v = self.prediction_type == PredictionType::VPrediction;
+                for (i, &t) in mb.timesteps.iter().enumerate() {
+                    let (sa, s1a) = self.noise_coefs(t)?;
+                    let at = |x: &Tensor| Tensor { pool: x.pool, offset: x.offset + i * per, shape: [per].into() };
+                    b.ddpm_add_noise(&at(&sample.t), &at(&tgt), per, sa, s1a, v)?;
+                }
+            }
+        }
         b.zero(&ctx)?;
         b.accumulate(&ctx, &hidden, ctx.numel())?;
         b.zero(&dctx)?;
-        let tgt = self.side("target");
-        b.upload(&Tensor { shape: [target.len()].into(), ..tgt }, &nchw_to_nhwc(&target, n, c, h, w))?;
         let base = self.arena.mark();
         self.arena.set_keep(true);
         let ts: Vec<f32> = mb.timesteps.iter().map(|&t| t as f32).collect();

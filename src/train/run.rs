@@ -1,13 +1,14 @@
 //! `roentgen train` and `roentgen train-step`: the loops around `Trainer`.
 //!
-//! Randomness is a function of (seed, step): the data order of each epoch, the timesteps, the noise
-//! and the VAE's latent samples of a step are drawn from streams seeded by them, so a run resumed
-//! from a checkpoint reproduces the uninterrupted run exactly (the CPU backend's reductions are
-//! deterministic for a given thread count).
+//! Randomness is a function of (seed, step): the data order of each epoch, the timesteps and the
+//! VAE's latent samples of a step are drawn on the host from streams seeded by them, and the noise
+//! on the backend from the Philox stream (seed, step · 2³² + micro-batch), the same values on the
+//! CPU and the GPU; so a run resumed from a checkpoint reproduces the uninterrupted run exactly (the
+//! CPU backend's reductions are deterministic for a given thread count).
 
 use super::checkpoint::{self, CheckpointContents};
 use super::data::{load_image, read_manifest, Example, OnBadImage};
-use super::{Batch, OptimOptions, PredictionType, StepStats, Trainer};
+use super::{Batch, Noise, OptimOptions, PredictionType, StepStats, Trainer};
 use crate::backend::Backend;
 use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::models::unet::{UNet, UNetConfig};
@@ -340,7 +341,8 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                 latent_shape: [cfg.batch_size, z, lat, lat],
                 input_ids: Vec::with_capacity(cfg.batch_size * seq),
                 attention_mask: Vec::with_capacity(cfg.batch_size * seq),
-                noise: Vec::with_capacity(cfg.batch_size * per),
+                // Drawn where the U-Net runs (Philox): stream = (step, micro-batch).
+                noise: Noise::Philox { seed: cfg.seed, stream: ((step as u64) << 32) | a as u64 },
                 timesteps: Vec::with_capacity(cfg.batch_size),
             };
             for k in 0..cfg.batch_size {
@@ -370,7 +372,6 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                 mb.attention_mask.extend_from_slice(&t.mask);
                 mb.timesteps.push((rng.next_u64() % models.alphas_cumprod.len() as u64) as usize);
             }
-            mb.noise.extend((0..cfg.batch_size * per).map(|_| rng.next_normal()));
             micro.push(mb);
         }
         let stats = trainer.train_step(b, &models.unet, &models.text, &micro, cfg.steps)?;
@@ -471,7 +472,7 @@ pub fn read_step_batch(path: &Path, models: &Models, b: &mut dyn Backend) -> Res
         latent_shape: [shape[0], shape[1], shape[2], shape[3]],
         attention_mask,
         input_ids: ids.iter().map(|&x| x as u32).collect(),
-        noise,
+        noise: Noise::Given(noise),
         timesteps: ts.iter().map(|&t| t as usize).collect(),
     })
 }

@@ -130,6 +130,7 @@ inline float __fsqrt_rn(float a) { return sqrtf(a); }
 inline float __frcp_rn(float a) { return 1.0f / a; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 // Fast-math intrinsics: the accurate functions (the hardware's are within a few ulp of them).
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }

@@ -42,6 +42,7 @@ extern "C" void _ZTH13att_smem_bf16() {}
 #include "../../kernels/linear.cu"
 #include "../../kernels/norm.cu"
 #include "../../kernels/optim.cu"
+#include "../../kernels/random.cu"
 
 #include <poll.h>
 #include <stdexcept>
@@ -122,6 +123,8 @@ static void register_kernels() {
     REG(opt_sum_squares_partial, 0);
     REG(opt_sum_finalize, 0);
     REG(opt_adamw, 0);
+    REG(rand_philox_normal, 0);
+    REG(rand_ddpm_add_noise, 0);
     REG(linear_bias_fill, 0);
     REG(linear_bias_grad, 0);
 }
@@ -953,6 +956,22 @@ struct Cuda {
         if (n == 0) return;
         ops_launch1("ew_lerp", n, {emu::P(dptr(dst)), emu::P(dptr(src)), emu::I(ni), emu::F(w)});
     }
+    // ops.rs `randn_impl`: one thread per group of four; u32 halves in the i32 slots, bit for bit.
+    void randn(const T& out, size_t n, uint64_t seed, uint64_t stream) const {
+        int ni = oint("randn", n);
+        if (n == 0) return;
+        auto half = [](uint64_t v, bool hi) { return emu::I((int)(uint32_t)(hi ? v >> 32 : v & 0xFFFFFFFFu)); };
+        ops_launch1("rand_philox_normal", cdiv(n, 4),
+                    {emu::P(dptr(out)), emu::I(ni), half(seed, false), half(seed, true), half(stream, false),
+                     half(stream, true)});
+    }
+    void ddpm_add_noise(const T& x, const T& noise, size_t n, float sa, float s1a, bool v) const {
+        check_disjoint("ddpm_add_noise", {&x, &noise}, {});
+        int ni = oint("ddpm_add_noise", n);
+        if (n == 0) return;
+        ops_launch1("rand_ddpm_add_noise", n,
+                    {emu::P(dptr(x)), emu::P(dptr(noise)), emu::I(ni), emu::F(sa), emu::F(s1a), emu::I((int)v)});
+    }
 };
 
 // ================================================================================================
@@ -1728,6 +1747,96 @@ static Report optim_case(uint64_t seed) {
     return r;
 }
 
+// src/rng.rs `philox4x32_10`, `box_muller`, `philox_normals`, transcribed (the reference of the
+// kernel's output); the Random123 known answers pin both this and the device function.
+static void philox_ref(uint32_t c[4], uint32_t k0, uint32_t k1) {
+    for (int round = 0; round < 10; round++) {
+        if (round > 0) k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+        uint64_t p0 = 0xD2511F53ull * c[0], p1 = 0xCD9E8D57ull * c[2];
+        uint32_t n0 = (uint32_t)(p1 >> 32) ^ c[1] ^ k0, n1 = (uint32_t)p1, n2 = (uint32_t)(p0 >> 32) ^ c[3] ^ k1,
+                 n3 = (uint32_t)p0;
+        c[0] = n0, c[1] = n1, c[2] = n2, c[3] = n3;
+    }
+}
+static vector<float> philox_normals_ref(size_t n, uint64_t seed, uint64_t stream) {
+    vector<float> out(n);
+    for (size_t g = 0; 4 * g < n; g++) {
+        uint32_t c[4] = {(uint32_t)g, (uint32_t)((uint64_t)g >> 32), (uint32_t)stream, (uint32_t)(stream >> 32)};
+        philox_ref(c, (uint32_t)seed, (uint32_t)(seed >> 32));
+        for (int p = 0; p < 2; p++) {
+            double u1 = ((double)c[2 * p] + 1.0) * (1.0 / 4294967296.0), u2 = (double)c[2 * p + 1] * (1.0 / 4294967296.0);
+            double r = std::sqrt(-2.0 * std::log(u1)), t = 2.0 * 3.141592653589793 * u2;
+            float z[2] = {(float)(r * std::cos(t)), (float)(r * std::sin(t))};
+            for (int j = 0; j < 2; j++)
+                if (4 * g + 2 * p + j < n) out[4 * g + 2 * p + j] = z[j];
+        }
+    }
+    return out;
+}
+// The device function on the known-answer inputs (counter, key) → four words.
+__global__ void emu_philox_kat(uint32_t* out, const uint32_t* in) {
+    const uint32_t* v = in + 6 * threadIdx.x;
+    PhiloxWords w = philox4x32_10(v[0], v[1], v[2], v[3], v[4], v[5]);
+    for (int j = 0; j < 4; j++) out[4 * threadIdx.x + j] = w.w[j];
+}
+
+static Report random_case(uint64_t seed) {
+    Report r;
+    Cuda cu;
+    {  // Random123's kat_vectors, philox4x32 10 rounds
+        const uint32_t kat[3][10] = {
+            {0, 0, 0, 0, 0, 0, 0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8},
+            {~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd},
+            {0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344, 0xa4093822, 0x299f31d0, 0xd16cfe09, 0x94fdcceb, 0x5001e420,
+             0x24126ea1},
+        };
+        T in(18), out(12);
+        uint32_t* ip = (uint32_t*)in.p;
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 6; j++) ip[6 * i + j] = kat[i][j];
+        emu::launch_args("emu_philox_kat", &emu_philox_kat, 0, dim3(1), dim3(3), 0, {emu::P(out.p), emu::P(in.p)});
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 4; j++) {
+                uint32_t got;
+                memcpy(&got, &out.p[4 * i + j], 4);
+                if (got != kat[i][6 + j]) r.failure(fmt("Philox KAT %d word %d: %08x, want %08x", i, j, got, kat[i][6 + j]));
+            }
+        uint32_t c[4] = {0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344};
+        philox_ref(c, 0xa4093822, 0x299f31d0);
+        if (c[0] != 0xd16cfe09 || c[3] != 0x24126ea1) r.failure("the C++ Philox reference fails its known answer");
+        r.note("Philox KATs");
+    }
+    // Lengths not a multiple of 4 (a partial last group), 64-bit seeds and streams, an offset view.
+    const struct { size_t n; uint64_t seed, stream; } draws[] = {
+        {4099, seed, 0}, {1, 7, (5ull << 32) | 3}, {70001, 0xFEEDFACECAFEBEEFull, 42}};
+    for (auto& d : draws) {
+        T o(d.n + 3);
+        vector<float> before(o.p, o.p + o.n);
+        T view;
+        view.p = o.p + 1, view.n = d.n;
+        cu.randn(view, d.n, d.seed, d.stream);
+        exact(r, fmt("randn n=%zu", d.n).c_str(), view.get(), philox_normals_ref(d.n, d.seed, d.stream));
+        if (memcmp(&o.p[0], &before[0], 4) != 0 || memcmp(&o.p[d.n + 1], &before[d.n + 1], 8) != 0)
+            r.failure(fmt("randn n=%zu wrote outside its view", d.n));
+    }
+    for (int v = 0; v < 2; v++) {  // add_noise in place, epsilon and v-prediction targets
+        Rng rng(seed + v);
+        const size_t n = 3001;
+        auto x = rng.randn(n), e = rng.randn(n);
+        const float sa = 0.8f, s1a = 0.6f;
+        T tx(x), te(e);
+        cu.ddpm_add_noise(tx, te, n, sa, s1a, v);
+        vector<float> wx(n), we(n);
+        for (size_t i = 0; i < n; i++) {
+            wx[i] = sa * x[i] + s1a * e[i];
+            we[i] = v ? sa * e[i] - s1a * x[i] : e[i];
+        }
+        exact(r, v ? "add_noise (v) latents" : "add_noise latents", tx.get(), wx);
+        exact(r, v ? "add_noise (v) target" : "add_noise target", te.get(), we);
+    }
+    return r;
+}
+
 static Report linear_bias_case(uint64_t seed) {
     Report r;
     Rng rng(seed);
@@ -2037,6 +2146,7 @@ static vector<Case> all_cases() {
     v.push_back({"embedding fwd+bwd", [] { return embedding_case(81); }});
     v.push_back({"mse_loss, sum_squares, adamw, lerp", [] { return optim_case(91); }});
     v.push_back({"linear bias fill + bias grad", [] { return linear_bias_case(95); }});
+    v.push_back({"philox randn (KATs, partial groups, 64-bit seeds), ddpm add_noise", [] { return random_case(97); }});
     negative_cases(v);
     return v;
 }

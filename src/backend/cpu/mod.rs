@@ -801,6 +801,36 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn randn(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {
+        check_len("randn out", out, n)?;
+        let ([o], []) = self.views([out], []);
+        crate::rng::philox_normals(&mut o[..n], seed, stream);
+        Ok(())
+    }
+
+    fn ddpm_add_noise(
+        &self,
+        x: &Tensor,
+        noise: &Tensor,
+        n: usize,
+        sqrt_alpha: f32,
+        sqrt_one_minus_alpha: f32,
+        v_prediction: bool,
+    ) -> Result<()> {
+        check_len("ddpm_add_noise x", x, n)?;
+        check_len("ddpm_add_noise noise", noise, n)?;
+        let ([x, e], []) = self.views([x, noise], []);
+        let (sa, s1a) = (sqrt_alpha, sqrt_one_minus_alpha);
+        x[..n].par_iter_mut().zip(e[..n].par_iter_mut()).for_each(|(x, e)| {
+            let x0 = *x;
+            *x = sa * x0 + s1a * *e;
+            if v_prediction {
+                *e = sa * *e - s1a * x0;
+            }
+        });
+        Ok(())
+    }
+
     fn masked_attention_forward(
         &self,
         out: &Tensor,

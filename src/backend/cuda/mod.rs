@@ -935,6 +935,22 @@ impl Backend for CudaBackend {
         self.lerp_impl(dst, src, n, w)
     }
 
+    fn randn(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {
+        self.randn_impl(out, n, seed, stream)
+    }
+
+    fn ddpm_add_noise(
+        &self,
+        x: &Tensor,
+        noise: &Tensor,
+        n: usize,
+        sqrt_alpha: f32,
+        sqrt_one_minus_alpha: f32,
+        v_prediction: bool,
+    ) -> Result<()> {
+        self.ddpm_add_noise_impl(x, noise, n, sqrt_alpha, sqrt_one_minus_alpha, v_prediction)
+    }
+
     fn masked_attention_forward(
         &self,
         out: &Tensor,

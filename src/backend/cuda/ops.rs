@@ -30,7 +30,6 @@ const GN_MAX_CHUNKS: usize = 1024;
 const COL_CHUNK_ROWS: usize = 256;
 const COL_MAX_CHUNKS: usize = 256;
 
-/// Outputs must not overlap each other or any input (the CPU reference asserts the same).
 /// The 1-D grid-stride launch shape for n elements.
 fn grid1(n: usize) -> (u32, u32, u32) {
     (n.div_ceil(BLOCK as usize).clamp(1, MAX_GRID) as u32, 1, 1)
@@ -990,5 +989,59 @@ impl CudaBackend {
             return Ok(());
         }
         self.ops_launch1("ew_lerp", n, &[Arg::P(self.dptr(dst)), Arg::P(self.dptr(src)), Arg::I(ni), Arg::F(w)])
+    }
+
+    /// kernels/random.cu `rand_philox_normal`: one thread per group of four elements.
+    pub(crate) fn randn_impl(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {
+        check_len("randn out", out, n)?;
+        let ni = to_i32("randn", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        // u32 halves travel in the i32 argument slots bit for bit (the kernel takes unsigned int).
+        let half = |v: u64, hi: bool| Arg::I((if hi { v >> 32 } else { v & 0xFFFF_FFFF }) as u32 as i32);
+        self.ops_launch1(
+            "rand_philox_normal",
+            n.div_ceil(4),
+            &[
+                Arg::P(self.dptr(out)),
+                Arg::I(ni),
+                half(seed, false),
+                half(seed, true),
+                half(stream, false),
+                half(stream, true),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn ddpm_add_noise_impl(
+        &self,
+        x: &Tensor,
+        noise: &Tensor,
+        n: usize,
+        sqrt_alpha: f32,
+        sqrt_one_minus_alpha: f32,
+        v_prediction: bool,
+    ) -> Result<()> {
+        check_len("ddpm_add_noise x", x, n)?;
+        check_len("ddpm_add_noise noise", noise, n)?;
+        check_disjoint("ddpm_add_noise", &[x, noise], &[])?;
+        let ni = to_i32("ddpm_add_noise", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.ops_launch1(
+            "rand_ddpm_add_noise",
+            n,
+            &[
+                Arg::P(self.dptr(x)),
+                Arg::P(self.dptr(noise)),
+                Arg::I(ni),
+                Arg::F(sqrt_alpha),
+                Arg::F(sqrt_one_minus_alpha),
+                Arg::I(v_prediction as i32),
+            ],
+        )
     }
 }
