@@ -41,6 +41,12 @@ for prec in bf16 f32; do
     echo '```' >> "$S"
   done
 done
+# The U-Net step launched kernel by kernel, against the CUDA-graph replay above.
+echo "## bench unet, bf16, --cuda-graphs off (launch overhead: compare with the graph replay above)" >> "$S"
+echo '```' >> "$S"
+timeout "${ROENTGEN_BENCH_TIMEOUT:-90}" $BIN --device cuda --precision bf16 --cuda-graphs off bench unet --model $M \
+  --random-weights --iters 10 --warmup 3 >> "$S" 2>&1 || echo "bench unet (graphs off): exit $?" >> "$S"
+echo '```' >> "$S"
 # Side by side with diffusers/PyTorch (issue 9), where diffusers is importable (carried as a wheel).
 echo "## side by side (scripts/bench-peers.py)" >> "$S"
 if python3 -c "import diffusers" >/dev/null 2>&1; then

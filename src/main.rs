@@ -46,6 +46,18 @@ struct Global {
     /// Print pool sizes and load details to stderr.
     #[arg(long, short, global = true)]
     verbose: bool,
+    /// CUDA: replay each U-Net evaluation of the denoising loop (and of `bench unet`) as a captured
+    /// CUDA graph (on), or launch every kernel from the host each time (off; for comparison and
+    /// profiling). No effect on the CPU.
+    #[arg(long, global = true, default_value = "on", value_parser = ["on", "off"])]
+    cuda_graphs: String,
+}
+
+/// The backend the global options ask for.
+fn open_backend(g: &Global) -> Result<Box<dyn Backend>> {
+    let b = backend::create(g.device, g.precision)?;
+    b.set_graphs(g.cuda_graphs == "on");
+    Ok(b)
 }
 
 #[derive(Subcommand)]
@@ -474,7 +486,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Tokenize { model, input, prompt } => tokenize(&model, input.as_deref(), &prompt),
         Command::Inspect { path, random_weights, variant, summary, json } => {
-            let mut b = backend::create(cli.global.device, cli.global.precision)?;
+            let mut b = open_backend(&cli.global)?;
             let opts = InspectOptions { variant: variant.as_deref(), random_weights, tensors: !summary };
             let v = inspect(b.as_mut(), &path, &opts)?;
             if json {
@@ -494,13 +506,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Sample(args) => {
-            let mut b = backend::create(cli.global.device, cli.global.precision)?;
+            let mut b = open_backend(&cli.global)?;
             sample(b.as_mut(), args)?;
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
         }
         Command::Train(a) => {
-            let mut b = backend::create(cli.global.device, cli.global.precision)?;
+            let mut b = open_backend(&cli.global)?;
             let schedule = roentgen::train::schedule::LrSchedule::parse(&a.lr_schedule, a.warmup_steps)?;
             let unet_init_random = match a.unet_init.as_str() {
                 "pretrained" => false,
@@ -563,7 +575,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::TrainStep(a) => {
-            let mut b = backend::create(cli.global.device, cli.global.precision)?;
+            let mut b = open_backend(&cli.global)?;
             let opts = a.optim.options(1, roentgen::train::schedule::LrSchedule::Constant);
             let s = roentgen::train::run::train_step(
                 b.as_mut(),
@@ -581,7 +593,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::TrainVae(a) => {
-            let mut b = backend::create(cli.global.device, cli.global.precision)?;
+            let mut b = open_backend(&cli.global)?;
             let cfg = roentgen::train::vae::TrainVaeConfig {
                 model: a.model.clone(),
                 config: a.config.clone(),
@@ -629,7 +641,7 @@ fn run(cli: Cli) -> Result<()> {
             profile,
             json,
         } => {
-            let mut b = backend::create(cli.global.device, cli.global.precision)?;
+            let mut b = open_backend(&cli.global)?;
             let opts = roentgen::bench::BenchOptions {
                 model: &model,
                 variant: variant.as_deref(),
@@ -646,7 +658,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::EncodeText { model, tokenizer, prompt, out, variant, random_weights } => {
-            let mut b = backend::create(cli.global.device, cli.global.precision)?;
+            let mut b = open_backend(&cli.global)?;
             encode_text(b.as_mut(), &model, tokenizer.as_deref(), &prompt, &out, variant.as_deref(), random_weights)?;
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
@@ -858,7 +870,8 @@ fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
             "files": paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
             "seed": seed, "scheduler": sched_name, "steps": a.steps, "guidance": a.guidance,
             "height": h, "width": w, "timings": { "load_s": load_s, "text_encoding_s": t.text_encoding_s,
-            "denoising_s": t.denoising_s, "per_step_s": t.per_step_s, "vae_decode_s": t.vae_decode_s, "unet_calls": t.unet_calls },
+            "denoising_s": t.denoising_s, "per_step_s": t.per_step_s, "vae_decode_s": t.vae_decode_s, "unet_calls": t.unet_calls,
+            "graph_replays": t.graph_replays },
             "dump": a.dump.as_ref().map(|d| d.display().to_string()),
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);

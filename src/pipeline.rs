@@ -62,6 +62,8 @@ pub struct Timings {
     pub per_step_s: f64,
     pub vae_decode_s: f64,
     pub unet_calls: usize,
+    /// U-Net calls served by replaying a captured CUDA graph (0 on the CPU or with graphs off).
+    pub graph_replays: usize,
 }
 
 pub struct SampleOutput {
@@ -274,6 +276,12 @@ impl Pipeline {
         let total_calls = timesteps.len() * n.div_ceil(chunk);
         let mut calls = 0;
         let mut noise = vec![0f32; n * per_image];
+        // The U-Net call is a replayable graph per batch size (CUDA graphs; `Backend::graph`): its
+        // inputs, the timestep embedding included, are uploaded before it, and its addresses
+        // depend only on this arena, whose pool id is part of the key.
+        let dim0 = self.unet.config.block_out_channels[0];
+        let mut outs: std::collections::HashMap<usize, Fmap> = std::collections::HashMap::new();
+        let replays0 = b.graph_replays();
         for (i, &t) in timesteps.iter().enumerate() {
             for start in (0..n).step_by(chunk) {
                 let k = chunk.min(n - start);
@@ -292,9 +300,23 @@ impl Pipeline {
                 arena.reset();
                 let xin = Fmap::alloc(&mut arena, ub, lh, lw, c)?;
                 let ctx_t = arena.alloc([ub * seq, hidden])?;
+                let t_emb = arena.alloc([ub, dim0])?;
                 b.upload(&xin.t, &nchw_to_nhwc(&batch_in, ub, c, lh, lw))?;
                 b.upload(&ctx_t, &ctx)?;
-                let out = self.unet.forward(b, &mut arena, &xin, t as f32, &ctx_t, seq, None)?;
+                self.unet.upload_time_embedding(b, &t_emb, &[t as f32], ub)?;
+                let mark = arena.mark();
+                let bd: &dyn Backend = b;
+                let mut fresh = None;
+                let key = ((arena.pool().0 as u64) << 32) | ub as u64;
+                bd.graph(key, &mut || {
+                    arena.release(mark);
+                    fresh = Some(self.unet.forward_embedded(bd, &mut arena, &xin, &t_emb, &ctx_t, seq)?);
+                    Ok(())
+                })?;
+                let out = match fresh {
+                    Some(o) => *outs.entry(ub).or_insert(o),
+                    None => *outs.get(&ub).context("internal: a U-Net graph replayed before it ran")?,
+                };
                 let pred = nhwc_to_nchw(&b.download(&out.t)?, ub, c, lh, lw);
                 let dst = &mut noise[start * per_image..(start + k) * per_image];
                 if cfg_on {
@@ -319,6 +341,8 @@ impl Pipeline {
         timings.denoising_s = t1.elapsed().as_secs_f64();
         timings.per_step_s = timings.denoising_s / timesteps.len().max(1) as f64;
         timings.unet_calls = calls;
+        timings.graph_replays = b.graph_replays() - replays0;
+        b.clear_graphs();
 
         // 4. VAE decode, chunk by chunk, and diffusers' postprocess to [0, 1].
         let t2 = Instant::now();

@@ -160,8 +160,12 @@ mod suite {
         // linear: (rows, in, out) incl. SD's 4096×320 → 320 and odd sizes
         for &(rows, i, o) in &[(7, 5, 3), (77, 768, 320), (4096, 320, 1280), (130, 33, 65)] {
             let ins = vec![rng.normal(rows * o), rng.normal(rows * i), rng.scaled(o * i, 0.05), rng.normal(o)];
+            // (cuBLASLt: the bias through its BIAS epilogue, and without a bias)
             g(format!("linear_forward {rows}x{i}->{o}"), ins.clone(), &[0], &|b, t| {
                 b.linear_forward(&t[0], &t[1], &t[2], Some(&t[3]), rows, i, o)
+            });
+            g(format!("linear_forward {rows}x{i}->{o} no bias"), ins.clone(), &[0], &|b, t| {
+                b.linear_forward(&t[0], &t[1], &t[2], None, rows, i, o)
             });
             let ins = vec![
                 rng.normal(rows * i),
@@ -414,9 +418,12 @@ mod suite {
                 b.randn(&t[0], n, 0xFEED_FACE_CAFE_BEEF, (9 << 32) | 2)
             });
             for v in [false, true] {
-                g(format!("ddpm_add_noise n{n} v_prediction {v}"), vec![rng.normal(n), rng.normal(n)], &[0, 1], &|b, t| {
-                    b.ddpm_add_noise(&t[0], &t[1], n, 0.8, 0.6, v)
-                });
+                g(
+                    format!("ddpm_add_noise n{n} v_prediction {v}"),
+                    vec![rng.normal(n), rng.normal(n)],
+                    &[0, 1],
+                    &|b, t| b.ddpm_add_noise(&t[0], &t[1], n, 0.8, 0.6, v),
+                );
             }
             g(
                 format!("mse_loss n{n}"),
@@ -679,6 +686,47 @@ mod suite {
         });
     }
 
+    /// The denoising loop with CUDA graphs (the default) gives the images of the loop launched
+    /// kernel by kernel, and did replay: with one U-Net call per step, the first runs directly,
+    /// the second is captured and every later one is a replay.
+    fn graph_case(r: &mut Runner) {
+        r.case("sampling with CUDA graphs equals sampling without", || {
+            use roentgen::pipeline::{Pipeline, SampleRequest};
+            let dir = tempfile::tempdir()?;
+            let pipe_dir = assemble_pipeline("pipe-a", dir.path());
+            let steps = 6;
+            let run = |graphs: bool| -> Result<(Vec<f32>, usize)> {
+                let mut gpu = CudaBackend::new(0, Precision::F32)?;
+                gpu.set_graphs(graphs);
+                let pipe = Pipeline::load(&mut gpu, &pipe_dir, None)?;
+                let req = SampleRequest {
+                    prompts: vec!["Large left pleural effusion.".into(), "Enlarged cardiac silhouette.".into()],
+                    negative_prompt: None,
+                    num_images_per_prompt: 1,
+                    batch_size: 2,
+                    seed: 11,
+                    rng_variant: Default::default(),
+                    height: 16,
+                    width: 16,
+                    steps,
+                    guidance: 4.0,
+                    scheduler: None,
+                    scheduler_options: Default::default(),
+                    latents_in: None,
+                };
+                let out = pipe.generate(&mut gpu, &req, &mut |_, _| {}, &mut |_| {})?;
+                Ok((out.images, out.timings.graph_replays))
+            };
+            let (direct, r0) = run(false)?;
+            let (graphed, r1) = run(true)?;
+            ensure!(r0 == 0, "{r0} graph replays with graphs off");
+            ensure!(r1 == steps - 2, "{r1} graph replays for {steps} steps; expected {}", steps - 2);
+            let max = graphed.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            ensure!(max <= 1e-6, "images differ by up to {max:.2e} with graphs on");
+            Ok(format!("{r1} replays of {steps} U-Net calls, max pixel difference {max:.1e}"))
+        });
+    }
+
     /// Training steps allocate nothing either: 1 step and 4 steps (with latents cached, checkpoint at
     /// the end) on fresh backends end with the same number of device allocations.
     fn training_allocation_case(r: &mut Runner) {
@@ -919,6 +967,7 @@ mod suite {
         }
         if std::env::var_os("ROENTGEN_CUDA_SKIP_E2E").is_none() {
             denoising_allocation_case(&mut r);
+            graph_case(&mut r);
             training_allocation_case(&mut r);
             end_to_end_cases(&mut r, "f32", 1e-4);
             // bf16 through a whole denoising loop / step: errors compound over ~20 layers and 6

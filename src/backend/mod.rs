@@ -151,6 +151,30 @@ pub trait Backend {
         Vec::new()
     }
 
+    /// Turns replayable graphs on or off (`--cuda-graphs`); backends without graphs ignore it.
+    fn set_graphs(&self, _on: bool) {}
+
+    /// Runs `f` so that its work can be replayed. `f` must only queue device operations (no
+    /// upload, download or wait) and queue the same ones on the same addresses at every call with
+    /// this `key`; inputs that change between calls are written to device memory before the call.
+    /// The CUDA backend runs `f` directly the first time (scratch buffers reach their sizes),
+    /// captures it into a CUDA graph the second time, and from then on launches the graph without
+    /// calling `f`; should a capture fail, it says so once on stderr and runs `f` directly from
+    /// then on. Returns true when the work ran as a graph. Other backends just call `f`.
+    fn graph(&self, _key: u64, f: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
+        f()?;
+        Ok(false)
+    }
+
+    /// Frees every captured graph (call before the memory they address is given up or reused
+    /// for other work: a graph replays fixed addresses).
+    fn clear_graphs(&self) {}
+
+    /// Calls of `graph` served by replaying a graph, so far.
+    fn graph_replays(&self) -> usize {
+        0
+    }
+
     /// Copies host data into `dst` (`src.len()` must equal `dst.numel()`).
     fn upload(&self, dst: &Tensor, src: &[f32]) -> Result<()>;
 

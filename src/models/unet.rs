@@ -474,26 +474,72 @@ impl UNet {
         ctx_len: usize,
     ) -> Result<UNetSaved> {
         let c = &self.config;
-        let p = &self.params;
         let batch = sample.batch;
         if sample.c != c.in_channels {
             bail!("unet: sample has {} channels, config in_channels is {}", sample.c, c.in_channels);
         }
+        let t_emb = arena.alloc([batch, c.block_out_channels[0]])?;
+        self.upload_time_embedding(b, &t_emb, timesteps, batch)?;
+        self.forward_saved_embedded(b, arena, sample, &t_emb, context, ctx_len)
+    }
+
+    /// Writes the sinusoidal timestep embedding (computed on the host) of `timesteps` (one value,
+    /// or one per sample) into `t_emb` (batch, block_out_channels[0]): the U-Net's one upload, kept
+    /// apart so that `forward_embedded` queues device work only (a replayable CUDA graph).
+    pub fn upload_time_embedding(
+        &self,
+        b: &dyn Backend,
+        t_emb: &Tensor,
+        timesteps: &[f32],
+        batch: usize,
+    ) -> Result<()> {
+        let c = &self.config;
         if timesteps.len() != 1 && timesteps.len() != batch {
             bail!("unet: {} timesteps for a batch of {batch}", timesteps.len());
         }
-        let mut probes = Vec::new();
-        let ctx = (context, ctx_len);
-        // Time embedding: sinusoidal (host) → linear → SiLU → linear; every resnet uses SiLU of it.
         let dim0 = c.block_out_channels[0];
-        let t_emb = arena.alloc([batch, dim0])?;
         let mut host = Vec::with_capacity(batch * dim0);
         for i in 0..batch {
             let t = timesteps[if timesteps.len() == 1 { 0 } else { i }];
             host.extend(timestep_embedding(t, dim0, c.flip_sin_to_cos, c.freq_shift));
         }
-        b.upload(&t_emb, &host)?;
-        let e1 = p.time_linear_1.apply(b, arena, &t_emb, batch)?;
+        b.upload(&Tensor { shape: [batch * dim0].into(), ..*t_emb }, &host)
+    }
+
+    /// As `forward`, from a timestep embedding already on the device (`upload_time_embedding`):
+    /// only device operations, at addresses that depend on the arena's state alone.
+    pub fn forward_embedded(
+        &self,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        sample: &Fmap,
+        t_emb: &Tensor,
+        context: &Tensor,
+        ctx_len: usize,
+    ) -> Result<Fmap> {
+        Ok(self.forward_saved_embedded(b, arena, sample, t_emb, context, ctx_len)?.out)
+    }
+
+    fn forward_saved_embedded(
+        &self,
+        b: &dyn Backend,
+        arena: &mut Arena,
+        sample: &Fmap,
+        t_emb: &Tensor,
+        context: &Tensor,
+        ctx_len: usize,
+    ) -> Result<UNetSaved> {
+        let c = &self.config;
+        let p = &self.params;
+        let batch = sample.batch;
+        if sample.c != c.in_channels {
+            bail!("unet: sample has {} channels, config in_channels is {}", sample.c, c.in_channels);
+        }
+        crate::backend::check_len("unet: time embedding", t_emb, batch * c.block_out_channels[0])?;
+        let mut probes = Vec::new();
+        let ctx = (context, ctx_len);
+        // Time embedding: sinusoidal (host) → linear → SiLU → linear; every resnet uses SiLU of it.
+        let e1 = p.time_linear_1.apply(b, arena, t_emb, batch)?;
         let e1s = arena.alloc(e1.shape)?;
         b.activation_forward(&e1s, &e1, Activation::Silu, e1.numel())?;
         let emb = p.time_linear_2.apply(b, arena, &e1s, batch)?;
@@ -579,7 +625,7 @@ impl UNet {
             sample: *sample,
             context: *context,
             ctx_len,
-            t_emb,
+            t_emb: *t_emb,
             e1,
             e1s,
             emb,

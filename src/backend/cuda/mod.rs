@@ -13,6 +13,8 @@
 
 mod attention;
 mod conv;
+mod graph;
+mod lt;
 mod ops;
 
 use super::{check_len, Activation, Backend, Precision};
@@ -73,6 +75,17 @@ pub struct CudaBackend {
     attn_ws_limit: Cell<usize>,
     /// Per-kernel (calls, milliseconds) while profiling is on.
     profile: RefCell<Option<HashMap<String, (usize, f64)>>>,
+    /// graph.rs: captured work by key, whether graphs are used, whether a capture is under way.
+    graphs: RefCell<HashMap<u64, graph::GraphState>>,
+    graphs_on: Cell<bool>,
+    capturing: Cell<bool>,
+    graph_replays: Cell<usize>,
+    graph_warned: Cell<bool>,
+    /// lt.rs: the cuBLASLt handle, plans by shape, the workspace cuBLAS and cuBLASLt share.
+    lt_handle: cudarc::cublaslt::sys::cublasLtHandle_t,
+    lt_plans: RefCell<HashMap<lt::LtKey, lt::LtPlan>>,
+    lt_declined_noted: Cell<bool>,
+    blas_workspace: u64,
 }
 
 fn driver<T>(r: Result<T, cu::DriverError>, what: &str) -> Result<T> {
@@ -129,7 +142,12 @@ impl CudaBackend {
         let blas = cublas::create_handle().map_err(|e| anyhow!("cuBLAS: create handle: {e:?}"))?;
         unsafe { cublas::set_stream(blas, stream as cublas_sys::cudaStream_t) }
             .map_err(|e| anyhow!("cuBLAS: set stream: {e:?}"))?;
-        Ok(CudaBackend {
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            bail!("--device cuda: the driver is present but libcublasLt is not; install the CUDA toolkit's cuBLAS");
+        }
+        let lt_handle =
+            cudarc::cublaslt::result::create_handle().map_err(|e| anyhow!("cuBLASLt: create handle: {e:?}"))?;
+        let mut backend = CudaBackend {
             name: format!("cuda:{ordinal} ({gpu}, sm_{major}{minor}, {precision:?})"),
             cc: (major, minor),
             ctx,
@@ -146,7 +164,25 @@ impl CudaBackend {
             allocated_bytes: Cell::new(0),
             attn_ws_limit: Cell::new(attention::WIDE_WORKSPACE_ELEMS),
             profile: RefCell::new(None),
-        })
+            graphs: RefCell::new(HashMap::new()),
+            graphs_on: Cell::new(true),
+            capturing: Cell::new(false),
+            graph_replays: Cell::new(0),
+            graph_warned: Cell::new(false),
+            lt_handle,
+            lt_plans: RefCell::new(HashMap::new()),
+            lt_declined_noted: Cell::new(false),
+            blas_workspace: 0,
+        };
+        // One workspace for cuBLAS and cuBLASLt, so that neither allocates by itself (an
+        // allocation inside a CUDA-graph capture would fail it).
+        backend.blas_workspace = backend.raw_alloc(lt::WORKSPACE_BYTES, "cuBLAS workspace")?;
+        unsafe {
+            cublas_sys::cublasSetWorkspace_v2(blas, backend.blas_workspace as *mut c_void, lt::WORKSPACE_BYTES)
+                .result()
+                .map_err(|e| anyhow!("cuBLAS: set workspace: {e:?}"))?;
+        }
+        Ok(backend)
     }
 
     pub fn compute_capability(&self) -> (i32, i32) {
@@ -257,7 +293,7 @@ impl CudaBackend {
             anyhow!("CUDA: launching {kernel} grid {grid:?} block {block:?} smem {shared_bytes}: {e:?}")
         })?;
         self.profile_end(timer, kernel)?;
-        if cfg!(debug_assertions) || std::env::var_os("ROENTGEN_CUDA_SYNC").is_some() {
+        if (cfg!(debug_assertions) || std::env::var_os("ROENTGEN_CUDA_SYNC").is_some()) && !self.capturing.get() {
             self.synchronize().with_context(|| format!("after {kernel}"))?;
         }
         Ok(())
@@ -347,6 +383,29 @@ impl CudaBackend {
         self.gemm_for("cublas_gemm (linear layers)", ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
     }
 
+    /// A linear layer's product: cuBLASLt, or `gemm` for a shape cuBLASLt declines.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) -> Result<()> {
+        if self.lt_gemm(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc, None)? {
+            return Ok(());
+        }
+        self.gemm(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+    }
+
     /// As `gemm`, its time profiled under `label`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_for(
@@ -422,8 +481,14 @@ impl CudaBackend {
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
+        self.clear_graphs_impl();
+        self.lt_destroy_plans();
         unsafe {
             let _ = cu::stream::synchronize(self.stream);
+            let _ = cudarc::cublaslt::result::destroy_handle(self.lt_handle);
+            if self.blas_workspace != 0 {
+                let _ = cu::free_sync(self.blas_workspace);
+            }
             for p in &self.pools {
                 let _ = cu::free_sync(p.ptr);
             }
@@ -496,6 +561,25 @@ impl Backend for CudaBackend {
         self.pools.iter().map(|p| (p.label.clone(), p.len * 4)).collect()
     }
 
+    fn set_graphs(&self, on: bool) {
+        if !on {
+            self.clear_graphs_impl();
+        }
+        self.graphs_on.set(on);
+    }
+
+    fn graph(&self, key: u64, f: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
+        self.graph_impl(key, f)
+    }
+
+    fn clear_graphs(&self) {
+        self.clear_graphs_impl();
+    }
+
+    fn graph_replays(&self) -> usize {
+        self.graph_replays.get()
+    }
+
     fn upload(&self, dst: &Tensor, src: &[f32]) -> Result<()> {
         ensure!(src.len() == dst.numel(), "upload: {} values for a tensor of {}", src.len(), dst.numel());
         let p = self.dptr(dst);
@@ -555,10 +639,30 @@ impl Backend for CudaBackend {
         check_len("linear inp", inp, rows * in_f)?;
         check_len("linear weight", weight, out_f * in_f)?;
         assert!(!out.overlaps(inp) && !out.overlaps(weight), "linear: output overlaps an input");
+        if let Some(b) = bias {
+            check_len("linear bias", b, out_f)?;
+            assert!(!out.overlaps(b), "linear: output overlaps the bias");
+        }
+        // cuBLASLt with the bias fused (BIAS epilogue: one bias value per output feature).
+        if self.lt_gemm(
+            true,
+            false,
+            out_f,
+            rows,
+            in_f,
+            self.dptr(weight),
+            in_f,
+            self.dptr(inp),
+            in_f,
+            0.0,
+            self.dptr(out),
+            out_f,
+            bias.map(|b| self.dptr(b)),
+        )? {
+            return Ok(());
+        }
         let beta = match bias {
             Some(b) => {
-                check_len("linear bias", b, out_f)?;
-                assert!(!out.overlaps(b), "linear: output overlaps the bias");
                 let n = rows * out_f;
                 // The kernel is grid-stride: cap the grid (a `n as u32` could wrap to an empty grid).
                 self.launch(
@@ -728,7 +832,7 @@ impl Backend for CudaBackend {
         if let Some(di) = dinp {
             check_len("linear_backward dinp", di, rows * in_f)?;
             // dinpᵀ (in×rows) += Wᵀ(col-major view of W: in×out) · doutᵀ (out×rows)
-            self.gemm(
+            self.linear_gemm(
                 false,
                 false,
                 in_f,
@@ -744,7 +848,7 @@ impl Backend for CudaBackend {
             )?;
         }
         // dWᵀ (in×out, col-major) += Xᵀ (in×rows) · dout (rows×out) = Xᵀ · op_T(doutᵀ)
-        self.gemm(
+        self.linear_gemm(
             false,
             true,
             in_f,

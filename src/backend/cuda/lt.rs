@@ -1,0 +1,189 @@
+//! Linear-layer GEMMs through cuBLASLt: the forward's bias add fused into the product (the BIAS
+//! epilogue) and the backward's accumulating products, with the matmul descriptor, layouts and
+//! the heuristic's algorithm chosen once per shape and cached. Shapes cuBLASLt declines (no
+//! algorithm found) go through cuBLAS `gemmEx` as before (`CudaBackend::gemm`), once noted.
+
+use super::CudaBackend;
+use anyhow::{anyhow, Result};
+use cudarc::cublaslt::{result as lt, sys as lts};
+use std::ffi::c_void;
+
+/// Bytes of the workspace handed to cuBLASLt (and to cuBLAS, so that neither allocates on its
+/// own, which would break CUDA-graph capture): 32 MiB, NVIDIA's recommendation for Hopper.
+pub(crate) const WORKSPACE_BYTES: usize = 32 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct LtKey {
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    ldc: usize,
+    bias: bool,
+    bf16: bool,
+}
+
+pub(crate) enum LtPlan {
+    Ready {
+        desc: lts::cublasLtMatmulDesc_t,
+        layouts: [lts::cublasLtMatrixLayout_t; 3],
+        algo: lts::cublasLtMatmulAlgo_t,
+    },
+    /// cuBLASLt has no algorithm for this shape: cuBLAS gemmEx.
+    Declined,
+}
+
+fn lt_err(what: &str, e: lt::CublasError) -> anyhow::Error {
+    anyhow!("cuBLASLt: {what}: {e:?}")
+}
+
+impl CudaBackend {
+    /// C (col-major m×n, ldc) = op(A)·op(B) + beta·C, plus `bias` (m values, one per row of C,
+    /// i.e. per output feature) when given; f32 in memory, compute type as `gemm`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn lt_gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+        bias: Option<u64>,
+    ) -> Result<bool> {
+        if m == 0 || n == 0 {
+            return Ok(true);
+        }
+        let key = LtKey { ta, tb, m, n, k, lda, ldb, ldc, bias: bias.is_some(), bf16: self.use_bf16() };
+        if !self.lt_plans.borrow().contains_key(&key) {
+            let plan = self.lt_plan(&key)?;
+            if matches!(plan, LtPlan::Declined) && !self.lt_declined_noted.replace(true) {
+                eprintln!("note: cuBLASLt found no algorithm for a {m}×{n}×{k} product; using cuBLAS gemmEx for it");
+            }
+            self.lt_plans.borrow_mut().insert(key, plan);
+        }
+        let plans = self.lt_plans.borrow();
+        let LtPlan::Ready { desc, layouts, algo } = &plans[&key] else {
+            return Ok(false);
+        };
+        let alpha = 1.0f32;
+        let timer = self.profile_start()?;
+        unsafe {
+            if let Some(bias) = bias {
+                // The pointer changes from call to call; the descriptor keeps the rest.
+                lt::set_matmul_desc_attribute(
+                    *desc,
+                    lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &bias as *const u64 as *const c_void,
+                    std::mem::size_of::<u64>(),
+                )
+                .map_err(|e| lt_err("bias pointer", e))?;
+            }
+            lt::matmul(
+                self.lt_handle,
+                *desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                a as *const c_void,
+                layouts[0],
+                b as *const c_void,
+                layouts[1],
+                c as *const c_void,
+                layouts[2],
+                c as *mut c_void,
+                layouts[2],
+                algo,
+                self.blas_workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                self.stream as lts::cudaStream_t,
+            )
+            .map_err(|e| lt_err(&format!("matmul {m}×{n}×{k}"), e))?;
+        }
+        self.profile_end(timer, "cublaslt_matmul (linear layers)")?;
+        Ok(true)
+    }
+
+    fn lt_plan(&self, key: &LtKey) -> Result<LtPlan> {
+        let compute = if key.bf16 {
+            lts::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
+        } else {
+            lts::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        let f32t = lts::cudaDataType::CUDA_R_32F;
+        let desc = lt::create_matmul_desc(compute, f32t).map_err(|e| lt_err("matmul descriptor", e))?;
+        let set = |attr, v: &[u8]| unsafe {
+            lt::set_matmul_desc_attribute(desc, attr, v.as_ptr() as *const c_void, v.len())
+                .map_err(|e| lt_err("descriptor attribute", e))
+        };
+        // cublasOperation_t is an int32: N = 0, T = 1.
+        set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &(key.ta as i32).to_ne_bytes())?;
+        set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &(key.tb as i32).to_ne_bytes())?;
+        if key.bias {
+            let epi = lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
+            set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi.to_ne_bytes())?;
+        }
+        // Stored shapes: op(A) is m×k, so A is k×m when transposed; op(B) is k×n.
+        let (ar, ac) = if key.ta { (key.k, key.m) } else { (key.m, key.k) };
+        let (br, bc) = if key.tb { (key.n, key.k) } else { (key.k, key.n) };
+        let layout = |r: usize, c: usize, ld: usize| {
+            lt::create_matrix_layout(f32t, r as u64, c as u64, ld as i64).map_err(|e| lt_err("matrix layout", e))
+        };
+        let layouts = [layout(ar, ac, key.lda)?, layout(br, bc, key.ldb)?, layout(key.m, key.n, key.ldc)?];
+        let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
+        let ws = WORKSPACE_BYTES as u64;
+        let heuristic = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as *const c_void,
+                std::mem::size_of::<u64>(),
+            )
+            .map_err(|e| lt_err("workspace preference", e))?;
+            let h = lt::get_matmul_algo_heuristic(
+                self.lt_handle,
+                desc,
+                layouts[0],
+                layouts[1],
+                layouts[2],
+                layouts[2],
+                pref,
+            );
+            let _ = lt::destroy_matmul_pref(pref);
+            h
+        };
+        match heuristic {
+            Ok(h) => Ok(LtPlan::Ready { desc, layouts, algo: h.algo }),
+            Err(_) => {
+                unsafe {
+                    let _ = lt::destroy_matmul_desc(desc);
+                    for l in layouts {
+                        let _ = lt::destroy_matrix_layout(l);
+                    }
+                }
+                Ok(LtPlan::Declined)
+            }
+        }
+    }
+
+    pub(crate) fn lt_destroy_plans(&self) {
+        for (_, p) in self.lt_plans.borrow_mut().drain() {
+            if let LtPlan::Ready { desc, layouts, .. } = p {
+                unsafe {
+                    let _ = lt::destroy_matmul_desc(desc);
+                    for l in layouts {
+                        let _ = lt::destroy_matrix_layout(l);
+                    }
+                }
+            }
+        }
+    }
+}
