@@ -16,7 +16,8 @@
 //  * conv2d_wgrad_*  dW[co, ci, tap] += Σ_p dout[p, co] · inp[pix(p, tap), ci]: one tap per block
 //    row, the pixel sum split across grid.z, partial sums added with atomicAdd (so the weight
 //    gradient's f32 summation order, and its last bits, vary from run to run).
-// plus conv2d_weight_permute (the weight layouts above) and conv2d_bias_grad (column sums of dout).
+// plus conv2d_weight_permute* (the weight layouts above; bf16 for the tensor-core kernels) and
+// conv2d_bias_grad (column sums of dout).
 #include "common.cuh"
 
 namespace conv_detail {
@@ -193,6 +194,27 @@ __device__ __forceinline__ void warp_mma_32x32(float acc[2][4][4], const uint32_
 __device__ __forceinline__ void store_bf16x4(uint32_t (*S)[H_LDW], int row, int kq, float4 v) {
     *reinterpret_cast<uint2*>(&S[row][2 * kq]) = make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
 }
+// The same for four values already in bf16 (two bf16x2 words, the first value in the low half).
+__device__ __forceinline__ void store_bf16x4_packed(uint32_t (*S)[H_LDW], int row, int kq, uint2 v) {
+    *reinterpret_cast<uint2*>(&S[row][2 * kq]) = v;
+}
+
+__device__ __forceinline__ bool aligned8(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & 7u) == 0;
+}
+
+// bf16 p[0..3] as two bf16x2 words, of which only the first `n` values are read (zeros past
+// them); one 8-byte load when all four are valid and `vec` says p is 8-byte aligned.
+__device__ __forceinline__ uint2 load4_bf16(const __nv_bfloat16* p, int n, bool vec) {
+    if (n >= 4 && vec) return __ldg(reinterpret_cast<const uint2*>(p));
+    const unsigned short* q = reinterpret_cast<const unsigned short*>(p);
+    uint32_t h0 = 0, h1 = 0, h2 = 0, h3 = 0;
+    if (n > 0) h0 = __ldg(q);
+    if (n > 1) h1 = __ldg(q + 1);
+    if (n > 2) h2 = __ldg(q + 2);
+    if (n > 3) h3 = __ldg(q + 3);
+    return make_uint2(h0 | (h1 << 16), h2 | (h3 << 16));
+}
 
 }  // namespace conv_detail
 
@@ -208,6 +230,31 @@ using namespace conv_detail;
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_weight_permute(float* __restrict__ out, const float* __restrict__ w, int total, int c_in, int taps,
                           int s_co, int s_ci, int s_t) {
+    const int i = blockIdx.x * 256 + threadIdx.x;
+    if (i >= total) return;
+    const int t = i % taps;
+    const int r = i / taps;
+    const int ci = r % c_in;
+    const int co = r / c_in;
+    out[(size_t)co * s_co + (size_t)ci * s_ci + (size_t)t * s_t] = w[i];
+}
+
+/// As conv2d_weight_permute, writing bf16 (what conv2d_igemm_bf16 reads): from the f32 weight,
+/// rounded to nearest even, or from the backend's bf16 copy of a parameter pool.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_weight_permute_bf16(__nv_bfloat16* __restrict__ out, const float* __restrict__ w, int total, int c_in,
+                               int taps, int s_co, int s_ci, int s_t) {
+    const int i = blockIdx.x * 256 + threadIdx.x;
+    if (i >= total) return;
+    const int t = i % taps;
+    const int r = i / taps;
+    const int ci = r % c_in;
+    const int co = r / c_in;
+    out[(size_t)co * s_co + (size_t)ci * s_ci + (size_t)t * s_t] = f2bf(w[i]);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_weight_permute_bf16_copy(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ w, int total,
+                                    int c_in, int taps, int s_co, int s_ci, int s_t) {
     const int i = blockIdx.x * 256 + threadIdx.x;
     if (i >= total) return;
     const int t = i % taps;
@@ -312,11 +359,12 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
-/// bf16 tensor-core version (same parameters and result, operands rounded to bf16).
+/// bf16 tensor-core version (same parameters and result, operands rounded to bf16; the weight
+/// arrives in bf16, from conv2d_weight_permute_bf16*).
 /// Launch: grid (⌈M/128⌉, ⌈N/64⌉), block (256), no dynamic shared memory (15 KiB static).
 /// Warp w computes rows (w % 4)·32.., columns (w / 4)·32.. of the 128×64 tile.
 extern "C" __global__ void __launch_bounds__(256)
-    conv2d_igemm_bf16(float* __restrict__ dst, const float* __restrict__ src, const float* __restrict__ wt,
+    conv2d_igemm_bf16(float* __restrict__ dst, const float* __restrict__ src, const __nv_bfloat16* __restrict__ wt,
                       const float* __restrict__ bias, int M, int RH, int RW, int N, int C, int SH, int SW, int ss,
                       int sy0, int sx0, int tys, int txs, int nty, int ntx, int tap0, int tapys, int tapxs, int bs_n,
                       int bs_t, int DH, int DW, int os, int dy0, int dx0, int accumulate) {
@@ -332,11 +380,12 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int r = 0; r < 4; ++r) ag[r] = row_geo(m0 + lrow + 32 * r, M, RH, RW, SH, ss, sy0, sx0);
     const bool a_vec = (C % 4 == 0) && aligned16(src);
-    const bool b_vec = (C % 4 == 0) && (bs_n % 4 == 0) && (bs_t % 4 == 0) && aligned16(wt);
+    const bool b_vec = (C % 4 == 0) && (bs_n % 4 == 0) && (bs_t % 4 == 0) && aligned8(wt);
     const int ktiles = nty * ntx * CEIL_DIV(C, H_BK);
 
     KPos kp = {0, 0, 0};
-    float4 ra[4], rb[2];
+    float4 ra[4];
+    uint2 rb[2];
     auto load = [&]() {
         const int c = kp.c0 + 4 * lq;
         const int dy = kp.jy * tys, dx = kp.jx * txs;
@@ -349,7 +398,7 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int n = n0 + lrow + 32 * r;
-            rb[r] = load4(n < N ? wt + (size_t)n * bs_n + wtap : wt, n < N ? C - c : 0, b_vec);
+            rb[r] = load4_bf16(n < N ? wt + (size_t)n * bs_n + wtap : wt, n < N ? C - c : 0, b_vec);
         }
         kpos_next(kp, H_BK, C, ntx);
     };
@@ -369,7 +418,7 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int r = 0; r < 4; ++r) store_bf16x4(As, lrow + 32 * r, lq, ra[r]);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) store_bf16x4(Bs, lrow + 32 * r, lq, rb[r]);
+        for (int r = 0; r < 2; ++r) store_bf16x4_packed(Bs, lrow + 32 * r, lq, rb[r]);
         __syncthreads();
         if (kt + 1 < ktiles) load();  // the next tile's global loads overlap this tile's math
 #pragma unroll
@@ -474,7 +523,8 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
-/// bf16 tensor-core version (same parameters and result, operands rounded to bf16).
+/// bf16 tensor-core version (same parameters and result, operands rounded to bf16; the weight
+/// arrives in bf16, from conv2d_weight_permute_bf16*).
 /// Launch: grid (⌈c_out/128⌉, ⌈c_in/64⌉·k², splits), block (256); warp w computes output channels
 /// (w % 4)·32.., input channels (w / 4)·32.. of the 128×64 tile; the reduction tile is 32 pixels.
 /// Loader unit u: channel quad q = (u & 1) + 2·(u >> 5), pixel pair pp = (u >> 1) & 15, i.e. pixels

@@ -302,3 +302,11 @@ extern "C" __global__ void ew_lerp(float* dst, const float* src, int n, float w)
         dst[i] = __fsub_rn(d, __fmul_rn(w, __fsub_rn(d, src[i])));
     }
 }
+
+// out[i] = bf16(in[i]) (round to nearest even): refreshes the backend's bf16 copy of a parameter
+// pool after the f32 weights were written. Launch: 1-D grid-stride, block 256.
+extern "C" __global__ void ew_to_bf16(__nv_bfloat16* out, const float* in, int n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = f2bf(in[i]);
+}

@@ -1,4 +1,5 @@
-// Training kernels: the MSE loss, the sum of squares (gradient-norm clipping) and the AdamW step,
+// Training kernels: the MSE loss, the sum of squares (gradient-norm clipping) and the AdamW step
+// (f32 master weights and moments, and the bf16 copy of the weights when the backend keeps one),
 // mirroring backward.rs `mse`, cpu/mod.rs `sum_squares` and backward.rs `adamw`.
 //
 // The reductions are deterministic two-pass f64 sums: pass 1 writes one f64 partial per block to a
@@ -69,10 +70,12 @@ extern "C" __global__ void opt_sum_finalize(float* out, const double* partial, i
 //   p ← p·decay;  m ← m + (g − m)·(1 − β1);  v ← v·β2 + g·g·(1 − β2);
 //   p ← p − step_size·m / (√v / bc2_sqrt + eps).
 // The scalars decay = 1 − lr·wd, step_size = lr / (1 − β1^t), bc2_sqrt = √(1 − β2^t) are computed
-// in f64 and rounded to f32 on the host, as the CPU does. Launch: 1-D grid-stride, block 256.
-extern "C" __global__ void opt_adamw(float* param, const float* grad, float* m, float* v, int n, float decay,
-                                     float beta2, float one_minus_beta1, float one_minus_beta2, float bc2_sqrt,
-                                     float step_size, float eps) {
+// in f64 and rounded to f32 on the host, as the CPU does. When `copy` is not null it is the
+// backend's bf16 copy of the parameters (element i beside param[i]) and receives the updated
+// value rounded to nearest even, in the same pass. Launch: 1-D grid-stride, block 256.
+extern "C" __global__ void opt_adamw(float* param, __nv_bfloat16* copy, const float* grad, float* m, float* v, int n,
+                                     float decay, float beta2, float one_minus_beta1, float one_minus_beta2,
+                                     float bc2_sqrt, float step_size, float eps) {
     OPT_FOR(i, n) {
         const float g = grad[i];
         float p = __fmul_rn(param[i], decay);
@@ -82,6 +85,7 @@ extern "C" __global__ void opt_adamw(float* param, const float* grad, float* m, 
         const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vv), bc2_sqrt), eps);
         p = __fsub_rn(p, __fdiv_rn(__fmul_rn(step_size, mm), denom));
         param[i] = p;
+        if (copy) copy[i] = f2bf(p);
         m[i] = mm;
         v[i] = vv;
     }

@@ -686,6 +686,53 @@ mod suite {
         });
     }
 
+    /// bf16: a convolution whose weight lies in a parameter pool reads the pool's bf16 copy and
+    /// must give bit for bit what the same weight gives in an ordinary pool, before and after an
+    /// AdamW step (which updates the copy in the same pass) and after a new upload.
+    fn param_copy_case(r: &mut Runner) {
+        r.case("bf16/conv2d through a parameter pool's bf16 copy (upload, AdamW) equals the plain path", || {
+            let mut rng = Rng(0xC0FFEE);
+            let (b, h, w, ci, co, k) = (2, 9, 7, 32, 48, 3);
+            let nw = co * ci * k * k;
+            let (x, wt, g) = (rng.normal(b * h * w * ci), rng.scaled(nw, 0.05), rng.scaled(nw, 0.1));
+            let run = |params: bool| -> Result<Vec<f32>> {
+                let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
+                let wp = gpu.alloc(nw, "weight")?;
+                if params {
+                    gpu.mark_params(wp)?;
+                }
+                let t =
+                    place(&mut gpu, &[x.clone(), vec![0.0; b * h * w * co], g.clone(), vec![0.0; nw], vec![0.0; nw]])?;
+                let wt_t = Tensor { pool: wp, offset: 0, shape: [nw].into() };
+                gpu.upload(&wt_t, &wt)?;
+                let mut outs = Vec::new();
+                let conv = |gpu: &CudaBackend, outs: &mut Vec<f32>| -> Result<()> {
+                    gpu.conv2d_forward(&t[1], &t[0], &wt_t, None, b, h, w, ci, co, k, 1, [1, 1, 1, 1])?;
+                    outs.extend(gpu.download(&t[1])?);
+                    Ok(())
+                };
+                conv(&gpu, &mut outs)?;
+                gpu.adamw_step(&wt_t, &t[2], &t[3], &t[4], nw, 1e-2, 0.9, 0.999, 1e-8, 1e-2, 1)?;
+                conv(&gpu, &mut outs)?;
+                gpu.upload(
+                    &wt_t,
+                    &x[..nw.min(x.len())]
+                        .iter()
+                        .map(|v| v * 0.01)
+                        .chain(std::iter::repeat(0.0))
+                        .take(nw)
+                        .collect::<Vec<_>>(),
+                )?;
+                conv(&gpu, &mut outs)?;
+                Ok(outs)
+            };
+            let (plain, copy) = (run(false)?, run(true)?);
+            let differ = plain.iter().zip(&copy).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            ensure!(differ == 0, "{differ} of {} outputs differ through the bf16 copy", plain.len());
+            Ok(format!("{} outputs over 3 phases bit-identical", plain.len()))
+        });
+    }
+
     /// The denoising loop with CUDA graphs (the default) gives the images of the loop launched
     /// kernel by kernel, and did replay: with one U-Net call per step, the first runs directly,
     /// the second is captured and every later one is a replay.
@@ -968,6 +1015,7 @@ mod suite {
         if std::env::var_os("ROENTGEN_CUDA_SKIP_E2E").is_none() {
             denoising_allocation_case(&mut r);
             graph_case(&mut r);
+            param_copy_case(&mut r);
             training_allocation_case(&mut r);
             end_to_end_cases(&mut r, "f32", 1e-4);
             // bf16 through a whole denoising loop / step: errors compound over ~20 layers and 6

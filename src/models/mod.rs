@@ -25,6 +25,18 @@ pub fn allocate<T>(backend: &mut dyn Backend, label: &str, build: impl Fn(&mut L
     Ok((typed, layout))
 }
 
+/// As `allocate`, for a model's parameters: the pool is declared to the backend as parameters
+/// (`Backend::mark_params`: the CUDA backend keeps a bf16 copy of it in bf16 mode).
+pub fn allocate_params<T>(
+    backend: &mut dyn Backend,
+    label: &str,
+    build: impl Fn(&mut Layout) -> T,
+) -> Result<(T, Layout)> {
+    let (typed, layout) = allocate(backend, label, build)?;
+    backend.mark_params(layout.pool())?;
+    Ok((typed, layout))
+}
+
 /// Fills every parameter of `table` with random values in the style of the usual initialisations:
 /// biases 0, normalisation weights 1, everything else uniform with standard deviation 0.02 (uniform
 /// rather than normal: it is 5× cheaper, and for `--random-weights` the point is the

@@ -1,7 +1,7 @@
 //! diffusers' `UNet2DConditionModel` for Stable Diffusion v1.x/2.x: everything read from
 //! unet/config.json; anything we do not support is refused naming the field and value.
 
-use super::{allocate, ConfigReader};
+use super::{allocate, allocate_params, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::Activation;
 use crate::backend::Backend;
@@ -362,7 +362,7 @@ pub struct UNet {
 
 impl UNet {
     pub fn allocate(backend: &mut dyn Backend, config: UNetConfig) -> Result<UNet> {
-        let (params, table) = allocate(backend, "unet.params", |l| params_layout(l, &config))?;
+        let (params, table) = allocate_params(backend, "unet.params", |l| params_layout(l, &config))?;
         Ok(UNet { config, params, table })
     }
 

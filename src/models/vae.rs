@@ -1,7 +1,7 @@
 //! diffusers' `AutoencoderKL`: the encoder (→ quant_conv → mean, log-variance) and the decoder
 //! (post_quant_conv →), with the mid-block attention. Images and latents are channels-last.
 
-use super::{allocate, ConfigReader};
+use super::{allocate, allocate_params, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::Backend;
 use crate::nn::attention::{VaeAttention, VaeAttentionSaved};
@@ -322,7 +322,7 @@ pub struct AutoencoderKL {
 
 impl AutoencoderKL {
     pub fn allocate(backend: &mut dyn Backend, config: VaeConfig) -> Result<AutoencoderKL> {
-        let (params, table) = allocate(backend, "vae.params", |l| params_layout(l, &config))?;
+        let (params, table) = allocate_params(backend, "vae.params", |l| params_layout(l, &config))?;
         Ok(AutoencoderKL { config, params, table })
     }
 

@@ -69,6 +69,9 @@ static std::map<string, Launcher>& registry() {
 
 static void register_kernels() {
     REG(conv2d_weight_permute, 256);
+    REG(conv2d_weight_permute_bf16, 256);
+    REG(conv2d_weight_permute_bf16_copy, 256);
+    REG(ew_to_bf16, 0);
     REG(conv2d_igemm_f32, 256);
     REG(conv2d_igemm_bf16, 256);
     REG(conv2d_wgrad_f32, 256);
@@ -333,12 +336,57 @@ struct Cuda {
         size_t nty, ntx, tap0, tapys, tapxs, bs_n, bs_t, dh, dw, os, dy0, dx0;
         bool accumulate;
     };
+    // ---------------------------------------------------------------- params.rs (bf16 copies)
+    // Here a "pool" is a whole T (offset 0).
+    struct ParamCopy {
+        void* p;
+        size_t len;
+        bool stale;
+    };
+    mutable std::map<const float*, ParamCopy> param_copies;
+    void mark_params(const T& pool) {
+        if (!use_bf16() || param_copies.count(pool.p)) return;
+        param_copies[pool.p] = ParamCopy{dev_alloc(std::max<size_t>(pool.n * 2, 4), 0xFF), pool.n, true};
+    }
+    void params_written(const T& t) const {
+        auto it = param_copies.find(t.p);
+        if (it != param_copies.end()) it->second.stale = true;
+    }
+    // param_bf16: the copy's address, refreshed by ew_to_bf16 when stale; 0 when t is no parameter pool.
+    uint64_t param_bf16(const T& t) const {
+        auto it = param_copies.find(t.p);
+        if (it == param_copies.end()) return 0;
+        ParamCopy& c = it->second;
+        if (c.stale) {
+            int n = oint("bf16 copy of a parameter pool", c.len);
+            launch("ew_to_bf16", {clampz(cdiv(c.len, 256), 1, 65535), 1, 1}, {256, 1, 1}, 0,
+                   {emu::P((uint64_t)(uintptr_t)c.p), emu::P(dptr(t)), emu::I(n)});
+            c.stale = false;
+        }
+        return (uint64_t)(uintptr_t)c.p;
+    }
+    uint64_t param_copy_for_update(const T& param, size_t n) const {
+        auto it = param_copies.find(param.p);
+        if (it == param_copies.end()) return 0;
+        if (n == it->second.len) it->second.stale = false;
+        return (uint64_t)(uintptr_t)it->second.p;
+    }
+
     uint64_t conv_permute_weight(const T& weight, size_t c_out, size_t c_in, size_t taps, size_t s_co, size_t s_ci,
                                  size_t s_t) const {
         size_t total = c_out * c_in * taps;
-        uint64_t ws = workspace(0, std::max<size_t>(total, 1));
-        launch("conv2d_weight_permute", {cdiv(total, THREADS), 1, 1}, {THREADS, 1, 1}, 0,
-               {emu::P(ws), emu::P(dptr(weight)), cint("weight elements", total), cint("c_in", c_in), cint("taps", taps),
+        const char* kernel = "conv2d_weight_permute";
+        uint64_t ws, src = dptr(weight);
+        if (use_bf16()) {
+            ws = workspace(0, std::max<size_t>(cdiv(total, 2), 1));
+            uint64_t copy = param_bf16(weight);
+            kernel = copy ? "conv2d_weight_permute_bf16_copy" : "conv2d_weight_permute_bf16";
+            if (copy) src = copy;
+        } else {
+            ws = workspace(0, std::max<size_t>(total, 1));
+        }
+        launch(kernel, {cdiv(total, THREADS), 1, 1}, {THREADS, 1, 1}, 0,
+               {emu::P(ws), emu::P(src), cint("weight elements", total), cint("c_in", c_in), cint("taps", taps),
                 cint("weight stride", s_co), cint("weight stride", s_ci), cint("weight stride", s_t)});
         return ws;
     }
@@ -374,7 +422,15 @@ struct Cuda {
         check_disjoint("conv2d", {&out}, ins);
         uint64_t bias_ptr = bias ? dptr(*bias) : 0;
         if (batch * oh * ow == 0 || c_out == 0) return;
-        uint64_t wt = taps == 1 ? dptr(weight) : conv_permute_weight(weight, c_out, c_in, taps, taps * c_in, 1, c_in);
+        uint64_t wt;
+        if (taps == 1 && !use_bf16()) {
+            wt = dptr(weight);
+        } else if (taps == 1) {
+            uint64_t copy = param_bf16(weight);
+            wt = copy ? copy : conv_permute_weight(weight, c_out, c_in, taps, taps * c_in, 1, c_in);
+        } else {
+            wt = conv_permute_weight(weight, c_out, c_in, taps, taps * c_in, 1, c_in);
+        }
         conv_igemm(Igemm{dptr(out), dptr(inp), wt, bias_ptr, batch, oh, ow, c_out, c_in, h, w, stride, -(int64_t)pt,
                          -(int64_t)pl, 1, 1, kernel, kernel, 0, kernel, 1, taps * c_in, c_in, oh, ow, 1, 0, 0, false});
     }
@@ -785,17 +841,20 @@ struct Cuda {
         ops_launch1("ew_geglu_fwd", n, {emu::P(dptr(out)), emu::P(dptr(inp)), emu::I((int)rows), emu::I((int)inner)});
     }
     void zero(const T& t) const {
+        params_written(t);
         size_t n = t.numel();
         int ni = oint("zero", n);
         if (n == 0) return;
         ops_launch1("ew_zero", n, {emu::P(dptr(t)), emu::I(ni)});
     }
     void accumulate(const T& dst, const T& src, size_t n) const {
+        params_written(dst);
         int ni = oint("accumulate", n);
         if (n == 0) return;
         ops_launch1("ew_accumulate", n, {emu::P(dptr(dst)), emu::P(dptr(src)), emu::I(ni)});
     }
     void scale(const T& t, float s, size_t n) const {
+        params_written(t);
         int ni = oint("scale", n);
         if (n == 0) return;
         ops_launch1("ew_scale", n, {emu::P(dptr(t)), emu::F(s), emu::I(ni)});
@@ -946,12 +1005,14 @@ struct Cuda {
         float bc2_sqrt = (float)std::sqrt(1.0 - std::pow((double)beta2, (int)step));
         float step_size = (float)((double)lr / bc1);
         float decay = (float)(1.0 - (double)lr * (double)weight_decay);
+        uint64_t copy = param_copy_for_update(param, n);
         ops_launch1("opt_adamw", n,
-                    {emu::P(dptr(param)), emu::P(dptr(grad)), emu::P(dptr(m)), emu::P(dptr(v)), emu::I(ni),
+                    {emu::P(dptr(param)), emu::P(copy), emu::P(dptr(grad)), emu::P(dptr(m)), emu::P(dptr(v)), emu::I(ni),
                      emu::F(decay), emu::F(beta2), emu::F(1.0f - beta1), emu::F(1.0f - beta2), emu::F(bc2_sqrt),
                      emu::F(step_size), emu::F(eps)});
     }
     void lerp(const T& dst, const T& src, size_t n, float w) const {
+        params_written(dst);
         int ni = oint("lerp", n);
         if (n == 0) return;
         ops_launch1("ew_lerp", n, {emu::P(dptr(dst)), emu::P(dptr(src)), emu::I(ni), emu::F(w)});
@@ -1267,6 +1328,45 @@ static Report conv_case(bool bf16, ConvShape c, bool with_bias, bool with_dinp, 
     if (with_dinp) compare(r, "dinp", bf16, inc(tdx, dx0), dx);
     compare(r, "dweight", bf16, inc(tdw, dw0), dw);
     compare(r, "dbias(f32)", false, inc(tdb, db0), db);
+    return r;
+}
+
+// bf16 convolutions whose weight is a parameter pool (params.rs): read through the pool's bf16
+// copy, they give bit for bit what the same weight gives outside one (both round the f32 weight to
+// nearest even); after the pool is written and declared written (an upload), the copy follows.
+static Report conv_param_copy_case(ConvShape c, uint64_t seed) {
+    Report r;
+    Rng rng(seed);
+    const size_t oh = c.oh(), ow = c.ow(), rows = c.b * oh * ow, nw = c.co * c.ci * c.k * c.k;
+    auto x = rng.randn(c.b * c.h * c.w * c.ci), w = rng.randn(nw, 0.1f), bias = rng.randn(c.co);
+    auto dout = rng.randn(rows * c.co), zeros = vector<float>(c.b * c.h * c.w * c.ci, 0.0f);
+    auto run = [&](bool params, const vector<float>& wv, vector<float>& out, vector<float>& dx) {
+        Cuda cu;
+        cu.bf16 = true;
+        T tx(x), tw(wv), tb(bias), tout(rows * c.co), tdout(dout), tdx(zeros), tdw(nw, 0), tdb(c.co, 0);
+        if (params) cu.mark_params(tw);
+        cu.conv2d_forward(tout, tx, tw, &tb, c.b, c.h, c.w, c.ci, c.co, c.k, c.s, c.pad);
+        cu.conv2d_backward(&tdx, tdw, &tdb, tdout, tx, tw, c.b, c.h, c.w, c.ci, c.co, c.k, c.s, c.pad);
+        out = tout.get();
+        dx = tdx.get();
+        if (params) {  // an upload of new weights into the pool, then the forward again
+            auto w2 = w;
+            for (auto& v : w2) v = -0.5f * v + 0.01f;
+            memcpy(tw.p, w2.data(), nw * 4);
+            cu.params_written(tw);
+            cu.conv2d_forward(tout, tx, tw, &tb, c.b, c.h, c.w, c.ci, c.co, c.k, c.s, c.pad);
+            out.insert(out.end(), tout.p, tout.p + tout.n);
+        }
+    };
+    vector<float> o0, d0, o1, d1, o2, d2;
+    run(false, w, o0, d0);
+    run(true, w, o1, d1);
+    auto w2 = w;
+    for (auto& v : w2) v = -0.5f * v + 0.01f;
+    run(false, w2, o2, d2);
+    exact(r, "forward through the parameter copy", vector<float>(o1.begin(), o1.begin() + o0.size()), o0);
+    exact(r, "data gradient through the parameter copy", d1, d0);
+    exact(r, "forward after the pool was written", vector<float>(o1.begin() + o0.size(), o1.end()), o2);
     return r;
 }
 
@@ -1729,6 +1829,20 @@ static Report optim_case(uint64_t seed) {
         compare(r, "adamw m", false, dbl(tm.get()), md);
         compare(r, "adamw v", false, dbl(tv.get()), vd);
         exact(r, "adamw", tp.get(), pc);
+        // The same step on a parameter pool in bf16 mode: the f32 result as before, and the pool's
+        // bf16 copy written in the same pass with the new weights rounded to nearest even.
+        Cuda cb;
+        cb.bf16 = true;
+        T tp2(p), tg2(g), tm2(m), tv2(v);
+        cb.mark_params(tp2);
+        cb.adamw_step(tp2, tg2, tm2, tv2, n, lr, b1, b2, eps, wd, step);
+        exact(r, "adamw (parameter pool)", tp2.get(), pc);
+        const uint16_t* copy = (const uint16_t*)cb.param_copies.at(tp2.p).p;
+        size_t bad = 0;
+        for (size_t i = 0; i < n; i++) bad += copy[i] != __float2bfloat16_rn(pc[i]).__x;
+        if (bad) r.failure(fmt("adamw: %zu of the bf16 copy's values are not the new weights rounded", bad));
+        else r.note("adamw bf16 copy exact");
+        if (cb.param_copies.at(tp2.p).stale) r.failure("adamw over the whole pool left its copy stale");
     }
     {  // lerp: dst −= w·(dst − src)
         const size_t n = 2000;
@@ -2085,6 +2199,12 @@ static vector<Case> all_cases() {
             v.push_back({fmt("conv2d fwd+bwd %s: %s", bf ? "bf16" : "f32", c.what),
                          [cc, bf] { return conv_case(bf, cc.s, cc.bias, cc.dinp, 11 + cc.s.ci * 7 + cc.s.co, cc.skew); }});
         }
+    v.push_back({"conv2d bf16 through a parameter pool's bf16 copy: 3x3 s1 p1, 12 -> 20",
+                 [] { return conv_param_copy_case({1, 7, 6, 12, 20, 3, 1, {1, 1, 1, 1}}, 201); }});
+    v.push_back({"conv2d bf16 through a parameter pool's bf16 copy: 1x1 (the copy read directly)",
+                 [] { return conv_param_copy_case({2, 5, 5, 16, 24, 1, 1, {0, 0, 0, 0}}, 202); }});
+    v.push_back({"conv2d bf16 through a parameter pool's bf16 copy: 3x3 s2, c_in 5 (unaligned)",
+                 [] { return conv_param_copy_case({1, 9, 8, 5, 7, 3, 2, {1, 1, 1, 1}}, 203); }});
     struct A {
         const char* what;
         AttShape s;

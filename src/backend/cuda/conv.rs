@@ -7,7 +7,8 @@
 //!
 //! * forward: `conv2d_igemm_{f32,bf16}` over output pixels × c_out, reducing tap by tap over c_in,
 //!   with the weight permuted to (c_out, k·k, c_in) in workspace slot `WS_SLOT` (for k = 1 that is
-//!   the weight itself).
+//!   the weight itself). The bf16 kernel reads bf16 weights: permuted from the bf16 copy the
+//!   backend keeps of a parameter pool (params.rs), or rounded from f32 while permuting.
 //! * data gradient: the same kernel over input pixels × c_in, once per stride phase (py, px) (the
 //!   input pixels with iy ≡ py, ix ≡ px mod stride), visiting only the taps whose output pixel
 //!   (iy + pt − ky)/stride is whole, with the weight permuted to (k·k, c_in, c_out).
@@ -93,16 +94,26 @@ impl CudaBackend {
         strides: [usize; 3],
     ) -> Result<u64> {
         let total = c_out * c_in * taps;
-        let ws = self.workspace(WS_SLOT, total.max(1))?;
         let [s_co, s_ci, s_t] = strides;
+        // bf16 (what conv2d_igemm_bf16 reads): from the pool's bf16 copy when the weight is a
+        // parameter (`mark_params`), else rounded from the f32 weight. f32: as it is.
+        let (kernel, ws, src) = if self.use_bf16() {
+            let ws = self.workspace(WS_SLOT, total.div_ceil(2).max(1))?;
+            match self.param_bf16(weight)? {
+                Some(copy) => ("conv2d_weight_permute_bf16_copy", ws, copy),
+                None => ("conv2d_weight_permute_bf16", ws, self.dptr(weight)),
+            }
+        } else {
+            ("conv2d_weight_permute", self.workspace(WS_SLOT, total.max(1))?, self.dptr(weight))
+        };
         self.launch(
-            "conv2d_weight_permute",
+            kernel,
             (total.div_ceil(THREADS as usize) as u32, 1, 1),
             (THREADS, 1, 1),
             0,
             &[
                 Arg::P(ws),
-                Arg::P(self.dptr(weight)),
+                Arg::P(src),
                 int("weight elements", total)?,
                 int("c_in", c_in)?,
                 int("taps", taps)?,
@@ -204,11 +215,15 @@ impl CudaBackend {
         if batch * oh * ow == 0 || c_out == 0 {
             return Ok(());
         }
-        // (c_out, taps, c_in): for a 1×1 kernel the weight as it is.
-        let wt = if taps == 1 {
-            self.dptr(weight)
-        } else {
-            self.conv_permute_weight(weight, c_out, c_in, taps, [taps * c_in, 1, c_in])?
+        // (c_out, taps, c_in): for a 1×1 kernel the weight as it is (in bf16: its parameter copy,
+        // or a rounded copy in the workspace).
+        let wt = match (taps, self.use_bf16()) {
+            (1, false) => self.dptr(weight),
+            (1, true) => match self.param_bf16(weight)? {
+                Some(copy) => copy,
+                None => self.conv_permute_weight(weight, c_out, c_in, taps, [taps * c_in, 1, c_in])?,
+            },
+            _ => self.conv_permute_weight(weight, c_out, c_in, taps, [taps * c_in, 1, c_in])?,
         };
         self.conv_igemm(&Igemm {
             dst: self.dptr(out),

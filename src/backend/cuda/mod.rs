@@ -1,12 +1,18 @@
 //! The CUDA backend: the `Backend` operations as hand-written kernels (kernels/*.cu, compiled ahead of
 //! time by build.rs and embedded), launched through the driver API as llm.c does; linear layers through
-//! cuBLAS. Pools are device allocations of f32 made once (`alloc`); operations never allocate, except
-//! the small scratch buffers below, which grow only when a larger request arrives and are counted.
+//! cuBLASLt (lt.rs). Pools are device allocations of f32 made once (`alloc`); operations never
+//! allocate, except the small scratch buffers below, which grow only when a larger request arrives
+//! and are counted.
 //!
 //! Precision: the pools hold f32. `Precision::F32` runs every operation in f32 (the parity path,
 //! ≤ 1e-4 against the CPU reference); `Precision::Bf16` runs convolutions, attention and linear
-//! layers on bf16 tensor cores (operands rounded to bf16 when staged, f32 accumulation), the
-//! elementwise and normalisation kernels in f32.
+//! layers on bf16 tensor cores (f32 accumulation), the elementwise and normalisation kernels in f32.
+//! In bf16 a parameter pool also has a bf16 copy (params.rs), which the convolutions read and AdamW
+//! updates beside the f32 master weights; activations stay f32 in memory and are rounded to bf16
+//! when a tensor-core kernel stages them.
+//!
+//! Repeated work (a U-Net evaluation per denoising step) can be captured once and replayed as a CUDA
+//! graph (graph.rs, `Backend::graph`).
 //!
 //! The driver is loaded at run time (cudarc's `dynamic-loading`): a `cuda` build starts on a machine
 //! without CUDA and `CudaBackend::new` says "no CUDA driver" instead of crashing.
@@ -16,6 +22,7 @@ mod conv;
 mod graph;
 mod lt;
 mod ops;
+mod params;
 
 use super::{check_len, Activation, Backend, Precision};
 use crate::tensor::{PoolId, Tensor};
@@ -86,6 +93,8 @@ pub struct CudaBackend {
     lt_plans: RefCell<HashMap<lt::LtKey, lt::LtPlan>>,
     lt_declined_noted: Cell<bool>,
     blas_workspace: u64,
+    /// params.rs: bf16 copies of parameter pools, by pool index.
+    param_copies: RefCell<HashMap<usize, params::ParamCopy>>,
 }
 
 fn driver<T>(r: Result<T, cu::DriverError>, what: &str) -> Result<T> {
@@ -173,6 +182,7 @@ impl CudaBackend {
             lt_plans: RefCell::new(HashMap::new()),
             lt_declined_noted: Cell::new(false),
             blas_workspace: 0,
+            param_copies: RefCell::new(HashMap::new()),
         };
         // One workspace for cuBLAS and cuBLASLt, so that neither allocates by itself (an
         // allocation inside a CUDA-graph capture would fail it).
@@ -492,6 +502,9 @@ impl Drop for CudaBackend {
             for p in &self.pools {
                 let _ = cu::free_sync(p.ptr);
             }
+            for c in self.param_copies.borrow().values() {
+                let _ = cu::free_sync(c.ptr);
+            }
             for s in self.u32_scratch.borrow().iter().chain(self.f32_scratch.borrow().iter()) {
                 if s.ptr != 0 {
                     let _ = cu::free_sync(s.ptr);
@@ -558,7 +571,18 @@ impl Backend for CudaBackend {
     }
 
     fn pool_sizes(&self) -> Vec<(String, usize)> {
-        self.pools.iter().map(|p| (p.label.clone(), p.len * 4)).collect()
+        let mut v: Vec<(String, usize)> = self.pools.iter().map(|p| (p.label.clone(), p.len * 4)).collect();
+        let copies = self.param_copies.borrow();
+        let mut ids: Vec<&usize> = copies.keys().collect();
+        ids.sort();
+        for id in ids {
+            v.push((format!("{} (bf16 copy)", self.pools[*id].label), copies[id].len * 2));
+        }
+        v
+    }
+
+    fn mark_params(&mut self, pool: PoolId) -> Result<()> {
+        self.mark_params_impl(pool)
     }
 
     fn set_graphs(&self, on: bool) {
@@ -582,6 +606,7 @@ impl Backend for CudaBackend {
 
     fn upload(&self, dst: &Tensor, src: &[f32]) -> Result<()> {
         ensure!(src.len() == dst.numel(), "upload: {} values for a tensor of {}", src.len(), dst.numel());
+        self.params_written(dst);
         let p = self.dptr(dst);
         self.synchronize()?;
         unsafe { driver(cu::memcpy_htod_sync(p, src), "copy to device") }

@@ -409,6 +409,7 @@ impl CudaBackend {
     }
 
     pub(crate) fn zero_impl(&self, t: &Tensor) -> Result<()> {
+        self.params_written(t);
         let n = t.numel();
         let ni = to_i32("zero", n)?;
         if n == 0 {
@@ -418,6 +419,7 @@ impl CudaBackend {
     }
 
     pub(crate) fn accumulate_impl(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
+        self.params_written(dst);
         check_len("accumulate dst", dst, n)?;
         check_len("accumulate src", src, n)?;
         check_disjoint("accumulate", &[dst], &[src])?;
@@ -429,6 +431,7 @@ impl CudaBackend {
     }
 
     pub(crate) fn scale_impl(&self, t: &Tensor, s: f32, n: usize) -> Result<()> {
+        self.params_written(t);
         check_len("scale", t, n)?;
         let ni = to_i32("scale", n)?;
         if n == 0 {
@@ -960,11 +963,15 @@ impl CudaBackend {
         let bc2_sqrt = (1.0 - (beta2 as f64).powi(step as i32)).sqrt() as f32;
         let step_size = (lr as f64 / bc1) as f32;
         let decay = (1.0 - lr as f64 * weight_decay as f64) as f32;
+        // The bf16 copy of a parameter pool is updated in the same pass (fresh when the step
+        // covers the whole pool, as the optimizer's steps do).
+        let copy = self.param_copy_for_update(param, n);
         self.ops_launch1(
             "opt_adamw",
             n,
             &[
                 Arg::P(self.dptr(param)),
+                Arg::P(copy),
                 Arg::P(self.dptr(grad)),
                 Arg::P(self.dptr(m)),
                 Arg::P(self.dptr(v)),
@@ -981,6 +988,7 @@ impl CudaBackend {
     }
 
     pub(crate) fn lerp_impl(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
+        self.params_written(dst);
         check_len("lerp dst", dst, n)?;
         check_len("lerp src", src, n)?;
         check_disjoint("lerp", &[dst], &[src])?;

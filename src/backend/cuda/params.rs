@@ -1,0 +1,80 @@
+//! bf16 copies of parameter pools (`Backend::mark_params`), in bf16 precision only: the f32 pool
+//! stays the master copy (what AdamW updates, what checkpoints save); the copy, element for element
+//! beside it, is what the tensor-core convolutions read, so their weights cross memory in half the
+//! bytes and are rounded once instead of at every tile load. The copy is refreshed lazily (one
+//! `ew_to_bf16` pass over the pool before the next read) after an upload, zero, accumulate, scale
+//! or lerp into the pool, and written by `opt_adamw` in the same pass as the f32 weights.
+
+use super::{Arg, CudaBackend};
+use crate::tensor::{PoolId, Tensor};
+use anyhow::Result;
+use std::cell::Cell;
+
+pub(crate) struct ParamCopy {
+    pub(crate) ptr: u64,
+    /// Elements (as the f32 pool).
+    pub(crate) len: usize,
+    /// The f32 pool was written since the copy was last made.
+    stale: Cell<bool>,
+}
+
+impl CudaBackend {
+    pub(crate) fn mark_params_impl(&mut self, pool: PoolId) -> Result<()> {
+        if !self.use_bf16() || self.param_copies.borrow().contains_key(&pool.0) {
+            return Ok(());
+        }
+        let p = self
+            .pools
+            .get(pool.0)
+            .ok_or_else(|| anyhow::anyhow!("mark_params: pool {pool:?} is not one of this backend's"))?;
+        let (len, label) = (p.len, p.label.clone());
+        let ptr = self.raw_alloc(len * 2, &format!("bf16 copy of '{label}'"))?;
+        self.param_copies.borrow_mut().insert(pool.0, ParamCopy { ptr, len, stale: Cell::new(true) });
+        Ok(())
+    }
+
+    /// Called by every operation that writes `t` outside AdamW: a parameter pool's copy is then stale.
+    pub(crate) fn params_written(&self, t: &Tensor) {
+        if let Some(c) = self.param_copies.borrow().get(&t.pool.0) {
+            c.stale.set(true);
+        }
+    }
+
+    /// The address of `t`'s bf16 copy when `t` lies in a parameter pool (refreshing the copy
+    /// first if the pool was written since), else None.
+    pub(crate) fn param_bf16(&self, t: &Tensor) -> Result<Option<u64>> {
+        let (ptr, len, stale) = match self.param_copies.borrow().get(&t.pool.0) {
+            Some(c) => (c.ptr, c.len, c.stale.get()),
+            None => return Ok(None),
+        };
+        let base = self.dptr(&Tensor { pool: t.pool, offset: 0, shape: [len].into() });
+        if stale {
+            let n = super::to_i32("bf16 copy of a parameter pool", len)?;
+            self.launch(
+                "ew_to_bf16",
+                (len.div_ceil(256).clamp(1, 65535) as u32, 1, 1),
+                (256, 1, 1),
+                0,
+                &[Arg::P(ptr), Arg::P(base), Arg::I(n)],
+            )?;
+            if let Some(c) = self.param_copies.borrow().get(&t.pool.0) {
+                c.stale.set(false);
+            }
+        }
+        Ok(Some(ptr + 2 * t.offset as u64))
+    }
+
+    /// For `opt_adamw`: the address of the copy of `param`'s n elements (0: no copy). A step over
+    /// the whole pool leaves the copy fresh; a partial one leaves its state as it was.
+    pub(crate) fn param_copy_for_update(&self, param: &Tensor, n: usize) -> u64 {
+        match self.param_copies.borrow().get(&param.pool.0) {
+            Some(c) => {
+                if param.offset == 0 && n == c.len {
+                    c.stale.set(false);
+                }
+                c.ptr + 2 * param.offset as u64
+            }
+            None => 0,
+        }
+    }
+}
