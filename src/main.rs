@@ -161,6 +161,14 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// What the CUDA kernels in this binary are (registers, shared memory, stack and spills of every
+    /// kernel for sm_80 and sm_90a, from ptxas) and which GPU `--device cuda` would use. Exits 1 when
+    /// the binary was built without CUDA.
+    CudaInfo {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time a model stage: one guided U-Net step (`unet`), the VAE decoder (`vae-decode`) or the
     /// text encoder (`text-encoder`), with the FLOP counted from the shapes and the rate achieved.
     /// With --random-weights no weight files are needed, e.g.
@@ -485,6 +493,18 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         Command::Tokenize { model, input, prompt } => tokenize(&model, input.as_deref(), &prompt),
+        Command::CudaInfo { json } => {
+            let info = backend::info::cuda_info();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!("{}", info.render());
+            }
+            if !info.cuda_build {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Inspect { path, random_weights, variant, summary, json } => {
             let mut b = open_backend(&cli.global)?;
             let opts = InspectOptions { variant: variant.as_deref(), random_weights, tensors: !summary };

@@ -8,6 +8,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod info;
 pub mod plan;
 
 use crate::tensor::{PoolId, Tensor};

@@ -64,6 +64,7 @@ const SLOTS: usize = 4;
 
 pub struct CudaBackend {
     name: String,
+    gpu: String,
     cc: (i32, i32),
     ctx: sys::CUcontext,
     stream: sys::CUstream,
@@ -158,6 +159,7 @@ impl CudaBackend {
             cudarc::cublaslt::result::create_handle().map_err(|e| anyhow!("cuBLASLt: create handle: {e:?}"))?;
         let mut backend = CudaBackend {
             name: format!("cuda:{ordinal} ({gpu}, sm_{major}{minor}, {precision:?})"),
+            gpu: gpu.clone(),
             cc: (major, minor),
             ctx,
             stream,
@@ -197,6 +199,16 @@ impl CudaBackend {
 
     pub fn compute_capability(&self) -> (i32, i32) {
         self.cc
+    }
+
+    /// The device's name as the driver gives it.
+    pub fn device_name(&self) -> &str {
+        &self.gpu
+    }
+
+    /// (free, total) device memory in bytes (0, 0 if the driver will not say).
+    pub fn memory_info(&self) -> (usize, usize) {
+        cu::mem_get_info().unwrap_or((0, 0))
     }
 
     pub(crate) fn use_bf16(&self) -> bool {
