@@ -20,6 +20,9 @@ S="$OUT/summary.md"
   echo
 } > "$S"
 
+$BIN cuda-info > "$OUT/cuda-info.txt" 2>&1
+echo "- $(tail -1 "$OUT/cuda-info.txt")" >> "$S"
+echo >> "$S"
 echo "## CUDA parity suite (CUDA vs the CPU reference)" >> "$S"
 export ROENTGEN_ROOT=$PWD ROENTGEN_BIN=$PWD/$BIN
 timeout "${ROENTGEN_TEST_TIMEOUT:-300}" gpu-bin/cuda-tests > "$OUT/tests.log" 2>&1
