@@ -1,7 +1,8 @@
 //! Linear-layer GEMMs through cuBLASLt: the forward's bias add fused into the product (the BIAS
 //! epilogue) and the backward's accumulating products, with the matmul descriptor, layouts and
-//! the heuristic's algorithm chosen once per shape and cached. Shapes cuBLASLt declines (no
-//! algorithm found) go through cuBLAS `gemmEx` as before (`CudaBackend::gemm`), once noted.
+//! the heuristic's algorithm chosen once per shape and operand alignment and cached. Products
+//! cuBLASLt declines (no algorithm, a refused call, a bias vector not 16-byte aligned) go through
+//! cuBLAS `gemmEx` (`CudaBackend::gemm`, with the bias added by linear.cu), once noted.
 
 use super::CudaBackend;
 use anyhow::{anyhow, Result};
@@ -24,6 +25,18 @@ pub(crate) struct LtKey {
     ldc: usize,
     bias: bool,
     bf16: bool,
+    /// Alignments (bytes, a power of two up to 256) of A, B and C: cuBLASLt's heuristics assume
+    /// 256-byte-aligned operands unless told, and our tensors sit at any f32 offset of a pool.
+    align: [u32; 3],
+}
+
+/// The largest power of two up to 256 that divides the address.
+fn alignment(p: u64) -> u32 {
+    if p == 0 {
+        256
+    } else {
+        (1u64 << p.trailing_zeros().min(8)) as u32
+    }
 }
 
 pub(crate) enum LtPlan {
@@ -63,7 +76,24 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return Ok(true);
         }
-        let key = LtKey { ta, tb, m, n, k, lda, ldb, ldc, bias: bias.is_some(), bf16: self.use_bf16() };
+        // The BIAS epilogue wants a 16-byte-aligned bias vector (as other users of it found): a
+        // less aligned bias takes the cuBLAS path, which adds the bias with its own kernel.
+        if bias.is_some_and(|b| b % 16 != 0) {
+            return Ok(false);
+        }
+        let key = LtKey {
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            lda,
+            ldb,
+            ldc,
+            bias: bias.is_some(),
+            bf16: self.use_bf16(),
+            align: [alignment(a), alignment(b), alignment(c)],
+        };
         if !self.lt_plans.borrow().contains_key(&key) {
             let plan = self.lt_plan(&key)?;
             if matches!(plan, LtPlan::Declined) && !self.lt_declined_noted.replace(true) {
@@ -88,7 +118,7 @@ impl CudaBackend {
                 )
                 .map_err(|e| lt_err("bias pointer", e))?;
             }
-            lt::matmul(
+            let r = lt::matmul(
                 self.lt_handle,
                 *desc,
                 &alpha as *const f32 as *const c_void,
@@ -105,8 +135,25 @@ impl CudaBackend {
                 self.blas_workspace as *mut c_void,
                 WORKSPACE_BYTES,
                 self.stream as lts::cudaStream_t,
-            )
-            .map_err(|e| lt_err(&format!("matmul {m}×{n}×{k}"), e))?;
+            );
+            if let Err(e) = r {
+                // Refused before anything ran (a status, not a fault): this shape goes through
+                // cuBLAS from now on. Said once.
+                drop(plans);
+                if !self.lt_declined_noted.replace(true) {
+                    eprintln!("note: cuBLASLt refused a {m}×{n}×{k} product ({e:?}); using cuBLAS gemmEx for it");
+                }
+                if let Some(LtPlan::Ready { desc, layouts, .. }) =
+                    self.lt_plans.borrow_mut().insert(key, LtPlan::Declined)
+                {
+                    let _ = lt::destroy_matmul_desc(desc);
+                    for l in layouts {
+                        let _ = lt::destroy_matrix_layout(l);
+                    }
+                }
+                self.profile_end(timer, "cublaslt_matmul (linear layers)")?;
+                return Ok(false);
+            }
         }
         self.profile_end(timer, "cublaslt_matmul (linear layers)")?;
         Ok(true)
@@ -148,6 +195,16 @@ impl CudaBackend {
                 std::mem::size_of::<u64>(),
             )
             .map_err(|e| lt_err("workspace preference", e))?;
+            use lts::cublasLtMatmulPreferenceAttributes_t as P;
+            for (attr, al) in [
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align[0]),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align[1]),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align[2]),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align[2]),
+            ] {
+                lt::set_matmul_pref_attribute(pref, attr, &al as *const u32 as *const c_void, 4)
+                    .map_err(|e| lt_err("alignment preference", e))?;
+            }
             let h = lt::get_matmul_algo_heuristic(
                 self.lt_handle,
                 desc,
