@@ -222,6 +222,17 @@ using namespace conv_detail;
 
 // ---- weight layouts ---------------------------------------------------------------------------
 
+// The destination of weight element i (see conv2d_weight_permute); -1 past the end.
+__device__ __forceinline__ long long permuted_index(int total, int c_in, int taps, int s_co, int s_ci, int s_t) {
+    const int i = blockIdx.x * 256 + threadIdx.x;
+    if (i >= total) return -1;
+    const int t = i % taps;
+    const int r = i / taps;
+    const int ci = r % c_in;
+    const int co = r / c_in;
+    return (long long)co * s_co + (long long)ci * s_ci + (long long)t * s_t;
+}
+
 /// out[co·s_co + ci·s_ci + t·s_t] = w[(co·c_in + ci)·taps + t] for the `total` = c_out·c_in·taps
 /// elements of a PyTorch conv weight (c_out, c_in, kh, kw), taps = kh·kw. The forward uses
 /// (c_out, taps, c_in) (s_co = taps·c_in, s_ci = 1, s_t = c_in), the data gradient (taps, c_in, c_out)
@@ -230,13 +241,8 @@ using namespace conv_detail;
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_weight_permute(float* __restrict__ out, const float* __restrict__ w, int total, int c_in, int taps,
                           int s_co, int s_ci, int s_t) {
-    const int i = blockIdx.x * 256 + threadIdx.x;
-    if (i >= total) return;
-    const int t = i % taps;
-    const int r = i / taps;
-    const int ci = r % c_in;
-    const int co = r / c_in;
-    out[(size_t)co * s_co + (size_t)ci * s_ci + (size_t)t * s_t] = w[i];
+    const long long o = permuted_index(total, c_in, taps, s_co, s_ci, s_t);
+    if (o >= 0) out[o] = w[blockIdx.x * 256 + threadIdx.x];
 }
 
 /// As conv2d_weight_permute, writing bf16 (what conv2d_igemm_bf16 reads): from the f32 weight,
@@ -244,24 +250,14 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_weight_permute_bf16(__nv_bfloat16* __restrict__ out, const float* __restrict__ w, int total, int c_in,
                                int taps, int s_co, int s_ci, int s_t) {
-    const int i = blockIdx.x * 256 + threadIdx.x;
-    if (i >= total) return;
-    const int t = i % taps;
-    const int r = i / taps;
-    const int ci = r % c_in;
-    const int co = r / c_in;
-    out[(size_t)co * s_co + (size_t)ci * s_ci + (size_t)t * s_t] = f2bf(w[i]);
+    const long long o = permuted_index(total, c_in, taps, s_co, s_ci, s_t);
+    if (o >= 0) out[o] = f2bf(w[blockIdx.x * 256 + threadIdx.x]);
 }
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_weight_permute_bf16_copy(__nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ w, int total,
                                     int c_in, int taps, int s_co, int s_ci, int s_t) {
-    const int i = blockIdx.x * 256 + threadIdx.x;
-    if (i >= total) return;
-    const int t = i % taps;
-    const int r = i / taps;
-    const int ci = r % c_in;
-    const int co = r / c_in;
-    out[(size_t)co * s_co + (size_t)ci * s_ci + (size_t)t * s_t] = w[i];
+    const long long o = permuted_index(total, c_in, taps, s_co, s_ci, s_t);
+    if (o >= 0) out[o] = w[blockIdx.x * 256 + threadIdx.x];
 }
 
 // ---- gather-rows implicit GEMM: forward and data gradient ---------------------------------------

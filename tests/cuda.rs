@@ -655,27 +655,13 @@ mod suite {
     /// one that samples 7 end with the same number of device allocations.
     fn denoising_allocation_case(r: &mut Runner) {
         r.case("allocations do not grow with the number of denoising steps", || {
-            use roentgen::pipeline::{Pipeline, SampleRequest};
+            use roentgen::pipeline::Pipeline;
             let dir = tempfile::tempdir()?;
             let pipe_dir = assemble_pipeline("pipe-a", dir.path());
             let count = |steps: usize| -> Result<usize> {
                 let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
                 let pipe = Pipeline::load(&mut gpu, &pipe_dir, None)?;
-                let req = SampleRequest {
-                    prompts: vec!["Large left pleural effusion.".into(), "Enlarged cardiac silhouette.".into()],
-                    negative_prompt: None,
-                    num_images_per_prompt: 1,
-                    batch_size: 2,
-                    seed: 5,
-                    rng_variant: Default::default(),
-                    height: 16,
-                    width: 16,
-                    steps,
-                    guidance: 4.0,
-                    scheduler: None,
-                    scheduler_options: Default::default(),
-                    latents_in: None,
-                };
+                let req = two_prompt_request(steps, 5);
                 let out = pipe.generate(&mut gpu, &req, &mut |_, _| {}, &mut |_| {})?;
                 ensure!(out.images.iter().all(|v| v.is_finite()), "non-finite pixels after {steps} steps");
                 Ok(gpu.allocation_count())
@@ -738,7 +724,7 @@ mod suite {
     /// the second is captured and every later one is a replay.
     fn graph_case(r: &mut Runner) {
         r.case("sampling with CUDA graphs equals sampling without", || {
-            use roentgen::pipeline::{Pipeline, SampleRequest};
+            use roentgen::pipeline::Pipeline;
             let dir = tempfile::tempdir()?;
             let pipe_dir = assemble_pipeline("pipe-a", dir.path());
             let steps = 6;
@@ -746,21 +732,7 @@ mod suite {
                 let mut gpu = CudaBackend::new(0, Precision::F32)?;
                 gpu.set_graphs(graphs);
                 let pipe = Pipeline::load(&mut gpu, &pipe_dir, None)?;
-                let req = SampleRequest {
-                    prompts: vec!["Large left pleural effusion.".into(), "Enlarged cardiac silhouette.".into()],
-                    negative_prompt: None,
-                    num_images_per_prompt: 1,
-                    batch_size: 2,
-                    seed: 11,
-                    rng_variant: Default::default(),
-                    height: 16,
-                    width: 16,
-                    steps,
-                    guidance: 4.0,
-                    scheduler: None,
-                    scheduler_options: Default::default(),
-                    latents_in: None,
-                };
+                let req = two_prompt_request(steps, 11);
                 let out = pipe.generate(&mut gpu, &req, &mut |_, _| {}, &mut |_| {})?;
                 Ok((out.images, out.timings.graph_replays))
             };
@@ -772,6 +744,25 @@ mod suite {
             ensure!(max <= 1e-6, "images differ by up to {max:.2e} with graphs on");
             Ok(format!("{r1} replays of {steps} U-Net calls, max pixel difference {max:.1e}"))
         });
+    }
+
+    /// Two prompts, 16×16 pixels, guidance 4, one U-Net call per step.
+    fn two_prompt_request(steps: usize, seed: u64) -> roentgen::pipeline::SampleRequest {
+        roentgen::pipeline::SampleRequest {
+            prompts: vec!["Large left pleural effusion.".into(), "Enlarged cardiac silhouette.".into()],
+            negative_prompt: None,
+            num_images_per_prompt: 1,
+            batch_size: 2,
+            seed,
+            rng_variant: Default::default(),
+            height: 16,
+            width: 16,
+            steps,
+            guidance: 4.0,
+            scheduler: None,
+            scheduler_options: Default::default(),
+            latents_in: None,
+        }
     }
 
     /// Training steps allocate nothing either: 1 step and 4 steps (with latents cached, checkpoint at
