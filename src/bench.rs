@@ -188,18 +188,18 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             let mut arena = unet.allocate_arena(b, n, h, w, ctx_len)?;
             let x = Fmap::alloc(&mut arena, n, h, w, unet.config.in_channels)?;
             let ctx = arena.alloc([n * ctx_len, unet.config.cross_attention_dim])?;
-            let t_emb = arena.alloc([n, unet.config.block_out_channels[0]])?;
+            let ts = arena.alloc([n])?;
             b.upload(&x.t, &random_values(x.numel(), 1))?;
             b.upload(&ctx, &random_values(ctx.numel(), 2))?;
             let base = arena.mark();
             let bd: &dyn Backend = b;
             let key = (arena.pool().0 as u64) << 32 | n as u64;
-            // As the sampler: the timestep embedding uploaded, then the U-Net as a replayable graph.
+            // As the sampler: the timesteps uploaded, then the U-Net as a replayable graph.
             let times = time_it(bd, o.profile, o.warmup, o.iters, || {
-                unet.upload_time_embedding(bd, &t_emb, &[500.0], n)?;
+                unet.upload_timesteps(bd, &ts, &[500.0], n)?;
                 bd.graph(key, &mut || {
                     arena.release(base);
-                    unet.forward_embedded(bd, &mut arena, &x, &t_emb, &ctx, ctx_len).map(|_| ())
+                    unet.forward_from_timesteps(bd, &mut arena, &x, &ts, &ctx, ctx_len).map(|_| ())
                 })?;
                 bd.synchronize()
             })?;

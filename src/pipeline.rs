@@ -277,9 +277,8 @@ impl Pipeline {
         let mut calls = 0;
         let mut noise = vec![0f32; n * per_image];
         // The U-Net call is a replayable graph per batch size (CUDA graphs; `Backend::graph`): its
-        // inputs, the timestep embedding included, are uploaded before it, and its addresses
-        // depend only on this arena, whose pool id is part of the key.
-        let dim0 = self.unet.config.block_out_channels[0];
+        // inputs, the timesteps included, are uploaded before it, and its addresses depend only on
+        // this arena, whose pool id is part of the key.
         let mut outs: std::collections::HashMap<usize, Fmap> = std::collections::HashMap::new();
         let replays0 = b.graph_replays();
         for (i, &t) in timesteps.iter().enumerate() {
@@ -300,17 +299,17 @@ impl Pipeline {
                 arena.reset();
                 let xin = Fmap::alloc(&mut arena, ub, lh, lw, c)?;
                 let ctx_t = arena.alloc([ub * seq, hidden])?;
-                let t_emb = arena.alloc([ub, dim0])?;
+                let ts = arena.alloc([ub])?;
                 b.upload(&xin.t, &nchw_to_nhwc(&batch_in, ub, c, lh, lw))?;
                 b.upload(&ctx_t, &ctx)?;
-                self.unet.upload_time_embedding(b, &t_emb, &[t as f32], ub)?;
+                self.unet.upload_timesteps(b, &ts, &[t as f32], ub)?;
                 let mark = arena.mark();
                 let bd: &dyn Backend = b;
                 let mut fresh = None;
                 let key = ((arena.pool().0 as u64) << 32) | ub as u64;
                 bd.graph(key, &mut || {
                     arena.release(mark);
-                    fresh = Some(self.unet.forward_embedded(bd, &mut arena, &xin, &t_emb, &ctx_t, seq)?);
+                    fresh = Some(self.unet.forward_from_timesteps(bd, &mut arena, &xin, &ts, &ctx_t, seq)?);
                     Ok(())
                 })?;
                 let out = match fresh {

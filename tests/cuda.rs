@@ -412,6 +412,15 @@ mod suite {
             g(format!("scale n{n}"), vec![rng.normal(n)], &[0], &|b, t| b.scale(&t[0], -0.37, n));
             g(format!("lerp n{n}"), vec![rng.normal(n), rng.normal(n)], &[0], &|b, t| b.lerp(&t[0], &t[1], n, 0.0123));
             g(format!("zero n{n}"), vec![rng.normal(n)], &[0], &|b, t| b.zero(&t[0]));
+            if n == 1000 {
+                // SD's time embedding (320, flip) of 4 timesteps, and an odd width with a shift.
+                let ts = vec![999.0, 0.0, 1.0, 481.0];
+                for (dim, flip, shift) in [(320, true, 0.0), (33, false, 1.0)] {
+                    g(format!("timestep_embedding dim {dim}"), vec![rng.normal(4 * dim), ts.clone()], &[0], &|b, t| {
+                        b.timestep_embedding(&t[0], &t[1], 4, dim, flip, shift)
+                    });
+                }
+            }
             // Training noise: the same Philox stream as the CPU (a partial last group of four when
             // n % 4 != 0; the three values past n must stay untouched), and add_noise in place.
             g(format!("randn n{n}"), vec![rng.normal(n + 3)], &[0], &|b, t| {

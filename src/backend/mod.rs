@@ -339,6 +339,19 @@ pub trait Backend {
         cb: usize,
     ) -> Result<()>;
 
+    /// diffusers' `get_timestep_embedding` (scale 1, max_period 10000) in f32: out (batch, dim),
+    /// row b = [sin | cos] (or [cos | sin] with `flip_sin_to_cos`) of timesteps[b] · exp(−ln(10000)
+    /// · i / (dim/2 − freq_shift)), i < dim/2, zero-padded for an odd dim; timesteps (batch).
+    fn timestep_embedding(
+        &self,
+        out: &Tensor,
+        timesteps: &Tensor,
+        batch: usize,
+        dim: usize,
+        flip_sin_to_cos: bool,
+        freq_shift: f32,
+    ) -> Result<()>;
+
     /// GEGLU: inp (rows, 2·inner) = [x | gate] → out (rows, inner) = x · gelu(gate) (exact erf gelu).
     fn geglu_forward(&self, out: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()>;
 

@@ -339,6 +339,9 @@ impl Backend for PlanBackend {
     fn lerp(&self, _: &Tensor, _: &Tensor, _: usize, _: f32) -> Result<()> {
         Ok(())
     }
+    fn timestep_embedding(&self, _: &Tensor, _: &Tensor, _: usize, _: usize, _: bool, _: f32) -> Result<()> {
+        Ok(())
+    }
     fn randn(&self, _: &Tensor, _: usize, _: u64, _: u64) -> Result<()> {
         Ok(())
     }

@@ -332,24 +332,7 @@ pub fn params_layout(l: &mut Layout, c: &UNetConfig) -> UNetParams {
     UNetParams { time_linear_1, time_linear_2, conv_in, down, mid_resnets, mid_attention, up, conv_norm_out, conv_out }
 }
 
-/// diffusers' `get_timestep_embedding` (scale 1, max_period 10000), computed in f32 as torch does.
-pub fn timestep_embedding(t: f32, dim: usize, flip_sin_to_cos: bool, freq_shift: f32) -> Vec<f32> {
-    let half = dim / 2;
-    let log_period = -(10000f64.ln()) as f32;
-    let mut sin = Vec::with_capacity(half);
-    let mut cos = Vec::with_capacity(half);
-    for i in 0..half {
-        let exponent = log_period * i as f32 / (half as f32 - freq_shift);
-        let arg = t * exponent.exp();
-        sin.push(arg.sin());
-        cos.push(arg.cos());
-    }
-    let (first, second) = if flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
-    let mut emb = first;
-    emb.extend(second);
-    emb.resize(dim, 0.0); // odd dims are zero-padded
-    emb
-}
+pub use crate::backend::cpu::timestep_embedding;
 
 /// Block outputs kept after a forward, for locating a mismatch against diffusers.
 pub type Probes = Vec<(String, Fmap)>;
@@ -478,54 +461,42 @@ impl UNet {
         if sample.c != c.in_channels {
             bail!("unet: sample has {} channels, config in_channels is {}", sample.c, c.in_channels);
         }
-        let t_emb = arena.alloc([batch, c.block_out_channels[0]])?;
-        self.upload_time_embedding(b, &t_emb, timesteps, batch)?;
-        self.forward_saved_embedded(b, arena, sample, &t_emb, context, ctx_len)
+        let ts = arena.alloc([batch])?;
+        self.upload_timesteps(b, &ts, timesteps, batch)?;
+        self.forward_saved_from_timesteps(b, arena, sample, &ts, context, ctx_len)
     }
 
-    /// Writes the sinusoidal timestep embedding (computed on the host) of `timesteps` (one value,
-    /// or one per sample) into `t_emb` (batch, block_out_channels[0]): the U-Net's one upload, kept
-    /// apart so that `forward_embedded` queues device work only (a replayable CUDA graph).
-    pub fn upload_time_embedding(
-        &self,
-        b: &dyn Backend,
-        t_emb: &Tensor,
-        timesteps: &[f32],
-        batch: usize,
-    ) -> Result<()> {
-        let c = &self.config;
+    /// Writes the timesteps (one value for the whole batch, or one per sample) into `ts` (batch
+    /// values): the U-Net's one upload, kept apart so that `forward_from_timesteps` queues device
+    /// work only (a replayable CUDA graph; the sinusoidal embedding is computed on the device).
+    pub fn upload_timesteps(&self, b: &dyn Backend, ts: &Tensor, timesteps: &[f32], batch: usize) -> Result<()> {
         if timesteps.len() != 1 && timesteps.len() != batch {
             bail!("unet: {} timesteps for a batch of {batch}", timesteps.len());
         }
-        let dim0 = c.block_out_channels[0];
-        let mut host = Vec::with_capacity(batch * dim0);
-        for i in 0..batch {
-            let t = timesteps[if timesteps.len() == 1 { 0 } else { i }];
-            host.extend(timestep_embedding(t, dim0, c.flip_sin_to_cos, c.freq_shift));
-        }
-        b.upload(&Tensor { shape: [batch * dim0].into(), ..*t_emb }, &host)
+        let v: Vec<f32> = (0..batch).map(|i| timesteps[if timesteps.len() == 1 { 0 } else { i }]).collect();
+        b.upload(&Tensor { shape: [batch].into(), ..*ts }, &v)
     }
 
-    /// As `forward`, from a timestep embedding already on the device (`upload_time_embedding`):
-    /// only device operations, at addresses that depend on the arena's state alone.
-    pub fn forward_embedded(
+    /// As `forward`, from timesteps already on the device (`upload_timesteps`): only device
+    /// operations, at addresses that depend on the arena's state alone.
+    pub fn forward_from_timesteps(
         &self,
         b: &dyn Backend,
         arena: &mut Arena,
         sample: &Fmap,
-        t_emb: &Tensor,
+        ts: &Tensor,
         context: &Tensor,
         ctx_len: usize,
     ) -> Result<Fmap> {
-        Ok(self.forward_saved_embedded(b, arena, sample, t_emb, context, ctx_len)?.out)
+        Ok(self.forward_saved_from_timesteps(b, arena, sample, ts, context, ctx_len)?.out)
     }
 
-    fn forward_saved_embedded(
+    fn forward_saved_from_timesteps(
         &self,
         b: &dyn Backend,
         arena: &mut Arena,
         sample: &Fmap,
-        t_emb: &Tensor,
+        ts: &Tensor,
         context: &Tensor,
         ctx_len: usize,
     ) -> Result<UNetSaved> {
@@ -535,11 +506,13 @@ impl UNet {
         if sample.c != c.in_channels {
             bail!("unet: sample has {} channels, config in_channels is {}", sample.c, c.in_channels);
         }
-        crate::backend::check_len("unet: time embedding", t_emb, batch * c.block_out_channels[0])?;
         let mut probes = Vec::new();
         let ctx = (context, ctx_len);
-        // Time embedding: sinusoidal (host) → linear → SiLU → linear; every resnet uses SiLU of it.
-        let e1 = p.time_linear_1.apply(b, arena, t_emb, batch)?;
+        // Time embedding: sinusoidal → linear → SiLU → linear; every resnet uses SiLU of it.
+        let dim0 = c.block_out_channels[0];
+        let t_emb = arena.alloc([batch, dim0])?;
+        b.timestep_embedding(&t_emb, ts, batch, dim0, c.flip_sin_to_cos, c.freq_shift)?;
+        let e1 = p.time_linear_1.apply(b, arena, &t_emb, batch)?;
         let e1s = arena.alloc(e1.shape)?;
         b.activation_forward(&e1s, &e1, Activation::Silu, e1.numel())?;
         let emb = p.time_linear_2.apply(b, arena, &e1s, batch)?;
@@ -625,7 +598,7 @@ impl UNet {
             sample: *sample,
             context: *context,
             ctx_len,
-            t_emb: *t_emb,
+            t_emb,
             e1,
             e1s,
             emb,

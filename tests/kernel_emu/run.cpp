@@ -72,6 +72,7 @@ static void register_kernels() {
     REG(conv2d_weight_permute_bf16, 256);
     REG(conv2d_weight_permute_bf16_copy, 256);
     REG(ew_to_bf16, 0);
+    REG(ew_timestep_embedding, 0);
     REG(conv2d_igemm_f32, 256);
     REG(conv2d_igemm_bf16, 256);
     REG(conv2d_wgrad_f32, 256);
@@ -1017,6 +1018,17 @@ struct Cuda {
         if (n == 0) return;
         ops_launch1("ew_lerp", n, {emu::P(dptr(dst)), emu::P(dptr(src)), emu::I(ni), emu::F(w)});
     }
+    void timestep_embedding(const T& out, const T& ts, size_t batch, size_t dim, bool flip, float shift) const {
+        ENSURE(out.numel() >= batch * dim && ts.numel() >= batch, "timestep_embedding: sizes");
+        check_disjoint("timestep_embedding", {&out}, {&ts});
+        size_t n = batch * dim;
+        oint("timestep_embedding", n);
+        if (n == 0) return;
+        const float log_period = (float)-std::log(10000.0);
+        ops_launch1("ew_timestep_embedding", n,
+                    {emu::P(dptr(out)), emu::P(dptr(ts)), emu::I((int)batch), emu::I((int)dim), emu::I((int)flip),
+                     emu::F(shift), emu::F(log_period)});
+    }
     // ops.rs `randn_impl`: one thread per group of four; u32 halves in the i32 slots, bit for bit.
     void randn(const T& out, size_t n, uint64_t seed, uint64_t stream) const {
         int ni = oint("randn", n);
@@ -1894,6 +1906,35 @@ __global__ void emu_philox_kat(uint32_t* out, const uint32_t* in) {
     for (int j = 0; j < 4; j++) out[4 * threadIdx.x + j] = w.w[j];
 }
 
+// diffusers' get_timestep_embedding, the CPU's f32 operations transcribed (expected bit-exact
+// here: the emulation uses the same libm), and in f64 (the tolerance the GPU's expf/sinf/cosf get).
+static Report timestep_embedding_case() {
+    Report r;
+    Cuda cu;
+    const float ts_v[3] = {999.0f, 1.0f, 481.5f};
+    for (auto [dim, flip, shift] : {std::tuple<size_t, bool, float>{320, true, 0.0f}, {33, false, 1.0f}}) {
+        vector<float> tsv(ts_v, ts_v + 3);
+        T ts(tsv), out(3 * dim);
+        cu.timestep_embedding(out, ts, 3, dim, flip, shift);
+        vector<float> want(3 * dim, 0.0f);
+        vector<double> wd(3 * dim, 0.0);
+        const size_t half = dim / 2;
+        const float log_period = (float)-std::log(10000.0);
+        for (size_t b = 0; b < 3; b++)
+            for (size_t i = 0; i < half; i++) {
+                float e = log_period * (float)i / ((float)half - shift);
+                float arg = ts_v[b] * std::exp(e);
+                double ad = (double)ts_v[b] * std::exp(-std::log(10000.0) * i / ((double)half - shift));
+                size_t s_at = b * dim + (flip ? half + i : i), c_at = b * dim + (flip ? i : half + i);
+                want[s_at] = std::sin(arg), want[c_at] = std::cos(arg);
+                wd[s_at] = std::sin(ad), wd[c_at] = std::cos(ad);
+            }
+        compare(r, fmt("dim %zu", dim).c_str(), false, dbl(out.get()), wd);
+        exact(r, fmt("dim %zu", dim).c_str(), out.get(), want);
+    }
+    return r;
+}
+
 static Report random_case(uint64_t seed) {
     Report r;
     Cuda cu;
@@ -2267,6 +2308,7 @@ static vector<Case> all_cases() {
     v.push_back({"mse_loss, sum_squares, adamw, lerp", [] { return optim_case(91); }});
     v.push_back({"linear bias fill + bias grad", [] { return linear_bias_case(95); }});
     v.push_back({"philox randn (KATs, partial groups, 64-bit seeds), ddpm add_noise", [] { return random_case(97); }});
+    v.push_back({"timestep embedding: SD's (320, flip), odd dim with shift", timestep_embedding_case});
     negative_cases(v);
     return v;
 }

@@ -21,6 +21,27 @@ struct CpuPool {
     _map: memmap2::MmapMut,
 }
 
+/// diffusers' `get_timestep_embedding` (scale 1, max_period 10000) of one timestep, computed in f32
+/// as torch does (the CPU side of `Backend::timestep_embedding`; kernels/elementwise.cu
+/// `ew_timestep_embedding` is the same on the GPU).
+pub fn timestep_embedding(t: f32, dim: usize, flip_sin_to_cos: bool, freq_shift: f32) -> Vec<f32> {
+    let half = dim / 2;
+    let log_period = -(10000f64.ln()) as f32;
+    let mut sin = Vec::with_capacity(half);
+    let mut cos = Vec::with_capacity(half);
+    for i in 0..half {
+        let exponent = log_period * i as f32 / (half as f32 - freq_shift);
+        let arg = t * exponent.exp();
+        sin.push(arg.sin());
+        cos.push(arg.cos());
+    }
+    let (first, second) = if flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
+    let mut emb = first;
+    emb.extend(second);
+    emb.resize(dim, 0.0); // odd dims are zero-padded
+    emb
+}
+
 #[derive(Default)]
 pub struct CpuBackend {
     pools: Vec<CpuPool>,
@@ -798,6 +819,24 @@ impl Backend for CpuBackend {
         check_len("lerp src", src, n)?;
         let ([d], [x]) = self.views([dst], [src]);
         d[..n].par_iter_mut().zip(x[..n].par_iter()).for_each(|(d, &x)| *d -= w * (*d - x));
+        Ok(())
+    }
+
+    fn timestep_embedding(
+        &self,
+        out: &Tensor,
+        timesteps: &Tensor,
+        batch: usize,
+        dim: usize,
+        flip_sin_to_cos: bool,
+        freq_shift: f32,
+    ) -> Result<()> {
+        check_len("timestep_embedding out", out, batch * dim)?;
+        check_len("timestep_embedding timesteps", timesteps, batch)?;
+        let ([o], [t]) = self.views([out], [timesteps]);
+        for (row, &t) in o[..batch * dim].chunks_mut(dim.max(1)).zip(&t[..batch]) {
+            row.copy_from_slice(&timestep_embedding(t, dim, flip_sin_to_cos, freq_shift));
+        }
         Ok(())
     }
 

@@ -1076,6 +1076,18 @@ impl Backend for CudaBackend {
         self.lerp_impl(dst, src, n, w)
     }
 
+    fn timestep_embedding(
+        &self,
+        out: &Tensor,
+        timesteps: &Tensor,
+        batch: usize,
+        dim: usize,
+        flip_sin_to_cos: bool,
+        freq_shift: f32,
+    ) -> Result<()> {
+        self.timestep_embedding_impl(out, timesteps, batch, dim, flip_sin_to_cos, freq_shift)
+    }
+
     fn randn(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {
         self.randn_impl(out, n, seed, stream)
     }

@@ -999,6 +999,40 @@ impl CudaBackend {
         self.ops_launch1("ew_lerp", n, &[Arg::P(self.dptr(dst)), Arg::P(self.dptr(src)), Arg::I(ni), Arg::F(w)])
     }
 
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn timestep_embedding_impl(
+        &self,
+        out: &Tensor,
+        timesteps: &Tensor,
+        batch: usize,
+        dim: usize,
+        flip_sin_to_cos: bool,
+        freq_shift: f32,
+    ) -> Result<()> {
+        check_len("timestep_embedding out", out, batch * dim)?;
+        check_len("timestep_embedding timesteps", timesteps, batch)?;
+        check_disjoint("timestep_embedding", &[out], &[timesteps])?;
+        let n = batch * dim;
+        to_i32("timestep_embedding", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let log_period = -(10000f64.ln()) as f32;
+        self.ops_launch1(
+            "ew_timestep_embedding",
+            n,
+            &[
+                Arg::P(self.dptr(out)),
+                Arg::P(self.dptr(timesteps)),
+                Arg::I(batch as i32),
+                Arg::I(dim as i32),
+                Arg::I(flip_sin_to_cos as i32),
+                Arg::F(freq_shift),
+                Arg::F(log_period),
+            ],
+        )
+    }
+
     /// kernels/random.cu `rand_philox_normal`: one thread per group of four elements.
     pub(crate) fn randn_impl(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {
         check_len("randn out", out, n)?;
