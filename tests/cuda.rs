@@ -692,13 +692,14 @@ mod suite {
             let (x, wt, g) = (rng.normal(b * h * w * ci), rng.scaled(nw, 0.05), rng.scaled(nw, 0.1));
             let run = |params: bool| -> Result<Vec<f32>> {
                 let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
-                let wp = gpu.alloc(nw, "weight")?;
+                // The weight at a nonzero offset of its pool (as a parameter among others).
+                let wp = gpu.alloc(nw + 48, "weight")?;
                 if params {
                     gpu.mark_params(wp)?;
                 }
                 let t =
                     place(&mut gpu, &[x.clone(), vec![0.0; b * h * w * co], g.clone(), vec![0.0; nw], vec![0.0; nw]])?;
-                let wt_t = Tensor { pool: wp, offset: 0, shape: [nw].into() };
+                let wt_t = Tensor { pool: wp, offset: 48, shape: [nw].into() };
                 gpu.upload(&wt_t, &wt)?;
                 let mut outs = Vec::new();
                 let conv = |gpu: &CudaBackend, outs: &mut Vec<f32>| -> Result<()> {

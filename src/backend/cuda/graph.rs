@@ -79,6 +79,9 @@ impl CudaBackend {
         self.synchronize()?;
         unsafe { cu::stream::begin_capture(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL) }
             .map_err(|e| anyhow!("begin capture: {e:?}"))?;
+        // Refreshes of parameter copies queued by `f` are recorded, not run: should the capture
+        // fail, the copies are as stale as they were.
+        let staleness = self.param_staleness();
         self.capturing.set(true);
         let r = f();
         self.capturing.set(false);
@@ -86,6 +89,7 @@ impl CudaBackend {
         let graph = match (r, graph) {
             (Ok(()), Ok(g)) if !g.is_null() => g,
             (r, g) => {
+                self.restore_param_staleness(&staleness);
                 if let Ok(g) = g {
                     if !g.is_null() {
                         let _ = unsafe { cu::graph::destroy(g) };
@@ -99,6 +103,9 @@ impl CudaBackend {
         };
         let exec = unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) };
         let _ = unsafe { cu::graph::destroy(graph) };
+        if exec.is_err() {
+            self.restore_param_staleness(&staleness);
+        }
         exec.map_err(|e| anyhow!("instantiate: {e:?}"))
     }
 

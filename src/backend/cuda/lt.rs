@@ -95,9 +95,9 @@ impl CudaBackend {
             align: [alignment(a), alignment(b), alignment(c)],
         };
         if !self.lt_plans.borrow().contains_key(&key) {
-            let plan = self.lt_plan(&key)?;
+            let plan = self.lt_plan(&key);
             if matches!(plan, LtPlan::Declined) && !self.lt_declined_noted.replace(true) {
-                eprintln!("note: cuBLASLt found no algorithm for a {m}×{n}×{k} product; using cuBLAS gemmEx for it");
+                eprintln!("note: cuBLASLt declined a {m}×{n}×{k} product (no algorithm); using cuBLAS gemmEx for it");
             }
             self.lt_plans.borrow_mut().insert(key, plan);
         }
@@ -159,7 +159,22 @@ impl CudaBackend {
         Ok(true)
     }
 
-    fn lt_plan(&self, key: &LtKey) -> Result<LtPlan> {
+    /// The plan for `key`, or `Declined` when cuBLASLt has no algorithm for it or refuses any
+    /// step of describing it (whatever was created is destroyed).
+    fn lt_plan(&self, key: &LtKey) -> LtPlan {
+        let mut parts = LtParts { desc: None, layouts: Vec::new(), pref: None };
+        match self.lt_describe(key, &mut parts) {
+            Ok(algo) => {
+                let desc = parts.desc.take().expect("described");
+                let layouts = [parts.layouts[0], parts.layouts[1], parts.layouts[2]];
+                parts.layouts.clear();
+                LtPlan::Ready { desc, layouts, algo }
+            }
+            Err(_) => LtPlan::Declined, // `parts` destroys what was made
+        }
+    }
+
+    fn lt_describe(&self, key: &LtKey, parts: &mut LtParts) -> Result<lts::cublasLtMatmulAlgo_t> {
         let compute = if key.bf16 {
             lts::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
         } else {
@@ -167,6 +182,7 @@ impl CudaBackend {
         };
         let f32t = lts::cudaDataType::CUDA_R_32F;
         let desc = lt::create_matmul_desc(compute, f32t).map_err(|e| lt_err("matmul descriptor", e))?;
+        parts.desc = Some(desc);
         let set = |attr, v: &[u8]| unsafe {
             lt::set_matmul_desc_attribute(desc, attr, v.as_ptr() as *const c_void, v.len())
                 .map_err(|e| lt_err("descriptor attribute", e))
@@ -181,13 +197,15 @@ impl CudaBackend {
         // Stored shapes: op(A) is m×k, so A is k×m when transposed; op(B) is k×n.
         let (ar, ac) = if key.ta { (key.k, key.m) } else { (key.m, key.k) };
         let (br, bc) = if key.tb { (key.n, key.k) } else { (key.k, key.n) };
-        let layout = |r: usize, c: usize, ld: usize| {
-            lt::create_matrix_layout(f32t, r as u64, c as u64, ld as i64).map_err(|e| lt_err("matrix layout", e))
-        };
-        let layouts = [layout(ar, ac, key.lda)?, layout(br, bc, key.ldb)?, layout(key.m, key.n, key.ldc)?];
+        for (r, c, ld) in [(ar, ac, key.lda), (br, bc, key.ldb), (key.m, key.n, key.ldc)] {
+            let l = lt::create_matrix_layout(f32t, r as u64, c as u64, ld as i64)
+                .map_err(|e| lt_err("matrix layout", e))?;
+            parts.layouts.push(l);
+        }
         let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
+        parts.pref = Some(pref);
         let ws = WORKSPACE_BYTES as u64;
-        let heuristic = unsafe {
+        unsafe {
             lt::set_matmul_pref_attribute(
                 pref,
                 lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -205,29 +223,10 @@ impl CudaBackend {
                 lt::set_matmul_pref_attribute(pref, attr, &al as *const u32 as *const c_void, 4)
                     .map_err(|e| lt_err("alignment preference", e))?;
             }
-            let h = lt::get_matmul_algo_heuristic(
-                self.lt_handle,
-                desc,
-                layouts[0],
-                layouts[1],
-                layouts[2],
-                layouts[2],
-                pref,
-            );
-            let _ = lt::destroy_matmul_pref(pref);
-            h
-        };
-        match heuristic {
-            Ok(h) => Ok(LtPlan::Ready { desc, layouts, algo: h.algo }),
-            Err(_) => {
-                unsafe {
-                    let _ = lt::destroy_matmul_desc(desc);
-                    for l in layouts {
-                        let _ = lt::destroy_matrix_layout(l);
-                    }
-                }
-                Ok(LtPlan::Declined)
-            }
+            let l = &parts.layouts;
+            let h = lt::get_matmul_algo_heuristic(self.lt_handle, desc, l[0], l[1], l[2], l[2], pref)
+                .map_err(|e| lt_err("heuristic", e))?;
+            Ok(h.algo)
         }
     }
 
@@ -240,6 +239,30 @@ impl CudaBackend {
                         let _ = lt::destroy_matrix_layout(l);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// What `lt_describe` has created so far; destroyed on drop unless taken into a plan (the
+/// preference is always destroyed: plans do not keep it).
+pub(crate) struct LtParts {
+    desc: Option<lts::cublasLtMatmulDesc_t>,
+    layouts: Vec<lts::cublasLtMatrixLayout_t>,
+    pref: Option<lts::cublasLtMatmulPreference_t>,
+}
+
+impl Drop for LtParts {
+    fn drop(&mut self) {
+        unsafe {
+            if let Some(p) = self.pref.take() {
+                let _ = lt::destroy_matmul_pref(p);
+            }
+            if let Some(d) = self.desc.take() {
+                let _ = lt::destroy_matmul_desc(d);
+            }
+            for l in self.layouts.drain(..) {
+                let _ = lt::destroy_matrix_layout(l);
             }
         }
     }

@@ -355,7 +355,11 @@ impl CudaBackend {
         assert!(slot < SLOTS, "scratch slot {slot} out of range");
         let mut t = table.borrow_mut();
         if t[slot].bytes < bytes {
+            // Captured graphs have the old address baked in: growing is refused during a capture
+            // (which then fails and runs directly) and drops the graphs otherwise.
+            ensure!(!self.capturing.get(), "{what}: a scratch buffer cannot grow during a graph capture");
             if t[slot].ptr != 0 {
+                self.clear_graphs_impl();
                 self.synchronize()?;
                 let old = std::mem::take(&mut t[slot]);
                 // Forgotten before the new allocation: should that fail, the slot must not keep a
@@ -515,7 +519,9 @@ impl Drop for CudaBackend {
                 let _ = cu::free_sync(p.ptr);
             }
             for c in self.param_copies.borrow().values() {
-                let _ = cu::free_sync(c.ptr);
+                if c.ptr.get() != 0 {
+                    let _ = cu::free_sync(c.ptr.get());
+                }
             }
             for s in self.u32_scratch.borrow().iter().chain(self.f32_scratch.borrow().iter()) {
                 if s.ptr != 0 {
@@ -585,7 +591,7 @@ impl Backend for CudaBackend {
     fn pool_sizes(&self) -> Vec<(String, usize)> {
         let mut v: Vec<(String, usize)> = self.pools.iter().map(|p| (p.label.clone(), p.len * 4)).collect();
         let copies = self.param_copies.borrow();
-        let mut ids: Vec<&usize> = copies.keys().collect();
+        let mut ids: Vec<&usize> = copies.keys().filter(|id| copies[id].ptr.get() != 0).collect();
         ids.sort();
         for id in ids {
             v.push((format!("{} (bf16 copy)", self.pools[*id].label), copies[id].len * 2));
