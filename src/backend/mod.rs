@@ -134,12 +134,12 @@ pub trait Backend {
     /// Allocates a pool of `len` f32-equivalent elements. Pools live as long as the backend.
     fn alloc(&mut self, len: usize, label: &str) -> Result<PoolId>;
 
-    /// Declares that `pool` holds model parameters (`models::allocate_params`). The CUDA backend in
-    /// bf16 keeps a bf16 copy of such a pool beside the f32 weights (which stay the master copy),
-    /// refreshed before the next convolution that reads it after an `upload`, `zero`,
-    /// `accumulate`, `scale` or `lerp` into the pool, and updated by `adamw_step` in the same pass
-    /// as the f32 weights; so a parameter pool must be written through those operations only.
-    /// Other backends ignore it.
+    /// Declares that `pool` holds the parameters of a model with convolutions
+    /// (`models::allocate_params`). The CUDA backend in bf16 allocates a bf16 copy of such a pool
+    /// now, beside the f32 weights (which stay the master copy), refreshes it before the next
+    /// convolution that reads it after an `upload`, `zero`, `accumulate`, `scale` or `lerp` into the
+    /// pool, and updates it in `adamw_step` in the same pass as the f32 weights; so a parameter pool
+    /// must be written through those operations only. Other backends ignore it.
     fn mark_params(&mut self, _pool: PoolId) -> Result<()> {
         Ok(())
     }

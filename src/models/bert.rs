@@ -16,7 +16,7 @@
 //!   `classifier.*`) and a pooler, which are ignored, as are the `position_ids`/`token_type_ids`
 //!   buffers; TF-converted checkpoints call the layer-norm parameters `gamma`/`beta`.
 
-use super::{allocate, allocate_params, ConfigReader};
+use super::{allocate, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
@@ -263,7 +263,7 @@ pub struct BertModel {
 impl BertModel {
     /// Allocates the parameter pool (uninitialised: zeros) for `config`.
     pub fn allocate(backend: &mut dyn Backend, config: BertConfig) -> Result<BertModel> {
-        let (params, table) = allocate_params(backend, "text_encoder.params", |l| params_layout(l, &config))?;
+        let (params, table) = allocate(backend, "text_encoder.params", |l| params_layout(l, &config))?;
         Ok(BertModel { config, params, table })
     }
 

@@ -3,7 +3,7 @@
 //!
 //! Stable Diffusion v1 feeds the 77 padded ids with no attention mask, so the only mask is causal.
 
-use super::{allocate, allocate_params, ConfigReader};
+use super::{allocate, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
@@ -187,7 +187,7 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// Allocates the parameter pool (uninitialised: zeros) for `config`.
     pub fn allocate(backend: &mut dyn Backend, config: ClipTextConfig) -> Result<ClipTextModel> {
-        let (params, table) = allocate_params(backend, "text_encoder.params", |l| params_layout(l, &config))?;
+        let (params, table) = allocate(backend, "text_encoder.params", |l| params_layout(l, &config))?;
         Ok(ClipTextModel { config, params, table })
     }
 

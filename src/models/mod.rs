@@ -25,8 +25,9 @@ pub fn allocate<T>(backend: &mut dyn Backend, label: &str, build: impl Fn(&mut L
     Ok((typed, layout))
 }
 
-/// As `allocate`, for a model's parameters: the pool is declared to the backend as parameters
-/// (`Backend::mark_params`: the CUDA backend keeps a bf16 copy of it in bf16 mode).
+/// As `allocate`, for the parameters of a model with convolutions (U-Net, VAE): the pool is
+/// declared to the backend (`Backend::mark_params`: in bf16 the CUDA backend keeps a bf16 copy of
+/// it for the convolutions). Text encoders, which have none, use `allocate`.
 pub fn allocate_params<T>(
     backend: &mut dyn Backend,
     label: &str,

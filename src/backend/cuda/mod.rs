@@ -519,9 +519,7 @@ impl Drop for CudaBackend {
                 let _ = cu::free_sync(p.ptr);
             }
             for c in self.param_copies.borrow().values() {
-                if c.ptr.get() != 0 {
-                    let _ = cu::free_sync(c.ptr.get());
-                }
+                let _ = cu::free_sync(c.ptr.get());
             }
             for s in self.u32_scratch.borrow().iter().chain(self.f32_scratch.borrow().iter()) {
                 if s.ptr != 0 {
@@ -591,7 +589,7 @@ impl Backend for CudaBackend {
     fn pool_sizes(&self) -> Vec<(String, usize)> {
         let mut v: Vec<(String, usize)> = self.pools.iter().map(|p| (p.label.clone(), p.len * 4)).collect();
         let copies = self.param_copies.borrow();
-        let mut ids: Vec<&usize> = copies.keys().filter(|id| copies[id].ptr.get() != 0).collect();
+        let mut ids: Vec<&usize> = copies.keys().collect();
         ids.sort();
         for id in ids {
             v.push((format!("{} (bf16 copy)", self.pools[*id].label), copies[id].len * 2));

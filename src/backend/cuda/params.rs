@@ -3,20 +3,21 @@
 //! beside it, is what the tensor-core convolutions read, so their weights cross memory in half the
 //! bytes and are rounded once instead of at every tile load.
 //!
-//! A copy is allocated the first time a convolution reads the pool (a text encoder, which has no
-//! convolution, never gets one), refreshed lazily (one `ew_to_bf16` pass over the pool before the
-//! next read) after an upload, zero, accumulate, scale or lerp into the pool, and written by
+//! A copy is allocated when the pool is declared (model load: never inside a denoising loop or a
+//! training step; text encoders, which have no convolution, declare none), refreshed lazily (one
+//! `ew_to_bf16` pass over the pool before the next read) after an upload, zero, accumulate, scale
+//! or lerp into the pool, and written by
 //! `opt_adamw` in the same pass as the f32 weights. Captured CUDA graphs read copies as they were:
 //! writing a parameter pool that has a copy drops every graph (the next calls run directly and
 //! capture again), and a capture that fails restores the copies' state (graph.rs).
 
 use super::{Arg, CudaBackend};
 use crate::tensor::{PoolId, Tensor};
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use std::cell::Cell;
 
 pub(crate) struct ParamCopy {
-    /// The copy's device address; 0 until a convolution first reads the pool.
+    /// The copy's device address.
     pub(crate) ptr: Cell<u64>,
     /// Elements (as the f32 pool).
     pub(crate) len: usize,
@@ -33,8 +34,9 @@ impl CudaBackend {
             .pools
             .get(pool.0)
             .ok_or_else(|| anyhow::anyhow!("mark_params: pool {pool:?} is not one of this backend's"))?;
-        let len = p.len;
-        self.param_copies.borrow_mut().insert(pool.0, ParamCopy { ptr: Cell::new(0), len, stale: Cell::new(true) });
+        let (len, label) = (p.len, p.label.clone());
+        let ptr = self.raw_alloc(len * 2, &format!("bf16 copy of '{label}'"))?;
+        self.param_copies.borrow_mut().insert(pool.0, ParamCopy { ptr: Cell::new(ptr), len, stale: Cell::new(true) });
         Ok(())
     }
 
@@ -44,7 +46,7 @@ impl CudaBackend {
         let had_copy = match self.param_copies.borrow().get(&t.pool.0) {
             Some(c) => {
                 c.stale.set(true);
-                c.ptr.get() != 0
+                true
             }
             None => false,
         };
@@ -53,22 +55,13 @@ impl CudaBackend {
         }
     }
 
-    /// The address of `t`'s bf16 copy when `t` lies in a parameter pool (allocating it the first
-    /// time, refreshing it if the pool was written since), else None.
+    /// The address of `t`'s bf16 copy when `t` lies in a parameter pool (refreshing it first if
+    /// the pool was written since), else None.
     pub(crate) fn param_bf16(&self, t: &Tensor) -> Result<Option<u64>> {
-        let (mut ptr, len) = match self.param_copies.borrow().get(&t.pool.0) {
+        let (ptr, len) = match self.param_copies.borrow().get(&t.pool.0) {
             Some(c) => (c.ptr.get(), c.len),
             None => return Ok(None),
         };
-        if ptr == 0 {
-            ensure!(!self.capturing.get(), "a parameter pool's bf16 copy cannot be allocated during a graph capture");
-            let label = self.pools[t.pool.0].label.clone();
-            ptr = self.raw_alloc(len * 2, &format!("bf16 copy of '{label}'"))?;
-            if let Some(c) = self.param_copies.borrow().get(&t.pool.0) {
-                c.ptr.set(ptr);
-                c.stale.set(true);
-            }
-        }
         let base = self.dptr(&Tensor { pool: t.pool, offset: 0, shape: [len].into() });
         if self.param_copies.borrow().get(&t.pool.0).is_some_and(|c| c.stale.get()) {
             let n = super::to_i32("bf16 copy of a parameter pool", len)?;
@@ -86,17 +79,17 @@ impl CudaBackend {
         Ok(Some(ptr + 2 * t.offset as u64))
     }
 
-    /// For `opt_adamw`: the address of the copy of `param`'s n elements (0: no copy yet). A step
-    /// over the whole pool leaves the copy fresh; a partial one leaves its state as it was.
+    /// For `opt_adamw`: the address of the copy of `param`'s n elements (0: no copy). A step over
+    /// the whole pool leaves the copy fresh; a partial one leaves its state as it was.
     pub(crate) fn param_copy_for_update(&self, param: &Tensor, n: usize) -> u64 {
         match self.param_copies.borrow().get(&param.pool.0) {
-            Some(c) if c.ptr.get() != 0 => {
+            Some(c) => {
                 if param.offset == 0 && n == c.len {
                     c.stale.set(false);
                 }
                 c.ptr.get() + 2 * param.offset as u64
             }
-            _ => 0,
+            None => 0,
         }
     }
 
