@@ -185,6 +185,15 @@ struct T {
         : p(static_cast<float*>(dev_alloc((v.size() + skew) * 4, 0xFF))), n(v.size()) {
         memcpy(p, v.data(), v.size() * 4);
     }
+    // The pool this tensor lies in (its own allocation unless it is a view: `view`).
+    const float* base = nullptr;
+    const float* pool() const { return base ? base : p; }
+    size_t offset() const { return (size_t)(p - pool()); }
+    T view(size_t off, size_t len) const {
+        T v;
+        v.p = p + off, v.n = len, v.base = pool();
+        return v;
+    }
     vector<float> get() const { return vector<float>(p, p + n); }
     uint64_t d() const { return (uint64_t)(uintptr_t)p; }
     size_t numel() const { return n; }
@@ -338,7 +347,7 @@ struct Cuda {
         bool accumulate;
     };
     // ---------------------------------------------------------------- params.rs (bf16 copies)
-    // Here a "pool" is a whole T (offset 0).
+    // A "pool" is a whole T; a tensor in it is a T whose `base` is the pool's first element.
     struct ParamCopy {
         void* p;
         size_t len;
@@ -350,27 +359,28 @@ struct Cuda {
         param_copies[pool.p] = ParamCopy{dev_alloc(std::max<size_t>(pool.n * 2, 4), 0xFF), pool.n, true};
     }
     void params_written(const T& t) const {
-        auto it = param_copies.find(t.p);
+        auto it = param_copies.find(t.pool());
         if (it != param_copies.end()) it->second.stale = true;
     }
-    // param_bf16: the copy's address, refreshed by ew_to_bf16 when stale; 0 when t is no parameter pool.
+    // param_bf16: the address of t's element in the copy, refreshed by ew_to_bf16 (over the whole
+    // pool) when stale; 0 when t is in no parameter pool.
     uint64_t param_bf16(const T& t) const {
-        auto it = param_copies.find(t.p);
+        auto it = param_copies.find(t.pool());
         if (it == param_copies.end()) return 0;
         ParamCopy& c = it->second;
         if (c.stale) {
             int n = oint("bf16 copy of a parameter pool", c.len);
             launch("ew_to_bf16", {clampz(cdiv(c.len, 256), 1, 65535), 1, 1}, {256, 1, 1}, 0,
-                   {emu::P((uint64_t)(uintptr_t)c.p), emu::P(dptr(t)), emu::I(n)});
+                   {emu::P((uint64_t)(uintptr_t)c.p), emu::P((uint64_t)(uintptr_t)t.pool()), emu::I(n)});
             c.stale = false;
         }
-        return (uint64_t)(uintptr_t)c.p;
+        return (uint64_t)(uintptr_t)c.p + 2 * (uint64_t)t.offset();
     }
     uint64_t param_copy_for_update(const T& param, size_t n) const {
-        auto it = param_copies.find(param.p);
+        auto it = param_copies.find(param.pool());
         if (it == param_copies.end()) return 0;
-        if (n == it->second.len) it->second.stale = false;
-        return (uint64_t)(uintptr_t)it->second.p;
+        if (param.offset() == 0 && n == it->second.len) it->second.stale = false;
+        return (uint64_t)(uintptr_t)it->second.p + 2 * (uint64_t)param.offset();
     }
 
     uint64_t conv_permute_weight(const T& weight, size_t c_out, size_t c_in, size_t taps, size_t s_co, size_t s_ci,
@@ -1355,8 +1365,12 @@ static Report conv_param_copy_case(ConvShape c, uint64_t seed) {
     auto run = [&](bool params, const vector<float>& wv, vector<float>& out, vector<float>& dx) {
         Cuda cu;
         cu.bf16 = true;
-        T tx(x), tw(wv), tb(bias), tout(rows * c.co), tdout(dout), tdx(zeros), tdw(nw, 0), tdb(c.co, 0);
-        if (params) cu.mark_params(tw);
+        // The weight at offset 40 of a pool of 40 + nw + 8 (parameters before and after it).
+        vector<float> pv(40 + nw + 8, 0.25f);
+        std::copy(wv.begin(), wv.end(), pv.begin() + 40);
+        T pool(pv), tx(x), tb(bias), tout(rows * c.co), tdout(dout), tdx(zeros), tdw(nw, 0), tdb(c.co, 0);
+        T tw = pool.view(40, nw);
+        if (params) cu.mark_params(pool);
         cu.conv2d_forward(tout, tx, tw, &tb, c.b, c.h, c.w, c.ci, c.co, c.k, c.s, c.pad);
         cu.conv2d_backward(&tdx, tdw, &tdb, tdout, tx, tw, c.b, c.h, c.w, c.ci, c.co, c.k, c.s, c.pad);
         out = tout.get();
@@ -1370,7 +1384,7 @@ static Report conv_param_copy_case(ConvShape c, uint64_t seed) {
             out.insert(out.end(), tout.p, tout.p + tout.n);
         }
     };
-    vector<float> o0, d0, o1, d1, o2, d2;
+    vector<float> o0, d0, o1, d1, o2, d2;  // plain pool, parameter pool, plain pool with new weights
     run(false, w, o0, d0);
     run(true, w, o1, d1);
     auto w2 = w;
@@ -1855,6 +1869,24 @@ static Report optim_case(uint64_t seed) {
         if (bad) r.failure(fmt("adamw: %zu of the bf16 copy's values are not the new weights rounded", bad));
         else r.note("adamw bf16 copy exact");
         if (cb.param_copies.at(tp2.p).stale) r.failure("adamw over the whole pool left its copy stale");
+        {  // a step over part of the pool (elements 100..100+k) writes that part of the copy only
+            const size_t off = 100, k = 1000;
+            Cuda cp;
+            cp.bf16 = true;
+            T pp(p), gp(g), mp(m), vp(v);
+            cp.mark_params(pp);
+            cp.param_bf16(pp);  // the copy made from the old weights
+            T part = pp.view(off, k), gpart = gp.view(off, k), mpart = mp.view(off, k), vpart = vp.view(off, k);
+            cp.adamw_step(part, gpart, mpart, vpart, k, lr, b1, b2, eps, wd, step);
+            const uint16_t* cc = (const uint16_t*)cp.param_copies.at(pp.p).p;
+            size_t wrong = 0;
+            for (size_t i = 0; i < n; i++) {
+                const float want = (i >= off && i < off + k) ? pc[i] : p[i];
+                wrong += cc[i] != __float2bfloat16_rn(want).__x;
+            }
+            if (wrong) r.failure(fmt("adamw over part of a pool: %zu copy values wrong", wrong));
+            else r.note("partial adamw copy exact");
+        }
     }
     {  // lerp: dst −= w·(dst − src)
         const size_t n = 2000;
