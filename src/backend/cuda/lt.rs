@@ -107,7 +107,7 @@ impl CudaBackend {
         };
         let alpha = 1.0f32;
         let timer = self.profile_start()?;
-        unsafe {
+        let ran = unsafe {
             if let Some(bias) = bias {
                 // The pointer changes from call to call; the descriptor keeps the rest.
                 lt::set_matmul_desc_attribute(
@@ -143,20 +143,13 @@ impl CudaBackend {
                 if !self.lt_declined_noted.replace(true) {
                     eprintln!("note: cuBLASLt refused a {m}×{n}×{k} product ({e:?}); using cuBLAS gemmEx for it");
                 }
-                if let Some(LtPlan::Ready { desc, layouts, .. }) =
-                    self.lt_plans.borrow_mut().insert(key, LtPlan::Declined)
-                {
-                    let _ = lt::destroy_matmul_desc(desc);
-                    for l in layouts {
-                        let _ = lt::destroy_matrix_layout(l);
-                    }
-                }
-                self.profile_end(timer, "cublaslt_matmul (linear layers)")?;
-                return Ok(false);
+                // (The replaced plan's handles are destroyed by its Drop.)
+                self.lt_plans.borrow_mut().insert(key, LtPlan::Declined);
             }
-        }
+            r.is_ok()
+        };
         self.profile_end(timer, "cublaslt_matmul (linear layers)")?;
-        Ok(true)
+        Ok(ran)
     }
 
     /// The plan for `key`, or `Declined` when cuBLASLt has no algorithm for it or refuses any
@@ -230,14 +223,19 @@ impl CudaBackend {
         }
     }
 
+    /// Destroys every plan's handles (before the cuBLASLt handle goes).
     pub(crate) fn lt_destroy_plans(&self) {
-        for (_, p) in self.lt_plans.borrow_mut().drain() {
-            if let LtPlan::Ready { desc, layouts, .. } = p {
-                unsafe {
-                    let _ = lt::destroy_matmul_desc(desc);
-                    for l in layouts {
-                        let _ = lt::destroy_matrix_layout(l);
-                    }
+        self.lt_plans.borrow_mut().clear();
+    }
+}
+
+impl Drop for LtPlan {
+    fn drop(&mut self) {
+        if let LtPlan::Ready { desc, layouts, .. } = self {
+            unsafe {
+                let _ = lt::destroy_matmul_desc(*desc);
+                for l in layouts.iter() {
+                    let _ = lt::destroy_matrix_layout(*l);
                 }
             }
         }
