@@ -1,4 +1,4 @@
-//! The three resampling kernels the reference preprocessors use, each reproduced as its library
+//! The resampling kernels the reference preprocessors use, each reproduced as its library
 //! computes it (FID values move when preprocessing does, so "a bilinear resize" is not enough):
 //!
 //! - [`bilinear_torch`]: `F.interpolate(mode="bilinear", align_corners=False)` without
@@ -12,6 +12,10 @@
 //! - [`pil_bicubic`]: Pillow's `Image.resize(BICUBIC)` on 8-bit images — CLIP's processor: separable
 //!   convolution with the a = −0.5 cubic, support scaled by the reduction factor (antialiased),
 //!   22-bit fixed-point coefficients, rounded to 8 bits after each pass.
+//! - [`pil_bilinear`]: Pillow's `Image.resize(BILINEAR)` on 8-bit images — torchvision's `Resize` on
+//!   a PIL image, the training preprocessing of diffusers' train_text_to_image: the same fixed-point
+//!   convolution with the triangle filter (support 1, widened by the reduction factor, so it
+//!   antialiases where a plain 2-tap bilinear would alias).
 
 use rayon::prelude::*;
 
@@ -163,6 +167,20 @@ fn zoom_linear_grid_constant(x: &[f32], h: usize, w: usize, oh: usize, ow: usize
 /// Pillow's fixed-point precision for 8-bit resampling.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
+/// One of Pillow's separable filters (`struct filter` in libImaging/Resample.c): the kernel and its
+/// support at scale 1. Antialiasing is Pillow's: when shrinking, the support is widened by the
+/// reduction factor and the kernel's argument scaled down by it.
+#[derive(Clone, Copy)]
+struct PilFilter {
+    kernel: fn(f64) -> f64,
+    support: f64,
+}
+
+/// Pillow's BICUBIC: the a = −0.5 cubic, support 2.
+const PIL_BICUBIC: PilFilter = PilFilter { kernel: bicubic, support: 2.0 };
+/// Pillow's BILINEAR: the triangle, support 1.
+const PIL_BILINEAR: PilFilter = PilFilter { kernel: triangle, support: 1.0 };
+
 /// Pillow's bicubic filter (a = −0.5).
 fn bicubic(x: f64) -> f64 {
     let a = -0.5;
@@ -176,12 +194,22 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
+/// Pillow's `bilinear_filter`.
+fn triangle(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 {
+        1.0 - x
+    } else {
+        0.0
+    }
+}
+
 /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output pixel the first input index
 /// and the fixed-point weights.
-fn pil_coeffs(n_in: usize, n_out: usize) -> Vec<(usize, Vec<i32>)> {
+fn pil_coeffs(n_in: usize, n_out: usize, filter: PilFilter) -> Vec<(usize, Vec<i32>)> {
     let scale = n_in as f64 / n_out as f64;
     let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
+    let support = filter.support * filterscale;
     let ss = 1.0 / filterscale;
     (0..n_out)
         .map(|xx| {
@@ -189,7 +217,8 @@ fn pil_coeffs(n_in: usize, n_out: usize) -> Vec<(usize, Vec<i32>)> {
             let xmin = ((center - support + 0.5) as i64).max(0) as usize; // C cast truncates toward 0
             let xmax = ((center + support + 0.5) as i64).min(n_in as i64) as usize;
             let xmax = xmax.saturating_sub(xmin);
-            let mut k: Vec<f64> = (0..xmax).map(|x| bicubic((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
+            let mut k: Vec<f64> =
+                (0..xmax).map(|x| (filter.kernel)((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
             let ww: f64 = k.iter().sum();
             if ww != 0.0 {
                 k.iter_mut().for_each(|v| *v /= ww);
@@ -207,20 +236,33 @@ fn clip8(v: i64) -> u8 {
     v.clamp(0, 255) as u8
 }
 
-/// HWC 8-bit image (c channels) resized to (oh, ow) as Pillow's `Image.resize(..., BICUBIC)`:
-/// horizontal pass first (over the rows the vertical pass needs), then vertical, each rounded to 8 bits.
+/// HWC 8-bit image (c channels) resized to (oh, ow) as Pillow's `Image.resize(..., BICUBIC)`.
 pub fn pil_bicubic(x: &[u8], h: usize, w: usize, c: usize, oh: usize, ow: usize) -> Vec<u8> {
+    pil_resample(x, h, w, c, oh, ow, PIL_BICUBIC)
+}
+
+/// HWC 8-bit image (c channels) resized to (oh, ow) as Pillow's `Image.resize(..., BILINEAR)`
+/// (what torchvision's `Resize(interpolation=BILINEAR)` calls on a PIL image): the triangle filter,
+/// antialiased when shrinking.
+pub fn pil_bilinear(x: &[u8], h: usize, w: usize, c: usize, oh: usize, ow: usize) -> Vec<u8> {
+    pil_resample(x, h, w, c, oh, ow, PIL_BILINEAR)
+}
+
+/// Pillow's `ImagingResampleInner` for 8-bit bands: horizontal pass first (over the rows the
+/// vertical pass needs), then vertical, each rounded to 8 bits; an axis whose size is unchanged is
+/// not filtered.
+fn pil_resample(x: &[u8], h: usize, w: usize, c: usize, oh: usize, ow: usize, filter: PilFilter) -> Vec<u8> {
     if oh == h && ow == w {
         return x.to_vec(); // Image.resize returns a copy when the size is unchanged
     }
     let round = 1i64 << (PRECISION_BITS - 1);
     let (mut cur, cur_h, cur_w) = (x.to_vec(), h, w);
-    let vert = pil_coeffs(h, oh);
+    let vert = pil_coeffs(h, oh, filter);
     // Rows of the source the vertical pass reads.
     let (first, last) = if oh != h { (vert[0].0, vert[oh - 1].0 + vert[oh - 1].1.len()) } else { (0, h) };
     let (mut cur_h, mut cur_w) = (cur_h, cur_w);
     if ow != w {
-        let horiz = pil_coeffs(w, ow);
+        let horiz = pil_coeffs(w, ow, filter);
         let rows = last - first;
         let mut out = vec![0u8; rows * ow * c];
         out.par_chunks_mut(ow * c).enumerate().for_each(|(r, row)| {
