@@ -30,6 +30,38 @@ const CLIP_PATTERN: &str =
 const BYTE_LEVEL_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+";
 const END_OF_WORD: &str = "</w>";
 
+/// How the built-in tokenizer names itself in messages and summaries.
+pub const BUILTIN_SD_V1: &str = "built-in SD v1 CLIP tokenizer (openai/clip-vit-large-patch14)";
+const SD_V1_VOCAB: &str = include_str!("../weights/sd-v1-4-config/tokenizer/vocab.json");
+const SD_V1_MERGES: &str = include_str!("../weights/sd-v1-4-config/tokenizer/merges.txt");
+const SD_V1_CONFIG: &str = include_str!("../weights/sd-v1-4-config/tokenizer/tokenizer_config.json");
+const SD_V1_SPECIAL: &str = include_str!("../weights/sd-v1-4-config/tokenizer/special_tokens_map.json");
+
+/// The files whose presence makes a folder a tokenizer folder (CLIP's or BERT's).
+const TOKENIZER_FILES: [&str; 4] = ["vocab.json", "merges.txt", "tokenizer.json", "vocab.txt"];
+
+/// The folder holding a tokenizer's files, from what a user may pass: a diffusers pipeline folder
+/// (its `tokenizer/`, after checking model_index.json), a tokenizer folder itself, or a folder
+/// without tokenizer files that holds a `tokenizer/` subfolder (a pipeline saved without
+/// model_index.json, or a text encoder folder with its tokenizer beside the weights). Errors name
+/// the path.
+pub fn tokenizer_dir(dir: &Path) -> Result<PathBuf> {
+    if !dir.exists() {
+        bail!("{}: no such tokenizer folder", dir.display());
+    }
+    if !dir.is_dir() {
+        bail!("{}: not a folder (give a tokenizer folder, or a pipeline folder with tokenizer/)", dir.display());
+    }
+    if crate::weights::is_pipeline_folder(dir) {
+        return crate::weights::component_dir(dir, "tokenizer");
+    }
+    let sub = dir.join("tokenizer");
+    if !TOKENIZER_FILES.iter().any(|f| dir.join(f).is_file()) && sub.is_dir() {
+        return Ok(sub);
+    }
+    Ok(dir.to_path_buf())
+}
+
 /// A special token split out of the text before normalization or BPE.
 #[derive(Clone, Debug)]
 struct AddedToken {
@@ -97,22 +129,18 @@ fn token_content(v: &Value) -> Option<(String, Option<bool>)> {
 
 impl ClipTokenizer {
     /// Loads a tokenizer folder: `vocab.json` + `merges.txt` (+ `tokenizer_config.json`,
-    /// `special_tokens_map.json`), or a lone `tokenizer.json`. A pipeline folder is accepted too
-    /// (its `tokenizer/` is used).
+    /// `special_tokens_map.json`), or a lone `tokenizer.json`. A pipeline folder, or any folder
+    /// holding a `tokenizer/` subfolder, is accepted too (see [`tokenizer_dir`]).
     pub fn from_dir(dir: &Path) -> Result<ClipTokenizer> {
-        let dir = if crate::weights::is_pipeline_folder(dir) {
-            crate::weights::component_dir(dir, "tokenizer")?
-        } else {
-            if !dir.is_dir() {
-                bail!("{}: no such tokenizer folder", dir.display());
-            }
-            dir.to_path_buf()
-        };
+        let dir = tokenizer_dir(dir)?;
         let (vocab_path, merges_path, json_path) =
             (dir.join("vocab.json"), dir.join("merges.txt"), dir.join("tokenizer.json"));
         let config = Self::read_config(&dir)?;
         if vocab_path.is_file() && merges_path.is_file() {
-            Self::from_vocab_merges(&vocab_path, &merges_path, &config, &dir)
+            let vocab = read_json(&vocab_path)?;
+            let merges = std::fs::read_to_string(&merges_path)
+                .with_context(|| format!("{}: cannot read", merges_path.display()))?;
+            Self::from_vocab_merges(&vocab, &vocab_path, &merges, &merges_path, &config, &dir)
         } else if json_path.is_file() {
             Self::from_tokenizer_json(&json_path, &config, &dir)
         } else {
@@ -120,6 +148,41 @@ impl ClipTokenizer {
                 "{}: not a CLIP tokenizer folder: expected vocab.json and merges.txt, or tokenizer.json",
                 dir.display()
             )
+        }
+    }
+
+    /// The Stable Diffusion v1 tokenizer (openai/clip-vit-large-patch14, as
+    /// `weights/sd-v1-4-config/tokenizer` holds it), compiled into the binary: `prepare` and
+    /// `eval ms-ssim` need only this tokenizer, and a default path relative to the checkout would
+    /// break them when run from any other folder.
+    pub fn sd_v1() -> Result<ClipTokenizer> {
+        let source = Path::new(BUILTIN_SD_V1);
+        let parse = |text: &str, name: &str| -> Result<Value> {
+            serde_json::from_str(text).with_context(|| format!("{BUILTIN_SD_V1}: {name} is not valid JSON"))
+        };
+        let mut config = serde_json::Map::new();
+        for (text, name) in [(SD_V1_CONFIG, "tokenizer_config.json"), (SD_V1_SPECIAL, "special_tokens_map.json")] {
+            match parse(text, name)? {
+                Value::Object(o) => config.extend(o),
+                _ => bail!("{BUILTIN_SD_V1}: {name}: expected a JSON object"),
+            }
+        }
+        let vocab = parse(SD_V1_VOCAB, "vocab.json")?;
+        Self::from_vocab_merges(
+            &vocab,
+            &source.join("vocab.json"),
+            SD_V1_MERGES,
+            &source.join("merges.txt"),
+            &config,
+            source,
+        )
+    }
+
+    /// The tokenizer in `dir` when given, else the built-in SD v1 one ([`ClipTokenizer::sd_v1`]).
+    pub fn from_dir_or_sd_v1(dir: Option<&Path>) -> Result<ClipTokenizer> {
+        match dir {
+            Some(d) => Self::from_dir(d),
+            None => Self::sd_v1(),
         }
     }
 
@@ -138,15 +201,16 @@ impl ClipTokenizer {
         Ok(cfg)
     }
 
+    /// From a parsed vocab.json and the text of merges.txt (the paths are for messages).
     fn from_vocab_merges(
+        vocab: &Value,
         vocab_path: &Path,
+        text: &str,
         merges_path: &Path,
         config: &serde_json::Map<String, Value>,
         dir: &Path,
     ) -> Result<ClipTokenizer> {
-        let vocab = parse_vocab(&read_json(vocab_path)?, vocab_path)?;
-        let text =
-            std::fs::read_to_string(merges_path).with_context(|| format!("{}: cannot read", merges_path.display()))?;
+        let vocab = parse_vocab(vocab, vocab_path)?;
         let mut merges = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if (i == 0 && line.starts_with("#version")) || line.trim().is_empty() {

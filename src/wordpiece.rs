@@ -102,14 +102,7 @@ impl WordPieceTokenizer {
     /// Chinese-character splitting) even when tokenizer.json has a normalizer of its own. A
     /// pipeline folder is accepted too (its `tokenizer/` is used).
     pub fn from_dir(dir: &Path) -> Result<WordPieceTokenizer> {
-        let dir = if crate::weights::is_pipeline_folder(dir) {
-            crate::weights::component_dir(dir, "tokenizer")?
-        } else {
-            if !dir.is_dir() {
-                bail!("{}: no such tokenizer folder", dir.display());
-            }
-            dir.to_path_buf()
-        };
+        let dir = crate::tokenizer::tokenizer_dir(dir)?;
         let mut config = serde_json::Map::new();
         for name in ["tokenizer_config.json", "special_tokens_map.json"] {
             let p = dir.join(name);

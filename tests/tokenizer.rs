@@ -116,3 +116,11 @@ fn tokenize_cli_prints_reference_ids_and_warns_when_truncating() {
         assert_eq!(warnings, cs.iter().filter(|c| c.truncated).count(), "stderr: {err}");
     }
 }
+
+#[test]
+fn built_in_sd_v1_tokenizer_matches_transformers() {
+    // The copy compiled into the binary, the default of `prepare` and `eval ms-ssim`.
+    let tok = ClipTokenizer::sd_v1().unwrap();
+    assert_eq!((tok.bos_id, tok.eos_id, tok.pad_id, tok.max_length), (49406, 49407, 49407, 77));
+    check_all(&tok, "built-in");
+}

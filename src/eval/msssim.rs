@@ -54,9 +54,10 @@ pub struct MsSsimArgs {
     /// relative paths resolve against --images, else the manifest's folder. PNG or JPEG images.
     #[arg(long)]
     pub manifest: Option<PathBuf>,
-    /// CLIP tokenizer for the token-length bins (a tokenizer or pipeline folder).
-    #[arg(long, default_value = "weights/sd-v1-4-config")]
-    pub tokenizer: PathBuf,
+    /// CLIP tokenizer for the token-length bins (a tokenizer or pipeline folder). Default: the
+    /// Stable Diffusion v1 tokenizer built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Width of the token-length bins (the paper's Figure 3 uses 10).
     #[arg(long, default_value_t = 10)]
     pub bin_width: usize,
@@ -498,8 +499,13 @@ pub fn run(a: MsSsimArgs) -> Result<()> {
         (None, Some(dir)) => groups_from_folder(dir)?,
         (None, None) => bail!("give --images DIR (PNGs from `roentgen sample`) or --manifest FILE"),
     };
-    let tok = ClipTokenizer::from_dir(&a.tokenizer)
-        .with_context(|| format!("{}: loading the tokenizer for the token-length bins", a.tokenizer.display()))?;
+    // A default path relative to the checkout would fail from any other folder: the SD v1
+    // tokenizer is built into the binary instead.
+    let tok = match &a.tokenizer {
+        Some(t) => ClipTokenizer::from_dir(t)
+            .with_context(|| format!("--tokenizer {}: loading the tokenizer for the token-length bins", t.display()))?,
+        None => ClipTokenizer::sd_v1()?,
+    };
     let r = evaluate(&groups, &tok, a.bin_width)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);

@@ -29,8 +29,11 @@ pub enum TextTokenizer {
 
 impl TextTokenizer {
     /// A tokenizer folder: WordPiece when it has a `vocab.txt` (or a tokenizer.json with a WordPiece
-    /// model), else CLIP's BPE.
+    /// model), else CLIP's BPE. A pipeline folder, or a folder holding `tokenizer/`, is resolved to
+    /// its tokenizer first (see [`crate::tokenizer::tokenizer_dir`]): the family is decided by the
+    /// files, so the folder they are in must be found before looking.
     pub fn from_dir(dir: &Path) -> Result<TextTokenizer> {
+        let dir = &crate::tokenizer::tokenizer_dir(dir)?;
         let is_wordpiece = dir.join("vocab.txt").is_file()
             || weights::read_json(&dir.join("tokenizer.json"))
                 .ok()

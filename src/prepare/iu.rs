@@ -21,7 +21,7 @@ use super::{Count, Row, Summary, TextFilter, TextStats, TextVerdict};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -33,7 +33,8 @@ pub struct IuArgs {
     /// The JSONL manifest to write.
     #[arg(long)]
     pub out: PathBuf,
-    /// Folder of the images: rows point to <DIR>/<parentImage id>.<ext>.
+    /// Folder of the images: rows point to <DIR>/<parentImage id>.<ext>. It need not exist yet
+    /// (the manifest can be built before the images are downloaded).
     #[arg(long, default_value = "images")]
     pub images: PathBuf,
     /// Image file extension.
@@ -54,9 +55,10 @@ pub struct IuArgs {
     /// Drop texts over this many CLIP tokens (BOS/EOS included).
     #[arg(long, default_value_t = 77)]
     pub max_tokens: usize,
-    /// CLIP tokenizer (a tokenizer or pipeline folder).
-    #[arg(long, default_value = "weights/sd-v1-4-config")]
-    pub tokenizer: PathBuf,
+    /// CLIP tokenizer (a tokenizer or pipeline folder). Default: the Stable Diffusion v1 tokenizer
+    /// built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Where to write the summary JSON (default: <manifest stem>.summary.json beside the manifest).
     #[arg(long)]
     pub summary: Option<PathBuf>,
@@ -86,7 +88,10 @@ pub struct IuReport {
     pub images: Vec<String>,
 }
 
-/// Parses one report; errors name the file.
+/// Parses one report; errors name the file. Image ids must be plain file names (Open-I's are, e.g.
+/// `CXR1_1_IM-0001-3001`): one with a path separator or `..` is refused with the whole run rather
+/// than skipped, since the collection has none, so such an id means a corrupt or crafted archive,
+/// and a manifest partly built from one (with a warning easily lost in a log) should not exist.
 pub fn parse_report(file: &str, xml: &str) -> Result<IuReport> {
     let doc = roxmltree::Document::parse(xml).with_context(|| format!("{file}: not valid XML"))?;
     let root = doc.root_element();
@@ -102,13 +107,21 @@ pub fn parse_report(file: &str, xml: &str) -> Result<IuReport> {
             .collect();
         super::normalize_ws(&texts.join(" "))
     };
+    let images: Vec<String> = elems("parentImage").filter_map(|n| n.attribute("id")).map(str::to_string).collect();
+    for id in &images {
+        if let Err(why) = super::check_component(id) {
+            bail!(
+                "{file}: <parentImage id={id:?}> {why}: image ids are file names under --images; refusing the reports"
+            );
+        }
+    }
     Ok(IuReport {
         file: file.to_string(),
         uid: uid.to_string(),
         impression: section("IMPRESSION"),
         findings: section("FINDINGS"),
         mesh: elems("major").filter_map(|n| n.text()).map(|t| t.trim().to_string()).collect(),
-        images: elems("parentImage").filter_map(|n| n.attribute("id")).map(str::to_string).collect(),
+        images,
     })
 }
 
@@ -187,13 +200,37 @@ fn view_of<'a>(views: &'a HashMap<String, String>, id: &str) -> Option<&'a str> 
 }
 
 pub fn run(a: IuArgs) -> Result<()> {
+    // Every check on the arguments comes before any reading, so a typo costs nothing.
+    super::existing("--reports", &a.reports, false)?;
+    if let Some(m) = &a.metadata {
+        super::existing("--metadata", m, false)?;
+    }
+    if let Some(t) = &a.tokenizer {
+        super::existing("--tokenizer", t, true)?;
+    }
+    // The extension is appended to every image id: letters and digits only, so it cannot add a path.
+    if a.image_ext.is_empty() || !a.image_ext.chars().all(|c| c.is_ascii_alphanumeric()) {
+        bail!("--image-ext {:?}: give an extension of letters and digits, without the dot (png, jpg)", a.image_ext);
+    }
     let views = super::parse_views(&a.views)?;
+    let mut inputs: Vec<(&str, &Path)> = vec![("--reports", a.reports.as_path())];
+    if let Some(m) = &a.metadata {
+        inputs.push(("--metadata", m.as_path()));
+    }
+    let outputs = super::plan_outputs(&a.out, a.summary.as_deref(), &inputs)?;
     let meta = match (&a.metadata, &views) {
         (Some(m), _) => Some(read_views(m)?),
         (None, Some(_)) => bail!("--views {} needs --metadata (the XML reports carry no view)", a.views),
         (None, None) => None,
     };
-    let tok = super::load_tokenizer(&a.tokenizer)?;
+    if let (Some(m), Some(v)) = (&meta, &views) {
+        let mut present = BTreeMap::new();
+        for view in m.values() {
+            *present.entry(view.clone()).or_insert(0) += 1;
+        }
+        super::check_views(&a.views, v, &present)?;
+    }
+    let tok = super::load_tokenizer(a.tokenizer.as_deref())?;
     let filter = TextFilter { min_chars: a.min_chars, max_tokens: a.max_tokens };
     let files = read_reports(&a.reports)?;
     let reports: Vec<IuReport> = files.iter().map(|(n, x)| parse_report(n, x)).collect::<Result<_>>()?;
@@ -247,6 +284,22 @@ pub fn run(a: IuArgs) -> Result<()> {
         }
     }
     let names = ["no_image (reports)", "view", "no_section", "too_short", "too_many_tokens"];
+    if rows.is_empty() {
+        let flags = [
+            format!("--reports {}", a.reports.display()),
+            format!("--views {}", a.views),
+            format!("--section {}", format!("{:?}", a.section).to_lowercase()),
+            format!("--min-chars {}", a.min_chars),
+            format!("--max-tokens {}", a.max_tokens),
+        ];
+        let rules: Vec<(&str, usize, String)> =
+            names.iter().zip(counts).zip(flags).map(|((n, c), f)| (*n, c, f)).collect();
+        let listed: usize = reports.iter().map(|r| r.images.len()).sum();
+        return Err(super::nothing_left(
+            &format!("{listed} images of {} reports in {}", reports.len(), a.reports.display()),
+            &rules,
+        ));
+    }
     let summary = Summary {
         dataset: "iu-xray".into(),
         manifest: a.out.display().to_string(),
@@ -255,7 +308,7 @@ pub fn run(a: IuArgs) -> Result<()> {
             "images": images_dir.display().to_string(), "section": format!("{:?}", a.section).to_lowercase(),
             "views": views.as_ref().map_or(json!("all"), |v| json!(v)),
             "metadata": a.metadata.as_ref().map(|m| m.display().to_string()),
-            "min_chars": a.min_chars, "max_tokens": a.max_tokens, "tokenizer": a.tokenizer.display().to_string(),
+            "min_chars": a.min_chars, "max_tokens": a.max_tokens, "tokenizer": super::tokenizer_name(a.tokenizer.as_deref()),
         }),
         images: rows.len(),
         studies: kept_reports.len(),
@@ -264,5 +317,5 @@ pub fn run(a: IuArgs) -> Result<()> {
         text: TextStats::new(&chars, &tokens),
         dropped: names.iter().zip(counts).map(|(n, c)| Count { name: n.to_string(), count: c }).collect(),
     };
-    super::finish(&a.out, a.summary.as_deref(), &rows, &summary, a.json)
+    super::finish(&outputs, &rows, &summary, a.json)
 }

@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -51,7 +51,7 @@ pub struct MimicArgs {
     /// Keep at most N studies labelled "No Finding" (seeded choice).
     #[arg(long)]
     pub cap_no_finding: Option<usize>,
-    /// Keep a seeded random sample of N images at the end (e.g. 5000 for the paper's p19 test set).
+    /// Keep a seeded random sample of N ≥ 1 images at the end (e.g. 5000 for the paper's p19 test set).
     #[arg(long)]
     pub sample: Option<usize>,
     /// Seed of the No-Finding cap and the sample.
@@ -63,9 +63,10 @@ pub struct MimicArgs {
     /// Drop impressions over this many CLIP tokens (BOS/EOS included).
     #[arg(long, default_value_t = 77)]
     pub max_tokens: usize,
-    /// CLIP tokenizer (a tokenizer or pipeline folder).
-    #[arg(long, default_value = "weights/sd-v1-4-config")]
-    pub tokenizer: PathBuf,
+    /// CLIP tokenizer (a tokenizer or pipeline folder). Default: the Stable Diffusion v1 tokenizer
+    /// built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Where to write the summary JSON (default: <manifest stem>.summary.json beside the manifest).
     #[arg(long)]
     pub summary: Option<PathBuf>,
@@ -141,17 +142,65 @@ enum StudyText {
     Kept { text: String, chars: usize, tokens: usize },
 }
 
+/// MIMIC-CXR's subject groups: the first two digits of the subject id.
+const GROUPS: std::ops::RangeInclusive<u32> = 10..=19;
+
+/// `--groups`: a comma list of p10…p19; anything else is refused with the valid names (a typo
+/// would otherwise select nothing).
+fn parse_groups(s: &str) -> Result<BTreeSet<String>> {
+    let valid: Vec<String> = GROUPS.map(|i| format!("p{i}")).collect();
+    let g: BTreeSet<String> = s.split(',').map(|x| x.trim().to_ascii_lowercase()).filter(|x| !x.is_empty()).collect();
+    if g.is_empty() {
+        bail!("--groups {s:?}: give one or more of {}", valid.join(", "));
+    }
+    if let Some(bad) = g.iter().find(|x| !valid.contains(x)) {
+        bail!("--groups {s}: unknown subject group {bad:?}; MIMIC-CXR has {}", valid.join(", "));
+    }
+    Ok(g)
+}
+
+/// Where the official files live under `root`, for the output-is-an-input check.
+fn input_files(root: &Path) -> Vec<PathBuf> {
+    ["metadata", "split", "chexpert"]
+        .iter()
+        .flat_map(|b| ["csv", "csv.gz"].map(|x| root.join(format!("mimic-cxr-2.0.0-{b}.{x}"))))
+        .collect()
+}
+
 pub fn run(a: MimicArgs) -> Result<()> {
-    let root = super::absolute(&a.root)?;
-    let reports = a.reports.as_deref().map(super::absolute).transpose()?.unwrap_or_else(|| root.clone());
+    // Every check on the arguments comes before any reading, so a typo costs nothing.
+    let root = super::existing("--root", &a.root, true)?;
+    let reports = match a.reports.as_deref() {
+        Some(r) => {
+            let r = super::existing("--reports", r, true)?;
+            if !r.join("files").is_dir() {
+                bail!(
+                    "--reports {}: no files/ folder in it (expected files/pXX/pSUBJECT/sSTUDY.txt, as \
+                     mimic-cxr-reports.zip unpacks)",
+                    r.display()
+                );
+            }
+            r
+        }
+        None => root.clone(),
+    };
     let views = super::parse_views(&a.views)?;
     let groups: Option<BTreeSet<String>> = match (&a.groups, a.split) {
-        (Some(g), _) => Some(g.split(',').map(|x| x.trim().to_ascii_lowercase()).filter(|x| !x.is_empty()).collect()),
+        (Some(g), _) => Some(parse_groups(g)?),
         (None, Split::Train) => Some((10..=18).map(|i| format!("p{i}")).collect()),
         (None, Split::P19) => Some(["p19".to_string()].into()),
         (None, Split::Test) => None,
     };
-    let tok = super::load_tokenizer(&a.tokenizer)?;
+    if a.sample == Some(0) {
+        bail!("--sample 0 keeps no images; give N ≥ 1, or leave --sample out to keep all");
+    }
+    if let Some(t) = &a.tokenizer {
+        super::existing("--tokenizer", t, true)?;
+    }
+    let inputs = input_files(&root);
+    let input_flags: Vec<(&str, &Path)> = inputs.iter().map(|p| ("--root", p.as_path())).collect();
+    let outputs = super::plan_outputs(&a.out, a.summary.as_deref(), &input_flags)?;
+    let tok = super::load_tokenizer(a.tokenizer.as_deref())?;
     let filter = TextFilter { min_chars: a.min_chars, max_tokens: a.max_tokens };
 
     let meta_cols = ["dicom_id", "subject_id", "study_id", "ViewPosition"];
@@ -172,12 +221,18 @@ pub fn run(a: MimicArgs) -> Result<()> {
     let mut images = Vec::with_capacity(meta.len());
     for (i, r) in meta.into_iter().enumerate() {
         let [dicom, subject, study, view]: [String; 4] = r.try_into().expect("four columns");
-        if subject.len() < 2 || !subject.bytes().all(|b| b.is_ascii_digit()) || study.is_empty() || dicom.is_empty() {
+        // The three ids become path components (files/pXX/pSUBJECT/sSTUDY/DICOM.jpg): digits for
+        // the subject and study, a plain file name for the DICOM id, so no row points elsewhere.
+        let digits = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
+        if subject.len() < 2 || !digits(&subject) || !digits(&study) {
             bail!(
-                "{}: line {}: bad dicom_id/subject_id/study_id {dicom:?}/{subject:?}/{study:?}",
+                "{}: line {}: bad subject_id/study_id {subject:?}/{study:?} (expected digits)",
                 meta_path.display(),
                 i + 2
             );
+        }
+        if let Err(why) = super::check_component(&dicom) {
+            bail!("{}: line {}: dicom_id {dicom:?} {why} (it names a .jpg file)", meta_path.display(), i + 2);
         }
         let group = format!("p{}", &subject[..2]);
         images.push(Image { dicom, subject, study, view, group });
@@ -185,6 +240,14 @@ pub fn run(a: MimicArgs) -> Result<()> {
     if images.is_empty() {
         bail!("{}: no images listed", meta_path.display());
     }
+    if let Some(v) = &views {
+        let mut present = BTreeMap::new();
+        for im in &images {
+            *present.entry(im.view.clone()).or_insert(0) += 1;
+        }
+        super::check_views(&a.views, v, &present)?;
+    }
+    let listed = images.len();
     images.sort_by(|x, y| (&x.subject, &x.study, &x.dicom).cmp(&(&y.subject, &y.study, &y.dicom)));
 
     let mut dropped: Vec<(&str, usize)> = Vec::new();
@@ -292,6 +355,24 @@ pub fn run(a: MimicArgs) -> Result<()> {
         });
     }
     count_drop("sample", n0 - images.len());
+    if images.is_empty() {
+        let flag = |name: &str| match name {
+            "split" => format!(
+                "--split {} --groups {}",
+                format!("{:?}", a.split).to_lowercase(),
+                groups.as_ref().map_or("all".into(), |g| { g.iter().cloned().collect::<Vec<_>>().join(",") })
+            ),
+            "view" => format!("--views {}", a.views),
+            "missing_image" => format!("--root {}", root.display()),
+            "missing_report" | "no_impression" => format!("--reports {}", reports.display()),
+            "too_short" => format!("--min-chars {}", a.min_chars),
+            "too_many_tokens" => format!("--max-tokens {}", a.max_tokens),
+            "no_finding_cap" => format!("--cap-no-finding {}", a.cap_no_finding.unwrap_or(0)),
+            _ => String::new(),
+        };
+        let rules: Vec<(&str, usize, String)> = dropped.iter().map(|&(n, c)| (n, c, flag(n))).collect();
+        return Err(super::nothing_left(&format!("{listed} images listed in {}", meta_path.display()), &rules));
+    }
 
     let mut rows = Vec::with_capacity(images.len());
     let (mut chars, mut tokens) = (Vec::new(), Vec::new());
@@ -327,7 +408,7 @@ pub fn run(a: MimicArgs) -> Result<()> {
             "split": format!("{:?}", a.split).to_lowercase(), "groups": groups,
             "views": views.as_ref().map_or(json!("all"), |v| json!(v)),
             "cap_no_finding": a.cap_no_finding, "sample": a.sample, "seed": a.seed,
-            "min_chars": a.min_chars, "max_tokens": a.max_tokens, "tokenizer": a.tokenizer.display().to_string(),
+            "min_chars": a.min_chars, "max_tokens": a.max_tokens, "tokenizer": super::tokenizer_name(a.tokenizer.as_deref()),
         }),
         images: rows.len(),
         studies: images.iter().map(|im| (&im.subject, &im.study)).collect::<BTreeSet<_>>().len(),
@@ -336,5 +417,5 @@ pub fn run(a: MimicArgs) -> Result<()> {
         text: TextStats::new(&chars, &tokens),
         dropped: dropped.into_iter().map(|(n, c)| Count { name: n.to_string(), count: c }).collect(),
     };
-    super::finish(&a.out, a.summary.as_deref(), &rows, &summary, a.json)
+    super::finish(&outputs, &rows, &summary, a.json)
 }

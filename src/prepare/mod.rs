@@ -16,12 +16,13 @@ pub mod mimic;
 pub mod report;
 
 use crate::tokenizer::ClipTokenizer;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use rayon::prelude::*;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 #[derive(Subcommand, Debug)]
 pub enum PrepareCommand {
@@ -198,17 +199,29 @@ pub fn write_manifest(path: &Path, rows: &[Row]) -> Result<()> {
     write_atomic(path, &buf)
 }
 
+/// Writes `bytes` to a fresh temporary file beside `path`, then renames it over `path`, so a reader
+/// never sees half a file. The temporary name carries the process id and is created exclusively:
+/// an existing file, folder or FIFO of that name is never opened (opening a FIFO to write would
+/// block) or replaced.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
     }
-    let mut name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?.to_os_string();
-    name.push(".tmp");
-    let tmp = path.with_file_name(name);
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    f.write_all(bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
+    let name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .with_context(|| format!("{}: cannot create", tmp.display()))
+        .and_then(|mut f| f.write_all(bytes).with_context(|| format!("{}: cannot write", tmp.display())))
+        .and_then(|_| {
+            std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// `--summary PATH`, else `<manifest without extension>.summary.json` next to the manifest.
@@ -219,24 +232,228 @@ pub fn summary_path(manifest: &Path, given: Option<&Path>) -> PathBuf {
     })
 }
 
+/// Where the manifest and the summary go, checked before any work (see [`plan_outputs`]).
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    pub manifest: PathBuf,
+    pub summary: PathBuf,
+}
+
+/// The path a file is reached by: symbolic links and `..` resolved through the part that exists,
+/// the rest appended lexically. Two outputs with the same key would overwrite each other.
+fn resolved(p: &Path) -> Result<PathBuf> {
+    let abs = absolute(p)?;
+    let mut rest = Vec::new();
+    let mut base = abs.as_path();
+    loop {
+        if let Ok(mut out) = base.canonicalize() {
+            for part in rest.iter().rev() {
+                match part {
+                    Component::ParentDir => {
+                        out.pop();
+                    }
+                    Component::CurDir => {}
+                    c => out.push(c.as_os_str()),
+                }
+            }
+            return Ok(out);
+        }
+        match (base.components().next_back(), base.parent()) {
+            (Some(last), Some(parent)) => {
+                rest.push(last);
+                base = parent;
+            }
+            _ => return Ok(abs),
+        }
+    }
+}
+
+/// Whether two paths are one file: by device and inode when both exist (hard links included),
+/// else by their resolved paths.
+fn same_file(a: &Path, ka: &Path, b: &Path, kb: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return (ma.dev(), ma.ino()) == (mb.dev(), mb.ino());
+        }
+    }
+    ka == kb
+}
+
+/// Checks one output before any work: it has a file name, what exists at the path is a regular
+/// file (a folder, device, FIFO or socket is never replaced), and the nearest existing folder
+/// above it is a folder. Returns the path to write: a symbolic link to a regular file is written
+/// through, so the link stays and its target is replaced.
+fn check_output(flag: &str, p: &Path) -> Result<PathBuf> {
+    let text = p.as_os_str().to_string_lossy();
+    if p.file_name().is_none() || text.ends_with('/') || text.ends_with("/.") {
+        bail!("{flag} {}: not a file name", p.display());
+    }
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => bail!("{flag} {}: is a folder; give a file path", p.display()),
+        Ok(m) if !m.is_file() => bail!(
+            "{flag} {}: exists and is not a regular file (a device, FIFO or socket); refusing to replace it",
+            p.display()
+        ),
+        _ => {}
+    }
+    let key = resolved(p)?;
+    let mut up = key.parent();
+    while let Some(d) = up {
+        if let Ok(m) = std::fs::metadata(d) {
+            if !m.is_dir() {
+                bail!("{flag} {}: {} is not a folder", p.display(), d.display());
+            }
+            break;
+        }
+        up = d.parent();
+    }
+    Ok(key)
+}
+
+/// The manifest (`--out`) and summary (`--summary`, or its default beside the manifest) paths,
+/// checked before any work: each as [`check_output`], the two not the same file (the summary would
+/// silently replace the manifest), and neither one of the input files (`inputs`: flag and path),
+/// which the rename would destroy.
+pub fn plan_outputs(out: &Path, summary: Option<&Path>, inputs: &[(&str, &Path)]) -> Result<Outputs> {
+    let sp = summary_path(out, summary);
+    let sflag = if summary.is_some() { "--summary" } else { "the summary (default: beside --out)" };
+    let manifest = check_output("--out", out)?;
+    let summary_key = check_output(sflag, &sp)?;
+    if same_file(out, &manifest, &sp, &summary_key) {
+        bail!(
+            "{sflag} {} and --out {} are the same file: the summary would replace the manifest",
+            sp.display(),
+            out.display()
+        );
+    }
+    for (flag, input) in inputs {
+        if !input.is_file() {
+            continue;
+        }
+        let key = resolved(input)?;
+        for (oflag, o, ok) in [("--out", out, &manifest), (sflag, sp.as_path(), &summary_key)] {
+            if same_file(o, ok, input, &key) {
+                bail!(
+                    "{oflag} {} is the input {flag} {}: refusing to overwrite an input",
+                    o.display(),
+                    input.display()
+                );
+            }
+        }
+    }
+    Ok(Outputs { manifest, summary: summary_key })
+}
+
 /// Writes manifest and summary, prints the summary (as JSON with `json`).
-pub fn finish(manifest: &Path, summary_at: Option<&Path>, rows: &[Row], summary: &Summary, json: bool) -> Result<()> {
-    write_manifest(manifest, rows)?;
-    let sp = summary_path(manifest, summary_at);
-    write_atomic(&sp, (serde_json::to_string_pretty(summary)? + "\n").as_bytes())?;
+pub fn finish(out: &Outputs, rows: &[Row], summary: &Summary, json: bool) -> Result<()> {
+    write_manifest(&out.manifest, rows)?;
+    write_atomic(&out.summary, (serde_json::to_string_pretty(summary)? + "\n").as_bytes())?;
     if json {
         println!("{}", serde_json::to_string(summary)?);
     } else {
         summary.print();
-        println!("wrote {} ({} rows) and {}", manifest.display(), rows.len(), sp.display());
+        println!("wrote {} ({} rows) and {}", out.manifest.display(), rows.len(), out.summary.display());
     }
     Ok(())
 }
 
-/// Loads the CLIP tokenizer used for the 77-token rule and the token statistics.
-pub fn load_tokenizer(dir: &Path) -> Result<ClipTokenizer> {
-    ClipTokenizer::from_dir(dir)
-        .with_context(|| format!("{}: loading the CLIP tokenizer for the 77-token rule (--tokenizer)", dir.display()))
+/// The error for a selection that kept nothing: an empty manifest with exit 0 hides a wrong path or
+/// filter, so nothing is written and the message gives every rule's count (name, images removed,
+/// the flag that sets it) and names the last rule that removed any: the one that emptied it.
+pub fn nothing_left(listed: &str, rules: &[(&str, usize, String)]) -> anyhow::Error {
+    let counts: Vec<String> = rules
+        .iter()
+        .map(|(name, n, flag)| if flag.is_empty() { format!("{name} {n}") } else { format!("{name} ({flag}) {n}") })
+        .collect();
+    let blame = match rules.iter().rev().find(|(_, n, _)| *n > 0) {
+        Some((name, _, flag)) if !flag.is_empty() => format!("; the last were removed by {name} ({flag})"),
+        Some((name, _, _)) => format!("; the last were removed by {name}"),
+        None => String::new(),
+    };
+    anyhow::anyhow!("no images left, nothing written: of {listed}, removed by each rule: {}{blame}", counts.join(", "))
+}
+
+/// Checks that an id from the data is one plain file-name component before it becomes part of a
+/// path: not empty, `.` or `..`, and without path separators or control characters, so a crafted
+/// or corrupt id (`../../etc/passwd`, `/abs`) can never point a manifest row outside its folder.
+pub fn check_component(s: &str) -> std::result::Result<(), &'static str> {
+    if s.is_empty() {
+        return Err("is empty");
+    }
+    if s == "." || s == ".." {
+        return Err("is a relative folder name");
+    }
+    if s.contains(['/', '\\']) {
+        return Err("contains a path separator");
+    }
+    if s.chars().any(char::is_control) {
+        return Err("contains a control character");
+    }
+    Ok(())
+}
+
+/// Loads the CLIP tokenizer used for the 77-token rule and the token statistics: `--tokenizer`
+/// when given, else the SD v1 tokenizer built into the binary.
+pub fn load_tokenizer(dir: Option<&Path>) -> Result<ClipTokenizer> {
+    match dir {
+        Some(d) => ClipTokenizer::from_dir(d)
+            .with_context(|| format!("--tokenizer {}: loading the CLIP tokenizer for the 77-token rule", d.display())),
+        None => ClipTokenizer::sd_v1(),
+    }
+}
+
+/// How the summary records the tokenizer.
+pub fn tokenizer_name(dir: Option<&Path>) -> String {
+    dir.map_or(crate::tokenizer::BUILTIN_SD_V1.to_string(), |d| d.display().to_string())
+}
+
+/// A path given by `flag` that must exist (as a folder when `folder`): a typo is an error naming
+/// the flag, not an empty manifest. Returns its absolute form.
+pub fn existing(flag: &str, p: &Path, folder: bool) -> Result<PathBuf> {
+    match std::fs::metadata(p) {
+        Err(_) => bail!("{flag} {}: no such {}", p.display(), if folder { "folder" } else { "file or folder" }),
+        Ok(m) if folder && !m.is_dir() => bail!("{flag} {}: not a folder", p.display()),
+        Ok(_) => absolute(p),
+    }
+}
+
+/// ViewPosition values of MIMIC-CXR's metadata (the MIMIC-CXR-JPG documentation's list).
+pub const KNOWN_VIEWS: [&str; 14] = [
+    "PA",
+    "AP",
+    "LATERAL",
+    "LL",
+    "AP AXIAL",
+    "AP LLD",
+    "AP RLD",
+    "PA LLD",
+    "PA RLD",
+    "LAO",
+    "RAO",
+    "LPO",
+    "SWIMMERS",
+    "XTABLE LATERAL",
+];
+
+/// Refuses `--views` values that are neither a known ViewPosition nor present in this metadata
+/// (`present`: value → images), listing what the metadata has: a misspelt view would otherwise
+/// filter every image away.
+pub fn check_views(arg: &str, views: &[String], present: &BTreeMap<String, usize>) -> Result<()> {
+    for v in views {
+        let known = KNOWN_VIEWS.iter().any(|k| k.eq_ignore_ascii_case(v));
+        if !known && !present.keys().any(|p| p.eq_ignore_ascii_case(v)) {
+            let have: Vec<String> =
+                present.iter().map(|(k, n)| format!("{} ({n})", if k.is_empty() { "<empty>" } else { k })).collect();
+            bail!(
+                "--views {arg}: unknown view {v:?}; the metadata has {}; known ViewPositions: {}, or all",
+                have.join(", "),
+                KNOWN_VIEWS.join(", ")
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Deterministic Fisher–Yates shuffle (SplitMix64), for the seeded caps and samples.
