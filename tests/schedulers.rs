@@ -386,3 +386,58 @@ fn any_step_count_runs_to_the_end() {
     }
     println!("{runs} schedules run");
 }
+
+/// Every size read from a scheduler config is bounded before anything is allocated from it: a
+/// `num_train_timesteps` of 2^31..2^63 used to size the training tables directly (gigabytes, or an
+/// abort on allocation). Each is an error naming the file, the field and the value; the bounds
+/// themselves still load.
+#[test]
+fn sizes_in_configs_are_bounded_before_allocation() {
+    use SchedulerKind::*;
+    let none = SchedulerOptions::default();
+    // (The small out-of-range values come first: on a build without the bounds they fail the test
+    // before the huge ones could try to allocate.)
+    let cases: Vec<(SchedulerKind, Value, &str, &str)> = vec![
+        (Ddim, json!({"num_train_timesteps": 100_001}), "num_train_timesteps", "100001"),
+        (Pndm, json!({"steps_offset": -1}), "steps_offset", "-1"),
+        (Euler, json!({"steps_offset": 1001}), "steps_offset", "1001"),
+        (DpmSolverMultistep, json!({"steps_offset": 1u64 << 40}), "steps_offset", "1099511627776"),
+        (Pndm, json!({"num_train_timesteps": -5}), "num_train_timesteps", "-5"),
+        (Euler, json!({"num_train_timesteps": 1}), "num_train_timesteps", "1"),
+        (Ddim, json!({"num_train_timesteps": i64::MAX}), "num_train_timesteps", "9223372036854775807"),
+        (EulerAncestral, json!({"num_train_timesteps": 1u64 << 63}), "num_train_timesteps", "9223372036854775808"),
+        (Ddim, json!({"num_train_timesteps": u64::MAX}), "num_train_timesteps", "18446744073709551615"),
+        (Pndm, json!({"num_train_timesteps": 1e30}), "num_train_timesteps", "1e+30"),
+        (DpmSolverMultistep, json!({"solver_order": 1u64 << 40}), "solver_order", "1099511627776"),
+        (Ddim, json!({"_use_default_values": "clip_sample"}), "_use_default_values", "clip_sample"),
+        (Ddim, json!({"num_train_timesteps": 1u64 << 31}), "num_train_timesteps", "2147483648"),
+        (Euler, json!({"num_train_timesteps": 1u64 << 32}), "num_train_timesteps", "4294967296"),
+    ];
+    for (kind, patch, field, value) in cases {
+        let err = match build(Some(kind), patch.clone(), &none) {
+            Ok(_) => panic!("{kind}: {patch} was accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        println!("{kind} {patch}: {err}");
+        assert!(
+            err.contains(field) && err.contains(value) && err.contains("scheduler_config.json"),
+            "{kind} {patch}: error {err:?} does not name the file, {field} and {value}"
+        );
+    }
+    // Training reads the same table (roentgen train's add_noise).
+    let mut c = sd14();
+    c["num_train_timesteps"] = json!(1u64 << 33);
+    let err = schedulers::training_alphas_cumprod(&c, Path::new("pipe/scheduler/scheduler_config.json"))
+        .expect_err("2^33 training timesteps");
+    assert!(format!("{err:#}").contains("num_train_timesteps"), "{err:#}");
+
+    // The bounds themselves are fine, and so are steps counts up to them.
+    for (n, offset) in [(2, 0), (2, 2), (100_000, 100_000)] {
+        for kind in SchedulerKind::ALL {
+            let mut s = build(Some(kind), json!({"num_train_timesteps": n, "steps_offset": offset}), &none)
+                .unwrap_or_else(|e| panic!("{kind} n={n}: {e:#}"));
+            s.set_timesteps(n.min(50)).unwrap();
+            assert!(s.set_timesteps(n + 1).is_err(), "{kind}: {} steps of {n}", n + 1);
+        }
+    }
+}

@@ -6,6 +6,14 @@
 //! Every error names the config file, the field and the value. `null` means "absent" (diffusers'
 //! `None`), except for booleans, where it is false (Python's truthiness of `None`, which is how
 //! diffusers reads e.g. `"use_karras_sigmas": null`).
+//!
+//! `_use_default_values` (the fields a scheduler was *not* given, which diffusers records in a loaded
+//! scheduler's `config` and drops when saving): `extract_init_dict` removes the fields it lists
+//! before anything else, so a scheduler built `from_config(other.config)` takes its *own* class
+//! defaults for them, not the other class's. E.g. a PNDM config without `set_alpha_to_one`, loaded
+//! as PNDM (default false) and passed on as `pipe.scheduler.config`, gives DDIM its default true.
+//!
+//! Sizes are bounded before anything is allocated from them (see [`Config::int_in`]).
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +41,20 @@ impl Config {
             bail!("{}: a scheduler config must be a JSON object, got {}", path.display(), short(config));
         };
         let mut map = obj.clone();
+        // diffusers' extract_init_dict: `config_dict = {k: v for k, v in config_dict.items() if k not
+        // in used_defaults and k != "_use_default_values"}`, before the keyword overrides apply.
+        if let Some(used) = map.remove("_use_default_values") {
+            let names = match &used {
+                Value::Null => Vec::new(),
+                Value::Array(a) if a.iter().all(Value::is_string) => {
+                    a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
+                }
+                v => bail!("{}: _use_default_values: expected a list of field names, got {}", path.display(), short(v)),
+            };
+            for name in names {
+                map.remove(&name);
+            }
+        }
         for (k, v) in overrides {
             map.insert(k.clone(), v.clone());
         }
@@ -65,22 +87,45 @@ impl Config {
         Ok(self.opt_f64(field)?.unwrap_or(default))
     }
 
+    /// An integer. Integral floats (`1000.0`) are accepted; integers beyond ±2⁵³ are errors (they
+    /// are not sizes any scheduler can use, and the caller bounds them further with [`Config::int_in`]).
     pub(crate) fn i64(&self, field: &str, default: i64) -> Result<i64> {
+        const LIMIT: f64 = 9.0e15;
         match self.get(field) {
             None => Ok(default),
             Some(v) => {
-                if let Some(i) = v.as_i64() {
+                if let Some(i) = v.as_i64().filter(|i| (*i as f64).abs() < LIMIT) {
                     return Ok(i);
                 }
                 match v.as_f64() {
-                    Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
+                    Some(f) if f.fract() == 0.0 && f.abs() < LIMIT => Ok(f as i64),
+                    Some(f) if f.fract() == 0.0 => Err(self.error(field, format!("{} is out of range", short(v)))),
                     _ => Err(self.error(field, format!("expected an integer, got {}", short(v)))),
                 }
             }
         }
     }
 
-    /// A positive integer (e.g. `num_train_timesteps`, `solver_order`).
+    /// An integer in `lo..=hi`, checked before the caller sizes anything by it (e.g.
+    /// `num_train_timesteps` of 2³¹ would otherwise allocate tables of gigabytes, or abort).
+    pub(crate) fn int_in(&self, field: &str, default: i64, lo: i64, hi: i64) -> Result<i64> {
+        let out_of_range =
+            |shown: String| self.error(field, format!("{shown} is out of range (must be between {lo} and {hi})"));
+        let Some(v) = self.get(field) else { return Ok(default) };
+        let i = match (v.as_i64(), v.as_f64()) {
+            (Some(i), _) => i,
+            (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
+            // An integral number beyond i64 (2^63 and up, 1e30): out of range, not "not an integer".
+            (None, Some(f)) if f.fract() == 0.0 => return Err(out_of_range(short(v))),
+            _ => return Err(self.error(field, format!("expected an integer, got {}", short(v)))),
+        };
+        if i < lo || i > hi {
+            return Err(out_of_range(i.to_string()));
+        }
+        Ok(i)
+    }
+
+    /// A positive integer (e.g. `solver_order`, whose caller then says which values it supports).
     pub(crate) fn positive(&self, field: &str, default: i64) -> Result<usize> {
         let v = self.i64(field, default)?;
         if v < 1 {

@@ -1,8 +1,15 @@
 //! `DDIMScheduler` (Song et al. 2021) with η = 0 (deterministic), as diffusers 0.42.1 runs it.
 //!
 //! Notes on matching diffusers:
-//! - The class defaults are `clip_sample: true` and `set_alpha_to_one: true`, unlike PNDM's; SD v1.x
-//!   configs set both to false explicitly, so loading one gives diffusers' behaviour either way.
+//! - The class defaults are `clip_sample: true` and `set_alpha_to_one: true`, unlike PNDM's. SD v1.x
+//!   configs set both to false explicitly, but a config written by `PNDMScheduler.save_config` has
+//!   no `clip_sample` (not a PNDM field), so DDIM on it clips x̂₀ to ±clip_sample_range; and a
+//!   loaded PNDM's `config` lists the fields it defaulted in `_use_default_values`, which DDIM then
+//!   takes from its own defaults (see config.rs). With clipping, a sampling run is far more
+//!   sensitive to rounding: clipped x̂₀ no longer cancels the model output's error, so on the
+//!   small test pipelines a 1e-7 relative change of the U-Net output grows ~20× in the first step
+//!   and ~1.5× a step after (diffusers against itself); end-to-end DDIM parity there is only
+//!   meaningful without clipping or over few steps.
 //! - The previous timestep is always `t - T/n` (even with `trailing` or `linspace` spacing, where
 //!   the listed timesteps are not `T/n` apart): diffusers does that, so we do too.
 //! - `thresholding` (dynamic thresholding) is not implemented and is refused.
@@ -33,6 +40,7 @@ pub struct Ddim {
 impl Ddim {
     pub(crate) fn from_config(cfg: &Config) -> Result<Ddim> {
         let train = TrainSchedule::from_config(cfg, true, false)?;
+        let steps_offset = super::schedule::steps_offset(cfg, &train)?;
         cfg.require_default("thresholding", &Value::Bool(false), "false")?;
         let clip_range = cfg.f64("clip_sample_range", 1.0)? as f32;
         Ok(Ddim {
@@ -48,7 +56,7 @@ impl Ddim {
                 ],
             )?,
             spacing: cfg.choice("timestep_spacing", TimestepSpacing::Leading, &SPACINGS)?,
-            steps_offset: cfg.i64("steps_offset", 0)?,
+            steps_offset,
             num_inference_steps: 0,
             timesteps_i: Vec::new(),
             timesteps: Vec::new(),

@@ -64,6 +64,7 @@ fn alpha_sigma_lambda(sigma: f32) -> (f32, f32, f32) {
 impl DpmSolverMultistep {
     pub(crate) fn from_config(cfg: &Config) -> Result<DpmSolverMultistep> {
         let train = TrainSchedule::from_config(cfg, true, true)?;
+        let steps_offset = super::schedule::steps_offset(cfg, &train)?;
         // "deis" is silently mapped to dpmsolver++ by diffusers itself.
         let algo = cfg.opt_str("algorithm_type")?.unwrap_or("dpmsolver++");
         if algo != "dpmsolver++" && algo != "deis" {
@@ -102,7 +103,7 @@ impl DpmSolverMultistep {
                 ],
             )?,
             spacing: cfg.choice("timestep_spacing", TimestepSpacing::Linspace, &SPACINGS)?,
-            steps_offset: cfg.i64("steps_offset", 0)?,
+            steps_offset,
             solver_order,
             solver_type,
             lower_order_final: cfg.bool("lower_order_final", true)?,

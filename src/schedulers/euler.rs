@@ -86,6 +86,7 @@ pub struct Euler {
 impl Euler {
     pub(crate) fn from_config(cfg: &Config) -> Result<Euler> {
         let train = TrainSchedule::from_config(cfg, true, true)?;
+        let steps_offset = super::schedule::steps_offset(cfg, &train)?;
         cfg.require_default("interpolation_type", &Value::from("linear"), "linear")?;
         cfg.require_default("use_exponential_sigmas", &Value::Bool(false), "false")?;
         cfg.require_default("use_beta_sigmas", &Value::Bool(false), "false")?;
@@ -106,7 +107,7 @@ impl Euler {
                     ("original_sample", PredictionType::Sample),
                 ],
             )?,
-            steps_offset: cfg.i64("steps_offset", 0)?,
+            steps_offset,
             karras: cfg.bool("use_karras_sigmas", false)?,
             sigma_min: cfg.opt_f64("sigma_min")?,
             sigma_max: cfg.opt_f64("sigma_max")?,

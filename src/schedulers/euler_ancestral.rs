@@ -36,6 +36,7 @@ pub struct EulerAncestral {
 impl EulerAncestral {
     pub(crate) fn from_config(cfg: &Config) -> Result<EulerAncestral> {
         let train = TrainSchedule::from_config(cfg, true, true)?;
+        let steps_offset = super::schedule::steps_offset(cfg, &train)?;
         let spacing = cfg.choice("timestep_spacing", TimestepSpacing::Linspace, &SPACINGS)?;
         let mut sigmas = train.sigmas();
         sigmas.reverse();
@@ -45,7 +46,7 @@ impl EulerAncestral {
                 cfg,
                 &[("epsilon", PredictionType::Epsilon), ("v_prediction", PredictionType::VPrediction)],
             )?,
-            steps_offset: cfg.i64("steps_offset", 0)?,
+            steps_offset,
             init_noise_sigma: euler_init_noise_sigma(&sigmas, spacing),
             spacing,
             sigmas,

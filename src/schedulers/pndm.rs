@@ -42,6 +42,7 @@ pub struct Pndm {
 impl Pndm {
     pub(crate) fn from_config(cfg: &Config) -> Result<Pndm> {
         let train = TrainSchedule::from_config(cfg, false, false)?;
+        let steps_offset = super::schedule::steps_offset(cfg, &train)?;
         let set_alpha_to_one = cfg.bool("set_alpha_to_one", false)?;
         Ok(Pndm {
             final_alpha_cumprod: if set_alpha_to_one { 1.0 } else { train.alphas_cumprod[0] },
@@ -52,7 +53,7 @@ impl Pndm {
                 &[("epsilon", PredictionType::Epsilon), ("v_prediction", PredictionType::VPrediction)],
             )?,
             spacing: cfg.choice("timestep_spacing", TimestepSpacing::Leading, &SPACINGS)?,
-            steps_offset: cfg.i64("steps_offset", 0)?,
+            steps_offset,
             num_inference_steps: 0,
             prk_timesteps: Vec::new(),
             timesteps_i: Vec::new(),

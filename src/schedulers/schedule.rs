@@ -9,7 +9,10 @@
 //!   CPUs bit for bit (the scalar DEFAULT build differs by 1 ulp in about 15% of the betas).
 //! - `torch.cumprod` of f32 on CPU accumulates in double (`acc_type<float, false>`) and rounds each
 //!   partial product to f32.
-//! - `t ** 0.5` on a float tensor is `sqrt`, `t ** 2` is `t * t` (ATen's pow special cases).
+//! - `t ** 0.5` on a float tensor is `sqrt`, `t ** 2` is `t * t` (ATen's pow special cases). The
+//!   pinned torch's CPU float32 `sqrt` is not correctly rounded (±1 ulp from IEEE for about 20% of
+//!   inputs, 0-dim tensors included); we take the IEEE `sqrt`, so a scheduler coefficient can be
+//!   1 ulp off diffusers' and a step's sample 1–2 ulp off (the tests' bar allows far more).
 //! - numpy's `linspace`, float `arange` and `interp` are computed in f64 exactly as numpy does
 //!   (see each helper), and `round` is round-half-to-even.
 
@@ -49,6 +52,18 @@ pub enum BetaSchedule {
     SquaredCosCapV2,
 }
 
+/// The largest `num_train_timesteps` accepted (published models use 1000; 100× that is still a
+/// few megabytes of tables).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
+/// `steps_offset`, read as every scheduler with leading spacing uses it: an integer between 0 and
+/// `num_train_timesteps` (SD v1.x uses 1). Beyond that no timestep it shifts can be in the table
+/// (diffusers would fail on indexing, or clamp), and the bound keeps the timestep arithmetic far
+/// from overflow.
+pub(crate) fn steps_offset(cfg: &Config, train: &TrainSchedule) -> Result<i64> {
+    cfg.int_in("steps_offset", 0, 0, train.num_train_timesteps as i64)
+}
+
 /// The training noise schedule every scheduler is configured with.
 #[derive(Clone, Debug)]
 pub struct TrainSchedule {
@@ -66,10 +81,9 @@ impl TrainSchedule {
     /// `zero_snr_floor`: Euler, Euler ancestral and DPM-Solver set `alphas_cumprod[-1] = 2**-24`
     /// after rescaling (so the last sigma is finite); DDIM keeps the exact zero.
     pub(crate) fn from_config(cfg: &Config, has_rescale: bool, zero_snr_floor: bool) -> Result<TrainSchedule> {
-        let n = cfg.positive("num_train_timesteps", 1000)?;
-        if n < 2 {
-            return Err(cfg.error("num_train_timesteps", format!("must be at least 2, got {n}")));
-        }
+        // Bounded before any table is sized by it: diffusers would try (and a 2^31 value would take
+        // gigabytes per table, 2^63 abort on allocation). At least 2: the schedules divide by n - 1.
+        let n = cfg.int_in("num_train_timesteps", 1000, 2, MAX_TRAIN_TIMESTEPS as i64)? as usize;
         let beta_start = cfg.f64("beta_start", 0.0001)?;
         let beta_end = cfg.f64("beta_end", 0.02)?;
         let schedule = cfg.choice(
