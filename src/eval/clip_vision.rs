@@ -76,24 +76,27 @@ impl ClipVisionConfig {
             serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
         let v = v.get("vision_config").unwrap_or(&v);
         let mut c = ClipVisionConfig::vit_b32();
-        let int = |key: &str, dst: &mut usize| -> Result<()> {
+        // Bounded like the text models' configs (`crate::models::limits`): a corrupt size must
+        // not reach a tensor shape.
+        use crate::models::limits::{MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS};
+        let int = |key: &str, dst: &mut usize, max: usize| -> Result<()> {
             if let Some(x) = v.get(key) {
-                *dst =
-                    x.as_u64().filter(|&n| n > 0).with_context(|| {
-                        format!("{}: field '{key}' must be a positive integer, got {x}", path.display())
-                    })? as usize;
+                *dst = x.as_u64().filter(|&n| n > 0 && n <= max as u64).with_context(|| {
+                    format!("{}: field '{key}' must be an integer from 1 to {max}, got {x}", path.display())
+                })? as usize;
             }
             Ok(())
         };
-        int("hidden_size", &mut c.hidden_size)?;
-        int("intermediate_size", &mut c.intermediate_size)?;
-        int("num_hidden_layers", &mut c.num_hidden_layers)?;
-        int("num_attention_heads", &mut c.num_attention_heads)?;
-        int("image_size", &mut c.image_size)?;
-        int("patch_size", &mut c.patch_size)?;
+        int("hidden_size", &mut c.hidden_size, MAX_CHANNELS)?;
+        int("intermediate_size", &mut c.intermediate_size, MAX_CHANNELS)?;
+        int("num_hidden_layers", &mut c.num_hidden_layers, MAX_LAYERS)?;
+        int("num_attention_heads", &mut c.num_attention_heads, MAX_CHANNELS)?;
+        int("image_size", &mut c.image_size, MAX_CHANNELS)?;
+        int("patch_size", &mut c.patch_size, MAX_CHANNELS)?;
         if let Some(x) = v.get("layer_norm_eps") {
-            c.layer_norm_eps =
-                x.as_f64().with_context(|| format!("{}: field 'layer_norm_eps' must be a number", path.display()))?;
+            c.layer_norm_eps = x.as_f64().filter(|e| e.is_finite() && *e >= 0.0).with_context(|| {
+                format!("{}: field 'layer_norm_eps' must be a finite number ≥ 0, got {x}", path.display())
+            })?;
         }
         if let Some(x) = v.get("hidden_act") {
             c.hidden_act = match x.as_str() {
@@ -112,6 +115,15 @@ impl ClipVisionConfig {
         }
         if c.patch_size > c.image_size {
             bail!("{}: patch_size {} exceeds image_size {}", path.display(), c.patch_size, c.image_size);
+        }
+        if c.num_positions() > MAX_POSITIONS {
+            bail!(
+                "{}: image_size {} / patch_size {} gives {} positions, more than {MAX_POSITIONS}",
+                path.display(),
+                c.image_size,
+                c.patch_size,
+                c.num_positions()
+            );
         }
         Ok(c)
     }

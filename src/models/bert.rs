@@ -16,7 +16,8 @@
 //!   `classifier.*`) and a pooler, which are ignored, as are the `position_ids`/`token_type_ids`
 //!   buffers; TF-converted checkpoints call the layer-norm parameters `gamma`/`beta`.
 
-use super::{allocate, ConfigReader};
+use super::limits::{MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB};
+use super::{allocate, check_param_count, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
@@ -96,15 +97,15 @@ impl BertConfig {
                 })?),
             };
         let c = BertConfig {
-            vocab_size: r.usize("vocab_size", 30522)?,
-            hidden_size: r.usize("hidden_size", 768)?,
-            num_hidden_layers: r.usize("num_hidden_layers", 12)?,
-            num_attention_heads: r.usize("num_attention_heads", 12)?,
-            intermediate_size: r.usize("intermediate_size", 3072)?,
+            vocab_size: r.size("vocab_size", 30522, MAX_VOCAB)?,
+            hidden_size: r.size("hidden_size", 768, MAX_CHANNELS)?,
+            num_hidden_layers: r.size("num_hidden_layers", 12, MAX_LAYERS)?,
+            num_attention_heads: r.size("num_attention_heads", 12, MAX_CHANNELS)?,
+            intermediate_size: r.size("intermediate_size", 3072, MAX_CHANNELS)?,
             hidden_act,
-            max_position_embeddings: r.usize("max_position_embeddings", 512)?,
-            type_vocab_size: r.usize("type_vocab_size", 2)?,
-            layer_norm_eps: r.f32("layer_norm_eps", 1e-12)?,
+            max_position_embeddings: r.size("max_position_embeddings", 512, MAX_POSITIONS)?,
+            type_vocab_size: r.size("type_vocab_size", 2, MAX_VOCAB)?,
+            layer_norm_eps: r.eps("layer_norm_eps", 1e-12)?,
             pad_token_id,
             use_attention_mask: flag("use_attention_mask")?,
         };
@@ -119,6 +120,7 @@ impl BertConfig {
         if let Some(p) = c.pad_token_id.filter(|&p| p >= c.vocab_size) {
             bail!("{}: field \"pad_token_id\" ({p}) is outside the vocabulary of {}", path.display(), c.vocab_size);
         }
+        check_param_count(path, &Layout::measure(|l| params_layout(l, &c)))?;
         Ok(c)
     }
 

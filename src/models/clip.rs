@@ -3,7 +3,8 @@
 //!
 //! Stable Diffusion v1 feeds the 77 padded ids with no attention mask, so the only mask is causal.
 
-use super::{allocate, ConfigReader};
+use super::limits::{MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB};
+use super::{allocate, check_param_count, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
@@ -52,13 +53,13 @@ impl ClipTextConfig {
             ),
         };
         let c = ClipTextConfig {
-            vocab_size: r.usize("vocab_size", 49408)?,
-            hidden_size: r.usize("hidden_size", 512)?,
-            intermediate_size: r.usize("intermediate_size", 2048)?,
-            num_hidden_layers: r.usize("num_hidden_layers", 12)?,
-            num_attention_heads: r.usize("num_attention_heads", 8)?,
-            max_position_embeddings: r.usize("max_position_embeddings", 77)?,
-            layer_norm_eps: r.f32("layer_norm_eps", 1e-5)?,
+            vocab_size: r.size("vocab_size", 49408, MAX_VOCAB)?,
+            hidden_size: r.size("hidden_size", 512, MAX_CHANNELS)?,
+            intermediate_size: r.size("intermediate_size", 2048, MAX_CHANNELS)?,
+            num_hidden_layers: r.size("num_hidden_layers", 12, MAX_LAYERS)?,
+            num_attention_heads: r.size("num_attention_heads", 8, MAX_CHANNELS)?,
+            max_position_embeddings: r.size("max_position_embeddings", 77, MAX_POSITIONS)?,
+            layer_norm_eps: r.eps("layer_norm_eps", 1e-5)?,
             hidden_act,
         };
         if c.hidden_size % c.num_attention_heads != 0 {
@@ -69,6 +70,7 @@ impl ClipTextConfig {
                 c.num_attention_heads
             );
         }
+        check_param_count(path, &Layout::measure(|l| params_layout(l, &c)))?;
         Ok(c)
     }
 

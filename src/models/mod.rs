@@ -5,12 +5,13 @@ pub mod bert;
 pub mod clip;
 pub mod text;
 pub mod unet;
+pub mod unet_config;
 pub mod vae;
 
 use crate::backend::Backend;
 use crate::rng::SplitMix64;
 use crate::tensor::Layout;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
 
@@ -50,6 +51,7 @@ pub fn randomize(backend: &dyn Backend, table: &Layout, seed: u64) -> Result<()>
     for (i, e) in table.entries().iter().enumerate() {
         let n = e.shape.numel();
         buf.clear();
+        reserve(&mut buf, n, &e.name)?;
         buf.resize(n, 0.0f32);
         let is_norm = e.name.contains("norm");
         if e.name.ends_with(".bias") {
@@ -79,6 +81,7 @@ pub fn init_default(backend: &dyn Backend, table: &Layout, seed: u64) -> Result<
     for (i, e) in table.entries().iter().enumerate() {
         let n = e.shape.numel();
         buf.clear();
+        reserve(&mut buf, n, &e.name)?;
         buf.resize(n, 0f32);
         let weight_of_bias = e.name.strip_suffix(".bias").map(|p| format!("{p}.weight"));
         let is_norm = e.name.contains("norm") && e.shape.rank() == 1;
@@ -117,6 +120,63 @@ pub fn init_default(backend: &dyn Backend, table: &Layout, seed: u64) -> Result<
     Ok(())
 }
 
+/// Grows a host staging buffer to `n` elements, failing with the tensor's name instead of
+/// aborting the process when the memory is not there.
+pub(crate) fn reserve(buf: &mut Vec<f32>, n: usize, name: &str) -> Result<()> {
+    buf.try_reserve(n.saturating_sub(buf.len()))
+        .map_err(|_| anyhow::anyhow!("tensor '{name}': cannot allocate {} MiB of host memory", (n as u64 * 4) >> 20))
+}
+
+/// Upper bounds on sizes read from model configs, checked before anything is allocated. Without
+/// them a typo or a corrupt file (`"num_hidden_layers": 2147483648`) is multiplied into tensor
+/// shapes and either overflows, aborts on allocation or runs for minutes filling memory. Each bound
+/// is far above every released model this engine runs (SD 1.x/2.x/XL U-Nets and VAEs, CLIP
+/// ViT-L/H/bigG text towers, BERT base/large, PubMedBERT), so only a broken config meets one.
+pub mod limits {
+    /// Layers of one stack: resnets per U-Net/VAE block, transformer layers per block, text encoder
+    /// layers. Real models: 1–3 resnets per block, ≤ 10 transformer layers per block (SDXL),
+    /// ≤ 32 text encoder layers (OpenCLIP bigG).
+    pub const MAX_LAYERS: usize = 1000;
+    /// Resnets plus transformer blocks in a whole U-Net or VAE (SDXL's U-Net has about 100): bounds
+    /// the number of named tensors, which the parameter table holds as strings.
+    pub const MAX_TOTAL_LAYERS: u64 = 10_000;
+    /// Channels, hidden and intermediate sizes, heads. Real models: ≤ 5,120 (bigG's MLP) and
+    /// 2,048 cross-attention channels (SDXL).
+    pub const MAX_CHANNELS: usize = 1 << 16;
+    /// Token vocabularies. Real: 49,408 (CLIP), 30,522 (BERT), ~250,000 (multilingual models).
+    pub const MAX_VOCAB: usize = 1 << 24;
+    /// Position embeddings. Real: 77 (CLIP), 512 (BERT), 8,192 for long-context encoders.
+    pub const MAX_POSITIONS: usize = 1 << 16;
+    /// Down blocks of a U-Net or VAE: each halves the resolution, so the scale factor is
+    /// 2^(blocks − 1). Real: 3 (SDXL) or 4 (SD 1.x/2.x).
+    pub const MAX_BLOCKS: usize = 16;
+    /// Parameters of one model: 2^34 ≈ 17 billion, 64 GiB in f32 (256 GiB with the gradients and
+    /// AdamW moments of training). The largest model of a supported architecture is SDXL's
+    /// U-Net (2.6 billion); beyond this bound no single device holds the model, and the f32
+    /// pool alone would take minutes to fill with random weights.
+    pub const MAX_PARAMS: usize = 1 << 34;
+    /// A U-Net `sample_size` (latent pixels per side): 64 for SD 1.x, 96 for SD 2 (768 px),
+    /// 128 for SDXL. 4,096 is 32,768 px at the usual scale factor 8.
+    pub const MAX_SAMPLE_SIZE: usize = 1 << 12;
+}
+
+/// Refuses a model whose parameter table (measured, never allocated) exceeds
+/// `limits::MAX_PARAMS`: the last check of a config's sizes, after each field was bounded.
+pub(crate) fn check_param_count(path: &Path, table: &Layout) -> Result<()> {
+    let n = table.numel();
+    if n > limits::MAX_PARAMS {
+        bail!(
+            "{}: the config describes {} parameters ({} GiB in f32), more than the {} this engine accepts \
+             for one model (corrupt sizes?)",
+            path.display(),
+            n,
+            (n as u64 * 4) >> 30,
+            limits::MAX_PARAMS
+        );
+    }
+    Ok(())
+}
+
 /// Typed reads of config.json fields, with transformers' defaults and errors that name the field.
 pub(crate) struct ConfigReader<'a> {
     pub obj: &'a serde_json::Map<String, Value>,
@@ -133,19 +193,65 @@ impl<'a> ConfigReader<'a> {
         anyhow::anyhow!("{}: field \"{field}\" is {}; expected {want}", self.path.display(), self.obj[field])
     }
 
-    pub fn usize(&self, field: &str, default: usize) -> Result<usize> {
+    /// A size: an integer from 1 to `max` (see `limits`); absent or null gives `default`.
+    pub fn size(&self, field: &str, default: usize, max: usize) -> Result<usize> {
+        match self.obj.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => self.size_value(field, v, max),
+        }
+    }
+
+    /// One size value (a field, or an entry of a list field named `field[i]`).
+    pub fn size_value(&self, field: &str, v: &Value, max: usize) -> Result<usize> {
+        match v.as_u64() {
+            Some(n) if n >= 1 && n <= max as u64 => Ok(n as usize),
+            _ => bail!("{}: field \"{field}\" is {v}; expected an integer from 1 to {max}", self.path.display()),
+        }
+    }
+
+    /// A list of sizes, each from 1 to `max`, at least one entry.
+    pub fn size_list(&self, field: &str, max: usize) -> Result<Option<Vec<usize>>> {
+        match self.obj.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(a)) if a.is_empty() => {
+                bail!("{}: field \"{field}\" is an empty list; expected at least one entry", self.path.display())
+            }
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .map(|(i, v)| self.size_value(&format!("{field}[{i}]"), v, max))
+                .collect::<Result<_>>()
+                .map(Some),
+            Some(v) => bail!("{}: field \"{field}\" is {v}; expected a list of integers", self.path.display()),
+        }
+    }
+
+    /// A finite number (a value beyond f32's range, 1e308, becomes infinite and is refused).
+    pub fn f32(&self, field: &str, default: f32) -> Result<f32> {
         match self.obj.get(field) {
             None | Some(Value::Null) => Ok(default),
             Some(v) => {
-                v.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| self.bad(field, "a positive integer"))
+                v.as_f64().map(|x| x as f32).filter(|x| x.is_finite()).ok_or_else(|| self.bad(field, "a finite number"))
             }
         }
     }
 
-    pub fn f32(&self, field: &str, default: f32) -> Result<f32> {
+    /// A normalisation epsilon: finite and not negative (a negative one makes 1/sqrt(var + eps)
+    /// NaN for constant inputs).
+    pub fn eps(&self, field: &str, default: f32) -> Result<f32> {
+        let x = self.f32(field, default)?;
+        if x < 0.0 {
+            return Err(self.bad(field, "a number ≥ 0"));
+        }
+        Ok(x)
+    }
+
+    /// true or false; anything else ("yes", 1) is refused rather than read as the default.
+    pub fn bool(&self, field: &str, default: bool) -> Result<bool> {
         match self.obj.get(field) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| self.bad(field, "a number")),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(self.bad(field, "true or false")),
         }
     }
 

@@ -1,7 +1,8 @@
 //! diffusers' `AutoencoderKL`: the encoder (→ quant_conv → mean, log-variance) and the decoder
 //! (post_quant_conv →), with the mid-block attention. Images and latents are channels-last.
 
-use super::{allocate, allocate_params, ConfigReader};
+use super::limits::{MAX_BLOCKS, MAX_CHANNELS, MAX_LAYERS, MAX_TOTAL_LAYERS};
+use super::{allocate, allocate_params, check_param_count, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::Backend;
 use crate::nn::attention::{VaeAttention, VaeAttentionSaved};
@@ -39,17 +40,15 @@ impl VaeConfig {
 
     pub fn from_json(v: &Value, path: &Path) -> Result<VaeConfig> {
         let r = ConfigReader::new(v, path)?;
-        let block_out_channels: Vec<usize> = match r.obj.get("block_out_channels") {
-            None | Some(Value::Null) => vec![64],
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| v.as_u64().filter(|&x| x > 0).map(|x| x as usize))
-                .collect::<Option<_>>()
-                .with_context(|| {
-                    format!("{}: field \"block_out_channels\" must hold positive integers", path.display())
-                })?,
-            Some(other) => bail!("{}: field \"block_out_channels\" = {other} is not a list", path.display()),
-        };
+        let block_out_channels = r.size_list("block_out_channels", MAX_CHANNELS)?.unwrap_or_else(|| vec![64]);
+        if block_out_channels.len() > MAX_BLOCKS {
+            bail!(
+                "{}: field \"block_out_channels\" has {} entries; expected at most {MAX_BLOCKS} blocks (each \
+                 halves the resolution)",
+                path.display(),
+                block_out_channels.len()
+            );
+        }
         let n = block_out_channels.len();
         for (field, want) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] {
             if let Some(v) = r.obj.get(field) {
@@ -74,19 +73,22 @@ impl VaeConfig {
                 }
             }
         }
-        let flag = |f: &str| r.obj.get(f).and_then(|v| v.as_bool()).unwrap_or(true);
         let c = VaeConfig {
-            in_channels: r.usize("in_channels", 3)?,
-            out_channels: r.usize("out_channels", 3)?,
-            latent_channels: r.usize("latent_channels", 4)?,
-            layers_per_block: r.usize("layers_per_block", 1)?,
-            norm_num_groups: r.usize("norm_num_groups", 32)?,
+            in_channels: r.size("in_channels", 3, MAX_CHANNELS)?,
+            out_channels: r.size("out_channels", 3, MAX_CHANNELS)?,
+            latent_channels: r.size("latent_channels", 4, MAX_CHANNELS)?,
+            layers_per_block: r.size("layers_per_block", 1, MAX_LAYERS)?,
+            norm_num_groups: r.size("norm_num_groups", 32, MAX_CHANNELS)?,
             scaling_factor: r.f32("scaling_factor", 0.18215)?,
-            use_quant_conv: flag("use_quant_conv"),
-            use_post_quant_conv: flag("use_post_quant_conv"),
-            mid_block_add_attention: flag("mid_block_add_attention"),
+            use_quant_conv: r.bool("use_quant_conv", true)?,
+            use_post_quant_conv: r.bool("use_post_quant_conv", true)?,
+            mid_block_add_attention: r.bool("mid_block_add_attention", true)?,
             block_out_channels,
         };
+        // Latents are divided by it before decoding.
+        if c.scaling_factor == 0.0 {
+            bail!("{}: field \"scaling_factor\" is 0; latents are divided by it", path.display());
+        }
         for (i, &ch) in c.block_out_channels.iter().enumerate() {
             if ch % c.norm_num_groups != 0 {
                 bail!(
@@ -96,6 +98,19 @@ impl VaeConfig {
                 );
             }
         }
+        // Resnets of encoder and decoder (each with a mid block of two): bounds the parameter
+        // table's length before it is measured.
+        let resnets = (c.block_out_channels.len() * (2 * c.layers_per_block + 1) + 4) as u64;
+        if resnets > MAX_TOTAL_LAYERS {
+            bail!(
+                "{}: field \"layers_per_block\" = {} over {} blocks describes {resnets} resnets, more than \
+                 {MAX_TOTAL_LAYERS} (corrupt sizes?)",
+                path.display(),
+                c.layers_per_block,
+                c.block_out_channels.len()
+            );
+        }
+        check_param_count(path, &Layout::measure(|l| params_layout(l, &c)))?;
         Ok(c)
     }
 

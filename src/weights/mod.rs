@@ -27,23 +27,57 @@ pub fn is_pipeline_folder(dir: &Path) -> bool {
     dir.join("model_index.json").is_file()
 }
 
-/// The components a pipeline's model_index.json lists: name → (library, class).
-pub fn pipeline_components(dir: &Path) -> Result<BTreeMap<String, (String, String)>> {
+/// Component names whose model_index.json entry must be a [library, class] pair (or null /
+/// [null, null] when the pipeline was saved without it): the five roentgen reads and the optional
+/// ones diffusers' Stable Diffusion pipelines declare.
+const COMPONENT_KEYS: &[&str] =
+    &["text_encoder", "tokenizer", "unet", "vae", "scheduler", "safety_checker", "feature_extractor", "image_encoder"];
+
+/// A pipeline's model_index.json, checked as diffusers reads it: a JSON object; `_class_name`
+/// (when present) a string; every component entry a [library, class] pair of strings, or
+/// [null, null] or null for a component saved as absent. Other keys that hold no list are
+/// pipeline options (`"requires_safety_checker": false`) and are not components. Returns
+/// component name → (library, class), `None` for an absent one. Errors name the file and key.
+pub fn read_model_index(dir: &Path) -> Result<BTreeMap<String, Option<(String, String)>>> {
     let path = dir.join("model_index.json");
     let v = read_json(&path)?;
-    let obj = v.as_object().with_context(|| format!("{}: expected a JSON object", path.display()))?;
+    let obj = v.as_object().with_context(|| format!("{}: expected a JSON object, found {v}", path.display()))?;
+    if let Some(c) = obj.get("_class_name") {
+        if !c.is_string() {
+            bail!("{}: key \"_class_name\" is {c}; expected the pipeline class name (a string)", path.display());
+        }
+    }
     let mut out = BTreeMap::new();
     for (k, val) in obj {
         if k.starts_with('_') {
             continue;
         }
-        if let Some([lib, class]) = val.as_array().map(|a| a.as_slice()) {
-            if let (Some(lib), Some(class)) = (lib.as_str(), class.as_str()) {
-                out.insert(k.clone(), (lib.to_string(), class.to_string()));
-            }
-        }
+        let bad = || {
+            anyhow::anyhow!(
+                "{}: key \"{k}\" is {val}; expected a [library, class] pair of strings (or [null, null] for \
+                 an absent component)",
+                path.display()
+            )
+        };
+        let entry = match val {
+            Value::Null => None,
+            Value::Array(a) => match a.as_slice() {
+                [Value::Null, Value::Null] => None,
+                [Value::String(lib), Value::String(class)] => Some((lib.clone(), class.clone())),
+                _ => return Err(bad()),
+            },
+            _ if COMPONENT_KEYS.contains(&k.as_str()) => return Err(bad()),
+            _ => continue, // a pipeline option
+        };
+        out.insert(k.clone(), entry);
     }
     Ok(out)
+}
+
+/// The components a pipeline's model_index.json lists and that are present: name → (library,
+/// class).
+pub fn pipeline_components(dir: &Path) -> Result<BTreeMap<String, (String, String)>> {
+    Ok(read_model_index(dir)?.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect())
 }
 
 /// The folder of `component` for a model path that is either a pipeline folder (→ dir/component,
@@ -53,6 +87,9 @@ pub fn component_dir(dir: &Path, component: &str) -> Result<PathBuf> {
         bail!("{}: no such file or folder", dir.display());
     }
     if is_pipeline_folder(dir) {
+        // Every load of a pipeline component passes here: a malformed model_index.json is
+        // refused before any component is read, as diffusers would.
+        read_model_index(dir)?;
         let sub = dir.join(component);
         if !sub.is_dir() {
             bail!("{}: missing component folder '{component}' of the pipeline", sub.display());

@@ -1,0 +1,319 @@
+//! Model configs and model_index.json with values that used to be reinterpreted silently, index
+//! out of bounds, or size allocations by 2^31–2^63: each must end, quickly, with exit 1 and one
+//! error line naming the file and the field (issue 20, items 12 and 15).
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Runs the CLI, expects exit 1, no panic, within `limit` (an allocation of a corrupt size would
+/// take minutes or abort), and an error line containing every one of `needles`.
+fn expect_error(args: &[&str], needles: &[&str]) -> String {
+    let t = Instant::now();
+    let (code, out, err) = run_cli(args, None);
+    let took = t.elapsed();
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    assert_eq!(code, 1, "expected exit 1 for {args:?}; stdout {out}; stderr {err}");
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {err}"));
+    for n in needles {
+        assert!(line.contains(n), "error line lacks {n:?}: {line}");
+    }
+    assert!(took < Duration::from_secs(20), "{args:?} took {took:?} to fail");
+    println!("{args:?}\n  → {line}");
+    line.to_string()
+}
+
+/// Applies `edit` to the JSON object in `path`.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(v.as_object_mut().unwrap());
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// A copy of a fixture component folder with only its config.json (inspect --random-weights
+/// needs no weights), edited by `edit`.
+fn component(dir: &Path, fixture_name: &str, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> PathBuf {
+    let c = dir.join(fixture_name);
+    std::fs::create_dir_all(&c).unwrap();
+    std::fs::copy(fixture(fixture_name).join("config.json"), c.join("config.json")).unwrap();
+    edit_json(&c.join("config.json"), edit);
+    c
+}
+
+fn inspect_random(c: &Path) -> Vec<String> {
+    vec!["inspect".into(), "--random-weights".into(), c.display().to_string()]
+}
+
+fn s(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn sample_args(pipe: &Path, out: &Path) -> Vec<String> {
+    ["sample", "--model", pipe.to_str().unwrap(), "--prompt", "Small right effusion.", "--steps", "1", "--out"]
+        .iter()
+        .map(|x| x.to_string())
+        .chain([out.display().to_string()])
+        .collect()
+}
+
+// ---- item 12: values silently reinterpreted ----
+
+#[test]
+fn unet_sample_size_that_is_not_a_positive_size_is_refused_by_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let cfg = pipe.join("unet/config.json");
+    // -16 used to become the 64-latent default (256 px for this VAE); the others were cut to an
+    // integer, or read as their first entry.
+    for bad in [json!(-16), json!(0), json!(8.5), json!([8]), json!([8, 0]), json!([8, 8, 8]), json!(1u64 << 40)] {
+        edit_json(&cfg, |o| {
+            o.insert("sample_size".into(), bad.clone());
+        });
+        let line = expect_error(&s(&sample_args(&pipe, &dir.path().join("o"))), &["unet/config.json", "sample_size"]);
+        assert!(line.contains(&bad.to_string()), "the value is not shown: {line}");
+    }
+}
+
+#[test]
+fn unet_sample_size_as_height_width_pair_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = component(dir.path(), "unet-a", |o| {
+        o.insert("sample_size".into(), json!([8, 12]));
+    });
+    let (code, out, err) = run_cli(&["inspect", c.to_str().unwrap(), "--json"], None);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let parsed = v["parsed_config"].as_str().unwrap();
+    assert!(parsed.contains("sample_size: Some([8, 12])"), "{parsed}");
+}
+
+#[test]
+fn config_flags_that_are_not_booleans_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // "yes" used to read as false (the default) without a word.
+    let c = component(dir.path(), "unet-a", |o| {
+        o.insert("use_linear_projection".into(), json!("yes"));
+    });
+    expect_error(&s(&inspect_random(&c)), &["config.json", "use_linear_projection", "true or false"]);
+    let c = component(dir.path(), "vae-a", |o| {
+        o.insert("use_quant_conv".into(), json!(0));
+    });
+    expect_error(&s(&inspect_random(&c)), &["config.json", "use_quant_conv"]);
+}
+
+#[test]
+fn config_numbers_beyond_f32_or_negative_eps_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1e308 becomes an infinite f32 epsilon, and every normalised output 0.
+    let c = component(dir.path(), "unet-a", |o| {
+        o.insert("norm_eps".into(), json!(1e308));
+    });
+    expect_error(&s(&inspect_random(&c)), &["config.json", "norm_eps"]);
+    let c = component(dir.path(), "clip-b", |o| {
+        o.insert("layer_norm_eps".into(), json!(-1e-5));
+    });
+    expect_error(&s(&inspect_random(&c)), &["config.json", "layer_norm_eps"]);
+}
+
+/// A pipeline folder whose model_index.json is `text`.
+fn pipe_with_index(dir: &Path, text: &str) -> PathBuf {
+    let pipe = assemble_pipeline("pipe-a", dir);
+    std::fs::write(pipe.join("model_index.json"), text).unwrap();
+    pipe
+}
+
+#[test]
+fn invalid_model_index_is_refused_by_sample_and_inspect() {
+    let index = std::fs::read_to_string(fixture("pipe-a/model_index.json")).unwrap();
+    let with = |k: &str, v: Value| {
+        let mut o: Value = serde_json::from_str(&index).unwrap();
+        o[k] = v;
+        o.to_string()
+    };
+    let cases: Vec<(String, &str)> = vec![
+        ("[\"unet\", \"vae\"]".into(), "expected a JSON object"),
+        ("42".into(), "expected a JSON object"),
+        (with("unet", json!("diffusers")), "\"unet\""),
+        (with("vae", json!(["diffusers"])), "\"vae\""),
+        (with("scheduler", json!(["diffusers", 7])), "\"scheduler\""),
+        (with("text_encoder", json!({"library": "transformers"})), "\"text_encoder\""),
+        (with("_class_name", json!(["StableDiffusionPipeline"])), "\"_class_name\""),
+    ];
+    for (text, needle) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let pipe = pipe_with_index(dir.path(), &text);
+        expect_error(&s(&sample_args(&pipe, &dir.path().join("o"))), &["model_index.json", needle]);
+        expect_error(&["inspect", pipe.to_str().unwrap()], &["model_index.json", needle]);
+    }
+}
+
+#[test]
+fn model_index_options_and_absent_components_are_accepted() {
+    // diffusers writes pipeline options as plain values and removed components as [null, null].
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    edit_json(&pipe.join("model_index.json"), |o| {
+        o.insert("requires_safety_checker".into(), json!(true));
+        o.insert("force_zeros_for_empty_prompt".into(), json!(false));
+        o.insert("safety_checker".into(), json!(null));
+        o.insert("image_encoder".into(), json!([null, null]));
+    });
+    let (code, out, err) = run_cli(&["inspect", pipe.to_str().unwrap(), "--json"], None);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let comps = v["components"].as_object().unwrap();
+    assert!(comps.contains_key("unet") && comps.contains_key("vae"), "{comps:?}");
+    assert!(!comps.contains_key("requires_safety_checker") && !comps.contains_key("image_encoder"), "{comps:?}");
+}
+
+// ---- item 15: unchecked sizes ----
+
+#[test]
+fn empty_unet_block_lists_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // All three empty used to agree (0 = 0 = 0) and then index block_out_channels[0].
+    let c = component(dir.path(), "unet-a", |o| {
+        for k in ["block_out_channels", "down_block_types", "up_block_types"] {
+            o.insert(k.into(), json!([]));
+        }
+    });
+    expect_error(&s(&inspect_random(&c)), &["config.json", "down_block_types"]);
+    let c = component(dir.path(), "vae-a", |o| {
+        for k in ["block_out_channels", "down_block_types", "up_block_types"] {
+            o.insert(k.into(), json!([]));
+        }
+    });
+    expect_error(&s(&inspect_random(&c)), &["config.json", "block_out_channels", "empty"]);
+}
+
+#[test]
+fn unet_block_lists_that_disagree_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = component(dir.path(), "unet-a", |o| {
+        o.insert("block_out_channels".into(), json!([16, 32, 32]));
+    });
+    expect_error(&s(&inspect_random(&c)), &["config.json", "down_block_types", "block_out_channels", "agree"]);
+    let c = component(dir.path(), "unet-a", |o| {
+        o.insert("layers_per_block".into(), json!([1, 1, 1]));
+    });
+    expect_error(&s(&inspect_random(&c)), &["config.json", "layers_per_block", "3 entries for 2 blocks"]);
+}
+
+#[test]
+fn huge_layer_counts_are_refused_before_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    for v in [1u64 << 31, 1 << 63, u64::MAX] {
+        let c = component(dir.path(), "clip-b", |o| {
+            o.insert("num_hidden_layers".into(), json!(v));
+        });
+        expect_error(&s(&inspect_random(&c)), &["config.json", "num_hidden_layers", &v.to_string(), "1 to 1000"]);
+        let c = component(dir.path(), "unet-a", |o| {
+            o.insert("layers_per_block".into(), json!(v));
+        });
+        expect_error(&s(&inspect_random(&c)), &["config.json", "layers_per_block"]);
+        let c = component(dir.path(), "unet-a", |o| {
+            o.insert("transformer_layers_per_block".into(), json!([1, v]));
+        });
+        expect_error(&s(&inspect_random(&c)), &["config.json", "transformer_layers_per_block[1]"]);
+        let c = component(dir.path(), "vae-a", |o| {
+            o.insert("layers_per_block".into(), json!(v));
+        });
+        expect_error(&s(&inspect_random(&c)), &["config.json", "layers_per_block"]);
+    }
+    // Each within its own bound, but together 2 × 1000 × 1000 transformer blocks.
+    let c = component(dir.path(), "unet-a", |o| {
+        o.insert("layers_per_block".into(), json!(1000));
+        o.insert("transformer_layers_per_block".into(), json!(1000));
+    });
+    expect_error(&s(&inspect_random(&c)), &["config.json", "transformer_layers_per_block", "more than 10000"]);
+}
+
+#[test]
+fn huge_or_zero_channel_counts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (fixture_name, field, v) in [
+        ("unet-a", "block_out_channels", json!([16, 1u64 << 40])),
+        ("unet-a", "cross_attention_dim", json!(1u64 << 31)),
+        ("unet-a", "in_channels", json!(0)),
+        ("vae-a", "latent_channels", json!(1u64 << 33)),
+        ("clip-b", "hidden_size", json!(1u64 << 20)),
+        ("clip-b", "vocab_size", json!(1u64 << 40)),
+        ("clip-b", "max_position_embeddings", json!(1u64 << 31)),
+    ] {
+        let c = component(dir.path(), fixture_name, |o| {
+            o.insert(field.into(), v.clone());
+        });
+        expect_error(&s(&inspect_random(&c)), &["config.json", field]);
+    }
+}
+
+#[test]
+fn parameter_count_beyond_the_bound_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every size within its own bound; together 2^24 × 2^16 = 2^40 embedding parameters.
+    let c = component(dir.path(), "clip-b", |o| {
+        o.insert("vocab_size".into(), json!(1 << 24));
+        o.insert("hidden_size".into(), json!(1 << 16));
+        o.insert("num_attention_heads".into(), json!(1 << 4));
+    });
+    expect_error(&s(&inspect_random(&c)), &["config.json", "parameters"]);
+}
+
+#[test]
+fn unet_heads_and_groups_that_do_not_divide_channels_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = component(dir.path(), "unet-a", |o| {
+        o.insert("attention_head_dim".into(), json!([2, 3]));
+    });
+    expect_error(&s(&inspect_random(&c)), &["config.json", "block_out_channels[1]", "attention_head_dim"]);
+    let c = component(dir.path(), "unet-a", |o| {
+        o.insert("norm_num_groups".into(), json!(64));
+    });
+    expect_error(&s(&inspect_random(&c)), &["config.json", "norm_num_groups"]);
+}
+
+#[test]
+fn bert_text_encoder_sizes_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("pipe-bert");
+    copy_dir(&fixture("pipe-bert"), &pipe);
+    edit_json(&pipe.join("text_encoder/config.json"), |o| {
+        o.insert("num_hidden_layers".into(), json!(1u64 << 31));
+    });
+    let out = dir.path().join("e.safetensors");
+    expect_error(
+        &[
+            "encode-text",
+            "--model",
+            pipe.to_str().unwrap(),
+            "--prompt",
+            "No acute process.",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["text_encoder/config.json", "num_hidden_layers"],
+    );
+}
+
+#[test]
+fn real_model_configs_still_load() {
+    // SD v1.4 (bundled) and the reference copy: every component parses and the U-Net keeps its
+    // 859,520,964 parameters through the new checks.
+    for root in [sd14_config(), root().join("../shared/reference-configs/sd-v1-4")] {
+        if !root.is_dir() {
+            continue;
+        }
+        let (code, out, err) = run_cli(&["inspect", root.to_str().unwrap(), "--json"], None);
+        assert_eq!(code, 0, "{}: {err}", root.display());
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let parsed = v["components"]["unet"]["parsed_config"].as_str().unwrap_or_default();
+        assert!(parsed.contains("sample_size: Some([64, 64])"), "{parsed}");
+    }
+    let unet = sd14_config().join("unet");
+    let (code, out, err) = run_cli(&["inspect", "--random-weights", unet.to_str().unwrap(), "--json"], None);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["parameters"].as_u64(), Some(859_520_964));
+}
