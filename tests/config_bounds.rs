@@ -311,9 +311,36 @@ fn real_model_configs_still_load() {
         let parsed = v["components"]["unet"]["parsed_config"].as_str().unwrap_or_default();
         assert!(parsed.contains("sample_size: Some([64, 64])"), "{parsed}");
     }
-    let unet = sd14_config().join("unet");
-    let (code, out, err) = run_cli(&["inspect", "--random-weights", unet.to_str().unwrap(), "--json"], None);
+    // Larger released models than SD v1.4 (their sizes copied from the published configs): SD 2.x's
+    // U-Net, the OpenCLIP ViT-H and ViT-bigG text towers of SD 2.x and SDXL. The parsed sizes must
+    // come back unchanged (a bound that clipped or refused them would be too tight).
+    let dir = tempfile::tempdir().unwrap();
+    let sd2_unet = component(dir.path(), "unet-a", |o| {
+        let sd14: Value =
+            serde_json::from_str(&std::fs::read_to_string(sd14_config().join("unet/config.json")).unwrap()).unwrap();
+        *o = sd14.as_object().unwrap().clone();
+        o.insert("attention_head_dim".into(), json!([5, 10, 20, 20]));
+        o.insert("cross_attention_dim".into(), json!(1024));
+        o.insert("use_linear_projection".into(), json!(true));
+        o.insert("sample_size".into(), json!(96));
+    });
+    let (code, out, err) = run_cli(&["inspect", sd2_unet.to_str().unwrap(), "--json"], None);
     assert_eq!(code, 0, "{err}");
-    let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["parameters"].as_u64(), Some(859_520_964));
+    let parsed: Value = serde_json::from_str(&out).unwrap();
+    let parsed = parsed["parsed_config"].as_str().unwrap().to_string();
+    assert!(parsed.contains("heads: [5, 10, 20, 20]") && parsed.contains("sample_size: Some([96, 96])"), "{parsed}");
+    for (name, hidden, layers, heads, inter) in [("vit-h", 1024, 23, 16, 4096), ("vit-bigg", 1280, 32, 20, 5120)] {
+        let c = dir.path().join(name);
+        std::fs::create_dir_all(&c).unwrap();
+        let cfg = json!({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "gelu",
+            "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "intermediate_size": inter, "vocab_size": 49408, "max_position_embeddings": 77});
+        std::fs::write(c.join("config.json"), cfg.to_string()).unwrap();
+        let (code, out, err) = run_cli(&["inspect", c.to_str().unwrap(), "--json"], None);
+        assert_eq!(code, 0, "{name}: {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let parsed = v["parsed_config"].as_str().unwrap();
+        assert!(parsed.contains(&format!("num_hidden_layers: {layers}")), "{name}: {parsed}");
+        assert!(parsed.contains(&format!("intermediate_size: {inter}")), "{name}: {parsed}");
+    }
 }
