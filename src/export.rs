@@ -41,7 +41,13 @@ pub fn export(src: &Path, dst: &Path, dtype: ExportDtype, ema: bool, overwrite: 
         bail!("--out {}: exists and is not empty (pass --overwrite to replace it)", dst.display());
     }
     // Build in a temporary sibling, then rename: an interrupted export never leaves half a model.
-    let tmp = dst.with_extension("export-tmp");
+    crate::files::clean_leftovers(crate::files::parent_dir(dst), false)?;
+    // What earlier builds left after a kill: this destination's own temporary, under its old name.
+    let legacy = dst.with_extension("export-tmp");
+    if legacy.is_dir() {
+        std::fs::remove_dir_all(&legacy).with_context(|| format!("{}: cannot remove", legacy.display()))?;
+    }
+    let tmp = crate::files::temp_path(dst);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
     }
@@ -78,10 +84,7 @@ pub fn export(src: &Path, dst: &Path, dtype: ExportDtype, ema: bool, overwrite: 
         }
         report.components.push((comp.to_string(), tensors, bytes));
     }
-    if dst.exists() {
-        std::fs::remove_dir_all(dst).with_context(|| format!("{}: cannot replace", dst.display()))?;
-    }
-    std::fs::rename(&tmp, dst).with_context(|| format!("{}: cannot rename into place", dst.display()))?;
+    crate::files::replace_dir(&tmp, dst)?;
     Ok(report)
 }
 

@@ -41,20 +41,18 @@ pub fn write_png(
         }
         (png::ColorType::Rgb, v)
     };
-    let tmp = path.with_extension("png.tmp");
-    let file = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
-    enc.set_color(color);
-    enc.set_depth(png::BitDepth::Eight);
-    for (k, v) in text {
-        enc.add_itxt_chunk(k.to_string(), v.clone())
-            .with_context(|| format!("{}: text chunk '{k}'", path.display()))?;
-    }
-    let mut writer = enc.write_header().with_context(|| format!("{}: cannot write", tmp.display()))?;
-    writer.write_image_data(&data).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    writer.finish().with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+    crate::files::write_atomic(path, |file| {
+        let mut enc = png::Encoder::new(file, w as u32, h as u32);
+        enc.set_color(color);
+        enc.set_depth(png::BitDepth::Eight);
+        for (k, v) in text {
+            enc.add_itxt_chunk(k.to_string(), v.clone()).with_context(|| format!("text chunk '{k}'"))?;
+        }
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(&data)?;
+        writer.finish()?;
+        Ok(())
+    })
 }
 
 /// Reads the 8-bit pixels and the text chunks of a PNG (for tests and `eval`).

@@ -240,10 +240,7 @@ fn write_cache(path: &Path, kind: FeatureKind, key: u64, entries: &[Entry], feat
     ]
     .into();
     let out = safetensors::serialize(vec![("features".to_string(), view)], Some(meta)).map_err(|e| anyhow!("{e}"))?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, out).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+    crate::files::write_bytes_atomic(path, &out)
 }
 
 /// The cache key: a hash of the weights file's bytes (and of the CLIP config, which changes the

@@ -6,12 +6,13 @@ use clap::Args;
 use rayon::prelude::*;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Smallest and largest image side accepted.
 pub const MIN_SIZE: usize = 32;
 pub const MAX_SIZE: usize = 4096;
+/// Most phantoms in one run (each row of the manifest is held in memory until it is written).
+pub const MAX_COUNT: usize = 10_000_000;
 
 #[derive(Args, Debug, Clone)]
 pub struct PhantomArgs {
@@ -107,8 +108,12 @@ pub fn write_phantoms(out: &Path, count: usize, size: usize, seed: u64) -> Resul
     if count == 0 {
         bail!("--count 0: nothing to generate (give at least 1)");
     }
+    if count > MAX_COUNT {
+        bail!("--count {count}: at most {MAX_COUNT} phantoms per run (use several --seed values for more)");
+    }
     check_size(size)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
+    crate::files::clean_leftovers(out, false)?;
     let rows: Vec<Result<(String, Findings)>> = (0..count)
         .into_par_iter()
         .map(|i| {
@@ -134,19 +139,11 @@ pub fn write_phantoms(out: &Path, count: usize, size: usize, seed: u64) -> Resul
         manifest.push('\n');
         summary.add(&f);
     }
-    write_atomic(&out.join("manifest.jsonl"), manifest.as_bytes())?;
+    crate::files::write_bytes_atomic(&out.join("manifest.jsonl"), manifest.as_bytes())?;
     let mut js = serde_json::to_string_pretty(&summary.to_json())?;
     js.push('\n');
-    write_atomic(&out.join("summary.json"), js.as_bytes())?;
+    crate::files::write_bytes_atomic(&out.join("summary.json"), js.as_bytes())?;
     Ok(summary)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    f.write_all(bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
 }
 
 pub fn run_phantom(a: PhantomArgs) -> Result<()> {

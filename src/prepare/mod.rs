@@ -21,7 +21,6 @@ use clap::Subcommand;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 #[derive(Subcommand, Debug)]
@@ -199,29 +198,13 @@ pub fn write_manifest(path: &Path, rows: &[Row]) -> Result<()> {
     write_atomic(path, &buf)
 }
 
-/// Writes `bytes` to a fresh temporary file beside `path`, then renames it over `path`, so a reader
-/// never sees half a file. The temporary name carries the process id and is created exclusively:
-/// an existing file, folder or FIFO of that name is never opened (opening a FIFO to write would
-/// block) or replaced.
+/// Writes `bytes` atomically (`files::write_atomic`: an exclusive temporary beside `path`, synced,
+/// renamed over it), creating the folder first.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
     }
-    let name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?;
-    let tmp = path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .with_context(|| format!("{}: cannot create", tmp.display()))
-        .and_then(|mut f| f.write_all(bytes).with_context(|| format!("{}: cannot write", tmp.display())))
-        .and_then(|_| {
-            std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
-        });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    crate::files::write_bytes_atomic(path, bytes)
 }
 
 /// `--summary PATH`, else `<manifest without extension>.summary.json` next to the manifest.

@@ -152,8 +152,5 @@ pub fn write_atomic(path: &Path, tensors: &[(&str, Vec<usize>, OutTensor)]) -> R
         })
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, None).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+    crate::files::write_bytes_atomic(path, &bytes)
 }
