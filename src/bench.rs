@@ -144,9 +144,15 @@ fn random_values(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| r.next_normal()).collect()
 }
 
+/// Most timed (or warm-up) calls: every time is kept for the statistics.
+pub const MAX_ITERS: usize = 100_000;
+
 pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchReport> {
-    if o.iters == 0 {
-        bail!("--iters must be at least 1");
+    if o.iters == 0 || o.iters > MAX_ITERS || o.warmup > MAX_ITERS {
+        bail!("--iters must be between 1 and {MAX_ITERS} (and --warmup at most {MAX_ITERS})");
+    }
+    if o.batch == 0 || o.batch > 4096 || o.height == 0 || o.width == 0 || o.height > 8192 || o.width > 8192 {
+        bail!("--batch (1 to 4096), --height and --width (1 to 8192 pixels) are out of range");
     }
     let report = |stage: &str,
                   shape: String,

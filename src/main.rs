@@ -6,10 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use roentgen::backend::{self, Backend, Device};
 use roentgen::inspect::{inspect, render_text, InspectOptions};
 use roentgen::models::text::{TextEncoder, TextTokenizer};
-use roentgen::tokenizer::ClipTokenizer;
 use roentgen::weights::{self, safetensors::OutTensor};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
+
+mod cli;
 
 #[derive(Parser)]
 #[command(
@@ -63,10 +64,13 @@ fn open_backend(g: &Global) -> Result<Box<dyn Backend>> {
 #[derive(Subcommand)]
 enum Command {
     /// Tokenize prompts as the text encoder receives them: one JSON line per prompt,
-    /// {"ids": [77 padded ids], "tokens": N (with BOS/EOS, before truncation), "truncated": bool}.
+    /// {"ids": [77 padded ids], "tokens": N (with BOS/EOS, before truncation), "truncated": bool};
+    /// a BERT (WordPiece) tokenizer adds "attention_mask" (1 for [CLS], tokens, [SEP]), which its
+    /// encoder takes.
     Tokenize {
-        /// A pipeline folder (its tokenizer/ is used) or a tokenizer folder
-        /// (vocab.json + merges.txt, or tokenizer.json).
+        /// A pipeline folder (its tokenizer/ is used), a folder holding tokenizer/, or a tokenizer
+        /// folder: CLIP (vocab.json + merges.txt, or tokenizer.json) or BERT (vocab.txt, or a
+        /// WordPiece tokenizer.json).
         #[arg(long)]
         model: PathBuf,
         /// Prompts, one per line (default: standard input, unless --prompt is given).
@@ -120,7 +124,7 @@ enum Command {
     /// Defaults are the RoentGen paper's: 75 steps, guidance 4, 512×512, and the pipeline's scheduler
     /// (PNDM for SD v1.4). The same --seed gives the same initial noise as diffusers with
     /// `generator=torch.Generator().manual_seed(seed)`.
-    Sample(SampleArgs),
+    Sample(cli::sample::SampleArgs),
     /// Fine-tune a pipeline on image/report pairs as RoentGen: U-Net and CLIP text encoder jointly,
     /// VAE frozen, MSE on the noise, AdamW (lr 5e-5). Writes OUTPUT/checkpoint-N pipeline folders
     /// (loadable by `roentgen sample` and diffusers) and OUTPUT/train_log.jsonl.
@@ -210,82 +214,6 @@ enum Command {
 }
 
 #[derive(Args)]
-struct SampleArgs {
-    /// A pipeline folder: model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/.
-    /// Without it, the bundled phantom demo model (weights/phantom-demo) is used: a small model
-    /// trained by roentgen on synthetic phantoms, not a medical model.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// A prompt (repeatable).
-    #[arg(long)]
-    prompt: Vec<String>,
-    /// A file of prompts, one per line (blank lines skipped).
-    #[arg(long)]
-    prompts: Option<PathBuf>,
-    /// The negative prompt, used for every prompt (default: the empty, unconditional prompt).
-    #[arg(long)]
-    negative_prompt: Option<String>,
-    /// Images per prompt.
-    #[arg(long, default_value_t = 1)]
-    num_images: usize,
-    /// Images per U-Net call (guidance doubles the call's batch); bounds memory, not results.
-    #[arg(long, default_value_t = 1)]
-    batch_size: usize,
-    /// Seed of the torch-compatible generator (default: drawn from the clock and reported).
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Which of torch's CPU normal kernels to reproduce: native (what torch uses on this CPU),
-    /// avx2 (x86 with AVX2/AVX-512) or default (scalar: forced or non-x86).
-    #[arg(long, default_value = "native")]
-    rng: String,
-    /// Image height in pixels, a multiple of the VAE's scale factor (default: the U-Net config's
-    /// sample_size × that factor, as diffusers: 512 for SD v1.4, 64 for the phantom demo).
-    #[arg(long)]
-    height: Option<usize>,
-    /// Image width in pixels (default as --height).
-    #[arg(long)]
-    width: Option<usize>,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 75)]
-    steps: usize,
-    /// Classifier-free guidance scale (≤ 1 turns guidance off).
-    #[arg(long, default_value_t = 4.0)]
-    guidance: f32,
-    /// pndm, ddim, euler, euler-a or dpm++2m (default: the pipeline's scheduler_config.json).
-    #[arg(long)]
-    scheduler: Option<String>,
-    /// Karras sigmas (euler and dpm++2m).
-    #[arg(long)]
-    karras_sigmas: bool,
-    /// Override the scheduler's timestep_spacing: leading, trailing or linspace.
-    #[arg(long)]
-    timestep_spacing: Option<String>,
-    /// Initial noise from a safetensors file (tensor `latents`, [N, C, H/8, W/8]) instead of the seed,
-    /// as diffusers' `latents=` argument.
-    #[arg(long)]
-    latents_in: Option<PathBuf>,
-    /// Also write a safetensors file with `image` ([N, 3, H, W] in [0, 1], as diffusers'
-    /// output_type="pt"), the final `latents` and the `prompt_embeds`.
-    #[arg(long)]
-    dump: Option<PathBuf>,
-    /// Output: a .png file (numbered when several images) or a folder.
-    #[arg(long, default_value = "samples")]
-    out: PathBuf,
-    /// Write single-channel luminance PNGs (a chest X-ray is gray).
-    #[arg(long)]
-    gray: bool,
-    /// Weight file variant, e.g. fp16.
-    #[arg(long)]
-    variant: Option<String>,
-    /// Use the U-Net's EMA weights (unet_ema/, written by `roentgen train --ema`).
-    #[arg(long)]
-    ema: bool,
-    /// Print a JSON summary (files, timings) on stdout.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
 struct OptimArgs {
     /// Learning rate (the paper's 5e-5).
     #[arg(long, default_value_t = 5e-5)]
@@ -315,19 +243,44 @@ impl OptimArgs {
         &self,
         grad_accum: usize,
         schedule: roentgen::train::schedule::LrSchedule,
-    ) -> roentgen::train::OptimOptions {
-        roentgen::train::OptimOptions {
+    ) -> Result<roentgen::train::OptimOptions> {
+        let o = roentgen::train::OptimOptions {
             lr: self.lr,
             beta1: self.adam_beta1,
             beta2: self.adam_beta2,
             eps: self.adam_eps,
             weight_decay: self.weight_decay,
-            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            max_grad_norm: grad_clip(self.max_grad_norm)?,
             train_text_encoder: self.train_text_encoder,
             grad_accum,
             schedule,
-        }
+        };
+        o.validate()?;
+        Ok(o)
     }
+}
+
+/// `--max-grad-norm`: 0 turns clipping off; a negative or NaN value is an error, not "off".
+fn grad_clip(v: f32) -> Result<Option<f32>> {
+    roentgen::train::check_non_negative("--max-grad-norm", v)?;
+    Ok((v > 0.0).then_some(v))
+}
+
+/// What keeps a long training run's output folder safe; shared by `train` and `train-vae`.
+#[derive(Args)]
+struct LongRunArgs {
+    /// Keep only the newest N checkpoints, removing older ones after each new one is written
+    /// (diffusers' --checkpoints_total_limit; default: keep all).
+    #[arg(long)]
+    checkpoints_total_limit: Option<usize>,
+    /// With --resume: continue even if the seed, learning rate, batch or other settings differ
+    /// from those the checkpoint recorded (otherwise the run is refused with the differences).
+    #[arg(long)]
+    allow_changed_settings: bool,
+    /// Decode every image of the manifest before training (not only its header), so a corrupt
+    /// file is found at the start instead of when it is first drawn.
+    #[arg(long)]
+    verify_images: bool,
 }
 
 #[derive(Args)]
@@ -411,6 +364,8 @@ struct TrainArgs {
     freeze_text_encoder: bool,
     #[command(flatten)]
     optim: OptimArgs,
+    #[command(flatten)]
+    long_run: LongRunArgs,
 }
 
 #[derive(Args)]
@@ -453,6 +408,8 @@ struct TrainVaeArgs {
     overwrite: bool,
     #[arg(long, default_value = "fail")]
     on_bad_image: roentgen::train::data::OnBadImage,
+    #[command(flatten)]
+    long_run: LongRunArgs,
 }
 
 #[derive(Args)]
@@ -486,8 +443,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.global.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
+        // More threads than a few per core only costs: creating 100,000 took minutes.
+        let most = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).max(1) * 8;
+        if n == 0 || n > most {
+            bail!("--threads {n}: must be between 1 and {most} (8 per core of this machine)");
         }
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
     }
@@ -496,9 +455,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::CudaInfo { json } => {
             let info = backend::info::cuda_info();
             if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
+                cli::print_stdout(&serde_json::to_string_pretty(&info)?)?;
             } else {
-                println!("{}", info.render());
+                cli::print_stdout(&info.render())?;
             }
             if !info.cuda_build {
                 std::process::exit(1);
@@ -510,9 +469,9 @@ fn run(cli: Cli) -> Result<()> {
             let opts = InspectOptions { variant: variant.as_deref(), random_weights, tensors: !summary };
             let v = inspect(b.as_mut(), &path, &opts)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                cli::print_stdout(&serde_json::to_string_pretty(&v)?)?;
             } else {
-                print!("{}", render_text(&v));
+                cli::print_stdout(render_text(&v).trim_end_matches('\n'))?;
             }
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
@@ -527,7 +486,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Sample(args) => {
             let mut b = open_backend(&cli.global)?;
-            sample(b.as_mut(), args)?;
+            cli::sample::sample(b.as_mut(), args)?;
             report_pools(b.as_ref(), cli.global.verbose);
             Ok(())
         }
@@ -547,7 +506,7 @@ fn run(cli: Cli) -> Result<()> {
                 batch_size: a.batch_size,
                 steps: a.steps,
                 seed: a.seed,
-                optim: a.optim.options(a.grad_accum, schedule),
+                optim: a.optim.options(a.grad_accum, schedule)?,
                 unet_init_random,
                 checkpoint_every: a.checkpoint_every,
                 resume: a.resume,
@@ -564,6 +523,9 @@ fn run(cli: Cli) -> Result<()> {
                     other => bail!("--text-encoder-init '{other}': expected pretrained or random"),
                 },
                 uncond_prob: a.uncond_prob,
+                checkpoints_total_limit: a.long_run.checkpoints_total_limit,
+                allow_changed_settings: a.long_run.allow_changed_settings,
+                verify_images: a.long_run.verify_images,
             };
             let mut cfg = cfg;
             if a.freeze_text_encoder {
@@ -596,7 +558,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::TrainStep(a) => {
             let mut b = open_backend(&cli.global)?;
-            let opts = a.optim.options(1, roentgen::train::schedule::LrSchedule::Constant);
+            let opts = a.optim.options(1, roentgen::train::schedule::LrSchedule::Constant)?;
             let s = roentgen::train::run::train_step(
                 b.as_mut(),
                 &a.model,
@@ -625,7 +587,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed: a.seed,
                 optim: roentgen::train::OptimOptions {
                     lr: a.lr,
-                    max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+                    max_grad_norm: grad_clip(a.max_grad_norm)?,
                     ..Default::default()
                 },
                 kl_weight: a.kl_weight,
@@ -634,6 +596,9 @@ fn run(cli: Cli) -> Result<()> {
                 resume: a.resume,
                 overwrite: a.overwrite,
                 on_bad_image: a.on_bad_image,
+                verify_images: a.long_run.verify_images,
+                checkpoints_total_limit: a.long_run.checkpoints_total_limit,
+                allow_changed_settings: a.long_run.allow_changed_settings,
             };
             let bar = indicatif::ProgressBar::new(a.steps as u64);
             let mut log = |s: &roentgen::train::vae::VaeStats| {
@@ -686,219 +651,6 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The PNG paths for `n` images: a file name for one image, numbered names for several, or files
-/// in a folder.
-fn output_paths(out: &Path, n: usize, seed: u64) -> Result<Vec<PathBuf>> {
-    let is_file = out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
-    let paths: Vec<PathBuf> = if is_file {
-        if n == 1 {
-            vec![out.to_path_buf()]
-        } else {
-            let stem = out.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-            (0..n).map(|i| out.with_file_name(format!("{stem}-{i}.png"))).collect()
-        }
-    } else {
-        std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
-        (0..n).map(|i| out.join(format!("{seed}-{i:04}.png"))).collect()
-    };
-    // Fail before the long run, not after it.
-    let dir = paths[0].parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let probe = dir.join(format!(".roentgen-write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| format!("{}: the output folder is not writable", dir.display()))?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(paths)
-}
-
-/// The bundled demo pipeline: weights/phantom-demo next to the binary's source tree, or under the
-/// current folder.
-fn demo_model() -> Result<PathBuf> {
-    let candidates =
-        [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/phantom-demo"), PathBuf::from("weights/phantom-demo")];
-    candidates.iter().find(|p| p.join("model_index.json").is_file()).cloned().with_context(|| {
-        format!(
-            "no --model given and the bundled demo model is not at {} (a checkout of roentgen has it); \
-             pass --model DIR with a diffusers pipeline folder",
-            candidates[0].display()
-        )
-    })
-}
-
-/// diffusers' default image size: the U-Net config's sample_size × the VAE's scale factor.
-fn default_image_size(pipe: &roentgen::pipeline::Pipeline) -> usize {
-    let f = pipe.vae.config.scale_factor();
-    std::fs::read_to_string(pipe.dir.join("unet").join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("sample_size").and_then(|s| s.as_u64().or_else(|| s.get(0).and_then(|x| x.as_u64()))))
-        .map(|s| s as usize * f)
-        .unwrap_or(64 * f)
-}
-
-fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
-    use roentgen::pipeline::{read_latents, Pipeline, SampleRequest};
-    use roentgen::schedulers::{SchedulerKind, SchedulerOptions};
-    use roentgen::torch_rng::NormalVariant;
-    let mut prompts = a.prompt.clone();
-    if let Some(f) = &a.prompts {
-        let text = std::fs::read_to_string(f).with_context(|| format!("{}: cannot read", f.display()))?;
-        prompts
-            .extend(text.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty()).map(String::from));
-    }
-    if prompts.is_empty() {
-        bail!("no prompt given: use --prompt TEXT (repeatable) or --prompts FILE");
-    }
-    let rng_variant = match a.rng.as_str() {
-        "native" => NormalVariant::native(),
-        other => other.parse::<NormalVariant>().map_err(|e| anyhow::anyhow!("--rng: {e}"))?,
-    };
-    let scheduler = match &a.scheduler {
-        Some(s) => Some(s.parse::<SchedulerKind>().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
-        None => None,
-    };
-    let seed = a.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-            % 1_000_000_007
-    });
-    let latents_in = match &a.latents_in {
-        Some(p) => Some(read_latents(p)?),
-        None => None,
-    };
-    let model = match &a.model {
-        Some(m) => m.clone(),
-        None => {
-            let demo = demo_model()?;
-            eprintln!(
-                "note: no --model given, so this samples the bundled phantom demo ({}): a small model that \
-                 roentgen trained on synthetic chest phantoms, not a medical model. For real chest X-rays use \
-                 --model with a Stable Diffusion v1.x / RoentGen pipeline folder (see weights/README.md).",
-                demo.display()
-            );
-            demo
-        }
-    };
-    let t_load = std::time::Instant::now();
-    let pipe = Pipeline::load_with_unet(b, &model, a.variant.as_deref(), if a.ema { "unet_ema" } else { "unet" })?;
-    let load_s = t_load.elapsed().as_secs_f64();
-    let default_px = default_image_size(&pipe);
-    let (height, width) = (a.height.unwrap_or(default_px), a.width.unwrap_or(default_px));
-    let req = SampleRequest {
-        prompts: prompts.clone(),
-        negative_prompt: a.negative_prompt.clone(),
-        num_images_per_prompt: a.num_images,
-        batch_size: a.batch_size,
-        seed,
-        rng_variant,
-        height,
-        width,
-        steps: a.steps,
-        guidance: a.guidance,
-        scheduler,
-        scheduler_options: SchedulerOptions {
-            karras_sigmas: a.karras_sigmas.then_some(true),
-            timestep_spacing: a.timestep_spacing.clone(),
-            ..Default::default()
-        },
-        latents_in: None,
-    };
-    let req = match latents_in {
-        Some((shape, v)) => {
-            let want = pipe.latent_shape(&req);
-            if shape != want {
-                bail!(
-                    "{}: tensor 'latents' has shape {shape:?}; this run needs {want:?} ({} prompt(s) × {} image(s), {} latent channels, {}×{} px / {})",
-                    a.latents_in.as_ref().unwrap().display(),
-                    prompts.len(),
-                    a.num_images,
-                    want[1],
-                    height,
-                    width,
-                    pipe.vae_scale_factor()
-                );
-            }
-            SampleRequest { latents_in: Some(v), ..req }
-        }
-        None => req,
-    };
-    pipe.validate(&req)?;
-    let n = prompts.len() * a.num_images;
-    let paths = output_paths(&a.out, n, seed)?;
-    eprintln!(
-        "sampling {n} image(s) of {}×{} from {} on {}: seed {seed}, {} steps, guidance {}",
-        width,
-        height,
-        model.display(),
-        b.name(),
-        a.steps,
-        a.guidance
-    );
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} U-Net calls [{elapsed_precise} < {eta_precise}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let mut progress = |done: usize, total: usize| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    };
-    let mut warn = |m: String| bar.suspend(|| eprintln!("warning: {m}"));
-    let out = pipe.generate(b, &req, &mut progress, &mut warn)?;
-    bar.finish_and_clear();
-
-    let [_, _, lh, lw] = out.latent_shape;
-    let f = pipe.vae_scale_factor();
-    let (h, w, c) = (lh * f, lw * f, pipe.vae.config.out_channels);
-    let sched_name = out.scheduler.cli_name().to_string();
-    for (i, path) in paths.iter().enumerate() {
-        let prompt = &prompts[i / a.num_images];
-        let text = [
-            ("prompt", prompt.clone()),
-            ("negative_prompt", a.negative_prompt.clone().unwrap_or_default()),
-            ("seed", seed.to_string()),
-            ("image_index", i.to_string()),
-            ("steps", a.steps.to_string()),
-            ("guidance", a.guidance.to_string()),
-            ("scheduler", sched_name.clone()),
-            ("model", model.display().to_string()),
-            ("software", format!("roentgen {}", env!("CARGO_PKG_VERSION"))),
-        ];
-        let img = &out.images[i * c * h * w..(i + 1) * c * h * w];
-        roentgen::images::write_png(path, img, c, h, w, a.gray, &text)?;
-    }
-    if let Some(d) = &a.dump {
-        let [pn, ps, pd] = out.prompt_embeds_shape;
-        roentgen::weights::safetensors::write_atomic(
-            d,
-            &[
-                ("image", vec![n, c, h, w], OutTensor::F32(&out.images)),
-                ("latents", out.latent_shape.to_vec(), OutTensor::F32(&out.latents)),
-                ("prompt_embeds", vec![pn, ps, pd], OutTensor::F32(&out.prompt_embeds)),
-            ],
-        )?;
-    }
-    let t = &out.timings;
-    eprintln!(
-        "wrote {n} image(s) to {}: load {load_s:.2} s, text encoding {:.2} s, denoising {:.2} s ({:.3} s per step, {} U-Net calls), VAE decode {:.2} s",
-        if paths.len() == 1 { paths[0].display().to_string() } else { a.out.display().to_string() },
-        t.text_encoding_s,
-        t.denoising_s,
-        t.per_step_s,
-        t.unet_calls,
-        t.vae_decode_s
-    );
-    if a.json {
-        let summary = serde_json::json!({
-            "files": paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-            "seed": seed, "scheduler": sched_name, "steps": a.steps, "guidance": a.guidance,
-            "height": h, "width": w, "timings": { "load_s": load_s, "text_encoding_s": t.text_encoding_s,
-            "denoising_s": t.denoising_s, "per_step_s": t.per_step_s, "vae_decode_s": t.vae_decode_s, "unet_calls": t.unet_calls,
-            "graph_replays": t.graph_replays },
-            "dump": a.dump.as_ref().map(|d| d.display().to_string()),
-        });
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    }
-    Ok(())
-}
-
 #[allow(clippy::too_many_arguments)]
 fn bench(
     b: &mut dyn Backend,
@@ -906,14 +658,11 @@ fn bench(
     opts: roentgen::bench::BenchOptions,
     json: bool,
 ) -> Result<()> {
-    if opts.batch == 0 || opts.height == 0 || opts.width == 0 {
-        bail!("--batch, --height and --width must be positive");
-    }
     let r = roentgen::bench::run(b, stage, &opts)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        cli::print_stdout(&serde_json::to_string_pretty(&r)?)?;
     } else {
-        println!("{}", r.render());
+        cli::print_stdout(&r.render())?;
     }
     Ok(())
 }
@@ -926,23 +675,32 @@ fn report_pools(b: &dyn Backend, verbose: bool) {
     }
 }
 
-fn warn_truncated(tok: &ClipTokenizer, line: usize, enc: &roentgen::tokenizer::Encoding) {
-    if enc.truncated {
+fn warn_truncated(max_length: usize, line: usize, tokens: usize, truncated: bool) {
+    if truncated {
         eprintln!(
-            "warning: prompt {line} has {} tokens; truncated to {} as the reference tokenizer does",
-            enc.tokens, tok.max_length
+            "warning: prompt {line} has {tokens} tokens; truncated to {max_length} as the reference tokenizer does"
         );
     }
 }
 
 fn tokenize(model: &Path, input: Option<&Path>, prompts: &[String]) -> Result<()> {
-    let tok = ClipTokenizer::from_dir(model)?;
+    // CLIP BPE or WordPiece, decided by the tokenizer's files: BERT pipelines tokenize too.
+    let tok = TextTokenizer::from_dir(model)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut emit = |n: usize, text: &str| -> Result<()> {
         let enc = tok.encode(text);
-        warn_truncated(&tok, n, &enc);
-        serde_json::to_writer(&mut out, &enc)?;
+        warn_truncated(tok.max_length(), n, enc.tokens, enc.truncated);
+        // CLIP as Stable Diffusion runs it takes no mask, so its lines keep the three fields.
+        let line = match &tok {
+            TextTokenizer::Clip(_) => {
+                serde_json::json!({"ids": enc.ids, "tokens": enc.tokens, "truncated": enc.truncated})
+            }
+            TextTokenizer::WordPiece(_) => serde_json::json!({
+                "ids": enc.ids, "attention_mask": enc.mask, "tokens": enc.tokens, "truncated": enc.truncated,
+            }),
+        };
+        serde_json::to_writer(&mut out, &line)?;
         out.write_all(b"\n")?;
         Ok(())
     };

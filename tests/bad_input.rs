@@ -2,21 +2,9 @@
 //! exit, and never a panic.
 
 mod common;
+use common::expect_cli_error as expect_error;
 use common::*;
 use std::path::{Path, PathBuf};
-
-/// Runs the CLI, expects failure with exit code 1 and an error line containing every `needles`.
-fn expect_error(args: &[&str], needles: &[&str]) -> String {
-    let (code, out, err) = run_cli(args, None);
-    assert_eq!(code, 1, "expected exit 1 for {args:?}; stdout {out}; stderr {err}");
-    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
-    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {err}"));
-    for n in needles {
-        assert!(line.contains(n), "error line lacks {n:?}: {line}");
-    }
-    println!("{args:?}\n  → {line}");
-    line.to_string()
-}
 
 /// A pipeline folder holding a copy of clip-b as its text encoder and the SD v1.4 tokenizer.
 fn pipeline(dir: &Path) -> PathBuf {
@@ -173,7 +161,7 @@ fn unknown_hidden_act_names_the_field() {
     std::fs::write(&cfg, text).unwrap();
     expect_error(&s(&encode(&pipe, dir.path())), &["config.json", "hidden_act", "relu6"]);
     std::fs::write(&cfg, "{\"hidden_size\": \"wide\"}").unwrap();
-    expect_error(&s(&encode(&pipe, dir.path())), &["config.json", "hidden_size", "positive integer"]);
+    expect_error(&s(&encode(&pipe, dir.path())), &["config.json", "hidden_size", "expected an integer"]);
     std::fs::write(&cfg, "{not json").unwrap();
     expect_error(&s(&encode(&pipe, dir.path())), &["config.json", "invalid JSON"]);
 }

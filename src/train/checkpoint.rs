@@ -5,6 +5,7 @@
 //! so an interrupted write never damages an existing checkpoint.
 
 use crate::backend::Backend;
+use crate::files;
 use crate::tensor::{Layout, Tensor};
 use crate::weights::safetensors::{write_atomic, OutTensor};
 use anyhow::{bail, Context, Result};
@@ -118,65 +119,41 @@ pub struct CheckpointContents<'a> {
 }
 
 /// Writes a checkpoint to `dest` atomically (replacing an existing one only once the new one is
-/// complete).
+/// complete and synced).
 pub fn save(b: &dyn Backend, dest: &Path, c: &CheckpointContents) -> Result<()> {
-    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
-    let name = dest.file_name().context("checkpoint path has no name")?.to_string_lossy().into_owned();
-    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove a stale temporary", tmp.display()))?;
-    }
-    // Untouched components (and model_index.json) from the source; trained ones written fresh.
-    let trained = |p: &Path| -> bool {
-        let top = p
-            .strip_prefix(c.source)
-            .ok()
-            .and_then(|r| r.components().next())
-            .map(|c| c.as_os_str().to_string_lossy().into_owned());
-        let is_weights = p.extension().is_some_and(|e| e == "safetensors" || e == "bin")
-            || p.to_string_lossy().ends_with(".index.json");
-        matches!(top.as_deref(), Some("unet" | "text_encoder")) && is_weights
-            || top.as_deref() == Some("unet_ema")
-            || top
-                .as_deref()
-                .is_some_and(|t| t.starts_with("checkpoint-") || t == "training_state" || t.starts_with(".tmp-"))
-    };
-    copy_tree(c.source, &tmp, &trained)?;
-    save_table(b, c.unet, &tmp.join("unet/diffusion_pytorch_model.safetensors"))?;
-    save_table(b, c.text_encoder, &tmp.join("text_encoder/model.safetensors"))?;
-    std::fs::write(tmp.join("unet/config.json"), serde_json::to_string_pretty(c.unet_config)? + "\n")?;
-    if let Some(src) = c.text_source {
-        replace_text_components(src, &tmp)?;
-    }
-    for comp in ["unet", "text_encoder"] {
-        mark_f32(&tmp.join(comp).join("config.json"))?;
-    }
-    if let Some(ema) = c.unet_ema {
-        std::fs::create_dir_all(tmp.join("unet_ema"))?;
-        std::fs::copy(tmp.join("unet/config.json"), tmp.join("unet_ema/config.json"))?;
-        save_table(b, ema, &tmp.join("unet_ema/diffusion_pytorch_model.safetensors"))?;
-    }
-    let st = tmp.join("training_state");
-    std::fs::create_dir_all(&st)?;
-    let mut moments = Vec::new();
-    for (name, m, v) in &c.optimizer {
-        moments.push((format!("{name}.exp_avg"), b.download(m)?));
-        moments.push((format!("{name}.exp_avg_sq"), b.download(v)?));
-    }
-    let refs: Vec<(&str, Vec<usize>, OutTensor)> =
-        moments.iter().map(|(n, v)| (n.as_str(), vec![v.len()], OutTensor::F32(v))).collect();
-    write_atomic(&st.join("optimizer.safetensors"), &refs)?;
-    std::fs::write(st.join("trainer.json"), serde_json::to_string_pretty(&c.state)?)?;
-    if dest.exists() {
-        let old = parent.join(format!(".old-{name}-{}", std::process::id()));
-        std::fs::rename(dest, &old).with_context(|| format!("{}: cannot move aside", dest.display()))?;
-        std::fs::rename(&tmp, dest).with_context(|| format!("{}: cannot rename into place", dest.display()))?;
-        std::fs::remove_dir_all(&old).ok();
-    } else {
-        std::fs::rename(&tmp, dest).with_context(|| format!("{}: cannot rename into place", dest.display()))?;
-    }
-    Ok(())
+    write_folder(dest, |tmp| {
+        // The pipeline's own files only: model_index.json and the component folders it lists
+        // (anything else in the source's root, another run's checkpoints or a stray 30 MB file,
+        // is not part of the model). Trained weights are written fresh.
+        std::fs::copy(c.source.join("model_index.json"), tmp.join("model_index.json"))
+            .with_context(|| format!("{}: cannot copy model_index.json", c.source.display()))?;
+        let trained_weights = |p: &Path| -> bool {
+            p.extension().is_some_and(|e| e == "safetensors" || e == "bin") || p.to_string_lossy().ends_with(".index.json")
+        };
+        for comp in crate::weights::pipeline_components(c.source)?.keys() {
+            let from = c.source.join(comp);
+            if !from.is_dir() {
+                continue;
+            }
+            let is_trained = comp == "unet" || comp == "text_encoder";
+            copy_tree(&from, &tmp.join(comp), &|p: &Path| is_trained && trained_weights(p))?;
+        }
+        save_table(b, c.unet, &tmp.join("unet/diffusion_pytorch_model.safetensors"))?;
+        save_table(b, c.text_encoder, &tmp.join("text_encoder/model.safetensors"))?;
+        std::fs::write(tmp.join("unet/config.json"), serde_json::to_string_pretty(c.unet_config)? + "\n")?;
+        if let Some(src) = c.text_source {
+            replace_text_components(src, tmp)?;
+        }
+        for comp in ["unet", "text_encoder"] {
+            mark_f32(&tmp.join(comp).join("config.json"))?;
+        }
+        if let Some(ema) = c.unet_ema {
+            std::fs::create_dir_all(tmp.join("unet_ema"))?;
+            std::fs::copy(tmp.join("unet/config.json"), tmp.join("unet_ema/config.json"))?;
+            save_table(b, ema, &tmp.join("unet_ema/diffusion_pytorch_model.safetensors"))?;
+        }
+        save_training_state(b, tmp, &c.optimizer, &c.state)
+    })
 }
 
 /// Writes a single-component checkpoint (the VAE of `train-vae`): `config.json`, the weights as
@@ -190,42 +167,59 @@ pub fn save_component(
     optimizer: &[(&str, Tensor, Tensor)],
     state: &serde_json::Value,
 ) -> Result<()> {
-    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = dest.file_name().context("checkpoint path has no name")?.to_string_lossy().into_owned();
-    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    write_folder(dest, |tmp| {
+        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)? + "\n")?;
+        mark_f32(&tmp.join("config.json"))?;
+        save_table(b, table, &tmp.join("diffusion_pytorch_model.safetensors"))?;
+        save_training_state(b, tmp, optimizer, state)
+    })
+}
+
+/// Builds a checkpoint folder in a temporary beside `dest` with `fill`, then moves it into place
+/// (`files::replace_dir`: synced, an existing checkpoint replaced only once the new one is whole).
+/// A failed write removes its temporary, so a full disk leaves nothing behind.
+fn write_folder(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = files::parent_dir(dest);
+    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+    let tmp = files::temp_path(dest);
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove a stale temporary", tmp.display()))?;
     }
-    std::fs::create_dir_all(tmp.join("training_state")).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(config)? + "\n")?;
-    mark_f32(&tmp.join("config.json"))?;
-    save_table(b, table, &tmp.join("diffusion_pytorch_model.safetensors"))?;
-    let mut moments = Vec::new();
-    for (n, m, v) in optimizer {
-        moments.push((format!("{n}.exp_avg"), b.download(m)?));
-        moments.push((format!("{n}.exp_avg_sq"), b.download(v)?));
-    }
-    let refs: Vec<(&str, Vec<usize>, OutTensor)> =
-        moments.iter().map(|(n, v)| (n.as_str(), vec![v.len()], OutTensor::F32(v))).collect();
-    write_atomic(&tmp.join("training_state/optimizer.safetensors"), &refs)?;
-    std::fs::write(tmp.join("training_state/trainer.json"), serde_json::to_string_pretty(state)?)?;
-    if dest.exists() {
-        let old = parent.join(format!(".old-{name}-{}", std::process::id()));
-        std::fs::rename(dest, &old)?;
-        std::fs::rename(&tmp, dest)?;
-        std::fs::remove_dir_all(&old).ok();
-    } else {
-        std::fs::rename(&tmp, dest).with_context(|| format!("{}: cannot rename into place", dest.display()))?;
+    let r = std::fs::create_dir_all(&tmp)
+        .with_context(|| format!("{}: cannot create", tmp.display()))
+        .and_then(|_| fill(&tmp))
+        .and_then(|_| files::replace_dir(&tmp, dest));
+    if let Err(e) = r {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("{}: the checkpoint was not written", dest.display())));
     }
     Ok(())
 }
 
-/// The newest `checkpoint-N` folder under `dir` (or `dir` itself when it is a checkpoint).
-pub fn latest(dir: &Path) -> Result<PathBuf> {
-    if dir.join("training_state/trainer.json").is_file() {
-        return Ok(dir.to_path_buf());
+/// `training_state/`: the AdamW moments (one pair per optimised model, whole pools) and trainer.json.
+fn save_training_state<N: AsRef<str>>(
+    b: &dyn Backend,
+    dir: &Path,
+    optimizer: &[(N, Tensor, Tensor)],
+    state: &serde_json::Value,
+) -> Result<()> {
+    let st = dir.join("training_state");
+    std::fs::create_dir_all(&st)?;
+    let mut moments = Vec::new();
+    for (name, m, v) in optimizer {
+        moments.push((format!("{}.exp_avg", name.as_ref()), b.download(m)?));
+        moments.push((format!("{}.exp_avg_sq", name.as_ref()), b.download(v)?));
     }
-    let mut best: Option<(usize, PathBuf)> = None;
+    let refs: Vec<(&str, Vec<usize>, OutTensor)> =
+        moments.iter().map(|(n, v)| (n.as_str(), vec![v.len()], OutTensor::F32(v))).collect();
+    write_atomic(&st.join("optimizer.safetensors"), &refs)?;
+    std::fs::write(st.join("trainer.json"), serde_json::to_string_pretty(state)?)?;
+    Ok(())
+}
+
+/// The `checkpoint-N` folders under `dir` that hold a training state, oldest (lowest N) first.
+pub fn list(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut out = Vec::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))? {
         let p = e?.path();
         let n = p
@@ -234,12 +228,35 @@ pub fn latest(dir: &Path) -> Result<PathBuf> {
             .and_then(|n| n.strip_prefix("checkpoint-"))
             .and_then(|n| n.parse::<usize>().ok());
         if let Some(n) = n {
-            if p.join("training_state/trainer.json").is_file() && best.as_ref().is_none_or(|(b, _)| n > *b) {
-                best = Some((n, p));
+            if p.join("training_state/trainer.json").is_file() {
+                out.push((n, p));
             }
         }
     }
-    match best {
+    out.sort();
+    Ok(out)
+}
+
+/// Keeps the newest `limit` checkpoints in `dir` (diffusers' --checkpoints_total_limit), removing
+/// the oldest; called after a checkpoint was written, so the newest is never at risk. Returns what
+/// was removed.
+pub fn prune(dir: &Path, limit: usize) -> Result<Vec<PathBuf>> {
+    let all = list(dir)?;
+    let excess = all.len().saturating_sub(limit.max(1));
+    let mut removed = Vec::new();
+    for (_, p) in all.into_iter().take(excess) {
+        std::fs::remove_dir_all(&p).with_context(|| format!("{}: cannot remove an old checkpoint", p.display()))?;
+        removed.push(p);
+    }
+    Ok(removed)
+}
+
+/// The newest `checkpoint-N` folder under `dir` (or `dir` itself when it is a checkpoint).
+pub fn latest(dir: &Path) -> Result<PathBuf> {
+    if dir.join("training_state/trainer.json").is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    match list(dir)?.pop() {
         Some((_, p)) => Ok(p),
         None => bail!("{}: no checkpoint-N folder with training_state/ to resume from", dir.display()),
     }

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod job;
 pub mod run;
 pub mod schedule;
 pub mod vae;
@@ -42,6 +43,47 @@ pub struct OptimOptions {
     pub train_text_encoder: bool,
     pub grad_accum: usize,
     pub schedule: LrSchedule,
+}
+
+impl OptimOptions {
+    /// Refuses settings that would train the wrong way or turn the weights into NaN after a step
+    /// (a negative or NaN learning rate, β outside [0, 1), ε ≤ 0, ...), naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        check_positive("--lr", self.lr)?;
+        for (flag, beta) in [("--adam-beta1", self.beta1), ("--adam-beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                bail!("{flag} {beta}: must be in [0, 1)");
+            }
+        }
+        check_positive("--adam-eps", self.eps)?;
+        check_non_negative("--weight-decay", self.weight_decay)?;
+        if let Some(m) = self.max_grad_norm {
+            check_positive("--max-grad-norm", m)?;
+        }
+        if self.grad_accum == 0 || self.grad_accum > MAX_MICRO_BATCHES {
+            bail!("--grad-accum {}: must be between 1 and {MAX_MICRO_BATCHES}", self.grad_accum);
+        }
+        Ok(())
+    }
+}
+
+/// Most micro-batches per optimizer step: each is held in memory until the step runs.
+pub const MAX_MICRO_BATCHES: usize = 65_536;
+
+/// A finite number > 0, or an error naming `flag`.
+pub fn check_positive(flag: &str, v: f32) -> Result<()> {
+    if !(v.is_finite() && v > 0.0) {
+        bail!("{flag} {v}: must be a finite number greater than 0");
+    }
+    Ok(())
+}
+
+/// A finite number ≥ 0, or an error naming `flag`.
+pub fn check_non_negative(flag: &str, v: f32) -> Result<()> {
+    if !(v.is_finite() && v >= 0.0) {
+        bail!("{flag} {v}: must be a finite number ≥ 0");
+    }
+    Ok(())
 }
 
 impl Default for OptimOptions {
@@ -115,7 +157,7 @@ pub(crate) fn clip_and_step(
     }
     let grad_norm = total.sqrt() as f32;
     if !grad_norm.is_finite() {
-        bail!("the gradient norm is {grad_norm} at step {step}: stopping (the last checkpoint is intact)");
+        bail!("the gradient norm is {grad_norm} at step {step}: stopping");
     }
     if let Some(max) = o.max_grad_norm {
         let coef = (max / (grad_norm + 1e-6)).min(1.0);
@@ -327,7 +369,7 @@ impl Trainer {
         }
         let loss = (loss_sum / micro_batches.len() as f64) as f32;
         if !loss.is_finite() {
-            bail!("the loss is {loss} at step {}: stopping (the last checkpoint is intact)", self.step + 1);
+            bail!("the loss is {loss} at step {}: stopping", self.step + 1);
         }
         let states: Vec<&OptState> = std::iter::once(&self.unet_opt).chain(self.clip_opt.as_ref()).collect();
         let (grad_norm, lr) =

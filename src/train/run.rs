@@ -7,7 +7,8 @@
 //! CPU backend's reductions are deterministic for a given thread count).
 
 use super::checkpoint::{self, CheckpointContents};
-use super::data::{load_image, read_manifest, Example, OnBadImage};
+use super::data::{read_manifest, OnBadImage};
+use super::job::{self, ImageDraw, OutputFolder, TrainLog};
 use super::{Batch, Noise, OptimOptions, PredictionType, StepStats, Trainer};
 use crate::backend::Backend;
 use crate::models::text::{TextEncoder, TextTokenizer};
@@ -17,7 +18,6 @@ use crate::nn::Fmap;
 use crate::rng::SplitMix64;
 use crate::weights;
 use anyhow::{bail, Context, Result};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -48,6 +48,63 @@ pub struct TrainConfig {
     pub text_encoder_init_random: bool,
     /// Caption dropout: the probability that an example is trained with the empty prompt.
     pub uncond_prob: f64,
+    /// Keep only the newest N checkpoints (diffusers' --checkpoints_total_limit).
+    pub checkpoints_total_limit: Option<usize>,
+    /// Resume even when the settings differ from the checkpoint's.
+    pub allow_changed_settings: bool,
+    /// Decode every image up front instead of reading headers only.
+    pub verify_images: bool,
+}
+
+impl TrainConfig {
+    /// The settings that shape a run's results, keyed like their flags; recorded in every
+    /// checkpoint and compared on `--resume`.
+    pub fn settings(&self) -> serde_json::Value {
+        let o = &self.optim;
+        serde_json::json!({"seed": self.seed, "data": abs_path(&self.data), "resolution": self.resolution,
+            "batch_size": self.batch_size, "grad_accum": o.grad_accum, "lr": o.lr, "adam_beta1": o.beta1,
+            "adam_beta2": o.beta2, "adam_eps": o.eps, "weight_decay": o.weight_decay,
+            "max_grad_norm": o.max_grad_norm.unwrap_or(0.0), "lr_schedule": format!("{:?}", o.schedule),
+            "train_text_encoder": o.train_text_encoder, "uncond_prob": self.uncond_prob, "ema_decay": self.ema_decay})
+    }
+
+    /// Every number checked before any work, naming its flag.
+    pub fn validate(&self) -> Result<()> {
+        if self.resolution == 0 || self.resolution % 8 != 0 || self.resolution > MAX_RESOLUTION {
+            bail!("--resolution {}: must be a positive multiple of 8, at most {MAX_RESOLUTION}", self.resolution);
+        }
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH {
+            bail!("--batch-size {}: must be between 1 and {MAX_BATCH}", self.batch_size);
+        }
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        self.optim.validate()?;
+        if !(0.0..=1.0).contains(&self.uncond_prob) {
+            bail!("--uncond-prob {}: expected a probability in [0, 1]", self.uncond_prob);
+        }
+        if let Some(d) = self.ema_decay {
+            if !(d > 0.0 && d <= 1.0) {
+                bail!("--ema-decay {d}: must be in (0, 1]");
+            }
+        }
+        if self.checkpoints_total_limit == Some(0) {
+            bail!("--checkpoints-total-limit 0: must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Training images are at most this many pixels on a side (SD-XL trains at 1024; 8192 leaves room
+/// without letting a typo allocate terabytes).
+pub const MAX_RESOLUTION: usize = 8192;
+/// Images per micro-batch, at most.
+pub const MAX_BATCH: usize = 4096;
+
+/// A path as an absolute one where it exists (the recorded data path then compares equal from
+/// another working folder).
+pub(crate) fn abs_path(p: &Path) -> String {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
 }
 
 /// The frozen and trained models of a pipeline folder, loaded for training.
@@ -115,7 +172,9 @@ impl Models {
             );
         }
         // (A tokenizer larger than the encoder's vocabulary is caught by the embedding's id check.)
-        let (vae, _) = AutoencoderKL::load(b, &weights::component_dir(dir, "vae")?, variant)?;
+        let vae_dir = weights::component_dir(dir, "vae")?;
+        let (vae, _) = AutoencoderKL::load(b, &vae_dir, variant)?;
+        crate::pipeline::check_scaling_factor(&vae, &vae_dir)?;
         let sched_path = crate::schedulers::config_path(&weights::component_dir(dir, "scheduler")?)?;
         let sched = weights::read_json(&sched_path)?;
         let alphas_cumprod = crate::schedulers::training_alphas_cumprod(&sched, &sched_path)?;
@@ -203,37 +262,15 @@ pub(crate) fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     v
 }
 
-fn ensure_output(cfg: &TrainConfig) -> Result<()> {
-    prepare_output(&cfg.output, cfg.resume, cfg.overwrite)
-}
-
-/// Refuses a non-empty output folder unless resuming or overwriting; creates it.
-pub(crate) fn prepare_output(out: &Path, resume: bool, overwrite: bool) -> Result<()> {
-    let non_empty = out.is_dir() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
-    if out.exists() && !out.is_dir() {
-        bail!("--output {}: exists and is not a folder", out.display());
-    }
-    if non_empty && !resume && !overwrite {
-        bail!(
-            "--output {}: the folder exists and is not empty; pass --resume to continue its latest checkpoint, \
-             or --overwrite to write new checkpoints into it",
-            out.display()
-        );
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("--output {}: cannot create", out.display()))?;
-    Ok(())
-}
-
 /// Runs `roentgen train`; returns the path of the last checkpoint.
 pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepStats, f64)) -> Result<PathBuf> {
-    if cfg.resolution == 0 || cfg.resolution % 8 != 0 {
-        bail!("--resolution {}: must be a positive multiple of 8", cfg.resolution);
+    cfg.validate()?;
+    let out = OutputFolder::open(&cfg.output, cfg.resume, cfg.overwrite, "train")?;
+    let resume_from = if cfg.resume { Some(checkpoint::latest(&out.dir)?) } else { None };
+    if let Some(ckpt) = &resume_from {
+        let (state, _) = checkpoint::read_state(ckpt)?;
+        job::check_resume_settings(ckpt, &state, &cfg.settings(), cfg.allow_changed_settings)?;
     }
-    if cfg.batch_size == 0 || cfg.steps == 0 || cfg.optim.grad_accum == 0 {
-        bail!("--batch-size, --steps and --grad-accum must be at least 1");
-    }
-    ensure_output(cfg)?;
-    let resume_from = if cfg.resume { Some(checkpoint::latest(&cfg.output)?) } else { None };
     let load_dir = resume_from.clone().unwrap_or_else(|| cfg.model.clone());
     let text_override = if resume_from.is_none() { cfg.text_encoder.as_deref() } else { None };
     let unet_random = cfg.unet_init_random && resume_from.is_none();
@@ -245,44 +282,25 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
     }
     let lat = cfg.resolution / f;
 
-    // Data: rows, then images checked up front (header only) so bad rows are counted before work.
-    let rows = read_manifest(&cfg.data)?;
-    let mut good: Vec<Example> = Vec::with_capacity(rows.len());
-    let mut bad = Vec::new();
-    for r in rows {
-        match image::image_dimensions(&r.image) {
-            Ok(_) => good.push(r),
-            Err(e) => bad.push(format!("{}:{}: {}: {e}", cfg.data.display(), r.line, r.image.display())),
-        }
-    }
-    if !bad.is_empty() {
-        match cfg.on_bad_image {
-            OnBadImage::Fail => bail!(
-                "{} unreadable or missing image(s), e.g. {} (use --on-bad-image skip to leave them out)",
-                bad.len(),
-                bad[0]
-            ),
-            OnBadImage::Skip => {
-                eprintln!("warning: skipping {} unreadable or missing image(s), e.g. {}", bad.len(), bad[0])
-            }
-        }
-    }
-    if good.is_empty() {
-        bail!("{}: no usable rows", cfg.data.display());
-    }
-    if !(0.0..=1.0).contains(&cfg.uncond_prob) {
-        bail!("--uncond-prob {}: expected a probability in [0, 1]", cfg.uncond_prob);
-    }
+    // Data: rows, then images checked up front so bad rows are counted before work.
+    let good = job::usable_rows(
+        &cfg.data,
+        read_manifest(&cfg.data)?,
+        cfg.on_bad_image,
+        cfg.verify_images.then_some(cfg.resolution),
+    )?;
     let seq = models.tokenizer.max_length();
     let empty = models.tokenizer.encode("");
     let tokens: Vec<crate::models::text::TextTokens> = good.iter().map(|e| models.tokenizer.encode(&e.text)).collect();
     let mut encoder = Encoder::new(b, &models.vae, cfg.resolution)?;
     let mut cache: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; good.len()];
+    let mut draw = ImageDraw::new(&good, &cfg.data, cfg.on_bad_image, cfg.resolution);
     if cfg.cache_latents {
         let bar = indicatif::ProgressBar::new(good.len() as u64);
         bar.set_message("encoding latents");
-        for (i, e) in good.iter().enumerate() {
-            let px = load_image(&e.image, cfg.resolution)?;
+        for i in 0..good.len() {
+            // A row that does not decode caches its replacement's latents (as drawing it would).
+            let (_, px) = draw.load(i)?;
             cache[i] = Some(encoder.encode(b, &models.vae, &px)?);
             bar.inc(1);
         }
@@ -321,13 +339,10 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
     let z = models.vae.config.latent_channels;
     let per = z * lat * lat;
     let sf = models.vae.config.scaling_factor;
-    let log_path = cfg.output.join("train_log.jsonl");
-    let mut log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("{}: cannot open", log_path.display()))?;
+    let mut log_file = TrainLog::open(&out.dir.join("train_log.jsonl"), trainer.step)?;
     let mut last_ckpt = resume_from.clone();
+    // The loop, as a closure so that its error can say what is on disk.
+    let mut run = || -> Result<()> {
     let t0 = Instant::now();
     let start = trainer.step;
     let mut perm: (u64, Vec<usize>) = (0, permutation(n, cfg.seed, 0));
@@ -355,8 +370,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                 let (mean, logvar) = match &cache[idx] {
                     Some(m) => m.clone(),
                     None => {
-                        let px = load_image(&good[idx].image, cfg.resolution)
-                            .with_context(|| format!("{}:{}", cfg.data.display(), good[idx].line))?;
+                        let (_, px) = draw.load(idx)?;
                         encoder.encode(b, &models.vae, &px)?
                     }
                 };
@@ -378,25 +392,29 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
         let secs = t0.elapsed().as_secs_f64();
         let ips = ((stats.step - start) * per_step) as f64 / secs.max(1e-9);
         if stats.step % cfg.log_every.max(1) == 0 || stats.step == cfg.steps {
-            let line = serde_json::json!({"step": stats.step, "loss": stats.loss, "lr": stats.lr,
-                "grad_norm": stats.grad_norm, "images_per_s": ips, "elapsed_s": secs});
-            writeln!(log_file, "{line}").with_context(|| format!("{}: cannot write", log_path.display()))?;
+            log_file.append(&serde_json::json!({"step": stats.step, "loss": stats.loss, "lr": stats.lr,
+                "grad_norm": stats.grad_norm, "images_per_s": ips, "elapsed_s": secs}))?;
         }
         log(&stats, ips);
         if (cfg.checkpoint_every > 0 && stats.step % cfg.checkpoint_every == 0) || stats.step == cfg.steps {
             let dest = cfg.output.join(format!("checkpoint-{}", stats.step));
-            let state = serde_json::json!({"step": stats.step, "seed": cfg.seed, "source_model": cfg.model.display().to_string(),
-                "data": cfg.data.display().to_string(), "resolution": cfg.resolution, "batch_size": cfg.batch_size,
-                "grad_accum": cfg.optim.grad_accum, "lr": cfg.optim.lr, "steps": cfg.steps,
-                "train_text_encoder": cfg.optim.train_text_encoder, "uncond_prob": cfg.uncond_prob, "loss": stats.loss});
-            checkpoint::save(
-                b,
-                &dest,
-                &models.checkpoint(&load_dir, trainer.ema_table(), trainer.optimizer_pools(), state),
-            )?;
+            let mut state = cfg.settings();
+            state["step"] = stats.step.into();
+            state["steps"] = cfg.steps.into();
+            state["loss"] = serde_json::json!(stats.loss);
+            state["source_model"] = cfg.model.display().to_string().into();
+            checkpoint::save(b, &dest, &models.checkpoint(&load_dir, trainer.ema_table(), trainer.optimizer_pools(), state))?;
             last_ckpt = Some(dest);
+            job::retain_checkpoints(&cfg.output, cfg.checkpoints_total_limit)?;
         }
     }
+    Ok(())
+    };
+    let r = run();
+    if draw.skipped > 0 {
+        eprintln!("warning: {} image(s) failed to decode while training and were replaced", draw.skipped);
+    }
+    r.map_err(|e| job::with_checkpoint_note(e, last_ckpt.as_deref()))?;
     last_ckpt.context("no step was run (the checkpoint is already at --steps)")
 }
 
@@ -449,8 +467,8 @@ pub fn read_step_batch(path: &Path, models: &Models, b: &mut dyn Backend) -> Res
         }
         (None, None) => bail!("{}: needs a 'latents' or a 'pixel_values' tensor", path.display()),
     };
-    if shape.len() != 4 {
-        bail!("{}: latents have shape {shape:?}; expected [n, c, h, w]", path.display());
+    if shape.len() != 4 || shape.contains(&0) {
+        bail!("{}: latents have shape {shape:?}; expected [n, c, h, w], none of them 0", path.display());
     }
     let (ishape, ids) = need("input_ids")?;
     let (nshape, noise) = need("noise")?;
@@ -488,8 +506,13 @@ pub fn train_step(
     overwrite: bool,
     variant: Option<&str>,
 ) -> Result<StepStats> {
-    if output.exists() && !overwrite {
-        bail!("--output {}: exists; pass --overwrite to replace it", output.display());
+    optim.validate()?;
+    match std::fs::symlink_metadata(output) {
+        Ok(m) if !m.is_dir() => {
+            bail!("--output {}: exists and is {}, not a folder", output.display(), crate::files::kind_of(&m))
+        }
+        Ok(_) if !overwrite => bail!("--output {}: exists; pass --overwrite to replace it", output.display()),
+        _ => {}
     }
     let models = Models::load(b, model, variant, false, 0, None, false)?;
     let batch = read_step_batch(batch_file, &models, b)?;

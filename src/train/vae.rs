@@ -187,7 +187,7 @@ impl VaeTrainer {
     ) -> Result<VaeStats> {
         let (loss, rec, kl) = self.compute_grads(b, vae, images, eps)?;
         if !loss.is_finite() {
-            bail!("the VAE loss is {loss} at step {}: stopping (the last checkpoint is intact)", self.step + 1);
+            bail!("the VAE loss is {loss} at step {}: stopping", self.step + 1);
         }
         let sumsq = Tensor { shape: [1].into(), ..self.side };
         let (grad_norm, lr) = super::clip_and_step(b, &[&self.opt], &sumsq, &self.options, self.step + 1, total_steps)?;
@@ -216,6 +216,18 @@ pub struct TrainVaeConfig {
     pub resume: bool,
     pub overwrite: bool,
     pub on_bad_image: super::data::OnBadImage,
+    pub verify_images: bool,
+    pub checkpoints_total_limit: Option<usize>,
+    pub allow_changed_settings: bool,
+}
+
+impl TrainVaeConfig {
+    /// The settings that shape a run's results, keyed like their flags (compared on `--resume`).
+    pub fn settings(&self) -> serde_json::Value {
+        serde_json::json!({"seed": self.seed, "data": super::run::abs_path(&self.data), "resolution": self.resolution,
+            "batch_size": self.batch_size, "lr": self.optim.lr, "kl_weight": self.kl_weight,
+            "max_grad_norm": self.optim.max_grad_norm.unwrap_or(0.0)})
+    }
 }
 
 /// Runs `roentgen train-vae`; returns the last checkpoint (a VAE component folder).
@@ -227,12 +239,23 @@ pub fn train_vae(
     use crate::models::vae::VaeConfig;
     use crate::rng::SplitMix64;
     use anyhow::Context;
-    use std::io::Write;
-    if cfg.resolution == 0 || cfg.batch_size == 0 || cfg.steps == 0 {
-        bail!("--resolution, --batch-size and --steps must be positive");
+    if cfg.resolution == 0 || cfg.resolution > super::run::MAX_RESOLUTION {
+        bail!("--resolution {}: must be between 1 and {}", cfg.resolution, super::run::MAX_RESOLUTION);
     }
-    super::run::prepare_output(&cfg.output, cfg.resume, cfg.overwrite)?;
-    let resume_from = if cfg.resume { Some(super::checkpoint::latest(&cfg.output)?) } else { None };
+    if cfg.batch_size == 0 || cfg.batch_size > super::run::MAX_BATCH || cfg.steps == 0 {
+        bail!("--batch-size (1 to {}) and --steps must be positive", super::run::MAX_BATCH);
+    }
+    cfg.optim.validate()?;
+    super::check_non_negative("--kl-weight", cfg.kl_weight)?;
+    if cfg.checkpoints_total_limit == Some(0) {
+        bail!("--checkpoints-total-limit 0: must be at least 1");
+    }
+    let out = super::job::OutputFolder::open(&cfg.output, cfg.resume, cfg.overwrite, "train-vae")?;
+    let resume_from = if cfg.resume { Some(super::checkpoint::latest(&out.dir)?) } else { None };
+    if let Some(ck) = &resume_from {
+        let (state, _) = super::checkpoint::read_state(ck)?;
+        super::job::check_resume_settings(ck, &state, &cfg.settings(), cfg.allow_changed_settings)?;
+    }
     // The model: a checkpoint to resume, a VAE (or pipeline) to fine-tune, or a config from scratch.
     let (vae, config_json) = if let Some(ck) = &resume_from {
         (AutoencoderKL::load(b, ck, None)?.0, crate::weights::read_json(&ck.join("config.json"))?)
@@ -247,25 +270,13 @@ pub fn train_vae(
     } else {
         bail!("give --model (a VAE or pipeline folder to fine-tune) or --config (a VAE config to train from scratch)");
     };
-    let rows = super::data::read_manifest(&cfg.data)?;
-    let (good, bad): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| image::image_dimensions(&r.image).is_ok());
-    if !bad.is_empty() {
-        match cfg.on_bad_image {
-            super::data::OnBadImage::Fail => bail!(
-                "{} unreadable or missing image(s), e.g. {}:{}: {} (use --on-bad-image skip to leave them out)",
-                bad.len(),
-                cfg.data.display(),
-                bad[0].line,
-                bad[0].image.display()
-            ),
-            super::data::OnBadImage::Skip => {
-                eprintln!("warning: skipping {} unreadable or missing image(s)", bad.len())
-            }
-        }
-    }
-    if good.is_empty() {
-        bail!("{}: no usable rows", cfg.data.display());
-    }
+    let good = super::job::usable_rows(
+        &cfg.data,
+        super::data::read_manifest(&cfg.data)?,
+        cfg.on_bad_image,
+        cfg.verify_images.then_some(cfg.resolution),
+    )?;
+    let mut draw = super::job::ImageDraw::new(&good, &cfg.data, cfg.on_bad_image, cfg.resolution);
     let mut tr = VaeTrainer::new(b, &vae, cfg.optim.clone(), cfg.kl_weight, cfg.batch_size, cfg.resolution)?;
     if let Some(ck) = &resume_from {
         let (state, moments) = super::checkpoint::read_state(ck)?;
@@ -274,32 +285,37 @@ pub fn train_vae(
     }
     let f = vae.config.scale_factor();
     let per_eps = vae.config.latent_channels * (cfg.resolution / f) * (cfg.resolution / f);
-    let log_path = cfg.output.join("train_vae_log.jsonl");
-    let mut log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let mut log_file = super::job::TrainLog::open(&out.dir.join("train_vae_log.jsonl"), tr.step)?;
     let mut last = resume_from.clone();
     let n = good.len();
-    while tr.step < cfg.steps {
-        let step = tr.step + 1;
-        let mut rng = SplitMix64::new(cfg.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407));
-        let mut images = Vec::with_capacity(cfg.batch_size * 3 * cfg.resolution * cfg.resolution);
-        for k in 0..cfg.batch_size {
-            let counter = (step - 1) * cfg.batch_size + k;
-            let idx = super::run::permutation(n, cfg.seed, (counter / n) as u64)[counter % n];
-            images.extend(super::data::load_image(&good[idx].image, cfg.resolution)?);
+    let mut run = || -> Result<()> {
+        while tr.step < cfg.steps {
+            let step = tr.step + 1;
+            let mut rng = SplitMix64::new(cfg.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+            let mut images = Vec::with_capacity(cfg.batch_size * 3 * cfg.resolution * cfg.resolution);
+            for k in 0..cfg.batch_size {
+                let counter = (step - 1) * cfg.batch_size + k;
+                let idx = super::run::permutation(n, cfg.seed, (counter / n) as u64)[counter % n];
+                images.extend(draw.load(idx)?.1);
+            }
+            let eps: Vec<f32> = (0..cfg.batch_size * per_eps).map(|_| rng.next_normal()).collect();
+            let s = tr.train_step(b, &vae, &images, &eps, cfg.steps)?;
+            if s.step % cfg.log_every.max(1) == 0 || s.step == cfg.steps {
+                log_file.append(&serde_json::to_value(s)?)?;
+            }
+            log(&s);
+            if (cfg.checkpoint_every > 0 && s.step % cfg.checkpoint_every == 0) || s.step == cfg.steps {
+                let dest = cfg.output.join(format!("checkpoint-{}", s.step));
+                let mut state = cfg.settings();
+                state["step"] = s.step.into();
+                state["loss"] = serde_json::json!(s.loss);
+                super::checkpoint::save_component(b, &dest, &config_json, &vae.table, &tr.optimizer_pools(), &state)?;
+                last = Some(dest);
+                super::job::retain_checkpoints(&cfg.output, cfg.checkpoints_total_limit)?;
+            }
         }
-        let eps: Vec<f32> = (0..cfg.batch_size * per_eps).map(|_| rng.next_normal()).collect();
-        let s = tr.train_step(b, &vae, &images, &eps, cfg.steps)?;
-        if s.step % cfg.log_every.max(1) == 0 || s.step == cfg.steps {
-            writeln!(log_file, "{}", serde_json::to_string(&s)?)?;
-        }
-        log(&s);
-        if (cfg.checkpoint_every > 0 && s.step % cfg.checkpoint_every == 0) || s.step == cfg.steps {
-            let dest = cfg.output.join(format!("checkpoint-{}", s.step));
-            let state = serde_json::json!({"step": s.step, "seed": cfg.seed, "kl_weight": cfg.kl_weight,
-                "resolution": cfg.resolution, "batch_size": cfg.batch_size, "lr": cfg.optim.lr, "loss": s.loss});
-            super::checkpoint::save_component(b, &dest, &config_json, &vae.table, &tr.optimizer_pools(), &state)?;
-            last = Some(dest);
-        }
-    }
+        Ok(())
+    };
+    run().map_err(|e| super::job::with_checkpoint_note(e, last.as_deref()))?;
     last.context("no step was run (the checkpoint is already at --steps)")
 }

@@ -95,6 +95,20 @@ pub fn run_cli(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
     )
 }
 
+/// Runs the CLI expecting a clear failure: exit 1, no panic, and an `error:` line that contains
+/// every needle (the file, flag or field a user must be told). Returns that line.
+pub fn expect_cli_error(args: &[&str], needles: &[&str]) -> String {
+    let (code, out, err) = run_cli(args, None);
+    assert_eq!(code, 1, "expected exit 1 for {args:?}; stdout {out}; stderr {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {err}"));
+    for n in needles {
+        assert!(line.contains(n), "error line lacks {n:?}: {line}");
+    }
+    println!("{args:?}\n  → {line}");
+    line.to_string()
+}
+
 /// Copies a folder (non-recursive files and one level of subfolders) into a new temp dir.
 pub fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();

@@ -304,14 +304,7 @@ pub fn expect_error(args: &[&str], needles: &[&str]) {
     let mut full = vec!["prepare"];
     full.extend_from_slice(args);
     full.extend_from_slice(&["--tokenizer", &tok]);
-    let (code, out, err) = run_cli(&full, None);
-    assert_eq!(code, 1, "expected exit 1 for {args:?}; stdout {out}; stderr {err}");
-    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
-    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line: {err}"));
-    for n in needles {
-        assert!(line.contains(n), "error line lacks {n:?}: {line}");
-    }
-    println!("{args:?}\n  → {line}");
+    expect_cli_error(&full, needles);
 }
 
 pub fn iu(reports: &Path, extra: &[&str], out: &Path) -> Run {
