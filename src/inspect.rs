@@ -22,8 +22,12 @@ pub fn inspect(backend: &mut dyn Backend, path: &Path, opts: &InspectOptions) ->
     if path.is_file() {
         return inspect_file(path, opts.tensors);
     }
-    if !path.is_dir() {
+    if !path.exists() {
         bail!("{}: no such file or folder", path.display());
+    }
+    if !path.is_dir() {
+        // A device or a FIFO: say so (check_input_file names what it is).
+        crate::files::check_input_file(path)?;
     }
     if weights::is_pipeline_folder(path) {
         let mut comps = serde_json::Map::new();

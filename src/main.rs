@@ -436,6 +436,16 @@ struct TrainStepArgs {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
+        // The reader of our standard output went away (`roentgen tokenize … | head`): as other
+        // command-line tools, stop quietly.
+        let broken_pipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>().map(|io| io.kind())
+                .or_else(|| c.downcast_ref::<serde_json::Error>().and_then(|j| j.io_error_kind()))
+                == Some(std::io::ErrorKind::BrokenPipe)
+        });
+        if broken_pipe {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -99,6 +99,7 @@ impl Pipeline {
 
     /// As `load`, with the U-Net from another subfolder (`unet_ema` for EMA weights).
     pub fn load_with_unet(b: &mut dyn Backend, dir: &Path, variant: Option<&str>, unet_dir: &str) -> Result<Pipeline> {
+        weights::check_folder(dir, "a pipeline folder")?;
         if !weights::is_pipeline_folder(dir) {
             bail!(
                 "{}: not a pipeline folder (no model_index.json); sampling needs the whole pipeline \
@@ -560,5 +561,9 @@ pub fn read_latents(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     }
     let mut v = vec![0f32; shape.iter().product()];
     weights::safetensors::to_f32(dtype, view.data(), &mut v)?;
+    // Said here, naming the file: otherwise the U-Net's output is reported non-finite.
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        bail!("{}: tensor 'latents' holds a non-finite value ({}) at index {i}", path.display(), v[i]);
+    }
     Ok((shape, v))
 }

@@ -817,6 +817,9 @@ mod suite {
                     text_encoder: None,
                     text_encoder_init_random: false,
                     uncond_prob: 0.0,
+                    checkpoints_total_limit: None,
+                    allow_changed_settings: false,
+                    verify_images: false,
                 };
                 train(&mut gpu, &cfg, &mut |_, _| {})?;
                 Ok(gpu.allocation_count())

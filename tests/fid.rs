@@ -468,7 +468,7 @@ fn bad_input_is_reported() {
     a.extend(["--clip-config".into(), cfg.clone()]);
     run(a, &["broken.png"]);
     // Weights: missing file, not safetensors, another network, a missing tensor, a wrong shape.
-    run(base(&real, &fake, "xrv", &t("none.safetensors")), &["none.safetensors", "cannot open"]);
+    run(base(&real, &fake, "xrv", &t("none.safetensors")), &["none.safetensors", "no such file"]);
     std::fs::write(tmp.path().join("junk.safetensors"), b"this is not a safetensors file").unwrap();
     run(base(&real, &fake, "inception", &t("junk.safetensors")), &["junk.safetensors", "not a valid safetensors"]);
     run(base(&real, &fake, "inception", &ws), &["'Conv2d_1a_3x3.conv.weight' is missing", "InceptionV3"]);

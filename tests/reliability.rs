@@ -468,3 +468,20 @@ fn png_metadata_records_what_was_used() {
     let params = get("parameters").expect("A1111 parameters chunk");
     assert!(params.starts_with("Left pleural effusion.\nSteps: 2, Sampler: Euler Karras, CFG scale: 4"), "{params}");
 }
+
+// 17. A device or FIFO given as an input is named as such (it was "no such file", or a hang).
+#[test]
+fn a_device_or_fifo_input_is_named_not_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let f = fifo.to_str().unwrap();
+    let out = dir.path().join("o.png");
+    let mut a = strings(&["sample", "--steps", "1", "--prompt", "Effusion.", "--model", "/dev/zero", "--out"]);
+    a.push(out.to_str().unwrap().into());
+    expect_error(&a, &["/dev/zero", "a device", "not a folder"]);
+    a[6] = f.into();
+    expect_error(&a, &["fifo", "a FIFO", "not a folder"]);
+    expect_error(&sample_args(&out, &["--latents-in", f]), &["fifo", "a FIFO", "not a regular file"]);
+    expect_error(&strings(&["inspect", "/dev/zero"]), &["/dev/zero", "a device"]);
+}

@@ -132,6 +132,7 @@ impl Models {
         text_override: Option<&Path>,
         text_random: bool,
     ) -> Result<Models> {
+        weights::check_folder(dir, "a pipeline folder")?;
         if !weights::is_pipeline_folder(dir) {
             bail!("{}: not a pipeline folder (no model_index.json); training needs the whole pipeline", dir.display());
         }
@@ -479,6 +480,21 @@ pub fn read_step_batch(path: &Path, models: &Models, b: &mut dyn Backend) -> Res
             path.display(),
             ts.len()
         );
+    }
+    // Values checked here, naming the file and tensor: deeper down they surface as a NaN loss, an
+    // embedding error or a timestep wrapped around from −1.
+    for (name, v) in [("latents", &latents), ("noise", &noise)] {
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            bail!("{}: tensor '{name}' holds a non-finite value ({}) at index {i}", path.display(), v[i]);
+        }
+    }
+    let steps = models.alphas_cumprod.len();
+    if let Some(&t) = ts.iter().find(|&&t| !(t >= 0.0 && t < steps as f32 && t.fract() == 0.0)) {
+        bail!("{}: tensor 'timesteps' holds {t}; expected whole numbers in 0..{steps} (the scheduler's training timesteps)", path.display());
+    }
+    let vocab = models.text.vocab_size();
+    if let Some(&id) = ids.iter().find(|&&id| !(id >= 0.0 && id < vocab as f32 && id.fract() == 0.0)) {
+        bail!("{}: tensor 'input_ids' holds {id}; expected token ids in 0..{vocab} (the text encoder's vocabulary)", path.display());
     }
     let attention_mask = match get("attention_mask")? {
         Some((_, m)) if m.len() == ids.len() => m.iter().map(|&x| x as u32).collect(),

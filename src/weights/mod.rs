@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 /// Reads and parses a JSON file, naming it in every error.
 pub fn read_json(path: &Path) -> Result<Value> {
+    // A FIFO would block the read for ever; a device never ends.
+    crate::files::check_input_file(path)?;
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
@@ -80,12 +82,23 @@ pub fn pipeline_components(dir: &Path) -> Result<BTreeMap<String, (String, Strin
     Ok(read_model_index(dir)?.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect())
 }
 
+/// Checks that `dir` is a folder, naming what it is otherwise (`/dev/zero`, a FIFO or a weights
+/// file where a model folder belongs would otherwise surface as a missing file inside it).
+pub fn check_folder(dir: &Path, expected: &str) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{}: no such file or folder", dir.display()),
+        Err(e) => bail!("{}: cannot read: {e}", dir.display()),
+        Ok(m) if !m.is_dir() => {
+            bail!("{}: is {}, not a folder (expected {expected})", dir.display(), crate::files::kind_of(&m))
+        }
+        Ok(_) => Ok(()),
+    }
+}
+
 /// The folder of `component` for a model path that is either a pipeline folder (→ dir/component,
 /// which must exist) or already a component folder (→ dir).
 pub fn component_dir(dir: &Path, component: &str) -> Result<PathBuf> {
-    if !dir.exists() {
-        bail!("{}: no such file or folder", dir.display());
-    }
+    check_folder(dir, &format!("a pipeline folder or its {component}/ folder"))?;
     if is_pipeline_folder(dir) {
         // Every load of a pipeline component passes here: a malformed model_index.json is
         // refused before any component is read, as diffusers would.

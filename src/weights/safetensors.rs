@@ -24,6 +24,8 @@ pub struct TensorInfo {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
+        // Opening a FIFO would block until a writer comes; mapping /dev/zero maps nothing useful.
+        crate::files::check_input_file(path)?;
         let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         // SAFETY: the file is mapped read-only; a concurrent writer could change its bytes under us,
         // which would give wrong numbers but not memory unsafety in our code (we copy out of it).
