@@ -11,20 +11,6 @@ use serde_json::Value;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
-/// Runs the binary from `cwd` (not the checkout), as a user runs it from their data folder.
-fn run_in(cwd: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(roentgen_bin())
-        .args(args)
-        .current_dir(cwd)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("spawn roentgen");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
 
 #[test]
 fn default_tokenizer_is_built_in_and_works_from_any_folder() {
@@ -33,14 +19,14 @@ fn default_tokenizer_is_built_in_and_works_from_any_folder() {
     let cwd = tempfile::tempdir().unwrap();
     let want = mimic(&root, &[], &dir.path().join("explicit.jsonl"));
     let (code, _, err) =
-        run_in(cwd.path(), &["prepare", "mimic", "--root", root.to_str().unwrap(), "--out", "rel.jsonl"]);
+        run_cli_in(cwd.path(), &["prepare", "mimic", "--root", root.to_str().unwrap(), "--out", "rel.jsonl"]);
     assert_eq!(code, 0, "{err}");
     let got = read_jsonl(&cwd.path().join("rel.jsonl"));
     assert_eq!(got, want.rows, "the built-in tokenizer gives the manifest the SD v1.4 files give");
     let s: Value =
         serde_json::from_str(&std::fs::read_to_string(cwd.path().join("rel.summary.json")).unwrap()).unwrap();
     assert!(s["options"]["tokenizer"].as_str().unwrap().contains("built-in"), "{}", s["options"]);
-    let (code, _, err) = run_in(
+    let (code, _, err) = run_cli_in(
         cwd.path(),
         &["prepare", "iu-xray", "--reports", fixture("iu-xray").to_str().unwrap(), "--out", "iu.jsonl"],
     );

@@ -78,11 +78,7 @@ fn sample_args(out: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 fn log_steps(path: &Path) -> Vec<u64> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every log line parses")["step"].as_u64().unwrap())
-        .collect()
+    jsonl_field(path, "step").into_iter().map(|s| s as u64).collect()
 }
 
 // 1. A corrupt image passes the header check and must not kill the run at draw time.

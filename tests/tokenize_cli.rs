@@ -9,22 +9,7 @@ use flate2::read::GzDecoder;
 use roentgen::wordpiece::WordPieceTokenizer;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 
-/// Runs the binary from `cwd` (not the checkout), as a user runs it from their own folder.
-fn run_in(cwd: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(roentgen_bin())
-        .args(args)
-        .current_dir(cwd)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("spawn roentgen");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
 
 fn u32s(v: &Value) -> Vec<u32> {
     v.as_array().unwrap_or_else(|| panic!("not a list: {v}")).iter().map(|x| x.as_u64().unwrap() as u32).collect()
@@ -118,7 +103,7 @@ fn tokenize_clip_lines_keep_their_three_fields_from_any_folder() {
     // A CLIP tokenizer folder held in a plain folder, named by a path relative to another cwd.
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&sd14_config().join("tokenizer"), &dir.path().join("sd/tokenizer"));
-    let (code, out, err) = run_in(dir.path(), &["tokenize", "--model", "sd", "--prompt", "a chest x-ray"]);
+    let (code, out, err) = run_cli_in(dir.path(), &["tokenize", "--model", "sd", "--prompt", "a chest x-ray"]);
     assert_eq!(code, 0, "{err}");
     let v = &lines(&out)[0];
     let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -127,7 +112,7 @@ fn tokenize_clip_lines_keep_their_three_fields_from_any_folder() {
     assert_eq!((ids[0], ids[ids.len() - 1], v["tokens"].as_u64().unwrap()), (49406, 49407, 7));
     // A folder with neither tokenizer files nor tokenizer/ is refused, naming it.
     std::fs::create_dir_all(dir.path().join("empty")).unwrap();
-    let (code, _, err) = run_in(dir.path(), &["tokenize", "--model", "empty", "--prompt", "x"]);
+    let (code, _, err) = run_cli_in(dir.path(), &["tokenize", "--model", "empty", "--prompt", "x"]);
     assert_eq!(code, 1);
     assert!(err.contains("empty") && err.contains("not a CLIP tokenizer folder"), "{err}");
 }
@@ -140,7 +125,7 @@ fn msssim_default_tokenizer_works_from_any_folder() {
         run_cli(&["eval", "ms-ssim", "--json", "--images", imgs.to_str().unwrap(), "--tokenizer", &tok], None);
     assert_eq!(code, 0, "{err}");
     let cwd = tempfile::tempdir().unwrap();
-    let (code, got, err) = run_in(cwd.path(), &["eval", "ms-ssim", "--json", "--images", imgs.to_str().unwrap()]);
+    let (code, got, err) = run_cli_in(cwd.path(), &["eval", "ms-ssim", "--json", "--images", imgs.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let (got, want): (Value, Value) = (serde_json::from_str(&got).unwrap(), serde_json::from_str(&want).unwrap());
     assert!(want["bins"].as_array().is_some_and(|b| !b.is_empty()), "{want}");

@@ -77,11 +77,7 @@ fn train_args<'a>(pipe: &'a str, data: &'a str, out: &'a str, steps: &'a str, ex
 }
 
 fn losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("train_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
-        .collect()
+    jsonl_field(&out.join("train_log.jsonl"), "loss")
 }
 
 #[test]

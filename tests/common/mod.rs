@@ -95,6 +95,35 @@ pub fn run_cli(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
     )
 }
 
+/// Runs the binary from `cwd` (not the checkout), as a user runs it from their own folder; returns
+/// (exit code, stdout, stderr).
+pub fn run_cli_in(cwd: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(roentgen_bin())
+        .args(args)
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("spawn roentgen");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// One numeric field of every line of a JSONL log (each line must parse: a torn line fails here).
+pub fn jsonl_field(path: &Path, field: &str) -> Vec<f64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: line {l:?}: {e}", path.display()));
+            v[field].as_f64().unwrap_or_else(|| panic!("{}: no number {field:?} in {l}", path.display()))
+        })
+        .collect()
+}
+
 /// Runs the CLI expecting a clear failure: exit 1, no panic, and an `error:` line that contains
 /// every needle (the file, flag or field a user must be told). Returns that line.
 pub fn expect_cli_error(args: &[&str], needles: &[&str]) -> String {
