@@ -9,14 +9,14 @@
 //! capture is reported once and the key runs directly from then on. Profiling runs directly (its
 //! events synchronise).
 
+use super::device::GraphExec;
 use super::CudaBackend;
 use anyhow::{anyhow, Result};
-use cudarc::driver::{result as cu, sys};
 
 pub(crate) enum GraphState {
     /// Ran once directly; captured at the next call.
     Warm,
-    Ready(sys::CUgraphExec),
+    Ready(GraphExec),
     /// Capture failed: run directly.
     Direct,
 }
@@ -24,7 +24,7 @@ pub(crate) enum GraphState {
 enum Next {
     Warm,
     Capture,
-    Replay(sys::CUgraphExec),
+    Replay(GraphExec),
     Direct,
 }
 
@@ -49,16 +49,14 @@ impl CudaBackend {
                 Ok(false)
             }
             Next::Replay(exec) => {
-                unsafe { cu::graph::launch(exec, self.stream) }
-                    .map_err(|e| anyhow!("CUDA: launching the graph {key:#x}: {e:?}"))?;
+                self.dev.graph_launch(exec).map_err(|e| anyhow!("CUDA: launching the graph {key:#x}: {e:?}"))?;
                 self.graph_replays.set(self.graph_replays.get() + 1);
                 Ok(true)
             }
             Next::Capture => match self.capture(f) {
                 Ok(exec) => {
                     self.graphs.borrow_mut().insert(key, GraphState::Ready(exec));
-                    unsafe { cu::graph::launch(exec, self.stream) }
-                        .map_err(|e| anyhow!("CUDA: launching the graph {key:#x}: {e:?}"))?;
+                    self.dev.graph_launch(exec).map_err(|e| anyhow!("CUDA: launching the graph {key:#x}: {e:?}"))?;
                     Ok(true)
                 }
                 Err(e) => {
@@ -75,25 +73,22 @@ impl CudaBackend {
 
     /// Captures what `f` queues on the stream into an instantiated graph. The stream leaves
     /// capture mode whatever happens.
-    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<sys::CUgraphExec> {
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<GraphExec> {
         self.synchronize()?;
-        unsafe { cu::stream::begin_capture(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL) }
-            .map_err(|e| anyhow!("begin capture: {e:?}"))?;
+        self.dev.begin_capture().map_err(|e| anyhow!("begin capture: {e:?}"))?;
         // Refreshes of parameter copies queued by `f` are recorded, not run: should the capture
         // fail, the copies are as stale as they were.
         let staleness = self.param_staleness();
         self.capturing.set(true);
         let r = f();
         self.capturing.set(false);
-        let graph = unsafe { cu::stream::end_capture(self.stream) };
+        let graph = self.dev.end_capture();
         let graph = match (r, graph) {
-            (Ok(()), Ok(g)) if !g.is_null() => g,
+            (Ok(()), Ok(Some(g))) => g,
             (r, g) => {
                 self.restore_param_staleness(&staleness);
-                if let Ok(g) = g {
-                    if !g.is_null() {
-                        let _ = unsafe { cu::graph::destroy(g) };
-                    }
+                if let Ok(Some(g)) = g {
+                    let _ = self.dev.graph_destroy(g);
                 }
                 return Err(match r {
                     Err(e) => e.context("an operation failed while capturing"),
@@ -101,8 +96,8 @@ impl CudaBackend {
                 });
             }
         };
-        let exec = unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) };
-        let _ = unsafe { cu::graph::destroy(graph) };
+        let exec = self.dev.graph_instantiate(graph);
+        let _ = self.dev.graph_destroy(graph);
         if exec.is_err() {
             self.restore_param_staleness(&staleness);
         }
@@ -116,7 +111,7 @@ impl CudaBackend {
         }
         for (_, s) in g.drain() {
             if let GraphState::Ready(exec) = s {
-                let _ = unsafe { cu::graph::exec_destroy(exec) };
+                let _ = self.dev.graph_exec_destroy(exec);
             }
         }
     }

@@ -16,9 +16,14 @@
 //!
 //! The driver is loaded at run time (cudarc's `dynamic-loading`): a `cuda` build starts on a machine
 //! without CUDA and `CudaBackend::new` says "no CUDA driver" instead of crashing.
+//!
+//! Every call to the driver, cuBLAS and cuBLASLt goes through one narrow interface, device.rs
+//! (`Device`): the backend holds a `Box<dyn Device>` and never names cudarc, so that the same code
+//! can run on the real driver (`CudaDriver`) or on an emulated device (issue 14).
 
 mod attention;
 mod conv;
+mod device;
 mod graph;
 mod lt;
 mod ops;
@@ -27,11 +32,9 @@ mod params;
 use super::{check_len, Activation, Backend, Precision};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use cudarc::cublas::{result as cublas, sys as cublas_sys};
-use cudarc::driver::{result as cu, sys};
+use device::{Compute, CudaDriver, Device, DeviceError, Event, Function, Gemm};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::ffi::{c_void, CString};
 
 /// The fatbins built from kernels/*.cu (see build.rs).
 pub mod kernels {
@@ -66,14 +69,12 @@ pub struct CudaBackend {
     name: String,
     gpu: String,
     cc: (i32, i32),
-    ctx: sys::CUcontext,
-    stream: sys::CUstream,
-    modules: Vec<sys::CUmodule>,
-    functions: RefCell<HashMap<String, sys::CUfunction>>,
+    /// The driver, cuBLAS and cuBLASLt (device.rs): the real ones or an emulation.
+    dev: Box<dyn Device>,
+    functions: RefCell<HashMap<String, Function>>,
     /// The dynamic shared memory each kernel has been allowed so far (bytes).
     smem_opt_in: RefCell<HashMap<String, u32>>,
     pools: Vec<DevPool>,
-    blas: cublas_sys::cublasHandle_t,
     precision: Precision,
     u32_scratch: RefCell<[Scratch; SLOTS]>,
     f32_scratch: RefCell<[Scratch; SLOTS]>,
@@ -89,85 +90,49 @@ pub struct CudaBackend {
     capturing: Cell<bool>,
     graph_replays: Cell<usize>,
     graph_warned: Cell<bool>,
-    /// lt.rs: the cuBLASLt handle, plans by shape, the workspace cuBLAS and cuBLASLt share.
-    lt_handle: cudarc::cublaslt::sys::cublasLtHandle_t,
-    lt_plans: RefCell<HashMap<lt::LtKey, lt::LtPlan>>,
+    /// lt.rs: cuBLASLt plans by shape, the workspace cuBLAS and cuBLASLt share.
+    lt_plans: RefCell<HashMap<device::LtMatmul, lt::LtPlan>>,
     lt_declined_noted: Cell<bool>,
     blas_workspace: u64,
     /// params.rs: bf16 copies of parameter pools, by pool index.
     param_copies: RefCell<HashMap<usize, params::ParamCopy>>,
 }
 
-fn driver<T>(r: Result<T, cu::DriverError>, what: &str) -> Result<T> {
+fn driver<T>(r: Result<T, DeviceError>, what: &str) -> Result<T> {
     r.map_err(|e| anyhow!("CUDA: {what}: {e:?}"))
 }
 
 /// True when the CUDA driver library can be loaded on this machine.
 pub fn driver_present() -> bool {
-    // SAFETY: only tries to dlopen the driver library.
-    unsafe { sys::is_culib_present() }
+    device::driver_present()
 }
 
 impl CudaBackend {
     /// Opens device `ordinal`, loads the kernels for its compute capability and creates the stream
     /// and cuBLAS handle. Fails with a plain message where there is no driver or no device.
     pub fn new(ordinal: usize, precision: Precision) -> Result<CudaBackend> {
-        if !driver_present() {
-            bail!("--device cuda: no CUDA driver (libcuda.so) on this machine; use --device cpu");
-        }
-        driver(cu::init(), "cuInit")?;
-        let count = driver(cu::device::get_count(), "cuDeviceGetCount")?;
-        ensure!(count > 0, "--device cuda: the CUDA driver sees no GPU");
-        ensure!((ordinal as i32) < count, "--device cuda:{ordinal}: only {count} GPU(s)");
-        let dev = driver(cu::device::get(ordinal as i32), "cuDeviceGet")?;
-        let gpu = driver(cu::device::get_name(dev), "cuDeviceGetName")?;
-        // SAFETY: dev is a valid device; the primary context is retained for the process's life.
-        let ctx = unsafe { driver(cu::primary_ctx::retain(dev), "cuDevicePrimaryCtxRetain")? };
-        unsafe { driver(cu::ctx::set_current(ctx), "cuCtxSetCurrent")? };
-        let attr = |a| unsafe { cu::device::get_attribute(dev, a) };
-        let major = driver(attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR), "attribute")?;
-        let minor = driver(attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR), "attribute")?;
-        ensure!(
-            major >= 8,
-            "--device cuda: {gpu} has compute capability {major}.{minor}; the kernels need 8.0 or newer (A100, H100)"
-        );
-        // A blocking stream: synchronous copies on the legacy stream order after its work.
-        let stream = driver(cu::stream::create(cu::stream::StreamKind::Default), "cuStreamCreate")?;
-        let mut modules = Vec::new();
+        let dev = CudaDriver::open(ordinal)?;
+        CudaBackend::with_device(Box::new(dev), ordinal, precision)
+    }
+
+    /// The backend on an opened device (its context current, its stream made): loads the kernels,
+    /// opens cuBLAS and cuBLASLt and gives them their workspace.
+    fn with_device(mut dev: Box<dyn Device>, ordinal: usize, precision: Precision) -> Result<CudaBackend> {
+        let gpu = dev.device_name().to_string();
+        let (major, minor) = dev.compute_capability();
         for (name, image) in kernels::MODULES {
-            // The fatbin holds sm_80 and sm_90a cubins and compute_80 PTX; the driver picks.
-            // include_bytes! data is only byte-aligned, while the fatbin header holds 64-bit fields
-            // (nvcc itself places fatbins 8-byte aligned): load from an 8-byte-aligned copy.
-            let mut aligned = vec![0u64; image.len().div_ceil(8)];
-            // SAFETY: `aligned` holds at least image.len() bytes.
-            unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr() as *mut u8, image.len()) };
-            let m = unsafe { cu::module::load_data(aligned.as_ptr() as *const c_void) }
+            dev.load_module(image)
                 .map_err(|e| anyhow!("CUDA: loading kernels/{name}.cu's module on {gpu} (sm_{major}{minor}): {e:?}"))?;
-            modules.push(m);
         }
-        // SAFETY: loads libcublas dynamically; a missing library is reported, not a crash.
-        if !unsafe { cublas_sys::is_culib_present() } {
-            bail!("--device cuda: the driver is present but libcublas is not; install the CUDA toolkit's cuBLAS");
-        }
-        let blas = cublas::create_handle().map_err(|e| anyhow!("cuBLAS: create handle: {e:?}"))?;
-        unsafe { cublas::set_stream(blas, stream as cublas_sys::cudaStream_t) }
-            .map_err(|e| anyhow!("cuBLAS: set stream: {e:?}"))?;
-        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
-            bail!("--device cuda: the driver is present but libcublasLt is not; install the CUDA toolkit's cuBLAS");
-        }
-        let lt_handle =
-            cudarc::cublaslt::result::create_handle().map_err(|e| anyhow!("cuBLASLt: create handle: {e:?}"))?;
+        dev.open_blas()?;
         let mut backend = CudaBackend {
             name: format!("cuda:{ordinal} ({gpu}, sm_{major}{minor}, {precision:?})"),
             gpu: gpu.clone(),
             cc: (major, minor),
-            ctx,
-            stream,
-            modules,
+            dev,
             functions: RefCell::new(HashMap::new()),
             smem_opt_in: RefCell::new(HashMap::new()),
             pools: Vec::new(),
-            blas,
             precision,
             u32_scratch: RefCell::new([Scratch::default(); SLOTS]),
             f32_scratch: RefCell::new([Scratch::default(); SLOTS]),
@@ -180,7 +145,6 @@ impl CudaBackend {
             capturing: Cell::new(false),
             graph_replays: Cell::new(0),
             graph_warned: Cell::new(false),
-            lt_handle,
             lt_plans: RefCell::new(HashMap::new()),
             lt_declined_noted: Cell::new(false),
             blas_workspace: 0,
@@ -189,11 +153,10 @@ impl CudaBackend {
         // One workspace for cuBLAS and cuBLASLt, so that neither allocates by itself (an
         // allocation inside a CUDA-graph capture would fail it).
         backend.blas_workspace = backend.raw_alloc(lt::WORKSPACE_BYTES, "cuBLAS workspace")?;
-        unsafe {
-            cublas_sys::cublasSetWorkspace_v2(blas, backend.blas_workspace as *mut c_void, lt::WORKSPACE_BYTES)
-                .result()
-                .map_err(|e| anyhow!("cuBLAS: set workspace: {e:?}"))?;
-        }
+        backend
+            .dev
+            .set_blas_workspace(backend.blas_workspace, lt::WORKSPACE_BYTES)
+            .map_err(|e| anyhow!("cuBLAS: set workspace: {e:?}"))?;
         Ok(backend)
     }
 
@@ -208,7 +171,7 @@ impl CudaBackend {
 
     /// (free, total) device memory in bytes (0, 0 if the driver will not say).
     pub fn memory_info(&self) -> (usize, usize) {
-        cu::mem_get_info().unwrap_or((0, 0))
+        self.dev.memory_info().unwrap_or((0, 0))
     }
 
     pub(crate) fn use_bf16(&self) -> bool {
@@ -222,13 +185,13 @@ impl CudaBackend {
 
     /// Waits for all queued work; surfaces asynchronous kernel faults.
     pub fn synchronize(&self) -> Result<()> {
-        unsafe { driver(cu::stream::synchronize(self.stream), "stream synchronize (a kernel failed)") }
+        driver(self.dev.synchronize(), "stream synchronize (a kernel failed)")
     }
 
     fn raw_alloc(&self, bytes: usize, what: &str) -> Result<u64> {
         let bytes = bytes.max(4);
-        let p = unsafe { cu::malloc_sync(bytes) }.map_err(|e| {
-            let (free, total) = cu::mem_get_info().unwrap_or((0, 0));
+        let p = self.dev.alloc(bytes).map_err(|e| {
+            let (free, total) = self.dev.memory_info().unwrap_or((0, 0));
             anyhow!(
                 "CUDA: allocating {what}: {:.1} MiB needed, {:.1} MiB free of {:.1} MiB ({e:?})",
                 bytes as f64 / 1048576.0,
@@ -236,7 +199,7 @@ impl CudaBackend {
                 total as f64 / 1048576.0
             )
         })?;
-        unsafe { driver(cu::memset_d8_sync(p, 0, bytes), "memset")? };
+        driver(self.dev.memset_d8(p, 0, bytes), "memset")?;
         self.allocations.set(self.allocations.get() + 1);
         self.allocated_bytes.set(self.allocated_bytes.get() + bytes);
         Ok(p)
@@ -252,16 +215,13 @@ impl CudaBackend {
         p.ptr + 4 * t.offset as u64
     }
 
-    fn function(&self, kernel: &str) -> Result<sys::CUfunction> {
+    fn function(&self, kernel: &str) -> Result<Function> {
         if let Some(f) = self.functions.borrow().get(kernel) {
             return Ok(*f);
         }
-        let cname = CString::new(kernel).unwrap();
-        for m in &self.modules {
-            if let Ok(f) = unsafe { cu::module::get_function(*m, cname.clone()) } {
-                self.functions.borrow_mut().insert(kernel.to_string(), f);
-                return Ok(f);
-            }
+        if let Some(f) = self.dev.function(kernel) {
+            self.functions.borrow_mut().insert(kernel.to_string(), f);
+            return Ok(f);
         }
         bail!("CUDA: no kernel named '{kernel}' in the embedded modules (a build/backend mismatch)")
     }
@@ -273,14 +233,9 @@ impl CudaBackend {
             return Ok(());
         }
         let f = self.function(kernel)?;
-        unsafe {
-            cu::function::set_function_attribute(
-                f,
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )
-        }
-        .map_err(|e| anyhow!("CUDA: {kernel}: {bytes} B of dynamic shared memory refused: {e:?}"))?;
+        self.dev
+            .set_max_dynamic_shared(f, bytes)
+            .map_err(|e| anyhow!("CUDA: {kernel}: {bytes} B of dynamic shared memory refused: {e:?}"))?;
         self.smem_opt_in.borrow_mut().insert(kernel.to_string(), bytes);
         Ok(())
     }
@@ -299,8 +254,8 @@ impl CudaBackend {
         }
         let f = self.function(kernel)?;
         let timer = self.profile_start()?;
-        // Each parameter is passed as a pointer to its value; the values live in `vals`.
-        let mut vals: Vec<u64> = args
+        // One 64-bit slot per parameter, as cuLaunchKernel reads them (device.rs `launch`).
+        let vals: Vec<u64> = args
             .iter()
             .map(|a| match *a {
                 Arg::P(p) => p,
@@ -308,10 +263,7 @@ impl CudaBackend {
                 Arg::F(x) => x.to_bits() as u64,
             })
             .collect();
-        let mut params: Vec<*mut c_void> = vals.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
-        // SAFETY: the argument list matches the kernel's signature (each kernel's wrapper builds it);
-        // a u64 slot holds a pointer, and an int or float in its low bytes (little endian).
-        unsafe { cu::launch_kernel(f, grid, block, shared_bytes, self.stream, &mut params) }.map_err(|e| {
+        self.dev.launch(f, grid, block, shared_bytes, &vals).map_err(|e| {
             anyhow!("CUDA: launching {kernel} grid {grid:?} block {block:?} smem {shared_bytes}: {e:?}")
         })?;
         self.profile_end(timer, kernel)?;
@@ -322,25 +274,25 @@ impl CudaBackend {
     }
 
     /// With profiling on: an event recorded before the launch.
-    fn profile_start(&self) -> Result<Option<sys::CUevent>> {
+    fn profile_start(&self) -> Result<Option<Event>> {
         if self.profile.borrow().is_none() {
             return Ok(None);
         }
-        let e = driver(cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT), "event")?;
-        unsafe { driver(cu::event::record(e, self.stream), "event record")? };
+        let e = driver(self.dev.event_create(), "event")?;
+        driver(self.dev.event_record(e), "event record")?;
         Ok(Some(e))
     }
 
     /// Records the end event, waits for it and adds the elapsed time to `kernel`'s entry.
-    fn profile_end(&self, start: Option<sys::CUevent>, kernel: &str) -> Result<()> {
+    fn profile_end(&self, start: Option<Event>, kernel: &str) -> Result<()> {
         let Some(start) = start else { return Ok(()) };
-        let end = driver(cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT), "event")?;
-        let ms = unsafe {
-            driver(cu::event::record(end, self.stream), "event record")?;
-            driver(cu::event::synchronize(end), "event synchronize")?;
-            let ms = driver(cu::event::elapsed(start, end), "event elapsed")?;
-            let _ = cu::event::destroy(start);
-            let _ = cu::event::destroy(end);
+        let end = driver(self.dev.event_create(), "event")?;
+        let ms = {
+            driver(self.dev.event_record(end), "event record")?;
+            driver(self.dev.event_synchronize(end), "event synchronize")?;
+            let ms = driver(self.dev.event_elapsed_ms(start, end), "event elapsed")?;
+            let _ = self.dev.event_destroy(start);
+            let _ = self.dev.event_destroy(end);
             ms
         };
         if let Some(p) = self.profile.borrow_mut().as_mut() {
@@ -364,7 +316,7 @@ impl CudaBackend {
                 let old = std::mem::take(&mut t[slot]);
                 // Forgotten before the new allocation: should that fail, the slot must not keep a
                 // freed address (a later smaller request would be handed it; Drop would free it again).
-                unsafe { driver(cu::free_sync(old.ptr), "free")? };
+                driver(self.dev.free(old.ptr), "free")?;
             }
             let grow = bytes.next_power_of_two().max(1024);
             t[slot] = Scratch { ptr: self.raw_alloc(grow, what)?, bytes: grow };
@@ -378,7 +330,7 @@ impl CudaBackend {
         if !data.is_empty() {
             // Ordered after the stream's queued work (a blocking stream), so no kernel still reads it.
             self.synchronize()?;
-            unsafe { driver(cu::memcpy_htod_sync(p, data), "copy to device")? };
+            driver(self.dev.copy_htod(p, bytemuck::cast_slice(data)), "copy to device")?;
         }
         Ok(p)
     }
@@ -450,44 +402,14 @@ impl CudaBackend {
         c: u64,
         ldc: usize,
     ) -> Result<()> {
-        use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
-        let alpha = 1.0f32;
-        let compute = if self.use_bf16() {
-            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
-        } else {
-            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
-        };
-        let f32t = cublas_sys::cudaDataType::CUDA_R_32F;
+        let compute = if self.use_bf16() { Compute::F32FastBf16 } else { Compute::F32 };
         let timer = self.profile_start()?;
-        // SAFETY: pointers come from `dptr` of checked tensors; sizes were validated by the caller.
-        let r = unsafe {
-            cublas::gemm_ex(
-                self.blas,
-                op(ta),
-                op(tb),
-                m as i32,
-                n as i32,
-                k as i32,
-                &alpha as *const f32 as *const c_void,
-                a as *const c_void,
-                f32t,
-                lda as i32,
-                b as *const c_void,
-                f32t,
-                ldb as i32,
-                &beta as *const f32 as *const c_void,
-                c as *mut c_void,
-                f32t,
-                ldc as i32,
-                compute,
-                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| anyhow!("cuBLAS: gemm {m}×{n}×{k} ({label}): {e:?}"));
+        // Pointers come from `dptr` of checked tensors; sizes were validated by the caller.
+        let g = Gemm { ta, tb, m, n, k, alpha: 1.0, a, lda, b, ldb, beta, c, ldc, compute };
+        let r = self.dev.gemm_ex(&g).map_err(|e| anyhow!("cuBLAS: gemm {m}×{n}×{k} ({label}): {e:?}"));
         r?;
         self.profile_end(timer, label)
     }
@@ -509,30 +431,22 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         self.clear_graphs_impl();
         self.lt_destroy_plans();
-        unsafe {
-            let _ = cu::stream::synchronize(self.stream);
-            let _ = cudarc::cublaslt::result::destroy_handle(self.lt_handle);
-            if self.blas_workspace != 0 {
-                let _ = cu::free_sync(self.blas_workspace);
-            }
-            for p in &self.pools {
-                let _ = cu::free_sync(p.ptr);
-            }
-            for c in self.param_copies.borrow().values() {
-                let _ = cu::free_sync(c.ptr.get());
-            }
-            for s in self.u32_scratch.borrow().iter().chain(self.f32_scratch.borrow().iter()) {
-                if s.ptr != 0 {
-                    let _ = cu::free_sync(s.ptr);
-                }
-            }
-            let _ = cublas::destroy_handle(self.blas);
-            for m in &self.modules {
-                let _ = cu::module::unload(*m);
-            }
-            let _ = cu::stream::destroy(self.stream);
+        let _ = self.dev.synchronize();
+        if self.blas_workspace != 0 {
+            let _ = self.dev.free(self.blas_workspace);
         }
-        let _ = self.ctx;
+        for p in &self.pools {
+            let _ = self.dev.free(p.ptr);
+        }
+        for c in self.param_copies.borrow().values() {
+            let _ = self.dev.free(c.ptr.get());
+        }
+        for s in self.u32_scratch.borrow().iter().chain(self.f32_scratch.borrow().iter()) {
+            if s.ptr != 0 {
+                let _ = self.dev.free(s.ptr);
+            }
+        }
+        // Then `dev` drops: the cuBLASLt and cuBLAS handles, the modules, the stream.
     }
 }
 
@@ -625,14 +539,14 @@ impl Backend for CudaBackend {
         self.params_written(dst);
         let p = self.dptr(dst);
         self.synchronize()?;
-        unsafe { driver(cu::memcpy_htod_sync(p, src), "copy to device") }
+        driver(self.dev.copy_htod(p, bytemuck::cast_slice(src)), "copy to device")
     }
 
     fn download(&self, src: &Tensor) -> Result<Vec<f32>> {
         let p = self.dptr(src);
         let mut out = vec![0f32; src.numel()];
         self.synchronize()?;
-        unsafe { driver(cu::memcpy_dtoh_sync(&mut out, p), "copy to host")? };
+        driver(self.dev.copy_dtoh(bytemuck::cast_slice_mut(&mut out), p), "copy to host")?;
         Ok(out)
     }
 

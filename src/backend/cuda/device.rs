@@ -1,0 +1,751 @@
+//! The device layer under the CUDA backend (issue 14, ARCHITECTURE.md decision 11): every call the
+//! backend makes to the CUDA driver, cuBLAS and cuBLASLt goes through [`Device`]. Nothing above this
+//! file names cudarc; `CudaBackend` holds a `Box<dyn Device>` and does not know what is under it.
+//!
+//! Implementations:
+//! * [`CudaDriver`] (here): the real driver through cudarc, exactly the calls the backend made before
+//!   this layer existed, on one blocking stream of the device's primary context.
+//! * The emulated device (next step, feature `cuda-emu`, not written yet). How it will meet this
+//!   contract:
+//!   - Memory: device addresses are host addresses, so the host-compiled kernels dereference them
+//!     directly. `alloc` maps `bytes` rounded up to pages plus one PROT_NONE guard page and places the
+//!     buffer so that it ends at the guard (a read or write past the end faults, as in
+//!     tests/kernel_emu/run.cpp `dev_alloc`), filled with 0xFF (NaN in f32 and bf16: "contents
+//!     undefined"); `free` unmaps (use after free faults). Copies and memset check that
+//!     `[ptr, ptr+bytes)` lies in one live allocation and say which one it overruns otherwise.
+//!   - Modules and launches: build.rs (feature `cuda-emu`) compiles tests/kernel_emu/emu.h and the
+//!     unmodified kernels/*.cu with the `cc` crate into a static library, plus a generated registry:
+//!     one entry per `extern "C" __global__` kernel, name → launcher, where the launcher is
+//!     `emu::launch_args(name, &kernel, bound, ...)`, so the C++ compiler deduces each kernel's
+//!     signature from the function itself (no hand-kept table; the hand-written `REG` list in
+//!     run.cpp goes). The names come from what nvcc compiled (build.rs already has ptxas's
+//!     per-kernel report, `kernels::PTXAS_REPORT`), and each kernel's `__launch_bounds__` from the
+//!     PTX `.maxntid` directive (or a `__launch_bounds__` parse that also expands the
+//!     `attention_*_d##H` macro); a kernel in the report but missing from the registry is a build
+//!     error. `load_module` accepts the embedded images (checks nothing in them); `function` looks
+//!     the name up in the registry (None if absent, as the real lookup); `launch` receives the same
+//!     u64 slots as `cuLaunchKernel` and checks what the driver or hardware would refuse: empty or
+//!     oversized grid/block, threads above `__launch_bounds__`, dynamic shared memory above 48 KiB
+//!     or the size opted in with `set_max_dynamic_shared` (which refuses more than the emulated
+//!     card allows: 163 KiB as sm_80, the strictest target, as emu.h does), the
+//!     argument count against the signature, and each slot against its parameter's size (a 4-byte
+//!     int/float parameter whose slot has nonzero upper bytes is a pointer passed as an int; a
+//!     pointer parameter whose slot lies in no live allocation is flagged when the kernel
+//!     dereferences it: guard pages). The slots carry no kinds (the driver sees none either); the
+//!     emulator's existing P/I/F kind check becomes this size check. Kernel faults (misaligned
+//!     vector access, guard-page hits, divergent barriers) are reported with kernel, grid, block and
+//!     thread, and turned into a sticky error that the next `synchronize` returns, as a real fault
+//!     would (emu.h ends the process today; the library version must return instead, e.g. by
+//!     running each launch in a forked child or by longjmp out of the fibers on SIGSEGV).
+//!   - Stream order: everything runs synchronously at the call, so stream order is program order;
+//!     `synchronize` returns the sticky error if any. Events record a host clock.
+//!   - Graphs: `begin_capture` starts recording; until `end_capture`, `launch`, `gemm_ex`,
+//!     `lt_set_bias` + `lt_matmul` are recorded (with their argument bytes, not run), and
+//!     `synchronize`, `alloc`, `free`, `copy_*`, `memset_d8`, `event_synchronize` fail the capture
+//!     as CU_STREAM_CAPTURE_MODE_GLOBAL does (the call returns an error and `end_capture` then
+//!     returns an error too). `graph_launch` replays the recorded calls in order.
+//!   - GEMMs: a reference GEMM (f64 accumulation, rounded to f32 once) with cuBLAS's exact
+//!     semantics: column-major, `op(A)` is m×k, leading dimensions in elements, alpha/beta
+//!     (beta = 0 ignores C, even NaN), `Compute::F32FastBf16` rounding A and B to bf16 (nearest
+//!     even) before the product; cuBLASLt the same plus the BIAS epilogue (one f32 per row of D,
+//!     added after alpha·AB + beta·C; whether beta = 0 skips reading C there too is to be read in
+//!     the cuBLASLt documentation, not assumed). Checked against known answers written from the
+//!     cuBLAS and cuBLASLt documentation (numpy in Fortran order), not against this code.
+//!     `lt_plan` refuses what cuBLASLt refuses (a leading dimension below the stored rows); a call
+//!     whose addresses break the plan's promised alignments is an error.
+//!   - Opening: an `EmuDevice::open()` beside `CudaDriver::open`, reporting (8, 0) and a name that
+//!     says it is emulated; `CudaBackend::with_device` takes either. Choosing between them
+//!     (`--device cuda` without a driver, or `ROENTGEN_CUDA_EMU=1`) is `CudaBackend::new`'s job.
+//!
+//! Errors: calls that the vendor libraries answer with a status return [`DeviceError`], which
+//! prints as the binding's status (`DriverError(CUDA_ERROR_..., "...")`, `CublasError(...)`); the
+//! backend adds what it was doing, so its messages read exactly as before this layer.
+
+use anyhow::{anyhow, bail, ensure, Result};
+use cudarc::cublas::{result as cublas, sys as cublas_sys};
+use cudarc::cublaslt::{result as lt, sys as lts};
+use cudarc::driver::{result as cu, sys};
+use std::cell::RefCell;
+use std::ffi::{c_void, CString};
+
+/// A status from the driver, cuBLAS or cuBLASLt, or a message of the device layer itself. Its
+/// Debug text is the binding's (`DriverError(CUDA_ERROR_..., "...")`, `CublasError(...)`), produced
+/// only when formatted (the backend formats it with `{e:?}`).
+#[derive(Clone)]
+pub(crate) enum DeviceError {
+    Driver(cu::DriverError),
+    Blas(cublas::CublasError),
+    BlasLt(lt::CublasError),
+    /// Said by the device layer (an emulated device's refusal, a misused handle).
+    Message(String),
+}
+
+impl std::fmt::Debug for DeviceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceError::Driver(e) => e.fmt(f),
+            DeviceError::Blas(e) => e.fmt(f),
+            DeviceError::BlasLt(e) => e.fmt(f),
+            DeviceError::Message(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<cu::DriverError> for DeviceError {
+    fn from(e: cu::DriverError) -> Self {
+        DeviceError::Driver(e)
+    }
+}
+
+impl From<cublas::CublasError> for DeviceError {
+    fn from(e: cublas::CublasError) -> Self {
+        DeviceError::Blas(e)
+    }
+}
+
+impl From<lt::CublasError> for DeviceError {
+    fn from(e: lt::CublasError) -> Self {
+        DeviceError::BlasLt(e)
+    }
+}
+
+/// A kernel of a loaded module (opaque to the backend; valid while the device lives).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Function(pub(crate) u64);
+
+/// A timing event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Event(pub(crate) u64);
+
+/// A captured, not yet instantiated graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Graph(pub(crate) u64);
+
+/// An instantiated graph, launchable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GraphExec(pub(crate) u64);
+
+/// A cuBLASLt product described once (matmul descriptor, three matrix layouts, the algorithm the
+/// heuristic chose), used by `lt_set_bias` and `lt_matmul` until `lt_destroy_plan`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MatmulPlan(pub(crate) u64);
+
+/// The compute type of a GEMM on f32 data (cublasComputeType_t).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Compute {
+    /// CUBLAS_COMPUTE_32F: f32 products, f32 accumulation.
+    F32,
+    /// CUBLAS_COMPUTE_32F_FAST_16BF: the library may round A and B to bf16 (nearest even) and use
+    /// bf16 tensor cores; f32 accumulation, alpha/beta and C in f32.
+    F32FastBf16,
+}
+
+/// One cuBLAS `cublasGemmEx` call, all matrices f32 (CUDA_R_32F), column-major, algorithm
+/// CUBLAS_GEMM_DEFAULT: C (m×n, ldc) = alpha·op(A)·op(B) + beta·C, where op(X) = Xᵀ when the
+/// flag is set; op(A) is m×k (A stored k×m, lda ≥ k, when `ta`; m×k, lda ≥ m, otherwise), op(B) is
+/// k×n (B stored n×k, ldb ≥ n, when `tb`; k×n, ldb ≥ k, otherwise); ldc ≥ m. Leading dimensions
+/// in elements. With beta = 0, C is not read (NaN in C does not propagate). m, n, k fit in i32.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Gemm {
+    pub ta: bool,
+    pub tb: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub alpha: f32,
+    pub a: u64,
+    pub lda: usize,
+    pub b: u64,
+    pub ldb: usize,
+    pub beta: f32,
+    pub c: u64,
+    pub ldc: usize,
+    pub compute: Compute,
+}
+
+/// The shape of a cuBLASLt product, what a plan is made for: D = alpha·op(A)·op(B) + beta·C
+/// (+ bias), f32 matrices and scale type, column-major, C and D the same matrix (layout C), shapes
+/// and leading dimensions as in [`Gemm`]. `bias`: the BIAS epilogue (D[i][j] += bias[i], one f32 per
+/// row of D, its address set per call with `lt_set_bias`). `align`: the alignments in bytes of A,
+/// B and C/D promised to the heuristic (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES, D
+/// taking C's); the call's addresses must honour them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct LtMatmul {
+    pub ta: bool,
+    pub tb: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub bias: bool,
+    pub compute: Compute,
+    pub align: [u32; 3],
+}
+
+/// The per-call operands of `lt_matmul`: scalars, addresses, and the workspace cuBLASLt may use
+/// (`workspace_bytes` at `workspace`, at most the plan's `max_workspace`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LtOperands {
+    pub alpha: f32,
+    pub beta: f32,
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+    pub workspace: u64,
+    pub workspace_bytes: usize,
+}
+
+/// The narrow interface between `CudaBackend` and a CUDA device: one stream (blocking: it orders
+/// after work on the legacy default stream and the synchronous copies order after it), device
+/// memory as `u64` addresses, kernels from the embedded modules, cuBLAS and cuBLASLt bound to that
+/// stream. Work queued on the stream runs in queue order; "queued" calls return before it runs
+/// (their faults surface at a later `synchronize`). Handles are valid until destroyed or until the
+/// device is dropped; dropping the device releases its stream, modules and library handles (not
+/// the memory: the backend frees what it allocated first).
+pub(crate) trait Device {
+    // ---- identity -----------------------------------------------------------------------------
+    /// The device's name as the driver gives it (cuDeviceGetName).
+    fn device_name(&self) -> &str;
+    /// (major, minor) compute capability.
+    fn compute_capability(&self) -> (i32, i32);
+    /// (free, total) device memory in bytes (cuMemGetInfo).
+    fn memory_info(&self) -> Result<(usize, usize), DeviceError>;
+
+    // ---- memory -------------------------------------------------------------------------------
+    /// cuMemAlloc: `bytes` (> 0) of device memory, aligned for any kind of variable (256 bytes in
+    /// practice), contents undefined. Refused during a graph capture.
+    fn alloc(&self, bytes: usize) -> Result<u64, DeviceError>;
+    /// cuMemFree of an address `alloc` returned. Refused during a graph capture; the backend
+    /// synchronises first wherever queued work may still use the memory.
+    fn free(&self, ptr: u64) -> Result<(), DeviceError>;
+    /// cuMemsetD8: sets `bytes` bytes from `ptr` to `value`, ordered after the work queued on the
+    /// stream (legacy-stream semantics); may return before it is done.
+    fn memset_d8(&self, ptr: u64, value: u8, bytes: usize) -> Result<(), DeviceError>;
+    /// cuMemcpyHtoD: copies `src` to `[dst, dst + src.len())`, ordered after the stream's queued
+    /// work; `src` may be reused when it returns.
+    fn copy_htod(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError>;
+    /// cuMemcpyDtoH: copies `[src, src + dst.len())` into `dst` after the stream's queued work
+    /// has finished; returns when `dst` holds the data.
+    fn copy_dtoh(&self, dst: &mut [u8], src: u64) -> Result<(), DeviceError>;
+
+    // ---- modules and kernels --------------------------------------------------------------------
+    /// cuModuleLoadData of one embedded image (a fatbin from build.rs: sm_80 and sm_90a cubins
+    /// and compute_80 PTX, `include_bytes!` data, any alignment).
+    fn load_module(&mut self, image: &[u8]) -> Result<(), DeviceError>;
+    /// The `extern "C"` kernel `name` of the first loaded module (in load order) that has it;
+    /// None if none does.
+    fn function(&self, name: &str) -> Option<Function>;
+    /// cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes): lets later
+    /// launches of `f` ask for up to `bytes` of dynamic shared memory (48 KiB without it).
+    fn set_max_dynamic_shared(&self, f: Function, bytes: u32) -> Result<(), DeviceError>;
+    /// cuLaunchKernel on the stream: `grid` blocks of `block` threads, `shared_bytes` of dynamic
+    /// shared memory. `args` holds one 64-bit slot per kernel parameter, in parameter order: the
+    /// driver reads sizeof(parameter) bytes from the start of each slot (little endian: a pointer
+    /// takes the whole slot, an int or float its low 4 bytes) — the bytes the kernel receives. The
+    /// slots are read before the call returns. Queued (faults surface at `synchronize`).
+    fn launch(
+        &self,
+        f: Function,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &[u64],
+    ) -> Result<(), DeviceError>;
+    /// cuStreamSynchronize: waits for the stream's queued work; returns the first fault of it (a
+    /// fault is sticky: the context is unusable afterwards).
+    fn synchronize(&self) -> Result<(), DeviceError>;
+
+    // ---- events (profiling) -------------------------------------------------------------------
+    /// cuEventCreate(CU_EVENT_DEFAULT): a timing event.
+    fn event_create(&self) -> Result<Event, DeviceError>;
+    /// cuEventRecord on the stream: the event completes when the work queued before it has.
+    fn event_record(&self, e: Event) -> Result<(), DeviceError>;
+    /// cuEventSynchronize: waits until `e` has completed.
+    fn event_synchronize(&self, e: Event) -> Result<(), DeviceError>;
+    /// cuEventElapsedTime: milliseconds from `start` to `end`, both recorded and completed.
+    fn event_elapsed_ms(&self, start: Event, end: Event) -> Result<f32, DeviceError>;
+    /// cuEventDestroy.
+    fn event_destroy(&self, e: Event) -> Result<(), DeviceError>;
+
+    // ---- graphs -------------------------------------------------------------------------------
+    /// cuStreamBeginCapture(CU_STREAM_CAPTURE_MODE_GLOBAL): from now on work queued on the stream
+    /// is recorded, not run; a synchronisation, allocation, free or synchronous copy (anywhere in
+    /// the process) meanwhile is an error and invalidates the capture.
+    fn begin_capture(&self) -> Result<(), DeviceError>;
+    /// cuStreamEndCapture: the recorded graph (None if the driver returns none), or the error that
+    /// invalidated the capture. The stream leaves capture mode either way.
+    fn end_capture(&self) -> Result<Option<Graph>, DeviceError>;
+    /// cuGraphInstantiateWithFlags(flags 0). The graph may be destroyed afterwards.
+    fn graph_instantiate(&self, g: Graph) -> Result<GraphExec, DeviceError>;
+    /// cuGraphDestroy.
+    fn graph_destroy(&self, g: Graph) -> Result<(), DeviceError>;
+    /// cuGraphLaunch on the stream: queues the recorded work, with the recorded argument bytes.
+    fn graph_launch(&self, e: GraphExec) -> Result<(), DeviceError>;
+    /// cuGraphExecDestroy.
+    fn graph_exec_destroy(&self, e: GraphExec) -> Result<(), DeviceError>;
+
+    // ---- cuBLAS and cuBLASLt ------------------------------------------------------------------
+    /// Opens cuBLAS and cuBLASLt on the stream (the second half of opening the device; the error
+    /// says which library is missing).
+    fn open_blas(&mut self) -> Result<()>;
+    /// cublasSetWorkspace: cuBLAS uses `bytes` at `ptr` instead of allocating its own (which a graph
+    /// capture would refuse).
+    fn set_blas_workspace(&self, ptr: u64, bytes: usize) -> Result<(), DeviceError>;
+    /// cublasGemmEx on the stream (see [`Gemm`] for the exact operation). Queued.
+    fn gemm_ex(&self, g: &Gemm) -> Result<(), DeviceError>;
+    /// Describes `shape` to cuBLASLt (matmul descriptor with TRANSA/TRANSB and the BIAS epilogue if
+    /// asked, matrix layouts of A, B and C, a preference with `max_workspace` bytes and the
+    /// alignments) and asks its heuristic for the best algorithm. Err when any step is refused or
+    /// no algorithm exists; nothing is left allocated then.
+    fn lt_plan(&self, shape: &LtMatmul, max_workspace: usize) -> Result<MatmulPlan, DeviceError>;
+    /// Sets the BIAS epilogue's vector address (CUBLASLT_MATMUL_DESC_BIAS_POINTER) for the plan's
+    /// following `lt_matmul` calls; the value is copied. A call recorded in a graph keeps the
+    /// address it was recorded with.
+    fn lt_set_bias(&self, plan: MatmulPlan, bias: u64) -> Result<(), DeviceError>;
+    /// cublasLtMatmul on the stream with the plan's descriptor, layouts and algorithm: D = C at
+    /// `ops.c`, in place. Queued; an Err is a refusal before anything ran.
+    fn lt_matmul(&self, plan: MatmulPlan, ops: &LtOperands) -> Result<(), DeviceError>;
+    /// Destroys the plan's descriptor and layouts.
+    fn lt_destroy_plan(&self, plan: MatmulPlan);
+}
+
+/// True when the CUDA driver library can be loaded on this machine.
+pub(crate) fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library.
+    unsafe { sys::is_culib_present() }
+}
+
+/// A plan of the real cuBLASLt.
+#[derive(Clone, Copy)]
+struct RealPlan {
+    desc: lts::cublasLtMatmulDesc_t,
+    layouts: [lts::cublasLtMatrixLayout_t; 3],
+    algo: lts::cublasLtMatmulAlgo_t,
+}
+
+/// The real device: the CUDA driver, cuBLAS and cuBLASLt through cudarc (loaded at run time).
+pub(crate) struct CudaDriver {
+    gpu: String,
+    cc: (i32, i32),
+    ctx: sys::CUcontext,
+    stream: sys::CUstream,
+    modules: Vec<sys::CUmodule>,
+    /// Null until `open_blas`.
+    blas: cublas_sys::cublasHandle_t,
+    lt_handle: lts::cublasLtHandle_t,
+    /// Plans by `MatmulPlan` index; None once destroyed.
+    plans: RefCell<Vec<Option<RealPlan>>>,
+}
+
+fn driver<T>(r: Result<T, cu::DriverError>, what: &str) -> Result<T> {
+    r.map_err(|e| anyhow!("CUDA: {what}: {e:?}"))
+}
+
+impl CudaDriver {
+    /// Opens device `ordinal`'s primary context and creates the stream. Fails with a plain message
+    /// where there is no driver, no such device, or a device older than the kernels (sm_80).
+    pub(crate) fn open(ordinal: usize) -> Result<CudaDriver> {
+        if !driver_present() {
+            bail!("--device cuda: no CUDA driver (libcuda.so) on this machine; use --device cpu");
+        }
+        driver(cu::init(), "cuInit")?;
+        let count = driver(cu::device::get_count(), "cuDeviceGetCount")?;
+        ensure!(count > 0, "--device cuda: the CUDA driver sees no GPU");
+        ensure!((ordinal as i32) < count, "--device cuda:{ordinal}: only {count} GPU(s)");
+        let dev = driver(cu::device::get(ordinal as i32), "cuDeviceGet")?;
+        let gpu = driver(cu::device::get_name(dev), "cuDeviceGetName")?;
+        // SAFETY: dev is a valid device; the primary context is retained for the process's life.
+        let ctx = unsafe { driver(cu::primary_ctx::retain(dev), "cuDevicePrimaryCtxRetain")? };
+        unsafe { driver(cu::ctx::set_current(ctx), "cuCtxSetCurrent")? };
+        let attr = |a| unsafe { cu::device::get_attribute(dev, a) };
+        let major = driver(attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR), "attribute")?;
+        let minor = driver(attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR), "attribute")?;
+        ensure!(
+            major >= 8,
+            "--device cuda: {gpu} has compute capability {major}.{minor}; the kernels need 8.0 or newer (A100, H100)"
+        );
+        // A blocking stream: synchronous copies on the legacy stream order after its work.
+        let stream = driver(cu::stream::create(cu::stream::StreamKind::Default), "cuStreamCreate")?;
+        Ok(CudaDriver {
+            gpu,
+            cc: (major, minor),
+            ctx,
+            stream,
+            modules: Vec::new(),
+            blas: std::ptr::null_mut(),
+            lt_handle: std::ptr::null_mut(),
+            plans: RefCell::new(Vec::new()),
+        })
+    }
+
+    fn real_plan(&self, plan: MatmulPlan) -> Result<RealPlan, DeviceError> {
+        match self.plans.borrow().get(plan.0 as usize) {
+            Some(Some(p)) => Ok(*p),
+            _ => Err(DeviceError::Message(format!("no cuBLASLt plan {}", plan.0))),
+        }
+    }
+
+    fn lt_describe(
+        &self,
+        key: &LtMatmul,
+        max_workspace: usize,
+        parts: &mut LtParts,
+    ) -> Result<lts::cublasLtMatmulAlgo_t, lt::CublasError> {
+        let compute = match key.compute {
+            Compute::F32FastBf16 => lts::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+            Compute::F32 => lts::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        };
+        let f32t = lts::cudaDataType::CUDA_R_32F;
+        let desc = lt::create_matmul_desc(compute, f32t)?;
+        parts.desc = Some(desc);
+        let set =
+            |attr, v: &[u8]| unsafe { lt::set_matmul_desc_attribute(desc, attr, v.as_ptr() as *const c_void, v.len()) };
+        // cublasOperation_t is an int32: N = 0, T = 1.
+        set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &(key.ta as i32).to_ne_bytes())?;
+        set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &(key.tb as i32).to_ne_bytes())?;
+        if key.bias {
+            let epi = lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
+            set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi.to_ne_bytes())?;
+        }
+        // Stored shapes: op(A) is m×k, so A is k×m when transposed; op(B) is k×n.
+        let (ar, ac) = if key.ta { (key.k, key.m) } else { (key.m, key.k) };
+        let (br, bc) = if key.tb { (key.n, key.k) } else { (key.k, key.n) };
+        for (r, c, ld) in [(ar, ac, key.lda), (br, bc, key.ldb), (key.m, key.n, key.ldc)] {
+            let l = lt::create_matrix_layout(f32t, r as u64, c as u64, ld as i64)?;
+            parts.layouts.push(l);
+        }
+        let pref = lt::create_matmul_pref()?;
+        parts.pref = Some(pref);
+        let ws = max_workspace as u64;
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as *const c_void,
+                std::mem::size_of::<u64>(),
+            )?;
+            use lts::cublasLtMatmulPreferenceAttributes_t as P;
+            for (attr, al) in [
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align[0]),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align[1]),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align[2]),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align[2]),
+            ] {
+                lt::set_matmul_pref_attribute(pref, attr, &al as *const u32 as *const c_void, 4)?;
+            }
+            let l = &parts.layouts;
+            let h = lt::get_matmul_algo_heuristic(self.lt_handle, desc, l[0], l[1], l[2], l[2], pref)?;
+            Ok(h.algo)
+        }
+    }
+}
+
+/// What `lt_describe` has created so far; destroyed on drop unless taken into a plan (the
+/// preference is always destroyed: plans do not keep it).
+struct LtParts {
+    desc: Option<lts::cublasLtMatmulDesc_t>,
+    layouts: Vec<lts::cublasLtMatrixLayout_t>,
+    pref: Option<lts::cublasLtMatmulPreference_t>,
+}
+
+impl Drop for LtParts {
+    fn drop(&mut self) {
+        unsafe {
+            if let Some(p) = self.pref.take() {
+                let _ = lt::destroy_matmul_pref(p);
+            }
+            if let Some(d) = self.desc.take() {
+                let _ = lt::destroy_matmul_desc(d);
+            }
+            for l in self.layouts.drain(..) {
+                let _ = lt::destroy_matrix_layout(l);
+            }
+        }
+    }
+}
+
+fn destroy_real_plan(p: RealPlan) {
+    unsafe {
+        let _ = lt::destroy_matmul_desc(p.desc);
+        for l in p.layouts.iter() {
+            let _ = lt::destroy_matrix_layout(*l);
+        }
+    }
+}
+
+impl Device for CudaDriver {
+    fn device_name(&self) -> &str {
+        &self.gpu
+    }
+
+    fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+
+    fn memory_info(&self) -> Result<(usize, usize), DeviceError> {
+        cu::mem_get_info().map_err(DeviceError::from)
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<u64, DeviceError> {
+        unsafe { cu::malloc_sync(bytes) }.map_err(DeviceError::from)
+    }
+
+    fn free(&self, ptr: u64) -> Result<(), DeviceError> {
+        unsafe { cu::free_sync(ptr) }.map_err(DeviceError::from)
+    }
+
+    fn memset_d8(&self, ptr: u64, value: u8, bytes: usize) -> Result<(), DeviceError> {
+        unsafe { cu::memset_d8_sync(ptr, value, bytes) }.map_err(DeviceError::from)
+    }
+
+    fn copy_htod(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError> {
+        unsafe { cu::memcpy_htod_sync(dst, src) }.map_err(DeviceError::from)
+    }
+
+    fn copy_dtoh(&self, dst: &mut [u8], src: u64) -> Result<(), DeviceError> {
+        unsafe { cu::memcpy_dtoh_sync(dst, src) }.map_err(DeviceError::from)
+    }
+
+    fn load_module(&mut self, image: &[u8]) -> Result<(), DeviceError> {
+        // The fatbin holds sm_80 and sm_90a cubins and compute_80 PTX; the driver picks.
+        // include_bytes! data is only byte-aligned, while the fatbin header holds 64-bit fields
+        // (nvcc itself places fatbins 8-byte aligned): load from an 8-byte-aligned copy.
+        let mut aligned = vec![0u64; image.len().div_ceil(8)];
+        // SAFETY: `aligned` holds at least image.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr() as *mut u8, image.len()) };
+        let m = unsafe { cu::module::load_data(aligned.as_ptr() as *const c_void) }.map_err(DeviceError::from)?;
+        self.modules.push(m);
+        Ok(())
+    }
+
+    fn function(&self, name: &str) -> Option<Function> {
+        let cname = CString::new(name).unwrap();
+        for m in &self.modules {
+            if let Ok(f) = unsafe { cu::module::get_function(*m, cname.clone()) } {
+                return Some(Function(f as usize as u64));
+            }
+        }
+        None
+    }
+
+    fn set_max_dynamic_shared(&self, f: Function, bytes: u32) -> Result<(), DeviceError> {
+        unsafe {
+            cu::function::set_function_attribute(
+                f.0 as usize as sys::CUfunction,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        }
+        .map_err(DeviceError::from)
+    }
+
+    fn launch(
+        &self,
+        f: Function,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &[u64],
+    ) -> Result<(), DeviceError> {
+        // Each parameter is passed as a pointer to its slot; the driver only reads through them.
+        let mut params: Vec<*mut c_void> = args.iter().map(|v| v as *const u64 as *mut c_void).collect();
+        // SAFETY: the argument list matches the kernel's signature (each kernel's wrapper builds it);
+        // a u64 slot holds a pointer, and an int or float in its low bytes (little endian).
+        unsafe {
+            cu::launch_kernel(f.0 as usize as sys::CUfunction, grid, block, shared_bytes, self.stream, &mut params)
+        }
+        .map_err(DeviceError::from)
+    }
+
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        unsafe { cu::stream::synchronize(self.stream) }.map_err(DeviceError::from)
+    }
+
+    fn event_create(&self) -> Result<Event, DeviceError> {
+        cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map(|e| Event(e as usize as u64))
+            .map_err(DeviceError::from)
+    }
+
+    fn event_record(&self, e: Event) -> Result<(), DeviceError> {
+        unsafe { cu::event::record(e.0 as usize as sys::CUevent, self.stream) }.map_err(DeviceError::from)
+    }
+
+    fn event_synchronize(&self, e: Event) -> Result<(), DeviceError> {
+        unsafe { cu::event::synchronize(e.0 as usize as sys::CUevent) }.map_err(DeviceError::from)
+    }
+
+    fn event_elapsed_ms(&self, start: Event, end: Event) -> Result<f32, DeviceError> {
+        unsafe { cu::event::elapsed(start.0 as usize as sys::CUevent, end.0 as usize as sys::CUevent) }
+            .map_err(DeviceError::from)
+    }
+
+    fn event_destroy(&self, e: Event) -> Result<(), DeviceError> {
+        unsafe { cu::event::destroy(e.0 as usize as sys::CUevent) }.map_err(DeviceError::from)
+    }
+
+    fn begin_capture(&self) -> Result<(), DeviceError> {
+        unsafe { cu::stream::begin_capture(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL) }
+            .map_err(DeviceError::from)
+    }
+
+    fn end_capture(&self) -> Result<Option<Graph>, DeviceError> {
+        let g = unsafe { cu::stream::end_capture(self.stream) }.map_err(DeviceError::from)?;
+        Ok((!g.is_null()).then_some(Graph(g as usize as u64)))
+    }
+
+    fn graph_instantiate(&self, g: Graph) -> Result<GraphExec, DeviceError> {
+        unsafe { cu::graph::instantiate(g.0 as usize as sys::CUgraph, sys::CUgraphInstantiate_flags(0)) }
+            .map(|e| GraphExec(e as usize as u64))
+            .map_err(DeviceError::from)
+    }
+
+    fn graph_destroy(&self, g: Graph) -> Result<(), DeviceError> {
+        unsafe { cu::graph::destroy(g.0 as usize as sys::CUgraph) }.map_err(DeviceError::from)
+    }
+
+    fn graph_launch(&self, e: GraphExec) -> Result<(), DeviceError> {
+        unsafe { cu::graph::launch(e.0 as usize as sys::CUgraphExec, self.stream) }.map_err(DeviceError::from)
+    }
+
+    fn graph_exec_destroy(&self, e: GraphExec) -> Result<(), DeviceError> {
+        unsafe { cu::graph::exec_destroy(e.0 as usize as sys::CUgraphExec) }.map_err(DeviceError::from)
+    }
+
+    fn open_blas(&mut self) -> Result<()> {
+        // SAFETY: loads libcublas dynamically; a missing library is reported, not a crash.
+        if !unsafe { cublas_sys::is_culib_present() } {
+            bail!("--device cuda: the driver is present but libcublas is not; install the CUDA toolkit's cuBLAS");
+        }
+        self.blas = cublas::create_handle().map_err(|e| anyhow!("cuBLAS: create handle: {e:?}"))?;
+        unsafe { cublas::set_stream(self.blas, self.stream as cublas_sys::cudaStream_t) }
+            .map_err(|e| anyhow!("cuBLAS: set stream: {e:?}"))?;
+        if !unsafe { lts::is_culib_present() } {
+            bail!("--device cuda: the driver is present but libcublasLt is not; install the CUDA toolkit's cuBLAS");
+        }
+        self.lt_handle = lt::create_handle().map_err(|e| anyhow!("cuBLASLt: create handle: {e:?}"))?;
+        Ok(())
+    }
+
+    fn set_blas_workspace(&self, ptr: u64, bytes: usize) -> Result<(), DeviceError> {
+        unsafe { cublas_sys::cublasSetWorkspace_v2(self.blas, ptr as *mut c_void, bytes).result() }
+            .map_err(DeviceError::from)
+    }
+
+    fn gemm_ex(&self, g: &Gemm) -> Result<(), DeviceError> {
+        use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let compute = match g.compute {
+            Compute::F32FastBf16 => cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+            Compute::F32 => cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        };
+        let f32t = cublas_sys::cudaDataType::CUDA_R_32F;
+        // SAFETY: the caller's addresses are device buffers of the described shapes.
+        unsafe {
+            cublas::gemm_ex(
+                self.blas,
+                op(g.ta),
+                op(g.tb),
+                g.m as i32,
+                g.n as i32,
+                g.k as i32,
+                &g.alpha as *const f32 as *const c_void,
+                g.a as *const c_void,
+                f32t,
+                g.lda as i32,
+                g.b as *const c_void,
+                f32t,
+                g.ldb as i32,
+                &g.beta as *const f32 as *const c_void,
+                g.c as *mut c_void,
+                f32t,
+                g.ldc as i32,
+                compute,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(DeviceError::from)
+    }
+
+    fn lt_plan(&self, shape: &LtMatmul, max_workspace: usize) -> Result<MatmulPlan, DeviceError> {
+        let mut parts = LtParts { desc: None, layouts: Vec::new(), pref: None };
+        // On an error `parts` destroys what was made.
+        let algo = self.lt_describe(shape, max_workspace, &mut parts).map_err(DeviceError::from)?;
+        let desc = parts.desc.take().expect("described");
+        let layouts = [parts.layouts[0], parts.layouts[1], parts.layouts[2]];
+        parts.layouts.clear();
+        let mut plans = self.plans.borrow_mut();
+        plans.push(Some(RealPlan { desc, layouts, algo }));
+        Ok(MatmulPlan((plans.len() - 1) as u64))
+    }
+
+    fn lt_set_bias(&self, plan: MatmulPlan, bias: u64) -> Result<(), DeviceError> {
+        let desc = self.real_plan(plan)?.desc;
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                desc,
+                lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &bias as *const u64 as *const c_void,
+                std::mem::size_of::<u64>(),
+            )
+        }
+        .map_err(DeviceError::from)
+    }
+
+    fn lt_matmul(&self, plan: MatmulPlan, ops: &LtOperands) -> Result<(), DeviceError> {
+        let RealPlan { desc, layouts, algo } = self.real_plan(plan)?;
+        unsafe {
+            lt::matmul(
+                self.lt_handle,
+                desc,
+                &ops.alpha as *const f32 as *const c_void,
+                &ops.beta as *const f32 as *const c_void,
+                ops.a as *const c_void,
+                layouts[0],
+                ops.b as *const c_void,
+                layouts[1],
+                ops.c as *const c_void,
+                layouts[2],
+                ops.c as *mut c_void,
+                layouts[2],
+                &algo,
+                ops.workspace as *mut c_void,
+                ops.workspace_bytes,
+                self.stream as lts::cudaStream_t,
+            )
+        }
+        .map_err(DeviceError::from)
+    }
+
+    fn lt_destroy_plan(&self, plan: MatmulPlan) {
+        let p = self.plans.borrow_mut().get_mut(plan.0 as usize).and_then(Option::take);
+        if let Some(p) = p {
+            destroy_real_plan(p);
+        }
+    }
+}
+
+impl Drop for CudaDriver {
+    /// The backend has synchronised, destroyed its plans and graphs and freed its memory by now.
+    fn drop(&mut self) {
+        for p in self.plans.get_mut().drain(..).flatten() {
+            destroy_real_plan(p);
+        }
+        unsafe {
+            if !self.lt_handle.is_null() {
+                let _ = lt::destroy_handle(self.lt_handle);
+            }
+            if !self.blas.is_null() {
+                let _ = cublas::destroy_handle(self.blas);
+            }
+            for m in &self.modules {
+                let _ = cu::module::unload(*m);
+            }
+            let _ = cu::stream::destroy(self.stream);
+        }
+        // The primary context stays retained for the process's life.
+        let _ = self.ctx;
+    }
+}
