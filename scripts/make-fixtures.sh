@@ -35,6 +35,7 @@ if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate_fid.py
   "$VENV/bin/python" tests/fixtures/generate_bert.py
   "$VENV/bin/python" tests/fixtures/generate_resize.py
+  "$VENV/bin/python" tests/fixtures/generate_gemm_kat.py
   "$VENV/bin/python" tests/fixtures/iu-xray/make_sample.py
 else
   "$VENV/bin/python" tests/fixtures/generate.py "$@"
