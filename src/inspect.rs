@@ -6,7 +6,7 @@ use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{self, safetensors::SafetensorsFile};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -45,6 +45,25 @@ pub fn inspect(backend: &mut dyn Backend, path: &Path, opts: &InspectOptions) ->
             comps.insert(name, v);
         }
         return Ok(json!({"path": path.display().to_string(), "kind": "pipeline", "components": comps}));
+    }
+    // A folder holding nothing of a model (an empty folder, a folder of images) is said, not
+    // reported as a component of class "unknown".
+    let known = ["config.json", "scheduler_config.json", "vocab.json", "merges.txt", "tokenizer.json", "vocab.txt"];
+    let has_model_files = std::fs::read_dir(path)
+        .with_context(|| format!("{}: cannot read the folder", path.display()))?
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            known.contains(&name.as_str())
+                || name.ends_with(".safetensors")
+                || name.ends_with(".safetensors.index.json")
+        });
+    if !has_model_files {
+        bail!(
+            "{}: neither a pipeline folder (no model_index.json) nor a component folder (no config.json, \
+             scheduler_config.json, tokenizer files or .safetensors weights)",
+            path.display()
+        );
     }
     let mut v = inspect_component(backend, path, None, opts)?;
     v["path"] = json!(path.display().to_string());

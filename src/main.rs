@@ -720,9 +720,15 @@ fn tokenize(model: &Path, input: Option<&Path>, prompts: &[String]) -> Result<()
         }
     } else {
         let reader: Box<dyn BufRead> = match input {
-            Some(p) => Box::new(std::io::BufReader::new(
-                std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?,
-            )),
+            Some(p) => {
+                // A folder opens on Linux and fails only at the first read ("line 1 is not valid UTF-8").
+                if p.is_dir() {
+                    bail!("--input {}: is a folder, not a file of prompts (one per line)", p.display());
+                }
+                Box::new(std::io::BufReader::new(
+                    std::fs::File::open(p).with_context(|| format!("--input {}: cannot open", p.display()))?,
+                ))
+            }
             None => Box::new(std::io::stdin().lock()),
         };
         for (i, line) in reader.lines().enumerate() {
@@ -750,12 +756,21 @@ fn encode_text(
     variant: Option<&str>,
     random_weights: bool,
 ) -> Result<()> {
+    // The output path before the work (the write would otherwise fail after encoding, naming a temporary).
+    roentgen::files::check_output_file(out, roentgen::files::Existing::Replace, "--out")?;
     let te_dir = weights::component_dir(model, "text_encoder")?;
     let tok_dir = match tokenizer {
         Some(t) => t.to_path_buf(),
         None => weights::component_dir(model, "tokenizer")?,
     };
-    let tok = TextTokenizer::from_dir(&tok_dir)?;
+    let tok = TextTokenizer::from_dir(&tok_dir).with_context(|| match tokenizer {
+        Some(t) => format!("--tokenizer {}", t.display()),
+        None if !weights::is_pipeline_folder(model) => format!(
+            "--model {} is not a pipeline folder, so its tokenizer must be given with --tokenizer",
+            model.display()
+        ),
+        None => format!("--model {}: its tokenizer", model.display()),
+    })?;
     let clip =
         if random_weights { TextEncoder::random(b, &te_dir, 0)? } else { TextEncoder::load(b, &te_dir, variant)?.0 };
     let seq = tok.max_length();

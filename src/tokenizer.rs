@@ -211,6 +211,10 @@ impl ClipTokenizer {
         dir: &Path,
     ) -> Result<ClipTokenizer> {
         let vocab = parse_vocab(vocab, vocab_path)?;
+        if text.trim().is_empty() {
+            // An empty download tokenizes letter by letter without a word of warning.
+            bail!("{}: the file is empty; a CLIP merges.txt lists the BPE merges, one pair per line (truncated download?)", merges_path.display());
+        }
         let mut merges = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if (i == 0 && line.starts_with("#version")) || line.trim().is_empty() {

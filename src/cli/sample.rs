@@ -154,8 +154,12 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
     if let Some(f) = &a.prompts {
         files::check_input_file(f).context("--prompts")?;
         let text = std::fs::read_to_string(f).with_context(|| format!("--prompts {}: cannot read", f.display()))?;
+        let before = prompts.len();
         prompts
             .extend(text.lines().map(|l| l.trim_end_matches('\r')).filter(|l| !l.trim().is_empty()).map(String::from));
+        if prompts.len() == before {
+            bail!("--prompts {}: holds no prompt (the file is empty or blank; one prompt per line)", f.display());
+        }
     }
     if prompts.is_empty() {
         bail!("no prompt given: use --prompt TEXT (repeatable) or --prompts FILE");
@@ -183,6 +187,12 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
         Some(s) => Some(s.parse::<SchedulerKind>().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
         None => None,
     };
+    if let Some(s) = &a.timestep_spacing {
+        // Checked here so that the error names the flag, not the scheduler config it overrides.
+        if !["leading", "trailing", "linspace"].contains(&s.as_str()) {
+            bail!("--timestep-spacing {s:?}: expected leading, trailing or linspace");
+        }
+    }
     let latents_in = match &a.latents_in {
         Some(p) => Some(read_latents(p)?),
         None => None,

@@ -112,7 +112,12 @@ pub fn write_phantoms(out: &Path, count: usize, size: usize, seed: u64) -> Resul
         bail!("--count {count}: at most {MAX_COUNT} phantoms per run (use several --seed values for more)");
     }
     check_size(size)?;
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
+    if let Ok(m) = std::fs::metadata(out) {
+        if !m.is_dir() {
+            bail!("--out {}: exists and is {}, not a folder", out.display(), crate::files::kind_of(&m));
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create folder", out.display()))?;
     crate::files::clean_leftovers(out, false)?;
     let rows: Vec<Result<(String, Findings)>> = (0..count)
         .into_par_iter()
