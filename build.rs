@@ -23,6 +23,8 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
+    #[cfg(feature = "cuda-emu")]
+    build_emulated_device();
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let nvcc = find_nvcc().unwrap_or_else(|| {
         panic!(
@@ -169,4 +171,25 @@ fn parse_ptxas(log: &str) -> Vec<PtxasKernel> {
         }
     }
     out
+}
+
+/// Feature `cuda-emu`: the kernels compiled for the CPU emulation (kernels/emu: emu.h, registry.h,
+/// device.cpp) into a static library that src/backend/cuda/emu.rs calls, so the CUDA backend runs
+/// without a GPU. The same flags as tests/kernel_emu.rs: IEEE f32 without contraction.
+#[cfg(feature = "cuda-emu")]
+fn build_emulated_device() {
+    println!("cargo:rerun-if-changed=kernels/emu");
+    cc::Build::new()
+        .cpp(true)
+        .file("kernels/emu/device.cpp")
+        .include("kernels/emu")
+        .flag("-std=c++17")
+        .flag("-pthread")
+        .flag("-fno-strict-aliasing")
+        .flag("-ffp-contract=off")
+        .flag("-Wno-unknown-pragmas")
+        .opt_level(2)
+        .debug(false)
+        .warnings(false)
+        .compile("roentgen_emu");
 }

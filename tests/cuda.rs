@@ -26,7 +26,7 @@ mod suite {
     use super::common::*;
     use anyhow::{ensure, Result};
     use roentgen::backend::cpu::CpuBackend;
-    use roentgen::backend::cuda::{driver_present, CudaBackend};
+    use roentgen::backend::cuda::{driver_present, emulate, CudaBackend};
     use roentgen::backend::{Activation, Backend, Precision};
     use roentgen::tensor::Tensor;
 
@@ -993,7 +993,7 @@ mod suite {
             "running the CUDA parity suite (CUDA vs the CPU reference){}",
             filter.as_ref().map(|f| format!(", cases containing '{f}'")).unwrap_or_default()
         );
-        let why = if !driver_present() {
+        let why = if !driver_present() && !emulate() {
             Some("no CUDA driver (libcuda) on this machine".to_string())
         } else {
             match CudaBackend::new(0, Precision::F32) {

@@ -1,6 +1,6 @@
 //! The CUDA kernels (kernels/*.cu) executed on the CPU: tests/kernel_emu/run.cpp compiles the
 //! unmodified kernel sources as C++ against a small emulation of the CUDA subset they use
-//! (tests/kernel_emu/emu.h: threads as fibers with real __syncthreads / warp-shuffle / mma.sync
+//! (kernels/emu/emu.h: threads as fibers with real __syncthreads / warp-shuffle / mma.sync
 //! semantics), launches them with the grids, blocks, shared-memory sizes and argument lists of
 //! src/backend/cuda/*.rs, and compares with f64 references written from the CPU backend. So kernel
 //! logic is checked on machines without a GPU (CI); tests/cuda.rs remains the check on real hardware.
@@ -39,7 +39,7 @@ fn cuda_kernels_on_the_cpu_emulation() {
     let out = Command::new(&cxx)
         .args(["-std=c++17", "-O2", "-pthread", "-fno-strict-aliasing", "-ffp-contract=off", "-Wno-unknown-pragmas"])
         .arg("-I")
-        .arg(&dir)
+        .arg(root.join("kernels").join("emu"))
         .arg(dir.join("run.cpp"))
         .arg("-o")
         .arg(&exe)

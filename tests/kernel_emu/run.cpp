@@ -20,29 +20,8 @@
 //
 // The CudaBackend methods are transcribed below (class Cuda) from the Rust: same kernel names,
 // grids, blocks, shared-memory sizes, argument lists, workspaces. Keep them in step with the Rust.
-// The kernels' __launch_bounds__ are repeated in register_kernels.
-#include "emu.h"
-
-// The dynamic shared-memory arrays the kernels declare `extern __shared__` (page-aligned, larger than
-// any launch; the bytes past a launch's size are checked to stay untouched). Defined before the
-// kernels so that their block-scope `extern thread_local` declarations need no TLS init wrapper.
-constexpr size_t DYN_SMEM_CAP = 232 * 1024;
-thread_local __attribute__((aligned(4096))) float att_smem_f32[DYN_SMEM_CAP / 4];
-thread_local __attribute__((aligned(4096))) unsigned char att_smem_bf16[DYN_SMEM_CAP];
-// Their (Itanium ABI) TLS init functions, which have nothing to do: a block-scope `extern
-// thread_local` makes the compiler call the weak symbol, and g++ 12 calls it without checking that
-// it exists inside template instances (a call to address 0). -fno-extern-tls-init avoids it too.
-extern "C" void _ZTH12att_smem_f32() {}
-extern "C" void _ZTH13att_smem_bf16() {}
-
-#include "../../kernels/common.cuh"
-#include "../../kernels/attention.cu"
-#include "../../kernels/conv.cu"
-#include "../../kernels/elementwise.cu"
-#include "../../kernels/linear.cu"
-#include "../../kernels/norm.cu"
-#include "../../kernels/optim.cu"
-#include "../../kernels/random.cu"
+// The kernels and their __launch_bounds__ are listed in kernels/emu/registry.h.
+#include "registry.h"
 
 #include <poll.h>
 #include <stdexcept>
@@ -68,69 +47,11 @@ static std::map<string, Launcher>& registry() {
     REG(attention_bwd_dkdv_bf16_d##H, AB_THREADS)
 
 static void register_kernels() {
-    REG(conv2d_weight_permute, 256);
-    REG(conv2d_weight_permute_bf16, 256);
-    REG(conv2d_weight_permute_bf16_copy, 256);
-    REG(ew_to_bf16, 0);
-    REG(ew_timestep_embedding, 0);
-    REG(conv2d_igemm_f32, 256);
-    REG(conv2d_igemm_bf16, 256);
-    REG(conv2d_wgrad_f32, 256);
-    REG(conv2d_wgrad_bf16, 256);
-    REG(conv2d_bias_grad, 256);
-    REG(attention_bwd_delta, 256);
-    REG(attention_fwd_f32, AF_THREADS);
-    REG(attention_bwd_dq_f32, AF_THREADS);
-    REG(attention_bwd_dkdv_f32, AF_THREADS);
-    REG(attention_wide_softmax, AW_THREADS);
-    REG(attention_wide_bwd_ds, AW_THREADS);
-    REG_AB(16);
-    REG_AB(32);
-    REG_AB(48);
-    REG_AB(64);
-    REG_AB(80);
-    REG_AB(96);
-    REG_AB(112);
-    REG_AB(128);
-    REG_AB(144);
-    REG_AB(160);
-    REG(ln_forward, 0);
-    REG(ln_backward_dinp, 0);
-    REG(nrm_dparams_partial, 0);
-    REG(nrm_dparams_finalize, 0);
-    REG(gn_forward_sum, 0);
-    REG(gn_forward_sqdev, 0);
-    REG(gn_forward_finalize, 0);
-    REG(gn_forward_apply, 0);
-    REG(gn_backward_reduce, 0);
-    REG(gn_backward_finalize, 0);
-    REG(gn_backward_dinp, 0);
-    REG(ew_activation_fwd, 0);
-    REG(ew_activation_bwd, 0);
-    REG(ew_add, 0);
-    REG(ew_add_bias_rows, 0);
-    REG(ew_bias_rows_bwd_partial, 0);
-    REG(ew_bias_rows_bwd_finalize, 0);
-    REG(ew_concat_fwd, 0);
-    REG(ew_concat_bwd, 0);
-    REG(ew_geglu_fwd, 0);
-    REG(ew_geglu_bwd, 0);
-    REG(ew_upsample_fwd, 0);
-    REG(ew_upsample_bwd, 0);
-    REG(ew_embedding_fwd, 0);
-    REG(ew_embedding_bwd, 0);
-    REG(ew_zero, 0);
-    REG(ew_accumulate, 0);
-    REG(ew_scale, 0);
-    REG(ew_lerp, 0);
-    REG(opt_mse_partial, 0);
-    REG(opt_sum_squares_partial, 0);
-    REG(opt_sum_finalize, 0);
-    REG(opt_adamw, 0);
-    REG(rand_philox_normal, 0);
-    REG(rand_ddpm_add_noise, 0);
-    REG(linear_bias_fill, 0);
-    REG(linear_bias_grad, 0);
+#define K(k, bound) REG(k, bound);
+#define KAB(H) REG_AB(H);
+    ROENTGEN_EMU_KERNELS(K, KAB)
+#undef K
+#undef KAB
 }
 
 // ---- device memory: every allocation ends at a PROT_NONE guard page -----------------------------------

@@ -28,9 +28,11 @@ mod graph;
 mod lt;
 mod ops;
 mod params;
-// The emulated device's GEMM (issue 14): used by its known-answer tests until the emulated device
-// that calls it lands.
-#[cfg_attr(not(test), allow(dead_code))]
+#[cfg(feature = "cuda-emu")]
+mod emu;
+// The emulated device's GEMM (issue 14): in a build without `cuda-emu`, only its known-answer tests
+// use it.
+#[cfg_attr(not(any(test, feature = "cuda-emu")), allow(dead_code))]
 mod reference_gemm;
 
 use super::{check_len, Activation, Backend, Precision};
@@ -111,10 +113,27 @@ pub fn driver_present() -> bool {
     device::driver_present()
 }
 
+/// Whether `CudaBackend::new` opens the emulated device: in a `cuda-emu` build, when
+/// ROENTGEN_CUDA_EMU=1, or when no CUDA driver is present (ROENTGEN_CUDA_EMU=0 forbids it).
+pub fn emulate() -> bool {
+    if !cfg!(feature = "cuda-emu") {
+        return false;
+    }
+    match std::env::var("ROENTGEN_CUDA_EMU").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => !device::driver_present(),
+    }
+}
+
 impl CudaBackend {
     /// Opens device `ordinal`, loads the kernels for its compute capability and creates the stream
     /// and cuBLAS handle. Fails with a plain message where there is no driver or no device.
     pub fn new(ordinal: usize, precision: Precision) -> Result<CudaBackend> {
+        #[cfg(feature = "cuda-emu")]
+        if emulate() {
+            return CudaBackend::with_device(Box::new(emu::EmuDevice::open()), ordinal, precision);
+        }
         let dev = CudaDriver::open(ordinal)?;
         CudaBackend::with_device(Box::new(dev), ordinal, precision)
     }

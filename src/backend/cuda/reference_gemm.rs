@@ -30,10 +30,24 @@ pub(crate) struct GemmShape {
 }
 
 impl GemmShape {
-    /// What cuBLAS refuses (CUBLAS_STATUS_INVALID_VALUE) and the elements each operand spans.
+    /// (rows, columns) of A and of B as stored.
+    fn stored(&self) -> ((usize, usize), (usize, usize)) {
+        let a = if self.ta { (self.k, self.m) } else { (self.m, self.k) };
+        let b = if self.tb { (self.n, self.k) } else { (self.k, self.n) };
+        (a, b)
+    }
+
+    /// The elements that A, B and C span from their first element (what must be addressable).
+    pub(crate) fn spans(&self) -> (usize, usize, usize) {
+        let span =
+            |ld: usize, rows: usize, cols: usize| if rows == 0 || cols == 0 { 0 } else { ld * (cols - 1) + rows };
+        let ((ar, ac), (br, bc)) = self.stored();
+        (span(self.lda, ar, ac), span(self.ldb, br, bc), span(self.ldc, self.m, self.n))
+    }
+
+    /// What cuBLAS refuses (CUBLAS_STATUS_INVALID_VALUE), and buffers shorter than the operands.
     fn check(&self, a: usize, b: usize, c: usize) -> Result<(), String> {
-        let (a_rows, a_cols) = if self.ta { (self.k, self.m) } else { (self.m, self.k) };
-        let (b_rows, b_cols) = if self.tb { (self.n, self.k) } else { (self.k, self.n) };
+        let ((a_rows, _), (b_rows, _)) = self.stored();
         let ld_ok = self.lda >= a_rows.max(1) && self.ldb >= b_rows.max(1) && self.ldc >= self.m.max(1);
         if !ld_ok {
             return Err(format!(
@@ -41,13 +55,8 @@ impl GemmShape {
                 self.lda, self.ldb, self.ldc, self.m
             ));
         }
-        let span =
-            |ld: usize, rows: usize, cols: usize| if rows == 0 || cols == 0 { 0 } else { ld * (cols - 1) + rows };
-        for (what, have, need) in [
-            ("A", a, span(self.lda, a_rows, a_cols)),
-            ("B", b, span(self.ldb, b_rows, b_cols)),
-            ("C", c, span(self.ldc, self.m, self.n)),
-        ] {
+        let (na, nb, nc) = self.spans();
+        for (what, have, need) in [("A", a, na), ("B", b, nb), ("C", c, nc)] {
             if have < need {
                 return Err(format!("{what} spans {need} elements; the buffer holds {have}"));
             }

@@ -1,4 +1,4 @@
-// Stub for the CPU emulation (tests/kernel_emu).
+// Stub for the CPU emulation (kernels/emu).
 #pragma once
 #include "emu.h"
 #define CUDART_INF_F __builtin_huge_valf()

@@ -345,13 +345,17 @@ inline void install_signal_handlers() {
 
 // ---- shared memory ---------------------------------------------------------------------------------
 #if defined(__x86_64__) && defined(__linux__)
+struct TlsBlock {
+    size_t memsz = 0;
+    unsigned char* data = nullptr;  // this thread's instance of the executable's TLS segment
+};
 inline int tls_phdr_cb(struct dl_phdr_info* info, size_t, void* data) {
     // The first object is the executable.
-    auto* out = static_cast<std::pair<size_t, size_t>*>(data);
+    auto* out = static_cast<TlsBlock*>(data);
     for (int i = 0; i < info->dlpi_phnum; i++)
         if (info->dlpi_phdr[i].p_type == PT_TLS) {
-            out->first = info->dlpi_phdr[i].p_memsz;
-            out->second = info->dlpi_phdr[i].p_align;
+            out->memsz = info->dlpi_phdr[i].p_memsz;
+            out->data = static_cast<unsigned char*>(info->dlpi_tls_data);
         }
     return 1;
 }
@@ -363,19 +367,20 @@ inline void register_dynamic_smem(void* p, size_t bytes) {
     g.dyn_arrays.push_back({static_cast<unsigned char*>(p), bytes});
 }
 
-// Locates this executable's TLS block (x86-64 variant II: it ends at the thread pointer), which
-// holds every `__shared__` variable of the kernels (the emulator itself has no thread_local).
+// Locates this executable's TLS block in this thread, which holds every `__shared__` variable of
+// the kernels (the emulator itself has no thread_local; in a Rust program it also holds Rust's own
+// thread-locals, so kernels/emu/device.cpp launches on a thread that runs no Rust code).
 inline void locate_tls() {
 #if defined(__x86_64__) && defined(__linux__)
     if (g.tls_hi) return;
-    std::pair<size_t, size_t> tls{0, 1};
+    // The block's exact place in this thread (glibc's dlpi_tls_data): its offset below the thread
+    // pointer depends on the segment's alignment and start, which differ between executables (a
+    // Rust program linking the emulated device has other TLS before the kernels' than run.cpp).
+    TlsBlock tls;
     dl_iterate_phdr(tls_phdr_cb, &tls);
-    unsigned char* tp;
-    asm volatile("movq %%fs:0, %0" : "=r"(tp));
-    size_t align = tls.second ? tls.second : 1;
-    size_t sz = (tls.first + align - 1) / align * align;
-    g.tls_lo = tp - sz;
-    g.tls_hi = tp;
+    if (!tls.data) return;
+    g.tls_lo = tls.data;
+    g.tls_hi = tls.data + tls.memsz;
     for (auto& d : g.dyn_arrays)
         if (d.first < g.tls_lo || d.first + d.second > g.tls_hi) {
             // Unexpected layout: do not touch the TLS block.

@@ -1,0 +1,461 @@
+//! The emulated device (feature `cuda-emu`, issue 14): [`Device`] on the host, so the CUDA
+//! backend's own Rust code — pools, offsets, grids, argument slots, GEMM calls, graphs — runs
+//! without a GPU, and the unmodified kernels/*.cu run on the CPU emulation of kernels/emu (compiled
+//! by build.rs into a static library; kernels/emu/device.cpp is its C side).
+//!
+//! Device addresses are host addresses: an allocation ends at a guard page and starts as 0xFF
+//! (NaN), so a kernel that reads or writes past a buffer faults. Every copy, memset and GEMM
+//! operand is checked to lie inside one live allocation, and named when it does not. Launches run
+//! to completion at the call (stream order is program order). During a graph capture, launches and
+//! GEMMs are recorded with their argument bytes and replayed by `graph_launch`; what a real capture
+//! refuses (allocation, free, copies, memset, synchronisation) fails the call and the capture.
+//! GEMMs run the reference of reference_gemm.rs. What is not emulated: timing (events read a host
+//! clock) and the vendor libraries' algorithms.
+
+use super::device::{
+    Device, DeviceError, Event, Function, Gemm, Graph, GraphExec, LtMatmul, LtOperands, MatmulPlan,
+};
+use super::reference_gemm::{gemm, GemmShape};
+use anyhow::Result;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::ffi::{c_char, c_void, CString};
+use std::time::Instant;
+
+extern "C" {
+    fn roentgen_emu_has_kernel(name: *const c_char) -> i32;
+    fn roentgen_emu_set_max_dynamic_shared(name: *const c_char, bytes: u32, err: *mut c_char, n: usize) -> i32;
+    fn roentgen_emu_launch(
+        name: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        smem: u32,
+        slots: *const u64,
+        nslots: usize,
+        err: *mut c_char,
+        n: usize,
+    ) -> i32;
+    fn roentgen_emu_alloc(bytes: usize) -> *mut c_void;
+    fn roentgen_emu_free(p: *mut c_void, bytes: usize);
+}
+
+/// What a capture records: the calls that run on the stream.
+#[derive(Clone)]
+enum Op {
+    Launch { f: Function, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: Vec<u64> },
+    Gemm(Gemm),
+    Lt { shape: LtMatmul, bias: u64, ops: LtOperands },
+}
+
+/// The emulated device's capacity, reported by `memory_info` (an 80 GB card's).
+const TOTAL_BYTES: usize = 80 << 30;
+
+pub(crate) struct EmuDevice {
+    /// Live allocations: address → bytes.
+    allocs: RefCell<BTreeMap<u64, usize>>,
+    /// Kernel names by `Function` index.
+    kernels: RefCell<Vec<CString>>,
+    /// Some while capturing: the recorded calls, and the refusal that spoilt the capture if any.
+    capture: RefCell<Option<(Vec<Op>, Option<String>)>>,
+    graphs: RefCell<Vec<Option<Vec<Op>>>>,
+    execs: RefCell<Vec<Option<Vec<Op>>>>,
+    /// Plans: the shape and the bias address set for the next calls.
+    plans: RefCell<Vec<Option<(LtMatmul, u64)>>>,
+    events: RefCell<Vec<Option<Instant>>>,
+    epoch: Instant,
+}
+
+fn refuse(msg: String) -> DeviceError {
+    DeviceError::Message(format!("emulated device: {msg}"))
+}
+
+impl EmuDevice {
+    pub(crate) fn open() -> EmuDevice {
+        EmuDevice {
+            allocs: RefCell::new(BTreeMap::new()),
+            kernels: RefCell::new(Vec::new()),
+            capture: RefCell::new(None),
+            graphs: RefCell::new(Vec::new()),
+            execs: RefCell::new(Vec::new()),
+            plans: RefCell::new(Vec::new()),
+            events: RefCell::new(Vec::new()),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Checks that `[ptr, ptr + bytes)` lies inside one live allocation.
+    fn check_range(&self, what: &str, ptr: u64, bytes: usize) -> Result<(), DeviceError> {
+        let allocs = self.allocs.borrow();
+        match allocs.range(..=ptr).next_back() {
+            Some((&base, &len)) if ptr + bytes as u64 <= base + len as u64 => Ok(()),
+            Some((&base, &len)) if ptr < base + len as u64 => Err(refuse(format!(
+                "{what}: {bytes} bytes at {ptr:#x} run {} bytes past the end of the allocation of {len} bytes at {base:#x}",
+                ptr + bytes as u64 - (base + len as u64)
+            ))),
+            _ => Err(refuse(format!("{what}: {ptr:#x} is not in any live allocation"))),
+        }
+    }
+
+    /// Fails (and spoils the capture) when a call that a real capture refuses comes during one.
+    fn not_capturing(&self, what: &str) -> Result<(), DeviceError> {
+        if let Some((_, spoilt)) = self.capture.borrow_mut().as_mut() {
+            let msg = format!("{what} during a graph capture (cudaErrorStreamCaptureUnsupported)");
+            spoilt.get_or_insert(msg.clone());
+            return Err(refuse(msg));
+        }
+        Ok(())
+    }
+
+    /// Records `op` while capturing (true), or leaves it to run now (false).
+    fn record(&self, op: &Op) -> bool {
+        match self.capture.borrow_mut().as_mut() {
+            Some((ops, _)) => {
+                ops.push(op.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn run(&self, op: &Op) -> Result<(), DeviceError> {
+        match op {
+            Op::Launch { f, grid, block, smem, args } => {
+                let name = self.kernels.borrow()[f.0 as usize].clone();
+                let mut err = vec![0 as c_char; 1024];
+                let (g, b) = ([grid.0, grid.1, grid.2], [block.0, block.1, block.2]);
+                // SAFETY: the pointers are valid for the call; the kernel reads device memory that
+                // is host memory of live allocations (or faults at a guard page, ending the process).
+                let rc = unsafe {
+                    roentgen_emu_launch(
+                        name.as_ptr(),
+                        g.as_ptr(),
+                        b.as_ptr(),
+                        *smem,
+                        args.as_ptr(),
+                        args.len(),
+                        err.as_mut_ptr(),
+                        err.len(),
+                    )
+                };
+                if rc != 0 {
+                    return Err(refuse(c_message(&err)));
+                }
+                Ok(())
+            }
+            Op::Gemm(g) => {
+                let shape = GemmShape {
+                    ta: g.ta,
+                    tb: g.tb,
+                    m: g.m,
+                    n: g.n,
+                    k: g.k,
+                    lda: g.lda,
+                    ldb: g.ldb,
+                    ldc: g.ldc,
+                    compute: g.compute,
+                };
+                self.gemm_on_device("cublasGemmEx", &shape, g.alpha, g.a, g.b, g.beta, g.c, None)
+            }
+            Op::Lt { shape: s, bias, ops } => {
+                let shape = GemmShape {
+                    ta: s.ta,
+                    tb: s.tb,
+                    m: s.m,
+                    n: s.n,
+                    k: s.k,
+                    lda: s.lda,
+                    ldb: s.ldb,
+                    ldc: s.ldc,
+                    compute: s.compute,
+                };
+                for (what, addr, align) in [("A", ops.a, s.align[0]), ("B", ops.b, s.align[1]), ("C", ops.c, s.align[2])] {
+                    if align > 0 && addr % align as u64 != 0 {
+                        return Err(refuse(format!(
+                            "cublasLtMatmul: {what} at {addr:#x} breaks the plan's promised {align}-byte alignment"
+                        )));
+                    }
+                }
+                let bias = s.bias.then_some(*bias);
+                self.gemm_on_device("cublasLtMatmul", &shape, ops.alpha, ops.a, ops.b, ops.beta, ops.c, bias)
+            }
+        }
+    }
+
+    /// The reference GEMM on device memory, each operand's whole span checked first.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_on_device(
+        &self,
+        what: &str,
+        s: &GemmShape,
+        alpha: f32,
+        a: u64,
+        b: u64,
+        beta: f32,
+        c: u64,
+        bias: Option<u64>,
+    ) -> Result<(), DeviceError> {
+        let (na, nb, nc) = s.spans();
+        for (name, addr, n) in [("A", a, na), ("B", b, nb), ("C", c, nc)] {
+            self.check_range(&format!("{what} {name}"), addr, n * 4)?;
+        }
+        if let Some(p) = bias {
+            self.check_range(&format!("{what} bias"), p, s.m * 4)?;
+        }
+        // SAFETY: each range lies in a live allocation of host memory (checked above); C may alias
+        // neither A nor B in a well-formed call, which the reference reads before writing C's element.
+        let (sa, sb, sc, sbias) = unsafe {
+            (
+                std::slice::from_raw_parts(a as *const f32, na),
+                std::slice::from_raw_parts(b as *const f32, nb),
+                std::slice::from_raw_parts_mut(c as *mut f32, nc),
+                bias.map(|p| std::slice::from_raw_parts(p as *const f32, s.m)),
+            )
+        };
+        gemm(s, alpha, sa, sb, beta, sc, sbias).map_err(|e| refuse(format!("{what}: {e}")))
+    }
+}
+
+fn c_message(buf: &[c_char]) -> String {
+    let bytes: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+impl Device for EmuDevice {
+    fn device_name(&self) -> &str {
+        "emulated device (the kernels on the CPU, kernels/emu)"
+    }
+
+    fn compute_capability(&self) -> (i32, i32) {
+        // sm_80, the stricter of the two targets (163 KiB of dynamic shared memory).
+        (8, 0)
+    }
+
+    fn memory_info(&self) -> Result<(usize, usize), DeviceError> {
+        let used: usize = self.allocs.borrow().values().sum();
+        Ok((TOTAL_BYTES.saturating_sub(used), TOTAL_BYTES))
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<u64, DeviceError> {
+        self.not_capturing("cuMemAlloc")?;
+        // SAFETY: plain allocation through the emulation library.
+        let p = unsafe { roentgen_emu_alloc(bytes) };
+        if p.is_null() {
+            return Err(refuse(format!("cannot allocate {bytes} bytes (CUDA_ERROR_OUT_OF_MEMORY)")));
+        }
+        self.allocs.borrow_mut().insert(p as u64, bytes);
+        Ok(p as u64)
+    }
+
+    fn free(&self, ptr: u64) -> Result<(), DeviceError> {
+        self.not_capturing("cuMemFree")?;
+        let bytes = self
+            .allocs
+            .borrow_mut()
+            .remove(&ptr)
+            .ok_or_else(|| refuse(format!("cuMemFree of {ptr:#x}, which is not an allocation's address")))?;
+        // SAFETY: `ptr` came from roentgen_emu_alloc with `bytes` and is freed once.
+        unsafe { roentgen_emu_free(ptr as *mut c_void, bytes) };
+        Ok(())
+    }
+
+    fn memset_d8(&self, ptr: u64, value: u8, bytes: usize) -> Result<(), DeviceError> {
+        self.not_capturing("cuMemsetD8")?;
+        self.check_range("cuMemsetD8", ptr, bytes)?;
+        // SAFETY: the range lies in a live allocation.
+        unsafe { std::ptr::write_bytes(ptr as *mut u8, value, bytes) };
+        Ok(())
+    }
+
+    fn copy_htod(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError> {
+        self.not_capturing("cuMemcpyHtoD")?;
+        self.check_range("cuMemcpyHtoD", dst, src.len())?;
+        // SAFETY: the destination range lies in a live allocation; host buffers never overlap it.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    fn copy_dtoh(&self, dst: &mut [u8], src: u64) -> Result<(), DeviceError> {
+        self.not_capturing("cuMemcpyDtoH")?;
+        self.check_range("cuMemcpyDtoH", src, dst.len())?;
+        // SAFETY: the source range lies in a live allocation.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    fn load_module(&mut self, _image: &[u8]) -> Result<(), DeviceError> {
+        // The kernels are the emulation library's (the same sources); the image is not read.
+        Ok(())
+    }
+
+    fn function(&self, name: &str) -> Option<Function> {
+        let c = CString::new(name).ok()?;
+        // SAFETY: a NUL-terminated name.
+        if unsafe { roentgen_emu_has_kernel(c.as_ptr()) } == 0 {
+            return None;
+        }
+        let mut k = self.kernels.borrow_mut();
+        let i = k.iter().position(|n| *n == c).unwrap_or_else(|| {
+            k.push(c);
+            k.len() - 1
+        });
+        Some(Function(i as u64))
+    }
+
+    fn set_max_dynamic_shared(&self, f: Function, bytes: u32) -> Result<(), DeviceError> {
+        let name = self.kernels.borrow()[f.0 as usize].clone();
+        let mut err = vec![0 as c_char; 512];
+        // SAFETY: valid pointers for the call.
+        let rc = unsafe { roentgen_emu_set_max_dynamic_shared(name.as_ptr(), bytes, err.as_mut_ptr(), err.len()) };
+        if rc != 0 {
+            return Err(refuse(c_message(&err)));
+        }
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        f: Function,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &[u64],
+    ) -> Result<(), DeviceError> {
+        let op = Op::Launch { f, grid, block, smem: shared_bytes, args: args.to_vec() };
+        if self.record(&op) {
+            return Ok(());
+        }
+        self.run(&op)
+    }
+
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        // Launches ran at the call; a kernel fault has already ended the process (kernels/emu).
+        self.not_capturing("cuStreamSynchronize")
+    }
+
+    fn event_create(&self) -> Result<Event, DeviceError> {
+        let mut e = self.events.borrow_mut();
+        e.push(None);
+        Ok(Event(e.len() as u64 - 1))
+    }
+
+    fn event_record(&self, e: Event) -> Result<(), DeviceError> {
+        self.events.borrow_mut()[e.0 as usize] = Some(Instant::now());
+        Ok(())
+    }
+
+    fn event_synchronize(&self, _e: Event) -> Result<(), DeviceError> {
+        self.not_capturing("cuEventSynchronize")
+    }
+
+    fn event_elapsed_ms(&self, start: Event, end: Event) -> Result<f32, DeviceError> {
+        let ev = self.events.borrow();
+        let at = |e: Event| ev[e.0 as usize].unwrap_or(self.epoch);
+        Ok(at(end).saturating_duration_since(at(start)).as_secs_f32() * 1e3)
+    }
+
+    fn event_destroy(&self, e: Event) -> Result<(), DeviceError> {
+        self.events.borrow_mut()[e.0 as usize] = None;
+        Ok(())
+    }
+
+    fn begin_capture(&self) -> Result<(), DeviceError> {
+        let mut c = self.capture.borrow_mut();
+        if c.is_some() {
+            return Err(refuse("cuStreamBeginCapture while already capturing".into()));
+        }
+        *c = Some((Vec::new(), None));
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Option<Graph>, DeviceError> {
+        let (ops, spoilt) = self.capture.borrow_mut().take().ok_or_else(|| refuse("cuStreamEndCapture without a capture".into()))?;
+        if let Some(why) = spoilt {
+            return Err(refuse(format!("the capture was invalidated: {why}")));
+        }
+        let mut g = self.graphs.borrow_mut();
+        g.push(Some(ops));
+        Ok(Some(Graph(g.len() as u64 - 1)))
+    }
+
+    fn graph_instantiate(&self, g: Graph) -> Result<GraphExec, DeviceError> {
+        let ops = self.graphs.borrow()[g.0 as usize].clone().ok_or_else(|| refuse("instantiating a destroyed graph".into()))?;
+        let mut e = self.execs.borrow_mut();
+        e.push(Some(ops));
+        Ok(GraphExec(e.len() as u64 - 1))
+    }
+
+    fn graph_destroy(&self, g: Graph) -> Result<(), DeviceError> {
+        self.graphs.borrow_mut()[g.0 as usize] = None;
+        Ok(())
+    }
+
+    fn graph_launch(&self, e: GraphExec) -> Result<(), DeviceError> {
+        let ops = self.execs.borrow()[e.0 as usize].clone().ok_or_else(|| refuse("launching a destroyed graph".into()))?;
+        for op in &ops {
+            if !self.record(op) {
+                self.run(op)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn graph_exec_destroy(&self, e: GraphExec) -> Result<(), DeviceError> {
+        self.execs.borrow_mut()[e.0 as usize] = None;
+        Ok(())
+    }
+
+    fn open_blas(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn set_blas_workspace(&self, ptr: u64, bytes: usize) -> Result<(), DeviceError> {
+        self.check_range("cublasSetWorkspace", ptr, bytes)
+    }
+
+    fn gemm_ex(&self, g: &Gemm) -> Result<(), DeviceError> {
+        let op = Op::Gemm(*g);
+        if self.record(&op) {
+            return Ok(());
+        }
+        self.run(&op)
+    }
+
+    fn lt_plan(&self, shape: &LtMatmul, _max_workspace: usize) -> Result<MatmulPlan, DeviceError> {
+        let (a_rows, b_rows) = (if shape.ta { shape.k } else { shape.m }, if shape.tb { shape.n } else { shape.k });
+        if shape.lda < a_rows.max(1) || shape.ldb < b_rows.max(1) || shape.ldc < shape.m.max(1) {
+            return Err(refuse(format!("cublasLtMatrixLayoutCreate: leading dimension below the rows in {shape:?}")));
+        }
+        let mut p = self.plans.borrow_mut();
+        p.push(Some((*shape, 0)));
+        Ok(MatmulPlan(p.len() as u64 - 1))
+    }
+
+    fn lt_set_bias(&self, plan: MatmulPlan, bias: u64) -> Result<(), DeviceError> {
+        match self.plans.borrow_mut().get_mut(plan.0 as usize) {
+            Some(Some((_, b))) => {
+                *b = bias;
+                Ok(())
+            }
+            _ => Err(refuse("cublasLtMatmulDescSetAttribute on a destroyed plan".into())),
+        }
+    }
+
+    fn lt_matmul(&self, plan: MatmulPlan, ops: &LtOperands) -> Result<(), DeviceError> {
+        let (shape, bias) =
+            self.plans.borrow()[plan.0 as usize].ok_or_else(|| refuse("cublasLtMatmul with a destroyed plan".into()))?;
+        if ops.workspace_bytes > 0 {
+            self.check_range("cublasLtMatmul workspace", ops.workspace, ops.workspace_bytes)?;
+        }
+        let op = Op::Lt { shape, bias, ops: *ops };
+        if self.record(&op) {
+            return Ok(());
+        }
+        self.run(&op)
+    }
+
+    fn lt_destroy_plan(&self, plan: MatmulPlan) {
+        if let Some(p) = self.plans.borrow_mut().get_mut(plan.0 as usize) {
+            *p = None;
+        }
+    }
+}

@@ -1,3 +1,0 @@
-// Stub for the CPU emulation (tests/kernel_emu): the bf16 types and conversions are in emu.h.
-#pragma once
-#include "emu.h"
