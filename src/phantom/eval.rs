@@ -328,6 +328,8 @@ pub struct EvalOptions {
 
 /// Measures every item and, per class, draws the reference phantoms.
 pub fn evaluate(items: &[Item], opts: &EvalOptions) -> Result<Report> {
+    // Before the parallel loop, so that no worker of it computes the baseline (see `baseline`).
+    super::measure::baseline();
     let measured: Vec<Result<(Request, Measurement, usize)>> = items
         .par_iter()
         .map(|it| {

@@ -225,9 +225,23 @@ pub const BASELINE_PHANTOMS: usize = 48;
 pub const BASELINE_SEED: u64 = 0xBA5E_119E;
 
 /// The normal baseline, computed once per process (about a second of rendering).
+///
+/// In a thread pool of its own: `baseline()` is called from the global pool's workers (evaluate's
+/// parallel loop), and an initializer whose parallel work (here and inside `render`) waited on that
+/// pool would deadlock — its workers sit blocked on this OnceLock while the thread that holds it
+/// waits for them (seen as an occasional hang of tests/phantom.rs). Parallel callers initialize it
+/// before their parallel loop (`eval::evaluate` does), so that no worker of theirs runs the
+/// initializer: one waiting inside it could pick up a job that asks for the baseline again.
 pub fn baseline() -> &'static Baseline {
     static B: std::sync::OnceLock<Baseline> = std::sync::OnceLock::new();
-    B.get_or_init(|| {
+    B.get_or_init(|| match rayon::ThreadPoolBuilder::new().num_threads(rayon::current_num_threads()).build() {
+        Ok(pool) => pool.install(compute_baseline),
+        Err(_) => compute_baseline(),
+    })
+}
+
+fn compute_baseline() -> Baseline {
+    {
         use rayon::prelude::*;
         let scores: Vec<Scores> = (0..BASELINE_PHANTOMS)
             .into_par_iter()
@@ -249,7 +263,7 @@ pub fn baseline() -> &'static Baseline {
             rim_roughness: [0, 1].map(|i| avg(&|s| s.rim_roughness[i])),
             consolidation: [0, 1, 2, 3, 4, 5].map(|k| avg(&|s| s.consolidation[k])),
         }
-    })
+    }
 }
 
 /// What the measurement saw in one image: the scores and the decisions.
