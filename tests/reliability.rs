@@ -8,25 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// 16×16 gray images with content that follows the text; a JSONL manifest.
-fn dataset(dir: &Path, n: usize) -> PathBuf {
-    std::fs::create_dir_all(dir.join("img")).unwrap();
-    let mut manifest = String::new();
-    for i in 0..n {
-        let img = image::GrayImage::from_fn(16, 16, |x, y| {
-            let left = i % 2 == 0;
-            let v = if (x < 8) == left { 210 } else { 30 };
-            image::Luma([(v + (i as u32 * 5 + x * 3 + y) % 13) as u8])
-        });
-        img.save(dir.join(format!("img/{i}.png"))).unwrap();
-        let text = if i % 2 == 0 { "Left pleural effusion." } else { "Right pleural effusion." };
-        manifest.push_str(&format!("{{\"image\": \"img/{i}.png\", \"text\": \"{text}\"}}\n"));
-    }
-    let m = dir.join("train.jsonl");
-    std::fs::write(&m, manifest).unwrap();
-    m
-}
-
 fn train_args(pipe: &Path, data: &Path, out: &Path, steps: usize, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = [
         "train",
@@ -86,7 +67,7 @@ fn log_steps(path: &Path) -> Vec<u64> {
 fn an_image_that_fails_to_decode_while_training_is_skipped_or_named() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = dataset(&dir.path().join("data"), 4);
+    let data = synthetic_dataset(&dir.path().join("data"), 4);
     // A PNG cut after its header: image_dimensions reads it, decoding fails.
     let img = dir.path().join("data/img/1.png");
     let bytes = std::fs::read(&img).unwrap();
@@ -175,7 +156,7 @@ fn skip_existing_with_euler_ancestral_reproduces_the_missing_images() {
 fn a_second_training_run_into_a_locked_folder_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = dataset(&dir.path().join("data"), 2);
+    let data = synthetic_dataset(&dir.path().join("data"), 2);
     let out = dir.path().join("run");
     let mut first = Command::new(roentgen_bin())
         .args(train_args(&pipe, &data, &out, 100_000, &["--checkpoint-every", "1"]))
@@ -213,7 +194,7 @@ fn resume_args(pipe: &Path, data: &Path, out: &Path) -> Vec<String> {
 fn resume_cleans_leftovers_and_repairs_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = dataset(&dir.path().join("data"), 2);
+    let data = synthetic_dataset(&dir.path().join("data"), 2);
     let out = dir.path().join("run");
     let (code, _, err) = run(&train_args(&pipe, &data, &out, 2, &["--checkpoint-every", "1"]));
     assert_eq!(code, 0, "{err}");
@@ -269,7 +250,7 @@ fn checkpoint_retention_and_only_the_pipelines_files() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = assemble_pipeline("pipe-a", dir.path());
     std::fs::write(pipe.join("stray-notes.bin"), vec![7u8; 4096]).unwrap();
-    let data = dataset(&dir.path().join("data"), 2);
+    let data = synthetic_dataset(&dir.path().join("data"), 2);
     let out = dir.path().join("run");
     let (code, _, err) =
         run(&train_args(&pipe, &data, &out, 4, &["--checkpoint-every", "1", "--checkpoints-total-limit", "2"]));
@@ -296,7 +277,7 @@ fn checkpoint_retention_and_only_the_pipelines_files() {
 fn resume_with_changed_settings_is_refused_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = dataset(&dir.path().join("data"), 2);
+    let data = synthetic_dataset(&dir.path().join("data"), 2);
     let out = dir.path().join("run");
     let (code, _, err) = run(&train_args(&pipe, &data, &out, 1, &["--ema"]));
     assert_eq!(code, 0, "{err}");
@@ -355,7 +336,7 @@ fn a_broken_vae_is_named_not_a_black_image() {
 fn optimizer_flags_are_validated_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = dataset(&dir.path().join("data"), 2);
+    let data = synthetic_dataset(&dir.path().join("data"), 2);
     for (flag, value) in [
         ("--lr", "-1"),
         ("--lr", "NaN"),
@@ -408,7 +389,7 @@ fn huge_sizes_from_flags_end_with_a_message() {
     expect_error(&a, &["--iters"]);
     expect_error(&strings(&["--threads", "100000", "inspect", "x"]), &["--threads 100000"]);
     let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = dataset(&dir.path().join("data"), 2);
+    let data = synthetic_dataset(&dir.path().join("data"), 2);
     expect_error(&train_args(&pipe, &data, &dir.path().join("g"), 1, &["--grad-accum", "18446744073709551615"]), &[
         "--grad-accum",
     ]);

@@ -203,3 +203,47 @@ pub fn write_f32(path: &Path, name: &str, shape: &[usize], data: &[f32]) {
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes).unwrap();
     std::fs::write(path, safetensors::serialize(vec![(name.to_string(), view)], None).unwrap()).unwrap();
 }
+
+/// 16×16 gray images whose content follows the text: a bright left or right half, or a bright
+/// disc; with a JSONL manifest. Deterministic.
+pub fn synthetic_dataset(dir: &Path, n: usize) -> PathBuf {
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    let mut manifest = String::new();
+    for i in 0..n {
+        let kind = i % 3;
+        let img = image::GrayImage::from_fn(16, 16, |x, y| {
+            let v = match kind {
+                0 => {
+                    if x < 8 {
+                        220
+                    } else {
+                        30
+                    }
+                }
+                1 => {
+                    if x >= 8 {
+                        220
+                    } else {
+                        30
+                    }
+                }
+                _ => {
+                    if (x as i32 - 8).pow(2) + (y as i32 - 8).pow(2) < 20 {
+                        230
+                    } else {
+                        20
+                    }
+                }
+            };
+            image::Luma([(v + (i as u32 * 7 + x + y) % 11) as u8])
+        });
+        let p = dir.join(format!("img/{i}.png"));
+        img.save(&p).unwrap();
+        let text =
+            ["Large left pleural effusion.", "Large right pleural effusion.", "Rounded opacity in the mid lung."][kind];
+        manifest.push_str(&format!("{{\"image\": \"img/{i}.png\", \"text\": \"{text}\"}}\n"));
+    }
+    let m = dir.join("train.jsonl");
+    std::fs::write(&m, manifest).unwrap();
+    m
+}

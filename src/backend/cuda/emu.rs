@@ -12,9 +12,7 @@
 //! GEMMs run the reference of reference_gemm.rs. What is not emulated: timing (events read a host
 //! clock) and the vendor libraries' algorithms.
 
-use super::device::{
-    Device, DeviceError, Event, Function, Gemm, Graph, GraphExec, LtMatmul, LtOperands, MatmulPlan,
-};
+use super::device::{Device, DeviceError, Event, Function, Gemm, Graph, GraphExec, LtMatmul, LtOperands, MatmulPlan};
 use super::reference_gemm::{gemm, GemmShape};
 use anyhow::Result;
 use std::cell::RefCell;
@@ -143,32 +141,14 @@ impl EmuDevice {
                 Ok(())
             }
             Op::Gemm(g) => {
-                let shape = GemmShape {
-                    ta: g.ta,
-                    tb: g.tb,
-                    m: g.m,
-                    n: g.n,
-                    k: g.k,
-                    lda: g.lda,
-                    ldb: g.ldb,
-                    ldc: g.ldc,
-                    compute: g.compute,
-                };
+                let shape = GemmShape::from(g);
                 self.gemm_on_device("cublasGemmEx", &shape, g.alpha, g.a, g.b, g.beta, g.c, None)
             }
             Op::Lt { shape: s, bias, ops } => {
-                let shape = GemmShape {
-                    ta: s.ta,
-                    tb: s.tb,
-                    m: s.m,
-                    n: s.n,
-                    k: s.k,
-                    lda: s.lda,
-                    ldb: s.ldb,
-                    ldc: s.ldc,
-                    compute: s.compute,
-                };
-                for (what, addr, align) in [("A", ops.a, s.align[0]), ("B", ops.b, s.align[1]), ("C", ops.c, s.align[2])] {
+                let shape = GemmShape::from(s);
+                for (what, addr, align) in
+                    [("A", ops.a, s.align[0]), ("B", ops.b, s.align[1]), ("C", ops.c, s.align[2])]
+                {
                     if align > 0 && addr % align as u64 != 0 {
                         return Err(refuse(format!(
                             "cublasLtMatmul: {what} at {addr:#x} breaks the plan's promised {align}-byte alignment"
@@ -368,7 +348,8 @@ impl Device for EmuDevice {
     }
 
     fn end_capture(&self) -> Result<Option<Graph>, DeviceError> {
-        let (ops, spoilt) = self.capture.borrow_mut().take().ok_or_else(|| refuse("cuStreamEndCapture without a capture".into()))?;
+        let (ops, spoilt) =
+            self.capture.borrow_mut().take().ok_or_else(|| refuse("cuStreamEndCapture without a capture".into()))?;
         if let Some(why) = spoilt {
             return Err(refuse(format!("the capture was invalidated: {why}")));
         }
@@ -378,7 +359,9 @@ impl Device for EmuDevice {
     }
 
     fn graph_instantiate(&self, g: Graph) -> Result<GraphExec, DeviceError> {
-        let ops = self.graphs.borrow()[g.0 as usize].clone().ok_or_else(|| refuse("instantiating a destroyed graph".into()))?;
+        let ops = self.graphs.borrow()[g.0 as usize]
+            .clone()
+            .ok_or_else(|| refuse("instantiating a destroyed graph".into()))?;
         let mut e = self.execs.borrow_mut();
         e.push(Some(ops));
         Ok(GraphExec(e.len() as u64 - 1))
@@ -390,7 +373,8 @@ impl Device for EmuDevice {
     }
 
     fn graph_launch(&self, e: GraphExec) -> Result<(), DeviceError> {
-        let ops = self.execs.borrow()[e.0 as usize].clone().ok_or_else(|| refuse("launching a destroyed graph".into()))?;
+        let ops =
+            self.execs.borrow()[e.0 as usize].clone().ok_or_else(|| refuse("launching a destroyed graph".into()))?;
         for op in &ops {
             if !self.record(op) {
                 self.run(op)?;
@@ -441,8 +425,8 @@ impl Device for EmuDevice {
     }
 
     fn lt_matmul(&self, plan: MatmulPlan, ops: &LtOperands) -> Result<(), DeviceError> {
-        let (shape, bias) =
-            self.plans.borrow()[plan.0 as usize].ok_or_else(|| refuse("cublasLtMatmul with a destroyed plan".into()))?;
+        let (shape, bias) = self.plans.borrow()[plan.0 as usize]
+            .ok_or_else(|| refuse("cublasLtMatmul with a destroyed plan".into()))?;
         if ops.workspace_bytes > 0 {
             self.check_range("cublasLtMatmul workspace", ops.workspace, ops.workspace_bytes)?;
         }

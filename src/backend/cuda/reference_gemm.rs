@@ -13,7 +13,7 @@
 //! the emulation always does, the stricter reading. Products are summed in f64 and the result
 //! rounded to f32 once: a reference, which real GPUs match within their accumulation error.
 
-use super::device::Compute;
+use super::device::{Compute, Gemm, LtMatmul};
 
 /// The shape and layout of one product (the scalars and operands are per call).
 #[derive(Clone, Copy, Debug)]
@@ -62,6 +62,20 @@ impl GemmShape {
             }
         }
         Ok(())
+    }
+}
+
+impl From<&Gemm> for GemmShape {
+    fn from(g: &Gemm) -> GemmShape {
+        let Gemm { ta, tb, m, n, k, lda, ldb, ldc, compute, .. } = *g;
+        GemmShape { ta, tb, m, n, k, lda, ldb, ldc, compute }
+    }
+}
+
+impl From<&LtMatmul> for GemmShape {
+    fn from(p: &LtMatmul) -> GemmShape {
+        let LtMatmul { ta, tb, m, n, k, lda, ldb, ldc, compute, .. } = *p;
+        GemmShape { ta, tb, m, n, k, lda, ldb, ldc, compute }
     }
 }
 
