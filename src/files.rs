@@ -102,7 +102,8 @@ pub fn write_atomic(dest: &Path, write: impl FnOnce(&mut BufWriter<File>) -> Res
         let file = create_new(&tmp)?;
         let mut w = BufWriter::new(file);
         write(&mut w).with_context(|| format!("{}: cannot write", dest.display()))?;
-        let file = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("{}: cannot write", dest.display()))?;
+        let file =
+            w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("{}: cannot write", dest.display()))?;
         file.sync_all().with_context(|| format!("{}: cannot write (sync)", dest.display()))?;
         rename_into_place(&tmp, dest)
     })();
@@ -123,7 +124,8 @@ fn create_new(path: &Path) -> Result<File> {
             if !m.file_type().is_file() {
                 bail!("{}: exists and is {}; refusing to use it as a temporary file", path.display(), kind_of(&m));
             }
-            std::fs::remove_file(path).with_context(|| format!("{}: cannot remove a stale temporary", path.display()))?;
+            std::fs::remove_file(path)
+                .with_context(|| format!("{}: cannot remove a stale temporary", path.display()))?;
             open().with_context(|| format!("{}: cannot create", path.display()))
         }
         r => r.with_context(|| format!("{}: cannot create", path.display())),
@@ -287,10 +289,8 @@ impl FolderLock {
                 return Err(e).with_context(|| format!("{}: cannot lock", path.display()));
             }
         }
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let started =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let text = format!(
             "pid {} on {}, `roentgen {job}`, started at unix time {started}\n",

@@ -439,7 +439,8 @@ fn main() {
         // The reader of our standard output went away (`roentgen tokenize … | head`): as other
         // command-line tools, stop quietly.
         let broken_pipe = e.chain().any(|c| {
-            c.downcast_ref::<std::io::Error>().map(|io| io.kind())
+            c.downcast_ref::<std::io::Error>()
+                .map(|io| io.kind())
                 .or_else(|| c.downcast_ref::<serde_json::Error>().and_then(|j| j.io_error_kind()))
                 == Some(std::io::ErrorKind::BrokenPipe)
         });

@@ -752,7 +752,11 @@ mod suite {
             // One U-Net call per timestep, and PNDM (pipe-a's scheduler) has steps + 1 of them: the
             // first call runs directly, the second is captured, every later one replays. (Found on
             // the emulated device: this case expected steps − 2 before it had ever run.)
-            ensure!(r1 + 2 == calls, "{r1} graph replays for {calls} U-Net calls ({steps} steps); expected {}", calls - 2);
+            ensure!(
+                r1 + 2 == calls,
+                "{r1} graph replays for {calls} U-Net calls ({steps} steps); expected {}",
+                calls - 2
+            );
             let max = graphed.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             ensure!(max <= 1e-6, "images differ by up to {max:.2e} with graphs on");
             Ok(format!("{r1} replays of {calls} U-Net calls, max pixel difference {max:.1e}"))

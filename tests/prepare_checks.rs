@@ -11,7 +11,6 @@ use serde_json::Value;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
-
 #[test]
 fn default_tokenizer_is_built_in_and_works_from_any_folder() {
     // The default --tokenizer was a path relative to the checkout: from a data folder it failed.

@@ -81,8 +81,7 @@ fn an_image_that_fails_to_decode_while_training_is_skipped_or_named() {
     let line = expect_error(&train_args(&pipe, &data, &dir.path().join("fail"), 4, &[]), &["1.png", "train.jsonl:2"]);
     assert!(line.contains("--on-bad-image skip"), "{line}");
     // --verify-images finds it before any work.
-    let line =
-        expect_error(&train_args(&pipe, &data, &dir.path().join("verify"), 4, &["--verify-images"]), &["1.png"]);
+    let line = expect_error(&train_args(&pipe, &data, &dir.path().join("verify"), 4, &["--verify-images"]), &["1.png"]);
     assert!(line.contains("1 unreadable"), "{line}");
     assert!(!dir.path().join("verify/train_log.jsonl").exists(), "work started before the check");
 }
@@ -95,12 +94,8 @@ fn sample_writes_each_image_when_decoded_and_skip_existing_resumes() {
     let mut args = sample_args(&out, &["--num-images", "6", "--batch-size", "1"]);
     args[4] = "12".into(); // steps: long enough to see the first image long before the last
     let t0 = Instant::now();
-    let mut child = Command::new(roentgen_bin())
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        Command::new(roentgen_bin()).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let first = out.join("11-0000.png");
     let mut first_at = None;
     let status = loop {
@@ -267,9 +262,10 @@ fn checkpoint_retention_and_only_the_pipelines_files() {
     for comp in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
         assert!(ck.join(comp).is_dir(), "{comp}/ missing from the checkpoint");
     }
-    expect_error(&train_args(&pipe, &data, &dir.path().join("z"), 1, &["--checkpoints-total-limit", "0"]), &[
-        "--checkpoints-total-limit 0",
-    ]);
+    expect_error(
+        &train_args(&pipe, &data, &dir.path().join("z"), 1, &["--checkpoints-total-limit", "0"]),
+        &["--checkpoints-total-limit 0"],
+    );
 }
 
 // 8. Resume with changed settings is refused with the differences, unless allowed.
@@ -390,9 +386,10 @@ fn huge_sizes_from_flags_end_with_a_message() {
     expect_error(&strings(&["--threads", "100000", "inspect", "x"]), &["--threads 100000"]);
     let pipe = assemble_pipeline("pipe-a", dir.path());
     let data = synthetic_dataset(&dir.path().join("data"), 2);
-    expect_error(&train_args(&pipe, &data, &dir.path().join("g"), 1, &["--grad-accum", "18446744073709551615"]), &[
-        "--grad-accum",
-    ]);
+    expect_error(
+        &train_args(&pipe, &data, &dir.path().join("g"), 1, &["--grad-accum", "18446744073709551615"]),
+        &["--grad-accum"],
+    );
     // train-step with a batch of 0 examples
     let batch = dir.path().join("b0.safetensors");
     write_f32(&batch, "latents", &[0, 4, 2, 2], &[]);

@@ -10,7 +10,6 @@ use roentgen::wordpiece::WordPieceTokenizer;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 
-
 fn u32s(v: &Value) -> Vec<u32> {
     v.as_array().unwrap_or_else(|| panic!("not a list: {v}")).iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }

@@ -315,7 +315,10 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let leftovers: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp") || e.file_name().to_string_lossy().contains("roentgen-tmp"))
+        .filter(|e| {
+            e.file_name().to_string_lossy().starts_with(".tmp")
+                || e.file_name().to_string_lossy().contains("roentgen-tmp")
+        })
         .collect();
     assert!(leftovers.is_empty(), "temporary folders left behind");
 }

@@ -98,7 +98,6 @@ pub struct SampleArgs {
     skip_existing: bool,
 }
 
-
 /// The PNG paths for `n` images: a file name for one image, numbered names for several, or files
 /// named `{stem}-{index}.png` in a folder (`stem`: the seed, or the --latents-in file's name).
 fn output_paths(out: &Path, n: usize, stem: &str) -> Result<Vec<PathBuf>> {
@@ -112,10 +111,15 @@ fn output_paths(out: &Path, n: usize, stem: &str) -> Result<Vec<PathBuf>> {
     }
     if let Ok(m) = std::fs::metadata(out) {
         if !m.is_dir() {
-            bail!("--out {}: exists and is {}, not a folder (name a .png file or a folder)", out.display(), files::kind_of(&m));
+            bail!(
+                "--out {}: exists and is {}, not a folder (name a .png file or a folder)",
+                out.display(),
+                files::kind_of(&m)
+            );
         }
     }
-    std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the output folder", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("--out {}: cannot create the output folder", out.display()))?;
     Ok((0..n).map(|i| out.join(format!("{stem}-{i:04}.png"))).collect())
 }
 
@@ -165,14 +169,16 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
         bail!("no prompt given: use --prompt TEXT (repeatable) or --prompts FILE");
     }
     // Sizes before anything is loaded or allocated.
-    let n = prompts.len().checked_mul(a.num_images).filter(|&n| n <= roentgen::pipeline::MAX_IMAGES).with_context(|| {
-        format!(
-            "{} prompt(s) × --num-images {}: more than {} images in one run; split the job",
-            prompts.len(),
-            a.num_images,
-            roentgen::pipeline::MAX_IMAGES
-        )
-    })?;
+    let n = prompts.len().checked_mul(a.num_images).filter(|&n| n <= roentgen::pipeline::MAX_IMAGES).with_context(
+        || {
+            format!(
+                "{} prompt(s) × --num-images {}: more than {} images in one run; split the job",
+                prompts.len(),
+                a.num_images,
+                roentgen::pipeline::MAX_IMAGES
+            )
+        },
+    )?;
     if n == 0 || a.batch_size == 0 || a.steps == 0 {
         bail!("--num-images, --batch-size and --steps must be at least 1");
     }
@@ -223,8 +229,13 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
         timestep_spacing: a.timestep_spacing.clone(),
         ..Default::default()
     };
-    let kind = roentgen::schedulers::from_config(scheduler, &pipe.scheduler_config, &pipe.scheduler_config_path, &scheduler_options)?
-        .kind();
+    let kind = roentgen::schedulers::from_config(
+        scheduler,
+        &pipe.scheduler_config,
+        &pipe.scheduler_config_path,
+        &scheduler_options,
+    )?
+    .kind();
     // The seed is used (and recorded) when it draws something: the initial noise, or Euler
     // ancestral's step noise. A --latents-in run of another scheduler uses none.
     let seed_used = latents_in.is_none() || kind == SchedulerKind::EulerAncestral;
@@ -299,7 +310,11 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
         if todo < n { format!(" ({} already written)", n - todo) } else { String::new() },
         model.display(),
         b.name(),
-        if seed_used { format!("seed {seed}, ") } else { format!("latents from {}, ", a.latents_in.as_ref().unwrap().display()) },
+        if seed_used {
+            format!("seed {seed}, ")
+        } else {
+            format!("latents from {}, ", a.latents_in.as_ref().unwrap().display())
+        },
         a.steps,
         a.guidance
     );

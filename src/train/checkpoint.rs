@@ -128,7 +128,8 @@ pub fn save(b: &dyn Backend, dest: &Path, c: &CheckpointContents) -> Result<()> 
         std::fs::copy(c.source.join("model_index.json"), tmp.join("model_index.json"))
             .with_context(|| format!("{}: cannot copy model_index.json", c.source.display()))?;
         let trained_weights = |p: &Path| -> bool {
-            p.extension().is_some_and(|e| e == "safetensors" || e == "bin") || p.to_string_lossy().ends_with(".index.json")
+            p.extension().is_some_and(|e| e == "safetensors" || e == "bin")
+                || p.to_string_lossy().ends_with(".index.json")
         };
         for comp in crate::weights::pipeline_components(c.source)?.keys() {
             let from = c.source.join(comp);

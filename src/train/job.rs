@@ -26,9 +26,7 @@ impl OutputFolder {
         }
         // Our lock file alone (a run that failed at its start) does not make a folder "used".
         let non_empty = dir.is_dir()
-            && std::fs::read_dir(dir)
-                .map(|d| d.flatten().any(|e| e.file_name() != FolderLock::FILE))
-                .unwrap_or(false);
+            && std::fs::read_dir(dir).map(|d| d.flatten().any(|e| e.file_name() != FolderLock::FILE)).unwrap_or(false);
         if non_empty && !resume && !overwrite {
             bail!(
                 "--output {}: the folder exists and is not empty; pass --resume to continue its latest checkpoint, \
@@ -182,7 +180,12 @@ impl<'a> ImageDraw<'a> {
 /// recorded (a changed seed, learning rate or batch silently makes another run), listing every
 /// difference; `allow` continues with the new ones. `current` maps keys, named like the flags
 /// (`batch_size` ↔ `--batch-size`), to values; keys the checkpoint did not record are not compared.
-pub fn check_resume_settings(ckpt: &Path, recorded: &serde_json::Value, current: &serde_json::Value, allow: bool) -> Result<()> {
+pub fn check_resume_settings(
+    ckpt: &Path,
+    recorded: &serde_json::Value,
+    current: &serde_json::Value,
+    allow: bool,
+) -> Result<()> {
     let Some(cur) = current.as_object() else { return Ok(()) };
     let mut diffs = Vec::new();
     for (k, v) in cur {
@@ -201,7 +204,8 @@ pub fn check_resume_settings(ckpt: &Path, recorded: &serde_json::Value, current:
             (a, b) => a == b,
         };
         if !same {
-            let flag = if k == "ema_decay" { "--ema/--ema-decay".to_string() } else { format!("--{}", k.replace('_', "-")) };
+            let flag =
+                if k == "ema_decay" { "--ema/--ema-decay".to_string() } else { format!("--{}", k.replace('_', "-")) };
             diffs.push(format!("{flag} {v} (checkpoint: {old})"));
         }
     }

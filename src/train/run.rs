@@ -344,72 +344,76 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
     let mut last_ckpt = resume_from.clone();
     // The loop, as a closure so that its error can say what is on disk.
     let mut run = || -> Result<()> {
-    let t0 = Instant::now();
-    let start = trainer.step;
-    let mut perm: (u64, Vec<usize>) = (0, permutation(n, cfg.seed, 0));
-    while trainer.step < cfg.steps {
-        let step = trainer.step + 1;
-        let mut rng = SplitMix64::new(cfg.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407));
-        let mut micro = Vec::with_capacity(cfg.optim.grad_accum);
-        for a in 0..cfg.optim.grad_accum {
-            let mut mb = Batch {
-                latents: Vec::with_capacity(cfg.batch_size * per),
-                latent_shape: [cfg.batch_size, z, lat, lat],
-                input_ids: Vec::with_capacity(cfg.batch_size * seq),
-                attention_mask: Vec::with_capacity(cfg.batch_size * seq),
-                // Drawn where the U-Net runs (Philox): stream = (step, micro-batch).
-                noise: Noise::Philox { seed: cfg.seed, stream: ((step as u64) << 32) | a as u64 },
-                timesteps: Vec::with_capacity(cfg.batch_size),
-            };
-            for k in 0..cfg.batch_size {
-                let counter = (step - 1) * per_step + a * cfg.batch_size + k;
-                let epoch = (counter / n) as u64;
-                if perm.0 != epoch {
-                    perm = (epoch, permutation(n, cfg.seed, epoch));
-                }
-                let idx = perm.1[counter % n];
-                let (mean, logvar) = match &cache[idx] {
-                    Some(m) => m.clone(),
-                    None => {
-                        let (_, px) = draw.load(idx)?;
-                        encoder.encode(b, &models.vae, &px)?
-                    }
+        let t0 = Instant::now();
+        let start = trainer.step;
+        let mut perm: (u64, Vec<usize>) = (0, permutation(n, cfg.seed, 0));
+        while trainer.step < cfg.steps {
+            let step = trainer.step + 1;
+            let mut rng = SplitMix64::new(cfg.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+            let mut micro = Vec::with_capacity(cfg.optim.grad_accum);
+            for a in 0..cfg.optim.grad_accum {
+                let mut mb = Batch {
+                    latents: Vec::with_capacity(cfg.batch_size * per),
+                    latent_shape: [cfg.batch_size, z, lat, lat],
+                    input_ids: Vec::with_capacity(cfg.batch_size * seq),
+                    attention_mask: Vec::with_capacity(cfg.batch_size * seq),
+                    // Drawn where the U-Net runs (Philox): stream = (step, micro-batch).
+                    noise: Noise::Philox { seed: cfg.seed, stream: ((step as u64) << 32) | a as u64 },
+                    timesteps: Vec::with_capacity(cfg.batch_size),
                 };
-                // latent_dist.sample() · scaling_factor
-                for (m, lv) in mean.iter().zip(&logvar) {
-                    mb.latents.push((m + (0.5 * lv).exp() * rng.next_normal()) * sf);
+                for k in 0..cfg.batch_size {
+                    let counter = (step - 1) * per_step + a * cfg.batch_size + k;
+                    let epoch = (counter / n) as u64;
+                    if perm.0 != epoch {
+                        perm = (epoch, permutation(n, cfg.seed, epoch));
+                    }
+                    let idx = perm.1[counter % n];
+                    let (mean, logvar) = match &cache[idx] {
+                        Some(m) => m.clone(),
+                        None => {
+                            let (_, px) = draw.load(idx)?;
+                            encoder.encode(b, &models.vae, &px)?
+                        }
+                    };
+                    // latent_dist.sample() · scaling_factor
+                    for (m, lv) in mean.iter().zip(&logvar) {
+                        mb.latents.push((m + (0.5 * lv).exp() * rng.next_normal()) * sf);
+                    }
+                    // Drawn only when dropout is on, so runs without it keep their streams.
+                    let drop = cfg.uncond_prob > 0.0
+                        && ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < cfg.uncond_prob;
+                    let t = if drop { &empty } else { &tokens[idx] };
+                    mb.input_ids.extend_from_slice(&t.ids);
+                    mb.attention_mask.extend_from_slice(&t.mask);
+                    mb.timesteps.push((rng.next_u64() % models.alphas_cumprod.len() as u64) as usize);
                 }
-                // Drawn only when dropout is on, so runs without it keep their streams.
-                let drop =
-                    cfg.uncond_prob > 0.0 && ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < cfg.uncond_prob;
-                let t = if drop { &empty } else { &tokens[idx] };
-                mb.input_ids.extend_from_slice(&t.ids);
-                mb.attention_mask.extend_from_slice(&t.mask);
-                mb.timesteps.push((rng.next_u64() % models.alphas_cumprod.len() as u64) as usize);
+                micro.push(mb);
             }
-            micro.push(mb);
-        }
-        let stats = trainer.train_step(b, &models.unet, &models.text, &micro, cfg.steps)?;
-        let secs = t0.elapsed().as_secs_f64();
-        let ips = ((stats.step - start) * per_step) as f64 / secs.max(1e-9);
-        if stats.step % cfg.log_every.max(1) == 0 || stats.step == cfg.steps {
-            log_file.append(&serde_json::json!({"step": stats.step, "loss": stats.loss, "lr": stats.lr,
+            let stats = trainer.train_step(b, &models.unet, &models.text, &micro, cfg.steps)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let ips = ((stats.step - start) * per_step) as f64 / secs.max(1e-9);
+            if stats.step % cfg.log_every.max(1) == 0 || stats.step == cfg.steps {
+                log_file.append(&serde_json::json!({"step": stats.step, "loss": stats.loss, "lr": stats.lr,
                 "grad_norm": stats.grad_norm, "images_per_s": ips, "elapsed_s": secs}))?;
+            }
+            log(&stats, ips);
+            if (cfg.checkpoint_every > 0 && stats.step % cfg.checkpoint_every == 0) || stats.step == cfg.steps {
+                let dest = cfg.output.join(format!("checkpoint-{}", stats.step));
+                let mut state = cfg.settings();
+                state["step"] = stats.step.into();
+                state["steps"] = cfg.steps.into();
+                state["loss"] = serde_json::json!(stats.loss);
+                state["source_model"] = cfg.model.display().to_string().into();
+                checkpoint::save(
+                    b,
+                    &dest,
+                    &models.checkpoint(&load_dir, trainer.ema_table(), trainer.optimizer_pools(), state),
+                )?;
+                last_ckpt = Some(dest);
+                job::retain_checkpoints(&cfg.output, cfg.checkpoints_total_limit)?;
+            }
         }
-        log(&stats, ips);
-        if (cfg.checkpoint_every > 0 && stats.step % cfg.checkpoint_every == 0) || stats.step == cfg.steps {
-            let dest = cfg.output.join(format!("checkpoint-{}", stats.step));
-            let mut state = cfg.settings();
-            state["step"] = stats.step.into();
-            state["steps"] = cfg.steps.into();
-            state["loss"] = serde_json::json!(stats.loss);
-            state["source_model"] = cfg.model.display().to_string().into();
-            checkpoint::save(b, &dest, &models.checkpoint(&load_dir, trainer.ema_table(), trainer.optimizer_pools(), state))?;
-            last_ckpt = Some(dest);
-            job::retain_checkpoints(&cfg.output, cfg.checkpoints_total_limit)?;
-        }
-    }
-    Ok(())
+        Ok(())
     };
     let r = run();
     if draw.skipped > 0 {
@@ -494,7 +498,10 @@ pub fn read_step_batch(path: &Path, models: &Models, b: &mut dyn Backend) -> Res
     }
     let vocab = models.text.vocab_size();
     if let Some(&id) = ids.iter().find(|&&id| !(id >= 0.0 && id < vocab as f32 && id.fract() == 0.0)) {
-        bail!("{}: tensor 'input_ids' holds {id}; expected token ids in 0..{vocab} (the text encoder's vocabulary)", path.display());
+        bail!(
+            "{}: tensor 'input_ids' holds {id}; expected token ids in 0..{vocab} (the text encoder's vocabulary)",
+            path.display()
+        );
     }
     let attention_mask = match get("attention_mask")? {
         Some((_, m)) if m.len() == ids.len() => m.iter().map(|&x| x as u32).collect(),

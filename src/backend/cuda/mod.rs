@@ -24,12 +24,12 @@
 mod attention;
 mod conv;
 mod device;
+#[cfg(feature = "cuda-emu")]
+mod emu;
 mod graph;
 mod lt;
 mod ops;
 mod params;
-#[cfg(feature = "cuda-emu")]
-mod emu;
 // The emulated device's GEMM (issue 14): in a build without `cuda-emu`, only its known-answer tests
 // use it.
 #[cfg_attr(not(any(test, feature = "cuda-emu")), allow(dead_code))]
