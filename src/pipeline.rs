@@ -367,7 +367,9 @@ impl Pipeline {
         for (members, act) in &groups {
             let mut sched = new_scheduler()?;
             let timesteps: Vec<f64> = sched.timesteps().to_vec();
-            let pos = |i: usize| members.iter().position(|&m| m == i).unwrap_or(0);
+            // Image i's place in the group (members ascend): a search, not a scan, because Euler
+            // ancestral's one group holds every image of the run.
+            let pos = |i: usize| members.binary_search(&i).unwrap_or(0);
             let mut latents: Vec<f32> =
                 members.iter().flat_map(|&i| initial[i * per_image..(i + 1) * per_image].iter().copied()).collect();
             let mut noise = vec![0f32; latents.len()];

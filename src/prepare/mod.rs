@@ -276,8 +276,9 @@ fn check_output(flag: &str, p: &Path) -> Result<PathBuf> {
     match std::fs::metadata(p) {
         Ok(m) if m.is_dir() => bail!("{flag} {}: is a folder; give a file path", p.display()),
         Ok(m) if !m.is_file() => bail!(
-            "{flag} {}: exists and is not a regular file (a device, FIFO or socket); refusing to replace it",
-            p.display()
+            "{flag} {}: exists and is not a regular file ({}); refusing to replace it",
+            p.display(),
+            crate::files::kind_of(&m)
         ),
         _ => {}
     }
