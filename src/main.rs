@@ -204,7 +204,8 @@ enum Command {
         /// Timed calls.
         #[arg(long, default_value_t = 3)]
         iters: usize,
-        /// Then run once more timing every kernel (CUDA; events serialise the stream).
+        /// Then run once more timing every kernel (CUDA; events serialise the stream): one row per
+        /// kernel and grid, and per GEMM shape.
         #[arg(long)]
         profile: bool,
         /// Print one JSON object.

@@ -11,9 +11,11 @@
 // What the driver would refuse and this returns as an error: an unknown kernel, an argument count
 // that differs from the kernel's parameters, a slot whose upper bytes are set for a 4-byte
 // parameter (a pointer passed where an int or float belongs), a dynamic-shared-memory opt-in above
-// the card's limit. What a kernel does wrong while it runs (out-of-bounds access at a guard page,
-// misaligned vector access, a divergent barrier, grid/block/launch-bounds limits) is reported by
-// emu.h with the kernel, block and thread, and ends the process, as a fault ends a CUDA context.
+// the card's limit, grid/block/launch-bounds limits. What a kernel does wrong while it runs
+// (out-of-bounds access at a guard page, misaligned vector access, a divergent barrier, a
+// deadlock) is a fault: emu.h names the kernel, block and thread and jumps back here (the launch's
+// fibers are abandoned, their C++ locals leak), and the launch answers 2, which the Rust side
+// turns into a sticky error, as a fault spoils a CUDA context.
 #include "registry.h"
 
 #include <condition_variable>
@@ -142,7 +144,8 @@ int roentgen_emu_set_max_dynamic_shared(const char* name, unsigned bytes, char* 
 }
 
 // cuLaunchKernel with the argument slots; runs the kernel to completion before returning.
-// 0, or 1 with a message for what the driver would refuse.
+// 0; 1 with a message for what the driver would refuse; 2 with a message for a fault while the
+// kernel ran.
 int roentgen_emu_launch(const char* name, const unsigned* grid, const unsigned* block, unsigned smem,
                         const uint64_t* slots, size_t nslots, char* err, size_t n) {
     auto it = registry().find(name);
@@ -152,11 +155,24 @@ int roentgen_emu_launch(const char* name, const unsigned* grid, const unsigned* 
     }
     Slots s(slots, slots + nslots);
     std::string msg;
+    bool fault = false;
     const dim3 g(grid[0], grid[1], grid[2]), b(block[0], block[1], block[2]);
-    worker().run([&] { msg = it->second(g, b, smem, s); });
+    worker().run([&] {
+        sigjmp_buf env;
+        emu::g.recovering_host = true;
+        emu::g.recover_thread = pthread_self();
+        emu::g.recover = &env;
+        if (sigsetjmp(env, 1) == 0) {
+            msg = it->second(g, b, smem, s);
+        } else {
+            msg = emu::g.fault;
+            fault = emu::g.fault_while_running;
+        }
+        emu::g.recover = nullptr;
+    });
     if (!msg.empty()) {
         put(err, n, msg);
-        return 1;
+        return fault ? 2 : 1;
     }
     return 0;
 }

@@ -44,7 +44,9 @@
 #include <map>
 #include <memory>
 #include <math.h>
+#include <pthread.h>
 #include <random>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string>
@@ -279,8 +281,32 @@ struct State {
     unsigned max_dyn_smem_default = 48 * 1024;
     unsigned max_dyn_smem_optin = 163 * 1024;  // sm_80 (A100); sm_90 allows 227 KiB
     std::map<std::string, unsigned> optin;
+    // A host that survives kernel faults (kernels/emu/device.cpp, as a CUDA context turns a fault
+    // into a sticky error) sets `recover` around a launch on its one launching thread: `fail` and
+    // the fault handler then write the message to `fault` and siglongjmp there instead of ending
+    // the process. Unset (tests/kernel_emu), a fault ends the process with the message.
+    sigjmp_buf* recover = nullptr;
+    pthread_t recover_thread{};
+    bool recovering_host = false;  // set once by such a host: other threads' faults are not ours
+    char fault[1024] = {0};
+    // Whether the last fault came while a kernel ran (a sticky error on hardware) rather than from
+    // a check before it started (a launch the driver refuses, which leaves the context usable).
+    bool running = false, fault_while_running = false;
 };
 inline State g;
+// The signal dispositions before install_signal_handlers: a fault outside a recoverable launch
+// (a bug of the host program, Rust's stack-overflow guard) goes back to them.
+inline struct sigaction g_old_segv, g_old_bus, g_old_fpe;
+
+// After a fault the launch's fibers are abandoned where they stand; the next launch rebuilds them.
+[[noreturn]] inline void recover_from_fault() {
+    g.fault_while_running = g.running;
+    g.running = false;
+    g.launch = nullptr;
+    g.cur = nullptr;
+    g.live = 0;
+    siglongjmp(*g.recover, 1);
+}
 
 inline void where(char* out, size_t n) {
     if (!g.launch) {
@@ -305,16 +331,32 @@ inline void fail(const char* fmt, ...) {
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     where(w, sizeof w);
+    if (g.recover && pthread_equal(pthread_self(), g.recover_thread)) {
+        snprintf(g.fault, sizeof g.fault, "%s [%s]", msg, w);
+        recover_from_fault();
+    }
     fprintf(stdout, "EMU ERROR: %s [%s]\n", msg, w);
     fflush(stdout);
     _exit(3);
 }
 
 inline void on_signal(int sig) {
+    const bool ours = g.recover && g.launch != nullptr && pthread_equal(pthread_self(), g.recover_thread);
+    if (g.recovering_host && !ours) {
+        // Not a kernel's fault: restore the host's own handler and return; the faulting
+        // instruction runs again and reaches it.
+        sigaction(sig, sig == SIGSEGV ? &g_old_segv : (sig == SIGBUS ? &g_old_bus : &g_old_fpe), nullptr);
+        return;
+    }
     char w[512], msg[800];
     where(w, sizeof w);
+    const char* what = sig == SIGSEGV ? "SIGSEGV" : (sig == SIGBUS ? "SIGBUS" : "fault");
+    if (ours) {
+        snprintf(g.fault, sizeof g.fault, "signal %d (%s: an out-of-bounds or misaligned access) [%s]", sig, what, w);
+        recover_from_fault();
+    }
     int n = snprintf(msg, sizeof msg, "EMU ERROR: signal %d (%s: an out-of-bounds or misaligned access) [%s]\n", sig,
-                     sig == SIGSEGV ? "SIGSEGV" : (sig == SIGBUS ? "SIGBUS" : "fault"), w);
+                     what, w);
     if (n > 0) {
         ssize_t r = write(1, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
         (void)r;
@@ -336,9 +378,9 @@ inline void install_signal_handlers() {
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
     sa.sa_flags = SA_ONSTACK;
-    sigaction(SIGSEGV, &sa, nullptr);
-    sigaction(SIGBUS, &sa, nullptr);
-    sigaction(SIGFPE, &sa, nullptr);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    sigaction(SIGBUS, &sa, &g_old_bus);
+    sigaction(SIGFPE, &sa, &g_old_fpe);
     const char* e = getenv("EMU_SITE_CHECK");
     g.site_check = !(e && e[0] == '0');
 }
@@ -638,6 +680,7 @@ inline void run_launch(Launch& L) {
     install_signal_handlers();
     locate_tls();
     g.launch = &L;
+    g.running = true;
     g.launches++;
     if (g.tls_filled)  // back to 0xFF where the previous launch had its dynamic shared memory
         for (auto& a : g.dyn_arrays) memset(a.first, 0xFF, std::min(a.second, g.dyn_dirty));
@@ -682,6 +725,7 @@ inline void run_launch(Launch& L) {
         run_block();
     }
     check_dynamic_canary();
+    g.running = false;
     g.launch = nullptr;
 }
 

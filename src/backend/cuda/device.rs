@@ -5,57 +5,22 @@
 //! Implementations:
 //! * [`CudaDriver`] (here): the real driver through cudarc, exactly the calls the backend made before
 //!   this layer existed, on one blocking stream of the device's primary context.
-//! * The emulated device (next step, feature `cuda-emu`, not written yet). How it will meet this
-//!   contract:
-//!   - Memory: device addresses are host addresses, so the host-compiled kernels dereference them
-//!     directly. `alloc` maps `bytes` rounded up to pages plus one PROT_NONE guard page and places the
-//!     buffer so that it ends at the guard (a read or write past the end faults, as in
-//!     tests/kernel_emu/run.cpp `dev_alloc`), filled with 0xFF (NaN in f32 and bf16: "contents
-//!     undefined"); `free` unmaps (use after free faults). Copies and memset check that
-//!     `[ptr, ptr+bytes)` lies in one live allocation and say which one it overruns otherwise.
-//!   - Modules and launches: build.rs (feature `cuda-emu`) compiles tests/kernel_emu/emu.h and the
-//!     unmodified kernels/*.cu with the `cc` crate into a static library, plus a generated registry:
-//!     one entry per `extern "C" __global__` kernel, name → launcher, where the launcher is
-//!     `emu::launch_args(name, &kernel, bound, ...)`, so the C++ compiler deduces each kernel's
-//!     signature from the function itself (no hand-kept table; the hand-written `REG` list in
-//!     run.cpp goes). The names come from what nvcc compiled (build.rs already has ptxas's
-//!     per-kernel report, `kernels::PTXAS_REPORT`), and each kernel's `__launch_bounds__` from the
-//!     PTX `.maxntid` directive (or a `__launch_bounds__` parse that also expands the
-//!     `attention_*_d##H` macro); a kernel in the report but missing from the registry is a build
-//!     error. `load_module` accepts the embedded images (checks nothing in them); `function` looks
-//!     the name up in the registry (None if absent, as the real lookup); `launch` receives the same
-//!     u64 slots as `cuLaunchKernel` and checks what the driver or hardware would refuse: empty or
-//!     oversized grid/block, threads above `__launch_bounds__`, dynamic shared memory above 48 KiB
-//!     or the size opted in with `set_max_dynamic_shared` (which refuses more than the emulated
-//!     card allows: 163 KiB as sm_80, the strictest target, as emu.h does), the
-//!     argument count against the signature, and each slot against its parameter's size (a 4-byte
-//!     int/float parameter whose slot has nonzero upper bytes is a pointer passed as an int; a
-//!     pointer parameter whose slot lies in no live allocation is flagged when the kernel
-//!     dereferences it: guard pages). The slots carry no kinds (the driver sees none either); the
-//!     emulator's existing P/I/F kind check becomes this size check. Kernel faults (misaligned
-//!     vector access, guard-page hits, divergent barriers) are reported with kernel, grid, block and
-//!     thread, and turned into a sticky error that the next `synchronize` returns, as a real fault
-//!     would (emu.h ends the process today; the library version must return instead, e.g. by
-//!     running each launch in a forked child or by longjmp out of the fibers on SIGSEGV).
-//!   - Stream order: everything runs synchronously at the call, so stream order is program order;
-//!     `synchronize` returns the sticky error if any. Events record a host clock.
-//!   - Graphs: `begin_capture` starts recording; until `end_capture`, `launch`, `gemm_ex`,
-//!     `lt_set_bias` + `lt_matmul` are recorded (with their argument bytes, not run), and
-//!     `synchronize`, `alloc`, `free`, `copy_*`, `memset_d8`, `event_synchronize` fail the capture
-//!     as CU_STREAM_CAPTURE_MODE_GLOBAL does (the call returns an error and `end_capture` then
-//!     returns an error too). `graph_launch` replays the recorded calls in order.
-//!   - GEMMs: a reference GEMM (f64 accumulation, rounded to f32 once) with cuBLAS's exact
-//!     semantics: column-major, `op(A)` is m×k, leading dimensions in elements, alpha/beta
-//!     (beta = 0 ignores C, even NaN), `Compute::F32FastBf16` rounding A and B to bf16 (nearest
-//!     even) before the product; cuBLASLt the same plus the BIAS epilogue (one f32 per row of D,
-//!     added after alpha·AB + beta·C; whether beta = 0 skips reading C there too is to be read in
-//!     the cuBLASLt documentation, not assumed). Checked against known answers written from the
-//!     cuBLAS and cuBLASLt documentation (numpy in Fortran order), not against this code.
-//!     `lt_plan` refuses what cuBLASLt refuses (a leading dimension below the stored rows); a call
-//!     whose addresses break the plan's promised alignments is an error.
-//!   - Opening: an `EmuDevice::open()` beside `CudaDriver::open`, reporting (8, 0) and a name that
-//!     says it is emulated; `CudaBackend::with_device` takes either. Choosing between them
-//!     (`--device cuda` without a driver, or `ROENTGEN_CUDA_EMU=1`) is `CudaBackend::new`'s job.
+//! * `EmuDevice` (emu.rs, feature `cuda-emu`): the same contract on the host. Device addresses are
+//!   host addresses of guard-paged, 0xFF-filled allocations; copies, memsets and GEMM operands are
+//!   checked against live allocations; `launch` runs the unmodified kernels/*.cu through the CPU
+//!   emulation of kernels/emu (build.rs compiles it with `cc`; kernels/emu/registry.h lists the
+//!   kernels, and the C++ compiler deduces each signature from the kernel itself) with the same u64
+//!   slots, checking what the driver refuses (unknown kernel, argument count, a 4-byte parameter
+//!   whose slot has upper bytes set, grid/block/`__launch_bounds__` limits, dynamic shared memory
+//!   above 48 KiB or the opt-in, an opt-in above sm_80's 163 KiB). A fault while a kernel runs
+//!   (guard page, misaligned vector access, divergent barrier, deadlock) names kernel, grid, block
+//!   and thread and becomes a sticky error that `synchronize` and every later call return.
+//!   Everything runs at the call (stream order is program order; events read a host clock); a
+//!   capture records launches and GEMMs with their argument bytes and refuses synchronisation,
+//!   allocation, copies and memset as CU_STREAM_CAPTURE_MODE_GLOBAL does. GEMMs run
+//!   reference_gemm.rs (cuBLAS/cuBLASLt semantics, checked against numpy known answers written
+//!   from the vendors' documentation, tests/fixtures/gemm). `CudaBackend::new` chooses it with
+//!   `ROENTGEN_CUDA_EMU=1`, or when no driver is present.
 //!
 //! Errors: calls that the vendor libraries answer with a status return [`DeviceError`], which
 //! prints as the binding's status (`DriverError(CUDA_ERROR_..., "...")`, `CublasError(...)`); the

@@ -9,8 +9,11 @@
 //! to completion at the call (stream order is program order). During a graph capture, launches and
 //! GEMMs are recorded with their argument bytes and replayed by `graph_launch`; what a real capture
 //! refuses (allocation, free, copies, memset, synchronisation) fails the call and the capture.
-//! GEMMs run the reference of reference_gemm.rs. What is not emulated: timing (events read a host
-//! clock) and the vendor libraries' algorithms.
+//! GEMMs run the reference of reference_gemm.rs. A kernel that faults while it runs (out of bounds,
+//! misaligned, a divergent barrier) spoils the device as a fault spoils a CUDA context: the launch
+//! itself returns (launches are asynchronous on hardware) and every later call fails with the
+//! fault's message, which names the kernel, block and thread; a new device starts clean. What is
+//! not emulated: timing (events read a host clock) and the vendor libraries' algorithms.
 
 use super::device::{Device, DeviceError, Event, Function, Gemm, Graph, GraphExec, LtMatmul, LtOperands, MatmulPlan};
 use super::reference_gemm::{gemm, GemmShape};
@@ -61,6 +64,8 @@ pub(crate) struct EmuDevice {
     plans: RefCell<Vec<Option<(LtMatmul, u64)>>>,
     events: RefCell<Vec<Option<Instant>>>,
     epoch: Instant,
+    /// The fault that spoilt this device, if one did (a sticky error).
+    fault: RefCell<Option<String>>,
 }
 
 fn refuse(msg: String) -> DeviceError {
@@ -78,6 +83,19 @@ impl EmuDevice {
             plans: RefCell::new(Vec::new()),
             events: RefCell::new(Vec::new()),
             epoch: Instant::now(),
+            fault: RefCell::new(None),
+        }
+    }
+
+    /// Fails every call after a kernel fault, as a CUDA context does (CUDA_ERROR_ILLEGAL_ADDRESS
+    /// and its kind are sticky: the process must start over).
+    fn usable(&self) -> Result<(), DeviceError> {
+        match self.fault.borrow().as_ref() {
+            Some(why) => Err(refuse(format!(
+                "a kernel faulted earlier and the device is unusable (a sticky error, as \
+                 CUDA_ERROR_ILLEGAL_ADDRESS): {why}"
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -116,13 +134,14 @@ impl EmuDevice {
     }
 
     fn run(&self, op: &Op) -> Result<(), DeviceError> {
+        self.usable()?;
         match op {
             Op::Launch { f, grid, block, smem, args } => {
                 let name = self.kernels.borrow()[f.0 as usize].clone();
                 let mut err = vec![0 as c_char; 1024];
                 let (g, b) = ([grid.0, grid.1, grid.2], [block.0, block.1, block.2]);
                 // SAFETY: the pointers are valid for the call; the kernel reads device memory that
-                // is host memory of live allocations (or faults at a guard page, ending the process).
+                // is host memory of live allocations (a fault at a guard page returns 2).
                 let rc = unsafe {
                     roentgen_emu_launch(
                         name.as_ptr(),
@@ -135,10 +154,15 @@ impl EmuDevice {
                         err.len(),
                     )
                 };
-                if rc != 0 {
-                    return Err(refuse(c_message(&err)));
+                match rc {
+                    0 => Ok(()),
+                    // A fault while the kernel ran: reported by the calls that follow.
+                    2 => {
+                        *self.fault.borrow_mut() = Some(c_message(&err));
+                        Ok(())
+                    }
+                    _ => Err(refuse(c_message(&err))),
                 }
-                Ok(())
             }
             Op::Gemm(g) => {
                 let shape = GemmShape::from(g);
@@ -216,6 +240,7 @@ impl Device for EmuDevice {
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64, DeviceError> {
+        self.usable()?;
         self.not_capturing("cuMemAlloc")?;
         // SAFETY: plain allocation through the emulation library.
         let p = unsafe { roentgen_emu_alloc(bytes) };
@@ -239,6 +264,7 @@ impl Device for EmuDevice {
     }
 
     fn memset_d8(&self, ptr: u64, value: u8, bytes: usize) -> Result<(), DeviceError> {
+        self.usable()?;
         self.not_capturing("cuMemsetD8")?;
         self.check_range("cuMemsetD8", ptr, bytes)?;
         // SAFETY: the range lies in a live allocation.
@@ -247,6 +273,7 @@ impl Device for EmuDevice {
     }
 
     fn copy_htod(&self, dst: u64, src: &[u8]) -> Result<(), DeviceError> {
+        self.usable()?;
         self.not_capturing("cuMemcpyHtoD")?;
         self.check_range("cuMemcpyHtoD", dst, src.len())?;
         // SAFETY: the destination range lies in a live allocation; host buffers never overlap it.
@@ -255,6 +282,7 @@ impl Device for EmuDevice {
     }
 
     fn copy_dtoh(&self, dst: &mut [u8], src: u64) -> Result<(), DeviceError> {
+        self.usable()?;
         self.not_capturing("cuMemcpyDtoH")?;
         self.check_range("cuMemcpyDtoH", src, dst.len())?;
         // SAFETY: the source range lies in a live allocation.
@@ -308,7 +336,8 @@ impl Device for EmuDevice {
     }
 
     fn synchronize(&self) -> Result<(), DeviceError> {
-        // Launches ran at the call; a kernel fault has already ended the process (kernels/emu).
+        // Launches ran at the call; a fault during one is reported here and by every later call.
+        self.usable()?;
         self.not_capturing("cuStreamSynchronize")
     }
 
@@ -324,6 +353,7 @@ impl Device for EmuDevice {
     }
 
     fn event_synchronize(&self, _e: Event) -> Result<(), DeviceError> {
+        self.usable()?;
         self.not_capturing("cuEventSynchronize")
     }
 
@@ -441,5 +471,64 @@ impl Device for EmuDevice {
         if let Some(p) = self.plans.borrow_mut().get_mut(plan.0 as usize) {
             *p = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(e: DeviceError) -> String {
+        format!("{e:?}")
+    }
+
+    /// Zeroes `n` floats at `buf` with the real `ew_zero` kernel (1-D grid-stride).
+    fn zero(d: &EmuDevice, buf: u64, n: usize) -> Result<(), DeviceError> {
+        let f = d.function("ew_zero").expect("the emulated device has ew_zero");
+        d.launch(f, (n.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0, &[buf, n as u64])
+    }
+
+    #[test]
+    fn a_kernel_fault_is_a_sticky_error_that_names_the_kernel() {
+        let d = EmuDevice::open();
+        let buf = d.alloc(64 * 4).unwrap();
+        // 64 floats allocated, 4096 zeroed: the kernel writes into the guard page after them. The
+        // launch itself returns, as an asynchronous launch does; the fault surfaces at the sync.
+        zero(&d, buf, 4096).expect("the launch returns before its fault is seen");
+        let e = message(d.synchronize().unwrap_err());
+        assert!(e.contains("SIGSEGV") && e.contains("kernel ew_zero grid (16,1,1)"), "{e}");
+        // Sticky: every later call fails with the same fault.
+        for e in [message(d.alloc(16).unwrap_err()), message(d.copy_dtoh(&mut [0u8; 4], buf).unwrap_err())] {
+            assert!(e.contains("faulted earlier") && e.contains("ew_zero"), "{e}");
+        }
+        // A new device starts clean: the same kernel, in bounds, zeroes a fresh (0xFF) allocation.
+        let d2 = EmuDevice::open();
+        let b2 = d2.alloc(64 * 4).unwrap();
+        zero(&d2, b2, 64).unwrap();
+        d2.synchronize().unwrap();
+        let mut out = vec![0xAAu8; 64 * 4];
+        d2.copy_dtoh(&mut out, b2).unwrap();
+        assert!(out.iter().all(|&b| b == 0), "ew_zero after a fault left {:?}…", &out[..8]);
+    }
+
+    #[test]
+    fn a_refused_launch_leaves_the_device_usable() {
+        let d = EmuDevice::open();
+        let buf = d.alloc(64 * 4).unwrap();
+        let f = d.function("ew_zero").unwrap();
+        let cases: [(&[u64], (u32, u32, u32), &str); 3] = [
+            (&[buf], (256, 1, 1), "takes 2 parameters, the launch passes 1"),
+            (&[64, buf], (256, 1, 1), "argument 1 is a 4-byte parameter"),
+            (&[buf, 64], (2048, 1, 1), "block past the limits"),
+        ];
+        for (args, block, want) in cases {
+            let e = message(d.launch(f, (1, 1, 1), block, 0, args).unwrap_err());
+            assert!(e.contains(want), "expected '{want}' in: {e}");
+        }
+        zero(&d, buf, 64).unwrap();
+        d.synchronize().unwrap();
+        let mut out = vec![0xAAu8; 64 * 4];
+        d.copy_dtoh(&mut out, buf).unwrap();
+        assert!(out.iter().all(|&b| b == 0));
     }
 }

@@ -112,7 +112,7 @@ impl CudaBackend {
             }
             r.is_ok()
         };
-        self.profile_end(timer, "cublaslt_matmul (linear layers)")?;
+        self.profile_end(timer, || format!("cublaslt_matmul {m}×{n}×{k} (linear layers)"))?;
         Ok(ran)
     }
 

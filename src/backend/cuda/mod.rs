@@ -289,7 +289,11 @@ impl CudaBackend {
         self.dev.launch(f, grid, block, shared_bytes, &vals).map_err(|e| {
             anyhow!("CUDA: launching {kernel} grid {grid:?} block {block:?} smem {shared_bytes}: {e:?}")
         })?;
-        self.profile_end(timer, kernel)?;
+        // Keyed by grid too: one kernel at the U-Net's four resolutions is four rows, so a
+        // small-grid launch that leaves most of the card idle shows as its own line.
+        self.profile_end(timer, || {
+            format!("{kernel} grid {}x{}x{} block {}", grid.0, grid.1, grid.2, block.0 * block.1 * block.2)
+        })?;
         if (cfg!(debug_assertions) || std::env::var_os("ROENTGEN_CUDA_SYNC").is_some()) && !self.capturing.get() {
             self.synchronize().with_context(|| format!("after {kernel}"))?;
         }
@@ -306,8 +310,9 @@ impl CudaBackend {
         Ok(Some(e))
     }
 
-    /// Records the end event, waits for it and adds the elapsed time to `kernel`'s entry.
-    fn profile_end(&self, start: Option<Event>, kernel: &str) -> Result<()> {
+    /// Records the end event, waits for it and adds the elapsed time to the entry `label` names
+    /// (built only when profiling).
+    fn profile_end(&self, start: Option<Event>, label: impl FnOnce() -> String) -> Result<()> {
         let Some(start) = start else { return Ok(()) };
         let end = driver(self.dev.event_create(), "event")?;
         let ms = {
@@ -319,7 +324,7 @@ impl CudaBackend {
             ms
         };
         if let Some(p) = self.profile.borrow_mut().as_mut() {
-            let e = p.entry(kernel.to_string()).or_insert((0, 0.0));
+            let e = p.entry(label()).or_insert((0, 0.0));
             e.0 += 1;
             e.1 += ms as f64;
         }
@@ -434,7 +439,7 @@ impl CudaBackend {
         let g = Gemm { ta, tb, m, n, k, alpha: 1.0, a, lda, b, ldb, beta, c, ldc, compute };
         let r = self.dev.gemm_ex(&g).map_err(|e| anyhow!("cuBLAS: gemm {m}×{n}×{k} ({label}): {e:?}"));
         r?;
-        self.profile_end(timer, label)
+        self.profile_end(timer, || format!("{label} {m}×{n}×{k}"))
     }
 
     /// The most elements of one score-matrix chunk of the attention path for head dims above 160
