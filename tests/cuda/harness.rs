@@ -1,0 +1,170 @@
+//! The harness of the CUDA parity suite: random inputs, placement in pools, comparison against the
+//! CPU backend, and the runner that prints each case's outcome and the closing line.
+
+use super::common::*;
+use anyhow::{ensure, Result};
+use roentgen::backend::cpu::CpuBackend;
+use roentgen::backend::cuda::CudaBackend;
+use roentgen::backend::Backend;
+use roentgen::tensor::Tensor;
+
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Standard normal values (Box–Muller), never constant.
+    pub fn normal(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let u = self.uniform().max(1e-7);
+                let v = self.uniform();
+                (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+            })
+            .collect()
+    }
+    pub fn scaled(&mut self, n: usize, s: f32) -> Vec<f32> {
+        self.normal(n).into_iter().map(|x| x * s).collect()
+    }
+}
+
+/// Uploads `inputs` into one new pool of `b` and returns their tensors.
+pub fn place(b: &mut dyn Backend, inputs: &[Vec<f32>]) -> Result<Vec<Tensor>> {
+    let total: usize = inputs.iter().map(|v| v.len().max(1)).sum();
+    let pool = b.alloc(total, "test")?;
+    let mut off = 0;
+    let mut ts = Vec::new();
+    for v in inputs {
+        let t = Tensor { pool, offset: off, shape: [v.len().max(1)].into() };
+        if !v.is_empty() {
+            b.upload(&t, v)?;
+        }
+        off += v.len().max(1);
+        ts.push(t);
+    }
+    Ok(ts)
+}
+
+pub type Op<'a> = &'a dyn Fn(&dyn Backend, &[Tensor]) -> Result<()>;
+
+/// Runs `op` on the CPU and on `gpu` with the same inputs and compares the tensors listed in
+/// `outs` (indices into `inputs`; outputs start random, so accumulation is tested too).
+pub fn compare(gpu: &mut CudaBackend, bf16: bool, inputs: &[Vec<f32>], outs: &[usize], op: Op) -> Result<String> {
+    let mut cpu = CpuBackend::new();
+    let tc = place(&mut cpu, inputs)?;
+    op(&cpu, &tc)?;
+    let tg = place(gpu, inputs)?;
+    op(gpu, &tg)?;
+    gpu.synchronize()?;
+    let mut report = Vec::new();
+    for &i in outs {
+        let want = cpu.download(&tc[i])?;
+        let got = gpu.download(&tg[i])?;
+        ensure!(got.iter().all(|x| x.is_finite()), "output {i}: non-finite values from CUDA");
+        if bf16 {
+            let num: f64 = got.iter().zip(&want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().max(1e-30);
+            let rel = (num / den).sqrt();
+            ensure!(rel <= 2e-2, "output {i}: relative L2 error {rel:.3e} > 2e-2");
+            report.push(format!("out{i} relL2 {rel:.1e}"));
+        } else {
+            let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+            let (mut err, mut at) = (0f32, 0);
+            for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+                if (a - b).abs() > err {
+                    err = (a - b).abs();
+                    at = k;
+                }
+            }
+            ensure!(
+                err <= F32_PARITY * scale,
+                "output {i}: max error {err:.3e} at {at} (cuda {}, cpu {}) > {:.1e}",
+                got[at],
+                want[at],
+                F32_PARITY * scale
+            );
+            report.push(format!("out{i} max {err:.1e}"));
+        }
+    }
+    Ok(report.join(", "))
+}
+
+/// Runs the cases one by one and counts them. A case is *filtered out* when its name lacks the
+/// command line's filter (the caller asked for fewer), *skipped* when it could not run here (no
+/// device, ROENTGEN_CUDA_SKIP_E2E) — a skip is never a pass, and ROENTGEN_REQUIRE_CUDA=1 turns any
+/// skip into a failure of the run (CI and the GPU check set it).
+pub struct Runner {
+    pub filter: Option<String>,
+    /// `--list`: print the names of the cases that would run, run none.
+    pub list: bool,
+    /// Set while the cases that follow cannot run here: the reason they are skipped.
+    pub skip_reason: Option<String>,
+    pub passed: usize,
+    pub failed: Vec<String>,
+    pub skipped: usize,
+    pub filtered_out: usize,
+}
+
+impl Runner {
+    pub fn new(filter: Option<String>, list: bool) -> Runner {
+        Runner { filter, list, skip_reason: None, passed: 0, failed: Vec::new(), skipped: 0, filtered_out: 0 }
+    }
+
+    pub fn case(&mut self, name: &str, f: impl FnOnce() -> Result<String>) {
+        if self.filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+            self.filtered_out += 1;
+            return;
+        }
+        if self.list {
+            println!("{name}");
+            return;
+        }
+        if let Some(why) = &self.skip_reason {
+            println!("test {name} ... SKIPPED: {why}");
+            self.skipped += 1;
+            return;
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(Ok(msg)) => {
+                println!("test {name} ... ok ({msg})");
+                self.passed += 1;
+            }
+            Ok(Err(e)) => {
+                println!("test {name} ... FAILED: {e:#}");
+                self.failed.push(name.to_string());
+            }
+            Err(_) => {
+                println!("test {name} ... FAILED (panicked)");
+                self.failed.push(name.to_string());
+            }
+        }
+    }
+
+    /// Prints the closing line (and the failures) and returns whether the run failed: a failed
+    /// case, or a skipped one when `required` (ROENTGEN_REQUIRE_CUDA).
+    pub fn finish(&self, device: &str, required: bool) -> bool {
+        let bad = !self.failed.is_empty() || (required && self.skipped > 0);
+        println!(
+            "test result: {}. {} passed; {} failed; {} skipped; {} filtered out (device: {device})",
+            if bad { "FAILED" } else { "ok" },
+            self.passed,
+            self.failed.len(),
+            self.skipped,
+            self.filtered_out
+        );
+        if !self.failed.is_empty() {
+            println!("failures:\n  {}", self.failed.join("\n  "));
+        }
+        if required && self.skipped > 0 {
+            println!("ROENTGEN_REQUIRE_CUDA is set and {} cases were skipped", self.skipped);
+        }
+        bad
+    }
+}

@@ -1,0 +1,496 @@
+//! Every `Backend` operation, forward and backward, against the CPU backend at several shapes.
+
+use super::harness::*;
+use anyhow::{ensure, Result};
+use roentgen::backend::cpu::CpuBackend;
+use roentgen::backend::cuda::CudaBackend;
+use roentgen::backend::{Activation, Backend};
+use roentgen::tensor::Tensor;
+
+const ACTS: [Activation; 4] = [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Silu];
+
+/// Every operation at several shapes, for one precision.
+pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
+    let mut rng = Rng(0x5EED ^ bf16 as u64);
+    let mut g = |name: String, inputs: Vec<Vec<f32>>, outs: &[usize], op: Op| {
+        r.case(&format!("{tag}/{name}"), || compare(gpu, bf16, &inputs, outs, op));
+    };
+
+    // linear: (rows, in, out) incl. SD's 4096×320 → 320 and odd sizes
+    for &(rows, i, o) in &[(7, 5, 3), (77, 768, 320), (4096, 320, 1280), (130, 33, 65)] {
+        let ins = vec![rng.normal(rows * o), rng.normal(rows * i), rng.scaled(o * i, 0.05), rng.normal(o)];
+        // (cuBLASLt: the bias through its BIAS epilogue, and without a bias)
+        g(format!("linear_forward {rows}x{i}->{o}"), ins.clone(), &[0], &|b, t| {
+            b.linear_forward(&t[0], &t[1], &t[2], Some(&t[3]), rows, i, o)
+        });
+        g(format!("linear_forward {rows}x{i}->{o} no bias"), ins.clone(), &[0], &|b, t| {
+            b.linear_forward(&t[0], &t[1], &t[2], None, rows, i, o)
+        });
+        let ins = vec![
+            rng.normal(rows * i),
+            rng.normal(o * i),
+            rng.normal(o),
+            rng.normal(rows * o),
+            rng.normal(rows * i),
+            rng.scaled(o * i, 0.05),
+        ];
+        g(format!("linear_backward {rows}x{i}->{o}"), ins, &[0, 1, 2], &|b, t| {
+            b.linear_backward(Some(&t[0]), &t[1], Some(&t[2]), &t[3], &t[4], &t[5], rows, i, o)
+        });
+    }
+
+    // layer norm
+    for &(rows, cols) in &[(3, 32), (154, 768), (5, 1000)] {
+        let x: Vec<f32> = rng.normal(rows * cols).into_iter().map(|v| v * 2.0 + 0.5).collect();
+        let ins = vec![
+            vec![0.0; rows * cols],
+            vec![0.0; rows],
+            vec![0.0; rows],
+            x.clone(),
+            rng.normal(cols),
+            rng.normal(cols),
+        ];
+        g(format!("layer_norm_forward {rows}x{cols}"), ins, &[0, 1, 2], &|b, t| {
+            b.layer_norm_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], rows, cols, 1e-5)
+        });
+        // backward from the statistics the CPU computes of x
+        let mut cpu = CpuBackend::new();
+        let st = place(
+            &mut cpu,
+            &[vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows], x.clone(), vec![1.0; cols], vec![0.0; cols]],
+        )
+        .unwrap();
+        cpu.layer_norm_forward(&st[0], &st[1], &st[2], &st[3], &st[4], &st[5], rows, cols, 1e-5).unwrap();
+        let (mean, rstd) = (cpu.download(&st[1]).unwrap(), cpu.download(&st[2]).unwrap());
+        let ins = vec![
+            rng.normal(rows * cols),
+            rng.normal(cols),
+            rng.normal(cols),
+            rng.normal(rows * cols),
+            x,
+            rng.normal(cols),
+            mean,
+            rstd,
+        ];
+        g(format!("layer_norm_backward {rows}x{cols}"), ins, &[0, 1, 2], &|b, t| {
+            b.layer_norm_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], rows, cols)
+        });
+    }
+
+    // group norm ± SiLU: (batch, hw, c, groups), SD's 64×64×320 and the VAE's 8-group case
+    for &(n, hw, c, gr) in &[(2, 16, 64, 32), (1, 4096, 320, 32), (2, 256, 32, 8), (1, 49, 96, 32)] {
+        for silu in [false, true] {
+            let x: Vec<f32> = rng.normal(n * hw * c).into_iter().map(|v| v * 1.5 - 0.3).collect();
+            let ins = vec![
+                vec![0.0; n * hw * c],
+                vec![0.0; n * gr],
+                vec![0.0; n * gr],
+                x.clone(),
+                rng.normal(c),
+                rng.normal(c),
+            ];
+            g(format!("group_norm_forward {n}x{hw}x{c}/{gr} silu={silu}"), ins, &[0, 1, 2], &|b, t| {
+                b.group_norm_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], n, hw, c, gr, 1e-5, silu)
+            });
+            let mut cpu = CpuBackend::new();
+            let (w, bi) = (rng.normal(c), rng.normal(c));
+            let st = place(
+                &mut cpu,
+                &[vec![0.0; n * hw * c], vec![0.0; n * gr], vec![0.0; n * gr], x.clone(), w.clone(), bi.clone()],
+            )
+            .unwrap();
+            cpu.group_norm_forward(&st[0], &st[1], &st[2], &st[3], &st[4], &st[5], n, hw, c, gr, 1e-5, silu).unwrap();
+            let (mean, rstd) = (cpu.download(&st[1]).unwrap(), cpu.download(&st[2]).unwrap());
+            let ins = vec![
+                rng.normal(n * hw * c),
+                rng.normal(c),
+                rng.normal(c),
+                rng.normal(n * hw * c),
+                x,
+                w,
+                bi,
+                mean,
+                rstd,
+            ];
+            g(format!("group_norm_backward {n}x{hw}x{c}/{gr} silu={silu}"), ins, &[0, 1, 2], &|b, t| {
+                b.group_norm_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], n, hw, c, gr, silu)
+            });
+        }
+    }
+
+    // convolution: (batch, h, w, c_in, c_out, kernel, stride, pad)
+    let convs: &[(usize, usize, usize, usize, usize, usize, usize, [usize; 4])] = &[
+        (2, 8, 8, 4, 32, 3, 1, [1, 1, 1, 1]),      // conv_in of a small U-Net
+        (1, 64, 64, 320, 320, 3, 1, [1, 1, 1, 1]), // SD's 64×64 resnet conv
+        (2, 16, 16, 64, 64, 3, 2, [1, 1, 1, 1]),   // U-Net downsampler
+        (1, 17, 15, 32, 16, 3, 2, [0, 1, 0, 1]),   // the VAE's asymmetric-pad downsampler, odd sizes
+        (2, 9, 9, 48, 24, 1, 1, [0, 0, 0, 0]),     // 1×1 shortcut
+        (1, 12, 12, 3, 16, 3, 1, [1, 1, 1, 1]),    // RGB input
+        (1, 8, 8, 32, 4, 3, 1, [1, 1, 1, 1]),      // conv_out to 4 latent channels
+    ];
+    for &(n, h, w, ci, co, k, s, pad) in convs {
+        let oh = (h + pad[0] + pad[1] - k) / s + 1;
+        let ow = (w + pad[2] + pad[3] - k) / s + 1;
+        let fan = (ci * k * k) as f32;
+        let ins = vec![
+            rng.normal(n * oh * ow * co),
+            rng.normal(n * h * w * ci),
+            rng.scaled(co * ci * k * k, fan.powf(-0.5)),
+            rng.normal(co),
+        ];
+        let name = format!("{n}x{h}x{w}x{ci}->{co} k{k} s{s} pad{pad:?}");
+        g(format!("conv2d_forward {name}"), ins, &[0], &|b, t| {
+            b.conv2d_forward(&t[0], &t[1], &t[2], Some(&t[3]), n, h, w, ci, co, k, s, pad)
+        });
+        let ins = vec![
+            rng.normal(n * h * w * ci),
+            rng.normal(co * ci * k * k),
+            rng.normal(co),
+            rng.normal(n * oh * ow * co),
+            rng.normal(n * h * w * ci),
+            rng.scaled(co * ci * k * k, fan.powf(-0.5)),
+        ];
+        g(format!("conv2d_backward {name}"), ins.clone(), &[0, 1, 2], &|b, t| {
+            b.conv2d_backward(Some(&t[0]), &t[1], Some(&t[2]), &t[3], &t[4], &t[5], n, h, w, ci, co, k, s, pad)
+        });
+        g(format!("conv2d_backward (no dinp, no bias) {name}"), ins, &[1], &|b, t| {
+            b.conv2d_backward(None, &t[1], None, &t[3], &t[4], &t[5], n, h, w, ci, co, k, s, pad)
+        });
+    }
+
+    // attention: (batch, q_len, kv_len, heads, head_dim, causal)
+    let atts: &[(usize, usize, usize, usize, usize, bool)] = &[
+        (2, 16, 16, 2, 8, false),
+        (2, 77, 77, 12, 64, true),     // CLIP's causal self-attention
+        (2, 4096, 77, 8, 40, false),   // SD 64×64 cross-attention
+        (2, 1024, 1024, 8, 80, false), // SD 32×32 self-attention
+        (2, 64, 64, 8, 160, false),    // SD 8×8 self-attention
+        (1, 33, 19, 3, 24, false),     // odd sizes
+        // head_dim > 160: the materialised path (cuBLAS + row softmax)
+        (2, 40, 40, 1, 512, false), // the VAE's mid-block attention (one head of 512), small
+        (2, 33, 45, 2, 200, false), // two heads of 200 (a head's rows strided in the token rows)
+        (1, 40, 40, 2, 200, true),  // causal
+        (1, 1024, 1024, 1, 512, false), // a 256×256 VAE's mid-block (32×32 latent)
+    ];
+    for &(bt, ql, kl, hd, dh, causal) in atts {
+        let d = hd * dh;
+        let sc = 1.0 / (dh as f32).sqrt();
+        let name = format!("b{bt} q{ql} kv{kl} h{hd} d{dh} causal={causal}");
+        let (q, k, v) = (rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d));
+        let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()];
+        g(format!("attention_forward {name}"), ins, &[0, 1], &|b, t| {
+            b.attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], bt, ql, kl, hd, dh, sc, causal)
+        });
+        if ql * kl > 1 << 22 {
+            continue; // the backward at 4096×77 is covered by the smaller shapes; keep the CPU time sane
+        }
+        let mut cpu = CpuBackend::new();
+        let st = place(&mut cpu, &[vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()])
+            .unwrap();
+        cpu.attention_forward(&st[0], &st[1], &st[2], &st[3], &st[4], bt, ql, kl, hd, dh, sc, causal).unwrap();
+        let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
+        let ins = vec![
+            rng.normal(bt * ql * d),
+            rng.normal(bt * kl * d),
+            rng.normal(bt * kl * d),
+            rng.normal(bt * ql * d),
+            q,
+            k,
+            v,
+            o,
+            lse,
+        ];
+        g(format!("attention_backward {name}"), ins, &[0, 1, 2], &|b, t| {
+            b.attention_backward(
+                &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], bt, ql, kl, hd, dh, sc, causal,
+            )
+        });
+    }
+    // masked attention (BERT): padding keys of a 2-sequence batch
+    for &(bt, l, hd, dh) in &[(2, 12, 2, 16), (2, 77, 12, 64), (2, 20, 1, 200)] {
+        let d = hd * dh;
+        let sc = 1.0 / (dh as f32).sqrt();
+        let mask: Vec<u32> = (0..bt * l).map(|i| u32::from(i % l < l - 3 * (i / l) - 1)).collect();
+        let (q, k, v) = (rng.normal(bt * l * d), rng.normal(bt * l * d), rng.normal(bt * l * d));
+        let ins = vec![vec![0.0; bt * l * d], vec![0.0; bt * l * hd], q.clone(), k.clone(), v.clone()];
+        let m2 = mask.clone();
+        g(format!("masked_attention_forward b{bt} l{l} h{hd} d{dh}"), ins, &[0, 1], &|b, t| {
+            b.masked_attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &m2, bt, l, l, hd, dh, sc)
+        });
+        let mut cpu = CpuBackend::new();
+        let st =
+            place(&mut cpu, &[vec![0.0; bt * l * d], vec![0.0; bt * l * hd], q.clone(), k.clone(), v.clone()]).unwrap();
+        cpu.masked_attention_forward(&st[0], &st[1], &st[2], &st[3], &st[4], &mask, bt, l, l, hd, dh, sc).unwrap();
+        let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
+        let ins = vec![
+            rng.normal(bt * l * d),
+            rng.normal(bt * l * d),
+            rng.normal(bt * l * d),
+            rng.normal(bt * l * d),
+            q,
+            k,
+            v,
+            o,
+            lse,
+        ];
+        g(format!("masked_attention_backward b{bt} l{l} h{hd} d{dh}"), ins, &[0, 1, 2], &|b, t| {
+            b.masked_attention_backward(
+                &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &mask, bt, l, l, hd, dh, sc,
+            )
+        });
+    }
+
+    // elementwise
+    for &n in &[1000usize, 1001, 1 << 20] {
+        for act in ACTS {
+            let x = rng.scaled(n, 3.0);
+            g(format!("activation_forward {act:?} n{n}"), vec![vec![0.0; n], x.clone()], &[0], &|b, t| {
+                b.activation_forward(&t[0], &t[1], act, n)
+            });
+            g(format!("activation_backward {act:?} n{n}"), vec![rng.normal(n), rng.normal(n), x], &[0], &|b, t| {
+                b.activation_backward(&t[0], &t[1], &t[2], act, n)
+            });
+        }
+        g(format!("add_forward n{n}"), vec![vec![0.0; n], rng.normal(n), rng.normal(n)], &[0], &|b, t| {
+            b.add_forward(&t[0], &t[1], &t[2], n)
+        });
+        g(format!("accumulate n{n}"), vec![rng.normal(n), rng.normal(n)], &[0], &|b, t| b.accumulate(&t[0], &t[1], n));
+        g(format!("scale n{n}"), vec![rng.normal(n)], &[0], &|b, t| b.scale(&t[0], -0.37, n));
+        g(format!("lerp n{n}"), vec![rng.normal(n), rng.normal(n)], &[0], &|b, t| b.lerp(&t[0], &t[1], n, 0.0123));
+        g(format!("zero n{n}"), vec![rng.normal(n)], &[0], &|b, t| b.zero(&t[0]));
+        if n == 1000 {
+            // SD's time embedding (320, flip) of 4 timesteps, and an odd width with a shift.
+            let ts = vec![999.0, 0.0, 1.0, 481.0];
+            for (dim, flip, shift) in [(320, true, 0.0), (33, false, 1.0)] {
+                g(format!("timestep_embedding dim {dim}"), vec![rng.normal(4 * dim), ts.clone()], &[0], &|b, t| {
+                    b.timestep_embedding(&t[0], &t[1], 4, dim, flip, shift)
+                });
+            }
+        }
+        // Training noise: the same Philox stream as the CPU (a partial last group of four when
+        // n % 4 != 0; the three values past n must stay untouched), and add_noise in place.
+        g(format!("randn n{n}"), vec![rng.normal(n + 3)], &[0], &|b, t| {
+            b.randn(&t[0], n, 0xFEED_FACE_CAFE_BEEF, (9 << 32) | 2)
+        });
+        for v in [false, true] {
+            g(format!("ddpm_add_noise n{n} v_prediction {v}"), vec![rng.normal(n), rng.normal(n)], &[0, 1], &|b, t| {
+                b.ddpm_add_noise(&t[0], &t[1], n, 0.8, 0.6, v)
+            });
+        }
+        g(format!("mse_loss n{n}"), vec![rng.normal(n), vec![0.0], rng.normal(n), rng.normal(n)], &[0, 1], &|b, t| {
+            b.mse_loss(&t[0], &t[1], &t[2], &t[3], n)
+        });
+        g(format!("sum_squares n{n}"), vec![vec![0.0], rng.normal(n)], &[0], &|b, t| b.sum_squares(&t[0], &t[1], n));
+        let vv: Vec<f32> = rng.normal(n).into_iter().map(|x| x * x * 1e-3).collect();
+        g(
+            format!("adamw_step n{n}"),
+            vec![rng.normal(n), rng.scaled(n, 0.1), rng.scaled(n, 0.01), vv],
+            &[0, 2, 3],
+            &|b, t| b.adamw_step(&t[0], &t[1], &t[2], &t[3], n, 1e-3, 0.9, 0.999, 1e-8, 1e-2, 7),
+        );
+    }
+    for &(n, rows, c) in &[(2, 64, 320), (1, 7, 33)] {
+        g(
+            format!("add_bias_rows_forward {n}x{rows}x{c}"),
+            vec![vec![0.0; n * rows * c], rng.normal(n * rows * c), rng.normal(n * c)],
+            &[0],
+            &|b, t| b.add_bias_rows_forward(&t[0], &t[1], &t[2], n, rows, c),
+        );
+        g(
+            format!("add_bias_rows_backward {n}x{rows}x{c}"),
+            vec![rng.normal(n * c), rng.normal(n * rows * c)],
+            &[0],
+            &|b, t| b.add_bias_rows_backward(&t[0], &t[1], n, rows, c),
+        );
+    }
+    for &(rows, ca, cb) in &[(128, 320, 640), (9, 3, 5)] {
+        g(
+            format!("concat_channels_forward {rows}x({ca}+{cb})"),
+            vec![vec![0.0; rows * (ca + cb)], rng.normal(rows * ca), rng.normal(rows * cb)],
+            &[0],
+            &|b, t| b.concat_channels_forward(&t[0], &t[1], &t[2], rows, ca, cb),
+        );
+        g(
+            format!("concat_channels_backward {rows}x({ca}+{cb})"),
+            vec![rng.normal(rows * ca), rng.normal(rows * cb), rng.normal(rows * (ca + cb))],
+            &[0, 1],
+            &|b, t| b.concat_channels_backward(&t[0], &t[1], &t[2], rows, ca, cb),
+        );
+    }
+    for &(rows, inner) in &[(4096, 1280), (7, 12)] {
+        let x = rng.scaled(rows * 2 * inner, 2.0);
+        g(format!("geglu_forward {rows}x{inner}"), vec![vec![0.0; rows * inner], x.clone()], &[0], &|b, t| {
+            b.geglu_forward(&t[0], &t[1], rows, inner)
+        });
+        g(
+            format!("geglu_backward {rows}x{inner}"),
+            vec![rng.normal(rows * 2 * inner), rng.normal(rows * inner), x],
+            &[0],
+            &|b, t| b.geglu_backward(&t[0], &t[1], &t[2], rows, inner),
+        );
+    }
+    for &(n, ih, iw, oh, ow, c) in &[(2, 8, 8, 16, 16, 64), (1, 5, 7, 10, 14, 3), (1, 4, 4, 7, 9, 8)] {
+        g(
+            format!("upsample_nearest_forward {ih}x{iw}->{oh}x{ow}x{c}"),
+            vec![vec![0.0; n * oh * ow * c], rng.normal(n * ih * iw * c)],
+            &[0],
+            &|b, t| b.upsample_nearest_forward(&t[0], &t[1], n, ih, iw, oh, ow, c),
+        );
+        g(
+            format!("upsample_nearest_backward {ih}x{iw}->{oh}x{ow}x{c}"),
+            vec![rng.normal(n * ih * iw * c), rng.normal(n * oh * ow * c)],
+            &[0],
+            &|b, t| b.upsample_nearest_backward(&t[0], &t[1], n, ih, iw, oh, ow, c),
+        );
+    }
+    for &(bt, seq, dim, vocab) in &[(2, 77, 768, 49408), (3, 5, 8, 11)] {
+        let ids: Vec<u32> = (0..bt * seq).map(|_| (rng.next() % vocab as u64) as u32).collect();
+        let i2 = ids.clone();
+        g(
+            format!("embedding_forward b{bt} s{seq} d{dim}"),
+            vec![vec![0.0; bt * seq * dim], rng.normal(vocab * dim), rng.normal(77 * dim)],
+            &[0],
+            &|b, t| b.embedding_forward(&t[0], &i2, &t[1], &t[2], bt, seq, dim),
+        );
+        let mut ids = ids;
+        ids[1] = ids[0]; // a repeated id accumulates twice
+        g(
+            format!("embedding_backward b{bt} s{seq} d{dim}"),
+            vec![rng.normal(vocab * dim), rng.normal(77 * dim), rng.normal(bt * seq * dim)],
+            &[0, 1],
+            &|b, t| b.embedding_backward(&t[0], &t[1], &t[2], &ids, bt, seq, dim),
+        );
+    }
+}
+
+/// The materialised attention path (head_dim > 160) with its workspace limit lowered, so that
+/// chunks split pairs and span pairs (masked and causal too), forward and backward.
+pub fn wide_attention_chunk_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
+    let mut rng = Rng(0xA77E ^ bf16 as u64);
+    let default = gpu.attention_workspace_limit();
+    // (batch, q_len, kv_len, heads, head_dim, causal, masked, limit in score rows)
+    let cases: &[(usize, usize, usize, usize, usize, bool, bool, usize)] = &[
+        (2, 23, 300, 3, 161, false, false, 7),
+        (2, 9, 9, 3, 200, true, false, 40),
+        (2, 30, 45, 1, 176, false, true, 11),
+    ];
+    for &(bt, ql, kl, hd, dh, causal, masked, rows) in cases {
+        gpu.set_attention_workspace_limit(rows * kl);
+        let d = hd * dh;
+        let sc = 1.0 / (dh as f32).sqrt();
+        let name = format!("b{bt} q{ql} kv{kl} h{hd} d{dh} causal={causal} masked={masked}, chunks of {rows} rows");
+        let mask: Vec<u32> = (0..bt * kl).map(|i| u32::from(i % kl < kl - 3 * (i / kl) - 1 || i % 5 == 0)).collect();
+        let (q, k, v) = (rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d));
+        let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()];
+        let fwd = |b: &dyn Backend, t: &[Tensor]| {
+            if masked {
+                b.masked_attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &mask, bt, ql, kl, hd, dh, sc)
+            } else {
+                b.attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], bt, ql, kl, hd, dh, sc, causal)
+            }
+        };
+        r.case(&format!("{tag}/wide attention_forward {name}"), || compare(gpu, bf16, &ins, &[0, 1], &fwd));
+        let mut cpu = CpuBackend::new();
+        let st = place(&mut cpu, &ins).unwrap();
+        fwd(&cpu, &st).unwrap();
+        let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
+        let ins = vec![
+            rng.normal(bt * ql * d),
+            rng.normal(bt * kl * d),
+            rng.normal(bt * kl * d),
+            rng.normal(bt * ql * d),
+            q,
+            k,
+            v,
+            o,
+            lse,
+        ];
+        r.case(&format!("{tag}/wide attention_backward {name}"), || {
+            compare(gpu, bf16, &ins, &[0, 1, 2], &|b, t| {
+                if masked {
+                    b.masked_attention_backward(
+                        &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &mask, bt, ql, kl, hd, dh, sc,
+                    )
+                } else {
+                    b.attention_backward(
+                        &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], bt, ql, kl, hd, dh, sc, causal,
+                    )
+                }
+            })
+        });
+    }
+    gpu.set_attention_workspace_limit(default);
+    // Overlapping outputs are refused with an error (the CPU reference asserts).
+    r.case(&format!("{tag}/attention and conv2d refuse overlapping outputs"), || {
+        let (dh, l) = (200, 6);
+        let t = place(gpu, &[rng.normal(3 * l * dh), vec![0.0; l], rng.normal(16 * 9 * 4)])?;
+        let win = |off: usize, n: usize| Tensor { pool: t[0].pool, offset: t[0].offset + off, shape: [n].into() };
+        let (q, o) = (win(0, l * dh), win(l * dh / 2, l * dh));
+        let e = gpu.attention_forward(&o, &t[1], &q, &q, &q, 1, l, l, 1, dh, 0.1, false).err();
+        ensure!(
+            e.is_some_and(|e| e.to_string().contains("overlaps")),
+            "attention_forward with out overlapping q was accepted"
+        );
+        let e = gpu.attention_backward(&o, &o, &o, &q, &q, &q, &q, &q, &t[1], 1, l, l, 1, dh, 0.1, false).err();
+        ensure!(
+            e.is_some_and(|e| e.to_string().contains("overlap")),
+            "attention_backward with dq = dk = dv was accepted"
+        );
+        let w = &t[2];
+        let out = Tensor { pool: w.pool, offset: w.offset, shape: [4 * 4 * 4].into() };
+        let e = gpu.conv2d_forward(&out, &q, w, None, 1, 4, 4, 4, 4, 3, 1, [1, 1, 1, 1]).err();
+        ensure!(
+            e.is_some_and(|e| e.to_string().contains("overlaps")),
+            "conv2d_forward with out overlapping the weight was accepted"
+        );
+        gpu.synchronize()?;
+        Ok("refused".into())
+    });
+}
+
+/// A second pass over ops that use scratch memory must not allocate.
+pub fn allocation_case(r: &mut Runner, gpu: &mut CudaBackend) {
+    r.case("allocations stay flat in steady state", || {
+        let mut rng = Rng(9);
+        let (bt, l, hd, dh, n) = (2, 77, 4, 16, 4096);
+        let d = hd * dh;
+        let t = place(
+            gpu,
+            &[
+                vec![0.0; bt * l * d],
+                vec![0.0; bt * l * hd],
+                rng.normal(bt * l * d),
+                rng.normal(bt * l * d),
+                rng.normal(bt * l * d),
+                vec![0.0],
+                rng.normal(n),
+                rng.normal(49408 * 8),
+                rng.normal(77 * 8),
+                vec![0.0; bt * l * 8],
+                vec![0.0; 2 * 256 * 32],
+                vec![0.0; 2 * 8],
+                vec![0.0; 2 * 8],
+                rng.normal(2 * 256 * 32),
+                rng.normal(32),
+                rng.normal(32),
+            ],
+        )?;
+        let mask: Vec<u32> = (0..bt * l).map(|i| u32::from(i % l < 50)).collect();
+        let ids: Vec<u32> = (0..bt * l).map(|i| (i * 613 % 49408) as u32).collect();
+        let round = |gpu: &CudaBackend| -> Result<()> {
+            gpu.masked_attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &mask, bt, l, l, hd, dh, 0.25)?;
+            gpu.sum_squares(&t[5], &t[6], n)?;
+            gpu.embedding_forward(&t[9], &ids, &t[7], &t[8], bt, l, 8)?;
+            gpu.group_norm_forward(&t[10], &t[11], &t[12], &t[13], &t[14], &t[15], 2, 256, 32, 8, 1e-5, true)?;
+            gpu.synchronize()
+        };
+        round(gpu)?;
+        let before = gpu.allocation_count();
+        for _ in 0..3 {
+            round(gpu)?;
+        }
+        let after = gpu.allocation_count();
+        ensure!(after == before, "{} device allocations in steady state", after - before);
+        Ok(format!("{before} allocations, flat over 3 rounds"))
+    });
+}
