@@ -17,9 +17,13 @@
 //! check runs the suite part by part, in separate processes, from that list). The closing line
 //! counts passed, failed, skipped (could not run here) and filtered-out cases.
 //! ROENTGEN_REQUIRE_CUDA=1 fails the run when any case is skipped; ROENTGEN_CUDA_SKIP_E2E=1 skips
-//! the end-to-end cases (quick runs while working on one kernel).
+//! the end-to-end cases (quick runs while working on one kernel); ROENTGEN_CUDA_FUZZ=N adds N
+//! random shapes per operation family and precision (ROENTGEN_CUDA_FUZZ_SEED varies them).
 
 mod common;
+#[cfg(feature = "cuda")]
+#[path = "cuda/fuzz.rs"]
+mod fuzz;
 #[cfg(feature = "cuda")]
 #[path = "cuda/harness.rs"]
 mod harness;
@@ -29,6 +33,13 @@ mod ops;
 #[cfg(feature = "cuda")]
 #[path = "cuda/pipelines.rs"]
 mod pipelines;
+
+/// A whole number from the environment; a malformed one ends the run with its name.
+#[cfg(feature = "cuda")]
+fn env_number(var: &str) -> Option<u64> {
+    let v = std::env::var(var).ok()?;
+    Some(v.trim().parse().unwrap_or_else(|_| panic!("{var}={v:?}: expected a whole number")))
+}
 
 fn required() -> bool {
     std::env::var_os("ROENTGEN_REQUIRE_CUDA").is_some_and(|v| !v.is_empty() && v != "0")
@@ -89,6 +100,17 @@ fn main() {
         }
         ops::op_cases(&mut r, &mut gpu, bf16, tag);
         ops::wide_attention_chunk_cases(&mut r, &mut gpu, bf16, tag);
+        ops::no_key_cases(&mut r, &mut gpu, tag);
+        if let Some(n) = env_number("ROENTGEN_CUDA_FUZZ") {
+            fuzz::fuzz_cases(
+                &mut r,
+                &mut gpu,
+                bf16,
+                tag,
+                n as usize,
+                env_number("ROENTGEN_CUDA_FUZZ_SEED").unwrap_or(1000),
+            );
+        }
         if !bf16 {
             ops::allocation_case(&mut r, &mut gpu);
         }

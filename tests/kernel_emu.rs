@@ -1,9 +1,8 @@
-//! The CUDA kernels (kernels/*.cu) executed on the CPU: tests/kernel_emu/run.cpp compiles the
-//! unmodified kernel sources as C++ against a small emulation of the CUDA subset they use
-//! (kernels/emu/emu.h: threads as fibers with real __syncthreads / warp-shuffle / mma.sync
-//! semantics), launches them with the grids, blocks, shared-memory sizes and argument lists of
-//! src/backend/cuda/*.rs, and compares with f64 references written from the CPU backend. So kernel
-//! logic is checked on machines without a GPU (CI); tests/cuda.rs remains the check on real hardware.
+//! The kernels' CPU emulation (kernels/emu/emu.h: threads as fibers with real __syncthreads /
+//! warp-shuffle / mma.sync semantics) tested on its own by tests/kernel_emu/run.cpp: self-tests,
+//! Philox known answers, and negative cases that pass only when the emulator reports a planted
+//! error. The kernels themselves run through the Rust backend on the emulated device in
+//! tests/cuda.rs (`--features cuda-emu`), which also runs on real GPUs.
 //!
 //! Needs a C++17 compiler: $CXX, else g++. Without one it prints "SKIPPED: no g++" and passes, unless
 //! ROENTGEN_REQUIRE_EMU is set. EMU_JOBS (default 2) cases run at once; a filter substring can be

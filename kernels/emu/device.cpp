@@ -15,9 +15,11 @@
 // (out-of-bounds access at a guard page, misaligned vector access, a divergent barrier, a
 // deadlock) is a fault: emu.h names the kernel, block and thread and jumps back here (the launch's
 // fibers are abandoned, their C++ locals leak), and the launch answers 2, which the Rust side
-// turns into a sticky error, as a fault spoils a CUDA context.
+// turns into a sticky error, as a fault spoils a CUDA context. Launches alternate between emu.h's
+// two block schedules (ROENTGEN_EMU_SCHEDULE pins one: see next_policy).
 #include "registry.h"
 
+#include <atomic>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -124,6 +126,22 @@ void put(char* err, size_t n, const std::string& msg) {
 
 size_t page_size() { return (size_t)sysconf(_SC_PAGESIZE); }
 
+// The schedule of the next launch (emu.h's policy: 0 round-robin, 1 warp-greedy), or -1 with the
+// message in `why` for an unknown ROENTGEN_EMU_SCHEDULE. By default launches alternate: a missing
+// __syncthreads shows under warp-greedy (a warp runs on past its neighbours' writes), and every
+// kernel is launched many times by any test of it, so both schedules run without running
+// anything twice (a kernel that accumulates could not simply be run again).
+int next_policy(std::string& why) {
+    static const char* env = getenv("ROENTGEN_EMU_SCHEDULE");
+    static std::atomic<unsigned long> launches{0};
+    const std::string v = env ? env : "";
+    if (v.empty() || v == "alternate") return (int)(launches++ % 2);
+    if (v == "round-robin") return 0;
+    if (v == "warp-greedy") return 1;
+    why = "ROENTGEN_EMU_SCHEDULE=" + v + ": expected round-robin, warp-greedy or alternate";
+    return -1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -153,8 +171,13 @@ int roentgen_emu_launch(const char* name, const unsigned* grid, const unsigned* 
         put(err, n, std::string("no kernel named ") + name);
         return 1;
     }
-    Slots s(slots, slots + nslots);
     std::string msg;
+    const int policy = next_policy(msg);
+    if (policy < 0) {
+        put(err, n, msg);
+        return 1;
+    }
+    Slots s(slots, slots + nslots);
     bool fault = false;
     const dim3 g(grid[0], grid[1], grid[2]), b(block[0], block[1], block[2]);
     worker().run([&] {
@@ -162,6 +185,7 @@ int roentgen_emu_launch(const char* name, const unsigned* grid, const unsigned* 
         emu::g.recovering_host = true;
         emu::g.recover_thread = pthread_self();
         emu::g.recover = &env;
+        emu::g.policy = policy;
         if (sigsetjmp(env, 1) == 0) {
             msg = it->second(g, b, smem, s);
         } else {

@@ -37,11 +37,19 @@ impl Rng {
 
 /// Uploads `inputs` into one new pool of `b` and returns their tensors.
 pub fn place(b: &mut dyn Backend, inputs: &[Vec<f32>]) -> Result<Vec<Tensor>> {
-    let total: usize = inputs.iter().map(|v| v.len().max(1)).sum();
+    place_skewed(b, inputs, 0)
+}
+
+/// As [`place`], with `skew` unused elements before every tensor: with an odd skew each tensor lies
+/// at an odd element offset of its pool, 4-byte aligned only, so the kernels' vector-load fast
+/// paths must notice and fall back.
+pub fn place_skewed(b: &mut dyn Backend, inputs: &[Vec<f32>], skew: usize) -> Result<Vec<Tensor>> {
+    let total: usize = inputs.iter().map(|v| skew + v.len().max(1)).sum();
     let pool = b.alloc(total, "test")?;
     let mut off = 0;
     let mut ts = Vec::new();
     for v in inputs {
+        off += skew;
         let t = Tensor { pool, offset: off, shape: [v.len().max(1)].into() };
         if !v.is_empty() {
             b.upload(&t, v)?;
@@ -57,10 +65,22 @@ pub type Op<'a> = &'a dyn Fn(&dyn Backend, &[Tensor]) -> Result<()>;
 /// Runs `op` on the CPU and on `gpu` with the same inputs and compares the tensors listed in
 /// `outs` (indices into `inputs`; outputs start random, so accumulation is tested too).
 pub fn compare(gpu: &mut CudaBackend, bf16: bool, inputs: &[Vec<f32>], outs: &[usize], op: Op) -> Result<String> {
+    compare_skewed(gpu, bf16, inputs, outs, op, 0)
+}
+
+/// As [`compare`], with the tensors placed by [`place_skewed`] on both backends.
+pub fn compare_skewed(
+    gpu: &mut CudaBackend,
+    bf16: bool,
+    inputs: &[Vec<f32>],
+    outs: &[usize],
+    op: Op,
+    skew: usize,
+) -> Result<String> {
     let mut cpu = CpuBackend::new();
-    let tc = place(&mut cpu, inputs)?;
+    let tc = place_skewed(&mut cpu, inputs, skew)?;
     op(&cpu, &tc)?;
-    let tg = place(gpu, inputs)?;
+    let tg = place_skewed(gpu, inputs, skew)?;
     op(gpu, &tg)?;
     gpu.synchronize()?;
     let mut report = Vec::new();

@@ -12,8 +12,11 @@ const ACTS: [Activation; 4] = [Activation::QuickGelu, Activation::Gelu, Activati
 /// Every operation at several shapes, for one precision.
 pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
     let mut rng = Rng(0x5EED ^ bf16 as u64);
+    // Elements left unused before every tensor of the next cases (see `place_skewed`); 0 but for
+    // the convolution whose tensors are 4-byte aligned only.
+    let skew = std::cell::Cell::new(0);
     let mut g = |name: String, inputs: Vec<Vec<f32>>, outs: &[usize], op: Op| {
-        r.case(&format!("{tag}/{name}"), || compare(gpu, bf16, &inputs, outs, op));
+        r.case(&format!("{tag}/{name}"), || compare_skewed(gpu, bf16, &inputs, outs, op, skew.get()));
     };
 
     // linear: (rows, in, out) incl. SD's 4096×320 → 320 and odd sizes
@@ -40,7 +43,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
     }
 
     // layer norm
-    for &(rows, cols) in &[(3, 32), (154, 768), (5, 1000)] {
+    for &(rows, cols) in &[(3, 32), (154, 768), (5, 1000), (600, 77), (5, 320)] {
         let x: Vec<f32> = rng.normal(rows * cols).into_iter().map(|v| v * 2.0 + 0.5).collect();
         let ins = vec![
             vec![0.0; rows * cols],
@@ -77,8 +80,11 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         });
     }
 
-    // group norm ± SiLU: (batch, hw, c, groups), SD's 64×64×320 and the VAE's 8-group case
-    for &(n, hw, c, gr) in &[(2, 16, 64, 32), (1, 4096, 320, 32), (2, 256, 32, 8), (1, 49, 96, 32)] {
+    // group norm ± SiLU: (batch, h·w, channels, groups): SD's 64×64×320, the VAE's 8-group case,
+    // and 2×600×96 in 3 groups, which takes several chunks per group
+    for &(n, hw, c, gr) in
+        &[(2, 16, 64, 32), (1, 4096, 320, 32), (2, 256, 32, 8), (1, 49, 96, 32), (2, 600, 96, 3), (1, 40, 64, 32)]
+    {
         for silu in [false, true] {
             let x: Vec<f32> = rng.normal(n * hw * c).into_iter().map(|v| v * 1.5 - 0.3).collect();
             let ins = vec![
@@ -118,17 +124,25 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         }
     }
 
-    // convolution: (batch, h, w, c_in, c_out, kernel, stride, pad)
-    let convs: &[(usize, usize, usize, usize, usize, usize, usize, [usize; 4])] = &[
-        (2, 8, 8, 4, 32, 3, 1, [1, 1, 1, 1]),      // conv_in of a small U-Net
-        (1, 64, 64, 320, 320, 3, 1, [1, 1, 1, 1]), // SD's 64×64 resnet conv
-        (2, 16, 16, 64, 64, 3, 2, [1, 1, 1, 1]),   // U-Net downsampler
-        (1, 17, 15, 32, 16, 3, 2, [0, 1, 0, 1]),   // the VAE's asymmetric-pad downsampler, odd sizes
-        (2, 9, 9, 48, 24, 1, 1, [0, 0, 0, 0]),     // 1×1 shortcut
-        (1, 12, 12, 3, 16, 3, 1, [1, 1, 1, 1]),    // RGB input
-        (1, 8, 8, 32, 4, 3, 1, [1, 1, 1, 1]),      // conv_out to 4 latent channels
+    // convolution: (batch, h, w, c_in, c_out, kernel, stride, pad, skew)
+    let p1 = [1, 1, 1, 1];
+    let convs: &[(usize, usize, usize, usize, usize, usize, usize, [usize; 4], usize)] = &[
+        (2, 8, 8, 4, 32, 3, 1, p1, 0),              // conv_in of a small U-Net
+        (1, 64, 64, 320, 320, 3, 1, p1, 0),         // SD's 64×64 resnet conv
+        (2, 16, 16, 64, 64, 3, 2, p1, 0),           // U-Net downsampler
+        (2, 9, 8, 8, 12, 3, 2, p1, 0),              // downsampler, odd sizes
+        (1, 17, 15, 32, 16, 3, 2, [0, 1, 0, 1], 0), // the VAE's asymmetric-pad downsampler, odd sizes
+        (2, 9, 9, 48, 24, 1, 1, [0, 0, 0, 0], 0),   // 1×1 shortcut
+        (1, 12, 12, 3, 16, 3, 1, p1, 0),            // RGB input
+        (1, 8, 8, 32, 4, 3, 1, p1, 0),              // conv_out to 4 latent channels
+        (2, 7, 6, 5, 9, 3, 1, p1, 0),               // c_in 5: rows not a multiple of the vector width
+        (1, 9, 8, 40, 70, 3, 1, p1, 0),             // several N tiles and a K tail
+        (2, 15, 13, 8, 12, 3, 1, p1, 0),            // 390 rows: the weight/bias-grad split falls mid-row
+        (1, 4, 5, 320, 192, 3, 1, p1, 0),           // SD widths at a tiny image: 180 K tiles
+        (1, 7, 9, 8, 16, 3, 1, p1, 1),              // every tensor 4-byte aligned only
     ];
-    for &(n, h, w, ci, co, k, s, pad) in convs {
+    for &(n, h, w, ci, co, k, s, pad, sk) in convs {
+        skew.set(sk);
         let oh = (h + pad[0] + pad[1] - k) / s + 1;
         let ow = (w + pad[2] + pad[3] - k) / s + 1;
         let fan = (ci * k * k) as f32;
@@ -138,7 +152,8 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             rng.scaled(co * ci * k * k, fan.powf(-0.5)),
             rng.normal(co),
         ];
-        let name = format!("{n}x{h}x{w}x{ci}->{co} k{k} s{s} pad{pad:?}");
+        let aligned = if sk > 0 { format!(", tensors {sk} elements off alignment") } else { String::new() };
+        let name = format!("{n}x{h}x{w}x{ci}->{co} k{k} s{s} pad{pad:?}{aligned}");
         g(format!("conv2d_forward {name}"), ins, &[0], &|b, t| {
             b.conv2d_forward(&t[0], &t[1], &t[2], Some(&t[3]), n, h, w, ci, co, k, s, pad)
         });
@@ -157,6 +172,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             b.conv2d_backward(None, &t[1], None, &t[3], &t[4], &t[5], n, h, w, ci, co, k, s, pad)
         });
     }
+    skew.set(0);
 
     // attention: (batch, q_len, kv_len, heads, head_dim, causal)
     let atts: &[(usize, usize, usize, usize, usize, bool)] = &[
@@ -166,8 +182,15 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         (2, 1024, 1024, 8, 80, false), // SD 32×32 self-attention
         (2, 64, 64, 8, 160, false),    // SD 8×8 self-attention
         (1, 33, 19, 3, 24, false),     // odd sizes
+        (2, 70, 77, 2, 40, false),     // cross-attention, partial tiles on both sides
+        (1, 70, 70, 2, 80, true),      // causal, partial tiles
+        (2, 20, 20, 1, 8, true),       // the smallest head dim, causal
+        (1, 40, 50, 1, 160, false),    // the largest head dim of the flash kernels
+        (1, 45, 70, 2, 33, false),     // an odd head dim
+        (1, 144, 144, 2, 40, false),   // several 64-row tiles
         // head_dim > 160: the materialised path (cuBLAS + row softmax)
         (2, 40, 40, 1, 512, false), // the VAE's mid-block attention (one head of 512), small
+        (2, 64, 64, 1, 512, false), // the same, 64 positions
         (2, 33, 45, 2, 200, false), // two heads of 200 (a head's rows strided in the token rows)
         (1, 40, 40, 2, 200, true),  // causal
         (1, 1024, 1024, 1, 512, false), // a 256×256 VAE's mid-block (32×32 latent)
@@ -206,39 +229,44 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             )
         });
     }
-    // masked attention (BERT): padding keys of a 2-sequence batch
-    for &(bt, l, hd, dh) in &[(2, 12, 2, 16), (2, 77, 12, 64), (2, 20, 1, 200)] {
+    // masked attention (BERT): padding keys of a 2-sequence batch; (batch, q_len, kv_len, heads, head_dim)
+    for &(bt, ql, kl, hd, dh) in &[(2, 12, 12, 2, 16), (2, 77, 77, 12, 64), (2, 20, 20, 1, 200), (2, 33, 77, 1, 64)] {
         let d = hd * dh;
         let sc = 1.0 / (dh as f32).sqrt();
-        let mask: Vec<u32> = (0..bt * l).map(|i| u32::from(i % l < l - 3 * (i / l) - 1)).collect();
-        let (q, k, v) = (rng.normal(bt * l * d), rng.normal(bt * l * d), rng.normal(bt * l * d));
-        let ins = vec![vec![0.0; bt * l * d], vec![0.0; bt * l * hd], q.clone(), k.clone(), v.clone()];
+        let mask: Vec<u32> = (0..bt * kl).map(|i| u32::from(i % kl < kl - 3 * (i / kl) - 1)).collect();
+        let (q, k, v) = (rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d));
+        let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()];
         let m2 = mask.clone();
-        g(format!("masked_attention_forward b{bt} l{l} h{hd} d{dh}"), ins, &[0, 1], &|b, t| {
-            b.masked_attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &m2, bt, l, l, hd, dh, sc)
+        let name = format!("b{bt} q{ql} kv{kl} h{hd} d{dh}");
+        g(format!("masked_attention_forward {name}"), ins.clone(), &[0, 1], &|b, t| {
+            b.masked_attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &m2, bt, ql, kl, hd, dh, sc)
         });
         let mut cpu = CpuBackend::new();
-        let st =
-            place(&mut cpu, &[vec![0.0; bt * l * d], vec![0.0; bt * l * hd], q.clone(), k.clone(), v.clone()]).unwrap();
-        cpu.masked_attention_forward(&st[0], &st[1], &st[2], &st[3], &st[4], &mask, bt, l, l, hd, dh, sc).unwrap();
+        let st = place(&mut cpu, &ins).unwrap();
+        cpu.masked_attention_forward(&st[0], &st[1], &st[2], &st[3], &st[4], &mask, bt, ql, kl, hd, dh, sc).unwrap();
         let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
         let ins = vec![
-            rng.normal(bt * l * d),
-            rng.normal(bt * l * d),
-            rng.normal(bt * l * d),
-            rng.normal(bt * l * d),
+            rng.normal(bt * ql * d),
+            rng.normal(bt * kl * d),
+            rng.normal(bt * kl * d),
+            rng.normal(bt * ql * d),
             q,
             k,
             v,
             o,
             lse,
         ];
-        g(format!("masked_attention_backward b{bt} l{l} h{hd} d{dh}"), ins, &[0, 1, 2], &|b, t| {
+        g(format!("masked_attention_backward {name}"), ins, &[0, 1, 2], &|b, t| {
             b.masked_attention_backward(
-                &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &mask, bt, l, l, hd, dh, sc,
+                &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &mask, bt, ql, kl, hd, dh, sc,
             )
         });
     }
+
+    // One normal (a partial group of four) from a small seed and a stream past 32 bits.
+    g("randn n1 seed 7 stream (5 << 32) | 3".into(), vec![rng.normal(4)], &[0], &|b, t| {
+        b.randn(&t[0], 1, 7, (5 << 32) | 3)
+    });
 
     // elementwise
     for &n in &[1000usize, 1001, 1 << 20] {
@@ -329,7 +357,15 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             &|b, t| b.geglu_backward(&t[0], &t[1], &t[2], rows, inner),
         );
     }
-    for &(n, ih, iw, oh, ow, c) in &[(2, 8, 8, 16, 16, 64), (1, 5, 7, 10, 14, 3), (1, 4, 4, 7, 9, 8)] {
+    // (batch, in h, in w, out h, out w, channels): exact 2×, uneven up, and down
+    for &(n, ih, iw, oh, ow, c) in &[
+        (2, 8, 8, 16, 16, 64),
+        (1, 5, 7, 10, 14, 3),
+        (1, 4, 4, 7, 9, 8),
+        (2, 5, 4, 10, 8, 6),
+        (1, 5, 7, 7, 10, 3),
+        (2, 7, 5, 3, 2, 4),
+    ] {
         g(
             format!("upsample_nearest_forward {ih}x{iw}->{oh}x{ow}x{c}"),
             vec![vec![0.0; n * oh * ow * c], rng.normal(n * ih * iw * c)],
@@ -360,6 +396,34 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             &[0, 1],
             &|b, t| b.embedding_backward(&t[0], &t[1], &t[2], &ids, bt, seq, dim),
         );
+    }
+}
+
+/// Attention over no keys, on the flash path (head dim 40) and the materialised one (200): every
+/// output row is 0 and every lse is −inf, bit for bit as the CPU reference writes them over
+/// outputs that held random values.
+pub fn no_key_cases(r: &mut Runner, gpu: &mut CudaBackend, tag: &str) {
+    for dh in [40, 200] {
+        r.case(&format!("{tag}/attention_forward without keys, head dim {dh}"), || {
+            let mut rng = Rng(0x0EE5 + dh as u64);
+            let (bt, ql, hd) = (2, 5, 2);
+            let d = hd * dh;
+            let ins =
+                vec![rng.normal(bt * ql * d), rng.normal(bt * ql * hd), rng.normal(bt * ql * d), vec![0.0], vec![0.0]];
+            let run = |b: &mut dyn Backend| -> Result<(Vec<f32>, Vec<f32>)> {
+                let t = place(b, &ins)?;
+                b.attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], bt, ql, 0, hd, dh, 0.1, false)?;
+                Ok((b.download(&t[0])?, b.download(&t[1])?))
+            };
+            let (want_out, want_lse) = run(&mut CpuBackend::new())?;
+            let (out, lse) = run(gpu)?;
+            ensure!(want_out.iter().all(|&x| x == 0.0), "the CPU reference left a nonzero output");
+            ensure!(want_lse.iter().all(|&x| x == f32::NEG_INFINITY), "the CPU reference's lse is not -inf");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            ensure!(bits(&out) == bits(&want_out), "outputs differ from the CPU's zeros: {:?}…", &out[..4]);
+            ensure!(bits(&lse) == bits(&want_lse), "lse differs from the CPU's -inf: {:?}…", &lse[..4]);
+            Ok("out 0, lse -inf, as the CPU".into())
+        });
     }
 }
 

@@ -34,47 +34,60 @@ pub fn denoising_allocation_case(r: &mut Runner) {
 /// must give bit for bit what the same weight gives in an ordinary pool, before and after an
 /// AdamW step (which updates the copy in the same pass) and after a new upload.
 pub fn param_copy_case(r: &mut Runner) {
-    r.case("bf16/conv2d through a parameter pool's bf16 copy (upload, AdamW) equals the plain path", || {
-        let mut rng = Rng(0xC0FFEE);
-        let (b, h, w, ci, co, k) = (2, 9, 7, 32, 48, 3);
-        let nw = co * ci * k * k;
-        let (x, wt, g) = (rng.normal(b * h * w * ci), rng.scaled(nw, 0.05), rng.scaled(nw, 0.1));
-        let run = |params: bool| -> Result<Vec<f32>> {
-            let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
-            // The weight at a nonzero offset of its pool (as a parameter among others).
-            let wp = gpu.alloc(nw + 48, "weight")?;
-            if params {
-                gpu.mark_params(wp)?;
-            }
-            let t = place(&mut gpu, &[x.clone(), vec![0.0; b * h * w * co], g.clone(), vec![0.0; nw], vec![0.0; nw]])?;
-            let wt_t = Tensor { pool: wp, offset: 48, shape: [nw].into() };
-            gpu.upload(&wt_t, &wt)?;
-            let mut outs = Vec::new();
-            let conv = |gpu: &CudaBackend, outs: &mut Vec<f32>| -> Result<()> {
-                gpu.conv2d_forward(&t[1], &t[0], &wt_t, None, b, h, w, ci, co, k, 1, [1, 1, 1, 1])?;
-                outs.extend(gpu.download(&t[1])?);
-                Ok(())
-            };
-            conv(&gpu, &mut outs)?;
-            gpu.adamw_step(&wt_t, &t[2], &t[3], &t[4], nw, 1e-2, 0.9, 0.999, 1e-8, 1e-2, 1)?;
-            conv(&gpu, &mut outs)?;
-            gpu.upload(
-                &wt_t,
-                &x[..nw.min(x.len())]
-                    .iter()
-                    .map(|v| v * 0.01)
-                    .chain(std::iter::repeat(0.0))
-                    .take(nw)
-                    .collect::<Vec<_>>(),
-            )?;
-            conv(&gpu, &mut outs)?;
-            Ok(outs)
-        };
-        let (plain, copy) = (run(false)?, run(true)?);
-        let differ = plain.iter().zip(&copy).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-        ensure!(differ == 0, "{differ} of {} outputs differ through the bf16 copy", plain.len());
-        Ok(format!("{} outputs over 3 phases bit-identical", plain.len()))
-    });
+    // (batch, h, w, c_in, c_out, kernel, stride): a 1×1 reads the copy directly; c_in 5 is unaligned.
+    for (b, h, w, ci, co, k, stride) in
+        [(2, 9, 7, 32, 48, 3, 1), (1, 7, 6, 12, 20, 3, 1), (2, 5, 5, 16, 24, 1, 1), (1, 9, 8, 5, 7, 3, 2)]
+    {
+        let pad = if k == 3 { [1; 4] } else { [0; 4] };
+        let (oh, ow) = ((h + 2 * pad[0] - k) / stride + 1, (w + 2 * pad[2] - k) / stride + 1);
+        let name = format!("{b}x{h}x{w}x{ci}->{co} k{k} s{stride}");
+        r.case(
+            &format!("bf16/conv2d {name} through a parameter pool's bf16 copy (upload, AdamW) equals the plain path"),
+            || {
+                let mut rng = Rng(0xC0FFEE + ci as u64);
+                let nw = co * ci * k * k;
+                let (x, wt, g) = (rng.normal(b * h * w * ci), rng.scaled(nw, 0.05), rng.scaled(nw, 0.1));
+                let run = |params: bool| -> Result<Vec<f32>> {
+                    let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
+                    // The weight at a nonzero offset of its pool (as a parameter among others).
+                    let wp = gpu.alloc(nw + 48, "weight")?;
+                    if params {
+                        gpu.mark_params(wp)?;
+                    }
+                    let t = place(
+                        &mut gpu,
+                        &[x.clone(), vec![0.0; b * oh * ow * co], g.clone(), vec![0.0; nw], vec![0.0; nw]],
+                    )?;
+                    let wt_t = Tensor { pool: wp, offset: 48, shape: [nw].into() };
+                    gpu.upload(&wt_t, &wt)?;
+                    let mut outs = Vec::new();
+                    let conv = |gpu: &CudaBackend, outs: &mut Vec<f32>| -> Result<()> {
+                        gpu.conv2d_forward(&t[1], &t[0], &wt_t, None, b, h, w, ci, co, k, stride, pad)?;
+                        outs.extend(gpu.download(&t[1])?);
+                        Ok(())
+                    };
+                    conv(&gpu, &mut outs)?;
+                    gpu.adamw_step(&wt_t, &t[2], &t[3], &t[4], nw, 1e-2, 0.9, 0.999, 1e-8, 1e-2, 1)?;
+                    conv(&gpu, &mut outs)?;
+                    gpu.upload(
+                        &wt_t,
+                        &x[..nw.min(x.len())]
+                            .iter()
+                            .map(|v| v * 0.01)
+                            .chain(std::iter::repeat(0.0))
+                            .take(nw)
+                            .collect::<Vec<_>>(),
+                    )?;
+                    conv(&gpu, &mut outs)?;
+                    Ok(outs)
+                };
+                let (plain, copy) = (run(false)?, run(true)?);
+                let differ = plain.iter().zip(&copy).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                ensure!(differ == 0, "{differ} of {} outputs differ through the bf16 copy", plain.len());
+                Ok(format!("{} outputs over 3 phases bit-identical", plain.len()))
+            },
+        );
+    }
 }
 
 /// The denoising loop with CUDA graphs (the default) gives the images of the loop launched

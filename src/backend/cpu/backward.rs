@@ -467,8 +467,8 @@ pub fn adamw(
 /// Attention forward for every `Backend` variant: one task per (batch, query row), every head of
 /// that row. A key takes part when the key mask (if any) is nonzero and, when `causal`, it is not
 /// after the query; the others are skipped, which equals transformers' additive dtype-minimum mask
-/// (their probabilities underflow to exactly 0). The caller has checked the lengths and that each
-/// row keeps at least one key.
+/// (their probabilities underflow to exactly 0). A row left with no key gets 0 and lse −inf. The
+/// caller has checked the lengths.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     out: &mut [f32],
@@ -517,7 +517,10 @@ pub fn attention_forward(
                             oh[d] += scores[n] * vh[d];
                         }
                     }
-                    let inv = 1.0 / sum;
+                    // A row with no key (kv_len 0, or every key masked) attends to nothing: its
+                    // output is 0 and its log-sum-exp −inf (an empty sum), as PyTorch's
+                    // softmax·V over zero keys and the CUDA kernels give, not 0·(1/0) = NaN.
+                    let inv = if keys.is_empty() { 0.0 } else { 1.0 / sum };
                     oh.iter_mut().for_each(|x| *x *= inv);
                     l[h] = max + sum.ln();
                 }

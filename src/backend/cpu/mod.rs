@@ -1030,6 +1030,23 @@ mod tests {
         }
     }
 
+    /// No keys: every output is 0 and every log-sum-exp −inf (the outputs held NaN before the call;
+    /// the old code wrote 0·(1/0) = NaN).
+    #[test]
+    fn attention_over_no_keys_is_zero_with_minus_infinite_lse() {
+        let mut b = CpuBackend::new();
+        let (batch, q_len, heads, hd) = (2, 3, 2, 4);
+        let (n, rows) = (batch * q_len * heads * hd, batch * q_len * heads);
+        let pool = b.alloc(2 * n + rows + 1, "t").unwrap();
+        let t = |offset, len| Tensor { pool, offset, shape: crate::tensor::Shape::new(&[len]) };
+        let (out, lse, q, kv) = (t(0, n), t(n, rows), t(n + rows, n), t(2 * n + rows, 1));
+        b.upload(&q, &randn(&mut SplitMix64::new(5), n)).unwrap();
+        b.upload(&out, &vec![f32::NAN; n]).unwrap();
+        b.attention_forward(&out, &lse, &q, &kv, &kv, batch, q_len, 0, heads, hd, 0.5, false).unwrap();
+        assert!(b.download(&out).unwrap().iter().all(|&x| x == 0.0), "outputs over no keys must be 0");
+        assert!(b.download(&lse).unwrap().iter().all(|&x| x == f32::NEG_INFINITY), "lse over no keys must be -inf");
+    }
+
     #[test]
     fn overlapping_output_and_input_is_refused() {
         let mut b = CpuBackend::new();

@@ -12,8 +12,10 @@
 //! GEMMs run the reference of reference_gemm.rs. A kernel that faults while it runs (out of bounds,
 //! misaligned, a divergent barrier) spoils the device as a fault spoils a CUDA context: the launch
 //! itself returns (launches are asynchronous on hardware) and every later call fails with the
-//! fault's message, which names the kernel, block and thread; a new device starts clean. What is
-//! not emulated: timing (events read a host clock) and the vendor libraries' algorithms.
+//! fault's message, which names the kernel, block and thread; a new device starts clean. Launches
+//! alternate between the emulation's two block schedules, round-robin and warp-greedy (a missing
+//! `__syncthreads` shows under the latter); ROENTGEN_EMU_SCHEDULE=round-robin|warp-greedy pins one.
+//! What is not emulated: timing (events read a host clock) and the vendor libraries' algorithms.
 
 use super::device::{Device, DeviceError, Event, Function, Gemm, Graph, GraphExec, LtMatmul, LtOperands, MatmulPlan};
 use super::reference_gemm::{gemm, GemmShape};
