@@ -2,7 +2,8 @@
 # Proves that the CUDA parity suite on the emulated device (issue 14, item 4) can fail: plants three
 # bugs in the CUDA backend's Rust, one at a time, in a scratch worktree of HEAD, and checks that the
 # named test of tests/cuda.rs fails on each — a grid one tile short, two launch arguments swapped, a
-# tensor offset by 4 bytes. Each line of the closing table says which case caught which bug and why.
+# tensor offset by 4 bytes — and one in a kernel: a __syncthreads removed (the emulated device
+# alternates thread schedules so that a race shows). Each line of the closing table says which case caught which bug and why.
 # Not part of CI (three builds); run by hand after changing the backend or the emulated device:
 #   scripts/planted-bugs.sh            (about 6 minutes here: one dependency build, then incremental)
 # Needs what the tests need (scripts/install-cuda-toolchain.sh, g++). Exit status 1 if a bug is missed.
@@ -15,11 +16,12 @@ trap 'git -C "$root" worktree remove --force "$wt" >/dev/null 2>&1 || true' EXIT
 export CARGO_TARGET_DIR="$root/target/planted-bugs"
 [ -e "$wt/.cuda-toolchain" ] || ln -s "$root/.cuda-toolchain" "$wt/.cuda-toolchain"
 
-# name | file | exact text | planted text | the case that must fail
+# name | file | exact text | planted text | the case that must fail ("\n" in a text: a newline)
 bugs=(
   "grid one tile short|src/backend/cuda/conv.rs|let grid_x = m.div_ceil(bm);|let grid_x = (m / bm).max(1);|f32/conv2d_forward"
   "two launch arguments swapped|src/backend/cuda/ops.rs|Arg::P(self.dptr(b)), Arg::I(ni)])|Arg::I(ni), Arg::P(self.dptr(b))])|f32/add_forward"
   "a tensor offset by 4 bytes|src/backend/cuda/ops.rs|Arg::P(self.dptr(a)), Arg::P(self.dptr(b)), Arg::I(ni)|Arg::P(self.dptr(a) + 4), Arg::P(self.dptr(b)), Arg::I(ni)|f32/add_forward"
+  "a __syncthreads removed (kernel)|kernels/elementwise.cu|s_part[threadIdx.y][threadIdx.x] = s;\n    __syncthreads();|s_part[threadIdx.y][threadIdx.x] = s;|f32/add_bias_rows_backward"
 )
 
 missed=0
@@ -29,7 +31,7 @@ for bug in "${bugs[@]}"; do
   git -C "$wt" checkout --quiet -- .
   python3 - "$wt/$file" "$from" "$to" <<'EOF'
 import sys
-path, old, new = sys.argv[1:]
+path, old, new = (a.replace("\\n", "\n") for a in sys.argv[1:])
 s = open(path).read()
 if s.count(old) != 1:
     sys.exit(f"{path}: the text to plant over occurs {s.count(old)} times (expected once): {old}")
