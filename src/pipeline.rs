@@ -244,8 +244,9 @@ impl Pipeline {
             mask.extend(e.mask);
         }
         let acts = self.text_encoder.allocate_acts(b, texts.len(), seq)?;
-        let out = self.text_encoder.forward(b, &acts, &ids, &mask)?;
-        b.download(&out)
+        let out = self.text_encoder.forward(b, &acts, &ids, &mask).and_then(|out| b.download(&out));
+        b.free(acts.pool())?;
+        out
     }
 
     /// Runs the whole pipeline and returns every image at once (for tests and small jobs; the
@@ -364,110 +365,120 @@ impl Pipeline {
         let mut outs: std::collections::HashMap<usize, Fmap> = std::collections::HashMap::new();
         let replays0 = b.graph_replays();
         let mut calls = 0;
-        for (members, act) in &groups {
-            let mut sched = new_scheduler()?;
-            let timesteps: Vec<f64> = sched.timesteps().to_vec();
-            // Image i's place in the group (members ascend): a search, not a scan, because Euler
-            // ancestral's one group holds every image of the run.
-            let pos = |i: usize| members.binary_search(&i).unwrap_or(0);
-            let mut latents: Vec<f32> =
-                members.iter().flat_map(|&i| initial[i * per_image..(i + 1) * per_image].iter().copied()).collect();
-            let mut noise = vec![0f32; latents.len()];
-            let t1 = Instant::now();
-            for (si, &t) in timesteps.iter().enumerate() {
+        // The loop in a closure so that the arenas are freed on every way out of it.
+        let mut denoise_and_decode = || -> Result<()> {
+            for (members, act) in &groups {
+                let mut sched = new_scheduler()?;
+                let timesteps: Vec<f64> = sched.timesteps().to_vec();
+                // Image i's place in the group (members ascend): a search, not a scan, because Euler
+                // ancestral's one group holds every image of the run.
+                let pos = |i: usize| members.binary_search(&i).unwrap_or(0);
+                let mut latents: Vec<f32> =
+                    members.iter().flat_map(|&i| initial[i * per_image..(i + 1) * per_image].iter().copied()).collect();
+                let mut noise = vec![0f32; latents.len()];
+                let t1 = Instant::now();
+                for (si, &t) in timesteps.iter().enumerate() {
+                    for part in act.chunks(chunk) {
+                        let k = part.len();
+                        let ub = mult * k;
+                        let mut x = Vec::with_capacity(k * per_image);
+                        for &i in part {
+                            x.extend_from_slice(&latents[pos(i) * per_image..(pos(i) + 1) * per_image]);
+                        }
+                        sched.scale_model_input(&mut x, si);
+                        // U-Net batch: [uncond images..., cond images...] as diffusers' torch.cat.
+                        let mut batch_in = Vec::with_capacity(ub * per_image);
+                        let mut ctx = Vec::with_capacity(ub * row);
+                        if cfg_on {
+                            batch_in.extend_from_slice(&x);
+                            part.iter().for_each(|&i| ctx.extend_from_slice(uncond_row(i)));
+                        }
+                        batch_in.extend_from_slice(&x);
+                        part.iter().for_each(|&i| ctx.extend_from_slice(cond_row(i)));
+                        arena.reset();
+                        let xin = Fmap::alloc(&mut arena, ub, lh, lw, c)?;
+                        let ctx_t = arena.alloc([ub * seq, hidden])?;
+                        let ts = arena.alloc([ub])?;
+                        b.upload(&xin.t, &nchw_to_nhwc(&batch_in, ub, c, lh, lw))?;
+                        b.upload(&ctx_t, &ctx)?;
+                        self.unet.upload_timesteps(b, &ts, &[t as f32], ub)?;
+                        let mark = arena.mark();
+                        let bd: &dyn Backend = b;
+                        let mut fresh = None;
+                        let key = ((arena.pool().0 as u64) << 32) | ub as u64;
+                        bd.graph(key, &mut || {
+                            arena.release(mark);
+                            fresh = Some(self.unet.forward_from_timesteps(bd, &mut arena, &xin, &ts, &ctx_t, seq)?);
+                            Ok(())
+                        })?;
+                        let out = match fresh {
+                            Some(o) => *outs.entry(ub).or_insert(o),
+                            None => *outs.get(&ub).context("internal: a U-Net graph replayed before it ran")?,
+                        };
+                        let pred = nhwc_to_nchw(&b.download(&out.t)?, ub, c, lh, lw);
+                        check_finite(&pred, || format!("the U-Net's output at step {} (timestep {t})", si + 1))?;
+                        for (j, &i) in part.iter().enumerate() {
+                            let dst = &mut noise[pos(i) * per_image..(pos(i) + 1) * per_image];
+                            let cnd = &pred[(mult - 1) * k * per_image + j * per_image..][..per_image];
+                            if cfg_on {
+                                let u = &pred[j * per_image..][..per_image];
+                                for ((d, &u), &cv) in dst.iter_mut().zip(u).zip(cnd) {
+                                    *d = u + r.guidance * (cv - u);
+                                }
+                            } else {
+                                dst.copy_from_slice(cnd);
+                            }
+                        }
+                        calls += 1;
+                        progress(calls, total_calls);
+                    }
+                    latents = sched.step(&noise, si, &latents, &mut generator)?;
+                    for &i in act {
+                        check_finite(&latents[pos(i) * per_image..(pos(i) + 1) * per_image], || {
+                            format!("the latents after the scheduler's step {} (timestep {t})", si + 1)
+                        })?;
+                    }
+                }
+                timings.denoising_s += t1.elapsed().as_secs_f64();
+
+                // 4. VAE decode, chunk by chunk, diffusers' postprocess to [0, 1], and out.
+                let t2 = Instant::now();
                 for part in act.chunks(chunk) {
                     let k = part.len();
-                    let ub = mult * k;
-                    let mut x = Vec::with_capacity(k * per_image);
+                    let mut z = Vec::with_capacity(k * per_image);
                     for &i in part {
-                        x.extend_from_slice(&latents[pos(i) * per_image..(pos(i) + 1) * per_image]);
+                        z.extend(latents[pos(i) * per_image..(pos(i) + 1) * per_image].iter().map(|x| x / sf));
                     }
-                    sched.scale_model_input(&mut x, si);
-                    // U-Net batch: [uncond images..., cond images...] as diffusers' torch.cat.
-                    let mut batch_in = Vec::with_capacity(ub * per_image);
-                    let mut ctx = Vec::with_capacity(ub * row);
-                    if cfg_on {
-                        batch_in.extend_from_slice(&x);
-                        part.iter().for_each(|&i| ctx.extend_from_slice(uncond_row(i)));
-                    }
-                    batch_in.extend_from_slice(&x);
-                    part.iter().for_each(|&i| ctx.extend_from_slice(cond_row(i)));
-                    arena.reset();
-                    let xin = Fmap::alloc(&mut arena, ub, lh, lw, c)?;
-                    let ctx_t = arena.alloc([ub * seq, hidden])?;
-                    let ts = arena.alloc([ub])?;
-                    b.upload(&xin.t, &nchw_to_nhwc(&batch_in, ub, c, lh, lw))?;
-                    b.upload(&ctx_t, &ctx)?;
-                    self.unet.upload_timesteps(b, &ts, &[t as f32], ub)?;
-                    let mark = arena.mark();
-                    let bd: &dyn Backend = b;
-                    let mut fresh = None;
-                    let key = ((arena.pool().0 as u64) << 32) | ub as u64;
-                    bd.graph(key, &mut || {
-                        arena.release(mark);
-                        fresh = Some(self.unet.forward_from_timesteps(bd, &mut arena, &xin, &ts, &ctx_t, seq)?);
-                        Ok(())
+                    vae_arena.reset();
+                    let zt = Fmap::alloc(&mut vae_arena, k, lh, lw, c)?;
+                    b.upload(&zt.t, &nchw_to_nhwc(&z, k, c, lh, lw))?;
+                    let img = self.vae.decode(b, &mut vae_arena, &zt)?;
+                    let px = nhwc_to_nchw(&b.download(&img.t)?, k, out_c, h, w);
+                    check_finite(&px, || {
+                        "the VAE decoder's output (check the VAE's weights and scaling_factor)".into()
                     })?;
-                    let out = match fresh {
-                        Some(o) => *outs.entry(ub).or_insert(o),
-                        None => *outs.get(&ub).context("internal: a U-Net graph replayed before it ran")?,
-                    };
-                    let pred = nhwc_to_nchw(&b.download(&out.t)?, ub, c, lh, lw);
-                    check_finite(&pred, || format!("the U-Net's output at step {} (timestep {t})", si + 1))?;
+                    let px: Vec<f32> = px.iter().map(|x| (x / 2.0 + 0.5).clamp(0.0, 1.0)).collect();
+                    let per_px = out_c * h * w;
                     for (j, &i) in part.iter().enumerate() {
-                        let dst = &mut noise[pos(i) * per_image..(pos(i) + 1) * per_image];
-                        let cnd = &pred[(mult - 1) * k * per_image + j * per_image..][..per_image];
-                        if cfg_on {
-                            let u = &pred[j * per_image..][..per_image];
-                            for ((d, &u), &cv) in dst.iter_mut().zip(u).zip(cnd) {
-                                *d = u + r.guidance * (cv - u);
-                            }
-                        } else {
-                            dst.copy_from_slice(cnd);
-                        }
+                        on_image(GeneratedImage {
+                            index: i,
+                            image: &px[j * per_px..(j + 1) * per_px],
+                            latents: &latents[pos(i) * per_image..(pos(i) + 1) * per_image],
+                        })?;
                     }
-                    calls += 1;
-                    progress(calls, total_calls);
                 }
-                latents = sched.step(&noise, si, &latents, &mut generator)?;
-                for &i in act {
-                    check_finite(&latents[pos(i) * per_image..(pos(i) + 1) * per_image], || {
-                        format!("the latents after the scheduler's step {} (timestep {t})", si + 1)
-                    })?;
-                }
+                timings.vae_decode_s += t2.elapsed().as_secs_f64();
             }
-            timings.denoising_s += t1.elapsed().as_secs_f64();
-
-            // 4. VAE decode, chunk by chunk, diffusers' postprocess to [0, 1], and out.
-            let t2 = Instant::now();
-            for part in act.chunks(chunk) {
-                let k = part.len();
-                let mut z = Vec::with_capacity(k * per_image);
-                for &i in part {
-                    z.extend(latents[pos(i) * per_image..(pos(i) + 1) * per_image].iter().map(|x| x / sf));
-                }
-                vae_arena.reset();
-                let zt = Fmap::alloc(&mut vae_arena, k, lh, lw, c)?;
-                b.upload(&zt.t, &nchw_to_nhwc(&z, k, c, lh, lw))?;
-                let img = self.vae.decode(b, &mut vae_arena, &zt)?;
-                let px = nhwc_to_nchw(&b.download(&img.t)?, k, out_c, h, w);
-                check_finite(&px, || "the VAE decoder's output (check the VAE's weights and scaling_factor)".into())?;
-                let px: Vec<f32> = px.iter().map(|x| (x / 2.0 + 0.5).clamp(0.0, 1.0)).collect();
-                let per_px = out_c * h * w;
-                for (j, &i) in part.iter().enumerate() {
-                    on_image(GeneratedImage {
-                        index: i,
-                        image: &px[j * per_px..(j + 1) * per_px],
-                        latents: &latents[pos(i) * per_image..(pos(i) + 1) * per_image],
-                    })?;
-                }
-            }
-            timings.vae_decode_s += t2.elapsed().as_secs_f64();
-        }
+            Ok(())
+        };
+        let done = denoise_and_decode();
         timings.per_step_s = timings.denoising_s / (steps * groups.len()).max(1) as f64;
         timings.unet_calls = calls;
         timings.graph_replays = b.graph_replays() - replays0;
         b.clear_graphs();
+        let freed = b.free(arena.pool()).and_then(|_| b.free(vae_arena.pool()));
+        done?;
+        freed?;
         Ok(SampleSummary {
             text_embeds: emb,
             prompts: p,

@@ -119,6 +119,7 @@ fn main() {
         r.skip_reason = Some("ROENTGEN_CUDA_SKIP_E2E is set".into());
     }
     pipelines::denoising_allocation_case(&mut r);
+    pipelines::sampling_frees_case(&mut r);
     pipelines::graph_case(&mut r);
     pipelines::param_copy_case(&mut r);
     pipelines::training_allocation_case(&mut r);

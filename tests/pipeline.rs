@@ -186,3 +186,44 @@ fn sample_with_a_bert_text_encoder_matches_diffusers() {
     println!("pipe-bert: image max |ours - diffusers| = {max_err:.2e}");
     assert!(max_err <= PIPELINE_ABS, "{max_err}");
 }
+
+/// A long-lived process (a server, a loop over checkpoints) samples again and again from one
+/// loaded pipeline: every call frees the pools it allocated, so after 50 calls the backend holds
+/// exactly what loading the pipeline allocated, and the 50th call's images equal the first's.
+#[test]
+fn fifty_samples_from_one_loaded_pipeline_hold_memory_flat() {
+    use roentgen::backend::{cpu::CpuBackend, Backend};
+    use roentgen::pipeline::{Pipeline, SampleRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let pipe_dir = assemble_pipeline("pipe-a", dir.path());
+    let mut b = CpuBackend::new();
+    let pipe = Pipeline::load(&mut b, &pipe_dir, None).unwrap();
+    let held = |b: &CpuBackend| -> usize { b.pool_sizes().iter().map(|(_, bytes)| bytes).sum() };
+    let loaded = held(&b);
+    let req = SampleRequest {
+        prompts: vec!["Large left pleural effusion.".into(), "Enlarged cardiac silhouette.".into()],
+        negative_prompt: None,
+        num_images_per_prompt: 1,
+        batch_size: 2,
+        seed: 11,
+        rng_variant: Default::default(),
+        height: 16,
+        width: 16,
+        steps: 2,
+        guidance: 4.0,
+        scheduler: None,
+        scheduler_options: Default::default(),
+        latents_in: None,
+    };
+    let mut sample = |b: &mut CpuBackend| pipe.generate(b, &req, &mut |_, _| {}, &mut |_| {}).unwrap().images;
+    let first = sample(&mut b);
+    let after_one = held(&b);
+    let mut last = Vec::new();
+    for _ in 1..50 {
+        last = sample(&mut b);
+    }
+    let after_fifty = held(&b);
+    assert_eq!(after_one, loaded, "one sample left {} bytes of pools behind", after_one as i64 - loaded as i64);
+    assert_eq!(after_fifty, loaded, "50 samples left {} bytes of pools behind", after_fifty as i64 - loaded as i64);
+    assert_eq!(first, last, "the same request gave other images on its 50th call");
+}

@@ -131,8 +131,15 @@ pub trait Backend {
     /// A short name for messages ("cpu", "cuda:0 (NVIDIA H100)").
     fn name(&self) -> String;
 
-    /// Allocates a pool of `len` f32-equivalent elements. Pools live as long as the backend.
+    /// Allocates a pool of `len` f32-equivalent elements. A pool lives until [`Backend::free`] or
+    /// the backend's end.
     fn alloc(&mut self, len: usize, label: &str) -> Result<PoolId>;
+
+    /// Frees a pool: its memory goes back, and an operation on a tensor in it fails naming the pool
+    /// (ids are not reused, so a stale tensor never aliases a newer pool). A long-lived process
+    /// (a server, a loop over checkpoints) frees what each call allocated: `Pipeline::generate`
+    /// frees its activation pools before it returns.
+    fn free(&mut self, pool: PoolId) -> Result<()>;
 
     /// Declares that `pool` holds the parameters of a model with convolutions
     /// (`models::allocate_params`). The CUDA backend in bf16 allocates a bf16 copy of such a pool

@@ -41,6 +41,9 @@ impl Backend for PlanBackend {
     fn alloc(&mut self, _len: usize, _label: &str) -> Result<PoolId> {
         Ok(PoolId::UNBOUND)
     }
+    fn free(&mut self, _pool: PoolId) -> Result<()> {
+        Ok(())
+    }
     fn pool_sizes(&self) -> Vec<(String, usize)> {
         Vec::new()
     }

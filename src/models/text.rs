@@ -87,6 +87,16 @@ pub enum TextActs {
     Bert(BertActs),
 }
 
+impl TextActs {
+    /// The one pool every activation lies in (`models::allocate`), for `Backend::free`.
+    pub fn pool(&self) -> crate::tensor::PoolId {
+        match self {
+            TextActs::Clip(a) => a.embeddings.pool,
+            TextActs::Bert(a) => a.word_position.pool,
+        }
+    }
+}
+
 /// The gradient buffers of a text encoder.
 pub enum TextGrads {
     Clip(ClipParams),

@@ -30,6 +30,28 @@ pub fn denoising_allocation_case(r: &mut Runner) {
     });
 }
 
+/// Sampling frees what it allocated (`Backend::free`, graphs dropped with the arenas): three calls
+/// on one loaded pipeline leave the device's pools as loading left them, with the same images.
+pub fn sampling_frees_case(r: &mut Runner) {
+    r.case("sampling frees its pools: three calls on one pipeline leave the pools as loaded", || {
+        use roentgen::pipeline::Pipeline;
+        let dir = tempfile::tempdir()?;
+        let pipe_dir = assemble_pipeline("pipe-a", dir.path());
+        let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
+        let pipe = Pipeline::load(&mut gpu, &pipe_dir, None)?;
+        let held = |g: &CudaBackend| -> usize { g.pool_sizes().iter().map(|(_, n)| n).sum() };
+        let loaded = held(&gpu);
+        let req = two_prompt_request(3, 5);
+        let mut images = Vec::new();
+        for call in 0..3 {
+            images.push(pipe.generate(&mut gpu, &req, &mut |_, _| {}, &mut |_| {})?.images);
+            ensure!(held(&gpu) == loaded, "call {}: {} bytes of pools, {loaded} after loading", call + 1, held(&gpu));
+        }
+        ensure!(images[0] == images[2], "the same request gave other images on its third call");
+        Ok(format!("{loaded} bytes of pools before and after each call"))
+    });
+}
+
 /// bf16: a convolution whose weight lies in a parameter pool reads the pool's bf16 copy and
 /// must give bit for bit what the same weight gives in an ordinary pool, before and after an
 /// AdamW step (which updates the copy in the same pass) and after a new upload.

@@ -18,7 +18,8 @@ struct CpuPool {
     ptr: *mut f32,
     len: usize,
     label: String,
-    _map: memmap2::MmapMut,
+    /// None once freed (`Backend::free`): the pages are unmapped.
+    map: Option<memmap2::MmapMut>,
 }
 
 /// diffusers' `get_timestep_embedding` (scale 1, max_period 10000) of one timestep, computed in f32
@@ -57,6 +58,7 @@ impl CpuBackend {
             .pools
             .get(t.pool.0)
             .unwrap_or_else(|| panic!("tensor {t:?} refers to a pool this backend does not own"));
+        assert!(p.map.is_some(), "tensor {t:?} refers to pool '{}', which was freed", p.label);
         assert!(t.end() <= p.len, "tensor {t:?} runs past the end of pool '{}' ({} elements)", p.label, p.len);
         p
     }
@@ -122,12 +124,20 @@ impl Backend for CpuBackend {
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage); // a hint; without it the pool still works
         let ptr = map.as_mut_ptr() as *mut f32;
-        self.pools.push(CpuPool { ptr, len, label: label.to_string(), _map: map });
+        self.pools.push(CpuPool { ptr, len, label: label.to_string(), map: Some(map) });
         Ok(PoolId(self.pools.len() - 1))
     }
 
+    fn free(&mut self, pool: PoolId) -> Result<()> {
+        let p = self.pools.get_mut(pool.0).ok_or_else(|| anyhow::anyhow!("free: no pool {}", pool.0))?;
+        ensure!(p.map.is_some(), "free: pool '{}' was already freed", p.label);
+        p.map = None;
+        p.ptr = std::ptr::null_mut();
+        Ok(())
+    }
+
     fn pool_sizes(&self) -> Vec<(String, usize)> {
-        self.pools.iter().map(|p| (p.label.clone(), p.len * 4)).collect()
+        self.pools.iter().filter(|p| p.map.is_some()).map(|p| (p.label.clone(), p.len * 4)).collect()
     }
 
     fn upload(&self, dst: &Tensor, src: &[f32]) -> Result<()> {

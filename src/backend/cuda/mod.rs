@@ -57,6 +57,7 @@ pub(crate) enum Arg {
 }
 
 struct DevPool {
+    /// 0 once freed (`Backend::free`).
     ptr: u64,
     len: usize,
     label: String,
@@ -234,6 +235,7 @@ impl CudaBackend {
             .pools
             .get(t.pool.0)
             .unwrap_or_else(|| panic!("tensor {t:?} refers to a pool this backend does not own"));
+        assert!(p.ptr != 0, "tensor {t:?} refers to pool '{}', which was freed", p.label);
         assert!(t.end() <= p.len, "tensor {t:?} runs past the end of pool '{}' ({} elements)", p.label, p.len);
         p.ptr + 4 * t.offset as u64
     }
@@ -463,7 +465,7 @@ impl Drop for CudaBackend {
         if self.blas_workspace != 0 {
             let _ = self.dev.free(self.blas_workspace);
         }
-        for p in &self.pools {
+        for p in self.pools.iter().filter(|p| p.ptr != 0) {
             let _ = self.dev.free(p.ptr);
         }
         for c in self.param_copies.borrow().values() {
@@ -513,6 +515,22 @@ impl Backend for CudaBackend {
         Ok(PoolId(self.pools.len() - 1))
     }
 
+    fn free(&mut self, pool: PoolId) -> Result<()> {
+        let p = self.pools.get(pool.0).ok_or_else(|| anyhow!("free: no pool {}", pool.0))?;
+        ensure!(p.ptr != 0, "free: pool '{}' was already freed", p.label);
+        // Captured graphs may hold the pool's addresses, and queued work may still use it.
+        self.clear_graphs_impl();
+        self.synchronize()?;
+        if let Some(copy) = self.param_copies.borrow_mut().remove(&pool.0) {
+            driver(self.dev.free(copy.ptr.get()), "free")?;
+        }
+        driver(self.dev.free(p.ptr), "free")?;
+        let p = &mut self.pools[pool.0];
+        p.ptr = 0;
+        self.allocated_bytes.set(self.allocated_bytes.get().saturating_sub(p.len * 4));
+        Ok(())
+    }
+
     fn synchronize(&self) -> Result<()> {
         CudaBackend::synchronize(self)
     }
@@ -529,7 +547,8 @@ impl Backend for CudaBackend {
     }
 
     fn pool_sizes(&self) -> Vec<(String, usize)> {
-        let mut v: Vec<(String, usize)> = self.pools.iter().map(|p| (p.label.clone(), p.len * 4)).collect();
+        let mut v: Vec<(String, usize)> =
+            self.pools.iter().filter(|p| p.ptr != 0).map(|p| (p.label.clone(), p.len * 4)).collect();
         let copies = self.param_copies.borrow();
         let mut ids: Vec<&usize> = copies.keys().collect();
         ids.sort();
