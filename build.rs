@@ -7,6 +7,10 @@
 //! ROENTGEN_PTXAS_VERBOSE=1, and a kernel that spills fails the build unless it is listed, with a
 //! reason, in kernels/spills-allowed.txt.
 //!
+//! ROENTGEN_CUDA_ARCHS (e.g. `sm_90a`, or `sm_80,sm_90a`) replaces that target list with cubins for
+//! exactly the named targets, no PTX and no -lineinfo: scripts/gpu-bundle.sh builds with `sm_90a`
+//! so that the binaries carried to the H100/H200 machine stay small (a device call carries 64 MiB).
+//!
 //! nvcc is found through $NVCC, then $CUDA_HOME/bin or $CUDA_PATH/bin, then the pinned pip toolchain
 //! that scripts/install-cuda-toolchain.sh puts in .cuda-toolchain/, then $PATH.
 
@@ -20,6 +24,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=CUDA_PATH");
     println!("cargo:rerun-if-env-changed=ROENTGEN_PTXAS_VERBOSE");
+    println!("cargo:rerun-if-env-changed=ROENTGEN_CUDA_ARCHS");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -51,25 +56,32 @@ fn main() {
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     let verbose = std::env::var("ROENTGEN_PTXAS_VERBOSE").is_ok_and(|v| v == "1");
+    // The default targets (sm_80 and sm_90a cubins, compute_80 PTX, with -lineinfo for profilers),
+    // or only the cubins that ROENTGEN_CUDA_ARCHS names (see the top of this file).
+    let archs = std::env::var("ROENTGEN_CUDA_ARCHS").ok().filter(|v| !v.trim().is_empty());
+    let gencodes: Vec<String> = match &archs {
+        None => vec![
+            "-gencode=arch=compute_80,code=sm_80".into(),
+            "-gencode=arch=compute_90a,code=sm_90a".into(),
+            "-gencode=arch=compute_80,code=compute_80".into(),
+        ],
+        Some(list) => list.split(',').map(|a| gencode_for(a.trim())).collect(),
+    };
 
+    // MODULES is a static, not a const: a const's bytes are copied into every place that uses it.
     let mut modules =
-        String::from("/// (module name, fatbin) for every kernels/*.cu.\npub const MODULES: &[(&str, &[u8])] = &[\n");
+        String::from("/// (module name, fatbin) for every kernels/*.cu.\npub static MODULES: &[(&str, &[u8])] = &[\n");
     let mut report = String::new();
     let mut spills = Vec::new();
     for src in &sources {
         let stem = src.file_stem().unwrap().to_string_lossy().to_string();
         let fatbin = out_dir.join(format!("{stem}.fatbin"));
         let mut cmd = Command::new(&nvcc);
-        cmd.arg("-fatbin")
-            .arg("-O3")
-            .arg("-std=c++17")
-            .arg("-lineinfo")
-            .arg("-Xptxas")
-            .arg("-v")
-            .arg("-gencode=arch=compute_80,code=sm_80")
-            .arg("-gencode=arch=compute_90a,code=sm_90a")
-            .arg("-gencode=arch=compute_80,code=compute_80")
-            .arg("-Ikernels");
+        cmd.arg("-fatbin").arg("-O3").arg("-std=c++17");
+        if archs.is_none() {
+            cmd.arg("-lineinfo");
+        }
+        cmd.arg("-Xptxas").arg("-v").args(&gencodes).arg("-Ikernels");
         if let Some(inc) = &include {
             if inc.is_dir() {
                 cmd.arg(format!("-I{}", inc.display()));
@@ -108,11 +120,27 @@ fn main() {
     modules.push_str(&format!(
         "/// ptxas's report: one line per kernel and architecture.\npub const PTXAS_REPORT: &str = {report:?};\n"
     ));
+    let targets = match &archs {
+        None => "sm_80 and sm_90a, with compute_80 PTX".to_string(),
+        Some(list) => format!("{} only (ROENTGEN_CUDA_ARCHS), no PTX", list.trim()),
+    };
+    modules.push_str(&format!("/// What the fatbins hold.\npub const TARGETS: &str = {targets:?};\n"));
     modules.push_str(&format!(
         "/// The nvcc that compiled the kernels.\npub const NVCC: &str = {:?};\n",
         nvcc.display().to_string()
     ));
     std::fs::write(out_dir.join("kernels.rs"), modules).unwrap();
+}
+
+/// `sm_90a` → `-gencode=arch=compute_90a,code=sm_90a`: a cubin for that target (the `-gencode`
+/// form, since `-arch=sm_90a` also ran a plain sm_90 pass that rejects sm_90a-only instructions).
+fn gencode_for(arch: &str) -> String {
+    let n = arch.strip_prefix("sm_").unwrap_or("");
+    let digits = n.trim_end_matches(|c: char| c.is_ascii_lowercase());
+    if digits.len() < 2 || !digits.chars().all(|c| c.is_ascii_digit()) || n.len() > digits.len() + 1 {
+        panic!("\n\nROENTGEN_CUDA_ARCHS: '{arch}' is not a target like sm_90a or sm_80 (comma-separated)\n\n");
+    }
+    format!("-gencode=arch=compute_{n},code=sm_{n}")
 }
 
 fn find_nvcc() -> Option<PathBuf> {

@@ -28,6 +28,8 @@ pub struct CudaInfo {
     /// Whether this binary was built with `--features cuda`.
     pub cuda_build: bool,
     pub nvcc: Option<String>,
+    /// The targets the fatbins hold ("sm_80 and sm_90a, with compute_80 PTX" by default).
+    pub targets: Option<String>,
     /// (module, fatbin bytes) of every kernels/*.cu.
     pub modules: Vec<(String, usize)>,
     pub kernels: Vec<KernelInfo>,
@@ -85,6 +87,7 @@ pub fn cuda_info() -> CudaInfo {
     CudaInfo {
         cuda_build: true,
         nvcc: Some(kernels::NVCC.to_string()),
+        targets: Some(kernels::TARGETS.to_string()),
         modules: kernels::MODULES.iter().map(|(n, b)| (n.to_string(), b.len())).collect(),
         kernels: parse_ptxas_report(kernels::PTXAS_REPORT),
         device,
@@ -97,6 +100,7 @@ pub fn cuda_info() -> CudaInfo {
     CudaInfo {
         cuda_build: false,
         nvcc: None,
+        targets: None,
         modules: Vec::new(),
         kernels: Vec::new(),
         device: None,
@@ -112,10 +116,11 @@ impl CudaInfo {
                 .to_string();
         }
         let mut s = format!(
-            "kernels: {} modules ({}), compiled by {} for sm_80 and sm_90a, with compute_80 PTX\n",
+            "kernels: {} modules ({}), compiled by {} for {}\n",
             self.modules.len(),
             self.modules.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "),
-            self.nvcc.as_deref().unwrap_or("?")
+            self.nvcc.as_deref().unwrap_or("?"),
+            self.targets.as_deref().unwrap_or("?")
         );
         s += &format!(
             "  {:<40} {:<7} {:>5} {:>10} {:>7} {:>12}\n",
