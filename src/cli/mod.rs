@@ -1,8 +1,175 @@
-//! The command line's own parts (the binary's, not the library's): argument structs, progress
-//! bars, printing. `main.rs` parses and dispatches; the commands that have moved here live one per
-//! file.
+//! The command line (the binary's part, not the library's): clap's argument structs, dispatch,
+//! progress bars and printing, one file per group of commands. src/main.rs only calls [`main`].
+//! Errors go to stderr as one line and exit with status 1; nothing a user types makes it panic.
 
 pub mod sample;
+pub mod tools;
+pub mod train;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use roentgen::backend::{self, Backend, Device};
+
+#[derive(Parser)]
+#[command(
+    name = "roentgen",
+    version,
+    about = "Text-to-chest-X-ray latent diffusion (Stable Diffusion v1.x, RoentGen): sample, fine-tune, evaluate",
+    long_about = "roentgen reads Stable Diffusion checkpoints in diffusers layout and runs them with its own \
+                  CPU reference backend (and, with --features cuda, its own CUDA kernels).\n\n\
+                  Sample (`sample`; with no --model, the bundled phantom demo model), fine-tune (`train`, \
+                  `train-vae`, `train-step`), evaluate (`eval fid`, `eval ms-ssim`, `eval phantom`), build \
+                  data (`prepare`, `phantom`), and the tools around them (`export`, `bench`, `inspect`, \
+                  `tokenize`, `encode-text`). `--device cuda` needs a build with --features cuda and an \
+                  NVIDIA GPU of compute capability 8.0 or newer."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+pub struct Global {
+    /// Backend to compute on: cpu (the f32 reference) or cuda (needs a build with --features cuda).
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: Device,
+    /// CUDA arithmetic: bf16 (tensor cores for convolutions, attention and linear layers, f32
+    /// accumulation) or f32 (exact, for parity checks). The CPU backend is always f32.
+    #[arg(long, global = true, default_value = "bf16")]
+    pub precision: backend::Precision,
+    /// CPU threads (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    /// Print pool sizes and load details to stderr.
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+    /// CUDA: replay each U-Net evaluation of the denoising loop (and of `bench unet`) as a captured
+    /// CUDA graph (on), or launch every kernel from the host each time (off; for comparison and
+    /// profiling). No effect on the CPU.
+    #[arg(long, global = true, default_value = "on", value_parser = ["on", "off"])]
+    pub cuda_graphs: String,
+}
+
+/// The backend the global options ask for.
+pub fn open_backend(g: &Global) -> Result<Box<dyn Backend>> {
+    let b = backend::create(g.device, g.precision)?;
+    b.set_graphs(g.cuda_graphs == "on");
+    Ok(b)
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tokenize prompts as the text encoder receives them: one JSON line per prompt,
+    /// {"ids": [77 padded ids], "tokens": N (with BOS/EOS, before truncation), "truncated": bool};
+    /// a BERT (WordPiece) tokenizer adds "attention_mask" (1 for [CLS], tokens, [SEP]), which its
+    /// encoder takes.
+    Tokenize(tools::TokenizeArgs),
+    /// List what a safetensors file or model folder holds: tensors, parameter counts, parsed configs.
+    Inspect(tools::InspectArgs),
+    /// Run the CLIP text encoder on prompts and write `last_hidden_state` (and the ids) to a
+    /// safetensors file: the conditioning Stable Diffusion's U-Net receives.
+    EncodeText(tools::EncodeTextArgs),
+    /// Generate images from prompts with a Stable Diffusion v1.x pipeline folder (diffusers layout).
+    /// Defaults are the RoentGen paper's: 75 steps, guidance 4, 512×512, and the pipeline's scheduler
+    /// (PNDM for SD v1.4). The same --seed gives the same initial noise as diffusers with
+    /// `generator=torch.Generator().manual_seed(seed)`.
+    Sample(sample::SampleArgs),
+    /// Fine-tune a pipeline on image/report pairs as RoentGen: U-Net and CLIP text encoder jointly,
+    /// VAE frozen, MSE on the noise, AdamW (lr 5e-5). Writes OUTPUT/checkpoint-N pipeline folders
+    /// (loadable by `roentgen sample` and diffusers) and OUTPUT/train_log.jsonl.
+    Train(train::TrainArgs),
+    /// One optimizer step from a fresh optimizer state on a given batch (safetensors: `latents` or
+    /// `pixel_values`, `input_ids`, `noise`, `timesteps`); writes the updated pipeline and prints the
+    /// loss and gradient norm as JSON. The parity hook for checking a step against PyTorch.
+    TrainStep(train::TrainStepArgs),
+    /// Train the VAE (encoder and decoder): reconstruction MSE plus kl_weight × KL, AdamW. From a
+    /// VAE or pipeline folder (--model), or from scratch (--config vae_config.json). Writes
+    /// OUTPUT/checkpoint-N VAE folders (config.json + diffusion_pytorch_model.safetensors).
+    TrainVae(train::TrainVaeArgs),
+    /// Draw synthetic chest-radiograph phantoms with findings, report sentences and a training
+    /// manifest (deterministic per seed).
+    Phantom(roentgen::phantom::PhantomArgs),
+    /// Build training/test manifests from MIMIC-CXR-JPG or the IU X-ray reports (the paper's filtering).
+    #[command(subcommand)]
+    Prepare(roentgen::prepare::PrepareCommand),
+    /// Evaluate generated images: MS-SSIM diversity, FID with Inception, XRV DenseNet or CLIP features.
+    #[command(subcommand)]
+    Eval(roentgen::eval::EvalCommand),
+    /// Copy a pipeline folder (e.g. a training checkpoint) into a clean one for sharing: configs,
+    /// scheduler, tokenizer and weights (rewritten in f16 or f32), without the training state.
+    Export(tools::ExportArgs),
+    /// What the CUDA kernels in this binary are (registers, shared memory, stack and spills of every
+    /// kernel for sm_80 and sm_90a, from ptxas) and which GPU `--device cuda` would use. Exits 1 when
+    /// the binary was built without CUDA.
+    CudaInfo(tools::CudaInfoArgs),
+    /// Time a model stage: one guided U-Net step (`unet`), the VAE decoder (`vae-decode`) or the
+    /// text encoder (`text-encoder`), with the FLOP counted from the shapes and the rate achieved.
+    /// With --random-weights no weight files are needed, e.g.
+    /// `roentgen bench unet --model weights/sd-v1-4-config --random-weights --height 512 --width 512`.
+    Bench(tools::BenchArgs),
+}
+
+pub fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        // The reader of our standard output went away (`roentgen tokenize … | head`): as other
+        // command-line tools, stop quietly.
+        let broken_pipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .map(|io| io.kind())
+                .or_else(|| c.downcast_ref::<serde_json::Error>().and_then(|j| j.io_error_kind()))
+                == Some(std::io::ErrorKind::BrokenPipe)
+        });
+        if broken_pipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.global.threads {
+        // More threads than a few per core only costs: creating 100,000 took minutes.
+        let most = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).max(1) * 8;
+        if n == 0 || n > most {
+            bail!("--threads {n}: must be between 1 and {most} (8 per core of this machine)");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
+    }
+    let g = &cli.global;
+    match cli.command {
+        Command::Tokenize(a) => tools::tokenize_command(a),
+        Command::CudaInfo(a) => tools::cuda_info(a),
+        Command::Inspect(a) => tools::inspect_command(g, a),
+        Command::Export(a) => tools::export(a),
+        Command::Sample(args) => {
+            let mut b = open_backend(g)?;
+            sample::sample(b.as_mut(), args)?;
+            report_pools(b.as_ref(), g.verbose);
+            Ok(())
+        }
+        Command::Train(a) => train::train(g, a),
+        Command::TrainStep(a) => train::train_step(g, a),
+        Command::TrainVae(a) => train::train_vae(g, a),
+        Command::Phantom(a) => roentgen::phantom::run_phantom(a),
+        Command::Prepare(cmd) => roentgen::prepare::run(cmd),
+        Command::Eval(cmd) => roentgen::eval::run(cmd),
+        Command::Bench(a) => tools::bench(g, a),
+        Command::EncodeText(a) => tools::encode_text_command(g, a),
+    }
+}
+
+/// `--verbose`: every pool of the backend and its size, on stderr.
+pub fn report_pools(b: &dyn Backend, verbose: bool) {
+    if verbose {
+        for (label, bytes) in b.pool_sizes() {
+            eprintln!("pool {label}: {:.1} MiB", bytes as f64 / (1 << 20) as f64);
+        }
+    }
+}
 
 /// Prints `text` and a newline on standard output. A closed pipe (`roentgen inspect … | head`)
 /// ends the program quietly with status 0, as other command-line tools do, instead of panicking.

@@ -1,0 +1,335 @@
+//! The tools around the models: `tokenize`, `inspect`, `encode-text`, `export`, `cuda-info`, `bench`.
+
+use super::{open_backend, print_stdout, report_pools, Global};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use roentgen::backend::{self, Backend};
+use roentgen::inspect::{inspect, render_text, InspectOptions};
+use roentgen::models::text::{TextEncoder, TextTokenizer};
+use roentgen::weights::{self, safetensors::OutTensor};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    /// A pipeline folder (its tokenizer/ is used), a folder holding tokenizer/, or a tokenizer
+    /// folder: CLIP (vocab.json + merges.txt, or tokenizer.json) or BERT (vocab.txt, or a
+    /// WordPiece tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompts, one per line (default: standard input, unless --prompt is given).
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// A prompt (repeatable); used instead of --input/standard input.
+    #[arg(long)]
+    pub prompt: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// A .safetensors file, a pipeline folder (with model_index.json) or a component folder.
+    pub path: PathBuf,
+    /// Instantiate the architectures the configs describe with random weights (no weight files
+    /// needed) and report their parameter counts.
+    #[arg(long)]
+    pub random_weights: bool,
+    /// Weight file variant, e.g. fp16 (reads model.fp16.safetensors).
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Omit the per-tensor listing (name, dtype, shape); print counts and configs only.
+    #[arg(long)]
+    pub summary: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct EncodeTextArgs {
+    /// A pipeline folder (text_encoder/ and tokenizer/) or a text encoder folder (then --tokenizer).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Tokenizer folder, when --model is a text encoder folder.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// A prompt (repeatable).
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
+    /// Output .safetensors file: last_hidden_state (prompts, 77, hidden) f32, input_ids i64.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Weight file variant, e.g. fp16.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Use random weights (the config's architecture), e.g. to time it without a download.
+    #[arg(long)]
+    pub random_weights: bool,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The pipeline folder to export (a `train` checkpoint works).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The new pipeline folder (written to a temporary folder, then renamed into place).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// f16 (half the size; loads everywhere diffusers does) or f32.
+    #[arg(long, default_value = "f16")]
+    pub dtype: roentgen::export::ExportDtype,
+    /// Ship the U-Net's EMA weights (unet_ema/) as the U-Net.
+    #[arg(long)]
+    pub ema: bool,
+    /// Replace an existing --out folder.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Args)]
+pub struct CudaInfoArgs {
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// unet, vae-decode or text-encoder
+    pub stage: roentgen::bench::Stage,
+    /// A pipeline folder (or the stage's component folder).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Use random weights with the config's architecture.
+    #[arg(long)]
+    pub random_weights: bool,
+    /// Weight file variant, e.g. fp16.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Image height in pixels (the U-Net runs at height / 8).
+    #[arg(long, default_value_t = 512)]
+    pub height: usize,
+    /// Image width in pixels.
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    /// Prompts per call (classifier-free guidance doubles the U-Net and text-encoder batch).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Untimed calls first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed calls.
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Then run once more timing every kernel (CUDA; events serialise the stream): one row per
+    /// kernel and grid, and per GEMM shape.
+    #[arg(long)]
+    pub profile: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn tokenize_command(a: TokenizeArgs) -> Result<()> {
+    tokenize(&a.model, a.input.as_deref(), &a.prompt)
+}
+
+pub fn cuda_info(a: CudaInfoArgs) -> Result<()> {
+    let info = backend::info::cuda_info();
+    if a.json {
+        print_stdout(&serde_json::to_string_pretty(&info)?)?;
+    } else {
+        print_stdout(&info.render())?;
+    }
+    if !info.cuda_build {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+pub fn inspect_command(g: &Global, a: InspectArgs) -> Result<()> {
+    let mut b = open_backend(g)?;
+    let opts = InspectOptions { variant: a.variant.as_deref(), random_weights: a.random_weights, tensors: !a.summary };
+    let v = inspect(b.as_mut(), &a.path, &opts)?;
+    if a.json {
+        print_stdout(&serde_json::to_string_pretty(&v)?)?;
+    } else {
+        print_stdout(render_text(&v).trim_end_matches('\n'))?;
+    }
+    report_pools(b.as_ref(), g.verbose);
+    Ok(())
+}
+
+pub fn export(a: ExportArgs) -> Result<()> {
+    let r = roentgen::export::export(&a.model, &a.out, a.dtype, a.ema, a.overwrite)?;
+    for (c, n, bytes) in &r.components {
+        println!("{c:<13} {n:>5} tensors {:>9.2} MiB", *bytes as f64 / 1048576.0);
+    }
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
+    let mut b = open_backend(g)?;
+    let opts = roentgen::bench::BenchOptions {
+        model: &a.model,
+        variant: a.variant.as_deref(),
+        random_weights: a.random_weights,
+        height: a.height,
+        width: a.width,
+        batch: a.batch,
+        warmup: a.warmup,
+        iters: a.iters,
+        profile: a.profile,
+    };
+    let r = roentgen::bench::run(b.as_mut(), a.stage, &opts)?;
+    if a.json {
+        print_stdout(&serde_json::to_string_pretty(&r)?)?;
+    } else {
+        print_stdout(&r.render())?;
+    }
+    report_pools(b.as_ref(), g.verbose);
+    Ok(())
+}
+
+pub fn encode_text_command(g: &Global, a: EncodeTextArgs) -> Result<()> {
+    let mut b = open_backend(g)?;
+    encode_text(
+        b.as_mut(),
+        &a.model,
+        a.tokenizer.as_deref(),
+        &a.prompt,
+        &a.out,
+        a.variant.as_deref(),
+        a.random_weights,
+    )?;
+    report_pools(b.as_ref(), g.verbose);
+    Ok(())
+}
+
+fn warn_truncated(max_length: usize, line: usize, tokens: usize, truncated: bool) {
+    if truncated {
+        eprintln!(
+            "warning: prompt {line} has {tokens} tokens; truncated to {max_length} as the reference tokenizer does"
+        );
+    }
+}
+
+fn tokenize(model: &Path, input: Option<&Path>, prompts: &[String]) -> Result<()> {
+    // CLIP BPE or WordPiece, decided by the tokenizer's files: BERT pipelines tokenize too.
+    let tok = TextTokenizer::from_dir(model)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut emit = |n: usize, text: &str| -> Result<()> {
+        let enc = tok.encode(text);
+        warn_truncated(tok.max_length(), n, enc.tokens, enc.truncated);
+        // CLIP as Stable Diffusion runs it takes no mask, so its lines keep the three fields.
+        let line = match &tok {
+            TextTokenizer::Clip(_) => {
+                serde_json::json!({"ids": enc.ids, "tokens": enc.tokens, "truncated": enc.truncated})
+            }
+            TextTokenizer::WordPiece(_) => serde_json::json!({
+                "ids": enc.ids, "attention_mask": enc.mask, "tokens": enc.tokens, "truncated": enc.truncated,
+            }),
+        };
+        serde_json::to_writer(&mut out, &line)?;
+        out.write_all(b"\n")?;
+        Ok(())
+    };
+    if !prompts.is_empty() {
+        for (i, p) in prompts.iter().enumerate() {
+            emit(i + 1, p)?;
+        }
+    } else {
+        let reader: Box<dyn BufRead> = match input {
+            Some(p) => {
+                // A folder opens on Linux and fails only at the first read ("line 1 is not valid UTF-8").
+                if p.is_dir() {
+                    bail!("--input {}: is a folder, not a file of prompts (one per line)", p.display());
+                }
+                Box::new(std::io::BufReader::new(
+                    std::fs::File::open(p).with_context(|| format!("--input {}: cannot open", p.display()))?,
+                ))
+            }
+            None => Box::new(std::io::stdin().lock()),
+        };
+        for (i, line) in reader.lines().enumerate() {
+            let line = line.with_context(|| {
+                format!(
+                    "{}: line {} is not valid UTF-8 text",
+                    input.map_or("stdin".into(), |p| p.display().to_string()),
+                    i + 1
+                )
+            })?;
+            // A line is one prompt; only its line terminator is removed (a trailing '\r' of CRLF files too).
+            emit(i + 1, line.strip_suffix('\r').unwrap_or(&line))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn encode_text(
+    b: &mut dyn Backend,
+    model: &Path,
+    tokenizer: Option<&Path>,
+    prompts: &[String],
+    out: &Path,
+    variant: Option<&str>,
+    random_weights: bool,
+) -> Result<()> {
+    // The output path before the work (the write would otherwise fail after encoding, naming a temporary).
+    roentgen::files::check_output_file(out, roentgen::files::Existing::Replace, "--out")?;
+    let te_dir = weights::component_dir(model, "text_encoder")?;
+    let tok_dir = match tokenizer {
+        Some(t) => t.to_path_buf(),
+        None => weights::component_dir(model, "tokenizer")?,
+    };
+    let tok = TextTokenizer::from_dir(&tok_dir).with_context(|| match tokenizer {
+        Some(t) => format!("--tokenizer {}", t.display()),
+        None if !weights::is_pipeline_folder(model) => format!(
+            "--model {} is not a pipeline folder, so its tokenizer must be given with --tokenizer",
+            model.display()
+        ),
+        None => format!("--model {}: its tokenizer", model.display()),
+    })?;
+    let clip =
+        if random_weights { TextEncoder::random(b, &te_dir, 0)? } else { TextEncoder::load(b, &te_dir, variant)?.0 };
+    let seq = tok.max_length();
+    let mut ids = Vec::with_capacity(prompts.len() * seq);
+    let mut mask = Vec::with_capacity(prompts.len() * seq);
+    for (i, p) in prompts.iter().enumerate() {
+        let enc = tok.encode(p);
+        if enc.truncated {
+            eprintln!(
+                "warning: prompt {} has {} tokens; truncated to {seq} as the reference tokenizer does",
+                i + 1,
+                enc.tokens
+            );
+        }
+        ids.extend(enc.ids);
+        mask.extend(enc.mask);
+    }
+    let acts = clip.allocate_acts(b, prompts.len(), seq)?;
+    let t0 = std::time::Instant::now();
+    let hidden = clip.forward(b, &acts, &ids, &mask)?;
+    let hidden = hidden.reshape([prompts.len(), seq, clip.hidden_size()]);
+    let secs = t0.elapsed().as_secs_f64();
+    let values = b.download(&hidden)?;
+    let ids64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    weights::safetensors::write_atomic(
+        out,
+        &[
+            ("last_hidden_state", hidden.shape.dims().to_vec(), OutTensor::F32(&values)),
+            ("input_ids", vec![prompts.len(), seq], OutTensor::I64(&ids64)),
+        ],
+    )?;
+    eprintln!(
+        "encoded {} prompt(s) on {} in {:.3} s → {} {:?}",
+        prompts.len(),
+        b.name(),
+        secs,
+        out.display(),
+        hidden.shape.dims()
+    );
+    Ok(())
+}
