@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod diag;
 pub mod eval;
 pub mod export;
 pub mod files;

@@ -2,6 +2,9 @@
 //! progress bars and printing, one file per group of commands. src/main.rs only calls [`main`].
 //! Errors go to stderr as one line and exit with status 1; nothing a user types makes it panic.
 
+pub mod eval;
+pub mod phantom;
+pub mod prepare;
 pub mod sample;
 pub mod tools;
 pub mod train;
@@ -90,13 +93,13 @@ enum Command {
     TrainVae(train::TrainVaeArgs),
     /// Draw synthetic chest-radiograph phantoms with findings, report sentences and a training
     /// manifest (deterministic per seed).
-    Phantom(roentgen::phantom::PhantomArgs),
+    Phantom(phantom::PhantomArgs),
     /// Build training/test manifests from MIMIC-CXR-JPG or the IU X-ray reports (the paper's filtering).
     #[command(subcommand)]
-    Prepare(roentgen::prepare::PrepareCommand),
+    Prepare(prepare::PrepareCommand),
     /// Evaluate generated images: MS-SSIM diversity, FID with Inception, XRV DenseNet or CLIP features.
     #[command(subcommand)]
-    Eval(roentgen::eval::EvalCommand),
+    Eval(eval::EvalCommand),
     /// Copy a pipeline folder (e.g. a training checkpoint) into a clean one for sharing: configs,
     /// scheduler, tokenizer and weights (rewritten in f16 or f32), without the training state.
     Export(tools::ExportArgs),
@@ -112,6 +115,12 @@ enum Command {
 }
 
 pub fn main() {
+    // The library's warnings and notes, on stderr as the rest of the command line's messages.
+    roentgen::diag::set_handler(|level, message| match level {
+        roentgen::diag::Level::Warning => eprintln!("warning: {message}"),
+        roentgen::diag::Level::Note => eprintln!("note: {message}"),
+        roentgen::diag::Level::Progress => eprintln!("{message}"),
+    });
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         // The reader of our standard output went away (`roentgen tokenize … | head`): as other
@@ -154,9 +163,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::train(g, a),
         Command::TrainStep(a) => train::train_step(g, a),
         Command::TrainVae(a) => train::train_vae(g, a),
-        Command::Phantom(a) => roentgen::phantom::run_phantom(a),
-        Command::Prepare(cmd) => roentgen::prepare::run(cmd),
-        Command::Eval(cmd) => roentgen::eval::run(cmd),
+        Command::Phantom(a) => phantom::run(a),
+        Command::Prepare(cmd) => prepare::run(cmd),
+        Command::Eval(cmd) => eval::run(cmd),
         Command::Bench(a) => tools::bench(g, a),
         Command::EncodeText(a) => tools::encode_text_command(g, a),
     }

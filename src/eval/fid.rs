@@ -8,7 +8,7 @@
 //! writable just goes uncached (with a warning).
 
 use super::features::{list_images, load_image, FeatureKind, FeatureNet};
-use super::frechet::{frechet_distance, stats};
+
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -35,32 +35,6 @@ Weights are safetensors files with the public releases' tensor names. To convert
     safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, \"clip-vit-base-patch32-vision.safetensors\")
 ";
 
-#[derive(clap::Args, Debug)]
-pub struct FidArgs {
-    /// Folder of real images (PNG 8/16-bit gray or RGB, JPEG; not recursive).
-    #[arg(long)]
-    pub real: PathBuf,
-    /// Folder of generated images.
-    #[arg(long)]
-    pub fake: PathBuf,
-    /// Feature network: inception (2048-d pool3), xrv (1024-d), clip (pooled, 768-d for ViT-B/32),
-    /// clip-proj (projected, 512-d).
-    #[arg(long, value_enum)]
-    pub features: FeatureKind,
-    /// The network's weights (safetensors; see below for converting the public releases).
-    #[arg(long)]
-    pub weights: PathBuf,
-    /// transformers config.json of the CLIP model, for towers other than ViT-B/32.
-    #[arg(long)]
-    pub clip_config: Option<PathBuf>,
-    /// Neither read nor write the per-folder feature cache.
-    #[arg(long)]
-    pub no_cache: bool,
-    /// Print a JSON object on stdout instead of the text line.
-    #[arg(long)]
-    pub json: bool,
-}
-
 /// The features of one folder and where they came from.
 pub struct FolderFeatures {
     pub dir: PathBuf,
@@ -70,41 +44,6 @@ pub struct FolderFeatures {
     pub reused: usize,
     pub computed: usize,
     pub cache: Option<PathBuf>,
-}
-
-pub fn run(a: FidArgs) -> Result<()> {
-    let t0 = std::time::Instant::now();
-    // Check both folders before the (slow) work.
-    let real_list = list_images(&a.real)?;
-    let fake_list = list_images(&a.fake)?;
-    for (dir, list) in [(&a.real, &real_list), (&a.fake, &fake_list)] {
-        if list.len() < 2 {
-            bail!(
-                "{}: {} image; FID needs at least 2 per folder (a covariance of one sample is undefined)",
-                dir.display(),
-                list.len()
-            );
-        }
-    }
-    let net = FeatureNet::load(a.features, &a.weights, a.clip_config.as_deref())?;
-    let key = if a.no_cache { 0 } else { cache_key(&a.weights, a.clip_config.as_deref())? };
-    let real = folder_features(&a.real, &net, a.features, key, !a.no_cache)?;
-    let fake = folder_features(&a.fake, &net, a.features, key, !a.no_cache)?;
-    let (d, name) = (real.dims, a.features.name());
-    let fid = frechet_distance(&stats(&real.features, real.n, d)?, &stats(&fake.features, fake.n, d)?)?;
-    let secs = t0.elapsed().as_secs_f64();
-    if a.json {
-        let folder = |f: &FolderFeatures| {
-            serde_json::json!({"dir": f.dir.display().to_string(), "images": f.n, "cached": f.reused,
-                "computed": f.computed, "cache": f.cache.as_ref().map(|p| p.display().to_string())})
-        };
-        let v = serde_json::json!({"fid": fid, "features": name, "dims": d,
-            "weights": a.weights.display().to_string(), "real": folder(&real), "fake": folder(&fake), "seconds": secs});
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!("FID {fid:.6} ({name}, {d}-d features; real: {} images, fake: {} images)", real.n, fake.n);
-    }
-    Ok(())
 }
 
 /// Features of every image in `dir`, reusing the cache where it is valid.
@@ -123,7 +62,7 @@ pub fn folder_features(
     if let Some(c) = cache.as_ref().filter(|c| c.exists()) {
         match read_cache(c, dims) {
             Ok(m) => known = m,
-            Err(e) => eprintln!("warning: ignoring the feature cache: {e:#}"),
+            Err(e) => crate::diag::warn(format!("ignoring the feature cache: {e:#}")),
         }
     }
     let mut out = vec![0f32; paths.len() * dims];
@@ -172,12 +111,16 @@ pub fn folder_features(
     if let Some(c) = &cache {
         if !computed.is_empty() || known.len() != reused {
             if let Err(e) = write_cache(c, kind, key, &entries, &out, dims) {
-                eprintln!("warning: features not cached: {e:#}");
+                crate::diag::warn(format!("features not cached: {e:#}"));
                 cache = None;
             }
         }
     }
-    eprintln!("{}: {n} images ({} computed, {reused} from the cache)", dir.display(), computed.len());
+    crate::diag::progress(format!(
+        "{}: {n} images ({} computed, {reused} from the cache)",
+        dir.display(),
+        computed.len()
+    ));
     Ok(FolderFeatures { dir: dir.to_path_buf(), n, dims, features: out, reused, computed: computed.len(), cache })
 }
 

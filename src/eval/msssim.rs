@@ -25,7 +25,6 @@
 
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -43,28 +42,6 @@ pub const MIN_SIDE: usize = (WIN_SIZE - 1) * 16 + 1;
 /// Groups up to this size keep every image's pyramid in memory (8 MB for 512²); larger groups (e.g.
 /// real images sharing a common impression) recompute per pair so memory stays bounded.
 const CACHE_GROUP: usize = 32;
-
-#[derive(Args, Debug)]
-pub struct MsSsimArgs {
-    /// Folder of PNGs written by `roentgen sample` (grouped by their "prompt" text chunk). With
-    /// --manifest, the folder that relative image paths are resolved against.
-    #[arg(long)]
-    pub images: Option<PathBuf>,
-    /// JSONL manifest of {"image": path, "text": prompt} lines (as `prepare` writes and `train` reads);
-    /// relative paths resolve against --images, else the manifest's folder. PNG or JPEG images.
-    #[arg(long)]
-    pub manifest: Option<PathBuf>,
-    /// CLIP tokenizer for the token-length bins (a tokenizer or pipeline folder). Default: the
-    /// Stable Diffusion v1 tokenizer built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
-    /// Width of the token-length bins (the paper's Figure 3 uses 10).
-    #[arg(long, default_value_t = 10)]
-    pub bin_width: usize,
-    /// Print one JSON object (overall, bins, and per prompt) instead of the table.
-    #[arg(long)]
-    pub json: bool,
-}
 
 /// An 8-bit gray image as f64 values in [0, 255], row-major.
 #[derive(Clone, Debug)]
@@ -306,7 +283,7 @@ fn read_gray(path: &Path) -> Result<Gray> {
 /// Prompt → image paths, in a stable order (prompts sorted, images as listed / by file name).
 type Groups = BTreeMap<String, Vec<PathBuf>>;
 
-fn groups_from_folder(dir: &Path) -> Result<Groups> {
+pub fn groups_from_folder(dir: &Path) -> Result<Groups> {
     let rd = std::fs::read_dir(dir).with_context(|| format!("{}: cannot read folder", dir.display()))?;
     let mut files = Vec::new();
     for e in rd {
@@ -337,7 +314,7 @@ fn groups_from_folder(dir: &Path) -> Result<Groups> {
     Ok(groups)
 }
 
-fn groups_from_manifest(manifest: &Path, base: Option<&Path>) -> Result<Groups> {
+pub fn groups_from_manifest(manifest: &Path, base: Option<&Path>) -> Result<Groups> {
     let f = std::fs::File::open(manifest).with_context(|| format!("{}: cannot open", manifest.display()))?;
     let base = base.map(Path::to_path_buf).unwrap_or_else(|| manifest.parent().unwrap_or(Path::new(".")).to_path_buf());
     let mut groups = Groups::new();
@@ -491,34 +468,6 @@ pub fn evaluate(groups: &Groups, tok: &ClipTokenizer, bin_width: usize) -> Resul
         bins,
         per_prompt,
     })
-}
-
-pub fn run(a: MsSsimArgs) -> Result<()> {
-    let groups = match (&a.manifest, &a.images) {
-        (Some(m), base) => groups_from_manifest(m, base.as_deref())?,
-        (None, Some(dir)) => groups_from_folder(dir)?,
-        (None, None) => bail!("give --images DIR (PNGs from `roentgen sample`) or --manifest FILE"),
-    };
-    // A default path relative to the checkout would fail from any other folder: the SD v1
-    // tokenizer is built into the binary instead.
-    let tok = match &a.tokenizer {
-        Some(t) => ClipTokenizer::from_dir(t)
-            .with_context(|| format!("--tokenizer {}: loading the tokenizer for the token-length bins", t.display()))?,
-        None => ClipTokenizer::sd_v1()?,
-    };
-    let r = evaluate(&groups, &tok, a.bin_width)?;
-    if a.json {
-        println!("{}", serde_json::to_string(&r)?);
-        return Ok(());
-    }
-    let head = format!("MS-SSIM (window {WIN_SIZE}, sigma {WIN_SIGMA}, 5 scales): {:.4} ± {:.4}", r.mean, r.std);
-    println!("{head} over {} pairs of {} images, {} prompts", r.pairs, r.images, r.prompts);
-    println!("{:>12}  {:>7}  {:>7}  {:>7}  {:>7}", "CLIP tokens", "prompts", "pairs", "mean", "std");
-    for b in &r.bins {
-        let range = format!("{}–{}", b.tokens_min, b.tokens_max);
-        println!("{range:>12}  {:>7}  {:>7}  {:>7.4}  {:>7.4}", b.prompts, b.pairs, b.mean, b.std);
-    }
-    Ok(())
 }
 
 #[cfg(test)]

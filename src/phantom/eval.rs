@@ -20,39 +20,11 @@ use super::measure::{measure_gray, Measurement, GRID};
 use super::parse::{parse, Request};
 use super::spec::{Effusion, Findings, Laterality, Lobe, Pneumothorax, Side, Size};
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-
-#[derive(Args, Debug, Clone)]
-pub struct EvalPhantomArgs {
-    /// Folder of PNGs with their prompt in the "prompt" text chunk (from `roentgen sample` or
-    /// `roentgen phantom`). With --manifest, the folder relative image paths resolve against.
-    #[arg(long)]
-    pub images: Option<PathBuf>,
-    /// JSONL manifest of {"image": path, "text": prompt} lines (e.g. the manifest.jsonl of
-    /// `roentgen phantom`); relative paths resolve against --images, else the manifest's folder.
-    #[arg(long)]
-    pub manifest: Option<PathBuf>,
-    /// Reference phantoms drawn per class for the measurement's own accuracy (0: none).
-    #[arg(long, default_value_t = 64)]
-    pub reference_count: usize,
-    /// Seed of the reference phantoms.
-    #[arg(long, default_value_t = 1)]
-    pub reference_seed: u64,
-    /// Side of the reference phantoms (default: the evaluated images' commonest width, within 32–256).
-    #[arg(long)]
-    pub reference_size: Option<usize>,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    pub json: bool,
-    /// With --json, also list every image's prompt classes and measurement.
-    #[arg(long)]
-    pub per_image: bool,
-}
 
 /// One image to evaluate.
 #[derive(Clone, Debug)]
@@ -361,8 +333,8 @@ pub fn evaluate(items: &[Item], opts: &EvalOptions) -> Result<Report> {
         );
     }
     let common = widths.iter().max_by_key(|(w, n)| (**n, std::cmp::Reverse(**w))).map(|(w, _)| *w).unwrap_or(128);
-    let reference_size = opts.reference_size.unwrap_or(common.clamp(super::cli::MIN_SIZE, 256));
-    super::cli::check_size(reference_size).context("--reference-size")?;
+    let reference_size = opts.reference_size.unwrap_or(common.clamp(super::write::MIN_SIZE, 256));
+    super::write::check_size(reference_size).context("--reference-size")?;
     let reference = if opts.reference_count == 0 {
         BTreeMap::new()
     } else {
@@ -463,28 +435,4 @@ impl Report {
         }
         s
     }
-}
-
-pub fn run_eval_phantom(a: EvalPhantomArgs) -> Result<()> {
-    let items = match (&a.manifest, &a.images) {
-        (Some(m), base) => items_from_manifest(m, base.as_deref())?,
-        (None, Some(dir)) => items_from_folder(dir)?,
-        (None, None) => {
-            bail!("give --images DIR (PNGs from `roentgen sample` or `roentgen phantom`) or --manifest FILE")
-        }
-    };
-    let report = evaluate(
-        &items,
-        &EvalOptions {
-            reference_count: a.reference_count,
-            reference_seed: a.reference_seed,
-            reference_size: a.reference_size,
-        },
-    )?;
-    if a.json {
-        println!("{}", report.to_json(a.per_image));
-    } else {
-        print!("{}", report.render_table());
-    }
-    Ok(())
 }

@@ -25,16 +25,13 @@
 //! the thread count — and the same seed writes byte-identical files.
 
 pub mod anatomy;
-pub mod cli;
 pub mod eval;
 pub mod measure;
 pub mod parse;
 pub mod render;
 pub mod report;
 pub mod spec;
-
-pub use cli::{run_phantom, PhantomArgs};
-pub use eval::{run_eval_phantom, EvalPhantomArgs};
+pub mod write;
 
 use crate::rng::SplitMix64;
 use anatomy::Phantom;

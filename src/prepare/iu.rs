@@ -199,7 +199,7 @@ fn view_of<'a>(views: &'a HashMap<String, String>, id: &str) -> Option<&'a str> 
     })
 }
 
-pub fn run(a: IuArgs) -> Result<()> {
+pub fn run(a: IuArgs) -> Result<super::Prepared> {
     // Every check on the arguments comes before any reading, so a typo costs nothing.
     super::existing("--reports", &a.reports, false)?;
     if let Some(m) = &a.metadata {
@@ -317,5 +317,5 @@ pub fn run(a: IuArgs) -> Result<()> {
         text: TextStats::new(&chars, &tokens),
         dropped: names.iter().zip(counts).map(|(n, c)| Count { name: n.to_string(), count: c }).collect(),
     };
-    super::finish(&outputs, &rows, &summary, a.json)
+    super::finish(&outputs, &rows, summary)
 }

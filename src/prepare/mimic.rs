@@ -167,7 +167,7 @@ fn input_files(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-pub fn run(a: MimicArgs) -> Result<()> {
+pub fn run(a: MimicArgs) -> Result<super::Prepared> {
     // Every check on the arguments comes before any reading, so a typo costs nothing.
     let root = super::existing("--root", &a.root, true)?;
     let reports = match a.reports.as_deref() {
@@ -417,5 +417,5 @@ pub fn run(a: MimicArgs) -> Result<()> {
         text: TextStats::new(&chars, &tokens),
         dropped: dropped.into_iter().map(|(n, c)| Count { name: n.to_string(), count: c }).collect(),
     };
-    super::finish(&outputs, &rows, &summary, a.json)
+    super::finish(&outputs, &rows, summary)
 }

@@ -17,28 +17,10 @@ pub mod report;
 
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
-
-#[derive(Subcommand, Debug)]
-pub enum PrepareCommand {
-    /// MIMIC-CXR-JPG (files/pXX/pSUBJECT/sSTUDY/*.jpg, the reports, the metadata/CheXpert/split CSVs)
-    /// → the paper's training set (p10–p18 minus the official test studies), p19 hold-out, or the
-    /// official test split.
-    Mimic(mimic::MimicArgs),
-    /// Indiana University chest X-ray collection (Open-I XML reports: a folder or the .tgz).
-    IuXray(iu::IuArgs),
-}
-
-pub fn run(cmd: PrepareCommand) -> Result<()> {
-    match cmd {
-        PrepareCommand::Mimic(a) => mimic::run(a),
-        PrepareCommand::IuXray(a) => iu::run(a),
-    }
-}
 
 /// The paper's text filter (Section 3).
 #[derive(Clone, Copy, Debug)]
@@ -154,28 +136,30 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn print(&self) {
-        println!("{} → {}", self.dataset, self.manifest);
-        println!("  {:<28}{:>10}", "n (images)", self.images);
-        println!("  {:<28}{:>10}", "studies", self.studies);
+    /// The summary as the table `roentgen prepare` prints (Table 1's rows).
+    pub fn render(&self) -> String {
+        let mut s = format!("{} → {}\n", self.dataset, self.manifest);
+        s += &format!("  {:<28}{:>10}\n", "n (images)", self.images);
+        s += &format!("  {:<28}{:>10}\n", "studies", self.studies);
         if let Some(n) = self.subjects {
-            println!("  {:<28}{:>10}", "subjects", n);
+            s += &format!("  {:<28}{:>10}\n", "subjects", n);
         }
         if !self.findings.is_empty() {
-            println!("  Abnormalities");
+            s += "  Abnormalities\n";
             for f in &self.findings {
-                println!("    {:<26}{:>10}", f.name, f.count);
+                s += &format!("    {:<26}{:>10}\n", f.name, f.count);
             }
         }
-        println!("  Text");
-        println!("    {:<26}{:>10.1}", "Mean no. char.", self.text.chars_mean);
-        println!("    {:<26}{:>10.1}", "Std", self.text.chars_std);
-        println!("    {:<26}{:>10.1}", "Mean no. tok.", self.text.tokens_mean);
-        println!("    {:<26}{:>10.1}", "Std", self.text.tokens_std);
-        println!("  Dropped (images)");
+        s += "  Text\n";
+        s += &format!("    {:<26}{:>10.1}\n", "Mean no. char.", self.text.chars_mean);
+        s += &format!("    {:<26}{:>10.1}\n", "Std", self.text.chars_std);
+        s += &format!("    {:<26}{:>10.1}\n", "Mean no. tok.", self.text.tokens_mean);
+        s += &format!("    {:<26}{:>10.1}\n", "Std", self.text.tokens_std);
+        s += "  Dropped (images)\n";
         for d in &self.dropped {
-            println!("    {:<26}{:>10}", d.name, d.count);
+            s += &format!("    {:<26}{:>10}\n", d.name, d.count);
         }
+        s
     }
 }
 
@@ -330,17 +314,21 @@ pub fn plan_outputs(out: &Path, summary: Option<&Path>, inputs: &[(&str, &Path)]
     Ok(Outputs { manifest, summary: summary_key })
 }
 
-/// Writes manifest and summary, prints the summary (as JSON with `json`).
-pub fn finish(out: &Outputs, rows: &[Row], summary: &Summary, json: bool) -> Result<()> {
+/// What a `prepare` run wrote.
+pub struct Prepared {
+    pub summary: Summary,
+    /// The manifest file and its number of rows.
+    pub manifest: PathBuf,
+    pub rows: usize,
+    /// The summary file (JSON).
+    pub summary_file: PathBuf,
+}
+
+/// Writes manifest and summary.
+pub fn finish(out: &Outputs, rows: &[Row], summary: Summary) -> Result<Prepared> {
     write_manifest(&out.manifest, rows)?;
-    write_atomic(&out.summary, (serde_json::to_string_pretty(summary)? + "\n").as_bytes())?;
-    if json {
-        println!("{}", serde_json::to_string(summary)?);
-    } else {
-        summary.print();
-        println!("wrote {} ({} rows) and {}", out.manifest.display(), rows.len(), out.summary.display());
-    }
-    Ok(())
+    write_atomic(&out.summary, (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;
+    Ok(Prepared { summary, manifest: out.manifest.clone(), rows: rows.len(), summary_file: out.summary.clone() })
 }
 
 /// The error for a selection that kept nothing: an empty manifest with exit 0 hides a wrong path or

@@ -37,7 +37,7 @@ impl OutputFolder {
         std::fs::create_dir_all(dir).with_context(|| format!("--output {}: cannot create", dir.display()))?;
         let lock = FolderLock::acquire(dir, job)?;
         for p in files::clean_leftovers(dir, true)? {
-            eprintln!("note: removed {}, left by an interrupted run", p.display());
+            crate::diag::note(format!("removed {}, left by an interrupted run", p.display()));
         }
         Ok(OutputFolder { dir: dir.to_path_buf(), _lock: lock })
     }
@@ -122,7 +122,7 @@ pub fn usable_rows(
                 bad[0]
             ),
             OnBadImage::Skip => {
-                eprintln!("warning: skipping {} unreadable or missing image(s), e.g. {}", bad.len(), bad[0])
+                crate::diag::warn(format!("skipping {} unreadable or missing image(s), e.g. {}", bad.len(), bad[0]))
             }
         }
     }
@@ -168,7 +168,7 @@ impl<'a> ImageDraw<'a> {
                     }
                     self.bad[i] = true;
                     self.skipped += 1;
-                    eprintln!("warning: {at}: {e:#}; skipped, the next usable row is drawn in its place");
+                    crate::diag::warn(format!("{at}: {e:#}; skipped, the next usable row is drawn in its place"));
                 }
             }
         }
@@ -218,7 +218,7 @@ pub fn check_resume_settings(
         );
     }
     for d in &diffs {
-        eprintln!("warning: resuming with a changed setting: {d}");
+        crate::diag::warn(format!("resuming with a changed setting: {d}"));
     }
     Ok(())
 }
@@ -227,7 +227,7 @@ pub fn check_resume_settings(
 pub fn retain_checkpoints(dir: &Path, limit: Option<usize>) -> Result<()> {
     if let Some(limit) = limit {
         for p in super::checkpoint::prune(dir, limit)? {
-            eprintln!("note: removed {} (--checkpoints-total-limit {limit})", p.display());
+            crate::diag::note(format!("removed {} (--checkpoints-total-limit {limit})", p.display()));
         }
     }
     Ok(())

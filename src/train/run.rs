@@ -333,7 +333,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                 .with_context(|| format!("{}: --ema needs the checkpoint's EMA weights", ckpt.display()))?;
             weights::load_into(b, table, &files, &weights::no_alias)?;
         }
-        eprintln!("resuming from {} at step {step}", ckpt.display());
+        crate::diag::progress(format!("resuming from {} at step {step}", ckpt.display()));
     }
     let n = good.len();
     let per_step = cfg.batch_size * cfg.optim.grad_accum;
@@ -417,7 +417,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
     };
     let r = run();
     if draw.skipped > 0 {
-        eprintln!("warning: {} image(s) failed to decode while training and were replaced", draw.skipped);
+        crate::diag::warn(format!("{} image(s) failed to decode while training and were replaced", draw.skipped));
     }
     r.map_err(|e| job::with_checkpoint_note(e, last_ckpt.as_deref()))?;
     last_ckpt.context("no step was run (the checkpoint is already at --steps)")

@@ -61,7 +61,9 @@ impl CudaBackend {
                 }
                 Err(e) => {
                     if !self.graph_warned.replace(true) {
-                        eprintln!("warning: CUDA graph capture failed ({e:#}); running the launches one by one");
+                        crate::diag::warn(format!(
+                            "CUDA graph capture failed ({e:#}); running the launches one by one"
+                        ));
                     }
                     self.graphs.borrow_mut().insert(key, GraphState::Direct);
                     f()?;

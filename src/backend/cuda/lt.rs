@@ -75,7 +75,9 @@ impl CudaBackend {
         if !self.lt_plans.borrow().contains_key(&key) {
             let plan = self.lt_plan(&key);
             if matches!(plan, LtPlan::Declined) && !self.lt_declined_noted.replace(true) {
-                eprintln!("note: cuBLASLt declined a {m}×{n}×{k} product (no algorithm); using cuBLAS gemmEx for it");
+                crate::diag::note(format!(
+                    "cuBLASLt declined a {m}×{n}×{k} product (no algorithm); using cuBLAS gemmEx for it"
+                ));
             }
             self.lt_plans.borrow_mut().insert(key, plan);
         }
@@ -104,7 +106,9 @@ impl CudaBackend {
                 // cuBLAS from now on. Said once.
                 drop(plans);
                 if !self.lt_declined_noted.replace(true) {
-                    eprintln!("note: cuBLASLt refused a {m}×{n}×{k} product ({e:?}); using cuBLAS gemmEx for it");
+                    crate::diag::note(format!(
+                        "cuBLASLt refused a {m}×{n}×{k} product ({e:?}); using cuBLAS gemmEx for it"
+                    ));
                 }
                 if let Some(LtPlan::Ready(old)) = self.lt_plans.borrow_mut().insert(key, LtPlan::Declined) {
                     self.dev.lt_destroy_plan(old);

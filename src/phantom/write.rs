@@ -2,36 +2,16 @@
 
 use super::spec::Findings;
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use rayon::prelude::*;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Smallest and largest image side accepted.
 pub const MIN_SIZE: usize = 32;
 pub const MAX_SIZE: usize = 4096;
 /// Most phantoms in one run (each row of the manifest is held in memory until it is written).
 pub const MAX_COUNT: usize = 10_000_000;
-
-#[derive(Args, Debug, Clone)]
-pub struct PhantomArgs {
-    /// Output folder: phantom-NNNNN.png, manifest.jsonl (for `roentgen train`) and summary.json.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Number of images.
-    #[arg(long, default_value_t = 1000)]
-    pub count: usize,
-    /// Image side in pixels (square images; at least 32).
-    #[arg(long, default_value_t = 128)]
-    pub size: usize,
-    /// Seed: the same seed writes byte-identical files; image i depends only on (seed, i).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Print the summary as one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
 
 /// Label counts over a set of phantoms.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -149,23 +129,4 @@ pub fn write_phantoms(out: &Path, count: usize, size: usize, seed: u64) -> Resul
     js.push('\n');
     crate::files::write_bytes_atomic(&out.join("summary.json"), js.as_bytes())?;
     Ok(summary)
-}
-
-pub fn run_phantom(a: PhantomArgs) -> Result<()> {
-    let t = std::time::Instant::now();
-    let summary = write_phantoms(&a.out, a.count, a.size, a.seed)?;
-    if a.json {
-        println!("{}", summary.to_json());
-    } else {
-        print!("{}", summary.render_table());
-        println!(
-            "wrote {} images ({}×{}) and {} in {:.1} s",
-            summary.images,
-            a.size,
-            a.size,
-            a.out.join("manifest.jsonl").display(),
-            t.elapsed().as_secs_f64()
-        );
-    }
-    Ok(())
 }

@@ -1,0 +1,197 @@
+//! `roentgen eval`: MS-SSIM diversity, FID with three feature networks, and the phantom findings
+//! measure — their arguments and what they print.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use roentgen::eval::features::{list_images, FeatureKind, FeatureNet};
+use roentgen::eval::fid::{cache_key, folder_features, FolderFeatures};
+use roentgen::eval::frechet::{frechet_distance, stats};
+use roentgen::eval::msssim::{
+    evaluate as ms_ssim_report, groups_from_folder, groups_from_manifest, WIN_SIGMA, WIN_SIZE,
+};
+use roentgen::phantom::eval::{evaluate as phantom_report, items_from_folder, items_from_manifest, EvalOptions};
+use roentgen::tokenizer::ClipTokenizer;
+use std::path::PathBuf;
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Intra-prompt diversity: mean MS-SSIM over all image pairs sharing a prompt (paper, Figure 3).
+    MsSsim(MsSsimArgs),
+    /// Fréchet distance between the feature distributions of two image folders (InceptionV3,
+    /// TorchXRayVision DenseNet-121 or CLIP features; paper, Table 1).
+    #[command(after_long_help = roentgen::eval::fid::CONVERT_HELP)]
+    Fid(FidArgs),
+    /// How often generated phantoms show the finding (and side) their prompt asked for, measured
+    /// with the phantom's own geometry, next to the same measure on real phantoms (issue 7).
+    Phantom(EvalPhantomArgs),
+}
+
+pub fn run(cmd: EvalCommand) -> Result<()> {
+    match cmd {
+        EvalCommand::MsSsim(a) => ms_ssim(a),
+        EvalCommand::Fid(a) => fid(a),
+        EvalCommand::Phantom(a) => phantom(a),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct MsSsimArgs {
+    /// Folder of PNGs written by `roentgen sample` (grouped by their "prompt" text chunk). With
+    /// --manifest, the folder that relative image paths are resolved against.
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// JSONL manifest of {"image": path, "text": prompt} lines (as `prepare` writes and `train` reads);
+    /// relative paths resolve against --images, else the manifest's folder. PNG or JPEG images.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// CLIP tokenizer for the token-length bins (a tokenizer or pipeline folder). Default: the
+    /// Stable Diffusion v1 tokenizer built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Width of the token-length bins (the paper's Figure 3 uses 10).
+    #[arg(long, default_value_t = 10)]
+    pub bin_width: usize,
+    /// Print one JSON object (overall, bins, and per prompt) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn ms_ssim(a: MsSsimArgs) -> Result<()> {
+    let groups = match (&a.manifest, &a.images) {
+        (Some(m), base) => groups_from_manifest(m, base.as_deref())?,
+        (None, Some(dir)) => groups_from_folder(dir)?,
+        (None, None) => bail!("give --images DIR (PNGs from `roentgen sample`) or --manifest FILE"),
+    };
+    // A default path relative to the checkout would fail from any other folder: the SD v1
+    // tokenizer is built into the binary instead.
+    let tok = match &a.tokenizer {
+        Some(t) => ClipTokenizer::from_dir(t)
+            .with_context(|| format!("--tokenizer {}: loading the tokenizer for the token-length bins", t.display()))?,
+        None => ClipTokenizer::sd_v1()?,
+    };
+    let r = ms_ssim_report(&groups, &tok, a.bin_width)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let head = format!("MS-SSIM (window {WIN_SIZE}, sigma {WIN_SIGMA}, 5 scales): {:.4} ± {:.4}", r.mean, r.std);
+    println!("{head} over {} pairs of {} images, {} prompts", r.pairs, r.images, r.prompts);
+    println!("{:>12}  {:>7}  {:>7}  {:>7}  {:>7}", "CLIP tokens", "prompts", "pairs", "mean", "std");
+    for b in &r.bins {
+        let range = format!("{}–{}", b.tokens_min, b.tokens_max);
+        println!("{range:>12}  {:>7}  {:>7}  {:>7.4}  {:>7.4}", b.prompts, b.pairs, b.mean, b.std);
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct FidArgs {
+    /// Folder of real images (PNG 8/16-bit gray or RGB, JPEG; not recursive).
+    #[arg(long)]
+    pub real: PathBuf,
+    /// Folder of generated images.
+    #[arg(long)]
+    pub fake: PathBuf,
+    /// Feature network: inception (2048-d pool3), xrv (1024-d), clip (pooled, 768-d for ViT-B/32),
+    /// clip-proj (projected, 512-d).
+    #[arg(long, value_enum)]
+    pub features: FeatureKind,
+    /// The network's weights (safetensors; see below for converting the public releases).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// transformers config.json of the CLIP model, for towers other than ViT-B/32.
+    #[arg(long)]
+    pub clip_config: Option<PathBuf>,
+    /// Neither read nor write the per-folder feature cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Print a JSON object on stdout instead of the text line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn fid(a: FidArgs) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    // Check both folders before the (slow) work.
+    let real_list = list_images(&a.real)?;
+    let fake_list = list_images(&a.fake)?;
+    for (dir, list) in [(&a.real, &real_list), (&a.fake, &fake_list)] {
+        if list.len() < 2 {
+            bail!(
+                "{}: {} image; FID needs at least 2 per folder (a covariance of one sample is undefined)",
+                dir.display(),
+                list.len()
+            );
+        }
+    }
+    let net = FeatureNet::load(a.features, &a.weights, a.clip_config.as_deref())?;
+    let key = if a.no_cache { 0 } else { cache_key(&a.weights, a.clip_config.as_deref())? };
+    let real = folder_features(&a.real, &net, a.features, key, !a.no_cache)?;
+    let fake = folder_features(&a.fake, &net, a.features, key, !a.no_cache)?;
+    let (d, name) = (real.dims, a.features.name());
+    let fid = frechet_distance(&stats(&real.features, real.n, d)?, &stats(&fake.features, fake.n, d)?)?;
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        let folder = |f: &FolderFeatures| {
+            serde_json::json!({"dir": f.dir.display().to_string(), "images": f.n, "cached": f.reused,
+                "computed": f.computed, "cache": f.cache.as_ref().map(|p| p.display().to_string())})
+        };
+        let v = serde_json::json!({"fid": fid, "features": name, "dims": d,
+            "weights": a.weights.display().to_string(), "real": folder(&real), "fake": folder(&fake), "seconds": secs});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("FID {fid:.6} ({name}, {d}-d features; real: {} images, fake: {} images)", real.n, fake.n);
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalPhantomArgs {
+    /// Folder of PNGs with their prompt in the "prompt" text chunk (from `roentgen sample` or
+    /// `roentgen phantom`). With --manifest, the folder relative image paths resolve against.
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// JSONL manifest of {"image": path, "text": prompt} lines (e.g. the manifest.jsonl of
+    /// `roentgen phantom`); relative paths resolve against --images, else the manifest's folder.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// Reference phantoms drawn per class for the measurement's own accuracy (0: none).
+    #[arg(long, default_value_t = 64)]
+    pub reference_count: usize,
+    /// Seed of the reference phantoms.
+    #[arg(long, default_value_t = 1)]
+    pub reference_seed: u64,
+    /// Side of the reference phantoms (default: the evaluated images' commonest width, within 32–256).
+    #[arg(long)]
+    pub reference_size: Option<usize>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// With --json, also list every image's prompt classes and measurement.
+    #[arg(long)]
+    pub per_image: bool,
+}
+
+fn phantom(a: EvalPhantomArgs) -> Result<()> {
+    let items = match (&a.manifest, &a.images) {
+        (Some(m), base) => items_from_manifest(m, base.as_deref())?,
+        (None, Some(dir)) => items_from_folder(dir)?,
+        (None, None) => {
+            bail!("give --images DIR (PNGs from `roentgen sample` or `roentgen phantom`) or --manifest FILE")
+        }
+    };
+    let report = phantom_report(
+        &items,
+        &EvalOptions {
+            reference_count: a.reference_count,
+            reference_seed: a.reference_seed,
+            reference_size: a.reference_size,
+        },
+    )?;
+    if a.json {
+        println!("{}", report.to_json(a.per_image));
+    } else {
+        print!("{}", report.render_table());
+    }
+    Ok(())
+}
