@@ -11,6 +11,7 @@ pub mod images;
 pub mod inspect;
 pub mod models;
 pub mod nn;
+pub mod ops;
 pub mod phantom;
 pub mod pipeline;
 pub mod prepare;

@@ -11,6 +11,7 @@ pub mod cuda;
 pub mod info;
 pub mod plan;
 
+use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
 use std::fmt;
@@ -110,6 +111,19 @@ pub fn create(device: Device, precision: Precision) -> Result<Box<dyn Backend>> 
 /// A tensor argument must hold at least `want` elements (checked by every backend).
 pub(crate) fn check_len(what: &str, t: &Tensor, want: usize) -> Result<()> {
     anyhow::ensure!(t.numel() >= want, "{what}: tensor of {} elements, operation needs {want}", t.numel());
+    Ok(())
+}
+
+/// Outputs must not overlap each other or any input (the CPU reference asserts the same).
+pub(crate) fn check_disjoint(what: &str, outs: &[&Tensor], ins: &[&Tensor]) -> Result<()> {
+    for (i, o) in outs.iter().enumerate() {
+        for o2 in &outs[i + 1..] {
+            anyhow::ensure!(!o.overlaps(o2), "{what}: output tensors overlap: {o:?} and {o2:?}");
+        }
+        for x in ins {
+            anyhow::ensure!(!o.overlaps(x), "{what}: output {o:?} overlaps input {x:?}");
+        }
+    }
     Ok(())
 }
 
@@ -290,22 +304,7 @@ pub trait Backend {
     /// Group norm on channels-last tensors, statistics over (hw, c / groups) per (batch, group),
     /// optionally followed by SiLU (the resnet's norm → act pair, fused). inp/out (batch, hw, c),
     /// mean/rstd (batch, groups).
-    #[allow(clippy::too_many_arguments)]
-    fn group_norm_forward(
-        &self,
-        out: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        batch: usize,
-        hw: usize,
-        c: usize,
-        groups: usize,
-        eps: f32,
-        silu: bool,
-    ) -> Result<()>;
+    fn group_norm_forward(&self, p: &GroupNormParams, t: &GroupNormForward) -> Result<()>;
 
     /// Nearest-neighbour resize, channels-last: inp (batch, ih, iw, c) → out (batch, oh, ow, c),
     /// source index floor(o · in / out) as PyTorch's `interpolate(mode="nearest")`.
@@ -453,24 +452,7 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Of `group_norm_forward` (with its SiLU when `silu`, recomputed from the saved statistics).
-    #[allow(clippy::too_many_arguments)]
-    fn group_norm_backward(
-        &self,
-        dinp: &Tensor,
-        dweight: &Tensor,
-        dbias: &Tensor,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        batch: usize,
-        hw: usize,
-        c: usize,
-        groups: usize,
-        silu: bool,
-    ) -> Result<()>;
+    fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()>;
 
     /// Of `upsample_nearest_forward`: each input position sums the gradients of its copies.
     #[allow(clippy::too_many_arguments)]

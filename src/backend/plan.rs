@@ -3,6 +3,7 @@
 //! code itself.
 
 use super::{Activation, Backend};
+use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
 
@@ -137,21 +138,7 @@ impl Backend for PlanBackend {
         self.count(0, 2 * batch * oh * ow * c_out * c_in * kernel * kernel);
         Ok(())
     }
-    fn group_norm_forward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: f32,
-        _: bool,
-    ) -> Result<()> {
+    fn group_norm_forward(&self, _: &GroupNormParams, _: &GroupNormForward) -> Result<()> {
         Ok(())
     }
     fn upsample_nearest_forward(
@@ -264,23 +251,7 @@ impl Backend for PlanBackend {
         self.count(0, 2 * batch * oh * ow * c_out * c_in * kernel * kernel * (1 + dinp.is_some() as usize));
         Ok(())
     }
-    fn group_norm_backward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: bool,
-    ) -> Result<()> {
+    fn group_norm_backward(&self, _: &GroupNormParams, _: &GroupNormBackward) -> Result<()> {
         Ok(())
     }
     fn upsample_nearest_backward(

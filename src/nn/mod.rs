@@ -3,6 +3,7 @@
 //! parameter table is built from the config and matches checkpoint files without a rename table.
 
 use crate::backend::Backend;
+use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::tensor::{Layout, Tensor};
 use anyhow::Result;
 
@@ -265,21 +266,24 @@ impl GroupNorm {
         saved: &GroupNormOut,
     ) -> Result<()> {
         b.group_norm_backward(
-            &dx.t,
-            &g.weight,
-            &g.bias,
-            &dout.t,
-            &x.t,
-            &self.weight,
-            &self.bias,
-            &saved.mean,
-            &saved.rstd,
-            x.batch,
-            x.h * x.w,
-            x.c,
-            self.groups,
-            saved.silu,
+            &self.params(x, saved.silu),
+            &GroupNormBackward {
+                dinp: &dx.t,
+                dweight: &g.weight,
+                dbias: &g.bias,
+                dout: &dout.t,
+                inp: &x.t,
+                weight: &self.weight,
+                bias: &self.bias,
+                mean: &saved.mean,
+                rstd: &saved.rstd,
+            },
         )
+    }
+
+    /// The operation this layer applies to `x`.
+    fn params(&self, x: &Fmap, silu: bool) -> GroupNormParams {
+        GroupNormParams { batch: x.batch, hw: x.h * x.w, channels: x.c, groups: self.groups, eps: self.eps, silu }
     }
 
     /// As `apply`, returning the statistics the backward pass needs too.
@@ -288,18 +292,15 @@ impl GroupNorm {
         let mean = arena.alloc([x.batch, self.groups])?;
         let rstd = arena.alloc([x.batch, self.groups])?;
         b.group_norm_forward(
-            &out.t,
-            &mean,
-            &rstd,
-            &x.t,
-            &self.weight,
-            &self.bias,
-            x.batch,
-            x.h * x.w,
-            x.c,
-            self.groups,
-            self.eps,
-            silu,
+            &self.params(x, silu),
+            &GroupNormForward {
+                out: &out.t,
+                mean: &mean,
+                rstd: &rstd,
+                inp: &x.t,
+                weight: &self.weight,
+                bias: &self.bias,
+            },
         )?;
         Ok(GroupNormOut { out, mean, rstd, silu })
     }

@@ -113,7 +113,7 @@ pub fn fuzz_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str, 
         ];
         r.case(&format!("{tag}/fuzz group_norm_forward {nb}x{hw}x{c}/{groups} silu={silu}"), || {
             compare(gpu, bf16, &ins, &[0, 1, 2], &|bk, t| {
-                bk.group_norm_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], nb, hw, c, groups, 1e-5, silu)
+                group_norm_forward(bk, group_norm(nb, hw, c, groups, silu), t)
             })
         });
         let (rows, cols) = (u(1, 300), u(1, 200));

@@ -6,6 +6,7 @@ use anyhow::{ensure, Result};
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::cuda::CudaBackend;
 use roentgen::backend::Backend;
+use roentgen::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use roentgen::tensor::Tensor;
 
 pub struct Rng(pub u64);
@@ -187,4 +188,24 @@ impl Runner {
         }
         bad
     }
+}
+
+/// A group norm of (batch, hw, channels) in `groups` groups, ε 1e-5 (the models' value).
+pub fn group_norm(batch: usize, hw: usize, channels: usize, groups: usize, silu: bool) -> GroupNormParams {
+    GroupNormParams { batch, hw, channels, groups, eps: 1e-5, silu }
+}
+
+/// `group_norm_forward` on tensors in the order out, mean, rstd, inp, weight, bias.
+pub fn group_norm_forward(b: &dyn Backend, p: GroupNormParams, t: &[Tensor]) -> Result<()> {
+    b.group_norm_forward(
+        &p,
+        &GroupNormForward { out: &t[0], mean: &t[1], rstd: &t[2], inp: &t[3], weight: &t[4], bias: &t[5] },
+    )
+}
+
+/// `group_norm_backward` on tensors in the order dinp, dweight, dbias, dout, inp, weight, bias,
+/// mean, rstd.
+pub fn group_norm_backward(b: &dyn Backend, p: GroupNormParams, t: &[Tensor]) -> Result<()> {
+    let [dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd] = &t[..9] else { unreachable!() };
+    b.group_norm_backward(&p, &GroupNormBackward { dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd })
 }

@@ -96,7 +96,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
                 rng.normal(c),
             ];
             g(format!("group_norm_forward {n}x{hw}x{c}/{gr} silu={silu}"), ins, &[0, 1, 2], &|b, t| {
-                b.group_norm_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], n, hw, c, gr, 1e-5, silu)
+                group_norm_forward(b, group_norm(n, hw, c, gr, silu), t)
             });
             let mut cpu = CpuBackend::new();
             let (w, bi) = (rng.normal(c), rng.normal(c));
@@ -105,7 +105,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
                 &[vec![0.0; n * hw * c], vec![0.0; n * gr], vec![0.0; n * gr], x.clone(), w.clone(), bi.clone()],
             )
             .unwrap();
-            cpu.group_norm_forward(&st[0], &st[1], &st[2], &st[3], &st[4], &st[5], n, hw, c, gr, 1e-5, silu).unwrap();
+            group_norm_forward(&cpu, group_norm(n, hw, c, gr, silu), &st).unwrap();
             let (mean, rstd) = (cpu.download(&st[1]).unwrap(), cpu.download(&st[2]).unwrap());
             let ins = vec![
                 rng.normal(n * hw * c),
@@ -119,7 +119,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
                 rstd,
             ];
             g(format!("group_norm_backward {n}x{hw}x{c}/{gr} silu={silu}"), ins, &[0, 1, 2], &|b, t| {
-                b.group_norm_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], n, hw, c, gr, silu)
+                group_norm_backward(b, group_norm(n, hw, c, gr, silu), t)
             });
         }
     }
@@ -545,7 +545,7 @@ pub fn allocation_case(r: &mut Runner, gpu: &mut CudaBackend) {
             gpu.masked_attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &mask, bt, l, l, hd, dh, 0.25)?;
             gpu.sum_squares(&t[5], &t[6], n)?;
             gpu.embedding_forward(&t[9], &ids, &t[7], &t[8], bt, l, 8)?;
-            gpu.group_norm_forward(&t[10], &t[11], &t[12], &t[13], &t[14], &t[15], 2, 256, 32, 8, 1e-5, true)?;
+            group_norm_forward(gpu, group_norm(2, 256, 32, 8, true), &t[10..16])?;
             gpu.synchronize()
         };
         round(gpu)?;

@@ -5,6 +5,8 @@ mod backward;
 pub mod gemm;
 
 use super::{check_key_mask, check_len, Activation, Backend};
+use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
+use crate::ops::silu;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
@@ -384,63 +386,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn group_norm_forward(
-        &self,
-        out: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        batch: usize,
-        hw: usize,
-        c: usize,
-        groups: usize,
-        eps: f32,
-        silu_after: bool,
-    ) -> Result<()> {
-        ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels not divisible into {groups} groups");
-        let n = batch * hw * c;
-        check_len("group_norm out", out, n)?;
-        check_len("group_norm inp", inp, n)?;
-        check_len("group_norm mean", mean, batch * groups)?;
-        check_len("group_norm rstd", rstd, batch * groups)?;
-        let ([o, m, r], [x, w, bi]) = self.views([out, mean, rstd], [inp, weight, bias]);
-        let cpg = c / groups;
-        let count = (hw * cpg) as f64;
-        // One task per (batch, group): two passes in f64 for the statistics, then the affine map.
-        let stats: Vec<(f64, f64)> = (0..batch * groups)
-            .into_par_iter()
-            .map(|bg| {
-                let (b, g) = (bg / groups, bg % groups);
-                let xs = &x[b * hw * c..(b + 1) * hw * c];
-                let mut sum = 0f64;
-                for p in 0..hw {
-                    sum += xs[p * c + g * cpg..p * c + (g + 1) * cpg].iter().map(|&v| v as f64).sum::<f64>();
-                }
-                let mu = sum / count;
-                let mut var = 0f64;
-                for p in 0..hw {
-                    var += xs[p * c + g * cpg..p * c + (g + 1) * cpg]
-                        .iter()
-                        .map(|&v| (v as f64 - mu).powi(2))
-                        .sum::<f64>();
-                }
-                (mu, 1.0 / (var / count + eps as f64).sqrt())
-            })
-            .collect();
-        for (i, &(mu, rs)) in stats.iter().enumerate() {
-            m[i] = mu as f32;
-            r[i] = rs as f32;
-        }
-        o[..n].par_chunks_mut(c).zip(x[..n].par_chunks(c)).enumerate().for_each(|(row, (o, x))| {
-            let b = row / hw;
-            for ch in 0..c {
-                let (mu, rs) = stats[b * groups + ch / cpg];
-                let y = ((x[ch] as f64 - mu) * rs) as f32 * w[ch] + bi[ch];
-                o[ch] = if silu_after { silu(y) } else { y };
-            }
-        });
+    fn group_norm_forward(&self, p: &GroupNormParams, t: &GroupNormForward) -> Result<()> {
+        p.check_forward(t)?;
+        let (outs, ins) = self.views([t.out, t.mean, t.rstd], [t.inp, t.weight, t.bias]);
+        p.cpu_forward(outs, ins);
         Ok(())
     }
 
@@ -689,27 +638,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn group_norm_backward(
-        &self,
-        dinp: &Tensor,
-        dweight: &Tensor,
-        dbias: &Tensor,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        batch: usize,
-        hw: usize,
-        c: usize,
-        groups: usize,
-        silu_after: bool,
-    ) -> Result<()> {
-        check_len("group_norm_backward dinp", dinp, batch * hw * c)?;
-        let ([di, dw, db], [dy, x, w, bi, m, r]) =
-            self.views([dinp, dweight, dbias], [dout, inp, weight, bias, mean, rstd]);
-        backward::group_norm(di, dw, db, dy, x, w, bi, m, r, batch, hw, c, groups, silu_after);
+    fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let (outs, ins) = self.views([t.dinp, t.dweight, t.dbias], [t.dout, t.inp, t.weight, t.bias, t.mean, t.rstd]);
+        p.cpu_backward(outs, ins);
         Ok(())
     }
 
@@ -962,10 +894,6 @@ impl Backend for CpuBackend {
 /// The exact (erf) GELU, evaluated in f64.
 fn gelu(x: f32) -> f32 {
     (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32
-}
-
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 #[cfg(test)]

@@ -35,7 +35,8 @@ mod params;
 #[cfg_attr(not(any(test, feature = "cuda-emu")), allow(dead_code))]
 mod reference_gemm;
 
-use super::{check_len, Activation, Backend, Precision};
+use super::{check_disjoint, check_len, Activation, Backend, Precision};
+use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use device::{Compute, CudaDriver, Device, DeviceError, Event, Function, Gemm};
@@ -489,19 +490,6 @@ pub(crate) fn to_i32(what: &str, v: usize) -> Result<i32> {
     Ok(v as i32)
 }
 
-/// Outputs must not overlap each other or any input (the CPU reference asserts the same).
-pub(crate) fn check_disjoint(what: &str, outs: &[&Tensor], ins: &[&Tensor]) -> Result<()> {
-    for (i, o) in outs.iter().enumerate() {
-        for o2 in &outs[i + 1..] {
-            ensure!(!o.overlaps(o2), "{what}: output tensors overlap: {o:?} and {o2:?}");
-        }
-        for x in ins {
-            ensure!(!o.overlaps(x), "{what}: output {o:?} overlaps input {x:?}");
-        }
-    }
-    Ok(())
-}
-
 const LIN_BLOCK: u32 = 256;
 
 impl Backend for CudaBackend {
@@ -738,22 +726,8 @@ impl Backend for CudaBackend {
         self.conv2d_forward_impl(out, inp, weight, bias, batch, h, w, c_in, c_out, kernel, stride, pad)
     }
 
-    fn group_norm_forward(
-        &self,
-        out: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        batch: usize,
-        hw: usize,
-        c: usize,
-        groups: usize,
-        eps: f32,
-        silu: bool,
-    ) -> Result<()> {
-        self.group_norm_forward_impl(out, mean, rstd, inp, weight, bias, batch, hw, c, groups, eps, silu)
+    fn group_norm_forward(&self, p: &GroupNormParams, t: &GroupNormForward) -> Result<()> {
+        self.group_norm_forward_impl(p, t)
     }
 
     fn upsample_nearest_forward(
@@ -943,26 +917,8 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn group_norm_backward(
-        &self,
-        dinp: &Tensor,
-        dweight: &Tensor,
-        dbias: &Tensor,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        batch: usize,
-        hw: usize,
-        c: usize,
-        groups: usize,
-        silu: bool,
-    ) -> Result<()> {
-        self.group_norm_backward_impl(
-            dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd, batch, hw, c, groups, silu,
-        )
+    fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()> {
+        self.group_norm_backward_impl(p, t)
     }
 
     fn upsample_nearest_backward(

@@ -16,6 +16,7 @@
 use super::{check_disjoint, to_i32, Arg, CudaBackend};
 use crate::backend::check_len;
 use crate::backend::Activation;
+use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 
@@ -189,32 +190,11 @@ impl CudaBackend {
 
     /// Group norm forward in four launches: per-chunk sums, per-chunk squared deviations about the
     /// mean, per-group statistics (f64, two passes as the CPU), then the normalisation (+ SiLU).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn group_norm_forward_impl(
-        &self,
-        out: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        batch: usize,
-        hw: usize,
-        c: usize,
-        groups: usize,
-        eps: f32,
-        silu: bool,
-    ) -> Result<()> {
-        ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels not divisible into {groups} groups");
-        let n = batch * hw * c;
-        let bg = batch * groups;
-        check_len("group_norm out", out, n)?;
-        check_len("group_norm inp", inp, n)?;
-        check_len("group_norm mean", mean, bg)?;
-        check_len("group_norm rstd", rstd, bg)?;
-        check_len("group_norm weight", weight, c)?;
-        check_len("group_norm bias", bias, c)?;
-        check_disjoint("group_norm", &[out, mean, rstd], &[inp, weight, bias])?;
+    pub(crate) fn group_norm_forward_impl(&self, p: &GroupNormParams, t: &GroupNormForward) -> Result<()> {
+        p.check_forward(t)?;
+        let GroupNormParams { batch, hw, channels: c, groups, eps, silu } = *p;
+        let GroupNormForward { out, mean, rstd, inp, weight, bias } = *t;
+        let (n, bg) = (p.elements(), batch * groups);
         to_i32("group_norm", n)?;
         if n == 0 {
             return Ok(());
@@ -570,37 +550,11 @@ impl CudaBackend {
 
     /// Group norm backward: per-chunk sums of dxhat and dxhat·xhat, per-group means, the input
     /// gradient, then the parameter gradients (`ops_norm_dparams`).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn group_norm_backward_impl(
-        &self,
-        dinp: &Tensor,
-        dweight: &Tensor,
-        dbias: &Tensor,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        batch: usize,
-        hw: usize,
-        c: usize,
-        groups: usize,
-        silu: bool,
-    ) -> Result<()> {
-        ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels not divisible into {groups} groups");
-        let n = batch * hw * c;
-        let bg = batch * groups;
-        check_len("group_norm_backward dinp", dinp, n)?;
-        check_len("group_norm_backward dout", dout, n)?;
-        check_len("group_norm_backward inp", inp, n)?;
-        check_len("group_norm_backward weight", weight, c)?;
-        check_len("group_norm_backward bias", bias, c)?;
-        check_len("group_norm_backward dweight", dweight, c)?;
-        check_len("group_norm_backward dbias", dbias, c)?;
-        check_len("group_norm_backward mean", mean, bg)?;
-        check_len("group_norm_backward rstd", rstd, bg)?;
-        check_disjoint("group_norm_backward", &[dinp, dweight, dbias], &[dout, inp, weight, bias, mean, rstd])?;
+    pub(crate) fn group_norm_backward_impl(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let GroupNormParams { batch, hw, channels: c, groups, silu, .. } = *p;
+        let GroupNormBackward { dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd } = *t;
+        let (n, bg) = (p.elements(), batch * groups);
         to_i32("group_norm_backward", n)?;
         if n == 0 {
             return Ok(());

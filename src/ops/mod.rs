@@ -1,0 +1,16 @@
+//! Operations as units (issue 15; group norm is the first family moved here, the others follow).
+//!
+//! Each operation family is one module named like its kernel file (`ops/norm.rs` ↔
+//! `kernels/norm.cu`). A parameter struct per operation owns what every backend shares: the shape
+//! and aliasing checks (so the CPU and CUDA backends refuse the same calls with the same
+//! messages), and the CPU reference of the forward and backward. The tensors of one call travel in
+//! one struct too, named by role, so a call site reads as what it passes. A backend's method for
+//! the operation takes both: the CPU backend runs the reference on its memory, the CUDA backend
+//! launches kernels/norm.cu (its launches stay in src/backend/cuda for now).
+
+pub mod norm;
+
+/// SiLU (x · sigmoid(x)) in f32, as torch computes it on the CPU.
+pub(crate) fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}

@@ -1,0 +1,242 @@
+//! Group normalisation (`torch.nn.GroupNorm` over channels-last activations), optionally followed
+//! by SiLU as the U-Net's and the VAE's resnets apply it. Kernels: kernels/norm.cu (`gn_*`).
+
+use super::silu;
+use crate::backend::{check_disjoint, check_len};
+use crate::tensor::Tensor;
+use anyhow::{ensure, Result};
+use rayon::prelude::*;
+
+/// One group norm: `batch` images of `hw` positions × `channels`, normalised over each of
+/// `groups` groups of channels per image, then `weight · x̂ + bias` per channel (and SiLU).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupNormParams {
+    pub batch: usize,
+    pub hw: usize,
+    pub channels: usize,
+    pub groups: usize,
+    pub eps: f32,
+    /// SiLU after the affine map, fused (the backward recomputes it from the saved statistics).
+    pub silu: bool,
+}
+
+/// The tensors of a forward call: `out` (batch, hw, channels); the per-(image, group) statistics
+/// `mean` and `rstd` (batch, groups) that the backward reads; `inp` like `out`; `weight`, `bias`
+/// (channels).
+pub struct GroupNormForward<'a> {
+    pub out: &'a Tensor,
+    pub mean: &'a Tensor,
+    pub rstd: &'a Tensor,
+    pub inp: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
+}
+
+/// The tensors of a backward call: the gradients `dinp`, `dweight`, `dbias` (accumulated into),
+/// `dout`, and the forward's inputs and saved statistics.
+pub struct GroupNormBackward<'a> {
+    pub dinp: &'a Tensor,
+    pub dweight: &'a Tensor,
+    pub dbias: &'a Tensor,
+    pub dout: &'a Tensor,
+    pub inp: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
+    pub mean: &'a Tensor,
+    pub rstd: &'a Tensor,
+}
+
+impl GroupNormParams {
+    pub fn channels_per_group(&self) -> usize {
+        self.channels / self.groups
+    }
+
+    /// Elements of the activation (batch · hw · channels).
+    pub fn elements(&self) -> usize {
+        self.batch * self.hw * self.channels
+    }
+
+    fn check_groups(&self) -> Result<()> {
+        ensure!(
+            self.groups > 0 && self.channels % self.groups == 0,
+            "group_norm: {} channels not divisible into {} groups",
+            self.channels,
+            self.groups
+        );
+        Ok(())
+    }
+
+    /// What every backend checks before a forward: the groups divide the channels, every tensor
+    /// holds what the shapes need, and no output overlaps another or an input.
+    pub fn check_forward(&self, t: &GroupNormForward) -> Result<()> {
+        self.check_groups()?;
+        let (n, bg, c) = (self.elements(), self.batch * self.groups, self.channels);
+        check_len("group_norm out", t.out, n)?;
+        check_len("group_norm inp", t.inp, n)?;
+        check_len("group_norm mean", t.mean, bg)?;
+        check_len("group_norm rstd", t.rstd, bg)?;
+        check_len("group_norm weight", t.weight, c)?;
+        check_len("group_norm bias", t.bias, c)?;
+        check_disjoint("group_norm", &[t.out, t.mean, t.rstd], &[t.inp, t.weight, t.bias])
+    }
+
+    /// As [`GroupNormParams::check_forward`], for a backward.
+    pub fn check_backward(&self, t: &GroupNormBackward) -> Result<()> {
+        self.check_groups()?;
+        let (n, bg, c) = (self.elements(), self.batch * self.groups, self.channels);
+        check_len("group_norm_backward dinp", t.dinp, n)?;
+        check_len("group_norm_backward dout", t.dout, n)?;
+        check_len("group_norm_backward inp", t.inp, n)?;
+        check_len("group_norm_backward weight", t.weight, c)?;
+        check_len("group_norm_backward bias", t.bias, c)?;
+        check_len("group_norm_backward dweight", t.dweight, c)?;
+        check_len("group_norm_backward dbias", t.dbias, c)?;
+        check_len("group_norm_backward mean", t.mean, bg)?;
+        check_len("group_norm_backward rstd", t.rstd, bg)?;
+        check_disjoint(
+            "group_norm_backward",
+            &[t.dinp, t.dweight, t.dbias],
+            &[t.dout, t.inp, t.weight, t.bias, t.mean, t.rstd],
+        )
+    }
+
+    /// The CPU reference of the forward, on checked slices: `[out, mean, rstd]`, `[inp, weight,
+    /// bias]`. Statistics in f64, two passes (mean, then squared deviations), one task per
+    /// (image, group), as PyTorch's CPU kernel reaches the same values; then the affine map.
+    pub fn cpu_forward(&self, [o, m, r]: [&mut [f32]; 3], [x, w, bi]: [&[f32]; 3]) {
+        let (hw, c, groups) = (self.hw, self.channels, self.groups);
+        let (cpg, n) = (self.channels_per_group(), self.elements());
+        let count = (hw * cpg) as f64;
+        let stats: Vec<(f64, f64)> = (0..self.batch * groups)
+            .into_par_iter()
+            .map(|bg| {
+                let (b, g) = (bg / groups, bg % groups);
+                let xs = &x[b * hw * c..(b + 1) * hw * c];
+                let mut sum = 0f64;
+                for p in 0..hw {
+                    sum += xs[p * c + g * cpg..p * c + (g + 1) * cpg].iter().map(|&v| v as f64).sum::<f64>();
+                }
+                let mu = sum / count;
+                let mut var = 0f64;
+                for p in 0..hw {
+                    var += xs[p * c + g * cpg..p * c + (g + 1) * cpg]
+                        .iter()
+                        .map(|&v| (v as f64 - mu).powi(2))
+                        .sum::<f64>();
+                }
+                (mu, 1.0 / (var / count + self.eps as f64).sqrt())
+            })
+            .collect();
+        for (i, &(mu, rs)) in stats.iter().enumerate() {
+            m[i] = mu as f32;
+            r[i] = rs as f32;
+        }
+        o[..n].par_chunks_mut(c).zip(x[..n].par_chunks(c)).enumerate().for_each(|(row, (o, x))| {
+            let b = row / hw;
+            for ch in 0..c {
+                let (mu, rs) = stats[b * groups + ch / cpg];
+                let y = ((x[ch] as f64 - mu) * rs) as f32 * w[ch] + bi[ch];
+                o[ch] = if self.silu { silu(y) } else { y };
+            }
+        });
+    }
+
+    /// The CPU reference of the backward, on checked slices: `[dinp, dweight, dbias]` (accumulated
+    /// into), `[dout, inp, weight, bias, mean, rstd]`. Per (image, group) reductions in f64, then
+    /// per element.
+    pub fn cpu_backward(&self, [dinp, dweight, dbias]: [&mut [f32]; 3], ins: [&[f32]; 6]) {
+        let [dout, inp, weight, bias, mean, rstd] = ins;
+        let (batch, hw, c, groups) = (self.batch, self.hw, self.channels, self.groups);
+        let (cpg, n) = (self.channels_per_group(), self.elements());
+        // dy: the gradient at the affine output (through SiLU when fused).
+        let dy: Vec<f32> = (0..n)
+            .into_par_iter()
+            .map(|i| {
+                if !self.silu {
+                    return dout[i];
+                }
+                let (b, ch) = (i / (hw * c), i % c);
+                let g = b * groups + ch / cpg;
+                let y = ((inp[i] as f64 - mean[g] as f64) * rstd[g] as f64) as f32 * weight[ch] + bias[ch];
+                let s = 1.0 / (1.0 + (-y).exp());
+                dout[i] * s * (1.0 + y * (1.0 - s))
+            })
+            .collect();
+        let xhat = |i: usize| -> f64 {
+            let (b, ch) = (i / (hw * c), i % c);
+            let g = b * groups + ch / cpg;
+            (inp[i] as f64 - mean[g] as f64) * rstd[g] as f64
+        };
+        // Per (batch, group): mean of dxhat and of dxhat·xhat.
+        let stats: Vec<(f64, f64)> = (0..batch * groups)
+            .into_par_iter()
+            .map(|bg| {
+                let (b, g) = (bg / groups, bg % groups);
+                let (mut m1, mut m2) = (0f64, 0f64);
+                for p in 0..hw {
+                    for ch in g * cpg..(g + 1) * cpg {
+                        let i = (b * hw + p) * c + ch;
+                        let dxh = dy[i] as f64 * weight[ch] as f64;
+                        m1 += dxh;
+                        m2 += dxh * xhat(i);
+                    }
+                }
+                let cnt = (hw * cpg) as f64;
+                (m1 / cnt, m2 / cnt)
+            })
+            .collect();
+        dinp[..n].par_chunks_mut(c).enumerate().for_each(|(row, di)| {
+            let b = row / hw;
+            for ch in 0..c {
+                let i = row * c + ch;
+                let g = b * groups + ch / cpg;
+                let (m1, m2) = stats[g];
+                let dxh = dy[i] as f64 * weight[ch] as f64;
+                di[ch] += ((dxh - m1 - xhat(i) * m2) * rstd[g] as f64) as f32;
+            }
+        });
+        dweight[..c].par_iter_mut().zip(dbias[..c].par_iter_mut()).enumerate().for_each(|(ch, (dw, db))| {
+            let (mut sw, mut sb) = (0f64, 0f64);
+            for row in 0..batch * hw {
+                let i = row * c + ch;
+                sw += dy[i] as f64 * xhat(i);
+                sb += dy[i] as f64;
+            }
+            *dw += sw as f32;
+            *db += sb as f32;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{cpu::CpuBackend, Backend};
+    use crate::tensor::Shape;
+
+    /// The checks live here, so every backend refuses a bad call with an error that names the
+    /// tensor; the CPU backend used to panic on an overlap and did not check weight or bias.
+    #[test]
+    fn a_bad_group_norm_call_is_refused_naming_the_tensor() {
+        let mut b = CpuBackend::new();
+        let pool = b.alloc(128, "t").unwrap();
+        let t = |offset, n| Tensor { pool, offset, shape: Shape::new(&[n]) };
+        let p = GroupNormParams { batch: 1, hw: 4, channels: 8, groups: 2, eps: 1e-5, silu: true };
+        let (out, mean, rstd, inp, weight, bias) = (t(0, 32), t(32, 2), t(34, 2), t(36, 32), t(68, 8), t(76, 8));
+        let x: Vec<f32> = (0..32).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3).collect();
+        b.upload(&inp, &x).unwrap();
+        b.upload(&weight, &[0.5, 1.0, 1.5, 2.0, -1.0, 0.25, 0.75, 1.25]).unwrap();
+        let good = GroupNormForward { out: &out, mean: &mean, rstd: &rstd, inp: &inp, weight: &weight, bias: &bias };
+        b.group_norm_forward(&p, &good).unwrap();
+        let m = b.download(&mean).unwrap();
+        let want = x[..32].chunks(8).flat_map(|r| r[..4].to_vec()).map(|v| v as f64).sum::<f64>() / 16.0;
+        assert!((m[0] as f64 - want).abs() < 1e-6, "mean of group 0: {} vs {want}", m[0]);
+
+        let err = |p: &GroupNormParams, t: &GroupNormForward| format!("{:#}", b.group_norm_forward(p, t).unwrap_err());
+        let short = t(68, 7);
+        assert!(err(&p, &GroupNormForward { weight: &short, ..good }).contains("group_norm weight"));
+        assert!(err(&GroupNormParams { groups: 3, ..p }, &good).contains("not divisible into 3 groups"));
+        let overlapping = t(40, 32);
+        assert!(err(&p, &GroupNormForward { out: &overlapping, ..good }).contains("overlaps input"));
+    }
+}
