@@ -12,6 +12,7 @@ pub mod info;
 pub mod plan;
 
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
+use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
 use std::fmt;
@@ -227,19 +228,7 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Layer norm over the last dimension: out, mean (rows), rstd (rows), inp (rows, cols).
-    #[allow(clippy::too_many_arguments)]
-    fn layer_norm_forward(
-        &self,
-        out: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        rows: usize,
-        cols: usize,
-        eps: f32,
-    ) -> Result<()>;
+    fn layer_norm_forward(&self, p: &LayerNormParams, t: &LayerNormForward) -> Result<()>;
 
     /// out (rows, out_f) = inp (rows, in_f) · weightᵀ + bias, weight (out_f, in_f) as PyTorch's Linear.
     fn linear_forward(
@@ -390,20 +379,7 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Of `layer_norm_forward`, from the saved mean and rstd.
-    #[allow(clippy::too_many_arguments)]
-    fn layer_norm_backward(
-        &self,
-        dinp: &Tensor,
-        dweight: &Tensor,
-        dbias: &Tensor,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()>;
+    fn layer_norm_backward(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()>;
 
     /// Of `attention_forward`, recomputing the softmax from the saved log-sum-exp.
     #[allow(clippy::too_many_arguments)]

@@ -4,6 +4,7 @@
 
 use super::{Activation, Backend};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
+use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
 
@@ -66,18 +67,7 @@ impl Backend for PlanBackend {
     ) -> Result<()> {
         Ok(())
     }
-    fn layer_norm_forward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: usize,
-        _: usize,
-        _: f32,
-    ) -> Result<()> {
+    fn layer_norm_forward(&self, _: &LayerNormParams, _: &LayerNormForward) -> Result<()> {
         Ok(())
     }
     fn linear_forward(
@@ -188,19 +178,7 @@ impl Backend for PlanBackend {
         self.count(1, 2 * rows * in_f * out_f * (1 + dinp.is_some() as usize));
         Ok(())
     }
-    fn layer_norm_backward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: usize,
-        _: usize,
-    ) -> Result<()> {
+    fn layer_norm_backward(&self, _: &LayerNormParams, _: &LayerNormBackward) -> Result<()> {
         Ok(())
     }
     fn attention_backward(

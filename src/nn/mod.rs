@@ -4,6 +4,7 @@
 
 use crate::backend::Backend;
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
+use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::{Layout, Tensor};
 use anyhow::Result;
 
@@ -47,6 +48,11 @@ pub struct LayerNormActs {
 }
 
 impl LayerNorm {
+    /// The operation this layer applies to `rows` vectors.
+    fn params(&self, rows: usize) -> LayerNormParams {
+        LayerNormParams { rows, cols: self.dim, eps: self.eps }
+    }
+
     pub fn layout(l: &mut Layout, prefix: &str, dim: usize, eps: f32) -> LayerNorm {
         let weight = l.tensor(format!("{prefix}.weight"), [dim]);
         let bias = l.tensor(format!("{prefix}.bias"), [dim]);
@@ -62,7 +68,17 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, b: &dyn Backend, acts: &LayerNormActs, inp: &Tensor, rows: usize) -> Result<()> {
-        b.layer_norm_forward(&acts.out, &acts.mean, &acts.rstd, inp, &self.weight, &self.bias, rows, self.dim, self.eps)
+        b.layer_norm_forward(
+            &self.params(rows),
+            &LayerNormForward {
+                out: &acts.out,
+                mean: &acts.mean,
+                rstd: &acts.rstd,
+                inp,
+                weight: &self.weight,
+                bias: &self.bias,
+            },
+        )
     }
 }
 
@@ -155,7 +171,19 @@ impl LayerNorm {
         acts: &LayerNormActs,
         rows: usize,
     ) -> Result<()> {
-        b.layer_norm_backward(dinp, &g.weight, &g.bias, dout, inp, &self.weight, &acts.mean, &acts.rstd, rows, self.dim)
+        b.layer_norm_backward(
+            &self.params(rows),
+            &LayerNormBackward {
+                dinp,
+                dweight: &g.weight,
+                dbias: &g.bias,
+                dout,
+                inp,
+                weight: &self.weight,
+                mean: &acts.mean,
+                rstd: &acts.rstd,
+            },
+        )
     }
 }
 

@@ -1,4 +1,4 @@
-//! Operations as units (issue 15; group norm is the first family moved here, the others follow).
+//! Operations as units (issue 15; the norms are the first family moved here, the others follow).
 //!
 //! Each operation family is one module named like its kernel file (`ops/norm.rs` ↔
 //! `kernels/norm.cu`). A parameter struct per operation owns what every backend shares: the shape

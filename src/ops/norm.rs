@@ -1,11 +1,129 @@
-//! Group normalisation (`torch.nn.GroupNorm` over channels-last activations), optionally followed
-//! by SiLU as the U-Net's and the VAE's resnets apply it. Kernels: kernels/norm.cu (`gn_*`).
+//! Normalisations. Layer norm (`torch.nn.LayerNorm` over the last dimension: the text encoders',
+//! the transformer blocks'); group norm (`torch.nn.GroupNorm` over channels-last activations),
+//! optionally followed by SiLU as the U-Net's and the VAE's resnets apply it. Kernels:
+//! kernels/norm.cu (`ln_*`, `gn_*`).
 
 use super::silu;
 use crate::backend::{check_disjoint, check_len};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
+
+/// One layer norm: `rows` vectors of `cols` values, each normalised, then `weight · x̂ + bias`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerNormParams {
+    pub rows: usize,
+    pub cols: usize,
+    pub eps: f32,
+}
+
+/// The tensors of a forward call: `out`, `inp` (rows, cols); the per-row `mean` and `rstd` (rows)
+/// that the backward reads; `weight`, `bias` (cols).
+pub struct LayerNormForward<'a> {
+    pub out: &'a Tensor,
+    pub mean: &'a Tensor,
+    pub rstd: &'a Tensor,
+    pub inp: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
+}
+
+/// The tensors of a backward call: the gradients `dinp`, `dweight`, `dbias` (accumulated into),
+/// `dout`, and the forward's input, weight and saved statistics.
+pub struct LayerNormBackward<'a> {
+    pub dinp: &'a Tensor,
+    pub dweight: &'a Tensor,
+    pub dbias: &'a Tensor,
+    pub dout: &'a Tensor,
+    pub inp: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub mean: &'a Tensor,
+    pub rstd: &'a Tensor,
+}
+
+impl LayerNormParams {
+    /// What every backend checks before a forward: the tensors hold what the shapes need, and no
+    /// output overlaps another or an input.
+    pub fn check_forward(&self, t: &LayerNormForward) -> Result<()> {
+        let (rows, cols) = (self.rows, self.cols);
+        check_len("layer_norm out", t.out, rows * cols)?;
+        check_len("layer_norm inp", t.inp, rows * cols)?;
+        check_len("layer_norm mean", t.mean, rows)?;
+        check_len("layer_norm rstd", t.rstd, rows)?;
+        check_len("layer_norm weight", t.weight, cols)?;
+        check_len("layer_norm bias", t.bias, cols)?;
+        check_disjoint("layer_norm", &[t.out, t.mean, t.rstd], &[t.inp, t.weight, t.bias])
+    }
+
+    /// As [`LayerNormParams::check_forward`], for a backward.
+    pub fn check_backward(&self, t: &LayerNormBackward) -> Result<()> {
+        let (rows, cols) = (self.rows, self.cols);
+        check_len("layer_norm_backward dinp", t.dinp, rows * cols)?;
+        check_len("layer_norm_backward dout", t.dout, rows * cols)?;
+        check_len("layer_norm_backward inp", t.inp, rows * cols)?;
+        check_len("layer_norm_backward weight", t.weight, cols)?;
+        check_len("layer_norm_backward dweight", t.dweight, cols)?;
+        check_len("layer_norm_backward dbias", t.dbias, cols)?;
+        check_len("layer_norm_backward mean", t.mean, rows)?;
+        check_len("layer_norm_backward rstd", t.rstd, rows)?;
+        check_disjoint("layer_norm_backward", &[t.dinp, t.dweight, t.dbias], &[t.dout, t.inp, t.weight, t.mean, t.rstd])
+    }
+
+    /// The CPU reference of the forward, on checked slices: `[out, mean, rstd]`, `[inp, weight,
+    /// bias]`. Two passes in f64 for each row's statistics: the reference for the f32/bf16 kernels.
+    pub fn cpu_forward(&self, [o, m, r]: [&mut [f32]; 3], [x, w, b]: [&[f32]; 3]) {
+        let (rows, cols) = (self.rows, self.cols);
+        o[..rows * cols]
+            .par_chunks_mut(cols)
+            .zip(x[..rows * cols].par_chunks(cols))
+            .zip(m[..rows].par_iter_mut().zip(r[..rows].par_iter_mut()))
+            .for_each(|((o, x), (m, r))| {
+                let mu = x.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+                let var = x.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / cols as f64;
+                let rs = 1.0 / (var + self.eps as f64).sqrt();
+                for c in 0..cols {
+                    o[c] = ((x[c] as f64 - mu) * rs) as f32 * w[c] + b[c];
+                }
+                *m = mu as f32;
+                *r = rs as f32;
+            });
+    }
+
+    /// The CPU reference of the backward, on checked slices: `[dinp, dweight, dbias]` (accumulated
+    /// into), `[dout, inp, weight, mean, rstd]`.
+    pub fn cpu_backward(&self, [dinp, dweight, dbias]: [&mut [f32]; 3], ins: [&[f32]; 5]) {
+        let [dout, inp, weight, mean, rstd] = ins;
+        let (rows, cols) = (self.rows, self.cols);
+        dinp[..rows * cols].par_chunks_mut(cols).enumerate().for_each(|(r, di)| {
+            let (x, dy) = (&inp[r * cols..(r + 1) * cols], &dout[r * cols..(r + 1) * cols]);
+            let (mu, rs) = (mean[r] as f64, rstd[r] as f64);
+            let (mut m1, mut m2) = (0f64, 0f64);
+            for c in 0..cols {
+                let xhat = (x[c] as f64 - mu) * rs;
+                let g = dy[c] as f64 * weight[c] as f64;
+                m1 += g;
+                m2 += g * xhat;
+            }
+            m1 /= cols as f64;
+            m2 /= cols as f64;
+            for c in 0..cols {
+                let xhat = (x[c] as f64 - mu) * rs;
+                let g = dy[c] as f64 * weight[c] as f64;
+                di[c] += ((g - m1 - xhat * m2) * rs) as f32;
+            }
+        });
+        dweight[..cols].par_iter_mut().zip(dbias[..cols].par_iter_mut()).enumerate().for_each(|(c, (dw, db))| {
+            let (mut sw, mut sb) = (0f64, 0f64);
+            for r in 0..rows {
+                let xhat = (inp[r * cols + c] as f64 - mean[r] as f64) * rstd[r] as f64;
+                sw += dout[r * cols + c] as f64 * xhat;
+                sb += dout[r * cols + c] as f64;
+            }
+            *dw += sw as f32;
+            *db += sb as f32;
+        });
+    }
+}
 
 /// One group norm: `batch` images of `hw` positions × `channels`, normalised over each of
 /// `groups` groups of channels per image, then `weight · x̂ + bias` per channel (and SiLU).

@@ -6,7 +6,9 @@ use anyhow::{ensure, Result};
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::cuda::CudaBackend;
 use roentgen::backend::Backend;
-use roentgen::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
+use roentgen::ops::norm::{
+    GroupNormBackward, GroupNormForward, GroupNormParams, LayerNormBackward, LayerNormForward, LayerNormParams,
+};
 use roentgen::tensor::Tensor;
 
 pub struct Rng(pub u64);
@@ -208,4 +210,22 @@ pub fn group_norm_forward(b: &dyn Backend, p: GroupNormParams, t: &[Tensor]) -> 
 pub fn group_norm_backward(b: &dyn Backend, p: GroupNormParams, t: &[Tensor]) -> Result<()> {
     let [dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd] = &t[..9] else { unreachable!() };
     b.group_norm_backward(&p, &GroupNormBackward { dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd })
+}
+
+/// `layer_norm_forward` of (rows, cols), ε 1e-5, on tensors in the order out, mean, rstd, inp,
+/// weight, bias.
+pub fn layer_norm_forward(b: &dyn Backend, rows: usize, cols: usize, t: &[Tensor]) -> Result<()> {
+    let p = LayerNormParams { rows, cols, eps: 1e-5 };
+    b.layer_norm_forward(
+        &p,
+        &LayerNormForward { out: &t[0], mean: &t[1], rstd: &t[2], inp: &t[3], weight: &t[4], bias: &t[5] },
+    )
+}
+
+/// `layer_norm_backward` of (rows, cols) on tensors in the order dinp, dweight, dbias, dout, inp,
+/// weight, mean, rstd.
+pub fn layer_norm_backward(b: &dyn Backend, rows: usize, cols: usize, t: &[Tensor]) -> Result<()> {
+    let [dinp, dweight, dbias, dout, inp, weight, mean, rstd] = &t[..8] else { unreachable!() };
+    let p = LayerNormParams { rows, cols, eps: 1e-5 };
+    b.layer_norm_backward(&p, &LayerNormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd })
 }

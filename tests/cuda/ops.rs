@@ -53,9 +53,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             rng.normal(cols),
             rng.normal(cols),
         ];
-        g(format!("layer_norm_forward {rows}x{cols}"), ins, &[0, 1, 2], &|b, t| {
-            b.layer_norm_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], rows, cols, 1e-5)
-        });
+        g(format!("layer_norm_forward {rows}x{cols}"), ins, &[0, 1, 2], &|b, t| layer_norm_forward(b, rows, cols, t));
         // backward from the statistics the CPU computes of x
         let mut cpu = CpuBackend::new();
         let st = place(
@@ -63,7 +61,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             &[vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows], x.clone(), vec![1.0; cols], vec![0.0; cols]],
         )
         .unwrap();
-        cpu.layer_norm_forward(&st[0], &st[1], &st[2], &st[3], &st[4], &st[5], rows, cols, 1e-5).unwrap();
+        layer_norm_forward(&cpu, rows, cols, &st).unwrap();
         let (mean, rstd) = (cpu.download(&st[1]).unwrap(), cpu.download(&st[2]).unwrap());
         let ins = vec![
             rng.normal(rows * cols),
@@ -75,9 +73,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             mean,
             rstd,
         ];
-        g(format!("layer_norm_backward {rows}x{cols}"), ins, &[0, 1, 2], &|b, t| {
-            b.layer_norm_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], rows, cols)
-        });
+        g(format!("layer_norm_backward {rows}x{cols}"), ins, &[0, 1, 2], &|b, t| layer_norm_backward(b, rows, cols, t));
     }
 
     // group norm ± SiLU: (batch, h·w, channels, groups): SD's 64×64×320, the VAE's 8-group case,

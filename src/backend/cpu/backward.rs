@@ -56,49 +56,6 @@ fn column_sums_into(db: &mut [f32], x: &[f32], rows: usize, cols: usize) {
     });
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn layer_norm(
-    dinp: &mut [f32],
-    dweight: &mut [f32],
-    dbias: &mut [f32],
-    dout: &[f32],
-    inp: &[f32],
-    weight: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
-    rows: usize,
-    cols: usize,
-) {
-    dinp[..rows * cols].par_chunks_mut(cols).enumerate().for_each(|(r, di)| {
-        let (x, dy) = (&inp[r * cols..(r + 1) * cols], &dout[r * cols..(r + 1) * cols]);
-        let (mu, rs) = (mean[r] as f64, rstd[r] as f64);
-        let (mut m1, mut m2) = (0f64, 0f64);
-        for c in 0..cols {
-            let xhat = (x[c] as f64 - mu) * rs;
-            let g = dy[c] as f64 * weight[c] as f64;
-            m1 += g;
-            m2 += g * xhat;
-        }
-        m1 /= cols as f64;
-        m2 /= cols as f64;
-        for c in 0..cols {
-            let xhat = (x[c] as f64 - mu) * rs;
-            let g = dy[c] as f64 * weight[c] as f64;
-            di[c] += ((g - m1 - xhat * m2) * rs) as f32;
-        }
-    });
-    dweight[..cols].par_iter_mut().zip(dbias[..cols].par_iter_mut()).enumerate().for_each(|(c, (dw, db))| {
-        let (mut sw, mut sb) = (0f64, 0f64);
-        for r in 0..rows {
-            let xhat = (inp[r * cols + c] as f64 - mean[r] as f64) * rstd[r] as f64;
-            sw += dout[r * cols + c] as f64 * xhat;
-            sb += dout[r * cols + c] as f64;
-        }
-        *dw += sw as f32;
-        *db += sb as f32;
-    });
-}
-
 /// Attention backward per (batch, head), softmax rows recomputed from the saved log-sum-exp.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(

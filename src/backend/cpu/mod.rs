@@ -6,6 +6,7 @@ pub mod gemm;
 
 use super::{check_key_mask, check_len, Activation, Backend};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
+use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::ops::silu;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{bail, ensure, Result};
@@ -183,38 +184,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn layer_norm_forward(
-        &self,
-        out: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        rows: usize,
-        cols: usize,
-        eps: f32,
-    ) -> Result<()> {
-        check_len("layer_norm out", out, rows * cols)?;
-        check_len("layer_norm inp", inp, rows * cols)?;
-        check_len("layer_norm mean", mean, rows)?;
-        check_len("layer_norm rstd", rstd, rows)?;
-        let ([o, m, r], [x, w, b]) = self.views([out, mean, rstd], [inp, weight, bias]);
-        o[..rows * cols]
-            .par_chunks_mut(cols)
-            .zip(x[..rows * cols].par_chunks(cols))
-            .zip(m[..rows].par_iter_mut().zip(r[..rows].par_iter_mut()))
-            .for_each(|((o, x), (m, r))| {
-                // Two passes in f64 for the statistics: the reference for the f32/bf16 kernels.
-                let mu = x.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
-                let var = x.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / cols as f64;
-                let rs = 1.0 / (var + eps as f64).sqrt();
-                for c in 0..cols {
-                    o[c] = ((x[c] as f64 - mu) * rs) as f32 * w[c] + b[c];
-                }
-                *m = mu as f32;
-                *r = rs as f32;
-            });
+    fn layer_norm_forward(&self, p: &LayerNormParams, t: &LayerNormForward) -> Result<()> {
+        p.check_forward(t)?;
+        let (outs, ins) = self.views([t.out, t.mean, t.rstd], [t.inp, t.weight, t.bias]);
+        p.cpu_forward(outs, ins);
         Ok(())
     }
 
@@ -520,22 +493,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn layer_norm_backward(
-        &self,
-        dinp: &Tensor,
-        dweight: &Tensor,
-        dbias: &Tensor,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
-        check_len("layer_norm_backward dinp", dinp, rows * cols)?;
-        let ([di, dw, db], [dy, x, w, m, r]) = self.views([dinp, dweight, dbias], [dout, inp, weight, mean, rstd]);
-        backward::layer_norm(di, dw, db, dy, x, w, m, r, rows, cols);
+    fn layer_norm_backward(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let (outs, ins) = self.views([t.dinp, t.dweight, t.dbias], [t.dout, t.inp, t.weight, t.mean, t.rstd]);
+        p.cpu_backward(outs, ins);
         Ok(())
     }
 

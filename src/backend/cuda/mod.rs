@@ -37,6 +37,7 @@ mod reference_gemm;
 
 use super::{check_disjoint, check_len, Activation, Backend, Precision};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
+use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use device::{Compute, CudaDriver, Device, DeviceError, Event, Function, Gemm};
@@ -598,19 +599,8 @@ impl Backend for CudaBackend {
         self.embedding_forward_impl(out, ids, wte, wpe, batch, seq, dim)
     }
 
-    fn layer_norm_forward(
-        &self,
-        out: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        rows: usize,
-        cols: usize,
-        eps: f32,
-    ) -> Result<()> {
-        self.layer_norm_forward_impl(out, mean, rstd, inp, weight, bias, rows, cols, eps)
+    fn layer_norm_forward(&self, p: &LayerNormParams, t: &LayerNormForward) -> Result<()> {
+        self.layer_norm_forward_impl(p, t)
     }
 
     /// out (rows, out_f) = inp · Wᵀ + bias. Row-major X (rows×in) is column-major Xᵀ; so
@@ -851,20 +841,8 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn layer_norm_backward(
-        &self,
-        dinp: &Tensor,
-        dweight: &Tensor,
-        dbias: &Tensor,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
-        self.layer_norm_backward_impl(dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, cols)
+    fn layer_norm_backward(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()> {
+        self.layer_norm_backward_impl(p, t)
     }
 
     fn attention_backward(

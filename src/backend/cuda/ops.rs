@@ -17,6 +17,7 @@ use super::{check_disjoint, to_i32, Arg, CudaBackend};
 use crate::backend::check_len;
 use crate::backend::Activation;
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
+use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 
@@ -117,26 +118,10 @@ impl CudaBackend {
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn layer_norm_forward_impl(
-        &self,
-        out: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        rows: usize,
-        cols: usize,
-        eps: f32,
-    ) -> Result<()> {
-        check_len("layer_norm out", out, rows * cols)?;
-        check_len("layer_norm inp", inp, rows * cols)?;
-        check_len("layer_norm mean", mean, rows)?;
-        check_len("layer_norm rstd", rstd, rows)?;
-        check_len("layer_norm weight", weight, cols)?;
-        check_len("layer_norm bias", bias, cols)?;
-        check_disjoint("layer_norm", &[out, mean, rstd], &[inp, weight, bias])?;
+    pub(crate) fn layer_norm_forward_impl(&self, p: &LayerNormParams, t: &LayerNormForward) -> Result<()> {
+        p.check_forward(t)?;
+        let LayerNormParams { rows, cols, eps } = *p;
+        let LayerNormForward { out, mean, rstd, inp, weight, bias } = *t;
         to_i32("layer_norm", rows * cols)?;
         if rows == 0 {
             return Ok(());
@@ -420,30 +405,11 @@ impl CudaBackend {
         self.ops_launch1("ew_scale", n, &[Arg::P(self.dptr(t)), Arg::F(s), Arg::I(ni)])
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn layer_norm_backward_impl(
-        &self,
-        dinp: &Tensor,
-        dweight: &Tensor,
-        dbias: &Tensor,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
+    pub(crate) fn layer_norm_backward_impl(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let LayerNormParams { rows, cols, .. } = *p;
+        let LayerNormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd } = *t;
         let n = rows * cols;
-        check_len("layer_norm_backward dinp", dinp, n)?;
-        check_len("layer_norm_backward dout", dout, n)?;
-        check_len("layer_norm_backward inp", inp, n)?;
-        check_len("layer_norm_backward weight", weight, cols)?;
-        check_len("layer_norm_backward dweight", dweight, cols)?;
-        check_len("layer_norm_backward dbias", dbias, cols)?;
-        check_len("layer_norm_backward mean", mean, rows)?;
-        check_len("layer_norm_backward rstd", rstd, rows)?;
-        check_disjoint("layer_norm_backward", &[dinp, dweight, dbias], &[dout, inp, weight, mean, rstd])?;
         to_i32("layer_norm_backward", n)?;
         if n == 0 {
             return Ok(());
