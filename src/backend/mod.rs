@@ -11,6 +11,7 @@ pub mod cuda;
 pub mod info;
 pub mod plan;
 
+use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::{PoolId, Tensor};
@@ -273,22 +274,7 @@ pub trait Backend {
     /// with oh = (h + pad_top + pad_bottom − kh) / stride + 1 (likewise ow), weight in PyTorch's
     /// layout (c_out, c_in, kh, kw). `pad` is [top, bottom, left, right] (the VAE's downsampler pads
     /// asymmetrically).
-    #[allow(clippy::too_many_arguments)]
-    fn conv2d_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        batch: usize,
-        h: usize,
-        w: usize,
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        pad: [usize; 4],
-    ) -> Result<()>;
+    fn conv2d_forward(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()>;
 
     /// Group norm on channels-last tensors, statistics over (hw, c / groups) per (batch, group),
     /// optionally followed by SiLU (the resnet's norm → act pair, fused). inp/out (batch, hw, c),
@@ -408,24 +394,7 @@ pub trait Backend {
 
     /// Of `conv2d_forward`: data, weight and bias gradients (dinp optional: the first layer's input
     /// needs none).
-    #[allow(clippy::too_many_arguments)]
-    fn conv2d_backward(
-        &self,
-        dinp: Option<&Tensor>,
-        dweight: &Tensor,
-        dbias: Option<&Tensor>,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        batch: usize,
-        h: usize,
-        w: usize,
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        pad: [usize; 4],
-    ) -> Result<()>;
+    fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()>;
 
     /// Of `group_norm_forward` (with its SiLU when `silu`, recomputed from the saved statistics).
     fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()>;

@@ -3,6 +3,7 @@
 //! code itself.
 
 use super::{Activation, Backend};
+use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::{PoolId, Tensor};
@@ -108,24 +109,8 @@ impl Backend for PlanBackend {
     fn add_forward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {
         Ok(())
     }
-    fn conv2d_forward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: Option<&Tensor>,
-        batch: usize,
-        h: usize,
-        w: usize,
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        pad: [usize; 4],
-    ) -> Result<()> {
-        let oh = (h + pad[0] + pad[1] - kernel) / stride + 1;
-        let ow = (w + pad[2] + pad[3] - kernel) / stride + 1;
-        self.count(0, 2 * batch * oh * ow * c_out * c_in * kernel * kernel);
+    fn conv2d_forward(&self, p: &Conv2dParams, _: &Conv2dForward) -> Result<()> {
+        self.count(0, p.flops());
         Ok(())
     }
     fn group_norm_forward(&self, _: &GroupNormParams, _: &GroupNormForward) -> Result<()> {
@@ -207,26 +192,9 @@ impl Backend for PlanBackend {
     fn activation_backward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: Activation, _: usize) -> Result<()> {
         Ok(())
     }
-    fn conv2d_backward(
-        &self,
-        dinp: Option<&Tensor>,
-        _: &Tensor,
-        _: Option<&Tensor>,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        batch: usize,
-        h: usize,
-        w: usize,
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        pad: [usize; 4],
-    ) -> Result<()> {
-        let oh = (h + pad[0] + pad[1] - kernel) / stride + 1;
-        let ow = (w + pad[2] + pad[3] - kernel) / stride + 1;
-        self.count(0, 2 * batch * oh * ow * c_out * c_in * kernel * kernel * (1 + dinp.is_some() as usize));
+    fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()> {
+        // The weight gradient, and the input gradient when wanted: one forward's work each.
+        self.count(0, p.flops() * (1 + t.dinp.is_some() as usize));
         Ok(())
     }
     fn group_norm_backward(&self, _: &GroupNormParams, _: &GroupNormBackward) -> Result<()> {

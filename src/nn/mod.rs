@@ -3,6 +3,7 @@
 //! parameter table is built from the config and matches checkpoint files without a rename table.
 
 use crate::backend::Backend;
+use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::{Layout, Tensor};
@@ -216,8 +217,8 @@ impl Conv2d {
     }
 
     pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let [pt, pb, pl, pr] = self.pad;
-        ((h + pt + pb - self.kernel) / self.stride + 1, (w + pl + pr - self.kernel) / self.stride + 1)
+        let p = self.params(&Fmap { t: self.weight, batch: 1, h, w, c: self.c_in });
+        (p.out_h(), p.out_w())
     }
 
     pub fn apply(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<Fmap> {
@@ -225,18 +226,8 @@ impl Conv2d {
         let (oh, ow) = self.out_size(x.h, x.w);
         let out = Fmap::alloc(arena, x.batch, oh, ow, self.c_out)?;
         b.conv2d_forward(
-            &out.t,
-            &x.t,
-            &self.weight,
-            self.bias.as_ref(),
-            x.batch,
-            x.h,
-            x.w,
-            self.c_in,
-            self.c_out,
-            self.kernel,
-            self.stride,
-            self.pad,
+            &self.params(x),
+            &Conv2dForward { out: &out.t, inp: &x.t, weight: &self.weight, bias: self.bias.as_ref() },
         )?;
         Ok(out)
     }
@@ -244,21 +235,22 @@ impl Conv2d {
     /// `dout` is the gradient of this layer's output for input `x`; accumulates into `g` and `dx`.
     pub fn backward(&self, g: &Conv2d, b: &dyn Backend, dx: Option<&Fmap>, dout: &Fmap, x: &Fmap) -> Result<()> {
         b.conv2d_backward(
-            dx.map(|d| &d.t),
-            &g.weight,
-            g.bias.as_ref(),
-            &dout.t,
-            &x.t,
-            &self.weight,
-            x.batch,
-            x.h,
-            x.w,
-            self.c_in,
-            self.c_out,
-            self.kernel,
-            self.stride,
-            self.pad,
+            &self.params(x),
+            &Conv2dBackward {
+                dinp: dx.map(|d| &d.t),
+                dweight: &g.weight,
+                dbias: g.bias.as_ref(),
+                dout: &dout.t,
+                inp: &x.t,
+                weight: &self.weight,
+            },
         )
+    }
+
+    /// The convolution this layer applies to `x`.
+    fn params(&self, x: &Fmap) -> Conv2dParams {
+        let (c_in, c_out, kernel, stride, pad) = (self.c_in, self.c_out, self.kernel, self.stride, self.pad);
+        Conv2dParams { batch: x.batch, h: x.h, w: x.w, c_in, c_out, kernel, stride, pad }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Operations as units (issue 15; the norms are the first family moved here, the others follow).
+//! Operations as units (issue 15; the norms and the convolution are here, the other families follow).
 //!
 //! Each operation family is one module named like its kernel file (`ops/norm.rs` ↔
 //! `kernels/norm.cu`). A parameter struct per operation owns what every backend shares: the shape
@@ -8,6 +8,7 @@
 //! the operation takes both: the CPU backend runs the reference on its memory, the CUDA backend
 //! launches kernels/norm.cu (its launches stay in src/backend/cuda for now).
 
+pub mod conv;
 pub mod norm;
 
 /// SiLU (x · sigmoid(x)) in f32, as torch computes it on the CPU.

@@ -33,7 +33,7 @@ pub fn fuzz_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str, 
                 bf16,
                 &ins,
                 &[0],
-                &|bk, t| bk.conv2d_forward(&t[0], &t[1], &t[2], Some(&t[3]), b, h, w, ci, co, k, s, pad),
+                &|bk, t| conv2d_forward(bk, conv2d((b, h, w, ci, co, k, s, pad)), t),
                 skew,
             )
         });
@@ -51,9 +51,7 @@ pub fn fuzz_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str, 
                 bf16,
                 &ins,
                 &[0, 1, 2],
-                &|bk, t| {
-                    bk.conv2d_backward(Some(&t[0]), &t[1], Some(&t[2]), &t[3], &t[4], &t[5], b, h, w, ci, co, k, s, pad)
-                },
+                &|bk, t| conv2d_backward(bk, conv2d((b, h, w, ci, co, k, s, pad)), t, true),
                 skew,
             )
         });

@@ -6,6 +6,7 @@ use anyhow::{ensure, Result};
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::cuda::CudaBackend;
 use roentgen::backend::Backend;
+use roentgen::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use roentgen::ops::norm::{
     GroupNormBackward, GroupNormForward, GroupNormParams, LayerNormBackward, LayerNormForward, LayerNormParams,
 };
@@ -228,4 +229,23 @@ pub fn layer_norm_backward(b: &dyn Backend, rows: usize, cols: usize, t: &[Tenso
     let [dinp, dweight, dbias, dout, inp, weight, mean, rstd] = &t[..8] else { unreachable!() };
     let p = LayerNormParams { rows, cols, eps: 1e-5 };
     b.layer_norm_backward(&p, &LayerNormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd })
+}
+
+/// A convolution of (batch, h, w, c_in, c_out, kernel, stride, pad), as the cases list them.
+pub fn conv2d(shape: (usize, usize, usize, usize, usize, usize, usize, [usize; 4])) -> Conv2dParams {
+    let (batch, h, w, c_in, c_out, kernel, stride, pad) = shape;
+    Conv2dParams { batch, h, w, c_in, c_out, kernel, stride, pad }
+}
+
+/// `conv2d_forward` on tensors in the order out, inp, weight[, bias].
+pub fn conv2d_forward(b: &dyn Backend, p: Conv2dParams, t: &[Tensor]) -> Result<()> {
+    b.conv2d_forward(&p, &Conv2dForward { out: &t[0], inp: &t[1], weight: &t[2], bias: t.get(3) })
+}
+
+/// `conv2d_backward` on tensors in the order dinp, dweight, dbias, dout, inp, weight; without
+/// `dinp_and_dbias` only the weight gradient is asked for.
+pub fn conv2d_backward(b: &dyn Backend, p: Conv2dParams, t: &[Tensor], dinp_and_dbias: bool) -> Result<()> {
+    let [dinp, dweight, dbias, dout, inp, weight] = &t[..6] else { unreachable!() };
+    let (dinp, dbias) = if dinp_and_dbias { (Some(dinp), Some(dbias)) } else { (None, None) };
+    b.conv2d_backward(&p, &Conv2dBackward { dinp, dweight, dbias, dout, inp, weight })
 }

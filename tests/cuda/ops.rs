@@ -151,7 +151,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         let aligned = if sk > 0 { format!(", tensors {sk} elements off alignment") } else { String::new() };
         let name = format!("{n}x{h}x{w}x{ci}->{co} k{k} s{s} pad{pad:?}{aligned}");
         g(format!("conv2d_forward {name}"), ins, &[0], &|b, t| {
-            b.conv2d_forward(&t[0], &t[1], &t[2], Some(&t[3]), n, h, w, ci, co, k, s, pad)
+            conv2d_forward(b, conv2d((n, h, w, ci, co, k, s, pad)), t)
         });
         let ins = vec![
             rng.normal(n * h * w * ci),
@@ -162,10 +162,10 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             rng.scaled(co * ci * k * k, fan.powf(-0.5)),
         ];
         g(format!("conv2d_backward {name}"), ins.clone(), &[0, 1, 2], &|b, t| {
-            b.conv2d_backward(Some(&t[0]), &t[1], Some(&t[2]), &t[3], &t[4], &t[5], n, h, w, ci, co, k, s, pad)
+            conv2d_backward(b, conv2d((n, h, w, ci, co, k, s, pad)), t, true)
         });
         g(format!("conv2d_backward (no dinp, no bias) {name}"), ins, &[1], &|b, t| {
-            b.conv2d_backward(None, &t[1], None, &t[3], &t[4], &t[5], n, h, w, ci, co, k, s, pad)
+            conv2d_backward(b, conv2d((n, h, w, ci, co, k, s, pad)), t, false)
         });
     }
     skew.set(0);
@@ -498,7 +498,7 @@ pub fn wide_attention_chunk_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: b
         );
         let w = &t[2];
         let out = Tensor { pool: w.pool, offset: w.offset, shape: [4 * 4 * 4].into() };
-        let e = gpu.conv2d_forward(&out, &q, w, None, 1, 4, 4, 4, 4, 3, 1, [1, 1, 1, 1]).err();
+        let e = conv2d_forward(gpu, conv2d((1, 4, 4, 4, 4, 3, 1, [1, 1, 1, 1])), &[out, q, *w]).err();
         ensure!(
             e.is_some_and(|e| e.to_string().contains("overlaps")),
             "conv2d_forward with out overlapping the weight was accepted"

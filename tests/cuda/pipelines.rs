@@ -84,7 +84,7 @@ pub fn param_copy_case(r: &mut Runner) {
                     gpu.upload(&wt_t, &wt)?;
                     let mut outs = Vec::new();
                     let conv = |gpu: &CudaBackend, outs: &mut Vec<f32>| -> Result<()> {
-                        gpu.conv2d_forward(&t[1], &t[0], &wt_t, None, b, h, w, ci, co, k, stride, pad)?;
+                        conv2d_forward(gpu, conv2d((b, h, w, ci, co, k, stride, pad)), &[t[1], t[0], wt_t])?;
                         outs.extend(gpu.download(&t[1])?);
                         Ok(())
                     };

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 /// A pointer shared by tasks that write disjoint elements (each task owns a set of (batch, head)
 /// columns of a strided tensor, which slices cannot express).
 #[derive(Clone, Copy)]
-pub(super) struct SharedMut(pub *mut f32);
+pub(crate) struct SharedMut(pub *mut f32);
 // SAFETY: only used where each task writes a disjoint set of elements (documented at each use).
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
@@ -49,7 +49,7 @@ pub fn linear(
 }
 
 /// db[c] += Σ_r x[r, c], in f64.
-fn column_sums_into(db: &mut [f32], x: &[f32], rows: usize, cols: usize) {
+pub(crate) fn column_sums_into(db: &mut [f32], x: &[f32], rows: usize, cols: usize) {
     db[..cols].par_iter_mut().enumerate().for_each(|(c, d)| {
         let s: f64 = (0..rows).map(|r| x[r * cols + c] as f64).sum();
         *d += s as f32;
@@ -147,110 +147,6 @@ pub fn activation(dinp: &mut [f32], dout: &[f32], inp: &[f32], act: Activation, 
     dinp[..n].par_iter_mut().zip(dout[..n].par_iter().zip(inp[..n].par_iter())).for_each(|(di, (&g, &x))| {
         *di += g * d(x);
     });
-}
-
-/// Gathers the (c_in, ky, kx)-ordered patches of `n` output pixels starting at pixel `r0`.
-#[allow(clippy::too_many_arguments)]
-fn im2col(
-    patch: &mut [f32],
-    x: &[f32],
-    r0: usize,
-    n: usize,
-    h: usize,
-    w: usize,
-    c_in: usize,
-    kernel: usize,
-    stride: usize,
-    pad: [usize; 4],
-    oh: usize,
-    ow: usize,
-) {
-    let k = c_in * kernel * kernel;
-    patch[..n * k].par_chunks_mut(k).enumerate().for_each(|(r, p)| {
-        let (b, rem) = ((r0 + r) / (oh * ow), (r0 + r) % (oh * ow));
-        let (oy, ox) = (rem / ow, rem % ow);
-        for ky in 0..kernel {
-            let iy = (oy * stride + ky) as isize - pad[0] as isize;
-            for kx in 0..kernel {
-                let ix = (ox * stride + kx) as isize - pad[2] as isize;
-                let inside = iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w;
-                let base = if inside { ((b * h + iy as usize) * w + ix as usize) * c_in } else { 0 };
-                for ci in 0..c_in {
-                    p[ci * kernel * kernel + ky * kernel + kx] = if inside { x[base + ci] } else { 0.0 };
-                }
-            }
-        }
-    });
-}
-
-/// Conv backward by tiles of output pixels: dW += doutᵀ·patches, dpatches = dout·W scattered back
-/// (col2im) into dinp, db += Σ dout. Tiles run in order (their input windows overlap); the products
-/// inside a tile are parallel.
-#[allow(clippy::too_many_arguments)]
-pub fn conv2d(
-    mut dinp: Option<&mut [f32]>,
-    dweight: &mut [f32],
-    dbias: Option<&mut [f32]>,
-    dout: &[f32],
-    inp: &[f32],
-    weight: &[f32],
-    batch: usize,
-    h: usize,
-    w: usize,
-    c_in: usize,
-    c_out: usize,
-    kernel: usize,
-    stride: usize,
-    pad: [usize; 4],
-) {
-    let oh = (h + pad[0] + pad[1] - kernel) / stride + 1;
-    let ow = (w + pad[2] + pad[3] - kernel) / stride + 1;
-    let rows = batch * oh * ow;
-    let k = c_in * kernel * kernel;
-    if let Some(db) = dbias {
-        column_sums_into(db, dout, rows, c_out);
-    }
-    if kernel == 1 && stride == 1 && pad == [0; 4] {
-        linear(dinp, dweight, None, dout, inp, weight, rows, c_in, c_out);
-        return;
-    }
-    const TILE: usize = 1024;
-    let mut patch = vec![0f32; TILE.min(rows) * k];
-    for r0 in (0..rows).step_by(TILE) {
-        let n = TILE.min(rows - r0);
-        let dt = &dout[r0 * c_out..(r0 + n) * c_out];
-        im2col(&mut patch, inp, r0, n, h, w, c_in, kernel, stride, pad, oh, ow);
-        let a = Mat { data: dt, row_stride: 1, col_stride: c_out }; // doutᵀ tile (c_out × n)
-        let b = Mat { data: &patch, row_stride: k, col_stride: 1 };
-        gemm::sgemm_par(c_out, n, k, a, b, &mut dweight[..c_out * k], 1.0);
-        if let Some(di) = dinp.as_deref_mut() {
-            let a = Mat { data: dt, row_stride: c_out, col_stride: 1 };
-            let b = Mat { data: weight, row_stride: k, col_stride: 1 };
-            gemm::sgemm_par(n, c_out, k, a, b, &mut patch[..n * k], 0.0);
-            for r in 0..n {
-                let (bb, rem) = ((r0 + r) / (oh * ow), (r0 + r) % (oh * ow));
-                let (oy, ox) = (rem / ow, rem % ow);
-                let p = &patch[r * k..(r + 1) * k];
-                for ky in 0..kernel {
-                    let iy = (oy * stride + ky) as isize - pad[0] as isize;
-                    if iy < 0 || iy as usize >= h {
-                        continue;
-                    }
-                    for kx in 0..kernel {
-                        let ix = (ox * stride + kx) as isize - pad[2] as isize;
-                        if ix < 0 || ix as usize >= w {
-                            continue;
-                        }
-                        let base = ((bb * h + iy as usize) * w + ix as usize) * c_in;
-                        let kk = ky * kernel + kx;
-                        for ci in 0..c_in {
-                            di[base + ci] += p[ci * kernel * kernel + kk];
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
 #[allow(clippy::too_many_arguments)]

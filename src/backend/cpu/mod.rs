@@ -1,10 +1,11 @@
 //! The CPU reference backend: f32 everywhere, plain loops a reader can check against the paper or
 //! PyTorch, rayon for threads, and matrix products through `matrixmultiply` (see `gemm.rs`).
 
-mod backward;
+pub(crate) mod backward;
 pub mod gemm;
 
 use super::{check_key_mask, check_len, Activation, Backend};
+use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::ops::silu;
@@ -282,80 +283,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn conv2d_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        batch: usize,
-        h: usize,
-        w: usize,
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        pad: [usize; 4],
-    ) -> Result<()> {
-        let [pt, pb, pl, pr] = pad;
-        ensure!(
-            stride >= 1 && h + pt + pb >= kernel && w + pl + pr >= kernel,
-            "conv2d: kernel {kernel} does not fit {h}×{w} with padding {pad:?}"
-        );
-        let oh = (h + pt + pb - kernel) / stride + 1;
-        let ow = (w + pl + pr - kernel) / stride + 1;
-        let rows = batch * oh * ow;
-        let k = c_in * kernel * kernel;
-        check_len("conv2d out", out, rows * c_out)?;
-        check_len("conv2d inp", inp, batch * h * w * c_in)?;
-        check_len("conv2d weight", weight, c_out * k)?;
-        let ([o], [x, wt]) = self.views([out], [inp, weight]);
-        let o = &mut o[..rows * c_out];
-        match bias {
-            Some(b) => {
-                check_len("conv2d bias", b, c_out)?;
-                assert!(!out.overlaps(b), "output {out:?} overlaps bias {b:?}");
-                let b = &self.view(b)[..c_out];
-                o.par_chunks_mut(c_out).for_each(|row| row.copy_from_slice(b));
-            }
-            None => o.fill(0.0),
-        }
-        // The weight (c_out, c_in·kh·kw) read transposed: element (k, n) at n·K + k.
-        let wm = gemm::Mat { data: wt, row_stride: 1, col_stride: k };
-        if kernel == 1 && stride == 1 && pad == [0; 4] {
-            let xm = gemm::Mat { data: x, row_stride: c_in, col_stride: 1 };
-            gemm::sgemm_par(rows, k, c_out, xm, wm, o, 1.0);
-            return Ok(());
-        }
-        // Implicit GEMM by tiles: each task gathers the patches of TILE output pixels into a
-        // (TILE, K) matrix, K ordered (c_in, ky, kx) as PyTorch's weight, and multiplies it.
-        const TILE: usize = 128;
-        o.par_chunks_mut(TILE * c_out).enumerate().for_each_init(
-            || vec![0f32; TILE * k],
-            |patch, (tile, o)| {
-                let r0 = tile * TILE;
-                let n = o.len() / c_out;
-                for r in 0..n {
-                    let p = &mut patch[r * k..(r + 1) * k];
-                    let (b, rem) = ((r0 + r) / (oh * ow), (r0 + r) % (oh * ow));
-                    let (oy, ox) = (rem / ow, rem % ow);
-                    for ky in 0..kernel {
-                        let iy = (oy * stride + ky) as isize - pt as isize;
-                        for kx in 0..kernel {
-                            let ix = (ox * stride + kx) as isize - pl as isize;
-                            let inside = iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w;
-                            let base = if inside { ((b * h + iy as usize) * w + ix as usize) * c_in } else { 0 };
-                            let kk = ky * kernel + kx;
-                            for ci in 0..c_in {
-                                p[ci * kernel * kernel + kk] = if inside { x[base + ci] } else { 0.0 };
-                            }
-                        }
-                    }
-                }
-                let pm = gemm::Mat { data: &patch[..n * k], row_stride: k, col_stride: 1 };
-                gemm::sgemm(n, k, c_out, pm, wm, o, 1.0);
-            },
-        );
+    fn conv2d_forward(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()> {
+        p.check_forward(t)?;
+        let ([out], ins) = self.views([t.out], [t.inp, t.weight]);
+        p.cpu_forward(out, ins, t.bias.map(|b| self.view(b)));
         Ok(())
     }
 
@@ -554,48 +485,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn conv2d_backward(
-        &self,
-        dinp: Option<&Tensor>,
-        dweight: &Tensor,
-        dbias: Option<&Tensor>,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        batch: usize,
-        h: usize,
-        w: usize,
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        pad: [usize; 4],
-    ) -> Result<()> {
-        check_len("conv2d_backward dweight", dweight, c_out * c_in * kernel * kernel)?;
-        check_len("conv2d_backward inp", inp, batch * h * w * c_in)?;
-        let mut outs: Vec<&Tensor> = vec![dweight];
-        outs.extend(dinp);
-        outs.extend(dbias);
-        let mut it = self.outs_checked(&outs, &[dout, inp, weight]).into_iter();
-        let dw = it.next().unwrap();
-        let di = dinp.map(|_| it.next().unwrap());
-        let db = dbias.map(|_| it.next().unwrap());
-        backward::conv2d(
-            di,
-            dw,
-            db,
-            self.view(dout),
-            self.view(inp),
-            self.view(weight),
-            batch,
-            h,
-            w,
-            c_in,
-            c_out,
-            kernel,
-            stride,
-            pad,
-        );
+    fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()> {
+        p.check_backward(t)?;
+        // Disjoint (checked above): each gradient a mutable view of its own.
+        let dweight = self.view_mut(t.dweight);
+        let (dinp, dbias) = (t.dinp.map(|d| self.view_mut(d)), t.dbias.map(|d| self.view_mut(d)));
+        p.cpu_backward(dinp, dweight, dbias, [t.dout, t.inp, t.weight].map(|x| self.view(x)));
         Ok(())
     }
 

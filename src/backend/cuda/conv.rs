@@ -16,8 +16,8 @@
 //!   grid.z with atomicAdd.
 //! * bias gradient: `conv2d_bias_grad`, column sums of dout.
 
-use super::{check_disjoint, to_i32, Arg, CudaBackend};
-use crate::backend::check_len;
+use super::{to_i32, Arg, CudaBackend};
+use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
@@ -36,11 +36,6 @@ const THREADS: u32 = 256;
 /// An i32 kernel argument, refusing sizes past i32 (the kernels index with 32-bit ints).
 fn int(what: &str, v: usize) -> Result<Arg> {
     Ok(Arg::I(to_i32(&format!("conv2d {what}"), v)?))
-}
-
-/// Output size of one spatial dimension.
-fn out_dim(size: usize, pad_lo: usize, pad_hi: usize, kernel: usize, stride: usize) -> usize {
-    (size + pad_lo + pad_hi - kernel) / stride + 1
 }
 
 /// Arguments of one conv2d_igemm_* launch (see the comment above those kernels in conv.cu).
@@ -177,40 +172,12 @@ impl CudaBackend {
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn conv2d_forward_impl(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        batch: usize,
-        h: usize,
-        w: usize,
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        pad: [usize; 4],
-    ) -> Result<()> {
-        let [pt, pb, pl, pr] = pad;
-        ensure!(
-            stride >= 1 && kernel >= 1 && h + pt + pb >= kernel && w + pl + pr >= kernel,
-            "conv2d: kernel {kernel} (stride {stride}) does not fit {h}×{w} with padding {pad:?}"
-        );
-        let oh = out_dim(h, pt, pb, kernel, stride);
-        let ow = out_dim(w, pl, pr, kernel, stride);
-        let taps = kernel * kernel;
-        let k = c_in * taps;
-        check_len("conv2d out", out, batch * oh * ow * c_out)?;
-        check_len("conv2d inp", inp, batch * h * w * c_in)?;
-        check_len("conv2d weight", weight, c_out * k)?;
-        if let Some(b) = bias {
-            check_len("conv2d bias", b, c_out)?;
-        }
-        // As the CPU reference (`views`): the output may not overlap the input, weight or bias.
-        let ins: Vec<&Tensor> = [inp, weight].into_iter().chain(bias).collect();
-        check_disjoint("conv2d", &[out], &ins)?;
+    pub(crate) fn conv2d_forward_impl(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()> {
+        p.check_forward(t)?;
+        let Conv2dParams { batch, h, w, c_in, c_out, kernel, stride, pad } = *p;
+        let Conv2dForward { out, inp, weight, bias } = *t;
+        let [pt, _, pl, _] = pad;
+        let (oh, ow, taps) = (p.out_h(), p.out_w(), kernel * kernel);
         let bias_ptr = bias.map_or(0, |b| self.dptr(b));
         if batch * oh * ow == 0 || c_out == 0 {
             return Ok(());
@@ -258,47 +225,12 @@ impl CudaBackend {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn conv2d_backward_impl(
-        &self,
-        dinp: Option<&Tensor>,
-        dweight: &Tensor,
-        dbias: Option<&Tensor>,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        batch: usize,
-        h: usize,
-        w: usize,
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        pad: [usize; 4],
-    ) -> Result<()> {
-        let [pt, pb, pl, pr] = pad;
-        ensure!(
-            stride >= 1 && kernel >= 1 && h + pt + pb >= kernel && w + pl + pr >= kernel,
-            "conv2d backward: kernel {kernel} (stride {stride}) does not fit {h}×{w} with padding {pad:?}"
-        );
-        let oh = out_dim(h, pt, pb, kernel, stride);
-        let ow = out_dim(w, pl, pr, kernel, stride);
-        let taps = kernel * kernel;
-        let k = c_in * taps;
-        let rows = batch * oh * ow;
-        check_len("conv2d dout", dout, rows * c_out)?;
-        check_len("conv2d inp", inp, batch * h * w * c_in)?;
-        check_len("conv2d weight", weight, c_out * k)?;
-        check_len("conv2d dweight", dweight, c_out * k)?;
-        if let Some(db) = dbias {
-            check_len("conv2d dbias", db, c_out)?;
-        }
-        if let Some(di) = dinp {
-            check_len("conv2d dinp", di, batch * h * w * c_in)?;
-        }
-        // As the CPU reference (outs_checked): no gradient may alias another or an input.
-        let outs: Vec<&Tensor> = std::iter::once(dweight).chain(dinp).chain(dbias).collect();
-        check_disjoint("conv2d backward", &outs, &[dout, inp, weight])?;
+    pub(crate) fn conv2d_backward_impl(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let Conv2dParams { batch, h, w, c_in, c_out, kernel, stride, pad } = *p;
+        let Conv2dBackward { dinp, dweight, dbias, dout, inp, weight } = *t;
+        let [pt, _, pl, _] = pad;
+        let (oh, ow, taps, rows) = (p.out_h(), p.out_w(), kernel * kernel, p.out_rows());
         if rows == 0 || c_out == 0 {
             return Ok(());
         }

@@ -36,6 +36,7 @@ mod params;
 mod reference_gemm;
 
 use super::{check_disjoint, check_len, Activation, Backend, Precision};
+use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::{PoolId, Tensor};
@@ -698,22 +699,8 @@ impl Backend for CudaBackend {
         self.add_forward_impl(out, a, b, n)
     }
 
-    fn conv2d_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        batch: usize,
-        h: usize,
-        w: usize,
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        pad: [usize; 4],
-    ) -> Result<()> {
-        self.conv2d_forward_impl(out, inp, weight, bias, batch, h, w, c_in, c_out, kernel, stride, pad)
+    fn conv2d_forward(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()> {
+        self.conv2d_forward_impl(p, t)
     }
 
     fn group_norm_forward(&self, p: &GroupNormParams, t: &GroupNormForward) -> Result<()> {
@@ -873,26 +860,8 @@ impl Backend for CudaBackend {
         self.activation_backward_impl(dinp, dout, inp, act, n)
     }
 
-    fn conv2d_backward(
-        &self,
-        dinp: Option<&Tensor>,
-        dweight: &Tensor,
-        dbias: Option<&Tensor>,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        batch: usize,
-        h: usize,
-        w: usize,
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        pad: [usize; 4],
-    ) -> Result<()> {
-        self.conv2d_backward_impl(
-            dinp, dweight, dbias, dout, inp, weight, batch, h, w, c_in, c_out, kernel, stride, pad,
-        )
+    fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()> {
+        self.conv2d_backward_impl(p, t)
     }
 
     fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()> {

@@ -1,0 +1,226 @@
+//! 2-D convolution (`torch.nn.Conv2d` on channels-last activations, PyTorch's (c_out, c_in, kh, kw)
+//! weight), with the asymmetric padding the VAE's downsamplers use. Kernels: kernels/conv.cu.
+
+use crate::backend::cpu::backward::{column_sums_into, linear as linear_backward};
+use crate::backend::cpu::gemm::{self, Mat};
+use crate::backend::{check_disjoint, check_len};
+use crate::tensor::Tensor;
+use anyhow::{ensure, Result};
+use rayon::prelude::*;
+
+/// One convolution: `batch` images of h × w × c_in, a square `kernel`, `stride`, and padding
+/// [top, bottom, left, right]; the output is (batch, out_h, out_w, c_out).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Conv2dParams {
+    pub batch: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad: [usize; 4],
+}
+
+/// The tensors of a forward call: `out` (batch, out_h, out_w, c_out), `inp` (batch, h, w, c_in),
+/// `weight` (c_out, c_in, kernel, kernel), `bias` (c_out), if any.
+pub struct Conv2dForward<'a> {
+    pub out: &'a Tensor,
+    pub inp: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+}
+
+/// The tensors of a backward call: the gradients (accumulated into; `dinp` and `dbias` only when
+/// wanted), `dout`, and the forward's input and weight.
+pub struct Conv2dBackward<'a> {
+    pub dinp: Option<&'a Tensor>,
+    pub dweight: &'a Tensor,
+    pub dbias: Option<&'a Tensor>,
+    pub dout: &'a Tensor,
+    pub inp: &'a Tensor,
+    pub weight: &'a Tensor,
+}
+
+impl Conv2dParams {
+    pub fn out_h(&self) -> usize {
+        (self.h + self.pad[0] + self.pad[1] - self.kernel) / self.stride + 1
+    }
+
+    pub fn out_w(&self) -> usize {
+        (self.w + self.pad[2] + self.pad[3] - self.kernel) / self.stride + 1
+    }
+
+    /// Output pixels over the batch: the rows of the implicit GEMM.
+    pub fn out_rows(&self) -> usize {
+        self.batch * self.out_h() * self.out_w()
+    }
+
+    /// The GEMM's inner dimension: one patch, c_in · kernel².
+    pub fn patch_len(&self) -> usize {
+        self.c_in * self.kernel * self.kernel
+    }
+
+    /// Multiply-adds ×2 of the forward (the backward's weight and input gradients are one each).
+    pub fn flops(&self) -> usize {
+        2 * self.out_rows() * self.c_out * self.patch_len()
+    }
+
+    /// A 1×1 kernel, stride 1, no padding: a plain GEMM over the pixels.
+    fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.pad == [0; 4]
+    }
+
+    fn check_fits(&self, what: &str) -> Result<()> {
+        let Conv2dParams { h, w, kernel, stride, pad, .. } = *self;
+        ensure!(
+            stride >= 1 && kernel >= 1 && h + pad[0] + pad[1] >= kernel && w + pad[2] + pad[3] >= kernel,
+            "{what}: kernel {kernel} (stride {stride}) does not fit {h}×{w} with padding {pad:?}"
+        );
+        Ok(())
+    }
+
+    /// What every backend checks before a forward: the kernel fits the padded image, the tensors
+    /// hold what the shapes need, the output overlaps no input.
+    pub fn check_forward(&self, t: &Conv2dForward) -> Result<()> {
+        self.check_fits("conv2d")?;
+        check_len("conv2d out", t.out, self.out_rows() * self.c_out)?;
+        check_len("conv2d inp", t.inp, self.batch * self.h * self.w * self.c_in)?;
+        check_len("conv2d weight", t.weight, self.c_out * self.patch_len())?;
+        if let Some(b) = t.bias {
+            check_len("conv2d bias", b, self.c_out)?;
+        }
+        let ins: Vec<&Tensor> = [t.inp, t.weight].into_iter().chain(t.bias).collect();
+        check_disjoint("conv2d", &[t.out], &ins)
+    }
+
+    /// As [`Conv2dParams::check_forward`], for a backward: no gradient may alias another or an
+    /// input.
+    pub fn check_backward(&self, t: &Conv2dBackward) -> Result<()> {
+        self.check_fits("conv2d backward")?;
+        let k = self.patch_len();
+        check_len("conv2d dout", t.dout, self.out_rows() * self.c_out)?;
+        check_len("conv2d inp", t.inp, self.batch * self.h * self.w * self.c_in)?;
+        check_len("conv2d weight", t.weight, self.c_out * k)?;
+        check_len("conv2d dweight", t.dweight, self.c_out * k)?;
+        if let Some(db) = t.dbias {
+            check_len("conv2d dbias", db, self.c_out)?;
+        }
+        if let Some(di) = t.dinp {
+            check_len("conv2d dinp", di, self.batch * self.h * self.w * self.c_in)?;
+        }
+        let outs: Vec<&Tensor> = std::iter::once(t.dweight).chain(t.dinp).chain(t.dbias).collect();
+        check_disjoint("conv2d backward", &outs, &[t.dout, t.inp, t.weight])
+    }
+
+    /// Output pixel `r`'s input patch into `p` (patch_len values), ordered (c_in, ky, kx) as
+    /// PyTorch's weight; 0 where the window hangs over the padding.
+    fn gather_patch(&self, p: &mut [f32], x: &[f32], r: usize) {
+        let Conv2dParams { h, w, c_in, kernel, stride, pad, .. } = *self;
+        let (oh, ow) = (self.out_h(), self.out_w());
+        let (b, rem) = (r / (oh * ow), r % (oh * ow));
+        let (oy, ox) = (rem / ow, rem % ow);
+        for ky in 0..kernel {
+            let iy = (oy * stride + ky) as isize - pad[0] as isize;
+            for kx in 0..kernel {
+                let ix = (ox * stride + kx) as isize - pad[2] as isize;
+                let inside = iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w;
+                let base = if inside { ((b * h + iy as usize) * w + ix as usize) * c_in } else { 0 };
+                let kk = ky * kernel + kx;
+                for ci in 0..c_in {
+                    p[ci * kernel * kernel + kk] = if inside { x[base + ci] } else { 0.0 };
+                }
+            }
+        }
+    }
+
+    /// The CPU reference of the forward, on checked slices: an implicit GEMM by tiles of 128 output
+    /// pixels (each task gathers its patches into a (tile, K) matrix and multiplies it by the
+    /// weight read transposed), the bias as the GEMM's starting value.
+    pub fn cpu_forward(&self, out: &mut [f32], [x, wt]: [&[f32]; 2], bias: Option<&[f32]>) {
+        let (rows, c_out, k) = (self.out_rows(), self.c_out, self.patch_len());
+        let o = &mut out[..rows * c_out];
+        match bias {
+            Some(b) => o.par_chunks_mut(c_out).for_each(|row| row.copy_from_slice(&b[..c_out])),
+            None => o.fill(0.0),
+        }
+        // The weight (c_out, c_in·kh·kw) read transposed: element (k, n) at n·K + k.
+        let wm = Mat { data: wt, row_stride: 1, col_stride: k };
+        if self.is_pointwise() {
+            let xm = Mat { data: x, row_stride: self.c_in, col_stride: 1 };
+            gemm::sgemm_par(rows, k, c_out, xm, wm, o, 1.0);
+            return;
+        }
+        const TILE: usize = 128;
+        o.par_chunks_mut(TILE * c_out).enumerate().for_each_init(
+            || vec![0f32; TILE * k],
+            |patch, (tile, o)| {
+                let n = o.len() / c_out;
+                for r in 0..n {
+                    self.gather_patch(&mut patch[r * k..(r + 1) * k], x, tile * TILE + r);
+                }
+                let pm = Mat { data: &patch[..n * k], row_stride: k, col_stride: 1 };
+                gemm::sgemm(n, k, c_out, pm, wm, o, 1.0);
+            },
+        );
+    }
+
+    /// The CPU reference of the backward, on checked slices (gradients accumulated into): by tiles
+    /// of output pixels, dW += doutᵀ·patches, and dpatches = dout·W scattered back (col2im) into
+    /// dinp; db += Σ dout. Tiles run in order (their input windows overlap); the products inside a
+    /// tile are parallel.
+    pub fn cpu_backward(
+        &self,
+        mut dinp: Option<&mut [f32]>,
+        dweight: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        [dout, inp, weight]: [&[f32]; 3],
+    ) {
+        let Conv2dParams { h, w, c_in, c_out, kernel, stride, pad, .. } = *self;
+        let (oh, ow, rows, k) = (self.out_h(), self.out_w(), self.out_rows(), self.patch_len());
+        if let Some(db) = dbias {
+            column_sums_into(db, dout, rows, c_out);
+        }
+        if self.is_pointwise() {
+            linear_backward(dinp, dweight, None, dout, inp, weight, rows, c_in, c_out);
+            return;
+        }
+        const TILE: usize = 1024;
+        let mut patch = vec![0f32; TILE.min(rows) * k];
+        for r0 in (0..rows).step_by(TILE) {
+            let n = TILE.min(rows - r0);
+            let dt = &dout[r0 * c_out..(r0 + n) * c_out];
+            patch[..n * k].par_chunks_mut(k).enumerate().for_each(|(r, p)| self.gather_patch(p, inp, r0 + r));
+            let a = Mat { data: dt, row_stride: 1, col_stride: c_out }; // doutᵀ tile (c_out × n)
+            let b = Mat { data: &patch, row_stride: k, col_stride: 1 };
+            gemm::sgemm_par(c_out, n, k, a, b, &mut dweight[..c_out * k], 1.0);
+            if let Some(di) = dinp.as_deref_mut() {
+                let a = Mat { data: dt, row_stride: c_out, col_stride: 1 };
+                let b = Mat { data: weight, row_stride: k, col_stride: 1 };
+                gemm::sgemm_par(n, c_out, k, a, b, &mut patch[..n * k], 0.0);
+                for r in 0..n {
+                    let (bb, rem) = ((r0 + r) / (oh * ow), (r0 + r) % (oh * ow));
+                    let (oy, ox) = (rem / ow, rem % ow);
+                    let p = &patch[r * k..(r + 1) * k];
+                    for ky in 0..kernel {
+                        let iy = (oy * stride + ky) as isize - pad[0] as isize;
+                        if iy < 0 || iy as usize >= h {
+                            continue;
+                        }
+                        for kx in 0..kernel {
+                            let ix = (ox * stride + kx) as isize - pad[2] as isize;
+                            if ix < 0 || ix as usize >= w {
+                                continue;
+                            }
+                            let base = ((bb * h + iy as usize) * w + ix as usize) * c_in;
+                            let kk = ky * kernel + kx;
+                            for ci in 0..c_in {
+                                di[base + ci] += p[ci * kernel * kernel + kk];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
