@@ -9,6 +9,7 @@ use flate2::read::GzDecoder;
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
 use roentgen::models::bert::{BertConfig, BertModel};
+use roentgen::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use roentgen::tensor::{Arena, Layout, Tensor};
 use roentgen::wordpiece::{chars, WordPieceTokenizer, MAX_LENGTH};
 use std::io::{BufRead, BufReader};
@@ -150,33 +151,40 @@ fn masked_attention_with_a_full_mask_equals_unmasked_attention() {
         b.upload(x, &(0..n).map(|_| rng.next_normal()).collect::<Vec<_>>()).unwrap();
     }
     let mask = vec![1u32; batch * len];
-    let s = 0.5;
-    b.attention_forward(&t[3], &t[4], &t[0], &t[1], &t[2], batch, len, len, heads, hd, s, false).unwrap();
-    b.masked_attention_forward(&t[7], &t[8], &t[0], &t[1], &t[2], &mask, batch, len, len, heads, hd, s).unwrap();
+    let p = AttentionParams { batch, q_len: len, kv_len: len, heads, head_dim: hd, scale: 0.5, causal: false };
+    let fwd = |out, lse, key_mask| AttentionForward { out, lse, q: &t[0], k: &t[1], v: &t[2], key_mask };
+    b.attention_forward(&p, &fwd(&t[3], &t[4], None)).unwrap();
+    b.attention_forward(&p, &fwd(&t[7], &t[8], Some(&mask))).unwrap();
     assert_eq!(b.download(&t[3]).unwrap(), b.download(&t[7]).unwrap());
     assert_eq!(b.download(&t[4]).unwrap(), b.download(&t[8]).unwrap());
     for g in &t[10..] {
         b.zero(g).unwrap();
     }
-    b.attention_backward(
-        &t[10], &t[11], &t[12], &t[9], &t[0], &t[1], &t[2], &t[3], &t[4], batch, len, len, heads, hd, s, false,
-    )
-    .unwrap();
+    let bwd = |out, lse, key_mask| AttentionBackward {
+        dq: &t[10],
+        dk: &t[11],
+        dv: &t[12],
+        dout: &t[9],
+        q: &t[0],
+        k: &t[1],
+        v: &t[2],
+        out,
+        lse,
+        key_mask,
+    };
+    b.attention_backward(&p, &bwd(&t[3], &t[4], None)).unwrap();
     let want: Vec<Vec<f32>> = t[10..13].iter().map(|x| b.download(x).unwrap()).collect();
     for g in &t[10..] {
         b.zero(g).unwrap();
     }
-    b.masked_attention_backward(
-        &t[10], &t[11], &t[12], &t[9], &t[0], &t[1], &t[2], &t[7], &t[8], &mask, batch, len, len, heads, hd, s,
-    )
-    .unwrap();
+    b.attention_backward(&p, &bwd(&t[7], &t[8], Some(&mask))).unwrap();
     for (i, w) in want.iter().enumerate() {
         assert_eq!(&b.download(&t[10 + i]).unwrap(), w);
     }
     // A sequence with every key masked has no softmax: refused, not NaN.
     let mut none = mask.clone();
     none[len..].fill(0);
-    let err = b.masked_attention_forward(&t[7], &t[8], &t[0], &t[1], &t[2], &none, batch, len, len, heads, hd, s);
+    let err = b.attention_forward(&p, &fwd(&t[7], &t[8], Some(&none)));
     assert!(err.unwrap_err().to_string().contains("sequence 1 masks every key"));
 }
 

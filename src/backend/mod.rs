@@ -11,6 +11,7 @@ pub mod cuda;
 pub mod info;
 pub mod plan;
 
+use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
@@ -243,26 +244,9 @@ pub trait Backend {
         out_f: usize,
     ) -> Result<()>;
 
-    /// Multi-head scaled dot-product attention on token-major tensors:
-    /// q (batch, q_len, heads·head_dim), k and v (batch, kv_len, heads·head_dim),
-    /// out like q, lse (batch, q_len, heads) the log-sum-exp of each softmax row (saved for backward).
-    /// `causal` masks key j > query i (requires q_len == kv_len).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_forward(
-        &self,
-        out: &Tensor,
-        lse: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-        causal: bool,
-    ) -> Result<()>;
+    /// Multi-head scaled dot-product attention (ops/attention.rs): causal (CLIP) and/or over a
+    /// key padding mask (BERT); lse, the log-sum-exp of each softmax row, is saved for backward.
+    fn attention_forward(&self, p: &AttentionParams, t: &AttentionForward) -> Result<()>;
 
     /// out = act(inp), n elements.
     fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()>;
@@ -368,26 +352,7 @@ pub trait Backend {
     fn layer_norm_backward(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()>;
 
     /// Of `attention_forward`, recomputing the softmax from the saved log-sum-exp.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_backward(
-        &self,
-        dq: &Tensor,
-        dk: &Tensor,
-        dv: &Tensor,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-        causal: bool,
-    ) -> Result<()>;
+    fn attention_backward(&self, p: &AttentionParams, t: &AttentionBackward) -> Result<()>;
 
     /// Of `activation_forward`: dinp += dout · act'(inp).
     fn activation_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()>;
@@ -489,55 +454,5 @@ pub trait Backend {
         sqrt_alpha: f32,
         sqrt_one_minus_alpha: f32,
         v_prediction: bool,
-    ) -> Result<()>;
-
-    // ---- attention with a padding mask over the keys (BERT text encoders, whose pipelines may
-    // pass the tokenizer's attention mask) ----
-
-    /// As `attention_forward` (never causal), with a mask over the keys: key j of sequence b takes
-    /// part in that sequence's softmax rows only where `key_mask[b·kv_len + j] != 0`. transformers
-    /// adds the dtype's minimum to masked scores, whose probabilities then underflow to exactly 0,
-    /// so skipping those keys is the same computation. Query rows are never masked: padded positions
-    /// still get an output (attending to the unmasked keys), as in transformers. `key_mask` has
-    /// batch · kv_len entries in host memory (as `embedding_forward`'s ids) and every sequence must
-    /// keep at least one key; `lse` holds the log-sum-exp over the unmasked keys.
-    #[allow(clippy::too_many_arguments)]
-    fn masked_attention_forward(
-        &self,
-        out: &Tensor,
-        lse: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        key_mask: &[u32],
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-    ) -> Result<()>;
-
-    /// Of `masked_attention_forward` (same mask), recomputing the softmax from the saved
-    /// log-sum-exp; masked keys get no gradient from this call.
-    #[allow(clippy::too_many_arguments)]
-    fn masked_attention_backward(
-        &self,
-        dq: &Tensor,
-        dk: &Tensor,
-        dv: &Tensor,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        key_mask: &[u32],
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
     ) -> Result<()>;
 }

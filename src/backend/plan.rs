@@ -3,6 +3,7 @@
 //! code itself.
 
 use super::{Activation, Backend};
+use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
@@ -84,23 +85,8 @@ impl Backend for PlanBackend {
         self.count(1, 2 * rows * in_f * out_f);
         Ok(())
     }
-    fn attention_forward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        _: f32,
-        _: bool,
-    ) -> Result<()> {
-        // QKᵀ and PV: two products of q_len × kv_len × head_dim per (batch, head).
-        self.count(2, 4 * batch * heads * q_len * kv_len * head_dim);
+    fn attention_forward(&self, p: &AttentionParams, _: &AttentionForward) -> Result<()> {
+        self.count(2, p.forward_flops());
         Ok(())
     }
     fn activation_forward(&self, _: &Tensor, _: &Tensor, _: Activation, _: usize) -> Result<()> {
@@ -166,27 +152,8 @@ impl Backend for PlanBackend {
     fn layer_norm_backward(&self, _: &LayerNormParams, _: &LayerNormBackward) -> Result<()> {
         Ok(())
     }
-    fn attention_backward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        _: f32,
-        _: bool,
-    ) -> Result<()> {
-        // recomputed QKᵀ, then dV, dP, dQ, dK: five products.
-        self.count(2, 10 * batch * heads * q_len * kv_len * head_dim);
+    fn attention_backward(&self, p: &AttentionParams, _: &AttentionBackward) -> Result<()> {
+        self.count(2, p.backward_flops());
         Ok(())
     }
     fn activation_backward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: Activation, _: usize) -> Result<()> {
@@ -266,48 +233,6 @@ impl Backend for PlanBackend {
         Ok(())
     }
     fn ddpm_add_noise(&self, _: &Tensor, _: &Tensor, _: usize, _: f32, _: f32, _: bool) -> Result<()> {
-        Ok(())
-    }
-    fn masked_attention_forward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &[u32],
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        _: f32,
-    ) -> Result<()> {
-        // Counted over every key, as for unmasked attention: the shapes, not the mask, set the work
-        // a dense kernel does.
-        self.count(2, 4 * batch * heads * q_len * kv_len * head_dim);
-        Ok(())
-    }
-    fn masked_attention_backward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &[u32],
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        _: f32,
-    ) -> Result<()> {
-        self.count(2, 10 * batch * heads * q_len * kv_len * head_dim);
         Ok(())
     }
 }

@@ -21,6 +21,7 @@ use super::{allocate, check_param_count, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
+use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::tensor::{Arena, Layout, Shape, Tensor};
 use crate::weights::safetensors::{float_dtype, to_f32, SafetensorsFile};
 use crate::weights::{self, LoadReport};
@@ -316,19 +317,14 @@ impl BertModel {
         p.embeddings_layer_norm.forward(b, &acts.embeddings_ln, &acts.embeddings, rows)?;
         let (heads, hd) = (c.num_attention_heads, c.head_dim());
         let scale = 1.0 / (hd as f32).sqrt();
+        let attention = AttentionParams { batch, q_len: seq, kv_len: seq, heads, head_dim: hd, scale, causal: false };
         let mut x = acts.embeddings_ln.out;
         for (lp, la) in p.layers.iter().zip(&acts.layers) {
             lp.query.forward(b, &la.q, &x, rows)?;
             lp.key.forward(b, &la.k, &x, rows)?;
             lp.value.forward(b, &la.v, &x, rows)?;
-            match mask {
-                Some(m) => b.masked_attention_forward(
-                    &la.attn, &la.lse, &la.q, &la.k, &la.v, m, batch, seq, seq, heads, hd, scale,
-                )?,
-                None => b.attention_forward(
-                    &la.attn, &la.lse, &la.q, &la.k, &la.v, batch, seq, seq, heads, hd, scale, false,
-                )?,
-            }
+            let (out, lse, q, k, v) = (&la.attn, &la.lse, &la.q, &la.k, &la.v);
+            b.attention_forward(&attention, &AttentionForward { out, lse, q, k, v, key_mask: mask })?;
             lp.attention_dense.forward(b, &la.attn_dense, &la.attn, rows)?;
             b.add_forward(&la.residual1, &la.attn_dense, &x, rows * d)?;
             lp.attention_layer_norm.forward(b, &la.ln1, &la.residual1, rows)?;
@@ -401,6 +397,7 @@ impl BertModel {
         let mark = arena.mark();
         let (heads, hd) = (c.num_attention_heads, c.head_dim());
         let scale = 1.0 / (hd as f32).sqrt();
+        let attention = AttentionParams { batch, q_len: seq, kv_len: seq, heads, head_dim: hd, scale, causal: false };
         // dx: the gradient of the current layer's output (a view of `dout` for the last layer).
         let mut dx = *dout;
         for (i, ((lp, lg), la)) in p.layers.iter().zip(&g.layers).zip(&acts.layers).enumerate().rev() {
@@ -431,15 +428,9 @@ impl BertModel {
             let dattn = zeros(b, arena, [rows, d])?;
             lp.attention_dense.backward(&lg.attention_dense, b, Some(&dattn), &dres1, &la.attn, rows)?;
             let (dq, dk, dv) = (zeros(b, arena, [rows, d])?, zeros(b, arena, [rows, d])?, zeros(b, arena, [rows, d])?);
-            match mask {
-                Some(m) => b.masked_attention_backward(
-                    &dq, &dk, &dv, &dattn, &la.q, &la.k, &la.v, &la.attn, &la.lse, m, batch, seq, seq, heads, hd, scale,
-                )?,
-                None => b.attention_backward(
-                    &dq, &dk, &dv, &dattn, &la.q, &la.k, &la.v, &la.attn, &la.lse, batch, seq, seq, heads, hd, scale,
-                    false,
-                )?,
-            }
+            let (dout, q, k, v, out, lse) = (&dattn, &la.q, &la.k, &la.v, &la.attn, &la.lse);
+            let grads = AttentionBackward { dq: &dq, dk: &dk, dv: &dv, dout, q, k, v, out, lse, key_mask: mask };
+            b.attention_backward(&attention, &grads)?;
             lp.query.backward(&lg.query, b, Some(&dxin), &dq, &x_in, rows)?;
             lp.key.backward(&lg.key, b, Some(&dxin), &dk, &x_in, rows)?;
             lp.value.backward(&lg.value, b, Some(&dxin), &dv, &x_in, rows)?;

@@ -8,6 +8,7 @@ use super::{allocate, check_param_count, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
+use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::tensor::{Arena, Layout, Tensor};
 use crate::weights::{self, LoadReport};
 use anyhow::{bail, Result};
@@ -237,7 +238,9 @@ impl ClipTextModel {
             lp.k_proj.forward(b, &la.k, &la.ln1.out, rows)?;
             lp.v_proj.forward(b, &la.v, &la.ln1.out, rows)?;
             let scale = 1.0 / (hd as f32).sqrt();
-            b.attention_forward(&la.attn, &la.lse, &la.q, &la.k, &la.v, batch, seq, seq, heads, hd, scale, true)?;
+            let p = AttentionParams { batch, q_len: seq, kv_len: seq, heads, head_dim: hd, scale, causal: true };
+            let (out, lse, q, k, v) = (&la.attn, &la.lse, &la.q, &la.k, &la.v);
+            b.attention_forward(&p, &AttentionForward { out, lse, q, k, v, key_mask: None })?;
             lp.out_proj.forward(b, &la.attn_out, &la.attn, rows)?;
             b.add_forward(&la.residual1, &x, &la.attn_out, rows * d)?;
             lp.layer_norm2.forward(b, &la.ln2, &la.residual1, rows)?;
@@ -309,8 +312,11 @@ impl ClipTextModel {
             lp.out_proj.backward(&lg.out_proj, b, Some(&dattn), &dres1, &la.attn, rows)?;
             let (dq, dk, dv) = (zeros(b, arena, [rows, d])?, zeros(b, arena, [rows, d])?, zeros(b, arena, [rows, d])?);
             let scale = 1.0 / (hd as f32).sqrt();
+            let p = AttentionParams { batch, q_len: seq, kv_len: seq, heads, head_dim: hd, scale, causal: true };
+            let (dout, q, k, v, out, lse) = (&dattn, &la.q, &la.k, &la.v, &la.attn, &la.lse);
             b.attention_backward(
-                &dq, &dk, &dv, &dattn, &la.q, &la.k, &la.v, &la.attn, &la.lse, batch, seq, seq, heads, hd, scale, true,
+                &p,
+                &AttentionBackward { dq: &dq, dk: &dk, dv: &dv, dout, q, k, v, out, lse, key_mask: None },
             )?;
             let dln1 = zeros(b, arena, [rows, d])?;
             lp.q_proj.backward(&lg.q_proj, b, Some(&dln1), &dq, &la.ln1.out, rows)?;

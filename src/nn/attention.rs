@@ -4,6 +4,7 @@
 
 use super::{add, zeros, zeros_like, Fmap, GroupNorm, GroupNormOut, LayerNorm, LayerNormActs, Linear};
 use crate::backend::Backend;
+use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::tensor::{Arena, Layout, Tensor};
 use anyhow::Result;
 
@@ -69,13 +70,17 @@ impl Attention {
         let v = self.to_v.apply(b, arena, ctx, batch * kv_len)?;
         let o = arena.alloc([batch * seq, self.heads * self.head_dim])?;
         let lse = arena.alloc([batch * seq, self.heads])?;
-        b.attention_forward(&o, &lse, &q, &k, &v, batch, seq, kv_len, self.heads, self.head_dim, self.scale(), false)?;
+        let t = AttentionForward { out: &o, lse: &lse, q: &q, k: &k, v: &v, key_mask: None };
+        b.attention_forward(&self.params(batch, seq, kv_len), &t)?;
         let out = self.to_out.apply(b, arena, &o, batch * seq)?;
         Ok(AttentionSaved { x: *x, ctx: *ctx, batch, seq, kv_len, q, k, v, o, lse, out })
     }
 
-    fn scale(&self) -> f32 {
-        1.0 / (self.head_dim as f32).sqrt()
+    /// The attention of `batch` sequences of `seq` queries over `kv_len` keys (no mask: the
+    /// U-Net attends to every position and every text token).
+    fn params(&self, batch: usize, seq: usize, kv_len: usize) -> AttentionParams {
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        AttentionParams { batch, q_len: seq, kv_len, heads: self.heads, head_dim: self.head_dim, scale, causal: false }
     }
 
     /// Accumulates into `g`, `dx` and (cross attention) `dctx`.
@@ -97,24 +102,19 @@ impl Attention {
         let dq = zeros(b, arena, [rows, inner])?;
         let dk = zeros(b, arena, [kv_rows, inner])?;
         let dv = zeros(b, arena, [kv_rows, inner])?;
-        b.attention_backward(
-            &dq,
-            &dk,
-            &dv,
-            &d_o,
-            &s.q,
-            &s.k,
-            &s.v,
-            &s.o,
-            &s.lse,
-            s.batch,
-            s.seq,
-            s.kv_len,
-            self.heads,
-            self.head_dim,
-            self.scale(),
-            false,
-        )?;
+        let t = AttentionBackward {
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+            dout: &d_o,
+            q: &s.q,
+            k: &s.k,
+            v: &s.v,
+            out: &s.o,
+            lse: &s.lse,
+            key_mask: None,
+        };
+        b.attention_backward(&self.params(s.batch, s.seq, s.kv_len), &t)?;
         self.to_q.backward(&g.to_q, b, Some(dx), &dq, &s.x, rows)?;
         let dkv_in = dctx.unwrap_or(dx);
         self.to_k.backward(&g.to_k, b, Some(dkv_in), &dk, &s.ctx, kv_rows)?;

@@ -8,6 +8,7 @@
 //! the operation takes both: the CPU backend runs the reference on its memory, the CUDA backend
 //! launches kernels/norm.cu (its launches stay in src/backend/cuda for now).
 
+pub mod attention;
 pub mod conv;
 pub mod norm;
 

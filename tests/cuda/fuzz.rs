@@ -91,9 +91,19 @@ pub fn fuzz_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str, 
         r.case(&format!("{tag}/fuzz attention_forward {name}"), || {
             compare(gpu, bf16, &ins, &[0, 1], &|bk, t| {
                 if masked {
-                    bk.masked_attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &mask, bt, ql, kl, hd, dh, sc)
+                    attention_forward(
+                        bk,
+                        attn((bt, ql, kl, hd, dh, sc, false)),
+                        [&t[0], &t[1], &t[2], &t[3], &t[4]],
+                        Some(&mask),
+                    )
                 } else {
-                    bk.attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], bt, ql, kl, hd, dh, sc, causal)
+                    attention_forward(
+                        bk,
+                        attn((bt, ql, kl, hd, dh, sc, causal)),
+                        [&t[0], &t[1], &t[2], &t[3], &t[4]],
+                        None,
+                    )
                 }
             })
         });

@@ -6,6 +6,7 @@ use anyhow::{ensure, Result};
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::cuda::CudaBackend;
 use roentgen::backend::Backend;
+use roentgen::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use roentgen::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use roentgen::ops::norm::{
     GroupNormBackward, GroupNormForward, GroupNormParams, LayerNormBackward, LayerNormForward, LayerNormParams,
@@ -248,4 +249,30 @@ pub fn conv2d_backward(b: &dyn Backend, p: Conv2dParams, t: &[Tensor], dinp_and_
     let [dinp, dweight, dbias, dout, inp, weight] = &t[..6] else { unreachable!() };
     let (dinp, dbias) = if dinp_and_dbias { (Some(dinp), Some(dbias)) } else { (None, None) };
     b.conv2d_backward(&p, &Conv2dBackward { dinp, dweight, dbias, dout, inp, weight })
+}
+
+/// An attention of (batch, q_len, kv_len, heads, head_dim, scale, causal), as the cases list them.
+pub fn attn(d: (usize, usize, usize, usize, usize, f32, bool)) -> AttentionParams {
+    let (batch, q_len, kv_len, heads, head_dim, scale, causal) = d;
+    AttentionParams { batch, q_len, kv_len, heads, head_dim, scale, causal }
+}
+
+/// `attention_forward` on out, lse, q, k, v.
+pub fn attention_forward(
+    b: &dyn Backend,
+    p: AttentionParams,
+    [out, lse, q, k, v]: [&Tensor; 5],
+    key_mask: Option<&[u32]>,
+) -> Result<()> {
+    b.attention_forward(&p, &AttentionForward { out, lse, q, k, v, key_mask })
+}
+
+/// `attention_backward` on dq, dk, dv, dout, q, k, v, out, lse.
+pub fn attention_backward(
+    b: &dyn Backend,
+    p: AttentionParams,
+    [dq, dk, dv, dout, q, k, v, out, lse]: [&Tensor; 9],
+    key_mask: Option<&[u32]>,
+) -> Result<()> {
+    b.attention_backward(&p, &AttentionBackward { dq, dk, dv, dout, q, k, v, out, lse, key_mask })
 }

@@ -198,7 +198,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         let (q, k, v) = (rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d));
         let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()];
         g(format!("attention_forward {name}"), ins, &[0, 1], &|b, t| {
-            b.attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], bt, ql, kl, hd, dh, sc, causal)
+            attention_forward(b, attn((bt, ql, kl, hd, dh, sc, causal)), [&t[0], &t[1], &t[2], &t[3], &t[4]], None)
         });
         if ql * kl > 1 << 22 {
             continue; // the backward at 4096×77 is covered by the smaller shapes; keep the CPU time sane
@@ -206,7 +206,8 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         let mut cpu = CpuBackend::new();
         let st = place(&mut cpu, &[vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()])
             .unwrap();
-        cpu.attention_forward(&st[0], &st[1], &st[2], &st[3], &st[4], bt, ql, kl, hd, dh, sc, causal).unwrap();
+        attention_forward(&cpu, attn((bt, ql, kl, hd, dh, sc, causal)), [&st[0], &st[1], &st[2], &st[3], &st[4]], None)
+            .unwrap();
         let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
         let ins = vec![
             rng.normal(bt * ql * d),
@@ -220,8 +221,11 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             lse,
         ];
         g(format!("attention_backward {name}"), ins, &[0, 1, 2], &|b, t| {
-            b.attention_backward(
-                &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], bt, ql, kl, hd, dh, sc, causal,
+            attention_backward(
+                b,
+                attn((bt, ql, kl, hd, dh, sc, causal)),
+                [&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8]],
+                None,
             )
         });
     }
@@ -235,11 +239,17 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         let m2 = mask.clone();
         let name = format!("b{bt} q{ql} kv{kl} h{hd} d{dh}");
         g(format!("masked_attention_forward {name}"), ins.clone(), &[0, 1], &|b, t| {
-            b.masked_attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &m2, bt, ql, kl, hd, dh, sc)
+            attention_forward(b, attn((bt, ql, kl, hd, dh, sc, false)), [&t[0], &t[1], &t[2], &t[3], &t[4]], Some(&m2))
         });
         let mut cpu = CpuBackend::new();
         let st = place(&mut cpu, &ins).unwrap();
-        cpu.masked_attention_forward(&st[0], &st[1], &st[2], &st[3], &st[4], &mask, bt, ql, kl, hd, dh, sc).unwrap();
+        attention_forward(
+            &cpu,
+            attn((bt, ql, kl, hd, dh, sc, false)),
+            [&st[0], &st[1], &st[2], &st[3], &st[4]],
+            Some(&mask),
+        )
+        .unwrap();
         let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
         let ins = vec![
             rng.normal(bt * ql * d),
@@ -253,8 +263,11 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             lse,
         ];
         g(format!("masked_attention_backward {name}"), ins, &[0, 1, 2], &|b, t| {
-            b.masked_attention_backward(
-                &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &mask, bt, ql, kl, hd, dh, sc,
+            attention_backward(
+                b,
+                attn((bt, ql, kl, hd, dh, sc, false)),
+                [&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8]],
+                Some(&mask),
             )
         });
     }
@@ -408,7 +421,7 @@ pub fn no_key_cases(r: &mut Runner, gpu: &mut CudaBackend, tag: &str) {
                 vec![rng.normal(bt * ql * d), rng.normal(bt * ql * hd), rng.normal(bt * ql * d), vec![0.0], vec![0.0]];
             let run = |b: &mut dyn Backend| -> Result<(Vec<f32>, Vec<f32>)> {
                 let t = place(b, &ins)?;
-                b.attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], bt, ql, 0, hd, dh, 0.1, false)?;
+                attention_forward(b, attn((bt, ql, 0, hd, dh, 0.1, false)), [&t[0], &t[1], &t[2], &t[3], &t[4]], None)?;
                 Ok((b.download(&t[0])?, b.download(&t[1])?))
             };
             let (want_out, want_lse) = run(&mut CpuBackend::new())?;
@@ -444,9 +457,14 @@ pub fn wide_attention_chunk_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: b
         let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()];
         let fwd = |b: &dyn Backend, t: &[Tensor]| {
             if masked {
-                b.masked_attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &mask, bt, ql, kl, hd, dh, sc)
+                attention_forward(
+                    b,
+                    attn((bt, ql, kl, hd, dh, sc, false)),
+                    [&t[0], &t[1], &t[2], &t[3], &t[4]],
+                    Some(&mask),
+                )
             } else {
-                b.attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], bt, ql, kl, hd, dh, sc, causal)
+                attention_forward(b, attn((bt, ql, kl, hd, dh, sc, causal)), [&t[0], &t[1], &t[2], &t[3], &t[4]], None)
             }
         };
         r.case(&format!("{tag}/wide attention_forward {name}"), || compare(gpu, bf16, &ins, &[0, 1], &fwd));
@@ -468,12 +486,18 @@ pub fn wide_attention_chunk_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: b
         r.case(&format!("{tag}/wide attention_backward {name}"), || {
             compare(gpu, bf16, &ins, &[0, 1, 2], &|b, t| {
                 if masked {
-                    b.masked_attention_backward(
-                        &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &mask, bt, ql, kl, hd, dh, sc,
+                    attention_backward(
+                        b,
+                        attn((bt, ql, kl, hd, dh, sc, false)),
+                        [&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8]],
+                        Some(&mask),
                     )
                 } else {
-                    b.attention_backward(
-                        &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], bt, ql, kl, hd, dh, sc, causal,
+                    attention_backward(
+                        b,
+                        attn((bt, ql, kl, hd, dh, sc, causal)),
+                        [&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8]],
+                        None,
                     )
                 }
             })
@@ -486,12 +510,14 @@ pub fn wide_attention_chunk_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: b
         let t = place(gpu, &[rng.normal(3 * l * dh), vec![0.0; l], rng.normal(16 * 9 * 4)])?;
         let win = |off: usize, n: usize| Tensor { pool: t[0].pool, offset: t[0].offset + off, shape: [n].into() };
         let (q, o) = (win(0, l * dh), win(l * dh / 2, l * dh));
-        let e = gpu.attention_forward(&o, &t[1], &q, &q, &q, 1, l, l, 1, dh, 0.1, false).err();
+        let e = attention_forward(gpu, attn((1, l, l, 1, dh, 0.1, false)), [&o, &t[1], &q, &q, &q], None).err();
         ensure!(
             e.is_some_and(|e| e.to_string().contains("overlaps")),
             "attention_forward with out overlapping q was accepted"
         );
-        let e = gpu.attention_backward(&o, &o, &o, &q, &q, &q, &q, &q, &t[1], 1, l, l, 1, dh, 0.1, false).err();
+        let e =
+            attention_backward(gpu, attn((1, l, l, 1, dh, 0.1, false)), [&o, &o, &o, &q, &q, &q, &q, &q, &t[1]], None)
+                .err();
         ensure!(
             e.is_some_and(|e| e.to_string().contains("overlap")),
             "attention_backward with dq = dk = dv was accepted"
@@ -538,7 +564,12 @@ pub fn allocation_case(r: &mut Runner, gpu: &mut CudaBackend) {
         let mask: Vec<u32> = (0..bt * l).map(|i| u32::from(i % l < 50)).collect();
         let ids: Vec<u32> = (0..bt * l).map(|i| (i * 613 % 49408) as u32).collect();
         let round = |gpu: &CudaBackend| -> Result<()> {
-            gpu.masked_attention_forward(&t[0], &t[1], &t[2], &t[3], &t[4], &mask, bt, l, l, hd, dh, 0.25)?;
+            attention_forward(
+                gpu,
+                attn((bt, l, l, hd, dh, 0.25, false)),
+                [&t[0], &t[1], &t[2], &t[3], &t[4]],
+                Some(&mask),
+            )?;
             gpu.sum_squares(&t[5], &t[6], n)?;
             gpu.embedding_forward(&t[9], &ids, &t[7], &t[8], bt, l, 8)?;
             group_norm_forward(gpu, group_norm(2, 256, 32, 8, true), &t[10..16])?;

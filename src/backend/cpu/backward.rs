@@ -6,22 +6,6 @@ use super::gemm::{self, Mat};
 use crate::backend::Activation;
 use rayon::prelude::*;
 
-/// A pointer shared by tasks that write disjoint elements (each task owns a set of (batch, head)
-/// columns of a strided tensor, which slices cannot express).
-#[derive(Clone, Copy)]
-pub(crate) struct SharedMut(pub *mut f32);
-// SAFETY: only used where each task writes a disjoint set of elements (documented at each use).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// Through a method, so closures capture the Send + Sync wrapper and not the bare pointer.
-    fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: offsets stay within the tensor (checked by the caller's length checks).
-        unsafe { self.0.add(offset) }
-    }
-}
-
 /// dinp += dout · W; dweight += doutᵀ · inp; dbias += Σ_rows dout.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
@@ -53,70 +37,6 @@ pub(crate) fn column_sums_into(db: &mut [f32], x: &[f32], rows: usize, cols: usi
     db[..cols].par_iter_mut().enumerate().for_each(|(c, d)| {
         let s: f64 = (0..rows).map(|r| x[r * cols + c] as f64).sum();
         *d += s as f32;
-    });
-}
-
-/// Attention backward per (batch, head), softmax rows recomputed from the saved log-sum-exp.
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
-    dq: SharedMut,
-    dk: SharedMut,
-    dv: SharedMut,
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    key_mask: Option<&[u32]>,
-    batch: usize,
-    q_len: usize,
-    kv_len: usize,
-    heads: usize,
-    hd: usize,
-    scale: f32,
-    causal: bool,
-) {
-    let w = heads * hd;
-    (0..batch * heads).into_par_iter().for_each(|bh| {
-        let (b, h) = (bh / heads, bh % heads);
-        let mut p = vec![0f32; kv_len];
-        let mut dp = vec![0f32; kv_len];
-        let mut keys = Vec::with_capacity(kv_len);
-        for i in 0..q_len {
-            let row = b * q_len + i;
-            keys.clear();
-            keys.extend((0..kv_len).filter(|&j| allowed(key_mask, b, kv_len, causal, i, j)));
-            let qi = &q[row * w + h * hd..][..hd];
-            let doi = &dout[row * w + h * hd..][..hd];
-            let oi = &out[row * w + h * hd..][..hd];
-            let l = lse[row * heads + h];
-            // D_i = dO_i · O_i = Σ_j P_ij dP_ij (excluded keys have P = 0)
-            let d: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
-            for (n, &j) in keys.iter().enumerate() {
-                let kj = &k[(b * kv_len + j) * w + h * hd..][..hd];
-                let vj = &v[(b * kv_len + j) * w + h * hd..][..hd];
-                let s: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                p[n] = (s - l).exp();
-                dp[n] = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
-            }
-            // SAFETY: this task is the only writer of head h of batch b in dq, dk and dv.
-            unsafe {
-                let dqi = std::slice::from_raw_parts_mut(dq.at(row * w + h * hd), hd);
-                for (n, &j) in keys.iter().enumerate() {
-                    let ds = p[n] * (dp[n] - d) * scale;
-                    let base = (b * kv_len + j) * w + h * hd;
-                    let kj = &k[base..][..hd];
-                    let dkj = std::slice::from_raw_parts_mut(dk.at(base), hd);
-                    let dvj = std::slice::from_raw_parts_mut(dv.at(base), hd);
-                    for t in 0..hd {
-                        dqi[t] += ds * kj[t];
-                        dkj[t] += ds * qi[t];
-                        dvj[t] += p[n] * doi[t];
-                    }
-                }
-            }
-        }
     });
 }
 
@@ -236,73 +156,4 @@ pub fn adamw(
         let denom = v.sqrt() / bc2_sqrt + eps;
         *p -= step_size * *m / denom;
     });
-}
-
-/// Attention forward for every `Backend` variant: one task per (batch, query row), every head of
-/// that row. A key takes part when the key mask (if any) is nonzero and, when `causal`, it is not
-/// after the query; the others are skipped, which equals transformers' additive dtype-minimum mask
-/// (their probabilities underflow to exactly 0). A row left with no key gets 0 and lse −inf. The
-/// caller has checked the lengths.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_forward(
-    out: &mut [f32],
-    lse: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    key_mask: Option<&[u32]>,
-    batch: usize,
-    q_len: usize,
-    kv_len: usize,
-    heads: usize,
-    hd: usize,
-    scale: f32,
-    causal: bool,
-) {
-    let w = heads * hd;
-    out[..batch * q_len * w]
-        .par_chunks_mut(w)
-        .zip(lse[..batch * q_len * heads].par_chunks_mut(heads))
-        .enumerate()
-        .for_each_init(
-            || (vec![0f32; kv_len], Vec::with_capacity(kv_len)),
-            |(scores, keys), (row, (o, l))| {
-                let (b, i) = (row / q_len, row % q_len);
-                keys.clear();
-                keys.extend((0..kv_len).filter(|&j| allowed(key_mask, b, kv_len, causal, i, j)));
-                for h in 0..heads {
-                    let qh = &q[row * w + h * hd..][..hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (n, &j) in keys.iter().enumerate() {
-                        let kh = &k[(b * kv_len + j) * w + h * hd..][..hd];
-                        scores[n] = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        max = max.max(scores[n]);
-                    }
-                    let mut sum = 0f32;
-                    for s in &mut scores[..keys.len()] {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let oh = &mut o[h * hd..(h + 1) * hd];
-                    oh.fill(0.0);
-                    for (n, &j) in keys.iter().enumerate() {
-                        let vh = &v[(b * kv_len + j) * w + h * hd..][..hd];
-                        for d in 0..hd {
-                            oh[d] += scores[n] * vh[d];
-                        }
-                    }
-                    // A row with no key (kv_len 0, or every key masked) attends to nothing: its
-                    // output is 0 and its log-sum-exp −inf (an empty sum), as PyTorch's
-                    // softmax·V over zero keys and the CUDA kernels give, not 0·(1/0) = NaN.
-                    let inv = if keys.is_empty() { 0.0 } else { 1.0 / sum };
-                    oh.iter_mut().for_each(|x| *x *= inv);
-                    l[h] = max + sum.ln();
-                }
-            },
-        );
-}
-
-/// Whether query i of batch b attends to key j.
-fn allowed(key_mask: Option<&[u32]>, b: usize, kv_len: usize, causal: bool, i: usize, j: usize) -> bool {
-    key_mask.is_none_or(|m| m[b * kv_len + j] != 0) && (!causal || j <= i)
 }

@@ -4,7 +4,8 @@
 pub(crate) mod backward;
 pub mod gemm;
 
-use super::{check_key_mask, check_len, Activation, Backend};
+use super::{check_len, Activation, Backend};
+use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
@@ -229,30 +230,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention_forward(
-        &self,
-        out: &Tensor,
-        lse: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-        causal: bool,
-    ) -> Result<()> {
-        let width = heads * head_dim;
-        ensure!(!causal || q_len == kv_len, "causal attention needs q_len == kv_len ({q_len} vs {kv_len})");
-        check_len("attention out", out, batch * q_len * width)?;
-        check_len("attention q", q, batch * q_len * width)?;
-        check_len("attention k", k, batch * kv_len * width)?;
-        check_len("attention v", v, batch * kv_len * width)?;
-        check_len("attention lse", lse, batch * q_len * heads)?;
-        let ([o, l], [q, k, v]) = self.views([out, lse], [q, k, v]);
-        backward::attention_forward(o, l, q, k, v, None, batch, q_len, kv_len, heads, head_dim, scale, causal);
+    fn attention_forward(&self, p: &AttentionParams, t: &AttentionForward) -> Result<()> {
+        p.check_forward(t)?;
+        let (outs, ins) = self.views([t.out, t.lse], [t.q, t.k, t.v]);
+        p.cpu_forward(outs, ins, t.key_mask);
         Ok(())
     }
 
@@ -431,50 +412,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention_backward(
-        &self,
-        dq: &Tensor,
-        dk: &Tensor,
-        dv: &Tensor,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-        causal: bool,
-    ) -> Result<()> {
-        let w = heads * head_dim;
-        check_len("attention_backward dq", dq, batch * q_len * w)?;
-        check_len("attention_backward dk", dk, batch * kv_len * w)?;
-        check_len("attention_backward dv", dv, batch * kv_len * w)?;
-        let ([dqs, dks, dvs], [dy, q, k, v, o, l]) = self.views([dq, dk, dv], [dout, q, k, v, out, lse]);
-        let p = |s: &mut [f32]| backward::SharedMut(s.as_mut_ptr());
-        backward::attention(
-            p(dqs),
-            p(dks),
-            p(dvs),
-            dy,
-            q,
-            k,
-            v,
-            o,
-            l,
-            None,
-            batch,
-            q_len,
-            kv_len,
-            heads,
-            head_dim,
-            scale,
-            causal,
-        );
+    fn attention_backward(&self, p: &AttentionParams, t: &AttentionBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let (outs, ins) = self.views([t.dq, t.dk, t.dv], [t.dout, t.q, t.k, t.v, t.out, t.lse]);
+        p.cpu_backward(outs, ins, t.key_mask);
         Ok(())
     }
 
@@ -667,84 +608,6 @@ impl Backend for CpuBackend {
         });
         Ok(())
     }
-
-    fn masked_attention_forward(
-        &self,
-        out: &Tensor,
-        lse: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        key_mask: &[u32],
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-    ) -> Result<()> {
-        let width = heads * head_dim;
-        check_key_mask("attention", key_mask, batch, kv_len)?;
-        check_len("masked attention out", out, batch * q_len * width)?;
-        check_len("masked attention q", q, batch * q_len * width)?;
-        check_len("masked attention k", k, batch * kv_len * width)?;
-        check_len("masked attention v", v, batch * kv_len * width)?;
-        check_len("masked attention lse", lse, batch * q_len * heads)?;
-        let ([o, l], [q, k, v]) = self.views([out, lse], [q, k, v]);
-        backward::attention_forward(o, l, q, k, v, Some(key_mask), batch, q_len, kv_len, heads, head_dim, scale, false);
-        Ok(())
-    }
-
-    fn masked_attention_backward(
-        &self,
-        dq: &Tensor,
-        dk: &Tensor,
-        dv: &Tensor,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        key_mask: &[u32],
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-    ) -> Result<()> {
-        let w = heads * head_dim;
-        check_key_mask("attention", key_mask, batch, kv_len)?;
-        check_len("masked_attention_backward dq", dq, batch * q_len * w)?;
-        check_len("masked_attention_backward dk", dk, batch * kv_len * w)?;
-        check_len("masked_attention_backward dv", dv, batch * kv_len * w)?;
-        check_len("masked_attention_backward dout", dout, batch * q_len * w)?;
-        check_len("masked_attention_backward out", out, batch * q_len * w)?;
-        check_len("masked_attention_backward lse", lse, batch * q_len * heads)?;
-        let ([dqs, dks, dvs], [dy, q, k, v, o, l]) = self.views([dq, dk, dv], [dout, q, k, v, out, lse]);
-        let p = |s: &mut [f32]| backward::SharedMut(s.as_mut_ptr());
-        backward::attention(
-            p(dqs),
-            p(dks),
-            p(dvs),
-            dy,
-            q,
-            k,
-            v,
-            o,
-            l,
-            Some(key_mask),
-            batch,
-            q_len,
-            kv_len,
-            heads,
-            head_dim,
-            scale,
-            false,
-        );
-        Ok(())
-    }
 }
 
 /// The exact (erf) GELU, evaluated in f64.
@@ -791,7 +654,9 @@ mod tests {
             b.upload(&tk, &k).unwrap();
             b.upload(&tv, &v).unwrap();
             let scale = 1.0 / (hd as f32).sqrt();
-            b.attention_forward(&to, &tl, &tq, &tk, &tv, batch, q_len, kv_len, heads, hd, scale, causal).unwrap();
+            let p = AttentionParams { batch, q_len, kv_len, heads, head_dim: hd, scale, causal };
+            b.attention_forward(&p, &AttentionForward { out: &to, lse: &tl, q: &tq, k: &tk, v: &tv, key_mask: None })
+                .unwrap();
             let (o, lse) = (b.download(&to).unwrap(), b.download(&tl).unwrap());
             let mut max_err = 0f64;
             for bi in 0..batch {
@@ -836,7 +701,9 @@ mod tests {
         let (out, lse, q, kv) = (t(0, n), t(n, rows), t(n + rows, n), t(2 * n + rows, 1));
         b.upload(&q, &randn(&mut SplitMix64::new(5), n)).unwrap();
         b.upload(&out, &vec![f32::NAN; n]).unwrap();
-        b.attention_forward(&out, &lse, &q, &kv, &kv, batch, q_len, 0, heads, hd, 0.5, false).unwrap();
+        let p = AttentionParams { batch, q_len, kv_len: 0, heads, head_dim: hd, scale: 0.5, causal: false };
+        b.attention_forward(&p, &AttentionForward { out: &out, lse: &lse, q: &q, k: &kv, v: &kv, key_mask: None })
+            .unwrap();
         assert!(b.download(&out).unwrap().iter().all(|&x| x == 0.0), "outputs over no keys must be 0");
         assert!(b.download(&lse).unwrap().iter().all(|&x| x == f32::NEG_INFINITY), "lse over no keys must be -inf");
     }

@@ -32,8 +32,8 @@
 //! The shared-memory sizes below mirror the tile layouts documented above each kernel in
 //! attention.cu; a change to one must be made in the other.
 
-use super::{check_disjoint, Arg, CudaBackend};
-use crate::backend::{check_key_mask, check_len};
+use super::{Arg, CudaBackend};
+use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
@@ -112,10 +112,13 @@ struct Dims {
 }
 
 impl Dims {
-    fn check(self, what: &str, causal: bool) -> Result<Dims> {
+    fn of(p: &AttentionParams) -> Dims {
+        Dims { batch: p.batch, q_len: p.q_len, kv_len: p.kv_len, heads: p.heads, hd: p.head_dim }
+    }
+
+    /// The kernels' own limits, past the checks every backend makes (`AttentionParams::check_*`).
+    fn check(self, what: &str) -> Result<Dims> {
         let Dims { batch, q_len, kv_len, heads, hd } = self;
-        ensure!(hd >= 1, "{what}: head_dim 0");
-        ensure!(!causal || q_len == kv_len, "{what}: causal attention needs q_len == kv_len ({q_len} vs {kv_len})");
         ensure!(
             hd > MAX_HEAD_DIM || batch * heads <= 65535,
             "{what}: batch {batch} × heads {heads} exceeds the grid's y limit (65535)"
@@ -208,32 +211,11 @@ impl CudaBackend {
         self.launch(kernel, grid, (THREADS, 1, 1), smem, args)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attn_forward(
-        &self,
-        what: &str,
-        out: &Tensor,
-        lse: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        key_mask: Option<&[u32]>,
-        d: Dims,
-        scale: f32,
-        causal: bool,
-    ) -> Result<()> {
-        let d = d.check(what, causal)?;
-        let w = d.width();
-        if let Some(m) = key_mask {
-            check_key_mask(what, m, d.batch, d.kv_len)?;
-        }
-        check_len(&format!("{what} out"), out, d.batch * d.q_len * w)?;
-        check_len(&format!("{what} q"), q, d.batch * d.q_len * w)?;
-        check_len(&format!("{what} k"), k, d.batch * d.kv_len * w)?;
-        check_len(&format!("{what} v"), v, d.batch * d.kv_len * w)?;
-        check_len(&format!("{what} lse"), lse, d.batch * d.q_len * d.heads)?;
-        // As the CPU reference (`views`): no output may overlap another or an input.
-        check_disjoint(what, &[out, lse], &[q, k, v])?;
+    pub(crate) fn attention_forward_impl(&self, p: &AttentionParams, t: &AttentionForward) -> Result<()> {
+        p.check_forward(t)?;
+        let AttentionForward { out, lse, q, k, v, key_mask } = *t;
+        let (scale, causal) = (p.scale, p.causal);
+        let d = Dims::of(p).check("attention")?;
         if d.batch * d.heads * d.q_len == 0 {
             return Ok(());
         }
@@ -265,40 +247,11 @@ impl CudaBackend {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attn_backward(
-        &self,
-        what: &str,
-        dq: &Tensor,
-        dk: &Tensor,
-        dv: &Tensor,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        key_mask: Option<&[u32]>,
-        d: Dims,
-        scale: f32,
-        causal: bool,
-    ) -> Result<()> {
-        let d = d.check(what, causal)?;
-        let w = d.width();
-        if let Some(m) = key_mask {
-            check_key_mask(what, m, d.batch, d.kv_len)?;
-        }
-        check_len(&format!("{what} dq"), dq, d.batch * d.q_len * w)?;
-        check_len(&format!("{what} dk"), dk, d.batch * d.kv_len * w)?;
-        check_len(&format!("{what} dv"), dv, d.batch * d.kv_len * w)?;
-        check_len(&format!("{what} dout"), dout, d.batch * d.q_len * w)?;
-        check_len(&format!("{what} q"), q, d.batch * d.q_len * w)?;
-        check_len(&format!("{what} k"), k, d.batch * d.kv_len * w)?;
-        check_len(&format!("{what} v"), v, d.batch * d.kv_len * w)?;
-        check_len(&format!("{what} out"), out, d.batch * d.q_len * w)?;
-        check_len(&format!("{what} lse"), lse, d.batch * d.q_len * d.heads)?;
-        // As the CPU reference (`views`): no gradient may overlap another or an input.
-        check_disjoint(what, &[dq, dk, dv], &[dout, q, k, v, out, lse])?;
+    pub(crate) fn attention_backward_impl(&self, p: &AttentionParams, t: &AttentionBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let AttentionBackward { dq, dk, dv, dout, q, k, v, out, lse, key_mask } = *t;
+        let (scale, causal) = (p.scale, p.causal);
+        let d = Dims::of(p).check("attention_backward")?;
         if d.batch * d.heads * d.q_len * d.kv_len == 0 {
             return Ok(()); // no query/key pair: nothing to accumulate
         }
@@ -603,109 +556,6 @@ impl CudaBackend {
             }
         }
         Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attention_forward_impl(
-        &self,
-        out: &Tensor,
-        lse: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-        causal: bool,
-    ) -> Result<()> {
-        let d = Dims { batch, q_len, kv_len, heads, hd: head_dim };
-        self.attn_forward("attention", out, lse, q, k, v, None, d, scale, causal)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attention_backward_impl(
-        &self,
-        dq: &Tensor,
-        dk: &Tensor,
-        dv: &Tensor,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-        causal: bool,
-    ) -> Result<()> {
-        let d = Dims { batch, q_len, kv_len, heads, hd: head_dim };
-        self.attn_backward("attention_backward", dq, dk, dv, dout, q, k, v, out, lse, None, d, scale, causal)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn masked_attention_forward_impl(
-        &self,
-        out: &Tensor,
-        lse: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        key_mask: &[u32],
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-    ) -> Result<()> {
-        let d = Dims { batch, q_len, kv_len, heads, hd: head_dim };
-        self.attn_forward("masked attention", out, lse, q, k, v, Some(key_mask), d, scale, false)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn masked_attention_backward_impl(
-        &self,
-        dq: &Tensor,
-        dk: &Tensor,
-        dv: &Tensor,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        key_mask: &[u32],
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-    ) -> Result<()> {
-        let d = Dims { batch, q_len, kv_len, heads, hd: head_dim };
-        self.attn_backward(
-            "masked_attention_backward",
-            dq,
-            dk,
-            dv,
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            Some(key_mask),
-            d,
-            scale,
-            false,
-        )
     }
 }
 

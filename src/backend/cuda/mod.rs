@@ -36,6 +36,7 @@ mod params;
 mod reference_gemm;
 
 use super::{check_disjoint, check_len, Activation, Backend, Precision};
+use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
@@ -673,22 +674,8 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn attention_forward(
-        &self,
-        out: &Tensor,
-        lse: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-        causal: bool,
-    ) -> Result<()> {
-        self.attention_forward_impl(out, lse, q, k, v, batch, q_len, kv_len, heads, head_dim, scale, causal)
+    fn attention_forward(&self, p: &AttentionParams, t: &AttentionForward) -> Result<()> {
+        self.attention_forward_impl(p, t)
     }
 
     fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
@@ -832,28 +819,8 @@ impl Backend for CudaBackend {
         self.layer_norm_backward_impl(p, t)
     }
 
-    fn attention_backward(
-        &self,
-        dq: &Tensor,
-        dk: &Tensor,
-        dv: &Tensor,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-        causal: bool,
-    ) -> Result<()> {
-        self.attention_backward_impl(
-            dq, dk, dv, dout, q, k, v, out, lse, batch, q_len, kv_len, heads, head_dim, scale, causal,
-        )
+    fn attention_backward(&self, p: &AttentionParams, t: &AttentionBackward) -> Result<()> {
+        self.attention_backward_impl(p, t)
     }
 
     fn activation_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
@@ -970,47 +937,5 @@ impl Backend for CudaBackend {
         v_prediction: bool,
     ) -> Result<()> {
         self.ddpm_add_noise_impl(x, noise, n, sqrt_alpha, sqrt_one_minus_alpha, v_prediction)
-    }
-
-    fn masked_attention_forward(
-        &self,
-        out: &Tensor,
-        lse: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        key_mask: &[u32],
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-    ) -> Result<()> {
-        self.masked_attention_forward_impl(out, lse, q, k, v, key_mask, batch, q_len, kv_len, heads, head_dim, scale)
-    }
-
-    fn masked_attention_backward(
-        &self,
-        dq: &Tensor,
-        dk: &Tensor,
-        dv: &Tensor,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
-        key_mask: &[u32],
-        batch: usize,
-        q_len: usize,
-        kv_len: usize,
-        heads: usize,
-        head_dim: usize,
-        scale: f32,
-    ) -> Result<()> {
-        self.masked_attention_backward_impl(
-            dq, dk, dv, dout, q, k, v, out, lse, key_mask, batch, q_len, kv_len, heads, head_dim, scale,
-        )
     }
 }
