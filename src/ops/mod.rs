@@ -1,4 +1,4 @@
-//! Operations as units (issue 15; the norms and the convolution are here, the other families follow).
+//! Operations as units (issue 15; norms, convolution and attention are here, the other families follow).
 //!
 //! Each operation family is one module named like its kernel file (`ops/norm.rs` ↔
 //! `kernels/norm.cu`). A parameter struct per operation owns what every backend shares: the shape
