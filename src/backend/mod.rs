@@ -13,6 +13,7 @@ pub mod plan;
 
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::{PoolId, Tensor};
@@ -220,13 +221,11 @@ pub trait Backend {
     /// wpe (max_positions ≥ seq, dim). Ids are checked against the vocabulary.
     fn embedding_forward(
         &self,
+        p: &EmbeddingParams,
         out: &Tensor,
         ids: &[u32],
         wte: &Tensor,
         wpe: &Tensor,
-        batch: usize,
-        seq: usize,
-        dim: usize,
     ) -> Result<()>;
 
     /// Layer norm over the last dimension: out, mean (rows), rstd (rows), inp (rows, cols).
@@ -267,18 +266,7 @@ pub trait Backend {
 
     /// Nearest-neighbour resize, channels-last: inp (batch, ih, iw, c) → out (batch, oh, ow, c),
     /// source index floor(o · in / out) as PyTorch's `interpolate(mode="nearest")`.
-    #[allow(clippy::too_many_arguments)]
-    fn upsample_nearest_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        batch: usize,
-        ih: usize,
-        iw: usize,
-        oh: usize,
-        ow: usize,
-        c: usize,
-    ) -> Result<()>;
+    fn upsample_nearest_forward(&self, p: &UpsampleParams, out: &Tensor, inp: &Tensor) -> Result<()>;
 
     /// out[b, r, :] = inp[b, r, :] + bias[b, :]: a per-sample channel vector added at every position
     /// (the resnet's time embedding). inp/out (batch, rows, c), bias (batch, c).
@@ -365,18 +353,7 @@ pub trait Backend {
     fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()>;
 
     /// Of `upsample_nearest_forward`: each input position sums the gradients of its copies.
-    #[allow(clippy::too_many_arguments)]
-    fn upsample_nearest_backward(
-        &self,
-        dinp: &Tensor,
-        dout: &Tensor,
-        batch: usize,
-        ih: usize,
-        iw: usize,
-        oh: usize,
-        ow: usize,
-        c: usize,
-    ) -> Result<()>;
+    fn upsample_nearest_backward(&self, p: &UpsampleParams, dinp: &Tensor, dout: &Tensor) -> Result<()>;
 
     /// Of `add_bias_rows_forward`, the bias part: dbias[b, :] += Σ_r dout[b, r, :].
     fn add_bias_rows_backward(&self, dbias: &Tensor, dout: &Tensor, batch: usize, rows: usize, c: usize) -> Result<()>;
@@ -396,16 +373,13 @@ pub trait Backend {
     fn geglu_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()>;
 
     /// Of `embedding_forward`: dwte[ids] += dout rows, dwpe[t] += dout rows.
-    #[allow(clippy::too_many_arguments)]
     fn embedding_backward(
         &self,
+        p: &EmbeddingParams,
         dwte: &Tensor,
         dwpe: &Tensor,
         dout: &Tensor,
         ids: &[u32],
-        batch: usize,
-        seq: usize,
-        dim: usize,
     ) -> Result<()>;
 
     /// Mean squared error: loss[0] = mean((pred − target)²); dpred = 2 (pred − target) / n (written).

@@ -5,6 +5,7 @@
 use super::{Activation, Backend};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::{PoolId, Tensor};
@@ -59,13 +60,11 @@ impl Backend for PlanBackend {
     }
     fn embedding_forward(
         &self,
-        _: &Tensor,
-        _: &[u32],
-        _: &Tensor,
-        _: &Tensor,
-        _: usize,
-        _: usize,
-        _: usize,
+        _p: &EmbeddingParams,
+        _out: &Tensor,
+        _ids: &[u32],
+        _wte: &Tensor,
+        _wpe: &Tensor,
     ) -> Result<()> {
         Ok(())
     }
@@ -102,17 +101,7 @@ impl Backend for PlanBackend {
     fn group_norm_forward(&self, _: &GroupNormParams, _: &GroupNormForward) -> Result<()> {
         Ok(())
     }
-    fn upsample_nearest_forward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-    ) -> Result<()> {
+    fn upsample_nearest_forward(&self, _p: &UpsampleParams, _out: &Tensor, _inp: &Tensor) -> Result<()> {
         Ok(())
     }
     fn add_bias_rows_forward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<()> {
@@ -167,17 +156,7 @@ impl Backend for PlanBackend {
     fn group_norm_backward(&self, _: &GroupNormParams, _: &GroupNormBackward) -> Result<()> {
         Ok(())
     }
-    fn upsample_nearest_backward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-    ) -> Result<()> {
+    fn upsample_nearest_backward(&self, _p: &UpsampleParams, _dinp: &Tensor, _dout: &Tensor) -> Result<()> {
         Ok(())
     }
     fn add_bias_rows_backward(&self, _: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<()> {
@@ -191,13 +170,11 @@ impl Backend for PlanBackend {
     }
     fn embedding_backward(
         &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &[u32],
-        _: usize,
-        _: usize,
-        _: usize,
+        _p: &EmbeddingParams,
+        _dwte: &Tensor,
+        _dwpe: &Tensor,
+        _dout: &Tensor,
+        _ids: &[u32],
     ) -> Result<()> {
         Ok(())
     }

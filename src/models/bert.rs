@@ -22,6 +22,7 @@ use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
+use crate::ops::elementwise::EmbeddingParams;
 use crate::tensor::{Arena, Layout, Shape, Tensor};
 use crate::weights::safetensors::{float_dtype, to_f32, SafetensorsFile};
 use crate::weights::{self, LoadReport};
@@ -311,7 +312,13 @@ impl BertModel {
         let rows = batch * seq;
         self.check_inputs(batch, seq, ids, mask)?;
         let p = &self.params;
-        b.embedding_forward(&acts.word_position, ids, &p.word_embeddings, &p.position_embeddings, batch, seq, d)?;
+        b.embedding_forward(
+            &EmbeddingParams { batch, seq, dim: d },
+            &acts.word_position,
+            ids,
+            &p.word_embeddings,
+            &p.position_embeddings,
+        )?;
         let token_type0 = row_view(&p.token_type_embeddings, 0, d);
         b.add_bias_rows_forward(&acts.embeddings, &acts.word_position, &token_type0, 1, rows, d)?;
         p.embeddings_layer_norm.forward(b, &acts.embeddings_ln, &acts.embeddings, rows)?;
@@ -458,7 +465,13 @@ impl BertModel {
             }
             None => None,
         };
-        b.embedding_backward(&g.word_embeddings, &g.position_embeddings, &demb, ids, batch, seq, d)?;
+        b.embedding_backward(
+            &EmbeddingParams { batch, seq, dim: d },
+            &g.word_embeddings,
+            &g.position_embeddings,
+            &demb,
+            ids,
+        )?;
         if let Some((row, s)) = saved {
             b.zero(&row)?;
             b.accumulate(&row, &s, d)?;

@@ -9,6 +9,7 @@ use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
+use crate::ops::elementwise::EmbeddingParams;
 use crate::tensor::{Arena, Layout, Tensor};
 use crate::weights::{self, LoadReport};
 use anyhow::{bail, Result};
@@ -229,7 +230,13 @@ impl ClipTextModel {
             bail!("text encoder: {seq} tokens exceed max_position_embeddings {}", c.max_position_embeddings);
         }
         let p = &self.params;
-        b.embedding_forward(&acts.embeddings, ids, &p.token_embedding, &p.position_embedding, batch, seq, d)?;
+        b.embedding_forward(
+            &EmbeddingParams { batch, seq, dim: d },
+            &acts.embeddings,
+            ids,
+            &p.token_embedding,
+            &p.position_embedding,
+        )?;
         let (heads, hd) = (c.num_attention_heads, c.head_dim());
         let mut x = acts.embeddings;
         for (lp, la) in p.layers.iter().zip(&acts.layers) {
@@ -325,7 +332,13 @@ impl ClipTextModel {
             lp.layer_norm1.backward(&lg.layer_norm1, b, &dxin, &dln1, &x_in, &la.ln1, rows)?;
             dx = dxin;
         }
-        b.embedding_backward(&g.token_embedding, &g.position_embedding, &dx, ids, batch, seq, d)?;
+        b.embedding_backward(
+            &EmbeddingParams { batch, seq, dim: d },
+            &g.token_embedding,
+            &g.position_embedding,
+            &dx,
+            ids,
+        )?;
         arena.release_all_to(mark);
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 use super::{Conv2d, Fmap};
 use crate::backend::Backend;
+use crate::ops::elementwise::UpsampleParams;
 use crate::tensor::{Arena, Layout};
 use anyhow::Result;
 
@@ -51,7 +52,7 @@ impl Upsample2D {
     ) -> Result<(Fmap, Fmap)> {
         let (oh, ow) = size.unwrap_or((2 * x.h, 2 * x.w));
         let up = Fmap::alloc(arena, x.batch, oh, ow, x.c)?;
-        b.upsample_nearest_forward(&up.t, &x.t, x.batch, x.h, x.w, oh, ow, x.c)?;
+        b.upsample_nearest_forward(&upsample(x, oh, ow), &up.t, &x.t)?;
         let out = self.conv.apply(b, arena, &up)?;
         Ok((up, out))
     }
@@ -71,8 +72,13 @@ impl Upsample2D {
         let mark = arena.mark();
         let dup = super::zeros_like(b, arena, up)?;
         self.conv.backward(&g.conv, b, Some(&dup), dout, up)?;
-        b.upsample_nearest_backward(&dx.t, &dup.t, x.batch, x.h, x.w, up.h, up.w, x.c)?;
+        b.upsample_nearest_backward(&upsample(x, up.h, up.w), &dx.t, &dup.t)?;
         arena.release_all_to(mark);
         Ok(())
     }
+}
+
+/// The resize of `x` to out_h × out_w.
+fn upsample(x: &Fmap, out_h: usize, out_w: usize) -> UpsampleParams {
+    UpsampleParams { batch: x.batch, in_h: x.h, in_w: x.w, out_h, out_w, channels: x.c }
 }

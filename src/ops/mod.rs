@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod elementwise;
 pub mod norm;
 
 /// SiLU (x · sigmoid(x)) in f32, as torch computes it on the CPU.

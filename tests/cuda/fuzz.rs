@@ -139,11 +139,15 @@ pub fn fuzz_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str, 
         let (ih, iw, oh, ow, ch) = (u(1, 9), u(1, 9), u(1, 20), u(1, 20), u(1, 5));
         let ins = vec![data.normal(oh * ow * ch), data.normal(ih * iw * ch)];
         r.case(&format!("{tag}/fuzz upsample_nearest_forward {ih}x{iw}->{oh}x{ow}x{ch}"), || {
-            compare(gpu, bf16, &ins, &[0], &|bk, t| bk.upsample_nearest_forward(&t[0], &t[1], 1, ih, iw, oh, ow, ch))
+            compare(gpu, bf16, &ins, &[0], &|bk, t| {
+                bk.upsample_nearest_forward(&upsample((1, ih, iw, oh, ow, ch)), &t[0], &t[1])
+            })
         });
         let ins = vec![data.normal(ih * iw * ch), data.normal(oh * ow * ch)];
         r.case(&format!("{tag}/fuzz upsample_nearest_backward {ih}x{iw}->{oh}x{ow}x{ch}"), || {
-            compare(gpu, bf16, &ins, &[0], &|bk, t| bk.upsample_nearest_backward(&t[0], &t[1], 1, ih, iw, oh, ow, ch))
+            compare(gpu, bf16, &ins, &[0], &|bk, t| {
+                bk.upsample_nearest_backward(&upsample((1, ih, iw, oh, ow, ch)), &t[0], &t[1])
+            })
         });
     }
 }

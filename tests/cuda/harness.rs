@@ -8,6 +8,7 @@ use roentgen::backend::cuda::CudaBackend;
 use roentgen::backend::Backend;
 use roentgen::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use roentgen::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use roentgen::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use roentgen::ops::norm::{
     GroupNormBackward, GroupNormForward, GroupNormParams, LayerNormBackward, LayerNormForward, LayerNormParams,
 };
@@ -275,4 +276,15 @@ pub fn attention_backward(
     key_mask: Option<&[u32]>,
 ) -> Result<()> {
     b.attention_backward(&p, &AttentionBackward { dq, dk, dv, dout, q, k, v, out, lse, key_mask })
+}
+
+/// A resize of (batch, in_h, in_w, out_h, out_w, channels), as the cases list them.
+pub fn upsample(d: (usize, usize, usize, usize, usize, usize)) -> UpsampleParams {
+    let (batch, in_h, in_w, out_h, out_w, channels) = d;
+    UpsampleParams { batch, in_h, in_w, out_h, out_w, channels }
+}
+
+/// An embedding of `batch` sequences of `seq` tokens of `dim` values.
+pub fn embedding(batch: usize, seq: usize, dim: usize) -> EmbeddingParams {
+    EmbeddingParams { batch, seq, dim }
 }

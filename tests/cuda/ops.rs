@@ -379,13 +379,13 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             format!("upsample_nearest_forward {ih}x{iw}->{oh}x{ow}x{c}"),
             vec![vec![0.0; n * oh * ow * c], rng.normal(n * ih * iw * c)],
             &[0],
-            &|b, t| b.upsample_nearest_forward(&t[0], &t[1], n, ih, iw, oh, ow, c),
+            &|b, t| b.upsample_nearest_forward(&upsample((n, ih, iw, oh, ow, c)), &t[0], &t[1]),
         );
         g(
             format!("upsample_nearest_backward {ih}x{iw}->{oh}x{ow}x{c}"),
             vec![rng.normal(n * ih * iw * c), rng.normal(n * oh * ow * c)],
             &[0],
-            &|b, t| b.upsample_nearest_backward(&t[0], &t[1], n, ih, iw, oh, ow, c),
+            &|b, t| b.upsample_nearest_backward(&upsample((n, ih, iw, oh, ow, c)), &t[0], &t[1]),
         );
     }
     for &(bt, seq, dim, vocab) in &[(2, 77, 768, 49408), (3, 5, 8, 11)] {
@@ -395,7 +395,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             format!("embedding_forward b{bt} s{seq} d{dim}"),
             vec![vec![0.0; bt * seq * dim], rng.normal(vocab * dim), rng.normal(77 * dim)],
             &[0],
-            &|b, t| b.embedding_forward(&t[0], &i2, &t[1], &t[2], bt, seq, dim),
+            &|b, t| b.embedding_forward(&embedding(bt, seq, dim), &t[0], &i2, &t[1], &t[2]),
         );
         let mut ids = ids;
         ids[1] = ids[0]; // a repeated id accumulates twice
@@ -403,7 +403,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             format!("embedding_backward b{bt} s{seq} d{dim}"),
             vec![rng.normal(vocab * dim), rng.normal(77 * dim), rng.normal(bt * seq * dim)],
             &[0, 1],
-            &|b, t| b.embedding_backward(&t[0], &t[1], &t[2], &ids, bt, seq, dim),
+            &|b, t| b.embedding_backward(&embedding(bt, seq, dim), &t[0], &t[1], &t[2], &ids),
         );
     }
 }
@@ -571,7 +571,7 @@ pub fn allocation_case(r: &mut Runner, gpu: &mut CudaBackend) {
                 Some(&mask),
             )?;
             gpu.sum_squares(&t[5], &t[6], n)?;
-            gpu.embedding_forward(&t[9], &ids, &t[7], &t[8], bt, l, 8)?;
+            gpu.embedding_forward(&embedding(bt, l, 8), &t[9], &ids, &t[7], &t[8])?;
             group_norm_forward(gpu, group_norm(2, 256, 32, 8, true), &t[10..16])?;
             gpu.synchronize()
         };

@@ -69,34 +69,6 @@ pub fn activation(dinp: &mut [f32], dout: &[f32], inp: &[f32], act: Activation, 
     });
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn upsample_nearest(
-    dinp: &mut [f32],
-    dout: &[f32],
-    batch: usize,
-    ih: usize,
-    iw: usize,
-    oh: usize,
-    ow: usize,
-    c: usize,
-) {
-    let (sy, sx) = (ih as f32 / oh as f32, iw as f32 / ow as f32);
-    // One task per batch image: its input rows receive only its own output's gradients.
-    dinp[..batch * ih * iw * c].par_chunks_mut(ih * iw * c).enumerate().for_each(|(b, di)| {
-        for oy in 0..oh {
-            let iy = ((oy as f32 * sy).floor() as usize).min(ih - 1);
-            for ox in 0..ow {
-                let ix = ((ox as f32 * sx).floor() as usize).min(iw - 1);
-                let src = &dout[((b * oh + oy) * ow + ox) * c..][..c];
-                let dst = &mut di[(iy * iw + ix) * c..][..c];
-                for t in 0..c {
-                    dst[t] += src[t];
-                }
-            }
-        }
-    });
-}
-
 pub fn geglu(dinp: &mut [f32], dout: &[f32], inp: &[f32], rows: usize, inner: usize) {
     dinp[..rows * 2 * inner].par_chunks_mut(2 * inner).enumerate().for_each(|(r, di)| {
         let x = &inp[r * 2 * inner..(r + 1) * 2 * inner];

@@ -7,11 +7,12 @@ pub mod gemm;
 use super::{check_len, Activation, Backend};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::ops::silu;
 use crate::tensor::{PoolId, Tensor};
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
 /// One allocation: an anonymous memory map (zero pages, page-aligned, transparent huge pages
@@ -158,31 +159,15 @@ impl Backend for CpuBackend {
 
     fn embedding_forward(
         &self,
+        p: &EmbeddingParams,
         out: &Tensor,
         ids: &[u32],
         wte: &Tensor,
         wpe: &Tensor,
-        batch: usize,
-        seq: usize,
-        dim: usize,
     ) -> Result<()> {
-        ensure!(ids.len() == batch * seq, "embedding: {} ids for batch {batch} × seq {seq}", ids.len());
-        let vocab = wte.numel() / dim;
-        let positions = wpe.numel() / dim;
-        ensure!(seq <= positions, "embedding: sequence of {seq} tokens exceeds the {positions} positions");
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            bail!("embedding: token id {bad} is outside the vocabulary of {vocab}");
-        }
-        check_len("embedding out", out, batch * seq * dim)?;
-        let ([o], [wte, wpe]) = self.views([out], [wte, wpe]);
-        o[..batch * seq * dim].par_chunks_mut(dim).enumerate().for_each(|(row, o)| {
-            let id = ids[row] as usize;
-            let t = row % seq;
-            let (e, p) = (&wte[id * dim..(id + 1) * dim], &wpe[t * dim..(t + 1) * dim]);
-            for c in 0..dim {
-                o[c] = e[c] + p[c];
-            }
-        });
+        p.check_forward(out, ids, wte, wpe)?;
+        let ([o], tables) = self.views([out], [wte, wpe]);
+        p.cpu_forward(o, ids, tables);
         Ok(())
     }
 
@@ -278,29 +263,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn upsample_nearest_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        batch: usize,
-        ih: usize,
-        iw: usize,
-        oh: usize,
-        ow: usize,
-        c: usize,
-    ) -> Result<()> {
-        check_len("upsample out", out, batch * oh * ow * c)?;
-        check_len("upsample inp", inp, batch * ih * iw * c)?;
+    fn upsample_nearest_forward(&self, p: &UpsampleParams, out: &Tensor, inp: &Tensor) -> Result<()> {
+        p.check_forward(out, inp)?;
         let ([o], [x]) = self.views([out], [inp]);
-        // PyTorch: scale = in / out in f32, source = min(floor(dst · scale), in − 1).
-        let (sy, sx) = (ih as f32 / oh as f32, iw as f32 / ow as f32);
-        o[..batch * oh * ow * c].par_chunks_mut(c).enumerate().for_each(|(row, o)| {
-            let (b, rem) = (row / (oh * ow), row % (oh * ow));
-            let (oy, ox) = (rem / ow, rem % ow);
-            let iy = ((oy as f32 * sy).floor() as usize).min(ih - 1);
-            let ix = ((ox as f32 * sx).floor() as usize).min(iw - 1);
-            o.copy_from_slice(&x[((b * ih + iy) * iw + ix) * c..][..c]);
-        });
+        p.cpu_forward(o, x);
         Ok(())
     }
 
@@ -442,21 +408,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn upsample_nearest_backward(
-        &self,
-        dinp: &Tensor,
-        dout: &Tensor,
-        batch: usize,
-        ih: usize,
-        iw: usize,
-        oh: usize,
-        ow: usize,
-        c: usize,
-    ) -> Result<()> {
-        check_len("upsample_backward dinp", dinp, batch * ih * iw * c)?;
-        check_len("upsample_backward dout", dout, batch * oh * ow * c)?;
+    fn upsample_nearest_backward(&self, p: &UpsampleParams, dinp: &Tensor, dout: &Tensor) -> Result<()> {
+        p.check_backward(dinp, dout)?;
         let ([di], [dy]) = self.views([dinp], [dout]);
-        backward::upsample_nearest(di, dy, batch, ih, iw, oh, ow, c);
+        p.cpu_backward(di, dy);
         Ok(())
     }
 
@@ -501,22 +456,15 @@ impl Backend for CpuBackend {
 
     fn embedding_backward(
         &self,
+        p: &EmbeddingParams,
         dwte: &Tensor,
         dwpe: &Tensor,
         dout: &Tensor,
         ids: &[u32],
-        batch: usize,
-        seq: usize,
-        dim: usize,
     ) -> Result<()> {
-        let ([te, pe], [dy]) = self.views([dwte, dwpe], [dout]);
-        // Serial over rows: the same token id may appear in several rows.
-        for row in 0..batch * seq {
-            let (id, t) = (ids[row] as usize, row % seq);
-            let g = &dy[row * dim..(row + 1) * dim];
-            te[id * dim..(id + 1) * dim].iter_mut().zip(g).for_each(|(x, y)| *x += y);
-            pe[t * dim..(t + 1) * dim].iter_mut().zip(g).for_each(|(x, y)| *x += y);
-        }
+        p.check_backward(dwte, dwpe, dout, ids)?;
+        let (grads, [dy]) = self.views([dwte, dwpe], [dout]);
+        p.cpu_backward(grads, dy, ids);
         Ok(())
     }
 

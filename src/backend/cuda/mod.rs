@@ -38,6 +38,7 @@ mod reference_gemm;
 use super::{check_disjoint, check_len, Activation, Backend, Precision};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::{PoolId, Tensor};
@@ -590,15 +591,13 @@ impl Backend for CudaBackend {
 
     fn embedding_forward(
         &self,
+        p: &EmbeddingParams,
         out: &Tensor,
         ids: &[u32],
         wte: &Tensor,
         wpe: &Tensor,
-        batch: usize,
-        seq: usize,
-        dim: usize,
     ) -> Result<()> {
-        self.embedding_forward_impl(out, ids, wte, wpe, batch, seq, dim)
+        self.embedding_forward_impl(p, out, ids, wte, wpe)
     }
 
     fn layer_norm_forward(&self, p: &LayerNormParams, t: &LayerNormForward) -> Result<()> {
@@ -694,18 +693,8 @@ impl Backend for CudaBackend {
         self.group_norm_forward_impl(p, t)
     }
 
-    fn upsample_nearest_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        batch: usize,
-        ih: usize,
-        iw: usize,
-        oh: usize,
-        ow: usize,
-        c: usize,
-    ) -> Result<()> {
-        self.upsample_nearest_forward_impl(out, inp, batch, ih, iw, oh, ow, c)
+    fn upsample_nearest_forward(&self, p: &UpsampleParams, out: &Tensor, inp: &Tensor) -> Result<()> {
+        self.upsample_nearest_forward_impl(p, out, inp)
     }
 
     fn add_bias_rows_forward(
@@ -835,18 +824,8 @@ impl Backend for CudaBackend {
         self.group_norm_backward_impl(p, t)
     }
 
-    fn upsample_nearest_backward(
-        &self,
-        dinp: &Tensor,
-        dout: &Tensor,
-        batch: usize,
-        ih: usize,
-        iw: usize,
-        oh: usize,
-        ow: usize,
-        c: usize,
-    ) -> Result<()> {
-        self.upsample_nearest_backward_impl(dinp, dout, batch, ih, iw, oh, ow, c)
+    fn upsample_nearest_backward(&self, p: &UpsampleParams, dinp: &Tensor, dout: &Tensor) -> Result<()> {
+        self.upsample_nearest_backward_impl(p, dinp, dout)
     }
 
     fn add_bias_rows_backward(&self, dbias: &Tensor, dout: &Tensor, batch: usize, rows: usize, c: usize) -> Result<()> {
@@ -871,15 +850,13 @@ impl Backend for CudaBackend {
 
     fn embedding_backward(
         &self,
+        p: &EmbeddingParams,
         dwte: &Tensor,
         dwpe: &Tensor,
         dout: &Tensor,
         ids: &[u32],
-        batch: usize,
-        seq: usize,
-        dim: usize,
     ) -> Result<()> {
-        self.embedding_backward_impl(dwte, dwpe, dout, ids, batch, seq, dim)
+        self.embedding_backward_impl(p, dwte, dwpe, dout, ids)
     }
 
     fn mse_loss(&self, dpred: &Tensor, loss: &Tensor, pred: &Tensor, target: &Tensor, n: usize) -> Result<()> {

@@ -16,10 +16,11 @@
 use super::{check_disjoint, to_i32, Arg, CudaBackend};
 use crate::backend::check_len;
 use crate::backend::Activation;
+use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::Tensor;
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 
 /// Threads per block of the 1-D kernels.
 const BLOCK: u32 = 256;
@@ -76,28 +77,17 @@ impl CudaBackend {
         Ok(p)
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn embedding_forward_impl(
         &self,
+        p: &EmbeddingParams,
         out: &Tensor,
         ids: &[u32],
         wte: &Tensor,
         wpe: &Tensor,
-        batch: usize,
-        seq: usize,
-        dim: usize,
     ) -> Result<()> {
-        ensure!(ids.len() == batch * seq, "embedding: {} ids for batch {batch} × seq {seq}", ids.len());
-        ensure!(dim > 0, "embedding: dimension 0");
-        let vocab = wte.numel() / dim;
-        let positions = wpe.numel() / dim;
-        ensure!(seq <= positions, "embedding: sequence of {seq} tokens exceeds the {positions} positions");
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            bail!("embedding: token id {bad} is outside the vocabulary of {vocab}");
-        }
+        p.check_forward(out, ids, wte, wpe)?;
+        let EmbeddingParams { batch, seq, dim } = *p;
         let n = batch * seq * dim;
-        check_len("embedding out", out, n)?;
-        check_disjoint("embedding", &[out], &[wte, wpe])?;
         to_i32("embedding", n)?;
         if n == 0 {
             return Ok(());
@@ -250,29 +240,15 @@ impl CudaBackend {
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn upsample_nearest_forward_impl(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        batch: usize,
-        ih: usize,
-        iw: usize,
-        oh: usize,
-        ow: usize,
-        c: usize,
-    ) -> Result<()> {
-        let n_out = batch * oh * ow * c;
-        let n_in = batch * ih * iw * c;
-        check_len("upsample out", out, n_out)?;
-        check_len("upsample inp", inp, n_in)?;
-        check_disjoint("upsample", &[out], &[inp])?;
+    pub(crate) fn upsample_nearest_forward_impl(&self, p: &UpsampleParams, out: &Tensor, inp: &Tensor) -> Result<()> {
+        p.check_forward(out, inp)?;
+        let UpsampleParams { batch, in_h: ih, in_w: iw, out_h: oh, out_w: ow, channels: c } = *p;
+        let (n_out, n_in) = (p.out_elements(), p.in_elements());
         to_i32("upsample out", n_out)?;
         to_i32("upsample inp", n_in)?;
         if n_out == 0 {
             return Ok(());
         }
-        ensure!(ih > 0 && iw > 0, "upsample: empty input {ih}×{iw} for an output of {oh}×{ow}");
         // PyTorch: scale = in / out in f32 (the CPU computes the same).
         let (sy, sx) = (ih as f32 / oh as f32, iw as f32 / ow as f32);
         self.ops_launch1(
@@ -584,23 +560,15 @@ impl CudaBackend {
         self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), dy, x, w, b, m, r, batch * hw, hw, c, groups, silu)
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn upsample_nearest_backward_impl(
         &self,
+        p: &UpsampleParams,
         dinp: &Tensor,
         dout: &Tensor,
-        batch: usize,
-        ih: usize,
-        iw: usize,
-        oh: usize,
-        ow: usize,
-        c: usize,
     ) -> Result<()> {
-        let n_in = batch * ih * iw * c;
-        let n_out = batch * oh * ow * c;
-        check_len("upsample_backward dinp", dinp, n_in)?;
-        check_len("upsample_backward dout", dout, n_out)?;
-        check_disjoint("upsample_backward", &[dinp], &[dout])?;
+        p.check_backward(dinp, dout)?;
+        let UpsampleParams { batch, in_h: ih, in_w: iw, out_h: oh, out_w: ow, channels: c } = *p;
+        let (n_in, n_out) = (p.in_elements(), p.out_elements());
         to_i32("upsample_backward dinp", n_in)?;
         to_i32("upsample_backward dout", n_out)?;
         if n_in == 0 || n_out == 0 {
@@ -723,28 +691,17 @@ impl CudaBackend {
     /// Without atomics: the rows are grouped by token id here (a stable sort keeps each id's rows
     /// ascending), uploaded as [distinct ids | starts | rows], and each destination row of dwte and
     /// dwpe is summed by one thread per element in the CPU's row order.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn embedding_backward_impl(
         &self,
+        p: &EmbeddingParams,
         dwte: &Tensor,
         dwpe: &Tensor,
         dout: &Tensor,
         ids: &[u32],
-        batch: usize,
-        seq: usize,
-        dim: usize,
     ) -> Result<()> {
+        p.check_backward(dwte, dwpe, dout, ids)?;
+        let EmbeddingParams { batch, seq, dim } = *p;
         let rows = batch * seq;
-        ensure!(ids.len() == rows, "embedding_backward: {} ids for batch {batch} × seq {seq}", ids.len());
-        ensure!(dim > 0, "embedding_backward: dimension 0");
-        let vocab = dwte.numel() / dim;
-        let positions = dwpe.numel() / dim;
-        ensure!(seq <= positions, "embedding_backward: sequence of {seq} tokens exceeds the {positions} positions");
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            bail!("embedding_backward: token id {bad} is outside the vocabulary of {vocab}");
-        }
-        check_len("embedding_backward dout", dout, rows * dim)?;
-        check_disjoint("embedding_backward", &[dwte, dwpe], &[dout])?;
         to_i32("embedding_backward", rows * dim)?;
         if rows == 0 {
             return Ok(());

@@ -1,0 +1,185 @@
+//! The operations of kernels/elementwise.cu that carry shapes: nearest-neighbour resizing (the
+//! U-Net's and the VAE's upsamplers) and the text encoders' token + position embedding. (The
+//! plain elementwise operations — add, scale, activations — are still Backend methods of their
+//! own.)
+
+use crate::backend::{check_disjoint, check_len};
+use crate::tensor::Tensor;
+use anyhow::{bail, ensure, Result};
+use rayon::prelude::*;
+
+/// Nearest-neighbour resize of channels-last maps, (batch, in_h, in_w, channels) → (batch, out_h,
+/// out_w, channels), source index floor(o · in / out) as PyTorch's `interpolate(mode="nearest")`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UpsampleParams {
+    pub batch: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    pub channels: usize,
+}
+
+impl UpsampleParams {
+    pub fn in_elements(&self) -> usize {
+        self.batch * self.in_h * self.in_w * self.channels
+    }
+
+    pub fn out_elements(&self) -> usize {
+        self.batch * self.out_h * self.out_w * self.channels
+    }
+
+    /// The source pixel of output row `oy` and column `ox`. PyTorch: scale = in / out in f32,
+    /// source = min(floor(dst · scale), in − 1).
+    fn source(&self, oy: usize, ox: usize) -> (usize, usize) {
+        let (sy, sx) = (self.in_h as f32 / self.out_h as f32, self.in_w as f32 / self.out_w as f32);
+        (((oy as f32 * sy).floor() as usize).min(self.in_h - 1), ((ox as f32 * sx).floor() as usize).min(self.in_w - 1))
+    }
+
+    fn check_input(&self, what: &str) -> Result<()> {
+        let UpsampleParams { in_h, in_w, out_h, out_w, .. } = *self;
+        ensure!(
+            self.out_elements() == 0 || (in_h > 0 && in_w > 0),
+            "{what}: empty input {in_h}×{in_w} for an output of {out_h}×{out_w}"
+        );
+        Ok(())
+    }
+
+    /// What every backend checks before a forward.
+    pub fn check_forward(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
+        self.check_input("upsample")?;
+        check_len("upsample out", out, self.out_elements())?;
+        check_len("upsample inp", inp, self.in_elements())?;
+        check_disjoint("upsample", &[out], &[inp])
+    }
+
+    /// What every backend checks before a backward.
+    pub fn check_backward(&self, dinp: &Tensor, dout: &Tensor) -> Result<()> {
+        self.check_input("upsample_backward")?;
+        check_len("upsample_backward dinp", dinp, self.in_elements())?;
+        check_len("upsample_backward dout", dout, self.out_elements())?;
+        check_disjoint("upsample_backward", &[dinp], &[dout])
+    }
+
+    /// The CPU reference of the forward, on checked slices: each output pixel copies its source.
+    pub fn cpu_forward(&self, out: &mut [f32], inp: &[f32]) {
+        let UpsampleParams { in_h, in_w, out_h, out_w, channels: c, .. } = *self;
+        out[..self.out_elements()].par_chunks_mut(c).enumerate().for_each(|(row, o)| {
+            let (b, rem) = (row / (out_h * out_w), row % (out_h * out_w));
+            let (iy, ix) = self.source(rem / out_w, rem % out_w);
+            o.copy_from_slice(&inp[((b * in_h + iy) * in_w + ix) * c..][..c]);
+        });
+    }
+
+    /// The CPU reference of the backward (accumulated into `dinp`): each input pixel sums the
+    /// gradients of its copies, one task per image (its input receives only its own output's).
+    pub fn cpu_backward(&self, dinp: &mut [f32], dout: &[f32]) {
+        let UpsampleParams { in_h, in_w, out_h, out_w, channels: c, .. } = *self;
+        if self.out_elements() == 0 {
+            return;
+        }
+        dinp[..self.in_elements()].par_chunks_mut(in_h * in_w * c).enumerate().for_each(|(b, di)| {
+            for oy in 0..out_h {
+                for ox in 0..out_w {
+                    let (iy, ix) = self.source(oy, ox);
+                    let src = &dout[((b * out_h + oy) * out_w + ox) * c..][..c];
+                    let dst = &mut di[(iy * in_w + ix) * c..][..c];
+                    for t in 0..c {
+                        dst[t] += src[t];
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Token + position embedding: out[b, t] = wte[ids[b, t]] + wpe[t], for `batch` sequences of
+/// `seq` tokens of `dim` values; wte (vocab, dim), wpe (positions, dim).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EmbeddingParams {
+    pub batch: usize,
+    pub seq: usize,
+    pub dim: usize,
+}
+
+impl EmbeddingParams {
+    /// The ids and the tables' sizes: as many ids as tokens, every id inside the vocabulary, no
+    /// more tokens than positions.
+    fn check_ids(&self, what: &str, ids: &[u32], wte: &Tensor, wpe: &Tensor) -> Result<()> {
+        let EmbeddingParams { batch, seq, dim } = *self;
+        ensure!(ids.len() == batch * seq, "{what}: {} ids for batch {batch} × seq {seq}", ids.len());
+        ensure!(dim > 0, "{what}: dimension 0");
+        let (vocab, positions) = (wte.numel() / dim, wpe.numel() / dim);
+        ensure!(seq <= positions, "{what}: sequence of {seq} tokens exceeds the {positions} positions");
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("{what}: token id {bad} is outside the vocabulary of {vocab}");
+        }
+        Ok(())
+    }
+
+    /// What every backend checks before a forward.
+    pub fn check_forward(&self, out: &Tensor, ids: &[u32], wte: &Tensor, wpe: &Tensor) -> Result<()> {
+        self.check_ids("embedding", ids, wte, wpe)?;
+        check_len("embedding out", out, self.batch * self.seq * self.dim)?;
+        check_disjoint("embedding", &[out], &[wte, wpe])
+    }
+
+    /// What every backend checks before a backward (the gradients have the tables' shapes).
+    pub fn check_backward(&self, dwte: &Tensor, dwpe: &Tensor, dout: &Tensor, ids: &[u32]) -> Result<()> {
+        self.check_ids("embedding_backward", ids, dwte, dwpe)?;
+        check_len("embedding_backward dout", dout, self.batch * self.seq * self.dim)?;
+        check_disjoint("embedding_backward", &[dwte, dwpe], &[dout])
+    }
+
+    /// The CPU reference of the forward, on checked slices.
+    pub fn cpu_forward(&self, out: &mut [f32], ids: &[u32], [wte, wpe]: [&[f32]; 2]) {
+        let EmbeddingParams { batch, seq, dim } = *self;
+        out[..batch * seq * dim].par_chunks_mut(dim).enumerate().for_each(|(row, o)| {
+            let (id, t) = (ids[row] as usize, row % seq);
+            let (e, p) = (&wte[id * dim..(id + 1) * dim], &wpe[t * dim..(t + 1) * dim]);
+            for c in 0..dim {
+                o[c] = e[c] + p[c];
+            }
+        });
+    }
+
+    /// The CPU reference of the backward (accumulated into the tables' gradients), serial over
+    /// rows: the same token id may appear in several rows, and its sum keeps the rows' order.
+    pub fn cpu_backward(&self, [dwte, dwpe]: [&mut [f32]; 2], dout: &[f32], ids: &[u32]) {
+        let EmbeddingParams { batch, seq, dim } = *self;
+        for row in 0..batch * seq {
+            let (id, t) = (ids[row] as usize, row % seq);
+            let g = &dout[row * dim..(row + 1) * dim];
+            dwte[id * dim..(id + 1) * dim].iter_mut().zip(g).for_each(|(x, y)| *x += y);
+            dwpe[t * dim..(t + 1) * dim].iter_mut().zip(g).for_each(|(x, y)| *x += y);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{cpu::CpuBackend, Backend};
+    use crate::tensor::Shape;
+
+    /// The backward checks the ids as the forward does (the CPU backend used to index past the
+    /// table with an id outside the vocabulary, a panic, and checked no length).
+    #[test]
+    fn embedding_backward_refuses_an_id_outside_the_vocabulary() {
+        let mut b = CpuBackend::new();
+        let pool = b.alloc(64, "t").unwrap();
+        let t = |offset, n| Tensor { pool, offset, shape: Shape::new(&[n]) };
+        let p = EmbeddingParams { batch: 1, seq: 2, dim: 4 };
+        // vocab 3 (12 values), positions 2 (8 values), dout 2 tokens × 4
+        let (dwte, dwpe, dout) = (t(0, 12), t(12, 8), t(20, 8));
+        b.upload(&dout, &[0.5, -1.0, 2.0, 0.25, 1.5, 0.75, -0.5, 3.0]).unwrap();
+        b.embedding_backward(&p, &dwte, &dwpe, &dout, &[2, 0]).unwrap();
+        let te = b.download(&dwte).unwrap();
+        assert_eq!(&te[8..12], &[0.5, -1.0, 2.0, 0.25], "token 2 receives row 0's gradient");
+        assert_eq!(&te[0..4], &[1.5, 0.75, -0.5, 3.0], "token 0 receives row 1's gradient");
+        let e = b.embedding_backward(&p, &dwte, &dwpe, &dout, &[1, 3]).unwrap_err().to_string();
+        assert!(e.contains("token id 3 is outside the vocabulary of 3"), "{e}");
+        let e = b.embedding_backward(&p, &dwte, &dwpe, &t(20, 7), &[1, 2]).unwrap_err().to_string();
+        assert!(e.contains("embedding_backward dout"), "{e}");
+    }
+}
