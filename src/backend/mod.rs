@@ -16,6 +16,7 @@ use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
+use crate::ops::optim::AdamWParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
 use std::fmt;
@@ -390,21 +391,7 @@ pub trait Backend {
 
     /// One AdamW step over flat memory (torch.optim.AdamW semantics: decoupled weight decay
     /// p ← p − lr·wd·p, bias-corrected moments, eps added to the bias-corrected √v̂).
-    #[allow(clippy::too_many_arguments)]
-    fn adamw_step(
-        &self,
-        param: &Tensor,
-        grad: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
-        n: usize,
-        lr: f32,
-        beta1: f32,
-        beta2: f32,
-        eps: f32,
-        weight_decay: f32,
-        step: usize,
-    ) -> Result<()>;
+    fn adamw_step(&self, p: &AdamWParams, param: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> Result<()>;
 
     /// dst += w · (src − dst), n elements (an exponential moving average's update).
     fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()>;

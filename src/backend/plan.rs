@@ -8,6 +8,7 @@ use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
+use crate::ops::optim::AdamWParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
 
@@ -184,20 +185,7 @@ impl Backend for PlanBackend {
     fn sum_squares(&self, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {
         Ok(())
     }
-    fn adamw_step(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: usize,
-        _: f32,
-        _: f32,
-        _: f32,
-        _: f32,
-        _: f32,
-        _: usize,
-    ) -> Result<()> {
+    fn adamw_step(&self, _: &AdamWParams, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<()> {
         Ok(())
     }
     fn lerp(&self, _: &Tensor, _: &Tensor, _: usize, _: f32) -> Result<()> {

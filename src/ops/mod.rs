@@ -12,6 +12,7 @@ pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod norm;
+pub mod optim;
 
 /// SiLU (x · sigmoid(x)) in f32, as torch computes it on the CPU.
 pub(crate) fn silu(x: f32) -> f32 {

@@ -18,6 +18,7 @@ use crate::backend::Backend;
 use crate::models::text::{TextActs, TextEncoder, TextGrads};
 use crate::models::unet::{UNet, UNetParams};
 use crate::nn::Fmap;
+use crate::ops::optim::AdamWParams;
 pub use crate::tensor::nchw_to_nhwc;
 use crate::tensor::{Arena, Layout, PoolId, Tensor};
 use anyhow::{bail, Result};
@@ -167,7 +168,16 @@ pub(crate) fn clip_and_step(
     }
     let lr = o.schedule.lr(o.lr, step - 1, total_steps);
     for st in states {
-        b.adamw_step(&st.params(), &st.grads, &st.m, &st.v, st.len, lr, o.beta1, o.beta2, o.eps, o.weight_decay, step)?;
+        let p = AdamWParams {
+            n: st.len,
+            lr,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            step,
+        };
+        b.adamw_step(&p, &st.params(), &st.grads, &st.m, &st.v)?;
     }
     Ok((grad_norm, lr))
 }

@@ -12,6 +12,7 @@ use roentgen::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use roentgen::ops::norm::{
     GroupNormBackward, GroupNormForward, GroupNormParams, LayerNormBackward, LayerNormForward, LayerNormParams,
 };
+use roentgen::ops::optim::AdamWParams;
 use roentgen::tensor::Tensor;
 
 pub struct Rng(pub u64);
@@ -287,4 +288,10 @@ pub fn upsample(d: (usize, usize, usize, usize, usize, usize)) -> UpsampleParams
 /// An embedding of `batch` sequences of `seq` tokens of `dim` values.
 pub fn embedding(batch: usize, seq: usize, dim: usize) -> EmbeddingParams {
     EmbeddingParams { batch, seq, dim }
+}
+
+/// An AdamW step over `n` values at `lr`, step `step`, with torch's default betas and eps and a
+/// weight decay of 1e-2.
+pub fn adamw(n: usize, lr: f32, step: usize) -> AdamWParams {
+    AdamWParams { n, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, step }
 }

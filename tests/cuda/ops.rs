@@ -323,7 +323,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             format!("adamw_step n{n}"),
             vec![rng.normal(n), rng.scaled(n, 0.1), rng.scaled(n, 0.01), vv],
             &[0, 2, 3],
-            &|b, t| b.adamw_step(&t[0], &t[1], &t[2], &t[3], n, 1e-3, 0.9, 0.999, 1e-8, 1e-2, 7),
+            &|b, t| b.adamw_step(&adamw(n, 1e-3, 7), &t[0], &t[1], &t[2], &t[3]),
         );
     }
     for &(n, rows, c) in &[(2, 64, 320), (1, 7, 33)] {

@@ -89,7 +89,7 @@ pub fn param_copy_case(r: &mut Runner) {
                         Ok(())
                     };
                     conv(&gpu, &mut outs)?;
-                    gpu.adamw_step(&wt_t, &t[2], &t[3], &t[4], nw, 1e-2, 0.9, 0.999, 1e-8, 1e-2, 1)?;
+                    gpu.adamw_step(&adamw(nw, 1e-2, 1), &wt_t, &t[2], &t[3], &t[4])?;
                     conv(&gpu, &mut outs)?;
                     gpu.upload(
                         &wt_t,

@@ -100,32 +100,3 @@ pub fn mse(dpred: &mut [f32], pred: &[f32], target: &[f32], n: usize) -> f32 {
     });
     (sum / n as f64) as f32
 }
-
-#[allow(clippy::too_many_arguments)]
-pub fn adamw(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    wd: f32,
-    step: usize,
-) {
-    // torch.optim.AdamW (single-tensor, foreach=False path): p *= 1 − lr·wd; m, v updated;
-    // denom = √v / √(1 − β2^t) + eps; p −= (lr / (1 − β1^t)) · m / denom.
-    // The scalars are Python floats (f64) in torch, cast to f32 where they meet the tensors.
-    let bc1 = 1.0 - (beta1 as f64).powi(step as i32);
-    let bc2_sqrt = (1.0 - (beta2 as f64).powi(step as i32)).sqrt() as f32;
-    let step_size = (lr as f64 / bc1) as f32;
-    let decay = (1.0 - lr as f64 * wd as f64) as f32;
-    p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut().zip(v.par_iter_mut())).for_each(|((p, &g), (m, v))| {
-        *p *= decay;
-        *m = *m + (g - *m) * (1.0 - beta1);
-        *v = *v * beta2 + g * g * (1.0 - beta2);
-        let denom = v.sqrt() / bc2_sqrt + eps;
-        *p -= step_size * *m / denom;
-    });
-}

@@ -10,6 +10,7 @@ use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
+use crate::ops::optim::AdamWParams;
 use crate::ops::silu;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{ensure, Result};
@@ -481,23 +482,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn adamw_step(
-        &self,
-        param: &Tensor,
-        grad: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
-        n: usize,
-        lr: f32,
-        beta1: f32,
-        beta2: f32,
-        eps: f32,
-        weight_decay: f32,
-        step: usize,
-    ) -> Result<()> {
-        ensure!(step >= 1, "adamw: step counts from 1");
-        let ([p, mm, vv], [g]) = self.views([param, m, v], [grad]);
-        backward::adamw(&mut p[..n], &g[..n], &mut mm[..n], &mut vv[..n], lr, beta1, beta2, eps, weight_decay, step);
+    fn adamw_step(&self, p: &AdamWParams, param: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> Result<()> {
+        p.check(param, grad, m, v)?;
+        let (state, [g]) = self.views([param, m, v], [grad]);
+        p.cpu_step(state, g);
         Ok(())
     }
 

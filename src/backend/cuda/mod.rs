@@ -41,6 +41,7 @@ use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
+use crate::ops::optim::AdamWParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use device::{Compute, CudaDriver, Device, DeviceError, Event, Function, Gemm};
@@ -867,21 +868,8 @@ impl Backend for CudaBackend {
         self.sum_squares_impl(out, x, n)
     }
 
-    fn adamw_step(
-        &self,
-        param: &Tensor,
-        grad: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
-        n: usize,
-        lr: f32,
-        beta1: f32,
-        beta2: f32,
-        eps: f32,
-        weight_decay: f32,
-        step: usize,
-    ) -> Result<()> {
-        self.adamw_step_impl(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, step)
+    fn adamw_step(&self, p: &AdamWParams, param: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> Result<()> {
+        self.adamw_step_impl(p, param, grad, m, v)
     }
 
     fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {

@@ -19,6 +19,7 @@ use crate::backend::Activation;
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
+use crate::ops::optim::{AdamWParams, AdamWScalars};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
@@ -814,32 +815,19 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn adamw_step_impl(
         &self,
+        p: &AdamWParams,
         param: &Tensor,
         grad: &Tensor,
         m: &Tensor,
         v: &Tensor,
-        n: usize,
-        lr: f32,
-        beta1: f32,
-        beta2: f32,
-        eps: f32,
-        weight_decay: f32,
-        step: usize,
     ) -> Result<()> {
-        ensure!(step >= 1, "adamw: step counts from 1");
-        check_len("adamw param", param, n)?;
-        check_len("adamw grad", grad, n)?;
-        check_len("adamw m", m, n)?;
-        check_len("adamw v", v, n)?;
-        check_disjoint("adamw", &[param, m, v], &[grad])?;
+        p.check(param, grad, m, v)?;
+        let AdamWParams { n, beta1, beta2, eps, .. } = *p;
         let ni = to_i32("adamw", n)?;
         if n == 0 {
             return Ok(());
         }
-        let bc1 = 1.0 - (beta1 as f64).powi(step as i32);
-        let bc2_sqrt = (1.0 - (beta2 as f64).powi(step as i32)).sqrt() as f32;
-        let step_size = (lr as f64 / bc1) as f32;
-        let decay = (1.0 - lr as f64 * weight_decay as f64) as f32;
+        let AdamWScalars { decay, bc2_sqrt, step_size } = p.scalars();
         // The bf16 copy of a parameter pool is updated in the same pass (fresh when the step
         // covers the whole pool, as the optimizer's steps do).
         let copy = self.param_copy_for_update(param, n);
