@@ -14,6 +14,7 @@ pub mod plan;
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
+use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::ops::optim::AdamWParams;
@@ -233,16 +234,7 @@ pub trait Backend {
     fn layer_norm_forward(&self, p: &LayerNormParams, t: &LayerNormForward) -> Result<()>;
 
     /// out (rows, out_f) = inp (rows, in_f) · weightᵀ + bias, weight (out_f, in_f) as PyTorch's Linear.
-    fn linear_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        rows: usize,
-        in_f: usize,
-        out_f: usize,
-    ) -> Result<()>;
+    fn linear_forward(&self, p: &LinearParams, t: &LinearForward) -> Result<()>;
 
     /// Multi-head scaled dot-product attention (ops/attention.rs): causal (CLIP) and/or over a
     /// key padding mask (BERT); lse, the log-sum-exp of each softmax row, is saved for backward.
@@ -323,19 +315,7 @@ pub trait Backend {
     fn scale(&self, t: &Tensor, s: f32, n: usize) -> Result<()>;
 
     /// Of `linear_forward`: dinp += dout · W, dweight += doutᵀ · inp, dbias += Σ_rows dout.
-    #[allow(clippy::too_many_arguments)]
-    fn linear_backward(
-        &self,
-        dinp: Option<&Tensor>,
-        dweight: &Tensor,
-        dbias: Option<&Tensor>,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        rows: usize,
-        in_f: usize,
-        out_f: usize,
-    ) -> Result<()>;
+    fn linear_backward(&self, p: &LinearParams, t: &LinearBackward) -> Result<()>;
 
     /// Of `layer_norm_forward`, from the saved mean and rstd.
     fn layer_norm_backward(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()>;

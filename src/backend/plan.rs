@@ -6,6 +6,7 @@ use super::{Activation, Backend};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
+use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::ops::optim::AdamWParams;
@@ -72,17 +73,8 @@ impl Backend for PlanBackend {
     fn layer_norm_forward(&self, _: &LayerNormParams, _: &LayerNormForward) -> Result<()> {
         Ok(())
     }
-    fn linear_forward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: Option<&Tensor>,
-        rows: usize,
-        in_f: usize,
-        out_f: usize,
-    ) -> Result<()> {
-        self.count(1, 2 * rows * in_f * out_f);
+    fn linear_forward(&self, p: &LinearParams, _: &LinearForward) -> Result<()> {
+        self.count(1, p.flops());
         Ok(())
     }
     fn attention_forward(&self, p: &AttentionParams, _: &AttentionForward) -> Result<()> {
@@ -124,19 +116,8 @@ impl Backend for PlanBackend {
     fn scale(&self, _: &Tensor, _: f32, _: usize) -> Result<()> {
         Ok(())
     }
-    fn linear_backward(
-        &self,
-        dinp: Option<&Tensor>,
-        _: &Tensor,
-        _: Option<&Tensor>,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        rows: usize,
-        in_f: usize,
-        out_f: usize,
-    ) -> Result<()> {
-        self.count(1, 2 * rows * in_f * out_f * (1 + dinp.is_some() as usize));
+    fn linear_backward(&self, p: &LinearParams, t: &LinearBackward) -> Result<()> {
+        self.count(1, p.flops() * (1 + t.dinp.is_some() as usize));
         Ok(())
     }
     fn layer_norm_backward(&self, _: &LayerNormParams, _: &LayerNormBackward) -> Result<()> {

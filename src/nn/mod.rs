@@ -4,6 +4,7 @@
 
 use crate::backend::Backend;
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::tensor::{Layout, Tensor};
@@ -19,6 +20,11 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The operation this layer applies to `rows` vectors.
+    fn params(&self, rows: usize) -> LinearParams {
+        LinearParams { rows, in_features: self.in_f, out_features: self.out_f }
+    }
+
     pub fn layout(l: &mut Layout, prefix: &str, in_f: usize, out_f: usize, bias: bool) -> Linear {
         let weight = l.tensor(format!("{prefix}.weight"), [out_f, in_f]);
         let bias = bias.then(|| l.tensor(format!("{prefix}.bias"), [out_f]));
@@ -27,7 +33,10 @@ impl Linear {
 
     /// out (rows, out_f) = inp (rows, in_f) · Wᵀ + b.
     pub fn forward(&self, b: &dyn Backend, out: &Tensor, inp: &Tensor, rows: usize) -> Result<()> {
-        b.linear_forward(out, inp, &self.weight, self.bias.as_ref(), rows, self.in_f, self.out_f)
+        b.linear_forward(
+            &self.params(rows),
+            &LinearForward { out, inp, weight: &self.weight, bias: self.bias.as_ref() },
+        )
     }
 }
 
@@ -146,7 +155,10 @@ impl Linear {
         inp: &Tensor,
         rows: usize,
     ) -> Result<()> {
-        b.linear_backward(dinp, &g.weight, g.bias.as_ref(), dout, inp, &self.weight, rows, self.in_f, self.out_f)
+        b.linear_backward(
+            &self.params(rows),
+            &LinearBackward { dinp, dweight: &g.weight, dbias: g.bias.as_ref(), dout, inp, weight: &self.weight },
+        )
     }
 }
 

@@ -1,7 +1,7 @@
 //! 2-D convolution (`torch.nn.Conv2d` on channels-last activations, PyTorch's (c_out, c_in, kh, kw)
 //! weight), with the asymmetric padding the VAE's downsamplers use. Kernels: kernels/conv.cu.
 
-use crate::backend::cpu::backward::{column_sums_into, linear as linear_backward};
+use super::linear::{column_sums_into, LinearParams};
 use crate::backend::cpu::gemm::{self, Mat};
 use crate::backend::{check_disjoint, check_len};
 use crate::tensor::Tensor;
@@ -182,7 +182,8 @@ impl Conv2dParams {
             column_sums_into(db, dout, rows, c_out);
         }
         if self.is_pointwise() {
-            linear_backward(dinp, dweight, None, dout, inp, weight, rows, c_in, c_out);
+            let pointwise = LinearParams { rows, in_features: c_in, out_features: c_out };
+            pointwise.cpu_backward(dinp, dweight, None, [dout, inp, weight]);
             return;
         }
         const TILE: usize = 1024;

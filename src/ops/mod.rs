@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod linear;
 pub mod norm;
 pub mod optim;
 

@@ -9,6 +9,7 @@ use roentgen::backend::Backend;
 use roentgen::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use roentgen::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use roentgen::ops::elementwise::{EmbeddingParams, UpsampleParams};
+use roentgen::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use roentgen::ops::norm::{
     GroupNormBackward, GroupNormForward, GroupNormParams, LayerNormBackward, LayerNormForward, LayerNormParams,
 };
@@ -294,4 +295,17 @@ pub fn embedding(batch: usize, seq: usize, dim: usize) -> EmbeddingParams {
 /// weight decay of 1e-2.
 pub fn adamw(n: usize, lr: f32, step: usize) -> AdamWParams {
     AdamWParams { n, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, step }
+}
+
+/// `linear_forward` of (rows, in, out) on out, inp, weight[, bias].
+pub fn linear_forward(b: &dyn Backend, (rows, i, o): (usize, usize, usize), t: &[Tensor]) -> Result<()> {
+    let p = LinearParams { rows, in_features: i, out_features: o };
+    b.linear_forward(&p, &LinearForward { out: &t[0], inp: &t[1], weight: &t[2], bias: t.get(3) })
+}
+
+/// `linear_backward` of (rows, in, out) on dinp, dweight, dbias, dout, inp, weight.
+pub fn linear_backward(b: &dyn Backend, (rows, i, o): (usize, usize, usize), t: &[Tensor]) -> Result<()> {
+    let p = LinearParams { rows, in_features: i, out_features: o };
+    let [dinp, dweight, dbias, dout, inp, weight] = &t[..6] else { unreachable!() };
+    b.linear_backward(&p, &LinearBackward { dinp: Some(dinp), dweight, dbias: Some(dbias), dout, inp, weight })
 }

@@ -23,11 +23,9 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
     for &(rows, i, o) in &[(7, 5, 3), (77, 768, 320), (4096, 320, 1280), (130, 33, 65)] {
         let ins = vec![rng.normal(rows * o), rng.normal(rows * i), rng.scaled(o * i, 0.05), rng.normal(o)];
         // (cuBLASLt: the bias through its BIAS epilogue, and without a bias)
-        g(format!("linear_forward {rows}x{i}->{o}"), ins.clone(), &[0], &|b, t| {
-            b.linear_forward(&t[0], &t[1], &t[2], Some(&t[3]), rows, i, o)
-        });
+        g(format!("linear_forward {rows}x{i}->{o}"), ins.clone(), &[0], &|b, t| linear_forward(b, (rows, i, o), t));
         g(format!("linear_forward {rows}x{i}->{o} no bias"), ins.clone(), &[0], &|b, t| {
-            b.linear_forward(&t[0], &t[1], &t[2], None, rows, i, o)
+            linear_forward(b, (rows, i, o), &t[..3])
         });
         let ins = vec![
             rng.normal(rows * i),
@@ -37,9 +35,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             rng.normal(rows * i),
             rng.scaled(o * i, 0.05),
         ];
-        g(format!("linear_backward {rows}x{i}->{o}"), ins, &[0, 1, 2], &|b, t| {
-            b.linear_backward(Some(&t[0]), &t[1], Some(&t[2]), &t[3], &t[4], &t[5], rows, i, o)
-        });
+        g(format!("linear_backward {rows}x{i}->{o}"), ins, &[0, 1, 2], &|b, t| linear_backward(b, (rows, i, o), t));
     }
 
     // layer norm

@@ -2,43 +2,8 @@
 //! is given (see the `Backend` trait). Statistics are recomputed in f64 where forward did.
 
 use super::gelu;
-use super::gemm::{self, Mat};
 use crate::backend::Activation;
 use rayon::prelude::*;
-
-/// dinp += dout · W; dweight += doutᵀ · inp; dbias += Σ_rows dout.
-#[allow(clippy::too_many_arguments)]
-pub fn linear(
-    dinp: Option<&mut [f32]>,
-    dweight: &mut [f32],
-    dbias: Option<&mut [f32]>,
-    dout: &[f32],
-    inp: &[f32],
-    weight: &[f32],
-    rows: usize,
-    in_f: usize,
-    out_f: usize,
-) {
-    if let Some(di) = dinp {
-        let a = Mat { data: dout, row_stride: out_f, col_stride: 1 };
-        let b = Mat { data: weight, row_stride: in_f, col_stride: 1 };
-        gemm::sgemm_par(rows, out_f, in_f, a, b, &mut di[..rows * in_f], 1.0);
-    }
-    let a = Mat { data: dout, row_stride: 1, col_stride: out_f }; // doutᵀ (out_f × rows)
-    let b = Mat { data: inp, row_stride: in_f, col_stride: 1 };
-    gemm::sgemm_par(out_f, rows, in_f, a, b, &mut dweight[..out_f * in_f], 1.0);
-    if let Some(db) = dbias {
-        column_sums_into(db, dout, rows, out_f);
-    }
-}
-
-/// db[c] += Σ_r x[r, c], in f64.
-pub(crate) fn column_sums_into(db: &mut [f32], x: &[f32], rows: usize, cols: usize) {
-    db[..cols].par_iter_mut().enumerate().for_each(|(c, d)| {
-        let s: f64 = (0..rows).map(|r| x[r * cols + c] as f64).sum();
-        *d += s as f32;
-    });
-}
 
 pub fn activation(dinp: &mut [f32], dout: &[f32], inp: &[f32], act: Activation, n: usize) {
     let d: fn(f32) -> f32 = match act {

@@ -8,6 +8,7 @@ use super::{check_len, Activation, Backend};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
+use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::ops::optim::AdamWParams;
@@ -82,20 +83,6 @@ impl CpuBackend {
         let p = self.pool(t);
         // SAFETY: as in `view`; callers obtain it only through `views`, which rejects overlap.
         unsafe { std::slice::from_raw_parts_mut(p.ptr.add(t.offset), t.numel()) }
-    }
-
-    /// As `views`, for a variable number of outputs (optional gradients): checks that no output
-    /// overlaps another output or any input, then returns the outputs' mutable views.
-    fn outs_checked(&self, outs: &[&Tensor], ins: &[&Tensor]) -> Vec<&mut [f32]> {
-        for (i, o) in outs.iter().enumerate() {
-            for o2 in &outs[i + 1..] {
-                assert!(!o.overlaps(o2), "output tensors overlap: {o:?} and {o2:?}");
-            }
-            for x in ins {
-                assert!(!o.overlaps(x), "output {o:?} overlaps input {x:?}");
-            }
-        }
-        outs.iter().map(|t| self.view_mut(t)).collect()
     }
 
     /// Mutable views of `outs` and shared views of `ins`, after checking that no output overlaps
@@ -179,40 +166,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn linear_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        rows: usize,
-        in_f: usize,
-        out_f: usize,
-    ) -> Result<()> {
-        check_len("linear out", out, rows * out_f)?;
-        check_len("linear inp", inp, rows * in_f)?;
-        check_len("linear weight", weight, out_f * in_f)?;
-        let ([o], [x, w]) = self.views([out], [inp, weight]);
-        let o = &mut o[..rows * out_f];
-        match bias {
-            Some(b) => {
-                check_len("linear bias", b, out_f)?;
-                assert!(!out.overlaps(b), "output {out:?} overlaps bias {b:?}");
-                let b = &self.view(b)[..out_f];
-                o.par_chunks_mut(out_f).for_each(|row| row.copy_from_slice(b));
-            }
-            None => o.fill(0.0),
-        }
-        // out (rows × out_f) += x (rows × in_f) · wᵀ, wᵀ read in place: element (k, n) at n·in_f + k.
-        gemm::sgemm_par(
-            rows,
-            in_f,
-            out_f,
-            gemm::Mat { data: x, row_stride: in_f, col_stride: 1 },
-            gemm::Mat { data: w, row_stride: 1, col_stride: in_f },
-            o,
-            1.0,
-        );
+    fn linear_forward(&self, p: &LinearParams, t: &LinearForward) -> Result<()> {
+        p.check_forward(t)?;
+        let ([out], ins) = self.views([t.out], [t.inp, t.weight]);
+        p.cpu_forward(out, ins, t.bias.map(|b| self.view(b)));
         Ok(())
     }
 
@@ -346,29 +303,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn linear_backward(
-        &self,
-        dinp: Option<&Tensor>,
-        dweight: &Tensor,
-        dbias: Option<&Tensor>,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        rows: usize,
-        in_f: usize,
-        out_f: usize,
-    ) -> Result<()> {
-        check_len("linear_backward dout", dout, rows * out_f)?;
-        check_len("linear_backward inp", inp, rows * in_f)?;
-        check_len("linear_backward dweight", dweight, out_f * in_f)?;
-        let mut outs: Vec<&Tensor> = vec![dweight];
-        outs.extend(dinp);
-        outs.extend(dbias);
-        let mut v = self.outs_checked(&outs, &[dout, inp, weight]).into_iter();
-        let dw = v.next().unwrap();
-        let di = dinp.map(|_| v.next().unwrap());
-        let db = dbias.map(|_| v.next().unwrap());
-        backward::linear(di, dw, db, self.view(dout), self.view(inp), self.view(weight), rows, in_f, out_f);
+    fn linear_backward(&self, p: &LinearParams, t: &LinearBackward) -> Result<()> {
+        p.check_backward(t)?;
+        // Disjoint (checked above): each gradient a mutable view of its own.
+        let dweight = self.view_mut(t.dweight);
+        let (dinp, dbias) = (t.dinp.map(|d| self.view_mut(d)), t.dbias.map(|d| self.view_mut(d)));
+        p.cpu_backward(dinp, dweight, dbias, [t.dout, t.inp, t.weight].map(|x| self.view(x)));
         Ok(())
     }
 

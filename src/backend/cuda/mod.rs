@@ -27,6 +27,7 @@ mod device;
 #[cfg(feature = "cuda-emu")]
 mod emu;
 mod graph;
+mod linear;
 mod lt;
 mod ops;
 mod params;
@@ -35,10 +36,11 @@ mod params;
 #[cfg_attr(not(any(test, feature = "cuda-emu")), allow(dead_code))]
 mod reference_gemm;
 
-use super::{check_disjoint, check_len, Activation, Backend, Precision};
+use super::{check_disjoint, Activation, Backend, Precision};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
+use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
 use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::ops::optim::AdamWParams;
@@ -495,6 +497,7 @@ pub(crate) fn to_i32(what: &str, v: usize) -> Result<i32> {
     Ok(v as i32)
 }
 
+/// Threads per block of kernels/linear.cu's bias fill.
 const LIN_BLOCK: u32 = 256;
 
 impl Backend for CudaBackend {
@@ -605,73 +608,8 @@ impl Backend for CudaBackend {
         self.layer_norm_forward_impl(p, t)
     }
 
-    /// out (rows, out_f) = inp · Wᵀ + bias. Row-major X (rows×in) is column-major Xᵀ; so
-    /// outᵀ (out_f×rows, col-major) = op_T(W as col-major in×out) · Xᵀ.
-    fn linear_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        rows: usize,
-        in_f: usize,
-        out_f: usize,
-    ) -> Result<()> {
-        check_len("linear out", out, rows * out_f)?;
-        check_len("linear inp", inp, rows * in_f)?;
-        check_len("linear weight", weight, out_f * in_f)?;
-        assert!(!out.overlaps(inp) && !out.overlaps(weight), "linear: output overlaps an input");
-        if let Some(b) = bias {
-            check_len("linear bias", b, out_f)?;
-            assert!(!out.overlaps(b), "linear: output overlaps the bias");
-        }
-        // cuBLASLt with the bias fused (BIAS epilogue: one bias value per output feature).
-        if self.lt_gemm(
-            true,
-            false,
-            out_f,
-            rows,
-            in_f,
-            self.dptr(weight),
-            in_f,
-            self.dptr(inp),
-            in_f,
-            0.0,
-            self.dptr(out),
-            out_f,
-            bias.map(|b| self.dptr(b)),
-        )? {
-            return Ok(());
-        }
-        let beta = match bias {
-            Some(b) => {
-                let n = rows * out_f;
-                // The kernel is grid-stride: cap the grid (a `n as u32` could wrap to an empty grid).
-                self.launch(
-                    "linear_bias_fill",
-                    (n.div_ceil(LIN_BLOCK as usize).clamp(1, 65535) as u32, 1, 1),
-                    (LIN_BLOCK, 1, 1),
-                    0,
-                    &[Arg::P(self.dptr(out)), Arg::P(self.dptr(b)), Arg::I(rows as i32), Arg::I(out_f as i32)],
-                )?;
-                1.0
-            }
-            None => 0.0,
-        };
-        self.gemm(
-            true,
-            false,
-            out_f,
-            rows,
-            in_f,
-            self.dptr(weight),
-            in_f,
-            self.dptr(inp),
-            in_f,
-            beta,
-            self.dptr(out),
-            out_f,
-        )
+    fn linear_forward(&self, p: &LinearParams, t: &LinearForward) -> Result<()> {
+        self.linear_forward_impl(p, t)
     }
 
     fn attention_forward(&self, p: &AttentionParams, t: &AttentionForward) -> Result<()> {
@@ -738,71 +676,8 @@ impl Backend for CudaBackend {
         self.scale_impl(t, s, n)
     }
 
-    /// dinp += dout · W; dweight += doutᵀ · inp; dbias += Σ_rows dout (column-major views as in
-    /// `linear_forward`).
-    fn linear_backward(
-        &self,
-        dinp: Option<&Tensor>,
-        dweight: &Tensor,
-        dbias: Option<&Tensor>,
-        dout: &Tensor,
-        inp: &Tensor,
-        weight: &Tensor,
-        rows: usize,
-        in_f: usize,
-        out_f: usize,
-    ) -> Result<()> {
-        check_len("linear_backward dout", dout, rows * out_f)?;
-        check_len("linear_backward inp", inp, rows * in_f)?;
-        check_len("linear_backward weight", weight, out_f * in_f)?;
-        check_len("linear_backward dweight", dweight, out_f * in_f)?;
-        // As the CPU reference (outs_checked): no gradient may alias another or an input.
-        let outs: Vec<&Tensor> = std::iter::once(dweight).chain(dinp).chain(dbias).collect();
-        check_disjoint("linear_backward", &outs, &[dout, inp, weight])?;
-        if let Some(di) = dinp {
-            check_len("linear_backward dinp", di, rows * in_f)?;
-            // dinpᵀ (in×rows) += Wᵀ(col-major view of W: in×out) · doutᵀ (out×rows)
-            self.linear_gemm(
-                false,
-                false,
-                in_f,
-                rows,
-                out_f,
-                self.dptr(weight),
-                in_f,
-                self.dptr(dout),
-                out_f,
-                1.0,
-                self.dptr(di),
-                in_f,
-            )?;
-        }
-        // dWᵀ (in×out, col-major) += Xᵀ (in×rows) · dout (rows×out) = Xᵀ · op_T(doutᵀ)
-        self.linear_gemm(
-            false,
-            true,
-            in_f,
-            out_f,
-            rows,
-            self.dptr(inp),
-            in_f,
-            self.dptr(dout),
-            out_f,
-            1.0,
-            self.dptr(dweight),
-            in_f,
-        )?;
-        if let Some(db) = dbias {
-            check_len("linear_backward dbias", db, out_f)?;
-            self.launch(
-                "linear_bias_grad",
-                ((out_f as u32).div_ceil(32), 1, 1),
-                (32, 8, 1),
-                0,
-                &[Arg::P(self.dptr(db)), Arg::P(self.dptr(dout)), Arg::I(rows as i32), Arg::I(out_f as i32)],
-            )?;
-        }
-        Ok(())
+    fn linear_backward(&self, p: &LinearParams, t: &LinearBackward) -> Result<()> {
+        self.linear_backward_impl(p, t)
     }
 
     fn layer_norm_backward(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()> {

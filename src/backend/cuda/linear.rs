@@ -1,0 +1,114 @@
+//! Linear layers on the GPU (ops/linear.rs): the product through cuBLASLt with the bias fused (its
+//! BIAS epilogue), cuBLAS where cuBLASLt declines; kernels/linear.cu fills the bias when cuBLAS
+//! runs the product and sums the bias gradient.
+
+use super::{Arg, CudaBackend, LIN_BLOCK};
+use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
+use anyhow::Result;
+
+impl CudaBackend {
+    /// out (rows, out_f) = inp · Wᵀ + bias. Row-major X (rows×in) is column-major Xᵀ; so
+    /// outᵀ (out_f×rows, col-major) = op_T(W as col-major in×out) · Xᵀ.
+    pub(crate) fn linear_forward_impl(&self, p: &LinearParams, t: &LinearForward) -> Result<()> {
+        p.check_forward(t)?;
+        let LinearParams { rows, in_features: in_f, out_features: out_f } = *p;
+        let LinearForward { out, inp, weight, bias } = *t;
+        // cuBLASLt with the bias fused (BIAS epilogue: one bias value per output feature).
+        if self.lt_gemm(
+            true,
+            false,
+            out_f,
+            rows,
+            in_f,
+            self.dptr(weight),
+            in_f,
+            self.dptr(inp),
+            in_f,
+            0.0,
+            self.dptr(out),
+            out_f,
+            bias.map(|b| self.dptr(b)),
+        )? {
+            return Ok(());
+        }
+        let beta = match bias {
+            Some(b) => {
+                let n = rows * out_f;
+                // The kernel is grid-stride: cap the grid (a `n as u32` could wrap to an empty grid).
+                self.launch(
+                    "linear_bias_fill",
+                    (n.div_ceil(LIN_BLOCK as usize).clamp(1, 65535) as u32, 1, 1),
+                    (LIN_BLOCK, 1, 1),
+                    0,
+                    &[Arg::P(self.dptr(out)), Arg::P(self.dptr(b)), Arg::I(rows as i32), Arg::I(out_f as i32)],
+                )?;
+                1.0
+            }
+            None => 0.0,
+        };
+        self.gemm(
+            true,
+            false,
+            out_f,
+            rows,
+            in_f,
+            self.dptr(weight),
+            in_f,
+            self.dptr(inp),
+            in_f,
+            beta,
+            self.dptr(out),
+            out_f,
+        )
+    }
+
+    /// dinp += dout · W; dweight += doutᵀ · inp; dbias += Σ_rows dout (column-major views as in
+    /// `linear_forward`).
+    pub(crate) fn linear_backward_impl(&self, p: &LinearParams, t: &LinearBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let LinearParams { rows, in_features: in_f, out_features: out_f } = *p;
+        let LinearBackward { dinp, dweight, dbias, dout, inp, weight } = *t;
+        if let Some(di) = dinp {
+            // dinpᵀ (in×rows) += Wᵀ(col-major view of W: in×out) · doutᵀ (out×rows)
+            self.linear_gemm(
+                false,
+                false,
+                in_f,
+                rows,
+                out_f,
+                self.dptr(weight),
+                in_f,
+                self.dptr(dout),
+                out_f,
+                1.0,
+                self.dptr(di),
+                in_f,
+            )?;
+        }
+        // dWᵀ (in×out, col-major) += Xᵀ (in×rows) · dout (rows×out) = Xᵀ · op_T(doutᵀ)
+        self.linear_gemm(
+            false,
+            true,
+            in_f,
+            out_f,
+            rows,
+            self.dptr(inp),
+            in_f,
+            self.dptr(dout),
+            out_f,
+            1.0,
+            self.dptr(dweight),
+            in_f,
+        )?;
+        if let Some(db) = dbias {
+            self.launch(
+                "linear_bias_grad",
+                ((out_f as u32).div_ceil(32), 1, 1),
+                (32, 8, 1),
+                0,
+                &[Arg::P(self.dptr(db)), Arg::P(self.dptr(dout)), Arg::I(rows as i32), Arg::I(out_f as i32)],
+            )?;
+        }
+        Ok(())
+    }
+}

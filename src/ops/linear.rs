@@ -1,0 +1,120 @@
+//! Linear layers (`torch.nn.Linear`: out = inp · weightᵀ + bias, weight (out_features,
+//! in_features)). On CUDA the product is cuBLASLt's, the bias fused; kernels/linear.cu holds the
+//! bias fill and the bias gradient.
+
+use crate::backend::cpu::gemm::{self, Mat};
+use crate::backend::{check_disjoint, check_len};
+use crate::tensor::Tensor;
+use anyhow::Result;
+use rayon::prelude::*;
+
+/// One linear layer over `rows` vectors.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinearParams {
+    pub rows: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// The tensors of a forward call: `out` (rows, out_features), `inp` (rows, in_features),
+/// `weight` (out_features, in_features), `bias` (out_features), if any.
+pub struct LinearForward<'a> {
+    pub out: &'a Tensor,
+    pub inp: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+}
+
+/// The tensors of a backward call: the gradients (accumulated into; `dinp` and `dbias` only when
+/// wanted), `dout`, and the forward's input and weight.
+pub struct LinearBackward<'a> {
+    pub dinp: Option<&'a Tensor>,
+    pub dweight: &'a Tensor,
+    pub dbias: Option<&'a Tensor>,
+    pub dout: &'a Tensor,
+    pub inp: &'a Tensor,
+    pub weight: &'a Tensor,
+}
+
+impl LinearParams {
+    /// Multiply-adds ×2 of the forward product (each backward product is one more).
+    pub fn flops(&self) -> usize {
+        2 * self.rows * self.in_features * self.out_features
+    }
+
+    /// What every backend checks before a forward: the tensors' lengths, and the output overlaps
+    /// no input.
+    pub fn check_forward(&self, t: &LinearForward) -> Result<()> {
+        let LinearParams { rows, in_features: i, out_features: o } = *self;
+        check_len("linear out", t.out, rows * o)?;
+        check_len("linear inp", t.inp, rows * i)?;
+        check_len("linear weight", t.weight, o * i)?;
+        if let Some(b) = t.bias {
+            check_len("linear bias", b, o)?;
+        }
+        let ins: Vec<&Tensor> = [t.inp, t.weight].into_iter().chain(t.bias).collect();
+        check_disjoint("linear", &[t.out], &ins)
+    }
+
+    /// What every backend checks before a backward: no gradient may alias another or an input.
+    pub fn check_backward(&self, t: &LinearBackward) -> Result<()> {
+        let LinearParams { rows, in_features: i, out_features: o } = *self;
+        check_len("linear_backward dout", t.dout, rows * o)?;
+        check_len("linear_backward inp", t.inp, rows * i)?;
+        check_len("linear_backward weight", t.weight, o * i)?;
+        check_len("linear_backward dweight", t.dweight, o * i)?;
+        if let Some(di) = t.dinp {
+            check_len("linear_backward dinp", di, rows * i)?;
+        }
+        if let Some(db) = t.dbias {
+            check_len("linear_backward dbias", db, o)?;
+        }
+        let outs: Vec<&Tensor> = std::iter::once(t.dweight).chain(t.dinp).chain(t.dbias).collect();
+        check_disjoint("linear_backward", &outs, &[t.dout, t.inp, t.weight])
+    }
+
+    /// The CPU reference of the forward, on checked slices: the bias as the GEMM's starting value,
+    /// then out += inp · wᵀ with wᵀ read in place (element (k, n) at n · in_features + k).
+    pub fn cpu_forward(&self, out: &mut [f32], [x, w]: [&[f32]; 2], bias: Option<&[f32]>) {
+        let LinearParams { rows, in_features: i, out_features: o } = *self;
+        let out = &mut out[..rows * o];
+        match bias {
+            Some(b) => out.par_chunks_mut(o).for_each(|row| row.copy_from_slice(&b[..o])),
+            None => out.fill(0.0),
+        }
+        let xm = Mat { data: x, row_stride: i, col_stride: 1 };
+        let wm = Mat { data: w, row_stride: 1, col_stride: i };
+        gemm::sgemm_par(rows, i, o, xm, wm, out, 1.0);
+    }
+
+    /// The CPU reference of the backward, on checked slices (accumulated into): dinp += dout · W;
+    /// dweight += doutᵀ · inp; dbias += Σ_rows dout.
+    pub fn cpu_backward(
+        &self,
+        dinp: Option<&mut [f32]>,
+        dweight: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        [dout, inp, weight]: [&[f32]; 3],
+    ) {
+        let LinearParams { rows, in_features: i, out_features: o } = *self;
+        if let Some(di) = dinp {
+            let a = Mat { data: dout, row_stride: o, col_stride: 1 };
+            let b = Mat { data: weight, row_stride: i, col_stride: 1 };
+            gemm::sgemm_par(rows, o, i, a, b, &mut di[..rows * i], 1.0);
+        }
+        let a = Mat { data: dout, row_stride: 1, col_stride: o }; // doutᵀ (out × rows)
+        let b = Mat { data: inp, row_stride: i, col_stride: 1 };
+        gemm::sgemm_par(o, rows, i, a, b, &mut dweight[..o * i], 1.0);
+        if let Some(db) = dbias {
+            column_sums_into(db, dout, rows, o);
+        }
+    }
+}
+
+/// db[c] += Σ_r x[r, c], in f64 (bias gradients of linear layers and convolutions).
+pub(crate) fn column_sums_into(db: &mut [f32], x: &[f32], rows: usize, cols: usize) {
+    db[..cols].par_iter_mut().enumerate().for_each(|(c, d)| {
+        let s: f64 = (0..rows).map(|r| x[r * cols + c] as f64).sum();
+        *d += s as f32;
+    });
+}
