@@ -29,6 +29,7 @@ mod emu;
 mod graph;
 mod linear;
 mod lt;
+mod norm;
 mod ops;
 mod params;
 // The emulated device's GEMM (issue 14): in a build without `cuda-emu`, only its known-answer tests

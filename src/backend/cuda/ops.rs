@@ -1,6 +1,7 @@
-//! Every `Backend` operation except linear, conv2d and attention: layer norm and group norm
-//! (kernels/norm.cu), the elementwise and data-movement operations (kernels/elementwise.cu), and
-//! the loss, sum of squares and AdamW step (kernels/optim.cu). Each `<op>_impl` has the trait
+//! Every `Backend` operation except linear, conv2d, attention and the norms (linear.rs, conv.rs,
+//! attention.rs, norm.rs): the elementwise and data-movement operations (kernels/elementwise.cu),
+//! the loss, sum of squares and AdamW step (kernels/optim.cu), and the training noise
+//! (kernels/random.cu); with the launch helpers the norms share. Each `<op>_impl` has the trait
 //! method's signature, validates sizes like the CPU reference (src/backend/cpu), computes the grid
 //! and launches. All of these run in f32 (with f64 statistics and reductions where the CPU uses
 //! f64) in both precision modes; none uses atomics, so their results are deterministic.
@@ -17,22 +18,17 @@ use super::{check_disjoint, to_i32, Arg, CudaBackend};
 use crate::backend::check_len;
 use crate::backend::Activation;
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
-use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
-use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
 use crate::ops::optim::{AdamWParams, AdamWScalars};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
 /// Threads per block of the 1-D kernels.
-const BLOCK: u32 = 256;
+pub(super) const BLOCK: u32 = 256;
 /// Most blocks of a 1-D grid-stride launch (2M threads: several waves on any current GPU).
-const MAX_GRID: usize = 8192;
-/// Group norm: elements per block aimed at by the statistics passes, and most chunks per group.
-const GN_CHUNK_ELEMS: usize = 8192;
-const GN_MAX_CHUNKS: usize = 1024;
+pub(super) const MAX_GRID: usize = 8192;
 /// Column sums (dweight/dbias, bias rows): rows per chunk aimed at, and most chunks.
-const COL_CHUNK_ROWS: usize = 256;
-const COL_MAX_CHUNKS: usize = 256;
+pub(super) const COL_CHUNK_ROWS: usize = 256;
+pub(super) const COL_MAX_CHUNKS: usize = 256;
 
 /// The 1-D grid-stride launch shape for n elements.
 fn grid1(n: usize) -> (u32, u32, u32) {
@@ -51,7 +47,7 @@ fn act_code(act: Activation) -> i32 {
 
 /// (chunks, rows per chunk) splitting `rows` rows into chunks of about `target` rows, at most
 /// `max_chunks` of them (rows ≥ 1).
-fn chunking(rows: usize, target: usize, max_chunks: usize) -> (usize, usize) {
+pub(super) fn chunking(rows: usize, target: usize, max_chunks: usize) -> (usize, usize) {
     let mut per = target.max(1);
     let mut chunks = rows.div_ceil(per);
     if chunks > max_chunks {
@@ -62,17 +58,17 @@ fn chunking(rows: usize, target: usize, max_chunks: usize) -> (usize, usize) {
 }
 
 /// The address of f64 element `index` of a workspace (an f32 workspace holding f64 arrays).
-fn f64_at(base: u64, index: usize) -> u64 {
+pub(super) fn f64_at(base: u64, index: usize) -> u64 {
     base + 8 * index as u64
 }
 
 impl CudaBackend {
-    fn ops_launch1(&self, kernel: &str, n: usize, args: &[Arg]) -> Result<()> {
+    pub(super) fn ops_launch1(&self, kernel: &str, n: usize, args: &[Arg]) -> Result<()> {
         self.launch(kernel, grid1(n), (BLOCK, 1, 1), 0, args)
     }
 
     /// An f64 workspace of `n` values in slot `slot`.
-    fn ops_workspace_f64(&self, slot: usize, n: usize) -> Result<u64> {
+    pub(super) fn ops_workspace_f64(&self, slot: usize, n: usize) -> Result<u64> {
         let p = self.workspace(slot, 2 * n.max(1))?;
         ensure!(p % 8 == 0, "CUDA workspace {p:#x} is not 8-byte aligned");
         Ok(p)
@@ -109,34 +105,6 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn layer_norm_forward_impl(&self, p: &LayerNormParams, t: &LayerNormForward) -> Result<()> {
-        p.check_forward(t)?;
-        let LayerNormParams { rows, cols, eps } = *p;
-        let LayerNormForward { out, mean, rstd, inp, weight, bias } = *t;
-        to_i32("layer_norm", rows * cols)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        // One warp per row, 8 rows per block.
-        self.launch(
-            "ln_forward",
-            (rows.div_ceil(8).clamp(1, MAX_GRID) as u32, 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &[
-                Arg::P(self.dptr(out)),
-                Arg::P(self.dptr(mean)),
-                Arg::P(self.dptr(rstd)),
-                Arg::P(self.dptr(inp)),
-                Arg::P(self.dptr(weight)),
-                Arg::P(self.dptr(bias)),
-                Arg::I(rows as i32),
-                Arg::I(cols as i32),
-                Arg::F(eps),
-            ],
-        )
-    }
-
     pub(crate) fn activation_forward_impl(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
         check_len("activation out", out, n)?;
         check_len("activation inp", inp, n)?;
@@ -162,83 +130,6 @@ impl CudaBackend {
             return Ok(());
         }
         self.ops_launch1("ew_add", n, &[Arg::P(self.dptr(out)), Arg::P(self.dptr(a)), Arg::P(self.dptr(b)), Arg::I(ni)])
-    }
-
-    /// Group norm forward in four launches: per-chunk sums, per-chunk squared deviations about the
-    /// mean, per-group statistics (f64, two passes as the CPU), then the normalisation (+ SiLU).
-    pub(crate) fn group_norm_forward_impl(&self, p: &GroupNormParams, t: &GroupNormForward) -> Result<()> {
-        p.check_forward(t)?;
-        let GroupNormParams { batch, hw, channels: c, groups, eps, silu } = *p;
-        let GroupNormForward { out, mean, rstd, inp, weight, bias } = *t;
-        let (n, bg) = (p.elements(), batch * groups);
-        to_i32("group_norm", n)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let cpg = c / groups;
-        let (nchunks, rpc) = chunking(hw, GN_CHUNK_ELEMS / cpg, GN_MAX_CHUNKS);
-        let blocks = to_i32("group_norm blocks", bg * nchunks)?;
-        let ws = self.ops_workspace_f64(0, 2 * bg * nchunks + 2 * bg)?;
-        let (psum, psq, stats) = (ws, f64_at(ws, bg * nchunks), f64_at(ws, 2 * bg * nchunks));
-        let (hw_i, c_i, g_i, nc_i, rpc_i) = (hw as i32, c as i32, groups as i32, nchunks as i32, rpc as i32);
-        let x = self.dptr(inp);
-        let grid = (blocks as u32, 1, 1);
-        self.launch(
-            "gn_forward_sum",
-            grid,
-            (BLOCK, 1, 1),
-            0,
-            &[Arg::P(psum), Arg::P(x), Arg::I(hw_i), Arg::I(c_i), Arg::I(g_i), Arg::I(nc_i), Arg::I(rpc_i)],
-        )?;
-        self.launch(
-            "gn_forward_sqdev",
-            grid,
-            (BLOCK, 1, 1),
-            0,
-            &[
-                Arg::P(psq),
-                Arg::P(psum),
-                Arg::P(x),
-                Arg::I(hw_i),
-                Arg::I(c_i),
-                Arg::I(g_i),
-                Arg::I(nc_i),
-                Arg::I(rpc_i),
-            ],
-        )?;
-        self.launch(
-            "gn_forward_finalize",
-            (bg as u32, 1, 1),
-            (32, 1, 1),
-            0,
-            &[
-                Arg::P(self.dptr(mean)),
-                Arg::P(self.dptr(rstd)),
-                Arg::P(stats),
-                Arg::P(psum),
-                Arg::P(psq),
-                Arg::I(hw_i),
-                Arg::I(cpg as i32),
-                Arg::I(nc_i),
-                Arg::F(eps),
-            ],
-        )?;
-        self.ops_launch1(
-            "gn_forward_apply",
-            n,
-            &[
-                Arg::P(self.dptr(out)),
-                Arg::P(x),
-                Arg::P(self.dptr(weight)),
-                Arg::P(self.dptr(bias)),
-                Arg::P(stats),
-                Arg::I(batch as i32),
-                Arg::I(hw_i),
-                Arg::I(c_i),
-                Arg::I(g_i),
-                Arg::I(silu as i32),
-            ],
-        )
     }
 
     pub(crate) fn upsample_nearest_forward_impl(&self, p: &UpsampleParams, out: &Tensor, inp: &Tensor) -> Result<()> {
@@ -382,86 +273,6 @@ impl CudaBackend {
         self.ops_launch1("ew_scale", n, &[Arg::P(self.dptr(t)), Arg::F(s), Arg::I(ni)])
     }
 
-    pub(crate) fn layer_norm_backward_impl(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()> {
-        p.check_backward(t)?;
-        let LayerNormParams { rows, cols, .. } = *p;
-        let LayerNormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd } = *t;
-        let n = rows * cols;
-        to_i32("layer_norm_backward", n)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let (di, dy, x, w, m, r) =
-            (self.dptr(dinp), self.dptr(dout), self.dptr(inp), self.dptr(weight), self.dptr(mean), self.dptr(rstd));
-        self.launch(
-            "ln_backward_dinp",
-            (rows.div_ceil(8).clamp(1, MAX_GRID) as u32, 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &[
-                Arg::P(di),
-                Arg::P(dy),
-                Arg::P(x),
-                Arg::P(w),
-                Arg::P(m),
-                Arg::P(r),
-                Arg::I(rows as i32),
-                Arg::I(cols as i32),
-            ],
-        )?;
-        // Layer norm = statistics per row: hw = 1, one group; no SiLU, so no bias.
-        self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), dy, x, w, 0, m, r, rows, 1, cols, 1, false)
-    }
-
-    /// dweight[ch] += Σ dy·xhat, dbias[ch] += Σ dy over all rows (f64 column sums by row chunks,
-    /// then a fixed-order sum over the chunks): the parameter gradients of both norms.
-    #[allow(clippy::too_many_arguments)]
-    fn ops_norm_dparams(
-        &self,
-        dweight: u64,
-        dbias: u64,
-        dout: u64,
-        inp: u64,
-        weight: u64,
-        bias: u64,
-        mean: u64,
-        rstd: u64,
-        rows: usize,
-        hw: usize,
-        c: usize,
-        groups: usize,
-        silu: bool,
-    ) -> Result<()> {
-        let (chunks, rpc) = chunking(rows, COL_CHUNK_ROWS, COL_MAX_CHUNKS);
-        let part = self.ops_workspace_f64(1, chunks * c * 2)?;
-        self.launch(
-            "nrm_dparams_partial",
-            (c.div_ceil(32) as u32, chunks as u32, 1),
-            (32, 8, 1),
-            0,
-            &[
-                Arg::P(part),
-                Arg::P(dout),
-                Arg::P(inp),
-                Arg::P(weight),
-                Arg::P(bias),
-                Arg::P(mean),
-                Arg::P(rstd),
-                Arg::I(rows as i32),
-                Arg::I(hw as i32),
-                Arg::I(c as i32),
-                Arg::I(groups as i32),
-                Arg::I(rpc as i32),
-                Arg::I(silu as i32),
-            ],
-        )?;
-        self.ops_launch1(
-            "nrm_dparams_finalize",
-            c,
-            &[Arg::P(dweight), Arg::P(dbias), Arg::P(part), Arg::I(c as i32), Arg::I(chunks as i32)],
-        )
-    }
-
     pub(crate) fn activation_backward_impl(
         &self,
         dinp: &Tensor,
@@ -489,76 +300,6 @@ impl CudaBackend {
                 Arg::I(act_code(act)),
             ],
         )
-    }
-
-    /// Group norm backward: per-chunk sums of dxhat and dxhat·xhat, per-group means, the input
-    /// gradient, then the parameter gradients (`ops_norm_dparams`).
-    pub(crate) fn group_norm_backward_impl(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()> {
-        p.check_backward(t)?;
-        let GroupNormParams { batch, hw, channels: c, groups, silu, .. } = *p;
-        let GroupNormBackward { dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd } = *t;
-        let (n, bg) = (p.elements(), batch * groups);
-        to_i32("group_norm_backward", n)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let cpg = c / groups;
-        let (nchunks, rpc) = chunking(hw, GN_CHUNK_ELEMS / cpg, GN_MAX_CHUNKS);
-        let blocks = to_i32("group_norm_backward blocks", bg * nchunks)?;
-        let ws = self.ops_workspace_f64(0, 2 * bg * nchunks + 2 * bg)?;
-        let (p1, p2, stats) = (ws, f64_at(ws, bg * nchunks), f64_at(ws, 2 * bg * nchunks));
-        let (dy, x, w, b, m, r) =
-            (self.dptr(dout), self.dptr(inp), self.dptr(weight), self.dptr(bias), self.dptr(mean), self.dptr(rstd));
-        let (hw_i, c_i, g_i, nc_i) = (hw as i32, c as i32, groups as i32, nchunks as i32);
-        self.launch(
-            "gn_backward_reduce",
-            (blocks as u32, 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &[
-                Arg::P(p1),
-                Arg::P(p2),
-                Arg::P(dy),
-                Arg::P(x),
-                Arg::P(w),
-                Arg::P(b),
-                Arg::P(m),
-                Arg::P(r),
-                Arg::I(hw_i),
-                Arg::I(c_i),
-                Arg::I(g_i),
-                Arg::I(nc_i),
-                Arg::I(rpc as i32),
-                Arg::I(silu as i32),
-            ],
-        )?;
-        self.launch(
-            "gn_backward_finalize",
-            (bg as u32, 1, 1),
-            (32, 1, 1),
-            0,
-            &[Arg::P(stats), Arg::P(p1), Arg::P(p2), Arg::I(hw_i), Arg::I(cpg as i32), Arg::I(nc_i)],
-        )?;
-        self.ops_launch1(
-            "gn_backward_dinp",
-            n,
-            &[
-                Arg::P(self.dptr(dinp)),
-                Arg::P(dy),
-                Arg::P(x),
-                Arg::P(w),
-                Arg::P(b),
-                Arg::P(m),
-                Arg::P(r),
-                Arg::P(stats),
-                Arg::I(batch as i32),
-                Arg::I(hw_i),
-                Arg::I(c_i),
-                Arg::I(g_i),
-                Arg::I(silu as i32),
-            ],
-        )?;
-        self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), dy, x, w, b, m, r, batch * hw, hw, c, groups, silu)
     }
 
     pub(crate) fn upsample_nearest_backward_impl(
