@@ -166,86 +166,55 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
     }
     skew.set(0);
 
-    // attention: (batch, q_len, kv_len, heads, head_dim, causal)
-    let atts: &[(usize, usize, usize, usize, usize, bool)] = &[
-        (2, 16, 16, 2, 8, false),
-        (2, 77, 77, 12, 64, true),     // CLIP's causal self-attention
-        (2, 4096, 77, 8, 40, false),   // SD 64×64 cross-attention
-        (2, 1024, 1024, 8, 80, false), // SD 32×32 self-attention
-        (2, 64, 64, 8, 160, false),    // SD 8×8 self-attention
-        (1, 33, 19, 3, 24, false),     // odd sizes
-        (2, 70, 77, 2, 40, false),     // cross-attention, partial tiles on both sides
-        (1, 70, 70, 2, 80, true),      // causal, partial tiles
-        (2, 20, 20, 1, 8, true),       // the smallest head dim, causal
-        (1, 40, 50, 1, 160, false),    // the largest head dim of the flash kernels
-        (1, 45, 70, 2, 33, false),     // an odd head dim
-        (1, 144, 144, 2, 40, false),   // several 64-row tiles
+    // attention: (batch, q_len, kv_len, heads, head_dim, causal, masked); a key mask (BERT's padding) drops
+    // the last 1 + 3·b keys of sequence b
+    let atts: &[(usize, usize, usize, usize, usize, bool, bool)] = &[
+        (2, 16, 16, 2, 8, false, false),
+        (2, 77, 77, 12, 64, true, false),     // CLIP's causal self-attention
+        (2, 4096, 77, 8, 40, false, false),   // SD 64×64 cross-attention
+        (2, 1024, 1024, 8, 80, false, false), // SD 32×32 self-attention
+        (2, 64, 64, 8, 160, false, false),    // SD 8×8 self-attention
+        (1, 33, 19, 3, 24, false, false),     // odd sizes
+        (2, 70, 77, 2, 40, false, false),     // cross-attention, partial tiles on both sides
+        (1, 70, 70, 2, 80, true, false),      // causal, partial tiles
+        (2, 20, 20, 1, 8, true, false),       // the smallest head dim, causal
+        (1, 40, 50, 1, 160, false, false),    // the largest head dim of the flash kernels
+        (1, 45, 70, 2, 33, false, false),     // an odd head dim
+        (1, 144, 144, 2, 40, false, false),   // several 64-row tiles
         // head_dim > 160: the materialised path (cuBLAS + row softmax)
-        (2, 40, 40, 1, 512, false), // the VAE's mid-block attention (one head of 512), small
-        (2, 64, 64, 1, 512, false), // the same, 64 positions
-        (2, 33, 45, 2, 200, false), // two heads of 200 (a head's rows strided in the token rows)
-        (1, 40, 40, 2, 200, true),  // causal
-        (1, 1024, 1024, 1, 512, false), // a 256×256 VAE's mid-block (32×32 latent)
+        (2, 40, 40, 1, 512, false, false), // the VAE's mid-block attention (one head of 512), small
+        (2, 64, 64, 1, 512, false, false), // the same, 64 positions
+        (2, 33, 45, 2, 200, false, false), // two heads of 200 (a head's rows strided in the token rows)
+        (1, 40, 40, 2, 200, true, false),  // causal
+        (1, 1024, 1024, 1, 512, false, false), // a 256×256 VAE's mid-block (32×32 latent)
+        (2, 12, 12, 2, 16, false, true),
+        (2, 77, 77, 12, 64, false, true), // BERT-base's 12 heads of 64 over padded prompts
+        (2, 20, 20, 1, 200, false, true), // the materialised path with a mask
+        (2, 33, 77, 1, 64, false, true),  // masked cross-attention
     ];
-    for &(bt, ql, kl, hd, dh, causal) in atts {
+    for &(bt, ql, kl, hd, dh, causal, masked) in atts {
         let d = hd * dh;
         let sc = 1.0 / (dh as f32).sqrt();
-        let name = format!("b{bt} q{ql} kv{kl} h{hd} d{dh} causal={causal}");
+        let p = attn((bt, ql, kl, hd, dh, sc, causal));
+        let mask: Option<Vec<u32>> =
+            masked.then(|| (0..bt * kl).map(|i| u32::from(i % kl < kl - 3 * (i / kl) - 1)).collect());
+        let (op, name) = if masked {
+            ("masked_attention", format!("b{bt} q{ql} kv{kl} h{hd} d{dh}"))
+        } else {
+            ("attention", format!("b{bt} q{ql} kv{kl} h{hd} d{dh} causal={causal}"))
+        };
         let (q, k, v) = (rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d));
         let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()];
-        g(format!("attention_forward {name}"), ins, &[0, 1], &|b, t| {
-            attention_forward(b, attn((bt, ql, kl, hd, dh, sc, causal)), [&t[0], &t[1], &t[2], &t[3], &t[4]], None)
+        g(format!("{op}_forward {name}"), ins.clone(), &[0, 1], &|b, t| {
+            attention_forward(b, p, [&t[0], &t[1], &t[2], &t[3], &t[4]], mask.as_deref())
         });
         if ql * kl > 1 << 22 {
             continue; // the backward at 4096×77 is covered by the smaller shapes; keep the CPU time sane
         }
-        let mut cpu = CpuBackend::new();
-        let st = place(&mut cpu, &[vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()])
-            .unwrap();
-        attention_forward(&cpu, attn((bt, ql, kl, hd, dh, sc, causal)), [&st[0], &st[1], &st[2], &st[3], &st[4]], None)
-            .unwrap();
-        let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
-        let ins = vec![
-            rng.normal(bt * ql * d),
-            rng.normal(bt * kl * d),
-            rng.normal(bt * kl * d),
-            rng.normal(bt * ql * d),
-            q,
-            k,
-            v,
-            o,
-            lse,
-        ];
-        g(format!("attention_backward {name}"), ins, &[0, 1, 2], &|b, t| {
-            attention_backward(
-                b,
-                attn((bt, ql, kl, hd, dh, sc, causal)),
-                [&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8]],
-                None,
-            )
-        });
-    }
-    // masked attention (BERT): padding keys of a 2-sequence batch; (batch, q_len, kv_len, heads, head_dim)
-    for &(bt, ql, kl, hd, dh) in &[(2, 12, 12, 2, 16), (2, 77, 77, 12, 64), (2, 20, 20, 1, 200), (2, 33, 77, 1, 64)] {
-        let d = hd * dh;
-        let sc = 1.0 / (dh as f32).sqrt();
-        let mask: Vec<u32> = (0..bt * kl).map(|i| u32::from(i % kl < kl - 3 * (i / kl) - 1)).collect();
-        let (q, k, v) = (rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d));
-        let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()];
-        let m2 = mask.clone();
-        let name = format!("b{bt} q{ql} kv{kl} h{hd} d{dh}");
-        g(format!("masked_attention_forward {name}"), ins.clone(), &[0, 1], &|b, t| {
-            attention_forward(b, attn((bt, ql, kl, hd, dh, sc, false)), [&t[0], &t[1], &t[2], &t[3], &t[4]], Some(&m2))
-        });
+        // The backward from the CPU's forward output and log-sum-exp.
         let mut cpu = CpuBackend::new();
         let st = place(&mut cpu, &ins).unwrap();
-        attention_forward(
-            &cpu,
-            attn((bt, ql, kl, hd, dh, sc, false)),
-            [&st[0], &st[1], &st[2], &st[3], &st[4]],
-            Some(&mask),
-        )
-        .unwrap();
+        attention_forward(&cpu, p, [&st[0], &st[1], &st[2], &st[3], &st[4]], mask.as_deref()).unwrap();
         let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
         let ins = vec![
             rng.normal(bt * ql * d),
@@ -258,13 +227,9 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             o,
             lse,
         ];
-        g(format!("masked_attention_backward {name}"), ins, &[0, 1, 2], &|b, t| {
-            attention_backward(
-                b,
-                attn((bt, ql, kl, hd, dh, sc, false)),
-                [&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8]],
-                Some(&mask),
-            )
+        g(format!("{op}_backward {name}"), ins, &[0, 1, 2], &|b, t| {
+            let t9 = [&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8]];
+            attention_backward(b, p, t9, mask.as_deref())
         });
     }
 
