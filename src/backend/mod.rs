@@ -15,8 +15,7 @@ use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
-use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
-use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
+use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::AdamWParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
@@ -231,7 +230,7 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Layer norm over the last dimension: out, mean (rows), rstd (rows), inp (rows, cols).
-    fn layer_norm_forward(&self, p: &LayerNormParams, t: &LayerNormForward) -> Result<()>;
+    fn layer_norm_forward(&self, p: &LayerNormParams, t: &NormForward) -> Result<()>;
 
     /// out (rows, out_f) = inp (rows, in_f) · weightᵀ + bias, weight (out_f, in_f) as PyTorch's Linear.
     fn linear_forward(&self, p: &LinearParams, t: &LinearForward) -> Result<()>;
@@ -255,7 +254,7 @@ pub trait Backend {
     /// Group norm on channels-last tensors, statistics over (hw, c / groups) per (batch, group),
     /// optionally followed by SiLU (the resnet's norm → act pair, fused). inp/out (batch, hw, c),
     /// mean/rstd (batch, groups).
-    fn group_norm_forward(&self, p: &GroupNormParams, t: &GroupNormForward) -> Result<()>;
+    fn group_norm_forward(&self, p: &GroupNormParams, t: &NormForward) -> Result<()>;
 
     /// Nearest-neighbour resize, channels-last: inp (batch, ih, iw, c) → out (batch, oh, ow, c),
     /// source index floor(o · in / out) as PyTorch's `interpolate(mode="nearest")`.

@@ -7,8 +7,7 @@ use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
-use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
-use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
+use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::AdamWParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
@@ -70,7 +69,7 @@ impl Backend for PlanBackend {
     ) -> Result<()> {
         Ok(())
     }
-    fn layer_norm_forward(&self, _: &LayerNormParams, _: &LayerNormForward) -> Result<()> {
+    fn layer_norm_forward(&self, _: &LayerNormParams, _: &NormForward) -> Result<()> {
         Ok(())
     }
     fn linear_forward(&self, p: &LinearParams, _: &LinearForward) -> Result<()> {
@@ -91,7 +90,7 @@ impl Backend for PlanBackend {
         self.count(0, p.flops());
         Ok(())
     }
-    fn group_norm_forward(&self, _: &GroupNormParams, _: &GroupNormForward) -> Result<()> {
+    fn group_norm_forward(&self, _: &GroupNormParams, _: &NormForward) -> Result<()> {
         Ok(())
     }
     fn upsample_nearest_forward(&self, _p: &UpsampleParams, _out: &Tensor, _inp: &Tensor) -> Result<()> {

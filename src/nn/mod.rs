@@ -5,8 +5,7 @@
 use crate::backend::Backend;
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
-use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
-use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
+use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::tensor::{Layout, Tensor};
 use anyhow::Result;
 
@@ -80,7 +79,7 @@ impl LayerNorm {
     pub fn forward(&self, b: &dyn Backend, acts: &LayerNormActs, inp: &Tensor, rows: usize) -> Result<()> {
         b.layer_norm_forward(
             &self.params(rows),
-            &LayerNormForward {
+            &NormForward {
                 out: &acts.out,
                 mean: &acts.mean,
                 rstd: &acts.rstd,
@@ -325,14 +324,7 @@ impl GroupNorm {
         let rstd = arena.alloc([x.batch, self.groups])?;
         b.group_norm_forward(
             &self.params(x, silu),
-            &GroupNormForward {
-                out: &out.t,
-                mean: &mean,
-                rstd: &rstd,
-                inp: &x.t,
-                weight: &self.weight,
-                bias: &self.bias,
-            },
+            &NormForward { out: &out.t, mean: &mean, rstd: &rstd, inp: &x.t, weight: &self.weight, bias: &self.bias },
         )?;
         Ok(GroupNormOut { out, mean, rstd, silu })
     }

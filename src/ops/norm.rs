@@ -17,9 +17,10 @@ pub struct LayerNormParams {
     pub eps: f32,
 }
 
-/// The tensors of a forward call: `out`, `inp` (rows, cols); the per-row `mean` and `rstd` (rows)
-/// that the backward reads; `weight`, `bias` (cols).
-pub struct LayerNormForward<'a> {
+/// The tensors of a norm's forward call (layer norm: `out`, `inp` (rows, cols), the per-row `mean`
+/// and `rstd` (rows) that the backward reads, `weight` and `bias` (cols); group norm: `out`, `inp`
+/// (batch, hw, channels), `mean` and `rstd` (batch, groups), `weight` and `bias` (channels)).
+pub struct NormForward<'a> {
     pub out: &'a Tensor,
     pub mean: &'a Tensor,
     pub rstd: &'a Tensor,
@@ -44,7 +45,7 @@ pub struct LayerNormBackward<'a> {
 impl LayerNormParams {
     /// What every backend checks before a forward: the tensors hold what the shapes need, and no
     /// output overlaps another or an input.
-    pub fn check_forward(&self, t: &LayerNormForward) -> Result<()> {
+    pub fn check_forward(&self, t: &NormForward) -> Result<()> {
         let (rows, cols) = (self.rows, self.cols);
         check_len("layer_norm out", t.out, rows * cols)?;
         check_len("layer_norm inp", t.inp, rows * cols)?;
@@ -138,18 +139,6 @@ pub struct GroupNormParams {
     pub silu: bool,
 }
 
-/// The tensors of a forward call: `out` (batch, hw, channels); the per-(image, group) statistics
-/// `mean` and `rstd` (batch, groups) that the backward reads; `inp` like `out`; `weight`, `bias`
-/// (channels).
-pub struct GroupNormForward<'a> {
-    pub out: &'a Tensor,
-    pub mean: &'a Tensor,
-    pub rstd: &'a Tensor,
-    pub inp: &'a Tensor,
-    pub weight: &'a Tensor,
-    pub bias: &'a Tensor,
-}
-
 /// The tensors of a backward call: the gradients `dinp`, `dweight`, `dbias` (accumulated into),
 /// `dout`, and the forward's inputs and saved statistics.
 pub struct GroupNormBackward<'a> {
@@ -186,7 +175,7 @@ impl GroupNormParams {
 
     /// What every backend checks before a forward: the groups divide the channels, every tensor
     /// holds what the shapes need, and no output overlaps another or an input.
-    pub fn check_forward(&self, t: &GroupNormForward) -> Result<()> {
+    pub fn check_forward(&self, t: &NormForward) -> Result<()> {
         self.check_groups()?;
         let (n, bg, c) = (self.elements(), self.batch * self.groups, self.channels);
         check_len("group_norm out", t.out, n)?;
@@ -344,17 +333,17 @@ mod tests {
         let x: Vec<f32> = (0..32).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3).collect();
         b.upload(&inp, &x).unwrap();
         b.upload(&weight, &[0.5, 1.0, 1.5, 2.0, -1.0, 0.25, 0.75, 1.25]).unwrap();
-        let good = GroupNormForward { out: &out, mean: &mean, rstd: &rstd, inp: &inp, weight: &weight, bias: &bias };
+        let good = NormForward { out: &out, mean: &mean, rstd: &rstd, inp: &inp, weight: &weight, bias: &bias };
         b.group_norm_forward(&p, &good).unwrap();
         let m = b.download(&mean).unwrap();
         let want = x[..32].chunks(8).flat_map(|r| r[..4].to_vec()).map(|v| v as f64).sum::<f64>() / 16.0;
         assert!((m[0] as f64 - want).abs() < 1e-6, "mean of group 0: {} vs {want}", m[0]);
 
-        let err = |p: &GroupNormParams, t: &GroupNormForward| format!("{:#}", b.group_norm_forward(p, t).unwrap_err());
+        let err = |p: &GroupNormParams, t: &NormForward| format!("{:#}", b.group_norm_forward(p, t).unwrap_err());
         let short = t(68, 7);
-        assert!(err(&p, &GroupNormForward { weight: &short, ..good }).contains("group_norm weight"));
+        assert!(err(&p, &NormForward { weight: &short, ..good }).contains("group_norm weight"));
         assert!(err(&GroupNormParams { groups: 3, ..p }, &good).contains("not divisible into 3 groups"));
         let overlapping = t(40, 32);
-        assert!(err(&p, &GroupNormForward { out: &overlapping, ..good }).contains("overlaps input"));
+        assert!(err(&p, &NormForward { out: &overlapping, ..good }).contains("overlaps input"));
     }
 }

@@ -10,9 +10,7 @@ use roentgen::ops::attention::{AttentionBackward, AttentionForward, AttentionPar
 use roentgen::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use roentgen::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use roentgen::ops::linear::{LinearBackward, LinearForward, LinearParams};
-use roentgen::ops::norm::{
-    GroupNormBackward, GroupNormForward, GroupNormParams, LayerNormBackward, LayerNormForward, LayerNormParams,
-};
+use roentgen::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use roentgen::ops::optim::AdamWParams;
 use roentgen::tensor::Tensor;
 
@@ -206,7 +204,7 @@ pub fn group_norm(batch: usize, hw: usize, channels: usize, groups: usize, silu:
 pub fn group_norm_forward(b: &dyn Backend, p: GroupNormParams, t: &[Tensor]) -> Result<()> {
     b.group_norm_forward(
         &p,
-        &GroupNormForward { out: &t[0], mean: &t[1], rstd: &t[2], inp: &t[3], weight: &t[4], bias: &t[5] },
+        &NormForward { out: &t[0], mean: &t[1], rstd: &t[2], inp: &t[3], weight: &t[4], bias: &t[5] },
     )
 }
 
@@ -223,7 +221,7 @@ pub fn layer_norm_forward(b: &dyn Backend, rows: usize, cols: usize, t: &[Tensor
     let p = LayerNormParams { rows, cols, eps: 1e-5 };
     b.layer_norm_forward(
         &p,
-        &LayerNormForward { out: &t[0], mean: &t[1], rstd: &t[2], inp: &t[3], weight: &t[4], bias: &t[5] },
+        &NormForward { out: &t[0], mean: &t[1], rstd: &t[2], inp: &t[3], weight: &t[4], bias: &t[5] },
     )
 }
 

@@ -9,8 +9,7 @@ use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
-use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
-use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
+use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::AdamWParams;
 use crate::ops::silu;
 use crate::tensor::{PoolId, Tensor};
@@ -159,7 +158,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn layer_norm_forward(&self, p: &LayerNormParams, t: &LayerNormForward) -> Result<()> {
+    fn layer_norm_forward(&self, p: &LayerNormParams, t: &NormForward) -> Result<()> {
         p.check_forward(t)?;
         let (outs, ins) = self.views([t.out, t.mean, t.rstd], [t.inp, t.weight, t.bias]);
         p.cpu_forward(outs, ins);
@@ -214,7 +213,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn group_norm_forward(&self, p: &GroupNormParams, t: &GroupNormForward) -> Result<()> {
+    fn group_norm_forward(&self, p: &GroupNormParams, t: &NormForward) -> Result<()> {
         p.check_forward(t)?;
         let (outs, ins) = self.views([t.out, t.mean, t.rstd], [t.inp, t.weight, t.bias]);
         p.cpu_forward(outs, ins);

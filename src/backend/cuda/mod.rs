@@ -42,8 +42,7 @@ use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
-use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
-use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
+use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::AdamWParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -605,7 +604,7 @@ impl Backend for CudaBackend {
         self.embedding_forward_impl(p, out, ids, wte, wpe)
     }
 
-    fn layer_norm_forward(&self, p: &LayerNormParams, t: &LayerNormForward) -> Result<()> {
+    fn layer_norm_forward(&self, p: &LayerNormParams, t: &NormForward) -> Result<()> {
         self.layer_norm_forward_impl(p, t)
     }
 
@@ -629,7 +628,7 @@ impl Backend for CudaBackend {
         self.conv2d_forward_impl(p, t)
     }
 
-    fn group_norm_forward(&self, p: &GroupNormParams, t: &GroupNormForward) -> Result<()> {
+    fn group_norm_forward(&self, p: &GroupNormParams, t: &NormForward) -> Result<()> {
         self.group_norm_forward_impl(p, t)
     }
 

@@ -5,8 +5,7 @@
 
 use super::ops::{chunking, f64_at, BLOCK, COL_CHUNK_ROWS, COL_MAX_CHUNKS, MAX_GRID};
 use super::{to_i32, Arg, CudaBackend};
-use crate::ops::norm::{GroupNormBackward, GroupNormForward, GroupNormParams};
-use crate::ops::norm::{LayerNormBackward, LayerNormForward, LayerNormParams};
+use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use anyhow::Result;
 
 /// Group norm: elements per block aimed at by the statistics passes, and most chunks per group.
@@ -14,10 +13,10 @@ const GN_CHUNK_ELEMS: usize = 8192;
 const GN_MAX_CHUNKS: usize = 1024;
 
 impl CudaBackend {
-    pub(crate) fn layer_norm_forward_impl(&self, p: &LayerNormParams, t: &LayerNormForward) -> Result<()> {
+    pub(crate) fn layer_norm_forward_impl(&self, p: &LayerNormParams, t: &NormForward) -> Result<()> {
         p.check_forward(t)?;
         let LayerNormParams { rows, cols, eps } = *p;
-        let LayerNormForward { out, mean, rstd, inp, weight, bias } = *t;
+        let NormForward { out, mean, rstd, inp, weight, bias } = *t;
         to_i32("layer_norm", rows * cols)?;
         if rows == 0 {
             return Ok(());
@@ -44,10 +43,10 @@ impl CudaBackend {
 
     /// Group norm forward in four launches: per-chunk sums, per-chunk squared deviations about the
     /// mean, per-group statistics (f64, two passes as the CPU), then the normalisation (+ SiLU).
-    pub(crate) fn group_norm_forward_impl(&self, p: &GroupNormParams, t: &GroupNormForward) -> Result<()> {
+    pub(crate) fn group_norm_forward_impl(&self, p: &GroupNormParams, t: &NormForward) -> Result<()> {
         p.check_forward(t)?;
         let GroupNormParams { batch, hw, channels: c, groups, eps, silu } = *p;
-        let GroupNormForward { out, mean, rstd, inp, weight, bias } = *t;
+        let NormForward { out, mean, rstd, inp, weight, bias } = *t;
         let (n, bg) = (p.elements(), batch * groups);
         to_i32("group_norm", n)?;
         if n == 0 {
