@@ -17,6 +17,7 @@ use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::AdamWParams;
+use crate::ops::random::AddNoiseParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
 use std::fmt;
@@ -385,14 +386,5 @@ pub trait Backend {
     /// DDPM's forward process in place, for one sample of n values (diffusers' `add_noise` and the
     /// loss target, f32): x ← √ᾱ·x + √(1−ᾱ)·noise; with `v_prediction`, noise ← √ᾱ·noise − √(1−ᾱ)·x₀
     /// (the velocity), else the noise is left as the target.
-    #[allow(clippy::too_many_arguments)]
-    fn ddpm_add_noise(
-        &self,
-        x: &Tensor,
-        noise: &Tensor,
-        n: usize,
-        sqrt_alpha: f32,
-        sqrt_one_minus_alpha: f32,
-        v_prediction: bool,
-    ) -> Result<()>;
+    fn ddpm_add_noise(&self, p: &AddNoiseParams, x: &Tensor, noise: &Tensor) -> Result<()>;
 }

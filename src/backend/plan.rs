@@ -9,6 +9,7 @@ use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::AdamWParams;
+use crate::ops::random::AddNoiseParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
 
@@ -177,7 +178,7 @@ impl Backend for PlanBackend {
     fn randn(&self, _: &Tensor, _: usize, _: u64, _: u64) -> Result<()> {
         Ok(())
     }
-    fn ddpm_add_noise(&self, _: &Tensor, _: &Tensor, _: usize, _: f32, _: f32, _: bool) -> Result<()> {
+    fn ddpm_add_noise(&self, _: &AddNoiseParams, _: &Tensor, _: &Tensor) -> Result<()> {
         Ok(())
     }
 }

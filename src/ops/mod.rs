@@ -1,4 +1,4 @@
-//! Operations as units (issue 15; norms, convolution and attention are here, the other families follow).
+//! Operations as units (issue 15; every family with shapes is here, the plain elementwise ones follow).
 //!
 //! Each operation family is one module named like its kernel file (`ops/norm.rs` ↔
 //! `kernels/norm.cu`). A parameter struct per operation owns what every backend shares: the shape
@@ -14,6 +14,7 @@ pub mod elementwise;
 pub mod linear;
 pub mod norm;
 pub mod optim;
+pub mod random;
 
 /// SiLU (x · sigmoid(x)) in f32, as torch computes it on the CPU.
 pub(crate) fn silu(x: f32) -> f32 {

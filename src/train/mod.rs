@@ -19,6 +19,7 @@ use crate::models::text::{TextActs, TextEncoder, TextGrads};
 use crate::models::unet::{UNet, UNetParams};
 use crate::nn::Fmap;
 use crate::ops::optim::AdamWParams;
+use crate::ops::random::AddNoiseParams;
 pub use crate::tensor::nchw_to_nhwc;
 use crate::tensor::{Arena, Layout, PoolId, Tensor};
 use anyhow::{bail, Result};
@@ -443,7 +444,8 @@ impl Trainer {
                 for (i, &t) in mb.timesteps.iter().enumerate() {
                     let (sa, s1a) = self.noise_coefs(t)?;
                     let at = |x: &Tensor| Tensor { pool: x.pool, offset: x.offset + i * per, shape: [per].into() };
-                    b.ddpm_add_noise(&at(&sample.t), &at(&tgt), per, sa, s1a, v)?;
+                    let p = AddNoiseParams { n: per, sqrt_alpha: sa, sqrt_one_minus_alpha: s1a, v_prediction: v };
+                    b.ddpm_add_noise(&p, &at(&sample.t), &at(&tgt))?;
                 }
             }
         }

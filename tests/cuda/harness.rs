@@ -12,6 +12,7 @@ use roentgen::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use roentgen::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use roentgen::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use roentgen::ops::optim::AdamWParams;
+use roentgen::ops::random::AddNoiseParams;
 use roentgen::tensor::Tensor;
 
 pub struct Rng(pub u64);
@@ -306,4 +307,9 @@ pub fn linear_backward(b: &dyn Backend, (rows, i, o): (usize, usize, usize), t: 
     let p = LinearParams { rows, in_features: i, out_features: o };
     let [dinp, dweight, dbias, dout, inp, weight] = &t[..6] else { unreachable!() };
     b.linear_backward(&p, &LinearBackward { dinp: Some(dinp), dweight, dbias: Some(dbias), dout, inp, weight })
+}
+
+/// DDPM's forward process over `n` values with the given coefficients.
+pub fn add_noise(n: usize, sqrt_alpha: f32, sqrt_one_minus_alpha: f32, v_prediction: bool) -> AddNoiseParams {
+    AddNoiseParams { n, sqrt_alpha, sqrt_one_minus_alpha, v_prediction }
 }

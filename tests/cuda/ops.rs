@@ -272,7 +272,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         });
         for v in [false, true] {
             g(format!("ddpm_add_noise n{n} v_prediction {v}"), vec![rng.normal(n), rng.normal(n)], &[0, 1], &|b, t| {
-                b.ddpm_add_noise(&t[0], &t[1], n, 0.8, 0.6, v)
+                b.ddpm_add_noise(&add_noise(n, 0.8, 0.6, v), &t[0], &t[1])
             });
         }
         g(format!("mse_loss n{n}"), vec![rng.normal(n), vec![0.0], rng.normal(n), rng.normal(n)], &[0, 1], &|b, t| {

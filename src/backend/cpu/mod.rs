@@ -11,6 +11,7 @@ use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::AdamWParams;
+use crate::ops::random::AddNoiseParams;
 use crate::ops::silu;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{ensure, Result};
@@ -461,26 +462,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn ddpm_add_noise(
-        &self,
-        x: &Tensor,
-        noise: &Tensor,
-        n: usize,
-        sqrt_alpha: f32,
-        sqrt_one_minus_alpha: f32,
-        v_prediction: bool,
-    ) -> Result<()> {
-        check_len("ddpm_add_noise x", x, n)?;
-        check_len("ddpm_add_noise noise", noise, n)?;
-        let ([x, e], []) = self.views([x, noise], []);
-        let (sa, s1a) = (sqrt_alpha, sqrt_one_minus_alpha);
-        x[..n].par_iter_mut().zip(e[..n].par_iter_mut()).for_each(|(x, e)| {
-            let x0 = *x;
-            *x = sa * x0 + s1a * *e;
-            if v_prediction {
-                *e = sa * *e - s1a * x0;
-            }
-        });
+    fn ddpm_add_noise(&self, p: &AddNoiseParams, x: &Tensor, noise: &Tensor) -> Result<()> {
+        p.check(x, noise)?;
+        let (both, []) = self.views([x, noise], []);
+        p.cpu_apply(both);
         Ok(())
     }
 }

@@ -44,6 +44,7 @@ use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::AdamWParams;
+use crate::ops::random::AddNoiseParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use device::{Compute, CudaDriver, Device, DeviceError, Event, Function, Gemm};
@@ -767,15 +768,7 @@ impl Backend for CudaBackend {
         self.randn_impl(out, n, seed, stream)
     }
 
-    fn ddpm_add_noise(
-        &self,
-        x: &Tensor,
-        noise: &Tensor,
-        n: usize,
-        sqrt_alpha: f32,
-        sqrt_one_minus_alpha: f32,
-        v_prediction: bool,
-    ) -> Result<()> {
-        self.ddpm_add_noise_impl(x, noise, n, sqrt_alpha, sqrt_one_minus_alpha, v_prediction)
+    fn ddpm_add_noise(&self, p: &AddNoiseParams, x: &Tensor, noise: &Tensor) -> Result<()> {
+        self.ddpm_add_noise_impl(p, x, noise)
     }
 }

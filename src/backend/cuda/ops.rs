@@ -19,6 +19,7 @@ use crate::backend::check_len;
 use crate::backend::Activation;
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::optim::{AdamWParams, AdamWScalars};
+use crate::ops::random::AddNoiseParams;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
@@ -662,19 +663,9 @@ impl CudaBackend {
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn ddpm_add_noise_impl(
-        &self,
-        x: &Tensor,
-        noise: &Tensor,
-        n: usize,
-        sqrt_alpha: f32,
-        sqrt_one_minus_alpha: f32,
-        v_prediction: bool,
-    ) -> Result<()> {
-        check_len("ddpm_add_noise x", x, n)?;
-        check_len("ddpm_add_noise noise", noise, n)?;
-        check_disjoint("ddpm_add_noise", &[x, noise], &[])?;
+    pub(crate) fn ddpm_add_noise_impl(&self, p: &AddNoiseParams, x: &Tensor, noise: &Tensor) -> Result<()> {
+        p.check(x, noise)?;
+        let AddNoiseParams { n, sqrt_alpha, sqrt_one_minus_alpha, v_prediction } = *p;
         let ni = to_i32("ddpm_add_noise", n)?;
         if n == 0 {
             return Ok(());
