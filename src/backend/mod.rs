@@ -13,6 +13,7 @@ pub mod plan;
 
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
@@ -288,15 +289,7 @@ pub trait Backend {
     /// diffusers' `get_timestep_embedding` (scale 1, max_period 10000) in f32: out (batch, dim),
     /// row b = [sin | cos] (or [cos | sin] with `flip_sin_to_cos`) of timesteps[b] · exp(−ln(10000)
     /// · i / (dim/2 − freq_shift)), i < dim/2, zero-padded for an odd dim; timesteps (batch).
-    fn timestep_embedding(
-        &self,
-        out: &Tensor,
-        timesteps: &Tensor,
-        batch: usize,
-        dim: usize,
-        flip_sin_to_cos: bool,
-        freq_shift: f32,
-    ) -> Result<()>;
+    fn timestep_embedding(&self, p: &TimestepEmbeddingParams, out: &Tensor, timesteps: &Tensor) -> Result<()>;
 
     /// GEGLU: inp (rows, 2·inner) = [x | gate] → out (rows, inner) = x · gelu(gate) (exact erf gelu).
     fn geglu_forward(&self, out: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()>;

@@ -5,6 +5,7 @@
 use super::{Activation, Backend};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
@@ -172,7 +173,7 @@ impl Backend for PlanBackend {
     fn lerp(&self, _: &Tensor, _: &Tensor, _: usize, _: f32) -> Result<()> {
         Ok(())
     }
-    fn timestep_embedding(&self, _: &Tensor, _: &Tensor, _: usize, _: usize, _: bool, _: f32) -> Result<()> {
+    fn timestep_embedding(&self, _: &TimestepEmbeddingParams, _: &Tensor, _: &Tensor) -> Result<()> {
         Ok(())
     }
     fn randn(&self, _: &Tensor, _: usize, _: u64, _: u64) -> Result<()> {

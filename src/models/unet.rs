@@ -10,6 +10,7 @@ use crate::nn::attention::{Transformer2D, Transformer2DSaved};
 use crate::nn::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::sampling::{Downsample2D, Upsample2D};
 use crate::nn::{zeros, zeros_like, Conv2d, Fmap, GroupNorm, Linear};
+use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::tensor::{Arena, Layout, Tensor};
 use crate::weights::{self, LoadReport};
 use anyhow::{bail, Context, Result};
@@ -122,7 +123,7 @@ pub fn params_layout(l: &mut Layout, c: &UNetConfig) -> UNetParams {
     UNetParams { time_linear_1, time_linear_2, conv_in, down, mid_resnets, mid_attention, up, conv_norm_out, conv_out }
 }
 
-pub use crate::backend::cpu::timestep_embedding;
+pub use crate::ops::elementwise::timestep_embedding;
 
 /// Block outputs kept after a forward, for locating a mismatch against diffusers.
 pub type Probes = Vec<(String, Fmap)>;
@@ -301,7 +302,9 @@ impl UNet {
         // Time embedding: sinusoidal → linear → SiLU → linear; every resnet uses SiLU of it.
         let dim0 = c.block_out_channels[0];
         let t_emb = arena.alloc([batch, dim0])?;
-        b.timestep_embedding(&t_emb, ts, batch, dim0, c.flip_sin_to_cos, c.freq_shift)?;
+        let sinusoid =
+            TimestepEmbeddingParams { batch, dim: dim0, flip_sin_to_cos: c.flip_sin_to_cos, freq_shift: c.freq_shift };
+        b.timestep_embedding(&sinusoid, &t_emb, ts)?;
         let e1 = p.time_linear_1.apply(b, arena, &t_emb, batch)?;
         let e1s = arena.alloc(e1.shape)?;
         b.activation_forward(&e1s, &e1, Activation::Silu, e1.numel())?;

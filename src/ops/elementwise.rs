@@ -1,5 +1,6 @@
 //! The operations of kernels/elementwise.cu that carry shapes: nearest-neighbour resizing (the
-//! U-Net's and the VAE's upsamplers) and the text encoders' token + position embedding. (The
+//! U-Net's and the VAE's upsamplers), the text encoders' token + position embedding and the
+//! U-Net's timestep embedding. (The
 //! plain elementwise operations — add, scale, activations — are still Backend methods of their
 //! own.)
 
@@ -154,6 +155,55 @@ impl EmbeddingParams {
             dwpe[t * dim..(t + 1) * dim].iter_mut().zip(g).for_each(|(x, y)| *x += y);
         }
     }
+}
+
+/// diffusers' `get_timestep_embedding` (scale 1, max_period 10000) of `batch` timesteps into
+/// (batch, dim), in f32.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TimestepEmbeddingParams {
+    pub batch: usize,
+    pub dim: usize,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f32,
+}
+
+impl TimestepEmbeddingParams {
+    /// What every backend checks.
+    pub fn check(&self, out: &Tensor, timesteps: &Tensor) -> Result<()> {
+        check_len("timestep_embedding out", out, self.batch * self.dim)?;
+        check_len("timestep_embedding timesteps", timesteps, self.batch)?;
+        check_disjoint("timestep_embedding", &[out], &[timesteps])
+    }
+
+    /// The CPU reference, on checked slices.
+    pub fn cpu_forward(&self, out: &mut [f32], timesteps: &[f32]) {
+        let TimestepEmbeddingParams { batch, dim, flip_sin_to_cos, freq_shift } = *self;
+        for (row, &t) in out[..batch * dim].chunks_mut(dim.max(1)).zip(&timesteps[..batch]) {
+            row.copy_from_slice(&timestep_embedding(t, dim, flip_sin_to_cos, freq_shift));
+        }
+    }
+}
+
+/// diffusers' `get_timestep_embedding` (scale 1, max_period 10000) of one timestep, computed in f32
+/// as torch does (the CPU reference of
+/// `Backend::timestep_embedding`; kernels/elementwise.cu `ew_timestep_embedding` is the same on the
+/// GPU).
+pub fn timestep_embedding(t: f32, dim: usize, flip_sin_to_cos: bool, freq_shift: f32) -> Vec<f32> {
+    let half = dim / 2;
+    let log_period = -(10000f64.ln()) as f32;
+    let mut sin = Vec::with_capacity(half);
+    let mut cos = Vec::with_capacity(half);
+    for i in 0..half {
+        let exponent = log_period * i as f32 / (half as f32 - freq_shift);
+        let arg = t * exponent.exp();
+        sin.push(arg.sin());
+        cos.push(arg.cos());
+    }
+    let (first, second) = if flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
+    let mut emb = first;
+    emb.extend(second);
+    emb.resize(dim, 0.0); // odd dims are zero-padded
+    emb
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Operations as units (issue 15, in progress: norms, convolution, attention, linear, resize,
-//! embedding, AdamW and DDPM noise are here; activations, add, scale, bias rows, concatenation,
-//! GEGLU, the timestep embedding and the reductions still live in the backends).
+//! embedding, timestep embedding, AdamW and DDPM noise are here; activations, add, scale, bias
+//! rows, concatenation, GEGLU and the reductions still live in the backends).
 //!
 //! Each operation family is one module named like its kernel file (`ops/norm.rs` ↔
 //! `kernels/norm.cu`). A parameter struct per operation owns what every backend shares: the shape

@@ -5,6 +5,7 @@ use anyhow::{ensure, Result};
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::cuda::CudaBackend;
 use roentgen::backend::{Activation, Backend};
+use roentgen::ops::elementwise::TimestepEmbeddingParams;
 use roentgen::tensor::Tensor;
 
 const ACTS: [Activation; 4] = [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Silu];
@@ -261,7 +262,11 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             let ts = vec![999.0, 0.0, 1.0, 481.0];
             for (dim, flip, shift) in [(320, true, 0.0), (33, false, 1.0)] {
                 g(format!("timestep_embedding dim {dim}"), vec![rng.normal(4 * dim), ts.clone()], &[0], &|b, t| {
-                    b.timestep_embedding(&t[0], &t[1], 4, dim, flip, shift)
+                    b.timestep_embedding(
+                        &TimestepEmbeddingParams { batch: 4, dim, flip_sin_to_cos: flip, freq_shift: shift },
+                        &t[0],
+                        &t[1],
+                    )
                 });
             }
         }

@@ -7,6 +7,7 @@ pub mod gemm;
 use super::{check_len, Activation, Backend};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
@@ -28,27 +29,6 @@ struct CpuPool {
     label: String,
     /// None once freed (`Backend::free`): the pages are unmapped.
     map: Option<memmap2::MmapMut>,
-}
-
-/// diffusers' `get_timestep_embedding` (scale 1, max_period 10000) of one timestep, computed in f32
-/// as torch does (the CPU side of `Backend::timestep_embedding`; kernels/elementwise.cu
-/// `ew_timestep_embedding` is the same on the GPU).
-pub fn timestep_embedding(t: f32, dim: usize, flip_sin_to_cos: bool, freq_shift: f32) -> Vec<f32> {
-    let half = dim / 2;
-    let log_period = -(10000f64.ln()) as f32;
-    let mut sin = Vec::with_capacity(half);
-    let mut cos = Vec::with_capacity(half);
-    for i in 0..half {
-        let exponent = log_period * i as f32 / (half as f32 - freq_shift);
-        let arg = t * exponent.exp();
-        sin.push(arg.sin());
-        cos.push(arg.cos());
-    }
-    let (first, second) = if flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
-    let mut emb = first;
-    emb.extend(second);
-    emb.resize(dim, 0.0); // odd dims are zero-padded
-    emb
 }
 
 #[derive(Default)]
@@ -437,21 +417,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn timestep_embedding(
-        &self,
-        out: &Tensor,
-        timesteps: &Tensor,
-        batch: usize,
-        dim: usize,
-        flip_sin_to_cos: bool,
-        freq_shift: f32,
-    ) -> Result<()> {
-        check_len("timestep_embedding out", out, batch * dim)?;
-        check_len("timestep_embedding timesteps", timesteps, batch)?;
+    fn timestep_embedding(&self, p: &TimestepEmbeddingParams, out: &Tensor, timesteps: &Tensor) -> Result<()> {
+        p.check(out, timesteps)?;
         let ([o], [t]) = self.views([out], [timesteps]);
-        for (row, &t) in o[..batch * dim].chunks_mut(dim.max(1)).zip(&t[..batch]) {
-            row.copy_from_slice(&timestep_embedding(t, dim, flip_sin_to_cos, freq_shift));
-        }
+        p.cpu_forward(o, t);
         Ok(())
     }
 

@@ -40,6 +40,7 @@ mod reference_gemm;
 use super::{check_disjoint, Activation, Backend, Precision};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
@@ -752,16 +753,8 @@ impl Backend for CudaBackend {
         self.lerp_impl(dst, src, n, w)
     }
 
-    fn timestep_embedding(
-        &self,
-        out: &Tensor,
-        timesteps: &Tensor,
-        batch: usize,
-        dim: usize,
-        flip_sin_to_cos: bool,
-        freq_shift: f32,
-    ) -> Result<()> {
-        self.timestep_embedding_impl(out, timesteps, batch, dim, flip_sin_to_cos, freq_shift)
+    fn timestep_embedding(&self, p: &TimestepEmbeddingParams, out: &Tensor, timesteps: &Tensor) -> Result<()> {
+        self.timestep_embedding_impl(p, out, timesteps)
     }
 
     fn randn(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {

@@ -17,6 +17,7 @@
 use super::{check_disjoint, to_i32, Arg, CudaBackend};
 use crate::backend::check_len;
 use crate::backend::Activation;
+use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::optim::{AdamWParams, AdamWScalars};
 use crate::ops::random::AddNoiseParams;
@@ -606,19 +607,14 @@ impl CudaBackend {
         self.ops_launch1("ew_lerp", n, &[Arg::P(self.dptr(dst)), Arg::P(self.dptr(src)), Arg::I(ni), Arg::F(w)])
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn timestep_embedding_impl(
         &self,
+        p: &TimestepEmbeddingParams,
         out: &Tensor,
         timesteps: &Tensor,
-        batch: usize,
-        dim: usize,
-        flip_sin_to_cos: bool,
-        freq_shift: f32,
     ) -> Result<()> {
-        check_len("timestep_embedding out", out, batch * dim)?;
-        check_len("timestep_embedding timesteps", timesteps, batch)?;
-        check_disjoint("timestep_embedding", &[out], &[timesteps])?;
+        p.check(out, timesteps)?;
+        let TimestepEmbeddingParams { batch, dim, flip_sin_to_cos, freq_shift } = *p;
         let n = batch * dim;
         to_i32("timestep_embedding", n)?;
         if n == 0 {
