@@ -14,6 +14,7 @@ pub mod plan;
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
+use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
@@ -264,27 +265,11 @@ pub trait Backend {
 
     /// out[b, r, :] = inp[b, r, :] + bias[b, :]: a per-sample channel vector added at every position
     /// (the resnet's time embedding). inp/out (batch, rows, c), bias (batch, c).
-    fn add_bias_rows_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        bias: &Tensor,
-        batch: usize,
-        rows: usize,
-        c: usize,
-    ) -> Result<()>;
+    fn add_bias_rows_forward(&self, p: &BiasRowsParams, out: &Tensor, inp: &Tensor, bias: &Tensor) -> Result<()>;
 
     /// Channel concatenation, channels-last: out (rows, ca + cb) = [a (rows, ca) | b (rows, cb)]
     /// (the U-Net's skip connections, `torch.cat([h, skip], dim=1)` in NCHW).
-    fn concat_channels_forward(
-        &self,
-        out: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        rows: usize,
-        ca: usize,
-        cb: usize,
-    ) -> Result<()>;
+    fn concat_channels_forward(&self, p: &ConcatParams, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<()>;
 
     /// diffusers' `get_timestep_embedding` (scale 1, max_period 10000) in f32: out (batch, dim),
     /// row b = [sin | cos] (or [cos | sin] with `flip_sin_to_cos`) of timesteps[b] · exp(−ln(10000)
@@ -292,7 +277,7 @@ pub trait Backend {
     fn timestep_embedding(&self, p: &TimestepEmbeddingParams, out: &Tensor, timesteps: &Tensor) -> Result<()>;
 
     /// GEGLU: inp (rows, 2·inner) = [x | gate] → out (rows, inner) = x · gelu(gate) (exact erf gelu).
-    fn geglu_forward(&self, out: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()>;
+    fn geglu_forward(&self, p: &GegluParams, out: &Tensor, inp: &Tensor) -> Result<()>;
 
     // ---- training: backward passes (they ACCUMULATE into every gradient they write, as llm.c
     // does, so residual and skip paths need no special casing; callers zero gradients first),
@@ -330,21 +315,13 @@ pub trait Backend {
     fn upsample_nearest_backward(&self, p: &UpsampleParams, dinp: &Tensor, dout: &Tensor) -> Result<()>;
 
     /// Of `add_bias_rows_forward`, the bias part: dbias[b, :] += Σ_r dout[b, r, :].
-    fn add_bias_rows_backward(&self, dbias: &Tensor, dout: &Tensor, batch: usize, rows: usize, c: usize) -> Result<()>;
+    fn add_bias_rows_backward(&self, p: &BiasRowsParams, dbias: &Tensor, dout: &Tensor) -> Result<()>;
 
     /// Of `concat_channels_forward`: da += dout[:, :ca], db += dout[:, ca:].
-    fn concat_channels_backward(
-        &self,
-        da: &Tensor,
-        db: &Tensor,
-        dout: &Tensor,
-        rows: usize,
-        ca: usize,
-        cb: usize,
-    ) -> Result<()>;
+    fn concat_channels_backward(&self, p: &ConcatParams, da: &Tensor, db: &Tensor, dout: &Tensor) -> Result<()>;
 
     /// Of `geglu_forward`.
-    fn geglu_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()>;
+    fn geglu_backward(&self, p: &GegluParams, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()>;
 
     /// Of `embedding_forward`: dwte[ids] += dout rows, dwpe[t] += dout rows.
     fn embedding_backward(

@@ -6,6 +6,7 @@ use super::{Activation, Backend};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
+use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
@@ -98,13 +99,13 @@ impl Backend for PlanBackend {
     fn upsample_nearest_forward(&self, _p: &UpsampleParams, _out: &Tensor, _inp: &Tensor) -> Result<()> {
         Ok(())
     }
-    fn add_bias_rows_forward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<()> {
+    fn add_bias_rows_forward(&self, _p: &BiasRowsParams, _out: &Tensor, _inp: &Tensor, _bias: &Tensor) -> Result<()> {
         Ok(())
     }
-    fn concat_channels_forward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<()> {
+    fn concat_channels_forward(&self, _p: &ConcatParams, _out: &Tensor, _a: &Tensor, _b: &Tensor) -> Result<()> {
         Ok(())
     }
-    fn geglu_forward(&self, _: &Tensor, _: &Tensor, _: usize, _: usize) -> Result<()> {
+    fn geglu_forward(&self, _p: &GegluParams, _out: &Tensor, _inp: &Tensor) -> Result<()> {
         Ok(())
     }
 
@@ -142,13 +143,13 @@ impl Backend for PlanBackend {
     fn upsample_nearest_backward(&self, _p: &UpsampleParams, _dinp: &Tensor, _dout: &Tensor) -> Result<()> {
         Ok(())
     }
-    fn add_bias_rows_backward(&self, _: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<()> {
+    fn add_bias_rows_backward(&self, _p: &BiasRowsParams, _dbias: &Tensor, _dout: &Tensor) -> Result<()> {
         Ok(())
     }
-    fn concat_channels_backward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<()> {
+    fn concat_channels_backward(&self, _p: &ConcatParams, _da: &Tensor, _db: &Tensor, _dout: &Tensor) -> Result<()> {
         Ok(())
     }
-    fn geglu_backward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: usize) -> Result<()> {
+    fn geglu_backward(&self, _p: &GegluParams, _dinp: &Tensor, _dout: &Tensor, _inp: &Tensor) -> Result<()> {
         Ok(())
     }
     fn embedding_backward(

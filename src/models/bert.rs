@@ -22,7 +22,7 @@ use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
-use crate::ops::elementwise::EmbeddingParams;
+use crate::ops::elementwise::{BiasRowsParams, EmbeddingParams};
 use crate::tensor::{Arena, Layout, Shape, Tensor};
 use crate::weights::safetensors::{float_dtype, to_f32, SafetensorsFile};
 use crate::weights::{self, LoadReport};
@@ -320,7 +320,8 @@ impl BertModel {
             &p.position_embeddings,
         )?;
         let token_type0 = row_view(&p.token_type_embeddings, 0, d);
-        b.add_bias_rows_forward(&acts.embeddings, &acts.word_position, &token_type0, 1, rows, d)?;
+        let token_type = BiasRowsParams { batch: 1, rows, channels: d };
+        b.add_bias_rows_forward(&token_type, &acts.embeddings, &acts.word_position, &token_type0)?;
         p.embeddings_layer_norm.forward(b, &acts.embeddings_ln, &acts.embeddings, rows)?;
         let (heads, hd) = (c.num_attention_heads, c.head_dim());
         let scale = 1.0 / (hd as f32).sqrt();
@@ -454,7 +455,8 @@ impl BertModel {
             &acts.embeddings_ln,
             rows,
         )?;
-        b.add_bias_rows_backward(&row_view(&g.token_type_embeddings, 0, d), &demb, 1, rows, d)?;
+        let token_type = BiasRowsParams { batch: 1, rows, channels: d };
+        b.add_bias_rows_backward(&token_type, &row_view(&g.token_type_embeddings, 0, d), &demb)?;
         // nn.Embedding(padding_idx=pad) never writes the pad row's gradient: keep it as it was.
         let pad_row = c.pad_token_id.map(|pad| row_view(&g.word_embeddings, pad, d));
         let saved = match pad_row {

@@ -10,7 +10,7 @@ use crate::nn::attention::{Transformer2D, Transformer2DSaved};
 use crate::nn::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::sampling::{Downsample2D, Upsample2D};
 use crate::nn::{zeros, zeros_like, Conv2d, Fmap, GroupNorm, Linear};
-use crate::ops::elementwise::TimestepEmbeddingParams;
+use crate::ops::elementwise::{ConcatParams, TimestepEmbeddingParams};
 use crate::tensor::{Arena, Layout, Tensor};
 use crate::weights::{self, LoadReport};
 use anyhow::{bail, Context, Result};
@@ -356,7 +356,8 @@ impl UNet {
                     bail!("unet: skip {}×{} vs hidden {}×{} (internal)", skip.h, skip.w, x.h, x.w);
                 }
                 let cat = Fmap::alloc(arena, batch, x.h, x.w, x.c + skip.c)?;
-                b.concat_channels_forward(&cat.t, &x.t, &skip.t, x.rows(), x.c, skip.c)?;
+                let concat = ConcatParams { rows: x.rows(), a_channels: x.c, b_channels: skip.c };
+                b.concat_channels_forward(&concat, &cat.t, &x.t, &skip.t)?;
                 let rs = res.forward_saved(b, arena, &cat, temb)?;
                 let hidden_in = x;
                 x = rs.out;
@@ -460,7 +461,8 @@ impl UNet {
                 blk.resnets[j].backward(&gblk.resnets[j], b, arena, &unit.res, &dx, &dcat, temb, dtemb_opt)?;
                 let dprev = zeros_like(b, arena, &unit.hidden_in)?;
                 let skip = &dskips[unit.skip_index];
-                b.concat_channels_backward(&dprev.t, &skip.t, &dcat.t, unit.cat.rows(), unit.hidden_in.c, skip.c)?;
+                let concat = ConcatParams { rows: unit.cat.rows(), a_channels: unit.hidden_in.c, b_channels: skip.c };
+                b.concat_channels_backward(&concat, &dprev.t, &skip.t, &dcat.t)?;
                 dx = dprev;
             }
         }

@@ -5,6 +5,7 @@
 use super::{add, zeros, zeros_like, Fmap, GroupNorm, GroupNormOut, LayerNorm, LayerNormActs, Linear};
 use crate::backend::Backend;
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
+use crate::ops::elementwise::GegluParams;
 use crate::tensor::{Arena, Layout, Tensor};
 use anyhow::Result;
 
@@ -189,7 +190,7 @@ impl BasicTransformerBlock {
         let f = self.ff_proj.apply(b, arena, &ln3.out, rows)?;
         let inner = self.ff_out.in_f;
         let g = arena.alloc([rows, inner])?;
-        b.geglu_forward(&g, &f, rows, inner)?;
+        b.geglu_forward(&GegluParams { rows, inner }, &g, &f)?;
         let f2 = self.ff_out.apply(b, arena, &g, rows)?;
         let out = add(b, arena, &x2, &f2)?;
         Ok(BlockSaved { x: *x, rows, ln1, a1, x1, ln2, a2, x2, ln3, f, g, out })
@@ -216,7 +217,7 @@ impl BasicTransformerBlock {
         let dg = zeros(b, arena, [rows, inner])?;
         self.ff_out.backward(&gr.ff_out, b, Some(&dg), dout, &s.g, rows)?;
         let df = zeros(b, arena, [rows, 2 * inner])?;
-        b.geglu_backward(&df, &dg, &s.f, rows, inner)?;
+        b.geglu_backward(&GegluParams { rows, inner }, &df, &dg, &s.f)?;
         let dn3 = zeros(b, arena, [rows, d])?;
         self.ff_proj.backward(&gr.ff_proj, b, Some(&dn3), &df, &s.ln3.out, rows)?;
         self.norm3.backward(&gr.norm3, b, &dx2, &dn3, &s.x2, &s.ln3, rows)?;

@@ -2,6 +2,7 @@
 
 use super::{zeros, zeros_like, Conv2d, Fmap, GroupNorm, GroupNormOut, Linear};
 use crate::backend::Backend;
+use crate::ops::elementwise::BiasRowsParams;
 use crate::tensor::{Arena, Layout, Tensor};
 use anyhow::Result;
 
@@ -60,7 +61,8 @@ impl ResnetBlock2D {
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb_act) {
             let t = proj.apply(b, arena, temb, x.batch)?;
             h1t = Fmap::alloc(arena, h1.batch, h1.h, h1.w, h1.c)?;
-            b.add_bias_rows_forward(&h1t.t, &h1.t, &t, h1.batch, h1.h * h1.w, h1.c)?;
+            let rows = BiasRowsParams { batch: h1.batch, rows: h1.h * h1.w, channels: h1.c };
+            b.add_bias_rows_forward(&rows, &h1t.t, &h1.t, &t)?;
         }
         let n2 = self.norm2.apply_saved(b, arena, &h1t, true)?;
         let h2 = self.conv2.apply(b, arena, &n2.out)?;
@@ -101,7 +103,8 @@ impl ResnetBlock2D {
         {
             // h1t = h1 + proj(temb)[b]: h1 receives dh1 unchanged; the projection the row sums.
             let dt = zeros(b, arena, [s.x.batch, proj.out_f])?;
-            b.add_bias_rows_backward(&dt, &dh1.t, s.x.batch, s.h1.h * s.h1.w, s.h1.c)?;
+            let rows = BiasRowsParams { batch: s.x.batch, rows: s.h1.h * s.h1.w, channels: s.h1.c };
+            b.add_bias_rows_backward(&rows, &dt, &dh1.t)?;
             proj.backward(gproj, b, Some(dtemb), &dt, temb, s.x.batch)?;
         }
         let dn1 = zeros_like(b, arena, &s.n1.out)?;

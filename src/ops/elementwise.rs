@@ -1,9 +1,9 @@
 //! The operations of kernels/elementwise.cu that carry shapes: nearest-neighbour resizing (the
 //! U-Net's and the VAE's upsamplers), the text encoders' token + position embedding and the
-//! U-Net's timestep embedding. (The
-//! plain elementwise operations — add, scale, activations — are still Backend methods of their
-//! own.)
+//! U-Net's timestep embedding, bias rows, channel concatenation and GEGLU. (The plain
+//! elementwise operations — add, scale, activations — are still Backend methods of their own.)
 
+use super::gelu;
 use crate::backend::{check_disjoint, check_len};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
@@ -154,6 +154,163 @@ impl EmbeddingParams {
             dwte[id * dim..(id + 1) * dim].iter_mut().zip(g).for_each(|(x, y)| *x += y);
             dwpe[t * dim..(t + 1) * dim].iter_mut().zip(g).for_each(|(x, y)| *x += y);
         }
+    }
+}
+
+/// A per-sample channel vector added at every position: out[b, r, :] = inp[b, r, :] + bias[b, :]
+/// for `batch` samples of `rows` positions × `channels` (the resnets' time embedding, BERT's
+/// token-type row).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BiasRowsParams {
+    pub batch: usize,
+    pub rows: usize,
+    pub channels: usize,
+}
+
+impl BiasRowsParams {
+    fn elements(&self) -> usize {
+        self.batch * self.rows * self.channels
+    }
+
+    /// What every backend checks before a forward.
+    pub fn check_forward(&self, out: &Tensor, inp: &Tensor, bias: &Tensor) -> Result<()> {
+        check_len("add_bias_rows out", out, self.elements())?;
+        check_len("add_bias_rows inp", inp, self.elements())?;
+        check_len("add_bias_rows bias", bias, self.batch * self.channels)?;
+        check_disjoint("add_bias_rows", &[out], &[inp, bias])
+    }
+
+    /// What every backend checks before a backward.
+    pub fn check_backward(&self, dbias: &Tensor, dout: &Tensor) -> Result<()> {
+        check_len("add_bias_rows_backward dbias", dbias, self.batch * self.channels)?;
+        check_len("add_bias_rows_backward dout", dout, self.elements())?;
+        check_disjoint("add_bias_rows_backward", &[dbias], &[dout])
+    }
+
+    /// The CPU reference of the forward, on checked slices.
+    pub fn cpu_forward(&self, out: &mut [f32], [x, bias]: [&[f32]; 2]) {
+        let (rows, c) = (self.rows, self.channels);
+        out[..self.elements()].par_chunks_mut(c).zip(x.par_chunks(c)).enumerate().for_each(|(r, (o, x))| {
+            let bv = &bias[(r / rows) * c..][..c];
+            for i in 0..c {
+                o[i] = x[i] + bv[i];
+            }
+        });
+    }
+
+    /// The CPU reference of the backward (accumulated into dbias): each sample's column sums of
+    /// dout, in f64.
+    pub fn cpu_backward(&self, dbias: &mut [f32], dout: &[f32]) {
+        let (rows, c) = (self.rows, self.channels);
+        dbias[..self.batch * c].par_chunks_mut(c).enumerate().for_each(|(b, db)| {
+            for (ch, d) in db.iter_mut().enumerate() {
+                let s: f64 = (0..rows).map(|r| dout[(b * rows + r) * c + ch] as f64).sum();
+                *d += s as f32;
+            }
+        });
+    }
+}
+
+/// Channel concatenation of two channels-last maps of `rows` positions: out = [a | b], with
+/// `a_channels` and `b_channels` (the U-Net's skip connections).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConcatParams {
+    pub rows: usize,
+    pub a_channels: usize,
+    pub b_channels: usize,
+}
+
+impl ConcatParams {
+    fn width(&self) -> usize {
+        self.a_channels + self.b_channels
+    }
+
+    /// What every backend checks before a forward.
+    pub fn check_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+        check_len("concat out", out, self.rows * self.width())?;
+        check_len("concat a", a, self.rows * self.a_channels)?;
+        check_len("concat b", b, self.rows * self.b_channels)?;
+        check_disjoint("concat", &[out], &[a, b])
+    }
+
+    /// What every backend checks before a backward.
+    pub fn check_backward(&self, da: &Tensor, db: &Tensor, dout: &Tensor) -> Result<()> {
+        check_len("concat_backward da", da, self.rows * self.a_channels)?;
+        check_len("concat_backward db", db, self.rows * self.b_channels)?;
+        check_len("concat_backward dout", dout, self.rows * self.width())?;
+        check_disjoint("concat_backward", &[da, db], &[dout])
+    }
+
+    /// The CPU reference of the forward, on checked slices.
+    pub fn cpu_forward(&self, out: &mut [f32], [a, b]: [&[f32]; 2]) {
+        let (ca, cb) = (self.a_channels, self.b_channels);
+        out[..self.rows * self.width()].par_chunks_mut(ca + cb).enumerate().for_each(|(r, o)| {
+            o[..ca].copy_from_slice(&a[r * ca..(r + 1) * ca]);
+            o[ca..].copy_from_slice(&b[r * cb..(r + 1) * cb]);
+        });
+    }
+
+    /// The CPU reference of the backward (accumulated into da and db): dout split by channels.
+    pub fn cpu_backward(&self, [da, db]: [&mut [f32]; 2], dout: &[f32]) {
+        let (rows, ca, cb) = (self.rows, self.a_channels, self.b_channels);
+        da[..rows * ca].par_chunks_mut(ca).zip(db[..rows * cb].par_chunks_mut(cb)).enumerate().for_each(
+            |(r, (a, b))| {
+                let g = &dout[r * (ca + cb)..(r + 1) * (ca + cb)];
+                a.iter_mut().zip(&g[..ca]).for_each(|(x, y)| *x += y);
+                b.iter_mut().zip(&g[ca..]).for_each(|(x, y)| *x += y);
+            },
+        );
+    }
+}
+
+/// GEGLU over `rows` vectors: inp (rows, 2·inner) = [x | gate] → out (rows, inner) = x · gelu(gate),
+/// the exact erf GELU (the U-Net's feed-forward).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GegluParams {
+    pub rows: usize,
+    pub inner: usize,
+}
+
+impl GegluParams {
+    /// What every backend checks before a forward.
+    pub fn check_forward(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
+        check_len("geglu out", out, self.rows * self.inner)?;
+        check_len("geglu inp", inp, self.rows * 2 * self.inner)?;
+        check_disjoint("geglu", &[out], &[inp])
+    }
+
+    /// What every backend checks before a backward.
+    pub fn check_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()> {
+        check_len("geglu_backward dinp", dinp, self.rows * 2 * self.inner)?;
+        check_len("geglu_backward dout", dout, self.rows * self.inner)?;
+        check_len("geglu_backward inp", inp, self.rows * 2 * self.inner)?;
+        check_disjoint("geglu_backward", &[dinp], &[dout, inp])
+    }
+
+    /// The CPU reference of the forward, on checked slices.
+    pub fn cpu_forward(&self, out: &mut [f32], inp: &[f32]) {
+        let inner = self.inner;
+        out[..self.rows * inner].par_chunks_mut(inner).zip(inp.par_chunks(2 * inner)).for_each(|(o, x)| {
+            for i in 0..inner {
+                o[i] = x[i] * gelu(x[inner + i]);
+            }
+        });
+    }
+
+    /// The CPU reference of the backward (accumulated into dinp), the gate's derivative in f64.
+    pub fn cpu_backward(&self, dinp: &mut [f32], [dout, inp]: [&[f32]; 2]) {
+        let inner = self.inner;
+        dinp[..self.rows * 2 * inner].par_chunks_mut(2 * inner).enumerate().for_each(|(r, di)| {
+            let x = &inp[r * 2 * inner..(r + 1) * 2 * inner];
+            let g = &dout[r * inner..(r + 1) * inner];
+            for i in 0..inner {
+                let gate = x[inner + i] as f64;
+                let cdf = 0.5 * (1.0 + libm::erf(gate / std::f64::consts::SQRT_2));
+                let pdf = (-0.5 * gate * gate).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                di[i] += g[i] * gelu(x[inner + i]);
+                di[inner + i] += (g[i] as f64 * x[i] as f64 * (cdf + gate * pdf)) as f32;
+            }
+        });
     }
 }
 

@@ -1,6 +1,6 @@
 //! Operations as units (issue 15, in progress: norms, convolution, attention, linear, resize,
-//! embedding, timestep embedding, AdamW and DDPM noise are here; activations, add, scale, bias
-//! rows, concatenation, GEGLU and the reductions still live in the backends).
+//! embedding, timestep embedding, bias rows, concatenation, GEGLU, AdamW and DDPM noise are here;
+//! the activations, add, scale, lerp and the loss/norm reductions still live in the backends).
 //!
 //! Each operation family is one module named like its kernel file (`ops/norm.rs` ↔
 //! `kernels/norm.cu`). A parameter struct per operation owns what every backend shares: the shape
@@ -17,6 +17,11 @@ pub mod linear;
 pub mod norm;
 pub mod optim;
 pub mod random;
+
+/// The exact (erf) GELU, evaluated in f64.
+pub(crate) fn gelu(x: f32) -> f32 {
+    (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32
+}
 
 /// SiLU (x · sigmoid(x)) in f32, as torch computes it on the CPU.
 pub(crate) fn silu(x: f32) -> f32 {

@@ -5,7 +5,7 @@ use anyhow::{ensure, Result};
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::cuda::CudaBackend;
 use roentgen::backend::{Activation, Backend};
-use roentgen::ops::elementwise::TimestepEmbeddingParams;
+use roentgen::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams, TimestepEmbeddingParams};
 use roentgen::tensor::Tensor;
 
 const ACTS: [Activation; 4] = [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Silu];
@@ -297,13 +297,13 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             format!("add_bias_rows_forward {n}x{rows}x{c}"),
             vec![vec![0.0; n * rows * c], rng.normal(n * rows * c), rng.normal(n * c)],
             &[0],
-            &|b, t| b.add_bias_rows_forward(&t[0], &t[1], &t[2], n, rows, c),
+            &|b, t| b.add_bias_rows_forward(&BiasRowsParams { batch: n, rows, channels: c }, &t[0], &t[1], &t[2]),
         );
         g(
             format!("add_bias_rows_backward {n}x{rows}x{c}"),
             vec![rng.normal(n * c), rng.normal(n * rows * c)],
             &[0],
-            &|b, t| b.add_bias_rows_backward(&t[0], &t[1], n, rows, c),
+            &|b, t| b.add_bias_rows_backward(&BiasRowsParams { batch: n, rows, channels: c }, &t[0], &t[1]),
         );
     }
     for &(rows, ca, cb) in &[(128, 320, 640), (9, 3, 5)] {
@@ -311,25 +311,29 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             format!("concat_channels_forward {rows}x({ca}+{cb})"),
             vec![vec![0.0; rows * (ca + cb)], rng.normal(rows * ca), rng.normal(rows * cb)],
             &[0],
-            &|b, t| b.concat_channels_forward(&t[0], &t[1], &t[2], rows, ca, cb),
+            &|b, t| {
+                b.concat_channels_forward(&ConcatParams { rows, a_channels: ca, b_channels: cb }, &t[0], &t[1], &t[2])
+            },
         );
         g(
             format!("concat_channels_backward {rows}x({ca}+{cb})"),
             vec![rng.normal(rows * ca), rng.normal(rows * cb), rng.normal(rows * (ca + cb))],
             &[0, 1],
-            &|b, t| b.concat_channels_backward(&t[0], &t[1], &t[2], rows, ca, cb),
+            &|b, t| {
+                b.concat_channels_backward(&ConcatParams { rows, a_channels: ca, b_channels: cb }, &t[0], &t[1], &t[2])
+            },
         );
     }
     for &(rows, inner) in &[(4096, 1280), (7, 12)] {
         let x = rng.scaled(rows * 2 * inner, 2.0);
         g(format!("geglu_forward {rows}x{inner}"), vec![vec![0.0; rows * inner], x.clone()], &[0], &|b, t| {
-            b.geglu_forward(&t[0], &t[1], rows, inner)
+            b.geglu_forward(&GegluParams { rows, inner }, &t[0], &t[1])
         });
         g(
             format!("geglu_backward {rows}x{inner}"),
             vec![rng.normal(rows * 2 * inner), rng.normal(rows * inner), x],
             &[0],
-            &|b, t| b.geglu_backward(&t[0], &t[1], &t[2], rows, inner),
+            &|b, t| b.geglu_backward(&GegluParams { rows, inner }, &t[0], &t[1], &t[2]),
         );
     }
     // (batch, in h, in w, out h, out w, channels): exact 2×, uneven up, and down

@@ -1,7 +1,6 @@
 //! Backward passes of the CPU reference, on slices. Every function ACCUMULATES into the gradients it
 //! is given (see the `Backend` trait). Statistics are recomputed in f64 where forward did.
 
-use super::gelu;
 use crate::backend::Activation;
 use rayon::prelude::*;
 
@@ -31,20 +30,6 @@ pub fn activation(dinp: &mut [f32], dout: &[f32], inp: &[f32], act: Activation, 
     };
     dinp[..n].par_iter_mut().zip(dout[..n].par_iter().zip(inp[..n].par_iter())).for_each(|(di, (&g, &x))| {
         *di += g * d(x);
-    });
-}
-
-pub fn geglu(dinp: &mut [f32], dout: &[f32], inp: &[f32], rows: usize, inner: usize) {
-    dinp[..rows * 2 * inner].par_chunks_mut(2 * inner).enumerate().for_each(|(r, di)| {
-        let x = &inp[r * 2 * inner..(r + 1) * 2 * inner];
-        let g = &dout[r * inner..(r + 1) * inner];
-        for i in 0..inner {
-            let gate = x[inner + i] as f64;
-            let cdf = 0.5 * (1.0 + libm::erf(gate / std::f64::consts::SQRT_2));
-            let pdf = (-0.5 * gate * gate).exp() / (2.0 * std::f64::consts::PI).sqrt();
-            di[i] += g[i] * gelu(x[inner + i]);
-            di[inner + i] += (g[i] as f64 * x[i] as f64 * (cdf + gate * pdf)) as f32;
-        }
     });
 }
 

@@ -8,12 +8,13 @@ use super::{check_len, Activation, Backend};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
+use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::AdamWParams;
 use crate::ops::random::AddNoiseParams;
-use crate::ops::silu;
+use crate::ops::{gelu, silu};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -208,57 +209,24 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn add_bias_rows_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        bias: &Tensor,
-        batch: usize,
-        rows: usize,
-        c: usize,
-    ) -> Result<()> {
-        check_len("add_bias_rows out", out, batch * rows * c)?;
-        check_len("add_bias_rows inp", inp, batch * rows * c)?;
-        check_len("add_bias_rows bias", bias, batch * c)?;
-        let ([o], [x, bias]) = self.views([out], [inp, bias]);
-        o[..batch * rows * c].par_chunks_mut(c).zip(x.par_chunks(c)).enumerate().for_each(|(r, (o, x))| {
-            let bv = &bias[(r / rows) * c..][..c];
-            for i in 0..c {
-                o[i] = x[i] + bv[i];
-            }
-        });
+    fn add_bias_rows_forward(&self, p: &BiasRowsParams, out: &Tensor, inp: &Tensor, bias: &Tensor) -> Result<()> {
+        p.check_forward(out, inp, bias)?;
+        let ([o], ins) = self.views([out], [inp, bias]);
+        p.cpu_forward(o, ins);
         Ok(())
     }
 
-    fn concat_channels_forward(
-        &self,
-        out: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        rows: usize,
-        ca: usize,
-        cb: usize,
-    ) -> Result<()> {
-        check_len("concat out", out, rows * (ca + cb))?;
-        check_len("concat a", a, rows * ca)?;
-        check_len("concat b", b, rows * cb)?;
-        let ([o], [a, b]) = self.views([out], [a, b]);
-        o[..rows * (ca + cb)].par_chunks_mut(ca + cb).enumerate().for_each(|(r, o)| {
-            o[..ca].copy_from_slice(&a[r * ca..(r + 1) * ca]);
-            o[ca..].copy_from_slice(&b[r * cb..(r + 1) * cb]);
-        });
+    fn concat_channels_forward(&self, p: &ConcatParams, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+        p.check_forward(out, a, b)?;
+        let ([o], ins) = self.views([out], [a, b]);
+        p.cpu_forward(o, ins);
         Ok(())
     }
 
-    fn geglu_forward(&self, out: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()> {
-        check_len("geglu out", out, rows * inner)?;
-        check_len("geglu inp", inp, rows * 2 * inner)?;
+    fn geglu_forward(&self, p: &GegluParams, out: &Tensor, inp: &Tensor) -> Result<()> {
+        p.check_forward(out, inp)?;
         let ([o], [x]) = self.views([out], [inp]);
-        o[..rows * inner].par_chunks_mut(inner).zip(x.par_chunks(2 * inner)).for_each(|(o, x)| {
-            for i in 0..inner {
-                o[i] = x[i] * gelu(x[inner + i]);
-            }
-        });
+        p.cpu_forward(o, x);
         Ok(())
     }
 
@@ -336,42 +304,24 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn add_bias_rows_backward(&self, dbias: &Tensor, dout: &Tensor, batch: usize, rows: usize, c: usize) -> Result<()> {
-        check_len("add_bias_rows_backward dbias", dbias, batch * c)?;
+    fn add_bias_rows_backward(&self, p: &BiasRowsParams, dbias: &Tensor, dout: &Tensor) -> Result<()> {
+        p.check_backward(dbias, dout)?;
         let ([db], [dy]) = self.views([dbias], [dout]);
-        db[..batch * c].par_chunks_mut(c).enumerate().for_each(|(b, db)| {
-            for (ch, d) in db.iter_mut().enumerate() {
-                let s: f64 = (0..rows).map(|r| dy[(b * rows + r) * c + ch] as f64).sum();
-                *d += s as f32;
-            }
-        });
+        p.cpu_backward(db, dy);
         Ok(())
     }
 
-    fn concat_channels_backward(
-        &self,
-        da: &Tensor,
-        db: &Tensor,
-        dout: &Tensor,
-        rows: usize,
-        ca: usize,
-        cb: usize,
-    ) -> Result<()> {
-        check_len("concat_backward da", da, rows * ca)?;
-        check_len("concat_backward db", db, rows * cb)?;
-        let ([a, b], [dy]) = self.views([da, db], [dout]);
-        a[..rows * ca].par_chunks_mut(ca).zip(b[..rows * cb].par_chunks_mut(cb)).enumerate().for_each(|(r, (a, b))| {
-            let g = &dy[r * (ca + cb)..(r + 1) * (ca + cb)];
-            a.iter_mut().zip(&g[..ca]).for_each(|(x, y)| *x += y);
-            b.iter_mut().zip(&g[ca..]).for_each(|(x, y)| *x += y);
-        });
+    fn concat_channels_backward(&self, p: &ConcatParams, da: &Tensor, db: &Tensor, dout: &Tensor) -> Result<()> {
+        p.check_backward(da, db, dout)?;
+        let (grads, [dy]) = self.views([da, db], [dout]);
+        p.cpu_backward(grads, dy);
         Ok(())
     }
 
-    fn geglu_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()> {
-        check_len("geglu_backward dinp", dinp, rows * 2 * inner)?;
-        let ([di], [dy, x]) = self.views([dinp], [dout, inp]);
-        backward::geglu(di, dy, x, rows, inner);
+    fn geglu_backward(&self, p: &GegluParams, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()> {
+        p.check_backward(dinp, dout, inp)?;
+        let ([di], ins) = self.views([dinp], [dout, inp]);
+        p.cpu_backward(di, ins);
         Ok(())
     }
 
@@ -437,11 +387,6 @@ impl Backend for CpuBackend {
         p.cpu_apply(both);
         Ok(())
     }
-}
-
-/// The exact (erf) GELU, evaluated in f64.
-fn gelu(x: f32) -> f32 {
-    (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ use super::{check_disjoint, Activation, Backend, Precision};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
+use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
@@ -638,32 +639,16 @@ impl Backend for CudaBackend {
         self.upsample_nearest_forward_impl(p, out, inp)
     }
 
-    fn add_bias_rows_forward(
-        &self,
-        out: &Tensor,
-        inp: &Tensor,
-        bias: &Tensor,
-        batch: usize,
-        rows: usize,
-        c: usize,
-    ) -> Result<()> {
-        self.add_bias_rows_forward_impl(out, inp, bias, batch, rows, c)
+    fn add_bias_rows_forward(&self, p: &BiasRowsParams, out: &Tensor, inp: &Tensor, bias: &Tensor) -> Result<()> {
+        self.add_bias_rows_forward_impl(p, out, inp, bias)
     }
 
-    fn concat_channels_forward(
-        &self,
-        out: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        rows: usize,
-        ca: usize,
-        cb: usize,
-    ) -> Result<()> {
-        self.concat_channels_forward_impl(out, a, b, rows, ca, cb)
+    fn concat_channels_forward(&self, p: &ConcatParams, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+        self.concat_channels_forward_impl(p, out, a, b)
     }
 
-    fn geglu_forward(&self, out: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()> {
-        self.geglu_forward_impl(out, inp, rows, inner)
+    fn geglu_forward(&self, p: &GegluParams, out: &Tensor, inp: &Tensor) -> Result<()> {
+        self.geglu_forward_impl(p, out, inp)
     }
 
     fn zero(&self, t: &Tensor) -> Result<()> {
@@ -706,24 +691,16 @@ impl Backend for CudaBackend {
         self.upsample_nearest_backward_impl(p, dinp, dout)
     }
 
-    fn add_bias_rows_backward(&self, dbias: &Tensor, dout: &Tensor, batch: usize, rows: usize, c: usize) -> Result<()> {
-        self.add_bias_rows_backward_impl(dbias, dout, batch, rows, c)
+    fn add_bias_rows_backward(&self, p: &BiasRowsParams, dbias: &Tensor, dout: &Tensor) -> Result<()> {
+        self.add_bias_rows_backward_impl(p, dbias, dout)
     }
 
-    fn concat_channels_backward(
-        &self,
-        da: &Tensor,
-        db: &Tensor,
-        dout: &Tensor,
-        rows: usize,
-        ca: usize,
-        cb: usize,
-    ) -> Result<()> {
-        self.concat_channels_backward_impl(da, db, dout, rows, ca, cb)
+    fn concat_channels_backward(&self, p: &ConcatParams, da: &Tensor, db: &Tensor, dout: &Tensor) -> Result<()> {
+        self.concat_channels_backward_impl(p, da, db, dout)
     }
 
-    fn geglu_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()> {
-        self.geglu_backward_impl(dinp, dout, inp, rows, inner)
+    fn geglu_backward(&self, p: &GegluParams, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()> {
+        self.geglu_backward_impl(p, dinp, dout, inp)
     }
 
     fn embedding_backward(

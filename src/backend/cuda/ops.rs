@@ -18,6 +18,7 @@ use super::{check_disjoint, to_i32, Arg, CudaBackend};
 use crate::backend::check_len;
 use crate::backend::Activation;
 use crate::ops::elementwise::TimestepEmbeddingParams;
+use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
 use crate::ops::optim::{AdamWParams, AdamWScalars};
 use crate::ops::random::AddNoiseParams;
@@ -165,18 +166,14 @@ impl CudaBackend {
 
     pub(crate) fn add_bias_rows_forward_impl(
         &self,
+        p: &BiasRowsParams,
         out: &Tensor,
         inp: &Tensor,
         bias: &Tensor,
-        batch: usize,
-        rows: usize,
-        c: usize,
     ) -> Result<()> {
+        p.check_forward(out, inp, bias)?;
+        let BiasRowsParams { batch, rows, channels: c } = *p;
         let n = batch * rows * c;
-        check_len("add_bias_rows out", out, n)?;
-        check_len("add_bias_rows inp", inp, n)?;
-        check_len("add_bias_rows bias", bias, batch * c)?;
-        check_disjoint("add_bias_rows", &[out], &[inp, bias])?;
         to_i32("add_bias_rows", n)?;
         if n == 0 {
             return Ok(());
@@ -197,18 +194,14 @@ impl CudaBackend {
 
     pub(crate) fn concat_channels_forward_impl(
         &self,
+        p: &ConcatParams,
         out: &Tensor,
         a: &Tensor,
         b: &Tensor,
-        rows: usize,
-        ca: usize,
-        cb: usize,
     ) -> Result<()> {
+        p.check_forward(out, a, b)?;
+        let ConcatParams { rows, a_channels: ca, b_channels: cb } = *p;
         let n = rows * (ca + cb);
-        check_len("concat out", out, n)?;
-        check_len("concat a", a, rows * ca)?;
-        check_len("concat b", b, rows * cb)?;
-        check_disjoint("concat", &[out], &[a, b])?;
         to_i32("concat", n)?;
         if n == 0 {
             return Ok(());
@@ -227,11 +220,10 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn geglu_forward_impl(&self, out: &Tensor, inp: &Tensor, rows: usize, inner: usize) -> Result<()> {
+    pub(crate) fn geglu_forward_impl(&self, p: &GegluParams, out: &Tensor, inp: &Tensor) -> Result<()> {
+        p.check_forward(out, inp)?;
+        let GegluParams { rows, inner } = *p;
         let n = rows * inner;
-        check_len("geglu out", out, n)?;
-        check_len("geglu inp", inp, 2 * n)?;
-        check_disjoint("geglu", &[out], &[inp])?;
         to_i32("geglu inp", 2 * n)?;
         if n == 0 {
             return Ok(());
@@ -338,17 +330,9 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn add_bias_rows_backward_impl(
-        &self,
-        dbias: &Tensor,
-        dout: &Tensor,
-        batch: usize,
-        rows: usize,
-        c: usize,
-    ) -> Result<()> {
-        check_len("add_bias_rows_backward dbias", dbias, batch * c)?;
-        check_len("add_bias_rows_backward dout", dout, batch * rows * c)?;
-        check_disjoint("add_bias_rows_backward", &[dbias], &[dout])?;
+    pub(crate) fn add_bias_rows_backward_impl(&self, p: &BiasRowsParams, dbias: &Tensor, dout: &Tensor) -> Result<()> {
+        p.check_backward(dbias, dout)?;
+        let BiasRowsParams { batch, rows, channels: c } = *p;
         to_i32("add_bias_rows_backward", batch * rows * c)?;
         if batch * rows * c == 0 {
             return Ok(()); // nothing to add
@@ -372,18 +356,14 @@ impl CudaBackend {
 
     pub(crate) fn concat_channels_backward_impl(
         &self,
+        p: &ConcatParams,
         da: &Tensor,
         db: &Tensor,
         dout: &Tensor,
-        rows: usize,
-        ca: usize,
-        cb: usize,
     ) -> Result<()> {
+        p.check_backward(da, db, dout)?;
+        let ConcatParams { rows, a_channels: ca, b_channels: cb } = *p;
         let n = rows * (ca + cb);
-        check_len("concat_backward da", da, rows * ca)?;
-        check_len("concat_backward db", db, rows * cb)?;
-        check_len("concat_backward dout", dout, n)?;
-        check_disjoint("concat_backward", &[da, db], &[dout])?;
         to_i32("concat_backward", n)?;
         if n == 0 {
             return Ok(());
@@ -404,17 +384,14 @@ impl CudaBackend {
 
     pub(crate) fn geglu_backward_impl(
         &self,
+        p: &GegluParams,
         dinp: &Tensor,
         dout: &Tensor,
         inp: &Tensor,
-        rows: usize,
-        inner: usize,
     ) -> Result<()> {
+        p.check_backward(dinp, dout, inp)?;
+        let GegluParams { rows, inner } = *p;
         let n = rows * inner;
-        check_len("geglu_backward dinp", dinp, 2 * n)?;
-        check_len("geglu_backward dout", dout, n)?;
-        check_len("geglu_backward inp", inp, 2 * n)?;
-        check_disjoint("geglu_backward", &[dinp], &[dout, inp])?;
         to_i32("geglu_backward", 2 * n)?;
         if n == 0 {
             return Ok(());
