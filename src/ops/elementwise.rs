@@ -389,4 +389,20 @@ mod tests {
         let e = b.embedding_backward(&p, &dwte, &dwpe, &t(20, 7), &[1, 2]).unwrap_err().to_string();
         assert!(e.contains("embedding_backward dout"), "{e}");
     }
+
+    /// The backward checks `dout` as the CUDA backend did (the CPU one sliced past a short one).
+    #[test]
+    fn geglu_backward_refuses_a_short_dout() {
+        let mut b = CpuBackend::new();
+        let pool = b.alloc(64, "t").unwrap();
+        let t = |offset, n| Tensor { pool, offset, shape: Shape::new(&[n]) };
+        let p = GegluParams { rows: 2, inner: 3 };
+        let (dinp, dout, inp) = (t(0, 12), t(12, 6), t(18, 12));
+        b.upload(&inp, &[0.5, -1.0, 2.0, 0.25, 1.5, -0.75, 1.0, 0.5, -2.0, 0.3, -0.2, 0.9]).unwrap();
+        b.upload(&dout, &[1.0, -0.5, 0.25, 2.0, 0.75, -1.5]).unwrap();
+        b.geglu_backward(&p, &dinp, &dout, &inp).unwrap();
+        let short = t(12, 5);
+        let e = b.geglu_backward(&p, &dinp, &short, &inp).unwrap_err().to_string();
+        assert!(e.contains("geglu_backward dout"), "{e}");
+    }
 }
