@@ -1,7 +1,7 @@
 //! The CPU reference backend: f32 everywhere, plain loops a reader can check against the paper or
 //! PyTorch, rayon for threads, and matrix products through `matrixmultiply` (see `gemm.rs`).
 
-pub(crate) mod backward;
+mod backward;
 pub mod gemm;
 
 use super::{check_len, Activation, Backend};

@@ -2,12 +2,12 @@
 //! attention.rs, norm.rs): the elementwise and data-movement operations (kernels/elementwise.cu),
 //! the loss, sum of squares and AdamW step (kernels/optim.cu), and the training noise
 //! (kernels/random.cu); with the launch helpers the norms share. Each `<op>_impl` has the trait
-//! method's signature, validates sizes like the CPU reference (src/backend/cpu), computes the grid
-//! and launches. All of these run in f32 (with f64 statistics and reductions where the CPU uses
+//! method's signature, runs the checks of its op in src/ops (the ones the CPU backend runs) or,
+//! for the plain ops, its own, computes the grid and launches. All of these run in f32 (with f64 statistics and reductions where the CPU uses
 //! f64) in both precision modes; none uses atomics, so their results are deterministic.
 //!
 //! Index range: the kernels take sizes as i32 and index elements in 32 bits (pointer offsets in 64),
-//! so every element count must stay below 2^31; `int` checks it with a plain error.
+//! so every element count must stay below 2^31; `to_i32` checks it with a plain error.
 //!
 //! Workspaces (reused, grown only when too small): slot 0 holds the per-block partial sums and
 //! per-group statistics of group norm and the partials of the loss/sum-of-squares reductions; slot
