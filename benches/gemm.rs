@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use roentgen::backend::cpu::gemm::{sgemm_naive, sgemm_par, Mat};
-use roentgen::rng::SplitMix64;
+use roentgen::rng::splitmix::SplitMix64;
 use std::hint::black_box;
 
 fn bench(c: &mut Criterion) {

@@ -1,4 +1,4 @@
-// Training noise on the device: the counter-based standard-normal stream of src/rng.rs
+// Training noise on the device: the counter-based standard-normal stream of src/rng/philox.rs
 // (`philox4x32_10`, `box_muller`, `philox_normals`), element for element, and the DDPM forward
 // process that turns clean latents and that noise into the U-Net's input and the loss target
 // (src/train/mod.rs `noisy_and_target`, the same f32 operations).

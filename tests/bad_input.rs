@@ -311,7 +311,7 @@ fn gray_output_is_single_channel_with_the_settings_recorded() {
     let a = sample_args(&pipe, &out, &["--gray", "--seed", "5", "--negative-prompt", "lateral"]);
     let (code, _, err) = run_cli(&s(&a), None);
     assert_eq!(code, 0, "{err}");
-    let (color, w, h, px, text) = roentgen::images::read_png(&out).unwrap();
+    let (color, w, h, px, text) = roentgen::io::images::read_png(&out).unwrap();
     assert_eq!((color, w, h), (png::ColorType::Grayscale, 16, 16));
     assert!(px.iter().any(|&p| p != px[0]), "a constant image");
     let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()).unwrap();

@@ -11,7 +11,7 @@ use roentgen::backend::Backend;
 use roentgen::models::bert::{BertConfig, BertModel};
 use roentgen::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use roentgen::tensor::{Arena, Layout, Tensor};
-use roentgen::wordpiece::{chars, WordPieceTokenizer, MAX_LENGTH};
+use roentgen::text::wordpiece::{chars, WordPieceTokenizer, MAX_LENGTH};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
@@ -146,7 +146,7 @@ fn masked_attention_with_a_full_mask_equals_unmasked_attention() {
         (0..14).map(|i| l.tensor(format!("t{i}"), [if i == 4 || i == 8 { batch * len * heads } else { n }])).collect()
     };
     let (t, _) = roentgen::models::allocate(&mut b, "t", build).unwrap();
-    let mut rng = roentgen::rng::SplitMix64::new(9);
+    let mut rng = roentgen::rng::splitmix::SplitMix64::new(9);
     for x in [&t[0], &t[1], &t[2], &t[9]] {
         b.upload(x, &(0..n).map(|_| rng.next_normal()).collect::<Vec<_>>()).unwrap();
     }

@@ -30,7 +30,7 @@ fn fnv1a64(s: &str) -> u64 {
 }
 
 fn uniform_f64(name: &str, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-    let mut r = roentgen::rng::SplitMix64::new(fnv1a64(name) ^ WEIGHT_SEED);
+    let mut r = roentgen::rng::splitmix::SplitMix64::new(fnv1a64(name) ^ WEIGHT_SEED);
     (0..n).map(|_| lo + (hi - lo) * r.next_f64()).collect()
 }
 
@@ -428,7 +428,7 @@ fn rewrite(src: &Path, dst: &Path, edit: impl Fn(&mut Vec<(String, Vec<usize>, V
         })
         .collect();
     edit(&mut v);
-    use roentgen::weights::safetensors::{write_atomic, OutTensor};
+    use roentgen::io::safetensors::{write_atomic, OutTensor};
     let t: Vec<(&str, Vec<usize>, OutTensor)> =
         v.iter().map(|(n, s, d)| (n.as_str(), s.clone(), OutTensor::F32(d))).collect();
     write_atomic(dst, &t).unwrap();

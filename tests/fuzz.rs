@@ -11,13 +11,13 @@
 mod common;
 use common::*;
 use roentgen::backend::cpu::CpuBackend;
-use roentgen::inspect::{inspect, InspectOptions};
 use roentgen::models::bert::BertConfig;
 use roentgen::models::clip::ClipTextConfig;
 use roentgen::models::unet::UNetConfig;
 use roentgen::models::vae::VaeConfig;
 use roentgen::tensor::Layout;
-use roentgen::weights::{self, safetensors::SafetensorsFile};
+use roentgen::tools::inspect::{inspect, InspectOptions};
+use roentgen::{io::safetensors::SafetensorsFile, io::weights};
 use serde_json::{json, Value};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;

@@ -121,7 +121,7 @@ fn check_cli_json(args: &[&str]) {
     assert_eq!(got["prompts"].as_u64().unwrap() as usize, groups.len());
     assert_eq!(got["images"], 9);
     assert_eq!(got["pairs"], 10);
-    let tokenizer = roentgen::tokenizer::ClipTokenizer::from_dir(&sd14_config()).unwrap();
+    let tokenizer = roentgen::text::bpe::ClipTokenizer::from_dir(&sd14_config()).unwrap();
     let mut max_err = 0f64;
     for g in groups {
         let prompt = g["prompt"].as_str().unwrap();
@@ -192,7 +192,7 @@ fn table_output() {
 fn sample_png(path: &Path, w: usize, h: usize, seed: u64, prompt: &str) {
     let px: Vec<f32> = noise(seed, w, h).iter().map(|&v| v as f32 / 255.0).collect();
     let text = [("prompt", prompt.to_string()), ("seed", seed.to_string())];
-    roentgen::images::write_png(path, &px, 1, h, w, true, &text).unwrap();
+    roentgen::io::images::write_png(path, &px, 1, h, w, true, &text).unwrap();
 }
 
 #[test]
@@ -262,7 +262,7 @@ fn bad_input_gets_clear_errors() {
     let untagged = d("untagged");
     sample_png(&untagged.join("a.png"), 170, 170, 1, "Mild edema.");
     let px = vec![0.5f32; 170 * 170];
-    roentgen::images::write_png(&untagged.join("b.png"), &px, 1, 170, 170, true, &[]).unwrap();
+    roentgen::io::images::write_png(&untagged.join("b.png"), &px, 1, 170, 170, true, &[]).unwrap();
     expect_error(&["--images", &s(&untagged)], &["b.png", "no \"prompt\" text chunk", "--manifest"]);
 
     let wide = d("sixteen");

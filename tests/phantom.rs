@@ -3,13 +3,13 @@
 //! that neither the measurement's baseline nor development used).
 
 use rayon::prelude::*;
-use roentgen::phantom::eval::{
+use roentgen::tools::phantom::eval::{
     evaluate, items_from_folder, items_from_manifest, png_text, tally, ClassStats, EvalOptions, Item,
 };
-use roentgen::phantom::measure::{measure_gray, Measurement};
-use roentgen::phantom::parse::parse;
-use roentgen::phantom::spec::{draw_findings, Effusion, Findings, Laterality, Lobe, Pneumothorax, Side, Size};
-use roentgen::phantom::{self, report, write::write_phantoms};
+use roentgen::tools::phantom::measure::{measure_gray, Measurement};
+use roentgen::tools::phantom::parse::parse;
+use roentgen::tools::phantom::spec::{draw_findings, Effusion, Findings, Laterality, Lobe, Pneumothorax, Side, Size};
+use roentgen::tools::phantom::{self, report, write::write_phantoms};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -66,7 +66,7 @@ fn manifest_rows_match_images_texts_and_labels() {
         let labels = &row["labels"];
         assert!(!text.trim().is_empty());
         let path = t.path().join(image);
-        let (color, w, h, _, chunks) = roentgen::images::read_png(&path).unwrap();
+        let (color, w, h, _, chunks) = roentgen::io::images::read_png(&path).unwrap();
         assert_eq!((color, w, h), (png::ColorType::Grayscale, 72, 72), "{image}");
         let chunk = |k: &str| chunks.iter().find(|c| c.0 == k).map(|c| c.1.clone());
         assert_eq!(chunk("prompt").as_deref(), Some(text), "{image}: prompt chunk");
@@ -322,7 +322,7 @@ fn degrade(px: &mut [f32], size: usize, i: u64) {
             .collect()
     };
     let b = blur(&blur(px, (1, 0)), (0, 1));
-    let mut rng = roentgen::rng::SplitMix64::new(i);
+    let mut rng = roentgen::rng::splitmix::SplitMix64::new(i);
     let (gain, offset) = (0.8 + 0.3 * rng.next_f64() as f32, 0.08 * (rng.next_f64() as f32 - 0.5));
     for (o, v) in px.iter_mut().zip(b) {
         *o = ((v - 0.5) * gain + 0.5 + offset + 0.03 * rng.next_normal()).clamp(0.0, 1.0);
@@ -428,7 +428,8 @@ fn eval_counts_samples_by_prompt_with_rgb_and_unknown_prompts() {
         let prompt =
             if i == 3 { "A photograph of a cat.".to_string() } else { "Large left pleural effusion.".to_string() };
         let p = t.path().join(format!("42-{i:04}.png"));
-        roentgen::images::write_png(&p, &rgb, 3, 96, 96, false, &[("prompt", prompt), ("seed", "42".into())]).unwrap();
+        roentgen::io::images::write_png(&p, &rgb, 3, 96, 96, false, &[("prompt", prompt), ("seed", "42".into())])
+            .unwrap();
     }
     let items = items_from_folder(t.path()).unwrap();
     let report =
@@ -455,7 +456,7 @@ fn bad_input_gets_clear_errors() {
 
     let bare = t.path().join("bare");
     std::fs::create_dir(&bare).unwrap();
-    roentgen::images::write_png(&bare.join("a.png"), &vec![0.5; 64 * 64], 1, 64, 64, true, &[]).unwrap();
+    roentgen::io::images::write_png(&bare.join("a.png"), &vec![0.5; 64 * 64], 1, 64, 64, true, &[]).unwrap();
     let e = format!("{:#}", items_from_folder(&bare).unwrap_err());
     assert!(e.contains("a.png") && e.contains("\"prompt\"") && e.contains("--manifest"), "{e}");
 

@@ -98,7 +98,8 @@ fn check_run(pipe_name: &str, run: &Value, batch_size: usize) {
     let summary: Value = serde_json::from_str(&stdout).unwrap();
     let files = summary["files"].as_array().unwrap();
     assert_eq!(files.len(), shape[0]);
-    let (color, w, h, px, text) = roentgen::images::read_png(std::path::Path::new(files[0].as_str().unwrap())).unwrap();
+    let (color, w, h, px, text) =
+        roentgen::io::images::read_png(std::path::Path::new(files[0].as_str().unwrap())).unwrap();
     assert_eq!((color, w as usize, h as usize), (png::ColorType::Rgb, shape[3], shape[2]));
     let expect0 = (want[0] * 255.0).round() as u8; // channel 0 of pixel (0, 0) of image 0
     assert!((px[0] as i32 - expect0 as i32).abs() <= 1);
@@ -193,7 +194,7 @@ fn sample_with_a_bert_text_encoder_matches_diffusers() {
 #[test]
 fn fifty_samples_from_one_loaded_pipeline_hold_memory_flat() {
     use roentgen::backend::{cpu::CpuBackend, Backend};
-    use roentgen::pipeline::{Pipeline, SampleRequest};
+    use roentgen::sample::pipeline::{Pipeline, SampleRequest};
     let dir = tempfile::tempdir().unwrap();
     let pipe_dir = assemble_pipeline("pipe-a", dir.path());
     let mut b = CpuBackend::new();
@@ -215,7 +216,7 @@ fn fifty_samples_from_one_loaded_pipeline_hold_memory_flat() {
         scheduler_options: Default::default(),
         latents_in: None,
     };
-    let mut sample = |b: &mut CpuBackend| pipe.generate(b, &req, &mut |_, _| {}, &mut |_| {}).unwrap().images;
+    let sample = |b: &mut CpuBackend| pipe.generate(b, &req, &mut |_, _| {}, &mut |_| {}).unwrap().images;
     let first = sample(&mut b);
     let after_one = held(&b);
     let mut last = Vec::new();

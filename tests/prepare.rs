@@ -6,7 +6,7 @@ mod common;
 mod prepare_tree;
 use common::*;
 use prepare_tree::*;
-use roentgen::tokenizer::ClipTokenizer;
+use roentgen::text::bpe::ClipTokenizer;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -256,7 +256,7 @@ fn mimic_reports_folder_and_summary_path() {
 
 #[test]
 fn impression_extraction() {
-    use roentgen::prepare::report::impression;
+    use roentgen::tools::prepare::report::impression;
     assert_eq!(impression(STD_REPORT).as_deref(), Some("No acute cardiopulmonary process."));
     assert_eq!(impression("FINDINGS: x\nIMPRESSION:No acute process.\n").as_deref(), Some("No acute process."));
     assert_eq!(impression(" FINDINGS AND IMPRESSION:\n Heart size normal.\n").as_deref(), Some("Heart size normal."));

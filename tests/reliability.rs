@@ -433,7 +433,7 @@ fn png_metadata_records_what_was_used() {
     assert_eq!(code, 0, "{err}");
     let png = out.join("init-0000.png");
     assert!(png.is_file(), "expected the name to come from the latents file: {err}");
-    let (_, _, _, _, text) = roentgen::images::read_png(&png).unwrap();
+    let (_, _, _, _, text) = roentgen::io::images::read_png(&png).unwrap();
     let get = |k: &str| text.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
     assert_eq!(get("seed"), None, "a seed that drew nothing is recorded");
     assert_eq!(get("latents_in").as_deref(), lat.to_str());

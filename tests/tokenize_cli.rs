@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use flate2::read::GzDecoder;
-use roentgen::wordpiece::WordPieceTokenizer;
+use roentgen::text::wordpiece::WordPieceTokenizer;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 

@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use flate2::read::GzDecoder;
-use roentgen::tokenizer::ClipTokenizer;
+use roentgen::text::bpe::ClipTokenizer;
 use std::io::{BufRead, BufReader, Read};
 
 struct Case {

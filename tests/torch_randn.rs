@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use roentgen::torch_rng::{NormalVariant, TorchGenerator};
+use roentgen::rng::torch::{NormalVariant, TorchGenerator};
 
 struct RandnFixture {
     capability: String,

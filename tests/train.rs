@@ -59,8 +59,8 @@ fn ten_adamw_steps_match_pytorch() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(sd14_config().join("scheduler/scheduler_config.json")).unwrap())
             .unwrap();
-    let ac =
-        roentgen::schedulers::training_alphas_cumprod(&cfg, std::path::Path::new("scheduler_config.json")).unwrap();
+    let ac = roentgen::sample::schedulers::training_alphas_cumprod(&cfg, std::path::Path::new("scheduler_config.json"))
+        .unwrap();
     let opts = OptimOptions { lr: 1e-3, ..OptimOptions::default() };
     let mut tr = Trainer::new(&mut b, &unet, &clip, opts, ac, PredictionType::Epsilon, 2, 8, 6, 8).unwrap();
     let want_losses = read_f32(&io, "losses").1;
@@ -88,8 +88,8 @@ fn backend_drawn_noise_equals_the_same_noise_given() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(sd14_config().join("scheduler/scheduler_config.json")).unwrap())
             .unwrap();
-    let ac =
-        roentgen::schedulers::training_alphas_cumprod(&cfg, std::path::Path::new("scheduler_config.json")).unwrap();
+    let ac = roentgen::sample::schedulers::training_alphas_cumprod(&cfg, std::path::Path::new("scheduler_config.json"))
+        .unwrap();
     let (seed, stream) = (0x5EED_0000_0000_0007u64, (3u64 << 32) | 1);
     for pt in [PredictionType::Epsilon, PredictionType::VPrediction] {
         let step = |noise: Noise| {
@@ -106,7 +106,7 @@ fn backend_drawn_noise_equals_the_same_noise_given() {
         };
         let [n, c, h, w] = batch(&io, 0).latent_shape;
         let mut nhwc = vec![0f32; n * c * h * w];
-        roentgen::rng::philox_normals(&mut nhwc, seed, stream);
+        roentgen::rng::philox::philox_normals(&mut nhwc, seed, stream);
         // (n, h, w, c) → (n, c, h, w)
         let mut nchw = vec![0f32; nhwc.len()];
         for (i, &z) in nhwc.iter().enumerate() {

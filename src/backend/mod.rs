@@ -349,7 +349,7 @@ pub trait Backend {
     // ---- training noise, drawn where the model runs ----
 
     /// out[i] = element i of the standard-normal stream (`seed`, `stream`), i < n: Philox4x32-10
-    /// through Box–Muller (src/rng.rs `philox_normals`, which is the CPU implementation). Every
+    /// through Box–Muller (src/rng/philox.rs `philox_normals`, which is the CPU implementation). Every
     /// backend draws the same values, so a training run's noise does not depend on the device.
     fn randn(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()>;
 

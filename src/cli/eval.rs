@@ -9,8 +9,8 @@ use roentgen::eval::frechet::{frechet_distance, stats};
 use roentgen::eval::msssim::{
     evaluate as ms_ssim_report, groups_from_folder, groups_from_manifest, WIN_SIGMA, WIN_SIZE,
 };
-use roentgen::phantom::eval::{evaluate as phantom_report, items_from_folder, items_from_manifest, EvalOptions};
-use roentgen::tokenizer::ClipTokenizer;
+use roentgen::text::bpe::ClipTokenizer;
+use roentgen::tools::phantom::eval::{evaluate as phantom_report, items_from_folder, items_from_manifest, EvalOptions};
 use std::path::PathBuf;
 
 #[derive(Subcommand, Debug)]

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use roentgen::phantom::write::write_phantoms;
+use roentgen::tools::phantom::write::write_phantoms;
 use std::path::PathBuf;
 
 #[derive(Args, Debug, Clone)]

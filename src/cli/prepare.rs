@@ -3,8 +3,8 @@
 
 use anyhow::Result;
 use clap::Subcommand;
-use roentgen::prepare::iu::{self, IuArgs};
-use roentgen::prepare::mimic::{self, MimicArgs};
+use roentgen::tools::prepare::iu::{self, IuArgs};
+use roentgen::tools::prepare::mimic::{self, MimicArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum PrepareCommand {

@@ -6,11 +6,11 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use roentgen::backend::Backend;
-use roentgen::files::{self, Existing};
-use roentgen::pipeline::{read_latents, Pipeline, SampleRequest};
-use roentgen::schedulers::{SchedulerKind, SchedulerOptions};
-use roentgen::torch_rng::NormalVariant;
-use roentgen::weights::safetensors::OutTensor;
+use roentgen::io::files::{self, Existing};
+use roentgen::io::safetensors::OutTensor;
+use roentgen::rng::torch::NormalVariant;
+use roentgen::sample::pipeline::{read_latents, Pipeline, SampleRequest};
+use roentgen::sample::schedulers::{SchedulerKind, SchedulerOptions};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -169,16 +169,17 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
         bail!("no prompt given: use --prompt TEXT (repeatable) or --prompts FILE");
     }
     // Sizes before anything is loaded or allocated.
-    let n = prompts.len().checked_mul(a.num_images).filter(|&n| n <= roentgen::pipeline::MAX_IMAGES).with_context(
-        || {
-            format!(
-                "{} prompt(s) × --num-images {}: more than {} images in one run; split the job",
-                prompts.len(),
-                a.num_images,
-                roentgen::pipeline::MAX_IMAGES
-            )
-        },
-    )?;
+    let n =
+        prompts.len().checked_mul(a.num_images).filter(|&n| n <= roentgen::sample::pipeline::MAX_IMAGES).with_context(
+            || {
+                format!(
+                    "{} prompt(s) × --num-images {}: more than {} images in one run; split the job",
+                    prompts.len(),
+                    a.num_images,
+                    roentgen::sample::pipeline::MAX_IMAGES
+                )
+            },
+        )?;
     if n == 0 || a.batch_size == 0 || a.steps == 0 {
         bail!("--num-images, --batch-size and --steps must be at least 1");
     }
@@ -229,7 +230,7 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
         timestep_spacing: a.timestep_spacing.clone(),
         ..Default::default()
     };
-    let kind = roentgen::schedulers::from_config(
+    let kind = roentgen::sample::schedulers::from_config(
         scheduler,
         &pipe.scheduler_config,
         &pipe.scheduler_config_path,
@@ -374,7 +375,7 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
     let summary = pipe.generate_each(b, &req, &|i| skip[i], &mut progress, &mut warn, &mut |g| {
         let text = settings(g.index);
         let text: Vec<(&str, String)> = text.into_iter().filter(|(_, v)| !v.is_empty()).collect();
-        roentgen::images::write_png(&paths[g.index], g.image, channels, h, w, gray, &text)?;
+        roentgen::io::images::write_png(&paths[g.index], g.image, channels, h, w, gray, &text)?;
         written.push(paths[g.index].clone());
         if let Some((img, lat)) = &mut dumped {
             img.extend_from_slice(g.image);
@@ -387,7 +388,7 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
         format!("{} of {todo} image(s) had been written to {} before the error", written.len(), a.out.display())
     })?;
     if let (Some(d), Some((img, lat))) = (&a.dump, &dumped) {
-        roentgen::weights::safetensors::write_atomic(
+        roentgen::io::safetensors::write_atomic(
             d,
             &[
                 ("image", vec![n, channels, h, w], OutTensor::F32(img)),

@@ -4,9 +4,9 @@ use super::{open_backend, print_stdout, report_pools, Global};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use roentgen::backend::{self, Backend};
-use roentgen::inspect::{inspect, render_text, InspectOptions};
 use roentgen::models::text::{TextEncoder, TextTokenizer};
-use roentgen::weights::{self, safetensors::OutTensor};
+use roentgen::tools::inspect::{inspect, render_text, InspectOptions};
+use roentgen::{io::safetensors::OutTensor, io::weights};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
@@ -76,7 +76,7 @@ pub struct ExportArgs {
     pub out: PathBuf,
     /// f16 (half the size; loads everywhere diffusers does) or f32.
     #[arg(long, default_value = "f16")]
-    pub dtype: roentgen::export::ExportDtype,
+    pub dtype: roentgen::io::export::ExportDtype,
     /// Ship the U-Net's EMA weights (unet_ema/) as the U-Net.
     #[arg(long)]
     pub ema: bool,
@@ -95,7 +95,7 @@ pub struct CudaInfoArgs {
 #[derive(Args)]
 pub struct BenchArgs {
     /// unet, vae-decode or text-encoder
-    pub stage: roentgen::bench::Stage,
+    pub stage: roentgen::tools::bench::Stage,
     /// A pipeline folder (or the stage's component folder).
     #[arg(long)]
     pub model: PathBuf,
@@ -160,7 +160,7 @@ pub fn inspect_command(g: &Global, a: InspectArgs) -> Result<()> {
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
-    let r = roentgen::export::export(&a.model, &a.out, a.dtype, a.ema, a.overwrite)?;
+    let r = roentgen::io::export::export(&a.model, &a.out, a.dtype, a.ema, a.overwrite)?;
     for (c, n, bytes) in &r.components {
         println!("{c:<13} {n:>5} tensors {:>9.2} MiB", *bytes as f64 / 1048576.0);
     }
@@ -170,7 +170,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
 
 pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
     let mut b = open_backend(g)?;
-    let opts = roentgen::bench::BenchOptions {
+    let opts = roentgen::tools::bench::BenchOptions {
         model: &a.model,
         variant: a.variant.as_deref(),
         random_weights: a.random_weights,
@@ -181,7 +181,7 @@ pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
         iters: a.iters,
         profile: a.profile,
     };
-    let r = roentgen::bench::run(b.as_mut(), a.stage, &opts)?;
+    let r = roentgen::tools::bench::run(b.as_mut(), a.stage, &opts)?;
     if a.json {
         print_stdout(&serde_json::to_string_pretty(&r)?)?;
     } else {
@@ -278,7 +278,7 @@ fn encode_text(
     random_weights: bool,
 ) -> Result<()> {
     // The output path before the work (the write would otherwise fail after encoding, naming a temporary).
-    roentgen::files::check_output_file(out, roentgen::files::Existing::Replace, "--out")?;
+    roentgen::io::files::check_output_file(out, roentgen::io::files::Existing::Replace, "--out")?;
     let te_dir = weights::component_dir(model, "text_encoder")?;
     let tok_dir = match tokenizer {
         Some(t) => t.to_path_buf(),
@@ -316,7 +316,7 @@ fn encode_text(
     let secs = t0.elapsed().as_secs_f64();
     let values = b.download(&hidden)?;
     let ids64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    weights::safetensors::write_atomic(
+    roentgen::io::safetensors::write_atomic(
         out,
         &[
             ("last_hidden_state", hidden.shape.dims().to_vec(), OutTensor::F32(&values)),

@@ -12,7 +12,7 @@ use super::clip_vision::{self, ClipVision, ClipVisionConfig};
 use super::densenet::{self, DenseNet, DenseNetConfig};
 use super::inception::{self, InceptionV3};
 use super::tensors::{FileSource, TensorSource, Weights};
-use crate::weights::safetensors::SafetensorsFile;
+use crate::io::safetensors::SafetensorsFile;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 

@@ -183,7 +183,7 @@ fn write_cache(path: &Path, kind: FeatureKind, key: u64, entries: &[Entry], feat
     ]
     .into();
     let out = safetensors::serialize(vec![("features".to_string(), view)], Some(meta)).map_err(|e| anyhow!("{e}"))?;
-    crate::files::write_bytes_atomic(path, &out)
+    crate::io::files::write_bytes_atomic(path, &out)
 }
 
 /// The cache key: a hash of the weights file's bytes (and of the CLIP config, which changes the

@@ -435,7 +435,7 @@ unsafe impl Send for SendPtr {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::SplitMix64;
+    use crate::rng::splitmix::SplitMix64;
 
     fn random_sym(n: usize, seed: u64, rank: usize) -> Vec<f64> {
         let mut r = SplitMix64::new(seed);

@@ -23,7 +23,7 @@
 //! Each image's per-scale mean and mean of squares are computed once and shared by all the pairs it
 //! is in, so a pair costs one filtered product per scale instead of five.
 
-use crate::tokenizer::ClipTokenizer;
+use crate::text::bpe::ClipTokenizer;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::collections::BTreeMap;

@@ -310,7 +310,7 @@ mod tests {
 
     #[test]
     fn conv_matches_direct_loop() {
-        let mut r = crate::rng::SplitMix64::new(5);
+        let mut r = crate::rng::splitmix::SplitMix64::new(5);
         let (cin, cout, h, w, kh, kw) = (3, 4, 7, 6, 3, 2);
         let x: Vec<f32> = (0..h * w * cin).map(|_| r.next_normal()).collect();
         let wt: Vec<f32> = (0..cout * cin * kh * kw).map(|_| r.next_normal()).collect();

@@ -2,7 +2,7 @@
 //! in-memory map. Every error names the file, the tensor and the network it was meant for, so a
 //! wrong `--weights` file (another network, a truncated export) says what is wrong.
 
-use crate::weights::safetensors::{float_dtype, to_f32, SafetensorsFile};
+use crate::io::safetensors::{float_dtype, to_f32, SafetensorsFile};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;

@@ -11,7 +11,7 @@ use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::elementwise::EmbeddingParams;
 use crate::tensor::{Arena, Layout, Tensor};
-use crate::weights::{self, LoadReport};
+use crate::{io::weights, io::weights::LoadReport};
 use anyhow::{bail, Result};
 use serde_json::Value;
 use std::path::Path;

@@ -9,7 +9,7 @@ pub mod unet_config;
 pub mod vae;
 
 use crate::backend::Backend;
-use crate::rng::SplitMix64;
+use crate::rng::splitmix::SplitMix64;
 use crate::tensor::Layout;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;

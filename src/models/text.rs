@@ -6,9 +6,9 @@ use super::bert::{BertActs, BertConfig, BertModel, BertParams};
 use super::clip::{ClipActs, ClipParams, ClipTextConfig, ClipTextModel};
 use crate::backend::Backend;
 use crate::tensor::{Arena, Layout, Tensor};
-use crate::tokenizer::ClipTokenizer;
-use crate::weights::{self, LoadReport};
-use crate::wordpiece::WordPieceTokenizer;
+use crate::text::bpe::ClipTokenizer;
+use crate::text::wordpiece::WordPieceTokenizer;
+use crate::{io::weights, io::weights::LoadReport};
 use anyhow::{bail, Result};
 use std::path::Path;
 
@@ -30,10 +30,10 @@ pub enum TextTokenizer {
 impl TextTokenizer {
     /// A tokenizer folder: WordPiece when it has a `vocab.txt` (or a tokenizer.json with a WordPiece
     /// model), else CLIP's BPE. A pipeline folder, or a folder holding `tokenizer/`, is resolved to
-    /// its tokenizer first (see [`crate::tokenizer::tokenizer_dir`]): the family is decided by the
+    /// its tokenizer first (see [`crate::text::bpe::tokenizer_dir`]): the family is decided by the
     /// files, so the folder they are in must be found before looking.
     pub fn from_dir(dir: &Path) -> Result<TextTokenizer> {
-        let dir = &crate::tokenizer::tokenizer_dir(dir)?;
+        let dir = &crate::text::bpe::tokenizer_dir(dir)?;
         let is_wordpiece = dir.join("vocab.txt").is_file()
             || weights::read_json(&dir.join("tokenizer.json"))
                 .ok()

@@ -12,7 +12,7 @@ use crate::nn::sampling::{Downsample2D, Upsample2D};
 use crate::nn::{zeros, zeros_like, Conv2d, Fmap, GroupNorm, Linear};
 use crate::ops::elementwise::{ConcatParams, TimestepEmbeddingParams};
 use crate::tensor::{Arena, Layout, Tensor};
-use crate::weights::{self, LoadReport};
+use crate::{io::weights, io::weights::LoadReport};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 

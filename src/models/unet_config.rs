@@ -5,8 +5,8 @@
 
 use super::limits::{MAX_BLOCKS, MAX_CHANNELS, MAX_LAYERS, MAX_SAMPLE_SIZE, MAX_TOTAL_LAYERS};
 use super::{check_param_count, ConfigReader};
+use crate::io::weights;
 use crate::tensor::Layout;
-use crate::weights;
 use anyhow::{bail, Result};
 use serde_json::Value;
 use std::path::Path;

@@ -10,7 +10,7 @@ use crate::nn::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::sampling::{Downsample2D, Upsample2D};
 use crate::nn::{zeros_like, Conv2d, Fmap, GroupNorm, GroupNormOut};
 use crate::tensor::{Arena, Layout};
-use crate::weights::{self, LoadReport};
+use crate::{io::weights, io::weights::LoadReport};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;

@@ -5,9 +5,9 @@
 //! so an interrupted write never damages an existing checkpoint.
 
 use crate::backend::Backend;
-use crate::files;
+use crate::io::files;
+use crate::io::safetensors::{write_atomic, OutTensor};
 use crate::tensor::{Layout, Tensor};
-use crate::weights::safetensors::{write_atomic, OutTensor};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -47,7 +47,7 @@ fn copy_tree(src: &Path, dst: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()>
 /// The weights are written in f32: a config that says otherwise ("torch_dtype"/"dtype": "float16",
 /// from an f16 source) would make transformers ≥ 5 load them rounded to f16.
 fn mark_f32(config: &Path) -> Result<()> {
-    let mut v = crate::weights::read_json(config)?;
+    let mut v = crate::io::weights::read_json(config)?;
     if let Some(o) = v.as_object_mut() {
         for key in ["torch_dtype", "dtype"] {
             if o.contains_key(key) {
@@ -78,11 +78,11 @@ fn replace_text_components(src: &Path, ckpt: &Path) -> Result<()> {
             wordpiece |= name == "vocab.txt";
         }
     }
-    let cfg = crate::weights::read_json(&src.join("config.json"))?;
+    let cfg = crate::io::weights::read_json(&src.join("config.json"))?;
     let te_class =
         cfg.pointer("/architectures/0").and_then(|v| v.as_str()).unwrap_or("BertModel").replace("ForMaskedLM", "Model");
     let tok_class = if wordpiece
-        || crate::weights::read_json(&tok.join("tokenizer.json"))
+        || crate::io::weights::read_json(&tok.join("tokenizer.json"))
             .ok()
             .and_then(|j| j.pointer("/model/type").and_then(|t| t.as_str()).map(|t| t == "WordPiece"))
             .unwrap_or(false)
@@ -92,7 +92,7 @@ fn replace_text_components(src: &Path, ckpt: &Path) -> Result<()> {
         "CLIPTokenizer"
     };
     let mi = ckpt.join("model_index.json");
-    let mut index = crate::weights::read_json(&mi)?;
+    let mut index = crate::io::weights::read_json(&mi)?;
     index["text_encoder"] = serde_json::json!(["transformers", te_class]);
     index["tokenizer"] = serde_json::json!(["transformers", tok_class]);
     std::fs::write(&mi, serde_json::to_string_pretty(&index)? + "\n")?;
@@ -131,7 +131,7 @@ pub fn save(b: &dyn Backend, dest: &Path, c: &CheckpointContents) -> Result<()> 
             p.extension().is_some_and(|e| e == "safetensors" || e == "bin")
                 || p.to_string_lossy().ends_with(".index.json")
         };
-        for comp in crate::weights::pipeline_components(c.source)?.keys() {
+        for comp in crate::io::weights::pipeline_components(c.source)?.keys() {
             let from = c.source.join(comp);
             if !from.is_dir() {
                 continue;
@@ -266,13 +266,13 @@ pub fn latest(dir: &Path) -> Result<PathBuf> {
 /// Reads `training_state/` of a checkpoint: (trainer.json, AdamW moments by name).
 pub fn read_state(ckpt: &Path) -> Result<(serde_json::Value, Vec<(String, Vec<f32>)>)> {
     let st = ckpt.join("training_state");
-    let state = crate::weights::read_json(&st.join("trainer.json"))?;
-    let f = crate::weights::safetensors::SafetensorsFile::open(&st.join("optimizer.safetensors"))?;
+    let state = crate::io::weights::read_json(&st.join("trainer.json"))?;
+    let f = crate::io::safetensors::SafetensorsFile::open(&st.join("optimizer.safetensors"))?;
     let parsed = f.parse()?;
     let mut out = Vec::new();
     for (name, view) in parsed.iter() {
         let mut v = vec![0f32; view.shape().iter().product()];
-        crate::weights::safetensors::to_f32(crate::tensor::DType::F32, view.data(), &mut v)?;
+        crate::io::safetensors::to_f32(crate::tensor::DType::F32, view.data(), &mut v)?;
         out.push((name.to_string(), v));
     }
     Ok((state, out))

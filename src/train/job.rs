@@ -5,7 +5,7 @@
 //! the checkpoint's recorded settings, and checkpoint retention.
 
 use super::data::{load_image, Example, OnBadImage};
-use crate::files::{self, FolderLock};
+use crate::io::files::{self, FolderLock};
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -11,12 +11,12 @@ use super::data::{read_manifest, OnBadImage};
 use super::job::{self, ImageDraw, OutputFolder, TrainLog};
 use super::{Batch, Noise, OptimOptions, PredictionType, StepStats, Trainer};
 use crate::backend::Backend;
+use crate::io::weights;
 use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{split_moments, AutoencoderKL};
 use crate::nn::Fmap;
-use crate::rng::SplitMix64;
-use crate::weights;
+use crate::rng::splitmix::SplitMix64;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -175,10 +175,10 @@ impl Models {
         // (A tokenizer larger than the encoder's vocabulary is caught by the embedding's id check.)
         let vae_dir = weights::component_dir(dir, "vae")?;
         let (vae, _) = AutoencoderKL::load(b, &vae_dir, variant)?;
-        crate::pipeline::check_scaling_factor(&vae, &vae_dir)?;
-        let sched_path = crate::schedulers::config_path(&weights::component_dir(dir, "scheduler")?)?;
+        crate::sample::pipeline::check_scaling_factor(&vae, &vae_dir)?;
+        let sched_path = crate::sample::schedulers::config_path(&weights::component_dir(dir, "scheduler")?)?;
         let sched = weights::read_json(&sched_path)?;
-        let alphas_cumprod = crate::schedulers::training_alphas_cumprod(&sched, &sched_path)?;
+        let alphas_cumprod = crate::sample::schedulers::training_alphas_cumprod(&sched, &sched_path)?;
         let prediction_type = match sched.get("prediction_type").and_then(|v| v.as_str()).unwrap_or("epsilon") {
             "epsilon" => PredictionType::Epsilon,
             "v_prediction" => PredictionType::VPrediction,
@@ -427,7 +427,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
 /// `pixel_values` [n, 3, H, W] in [−1, 1] (encoded with the VAE's mean), `input_ids` [n, seq],
 /// `noise` like the latents, `timesteps` [n].
 pub fn read_step_batch(path: &Path, models: &Models, b: &mut dyn Backend) -> Result<Batch> {
-    let f = weights::safetensors::SafetensorsFile::open(path)?;
+    let f = crate::io::safetensors::SafetensorsFile::open(path)?;
     let st = f.parse()?;
     let get = |name: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>> {
         let Ok(view) = st.tensor(name) else { return Ok(None) };
@@ -441,10 +441,10 @@ pub fn read_step_batch(path: &Path, models: &Models, b: &mut dyn Backend) -> Res
                 view.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect()
             }
             d => {
-                let dt = weights::safetensors::float_dtype(d)
+                let dt = crate::io::safetensors::float_dtype(d)
                     .with_context(|| format!("{}: tensor '{name}' has dtype {d:?}", path.display()))?;
                 let mut v = vec![0f32; n];
-                weights::safetensors::to_f32(dt, view.data(), &mut v)?;
+                crate::io::safetensors::to_f32(dt, view.data(), &mut v)?;
                 v
             }
         };
@@ -532,7 +532,7 @@ pub fn train_step(
     optim.validate()?;
     match std::fs::symlink_metadata(output) {
         Ok(m) if !m.is_dir() => {
-            bail!("--output {}: exists and is {}, not a folder", output.display(), crate::files::kind_of(&m))
+            bail!("--output {}: exists and is {}, not a folder", output.display(), crate::io::files::kind_of(&m))
         }
         Ok(_) if !overwrite => bail!("--output {}: exists; pass --overwrite to replace it", output.display()),
         _ => {}

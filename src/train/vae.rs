@@ -237,7 +237,7 @@ pub fn train_vae(
     log: &mut dyn FnMut(&VaeStats),
 ) -> Result<std::path::PathBuf> {
     use crate::models::vae::VaeConfig;
-    use crate::rng::SplitMix64;
+    use crate::rng::splitmix::SplitMix64;
     use anyhow::Context;
     if cfg.resolution == 0 || cfg.resolution > super::run::MAX_RESOLUTION {
         bail!("--resolution {}: must be between 1 and {}", cfg.resolution, super::run::MAX_RESOLUTION);
@@ -258,15 +258,18 @@ pub fn train_vae(
     }
     // The model: a checkpoint to resume, a VAE (or pipeline) to fine-tune, or a config from scratch.
     let (vae, config_json) = if let Some(ck) = &resume_from {
-        (AutoencoderKL::load(b, ck, None)?.0, crate::weights::read_json(&ck.join("config.json"))?)
+        (AutoencoderKL::load(b, ck, None)?.0, crate::io::weights::read_json(&ck.join("config.json"))?)
     } else if let Some(m) = &cfg.model {
-        let dir =
-            if crate::weights::is_pipeline_folder(m) { crate::weights::component_dir(m, "vae")? } else { m.clone() };
-        (AutoencoderKL::load(b, &dir, None)?.0, crate::weights::read_json(&dir.join("config.json"))?)
+        let dir = if crate::io::weights::is_pipeline_folder(m) {
+            crate::io::weights::component_dir(m, "vae")?
+        } else {
+            m.clone()
+        };
+        (AutoencoderKL::load(b, &dir, None)?.0, crate::io::weights::read_json(&dir.join("config.json"))?)
     } else if let Some(c) = &cfg.config {
         let v = AutoencoderKL::allocate(b, VaeConfig::from_file(c)?)?;
         crate::models::init_default(b, &v.table, cfg.seed)?;
-        (v, crate::weights::read_json(c)?)
+        (v, crate::io::weights::read_json(c)?)
     } else {
         bail!("give --model (a VAE or pipeline folder to fine-tune) or --config (a VAE config to train from scratch)");
     };

@@ -13,7 +13,7 @@ use roentgen::tensor::Tensor;
 /// one that samples 7 end with the same number of device allocations.
 pub fn denoising_allocation_case(r: &mut Runner) {
     r.case("allocations do not grow with the number of denoising steps", || {
-        use roentgen::pipeline::Pipeline;
+        use roentgen::sample::pipeline::Pipeline;
         let dir = tempfile::tempdir()?;
         let pipe_dir = assemble_pipeline("pipe-a", dir.path());
         let count = |steps: usize| -> Result<usize> {
@@ -34,7 +34,7 @@ pub fn denoising_allocation_case(r: &mut Runner) {
 /// on one loaded pipeline leave the device's pools as loading left them, with the same images.
 pub fn sampling_frees_case(r: &mut Runner) {
     r.case("sampling frees its pools: three calls on one pipeline leave the pools as loaded", || {
-        use roentgen::pipeline::Pipeline;
+        use roentgen::sample::pipeline::Pipeline;
         let dir = tempfile::tempdir()?;
         let pipe_dir = assemble_pipeline("pipe-a", dir.path());
         let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
@@ -117,7 +117,7 @@ pub fn param_copy_case(r: &mut Runner) {
 /// the second is captured and every later one is a replay.
 pub fn graph_case(r: &mut Runner) {
     r.case("sampling with CUDA graphs equals sampling without", || {
-        use roentgen::pipeline::Pipeline;
+        use roentgen::sample::pipeline::Pipeline;
         let dir = tempfile::tempdir()?;
         let pipe_dir = assemble_pipeline("pipe-a", dir.path());
         let steps = 6;
@@ -143,8 +143,8 @@ pub fn graph_case(r: &mut Runner) {
 }
 
 /// Two prompts, 16×16 pixels, guidance 4, one U-Net call per step.
-fn two_prompt_request(steps: usize, seed: u64) -> roentgen::pipeline::SampleRequest {
-    roentgen::pipeline::SampleRequest {
+fn two_prompt_request(steps: usize, seed: u64) -> roentgen::sample::pipeline::SampleRequest {
+    roentgen::sample::pipeline::SampleRequest {
         prompts: vec!["Large left pleural effusion.".into(), "Enlarged cardiac silhouette.".into()],
         negative_prompt: None,
         num_images_per_prompt: 1,

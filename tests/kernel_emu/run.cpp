@@ -166,7 +166,7 @@ static void compare(Report& r, const char* what, bool bf16, const vector<double>
 }
 static vector<double> dbl(const vector<float>& v) { return vector<double>(v.begin(), v.end()); }
 
-// src/rng.rs `philox4x32_10`, transcribed; the Random123 known answers pin both this and the device
+// src/rng/philox.rs `philox4x32_10`, transcribed; the Random123 known answers pin both this and the device
 // function.
 static void philox_ref(uint32_t c[4], uint32_t k0, uint32_t k1) {
     for (int round = 0; round < 10; round++) {

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use crate::common::*;
-use roentgen::tokenizer::ClipTokenizer;
+use roentgen::text::bpe::ClipTokenizer;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -189,7 +189,7 @@ pub fn studies(tok: &ClipTokenizer) -> Vec<Study> {
     v
 }
 
-pub const FINDINGS: [&str; 14] = roentgen::prepare::FINDINGS;
+pub const FINDINGS: [&str; 14] = roentgen::tools::prepare::FINDINGS;
 
 /// Writes the tree: JPEGs, reports, and the three CSVs (gzip'd when `gz`).
 pub fn write_tree(root: &Path, studies: &[Study], gz: bool) {

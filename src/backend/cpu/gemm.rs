@@ -77,7 +77,7 @@ pub fn sgemm_naive(m: usize, k: usize, n: usize, a: Mat, b: Mat, c: &mut [f32], 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::SplitMix64;
+    use crate::rng::splitmix::SplitMix64;
 
     #[test]
     fn parallel_gemm_matches_triple_loop_with_transposed_operand() {

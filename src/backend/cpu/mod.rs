@@ -377,7 +377,7 @@ impl Backend for CpuBackend {
     fn randn(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {
         check_len("randn out", out, n)?;
         let ([o], []) = self.views([out], []);
-        crate::rng::philox_normals(&mut o[..n], seed, stream);
+        crate::rng::philox::philox_normals(&mut o[..n], seed, stream);
         Ok(())
     }
 
@@ -392,7 +392,7 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::SplitMix64;
+    use crate::rng::splitmix::SplitMix64;
     use crate::tensor::Layout;
 
     fn randn(rng: &mut SplitMix64, n: usize) -> Vec<f32> {

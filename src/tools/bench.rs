@@ -1,0 +1,280 @@
+//! `roentgen bench`: times model stages of a real (or random-weight) checkpoint on a backend and
+//! reports time, the FLOP counted from the shapes by a planning run, and the achieved rate.
+
+use crate::backend::Backend;
+use crate::io::weights;
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::unet::{UNet, UNetConfig};
+use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::nn::Fmap;
+use crate::rng::splitmix::SplitMix64;
+use anyhow::{bail, Result};
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// One guided denoising step: the U-Net at batch 2 × prompts.
+    Unet,
+    /// The VAE decoder at the image size.
+    VaeDecode,
+    /// The CLIP text encoder on 77 tokens, batch 2 × prompts.
+    TextEncoder,
+}
+
+impl std::str::FromStr for Stage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "unet" => Ok(Stage::Unet),
+            "vae-decode" | "vae" => Ok(Stage::VaeDecode),
+            "text-encoder" | "clip" => Ok(Stage::TextEncoder),
+            _ => Err(format!("unknown stage '{s}' (expected unet, vae-decode or text-encoder)")),
+        }
+    }
+}
+
+pub struct BenchOptions<'a> {
+    pub model: &'a Path,
+    pub variant: Option<&'a str>,
+    pub random_weights: bool,
+    pub height: usize,
+    pub width: usize,
+    /// Prompts per call; guidance doubles the U-Net and text-encoder batch.
+    pub batch: usize,
+    pub warmup: usize,
+    pub iters: usize,
+    /// After timing, run once more with per-kernel timing (`Backend::set_profiling`).
+    pub profile: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub stage: String,
+    pub backend: String,
+    pub shape: String,
+    pub parameters: usize,
+    pub activation_bytes: usize,
+    pub iters: usize,
+    pub mean_ms: f64,
+    pub min_ms: f64,
+    pub gflop_per_call: f64,
+    pub achieved_gflops: f64,
+    /// Timed calls served by replaying a captured CUDA graph (the U-Net stage on CUDA).
+    pub graph_replays: usize,
+    /// With --profile: (kernel, calls, milliseconds) of one call, slowest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<(String, usize, f64)>,
+}
+
+impl BenchReport {
+    pub fn render(&self) -> String {
+        format!(
+            "{} on {}: {}\n  parameters {}, activation arena {:.1} MiB\n  {} iterations: mean {:.2} ms, min {:.2} ms\n  \
+             {:.2} GFLOP per call (matrix products, convolutions, attention) → {:.1} GFLOP/s at the min time",
+            self.stage,
+            self.backend,
+            self.shape,
+            crate::tools::inspect::thousands(self.parameters as u64),
+            self.activation_bytes as f64 / (1 << 20) as f64,
+            self.iters,
+            self.mean_ms,
+            self.min_ms,
+            self.gflop_per_call,
+            self.achieved_gflops
+        ) + &(if self.graph_replays > 0 {
+            format!("\n  {} of the calls replayed a captured CUDA graph", self.graph_replays)
+        } else {
+            String::new()
+        }) + &self.render_kernels()
+    }
+
+    fn render_kernels(&self) -> String {
+        if self.kernels.is_empty() {
+            return String::new();
+        }
+        let total: f64 = self.kernels.iter().map(|k| k.2).sum();
+        let mut s = format!("\n  per kernel (one call, serialised by the timing events; total {total:.2} ms):");
+        for (name, calls, ms) in &self.kernels {
+            s += &format!("\n    {name:<64} {calls:>5} calls {ms:>9.3} ms {:>5.1}%", 100.0 * ms / total.max(1e-12));
+        }
+        s
+    }
+}
+
+/// ((mean, min) ms, per-kernel profile, timed calls that replayed a CUDA graph).
+type Timing = ((f64, f64), Vec<(String, usize, f64)>, usize);
+
+/// (mean, min) milliseconds over `iters` calls after `warmup`, and with `profile` the per-kernel
+/// times of one more call.
+fn time_it(
+    b: &dyn Backend,
+    profile: bool,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Timing> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(iters);
+    let replays0 = b.graph_replays();
+    for _ in 0..iters {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let replays = b.graph_replays() - replays0;
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let mut kernels = Vec::new();
+    if profile {
+        b.set_profiling(true);
+        let r = f();
+        kernels = b.kernel_profile();
+        b.set_profiling(false);
+        r?;
+    }
+    Ok(((mean, min), kernels, replays))
+}
+
+fn random_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = SplitMix64::new(seed);
+    (0..n).map(|_| r.next_normal()).collect()
+}
+
+/// Most timed (or warm-up) calls: every time is kept for the statistics.
+pub const MAX_ITERS: usize = 100_000;
+
+pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchReport> {
+    if o.iters == 0 || o.iters > MAX_ITERS || o.warmup > MAX_ITERS {
+        bail!("--iters must be between 1 and {MAX_ITERS} (and --warmup at most {MAX_ITERS})");
+    }
+    if o.batch == 0 || o.batch > 4096 || o.height == 0 || o.width == 0 || o.height > 8192 || o.width > 8192 {
+        bail!("--batch (1 to 4096), --height and --width (1 to 8192 pixels) are out of range");
+    }
+    let report = |stage: &str,
+                  shape: String,
+                  params,
+                  act: usize,
+                  flops: u64,
+                  ((mean, min), kernels, graph_replays): Timing,
+                  b: &dyn Backend| {
+        BenchReport {
+            stage: stage.into(),
+            backend: b.name(),
+            shape,
+            parameters: params,
+            activation_bytes: act * 4,
+            iters: o.iters,
+            mean_ms: mean,
+            min_ms: min,
+            gflop_per_call: flops as f64 / 1e9,
+            achieved_gflops: flops as f64 / 1e9 / (min / 1e3),
+            graph_replays,
+            kernels,
+        }
+    };
+    match stage {
+        Stage::Unet => {
+            let dir = weights::component_dir(o.model, "unet")?;
+            let unet = if o.random_weights {
+                UNet::random(b, UNetConfig::from_file(&dir.join("config.json"))?, 0)?
+            } else {
+                UNet::load(b, &dir, o.variant)?.0
+            };
+            let vae_scale = vae_scale(o.model)?;
+            if o.height % vae_scale != 0 || o.width % vae_scale != 0 {
+                bail!("--height/--width must be multiples of {vae_scale} (the VAE's scale factor)");
+            }
+            let (h, w, n) = (o.height / vae_scale, o.width / vae_scale, 2 * o.batch);
+            let ctx_len = 77;
+            let (_, flops) = unet.plan(n, h, w, ctx_len)?;
+            let mut arena = unet.allocate_arena(b, n, h, w, ctx_len)?;
+            let x = Fmap::alloc(&mut arena, n, h, w, unet.config.in_channels)?;
+            let ctx = arena.alloc([n * ctx_len, unet.config.cross_attention_dim])?;
+            let ts = arena.alloc([n])?;
+            b.upload(&x.t, &random_values(x.numel(), 1))?;
+            b.upload(&ctx, &random_values(ctx.numel(), 2))?;
+            let base = arena.mark();
+            let bd: &dyn Backend = b;
+            let key = (arena.pool().0 as u64) << 32 | n as u64;
+            // As the sampler: the timesteps uploaded, then the U-Net as a replayable graph.
+            let times = time_it(bd, o.profile, o.warmup, o.iters, || {
+                unet.upload_timesteps(bd, &ts, &[500.0], n)?;
+                bd.graph(key, &mut || {
+                    arena.release(base);
+                    unet.forward_from_timesteps(bd, &mut arena, &x, &ts, &ctx, ctx_len).map(|_| ())
+                })?;
+                bd.synchronize()
+            })?;
+            bd.clear_graphs();
+            let shape = format!(
+                "batch {n} (guided, {} prompt(s)) × {h}×{w} latents ({}×{} px), 77 text tokens",
+                o.batch, o.height, o.width
+            );
+            Ok(report("unet (one guided step)", shape, unet.num_params(), arena.capacity(), flops, times, b))
+        }
+        Stage::VaeDecode => {
+            let dir = weights::component_dir(o.model, "vae")?;
+            let vae = if o.random_weights {
+                AutoencoderKL::random(b, VaeConfig::from_file(&dir.join("config.json"))?, 0)?
+            } else {
+                AutoencoderKL::load(b, &dir, o.variant)?.0
+            };
+            let f = vae.config.scale_factor();
+            if o.height % f != 0 || o.width % f != 0 {
+                bail!("--height/--width must be multiples of {f} (the VAE's scale factor)");
+            }
+            let (h, w) = (o.height / f, o.width / f);
+            let (_, flops) = vae.plan_decode(o.batch, h, w)?;
+            let mut arena = vae.allocate_decode_arena(b, o.batch, h, w)?;
+            let z = Fmap::alloc(&mut arena, o.batch, h, w, vae.config.latent_channels)?;
+            b.upload(&z.t, &random_values(z.numel(), 3))?;
+            let base = arena.mark();
+            let times = time_it(b, o.profile, o.warmup, o.iters, || {
+                arena.release(base);
+                vae.decode(b, &mut arena, &z)?;
+                b.synchronize()
+            })?;
+            let shape = format!("batch {} × {}×{} latents → {}×{} px", o.batch, h, w, o.height, o.width);
+            let (_, dec) = vae.split_params();
+            Ok(report("vae decode", shape, dec, arena.capacity(), flops, times, b))
+        }
+        Stage::TextEncoder => {
+            let dir = weights::component_dir(o.model, "text_encoder")?;
+            let clip = if o.random_weights {
+                ClipTextModel::random(b, ClipTextConfig::from_file(&dir.join("config.json"))?, 0)?
+            } else {
+                ClipTextModel::load(b, &dir, o.variant)?.0
+            };
+            let n = 2 * o.batch;
+            let seq = clip.config.max_position_embeddings.min(77);
+            let acts = clip.allocate_acts(b, n, seq)?;
+            let ids: Vec<u32> = (0..n * seq).map(|i| (i as u32 * 7919) % clip.config.vocab_size as u32).collect();
+            let c = &clip.config;
+            let d = c.hidden_size;
+            let flops = (n * seq) as u64
+                * c.num_hidden_layers as u64
+                * (2 * (4 * d * d + 2 * d * c.intermediate_size) + 4 * seq * d) as u64;
+            let times = time_it(b, o.profile, o.warmup, o.iters, || {
+                clip.forward(b, &acts, &ids)?;
+                b.synchronize()
+            })?;
+            let act: usize = b.pool_sizes().iter().filter(|(l, _)| l.contains("acts")).map(|(_, s)| s / 4).sum();
+            let shape = format!("batch {n} × {seq} tokens");
+            Ok(report("text encoder", shape, clip.num_params(), act, flops, times, b))
+        }
+    }
+}
+
+/// The VAE's scale factor of a pipeline folder (8 when there is no VAE config to read).
+fn vae_scale(model: &Path) -> Result<usize> {
+    let p = model.join("vae").join("config.json");
+    if weights::is_pipeline_folder(model) && p.is_file() {
+        Ok(VaeConfig::from_file(&p)?.scale_factor())
+    } else {
+        Ok(8)
+    }
+}
