@@ -11,11 +11,17 @@
 //! exactly the named targets, no PTX and no -lineinfo: scripts/gpu-bundle.sh builds with `sm_90a`
 //! so that the binaries carried to the H100/H200 machine stay small (a device call carries 64 MiB).
 //!
+//! Typed launches: build/kernel_params.rs writes `$OUT_DIR/kernel_params.rs`, one struct per kernel
+//! from its signature, which the backend launches (src/backend/cuda/kernels.rs).
+//!
 //! nvcc is found through $NVCC, then $CUDA_HOME/bin or $CUDA_PATH/bin, then the pinned pip toolchain
 //! that scripts/install-cuda-toolchain.sh puts in .cuda-toolchain/, then $PATH.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+#[path = "build/kernel_params.rs"]
+mod kernel_params;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -31,6 +37,7 @@ fn main() {
     #[cfg(feature = "cuda-emu")]
     build_emulated_device();
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    kernel_params::generate(Path::new("kernels"), &out_dir.join("kernel_params.rs"));
     let nvcc = find_nvcc().unwrap_or_else(|| {
         panic!(
             "\n\nthe `cuda` feature needs nvcc (CUDA 12.8 or newer, for sm_90a) and none was found.\n\

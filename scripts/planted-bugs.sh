@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Proves that the CUDA parity suite on the emulated device (issue 14, item 4) can fail: plants three
 # bugs in the CUDA backend's Rust, one at a time, in a scratch worktree of HEAD, and checks that the
-# named test of tests/cuda.rs fails on each — a grid one tile short, two launch arguments swapped, a
-# tensor offset by 4 bytes — and one in a kernel: a __syncthreads removed (the emulated device
+# named test of tests/cuda.rs fails on each — a grid one tile short, two launch arguments of one
+# type swapped (arguments of different types, or a missing one, no longer compile: launches are
+# typed, src/backend/cuda/launch.rs), a tensor offset by 4 bytes — and one in a kernel: a __syncthreads removed (the emulated device
 # alternates thread schedules so that a race shows). Each line of the closing table says which case caught which bug and why.
 # Not part of CI (three builds); run by hand after changing the backend or the emulated device:
 #   scripts/planted-bugs.sh            (about 6 minutes here: one dependency build, then incremental)
@@ -19,8 +20,8 @@ export CARGO_TARGET_DIR="$root/target/planted-bugs"
 # name | file | exact text | planted text | the case that must fail ("\n" in a text: a newline)
 bugs=(
   "grid one tile short|src/backend/cuda/conv.rs|let grid_x = m.div_ceil(bm);|let grid_x = (m / bm).max(1);|f32/conv2d_forward"
-  "two launch arguments swapped|src/backend/cuda/ops.rs|Arg::P(self.dptr(b)), Arg::I(ni)])|Arg::I(ni), Arg::P(self.dptr(b))])|f32/add_forward"
-  "a tensor offset by 4 bytes|src/backend/cuda/ops.rs|Arg::P(self.dptr(a)), Arg::P(self.dptr(b)), Arg::I(ni)|Arg::P(self.dptr(a) + 4), Arg::P(self.dptr(b)), Arg::I(ni)|f32/add_forward"
+  "two launch arguments of one type swapped|src/backend/cuda/ops.rs|a: self.dptr(a),\n                b: self.dptr(b),\n                rows: rows as i32,|a: self.dptr(b),\n                b: self.dptr(a),\n                rows: rows as i32,|f32/concat_channels_forward"
+  "a tensor offset by 4 bytes|src/backend/cuda/ops.rs|EwAdd { out: self.dptr(out), a: self.dptr(a),|EwAdd { out: self.dptr(out), a: self.dptr(a) + 4,|f32/add_forward"
   "a __syncthreads removed (kernel)|kernels/elementwise.cu|s_part[threadIdx.y][threadIdx.x] = s;\n    __syncthreads();|s_part[threadIdx.y][threadIdx.x] = s;|f32/add_bias_rows_backward"
 )
 

@@ -32,7 +32,8 @@
 //! The shared-memory sizes below mirror the tile layouts documented above each kernel in
 //! attention.cu; a change to one must be made in the other.
 
-use super::{Arg, CudaBackend};
+use super::launch::*;
+use super::CudaBackend;
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -140,8 +141,9 @@ impl Dims {
         self.hd > MAX_HEAD_DIM
     }
 
-    fn ints(self) -> [Arg; 4] {
-        [Arg::I(self.q_len as i32), Arg::I(self.kv_len as i32), Arg::I(self.heads as i32), Arg::I(self.hd as i32)]
+    /// (q_len, kv_len, heads, hd) as the kernels' i32 parameters (`check` bounded them).
+    fn ints(self) -> (i32, i32, i32, i32) {
+        (self.q_len as i32, self.kv_len as i32, self.heads as i32, self.hd as i32)
     }
 }
 
@@ -196,19 +198,19 @@ fn wide_chunks(batch: usize, heads: usize, q_len: usize, kv_len: usize, limit: u
 const WIDE_GEMM: &str = "cublas_gemm (attention, head_dim > 160)";
 
 /// An i32 kernel argument of the materialised path.
-fn wide_int(what: &str, v: usize) -> Result<Arg> {
+fn wide_int(what: &str, v: usize) -> Result<i32> {
     ensure!(v <= i32::MAX as usize, "attention: {what} = {v} exceeds the kernels' 32-bit indices");
-    Ok(Arg::I(v as i32))
+    Ok(v as i32)
 }
 
 impl CudaBackend {
     /// Launches an attention kernel with 128 threads, opting in to large dynamic shared memory.
-    fn attn_launch(&self, kernel: &str, grid: (u32, u32, u32), smem: usize, args: &[Arg]) -> Result<()> {
+    fn attn_launch(&self, k: impl Kernel, grid: (u32, u32, u32), smem: usize) -> Result<()> {
         let smem = smem as u32;
         if smem as usize > DEFAULT_SMEM_LIMIT {
-            self.set_max_dynamic_shared(kernel, smem)?;
+            self.set_max_dynamic_shared(&k.name(), smem)?;
         }
-        self.launch(kernel, grid, (THREADS, 1, 1), smem, args)
+        self.launch(k, grid, (THREADS, 1, 1), smem)
     }
 
     pub(crate) fn attention_forward_impl(&self, p: &AttentionParams, t: &AttentionForward) -> Result<()> {
@@ -226,24 +228,19 @@ impl CudaBackend {
         if d.wide() {
             return self.wide_forward(out, lse, q, k, v, mask, d, scale, causal);
         }
-        let mut args = vec![
-            Arg::P(self.dptr(out)),
-            Arg::P(self.dptr(lse)),
-            Arg::P(self.dptr(q)),
-            Arg::P(self.dptr(k)),
-            Arg::P(self.dptr(v)),
-            Arg::P(mask),
-        ];
-        args.extend(d.ints());
-        args.extend([Arg::F(scale), Arg::I(causal as i32)]);
+        let (q_len, kv_len, heads, hd) = d.ints();
+        let causal = causal as i32;
+        let (out, lse, q, k, v) = (self.dptr(out), self.dptr(lse), self.dptr(q), self.dptr(k), self.dptr(v));
+        let key_mask = mask;
+        let args = AttentionFwdF32 { out, lse, q, k, v, key_mask, q_len, kv_len, heads, hd, scale, causal };
         let bh = (d.batch * d.heads) as u32;
         if self.use_bf16() {
             let h = bf16_bucket(d.hd);
             let grid = (blocks(d.q_len, BF16_BLOCK_ROWS), bh, 1);
-            self.attn_launch(&format!("attention_fwd_bf16_d{h}"), grid, bf16_fwd_smem(h), &args)
+            self.attn_launch(args.bf16(h), grid, bf16_fwd_smem(h))
         } else {
             let grid = (blocks(d.q_len, F32_BLOCK_ROWS), bh, 1);
-            self.attn_launch("attention_fwd_f32", grid, f32_fwd_smem(d.hd), &args)
+            self.attn_launch(args, grid, f32_fwd_smem(d.hd))
         }
     }
 
@@ -270,63 +267,71 @@ impl CudaBackend {
             None
         };
         self.launch(
-            "attention_bwd_delta",
+            AttentionBwdDelta {
+                delta,
+                dout: self.dptr(dout),
+                out: self.dptr(out),
+                rows: rows as i32,
+                heads: d.heads as i32,
+                hd: d.hd as i32,
+            },
             (blocks(rows * d.heads, DELTA_ITEMS_PER_BLOCK), 1, 1),
             (32 * DELTA_ITEMS_PER_BLOCK as u32, 1, 1),
             0,
-            &[
-                Arg::P(delta),
-                Arg::P(self.dptr(dout)),
-                Arg::P(self.dptr(out)),
-                Arg::I(rows as i32),
-                Arg::I(d.heads as i32),
-                Arg::I(d.hd as i32),
-            ],
         )?;
         if let Some((p_ws, ds_ws, chunks)) = wide {
             return self
                 .wide_backward(dq, dk, dv, dout, q, k, v, lse, delta, mask, p_ws, ds_ws, &chunks, d, scale, causal);
         }
-        let (pq, pk, pv, pdo, plse) = (self.dptr(q), self.dptr(k), self.dptr(v), self.dptr(dout), self.dptr(lse));
-        let tail = |args: &mut Vec<Arg>| {
-            args.extend(d.ints());
-            args.extend([Arg::F(scale), Arg::I(causal as i32)]);
+        let (q, k, v, dout, lse) = (self.dptr(q), self.dptr(k), self.dptr(v), self.dptr(dout), self.dptr(lse));
+        let (q_len, kv_len, heads, hd) = d.ints();
+        let (causal, key_mask) = (causal as i32, mask);
+        let dq = AttentionBwdDqF32 {
+            dq: self.dptr(dq),
+            dout,
+            q,
+            k,
+            v,
+            lse,
+            delta,
+            key_mask,
+            q_len,
+            kv_len,
+            heads,
+            hd,
+            scale,
+            causal,
         };
-        let mut dq_args = vec![
-            Arg::P(self.dptr(dq)),
-            Arg::P(pdo),
-            Arg::P(pq),
-            Arg::P(pk),
-            Arg::P(pv),
-            Arg::P(plse),
-            Arg::P(delta),
-            Arg::P(mask),
-        ];
-        tail(&mut dq_args);
-        let mut dkdv_args = vec![
-            Arg::P(self.dptr(dk)),
-            Arg::P(self.dptr(dv)),
-            Arg::P(pdo),
-            Arg::P(pq),
-            Arg::P(pk),
-            Arg::P(pv),
-            Arg::P(plse),
-            Arg::P(delta),
-            Arg::P(mask),
-        ];
-        tail(&mut dkdv_args);
+        let (dk, dv) = (self.dptr(dk), self.dptr(dv));
+        let dkdv = AttentionBwdDkdvF32 {
+            dk,
+            dv,
+            dout,
+            q,
+            k,
+            v,
+            lse,
+            delta,
+            key_mask,
+            q_len,
+            kv_len,
+            heads,
+            hd,
+            scale,
+            causal,
+        };
         let bh = (d.batch * d.heads) as u32;
         if self.use_bf16() {
             let h = bf16_bucket(d.hd);
             let grid_q = (blocks(d.q_len, BF16_BLOCK_ROWS), bh, 1);
             let grid_k = (blocks(d.kv_len, BF16_BLOCK_ROWS), bh, 1);
-            self.attn_launch(&format!("attention_bwd_dq_bf16_d{h}"), grid_q, bf16_dq_smem(h), &dq_args)?;
-            self.attn_launch(&format!("attention_bwd_dkdv_bf16_d{h}"), grid_k, bf16_dkdv_smem(h), &dkdv_args)
+            self.attn_launch(dq.bf16(h), grid_q, bf16_dq_smem(h))?;
+            self.attn_launch(dkdv.bf16(h), grid_k, bf16_dkdv_smem(h))
         } else {
             let grid_q = (blocks(d.q_len, F32_BLOCK_ROWS), bh, 1);
             let grid_k = (blocks(d.kv_len, F32_BLOCK_ROWS), bh, 1);
-            self.attn_launch("attention_bwd_dq_f32", grid_q, f32_bwd_smem(d.hd), &dq_args)?;
-            self.attn_launch("attention_bwd_dkdv_f32", grid_k, f32_bwd_smem(d.hd), &dkdv_args)
+            self.attn_launch(dq, grid_q, f32_bwd_smem(d.hd))?;
+            self.attn_launch(dkdv, grid_k, f32_bwd_smem(d.hd))
         }
     }
 
@@ -376,21 +381,20 @@ impl CudaBackend {
                 )?;
             }
             self.launch(
-                "attention_wide_softmax",
+                AttentionWideSoftmax {
+                    s: s_ws,
+                    lse: self.dptr(lse),
+                    key_mask: mask,
+                    row0: wide_int("row", c.row0)?,
+                    q_len: wide_int("q_len", d.q_len)?,
+                    kv_len: wide_int("kv_len", d.kv_len)?,
+                    heads: wide_int("heads", d.heads)?,
+                    scale,
+                    causal: causal as i32,
+                },
                 (c.nrows as u32, 1, 1),
                 (WIDE_THREADS, 1, 1),
                 0,
-                &[
-                    Arg::P(s_ws),
-                    Arg::P(self.dptr(lse)),
-                    Arg::P(mask),
-                    wide_int("row", c.row0)?,
-                    wide_int("q_len", d.q_len)?,
-                    wide_int("kv_len", d.kv_len)?,
-                    wide_int("heads", d.heads)?,
-                    Arg::F(scale),
-                    Arg::I(causal as i32),
-                ],
             )?;
             if d.kv_len == 0 {
                 continue;
@@ -483,23 +487,22 @@ impl CudaBackend {
                 )?;
             }
             self.launch(
-                "attention_wide_bwd_ds",
+                AttentionWideBwdDs {
+                    p: p_ws,
+                    ds: ds_ws,
+                    lse: self.dptr(lse),
+                    delta,
+                    key_mask: mask,
+                    row0: wide_int("row", c.row0)?,
+                    q_len: wide_int("q_len", d.q_len)?,
+                    kv_len: wide_int("kv_len", d.kv_len)?,
+                    heads: wide_int("heads", d.heads)?,
+                    scale,
+                    causal: causal as i32,
+                },
                 (c.nrows as u32, 1, 1),
                 (WIDE_THREADS, 1, 1),
                 0,
-                &[
-                    Arg::P(p_ws),
-                    Arg::P(ds_ws),
-                    Arg::P(self.dptr(lse)),
-                    Arg::P(delta),
-                    Arg::P(mask),
-                    wide_int("row", c.row0)?,
-                    wide_int("q_len", d.q_len)?,
-                    wide_int("kv_len", d.kv_len)?,
-                    wide_int("heads", d.heads)?,
-                    Arg::F(scale),
-                    Arg::I(causal as i32),
-                ],
             )?;
             for g in &c.segs {
                 let (n, qoff, koff) =

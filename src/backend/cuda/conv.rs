@@ -16,7 +16,8 @@
 //!   grid.z with atomicAdd.
 //! * bias gradient: `conv2d_bias_grad`, column sums of dout.
 
-use super::{to_i32, Arg, CudaBackend};
+use super::launch::*;
+use super::{to_i32, CudaBackend};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -34,8 +35,8 @@ const H_BK: usize = 32;
 const THREADS: u32 = 256;
 
 /// An i32 kernel argument, refusing sizes past i32 (the kernels index with 32-bit ints).
-fn int(what: &str, v: usize) -> Result<Arg> {
-    Ok(Arg::I(to_i32(&format!("conv2d {what}"), v)?))
+fn int(what: &str, v: usize) -> Result<i32> {
+    to_i32(&format!("conv2d {what}"), v)
 }
 
 /// Arguments of one conv2d_igemm_* launch (see the comment above those kernels in conv.cu).
@@ -72,9 +73,9 @@ struct Igemm {
     accumulate: bool,
 }
 
-fn small(what: &str, v: i64) -> Result<Arg> {
+fn small(what: &str, v: i64) -> Result<i32> {
     ensure!(v.unsigned_abs() <= i32::MAX as u64, "conv2d: {what} = {v} exceeds the kernels' 32-bit indices");
-    Ok(Arg::I(v as i32))
+    Ok(v as i32)
 }
 
 impl CudaBackend {
@@ -92,31 +93,37 @@ impl CudaBackend {
         let [s_co, s_ci, s_t] = strides;
         // bf16 (what conv2d_igemm_bf16 reads): from the pool's bf16 copy when the weight is a
         // parameter (`mark_params`), else rounded from the f32 weight. f32: as it is.
-        let (kernel, ws, src) = if self.use_bf16() {
-            let ws = self.workspace(WS_SLOT, total.div_ceil(2).max(1))?;
+        let grid = (total.div_ceil(THREADS as usize) as u32, 1, 1);
+        let permute = |out: u64, w: u64| -> Result<Conv2dWeightPermute> {
+            Ok(Conv2dWeightPermute {
+                out,
+                w,
+                total: int("weight elements", total)?,
+                c_in: int("c_in", c_in)?,
+                taps: int("taps", taps)?,
+                s_co: int("weight stride", s_co)?,
+                s_ci: int("weight stride", s_ci)?,
+                s_t: int("weight stride", s_t)?,
+            })
+        };
+        let ws;
+        if self.use_bf16() {
+            ws = self.workspace(WS_SLOT, total.div_ceil(2).max(1))?;
             match self.param_bf16(weight)? {
-                Some(copy) => ("conv2d_weight_permute_bf16_copy", ws, copy),
-                None => ("conv2d_weight_permute_bf16", ws, self.dptr(weight)),
+                Some(copy) => {
+                    self.launch(Conv2dWeightPermuteBf16Copy::from(permute(ws, copy)?), grid, (THREADS, 1, 1), 0)?
+                }
+                None => self.launch(
+                    Conv2dWeightPermuteBf16::from(permute(ws, self.dptr(weight))?),
+                    grid,
+                    (THREADS, 1, 1),
+                    0,
+                )?,
             }
         } else {
-            ("conv2d_weight_permute", self.workspace(WS_SLOT, total.max(1))?, self.dptr(weight))
-        };
-        self.launch(
-            kernel,
-            (total.div_ceil(THREADS as usize) as u32, 1, 1),
-            (THREADS, 1, 1),
-            0,
-            &[
-                Arg::P(ws),
-                Arg::P(src),
-                int("weight elements", total)?,
-                int("c_in", c_in)?,
-                int("taps", taps)?,
-                int("weight stride", s_co)?,
-                int("weight stride", s_ci)?,
-                int("weight stride", s_t)?,
-            ],
-        )?;
+            ws = self.workspace(WS_SLOT, total.max(1))?;
+            self.launch(permute(ws, self.dptr(weight))?, grid, (THREADS, 1, 1), 0)?;
+        }
         Ok(ws)
     }
 
@@ -128,48 +135,48 @@ impl CudaBackend {
         // Largest element offsets are 64-bit in the kernels; pixel and row counts must fit i32.
         int("rows", m)?;
         int("batch·height", g.batch * g.sh.max(g.dh))?;
-        let (kernel, bm, bn) =
-            if self.use_bf16() { ("conv2d_igemm_bf16", H_BM, H_BN) } else { ("conv2d_igemm_f32", F_BM, F_BN) };
+        let bf16 = self.use_bf16();
+        let (bm, bn) = if bf16 { (H_BM, H_BN) } else { (F_BM, F_BN) };
         let grid_x = m.div_ceil(bm);
         let grid_y = g.n.div_ceil(bn);
         ensure!(grid_x <= i32::MAX as usize && grid_y <= 65535, "conv2d: grid {grid_x}×{grid_y} too large");
-        self.launch(
-            kernel,
-            (grid_x as u32, grid_y as u32, 1),
-            (THREADS, 1, 1),
-            0,
-            &[
-                Arg::P(g.dst),
-                Arg::P(g.src),
-                Arg::P(g.wt),
-                Arg::P(g.bias),
-                int("rows", m)?,
-                int("rh", g.rh)?,
-                int("rw", g.rw)?,
-                int("n", g.n)?,
-                int("c", g.c)?,
-                int("sh", g.sh)?,
-                int("sw", g.sw)?,
-                int("ss", g.ss)?,
-                small("sy0", g.sy0)?,
-                small("sx0", g.sx0)?,
-                small("tys", g.tys)?,
-                small("txs", g.txs)?,
-                int("nty", g.nty)?,
-                int("ntx", g.ntx)?,
-                int("tap0", g.tap0)?,
-                int("tapys", g.tapys)?,
-                int("tapxs", g.tapxs)?,
-                int("bs_n", g.bs_n)?,
-                int("bs_t", g.bs_t)?,
-                int("dh", g.dh)?,
-                int("dw", g.dw)?,
-                int("os", g.os)?,
-                int("dy0", g.dy0)?,
-                int("dx0", g.dx0)?,
-                Arg::I(g.accumulate as i32),
-            ],
-        )
+        let k = Conv2dIgemmF32 {
+            dst: g.dst,
+            src: g.src,
+            wt: g.wt,
+            bias: g.bias,
+            M: int("rows", m)?,
+            RH: int("rh", g.rh)?,
+            RW: int("rw", g.rw)?,
+            N: int("n", g.n)?,
+            C: int("c", g.c)?,
+            SH: int("sh", g.sh)?,
+            SW: int("sw", g.sw)?,
+            ss: int("ss", g.ss)?,
+            sy0: small("sy0", g.sy0)?,
+            sx0: small("sx0", g.sx0)?,
+            tys: small("tys", g.tys)?,
+            txs: small("txs", g.txs)?,
+            nty: int("nty", g.nty)?,
+            ntx: int("ntx", g.ntx)?,
+            tap0: int("tap0", g.tap0)?,
+            tapys: int("tapys", g.tapys)?,
+            tapxs: int("tapxs", g.tapxs)?,
+            bs_n: int("bs_n", g.bs_n)?,
+            bs_t: int("bs_t", g.bs_t)?,
+            DH: int("dh", g.dh)?,
+            DW: int("dw", g.dw)?,
+            os: int("os", g.os)?,
+            dy0: int("dy0", g.dy0)?,
+            dx0: int("dx0", g.dx0)?,
+            accumulate: g.accumulate as i32,
+        };
+        let grid = (grid_x as u32, grid_y as u32, 1);
+        if bf16 {
+            self.launch(Conv2dIgemmBf16::from(k), grid, (THREADS, 1, 1), 0)
+        } else {
+            self.launch(k, grid, (THREADS, 1, 1), 0)
+        }
     }
 
     pub(crate) fn conv2d_forward_impl(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()> {
@@ -244,56 +251,52 @@ impl CudaBackend {
             let chunk = rows.div_ceil(splits);
             let splits = rows.div_ceil(chunk);
             self.launch(
-                "conv2d_bias_grad",
+                Conv2dBiasGrad {
+                    db: self.dptr(db),
+                    dout: self.dptr(dout),
+                    rows: int("rows", rows)?,
+                    n: int("c_out", c_out)?,
+                    chunk: int("chunk", chunk)?,
+                },
                 (col_blocks as u32, splits as u32, 1),
                 (THREADS, 1, 1),
                 0,
-                &[
-                    Arg::P(self.dptr(db)),
-                    Arg::P(self.dptr(dout)),
-                    int("rows", rows)?,
-                    int("c_out", c_out)?,
-                    int("chunk", chunk)?,
-                ],
             )?;
         }
 
         // Weight gradient: the pixel sum split so that there are ~1024 blocks, ≥ 256 pixels each.
         if c_in > 0 {
-            let (kname, bm, bn, bk) = if self.use_bf16() {
-                ("conv2d_wgrad_bf16", H_BM, H_BN, H_BK)
-            } else {
-                ("conv2d_wgrad_f32", F_BM, F_BN, F_BK)
-            };
+            let bf16 = self.use_bf16();
+            let (bm, bn, bk) = if bf16 { (H_BM, H_BN, H_BK) } else { (F_BM, F_BN, F_BK) };
             let gx = c_out.div_ceil(bm);
             let gy = c_in.div_ceil(bn) * taps;
             ensure!(gy <= 65535, "conv2d backward: {gy} weight-gradient block rows exceed the grid limit");
             let splits = (1024 / (gx * gy)).clamp(1, rows.div_ceil(256)).min(65535);
             let chunk = rows.div_ceil(splits).div_ceil(bk) * bk;
             let splits = rows.div_ceil(chunk);
-            self.launch(
-                kname,
-                (gx as u32, gy as u32, splits as u32),
-                (THREADS, 1, 1),
-                0,
-                &[
-                    Arg::P(self.dptr(dweight)),
-                    Arg::P(self.dptr(dout)),
-                    Arg::P(self.dptr(inp)),
-                    int("rows", rows)?,
-                    int("oh", oh)?,
-                    int("ow", ow)?,
-                    int("h", h)?,
-                    int("w", w)?,
-                    int("c_in", c_in)?,
-                    int("c_out", c_out)?,
-                    int("kernel", kernel)?,
-                    int("stride", stride)?,
-                    int("pad top", pt)?,
-                    int("pad left", pl)?,
-                    int("chunk", chunk)?,
-                ],
-            )?;
+            let k = Conv2dWgradF32 {
+                dw: self.dptr(dweight),
+                dout: self.dptr(dout),
+                x: self.dptr(inp),
+                P: int("rows", rows)?,
+                oh: int("oh", oh)?,
+                ow: int("ow", ow)?,
+                h: int("h", h)?,
+                w: int("w", w)?,
+                c_in: int("c_in", c_in)?,
+                c_out: int("c_out", c_out)?,
+                k: int("kernel", kernel)?,
+                stride: int("stride", stride)?,
+                pt: int("pad top", pt)?,
+                pl: int("pad left", pl)?,
+                chunk: int("chunk", chunk)?,
+            };
+            let grid = (gx as u32, gy as u32, splits as u32);
+            if bf16 {
+                self.launch(Conv2dWgradBf16::from(k), grid, (THREADS, 1, 1), 0)?;
+            } else {
+                self.launch(k, grid, (THREADS, 1, 1), 0)?;
+            }
         }
 
         // Data gradient: one launch per stride phase (py, px), over the input pixels

@@ -2,7 +2,8 @@
 //! BIAS epilogue), cuBLAS where cuBLASLt declines; kernels/linear.cu fills the bias when cuBLAS
 //! runs the product and sums the bias gradient.
 
-use super::{Arg, CudaBackend, LIN_BLOCK};
+use super::launch::*;
+use super::{CudaBackend, LIN_BLOCK};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use anyhow::Result;
 
@@ -36,11 +37,10 @@ impl CudaBackend {
                 let n = rows * out_f;
                 // The kernel is grid-stride: cap the grid (a `n as u32` could wrap to an empty grid).
                 self.launch(
-                    "linear_bias_fill",
+                    LinearBiasFill { out: self.dptr(out), bias: self.dptr(b), rows: rows as i32, cols: out_f as i32 },
                     (n.div_ceil(LIN_BLOCK as usize).clamp(1, 65535) as u32, 1, 1),
                     (LIN_BLOCK, 1, 1),
                     0,
-                    &[Arg::P(self.dptr(out)), Arg::P(self.dptr(b)), Arg::I(rows as i32), Arg::I(out_f as i32)],
                 )?;
                 1.0
             }
@@ -102,11 +102,10 @@ impl CudaBackend {
         )?;
         if let Some(db) = dbias {
             self.launch(
-                "linear_bias_grad",
+                LinearBiasGrad { dbias: self.dptr(db), dout: self.dptr(dout), rows: rows as i32, cols: out_f as i32 },
                 ((out_f as u32).div_ceil(32), 1, 1),
                 (32, 8, 1),
                 0,
-                &[Arg::P(self.dptr(db)), Arg::P(self.dptr(dout)), Arg::I(rows as i32), Arg::I(out_f as i32)],
             )?;
         }
         Ok(())

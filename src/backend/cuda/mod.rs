@@ -27,6 +27,7 @@ mod device;
 #[cfg(feature = "cuda-emu")]
 mod emu;
 mod graph;
+mod launch;
 mod linear;
 mod lt;
 mod norm;
@@ -50,21 +51,13 @@ use crate::ops::random::AddNoiseParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use device::{Compute, CudaDriver, Device, DeviceError, Event, Function, Gemm};
+use launch::Kernel;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 /// The fatbins built from kernels/*.cu (see build.rs).
 pub mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
-}
-
-/// One kernel parameter, in the kernel's parameter order.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Arg {
-    /// A device address.
-    P(u64),
-    I(i32),
-    F(f32),
 }
 
 struct DevPool {
@@ -276,29 +269,22 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Launches `kernel` on the backend's stream with `args` in the kernel's parameter order.
+    /// Launches kernel `k` (a typed launch: see launch.rs) on the backend's stream.
     pub(crate) fn launch(
         &self,
-        kernel: &str,
+        k: impl Kernel,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
         shared_bytes: u32,
-        args: &[Arg],
     ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(()); // nothing to do (an empty tensor)
         }
-        let f = self.function(kernel)?;
+        let kernel = k.name();
+        let f = self.function(&kernel)?;
         let timer = self.profile_start()?;
         // One 64-bit slot per parameter, as cuLaunchKernel reads them (device.rs `launch`).
-        let vals: Vec<u64> = args
-            .iter()
-            .map(|a| match *a {
-                Arg::P(p) => p,
-                Arg::I(i) => i as u32 as u64,
-                Arg::F(x) => x.to_bits() as u64,
-            })
-            .collect();
+        let vals = k.params();
         self.dev.launch(f, grid, block, shared_bytes, &vals).map_err(|e| {
             anyhow!("CUDA: launching {kernel} grid {grid:?} block {block:?} smem {shared_bytes}: {e:?}")
         })?;

@@ -3,8 +3,9 @@
 //! holds group norm's per-chunk partial sums and per-group statistics, slot 1 the per-chunk column
 //! sums of dweight/dbias.
 
+use super::launch::*;
 use super::ops::{chunking, f64_at, BLOCK, COL_CHUNK_ROWS, COL_MAX_CHUNKS, MAX_GRID};
-use super::{to_i32, Arg, CudaBackend};
+use super::{to_i32, CudaBackend};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use anyhow::Result;
 
@@ -23,21 +24,20 @@ impl CudaBackend {
         }
         // One warp per row, 8 rows per block.
         self.launch(
-            "ln_forward",
+            LnForward {
+                out: self.dptr(out),
+                mean: self.dptr(mean),
+                rstd: self.dptr(rstd),
+                inp: self.dptr(inp),
+                weight: self.dptr(weight),
+                bias: self.dptr(bias),
+                rows: rows as i32,
+                cols: cols as i32,
+                eps,
+            },
             (rows.div_ceil(8).clamp(1, MAX_GRID) as u32, 1, 1),
             (BLOCK, 1, 1),
             0,
-            &[
-                Arg::P(self.dptr(out)),
-                Arg::P(self.dptr(mean)),
-                Arg::P(self.dptr(rstd)),
-                Arg::P(self.dptr(inp)),
-                Arg::P(self.dptr(weight)),
-                Arg::P(self.dptr(bias)),
-                Arg::I(rows as i32),
-                Arg::I(cols as i32),
-                Arg::F(eps),
-            ],
         )
     }
 
@@ -61,60 +61,47 @@ impl CudaBackend {
         let x = self.dptr(inp);
         let grid = (blocks as u32, 1, 1);
         self.launch(
-            "gn_forward_sum",
+            GnForwardSum { psum, inp: x, hw: hw_i, c: c_i, groups: g_i, nchunks: nc_i, rows_per_chunk: rpc_i },
             grid,
             (BLOCK, 1, 1),
             0,
-            &[Arg::P(psum), Arg::P(x), Arg::I(hw_i), Arg::I(c_i), Arg::I(g_i), Arg::I(nc_i), Arg::I(rpc_i)],
         )?;
         self.launch(
-            "gn_forward_sqdev",
+            GnForwardSqdev { psq, psum, inp: x, hw: hw_i, c: c_i, groups: g_i, nchunks: nc_i, rows_per_chunk: rpc_i },
             grid,
             (BLOCK, 1, 1),
             0,
-            &[
-                Arg::P(psq),
-                Arg::P(psum),
-                Arg::P(x),
-                Arg::I(hw_i),
-                Arg::I(c_i),
-                Arg::I(g_i),
-                Arg::I(nc_i),
-                Arg::I(rpc_i),
-            ],
         )?;
         self.launch(
-            "gn_forward_finalize",
+            GnForwardFinalize {
+                mean: self.dptr(mean),
+                rstd: self.dptr(rstd),
+                stats,
+                psum,
+                psq,
+                hw: hw_i,
+                cpg: cpg as i32,
+                nchunks: nc_i,
+                eps,
+            },
             (bg as u32, 1, 1),
             (32, 1, 1),
             0,
-            &[
-                Arg::P(self.dptr(mean)),
-                Arg::P(self.dptr(rstd)),
-                Arg::P(stats),
-                Arg::P(psum),
-                Arg::P(psq),
-                Arg::I(hw_i),
-                Arg::I(cpg as i32),
-                Arg::I(nc_i),
-                Arg::F(eps),
-            ],
         )?;
         self.ops_launch1(
-            "gn_forward_apply",
             n,
-            &[
-                Arg::P(self.dptr(out)),
-                Arg::P(x),
-                Arg::P(self.dptr(weight)),
-                Arg::P(self.dptr(bias)),
-                Arg::P(stats),
-                Arg::I(batch as i32),
-                Arg::I(hw_i),
-                Arg::I(c_i),
-                Arg::I(g_i),
-                Arg::I(silu as i32),
-            ],
+            GnForwardApply {
+                out: self.dptr(out),
+                inp: x,
+                weight: self.dptr(weight),
+                bias: self.dptr(bias),
+                stats,
+                batch: batch as i32,
+                hw: hw_i,
+                c: c_i,
+                groups: g_i,
+                silu: silu as i32,
+            },
         )
     }
 
@@ -130,20 +117,19 @@ impl CudaBackend {
         let (di, dy, x, w, m, r) =
             (self.dptr(dinp), self.dptr(dout), self.dptr(inp), self.dptr(weight), self.dptr(mean), self.dptr(rstd));
         self.launch(
-            "ln_backward_dinp",
+            LnBackwardDinp {
+                dinp: di,
+                dout: dy,
+                inp: x,
+                weight: w,
+                mean: m,
+                rstd: r,
+                rows: rows as i32,
+                cols: cols as i32,
+            },
             (rows.div_ceil(8).clamp(1, MAX_GRID) as u32, 1, 1),
             (BLOCK, 1, 1),
             0,
-            &[
-                Arg::P(di),
-                Arg::P(dy),
-                Arg::P(x),
-                Arg::P(w),
-                Arg::P(m),
-                Arg::P(r),
-                Arg::I(rows as i32),
-                Arg::I(cols as i32),
-            ],
         )?;
         // Layer norm = statistics per row: hw = 1, one group; no SiLU, so no bias.
         self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), dy, x, w, 0, m, r, rows, 1, cols, 1, false)
@@ -171,31 +157,26 @@ impl CudaBackend {
         let (chunks, rpc) = chunking(rows, COL_CHUNK_ROWS, COL_MAX_CHUNKS);
         let part = self.ops_workspace_f64(1, chunks * c * 2)?;
         self.launch(
-            "nrm_dparams_partial",
+            NrmDparamsPartial {
+                part,
+                dout,
+                inp,
+                weight,
+                bias,
+                mean,
+                rstd,
+                rows: rows as i32,
+                hw: hw as i32,
+                c: c as i32,
+                groups: groups as i32,
+                rows_per_chunk: rpc as i32,
+                silu: silu as i32,
+            },
             (c.div_ceil(32) as u32, chunks as u32, 1),
             (32, 8, 1),
             0,
-            &[
-                Arg::P(part),
-                Arg::P(dout),
-                Arg::P(inp),
-                Arg::P(weight),
-                Arg::P(bias),
-                Arg::P(mean),
-                Arg::P(rstd),
-                Arg::I(rows as i32),
-                Arg::I(hw as i32),
-                Arg::I(c as i32),
-                Arg::I(groups as i32),
-                Arg::I(rpc as i32),
-                Arg::I(silu as i32),
-            ],
         )?;
-        self.ops_launch1(
-            "nrm_dparams_finalize",
-            c,
-            &[Arg::P(dweight), Arg::P(dbias), Arg::P(part), Arg::I(c as i32), Arg::I(chunks as i32)],
-        )
+        self.ops_launch1(c, NrmDparamsFinalize { dweight, dbias, part, c: c as i32, chunks: chunks as i32 })
     }
 
     /// Group norm backward: per-chunk sums of dxhat and dxhat·xhat, per-group means, the input
@@ -218,52 +199,49 @@ impl CudaBackend {
             (self.dptr(dout), self.dptr(inp), self.dptr(weight), self.dptr(bias), self.dptr(mean), self.dptr(rstd));
         let (hw_i, c_i, g_i, nc_i) = (hw as i32, c as i32, groups as i32, nchunks as i32);
         self.launch(
-            "gn_backward_reduce",
+            GnBackwardReduce {
+                p1,
+                p2,
+                dout: dy,
+                inp: x,
+                weight: w,
+                bias: b,
+                mean: m,
+                rstd: r,
+                hw: hw_i,
+                c: c_i,
+                groups: g_i,
+                nchunks: nc_i,
+                rows_per_chunk: rpc as i32,
+                silu: silu as i32,
+            },
             (blocks as u32, 1, 1),
             (BLOCK, 1, 1),
             0,
-            &[
-                Arg::P(p1),
-                Arg::P(p2),
-                Arg::P(dy),
-                Arg::P(x),
-                Arg::P(w),
-                Arg::P(b),
-                Arg::P(m),
-                Arg::P(r),
-                Arg::I(hw_i),
-                Arg::I(c_i),
-                Arg::I(g_i),
-                Arg::I(nc_i),
-                Arg::I(rpc as i32),
-                Arg::I(silu as i32),
-            ],
         )?;
         self.launch(
-            "gn_backward_finalize",
+            GnBackwardFinalize { stats, p1, p2, hw: hw_i, cpg: cpg as i32, nchunks: nc_i },
             (bg as u32, 1, 1),
             (32, 1, 1),
             0,
-            &[Arg::P(stats), Arg::P(p1), Arg::P(p2), Arg::I(hw_i), Arg::I(cpg as i32), Arg::I(nc_i)],
         )?;
         self.ops_launch1(
-            "gn_backward_dinp",
             n,
-            &[
-                Arg::P(self.dptr(dinp)),
-                Arg::P(dy),
-                Arg::P(x),
-                Arg::P(w),
-                Arg::P(b),
-                Arg::P(m),
-                Arg::P(r),
-                Arg::P(stats),
-                Arg::I(batch as i32),
-                Arg::I(hw_i),
-                Arg::I(c_i),
-                Arg::I(g_i),
-                Arg::I(silu as i32),
-            ],
+            GnBackwardDinp {
+                dinp: self.dptr(dinp),
+                dout: dy,
+                inp: x,
+                weight: w,
+                bias: b,
+                mean: m,
+                rstd: r,
+                stats,
+                batch: batch as i32,
+                hw: hw_i,
+                c: c_i,
+                groups: g_i,
+                silu: silu as i32,
+            },
         )?;
         self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), dy, x, w, b, m, r, batch * hw, hw, c, groups, silu)
     }

@@ -14,7 +14,8 @@
 //! 1 the per-chunk column sums of the norms' dweight/dbias and of `add_bias_rows_backward`. The
 //! u32 upload slot 0 carries token ids (embedding forward) or the rows grouped by id (backward).
 
-use super::{check_disjoint, to_i32, Arg, CudaBackend};
+use super::launch::*;
+use super::{check_disjoint, to_i32, CudaBackend};
 use crate::backend::check_len;
 use crate::backend::Activation;
 use crate::ops::elementwise::TimestepEmbeddingParams;
@@ -66,8 +67,9 @@ pub(super) fn f64_at(base: u64, index: usize) -> u64 {
 }
 
 impl CudaBackend {
-    pub(super) fn ops_launch1(&self, kernel: &str, n: usize, args: &[Arg]) -> Result<()> {
-        self.launch(kernel, grid1(n), (BLOCK, 1, 1), 0, args)
+    /// A one-dimensional launch over `n` elements, `BLOCK` threads a block.
+    pub(super) fn ops_launch1(&self, n: usize, k: impl Kernel) -> Result<()> {
+        self.launch(k, grid1(n), (BLOCK, 1, 1), 0)
     }
 
     /// An f64 workspace of `n` values in slot `slot`.
@@ -94,17 +96,16 @@ impl CudaBackend {
         }
         let ids_d = self.upload_u32(0, ids)?;
         self.ops_launch1(
-            "ew_embedding_fwd",
             n,
-            &[
-                Arg::P(self.dptr(out)),
-                Arg::P(ids_d),
-                Arg::P(self.dptr(wte)),
-                Arg::P(self.dptr(wpe)),
-                Arg::I(batch as i32),
-                Arg::I(seq as i32),
-                Arg::I(dim as i32),
-            ],
+            EwEmbeddingFwd {
+                out: self.dptr(out),
+                ids: ids_d,
+                wte: self.dptr(wte),
+                wpe: self.dptr(wpe),
+                batch: batch as i32,
+                seq: seq as i32,
+                dim: dim as i32,
+            },
         )
     }
 
@@ -116,11 +117,7 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        self.ops_launch1(
-            "ew_activation_fwd",
-            n,
-            &[Arg::P(self.dptr(out)), Arg::P(self.dptr(inp)), Arg::I(ni), Arg::I(act_code(act))],
-        )
+        self.ops_launch1(n, EwActivationFwd { out: self.dptr(out), inp: self.dptr(inp), n: ni, act: act_code(act) })
     }
 
     pub(crate) fn add_forward_impl(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
@@ -132,7 +129,7 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        self.ops_launch1("ew_add", n, &[Arg::P(self.dptr(out)), Arg::P(self.dptr(a)), Arg::P(self.dptr(b)), Arg::I(ni)])
+        self.ops_launch1(n, EwAdd { out: self.dptr(out), a: self.dptr(a), b: self.dptr(b), n: ni })
     }
 
     pub(crate) fn upsample_nearest_forward_impl(&self, p: &UpsampleParams, out: &Tensor, inp: &Tensor) -> Result<()> {
@@ -147,20 +144,19 @@ impl CudaBackend {
         // PyTorch: scale = in / out in f32 (the CPU computes the same).
         let (sy, sx) = (ih as f32 / oh as f32, iw as f32 / ow as f32);
         self.ops_launch1(
-            "ew_upsample_fwd",
             n_out,
-            &[
-                Arg::P(self.dptr(out)),
-                Arg::P(self.dptr(inp)),
-                Arg::I(batch as i32),
-                Arg::I(ih as i32),
-                Arg::I(iw as i32),
-                Arg::I(oh as i32),
-                Arg::I(ow as i32),
-                Arg::I(c as i32),
-                Arg::F(sy),
-                Arg::F(sx),
-            ],
+            EwUpsampleFwd {
+                out: self.dptr(out),
+                inp: self.dptr(inp),
+                batch: batch as i32,
+                ih: ih as i32,
+                iw: iw as i32,
+                oh: oh as i32,
+                ow: ow as i32,
+                c: c as i32,
+                sy,
+                sx,
+            },
         )
     }
 
@@ -179,16 +175,15 @@ impl CudaBackend {
             return Ok(());
         }
         self.ops_launch1(
-            "ew_add_bias_rows",
             n,
-            &[
-                Arg::P(self.dptr(out)),
-                Arg::P(self.dptr(inp)),
-                Arg::P(self.dptr(bias)),
-                Arg::I(batch as i32),
-                Arg::I(rows as i32),
-                Arg::I(c as i32),
-            ],
+            EwAddBiasRows {
+                out: self.dptr(out),
+                inp: self.dptr(inp),
+                bias: self.dptr(bias),
+                batch: batch as i32,
+                rows: rows as i32,
+                c: c as i32,
+            },
         )
     }
 
@@ -207,16 +202,15 @@ impl CudaBackend {
             return Ok(());
         }
         self.ops_launch1(
-            "ew_concat_fwd",
             n,
-            &[
-                Arg::P(self.dptr(out)),
-                Arg::P(self.dptr(a)),
-                Arg::P(self.dptr(b)),
-                Arg::I(rows as i32),
-                Arg::I(ca as i32),
-                Arg::I(cb as i32),
-            ],
+            EwConcatFwd {
+                out: self.dptr(out),
+                a: self.dptr(a),
+                b: self.dptr(b),
+                rows: rows as i32,
+                ca: ca as i32,
+                cb: cb as i32,
+            },
         )
     }
 
@@ -229,9 +223,8 @@ impl CudaBackend {
             return Ok(());
         }
         self.ops_launch1(
-            "ew_geglu_fwd",
             n,
-            &[Arg::P(self.dptr(out)), Arg::P(self.dptr(inp)), Arg::I(rows as i32), Arg::I(inner as i32)],
+            EwGegluFwd { out: self.dptr(out), inp: self.dptr(inp), rows: rows as i32, inner: inner as i32 },
         )
     }
 
@@ -242,7 +235,7 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        self.ops_launch1("ew_zero", n, &[Arg::P(self.dptr(t)), Arg::I(ni)])
+        self.ops_launch1(n, EwZero { t: self.dptr(t), n: ni })
     }
 
     pub(crate) fn accumulate_impl(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
@@ -254,7 +247,7 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        self.ops_launch1("ew_accumulate", n, &[Arg::P(self.dptr(dst)), Arg::P(self.dptr(src)), Arg::I(ni)])
+        self.ops_launch1(n, EwAccumulate { dst: self.dptr(dst), src: self.dptr(src), n: ni })
     }
 
     pub(crate) fn scale_impl(&self, t: &Tensor, s: f32, n: usize) -> Result<()> {
@@ -264,7 +257,7 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        self.ops_launch1("ew_scale", n, &[Arg::P(self.dptr(t)), Arg::F(s), Arg::I(ni)])
+        self.ops_launch1(n, EwScale { t: self.dptr(t), s, n: ni })
     }
 
     pub(crate) fn activation_backward_impl(
@@ -284,15 +277,14 @@ impl CudaBackend {
             return Ok(());
         }
         self.ops_launch1(
-            "ew_activation_bwd",
             n,
-            &[
-                Arg::P(self.dptr(dinp)),
-                Arg::P(self.dptr(dout)),
-                Arg::P(self.dptr(inp)),
-                Arg::I(ni),
-                Arg::I(act_code(act)),
-            ],
+            EwActivationBwd {
+                dinp: self.dptr(dinp),
+                dout: self.dptr(dout),
+                inp: self.dptr(inp),
+                n: ni,
+                act: act_code(act),
+            },
         )
     }
 
@@ -313,20 +305,19 @@ impl CudaBackend {
         let (sy, sx) = (ih as f32 / oh as f32, iw as f32 / ow as f32);
         // One thread per input element, gathering its copies in the CPU's order (no atomics).
         self.ops_launch1(
-            "ew_upsample_bwd",
             n_in,
-            &[
-                Arg::P(self.dptr(dinp)),
-                Arg::P(self.dptr(dout)),
-                Arg::I(batch as i32),
-                Arg::I(ih as i32),
-                Arg::I(iw as i32),
-                Arg::I(oh as i32),
-                Arg::I(ow as i32),
-                Arg::I(c as i32),
-                Arg::F(sy),
-                Arg::F(sx),
-            ],
+            EwUpsampleBwd {
+                dinp: self.dptr(dinp),
+                dout: self.dptr(dout),
+                batch: batch as i32,
+                ih: ih as i32,
+                iw: iw as i32,
+                oh: oh as i32,
+                ow: ow as i32,
+                c: c as i32,
+                sy,
+                sx,
+            },
         )
     }
 
@@ -341,16 +332,26 @@ impl CudaBackend {
         let (chunks, rpc) = chunking(rows, COL_CHUNK_ROWS, COL_MAX_CHUNKS);
         let part = self.ops_workspace_f64(1, batch * chunks * c)?;
         self.launch(
-            "ew_bias_rows_bwd_partial",
+            EwBiasRowsBwdPartial {
+                part,
+                dout: self.dptr(dout),
+                rows: rows as i32,
+                c: c as i32,
+                rows_per_chunk: rpc as i32,
+            },
             (c.div_ceil(32) as u32, chunks as u32, batch as u32),
             (32, 8, 1),
             0,
-            &[Arg::P(part), Arg::P(self.dptr(dout)), Arg::I(rows as i32), Arg::I(c as i32), Arg::I(rpc as i32)],
         )?;
         self.ops_launch1(
-            "ew_bias_rows_bwd_finalize",
             batch * c,
-            &[Arg::P(self.dptr(dbias)), Arg::P(part), Arg::I(batch as i32), Arg::I(c as i32), Arg::I(chunks as i32)],
+            EwBiasRowsBwdFinalize {
+                dbias: self.dptr(dbias),
+                part,
+                batch: batch as i32,
+                c: c as i32,
+                chunks: chunks as i32,
+            },
         )
     }
 
@@ -369,16 +370,15 @@ impl CudaBackend {
             return Ok(());
         }
         self.ops_launch1(
-            "ew_concat_bwd",
             n,
-            &[
-                Arg::P(self.dptr(da)),
-                Arg::P(self.dptr(db)),
-                Arg::P(self.dptr(dout)),
-                Arg::I(rows as i32),
-                Arg::I(ca as i32),
-                Arg::I(cb as i32),
-            ],
+            EwConcatBwd {
+                da: self.dptr(da),
+                db: self.dptr(db),
+                dout: self.dptr(dout),
+                rows: rows as i32,
+                ca: ca as i32,
+                cb: cb as i32,
+            },
         )
     }
 
@@ -397,15 +397,14 @@ impl CudaBackend {
             return Ok(());
         }
         self.ops_launch1(
-            "ew_geglu_bwd",
             n,
-            &[
-                Arg::P(self.dptr(dinp)),
-                Arg::P(self.dptr(dout)),
-                Arg::P(self.dptr(inp)),
-                Arg::I(rows as i32),
-                Arg::I(inner as i32),
-            ],
+            EwGegluBwd {
+                dinp: self.dptr(dinp),
+                dout: self.dptr(dout),
+                inp: self.dptr(inp),
+                rows: rows as i32,
+                inner: inner as i32,
+            },
         )
     }
 
@@ -447,22 +446,21 @@ impl CudaBackend {
         let (uniq_d, starts_d, order_d) = (base, base + 4 * u as u64, base + 4 * (2 * u + 1) as u64);
         let items = u + seq;
         self.launch(
-            "ew_embedding_bwd",
+            EwEmbeddingBwd {
+                dwte: self.dptr(dwte),
+                dwpe: self.dptr(dwpe),
+                dout: self.dptr(dout),
+                uniq: uniq_d,
+                starts: starts_d,
+                order: order_d,
+                n_unique: u as i32,
+                batch: batch as i32,
+                seq: seq as i32,
+                dim: dim as i32,
+            },
             (dim.div_ceil(128).min(MAX_GRID) as u32, items.min(65535) as u32, 1),
             (128, 1, 1),
             0,
-            &[
-                Arg::P(self.dptr(dwte)),
-                Arg::P(self.dptr(dwpe)),
-                Arg::P(self.dptr(dout)),
-                Arg::P(uniq_d),
-                Arg::P(starts_d),
-                Arg::P(order_d),
-                Arg::I(u as i32),
-                Arg::I(batch as i32),
-                Arg::I(seq as i32),
-                Arg::I(dim as i32),
-            ],
         )
     }
 
@@ -485,24 +483,16 @@ impl CudaBackend {
         let parts = n.div_ceil(BLOCK as usize * 8).clamp(1, 1024);
         let partial = self.ops_workspace_f64(0, parts)?;
         self.launch(
-            "opt_mse_partial",
+            OptMsePartial { dpred: self.dptr(dpred), partial, pred: self.dptr(pred), target: self.dptr(target), n: ni },
             (parts as u32, 1, 1),
             (BLOCK, 1, 1),
             0,
-            &[
-                Arg::P(self.dptr(dpred)),
-                Arg::P(partial),
-                Arg::P(self.dptr(pred)),
-                Arg::P(self.dptr(target)),
-                Arg::I(ni),
-            ],
         )?;
         self.launch(
-            "opt_sum_finalize",
+            OptSumFinalize { out: self.dptr(loss), partial, parts: parts as i32, n: ni, mean: 1 },
             (1, 1, 1),
             (BLOCK, 1, 1),
             0,
-            &[Arg::P(self.dptr(loss)), Arg::P(partial), Arg::I(parts as i32), Arg::I(ni), Arg::I(1)],
         )
     }
 
@@ -514,19 +504,12 @@ impl CudaBackend {
         let ni = to_i32("sum_squares", n)?;
         let parts = n.div_ceil(BLOCK as usize * 8).clamp(1, 1024);
         let partial = self.ops_workspace_f64(0, parts)?;
+        self.launch(OptSumSquaresPartial { partial, x: self.dptr(x), n: ni }, (parts as u32, 1, 1), (BLOCK, 1, 1), 0)?;
         self.launch(
-            "opt_sum_squares_partial",
-            (parts as u32, 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &[Arg::P(partial), Arg::P(self.dptr(x)), Arg::I(ni)],
-        )?;
-        self.launch(
-            "opt_sum_finalize",
+            OptSumFinalize { out: self.dptr(out), partial, parts: parts as i32, n: ni, mean: 0 },
             (1, 1, 1),
             (BLOCK, 1, 1),
             0,
-            &[Arg::P(self.dptr(out)), Arg::P(partial), Arg::I(parts as i32), Arg::I(ni), Arg::I(0)],
         )
     }
 
@@ -552,23 +535,22 @@ impl CudaBackend {
         // covers the whole pool, as the optimizer's steps do).
         let copy = self.param_copy_for_update(param, n);
         self.ops_launch1(
-            "opt_adamw",
             n,
-            &[
-                Arg::P(self.dptr(param)),
-                Arg::P(copy),
-                Arg::P(self.dptr(grad)),
-                Arg::P(self.dptr(m)),
-                Arg::P(self.dptr(v)),
-                Arg::I(ni),
-                Arg::F(decay),
-                Arg::F(beta2),
-                Arg::F(1.0 - beta1),
-                Arg::F(1.0 - beta2),
-                Arg::F(bc2_sqrt),
-                Arg::F(step_size),
-                Arg::F(eps),
-            ],
+            OptAdamw {
+                param: self.dptr(param),
+                copy,
+                grad: self.dptr(grad),
+                m: self.dptr(m),
+                v: self.dptr(v),
+                n: ni,
+                decay,
+                beta2,
+                one_minus_beta1: 1.0 - beta1,
+                one_minus_beta2: 1.0 - beta2,
+                bc2_sqrt,
+                step_size,
+                eps,
+            },
         )
     }
 
@@ -581,7 +563,7 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        self.ops_launch1("ew_lerp", n, &[Arg::P(self.dptr(dst)), Arg::P(self.dptr(src)), Arg::I(ni), Arg::F(w)])
+        self.ops_launch1(n, EwLerp { dst: self.dptr(dst), src: self.dptr(src), n: ni, w })
     }
 
     pub(crate) fn timestep_embedding_impl(
@@ -599,17 +581,16 @@ impl CudaBackend {
         }
         let log_period = -(10000f64.ln()) as f32;
         self.ops_launch1(
-            "ew_timestep_embedding",
             n,
-            &[
-                Arg::P(self.dptr(out)),
-                Arg::P(self.dptr(timesteps)),
-                Arg::I(batch as i32),
-                Arg::I(dim as i32),
-                Arg::I(flip_sin_to_cos as i32),
-                Arg::F(freq_shift),
-                Arg::F(log_period),
-            ],
+            EwTimestepEmbedding {
+                out: self.dptr(out),
+                t: self.dptr(timesteps),
+                batch: batch as i32,
+                dim: dim as i32,
+                flip: flip_sin_to_cos as i32,
+                freq_shift,
+                log_period,
+            },
         )
     }
 
@@ -621,18 +602,17 @@ impl CudaBackend {
             return Ok(());
         }
         // u32 halves travel in the i32 argument slots bit for bit (the kernel takes unsigned int).
-        let half = |v: u64, hi: bool| Arg::I((if hi { v >> 32 } else { v & 0xFFFF_FFFF }) as u32 as i32);
+        let half = |v: u64, hi: bool| (if hi { v >> 32 } else { v & 0xFFFF_FFFF }) as u32 as i32;
         self.ops_launch1(
-            "rand_philox_normal",
             n.div_ceil(4),
-            &[
-                Arg::P(self.dptr(out)),
-                Arg::I(ni),
-                half(seed, false),
-                half(seed, true),
-                half(stream, false),
-                half(stream, true),
-            ],
+            RandPhiloxNormal {
+                out: self.dptr(out),
+                n: ni,
+                seed_lo: half(seed, false) as u32,
+                seed_hi: half(seed, true) as u32,
+                stream_lo: half(stream, false) as u32,
+                stream_hi: half(stream, true) as u32,
+            },
         )
     }
 
@@ -644,16 +624,15 @@ impl CudaBackend {
             return Ok(());
         }
         self.ops_launch1(
-            "rand_ddpm_add_noise",
             n,
-            &[
-                Arg::P(self.dptr(x)),
-                Arg::P(self.dptr(noise)),
-                Arg::I(ni),
-                Arg::F(sqrt_alpha),
-                Arg::F(sqrt_one_minus_alpha),
-                Arg::I(v_prediction as i32),
-            ],
+            RandDdpmAddNoise {
+                x: self.dptr(x),
+                noise: self.dptr(noise),
+                n: ni,
+                sqrt_alpha,
+                sqrt_one_minus_alpha,
+                v_prediction: v_prediction as i32,
+            },
         )
     }
 }

@@ -11,7 +11,8 @@
 //! writing a parameter pool that has a copy drops every graph (the next calls run directly and
 //! capture again), and a capture that fails restores the copies' state (graph.rs).
 
-use super::{Arg, CudaBackend};
+use super::launch::*;
+use super::CudaBackend;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
 use std::cell::Cell;
@@ -66,11 +67,10 @@ impl CudaBackend {
         if self.param_copies.borrow().get(&t.pool.0).is_some_and(|c| c.stale.get()) {
             let n = super::to_i32("bf16 copy of a parameter pool", len)?;
             self.launch(
-                "ew_to_bf16",
+                EwToBf16 { out: ptr, r#in: base, n },
                 (len.div_ceil(256).clamp(1, 65535) as u32, 1, 1),
                 (256, 1, 1),
                 0,
-                &[Arg::P(ptr), Arg::P(base), Arg::I(n)],
             )?;
             if let Some(c) = self.param_copies.borrow().get(&t.pool.0) {
                 c.stale.set(false);
