@@ -1,8 +1,8 @@
 // Fused multi-head attention, forward and backward, flash-attention style: an online softmax over
 // key tiles, so the q_len × kv_len score matrix never exists in global memory.
 //
-// Mirrors the CPU reference in src/backend/cpu/backward.rs: `attention_forward` (forward) and
-// `attention` (backward), one kernel family for both `attention_*` and `masked_attention_*`:
+// Mirrors the CPU reference in src/ops/attention.rs: `AttentionParams::cpu_forward` (forward) and
+// `cpu_backward` (backward), one kernel family for both `attention_*` and `masked_attention_*`:
 //   q (batch, q_len, heads·hd), k and v (batch, kv_len, heads·hd), out like q, all token-major;
 //   lse (batch, q_len, heads) = m + ln Σ_j exp(s_ij − m) with s_ij = scale · q_i·k_j (scale inside,
 //   natural log), over the allowed keys only;
@@ -42,7 +42,7 @@ __device__ __forceinline__ bool att_key_ok(const unsigned* __restrict__ key_mask
 // ============================================================================================
 // D_i = dO_i · O_i (the backward's row correction), one warp per (row, head).
 // delta (rows, heads) with rows = batch·q_len; dout and out (rows, heads·hd).
-// Launch: grid ceil(rows·heads / 8), block 256 (8 warps). Mirrors `d` in backward.rs `attention`.
+// Launch: grid ceil(rows·heads / 8), block 256 (8 warps). Mirrors `d` in ops/attention.rs `cpu_backward`.
 // ============================================================================================
 extern "C" __global__ void __launch_bounds__(256)
 attention_bwd_delta(float* __restrict__ delta, const float* __restrict__ dout, const float* __restrict__ out,
@@ -85,7 +85,7 @@ __device__ __forceinline__ void af_stage(float* __restrict__ dst, int stride, co
 // Launch: grid (ceil(q_len/16), batch·heads), block 128, dynamic smem
 //   (16·hd + 32·(hd+1) + 32·hd)·4 bytes: Q rows [16][hd], K tile [32][hd+1] (odd stride: lane j
 //   reads row j conflict-free), V tile [32][hd].
-// Mirrors backward.rs `attention_forward` (max-subtracted softmax, out = Σ p v / Σ p, lse = m + ln Σ p).
+// Mirrors ops/attention.rs `cpu_forward` (max-subtracted softmax, out = Σ p v / Σ p, lse = m + ln Σ p).
 extern "C" __global__ void __launch_bounds__(AF_THREADS)
 attention_fwd_f32(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,
                   const float* __restrict__ k, const float* __restrict__ v, const unsigned* __restrict__ key_mask,
@@ -185,7 +185,7 @@ attention_fwd_f32(float* __restrict__ out, float* __restrict__ lse, const float*
 // dq += Σ_j dS_ij k_j (the backward's query side), exact f32.
 // Launch: grid (ceil(q_len/16), batch·heads), block 128, dynamic smem
 //   (2·16·hd + 2·32·(hd+1))·4 bytes: Q and dO rows [16][hd], K and V tiles [32][hd+1].
-// delta: D (batch·q_len, heads) from attention_bwd_delta. Mirrors backward.rs `attention` (dqi).
+// delta: D (batch·q_len, heads) from attention_bwd_delta. Mirrors ops/attention.rs `cpu_backward` (dqi).
 extern "C" __global__ void __launch_bounds__(AF_THREADS)
 attention_bwd_dq_f32(float* __restrict__ dq, const float* __restrict__ dout, const float* __restrict__ q,
                      const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
@@ -284,7 +284,7 @@ attention_bwd_dq_f32(float* __restrict__ dq, const float* __restrict__ dout, con
 // keys; lanes take the queries of a 32-query tile. Masked keys get no gradient.
 // Launch: grid (ceil(kv_len/16), batch·heads), block 128, dynamic smem
 //   (2·16·hd + 2·32·(hd+1))·4 bytes: K and V rows [16][hd], Q and dO tiles [32][hd+1].
-// Mirrors backward.rs `attention` (dkj, dvj).
+// Mirrors ops/attention.rs `cpu_backward` (dkj, dvj).
 extern "C" __global__ void __launch_bounds__(AF_THREADS)
 attention_bwd_dkdv_f32(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ dout,
                        const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
@@ -917,7 +917,7 @@ __device__ __forceinline__ float aw_block_max(float v, float* scratch) {
 // Row softmax of the scaled scores, in place: s (nrows, kv_len) holds q_i·k_j (unscaled) on entry
 // and P_ij = exp(scale·s_ij − m_i) / Σ_j' exp(scale·s_ij' − m_i) over the allowed keys on exit (0 for
 // excluded keys); lse (batch, q_len, heads) gets m_i + ln Σ_j exp(scale·s_ij − m_i), as
-// backward.rs `attention_forward` (max first, then the sum of exp(s − max)).
+// ops/attention.rs `cpu_forward` (max first, then the sum of exp(s − max)).
 // Launch: grid (nrows), block 256, no dynamic smem; row0: the chunk's first global row.
 extern "C" __global__ void __launch_bounds__(AW_THREADS)
 attention_wide_softmax(float* __restrict__ s, float* __restrict__ lse, const unsigned* __restrict__ key_mask,
@@ -949,7 +949,7 @@ attention_wide_softmax(float* __restrict__ s, float* __restrict__ lse, const uns
 // The backward's elementwise step, in place: p (nrows, kv_len) holds q_i·k_j (unscaled) on entry and
 // P_ij = exp(scale·s_ij − lse_i) on exit; ds holds dP_ij = dO_i·v_j on entry and
 // dS_ij = P_ij (dP_ij − D_i) · scale on exit (both 0 for excluded keys), D from attention_bwd_delta.
-// As attention_bwd_dq_f32 / backward.rs `attention`.
+// As attention_bwd_dq_f32 / ops/attention.rs `cpu_backward`.
 // Launch: grid (nrows), block 256, no dynamic smem.
 extern "C" __global__ void __launch_bounds__(AW_THREADS)
 attention_wide_bwd_ds(float* __restrict__ p, float* __restrict__ ds, const float* __restrict__ lse,

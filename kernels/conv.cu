@@ -1,6 +1,6 @@
 // 2-D convolution, forward and backward, as implicit GEMMs (no im2col buffer).
 //
-// Mirrors `conv2d_forward` (src/backend/cpu/mod.rs) and `backward::conv2d` (src/backend/cpu/backward.rs):
+// Mirrors the CPU reference in src/ops/conv.rs (`Conv2dParams::cpu_forward`, `cpu_backward`):
 // activations NHWC, weight (c_out, c_in, k, k) as PyTorch, pad [top, bottom, left, right], any stride.
 //
 // Two GEMM families, each in an exact f32 SIMT version and a bf16 tensor-core version
@@ -446,7 +446,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // dw[(co·c_in + ci)·k² + tap] += Σ_{p in this block's pixel range} dout[p, co] · inp[pix(p, tap), ci],
 // p over the batch·oh·ow output pixels, pix(p, tap) the input pixel (oy·stride − pt + ky,
 // ox·stride − pl + kx) (zero in the padding), tap = ky·k + kx: the GEMM dW_tap = doutᵀ · patches_tap
-// of `backward::conv2d`. Block (x, y, z): output channels x·BM.., tap y / ⌈c_in/BN⌉, input channels
+// of ops/conv.rs `Conv2dParams::cpu_backward`. Block (x, y, z): output channels x·BM.., tap y / ⌈c_in/BN⌉, input channels
 // (y mod ⌈c_in/BN⌉)·BN.., pixels [z·chunk, min(P, (z+1)·chunk)) (chunk a multiple of the tile
 // depth). Blocks of different z add into the same dw elements with atomicAdd.
 
@@ -627,7 +627,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // ---- bias gradient ------------------------------------------------------------------------------
 
 /// db[c] += Σ_r dout[r, c] over rows [y·chunk, min(rows, (y+1)·chunk)) for block (x, y), c in
-/// x·32..x·32+31: the column sums of `backward::column_sums_into`. Launch: grid (⌈n/32⌉, splits),
+/// x·32..x·32+31: the column sums of ops/linear.rs `column_sums_into`. Launch: grid (⌈n/32⌉, splits),
 /// block (256) = 8 row lanes × 32 columns; blocks of different y add with atomicAdd.
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_bias_grad(float* __restrict__ db, const float* __restrict__ dout, int rows, int n, int chunk) {

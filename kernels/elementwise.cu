@@ -1,7 +1,7 @@
 // Elementwise and data-movement kernels: activations (forward/backward), add, per-sample bias rows,
 // channel concatenation, GEGLU, nearest-neighbour resize, token + position embeddings, zero,
-// accumulate, scale and lerp. Each mirrors the function of src/backend/cpu/mod.rs or
-// src/backend/cpu/backward.rs named in its comment; forward kernels overwrite, backward kernels
+// accumulate, scale and lerp. Each mirrors the CPU reference in src/ops/elementwise.rs named in its
+// comment; forward kernels overwrite, backward kernels
 // accumulate (+=) as the `Backend` trait says.
 //
 // Every 1-D kernel is grid-stride over n elements (block 256, grid capped by the wrapper); the
@@ -25,7 +25,7 @@
 // Exact GELU x·Φ(x) = 0.5·x·(1 + erf(x/√2)) = 0.5·x·erfc(−x/√2) (cpu/mod.rs `gelu`).
 static __device__ __forceinline__ float ew_gelu(float x) { return 0.5f * x * erfcf(-x * EW_SQRT1_2); }
 
-// d/dx of the exact GELU: Φ(x) + x·φ(x) (backward.rs `activation`, Gelu).
+// d/dx of the exact GELU: Φ(x) + x·φ(x) (ops/elementwise.rs `Pointwise::cpu_activation_backward`, Gelu).
 static __device__ __forceinline__ float ew_gelu_grad(float x) {
     const float cdf = 0.5f * erfcf(-x * EW_SQRT1_2);
     const float pdf = expf(-0.5f * x * x) * EW_INV_SQRT_2PI;
@@ -75,7 +75,7 @@ extern "C" __global__ void ew_activation_fwd(float* out, const float* inp, int n
     EW_FOR(i, n) out[i] = ew_act(inp[i], act);
 }
 
-// activation_backward: dinp += dout·act'(inp) (backward.rs `activation`). Launch: 1-D grid-stride.
+// activation_backward: dinp += dout·act'(inp) (ops/elementwise.rs `Pointwise::cpu_activation_backward`). Launch: 1-D grid-stride.
 extern "C" __global__ void ew_activation_bwd(float* dinp, const float* dout, const float* inp, int n, int act) {
     EW_FOR(i, n) dinp[i] = dinp[i] + __fmul_rn(dout[i], ew_act_grad(inp[i], act));  // no FMA: the CPU rounds g·d(x) first
 }
@@ -174,7 +174,7 @@ extern "C" __global__ void ew_geglu_fwd(float* out, const float* inp, int rows, 
     }
 }
 
-// geglu_backward: dx += dout·gelu(gate), dgate += dout·x·gelu'(gate) (backward.rs `geglu`).
+// geglu_backward: dx += dout·gelu(gate), dgate += dout·x·gelu'(gate) (ops/elementwise.rs `GegluParams::cpu_backward`).
 // Launch: 1-D grid-stride over rows·inner.
 extern "C" __global__ void ew_geglu_bwd(float* dinp, const float* dout, const float* inp, int rows, int inner) {
     EW_FOR(i, (long long)rows * inner) {
@@ -220,7 +220,7 @@ extern "C" __global__ void ew_upsample_fwd(float* out, const float* inp, int bat
 
 // upsample_nearest_backward: each input element gathers the gradients of its copies,
 // dinp[b, iy, ix, ch] += Σ dout[b, oy, ox, ch] over src(oy) = iy, src(ox) = ix, added in (oy, ox)
-// row-major order like backward.rs `upsample_nearest` (bit-identical; no atomics).
+// row-major order like ops/elementwise.rs `UpsampleParams::cpu_backward` (bit-identical; no atomics).
 // Launch: 1-D grid-stride over batch·ih·iw·c.
 extern "C" __global__ void ew_upsample_bwd(float* dinp, const float* dout, int batch, int ih, int iw, int oh, int ow,
                                            int c, float sy, float sx) {

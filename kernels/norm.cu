@@ -1,6 +1,6 @@
 // Normalisation kernels: layer norm and group norm (with the resnet's fused SiLU), forward and
-// backward, mirroring src/backend/cpu/mod.rs (`layer_norm_forward`, `group_norm_forward`) and
-// src/backend/cpu/backward.rs (`layer_norm`, `group_norm`).
+// backward, mirroring the CPU reference in src/ops/norm.rs (`LayerNormParams`, `GroupNormParams`:
+// `cpu_forward`, `cpu_backward`).
 //
 // Precision: the CPU reference computes the statistics and every normalised value in f64 and
 // rounds to f32 at the end; these kernels do the same (per-thread f64 accumulators, f64 warp/block
@@ -45,7 +45,7 @@ static __device__ __forceinline__ float nrm_affine(float x, double mu, double rs
 }
 
 // The gradient at the affine output of a group norm: dout itself, or when the SiLU is fused,
-// dout·silu'(y) with y recomputed from the saved f32 mean and rstd (backward.rs `group_norm`:
+// dout·silu'(y) with y recomputed from the saved f32 mean and rstd (ops/norm.rs `GroupNormParams::cpu_backward`:
 // s = 1/(1+e^(−y)), dy = dout·s·(1 + y·(1 − s)), all f32).
 static __device__ __forceinline__ float nrm_gn_dy(float dout, float x, float w, float b, float mean, float rstd,
                                                   int silu) {
@@ -90,7 +90,7 @@ extern "C" __global__ void ln_forward(float* out, float* mean, float* rstd, cons
 
 // layer_norm_backward, the input part: with xhat = (x − μ)·rstd and g = dy·w (f64),
 // dinp += (g − mean(g) − xhat·mean(g·xhat))·rstd from the saved f32 μ and rstd.
-// Mirrors backward.rs `layer_norm` (first loop). Launch: as ln_forward (one warp per row).
+// Mirrors ops/norm.rs `LayerNormParams::cpu_backward` (first loop). Launch: as ln_forward (one warp per row).
 extern "C" __global__ void ln_backward_dinp(float* dinp, const float* dout, const float* inp, const float* weight,
                                             const float* mean, const float* rstd, int rows, int cols) {
     const int lane = threadIdx.x & 31;
@@ -127,7 +127,7 @@ extern "C" __global__ void ln_backward_dinp(float* dinp, const float* dout, cons
 // where the statistics of element (r, ch) are mean/rstd[(r / hw)·groups + ch / (c / groups)] and dy
 // is `nrm_gn_dy` (SiLU recomputed when `silu`). Group norm: rows = batch·hw. Layer norm: hw = 1,
 // groups = 1 (statistics per row), silu = 0, `bias` unused (may be null).
-// Mirrors the dweight/dbias loops of backward.rs `layer_norm` and `group_norm`.
+// Mirrors the dweight/dbias loops of ops/norm.rs `cpu_backward` of both norms.
 // Launch: block (32, 8): threadIdx.x picks the channel (coalesced), threadIdx.y strides the rows;
 // grid (ceil(c/32), row chunks). Writes part[(chunk·c + ch)·2 + {0, 1}].
 extern "C" __global__ void nrm_dparams_partial(double* part, const float* dout, const float* inp, const float* weight,
@@ -289,7 +289,7 @@ extern "C" __global__ void gn_forward_apply(float* out, const float* inp, const 
 
 // group_norm_backward pass 1: over the block's chunk, with dy = nrm_gn_dy, dxhat = dy·w (f64) and
 // xhat = (x − μ)·rstd from the saved f32 statistics: p1[blk] = Σ dxhat, p2[blk] = Σ dxhat·xhat.
-// Mirrors the `stats` loop of backward.rs `group_norm`. Launch: as gn_forward_sum.
+// Mirrors the `stats` loop of ops/norm.rs `GroupNormParams::cpu_backward`. Launch: as gn_forward_sum.
 extern "C" __global__ void gn_backward_reduce(double* p1, double* p2, const float* dout, const float* inp,
                                               const float* weight, const float* bias, const float* mean,
                                               const float* rstd, int hw, int c, int groups, int nchunks,
@@ -334,7 +334,7 @@ extern "C" __global__ void gn_backward_finalize(double* stats, const double* p1,
 }
 
 // group_norm_backward pass 3: dinp += (dxhat − m1 − xhat·m2)·rstd (f64, rounded once), m1/m2 from
-// stats. Mirrors the dinp loop of backward.rs `group_norm`. Launch: 1-D grid-stride over
+// stats. Mirrors the dinp loop of ops/norm.rs `GroupNormParams::cpu_backward`. Launch: 1-D grid-stride over
 // batch·hw·c (block 256). (dweight/dbias: nrm_dparams_partial + nrm_dparams_finalize.)
 extern "C" __global__ void gn_backward_dinp(float* dinp, const float* dout, const float* inp, const float* weight,
                                             const float* bias, const float* mean, const float* rstd,

@@ -1,6 +1,6 @@
 // Training kernels: the MSE loss, the sum of squares (gradient-norm clipping) and the AdamW step
 // (f32 master weights and moments, and the bf16 copy of the weights when the backend keeps one),
-// mirroring backward.rs `mse`, cpu/mod.rs `sum_squares` and backward.rs `adamw`.
+// mirroring src/ops/optim.rs (`Reduction::cpu_mse`, `Reduction::cpu_sum_squares`, `AdamWParams::cpu_step`).
 //
 // The reductions are deterministic two-pass f64 sums: pass 1 writes one f64 partial per block to a
 // workspace (grid-stride, block 256), pass 2 (opt_sum_finalize, one block) adds the partials in a
@@ -64,7 +64,7 @@ extern "C" __global__ void opt_sum_finalize(float* out, const double* partial, i
     if (threadIdx.x == 0) out[0] = (float)(mean ? s / (double)n : s);
 }
 
-// adamw_step (torch.optim.AdamW, single-tensor path; backward.rs `adamw`), per element in f32 in
+// adamw_step (torch.optim.AdamW, single-tensor path; ops/optim.rs `AdamWParams::cpu_step`), per element in f32 in
 // the CPU's operation order, with explicit round-to-nearest intrinsics so that nvcc cannot fuse
 // into FMAs (bit-identical to the CPU):
 //   p ← p·decay;  m ← m + (g − m)·(1 − β1);  v ← v·β2 + g·g·(1 − β2);

@@ -16,8 +16,13 @@ fn scratch(name: &str, files: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
+/// Generates from the kernels in `dir` into a scratch file (never beside the sources).
 fn generate(dir: &Path) -> std::thread::Result<String> {
-    let out = dir.join("out.rs");
+    let out = std::env::temp_dir().join(format!(
+        "roentgen-kernel-params-{}-{}.rs",
+        std::process::id(),
+        dir.file_name().unwrap().to_string_lossy()
+    ));
     std::panic::catch_unwind(|| kernel_params::generate(dir, &out)).map(|()| std::fs::read_to_string(&out).unwrap())
 }
 

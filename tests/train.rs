@@ -8,7 +8,10 @@ use roentgen::backend::Backend;
 use roentgen::models::clip::ClipTextModel;
 use roentgen::models::unet::UNet;
 use roentgen::tensor::{Layout, Tensor};
-use roentgen::train::{Batch, Noise, OptimOptions, PredictionType, Trainer};
+use roentgen::train::{Batch, MicroBatchShape, Noise, OptimOptions, PredictionType, Trainer};
+
+/// Micro-batches of two 8×6 latents with 8-token captions.
+const SHAPE: MicroBatchShape = MicroBatchShape { size: 2, h: 8, w: 6, seq: 8 };
 
 fn batch(io: &std::path::Path, k: usize) -> Batch {
     let (shape, latents) = read_f32(io, &format!("b{k}.latents"));
@@ -62,7 +65,7 @@ fn ten_adamw_steps_match_pytorch() {
     let ac = roentgen::sample::schedulers::training_alphas_cumprod(&cfg, std::path::Path::new("scheduler_config.json"))
         .unwrap();
     let opts = OptimOptions { lr: 1e-3, ..OptimOptions::default() };
-    let mut tr = Trainer::new(&mut b, &unet, &clip, opts, ac, PredictionType::Epsilon, 2, 8, 6, 8).unwrap();
+    let mut tr = Trainer::new(&mut b, &unet, &clip, opts, ac, PredictionType::Epsilon, SHAPE).unwrap();
     let want_losses = read_f32(&io, "losses").1;
     let want_norms = read_f32(&io, "grad_norms").1;
     for k in 0..10 {
@@ -98,7 +101,7 @@ fn backend_drawn_noise_equals_the_same_noise_given() {
             let (clip, _) = ClipTextModel::load(&mut b, &fixture("train10/text_encoder"), None).unwrap();
             let clip = roentgen::models::text::TextEncoder::Clip(clip);
             let opts = OptimOptions { lr: 1e-3, ..OptimOptions::default() };
-            let mut tr = Trainer::new(&mut b, &unet, &clip, opts, ac.clone(), pt, 2, 8, 6, 8).unwrap();
+            let mut tr = Trainer::new(&mut b, &unet, &clip, opts, ac.clone(), pt, SHAPE).unwrap();
             let mb = Batch { noise, ..batch(&io, 0) };
             let s = tr.train_step(&b, &unet, &clip, &[mb], 10).unwrap();
             let w = b.download(&Tensor { pool: unet.table.pool(), offset: 0, shape: [unet.table.total()].into() });

@@ -6,7 +6,7 @@ use super::{allocate, allocate_params};
 use crate::backend::plan::PlanBackend;
 use crate::backend::Activation;
 use crate::backend::Backend;
-use crate::nn::attention::{Transformer2D, Transformer2DSaved};
+use crate::nn::attention::{Transformer2D, Transformer2DSaved, Transformer2DShape};
 use crate::nn::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::sampling::{Downsample2D, Upsample2D};
 use crate::nn::{zeros, zeros_like, Conv2d, Fmap, GroupNorm, Linear};
@@ -55,17 +55,16 @@ pub fn params_layout(l: &mut Layout, c: &UNetConfig) -> UNetParams {
     let time_linear_2 = Linear::layout(l, "time_embedding.linear_2", temb, temb, true);
     let conv_in = Conv2d::layout(l, "conv_in", c.in_channels, ch[0], 3, 1, [1; 4]);
     let transformer = |l: &mut Layout, p: &str, channels: usize, heads: usize, layers: usize| {
-        Transformer2D::layout(
-            l,
-            p,
+        let shape = Transformer2DShape {
             channels,
             heads,
-            channels / heads,
+            head_dim: channels / heads,
             layers,
-            c.cross_attention_dim,
-            g,
-            c.use_linear_projection,
-        )
+            context_dim: c.cross_attention_dim,
+            groups: g,
+            linear_projection: c.use_linear_projection,
+        };
+        Transformer2D::layout(l, p, &shape)
     };
     let mut down = Vec::new();
     let mut out_ch = ch[0];

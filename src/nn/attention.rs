@@ -21,7 +21,6 @@ pub struct Attention {
 }
 
 impl Attention {
-    #[allow(clippy::too_many_arguments)]
     pub fn layout(
         l: &mut Layout,
         prefix: &str,
@@ -264,19 +263,25 @@ pub struct Transformer2D {
     pub proj_out: Linear,
 }
 
+/// The shape of one spatial transformer, as the U-Net config gives it.
+#[derive(Clone, Copy, Debug)]
+pub struct Transformer2DShape {
+    pub channels: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Transformer blocks (`transformer_layers_per_block`).
+    pub layers: usize,
+    /// The text embeddings' width (`cross_attention_dim`).
+    pub context_dim: usize,
+    /// Group-norm groups (`norm_num_groups`).
+    pub groups: usize,
+    /// `use_linear_projection`: linear in/out projections instead of 1×1 convolutions.
+    pub linear_projection: bool,
+}
+
 impl Transformer2D {
-    #[allow(clippy::too_many_arguments)]
-    pub fn layout(
-        l: &mut Layout,
-        prefix: &str,
-        channels: usize,
-        heads: usize,
-        head_dim: usize,
-        layers: usize,
-        context_dim: usize,
-        groups: usize,
-        linear_projection: bool,
-    ) -> Transformer2D {
+    pub fn layout(l: &mut Layout, prefix: &str, shape: &Transformer2DShape) -> Transformer2D {
+        let Transformer2DShape { channels, heads, head_dim, layers, context_dim, groups, linear_projection } = *shape;
         let inner = heads * head_dim;
         let proj = |l: &mut Layout, name: &str, i: usize, o: usize| {
             let p = format!("{prefix}.{name}");

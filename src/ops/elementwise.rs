@@ -4,6 +4,7 @@
 //! elementwise operations — add, scale, activations — are still Backend methods of their own.)
 
 use super::gelu;
+use crate::backend::Activation;
 use crate::backend::{check_disjoint, check_len};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
@@ -363,6 +364,115 @@ pub fn timestep_embedding(t: f32, dim: usize, flip_sin_to_cos: bool, freq_shift:
     emb
 }
 
+/// The pointwise operations over the first `n` elements of their tensors (kernels/elementwise.cu
+/// `ew_activation_fwd`/`_bwd`, `ew_add`, `ew_accumulate`, `ew_scale`, `ew_lerp`): the checks both
+/// backends run (every tensor holds `n` elements; outputs overlap nothing) and the CPU references.
+#[derive(Clone, Copy, Debug)]
+pub struct Pointwise {
+    pub n: usize,
+}
+
+impl Pointwise {
+    fn check(&self, what: &str, outs: &[(&str, &Tensor)], ins: &[(&str, &Tensor)]) -> Result<()> {
+        for (name, t) in outs.iter().chain(ins) {
+            check_len(&format!("{what} {name}"), t, self.n)?;
+        }
+        let (o, i): (Vec<&Tensor>, Vec<&Tensor>) =
+            (outs.iter().map(|x| x.1).collect(), ins.iter().map(|x| x.1).collect());
+        check_disjoint(what, &o, &i)
+    }
+
+    pub fn check_activation_forward(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
+        self.check("activation", &[("out", out)], &[("inp", inp)])
+    }
+
+    pub fn check_activation_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()> {
+        self.check("activation_backward", &[("dinp", dinp)], &[("dout", dout), ("inp", inp)])
+    }
+
+    pub fn check_add(&self, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+        self.check("add", &[("out", out)], &[("a", a), ("b", b)])
+    }
+
+    /// `dst += src` (dst is read and written).
+    pub fn check_accumulate(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
+        self.check("accumulate", &[("dst", dst)], &[("src", src)])
+    }
+
+    /// `t *= s` in place.
+    pub fn check_scale(&self, t: &Tensor) -> Result<()> {
+        self.check("scale", &[("t", t)], &[])
+    }
+
+    /// `dst -= w · (dst − src)` in place (an EMA update).
+    pub fn check_lerp(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
+        self.check("lerp", &[("dst", dst)], &[("src", src)])
+    }
+
+    pub fn cpu_activation_forward(&self, out: &mut [f32], inp: &[f32], act: Activation) {
+        let f: fn(f32) -> f32 = match act {
+            Activation::QuickGelu => |x| x / (1.0 + (-1.702 * x).exp()),
+            Activation::Gelu => gelu,
+            Activation::GeluTanh => |x| {
+                let x = x as f64;
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                (0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())) as f32
+            },
+            Activation::Silu => super::silu,
+        };
+        let n = self.n;
+        out[..n].par_iter_mut().zip(inp[..n].par_iter()).for_each(|(o, &x)| *o = f(x));
+    }
+
+    /// Accumulates `dout · act'(inp)` into `dinp`.
+    pub fn cpu_activation_backward(&self, dinp: &mut [f32], dout: &[f32], inp: &[f32], act: Activation) {
+        let d: fn(f32) -> f32 = match act {
+            Activation::QuickGelu => |x| {
+                let s = 1.0 / (1.0 + (-1.702 * x).exp());
+                s + x * 1.702 * s * (1.0 - s)
+            },
+            Activation::Gelu => |x| {
+                let x = x as f64;
+                let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+                let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                (cdf + x * pdf) as f32
+            },
+            Activation::GeluTanh => |x| {
+                let x = x as f64;
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let u = c * (x + 0.044715 * x * x * x);
+                let t = u.tanh();
+                (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)) as f32
+            },
+            Activation::Silu => |x| {
+                let s = 1.0 / (1.0 + (-x).exp());
+                s * (1.0 + x * (1.0 - s))
+            },
+        };
+        let n = self.n;
+        dinp[..n].par_iter_mut().zip(dout[..n].par_iter().zip(inp[..n].par_iter())).for_each(|(di, (&g, &x))| {
+            *di += g * d(x);
+        });
+    }
+
+    pub fn cpu_add(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
+        let n = self.n;
+        out[..n].par_iter_mut().zip(a[..n].par_iter().zip(b[..n].par_iter())).for_each(|(o, (a, b))| *o = a + b);
+    }
+
+    pub fn cpu_accumulate(&self, dst: &mut [f32], src: &[f32]) {
+        dst[..self.n].par_iter_mut().zip(src[..self.n].par_iter()).for_each(|(d, x)| *d += x);
+    }
+
+    pub fn cpu_scale(&self, t: &mut [f32], s: f32) {
+        t[..self.n].par_iter_mut().for_each(|x| *x *= s);
+    }
+
+    pub fn cpu_lerp(&self, dst: &mut [f32], src: &[f32], w: f32) {
+        dst[..self.n].par_iter_mut().zip(src[..self.n].par_iter()).for_each(|(d, &x)| *d -= w * (*d - x));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,5 +514,30 @@ mod tests {
         let short = t(12, 5);
         let e = b.geglu_backward(&p, &dinp, &short, &inp).unwrap_err().to_string();
         assert!(e.contains("geglu_backward dout"), "{e}");
+    }
+
+    /// The shared checks now guard the CPU's pointwise backward and reductions too (it checked
+    /// only `dinp`, `dpred`, or nothing, and sliced past a short input or summed a short one).
+    #[test]
+    fn cpu_pointwise_and_reductions_refuse_short_and_overlapping_tensors() {
+        let mut b = CpuBackend::new();
+        let pool = b.alloc(64, "t").unwrap();
+        let t = |offset, n| Tensor { pool, offset, shape: Shape::new(&[n]) };
+        let (dinp, dout, inp) = (t(0, 8), t(8, 8), t(16, 8));
+        b.upload(&dout, &[1.0, -0.5, 0.25, 2.0, 0.75, -1.5, 0.1, 0.3]).unwrap();
+        b.upload(&inp, &[0.5, -1.0, 2.0, 0.25, 1.5, -0.75, 1.0, 0.5]).unwrap();
+        b.activation_backward(&dinp, &dout, &inp, Activation::Silu, 8).unwrap();
+        let e = b.activation_backward(&dinp, &t(8, 7), &inp, Activation::Silu, 8).unwrap_err().to_string();
+        assert!(e.contains("activation_backward dout"), "{e}");
+        let e = b.activation_backward(&dinp, &dout, &t(16, 3), Activation::Silu, 8).unwrap_err().to_string();
+        assert!(e.contains("activation_backward inp"), "{e}");
+        let e = b.activation_backward(&t(4, 8), &dout, &inp, Activation::Silu, 8).unwrap_err().to_string();
+        assert!(e.contains("activation_backward") && e.contains("overlap"), "{e}");
+        let (loss, sum) = (t(24, 1), t(25, 1));
+        b.sum_squares(&sum, &inp, 8).unwrap();
+        let e = b.sum_squares(&sum, &t(16, 5), 8).unwrap_err().to_string();
+        assert!(e.contains("sum_squares x"), "{e}");
+        let e = b.mse_loss(&dinp, &loss, &t(8, 6), &inp, 8).unwrap_err().to_string();
+        assert!(e.contains("mse pred"), "{e}");
     }
 }

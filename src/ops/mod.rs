@@ -1,6 +1,8 @@
-//! Operations as units (issue 15, in progress: norms, convolution, attention, linear, resize,
-//! embedding, timestep embedding, bias rows, concatenation, GEGLU, AdamW and DDPM noise are here;
-//! the activations, add, scale, lerp and the loss/norm reductions still live in the backends).
+//! Operations as units: norms, convolution, attention, linear, the elementwise family (resize,
+//! embedding, timestep embedding, bias rows, concatenation, GEGLU, and the pointwise activations,
+//! add, accumulate, scale and lerp), the training reductions and AdamW, and the random family
+//! (Philox normals, DDPM noise). (The evaluation networks' own op set, src/eval/ops.rs, is not here
+//! yet.)
 //!
 //! Each operation family is one module named like its kernel file (`ops/norm.rs` ↔
 //! `kernels/norm.cu`). A parameter struct per operation owns what every backend shares: the shape
@@ -8,7 +10,8 @@
 //! messages), and the CPU reference of the forward and backward. The tensors of one call travel in
 //! one struct too, named by role, so a call site reads as what it passes. A backend's method for
 //! the operation takes both: the CPU backend runs the reference on its memory, the CUDA backend
-//! launches kernels/norm.cu (its launches stay in src/backend/cuda for now).
+//! launches kernels/norm.cu with typed launches (src/backend/cuda/launch.rs; the launch code stays in
+//! src/backend/cuda, by family).
 
 pub mod attention;
 pub mod conv;

@@ -70,3 +70,54 @@ impl AdamWParams {
         );
     }
 }
+
+/// The training reductions over `n` elements (kernels/optim.cu `opt_mse_partial`,
+/// `opt_sum_squares_partial`, `opt_sum_finalize`): the mean-squared-error loss with its gradient,
+/// and the sum of squares (for gradient-norm clipping). Both sum in f64 in a fixed order, so a
+/// resumed run reproduces an uninterrupted one exactly.
+#[derive(Clone, Copy, Debug)]
+pub struct Reduction {
+    pub n: usize,
+}
+
+impl Reduction {
+    /// `loss[0] = mean((pred − target)²)`, `dpred = 2(pred − target)/n` (written).
+    pub fn check_mse(&self, dpred: &Tensor, loss: &Tensor, pred: &Tensor, target: &Tensor) -> Result<()> {
+        check_len("mse dpred", dpred, self.n)?;
+        check_len("mse pred", pred, self.n)?;
+        check_len("mse target", target, self.n)?;
+        check_len("mse loss", loss, 1)?;
+        check_disjoint("mse", &[dpred, loss], &[pred, target])
+    }
+
+    /// `out[0] = Σ x²`.
+    pub fn check_sum_squares(&self, out: &Tensor, x: &Tensor) -> Result<()> {
+        check_len("sum_squares x", x, self.n)?;
+        check_len("sum_squares out", out, 1)?;
+        check_disjoint("sum_squares", &[out], &[x])
+    }
+
+    /// Writes the gradient into `dpred` and returns the loss.
+    pub fn cpu_mse(&self, dpred: &mut [f32], pred: &[f32], target: &[f32]) -> f32 {
+        let n = self.n;
+        let sum = det_sum(n, |i| ((pred[i] - target[i]) as f64).powi(2));
+        dpred[..n].par_iter_mut().zip(pred[..n].par_iter().zip(target[..n].par_iter())).for_each(|(d, (&p, &t))| {
+            *d = 2.0 * (p - t) / n as f32;
+        });
+        (sum / n as f64) as f32
+    }
+
+    pub fn cpu_sum_squares(&self, x: &[f32]) -> f32 {
+        det_sum(self.n, |i| (x[i] as f64) * (x[i] as f64)) as f32
+    }
+}
+
+/// Σ f(i) over 0..n in f64, deterministically: fixed chunks summed in parallel, partial sums added
+/// in order (rayon's adaptive `sum` splits by timing, which would make results vary in the last
+/// bits between runs, and resumed training must reproduce an uninterrupted run exactly).
+pub(crate) fn det_sum(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
+    const CHUNK: usize = 1 << 14;
+    let parts: Vec<f64> =
+        (0..n.div_ceil(CHUNK)).into_par_iter().map(|c| (c * CHUNK..((c + 1) * CHUNK).min(n)).map(&f).sum()).collect();
+    parts.iter().sum()
+}

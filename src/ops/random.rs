@@ -37,3 +37,23 @@ impl AddNoiseParams {
         });
     }
 }
+
+/// `n` standard normals of the Philox stream (`seed`, `stream`): kernels/random.cu
+/// `rand_philox_normal`, whose CPU reference is [`philox_normals`](crate::rng::philox::philox_normals)
+/// (the same values, bit for bit, on any backend).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RandnParams {
+    pub n: usize,
+    pub seed: u64,
+    pub stream: u64,
+}
+
+impl RandnParams {
+    pub fn check(&self, out: &Tensor) -> Result<()> {
+        check_len("randn out", out, self.n)
+    }
+
+    pub fn cpu_fill(&self, out: &mut [f32]) {
+        crate::rng::philox::philox_normals(&mut out[..self.n], self.seed, self.stream);
+    }
+}

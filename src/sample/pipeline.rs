@@ -287,7 +287,6 @@ impl Pipeline {
     /// begins. Euler ancestral draws its step noise for the whole batch at every step, so it
     /// denoises all images in lockstep (skipped ones with a zero prediction, their values
     /// discarded) and writes them at the end.
-    #[allow(clippy::too_many_arguments)]
     pub fn generate_each(
         &self,
         b: &mut dyn Backend,

@@ -227,9 +227,17 @@ pub struct Trainer {
     ema: Option<(Layout, f32)>,
 }
 
+/// The shape of one micro-batch: `size` latents of (h, w), each with a caption of `seq` tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MicroBatchShape {
+    pub size: usize,
+    pub h: usize,
+    pub w: usize,
+    pub seq: usize,
+}
+
 impl Trainer {
-    /// Allocates every buffer for micro-batches of `micro_batch` latents of (h, w).
-    #[allow(clippy::too_many_arguments)]
+    /// Allocates every buffer for micro-batches of `shape`.
     pub fn new(
         b: &mut dyn Backend,
         unet: &UNet,
@@ -237,11 +245,9 @@ impl Trainer {
         options: OptimOptions,
         alphas_cumprod: Vec<f32>,
         prediction_type: PredictionType,
-        micro_batch: usize,
-        h: usize,
-        w: usize,
-        seq: usize,
+        shape: MicroBatchShape,
     ) -> Result<Trainer> {
+        let MicroBatchShape { size: micro_batch, h, w, seq } = shape;
         if clip.hidden_size() != unet.config.cross_attention_dim {
             bail!(
                 "text encoder hidden_size {} does not match the U-Net's cross_attention_dim {}",

@@ -9,7 +9,7 @@
 use super::checkpoint::{self, CheckpointContents};
 use super::data::{read_manifest, OnBadImage};
 use super::job::{self, ImageDraw, OutputFolder, TrainLog};
-use super::{Batch, Noise, OptimOptions, PredictionType, StepStats, Trainer};
+use super::{Batch, MicroBatchShape, Noise, OptimOptions, PredictionType, StepStats, Trainer};
 use crate::backend::Backend;
 use crate::io::weights;
 use crate::models::text::{TextEncoder, TextTokenizer};
@@ -315,10 +315,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
         cfg.optim.clone(),
         models.alphas_cumprod.clone(),
         models.prediction_type,
-        cfg.batch_size,
-        lat,
-        lat,
-        seq,
+        MicroBatchShape { size: cfg.batch_size, h: lat, w: lat, seq },
     )?;
     if let Some(decay) = cfg.ema_decay {
         trainer.enable_ema(b, &models.unet, decay)?;
@@ -548,10 +545,7 @@ pub fn train_step(
         optim,
         models.alphas_cumprod.clone(),
         models.prediction_type,
-        n,
-        h,
-        w,
-        seq,
+        MicroBatchShape { size: n, h, w, seq },
     )?;
     let stats = trainer.train_step(b, &models.unet, &models.text, &[batch], 1)?;
     let state = serde_json::json!({"step": 1, "loss": stats.loss, "grad_norm": stats.grad_norm});

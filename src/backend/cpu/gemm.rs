@@ -92,7 +92,6 @@ mod tests {
         sgemm_par(m, k, n, am, bm, &mut c1, 0.5);
         sgemm_naive(m, k, n, am, bm, &mut c2, 0.5);
         let err = c1.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        println!("max |par - naive| = {err:e}");
-        assert!(err < 1e-4, "max error {err}");
+        assert!(err < 1e-4, "max |par - naive| = {err:e}");
     }
 }

@@ -1,20 +1,18 @@
 //! The CPU reference backend: f32 everywhere, plain loops a reader can check against the paper or
 //! PyTorch, rayon for threads, and matrix products through `matrixmultiply` (see `gemm.rs`).
 
-mod backward;
 pub mod gemm;
 
-use super::{check_len, Activation, Backend};
+use super::{Activation, Backend};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
-use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
+use crate::ops::elementwise::{EmbeddingParams, Pointwise, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
-use crate::ops::optim::AdamWParams;
-use crate::ops::random::AddNoiseParams;
-use crate::ops::{gelu, silu};
+use crate::ops::optim::{AdamWParams, Reduction};
+use crate::ops::random::{AddNoiseParams, RandnParams};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -162,29 +160,18 @@ impl Backend for CpuBackend {
     }
 
     fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
-        check_len("activation out", out, n)?;
-        check_len("activation inp", inp, n)?;
+        let p = Pointwise { n };
+        p.check_activation_forward(out, inp)?;
         let ([o], [x]) = self.views([out], [inp]);
-        let f: fn(f32) -> f32 = match act {
-            Activation::QuickGelu => |x| x / (1.0 + (-1.702 * x).exp()),
-            Activation::Gelu => gelu,
-            Activation::GeluTanh => |x| {
-                let x = x as f64;
-                let c = (2.0 / std::f64::consts::PI).sqrt();
-                (0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())) as f32
-            },
-            Activation::Silu => silu,
-        };
-        o[..n].par_iter_mut().zip(x[..n].par_iter()).for_each(|(o, &x)| *o = f(x));
+        p.cpu_activation_forward(o, x, act);
         Ok(())
     }
 
     fn add_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
-        check_len("add out", out, n)?;
-        check_len("add a", a, n)?;
-        check_len("add b", b, n)?;
+        let p = Pointwise { n };
+        p.check_add(out, a, b)?;
         let ([o], [a, b]) = self.views([out], [a, b]);
-        o[..n].par_iter_mut().zip(a[..n].par_iter().zip(b[..n].par_iter())).for_each(|(o, (a, b))| *o = a + b);
+        p.cpu_add(o, a, b);
         Ok(())
     }
 
@@ -237,17 +224,18 @@ impl Backend for CpuBackend {
     }
 
     fn accumulate(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
-        check_len("accumulate dst", dst, n)?;
-        check_len("accumulate src", src, n)?;
+        let p = Pointwise { n };
+        p.check_accumulate(dst, src)?;
         let ([d], [x]) = self.views([dst], [src]);
-        d[..n].par_iter_mut().zip(x[..n].par_iter()).for_each(|(d, x)| *d += x);
+        p.cpu_accumulate(d, x);
         Ok(())
     }
 
     fn scale(&self, t: &Tensor, s: f32, n: usize) -> Result<()> {
-        check_len("scale", t, n)?;
+        let p = Pointwise { n };
+        p.check_scale(t)?;
         let ([o], []) = self.views([t], []);
-        o[..n].par_iter_mut().for_each(|x| *x *= s);
+        p.cpu_scale(o, s);
         Ok(())
     }
 
@@ -275,9 +263,10 @@ impl Backend for CpuBackend {
     }
 
     fn activation_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
-        check_len("activation_backward", dinp, n)?;
+        let p = Pointwise { n };
+        p.check_activation_backward(dinp, dout, inp)?;
         let ([di], [dy, x]) = self.views([dinp], [dout, inp]);
-        backward::activation(di, dy, x, act, n);
+        p.cpu_activation_backward(di, dy, x, act);
         Ok(())
     }
 
@@ -340,15 +329,18 @@ impl Backend for CpuBackend {
     }
 
     fn mse_loss(&self, dpred: &Tensor, loss: &Tensor, pred: &Tensor, target: &Tensor, n: usize) -> Result<()> {
-        check_len("mse dpred", dpred, n)?;
+        let r = Reduction { n };
+        r.check_mse(dpred, loss, pred, target)?;
         let ([d, l], [p, t]) = self.views([dpred, loss], [pred, target]);
-        l[0] = backward::mse(d, p, t, n);
+        l[0] = r.cpu_mse(d, p, t);
         Ok(())
     }
 
     fn sum_squares(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()> {
+        let r = Reduction { n };
+        r.check_sum_squares(out, x)?;
         let ([o], [x]) = self.views([out], [x]);
-        o[0] = backward::det_sum(n, |i| (x[i] as f64) * (x[i] as f64)) as f32;
+        o[0] = r.cpu_sum_squares(x);
         Ok(())
     }
 
@@ -360,10 +352,10 @@ impl Backend for CpuBackend {
     }
 
     fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
-        check_len("lerp dst", dst, n)?;
-        check_len("lerp src", src, n)?;
+        let p = Pointwise { n };
+        p.check_lerp(dst, src)?;
         let ([d], [x]) = self.views([dst], [src]);
-        d[..n].par_iter_mut().zip(x[..n].par_iter()).for_each(|(d, &x)| *d -= w * (*d - x));
+        p.cpu_lerp(d, x, w);
         Ok(())
     }
 
@@ -375,9 +367,10 @@ impl Backend for CpuBackend {
     }
 
     fn randn(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {
-        check_len("randn out", out, n)?;
+        let p = RandnParams { n, seed, stream };
+        p.check(out)?;
         let ([o], []) = self.views([out], []);
-        crate::rng::philox::philox_normals(&mut o[..n], seed, stream);
+        p.cpu_fill(o);
         Ok(())
     }
 
@@ -458,8 +451,7 @@ mod tests {
                     }
                 }
             }
-            println!("attention (causal {causal}): max error {max_err:e}");
-            assert!(max_err < 1e-5, "max error {max_err}");
+            assert!(max_err < 1e-5, "attention (causal {causal}): max error {max_err:e}");
         }
     }
 

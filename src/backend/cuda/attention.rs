@@ -1,6 +1,6 @@
 //! Fused attention (kernels/attention.cu): flash-style forward and backward, one kernel family for
 //! `attention_*` (optional causal mask) and `masked_attention_*` (a key mask), as the CPU reference's
-//! `backward::attention_forward` / `backward::attention` serve both.
+//! (src/ops/attention.rs `AttentionParams::cpu_forward` / `cpu_backward`) serves both.
 //!
 //! Paths: `use_bf16()` selects the tensor-core kernels `attention_*_bf16_d<H>` (H = head_dim rounded
 //! up to a multiple of 16, one instantiation per bucket); otherwise the exact f32 SIMT kernels

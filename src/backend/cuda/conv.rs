@@ -1,7 +1,7 @@
 //! 2-D convolution on the GPU (kernels/conv.cu): forward and backward as implicit GEMMs.
 //!
-//! Semantics are those of the CPU reference (`conv2d_forward` in backend/cpu/mod.rs,
-//! `backward::conv2d` in backend/cpu/backward.rs): NHWC activations, PyTorch weight layout
+//! Semantics are those of the CPU reference (src/ops/conv.rs `Conv2dParams::cpu_forward`,
+//! `cpu_backward`): NHWC activations, PyTorch weight layout
 //! (c_out, c_in, k, k), pad [top, bottom, left, right], any stride ≥ 1. The forward overwrites `out`;
 //! the backward adds into dinp, dweight and dbias.
 //!

@@ -38,7 +38,7 @@ mod params;
 #[cfg_attr(not(any(test, feature = "cuda-emu")), allow(dead_code))]
 mod reference_gemm;
 
-use super::{check_disjoint, Activation, Backend, Precision};
+use super::{Activation, Backend, Precision};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;

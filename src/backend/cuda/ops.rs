@@ -15,14 +15,13 @@
 //! u32 upload slot 0 carries token ids (embedding forward) or the rows grouped by id (backward).
 
 use super::launch::*;
-use super::{check_disjoint, to_i32, CudaBackend};
-use crate::backend::check_len;
+use super::{to_i32, CudaBackend};
 use crate::backend::Activation;
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
-use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
-use crate::ops::optim::{AdamWParams, AdamWScalars};
-use crate::ops::random::AddNoiseParams;
+use crate::ops::elementwise::{EmbeddingParams, Pointwise, UpsampleParams};
+use crate::ops::optim::{AdamWParams, AdamWScalars, Reduction};
+use crate::ops::random::{AddNoiseParams, RandnParams};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
@@ -110,9 +109,7 @@ impl CudaBackend {
     }
 
     pub(crate) fn activation_forward_impl(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
-        check_len("activation out", out, n)?;
-        check_len("activation inp", inp, n)?;
-        check_disjoint("activation", &[out], &[inp])?;
+        Pointwise { n }.check_activation_forward(out, inp)?;
         let ni = to_i32("activation", n)?;
         if n == 0 {
             return Ok(());
@@ -121,10 +118,7 @@ impl CudaBackend {
     }
 
     pub(crate) fn add_forward_impl(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
-        check_len("add out", out, n)?;
-        check_len("add a", a, n)?;
-        check_len("add b", b, n)?;
-        check_disjoint("add", &[out], &[a, b])?;
+        Pointwise { n }.check_add(out, a, b)?;
         let ni = to_i32("add", n)?;
         if n == 0 {
             return Ok(());
@@ -240,9 +234,7 @@ impl CudaBackend {
 
     pub(crate) fn accumulate_impl(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
         self.params_written(dst);
-        check_len("accumulate dst", dst, n)?;
-        check_len("accumulate src", src, n)?;
-        check_disjoint("accumulate", &[dst], &[src])?;
+        Pointwise { n }.check_accumulate(dst, src)?;
         let ni = to_i32("accumulate", n)?;
         if n == 0 {
             return Ok(());
@@ -252,7 +244,7 @@ impl CudaBackend {
 
     pub(crate) fn scale_impl(&self, t: &Tensor, s: f32, n: usize) -> Result<()> {
         self.params_written(t);
-        check_len("scale", t, n)?;
+        Pointwise { n }.check_scale(t)?;
         let ni = to_i32("scale", n)?;
         if n == 0 {
             return Ok(());
@@ -268,10 +260,7 @@ impl CudaBackend {
         act: Activation,
         n: usize,
     ) -> Result<()> {
-        check_len("activation_backward dinp", dinp, n)?;
-        check_len("activation_backward dout", dout, n)?;
-        check_len("activation_backward inp", inp, n)?;
-        check_disjoint("activation_backward", &[dinp], &[dout, inp])?;
+        Pointwise { n }.check_activation_backward(dinp, dout, inp)?;
         let ni = to_i32("activation_backward", n)?;
         if n == 0 {
             return Ok(());
@@ -474,11 +463,7 @@ impl CudaBackend {
         target: &Tensor,
         n: usize,
     ) -> Result<()> {
-        check_len("mse dpred", dpred, n)?;
-        check_len("mse pred", pred, n)?;
-        check_len("mse target", target, n)?;
-        check_len("mse loss", loss, 1)?;
-        check_disjoint("mse", &[dpred, loss], &[pred, target])?;
+        Reduction { n }.check_mse(dpred, loss, pred, target)?;
         let ni = to_i32("mse", n)?;
         let parts = n.div_ceil(BLOCK as usize * 8).clamp(1, 1024);
         let partial = self.ops_workspace_f64(0, parts)?;
@@ -498,9 +483,7 @@ impl CudaBackend {
 
     /// out[0] = Σ x² over n elements (f64, deterministic), rounded to f32.
     pub(crate) fn sum_squares_impl(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()> {
-        check_len("sum_squares x", x, n)?;
-        check_len("sum_squares out", out, 1)?;
-        check_disjoint("sum_squares", &[out], &[x])?;
+        Reduction { n }.check_sum_squares(out, x)?;
         let ni = to_i32("sum_squares", n)?;
         let parts = n.div_ceil(BLOCK as usize * 8).clamp(1, 1024);
         let partial = self.ops_workspace_f64(0, parts)?;
@@ -513,9 +496,8 @@ impl CudaBackend {
         )
     }
 
-    /// torch.optim.AdamW, with the scalars computed exactly as the CPU reference (backward.rs
-    /// `adamw`): f64, then rounded to f32.
-    #[allow(clippy::too_many_arguments)]
+    /// torch.optim.AdamW, with the scalars computed exactly as the CPU reference (ops/optim.rs
+    /// `AdamWParams`): f64, then rounded to f32.
     pub(crate) fn adamw_step_impl(
         &self,
         p: &AdamWParams,
@@ -556,9 +538,7 @@ impl CudaBackend {
 
     pub(crate) fn lerp_impl(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
         self.params_written(dst);
-        check_len("lerp dst", dst, n)?;
-        check_len("lerp src", src, n)?;
-        check_disjoint("lerp", &[dst], &[src])?;
+        Pointwise { n }.check_lerp(dst, src)?;
         let ni = to_i32("lerp", n)?;
         if n == 0 {
             return Ok(());
@@ -596,7 +576,7 @@ impl CudaBackend {
 
     /// kernels/random.cu `rand_philox_normal`: one thread per group of four elements.
     pub(crate) fn randn_impl(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {
-        check_len("randn out", out, n)?;
+        RandnParams { n, seed, stream }.check(out)?;
         let ni = to_i32("randn", n)?;
         if n == 0 {
             return Ok(());

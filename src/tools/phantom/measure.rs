@@ -295,15 +295,22 @@ impl Measurement {
     }
 }
 
-/// Where the brightness along a row, walking from `d0` outward on side s, first crosses `thr`
-/// (downward when `falling`, else upward), as a distance from the midline; None if it never does
-/// before `d1`.
-#[allow(clippy::too_many_arguments)]
-fn crossing(grid: &Grid, g: &Geometry, s: Side, y: f64, d0: f64, d1: f64, thr: f64, falling: bool) -> Option<f64> {
+/// Where the brightness along a row, walking over `span` (distances from the midline) outward on
+/// side s, first crosses `thr` (downward when `falling`, else upward), as a distance from the
+/// midline; None if it never does within the span.
+fn crossing(
+    grid: &Grid,
+    g: &Geometry,
+    s: Side,
+    y: f64,
+    span: std::ops::Range<f64>,
+    thr: f64,
+    falling: bool,
+) -> Option<f64> {
     let step = 0.25 / GRID as f64;
-    let mut prev = grid.at(g.x(s, d0), y);
-    let mut d = d0;
-    while d < d1 {
+    let mut prev = grid.at(g.x(s, span.start), y);
+    let mut d = span.start;
+    while d < span.end {
         let dn = d + step;
         let cur = grid.at(g.x(s, dn), y);
         let crossed = if falling { prev >= thr && cur < thr } else { prev <= thr && cur > thr };
@@ -329,7 +336,7 @@ fn fit_thorax(grid: &Grid, thr: f64) -> (Geometry, Option<f64>) {
         if !(0.37..0.45).contains(&y) {
             continue;
         }
-        let w = Side::BOTH.map(|s| crossing(grid, &n, s, y, 0.85 * n.hw, 1.3 * n.hw, thr, false));
+        let w = Side::BOTH.map(|s| crossing(grid, &n, s, y, 0.85 * n.hw..1.3 * n.hw, thr, false));
         if let [Some(r), Some(l)] = w {
             centres.push(n.cx + 0.5 * (l - r));
             halves.push(0.5 * (l + r) * n.hw / n.d_out(y));
@@ -427,7 +434,7 @@ pub fn scores(grid: &Grid) -> Scores {
         // where fluid or a patch closes in on the heart the gap is not a border, and the row is left
         // out rather than measured across.
         let b = Side::BOTH.map(|s| {
-            crossing(grid, &g, s, y, 0.0, 0.9 * hw, thr, true)
+            crossing(grid, &g, s, y, 0.0..0.9 * hw, thr, true)
                 .filter(|&d| (1..=2).all(|k| grid.at(g.x(s, d + k as f64 / GRID as f64), y) < thr))
         });
         heart_border.push((y, b));

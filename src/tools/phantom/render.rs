@@ -57,31 +57,32 @@ pub fn hilum(g: &Geometry, s: Side) -> (f64, f64) {
 /// Vessel tree of one lung: six trunks fanning from the hilum (apex to base), each forking four
 /// times, thinner and fainter at every generation; branches stop at the lung's edge.
 fn vessel_tree(g: &Geometry, s: Side, rng: &mut SplitMix64, out: &mut Vec<Segment>) {
-    #[allow(clippy::too_many_arguments)]
-    fn grow(
-        g: &Geometry,
-        s: Side,
-        rng: &mut SplitMix64,
-        p: (f64, f64),
+    /// One vessel segment to draw from `from` at angle `th` (0 lateral, positive down), and the
+    /// `depth` generations of forks below it.
+    struct Branch {
+        from: (f64, f64),
         th: f64,
         len: f64,
-        w: f64,
+        width: f64,
         amp: f64,
         depth: u32,
-        out: &mut Vec<Segment>,
-    ) {
-        let q = (p.0 + s.sign() * len * th.cos(), p.1 + len * th.sin());
+    }
+    fn grow(g: &Geometry, s: Side, rng: &mut SplitMix64, b: Branch, out: &mut Vec<Segment>) {
+        let p = b.from;
+        let q = (p.0 + s.sign() * b.len * b.th.cos(), p.1 + b.len * b.th.sin());
         if g.lung_margin(s, q.0, q.1) < -0.01 {
             return;
         }
-        out.push(Segment { a: p, b: q, width: w, amp });
-        if depth == 0 {
+        out.push(Segment { a: p, b: q, width: b.width, amp: b.amp });
+        if b.depth == 0 {
             return;
         }
         for k in [-1.0, 1.0] {
             let dth = k * (0.28 + 0.3 * rng.next_f64());
-            let l = len * (0.72 + 0.16 * rng.next_f64());
-            grow(g, s, rng, q, th + dth, l, w * 0.74, amp * 0.8, depth - 1, out);
+            let len = b.len * (0.72 + 0.16 * rng.next_f64());
+            let fork =
+                Branch { from: q, th: b.th + dth, len, width: b.width * 0.74, amp: b.amp * 0.8, depth: b.depth - 1 };
+            grow(g, s, rng, fork, out);
         }
     }
     let h = hilum(g, s);
@@ -89,7 +90,7 @@ fn vessel_tree(g: &Geometry, s: Side, rng: &mut SplitMix64, out: &mut Vec<Segmen
         // −115° (up) … +70° (down), 0° lateral.
         let th = (-115.0 + 37.0 * i as f64 + 10.0 * (rng.next_f64() - 0.5)).to_radians();
         let len = 0.06 + 0.02 * rng.next_f64();
-        grow(g, s, rng, h, th, len, 0.0065, 0.1, 4, out);
+        grow(g, s, rng, Branch { from: h, th, len, width: 0.0065, amp: 0.1, depth: 4 }, out);
     }
 }
 
