@@ -32,6 +32,7 @@
 //! The shared-memory sizes below mirror the tile layouts documented above each kernel in
 //! attention.cu; a change to one must be made in the other.
 
+use super::device::Gemm;
 use super::launch::*;
 use super::CudaBackend;
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
@@ -226,7 +227,7 @@ impl CudaBackend {
             None => 0,
         };
         if d.wide() {
-            return self.wide_forward(out, lse, q, k, v, mask, d, scale, causal);
+            return self.wide_forward(p, t, d, mask);
         }
         let (q_len, kv_len, heads, hd) = d.ints();
         let causal = causal as i32;
@@ -280,8 +281,8 @@ impl CudaBackend {
             0,
         )?;
         if let Some((p_ws, ds_ws, chunks)) = wide {
-            return self
-                .wide_backward(dq, dk, dv, dout, q, k, v, lse, delta, mask, p_ws, ds_ws, &chunks, d, scale, causal);
+            let scratch = WideScratch { delta, p: p_ws, ds: ds_ws, chunks: &chunks };
+            return self.wide_backward(p, t, d, mask, scratch);
         }
         let (q, k, v, dout, lse) = (self.dptr(q), self.dptr(k), self.dptr(v), self.dptr(dout), self.dptr(lse));
         let (q_len, kv_len, heads, hd) = d.ints();
@@ -337,19 +338,10 @@ impl CudaBackend {
 
     /// The materialised forward (head_dim > 160): per chunk, S = Q·Kᵀ per pair piece (cuBLAS), the
     /// row softmax writing P in place and the lse, then O = P·V per piece (cuBLAS).
-    #[allow(clippy::too_many_arguments)]
-    fn wide_forward(
-        &self,
-        out: &Tensor,
-        lse: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: u64,
-        d: Dims,
-        scale: f32,
-        causal: bool,
-    ) -> Result<()> {
+    /// `mask`: the key mask's device address (0: none).
+    fn wide_forward(&self, p: &AttentionParams, t: &AttentionForward, d: Dims, mask: u64) -> Result<()> {
+        let AttentionForward { out, lse, q, k, v, .. } = *t;
+        let (scale, causal) = (p.scale, p.causal);
         let w = d.width();
         let (per, chunks) = wide_chunks(d.batch, d.heads, d.q_len, d.kv_len, self.attention_workspace_limit());
         let s_ws = self.workspace(WS_P, per * d.kv_len)?;
@@ -366,18 +358,19 @@ impl CudaBackend {
                 let koff = g.b * d.kv_len * w + g.h * d.hd;
                 self.gemm_for(
                     WIDE_GEMM,
-                    true,
-                    false,
-                    d.kv_len,
-                    g.i1 - g.i0,
-                    d.hd,
-                    at(pk, koff),
-                    w,
-                    at(pq, qoff),
-                    w,
-                    0.0,
-                    at(s_ws, g.ws_row * d.kv_len),
-                    d.kv_len,
+                    Gemm {
+                        ta: true,
+                        m: d.kv_len,
+                        n: g.i1 - g.i0,
+                        k: d.hd,
+                        a: at(pk, koff),
+                        lda: w,
+                        b: at(pq, qoff),
+                        ldb: w,
+                        c: at(s_ws, g.ws_row * d.kv_len),
+                        ldc: d.kv_len,
+                        ..Gemm::UNIT
+                    },
                 )?;
             }
             self.launch(
@@ -405,18 +398,18 @@ impl CudaBackend {
                 let koff = g.b * d.kv_len * w + g.h * d.hd;
                 self.gemm_for(
                     WIDE_GEMM,
-                    false,
-                    false,
-                    d.hd,
-                    g.i1 - g.i0,
-                    d.kv_len,
-                    at(pv, koff),
-                    w,
-                    at(s_ws, g.ws_row * d.kv_len),
-                    d.kv_len,
-                    0.0,
-                    at(po, qoff),
-                    w,
+                    Gemm {
+                        m: d.hd,
+                        n: g.i1 - g.i0,
+                        k: d.kv_len,
+                        a: at(pv, koff),
+                        lda: w,
+                        b: at(s_ws, g.ws_row * d.kv_len),
+                        ldb: d.kv_len,
+                        c: at(po, qoff),
+                        ldc: w,
+                        ..Gemm::UNIT
+                    },
                 )?;
             }
         }
@@ -425,26 +418,17 @@ impl CudaBackend {
 
     /// The materialised backward (head_dim > 160), after D: per chunk, S = Q·Kᵀ and dP = dO·Vᵀ per
     /// piece (cuBLAS), P and dS in place, then dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K (cuBLAS, beta 1).
-    #[allow(clippy::too_many_arguments)]
     fn wide_backward(
         &self,
-        dq: &Tensor,
-        dk: &Tensor,
-        dv: &Tensor,
-        dout: &Tensor,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        lse: &Tensor,
-        delta: u64,
-        mask: u64,
-        p_ws: u64,
-        ds_ws: u64,
-        chunks: &[Chunk],
+        p: &AttentionParams,
+        t: &AttentionBackward,
         d: Dims,
-        scale: f32,
-        causal: bool,
+        mask: u64,
+        scratch: WideScratch,
     ) -> Result<()> {
+        let AttentionBackward { dq, dk, dv, dout, q, k, v, lse, .. } = *t;
+        let (scale, causal) = (p.scale, p.causal);
+        let WideScratch { delta, p: p_ws, ds: ds_ws, chunks } = scratch;
         let w = d.width();
         let (pq, pk, pv, pdo) = (self.dptr(q), self.dptr(k), self.dptr(v), self.dptr(dout));
         let (pdq, pdk, pdv) = (self.dptr(dq), self.dptr(dk), self.dptr(dv));
@@ -457,33 +441,35 @@ impl CudaBackend {
                 // Sᵀ = K_p · Qᵀ_p and dPᵀ = V_p · dOᵀ_p (kv_len × n, ld kv_len), as in the forward.
                 self.gemm_for(
                     WIDE_GEMM,
-                    true,
-                    false,
-                    d.kv_len,
-                    n,
-                    d.hd,
-                    at(pk, koff),
-                    w,
-                    at(pq, qoff),
-                    w,
-                    0.0,
-                    at(p_ws, ws),
-                    d.kv_len,
+                    Gemm {
+                        ta: true,
+                        m: d.kv_len,
+                        n,
+                        k: d.hd,
+                        a: at(pk, koff),
+                        lda: w,
+                        b: at(pq, qoff),
+                        ldb: w,
+                        c: at(p_ws, ws),
+                        ldc: d.kv_len,
+                        ..Gemm::UNIT
+                    },
                 )?;
                 self.gemm_for(
                     WIDE_GEMM,
-                    true,
-                    false,
-                    d.kv_len,
-                    n,
-                    d.hd,
-                    at(pv, koff),
-                    w,
-                    at(pdo, qoff),
-                    w,
-                    0.0,
-                    at(ds_ws, ws),
-                    d.kv_len,
+                    Gemm {
+                        ta: true,
+                        m: d.kv_len,
+                        n,
+                        k: d.hd,
+                        a: at(pv, koff),
+                        lda: w,
+                        b: at(pdo, qoff),
+                        ldb: w,
+                        c: at(ds_ws, ws),
+                        ldc: d.kv_len,
+                        ..Gemm::UNIT
+                    },
                 )?;
             }
             self.launch(
@@ -511,50 +497,55 @@ impl CudaBackend {
                 // dVᵀ_p (hd × kv_len, ld w) += dOᵀ_p (hd × n, ld w) · P (n × kv_len: Pᵀ col-major, transposed).
                 self.gemm_for(
                     WIDE_GEMM,
-                    false,
-                    true,
-                    d.hd,
-                    d.kv_len,
-                    n,
-                    at(pdo, qoff),
-                    w,
-                    at(p_ws, ws),
-                    d.kv_len,
-                    1.0,
-                    at(pdv, koff),
-                    w,
+                    Gemm {
+                        tb: true,
+                        m: d.hd,
+                        n: d.kv_len,
+                        k: n,
+                        a: at(pdo, qoff),
+                        lda: w,
+                        b: at(p_ws, ws),
+                        ldb: d.kv_len,
+                        beta: 1.0,
+                        c: at(pdv, koff),
+                        ldc: w,
+                        ..Gemm::UNIT
+                    },
                 )?;
                 // dKᵀ_p += Qᵀ_p · dS.
                 self.gemm_for(
                     WIDE_GEMM,
-                    false,
-                    true,
-                    d.hd,
-                    d.kv_len,
-                    n,
-                    at(pq, qoff),
-                    w,
-                    at(ds_ws, ws),
-                    d.kv_len,
-                    1.0,
-                    at(pdk, koff),
-                    w,
+                    Gemm {
+                        tb: true,
+                        m: d.hd,
+                        n: d.kv_len,
+                        k: n,
+                        a: at(pq, qoff),
+                        lda: w,
+                        b: at(ds_ws, ws),
+                        ldb: d.kv_len,
+                        beta: 1.0,
+                        c: at(pdk, koff),
+                        ldc: w,
+                        ..Gemm::UNIT
+                    },
                 )?;
                 // dQᵀ_p (hd × n, ld w) += Kᵀ_p (hd × kv_len, ld w) · dSᵀ (kv_len × n, ld kv_len).
                 self.gemm_for(
                     WIDE_GEMM,
-                    false,
-                    false,
-                    d.hd,
-                    n,
-                    d.kv_len,
-                    at(pk, koff),
-                    w,
-                    at(ds_ws, ws),
-                    d.kv_len,
-                    1.0,
-                    at(pdq, qoff),
-                    w,
+                    Gemm {
+                        m: d.hd,
+                        n,
+                        k: d.kv_len,
+                        a: at(pk, koff),
+                        lda: w,
+                        b: at(ds_ws, ws),
+                        ldb: d.kv_len,
+                        beta: 1.0,
+                        c: at(pdq, qoff),
+                        ldc: w,
+                        ..Gemm::UNIT
+                    },
                 )?;
             }
         }
@@ -616,4 +607,13 @@ mod tests {
         assert_eq!(wide_chunks(1, 1, 8192, 8192, WIDE_WORKSPACE_ELEMS).1.len(), 2);
         assert_eq!(wide_chunks(0, 1, 5, 5, 10), (0, Vec::new()));
     }
+}
+
+/// The materialised backward's workspaces: D (from attention_bwd_delta), the P and dS score
+/// chunks, and the chunking of the (batch·head, query) pairs.
+struct WideScratch<'a> {
+    delta: u64,
+    p: u64,
+    ds: u64,
+    chunks: &'a [Chunk],
 }

@@ -128,6 +128,27 @@ pub(crate) struct Gemm {
     pub compute: Compute,
 }
 
+impl Gemm {
+    /// No transposes, alpha 1, beta 0, f32 compute: what a product names on top of
+    /// (`Gemm { m, n, k, a, lda, b, ldb, c, ldc, ..Gemm::UNIT }`).
+    pub(crate) const UNIT: Gemm = Gemm {
+        ta: false,
+        tb: false,
+        m: 0,
+        n: 0,
+        k: 0,
+        alpha: 1.0,
+        a: 0,
+        lda: 0,
+        b: 0,
+        ldb: 0,
+        beta: 0.0,
+        c: 0,
+        ldc: 0,
+        compute: Compute::F32,
+    };
+}
+
 /// The shape of a cuBLASLt product, what a plan is made for: D = alpha·op(A)·op(B) + beta·C
 /// (+ bias), f32 matrices and scale type, column-major, C and D the same matrix (layout C), shapes
 /// and leading dimensions as in [`Gemm`]. `bias`: the BIAS epilogue (D[i][j] += bias[i], one f32 per

@@ -168,7 +168,8 @@ impl EmuDevice {
             }
             Op::Gemm(g) => {
                 let shape = GemmShape::from(g);
-                self.gemm_on_device("cublasGemmEx", &shape, g.alpha, g.a, g.b, g.beta, g.c, None)
+                let o = Operands { alpha: g.alpha, a: g.a, b: g.b, beta: g.beta, c: g.c };
+                self.gemm_on_device("cublasGemmEx", &shape, o, None)
             }
             Op::Lt { shape: s, bias, ops } => {
                 let shape = GemmShape::from(s);
@@ -182,24 +183,15 @@ impl EmuDevice {
                     }
                 }
                 let bias = s.bias.then_some(*bias);
-                self.gemm_on_device("cublasLtMatmul", &shape, ops.alpha, ops.a, ops.b, ops.beta, ops.c, bias)
+                let o = Operands { alpha: ops.alpha, a: ops.a, b: ops.b, beta: ops.beta, c: ops.c };
+                self.gemm_on_device("cublasLtMatmul", &shape, o, bias)
             }
         }
     }
 
     /// The reference GEMM on device memory, each operand's whole span checked first.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_on_device(
-        &self,
-        what: &str,
-        s: &GemmShape,
-        alpha: f32,
-        a: u64,
-        b: u64,
-        beta: f32,
-        c: u64,
-        bias: Option<u64>,
-    ) -> Result<(), DeviceError> {
+    fn gemm_on_device(&self, what: &str, s: &GemmShape, o: Operands, bias: Option<u64>) -> Result<(), DeviceError> {
+        let Operands { alpha, a, b, beta, c } = o;
         let (na, nb, nc) = s.spans();
         for (name, addr, n) in [("A", a, na), ("B", b, nb), ("C", c, nc)] {
             self.check_range(&format!("{what} {name}"), addr, n * 4)?;
@@ -219,6 +211,15 @@ impl EmuDevice {
         };
         gemm(s, alpha, sa, sb, beta, sc, sbias).map_err(|e| refuse(format!("{what}: {e}")))
     }
+}
+
+/// A product's scalars and device addresses (C = alpha·op(A)·op(B) + beta·C).
+struct Operands {
+    alpha: f32,
+    a: u64,
+    b: u64,
+    beta: f32,
+    c: u64,
 }
 
 fn c_message(buf: &[c_char]) -> String {

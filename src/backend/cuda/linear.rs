@@ -2,6 +2,7 @@
 //! BIAS epilogue), cuBLAS where cuBLASLt declines; kernels/linear.cu fills the bias when cuBLAS
 //! runs the product and sums the bias gradient.
 
+use super::device::Gemm;
 use super::launch::*;
 use super::{CudaBackend, LIN_BLOCK};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
@@ -16,18 +17,19 @@ impl CudaBackend {
         let LinearForward { out, inp, weight, bias } = *t;
         // cuBLASLt with the bias fused (BIAS epilogue: one bias value per output feature).
         if self.lt_gemm(
-            true,
-            false,
-            out_f,
-            rows,
-            in_f,
-            self.dptr(weight),
-            in_f,
-            self.dptr(inp),
-            in_f,
-            0.0,
-            self.dptr(out),
-            out_f,
+            &Gemm {
+                ta: true,
+                m: out_f,
+                n: rows,
+                k: in_f,
+                a: self.dptr(weight),
+                lda: in_f,
+                b: self.dptr(inp),
+                ldb: in_f,
+                c: self.dptr(out),
+                ldc: out_f,
+                ..Gemm::UNIT
+            },
             bias.map(|b| self.dptr(b)),
         )? {
             return Ok(());
@@ -46,20 +48,20 @@ impl CudaBackend {
             }
             None => 0.0,
         };
-        self.gemm(
-            true,
-            false,
-            out_f,
-            rows,
-            in_f,
-            self.dptr(weight),
-            in_f,
-            self.dptr(inp),
-            in_f,
+        self.gemm(Gemm {
+            ta: true,
+            m: out_f,
+            n: rows,
+            k: in_f,
+            a: self.dptr(weight),
+            lda: in_f,
+            b: self.dptr(inp),
+            ldb: in_f,
             beta,
-            self.dptr(out),
-            out_f,
-        )
+            c: self.dptr(out),
+            ldc: out_f,
+            ..Gemm::UNIT
+        })
     }
 
     /// dinp += dout · W; dweight += doutᵀ · inp; dbias += Σ_rows dout (column-major views as in
@@ -70,36 +72,35 @@ impl CudaBackend {
         let LinearBackward { dinp, dweight, dbias, dout, inp, weight } = *t;
         if let Some(di) = dinp {
             // dinpᵀ (in×rows) += Wᵀ(col-major view of W: in×out) · doutᵀ (out×rows)
-            self.linear_gemm(
-                false,
-                false,
-                in_f,
-                rows,
-                out_f,
-                self.dptr(weight),
-                in_f,
-                self.dptr(dout),
-                out_f,
-                1.0,
-                self.dptr(di),
-                in_f,
-            )?;
+            self.linear_gemm(Gemm {
+                m: in_f,
+                n: rows,
+                k: out_f,
+                a: self.dptr(weight),
+                lda: in_f,
+                b: self.dptr(dout),
+                ldb: out_f,
+                beta: 1.0,
+                c: self.dptr(di),
+                ldc: in_f,
+                ..Gemm::UNIT
+            })?;
         }
         // dWᵀ (in×out, col-major) += Xᵀ (in×rows) · dout (rows×out) = Xᵀ · op_T(doutᵀ)
-        self.linear_gemm(
-            false,
-            true,
-            in_f,
-            out_f,
-            rows,
-            self.dptr(inp),
-            in_f,
-            self.dptr(dout),
-            out_f,
-            1.0,
-            self.dptr(dweight),
-            in_f,
-        )?;
+        self.linear_gemm(Gemm {
+            tb: true,
+            m: in_f,
+            n: out_f,
+            k: rows,
+            a: self.dptr(inp),
+            lda: in_f,
+            b: self.dptr(dout),
+            ldb: out_f,
+            beta: 1.0,
+            c: self.dptr(dweight),
+            ldc: in_f,
+            ..Gemm::UNIT
+        })?;
         if let Some(db) = dbias {
             self.launch(
                 LinearBiasGrad { dbias: self.dptr(db), dout: self.dptr(dout), rows: rows as i32, cols: out_f as i32 },

@@ -4,7 +4,7 @@
 //! cuBLASLt declines (no algorithm, a refused call, a bias vector not 16-byte aligned) go through
 //! cuBLAS `gemmEx` (`CudaBackend::gemm`, with the bias added by linear.cu), once noted.
 
-use super::device::{Compute, LtMatmul, LtOperands, MatmulPlan};
+use super::device::{Compute, Gemm, LtMatmul, LtOperands, MatmulPlan};
 use super::CudaBackend;
 use anyhow::{anyhow, Result};
 
@@ -33,24 +33,11 @@ pub(crate) enum LtPlan {
 
 impl CudaBackend {
     /// C (col-major m×n, ldc) = op(A)·op(B) + beta·C, plus `bias` (m values, one per row of C,
-    /// i.e. per output feature) when given; f32 in memory, compute type as `gemm`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn lt_gemm(
-        &self,
-        ta: bool,
-        tb: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
-        beta: f32,
-        c: u64,
-        ldc: usize,
-        bias: Option<u64>,
-    ) -> Result<bool> {
+    /// i.e. per output feature) when given; f32 in memory, compute type as `gemm` (`g.alpha` must
+    /// be 1 and `g.compute` is the backend's to choose).
+    pub(crate) fn lt_gemm(&self, g: &Gemm, bias: Option<u64>) -> Result<bool> {
+        let Gemm { ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc, .. } = *g;
+        debug_assert_eq!(g.alpha, 1.0, "lt_gemm runs alpha 1");
         if m == 0 || n == 0 {
             return Ok(true);
         }

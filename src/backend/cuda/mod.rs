@@ -369,73 +369,28 @@ impl CudaBackend {
 
     /// C (col-major m×n, ldc) = op(A)·op(B) + beta·C, f32 in memory; in bf16 mode cuBLAS may
     /// round the operands to bf16 (compute type 32F_FAST_16BF) and use tensor cores. (Linear layers.)
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        ta: bool,
-        tb: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
-        beta: f32,
-        c: u64,
-        ldc: usize,
-    ) -> Result<()> {
-        self.gemm_for("cublas_gemm (linear layers)", ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+    fn gemm(&self, g: Gemm) -> Result<()> {
+        self.gemm_for("cublas_gemm (linear layers)", g)
     }
 
     /// A linear layer's product: cuBLASLt, or `gemm` for a shape cuBLASLt declines.
-    #[allow(clippy::too_many_arguments)]
-    fn linear_gemm(
-        &self,
-        ta: bool,
-        tb: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
-        beta: f32,
-        c: u64,
-        ldc: usize,
-    ) -> Result<()> {
-        if self.lt_gemm(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc, None)? {
+    fn linear_gemm(&self, g: Gemm) -> Result<()> {
+        if self.lt_gemm(&g, None)? {
             return Ok(());
         }
-        self.gemm(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+        self.gemm(g)
     }
 
-    /// As `gemm`, its time profiled under `label`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn gemm_for(
-        &self,
-        label: &str,
-        ta: bool,
-        tb: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
-        beta: f32,
-        c: u64,
-        ldc: usize,
-    ) -> Result<()> {
+    /// As `gemm`, its time profiled under `label`. `g.compute` is the backend's to choose.
+    pub(crate) fn gemm_for(&self, label: &str, g: Gemm) -> Result<()> {
+        let Gemm { m, n, k, .. } = g;
         if m == 0 || n == 0 {
             return Ok(());
         }
         let compute = if self.use_bf16() { Compute::F32FastBf16 } else { Compute::F32 };
         let timer = self.profile_start()?;
         // Pointers come from `dptr` of checked tensors; sizes were validated by the caller.
-        let g = Gemm { ta, tb, m, n, k, alpha: 1.0, a, lda, b, ldb, beta, c, ldc, compute };
+        let g = Gemm { compute, ..g };
         let r = self.dev.gemm_ex(&g).map_err(|e| anyhow!("cuBLAS: gemm {m}×{n}×{k} ({label}): {e:?}"));
         r?;
         self.profile_end(timer, || format!("{label} {m}×{n}×{k}"))

@@ -132,28 +132,26 @@ impl CudaBackend {
             0,
         )?;
         // Layer norm = statistics per row: hw = 1, one group; no SiLU, so no bias.
-        self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), dy, x, w, 0, m, r, rows, 1, cols, 1, false)
+        let s = NormDparams {
+            dout: dy,
+            inp: x,
+            weight: w,
+            bias: 0,
+            mean: m,
+            rstd: r,
+            rows,
+            hw: 1,
+            c: cols,
+            groups: 1,
+            silu: false,
+        };
+        self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), s)
     }
 
     /// dweight[ch] += Σ dy·xhat, dbias[ch] += Σ dy over all rows (f64 column sums by row chunks,
     /// then a fixed-order sum over the chunks): the parameter gradients of both norms.
-    #[allow(clippy::too_many_arguments)]
-    fn ops_norm_dparams(
-        &self,
-        dweight: u64,
-        dbias: u64,
-        dout: u64,
-        inp: u64,
-        weight: u64,
-        bias: u64,
-        mean: u64,
-        rstd: u64,
-        rows: usize,
-        hw: usize,
-        c: usize,
-        groups: usize,
-        silu: bool,
-    ) -> Result<()> {
+    fn ops_norm_dparams(&self, dweight: u64, dbias: u64, s: NormDparams) -> Result<()> {
+        let NormDparams { dout, inp, weight, bias, mean, rstd, rows, hw, c, groups, silu } = s;
         let (chunks, rpc) = chunking(rows, COL_CHUNK_ROWS, COL_MAX_CHUNKS);
         let part = self.ops_workspace_f64(1, chunks * c * 2)?;
         self.launch(
@@ -243,6 +241,36 @@ impl CudaBackend {
                 silu: silu as i32,
             },
         )?;
-        self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), dy, x, w, b, m, r, batch * hw, hw, c, groups, silu)
+        let s = NormDparams {
+            dout: dy,
+            inp: x,
+            weight: w,
+            bias: b,
+            mean: m,
+            rstd: r,
+            rows: batch * hw,
+            hw,
+            c,
+            groups,
+            silu,
+        };
+        self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), s)
     }
+}
+
+/// What the parameter gradients of a norm read (device addresses; `bias` only with SiLU): `rows`
+/// rows of `c` channels, statistics per (sample, group) with `hw` rows a sample (a layer norm: one
+/// group, hw 1).
+struct NormDparams {
+    dout: u64,
+    inp: u64,
+    weight: u64,
+    bias: u64,
+    mean: u64,
+    rstd: u64,
+    rows: usize,
+    hw: usize,
+    c: usize,
+    groups: usize,
+    silu: bool,
 }
