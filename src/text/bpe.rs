@@ -16,6 +16,7 @@
 //! We write it ourselves rather than through the `tokenizers` crate: it is ~300 lines, it has no C
 //! dependency, and every quirk above is visible and tested against the reference.
 
+use super::{split_added, AddedToken};
 use crate::io::weights::read_json;
 use anyhow::{bail, Context, Result};
 use regex::Regex;
@@ -60,14 +61,6 @@ pub fn tokenizer_dir(dir: &Path) -> Result<PathBuf> {
         return Ok(sub);
     }
     Ok(dir.to_path_buf())
-}
-
-/// A special token split out of the text before normalization or BPE.
-#[derive(Clone, Debug)]
-struct AddedToken {
-    content: String,
-    id: u32,
-    normalized: bool,
 }
 
 /// One prompt, tokenized as the text encoder receives it.
@@ -446,30 +439,6 @@ fn parse_vocab(v: &Value, path: &Path) -> Result<HashMap<String, u32>> {
         .collect()
 }
 
-/// Splits `text` at every occurrence of the added tokens (longest match first at each position):
-/// pieces of plain text with `None`, added tokens with their id.
-fn split_added<'a, 'b>(text: &'a str, tokens: impl Iterator<Item = &'b AddedToken>) -> Vec<(&'a str, Option<u32>)> {
-    let mut tokens: Vec<&AddedToken> = tokens.filter(|t| !t.content.is_empty()).collect();
-    tokens.sort_by_key(|t| std::cmp::Reverse(t.content.len()));
-    let mut out = Vec::new();
-    let (mut start, mut i) = (0, 0);
-    while i < text.len() {
-        if let Some(t) = tokens.iter().find(|t| text[i..].starts_with(t.content.as_str())) {
-            if start < i {
-                out.push((&text[start..i], None));
-            }
-            out.push((&text[i..i + t.content.len()], Some(t.id)));
-            i += t.content.len();
-            start = i;
-        } else {
-            i += text[i..].chars().next().map_or(1, char::len_utf8);
-        }
-    }
-    if start < text.len() {
-        out.push((&text[start..], None));
-    }
-    out
-}
 
 #[cfg(test)]
 mod tests {

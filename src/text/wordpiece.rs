@@ -21,6 +21,7 @@
 //! `max_length` is 77 whatever the folder's `model_max_length` (BERT's is 512): RoentGen keeps the
 //! CLIP tokenizer's limit for every text encoder so that the U-Net sees the same context length.
 
+use super::{split_added, AddedToken};
 use crate::io::weights::read_json;
 use crate::text::bpe::Encoding;
 use anyhow::{bail, Context, Result};
@@ -50,15 +51,6 @@ impl WordPieceEncoding {
     pub fn to_encoding(&self) -> Encoding {
         Encoding { ids: self.ids.clone(), tokens: self.tokens, truncated: self.truncated }
     }
-}
-
-/// A token split out of the raw text (or, if `normalized`, out of the normalized text) before
-/// WordPiece: the special tokens, and the added tokens of a tokenizer.json.
-#[derive(Clone, Debug)]
-struct AddedToken {
-    content: String,
-    id: u32,
-    normalized: bool,
 }
 
 pub struct WordPieceTokenizer {
@@ -363,30 +355,6 @@ fn read_vocab_txt(path: &Path) -> Result<HashMap<String, u32>> {
     Ok(body.split('\n').enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect())
 }
 
-/// Splits `text` at every occurrence of the added tokens (leftmost, longest first at a position):
-/// pieces of plain text with `None`, added tokens with their id.
-fn split_added<'a, 'b>(text: &'a str, tokens: impl Iterator<Item = &'b AddedToken>) -> Vec<(&'a str, Option<u32>)> {
-    let mut tokens: Vec<&AddedToken> = tokens.filter(|t| !t.content.is_empty()).collect();
-    tokens.sort_by_key(|t| std::cmp::Reverse(t.content.len()));
-    let mut out = Vec::new();
-    let (mut start, mut i) = (0, 0);
-    while i < text.len() {
-        if let Some(t) = tokens.iter().find(|t| text[i..].starts_with(t.content.as_str())) {
-            if start < i {
-                out.push((&text[start..i], None));
-            }
-            out.push((&text[i..i + t.content.len()], Some(t.id)));
-            i += t.content.len();
-            start = i;
-        } else {
-            i += text[i..].chars().next().map_or(1, char::len_utf8);
-        }
-    }
-    if start < text.len() {
-        out.push((&text[start..], None));
-    }
-    out
-}
 
 /// The character classes of the reference (see the module doc), public for the exhaustive test.
 pub mod chars {
