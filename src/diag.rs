@@ -43,3 +43,93 @@ pub fn note(message: impl AsRef<str>) {
 pub fn progress(message: impl AsRef<str>) {
     emit(Level::Progress, message.as_ref());
 }
+
+/// A field of a request or config (a `SampleRequest`, an `OptimOptions`) that the library refused,
+/// named as the struct names it (`height`, `num_images_per_prompt`), never as a front end spells
+/// it: the command line renders the fields as its flags (`--height`, `--num-images`), a server as
+/// its JSON keys.
+#[derive(Debug)]
+pub struct SettingError {
+    /// The fields at fault, each with the value given where the message shows it.
+    pub fields: Vec<(&'static str, Option<String>)>,
+    /// What is wrong with them. Other settings it refers to are written `$field` (`pass
+    /// $overwrite to replace it`) and rendered like the fields.
+    pub problem: String,
+}
+
+impl SettingError {
+    /// One field and the value given.
+    pub fn value(field: &'static str, value: impl std::fmt::Display, problem: impl Into<String>) -> anyhow::Error {
+        SettingError { fields: vec![(field, Some(value.to_string()))], problem: problem.into() }.into()
+    }
+
+    /// Fields refused together, without their values.
+    pub fn fields(fields: &[&'static str], problem: impl Into<String>) -> anyhow::Error {
+        SettingError { fields: fields.iter().map(|&f| (f, None)).collect(), problem: problem.into() }.into()
+    }
+
+    /// The message with each field named by `name` (`field value / field value: problem`).
+    pub fn render(&self, name: impl Fn(&str) -> String) -> String {
+        let fields: Vec<String> = self
+            .fields
+            .iter()
+            .map(|(f, v)| match v {
+                Some(v) => format!("{} {v}", name(f)),
+                None => name(f),
+            })
+            .collect();
+        format!("{}: {}", fields.join(" / "), render_references(&self.problem, &name))
+    }
+}
+
+/// `text` with every `$field` replaced by `name(field)`.
+fn render_references(text: &str, name: &impl Fn(&str) -> String) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let len =
+            after.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(after.len());
+        if len == 0 {
+            out.push('$');
+        } else {
+            out.push_str(&name(&after[..len]));
+        }
+        rest = &after[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+impl std::fmt::Display for SettingError {
+    /// Fields as the library names them, in backquotes: `` `height` 15: … ``.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.render(|name| format!("`{name}`")))
+    }
+}
+
+impl std::error::Error for SettingError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_setting_names_fields_and_renders_with_any_names() {
+        let e = SettingError {
+            fields: vec![("height", Some("15".into())), ("width", Some("16".into()))],
+            problem: "both must be positive multiples of 8".into(),
+        };
+        assert_eq!(e.to_string(), "`height` 15 / `width` 16: both must be positive multiples of 8");
+        assert_eq!(e.render(|f| format!("--{f}")), "--height 15 / --width 16: both must be positive multiples of 8");
+        let e = SettingError::fields(&["guidance"], "must be a finite number").context("sampling");
+        let s = e.chain().find_map(|c| c.downcast_ref::<SettingError>()).expect("the refusal survives context");
+        assert_eq!(s.render(|f| f.to_uppercase()), "GUIDANCE: must be a finite number");
+        let e = SettingError {
+            fields: vec![("output", Some("run".into()))],
+            problem: "exists; pass $overwrite, or $resume_from_1 ($ 5)".into(),
+        };
+        assert_eq!(e.render(|f| format!("--{f}")), "--output run: exists; pass --overwrite, or --resume_from_1 ($ 5)");
+    }
+}

@@ -134,8 +134,35 @@ pub fn main() {
         if broken_pipe {
             std::process::exit(0);
         }
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", render_error(&e));
         std::process::exit(1);
+    }
+}
+
+/// `{e:#}` (the context chain joined by ": "), with the library's refused settings named by their
+/// flags.
+fn render_error(e: &anyhow::Error) -> String {
+    let parts: Vec<String> = e
+        .chain()
+        .map(|c| match c.downcast_ref::<roentgen::diag::SettingError>() {
+            Some(s) => s.render(flag_for),
+            None => c.to_string(),
+        })
+        .collect();
+    parts.join(": ")
+}
+
+/// The flag that sets a library field: `--` and the field with dashes, but for the fields whose
+/// flag is shorter or covers two fields.
+fn flag_for(field: &str) -> String {
+    match field {
+        "num_images_per_prompt" => "--num-images".to_string(),
+        "prompts" => "--prompt/--prompts".to_string(),
+        // OptimOptions: Adam's hyperparameters carry the optimizer's name on the command line.
+        "beta1" => "--adam-beta1".to_string(),
+        "beta2" => "--adam-beta2".to_string(),
+        "eps" => "--adam-eps".to_string(),
+        _ => format!("--{}", field.replace('_', "-")),
     }
 }
 

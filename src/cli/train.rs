@@ -54,7 +54,7 @@ impl OptimArgs {
 
 /// `--max-grad-norm`: 0 turns clipping off; a negative or NaN value is an error, not "off".
 pub fn grad_clip(v: f32) -> Result<Option<f32>> {
-    roentgen::train::check_non_negative("--max-grad-norm", v)?;
+    roentgen::train::check_non_negative("max_grad_norm", v)?;
     Ok((v > 0.0).then_some(v))
 }
 

@@ -10,6 +10,7 @@
 //! whole batch.
 
 use crate::backend::Backend;
+use crate::diag::SettingError;
 use crate::io::weights;
 use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::models::unet::UNet;
@@ -161,30 +162,28 @@ impl Pipeline {
     /// Checks a request before any work: sizes, counts, the initial latents' shape.
     pub fn validate(&self, r: &SampleRequest) -> Result<()> {
         let f = self.vae_scale_factor();
+        let size = || vec![("height", Some(r.height.to_string())), ("width", Some(r.width.to_string()))];
         if r.height == 0 || r.width == 0 || r.height % f != 0 || r.width % f != 0 {
-            bail!(
-                "--height {} / --width {}: both must be positive multiples of {f} (the VAE's scale factor)",
-                r.height,
-                r.width
-            );
+            let problem = format!("both must be positive multiples of {f} (the VAE's scale factor)");
+            return Err(SettingError { fields: size(), problem }.into());
         }
         if r.prompts.is_empty() {
-            bail!("no prompt given (use --prompt or --prompts FILE)");
+            return Err(SettingError::fields(&["prompts"], "no prompt given"));
         }
         if r.num_images_per_prompt == 0 || r.batch_size == 0 || r.steps == 0 {
-            bail!("--num-images, --batch-size and --steps must be at least 1");
+            return Err(SettingError::fields(&["num_images_per_prompt", "batch_size", "steps"], "must be at least 1"));
         }
         // Bounds before any allocation: the initial latents of all images are one draw.
         let n = r.prompts.len().checked_mul(r.num_images_per_prompt).filter(|&n| n <= MAX_IMAGES);
         let Some(n) = n else {
-            bail!(
-                "{} prompt(s) × --num-images {}: more than {MAX_IMAGES} images in one run; split the job",
-                r.prompts.len(),
-                r.num_images_per_prompt
+            let problem = format!(
+                "{} prompt(s) × this many images each: more than {MAX_IMAGES} images in one run; split the job",
+                r.prompts.len()
             );
+            return Err(SettingError::value("num_images_per_prompt", r.num_images_per_prompt, problem));
         };
         if r.height > MAX_IMAGE_SIDE || r.width > MAX_IMAGE_SIDE {
-            bail!("--height {} / --width {}: at most {MAX_IMAGE_SIDE} pixels", r.height, r.width);
+            return Err(SettingError { fields: size(), problem: format!("at most {MAX_IMAGE_SIDE} pixels") }.into());
         }
         let latent_bytes = n * self.unet.config.in_channels * (r.height / f) * (r.width / f) * 4;
         if latent_bytes > MAX_LATENT_BYTES {
@@ -198,19 +197,18 @@ impl Pipeline {
             );
         }
         if r.steps > MAX_STEPS {
-            bail!("--steps {}: at most {MAX_STEPS}", r.steps);
+            return Err(SettingError::value("steps", r.steps, format!("at most {MAX_STEPS}")));
         }
         if !r.guidance.is_finite() {
-            bail!("--guidance must be a finite number");
+            return Err(SettingError::fields(&["guidance"], "must be a finite number"));
         }
         if let Some(l) = &r.latents_in {
             let want = self.latent_numel(r);
             if l.len() != want {
                 let [n, c, h, w] = self.latent_shape(r);
-                bail!(
-                    "--latents-in: tensor 'latents' has {} elements; expected [{n}, {c}, {h}, {w}] = {want}",
-                    l.len()
-                );
+                let problem =
+                    format!("tensor 'latents' has {} elements; expected [{n}, {c}, {h}, {w}] = {want}", l.len());
+                return Err(SettingError::fields(&["latents_in"], problem));
             }
         }
         Ok(())

@@ -439,7 +439,6 @@ fn parse_vocab(v: &Value, path: &Path) -> Result<HashMap<String, u32>> {
         .collect()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

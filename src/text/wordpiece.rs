@@ -355,7 +355,6 @@ fn read_vocab_txt(path: &Path) -> Result<HashMap<String, u32>> {
     Ok(body.split('\n').enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect())
 }
 
-
 /// The character classes of the reference (see the module doc), public for the exhaustive test.
 pub mod chars {
     /// Dropped by clean_text: NUL, U+FFFD, and the reference's "other" characters less \t \n \r.

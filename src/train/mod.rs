@@ -15,6 +15,7 @@ pub mod schedule;
 pub mod vae;
 
 use crate::backend::Backend;
+use crate::diag::SettingError;
 use crate::models::text::{TextActs, TextEncoder, TextGrads};
 use crate::models::unet::{UNet, UNetParams};
 use crate::nn::Fmap;
@@ -49,21 +50,22 @@ pub struct OptimOptions {
 
 impl OptimOptions {
     /// Refuses settings that would train the wrong way or turn the weights into NaN after a step
-    /// (a negative or NaN learning rate, β outside [0, 1), ε ≤ 0, ...), naming the flag.
+    /// (a negative or NaN learning rate, β outside [0, 1), ε ≤ 0, ...), naming the field.
     pub fn validate(&self) -> Result<()> {
-        check_positive("--lr", self.lr)?;
-        for (flag, beta) in [("--adam-beta1", self.beta1), ("--adam-beta2", self.beta2)] {
+        check_positive("lr", self.lr)?;
+        for (field, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&beta) {
-                bail!("{flag} {beta}: must be in [0, 1)");
+                return Err(SettingError::value(field, beta, "must be in [0, 1)"));
             }
         }
-        check_positive("--adam-eps", self.eps)?;
-        check_non_negative("--weight-decay", self.weight_decay)?;
+        check_positive("eps", self.eps)?;
+        check_non_negative("weight_decay", self.weight_decay)?;
         if let Some(m) = self.max_grad_norm {
-            check_positive("--max-grad-norm", m)?;
+            check_positive("max_grad_norm", m)?;
         }
         if self.grad_accum == 0 || self.grad_accum > MAX_MICRO_BATCHES {
-            bail!("--grad-accum {}: must be between 1 and {MAX_MICRO_BATCHES}", self.grad_accum);
+            let problem = format!("must be between 1 and {MAX_MICRO_BATCHES}");
+            return Err(SettingError::value("grad_accum", self.grad_accum, problem));
         }
         Ok(())
     }
@@ -72,18 +74,18 @@ impl OptimOptions {
 /// Most micro-batches per optimizer step: each is held in memory until the step runs.
 pub const MAX_MICRO_BATCHES: usize = 65_536;
 
-/// A finite number > 0, or an error naming `flag`.
-pub fn check_positive(flag: &str, v: f32) -> Result<()> {
+/// A finite number > 0, or an error naming `field`.
+pub fn check_positive(field: &'static str, v: f32) -> Result<()> {
     if !(v.is_finite() && v > 0.0) {
-        bail!("{flag} {v}: must be a finite number greater than 0");
+        return Err(SettingError::value(field, v, "must be a finite number greater than 0"));
     }
     Ok(())
 }
 
-/// A finite number ≥ 0, or an error naming `flag`.
-pub fn check_non_negative(flag: &str, v: f32) -> Result<()> {
+/// A finite number ≥ 0, or an error naming `field`.
+pub fn check_non_negative(field: &'static str, v: f32) -> Result<()> {
     if !(v.is_finite() && v >= 0.0) {
-        bail!("{flag} {v}: must be a finite number ≥ 0");
+        return Err(SettingError::value(field, v, "must be a finite number ≥ 0"));
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use super::data::{read_manifest, OnBadImage};
 use super::job::{self, ImageDraw, OutputFolder, TrainLog};
 use super::{Batch, MicroBatchShape, Noise, OptimOptions, PredictionType, StepStats, Trainer};
 use crate::backend::Backend;
+use crate::diag::SettingError;
 use crate::io::weights;
 use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::models::unet::{UNet, UNetConfig};
@@ -68,28 +69,33 @@ impl TrainConfig {
             "train_text_encoder": o.train_text_encoder, "uncond_prob": self.uncond_prob, "ema_decay": self.ema_decay})
     }
 
-    /// Every number checked before any work, naming its flag.
+    /// Every number checked before any work, naming its field.
     pub fn validate(&self) -> Result<()> {
         if self.resolution == 0 || self.resolution % 8 != 0 || self.resolution > MAX_RESOLUTION {
-            bail!("--resolution {}: must be a positive multiple of 8, at most {MAX_RESOLUTION}", self.resolution);
+            let problem = format!("must be a positive multiple of 8, at most {MAX_RESOLUTION}");
+            return Err(SettingError::value("resolution", self.resolution, problem));
         }
         if self.batch_size == 0 || self.batch_size > MAX_BATCH {
-            bail!("--batch-size {}: must be between 1 and {MAX_BATCH}", self.batch_size);
+            return Err(SettingError::value(
+                "batch_size",
+                self.batch_size,
+                format!("must be between 1 and {MAX_BATCH}"),
+            ));
         }
         if self.steps == 0 {
-            bail!("--steps must be at least 1");
+            return Err(SettingError::fields(&["steps"], "must be at least 1"));
         }
         self.optim.validate()?;
         if !(0.0..=1.0).contains(&self.uncond_prob) {
-            bail!("--uncond-prob {}: expected a probability in [0, 1]", self.uncond_prob);
+            return Err(SettingError::value("uncond_prob", self.uncond_prob, "expected a probability in [0, 1]"));
         }
         if let Some(d) = self.ema_decay {
             if !(d > 0.0 && d <= 1.0) {
-                bail!("--ema-decay {d}: must be in (0, 1]");
+                return Err(SettingError::value("ema_decay", d, "must be in (0, 1]"));
             }
         }
         if self.checkpoints_total_limit == Some(0) {
-            bail!("--checkpoints-total-limit 0: must be at least 1");
+            return Err(SettingError::value("checkpoints_total_limit", 0, "must be at least 1"));
         }
         Ok(())
     }

@@ -11,6 +11,7 @@
 use super::{nchw_to_nhwc, OptState, OptimOptions};
 use crate::backend::plan::PlanBackend;
 use crate::backend::Backend;
+use crate::diag::SettingError;
 use crate::models::vae::{AutoencoderKL, VaeParams};
 use crate::nn::Fmap;
 use crate::tensor::{Arena, Layout, Tensor};
@@ -240,15 +241,17 @@ pub fn train_vae(
     use crate::rng::splitmix::SplitMix64;
     use anyhow::Context;
     if cfg.resolution == 0 || cfg.resolution > super::run::MAX_RESOLUTION {
-        bail!("--resolution {}: must be between 1 and {}", cfg.resolution, super::run::MAX_RESOLUTION);
+        let problem = format!("must be between 1 and {}", super::run::MAX_RESOLUTION);
+        return Err(SettingError::value("resolution", cfg.resolution, problem));
     }
     if cfg.batch_size == 0 || cfg.batch_size > super::run::MAX_BATCH || cfg.steps == 0 {
-        bail!("--batch-size (1 to {}) and --steps must be positive", super::run::MAX_BATCH);
+        let problem = format!("must be positive (the batch size at most {})", super::run::MAX_BATCH);
+        return Err(SettingError::fields(&["batch_size", "steps"], problem));
     }
     cfg.optim.validate()?;
-    super::check_non_negative("--kl-weight", cfg.kl_weight)?;
+    super::check_non_negative("kl_weight", cfg.kl_weight)?;
     if cfg.checkpoints_total_limit == Some(0) {
-        bail!("--checkpoints-total-limit 0: must be at least 1");
+        return Err(SettingError::value("checkpoints_total_limit", 0, "must be at least 1"));
     }
     let out = super::job::OutputFolder::open(&cfg.output, cfg.resume, cfg.overwrite, "train-vae")?;
     let resume_from = if cfg.resume { Some(super::checkpoint::latest(&out.dir)?) } else { None };
