@@ -3,6 +3,11 @@
 //! the application installed with [`set_handler`] — the command line prints them on stderr — and
 //! drops them when there is none (a library user who wants them installs one: a server logs them,
 //! a test collects them).
+//!
+//! Settings are named as the library's structs name them, never as a front end spells them: a
+//! refused one is a [`SettingError`]; a message that refers to one writes `$field` (`pass $resume
+//! to continue`), which a front end renders with [`render_references`] (the command line: as its
+//! flags, `--resume`).
 
 use std::sync::RwLock;
 
@@ -78,12 +83,13 @@ impl SettingError {
                 None => name(f),
             })
             .collect();
-        format!("{}: {}", fields.join(" / "), render_references(&self.problem, &name))
+        format!("{}: {}", fields.join(" / "), render_references(&self.problem, |f| Some(name(f))))
     }
 }
 
-/// `text` with every `$field` replaced by `name(field)`.
-fn render_references(text: &str, name: &impl Fn(&str) -> String) -> String {
+/// `text` with every `$field` (lower case, digits, `_`) replaced by `name(field)`; a reference
+/// `name` does not know (None) stays as written.
+pub fn render_references(text: &str, name: impl Fn(&str) -> Option<String>) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find('$') {
@@ -91,10 +97,12 @@ fn render_references(text: &str, name: &impl Fn(&str) -> String) -> String {
         let after = &rest[i + 1..];
         let len =
             after.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(after.len());
-        if len == 0 {
-            out.push('$');
-        } else {
-            out.push_str(&name(&after[..len]));
+        match (len, name(&after[..len])) {
+            (1.., Some(n)) => out.push_str(&n),
+            _ => {
+                out.push('$');
+                out.push_str(&after[..len]);
+            }
         }
         rest = &after[len..];
     }
@@ -131,5 +139,7 @@ mod tests {
             problem: "exists; pass $overwrite, or $resume_from_1 ($ 5)".into(),
         };
         assert_eq!(e.render(|f| format!("--{f}")), "--output run: exists; pass --overwrite, or --resume_from_1 ($ 5)");
+        let known = |f: &str| (f == "resume").then(|| "--resume".to_string());
+        assert_eq!(render_references("$resume, not $HOME or $other", known), "--resume, not $HOME or $other");
     }
 }

@@ -443,10 +443,12 @@ fn eval_counts_samples_by_prompt_with_rgb_and_unknown_prompts() {
 #[test]
 fn bad_input_gets_clear_errors() {
     let t = tempfile::tempdir().unwrap();
+    // The library names the settings by field (the command line renders them as flags: the
+    // phantom rows of tests/error_messages.rs).
     let e = write_phantoms(&t.path().join("x"), 0, 64, 0).unwrap_err().to_string();
-    assert!(e.contains("--count"), "{e}");
+    assert!(e.contains("`count` 0"), "{e}");
     let e = format!("{:#}", write_phantoms(&t.path().join("x"), 4, 31, 0).unwrap_err());
-    assert!(e.contains("--size") && e.contains("32"), "{e}");
+    assert!(e.contains("`size` 31") && e.contains("32"), "{e}");
 
     let empty = t.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
@@ -458,7 +460,7 @@ fn bad_input_gets_clear_errors() {
     std::fs::create_dir(&bare).unwrap();
     roentgen::io::images::write_png(&bare.join("a.png"), &vec![0.5; 64 * 64], 1, 64, 64, true, &[]).unwrap();
     let e = format!("{:#}", items_from_folder(&bare).unwrap_err());
-    assert!(e.contains("a.png") && e.contains("\"prompt\"") && e.contains("--manifest"), "{e}");
+    assert!(e.contains("a.png") && e.contains("\"prompt\"") && e.contains("$manifest"), "{e}");
 
     let m = t.path().join("m.jsonl");
     std::fs::write(&m, "{\"image\": \"a.png\"}\n").unwrap();

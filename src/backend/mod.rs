@@ -108,9 +108,9 @@ pub fn create(device: Device, precision: Precision) -> Result<Box<dyn Backend>> 
         Device::Cuda => {
             let _ = precision;
             anyhow::bail!(
-                "--device cuda: CUDA support was not compiled into this binary; rebuild with \
+                "$device cuda: CUDA support was not compiled into this binary; rebuild with \
                  `cargo build --release --features cuda` (scripts/install-cuda-toolchain.sh installs nvcc), \
-                 or use --device cpu"
+                 or use $device cpu"
             )
         }
     }

@@ -116,10 +116,13 @@ enum Command {
 
 pub fn main() {
     // The library's warnings and notes, on stderr as the rest of the command line's messages.
-    roentgen::diag::set_handler(|level, message| match level {
-        roentgen::diag::Level::Warning => eprintln!("warning: {message}"),
-        roentgen::diag::Level::Note => eprintln!("note: {message}"),
-        roentgen::diag::Level::Progress => eprintln!("{message}"),
+    roentgen::diag::set_handler(|level, message| {
+        let message = roentgen::diag::render_references(message, flag_for);
+        match level {
+            roentgen::diag::Level::Warning => eprintln!("warning: {message}"),
+            roentgen::diag::Level::Note => eprintln!("note: {message}"),
+            roentgen::diag::Level::Progress => eprintln!("{message}"),
+        }
     });
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -139,31 +142,80 @@ pub fn main() {
     }
 }
 
-/// `{e:#}` (the context chain joined by ": "), with the library's refused settings named by their
-/// flags.
+/// `{e:#}` (the context chain joined by ": "), with the library's settings (refused ones, and
+/// `$field` references) named by their flags.
 fn render_error(e: &anyhow::Error) -> String {
     let parts: Vec<String> = e
         .chain()
         .map(|c| match c.downcast_ref::<roentgen::diag::SettingError>() {
-            Some(s) => s.render(flag_for),
-            None => c.to_string(),
+            Some(s) => s.render(|f| flag_for(f).unwrap_or_else(|| format!("`{f}`"))),
+            None => roentgen::diag::render_references(&c.to_string(), flag_for),
         })
         .collect();
     parts.join(": ")
 }
 
-/// The flag that sets a library field: `--` and the field with dashes, but for the fields whose
-/// flag is shorter or covers two fields.
-fn flag_for(field: &str) -> String {
-    match field {
-        "num_images_per_prompt" => "--num-images".to_string(),
-        "prompts" => "--prompt/--prompts".to_string(),
+/// The flag that sets a library field (request and config struct fields, by name).
+fn flag_for(field: &str) -> Option<String> {
+    let flag = match field {
+        "num_images_per_prompt" => "--num-images",
+        "prompts" => "--prompt/--prompts",
         // OptimOptions: Adam's hyperparameters carry the optimizer's name on the command line.
-        "beta1" => "--adam-beta1".to_string(),
-        "beta2" => "--adam-beta2".to_string(),
-        "eps" => "--adam-eps".to_string(),
-        _ => format!("--{}", field.replace('_', "-")),
-    }
+        "beta1" | "adam_beta1" => "--adam-beta1",
+        "beta2" | "adam_beta2" => "--adam-beta2",
+        "eps" | "adam_eps" => "--adam-eps",
+        "height"
+        | "width"
+        | "steps"
+        | "guidance"
+        | "latents_in"
+        | "batch_size"
+        | "lr"
+        | "weight_decay"
+        | "max_grad_norm"
+        | "grad_accum"
+        | "resolution"
+        | "uncond_prob"
+        | "ema_decay"
+        | "checkpoints_total_limit"
+        | "kl_weight"
+        | "output"
+        | "resume"
+        | "overwrite"
+        | "on_bad_image"
+        | "allow_changed_settings"
+        | "text_encoder"
+        | "ema"
+        | "model"
+        | "size"
+        | "count"
+        | "out"
+        | "seed"
+        | "device"
+        | "variant"
+        | "manifest"
+        | "features"
+        | "clip_config"
+        | "bin_width"
+        | "reference_size"
+        | "iters"
+        | "warmup"
+        | "batch"
+        | "lr_schedule"
+        | "unet_init_random"
+        | "text_encoder_init_random"
+        | "data"
+        | "config"
+        | "log_every"
+        | "checkpoint_every"
+        | "train_text_encoder"
+        | "cache_latents"
+        | "precision"
+        | "scheduler"
+        | "dump" => return Some(format!("--{}", field.replace('_', "-"))),
+        _ => return None,
+    };
+    Some(flag.to_string())
 }
 
 fn run(cli: Cli) -> Result<()> {

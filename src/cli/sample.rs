@@ -296,10 +296,10 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
             skip[i] = true;
             continue;
         }
-        files::check_output_file(p, existing, "--out")?;
+        files::check_output_file(p, existing, "out")?;
     }
     if let Some(d) = &a.dump {
-        files::check_output_file(d, existing, "--dump")?;
+        files::check_output_file(d, existing, "dump")?;
     }
     files::clean_leftovers(files::parent_dir(&paths[0]), false)?;
     let todo = skip.iter().filter(|s| !**s).count();

@@ -278,7 +278,7 @@ fn encode_text(
     random_weights: bool,
 ) -> Result<()> {
     // The output path before the work (the write would otherwise fail after encoding, naming a temporary).
-    roentgen::io::files::check_output_file(out, roentgen::io::files::Existing::Replace, "--out")?;
+    roentgen::io::files::check_output_file(out, roentgen::io::files::Existing::Replace, "out")?;
     let te_dir = weights::component_dir(model, "text_encoder")?;
     let tok_dir = match tokenizer {
         Some(t) => t.to_path_buf(),

@@ -219,7 +219,7 @@ impl ClipVision {
         let extra = format!("vision_model.encoder.layers.{}.layer_norm1.weight", config.num_hidden_layers);
         if w.has(&extra) {
             bail!(
-                "{}: tensor '{extra}' exists, but the CLIP config has {} layers (pass the checkpoint's config.json with --clip-config)",
+                "{}: tensor '{extra}' exists, but the CLIP config has {} layers (pass the checkpoint's config.json with $clip_config)",
                 w.src.describe(),
                 config.num_hidden_layers
             );

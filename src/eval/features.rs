@@ -120,7 +120,7 @@ impl FeatureNet {
 
     pub fn from_source(kind: FeatureKind, src: &dyn TensorSource, clip_config: Option<&Path>) -> Result<FeatureNet> {
         if clip_config.is_some() && !matches!(kind, FeatureKind::Clip | FeatureKind::ClipProj) {
-            bail!("--clip-config applies to --features clip and clip-proj only");
+            bail!("$clip_config applies to $features clip and clip-proj only");
         }
         Ok(match kind {
             FeatureKind::Inception => {

@@ -300,10 +300,7 @@ pub fn groups_from_folder(dir: &Path) -> Result<Groups> {
         .par_iter()
         .map(|p| {
             png_prompt(p)?.with_context(|| {
-                format!(
-                    "{}: no \"prompt\" text chunk (not written by `roentgen sample`?); pass --manifest",
-                    p.display()
-                )
+                format!("{}: no \"prompt\" text chunk (not written by `roentgen sample`?); pass $manifest", p.display())
             })
         })
         .collect();
@@ -419,7 +416,7 @@ pub struct Report {
 /// Scores every prompt group and summarises overall and per token-length bin.
 pub fn evaluate(groups: &Groups, tok: &ClipTokenizer, bin_width: usize) -> Result<Report> {
     if bin_width == 0 {
-        bail!("--bin-width must be at least 1");
+        bail!("$bin_width must be at least 1");
     }
     let scored: Vec<Result<PromptScore>> = groups
         .par_iter()

@@ -115,7 +115,7 @@ impl Weights<'_> {
             Some(first) => format!("it holds {} tensors, e.g. '{first}'", names.len()),
         };
         anyhow!(
-            "{}: tensor '{name}' is missing: these are not {} weights ({hint}); see `roentgen eval fid --help` for converting the public release",
+            "{}: tensor '{name}' is missing: these are not {} weights ({hint}); the README's evaluation section says how to convert the public release",
             self.src.describe(),
             self.network
         )

@@ -35,10 +35,10 @@ const MODEL_COMPONENTS: [&str; 3] = ["text_encoder", "unet", "vae"];
 
 pub fn export(src: &Path, dst: &Path, dtype: ExportDtype, ema: bool, overwrite: bool) -> Result<ExportReport> {
     if !src.join("model_index.json").is_file() {
-        bail!("--model {}: not a pipeline folder (no model_index.json)", src.display());
+        bail!("$model {}: not a pipeline folder (no model_index.json)", src.display());
     }
     if dst.exists() && std::fs::read_dir(dst).map(|mut d| d.next().is_some()).unwrap_or(true) && !overwrite {
-        bail!("--out {}: exists and is not empty (pass --overwrite to replace it)", dst.display());
+        bail!("$out {}: exists and is not empty (pass $overwrite to replace it)", dst.display());
     }
     // Build in a temporary sibling, then rename: an interrupted export never leaves half a model.
     crate::io::files::clean_leftovers(crate::io::files::parent_dir(dst), false)?;
@@ -64,7 +64,7 @@ pub fn export(src: &Path, dst: &Path, dtype: ExportDtype, ema: bool, overwrite: 
         let from = if comp == "unet" && ema { src.join("unet_ema") } else { src.join(comp) };
         if !from.is_dir() {
             if comp == "unet" && ema {
-                bail!("--ema: {} has no unet_ema/ (train with --ema)", src.display());
+                bail!("$ema: {} has no unet_ema/ (train with $ema)", src.display());
             }
             continue;
         }

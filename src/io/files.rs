@@ -36,24 +36,25 @@ pub enum Existing {
 }
 
 /// Checks, before any work, that `path` can receive an output file: nothing there, or (with
-/// `Existing::Replace`) a regular file. `flag` names the option that chose the path, for the message.
-pub fn check_output_file(path: &Path, existing: Existing, flag: &str) -> Result<()> {
+/// `Existing::Replace`) a regular file. `field` names the setting that chose the path, for the
+/// message (as a `$field` reference: see `diag`).
+pub fn check_output_file(path: &Path, existing: Existing, field: &str) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => bail!("{flag} {}: cannot inspect the path: {e}", path.display()),
+        Err(e) => bail!("${field} {}: cannot inspect the path: {e}", path.display()),
         Ok(m) if !m.file_type().is_file() => bail!(
-            "{flag} {}: exists and is not a regular file ({}); refusing to replace it",
+            "${field} {}: exists and is not a regular file ({}); refusing to replace it",
             path.display(),
             kind_of(&m)
         ),
         Ok(_) if existing == Existing::Refuse => {
-            bail!("{flag} {}: the file exists; pass --overwrite to replace it", path.display())
+            bail!("${field} {}: the file exists; pass $overwrite to replace it", path.display())
         }
         Ok(_) => {}
     }
     let dir = parent_dir(path);
     if !dir.is_dir() {
-        bail!("{flag} {}: the folder {} does not exist", path.display(), dir.display());
+        bail!("${field} {}: the folder {} does not exist", path.display(), dir.display());
     }
     Ok(())
 }

@@ -134,7 +134,7 @@ pub fn weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
     let hint = if listing.iter().any(|f| f.ends_with(".bin") || f.ends_with(".ckpt") || f.ends_with(".pt")) {
         " (PyTorch pickle files are not read: convert them to safetensors)"
     } else if variant.is_none() && listing.iter().any(|f| f.contains(".fp16.")) {
-        " (only an fp16 variant is present: pass --variant fp16)"
+        " (only an fp16 variant is present: pass $variant fp16)"
     } else {
         ""
     };

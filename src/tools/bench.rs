@@ -149,10 +149,10 @@ pub const MAX_ITERS: usize = 100_000;
 
 pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchReport> {
     if o.iters == 0 || o.iters > MAX_ITERS || o.warmup > MAX_ITERS {
-        bail!("--iters must be between 1 and {MAX_ITERS} (and --warmup at most {MAX_ITERS})");
+        bail!("$iters must be between 1 and {MAX_ITERS} (and $warmup at most {MAX_ITERS})");
     }
     if o.batch == 0 || o.batch > 4096 || o.height == 0 || o.width == 0 || o.height > 8192 || o.width > 8192 {
-        bail!("--batch (1 to 4096), --height and --width (1 to 8192 pixels) are out of range");
+        bail!("$batch (1 to 4096), $height and $width (1 to 8192 pixels) are out of range");
     }
     let report = |stage: &str,
                   shape: String,
@@ -186,7 +186,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             };
             let vae_scale = vae_scale(o.model)?;
             if o.height % vae_scale != 0 || o.width % vae_scale != 0 {
-                bail!("--height/--width must be multiples of {vae_scale} (the VAE's scale factor)");
+                bail!("$height/$width must be multiples of {vae_scale} (the VAE's scale factor)");
             }
             let (h, w, n) = (o.height / vae_scale, o.width / vae_scale, 2 * o.batch);
             let ctx_len = 77;
@@ -225,7 +225,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             };
             let f = vae.config.scale_factor();
             if o.height % f != 0 || o.width % f != 0 {
-                bail!("--height/--width must be multiples of {f} (the VAE's scale factor)");
+                bail!("$height/$width must be multiples of {f} (the VAE's scale factor)");
             }
             let (h, w) = (o.height / f, o.width / f);
             let (_, flops) = vae.plan_decode(o.batch, h, w)?;

@@ -22,19 +22,19 @@ impl OutputFolder {
     /// stale).
     pub fn open(dir: &Path, resume: bool, overwrite: bool, job: &str) -> Result<OutputFolder> {
         if dir.exists() && !dir.is_dir() {
-            bail!("--output {}: exists and is not a folder", dir.display());
+            bail!("$output {}: exists and is not a folder", dir.display());
         }
         // Our lock file alone (a run that failed at its start) does not make a folder "used".
         let non_empty = dir.is_dir()
             && std::fs::read_dir(dir).map(|d| d.flatten().any(|e| e.file_name() != FolderLock::FILE)).unwrap_or(false);
         if non_empty && !resume && !overwrite {
             bail!(
-                "--output {}: the folder exists and is not empty; pass --resume to continue its latest checkpoint, \
-                 or --overwrite to write new checkpoints into it",
+                "$output {}: the folder exists and is not empty; pass $resume to continue its latest checkpoint, \
+                 or $overwrite to write new checkpoints into it",
                 dir.display()
             );
         }
-        std::fs::create_dir_all(dir).with_context(|| format!("--output {}: cannot create", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("$output {}: cannot create", dir.display()))?;
         let lock = FolderLock::acquire(dir, job)?;
         for p in files::clean_leftovers(dir, true)? {
             crate::diag::note(format!("removed {}, left by an interrupted run", p.display()));
@@ -117,7 +117,7 @@ pub fn usable_rows(
     if !bad.is_empty() {
         match on_bad {
             OnBadImage::Fail => bail!(
-                "{} unreadable or missing image(s), e.g. {} (use --on-bad-image skip to leave them out)",
+                "{} unreadable or missing image(s), e.g. {} (use $on_bad_image skip to leave them out)",
                 bad.len(),
                 bad[0]
             ),
@@ -164,7 +164,7 @@ impl<'a> ImageDraw<'a> {
                 Err(e) => {
                     let at = format!("{}:{}", self.manifest.display(), self.rows[i].line);
                     if self.on_bad == OnBadImage::Fail {
-                        return Err(e.context(format!("{at} (use --on-bad-image skip to leave such images out)")));
+                        return Err(e.context(format!("{at} (use $on_bad_image skip to leave such images out)")));
                     }
                     self.bad[i] = true;
                     self.skipped += 1;
@@ -204,14 +204,13 @@ pub fn check_resume_settings(
             (a, b) => a == b,
         };
         if !same {
-            let flag =
-                if k == "ema_decay" { "--ema/--ema-decay".to_string() } else { format!("--{}", k.replace('_', "-")) };
+            let flag = if k == "ema_decay" { "$ema/$ema_decay".to_string() } else { format!("${k}") };
             diffs.push(format!("{flag} {v} (checkpoint: {old})"));
         }
     }
     if !diffs.is_empty() && !allow {
         bail!(
-            "--resume: {} was trained with other settings ({}): {}; pass --allow-changed-settings to continue with the new ones",
+            "$resume: {} was trained with other settings ({}): {}; pass $allow_changed_settings to continue with the new ones",
             ckpt.display(),
             ckpt.join("training_state/trainer.json").display(),
             diffs.join(", ")
@@ -227,7 +226,7 @@ pub fn check_resume_settings(
 pub fn retain_checkpoints(dir: &Path, limit: Option<usize>) -> Result<()> {
     if let Some(limit) = limit {
         for p in super::checkpoint::prune(dir, limit)? {
-            crate::diag::note(format!("removed {} (--checkpoints-total-limit {limit})", p.display()));
+            crate::diag::note(format!("removed {} ($checkpoints_total_limit {limit})", p.display()));
         }
     }
     Ok(())

@@ -145,7 +145,7 @@ impl Models {
         let (tok_dir, te_dir) = match text_override {
             Some(t) => {
                 if !t.join("config.json").is_file() {
-                    bail!("--text-encoder {}: no config.json (expected a transformers model folder)", t.display());
+                    bail!("$text_encoder {}: no config.json (expected a transformers model folder)", t.display());
                 }
                 (t.to_path_buf(), t.to_path_buf())
             }
@@ -173,7 +173,7 @@ impl Models {
         if text.hidden_size() != unet.config.cross_attention_dim {
             bail!(
                 "the text encoder's hidden size {} does not match the U-Net's cross_attention_dim {}; \
-                 a new text encoder needs a new U-Net: add --unet-init random",
+                 a new text encoder needs a new U-Net: add $unet_init random",
                 text.hidden_size(),
                 unet.config.cross_attention_dim
             );
@@ -285,7 +285,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
     let models = Models::load(b, &load_dir, cfg.variant.as_deref(), unet_random, cfg.seed, text_override, text_random)?;
     let f = models.vae.config.scale_factor();
     if cfg.resolution % f != 0 {
-        bail!("--resolution {} is not a multiple of the VAE's scale factor {f}", cfg.resolution);
+        bail!("$resolution {} is not a multiple of the VAE's scale factor {f}", cfg.resolution);
     }
     let lat = cfg.resolution / f;
 
@@ -333,7 +333,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
         if let Some(table) = trainer.ema_table() {
             let dir = ckpt.join("unet_ema");
             let files = weights::weight_files(&dir, None)
-                .with_context(|| format!("{}: --ema needs the checkpoint's EMA weights", ckpt.display()))?;
+                .with_context(|| format!("{}: $ema needs the checkpoint's EMA weights", ckpt.display()))?;
             weights::load_into(b, table, &files, &weights::no_alias)?;
         }
         crate::diag::progress(format!("resuming from {} at step {step}", ckpt.display()));
@@ -423,7 +423,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
         crate::diag::warn(format!("{} image(s) failed to decode while training and were replaced", draw.skipped));
     }
     r.map_err(|e| job::with_checkpoint_note(e, last_ckpt.as_deref()))?;
-    last_ckpt.context("no step was run (the checkpoint is already at --steps)")
+    last_ckpt.context("no step was run (the checkpoint is already at $steps)")
 }
 
 /// Reads a `train-step` batch file: `latents` [n, c, h, w] (scaled, what the U-Net sees) or
@@ -535,9 +535,9 @@ pub fn train_step(
     optim.validate()?;
     match std::fs::symlink_metadata(output) {
         Ok(m) if !m.is_dir() => {
-            bail!("--output {}: exists and is {}, not a folder", output.display(), crate::io::files::kind_of(&m))
+            bail!("$output {}: exists and is {}, not a folder", output.display(), crate::io::files::kind_of(&m))
         }
-        Ok(_) if !overwrite => bail!("--output {}: exists; pass --overwrite to replace it", output.display()),
+        Ok(_) if !overwrite => bail!("$output {}: exists; pass $overwrite to replace it", output.display()),
         _ => {}
     }
     let models = Models::load(b, model, variant, false, 0, None, false)?;

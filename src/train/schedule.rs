@@ -20,13 +20,13 @@ impl LrSchedule {
         Ok(match name {
             "constant" => {
                 if warmup > 0 {
-                    bail!("--lr-schedule constant takes no warmup; use constant_with_warmup");
+                    bail!("$lr_schedule constant takes no warmup; use constant_with_warmup");
                 }
                 LrSchedule::Constant
             }
             "constant_with_warmup" => LrSchedule::ConstantWithWarmup { warmup },
             "cosine" => LrSchedule::Cosine { warmup },
-            other => bail!("--lr-schedule '{other}': expected constant, constant_with_warmup or cosine"),
+            other => bail!("$lr_schedule '{other}': expected constant, constant_with_warmup or cosine"),
         })
     }
 

@@ -274,7 +274,7 @@ pub fn train_vae(
         crate::models::init_default(b, &v.table, cfg.seed)?;
         (v, crate::io::weights::read_json(c)?)
     } else {
-        bail!("give --model (a VAE or pipeline folder to fine-tune) or --config (a VAE config to train from scratch)");
+        bail!("give $model (a VAE or pipeline folder to fine-tune) or $config (a VAE config to train from scratch)");
     };
     let good = super::job::usable_rows(
         &cfg.data,
@@ -323,5 +323,5 @@ pub fn train_vae(
         Ok(())
     };
     run().map_err(|e| super::job::with_checkpoint_note(e, last.as_deref()))?;
-    last.context("no step was run (the checkpoint is already at --steps)")
+    last.context("no step was run (the checkpoint is already at $steps)")
 }

@@ -334,12 +334,12 @@ impl CudaDriver {
     /// where there is no driver, no such device, or a device older than the kernels (sm_80).
     pub(crate) fn open(ordinal: usize) -> Result<CudaDriver> {
         if !driver_present() {
-            bail!("--device cuda: no CUDA driver (libcuda.so) on this machine; use --device cpu");
+            bail!("$device cuda: no CUDA driver (libcuda.so) on this machine; use $device cpu");
         }
         driver(cu::init(), "cuInit")?;
         let count = driver(cu::device::get_count(), "cuDeviceGetCount")?;
-        ensure!(count > 0, "--device cuda: the CUDA driver sees no GPU");
-        ensure!((ordinal as i32) < count, "--device cuda:{ordinal}: only {count} GPU(s)");
+        ensure!(count > 0, "$device cuda: the CUDA driver sees no GPU");
+        ensure!((ordinal as i32) < count, "$device cuda:{ordinal}: only {count} GPU(s)");
         let dev = driver(cu::device::get(ordinal as i32), "cuDeviceGet")?;
         let gpu = driver(cu::device::get_name(dev), "cuDeviceGetName")?;
         // SAFETY: dev is a valid device; the primary context is retained for the process's life.
@@ -350,7 +350,7 @@ impl CudaDriver {
         let minor = driver(attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR), "attribute")?;
         ensure!(
             major >= 8,
-            "--device cuda: {gpu} has compute capability {major}.{minor}; the kernels need 8.0 or newer (A100, H100)"
+            "$device cuda: {gpu} has compute capability {major}.{minor}; the kernels need 8.0 or newer (A100, H100)"
         );
         // A blocking stream: synchronous copies on the legacy stream order after its work.
         let stream = driver(cu::stream::create(cu::stream::StreamKind::Default), "cuStreamCreate")?;
@@ -603,13 +603,13 @@ impl Device for CudaDriver {
     fn open_blas(&mut self) -> Result<()> {
         // SAFETY: loads libcublas dynamically; a missing library is reported, not a crash.
         if !unsafe { cublas_sys::is_culib_present() } {
-            bail!("--device cuda: the driver is present but libcublas is not; install the CUDA toolkit's cuBLAS");
+            bail!("$device cuda: the driver is present but libcublas is not; install the CUDA toolkit's cuBLAS");
         }
         self.blas = cublas::create_handle().map_err(|e| anyhow!("cuBLAS: create handle: {e:?}"))?;
         unsafe { cublas::set_stream(self.blas, self.stream as cublas_sys::cudaStream_t) }
             .map_err(|e| anyhow!("cuBLAS: set stream: {e:?}"))?;
         if !unsafe { lts::is_culib_present() } {
-            bail!("--device cuda: the driver is present but libcublasLt is not; install the CUDA toolkit's cuBLAS");
+            bail!("$device cuda: the driver is present but libcublasLt is not; install the CUDA toolkit's cuBLAS");
         }
         self.lt_handle = lt::create_handle().map_err(|e| anyhow!("cuBLASLt: create handle: {e:?}"))?;
         Ok(())

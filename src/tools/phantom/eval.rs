@@ -99,7 +99,7 @@ pub fn items_from_folder(dir: &Path) -> Result<Vec<Item>> {
         .map(|p| {
             let prompt = png_text(&p, "prompt")?.with_context(|| {
                 format!(
-                    "{}: no \"prompt\" text chunk (not written by `roentgen sample` or `roentgen phantom`?); pass --manifest",
+                    "{}: no \"prompt\" text chunk (not written by `roentgen sample` or `roentgen phantom`?); pass $manifest",
                     p.display()
                 )
             })?;
@@ -334,7 +334,7 @@ pub fn evaluate(items: &[Item], opts: &EvalOptions) -> Result<Report> {
     }
     let common = widths.iter().max_by_key(|(w, n)| (**n, std::cmp::Reverse(**w))).map(|(w, _)| *w).unwrap_or(128);
     let reference_size = opts.reference_size.unwrap_or(common.clamp(super::write::MIN_SIZE, 256));
-    super::write::check_size(reference_size).context("--reference-size")?;
+    super::write::check_size(reference_size).context("$reference_size")?;
     let reference = if opts.reference_count == 0 {
         BTreeMap::new()
     } else {

@@ -1,6 +1,7 @@
 //! `roentgen phantom`: writes a folder of phantoms, their manifest and a label summary.
 
 use super::spec::Findings;
+use crate::diag::SettingError;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde_json::json;
@@ -69,10 +70,12 @@ impl Summary {
 
 pub fn check_size(size: usize) -> Result<()> {
     if size < MIN_SIZE {
-        bail!("--size {size}: phantoms need at least {MIN_SIZE}×{MIN_SIZE} pixels (ribs and pleural lines vanish below that)");
+        let problem =
+            format!("phantoms need at least {MIN_SIZE}×{MIN_SIZE} pixels (ribs and pleural lines vanish below that)");
+        return Err(SettingError::value("size", size, problem));
     }
     if size > MAX_SIZE {
-        bail!("--size {size}: at most {MAX_SIZE}");
+        return Err(SettingError::value("size", size, format!("at most {MAX_SIZE}")));
     }
     Ok(())
 }
@@ -86,18 +89,19 @@ pub fn file_name(i: usize, count: usize) -> String {
 /// Writes the phantoms, the manifest and summary.json; returns the summary.
 pub fn write_phantoms(out: &Path, count: usize, size: usize, seed: u64) -> Result<Summary> {
     if count == 0 {
-        bail!("--count 0: nothing to generate (give at least 1)");
+        return Err(SettingError::value("count", 0, "nothing to generate (give at least 1)"));
     }
     if count > MAX_COUNT {
-        bail!("--count {count}: at most {MAX_COUNT} phantoms per run (use several --seed values for more)");
+        let problem = format!("at most {MAX_COUNT} phantoms per run (use several $seed values for more)");
+        return Err(SettingError::value("count", count, problem));
     }
     check_size(size)?;
     if let Ok(m) = std::fs::metadata(out) {
         if !m.is_dir() {
-            bail!("--out {}: exists and is {}, not a folder", out.display(), crate::io::files::kind_of(&m));
+            bail!("$out {}: exists and is {}, not a folder", out.display(), crate::io::files::kind_of(&m));
         }
     }
-    std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create folder", out.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("$out {}: cannot create folder", out.display()))?;
     crate::io::files::clean_leftovers(out, false)?;
     let rows: Vec<Result<(String, Findings)>> = (0..count)
         .into_par_iter()
