@@ -155,67 +155,38 @@ fn render_error(e: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
-/// The flag that sets a library field (request and config struct fields, by name).
+/// The library fields (of its request, config and option structs) whose flag is `--` and the
+/// field with dashes.
+#[rustfmt::skip]
+const PLAIN_FLAGS: &[&str] = &[
+    // sample
+    "height", "width", "steps", "guidance", "latents_in", "batch_size", "seed", "scheduler", "dump", "out",
+    "model", "variant", "device", "precision",
+    // train, train-vae, train-step
+    "lr", "weight_decay", "max_grad_norm", "grad_accum", "lr_schedule", "resolution", "uncond_prob", "ema",
+    "ema_decay", "checkpoints_total_limit", "kl_weight", "output", "resume", "overwrite", "on_bad_image",
+    "allow_changed_settings", "text_encoder", "unet_init_random", "text_encoder_init_random", "data", "config",
+    "log_every", "checkpoint_every", "train_text_encoder", "cache_latents",
+    // eval, phantom, bench
+    "manifest", "features", "clip_config", "bin_width", "reference_size", "size", "count", "iters", "warmup",
+    "batch",
+    // prepare mimic / iu-xray
+    "root", "reports", "metadata", "tokenizer", "image_ext", "images", "views", "section", "min_chars",
+    "max_tokens", "groups", "sample", "split", "cap_no_finding", "summary",
+];
+
+/// The flag that sets a library field, by the field's name (None: not a setting we know).
 fn flag_for(field: &str) -> Option<String> {
-    let flag = match field {
+    let special = match field {
         "num_images_per_prompt" => "--num-images",
         "prompts" => "--prompt/--prompts",
         // OptimOptions: Adam's hyperparameters carry the optimizer's name on the command line.
         "beta1" | "adam_beta1" => "--adam-beta1",
         "beta2" | "adam_beta2" => "--adam-beta2",
         "eps" | "adam_eps" => "--adam-eps",
-        "height"
-        | "width"
-        | "steps"
-        | "guidance"
-        | "latents_in"
-        | "batch_size"
-        | "lr"
-        | "weight_decay"
-        | "max_grad_norm"
-        | "grad_accum"
-        | "resolution"
-        | "uncond_prob"
-        | "ema_decay"
-        | "checkpoints_total_limit"
-        | "kl_weight"
-        | "output"
-        | "resume"
-        | "overwrite"
-        | "on_bad_image"
-        | "allow_changed_settings"
-        | "text_encoder"
-        | "ema"
-        | "model"
-        | "size"
-        | "count"
-        | "out"
-        | "seed"
-        | "device"
-        | "variant"
-        | "manifest"
-        | "features"
-        | "clip_config"
-        | "bin_width"
-        | "reference_size"
-        | "iters"
-        | "warmup"
-        | "batch"
-        | "lr_schedule"
-        | "unet_init_random"
-        | "text_encoder_init_random"
-        | "data"
-        | "config"
-        | "log_every"
-        | "checkpoint_every"
-        | "train_text_encoder"
-        | "cache_latents"
-        | "precision"
-        | "scheduler"
-        | "dump" => return Some(format!("--{}", field.replace('_', "-"))),
-        _ => return None,
+        _ => return PLAIN_FLAGS.contains(&field).then(|| format!("--{}", field.replace('_', "-"))),
     };
-    Some(flag.to_string())
+    Some(special.to_string())
 }
 
 fn run(cli: Cli) -> Result<()> {

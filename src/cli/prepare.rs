@@ -27,10 +27,12 @@ pub fn run(cmd: PrepareCommand) -> Result<()> {
             (iu::run(a)?, json)
         }
     };
+    // The summary names the filters by their settings (`$min_chars 7`): shown here as flags.
+    let flags = |text: &str| roentgen::diag::render_references(text, super::flag_for);
     if json {
-        println!("{}", serde_json::to_string(&done.summary)?);
+        println!("{}", flags(&serde_json::to_string(&done.summary)?));
     } else {
-        print!("{}", done.summary.render());
+        print!("{}", flags(&done.summary.render()));
         println!("wrote {} ({} rows) and {}", done.manifest.display(), done.rows, done.summary_file.display());
     }
     Ok(())

@@ -111,7 +111,7 @@ pub fn parse_report(file: &str, xml: &str) -> Result<IuReport> {
     for id in &images {
         if let Err(why) = super::check_component(id) {
             bail!(
-                "{file}: <parentImage id={id:?}> {why}: image ids are file names under --images; refusing the reports"
+                "{file}: <parentImage id={id:?}> {why}: image ids are file names under $images; refusing the reports"
             );
         }
     }
@@ -201,26 +201,26 @@ fn view_of<'a>(views: &'a HashMap<String, String>, id: &str) -> Option<&'a str> 
 
 pub fn run(a: IuArgs) -> Result<super::Prepared> {
     // Every check on the arguments comes before any reading, so a typo costs nothing.
-    super::existing("--reports", &a.reports, false)?;
+    super::existing("$reports", &a.reports, false)?;
     if let Some(m) = &a.metadata {
-        super::existing("--metadata", m, false)?;
+        super::existing("$metadata", m, false)?;
     }
     if let Some(t) = &a.tokenizer {
-        super::existing("--tokenizer", t, true)?;
+        super::existing("$tokenizer", t, true)?;
     }
     // The extension is appended to every image id: letters and digits only, so it cannot add a path.
     if a.image_ext.is_empty() || !a.image_ext.chars().all(|c| c.is_ascii_alphanumeric()) {
-        bail!("--image-ext {:?}: give an extension of letters and digits, without the dot (png, jpg)", a.image_ext);
+        bail!("$image_ext {:?}: give an extension of letters and digits, without the dot (png, jpg)", a.image_ext);
     }
     let views = super::parse_views(&a.views)?;
-    let mut inputs: Vec<(&str, &Path)> = vec![("--reports", a.reports.as_path())];
+    let mut inputs: Vec<(&str, &Path)> = vec![("$reports", a.reports.as_path())];
     if let Some(m) = &a.metadata {
-        inputs.push(("--metadata", m.as_path()));
+        inputs.push(("$metadata", m.as_path()));
     }
     let outputs = super::plan_outputs(&a.out, a.summary.as_deref(), &inputs)?;
     let meta = match (&a.metadata, &views) {
         (Some(m), _) => Some(read_views(m)?),
-        (None, Some(_)) => bail!("--views {} needs --metadata (the XML reports carry no view)", a.views),
+        (None, Some(_)) => bail!("$views {} needs $metadata (the XML reports carry no view)", a.views),
         (None, None) => None,
     };
     if let (Some(m), Some(v)) = (&meta, &views) {
@@ -286,11 +286,11 @@ pub fn run(a: IuArgs) -> Result<super::Prepared> {
     let names = ["no_image (reports)", "view", "no_section", "too_short", "too_many_tokens"];
     if rows.is_empty() {
         let flags = [
-            format!("--reports {}", a.reports.display()),
-            format!("--views {}", a.views),
-            format!("--section {}", format!("{:?}", a.section).to_lowercase()),
-            format!("--min-chars {}", a.min_chars),
-            format!("--max-tokens {}", a.max_tokens),
+            format!("$reports {}", a.reports.display()),
+            format!("$views {}", a.views),
+            format!("$section {}", format!("{:?}", a.section).to_lowercase()),
+            format!("$min_chars {}", a.min_chars),
+            format!("$max_tokens {}", a.max_tokens),
         ];
         let rules: Vec<(&str, usize, String)> =
             names.iter().zip(counts).zip(flags).map(|((n, c), f)| (*n, c, f)).collect();

@@ -151,10 +151,10 @@ fn parse_groups(s: &str) -> Result<BTreeSet<String>> {
     let valid: Vec<String> = GROUPS.map(|i| format!("p{i}")).collect();
     let g: BTreeSet<String> = s.split(',').map(|x| x.trim().to_ascii_lowercase()).filter(|x| !x.is_empty()).collect();
     if g.is_empty() {
-        bail!("--groups {s:?}: give one or more of {}", valid.join(", "));
+        bail!("$groups {s:?}: give one or more of {}", valid.join(", "));
     }
     if let Some(bad) = g.iter().find(|x| !valid.contains(x)) {
-        bail!("--groups {s}: unknown subject group {bad:?}; MIMIC-CXR has {}", valid.join(", "));
+        bail!("$groups {s}: unknown subject group {bad:?}; MIMIC-CXR has {}", valid.join(", "));
     }
     Ok(g)
 }
@@ -169,13 +169,13 @@ fn input_files(root: &Path) -> Vec<PathBuf> {
 
 pub fn run(a: MimicArgs) -> Result<super::Prepared> {
     // Every check on the arguments comes before any reading, so a typo costs nothing.
-    let root = super::existing("--root", &a.root, true)?;
+    let root = super::existing("$root", &a.root, true)?;
     let reports = match a.reports.as_deref() {
         Some(r) => {
-            let r = super::existing("--reports", r, true)?;
+            let r = super::existing("$reports", r, true)?;
             if !r.join("files").is_dir() {
                 bail!(
-                    "--reports {}: no files/ folder in it (expected files/pXX/pSUBJECT/sSTUDY.txt, as \
+                    "$reports {}: no files/ folder in it (expected files/pXX/pSUBJECT/sSTUDY.txt, as \
                      mimic-cxr-reports.zip unpacks)",
                     r.display()
                 );
@@ -192,13 +192,13 @@ pub fn run(a: MimicArgs) -> Result<super::Prepared> {
         (None, Split::Test) => None,
     };
     if a.sample == Some(0) {
-        bail!("--sample 0 keeps no images; give N ≥ 1, or leave --sample out to keep all");
+        bail!("$sample 0 keeps no images; give N ≥ 1, or leave $sample out to keep all");
     }
     if let Some(t) = &a.tokenizer {
-        super::existing("--tokenizer", t, true)?;
+        super::existing("$tokenizer", t, true)?;
     }
     let inputs = input_files(&root);
-    let input_flags: Vec<(&str, &Path)> = inputs.iter().map(|p| ("--root", p.as_path())).collect();
+    let input_flags: Vec<(&str, &Path)> = inputs.iter().map(|p| ("$root", p.as_path())).collect();
     let outputs = super::plan_outputs(&a.out, a.summary.as_deref(), &input_flags)?;
     let tok = super::load_tokenizer(a.tokenizer.as_deref())?;
     let filter = TextFilter { min_chars: a.min_chars, max_tokens: a.max_tokens };
@@ -358,16 +358,16 @@ pub fn run(a: MimicArgs) -> Result<super::Prepared> {
     if images.is_empty() {
         let flag = |name: &str| match name {
             "split" => format!(
-                "--split {} --groups {}",
+                "$split {} $groups {}",
                 format!("{:?}", a.split).to_lowercase(),
                 groups.as_ref().map_or("all".into(), |g| { g.iter().cloned().collect::<Vec<_>>().join(",") })
             ),
-            "view" => format!("--views {}", a.views),
-            "missing_image" => format!("--root {}", root.display()),
-            "missing_report" | "no_impression" => format!("--reports {}", reports.display()),
-            "too_short" => format!("--min-chars {}", a.min_chars),
-            "too_many_tokens" => format!("--max-tokens {}", a.max_tokens),
-            "no_finding_cap" => format!("--cap-no-finding {}", a.cap_no_finding.unwrap_or(0)),
+            "view" => format!("$views {}", a.views),
+            "missing_image" => format!("$root {}", root.display()),
+            "missing_report" | "no_impression" => format!("$reports {}", reports.display()),
+            "too_short" => format!("$min_chars {}", a.min_chars),
+            "too_many_tokens" => format!("$max_tokens {}", a.max_tokens),
+            "no_finding_cap" => format!("$cap_no_finding {}", a.cap_no_finding.unwrap_or(0)),
             _ => String::new(),
         };
         let rules: Vec<(&str, usize, String)> = dropped.iter().map(|&(n, c)| (n, c, flag(n))).collect();

@@ -286,12 +286,12 @@ fn check_output(flag: &str, p: &Path) -> Result<PathBuf> {
 /// which the rename would destroy.
 pub fn plan_outputs(out: &Path, summary: Option<&Path>, inputs: &[(&str, &Path)]) -> Result<Outputs> {
     let sp = summary_path(out, summary);
-    let sflag = if summary.is_some() { "--summary" } else { "the summary (default: beside --out)" };
-    let manifest = check_output("--out", out)?;
+    let sflag = if summary.is_some() { "$summary" } else { "the summary (default: beside $out)" };
+    let manifest = check_output("$out", out)?;
     let summary_key = check_output(sflag, &sp)?;
     if same_file(out, &manifest, &sp, &summary_key) {
         bail!(
-            "{sflag} {} and --out {} are the same file: the summary would replace the manifest",
+            "{sflag} {} and $out {} are the same file: the summary would replace the manifest",
             sp.display(),
             out.display()
         );
@@ -301,7 +301,7 @@ pub fn plan_outputs(out: &Path, summary: Option<&Path>, inputs: &[(&str, &Path)]
             continue;
         }
         let key = resolved(input)?;
-        for (oflag, o, ok) in [("--out", out, &manifest), (sflag, sp.as_path(), &summary_key)] {
+        for (oflag, o, ok) in [("$out", out, &manifest), (sflag, sp.as_path(), &summary_key)] {
             if same_file(o, ok, input, &key) {
                 bail!(
                     "{oflag} {} is the input {flag} {}: refusing to overwrite an input",
@@ -371,7 +371,7 @@ pub fn check_component(s: &str) -> std::result::Result<(), &'static str> {
 pub fn load_tokenizer(dir: Option<&Path>) -> Result<ClipTokenizer> {
     match dir {
         Some(d) => ClipTokenizer::from_dir(d)
-            .with_context(|| format!("--tokenizer {}: loading the CLIP tokenizer for the 77-token rule", d.display())),
+            .with_context(|| format!("$tokenizer {}: loading the CLIP tokenizer for the 77-token rule", d.display())),
         None => ClipTokenizer::sd_v1(),
     }
 }
@@ -419,7 +419,7 @@ pub fn check_views(arg: &str, views: &[String], present: &BTreeMap<String, usize
             let have: Vec<String> =
                 present.iter().map(|(k, n)| format!("{} ({n})", if k.is_empty() { "<empty>" } else { k })).collect();
             bail!(
-                "--views {arg}: unknown view {v:?}; the metadata has {}; known ViewPositions: {}, or all",
+                "$views {arg}: unknown view {v:?}; the metadata has {}; known ViewPositions: {}, or all",
                 have.join(", "),
                 KNOWN_VIEWS.join(", ")
             );
@@ -441,7 +441,7 @@ pub fn shuffle<T>(v: &mut [T], seed: u64) {
 pub fn parse_views(s: &str) -> Result<Option<Vec<String>>> {
     let v: Vec<String> = s.split(',').map(|x| x.trim().to_ascii_uppercase()).filter(|x| !x.is_empty()).collect();
     if v.is_empty() {
-        anyhow::bail!("--views {s:?}: give PA, AP, LATERAL, a comma list, or all");
+        anyhow::bail!("$views {s:?}: give PA, AP, LATERAL, a comma list, or all");
     }
     Ok(if v.iter().any(|x| x == "ALL") { None } else { Some(v) })
 }
