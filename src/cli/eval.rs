@@ -94,7 +94,7 @@ pub struct FidArgs {
     pub fake: PathBuf,
     /// Feature network: inception (2048-d pool3), xrv (1024-d), clip (pooled, 768-d for ViT-B/32),
     /// clip-proj (projected, 512-d).
-    #[arg(long, value_enum)]
+    #[arg(long)]
     pub features: FeatureKind,
     /// The network's weights (safetensors; see below for converting the public releases).
     #[arg(long)]

@@ -16,8 +16,8 @@ use crate::io::safetensors::SafetensorsFile;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-/// The feature network (`--features`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+/// The feature network (the `features` setting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FeatureKind {
     /// InceptionV3 pool3 (2048-d), pytorch-fid's FID network.
     Inception,
@@ -27,6 +27,17 @@ pub enum FeatureKind {
     Clip,
     /// CLIP image embedding after `visual_projection` (512-d for ViT-B/32).
     ClipProj,
+}
+
+impl std::str::FromStr for FeatureKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<FeatureKind, String> {
+        const ALL: [FeatureKind; 4] =
+            [FeatureKind::Inception, FeatureKind::Xrv, FeatureKind::Clip, FeatureKind::ClipProj];
+        ALL.into_iter()
+            .find(|k| k.name() == s.to_ascii_lowercase())
+            .ok_or_else(|| format!("{s:?}: expected one of {}", ALL.map(|k| k.name()).join(", ")))
+    }
 }
 
 impl FeatureKind {

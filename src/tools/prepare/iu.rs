@@ -19,58 +19,55 @@
 
 use super::{Count, Row, Summary, TextFilter, TextStats, TextVerdict};
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-#[derive(Args, Debug)]
-pub struct IuArgs {
+/// What to read and keep.
+#[derive(Clone, Debug)]
+pub struct IuOptions {
     /// The Open-I XML reports: a folder (searched recursively for *.xml) or a .tgz/.tar.gz of them.
-    #[arg(long)]
     pub reports: PathBuf,
     /// The JSONL manifest to write.
-    #[arg(long)]
     pub out: PathBuf,
     /// Folder of the images: rows point to <DIR>/<parentImage id>.<ext>. It need not exist yet
     /// (the manifest can be built before the images are downloaded).
-    #[arg(long, default_value = "images")]
     pub images: PathBuf,
     /// Image file extension.
-    #[arg(long, default_value = "png")]
     pub image_ext: String,
     /// Which report section becomes the prompt.
-    #[arg(long, value_enum, default_value = "impression")]
     pub section: Section,
-    /// DICOM metadata CSV (.csv or .csv.gz) with columns imageid and "View Position", for --views.
-    #[arg(long)]
+    /// DICOM metadata CSV (.csv or .csv.gz) with columns imageid and "View Position", for $views.
     pub metadata: Option<PathBuf>,
-    /// View Position(s) to keep (PA, AP, LATERAL, LL, a comma list) or all; other than all needs --metadata.
-    #[arg(long, default_value = "all")]
+    /// View Position(s) to keep (PA, AP, LATERAL, LL, a comma list) or all; other than all needs $metadata.
     pub views: String,
     /// Drop texts shorter than this many characters.
-    #[arg(long, default_value_t = 7)]
     pub min_chars: usize,
     /// Drop texts over this many CLIP tokens (BOS/EOS included).
-    #[arg(long, default_value_t = 77)]
     pub max_tokens: usize,
     /// CLIP tokenizer (a tokenizer or pipeline folder). Default: the Stable Diffusion v1 tokenizer
     /// built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
-    #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Where to write the summary JSON (default: <manifest stem>.summary.json beside the manifest).
-    #[arg(long)]
     pub summary: Option<PathBuf>,
-    /// Print the summary as one JSON object instead of the table.
-    #[arg(long)]
-    pub json: bool,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Section {
     Impression,
     Findings,
+}
+
+impl std::str::FromStr for Section {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Section, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "impression" => Ok(Section::Impression),
+            "findings" => Ok(Section::Findings),
+            _ => Err(format!("{s:?}: expected one of impression, findings")),
+        }
+    }
 }
 
 /// One parsed Open-I report.
@@ -199,7 +196,7 @@ fn view_of<'a>(views: &'a HashMap<String, String>, id: &str) -> Option<&'a str> 
     })
 }
 
-pub fn run(a: IuArgs) -> Result<super::Prepared> {
+pub fn run(a: IuOptions) -> Result<super::Prepared> {
     // Every check on the arguments comes before any reading, so a typo costs nothing.
     super::existing("$reports", &a.reports, false)?;
     if let Some(m) = &a.metadata {

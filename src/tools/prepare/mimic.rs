@@ -19,67 +19,63 @@
 
 use super::{report, Count, Row, Summary, TextFilter, TextStats, TextVerdict, FINDINGS};
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-#[derive(Args, Debug)]
-pub struct MimicArgs {
+/// What to read and keep.
+#[derive(Clone, Debug)]
+pub struct MimicOptions {
     /// MIMIC-CXR-JPG root: files/pXX/pSUBJECT/sSTUDY/DICOM.jpg and mimic-cxr-2.0.0-metadata.csv,
     /// -chexpert.csv, -split.csv (or .csv.gz).
-    #[arg(long)]
     pub root: PathBuf,
     /// Where the reports are, as files/pXX/pSUBJECT/sSTUDY.txt (MIMIC-CXR's mimic-cxr-reports.zip
-    /// unpacked). Default: --root.
-    #[arg(long)]
+    /// unpacked). Default: $root.
     pub reports: Option<PathBuf>,
     /// The JSONL manifest to write.
-    #[arg(long)]
     pub out: PathBuf,
     /// train: p10–p18 minus the official test split; p19: the hold-out group; test: the official test split.
-    #[arg(long, value_enum, default_value = "train")]
     pub split: Split,
     /// Subject groups, e.g. "p10" or "p10,p11" (default: p10–p18 for train, p19 for p19, all for test).
-    #[arg(long)]
     pub groups: Option<String>,
     /// ViewPosition(s) to keep: PA, AP, LATERAL, a comma list, or all.
-    #[arg(long, default_value = "PA")]
     pub views: String,
     /// Keep at most N studies labelled "No Finding" (seeded choice).
-    #[arg(long)]
     pub cap_no_finding: Option<usize>,
     /// Keep a seeded random sample of N ≥ 1 images at the end (e.g. 5000 for the paper's p19 test set).
-    #[arg(long)]
     pub sample: Option<usize>,
     /// Seed of the No-Finding cap and the sample.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Drop impressions shorter than this many characters.
-    #[arg(long, default_value_t = 7)]
     pub min_chars: usize,
     /// Drop impressions over this many CLIP tokens (BOS/EOS included).
-    #[arg(long, default_value_t = 77)]
     pub max_tokens: usize,
     /// CLIP tokenizer (a tokenizer or pipeline folder). Default: the Stable Diffusion v1 tokenizer
     /// built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
-    #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Where to write the summary JSON (default: <manifest stem>.summary.json beside the manifest).
-    #[arg(long)]
     pub summary: Option<PathBuf>,
-    /// Print the summary as one JSON object instead of the table.
-    #[arg(long)]
-    pub json: bool,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Split {
     Train,
     P19,
     Test,
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Split, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "train" => Ok(Split::Train),
+            "p19" => Ok(Split::P19),
+            "test" => Ok(Split::Test),
+            _ => Err(format!("{s:?}: expected one of train, p19, test")),
+        }
+    }
 }
 
 /// Opens `<root>/<base>.csv` or `<root>/<base>.csv.gz`.
@@ -167,7 +163,7 @@ fn input_files(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-pub fn run(a: MimicArgs) -> Result<super::Prepared> {
+pub fn run(a: MimicOptions) -> Result<super::Prepared> {
     // Every check on the arguments comes before any reading, so a typo costs nothing.
     let root = super::existing("$root", &a.root, true)?;
     let reports = match a.reports.as_deref() {
