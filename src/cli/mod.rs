@@ -165,7 +165,7 @@ const PLAIN_FLAGS: &[&str] = &[
     // train, train-vae, train-step
     "lr", "weight_decay", "max_grad_norm", "grad_accum", "lr_schedule", "resolution", "uncond_prob", "ema",
     "ema_decay", "checkpoints_total_limit", "kl_weight", "output", "resume", "overwrite", "on_bad_image",
-    "allow_changed_settings", "text_encoder", "unet_init_random", "text_encoder_init_random", "data", "config",
+    "allow_changed_settings", "text_encoder", "unet_init", "unet_init_random", "text_encoder_init_random", "data", "config",
     "log_every", "checkpoint_every", "train_text_encoder", "cache_latents",
     // eval, phantom, bench
     "manifest", "features", "clip_config", "bin_width", "reference_size", "size", "count", "iters", "warmup",

@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use roentgen::tools::prepare::iu::{self, IuOptions, Section};
 use roentgen::tools::prepare::mimic::{self, MimicOptions, Split};
+use roentgen::tools::prepare::TextFilter;
 use std::path::PathBuf;
 
 #[derive(Subcommand, Debug)]
@@ -20,11 +21,11 @@ pub enum PrepareCommand {
 pub fn run(cmd: PrepareCommand) -> Result<()> {
     let (done, json) = match cmd {
         PrepareCommand::Mimic(a) => {
-            let json = a.json;
+            let json = a.text.json;
             (mimic::run(a.options())?, json)
         }
         PrepareCommand::IuXray(a) => {
-            let json = a.json;
+            let json = a.text.json;
             (iu::run(a.options())?, json)
         }
     };
@@ -70,42 +71,14 @@ pub struct MimicArgs {
     /// Seed of the No-Finding cap and the sample.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Drop impressions shorter than this many characters.
-    #[arg(long, default_value_t = 7)]
-    pub min_chars: usize,
-    /// Drop impressions over this many CLIP tokens (BOS/EOS included).
-    #[arg(long, default_value_t = 77)]
-    pub max_tokens: usize,
-    /// CLIP tokenizer (a tokenizer or pipeline folder). Default: the Stable Diffusion v1 tokenizer
-    /// built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
-    /// Where to write the summary JSON (default: <manifest stem>.summary.json beside the manifest).
-    #[arg(long)]
-    pub summary: Option<PathBuf>,
-    /// Print the summary as one JSON object instead of the table.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub text: TextArgs,
 }
 
 impl MimicArgs {
     fn options(self) -> MimicOptions {
-        let MimicArgs {
-            root,
-            reports,
-            out,
-            split,
-            groups,
-            views,
-            cap_no_finding,
-            sample,
-            seed,
-            min_chars,
-            max_tokens,
-            tokenizer,
-            summary,
-            ..
-        } = self;
+        let (filter, tokenizer, summary) = self.text.parts();
+        let MimicArgs { root, reports, out, split, groups, views, cap_no_finding, sample, seed, .. } = self;
         MimicOptions {
             root,
             reports,
@@ -116,8 +89,7 @@ impl MimicArgs {
             cap_no_finding,
             sample,
             seed,
-            min_chars,
-            max_tokens,
+            filter,
             tokenizer,
             summary,
         }
@@ -148,7 +120,22 @@ pub struct IuArgs {
     /// View Position(s) to keep (PA, AP, LATERAL, LL, a comma list) or all; other than all needs --metadata.
     #[arg(long, default_value = "all")]
     pub views: String,
-    /// Drop texts shorter than this many characters.
+    #[command(flatten)]
+    pub text: TextArgs,
+}
+
+impl IuArgs {
+    fn options(self) -> IuOptions {
+        let (filter, tokenizer, summary) = self.text.parts();
+        let IuArgs { reports, out, images, image_ext, section, metadata, views, .. } = self;
+        IuOptions { reports, out, images, image_ext, section, metadata, views, filter, tokenizer, summary }
+    }
+}
+
+/// The text rules and the summary, the same for every source.
+#[derive(Args, Debug)]
+pub struct TextArgs {
+    /// Drop texts (impressions, or the chosen section) shorter than this many characters.
     #[arg(long, default_value_t = 7)]
     pub min_chars: usize,
     /// Drop texts over this many CLIP tokens (BOS/EOS included).
@@ -166,34 +153,9 @@ pub struct IuArgs {
     pub json: bool,
 }
 
-impl IuArgs {
-    fn options(self) -> IuOptions {
-        let IuArgs {
-            reports,
-            out,
-            images,
-            image_ext,
-            section,
-            metadata,
-            views,
-            min_chars,
-            max_tokens,
-            tokenizer,
-            summary,
-            ..
-        } = self;
-        IuOptions {
-            reports,
-            out,
-            images,
-            image_ext,
-            section,
-            metadata,
-            views,
-            min_chars,
-            max_tokens,
-            tokenizer,
-            summary,
-        }
+impl TextArgs {
+    fn parts(&self) -> (TextFilter, Option<PathBuf>, Option<PathBuf>) {
+        let filter = TextFilter { min_chars: self.min_chars, max_tokens: self.max_tokens };
+        (filter, self.tokenizer.clone(), self.summary.clone())
     }
 }

@@ -42,12 +42,10 @@ pub struct IuOptions {
     pub metadata: Option<PathBuf>,
     /// View Position(s) to keep (PA, AP, LATERAL, LL, a comma list) or all; other than all needs $metadata.
     pub views: String,
-    /// Drop texts shorter than this many characters.
-    pub min_chars: usize,
-    /// Drop texts over this many CLIP tokens (BOS/EOS included).
-    pub max_tokens: usize,
-    /// CLIP tokenizer (a tokenizer or pipeline folder). Default: the Stable Diffusion v1 tokenizer
-    /// built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
+    /// The paper's text filter (7 characters, 77 CLIP tokens).
+    pub filter: TextFilter,
+    /// CLIP tokenizer (a tokenizer or pipeline folder) of the token rule. Default: the Stable
+    /// Diffusion v1 tokenizer built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
     pub tokenizer: Option<PathBuf>,
     /// Where to write the summary JSON (default: <manifest stem>.summary.json beside the manifest).
     pub summary: Option<PathBuf>,
@@ -228,7 +226,7 @@ pub fn run(a: IuOptions) -> Result<super::Prepared> {
         super::check_views(&a.views, v, &present)?;
     }
     let tok = super::load_tokenizer(a.tokenizer.as_deref())?;
-    let filter = TextFilter { min_chars: a.min_chars, max_tokens: a.max_tokens };
+    let filter = a.filter;
     let files = read_reports(&a.reports)?;
     let reports: Vec<IuReport> = files.iter().map(|(n, x)| parse_report(n, x)).collect::<Result<_>>()?;
     let texts: Vec<&str> = reports
@@ -286,8 +284,8 @@ pub fn run(a: IuOptions) -> Result<super::Prepared> {
             format!("$reports {}", a.reports.display()),
             format!("$views {}", a.views),
             format!("$section {}", format!("{:?}", a.section).to_lowercase()),
-            format!("$min_chars {}", a.min_chars),
-            format!("$max_tokens {}", a.max_tokens),
+            format!("$min_chars {}", a.filter.min_chars),
+            format!("$max_tokens {}", a.filter.max_tokens),
         ];
         let rules: Vec<(&str, usize, String)> =
             names.iter().zip(counts).zip(flags).map(|((n, c), f)| (*n, c, f)).collect();
@@ -305,7 +303,7 @@ pub fn run(a: IuOptions) -> Result<super::Prepared> {
             "images": images_dir.display().to_string(), "section": format!("{:?}", a.section).to_lowercase(),
             "views": views.as_ref().map_or(json!("all"), |v| json!(v)),
             "metadata": a.metadata.as_ref().map(|m| m.display().to_string()),
-            "min_chars": a.min_chars, "max_tokens": a.max_tokens, "tokenizer": super::tokenizer_name(a.tokenizer.as_deref()),
+            "min_chars": a.filter.min_chars, "max_tokens": a.filter.max_tokens, "tokenizer": super::tokenizer_name(a.tokenizer.as_deref()),
         }),
         images: rows.len(),
         studies: kept_reports.len(),

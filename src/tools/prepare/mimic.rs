@@ -48,12 +48,10 @@ pub struct MimicOptions {
     pub sample: Option<usize>,
     /// Seed of the No-Finding cap and the sample.
     pub seed: u64,
-    /// Drop impressions shorter than this many characters.
-    pub min_chars: usize,
-    /// Drop impressions over this many CLIP tokens (BOS/EOS included).
-    pub max_tokens: usize,
-    /// CLIP tokenizer (a tokenizer or pipeline folder). Default: the Stable Diffusion v1 tokenizer
-    /// built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
+    /// The paper's text filter (7 characters, 77 CLIP tokens).
+    pub filter: TextFilter,
+    /// CLIP tokenizer (a tokenizer or pipeline folder) of the token rule. Default: the Stable
+    /// Diffusion v1 tokenizer built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
     pub tokenizer: Option<PathBuf>,
     /// Where to write the summary JSON (default: <manifest stem>.summary.json beside the manifest).
     pub summary: Option<PathBuf>,
@@ -197,7 +195,7 @@ pub fn run(a: MimicOptions) -> Result<super::Prepared> {
     let input_flags: Vec<(&str, &Path)> = inputs.iter().map(|p| ("$root", p.as_path())).collect();
     let outputs = super::plan_outputs(&a.out, a.summary.as_deref(), &input_flags)?;
     let tok = super::load_tokenizer(a.tokenizer.as_deref())?;
-    let filter = TextFilter { min_chars: a.min_chars, max_tokens: a.max_tokens };
+    let filter = a.filter;
 
     let meta_cols = ["dicom_id", "subject_id", "study_id", "ViewPosition"];
     let (meta_path, meta) = read_columns(&root, "mimic-cxr-2.0.0-metadata", &meta_cols)?;
@@ -361,8 +359,8 @@ pub fn run(a: MimicOptions) -> Result<super::Prepared> {
             "view" => format!("$views {}", a.views),
             "missing_image" => format!("$root {}", root.display()),
             "missing_report" | "no_impression" => format!("$reports {}", reports.display()),
-            "too_short" => format!("$min_chars {}", a.min_chars),
-            "too_many_tokens" => format!("$max_tokens {}", a.max_tokens),
+            "too_short" => format!("$min_chars {}", a.filter.min_chars),
+            "too_many_tokens" => format!("$max_tokens {}", a.filter.max_tokens),
             "no_finding_cap" => format!("$cap_no_finding {}", a.cap_no_finding.unwrap_or(0)),
             _ => String::new(),
         };
@@ -404,7 +402,7 @@ pub fn run(a: MimicOptions) -> Result<super::Prepared> {
             "split": format!("{:?}", a.split).to_lowercase(), "groups": groups,
             "views": views.as_ref().map_or(json!("all"), |v| json!(v)),
             "cap_no_finding": a.cap_no_finding, "sample": a.sample, "seed": a.seed,
-            "min_chars": a.min_chars, "max_tokens": a.max_tokens, "tokenizer": super::tokenizer_name(a.tokenizer.as_deref()),
+            "min_chars": a.filter.min_chars, "max_tokens": a.filter.max_tokens, "tokenizer": super::tokenizer_name(a.tokenizer.as_deref()),
         }),
         images: rows.len(),
         studies: images.iter().map(|im| (&im.subject, &im.study)).collect::<BTreeSet<_>>().len(),
