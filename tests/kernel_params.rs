@@ -23,7 +23,13 @@ fn generate(dir: &Path) -> std::thread::Result<String> {
         std::process::id(),
         dir.file_name().unwrap().to_string_lossy()
     ));
-    std::panic::catch_unwind(|| kernel_params::generate(dir, &out)).map(|()| std::fs::read_to_string(&out).unwrap())
+    let code = std::panic::catch_unwind(|| kernel_params::generate(dir, &out))
+        .map(|()| std::fs::read_to_string(&out).unwrap());
+    let _ = std::fs::remove_file(&out);
+    if dir.starts_with(std::env::temp_dir()) {
+        let _ = std::fs::remove_dir_all(dir); // a scratch folder of kernels, read once
+    }
+    code
 }
 
 fn panic_text(e: Box<dyn std::any::Any + Send>) -> String {
