@@ -9,6 +9,7 @@ use flate2::read::GzDecoder;
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
 use roentgen::models::bert::{BertConfig, BertModel};
+use roentgen::nn::Cx;
 use roentgen::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use roentgen::tensor::{Arena, Layout, Tensor};
 use roentgen::text::wordpiece::{chars, WordPieceTokenizer, MAX_LENGTH};
@@ -96,7 +97,7 @@ fn check_gradients(name: &str, masked: bool) {
     for e in gtable.entries() {
         b.zero(&Tensor { pool: gtable.pool(), offset: e.offset, shape: e.shape }).unwrap();
     }
-    model.backward(&b, &mut arena, &grads, &acts, &dout, &ids, mask).unwrap();
+    model.backward(&mut Cx::new(&b, &mut arena), &grads, &acts, &dout, &ids, mask).unwrap();
     let (got_loss, want_loss) = (b.download(&loss).unwrap()[0], read_f32(&io, "loss").1[0]);
     println!("{name} loss: ours {got_loss}, PyTorch {want_loss}");
     assert!((got_loss - want_loss).abs() <= F32_PARITY * want_loss.abs().max(1.0));

@@ -6,6 +6,7 @@ use common::*;
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
 use roentgen::models::unet::UNet;
+use roentgen::nn::Cx;
 use roentgen::nn::Fmap;
 use roentgen::tensor::{Arena, Layout, Tensor};
 
@@ -60,7 +61,7 @@ fn unet_gradients_match_pytorch_backward() {
     b.upload(&ctx_t, &ctx).unwrap();
     b.zero(&dctx).unwrap();
     arena.set_keep(true);
-    let saved = unet.forward_saved(&b, &mut arena, &x, &timesteps, &ctx_t, ctx_len).unwrap();
+    let saved = unet.forward_saved(&mut Cx::new(&b, &mut arena), &x, &timesteps, &ctx_t, ctx_len).unwrap();
     arena.set_keep(false);
     // loss = mean((pred − target)²), in channels-last order (the mean does not care).
     let side = b.alloc(2 * x.numel() + 16, "test.side").unwrap();
@@ -71,7 +72,7 @@ fn unet_gradients_match_pytorch_backward() {
     b.upload(&tgt, &nchw_to_nhwc(&target, n, c, h, w)).unwrap();
     b.zero(&dsample.t).unwrap();
     b.mse_loss(&dout.t, &loss, &saved.out.t, &tgt, x.numel()).unwrap();
-    unet.backward(&grads, &b, &mut arena, &saved, &dout, &dctx, Some(&dsample)).unwrap();
+    unet.backward(&grads, &mut Cx::new(&b, &mut arena), &saved, &dout, &dctx, Some(&dsample)).unwrap();
 
     let got_loss = b.download(&loss).unwrap()[0];
     let want_loss = read_f32(&io, "loss").1[0];
@@ -111,7 +112,7 @@ fn text_encoder_gradients_match_pytorch_backward() {
     let cap = clip.plan_backward(batch, seq).unwrap();
     let pool = b.alloc(cap, "bwd").unwrap();
     let mut arena = Arena::new(pool, cap);
-    clip.backward(&b, &mut arena, &grads, &acts, &dout, &ids).unwrap();
+    clip.backward(&mut Cx::new(&b, &mut arena), &grads, &acts, &dout, &ids).unwrap();
     let got_loss = b.download(&loss).unwrap()[0];
     let want_loss = read_f32(&io, "loss").1[0];
     println!("loss: ours {got_loss}, PyTorch {want_loss}");

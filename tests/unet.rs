@@ -6,6 +6,7 @@ use common::*;
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
 use roentgen::models::unet::{UNet, UNetConfig};
+use roentgen::nn::Cx;
 use roentgen::nn::Fmap;
 
 fn check_unet(name: &str) {
@@ -24,7 +25,7 @@ fn check_unet(name: &str) {
     b.upload(&x.t, &nchw_to_nhwc(&sample, n, c, h, w)).unwrap();
     b.upload(&ctx_t, &ctx).unwrap();
     let mut probes = Vec::new();
-    let out = unet.forward(&b, &mut arena, &x, t, &ctx_t, ctx_shape[1], Some(&mut probes)).unwrap();
+    let out = unet.forward(&mut Cx::new(&b, &mut arena), &x, t, &ctx_t, ctx_shape[1], Some(&mut probes)).unwrap();
     println!("{name}: arena {} elements planned, {} used", arena.capacity(), arena.peak());
     // Block outputs first, in order, so the first failure names where the two diverge.
     for (pname, f) in &probes {

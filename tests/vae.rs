@@ -5,6 +5,7 @@ use common::*;
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
 use roentgen::models::vae::{AutoencoderKL, VaeConfig};
+use roentgen::nn::Cx;
 use roentgen::nn::Fmap;
 
 fn upload_nchw(b: &CpuBackend, arena: &mut roentgen::tensor::Arena, shape: &[usize], data: &[f32]) -> Fmap {
@@ -28,7 +29,7 @@ fn check_vae(name: &str) {
     let (ishape, image) = read_f32(&io, "image");
     let mut arena = vae.allocate_encode_arena(&mut b, ishape[0], ishape[2], ishape[3]).unwrap();
     let x = upload_nchw(&b, &mut arena, &ishape, &image);
-    let moments = vae.encode(&b, &mut arena, &x).unwrap();
+    let moments = vae.encode(&mut Cx::new(&b, &mut arena), &x).unwrap();
     let (mshape, want) = read_f32(&io, "moments");
     assert_eq!(mshape, vec![moments.batch, moments.c, moments.h, moments.w]);
     assert_close(&format!("{name} encoder moments"), &download_nchw(&b, &moments), &want, F32_PARITY);
@@ -50,7 +51,7 @@ fn check_vae(name: &str) {
     let (zshape, z) = read_f32(&io, "latents");
     let mut arena = vae.allocate_decode_arena(&mut b, zshape[0], zshape[2], zshape[3]).unwrap();
     let zt = upload_nchw(&b, &mut arena, &zshape, &z);
-    let img = vae.decode(&b, &mut arena, &zt).unwrap();
+    let img = vae.decode(&mut Cx::new(&b, &mut arena), &zt).unwrap();
     let (dshape, want) = read_f32(&io, "decoded");
     assert_eq!(dshape, vec![img.batch, img.c, img.h, img.w]);
     assert_close(&format!("{name} decoded image"), &download_nchw(&b, &img), &want, F32_PARITY);

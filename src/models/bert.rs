@@ -21,7 +21,7 @@ use super::{allocate, check_param_count, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::io::safetensors::{float_dtype, to_f32, SafetensorsFile};
-use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
+use crate::nn::{zeros, Cx, LayerNorm, LayerNormActs, Linear};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::elementwise::{BiasRowsParams, EmbeddingParams};
 use crate::tensor::{Arena, Layout, Shape, Tensor};
@@ -379,30 +379,29 @@ impl BertModel {
         let dout = l.tensor("dout", [batch * seq, c.hidden_size]);
         let mut arena = Arena::planning();
         let ids = vec![0u32; batch * seq];
-        self.backward(&PlanBackend::new(), &mut arena, &self.params, &acts, &dout, &ids, None)?;
+        self.backward(&mut Cx::new(&PlanBackend::new(), &mut arena), &self.params, &acts, &dout, &ids, None)?;
         Ok(arena.peak())
     }
 
     /// The backward pass of `forward` (whose `acts` it reads, with the same `ids` and `mask`):
     /// accumulates every parameter gradient into `g` for the gradient `dout` (batch · seq, hidden)
     /// of `last_hidden_state`. Temporaries come from `arena` and are released on return.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         g: &BertParams,
         acts: &BertActs,
         dout: &Tensor,
         ids: &[u32],
         mask: Option<&[u32]>,
     ) -> Result<()> {
+        let b = cx.b;
         let c = &self.config;
         let p = &self.params;
         let (batch, seq, d, f) = (acts.batch, acts.seq, c.hidden_size, c.intermediate_size);
         let rows = batch * seq;
         self.check_inputs(batch, seq, ids, mask)?;
-        let mark = arena.mark();
+        let mark = cx.arena.mark();
         let (heads, hd) = (c.num_attention_heads, c.head_dim());
         let scale = 1.0 / (hd as f32).sqrt();
         let attention = AttentionParams { batch, q_len: seq, kv_len: seq, heads, head_dim: hd, scale, causal: false };
@@ -411,31 +410,23 @@ impl BertModel {
         for (i, ((lp, lg), la)) in p.layers.iter().zip(&g.layers).zip(&acts.layers).enumerate().rev() {
             let x_in = if i == 0 { acts.embeddings_ln.out } else { acts.layers[i - 1].ln2.out };
             // out = LN2(residual2), residual2 = output_dense(act(intermediate(h1))) + h1, h1 = LN1(…)
-            let dres2 = zeros(b, arena, [rows, d])?;
-            lp.output_layer_norm.backward(&lg.output_layer_norm, b, &dres2, &dx, &la.residual2, &la.ln2, rows)?;
-            let dh1 = zeros(b, arena, [rows, d])?;
+            let dres2 = zeros(cx, [rows, d])?;
+            lp.output_layer_norm.backward(&lg.output_layer_norm, b, &dres2, &dx, &la.residual2, &la.ln2)?;
+            let dh1 = zeros(cx, [rows, d])?;
             b.accumulate(&dh1, &dres2, rows * d)?;
-            let dact = zeros(b, arena, [rows, f])?;
+            let dact = zeros(cx, [rows, f])?;
             lp.output_dense.backward(&lg.output_dense, b, Some(&dact), &dres2, &la.act, rows)?;
-            let dinter = zeros(b, arena, [rows, f])?;
+            let dinter = zeros(cx, [rows, f])?;
             b.activation_backward(&dinter, &dact, &la.intermediate, c.hidden_act, rows * f)?;
             lp.intermediate.backward(&lg.intermediate, b, Some(&dh1), &dinter, &la.ln1.out, rows)?;
             // h1 = LN1(residual1), residual1 = attention_dense(attention(q, k, v)) + x_in
-            let dres1 = zeros(b, arena, [rows, d])?;
-            lp.attention_layer_norm.backward(
-                &lg.attention_layer_norm,
-                b,
-                &dres1,
-                &dh1,
-                &la.residual1,
-                &la.ln1,
-                rows,
-            )?;
-            let dxin = zeros(b, arena, [rows, d])?;
+            let dres1 = zeros(cx, [rows, d])?;
+            lp.attention_layer_norm.backward(&lg.attention_layer_norm, b, &dres1, &dh1, &la.residual1, &la.ln1)?;
+            let dxin = zeros(cx, [rows, d])?;
             b.accumulate(&dxin, &dres1, rows * d)?;
-            let dattn = zeros(b, arena, [rows, d])?;
+            let dattn = zeros(cx, [rows, d])?;
             lp.attention_dense.backward(&lg.attention_dense, b, Some(&dattn), &dres1, &la.attn, rows)?;
-            let (dq, dk, dv) = (zeros(b, arena, [rows, d])?, zeros(b, arena, [rows, d])?, zeros(b, arena, [rows, d])?);
+            let (dq, dk, dv) = (zeros(cx, [rows, d])?, zeros(cx, [rows, d])?, zeros(cx, [rows, d])?);
             let (dout, q, k, v, out, lse) = (&dattn, &la.q, &la.k, &la.v, &la.attn, &la.lse);
             let grads = AttentionBackward { dq: &dq, dk: &dk, dv: &dv, dout, q, k, v, out, lse, key_mask: mask };
             b.attention_backward(&attention, &grads)?;
@@ -445,7 +436,7 @@ impl BertModel {
             dx = dxin;
         }
         // embeddings_ln.out = LN(word + position + token_type[0])
-        let demb = zeros(b, arena, [rows, d])?;
+        let demb = zeros(cx, [rows, d])?;
         p.embeddings_layer_norm.backward(
             &g.embeddings_layer_norm,
             b,
@@ -453,7 +444,6 @@ impl BertModel {
             &dx,
             &acts.embeddings,
             &acts.embeddings_ln,
-            rows,
         )?;
         let token_type = BiasRowsParams { batch: 1, rows, channels: d };
         b.add_bias_rows_backward(&token_type, &row_view(&g.token_type_embeddings, 0, d), &demb)?;
@@ -461,7 +451,7 @@ impl BertModel {
         let pad_row = c.pad_token_id.map(|pad| row_view(&g.word_embeddings, pad, d));
         let saved = match pad_row {
             Some(row) => {
-                let s = zeros(b, arena, [d])?;
+                let s = zeros(cx, [d])?;
                 b.accumulate(&s, &row, d)?;
                 Some((row, s))
             }
@@ -478,7 +468,7 @@ impl BertModel {
             b.zero(&row)?;
             b.accumulate(&row, &s, d)?;
         }
-        arena.release_all_to(mark);
+        cx.arena.release_all_to(mark);
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use super::limits::{MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB};
 use super::{allocate, check_param_count, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
-use crate::nn::{zeros, LayerNorm, LayerNormActs, Linear};
+use crate::nn::{zeros, Cx, LayerNorm, LayerNormActs, Linear};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::elementwise::EmbeddingParams;
 use crate::tensor::{Arena, Layout, Tensor};
@@ -275,49 +275,42 @@ impl ClipTextModel {
         let dout = l.tensor("dout", [batch * seq, c.hidden_size]);
         let mut arena = Arena::planning();
         let ids = vec![0u32; batch * seq];
-        self.backward(&PlanBackend::new(), &mut arena, &self.params, &acts, &dout, &ids)?;
+        self.backward(&mut Cx::new(&PlanBackend::new(), &mut arena), &self.params, &acts, &dout, &ids)?;
         Ok(arena.peak())
     }
 
     /// The backward pass of `forward` (whose `acts` it reads): accumulates every parameter gradient
     /// into `g` for the gradient `dout` (batch · seq, hidden) of `last_hidden_state`. Temporaries
     /// come from `arena` and are released on return.
-    pub fn backward(
-        &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
-        g: &ClipParams,
-        acts: &ClipActs,
-        dout: &Tensor,
-        ids: &[u32],
-    ) -> Result<()> {
+    pub fn backward(&self, cx: &mut Cx, g: &ClipParams, acts: &ClipActs, dout: &Tensor, ids: &[u32]) -> Result<()> {
+        let b = cx.b;
         let c = &self.config;
         let p = &self.params;
-        let mark = arena.mark();
+        let mark = cx.arena.mark();
         let (batch, seq, d, f) = (acts.batch, acts.seq, c.hidden_size, c.intermediate_size);
         let rows = batch * seq;
         let (heads, hd) = (c.num_attention_heads, c.head_dim());
         let x_last = acts.layers.last().map_or(acts.embeddings, |l| l.residual2);
-        let mut dx = zeros(b, arena, [rows, d])?;
-        p.final_layer_norm.backward(&g.final_layer_norm, b, &dx, dout, &x_last, &acts.final_layer_norm, rows)?;
+        let mut dx = zeros(cx, [rows, d])?;
+        p.final_layer_norm.backward(&g.final_layer_norm, b, &dx, dout, &x_last, &acts.final_layer_norm)?;
         for (i, ((lp, lg), la)) in p.layers.iter().zip(&g.layers).zip(&acts.layers).enumerate().rev() {
             let x_in = if i == 0 { acts.embeddings } else { acts.layers[i - 1].residual2 };
             // residual2 = residual1 + fc2(act(fc1(ln2(residual1))))
-            let dres1 = zeros(b, arena, [rows, d])?;
+            let dres1 = zeros(cx, [rows, d])?;
             b.accumulate(&dres1, &dx, rows * d)?;
-            let dact = zeros(b, arena, [rows, f])?;
+            let dact = zeros(cx, [rows, f])?;
             lp.fc2.backward(&lg.fc2, b, Some(&dact), &dx, &la.act, rows)?;
-            let dfc1 = zeros(b, arena, [rows, f])?;
+            let dfc1 = zeros(cx, [rows, f])?;
             b.activation_backward(&dfc1, &dact, &la.fc1, c.hidden_act, rows * f)?;
-            let dln2 = zeros(b, arena, [rows, d])?;
+            let dln2 = zeros(cx, [rows, d])?;
             lp.fc1.backward(&lg.fc1, b, Some(&dln2), &dfc1, &la.ln2.out, rows)?;
-            lp.layer_norm2.backward(&lg.layer_norm2, b, &dres1, &dln2, &la.residual1, &la.ln2, rows)?;
+            lp.layer_norm2.backward(&lg.layer_norm2, b, &dres1, &dln2, &la.residual1, &la.ln2)?;
             // residual1 = x + out_proj(attention(q, k, v)), causal
-            let dxin = zeros(b, arena, [rows, d])?;
+            let dxin = zeros(cx, [rows, d])?;
             b.accumulate(&dxin, &dres1, rows * d)?;
-            let dattn = zeros(b, arena, [rows, d])?;
+            let dattn = zeros(cx, [rows, d])?;
             lp.out_proj.backward(&lg.out_proj, b, Some(&dattn), &dres1, &la.attn, rows)?;
-            let (dq, dk, dv) = (zeros(b, arena, [rows, d])?, zeros(b, arena, [rows, d])?, zeros(b, arena, [rows, d])?);
+            let (dq, dk, dv) = (zeros(cx, [rows, d])?, zeros(cx, [rows, d])?, zeros(cx, [rows, d])?);
             let scale = 1.0 / (hd as f32).sqrt();
             let p = AttentionParams { batch, q_len: seq, kv_len: seq, heads, head_dim: hd, scale, causal: true };
             let (dout, q, k, v, out, lse) = (&dattn, &la.q, &la.k, &la.v, &la.attn, &la.lse);
@@ -325,11 +318,11 @@ impl ClipTextModel {
                 &p,
                 &AttentionBackward { dq: &dq, dk: &dk, dv: &dv, dout, q, k, v, out, lse, key_mask: None },
             )?;
-            let dln1 = zeros(b, arena, [rows, d])?;
+            let dln1 = zeros(cx, [rows, d])?;
             lp.q_proj.backward(&lg.q_proj, b, Some(&dln1), &dq, &la.ln1.out, rows)?;
             lp.k_proj.backward(&lg.k_proj, b, Some(&dln1), &dk, &la.ln1.out, rows)?;
             lp.v_proj.backward(&lg.v_proj, b, Some(&dln1), &dv, &la.ln1.out, rows)?;
-            lp.layer_norm1.backward(&lg.layer_norm1, b, &dxin, &dln1, &x_in, &la.ln1, rows)?;
+            lp.layer_norm1.backward(&lg.layer_norm1, b, &dxin, &dln1, &x_in, &la.ln1)?;
             dx = dxin;
         }
         b.embedding_backward(
@@ -339,7 +332,7 @@ impl ClipTextModel {
             &dx,
             ids,
         )?;
-        arena.release_all_to(mark);
+        cx.arena.release_all_to(mark);
         Ok(())
     }
 }

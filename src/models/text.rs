@@ -5,7 +5,8 @@
 use super::bert::{BertActs, BertConfig, BertModel, BertParams};
 use super::clip::{ClipActs, ClipParams, ClipTextConfig, ClipTextModel};
 use crate::backend::Backend;
-use crate::tensor::{Arena, Layout, Tensor};
+use crate::nn::Cx;
+use crate::tensor::{Layout, Tensor};
 use crate::text::bpe::ClipTokenizer;
 use crate::text::wordpiece::WordPieceTokenizer;
 use crate::{io::weights, io::weights::LoadReport};
@@ -216,11 +217,9 @@ impl TextEncoder {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         g: &TextGrads,
         acts: &TextActs,
         dout: &Tensor,
@@ -229,10 +228,8 @@ impl TextEncoder {
     ) -> Result<()> {
         let mask = self.uses_attention_mask().then_some(mask);
         match (self, g, acts) {
-            (TextEncoder::Clip(m), TextGrads::Clip(g), TextActs::Clip(a)) => m.backward(b, arena, g, a, dout, ids),
-            (TextEncoder::Bert(m), TextGrads::Bert(g), TextActs::Bert(a)) => {
-                m.backward(b, arena, g, a, dout, ids, mask)
-            }
+            (TextEncoder::Clip(m), TextGrads::Clip(g), TextActs::Clip(a)) => m.backward(cx, g, a, dout, ids),
+            (TextEncoder::Bert(m), TextGrads::Bert(g), TextActs::Bert(a)) => m.backward(cx, g, a, dout, ids, mask),
             _ => bail!("internal: text encoder, gradients and activations of different families"),
         }
     }

@@ -9,7 +9,7 @@ use crate::backend::Backend;
 use crate::nn::attention::{Transformer2D, Transformer2DSaved, Transformer2DShape};
 use crate::nn::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::sampling::{Downsample2D, Upsample2D};
-use crate::nn::{zeros, zeros_like, Conv2d, Fmap, GroupNorm, Linear};
+use crate::nn::{zeros, zeros_like, Conv2d, Cx, Fmap, GroupNorm, Linear};
 use crate::ops::elementwise::{ConcatParams, TimestepEmbeddingParams};
 use crate::tensor::{Arena, Layout, Tensor};
 use crate::{io::weights, io::weights::LoadReport};
@@ -170,7 +170,7 @@ impl UNet {
         let plan = PlanBackend::new();
         let sample = Fmap::alloc(&mut arena, batch, h, w, self.config.in_channels)?;
         let ctx = arena.alloc([batch * ctx_len, self.config.cross_attention_dim])?;
-        self.forward(&plan, &mut arena, &sample, 0.0, &ctx, ctx_len, None)?;
+        self.forward(&mut Cx::new(&plan, &mut arena), &sample, 0.0, &ctx, ctx_len, None)?;
         Ok((arena.peak(), plan.flops_by_kind()))
     }
 
@@ -185,9 +185,9 @@ impl UNet {
         let dctx = arena.alloc(ctx.shape)?;
         let dout = Fmap::alloc(&mut arena, batch, h, w, self.config.out_channels)?;
         arena.set_keep(true);
-        let saved = self.forward_saved(&plan, &mut arena, &sample, &[0.0], &ctx, ctx_len)?;
+        let saved = self.forward_saved(&mut Cx::new(&plan, &mut arena), &sample, &[0.0], &ctx, ctx_len)?;
         arena.set_keep(false);
-        self.backward(&self.params, &plan, &mut arena, &saved, &dout, &dctx, None)?;
+        self.backward(&self.params, &mut Cx::new(&plan, &mut arena), &saved, &dout, &dctx, None)?;
         Ok(arena.peak())
     }
 
@@ -216,18 +216,16 @@ impl UNet {
     /// (the same for the whole batch, as the pipeline calls it), conditioned on `context`
     /// (batch · ctx_len, cross_attention_dim). `sample` and `context` may live in `arena` (allocated
     /// before this call; the arena is not reset here). Block outputs go to `probes` if given.
-    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         sample: &Fmap,
         timestep: f32,
         context: &Tensor,
         ctx_len: usize,
         probes: Option<&mut Probes>,
     ) -> Result<Fmap> {
-        let s = self.forward_saved(b, arena, sample, &[timestep], context, ctx_len)?;
+        let s = self.forward_saved(cx, sample, &[timestep], context, ctx_len)?;
         if let Some(p) = probes {
             p.extend(s.probes.iter().cloned());
         }
@@ -239,21 +237,21 @@ impl UNet {
     /// for the whole batch or one per sample (training draws one per sample).
     pub fn forward_saved(
         &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         sample: &Fmap,
         timesteps: &[f32],
         context: &Tensor,
         ctx_len: usize,
     ) -> Result<UNetSaved> {
+        let b = cx.b;
         let c = &self.config;
         let batch = sample.batch;
         if sample.c != c.in_channels {
             bail!("unet: sample has {} channels, config in_channels is {}", sample.c, c.in_channels);
         }
-        let ts = arena.alloc([batch])?;
+        let ts = cx.arena.alloc([batch])?;
         self.upload_timesteps(b, &ts, timesteps, batch)?;
-        self.forward_saved_from_timesteps(b, arena, sample, &ts, context, ctx_len)
+        self.forward_saved_from_timesteps(cx, sample, &ts, context, ctx_len)
     }
 
     /// Writes the timesteps (one value for the whole batch, or one per sample) into `ts` (batch
@@ -271,25 +269,24 @@ impl UNet {
     /// operations, at addresses that depend on the arena's state alone.
     pub fn forward_from_timesteps(
         &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         sample: &Fmap,
         ts: &Tensor,
         context: &Tensor,
         ctx_len: usize,
     ) -> Result<Fmap> {
-        Ok(self.forward_saved_from_timesteps(b, arena, sample, ts, context, ctx_len)?.out)
+        Ok(self.forward_saved_from_timesteps(cx, sample, ts, context, ctx_len)?.out)
     }
 
     fn forward_saved_from_timesteps(
         &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         sample: &Fmap,
         ts: &Tensor,
         context: &Tensor,
         ctx_len: usize,
     ) -> Result<UNetSaved> {
+        let b = cx.b;
         let c = &self.config;
         let p = &self.params;
         let batch = sample.batch;
@@ -300,30 +297,30 @@ impl UNet {
         let ctx = (context, ctx_len);
         // Time embedding: sinusoidal → linear → SiLU → linear; every resnet uses SiLU of it.
         let dim0 = c.block_out_channels[0];
-        let t_emb = arena.alloc([batch, dim0])?;
+        let t_emb = cx.arena.alloc([batch, dim0])?;
         let sinusoid =
             TimestepEmbeddingParams { batch, dim: dim0, flip_sin_to_cos: c.flip_sin_to_cos, freq_shift: c.freq_shift };
         b.timestep_embedding(&sinusoid, &t_emb, ts)?;
-        let e1 = p.time_linear_1.apply(b, arena, &t_emb, batch)?;
-        let e1s = arena.alloc(e1.shape)?;
+        let e1 = p.time_linear_1.apply(cx, &t_emb, batch)?;
+        let e1s = cx.arena.alloc(e1.shape)?;
         b.activation_forward(&e1s, &e1, Activation::Silu, e1.numel())?;
-        let emb = p.time_linear_2.apply(b, arena, &e1s, batch)?;
-        let temb_act = arena.alloc(emb.shape)?;
+        let emb = p.time_linear_2.apply(cx, &e1s, batch)?;
+        let temb_act = cx.arena.alloc(emb.shape)?;
         b.activation_forward(&temb_act, &emb, Activation::Silu, emb.numel())?;
         let temb = Some(&temb_act);
 
-        let conv_in_out = p.conv_in.apply(b, arena, sample)?;
+        let conv_in_out = p.conv_in.apply(cx, sample)?;
         probes.push(("conv_in".to_string(), conv_in_out));
         let mut x = conv_in_out;
         let mut skips = vec![x];
         let mut down = Vec::new();
         for (i, blk) in p.down.iter().enumerate() {
             for (j, res) in blk.resnets.iter().enumerate() {
-                let rs = res.forward_saved(b, arena, &x, temb)?;
+                let rs = res.forward_saved(cx, &x, temb)?;
                 x = rs.out;
                 let attn = match blk.attentions.get(j) {
                     Some(a) => {
-                        let s = a.forward_saved(b, arena, &x, ctx)?;
+                        let s = a.forward_saved(cx, &x, ctx)?;
                         x = s.out;
                         Some(s)
                     }
@@ -334,15 +331,15 @@ impl UNet {
             }
             if let Some(d) = &blk.downsampler {
                 let input = x;
-                x = d.forward(b, arena, &x)?;
+                x = d.forward(cx, &x)?;
                 skips.push(x);
                 down.push(DownUnitSaved::Down { block: i, input, out: x });
             }
             probes.push((format!("down_blocks.{i}"), x));
         }
-        let mid0 = p.mid_resnets[0].forward_saved(b, arena, &x, temb)?;
-        let mid_attn = p.mid_attention.forward_saved(b, arena, &mid0.out, ctx)?;
-        let mid1 = p.mid_resnets[1].forward_saved(b, arena, &mid_attn.out, temb)?;
+        let mid0 = p.mid_resnets[0].forward_saved(cx, &x, temb)?;
+        let mid_attn = p.mid_attention.forward_saved(cx, &mid0.out, ctx)?;
+        let mid1 = p.mid_resnets[1].forward_saved(cx, &mid_attn.out, temb)?;
         x = mid1.out;
         probes.push(("mid_block".into(), x));
         let mut up = Vec::new();
@@ -354,15 +351,15 @@ impl UNet {
                 if (skip.h, skip.w) != (x.h, x.w) {
                     bail!("unet: skip {}×{} vs hidden {}×{} (internal)", skip.h, skip.w, x.h, x.w);
                 }
-                let cat = Fmap::alloc(arena, batch, x.h, x.w, x.c + skip.c)?;
+                let cat = Fmap::alloc(cx.arena, batch, x.h, x.w, x.c + skip.c)?;
                 let concat = ConcatParams { rows: x.rows(), a_channels: x.c, b_channels: skip.c };
                 b.concat_channels_forward(&concat, &cat.t, &x.t, &skip.t)?;
-                let rs = res.forward_saved(b, arena, &cat, temb)?;
+                let rs = res.forward_saved(cx, &cat, temb)?;
                 let hidden_in = x;
                 x = rs.out;
                 let attn = match blk.attentions.get(j) {
                     Some(a) => {
-                        let s = a.forward_saved(b, arena, &x, ctx)?;
+                        let s = a.forward_saved(cx, &x, ctx)?;
                         x = s.out;
                         Some(s)
                     }
@@ -376,7 +373,7 @@ impl UNet {
                 // latent size is not a multiple of the total downscale.
                 let size = skips.last().map(|s| (s.h, s.w));
                 let input = x;
-                let (upm, out) = u.forward_saved(b, arena, &x, size)?;
+                let (upm, out) = u.forward_saved(cx, &x, size)?;
                 x = out;
                 upsample = Some((input, upm, out));
             }
@@ -384,8 +381,8 @@ impl UNet {
             up.push(UpBlockSaved { units, upsample });
         }
         let norm_in = x;
-        let norm_out = p.conv_norm_out.apply_saved(b, arena, &x, true)?;
-        let out = p.conv_out.apply(b, arena, &norm_out.out)?;
+        let norm_out = p.conv_norm_out.apply_saved(cx, &x, true)?;
+        let out = p.conv_out.apply(cx, &norm_out.out)?;
         probes.push(("conv_out".into(), out));
         Ok(UNetSaved {
             sample: *sample,
@@ -411,19 +408,18 @@ impl UNet {
     /// parameter layout bound to the gradient pool), the context gradient into `dctx`
     /// (batch · ctx_len, cross_attention_dim) and, if given, the sample gradient into `dsample`.
     /// Temporaries come from `arena` (above the saved forward) and are released on return.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         g: &UNetParams,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         s: &UNetSaved,
         dout: &Fmap,
         dctx: &Tensor,
         dsample: Option<&Fmap>,
     ) -> Result<()> {
+        let b = cx.b;
         let p = &self.params;
-        let mark = arena.mark();
+        let mark = cx.arena.mark();
         let batch = s.sample.batch;
         // One gradient buffer per skip tensor: the up path's concatenations and the down path's
         // next layer both accumulate into it.
@@ -434,31 +430,30 @@ impl UNet {
                 DownUnitSaved::Down { out, .. } => *out,
             });
         }
-        let dskips: Vec<Fmap> = skip_maps.iter().map(|m| zeros_like(b, arena, m)).collect::<Result<_>>()?;
-        let dtemb = zeros(b, arena, s.temb_act.shape)?;
-        let temb = Some(&s.temb_act);
+        let dskips: Vec<Fmap> = skip_maps.iter().map(|m| zeros_like(cx, m)).collect::<Result<_>>()?;
+        let dtemb = zeros(cx, s.temb_act.shape)?;
         let dtemb_opt = Some(&dtemb);
 
-        let dn = zeros_like(b, arena, &s.norm_out.out)?;
+        let dn = zeros_like(cx, &s.norm_out.out)?;
         p.conv_out.backward(&g.conv_out, b, Some(&dn), dout, &s.norm_out.out)?;
-        let mut dx = zeros_like(b, arena, &s.norm_in)?;
+        let mut dx = zeros_like(cx, &s.norm_in)?;
         p.conv_norm_out.backward(&g.conv_norm_out, b, &dx, &dn, &s.norm_in, &s.norm_out)?;
 
         for ((blk, gblk), bs) in p.up.iter().zip(&g.up).zip(&s.up).rev() {
             if let (Some(u), Some(gu), Some((input, upm, _))) = (&blk.upsampler, &gblk.upsampler, &bs.upsample) {
-                let dxin = zeros_like(b, arena, input)?;
-                u.backward(gu, b, arena, input, upm, &dx, &dxin)?;
+                let dxin = zeros_like(cx, input)?;
+                u.backward(gu, cx, input, upm, &dx, &dxin)?;
                 dx = dxin;
             }
             for (j, unit) in bs.units.iter().enumerate().rev() {
                 if let (Some(a), Some(asaved)) = (blk.attentions.get(j), &unit.attn) {
-                    let dres = zeros_like(b, arena, &unit.res.out)?;
-                    a.backward(&gblk.attentions[j], b, arena, asaved, &dx, &dres, dctx)?;
+                    let dres = zeros_like(cx, &unit.res.out)?;
+                    a.backward(&gblk.attentions[j], cx, asaved, &dx, &dres, dctx)?;
                     dx = dres;
                 }
-                let dcat = zeros_like(b, arena, &unit.cat)?;
-                blk.resnets[j].backward(&gblk.resnets[j], b, arena, &unit.res, &dx, &dcat, temb, dtemb_opt)?;
-                let dprev = zeros_like(b, arena, &unit.hidden_in)?;
+                let dcat = zeros_like(cx, &unit.cat)?;
+                blk.resnets[j].backward(&gblk.resnets[j], cx, &unit.res, &dx, &dcat, dtemb_opt)?;
+                let dprev = zeros_like(cx, &unit.hidden_in)?;
                 let skip = &dskips[unit.skip_index];
                 let concat = ConcatParams { rows: unit.cat.rows(), a_channels: unit.hidden_in.c, b_channels: skip.c };
                 b.concat_channels_backward(&concat, &dprev.t, &skip.t, &dcat.t)?;
@@ -467,12 +462,12 @@ impl UNet {
         }
 
         let (mid0, mid_attn, mid1) = &s.mid;
-        let dr1 = zeros_like(b, arena, &mid0.out)?;
-        let da = zeros_like(b, arena, &mid0.out)?;
-        p.mid_resnets[1].backward(&g.mid_resnets[1], b, arena, mid1, &dx, &dr1, temb, dtemb_opt)?;
-        p.mid_attention.backward(&g.mid_attention, b, arena, mid_attn, &dr1, &da, dctx)?;
+        let dr1 = zeros_like(cx, &mid0.out)?;
+        let da = zeros_like(cx, &mid0.out)?;
+        p.mid_resnets[1].backward(&g.mid_resnets[1], cx, mid1, &dx, &dr1, dtemb_opt)?;
+        p.mid_attention.backward(&g.mid_attention, cx, mid_attn, &dr1, &da, dctx)?;
         let last = dskips.len() - 1;
-        p.mid_resnets[0].backward(&g.mid_resnets[0], b, arena, mid0, &da, &dskips[last], temb, dtemb_opt)?;
+        p.mid_resnets[0].backward(&g.mid_resnets[0], cx, mid0, &da, &dskips[last], dtemb_opt)?;
 
         for (i, unit) in s.down.iter().enumerate().rev() {
             let (dout_i, dinp_i) = (&dskips[i + 1], &dskips[i]);
@@ -481,30 +476,13 @@ impl UNet {
                     let (blk, gblk) = (&p.down[*block], &g.down[*block]);
                     let dres = match attn {
                         Some(asaved) => {
-                            let dr = zeros_like(b, arena, &res.out)?;
-                            blk.attentions[*index].backward(
-                                &gblk.attentions[*index],
-                                b,
-                                arena,
-                                asaved,
-                                dout_i,
-                                &dr,
-                                dctx,
-                            )?;
+                            let dr = zeros_like(cx, &res.out)?;
+                            blk.attentions[*index].backward(&gblk.attentions[*index], cx, asaved, dout_i, &dr, dctx)?;
                             dr
                         }
                         None => *dout_i,
                     };
-                    blk.resnets[*index].backward(
-                        &gblk.resnets[*index],
-                        b,
-                        arena,
-                        res,
-                        &dres,
-                        dinp_i,
-                        temb,
-                        dtemb_opt,
-                    )?;
+                    blk.resnets[*index].backward(&gblk.resnets[*index], cx, res, &dres, dinp_i, dtemb_opt)?;
                 }
                 DownUnitSaved::Down { block, input, .. } => {
                     let (d, gd) = (p.down[*block].downsampler.as_ref(), g.down[*block].downsampler.as_ref());
@@ -516,14 +494,14 @@ impl UNet {
         p.conv_in.backward(&g.conv_in, b, dsample, &dskips[0], &s.sample)?;
 
         // temb_act = SiLU(emb); emb = linear_2(SiLU(e1)); e1 = linear_1(t_emb).
-        let demb = zeros(b, arena, s.emb.shape)?;
+        let demb = zeros(cx, s.emb.shape)?;
         b.activation_backward(&demb, &dtemb, &s.emb, Activation::Silu, s.emb.numel())?;
-        let de1s = zeros(b, arena, s.e1s.shape)?;
+        let de1s = zeros(cx, s.e1s.shape)?;
         p.time_linear_2.backward(&g.time_linear_2, b, Some(&de1s), &demb, &s.e1s, batch)?;
-        let de1 = zeros(b, arena, s.e1.shape)?;
+        let de1 = zeros(cx, s.e1.shape)?;
         b.activation_backward(&de1, &de1s, &s.e1, Activation::Silu, s.e1.numel())?;
         p.time_linear_1.backward(&g.time_linear_1, b, None, &de1, &s.t_emb, batch)?;
-        arena.release_all_to(mark);
+        cx.arena.release_all_to(mark);
         Ok(())
     }
 }

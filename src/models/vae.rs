@@ -8,7 +8,7 @@ use crate::backend::Backend;
 use crate::nn::attention::{VaeAttention, VaeAttentionSaved};
 use crate::nn::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::sampling::{Downsample2D, Upsample2D};
-use crate::nn::{zeros_like, Conv2d, Fmap, GroupNorm, GroupNormOut};
+use crate::nn::{zeros_like, Conv2d, Cx, Fmap, GroupNorm, GroupNormOut};
 use crate::tensor::{Arena, Layout};
 use crate::{io::weights, io::weights::LoadReport};
 use anyhow::{bail, Context, Result};
@@ -138,38 +138,30 @@ impl MidBlock {
         }
     }
 
-    fn forward_saved(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<MidSaved> {
-        let r0 = self.resnets[0].forward_saved(b, arena, x, None)?;
+    fn forward_saved(&self, cx: &mut Cx, x: &Fmap) -> Result<MidSaved> {
+        let r0 = self.resnets[0].forward_saved(cx, x, None)?;
         let attn = match &self.attention {
-            Some(a) => Some(a.forward_saved(b, arena, &r0.out)?),
+            Some(a) => Some(a.forward_saved(cx, &r0.out)?),
             None => None,
         };
-        let r1 = self.resnets[1].forward_saved(b, arena, &attn.as_ref().map_or(r0.out, |a| a.out), None)?;
+        let r1 = self.resnets[1].forward_saved(cx, &attn.as_ref().map_or(r0.out, |a| a.out), None)?;
         Ok(MidSaved { r0, attn, r1 })
     }
 
-    fn backward(
-        &self,
-        g: &MidBlock,
-        b: &dyn Backend,
-        arena: &mut Arena,
-        s: &MidSaved,
-        dout: &Fmap,
-        dx: &Fmap,
-    ) -> Result<()> {
-        let mark = arena.mark();
-        let d1 = zeros_like(b, arena, &s.r1.x)?;
-        self.resnets[1].backward(&g.resnets[1], b, arena, &s.r1, dout, &d1, None, None)?;
+    fn backward(&self, g: &MidBlock, cx: &mut Cx, s: &MidSaved, dout: &Fmap, dx: &Fmap) -> Result<()> {
+        let mark = cx.arena.mark();
+        let d1 = zeros_like(cx, &s.r1.x)?;
+        self.resnets[1].backward(&g.resnets[1], cx, &s.r1, dout, &d1, None)?;
         let d0 = match (&self.attention, &g.attention, &s.attn) {
             (Some(a), Some(ga), Some(sa)) => {
-                let d = zeros_like(b, arena, &s.r0.out)?;
-                a.backward(ga, b, arena, sa, &d1, &d)?;
+                let d = zeros_like(cx, &s.r0.out)?;
+                a.backward(ga, cx, sa, &d1, &d)?;
                 d
             }
             _ => d1,
         };
-        self.resnets[0].backward(&g.resnets[0], b, arena, &s.r0, &d0, dx, None, None)?;
-        arena.release_all_to(mark);
+        self.resnets[0].backward(&g.resnets[0], cx, &s.r0, &d0, dx, None)?;
+        cx.arena.release_all_to(mark);
         Ok(())
     }
 }
@@ -376,7 +368,7 @@ impl AutoencoderKL {
         let mut arena = Arena::planning();
         let plan = PlanBackend::new();
         let z = Fmap::alloc(&mut arena, batch, h, w, self.config.latent_channels)?;
-        self.decode(&plan, &mut arena, &z)?;
+        self.decode(&mut Cx::new(&plan, &mut arena), &z)?;
         Ok((arena.peak(), plan.flops()))
     }
 
@@ -392,18 +384,18 @@ impl AutoencoderKL {
     pub fn allocate_encode_arena(&self, backend: &mut dyn Backend, batch: usize, h: usize, w: usize) -> Result<Arena> {
         let mut plan = Arena::planning();
         let x = Fmap::alloc(&mut plan, batch, h, w, self.config.in_channels)?;
-        self.encode(&PlanBackend::new(), &mut plan, &x)?;
+        self.encode(&mut Cx::new(&PlanBackend::new(), &mut plan), &x)?;
         let pool = backend.alloc(plan.peak(), "vae.encode.activations")?;
         Ok(Arena::new(pool, plan.peak()))
     }
 
     /// Image (batch, h, w, in_channels) in [−1, 1] → the moments (batch, h/f, w/f, 2·latent):
     /// mean in the first `latent_channels` channels, log-variance (not yet clamped) in the rest.
-    pub fn encode(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<Fmap> {
-        Ok(self.encode_saved(b, arena, x)?.moments)
+    pub fn encode(&self, cx: &mut Cx, x: &Fmap) -> Result<Fmap> {
+        Ok(self.encode_saved(cx, x)?.moments)
     }
 
-    pub fn encode_saved(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<EncoderSaved> {
+    pub fn encode_saved(&self, cx: &mut Cx, x: &Fmap) -> Result<EncoderSaved> {
         let p = &self.params;
         let f = self.config.scale_factor();
         if x.c != self.config.in_channels {
@@ -412,27 +404,27 @@ impl AutoencoderKL {
         if x.h % f != 0 || x.w % f != 0 {
             bail!("vae: image size {}×{} is not a multiple of {f}", x.h, x.w);
         }
-        let conv_in_out = p.enc_conv_in.apply(b, arena, x)?;
+        let conv_in_out = p.enc_conv_in.apply(cx, x)?;
         let mut h = conv_in_out;
         let mut units = Vec::new();
         for blk in &p.enc_blocks {
             for r in &blk.resnets {
-                let s = r.forward_saved(b, arena, &h, None)?;
+                let s = r.forward_saved(cx, &h, None)?;
                 h = s.out;
                 units.push(VaeUnitSaved::Res(s));
             }
             if let Some(d) = &blk.downsampler {
                 let input = h;
-                h = d.forward(b, arena, &h)?;
+                h = d.forward(cx, &h)?;
                 units.push(VaeUnitSaved::Down { input, out: h });
             }
         }
-        let mid = p.enc_mid.forward_saved(b, arena, &h)?;
+        let mid = p.enc_mid.forward_saved(cx, &h)?;
         let norm_in = mid.r1.out;
-        let norm = p.enc_norm_out.apply_saved(b, arena, &norm_in, true)?;
-        let conv_out_out = p.enc_conv_out.apply(b, arena, &norm.out)?;
+        let norm = p.enc_norm_out.apply_saved(cx, &norm_in, true)?;
+        let conv_out_out = p.enc_conv_out.apply(cx, &norm.out)?;
         let moments = match &p.quant_conv {
-            Some(q) => q.apply(b, arena, &conv_out_out)?,
+            Some(q) => q.apply(cx, &conv_out_out)?,
             None => conv_out_out,
         };
         Ok(EncoderSaved { x: *x, conv_in_out, units, mid, norm_in, norm, conv_out_out, moments })
@@ -443,28 +435,28 @@ impl AutoencoderKL {
     pub fn encode_backward(
         &self,
         g: &VaeParams,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         s: &EncoderSaved,
         dmoments: &Fmap,
         dx: Option<&Fmap>,
     ) -> Result<()> {
+        let b = cx.b;
         let p = &self.params;
-        let mark = arena.mark();
+        let mark = cx.arena.mark();
         let dco = match (&p.quant_conv, &g.quant_conv) {
             (Some(q), Some(gq)) => {
-                let d = zeros_like(b, arena, &s.conv_out_out)?;
+                let d = zeros_like(cx, &s.conv_out_out)?;
                 q.backward(gq, b, Some(&d), dmoments, &s.conv_out_out)?;
                 d
             }
             _ => *dmoments,
         };
-        let dn = zeros_like(b, arena, &s.norm.out)?;
+        let dn = zeros_like(cx, &s.norm.out)?;
         p.enc_conv_out.backward(&g.enc_conv_out, b, Some(&dn), &dco, &s.norm.out)?;
-        let dmid_out = zeros_like(b, arena, &s.norm_in)?;
+        let dmid_out = zeros_like(cx, &s.norm_in)?;
         p.enc_norm_out.backward(&g.enc_norm_out, b, &dmid_out, &dn, &s.norm_in, &s.norm)?;
-        let mut dh = zeros_like(b, arena, &s.mid.r0.x)?;
-        p.enc_mid.backward(&g.enc_mid, b, arena, &s.mid, &dmid_out, &dh)?;
+        let mut dh = zeros_like(cx, &s.mid.r0.x)?;
+        p.enc_mid.backward(&g.enc_mid, cx, &s.mid, &dmid_out, &dh)?;
         // Walk the units backwards, pairing each with its layer.
         let mut layers = Vec::new();
         for (bi, blk) in p.enc_blocks.iter().enumerate() {
@@ -478,21 +470,12 @@ impl AutoencoderKL {
         for ((bi, ri), unit) in layers.iter().zip(&s.units).rev() {
             match (ri, unit) {
                 (Some(ri), VaeUnitSaved::Res(rs)) => {
-                    let d = zeros_like(b, arena, &rs.x)?;
-                    p.enc_blocks[*bi].resnets[*ri].backward(
-                        &g.enc_blocks[*bi].resnets[*ri],
-                        b,
-                        arena,
-                        rs,
-                        &dh,
-                        &d,
-                        None,
-                        None,
-                    )?;
+                    let d = zeros_like(cx, &rs.x)?;
+                    p.enc_blocks[*bi].resnets[*ri].backward(&g.enc_blocks[*bi].resnets[*ri], cx, rs, &dh, &d, None)?;
                     dh = d;
                 }
                 (None, VaeUnitSaved::Down { input, .. }) => {
-                    let d = zeros_like(b, arena, input)?;
+                    let d = zeros_like(cx, input)?;
                     let (ds, gds) = (p.enc_blocks[*bi].downsampler.as_ref(), g.enc_blocks[*bi].downsampler.as_ref());
                     ds.context("internal")?.conv.backward(&gds.context("internal")?.conv, b, Some(&d), &dh, input)?;
                     dh = d;
@@ -501,63 +484,56 @@ impl AutoencoderKL {
             }
         }
         p.enc_conv_in.backward(&g.enc_conv_in, b, dx, &dh, &s.x)?;
-        arena.release_all_to(mark);
+        cx.arena.release_all_to(mark);
         Ok(())
     }
 
     /// Latents (already divided by `scaling_factor`; batch, h, w, latent) → image in about [−1, 1].
-    pub fn decode(&self, b: &dyn Backend, arena: &mut Arena, z: &Fmap) -> Result<Fmap> {
-        Ok(self.decode_saved(b, arena, z)?.out)
+    pub fn decode(&self, cx: &mut Cx, z: &Fmap) -> Result<Fmap> {
+        Ok(self.decode_saved(cx, z)?.out)
     }
 
-    pub fn decode_saved(&self, b: &dyn Backend, arena: &mut Arena, z: &Fmap) -> Result<DecoderSaved> {
+    pub fn decode_saved(&self, cx: &mut Cx, z: &Fmap) -> Result<DecoderSaved> {
         let p = &self.params;
         if z.c != self.config.latent_channels {
             bail!("vae: latents have {} channels, config latent_channels is {}", z.c, self.config.latent_channels);
         }
         let pq_out = match &p.post_quant_conv {
-            Some(q) => q.apply(b, arena, z)?,
+            Some(q) => q.apply(cx, z)?,
             None => *z,
         };
-        let conv_in_out = p.dec_conv_in.apply(b, arena, &pq_out)?;
-        let mid = p.dec_mid.forward_saved(b, arena, &conv_in_out)?;
+        let conv_in_out = p.dec_conv_in.apply(cx, &pq_out)?;
+        let mid = p.dec_mid.forward_saved(cx, &conv_in_out)?;
         let mut h = mid.r1.out;
         let mut units = Vec::new();
         for blk in &p.dec_blocks {
             for r in &blk.resnets {
-                let s = r.forward_saved(b, arena, &h, None)?;
+                let s = r.forward_saved(cx, &h, None)?;
                 h = s.out;
                 units.push(VaeUnitSaved::Res(s));
             }
             if let Some(u) = &blk.upsampler {
                 let input = h;
-                let (up, out) = u.forward_saved(b, arena, &h, None)?;
+                let (up, out) = u.forward_saved(cx, &h, None)?;
                 h = out;
                 units.push(VaeUnitSaved::Up { input, up, out });
             }
         }
         let norm_in = h;
-        let norm = p.dec_norm_out.apply_saved(b, arena, &h, true)?;
-        let out = p.dec_conv_out.apply(b, arena, &norm.out)?;
+        let norm = p.dec_norm_out.apply_saved(cx, &h, true)?;
+        let out = p.dec_conv_out.apply(cx, &norm.out)?;
         Ok(DecoderSaved { z: *z, pq_out, conv_in_out, mid, units, norm_in, norm, out })
     }
 
     /// Accumulates the decoder's (and post_quant_conv's) gradients into `g` and the latent gradient
     /// into `dz`.
-    pub fn decode_backward(
-        &self,
-        g: &VaeParams,
-        b: &dyn Backend,
-        arena: &mut Arena,
-        s: &DecoderSaved,
-        dout: &Fmap,
-        dz: &Fmap,
-    ) -> Result<()> {
+    pub fn decode_backward(&self, g: &VaeParams, cx: &mut Cx, s: &DecoderSaved, dout: &Fmap, dz: &Fmap) -> Result<()> {
+        let b = cx.b;
         let p = &self.params;
-        let mark = arena.mark();
-        let dn = zeros_like(b, arena, &s.norm.out)?;
+        let mark = cx.arena.mark();
+        let dn = zeros_like(cx, &s.norm.out)?;
         p.dec_conv_out.backward(&g.dec_conv_out, b, Some(&dn), dout, &s.norm.out)?;
-        let mut dh = zeros_like(b, arena, &s.norm_in)?;
+        let mut dh = zeros_like(cx, &s.norm_in)?;
         p.dec_norm_out.backward(&g.dec_norm_out, b, &dh, &dn, &s.norm_in, &s.norm)?;
         let mut layers = Vec::new();
         for (bi, blk) in p.dec_blocks.iter().enumerate() {
@@ -571,39 +547,30 @@ impl AutoencoderKL {
         for ((bi, ri), unit) in layers.iter().zip(&s.units).rev() {
             match (ri, unit) {
                 (Some(ri), VaeUnitSaved::Res(rs)) => {
-                    let d = zeros_like(b, arena, &rs.x)?;
-                    p.dec_blocks[*bi].resnets[*ri].backward(
-                        &g.dec_blocks[*bi].resnets[*ri],
-                        b,
-                        arena,
-                        rs,
-                        &dh,
-                        &d,
-                        None,
-                        None,
-                    )?;
+                    let d = zeros_like(cx, &rs.x)?;
+                    p.dec_blocks[*bi].resnets[*ri].backward(&g.dec_blocks[*bi].resnets[*ri], cx, rs, &dh, &d, None)?;
                     dh = d;
                 }
                 (None, VaeUnitSaved::Up { input, up, .. }) => {
-                    let d = zeros_like(b, arena, input)?;
+                    let d = zeros_like(cx, input)?;
                     let (us, gus) = (p.dec_blocks[*bi].upsampler.as_ref(), g.dec_blocks[*bi].upsampler.as_ref());
-                    us.context("internal")?.backward(gus.context("internal")?, b, arena, input, up, &dh, &d)?;
+                    us.context("internal")?.backward(gus.context("internal")?, cx, input, up, &dh, &d)?;
                     dh = d;
                 }
                 _ => bail!("internal: decoder units out of order"),
             }
         }
-        let dmid_in = zeros_like(b, arena, &s.conv_in_out)?;
-        p.dec_mid.backward(&g.dec_mid, b, arena, &s.mid, &dh, &dmid_in)?;
+        let dmid_in = zeros_like(cx, &s.conv_in_out)?;
+        p.dec_mid.backward(&g.dec_mid, cx, &s.mid, &dh, &dmid_in)?;
         match (&p.post_quant_conv, &g.post_quant_conv) {
             (Some(q), Some(gq)) => {
-                let d = zeros_like(b, arena, &s.pq_out)?;
+                let d = zeros_like(cx, &s.pq_out)?;
                 p.dec_conv_in.backward(&g.dec_conv_in, b, Some(&d), &dmid_in, &s.pq_out)?;
                 q.backward(gq, b, Some(dz), &d, &s.z)?;
             }
             _ => p.dec_conv_in.backward(&g.dec_conv_in, b, Some(dz), &dmid_in, &s.pq_out)?,
         }
-        arena.release_all_to(mark);
+        cx.arena.release_all_to(mark);
         Ok(())
     }
 

@@ -2,11 +2,10 @@
 //! `Transformer2DModel` (the U-Net's spatial transformer) and the VAE's single-head
 //! `Attention` with group norm and residual.
 
-use super::{add, zeros, zeros_like, Fmap, GroupNorm, GroupNormOut, LayerNorm, LayerNormActs, Linear};
-use crate::backend::Backend;
+use super::{add, zeros, zeros_like, Cx, Fmap, GroupNorm, GroupNormOut, LayerNorm, LayerNormActs, Linear};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::elementwise::GegluParams;
-use crate::tensor::{Arena, Layout, Tensor};
+use crate::tensor::{Layout, Tensor};
 use anyhow::Result;
 
 /// Multi-head attention: q from `x`, k and v from the context (cross) or from `x` (self).
@@ -45,34 +44,33 @@ impl Attention {
     /// attention. Returns (batch · seq, query_dim) after the output projection.
     pub fn forward(
         &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         x: &Tensor,
         batch: usize,
         seq: usize,
         context: Option<(&Tensor, usize)>,
     ) -> Result<Tensor> {
-        Ok(self.forward_saved(b, arena, x, batch, seq, context)?.out)
+        Ok(self.forward_saved(cx, x, batch, seq, context)?.out)
     }
 
     pub fn forward_saved(
         &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         x: &Tensor,
         batch: usize,
         seq: usize,
         context: Option<(&Tensor, usize)>,
     ) -> Result<AttentionSaved> {
+        let b = cx.b;
         let (ctx, kv_len) = context.unwrap_or((x, seq));
-        let q = self.to_q.apply(b, arena, x, batch * seq)?;
-        let k = self.to_k.apply(b, arena, ctx, batch * kv_len)?;
-        let v = self.to_v.apply(b, arena, ctx, batch * kv_len)?;
-        let o = arena.alloc([batch * seq, self.heads * self.head_dim])?;
-        let lse = arena.alloc([batch * seq, self.heads])?;
+        let q = self.to_q.apply(cx, x, batch * seq)?;
+        let k = self.to_k.apply(cx, ctx, batch * kv_len)?;
+        let v = self.to_v.apply(cx, ctx, batch * kv_len)?;
+        let o = cx.arena.alloc([batch * seq, self.heads * self.head_dim])?;
+        let lse = cx.arena.alloc([batch * seq, self.heads])?;
         let t = AttentionForward { out: &o, lse: &lse, q: &q, k: &k, v: &v, key_mask: None };
         b.attention_forward(&self.params(batch, seq, kv_len), &t)?;
-        let out = self.to_out.apply(b, arena, &o, batch * seq)?;
+        let out = self.to_out.apply(cx, &o, batch * seq)?;
         Ok(AttentionSaved { x: *x, ctx: *ctx, batch, seq, kv_len, q, k, v, o, lse, out })
     }
 
@@ -84,24 +82,23 @@ impl Attention {
     }
 
     /// Accumulates into `g`, `dx` and (cross attention) `dctx`.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         g: &Attention,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         s: &AttentionSaved,
         dout: &Tensor,
         dx: &Tensor,
         dctx: Option<&Tensor>,
     ) -> Result<()> {
-        let mark = arena.mark();
+        let b = cx.b;
+        let mark = cx.arena.mark();
         let (rows, kv_rows, inner) = (s.batch * s.seq, s.batch * s.kv_len, self.heads * self.head_dim);
-        let d_o = zeros(b, arena, [rows, inner])?;
+        let d_o = zeros(cx, [rows, inner])?;
         self.to_out.backward(&g.to_out, b, Some(&d_o), dout, &s.o, rows)?;
-        let dq = zeros(b, arena, [rows, inner])?;
-        let dk = zeros(b, arena, [kv_rows, inner])?;
-        let dv = zeros(b, arena, [kv_rows, inner])?;
+        let dq = zeros(cx, [rows, inner])?;
+        let dk = zeros(cx, [kv_rows, inner])?;
+        let dv = zeros(cx, [kv_rows, inner])?;
         let t = AttentionBackward {
             dq: &dq,
             dk: &dk,
@@ -119,7 +116,7 @@ impl Attention {
         let dkv_in = dctx.unwrap_or(dx);
         self.to_k.backward(&g.to_k, b, Some(dkv_in), &dk, &s.ctx, kv_rows)?;
         self.to_v.backward(&g.to_v, b, Some(dkv_in), &dv, &s.ctx, kv_rows)?;
-        arena.release_all_to(mark);
+        cx.arena.release_all_to(mark);
         Ok(())
     }
 }
@@ -171,67 +168,66 @@ impl BasicTransformerBlock {
 
     pub fn forward_saved(
         &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         x: &Tensor,
         batch: usize,
         seq: usize,
         context: (&Tensor, usize),
     ) -> Result<BlockSaved> {
+        let b = cx.b;
         let rows = batch * seq;
-        let ln1 = self.norm1.apply(b, arena, x, rows)?;
-        let a1 = self.attn1.forward_saved(b, arena, &ln1.out, batch, seq, None)?;
-        let x1 = add(b, arena, x, &a1.out)?;
-        let ln2 = self.norm2.apply(b, arena, &x1, rows)?;
-        let a2 = self.attn2.forward_saved(b, arena, &ln2.out, batch, seq, Some(context))?;
-        let x2 = add(b, arena, &x1, &a2.out)?;
-        let ln3 = self.norm3.apply(b, arena, &x2, rows)?;
-        let f = self.ff_proj.apply(b, arena, &ln3.out, rows)?;
+        let ln1 = self.norm1.apply(cx, x, rows)?;
+        let a1 = self.attn1.forward_saved(cx, &ln1.out, batch, seq, None)?;
+        let x1 = add(cx, x, &a1.out)?;
+        let ln2 = self.norm2.apply(cx, &x1, rows)?;
+        let a2 = self.attn2.forward_saved(cx, &ln2.out, batch, seq, Some(context))?;
+        let x2 = add(cx, &x1, &a2.out)?;
+        let ln3 = self.norm3.apply(cx, &x2, rows)?;
+        let f = self.ff_proj.apply(cx, &ln3.out, rows)?;
         let inner = self.ff_out.in_f;
-        let g = arena.alloc([rows, inner])?;
+        let g = cx.arena.alloc([rows, inner])?;
         b.geglu_forward(&GegluParams { rows, inner }, &g, &f)?;
-        let f2 = self.ff_out.apply(b, arena, &g, rows)?;
-        let out = add(b, arena, &x2, &f2)?;
+        let f2 = self.ff_out.apply(cx, &g, rows)?;
+        let out = add(cx, &x2, &f2)?;
         Ok(BlockSaved { x: *x, rows, ln1, a1, x1, ln2, a2, x2, ln3, f, g, out })
     }
 
     /// Accumulates into `gr`, `dx` and `dctx`.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         gr: &BasicTransformerBlock,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         s: &BlockSaved,
         dout: &Tensor,
         dx: &Tensor,
         dctx: &Tensor,
     ) -> Result<()> {
-        let mark = arena.mark();
+        let b = cx.b;
+        let mark = cx.arena.mark();
         let (rows, d) = (s.rows, self.ff_out.out_f);
         let inner = self.ff_out.in_f;
         // out = x2 + ff(ln3(x2))
-        let dx2 = zeros(b, arena, [rows, d])?;
+        let dx2 = zeros(cx, [rows, d])?;
         b.accumulate(&dx2, dout, rows * d)?;
-        let dg = zeros(b, arena, [rows, inner])?;
+        let dg = zeros(cx, [rows, inner])?;
         self.ff_out.backward(&gr.ff_out, b, Some(&dg), dout, &s.g, rows)?;
-        let df = zeros(b, arena, [rows, 2 * inner])?;
+        let df = zeros(cx, [rows, 2 * inner])?;
         b.geglu_backward(&GegluParams { rows, inner }, &df, &dg, &s.f)?;
-        let dn3 = zeros(b, arena, [rows, d])?;
+        let dn3 = zeros(cx, [rows, d])?;
         self.ff_proj.backward(&gr.ff_proj, b, Some(&dn3), &df, &s.ln3.out, rows)?;
-        self.norm3.backward(&gr.norm3, b, &dx2, &dn3, &s.x2, &s.ln3, rows)?;
+        self.norm3.backward(&gr.norm3, b, &dx2, &dn3, &s.x2, &s.ln3)?;
         // x2 = x1 + attn2(ln2(x1), ctx)
-        let dx1 = zeros(b, arena, [rows, d])?;
+        let dx1 = zeros(cx, [rows, d])?;
         b.accumulate(&dx1, &dx2, rows * d)?;
-        let dn2 = zeros(b, arena, [rows, d])?;
-        self.attn2.backward(&gr.attn2, b, arena, &s.a2, &dx2, &dn2, Some(dctx))?;
-        self.norm2.backward(&gr.norm2, b, &dx1, &dn2, &s.x1, &s.ln2, rows)?;
+        let dn2 = zeros(cx, [rows, d])?;
+        self.attn2.backward(&gr.attn2, cx, &s.a2, &dx2, &dn2, Some(dctx))?;
+        self.norm2.backward(&gr.norm2, b, &dx1, &dn2, &s.x1, &s.ln2)?;
         // x1 = x + attn1(ln1(x))
         b.accumulate(dx, &dx1, rows * d)?;
-        let dn1 = zeros(b, arena, [rows, d])?;
-        self.attn1.backward(&gr.attn1, b, arena, &s.a1, &dx1, &dn1, None)?;
-        self.norm1.backward(&gr.norm1, b, dx, &dn1, &s.x, &s.ln1, rows)?;
-        arena.release_all_to(mark);
+        let dn1 = zeros(cx, [rows, d])?;
+        self.attn1.backward(&gr.attn1, cx, &s.a1, &dx1, &dn1, None)?;
+        self.norm1.backward(&gr.norm1, b, dx, &dn1, &s.x, &s.ln1)?;
+        cx.arena.release_all_to(mark);
         Ok(())
     }
 }
@@ -310,62 +306,56 @@ impl Transformer2D {
     }
 
     /// `context`: the text embeddings (batch · ctx_len, context_dim) and ctx_len.
-    pub fn forward(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap, context: (&Tensor, usize)) -> Result<Fmap> {
-        Ok(self.forward_saved(b, arena, x, context)?.out)
+    pub fn forward(&self, cx: &mut Cx, x: &Fmap, context: (&Tensor, usize)) -> Result<Fmap> {
+        Ok(self.forward_saved(cx, x, context)?.out)
     }
 
-    pub fn forward_saved(
-        &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
-        x: &Fmap,
-        context: (&Tensor, usize),
-    ) -> Result<Transformer2DSaved> {
-        let out = Fmap::alloc(arena, x.batch, x.h, x.w, x.c)?;
-        let mark = arena.mark();
+    pub fn forward_saved(&self, cx: &mut Cx, x: &Fmap, context: (&Tensor, usize)) -> Result<Transformer2DSaved> {
+        let b = cx.b;
+        let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, x.c)?;
+        let mark = cx.arena.mark();
         let seq = x.h * x.w;
-        let norm = self.norm.apply_saved(b, arena, x, false)?;
-        let h0 = self.proj_in.apply(b, arena, &norm.out.t, x.rows())?;
+        let norm = self.norm.apply_saved(cx, x, false)?;
+        let h0 = self.proj_in.apply(cx, &norm.out.t, x.rows())?;
         let mut h = h0;
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            let s = block.forward_saved(b, arena, &h, x.batch, seq, context)?;
+            let s = block.forward_saved(cx, &h, x.batch, seq, context)?;
             h = s.out;
             blocks.push(s);
         }
-        let p = self.proj_out.apply(b, arena, &h, x.rows())?;
+        let p = self.proj_out.apply(cx, &h, x.rows())?;
         b.add_forward(&out.t, &p, &x.t, out.numel())?;
-        arena.release(mark);
+        cx.arena.release(mark);
         Ok(Transformer2DSaved { x: *x, norm, h0, blocks, h_last: h, out })
     }
 
     /// Accumulates into `g`, `dx` and `dctx` (batch · ctx_len, context_dim).
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         g: &Transformer2D,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         s: &Transformer2DSaved,
         dout: &Fmap,
         dx: &Fmap,
         dctx: &Tensor,
     ) -> Result<()> {
-        let mark = arena.mark();
+        let b = cx.b;
+        let mark = cx.arena.mark();
         let rows = s.x.rows();
         let inner = self.proj_in.out_f;
         b.accumulate(&dx.t, &dout.t, dx.numel())?;
-        let mut dh = zeros(b, arena, [rows, inner])?;
+        let mut dh = zeros(cx, [rows, inner])?;
         self.proj_out.backward(&g.proj_out, b, Some(&dh), &dout.t, &s.h_last, rows)?;
         for ((block, gb), bs) in self.blocks.iter().zip(&g.blocks).zip(&s.blocks).rev() {
-            let dprev = zeros(b, arena, [rows, inner])?;
-            block.backward(gb, b, arena, bs, &dh, &dprev, dctx)?;
+            let dprev = zeros(cx, [rows, inner])?;
+            block.backward(gb, cx, bs, &dh, &dprev, dctx)?;
             dh = dprev;
         }
-        let dn = zeros_like(b, arena, &s.norm.out)?;
+        let dn = zeros_like(cx, &s.norm.out)?;
         self.proj_in.backward(&g.proj_in, b, Some(&dn.t), &dh, &s.norm.out.t, rows)?;
         self.norm.backward(&g.norm, b, dx, &dn, &s.x, &s.norm)?;
-        arena.release_all_to(mark);
+        cx.arena.release_all_to(mark);
         Ok(())
     }
 }
@@ -397,36 +387,30 @@ impl VaeAttention {
         }
     }
 
-    pub fn forward(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<Fmap> {
-        Ok(self.forward_saved(b, arena, x)?.out)
+    pub fn forward(&self, cx: &mut Cx, x: &Fmap) -> Result<Fmap> {
+        Ok(self.forward_saved(cx, x)?.out)
     }
 
-    pub fn forward_saved(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<VaeAttentionSaved> {
-        let out = Fmap::alloc(arena, x.batch, x.h, x.w, x.c)?;
-        let mark = arena.mark();
-        let norm = self.group_norm.apply_saved(b, arena, x, false)?;
-        let attn = self.attn.forward_saved(b, arena, &norm.out.t, x.batch, x.h * x.w, None)?;
+    pub fn forward_saved(&self, cx: &mut Cx, x: &Fmap) -> Result<VaeAttentionSaved> {
+        let b = cx.b;
+        let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, x.c)?;
+        let mark = cx.arena.mark();
+        let norm = self.group_norm.apply_saved(cx, x, false)?;
+        let attn = self.attn.forward_saved(cx, &norm.out.t, x.batch, x.h * x.w, None)?;
         b.add_forward(&out.t, &attn.out, &x.t, out.numel())?;
-        arena.release(mark);
+        cx.arena.release(mark);
         Ok(VaeAttentionSaved { x: *x, norm, attn, out })
     }
 
     /// Accumulates into `g` and `dx`.
-    pub fn backward(
-        &self,
-        g: &VaeAttention,
-        b: &dyn Backend,
-        arena: &mut Arena,
-        s: &VaeAttentionSaved,
-        dout: &Fmap,
-        dx: &Fmap,
-    ) -> Result<()> {
-        let mark = arena.mark();
+    pub fn backward(&self, g: &VaeAttention, cx: &mut Cx, s: &VaeAttentionSaved, dout: &Fmap, dx: &Fmap) -> Result<()> {
+        let b = cx.b;
+        let mark = cx.arena.mark();
         b.accumulate(&dx.t, &dout.t, dx.numel())?;
-        let dn = zeros_like(b, arena, &s.norm.out)?;
-        self.attn.backward(&g.attn, b, arena, &s.attn, &dout.t, &dn.t, None)?;
+        let dn = zeros_like(cx, &s.norm.out)?;
+        self.attn.backward(&g.attn, cx, &s.attn, &dout.t, &dn.t, None)?;
         self.group_norm.backward(&g.group_norm, b, dx, &dn, &s.x, &s.norm)?;
-        arena.release_all_to(mark);
+        cx.arena.release_all_to(mark);
         Ok(())
     }
 }

@@ -97,6 +97,20 @@ pub mod sampling;
 
 use crate::tensor::Arena;
 
+/// Where a layer runs: the backend that computes and the arena its activations come from. Layers
+/// that allocate take one `&mut Cx`; layers that only write into tensors they are given (`Linear::
+/// forward`, every `backward`'s parameter-gradient half) take the backend alone.
+pub struct Cx<'a> {
+    pub b: &'a dyn Backend,
+    pub arena: &'a mut Arena,
+}
+
+impl<'a> Cx<'a> {
+    pub fn new(b: &'a dyn Backend, arena: &'a mut Arena) -> Cx<'a> {
+        Cx { b, arena }
+    }
+}
+
 /// A channels-last feature map: `t` holds (batch, h, w, c).
 #[derive(Clone, Copy, Debug)]
 pub struct Fmap {
@@ -132,14 +146,15 @@ impl Linear {
     }
 
     /// As `forward`, with the output taken from the arena.
-    pub fn apply(&self, b: &dyn Backend, arena: &mut Arena, inp: &Tensor, rows: usize) -> Result<Tensor> {
-        let out = arena.alloc([rows, self.out_f])?;
+    pub fn apply(&self, cx: &mut Cx, inp: &Tensor, rows: usize) -> Result<Tensor> {
+        let b = cx.b;
+        let out = cx.arena.alloc([rows, self.out_f])?;
         self.forward(b, &out, inp, rows)?;
         Ok(out)
     }
 
-    pub fn apply_fmap(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<Fmap> {
-        let t = self.apply(b, arena, &x.t, x.rows())?;
+    pub fn apply_fmap(&self, cx: &mut Cx, x: &Fmap) -> Result<Fmap> {
+        let t = self.apply(cx, &x.t, x.rows())?;
         Ok(Fmap { t, c: self.out_f, ..*x })
     }
 
@@ -163,11 +178,12 @@ impl Linear {
 
 impl LayerNorm {
     /// As `forward`, with output and statistics taken from the arena.
-    pub fn apply(&self, b: &dyn Backend, arena: &mut Arena, inp: &Tensor, rows: usize) -> Result<LayerNormActs> {
+    pub fn apply(&self, cx: &mut Cx, inp: &Tensor, rows: usize) -> Result<LayerNormActs> {
+        let b = cx.b;
         let acts = LayerNormActs {
-            out: arena.alloc([rows, self.dim])?,
-            mean: arena.alloc([rows])?,
-            rstd: arena.alloc([rows])?,
+            out: cx.arena.alloc([rows, self.dim])?,
+            mean: cx.arena.alloc([rows])?,
+            rstd: cx.arena.alloc([rows])?,
         };
         self.forward(b, &acts, inp, rows)?;
         Ok(acts)
@@ -181,10 +197,10 @@ impl LayerNorm {
         dout: &Tensor,
         inp: &Tensor,
         acts: &LayerNormActs,
-        rows: usize,
     ) -> Result<()> {
+        // The forward saved one mean per normalised row: that count is the row count.
         b.layer_norm_backward(
-            &self.params(rows),
+            &self.params(acts.mean.numel()),
             &LayerNormBackward {
                 dinp,
                 dweight: &g.weight,
@@ -232,10 +248,11 @@ impl Conv2d {
         (p.out_h(), p.out_w())
     }
 
-    pub fn apply(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<Fmap> {
+    pub fn apply(&self, cx: &mut Cx, x: &Fmap) -> Result<Fmap> {
+        let b = cx.b;
         anyhow::ensure!(x.c == self.c_in, "conv2d: input has {} channels, weight expects {}", x.c, self.c_in);
         let (oh, ow) = self.out_size(x.h, x.w);
-        let out = Fmap::alloc(arena, x.batch, oh, ow, self.c_out)?;
+        let out = Fmap::alloc(cx.arena, x.batch, oh, ow, self.c_out)?;
         b.conv2d_forward(
             &self.params(x),
             &Conv2dForward { out: &out.t, inp: &x.t, weight: &self.weight, bias: self.bias.as_ref() },
@@ -283,8 +300,8 @@ impl GroupNorm {
     }
 
     /// Normalises `x`, then applies SiLU when `silu` (the resnet's norm → act pair).
-    pub fn apply(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap, silu: bool) -> Result<Fmap> {
-        Ok(self.apply_saved(b, arena, x, silu)?.out)
+    pub fn apply(&self, cx: &mut Cx, x: &Fmap, silu: bool) -> Result<Fmap> {
+        Ok(self.apply_saved(cx, x, silu)?.out)
     }
 
     pub fn backward(
@@ -318,10 +335,11 @@ impl GroupNorm {
     }
 
     /// As `apply`, returning the statistics the backward pass needs too.
-    pub fn apply_saved(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap, silu: bool) -> Result<GroupNormOut> {
-        let out = Fmap::alloc(arena, x.batch, x.h, x.w, x.c)?;
-        let mean = arena.alloc([x.batch, self.groups])?;
-        let rstd = arena.alloc([x.batch, self.groups])?;
+    pub fn apply_saved(&self, cx: &mut Cx, x: &Fmap, silu: bool) -> Result<GroupNormOut> {
+        let b = cx.b;
+        let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, x.c)?;
+        let mean = cx.arena.alloc([x.batch, self.groups])?;
+        let rstd = cx.arena.alloc([x.batch, self.groups])?;
         b.group_norm_forward(
             &self.params(x, silu),
             &NormForward { out: &out.t, mean: &mean, rstd: &rstd, inp: &x.t, weight: &self.weight, bias: &self.bias },
@@ -340,20 +358,22 @@ pub struct GroupNormOut {
 }
 
 /// A zeroed arena tensor (gradient buffers: backward passes accumulate).
-pub fn zeros(b: &dyn Backend, arena: &mut Arena, shape: impl Into<crate::tensor::Shape>) -> Result<Tensor> {
-    let t = arena.alloc(shape)?;
+pub fn zeros(cx: &mut Cx, shape: impl Into<crate::tensor::Shape>) -> Result<Tensor> {
+    let b = cx.b;
+    let t = cx.arena.alloc(shape)?;
     b.zero(&t)?;
     Ok(t)
 }
 
 /// A zeroed feature map shaped like `like`.
-pub fn zeros_like(b: &dyn Backend, arena: &mut Arena, like: &Fmap) -> Result<Fmap> {
-    Ok(Fmap { t: zeros(b, arena, like.t.shape)?, ..*like })
+pub fn zeros_like(cx: &mut Cx, like: &Fmap) -> Result<Fmap> {
+    Ok(Fmap { t: zeros(cx, like.t.shape)?, ..*like })
 }
 
 /// out = a + b as a new arena tensor.
-pub fn add(b: &dyn Backend, arena: &mut Arena, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let out = arena.alloc(x.shape)?;
+pub fn add(cx: &mut Cx, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let b = cx.b;
+    let out = cx.arena.alloc(x.shape)?;
     b.add_forward(&out, x, y, x.numel())?;
     Ok(out)
 }

@@ -1,9 +1,8 @@
 //! diffusers' `ResnetBlock2D` (time_embedding_norm "default", output_scale_factor 1, no up/down).
 
-use super::{zeros, zeros_like, Conv2d, Fmap, GroupNorm, GroupNormOut, Linear};
-use crate::backend::Backend;
+use super::{zeros, zeros_like, Conv2d, Cx, Fmap, GroupNorm, GroupNormOut, Linear};
 use crate::ops::elementwise::BiasRowsParams;
-use crate::tensor::{Arena, Layout, Tensor};
+use crate::tensor::{Layout, Tensor};
 use anyhow::Result;
 
 #[derive(Clone, Debug)]
@@ -42,75 +41,68 @@ impl ResnetBlock2D {
     /// `temb_act` is SiLU(time embedding), (batch, temb_channels), shared by every resnet.
     /// The output is allocated before the block's temporaries, which are released on return
     /// (kept when the arena keeps, for the backward pass).
-    pub fn forward(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap, temb_act: Option<&Tensor>) -> Result<Fmap> {
-        Ok(self.forward_saved(b, arena, x, temb_act)?.out)
+    pub fn forward(&self, cx: &mut Cx, x: &Fmap, temb_act: Option<&Tensor>) -> Result<Fmap> {
+        Ok(self.forward_saved(cx, x, temb_act)?.out)
     }
 
-    pub fn forward_saved(
-        &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
-        x: &Fmap,
-        temb_act: Option<&Tensor>,
-    ) -> Result<ResnetSaved> {
-        let out = Fmap::alloc(arena, x.batch, x.h, x.w, self.conv2.c_out)?;
-        let mark = arena.mark();
-        let n1 = self.norm1.apply_saved(b, arena, x, true)?;
-        let h1 = self.conv1.apply(b, arena, &n1.out)?;
+    pub fn forward_saved(&self, cx: &mut Cx, x: &Fmap, temb_act: Option<&Tensor>) -> Result<ResnetSaved> {
+        let b = cx.b;
+        let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, self.conv2.c_out)?;
+        let mark = cx.arena.mark();
+        let n1 = self.norm1.apply_saved(cx, x, true)?;
+        let h1 = self.conv1.apply(cx, &n1.out)?;
         let mut h1t = h1;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb_act) {
-            let t = proj.apply(b, arena, temb, x.batch)?;
-            h1t = Fmap::alloc(arena, h1.batch, h1.h, h1.w, h1.c)?;
+            let t = proj.apply(cx, temb, x.batch)?;
+            h1t = Fmap::alloc(cx.arena, h1.batch, h1.h, h1.w, h1.c)?;
             let rows = BiasRowsParams { batch: h1.batch, rows: h1.h * h1.w, channels: h1.c };
             b.add_bias_rows_forward(&rows, &h1t.t, &h1.t, &t)?;
         }
-        let n2 = self.norm2.apply_saved(b, arena, &h1t, true)?;
-        let h2 = self.conv2.apply(b, arena, &n2.out)?;
+        let n2 = self.norm2.apply_saved(cx, &h1t, true)?;
+        let h2 = self.conv2.apply(cx, &n2.out)?;
         let shortcut = match &self.conv_shortcut {
-            Some(c) => c.apply(b, arena, x)?,
+            Some(c) => c.apply(cx, x)?,
             None => *x,
         };
         b.add_forward(&out.t, &shortcut.t, &h2.t, out.numel())?;
-        arena.release(mark);
-        Ok(ResnetSaved { x: *x, n1, h1, h1t, n2, out })
+        cx.arena.release(mark);
+        Ok(ResnetSaved { x: *x, temb_act: temb_act.copied(), n1, h1, h1t, n2, out })
     }
 
     /// Accumulates parameter gradients into `g`, the input gradient into `dx` and the gradient of
     /// SiLU(time embedding) into `dtemb_act`. Temporaries are released on return.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         g: &ResnetBlock2D,
-        b: &dyn Backend,
-        arena: &mut Arena,
+        cx: &mut Cx,
         s: &ResnetSaved,
         dout: &Fmap,
         dx: &Fmap,
-        temb_act: Option<&Tensor>,
         dtemb_act: Option<&Tensor>,
     ) -> Result<()> {
-        let mark = arena.mark();
+        let b = cx.b;
+        let mark = cx.arena.mark();
         match (&self.conv_shortcut, &g.conv_shortcut) {
             (Some(c), Some(gc)) => c.backward(gc, b, Some(dx), dout, &s.x)?,
             _ => b.accumulate(&dx.t, &dout.t, dx.numel())?,
         }
-        let dn2 = zeros_like(b, arena, &s.n2.out)?;
+        let dn2 = zeros_like(cx, &s.n2.out)?;
         self.conv2.backward(&g.conv2, b, Some(&dn2), dout, &s.n2.out)?;
-        let dh1 = zeros_like(b, arena, &s.h1t)?;
+        let dh1 = zeros_like(cx, &s.h1t)?;
         self.norm2.backward(&g.norm2, b, &dh1, &dn2, &s.h1t, &s.n2)?;
         if let (Some(proj), Some(gproj), Some(temb), Some(dtemb)) =
-            (&self.time_emb_proj, &g.time_emb_proj, temb_act, dtemb_act)
+            (&self.time_emb_proj, &g.time_emb_proj, &s.temb_act, dtemb_act)
         {
             // h1t = h1 + proj(temb)[b]: h1 receives dh1 unchanged; the projection the row sums.
-            let dt = zeros(b, arena, [s.x.batch, proj.out_f])?;
+            let dt = zeros(cx, [s.x.batch, proj.out_f])?;
             let rows = BiasRowsParams { batch: s.x.batch, rows: s.h1.h * s.h1.w, channels: s.h1.c };
             b.add_bias_rows_backward(&rows, &dt, &dh1.t)?;
             proj.backward(gproj, b, Some(dtemb), &dt, temb, s.x.batch)?;
         }
-        let dn1 = zeros_like(b, arena, &s.n1.out)?;
+        let dn1 = zeros_like(cx, &s.n1.out)?;
         self.conv1.backward(&g.conv1, b, Some(&dn1), &dh1, &s.n1.out)?;
         self.norm1.backward(&g.norm1, b, dx, &dn1, &s.x, &s.n1)?;
-        arena.release_all_to(mark);
+        cx.arena.release_all_to(mark);
         Ok(())
     }
 }
@@ -119,6 +111,8 @@ impl ResnetBlock2D {
 #[derive(Clone, Copy, Debug)]
 pub struct ResnetSaved {
     pub x: Fmap,
+    /// SiLU(time embedding) as the forward received it (the U-Net's resnets; none in the VAE).
+    pub temb_act: Option<Tensor>,
     pub n1: GroupNormOut,
     pub h1: Fmap,
     /// h1 plus the projected time embedding (h1 itself without one).

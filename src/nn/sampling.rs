@@ -1,10 +1,9 @@
 //! diffusers' `Downsample2D` (strided 3×3 convolution; the VAE's variant pads right/bottom by one
 //! and convolves with no padding) and `Upsample2D` (nearest ×2, or to the skip's size, then 3×3).
 
-use super::{Conv2d, Fmap};
-use crate::backend::Backend;
+use super::{Conv2d, Cx, Fmap};
 use crate::ops::elementwise::UpsampleParams;
-use crate::tensor::{Arena, Layout};
+use crate::tensor::Layout;
 use anyhow::Result;
 
 #[derive(Clone, Debug)]
@@ -20,8 +19,8 @@ impl Downsample2D {
         Downsample2D { conv: Conv2d::layout(l, &format!("{prefix}.conv"), c, c, 3, 2, pad) }
     }
 
-    pub fn forward(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap) -> Result<Fmap> {
-        self.conv.apply(b, arena, x)
+    pub fn forward(&self, cx: &mut Cx, x: &Fmap) -> Result<Fmap> {
+        self.conv.apply(cx, x)
     }
 }
 
@@ -38,42 +37,28 @@ impl Upsample2D {
     /// Resizes to `size` (the skip connection's (h, w) when the U-Net input is not a multiple of
     /// its total downscale, as diffusers' `upsample_size`), else to twice the size. The resized
     /// map stays on the arena until the caller's enclosing release.
-    pub fn forward(&self, b: &dyn Backend, arena: &mut Arena, x: &Fmap, size: Option<(usize, usize)>) -> Result<Fmap> {
-        Ok(self.forward_saved(b, arena, x, size)?.1)
+    pub fn forward(&self, cx: &mut Cx, x: &Fmap, size: Option<(usize, usize)>) -> Result<Fmap> {
+        Ok(self.forward_saved(cx, x, size)?.1)
     }
 
     /// Returns (the resized map, the output).
-    pub fn forward_saved(
-        &self,
-        b: &dyn Backend,
-        arena: &mut Arena,
-        x: &Fmap,
-        size: Option<(usize, usize)>,
-    ) -> Result<(Fmap, Fmap)> {
+    pub fn forward_saved(&self, cx: &mut Cx, x: &Fmap, size: Option<(usize, usize)>) -> Result<(Fmap, Fmap)> {
+        let b = cx.b;
         let (oh, ow) = size.unwrap_or((2 * x.h, 2 * x.w));
-        let up = Fmap::alloc(arena, x.batch, oh, ow, x.c)?;
+        let up = Fmap::alloc(cx.arena, x.batch, oh, ow, x.c)?;
         b.upsample_nearest_forward(&upsample(x, oh, ow), &up.t, &x.t)?;
-        let out = self.conv.apply(b, arena, &up)?;
+        let out = self.conv.apply(cx, &up)?;
         Ok((up, out))
     }
 
     /// Accumulates into `g` and `dx`, given the input `x` and the resized map `up` of the forward.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
-        &self,
-        g: &Upsample2D,
-        b: &dyn Backend,
-        arena: &mut Arena,
-        x: &Fmap,
-        up: &Fmap,
-        dout: &Fmap,
-        dx: &Fmap,
-    ) -> Result<()> {
-        let mark = arena.mark();
-        let dup = super::zeros_like(b, arena, up)?;
+    pub fn backward(&self, g: &Upsample2D, cx: &mut Cx, x: &Fmap, up: &Fmap, dout: &Fmap, dx: &Fmap) -> Result<()> {
+        let b = cx.b;
+        let mark = cx.arena.mark();
+        let dup = super::zeros_like(cx, up)?;
         self.conv.backward(&g.conv, b, Some(&dup), dout, up)?;
         b.upsample_nearest_backward(&upsample(x, up.h, up.w), &dx.t, &dup.t)?;
-        arena.release_all_to(mark);
+        cx.arena.release_all_to(mark);
         Ok(())
     }
 }

@@ -15,6 +15,7 @@ use crate::io::weights;
 use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::models::unet::UNet;
 use crate::models::vae::AutoencoderKL;
+use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::rng::torch::{NormalVariant, TorchGenerator};
 use crate::sample::schedulers::{self, Scheduler, SchedulerKind, SchedulerOptions};
@@ -405,7 +406,13 @@ impl Pipeline {
                         let key = ((arena.pool().0 as u64) << 32) | ub as u64;
                         bd.graph(key, &mut || {
                             arena.release(mark);
-                            fresh = Some(self.unet.forward_from_timesteps(bd, &mut arena, &xin, &ts, &ctx_t, seq)?);
+                            fresh = Some(self.unet.forward_from_timesteps(
+                                &mut Cx::new(bd, &mut arena),
+                                &xin,
+                                &ts,
+                                &ctx_t,
+                                seq,
+                            )?);
                             Ok(())
                         })?;
                         let out = match fresh {
@@ -449,7 +456,7 @@ impl Pipeline {
                     vae_arena.reset();
                     let zt = Fmap::alloc(&mut vae_arena, k, lh, lw, c)?;
                     b.upload(&zt.t, &nchw_to_nhwc(&z, k, c, lh, lw))?;
-                    let img = self.vae.decode(b, &mut vae_arena, &zt)?;
+                    let img = self.vae.decode(&mut Cx::new(b, &mut vae_arena), &zt)?;
                     let px = nhwc_to_nchw(&b.download(&img.t)?, k, out_c, h, w);
                     check_finite(&px, || {
                         "the VAE decoder's output (check the VAE's weights and scaling_factor)".into()

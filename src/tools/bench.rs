@@ -6,6 +6,7 @@ use crate::io::weights;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::rng::splitmix::SplitMix64;
 use anyhow::{bail, Result};
@@ -205,7 +206,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
                 unet.upload_timesteps(bd, &ts, &[500.0], n)?;
                 bd.graph(key, &mut || {
                     arena.release(base);
-                    unet.forward_from_timesteps(bd, &mut arena, &x, &ts, &ctx, ctx_len).map(|_| ())
+                    unet.forward_from_timesteps(&mut Cx::new(bd, &mut arena), &x, &ts, &ctx, ctx_len).map(|_| ())
                 })?;
                 bd.synchronize()
             })?;
@@ -235,7 +236,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             let base = arena.mark();
             let times = time_it(b, o.profile, o.warmup, o.iters, || {
                 arena.release(base);
-                vae.decode(b, &mut arena, &z)?;
+                vae.decode(&mut Cx::new(b, &mut arena), &z)?;
                 b.synchronize()
             })?;
             let shape = format!("batch {} × {}×{} latents → {}×{} px", o.batch, h, w, o.height, o.width);

@@ -18,6 +18,7 @@ use crate::backend::Backend;
 use crate::diag::SettingError;
 use crate::models::text::{TextActs, TextEncoder, TextGrads};
 use crate::models::unet::{UNet, UNetParams};
+use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::ops::optim::AdamWParams;
 use crate::ops::random::AddNoiseParams;
@@ -463,7 +464,7 @@ impl Trainer {
         let base = self.arena.mark();
         self.arena.set_keep(true);
         let ts: Vec<f32> = mb.timesteps.iter().map(|&t| t as f32).collect();
-        let saved = unet.forward_saved(b, &mut self.arena, &sample, &ts, &ctx, seq);
+        let saved = unet.forward_saved(&mut Cx::new(b, &mut self.arena), &sample, &ts, &ctx, seq);
         self.arena.set_keep(false);
         let saved = saved?;
         let loss_t = self.side("loss");
@@ -471,10 +472,17 @@ impl Trainer {
         if inv_accum != 1.0 {
             b.scale(&dout.t, inv_accum, dout.numel())?;
         }
-        unet.backward(&self.unet_grads, b, &mut self.arena, &saved, &dout, &dctx, None)?;
+        unet.backward(&self.unet_grads, &mut Cx::new(b, &mut self.arena), &saved, &dout, &dctx, None)?;
         self.arena.release_all_to(base);
         if let Some(g) = &self.clip_grads {
-            clip.backward(b, &mut self.clip_arena, g, &self.clip_acts, &dctx, &mb.input_ids, &mb.attention_mask)?;
+            clip.backward(
+                &mut Cx::new(b, &mut self.clip_arena),
+                g,
+                &self.clip_acts,
+                &dctx,
+                &mb.input_ids,
+                &mb.attention_mask,
+            )?;
         }
         Ok(b.download(&loss_t)?[0])
     }

@@ -16,6 +16,7 @@ use crate::io::weights;
 use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{split_moments, AutoencoderKL};
+use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::rng::splitmix::SplitMix64;
 use anyhow::{bail, Context, Result};
@@ -242,7 +243,7 @@ impl Encoder {
         self.arena.reset();
         let x = Fmap::alloc(&mut self.arena, 1, r, r, 3)?;
         b.upload(&x.t, &super::nchw_to_nhwc(planar, 1, 3, r, r))?;
-        let m = vae.encode(b, &mut self.arena, &x)?;
+        let m = vae.encode(&mut Cx::new(b, &mut self.arena), &x)?;
         let z = vae.config.latent_channels;
         let (mean, logvar) = split_moments(&b.download(&m.t)?, z);
         let to_chw = |v: &[f32]| {

@@ -13,6 +13,7 @@ use crate::backend::plan::PlanBackend;
 use crate::backend::Backend;
 use crate::diag::SettingError;
 use crate::models::vae::{AutoencoderKL, VaeParams};
+use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::tensor::{Arena, Layout, Tensor};
 use anyhow::{bail, Result};
@@ -70,11 +71,11 @@ impl VaeTrainer {
         let mut pa = Arena::planning();
         let (x, drec, z, dz, dm) = build(&mut pa)?;
         pa.set_keep(true);
-        let enc = vae.encode_saved(&plan, &mut pa, &x)?;
-        let dec = vae.decode_saved(&plan, &mut pa, &z)?;
+        let enc = vae.encode_saved(&mut Cx::new(&plan, &mut pa), &x)?;
+        let dec = vae.decode_saved(&mut Cx::new(&plan, &mut pa), &z)?;
         pa.set_keep(false);
-        vae.decode_backward(&vae.params, &plan, &mut pa, &dec, &drec, &dz)?;
-        vae.encode_backward(&vae.params, &plan, &mut pa, &enc, &dm, None)?;
+        vae.decode_backward(&vae.params, &mut Cx::new(&plan, &mut pa), &dec, &drec, &dz)?;
+        vae.encode_backward(&vae.params, &mut Cx::new(&plan, &mut pa), &enc, &dm, None)?;
         let cap = pa.peak();
         let mut arena = Arena::new(b.alloc(cap, "vae.training")?, cap);
         let io = build(&mut arena)?;
@@ -108,7 +109,7 @@ impl VaeTrainer {
         let base = self.arena.mark();
         self.arena.set_keep(true);
         let result = (|| -> Result<(f32, f32, f32)> {
-            let enc = vae.encode_saved(b, &mut self.arena, &x)?;
+            let enc = vae.encode_saved(&mut Cx::new(b, &mut self.arena), &x)?;
             // Host: reparameterisation and KL on channels-last moments [n, h, w, 2·zc].
             let zc = z.c;
             let moments = b.download(&enc.moments.t)?;
@@ -124,12 +125,12 @@ impl VaeTrainer {
             }
             let kl = (kl / n as f64) as f32;
             b.upload(&z.t, &zv)?;
-            let dec = vae.decode_saved(b, &mut self.arena, &z)?;
+            let dec = vae.decode_saved(&mut Cx::new(b, &mut self.arena), &z)?;
             b.mse_loss(&drec.t, &self.side, &dec.out.t, &x.t, x.numel())?;
             let rec = b.download(&self.side)?[0];
             self.arena.set_keep(false);
             b.zero(&dz.t)?;
-            vae.decode_backward(&self.grads, b, &mut self.arena, &dec, &drec, &dz)?;
+            vae.decode_backward(&self.grads, &mut Cx::new(b, &mut self.arena), &dec, &drec, &dz)?;
             let dzv = b.download(&dz.t)?;
             let kw = self.kl_weight / n as f32;
             let mut dmv = vec![0f32; dm.numel()];
@@ -148,7 +149,7 @@ impl VaeTrainer {
                 }
             }
             b.upload(&dm.t, &dmv)?;
-            vae.encode_backward(&self.grads, b, &mut self.arena, &enc, &dm, None)?;
+            vae.encode_backward(&self.grads, &mut Cx::new(b, &mut self.arena), &enc, &dm, None)?;
             Ok((rec + self.kl_weight * kl, rec, kl))
         })();
         self.arena.set_keep(false);
