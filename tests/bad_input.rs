@@ -19,16 +19,16 @@ fn pipeline(dir: &Path) -> PathBuf {
     pipe
 }
 
-fn encode(pipe: &Path, out_dir: &Path) -> Vec<String> {
-    vec![
-        "encode-text".into(),
-        "--model".into(),
-        pipe.display().to_string(),
-        "--prompt".into(),
-        "No acute process.".into(),
-        "--out".into(),
-        out_dir.join("e.safetensors").display().to_string(),
-    ]
+/// encode-text with `pipe`, into e.safetensors beside it.
+fn encode(pipe: &Path) -> CliArgs {
+    encode_text_args(pipe, "No acute process.", &pipe.with_file_name("e.safetensors"))
+}
+
+/// A temporary folder holding `pipeline`'s folder: (the folder, the pipeline).
+fn temp_pipeline() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = pipeline(dir.path());
+    (dir, pipe)
 }
 
 fn s(v: &[String]) -> Vec<&str> {
@@ -52,13 +52,12 @@ fn rewrite(path: &Path, edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<
 
 #[test]
 fn truncated_safetensors_file_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = pipeline(dir.path());
+    let (_dir, pipe) = temp_pipeline();
     let f = pipe.join("text_encoder/model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
     let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
     file.set_len(len / 2).unwrap();
-    expect_error(&s(&encode(&pipe, dir.path())), &["model.safetensors", "truncated"]);
+    encode(&pipe).expect_error(&["model.safetensors", "truncated"]);
     // inspect reads headers only, and must say the same
     expect_error(&["inspect", f.to_str().unwrap()], &["model.safetensors", "truncated"]);
     // a file cut inside its header
@@ -68,39 +67,34 @@ fn truncated_safetensors_file_is_named() {
 
 #[test]
 fn corrupt_safetensors_header_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = pipeline(dir.path());
+    let (_dir, pipe) = temp_pipeline();
     let f = pipe.join("text_encoder/model.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
     bytes[8..16].copy_from_slice(b"garbage!");
     std::fs::write(&f, &bytes).unwrap();
-    expect_error(&s(&encode(&pipe, dir.path())), &["model.safetensors", "JSON header cannot be parsed"]);
+    encode(&pipe).expect_error(&["model.safetensors", "JSON header cannot be parsed"]);
     // a header length larger than the file
     bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     std::fs::write(&f, &bytes).unwrap();
-    expect_error(&s(&encode(&pipe, dir.path())), &["model.safetensors", "header"]);
+    encode(&pipe).expect_error(&["model.safetensors", "header"]);
 }
 
 #[test]
 fn missing_component_folder_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = pipeline(dir.path());
+    let (_dir, pipe) = temp_pipeline();
     std::fs::remove_dir_all(pipe.join("text_encoder")).unwrap();
-    expect_error(&s(&encode(&pipe, dir.path())), &["text_encoder", "missing component folder"]);
+    encode(&pipe).expect_error(&["text_encoder", "missing component folder"]);
 }
 
 #[test]
 fn missing_weight_file_and_config_are_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = pipeline(dir.path());
+    let (_dir, pipe) = temp_pipeline();
     std::fs::remove_file(pipe.join("text_encoder/model.safetensors")).unwrap();
-    let line = expect_error(&s(&encode(&pipe, dir.path())), &["text_encoder", "no safetensors weights"]);
+    let line = encode(&pipe).expect_error(&["text_encoder", "no safetensors weights"]);
     assert!(line.contains("model.fp16.safetensors"), "the listing shows what is there: {line}");
-    let mut args = encode(&pipe, dir.path());
-    args.extend(["--variant".into(), "fp32".into()]);
-    expect_error(&s(&args), &["text_encoder", "no 'fp32' variant weights"]);
+    encode(&pipe).with(&["--variant", "fp32"]).expect_error(&["text_encoder", "no 'fp32' variant weights"]);
     std::fs::remove_file(pipe.join("text_encoder/config.json")).unwrap();
-    expect_error(&s(&encode(&pipe, dir.path())), &["text_encoder/config.json", "no such file"]);
+    encode(&pipe).expect_error(&["text_encoder/config.json", "no such file"]);
 }
 
 #[test]
@@ -114,56 +108,49 @@ fn missing_shard_is_named() {
 
 #[test]
 fn wrong_shape_names_the_tensor_and_both_shapes() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = pipeline(dir.path());
+    let (_dir, pipe) = temp_pipeline();
     rewrite(&pipe.join("text_encoder/model.safetensors"), |e| {
         let t = e.iter_mut().find(|t| t.0.ends_with("layers.1.mlp.fc1.weight")).unwrap();
         t.2.reverse(); // (96, 40) stored as (40, 96): same bytes, transposed shape
     });
-    expect_error(
-        &s(&encode(&pipe, dir.path())),
-        &["model.safetensors", "encoder.layers.1.mlp.fc1.weight", "[40, 96]", "[96, 40]"],
-    );
+    encode(&pipe).expect_error(&["model.safetensors", "encoder.layers.1.mlp.fc1.weight", "[40, 96]", "[96, 40]"]);
 }
 
 #[test]
 fn wrong_dtype_names_the_tensor() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = pipeline(dir.path());
+    let (_dir, pipe) = temp_pipeline();
     rewrite(&pipe.join("text_encoder/model.safetensors"), |e| {
         let t = e.iter_mut().find(|t| t.0.ends_with("final_layer_norm.weight")).unwrap();
         t.1 = safetensors::Dtype::I32;
     });
-    expect_error(&s(&encode(&pipe, dir.path())), &["final_layer_norm.weight", "I32", "F32, F16 or BF16"]);
+    encode(&pipe).expect_error(&["final_layer_norm.weight", "I32", "F32, F16 or BF16"]);
 }
 
 #[test]
 fn missing_and_unexpected_tensors_are_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = pipeline(dir.path());
+    let (_dir, pipe) = temp_pipeline();
     let f = pipe.join("text_encoder/model.safetensors");
     rewrite(&f, |e| e.retain(|t| !t.0.ends_with("layers.2.self_attn.v_proj.bias")));
-    expect_error(&s(&encode(&pipe, dir.path())), &["1 expected tensor(s) missing", "layers.2.self_attn.v_proj.bias"]);
+    encode(&pipe).expect_error(&["1 expected tensor(s) missing", "layers.2.self_attn.v_proj.bias"]);
     copy_dir(&fixture("clip-b"), &pipe.join("text_encoder"));
     rewrite(&f, |e| {
         let extra = e[0].clone();
         e.push(("text_model.encoder.layers.9.extra.weight".into(), extra.1, extra.2, extra.3));
     });
-    expect_error(&s(&encode(&pipe, dir.path())), &["unexpected tensor", "layers.9.extra.weight"]);
+    encode(&pipe).expect_error(&["unexpected tensor", "layers.9.extra.weight"]);
 }
 
 #[test]
 fn unknown_hidden_act_names_the_field() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = pipeline(dir.path());
+    let (_dir, pipe) = temp_pipeline();
     let cfg = pipe.join("text_encoder/config.json");
     let text = std::fs::read_to_string(&cfg).unwrap().replace("\"gelu\"", "\"relu6\"");
     std::fs::write(&cfg, text).unwrap();
-    expect_error(&s(&encode(&pipe, dir.path())), &["config.json", "hidden_act", "relu6"]);
+    encode(&pipe).expect_error(&["config.json", "hidden_act", "relu6"]);
     std::fs::write(&cfg, "{\"hidden_size\": \"wide\"}").unwrap();
-    expect_error(&s(&encode(&pipe, dir.path())), &["config.json", "hidden_size", "expected an integer"]);
+    encode(&pipe).expect_error(&["config.json", "hidden_size", "expected an integer"]);
     std::fs::write(&cfg, "{not json").unwrap();
-    expect_error(&s(&encode(&pipe, dir.path())), &["config.json", "invalid JSON"]);
+    encode(&pipe).expect_error(&["config.json", "invalid JSON"]);
 }
 
 #[test]
@@ -212,26 +199,16 @@ fn cuda_device_without_cuda_build_says_so() {
 
 // ---- sampling ----
 
-fn sample_args(pipe: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> =
-        vec!["sample", "--model", pipe.to_str().unwrap(), "--prompt", "Small right effusion.", "--steps", "2"]
-            .into_iter()
-            .map(String::from)
-            .collect();
-    v.extend(["--height", "16", "--width", "16", "--out"].iter().map(|s| s.to_string()));
-    v.push(out.display().to_string());
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
+fn sample_args(pipe: &Path, out: &Path, extra: &[&str]) -> CliArgs {
+    sample_16px_args(pipe, "2", out).opt("--prompt", "Small right effusion.").with(extra)
 }
 
 #[test]
 fn sampling_size_not_a_multiple_of_the_vae_factor_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = assemble_pipeline("pipe-a", dir.path());
-    let mut a = sample_args(&pipe, &dir.path().join("o"), &[]);
-    let i = a.iter().position(|x| x == "--height").unwrap();
-    a[i + 1] = "15".into();
-    expect_error(&s(&a), &["--height 15", "multiples of 2"]);
+    let a = sample_args(&pipe, &dir.path().join("o"), &[]).set("--height", "15");
+    a.expect_error(&["--height 15", "multiples of 2"]);
 }
 
 #[test]

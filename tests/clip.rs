@@ -113,14 +113,11 @@ fn encode_text_cli_matches_diffusers_encode_prompt() {
     let prompts: Vec<String> =
         serde_json::from_str(&std::fs::read_to_string(pipe.join("prompts.json")).unwrap()).unwrap();
     let out = dir.path().join("emb.safetensors");
-    let mut args = vec!["encode-text".to_string(), "--model".into(), pipe.display().to_string()];
+    let mut args = CliArgs::new(&["encode-text"]).opt("--model", &pipe);
     for p in &prompts {
-        args.extend(["--prompt".to_string(), p.clone()]);
+        args = args.opt("--prompt", p);
     }
-    args.extend(["--out".to_string(), out.display().to_string()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, _, err) = run_cli(&args, None);
-    assert_eq!(code, 0, "{err}");
+    let (_, err) = args.opt("--out", &out).run_ok();
     assert!(err.contains("warning: prompt 4 has"), "the over-long prompt must be reported: {err}");
     let io = pipe.join("io.safetensors");
     assert_eq!(read_ids(&out, "input_ids"), read_ids(&io, "input_ids"));
@@ -143,18 +140,7 @@ fn ids_outside_the_vocabulary_are_refused() {
     )
     .unwrap();
     let out = dir.path().join("emb.safetensors");
-    let (code, _, err) = run_cli(
-        &[
-            "encode-text",
-            "--model",
-            pipe.to_str().unwrap(),
-            "--prompt",
-            "No acute process.",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
+    let (code, _, err) = encode_text_args(&pipe, "No acute process.", &out).run();
     assert_eq!(code, 1);
     assert!(err.contains("outside the vocabulary of 1000"), "{err}");
     assert!(!out.exists());

@@ -284,15 +284,7 @@ fn bert_text_encoder_sizes_are_bounded() {
     });
     let out = dir.path().join("e.safetensors");
     expect_error(
-        &[
-            "encode-text",
-            "--model",
-            pipe.to_str().unwrap(),
-            "--prompt",
-            "No acute process.",
-            "--out",
-            out.to_str().unwrap(),
-        ],
+        &encode_text_args(&pipe, "No acute process.", &out).strs(),
         &["text_encoder/config.json", "num_hidden_layers"],
     );
 }

@@ -14,22 +14,8 @@ fn sample_without_model_uses_the_bundled_demo() {
     assert!(demo_dir().join("model_index.json").is_file(), "weights/phantom-demo is missing");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.png");
-    let (code, stdout, err) = run_cli(
-        &[
-            "sample",
-            "--prompt",
-            "Large left pleural effusion.",
-            "--seed",
-            "3",
-            "--steps",
-            "20",
-            "--out",
-            out.to_str().unwrap(),
-            "--gray",
-            "--json",
-        ],
-        None,
-    );
+    let args = CliArgs::new(&["sample", "--prompt", "Large left pleural effusion.", "--seed", "3", "--steps", "20"]);
+    let (code, stdout, err) = args.opt("--out", &out).with(&["--gray", "--json"]).run();
     assert_eq!(code, 0, "sample without --model failed: {err}");
     assert!(err.contains("bundled phantom demo") && err.contains("not a medical model"), "no note on stderr: {err}");
     let summary: serde_json::Value = serde_json::from_str(&stdout).expect("--json summary");
@@ -58,29 +44,9 @@ fn demo_follows_laterality() {
     ];
     std::fs::write(&prompts, lines.join("\n")).unwrap();
     let samples = dir.path().join("samples");
-    let (code, _, err) = run_cli(
-        &[
-            "sample",
-            "--model",
-            demo_dir().to_str().unwrap(),
-            "--prompts",
-            prompts.to_str().unwrap(),
-            "--num-images",
-            "6",
-            "--batch-size",
-            "12",
-            "--seed",
-            "11",
-            "--scheduler",
-            "dpm++2m",
-            "--steps",
-            "25",
-            "--gray",
-            "--out",
-            &format!("{}/", samples.display()),
-        ],
-        None,
-    );
+    let args = CliArgs::new(&["sample"]).opt("--model", demo_dir()).opt("--prompts", &prompts);
+    let args = args.with(&["--num-images", "6", "--batch-size", "12", "--seed", "11", "--scheduler", "dpm++2m"]);
+    let (code, _, err) = args.with(&["--steps", "25", "--gray"]).opt("--out", format!("{}/", samples.display())).run();
     assert_eq!(code, 0, "sample failed: {err}");
     let (code, stdout, err) =
         run_cli(&["eval", "phantom", "--images", samples.to_str().unwrap(), "--reference-count", "0", "--json"], None);
@@ -118,20 +84,13 @@ fn demo_samples_as_diffusers_does() {
     let size = run["size"].as_u64().unwrap().to_string();
     let steps = run["steps"].as_u64().unwrap().to_string();
     let guidance = run["guidance"].as_f64().unwrap().to_string();
-    let mut args: Vec<String> = vec!["sample".into(), "--model".into(), demo_dir().display().to_string()];
+    let mut args = CliArgs::new(&["sample"]).opt("--model", demo_dir());
     for p in run["prompts"].as_array().unwrap() {
-        args.extend(["--prompt".into(), p.as_str().unwrap().into()]);
+        args = args.opt("--prompt", p.as_str().unwrap());
     }
-    args.extend(
-        ["--height", &size, "--width", &size, "--steps", &steps, "--guidance", &guidance, "--out"].map(String::from),
-    );
-    args.push(dir.path().join("png/").display().to_string());
-    args.extend(["--latents-in".into(), lf.display().to_string(), "--dump".into(), dump.display().to_string()]);
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, _, err) = run_cli(&argv, None);
-    assert_eq!(code, 0, "{err}");
-    let (got_shape, got) = read_f32(&dump, "image");
-    let (want_shape, want) = read_f32(&io, "image");
+    let args = args.with(&["--height", &size, "--width", &size, "--steps", &steps, "--guidance", &guidance]);
+    args.opt("--out", dir.path().join("png/")).opt("--latents-in", &lf).opt("--dump", &dump).run_ok();
+    let ((got_shape, got), (want_shape, want)) = (read_f32(&dump, "image"), read_f32(&io, "image"));
     assert_eq!(got_shape, want_shape);
     let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     println!("demo: image max |ours - diffusers| = {max_err:.2e} (bar {PIPELINE_ABS:.0e})");

@@ -6,8 +6,11 @@
 
 mod common;
 
-use common::{assemble_pipeline, copy_dir, expect_cli_error, fixture, read_f32, sd14_config};
-use std::path::{Path, PathBuf};
+use common::{
+    assemble_pipeline, copy_dir, expect_cli_error, sample_16px_args, train10_first_batch, train_step_args,
+    train_step_pipeline, write_f32_tensors,
+};
+use std::path::PathBuf;
 
 /// The folder every row works in: a pipe-a pipeline, a train-step pipeline and its batch, and the
 /// malformed inputs the rows point at.
@@ -23,30 +26,13 @@ impl Setup {
     }
 }
 
-/// Writes f32 tensors (name, shape, values) to a safetensors file.
-fn write_tensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
-    let bytes: Vec<Vec<u8>> =
-        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((n, s, _), b)| {
-            (n.to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
-        })
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
-}
-
 /// train-step's batch from the train10 fixture, with `edit` applied to (name, shape, values).
 fn write_batch(s: &Setup, file: &str, edit: impl Fn(&str, &mut Vec<f32>)) {
-    let io = fixture("train10/io.safetensors");
-    let mut named = Vec::new();
-    for name in ["latents", "noise", "input_ids", "timesteps"] {
-        let (shape, mut v) = read_f32(&io, &format!("b0.{name}"));
-        edit(name, &mut v);
-        named.push((name, shape, v));
+    let mut named = train10_first_batch();
+    for (name, _, v) in &mut named {
+        edit(name, v);
     }
-    write_tensors(&s.dir.path().join(file), &named);
+    write_f32_tensors(&s.dir.path().join(file), &named);
 }
 
 fn setup() -> Setup {
@@ -54,13 +40,7 @@ fn setup() -> Setup {
     let d = dir.path();
     let pipe = assemble_pipeline("pipe-a", d);
     // A pipeline for train-step, as tests/cuda.rs assembles it.
-    let step_pipe = d.join("step-pipe");
-    copy_dir(&fixture("grads/unet"), &step_pipe.join("unet"));
-    copy_dir(&fixture("train10/text_encoder"), &step_pipe.join("text_encoder"));
-    copy_dir(&fixture("pipe-a/vae"), &step_pipe.join("vae"));
-    copy_dir(&sd14_config().join("scheduler"), &step_pipe.join("scheduler"));
-    copy_dir(&sd14_config().join("tokenizer"), &step_pipe.join("tokenizer"));
-    std::fs::copy(fixture("pipe-a/model_index.json"), step_pipe.join("model_index.json")).unwrap();
+    let step_pipe = train_step_pipeline(d.join("step-pipe"));
     // A pipeline whose merges.txt is empty (a truncated download).
     let empty_merges = d.join("empty-merges");
     copy_dir(&pipe, &empty_merges);
@@ -76,9 +56,9 @@ fn setup() -> Setup {
     let n = 4 * 8 * 8;
     let mut nan = vec![0.5f32; n];
     nan[3] = f32::NAN;
-    write_tensors(&d.join("latents-nan.safetensors"), &[("latents", vec![1, 4, 8, 8], nan)]);
-    write_tensors(&d.join("latents-misnamed.safetensors"), &[("noise", vec![1, 4, 8, 8], vec![0.0; n])]);
-    write_tensors(&d.join("latents-5d.safetensors"), &[("latents", vec![1, 1, 4, 8, 8], vec![0.0; n])]);
+    write_f32_tensors(&d.join("latents-nan.safetensors"), &[("latents", vec![1, 4, 8, 8], nan)]);
+    write_f32_tensors(&d.join("latents-misnamed.safetensors"), &[("noise", vec![1, 4, 8, 8], vec![0.0; n])]);
+    write_f32_tensors(&d.join("latents-5d.safetensors"), &[("latents", vec![1, 1, 4, 8, 8], vec![0.0; n])]);
     let s = Setup { dir, pipe, step_pipe };
     write_batch(&s, "batch-t5000.safetensors", |name, v| {
         if name == "timesteps" {
@@ -105,14 +85,8 @@ fn setup() -> Setup {
             v[0] = f32::INFINITY
         }
     });
-    let io = fixture("train10/io.safetensors");
-    let (ls, lv) = read_f32(&io, "b0.latents");
-    let (is, iv) = read_f32(&io, "b0.input_ids");
-    let (ts, tv) = read_f32(&io, "b0.timesteps");
-    write_tensors(
-        &s.dir.path().join("batch-nonoise.safetensors"),
-        &[("latents", ls, lv), ("input_ids", is, iv), ("timesteps", ts, tv)],
-    );
+    let no_noise: Vec<_> = train10_first_batch().into_iter().filter(|(name, _, _)| name != "noise").collect();
+    write_f32_tensors(&s.dir.path().join("batch-nonoise.safetensors"), &no_noise);
     s
 }
 
@@ -128,23 +102,11 @@ struct Row {
 fn rows(s: &Setup) -> Vec<Row> {
     let p = |rel: &str| s.path(rel);
     let pipe = s.pipe.display().to_string();
-    let step_pipe = s.step_pipe.display().to_string();
-    let sample = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["sample", "--model", &pipe, "--height", "16", "--width", "16", "--steps", "2"]
-            .iter()
-            .map(|x| x.to_string())
-            .collect();
-        a.push("--out".into());
-        a.push(p("out") + "/");
-        a.extend(extra.iter().map(|x| x.to_string()));
-        a
-    };
+    let sample = |extra: &[&str]| -> Vec<String> { sample_16px_args(&s.pipe, "2", p("out") + "/").with(extra).into() };
     let train_step = |batch: &str| -> Vec<String> {
         // Each row its own --output: a row that succeeds on an older binary must not fail the next.
-        ["train-step", "--model", &step_pipe, "--batch", &p(batch), "--output", &p(&format!("stepped-{batch}"))]
-            .iter()
-            .map(|x| x.to_string())
-            .collect()
+        let d = s.dir.path();
+        train_step_args(&s.step_pipe, &d.join(batch), &d.join(format!("stepped-{batch}"))).into()
     };
     let v = |a: &[&str]| -> Vec<String> { a.iter().map(|x| x.to_string()).collect() };
     let row = |name, args, needles: &[&str], fixed| Row { name, args, needles: v(needles), fixed };
@@ -176,21 +138,7 @@ fn rows(s: &Setup) -> Vec<Row> {
         ),
         row(
             "sample with an empty merges.txt names it (was: exit 0, letter-by-letter tokens)",
-            vec![
-                "sample".into(),
-                "--model".into(),
-                p("empty-merges"),
-                "--prompt".into(),
-                "x".into(),
-                "--height".into(),
-                "16".into(),
-                "--width".into(),
-                "16".into(),
-                "--steps".into(),
-                "2".into(),
-                "--out".into(),
-                p("out") + "/",
-            ],
+            sample_16px_args(&s.dir.path().join("empty-merges"), "2", p("out") + "/").opt("--prompt", "x").into(),
             &["merges.txt", "empty"],
             true,
         ),

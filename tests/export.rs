@@ -15,29 +15,8 @@ fn dir_bytes(p: &std::path::Path) -> u64 {
 
 fn sample_image(pipe: &std::path::Path, dir: &std::path::Path, tag: &str) -> Vec<f32> {
     let dump = dir.join(format!("{tag}.safetensors"));
-    let (code, _, err) = run_cli(
-        &[
-            "sample",
-            "--model",
-            pipe.to_str().unwrap(),
-            "--prompt",
-            "Small right pleural effusion.",
-            "--height",
-            "16",
-            "--width",
-            "16",
-            "--steps",
-            "4",
-            "--seed",
-            "5",
-            "--out",
-            dir.join(tag).to_str().unwrap(),
-            "--dump",
-            dump.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
+    let args = sample_16px_args(pipe, "4", dir.join(tag)).opt("--prompt", "Small right pleural effusion.");
+    args.opt("--seed", "5").opt("--dump", &dump).run_ok();
     read_f32(&dump, "image").1
 }
 
@@ -48,18 +27,12 @@ fn export_to_f16_samples_like_the_original() {
     let want = sample_image(&fixture_pipe, dir.path(), "fixture");
     // An f32 copy first (the fixture's own files are partly f16): it must sample bit-identically.
     let pipe = dir.path().join("f32");
-    let (code, _, err) = run_cli(
-        &["export", "--model", fixture_pipe.to_str().unwrap(), "--out", pipe.to_str().unwrap(), "--dtype", "f32"],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
+    export_args(&fixture_pipe, &pipe).with(&["--dtype", "f32"]).run_ok();
     assert_eq!(sample_image(&pipe, dir.path(), "f32copy"), want, "an f32 export must sample bit-identically");
     std::fs::create_dir_all(pipe.join("training_state")).unwrap();
     std::fs::write(pipe.join("training_state/trainer.json"), "{}").unwrap();
     let out = dir.path().join("exported");
-    let (code, stdout, err) =
-        run_cli(&["export", "--model", pipe.to_str().unwrap(), "--out", out.to_str().unwrap()], None);
-    assert_eq!(code, 0, "{err}");
+    let (stdout, _) = export_args(&pipe, &out).run_ok();
     assert!(stdout.contains("unet") && stdout.contains("wrote"), "{stdout}");
     assert!(!out.join("training_state").exists());
     // every float tensor is f16 now
@@ -75,24 +48,17 @@ fn export_to_f16_samples_like_the_original() {
     // names) would not.
     assert_eq!(got, want, "the f16 export changed the image");
     // refuses to overwrite; --overwrite replaces
-    let (code, _, err) = run_cli(&["export", "--model", pipe.to_str().unwrap(), "--out", out.to_str().unwrap()], None);
+    let (code, _, err) = export_args(&pipe, &out).run();
     assert_eq!(code, 1);
     assert!(err.contains("--overwrite"), "{err}");
-    let (code, _, err) = run_cli(
-        &["export", "--model", pipe.to_str().unwrap(), "--out", out.to_str().unwrap(), "--overwrite", "--dtype", "f32"],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
+    export_args(&pipe, &out).with(&["--overwrite", "--dtype", "f32"]).run_ok();
     assert_eq!(dir_bytes(&out.join("unet")), a, "--overwrite did not replace the f16 export");
 }
 
 #[test]
 fn export_refuses_a_folder_that_is_not_a_pipeline() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, _, err) = run_cli(
-        &["export", "--model", dir.path().to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap()],
-        None,
-    );
+    let (code, _, err) = export_args(dir.path(), &dir.path().join("x")).run();
     assert_eq!(code, 1);
     assert!(err.contains("model_index.json"), "{err}");
 }
@@ -106,8 +72,7 @@ fn export_nulls_components_that_are_not_shipped() {
     let pipe = assemble_pipeline("pipe-a", dir.path());
     std::fs::copy(sd14_config().join("model_index.json"), pipe.join("model_index.json")).unwrap();
     let out = dir.path().join("exported");
-    let (code, _, err) = run_cli(&["export", "--model", pipe.to_str().unwrap(), "--out", out.to_str().unwrap()], None);
-    assert_eq!(code, 0, "{err}");
+    export_args(&pipe, &out).run_ok();
     let src: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(pipe.join("model_index.json")).unwrap()).unwrap();
     assert_eq!(src["safety_checker"][1], "StableDiffusionSafetyChecker", "the input must name a safety checker");

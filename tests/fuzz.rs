@@ -113,6 +113,13 @@ impl Findings {
 
 thread_local!(static FUZZING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
 
+/// A fuzz test's start: panics inside `Findings::check` silenced, the mutator seeded with `seed`,
+/// no findings yet, and a scratch folder.
+fn fuzz_start(seed: u64) -> (Rng, Findings, tempfile::TempDir) {
+    quiet_panics();
+    (Rng(seed), Findings::default(), tempfile::tempdir().unwrap())
+}
+
 /// The panic hook would print every caught panic: silence it inside `Findings::check` (panics
 /// there are collected), keep it for everything else (the test's own assertions).
 fn quiet_panics() {
@@ -226,10 +233,7 @@ fn mutate_safetensors(rng: &mut Rng, orig: &[u8]) -> (String, Vec<u8>) {
 
 #[test]
 fn fuzz_safetensors_headers_and_loads() {
-    quiet_panics();
-    let mut rng = Rng(0x5EED_0001);
-    let mut found = Findings::default();
-    let tmp = tempfile::tempdir().unwrap();
+    let (mut rng, mut found, tmp) = fuzz_start(0x5EED_0001);
     // A CLIP text encoder folder (loads go through weights::load_into) and a BERT one (its own
     // loader), with the weights replaced by each mutation.
     let targets = [("clip-b", "model.safetensors"), ("bert/bert-a", "model.safetensors")];
@@ -408,10 +412,7 @@ const SMALL: usize = 4 << 20;
 
 #[test]
 fn fuzz_model_configs() {
-    quiet_panics();
-    let mut rng = Rng(0x5EED_0002);
-    let mut found = Findings::default();
-    let tmp = tempfile::tempdir().unwrap();
+    let (mut rng, mut found, tmp) = fuzz_start(0x5EED_0002);
     let read = |p: PathBuf| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
     // (fixture folder, config file, which parser, instantiate with random weights)
     let sd = sd14_config();
@@ -492,10 +493,7 @@ fn fuzz_model_configs() {
 
 #[test]
 fn fuzz_model_index() {
-    quiet_panics();
-    let mut rng = Rng(0x5EED_0003);
-    let mut found = Findings::default();
-    let tmp = tempfile::tempdir().unwrap();
+    let (mut rng, mut found, tmp) = fuzz_start(0x5EED_0003);
     let pipe = assemble_pipeline("pipe-a", tmp.path());
     let orig: Value = serde_json::from_str(&std::fs::read_to_string(pipe.join("model_index.json")).unwrap()).unwrap();
     let path = pipe.join("model_index.json");

@@ -5,6 +5,7 @@
 mod common;
 use common::*;
 use serde_json::Value;
+use std::path::Path;
 
 fn runs(name: &str) -> Vec<Value> {
     serde_json::from_str(&std::fs::read_to_string(fixture(name).join("runs.json")).unwrap()).unwrap()
@@ -18,6 +19,21 @@ fn cli_name(class: Option<&str>) -> Option<&'static str> {
     })
 }
 
+/// `roentgen sample` of `pipe` as diffusers sampled `run`: its prompts and negative prompt, image
+/// count, size and steps, at guidance 4, `batch_size` images per U-Net batch.
+fn diffusers_run_args(pipe: &Path, run: &Value, batch_size: usize) -> CliArgs {
+    let mut args = CliArgs::new(&["sample"]).opt("--model", pipe);
+    for p in run["prompts"].as_array().unwrap() {
+        args = args.opt("--prompt", p.as_str().unwrap());
+    }
+    if let Some(n) = run["negative"].as_str() {
+        args = args.opt("--negative-prompt", n);
+    }
+    let num = |k: &str| run[k].as_u64().unwrap().to_string();
+    let args = args.opt("--num-images", num("num_images")).opt("--height", num("height")).opt("--width", num("width"));
+    args.opt("--steps", num("steps")).with(&["--guidance", "4"]).opt("--batch-size", batch_size.to_string())
+}
+
 fn check_run(pipe_name: &str, run: &Value, batch_size: usize) {
     let dir = tempfile::tempdir().unwrap();
     let pipe = assemble_pipeline(pipe_name, dir.path());
@@ -25,55 +41,24 @@ fn check_run(pipe_name: &str, run: &Value, batch_size: usize) {
     let io = pipe.join(format!("io-{rname}.safetensors"));
     let out_dir = dir.path().join("out");
     let dump = dir.path().join("dump.safetensors");
-    let mut args: Vec<String> = vec!["sample".into(), "--model".into(), pipe.display().to_string()];
-    for p in run["prompts"].as_array().unwrap() {
-        args.extend(["--prompt".into(), p.as_str().unwrap().into()]);
-    }
-    if let Some(n) = run["negative"].as_str() {
-        args.extend(["--negative-prompt".into(), n.into()]);
-    }
     let num = |k: &str| run[k].as_u64().unwrap().to_string();
-    args.extend([
-        "--num-images".into(),
-        num("num_images"),
-        "--height".into(),
-        num("height"),
-        "--width".into(),
-        num("width"),
-    ]);
-    args.extend([
-        "--steps".into(),
-        num("steps"),
-        "--guidance".into(),
-        "4".into(),
-        "--batch-size".into(),
-        batch_size.to_string(),
-    ]);
+    let mut args = diffusers_run_args(&pipe, run, batch_size);
     if let Some(s) = cli_name(run["scheduler"].as_str()) {
-        args.extend(["--scheduler".into(), s.into()]);
+        args = args.opt("--scheduler", s);
     }
     if run["karras"].as_bool() == Some(true) {
         args.push("--karras-sigmas".into());
     }
     match run["seed"].as_u64() {
-        Some(seed) => args.extend(["--seed".into(), seed.to_string()]),
+        Some(seed) => args = args.opt("--seed", seed.to_string()),
         None => {
             let (shape, lat) = read_f32(&io, "latents_in");
             let f = dir.path().join("latents.safetensors");
             write_f32(&f, "latents", &shape, &lat);
-            args.extend(["--latents-in".into(), f.display().to_string()]);
+            args = args.opt("--latents-in", &f);
         }
     }
-    args.extend([
-        "--out".into(),
-        out_dir.display().to_string(),
-        "--dump".into(),
-        dump.display().to_string(),
-        "--json".into(),
-    ]);
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, stdout, err) = run_cli(&argv, None);
-    assert_eq!(code, 0, "{err}");
+    let (stdout, _) = args.opt("--out", &out_dir).opt("--dump", &dump).with(&["--json"]).run_ok();
     let what = format!("{pipe_name}/{rname} (batch size {batch_size})");
     let (shape, got) = read_f32(&dump, "image");
     let (want_shape, want) = read_f32(&io, "image");
@@ -116,31 +101,26 @@ fn check_run(pipe_name: &str, run: &Value, batch_size: usize) {
     }
 }
 
-#[test]
-fn sample_matches_diffusers_pndm_sd14_scheduler() {
-    let r = runs("pipe-a");
-    check_run("pipe-a", &r[0], 4);
+/// One test per diffusers run: the test's name, the pipeline fixture, the run's index in that
+/// fixture's runs.json and the --batch-size to sample with.
+macro_rules! diffusers_run_tests {
+    ($($(#[doc = $doc:literal])* $name:ident: $pipe:literal, $run:literal, $batch:literal;)*) => {$(
+        $(#[doc = $doc])*
+        #[test]
+        fn $name() {
+            check_run($pipe, &runs($pipe)[$run], $batch);
+        }
+    )*};
 }
 
-#[test]
-fn sample_matches_diffusers_pndm_in_chunks() {
-    // --batch-size bounds the U-Net batch; results must not change.
-    let r = runs("pipe-a");
-    check_run("pipe-a", &r[0], 3);
-}
-
-#[test]
-fn sample_matches_diffusers_dpm_solver_karras_odd_latent_size() {
-    let r = runs("pipe-b");
-    check_run("pipe-b", &r[0], 2);
-}
-
-#[test]
-fn sample_with_seed_matches_diffusers_euler_ancestral() {
-    // No latents given: the initial noise and the ancestral noise both come from the seeded
-    // torch-compatible generator.
-    let r = runs("pipe-b");
-    check_run("pipe-b", &r[1], 1);
+diffusers_run_tests! {
+    sample_matches_diffusers_pndm_sd14_scheduler: "pipe-a", 0, 4;
+    /// --batch-size bounds the U-Net batch; results must not change.
+    sample_matches_diffusers_pndm_in_chunks: "pipe-a", 0, 3;
+    sample_matches_diffusers_dpm_solver_karras_odd_latent_size: "pipe-b", 0, 2;
+    /// No latents given: the initial noise and the ancestral noise both come from the seeded
+    /// torch-compatible generator.
+    sample_with_seed_matches_diffusers_euler_ancestral: "pipe-b", 1, 1;
 }
 
 #[test]
@@ -156,26 +136,9 @@ fn sample_with_a_bert_text_encoder_matches_diffusers() {
     write_f32(&lf, "latents", &shape, &lat);
     let dump = dir.path().join("dump.safetensors");
     let out = dir.path().join("out");
-    let mut args: Vec<String> = vec!["sample".into(), "--model".into(), pipe.display().to_string()];
-    for p in run["prompts"].as_array().unwrap() {
-        args.extend(["--prompt".into(), p.as_str().unwrap().into()]);
-    }
-    let num = |k: &str| run[k].as_u64().unwrap().to_string();
-    args.extend(["--negative-prompt".into(), run["negative"].as_str().unwrap().into()]);
-    args.extend([
-        "--num-images".into(),
-        num("num_images"),
-        "--height".into(),
-        num("height"),
-        "--width".into(),
-        num("width"),
-    ]);
-    args.extend(["--steps".into(), num("steps"), "--guidance".into(), "4".into(), "--batch-size".into(), "3".into()]);
-    args.extend(["--latents-in".into(), lf.display().to_string(), "--dump".into(), dump.display().to_string()]);
-    args.extend(["--out".into(), out.display().to_string()]);
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, _, err) = run_cli(&argv, None);
-    assert_eq!(code, 0, "{err}");
+    run["negative"].as_str().expect("pipe-bert's run.json has a negative prompt");
+    let args = diffusers_run_args(&pipe, &run, 3).opt("--latents-in", &lf).opt("--dump", &dump);
+    args.opt("--out", &out).run_ok();
     assert_close(
         "pipe-bert prompt_embeds",
         &read_f32(&dump, "prompt_embeds").1,

@@ -231,24 +231,9 @@ fn mimic_reports_folder_and_summary_path() {
     let v: Value = serde_json::from_str(json.stdout.trim()).expect("--json prints one JSON object");
     assert_eq!(v["images"], 12);
     let sp = dir.path().join("elsewhere/summary.json");
-    let tok = sd14_config().display().to_string();
     let out = dir.path().join("sub/with.jsonl");
-    let args = [
-        "prepare",
-        "mimic",
-        "--root",
-        root.to_str().unwrap(),
-        "--reports",
-        reports.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--summary",
-        sp.to_str().unwrap(),
-        "--tokenizer",
-        &tok,
-    ];
-    let (code, _, err) = run_cli(&args, None);
-    assert_eq!(code, 0, "{err}");
+    let args = CliArgs::new(&["prepare", "mimic"]).opt("--root", &root).opt("--reports", &reports).opt("--out", &out);
+    args.opt("--summary", &sp).opt("--tokenizer", sd14_config()).run_ok();
     assert_eq!(read_jsonl(&out).len(), 12);
     let s: Value = serde_json::from_str(&std::fs::read_to_string(sp).unwrap()).unwrap();
     assert_eq!(s["images"], 12);

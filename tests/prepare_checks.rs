@@ -9,7 +9,15 @@ use common::*;
 use prepare_tree::*;
 use serde_json::Value;
 use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// A synthetic MIMIC tree in a temporary folder, and the path of an o.jsonl there (not written):
+/// (the folder, the tree's root, the output path).
+fn tree_and_out() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let (dir, root) = tree(false);
+    let out = dir.path().join("o.jsonl");
+    (dir, root, out)
+}
 
 #[test]
 fn default_tokenizer_is_built_in_and_works_from_any_folder() {
@@ -40,9 +48,8 @@ fn default_tokenizer_is_built_in_and_works_from_any_folder() {
 
 #[test]
 fn missing_paths_name_their_flag() {
-    let (dir, root) = tree(false);
-    let o = dir.path().join("o.jsonl");
-    let (r, o) = (root.to_str().unwrap(), o.to_str().unwrap());
+    let (dir, root, out) = tree_and_out();
+    let (r, o) = (root.to_str().unwrap(), out.to_str().unwrap());
     let nowhere = dir.path().join("no-such");
     let nw = nowhere.to_str().unwrap();
     expect_error(&["mimic", "--root", nw, "--out", o], &["--root", nw, "no such folder"]);
@@ -68,9 +75,8 @@ fn missing_paths_name_their_flag() {
 
 #[test]
 fn unknown_groups_views_and_sample_zero_are_refused() {
-    let (dir, root) = tree(false);
-    let o = dir.path().join("o.jsonl");
-    let (r, o) = (root.to_str().unwrap(), o.to_str().unwrap());
+    let (dir, root, out) = tree_and_out();
+    let (r, o) = (root.to_str().unwrap(), out.to_str().unwrap());
     expect_error(&["mimic", "--root", r, "--out", o, "--groups", "p1O"], &["--groups", "\"p1o\"", "p10", "p19"]);
     expect_error(&["mimic", "--root", r, "--out", o, "--groups", "p20"], &["--groups", "p10, p11"]);
     // The error lists the views the metadata holds, with their image counts.
@@ -79,27 +85,14 @@ fn unknown_groups_views_and_sample_zero_are_refused() {
     let meta = dir.path().join("meta.csv");
     std::fs::write(&meta, "imageid,View Position\nCXR1_IM-0001-3001,PA\nCXR1_IM-0001-4001,LL\n").unwrap();
     let iu_dir = fixture("iu-xray");
-    expect_error(
-        &[
-            "iu-xray",
-            "--reports",
-            iu_dir.to_str().unwrap(),
-            "--out",
-            o,
-            "--metadata",
-            meta.to_str().unwrap(),
-            "--views",
-            "P",
-        ],
-        &["\"P\"", "PA (1)", "LL (1)"],
-    );
+    let args = CliArgs::new(&["iu-xray"]).opt("--reports", &iu_dir).opt("--out", o).opt("--metadata", &meta);
+    expect_error(&args.with(&["--views", "P"]).strs(), &["\"P\"", "PA (1)", "LL (1)"]);
     assert!(!Path::new(o).exists(), "no manifest on error");
 }
 
 #[test]
 fn an_empty_selection_fails_and_names_the_rule() {
-    let (dir, root) = tree(false);
-    let out = dir.path().join("o.jsonl");
+    let (_dir, root, out) = tree_and_out();
     let (r, o) = (root.to_str().unwrap(), out.to_str().unwrap());
     // p19 has PA and LATERAL images only: the view rule removes the last ones.
     expect_error(
@@ -233,8 +226,7 @@ fn ids_that_are_paths_are_refused() {
     );
     assert!(!Path::new(o).exists());
     // MIMIC: the DICOM id names the .jpg; the study id a folder.
-    let (dir, root) = tree(false);
-    let o = dir.path().join("o.jsonl");
+    let (_dir, root, o) = tree_and_out();
     let meta = root.join("mimic-cxr-2.0.0-metadata.csv");
     let text = std::fs::read_to_string(&meta).unwrap();
     let first_dicom = text.lines().nth(1).unwrap().split(',').next().unwrap().to_string();

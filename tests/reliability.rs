@@ -8,54 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn train_args(pipe: &Path, data: &Path, out: &Path, steps: usize, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "train",
-        "--model",
-        pipe.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--resolution",
-        "16",
-        "--batch-size",
-        "1",
-        "--lr",
-        "1e-3",
-        "--log-every",
-        "1",
-        "--seed",
-        "5",
-        "--steps",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.push(steps.to_string());
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
+/// A small training run (batch 1, seed 5) of `steps` steps, with the flags a test adds.
+fn train_args(pipe: &Path, data: &Path, out: &Path, steps: usize, extra: &[&str]) -> CliArgs {
+    let base = small_train_args(pipe, data, out).opt("--batch-size", "1").opt("--seed", "5");
+    base.opt("--steps", steps.to_string()).with(extra)
 }
 
-fn run(args: &[String]) -> (i32, String, String) {
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    run_cli(&a, None)
-}
-
-fn expect_error(args: &[String], needles: &[&str]) -> String {
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    expect_cli_error(&a, needles)
-}
-
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
-fn sample_args(out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v = strings(&["sample", "--prompt", "Left pleural effusion.", "--steps", "3", "--seed", "11", "--out"]);
-    v.push(out.to_str().unwrap().to_string());
-    v.extend(strings(extra));
-    v
+fn sample_args(out: &Path, extra: &[&str]) -> CliArgs {
+    let base = CliArgs::new(&["sample", "--prompt", "Left pleural effusion.", "--steps", "3", "--seed", "11"]);
+    base.opt("--out", out).with(extra)
 }
 
 fn log_steps(path: &Path) -> Vec<u64> {
@@ -65,23 +26,20 @@ fn log_steps(path: &Path) -> Vec<u64> {
 // 1. A corrupt image passes the header check and must not kill the run at draw time.
 #[test]
 fn an_image_that_fails_to_decode_while_training_is_skipped_or_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = synthetic_dataset(&dir.path().join("data"), 4);
+    let (dir, pipe, data) = pipe_a_and_dataset(4);
     // A PNG cut after its header: image_dimensions reads it, decoding fails.
     let img = dir.path().join("data/img/1.png");
     let bytes = std::fs::read(&img).unwrap();
     std::fs::write(&img, &bytes[..bytes.len() / 2]).unwrap();
     let out = dir.path().join("skip");
-    let (code, _, err) = run(&train_args(&pipe, &data, &out, 4, &["--on-bad-image", "skip"]));
-    assert_eq!(code, 0, "{err}");
+    let (_, err) = train_args(&pipe, &data, &out, 4, &["--on-bad-image", "skip"]).run_ok();
     assert!(err.contains("1.png") && err.contains("replaced"), "{err}");
     assert_eq!(log_steps(&out.join("train_log.jsonl")), vec![1, 2, 3, 4]);
     // Without skip: the file and its manifest line are named, and nothing panics.
-    let line = expect_error(&train_args(&pipe, &data, &dir.path().join("fail"), 4, &[]), &["1.png", "train.jsonl:2"]);
+    let line = train_args(&pipe, &data, &dir.path().join("fail"), 4, &[]).expect_error(&["1.png", "train.jsonl:2"]);
     assert!(line.contains("--on-bad-image skip"), "{line}");
     // --verify-images finds it before any work.
-    let line = expect_error(&train_args(&pipe, &data, &dir.path().join("verify"), 4, &["--verify-images"]), &["1.png"]);
+    let line = train_args(&pipe, &data, &dir.path().join("verify"), 4, &["--verify-images"]).expect_error(&["1.png"]);
     assert!(line.contains("1 unreadable"), "{line}");
     assert!(!dir.path().join("verify/train_log.jsonl").exists(), "work started before the check");
 }
@@ -91,11 +49,11 @@ fn an_image_that_fails_to_decode_while_training_is_skipped_or_named() {
 fn sample_writes_each_image_when_decoded_and_skip_existing_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s");
-    let mut args = sample_args(&out, &["--num-images", "6", "--batch-size", "1"]);
-    args[4] = "12".into(); // steps: long enough to see the first image long before the last
+    // 12 steps: long enough to see the first image long before the last
+    let args = sample_args(&out, &["--num-images", "6", "--batch-size", "1"]).set("--steps", "12");
     let t0 = Instant::now();
     let mut child =
-        Command::new(roentgen_bin()).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        Command::new(roentgen_bin()).args(args.iter()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let first = out.join("11-0000.png");
     let mut first_at = None;
     let status = loop {
@@ -118,10 +76,7 @@ fn sample_writes_each_image_when_decoded_and_skip_existing_resumes() {
     // Lose two images, resume: only they are computed, and they come out the same.
     std::fs::remove_file(&names[1]).unwrap();
     std::fs::remove_file(&names[4]).unwrap();
-    let mut again = args.clone();
-    again.push("--skip-existing".into());
-    let (code, _, err) = run(&again);
-    assert_eq!(code, 0, "{err}");
+    let (_, err) = args.with(&["--skip-existing"]).run_ok();
     assert!(err.contains("sampling 2 image(s) (4 already written)"), "{err}");
     for (p, b) in names.iter().zip(&before) {
         assert_eq!(&std::fs::read(p).unwrap(), b, "{} differs after resuming", p.display());
@@ -134,27 +89,21 @@ fn skip_existing_with_euler_ancestral_reproduces_the_missing_images() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("a");
     let args = sample_args(&out, &["--num-images", "3", "--scheduler", "euler-a"]);
-    let (code, _, err) = run(&args);
-    assert_eq!(code, 0, "{err}");
+    args.run_ok();
     let p = out.join("11-0001.png");
     let before = std::fs::read(&p).unwrap();
     std::fs::remove_file(&p).unwrap();
-    let mut again = args.clone();
-    again.push("--skip-existing".into());
-    let (code, _, err) = run(&again);
-    assert_eq!(code, 0, "{err}");
+    args.with(&["--skip-existing"]).run_ok();
     assert_eq!(std::fs::read(&p).unwrap(), before);
 }
 
 // 3. Two runs into one folder: the second is refused and names the holder; a kill frees the lock.
 #[test]
 fn a_second_training_run_into_a_locked_folder_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = synthetic_dataset(&dir.path().join("data"), 2);
+    let (dir, pipe, data) = pipe_a_and_dataset(2);
     let out = dir.path().join("run");
     let mut first = Command::new(roentgen_bin())
-        .args(train_args(&pipe, &data, &out, 100_000, &["--checkpoint-every", "1"]))
+        .args(train_args(&pipe, &data, &out, 100_000, &["--checkpoint-every", "1"]).iter())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -165,17 +114,16 @@ fn a_second_training_run_into_a_locked_folder_is_refused() {
         assert!(t0.elapsed() < Duration::from_secs(120), "the first run wrote no checkpoint");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let line = expect_error(&train_args(&pipe, &data, &out, 3, &["--resume"]), &["in use by another roentgen run"]);
+    let line = train_args(&pipe, &data, &out, 3, &["--resume"]).expect_error(&["in use by another roentgen run"]);
     assert!(line.contains(&format!("pid {}", first.id())), "{line}");
     first.kill().unwrap();
     first.wait().unwrap();
     // The killed run's lock is gone with it: resume works (with more steps than the checkpoint's).
-    let (code, _, err) = run(&resume_args(&pipe, &data, &out));
-    assert_eq!(code, 0, "{err}");
+    resume_args(&pipe, &data, &out).run_ok();
 }
 
 /// A resume of `out` that runs one step past its newest checkpoint.
-fn resume_args(pipe: &Path, data: &Path, out: &Path) -> Vec<String> {
+fn resume_args(pipe: &Path, data: &Path, out: &Path) -> CliArgs {
     let newest = std::fs::read_dir(out)
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("checkpoint-")?.parse::<usize>().ok())
@@ -187,12 +135,9 @@ fn resume_args(pipe: &Path, data: &Path, out: &Path) -> Vec<String> {
 // 4, 5. Leftover temporaries are cleaned; a torn log line and repeated steps are cut on resume.
 #[test]
 fn resume_cleans_leftovers_and_repairs_the_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = synthetic_dataset(&dir.path().join("data"), 2);
+    let (dir, pipe, data) = pipe_a_and_dataset(2);
     let out = dir.path().join("run");
-    let (code, _, err) = run(&train_args(&pipe, &data, &out, 2, &["--checkpoint-every", "1"]));
-    assert_eq!(code, 0, "{err}");
+    train_args(&pipe, &data, &out, 2, &["--checkpoint-every", "1"]).run_ok();
     // What a kill -9 leaves: a temporary checkpoint (today's and an older version's names), a
     // torn log line, and logged steps past the newest checkpoint.
     std::fs::create_dir_all(out.join(".checkpoint-3.roentgen-tmp-999999999/unet")).unwrap();
@@ -203,8 +148,7 @@ fn resume_cleans_leftovers_and_repairs_the_log() {
     text.push_str("{\"step\": 3, \"loss\": 0.1");
     std::fs::write(&log, text).unwrap();
     assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 3);
-    let (code, _, err) = run(&train_args(&pipe, &data, &out, 3, &["--resume", "--checkpoint-every", "1"]));
-    assert_eq!(code, 0, "{err}");
+    let (_, err) = train_args(&pipe, &data, &out, 3, &["--resume", "--checkpoint-every", "1"]).run_ok();
     assert!(err.contains("left by an interrupted run"), "{err}");
     let names: Vec<String> =
         std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
@@ -219,24 +163,21 @@ fn outputs_never_replace_a_fifo_or_an_earlier_image() {
     let fifo = dir.path().join("fifo");
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let png = dir.path().join("x.png");
-    let line = expect_error(&sample_args(&png, &["--dump", fifo.to_str().unwrap()]), &["--dump", "a FIFO"]);
+    let line = sample_args(&png, &[]).opt("--dump", &fifo).expect_error(&["--dump", "a FIFO"]);
     assert!(line.contains("refusing to replace"), "{line}");
     assert!(!png.exists(), "the work ran before the output was checked");
     use std::os::unix::fs::FileTypeExt;
     assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO was replaced");
     // 14. A seed already used: the earlier image stays unless --overwrite.
-    let (code, _, err) = run(&sample_args(&png, &[]));
-    assert_eq!(code, 0, "{err}");
+    sample_args(&png, &[]).run_ok();
     let first = std::fs::read(&png).unwrap();
-    expect_error(&sample_args(&png, &["--guidance", "7"]), &["x.png", "--overwrite"]);
+    sample_args(&png, &["--guidance", "7"]).expect_error(&["x.png", "--overwrite"]);
     assert_eq!(std::fs::read(&png).unwrap(), first);
-    let (code, _, err) = run(&sample_args(&png, &["--guidance", "7", "--overwrite"]));
-    assert_eq!(code, 0, "{err}");
+    sample_args(&png, &["--guidance", "7", "--overwrite"]).run_ok();
     assert_ne!(std::fs::read(&png).unwrap(), first);
     // A FIFO as --prompts is named as such (not "no such file"), without blocking on it.
-    let mut a = strings(&["sample", "--steps", "1", "--prompts", fifo.to_str().unwrap(), "--out"]);
-    a.push(dir.path().join("y.png").to_str().unwrap().into());
-    expect_error(&a, &["--prompts", "a FIFO"]);
+    let a = CliArgs::new(&["sample", "--steps", "1"]).opt("--prompts", &fifo).opt("--out", dir.path().join("y.png"));
+    a.expect_error(&["--prompts", "a FIFO"]);
 }
 
 // 7. --checkpoints-total-limit keeps the newest; checkpoints hold only the pipeline's own files.
@@ -247,9 +188,7 @@ fn checkpoint_retention_and_only_the_pipelines_files() {
     std::fs::write(pipe.join("stray-notes.bin"), vec![7u8; 4096]).unwrap();
     let data = synthetic_dataset(&dir.path().join("data"), 2);
     let out = dir.path().join("run");
-    let (code, _, err) =
-        run(&train_args(&pipe, &data, &out, 4, &["--checkpoint-every", "1", "--checkpoints-total-limit", "2"]));
-    assert_eq!(code, 0, "{err}");
+    train_args(&pipe, &data, &out, 4, &["--checkpoint-every", "1", "--checkpoints-total-limit", "2"]).run_ok();
     let mut ckpts: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -262,31 +201,20 @@ fn checkpoint_retention_and_only_the_pipelines_files() {
     for comp in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
         assert!(ck.join(comp).is_dir(), "{comp}/ missing from the checkpoint");
     }
-    expect_error(
-        &train_args(&pipe, &data, &dir.path().join("z"), 1, &["--checkpoints-total-limit", "0"]),
-        &["--checkpoints-total-limit 0"],
-    );
+    train_args(&pipe, &data, &dir.path().join("z"), 1, &["--checkpoints-total-limit", "0"])
+        .expect_error(&["--checkpoints-total-limit 0"]);
 }
 
 // 8. Resume with changed settings is refused with the differences, unless allowed.
 #[test]
 fn resume_with_changed_settings_is_refused_unless_allowed() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = synthetic_dataset(&dir.path().join("data"), 2);
+    let (dir, pipe, data) = pipe_a_and_dataset(2);
     let out = dir.path().join("run");
-    let (code, _, err) = run(&train_args(&pipe, &data, &out, 1, &["--ema"]));
-    assert_eq!(code, 0, "{err}");
-    let mut changed = train_args(&pipe, &data, &out, 2, &["--resume"]);
-    let i = changed.iter().position(|x| x == "1e-3").unwrap();
-    changed[i] = "2e-3".into();
-    let i = changed.iter().position(|x| x == "--seed").unwrap();
-    changed[i + 1] = "6".into();
-    let line = expect_error(&changed, &["--lr 0.002", "--seed 6", "--ema", "--allow-changed-settings"]);
+    train_args(&pipe, &data, &out, 1, &["--ema"]).run_ok();
+    let changed = train_args(&pipe, &data, &out, 2, &["--resume"]).set("--lr", "2e-3").set("--seed", "6");
+    let line = changed.expect_error(&["--lr 0.002", "--seed 6", "--ema", "--allow-changed-settings"]);
     assert!(line.contains("checkpoint: 5") || line.contains("(checkpoint: 5)"), "{line}");
-    changed.push("--allow-changed-settings".into());
-    let (code, _, err) = run(&changed);
-    assert_eq!(code, 0, "{err}");
+    let (_, err) = changed.with(&["--allow-changed-settings"]).run_ok();
     assert!(err.contains("resuming with a changed setting"), "{err}");
 }
 
@@ -300,10 +228,8 @@ fn a_broken_vae_is_named_not_a_black_image() {
     let mut zero = cfg.clone();
     zero["scaling_factor"] = 0.0.into();
     std::fs::write(&cfg_path, zero.to_string()).unwrap();
-    let mut a = strings(&["sample", "--model", pipe.to_str().unwrap(), "--height", "16", "--width", "16"]);
-    a.extend(strings(&["--steps", "2", "--prompt", "Effusion.", "--seed", "1", "--out"]));
-    a.push(dir.path().join("b.png").to_str().unwrap().into());
-    expect_error(&a, &["vae/config.json", "scaling_factor"]);
+    let a = sample_16px_args(&pipe, "2", dir.path().join("b.png")).with(&["--prompt", "Effusion.", "--seed", "1"]);
+    a.expect_error(&["vae/config.json", "scaling_factor"]);
     // NaN weights in the decoder: the decoded image is named as the stage that went non-finite.
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let wpath = pipe.join("vae/diffusion_pytorch_model.safetensors");
@@ -323,16 +249,14 @@ fn a_broken_vae_is_named_not_a_black_image() {
         .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
         .collect();
     std::fs::write(&wpath, safetensors::serialize(views, None).unwrap()).unwrap();
-    expect_error(&a, &["VAE decoder's output", "non-finite"]);
+    a.expect_error(&["VAE decoder's output", "non-finite"]);
     assert!(!dir.path().join("b.png").exists(), "a broken image was written");
 }
 
 // 10. Optimizer and loss flags are validated up front and named.
 #[test]
 fn optimizer_flags_are_validated_before_any_work() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = synthetic_dataset(&dir.path().join("data"), 2);
+    let (dir, pipe, data) = pipe_a_and_dataset(2);
     for (flag, value) in [
         ("--lr", "-1"),
         ("--lr", "NaN"),
@@ -348,25 +272,19 @@ fn optimizer_flags_are_validated_before_any_work() {
         let arg = format!("{flag}={value}");
         let mut a = train_args(&pipe, &data, &out, 1, &[&arg]);
         if flag == "--lr" {
-            let i = a.iter().position(|x| x == "1e-3").unwrap();
-            a.drain(i - 1..=i);
+            a = a.without("--lr");
         }
         if flag == "--ema-decay" {
             a.push("--ema".into());
         }
-        expect_error(&a, &[flag]);
+        a.expect_error(&[flag]);
         assert!(!out.join("train_log.jsonl").exists(), "{flag} {value}: training started");
     }
-    let vae = strings(&["train-vae", "--config", pipe.join("vae/config.json").to_str().unwrap(), "--data"]);
-    let mut a = vae.clone();
-    a.extend([data.to_str().unwrap().to_string(), "--output".into(), dir.path().join("v").to_str().unwrap().into()]);
-    a.extend(strings(&["--kl-weight=-1", "--resolution", "16"]));
-    expect_error(&a, &["--kl-weight -1"]);
+    let vae = train_vae_args(&pipe.join("vae/config.json"), &data, &dir.path().join("v"));
+    vae.with(&["--kl-weight=-1", "--resolution", "16"]).expect_error(&["--kl-weight -1"]);
     // train-step --lr NaN used to write an all-NaN U-Net with exit 0.
-    let mut a = strings(&["train-step", "--model", pipe.to_str().unwrap(), "--batch", "x.safetensors", "--output"]);
     let o = dir.path().join("ts");
-    a.extend([o.to_str().unwrap().to_string(), "--lr".into(), "NaN".into()]);
-    expect_error(&a, &["--lr NaN"]);
+    train_step_args(&pipe, Path::new("x.safetensors"), &o).opt("--lr", "NaN").expect_error(&["--lr NaN"]);
     assert!(!o.exists());
 }
 
@@ -375,27 +293,21 @@ fn optimizer_flags_are_validated_before_any_work() {
 fn huge_sizes_from_flags_end_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s");
-    expect_error(&sample_args(&out, &["--num-images", "9223372036854775808"]), &["--num-images", "split the job"]);
-    expect_error(&sample_args(&out, &["--num-images", "100000000000"]), &["--num-images"]);
-    let mut a = strings(&["phantom", "--count", "18446744073709551615", "--out"]);
-    a.push(dir.path().join("p").to_str().unwrap().into());
-    expect_error(&a, &["--count 18446744073709551615"]);
-    let mut a = strings(&["bench", "unet", "--random-weights", "--iters", "18446744073709551615", "--model"]);
-    a.push(fixture("pipe-a").to_str().unwrap().into());
-    expect_error(&a, &["--iters"]);
-    expect_error(&strings(&["--threads", "100000", "inspect", "x"]), &["--threads 100000"]);
+    sample_args(&out, &["--num-images", "9223372036854775808"]).expect_error(&["--num-images", "split the job"]);
+    sample_args(&out, &["--num-images", "100000000000"]).expect_error(&["--num-images"]);
+    let phantom = CliArgs::new(&["phantom", "--count", "18446744073709551615"]).opt("--out", dir.path().join("p"));
+    phantom.expect_error(&["--count 18446744073709551615"]);
+    let bench = CliArgs::new(&["bench", "unet", "--random-weights", "--iters", "18446744073709551615"]);
+    bench.opt("--model", fixture("pipe-a")).expect_error(&["--iters"]);
+    CliArgs::new(&["--threads", "100000", "inspect", "x"]).expect_error(&["--threads 100000"]);
     let pipe = assemble_pipeline("pipe-a", dir.path());
     let data = synthetic_dataset(&dir.path().join("data"), 2);
-    expect_error(
-        &train_args(&pipe, &data, &dir.path().join("g"), 1, &["--grad-accum", "18446744073709551615"]),
-        &["--grad-accum"],
-    );
+    train_args(&pipe, &data, &dir.path().join("g"), 1, &["--grad-accum", "18446744073709551615"])
+        .expect_error(&["--grad-accum"]);
     // train-step with a batch of 0 examples
     let batch = dir.path().join("b0.safetensors");
     write_f32(&batch, "latents", &[0, 4, 2, 2], &[]);
-    let mut a = strings(&["train-step", "--model", pipe.to_str().unwrap(), "--batch", batch.to_str().unwrap()]);
-    a.extend(["--output".into(), dir.path().join("ts").to_str().unwrap().into()]);
-    expect_error(&a, &["b0.safetensors", "latents"]);
+    train_step_args(&pipe, &batch, &dir.path().join("ts")).expect_error(&["b0.safetensors", "latents"]);
 }
 
 // 15. `inspect … | head`: a closed pipe ends the program quietly, not with a panic.
@@ -424,13 +336,8 @@ fn png_metadata_records_what_was_used() {
     let values: Vec<f32> = (0..4 * 16 * 16).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
     write_f32(&lat, "latents", &[1, 4, 16, 16], &values);
     let out = dir.path().join("o");
-    let a = strings(&["sample", "--prompt", "Left pleural effusion.", "--steps", "2", "--latents-in"])
-        .into_iter()
-        .chain([lat.to_str().unwrap().to_string(), "--out".into(), out.to_str().unwrap().into()])
-        .chain(strings(&["--karras-sigmas", "--scheduler", "euler"]))
-        .collect::<Vec<_>>();
-    let (code, _, err) = run(&a);
-    assert_eq!(code, 0, "{err}");
+    let a = CliArgs::new(&["sample", "--prompt", "Left pleural effusion.", "--steps", "2"]).opt("--latents-in", &lat);
+    let (_, err) = a.opt("--out", &out).with(&["--karras-sigmas", "--scheduler", "euler"]).run_ok();
     let png = out.join("init-0000.png");
     assert!(png.is_file(), "expected the name to come from the latents file: {err}");
     let (_, _, _, _, text) = roentgen::io::images::read_png(&png).unwrap();
@@ -451,11 +358,10 @@ fn a_device_or_fifo_input_is_named_not_missing() {
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let f = fifo.to_str().unwrap();
     let out = dir.path().join("o.png");
-    let mut a = strings(&["sample", "--steps", "1", "--prompt", "Effusion.", "--model", "/dev/zero", "--out"]);
-    a.push(out.to_str().unwrap().into());
-    expect_error(&a, &["/dev/zero", "a device", "not a folder"]);
-    a[6] = f.into();
-    expect_error(&a, &["fifo", "a FIFO", "not a folder"]);
-    expect_error(&sample_args(&out, &["--latents-in", f]), &["fifo", "a FIFO", "not a regular file"]);
-    expect_error(&strings(&["inspect", "/dev/zero"]), &["/dev/zero", "a device"]);
+    let a =
+        CliArgs::new(&["sample", "--steps", "1", "--prompt", "Effusion.", "--model", "/dev/zero"]).opt("--out", &out);
+    a.expect_error(&["/dev/zero", "a device", "not a folder"]);
+    a.set("--model", f).expect_error(&["fifo", "a FIFO", "not a folder"]);
+    sample_args(&out, &["--latents-in", f]).expect_error(&["fifo", "a FIFO", "not a regular file"]);
+    CliArgs::new(&["inspect", "/dev/zero"]).expect_error(&["/dev/zero", "a device"]);
 }

@@ -241,6 +241,17 @@ fn build(kind: Option<SchedulerKind>, patch: Value, opts: &SchedulerOptions) -> 
     schedulers::from_config(kind, &c, Path::new("scheduler/scheduler_config.json"), opts)
 }
 
+/// The error (with its causes) that `build` with default options gives for `patch` on `kind`;
+/// panics if the config is accepted.
+fn refusal(kind: SchedulerKind, patch: &Value) -> String {
+    let err = match build(Some(kind), patch.clone(), &SchedulerOptions::default()) {
+        Ok(_) => panic!("{kind}: {patch} was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    println!("{kind} {patch}: {err}");
+    err
+}
+
 #[test]
 fn unsupported_config_values_are_errors_naming_the_field() {
     use SchedulerKind::*;
@@ -271,11 +282,7 @@ fn unsupported_config_values_are_errors_naming_the_field() {
         (Ddim, json!({"beta_start": 2.0, "beta_end": 3.0}), "beta_start", "2"),
     ];
     for (kind, patch, field, value) in cases {
-        let err = match build(Some(kind), patch.clone(), &none) {
-            Ok(_) => panic!("{kind}: {patch} was accepted"),
-            Err(e) => format!("{e:#}"),
-        };
-        println!("{kind} {patch}: {err}");
+        let err = refusal(kind, &patch);
         assert!(
             err.contains(field) && err.contains(value),
             "{kind} {patch}: error {err:?} does not name {field} and {value}"
@@ -408,11 +415,7 @@ fn sizes_in_configs_are_bounded_before_allocation() {
         (Euler, json!({"num_train_timesteps": 1u64 << 32}), "num_train_timesteps", "4294967296"),
     ];
     for (kind, patch, field, value) in cases {
-        let err = match build(Some(kind), patch.clone(), &none) {
-            Ok(_) => panic!("{kind}: {patch} was accepted"),
-            Err(e) => format!("{e:#}"),
-        };
-        println!("{kind} {patch}: {err}");
+        let err = refusal(kind, &patch);
         assert!(
             err.contains(field) && err.contains(value) && err.contains("scheduler_config.json"),
             "{kind} {patch}: error {err:?} does not name the file, {field} and {value}"

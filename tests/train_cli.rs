@@ -6,30 +6,9 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn train_args<'a>(pipe: &'a str, data: &'a str, out: &'a str, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "train",
-        "--model",
-        pipe,
-        "--data",
-        data,
-        "--output",
-        out,
-        "--resolution",
-        "16",
-        "--batch-size",
-        "2",
-        "--steps",
-        steps,
-        "--lr",
-        "1e-3",
-        "--log-every",
-        "1",
-        "--seed",
-        "3",
-    ];
-    v.extend_from_slice(extra);
-    v
+/// A small training run (batch 2, seed 3) of `steps` steps, with the flags a test adds.
+fn train_args(pipe: &Path, data: &Path, out: &Path, steps: &str, extra: &[&str]) -> CliArgs {
+    small_train_args(pipe, data, out).opt("--batch-size", "2").opt("--steps", steps).opt("--seed", "3").with(extra)
 }
 
 fn losses(out: &Path) -> Vec<f64> {
@@ -38,14 +17,9 @@ fn losses(out: &Path) -> Vec<f64> {
 
 #[test]
 fn training_lowers_the_loss_and_its_checkpoint_samples() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = synthetic_dataset(&dir.path().join("data"), 12);
+    let (dir, pipe, data) = pipe_a_and_dataset(12);
     let out = dir.path().join("run");
-    let (p, d, o) = (pipe.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
-    let (code, stdout, err) =
-        run_cli(&train_args(p, d, o, "60", &["--cache-latents", "--checkpoint-every", "30"]), None);
-    assert_eq!(code, 0, "{err}");
+    let (stdout, _) = train_args(&pipe, &data, &out, "60", &["--cache-latents", "--checkpoint-every", "30"]).run_ok();
     let l = losses(&out);
     assert_eq!(l.len(), 60);
     let first: f64 = l[..10].iter().sum::<f64>() / 10.0;
@@ -58,50 +32,19 @@ fn training_lowers_the_loss_and_its_checkpoint_samples() {
     assert!(out.join("checkpoint-30/unet/diffusion_pytorch_model.safetensors").is_file());
     // The checkpoint is a pipeline folder: sample from it.
     let png = dir.path().join("s.png");
-    let (code, _, err) = run_cli(
-        &[
-            "sample",
-            "--model",
-            ckpt,
-            "--prompt",
-            "Large left pleural effusion.",
-            "--height",
-            "16",
-            "--width",
-            "16",
-            "--steps",
-            "3",
-            "--seed",
-            "1",
-            "--out",
-            png.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
+    let sample = sample_16px_args(Path::new(ckpt), "3", &png).opt("--prompt", "Large left pleural effusion.");
+    sample.opt("--seed", "1").run_ok();
     assert!(png.is_file());
 }
 
 #[test]
 fn resumed_training_reproduces_the_uninterrupted_run_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = synthetic_dataset(&dir.path().join("data"), 5);
+    let (dir, pipe, data) = pipe_a_and_dataset(5);
     let (a, bdir) = (dir.path().join("a"), dir.path().join("b"));
-    let (p, d) = (pipe.to_str().unwrap(), data.to_str().unwrap());
-    let (code, _, err) =
-        run_cli(&train_args(p, d, a.to_str().unwrap(), "6", &["--checkpoint-every", "3", "--grad-accum", "2"]), None);
-    assert_eq!(code, 0, "{err}");
-    let (code, _, err) = run_cli(
-        &train_args(p, d, bdir.to_str().unwrap(), "3", &["--checkpoint-every", "3", "--grad-accum", "2"]),
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
-    let (code, _, err) = run_cli(
-        &train_args(p, d, bdir.to_str().unwrap(), "6", &["--checkpoint-every", "3", "--grad-accum", "2", "--resume"]),
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
+    let every_3_accum_2 = ["--checkpoint-every", "3", "--grad-accum", "2"];
+    train_args(&pipe, &data, &a, "6", &every_3_accum_2).run_ok();
+    train_args(&pipe, &data, &bdir, "3", &every_3_accum_2).run_ok();
+    train_args(&pipe, &data, &bdir, "6", &every_3_accum_2).with(&["--resume"]).run_ok();
     let (la, lb) = (losses(&a), losses(&bdir));
     println!("uninterrupted {la:?}\nresumed       {lb:?}");
     assert_eq!(la.len(), 6);
@@ -117,46 +60,12 @@ fn resumed_training_reproduces_the_uninterrupted_run_exactly() {
 fn train_step_matches_the_first_pytorch_step() {
     // The first of gen_train10's steps, from a pipeline folder holding the same models.
     let dir = tempfile::tempdir().unwrap();
-    let pipe = dir.path().join("pipe");
-    copy_dir(&fixture("grads/unet"), &pipe.join("unet"));
-    copy_dir(&fixture("train10/text_encoder"), &pipe.join("text_encoder"));
-    copy_dir(&fixture("pipe-a/vae"), &pipe.join("vae"));
-    copy_dir(&sd14_config().join("scheduler"), &pipe.join("scheduler"));
-    copy_dir(&sd14_config().join("tokenizer"), &pipe.join("tokenizer"));
-    std::fs::copy(fixture("pipe-a/model_index.json"), pipe.join("model_index.json")).unwrap();
+    let pipe = train_step_pipeline(dir.path().join("pipe"));
     let io = fixture("train10/io.safetensors");
     let batch = dir.path().join("batch.safetensors");
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    for name in ["latents", "noise", "input_ids", "timesteps"] {
-        let (s, v) = read_f32(&io, &format!("b0.{name}"));
-        tensors.push((name.to_string(), s, v));
-    }
-    let bytes: Vec<Vec<u8>> =
-        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-    let views: Vec<_> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((n, s, _), b)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
-        })
-        .collect();
-    std::fs::write(&batch, safetensors::serialize(views, None).unwrap()).unwrap();
+    write_f32_tensors(&batch, &train10_first_batch());
     let out = dir.path().join("stepped");
-    let (code, stdout, err) = run_cli(
-        &[
-            "train-step",
-            "--model",
-            pipe.to_str().unwrap(),
-            "--batch",
-            batch.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--lr",
-            "1e-3",
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
+    let (stdout, _) = train_step_args(&pipe, &batch, &out).opt("--lr", "1e-3").run_ok();
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let (loss, norm) = (v["loss"].as_f64().unwrap() as f32, v["grad_norm"].as_f64().unwrap() as f32);
     let (wl, wn) = (read_f32(&io, "losses").1[0], read_f32(&io, "grad_norms").1[0]);
@@ -164,39 +73,20 @@ fn train_step_matches_the_first_pytorch_step() {
     assert!((loss - wl).abs() <= F32_PARITY * wl.max(1.0) && (norm - wn).abs() <= F32_PARITY * wn.max(1.0));
     assert!(out.join("unet/diffusion_pytorch_model.safetensors").is_file() && out.join("model_index.json").is_file());
     // refuses to overwrite silently
-    let (code, _, err) = run_cli(
-        &[
-            "train-step",
-            "--model",
-            pipe.to_str().unwrap(),
-            "--batch",
-            batch.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
+    let (code, _, err) = train_step_args(&pipe, &batch, &out).run();
     assert_eq!(code, 1);
     assert!(err.contains("--overwrite"), "{err}");
 }
 
 #[test]
 fn bad_training_input_is_refused_clearly() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = synthetic_dataset(&dir.path().join("data"), 4);
-    let p = pipe.to_str().unwrap();
-    let run = |args: &[&str]| run_cli(args, None);
+    let (dir, pipe, data) = pipe_a_and_dataset(4);
     let out = dir.path().join("o");
-    let o = out.to_str().unwrap();
     // resolution not a multiple of 8
-    let mut a = train_args(p, data.to_str().unwrap(), o, "1", &[]);
-    let i = a.iter().position(|x| *x == "16").unwrap();
-    a[i] = "12";
-    let (code, _, err) = run(&a);
+    let (code, _, err) = train_args(&pipe, &data, &out, "1", &[]).set("--resolution", "12").run();
     assert!(code == 1 && err.contains("--resolution 12"), "{err}");
     // caption dropout outside [0, 1]
-    let (code, _, err) = run(&train_args(p, data.to_str().unwrap(), o, "1", &["--uncond-prob", "1.5"]));
+    let (code, _, err) = train_args(&pipe, &data, &out, "1", &["--uncond-prob", "1.5"]).run();
     assert!(code == 1 && err.contains("--uncond-prob 1.5"), "{err}");
     // missing image: fail by default, skip on request
     let bad = dir.path().join("data/bad.jsonl");
@@ -208,24 +98,24 @@ fn bad_training_input_is_refused_clearly() {
         ),
     )
     .unwrap();
-    let (code, _, err) = run(&train_args(p, bad.to_str().unwrap(), o, "1", &[]));
+    let (code, _, err) = train_args(&pipe, &bad, &out, "1", &[]).run();
     assert!(code == 1 && err.contains("missing.png") && err.contains("--on-bad-image skip"), "{err}");
-    let (code, _, err) = run(&train_args(p, bad.to_str().unwrap(), o, "1", &["--on-bad-image", "skip"]));
+    let (code, _, err) = train_args(&pipe, &bad, &out, "1", &["--on-bad-image", "skip"]).run();
     assert!(code == 0 && err.contains("skipping 1"), "{err}");
     // the output now exists: refused without --resume/--overwrite
-    let (code, _, err) = run(&train_args(p, data.to_str().unwrap(), o, "1", &[]));
+    let (code, _, err) = train_args(&pipe, &data, &out, "1", &[]).run();
     assert!(code == 1 && err.contains("--resume") && err.contains("--overwrite"), "{err}");
     // empty text, unreadable image, malformed row
     let m = dir.path().join("data/m.jsonl");
     std::fs::write(&m, "{\"image\": \"img/0.png\", \"text\": \"  \"}\n").unwrap();
-    let (code, _, err) = run(&train_args(p, m.to_str().unwrap(), dir.path().join("o2").to_str().unwrap(), "1", &[]));
+    let (code, _, err) = train_args(&pipe, &m, &dir.path().join("o2"), "1", &[]).run();
     assert!(code == 1 && err.contains("m.jsonl:1") && err.contains("empty text"), "{err}");
     std::fs::write(dir.path().join("data/img/junk.png"), b"not a png").unwrap();
     std::fs::write(&m, "{\"image\": \"img/junk.png\", \"text\": \"Small effusion.\"}\n").unwrap();
-    let (code, _, err) = run(&train_args(p, m.to_str().unwrap(), dir.path().join("o3").to_str().unwrap(), "1", &[]));
+    let (code, _, err) = train_args(&pipe, &m, &dir.path().join("o3"), "1", &[]).run();
     assert!(code == 1 && err.contains("junk.png"), "{err}");
     std::fs::write(&m, "{\"picture\": \"img/0.png\"}\n").unwrap();
-    let (code, _, err) = run(&train_args(p, m.to_str().unwrap(), dir.path().join("o4").to_str().unwrap(), "1", &[]));
+    let (code, _, err) = train_args(&pipe, &m, &dir.path().join("o4"), "1", &[]).run();
     assert!(code == 1 && err.contains("m.jsonl:1") && err.contains("\"image\""), "{err}");
     assert!(!err.contains("panicked"));
 }
@@ -245,13 +135,9 @@ fn read_all(path: &Path) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn ema_follows_diffusers_decay_and_samples() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = synthetic_dataset(&dir.path().join("data"), 4);
+    let (dir, pipe, data) = pipe_a_and_dataset(4);
     let out = dir.path().join("run");
-    let (p, d, o) = (pipe.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
-    let (code, _, err) = run_cli(&train_args(p, d, o, "3", &["--ema", "--checkpoint-every", "1"]), None);
-    assert_eq!(code, 0, "{err}");
+    train_args(&pipe, &data, &out, "3", &["--ema", "--checkpoint-every", "1"]).run_ok();
     let w = |k: usize| read_all(&out.join(format!("checkpoint-{k}/unet/diffusion_pytorch_model.safetensors")));
     let ema3 = read_all(&out.join("checkpoint-3/unet_ema/diffusion_pytorch_model.safetensors"));
     let (w1, w2, w3) = (w(1), w(2), w(3));
@@ -270,39 +156,15 @@ fn ema_follows_diffusers_decay_and_samples() {
     println!("EMA after 3 steps: max deviation from the formula {worst:.1e}");
     let png = dir.path().join("e.png");
     let ckpt = out.join("checkpoint-3");
-    let (code, _, err) = run_cli(
-        &[
-            "sample",
-            "--model",
-            ckpt.to_str().unwrap(),
-            "--ema",
-            "--prompt",
-            "x ray",
-            "--height",
-            "16",
-            "--width",
-            "16",
-            "--steps",
-            "2",
-            "--out",
-            png.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
+    sample_16px_args(&ckpt, "2", &png).with(&["--ema"]).opt("--prompt", "x ray").run_ok();
 }
 
 #[test]
 fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = synthetic_dataset(&dir.path().join("data"), 4);
+    let (dir, pipe, data) = pipe_a_and_dataset(4);
     let out = dir.path().join("run");
-    let (p, d, o) = (pipe.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
-    let mut a = train_args(p, d, o, "10", &["--checkpoint-every", "1", "--max-grad-norm", "0"]);
-    let i = a.iter().position(|x| *x == "1e-3").unwrap();
-    a[i] = "1e30";
-    let (code, _, err) = run_cli(&a, None);
+    let a = train_args(&pipe, &data, &out, "10", &["--checkpoint-every", "1", "--max-grad-norm", "0"]);
+    let (code, _, err) = a.set("--lr", "1e30").run();
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("stopping") && err.contains("the last checkpoint,") && err.contains("is intact"), "{err}");
     assert!(!err.contains("panicked"));
@@ -329,31 +191,8 @@ fn train_vae_from_scratch_lowers_the_reconstruction_loss() {
     let data = synthetic_dataset(&dir.path().join("data"), 6);
     let out = dir.path().join("vae-run");
     let cfg = fixture("vae-a/config.json");
-    let (code, stdout, err) = run_cli(
-        &[
-            "train-vae",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--resolution",
-            "16",
-            "--batch-size",
-            "2",
-            "--steps",
-            "40",
-            "--lr",
-            "2e-3",
-            "--log-every",
-            "1",
-            "--kl-weight",
-            "1e-4",
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
+    let a = train_vae_args(&cfg, &data, &out).with(&["--resolution", "16", "--batch-size", "2", "--steps", "40"]);
+    let (stdout, _) = a.with(&["--lr", "2e-3", "--log-every", "1", "--kl-weight", "1e-4"]).run_ok();
     let rec: Vec<f64> = std::fs::read_to_string(out.join("train_vae_log.jsonl"))
         .unwrap()
         .lines()
@@ -371,17 +210,13 @@ fn train_vae_from_scratch_lowers_the_reconstruction_loss() {
 fn training_against_a_frozen_bert_encoder_with_a_random_unet() {
     // The paper's "Text Encoders" rows: a domain BERT replaces CLIP, frozen; the U-Net is trained
     // from scratch with cross-attention sized for the encoder (16 here, vs pipe-a's 8).
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let (dir, pipe, data) = pipe_a_and_dataset(4);
     let te = dir.path().join("bert-encoder");
     copy_dir(&fixture("pipe-bert/text_encoder"), &te);
     copy_dir(&fixture("pipe-bert/tokenizer"), &te);
-    let data = synthetic_dataset(&dir.path().join("data"), 4);
     let out = dir.path().join("run");
-    let (p, d, o) = (pipe.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
     let extra = ["--text-encoder", te.to_str().unwrap(), "--freeze-text-encoder", "--unet-init", "random"];
-    let (code, stdout, err) = run_cli(&train_args(p, d, o, "3", &extra), None);
-    assert_eq!(code, 0, "{err}");
+    let (stdout, _) = train_args(&pipe, &data, &out, "3", &extra).run_ok();
     let ck = out.join("checkpoint-3");
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(ck.join("model_index.json")).unwrap()).unwrap();
@@ -410,30 +245,9 @@ fn training_against_a_frozen_bert_encoder_with_a_random_unet() {
     }
     assert!(stdout.contains("checkpoint-3"));
     let png = dir.path().join("b.png");
-    let (code, _, err) = run_cli(
-        &[
-            "sample",
-            "--model",
-            ck.to_str().unwrap(),
-            "--prompt",
-            "Large left pleural effusion.",
-            "--height",
-            "16",
-            "--width",
-            "16",
-            "--steps",
-            "2",
-            "--out",
-            png.to_str().unwrap(),
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
+    sample_16px_args(&ck, "2", &png).opt("--prompt", "Large left pleural effusion.").run_ok();
     // Without --unet-init random the sizes cannot match: refused with the way out.
-    let (code, _, err) = run_cli(
-        &train_args(p, d, dir.path().join("o2").to_str().unwrap(), "1", &["--text-encoder", te.to_str().unwrap()]),
-        None,
-    );
+    let (code, _, err) = train_args(&pipe, &data, &dir.path().join("o2"), "1", &[]).opt("--text-encoder", &te).run();
     assert!(code == 1 && err.contains("--unet-init random"), "{err}");
 }
 
@@ -441,9 +255,7 @@ fn training_against_a_frozen_bert_encoder_with_a_random_unet() {
 fn uncond_prob_one_trains_on_the_empty_prompt_only() {
     // With --uncond-prob 1 every caption is dropped, so two manifests that differ only in their
     // texts must give identical weights; without dropout they must not.
-    let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline("pipe-a", dir.path());
-    let data = synthetic_dataset(&dir.path().join("data"), 4);
+    let (dir, pipe, data) = pipe_a_and_dataset(4);
     let other = dir.path().join("data/other.jsonl");
     let text = std::fs::read_to_string(&data).unwrap();
     let swapped: String = text
@@ -455,14 +267,9 @@ fn uncond_prob_one_trains_on_the_empty_prompt_only() {
         })
         .collect();
     std::fs::write(&other, swapped).unwrap();
-    let p = pipe.to_str().unwrap();
     let weights = |manifest: &Path, tag: &str, prob: &str| {
         let out = dir.path().join(tag);
-        let (code, _, err) = run_cli(
-            &train_args(p, manifest.to_str().unwrap(), out.to_str().unwrap(), "2", &["--uncond-prob", prob]),
-            None,
-        );
-        assert_eq!(code, 0, "{err}");
+        train_args(&pipe, manifest, &out, "2", &["--uncond-prob", prob]).run_ok();
         read_all(&out.join("checkpoint-2/unet/diffusion_pytorch_model.safetensors"))
     };
     assert!(weights(&data, "a1", "1") == weights(&other, "b1", "1"), "captions leaked through --uncond-prob 1");

@@ -138,6 +138,139 @@ pub fn expect_cli_error(args: &[&str], needles: &[&str]) -> String {
     line.to_string()
 }
 
+/// A `roentgen` command line, built word by word. It derefs to its words (a `Vec<String>`), so a
+/// test can still look at them, change them or append to them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CliArgs(pub Vec<String>);
+
+impl CliArgs {
+    /// Starts a command line with these words: the subcommand (and any words that follow it).
+    pub fn new(words: &[&str]) -> CliArgs {
+        CliArgs(words.iter().map(|w| w.to_string()).collect())
+    }
+
+    /// Appends `flag value`; the value may be a path.
+    pub fn opt(mut self, flag: &str, value: impl AsRef<std::ffi::OsStr>) -> CliArgs {
+        let value = value.as_ref().to_str().unwrap_or_else(|| panic!("{flag}: not UTF-8: {:?}", value.as_ref()));
+        self.0.extend([flag.to_string(), value.to_string()]);
+        self
+    }
+
+    /// Appends words as they are: switches (`--ema`) or `--flag value` pairs written out.
+    pub fn with(mut self, words: &[&str]) -> CliArgs {
+        self.0.extend(words.iter().map(|w| w.to_string()));
+        self
+    }
+
+    /// Puts these words first, before the subcommand (global flags such as `--device cuda`).
+    pub fn globals(mut self, words: &[&str]) -> CliArgs {
+        self.0.splice(0..0, words.iter().map(|w| w.to_string()));
+        self
+    }
+
+    /// Replaces the value that follows `flag` (which must be there).
+    pub fn set(mut self, flag: &str, value: &str) -> CliArgs {
+        let i = self.position_of(flag);
+        self.0[i + 1] = value.to_string();
+        self
+    }
+
+    /// Removes `flag` and the value that follows it (which must be there).
+    pub fn without(mut self, flag: &str) -> CliArgs {
+        let i = self.position_of(flag);
+        self.0.drain(i..=i + 1);
+        self
+    }
+
+    fn position_of(&self, flag: &str) -> usize {
+        self.0.iter().position(|w| w == flag).unwrap_or_else(|| panic!("{flag} is not in {:?}", self.0))
+    }
+
+    /// The words as `&str`s, as `run_cli` and `expect_cli_error` take them.
+    pub fn strs(&self) -> Vec<&str> {
+        self.0.iter().map(String::as_str).collect()
+    }
+
+    /// Runs the binary (stdin closed); returns (exit code, stdout, stderr).
+    pub fn run(&self) -> (i32, String, String) {
+        run_cli(&self.strs(), None)
+    }
+
+    /// Runs the binary and asserts that it exits 0 (the failure shows the command line and its
+    /// stderr); returns (stdout, stderr).
+    pub fn run_ok(&self) -> (String, String) {
+        let (code, out, err) = self.run();
+        assert_eq!(code, 0, "roentgen {} failed:\n{err}", self.0.join(" "));
+        (out, err)
+    }
+
+    /// `expect_cli_error` for this command line: exit 1, no panic, an error line with every needle.
+    pub fn expect_error(&self, needles: &[&str]) -> String {
+        expect_cli_error(&self.strs(), needles)
+    }
+}
+
+impl std::ops::Deref for CliArgs {
+    type Target = Vec<String>;
+    fn deref(&self) -> &Vec<String> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for CliArgs {
+    fn deref_mut(&mut self) -> &mut Vec<String> {
+        &mut self.0
+    }
+}
+
+impl From<CliArgs> for Vec<String> {
+    fn from(a: CliArgs) -> Vec<String> {
+        a.0
+    }
+}
+
+/// `roentgen train` of `pipe` on the `data` manifest into `out`, on 16 px images at --lr 1e-3,
+/// logging every step: what the small training runs share. Tests add --batch-size, --steps,
+/// --seed and the flags they test.
+pub fn small_train_args(pipe: &Path, data: &Path, out: &Path) -> CliArgs {
+    CliArgs::new(&["train"]).opt("--model", pipe).opt("--data", data).opt("--output", out).with(&[
+        "--resolution",
+        "16",
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "1",
+    ])
+}
+
+/// `roentgen train-vae` of the VAE `config` on the `data` manifest into `out`.
+pub fn train_vae_args(config: &Path, data: &Path, out: &Path) -> CliArgs {
+    CliArgs::new(&["train-vae"]).opt("--config", config).opt("--data", data).opt("--output", out)
+}
+
+/// `roentgen train-step` of `pipe` on the `batch` file, writing the stepped pipeline to `out`.
+pub fn train_step_args(pipe: &Path, batch: &Path, out: &Path) -> CliArgs {
+    CliArgs::new(&["train-step"]).opt("--model", pipe).opt("--batch", batch).opt("--output", out)
+}
+
+/// `roentgen sample` of `model`: 16×16 px in `steps` steps, into `out` (tests add the prompt).
+pub fn sample_16px_args(model: &Path, steps: &str, out: impl AsRef<std::ffi::OsStr>) -> CliArgs {
+    CliArgs::new(&["sample"])
+        .opt("--model", model)
+        .with(&["--height", "16", "--width", "16", "--steps", steps])
+        .opt("--out", out)
+}
+
+/// `roentgen encode-text` of one prompt with `model`, into `out`.
+pub fn encode_text_args(model: &Path, prompt: &str, out: &Path) -> CliArgs {
+    CliArgs::new(&["encode-text"]).opt("--model", model).opt("--prompt", prompt).opt("--out", out)
+}
+
+/// `roentgen export` of `model` into `out` (tests add --dtype, --overwrite).
+pub fn export_args(model: &Path, out: &Path) -> CliArgs {
+    CliArgs::new(&["export"]).opt("--model", model).opt("--out", out)
+}
+
 /// Copies a folder (non-recursive files and one level of subfolders) into a new temp dir.
 pub fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
@@ -155,14 +288,8 @@ pub fn copy_dir(src: &Path, dst: &Path) {
 /// (n, c, h, w) → (n, h, w, c): PyTorch fixtures are NCHW, the engine is channels-last.
 pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for y in 0..h {
-                for xx in 0..w {
-                    out[((b * h + y) * w + xx) * c + ch] = x[((b * c + ch) * h + y) * w + xx];
-                }
-            }
-        }
+    for (nchw, nhwc) in nchw_nhwc_indices(n, c, h, w) {
+        out[nhwc] = x[nchw];
     }
     out
 }
@@ -170,16 +297,18 @@ pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f3
 /// (n, h, w, c) → (n, c, h, w).
 pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for y in 0..h {
-                for xx in 0..w {
-                    out[((b * c + ch) * h + y) * w + xx] = x[((b * h + y) * w + xx) * c + ch];
-                }
-            }
-        }
+    for (nchw, nhwc) in nchw_nhwc_indices(n, c, h, w) {
+        out[nchw] = x[nhwc];
     }
     out
+}
+
+/// Every element's (NCHW index, NHWC index) in a tensor of n × c × h × w.
+fn nchw_nhwc_indices(n: usize, c: usize, h: usize, w: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n * c * h * w).map(move |i| {
+        let (xx, y, ch, b) = (i % w, (i / w) % h, (i / (w * h)) % c, i / (w * h * c));
+        (i, ((b * h + y) * w + xx) * c + ch)
+    })
 }
 
 /// End to end (`roentgen sample` vs `StableDiffusionPipeline`, f32): the decoded image, in [0, 1],
@@ -199,9 +328,56 @@ pub fn assemble_pipeline(name: &str, dst: &Path) -> PathBuf {
 
 /// Writes one f32 tensor to a safetensors file.
 pub fn write_f32(path: &Path, name: &str, shape: &[usize], data: &[f32]) {
-    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes).unwrap();
-    std::fs::write(path, safetensors::serialize(vec![(name.to_string(), view)], None).unwrap()).unwrap();
+    write_f32_tensors(path, &[(name, shape.to_vec(), data.to_vec())]);
+}
+
+/// Writes f32 tensors (name, shape, values) to one safetensors file.
+pub fn write_f32_tensors<N: AsRef<str>>(path: &Path, tensors: &[(N, Vec<usize>, Vec<f32>)]) {
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views: Vec<_> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap();
+            (n.as_ref().to_string(), view)
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// A pipeline folder for `train-step` at `pipe`: the grads fixture's U-Net, the train10 text
+/// encoder, pipe-a's VAE and model_index.json, SD v1.4's scheduler and tokenizer.
+pub fn train_step_pipeline(pipe: PathBuf) -> PathBuf {
+    copy_dir(&fixture("grads/unet"), &pipe.join("unet"));
+    copy_dir(&fixture("train10/text_encoder"), &pipe.join("text_encoder"));
+    copy_dir(&fixture("pipe-a/vae"), &pipe.join("vae"));
+    copy_dir(&sd14_config().join("scheduler"), &pipe.join("scheduler"));
+    copy_dir(&sd14_config().join("tokenizer"), &pipe.join("tokenizer"));
+    std::fs::copy(fixture("pipe-a/model_index.json"), pipe.join("model_index.json")).unwrap();
+    pipe
+}
+
+/// The first batch of the train10 fixture (PyTorch's first training step) as train-step reads it:
+/// (name, shape, values) of latents, noise, input_ids and timesteps.
+pub fn train10_first_batch() -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let io = fixture("train10/io.safetensors");
+    ["latents", "noise", "input_ids", "timesteps"]
+        .into_iter()
+        .map(|name| {
+            let (shape, v) = read_f32(&io, &format!("b0.{name}"));
+            (name.to_string(), shape, v)
+        })
+        .collect()
+}
+
+/// A temporary folder holding pipe-a (`assemble_pipeline`) and a `synthetic_dataset` of `n` images
+/// in data/: (the folder, the pipeline, the dataset's manifest).
+pub fn pipe_a_and_dataset(n: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let data = synthetic_dataset(&dir.path().join("data"), n);
+    (dir, pipe, data)
 }
 
 /// 16×16 gray images whose content follows the text: a bright left or right half, or a bright

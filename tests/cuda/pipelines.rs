@@ -219,34 +219,10 @@ pub fn training_allocation_case(r: &mut Runner) {
 pub fn end_to_end_cases(r: &mut Runner, precision: &str, bar: f64) {
     let sample = |device: &str, dir: &std::path::Path, pipe: &std::path::Path| -> Result<Vec<f32>> {
         let dump = dir.join(format!("dump-{device}.safetensors"));
-        let (code, _, err) = run_cli(
-            &[
-                "--device",
-                device,
-                "--precision",
-                precision,
-                "sample",
-                "--model",
-                pipe.to_str().unwrap(),
-                "--prompt",
-                "Large left pleural effusion.",
-                "--prompt",
-                "No acute cardiopulmonary process.",
-                "--height",
-                "16",
-                "--width",
-                "16",
-                "--steps",
-                "6",
-                "--seed",
-                "3",
-                "--out",
-                dir.join(format!("png-{device}")).to_str().unwrap(),
-                "--dump",
-                dump.to_str().unwrap(),
-            ],
-            None,
-        );
+        let args = sample_16px_args(pipe, "6", dir.join(format!("png-{device}"))).opt("--seed", "3");
+        let args =
+            args.opt("--prompt", "Large left pleural effusion.").opt("--prompt", "No acute cardiopulmonary process.");
+        let (code, _, err) = args.opt("--dump", &dump).globals(&["--device", device, "--precision", precision]).run();
         ensure!(code == 0, "sample --device {device}: {err}");
         Ok(read_f32(&dump, "image").1)
     };
@@ -255,7 +231,7 @@ pub fn end_to_end_cases(r: &mut Runner, precision: &str, bar: f64) {
             let dir = tempfile::tempdir()?;
             let pipe = if pipe_name == "pipe-bert" {
                 let p = dir.path().join(pipe_name);
-                copy_tree(&fixture(pipe_name), &p);
+                copy_dir(&fixture(pipe_name), &p);
                 p
             } else {
                 assemble_pipeline(pipe_name, dir.path())
@@ -267,41 +243,13 @@ pub fn end_to_end_cases(r: &mut Runner, precision: &str, bar: f64) {
     }
     r.case(&format!("{precision}/train-step: cuda vs cpu"), || {
         let dir = tempfile::tempdir()?;
-        let pipe = dir.path().join("pipe");
-        copy_dir(&fixture("grads/unet"), &pipe.join("unet"));
-        copy_dir(&fixture("train10/text_encoder"), &pipe.join("text_encoder"));
-        copy_dir(&fixture("pipe-a/vae"), &pipe.join("vae"));
-        copy_dir(&sd14_config().join("scheduler"), &pipe.join("scheduler"));
-        copy_dir(&sd14_config().join("tokenizer"), &pipe.join("tokenizer"));
-        std::fs::copy(fixture("pipe-a/model_index.json"), pipe.join("model_index.json"))?;
-        let io = fixture("train10/io.safetensors");
+        let pipe = train_step_pipeline(dir.path().join("pipe"));
         let batch = dir.path().join("batch.safetensors");
-        let mut named = Vec::new();
-        for name in ["latents", "noise", "input_ids", "timesteps"] {
-            let (s, v) = read_f32(&io, &format!("b0.{name}"));
-            named.push((name.to_string(), s, v));
-        }
-        write_many_f32(&batch, &named);
+        write_f32_tensors(&batch, &train10_first_batch());
         let step = |device: &str| -> Result<(f64, f64, Vec<f32>)> {
             let out = dir.path().join(format!("stepped-{device}"));
-            let (code, stdout, err) = run_cli(
-                &[
-                    "--device",
-                    device,
-                    "--precision",
-                    precision,
-                    "train-step",
-                    "--model",
-                    pipe.to_str().unwrap(),
-                    "--batch",
-                    batch.to_str().unwrap(),
-                    "--output",
-                    out.to_str().unwrap(),
-                    "--lr",
-                    "1e-3",
-                ],
-                None,
-            );
+            let args = train_step_args(&pipe, &batch, &out).opt("--lr", "1e-3");
+            let (code, stdout, err) = args.globals(&["--device", device, "--precision", precision]).run();
             ensure!(code == 0, "train-step --device {device}: {err}");
             let v: serde_json::Value = serde_json::from_str(stdout.trim())?;
             let w = read_all_f32(&out.join("unet/diffusion_pytorch_model.safetensors"));
@@ -326,18 +274,6 @@ fn rel_l2_at_most(got: &[f32], want: &[f32], bar: f64) -> Result<String> {
     Ok(format!("relL2 {rel:.1e}, max abs {max:.1e}"))
 }
 
-fn write_many_f32(path: &std::path::Path, named: &[(String, Vec<usize>, Vec<f32>)]) {
-    let bytes: Vec<Vec<u8>> = named.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-    let views: Vec<_> = named
-        .iter()
-        .zip(&bytes)
-        .map(|((n, s, _), b)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
-        })
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
-}
-
 fn read_all_f32(path: &std::path::Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -357,16 +293,4 @@ fn read_all_f32(path: &std::path::Path) -> Vec<f32> {
         }
     }
     out
-}
-
-fn copy_tree(src: &std::path::Path, dst: &std::path::Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_tree(&p, &dst.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, dst.join(e.file_name())).unwrap();
-        }
-    }
 }
