@@ -15,7 +15,7 @@ use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
-use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
+use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::AdamWParams;
@@ -223,14 +223,7 @@ pub trait Backend {
 
     /// out[b, t, :] = wte[ids[b·seq + t], :] + wpe[t, :]; out (batch, seq, dim), wte (vocab, dim),
     /// wpe (max_positions ≥ seq, dim). Ids are checked against the vocabulary.
-    fn embedding_forward(
-        &self,
-        p: &EmbeddingParams,
-        out: &Tensor,
-        ids: &[u32],
-        wte: &Tensor,
-        wpe: &Tensor,
-    ) -> Result<()>;
+    fn embedding_forward(&self, p: &EmbeddingParams, t: &EmbeddingForward) -> Result<()>;
 
     /// Layer norm over the last dimension: out, mean (rows), rstd (rows), inp (rows, cols).
     fn layer_norm_forward(&self, p: &LayerNormParams, t: &NormForward) -> Result<()>;
@@ -324,14 +317,7 @@ pub trait Backend {
     fn geglu_backward(&self, p: &GegluParams, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()>;
 
     /// Of `embedding_forward`: dwte[ids] += dout rows, dwpe[t] += dout rows.
-    fn embedding_backward(
-        &self,
-        p: &EmbeddingParams,
-        dwte: &Tensor,
-        dwpe: &Tensor,
-        dout: &Tensor,
-        ids: &[u32],
-    ) -> Result<()>;
+    fn embedding_backward(&self, p: &EmbeddingParams, t: &EmbeddingBackward) -> Result<()>;
 
     /// Mean squared error: loss[0] = mean((pred − target)²); dpred = 2 (pred − target) / n (written).
     fn mse_loss(&self, dpred: &Tensor, loss: &Tensor, pred: &Tensor, target: &Tensor, n: usize) -> Result<()>;

@@ -7,7 +7,7 @@ use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
-use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
+use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::AdamWParams;
@@ -62,14 +62,7 @@ impl Backend for PlanBackend {
     fn download(&self, src: &Tensor) -> Result<Vec<f32>> {
         Ok(vec![0.0; src.numel()])
     }
-    fn embedding_forward(
-        &self,
-        _p: &EmbeddingParams,
-        _out: &Tensor,
-        _ids: &[u32],
-        _wte: &Tensor,
-        _wpe: &Tensor,
-    ) -> Result<()> {
+    fn embedding_forward(&self, _: &EmbeddingParams, _: &EmbeddingForward) -> Result<()> {
         Ok(())
     }
     fn layer_norm_forward(&self, _: &LayerNormParams, _: &NormForward) -> Result<()> {
@@ -152,14 +145,7 @@ impl Backend for PlanBackend {
     fn geglu_backward(&self, _p: &GegluParams, _dinp: &Tensor, _dout: &Tensor, _inp: &Tensor) -> Result<()> {
         Ok(())
     }
-    fn embedding_backward(
-        &self,
-        _p: &EmbeddingParams,
-        _dwte: &Tensor,
-        _dwpe: &Tensor,
-        _dout: &Tensor,
-        _ids: &[u32],
-    ) -> Result<()> {
+    fn embedding_backward(&self, _: &EmbeddingParams, _: &EmbeddingBackward) -> Result<()> {
         Ok(())
     }
     fn mse_loss(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {

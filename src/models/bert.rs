@@ -21,9 +21,9 @@ use super::{allocate, check_param_count, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::io::safetensors::{float_dtype, to_f32, SafetensorsFile};
-use crate::nn::{zeros, Cx, LayerNorm, LayerNormActs, Linear};
-use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
-use crate::ops::elementwise::{BiasRowsParams, EmbeddingParams};
+use crate::nn::transformer::{LayerActs, LayerNames, LayerShape, NormPlacement, Tokens, TransformerLayer};
+use crate::nn::{zeros, Cx, LayerNorm, LayerNormActs};
+use crate::ops::elementwise::{BiasRowsParams, EmbeddingBackward, EmbeddingForward, EmbeddingParams};
 use crate::tensor::{Arena, Layout, Shape, Tensor};
 use crate::{io::weights, io::weights::LoadReport};
 use anyhow::{bail, ensure, Context, Result};
@@ -129,24 +129,32 @@ impl BertConfig {
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
+
+    /// Every layer's shape: post-LN, bidirectional.
+    fn layer_shape(&self) -> LayerShape {
+        LayerShape {
+            dim: self.hidden_size,
+            mlp_dim: self.intermediate_size,
+            heads: self.num_attention_heads,
+            eps: self.layer_norm_eps,
+            act: self.hidden_act,
+            norm: NormPlacement::Post,
+            causal: false,
+        }
+    }
 }
 
-#[derive(Clone, Debug)]
-pub struct BertLayerParams {
-    pub query: Linear,
-    pub key: Linear,
-    pub value: Linear,
-    /// `attention.output.dense`
-    pub attention_dense: Linear,
-    /// `attention.output.LayerNorm`
-    pub attention_layer_norm: LayerNorm,
-    /// `intermediate.dense`
-    pub intermediate: Linear,
-    /// `output.dense`
-    pub output_dense: Linear,
-    /// `output.LayerNorm`
-    pub output_layer_norm: LayerNorm,
-}
+/// transformers' `BertLayer` names.
+const BERT_LAYER_NAMES: LayerNames = LayerNames {
+    q: "attention.self.query",
+    k: "attention.self.key",
+    v: "attention.self.value",
+    attn_out: "attention.output.dense",
+    attn_norm: "attention.output.LayerNorm",
+    fc1: "intermediate.dense",
+    fc2: "output.dense",
+    mlp_norm: "output.LayerNorm",
+};
 
 #[derive(Clone, Debug)]
 pub struct BertParams {
@@ -154,54 +162,21 @@ pub struct BertParams {
     pub position_embeddings: Tensor,   // (max_positions, C)
     pub token_type_embeddings: Tensor, // (type_vocab, C)
     pub embeddings_layer_norm: LayerNorm,
-    pub layers: Vec<BertLayerParams>,
+    pub layers: Vec<TransformerLayer>,
 }
 
 /// The parameter table of a BertModel, under transformers' names (as `BertModel.save_pretrained`
 /// writes them: no `bert.` prefix, no pooler).
 pub fn params_layout(l: &mut Layout, c: &BertConfig) -> BertParams {
-    let (d, f, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
+    let (d, eps) = (c.hidden_size, c.layer_norm_eps);
     let word_embeddings = l.tensor("embeddings.word_embeddings.weight", [c.vocab_size, d]);
     let position_embeddings = l.tensor("embeddings.position_embeddings.weight", [c.max_position_embeddings, d]);
     let token_type_embeddings = l.tensor("embeddings.token_type_embeddings.weight", [c.type_vocab_size, d]);
     let embeddings_layer_norm = LayerNorm::layout(l, "embeddings.LayerNorm", d, eps);
     let layers = (0..c.num_hidden_layers)
-        .map(|i| {
-            let p = format!("encoder.layer.{i}");
-            BertLayerParams {
-                query: Linear::layout(l, &format!("{p}.attention.self.query"), d, d, true),
-                key: Linear::layout(l, &format!("{p}.attention.self.key"), d, d, true),
-                value: Linear::layout(l, &format!("{p}.attention.self.value"), d, d, true),
-                attention_dense: Linear::layout(l, &format!("{p}.attention.output.dense"), d, d, true),
-                attention_layer_norm: LayerNorm::layout(l, &format!("{p}.attention.output.LayerNorm"), d, eps),
-                intermediate: Linear::layout(l, &format!("{p}.intermediate.dense"), d, f, true),
-                output_dense: Linear::layout(l, &format!("{p}.output.dense"), f, d, true),
-                output_layer_norm: LayerNorm::layout(l, &format!("{p}.output.LayerNorm"), d, eps),
-            }
-        })
+        .map(|i| TransformerLayer::layout(l, &format!("encoder.layer.{i}"), &BERT_LAYER_NAMES, c.layer_shape()))
         .collect();
     BertParams { word_embeddings, position_embeddings, token_type_embeddings, embeddings_layer_norm, layers }
-}
-
-/// What one layer's forward writes (and its backward reads); rows = batch · seq.
-#[derive(Clone, Debug)]
-pub struct BertLayerActs {
-    pub q: Tensor,    // (rows, C)
-    pub k: Tensor,    // (rows, C)
-    pub v: Tensor,    // (rows, C)
-    pub attn: Tensor, // (rows, C) heads concatenated
-    pub lse: Tensor,  // (rows, heads)
-    pub attn_dense: Tensor,
-    /// attn_dense + layer input
-    pub residual1: Tensor,
-    pub ln1: LayerNormActs,
-    pub intermediate: Tensor, // (rows, intermediate)
-    pub act: Tensor,          // (rows, intermediate)
-    pub output_dense: Tensor, // (rows, C)
-    /// output_dense + ln1.out
-    pub residual2: Tensor,
-    /// The layer's output.
-    pub ln2: LayerNormActs,
 }
 
 /// The activation arena of one forward at (batch, seq).
@@ -214,41 +189,17 @@ pub struct BertActs {
     /// word + position + token-type embeddings (the embedding layer norm's input)
     pub embeddings: Tensor,
     pub embeddings_ln: LayerNormActs,
-    pub layers: Vec<BertLayerActs>,
+    pub layers: Vec<LayerActs>,
 }
 
-impl BertActs {
-    /// `last_hidden_state` (rows, C): the last layer's output.
-    pub fn output(&self) -> Tensor {
-        self.layers.last().map_or(self.embeddings_ln.out, |l| l.ln2.out)
-    }
-}
-
-pub fn acts_layout(l: &mut Layout, c: &BertConfig, batch: usize, seq: usize) -> BertActs {
-    let (rows, d, f, h) = (batch * seq, c.hidden_size, c.intermediate_size, c.num_attention_heads);
+/// The activations of one forward at (batch, seq), laid out for the layers of `p`.
+pub fn acts_layout(l: &mut Layout, c: &BertConfig, p: &BertParams, batch: usize, seq: usize) -> BertActs {
+    let (rows, d) = (batch * seq, c.hidden_size);
     let word_position = l.tensor("word_position", [rows, d]);
     let embeddings = l.tensor("embeddings", [rows, d]);
     let embeddings_ln = LayerNorm::acts_layout(l, "embeddings.LayerNorm", rows, d);
-    let layers = (0..c.num_hidden_layers)
-        .map(|i| {
-            let p = format!("layer.{i}");
-            BertLayerActs {
-                q: l.tensor(format!("{p}.q"), [rows, d]),
-                k: l.tensor(format!("{p}.k"), [rows, d]),
-                v: l.tensor(format!("{p}.v"), [rows, d]),
-                attn: l.tensor(format!("{p}.attn"), [rows, d]),
-                lse: l.tensor(format!("{p}.lse"), [rows, h]),
-                attn_dense: l.tensor(format!("{p}.attn_dense"), [rows, d]),
-                residual1: l.tensor(format!("{p}.residual1"), [rows, d]),
-                ln1: LayerNorm::acts_layout(l, &format!("{p}.attention.LayerNorm"), rows, d),
-                intermediate: l.tensor(format!("{p}.intermediate"), [rows, f]),
-                act: l.tensor(format!("{p}.act"), [rows, f]),
-                output_dense: l.tensor(format!("{p}.output_dense"), [rows, d]),
-                residual2: l.tensor(format!("{p}.residual2"), [rows, d]),
-                ln2: LayerNorm::acts_layout(l, &format!("{p}.output.LayerNorm"), rows, d),
-            }
-        })
-        .collect();
+    let layers =
+        p.layers.iter().enumerate().map(|(i, layer)| layer.acts_layout(l, &format!("layer.{i}"), rows)).collect();
     BertActs { batch, seq, word_position, embeddings, embeddings_ln, layers }
 }
 
@@ -300,7 +251,7 @@ impl BertModel {
     /// Allocates the activation arena for a forward at (batch, seq).
     pub fn allocate_acts(&self, backend: &mut dyn Backend, batch: usize, seq: usize) -> Result<BertActs> {
         let c = self.config.clone();
-        Ok(allocate(backend, "text_encoder.acts", |l| acts_layout(l, &c, batch, seq))?.0)
+        Ok(allocate(backend, "text_encoder.acts", |l| acts_layout(l, &c, &self.params, batch, seq))?.0)
     }
 
     /// `last_hidden_state` (batch, seq, C) for `ids` (batch · seq token ids), written into `acts`.
@@ -314,36 +265,19 @@ impl BertModel {
         let p = &self.params;
         b.embedding_forward(
             &EmbeddingParams { batch, seq, dim: d },
-            &acts.word_position,
-            ids,
-            &p.word_embeddings,
-            &p.position_embeddings,
+            &EmbeddingForward { out: &acts.word_position, ids, wte: &p.word_embeddings, wpe: &p.position_embeddings },
         )?;
         let token_type0 = row_view(&p.token_type_embeddings, 0, d);
         let token_type = BiasRowsParams { batch: 1, rows, channels: d };
         b.add_bias_rows_forward(&token_type, &acts.embeddings, &acts.word_position, &token_type0)?;
         p.embeddings_layer_norm.forward(b, &acts.embeddings_ln, &acts.embeddings, rows)?;
-        let (heads, hd) = (c.num_attention_heads, c.head_dim());
-        let scale = 1.0 / (hd as f32).sqrt();
-        let attention = AttentionParams { batch, q_len: seq, kv_len: seq, heads, head_dim: hd, scale, causal: false };
+        let tokens = Tokens { batch, seq, key_mask: mask };
         let mut x = acts.embeddings_ln.out;
-        for (lp, la) in p.layers.iter().zip(&acts.layers) {
-            lp.query.forward(b, &la.q, &x, rows)?;
-            lp.key.forward(b, &la.k, &x, rows)?;
-            lp.value.forward(b, &la.v, &x, rows)?;
-            let (out, lse, q, k, v) = (&la.attn, &la.lse, &la.q, &la.k, &la.v);
-            b.attention_forward(&attention, &AttentionForward { out, lse, q, k, v, key_mask: mask })?;
-            lp.attention_dense.forward(b, &la.attn_dense, &la.attn, rows)?;
-            b.add_forward(&la.residual1, &la.attn_dense, &x, rows * d)?;
-            lp.attention_layer_norm.forward(b, &la.ln1, &la.residual1, rows)?;
-            lp.intermediate.forward(b, &la.intermediate, &la.ln1.out, rows)?;
-            b.activation_forward(&la.act, &la.intermediate, c.hidden_act, rows * c.intermediate_size)?;
-            lp.output_dense.forward(b, &la.output_dense, &la.act, rows)?;
-            b.add_forward(&la.residual2, &la.output_dense, &la.ln1.out, rows * d)?;
-            lp.output_layer_norm.forward(b, &la.ln2, &la.residual2, rows)?;
-            x = la.ln2.out;
+        for (layer, la) in p.layers.iter().zip(&acts.layers) {
+            layer.forward(b, la, &x, &tokens)?;
+            x = layer.output(la);
         }
-        Ok(acts.output().reshape([batch, seq, d]))
+        Ok(x.reshape([batch, seq, d]))
     }
 
     fn check_inputs(&self, batch: usize, seq: usize, ids: &[u32], mask: Option<&[u32]>) -> Result<()> {
@@ -375,7 +309,7 @@ impl BertModel {
     pub fn plan_backward(&self, batch: usize, seq: usize) -> Result<usize> {
         let c = self.config.clone();
         let mut l = Layout::unbound();
-        let acts = acts_layout(&mut l, &c, batch, seq);
+        let acts = acts_layout(&mut l, &c, &self.params, batch, seq);
         let dout = l.tensor("dout", [batch * seq, c.hidden_size]);
         let mut arena = Arena::planning();
         let ids = vec![0u32; batch * seq];
@@ -398,42 +332,16 @@ impl BertModel {
         let b = cx.b;
         let c = &self.config;
         let p = &self.params;
-        let (batch, seq, d, f) = (acts.batch, acts.seq, c.hidden_size, c.intermediate_size);
+        let (batch, seq, d) = (acts.batch, acts.seq, c.hidden_size);
         let rows = batch * seq;
         self.check_inputs(batch, seq, ids, mask)?;
         let mark = cx.arena.mark();
-        let (heads, hd) = (c.num_attention_heads, c.head_dim());
-        let scale = 1.0 / (hd as f32).sqrt();
-        let attention = AttentionParams { batch, q_len: seq, kv_len: seq, heads, head_dim: hd, scale, causal: false };
-        // dx: the gradient of the current layer's output (a view of `dout` for the last layer).
+        let tokens = Tokens { batch, seq, key_mask: mask };
+        // dx: the gradient of the current layer's output (`dout` itself for the last layer).
         let mut dx = *dout;
-        for (i, ((lp, lg), la)) in p.layers.iter().zip(&g.layers).zip(&acts.layers).enumerate().rev() {
-            let x_in = if i == 0 { acts.embeddings_ln.out } else { acts.layers[i - 1].ln2.out };
-            // out = LN2(residual2), residual2 = output_dense(act(intermediate(h1))) + h1, h1 = LN1(…)
-            let dres2 = zeros(cx, [rows, d])?;
-            lp.output_layer_norm.backward(&lg.output_layer_norm, b, &dres2, &dx, &la.residual2, &la.ln2)?;
-            let dh1 = zeros(cx, [rows, d])?;
-            b.accumulate(&dh1, &dres2, rows * d)?;
-            let dact = zeros(cx, [rows, f])?;
-            lp.output_dense.backward(&lg.output_dense, b, Some(&dact), &dres2, &la.act, rows)?;
-            let dinter = zeros(cx, [rows, f])?;
-            b.activation_backward(&dinter, &dact, &la.intermediate, c.hidden_act, rows * f)?;
-            lp.intermediate.backward(&lg.intermediate, b, Some(&dh1), &dinter, &la.ln1.out, rows)?;
-            // h1 = LN1(residual1), residual1 = attention_dense(attention(q, k, v)) + x_in
-            let dres1 = zeros(cx, [rows, d])?;
-            lp.attention_layer_norm.backward(&lg.attention_layer_norm, b, &dres1, &dh1, &la.residual1, &la.ln1)?;
-            let dxin = zeros(cx, [rows, d])?;
-            b.accumulate(&dxin, &dres1, rows * d)?;
-            let dattn = zeros(cx, [rows, d])?;
-            lp.attention_dense.backward(&lg.attention_dense, b, Some(&dattn), &dres1, &la.attn, rows)?;
-            let (dq, dk, dv) = (zeros(cx, [rows, d])?, zeros(cx, [rows, d])?, zeros(cx, [rows, d])?);
-            let (dout, q, k, v, out, lse) = (&dattn, &la.q, &la.k, &la.v, &la.attn, &la.lse);
-            let grads = AttentionBackward { dq: &dq, dk: &dk, dv: &dv, dout, q, k, v, out, lse, key_mask: mask };
-            b.attention_backward(&attention, &grads)?;
-            lp.query.backward(&lg.query, b, Some(&dxin), &dq, &x_in, rows)?;
-            lp.key.backward(&lg.key, b, Some(&dxin), &dk, &x_in, rows)?;
-            lp.value.backward(&lg.value, b, Some(&dxin), &dv, &x_in, rows)?;
-            dx = dxin;
+        for (i, ((layer, lg), la)) in p.layers.iter().zip(&g.layers).zip(&acts.layers).enumerate().rev() {
+            let x_in = if i == 0 { acts.embeddings_ln.out } else { p.layers[i - 1].output(&acts.layers[i - 1]) };
+            dx = layer.backward(cx, lg, la, &x_in, &dx, &tokens)?;
         }
         // embeddings_ln.out = LN(word + position + token_type[0])
         let demb = zeros(cx, [rows, d])?;
@@ -459,10 +367,7 @@ impl BertModel {
         };
         b.embedding_backward(
             &EmbeddingParams { batch, seq, dim: d },
-            &g.word_embeddings,
-            &g.position_embeddings,
-            &demb,
-            ids,
+            &EmbeddingBackward { dwte: &g.word_embeddings, dwpe: &g.position_embeddings, dout: &demb, ids },
         )?;
         if let Some((row, s)) = saved {
             b.zero(&row)?;

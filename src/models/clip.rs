@@ -7,9 +7,9 @@ use super::limits::{MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB};
 use super::{allocate, check_param_count, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
-use crate::nn::{zeros, Cx, LayerNorm, LayerNormActs, Linear};
-use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
-use crate::ops::elementwise::EmbeddingParams;
+use crate::nn::transformer::{LayerActs, LayerNames, LayerShape, NormPlacement, Tokens, TransformerLayer};
+use crate::nn::{zeros, Cx, LayerNorm, LayerNormActs};
+use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams};
 use crate::tensor::{Arena, Layout, Tensor};
 use crate::{io::weights, io::weights::LoadReport};
 use anyhow::{bail, Result};
@@ -79,25 +79,38 @@ impl ClipTextConfig {
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
+
+    /// Every layer's shape: pre-LN, causal (the text encoder Stable Diffusion conditions on).
+    fn layer_shape(&self) -> LayerShape {
+        LayerShape {
+            dim: self.hidden_size,
+            mlp_dim: self.intermediate_size,
+            heads: self.num_attention_heads,
+            eps: self.layer_norm_eps,
+            act: self.hidden_act,
+            norm: NormPlacement::Pre,
+            causal: true,
+        }
+    }
 }
 
-#[derive(Clone, Debug)]
-pub struct ClipLayerParams {
-    pub layer_norm1: LayerNorm,
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub out_proj: Linear,
-    pub layer_norm2: LayerNorm,
-    pub fc1: Linear,
-    pub fc2: Linear,
-}
+/// transformers' `CLIPEncoderLayer` names.
+const CLIP_LAYER_NAMES: LayerNames = LayerNames {
+    q: "self_attn.q_proj",
+    k: "self_attn.k_proj",
+    v: "self_attn.v_proj",
+    attn_out: "self_attn.out_proj",
+    attn_norm: "layer_norm1",
+    fc1: "mlp.fc1",
+    fc2: "mlp.fc2",
+    mlp_norm: "layer_norm2",
+};
 
 #[derive(Clone, Debug)]
 pub struct ClipParams {
     pub token_embedding: Tensor,    // (vocab, C)
     pub position_embedding: Tensor, // (max_positions, C)
-    pub layers: Vec<ClipLayerParams>,
+    pub layers: Vec<TransformerLayer>,
     pub final_layer_norm: LayerNorm,
 }
 
@@ -109,39 +122,11 @@ pub fn params_layout(l: &mut Layout, c: &ClipTextConfig) -> ClipParams {
         l.tensor("text_model.embeddings.position_embedding.weight", [c.max_position_embeddings, d]);
     let layers = (0..c.num_hidden_layers)
         .map(|i| {
-            let p = format!("text_model.encoder.layers.{i}");
-            ClipLayerParams {
-                layer_norm1: LayerNorm::layout(l, &format!("{p}.layer_norm1"), d, eps),
-                q_proj: Linear::layout(l, &format!("{p}.self_attn.q_proj"), d, d, true),
-                k_proj: Linear::layout(l, &format!("{p}.self_attn.k_proj"), d, d, true),
-                v_proj: Linear::layout(l, &format!("{p}.self_attn.v_proj"), d, d, true),
-                out_proj: Linear::layout(l, &format!("{p}.self_attn.out_proj"), d, d, true),
-                layer_norm2: LayerNorm::layout(l, &format!("{p}.layer_norm2"), d, eps),
-                fc1: Linear::layout(l, &format!("{p}.mlp.fc1"), d, c.intermediate_size, true),
-                fc2: Linear::layout(l, &format!("{p}.mlp.fc2"), c.intermediate_size, d, true),
-            }
+            TransformerLayer::layout(l, &format!("text_model.encoder.layers.{i}"), &CLIP_LAYER_NAMES, c.layer_shape())
         })
         .collect();
     let final_layer_norm = LayerNorm::layout(l, "text_model.final_layer_norm", d, eps);
     ClipParams { token_embedding, position_embedding, layers, final_layer_norm }
-}
-
-/// What one layer's forward writes (and its backward will read); rows = batch · seq.
-#[derive(Clone, Debug)]
-pub struct ClipLayerActs {
-    pub ln1: LayerNormActs,
-    pub q: Tensor,        // (rows, C)
-    pub k: Tensor,        // (rows, C)
-    pub v: Tensor,        // (rows, C)
-    pub attn: Tensor,     // (rows, C) heads concatenated
-    pub lse: Tensor,      // (rows, heads)
-    pub attn_out: Tensor, // (rows, C) after out_proj
-    pub residual1: Tensor,
-    pub ln2: LayerNormActs,
-    pub fc1: Tensor, // (rows, intermediate)
-    pub act: Tensor, // (rows, intermediate)
-    pub fc2: Tensor, // (rows, C)
-    pub residual2: Tensor,
 }
 
 /// The activation arena of one forward at (batch, seq).
@@ -150,33 +135,16 @@ pub struct ClipActs {
     pub batch: usize,
     pub seq: usize,
     pub embeddings: Tensor, // (rows, C)
-    pub layers: Vec<ClipLayerActs>,
+    pub layers: Vec<LayerActs>,
     pub final_layer_norm: LayerNormActs,
 }
 
-pub fn acts_layout(l: &mut Layout, c: &ClipTextConfig, batch: usize, seq: usize) -> ClipActs {
-    let (rows, d, f, h) = (batch * seq, c.hidden_size, c.intermediate_size, c.num_attention_heads);
+/// The activations of one forward at (batch, seq), laid out for the layers of `p`.
+pub fn acts_layout(l: &mut Layout, c: &ClipTextConfig, p: &ClipParams, batch: usize, seq: usize) -> ClipActs {
+    let (rows, d) = (batch * seq, c.hidden_size);
     let embeddings = l.tensor("embeddings", [batch, seq, d]);
-    let layers = (0..c.num_hidden_layers)
-        .map(|i| {
-            let p = format!("layers.{i}");
-            ClipLayerActs {
-                ln1: LayerNorm::acts_layout(l, &format!("{p}.layer_norm1"), rows, d),
-                q: l.tensor(format!("{p}.q"), [rows, d]),
-                k: l.tensor(format!("{p}.k"), [rows, d]),
-                v: l.tensor(format!("{p}.v"), [rows, d]),
-                attn: l.tensor(format!("{p}.attn"), [rows, d]),
-                lse: l.tensor(format!("{p}.lse"), [rows, h]),
-                attn_out: l.tensor(format!("{p}.attn_out"), [rows, d]),
-                residual1: l.tensor(format!("{p}.residual1"), [rows, d]),
-                ln2: LayerNorm::acts_layout(l, &format!("{p}.layer_norm2"), rows, d),
-                fc1: l.tensor(format!("{p}.fc1"), [rows, f]),
-                act: l.tensor(format!("{p}.act"), [rows, f]),
-                fc2: l.tensor(format!("{p}.fc2"), [rows, d]),
-                residual2: l.tensor(format!("{p}.residual2"), [rows, d]),
-            }
-        })
-        .collect();
+    let layers =
+        p.layers.iter().enumerate().map(|(i, layer)| layer.acts_layout(l, &format!("layers.{i}"), rows)).collect();
     let final_layer_norm = LayerNorm::acts_layout(l, "final_layer_norm", rows, d);
     ClipActs { batch, seq, embeddings, layers, final_layer_norm }
 }
@@ -218,7 +186,7 @@ impl ClipTextModel {
     /// Allocates the activation arena for a forward at (batch, seq).
     pub fn allocate_acts(&self, backend: &mut dyn Backend, batch: usize, seq: usize) -> Result<ClipActs> {
         let c = self.config.clone();
-        Ok(allocate(backend, "text_encoder.acts", |l| acts_layout(l, &c, batch, seq))?.0)
+        Ok(allocate(backend, "text_encoder.acts", |l| acts_layout(l, &c, &self.params, batch, seq))?.0)
     }
 
     /// `last_hidden_state` (batch, seq, C) for `ids` (batch · seq token ids), written into `acts`.
@@ -232,30 +200,13 @@ impl ClipTextModel {
         let p = &self.params;
         b.embedding_forward(
             &EmbeddingParams { batch, seq, dim: d },
-            &acts.embeddings,
-            ids,
-            &p.token_embedding,
-            &p.position_embedding,
+            &EmbeddingForward { out: &acts.embeddings, ids, wte: &p.token_embedding, wpe: &p.position_embedding },
         )?;
-        let (heads, hd) = (c.num_attention_heads, c.head_dim());
+        let tokens = Tokens { batch, seq, key_mask: None };
         let mut x = acts.embeddings;
-        for (lp, la) in p.layers.iter().zip(&acts.layers) {
-            lp.layer_norm1.forward(b, &la.ln1, &x, rows)?;
-            lp.q_proj.forward(b, &la.q, &la.ln1.out, rows)?;
-            lp.k_proj.forward(b, &la.k, &la.ln1.out, rows)?;
-            lp.v_proj.forward(b, &la.v, &la.ln1.out, rows)?;
-            let scale = 1.0 / (hd as f32).sqrt();
-            let p = AttentionParams { batch, q_len: seq, kv_len: seq, heads, head_dim: hd, scale, causal: true };
-            let (out, lse, q, k, v) = (&la.attn, &la.lse, &la.q, &la.k, &la.v);
-            b.attention_forward(&p, &AttentionForward { out, lse, q, k, v, key_mask: None })?;
-            lp.out_proj.forward(b, &la.attn_out, &la.attn, rows)?;
-            b.add_forward(&la.residual1, &x, &la.attn_out, rows * d)?;
-            lp.layer_norm2.forward(b, &la.ln2, &la.residual1, rows)?;
-            lp.fc1.forward(b, &la.fc1, &la.ln2.out, rows)?;
-            b.activation_forward(&la.act, &la.fc1, c.hidden_act, rows * c.intermediate_size)?;
-            lp.fc2.forward(b, &la.fc2, &la.act, rows)?;
-            b.add_forward(&la.residual2, &la.residual1, &la.fc2, rows * d)?;
-            x = la.residual2;
+        for (layer, la) in p.layers.iter().zip(&acts.layers) {
+            layer.forward(b, la, &x, &tokens)?;
+            x = layer.output(la);
         }
         p.final_layer_norm.forward(b, &acts.final_layer_norm, &x, rows)?;
         Ok(acts.final_layer_norm.out.reshape([batch, seq, d]))
@@ -271,7 +222,7 @@ impl ClipTextModel {
     pub fn plan_backward(&self, batch: usize, seq: usize) -> Result<usize> {
         let c = self.config.clone();
         let mut l = Layout::unbound();
-        let acts = acts_layout(&mut l, &c, batch, seq);
+        let acts = acts_layout(&mut l, &c, &self.params, batch, seq);
         let dout = l.tensor("dout", [batch * seq, c.hidden_size]);
         let mut arena = Arena::planning();
         let ids = vec![0u32; batch * seq];
@@ -287,50 +238,18 @@ impl ClipTextModel {
         let c = &self.config;
         let p = &self.params;
         let mark = cx.arena.mark();
-        let (batch, seq, d, f) = (acts.batch, acts.seq, c.hidden_size, c.intermediate_size);
-        let rows = batch * seq;
-        let (heads, hd) = (c.num_attention_heads, c.head_dim());
-        let x_last = acts.layers.last().map_or(acts.embeddings, |l| l.residual2);
-        let mut dx = zeros(cx, [rows, d])?;
+        let (batch, seq, d) = (acts.batch, acts.seq, c.hidden_size);
+        let tokens = Tokens { batch, seq, key_mask: None };
+        let input = |i: usize| if i == 0 { acts.embeddings } else { p.layers[i - 1].output(&acts.layers[i - 1]) };
+        let x_last = input(p.layers.len());
+        let mut dx = zeros(cx, [batch * seq, d])?;
         p.final_layer_norm.backward(&g.final_layer_norm, b, &dx, dout, &x_last, &acts.final_layer_norm)?;
-        for (i, ((lp, lg), la)) in p.layers.iter().zip(&g.layers).zip(&acts.layers).enumerate().rev() {
-            let x_in = if i == 0 { acts.embeddings } else { acts.layers[i - 1].residual2 };
-            // residual2 = residual1 + fc2(act(fc1(ln2(residual1))))
-            let dres1 = zeros(cx, [rows, d])?;
-            b.accumulate(&dres1, &dx, rows * d)?;
-            let dact = zeros(cx, [rows, f])?;
-            lp.fc2.backward(&lg.fc2, b, Some(&dact), &dx, &la.act, rows)?;
-            let dfc1 = zeros(cx, [rows, f])?;
-            b.activation_backward(&dfc1, &dact, &la.fc1, c.hidden_act, rows * f)?;
-            let dln2 = zeros(cx, [rows, d])?;
-            lp.fc1.backward(&lg.fc1, b, Some(&dln2), &dfc1, &la.ln2.out, rows)?;
-            lp.layer_norm2.backward(&lg.layer_norm2, b, &dres1, &dln2, &la.residual1, &la.ln2)?;
-            // residual1 = x + out_proj(attention(q, k, v)), causal
-            let dxin = zeros(cx, [rows, d])?;
-            b.accumulate(&dxin, &dres1, rows * d)?;
-            let dattn = zeros(cx, [rows, d])?;
-            lp.out_proj.backward(&lg.out_proj, b, Some(&dattn), &dres1, &la.attn, rows)?;
-            let (dq, dk, dv) = (zeros(cx, [rows, d])?, zeros(cx, [rows, d])?, zeros(cx, [rows, d])?);
-            let scale = 1.0 / (hd as f32).sqrt();
-            let p = AttentionParams { batch, q_len: seq, kv_len: seq, heads, head_dim: hd, scale, causal: true };
-            let (dout, q, k, v, out, lse) = (&dattn, &la.q, &la.k, &la.v, &la.attn, &la.lse);
-            b.attention_backward(
-                &p,
-                &AttentionBackward { dq: &dq, dk: &dk, dv: &dv, dout, q, k, v, out, lse, key_mask: None },
-            )?;
-            let dln1 = zeros(cx, [rows, d])?;
-            lp.q_proj.backward(&lg.q_proj, b, Some(&dln1), &dq, &la.ln1.out, rows)?;
-            lp.k_proj.backward(&lg.k_proj, b, Some(&dln1), &dk, &la.ln1.out, rows)?;
-            lp.v_proj.backward(&lg.v_proj, b, Some(&dln1), &dv, &la.ln1.out, rows)?;
-            lp.layer_norm1.backward(&lg.layer_norm1, b, &dxin, &dln1, &x_in, &la.ln1)?;
-            dx = dxin;
+        for (i, ((layer, lg), la)) in p.layers.iter().zip(&g.layers).zip(&acts.layers).enumerate().rev() {
+            dx = layer.backward(cx, lg, la, &input(i), &dx, &tokens)?;
         }
         b.embedding_backward(
             &EmbeddingParams { batch, seq, dim: d },
-            &g.token_embedding,
-            &g.position_embedding,
-            &dx,
-            ids,
+            &EmbeddingBackward { dwte: &g.token_embedding, dwpe: &g.position_embedding, dout: &dx, ids },
         )?;
         cx.arena.release_all_to(mark);
         Ok(())

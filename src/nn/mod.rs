@@ -94,6 +94,7 @@ impl LayerNorm {
 pub mod attention;
 pub mod resnet;
 pub mod sampling;
+pub mod transformer;
 
 use crate::tensor::Arena;
 

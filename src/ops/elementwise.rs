@@ -104,6 +104,24 @@ pub struct EmbeddingParams {
     pub dim: usize,
 }
 
+/// The tensors of an embedding forward: the output and the two tables, with the token ids.
+#[derive(Clone, Copy, Debug)]
+pub struct EmbeddingForward<'a> {
+    pub out: &'a Tensor,
+    pub ids: &'a [u32],
+    pub wte: &'a Tensor,
+    pub wpe: &'a Tensor,
+}
+
+/// The tensors of an embedding backward: the tables' gradients, the output gradient, the ids.
+#[derive(Clone, Copy, Debug)]
+pub struct EmbeddingBackward<'a> {
+    pub dwte: &'a Tensor,
+    pub dwpe: &'a Tensor,
+    pub dout: &'a Tensor,
+    pub ids: &'a [u32],
+}
+
 impl EmbeddingParams {
     /// The ids and the tables' sizes: as many ids as tokens, every id inside the vocabulary, no
     /// more tokens than positions.
@@ -120,14 +138,16 @@ impl EmbeddingParams {
     }
 
     /// What every backend checks before a forward.
-    pub fn check_forward(&self, out: &Tensor, ids: &[u32], wte: &Tensor, wpe: &Tensor) -> Result<()> {
+    pub fn check_forward(&self, t: &EmbeddingForward) -> Result<()> {
+        let EmbeddingForward { out, ids, wte, wpe } = *t;
         self.check_ids("embedding", ids, wte, wpe)?;
         check_len("embedding out", out, self.batch * self.seq * self.dim)?;
         check_disjoint("embedding", &[out], &[wte, wpe])
     }
 
     /// What every backend checks before a backward (the gradients have the tables' shapes).
-    pub fn check_backward(&self, dwte: &Tensor, dwpe: &Tensor, dout: &Tensor, ids: &[u32]) -> Result<()> {
+    pub fn check_backward(&self, t: &EmbeddingBackward) -> Result<()> {
+        let EmbeddingBackward { dwte, dwpe, dout, ids } = *t;
         self.check_ids("embedding_backward", ids, dwte, dwpe)?;
         check_len("embedding_backward dout", dout, self.batch * self.seq * self.dim)?;
         check_disjoint("embedding_backward", &[dwte, dwpe], &[dout])
@@ -490,13 +510,19 @@ mod tests {
         // vocab 3 (12 values), positions 2 (8 values), dout 2 tokens × 4
         let (dwte, dwpe, dout) = (t(0, 12), t(12, 8), t(20, 8));
         b.upload(&dout, &[0.5, -1.0, 2.0, 0.25, 1.5, 0.75, -0.5, 3.0]).unwrap();
-        b.embedding_backward(&p, &dwte, &dwpe, &dout, &[2, 0]).unwrap();
+        b.embedding_backward(&p, &EmbeddingBackward { dwte: &dwte, dwpe: &dwpe, dout: &dout, ids: &[2, 0] }).unwrap();
         let te = b.download(&dwte).unwrap();
         assert_eq!(&te[8..12], &[0.5, -1.0, 2.0, 0.25], "token 2 receives row 0's gradient");
         assert_eq!(&te[0..4], &[1.5, 0.75, -0.5, 3.0], "token 0 receives row 1's gradient");
-        let e = b.embedding_backward(&p, &dwte, &dwpe, &dout, &[1, 3]).unwrap_err().to_string();
+        let e = b
+            .embedding_backward(&p, &EmbeddingBackward { dwte: &dwte, dwpe: &dwpe, dout: &dout, ids: &[1, 3] })
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("token id 3 is outside the vocabulary of 3"), "{e}");
-        let e = b.embedding_backward(&p, &dwte, &dwpe, &t(20, 7), &[1, 2]).unwrap_err().to_string();
+        let e = b
+            .embedding_backward(&p, &EmbeddingBackward { dwte: &dwte, dwpe: &dwpe, dout: &t(20, 7), ids: &[1, 2] })
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("embedding_backward dout"), "{e}");
     }
 

@@ -5,7 +5,9 @@ use anyhow::{ensure, Result};
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::cuda::CudaBackend;
 use roentgen::backend::{Activation, Backend};
-use roentgen::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams, TimestepEmbeddingParams};
+use roentgen::ops::elementwise::{
+    BiasRowsParams, ConcatParams, EmbeddingBackward, EmbeddingForward, GegluParams, TimestepEmbeddingParams,
+};
 use roentgen::tensor::Tensor;
 
 const ACTS: [Activation; 4] = [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Silu];
@@ -365,7 +367,12 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             format!("embedding_forward b{bt} s{seq} d{dim}"),
             vec![vec![0.0; bt * seq * dim], rng.normal(vocab * dim), rng.normal(77 * dim)],
             &[0],
-            &|b, t| b.embedding_forward(&embedding(bt, seq, dim), &t[0], &i2, &t[1], &t[2]),
+            &|b, t| {
+                b.embedding_forward(
+                    &embedding(bt, seq, dim),
+                    &EmbeddingForward { out: &t[0], ids: &i2, wte: &t[1], wpe: &t[2] },
+                )
+            },
         );
         let mut ids = ids;
         ids[1] = ids[0]; // a repeated id accumulates twice
@@ -373,7 +380,12 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             format!("embedding_backward b{bt} s{seq} d{dim}"),
             vec![rng.normal(vocab * dim), rng.normal(77 * dim), rng.normal(bt * seq * dim)],
             &[0, 1],
-            &|b, t| b.embedding_backward(&embedding(bt, seq, dim), &t[0], &t[1], &t[2], &ids),
+            &|b, t| {
+                b.embedding_backward(
+                    &embedding(bt, seq, dim),
+                    &EmbeddingBackward { dwte: &t[0], dwpe: &t[1], dout: &t[2], ids: &ids },
+                )
+            },
         );
     }
 }
@@ -541,7 +553,10 @@ pub fn allocation_case(r: &mut Runner, gpu: &mut CudaBackend) {
                 Some(&mask),
             )?;
             gpu.sum_squares(&t[5], &t[6], n)?;
-            gpu.embedding_forward(&embedding(bt, l, 8), &t[9], &ids, &t[7], &t[8])?;
+            gpu.embedding_forward(
+                &embedding(bt, l, 8),
+                &EmbeddingForward { out: &t[9], ids: &ids, wte: &t[7], wpe: &t[8] },
+            )?;
             group_norm_forward(gpu, group_norm(2, 256, 32, 8, true), &t[10..16])?;
             gpu.synchronize()
         };

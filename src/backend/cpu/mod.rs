@@ -8,7 +8,7 @@ use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
-use crate::ops::elementwise::{EmbeddingParams, Pointwise, UpsampleParams};
+use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, Pointwise, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::{AdamWParams, Reduction};
@@ -124,17 +124,10 @@ impl Backend for CpuBackend {
         Ok(self.view(src).to_vec())
     }
 
-    fn embedding_forward(
-        &self,
-        p: &EmbeddingParams,
-        out: &Tensor,
-        ids: &[u32],
-        wte: &Tensor,
-        wpe: &Tensor,
-    ) -> Result<()> {
-        p.check_forward(out, ids, wte, wpe)?;
-        let ([o], tables) = self.views([out], [wte, wpe]);
-        p.cpu_forward(o, ids, tables);
+    fn embedding_forward(&self, p: &EmbeddingParams, t: &EmbeddingForward) -> Result<()> {
+        p.check_forward(t)?;
+        let ([o], tables) = self.views([t.out], [t.wte, t.wpe]);
+        p.cpu_forward(o, t.ids, tables);
         Ok(())
     }
 
@@ -314,17 +307,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn embedding_backward(
-        &self,
-        p: &EmbeddingParams,
-        dwte: &Tensor,
-        dwpe: &Tensor,
-        dout: &Tensor,
-        ids: &[u32],
-    ) -> Result<()> {
-        p.check_backward(dwte, dwpe, dout, ids)?;
-        let (grads, [dy]) = self.views([dwte, dwpe], [dout]);
-        p.cpu_backward(grads, dy, ids);
+    fn embedding_backward(&self, p: &EmbeddingParams, t: &EmbeddingBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let (grads, [dy]) = self.views([t.dwte, t.dwpe], [t.dout]);
+        p.cpu_backward(grads, dy, t.ids);
         Ok(())
     }
 

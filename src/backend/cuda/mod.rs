@@ -43,7 +43,7 @@ use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
-use crate::ops::elementwise::{EmbeddingParams, UpsampleParams};
+use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::AdamWParams;
@@ -537,15 +537,8 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn embedding_forward(
-        &self,
-        p: &EmbeddingParams,
-        out: &Tensor,
-        ids: &[u32],
-        wte: &Tensor,
-        wpe: &Tensor,
-    ) -> Result<()> {
-        self.embedding_forward_impl(p, out, ids, wte, wpe)
+    fn embedding_forward(&self, p: &EmbeddingParams, t: &EmbeddingForward) -> Result<()> {
+        self.embedding_forward_impl(p, t)
     }
 
     fn layer_norm_forward(&self, p: &LayerNormParams, t: &NormForward) -> Result<()> {
@@ -644,15 +637,8 @@ impl Backend for CudaBackend {
         self.geglu_backward_impl(p, dinp, dout, inp)
     }
 
-    fn embedding_backward(
-        &self,
-        p: &EmbeddingParams,
-        dwte: &Tensor,
-        dwpe: &Tensor,
-        dout: &Tensor,
-        ids: &[u32],
-    ) -> Result<()> {
-        self.embedding_backward_impl(p, dwte, dwpe, dout, ids)
+    fn embedding_backward(&self, p: &EmbeddingParams, t: &EmbeddingBackward) -> Result<()> {
+        self.embedding_backward_impl(p, t)
     }
 
     fn mse_loss(&self, dpred: &Tensor, loss: &Tensor, pred: &Tensor, target: &Tensor, n: usize) -> Result<()> {

@@ -19,7 +19,7 @@ use super::{to_i32, CudaBackend};
 use crate::backend::Activation;
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
-use crate::ops::elementwise::{EmbeddingParams, Pointwise, UpsampleParams};
+use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, Pointwise, UpsampleParams};
 use crate::ops::optim::{AdamWParams, AdamWScalars, Reduction};
 use crate::ops::random::{AddNoiseParams, RandnParams};
 use crate::tensor::Tensor;
@@ -78,15 +78,9 @@ impl CudaBackend {
         Ok(p)
     }
 
-    pub(crate) fn embedding_forward_impl(
-        &self,
-        p: &EmbeddingParams,
-        out: &Tensor,
-        ids: &[u32],
-        wte: &Tensor,
-        wpe: &Tensor,
-    ) -> Result<()> {
-        p.check_forward(out, ids, wte, wpe)?;
+    pub(crate) fn embedding_forward_impl(&self, p: &EmbeddingParams, t: &EmbeddingForward) -> Result<()> {
+        p.check_forward(t)?;
+        let EmbeddingForward { out, ids, wte, wpe } = *t;
         let EmbeddingParams { batch, seq, dim } = *p;
         let n = batch * seq * dim;
         to_i32("embedding", n)?;
@@ -400,15 +394,9 @@ impl CudaBackend {
     /// Without atomics: the rows are grouped by token id here (a stable sort keeps each id's rows
     /// ascending), uploaded as [distinct ids | starts | rows], and each destination row of dwte and
     /// dwpe is summed by one thread per element in the CPU's row order.
-    pub(crate) fn embedding_backward_impl(
-        &self,
-        p: &EmbeddingParams,
-        dwte: &Tensor,
-        dwpe: &Tensor,
-        dout: &Tensor,
-        ids: &[u32],
-    ) -> Result<()> {
-        p.check_backward(dwte, dwpe, dout, ids)?;
+    pub(crate) fn embedding_backward_impl(&self, p: &EmbeddingParams, t: &EmbeddingBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let EmbeddingBackward { dwte, dwpe, dout, ids } = *t;
         let EmbeddingParams { batch, seq, dim } = *p;
         let rows = batch * seq;
         to_i32("embedding_backward", rows * dim)?;

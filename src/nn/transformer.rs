@@ -1,0 +1,272 @@
+//! One transformer encoder layer for the text encoders: CLIP's (pre-LN, causal) and BERT's (post-LN,
+//! with the tokenizer's key mask) are the same layer — self-attention and a two-layer MLP, each with
+//! a residual connection and a layer norm — and differ only in where the norm stands, in the
+//! checkpoint names and in the mask. The forward writes into a named activation layout that the
+//! backward reads.
+
+use super::{zeros, Cx, LayerNorm, LayerNormActs, Linear};
+use crate::backend::{Activation, Backend};
+use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
+use crate::tensor::{Layout, Tensor};
+use anyhow::Result;
+
+/// Where a layer's norms stand relative to its residual connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// x + f(LN(x)) for each sublayer f (CLIP; the model ends with a final norm).
+    Pre,
+    /// LN(x + f(x)) for each sublayer f (BERT, the original Transformer).
+    Post,
+}
+
+/// A layer's checkpoint names, relative to the layer's prefix.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerNames {
+    pub q: &'static str,
+    pub k: &'static str,
+    pub v: &'static str,
+    pub attn_out: &'static str,
+    pub attn_norm: &'static str,
+    pub fc1: &'static str,
+    pub fc2: &'static str,
+    pub mlp_norm: &'static str,
+}
+
+/// The shape of one layer.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerShape {
+    pub dim: usize,
+    pub mlp_dim: usize,
+    pub heads: usize,
+    pub eps: f32,
+    pub act: Activation,
+    pub norm: NormPlacement,
+    /// Each token attends only to itself and earlier tokens (CLIP's text encoder).
+    pub causal: bool,
+}
+
+/// The sequences a layer runs on: `batch` sequences of `seq` tokens, with the tokenizer's attention
+/// mask (batch · seq, nonzero = a real token) when the model uses one.
+#[derive(Clone, Copy, Debug)]
+pub struct Tokens<'a> {
+    pub batch: usize,
+    pub seq: usize,
+    pub key_mask: Option<&'a [u32]>,
+}
+
+impl Tokens<'_> {
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// One encoder layer's parameters (or, laid out in a gradient pool, their gradients).
+#[derive(Clone, Copy, Debug)]
+pub struct TransformerLayer {
+    pub shape: LayerShape,
+    /// The attention sublayer's norm: before it (pre-LN) or after its residual sum (post-LN).
+    pub attn_norm: LayerNorm,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub attn_out: Linear,
+    /// The MLP sublayer's norm, placed as `attn_norm`.
+    pub mlp_norm: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+/// What one layer's forward writes (and its backward reads); rows = batch · seq.
+#[derive(Clone, Debug)]
+pub struct LayerActs {
+    pub attn_norm: LayerNormActs,
+    pub q: Tensor,    // (rows, C)
+    pub k: Tensor,    // (rows, C)
+    pub v: Tensor,    // (rows, C)
+    pub attn: Tensor, // (rows, C) heads concatenated
+    pub lse: Tensor,  // (rows, heads)
+    pub attn_out: Tensor,
+    /// x + attn_out
+    pub residual1: Tensor,
+    pub mlp_norm: LayerNormActs,
+    pub fc1: Tensor, // (rows, mlp_dim)
+    pub act: Tensor, // (rows, mlp_dim)
+    pub fc2: Tensor, // (rows, C)
+    /// fc2 + the MLP's skip (residual1 pre-LN, the MLP's input post-LN).
+    pub residual2: Tensor,
+}
+
+impl TransformerLayer {
+    /// Lays the parameters out in the order of the layer's own module (norm first pre-LN, after
+    /// its sublayer post-LN), so that a pool's offsets — and anything saved by offset, such as
+    /// optimizer state — stay those of the model's checkpoints.
+    pub fn layout(l: &mut Layout, prefix: &str, names: &LayerNames, shape: LayerShape) -> TransformerLayer {
+        let (d, f, eps) = (shape.dim, shape.mlp_dim, shape.eps);
+        let linear = |l: &mut Layout, name: &str, i, o| Linear::layout(l, &format!("{prefix}.{name}"), i, o, true);
+        let norm = |l: &mut Layout, name: &str| LayerNorm::layout(l, &format!("{prefix}.{name}"), d, eps);
+        let pre = shape.norm == NormPlacement::Pre;
+        let attn_norm = pre.then(|| norm(l, names.attn_norm));
+        let (q, k, v, attn_out) = (
+            linear(l, names.q, d, d),
+            linear(l, names.k, d, d),
+            linear(l, names.v, d, d),
+            linear(l, names.attn_out, d, d),
+        );
+        let attn_norm = attn_norm.unwrap_or_else(|| norm(l, names.attn_norm));
+        let mlp_norm = pre.then(|| norm(l, names.mlp_norm));
+        let (fc1, fc2) = (linear(l, names.fc1, d, f), linear(l, names.fc2, f, d));
+        let mlp_norm = mlp_norm.unwrap_or_else(|| norm(l, names.mlp_norm));
+        TransformerLayer { shape, attn_norm, q, k, v, attn_out, mlp_norm, fc1, fc2 }
+    }
+
+    /// The activation tensors of one forward over `rows` tokens, named under `prefix`.
+    pub fn acts_layout(&self, l: &mut Layout, prefix: &str, rows: usize) -> LayerActs {
+        let LayerShape { dim: d, mlp_dim: f, heads, .. } = self.shape;
+        let mut t = |name: &str, cols: usize| l.tensor(format!("{prefix}.{name}"), [rows, cols]);
+        let (q, k, v, attn, lse, attn_out) =
+            (t("q", d), t("k", d), t("v", d), t("attn", d), t("lse", heads), t("attn_out", d));
+        let (residual1, fc1, act, fc2, residual2) =
+            (t("residual1", d), t("fc1", f), t("act", f), t("fc2", d), t("residual2", d));
+        LayerActs {
+            attn_norm: LayerNorm::acts_layout(l, &format!("{prefix}.attn_norm"), rows, d),
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            attn_out,
+            residual1,
+            mlp_norm: LayerNorm::acts_layout(l, &format!("{prefix}.mlp_norm"), rows, d),
+            fc1,
+            act,
+            fc2,
+            residual2,
+        }
+    }
+
+    fn attention(&self, tokens: &Tokens) -> AttentionParams {
+        let LayerShape { dim, heads, causal, .. } = self.shape;
+        let head_dim = dim / heads;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        AttentionParams { batch: tokens.batch, q_len: tokens.seq, kv_len: tokens.seq, heads, head_dim, scale, causal }
+    }
+
+    /// Runs the layer on `x` (rows, C), writing every activation into `a`; the output is
+    /// `a.output(..)`.
+    pub fn forward(&self, b: &dyn Backend, a: &LayerActs, x: &Tensor, tokens: &Tokens) -> Result<()> {
+        let (rows, d, pre) = (tokens.rows(), self.shape.dim, self.shape.norm == NormPlacement::Pre);
+        let attn_in = if pre {
+            self.attn_norm.forward(b, &a.attn_norm, x, rows)?;
+            a.attn_norm.out
+        } else {
+            *x
+        };
+        self.q.forward(b, &a.q, &attn_in, rows)?;
+        self.k.forward(b, &a.k, &attn_in, rows)?;
+        self.v.forward(b, &a.v, &attn_in, rows)?;
+        let (out, lse, q, k, v) = (&a.attn, &a.lse, &a.q, &a.k, &a.v);
+        b.attention_forward(
+            &self.attention(tokens),
+            &AttentionForward { out, lse, q, k, v, key_mask: tokens.key_mask },
+        )?;
+        self.attn_out.forward(b, &a.attn_out, &a.attn, rows)?;
+        b.add_forward(&a.residual1, x, &a.attn_out, rows * d)?;
+        // Both placements normalise residual1 into the MLP's input.
+        let (norm, stats) = if pre { (&self.mlp_norm, &a.mlp_norm) } else { (&self.attn_norm, &a.attn_norm) };
+        norm.forward(b, stats, &a.residual1, rows)?;
+        self.fc1.forward(b, &a.fc1, &stats.out, rows)?;
+        b.activation_forward(&a.act, &a.fc1, self.shape.act, rows * self.shape.mlp_dim)?;
+        self.fc2.forward(b, &a.fc2, &a.act, rows)?;
+        b.add_forward(&a.residual2, &self.mlp_skip(a), &a.fc2, rows * d)?;
+        if !pre {
+            self.mlp_norm.forward(b, &a.mlp_norm, &a.residual2, rows)?;
+        }
+        Ok(())
+    }
+
+    /// The MLP's input: residual1 normalised.
+    fn mlp_input(&self, a: &LayerActs) -> Tensor {
+        match self.shape.norm {
+            NormPlacement::Pre => a.mlp_norm.out,
+            NormPlacement::Post => a.attn_norm.out,
+        }
+    }
+
+    /// What the MLP's residual connection adds its output to: residual1 (pre-LN), or the
+    /// normalised residual1 (post-LN: the MLP's input).
+    fn mlp_skip(&self, a: &LayerActs) -> Tensor {
+        match self.shape.norm {
+            NormPlacement::Pre => a.residual1,
+            NormPlacement::Post => a.attn_norm.out,
+        }
+    }
+
+    /// The layer's output in `a`.
+    pub fn output(&self, a: &LayerActs) -> Tensor {
+        match self.shape.norm {
+            NormPlacement::Pre => a.residual2,
+            NormPlacement::Post => a.mlp_norm.out,
+        }
+    }
+
+    /// The backward pass of `forward` (on input `x`, whose activations `a` it reads): accumulates
+    /// the parameter gradients into `g` and returns the gradient of `x`, a new arena tensor, for
+    /// the gradient `dout` of the output. Its temporaries stay in the arena (the caller releases).
+    pub fn backward(
+        &self,
+        cx: &mut Cx,
+        g: &TransformerLayer,
+        a: &LayerActs,
+        x: &Tensor,
+        dout: &Tensor,
+        tokens: &Tokens,
+    ) -> Result<Tensor> {
+        let b = cx.b;
+        let LayerShape { dim: d, mlp_dim: f, act, norm, .. } = self.shape;
+        let (rows, pre) = (tokens.rows(), norm == NormPlacement::Pre);
+        // residual2 = skip + fc2(act(fc1(mlp_in))), mlp_in = LN(residual1), skip = residual1
+        // (pre-LN) or mlp_in (post-LN, which normalises residual2 into the output).
+        let dres2 = if pre {
+            *dout
+        } else {
+            let dres2 = zeros(cx, [rows, d])?;
+            self.mlp_norm.backward(&g.mlp_norm, b, &dres2, dout, &a.residual2, &a.mlp_norm)?;
+            dres2
+        };
+        // Pre-LN: the residual path carries dres2 to residual1; post-LN: to mlp_in.
+        let dskip = zeros(cx, [rows, d])?;
+        b.accumulate(&dskip, &dres2, rows * d)?;
+        let dact = zeros(cx, [rows, f])?;
+        self.fc2.backward(&g.fc2, b, Some(&dact), &dres2, &a.act, rows)?;
+        let dfc1 = zeros(cx, [rows, f])?;
+        b.activation_backward(&dfc1, &dact, &a.fc1, act, rows * f)?;
+        let dmlp_in = if pre { zeros(cx, [rows, d])? } else { dskip };
+        self.fc1.backward(&g.fc1, b, Some(&dmlp_in), &dfc1, &self.mlp_input(a), rows)?;
+        let dres1 = if pre {
+            self.mlp_norm.backward(&g.mlp_norm, b, &dskip, &dmlp_in, &a.residual1, &a.mlp_norm)?;
+            dskip
+        } else {
+            let dres1 = zeros(cx, [rows, d])?;
+            self.attn_norm.backward(&g.attn_norm, b, &dres1, &dmlp_in, &a.residual1, &a.attn_norm)?;
+            dres1
+        };
+        // residual1 = x + attn_out(attention(q, k, v)), q, k, v projected from attn_in (LN(x)
+        // pre-LN, x post-LN).
+        let dx = zeros(cx, [rows, d])?;
+        b.accumulate(&dx, &dres1, rows * d)?;
+        let dattn = zeros(cx, [rows, d])?;
+        self.attn_out.backward(&g.attn_out, b, Some(&dattn), &dres1, &a.attn, rows)?;
+        let (dq, dk, dv) = (zeros(cx, [rows, d])?, zeros(cx, [rows, d])?, zeros(cx, [rows, d])?);
+        let (dout, q, k, v, out, lse) = (&dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse);
+        let grads = AttentionBackward { dq: &dq, dk: &dk, dv: &dv, dout, q, k, v, out, lse, key_mask: tokens.key_mask };
+        b.attention_backward(&self.attention(tokens), &grads)?;
+        let (dattn_in, attn_in) = if pre { (zeros(cx, [rows, d])?, a.attn_norm.out) } else { (dx, *x) };
+        self.q.backward(&g.q, b, Some(&dattn_in), &dq, &attn_in, rows)?;
+        self.k.backward(&g.k, b, Some(&dattn_in), &dk, &attn_in, rows)?;
+        self.v.backward(&g.v, b, Some(&dattn_in), &dv, &attn_in, rows)?;
+        if pre {
+            self.attn_norm.backward(&g.attn_norm, b, &dx, &dattn_in, x, &a.attn_norm)?;
+        }
+        Ok(dx)
+    }
+}
