@@ -82,15 +82,9 @@ impl ClipTextConfig {
 
     /// Every layer's shape: pre-LN, causal (the text encoder Stable Diffusion conditions on).
     fn layer_shape(&self) -> LayerShape {
-        LayerShape {
-            dim: self.hidden_size,
-            mlp_dim: self.intermediate_size,
-            heads: self.num_attention_heads,
-            eps: self.layer_norm_eps,
-            act: self.hidden_act,
-            norm: NormPlacement::Pre,
-            causal: true,
-        }
+        let (dim, mlp_dim, heads) = (self.hidden_size, self.intermediate_size, self.num_attention_heads);
+        let (eps, act) = (self.layer_norm_eps, self.hidden_act);
+        LayerShape { dim, mlp_dim, heads, eps, act, norm: NormPlacement::Pre, causal: true }
     }
 }
 
