@@ -26,8 +26,10 @@ fn generate(dir: &Path) -> std::thread::Result<String> {
     let code = std::panic::catch_unwind(|| kernel_params::generate(dir, &out))
         .map(|()| std::fs::read_to_string(&out).unwrap());
     let _ = std::fs::remove_file(&out);
-    if dir.starts_with(std::env::temp_dir()) {
-        let _ = std::fs::remove_dir_all(dir); // a scratch folder of kernels, read once
+    // Only the scratch folders this test writes (never the repository's kernels/, even when the
+    // checkout itself lives under the temp dir, as CI's clean clones may).
+    if dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("roentgen-kernel-params-")) {
+        let _ = std::fs::remove_dir_all(dir);
     }
     code
 }
