@@ -9,6 +9,9 @@
 //!
 //! The command line (src/cli) is a thin layer over this library.
 
+#[macro_use]
+mod choice;
+
 pub mod backend;
 pub mod diag;
 pub mod eval;

@@ -22,8 +22,6 @@ use crate::ops::optim::AdamWParams;
 use crate::ops::random::AddNoiseParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
-use std::fmt;
-use std::str::FromStr;
 
 /// Elementwise activation functions, named as in the configs that select them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,50 +51,15 @@ impl Activation {
     pub const CONFIG_NAMES: &'static str = "quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu, swish";
 }
 
-/// Which backend a command runs on (`--device`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
+word_enum!(
+    /// Which backend a command runs on (`--device`).
+    pub enum Device("device") { Cpu = "cpu", Cuda = "cuda" | "gpu" }
+);
 
-impl FromStr for Device {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" | "gpu" => Ok(Device::Cuda),
-            _ => Err(format!("unknown device '{s}' (expected cpu or cuda)")),
-        }
-    }
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-        })
-    }
-}
-
-/// Arithmetic of the CUDA backend (`--precision`); the CPU backend is always f32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
-    F32,
-    Bf16,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "f32" | "fp32" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            _ => Err(format!("unknown precision '{s}' (expected f32 or bf16)")),
-        }
-    }
-}
+word_enum!(
+    /// Arithmetic of the CUDA backend (`--precision`); the CPU backend is always f32.
+    pub enum Precision("precision") { F32 = "f32" | "fp32", Bf16 = "bf16" }
+);
 
 /// Creates the backend for `device`, or says plainly why it cannot.
 pub fn create(device: Device, precision: Precision) -> Result<Box<dyn Backend>> {

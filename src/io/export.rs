@@ -8,22 +8,10 @@ use anyhow::{bail, Context, Result};
 use safetensors::Dtype as StDtype;
 use std::path::Path;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExportDtype {
-    F16,
-    F32,
-}
-
-impl std::str::FromStr for ExportDtype {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "f16" | "fp16" => Ok(ExportDtype::F16),
-            "f32" | "fp32" => Ok(ExportDtype::F32),
-            _ => Err(format!("'{s}': expected f16 or f32")),
-        }
-    }
-}
+word_enum!(
+    /// The float type an export writes.
+    pub enum ExportDtype("export dtype") { F16 = "f16" | "fp16", F32 = "f32" | "fp32" }
+);
 
 /// Summary of an export: (component, tensors, bytes written).
 pub struct ExportReport {

@@ -14,27 +14,17 @@ use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    /// One guided denoising step: the U-Net at batch 2 × prompts.
-    Unet,
-    /// The VAE decoder at the image size.
-    VaeDecode,
-    /// The CLIP text encoder on 77 tokens, batch 2 × prompts.
-    TextEncoder,
-}
-
-impl std::str::FromStr for Stage {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "unet" => Ok(Stage::Unet),
-            "vae-decode" | "vae" => Ok(Stage::VaeDecode),
-            "text-encoder" | "clip" => Ok(Stage::TextEncoder),
-            _ => Err(format!("unknown stage '{s}' (expected unet, vae-decode or text-encoder)")),
-        }
+word_enum!(
+    /// What `roentgen bench` times.
+    pub enum Stage("stage") {
+        /// One guided denoising step: the U-Net at batch 2 × prompts.
+        Unet = "unet",
+        /// The VAE decoder at the image size.
+        VaeDecode = "vae-decode" | "vae",
+        /// The CLIP text encoder on 77 tokens, batch 2 × prompts.
+        TextEncoder = "text-encoder" | "clip",
     }
-}
+);
 
 pub struct BenchOptions<'a> {
     pub model: &'a Path,

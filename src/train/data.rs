@@ -13,23 +13,10 @@ pub struct Example {
     pub line: usize,
 }
 
-/// What to do with a row whose image is missing or unreadable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnBadImage {
-    Skip,
-    Fail,
-}
-
-impl std::str::FromStr for OnBadImage {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "skip" => Ok(OnBadImage::Skip),
-            "fail" => Ok(OnBadImage::Fail),
-            _ => Err(format!("'{s}': expected skip or fail")),
-        }
-    }
-}
+word_enum!(
+    /// What to do with a row whose image is missing or unreadable.
+    pub enum OnBadImage("bad-image policy") { Skip = "skip", Fail = "fail" }
+);
 
 /// Reads a JSONL manifest (`{"image": path, "text": prompt}` per line) or a CSV with `image` and
 /// `text` columns. Relative image paths are resolved against the manifest's folder. Rows with an

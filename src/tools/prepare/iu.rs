@@ -51,22 +51,10 @@ pub struct IuOptions {
     pub summary: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Section {
-    Impression,
-    Findings,
-}
-
-impl std::str::FromStr for Section {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Section, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "impression" => Ok(Section::Impression),
-            "findings" => Ok(Section::Findings),
-            _ => Err(format!("{s:?}: expected one of impression, findings")),
-        }
-    }
-}
+word_enum!(
+    /// Which section of an Indiana University report becomes the prompt.
+    pub enum Section("report section") { Impression = "impression", Findings = "findings" }
+);
 
 /// One parsed Open-I report.
 #[derive(Debug, Clone, PartialEq)]

@@ -57,24 +57,10 @@ pub struct MimicOptions {
     pub summary: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    Train,
-    P19,
-    Test,
-}
-
-impl std::str::FromStr for Split {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Split, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "train" => Ok(Split::Train),
-            "p19" => Ok(Split::P19),
-            "test" => Ok(Split::Test),
-            _ => Err(format!("{s:?}: expected one of train, p19, test")),
-        }
-    }
-}
+word_enum!(
+    /// Which part of MIMIC-CXR to prepare.
+    pub enum Split("split") { Train = "train", P19 = "p19", Test = "test" }
+);
 
 /// Opens `<root>/<base>.csv` or `<root>/<base>.csv.gz`.
 fn open_csv(root: &Path, base: &str) -> Result<(PathBuf, csv::Reader<Box<dyn Read>>)> {
