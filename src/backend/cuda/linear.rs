@@ -15,25 +15,24 @@ impl CudaBackend {
         p.check_forward(t)?;
         let LinearParams { rows, in_features: in_f, out_features: out_f } = *p;
         let LinearForward { out, inp, weight, bias } = *t;
+        let product = Gemm {
+            ta: true,
+            m: out_f,
+            n: rows,
+            k: in_f,
+            a: self.dptr(weight),
+            lda: in_f,
+            b: self.dptr(inp),
+            ldb: in_f,
+            c: self.dptr(out),
+            ldc: out_f,
+            ..Gemm::UNIT
+        };
         // cuBLASLt with the bias fused (BIAS epilogue: one bias value per output feature).
-        if self.lt_gemm(
-            &Gemm {
-                ta: true,
-                m: out_f,
-                n: rows,
-                k: in_f,
-                a: self.dptr(weight),
-                lda: in_f,
-                b: self.dptr(inp),
-                ldb: in_f,
-                c: self.dptr(out),
-                ldc: out_f,
-                ..Gemm::UNIT
-            },
-            bias.map(|b| self.dptr(b)),
-        )? {
+        if self.lt_gemm(&product, bias.map(|b| self.dptr(b)))? {
             return Ok(());
         }
+        // cuBLAS: the bias is filled first and the product accumulated onto it (beta 1).
         let beta = match bias {
             Some(b) => {
                 let n = rows * out_f;
@@ -48,20 +47,7 @@ impl CudaBackend {
             }
             None => 0.0,
         };
-        self.gemm(Gemm {
-            ta: true,
-            m: out_f,
-            n: rows,
-            k: in_f,
-            a: self.dptr(weight),
-            lda: in_f,
-            b: self.dptr(inp),
-            ldb: in_f,
-            beta,
-            c: self.dptr(out),
-            ldc: out_f,
-            ..Gemm::UNIT
-        })
+        self.gemm(Gemm { beta, ..product })
     }
 
     /// dinp += dout · W; dweight += doutᵀ · inp; dbias += Σ_rows dout (column-major views as in

@@ -441,6 +441,12 @@ pub(crate) fn to_i32(what: &str, v: usize) -> Result<i32> {
     Ok(v as i32)
 }
 
+/// `n` elements as the kernels' i32 count (checked as `to_i32`), or `None` when there are none
+/// (the op launches nothing).
+pub(crate) fn nonempty_i32(what: &str, n: usize) -> Result<Option<i32>> {
+    Ok(Some(to_i32(what, n)?).filter(|&n| n != 0))
+}
+
 /// Threads per block of kernels/linear.cu's bias fill.
 const LIN_BLOCK: u32 = 256;
 

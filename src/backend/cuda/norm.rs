@@ -5,7 +5,7 @@
 
 use super::launch::*;
 use super::ops::{chunking, f64_at, BLOCK, COL_CHUNK_ROWS, COL_MAX_CHUNKS, MAX_GRID};
-use super::{to_i32, CudaBackend};
+use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use anyhow::Result;
 
@@ -13,7 +13,39 @@ use anyhow::Result;
 const GN_CHUNK_ELEMS: usize = 8192;
 const GN_MAX_CHUNKS: usize = 1024;
 
+/// How a group norm's statistics passes split the work: `nchunks` chunks of `rpc` positions per
+/// (sample, group) (`bg` of them, `cpg` channels each), `blocks` = bg · nchunks blocks, and the f64
+/// workspace: two per-chunk partial arrays (`part1`, `part2`: sums and squared deviations forward,
+/// Σdxhat and Σdxhat·xhat backward), then the per-group statistics (`stats`, 2 per group).
+struct GnPlan {
+    n: usize,
+    bg: usize,
+    cpg: usize,
+    nchunks: usize,
+    rpc: usize,
+    blocks: u32,
+    part1: u64,
+    part2: u64,
+    stats: u64,
+}
+
 impl CudaBackend {
+    /// The group norm's split and workspace; `None` when there is nothing to normalise. `what`
+    /// names the op in the 32-bit index range error.
+    fn gn_plan(&self, p: &GroupNormParams, what: &str) -> Result<Option<GnPlan>> {
+        let (n, bg) = (p.elements(), p.batch * p.groups);
+        to_i32(what, n)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let cpg = p.channels_per_group();
+        let (nchunks, rpc) = chunking(p.hw, GN_CHUNK_ELEMS / cpg, GN_MAX_CHUNKS);
+        let blocks = to_i32(&format!("{what} blocks"), bg * nchunks)? as u32;
+        let ws = self.ops_workspace_f64(0, 2 * bg * nchunks + 2 * bg)?;
+        let (part1, part2, stats) = (ws, f64_at(ws, bg * nchunks), f64_at(ws, 2 * bg * nchunks));
+        Ok(Some(GnPlan { n, bg, cpg, nchunks, rpc, blocks, part1, part2, stats }))
+    }
+
     pub(crate) fn layer_norm_forward_impl(&self, p: &LayerNormParams, t: &NormForward) -> Result<()> {
         p.check_forward(t)?;
         let LayerNormParams { rows, cols, eps } = *p;
@@ -47,19 +79,14 @@ impl CudaBackend {
         p.check_forward(t)?;
         let GroupNormParams { batch, hw, channels: c, groups, eps, silu } = *p;
         let NormForward { out, mean, rstd, inp, weight, bias } = *t;
-        let (n, bg) = (p.elements(), batch * groups);
-        to_i32("group_norm", n)?;
-        if n == 0 {
+        let Some(GnPlan { n, bg, cpg, nchunks, rpc, blocks, part1: psum, part2: psq, stats }) =
+            self.gn_plan(p, "group_norm")?
+        else {
             return Ok(());
-        }
-        let cpg = c / groups;
-        let (nchunks, rpc) = chunking(hw, GN_CHUNK_ELEMS / cpg, GN_MAX_CHUNKS);
-        let blocks = to_i32("group_norm blocks", bg * nchunks)?;
-        let ws = self.ops_workspace_f64(0, 2 * bg * nchunks + 2 * bg)?;
-        let (psum, psq, stats) = (ws, f64_at(ws, bg * nchunks), f64_at(ws, 2 * bg * nchunks));
+        };
         let (hw_i, c_i, g_i, nc_i, rpc_i) = (hw as i32, c as i32, groups as i32, nchunks as i32, rpc as i32);
         let x = self.dptr(inp);
-        let grid = (blocks as u32, 1, 1);
+        let grid = (blocks, 1, 1);
         self.launch(
             GnForwardSum { psum, inp: x, hw: hw_i, c: c_i, groups: g_i, nchunks: nc_i, rows_per_chunk: rpc_i },
             grid,
@@ -110,10 +137,7 @@ impl CudaBackend {
         let LayerNormParams { rows, cols, .. } = *p;
         let LayerNormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd } = *t;
         let n = rows * cols;
-        to_i32("layer_norm_backward", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(_) = nonempty_i32("layer_norm_backward", n)? else { return Ok(()) };
         let (di, dy, x, w, m, r) =
             (self.dptr(dinp), self.dptr(dout), self.dptr(inp), self.dptr(weight), self.dptr(mean), self.dptr(rstd));
         self.launch(
@@ -183,16 +207,11 @@ impl CudaBackend {
         p.check_backward(t)?;
         let GroupNormParams { batch, hw, channels: c, groups, silu, .. } = *p;
         let GroupNormBackward { dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd } = *t;
-        let (n, bg) = (p.elements(), batch * groups);
-        to_i32("group_norm_backward", n)?;
-        if n == 0 {
+        let Some(GnPlan { n, bg, cpg, nchunks, rpc, blocks, part1: p1, part2: p2, stats }) =
+            self.gn_plan(p, "group_norm_backward")?
+        else {
             return Ok(());
-        }
-        let cpg = c / groups;
-        let (nchunks, rpc) = chunking(hw, GN_CHUNK_ELEMS / cpg, GN_MAX_CHUNKS);
-        let blocks = to_i32("group_norm_backward blocks", bg * nchunks)?;
-        let ws = self.ops_workspace_f64(0, 2 * bg * nchunks + 2 * bg)?;
-        let (p1, p2, stats) = (ws, f64_at(ws, bg * nchunks), f64_at(ws, 2 * bg * nchunks));
+        };
         let (dy, x, w, b, m, r) =
             (self.dptr(dout), self.dptr(inp), self.dptr(weight), self.dptr(bias), self.dptr(mean), self.dptr(rstd));
         let (hw_i, c_i, g_i, nc_i) = (hw as i32, c as i32, groups as i32, nchunks as i32);
@@ -213,7 +232,7 @@ impl CudaBackend {
                 rows_per_chunk: rpc as i32,
                 silu: silu as i32,
             },
-            (blocks as u32, 1, 1),
+            (blocks, 1, 1),
             (BLOCK, 1, 1),
             0,
         )?;

@@ -15,7 +15,7 @@
 //! u32 upload slot 0 carries token ids (embedding forward) or the rows grouped by id (backward).
 
 use super::launch::*;
-use super::{to_i32, CudaBackend};
+use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::backend::Activation;
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
@@ -83,10 +83,7 @@ impl CudaBackend {
         let EmbeddingForward { out, ids, wte, wpe } = *t;
         let EmbeddingParams { batch, seq, dim } = *p;
         let n = batch * seq * dim;
-        to_i32("embedding", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(_) = nonempty_i32("embedding", n)? else { return Ok(()) };
         let ids_d = self.upload_u32(0, ids)?;
         self.ops_launch1(
             n,
@@ -104,19 +101,13 @@ impl CudaBackend {
 
     pub(crate) fn activation_forward_impl(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
         Pointwise { n }.check_activation_forward(out, inp)?;
-        let ni = to_i32("activation", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(ni) = nonempty_i32("activation", n)? else { return Ok(()) };
         self.ops_launch1(n, EwActivationFwd { out: self.dptr(out), inp: self.dptr(inp), n: ni, act: act_code(act) })
     }
 
     pub(crate) fn add_forward_impl(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
         Pointwise { n }.check_add(out, a, b)?;
-        let ni = to_i32("add", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(ni) = nonempty_i32("add", n)? else { return Ok(()) };
         self.ops_launch1(n, EwAdd { out: self.dptr(out), a: self.dptr(a), b: self.dptr(b), n: ni })
     }
 
@@ -158,10 +149,7 @@ impl CudaBackend {
         p.check_forward(out, inp, bias)?;
         let BiasRowsParams { batch, rows, channels: c } = *p;
         let n = batch * rows * c;
-        to_i32("add_bias_rows", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(_) = nonempty_i32("add_bias_rows", n)? else { return Ok(()) };
         self.ops_launch1(
             n,
             EwAddBiasRows {
@@ -185,10 +173,7 @@ impl CudaBackend {
         p.check_forward(out, a, b)?;
         let ConcatParams { rows, a_channels: ca, b_channels: cb } = *p;
         let n = rows * (ca + cb);
-        to_i32("concat", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(_) = nonempty_i32("concat", n)? else { return Ok(()) };
         self.ops_launch1(
             n,
             EwConcatFwd {
@@ -206,10 +191,7 @@ impl CudaBackend {
         p.check_forward(out, inp)?;
         let GegluParams { rows, inner } = *p;
         let n = rows * inner;
-        to_i32("geglu inp", 2 * n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(_) = nonempty_i32("geglu inp", 2 * n)? else { return Ok(()) };
         self.ops_launch1(
             n,
             EwGegluFwd { out: self.dptr(out), inp: self.dptr(inp), rows: rows as i32, inner: inner as i32 },
@@ -219,30 +201,21 @@ impl CudaBackend {
     pub(crate) fn zero_impl(&self, t: &Tensor) -> Result<()> {
         self.params_written(t);
         let n = t.numel();
-        let ni = to_i32("zero", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(ni) = nonempty_i32("zero", n)? else { return Ok(()) };
         self.ops_launch1(n, EwZero { t: self.dptr(t), n: ni })
     }
 
     pub(crate) fn accumulate_impl(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
         self.params_written(dst);
         Pointwise { n }.check_accumulate(dst, src)?;
-        let ni = to_i32("accumulate", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(ni) = nonempty_i32("accumulate", n)? else { return Ok(()) };
         self.ops_launch1(n, EwAccumulate { dst: self.dptr(dst), src: self.dptr(src), n: ni })
     }
 
     pub(crate) fn scale_impl(&self, t: &Tensor, s: f32, n: usize) -> Result<()> {
         self.params_written(t);
         Pointwise { n }.check_scale(t)?;
-        let ni = to_i32("scale", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(ni) = nonempty_i32("scale", n)? else { return Ok(()) };
         self.ops_launch1(n, EwScale { t: self.dptr(t), s, n: ni })
     }
 
@@ -255,10 +228,7 @@ impl CudaBackend {
         n: usize,
     ) -> Result<()> {
         Pointwise { n }.check_activation_backward(dinp, dout, inp)?;
-        let ni = to_i32("activation_backward", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(ni) = nonempty_i32("activation_backward", n)? else { return Ok(()) };
         self.ops_launch1(
             n,
             EwActivationBwd {
@@ -348,10 +318,7 @@ impl CudaBackend {
         p.check_backward(da, db, dout)?;
         let ConcatParams { rows, a_channels: ca, b_channels: cb } = *p;
         let n = rows * (ca + cb);
-        to_i32("concat_backward", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(_) = nonempty_i32("concat_backward", n)? else { return Ok(()) };
         self.ops_launch1(
             n,
             EwConcatBwd {
@@ -375,10 +342,7 @@ impl CudaBackend {
         p.check_backward(dinp, dout, inp)?;
         let GegluParams { rows, inner } = *p;
         let n = rows * inner;
-        to_i32("geglu_backward", 2 * n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(_) = nonempty_i32("geglu_backward", 2 * n)? else { return Ok(()) };
         self.ops_launch1(
             n,
             EwGegluBwd {
@@ -496,10 +460,7 @@ impl CudaBackend {
     ) -> Result<()> {
         p.check(param, grad, m, v)?;
         let AdamWParams { n, beta1, beta2, eps, .. } = *p;
-        let ni = to_i32("adamw", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(ni) = nonempty_i32("adamw", n)? else { return Ok(()) };
         let AdamWScalars { decay, bc2_sqrt, step_size } = p.scalars();
         // The bf16 copy of a parameter pool is updated in the same pass (fresh when the step
         // covers the whole pool, as the optimizer's steps do).
@@ -527,10 +488,7 @@ impl CudaBackend {
     pub(crate) fn lerp_impl(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
         self.params_written(dst);
         Pointwise { n }.check_lerp(dst, src)?;
-        let ni = to_i32("lerp", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(ni) = nonempty_i32("lerp", n)? else { return Ok(()) };
         self.ops_launch1(n, EwLerp { dst: self.dptr(dst), src: self.dptr(src), n: ni, w })
     }
 
@@ -543,10 +501,7 @@ impl CudaBackend {
         p.check(out, timesteps)?;
         let TimestepEmbeddingParams { batch, dim, flip_sin_to_cos, freq_shift } = *p;
         let n = batch * dim;
-        to_i32("timestep_embedding", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(_) = nonempty_i32("timestep_embedding", n)? else { return Ok(()) };
         let log_period = -(10000f64.ln()) as f32;
         self.ops_launch1(
             n,
@@ -565,10 +520,7 @@ impl CudaBackend {
     /// kernels/random.cu `rand_philox_normal`: one thread per group of four elements.
     pub(crate) fn randn_impl(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {
         RandnParams { n, seed, stream }.check(out)?;
-        let ni = to_i32("randn", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(ni) = nonempty_i32("randn", n)? else { return Ok(()) };
         // u32 halves travel in the i32 argument slots bit for bit (the kernel takes unsigned int).
         let half = |v: u64, hi: bool| (if hi { v >> 32 } else { v & 0xFFFF_FFFF }) as u32 as i32;
         self.ops_launch1(
@@ -587,10 +539,7 @@ impl CudaBackend {
     pub(crate) fn ddpm_add_noise_impl(&self, p: &AddNoiseParams, x: &Tensor, noise: &Tensor) -> Result<()> {
         p.check(x, noise)?;
         let AddNoiseParams { n, sqrt_alpha, sqrt_one_minus_alpha, v_prediction } = *p;
-        let ni = to_i32("ddpm_add_noise", n)?;
-        if n == 0 {
-            return Ok(());
-        }
+        let Some(ni) = nonempty_i32("ddpm_add_noise", n)? else { return Ok(()) };
         self.ops_launch1(
             n,
             RandDdpmAddNoise {
