@@ -284,18 +284,7 @@ fn read_gray(path: &Path) -> Result<Gray> {
 type Groups = BTreeMap<String, Vec<PathBuf>>;
 
 pub fn groups_from_folder(dir: &Path) -> Result<Groups> {
-    let rd = std::fs::read_dir(dir).with_context(|| format!("{}: cannot read folder", dir.display()))?;
-    let mut files = Vec::new();
-    for e in rd {
-        let p = e.with_context(|| format!("{}: cannot read folder", dir.display()))?.path();
-        if p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
-            files.push(p);
-        }
-    }
-    if files.is_empty() {
-        bail!("{}: no PNG images (expected the output folder of `roentgen sample`)", dir.display());
-    }
-    files.sort();
+    let files = crate::io::images::png_files(dir, "`roentgen sample`")?;
     let prompts: Vec<Result<String>> = files
         .par_iter()
         .map(|p| {

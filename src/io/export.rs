@@ -3,7 +3,7 @@
 //! the weights rewritten in f16 or f32. Training state (`training_state/`, `trainer.json`) is left
 //! behind; `--ema` ships `unet_ema/` as the U-Net. Non-float tensors are copied unchanged.
 
-use crate::io::safetensors::SafetensorsFile;
+use crate::io::safetensors::{RawTensor, SafetensorsFile};
 use anyhow::{bail, Context, Result};
 use safetensors::Dtype as StDtype;
 use std::path::Path;
@@ -92,7 +92,7 @@ fn copy_files(from: &Path, to: &Path) -> Result<()> {
 fn convert(src: &Path, dst: &Path, dtype: ExportDtype) -> Result<(usize, u64)> {
     let f = SafetensorsFile::open(src)?;
     let st = f.parse()?;
-    let mut bufs: Vec<(String, Vec<usize>, StDtype, Vec<u8>)> = Vec::new();
+    let mut bufs: Vec<RawTensor> = Vec::new();
     for (name, view) in st.iter() {
         let shape = view.shape().to_vec();
         let (d, bytes) = match crate::io::safetensors::float_dtype(view.dtype()) {
@@ -113,17 +113,8 @@ fn convert(src: &Path, dst: &Path, dtype: ExportDtype) -> Result<(usize, u64)> {
         bufs.push((name.to_string(), shape, d, bytes));
     }
     bufs.sort_by(|a, b| a.0.cmp(&b.0));
-    let views: Vec<(String, safetensors::tensor::TensorView)> = bufs
-        .iter()
-        .map(|(n, s, d, b)| {
-            safetensors::tensor::TensorView::new(*d, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| anyhow::anyhow!("tensor '{n}': {e}"))
-        })
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| anyhow::anyhow!("{}: {e}", dst.display()))?;
-    std::fs::write(dst, &bytes).with_context(|| format!("{}: cannot write", dst.display()))?;
-    Ok((bufs.len(), bytes.len() as u64))
+    let bytes = crate::io::safetensors::write_raw_atomic(dst, &bufs)?;
+    Ok((bufs.len(), bytes))
 }
 
 /// model_index.json with every component whose folder the export does not contain (typically

@@ -2,7 +2,7 @@
 //! chest X-ray is) with the generation settings in UTF-8 text chunks, written atomically.
 
 use anyhow::{Context, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// diffusers' `numpy_to_pil`: (x · 255).round() of a [0, 1] value.
 fn to_u8(x: f32) -> u8 {
@@ -71,4 +71,22 @@ pub fn read_png(path: &Path) -> Result<(png::ColorType, u32, u32, Vec<u8>, Vec<(
         text.push((t.keyword.clone(), t.get_text().unwrap_or_default()));
     }
     Ok((info.color_type, info.width, info.height, buf, text))
+}
+
+/// The PNG files directly in `dir`, sorted by name. None is an error naming the folder and what
+/// should have written them (`made_by`, e.g. "`roentgen sample`").
+pub fn png_files(dir: &Path, made_by: &str) -> Result<Vec<PathBuf>> {
+    let unreadable = || format!("{}: cannot read folder", dir.display());
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(unreadable)? {
+        let p = e.with_context(unreadable)?.path();
+        if p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+            files.push(p);
+        }
+    }
+    if files.is_empty() {
+        anyhow::bail!("{}: no PNG images (expected the output folder of {made_by})", dir.display());
+    }
+    files.sort();
+    Ok(files)
 }

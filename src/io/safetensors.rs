@@ -137,7 +137,7 @@ pub enum OutTensor<'a> {
 /// Writes a safetensors file atomically (a temporary file beside it, then a rename), so an
 /// interrupted write never leaves a half file under the final name.
 pub fn write_atomic(path: &Path, tensors: &[(&str, Vec<usize>, OutTensor)]) -> Result<()> {
-    let mut bufs: Vec<(String, Vec<usize>, StDtype, Vec<u8>)> = Vec::new();
+    let mut bufs: Vec<RawTensor> = Vec::new();
     for (name, shape, t) in tensors {
         let (dtype, bytes) = match t {
             OutTensor::F32(v) => (StDtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
@@ -145,14 +145,25 @@ pub fn write_atomic(path: &Path, tensors: &[(&str, Vec<usize>, OutTensor)]) -> R
         };
         bufs.push((name.to_string(), shape.clone(), dtype, bytes));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = bufs
+    write_raw_atomic(path, &bufs)?;
+    Ok(())
+}
+
+/// A tensor as it is written: name, shape, dtype and little-endian bytes.
+pub type RawTensor = (String, Vec<usize>, StDtype, Vec<u8>);
+
+/// Writes raw tensors as one safetensors file, atomically as [`write_atomic`]; returns the bytes
+/// written.
+pub fn write_raw_atomic(path: &Path, tensors: &[RawTensor]) -> Result<u64> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(n, s, d, b)| {
             safetensors::tensor::TensorView::new(*d, s.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| anyhow::anyhow!("tensor '{n}': {e}"))
+                .map_err(|e| anyhow::anyhow!("{}: tensor '{n}': {e}", path.display()))
         })
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, None).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    crate::io::files::write_bytes_atomic(path, &bytes)
+    crate::io::files::write_bytes_atomic(path, &bytes)?;
+    Ok(bytes.len() as u64)
 }

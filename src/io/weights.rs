@@ -224,12 +224,16 @@ pub struct LoadReport {
 ///
 /// `alias`: maps a file's tensor name that is not in the table to the canonical name it stands for
 /// (older or newer library versions name some tensors differently: transformers 5 saves
-/// CLIPTextModel without "text_model.", diffusers 0.2 named the VAE's attention "query"/"proj_attn").
+/// CLIPTextModel without "text_model.", diffusers 0.2 named the VAE's attention "query"/"proj_attn",
+/// BERT checkpoints may prefix "bert." and name LayerNorm's parameters gamma/beta). `ignored`: the
+/// tensors a checkpoint may carry that the model does not use ([`is_known_buffer`] for most; a
+/// BERT checkpoint's pooler and heads too).
 pub fn load_into(
     backend: &dyn Backend,
     table: &Layout,
     files: &[PathBuf],
     alias: &dyn Fn(&str) -> Option<String>,
+    ignored: &dyn Fn(&str) -> bool,
 ) -> Result<LoadReport> {
     let mut report = LoadReport { files: files.to_vec(), ..Default::default() };
     let mut loaded: HashSet<&str> = HashSet::new();
@@ -245,7 +249,7 @@ pub fn load_into(
             let view = st.tensor(&name).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
             let entry = table.find(&name).or_else(|| alias(&name).and_then(|a| table.find(&a)));
             let Some(entry) = entry else {
-                if is_known_buffer(&name) {
+                if ignored(&name) {
                     report.ignored.push(name);
                 } else {
                     unexpected.push(name);
@@ -253,7 +257,11 @@ pub fn load_into(
                 continue;
             };
             if loaded.contains(entry.name.as_str()) {
-                bail!("{}: tensor '{name}' appears in more than one weight file", path.display());
+                bail!(
+                    "{}: tensor '{name}' stands for '{}', which appears more than once (in this or another weight file)",
+                    path.display(),
+                    entry.name
+                );
             }
             let dtype = float_dtype(view.dtype()).with_context(|| {
                 format!(

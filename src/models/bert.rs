@@ -20,7 +20,6 @@ use super::limits::{MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB};
 use super::{allocate, check_param_count, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
-use crate::io::safetensors::{float_dtype, to_f32, SafetensorsFile};
 use crate::nn::transformer::{LayerActs, LayerNames, LayerShape, NormPlacement, Tokens, TransformerLayer};
 use crate::nn::{zeros, Cx, LayerNorm, LayerNormActs};
 use crate::ops::elementwise::{BiasRowsParams, EmbeddingBackward, EmbeddingForward, EmbeddingParams};
@@ -28,8 +27,7 @@ use crate::tensor::{Arena, Layout, Shape, Tensor};
 use crate::{io::weights, io::weights::LoadReport};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct BertConfig {
@@ -222,7 +220,7 @@ impl BertModel {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
         let files = weights::weight_files(dir, variant)?;
         let model = Self::allocate(backend, config)?;
-        let report = load_weights(backend, &model.table, &files)?;
+        let report = weights::load_into(backend, &model.table, &files, &|n| Some(canonical_name(n)), &is_ignored)?;
         Ok((model, report))
     }
 
@@ -393,73 +391,6 @@ fn is_ignored(name: &str) -> bool {
         || n.starts_with("pooler.")
         || name.starts_with("cls.")
         || name.starts_with("classifier.")
-}
-
-/// As `weights::load_into`, with BERT's names: every table tensor must be present once with the
-/// config's shape (f32/f16/bf16 converted to f32); ignored tensors are reported in
-/// `LoadReport::ignored`; anything else is an error naming the tensors.
-fn load_weights(backend: &dyn Backend, table: &Layout, files: &[PathBuf]) -> Result<LoadReport> {
-    let mut report = LoadReport { files: files.to_vec(), ..Default::default() };
-    let mut loaded: HashSet<String> = HashSet::new();
-    let mut unexpected: Vec<String> = Vec::new();
-    let mut scratch: Vec<f32> = Vec::new();
-    ensure!(table.pool() != crate::tensor::PoolId::UNBOUND, "internal: loading into an unbound parameter layout");
-    for path in files {
-        let file = SafetensorsFile::open(path)?;
-        let st = file.parse()?;
-        let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
-        names.sort();
-        for name in names {
-            let canonical = canonical_name(&name);
-            let Some(entry) = table.find(&canonical) else {
-                if is_ignored(&name) {
-                    report.ignored.push(name);
-                } else {
-                    unexpected.push(name);
-                }
-                continue;
-            };
-            if !loaded.insert(canonical.clone()) {
-                bail!("{}: tensor '{canonical}' appears more than once (with or without 'bert.')", path.display());
-            }
-            let view = st.tensor(&name).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
-            let dtype = float_dtype(view.dtype()).with_context(|| {
-                format!(
-                    "{}: tensor '{name}' has dtype {:?}; parameters must be F32, F16 or BF16",
-                    path.display(),
-                    view.dtype()
-                )
-            })?;
-            if view.shape() != entry.shape.dims() {
-                bail!(
-                    "{}: tensor '{name}' has shape {:?}, but the config implies {:?}",
-                    path.display(),
-                    view.shape(),
-                    entry.shape.dims()
-                );
-            }
-            scratch.resize(entry.shape.numel(), 0.0);
-            to_f32(dtype, view.data(), &mut scratch).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
-            backend.upload(&Tensor { pool: table.pool(), offset: entry.offset, shape: entry.shape }, &scratch)?;
-            report.tensors += 1;
-            *report.dtypes.entry(dtype.to_string()).or_default() += 1;
-        }
-    }
-    let where_ = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-    let missing: Vec<String> =
-        table.entries().iter().filter(|e| !loaded.contains(&e.name)).map(|e| e.name.clone()).collect();
-    if !missing.is_empty() {
-        bail!("{where_}: {} expected tensor(s) missing: {}", missing.len(), weights::abbreviate(&missing));
-    }
-    if !unexpected.is_empty() {
-        bail!(
-            "{where_}: {} unexpected tensor(s) that a BERT encoder with this config does not have (wrong model \
-             type or config?): {}",
-            unexpected.len(),
-            weights::abbreviate(&unexpected)
-        );
-    }
-    Ok(report)
 }
 
 #[cfg(test)]

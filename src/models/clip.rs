@@ -162,7 +162,13 @@ impl ClipTextModel {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
         let files = weights::weight_files(dir, variant)?;
         let model = Self::allocate(backend, config)?;
-        let report = weights::load_into(backend, &model.table, &files, &|n| Some(format!("text_model.{n}")))?;
+        let report = weights::load_into(
+            backend,
+            &model.table,
+            &files,
+            &|n| Some(format!("text_model.{n}")),
+            &weights::is_known_buffer,
+        )?;
         Ok((model, report))
     }
 

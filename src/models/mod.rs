@@ -10,7 +10,7 @@ pub mod vae;
 
 use crate::backend::Backend;
 use crate::rng::splitmix::SplitMix64;
-use crate::tensor::Layout;
+use crate::tensor::{Layout, LayoutEntry};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -45,29 +45,16 @@ pub fn allocate_params<T>(
 /// architecture's cost, not its outputs). Deterministic per seed; each tensor is generated in
 /// parallel chunks with their own streams.
 pub fn randomize(backend: &dyn Backend, table: &Layout, seed: u64) -> Result<()> {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 16;
-    let mut buf = Vec::new();
-    for (i, e) in table.entries().iter().enumerate() {
-        let n = e.shape.numel();
-        buf.clear();
-        reserve(&mut buf, n, &e.name)?;
-        buf.resize(n, 0.0f32);
-        let is_norm = e.name.contains("norm");
+    let a = 0.02 * 3f64.sqrt();
+    initialise(backend, table, seed, |e| {
         if e.name.ends_with(".bias") {
-        } else if is_norm && e.shape.rank() == 1 {
-            buf.fill(1.0);
+            Init::Const(0.0)
+        } else if e.name.contains("norm") && e.shape.rank() == 1 {
+            Init::Const(1.0)
         } else {
-            buf.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-                let mut rng = SplitMix64::new(seed ^ ((i as u64) << 32) ^ (c as u64).wrapping_mul(0x9E37_79B9));
-                let a = 0.02 * 3f64.sqrt();
-                chunk.iter_mut().for_each(|x| *x = ((2.0 * rng.next_f64() - 1.0) * a) as f32);
-            });
+            Init::Uniform(a)
         }
-        let t = crate::tensor::Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
-        backend.upload(&t, &buf)?;
-    }
-    Ok(())
+    })
 }
 
 /// PyTorch's default initialisation, for models trained from scratch (the paper's "Rnd U-Net", a
@@ -75,6 +62,40 @@ pub fn randomize(backend: &dyn Backend, table: &Layout, seed: u64) -> Result<()>
 /// a = √5), their biases uniform in ±1/√fan_in of the weight, normalisation weights 1 and biases 0,
 /// embeddings N(0, 1) scaled as transformers does (std 0.02). Deterministic per seed.
 pub fn init_default(backend: &dyn Backend, table: &Layout, seed: u64) -> Result<()> {
+    let fan_in_bound = |w: &LayoutEntry| 1.0 / ((w.shape.numel() / w.shape.dims()[0]) as f64).sqrt();
+    initialise(backend, table, seed, |e| {
+        if e.name.contains("embedding") {
+            if e.shape.rank() >= 2 {
+                Init::Normal(0.02)
+            } else {
+                Init::Const(0.0)
+            }
+        } else if e.name.contains("norm") && e.shape.rank() == 1 {
+            Init::Const(if e.name.ends_with(".weight") { 1.0 } else { 0.0 })
+        } else if let Some(w) = e.name.strip_suffix(".bias").map(|p| format!("{p}.weight")) {
+            match table.find(&w).filter(|w| w.shape.rank() >= 2) {
+                Some(w) => Init::Uniform(fan_in_bound(w)),
+                None => Init::Const(0.0),
+            }
+        } else if e.shape.rank() >= 2 {
+            Init::Uniform(fan_in_bound(e))
+        } else {
+            Init::Const(0.0)
+        }
+    })
+}
+
+/// How one tensor starts: every value the same, uniform in ±bound, or normal with this std.
+enum Init {
+    Const(f32),
+    Uniform(f64),
+    Normal(f32),
+}
+
+/// Fills every tensor of `table` as `rule` says. Random tensors are generated in parallel chunks of
+/// 2^16 values, each with its own SplitMix64 stream keyed by (seed, tensor index, chunk index), so
+/// the values do not depend on the thread count.
+fn initialise(backend: &dyn Backend, table: &Layout, seed: u64, rule: impl Fn(&LayoutEntry) -> Init) -> Result<()> {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
     let mut buf = Vec::new();
@@ -83,36 +104,16 @@ pub fn init_default(backend: &dyn Backend, table: &Layout, seed: u64) -> Result<
         buf.clear();
         reserve(&mut buf, n, &e.name)?;
         buf.resize(n, 0f32);
-        let weight_of_bias = e.name.strip_suffix(".bias").map(|p| format!("{p}.weight"));
-        let is_norm = e.name.contains("norm") && e.shape.rank() == 1;
-        let bound = if e.name.contains("embedding") {
-            None
-        } else if is_norm {
-            if e.name.ends_with(".weight") {
-                buf.fill(1.0);
-            }
-            None
-        } else if let Some(w) = weight_of_bias {
-            table
-                .find(&w)
-                .filter(|w| w.shape.rank() >= 2)
-                .map(|w| 1.0 / ((w.shape.numel() / w.shape.dims()[0]) as f64).sqrt())
-        } else if e.shape.rank() >= 2 {
-            Some(1.0 / ((n / e.shape.dims()[0]) as f64).sqrt())
-        } else {
-            None
-        };
-        let embedding = e.name.contains("embedding") && e.shape.rank() >= 2;
-        if bound.is_some() || embedding {
+        let random = |draw: &(dyn Fn(&mut SplitMix64) -> f32 + Sync), buf: &mut [f32]| {
             buf.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
                 let mut rng = SplitMix64::new(seed ^ ((i as u64) << 32) ^ (c as u64).wrapping_mul(0x9E37_79B9));
-                for x in chunk.iter_mut() {
-                    *x = match bound {
-                        Some(a) => ((2.0 * rng.next_f64() - 1.0) * a) as f32,
-                        None => 0.02 * rng.next_normal(),
-                    };
-                }
-            });
+                chunk.iter_mut().for_each(|x| *x = draw(&mut rng));
+            })
+        };
+        match rule(e) {
+            Init::Const(v) => buf.fill(v),
+            Init::Uniform(a) => random(&|rng| ((2.0 * rng.next_f64() - 1.0) * a) as f32, &mut buf),
+            Init::Normal(std) => random(&|rng| std * rng.next_normal(), &mut buf),
         }
         let t = crate::tensor::Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
         backend.upload(&t, &buf)?;

@@ -124,6 +124,20 @@ pub fn params_layout(l: &mut Layout, c: &UNetConfig) -> UNetParams {
 
 pub use crate::ops::elementwise::timestep_embedding;
 
+/// The attention after a block's resnet, when the block has one there: runs it on `x`, replaces
+/// `x` by its output and returns what its backward reads.
+fn attend_saved(
+    attention: Option<&Transformer2D>,
+    cx: &mut Cx,
+    x: &mut Fmap,
+    context: (&Tensor, usize),
+) -> Result<Option<Transformer2DSaved>> {
+    let Some(a) = attention else { return Ok(None) };
+    let saved = a.forward_saved(cx, x, context)?;
+    *x = saved.out;
+    Ok(Some(saved))
+}
+
 /// Block outputs kept after a forward, for locating a mismatch against diffusers.
 pub type Probes = Vec<(String, Fmap)>;
 
@@ -143,7 +157,7 @@ impl UNet {
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
         let files = weights::weight_files(dir, variant)?;
         let model = Self::allocate(backend, config)?;
-        let report = weights::load_into(backend, &model.table, &files, &weights::no_alias)?;
+        let report = weights::load_into(backend, &model.table, &files, &weights::no_alias, &weights::is_known_buffer)?;
         Ok((model, report))
     }
 
@@ -318,14 +332,7 @@ impl UNet {
             for (j, res) in blk.resnets.iter().enumerate() {
                 let rs = res.forward_saved(cx, &x, temb)?;
                 x = rs.out;
-                let attn = match blk.attentions.get(j) {
-                    Some(a) => {
-                        let s = a.forward_saved(cx, &x, ctx)?;
-                        x = s.out;
-                        Some(s)
-                    }
-                    None => None,
-                };
+                let attn = attend_saved(blk.attentions.get(j), cx, &mut x, ctx)?;
                 skips.push(x);
                 down.push(DownUnitSaved::Res { block: i, index: j, res: rs, attn });
             }
@@ -357,14 +364,7 @@ impl UNet {
                 let rs = res.forward_saved(cx, &cat, temb)?;
                 let hidden_in = x;
                 x = rs.out;
-                let attn = match blk.attentions.get(j) {
-                    Some(a) => {
-                        let s = a.forward_saved(cx, &x, ctx)?;
-                        x = s.out;
-                        Some(s)
-                    }
-                    None => None,
-                };
+                let attn = attend_saved(blk.attentions.get(j), cx, &mut x, ctx)?;
                 units.push(UpUnitSaved { hidden_in, skip_index, cat, res: rs, attn });
             }
             let mut upsample = None;

@@ -337,7 +337,8 @@ impl AutoencoderKL {
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
         let files = weights::weight_files(dir, variant)?;
         let model = Self::allocate(backend, config)?;
-        let report = weights::load_into(backend, &model.table, &files, &legacy_attention_name)?;
+        let report =
+            weights::load_into(backend, &model.table, &files, &legacy_attention_name, &weights::is_known_buffer)?;
         Ok((model, report))
     }
 

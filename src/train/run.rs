@@ -335,7 +335,7 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
             let dir = ckpt.join("unet_ema");
             let files = weights::weight_files(&dir, None)
                 .with_context(|| format!("{}: $ema needs the checkpoint's EMA weights", ckpt.display()))?;
-            weights::load_into(b, table, &files, &weights::no_alias)?;
+            weights::load_into(b, table, &files, &weights::no_alias, &weights::is_known_buffer)?;
         }
         crate::diag::progress(format!("resuming from {} at step {step}", ckpt.display()));
     }

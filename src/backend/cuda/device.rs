@@ -183,6 +183,15 @@ pub(crate) struct LtOperands {
     pub workspace_bytes: usize,
 }
 
+/// The shape of one kernel launch: `grid` blocks of `block` threads, with `shared_bytes` of
+/// dynamic shared memory each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LaunchDims {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+}
+
 /// The narrow interface between `CudaBackend` and a CUDA device: one stream (blocking: it orders
 /// after work on the legacy default stream and the synchronous copies order after it), device
 /// memory as `u64` addresses, kernels from the embedded modules, cuBLAS and cuBLASLt bound to that
@@ -226,19 +235,11 @@ pub(crate) trait Device {
     /// cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes): lets later
     /// launches of `f` ask for up to `bytes` of dynamic shared memory (48 KiB without it).
     fn set_max_dynamic_shared(&self, f: Function, bytes: u32) -> Result<(), DeviceError>;
-    /// cuLaunchKernel on the stream: `grid` blocks of `block` threads, `shared_bytes` of dynamic
-    /// shared memory. `args` holds one 64-bit slot per kernel parameter, in parameter order: the
+    /// cuLaunchKernel on the stream, shaped by `dims`. `args` holds one 64-bit slot per kernel parameter, in parameter order: the
     /// driver reads sizeof(parameter) bytes from the start of each slot (little endian: a pointer
     /// takes the whole slot, an int or float its low 4 bytes) — the bytes the kernel receives. The
     /// slots are read before the call returns. Queued (faults surface at `synchronize`).
-    fn launch(
-        &self,
-        f: Function,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        shared_bytes: u32,
-        args: &[u64],
-    ) -> Result<(), DeviceError>;
+    fn launch(&self, f: Function, dims: LaunchDims, args: &[u64]) -> Result<(), DeviceError>;
     /// cuStreamSynchronize: waits for the stream's queued work; returns the first fault of it (a
     /// fault is sticky: the context is unusable afterwards).
     fn synchronize(&self) -> Result<(), DeviceError>;
@@ -527,14 +528,8 @@ impl Device for CudaDriver {
         .map_err(DeviceError::from)
     }
 
-    fn launch(
-        &self,
-        f: Function,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        shared_bytes: u32,
-        args: &[u64],
-    ) -> Result<(), DeviceError> {
+    fn launch(&self, f: Function, dims: LaunchDims, args: &[u64]) -> Result<(), DeviceError> {
+        let LaunchDims { grid, block, shared_bytes } = dims;
         // Each parameter is passed as a pointer to its slot; the driver only reads through them.
         let mut params: Vec<*mut c_void> = args.iter().map(|v| v as *const u64 as *mut c_void).collect();
         // SAFETY: the argument list matches the kernel's signature (each kernel's wrapper builds it);

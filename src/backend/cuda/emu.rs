@@ -17,7 +17,9 @@
 //! `__syncthreads` shows under the latter); ROENTGEN_EMU_SCHEDULE=round-robin|warp-greedy pins one.
 //! What is not emulated: timing (events read a host clock) and the vendor libraries' algorithms.
 
-use super::device::{Device, DeviceError, Event, Function, Gemm, Graph, GraphExec, LtMatmul, LtOperands, MatmulPlan};
+use super::device::{
+    Device, DeviceError, Event, Function, Gemm, Graph, GraphExec, LaunchDims, LtMatmul, LtOperands, MatmulPlan,
+};
 use super::reference_gemm::{gemm, GemmShape};
 use anyhow::Result;
 use std::cell::RefCell;
@@ -45,7 +47,7 @@ extern "C" {
 /// What a capture records: the calls that run on the stream.
 #[derive(Clone)]
 enum Op {
-    Launch { f: Function, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: Vec<u64> },
+    Launch { f: Function, dims: LaunchDims, args: Vec<u64> },
     Gemm(Gemm),
     Lt { shape: LtMatmul, bias: u64, ops: LtOperands },
 }
@@ -138,7 +140,7 @@ impl EmuDevice {
     fn run(&self, op: &Op) -> Result<(), DeviceError> {
         self.usable()?;
         match op {
-            Op::Launch { f, grid, block, smem, args } => {
+            Op::Launch { f, dims: LaunchDims { grid, block, shared_bytes: smem }, args } => {
                 let name = self.kernels.borrow()[f.0 as usize].clone();
                 let mut err = vec![0 as c_char; 1024];
                 let (g, b) = ([grid.0, grid.1, grid.2], [block.0, block.1, block.2]);
@@ -323,15 +325,8 @@ impl Device for EmuDevice {
         Ok(())
     }
 
-    fn launch(
-        &self,
-        f: Function,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        shared_bytes: u32,
-        args: &[u64],
-    ) -> Result<(), DeviceError> {
-        let op = Op::Launch { f, grid, block, smem: shared_bytes, args: args.to_vec() };
+    fn launch(&self, f: Function, dims: LaunchDims, args: &[u64]) -> Result<(), DeviceError> {
+        let op = Op::Launch { f, dims, args: args.to_vec() };
         if self.record(&op) {
             return Ok(());
         }
@@ -488,7 +483,11 @@ mod tests {
     /// Zeroes `n` floats at `buf` with the real `ew_zero` kernel (1-D grid-stride).
     fn zero(d: &EmuDevice, buf: u64, n: usize) -> Result<(), DeviceError> {
         let f = d.function("ew_zero").expect("the emulated device has ew_zero");
-        d.launch(f, (n.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0, &[buf, n as u64])
+        d.launch(
+            f,
+            LaunchDims { grid: (n.div_ceil(256) as u32, 1, 1), block: (256, 1, 1), shared_bytes: 0 },
+            &[buf, n as u64],
+        )
     }
 
     #[test]
@@ -525,7 +524,7 @@ mod tests {
             (&[buf, 64], (2048, 1, 1), "block past the limits"),
         ];
         for (args, block, want) in cases {
-            let e = message(d.launch(f, (1, 1, 1), block, 0, args).unwrap_err());
+            let e = message(d.launch(f, LaunchDims { grid: (1, 1, 1), block, shared_bytes: 0 }, args).unwrap_err());
             assert!(e.contains(want), "expected '{want}' in: {e}");
         }
         zero(&d, buf, 64).unwrap();

@@ -50,7 +50,7 @@ use crate::ops::optim::AdamWParams;
 use crate::ops::random::AddNoiseParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use device::{Compute, CudaDriver, Device, DeviceError, Event, Function, Gemm};
+use device::{Compute, CudaDriver, Device, DeviceError, Event, Function, Gemm, LaunchDims};
 use launch::Kernel;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -285,7 +285,7 @@ impl CudaBackend {
         let timer = self.profile_start()?;
         // One 64-bit slot per parameter, as cuLaunchKernel reads them (device.rs `launch`).
         let vals = k.params();
-        self.dev.launch(f, grid, block, shared_bytes, &vals).map_err(|e| {
+        self.dev.launch(f, LaunchDims { grid, block, shared_bytes }, &vals).map_err(|e| {
             anyhow!("CUDA: launching {kernel} grid {grid:?} block {block:?} smem {shared_bytes}: {e:?}")
         })?;
         // Keyed by grid too: one kernel at the U-Net's four resolutions is four rows, so a

@@ -79,21 +79,7 @@ pub fn read_gray(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
 
 /// The PNGs of a folder (sorted by name) with their "prompt" chunks.
 pub fn items_from_folder(dir: &Path) -> Result<Vec<Item>> {
-    let rd = std::fs::read_dir(dir).with_context(|| format!("{}: cannot read folder", dir.display()))?;
-    let mut files = Vec::new();
-    for e in rd {
-        let p = e.with_context(|| format!("{}: cannot read folder", dir.display()))?.path();
-        if p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
-            files.push(p);
-        }
-    }
-    if files.is_empty() {
-        bail!(
-            "{}: no PNG images (expected the output folder of `roentgen sample` or `roentgen phantom`)",
-            dir.display()
-        );
-    }
-    files.sort();
+    let files = crate::io::images::png_files(dir, "`roentgen sample` or `roentgen phantom`")?;
     files
         .into_par_iter()
         .map(|p| {
