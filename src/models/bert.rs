@@ -109,14 +109,7 @@ impl BertConfig {
             pad_token_id,
             use_attention_mask: flag("use_attention_mask")?,
         };
-        if c.hidden_size % c.num_attention_heads != 0 {
-            bail!(
-                "{}: field \"hidden_size\" ({}) is not divisible by \"num_attention_heads\" ({})",
-                path.display(),
-                c.hidden_size,
-                c.num_attention_heads
-            );
-        }
+        c.layer_shape().check(path)?;
         if let Some(p) = c.pad_token_id.filter(|&p| p >= c.vocab_size) {
             bail!("{}: field \"pad_token_id\" ({p}) is outside the vocabulary of {}", path.display(), c.vocab_size);
         }
@@ -125,7 +118,7 @@ impl BertConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.layer_shape().head_dim()
     }
 
     /// Every layer's shape: post-LN, bidirectional.

@@ -64,20 +64,13 @@ impl ClipTextConfig {
             layer_norm_eps: r.eps("layer_norm_eps", 1e-5)?,
             hidden_act,
         };
-        if c.hidden_size % c.num_attention_heads != 0 {
-            bail!(
-                "{}: field \"hidden_size\" ({}) is not divisible by \"num_attention_heads\" ({})",
-                path.display(),
-                c.hidden_size,
-                c.num_attention_heads
-            );
-        }
+        c.layer_shape().check(path)?;
         check_param_count(path, &Layout::measure(|l| params_layout(l, &c)))?;
         Ok(c)
     }
 
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.layer_shape().head_dim()
     }
 
     /// Every layer's shape: pre-LN, causal (the text encoder Stable Diffusion conditions on).

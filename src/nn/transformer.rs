@@ -8,7 +8,8 @@ use super::{zeros, Cx, LayerNorm, LayerNormActs, Linear};
 use crate::backend::{Activation, Backend};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::tensor::{Layout, Tensor};
-use anyhow::Result;
+use anyhow::{ensure, Result};
+use std::path::Path;
 
 /// Where a layer's norms stand relative to its residual connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +44,25 @@ pub struct LayerShape {
     pub norm: NormPlacement,
     /// Each token attends only to itself and earlier tokens (CLIP's text encoder).
     pub causal: bool,
+}
+
+impl LayerShape {
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.heads
+    }
+
+    /// Refuses a config (at `path`) whose width does not split into its heads; the fields are
+    /// named as transformers names them in both text encoders' configs.
+    pub fn check(&self, path: &Path) -> Result<()> {
+        ensure!(
+            self.dim % self.heads == 0,
+            "{}: field \"hidden_size\" ({}) is not divisible by \"num_attention_heads\" ({})",
+            path.display(),
+            self.dim,
+            self.heads
+        );
+        Ok(())
+    }
 }
 
 /// The sequences a layer runs on: `batch` sequences of `seq` tokens, with the tokenizer's attention

@@ -16,7 +16,7 @@
 //! We write it ourselves rather than through the `tokenizers` crate: it is ~300 lines, it has no C
 //! dependency, and every quirk above is visible and tested against the reference.
 
-use super::{split_added, AddedToken};
+use super::{tokenize_around_added, AddedToken};
 use crate::io::weights::read_json;
 use anyhow::{bail, Context, Result};
 use regex::Regex;
@@ -128,7 +128,7 @@ impl ClipTokenizer {
         let dir = tokenizer_dir(dir)?;
         let (vocab_path, merges_path, json_path) =
             (dir.join("vocab.json"), dir.join("merges.txt"), dir.join("tokenizer.json"));
-        let config = Self::read_config(&dir)?;
+        let config = super::read_tokenizer_config(&dir)?;
         if vocab_path.is_file() && merges_path.is_file() {
             let vocab = read_json(&vocab_path)?;
             let merges = std::fs::read_to_string(&merges_path)
@@ -177,21 +177,6 @@ impl ClipTokenizer {
             Some(d) => Self::from_dir(d),
             None => Self::sd_v1(),
         }
-    }
-
-    /// tokenizer_config.json overlaid with special_tokens_map.json (either may be absent).
-    fn read_config(dir: &Path) -> Result<serde_json::Map<String, Value>> {
-        let mut cfg = serde_json::Map::new();
-        for name in ["tokenizer_config.json", "special_tokens_map.json"] {
-            let p = dir.join(name);
-            if p.is_file() {
-                match read_json(&p)? {
-                    Value::Object(o) => cfg.extend(o),
-                    _ => bail!("{}: expected a JSON object", p.display()),
-                }
-            }
-        }
-        Ok(cfg)
     }
 
     /// From a parsed vocab.json and the text of merges.txt (the paths are for messages).
@@ -346,23 +331,7 @@ impl ClipTokenizer {
 
     /// Token ids of `text` without BOS/EOS, untruncated.
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
-        let mut ids = Vec::new();
-        // Step 1a: split on added tokens matched in the raw text.
-        for (raw, special) in split_added(text, self.added.iter().filter(|t| !t.normalized)) {
-            if let Some(id) = special {
-                ids.push(id);
-                continue;
-            }
-            let normalized = self.normalize(raw);
-            // Step 1b: added tokens matched after normalization.
-            for (piece, special) in split_added(&normalized, self.added.iter().filter(|t| t.normalized)) {
-                match special {
-                    Some(id) => ids.push(id),
-                    None => self.encode_normalized(piece, &mut ids),
-                }
-            }
-        }
-        ids
+        tokenize_around_added(text, &self.added, |t| self.normalize(t), |piece, ids| self.encode_normalized(piece, ids))
     }
 
     fn normalize(&self, text: &str) -> String {
@@ -453,12 +422,5 @@ mod tests {
         }
         assert_eq!(m[b'a' as usize], 'a');
         assert_eq!(m[b' ' as usize], 'Ġ');
-    }
-
-    #[test]
-    fn split_added_finds_tokens_anywhere() {
-        let t = [AddedToken { content: "<|e|>".into(), id: 7, normalized: false }];
-        let parts = split_added("a<|e|>b<|e|>", t.iter());
-        assert_eq!(parts, vec![("a", None), ("<|e|>", Some(7)), ("b", None), ("<|e|>", Some(7))]);
     }
 }

@@ -4,6 +4,11 @@
 pub mod bpe;
 pub mod wordpiece;
 
+use crate::io::weights::read_json;
+use anyhow::{bail, Result};
+use serde_json::Value;
+use std::path::Path;
+
 /// A token split out of the raw text (or, if `normalized`, out of the normalized text) before the
 /// model's own splitting (BPE or WordPiece): the special tokens, and the added tokens of a
 /// tokenizer.json.
@@ -12,6 +17,47 @@ struct AddedToken {
     content: String,
     id: u32,
     normalized: bool,
+}
+
+/// tokenizer_config.json overlaid with special_tokens_map.json (either may be absent).
+fn read_tokenizer_config(dir: &Path) -> Result<serde_json::Map<String, Value>> {
+    let mut cfg = serde_json::Map::new();
+    for name in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let p = dir.join(name);
+        if p.is_file() {
+            match read_json(&p)? {
+                Value::Object(o) => cfg.extend(o),
+                _ => bail!("{}: expected a JSON object", p.display()),
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+/// The ids of `text` as transformers' tokenizers produce them around their added tokens: added
+/// tokens matched in the raw text (those not `normalized`), then in each normalised piece (those
+/// `normalized`), each as its own id; `encode` appends the ids of every plain piece left.
+fn tokenize_around_added(
+    text: &str,
+    added: &[AddedToken],
+    normalize: impl Fn(&str) -> String,
+    mut encode: impl FnMut(&str, &mut Vec<u32>),
+) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for (raw, special) in split_added(text, added.iter().filter(|t| !t.normalized)) {
+        if let Some(id) = special {
+            ids.push(id);
+            continue;
+        }
+        let normalized = normalize(raw);
+        for (piece, special) in split_added(&normalized, added.iter().filter(|t| t.normalized)) {
+            match special {
+                Some(id) => ids.push(id),
+                None => encode(piece, &mut ids),
+            }
+        }
+    }
+    ids
 }
 
 /// Splits `text` at every occurrence of the added tokens (leftmost, longest first at a position),
@@ -38,4 +84,16 @@ fn split_added<'a, 'b>(text: &'a str, tokens: impl Iterator<Item = &'b AddedToke
         out.push((&text[start..], None));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_added_finds_tokens_anywhere() {
+        let t = [AddedToken { content: "<|e|>".into(), id: 7, normalized: false }];
+        let parts = split_added("a<|e|>b<|e|>", t.iter());
+        assert_eq!(parts, vec![("a", None), ("<|e|>", Some(7)), ("b", None), ("<|e|>", Some(7))]);
+    }
 }

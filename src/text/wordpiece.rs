@@ -21,7 +21,7 @@
 //! `max_length` is 77 whatever the folder's `model_max_length` (BERT's is 512): RoentGen keeps the
 //! CLIP tokenizer's limit for every text encoder so that the U-Net sees the same context length.
 
-use super::{split_added, AddedToken};
+use super::{tokenize_around_added, AddedToken};
 use crate::io::weights::read_json;
 use crate::text::bpe::Encoding;
 use anyhow::{bail, Context, Result};
@@ -95,16 +95,7 @@ impl WordPieceTokenizer {
     /// pipeline folder is accepted too (its `tokenizer/` is used).
     pub fn from_dir(dir: &Path) -> Result<WordPieceTokenizer> {
         let dir = crate::text::bpe::tokenizer_dir(dir)?;
-        let mut config = serde_json::Map::new();
-        for name in ["tokenizer_config.json", "special_tokens_map.json"] {
-            let p = dir.join(name);
-            if p.is_file() {
-                match read_json(&p)? {
-                    Value::Object(o) => config.extend(o),
-                    _ => bail!("{}: expected a JSON object", p.display()),
-                }
-            }
-        }
+        let config = super::read_tokenizer_config(&dir)?;
         let (vocab_path, json_path) = (dir.join("vocab.txt"), dir.join("tokenizer.json"));
         let (mut vocab, mut added, mut prefix, mut max_chars) = (HashMap::new(), Vec::new(), "##".to_string(), 100);
         if vocab_path.is_file() {
@@ -218,25 +209,10 @@ impl WordPieceTokenizer {
 
     /// Token ids of `text` without [CLS]/[SEP], untruncated.
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
-        let mut ids = Vec::new();
-        for (raw, special) in split_added(text, self.added.iter().filter(|t| !t.normalized)) {
-            if let Some(id) = special {
-                ids.push(id);
-                continue;
-            }
-            let normalized = self.normalize(raw);
-            for (piece, special) in split_added(&normalized, self.added.iter().filter(|t| t.normalized)) {
-                match special {
-                    Some(id) => ids.push(id),
-                    None => {
-                        for word in pre_tokenize(piece) {
-                            self.wordpiece(word, &mut ids);
-                        }
-                    }
-                }
-            }
-        }
-        ids
+        let encode = |piece: &str, ids: &mut Vec<u32>| {
+            pre_tokenize(piece).into_iter().for_each(|word| self.wordpiece(word, ids))
+        };
+        tokenize_around_added(text, &self.added, |t| self.normalize(t), encode)
     }
 
     /// Tokenizes as a pipeline feeds the text encoder: [CLS] + ids + [SEP], truncated to
