@@ -149,14 +149,9 @@ impl Gemm {
     };
 }
 
-/// The shape of a cuBLASLt product, what a plan is made for: D = alpha·op(A)·op(B) + beta·C
-/// (+ bias), f32 matrices and scale type, column-major, C and D the same matrix (layout C), shapes
-/// and leading dimensions as in [`Gemm`]. `bias`: the BIAS epilogue (D[i][j] += bias[i], one f32 per
-/// row of D, its address set per call with `lt_set_bias`). `align`: the alignments in bytes of A,
-/// B and C/D promised to the heuristic (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES, D
-/// taking C's); the call's addresses must honour them.
+/// The shape and layout of one product (the scalars and operands are per call).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct LtMatmul {
+pub(crate) struct GemmShape {
     pub ta: bool,
     pub tb: bool,
     pub m: usize,
@@ -165,8 +160,19 @@ pub(crate) struct LtMatmul {
     pub lda: usize,
     pub ldb: usize,
     pub ldc: usize,
-    pub bias: bool,
     pub compute: Compute,
+}
+
+/// The shape of a cuBLASLt product, what a plan is made for: D = alpha·op(A)·op(B) + beta·C
+/// (+ bias), f32 matrices and scale type, column-major, C and D the same matrix (layout C), shapes
+/// and leading dimensions as in [`Gemm`]. `bias`: the BIAS epilogue (D[i][j] += bias[i], one f32 per
+/// row of D, its address set per call with `lt_set_bias`). `align`: the alignments in bytes of A,
+/// B and C/D promised to the heuristic (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES, D
+/// taking C's); the call's addresses must honour them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct LtMatmul {
+    pub shape: GemmShape,
+    pub bias: bool,
     pub align: [u32; 3],
 }
 
@@ -380,7 +386,7 @@ impl CudaDriver {
         max_workspace: usize,
         parts: &mut LtParts,
     ) -> Result<lts::cublasLtMatmulAlgo_t, lt::CublasError> {
-        let compute = match key.compute {
+        let compute = match key.shape.compute {
             Compute::F32FastBf16 => lts::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
             Compute::F32 => lts::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         };
@@ -390,16 +396,17 @@ impl CudaDriver {
         let set =
             |attr, v: &[u8]| unsafe { lt::set_matmul_desc_attribute(desc, attr, v.as_ptr() as *const c_void, v.len()) };
         // cublasOperation_t is an int32: N = 0, T = 1.
-        set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &(key.ta as i32).to_ne_bytes())?;
-        set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &(key.tb as i32).to_ne_bytes())?;
+        set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &(key.shape.ta as i32).to_ne_bytes())?;
+        set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &(key.shape.tb as i32).to_ne_bytes())?;
         if key.bias {
             let epi = lts::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
             set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi.to_ne_bytes())?;
         }
         // Stored shapes: op(A) is m×k, so A is k×m when transposed; op(B) is k×n.
-        let (ar, ac) = if key.ta { (key.k, key.m) } else { (key.m, key.k) };
-        let (br, bc) = if key.tb { (key.n, key.k) } else { (key.k, key.n) };
-        for (r, c, ld) in [(ar, ac, key.lda), (br, bc, key.ldb), (key.m, key.n, key.ldc)] {
+        let (ar, ac) = if key.shape.ta { (key.shape.k, key.shape.m) } else { (key.shape.m, key.shape.k) };
+        let (br, bc) = if key.shape.tb { (key.shape.n, key.shape.k) } else { (key.shape.k, key.shape.n) };
+        for (r, c, ld) in [(ar, ac, key.shape.lda), (br, bc, key.shape.ldb), (key.shape.m, key.shape.n, key.shape.ldc)]
+        {
             let l = lt::create_matrix_layout(f32t, r as u64, c as u64, ld as i64)?;
             parts.layouts.push(l);
         }

@@ -18,9 +18,10 @@
 //! What is not emulated: timing (events read a host clock) and the vendor libraries' algorithms.
 
 use super::device::{
-    Device, DeviceError, Event, Function, Gemm, Graph, GraphExec, LaunchDims, LtMatmul, LtOperands, MatmulPlan,
+    Device, DeviceError, Event, Function, Gemm, GemmShape, Graph, GraphExec, LaunchDims, LtMatmul, LtOperands,
+    MatmulPlan,
 };
-use super::reference_gemm::{gemm, GemmShape};
+use super::reference_gemm::gemm;
 use anyhow::Result;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -174,7 +175,7 @@ impl EmuDevice {
                 self.gemm_on_device("cublasGemmEx", &shape, o, None)
             }
             Op::Lt { shape: s, bias, ops } => {
-                let shape = GemmShape::from(s);
+                let shape = s.shape;
                 for (what, addr, align) in
                     [("A", ops.a, s.align[0]), ("B", ops.b, s.align[1]), ("C", ops.c, s.align[2])]
                 {
@@ -432,13 +433,14 @@ impl Device for EmuDevice {
         self.run(&op)
     }
 
-    fn lt_plan(&self, shape: &LtMatmul, _max_workspace: usize) -> Result<MatmulPlan, DeviceError> {
+    fn lt_plan(&self, key: &LtMatmul, _max_workspace: usize) -> Result<MatmulPlan, DeviceError> {
+        let shape = &key.shape;
         let (a_rows, b_rows) = (if shape.ta { shape.k } else { shape.m }, if shape.tb { shape.n } else { shape.k });
         if shape.lda < a_rows.max(1) || shape.ldb < b_rows.max(1) || shape.ldc < shape.m.max(1) {
             return Err(refuse(format!("cublasLtMatrixLayoutCreate: leading dimension below the rows in {shape:?}")));
         }
         let mut p = self.plans.borrow_mut();
-        p.push(Some((*shape, 0)));
+        p.push(Some((*key, 0)));
         Ok(MatmulPlan(p.len() as u64 - 1))
     }
 

@@ -4,7 +4,7 @@
 //! cuBLASLt declines (no algorithm, a refused call, a bias vector not 16-byte aligned) go through
 //! cuBLAS `gemmEx` (`CudaBackend::gemm`, with the bias added by linear.cu), once noted.
 
-use super::device::{Compute, Gemm, LtMatmul, LtOperands, MatmulPlan};
+use super::device::{Compute, Gemm, GemmShape, LtMatmul, LtOperands, MatmulPlan};
 use super::CudaBackend;
 use anyhow::{anyhow, Result};
 
@@ -46,19 +46,9 @@ impl CudaBackend {
         if bias.is_some_and(|b| b % 16 != 0) {
             return Ok(false);
         }
-        let key = LtMatmul {
-            ta,
-            tb,
-            m,
-            n,
-            k,
-            lda,
-            ldb,
-            ldc,
-            bias: bias.is_some(),
-            compute: if self.use_bf16() { Compute::F32FastBf16 } else { Compute::F32 },
-            align: [alignment(a), alignment(b), alignment(c)],
-        };
+        let compute = if self.use_bf16() { Compute::F32FastBf16 } else { Compute::F32 };
+        let shape = GemmShape { ta, tb, m, n, k, lda, ldb, ldc, compute };
+        let key = LtMatmul { shape, bias: bias.is_some(), align: [alignment(a), alignment(b), alignment(c)] };
         if !self.lt_plans.borrow().contains_key(&key) {
             let plan = self.lt_plan(&key);
             if matches!(plan, LtPlan::Declined) && !self.lt_declined_noted.replace(true) {

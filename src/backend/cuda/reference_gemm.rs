@@ -13,21 +13,7 @@
 //! the emulation always does, the stricter reading. Products are summed in f64 and the result
 //! rounded to f32 once: a reference, which real GPUs match within their accumulation error.
 
-use super::device::{Compute, Gemm, LtMatmul};
-
-/// The shape and layout of one product (the scalars and operands are per call).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct GemmShape {
-    pub ta: bool,
-    pub tb: bool,
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub lda: usize,
-    pub ldb: usize,
-    pub ldc: usize,
-    pub compute: Compute,
-}
+use super::device::{Compute, Gemm, GemmShape};
 
 impl GemmShape {
     /// (rows, columns) of A and of B as stored.
@@ -68,13 +54,6 @@ impl GemmShape {
 impl From<&Gemm> for GemmShape {
     fn from(g: &Gemm) -> GemmShape {
         let Gemm { ta, tb, m, n, k, lda, ldb, ldc, compute, .. } = *g;
-        GemmShape { ta, tb, m, n, k, lda, ldb, ldc, compute }
-    }
-}
-
-impl From<&LtMatmul> for GemmShape {
-    fn from(p: &LtMatmul) -> GemmShape {
-        let LtMatmul { ta, tb, m, n, k, lda, ldb, ldc, compute, .. } = *p;
         GemmShape { ta, tb, m, n, k, lda, ldb, ldc, compute }
     }
 }
