@@ -1,7 +1,7 @@
 //! 2-D convolution (`torch.nn.Conv2d` on channels-last activations, PyTorch's (c_out, c_in, kh, kw)
 //! weight), with the asymmetric padding the VAE's downsamplers use. Kernels: kernels/conv.cu.
 
-use super::linear::{column_sums_into, LinearParams};
+use super::linear::{column_sums_into, LinearParams, WeightedBackward, WeightedForward};
 use crate::backend::cpu::gemm::{self, Mat};
 use crate::backend::{check_disjoint, check_len};
 use crate::tensor::Tensor;
@@ -22,25 +22,11 @@ pub struct Conv2dParams {
     pub pad: [usize; 4],
 }
 
-/// The tensors of a forward call: `out` (batch, out_h, out_w, c_out), `inp` (batch, h, w, c_in),
+/// A convolution's forward tensors: `out` (batch, out_h, out_w, c_out), `inp` (batch, h, w, c_in),
 /// `weight` (c_out, c_in, kernel, kernel), `bias` (c_out), if any.
-pub struct Conv2dForward<'a> {
-    pub out: &'a Tensor,
-    pub inp: &'a Tensor,
-    pub weight: &'a Tensor,
-    pub bias: Option<&'a Tensor>,
-}
-
-/// The tensors of a backward call: the gradients (accumulated into; `dinp` and `dbias` only when
-/// wanted), `dout`, and the forward's input and weight.
-pub struct Conv2dBackward<'a> {
-    pub dinp: Option<&'a Tensor>,
-    pub dweight: &'a Tensor,
-    pub dbias: Option<&'a Tensor>,
-    pub dout: &'a Tensor,
-    pub inp: &'a Tensor,
-    pub weight: &'a Tensor,
-}
+pub type Conv2dForward<'a> = WeightedForward<'a>;
+/// A convolution's backward tensors (shapes as [`Conv2dForward`]).
+pub type Conv2dBackward<'a> = WeightedBackward<'a>;
 
 impl Conv2dParams {
     pub fn out_h(&self) -> usize {

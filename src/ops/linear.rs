@@ -16,18 +16,18 @@ pub struct LinearParams {
     pub out_features: usize,
 }
 
-/// The tensors of a forward call: `out` (rows, out_features), `inp` (rows, in_features),
-/// `weight` (out_features, in_features), `bias` (out_features), if any.
-pub struct LinearForward<'a> {
+/// The tensors of a forward call of a layer with a weight and an optional bias (linear, conv2d):
+/// `out`, `inp`, `weight`, `bias` (each op's aliases give the shapes).
+pub struct WeightedForward<'a> {
     pub out: &'a Tensor,
     pub inp: &'a Tensor,
     pub weight: &'a Tensor,
     pub bias: Option<&'a Tensor>,
 }
 
-/// The tensors of a backward call: the gradients (accumulated into; `dinp` and `dbias` only when
+/// The tensors of its backward call: the gradients (accumulated into; `dinp` and `dbias` only when
 /// wanted), `dout`, and the forward's input and weight.
-pub struct LinearBackward<'a> {
+pub struct WeightedBackward<'a> {
     pub dinp: Option<&'a Tensor>,
     pub dweight: &'a Tensor,
     pub dbias: Option<&'a Tensor>,
@@ -35,6 +35,12 @@ pub struct LinearBackward<'a> {
     pub inp: &'a Tensor,
     pub weight: &'a Tensor,
 }
+
+/// A linear layer's forward tensors: `out` (rows, out_features), `inp` (rows, in_features),
+/// `weight` (out_features, in_features), `bias` (out_features), if any.
+pub type LinearForward<'a> = WeightedForward<'a>;
+/// A linear layer's backward tensors (shapes as [`LinearForward`]).
+pub type LinearBackward<'a> = WeightedBackward<'a>;
 
 impl LinearParams {
     /// Multiply-adds ×2 of the forward product (each backward product is one more).

@@ -9,7 +9,7 @@ use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, Pointwise, UpsampleParams};
-use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
+use crate::ops::linear::{LinearBackward, LinearForward, LinearParams, WeightedBackward};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::ops::optim::{AdamWParams, Reduction};
 use crate::ops::random::{AddNoiseParams, RandnParams};
@@ -64,6 +64,14 @@ impl CpuBackend {
         unsafe { std::slice::from_raw_parts_mut(p.ptr.add(t.offset), t.numel()) }
     }
 
+    /// A weighted layer's backward (linear, conv2d) as slices: the gradients `dinp`, `dweight`,
+    /// `dbias` mutable, then `[dout, inp, weight]`. The op's `check_backward` must have run: it
+    /// checks that the gradients are disjoint from each other and from the inputs.
+    fn weighted_grad_views(&self, t: &WeightedBackward) -> WeightedGradViews<'_> {
+        let ins = [t.dout, t.inp, t.weight].map(|x| self.view(x));
+        (t.dinp.map(|d| self.view_mut(d)), self.view_mut(t.dweight), t.dbias.map(|d| self.view_mut(d)), ins)
+    }
+
     /// Mutable views of `outs` and shared views of `ins`, after checking that no output overlaps
     /// another output or any input (an overlap is a bug in the caller, hence a panic).
     fn views<const O: usize, const I: usize>(
@@ -82,6 +90,9 @@ impl CpuBackend {
         (outs.map(|t| self.view_mut(t)), ins.map(|t| self.view(t)))
     }
 }
+
+/// (dinp, dweight, dbias, [dout, inp, weight]) of a weighted layer's backward, as slices.
+type WeightedGradViews<'a> = (Option<&'a mut [f32]>, &'a mut [f32], Option<&'a mut [f32]>, [&'a [f32]; 3]);
 
 impl Backend for CpuBackend {
     fn name(&self) -> String {
@@ -234,10 +245,8 @@ impl Backend for CpuBackend {
 
     fn linear_backward(&self, p: &LinearParams, t: &LinearBackward) -> Result<()> {
         p.check_backward(t)?;
-        // Disjoint (checked above): each gradient a mutable view of its own.
-        let dweight = self.view_mut(t.dweight);
-        let (dinp, dbias) = (t.dinp.map(|d| self.view_mut(d)), t.dbias.map(|d| self.view_mut(d)));
-        p.cpu_backward(dinp, dweight, dbias, [t.dout, t.inp, t.weight].map(|x| self.view(x)));
+        let (dinp, dweight, dbias, ins) = self.weighted_grad_views(t);
+        p.cpu_backward(dinp, dweight, dbias, ins);
         Ok(())
     }
 
@@ -265,10 +274,8 @@ impl Backend for CpuBackend {
 
     fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()> {
         p.check_backward(t)?;
-        // Disjoint (checked above): each gradient a mutable view of its own.
-        let dweight = self.view_mut(t.dweight);
-        let (dinp, dbias) = (t.dinp.map(|d| self.view_mut(d)), t.dbias.map(|d| self.view_mut(d)));
-        p.cpu_backward(dinp, dweight, dbias, [t.dout, t.inp, t.weight].map(|x| self.view(x)));
+        let (dinp, dweight, dbias, ins) = self.weighted_grad_views(t);
+        p.cpu_backward(dinp, dweight, dbias, ins);
         Ok(())
     }
 
