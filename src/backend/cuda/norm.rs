@@ -34,10 +34,7 @@ impl CudaBackend {
     /// names the op in the 32-bit index range error.
     fn gn_plan(&self, p: &GroupNormParams, what: &str) -> Result<Option<GnPlan>> {
         let (n, bg) = (p.elements(), p.batch * p.groups);
-        to_i32(what, n)?;
-        if n == 0 {
-            return Ok(None);
-        }
+        let Some(_) = nonempty_i32(what, n)? else { return Ok(None) };
         let cpg = p.channels_per_group();
         let (nchunks, rpc) = chunking(p.hw, GN_CHUNK_ELEMS / cpg, GN_MAX_CHUNKS);
         let blocks = to_i32(&format!("{what} blocks"), bg * nchunks)? as u32;
