@@ -5,6 +5,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::models::clip::{ClipTextConfig, ClipTextModel};
+use roentgen::models::Component;
 use std::path::Path;
 
 fn bench(c: &mut Criterion) {

@@ -902,18 +902,6 @@ AB_INSTANTIATE(160)
 // ============================================================================================
 #define AW_THREADS 256
 
-// Max over a block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result. `scratch`
-// needs 32 floats of shared memory; contains __syncthreads (reached by every thread).
-__device__ __forceinline__ float aw_block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();  // scratch may still be read by a previous call
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < nwarps ? scratch[lane] : ATT_NEG_INF;
-    return warp_max(v);
-}
-
 // Row softmax of the scaled scores, in place: s (nrows, kv_len) holds q_i·k_j (unscaled) on entry
 // and P_ij = exp(scale·s_ij − m_i) / Σ_j' exp(scale·s_ij' − m_i) over the allowed keys on exit (0 for
 // excluded keys); lse (batch, q_len, heads) gets m_i + ln Σ_j exp(scale·s_ij − m_i), as
@@ -931,7 +919,7 @@ attention_wide_softmax(float* __restrict__ s, float* __restrict__ lse, const uns
     float m = ATT_NEG_INF;
     for (int j = threadIdx.x; j < j_end; j += blockDim.x)
         if (att_key_ok(key_mask, b, kv_len, j)) m = fmaxf(m, row[j] * scale);
-    m = aw_block_max(m, aw_red);
+    m = block_reduce<RedMax>(m, aw_red, ATT_NEG_INF);
     float l = 0.0f;
     if (m != ATT_NEG_INF)
         for (int j = threadIdx.x; j < j_end; j += blockDim.x)

@@ -5,34 +5,48 @@
 
 #define CEIL_DIV(a, b) (((a) + (b) - 1) / (b))
 
-// Sum / max over the 32 lanes of a warp; every lane gets the result.
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-__device__ __forceinline__ double warp_sum_d(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+// A 1-D grid-stride loop over [0, n) with a 64-bit index (the kernels whose launch is "1-D
+// grid-stride": any grid covers every element).
+#define GRID_STRIDE(i, n)                                                                \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)(n); \
+         i += (long long)gridDim.x * blockDim.x)
 
-// Sum over a block of at most 1024 threads (blockDim.x a multiple of 32); every thread gets the
-// result. `scratch` needs 32 floats of shared memory; the call contains __syncthreads and must be
-// reached by every thread of the block.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Reductions over the 32 lanes of a warp and over a block, for a sum or a max, in f32 or f64.
+struct RedSum {
+    template <typename T>
+    __device__ static T op(T a, T b) { return a + b; }
+};
+struct RedMax {
+    __device__ static float op(float a, float b) { return fmaxf(a, b); }
+};
+
+// Butterfly over the warp; every lane gets the result.
+template <typename Op, typename T>
+__device__ __forceinline__ T warp_reduce(T v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = Op::op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce<RedSum>(v); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce<RedMax>(v); }
+__device__ __forceinline__ double warp_sum_d(double v) { return warp_reduce<RedSum>(v); }
+
+// Over a block of at most 1024 threads (blockDim.x a multiple of 32); every thread gets the result.
+// `scratch` needs 32 elements of shared memory; `identity` fills the lanes past the block's warps.
+// The call contains __syncthreads and must be reached by every thread of the block.
+template <typename Op, typename T>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, T identity) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = warp_reduce<Op>(v);
     __syncthreads();  // scratch may still be read by a previous call
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < nwarps ? scratch[lane] : 0.0f;
-    return warp_sum(v);
+    v = lane < nwarps ? scratch[lane] : identity;
+    return warp_reduce<Op>(v);
+}
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce<RedSum>(v, scratch, 0.0f); }
+__device__ __forceinline__ double block_sum_d(double v, double* scratch) {
+    return block_reduce<RedSum>(v, scratch, 0.0);
 }
 
 // f32 ↔ bf16 (round to nearest even, as PyTorch's .to(torch.bfloat16)).

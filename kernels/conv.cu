@@ -150,6 +150,36 @@ __device__ __forceinline__ void put(float* p, float v, int accumulate) {
 // Tile shapes.
 // f32 SIMT: 64×64 block tile, 16-deep reduction tile, 256 threads, 4×4 outputs per thread.
 constexpr int F_BM = 64, F_BN = 64, F_BK = 16, F_PAD = 4;
+
+// Hands each element of a thread's 4×4 register tile inside (rows, cols) to store(row, col, v):
+// acc[i][j] is the element (row0 + i, col0 + j).
+template <class Store>
+__device__ __forceinline__ void f_tile_store(const float acc[4][4], int row0, int col0, int rows, int cols,
+                                             Store store) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        if (row0 + i >= rows) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (col0 + j < cols) store(row0 + i, col0 + j, acc[i][j]);
+    }
+}
+
+// One staged K slice of the fp32 tiles into a thread's 4×4 register tile:
+// acc[i][j] += Σ_k As[k][ty·4 + i] · Bs[k][tx·4 + j], k < F_BK, in k order (fmaf, as both callers did).
+static __device__ __forceinline__ void f_tile_fma(float acc[4][4], const float (*As)[F_BM + F_PAD],
+                                                  const float (*Bs)[F_BN + F_PAD], int ty, int tx) {
+#pragma unroll
+    for (int k = 0; k < F_BK; ++k) {
+        const float4 a = *reinterpret_cast<const float4*>(&As[k][ty * 4]);
+        const float4 b = *reinterpret_cast<const float4*>(&Bs[k][tx * 4]);
+        const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+}
 // bf16 mma: 128×64 block tile, 32-deep reduction tile, 256 threads = 8 warps as 4 (M) × 2 (N), each
 // warp 32×32 = 2 (m16) × 4 (n8) mma tiles. Shared tiles hold bf16 pairs as 32-bit words, row-major
 // with the reduction index k contiguous: word kw of a row holds k = 2kw (low half) and 2kw+1 (high
@@ -188,6 +218,27 @@ __device__ __forceinline__ void warp_mma_32x32(float acc[2][4][4], const uint32_
     for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], af[i], bfr[j], acc[i][j]);
+}
+
+// Hands each element of a warp's 32×32 accumulator tile inside (rows, cols) to store(row, col, v):
+// acc[i][j][2h + e] is the element (row0 + i·16 + g + 8h, col0 + j·8 + 2t + e).
+template <class Store>
+__device__ __forceinline__ void warp_tile_32x32_store(const float acc[2][4][4], int row0, int col0, int rows,
+                                                      int cols, int g, int t, Store store) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = row0 + i * 16 + g + 8 * h;
+            if (r >= rows) continue;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = col0 + j * 8 + 2 * t + e;
+                    if (c < cols) store(r, c, acc[i][j][2 * h + e]);
+                }
+        }
 }
 
 // Four consecutive-k values as bf16 into a tile row at k = 4·kq .. 4·kq+3 (words 2kq, 2kq+1).
@@ -310,11 +361,7 @@ extern "C" __global__ void __launch_bounds__(256)
     };
 
     const int tx = tid & 15, ty = tid >> 4;
-    float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    float acc[4][4] = {};
 
     if (ktiles > 0) load();
     for (int kt = 0; kt < ktiles; ++kt) {
@@ -328,31 +375,13 @@ extern "C" __global__ void __launch_bounds__(256)
         Bs[lk + 3][lrow] = rb.w;
         __syncthreads();
         if (kt + 1 < ktiles) load();  // the next tile's global loads overlap this tile's math
-#pragma unroll
-        for (int k = 0; k < F_BK; ++k) {
-            const float4 a = *reinterpret_cast<const float4*>(&As[k][ty * 4]);
-            const float4 b = *reinterpret_cast<const float4*>(&Bs[k][tx * 4]);
-            const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-        }
+        f_tile_fma(acc, As, Bs, ty, tx);
         __syncthreads();
     }
 
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int m = m0 + ty * 4 + i;
-        if (m >= M) continue;
-        float* d = dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int n = n0 + tx * 4 + j;
-            if (n >= N) continue;
-            put(d + n, acc[i][j] + (bias ? bias[n] : 0.f), accumulate);
-        }
-    }
+    f_tile_store(acc, m0 + ty * 4, n0 + tx * 4, M, N, [&](int m, int n, float v) {
+        put(dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N) + n, v + (bias ? bias[n] : 0.f), accumulate);
+    });
 }
 
 /// bf16 tensor-core version (same parameters and result, operands rounded to bf16; the weight
@@ -401,13 +430,7 @@ extern "C" __global__ void __launch_bounds__(256)
 
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int wm0 = (warp & 3) * 32, wn0 = (warp >> 2) * 32;
-    float acc[2][4][4];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    float acc[2][4][4] = {};
 
     if (ktiles > 0) load();
     for (int kt = 0; kt < ktiles; ++kt) {
@@ -422,23 +445,9 @@ extern "C" __global__ void __launch_bounds__(256)
         __syncthreads();
     }
 
-    // acc[i][j][2h + e] is D[row wm0 + i·16 + g + 8h][column wn0 + j·8 + 2t + e].
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int m = m0 + wm0 + i * 16 + g + 8 * h;
-            if (m >= M) continue;
-            float* d = dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N);
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int n = n0 + wn0 + j * 8 + 2 * t + e;
-                    if (n >= N) continue;
-                    put(d + n, acc[i][j][2 * h + e] + (bias ? bias[n] : 0.f), accumulate);
-                }
-        }
+    warp_tile_32x32_store(acc, m0 + wm0, n0 + wn0, M, N, g, t, [&](int m, int n, float v) {
+        put(dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N) + n, v + (bias ? bias[n] : 0.f), accumulate);
+    });
 }
 
 // ---- weight gradient ----------------------------------------------------------------------------
@@ -450,6 +459,17 @@ extern "C" __global__ void __launch_bounds__(256)
 // (y mod ⌈c_in/BN⌉)·BN.., pixels [z·chunk, min(P, (z+1)·chunk)) (chunk a multiple of the tile
 // depth). Blocks of different z add into the same dw elements with atomicAdd.
 
+// What block (x, y, z) of a weight-gradient launch computes (see above) for BM×BN tiles.
+struct WgradTile {
+    int co0, ci0, tap, p_begin, p_end;
+};
+template <int BM, int BN>
+__device__ __forceinline__ WgradTile wgrad_tile(int c_in, int k, int P, int chunk) {
+    const int ci_tiles = CEIL_DIV(c_in, BN), p_begin = blockIdx.z * chunk;
+    return {(int)blockIdx.x * BM, (int)(blockIdx.y % ci_tiles) * BN, (int)blockIdx.y / ci_tiles, p_begin,
+            min(P, p_begin + chunk)};
+}
+
 /// f32 SIMT version. Launch: grid (⌈c_out/64⌉, ⌈c_in/64⌉·k², splits), block (256).
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_wgrad_f32(float* __restrict__ dw, const float* __restrict__ dout, const float* __restrict__ x, int P,
@@ -457,11 +477,9 @@ extern "C" __global__ void __launch_bounds__(256)
     __shared__ __align__(16) float As[F_BK][F_BM + F_PAD];  // As[p][co]
     __shared__ __align__(16) float Bs[F_BK][F_BN + F_PAD];  // Bs[p][ci]
     const int tid = threadIdx.x;
-    const int ci_tiles = CEIL_DIV(c_in, F_BN);
-    const int co0 = blockIdx.x * F_BM;
-    const int tap = blockIdx.y / ci_tiles, ci0 = (blockIdx.y % ci_tiles) * F_BN;
-    const int ky = tap / k, kx = tap % k;
-    const int p_begin = blockIdx.z * chunk, p_end = min(P, p_begin + chunk);
+    const WgradTile tile = wgrad_tile<F_BM, F_BN>(c_in, k, P, chunk);
+    const int co0 = tile.co0, ci0 = tile.ci0, tap = tile.tap, ky = tap / k, kx = tap % k;
+    const int p_begin = tile.p_begin, p_end = tile.p_end;
 
     // Loader: thread loads channels lc..lc+3 of pixel p_tile + lp (16 threads per pixel row).
     const int lp = tid >> 4, lc = (tid & 15) * 4;
@@ -479,11 +497,7 @@ extern "C" __global__ void __launch_bounds__(256)
     };
 
     const int tx = tid & 15, ty = tid >> 4;  // rows (co) ty·4.., columns (ci) tx·4..
-    float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    float acc[4][4] = {};
 
     if (p_begin < p_end) load(p_begin);
     for (int pb = p_begin; pb < p_end; pb += F_BK) {
@@ -491,32 +505,16 @@ extern "C" __global__ void __launch_bounds__(256)
         *reinterpret_cast<float4*>(&Bs[lp][lc]) = rb;
         __syncthreads();
         if (pb + F_BK < p_end) load(pb + F_BK);
-#pragma unroll
-        for (int kk = 0; kk < F_BK; ++kk) {
-            const float4 a = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
-            const float4 b = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
-            const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-        }
+        f_tile_fma(acc, As, Bs, ty, tx);
         __syncthreads();
     }
     if (p_begin >= p_end) return;
 
     const int taps = k * k;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int co = co0 + ty * 4 + i;
-        if (co >= c_out) continue;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int ci = ci0 + tx * 4 + j;
-            if (ci >= c_in) continue;
-            atomicAdd(dw + ((size_t)co * c_in + ci) * taps + tap, acc[i][j]);  // split-pixel partial sums
-        }
-    }
+    // Rows are output channels, columns input channels of dW_tap.
+    f_tile_store(acc, co0 + ty * 4, ci0 + tx * 4, c_out, c_in, [&](int co, int ci, float v) {
+        atomicAdd(dw + ((size_t)co * c_in + ci) * taps + tap, v);  // split-pixel partial sums
+    });
 }
 
 /// bf16 tensor-core version (same parameters and result, operands rounded to bf16; the weight
@@ -533,11 +531,9 @@ extern "C" __global__ void __launch_bounds__(256)
     __shared__ __align__(16) uint32_t As[H_BM][H_LDW];  // As[co][pixel pair]
     __shared__ __align__(16) uint32_t Bs[H_BN][H_LDW];  // Bs[ci][pixel pair]
     const int tid = threadIdx.x;
-    const int ci_tiles = CEIL_DIV(c_in, H_BN);
-    const int co0 = blockIdx.x * H_BM;
-    const int tap = blockIdx.y / ci_tiles, ci0 = (blockIdx.y % ci_tiles) * H_BN;
-    const int ky = tap / k, kx = tap % k;
-    const int p_begin = blockIdx.z * chunk, p_end = min(P, p_begin + chunk);
+    const WgradTile tile = wgrad_tile<H_BM, H_BN>(c_in, k, P, chunk);
+    const int co0 = tile.co0, ci0 = tile.ci0, tap = tile.tap, ky = tap / k, kx = tap % k;
+    const int p_begin = tile.p_begin, p_end = tile.p_end;
 
     // A units tid and tid + 256 (quads 0..31 of 128 channels), B unit tid (quads 0..15 of 64).
     const int pp = (tid >> 1) & 15;
@@ -571,13 +567,7 @@ extern "C" __global__ void __launch_bounds__(256)
 
     const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int wm0 = (warp & 3) * 32, wn0 = (warp >> 2) * 32;
-    float acc[2][4][4];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    float acc[2][4][4] = {};
 
     if (p_begin < p_end) load(p_begin);
     for (int pb = p_begin; pb < p_end; pb += H_BK) {
@@ -606,22 +596,10 @@ extern "C" __global__ void __launch_bounds__(256)
     if (p_begin >= p_end) return;
 
     const int taps = k * k;
-    // acc[i][j][2h + e] is dW_tap[co0 + wm0 + i·16 + g + 8h][ci0 + wn0 + j·8 + 2t + e].
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int h2 = 0; h2 < 2; ++h2) {
-            const int co = co0 + wm0 + i * 16 + g + 8 * h2;
-            if (co >= c_out) continue;
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int ci = ci0 + wn0 + j * 8 + 2 * t + e;
-                    if (ci >= c_in) continue;
-                    atomicAdd(dw + ((size_t)co * c_in + ci) * taps + tap, acc[i][j][2 * h2 + e]);
-                }
-        }
+    // Rows are output channels, columns input channels of dW_tap.
+    warp_tile_32x32_store(acc, co0 + wm0, ci0 + wn0, c_out, c_in, g, t, [&](int co, int ci, float v) {
+        atomicAdd(dw + ((size_t)co * c_in + ci) * taps + tap, v);  // split-pixel partial sums
+    });
 }
 
 // ---- bias gradient ------------------------------------------------------------------------------

@@ -66,23 +66,20 @@ static __device__ __forceinline__ float ew_act_grad(float x, int act) {
     }
 }
 
-#define EW_FOR(i, n)                                                                     \
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)(n); \
-         i += (long long)gridDim.x * blockDim.x)
 
 // activation_forward: out = act(inp) (cpu/mod.rs `activation_forward`). Launch: 1-D grid-stride.
 extern "C" __global__ void ew_activation_fwd(float* out, const float* inp, int n, int act) {
-    EW_FOR(i, n) out[i] = ew_act(inp[i], act);
+    GRID_STRIDE(i, n) out[i] = ew_act(inp[i], act);
 }
 
 // activation_backward: dinp += dout·act'(inp) (ops/elementwise.rs `Pointwise::cpu_activation_backward`). Launch: 1-D grid-stride.
 extern "C" __global__ void ew_activation_bwd(float* dinp, const float* dout, const float* inp, int n, int act) {
-    EW_FOR(i, n) dinp[i] = dinp[i] + __fmul_rn(dout[i], ew_act_grad(inp[i], act));  // no FMA: the CPU rounds g·d(x) first
+    GRID_STRIDE(i, n) dinp[i] = dinp[i] + __fmul_rn(dout[i], ew_act_grad(inp[i], act));  // no FMA: the CPU rounds g·d(x) first
 }
 
 // add_forward: out = a + b (cpu/mod.rs `add_forward`). Launch: 1-D grid-stride.
 extern "C" __global__ void ew_add(float* out, const float* a, const float* b, int n) {
-    EW_FOR(i, n) out[i] = a[i] + b[i];
+    GRID_STRIDE(i, n) out[i] = a[i] + b[i];
 }
 
 // add_bias_rows_forward: out[b, r, ch] = inp[b, r, ch] + bias[b, ch], inp/out (batch, rows, c)
@@ -90,7 +87,7 @@ extern "C" __global__ void ew_add(float* out, const float* a, const float* b, in
 extern "C" __global__ void ew_add_bias_rows(float* out, const float* inp, const float* bias, int batch, int rows,
                                             int c) {
     const unsigned per_sample = (unsigned)rows * (unsigned)c;
-    EW_FOR(i, (long long)batch * rows * c) {
+    GRID_STRIDE(i, (long long)batch * rows * c) {
         const unsigned ui = (unsigned)i;
         const unsigned b = ui / per_sample, ch = ui % (unsigned)c;
         out[i] = inp[i] + bias[(size_t)b * c + ch];
@@ -125,7 +122,7 @@ extern "C" __global__ void ew_bias_rows_bwd_partial(double* part, const float* d
 // order in f64 and rounded once (cpu/mod.rs `add_bias_rows_backward`). Launch: 1-D grid-stride
 // over batch·c.
 extern "C" __global__ void ew_bias_rows_bwd_finalize(float* dbias, const double* part, int batch, int c, int chunks) {
-    EW_FOR(i, (long long)batch * c) {
+    GRID_STRIDE(i, (long long)batch * c) {
         const unsigned ui = (unsigned)i;
         const unsigned b = ui / (unsigned)c, ch = ui - b * (unsigned)c;
         double s = 0.0;
@@ -138,7 +135,7 @@ extern "C" __global__ void ew_bias_rows_bwd_finalize(float* dbias, const double*
 // (cpu/mod.rs `concat_channels_forward`). Launch: 1-D grid-stride over rows·(ca + cb).
 extern "C" __global__ void ew_concat_fwd(float* out, const float* a, const float* b, int rows, int ca, int cb) {
     const unsigned cw = (unsigned)(ca + cb);
-    EW_FOR(i, (long long)rows * (ca + cb)) {
+    GRID_STRIDE(i, (long long)rows * (ca + cb)) {
         const unsigned ui = (unsigned)i;
         const unsigned r = ui / cw, j = ui - r * cw;
         out[i] = j < (unsigned)ca ? a[(size_t)r * ca + j] : b[(size_t)r * cb + (j - ca)];
@@ -150,7 +147,7 @@ extern "C" __global__ void ew_concat_fwd(float* out, const float* a, const float
 // Launch: 1-D grid-stride over rows·(ca + cb).
 extern "C" __global__ void ew_concat_bwd(float* da, float* db, const float* dout, int rows, int ca, int cb) {
     const unsigned cw = (unsigned)(ca + cb);
-    EW_FOR(i, (long long)rows * (ca + cb)) {
+    GRID_STRIDE(i, (long long)rows * (ca + cb)) {
         const unsigned ui = (unsigned)i;
         const unsigned r = ui / cw, j = ui - r * cw;
         if (j < (unsigned)ca) {
@@ -166,7 +163,7 @@ extern "C" __global__ void ew_concat_bwd(float* da, float* db, const float* dout
 // geglu_forward: inp (rows, 2·inner) = [x | gate] → out (rows, inner) = x·gelu(gate), exact erf
 // GELU (cpu/mod.rs `geglu_forward`). Launch: 1-D grid-stride over rows·inner.
 extern "C" __global__ void ew_geglu_fwd(float* out, const float* inp, int rows, int inner) {
-    EW_FOR(i, (long long)rows * inner) {
+    GRID_STRIDE(i, (long long)rows * inner) {
         const unsigned ui = (unsigned)i;
         const unsigned r = ui / (unsigned)inner, j = ui - r * (unsigned)inner;
         const float* x = inp + (size_t)r * 2 * inner;
@@ -177,7 +174,7 @@ extern "C" __global__ void ew_geglu_fwd(float* out, const float* inp, int rows, 
 // geglu_backward: dx += dout·gelu(gate), dgate += dout·x·gelu'(gate) (ops/elementwise.rs `GegluParams::cpu_backward`).
 // Launch: 1-D grid-stride over rows·inner.
 extern "C" __global__ void ew_geglu_bwd(float* dinp, const float* dout, const float* inp, int rows, int inner) {
-    EW_FOR(i, (long long)rows * inner) {
+    GRID_STRIDE(i, (long long)rows * inner) {
         const unsigned ui = (unsigned)i;
         const unsigned r = ui / (unsigned)inner, j = ui - r * (unsigned)inner;
         const size_t base = (size_t)r * 2 * inner;
@@ -204,15 +201,26 @@ static __device__ __forceinline__ int ew_first_src_at_least(int v, float scale, 
     return g;
 }
 
+// Element i of an NHWC (batch, h, w, c) tensor as (b, y, x, ch); i < 2^31 − 1 (checked by the
+// wrapper), so the divisions are 32-bit.
+struct EwNhwc {
+    unsigned b, y, x, ch;
+};
+static __device__ __forceinline__ EwNhwc ew_nhwc(long long i, int h, int w, int c) {
+    const unsigned ui = (unsigned)i;
+    const unsigned pix = ui / (unsigned)c, ch = ui - pix * (unsigned)c;
+    const unsigned t = pix / (unsigned)w, x = pix - t * (unsigned)w;
+    const unsigned b = t / (unsigned)h, y = t - b * (unsigned)h;
+    return {b, y, x, ch};
+}
+
 // upsample_nearest_forward: out (batch, oh, ow, c)[b, y, x] = inp (batch, ih, iw, c)[b, src(y),
 // src(x)] (cpu/mod.rs `upsample_nearest_forward`). Launch: 1-D grid-stride over batch·oh·ow·c.
 extern "C" __global__ void ew_upsample_fwd(float* out, const float* inp, int batch, int ih, int iw, int oh, int ow,
                                            int c, float sy, float sx) {
-    EW_FOR(i, (long long)batch * oh * ow * c) {
-        const unsigned ui = (unsigned)i;
-        const unsigned pix = ui / (unsigned)c, ch = ui - pix * (unsigned)c;
-        const unsigned t = pix / (unsigned)ow, ox = pix - t * (unsigned)ow;
-        const unsigned b = t / (unsigned)oh, oy = t - b * (unsigned)oh;
+    GRID_STRIDE(i, (long long)batch * oh * ow * c) {
+        const EwNhwc at = ew_nhwc(i, oh, ow, c);
+        const unsigned b = at.b, oy = at.y, ox = at.x, ch = at.ch;
         const int iy = ew_src(oy, sy, ih), ix = ew_src(ox, sx, iw);
         out[i] = inp[(((size_t)b * ih + iy) * iw + ix) * c + ch];
     }
@@ -224,11 +232,9 @@ extern "C" __global__ void ew_upsample_fwd(float* out, const float* inp, int bat
 // Launch: 1-D grid-stride over batch·ih·iw·c.
 extern "C" __global__ void ew_upsample_bwd(float* dinp, const float* dout, int batch, int ih, int iw, int oh, int ow,
                                            int c, float sy, float sx) {
-    EW_FOR(i, (long long)batch * ih * iw * c) {
-        const unsigned ui = (unsigned)i;
-        const unsigned pix = ui / (unsigned)c, ch = ui - pix * (unsigned)c;
-        const unsigned t = pix / (unsigned)iw, ix = pix - t * (unsigned)iw;
-        const unsigned b = t / (unsigned)ih, iy = t - b * (unsigned)ih;
+    GRID_STRIDE(i, (long long)batch * ih * iw * c) {
+        const EwNhwc at = ew_nhwc(i, ih, iw, c);
+        const unsigned b = at.b, iy = at.y, ix = at.x, ch = at.ch;
         const int oy0 = ew_first_src_at_least(iy, sy, ih, oh), oy1 = ew_first_src_at_least(iy + 1, sy, ih, oh);
         const int ox0 = ew_first_src_at_least(ix, sx, iw, ow), ox1 = ew_first_src_at_least(ix + 1, sx, iw, ow);
         float acc = dinp[i];
@@ -243,7 +249,7 @@ extern "C" __global__ void ew_upsample_bwd(float* dinp, const float* dout, int b
 // Launch: 1-D grid-stride over batch·seq·dim.
 extern "C" __global__ void ew_embedding_fwd(float* out, const unsigned* ids, const float* wte, const float* wpe,
                                             int batch, int seq, int dim) {
-    EW_FOR(i, (long long)batch * seq * dim) {
+    GRID_STRIDE(i, (long long)batch * seq * dim) {
         const unsigned ui = (unsigned)i;
         const unsigned row = ui / (unsigned)dim, d = ui - row * (unsigned)dim;
         const unsigned t = row % (unsigned)seq;
@@ -281,23 +287,23 @@ extern "C" __global__ void ew_embedding_bwd(float* dwte, float* dwpe, const floa
 
 // zero: t = 0. Launch: 1-D grid-stride.
 extern "C" __global__ void ew_zero(float* t, int n) {
-    EW_FOR(i, n) t[i] = 0.0f;
+    GRID_STRIDE(i, n) t[i] = 0.0f;
 }
 
 // accumulate: dst += src (cpu/mod.rs `accumulate`). Launch: 1-D grid-stride.
 extern "C" __global__ void ew_accumulate(float* dst, const float* src, int n) {
-    EW_FOR(i, n) dst[i] = dst[i] + src[i];
+    GRID_STRIDE(i, n) dst[i] = dst[i] + src[i];
 }
 
 // scale: t *= s (cpu/mod.rs `scale`). Launch: 1-D grid-stride.
 extern "C" __global__ void ew_scale(float* t, float s, int n) {
-    EW_FOR(i, n) t[i] = t[i] * s;
+    GRID_STRIDE(i, n) t[i] = t[i] * s;
 }
 
 // lerp: dst −= w·(dst − src), the CPU's exact operation order with no FMA contraction
 // (cpu/mod.rs `lerp`; bit-identical, so an EMA matches the CPU run). Launch: 1-D grid-stride.
 extern "C" __global__ void ew_lerp(float* dst, const float* src, int n, float w) {
-    EW_FOR(i, n) {
+    GRID_STRIDE(i, n) {
         const float d = dst[i];
         dst[i] = __fsub_rn(d, __fmul_rn(w, __fsub_rn(d, src[i])));
     }
@@ -306,8 +312,7 @@ extern "C" __global__ void ew_lerp(float* dst, const float* src, int n, float w)
 // out[i] = bf16(in[i]) (round to nearest even): refreshes the backend's bf16 copy of a parameter
 // pool after the f32 weights were written. Launch: 1-D grid-stride, block 256.
 extern "C" __global__ void ew_to_bf16(__nv_bfloat16* out, const float* in, int n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)n;
-         i += (long long)gridDim.x * blockDim.x)
+    GRID_STRIDE(i, n)
         out[i] = f2bf(in[i]);
 }
 
@@ -319,8 +324,7 @@ extern "C" __global__ void ew_timestep_embedding(float* out, const float* t, int
                                                  float freq_shift, float log_period) {
     const int half = dim / 2;
     const long long n = (long long)batch * dim;
-    for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n;
-         k += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(k, n) {
         const int b = (int)(k / dim), j = (int)(k % dim);
         if (j >= 2 * half) {
             out[k] = 0.0f;

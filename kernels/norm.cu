@@ -17,24 +17,22 @@
 // where BG = batch·groups, NC = chunks per group (the grid's blocks per group), RC = row chunks.
 #include "common.cuh"
 
-// Sum over a 1-D block of at most 1024 threads (blockDim.x a multiple of 32) in f64; every thread
-// gets the result. `scratch` is 32 doubles of shared memory; the call contains __syncthreads and
-// must be reached by every thread of the block.
-static __device__ __forceinline__ double nrm_block_sum_d(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    v = warp_sum_d(v);
-    __syncthreads();  // scratch may still be read by a previous call
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < nwarps ? scratch[lane] : 0.0;
-    return warp_sum_d(v);
-}
-
 // Σ p[0..n) by one full warp in a fixed order (lane-strided, then a butterfly); every lane gets it.
 static __device__ __forceinline__ double nrm_warp_sum_array(const double* p, int n) {
     double s = 0.0;
     for (int k = threadIdx.x & 31; k < n; k += 32) s += p[k];
     return warp_sum_d(s);
+}
+
+// Element i of a group norm's (batch, hw, c) tensor: its channel and its (batch, group) row of the
+// statistics. i < batch·hw·c ≤ 2^31 − 1 (checked by the wrapper), so the divisions are 32-bit.
+struct NrmGnIndex {
+    unsigned ch, bg;
+};
+static __device__ __forceinline__ NrmGnIndex nrm_gn_index(long long i, int hw, int c, int groups) {
+    const unsigned ui = (unsigned)i, cpg = (unsigned)(c / groups);
+    const unsigned row = ui / (unsigned)c, ch = ui - row * (unsigned)c;
+    return {ch, (row / (unsigned)hw) * (unsigned)groups + ch / cpg};
 }
 
 // The f32 affine output y = xhat·w + b with xhat = ((x − μ)·rstd) evaluated in f64 and rounded,
@@ -220,7 +218,7 @@ extern "C" __global__ void gn_forward_sum(double* psum, const float* inp, int hw
         const int p = k / cpg, j = k - p * cpg;
         s += (double)x[(size_t)p * c + j];
     }
-    s = nrm_block_sum_d(s, scratch);
+    s = block_sum_d(s, scratch);
     if (threadIdx.x == 0) psum[blockIdx.x] = s;
 }
 
@@ -247,7 +245,7 @@ extern "C" __global__ void gn_forward_sqdev(double* psq, const double* psum, con
         const double d = (double)x[(size_t)p * c + j] - mu;
         q += d * d;
     }
-    q = nrm_block_sum_d(q, scratch);
+    q = block_sum_d(q, scratch);
     if (threadIdx.x == 0) psq[blockIdx.x] = q;
 }
 
@@ -275,12 +273,9 @@ extern "C" __global__ void gn_forward_finalize(float* mean, float* rstd, double*
 // `silu` (f32, as cpu/mod.rs `silu`). Launch: 1-D grid-stride over batch·hw·c (block 256).
 extern "C" __global__ void gn_forward_apply(float* out, const float* inp, const float* weight, const float* bias,
                                             const double* stats, int batch, int hw, int c, int groups, int silu) {
-    const long long n = (long long)batch * hw * c;
-    const unsigned cpg = c / groups;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const unsigned ui = (unsigned)i;  // i < n ≤ 2^31 − 1 (checked by the wrapper): 32-bit division
-        const unsigned row = ui / (unsigned)c, ch = ui - row * (unsigned)c;
-        const unsigned bg = (row / (unsigned)hw) * (unsigned)groups + ch / cpg;
+    GRID_STRIDE(i, (long long)batch * hw * c) {
+        const NrmGnIndex at = nrm_gn_index(i, hw, c, groups);
+        const unsigned ch = at.ch, bg = at.bg;
         float y = nrm_affine(inp[i], stats[2 * bg], stats[2 * bg + 1], weight[ch], bias[ch]);
         if (silu) y = y / (1.0f + expf(-y));
         out[i] = y;
@@ -311,8 +306,8 @@ extern "C" __global__ void gn_backward_reduce(double* p1, double* p2, const floa
         m1 += dxh;
         m2 += dxh * xhat;
     }
-    m1 = nrm_block_sum_d(m1, scratch);
-    m2 = nrm_block_sum_d(m2, scratch);
+    m1 = block_sum_d(m1, scratch);
+    m2 = block_sum_d(m2, scratch);
     if (threadIdx.x == 0) {
         p1[blockIdx.x] = m1;
         p2[blockIdx.x] = m2;
@@ -339,12 +334,9 @@ extern "C" __global__ void gn_backward_finalize(double* stats, const double* p1,
 extern "C" __global__ void gn_backward_dinp(float* dinp, const float* dout, const float* inp, const float* weight,
                                             const float* bias, const float* mean, const float* rstd,
                                             const double* stats, int batch, int hw, int c, int groups, int silu) {
-    const long long n = (long long)batch * hw * c;
-    const unsigned cpg = c / groups;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const unsigned ui = (unsigned)i;  // i < n ≤ 2^31 − 1 (checked by the wrapper): 32-bit division
-        const unsigned row = ui / (unsigned)c, ch = ui - row * (unsigned)c;
-        const unsigned bg = (row / (unsigned)hw) * (unsigned)groups + ch / cpg;
+    GRID_STRIDE(i, (long long)batch * hw * c) {
+        const NrmGnIndex at = nrm_gn_index(i, hw, c, groups);
+        const unsigned ch = at.ch, bg = at.bg;
         const float m = mean[bg], rs = rstd[bg];
         const float x = inp[i], w = weight[ch];
         const float dy = nrm_gn_dy(dout[i], x, w, silu ? bias[ch] : 0.0f, m, rs, silu);

@@ -7,21 +7,6 @@
 // fixed order and writes the f32 result. No atomics.
 #include "common.cuh"
 
-// f64 sum over a 1-D block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result.
-// `scratch`: 32 doubles of shared memory. Contains __syncthreads (reach it from every thread).
-static __device__ __forceinline__ double opt_block_sum_d(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    v = warp_sum_d(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < nwarps ? scratch[lane] : 0.0;
-    return warp_sum_d(v);
-}
-
-#define OPT_FOR(i, n)                                                                    \
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)(n); \
-         i += (long long)gridDim.x * blockDim.x)
 
 // mse_loss pass 1: with d = pred − target (f32), dpred = 2·d / n (written, not accumulated: f32,
 // (2·d)/n as the CPU) and partial[blockIdx.x] = Σ d² over the block's elements in f64.
@@ -31,12 +16,12 @@ extern "C" __global__ void opt_mse_partial(float* dpred, double* partial, const 
     __shared__ double scratch[32];
     const float n_f = (float)n;
     double s = 0.0;
-    OPT_FOR(i, n) {
+    GRID_STRIDE(i, n) {
         const float d = pred[i] - target[i];
         s += (double)d * (double)d;
         dpred[i] = (2.0f * d) / n_f;
     }
-    s = opt_block_sum_d(s, scratch);
+    s = block_sum_d(s, scratch);
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
@@ -45,11 +30,11 @@ extern "C" __global__ void opt_mse_partial(float* dpred, double* partial, const 
 extern "C" __global__ void opt_sum_squares_partial(double* partial, const float* x, int n) {
     __shared__ double scratch[32];
     double s = 0.0;
-    OPT_FOR(i, n) {
+    GRID_STRIDE(i, n) {
         const double v = (double)x[i];
         s += v * v;
     }
-    s = opt_block_sum_d(s, scratch);
+    s = block_sum_d(s, scratch);
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
@@ -60,7 +45,7 @@ extern "C" __global__ void opt_sum_finalize(float* out, const double* partial, i
     __shared__ double scratch[32];
     double s = 0.0;
     for (int k = threadIdx.x; k < parts; k += blockDim.x) s += partial[k];
-    s = opt_block_sum_d(s, scratch);
+    s = block_sum_d(s, scratch);
     if (threadIdx.x == 0) out[0] = (float)(mean ? s / (double)n : s);
 }
 
@@ -76,7 +61,7 @@ extern "C" __global__ void opt_sum_finalize(float* out, const double* partial, i
 extern "C" __global__ void opt_adamw(float* param, __nv_bfloat16* copy, const float* grad, float* m, float* v, int n,
                                      float decay, float beta2, float one_minus_beta1, float one_minus_beta2,
                                      float bc2_sqrt, float step_size, float eps) {
-    OPT_FOR(i, n) {
+    GRID_STRIDE(i, n) {
         const float g = grad[i];
         float p = __fmul_rn(param[i], decay);
         float mm = m[i];

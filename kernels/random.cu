@@ -56,8 +56,7 @@ static __device__ __forceinline__ void box_muller(uint32_t a, uint32_t b, float*
 extern "C" __global__ void rand_philox_normal(float* out, int n, unsigned int seed_lo, unsigned int seed_hi,
                                               unsigned int stream_lo, unsigned int stream_hi) {
     const long long groups = ((long long)n + 3) / 4;
-    for (long long g = blockIdx.x * (long long)blockDim.x + threadIdx.x; g < groups;
-         g += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(g, groups) {
         const PhiloxWords w =
             philox4x32_10((uint32_t)g, (uint32_t)(g >> 32), stream_lo, stream_hi, seed_lo, seed_hi);
         float z[4];
@@ -75,8 +74,7 @@ extern "C" __global__ void rand_philox_normal(float* out, int n, unsigned int se
 // Rounded as the CPU's f32 (no FMA). Launch: 1-D grid-stride, block 256.
 extern "C" __global__ void rand_ddpm_add_noise(float* x, float* noise, int n, float sqrt_alpha,
                                                float sqrt_one_minus_alpha, int v_prediction) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)n;
-         i += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE(i, n) {
         const float x0 = x[i], e = noise[i];
         x[i] = __fadd_rn(__fmul_rn(sqrt_alpha, x0), __fmul_rn(sqrt_one_minus_alpha, e));
         if (v_prediction) noise[i] = __fsub_rn(__fmul_rn(sqrt_alpha, e), __fmul_rn(sqrt_one_minus_alpha, x0));

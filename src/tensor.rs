@@ -134,27 +134,27 @@ impl Tensor {
 /// (n, c, h, w) → (n, h, w, c): torch's layout (files, the generator, the schedulers) to the
 /// engine's channels-last.
 pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for y in 0..h {
-                for xx in 0..w {
-                    out[((b * h + y) * w + xx) * c + ch] = x[((b * c + ch) * h + y) * w + xx];
-                }
-            }
-        }
-    }
-    out
+    channel_transpose(x, n, c, h * w, true)
 }
 
 /// (n, h, w, c) → (n, c, h, w).
 pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    channel_transpose(x, n, c, h * w, false)
+}
+
+/// Per batch item, swaps the channel axis (c) and the pixel axis (hw): channels-first to
+/// channels-last when `to_last`, else back. Element (b, ch, p) of the channels-first form is element
+/// (b, p, ch) of the channels-last one.
+fn channel_transpose(x: &[f32], n: usize, c: usize, hw: usize, to_last: bool) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     for b in 0..n {
         for ch in 0..c {
-            for y in 0..h {
-                for xx in 0..w {
-                    out[((b * c + ch) * h + y) * w + xx] = x[((b * h + y) * w + xx) * c + ch];
+            for p in 0..hw {
+                let (first, last) = ((b * c + ch) * hw + p, (b * hw + p) * c + ch);
+                if to_last {
+                    out[last] = x[first];
+                } else {
+                    out[first] = x[last];
                 }
             }
         }

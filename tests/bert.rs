@@ -9,6 +9,7 @@ use flate2::read::GzDecoder;
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
 use roentgen::models::bert::{BertConfig, BertModel};
+use roentgen::models::Component;
 use roentgen::nn::Cx;
 use roentgen::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use roentgen::tensor::{Arena, Layout, Tensor};

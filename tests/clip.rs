@@ -6,6 +6,7 @@ use common::*;
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
 use roentgen::models::clip::{ClipTextConfig, ClipTextModel};
+use roentgen::models::Component;
 use std::path::Path;
 
 /// Loads `dir` (with `variant`), runs the fixture's ids and compares with `reference_key` of io.safetensors.
@@ -41,28 +42,22 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     check_forward("clip-a from 4 shards", &fixture("clip-a-sharded"), None, &io, "last_hidden_state");
 }
 
+/// clip-b's weights from the `variant` files (converted to f32 once) against transformers run on the
+/// same rounded weights.
+fn check_variant(variant: &str) {
+    let dir = fixture("clip-b");
+    let want = format!("last_hidden_state_{variant}_weights");
+    check_forward(&format!("clip-b {variant} variant"), &dir, Some(variant), &dir.join("io.safetensors"), &want);
+}
+
 #[test]
 fn fp16_variant_is_converted_once_and_matches_reference() {
-    let dir = fixture("clip-b");
-    check_forward(
-        "clip-b fp16 variant",
-        &dir,
-        Some("fp16"),
-        &dir.join("io.safetensors"),
-        "last_hidden_state_fp16_weights",
-    );
+    check_variant("fp16");
 }
 
 #[test]
 fn bf16_variant_is_converted_once_and_matches_reference() {
-    let dir = fixture("clip-b");
-    check_forward(
-        "clip-b bf16 variant",
-        &dir,
-        Some("bf16"),
-        &dir.join("io.safetensors"),
-        "last_hidden_state_bf16_weights",
-    );
+    check_variant("bf16");
 }
 
 #[test]
@@ -74,8 +69,7 @@ fn known_buffer_position_ids_is_ignored() {
 
 #[test]
 fn sd14_text_encoder_has_the_reference_parameter_count() {
-    let counts: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap()).unwrap();
+    let counts = reference_counts();
     let want = counts["text_encoder"].as_u64().unwrap() as usize;
     assert_eq!(want, 123_060_480);
     let cfg = ClipTextConfig::from_file(&sd14_config().join("text_encoder/config.json")).unwrap();

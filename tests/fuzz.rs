@@ -15,6 +15,7 @@ use roentgen::models::bert::BertConfig;
 use roentgen::models::clip::ClipTextConfig;
 use roentgen::models::unet::UNetConfig;
 use roentgen::models::vae::VaeConfig;
+use roentgen::models::Component;
 use roentgen::tensor::Layout;
 use roentgen::tools::inspect::{inspect, InspectOptions};
 use roentgen::{io::safetensors::SafetensorsFile, io::weights};

@@ -6,9 +6,11 @@ use common::*;
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
 use roentgen::models::unet::UNet;
+use roentgen::models::Component;
 use roentgen::nn::Cx;
 use roentgen::nn::Fmap;
 use roentgen::tensor::{Arena, Layout, Tensor};
+use std::path::PathBuf;
 
 /// Compares every gradient in `table` (bound to the gradient pool) with the fixture's `grad.<name>`.
 fn check_all_grads(what: &str, b: &CpuBackend, table: &Layout, io: &std::path::Path, alias: &dyn Fn(&str) -> String) {
@@ -36,12 +38,18 @@ fn assert_grad_close(what: &str, got: &[f32], want: &[f32]) {
     assert!(err <= F32_PARITY * scale.max(1e-3), "{what}: max error {err:e}, scale {scale:e}");
 }
 
+/// The grads fixture's `component` on a CPU backend, and the path of its inputs and PyTorch's
+/// gradients (`io`).
+fn load_fixture<C: Component>(component: &str, io: &str) -> (CpuBackend, C, PathBuf) {
+    let dir = fixture("grads");
+    let mut b = CpuBackend::new();
+    let (model, _) = C::load(&mut b, &dir.join(component), None).unwrap();
+    (b, model, dir.join(io))
+}
+
 #[test]
 fn unet_gradients_match_pytorch_backward() {
-    let dir = fixture("grads");
-    let io = dir.join("unet-io.safetensors");
-    let mut b = CpuBackend::new();
-    let (unet, _) = UNet::load(&mut b, &dir.join("unet"), None).unwrap();
+    let (mut b, unet, io) = load_fixture::<UNet>("unet", "unet-io.safetensors");
     let (grads, gtable) = unet.allocate_grads(&mut b).unwrap();
     let (sshape, sample) = read_f32(&io, "sample");
     let (n, c, h, w) = (sshape[0], sshape[1], sshape[2], sshape[3]);
@@ -92,10 +100,7 @@ fn unet_gradients_match_pytorch_backward() {
 #[test]
 fn text_encoder_gradients_match_pytorch_backward() {
     use roentgen::models::clip::ClipTextModel;
-    let dir = fixture("grads");
-    let io = dir.join("text-io.safetensors");
-    let mut b = CpuBackend::new();
-    let (clip, _) = ClipTextModel::load(&mut b, &dir.join("text_encoder"), None).unwrap();
+    let (mut b, clip, io) = load_fixture::<ClipTextModel>("text_encoder", "text-io.safetensors");
     let (grads, gtable) = clip.allocate_grads(&mut b).unwrap();
     let (ishape, ids) = read_ids(&io, "input_ids");
     let (batch, seq) = (ishape[0], ishape[1]);

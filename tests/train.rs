@@ -7,6 +7,7 @@ use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
 use roentgen::models::clip::ClipTextModel;
 use roentgen::models::unet::UNet;
+use roentgen::models::Component;
 use roentgen::tensor::{Layout, Tensor};
 use roentgen::train::{Batch, MicroBatchShape, Noise, OptimOptions, PredictionType, Trainer};
 

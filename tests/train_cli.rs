@@ -4,6 +4,7 @@
 
 mod common;
 use common::*;
+use roentgen::models::Component;
 use std::path::Path;
 
 /// A small training run (batch 2, seed 3) of `steps` steps, with the flags a test adds.

@@ -6,6 +6,7 @@ use common::*;
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
 use roentgen::models::unet::{UNet, UNetConfig};
+use roentgen::models::Component;
 use roentgen::nn::Cx;
 use roentgen::nn::Fmap;
 
@@ -56,8 +57,7 @@ fn unet_forward_matches_diffusers_head_dim_list_linear_projection_odd_size() {
 
 #[test]
 fn sd14_unet_has_the_reference_parameter_count() {
-    let counts: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap()).unwrap();
+    let counts = reference_counts();
     let cfg = UNetConfig::from_file(&sd14_config().join("unet/config.json")).unwrap();
     assert_eq!(cfg.heads, vec![8; 4], "SD v1's attention_head_dim 8 means 8 heads");
     let table = roentgen::tensor::Layout::measure(|l| roentgen::models::unet::params_layout(l, &cfg));
@@ -69,8 +69,7 @@ fn sd14_unet_has_the_reference_parameter_count() {
 fn sd14_guided_step_flop_count_matches_pytorch_flop_counter() {
     // The planning run counts FLOP from the shapes without allocating the 3.4 GB of weights; the
     // reference is torch.utils.flop_counter on the same architecture (tests/fixtures/generate.py).
-    let counts: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap()).unwrap();
+    let counts = reference_counts();
     let want = counts["unet_guided_step_512_flops"].as_u64().unwrap();
     let cfg = UNetConfig::from_file(&sd14_config().join("unet/config.json")).unwrap();
     let mut table = roentgen::tensor::Layout::unbound();

@@ -5,8 +5,11 @@ use common::*;
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
 use roentgen::models::vae::{AutoencoderKL, VaeConfig};
+use roentgen::models::Component;
 use roentgen::nn::Cx;
 use roentgen::nn::Fmap;
+use roentgen::tensor::Arena;
+use std::path::Path;
 
 fn upload_nchw(b: &CpuBackend, arena: &mut roentgen::tensor::Arena, shape: &[usize], data: &[f32]) -> Fmap {
     let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
@@ -19,6 +22,27 @@ fn download_nchw(b: &CpuBackend, f: &Fmap) -> Vec<f32> {
     nhwc_to_nchw(&b.download(&f.t).unwrap(), f.batch, f.c, f.h, f.w)
 }
 
+/// Runs one half of the VAE (`run`, in an arena from `arena`) on the NCHW tensor `tensors[0]` of
+/// `io` and checks its output against `tensors[1]`; returns the output (the arena stays alive in the
+/// backend).
+fn check_stage(
+    b: &mut CpuBackend,
+    io: &Path,
+    [input, output]: [&str; 2],
+    what: &str,
+    arena: &dyn Fn(&mut CpuBackend, [usize; 3]) -> anyhow::Result<Arena>,
+    run: &dyn Fn(&mut Cx, &Fmap) -> anyhow::Result<Fmap>,
+) -> Fmap {
+    let (shape, x) = read_f32(io, input);
+    let mut arena = arena(b, [shape[0], shape[2], shape[3]]).unwrap();
+    let xt = upload_nchw(b, &mut arena, &shape, &x);
+    let y = run(&mut Cx::new(b, &mut arena), &xt).unwrap();
+    let (yshape, want) = read_f32(io, output);
+    assert_eq!(yshape, vec![y.batch, y.c, y.h, y.w]);
+    assert_close(what, &download_nchw(b, &y), &want, F32_PARITY);
+    y
+}
+
 fn check_vae(name: &str) {
     let dir = fixture(name);
     let io = dir.join("io.safetensors");
@@ -26,13 +50,14 @@ fn check_vae(name: &str) {
     let (vae, report) = AutoencoderKL::load(&mut b, &dir, None).unwrap();
     assert_eq!(report.tensors, vae.table.entries().len());
 
-    let (ishape, image) = read_f32(&io, "image");
-    let mut arena = vae.allocate_encode_arena(&mut b, ishape[0], ishape[2], ishape[3]).unwrap();
-    let x = upload_nchw(&b, &mut arena, &ishape, &image);
-    let moments = vae.encode(&mut Cx::new(&b, &mut arena), &x).unwrap();
-    let (mshape, want) = read_f32(&io, "moments");
-    assert_eq!(mshape, vec![moments.batch, moments.c, moments.h, moments.w]);
-    assert_close(&format!("{name} encoder moments"), &download_nchw(&b, &moments), &want, F32_PARITY);
+    let moments = check_stage(
+        &mut b,
+        &io,
+        ["image", "moments"],
+        &format!("{name} encoder moments"),
+        &|b, [n, h, w]| vae.allocate_encode_arena(b, n, h, w),
+        &|cx, x| vae.encode(cx, x),
+    );
     let (mean, logvar) = roentgen::models::vae::split_moments(&b.download(&moments.t).unwrap(), 4);
     let (m, h, w) = (moments.batch, moments.h, moments.w);
     assert_close(
@@ -48,13 +73,14 @@ fn check_vae(name: &str) {
         F32_PARITY,
     );
 
-    let (zshape, z) = read_f32(&io, "latents");
-    let mut arena = vae.allocate_decode_arena(&mut b, zshape[0], zshape[2], zshape[3]).unwrap();
-    let zt = upload_nchw(&b, &mut arena, &zshape, &z);
-    let img = vae.decode(&mut Cx::new(&b, &mut arena), &zt).unwrap();
-    let (dshape, want) = read_f32(&io, "decoded");
-    assert_eq!(dshape, vec![img.batch, img.c, img.h, img.w]);
-    assert_close(&format!("{name} decoded image"), &download_nchw(&b, &img), &want, F32_PARITY);
+    check_stage(
+        &mut b,
+        &io,
+        ["latents", "decoded"],
+        &format!("{name} decoded image"),
+        &|b, [n, h, w]| vae.allocate_decode_arena(b, n, h, w),
+        &|cx, z| vae.decode(cx, z),
+    );
 }
 
 #[test]
@@ -69,8 +95,7 @@ fn vae_with_2022_attention_names_three_levels_matches_diffusers() {
 
 #[test]
 fn sd14_vae_has_the_reference_parameter_counts() {
-    let counts: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap()).unwrap();
+    let counts = reference_counts();
     let cfg = VaeConfig::from_file(&sd14_config().join("vae/config.json")).unwrap();
     assert_eq!(cfg.scale_factor(), 8);
     let table = roentgen::tensor::Layout::measure(|l| roentgen::models::vae::params_layout(l, &cfg));

@@ -608,6 +608,18 @@ __attribute__((noinline)) inline unsigned warp_collective(CollKind kind, unsigne
     return gen;
 }
 
+// Runs fiber f until it blocks, exits or yields back to the scheduler.
+inline void resume_fiber(Fiber& f) {
+    g.cur = &f;
+    threadIdx = f.tid;
+#ifdef EMU_ASM_SWITCH
+    emu_ctx_switch(&g.sched_sp, f.sp);
+#else
+    swapcontext(&g.sched_ctx, &f.ctx);
+#endif
+    g.cur = nullptr;
+}
+
 inline void run_block() {
     const int n = g.nthreads;
     g.live = n;
@@ -639,14 +651,7 @@ inline void run_block() {
             Fiber& f = g.fibers[g.ready.front()];
             g.ready.pop_front();
             if (f.state != READY) continue;
-            g.cur = &f;
-            threadIdx = f.tid;
-#ifdef EMU_ASM_SWITCH
-            emu_ctx_switch(&g.sched_sp, f.sp);
-#else
-            swapcontext(&g.sched_ctx, &f.ctx);
-#endif
-            g.cur = nullptr;
+            resume_fiber(f);
         }
     }
     for (;;) {
@@ -655,14 +660,7 @@ inline void run_block() {
             Fiber& f = g.fibers[g.order[k]];
             if (f.state != READY) continue;
             ran = true;
-            g.cur = &f;
-            threadIdx = f.tid;
-#ifdef EMU_ASM_SWITCH
-            emu_ctx_switch(&g.sched_sp, f.sp);
-#else
-            swapcontext(&g.sched_ctx, &f.ctx);
-#endif
-            g.cur = nullptr;
+            resume_fiber(f);
         }
         if (g.live == 0) break;
         if (!ran) {
@@ -865,23 +863,9 @@ inline int width_(int w) { return w == 0 ? 32 : w; }
 }
 
 // ---- atomics (fibers never preempt each other: a plain read-modify-write is atomic) --------------------
-inline float atomicAdd(float* p, float v) {
-    float o = *p;
-    *p = o + v;
-    return o;
-}
-inline double atomicAdd(double* p, double v) {
-    double o = *p;
-    *p = o + v;
-    return o;
-}
-inline int atomicAdd(int* p, int v) {
-    int o = *p;
-    *p = o + v;
-    return o;
-}
-inline unsigned atomicAdd(unsigned* p, unsigned v) {
-    unsigned o = *p;
+template <class T>
+inline T atomicAdd(T* p, T v) {  // float, double, int, unsigned: the overloads CUDA has
+    T o = *p;
     *p = o + v;
     return o;
 }

@@ -85,6 +85,15 @@ pub(crate) fn check_len(what: &str, t: &Tensor, want: usize) -> Result<()> {
     Ok(())
 }
 
+/// Each named tensor argument of `op` must hold at least its count of elements (as [`check_len`],
+/// the message naming `op` and the argument).
+pub(crate) fn check_lens(op: &str, args: &[(&str, &Tensor, usize)]) -> Result<()> {
+    for (name, t, want) in args {
+        check_len(&format!("{op} {name}"), t, *want)?;
+    }
+    Ok(())
+}
+
 /// Outputs must not overlap each other or any input (the CPU reference asserts the same).
 pub(crate) fn check_disjoint(what: &str, outs: &[&Tensor], ins: &[&Tensor]) -> Result<()> {
     for (i, o) in outs.iter().enumerate() {

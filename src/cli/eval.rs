@@ -11,7 +11,7 @@ use roentgen::eval::msssim::{
 };
 use roentgen::text::bpe::ClipTokenizer;
 use roentgen::tools::phantom::eval::{evaluate as phantom_report, items_from_folder, items_from_manifest, EvalOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -34,16 +34,41 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     }
 }
 
-#[derive(Args, Debug)]
-pub struct MsSsimArgs {
-    /// Folder of PNGs written by `roentgen sample` (grouped by their "prompt" text chunk). With
-    /// --manifest, the folder that relative image paths are resolved against.
+/// The images an evaluation reads, each with its prompt: a folder of PNGs or a manifest.
+#[derive(Args, Debug, Clone)]
+pub struct ImageSetArgs {
+    /// Folder of PNGs with their prompt in the "prompt" text chunk (from `roentgen sample` or
+    /// `roentgen phantom`). With --manifest, the folder that relative image paths resolve against.
     #[arg(long)]
     pub images: Option<PathBuf>,
-    /// JSONL manifest of {"image": path, "text": prompt} lines (as `prepare` writes and `train` reads);
-    /// relative paths resolve against --images, else the manifest's folder. PNG or JPEG images.
+    /// Manifest of (image, text) rows: JSONL {"image": path, "text": prompt} lines or a CSV with
+    /// image and text columns (as `prepare` and `phantom` write and `train` reads); relative paths
+    /// resolve against --images, else the manifest's folder. PNG or JPEG images.
     #[arg(long)]
     pub manifest: Option<PathBuf>,
+}
+
+impl ImageSetArgs {
+    /// The set through `from_manifest(manifest, base)` or `from_folder(images)`.
+    fn read<T>(
+        &self,
+        from_manifest: impl Fn(&Path, Option<&Path>) -> Result<T>,
+        from_folder: impl Fn(&Path) -> Result<T>,
+    ) -> Result<T> {
+        match (&self.manifest, &self.images) {
+            (Some(m), base) => from_manifest(m, base.as_deref()),
+            (None, Some(dir)) => from_folder(dir),
+            (None, None) => {
+                bail!("give --images DIR (PNGs from `roentgen sample` or `roentgen phantom`) or --manifest FILE")
+            }
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct MsSsimArgs {
+    #[command(flatten)]
+    pub set: ImageSetArgs,
     /// CLIP tokenizer for the token-length bins (a tokenizer or pipeline folder). Default: the
     /// Stable Diffusion v1 tokenizer built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
     #[arg(long)]
@@ -57,11 +82,7 @@ pub struct MsSsimArgs {
 }
 
 fn ms_ssim(a: MsSsimArgs) -> Result<()> {
-    let groups = match (&a.manifest, &a.images) {
-        (Some(m), base) => groups_from_manifest(m, base.as_deref())?,
-        (None, Some(dir)) => groups_from_folder(dir)?,
-        (None, None) => bail!("give --images DIR (PNGs from `roentgen sample`) or --manifest FILE"),
-    };
+    let groups = a.set.read(groups_from_manifest, groups_from_folder)?;
     // A default path relative to the checkout would fail from any other folder: the SD v1
     // tokenizer is built into the binary instead.
     let tok = match &a.tokenizer {
@@ -147,14 +168,8 @@ fn fid(a: FidArgs) -> Result<()> {
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalPhantomArgs {
-    /// Folder of PNGs with their prompt in the "prompt" text chunk (from `roentgen sample` or
-    /// `roentgen phantom`). With --manifest, the folder relative image paths resolve against.
-    #[arg(long)]
-    pub images: Option<PathBuf>,
-    /// JSONL manifest of {"image": path, "text": prompt} lines (e.g. the manifest.jsonl of
-    /// `roentgen phantom`); relative paths resolve against --images, else the manifest's folder.
-    #[arg(long)]
-    pub manifest: Option<PathBuf>,
+    #[command(flatten)]
+    pub set: ImageSetArgs,
     /// Reference phantoms drawn per class for the measurement's own accuracy (0: none).
     #[arg(long, default_value_t = 64)]
     pub reference_count: usize,
@@ -173,13 +188,7 @@ pub struct EvalPhantomArgs {
 }
 
 fn phantom(a: EvalPhantomArgs) -> Result<()> {
-    let items = match (&a.manifest, &a.images) {
-        (Some(m), base) => items_from_manifest(m, base.as_deref())?,
-        (None, Some(dir)) => items_from_folder(dir)?,
-        (None, None) => {
-            bail!("give --images DIR (PNGs from `roentgen sample` or `roentgen phantom`) or --manifest FILE")
-        }
-    };
+    let items = a.set.read(items_from_manifest, items_from_folder)?;
     let report = phantom_report(
         &items,
         &EvalOptions {

@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use roentgen::tools::prepare::iu::{self, IuOptions, Section};
 use roentgen::tools::prepare::mimic::{self, MimicOptions, Split};
-use roentgen::tools::prepare::TextFilter;
+use roentgen::tools::prepare::{TextFilter, TextOptions};
 use std::path::PathBuf;
 
 #[derive(Subcommand, Debug)]
@@ -77,22 +77,9 @@ pub struct MimicArgs {
 
 impl MimicArgs {
     fn options(self) -> MimicOptions {
-        let (filter, tokenizer, summary) = self.text.parts();
+        let text = self.text.options();
         let MimicArgs { root, reports, out, split, groups, views, cap_no_finding, sample, seed, .. } = self;
-        MimicOptions {
-            root,
-            reports,
-            out,
-            split,
-            groups,
-            views,
-            cap_no_finding,
-            sample,
-            seed,
-            filter,
-            tokenizer,
-            summary,
-        }
+        MimicOptions { root, reports, out, split, groups, views, cap_no_finding, sample, seed, text }
     }
 }
 
@@ -126,9 +113,9 @@ pub struct IuArgs {
 
 impl IuArgs {
     fn options(self) -> IuOptions {
-        let (filter, tokenizer, summary) = self.text.parts();
+        let text = self.text.options();
         let IuArgs { reports, out, images, image_ext, section, metadata, views, .. } = self;
-        IuOptions { reports, out, images, image_ext, section, metadata, views, filter, tokenizer, summary }
+        IuOptions { reports, out, images, image_ext, section, metadata, views, text }
     }
 }
 
@@ -154,8 +141,8 @@ pub struct TextArgs {
 }
 
 impl TextArgs {
-    fn parts(&self) -> (TextFilter, Option<PathBuf>, Option<PathBuf>) {
+    fn options(&self) -> TextOptions {
         let filter = TextFilter { min_chars: self.min_chars, max_tokens: self.max_tokens };
-        (filter, self.tokenizer.clone(), self.summary.clone())
+        TextOptions { filter, tokenizer: self.tokenizer.clone(), summary: self.summary.clone() }
     }
 }

@@ -23,11 +23,11 @@
 //! Each image's per-scale mean and mean of squares are computed once and shared by all the pairs it
 //! is in, so a pair costs one filtered product per scale instead of five.
 
+use crate::io::manifest::read_manifest_rows;
 use crate::text::bpe::ClipTokenizer;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 /// Gaussian window size and sigma (paper, Section 5).
@@ -300,24 +300,11 @@ pub fn groups_from_folder(dir: &Path) -> Result<Groups> {
     Ok(groups)
 }
 
+/// The images of a manifest ([`read_manifest_rows`]) grouped by their text.
 pub fn groups_from_manifest(manifest: &Path, base: Option<&Path>) -> Result<Groups> {
-    let f = std::fs::File::open(manifest).with_context(|| format!("{}: cannot open", manifest.display()))?;
-    let base = base.map(Path::to_path_buf).unwrap_or_else(|| manifest.parent().unwrap_or(Path::new(".")).to_path_buf());
     let mut groups = Groups::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("{}: cannot read", manifest.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = || format!("{}:{}", manifest.display(), i + 1);
-        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("{}: not JSON", at()))?;
-        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-        let image = field("image").with_context(|| format!("{}: no string field \"image\"", at()))?;
-        let text = field("text").with_context(|| format!("{}: no string field \"text\"", at()))?;
-        groups.entry(text).or_default().push(base.join(image));
-    }
-    if groups.is_empty() {
-        bail!("{}: no images listed", manifest.display());
+    for row in read_manifest_rows(manifest, base)? {
+        groups.entry(row.text).or_default().push(row.image);
     }
     Ok(groups)
 }

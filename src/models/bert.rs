@@ -17,14 +17,14 @@
 //!   buffers; TF-converted checkpoints call the layer-norm parameters `gamma`/`beta`.
 
 use super::limits::{MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB};
-use super::{allocate, check_param_count, ConfigReader};
+use super::{allocate, check_param_count, Component, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
+use crate::io::weights;
 use crate::nn::transformer::{LayerActs, LayerNames, LayerShape, NormPlacement, Tokens, TransformerLayer};
 use crate::nn::{zeros, Cx, LayerNorm, LayerNormActs};
 use crate::ops::elementwise::{BiasRowsParams, EmbeddingBackward, EmbeddingForward, EmbeddingParams};
 use crate::tensor::{Arena, Layout, Shape, Tensor};
-use crate::{io::weights, io::weights::LoadReport};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -200,39 +200,39 @@ pub struct BertModel {
     pub table: Layout,
 }
 
-impl BertModel {
-    /// Allocates the parameter pool (uninitialised: zeros) for `config`.
-    pub fn allocate(backend: &mut dyn Backend, config: BertConfig) -> Result<BertModel> {
+impl Component for BertModel {
+    type Config = BertConfig;
+    fn config_from_file(path: &Path) -> Result<BertConfig> {
+        BertConfig::from_file(path)
+    }
+    fn allocate(backend: &mut dyn Backend, config: BertConfig) -> Result<BertModel> {
         let (params, table) = allocate(backend, "text_encoder.params", |l| params_layout(l, &config))?;
         Ok(BertModel { config, params, table })
     }
-
-    /// Loads a transformers folder (config.json + safetensors, `variant` e.g. "fp16"): a BertModel,
-    /// or a model with heads whose encoder is under `bert.` (the heads are ignored).
-    pub fn load(backend: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(BertModel, LoadReport)> {
-        let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let files = weights::weight_files(dir, variant)?;
-        let model = Self::allocate(backend, config)?;
-        let report = weights::load_into(backend, &model.table, &files, &|n| Some(canonical_name(n)), &is_ignored)?;
-        Ok((model, report))
+    fn table(&self) -> &Layout {
+        &self.table
     }
-
-    /// The architecture with random weights (benchmarks, `--random-weights`).
-    pub fn random(backend: &mut dyn Backend, config: BertConfig, seed: u64) -> Result<BertModel> {
-        let model = Self::allocate(backend, config)?;
-        super::randomize(backend, &model.table, seed)?;
+    /// A model with heads keeps its encoder under `bert.`; older checkpoints name LayerNorm's
+    /// parameters gamma/beta.
+    fn alias(name: &str) -> Option<String> {
+        Some(canonical_name(name))
+    }
+    /// The pooler and any heads are not part of the encoder.
+    fn is_ignored(name: &str) -> bool {
+        is_ignored(name)
+    }
+    fn randomize(&self, backend: &dyn Backend, seed: u64) -> Result<()> {
+        super::randomize(backend, &self.table, seed)?;
         // `randomize` recognises norms by a lower-case "norm"; BERT spells them "LayerNorm".
-        for e in model.table.entries().iter().filter(|e| e.name.ends_with("LayerNorm.weight")) {
-            let t = Tensor { pool: model.table.pool(), offset: e.offset, shape: e.shape };
+        for e in self.table.entries().iter().filter(|e| e.name.ends_with("LayerNorm.weight")) {
+            let t = Tensor { pool: self.table.pool(), offset: e.offset, shape: e.shape };
             backend.upload(&t, &vec![1.0; e.shape.numel()])?;
         }
-        Ok(model)
+        Ok(())
     }
+}
 
-    pub fn num_params(&self) -> usize {
-        self.table.numel()
-    }
-
+impl BertModel {
     /// Allocates the activation arena for a forward at (batch, seq).
     pub fn allocate_acts(&self, backend: &mut dyn Backend, batch: usize, seq: usize) -> Result<BertActs> {
         let c = self.config.clone();

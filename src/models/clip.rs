@@ -4,14 +4,14 @@
 //! Stable Diffusion v1 feeds the 77 padded ids with no attention mask, so the only mask is causal.
 
 use super::limits::{MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB};
-use super::{allocate, check_param_count, ConfigReader};
+use super::{allocate, check_param_count, Component, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
+use crate::io::weights;
 use crate::nn::transformer::{LayerActs, LayerNames, LayerShape, NormPlacement, Tokens, TransformerLayer};
 use crate::nn::{zeros, Cx, LayerNorm, LayerNormActs};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams};
 use crate::tensor::{Arena, Layout, Tensor};
-use crate::{io::weights, io::weights::LoadReport};
 use anyhow::{bail, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -143,39 +143,25 @@ pub struct ClipTextModel {
     pub table: Layout,
 }
 
-impl ClipTextModel {
-    /// Allocates the parameter pool (uninitialised: zeros) for `config`.
-    pub fn allocate(backend: &mut dyn Backend, config: ClipTextConfig) -> Result<ClipTextModel> {
+impl Component for ClipTextModel {
+    type Config = ClipTextConfig;
+    fn config_from_file(path: &Path) -> Result<ClipTextConfig> {
+        ClipTextConfig::from_file(path)
+    }
+    fn allocate(backend: &mut dyn Backend, config: ClipTextConfig) -> Result<ClipTextModel> {
         let (params, table) = allocate(backend, "text_encoder.params", |l| params_layout(l, &config))?;
         Ok(ClipTextModel { config, params, table })
     }
-
-    /// Loads a text_encoder component folder (config.json + safetensors, `variant` e.g. "fp16").
-    pub fn load(backend: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(ClipTextModel, LoadReport)> {
-        let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let files = weights::weight_files(dir, variant)?;
-        let model = Self::allocate(backend, config)?;
-        let report = weights::load_into(
-            backend,
-            &model.table,
-            &files,
-            &|n| Some(format!("text_model.{n}")),
-            &weights::is_known_buffer,
-        )?;
-        Ok((model, report))
+    fn table(&self) -> &Layout {
+        &self.table
     }
-
-    /// The real architecture with random weights (for benchmarks and `inspect --random-weights`).
-    pub fn random(backend: &mut dyn Backend, config: ClipTextConfig, seed: u64) -> Result<ClipTextModel> {
-        let model = Self::allocate(backend, config)?;
-        super::randomize(backend, &model.table, seed)?;
-        Ok(model)
+    /// transformers 5 saves CLIPTextModel without the "text_model." prefix.
+    fn alias(name: &str) -> Option<String> {
+        Some(format!("text_model.{name}"))
     }
+}
 
-    pub fn num_params(&self) -> usize {
-        self.table.numel()
-    }
-
+impl ClipTextModel {
     /// Allocates the activation arena for a forward at (batch, seq).
     pub fn allocate_acts(&self, backend: &mut dyn Backend, batch: usize, seq: usize) -> Result<ClipActs> {
         let c = self.config.clone();

@@ -9,11 +9,74 @@ pub mod unet_config;
 pub mod vae;
 
 use crate::backend::Backend;
+use crate::io::weights::{self, LoadReport};
 use crate::rng::splitmix::SplitMix64;
 use crate::tensor::{Layout, LayoutEntry};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
+
+/// A network read from a diffusers/transformers component folder (config.json and weights): how
+/// every model is allocated, loaded, randomised and counted, written once. A model gives its
+/// config parser, its allocation and its parameter table, and where its checkpoints differ from
+/// the table's names, its alias and ignore rules.
+pub trait Component: Sized {
+    type Config: std::fmt::Debug;
+    /// The component folder's config.json, checked.
+    fn config_from_file(path: &Path) -> Result<Self::Config>;
+    /// The parameter pool for `config`, uninitialised (zeros).
+    fn allocate(backend: &mut dyn Backend, config: Self::Config) -> Result<Self>;
+    /// The parameter table: name → (offset, shape) in the parameter pool.
+    fn table(&self) -> &Layout;
+
+    /// The table name that a checkpoint tensor outside the table stands for, if any (older or newer
+    /// library versions name some tensors differently; see [`weights::load_into`]).
+    fn alias(_name: &str) -> Option<String> {
+        None
+    }
+    /// Whether a checkpoint tensor outside the table is skipped rather than refused.
+    fn is_ignored(name: &str) -> bool {
+        weights::is_known_buffer(name)
+    }
+    /// Fills the parameters with random values (see [`randomize`]).
+    fn randomize(&self, backend: &dyn Backend, seed: u64) -> Result<()> {
+        randomize(backend, self.table(), seed)
+    }
+
+    /// Loads a component folder (config.json + safetensors, `variant` e.g. "fp16").
+    fn load(backend: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(Self, LoadReport)> {
+        let config = Self::config_from_file(&dir.join("config.json"))?;
+        let files = weights::weight_files(dir, variant)?;
+        let model = Self::allocate(backend, config)?;
+        let report = weights::load_into(backend, model.table(), &files, &Self::alias, &Self::is_ignored)?;
+        Ok((model, report))
+    }
+    /// The real architecture with random weights (benchmarks, `inspect`/`bench` with random weights).
+    fn random(backend: &mut dyn Backend, config: Self::Config, seed: u64) -> Result<Self> {
+        let model = Self::allocate(backend, config)?;
+        model.randomize(backend, seed)?;
+        Ok(model)
+    }
+    fn num_params(&self) -> usize {
+        self.table().numel()
+    }
+}
+
+/// The component of `dir`: with random weights (seed 0) from its config.json when `random`, else
+/// loaded (with the load report).
+pub fn load_or_random<C: Component>(
+    backend: &mut dyn Backend,
+    dir: &Path,
+    variant: Option<&str>,
+    random: bool,
+) -> Result<(C, Option<LoadReport>)> {
+    if random {
+        Ok((C::random(backend, C::config_from_file(&dir.join("config.json"))?, 0)?, None))
+    } else {
+        let (model, report) = C::load(backend, dir, variant)?;
+        Ok((model, Some(report)))
+    }
+}
 
 /// Runs a layout function unbound to size it, allocates one pool of exactly that size, and runs it
 /// again bound to the pool. Returns the typed tensors and the layout (the name → (offset, shape)

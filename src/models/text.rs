@@ -5,6 +5,7 @@
 use super::bert::{BertActs, BertConfig, BertModel, BertParams};
 use super::clip::{ClipActs, ClipParams, ClipTextConfig, ClipTextModel};
 use crate::backend::Backend;
+use crate::models::Component;
 use crate::nn::Cx;
 use crate::tensor::{Layout, Tensor};
 use crate::text::bpe::ClipTokenizer;

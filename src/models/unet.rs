@@ -2,7 +2,7 @@
 //! unet/config.json (parsed and bounded in `unet_config`); anything we do not support is refused
 //! naming the field and value.
 
-use super::{allocate, allocate_params};
+use super::{allocate, allocate_params, Component};
 use crate::backend::plan::PlanBackend;
 use crate::backend::Activation;
 use crate::backend::Backend;
@@ -12,7 +12,6 @@ use crate::nn::sampling::{Downsample2D, Upsample2D};
 use crate::nn::{zeros, zeros_like, Conv2d, Cx, Fmap, GroupNorm, Linear};
 use crate::ops::elementwise::{ConcatParams, TimestepEmbeddingParams};
 use crate::tensor::{Arena, Layout, Tensor};
-use crate::{io::weights, io::weights::LoadReport};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
@@ -147,30 +146,21 @@ pub struct UNet {
     pub table: Layout,
 }
 
-impl UNet {
-    pub fn allocate(backend: &mut dyn Backend, config: UNetConfig) -> Result<UNet> {
+impl Component for UNet {
+    type Config = UNetConfig;
+    fn config_from_file(path: &Path) -> Result<UNetConfig> {
+        UNetConfig::from_file(path)
+    }
+    fn allocate(backend: &mut dyn Backend, config: UNetConfig) -> Result<UNet> {
         let (params, table) = allocate_params(backend, "unet.params", |l| params_layout(l, &config))?;
         Ok(UNet { config, params, table })
     }
-
-    pub fn load(backend: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(UNet, LoadReport)> {
-        let config = UNetConfig::from_file(&dir.join("config.json"))?;
-        let files = weights::weight_files(dir, variant)?;
-        let model = Self::allocate(backend, config)?;
-        let report = weights::load_into(backend, &model.table, &files, &weights::no_alias, &weights::is_known_buffer)?;
-        Ok((model, report))
+    fn table(&self) -> &Layout {
+        &self.table
     }
+}
 
-    pub fn random(backend: &mut dyn Backend, config: UNetConfig, seed: u64) -> Result<UNet> {
-        let model = Self::allocate(backend, config)?;
-        super::randomize(backend, &model.table, seed)?;
-        Ok(model)
-    }
-
-    pub fn num_params(&self) -> usize {
-        self.table.numel()
-    }
-
+impl UNet {
     /// Runs the forward on the planning backend: (peak activation elements, FLOP) for
     /// (batch, latent h, latent w, context length).
     pub fn plan(&self, batch: usize, h: usize, w: usize, ctx_len: usize) -> Result<(usize, u64)> {
@@ -257,15 +247,10 @@ impl UNet {
         context: &Tensor,
         ctx_len: usize,
     ) -> Result<UNetSaved> {
-        let b = cx.b;
-        let c = &self.config;
         let batch = sample.batch;
-        if sample.c != c.in_channels {
-            bail!("unet: sample has {} channels, config in_channels is {}", sample.c, c.in_channels);
-        }
         let ts = cx.arena.alloc([batch])?;
-        self.upload_timesteps(b, &ts, timesteps, batch)?;
-        self.forward_saved_from_timesteps(cx, sample, &ts, context, ctx_len)
+        self.upload_timesteps(cx.b, &ts, timesteps, batch)?;
+        self.forward_from_timesteps(cx, sample, &ts, context, ctx_len)
     }
 
     /// Writes the timesteps (one value for the whole batch, or one per sample) into `ts` (batch
@@ -279,20 +264,9 @@ impl UNet {
         b.upload(&Tensor { shape: [batch].into(), ..*ts }, &v)
     }
 
-    /// As `forward`, from timesteps already on the device (`upload_timesteps`): only device
+    /// As `forward_saved`, from timesteps already on the device (`upload_timesteps`): only device
     /// operations, at addresses that depend on the arena's state alone.
     pub fn forward_from_timesteps(
-        &self,
-        cx: &mut Cx,
-        sample: &Fmap,
-        ts: &Tensor,
-        context: &Tensor,
-        ctx_len: usize,
-    ) -> Result<Fmap> {
-        Ok(self.forward_saved_from_timesteps(cx, sample, ts, context, ctx_len)?.out)
-    }
-
-    fn forward_saved_from_timesteps(
         &self,
         cx: &mut Cx,
         sample: &Fmap,

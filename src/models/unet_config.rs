@@ -62,6 +62,23 @@ fn per_block(r: &ConfigReader, field: &str, default: usize, n: usize, max: usize
     }
 }
 
+/// A list of block-type names, each one of `supported`.
+fn block_types<T: Copy>(r: &ConfigReader, field: &str, supported: &[(&str, T)]) -> Result<Vec<T>> {
+    let names: Vec<&str> = supported.iter().map(|(name, _)| *name).collect();
+    strings(r, field)?
+        .iter()
+        .map(|s| {
+            supported.iter().find(|(name, _)| name == s).map(|(_, t)| *t).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: field \"{field}\" contains \"{s}\", which is not supported (supported: {})",
+                    r.path.display(),
+                    names.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
 fn strings(r: &ConfigReader, field: &str) -> Result<Vec<String>> {
     let a = match r.obj.get(field) {
         Some(Value::Array(a)) => a,
@@ -165,30 +182,16 @@ impl UNetConfig {
                 return Err(refuse("num_attention_heads", v));
             }
         }
-        let down: Vec<DownBlockType> = strings(&r, "down_block_types")?
-            .iter()
-            .map(|s| match s.as_str() {
-                "CrossAttnDownBlock2D" => Ok(DownBlockType::CrossAttnDown),
-                "DownBlock2D" => Ok(DownBlockType::Down),
-                other => Err(anyhow::anyhow!(
-                    "{}: field \"down_block_types\" contains \"{other}\", which is not supported \
-                     (supported: CrossAttnDownBlock2D, DownBlock2D)",
-                    path.display()
-                )),
-            })
-            .collect::<Result<_>>()?;
-        let up: Vec<UpBlockType> = strings(&r, "up_block_types")?
-            .iter()
-            .map(|s| match s.as_str() {
-                "CrossAttnUpBlock2D" => Ok(UpBlockType::CrossAttnUp),
-                "UpBlock2D" => Ok(UpBlockType::Up),
-                other => Err(anyhow::anyhow!(
-                    "{}: field \"up_block_types\" contains \"{other}\", which is not supported \
-                     (supported: CrossAttnUpBlock2D, UpBlock2D)",
-                    path.display()
-                )),
-            })
-            .collect::<Result<_>>()?;
+        let down = block_types(
+            &r,
+            "down_block_types",
+            &[("CrossAttnDownBlock2D", DownBlockType::CrossAttnDown), ("DownBlock2D", DownBlockType::Down)],
+        )?;
+        let up = block_types(
+            &r,
+            "up_block_types",
+            &[("CrossAttnUpBlock2D", UpBlockType::CrossAttnUp), ("UpBlock2D", UpBlockType::Up)],
+        )?;
         let n = down.len();
         let block_out_channels = r
             .size_list("block_out_channels", MAX_CHANNELS)?

@@ -2,15 +2,15 @@
 //! (post_quant_conv →), with the mid-block attention. Images and latents are channels-last.
 
 use super::limits::{MAX_BLOCKS, MAX_CHANNELS, MAX_LAYERS, MAX_TOTAL_LAYERS};
-use super::{allocate, allocate_params, check_param_count, ConfigReader};
+use super::{allocate, allocate_params, check_param_count, Component, ConfigReader};
 use crate::backend::plan::PlanBackend;
 use crate::backend::Backend;
+use crate::io::weights;
 use crate::nn::attention::{VaeAttention, VaeAttentionSaved};
 use crate::nn::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::sampling::{Downsample2D, Upsample2D};
 use crate::nn::{zeros_like, Conv2d, Cx, Fmap, GroupNorm, GroupNormOut};
 use crate::tensor::{Arena, Layout};
-use crate::{io::weights, io::weights::LoadReport};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -208,17 +208,16 @@ pub struct DecoderSaved {
     pub out: Fmap,
 }
 
+/// A block of the encoder or decoder: resnets, then (but in the last block) a resampler.
 #[derive(Clone, Debug)]
-pub struct EncoderBlock {
+pub struct VaeBlock<R> {
     pub resnets: Vec<ResnetBlock2D>,
-    pub downsampler: Option<Downsample2D>,
+    pub resampler: Option<R>,
 }
-
-#[derive(Clone, Debug)]
-pub struct DecoderBlock {
-    pub resnets: Vec<ResnetBlock2D>,
-    pub upsampler: Option<Upsample2D>,
-}
+/// An encoder block: its resampler halves the resolution.
+pub type EncoderBlock = VaeBlock<Downsample2D>;
+/// A decoder block: its resampler doubles the resolution.
+pub type DecoderBlock = VaeBlock<Upsample2D>;
 
 #[derive(Clone, Debug)]
 pub struct VaeParams {
@@ -236,26 +235,42 @@ pub struct VaeParams {
     pub dec_conv_out: Conv2d,
 }
 
+/// The blocks `{prefix}.{i}` of the encoder or decoder: block i goes from the previous block's
+/// channels (the first: its own) to `channels[i]` through `layers` resnets, then, in all but the
+/// last block, through the resampler `resampler(l, "{prefix}.{i}", channels[i])` lays out.
+fn stack_layout<R>(
+    l: &mut Layout,
+    prefix: &str,
+    channels: &[usize],
+    layers: usize,
+    groups: usize,
+    resampler: impl Fn(&mut Layout, &str, usize) -> R,
+) -> Vec<VaeBlock<R>> {
+    let mut blocks = Vec::new();
+    let mut out_ch = channels[0];
+    for (i, &ch) in channels.iter().enumerate() {
+        let (in_ch, p) = (out_ch, format!("{prefix}.{i}"));
+        out_ch = ch;
+        let resnets = (0..layers)
+            .map(|j| {
+                let rin = if j == 0 { in_ch } else { out_ch };
+                ResnetBlock2D::layout(l, &format!("{p}.resnets.{j}"), rin, out_ch, None, groups, VAE_EPS)
+            })
+            .collect();
+        let resampler = (i + 1 < channels.len()).then(|| resampler(l, &p, out_ch));
+        blocks.push(VaeBlock { resnets, resampler });
+    }
+    blocks
+}
+
 pub fn params_layout(l: &mut Layout, c: &VaeConfig) -> VaeParams {
     let ch = &c.block_out_channels;
     let (n, g, z) = (ch.len(), c.norm_num_groups, c.latent_channels);
     let same = [1; 4];
     let enc_conv_in = Conv2d::layout(l, "encoder.conv_in", c.in_channels, ch[0], 3, 1, same);
-    let mut enc_blocks = Vec::new();
-    let mut out_ch = ch[0];
-    for i in 0..n {
-        let in_ch = out_ch;
-        out_ch = ch[i];
-        let p = format!("encoder.down_blocks.{i}");
-        let resnets = (0..c.layers_per_block)
-            .map(|j| {
-                let rin = if j == 0 { in_ch } else { out_ch };
-                ResnetBlock2D::layout(l, &format!("{p}.resnets.{j}"), rin, out_ch, None, g, VAE_EPS)
-            })
-            .collect();
-        let downsampler = (i + 1 < n).then(|| Downsample2D::layout(l, &format!("{p}.downsamplers.0"), out_ch, 0));
-        enc_blocks.push(EncoderBlock { resnets, downsampler });
-    }
+    let enc_blocks = stack_layout(l, "encoder.down_blocks", ch, c.layers_per_block, g, |l, name, c| {
+        Downsample2D::layout(l, &format!("{name}.downsamplers.0"), c, 0)
+    });
     let last = ch[n - 1];
     let enc_mid = MidBlock::layout(l, "encoder.mid_block", last, g, c.mid_block_add_attention);
     let enc_norm_out = GroupNorm::layout(l, "encoder.conv_norm_out", last, g, VAE_EPS);
@@ -265,21 +280,9 @@ pub fn params_layout(l: &mut Layout, c: &VaeConfig) -> VaeParams {
     let dec_conv_in = Conv2d::layout(l, "decoder.conv_in", z, last, 3, 1, same);
     let dec_mid = MidBlock::layout(l, "decoder.mid_block", last, g, c.mid_block_add_attention);
     let rev: Vec<usize> = ch.iter().rev().copied().collect();
-    let mut dec_blocks = Vec::new();
-    let mut out_ch = rev[0];
-    for i in 0..n {
-        let prev = out_ch;
-        out_ch = rev[i];
-        let p = format!("decoder.up_blocks.{i}");
-        let resnets = (0..c.layers_per_block + 1)
-            .map(|j| {
-                let rin = if j == 0 { prev } else { out_ch };
-                ResnetBlock2D::layout(l, &format!("{p}.resnets.{j}"), rin, out_ch, None, g, VAE_EPS)
-            })
-            .collect();
-        let upsampler = (i + 1 < n).then(|| Upsample2D::layout(l, &format!("{p}.upsamplers.0"), out_ch));
-        dec_blocks.push(DecoderBlock { resnets, upsampler });
-    }
+    let dec_blocks = stack_layout(l, "decoder.up_blocks", &rev, c.layers_per_block + 1, g, |l, name, c| {
+        Upsample2D::layout(l, &format!("{name}.upsamplers.0"), c)
+    });
     let dec_norm_out = GroupNorm::layout(l, "decoder.conv_norm_out", ch[0], g, VAE_EPS);
     let dec_conv_out = Conv2d::layout(l, "decoder.conv_out", ch[0], c.out_channels, 3, 1, same);
     VaeParams {
@@ -321,37 +324,118 @@ fn legacy_attention_name(name: &str) -> Option<String> {
     None
 }
 
+/// The down- or upsampler of a [`VaeBlock`], as the stack functions below walk it.
+trait Resampler {
+    /// The forward: its output, and the unit its backward reads.
+    fn forward_unit(&self, cx: &mut Cx, h: &Fmap) -> Result<(Fmap, VaeUnitSaved)>;
+    /// The backward: accumulates the gradients into `g` and returns the input gradient.
+    fn backward_unit(&self, g: &Self, cx: &mut Cx, unit: &VaeUnitSaved, dh: &Fmap) -> Result<Fmap>;
+}
+
+impl Resampler for Downsample2D {
+    fn forward_unit(&self, cx: &mut Cx, h: &Fmap) -> Result<(Fmap, VaeUnitSaved)> {
+        let out = self.forward(cx, h)?;
+        Ok((out, VaeUnitSaved::Down { input: *h, out }))
+    }
+    fn backward_unit(&self, g: &Self, cx: &mut Cx, unit: &VaeUnitSaved, dh: &Fmap) -> Result<Fmap> {
+        let VaeUnitSaved::Down { input, .. } = unit else { bail!("internal: encoder units out of order") };
+        let d = zeros_like(cx, input)?;
+        self.conv.backward(&g.conv, cx.b, Some(&d), dh, input)?;
+        Ok(d)
+    }
+}
+
+impl Resampler for Upsample2D {
+    fn forward_unit(&self, cx: &mut Cx, h: &Fmap) -> Result<(Fmap, VaeUnitSaved)> {
+        let (up, out) = self.forward_saved(cx, h, None)?;
+        Ok((out, VaeUnitSaved::Up { input: *h, up, out }))
+    }
+    fn backward_unit(&self, g: &Self, cx: &mut Cx, unit: &VaeUnitSaved, dh: &Fmap) -> Result<Fmap> {
+        let VaeUnitSaved::Up { input, up, .. } = unit else { bail!("internal: decoder units out of order") };
+        let d = zeros_like(cx, input)?;
+        self.backward(g, cx, input, up, dh, &d)?;
+        Ok(d)
+    }
+}
+
+/// The forward of a stack of blocks from `h`: its output and the units (each resnet's and
+/// resampler's saved tensors, in order) that [`stack_backward`] reads.
+fn stack_forward<R: Resampler>(cx: &mut Cx, blocks: &[VaeBlock<R>], mut h: Fmap) -> Result<(Fmap, Vec<VaeUnitSaved>)> {
+    let mut units = Vec::new();
+    for blk in blocks {
+        for r in &blk.resnets {
+            let s = r.forward_saved(cx, &h, None)?;
+            h = s.out;
+            units.push(VaeUnitSaved::Res(s));
+        }
+        if let Some(rs) = &blk.resampler {
+            let (out, unit) = rs.forward_unit(cx, &h)?;
+            h = out;
+            units.push(unit);
+        }
+    }
+    Ok((h, units))
+}
+
+/// The backward of a stack of blocks: walks the saved units in reverse, accumulating into the
+/// gradient blocks `grads` and carrying the gradient from the stack's output (`dh`) to its input,
+/// which it returns.
+fn stack_backward<R: Resampler>(
+    cx: &mut Cx,
+    blocks: &[VaeBlock<R>],
+    grads: &[VaeBlock<R>],
+    units: &[VaeUnitSaved],
+    mut dh: Fmap,
+) -> Result<Fmap> {
+    // Each resnet and resampler with its gradient twin, in forward order.
+    let mut layers = Vec::new();
+    for (blk, g) in blocks.iter().zip(grads) {
+        layers.extend(blk.resnets.iter().zip(&g.resnets).map(|r| (Some(r), None)));
+        if let (Some(rs), Some(grs)) = (&blk.resampler, &g.resampler) {
+            layers.push((None, Some((rs, grs))));
+        }
+    }
+    if layers.len() != units.len() {
+        bail!("internal: {} VAE units saved for {} layers", units.len(), layers.len());
+    }
+    for ((resnet, resampler), unit) in layers.into_iter().zip(units).rev() {
+        dh = match (resnet, resampler, unit) {
+            (Some((r, gr)), _, VaeUnitSaved::Res(rs)) => {
+                let d = zeros_like(cx, &rs.x)?;
+                r.backward(gr, cx, rs, &dh, &d, None)?;
+                d
+            }
+            (_, Some((rs, grs)), unit) => rs.backward_unit(grs, cx, unit, &dh)?,
+            _ => bail!("internal: VAE units out of order"),
+        };
+    }
+    Ok(dh)
+}
+
 pub struct AutoencoderKL {
     pub config: VaeConfig,
     pub params: VaeParams,
     pub table: Layout,
 }
 
-impl AutoencoderKL {
-    pub fn allocate(backend: &mut dyn Backend, config: VaeConfig) -> Result<AutoencoderKL> {
+impl Component for AutoencoderKL {
+    type Config = VaeConfig;
+    fn config_from_file(path: &Path) -> Result<VaeConfig> {
+        VaeConfig::from_file(path)
+    }
+    fn allocate(backend: &mut dyn Backend, config: VaeConfig) -> Result<AutoencoderKL> {
         let (params, table) = allocate_params(backend, "vae.params", |l| params_layout(l, &config))?;
         Ok(AutoencoderKL { config, params, table })
     }
-
-    pub fn load(backend: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(AutoencoderKL, LoadReport)> {
-        let config = VaeConfig::from_file(&dir.join("config.json"))?;
-        let files = weights::weight_files(dir, variant)?;
-        let model = Self::allocate(backend, config)?;
-        let report =
-            weights::load_into(backend, &model.table, &files, &legacy_attention_name, &weights::is_known_buffer)?;
-        Ok((model, report))
+    fn table(&self) -> &Layout {
+        &self.table
     }
-
-    pub fn random(backend: &mut dyn Backend, config: VaeConfig, seed: u64) -> Result<AutoencoderKL> {
-        let model = Self::allocate(backend, config)?;
-        super::randomize(backend, &model.table, seed)?;
-        Ok(model)
+    fn alias(name: &str) -> Option<String> {
+        legacy_attention_name(name)
     }
+}
 
-    pub fn num_params(&self) -> usize {
-        self.table.numel()
-    }
-
+impl AutoencoderKL {
     /// Parameter counts of (encoder + quant_conv, decoder + post_quant_conv).
     pub fn split_params(&self) -> (usize, usize) {
         let enc = self
@@ -406,20 +490,7 @@ impl AutoencoderKL {
             bail!("vae: image size {}×{} is not a multiple of {f}", x.h, x.w);
         }
         let conv_in_out = p.enc_conv_in.apply(cx, x)?;
-        let mut h = conv_in_out;
-        let mut units = Vec::new();
-        for blk in &p.enc_blocks {
-            for r in &blk.resnets {
-                let s = r.forward_saved(cx, &h, None)?;
-                h = s.out;
-                units.push(VaeUnitSaved::Res(s));
-            }
-            if let Some(d) = &blk.downsampler {
-                let input = h;
-                h = d.forward(cx, &h)?;
-                units.push(VaeUnitSaved::Down { input, out: h });
-            }
-        }
+        let (h, units) = stack_forward(cx, &p.enc_blocks, conv_in_out)?;
         let mid = p.enc_mid.forward_saved(cx, &h)?;
         let norm_in = mid.r1.out;
         let norm = p.enc_norm_out.apply_saved(cx, &norm_in, true)?;
@@ -456,34 +527,9 @@ impl AutoencoderKL {
         p.enc_conv_out.backward(&g.enc_conv_out, b, Some(&dn), &dco, &s.norm.out)?;
         let dmid_out = zeros_like(cx, &s.norm_in)?;
         p.enc_norm_out.backward(&g.enc_norm_out, b, &dmid_out, &dn, &s.norm_in, &s.norm)?;
-        let mut dh = zeros_like(cx, &s.mid.r0.x)?;
+        let dh = zeros_like(cx, &s.mid.r0.x)?;
         p.enc_mid.backward(&g.enc_mid, cx, &s.mid, &dmid_out, &dh)?;
-        // Walk the units backwards, pairing each with its layer.
-        let mut layers = Vec::new();
-        for (bi, blk) in p.enc_blocks.iter().enumerate() {
-            for ri in 0..blk.resnets.len() {
-                layers.push((bi, Some(ri)));
-            }
-            if blk.downsampler.is_some() {
-                layers.push((bi, None));
-            }
-        }
-        for ((bi, ri), unit) in layers.iter().zip(&s.units).rev() {
-            match (ri, unit) {
-                (Some(ri), VaeUnitSaved::Res(rs)) => {
-                    let d = zeros_like(cx, &rs.x)?;
-                    p.enc_blocks[*bi].resnets[*ri].backward(&g.enc_blocks[*bi].resnets[*ri], cx, rs, &dh, &d, None)?;
-                    dh = d;
-                }
-                (None, VaeUnitSaved::Down { input, .. }) => {
-                    let d = zeros_like(cx, input)?;
-                    let (ds, gds) = (p.enc_blocks[*bi].downsampler.as_ref(), g.enc_blocks[*bi].downsampler.as_ref());
-                    ds.context("internal")?.conv.backward(&gds.context("internal")?.conv, b, Some(&d), &dh, input)?;
-                    dh = d;
-                }
-                _ => bail!("internal: encoder units out of order"),
-            }
-        }
+        let dh = stack_backward(cx, &p.enc_blocks, &g.enc_blocks, &s.units, dh)?;
         p.enc_conv_in.backward(&g.enc_conv_in, b, dx, &dh, &s.x)?;
         cx.arena.release_all_to(mark);
         Ok(())
@@ -505,21 +551,7 @@ impl AutoencoderKL {
         };
         let conv_in_out = p.dec_conv_in.apply(cx, &pq_out)?;
         let mid = p.dec_mid.forward_saved(cx, &conv_in_out)?;
-        let mut h = mid.r1.out;
-        let mut units = Vec::new();
-        for blk in &p.dec_blocks {
-            for r in &blk.resnets {
-                let s = r.forward_saved(cx, &h, None)?;
-                h = s.out;
-                units.push(VaeUnitSaved::Res(s));
-            }
-            if let Some(u) = &blk.upsampler {
-                let input = h;
-                let (up, out) = u.forward_saved(cx, &h, None)?;
-                h = out;
-                units.push(VaeUnitSaved::Up { input, up, out });
-            }
-        }
+        let (h, units) = stack_forward(cx, &p.dec_blocks, mid.r1.out)?;
         let norm_in = h;
         let norm = p.dec_norm_out.apply_saved(cx, &h, true)?;
         let out = p.dec_conv_out.apply(cx, &norm.out)?;
@@ -534,33 +566,9 @@ impl AutoencoderKL {
         let mark = cx.arena.mark();
         let dn = zeros_like(cx, &s.norm.out)?;
         p.dec_conv_out.backward(&g.dec_conv_out, b, Some(&dn), dout, &s.norm.out)?;
-        let mut dh = zeros_like(cx, &s.norm_in)?;
+        let dh = zeros_like(cx, &s.norm_in)?;
         p.dec_norm_out.backward(&g.dec_norm_out, b, &dh, &dn, &s.norm_in, &s.norm)?;
-        let mut layers = Vec::new();
-        for (bi, blk) in p.dec_blocks.iter().enumerate() {
-            for ri in 0..blk.resnets.len() {
-                layers.push((bi, Some(ri)));
-            }
-            if blk.upsampler.is_some() {
-                layers.push((bi, None));
-            }
-        }
-        for ((bi, ri), unit) in layers.iter().zip(&s.units).rev() {
-            match (ri, unit) {
-                (Some(ri), VaeUnitSaved::Res(rs)) => {
-                    let d = zeros_like(cx, &rs.x)?;
-                    p.dec_blocks[*bi].resnets[*ri].backward(&g.dec_blocks[*bi].resnets[*ri], cx, rs, &dh, &d, None)?;
-                    dh = d;
-                }
-                (None, VaeUnitSaved::Up { input, up, .. }) => {
-                    let d = zeros_like(cx, input)?;
-                    let (us, gus) = (p.dec_blocks[*bi].upsampler.as_ref(), g.dec_blocks[*bi].upsampler.as_ref());
-                    us.context("internal")?.backward(gus.context("internal")?, cx, input, up, &dh, &d)?;
-                    dh = d;
-                }
-                _ => bail!("internal: decoder units out of order"),
-            }
-        }
+        let dh = stack_backward(cx, &p.dec_blocks, &g.dec_blocks, &s.units, dh)?;
         let dmid_in = zeros_like(cx, &s.conv_in_out)?;
         p.dec_mid.backward(&g.dec_mid, cx, &s.mid, &dh, &dmid_in)?;
         match (&p.post_quant_conv, &g.post_quant_conv) {

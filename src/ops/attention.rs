@@ -2,7 +2,7 @@
 //! encoder) and/or a key mask (BERT's padding). Kernels: kernels/attention.cu (flash kernels up to
 //! head dim 160, a materialised path above it).
 
-use crate::backend::{check_disjoint, check_key_mask, check_len};
+use crate::backend::{check_disjoint, check_key_mask, check_lens};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -93,17 +93,20 @@ impl AttentionParams {
         Ok(())
     }
 
+    /// The element counts of a query-side tensor (q, out, dq, dout), a key-side one (k, v, dk, dv) and
+    /// the log-sum-exp.
+    fn lens(&self) -> (usize, usize, usize) {
+        let (b, w) = (self.batch, self.width());
+        (b * self.q_len * w, b * self.kv_len * w, b * self.q_len * self.heads)
+    }
+
     /// What every backend checks before a forward: the dimensions, the key mask, the tensors'
     /// lengths, and that no output overlaps another or an input.
     pub fn check_forward(&self, t: &AttentionForward) -> Result<()> {
         let what = if t.key_mask.is_some() { "masked attention" } else { "attention" };
         self.check_dims(what, t.key_mask)?;
-        let (b, w) = (self.batch, self.width());
-        check_len(&format!("{what} out"), t.out, b * self.q_len * w)?;
-        check_len(&format!("{what} q"), t.q, b * self.q_len * w)?;
-        check_len(&format!("{what} k"), t.k, b * self.kv_len * w)?;
-        check_len(&format!("{what} v"), t.v, b * self.kv_len * w)?;
-        check_len(&format!("{what} lse"), t.lse, b * self.q_len * self.heads)?;
+        let (q, kv, lse) = self.lens();
+        check_lens(what, &[("out", t.out, q), ("q", t.q, q), ("k", t.k, kv), ("v", t.v, kv), ("lse", t.lse, lse)])?;
         check_disjoint(what, &[t.out, t.lse], &[t.q, t.k, t.v])
     }
 
@@ -111,16 +114,21 @@ impl AttentionParams {
     pub fn check_backward(&self, t: &AttentionBackward) -> Result<()> {
         let what = if t.key_mask.is_some() { "masked_attention_backward" } else { "attention_backward" };
         self.check_dims(what, t.key_mask)?;
-        let (b, w) = (self.batch, self.width());
-        check_len(&format!("{what} dq"), t.dq, b * self.q_len * w)?;
-        check_len(&format!("{what} dk"), t.dk, b * self.kv_len * w)?;
-        check_len(&format!("{what} dv"), t.dv, b * self.kv_len * w)?;
-        check_len(&format!("{what} dout"), t.dout, b * self.q_len * w)?;
-        check_len(&format!("{what} q"), t.q, b * self.q_len * w)?;
-        check_len(&format!("{what} k"), t.k, b * self.kv_len * w)?;
-        check_len(&format!("{what} v"), t.v, b * self.kv_len * w)?;
-        check_len(&format!("{what} out"), t.out, b * self.q_len * w)?;
-        check_len(&format!("{what} lse"), t.lse, b * self.q_len * self.heads)?;
+        let (q, kv, lse) = self.lens();
+        check_lens(
+            what,
+            &[
+                ("dq", t.dq, q),
+                ("dk", t.dk, kv),
+                ("dv", t.dv, kv),
+                ("dout", t.dout, q),
+                ("q", t.q, q),
+                ("k", t.k, kv),
+                ("v", t.v, kv),
+                ("out", t.out, q),
+                ("lse", t.lse, lse),
+            ],
+        )?;
         check_disjoint(what, &[t.dq, t.dk, t.dv], &[t.dout, t.q, t.k, t.v, t.out, t.lse])
     }
 

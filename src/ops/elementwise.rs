@@ -496,16 +496,14 @@ impl Pointwise {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{cpu::CpuBackend, Backend};
-    use crate::tensor::Shape;
+    use crate::backend::Backend;
+    use crate::ops::test_support::cpu_pool;
 
     /// The backward checks the ids as the forward does (the CPU backend used to index past the
     /// table with an id outside the vocabulary, a panic, and checked no length).
     #[test]
     fn embedding_backward_refuses_an_id_outside_the_vocabulary() {
-        let mut b = CpuBackend::new();
-        let pool = b.alloc(64, "t").unwrap();
-        let t = |offset, n| Tensor { pool, offset, shape: Shape::new(&[n]) };
+        let (b, t) = cpu_pool(64);
         let p = EmbeddingParams { batch: 1, seq: 2, dim: 4 };
         // vocab 3 (12 values), positions 2 (8 values), dout 2 tokens × 4
         let (dwte, dwpe, dout) = (t(0, 12), t(12, 8), t(20, 8));
@@ -529,9 +527,7 @@ mod tests {
     /// The backward checks `dout` as the CUDA backend did (the CPU one sliced past a short one).
     #[test]
     fn geglu_backward_refuses_a_short_dout() {
-        let mut b = CpuBackend::new();
-        let pool = b.alloc(64, "t").unwrap();
-        let t = |offset, n| Tensor { pool, offset, shape: Shape::new(&[n]) };
+        let (b, t) = cpu_pool(64);
         let p = GegluParams { rows: 2, inner: 3 };
         let (dinp, dout, inp) = (t(0, 12), t(12, 6), t(18, 12));
         b.upload(&inp, &[0.5, -1.0, 2.0, 0.25, 1.5, -0.75, 1.0, 0.5, -2.0, 0.3, -0.2, 0.9]).unwrap();
@@ -546,9 +542,7 @@ mod tests {
     /// only `dinp`, `dpred`, or nothing, and sliced past a short input or summed a short one).
     #[test]
     fn cpu_pointwise_and_reductions_refuse_short_and_overlapping_tensors() {
-        let mut b = CpuBackend::new();
-        let pool = b.alloc(64, "t").unwrap();
-        let t = |offset, n| Tensor { pool, offset, shape: Shape::new(&[n]) };
+        let (b, t) = cpu_pool(64);
         let (dinp, dout, inp) = (t(0, 8), t(8, 8), t(16, 8));
         b.upload(&dout, &[1.0, -0.5, 0.25, 2.0, 0.75, -1.5, 0.1, 0.3]).unwrap();
         b.upload(&inp, &[0.5, -1.0, 2.0, 0.25, 1.5, -0.75, 1.0, 0.5]).unwrap();

@@ -30,3 +30,19 @@ pub(crate) fn gelu(x: f32) -> f32 {
 pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
+
+/// What the ops' unit tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::backend::{cpu::CpuBackend, Backend};
+    use crate::tensor::{Shape, Tensor};
+
+    /// A CPU backend with one pool of `len` elements, and `slot(offset, n)`: the 1-D tensor of `n`
+    /// elements at `offset` in it (tests place their tensors by hand to make them overlap or fall
+    /// short on purpose).
+    pub fn cpu_pool(len: usize) -> (CpuBackend, impl Fn(usize, usize) -> Tensor) {
+        let mut b = CpuBackend::new();
+        let pool = b.alloc(len, "t").unwrap();
+        (b, move |offset, n| Tensor { pool, offset, shape: Shape::new(&[n]) })
+    }
+}

@@ -318,16 +318,14 @@ impl GroupNormParams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{cpu::CpuBackend, Backend};
-    use crate::tensor::Shape;
+    use crate::backend::Backend;
+    use crate::ops::test_support::cpu_pool;
 
     /// The checks live here, so every backend refuses a bad call with an error that names the
     /// tensor; the CPU backend used to panic on an overlap and did not check weight or bias.
     #[test]
     fn a_bad_group_norm_call_is_refused_naming_the_tensor() {
-        let mut b = CpuBackend::new();
-        let pool = b.alloc(128, "t").unwrap();
-        let t = |offset, n| Tensor { pool, offset, shape: Shape::new(&[n]) };
+        let (b, t) = cpu_pool(128);
         let p = GroupNormParams { batch: 1, hw: 4, channels: 8, groups: 2, eps: 1e-5, silu: true };
         let (out, mean, rstd, inp, weight, bias) = (t(0, 32), t(32, 2), t(34, 2), t(36, 32), t(68, 8), t(76, 8));
         let x: Vec<f32> = (0..32).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3).collect();

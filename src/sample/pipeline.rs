@@ -15,6 +15,7 @@ use crate::io::weights;
 use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::models::unet::UNet;
 use crate::models::vae::AutoencoderKL;
+use crate::models::Component;
 use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::rng::torch::{NormalVariant, TorchGenerator};
@@ -406,13 +407,11 @@ impl Pipeline {
                         let key = ((arena.pool().0 as u64) << 32) | ub as u64;
                         bd.graph(key, &mut || {
                             arena.release(mark);
-                            fresh = Some(self.unet.forward_from_timesteps(
-                                &mut Cx::new(bd, &mut arena),
-                                &xin,
-                                &ts,
-                                &ctx_t,
-                                seq,
-                            )?);
+                            fresh = Some(
+                                self.unet
+                                    .forward_from_timesteps(&mut Cx::new(bd, &mut arena), &xin, &ts, &ctx_t, seq)?
+                                    .out,
+                            );
                             Ok(())
                         })?;
                         let out = match fresh {

@@ -3,9 +3,11 @@
 
 use crate::backend::Backend;
 use crate::io::weights;
-use crate::models::clip::{ClipTextConfig, ClipTextModel};
-use crate::models::unet::{UNet, UNetConfig};
+use crate::io::weights::LoadReport;
+use crate::models::clip::ClipTextModel;
+use crate::models::unet::UNet;
 use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::models::{load_or_random, Component};
 use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::rng::splitmix::SplitMix64;
@@ -138,6 +140,15 @@ fn random_values(n: usize, seed: u64) -> Vec<f32> {
 /// Most timed (or warm-up) calls: every time is kept for the statistics.
 pub const MAX_ITERS: usize = 100_000;
 
+/// The pipeline's `component` folder as a model: random weights with `random_weights`, else loaded.
+fn load_component<C: Component>(
+    b: &mut dyn Backend,
+    o: &BenchOptions,
+    component: &str,
+) -> Result<(C, Option<LoadReport>)> {
+    load_or_random(b, &weights::component_dir(o.model, component)?, o.variant, o.random_weights)
+}
+
 pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchReport> {
     if o.iters == 0 || o.iters > MAX_ITERS || o.warmup > MAX_ITERS {
         bail!("$iters must be between 1 and {MAX_ITERS} (and $warmup at most {MAX_ITERS})");
@@ -169,12 +180,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
     };
     match stage {
         Stage::Unet => {
-            let dir = weights::component_dir(o.model, "unet")?;
-            let unet = if o.random_weights {
-                UNet::random(b, UNetConfig::from_file(&dir.join("config.json"))?, 0)?
-            } else {
-                UNet::load(b, &dir, o.variant)?.0
-            };
+            let (unet, _) = load_component::<UNet>(b, o, "unet")?;
             let vae_scale = vae_scale(o.model)?;
             if o.height % vae_scale != 0 || o.width % vae_scale != 0 {
                 bail!("$height/$width must be multiples of {vae_scale} (the VAE's scale factor)");
@@ -208,12 +214,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             Ok(report("unet (one guided step)", shape, unet.num_params(), arena.capacity(), flops, times, b))
         }
         Stage::VaeDecode => {
-            let dir = weights::component_dir(o.model, "vae")?;
-            let vae = if o.random_weights {
-                AutoencoderKL::random(b, VaeConfig::from_file(&dir.join("config.json"))?, 0)?
-            } else {
-                AutoencoderKL::load(b, &dir, o.variant)?.0
-            };
+            let (vae, _) = load_component::<AutoencoderKL>(b, o, "vae")?;
             let f = vae.config.scale_factor();
             if o.height % f != 0 || o.width % f != 0 {
                 bail!("$height/$width must be multiples of {f} (the VAE's scale factor)");
@@ -234,12 +235,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             Ok(report("vae decode", shape, dec, arena.capacity(), flops, times, b))
         }
         Stage::TextEncoder => {
-            let dir = weights::component_dir(o.model, "text_encoder")?;
-            let clip = if o.random_weights {
-                ClipTextModel::random(b, ClipTextConfig::from_file(&dir.join("config.json"))?, 0)?
-            } else {
-                ClipTextModel::load(b, &dir, o.variant)?.0
-            };
+            let (clip, _) = load_component::<ClipTextModel>(b, o, "text_encoder")?;
             let n = 2 * o.batch;
             let seq = clip.config.max_position_embeddings.min(77);
             let acts = clip.allocate_acts(b, n, seq)?;

@@ -1,9 +1,10 @@
 //! `roentgen inspect`: what a safetensors file or model folder holds, and what the engine makes of it.
 
 use crate::backend::Backend;
-use crate::models::clip::{ClipTextConfig, ClipTextModel};
-use crate::models::unet::{UNet, UNetConfig};
-use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::models::clip::ClipTextModel;
+use crate::models::unet::UNet;
+use crate::models::vae::AutoencoderKL;
+use crate::models::{load_or_random, Component};
 use crate::text::bpe::ClipTokenizer;
 use crate::{io::safetensors::SafetensorsFile, io::weights};
 use anyhow::{bail, Context, Result};
@@ -138,47 +139,14 @@ fn inspect_component(
             return Ok(v);
         }
         "CLIPTextModel" => {
-            let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
-            v["parsed_config"] = json!(format!("{config:?}"));
-            if opts.random_weights {
-                let model = ClipTextModel::random(backend, config, 0)?;
-                v["parameters"] = json!(model.num_params());
-                v["instantiated"] = json!("random weights");
-            } else if weights::weight_files_if_any(dir, opts.variant)?.is_some() {
-                let (model, report) = ClipTextModel::load(backend, dir, opts.variant)?;
-                v["parameters"] = json!(model.num_params());
-                v["instantiated"] = json!(describe_load(&report));
-            }
+            describe_model::<ClipTextModel>(backend, dir, opts, &mut v)?;
         }
         "UNet2DConditionModel" => {
-            let config = UNetConfig::from_file(&dir.join("config.json"))?;
-            v["parsed_config"] = json!(format!("{config:?}"));
-            if opts.random_weights {
-                let model = UNet::random(backend, config, 0)?;
-                v["parameters"] = json!(model.num_params());
-                v["instantiated"] = json!("random weights");
-            } else if weights::weight_files_if_any(dir, opts.variant)?.is_some() {
-                let (model, report) = UNet::load(backend, dir, opts.variant)?;
-                v["parameters"] = json!(model.num_params());
-                v["instantiated"] = json!(describe_load(&report));
-            }
+            describe_model::<UNet>(backend, dir, opts, &mut v)?;
         }
         "AutoencoderKL" => {
-            let config = VaeConfig::from_file(&dir.join("config.json"))?;
-            v["parsed_config"] = json!(format!("{config:?}"));
-            let model = if opts.random_weights {
-                v["instantiated"] = json!("random weights");
-                Some(AutoencoderKL::random(backend, config, 0)?)
-            } else if weights::weight_files_if_any(dir, opts.variant)?.is_some() {
-                let (model, report) = AutoencoderKL::load(backend, dir, opts.variant)?;
-                v["instantiated"] = json!(describe_load(&report));
-                Some(model)
-            } else {
-                None
-            };
-            if let Some(m) = model {
+            if let Some(m) = describe_model::<AutoencoderKL>(backend, dir, opts, &mut v)? {
                 let (enc, dec) = m.split_params();
-                v["parameters"] = json!(m.num_params());
                 v["parameters_encoder"] = json!(enc);
                 v["parameters_decoder"] = json!(dec);
             }
@@ -300,4 +268,22 @@ fn render_into(s: &mut String, v: &Value, indent: &str) {
             render_into(s, c, &format!("{indent}  "));
         }
     }
+}
+
+/// Adds a model component's parsed config to `v` and, with random weights or when the folder has
+/// weight files, instantiates it (its parameter count and how it was instantiated); returns it.
+fn describe_model<C: Component>(
+    backend: &mut dyn Backend,
+    dir: &Path,
+    opts: &InspectOptions,
+    v: &mut Value,
+) -> Result<Option<C>> {
+    v["parsed_config"] = json!(format!("{:?}", C::config_from_file(&dir.join("config.json"))?));
+    if !opts.random_weights && weights::weight_files_if_any(dir, opts.variant)?.is_none() {
+        return Ok(None);
+    }
+    let (model, report) = load_or_random::<C>(backend, dir, opts.variant, opts.random_weights)?;
+    v["parameters"] = json!(model.num_params());
+    v["instantiated"] = json!(report.as_ref().map_or_else(|| "random weights".to_string(), describe_load));
+    Ok(Some(model))
 }

@@ -3,76 +3,12 @@
 //! Pillow's antialiased bilinear, center crop, scale to [−1, 1] (see [`load_image`]).
 
 use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Example {
-    pub image: PathBuf,
-    pub text: String,
-    /// 1-based line (JSONL) or record (CSV) number, for messages.
-    pub line: usize,
-}
+use std::path::Path;
 
 word_enum!(
     /// What to do with a row whose image is missing or unreadable.
     pub enum OnBadImage("bad-image policy") { Skip = "skip", Fail = "fail" }
 );
-
-/// Reads a JSONL manifest (`{"image": path, "text": prompt}` per line) or a CSV with `image` and
-/// `text` columns. Relative image paths are resolved against the manifest's folder. Rows with an
-/// empty text are errors (an empty prompt teaches the unconditional case only by accident).
-pub fn read_manifest(path: &Path) -> Result<Vec<Example>> {
-    let base = path.parent().unwrap_or(Path::new("."));
-    let resolve = |p: &str| -> PathBuf {
-        let p = Path::new(p);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base.join(p)
-        }
-    };
-    let is_csv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
-    let mut out = Vec::new();
-    if is_csv {
-        let mut rdr = csv::Reader::from_path(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let headers = rdr.headers().with_context(|| format!("{}: no header row", path.display()))?.clone();
-        let col = |name: &str| headers.iter().position(|h| h.trim() == name);
-        let (Some(ic), Some(tc)) = (col("image"), col("text")) else {
-            bail!("{}: the CSV needs columns named 'image' and 'text' (found: {:?})", path.display(), headers);
-        };
-        for (i, rec) in rdr.records().enumerate() {
-            let rec = rec.with_context(|| format!("{}: record {}", path.display(), i + 1))?;
-            let (img, text) = (rec.get(ic).unwrap_or(""), rec.get(tc).unwrap_or(""));
-            out.push(example(path, i + 2, resolve(img.trim()), text)?);
-        }
-    } else {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
-            let img = v.get("image").and_then(|x| x.as_str());
-            let txt = v.get("text").and_then(|x| x.as_str());
-            let (Some(img), Some(txt)) = (img, txt) else {
-                bail!("{}:{}: needs string fields \"image\" and \"text\"", path.display(), i + 1);
-            };
-            out.push(example(path, i + 1, resolve(img), txt)?);
-        }
-    }
-    if out.is_empty() {
-        bail!("{}: the manifest has no rows", path.display());
-    }
-    Ok(out)
-}
-
-fn example(path: &Path, line: usize, image: PathBuf, text: &str) -> Result<Example> {
-    if text.trim().is_empty() {
-        bail!("{}:{line}: empty text for image {}", path.display(), image.display());
-    }
-    Ok(Example { image, text: text.to_string(), line })
-}
 
 /// Pillow's `Image.MAX_IMAGE_PIXELS` (`int(1024 * 1024 * 1024 // 4 // 3)`).
 pub const PIL_MAX_IMAGE_PIXELS: u64 = 1024 * 1024 * 1024 / 4 / 3;
@@ -258,7 +194,7 @@ mod tests {
         }
     }
 
-    fn tempfile_dir() -> PathBuf {
+    fn tempfile_dir() -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("roentgen-data-test-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d

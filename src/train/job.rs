@@ -4,8 +4,9 @@
 //! front, decode failures at draw time handled as `--on-bad-image` says), the resume check against
 //! the checkpoint's recorded settings, and checkpoint retention.
 
-use super::data::{load_image, Example, OnBadImage};
+use super::data::{load_image, OnBadImage};
 use crate::io::files::{self, FolderLock};
+use crate::io::manifest::Example;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};

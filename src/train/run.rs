@@ -7,15 +7,17 @@
 //! CPU backend's reductions are deterministic for a given thread count).
 
 use super::checkpoint::{self, CheckpointContents};
-use super::data::{read_manifest, OnBadImage};
+use super::data::OnBadImage;
 use super::job::{self, ImageDraw, OutputFolder, TrainLog};
 use super::{Batch, MicroBatchShape, Noise, OptimOptions, PredictionType, StepStats, Trainer};
 use crate::backend::Backend;
 use crate::diag::SettingError;
+use crate::io::manifest::read_manifest;
 use crate::io::weights;
 use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{split_moments, AutoencoderKL};
+use crate::models::Component;
 use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::rng::splitmix::SplitMix64;

@@ -13,6 +13,7 @@ use crate::backend::plan::PlanBackend;
 use crate::backend::Backend;
 use crate::diag::SettingError;
 use crate::models::vae::{AutoencoderKL, VaeParams};
+use crate::models::Component;
 use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::tensor::{Arena, Layout, Tensor};
@@ -279,7 +280,7 @@ pub fn train_vae(
     };
     let good = super::job::usable_rows(
         &cfg.data,
-        super::data::read_manifest(&cfg.data)?,
+        crate::io::manifest::read_manifest(&cfg.data)?,
         cfg.on_bad_image,
         cfg.verify_images.then_some(cfg.resolution),
     )?;

@@ -285,6 +285,12 @@ pub fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
+/// tests/fixtures/param_counts.json: the real SD v1.4 components' parameter counts and FLOP,
+/// counted by PyTorch (generate.py).
+pub fn reference_counts() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap()).unwrap()
+}
+
 /// (n, c, h, w) → (n, h, w, c): PyTorch fixtures are NCHW, the engine is channels-last.
 pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];

@@ -18,15 +18,9 @@ pub fn fuzz_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str, 
         let (b, ci, co, skew) = (u(1, 2), u(1, 40), u(1, 80), u(0, 3));
         let h = u(k.saturating_sub(pad[0] + pad[1]).max(1), 12);
         let w = u(k.saturating_sub(pad[2] + pad[3]).max(1), 12);
-        let (oh, ow) = ((h + pad[0] + pad[1] - k) / s + 1, (w + pad[2] + pad[3] - k) / s + 1);
         let name = format!("{b}x{h}x{w}x{ci}->{co} k{k} s{s} pad{pad:?} skew {skew}");
         let mut data = Rng(seed ^ (i << 1 | bf16 as u64) ^ 0xF022);
-        let ins = vec![
-            data.normal(b * oh * ow * co),
-            data.normal(b * h * w * ci),
-            data.scaled(co * ci * k * k, ((ci * k * k) as f32).powf(-0.5)),
-            data.normal(co),
-        ];
+        let (ins, bwd_ins) = conv2d_inputs(&mut data, &conv2d((b, h, w, ci, co, k, s, pad)));
         r.case(&format!("{tag}/fuzz conv2d_forward {name}"), || {
             compare_skewed(
                 gpu,
@@ -37,19 +31,11 @@ pub fn fuzz_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str, 
                 skew,
             )
         });
-        let ins = vec![
-            data.normal(b * h * w * ci),
-            data.normal(co * ci * k * k),
-            data.normal(co),
-            data.normal(b * oh * ow * co),
-            data.normal(b * h * w * ci),
-            data.scaled(co * ci * k * k, ((ci * k * k) as f32).powf(-0.5)),
-        ];
         r.case(&format!("{tag}/fuzz conv2d_backward {name}"), || {
             compare_skewed(
                 gpu,
                 bf16,
-                &ins,
+                &bwd_ins,
                 &[0, 1, 2],
                 &|bk, t| conv2d_backward(bk, conv2d((b, h, w, ci, co, k, s, pad)), t, true),
                 skew,

@@ -240,6 +240,23 @@ pub fn conv2d(shape: (usize, usize, usize, usize, usize, usize, usize, [usize; 4
     Conv2dParams { batch, h, w, c_in, c_out, kernel, stride, pad }
 }
 
+/// Random inputs of a convolution's forward case (out, inp, weight scaled by 1/√fan-in, bias) and
+/// of its backward case (dinp, dweight, dbias, dout, inp, weight), drawn in that order.
+pub fn conv2d_inputs(rng: &mut Rng, p: &Conv2dParams) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let (inp, out, wt) = (p.batch * p.h * p.w * p.c_in, p.out_rows() * p.c_out, p.c_out * p.patch_len());
+    let scale = (p.patch_len() as f32).powf(-0.5);
+    let fwd = vec![rng.normal(out), rng.normal(inp), rng.scaled(wt, scale), rng.normal(p.c_out)];
+    let bwd = vec![
+        rng.normal(inp),
+        rng.normal(wt),
+        rng.normal(p.c_out),
+        rng.normal(out),
+        rng.normal(inp),
+        rng.scaled(wt, scale),
+    ];
+    (fwd, bwd)
+}
+
 /// `conv2d_forward` on tensors in the order out, inp, weight[, bias].
 pub fn conv2d_forward(b: &dyn Backend, p: Conv2dParams, t: &[Tensor]) -> Result<()> {
     b.conv2d_forward(&p, &Conv2dForward { out: &t[0], inp: &t[1], weight: &t[2], bias: t.get(3) })

@@ -12,6 +12,25 @@ use roentgen::tensor::Tensor;
 
 const ACTS: [Activation; 4] = [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Silu];
 
+/// The inputs of an attention backward case from those of its forward (`fwd_ins`: out, lse, q, k,
+/// v): fresh dq, dk, dv (accumulated into) and dout, then q, k, v and the CPU forward's out and
+/// log-sum-exp (the backward reads the forward's saved outputs, so they come from the reference).
+fn attention_backward_inputs(
+    rng: &mut Rng,
+    fwd_ins: &[Vec<f32>],
+    fwd: &dyn Fn(&dyn Backend, &[Tensor]) -> Result<()>,
+) -> Vec<Vec<f32>> {
+    let mut cpu = CpuBackend::new();
+    let st = place(&mut cpu, fwd_ins).unwrap();
+    fwd(&cpu, &st).unwrap();
+    let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
+    let (q, k) = (fwd_ins[2].len(), fwd_ins[3].len());
+    let mut ins = vec![rng.normal(q), rng.normal(k), rng.normal(k), rng.normal(q)];
+    ins.extend_from_slice(&fwd_ins[2..5]);
+    ins.extend([o, lse]);
+    ins
+}
+
 /// Every operation at several shapes, for one precision.
 pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
     let mut rng = Rng(0x5EED ^ bf16 as u64);
@@ -138,32 +157,16 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
     ];
     for &(n, h, w, ci, co, k, s, pad, sk) in convs {
         skew.set(sk);
-        let oh = (h + pad[0] + pad[1] - k) / s + 1;
-        let ow = (w + pad[2] + pad[3] - k) / s + 1;
-        let fan = (ci * k * k) as f32;
-        let ins = vec![
-            rng.normal(n * oh * ow * co),
-            rng.normal(n * h * w * ci),
-            rng.scaled(co * ci * k * k, fan.powf(-0.5)),
-            rng.normal(co),
-        ];
+        let (ins, bwd_ins) = conv2d_inputs(&mut rng, &conv2d((n, h, w, ci, co, k, s, pad)));
         let aligned = if sk > 0 { format!(", tensors {sk} elements off alignment") } else { String::new() };
         let name = format!("{n}x{h}x{w}x{ci}->{co} k{k} s{s} pad{pad:?}{aligned}");
         g(format!("conv2d_forward {name}"), ins, &[0], &|b, t| {
             conv2d_forward(b, conv2d((n, h, w, ci, co, k, s, pad)), t)
         });
-        let ins = vec![
-            rng.normal(n * h * w * ci),
-            rng.normal(co * ci * k * k),
-            rng.normal(co),
-            rng.normal(n * oh * ow * co),
-            rng.normal(n * h * w * ci),
-            rng.scaled(co * ci * k * k, fan.powf(-0.5)),
-        ];
-        g(format!("conv2d_backward {name}"), ins.clone(), &[0, 1, 2], &|b, t| {
+        g(format!("conv2d_backward {name}"), bwd_ins.clone(), &[0, 1, 2], &|b, t| {
             conv2d_backward(b, conv2d((n, h, w, ci, co, k, s, pad)), t, true)
         });
-        g(format!("conv2d_backward (no dinp, no bias) {name}"), ins, &[1], &|b, t| {
+        g(format!("conv2d_backward (no dinp, no bias) {name}"), bwd_ins, &[1], &|b, t| {
             conv2d_backward(b, conv2d((n, h, w, ci, co, k, s, pad)), t, false)
         });
     }
@@ -207,29 +210,16 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             ("attention", format!("b{bt} q{ql} kv{kl} h{hd} d{dh} causal={causal}"))
         };
         let (q, k, v) = (rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d));
-        let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()];
+        let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q, k, v];
         g(format!("{op}_forward {name}"), ins.clone(), &[0, 1], &|b, t| {
             attention_forward(b, p, [&t[0], &t[1], &t[2], &t[3], &t[4]], mask.as_deref())
         });
         if ql * kl > 1 << 22 {
             continue; // the backward at 4096×77 is covered by the smaller shapes; keep the CPU time sane
         }
-        // The backward from the CPU's forward output and log-sum-exp.
-        let mut cpu = CpuBackend::new();
-        let st = place(&mut cpu, &ins).unwrap();
-        attention_forward(&cpu, p, [&st[0], &st[1], &st[2], &st[3], &st[4]], mask.as_deref()).unwrap();
-        let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
-        let ins = vec![
-            rng.normal(bt * ql * d),
-            rng.normal(bt * kl * d),
-            rng.normal(bt * kl * d),
-            rng.normal(bt * ql * d),
-            q,
-            k,
-            v,
-            o,
-            lse,
-        ];
+        let ins = attention_backward_inputs(&mut rng, &ins, &|b, t| {
+            attention_forward(b, p, [&t[0], &t[1], &t[2], &t[3], &t[4]], mask.as_deref())
+        });
         g(format!("{op}_backward {name}"), ins, &[0, 1, 2], &|b, t| {
             let t9 = [&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8]];
             attention_backward(b, p, t9, mask.as_deref())
@@ -436,7 +426,7 @@ pub fn wide_attention_chunk_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: b
         let name = format!("b{bt} q{ql} kv{kl} h{hd} d{dh} causal={causal} masked={masked}, chunks of {rows} rows");
         let mask: Vec<u32> = (0..bt * kl).map(|i| u32::from(i % kl < kl - 3 * (i / kl) - 1 || i % 5 == 0)).collect();
         let (q, k, v) = (rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d));
-        let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q.clone(), k.clone(), v.clone()];
+        let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q, k, v];
         let fwd = |b: &dyn Backend, t: &[Tensor]| {
             if masked {
                 attention_forward(
@@ -450,21 +440,7 @@ pub fn wide_attention_chunk_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: b
             }
         };
         r.case(&format!("{tag}/wide attention_forward {name}"), || compare(gpu, bf16, &ins, &[0, 1], &fwd));
-        let mut cpu = CpuBackend::new();
-        let st = place(&mut cpu, &ins).unwrap();
-        fwd(&cpu, &st).unwrap();
-        let (o, lse) = (cpu.download(&st[0]).unwrap(), cpu.download(&st[1]).unwrap());
-        let ins = vec![
-            rng.normal(bt * ql * d),
-            rng.normal(bt * kl * d),
-            rng.normal(bt * kl * d),
-            rng.normal(bt * ql * d),
-            q,
-            k,
-            v,
-            o,
-            lse,
-        ];
+        let ins = attention_backward_inputs(&mut rng, &ins, &fwd);
         r.case(&format!("{tag}/wide attention_backward {name}"), || {
             compare(gpu, bf16, &ins, &[0, 1, 2], &|b, t| {
                 if masked {

@@ -19,11 +19,11 @@
 use super::measure::{measure_gray, Measurement, GRID};
 use super::parse::{parse, Request};
 use super::spec::{Effusion, Findings, Laterality, Lobe, Pneumothorax, Side, Size};
+use crate::io::manifest::read_manifest_rows;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 /// One image to evaluate.
@@ -94,28 +94,10 @@ pub fn items_from_folder(dir: &Path) -> Result<Vec<Item>> {
         .collect()
 }
 
-/// The rows of a JSONL manifest; relative image paths resolve against `base` (default: the
-/// manifest's folder).
+/// The rows of a manifest ([`read_manifest_rows`]: JSONL or CSV; relative image paths resolve
+/// against `base`, default the manifest's folder).
 pub fn items_from_manifest(manifest: &Path, base: Option<&Path>) -> Result<Vec<Item>> {
-    let f = std::fs::File::open(manifest).with_context(|| format!("{}: cannot open", manifest.display()))?;
-    let base = base.map(Path::to_path_buf).unwrap_or_else(|| manifest.parent().unwrap_or(Path::new(".")).to_path_buf());
-    let mut items = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("{}: cannot read", manifest.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = || format!("{}:{}", manifest.display(), i + 1);
-        let v: Value = serde_json::from_str(&line).with_context(|| format!("{}: not JSON", at()))?;
-        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-        let image = field("image").with_context(|| format!("{}: no string field \"image\"", at()))?;
-        let text = field("text").with_context(|| format!("{}: no string field \"text\"", at()))?;
-        items.push(Item { path: base.join(image), prompt: text });
-    }
-    if items.is_empty() {
-        bail!("{}: no images listed", manifest.display());
-    }
-    Ok(items)
+    Ok(read_manifest_rows(manifest, base)?.into_iter().map(|row| Item { path: row.image, prompt: row.text }).collect())
 }
 
 /// Tallies of one class.

@@ -17,7 +17,7 @@
 //! Drops (in images): `no_image` counts reports without images (in reports, not images), then
 //! `view`, `no_section` (the chosen section empty or missing), `too_short`, `too_many_tokens`.
 
-use super::{Count, Row, Summary, TextFilter, TextStats, TextVerdict};
+use super::{Count, Row, Summary, TextOptions, TextStats, TextVerdict};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -42,13 +42,8 @@ pub struct IuOptions {
     pub metadata: Option<PathBuf>,
     /// View Position(s) to keep (PA, AP, LATERAL, LL, a comma list) or all; other than all needs $metadata.
     pub views: String,
-    /// The paper's text filter (7 characters, 77 CLIP tokens).
-    pub filter: TextFilter,
-    /// CLIP tokenizer (a tokenizer or pipeline folder) of the token rule. Default: the Stable
-    /// Diffusion v1 tokenizer built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
-    pub tokenizer: Option<PathBuf>,
-    /// Where to write the summary JSON (default: <manifest stem>.summary.json beside the manifest).
-    pub summary: Option<PathBuf>,
+    /// The text rule, its tokenizer and the summary file.
+    pub text: TextOptions,
 }
 
 word_enum!(
@@ -188,7 +183,7 @@ pub fn run(a: IuOptions) -> Result<super::Prepared> {
     if let Some(m) = &a.metadata {
         super::existing("$metadata", m, false)?;
     }
-    if let Some(t) = &a.tokenizer {
+    if let Some(t) = &a.text.tokenizer {
         super::existing("$tokenizer", t, true)?;
     }
     // The extension is appended to every image id: letters and digits only, so it cannot add a path.
@@ -200,7 +195,7 @@ pub fn run(a: IuOptions) -> Result<super::Prepared> {
     if let Some(m) = &a.metadata {
         inputs.push(("$metadata", m.as_path()));
     }
-    let outputs = super::plan_outputs(&a.out, a.summary.as_deref(), &inputs)?;
+    let outputs = super::plan_outputs(&a.out, a.text.summary.as_deref(), &inputs)?;
     let meta = match (&a.metadata, &views) {
         (Some(m), _) => Some(read_views(m)?),
         (None, Some(_)) => bail!("$views {} needs $metadata (the XML reports carry no view)", a.views),
@@ -213,8 +208,8 @@ pub fn run(a: IuOptions) -> Result<super::Prepared> {
         }
         super::check_views(&a.views, v, &present)?;
     }
-    let tok = super::load_tokenizer(a.tokenizer.as_deref())?;
-    let filter = a.filter;
+    let tok = super::load_tokenizer(a.text.tokenizer.as_deref())?;
+    let filter = a.text.filter;
     let files = read_reports(&a.reports)?;
     let reports: Vec<IuReport> = files.iter().map(|(n, x)| parse_report(n, x)).collect::<Result<_>>()?;
     let texts: Vec<&str> = reports
@@ -272,8 +267,8 @@ pub fn run(a: IuOptions) -> Result<super::Prepared> {
             format!("$reports {}", a.reports.display()),
             format!("$views {}", a.views),
             format!("$section {}", format!("{:?}", a.section).to_lowercase()),
-            format!("$min_chars {}", a.filter.min_chars),
-            format!("$max_tokens {}", a.filter.max_tokens),
+            format!("$min_chars {}", a.text.filter.min_chars),
+            format!("$max_tokens {}", a.text.filter.max_tokens),
         ];
         let rules: Vec<(&str, usize, String)> =
             names.iter().zip(counts).zip(flags).map(|((n, c), f)| (*n, c, f)).collect();
@@ -291,7 +286,7 @@ pub fn run(a: IuOptions) -> Result<super::Prepared> {
             "images": images_dir.display().to_string(), "section": format!("{:?}", a.section).to_lowercase(),
             "views": views.as_ref().map_or(json!("all"), |v| json!(v)),
             "metadata": a.metadata.as_ref().map(|m| m.display().to_string()),
-            "min_chars": a.filter.min_chars, "max_tokens": a.filter.max_tokens, "tokenizer": super::tokenizer_name(a.tokenizer.as_deref()),
+            "min_chars": a.text.filter.min_chars, "max_tokens": a.text.filter.max_tokens, "tokenizer": super::tokenizer_name(a.text.tokenizer.as_deref()),
         }),
         images: rows.len(),
         studies: kept_reports.len(),

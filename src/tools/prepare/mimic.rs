@@ -17,7 +17,7 @@
 //! Rows are one per image, ordered by subject, study and DICOM id; a study with several selected
 //! views appears once per image with the same text.
 
-use super::{report, Count, Row, Summary, TextFilter, TextStats, TextVerdict, FINDINGS};
+use super::{report, Count, Row, Summary, TextOptions, TextStats, TextVerdict, FINDINGS};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
@@ -48,13 +48,8 @@ pub struct MimicOptions {
     pub sample: Option<usize>,
     /// Seed of the No-Finding cap and the sample.
     pub seed: u64,
-    /// The paper's text filter (7 characters, 77 CLIP tokens).
-    pub filter: TextFilter,
-    /// CLIP tokenizer (a tokenizer or pipeline folder) of the token rule. Default: the Stable
-    /// Diffusion v1 tokenizer built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
-    pub tokenizer: Option<PathBuf>,
-    /// Where to write the summary JSON (default: <manifest stem>.summary.json beside the manifest).
-    pub summary: Option<PathBuf>,
+    /// The text rule, its tokenizer and the summary file.
+    pub text: TextOptions,
 }
 
 word_enum!(
@@ -174,14 +169,14 @@ pub fn run(a: MimicOptions) -> Result<super::Prepared> {
     if a.sample == Some(0) {
         bail!("$sample 0 keeps no images; give N ≥ 1, or leave $sample out to keep all");
     }
-    if let Some(t) = &a.tokenizer {
+    if let Some(t) = &a.text.tokenizer {
         super::existing("$tokenizer", t, true)?;
     }
     let inputs = input_files(&root);
     let input_flags: Vec<(&str, &Path)> = inputs.iter().map(|p| ("$root", p.as_path())).collect();
-    let outputs = super::plan_outputs(&a.out, a.summary.as_deref(), &input_flags)?;
-    let tok = super::load_tokenizer(a.tokenizer.as_deref())?;
-    let filter = a.filter;
+    let outputs = super::plan_outputs(&a.out, a.text.summary.as_deref(), &input_flags)?;
+    let tok = super::load_tokenizer(a.text.tokenizer.as_deref())?;
+    let filter = a.text.filter;
 
     let meta_cols = ["dicom_id", "subject_id", "study_id", "ViewPosition"];
     let (meta_path, meta) = read_columns(&root, "mimic-cxr-2.0.0-metadata", &meta_cols)?;
@@ -345,8 +340,8 @@ pub fn run(a: MimicOptions) -> Result<super::Prepared> {
             "view" => format!("$views {}", a.views),
             "missing_image" => format!("$root {}", root.display()),
             "missing_report" | "no_impression" => format!("$reports {}", reports.display()),
-            "too_short" => format!("$min_chars {}", a.filter.min_chars),
-            "too_many_tokens" => format!("$max_tokens {}", a.filter.max_tokens),
+            "too_short" => format!("$min_chars {}", a.text.filter.min_chars),
+            "too_many_tokens" => format!("$max_tokens {}", a.text.filter.max_tokens),
             "no_finding_cap" => format!("$cap_no_finding {}", a.cap_no_finding.unwrap_or(0)),
             _ => String::new(),
         };
@@ -388,7 +383,7 @@ pub fn run(a: MimicOptions) -> Result<super::Prepared> {
             "split": format!("{:?}", a.split).to_lowercase(), "groups": groups,
             "views": views.as_ref().map_or(json!("all"), |v| json!(v)),
             "cap_no_finding": a.cap_no_finding, "sample": a.sample, "seed": a.seed,
-            "min_chars": a.filter.min_chars, "max_tokens": a.filter.max_tokens, "tokenizer": super::tokenizer_name(a.tokenizer.as_deref()),
+            "min_chars": a.text.filter.min_chars, "max_tokens": a.text.filter.max_tokens, "tokenizer": super::tokenizer_name(a.text.tokenizer.as_deref()),
         }),
         images: rows.len(),
         studies: images.iter().map(|im| (&im.subject, &im.study)).collect::<BTreeSet<_>>().len(),

@@ -31,6 +31,19 @@ pub struct TextFilter {
     pub max_tokens: usize,
 }
 
+/// What every prepare job shares: the text rule, the tokenizer that counts its tokens, and where
+/// the summary goes.
+#[derive(Clone, Debug)]
+pub struct TextOptions {
+    /// The paper's text filter (7 characters, 77 CLIP tokens).
+    pub filter: TextFilter,
+    /// CLIP tokenizer (a tokenizer or pipeline folder) of the token rule. Default: the Stable
+    /// Diffusion v1 tokenizer built into roentgen (the files of weights/sd-v1-4-config/tokenizer).
+    pub tokenizer: Option<PathBuf>,
+    /// Where to write the summary JSON (default: <manifest stem>.summary.json beside the manifest).
+    pub summary: Option<PathBuf>,
+}
+
 /// Why a text failed [`TextFilter`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TextVerdict {
