@@ -8,6 +8,7 @@ use common::*;
 use flate2::read::GzDecoder;
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
+use roentgen::backend::{AttentionOps, ElementwiseOps, OptimOps};
 use roentgen::models::bert::{BertConfig, BertModel};
 use roentgen::models::Component;
 use roentgen::nn::Cx;

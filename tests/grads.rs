@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
+use roentgen::backend::{ElementwiseOps, OptimOps};
 use roentgen::models::unet::UNet;
 use roentgen::models::Component;
 use roentgen::nn::Cx;

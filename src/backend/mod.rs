@@ -1,4 +1,8 @@
-//! The `Backend` trait: every numeric operation the models use, one method each.
+//! The `Backend` trait: a device (pools, copies, synchronisation, graphs) that runs every
+//! operation family the models use. Each family's trait (`LinearOps`, `ConvOps`, `NormOps`,
+//! `AttentionOps`, `ElementwiseOps`, `OptimOps`, `RandomOps`) lives in its `ops/` module beside the
+//! parameter structs, checks and CPU reference; the backends implement it in their file of that
+//! family, and `plan` counts it.
 //!
 //! Argument order follows llm.c: outputs first, then inputs and saved statistics, then dimensions.
 //! Tensors are views into pools the backend owns (see `tensor::Layout`); an operation never
@@ -11,15 +15,13 @@ pub mod cuda;
 pub mod info;
 pub mod plan;
 
-use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
-use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
-use crate::ops::elementwise::TimestepEmbeddingParams;
-use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
-use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, UpsampleParams};
-use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
-use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
-use crate::ops::optim::AdamWParams;
-use crate::ops::random::AddNoiseParams;
+pub use crate::ops::attention::AttentionOps;
+pub use crate::ops::conv::ConvOps;
+pub use crate::ops::elementwise::ElementwiseOps;
+pub use crate::ops::linear::LinearOps;
+pub use crate::ops::norm::NormOps;
+pub use crate::ops::optim::OptimOps;
+pub use crate::ops::random::RandomOps;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
 
@@ -121,7 +123,11 @@ pub(crate) fn check_key_mask(what: &str, key_mask: &[u32], batch: usize, kv_len:
     Ok(())
 }
 
-pub trait Backend {
+/// A device that runs the models: pools (allocate, free, copy), synchronisation, graphs, and every
+/// operation family, each declared beside its parameters and CPU reference in `ops/` (one trait a
+/// family, e.g. [`NormOps`] in ops/norm.rs ↔ kernels/norm.cu) and implemented by each backend in
+/// its file of that family (cuda/norm.rs, …).
+pub trait Backend: LinearOps + ConvOps + NormOps + AttentionOps + ElementwiseOps + OptimOps + RandomOps {
     /// A short name for messages ("cpu", "cuda:0 (NVIDIA H100)").
     fn name(&self) -> String;
 
@@ -192,127 +198,4 @@ pub trait Backend {
 
     /// Copies `src` to the host.
     fn download(&self, src: &Tensor) -> Result<Vec<f32>>;
-
-    /// out[b, t, :] = wte[ids[b·seq + t], :] + wpe[t, :]; out (batch, seq, dim), wte (vocab, dim),
-    /// wpe (max_positions ≥ seq, dim). Ids are checked against the vocabulary.
-    fn embedding_forward(&self, p: &EmbeddingParams, t: &EmbeddingForward) -> Result<()>;
-
-    /// Layer norm over the last dimension: out, mean (rows), rstd (rows), inp (rows, cols).
-    fn layer_norm_forward(&self, p: &LayerNormParams, t: &NormForward) -> Result<()>;
-
-    /// out (rows, out_f) = inp (rows, in_f) · weightᵀ + bias, weight (out_f, in_f) as PyTorch's Linear.
-    fn linear_forward(&self, p: &LinearParams, t: &LinearForward) -> Result<()>;
-
-    /// Multi-head scaled dot-product attention (ops/attention.rs): causal (CLIP) and/or over a
-    /// key padding mask (BERT); lse, the log-sum-exp of each softmax row, is saved for backward.
-    fn attention_forward(&self, p: &AttentionParams, t: &AttentionForward) -> Result<()>;
-
-    /// out = act(inp), n elements.
-    fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()>;
-
-    /// out = a + b, n elements (residual connections).
-    fn add_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()>;
-
-    /// 2-D convolution on channels-last tensors: inp (batch, h, w, c_in), out (batch, oh, ow, c_out)
-    /// with oh = (h + pad_top + pad_bottom − kh) / stride + 1 (likewise ow), weight in PyTorch's
-    /// layout (c_out, c_in, kh, kw). `pad` is [top, bottom, left, right] (the VAE's downsampler pads
-    /// asymmetrically).
-    fn conv2d_forward(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()>;
-
-    /// Group norm on channels-last tensors, statistics over (hw, c / groups) per (batch, group),
-    /// optionally followed by SiLU (the resnet's norm → act pair, fused). inp/out (batch, hw, c),
-    /// mean/rstd (batch, groups).
-    fn group_norm_forward(&self, p: &GroupNormParams, t: &NormForward) -> Result<()>;
-
-    /// Nearest-neighbour resize, channels-last: inp (batch, ih, iw, c) → out (batch, oh, ow, c),
-    /// source index floor(o · in / out) as PyTorch's `interpolate(mode="nearest")`.
-    fn upsample_nearest_forward(&self, p: &UpsampleParams, out: &Tensor, inp: &Tensor) -> Result<()>;
-
-    /// out[b, r, :] = inp[b, r, :] + bias[b, :]: a per-sample channel vector added at every position
-    /// (the resnet's time embedding). inp/out (batch, rows, c), bias (batch, c).
-    fn add_bias_rows_forward(&self, p: &BiasRowsParams, out: &Tensor, inp: &Tensor, bias: &Tensor) -> Result<()>;
-
-    /// Channel concatenation, channels-last: out (rows, ca + cb) = [a (rows, ca) | b (rows, cb)]
-    /// (the U-Net's skip connections, `torch.cat([h, skip], dim=1)` in NCHW).
-    fn concat_channels_forward(&self, p: &ConcatParams, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<()>;
-
-    /// diffusers' `get_timestep_embedding` (scale 1, max_period 10000) in f32: out (batch, dim),
-    /// row b = [sin | cos] (or [cos | sin] with `flip_sin_to_cos`) of timesteps[b] · exp(−ln(10000)
-    /// · i / (dim/2 − freq_shift)), i < dim/2, zero-padded for an odd dim; timesteps (batch).
-    fn timestep_embedding(&self, p: &TimestepEmbeddingParams, out: &Tensor, timesteps: &Tensor) -> Result<()>;
-
-    /// GEGLU: inp (rows, 2·inner) = [x | gate] → out (rows, inner) = x · gelu(gate) (exact erf gelu).
-    fn geglu_forward(&self, p: &GegluParams, out: &Tensor, inp: &Tensor) -> Result<()>;
-
-    // ---- training: backward passes (they ACCUMULATE into every gradient they write, as llm.c
-    // does, so residual and skip paths need no special casing; callers zero gradients first),
-    // the loss, and the optimizer ----
-
-    /// t = 0.
-    fn zero(&self, t: &Tensor) -> Result<()>;
-
-    /// dst += src, n elements.
-    fn accumulate(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()>;
-
-    /// t *= s, n elements.
-    fn scale(&self, t: &Tensor, s: f32, n: usize) -> Result<()>;
-
-    /// Of `linear_forward`: dinp += dout · W, dweight += doutᵀ · inp, dbias += Σ_rows dout.
-    fn linear_backward(&self, p: &LinearParams, t: &LinearBackward) -> Result<()>;
-
-    /// Of `layer_norm_forward`, from the saved mean and rstd.
-    fn layer_norm_backward(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()>;
-
-    /// Of `attention_forward`, recomputing the softmax from the saved log-sum-exp.
-    fn attention_backward(&self, p: &AttentionParams, t: &AttentionBackward) -> Result<()>;
-
-    /// Of `activation_forward`: dinp += dout · act'(inp).
-    fn activation_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()>;
-
-    /// Of `conv2d_forward`: data, weight and bias gradients (dinp optional: the first layer's input
-    /// needs none).
-    fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()>;
-
-    /// Of `group_norm_forward` (with its SiLU when `silu`, recomputed from the saved statistics).
-    fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()>;
-
-    /// Of `upsample_nearest_forward`: each input position sums the gradients of its copies.
-    fn upsample_nearest_backward(&self, p: &UpsampleParams, dinp: &Tensor, dout: &Tensor) -> Result<()>;
-
-    /// Of `add_bias_rows_forward`, the bias part: dbias[b, :] += Σ_r dout[b, r, :].
-    fn add_bias_rows_backward(&self, p: &BiasRowsParams, dbias: &Tensor, dout: &Tensor) -> Result<()>;
-
-    /// Of `concat_channels_forward`: da += dout[:, :ca], db += dout[:, ca:].
-    fn concat_channels_backward(&self, p: &ConcatParams, da: &Tensor, db: &Tensor, dout: &Tensor) -> Result<()>;
-
-    /// Of `geglu_forward`.
-    fn geglu_backward(&self, p: &GegluParams, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()>;
-
-    /// Of `embedding_forward`: dwte[ids] += dout rows, dwpe[t] += dout rows.
-    fn embedding_backward(&self, p: &EmbeddingParams, t: &EmbeddingBackward) -> Result<()>;
-
-    /// Mean squared error: loss[0] = mean((pred − target)²); dpred = 2 (pred − target) / n (written).
-    fn mse_loss(&self, dpred: &Tensor, loss: &Tensor, pred: &Tensor, target: &Tensor, n: usize) -> Result<()>;
-
-    /// out[0] = Σ x² over n elements (accumulated in f64), for gradient-norm clipping.
-    fn sum_squares(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()>;
-
-    /// One AdamW step over flat memory (torch.optim.AdamW semantics: decoupled weight decay
-    /// p ← p − lr·wd·p, bias-corrected moments, eps added to the bias-corrected √v̂).
-    fn adamw_step(&self, p: &AdamWParams, param: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> Result<()>;
-
-    /// dst += w · (src − dst), n elements (an exponential moving average's update).
-    fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()>;
-
-    // ---- training noise, drawn where the model runs ----
-
-    /// out[i] = element i of the standard-normal stream (`seed`, `stream`), i < n: Philox4x32-10
-    /// through Box–Muller (src/rng/philox.rs `philox_normals`, which is the CPU implementation). Every
-    /// backend draws the same values, so a training run's noise does not depend on the device.
-    fn randn(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()>;
-
-    /// DDPM's forward process in place, for one sample of n values (diffusers' `add_noise` and the
-    /// loss target, f32): x ← √ᾱ·x + √(1−ᾱ)·noise; with `v_prediction`, noise ← √ᾱ·noise − √(1−ᾱ)·x₀
-    /// (the velocity), else the noise is left as the target.
-    fn ddpm_add_noise(&self, p: &AddNoiseParams, x: &Tensor, noise: &Tensor) -> Result<()>;
 }

@@ -3,6 +3,7 @@
 //! code itself.
 
 use super::{Activation, Backend};
+use crate::backend::{AttentionOps, ConvOps, ElementwiseOps, LinearOps, NormOps, OptimOps, RandomOps};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
@@ -62,42 +63,92 @@ impl Backend for PlanBackend {
     fn download(&self, src: &Tensor) -> Result<Vec<f32>> {
         Ok(vec![0.0; src.numel()])
     }
-    fn embedding_forward(&self, _: &EmbeddingParams, _: &EmbeddingForward) -> Result<()> {
-        Ok(())
-    }
-    fn layer_norm_forward(&self, _: &LayerNormParams, _: &NormForward) -> Result<()> {
-        Ok(())
-    }
+}
+
+impl LinearOps for PlanBackend {
     fn linear_forward(&self, p: &LinearParams, _: &LinearForward) -> Result<()> {
         self.count(1, p.flops());
         Ok(())
     }
-    fn attention_forward(&self, p: &AttentionParams, _: &AttentionForward) -> Result<()> {
-        self.count(2, p.forward_flops());
+
+    fn linear_backward(&self, p: &LinearParams, t: &LinearBackward) -> Result<()> {
+        self.count(1, p.flops() * (1 + t.dinp.is_some() as usize));
         Ok(())
     }
-    fn activation_forward(&self, _: &Tensor, _: &Tensor, _: Activation, _: usize) -> Result<()> {
-        Ok(())
-    }
-    fn add_forward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {
-        Ok(())
-    }
+}
+
+impl ConvOps for PlanBackend {
     fn conv2d_forward(&self, p: &Conv2dParams, _: &Conv2dForward) -> Result<()> {
         self.count(0, p.flops());
         Ok(())
     }
+
+    fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()> {
+        // The weight gradient, and the input gradient when wanted: one forward's work each.
+        self.count(0, p.flops() * (1 + t.dinp.is_some() as usize));
+        Ok(())
+    }
+}
+
+impl NormOps for PlanBackend {
+    fn layer_norm_forward(&self, _: &LayerNormParams, _: &NormForward) -> Result<()> {
+        Ok(())
+    }
+
     fn group_norm_forward(&self, _: &GroupNormParams, _: &NormForward) -> Result<()> {
         Ok(())
     }
+
+    fn layer_norm_backward(&self, _: &LayerNormParams, _: &LayerNormBackward) -> Result<()> {
+        Ok(())
+    }
+
+    fn group_norm_backward(&self, _: &GroupNormParams, _: &GroupNormBackward) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl AttentionOps for PlanBackend {
+    fn attention_forward(&self, p: &AttentionParams, _: &AttentionForward) -> Result<()> {
+        self.count(2, p.forward_flops());
+        Ok(())
+    }
+
+    fn attention_backward(&self, p: &AttentionParams, _: &AttentionBackward) -> Result<()> {
+        self.count(2, p.backward_flops());
+        Ok(())
+    }
+}
+
+impl ElementwiseOps for PlanBackend {
+    fn embedding_forward(&self, _: &EmbeddingParams, _: &EmbeddingForward) -> Result<()> {
+        Ok(())
+    }
+
+    fn activation_forward(&self, _: &Tensor, _: &Tensor, _: Activation, _: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn add_forward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {
+        Ok(())
+    }
+
     fn upsample_nearest_forward(&self, _p: &UpsampleParams, _out: &Tensor, _inp: &Tensor) -> Result<()> {
         Ok(())
     }
+
     fn add_bias_rows_forward(&self, _p: &BiasRowsParams, _out: &Tensor, _inp: &Tensor, _bias: &Tensor) -> Result<()> {
         Ok(())
     }
+
     fn concat_channels_forward(&self, _p: &ConcatParams, _out: &Tensor, _a: &Tensor, _b: &Tensor) -> Result<()> {
         Ok(())
     }
+
+    fn timestep_embedding(&self, _: &TimestepEmbeddingParams, _: &Tensor, _: &Tensor) -> Result<()> {
+        Ok(())
+    }
+
     fn geglu_forward(&self, _p: &GegluParams, _out: &Tensor, _inp: &Tensor) -> Result<()> {
         Ok(())
     }
@@ -105,67 +156,63 @@ impl Backend for PlanBackend {
     fn zero(&self, _: &Tensor) -> Result<()> {
         Ok(())
     }
+
     fn accumulate(&self, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {
         Ok(())
     }
+
     fn scale(&self, _: &Tensor, _: f32, _: usize) -> Result<()> {
         Ok(())
     }
-    fn linear_backward(&self, p: &LinearParams, t: &LinearBackward) -> Result<()> {
-        self.count(1, p.flops() * (1 + t.dinp.is_some() as usize));
-        Ok(())
-    }
-    fn layer_norm_backward(&self, _: &LayerNormParams, _: &LayerNormBackward) -> Result<()> {
-        Ok(())
-    }
-    fn attention_backward(&self, p: &AttentionParams, _: &AttentionBackward) -> Result<()> {
-        self.count(2, p.backward_flops());
-        Ok(())
-    }
-    fn activation_backward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: Activation, _: usize) -> Result<()> {
-        Ok(())
-    }
-    fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()> {
-        // The weight gradient, and the input gradient when wanted: one forward's work each.
-        self.count(0, p.flops() * (1 + t.dinp.is_some() as usize));
-        Ok(())
-    }
-    fn group_norm_backward(&self, _: &GroupNormParams, _: &GroupNormBackward) -> Result<()> {
-        Ok(())
-    }
-    fn upsample_nearest_backward(&self, _p: &UpsampleParams, _dinp: &Tensor, _dout: &Tensor) -> Result<()> {
-        Ok(())
-    }
-    fn add_bias_rows_backward(&self, _p: &BiasRowsParams, _dbias: &Tensor, _dout: &Tensor) -> Result<()> {
-        Ok(())
-    }
-    fn concat_channels_backward(&self, _p: &ConcatParams, _da: &Tensor, _db: &Tensor, _dout: &Tensor) -> Result<()> {
-        Ok(())
-    }
-    fn geglu_backward(&self, _p: &GegluParams, _dinp: &Tensor, _dout: &Tensor, _inp: &Tensor) -> Result<()> {
-        Ok(())
-    }
-    fn embedding_backward(&self, _: &EmbeddingParams, _: &EmbeddingBackward) -> Result<()> {
-        Ok(())
-    }
-    fn mse_loss(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {
-        Ok(())
-    }
-    fn sum_squares(&self, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {
-        Ok(())
-    }
-    fn adamw_step(&self, _: &AdamWParams, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<()> {
-        Ok(())
-    }
+
     fn lerp(&self, _: &Tensor, _: &Tensor, _: usize, _: f32) -> Result<()> {
         Ok(())
     }
-    fn timestep_embedding(&self, _: &TimestepEmbeddingParams, _: &Tensor, _: &Tensor) -> Result<()> {
+
+    fn activation_backward(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: Activation, _: usize) -> Result<()> {
         Ok(())
     }
+
+    fn upsample_nearest_backward(&self, _p: &UpsampleParams, _dinp: &Tensor, _dout: &Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    fn add_bias_rows_backward(&self, _p: &BiasRowsParams, _dbias: &Tensor, _dout: &Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    fn concat_channels_backward(&self, _p: &ConcatParams, _da: &Tensor, _db: &Tensor, _dout: &Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    fn geglu_backward(&self, _p: &GegluParams, _dinp: &Tensor, _dout: &Tensor, _inp: &Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    fn embedding_backward(&self, _: &EmbeddingParams, _: &EmbeddingBackward) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl OptimOps for PlanBackend {
+    fn mse_loss(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn sum_squares(&self, _: &Tensor, _: &Tensor, _: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn adamw_step(&self, _: &AdamWParams, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl RandomOps for PlanBackend {
     fn randn(&self, _: &Tensor, _: usize, _: u64, _: u64) -> Result<()> {
         Ok(())
     }
+
     fn ddpm_add_noise(&self, _: &AddNoiseParams, _: &Tensor, _: &Tensor) -> Result<()> {
         Ok(())
     }

@@ -236,3 +236,13 @@ impl AttentionParams {
         });
     }
 }
+
+/// Multi-head attention on a backend.
+pub trait AttentionOps {
+    /// Multi-head scaled dot-product attention (ops/attention.rs): causal (CLIP) and/or over a
+    /// key padding mask (BERT); lse, the log-sum-exp of each softmax row, is saved for backward.
+    fn attention_forward(&self, p: &AttentionParams, t: &AttentionForward) -> Result<()>;
+
+    /// Of `attention_forward`, recomputing the softmax from the saved log-sum-exp.
+    fn attention_backward(&self, p: &AttentionParams, t: &AttentionBackward) -> Result<()>;
+}

@@ -211,3 +211,16 @@ impl Conv2dParams {
         }
     }
 }
+
+/// The 2-D convolution on a backend.
+pub trait ConvOps {
+    /// 2-D convolution on channels-last tensors: inp (batch, h, w, c_in), out (batch, oh, ow, c_out)
+    /// with oh = (h + pad_top + pad_bottom − kh) / stride + 1 (likewise ow), weight in PyTorch's
+    /// layout (c_out, c_in, kh, kw). `pad` is [top, bottom, left, right] (the VAE's downsampler pads
+    /// asymmetrically).
+    fn conv2d_forward(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()>;
+
+    /// Of `conv2d_forward`: data, weight and bias gradients (dinp optional: the first layer's input
+    /// needs none).
+    fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()>;
+}

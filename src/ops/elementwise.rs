@@ -493,10 +493,76 @@ impl Pointwise {
     }
 }
 
+/// The elementwise and data-movement operations on a backend. The backward passes ACCUMULATE
+/// into every gradient they write, as llm.c does, so residual and skip paths need no special
+/// casing; callers zero gradients first.
+pub trait ElementwiseOps {
+    /// out[b, t, :] = wte[ids[b·seq + t], :] + wpe[t, :]; out (batch, seq, dim), wte (vocab, dim),
+    /// wpe (max_positions ≥ seq, dim). Ids are checked against the vocabulary.
+    fn embedding_forward(&self, p: &EmbeddingParams, t: &EmbeddingForward) -> Result<()>;
+
+    /// out = act(inp), n elements.
+    fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()>;
+
+    /// out = a + b, n elements (residual connections).
+    fn add_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()>;
+
+    /// Nearest-neighbour resize, channels-last: inp (batch, ih, iw, c) → out (batch, oh, ow, c),
+    /// source index floor(o · in / out) as PyTorch's `interpolate(mode="nearest")`.
+    fn upsample_nearest_forward(&self, p: &UpsampleParams, out: &Tensor, inp: &Tensor) -> Result<()>;
+
+    /// out[b, r, :] = inp[b, r, :] + bias[b, :]: a per-sample channel vector added at every position
+    /// (the resnet's time embedding). inp/out (batch, rows, c), bias (batch, c).
+    fn add_bias_rows_forward(&self, p: &BiasRowsParams, out: &Tensor, inp: &Tensor, bias: &Tensor) -> Result<()>;
+
+    /// Channel concatenation, channels-last: out (rows, ca + cb) = [a (rows, ca) | b (rows, cb)]
+    /// (the U-Net's skip connections, `torch.cat([h, skip], dim=1)` in NCHW).
+    fn concat_channels_forward(&self, p: &ConcatParams, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<()>;
+
+    /// diffusers' `get_timestep_embedding` (scale 1, max_period 10000) in f32: out (batch, dim),
+    /// row b = [sin | cos] (or [cos | sin] with `flip_sin_to_cos`) of timesteps[b] · exp(−ln(10000)
+    /// · i / (dim/2 − freq_shift)), i < dim/2, zero-padded for an odd dim; timesteps (batch).
+    fn timestep_embedding(&self, p: &TimestepEmbeddingParams, out: &Tensor, timesteps: &Tensor) -> Result<()>;
+
+    /// GEGLU: inp (rows, 2·inner) = [x | gate] → out (rows, inner) = x · gelu(gate) (exact erf gelu).
+    fn geglu_forward(&self, p: &GegluParams, out: &Tensor, inp: &Tensor) -> Result<()>;
+
+    /// t = 0.
+    fn zero(&self, t: &Tensor) -> Result<()>;
+
+    /// dst += src, n elements.
+    fn accumulate(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()>;
+
+    /// t *= s, n elements.
+    fn scale(&self, t: &Tensor, s: f32, n: usize) -> Result<()>;
+
+    /// dst += w · (src − dst), n elements (an exponential moving average's update).
+    fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()>;
+
+    /// Of `activation_forward`: dinp += dout · act'(inp).
+    fn activation_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()>;
+
+    /// Of `upsample_nearest_forward`: each input position sums the gradients of its copies.
+    fn upsample_nearest_backward(&self, p: &UpsampleParams, dinp: &Tensor, dout: &Tensor) -> Result<()>;
+
+    /// Of `add_bias_rows_forward`, the bias part: dbias[b, :] += Σ_r dout[b, r, :].
+    fn add_bias_rows_backward(&self, p: &BiasRowsParams, dbias: &Tensor, dout: &Tensor) -> Result<()>;
+
+    /// Of `concat_channels_forward`: da += dout[:, :ca], db += dout[:, ca:].
+    fn concat_channels_backward(&self, p: &ConcatParams, da: &Tensor, db: &Tensor, dout: &Tensor) -> Result<()>;
+
+    /// Of `geglu_forward`.
+    fn geglu_backward(&self, p: &GegluParams, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()>;
+
+    /// Of `embedding_forward`: dwte[ids] += dout rows, dwpe[t] += dout rows.
+    fn embedding_backward(&self, p: &EmbeddingParams, t: &EmbeddingBackward) -> Result<()>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::Backend;
+    use crate::ops::optim::OptimOps;
     use crate::ops::test_support::cpu_pool;
 
     /// The backward checks the ids as the forward does (the CPU backend used to index past the

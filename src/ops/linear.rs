@@ -124,3 +124,12 @@ pub(crate) fn column_sums_into(db: &mut [f32], x: &[f32], rows: usize, cols: usi
         *d += s as f32;
     });
 }
+
+/// The linear layer on a backend (every backend implements it; [`Backend`](crate::backend::Backend) requires it).
+pub trait LinearOps {
+    /// out (rows, out_f) = inp (rows, in_f) · weightᵀ + bias, weight (out_f, in_f) as PyTorch's Linear.
+    fn linear_forward(&self, p: &LinearParams, t: &LinearForward) -> Result<()>;
+
+    /// Of `linear_forward`: dinp += dout · W, dweight += doutᵀ · inp, dbias += Σ_rows dout.
+    fn linear_backward(&self, p: &LinearParams, t: &LinearBackward) -> Result<()>;
+}

@@ -315,6 +315,23 @@ impl GroupNormParams {
     }
 }
 
+/// The layer and group norms on a backend.
+pub trait NormOps {
+    /// Layer norm over the last dimension: out, mean (rows), rstd (rows), inp (rows, cols).
+    fn layer_norm_forward(&self, p: &LayerNormParams, t: &NormForward) -> Result<()>;
+
+    /// Group norm on channels-last tensors, statistics over (hw, c / groups) per (batch, group),
+    /// optionally followed by SiLU (the resnet's norm → act pair, fused). inp/out (batch, hw, c),
+    /// mean/rstd (batch, groups).
+    fn group_norm_forward(&self, p: &GroupNormParams, t: &NormForward) -> Result<()>;
+
+    /// Of `layer_norm_forward`, from the saved mean and rstd.
+    fn layer_norm_backward(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()>;
+
+    /// Of `group_norm_forward` (with its SiLU when `silu`, recomputed from the saved statistics).
+    fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

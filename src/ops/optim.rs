@@ -121,3 +121,16 @@ pub(crate) fn det_sum(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
         (0..n.div_ceil(CHUNK)).into_par_iter().map(|c| (c * CHUNK..((c + 1) * CHUNK).min(n)).map(&f).sum()).collect();
     parts.iter().sum()
 }
+
+/// The training reductions (loss, gradient norm) and the optimizer step on a backend.
+pub trait OptimOps {
+    /// Mean squared error: loss[0] = mean((pred − target)²); dpred = 2 (pred − target) / n (written).
+    fn mse_loss(&self, dpred: &Tensor, loss: &Tensor, pred: &Tensor, target: &Tensor, n: usize) -> Result<()>;
+
+    /// out[0] = Σ x² over n elements (accumulated in f64), for gradient-norm clipping.
+    fn sum_squares(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()>;
+
+    /// One AdamW step over flat memory (torch.optim.AdamW semantics: decoupled weight decay
+    /// p ← p − lr·wd·p, bias-corrected moments, eps added to the bias-corrected √v̂).
+    fn adamw_step(&self, p: &AdamWParams, param: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> Result<()>;
+}

@@ -57,3 +57,16 @@ impl RandnParams {
         crate::rng::philox::philox_normals(&mut out[..self.n], self.seed, self.stream);
     }
 }
+
+/// The training noise on a backend, drawn where the model runs.
+pub trait RandomOps {
+    /// out[i] = element i of the standard-normal stream (`seed`, `stream`), i < n: Philox4x32-10
+    /// through Box–Muller (src/rng/philox.rs `philox_normals`, which is the CPU implementation). Every
+    /// backend draws the same values, so a training run's noise does not depend on the device.
+    fn randn(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()>;
+
+    /// DDPM's forward process in place, for one sample of n values (diffusers' `add_noise` and the
+    /// loss target, f32): x ← √ᾱ·x + √(1−ᾱ)·noise; with `v_prediction`, noise ← √ᾱ·noise − √(1−ᾱ)·x₀
+    /// (the velocity), else the noise is left as the target.
+    fn ddpm_add_noise(&self, p: &AddNoiseParams, x: &Tensor, noise: &Tensor) -> Result<()>;
+}

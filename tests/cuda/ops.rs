@@ -4,7 +4,7 @@ use super::harness::*;
 use anyhow::{ensure, Result};
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::cuda::CudaBackend;
-use roentgen::backend::{Activation, Backend};
+use roentgen::backend::{Activation, Backend, ElementwiseOps, OptimOps};
 use roentgen::ops::elementwise::{
     BiasRowsParams, ConcatParams, EmbeddingBackward, EmbeddingForward, GegluParams, TimestepEmbeddingParams,
 };

@@ -6,7 +6,7 @@ use super::common::*;
 use super::harness::*;
 use anyhow::{ensure, Result};
 use roentgen::backend::cuda::CudaBackend;
-use roentgen::backend::{Backend, Precision};
+use roentgen::backend::{Backend, OptimOps, Precision};
 use roentgen::tensor::Tensor;
 
 /// The whole denoising loop allocates nothing per step: a fresh backend that samples 2 steps and

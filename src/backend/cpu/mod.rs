@@ -4,6 +4,7 @@
 pub mod gemm;
 
 use super::{Activation, Backend};
+use crate::backend::{AttentionOps, ConvOps, ElementwiseOps, LinearOps, NormOps, OptimOps, RandomOps};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
@@ -134,21 +135,9 @@ impl Backend for CpuBackend {
     fn download(&self, src: &Tensor) -> Result<Vec<f32>> {
         Ok(self.view(src).to_vec())
     }
+}
 
-    fn embedding_forward(&self, p: &EmbeddingParams, t: &EmbeddingForward) -> Result<()> {
-        p.check_forward(t)?;
-        let ([o], tables) = self.views([t.out], [t.wte, t.wpe]);
-        p.cpu_forward(o, t.ids, tables);
-        Ok(())
-    }
-
-    fn layer_norm_forward(&self, p: &LayerNormParams, t: &NormForward) -> Result<()> {
-        p.check_forward(t)?;
-        let (outs, ins) = self.views([t.out, t.mean, t.rstd], [t.inp, t.weight, t.bias]);
-        p.cpu_forward(outs, ins);
-        Ok(())
-    }
-
+impl LinearOps for CpuBackend {
     fn linear_forward(&self, p: &LinearParams, t: &LinearForward) -> Result<()> {
         p.check_forward(t)?;
         let ([out], ins) = self.views([t.out], [t.inp, t.weight]);
@@ -156,10 +145,81 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn linear_backward(&self, p: &LinearParams, t: &LinearBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let (dinp, dweight, dbias, ins) = self.weighted_grad_views(t);
+        p.cpu_backward(dinp, dweight, dbias, ins);
+        Ok(())
+    }
+}
+
+impl ConvOps for CpuBackend {
+    fn conv2d_forward(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()> {
+        p.check_forward(t)?;
+        let ([out], ins) = self.views([t.out], [t.inp, t.weight]);
+        p.cpu_forward(out, ins, t.bias.map(|b| self.view(b)));
+        Ok(())
+    }
+
+    fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let (dinp, dweight, dbias, ins) = self.weighted_grad_views(t);
+        p.cpu_backward(dinp, dweight, dbias, ins);
+        Ok(())
+    }
+}
+
+impl NormOps for CpuBackend {
+    fn layer_norm_forward(&self, p: &LayerNormParams, t: &NormForward) -> Result<()> {
+        p.check_forward(t)?;
+        let (outs, ins) = self.views([t.out, t.mean, t.rstd], [t.inp, t.weight, t.bias]);
+        p.cpu_forward(outs, ins);
+        Ok(())
+    }
+
+    fn group_norm_forward(&self, p: &GroupNormParams, t: &NormForward) -> Result<()> {
+        p.check_forward(t)?;
+        let (outs, ins) = self.views([t.out, t.mean, t.rstd], [t.inp, t.weight, t.bias]);
+        p.cpu_forward(outs, ins);
+        Ok(())
+    }
+
+    fn layer_norm_backward(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let (outs, ins) = self.views([t.dinp, t.dweight, t.dbias], [t.dout, t.inp, t.weight, t.mean, t.rstd]);
+        p.cpu_backward(outs, ins);
+        Ok(())
+    }
+
+    fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let (outs, ins) = self.views([t.dinp, t.dweight, t.dbias], [t.dout, t.inp, t.weight, t.bias, t.mean, t.rstd]);
+        p.cpu_backward(outs, ins);
+        Ok(())
+    }
+}
+
+impl AttentionOps for CpuBackend {
     fn attention_forward(&self, p: &AttentionParams, t: &AttentionForward) -> Result<()> {
         p.check_forward(t)?;
         let (outs, ins) = self.views([t.out, t.lse], [t.q, t.k, t.v]);
         p.cpu_forward(outs, ins, t.key_mask);
+        Ok(())
+    }
+
+    fn attention_backward(&self, p: &AttentionParams, t: &AttentionBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let (outs, ins) = self.views([t.dq, t.dk, t.dv], [t.dout, t.q, t.k, t.v, t.out, t.lse]);
+        p.cpu_backward(outs, ins, t.key_mask);
+        Ok(())
+    }
+}
+
+impl ElementwiseOps for CpuBackend {
+    fn embedding_forward(&self, p: &EmbeddingParams, t: &EmbeddingForward) -> Result<()> {
+        p.check_forward(t)?;
+        let ([o], tables) = self.views([t.out], [t.wte, t.wpe]);
+        p.cpu_forward(o, t.ids, tables);
         Ok(())
     }
 
@@ -176,20 +236,6 @@ impl Backend for CpuBackend {
         p.check_add(out, a, b)?;
         let ([o], [a, b]) = self.views([out], [a, b]);
         p.cpu_add(o, a, b);
-        Ok(())
-    }
-
-    fn conv2d_forward(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()> {
-        p.check_forward(t)?;
-        let ([out], ins) = self.views([t.out], [t.inp, t.weight]);
-        p.cpu_forward(out, ins, t.bias.map(|b| self.view(b)));
-        Ok(())
-    }
-
-    fn group_norm_forward(&self, p: &GroupNormParams, t: &NormForward) -> Result<()> {
-        p.check_forward(t)?;
-        let (outs, ins) = self.views([t.out, t.mean, t.rstd], [t.inp, t.weight, t.bias]);
-        p.cpu_forward(outs, ins);
         Ok(())
     }
 
@@ -211,6 +257,13 @@ impl Backend for CpuBackend {
         p.check_forward(out, a, b)?;
         let ([o], ins) = self.views([out], [a, b]);
         p.cpu_forward(o, ins);
+        Ok(())
+    }
+
+    fn timestep_embedding(&self, p: &TimestepEmbeddingParams, out: &Tensor, timesteps: &Tensor) -> Result<()> {
+        p.check(out, timesteps)?;
+        let ([o], [t]) = self.views([out], [timesteps]);
+        p.cpu_forward(o, t);
         Ok(())
     }
 
@@ -243,24 +296,11 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn linear_backward(&self, p: &LinearParams, t: &LinearBackward) -> Result<()> {
-        p.check_backward(t)?;
-        let (dinp, dweight, dbias, ins) = self.weighted_grad_views(t);
-        p.cpu_backward(dinp, dweight, dbias, ins);
-        Ok(())
-    }
-
-    fn layer_norm_backward(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()> {
-        p.check_backward(t)?;
-        let (outs, ins) = self.views([t.dinp, t.dweight, t.dbias], [t.dout, t.inp, t.weight, t.mean, t.rstd]);
-        p.cpu_backward(outs, ins);
-        Ok(())
-    }
-
-    fn attention_backward(&self, p: &AttentionParams, t: &AttentionBackward) -> Result<()> {
-        p.check_backward(t)?;
-        let (outs, ins) = self.views([t.dq, t.dk, t.dv], [t.dout, t.q, t.k, t.v, t.out, t.lse]);
-        p.cpu_backward(outs, ins, t.key_mask);
+    fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
+        let p = Pointwise { n };
+        p.check_lerp(dst, src)?;
+        let ([d], [x]) = self.views([dst], [src]);
+        p.cpu_lerp(d, x, w);
         Ok(())
     }
 
@@ -269,20 +309,6 @@ impl Backend for CpuBackend {
         p.check_activation_backward(dinp, dout, inp)?;
         let ([di], [dy, x]) = self.views([dinp], [dout, inp]);
         p.cpu_activation_backward(di, dy, x, act);
-        Ok(())
-    }
-
-    fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()> {
-        p.check_backward(t)?;
-        let (dinp, dweight, dbias, ins) = self.weighted_grad_views(t);
-        p.cpu_backward(dinp, dweight, dbias, ins);
-        Ok(())
-    }
-
-    fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()> {
-        p.check_backward(t)?;
-        let (outs, ins) = self.views([t.dinp, t.dweight, t.dbias], [t.dout, t.inp, t.weight, t.bias, t.mean, t.rstd]);
-        p.cpu_backward(outs, ins);
         Ok(())
     }
 
@@ -320,7 +346,9 @@ impl Backend for CpuBackend {
         p.cpu_backward(grads, dy, t.ids);
         Ok(())
     }
+}
 
+impl OptimOps for CpuBackend {
     fn mse_loss(&self, dpred: &Tensor, loss: &Tensor, pred: &Tensor, target: &Tensor, n: usize) -> Result<()> {
         let r = Reduction { n };
         r.check_mse(dpred, loss, pred, target)?;
@@ -343,22 +371,9 @@ impl Backend for CpuBackend {
         p.cpu_step(state, g);
         Ok(())
     }
+}
 
-    fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
-        let p = Pointwise { n };
-        p.check_lerp(dst, src)?;
-        let ([d], [x]) = self.views([dst], [src]);
-        p.cpu_lerp(d, x, w);
-        Ok(())
-    }
-
-    fn timestep_embedding(&self, p: &TimestepEmbeddingParams, out: &Tensor, timesteps: &Tensor) -> Result<()> {
-        p.check(out, timesteps)?;
-        let ([o], [t]) = self.views([out], [timesteps]);
-        p.cpu_forward(o, t);
-        Ok(())
-    }
-
+impl RandomOps for CpuBackend {
     fn randn(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {
         let p = RandnParams { n, seed, stream };
         p.check(out)?;

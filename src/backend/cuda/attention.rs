@@ -35,6 +35,7 @@
 use super::device::Gemm;
 use super::launch::*;
 use super::CudaBackend;
+use crate::backend::{AttentionOps, ElementwiseOps};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -214,128 +215,6 @@ impl CudaBackend {
         self.launch(k, grid, (THREADS, 1, 1), smem)
     }
 
-    pub(crate) fn attention_forward_impl(&self, p: &AttentionParams, t: &AttentionForward) -> Result<()> {
-        p.check_forward(t)?;
-        let AttentionForward { out, lse, q, k, v, key_mask } = *t;
-        let (scale, causal) = (p.scale, p.causal);
-        let d = Dims::of(p).check("attention")?;
-        if d.batch * d.heads * d.q_len == 0 {
-            return Ok(());
-        }
-        let mask = match key_mask {
-            Some(m) => self.upload_u32(0, m)?,
-            None => 0,
-        };
-        if d.wide() {
-            return self.wide_forward(p, t, d, mask);
-        }
-        let (q_len, kv_len, heads, hd) = d.ints();
-        let causal = causal as i32;
-        let (out, lse, q, k, v) = (self.dptr(out), self.dptr(lse), self.dptr(q), self.dptr(k), self.dptr(v));
-        let key_mask = mask;
-        let args = AttentionFwdF32 { out, lse, q, k, v, key_mask, q_len, kv_len, heads, hd, scale, causal };
-        let bh = (d.batch * d.heads) as u32;
-        if self.use_bf16() {
-            let h = bf16_bucket(d.hd);
-            let grid = (blocks(d.q_len, BF16_BLOCK_ROWS), bh, 1);
-            self.attn_launch(args.bf16(h), grid, bf16_fwd_smem(h))
-        } else {
-            let grid = (blocks(d.q_len, F32_BLOCK_ROWS), bh, 1);
-            self.attn_launch(args, grid, f32_fwd_smem(d.hd))
-        }
-    }
-
-    pub(crate) fn attention_backward_impl(&self, p: &AttentionParams, t: &AttentionBackward) -> Result<()> {
-        p.check_backward(t)?;
-        let AttentionBackward { dq, dk, dv, dout, q, k, v, out, lse, key_mask } = *t;
-        let (scale, causal) = (p.scale, p.causal);
-        let d = Dims::of(p).check("attention_backward")?;
-        if d.batch * d.heads * d.q_len * d.kv_len == 0 {
-            return Ok(()); // no query/key pair: nothing to accumulate
-        }
-        // Scratch first (growing it or uploading synchronises the stream), then the launches.
-        let rows = d.batch * d.q_len;
-        let delta = self.workspace(WS_DELTA, rows * d.heads)?;
-        let mask = match key_mask {
-            Some(m) => self.upload_u32(0, m)?,
-            None => 0,
-        };
-        // The materialised path's score workspaces (before any launch: growing one synchronises).
-        let wide = if d.wide() {
-            let (per, chunks) = wide_chunks(d.batch, d.heads, d.q_len, d.kv_len, self.attention_workspace_limit());
-            Some((self.workspace(WS_P, per * d.kv_len)?, self.workspace(WS_DP, per * d.kv_len)?, chunks))
-        } else {
-            None
-        };
-        self.launch(
-            AttentionBwdDelta {
-                delta,
-                dout: self.dptr(dout),
-                out: self.dptr(out),
-                rows: rows as i32,
-                heads: d.heads as i32,
-                hd: d.hd as i32,
-            },
-            (blocks(rows * d.heads, DELTA_ITEMS_PER_BLOCK), 1, 1),
-            (32 * DELTA_ITEMS_PER_BLOCK as u32, 1, 1),
-            0,
-        )?;
-        if let Some((p_ws, ds_ws, chunks)) = wide {
-            let scratch = WideScratch { delta, p: p_ws, ds: ds_ws, chunks: &chunks };
-            return self.wide_backward(p, t, d, mask, scratch);
-        }
-        let (q, k, v, dout, lse) = (self.dptr(q), self.dptr(k), self.dptr(v), self.dptr(dout), self.dptr(lse));
-        let (q_len, kv_len, heads, hd) = d.ints();
-        let (causal, key_mask) = (causal as i32, mask);
-        let dq = AttentionBwdDqF32 {
-            dq: self.dptr(dq),
-            dout,
-            q,
-            k,
-            v,
-            lse,
-            delta,
-            key_mask,
-            q_len,
-            kv_len,
-            heads,
-            hd,
-            scale,
-            causal,
-        };
-        let (dk, dv) = (self.dptr(dk), self.dptr(dv));
-        let dkdv = AttentionBwdDkdvF32 {
-            dk,
-            dv,
-            dout,
-            q,
-            k,
-            v,
-            lse,
-            delta,
-            key_mask,
-            q_len,
-            kv_len,
-            heads,
-            hd,
-            scale,
-            causal,
-        };
-        let bh = (d.batch * d.heads) as u32;
-        if self.use_bf16() {
-            let h = bf16_bucket(d.hd);
-            let grid_q = (blocks(d.q_len, BF16_BLOCK_ROWS), bh, 1);
-            let grid_k = (blocks(d.kv_len, BF16_BLOCK_ROWS), bh, 1);
-            self.attn_launch(dq.bf16(h), grid_q, bf16_dq_smem(h))?;
-            self.attn_launch(dkdv.bf16(h), grid_k, bf16_dkdv_smem(h))
-        } else {
-            let grid_q = (blocks(d.q_len, F32_BLOCK_ROWS), bh, 1);
-            let grid_k = (blocks(d.kv_len, F32_BLOCK_ROWS), bh, 1);
-            self.attn_launch(dq, grid_q, f32_bwd_smem(d.hd))?;
-            self.attn_launch(dkdv, grid_k, f32_bwd_smem(d.hd))
-        }
-    }
-
     /// The materialised forward (head_dim > 160): per chunk, S = Q·Kᵀ per pair piece (cuBLAS), the
     /// row softmax writing P in place and the lse, then O = P·V per piece (cuBLAS).
     /// `mask`: the key mask's device address (0: none).
@@ -347,7 +226,7 @@ impl CudaBackend {
         let s_ws = self.workspace(WS_P, per * d.kv_len)?;
         if d.kv_len == 0 {
             // No keys: every output row is 0 (the kernel below writes lse = -inf), as the flash path.
-            self.zero_impl(&Tensor { shape: [d.batch * d.q_len * w].into(), ..*out })?;
+            self.zero(&Tensor { shape: [d.batch * d.q_len * w].into(), ..*out })?;
         }
         let (pq, pk, pv, po) = (self.dptr(q), self.dptr(k), self.dptr(v), self.dptr(out));
         let at = |base: u64, elems: usize| base + 4 * elems as u64;
@@ -550,6 +429,130 @@ impl CudaBackend {
             }
         }
         Ok(())
+    }
+}
+
+impl AttentionOps for CudaBackend {
+    fn attention_forward(&self, p: &AttentionParams, t: &AttentionForward) -> Result<()> {
+        p.check_forward(t)?;
+        let AttentionForward { out, lse, q, k, v, key_mask } = *t;
+        let (scale, causal) = (p.scale, p.causal);
+        let d = Dims::of(p).check("attention")?;
+        if d.batch * d.heads * d.q_len == 0 {
+            return Ok(());
+        }
+        let mask = match key_mask {
+            Some(m) => self.upload_u32(0, m)?,
+            None => 0,
+        };
+        if d.wide() {
+            return self.wide_forward(p, t, d, mask);
+        }
+        let (q_len, kv_len, heads, hd) = d.ints();
+        let causal = causal as i32;
+        let (out, lse, q, k, v) = (self.dptr(out), self.dptr(lse), self.dptr(q), self.dptr(k), self.dptr(v));
+        let key_mask = mask;
+        let args = AttentionFwdF32 { out, lse, q, k, v, key_mask, q_len, kv_len, heads, hd, scale, causal };
+        let bh = (d.batch * d.heads) as u32;
+        if self.use_bf16() {
+            let h = bf16_bucket(d.hd);
+            let grid = (blocks(d.q_len, BF16_BLOCK_ROWS), bh, 1);
+            self.attn_launch(args.bf16(h), grid, bf16_fwd_smem(h))
+        } else {
+            let grid = (blocks(d.q_len, F32_BLOCK_ROWS), bh, 1);
+            self.attn_launch(args, grid, f32_fwd_smem(d.hd))
+        }
+    }
+
+    fn attention_backward(&self, p: &AttentionParams, t: &AttentionBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let AttentionBackward { dq, dk, dv, dout, q, k, v, out, lse, key_mask } = *t;
+        let (scale, causal) = (p.scale, p.causal);
+        let d = Dims::of(p).check("attention_backward")?;
+        if d.batch * d.heads * d.q_len * d.kv_len == 0 {
+            return Ok(()); // no query/key pair: nothing to accumulate
+        }
+        // Scratch first (growing it or uploading synchronises the stream), then the launches.
+        let rows = d.batch * d.q_len;
+        let delta = self.workspace(WS_DELTA, rows * d.heads)?;
+        let mask = match key_mask {
+            Some(m) => self.upload_u32(0, m)?,
+            None => 0,
+        };
+        // The materialised path's score workspaces (before any launch: growing one synchronises).
+        let wide = if d.wide() {
+            let (per, chunks) = wide_chunks(d.batch, d.heads, d.q_len, d.kv_len, self.attention_workspace_limit());
+            Some((self.workspace(WS_P, per * d.kv_len)?, self.workspace(WS_DP, per * d.kv_len)?, chunks))
+        } else {
+            None
+        };
+        self.launch(
+            AttentionBwdDelta {
+                delta,
+                dout: self.dptr(dout),
+                out: self.dptr(out),
+                rows: rows as i32,
+                heads: d.heads as i32,
+                hd: d.hd as i32,
+            },
+            (blocks(rows * d.heads, DELTA_ITEMS_PER_BLOCK), 1, 1),
+            (32 * DELTA_ITEMS_PER_BLOCK as u32, 1, 1),
+            0,
+        )?;
+        if let Some((p_ws, ds_ws, chunks)) = wide {
+            let scratch = WideScratch { delta, p: p_ws, ds: ds_ws, chunks: &chunks };
+            return self.wide_backward(p, t, d, mask, scratch);
+        }
+        let (q, k, v, dout, lse) = (self.dptr(q), self.dptr(k), self.dptr(v), self.dptr(dout), self.dptr(lse));
+        let (q_len, kv_len, heads, hd) = d.ints();
+        let (causal, key_mask) = (causal as i32, mask);
+        let dq = AttentionBwdDqF32 {
+            dq: self.dptr(dq),
+            dout,
+            q,
+            k,
+            v,
+            lse,
+            delta,
+            key_mask,
+            q_len,
+            kv_len,
+            heads,
+            hd,
+            scale,
+            causal,
+        };
+        let (dk, dv) = (self.dptr(dk), self.dptr(dv));
+        let dkdv = AttentionBwdDkdvF32 {
+            dk,
+            dv,
+            dout,
+            q,
+            k,
+            v,
+            lse,
+            delta,
+            key_mask,
+            q_len,
+            kv_len,
+            heads,
+            hd,
+            scale,
+            causal,
+        };
+        let bh = (d.batch * d.heads) as u32;
+        if self.use_bf16() {
+            let h = bf16_bucket(d.hd);
+            let grid_q = (blocks(d.q_len, BF16_BLOCK_ROWS), bh, 1);
+            let grid_k = (blocks(d.kv_len, BF16_BLOCK_ROWS), bh, 1);
+            self.attn_launch(dq.bf16(h), grid_q, bf16_dq_smem(h))?;
+            self.attn_launch(dkdv.bf16(h), grid_k, bf16_dkdv_smem(h))
+        } else {
+            let grid_q = (blocks(d.q_len, F32_BLOCK_ROWS), bh, 1);
+            let grid_k = (blocks(d.kv_len, F32_BLOCK_ROWS), bh, 1);
+            self.attn_launch(dq, grid_q, f32_bwd_smem(d.hd))?;
+            self.attn_launch(dkdv, grid_k, f32_bwd_smem(d.hd))
+        }
     }
 }
 

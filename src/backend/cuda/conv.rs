@@ -18,6 +18,7 @@
 
 use super::launch::*;
 use super::{to_i32, CudaBackend};
+use crate::backend::ConvOps;
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -178,8 +179,10 @@ impl CudaBackend {
             self.launch(k, grid, (THREADS, 1, 1), 0)
         }
     }
+}
 
-    pub(crate) fn conv2d_forward_impl(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()> {
+impl ConvOps for CudaBackend {
+    fn conv2d_forward(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()> {
         p.check_forward(t)?;
         let Conv2dParams { batch, h, w, c_in, c_out, kernel, stride, pad } = *p;
         let Conv2dForward { out, inp, weight, bias } = *t;
@@ -232,7 +235,7 @@ impl CudaBackend {
         })
     }
 
-    pub(crate) fn conv2d_backward_impl(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()> {
+    fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()> {
         p.check_backward(t)?;
         let Conv2dParams { batch, h, w, c_in, c_out, kernel, stride, pad } = *p;
         let Conv2dBackward { dinp, dweight, dbias, dout, inp, weight } = *t;

@@ -5,13 +5,14 @@
 use super::device::Gemm;
 use super::launch::*;
 use super::{CudaBackend, LIN_BLOCK};
+use crate::backend::LinearOps;
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use anyhow::Result;
 
-impl CudaBackend {
+impl LinearOps for CudaBackend {
     /// out (rows, out_f) = inp · Wᵀ + bias. Row-major X (rows×in) is column-major Xᵀ; so
     /// outᵀ (out_f×rows, col-major) = op_T(W as col-major in×out) · Xᵀ.
-    pub(crate) fn linear_forward_impl(&self, p: &LinearParams, t: &LinearForward) -> Result<()> {
+    fn linear_forward(&self, p: &LinearParams, t: &LinearForward) -> Result<()> {
         p.check_forward(t)?;
         let LinearParams { rows, in_features: in_f, out_features: out_f } = *p;
         let LinearForward { out, inp, weight, bias } = *t;
@@ -52,7 +53,7 @@ impl CudaBackend {
 
     /// dinp += dout · W; dweight += doutᵀ · inp; dbias += Σ_rows dout (column-major views as in
     /// `linear_forward`).
-    pub(crate) fn linear_backward_impl(&self, p: &LinearParams, t: &LinearBackward) -> Result<()> {
+    fn linear_backward(&self, p: &LinearParams, t: &LinearBackward) -> Result<()> {
         p.check_backward(t)?;
         let LinearParams { rows, in_features: in_f, out_features: out_f } = *p;
         let LinearBackward { dinp, dweight, dbias, dout, inp, weight } = *t;

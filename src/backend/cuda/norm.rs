@@ -6,6 +6,7 @@
 use super::launch::*;
 use super::ops::{chunking, f64_at, BLOCK, COL_CHUNK_ROWS, COL_MAX_CHUNKS, MAX_GRID};
 use super::{nonempty_i32, to_i32, CudaBackend};
+use crate::backend::NormOps;
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use anyhow::Result;
 
@@ -43,7 +44,55 @@ impl CudaBackend {
         Ok(Some(GnPlan { n, bg, cpg, nchunks, rpc, blocks, part1, part2, stats }))
     }
 
-    pub(crate) fn layer_norm_forward_impl(&self, p: &LayerNormParams, t: &NormForward) -> Result<()> {
+    /// dweight[ch] += Σ dy·xhat, dbias[ch] += Σ dy over all rows (f64 column sums by row chunks,
+    /// then a fixed-order sum over the chunks): the parameter gradients of both norms.
+    fn ops_norm_dparams(&self, dweight: u64, dbias: u64, s: NormDparams) -> Result<()> {
+        let NormDparams { dout, inp, weight, bias, mean, rstd, rows, hw, c, groups, silu } = s;
+        let (chunks, rpc) = chunking(rows, COL_CHUNK_ROWS, COL_MAX_CHUNKS);
+        let part = self.ops_workspace_f64(1, chunks * c * 2)?;
+        self.launch(
+            NrmDparamsPartial {
+                part,
+                dout,
+                inp,
+                weight,
+                bias,
+                mean,
+                rstd,
+                rows: rows as i32,
+                hw: hw as i32,
+                c: c as i32,
+                groups: groups as i32,
+                rows_per_chunk: rpc as i32,
+                silu: silu as i32,
+            },
+            (c.div_ceil(32) as u32, chunks as u32, 1),
+            (32, 8, 1),
+            0,
+        )?;
+        self.ops_launch1(c, NrmDparamsFinalize { dweight, dbias, part, c: c as i32, chunks: chunks as i32 })
+    }
+}
+
+/// What the parameter gradients of a norm read (device addresses; `bias` only with SiLU): `rows`
+/// rows of `c` channels, statistics per (sample, group) with `hw` rows a sample (a layer norm: one
+/// group, hw 1).
+struct NormDparams {
+    dout: u64,
+    inp: u64,
+    weight: u64,
+    bias: u64,
+    mean: u64,
+    rstd: u64,
+    rows: usize,
+    hw: usize,
+    c: usize,
+    groups: usize,
+    silu: bool,
+}
+
+impl NormOps for CudaBackend {
+    fn layer_norm_forward(&self, p: &LayerNormParams, t: &NormForward) -> Result<()> {
         p.check_forward(t)?;
         let LayerNormParams { rows, cols, eps } = *p;
         let NormForward { out, mean, rstd, inp, weight, bias } = *t;
@@ -72,7 +121,7 @@ impl CudaBackend {
 
     /// Group norm forward in four launches: per-chunk sums, per-chunk squared deviations about the
     /// mean, per-group statistics (f64, two passes as the CPU), then the normalisation (+ SiLU).
-    pub(crate) fn group_norm_forward_impl(&self, p: &GroupNormParams, t: &NormForward) -> Result<()> {
+    fn group_norm_forward(&self, p: &GroupNormParams, t: &NormForward) -> Result<()> {
         p.check_forward(t)?;
         let GroupNormParams { batch, hw, channels: c, groups, eps, silu } = *p;
         let NormForward { out, mean, rstd, inp, weight, bias } = *t;
@@ -129,7 +178,7 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn layer_norm_backward_impl(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()> {
+    fn layer_norm_backward(&self, p: &LayerNormParams, t: &LayerNormBackward) -> Result<()> {
         p.check_backward(t)?;
         let LayerNormParams { rows, cols, .. } = *p;
         let LayerNormBackward { dinp, dweight, dbias, dout, inp, weight, mean, rstd } = *t;
@@ -169,38 +218,9 @@ impl CudaBackend {
         self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), s)
     }
 
-    /// dweight[ch] += Σ dy·xhat, dbias[ch] += Σ dy over all rows (f64 column sums by row chunks,
-    /// then a fixed-order sum over the chunks): the parameter gradients of both norms.
-    fn ops_norm_dparams(&self, dweight: u64, dbias: u64, s: NormDparams) -> Result<()> {
-        let NormDparams { dout, inp, weight, bias, mean, rstd, rows, hw, c, groups, silu } = s;
-        let (chunks, rpc) = chunking(rows, COL_CHUNK_ROWS, COL_MAX_CHUNKS);
-        let part = self.ops_workspace_f64(1, chunks * c * 2)?;
-        self.launch(
-            NrmDparamsPartial {
-                part,
-                dout,
-                inp,
-                weight,
-                bias,
-                mean,
-                rstd,
-                rows: rows as i32,
-                hw: hw as i32,
-                c: c as i32,
-                groups: groups as i32,
-                rows_per_chunk: rpc as i32,
-                silu: silu as i32,
-            },
-            (c.div_ceil(32) as u32, chunks as u32, 1),
-            (32, 8, 1),
-            0,
-        )?;
-        self.ops_launch1(c, NrmDparamsFinalize { dweight, dbias, part, c: c as i32, chunks: chunks as i32 })
-    }
-
     /// Group norm backward: per-chunk sums of dxhat and dxhat·xhat, per-group means, the input
     /// gradient, then the parameter gradients (`ops_norm_dparams`).
-    pub(crate) fn group_norm_backward_impl(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()> {
+    fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()> {
         p.check_backward(t)?;
         let GroupNormParams { batch, hw, channels: c, groups, silu, .. } = *p;
         let GroupNormBackward { dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd } = *t;
@@ -272,21 +292,4 @@ impl CudaBackend {
         };
         self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), s)
     }
-}
-
-/// What the parameter gradients of a norm read (device addresses; `bias` only with SiLU): `rows`
-/// rows of `c` channels, statistics per (sample, group) with `hw` rows a sample (a layer norm: one
-/// group, hw 1).
-struct NormDparams {
-    dout: u64,
-    inp: u64,
-    weight: u64,
-    bias: u64,
-    mean: u64,
-    rstd: u64,
-    rows: usize,
-    hw: usize,
-    c: usize,
-    groups: usize,
-    silu: bool,
 }

@@ -17,6 +17,7 @@
 use super::launch::*;
 use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::backend::Activation;
+use crate::backend::{ElementwiseOps, OptimOps, RandomOps};
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, Pointwise, UpsampleParams};
@@ -77,8 +78,10 @@ impl CudaBackend {
         ensure!(p % 8 == 0, "CUDA workspace {p:#x} is not 8-byte aligned");
         Ok(p)
     }
+}
 
-    pub(crate) fn embedding_forward_impl(&self, p: &EmbeddingParams, t: &EmbeddingForward) -> Result<()> {
+impl ElementwiseOps for CudaBackend {
+    fn embedding_forward(&self, p: &EmbeddingParams, t: &EmbeddingForward) -> Result<()> {
         p.check_forward(t)?;
         let EmbeddingForward { out, ids, wte, wpe } = *t;
         let EmbeddingParams { batch, seq, dim } = *p;
@@ -99,19 +102,19 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn activation_forward_impl(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
+    fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
         Pointwise { n }.check_activation_forward(out, inp)?;
         let Some(ni) = nonempty_i32("activation", n)? else { return Ok(()) };
         self.ops_launch1(n, EwActivationFwd { out: self.dptr(out), inp: self.dptr(inp), n: ni, act: act_code(act) })
     }
 
-    pub(crate) fn add_forward_impl(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
+    fn add_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
         Pointwise { n }.check_add(out, a, b)?;
         let Some(ni) = nonempty_i32("add", n)? else { return Ok(()) };
         self.ops_launch1(n, EwAdd { out: self.dptr(out), a: self.dptr(a), b: self.dptr(b), n: ni })
     }
 
-    pub(crate) fn upsample_nearest_forward_impl(&self, p: &UpsampleParams, out: &Tensor, inp: &Tensor) -> Result<()> {
+    fn upsample_nearest_forward(&self, p: &UpsampleParams, out: &Tensor, inp: &Tensor) -> Result<()> {
         p.check_forward(out, inp)?;
         let UpsampleParams { batch, in_h: ih, in_w: iw, out_h: oh, out_w: ow, channels: c } = *p;
         let (n_out, n_in) = (p.out_elements(), p.in_elements());
@@ -139,13 +142,7 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn add_bias_rows_forward_impl(
-        &self,
-        p: &BiasRowsParams,
-        out: &Tensor,
-        inp: &Tensor,
-        bias: &Tensor,
-    ) -> Result<()> {
+    fn add_bias_rows_forward(&self, p: &BiasRowsParams, out: &Tensor, inp: &Tensor, bias: &Tensor) -> Result<()> {
         p.check_forward(out, inp, bias)?;
         let BiasRowsParams { batch, rows, channels: c } = *p;
         let n = batch * rows * c;
@@ -163,13 +160,7 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn concat_channels_forward_impl(
-        &self,
-        p: &ConcatParams,
-        out: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-    ) -> Result<()> {
+    fn concat_channels_forward(&self, p: &ConcatParams, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
         p.check_forward(out, a, b)?;
         let ConcatParams { rows, a_channels: ca, b_channels: cb } = *p;
         let n = rows * (ca + cb);
@@ -187,7 +178,27 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn geglu_forward_impl(&self, p: &GegluParams, out: &Tensor, inp: &Tensor) -> Result<()> {
+    fn timestep_embedding(&self, p: &TimestepEmbeddingParams, out: &Tensor, timesteps: &Tensor) -> Result<()> {
+        p.check(out, timesteps)?;
+        let TimestepEmbeddingParams { batch, dim, flip_sin_to_cos, freq_shift } = *p;
+        let n = batch * dim;
+        let Some(_) = nonempty_i32("timestep_embedding", n)? else { return Ok(()) };
+        let log_period = -(10000f64.ln()) as f32;
+        self.ops_launch1(
+            n,
+            EwTimestepEmbedding {
+                out: self.dptr(out),
+                t: self.dptr(timesteps),
+                batch: batch as i32,
+                dim: dim as i32,
+                flip: flip_sin_to_cos as i32,
+                freq_shift,
+                log_period,
+            },
+        )
+    }
+
+    fn geglu_forward(&self, p: &GegluParams, out: &Tensor, inp: &Tensor) -> Result<()> {
         p.check_forward(out, inp)?;
         let GegluParams { rows, inner } = *p;
         let n = rows * inner;
@@ -198,35 +209,35 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn zero_impl(&self, t: &Tensor) -> Result<()> {
+    fn zero(&self, t: &Tensor) -> Result<()> {
         self.params_written(t);
         let n = t.numel();
         let Some(ni) = nonempty_i32("zero", n)? else { return Ok(()) };
         self.ops_launch1(n, EwZero { t: self.dptr(t), n: ni })
     }
 
-    pub(crate) fn accumulate_impl(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
+    fn accumulate(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
         self.params_written(dst);
         Pointwise { n }.check_accumulate(dst, src)?;
         let Some(ni) = nonempty_i32("accumulate", n)? else { return Ok(()) };
         self.ops_launch1(n, EwAccumulate { dst: self.dptr(dst), src: self.dptr(src), n: ni })
     }
 
-    pub(crate) fn scale_impl(&self, t: &Tensor, s: f32, n: usize) -> Result<()> {
+    fn scale(&self, t: &Tensor, s: f32, n: usize) -> Result<()> {
         self.params_written(t);
         Pointwise { n }.check_scale(t)?;
         let Some(ni) = nonempty_i32("scale", n)? else { return Ok(()) };
         self.ops_launch1(n, EwScale { t: self.dptr(t), s, n: ni })
     }
 
-    pub(crate) fn activation_backward_impl(
-        &self,
-        dinp: &Tensor,
-        dout: &Tensor,
-        inp: &Tensor,
-        act: Activation,
-        n: usize,
-    ) -> Result<()> {
+    fn lerp(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
+        self.params_written(dst);
+        Pointwise { n }.check_lerp(dst, src)?;
+        let Some(ni) = nonempty_i32("lerp", n)? else { return Ok(()) };
+        self.ops_launch1(n, EwLerp { dst: self.dptr(dst), src: self.dptr(src), n: ni, w })
+    }
+
+    fn activation_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
         Pointwise { n }.check_activation_backward(dinp, dout, inp)?;
         let Some(ni) = nonempty_i32("activation_backward", n)? else { return Ok(()) };
         self.ops_launch1(
@@ -241,12 +252,7 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn upsample_nearest_backward_impl(
-        &self,
-        p: &UpsampleParams,
-        dinp: &Tensor,
-        dout: &Tensor,
-    ) -> Result<()> {
+    fn upsample_nearest_backward(&self, p: &UpsampleParams, dinp: &Tensor, dout: &Tensor) -> Result<()> {
         p.check_backward(dinp, dout)?;
         let UpsampleParams { batch, in_h: ih, in_w: iw, out_h: oh, out_w: ow, channels: c } = *p;
         let (n_in, n_out) = (p.in_elements(), p.out_elements());
@@ -274,7 +280,7 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn add_bias_rows_backward_impl(&self, p: &BiasRowsParams, dbias: &Tensor, dout: &Tensor) -> Result<()> {
+    fn add_bias_rows_backward(&self, p: &BiasRowsParams, dbias: &Tensor, dout: &Tensor) -> Result<()> {
         p.check_backward(dbias, dout)?;
         let BiasRowsParams { batch, rows, channels: c } = *p;
         to_i32("add_bias_rows_backward", batch * rows * c)?;
@@ -308,13 +314,7 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn concat_channels_backward_impl(
-        &self,
-        p: &ConcatParams,
-        da: &Tensor,
-        db: &Tensor,
-        dout: &Tensor,
-    ) -> Result<()> {
+    fn concat_channels_backward(&self, p: &ConcatParams, da: &Tensor, db: &Tensor, dout: &Tensor) -> Result<()> {
         p.check_backward(da, db, dout)?;
         let ConcatParams { rows, a_channels: ca, b_channels: cb } = *p;
         let n = rows * (ca + cb);
@@ -332,13 +332,7 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn geglu_backward_impl(
-        &self,
-        p: &GegluParams,
-        dinp: &Tensor,
-        dout: &Tensor,
-        inp: &Tensor,
-    ) -> Result<()> {
+    fn geglu_backward(&self, p: &GegluParams, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()> {
         p.check_backward(dinp, dout, inp)?;
         let GegluParams { rows, inner } = *p;
         let n = rows * inner;
@@ -358,7 +352,7 @@ impl CudaBackend {
     /// Without atomics: the rows are grouped by token id here (a stable sort keeps each id's rows
     /// ascending), uploaded as [distinct ids | starts | rows], and each destination row of dwte and
     /// dwpe is summed by one thread per element in the CPU's row order.
-    pub(crate) fn embedding_backward_impl(&self, p: &EmbeddingParams, t: &EmbeddingBackward) -> Result<()> {
+    fn embedding_backward(&self, p: &EmbeddingParams, t: &EmbeddingBackward) -> Result<()> {
         p.check_backward(t)?;
         let EmbeddingBackward { dwte, dwpe, dout, ids } = *t;
         let EmbeddingParams { batch, seq, dim } = *p;
@@ -404,17 +398,12 @@ impl CudaBackend {
             0,
         )
     }
+}
 
+impl OptimOps for CudaBackend {
     /// loss[0] = mean((pred − target)²) (f64 sum, deterministic), dpred = 2(pred − target)/n
     /// (written).
-    pub(crate) fn mse_loss_impl(
-        &self,
-        dpred: &Tensor,
-        loss: &Tensor,
-        pred: &Tensor,
-        target: &Tensor,
-        n: usize,
-    ) -> Result<()> {
+    fn mse_loss(&self, dpred: &Tensor, loss: &Tensor, pred: &Tensor, target: &Tensor, n: usize) -> Result<()> {
         Reduction { n }.check_mse(dpred, loss, pred, target)?;
         let ni = to_i32("mse", n)?;
         let parts = n.div_ceil(BLOCK as usize * 8).clamp(1, 1024);
@@ -434,7 +423,7 @@ impl CudaBackend {
     }
 
     /// out[0] = Σ x² over n elements (f64, deterministic), rounded to f32.
-    pub(crate) fn sum_squares_impl(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()> {
+    fn sum_squares(&self, out: &Tensor, x: &Tensor, n: usize) -> Result<()> {
         Reduction { n }.check_sum_squares(out, x)?;
         let ni = to_i32("sum_squares", n)?;
         let parts = n.div_ceil(BLOCK as usize * 8).clamp(1, 1024);
@@ -450,14 +439,7 @@ impl CudaBackend {
 
     /// torch.optim.AdamW, with the scalars computed exactly as the CPU reference (ops/optim.rs
     /// `AdamWParams`): f64, then rounded to f32.
-    pub(crate) fn adamw_step_impl(
-        &self,
-        p: &AdamWParams,
-        param: &Tensor,
-        grad: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
-    ) -> Result<()> {
+    fn adamw_step(&self, p: &AdamWParams, param: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> Result<()> {
         p.check(param, grad, m, v)?;
         let AdamWParams { n, beta1, beta2, eps, .. } = *p;
         let Some(ni) = nonempty_i32("adamw", n)? else { return Ok(()) };
@@ -484,41 +466,11 @@ impl CudaBackend {
             },
         )
     }
+}
 
-    pub(crate) fn lerp_impl(&self, dst: &Tensor, src: &Tensor, n: usize, w: f32) -> Result<()> {
-        self.params_written(dst);
-        Pointwise { n }.check_lerp(dst, src)?;
-        let Some(ni) = nonempty_i32("lerp", n)? else { return Ok(()) };
-        self.ops_launch1(n, EwLerp { dst: self.dptr(dst), src: self.dptr(src), n: ni, w })
-    }
-
-    pub(crate) fn timestep_embedding_impl(
-        &self,
-        p: &TimestepEmbeddingParams,
-        out: &Tensor,
-        timesteps: &Tensor,
-    ) -> Result<()> {
-        p.check(out, timesteps)?;
-        let TimestepEmbeddingParams { batch, dim, flip_sin_to_cos, freq_shift } = *p;
-        let n = batch * dim;
-        let Some(_) = nonempty_i32("timestep_embedding", n)? else { return Ok(()) };
-        let log_period = -(10000f64.ln()) as f32;
-        self.ops_launch1(
-            n,
-            EwTimestepEmbedding {
-                out: self.dptr(out),
-                t: self.dptr(timesteps),
-                batch: batch as i32,
-                dim: dim as i32,
-                flip: flip_sin_to_cos as i32,
-                freq_shift,
-                log_period,
-            },
-        )
-    }
-
+impl RandomOps for CudaBackend {
     /// kernels/random.cu `rand_philox_normal`: one thread per group of four elements.
-    pub(crate) fn randn_impl(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {
+    fn randn(&self, out: &Tensor, n: usize, seed: u64, stream: u64) -> Result<()> {
         RandnParams { n, seed, stream }.check(out)?;
         let Some(ni) = nonempty_i32("randn", n)? else { return Ok(()) };
         // u32 halves travel in the i32 argument slots bit for bit (the kernel takes unsigned int).
@@ -536,7 +488,7 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn ddpm_add_noise_impl(&self, p: &AddNoiseParams, x: &Tensor, noise: &Tensor) -> Result<()> {
+    fn ddpm_add_noise(&self, p: &AddNoiseParams, x: &Tensor, noise: &Tensor) -> Result<()> {
         p.check(x, noise)?;
         let AddNoiseParams { n, sqrt_alpha, sqrt_one_minus_alpha, v_prediction } = *p;
         let Some(ni) = nonempty_i32("ddpm_add_noise", n)? else { return Ok(()) };
