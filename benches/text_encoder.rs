@@ -6,6 +6,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::models::clip::{ClipTextConfig, ClipTextModel};
 use roentgen::models::Component;
+use roentgen::nn::Cx;
 use std::path::Path;
 
 fn bench(c: &mut Criterion) {
@@ -16,14 +17,19 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("clip_text_encoder_sd14");
     g.sample_size(10);
     for batch in [1usize, 2] {
-        let acts = model.allocate_acts(&mut b, batch, 77).unwrap();
+        let mut arena = model.allocate_arena(&mut b, batch, 77, false).unwrap();
         let ids: Vec<u32> = (0..batch * 77).map(|i| (i as u32 * 7919) % cfg.vocab_size as u32).collect();
         // Matmul FLOP per token: 2 · params of the linear layers (attention scores are ~1% more).
         let per_token = 2
             * cfg.num_hidden_layers
             * (4 * cfg.hidden_size * cfg.hidden_size + 2 * cfg.hidden_size * cfg.intermediate_size);
         g.throughput(Throughput::Elements((per_token * batch * 77) as u64));
-        g.bench_function(format!("forward_batch{batch}"), |bch| bch.iter(|| model.forward(&b, &acts, &ids).unwrap()));
+        g.bench_function(format!("forward_batch{batch}"), |bch| {
+            bch.iter(|| {
+                arena.release_all_to(0);
+                model.forward(&mut Cx::new(&b, &mut arena), &ids, batch, 77).unwrap()
+            })
+        });
     }
     g.finish();
 }

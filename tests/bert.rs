@@ -13,7 +13,7 @@ use roentgen::models::bert::{BertConfig, BertModel};
 use roentgen::models::Component;
 use roentgen::nn::Cx;
 use roentgen::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
-use roentgen::tensor::{Arena, Layout, Tensor};
+use roentgen::tensor::{Layout, Tensor};
 use roentgen::text::wordpiece::{chars, WordPieceTokenizer, MAX_LENGTH};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -36,9 +36,11 @@ fn check_forward(name: &str) -> Vec<String> {
     let (model, report) = BertModel::load(&mut b, &dir, None).unwrap();
     assert_eq!(report.tensors, model.table.entries().len());
     let (batch, seq, ids, mask) = inputs(&io);
-    let acts = model.allocate_acts(&mut b, batch, seq).unwrap();
+    let mut arena = model.allocate_arena(&mut b, batch, seq, false).unwrap();
     for (key, m) in [("last_hidden_state", None), ("last_hidden_state_masked", Some(&mask[..]))] {
-        let out = model.forward(&b, &acts, &ids, m).unwrap();
+        arena.release_all_to(0);
+        let acts = model.forward(&mut Cx::new(&b, &mut arena), &ids, batch, seq, m).unwrap();
+        let out = model.last_hidden_state(&acts);
         let (want_shape, want) = read_f32(&io, key);
         assert_eq!(out.shape.dims(), &want_shape[..]);
         assert_close(&format!("{name} {key}"), &b.download(&out).unwrap(), &want, F32_PARITY);
@@ -85,17 +87,15 @@ fn check_gradients(name: &str, masked: bool) {
     let (batch, seq, ids, mask) = inputs(&io);
     let mask = masked.then_some(&mask[..]);
     let (_, target) = read_f32(&io, "target");
-    let acts = model.allocate_acts(&mut b, batch, seq).unwrap();
-    let hidden = model.forward(&b, &acts, &ids, mask).unwrap();
+    let mut arena = model.allocate_arena(&mut b, batch, seq, true).unwrap();
+    let acts = model.forward(&mut Cx::new(&b, &mut arena), &ids, batch, seq, mask).unwrap();
+    let hidden = model.last_hidden_state(&acts);
     let side = b.alloc(2 * target.len() + 32, "test.side").unwrap();
     let mut l = Layout::new(side);
     let (tgt, dout, loss) =
         (l.tensor("target", [target.len()]), l.tensor("dout", [target.len()]), l.tensor("loss", [1]));
     b.upload(&tgt, &target).unwrap();
     b.mse_loss(&dout, &loss, &hidden, &tgt, target.len()).unwrap();
-    let cap = model.plan_backward(batch, seq).unwrap();
-    let pool = b.alloc(cap, "bwd").unwrap();
-    let mut arena = Arena::new(pool, cap);
     for e in gtable.entries() {
         b.zero(&Tensor { pool: gtable.pool(), offset: e.offset, shape: e.shape }).unwrap();
     }
@@ -195,13 +195,16 @@ fn masked_attention_with_a_full_mask_equals_unmasked_attention() {
 fn bad_inputs_and_checkpoints_are_reported() {
     let mut b = CpuBackend::new();
     let (model, _) = BertModel::load(&mut b, &bert("bert-b"), None).unwrap();
-    let acts = model.allocate_acts(&mut b, 1, 4).unwrap();
-    let err = model.forward(&b, &acts, &[2, 5, 6, 3], Some(&[0, 0, 0, 0])).unwrap_err().to_string();
+    let mut arena = model.allocate_arena(&mut b, 1, 4, false).unwrap();
+    let mut forward = |ids: &[u32], seq, mask| {
+        arena.release_all_to(0);
+        model.forward(&mut Cx::new(&b, &mut arena), ids, 1, seq, mask).map(|_| ()).unwrap_err().to_string()
+    };
+    let err = forward(&[2, 5, 6, 3], 4, Some(&[0, 0, 0, 0]));
     assert!(err.contains("all zeros"), "{err}");
-    let err = model.forward(&b, &acts, &[2, 5, 96, 3], None).unwrap_err().to_string();
+    let err = forward(&[2, 5, 96, 3], 4, None);
     assert!(err.contains("outside the vocabulary"), "{err}");
-    let big = model.allocate_acts(&mut b, 1, 17).unwrap();
-    assert!(model.forward(&b, &big, &[2; 17], None).unwrap_err().to_string().contains("max_position_embeddings"));
+    assert!(forward(&[2; 17], 17, None).contains("max_position_embeddings"));
 
     // An extra tensor is named; so is a config that does not fit the weights.
     let tmp = tempfile::tempdir().unwrap();
@@ -353,9 +356,13 @@ fn masked_padding_does_not_reach_real_tokens_of_a_random_model() {
     .unwrap();
     let mut b = CpuBackend::new();
     let model = BertModel::random(&mut b, cfg, 3).unwrap();
-    let acts = model.allocate_acts(&mut b, 1, 8).unwrap();
+    let mut arena = model.allocate_arena(&mut b, 1, 8, false).unwrap();
     let mask = [1, 1, 1, 1, 1, 0, 0, 0];
-    let run = |ids: &[u32], m: Option<&[u32]>| b.download(&model.forward(&b, &acts, ids, m).unwrap()).unwrap();
+    let mut run = |ids: &[u32], m: Option<&[u32]>| {
+        arena.release_all_to(0);
+        let acts = model.forward(&mut Cx::new(&b, &mut arena), ids, 1, 8, m).unwrap();
+        b.download(&model.last_hidden_state(&acts)).unwrap()
+    };
     let (a, c) = ([2, 7, 8, 9, 3, 0, 0, 0], [2, 7, 8, 9, 3, 41, 17, 5]);
     let (ma, mc) = (run(&a, Some(&mask)), run(&c, Some(&mask)));
     assert!(ma.iter().all(|x| x.is_finite()) && ma.iter().any(|&x| x.abs() > 0.5), "LayerNorm weights must be 1");

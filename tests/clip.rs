@@ -7,6 +7,7 @@ use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::Backend;
 use roentgen::models::clip::{ClipTextConfig, ClipTextModel};
 use roentgen::models::Component;
+use roentgen::nn::Cx;
 use std::path::Path;
 
 /// Loads `dir` (with `variant`), runs the fixture's ids and compares with `reference_key` of io.safetensors.
@@ -16,8 +17,9 @@ fn check_forward(what: &str, dir: &Path, variant: Option<&str>, io: &Path, refer
     assert_eq!(report.tensors, model.table.entries().len());
     let (shape, ids) = read_ids(io, "input_ids");
     let (want_shape, want) = read_f32(io, reference_key);
-    let acts = model.allocate_acts(&mut b, shape[0], shape[1]).unwrap();
-    let out = model.forward(&b, &acts, &ids).unwrap();
+    let mut arena = model.allocate_arena(&mut b, shape[0], shape[1], false).unwrap();
+    let acts = model.forward(&mut Cx::new(&b, &mut arena), &ids, shape[0], shape[1]).unwrap();
+    let out = model.last_hidden_state(&acts);
     assert_eq!(out.shape.dims(), &want_shape[..]);
     assert_close(what, &b.download(&out).unwrap(), &want, F32_PARITY);
 }

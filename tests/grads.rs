@@ -106,8 +106,9 @@ fn text_encoder_gradients_match_pytorch_backward() {
     let (ishape, ids) = read_ids(&io, "input_ids");
     let (batch, seq) = (ishape[0], ishape[1]);
     let (_, target) = read_f32(&io, "target");
-    let acts = clip.allocate_acts(&mut b, batch, seq).unwrap();
-    let hidden = clip.forward(&b, &acts, &ids).unwrap();
+    let mut arena = clip.allocate_arena(&mut b, batch, seq, true).unwrap();
+    let acts = clip.forward(&mut Cx::new(&b, &mut arena), &ids, batch, seq).unwrap();
+    let hidden = clip.last_hidden_state(&acts);
     let side = b.alloc(2 * target.len() + 16, "test.side").unwrap();
     let mut l = Layout::new(side);
     let tgt = l.tensor("target", [target.len()]);
@@ -115,9 +116,6 @@ fn text_encoder_gradients_match_pytorch_backward() {
     let loss = l.tensor("loss", [1]);
     b.upload(&tgt, &target).unwrap();
     b.mse_loss(&dout, &loss, &hidden, &tgt, target.len()).unwrap();
-    let cap = clip.plan_backward(batch, seq).unwrap();
-    let pool = b.alloc(cap, "bwd").unwrap();
-    let mut arena = Arena::new(pool, cap);
     clip.backward(&mut Cx::new(&b, &mut arena), &grads, &acts, &dout, &ids).unwrap();
     let got_loss = b.download(&loss).unwrap()[0];
     let want_loss = read_f32(&io, "loss").1[0];

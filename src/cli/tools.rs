@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use roentgen::backend::{self, Backend};
 use roentgen::models::text::{TextEncoder, TextTokenizer};
+use roentgen::nn::Cx;
 use roentgen::tools::inspect::{inspect, render_text, InspectOptions};
 use roentgen::{io::safetensors::OutTensor, io::weights};
 use std::io::{BufRead, Write};
@@ -309,10 +310,10 @@ fn encode_text(
         ids.extend(enc.ids);
         mask.extend(enc.mask);
     }
-    let acts = clip.allocate_acts(b, prompts.len(), seq)?;
+    let mut arena = clip.allocate_arena(b, prompts.len(), seq, false)?;
     let t0 = std::time::Instant::now();
-    let hidden = clip.forward(b, &acts, &ids, &mask)?;
-    let hidden = hidden.reshape([prompts.len(), seq, clip.hidden_size()]);
+    let acts = clip.forward(&mut Cx::new(b, &mut arena), &ids, &mask, prompts.len(), seq)?;
+    let hidden = clip.last_hidden_state(&acts)?;
     let secs = t0.elapsed().as_secs_f64();
     let values = b.download(&hidden)?;
     let ids64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();

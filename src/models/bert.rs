@@ -18,11 +18,10 @@
 
 use super::limits::{MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB};
 use super::{allocate, check_param_count, Component, ConfigReader};
-use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::io::weights;
 use crate::nn::transformer::{LayerActs, LayerNames, LayerShape, NormPlacement, Tokens, TransformerLayer};
-use crate::nn::{zeros, Cx, LayerNorm, LayerNormActs};
+use crate::nn::{planned_arena, zeros, Cx, LayerNorm, LayerNormActs};
 use crate::ops::elementwise::{BiasRowsParams, EmbeddingBackward, EmbeddingForward, EmbeddingParams};
 use crate::tensor::{Arena, Layout, Shape, Tensor};
 use anyhow::{bail, ensure, Context, Result};
@@ -177,17 +176,6 @@ pub struct BertActs {
     pub layers: Vec<LayerActs>,
 }
 
-/// The activations of one forward at (batch, seq), laid out for the layers of `p`.
-pub fn acts_layout(l: &mut Layout, c: &BertConfig, p: &BertParams, batch: usize, seq: usize) -> BertActs {
-    let (rows, d) = (batch * seq, c.hidden_size);
-    let word_position = l.tensor("word_position", [rows, d]);
-    let embeddings = l.tensor("embeddings", [rows, d]);
-    let embeddings_ln = LayerNorm::acts_layout(l, "embeddings.LayerNorm", rows, d);
-    let layers =
-        p.layers.iter().enumerate().map(|(i, layer)| layer.acts_layout(l, &format!("layer.{i}"), rows)).collect();
-    BertActs { batch, seq, word_position, embeddings, embeddings_ln, layers }
-}
-
 /// Row `row` of a (rows, width) tensor, as a tensor of its own.
 fn row_view(t: &Tensor, row: usize, width: usize) -> Tensor {
     Tensor { pool: t.pool, offset: t.offset + row * width, shape: Shape::new(&[width]) }
@@ -233,36 +221,64 @@ impl Component for BertModel {
 }
 
 impl BertModel {
-    /// Allocates the activation arena for a forward at (batch, seq).
-    pub fn allocate_acts(&self, backend: &mut dyn Backend, batch: usize, seq: usize) -> Result<BertActs> {
-        let c = self.config.clone();
-        Ok(allocate(backend, "text_encoder.acts", |l| acts_layout(l, &c, &self.params, batch, seq))?.0)
+    /// An arena planned for `forward` at (batch, seq) and, when `training`, the backward's
+    /// temporaries on top (the gradient of the output lives elsewhere).
+    pub fn allocate_arena(&self, backend: &mut dyn Backend, batch: usize, seq: usize, training: bool) -> Result<Arena> {
+        let ids = vec![0u32; batch * seq];
+        planned_arena(backend, "text_encoder.activations", |cx| {
+            let acts = self.forward(cx, &ids, batch, seq, None)?;
+            if training {
+                let dout = Arena::planning().alloc([batch * seq, self.config.hidden_size])?;
+                self.backward(cx, &self.params, &acts, &dout, &ids, None)?;
+            }
+            Ok(())
+        })
     }
 
-    /// `last_hidden_state` (batch, seq, C) for `ids` (batch · seq token ids), written into `acts`.
-    /// `mask` (batch · seq, nonzero = a real token) is the tokenizer's attention mask: pass it
-    /// exactly when the pipeline would (`config.use_attention_mask`); `None` attends everywhere.
-    pub fn forward(&self, b: &dyn Backend, acts: &BertActs, ids: &[u32], mask: Option<&[u32]>) -> Result<Tensor> {
-        let c = &self.config;
-        let (batch, seq, d) = (acts.batch, acts.seq, c.hidden_size);
-        let rows = batch * seq;
+    /// The forward for `ids` (batch · seq token ids), every activation from the arena; the output
+    /// is `last_hidden_state(..)` of what it returns. `mask` (batch · seq, nonzero = a real token)
+    /// is the tokenizer's attention mask: pass it exactly when the pipeline would
+    /// (`config.use_attention_mask`); `None` attends everywhere.
+    pub fn forward(
+        &self,
+        cx: &mut Cx,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        mask: Option<&[u32]>,
+    ) -> Result<BertActs> {
+        let b = cx.b;
+        let (rows, d) = (batch * seq, self.config.hidden_size);
         self.check_inputs(batch, seq, ids, mask)?;
         let p = &self.params;
+        let word_position = cx.arena.alloc([rows, d])?;
         b.embedding_forward(
             &EmbeddingParams { batch, seq, dim: d },
-            &EmbeddingForward { out: &acts.word_position, ids, wte: &p.word_embeddings, wpe: &p.position_embeddings },
+            &EmbeddingForward { out: &word_position, ids, wte: &p.word_embeddings, wpe: &p.position_embeddings },
         )?;
         let token_type0 = row_view(&p.token_type_embeddings, 0, d);
         let token_type = BiasRowsParams { batch: 1, rows, channels: d };
-        b.add_bias_rows_forward(&token_type, &acts.embeddings, &acts.word_position, &token_type0)?;
-        p.embeddings_layer_norm.forward(b, &acts.embeddings_ln, &acts.embeddings, rows)?;
+        let embeddings = cx.arena.alloc([rows, d])?;
+        b.add_bias_rows_forward(&token_type, &embeddings, &word_position, &token_type0)?;
+        let embeddings_ln = p.embeddings_layer_norm.apply(cx, &embeddings, rows)?;
         let tokens = Tokens { batch, seq, key_mask: mask };
-        let mut x = acts.embeddings_ln.out;
-        for (layer, la) in p.layers.iter().zip(&acts.layers) {
-            layer.forward(b, la, &x, &tokens)?;
-            x = layer.output(la);
+        let mut x = embeddings_ln.out;
+        let mut layers = Vec::with_capacity(p.layers.len());
+        for layer in &p.layers {
+            let la = layer.forward(cx, &x, &tokens)?;
+            x = layer.output(&la);
+            layers.push(la);
         }
-        Ok(x.reshape([batch, seq, d]))
+        Ok(BertActs { batch, seq, word_position, embeddings, embeddings_ln, layers })
+    }
+
+    /// `last_hidden_state` (batch, seq, C) of a forward's activations: the last layer's output.
+    pub fn last_hidden_state(&self, acts: &BertActs) -> Tensor {
+        let x = match (self.params.layers.last(), acts.layers.last()) {
+            (Some(layer), Some(la)) => layer.output(la),
+            _ => acts.embeddings_ln.out,
+        };
+        x.reshape([acts.batch, acts.seq, self.config.hidden_size])
     }
 
     fn check_inputs(&self, batch: usize, seq: usize, ids: &[u32], mask: Option<&[u32]>) -> Result<()> {
@@ -288,18 +304,6 @@ impl BertModel {
     pub fn allocate_grads(&self, backend: &mut dyn Backend) -> Result<(BertParams, Layout)> {
         let c = self.config.clone();
         allocate(backend, "text_encoder.grads", |l| params_layout(l, &c))
-    }
-
-    /// Arena elements the backward pass needs for its temporaries at (batch, seq).
-    pub fn plan_backward(&self, batch: usize, seq: usize) -> Result<usize> {
-        let c = self.config.clone();
-        let mut l = Layout::unbound();
-        let acts = acts_layout(&mut l, &c, &self.params, batch, seq);
-        let dout = l.tensor("dout", [batch * seq, c.hidden_size]);
-        let mut arena = Arena::planning();
-        let ids = vec![0u32; batch * seq];
-        self.backward(&mut Cx::new(&PlanBackend::new(), &mut arena), &self.params, &acts, &dout, &ids, None)?;
-        Ok(arena.peak())
     }
 
     /// The backward pass of `forward` (whose `acts` it reads, with the same `ids` and `mask`):

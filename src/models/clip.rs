@@ -5,11 +5,10 @@
 
 use super::limits::{MAX_CHANNELS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB};
 use super::{allocate, check_param_count, Component, ConfigReader};
-use crate::backend::plan::PlanBackend;
 use crate::backend::{Activation, Backend};
 use crate::io::weights;
 use crate::nn::transformer::{LayerActs, LayerNames, LayerShape, NormPlacement, Tokens, TransformerLayer};
-use crate::nn::{zeros, Cx, LayerNorm, LayerNormActs};
+use crate::nn::{planned_arena, zeros, Cx, LayerNorm, LayerNormActs};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams};
 use crate::tensor::{Arena, Layout, Tensor};
 use anyhow::{bail, Result};
@@ -116,7 +115,7 @@ pub fn params_layout(l: &mut Layout, c: &ClipTextConfig) -> ClipParams {
     ClipParams { token_embedding, position_embedding, layers, final_layer_norm }
 }
 
-/// The activation arena of one forward at (batch, seq).
+/// What one forward at (batch, seq) computed, in its arena (the backward reads it).
 #[derive(Clone, Debug)]
 pub struct ClipActs {
     pub batch: usize,
@@ -124,16 +123,6 @@ pub struct ClipActs {
     pub embeddings: Tensor, // (rows, C)
     pub layers: Vec<LayerActs>,
     pub final_layer_norm: LayerNormActs,
-}
-
-/// The activations of one forward at (batch, seq), laid out for the layers of `p`.
-pub fn acts_layout(l: &mut Layout, c: &ClipTextConfig, p: &ClipParams, batch: usize, seq: usize) -> ClipActs {
-    let (rows, d) = (batch * seq, c.hidden_size);
-    let embeddings = l.tensor("embeddings", [batch, seq, d]);
-    let layers =
-        p.layers.iter().enumerate().map(|(i, layer)| layer.acts_layout(l, &format!("layers.{i}"), rows)).collect();
-    let final_layer_norm = LayerNorm::acts_layout(l, "final_layer_norm", rows, d);
-    ClipActs { batch, seq, embeddings, layers, final_layer_norm }
 }
 
 pub struct ClipTextModel {
@@ -162,51 +151,56 @@ impl Component for ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// Allocates the activation arena for a forward at (batch, seq).
-    pub fn allocate_acts(&self, backend: &mut dyn Backend, batch: usize, seq: usize) -> Result<ClipActs> {
-        let c = self.config.clone();
-        Ok(allocate(backend, "text_encoder.acts", |l| acts_layout(l, &c, &self.params, batch, seq))?.0)
+    /// An arena planned for `forward` at (batch, seq) and, when `training`, the backward's
+    /// temporaries on top (the gradient of the output lives elsewhere).
+    pub fn allocate_arena(&self, backend: &mut dyn Backend, batch: usize, seq: usize, training: bool) -> Result<Arena> {
+        let ids = vec![0u32; batch * seq];
+        planned_arena(backend, "text_encoder.activations", |cx| {
+            let acts = self.forward(cx, &ids, batch, seq)?;
+            if training {
+                let dout = Arena::planning().alloc([batch * seq, self.config.hidden_size])?;
+                self.backward(cx, &self.params, &acts, &dout, &ids)?;
+            }
+            Ok(())
+        })
     }
 
-    /// `last_hidden_state` (batch, seq, C) for `ids` (batch · seq token ids), written into `acts`.
-    pub fn forward(&self, b: &dyn Backend, acts: &ClipActs, ids: &[u32]) -> Result<Tensor> {
+    /// The forward for `ids` (batch · seq token ids), every activation from the arena; the output
+    /// is `last_hidden_state(..)` of what it returns.
+    pub fn forward(&self, cx: &mut Cx, ids: &[u32], batch: usize, seq: usize) -> Result<ClipActs> {
+        let b = cx.b;
         let c = &self.config;
-        let (batch, seq, d) = (acts.batch, acts.seq, c.hidden_size);
-        let rows = batch * seq;
+        let (rows, d) = (batch * seq, c.hidden_size);
         if seq > c.max_position_embeddings {
             bail!("text encoder: {seq} tokens exceed max_position_embeddings {}", c.max_position_embeddings);
         }
         let p = &self.params;
+        let embeddings = cx.arena.alloc([batch, seq, d])?;
         b.embedding_forward(
             &EmbeddingParams { batch, seq, dim: d },
-            &EmbeddingForward { out: &acts.embeddings, ids, wte: &p.token_embedding, wpe: &p.position_embedding },
+            &EmbeddingForward { out: &embeddings, ids, wte: &p.token_embedding, wpe: &p.position_embedding },
         )?;
         let tokens = Tokens { batch, seq, key_mask: None };
-        let mut x = acts.embeddings;
-        for (layer, la) in p.layers.iter().zip(&acts.layers) {
-            layer.forward(b, la, &x, &tokens)?;
-            x = layer.output(la);
+        let mut x = embeddings;
+        let mut layers = Vec::with_capacity(p.layers.len());
+        for layer in &p.layers {
+            let la = layer.forward(cx, &x, &tokens)?;
+            x = layer.output(&la);
+            layers.push(la);
         }
-        p.final_layer_norm.forward(b, &acts.final_layer_norm, &x, rows)?;
-        Ok(acts.final_layer_norm.out.reshape([batch, seq, d]))
+        let final_layer_norm = p.final_layer_norm.apply(cx, &x, rows)?;
+        Ok(ClipActs { batch, seq, embeddings, layers, final_layer_norm })
+    }
+
+    /// `last_hidden_state` (batch, seq, C) of a forward's activations: the final layer norm's output.
+    pub fn last_hidden_state(&self, acts: &ClipActs) -> Tensor {
+        acts.final_layer_norm.out.reshape([acts.batch, acts.seq, self.config.hidden_size])
     }
 
     /// The gradient buffers: the parameter layout bound to its own pool ("text_encoder.grads").
     pub fn allocate_grads(&self, backend: &mut dyn Backend) -> Result<(ClipParams, Layout)> {
         let c = self.config.clone();
         allocate(backend, "text_encoder.grads", |l| params_layout(l, &c))
-    }
-
-    /// Arena elements the backward pass needs for its temporaries at (batch, seq).
-    pub fn plan_backward(&self, batch: usize, seq: usize) -> Result<usize> {
-        let c = self.config.clone();
-        let mut l = Layout::unbound();
-        let acts = acts_layout(&mut l, &c, &self.params, batch, seq);
-        let dout = l.tensor("dout", [batch * seq, c.hidden_size]);
-        let mut arena = Arena::planning();
-        let ids = vec![0u32; batch * seq];
-        self.backward(&mut Cx::new(&PlanBackend::new(), &mut arena), &self.params, &acts, &dout, &ids)?;
-        Ok(arena.peak())
     }
 
     /// The backward pass of `forward` (whose `acts` it reads): accumulates every parameter gradient

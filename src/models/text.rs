@@ -7,7 +7,7 @@ use super::clip::{ClipActs, ClipParams, ClipTextConfig, ClipTextModel};
 use crate::backend::Backend;
 use crate::models::Component;
 use crate::nn::Cx;
-use crate::tensor::{Layout, Tensor};
+use crate::tensor::{Arena, Layout, Tensor};
 use crate::text::bpe::ClipTokenizer;
 use crate::text::wordpiece::WordPieceTokenizer;
 use crate::{io::weights, io::weights::LoadReport};
@@ -87,16 +87,6 @@ pub enum TextEncoder {
 pub enum TextActs {
     Clip(ClipActs),
     Bert(BertActs),
-}
-
-impl TextActs {
-    /// The one pool every activation lies in (`models::allocate`), for `Backend::free`.
-    pub fn pool(&self) -> crate::tensor::PoolId {
-        match self {
-            TextActs::Clip(a) => a.embeddings.pool,
-            TextActs::Bert(a) => a.word_position.pool,
-        }
-    }
 }
 
 /// The gradient buffers of a text encoder.
@@ -181,19 +171,30 @@ impl TextEncoder {
         matches!(self, TextEncoder::Bert(m) if m.config.use_attention_mask)
     }
 
-    pub fn allocate_acts(&self, b: &mut dyn Backend, batch: usize, seq: usize) -> Result<TextActs> {
+    /// An arena planned for `forward` at (batch, seq) and, when `training`, the backward's
+    /// temporaries on top.
+    pub fn allocate_arena(&self, b: &mut dyn Backend, batch: usize, seq: usize, training: bool) -> Result<Arena> {
+        match self {
+            TextEncoder::Clip(m) => m.allocate_arena(b, batch, seq, training),
+            TextEncoder::Bert(m) => m.allocate_arena(b, batch, seq, training),
+        }
+    }
+
+    /// The forward for `ids` (batch · seq), its activations from the arena. `mask` is used only if
+    /// `uses_attention_mask`.
+    pub fn forward(&self, cx: &mut Cx, ids: &[u32], mask: &[u32], batch: usize, seq: usize) -> Result<TextActs> {
+        let mask = self.uses_attention_mask().then_some(mask);
         Ok(match self {
-            TextEncoder::Clip(m) => TextActs::Clip(m.allocate_acts(b, batch, seq)?),
-            TextEncoder::Bert(m) => TextActs::Bert(m.allocate_acts(b, batch, seq)?),
+            TextEncoder::Clip(m) => TextActs::Clip(m.forward(cx, ids, batch, seq)?),
+            TextEncoder::Bert(m) => TextActs::Bert(m.forward(cx, ids, batch, seq, mask)?),
         })
     }
 
-    /// `last_hidden_state` (batch · seq, hidden). `mask` is used only if `uses_attention_mask`.
-    pub fn forward(&self, b: &dyn Backend, acts: &TextActs, ids: &[u32], mask: &[u32]) -> Result<Tensor> {
-        let mask = self.uses_attention_mask().then_some(mask);
+    /// `last_hidden_state` (batch, seq, hidden) of a forward's activations.
+    pub fn last_hidden_state(&self, acts: &TextActs) -> Result<Tensor> {
         match (self, acts) {
-            (TextEncoder::Clip(m), TextActs::Clip(a)) => m.forward(b, a, ids),
-            (TextEncoder::Bert(m), TextActs::Bert(a)) => m.forward(b, a, ids, mask),
+            (TextEncoder::Clip(m), TextActs::Clip(a)) => Ok(m.last_hidden_state(a)),
+            (TextEncoder::Bert(m), TextActs::Bert(a)) => Ok(m.last_hidden_state(a)),
             _ => bail!("internal: text encoder and activations of different families"),
         }
     }
@@ -209,13 +210,6 @@ impl TextEncoder {
                 (TextGrads::Bert(g), t)
             }
         })
-    }
-
-    pub fn plan_backward(&self, batch: usize, seq: usize) -> Result<usize> {
-        match self {
-            TextEncoder::Clip(m) => m.plan_backward(batch, seq),
-            TextEncoder::Bert(m) => m.plan_backward(batch, seq),
-        }
     }
 
     pub fn backward(
@@ -238,14 +232,5 @@ impl TextEncoder {
     /// The weight file name transformers expects in the component folder.
     pub fn weights_file_name(&self) -> &'static str {
         "model.safetensors"
-    }
-}
-
-impl TextActs {
-    pub fn batch_seq(&self) -> (usize, usize) {
-        match self {
-            TextActs::Clip(a) => (a.batch, a.seq),
-            TextActs::Bert(a) => (a.batch, a.seq),
-        }
     }
 }

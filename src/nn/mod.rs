@@ -68,14 +68,6 @@ impl LayerNorm {
         LayerNorm { weight, bias, dim, eps }
     }
 
-    pub fn acts_layout(l: &mut Layout, prefix: &str, rows: usize, dim: usize) -> LayerNormActs {
-        LayerNormActs {
-            out: l.tensor(format!("{prefix}.out"), [rows, dim]),
-            mean: l.tensor(format!("{prefix}.mean"), [rows]),
-            rstd: l.tensor(format!("{prefix}.rstd"), [rows]),
-        }
-    }
-
     pub fn forward(&self, b: &dyn Backend, acts: &LayerNormActs, inp: &Tensor, rows: usize) -> Result<()> {
         b.layer_norm_forward(
             &self.params(rows),
@@ -356,6 +348,15 @@ pub struct GroupNormOut {
     pub mean: Tensor,
     pub rstd: Tensor,
     pub silu: bool,
+}
+
+/// An arena sized by a planning run: `run` on the planning backend over an unbounded arena, then a
+/// pool of exactly its peak (`label`), for the same calls on a real backend.
+pub fn planned_arena(backend: &mut dyn Backend, label: &str, run: impl FnOnce(&mut Cx) -> Result<()>) -> Result<Arena> {
+    let mut arena = Arena::planning();
+    run(&mut Cx::new(&crate::backend::plan::PlanBackend::new(), &mut arena))?;
+    let pool = backend.alloc(arena.peak(), label)?;
+    Ok(Arena::new(pool, arena.peak()))
 }
 
 /// A zeroed arena tensor (gradient buffers: backward passes accumulate).

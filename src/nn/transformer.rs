@@ -4,8 +4,8 @@
 //! checkpoint names and in the mask. The forward writes into a named activation layout that the
 //! backward reads.
 
-use super::{zeros, Cx, LayerNorm, LayerNormActs, Linear};
-use crate::backend::{Activation, Backend};
+use super::{add, zeros, Cx, LayerNorm, LayerNormActs, Linear};
+use crate::backend::Activation;
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::tensor::{Layout, Tensor};
 use anyhow::{ensure, Result};
@@ -139,31 +139,6 @@ impl TransformerLayer {
         TransformerLayer { shape, attn_norm, q, k, v, attn_out, mlp_norm, fc1, fc2 }
     }
 
-    /// The activation tensors of one forward over `rows` tokens, named under `prefix`.
-    pub fn acts_layout(&self, l: &mut Layout, prefix: &str, rows: usize) -> LayerActs {
-        let LayerShape { dim: d, mlp_dim: f, heads, .. } = self.shape;
-        let mut t = |name: &str, cols: usize| l.tensor(format!("{prefix}.{name}"), [rows, cols]);
-        let (q, k, v, attn, lse, attn_out) =
-            (t("q", d), t("k", d), t("v", d), t("attn", d), t("lse", heads), t("attn_out", d));
-        let (residual1, fc1, act, fc2, residual2) =
-            (t("residual1", d), t("fc1", f), t("act", f), t("fc2", d), t("residual2", d));
-        LayerActs {
-            attn_norm: LayerNorm::acts_layout(l, &format!("{prefix}.attn_norm"), rows, d),
-            q,
-            k,
-            v,
-            attn,
-            lse,
-            attn_out,
-            residual1,
-            mlp_norm: LayerNorm::acts_layout(l, &format!("{prefix}.mlp_norm"), rows, d),
-            fc1,
-            act,
-            fc2,
-            residual2,
-        }
-    }
-
     fn attention(&self, tokens: &Tokens) -> AttentionParams {
         let LayerShape { dim, heads, causal, .. } = self.shape;
         let head_dim = dim / heads;
@@ -171,52 +146,55 @@ impl TransformerLayer {
         AttentionParams { batch: tokens.batch, q_len: tokens.seq, kv_len: tokens.seq, heads, head_dim, scale, causal }
     }
 
-    /// Runs the layer on `x` (rows, C), writing every activation into `a`; the output is
-    /// `a.output(..)`.
-    pub fn forward(&self, b: &dyn Backend, a: &LayerActs, x: &Tensor, tokens: &Tokens) -> Result<()> {
-        let (rows, d, pre) = (tokens.rows(), self.shape.dim, self.shape.norm == NormPlacement::Pre);
-        let attn_in = if pre {
-            self.attn_norm.forward(b, &a.attn_norm, x, rows)?;
-            a.attn_norm.out
-        } else {
-            *x
-        };
-        self.q.forward(b, &a.q, &attn_in, rows)?;
-        self.k.forward(b, &a.k, &attn_in, rows)?;
-        self.v.forward(b, &a.v, &attn_in, rows)?;
-        let (out, lse, q, k, v) = (&a.attn, &a.lse, &a.q, &a.k, &a.v);
-        b.attention_forward(
-            &self.attention(tokens),
-            &AttentionForward { out, lse, q, k, v, key_mask: tokens.key_mask },
-        )?;
-        self.attn_out.forward(b, &a.attn_out, &a.attn, rows)?;
-        b.add_forward(&a.residual1, x, &a.attn_out, rows * d)?;
+    /// Runs the layer on `x` (rows, C), every activation taken from the arena and returned (the
+    /// backward reads them); the output is `self.output(..)` of them.
+    pub fn forward(&self, cx: &mut Cx, x: &Tensor, tokens: &Tokens) -> Result<LayerActs> {
+        let b = cx.b;
+        let LayerShape { dim: d, mlp_dim: f, heads, act, norm, .. } = self.shape;
+        let (rows, pre) = (tokens.rows(), norm == NormPlacement::Pre);
+        let pre_norm = if pre { Some(self.attn_norm.apply(cx, x, rows)?) } else { None };
+        let attn_in = pre_norm.map_or(*x, |n| n.out);
+        let (q, k, v) =
+            (self.q.apply(cx, &attn_in, rows)?, self.k.apply(cx, &attn_in, rows)?, self.v.apply(cx, &attn_in, rows)?);
+        let (attn, lse) = (cx.arena.alloc([rows, d])?, cx.arena.alloc([rows, heads])?);
+        let fwd = AttentionForward { out: &attn, lse: &lse, q: &q, k: &k, v: &v, key_mask: tokens.key_mask };
+        b.attention_forward(&self.attention(tokens), &fwd)?;
+        let attn_out = self.attn_out.apply(cx, &attn, rows)?;
+        let residual1 = add(cx, x, &attn_out)?;
         // Both placements normalise residual1 into the MLP's input.
-        let (norm, stats) = if pre { (&self.mlp_norm, &a.mlp_norm) } else { (&self.attn_norm, &a.attn_norm) };
-        norm.forward(b, stats, &a.residual1, rows)?;
-        self.fc1.forward(b, &a.fc1, &stats.out, rows)?;
-        b.activation_forward(&a.act, &a.fc1, self.shape.act, rows * self.shape.mlp_dim)?;
-        self.fc2.forward(b, &a.fc2, &a.act, rows)?;
-        b.add_forward(&a.residual2, &self.mlp_skip(a), &a.fc2, rows * d)?;
-        if !pre {
-            self.mlp_norm.forward(b, &a.mlp_norm, &a.residual2, rows)?;
-        }
-        Ok(())
+        let mid_norm = if pre { &self.mlp_norm } else { &self.attn_norm };
+        let mlp_in = mid_norm.apply(cx, &residual1, rows)?;
+        let fc1 = self.fc1.apply(cx, &mlp_in.out, rows)?;
+        let act_out = cx.arena.alloc([rows, f])?;
+        b.activation_forward(&act_out, &fc1, act, rows * f)?;
+        let fc2 = self.fc2.apply(cx, &act_out, rows)?;
+        // The MLP's residual adds residual1 (pre-LN) or the MLP's input (post-LN).
+        let residual2 = add(cx, if pre { &residual1 } else { &mlp_in.out }, &fc2)?;
+        let (attn_norm, mlp_norm) = match pre_norm {
+            Some(n) => (n, mlp_in),
+            None => (mlp_in, self.mlp_norm.apply(cx, &residual2, rows)?),
+        };
+        Ok(LayerActs {
+            attn_norm,
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            attn_out,
+            residual1,
+            mlp_norm,
+            fc1,
+            act: act_out,
+            fc2,
+            residual2,
+        })
     }
 
     /// The MLP's input: residual1 normalised.
     fn mlp_input(&self, a: &LayerActs) -> Tensor {
         match self.shape.norm {
             NormPlacement::Pre => a.mlp_norm.out,
-            NormPlacement::Post => a.attn_norm.out,
-        }
-    }
-
-    /// What the MLP's residual connection adds its output to: residual1 (pre-LN), or the
-    /// normalised residual1 (post-LN: the MLP's input).
-    fn mlp_skip(&self, a: &LayerActs) -> Tensor {
-        match self.shape.norm {
-            NormPlacement::Pre => a.residual1,
             NormPlacement::Post => a.attn_norm.out,
         }
     }

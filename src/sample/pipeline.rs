@@ -243,9 +243,14 @@ impl Pipeline {
             ids.extend(e.ids);
             mask.extend(e.mask);
         }
-        let acts = self.text_encoder.allocate_acts(b, texts.len(), seq)?;
-        let out = self.text_encoder.forward(b, &acts, &ids, &mask).and_then(|out| b.download(&out));
-        b.free(acts.pool())?;
+        let te = &self.text_encoder;
+        let mut arena = te.allocate_arena(b, texts.len(), seq, false)?;
+        let bd: &dyn Backend = b;
+        let out = te
+            .forward(&mut Cx::new(bd, &mut arena), &ids, &mask, texts.len(), seq)
+            .and_then(|acts| te.last_hidden_state(&acts))
+            .and_then(|out| bd.download(&out));
+        b.free(arena.pool())?;
         out
     }
 

@@ -238,7 +238,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             let (clip, _) = load_component::<ClipTextModel>(b, o, "text_encoder")?;
             let n = 2 * o.batch;
             let seq = clip.config.max_position_embeddings.min(77);
-            let acts = clip.allocate_acts(b, n, seq)?;
+            let mut arena = clip.allocate_arena(b, n, seq, false)?;
             let ids: Vec<u32> = (0..n * seq).map(|i| (i as u32 * 7919) % clip.config.vocab_size as u32).collect();
             let c = &clip.config;
             let d = c.hidden_size;
@@ -246,10 +246,11 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
                 * c.num_hidden_layers as u64
                 * (2 * (4 * d * d + 2 * d * c.intermediate_size) + 4 * seq * d) as u64;
             let times = time_it(b, o.profile, o.warmup, o.iters, || {
-                clip.forward(b, &acts, &ids)?;
+                arena.release_all_to(0);
+                clip.forward(&mut Cx::new(b, &mut arena), &ids, n, seq)?;
                 b.synchronize()
             })?;
-            let act: usize = b.pool_sizes().iter().filter(|(l, _)| l.contains("acts")).map(|(_, s)| s / 4).sum();
+            let act = arena.capacity();
             let shape = format!("batch {n} × {seq} tokens");
             Ok(report("text encoder", shape, clip.num_params(), act, flops, times, b))
         }

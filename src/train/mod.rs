@@ -16,7 +16,7 @@ pub mod vae;
 
 use crate::backend::Backend;
 use crate::diag::SettingError;
-use crate::models::text::{TextActs, TextEncoder, TextGrads};
+use crate::models::text::{TextEncoder, TextGrads};
 use crate::models::unet::{UNet, UNetParams};
 use crate::nn::Cx;
 use crate::nn::Fmap;
@@ -217,8 +217,10 @@ pub struct Trainer {
     unet_opt: OptState,
     clip_grads: Option<TextGrads>,
     clip_opt: Option<OptState>,
-    clip_acts: TextActs,
+    /// The text encoder's forward activations and backward temporaries, emptied after each step.
     clip_arena: Arena,
+    /// Tokens per prompt.
+    seq: usize,
     arena: Arena,
     /// (sample, context, context gradient, output gradient) at the bottom of `arena`.
     io: (Fmap, Tensor, Tensor, Fmap),
@@ -266,9 +268,7 @@ impl Trainer {
         } else {
             (None, None)
         };
-        let clip_acts = clip.allocate_acts(b, micro_batch, seq)?;
-        let cap = clip.plan_backward(micro_batch, seq)?;
-        let clip_arena = Arena::new(b.alloc(cap, "text_encoder.backward")?, cap);
+        let clip_arena = clip.allocate_arena(b, micro_batch, seq, options.train_text_encoder)?;
         let cap = unet.plan_training(micro_batch, h, w, seq)?;
         let mut arena = Arena::new(b.alloc(cap, "unet.training")?, cap);
         let sample = Fmap::alloc(&mut arena, micro_batch, h, w, unet.config.in_channels)?;
@@ -289,8 +289,8 @@ impl Trainer {
             unet_opt,
             clip_grads,
             clip_opt,
-            clip_acts,
             clip_arena,
+            seq,
             arena,
             io: (sample, ctx, dctx, dout),
             side,
@@ -419,7 +419,7 @@ impl Trainer {
                 sample.w
             );
         }
-        let seq = self.clip_acts.batch_seq().1;
+        let seq = self.seq;
         let given = match &mb.noise {
             Noise::Given(v) => v.len(),
             Noise::Philox { .. } => mb.latents.len(),
@@ -437,7 +437,10 @@ impl Trainer {
                 mb.timesteps.len()
             );
         }
-        let hidden = clip.forward(b, &self.clip_acts, &mb.input_ids, &mb.attention_mask)?;
+        self.clip_arena.release_all_to(0);
+        let clip_acts =
+            clip.forward(&mut Cx::new(b, &mut self.clip_arena), &mb.input_ids, &mb.attention_mask, n, seq)?;
+        let hidden = clip.last_hidden_state(&clip_acts)?;
         let tgt = self.side("target");
         let per = c * h * w;
         match &mb.noise {
@@ -478,7 +481,7 @@ impl Trainer {
             clip.backward(
                 &mut Cx::new(b, &mut self.clip_arena),
                 g,
-                &self.clip_acts,
+                &clip_acts,
                 &dctx,
                 &mb.input_ids,
                 &mb.attention_mask,
