@@ -12,7 +12,7 @@
 //! so that the binaries carried to the H100/H200 machine stay small (a device call carries 64 MiB).
 //!
 //! Typed launches: build/kernel_params.rs writes `$OUT_DIR/kernel_params.rs`, one struct per kernel
-//! from its signature, which the backend launches (src/backend/cuda/kernels.rs).
+//! from its signature, which the backend launches (src/backend/cuda/launch.rs).
 //!
 //! nvcc is found through $NVCC, then $CUDA_HOME/bin or $CUDA_PATH/bin, then the pinned pip toolchain
 //! that scripts/install-cuda-toolchain.sh puts in .cuda-toolchain/, then $PATH.

@@ -9,7 +9,7 @@ use crate::io::weights;
 use crate::nn::attention::{VaeAttention, VaeAttentionSaved};
 use crate::nn::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::sampling::{Downsample2D, Upsample2D};
-use crate::nn::{zeros_like, Conv2d, Cx, Fmap, GroupNorm, GroupNormOut};
+use crate::nn::{planned_arena, zeros_like, Conv2d, Cx, Fmap, GroupNorm, GroupNormOut};
 use crate::tensor::{Arena, Layout};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -460,18 +460,18 @@ impl AutoencoderKL {
     /// An arena planned for `decode` of (batch, latent h, latent w); the latents are allocated in
     /// it first by the caller, as in the plan.
     pub fn allocate_decode_arena(&self, backend: &mut dyn Backend, batch: usize, h: usize, w: usize) -> Result<Arena> {
-        let (peak, _) = self.plan_decode(batch, h, w)?;
-        let pool = backend.alloc(peak, "vae.decode.activations")?;
-        Ok(Arena::new(pool, peak))
+        planned_arena(backend, "vae.decode.activations", |cx| {
+            let z = Fmap::alloc(cx.arena, batch, h, w, self.config.latent_channels)?;
+            self.decode(cx, &z).map(|_| ())
+        })
     }
 
     /// An arena planned for `encode` of (batch, image h, image w).
     pub fn allocate_encode_arena(&self, backend: &mut dyn Backend, batch: usize, h: usize, w: usize) -> Result<Arena> {
-        let mut plan = Arena::planning();
-        let x = Fmap::alloc(&mut plan, batch, h, w, self.config.in_channels)?;
-        self.encode(&mut Cx::new(&PlanBackend::new(), &mut plan), &x)?;
-        let pool = backend.alloc(plan.peak(), "vae.encode.activations")?;
-        Ok(Arena::new(pool, plan.peak()))
+        planned_arena(backend, "vae.encode.activations", |cx| {
+            let x = Fmap::alloc(cx.arena, batch, h, w, self.config.in_channels)?;
+            self.encode(cx, &x).map(|_| ())
+        })
     }
 
     /// Image (batch, h, w, in_channels) in [−1, 1] → the moments (batch, h/f, w/f, 2·latent):

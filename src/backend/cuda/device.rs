@@ -393,7 +393,7 @@ impl CudaDriver {
         let f32t = lts::cudaDataType::CUDA_R_32F;
         let desc = lt::create_matmul_desc(compute, f32t)?;
         parts.desc = Some(desc);
-        let set = |attr, v: &[u8]| set_desc_attr(desc, attr, v);
+        let set = |attr, v: &[u8]| set_attr(lt::set_matmul_desc_attribute, desc, attr, v);
         // cublasOperation_t is an int32: N = 0, T = 1.
         set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &(key.shape.ta as i32).to_ne_bytes())?;
         set(lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &(key.shape.tb as i32).to_ne_bytes())?;
@@ -412,14 +412,19 @@ impl CudaDriver {
         let pref = lt::create_matmul_pref()?;
         parts.pref = Some(pref);
         use lts::cublasLtMatmulPreferenceAttributes_t as P;
-        set_pref_attr(pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &(max_workspace as u64).to_ne_bytes())?;
+        set_attr(
+            lt::set_matmul_pref_attribute,
+            pref,
+            P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &(max_workspace as u64).to_ne_bytes(),
+        )?;
         for (attr, al) in [
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align[0]),
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align[1]),
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align[2]),
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align[2]),
         ] {
-            set_pref_attr(pref, attr, &al.to_ne_bytes())?;
+            set_attr(lt::set_matmul_pref_attribute, pref, attr, &al.to_ne_bytes())?;
         }
         unsafe {
             let l = &parts.layouts;
@@ -664,8 +669,13 @@ impl Device for CudaDriver {
 
     fn lt_set_bias(&self, plan: MatmulPlan, bias: u64) -> Result<(), DeviceError> {
         let desc = self.real_plan(plan)?.desc;
-        set_desc_attr(desc, lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias.to_ne_bytes())
-            .map_err(DeviceError::from)
+        set_attr(
+            lt::set_matmul_desc_attribute,
+            desc,
+            lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+            &bias.to_ne_bytes(),
+        )
+        .map_err(DeviceError::from)
     }
 
     fn lt_matmul(&self, plan: MatmulPlan, ops: &LtOperands) -> Result<(), DeviceError> {
@@ -724,23 +734,13 @@ impl Drop for CudaDriver {
     }
 }
 
-/// Sets one attribute of a cuBLASLt matmul descriptor from its value's native-endian bytes (the
-/// attribute's C type: int32 for the transposes, uint32 for the epilogue, a pointer for the bias).
-fn set_desc_attr(
-    desc: lts::cublasLtMatmulDesc_t,
-    attr: lts::cublasLtMatmulDescAttributes_t,
-    value: &[u8],
-) -> Result<(), lt::CublasError> {
-    // SAFETY: `value` outlives the call, which copies `value.len()` bytes from it.
-    unsafe { lt::set_matmul_desc_attribute(desc, attr, value.as_ptr() as *const c_void, value.len()) }
-}
+/// A cuBLASLt attribute setter (`set_matmul_desc_attribute`, `set_matmul_pref_attribute`).
+type LtSetter<H, A> = unsafe fn(H, A, *const c_void, usize) -> Result<(), lt::CublasError>;
 
-/// As [`set_desc_attr`], for a matmul preference (uint64 workspace bytes, uint32 alignments).
-fn set_pref_attr(
-    pref: lts::cublasLtMatmulPreference_t,
-    attr: lts::cublasLtMatmulPreferenceAttributes_t,
-    value: &[u8],
-) -> Result<(), lt::CublasError> {
-    // SAFETY: as in `set_desc_attr`.
-    unsafe { lt::set_matmul_pref_attribute(pref, attr, value.as_ptr() as *const c_void, value.len()) }
+/// Sets one attribute of a cuBLASLt matmul descriptor or preference (`handle`, through `set`) from
+/// its value's native-endian bytes (the attribute's C type: int32 for the transposes, uint32 for
+/// the epilogue and the alignments, uint64 for the workspace size and the bias pointer).
+fn set_attr<H, A>(set: LtSetter<H, A>, handle: H, attr: A, value: &[u8]) -> Result<(), lt::CublasError> {
+    // SAFETY: `value` outlives the call, which copies `value.len()` bytes from it.
+    unsafe { set(handle, attr, value.as_ptr() as *const c_void, value.len()) }
 }
