@@ -51,7 +51,7 @@ pub fn read_manifest_rows(path: &Path, base: Option<&Path>) -> Result<Vec<Exampl
                 continue;
             }
             let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
+                .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
             let img = v.get("image").and_then(|x| x.as_str());
             let txt = v.get("text").and_then(|x| x.as_str());
             let (Some(img), Some(txt)) = (img, txt) else {
