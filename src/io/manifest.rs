@@ -50,8 +50,8 @@ pub fn read_manifest_rows(path: &Path, base: Option<&Path>) -> Result<Vec<Exampl
             if line.trim().is_empty() {
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
             let img = v.get("image").and_then(|x| x.as_str());
             let txt = v.get("text").and_then(|x| x.as_str());
             let (Some(img), Some(txt)) = (img, txt) else {
