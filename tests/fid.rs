@@ -157,6 +157,10 @@ fn skimage_resize_matches_xray_resizer() {
 use roentgen::eval::features::{load_image, FeatureKind, FeatureNet};
 use roentgen::eval::tensors::MapSource;
 
+fn cpu() -> Box<dyn roentgen::backend::Backend> {
+    Box::new(roentgen::backend::cpu::CpuBackend::new())
+}
+
 /// The generator's weights for every tensor of `specs`, in memory.
 fn seeded_source(label: &str, specs: &[(String, Vec<usize>)]) -> MapSource {
     let tensors: HashMap<String, (Vec<usize>, Vec<f32>)> =
@@ -169,7 +173,7 @@ fn pipeline_images() -> Vec<PathBuf> {
 }
 
 /// Features of the three pipeline images, compared row by row with the reference.
-fn check_rows(what: &str, net: &FeatureNet, paths: &[PathBuf], file: &Path, tensor: &str) {
+fn check_rows(what: &str, net: &mut FeatureNet, paths: &[PathBuf], file: &Path, tensor: &str) {
     let (shape, want) = read_f32(file, tensor);
     assert_eq!(shape[0], paths.len());
     let d = shape[1];
@@ -195,8 +199,8 @@ fn inception_matches_pytorch_fid() {
     assert_close("inception pool3 at 83×77", &got, &want, F32_PARITY);
     // From PNG files: RGB conversion, ÷255, bilinear to 299 (up from 64×80, down from 310×320 and
     // 300×261), 2x − 1.
-    let net = FeatureNet::from_source(FeatureKind::Inception, &src, None).unwrap();
-    check_rows("inception pool3", &net, &pipeline_images(), &fid_fixture("inception.safetensors"), "features");
+    let mut net = FeatureNet::from_source(FeatureKind::Inception, &src, None, cpu()).unwrap();
+    check_rows("inception pool3", &mut net, &pipeline_images(), &fid_fixture("inception.safetensors"), "features");
 }
 
 #[test]
@@ -212,8 +216,8 @@ fn xrv_densenet_matches_torchxrayvision() {
         let (_, want) = read_f32(&file, &format!("pre_rows_{tag}"));
         assert_close(&format!("xrv preprocessing {tag}.png"), &rows, &want, 1e-6);
     }
-    let net = FeatureNet::from_source(FeatureKind::Xrv, &src, None).unwrap();
-    check_rows("xrv features2", &net, &pipeline_images(), &file, "features");
+    let mut net = FeatureNet::from_source(FeatureKind::Xrv, &src, None, cpu()).unwrap();
+    check_rows("xrv features2", &mut net, &pipeline_images(), &file, "features");
 }
 
 #[test]
@@ -231,8 +235,8 @@ fn clip_tiny_matches_transformers() {
         assert_close(&format!("clip pixels {}", p.display()), &got, &want[i * 3072..(i + 1) * 3072], 1e-6);
     }
     for (kind, tensor) in [(FeatureKind::Clip, "tiny_pooled"), (FeatureKind::ClipProj, "tiny_proj")] {
-        let net = FeatureNet::load(kind, &dir.join("model.safetensors"), Some(&cfg)).unwrap();
-        check_rows(&format!("tiny clip {}", kind.name()), &net, &pipeline_images(), &file, tensor);
+        let mut net = FeatureNet::load(kind, &dir.join("model.safetensors"), Some(&cfg), cpu()).unwrap();
+        check_rows(&format!("tiny clip {}", kind.name()), &mut net, &pipeline_images(), &file, tensor);
     }
 }
 
@@ -245,8 +249,8 @@ fn clip_vit_b32_matches_transformers() {
     let file = fid_fixture("clip.safetensors");
     let paths = &pipeline_images()[1..];
     for (kind, tensor) in [(FeatureKind::Clip, "b32_pooled"), (FeatureKind::ClipProj, "b32_proj")] {
-        let net = FeatureNet::from_source(kind, &src, None).unwrap();
-        check_rows(&format!("ViT-B/32 {}", kind.name()), &net, paths, &file, tensor);
+        let mut net = FeatureNet::from_source(kind, &src, None, cpu()).unwrap();
+        check_rows(&format!("ViT-B/32 {}", kind.name()), &mut net, paths, &file, tensor);
     }
 }
 
@@ -351,9 +355,9 @@ fn cli_fid_matches_pytorch_fid_and_caches() {
     // Per-image features of the folders, then the FID, for both CLIP outputs.
     let feats = fid_fixture("e2e.safetensors");
     for (kind, key) in [(FeatureKind::Clip, "pooled"), (FeatureKind::ClipProj, "proj")] {
-        let net = FeatureNet::load(kind, &weights, Some(&cfg)).unwrap();
+        let mut net = FeatureNet::load(kind, &weights, Some(&cfg), cpu()).unwrap();
         for (dir, tag) in [(&real, "real"), (&fake, "fake")] {
-            let got = roentgen::eval::fid::folder_features(dir, &net, kind, 0, false).unwrap();
+            let got = roentgen::eval::fid::folder_features(dir, &mut net, kind, 0, false).unwrap();
             let (_, want) = read_f32(&feats, &format!("{tag}_{key}"));
             assert_close(&format!("{} features of {tag}/", kind.name()), &got.features, &want, F32_PARITY);
         }

@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use roentgen::backend::Device;
 use roentgen::eval::features::{list_images, FeatureKind, FeatureNet};
 use roentgen::eval::fid::{cache_key, folder_features, FolderFeatures};
 use roentgen::eval::frechet::{frechet_distance, stats};
@@ -26,10 +27,10 @@ pub enum EvalCommand {
     Phantom(EvalPhantomArgs),
 }
 
-pub fn run(cmd: EvalCommand) -> Result<()> {
+pub fn run(g: &super::Global, cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::MsSsim(a) => ms_ssim(a),
-        EvalCommand::Fid(a) => fid(a),
+        EvalCommand::Fid(a) => fid(g, a),
         EvalCommand::Phantom(a) => phantom(a),
     }
 }
@@ -131,7 +132,7 @@ pub struct FidArgs {
     pub json: bool,
 }
 
-fn fid(a: FidArgs) -> Result<()> {
+fn fid(g: &super::Global, a: FidArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     // Check both folders before the (slow) work.
     let real_list = list_images(&a.real)?;
@@ -145,10 +146,19 @@ fn fid(a: FidArgs) -> Result<()> {
             );
         }
     }
-    let net = FeatureNet::load(a.features, &a.weights, a.clip_config.as_deref())?;
+    if g.device != Device::Cpu && !matches!(a.features, FeatureKind::Clip | FeatureKind::ClipProj) {
+        bail!(
+            "--device {}: --features {} runs on the CPU only (the convolutional networks are not on the \
+             backend yet; clip and clip-proj are)",
+            g.device,
+            a.features.name()
+        );
+    }
+    let backend = super::open_backend(g)?;
+    let mut net = FeatureNet::load(a.features, &a.weights, a.clip_config.as_deref(), backend)?;
     let key = if a.no_cache { 0 } else { cache_key(&a.weights, a.clip_config.as_deref())? };
-    let real = folder_features(&a.real, &net, a.features, key, !a.no_cache)?;
-    let fake = folder_features(&a.fake, &net, a.features, key, !a.no_cache)?;
+    let real = folder_features(&a.real, &mut net, a.features, key, !a.no_cache)?;
+    let fake = folder_features(&a.fake, &mut net, a.features, key, !a.no_cache)?;
     let (d, name) = (real.dims, a.features.name());
     let fid = frechet_distance(&stats(&real.features, real.n, d)?, &stats(&fake.features, fake.n, d)?)?;
     let secs = t0.elapsed().as_secs_f64();

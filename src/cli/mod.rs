@@ -215,7 +215,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::TrainVae(a) => train::train_vae(g, a),
         Command::Phantom(a) => phantom::run(a),
         Command::Prepare(cmd) => prepare::run(cmd),
-        Command::Eval(cmd) => eval::run(cmd),
+        Command::Eval(cmd) => eval::run(g, cmd),
         Command::Bench(a) => tools::bench(g, a),
         Command::EncodeText(a) => tools::encode_text_command(g, a),
     }

@@ -22,23 +22,23 @@
 //! safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, "clip-vit-base-patch32-vision.safetensors")
 //! ```
 
-use super::ops::{layer_norm, linear, Act, Conv};
+use super::ops::Act;
 use super::resize::pil_bicubic;
 use super::tensors::Weights;
+use crate::backend::{Activation, Backend};
+use crate::models::allocate;
+use crate::models::clip::CLIP_LAYER_NAMES;
+use crate::nn::transformer::{LayerShape, NormPlacement, Tokens, TransformerLayer};
+use crate::nn::{planned_arena, Cx, LayerNorm, Linear};
+use crate::ops::elementwise::BiasRowsParams;
+use crate::tensor::{Arena, Layout, Tensor};
 use anyhow::{bail, Context, Result};
-use rayon::prelude::*;
 use std::path::Path;
 
 pub const NETWORK: &str = "CLIP's vision tower (transformers CLIPVisionModelWithProjection / CLIPModel)";
 /// OPENAI_CLIP_MEAN / OPENAI_CLIP_STD, rounded to f32 through f64 as numpy converts Python floats.
 const MEAN: [f32; 3] = [0.48145466f64 as f32, 0.4578275f64 as f32, 0.40821073f64 as f32];
 const STD: [f32; 3] = [0.26862954f64 as f32, 0.26130258f64 as f32, 0.27577711f64 as f32];
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Activation {
-    QuickGelu,
-    Gelu,
-}
 
 /// The fields of transformers' `CLIPVisionConfig` the forward needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -132,56 +132,72 @@ impl ClipVisionConfig {
         (self.image_size / self.patch_size).pow(2) + 1
     }
 
-    /// The tensors the pooled output needs (the projection is `visual_projection.weight`, [P, hidden]).
+    /// Every layer's shape: pre-LN, bidirectional (the text tower's layer without its causal mask).
+    fn layer_shape(&self) -> LayerShape {
+        let (dim, mlp_dim, heads) = (self.hidden_size, self.intermediate_size, self.num_attention_heads);
+        let (eps, act) = (self.layer_norm_eps as f32, self.hidden_act);
+        LayerShape { dim, mlp_dim, heads, eps, act, norm: NormPlacement::Pre, causal: false }
+    }
+
+    /// The tensors the pooled output needs, under transformers' names (the projection,
+    /// `visual_projection.weight` [P, hidden], is the checkpoint's when asked for).
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
-        let (d, f) = (self.hidden_size, self.intermediate_size);
-        let mut v: Vec<(String, Vec<usize>)> = vec![
-            ("vision_model.embeddings.class_embedding".into(), vec![d]),
-            ("vision_model.embeddings.patch_embedding.weight".into(), vec![d, 3, self.patch_size, self.patch_size]),
-            ("vision_model.embeddings.position_embedding.weight".into(), vec![self.num_positions(), d]),
-            ("vision_model.pre_layrnorm.weight".into(), vec![d]),
-            ("vision_model.pre_layrnorm.bias".into(), vec![d]),
-        ];
-        for i in 0..self.num_hidden_layers {
-            let p = format!("vision_model.encoder.layers.{i}");
-            for ln in ["layer_norm1", "layer_norm2"] {
-                v.push((format!("{p}.{ln}.weight"), vec![d]));
-                v.push((format!("{p}.{ln}.bias"), vec![d]));
-            }
-            for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                v.push((format!("{p}.self_attn.{proj}.weight"), vec![d, d]));
-                v.push((format!("{p}.self_attn.{proj}.bias"), vec![d]));
-            }
-            v.push((format!("{p}.mlp.fc1.weight"), vec![f, d]));
-            v.push((format!("{p}.mlp.fc1.bias"), vec![f]));
-            v.push((format!("{p}.mlp.fc2.weight"), vec![d, f]));
-            v.push((format!("{p}.mlp.fc2.bias"), vec![d]));
-        }
-        v.push(("vision_model.post_layernorm.weight".into(), vec![d]));
-        v.push(("vision_model.post_layernorm.bias".into(), vec![d]));
+        let table = Layout::measure(|l| params_layout(l, self, None));
+        let d = self.hidden_size;
+        let mut v: Vec<(String, Vec<usize>)> =
+            vec![(CLASS_EMBEDDING.into(), vec![d]), (POSITION_EMBEDDING.into(), vec![self.num_positions(), d])];
+        v.extend(table.entries().iter().map(|e| (e.name.clone(), e.shape.dims().to_vec())));
         v
     }
 }
 
-struct Layer {
-    ln1: (Vec<f32>, Vec<f32>),
-    qkv: [(Vec<f32>, Vec<f32>); 3],
-    out: (Vec<f32>, Vec<f32>),
-    ln2: (Vec<f32>, Vec<f32>),
-    fc1: (Vec<f32>, Vec<f32>),
-    fc2: (Vec<f32>, Vec<f32>),
+const CLASS_EMBEDDING: &str = "vision_model.embeddings.class_embedding";
+const POSITION_EMBEDDING: &str = "vision_model.embeddings.position_embedding.weight";
+
+/// The tower's parameters on the backend. The class token and the learned positions are not
+/// among them: they are folded at load into one token bias (see `ClipVision::token_bias`).
+#[derive(Clone, Debug)]
+struct ClipVisionParams {
+    /// The patch convolution (hidden, 3, p, p) as a linear map of unfolded patches (3·p·p values
+    /// per patch in the weight's (channel, y, x) order; kernel = stride, no padding, no bias).
+    patch_embedding: Linear,
+    pre_layrnorm: LayerNorm,
+    layers: Vec<TransformerLayer>,
+    post_layernorm: LayerNorm,
+    visual_projection: Option<Linear>,
 }
 
+fn params_layout(l: &mut Layout, c: &ClipVisionConfig, projection_dim: Option<usize>) -> ClipVisionParams {
+    let (d, p, eps) = (c.hidden_size, c.patch_size, c.layer_norm_eps as f32);
+    let patch_weight = l.tensor("vision_model.embeddings.patch_embedding.weight", [d, 3, p, p]);
+    let patch_embedding = Linear { weight: patch_weight, bias: None, in_f: 3 * p * p, out_f: d };
+    let pre_layrnorm = LayerNorm::layout(l, "vision_model.pre_layrnorm", d, eps);
+    let layers = (0..c.num_hidden_layers)
+        .map(|i| {
+            TransformerLayer::layout(l, &format!("vision_model.encoder.layers.{i}"), &CLIP_LAYER_NAMES, c.layer_shape())
+        })
+        .collect();
+    let post_layernorm = LayerNorm::layout(l, "vision_model.post_layernorm", d, eps);
+    let visual_projection = projection_dim.map(|pd| Linear::layout(l, "visual_projection", d, pd, false));
+    ClipVisionParams { patch_embedding, pre_layrnorm, layers, post_layernorm, visual_projection }
+}
+
+/// The backend the tower runs on and the activation arena of the last batch size.
+struct Device {
+    backend: Box<dyn Backend>,
+    arena: Option<(usize, Arena)>,
+}
+
+/// transformers' `CLIPVisionModelWithProjection`, on the backend, with the text tower's
+/// transformer layers.
 pub struct ClipVision {
     pub config: ClipVisionConfig,
-    patch: Conv,
-    class_embedding: Vec<f32>,
-    position_embedding: Vec<f32>,
-    pre_ln: (Vec<f32>, Vec<f32>),
-    layers: Vec<Layer>,
-    post_ln: (Vec<f32>, Vec<f32>),
-    /// `visual_projection.weight` [P, hidden], when asked for.
-    projection: Option<(usize, Vec<f32>)>,
+    params: ClipVisionParams,
+    /// class_embedding + position 0 in row 0, position i in row i (positions, hidden): the
+    /// embeddings PyTorch forms as cat(class, patches) + positions are patches (a zero row 0) plus
+    /// this, which adds the same two numbers in each element.
+    token_bias: Tensor,
+    device: Device,
 }
 
 /// Pooled output and (if loaded) the projected image embedding.
@@ -192,29 +208,13 @@ pub struct ClipOutput {
 
 impl ClipVision {
     /// Loads the tower; `projection` also loads `visual_projection.weight` (required then).
-    pub fn load(w: &Weights, config: ClipVisionConfig, projection: bool) -> Result<ClipVision> {
-        let (d, f, p) = (config.hidden_size, config.intermediate_size, config.patch_size);
-        let ln = |name: &str| -> Result<(Vec<f32>, Vec<f32>)> {
-            Ok((w.get(&format!("{name}.weight"), &[d])?, w.get(&format!("{name}.bias"), &[d])?))
-        };
-        let lin = |name: &str, o: usize, i: usize| -> Result<(Vec<f32>, Vec<f32>)> {
-            Ok((w.get(&format!("{name}.weight"), &[o, i])?, w.get(&format!("{name}.bias"), &[o])?))
-        };
-        let e = "vision_model.embeddings";
-        let patch_w = w.get(&format!("{e}.patch_embedding.weight"), &[d, 3, p, p])?;
-        let mut layers = Vec::new();
-        for i in 0..config.num_hidden_layers {
-            let l = format!("vision_model.encoder.layers.{i}");
-            let a = |n: &str| lin(&format!("{l}.self_attn.{n}"), d, d);
-            layers.push(Layer {
-                ln1: ln(&format!("{l}.layer_norm1"))?,
-                qkv: [a("q_proj")?, a("k_proj")?, a("v_proj")?],
-                out: a("out_proj")?,
-                ln2: ln(&format!("{l}.layer_norm2"))?,
-                fc1: lin(&format!("{l}.mlp.fc1"), f, d)?,
-                fc2: lin(&format!("{l}.mlp.fc2"), d, f)?,
-            });
-        }
+    pub fn load(
+        mut backend: Box<dyn Backend>,
+        w: &Weights,
+        config: ClipVisionConfig,
+        projection: bool,
+    ) -> Result<ClipVision> {
+        let d = config.hidden_size;
         // Layers beyond the configured count mean the config does not describe these weights.
         let extra = format!("vision_model.encoder.layers.{}.layer_norm1.weight", config.num_hidden_layers);
         if w.has(&extra) {
@@ -224,103 +224,131 @@ impl ClipVision {
                 config.num_hidden_layers
             );
         }
-        let projection = if projection {
+        let projection_dim = if projection {
             let name = "visual_projection.weight";
             let shape = w.src.shape(name).ok_or_else(|| w.missing(name))?;
             if shape.len() != 2 || shape[1] != d {
                 bail!("{}: tensor '{name}' has shape {shape:?}; expected [projection_dim, {d}]", w.src.describe());
             }
-            Some((shape[0], w.get(name, &shape)?))
+            Some(shape[0])
         } else {
             None
         };
-        Ok(ClipVision {
-            patch: Conv::new(&patch_w, [d, 3, p, p], (p, p), (0, 0)),
-            class_embedding: w.get(&format!("{e}.class_embedding"), &[d])?,
-            position_embedding: w.get(&format!("{e}.position_embedding.weight"), &[config.num_positions(), d])?,
-            pre_ln: ln("vision_model.pre_layrnorm")?,
-            layers,
-            post_ln: ln("vision_model.post_layernorm")?,
-            projection,
-            config,
-        })
+        let (params, table) =
+            allocate(backend.as_mut(), "clip_vision.params", |l| params_layout(l, &config, projection_dim))?;
+        for e in table.entries() {
+            let t = Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
+            backend.upload(&t, &w.get(&e.name, e.shape.dims())?)?;
+        }
+        let class = w.get(CLASS_EMBEDDING, &[d])?;
+        let mut bias = w.get(POSITION_EMBEDDING, &[config.num_positions(), d])?;
+        bias[..d].iter_mut().zip(&class).for_each(|(b, c)| *b += c);
+        let (token_bias, _) = allocate(backend.as_mut(), "clip_vision.token_bias", |l| {
+            l.tensor("token_bias", [config.num_positions(), d])
+        })?;
+        backend.upload(&token_bias, &bias)?;
+        Ok(ClipVision { config, params, token_bias, device: Device { backend, arena: None } })
     }
 
     pub fn projection_dim(&self) -> Option<usize> {
-        self.projection.as_ref().map(|p| p.0)
+        self.params.visual_projection.map(|p| p.out_f)
     }
 
-    /// The tower on preprocessed pixels (image_size², 3 channels, normalised).
-    pub fn forward(&self, x: &Act) -> Result<ClipOutput> {
+    /// The tower on preprocessed images (image_size², 3 channels, normalised each).
+    pub fn forward(&mut self, images: &[Act]) -> Result<Vec<ClipOutput>> {
         let c = &self.config;
-        if x.h != c.image_size || x.w != c.image_size || x.c != 3 {
-            bail!("CLIP's vision tower takes {0}×{0}×3 pixels, got {1}×{2}×{3}", c.image_size, x.h, x.w, x.c);
-        }
-        let (d, eps) = (c.hidden_size, c.layer_norm_eps);
-        let patches = self.patch.forward(x); // (grid², d), row-major over the grid like flatten(2)
-        let t = patches.pixels() + 1;
-        let mut h = Vec::with_capacity(t * d);
-        h.extend_from_slice(&self.class_embedding);
-        h.extend_from_slice(&patches.data);
-        h.iter_mut().zip(&self.position_embedding).for_each(|(v, p)| *v += p);
-        h = layer_norm(&h, d, &self.pre_ln.0, &self.pre_ln.1, eps);
-        for l in &self.layers {
-            let a = layer_norm(&h, d, &l.ln1.0, &l.ln1.1, eps);
-            let att = self.attention(&a, t, l);
-            let o = linear(&att, t, &l.out.0, Some(&l.out.1), d, d);
-            h.iter_mut().zip(&o).for_each(|(v, o)| *v += o);
-            let m = layer_norm(&h, d, &l.ln2.0, &l.ln2.1, eps);
-            let mut u = linear(&m, t, &l.fc1.0, Some(&l.fc1.1), d, c.intermediate_size);
-            match c.hidden_act {
-                Activation::QuickGelu => u.iter_mut().for_each(|v| *v *= 1.0 / (1.0 + (-1.702 * *v).exp())),
-                Activation::Gelu => u
-                    .iter_mut()
-                    .for_each(|v| *v = (0.5 * *v as f64 * (1.0 + libm::erf(*v as f64 / 2f64.sqrt()))) as f32),
+        for x in images {
+            if x.h != c.image_size || x.w != c.image_size || x.c != 3 {
+                bail!("CLIP's vision tower takes {0}×{0}×3 pixels, got {1}×{2}×{3}", c.image_size, x.h, x.w, x.c);
             }
-            let o = linear(&u, t, &l.fc2.0, Some(&l.fc2.1), c.intermediate_size, d);
-            h.iter_mut().zip(&o).for_each(|(v, o)| *v += o);
         }
-        let pooled = layer_norm(&h[..d], d, &self.post_ln.0, &self.post_ln.1, eps);
-        let projected = self.projection.as_ref().map(|(p, w)| linear(&pooled, 1, w, None, d, *p));
-        Ok(ClipOutput { pooled, projected })
+        let patches = self.unfold(images);
+        let batch = images.len();
+        let dev = &mut self.device;
+        if dev.arena.as_ref().is_none_or(|(b, _)| *b != batch) {
+            if let Some((_, old)) = dev.arena.take() {
+                dev.backend.free(old.pool())?;
+            }
+            let plan = planned_arena(dev.backend.as_mut(), "clip_vision.activations", |cx| {
+                run(cx, &self.params, &self.token_bias, c, &patches, batch).map(|_| ())
+            })?;
+            dev.arena = Some((batch, plan));
+        }
+        let Some((_, arena)) = dev.arena.as_mut() else { unreachable!("planned above") };
+        arena.reset();
+        let cx = &mut Cx::new(dev.backend.as_ref(), arena);
+        let (pooled, projected) = run(cx, &self.params, &self.token_bias, c, &patches, batch)?;
+        // Every token went through the final norm and the projection; the class tokens (row 0 of
+        // each image) are the outputs.
+        let t = c.num_positions();
+        let class_rows = |x: Vec<f32>, width: usize| -> Vec<Vec<f32>> {
+            (0..batch).map(|i| x[i * t * width..][..width].to_vec()).collect()
+        };
+        let pooled = class_rows(dev.backend.download(&pooled)?, c.hidden_size);
+        let projected = match (projected, self.params.visual_projection) {
+            (Some(t), Some(p)) => class_rows(dev.backend.download(&t)?, p.out_f).into_iter().map(Some).collect(),
+            _ => vec![None; batch],
+        };
+        Ok(pooled.into_iter().zip(projected).map(|(pooled, projected)| ClipOutput { pooled, projected }).collect())
     }
 
-    /// Multi-head self-attention (softmax(q·kᵀ/√dₕ)·v per head), concatenated heads.
-    fn attention(&self, x: &[f32], t: usize, l: &Layer) -> Vec<f32> {
-        let d = self.config.hidden_size;
-        let nh = self.config.num_attention_heads;
-        let hd = d / nh;
-        let q = linear(x, t, &l.qkv[0].0, Some(&l.qkv[0].1), d, d);
-        let k = linear(x, t, &l.qkv[1].0, Some(&l.qkv[1].1), d, d);
-        let v = linear(x, t, &l.qkv[2].0, Some(&l.qkv[2].1), d, d);
-        let scale = (hd as f32).powf(-0.5);
-        let mut out = vec![0f32; t * d];
-        // One task per (query token); each loops over heads.
-        out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
-            let mut s = vec![0f32; t];
-            for hh in 0..nh {
-                let qi = &q[i * d + hh * hd..][..hd];
-                let mut max = f32::NEG_INFINITY;
-                for (j, sj) in s.iter_mut().enumerate() {
-                    let kj = &k[j * d + hh * hd..][..hd];
-                    *sj = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    max = max.max(*sj);
-                }
-                let mut sum = 0f32;
-                s.iter_mut().for_each(|x| {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                });
-                let oh = &mut o[hh * hd..(hh + 1) * hd];
-                for (j, sj) in s.iter().enumerate() {
-                    let p = sj / sum;
-                    let vj = &v[j * d + hh * hd..][..hd];
-                    oh.iter_mut().zip(vj).for_each(|(a, b)| *a += p * b);
+    /// The patch convolution's input as rows: per image, a zero row (the class token's place) and
+    /// one row per patch (row-major over the grid, as `flatten(2)` orders them), each 3·p·p values
+    /// in the weight's (channel, y, x) order.
+    fn unfold(&self, images: &[Act]) -> Vec<f32> {
+        let p = self.config.patch_size;
+        let grid = self.config.image_size / p;
+        let width = 3 * p * p;
+        let mut rows = vec![0f32; images.len() * self.config.num_positions() * width];
+        for (x, out) in images.iter().zip(rows.chunks_mut(self.config.num_positions() * width)) {
+            for (g, row) in out.chunks_mut(width).skip(1).enumerate() {
+                let (gy, gx) = (g / grid, g % grid);
+                for ch in 0..3 {
+                    for y in 0..p {
+                        for xx in 0..p {
+                            row[(ch * p + y) * p + xx] = x.data[((gy * p + y) * x.w + gx * p + xx) * 3 + ch];
+                        }
+                    }
                 }
             }
-        });
-        out
+        }
+        rows
     }
+}
+
+/// The tower's forward for `batch` images whose unfolded patches are `patches`: the final norm's
+/// output (batch · positions, hidden) and, with a projection, its projection. Each layer's
+/// activations are released once its output is copied out (inference keeps nothing).
+fn run(
+    cx: &mut Cx,
+    p: &ClipVisionParams,
+    token_bias: &Tensor,
+    c: &ClipVisionConfig,
+    patches: &[f32],
+    batch: usize,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let b = cx.b;
+    let (t, d) = (c.num_positions(), c.hidden_size);
+    let rows = batch * t;
+    let input = cx.arena.alloc([rows, p.patch_embedding.in_f])?;
+    b.upload(&input, patches)?;
+    let embedded = p.patch_embedding.apply(cx, &input, rows)?;
+    let x = cx.arena.alloc([rows, d])?;
+    // The same (positions · hidden) bias for every image.
+    b.add_bias_rows_forward(&BiasRowsParams { batch: 1, rows: batch, channels: t * d }, &x, &embedded, token_bias)?;
+    let mut h = [p.pre_layrnorm.apply(cx, &x, rows)?.out, cx.arena.alloc([rows, d])?];
+    let tokens = Tokens { batch, seq: t, key_mask: None };
+    for layer in &p.layers {
+        let mark = cx.arena.mark();
+        let acts = layer.forward(cx, &h[0], &tokens)?;
+        b.zero(&h[1])?;
+        b.accumulate(&h[1], &layer.output(&acts), rows * d)?;
+        cx.arena.release_all_to(mark);
+        h.swap(0, 1);
+    }
+    let pooled = p.post_layernorm.apply(cx, &h[0], rows)?.out;
+    let projected = p.visual_projection.map(|proj| proj.apply(cx, &pooled, rows)).transpose()?;
+    Ok((pooled, projected))
 }
 
 /// CLIP's input for an 8-bit image (HWC, 1 or 3 channels), at the config's image size.

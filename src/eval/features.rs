@@ -11,9 +11,12 @@
 use super::clip_vision::{self, ClipVision, ClipVisionConfig};
 use super::densenet::{self, DenseNet, DenseNetConfig};
 use super::inception::{self, InceptionV3};
+use super::ops::Act;
 use super::tensors::{FileSource, TensorSource, Weights};
+use crate::backend::Backend;
 use crate::io::safetensors::SafetensorsFile;
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// The feature network (the `features` setting).
@@ -113,6 +116,25 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// A feature network's preprocessing: an 8-bit image to the network's input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preprocess {
+    Inception,
+    Xrv,
+    Clip { size: usize },
+}
+
+impl Preprocess {
+    pub fn apply(self, img: &Image) -> Act {
+        let (p, h, w, c) = (&img.pixels, img.height, img.width, img.channels);
+        match self {
+            Preprocess::Inception => inception::preprocess(p, h, w, c),
+            Preprocess::Xrv => densenet::preprocess(p, h, w, c),
+            Preprocess::Clip { size } => clip_vision::preprocess(p, h, w, c, size),
+        }
+    }
+}
+
 /// A loaded feature network.
 pub enum FeatureNet {
     Inception(InceptionV3),
@@ -122,14 +144,25 @@ pub enum FeatureNet {
 
 impl FeatureNet {
     /// Loads `kind` from a safetensors file (`clip_config`: a transformers config.json for a CLIP
-    /// tower other than ViT-B/32).
-    pub fn load(kind: FeatureKind, weights: &Path, clip_config: Option<&Path>) -> Result<FeatureNet> {
+    /// tower other than ViT-B/32). The CLIP tower runs on `backend`; Inception and DenseNet run on
+    /// their own CPU blocks (src/eval/ops.rs) whatever the backend.
+    pub fn load(
+        kind: FeatureKind,
+        weights: &Path,
+        clip_config: Option<&Path>,
+        backend: Box<dyn Backend>,
+    ) -> Result<FeatureNet> {
         let file = SafetensorsFile::open(weights)?;
         let src = FileSource::new(&file)?;
-        FeatureNet::from_source(kind, &src, clip_config)
+        FeatureNet::from_source(kind, &src, clip_config, backend)
     }
 
-    pub fn from_source(kind: FeatureKind, src: &dyn TensorSource, clip_config: Option<&Path>) -> Result<FeatureNet> {
+    pub fn from_source(
+        kind: FeatureKind,
+        src: &dyn TensorSource,
+        clip_config: Option<&Path>,
+        backend: Box<dyn Backend>,
+    ) -> Result<FeatureNet> {
         if clip_config.is_some() && !matches!(kind, FeatureKind::Clip | FeatureKind::ClipProj) {
             bail!("$clip_config applies to $features clip and clip-proj only");
         }
@@ -147,7 +180,8 @@ impl FeatureNet {
                     None => ClipVisionConfig::vit_b32(),
                 };
                 let projected = kind == FeatureKind::ClipProj;
-                let model = ClipVision::load(&Weights { src, network: clip_vision::NETWORK }, config, projected)?;
+                let model =
+                    ClipVision::load(backend, &Weights { src, network: clip_vision::NETWORK }, config, projected)?;
                 FeatureNet::Clip { model, projected }
             }
         })
@@ -167,16 +201,32 @@ impl FeatureNet {
         }
     }
 
-    /// The features of one image (its network's preprocessing, then the forward pass).
-    pub fn extract(&self, img: &Image) -> Result<Vec<f32>> {
-        let (p, h, w, c) = (&img.pixels, img.height, img.width, img.channels);
+    /// The network's preprocessing (images of a batch are prepared in parallel, then run together).
+    pub fn preprocessor(&self) -> Preprocess {
         match self {
-            FeatureNet::Inception(m) => m.forward(&inception::preprocess(p, h, w, c)),
-            FeatureNet::Xrv(m) => m.forward(&densenet::preprocess(p, h, w, c)),
-            FeatureNet::Clip { model, projected } => {
-                let out = model.forward(&clip_vision::preprocess(p, h, w, c, model.config.image_size))?;
-                Ok(if *projected { out.projected.unwrap_or_default() } else { out.pooled })
-            }
+            FeatureNet::Inception(_) => Preprocess::Inception,
+            FeatureNet::Xrv(_) => Preprocess::Xrv,
+            FeatureNet::Clip { model, .. } => Preprocess::Clip { size: model.config.image_size },
         }
+    }
+
+    /// The features of preprocessed images, one vector each. Inception and DenseNet run one image
+    /// per thread on their CPU blocks; CLIP runs the batch on its backend.
+    pub fn forward(&mut self, inputs: &[Act]) -> Result<Vec<Vec<f32>>> {
+        match self {
+            FeatureNet::Inception(m) => inputs.par_iter().map(|x| m.forward(x)).collect(),
+            FeatureNet::Xrv(m) => inputs.par_iter().map(|x| m.forward(x)).collect(),
+            FeatureNet::Clip { model, projected } => Ok(model
+                .forward(inputs)?
+                .into_iter()
+                .map(|o| if *projected { o.projected.unwrap_or_default() } else { o.pooled })
+                .collect()),
+        }
+    }
+
+    /// The features of one image (its network's preprocessing, then the forward pass).
+    pub fn extract(&mut self, img: &Image) -> Result<Vec<f32>> {
+        let input = self.preprocessor().apply(img);
+        Ok(self.forward(std::slice::from_ref(&input))?.remove(0))
     }
 }

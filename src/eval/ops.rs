@@ -1,4 +1,5 @@
-//! Plain CPU building blocks for the evaluation networks: one image at a time, channels-last (HWC),
+//! Plain CPU building blocks for the convolutional evaluation networks (Inception, DenseNet; the
+//! CLIP tower runs on the backend): one image at a time, channels-last (HWC),
 //! f32, convolutions as im2col + the crate's row-parallel SGEMM. These networks only run forward
 //! (inference, batch-norm folded into the preceding convolution where the order allows), so they
 //! live here rather than on the training backend.
@@ -270,38 +271,6 @@ pub fn concat(parts: &[&Act]) -> Act {
         }
     });
     Act::new(h, w, c, out)
-}
-
-/// y (rows × out) = x (rows × in) · Wᵀ + b with W in PyTorch's (out, in) layout.
-pub fn linear(x: &[f32], rows: usize, w: &[f32], b: Option<&[f32]>, din: usize, dout: usize) -> Vec<f32> {
-    let mut y = vec![0f32; rows * dout];
-    sgemm_par(
-        rows,
-        din,
-        dout,
-        Mat { data: x, row_stride: din, col_stride: 1 },
-        Mat { data: w, row_stride: 1, col_stride: din },
-        &mut y,
-        0.0,
-    );
-    if let Some(b) = b {
-        y.par_chunks_mut(dout).for_each(|r| r.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-    }
-    y
-}
-
-/// Layer norm over the last dimension of rows × d values (statistics in f64).
-pub fn layer_norm(x: &[f32], d: usize, gamma: &[f32], beta: &[f32], eps: f64) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| {
-        let mean = r.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-        let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-        let rstd = 1.0 / (var + eps).sqrt();
-        for k in 0..d {
-            o[k] = (((r[k] as f64 - mean) * rstd) as f32) * gamma[k] + beta[k];
-        }
-    });
-    y
 }
 
 #[cfg(test)]

@@ -80,8 +80,8 @@ impl ClipTextConfig {
     }
 }
 
-/// transformers' `CLIPEncoderLayer` names.
-const CLIP_LAYER_NAMES: LayerNames = LayerNames {
+/// transformers' `CLIPEncoderLayer` names (the text tower's and the vision tower's).
+pub(crate) const CLIP_LAYER_NAMES: LayerNames = LayerNames {
     q: "self_attn.q_proj",
     k: "self_attn.k_proj",
     v: "self_attn.v_proj",

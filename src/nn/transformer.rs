@@ -1,8 +1,9 @@
-//! One transformer encoder layer for the text encoders: CLIP's (pre-LN, causal) and BERT's (post-LN,
-//! with the tokenizer's key mask) are the same layer — self-attention and a two-layer MLP, each with
-//! a residual connection and a layer norm — and differ only in where the norm stands, in the
-//! checkpoint names and in the mask. The forward writes into a named activation layout that the
-//! backward reads.
+//! One transformer encoder layer for every transformer in the crate: CLIP's text tower (pre-LN,
+//! causal), BERT (post-LN, with the tokenizer's key mask) and CLIP's image tower (pre-LN, no mask;
+//! the FID feature network) are the same layer — self-attention and a two-layer MLP, each with a
+//! residual connection and a layer norm — and differ only in where the norm stands, in the
+//! checkpoint names and in the mask. The forward takes its activations from the arena and returns
+//! them; the backward reads them.
 
 use super::{add, zeros, Cx, LayerNorm, LayerNormActs, Linear};
 use crate::backend::Activation;

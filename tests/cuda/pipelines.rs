@@ -264,6 +264,36 @@ pub fn end_to_end_cases(r: &mut Runner, precision: &str, bar: f64) {
     });
 }
 
+/// The CLIP image tower (the FID feature network that runs on the backend) on the CUDA backend in
+/// f32, against transformers' pooled and projected features of the three pipeline images.
+pub fn clip_tower_case(r: &mut Runner) {
+    r.case("f32/clip tower features: cuda vs transformers", || {
+        use roentgen::eval::features::{load_image, FeatureKind, FeatureNet};
+        let dir = fixture("fid/clip-tiny");
+        let reference = fixture("fid/clip.safetensors");
+        let images: Vec<_> = ["a", "b", "c"].iter().map(|n| fixture(&format!("fid/images/{n}.png"))).collect();
+        let mut report = Vec::new();
+        for (kind, tensor) in [(FeatureKind::Clip, "tiny_pooled"), (FeatureKind::ClipProj, "tiny_proj")] {
+            let gpu = Box::new(CudaBackend::new(0, Precision::F32)?);
+            let mut net = FeatureNet::load(kind, &dir.join("model.safetensors"), Some(&dir.join("config.json")), gpu)?;
+            let prep = net.preprocessor();
+            let inputs = images.iter().map(|p| Ok(prep.apply(&load_image(p)?))).collect::<Result<Vec<_>>>()?;
+            let got: Vec<f32> = net.forward(&inputs)?.concat();
+            let (_, want) = read_f32(&reference, tensor);
+            ensure!(got.len() == want.len(), "{tensor}: {} values, reference has {}", got.len(), want.len());
+            let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            ensure!(
+                err <= F32_PARITY * scale,
+                "{tensor}: max |cuda − transformers| {err:.2e} > {:.1e}",
+                F32_PARITY * scale
+            );
+            report.push(format!("{tensor} max abs {err:.1e}"));
+        }
+        Ok(report.join(", "))
+    });
+}
+
 fn rel_l2_at_most(got: &[f32], want: &[f32], bar: f64) -> Result<String> {
     ensure!(got.len() == want.len(), "{} values vs {}", got.len(), want.len());
     let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
