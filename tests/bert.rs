@@ -168,12 +168,7 @@ fn masked_attention_with_a_full_mask_equals_unmasked_attention() {
         dk: &t[11],
         dv: &t[12],
         dout: &t[9],
-        q: &t[0],
-        k: &t[1],
-        v: &t[2],
-        out,
-        lse,
-        key_mask,
+        forward: fwd(out, lse, key_mask),
     };
     b.attention_backward(&p, &bwd(&t[3], &t[4], None)).unwrap();
     let want: Vec<Vec<f32>> = t[10..13].iter().map(|x| b.download(x).unwrap()).collect();
@@ -276,14 +271,7 @@ fn wordpiece_tokenizer_matches_transformers_in_four_configurations() {
             truncated += e.truncated as usize;
             unk += e.ids.contains(&tok.unk_id) as usize;
         }
-        println!("{name}: {} cases ({truncated} truncated, {unk} with [UNK]), {} mismatches", rows.len(), bad.len());
-        assert!(
-            bad.is_empty(),
-            "{name}: {} of {} differ, e.g.\n{}",
-            bad.len(),
-            rows.len(),
-            bad[..bad.len().min(5)].join("\n")
-        );
+        assert_no_mismatches(name, rows.len(), &format!("{truncated} truncated, {unk} with [UNK]"), &bad);
         assert!(truncated > 50 && unk > 50, "the cases must exercise truncation and [UNK]");
     }
 }

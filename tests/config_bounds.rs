@@ -42,6 +42,15 @@ fn component(dir: &Path, fixture_name: &str, edit: impl FnOnce(&mut serde_json::
     c
 }
 
+/// `inspect --random-weights` refuses the fixture component `fixture_name` with `field` set to
+/// `value`, with a message holding each of `needles`.
+fn refused_by_inspect(dir: &Path, fixture_name: &str, field: &str, value: Value, needles: &[&str]) {
+    let c = component(dir, fixture_name, |o| {
+        o.insert(field.into(), value);
+    });
+    expect_error(&s(&inspect_random(&c)), needles);
+}
+
 fn inspect_random(c: &Path) -> Vec<String> {
     vec!["inspect".into(), "--random-weights".into(), c.display().to_string()]
 }
@@ -93,28 +102,22 @@ fn unet_sample_size_as_height_width_pair_is_read() {
 fn config_flags_that_are_not_booleans_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     // "yes" used to read as false (the default) without a word.
-    let c = component(dir.path(), "unet-a", |o| {
-        o.insert("use_linear_projection".into(), json!("yes"));
-    });
-    expect_error(&s(&inspect_random(&c)), &["config.json", "use_linear_projection", "true or false"]);
-    let c = component(dir.path(), "vae-a", |o| {
-        o.insert("use_quant_conv".into(), json!(0));
-    });
-    expect_error(&s(&inspect_random(&c)), &["config.json", "use_quant_conv"]);
+    refused_by_inspect(
+        dir.path(),
+        "unet-a",
+        "use_linear_projection",
+        json!("yes"),
+        &["config.json", "use_linear_projection", "true or false"],
+    );
+    refused_by_inspect(dir.path(), "vae-a", "use_quant_conv", json!(0), &["config.json", "use_quant_conv"]);
 }
 
 #[test]
 fn config_numbers_beyond_f32_or_negative_eps_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     // 1e308 becomes an infinite f32 epsilon, and every normalised output 0.
-    let c = component(dir.path(), "unet-a", |o| {
-        o.insert("norm_eps".into(), json!(1e308));
-    });
-    expect_error(&s(&inspect_random(&c)), &["config.json", "norm_eps"]);
-    let c = component(dir.path(), "clip-b", |o| {
-        o.insert("layer_norm_eps".into(), json!(-1e-5));
-    });
-    expect_error(&s(&inspect_random(&c)), &["config.json", "layer_norm_eps"]);
+    refused_by_inspect(dir.path(), "unet-a", "norm_eps", json!(1e308), &["config.json", "norm_eps"]);
+    refused_by_inspect(dir.path(), "clip-b", "layer_norm_eps", json!(-1e-5), &["config.json", "layer_norm_eps"]);
 }
 
 /// A pipeline folder whose model_index.json is `text`.
@@ -191,36 +194,42 @@ fn empty_unet_block_lists_are_refused() {
 #[test]
 fn unet_block_lists_that_disagree_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let c = component(dir.path(), "unet-a", |o| {
-        o.insert("block_out_channels".into(), json!([16, 32, 32]));
-    });
-    expect_error(&s(&inspect_random(&c)), &["config.json", "down_block_types", "block_out_channels", "agree"]);
-    let c = component(dir.path(), "unet-a", |o| {
-        o.insert("layers_per_block".into(), json!([1, 1, 1]));
-    });
-    expect_error(&s(&inspect_random(&c)), &["config.json", "layers_per_block", "3 entries for 2 blocks"]);
+    refused_by_inspect(
+        dir.path(),
+        "unet-a",
+        "block_out_channels",
+        json!([16, 32, 32]),
+        &["config.json", "down_block_types", "block_out_channels", "agree"],
+    );
+    refused_by_inspect(
+        dir.path(),
+        "unet-a",
+        "layers_per_block",
+        json!([1, 1, 1]),
+        &["config.json", "layers_per_block", "3 entries for 2 blocks"],
+    );
 }
 
 #[test]
 fn huge_layer_counts_are_refused_before_allocation() {
     let dir = tempfile::tempdir().unwrap();
     for v in [1u64 << 31, 1 << 63, u64::MAX] {
-        let c = component(dir.path(), "clip-b", |o| {
-            o.insert("num_hidden_layers".into(), json!(v));
-        });
-        expect_error(&s(&inspect_random(&c)), &["config.json", "num_hidden_layers", &v.to_string(), "1 to 1000"]);
-        let c = component(dir.path(), "unet-a", |o| {
-            o.insert("layers_per_block".into(), json!(v));
-        });
-        expect_error(&s(&inspect_random(&c)), &["config.json", "layers_per_block"]);
-        let c = component(dir.path(), "unet-a", |o| {
-            o.insert("transformer_layers_per_block".into(), json!([1, v]));
-        });
-        expect_error(&s(&inspect_random(&c)), &["config.json", "transformer_layers_per_block[1]"]);
-        let c = component(dir.path(), "vae-a", |o| {
-            o.insert("layers_per_block".into(), json!(v));
-        });
-        expect_error(&s(&inspect_random(&c)), &["config.json", "layers_per_block"]);
+        refused_by_inspect(
+            dir.path(),
+            "clip-b",
+            "num_hidden_layers",
+            json!(v),
+            &["config.json", "num_hidden_layers", &v.to_string(), "1 to 1000"],
+        );
+        refused_by_inspect(dir.path(), "unet-a", "layers_per_block", json!(v), &["config.json", "layers_per_block"]);
+        refused_by_inspect(
+            dir.path(),
+            "unet-a",
+            "transformer_layers_per_block",
+            json!([1, v]),
+            &["config.json", "transformer_layers_per_block[1]"],
+        );
+        refused_by_inspect(dir.path(), "vae-a", "layers_per_block", json!(v), &["config.json", "layers_per_block"]);
     }
     // Each within its own bound, but together 2 × 1000 × 1000 transformer blocks.
     let c = component(dir.path(), "unet-a", |o| {
@@ -242,10 +251,7 @@ fn huge_or_zero_channel_counts_are_refused() {
         ("clip-b", "vocab_size", json!(1u64 << 40)),
         ("clip-b", "max_position_embeddings", json!(1u64 << 31)),
     ] {
-        let c = component(dir.path(), fixture_name, |o| {
-            o.insert(field.into(), v.clone());
-        });
-        expect_error(&s(&inspect_random(&c)), &["config.json", field]);
+        refused_by_inspect(dir.path(), fixture_name, field, v.clone(), &["config.json", field]);
     }
 }
 
@@ -264,14 +270,14 @@ fn parameter_count_beyond_the_bound_is_refused() {
 #[test]
 fn unet_heads_and_groups_that_do_not_divide_channels_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let c = component(dir.path(), "unet-a", |o| {
-        o.insert("attention_head_dim".into(), json!([2, 3]));
-    });
-    expect_error(&s(&inspect_random(&c)), &["config.json", "block_out_channels[1]", "attention_head_dim"]);
-    let c = component(dir.path(), "unet-a", |o| {
-        o.insert("norm_num_groups".into(), json!(64));
-    });
-    expect_error(&s(&inspect_random(&c)), &["config.json", "norm_num_groups"]);
+    refused_by_inspect(
+        dir.path(),
+        "unet-a",
+        "attention_head_dim",
+        json!([2, 3]),
+        &["config.json", "block_out_channels[1]", "attention_head_dim"],
+    );
+    refused_by_inspect(dir.path(), "unet-a", "norm_num_groups", json!(64), &["config.json", "norm_num_groups"]);
 }
 
 #[test]

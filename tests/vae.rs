@@ -9,7 +9,6 @@ use roentgen::models::Component;
 use roentgen::nn::Cx;
 use roentgen::nn::Fmap;
 use roentgen::tensor::Arena;
-use std::path::Path;
 
 fn upload_nchw(b: &CpuBackend, arena: &mut roentgen::tensor::Arena, shape: &[usize], data: &[f32]) -> Fmap {
     let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
@@ -22,62 +21,47 @@ fn download_nchw(b: &CpuBackend, f: &Fmap) -> Vec<f32> {
     nhwc_to_nchw(&b.download(&f.t).unwrap(), f.batch, f.c, f.h, f.w)
 }
 
-/// Runs one half of the VAE (`run`, in an arena from `arena`) on the NCHW tensor `tensors[0]` of
-/// `io` and checks its output against `tensors[1]`; returns the output (the arena stays alive in the
-/// backend).
+/// Runs one half of the VAE (`run`, in an arena from `arena`) on the NCHW tensor `input` of the
+/// fixture's io.safetensors and checks its output against `output`; returns the output (the arena
+/// stays alive in the backend).
 fn check_stage(
     b: &mut CpuBackend,
-    io: &Path,
-    [input, output]: [&str; 2],
-    what: &str,
+    [name, input, output]: [&str; 3],
     arena: &dyn Fn(&mut CpuBackend, [usize; 3]) -> anyhow::Result<Arena>,
     run: &dyn Fn(&mut Cx, &Fmap) -> anyhow::Result<Fmap>,
 ) -> Fmap {
-    let (shape, x) = read_f32(io, input);
+    let io = fixture(name).join("io.safetensors");
+    let (shape, x) = read_f32(&io, input);
     let mut arena = arena(b, [shape[0], shape[2], shape[3]]).unwrap();
     let xt = upload_nchw(b, &mut arena, &shape, &x);
     let y = run(&mut Cx::new(b, &mut arena), &xt).unwrap();
-    let (yshape, want) = read_f32(io, output);
+    let (yshape, want) = read_f32(&io, output);
     assert_eq!(yshape, vec![y.batch, y.c, y.h, y.w]);
-    assert_close(what, &download_nchw(b, &y), &want, F32_PARITY);
+    assert_close(&format!("{name} {input} → {output}"), &download_nchw(b, &y), &want, F32_PARITY);
     y
 }
 
 fn check_vae(name: &str) {
     let dir = fixture(name);
-    let io = dir.join("io.safetensors");
     let mut b = CpuBackend::new();
     let (vae, report) = AutoencoderKL::load(&mut b, &dir, None).unwrap();
     assert_eq!(report.tensors, vae.table.entries().len());
 
     let moments = check_stage(
         &mut b,
-        &io,
-        ["image", "moments"],
-        &format!("{name} encoder moments"),
+        [name, "image", "moments"],
         &|b, [n, h, w]| vae.allocate_encode_arena(b, n, h, w),
         &|cx, x| vae.encode(cx, x),
     );
     let (mean, logvar) = roentgen::models::vae::split_moments(&b.download(&moments.t).unwrap(), 4);
     let (m, h, w) = (moments.batch, moments.h, moments.w);
-    assert_close(
-        &format!("{name} latent mean"),
-        &nhwc_to_nchw(&mean, m, 4, h, w),
-        &read_f32(&io, "mean").1,
-        F32_PARITY,
-    );
-    assert_close(
-        &format!("{name} latent logvar"),
-        &nhwc_to_nchw(&logvar, m, 4, h, w),
-        &read_f32(&io, "logvar").1,
-        F32_PARITY,
-    );
-
+    for (half, tensor) in [(mean, "mean"), (logvar, "logvar")] {
+        let want = read_f32(&dir.join("io.safetensors"), tensor).1;
+        assert_close(&format!("{name} latent {tensor}"), &nhwc_to_nchw(&half, m, 4, h, w), &want, F32_PARITY);
+    }
     check_stage(
         &mut b,
-        &io,
-        ["latents", "decoded"],
-        &format!("{name} decoded image"),
+        [name, "latents", "decoded"],
         &|b, [n, h, w]| vae.allocate_decode_arena(b, n, h, w),
         &|cx, z| vae.decode(cx, z),
     );

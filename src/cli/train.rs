@@ -58,9 +58,25 @@ pub fn grad_clip(v: f32) -> Result<Option<f32>> {
     Ok((v > 0.0).then_some(v))
 }
 
-/// What keeps a long training run's output folder safe; shared by `train` and `train-vae`.
+/// How a long training run writes, resumes and guards its output folder and data; shared by
+/// `train` and `train-vae`.
 #[derive(Args)]
 pub struct LongRunArgs {
+    /// Write a checkpoint every N steps (and always at the end).
+    #[arg(long, default_value_t = 500)]
+    pub checkpoint_every: usize,
+    /// Log every N steps to train_log.jsonl.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: usize,
+    /// Continue from the latest checkpoint in --output.
+    #[arg(long)]
+    pub resume: bool,
+    /// Allow an existing, non-empty --output (checkpoints of the same step are replaced atomically).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// skip or fail on missing/unreadable images.
+    #[arg(long, default_value = "fail")]
+    pub on_bad_image: roentgen::train::data::OnBadImage,
     /// Keep only the newest N checkpoints, removing older ones after each new one is written
     /// (diffusers' --checkpoints_total_limit; default: keep all).
     #[arg(long)]
@@ -118,15 +134,6 @@ pub struct TrainArgs {
     /// paper's and diffusers' default) never drops.
     #[arg(long, default_value_t = 0.0)]
     pub uncond_prob: f64,
-    /// Write a checkpoint every N steps (and always at the end).
-    #[arg(long, default_value_t = 500)]
-    pub checkpoint_every: usize,
-    /// Continue from the latest checkpoint in --output.
-    #[arg(long)]
-    pub resume: bool,
-    /// Allow an existing, non-empty --output (checkpoints of the same step are replaced atomically).
-    #[arg(long)]
-    pub overwrite: bool,
     /// Encode every image once with the frozen VAE and reuse its latent distribution.
     #[arg(long)]
     pub cache_latents: bool,
@@ -137,12 +144,6 @@ pub struct TrainArgs {
     /// The EMA's maximum decay.
     #[arg(long, default_value_t = 0.9999)]
     pub ema_decay: f32,
-    /// Log every N steps to train_log.jsonl.
-    #[arg(long, default_value_t = 10)]
-    pub log_every: usize,
-    /// skip or fail on missing/unreadable images.
-    #[arg(long, default_value = "fail")]
-    pub on_bad_image: roentgen::train::data::OnBadImage,
     /// Weight file variant of the source model, e.g. fp16.
     #[arg(long)]
     pub variant: Option<String>,
@@ -190,16 +191,6 @@ pub struct TrainVaeArgs {
     /// Global gradient-norm clipping (0 turns it off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f32,
-    #[arg(long, default_value_t = 500)]
-    pub checkpoint_every: usize,
-    #[arg(long, default_value_t = 10)]
-    pub log_every: usize,
-    #[arg(long)]
-    pub resume: bool,
-    #[arg(long)]
-    pub overwrite: bool,
-    #[arg(long, default_value = "fail")]
-    pub on_bad_image: roentgen::train::data::OnBadImage,
     #[command(flatten)]
     pub long_run: LongRunArgs,
 }
@@ -243,12 +234,12 @@ pub fn train(g: &Global, a: TrainArgs) -> Result<()> {
         seed: a.seed,
         optim: a.optim.options(a.grad_accum, schedule)?,
         unet_init_random,
-        checkpoint_every: a.checkpoint_every,
-        resume: a.resume,
-        overwrite: a.overwrite,
+        checkpoint_every: a.long_run.checkpoint_every,
+        resume: a.long_run.resume,
+        overwrite: a.long_run.overwrite,
         cache_latents: a.cache_latents,
-        log_every: a.log_every,
-        on_bad_image: a.on_bad_image,
+        log_every: a.long_run.log_every,
+        on_bad_image: a.long_run.on_bad_image,
         variant: a.variant.clone(),
         ema_decay: a.ema.then_some(a.ema_decay),
         text_encoder: a.text_encoder.clone(),
@@ -322,11 +313,11 @@ pub fn train_vae(g: &Global, a: TrainVaeArgs) -> Result<()> {
             ..Default::default()
         },
         kl_weight: a.kl_weight,
-        checkpoint_every: a.checkpoint_every,
-        log_every: a.log_every,
-        resume: a.resume,
-        overwrite: a.overwrite,
-        on_bad_image: a.on_bad_image,
+        checkpoint_every: a.long_run.checkpoint_every,
+        log_every: a.long_run.log_every,
+        resume: a.long_run.resume,
+        overwrite: a.long_run.overwrite,
+        on_bad_image: a.long_run.on_bad_image,
         verify_images: a.long_run.verify_images,
         checkpoints_total_limit: a.long_run.checkpoints_total_limit,
         allow_changed_settings: a.long_run.allow_changed_settings,

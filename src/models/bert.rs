@@ -189,17 +189,7 @@ pub struct BertModel {
 }
 
 impl Component for BertModel {
-    type Config = BertConfig;
-    fn config_from_file(path: &Path) -> Result<BertConfig> {
-        BertConfig::from_file(path)
-    }
-    fn allocate(backend: &mut dyn Backend, config: BertConfig) -> Result<BertModel> {
-        let (params, table) = allocate(backend, "text_encoder.params", |l| params_layout(l, &config))?;
-        Ok(BertModel { config, params, table })
-    }
-    fn table(&self) -> &Layout {
-        &self.table
-    }
+    component_parts!(BertConfig, "text_encoder.params", allocate);
     /// A model with heads keeps its encoder under `bert.`; older checkpoints name LayerNorm's
     /// parameters gamma/beta.
     fn alias(name: &str) -> Option<String> {

@@ -133,17 +133,7 @@ pub struct ClipTextModel {
 }
 
 impl Component for ClipTextModel {
-    type Config = ClipTextConfig;
-    fn config_from_file(path: &Path) -> Result<ClipTextConfig> {
-        ClipTextConfig::from_file(path)
-    }
-    fn allocate(backend: &mut dyn Backend, config: ClipTextConfig) -> Result<ClipTextModel> {
-        let (params, table) = allocate(backend, "text_encoder.params", |l| params_layout(l, &config))?;
-        Ok(ClipTextModel { config, params, table })
-    }
-    fn table(&self) -> &Layout {
-        &self.table
-    }
+    component_parts!(ClipTextConfig, "text_encoder.params", allocate);
     /// transformers 5 saves CLIPTextModel without the "text_model." prefix.
     fn alias(name: &str) -> Option<String> {
         Some(format!("text_model.{name}"))

@@ -1,6 +1,26 @@
 //! Models, each written once over `&dyn Backend`: config parsed from config.json, parameter table
 //! built from the config, forward (and later backward) over an activation arena.
 
+/// The parts of [`Component`] every model writes alike, given its fields `config`, `params` and
+/// `table` and a `params_layout(l, &config)` in its module: the config type and its parser, the
+/// parameter pool (labelled `$label`, allocated by `$alloc`: `allocate`, or `allocate_params` for
+/// a model with convolutions) and the table.
+macro_rules! component_parts {
+    ($config:ident, $label:literal, $alloc:ident) => {
+        type Config = $config;
+        fn config_from_file(path: &std::path::Path) -> anyhow::Result<$config> {
+            $config::from_file(path)
+        }
+        fn allocate(backend: &mut dyn crate::backend::Backend, config: $config) -> anyhow::Result<Self> {
+            let (params, table) = $alloc(backend, $label, |l| params_layout(l, &config))?;
+            Ok(Self { config, params, table })
+        }
+        fn table(&self) -> &crate::tensor::Layout {
+            &self.table
+        }
+    };
+}
+
 pub mod bert;
 pub mod clip;
 pub mod text;

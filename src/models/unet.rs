@@ -13,7 +13,6 @@ use crate::nn::{zeros, zeros_like, Conv2d, Cx, Fmap, GroupNorm, Linear};
 use crate::ops::elementwise::{ConcatParams, TimestepEmbeddingParams};
 use crate::tensor::{Arena, Layout, Tensor};
 use anyhow::{bail, Context, Result};
-use std::path::Path;
 
 pub use super::unet_config::{DownBlockType, UNetConfig, UpBlockType};
 
@@ -147,17 +146,7 @@ pub struct UNet {
 }
 
 impl Component for UNet {
-    type Config = UNetConfig;
-    fn config_from_file(path: &Path) -> Result<UNetConfig> {
-        UNetConfig::from_file(path)
-    }
-    fn allocate(backend: &mut dyn Backend, config: UNetConfig) -> Result<UNet> {
-        let (params, table) = allocate_params(backend, "unet.params", |l| params_layout(l, &config))?;
-        Ok(UNet { config, params, table })
-    }
-    fn table(&self) -> &Layout {
-        &self.table
-    }
+    component_parts!(UNetConfig, "unet.params", allocate_params);
 }
 
 impl UNet {

@@ -419,17 +419,7 @@ pub struct AutoencoderKL {
 }
 
 impl Component for AutoencoderKL {
-    type Config = VaeConfig;
-    fn config_from_file(path: &Path) -> Result<VaeConfig> {
-        VaeConfig::from_file(path)
-    }
-    fn allocate(backend: &mut dyn Backend, config: VaeConfig) -> Result<AutoencoderKL> {
-        let (params, table) = allocate_params(backend, "vae.params", |l| params_layout(l, &config))?;
-        Ok(AutoencoderKL { config, params, table })
-    }
-    fn table(&self) -> &Layout {
-        &self.table
-    }
+    component_parts!(VaeConfig, "vae.params", allocate_params);
     fn alias(name: &str) -> Option<String> {
         legacy_attention_name(name)
     }

@@ -99,18 +99,8 @@ impl Attention {
         let dq = zeros(cx, [rows, inner])?;
         let dk = zeros(cx, [kv_rows, inner])?;
         let dv = zeros(cx, [kv_rows, inner])?;
-        let t = AttentionBackward {
-            dq: &dq,
-            dk: &dk,
-            dv: &dv,
-            dout: &d_o,
-            q: &s.q,
-            k: &s.k,
-            v: &s.v,
-            out: &s.o,
-            lse: &s.lse,
-            key_mask: None,
-        };
+        let forward = AttentionForward { out: &s.o, lse: &s.lse, q: &s.q, k: &s.k, v: &s.v, key_mask: None };
+        let t = AttentionBackward { dq: &dq, dk: &dk, dv: &dv, dout: &d_o, forward };
         b.attention_backward(&self.params(s.batch, s.seq, s.kv_len), &t)?;
         self.to_q.backward(&g.to_q, b, Some(dx), &dq, &s.x, rows)?;
         let dkv_in = dctx.unwrap_or(dx);

@@ -256,8 +256,9 @@ impl TransformerLayer {
         let dattn = zeros(cx, [rows, d])?;
         self.attn_out.backward(&g.attn_out, b, Some(&dattn), &dres1, &a.attn, rows)?;
         let (dq, dk, dv) = (zeros(cx, [rows, d])?, zeros(cx, [rows, d])?, zeros(cx, [rows, d])?);
-        let (dout, q, k, v, out, lse) = (&dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse);
-        let grads = AttentionBackward { dq: &dq, dk: &dk, dv: &dv, dout, q, k, v, out, lse, key_mask: tokens.key_mask };
+        let forward =
+            AttentionForward { out: &a.attn, lse: &a.lse, q: &a.q, k: &a.k, v: &a.v, key_mask: tokens.key_mask };
+        let grads = AttentionBackward { dq: &dq, dk: &dk, dv: &dv, dout: &dattn, forward };
         b.attention_backward(&self.attention(tokens), &grads)?;
         let (dattn_in, attn_in) = if pre { (zeros(cx, [rows, d])?, a.attn_norm.out) } else { (dx, *x) };
         self.q.backward(&g.q, b, Some(&dattn_in), &dq, &attn_in, rows)?;

@@ -23,6 +23,7 @@ pub struct AttentionParams {
 /// The tensors of a forward call: `out` like q, `lse` (batch, q_len, heads) the log-sum-exp of
 /// each softmax row (saved for the backward), and the inputs. `key_mask` (batch, kv_len), if any:
 /// 1 for a key that takes part, 0 for padding; every sequence keeps at least one key.
+#[derive(Clone, Copy)]
 pub struct AttentionForward<'a> {
     pub out: &'a Tensor,
     pub lse: &'a Tensor,
@@ -32,19 +33,14 @@ pub struct AttentionForward<'a> {
     pub key_mask: Option<&'a [u32]>,
 }
 
-/// The tensors of a backward call: the gradients (accumulated into), `dout`, the forward's inputs,
-/// its output and saved log-sum-exp, and its key mask.
+/// The tensors of a backward call: the gradients (accumulated into), `dout`, and the forward call
+/// it differentiates (its inputs, output, saved log-sum-exp and key mask are what it reads).
 pub struct AttentionBackward<'a> {
     pub dq: &'a Tensor,
     pub dk: &'a Tensor,
     pub dv: &'a Tensor,
     pub dout: &'a Tensor,
-    pub q: &'a Tensor,
-    pub k: &'a Tensor,
-    pub v: &'a Tensor,
-    pub out: &'a Tensor,
-    pub lse: &'a Tensor,
-    pub key_mask: Option<&'a [u32]>,
+    pub forward: AttentionForward<'a>,
 }
 
 /// A pointer shared by tasks that write disjoint elements (each task owns a set of (batch, head)
@@ -112,24 +108,15 @@ impl AttentionParams {
 
     /// As [`AttentionParams::check_forward`], for a backward.
     pub fn check_backward(&self, t: &AttentionBackward) -> Result<()> {
-        let what = if t.key_mask.is_some() { "masked_attention_backward" } else { "attention_backward" };
-        self.check_dims(what, t.key_mask)?;
+        let f = &t.forward;
+        let what = if f.key_mask.is_some() { "masked_attention_backward" } else { "attention_backward" };
+        self.check_dims(what, f.key_mask)?;
         let (q, kv, lse) = self.lens();
-        check_lens(
-            what,
-            &[
-                ("dq", t.dq, q),
-                ("dk", t.dk, kv),
-                ("dv", t.dv, kv),
-                ("dout", t.dout, q),
-                ("q", t.q, q),
-                ("k", t.k, kv),
-                ("v", t.v, kv),
-                ("out", t.out, q),
-                ("lse", t.lse, lse),
-            ],
-        )?;
-        check_disjoint(what, &[t.dq, t.dk, t.dv], &[t.dout, t.q, t.k, t.v, t.out, t.lse])
+        let grads = [("dq", t.dq, q), ("dk", t.dk, kv), ("dv", t.dv, kv), ("dout", t.dout, q)];
+        let forward = [("q", f.q, q), ("k", f.k, kv), ("v", f.v, kv), ("out", f.out, q), ("lse", f.lse, lse)];
+        check_lens(what, &grads)?;
+        check_lens(what, &forward)?;
+        check_disjoint(what, &[t.dq, t.dk, t.dv], &[t.dout, f.q, f.k, f.v, f.out, f.lse])
     }
 
     /// Whether query i of batch b attends to key j.

@@ -48,6 +48,18 @@ pub fn read_ids(path: &Path, name: &str) -> (Vec<usize>, Vec<u32>) {
     (shape, v.into_iter().map(|x| x as u32).collect())
 }
 
+/// Prints how many of `total` cases differ from the reference (with `detail` on what the cases
+/// cover) and fails showing the first five of `bad`.
+pub fn assert_no_mismatches(what: &str, total: usize, detail: &str, bad: &[String]) {
+    println!("{what}: {total} cases ({detail}), {} mismatches", bad.len());
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {total} cases differ from the reference, e.g.\n{}",
+        bad.len(),
+        bad[..bad.len().min(5)].join("\n")
+    );
+}
+
 /// Asserts the f32 parity bar and prints the error seen, so a passing run still shows the margin.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
     assert_eq!(got.len(), want.len(), "{what}: {} values, reference has {}", got.len(), want.len());

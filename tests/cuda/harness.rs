@@ -293,7 +293,8 @@ pub fn attention_backward(
     [dq, dk, dv, dout, q, k, v, out, lse]: [&Tensor; 9],
     key_mask: Option<&[u32]>,
 ) -> Result<()> {
-    b.attention_backward(&p, &AttentionBackward { dq, dk, dv, dout, q, k, v, out, lse, key_mask })
+    let forward = AttentionForward { out, lse, q, k, v, key_mask };
+    b.attention_backward(&p, &AttentionBackward { dq, dk, dv, dout, forward })
 }
 
 /// A resize of (batch, in_h, in_w, out_h, out_w, channels), as the cases list them.

@@ -209,8 +209,9 @@ impl AttentionOps for CpuBackend {
 
     fn attention_backward(&self, p: &AttentionParams, t: &AttentionBackward) -> Result<()> {
         p.check_backward(t)?;
-        let (outs, ins) = self.views([t.dq, t.dk, t.dv], [t.dout, t.q, t.k, t.v, t.out, t.lse]);
-        p.cpu_backward(outs, ins, t.key_mask);
+        let f = &t.forward;
+        let (outs, ins) = self.views([t.dq, t.dk, t.dv], [t.dout, f.q, f.k, f.v, f.out, f.lse]);
+        p.cpu_backward(outs, ins, f.key_mask);
         Ok(())
     }
 }

@@ -305,7 +305,7 @@ impl CudaBackend {
         mask: u64,
         scratch: WideScratch,
     ) -> Result<()> {
-        let AttentionBackward { dq, dk, dv, dout, q, k, v, lse, .. } = *t;
+        let AttentionBackward { dq, dk, dv, dout, forward: AttentionForward { q, k, v, lse, .. } } = *t;
         let (scale, causal) = (p.scale, p.causal);
         let WideScratch { delta, p: p_ws, ds: ds_ws, chunks } = scratch;
         let w = d.width();
@@ -466,7 +466,7 @@ impl AttentionOps for CudaBackend {
 
     fn attention_backward(&self, p: &AttentionParams, t: &AttentionBackward) -> Result<()> {
         p.check_backward(t)?;
-        let AttentionBackward { dq, dk, dv, dout, q, k, v, out, lse, key_mask } = *t;
+        let AttentionBackward { dq, dk, dv, dout, forward: AttentionForward { q, k, v, out, lse, key_mask } } = *t;
         let (scale, causal) = (p.scale, p.causal);
         let d = Dims::of(p).check("attention_backward")?;
         if d.batch * d.heads * d.q_len * d.kv_len == 0 {
