@@ -345,3 +345,15 @@ extern "C" __global__ void gn_backward_dinp(float* dinp, const float* dout, cons
         dinp[i] = dinp[i] + (float)((dxh - stats[2 * bg] - xhat * stats[2 * bg + 1]) * (double)rs);
     }
 }
+
+// batch_norm_forward (inference): out = inp·scale[ch] + shift[ch], then ReLU when relu, with the
+// running statistics folded into (scale, shift) at load (ops/norm.rs `BatchNormParams::cpu_forward`:
+// a multiply, then an add, rounded apart as on the CPU). Launch: 1-D grid-stride over rows·c.
+extern "C" __global__ void bn_forward(float* out, const float* inp, const float* scale, const float* shift, int n,
+                                      int c, int relu) {
+    GRID_STRIDE(i, n) {
+        const unsigned ch = (unsigned)i % (unsigned)c;
+        const float y = __fadd_rn(__fmul_rn(inp[i], scale[ch]), shift[ch]);
+        out[i] = relu ? fmaxf(y, 0.0f) : y;
+    }
+}

@@ -25,6 +25,7 @@ extern "C" void _ZTH13att_smem_bf16() {}
 #include "../linear.cu"
 #include "../norm.cu"
 #include "../optim.cu"
+#include "../pool.cu"
 #include "../random.cu"
 
 // K(kernel, launch bound) for each kernel; KAB(H) for the three bf16 attention kernels of head dim H.
@@ -56,6 +57,8 @@ extern "C" void _ZTH13att_smem_bf16() {}
     K(gn_backward_reduce, 0) \
     K(gn_backward_finalize, 0) \
     K(gn_backward_dinp, 0) \
+    K(bn_forward, 0) \
+    K(pool2d_fwd, 0) \
     K(ew_activation_fwd, 0) \
     K(ew_activation_bwd, 0) \
     K(ew_add, 0) \

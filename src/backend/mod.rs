@@ -1,6 +1,6 @@
 //! The `Backend` trait: a device (pools, copies, synchronisation, graphs) that runs every
 //! operation family the models use. Each family's trait (`LinearOps`, `ConvOps`, `NormOps`,
-//! `AttentionOps`, `ElementwiseOps`, `OptimOps`, `RandomOps`) lives in its `ops/` module beside the
+//! `AttentionOps`, `ElementwiseOps`, `OptimOps`, `RandomOps`, `PoolOps`) lives in its `ops/` module beside the
 //! parameter structs, checks and CPU reference; the backends implement it in their file of that
 //! family, and `plan` counts it.
 //!
@@ -21,6 +21,7 @@ pub use crate::ops::elementwise::ElementwiseOps;
 pub use crate::ops::linear::LinearOps;
 pub use crate::ops::norm::NormOps;
 pub use crate::ops::optim::OptimOps;
+pub use crate::ops::pool::PoolOps;
 pub use crate::ops::random::RandomOps;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
@@ -127,7 +128,9 @@ pub(crate) fn check_key_mask(what: &str, key_mask: &[u32], batch: usize, kv_len:
 /// operation family, each declared beside its parameters and CPU reference in `ops/` (one trait a
 /// family, e.g. [`NormOps`] in ops/norm.rs ↔ kernels/norm.cu) and implemented by each backend in
 /// its file of that family (cuda/norm.rs, …).
-pub trait Backend: LinearOps + ConvOps + NormOps + AttentionOps + ElementwiseOps + OptimOps + RandomOps {
+pub trait Backend:
+    LinearOps + ConvOps + NormOps + AttentionOps + ElementwiseOps + OptimOps + RandomOps + PoolOps
+{
     /// A short name for messages ("cpu", "cuda:0 (NVIDIA H100)").
     fn name(&self) -> String;
 

@@ -3,15 +3,18 @@
 //! code itself.
 
 use super::{Activation, Backend};
-use crate::backend::{AttentionOps, ConvOps, ElementwiseOps, LinearOps, NormOps, OptimOps, RandomOps};
+use crate::backend::{AttentionOps, ConvOps, ElementwiseOps, LinearOps, NormOps, OptimOps, PoolOps, RandomOps};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
-use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
+use crate::ops::norm::{
+    BatchNormParams, GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward,
+};
 use crate::ops::optim::AdamWParams;
+use crate::ops::pool::Pool2dParams;
 use crate::ops::random::AddNoiseParams;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::Result;
@@ -104,6 +107,16 @@ impl NormOps for PlanBackend {
     }
 
     fn group_norm_backward(&self, _: &GroupNormParams, _: &GroupNormBackward) -> Result<()> {
+        Ok(())
+    }
+
+    fn batch_norm_forward(&self, _: &BatchNormParams, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl PoolOps for PlanBackend {
+    fn pool2d_forward(&self, _: &Pool2dParams, _: &Tensor, _: &Tensor) -> Result<()> {
         Ok(())
     }
 }

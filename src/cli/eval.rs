@@ -146,12 +146,11 @@ fn fid(g: &super::Global, a: FidArgs) -> Result<()> {
             );
         }
     }
-    if g.device != Device::Cpu && !matches!(a.features, FeatureKind::Clip | FeatureKind::ClipProj) {
+    if g.device != Device::Cpu && a.features == FeatureKind::Inception {
         bail!(
-            "--device {}: --features {} runs on the CPU only (the convolutional networks are not on the \
-             backend yet; clip and clip-proj are)",
-            g.device,
-            a.features.name()
+            "--device {}: --features inception runs on the CPU only (its network is not on the backend \
+             yet; xrv, clip and clip-proj are)",
+            g.device
         );
     }
     let backend = super::open_backend(g)?;

@@ -22,6 +22,7 @@
 //! safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, "clip-vit-base-patch32-vision.safetensors")
 //! ```
 
+use super::device::NetDevice;
 use super::ops::Act;
 use super::resize::pil_bicubic;
 use super::tensors::Weights;
@@ -29,9 +30,9 @@ use crate::backend::{Activation, Backend};
 use crate::models::allocate;
 use crate::models::clip::CLIP_LAYER_NAMES;
 use crate::nn::transformer::{LayerShape, NormPlacement, Tokens, TransformerLayer};
-use crate::nn::{planned_arena, Cx, LayerNorm, Linear};
+use crate::nn::{Cx, LayerNorm, Linear};
 use crate::ops::elementwise::BiasRowsParams;
-use crate::tensor::{Arena, Layout, Tensor};
+use crate::tensor::{Layout, Tensor};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
@@ -182,12 +183,6 @@ fn params_layout(l: &mut Layout, c: &ClipVisionConfig, projection_dim: Option<us
     ClipVisionParams { patch_embedding, pre_layrnorm, layers, post_layernorm, visual_projection }
 }
 
-/// The backend the tower runs on and the activation arena of the last batch size.
-struct Device {
-    backend: Box<dyn Backend>,
-    arena: Option<(usize, Arena)>,
-}
-
 /// transformers' `CLIPVisionModelWithProjection`, on the backend, with the text tower's
 /// transformer layers.
 pub struct ClipVision {
@@ -197,17 +192,12 @@ pub struct ClipVision {
     /// embeddings PyTorch forms as cat(class, patches) + positions are patches (a zero row 0) plus
     /// this, which adds the same two numbers in each element.
     token_bias: Tensor,
-    device: Device,
-}
-
-/// Pooled output and (if loaded) the projected image embedding.
-pub struct ClipOutput {
-    pub pooled: Vec<f32>,
-    pub projected: Option<Vec<f32>>,
+    device: NetDevice,
 }
 
 impl ClipVision {
-    /// Loads the tower; `projection` also loads `visual_projection.weight` (required then).
+    /// Loads the tower onto `backend`. Its output is the pooled output, or with `projection` the
+    /// image embedding (`visual_projection.weight`, required then).
     pub fn load(
         mut backend: Box<dyn Backend>,
         w: &Weights,
@@ -247,15 +237,17 @@ impl ClipVision {
             l.tensor("token_bias", [config.num_positions(), d])
         })?;
         backend.upload(&token_bias, &bias)?;
-        Ok(ClipVision { config, params, token_bias, device: Device { backend, arena: None } })
+        Ok(ClipVision { config, params, token_bias, device: NetDevice::new(backend) })
     }
 
-    pub fn projection_dim(&self) -> Option<usize> {
-        self.params.visual_projection.map(|p| p.out_f)
+    /// The length of the output: the projection's, else the hidden size.
+    pub fn dims(&self) -> usize {
+        self.params.visual_projection.map_or(self.config.hidden_size, |p| p.out_f)
     }
 
-    /// The tower on preprocessed images (image_size², 3 channels, normalised each).
-    pub fn forward(&mut self, images: &[Act]) -> Result<Vec<ClipOutput>> {
+    /// The tower on preprocessed images (image_size², 3 channels, normalised each): one output
+    /// (pooled, or projected) per image.
+    pub fn forward(&mut self, images: &[Act]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         for x in images {
             if x.h != c.image_size || x.w != c.image_size || x.c != 3 {
@@ -264,32 +256,12 @@ impl ClipVision {
         }
         let patches = self.unfold(images);
         let batch = images.len();
-        let dev = &mut self.device;
-        if dev.arena.as_ref().is_none_or(|(b, _)| *b != batch) {
-            if let Some((_, old)) = dev.arena.take() {
-                dev.backend.free(old.pool())?;
-            }
-            let plan = planned_arena(dev.backend.as_mut(), "clip_vision.activations", |cx| {
-                run(cx, &self.params, &self.token_bias, c, &patches, batch).map(|_| ())
-            })?;
-            dev.arena = Some((batch, plan));
-        }
-        let Some((_, arena)) = dev.arena.as_mut() else { unreachable!("planned above") };
-        arena.reset();
-        let cx = &mut Cx::new(dev.backend.as_ref(), arena);
-        let (pooled, projected) = run(cx, &self.params, &self.token_bias, c, &patches, batch)?;
-        // Every token went through the final norm and the projection; the class tokens (row 0 of
-        // each image) are the outputs.
-        let t = c.num_positions();
-        let class_rows = |x: Vec<f32>, width: usize| -> Vec<Vec<f32>> {
-            (0..batch).map(|i| x[i * t * width..][..width].to_vec()).collect()
-        };
-        let pooled = class_rows(dev.backend.download(&pooled)?, c.hidden_size);
-        let projected = match (projected, self.params.visual_projection) {
-            (Some(t), Some(p)) => class_rows(dev.backend.download(&t)?, p.out_f).into_iter().map(Some).collect(),
-            _ => vec![None; batch],
-        };
-        Ok(pooled.into_iter().zip(projected).map(|(pooled, projected)| ClipOutput { pooled, projected }).collect())
+        let (p, token_bias) = (&self.params, &self.token_bias);
+        let out = self.device.run("clip_vision.activations", batch, |cx| run(cx, p, token_bias, c, &patches, batch))?;
+        // Every token went through the final norm (and the projection); the class tokens (row 0
+        // of each image) are the outputs.
+        let (t, width) = (c.num_positions(), self.dims());
+        Ok((0..batch).map(|i| out[i * t * width..][..width].to_vec()).collect())
     }
 
     /// The patch convolution's input as rows: per image, a zero row (the class token's place) and
@@ -317,7 +289,7 @@ impl ClipVision {
 }
 
 /// The tower's forward for `batch` images whose unfolded patches are `patches`: the final norm's
-/// output (batch · positions, hidden) and, with a projection, its projection. Each layer's
+/// output (batch · positions, hidden), or with a projection its projection. Each layer's
 /// activations are released once its output is copied out (inference keeps nothing).
 fn run(
     cx: &mut Cx,
@@ -326,7 +298,7 @@ fn run(
     c: &ClipVisionConfig,
     patches: &[f32],
     batch: usize,
-) -> Result<(Tensor, Option<Tensor>)> {
+) -> Result<Tensor> {
     let b = cx.b;
     let (t, d) = (c.num_positions(), c.hidden_size);
     let rows = batch * t;
@@ -347,8 +319,10 @@ fn run(
         h.swap(0, 1);
     }
     let pooled = p.post_layernorm.apply(cx, &h[0], rows)?.out;
-    let projected = p.visual_projection.map(|proj| proj.apply(cx, &pooled, rows)).transpose()?;
-    Ok((pooled, projected))
+    match p.visual_projection {
+        Some(projection) => projection.apply(cx, &pooled, rows),
+        None => Ok(pooled),
+    }
 }
 
 /// CLIP's input for an 8-bit image (HWC, 1 or 3 channels), at the config's image size.

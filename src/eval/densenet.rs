@@ -20,11 +20,18 @@
 //! safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, "xrv-densenet121-res224-all.safetensors")
 //! ```
 
-use super::ops::{avg_pool2, global_avg, max_pool, Act, BatchNorm, Conv};
+use super::device::NetDevice;
+use super::ops::Act;
 use super::resize::skimage_resize;
 use super::tensors::Weights;
+use crate::backend::Backend;
+use crate::models::allocate;
+use crate::nn::{Conv2d, Cx, Fmap};
+use crate::ops::elementwise::ConcatParams;
+use crate::ops::norm::BatchNormParams;
+use crate::ops::pool::{Pool2dParams, PoolMode};
+use crate::tensor::{Layout, Shape, Tensor};
 use anyhow::{bail, Result};
-use rayon::prelude::*;
 
 pub const NETWORK: &str = "TorchXRayVision's DenseNet-121 (densenet121-res224-all)";
 /// XRayResizer's output size (the resolution the released weights were trained at).
@@ -99,110 +106,194 @@ impl DenseNetConfig {
     }
 }
 
-/// norm1 → relu → conv1 (1×1) → norm2 → relu → conv2 (3×3); norm2 is folded into conv1.
+/// A batch norm folded for inference: per channel, x · scale + shift (then ReLU: every norm of
+/// the network is followed by one).
+#[derive(Clone, Copy, Debug)]
+struct FoldedNorm {
+    scale: Tensor,
+    shift: Tensor,
+}
+
+/// norm1 → relu → conv1 (1×1) → norm2 → relu → conv2 (3×3), its output concatenated to its input.
+#[derive(Clone, Copy, Debug)]
 struct DenseLayer {
-    norm1: BatchNorm,
-    conv1: Conv,
-    conv2: Conv,
+    norm1: FoldedNorm,
+    conv1: Conv2d,
+    norm2: FoldedNorm,
+    conv2: Conv2d,
 }
 
 /// norm → relu → conv (1×1) → 2×2 average pool.
+#[derive(Clone, Copy, Debug)]
 struct Transition {
-    norm: BatchNorm,
-    conv: Conv,
+    norm: FoldedNorm,
+    conv: Conv2d,
 }
 
-pub struct DenseNet {
-    pub config: DenseNetConfig,
-    conv0: Conv, // with norm0 folded and relu0
+/// The network's parameters on the backend, under the checkpoint's names (a norm's folded pair as
+/// `<norm>.scale` and `<norm>.shift`).
+#[derive(Clone, Debug)]
+struct DenseNetParams {
+    conv0: Conv2d,
+    norm0: FoldedNorm,
     blocks: Vec<Vec<DenseLayer>>,
     transitions: Vec<Transition>,
-    norm5: BatchNorm,
+    norm5: FoldedNorm,
 }
 
-fn load_bn(w: &Weights, name: &str, c: usize) -> Result<BatchNorm> {
-    let g = |p: &str| w.get(&format!("{name}.{p}"), &[c]);
-    Ok(BatchNorm::new(&g("weight")?, &g("bias")?, &g("running_mean")?, &g("running_var")?, 1e-5))
+fn params_layout(l: &mut Layout, config: &DenseNetConfig) -> DenseNetParams {
+    let conv = |l: &mut Layout, name: &str, [c_out, c_in, kernel]: [usize; 3], stride: usize, pad: usize| {
+        let weight = l.tensor(format!("{name}.weight"), [c_out, c_in, kernel, kernel]);
+        Conv2d { weight, bias: None, c_in, c_out, kernel, stride, pad: [pad; 4] }
+    };
+    let norm = |l: &mut Layout, name: &str, c: usize| FoldedNorm {
+        scale: l.tensor(format!("{name}.scale"), [c]),
+        shift: l.tensor(format!("{name}.shift"), [c]),
+    };
+    let nif = config.num_init_features;
+    let conv0 = conv(l, "features.conv0", [nif, config.in_channels, 7], 2, 3);
+    let norm0 = norm(l, "features.norm0", nif);
+    let (gr, mid) = (config.growth_rate, config.bn_size * config.growth_rate);
+    let mut c = nif;
+    let (mut blocks, mut transitions) = (Vec::new(), Vec::new());
+    for (b, &n) in config.block_config.iter().enumerate() {
+        let layers = (0..n)
+            .map(|i| {
+                let p = format!("features.denseblock{}.denselayer{}", b + 1, i + 1);
+                DenseLayer {
+                    norm1: norm(l, &format!("{p}.norm1"), c + i * gr),
+                    conv1: conv(l, &format!("{p}.conv1"), [mid, c + i * gr, 1], 1, 0),
+                    norm2: norm(l, &format!("{p}.norm2"), mid),
+                    conv2: conv(l, &format!("{p}.conv2"), [gr, mid, 3], 1, 1),
+                }
+            })
+            .collect();
+        blocks.push(layers);
+        c += n * gr;
+        if b + 1 < config.block_config.len() {
+            let p = format!("features.transition{}", b + 1);
+            transitions.push(Transition {
+                norm: norm(l, &format!("{p}.norm"), c),
+                conv: conv(l, &format!("{p}.conv"), [c / 2, c, 1], 1, 0),
+            });
+            c /= 2;
+        }
+    }
+    let norm5 = norm(l, "features.norm5", c);
+    DenseNetParams { conv0, norm0, blocks, transitions, norm5 }
 }
 
-fn load_conv(w: &Weights, name: &str, shape: [usize; 4], stride: usize, pad: usize) -> Result<Conv> {
-    Ok(Conv::new(&w.get(name, &shape)?, shape, (stride, stride), (pad, pad)))
+/// TorchXRayVision's DenseNet, on the backend.
+pub struct DenseNet {
+    pub config: DenseNetConfig,
+    params: DenseNetParams,
+    device: NetDevice,
 }
 
 impl DenseNet {
-    pub fn load(w: &Weights, config: DenseNetConfig) -> Result<DenseNet> {
-        let nif = config.num_init_features;
-        let conv0 = load_conv(w, "features.conv0.weight", [nif, config.in_channels, 7, 7], 2, 3)?
-            .fold_bn(&load_bn(w, "features.norm0", nif)?)
-            .with_relu();
-        let (gr, mid) = (config.growth_rate, config.bn_size * config.growth_rate);
-        let mut c = nif;
-        let (mut blocks, mut transitions) = (Vec::new(), Vec::new());
-        for (b, &n) in config.block_config.iter().enumerate() {
-            let mut layers = Vec::new();
-            for l in 0..n {
-                let p = format!("features.denseblock{}.denselayer{}", b + 1, l + 1);
-                let cin = c + l * gr;
-                layers.push(DenseLayer {
-                    norm1: load_bn(w, &format!("{p}.norm1"), cin)?,
-                    conv1: load_conv(w, &format!("{p}.conv1.weight"), [mid, cin, 1, 1], 1, 0)?
-                        .fold_bn(&load_bn(w, &format!("{p}.norm2"), mid)?)
-                        .with_relu(),
-                    conv2: load_conv(w, &format!("{p}.conv2.weight"), [gr, mid, 3, 3], 1, 1)?,
-                });
-            }
-            blocks.push(layers);
-            c += n * gr;
-            if b + 1 < config.block_config.len() {
-                let p = format!("features.transition{}", b + 1);
-                transitions.push(Transition {
-                    norm: load_bn(w, &format!("{p}.norm"), c)?,
-                    conv: load_conv(w, &format!("{p}.conv.weight"), [c / 2, c, 1, 1], 1, 0)?,
-                });
-                c /= 2;
+    /// Loads the network onto `backend`: the convolutions' weights as they are, each batch norm's
+    /// running statistics folded into (scale, shift).
+    pub fn load(mut backend: Box<dyn Backend>, w: &Weights, config: DenseNetConfig) -> Result<DenseNet> {
+        let (params, table) = allocate(backend.as_mut(), "densenet.params", |l| params_layout(l, &config))?;
+        let b = backend.as_ref();
+        for e in table.entries() {
+            let t = Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
+            if let Some(norm) = e.name.strip_suffix(".scale") {
+                let c = e.shape.numel();
+                let g = |p: &str| w.get(&format!("{norm}.{p}"), &[c]);
+                let (scale, shift) =
+                    BatchNormParams::fold(&g("weight")?, &g("bias")?, &g("running_mean")?, &g("running_var")?, 1e-5);
+                b.upload(&t, &scale)?;
+                let shift_at = table.find(&format!("{norm}.shift")).expect("laid out with the scale");
+                b.upload(&Tensor { pool: table.pool(), offset: shift_at.offset, shape: shift_at.shape }, &shift)?;
+            } else if !e.name.ends_with(".shift") {
+                b.upload(&t, &w.get(&e.name, e.shape.dims())?)?;
             }
         }
-        let norm5 = load_bn(w, "features.norm5", c)?;
-        Ok(DenseNet { config, conv0, blocks, transitions, norm5 })
+        Ok(DenseNet { config, params, device: NetDevice::new(backend) })
     }
 
-    /// `features2`: relu(features(x)) averaged over space. x: the preprocessed image (1 channel).
-    pub fn forward(&self, x: &Act) -> Result<Vec<f32>> {
-        if x.c != self.config.in_channels {
-            bail!("the DenseNet takes {} channel(s), got {}", self.config.in_channels, x.c);
+    /// `features2` of each preprocessed image (1 channel): relu(features(x)) averaged over space.
+    pub fn forward(&mut self, images: &[Act]) -> Result<Vec<Vec<f32>>> {
+        let Some(first) = images.first() else { return Ok(Vec::new()) };
+        let (h, w, c) = (first.h, first.w, first.c);
+        if c != self.config.in_channels {
+            bail!("the DenseNet takes {} channel(s), got {c}", self.config.in_channels);
+        }
+        if images.iter().any(|x| (x.h, x.w, x.c) != (h, w, c)) {
+            bail!("the DenseNet runs a batch of images of one size");
         }
         let min = 1 << (self.config.block_config.len() + 1);
-        if x.h < min || x.w < min {
-            bail!("the DenseNet needs at least {min}×{min} pixels, got {}×{}", x.h, x.w);
+        if h < min || w < min {
+            bail!("the DenseNet needs at least {min}×{min} pixels, got {h}×{w}");
         }
-        let gr = self.config.growth_rate;
-        let mut cur = max_pool(&self.conv0.forward(x), 3, 2, 1);
-        for (b, layers) in self.blocks.iter().enumerate() {
-            // The block's concatenation buffer, filled growth_rate channels per layer.
-            let total = cur.c + layers.len() * gr;
-            let mut buf = Act::new(cur.h, cur.w, total, vec![0f32; cur.pixels() * total]);
-            buf.data
-                .par_chunks_mut(total)
-                .zip(cur.data.par_chunks(cur.c))
-                .for_each(|(o, i)| o[..i.len()].copy_from_slice(i));
-            let mut c = cur.c;
-            for layer in layers {
-                let t = layer.norm1.relu_prefix(&buf, c);
-                let new = layer.conv2.forward(&layer.conv1.forward(&t));
-                buf.data
-                    .par_chunks_mut(total)
-                    .zip(new.data.par_chunks(gr))
-                    .for_each(|(o, n)| o[c..c + gr].copy_from_slice(n));
-                c += gr;
-            }
-            cur = buf;
-            if let Some(t) = self.transitions.get(b) {
-                cur = avg_pool2(&t.conv.forward(&t.norm.relu_prefix(&cur, cur.c)));
-            }
-        }
-        let out = self.norm5.relu_prefix(&cur, cur.c); // norm5, then features2's ReLU
-        Ok(global_avg(&out, false))
+        let pixels: Vec<f32> = images.iter().flat_map(|x| x.data.iter().copied()).collect();
+        let (batch, p, gr) = (images.len(), &self.params, self.config.growth_rate);
+        let out = self.device.run("densenet.activations", batch, |cx| {
+            let x = Fmap::alloc(cx.arena, batch, h, w, c)?;
+            cx.b.upload(&x.t, &pixels)?;
+            features2(cx, p, gr, &x)
+        })?;
+        Ok(out.chunks(self.config.dims()).map(<[f32]>::to_vec).collect())
     }
+}
+
+/// relu(norm(x)) as a new map.
+fn norm_relu(cx: &mut Cx, n: &FoldedNorm, x: &Fmap) -> Result<Fmap> {
+    let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, x.c)?;
+    let p = BatchNormParams { rows: x.rows(), channels: x.c, relu: true };
+    cx.b.batch_norm_forward(&p, &out.t, &x.t, &n.scale, &n.shift)?;
+    Ok(out)
+}
+
+/// `mode` pooling of x with a square window.
+fn pool(cx: &mut Cx, x: &Fmap, kernel: usize, stride: usize, pad: usize, mode: PoolMode) -> Result<Fmap> {
+    let p = Pool2dParams::square(x.batch, [x.h, x.w, x.c], kernel, stride, pad, mode);
+    let out = Fmap::alloc(cx.arena, x.batch, p.out_h(), p.out_w(), x.c)?;
+    cx.b.pool2d_forward(&p, &out.t, &x.t)?;
+    Ok(out)
+}
+
+/// The map of `c` channels held at the start of `buf` (a dense block's concatenation buffer).
+fn prefix(buf: &Tensor, x: &Fmap, c: usize) -> Fmap {
+    let t = Tensor { pool: buf.pool, offset: buf.offset, shape: Shape::new(&[x.batch, x.h, x.w, c]) };
+    Fmap { t, c, ..*x }
+}
+
+/// The network's `features2`: (batch, 1, 1, features) of the input map.
+fn features2(cx: &mut Cx, p: &DenseNetParams, gr: usize, x: &Fmap) -> Result<Tensor> {
+    let x = p.conv0.apply(cx, x)?;
+    let x = norm_relu(cx, &p.norm0, &x)?;
+    let mut x = pool(cx, &x, 3, 2, 1, PoolMode::Max)?;
+    for (b, layers) in p.blocks.iter().enumerate() {
+        // Each layer's output is the concatenation of its input and its new channels, written to
+        // the other of two buffers sized for the block's last one; its temporaries are released.
+        let total = x.c + layers.len() * gr;
+        let bufs = [cx.arena.alloc([x.rows() * total])?, cx.arena.alloc([x.rows() * total])?];
+        for (i, layer) in layers.iter().enumerate() {
+            let mark = cx.arena.mark();
+            let t = norm_relu(cx, &layer.norm1, &x)?;
+            let t = layer.conv1.apply(cx, &t)?;
+            let t = norm_relu(cx, &layer.norm2, &t)?;
+            let new = layer.conv2.apply(cx, &t)?;
+            let out = prefix(&bufs[i % 2], &x, x.c + gr);
+            let cat = ConcatParams { rows: x.rows(), a_channels: x.c, b_channels: gr };
+            cx.b.concat_channels_forward(&cat, &out.t, &x.t, &new.t)?;
+            cx.arena.release_all_to(mark);
+            x = out;
+        }
+        if let Some(t) = p.transitions.get(b) {
+            let y = norm_relu(cx, &t.norm, &x)?;
+            let y = t.conv.apply(cx, &y)?;
+            x = pool(cx, &y, 2, 2, 0, PoolMode::Avg)?;
+        }
+    }
+    // norm5, then features2's ReLU and global average.
+    let x = norm_relu(cx, &p.norm5, &x)?;
+    let pooled = Pool2dParams::global_avg(x.batch, [x.h, x.w, x.c]);
+    let out = cx.arena.alloc([x.batch, x.c])?;
+    cx.b.pool2d_forward(&pooled, &out, &x.t)?;
+    Ok(out)
 }
 
 /// TorchXRayVision's input for an 8-bit image (HWC, 1 or 3 channels): one channel in [-1024, 1024],

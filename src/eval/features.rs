@@ -139,13 +139,13 @@ impl Preprocess {
 pub enum FeatureNet {
     Inception(InceptionV3),
     Xrv(DenseNet),
-    Clip { model: ClipVision, projected: bool },
+    Clip(ClipVision),
 }
 
 impl FeatureNet {
     /// Loads `kind` from a safetensors file (`clip_config`: a transformers config.json for a CLIP
-    /// tower other than ViT-B/32). The CLIP tower runs on `backend`; Inception and DenseNet run on
-    /// their own CPU blocks (src/eval/ops.rs) whatever the backend.
+    /// tower other than ViT-B/32). The CLIP tower and the DenseNet run on `backend`; Inception runs
+    /// on its own CPU blocks (src/eval/ops.rs) whatever the backend.
     pub fn load(
         kind: FeatureKind,
         weights: &Path,
@@ -171,6 +171,7 @@ impl FeatureNet {
                 FeatureNet::Inception(InceptionV3::load(&Weights { src, network: inception::NETWORK })?)
             }
             FeatureKind::Xrv => FeatureNet::Xrv(DenseNet::load(
+                backend,
                 &Weights { src, network: densenet::NETWORK },
                 DenseNetConfig::densenet121(),
             )?),
@@ -180,9 +181,8 @@ impl FeatureNet {
                     None => ClipVisionConfig::vit_b32(),
                 };
                 let projected = kind == FeatureKind::ClipProj;
-                let model =
-                    ClipVision::load(backend, &Weights { src, network: clip_vision::NETWORK }, config, projected)?;
-                FeatureNet::Clip { model, projected }
+                let weights = Weights { src, network: clip_vision::NETWORK };
+                FeatureNet::Clip(ClipVision::load(backend, &weights, config, projected)?)
             }
         })
     }
@@ -191,13 +191,7 @@ impl FeatureNet {
         match self {
             FeatureNet::Inception(_) => inception::DIMS,
             FeatureNet::Xrv(m) => m.config.dims(),
-            FeatureNet::Clip { model, projected } => {
-                if *projected {
-                    model.projection_dim().unwrap_or(0)
-                } else {
-                    model.config.hidden_size
-                }
-            }
+            FeatureNet::Clip(m) => m.dims(),
         }
     }
 
@@ -206,21 +200,17 @@ impl FeatureNet {
         match self {
             FeatureNet::Inception(_) => Preprocess::Inception,
             FeatureNet::Xrv(_) => Preprocess::Xrv,
-            FeatureNet::Clip { model, .. } => Preprocess::Clip { size: model.config.image_size },
+            FeatureNet::Clip(m) => Preprocess::Clip { size: m.config.image_size },
         }
     }
 
-    /// The features of preprocessed images, one vector each. Inception and DenseNet run one image
-    /// per thread on their CPU blocks; CLIP runs the batch on its backend.
+    /// The features of preprocessed images, one vector each. Inception runs one image per thread
+    /// on its CPU blocks; the DenseNet and CLIP run the batch on their backend.
     pub fn forward(&mut self, inputs: &[Act]) -> Result<Vec<Vec<f32>>> {
         match self {
             FeatureNet::Inception(m) => inputs.par_iter().map(|x| m.forward(x)).collect(),
-            FeatureNet::Xrv(m) => inputs.par_iter().map(|x| m.forward(x)).collect(),
-            FeatureNet::Clip { model, projected } => Ok(model
-                .forward(inputs)?
-                .into_iter()
-                .map(|o| if *projected { o.projected.unwrap_or_default() } else { o.pooled })
-                .collect()),
+            FeatureNet::Xrv(m) => m.forward(inputs),
+            FeatureNet::Clip(m) => m.forward(inputs),
         }
     }
 

@@ -2,6 +2,7 @@
 
 pub mod clip_vision;
 pub mod densenet;
+pub mod device;
 pub mod features;
 pub mod fid;
 pub mod frechet;

@@ -1,10 +1,11 @@
-//! Plain CPU building blocks for the convolutional evaluation networks (Inception, DenseNet; the
-//! CLIP tower runs on the backend): one image at a time, channels-last (HWC),
+//! Plain CPU building blocks for pytorch-fid's Inception (the CLIP tower and the DenseNet run on
+//! the backend): one image at a time, channels-last (HWC),
 //! f32, convolutions as im2col + the crate's row-parallel SGEMM. These networks only run forward
 //! (inference, batch-norm folded into the preceding convolution where the order allows), so they
 //! live here rather than on the training backend.
 
 use crate::backend::cpu::gemm::{sgemm_par, Mat};
+use crate::ops::norm::BatchNormParams;
 use rayon::prelude::*;
 
 /// One image's activations: `data[(y * w + x) * c + ch]`.
@@ -48,21 +49,8 @@ pub struct BatchNorm {
 
 impl BatchNorm {
     pub fn new(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f64) -> BatchNorm {
-        let scale: Vec<f32> =
-            gamma.iter().zip(var).map(|(g, v)| (*g as f64 / (*v as f64 + eps).sqrt()) as f32).collect();
-        let shift = beta.iter().zip(mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
+        let (scale, shift) = BatchNormParams::fold(gamma, beta, mean, var, eps);
         BatchNorm { scale, shift }
-    }
-
-    /// relu(bn(x)) over the first `c` channels of x (a prefix of a dense block's buffer).
-    pub fn relu_prefix(&self, x: &Act, c: usize) -> Act {
-        let mut out = vec![0f32; x.pixels() * c];
-        out.par_chunks_mut(c).zip(x.data.par_chunks(x.c)).for_each(|(o, i)| {
-            for k in 0..c {
-                o[k] = (i[k] * self.scale[k] + self.shift[k]).max(0.0);
-            }
-        });
-        Act::new(x.h, x.w, c, out)
     }
 }
 
@@ -228,21 +216,6 @@ pub fn avg_pool3_exclude_pad(x: &Act) -> Act {
         o.iter_mut().for_each(|a| *a /= n);
     });
     Act::new(h, w, c, out)
-}
-
-/// 2×2 average pooling with stride 2 (DenseNet's transitions), floor mode.
-pub fn avg_pool2(x: &Act) -> Act {
-    let (oh, ow, c) = (x.h / 2, x.w / 2, x.c);
-    let mut out = vec![0f32; oh * ow * c];
-    out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
-        let (oy, ox) = (r / ow, r % ow);
-        for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-            let src = &x.data[((2 * oy + dy) * x.w + 2 * ox + dx) * c..][..c];
-            o.iter_mut().zip(src).for_each(|(a, b)| *a += b);
-        }
-        o.iter_mut().for_each(|a| *a *= 0.25);
-    });
-    Act::new(oh, ow, c, out)
 }
 
 /// Global average pooling (`adaptive_avg_pool2d(x, 1)`), accumulated in f64.

@@ -1,7 +1,8 @@
 //! Normalisations. Layer norm (`torch.nn.LayerNorm` over the last dimension: the text encoders',
 //! the transformer blocks'); group norm (`torch.nn.GroupNorm` over channels-last activations),
-//! optionally followed by SiLU as the U-Net's and the VAE's resnets apply it. Kernels:
-//! kernels/norm.cu (`ln_*`, `gn_*`).
+//! optionally followed by SiLU as the U-Net's and the VAE's resnets apply it; batch norm at
+//! inference (`torch.nn.BatchNorm2d` in eval mode, optionally followed by ReLU: the evaluation
+//! networks'). Kernels: kernels/norm.cu (`ln_*`, `gn_*`, `bn_*`).
 
 use super::silu;
 use crate::backend::{check_disjoint, check_len};
@@ -315,7 +316,49 @@ impl GroupNormParams {
     }
 }
 
-/// The layer and group norms on a backend.
+/// Batch norm at inference, as `rows` positions × `channels`: out = x · scale + shift per channel,
+/// then ReLU when `relu` (the evaluation networks' norm → act pairs). `scale` and `shift` are the
+/// running statistics folded once at load by [`BatchNormParams::fold`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchNormParams {
+    pub rows: usize,
+    pub channels: usize,
+    pub relu: bool,
+}
+
+impl BatchNormParams {
+    /// (scale, shift) = (γ / √(var + ε), β − mean · scale), in f64 then rounded, as PyTorch's CPU
+    /// kernel folds the running statistics before its single multiply-add.
+    pub fn fold(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
+        let scale: Vec<f32> =
+            gamma.iter().zip(var).map(|(g, v)| (*g as f64 / (*v as f64 + eps).sqrt()) as f32).collect();
+        let shift = beta.iter().zip(mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
+        (scale, shift)
+    }
+
+    pub fn check_forward(&self, out: &Tensor, inp: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<()> {
+        let (n, c) = (self.rows * self.channels, self.channels);
+        check_len("batch_norm out", out, n)?;
+        check_len("batch_norm inp", inp, n)?;
+        check_len("batch_norm scale", scale, c)?;
+        check_len("batch_norm shift", shift, c)?;
+        check_disjoint("batch_norm", &[out], &[inp, scale, shift])
+    }
+
+    /// The CPU reference: a multiply and an add in f32 per element (not fused), then ReLU.
+    pub fn cpu_forward(&self, out: &mut [f32], [x, scale, shift]: [&[f32]; 3]) {
+        let c = self.channels;
+        let n = self.rows * c;
+        out[..n].par_chunks_mut(c).zip(x[..n].par_chunks(c)).for_each(|(o, x)| {
+            for k in 0..c {
+                let y = x[k] * scale[k] + shift[k];
+                o[k] = if self.relu { y.max(0.0) } else { y };
+            }
+        });
+    }
+}
+
+/// The layer, group and batch norms on a backend.
 pub trait NormOps {
     /// Layer norm over the last dimension: out, mean (rows), rstd (rows), inp (rows, cols).
     fn layer_norm_forward(&self, p: &LayerNormParams, t: &NormForward) -> Result<()>;
@@ -330,6 +373,16 @@ pub trait NormOps {
 
     /// Of `group_norm_forward` (with its SiLU when `silu`, recomputed from the saved statistics).
     fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()>;
+
+    /// Inference batch norm (and ReLU) on (rows, channels); forward only (the evaluation networks).
+    fn batch_norm_forward(
+        &self,
+        p: &BatchNormParams,
+        out: &Tensor,
+        inp: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+    ) -> Result<()>;
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ use roentgen::backend::{Activation, Backend, ElementwiseOps, OptimOps};
 use roentgen::ops::elementwise::{
     BiasRowsParams, ConcatParams, EmbeddingBackward, EmbeddingForward, GegluParams, TimestepEmbeddingParams,
 };
+use roentgen::ops::norm::BatchNormParams;
+use roentgen::ops::pool::{Pool2dParams, PoolMode};
 use roentgen::tensor::Tensor;
 
 const ACTS: [Activation; 4] = [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Silu];
@@ -134,6 +136,35 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             ];
             g(format!("group_norm_backward {n}x{hw}x{c}/{gr} silu={silu}"), ins, &[0, 1, 2], &|b, t| {
                 group_norm_backward(b, group_norm(n, hw, c, gr, silu), t)
+            });
+        }
+    }
+
+    // batch norm at inference (the evaluation networks): (rows, channels), with and without ReLU
+    for &(rows, c) in &[(7, 3), (3136, 64), (196, 1024), (5, 33)] {
+        for relu in [false, true] {
+            let ins = vec![vec![0.0; rows * c], rng.normal(rows * c), rng.normal(c), rng.normal(c)];
+            g(format!("batch_norm_forward {rows}x{c} relu={relu}"), ins, &[0], &|b, t| {
+                b.batch_norm_forward(&BatchNormParams { rows, channels: c, relu }, &t[0], &t[1], &t[2], &t[3])
+            });
+        }
+    }
+
+    // pooling: (batch, h, w, c, kernel h, kernel w, stride, pad) — DenseNet's stem max pool and
+    // transition average, a global average (7×7 and a non-square map), odd sizes with padding
+    for &(n, h, w, c, kh, kw, st, pad) in &[
+        (2, 112, 112, 64, 3, 3, 2, 1),
+        (2, 56, 56, 128, 2, 2, 2, 0),
+        (2, 7, 7, 1024, 7, 7, 1, 0),
+        (1, 5, 9, 6, 5, 9, 1, 0),
+        (1, 9, 7, 5, 3, 3, 1, 1),
+        (3, 10, 11, 4, 3, 2, 2, 1),
+    ] {
+        for mode in [PoolMode::Max, PoolMode::Avg, PoolMode::AvgExcludePad] {
+            let p = Pool2dParams { batch: n, h, w, channels: c, kernel_h: kh, kernel_w: kw, stride: st, pad, mode };
+            let ins = vec![vec![0.0; p.out_elements()], rng.normal(p.in_elements())];
+            g(format!("pool2d_forward {n}x{h}x{w}x{c} {kh}x{kw}/{st} pad {pad} {mode:?}"), ins, &[0], &|b, t| {
+                b.pool2d_forward(&p, &t[0], &t[1])
             });
         }
     }

@@ -294,6 +294,59 @@ pub fn clip_tower_case(r: &mut Runner) {
     });
 }
 
+/// A small DenseNet (TorchXRayVision's architecture at growth 4, blocks [2, 2]) with seeded
+/// weights on the CUDA backend in f32, against the same network on the CPU backend: every layer
+/// kind of the XRV features (7×7 stride-2 stem, batch norm + ReLU, max and average pooling, dense
+/// concatenation, global average) on two images at once.
+pub fn densenet_case(r: &mut Runner) {
+    r.case("f32/densenet features: cuda vs cpu", || {
+        use roentgen::backend::cpu::CpuBackend;
+        use roentgen::eval::densenet::{DenseNet, DenseNetConfig};
+        use roentgen::eval::ops::Act;
+        use roentgen::eval::tensors::{MapSource, Weights};
+        let config = DenseNetConfig {
+            growth_rate: 4,
+            block_config: vec![2, 2],
+            num_init_features: 8,
+            bn_size: 2,
+            in_channels: 1,
+        };
+        let mut rng = Rng(77);
+        let tensors = config
+            .expected_tensors()
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                // Running variances positive, everything else centred.
+                let v: Vec<f32> = if name.ends_with("running_var") {
+                    rng.normal(n).iter().map(|x| 0.5 + x.abs()).collect()
+                } else {
+                    rng.scaled(n, 0.5)
+                };
+                (name, (shape, v))
+            })
+            .collect();
+        let src = MapSource { label: "seeded densenet".into(), tensors };
+        let images: Vec<Act> = (0..2).map(|_| Act::new(32, 32, 1, rng.scaled(32 * 32, 500.0))).collect();
+        let features = |backend: Box<dyn Backend>| -> Result<Vec<f32>> {
+            let mut net = DenseNet::load(backend, &Weights { src: &src, network: "densenet" }, config.clone())?;
+            Ok(net.forward(&images)?.concat())
+        };
+        let want = features(Box::new(CpuBackend::new()))?;
+        let got = features(Box::new(CudaBackend::new(0, Precision::F32)?))?;
+        ensure!(
+            got.len() == want.len() && got.len() == 2 * config.dims(),
+            "{} features, cpu {}",
+            got.len(),
+            want.len()
+        );
+        let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        ensure!(err <= F32_PARITY * scale, "max |cuda − cpu| {err:.2e} > {:.1e}", F32_PARITY * scale);
+        Ok(format!("max abs {err:.1e} of {} features (scale {scale:.2})", got.len()))
+    });
+}
+
 fn rel_l2_at_most(got: &[f32], want: &[f32], bar: f64) -> Result<String> {
     ensure!(got.len() == want.len(), "{} values vs {}", got.len(), want.len());
     let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();

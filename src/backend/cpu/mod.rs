@@ -4,15 +4,18 @@
 pub mod gemm;
 
 use super::{Activation, Backend};
-use crate::backend::{AttentionOps, ConvOps, ElementwiseOps, LinearOps, NormOps, OptimOps, RandomOps};
+use crate::backend::{AttentionOps, ConvOps, ElementwiseOps, LinearOps, NormOps, OptimOps, PoolOps, RandomOps};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, Pointwise, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams, WeightedBackward};
-use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
+use crate::ops::norm::{
+    BatchNormParams, GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward,
+};
 use crate::ops::optim::{AdamWParams, Reduction};
+use crate::ops::pool::Pool2dParams;
 use crate::ops::random::{AddNoiseParams, RandnParams};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{ensure, Result};
@@ -195,6 +198,29 @@ impl NormOps for CpuBackend {
         p.check_backward(t)?;
         let (outs, ins) = self.views([t.dinp, t.dweight, t.dbias], [t.dout, t.inp, t.weight, t.bias, t.mean, t.rstd]);
         p.cpu_backward(outs, ins);
+        Ok(())
+    }
+
+    fn batch_norm_forward(
+        &self,
+        p: &BatchNormParams,
+        out: &Tensor,
+        inp: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+    ) -> Result<()> {
+        p.check_forward(out, inp, scale, shift)?;
+        let ([out], ins) = self.views([out], [inp, scale, shift]);
+        p.cpu_forward(out, ins);
+        Ok(())
+    }
+}
+
+impl PoolOps for CpuBackend {
+    fn pool2d_forward(&self, p: &Pool2dParams, out: &Tensor, inp: &Tensor) -> Result<()> {
+        p.check_forward(out, inp)?;
+        let ([out], [inp]) = self.views([out], [inp]);
+        p.cpu_forward(out, inp);
         Ok(())
     }
 }

@@ -33,6 +33,7 @@ mod lt;
 mod norm;
 mod ops;
 mod params;
+mod pool;
 // The emulated device's GEMM (issue 14): in a build without `cuda-emu`, only its known-answer tests
 // use it.
 #[cfg_attr(not(any(test, feature = "cuda-emu")), allow(dead_code))]
