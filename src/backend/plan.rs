@@ -11,7 +11,8 @@ use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{
-    BatchNormParams, GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward,
+    BatchNormForward, BatchNormParams, GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams,
+    NormForward,
 };
 use crate::ops::optim::AdamWParams;
 use crate::ops::pool::Pool2dParams;
@@ -110,7 +111,7 @@ impl NormOps for PlanBackend {
         Ok(())
     }
 
-    fn batch_norm_forward(&self, _: &BatchNormParams, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<()> {
+    fn batch_norm_forward(&self, _: &BatchNormParams, _: &BatchNormForward) -> Result<()> {
         Ok(())
     }
 }

@@ -28,7 +28,7 @@ use crate::backend::Backend;
 use crate::models::allocate;
 use crate::nn::{Conv2d, Cx, Fmap};
 use crate::ops::elementwise::ConcatParams;
-use crate::ops::norm::BatchNormParams;
+use crate::ops::norm::{BatchNormForward, BatchNormParams};
 use crate::ops::pool::{Pool2dParams, PoolMode};
 use crate::tensor::{Layout, Shape, Tensor};
 use anyhow::{bail, Result};
@@ -242,7 +242,7 @@ impl DenseNet {
 fn norm_relu(cx: &mut Cx, n: &FoldedNorm, x: &Fmap) -> Result<Fmap> {
     let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, x.c)?;
     let p = BatchNormParams { rows: x.rows(), channels: x.c, relu: true };
-    cx.b.batch_norm_forward(&p, &out.t, &x.t, &n.scale, &n.shift)?;
+    cx.b.batch_norm_forward(&p, &BatchNormForward { out: &out.t, inp: &x.t, scale: &n.scale, shift: &n.shift })?;
     Ok(out)
 }
 

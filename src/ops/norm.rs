@@ -5,7 +5,7 @@
 //! networks'). Kernels: kernels/norm.cu (`ln_*`, `gn_*`, `bn_*`).
 
 use super::silu;
-use crate::backend::{check_disjoint, check_len};
+use crate::backend::{check_disjoint, check_len, check_lens};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -326,6 +326,16 @@ pub struct BatchNormParams {
     pub relu: bool,
 }
 
+/// The tensors of a batch norm call: `out` and `inp` (rows, channels), the folded `scale` and
+/// `shift` (channels).
+#[derive(Clone, Copy)]
+pub struct BatchNormForward<'a> {
+    pub out: &'a Tensor,
+    pub inp: &'a Tensor,
+    pub scale: &'a Tensor,
+    pub shift: &'a Tensor,
+}
+
 impl BatchNormParams {
     /// (scale, shift) = (γ / √(var + ε), β − mean · scale), in f64 then rounded, as PyTorch's CPU
     /// kernel folds the running statistics before its single multiply-add.
@@ -336,13 +346,13 @@ impl BatchNormParams {
         (scale, shift)
     }
 
-    pub fn check_forward(&self, out: &Tensor, inp: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<()> {
+    pub fn check_forward(&self, t: &BatchNormForward) -> Result<()> {
         let (n, c) = (self.rows * self.channels, self.channels);
-        check_len("batch_norm out", out, n)?;
-        check_len("batch_norm inp", inp, n)?;
-        check_len("batch_norm scale", scale, c)?;
-        check_len("batch_norm shift", shift, c)?;
-        check_disjoint("batch_norm", &[out], &[inp, scale, shift])
+        check_lens(
+            "batch_norm",
+            &[("out", t.out, n), ("inp", t.inp, n), ("scale", t.scale, c), ("shift", t.shift, c)],
+        )?;
+        check_disjoint("batch_norm", &[t.out], &[t.inp, t.scale, t.shift])
     }
 
     /// The CPU reference: a multiply and an add in f32 per element (not fused), then ReLU.
@@ -375,14 +385,7 @@ pub trait NormOps {
     fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()>;
 
     /// Inference batch norm (and ReLU) on (rows, channels); forward only (the evaluation networks).
-    fn batch_norm_forward(
-        &self,
-        p: &BatchNormParams,
-        out: &Tensor,
-        inp: &Tensor,
-        scale: &Tensor,
-        shift: &Tensor,
-    ) -> Result<()>;
+    fn batch_norm_forward(&self, p: &BatchNormParams, t: &BatchNormForward) -> Result<()>;
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use roentgen::backend::{Activation, Backend, ElementwiseOps, OptimOps};
 use roentgen::ops::elementwise::{
     BiasRowsParams, ConcatParams, EmbeddingBackward, EmbeddingForward, GegluParams, TimestepEmbeddingParams,
 };
-use roentgen::ops::norm::BatchNormParams;
+use roentgen::ops::norm::{BatchNormForward, BatchNormParams};
 use roentgen::ops::pool::{Pool2dParams, PoolMode};
 use roentgen::tensor::Tensor;
 
@@ -145,7 +145,8 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         for relu in [false, true] {
             let ins = vec![vec![0.0; rows * c], rng.normal(rows * c), rng.normal(c), rng.normal(c)];
             g(format!("batch_norm_forward {rows}x{c} relu={relu}"), ins, &[0], &|b, t| {
-                b.batch_norm_forward(&BatchNormParams { rows, channels: c, relu }, &t[0], &t[1], &t[2], &t[3])
+                let t = BatchNormForward { out: &t[0], inp: &t[1], scale: &t[2], shift: &t[3] };
+                b.batch_norm_forward(&BatchNormParams { rows, channels: c, relu }, &t)
             });
         }
     }

@@ -12,7 +12,8 @@ use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, Pointwise, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams, WeightedBackward};
 use crate::ops::norm::{
-    BatchNormParams, GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward,
+    BatchNormForward, BatchNormParams, GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams,
+    NormForward,
 };
 use crate::ops::optim::{AdamWParams, Reduction};
 use crate::ops::pool::Pool2dParams;
@@ -201,16 +202,9 @@ impl NormOps for CpuBackend {
         Ok(())
     }
 
-    fn batch_norm_forward(
-        &self,
-        p: &BatchNormParams,
-        out: &Tensor,
-        inp: &Tensor,
-        scale: &Tensor,
-        shift: &Tensor,
-    ) -> Result<()> {
-        p.check_forward(out, inp, scale, shift)?;
-        let ([out], ins) = self.views([out], [inp, scale, shift]);
+    fn batch_norm_forward(&self, p: &BatchNormParams, t: &BatchNormForward) -> Result<()> {
+        p.check_forward(t)?;
+        let ([out], ins) = self.views([t.out], [t.inp, t.scale, t.shift]);
         p.cpu_forward(out, ins);
         Ok(())
     }

@@ -8,9 +8,9 @@ use super::ops::{chunking, f64_at, BLOCK, COL_CHUNK_ROWS, COL_MAX_CHUNKS, MAX_GR
 use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::backend::NormOps;
 use crate::ops::norm::{
-    BatchNormParams, GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward,
+    BatchNormForward, BatchNormParams, GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams,
+    NormForward,
 };
-use crate::tensor::Tensor;
 use anyhow::Result;
 
 /// Group norm: elements per block aimed at by the statistics passes, and most chunks per group.
@@ -296,27 +296,12 @@ impl NormOps for CudaBackend {
         self.ops_norm_dparams(self.dptr(dweight), self.dptr(dbias), s)
     }
 
-    fn batch_norm_forward(
-        &self,
-        p: &BatchNormParams,
-        out: &Tensor,
-        inp: &Tensor,
-        scale: &Tensor,
-        shift: &Tensor,
-    ) -> Result<()> {
-        p.check_forward(out, inp, scale, shift)?;
+    fn batch_norm_forward(&self, p: &BatchNormParams, t: &BatchNormForward) -> Result<()> {
+        p.check_forward(t)?;
         let n = p.rows * p.channels;
         let Some(ni) = nonempty_i32("batch_norm", n)? else { return Ok(()) };
-        let (scale, shift) = (self.dptr(scale), self.dptr(shift));
-        let k = BnForward {
-            out: self.dptr(out),
-            inp: self.dptr(inp),
-            scale,
-            shift,
-            n: ni,
-            c: p.channels as i32,
-            relu: p.relu as i32,
-        };
+        let (out, inp, scale, shift) = (self.dptr(t.out), self.dptr(t.inp), self.dptr(t.scale), self.dptr(t.shift));
+        let k = BnForward { out, inp, scale, shift, n: ni, c: p.channels as i32, relu: p.relu as i32 };
         self.ops_launch1(n, k)
     }
 }
