@@ -624,3 +624,21 @@ extern "C" __global__ void __launch_bounds__(256)
         atomicAdd(db + c, s);
     }
 }
+
+// im2col_forward: out (rows, c·kh·kw), row = (b, oy, ox), column (ci·kh + ky)·kw + kx = the input
+// at (oy·stride − pt + ky, ox·stride − pl + kx, ci), zero outside (ops/conv.rs `Im2colParams`; the
+// inference-only path of Inception's rectangular kernels). Launch: 1-D grid-stride over rows·c·kh·kw.
+extern "C" __global__ void conv2d_im2col(float* __restrict__ out, const float* __restrict__ inp, int h, int w, int c,
+                                         int oh, int ow, int kh, int kw, int stride, int pt, int pl, int n) {
+    const unsigned patch = (unsigned)c * kh * kw;
+    GRID_STRIDE(i, n) {
+        const unsigned ui = (unsigned)i;
+        const unsigned row = ui / patch, col = ui - row * patch;
+        const unsigned ci = col / (unsigned)(kh * kw), tap = col - ci * (unsigned)(kh * kw);
+        const unsigned ky = tap / (unsigned)kw, kx = tap - ky * (unsigned)kw;
+        const unsigned t = row / (unsigned)ow, ox = row - t * (unsigned)ow;
+        const unsigned b = t / (unsigned)oh, oy = t - b * (unsigned)oh;
+        const int iy = (int)(oy * stride + ky) - pt, ix = (int)(ox * stride + kx) - pl;
+        out[i] = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? inp[(((size_t)b * h + iy) * w + ix) * c + ci] : 0.0f;
+    }
+}

@@ -123,14 +123,14 @@ fn fid_fixture(name: &str) -> PathBuf {
 
 #[test]
 fn bilinear_resize_matches_torch_interpolate() {
-    use roentgen::eval::ops::Act;
+    use roentgen::eval::net::Pixels;
     use roentgen::eval::resize::bilinear_torch;
     let f = fid_fixture("resize.safetensors");
     for tag in ["up", "down"] {
         let (si, x) = read_f32(&f, &format!("bilinear_{tag}_in"));
         let (so, want) = read_f32(&f, &format!("bilinear_{tag}_out"));
         let (c, h, w, oh, ow) = (si[1], si[2], si[3], so[2], so[3]);
-        let hwc = Act::from_chw(&x, c, h, w).data;
+        let hwc = Pixels::from_chw(&x, c, h, w).data;
         let got = bilinear_torch(&hwc, h, w, c, oh, ow);
         let got = common::nhwc_to_nchw(&got, 1, c, oh, ow);
         assert_close(&format!("bilinear {tag} {h}×{w} → {oh}×{ow}"), &got, &want, 1e-6);
@@ -188,13 +188,13 @@ fn check_rows(what: &str, net: &mut FeatureNet, paths: &[PathBuf], file: &Path, 
 #[test]
 fn inception_matches_pytorch_fid() {
     use roentgen::eval::inception::{expected_tensors, InceptionV3};
-    use roentgen::eval::ops::Act;
+    use roentgen::eval::net::Pixels;
     use roentgen::eval::tensors::Weights;
     let src = seeded_source("seeded inception", &expected_tensors());
     // The network alone at a reduced, odd size (83×77; the minimum is 75).
-    let model = InceptionV3::load(&Weights { src: &src, network: "inception" }).unwrap();
+    let mut model = InceptionV3::load(cpu(), &Weights { src: &src, network: "inception" }).unwrap();
     let x: Vec<f32> = uniform_f64("inception.input", 3 * 83 * 77, -1.0, 1.0).iter().map(|&v| v as f32).collect();
-    let got = model.forward(&Act::from_chw(&x, 3, 83, 77)).unwrap();
+    let got = model.forward(&[Pixels::from_chw(&x, 3, 83, 77)]).unwrap().concat();
     let (_, want) = read_f32(&fid_fixture("inception.safetensors"), "small_out");
     assert_close("inception pool3 at 83×77", &got, &want, F32_PARITY);
     // From PNG files: RGB conversion, ÷255, bilinear to 299 (up from 64×80, down from 310×320 and

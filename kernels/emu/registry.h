@@ -40,6 +40,7 @@ extern "C" void _ZTH13att_smem_bf16() {}
     K(conv2d_wgrad_f32, 256) \
     K(conv2d_wgrad_bf16, 256) \
     K(conv2d_bias_grad, 256) \
+    K(conv2d_im2col, 0) \
     K(attention_bwd_delta, 256) \
     K(attention_fwd_f32, AF_THREADS) \
     K(attention_bwd_dq_f32, AF_THREADS) \

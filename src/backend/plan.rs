@@ -5,7 +5,7 @@
 use super::{Activation, Backend};
 use crate::backend::{AttentionOps, ConvOps, ElementwiseOps, LinearOps, NormOps, OptimOps, PoolOps, RandomOps};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
-use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams, Im2colParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, UpsampleParams};
@@ -90,6 +90,10 @@ impl ConvOps for PlanBackend {
     fn conv2d_backward(&self, p: &Conv2dParams, t: &Conv2dBackward) -> Result<()> {
         // The weight gradient, and the input gradient when wanted: one forward's work each.
         self.count(0, p.flops() * (1 + t.dinp.is_some() as usize));
+        Ok(())
+    }
+
+    fn im2col_forward(&self, _: &Im2colParams, _: &Tensor, _: &Tensor) -> Result<()> {
         Ok(())
     }
 }

@@ -3,7 +3,6 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use roentgen::backend::Device;
 use roentgen::eval::features::{list_images, FeatureKind, FeatureNet};
 use roentgen::eval::fid::{cache_key, folder_features, FolderFeatures};
 use roentgen::eval::frechet::{frechet_distance, stats};
@@ -145,13 +144,6 @@ fn fid(g: &super::Global, a: FidArgs) -> Result<()> {
                 list.len()
             );
         }
-    }
-    if g.device != Device::Cpu && a.features == FeatureKind::Inception {
-        bail!(
-            "--device {}: --features inception runs on the CPU only (its network is not on the backend \
-             yet; xrv, clip and clip-proj are)",
-            g.device
-        );
     }
     let backend = super::open_backend(g)?;
     let mut net = FeatureNet::load(a.features, &a.weights, a.clip_config.as_deref(), backend)?;

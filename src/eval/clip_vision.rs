@@ -22,8 +22,8 @@
 //! safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, "clip-vit-base-patch32-vision.safetensors")
 //! ```
 
-use super::device::NetDevice;
-use super::ops::Act;
+use super::net::NetDevice;
+use super::net::Pixels;
 use super::resize::pil_bicubic;
 use super::tensors::Weights;
 use crate::backend::{Activation, Backend};
@@ -247,7 +247,7 @@ impl ClipVision {
 
     /// The tower on preprocessed images (image_size², 3 channels, normalised each): one output
     /// (pooled, or projected) per image.
-    pub fn forward(&mut self, images: &[Act]) -> Result<Vec<Vec<f32>>> {
+    pub fn forward(&mut self, images: &[Pixels]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         for x in images {
             if x.h != c.image_size || x.w != c.image_size || x.c != 3 {
@@ -267,7 +267,7 @@ impl ClipVision {
     /// The patch convolution's input as rows: per image, a zero row (the class token's place) and
     /// one row per patch (row-major over the grid, as `flatten(2)` orders them), each 3·p·p values
     /// in the weight's (channel, y, x) order.
-    fn unfold(&self, images: &[Act]) -> Vec<f32> {
+    fn unfold(&self, images: &[Pixels]) -> Vec<f32> {
         let p = self.config.patch_size;
         let grid = self.config.image_size / p;
         let width = 3 * p * p;
@@ -326,7 +326,7 @@ fn run(
 }
 
 /// CLIP's input for an 8-bit image (HWC, 1 or 3 channels), at the config's image size.
-pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize, size: usize) -> Act {
+pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize, size: usize) -> Pixels {
     let rgb: Vec<u8> = if c == 1 { pixels.iter().flat_map(|&v| [v, v, v]).collect() } else { pixels.to_vec() };
     // transformers' get_resize_output_image_size(default_to_square=False): the short side becomes
     // `size`, the long side int(size · long / short) (computed in f64, truncated).
@@ -348,5 +348,5 @@ pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize, size: usize) -> A
             }
         }
     }
-    Act::new(size, size, 3, out)
+    Pixels::new(size, size, 3, out)
 }

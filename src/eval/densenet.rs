@@ -20,18 +20,17 @@
 //! safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, "xrv-densenet121-res224-all.safetensors")
 //! ```
 
-use super::device::NetDevice;
-use super::ops::Act;
+use super::net::Pixels;
+use super::net::{global_avg, load_folding_norms, pool, stack, FoldedNorm, NetDevice};
 use super::resize::skimage_resize;
 use super::tensors::Weights;
 use crate::backend::Backend;
 use crate::models::allocate;
 use crate::nn::{Conv2d, Cx, Fmap};
 use crate::ops::elementwise::ConcatParams;
-use crate::ops::norm::{BatchNormForward, BatchNormParams};
-use crate::ops::pool::{Pool2dParams, PoolMode};
+use crate::ops::pool::PoolMode;
 use crate::tensor::{Layout, Shape, Tensor};
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 pub const NETWORK: &str = "TorchXRayVision's DenseNet-121 (densenet121-res224-all)";
 /// XRayResizer's output size (the resolution the released weights were trained at).
@@ -106,14 +105,6 @@ impl DenseNetConfig {
     }
 }
 
-/// A batch norm folded for inference: per channel, x · scale + shift (then ReLU: every norm of
-/// the network is followed by one).
-#[derive(Clone, Copy, Debug)]
-struct FoldedNorm {
-    scale: Tensor,
-    shift: Tensor,
-}
-
 /// norm1 → relu → conv1 (1×1) → norm2 → relu → conv2 (3×3), its output concatenated to its input.
 #[derive(Clone, Copy, Debug)]
 struct DenseLayer {
@@ -146,10 +137,7 @@ fn params_layout(l: &mut Layout, config: &DenseNetConfig) -> DenseNetParams {
         let weight = l.tensor(format!("{name}.weight"), [c_out, c_in, kernel, kernel]);
         Conv2d { weight, bias: None, c_in, c_out, kernel, stride, pad: [pad; 4] }
     };
-    let norm = |l: &mut Layout, name: &str, c: usize| FoldedNorm {
-        scale: l.tensor(format!("{name}.scale"), [c]),
-        shift: l.tensor(format!("{name}.shift"), [c]),
-    };
+    let norm = FoldedNorm::layout;
     let nif = config.num_init_features;
     let conv0 = conv(l, "features.conv0", [nif, config.in_channels, 7], 2, 3);
     let norm0 = norm(l, "features.norm0", nif);
@@ -192,42 +180,18 @@ pub struct DenseNet {
 
 impl DenseNet {
     /// Loads the network onto `backend`: the convolutions' weights as they are, each batch norm's
-    /// running statistics folded into (scale, shift).
+    /// running statistics folded into (scale, shift) (ε 1e-5, torchvision's).
     pub fn load(mut backend: Box<dyn Backend>, w: &Weights, config: DenseNetConfig) -> Result<DenseNet> {
         let (params, table) = allocate(backend.as_mut(), "densenet.params", |l| params_layout(l, &config))?;
-        let b = backend.as_ref();
-        for e in table.entries() {
-            let t = Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
-            if let Some(norm) = e.name.strip_suffix(".scale") {
-                let c = e.shape.numel();
-                let g = |p: &str| w.get(&format!("{norm}.{p}"), &[c]);
-                let (scale, shift) =
-                    BatchNormParams::fold(&g("weight")?, &g("bias")?, &g("running_mean")?, &g("running_var")?, 1e-5);
-                b.upload(&t, &scale)?;
-                let shift_at = table.find(&format!("{norm}.shift")).expect("laid out with the scale");
-                b.upload(&Tensor { pool: table.pool(), offset: shift_at.offset, shape: shift_at.shape }, &shift)?;
-            } else if !e.name.ends_with(".shift") {
-                b.upload(&t, &w.get(&e.name, e.shape.dims())?)?;
-            }
-        }
+        load_folding_norms(backend.as_ref(), w, &table, 1e-5)?;
         Ok(DenseNet { config, params, device: NetDevice::new(backend) })
     }
 
     /// `features2` of each preprocessed image (1 channel): relu(features(x)) averaged over space.
-    pub fn forward(&mut self, images: &[Act]) -> Result<Vec<Vec<f32>>> {
-        let Some(first) = images.first() else { return Ok(Vec::new()) };
-        let (h, w, c) = (first.h, first.w, first.c);
-        if c != self.config.in_channels {
-            bail!("the DenseNet takes {} channel(s), got {c}", self.config.in_channels);
-        }
-        if images.iter().any(|x| (x.h, x.w, x.c) != (h, w, c)) {
-            bail!("the DenseNet runs a batch of images of one size");
-        }
+    pub fn forward(&mut self, images: &[Pixels]) -> Result<Vec<Vec<f32>>> {
         let min = 1 << (self.config.block_config.len() + 1);
-        if h < min || w < min {
-            bail!("the DenseNet needs at least {min}×{min} pixels, got {h}×{w}");
-        }
-        let pixels: Vec<f32> = images.iter().flat_map(|x| x.data.iter().copied()).collect();
+        let channels = self.config.in_channels;
+        let Some(([h, w, c], pixels)) = stack(images, "the DenseNet", channels, min)? else { return Ok(Vec::new()) };
         let (batch, p, gr) = (images.len(), &self.params, self.config.growth_rate);
         let out = self.device.run("densenet.activations", batch, |cx| {
             let x = Fmap::alloc(cx.arena, batch, h, w, c)?;
@@ -236,22 +200,6 @@ impl DenseNet {
         })?;
         Ok(out.chunks(self.config.dims()).map(<[f32]>::to_vec).collect())
     }
-}
-
-/// relu(norm(x)) as a new map.
-fn norm_relu(cx: &mut Cx, n: &FoldedNorm, x: &Fmap) -> Result<Fmap> {
-    let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, x.c)?;
-    let p = BatchNormParams { rows: x.rows(), channels: x.c, relu: true };
-    cx.b.batch_norm_forward(&p, &BatchNormForward { out: &out.t, inp: &x.t, scale: &n.scale, shift: &n.shift })?;
-    Ok(out)
-}
-
-/// `mode` pooling of x with a square window.
-fn pool(cx: &mut Cx, x: &Fmap, kernel: usize, stride: usize, pad: usize, mode: PoolMode) -> Result<Fmap> {
-    let p = Pool2dParams::square(x.batch, [x.h, x.w, x.c], kernel, stride, pad, mode);
-    let out = Fmap::alloc(cx.arena, x.batch, p.out_h(), p.out_w(), x.c)?;
-    cx.b.pool2d_forward(&p, &out.t, &x.t)?;
-    Ok(out)
 }
 
 /// The map of `c` channels held at the start of `buf` (a dense block's concatenation buffer).
@@ -263,7 +211,7 @@ fn prefix(buf: &Tensor, x: &Fmap, c: usize) -> Fmap {
 /// The network's `features2`: (batch, 1, 1, features) of the input map.
 fn features2(cx: &mut Cx, p: &DenseNetParams, gr: usize, x: &Fmap) -> Result<Tensor> {
     let x = p.conv0.apply(cx, x)?;
-    let x = norm_relu(cx, &p.norm0, &x)?;
+    let x = p.norm0.apply_relu(cx, &x)?;
     let mut x = pool(cx, &x, 3, 2, 1, PoolMode::Max)?;
     for (b, layers) in p.blocks.iter().enumerate() {
         // Each layer's output is the concatenation of its input and its new channels, written to
@@ -272,9 +220,9 @@ fn features2(cx: &mut Cx, p: &DenseNetParams, gr: usize, x: &Fmap) -> Result<Ten
         let bufs = [cx.arena.alloc([x.rows() * total])?, cx.arena.alloc([x.rows() * total])?];
         for (i, layer) in layers.iter().enumerate() {
             let mark = cx.arena.mark();
-            let t = norm_relu(cx, &layer.norm1, &x)?;
+            let t = layer.norm1.apply_relu(cx, &x)?;
             let t = layer.conv1.apply(cx, &t)?;
-            let t = norm_relu(cx, &layer.norm2, &t)?;
+            let t = layer.norm2.apply_relu(cx, &t)?;
             let new = layer.conv2.apply(cx, &t)?;
             let out = prefix(&bufs[i % 2], &x, x.c + gr);
             let cat = ConcatParams { rows: x.rows(), a_channels: x.c, b_channels: gr };
@@ -283,22 +231,19 @@ fn features2(cx: &mut Cx, p: &DenseNetParams, gr: usize, x: &Fmap) -> Result<Ten
             x = out;
         }
         if let Some(t) = p.transitions.get(b) {
-            let y = norm_relu(cx, &t.norm, &x)?;
+            let y = t.norm.apply_relu(cx, &x)?;
             let y = t.conv.apply(cx, &y)?;
             x = pool(cx, &y, 2, 2, 0, PoolMode::Avg)?;
         }
     }
     // norm5, then features2's ReLU and global average.
-    let x = norm_relu(cx, &p.norm5, &x)?;
-    let pooled = Pool2dParams::global_avg(x.batch, [x.h, x.w, x.c]);
-    let out = cx.arena.alloc([x.batch, x.c])?;
-    cx.b.pool2d_forward(&pooled, &out, &x.t)?;
-    Ok(out)
+    let x = p.norm5.apply_relu(cx, &x)?;
+    global_avg(cx, &x)
 }
 
 /// TorchXRayVision's input for an 8-bit image (HWC, 1 or 3 channels): one channel in [-1024, 1024],
 /// centre-cropped to a square, resized to 224×224 (see the module comment).
-pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize) -> Act {
+pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize) -> Pixels {
     let norm = |v: u8| (2.0f32 * (v as f32 / 255.0) - 1.0) * 1024.0;
     let gray: Vec<f32> = if c == 1 {
         pixels.iter().map(|&v| norm(v)).collect()
@@ -309,5 +254,5 @@ pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize) -> Act {
     let (y0, x0) = (h / 2 - side / 2, w / 2 - side / 2);
     let crop: Vec<f32> = (0..side).flat_map(|y| gray[(y0 + y) * w + x0..][..side].iter().copied()).collect();
     let out = skimage_resize(&crop, side, side, INPUT_SIZE, INPUT_SIZE);
-    Act::new(INPUT_SIZE, INPUT_SIZE, 1, out)
+    Pixels::new(INPUT_SIZE, INPUT_SIZE, 1, out)
 }

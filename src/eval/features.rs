@@ -11,12 +11,11 @@
 use super::clip_vision::{self, ClipVision, ClipVisionConfig};
 use super::densenet::{self, DenseNet, DenseNetConfig};
 use super::inception::{self, InceptionV3};
-use super::ops::Act;
+use super::net::Pixels;
 use super::tensors::{FileSource, TensorSource, Weights};
 use crate::backend::Backend;
 use crate::io::safetensors::SafetensorsFile;
 use anyhow::{bail, Context, Result};
-use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// The feature network (the `features` setting).
@@ -125,7 +124,7 @@ pub enum Preprocess {
 }
 
 impl Preprocess {
-    pub fn apply(self, img: &Image) -> Act {
+    pub fn apply(self, img: &Image) -> Pixels {
         let (p, h, w, c) = (&img.pixels, img.height, img.width, img.channels);
         match self {
             Preprocess::Inception => inception::preprocess(p, h, w, c),
@@ -144,8 +143,7 @@ pub enum FeatureNet {
 
 impl FeatureNet {
     /// Loads `kind` from a safetensors file (`clip_config`: a transformers config.json for a CLIP
-    /// tower other than ViT-B/32). The CLIP tower and the DenseNet run on `backend`; Inception runs
-    /// on its own CPU blocks (src/eval/ops.rs) whatever the backend.
+    /// tower other than ViT-B/32), onto `backend`.
     pub fn load(
         kind: FeatureKind,
         weights: &Path,
@@ -168,7 +166,7 @@ impl FeatureNet {
         }
         Ok(match kind {
             FeatureKind::Inception => {
-                FeatureNet::Inception(InceptionV3::load(&Weights { src, network: inception::NETWORK })?)
+                FeatureNet::Inception(InceptionV3::load(backend, &Weights { src, network: inception::NETWORK })?)
             }
             FeatureKind::Xrv => FeatureNet::Xrv(DenseNet::load(
                 backend,
@@ -204,11 +202,10 @@ impl FeatureNet {
         }
     }
 
-    /// The features of preprocessed images, one vector each. Inception runs one image per thread
-    /// on its CPU blocks; the DenseNet and CLIP run the batch on their backend.
-    pub fn forward(&mut self, inputs: &[Act]) -> Result<Vec<Vec<f32>>> {
+    /// The features of preprocessed images (a batch), one vector each.
+    pub fn forward(&mut self, inputs: &[Pixels]) -> Result<Vec<Vec<f32>>> {
         match self {
-            FeatureNet::Inception(m) => inputs.par_iter().map(|x| m.forward(x)).collect(),
+            FeatureNet::Inception(m) => m.forward(inputs),
             FeatureNet::Xrv(m) => m.forward(inputs),
             FeatureNet::Clip(m) => m.forward(inputs),
         }

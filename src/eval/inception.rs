@@ -17,10 +17,17 @@
 //! safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, "pt_inception-2015-12-05.safetensors")
 //! ```
 
-use super::ops::{avg_pool3_exclude_pad, concat, global_avg, max_pool, Act, BatchNorm, Conv};
+use super::net::Pixels;
+use super::net::{concat, global_avg, load_folding_norms, pool, stack, FoldedNorm, NetDevice};
 use super::resize::bilinear_torch;
 use super::tensors::Weights;
-use anyhow::{bail, Result};
+use crate::backend::Backend;
+use crate::models::allocate;
+use crate::nn::{Conv2d, Cx, Fmap, Linear};
+use crate::ops::conv::Im2colParams;
+use crate::ops::pool::PoolMode;
+use crate::tensor::{Layout, Tensor};
+use anyhow::Result;
 
 pub const NETWORK: &str = "pytorch-fid's InceptionV3 (pt_inception-2015-12-05)";
 /// pool3 feature size.
@@ -29,9 +36,6 @@ pub const DIMS: usize = 2048;
 pub const INPUT_SIZE: usize = 299;
 /// The smallest input the stride-2 stem and reductions accept.
 pub const MIN_SIZE: usize = 75;
-
-/// BasicConv2d: conv (no bias) → BatchNorm(eps 0.001) → ReLU, folded into one convolution.
-struct Basic(Conv);
 
 /// A layer's specification: name, in, out, kernel, stride, padding.
 type Spec = (&'static str, usize, usize, (usize, usize), (usize, usize), (usize, usize));
@@ -54,7 +58,7 @@ fn stem_specs() -> Vec<Spec> {
 }
 
 /// The mixed blocks in order, with torchvision's branch layouts (InceptionA/B/C/D/E).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Kind {
     A { cin: usize, pool: usize },
     B { cin: usize },
@@ -153,108 +157,162 @@ pub fn expected_tensors() -> Vec<(String, Vec<usize>)> {
     out
 }
 
-fn load_basic(w: &Weights, name: &str, spec: Spec) -> Result<Basic> {
-    let (_, cin, cout, (kh, kw), stride, pad) = spec;
-    let wt = w.get(&format!("{name}.conv.weight"), &[cout, cin, kh, kw])?;
-    let bn = |p: &str| w.get(&format!("{name}.bn.{p}"), &[cout]);
-    let bn = BatchNorm::new(&bn("weight")?, &bn("bias")?, &bn("running_mean")?, &bn("running_var")?, 1e-3);
-    Ok(Basic(Conv::new(&wt, [cout, cin, kh, kw], stride, pad).fold_bn(&bn).with_relu()))
+/// BasicConv2d: conv (no bias) → BatchNorm(eps 0.001) → ReLU. A square kernel runs as the
+/// backend's convolution; a rectangular one (1×7, 7×1, 1×3, 3×1) as im2col and a linear map, the
+/// weight (c_out, c_in, kh, kw) read as (c_out, c_in · kh · kw).
+#[derive(Clone, Copy, Debug)]
+struct Basic {
+    weight: Tensor,
+    spec: Spec,
+    norm: FoldedNorm,
 }
 
+impl Basic {
+    fn layout(l: &mut Layout, name: &str, spec: Spec) -> Basic {
+        let (_, cin, cout, (kh, kw), _, _) = spec;
+        let weight = l.tensor(format!("{name}.conv.weight"), [cout, cin, kh, kw]);
+        Basic { weight, spec, norm: FoldedNorm::layout(l, &format!("{name}.bn"), cout) }
+    }
+
+    fn apply(&self, cx: &mut Cx, x: &Fmap) -> Result<Fmap> {
+        let (_, c_in, c_out, (kh, kw), (stride, _), (ph, pw)) = self.spec;
+        let pad = [ph, ph, pw, pw];
+        let y = if kh == kw {
+            Conv2d { weight: self.weight, bias: None, c_in, c_out, kernel: kh, stride, pad }.apply(cx, x)?
+        } else {
+            let p = Im2colParams {
+                batch: x.batch,
+                h: x.h,
+                w: x.w,
+                channels: c_in,
+                kernel_h: kh,
+                kernel_w: kw,
+                stride,
+                pad,
+            };
+            let cols = cx.arena.alloc([p.rows(), p.patch_len()])?;
+            cx.b.im2col_forward(&p, &cols, &x.t)?;
+            let weight = self.weight.reshape([c_out, p.patch_len()]);
+            let t = Linear { weight, bias: None, in_f: p.patch_len(), out_f: c_out }.apply(cx, &cols, p.rows())?;
+            Fmap { t, batch: x.batch, h: p.out_h(), w: p.out_w(), c: c_out }
+        };
+        self.norm.apply_relu(cx, &y)
+    }
+}
+
+#[derive(Clone, Debug)]
 struct Mixed {
     kind: Kind,
     convs: Vec<Basic>,
 }
 
 impl Mixed {
-    fn forward(&self, x: &Act) -> Act {
-        let c = |i: usize, x: &Act| self.convs[i].0.forward(x);
-        match self.kind {
+    fn forward(&self, cx: &mut Cx, x: &Fmap) -> Result<Fmap> {
+        let c = |cx: &mut Cx, i: usize, x: &Fmap| self.convs[i].apply(cx, x);
+        let chain = |cx: &mut Cx, convs: &[usize], x: &Fmap| -> Result<Fmap> {
+            let mut y = c(cx, convs[0], x)?;
+            for &i in &convs[1..] {
+                y = c(cx, i, &y)?;
+            }
+            Ok(y)
+        };
+        let parts = match self.kind {
             Kind::A { .. } => {
-                let b1 = c(0, x);
-                let b5 = c(2, &c(1, x));
-                let b3 = c(5, &c(4, &c(3, x)));
-                let bp = c(6, &avg_pool3_exclude_pad(x));
-                concat(&[&b1, &b5, &b3, &bp])
+                let pooled = pool(cx, x, 3, 1, 1, PoolMode::AvgExcludePad)?;
+                vec![c(cx, 0, x)?, chain(cx, &[1, 2], x)?, chain(cx, &[3, 4, 5], x)?, c(cx, 6, &pooled)?]
             }
-            Kind::B { .. } => {
-                let b3 = c(0, x);
-                let bd = c(3, &c(2, &c(1, x)));
-                let bp = max_pool(x, 3, 2, 0);
-                concat(&[&b3, &bd, &bp])
-            }
+            Kind::B { .. } => vec![c(cx, 0, x)?, chain(cx, &[1, 2, 3], x)?, pool(cx, x, 3, 2, 0, PoolMode::Max)?],
             Kind::C { .. } => {
-                let b1 = c(0, x);
-                let b7 = c(3, &c(2, &c(1, x)));
-                let bd = c(8, &c(7, &c(6, &c(5, &c(4, x)))));
-                let bp = c(9, &avg_pool3_exclude_pad(x));
-                concat(&[&b1, &b7, &bd, &bp])
+                let pooled = pool(cx, x, 3, 1, 1, PoolMode::AvgExcludePad)?;
+                vec![c(cx, 0, x)?, chain(cx, &[1, 2, 3], x)?, chain(cx, &[4, 5, 6, 7, 8], x)?, c(cx, 9, &pooled)?]
             }
             Kind::D { .. } => {
-                let b3 = c(1, &c(0, x));
-                let b7 = c(5, &c(4, &c(3, &c(2, x))));
-                let bp = max_pool(x, 3, 2, 0);
-                concat(&[&b3, &b7, &bp])
+                vec![chain(cx, &[0, 1], x)?, chain(cx, &[2, 3, 4, 5], x)?, pool(cx, x, 3, 2, 0, PoolMode::Max)?]
             }
-            Kind::E { max_pool: mp, .. } => {
-                let b1 = c(0, x);
-                let t = c(1, x);
-                let (a, b) = (c(2, &t), c(3, &t));
-                let t = c(5, &c(4, x));
-                let (d1, d2) = (c(6, &t), c(7, &t));
+            Kind::E { max_pool, .. } => {
+                let t = c(cx, 1, x)?;
+                let d = chain(cx, &[4, 5], x)?;
                 // FIDInceptionE_1 averages without the padding; FIDInceptionE_2 max-pools.
-                let pooled = if mp { max_pool(x, 3, 1, 1) } else { avg_pool3_exclude_pad(x) };
-                let bp = c(8, &pooled);
-                concat(&[&b1, &a, &b, &d1, &d2, &bp])
+                let mode = if max_pool { PoolMode::Max } else { PoolMode::AvgExcludePad };
+                let pooled = pool(cx, x, 3, 1, 1, mode)?;
+                vec![c(cx, 0, x)?, c(cx, 2, &t)?, c(cx, 3, &t)?, c(cx, 6, &d)?, c(cx, 7, &d)?, c(cx, 8, &pooled)?]
             }
-        }
+        };
+        concat(cx, &parts)
     }
 }
 
-pub struct InceptionV3 {
+#[derive(Clone, Debug)]
+struct InceptionParams {
     stem: Vec<Basic>,
     mixed: Vec<Mixed>,
 }
 
+fn params_layout(l: &mut Layout) -> InceptionParams {
+    let stem = stem_specs().into_iter().map(|s| Basic::layout(l, s.0, s)).collect();
+    let mixed = MIXED
+        .iter()
+        .map(|&(block, kind)| {
+            let convs =
+                branch_specs(kind).into_iter().map(|s| Basic::layout(l, &format!("{block}.{}", s.0), s)).collect();
+            Mixed { kind, convs }
+        })
+        .collect();
+    InceptionParams { stem, mixed }
+}
+
+/// pytorch-fid's InceptionV3, on the backend.
+pub struct InceptionV3 {
+    params: InceptionParams,
+    device: NetDevice,
+}
+
 impl InceptionV3 {
-    pub fn load(w: &Weights) -> Result<InceptionV3> {
-        let stem = stem_specs().into_iter().map(|s| load_basic(w, s.0, s)).collect::<Result<_>>()?;
-        let mut mixed = Vec::new();
-        for (block, kind) in MIXED {
-            let convs = branch_specs(kind)
-                .into_iter()
-                .map(|s| load_basic(w, &format!("{block}.{}", s.0), s))
-                .collect::<Result<_>>()?;
-            mixed.push(Mixed { kind, convs });
-        }
-        Ok(InceptionV3 { stem, mixed })
+    /// Loads the network onto `backend`, each batch norm's statistics folded (ε 0.001, TensorFlow's).
+    pub fn load(mut backend: Box<dyn Backend>, w: &Weights) -> Result<InceptionV3> {
+        let (params, table) = allocate(backend.as_mut(), "inception.params", params_layout)?;
+        load_folding_norms(backend.as_ref(), w, &table, 1e-3)?;
+        Ok(InceptionV3 { params, device: NetDevice::new(backend) })
     }
 
-    /// pool3 features of an input already in the network's range ([-1, 1]), any size ≥ 75×75.
-    pub fn forward(&self, x: &Act) -> Result<Vec<f32>> {
-        if x.c != 3 {
-            bail!("InceptionV3 takes 3 channels, got {}", x.c);
-        }
-        if x.h < MIN_SIZE || x.w < MIN_SIZE {
-            bail!("InceptionV3 needs at least {MIN_SIZE}×{MIN_SIZE} pixels, got {}×{}", x.h, x.w);
-        }
-        let mut x = self.stem[0].0.forward(x);
-        x = self.stem[1].0.forward(&x);
-        x = self.stem[2].0.forward(&x);
-        x = max_pool(&x, 3, 2, 0);
-        x = self.stem[3].0.forward(&x);
-        x = self.stem[4].0.forward(&x);
-        x = max_pool(&x, 3, 2, 0);
-        for m in &self.mixed {
-            x = m.forward(&x);
-        }
-        Ok(global_avg(&x, false))
+    /// pool3 features of inputs already in the network's range ([-1, 1]), all of one size ≥ 75×75.
+    pub fn forward(&mut self, images: &[Pixels]) -> Result<Vec<Vec<f32>>> {
+        let Some(([h, w, c], pixels)) = stack(images, "InceptionV3", 3, MIN_SIZE)? else { return Ok(Vec::new()) };
+        let (batch, p) = (images.len(), &self.params);
+        let out = self.device.run("inception.activations", batch, |cx| {
+            let x = Fmap::alloc(cx.arena, batch, h, w, c)?;
+            cx.b.upload(&x.t, &pixels)?;
+            pool3(cx, p, &x)
+        })?;
+        Ok(out.chunks(DIMS).map(<[f32]>::to_vec).collect())
     }
+}
+
+/// The stem, the mixed blocks and the final average: (batch, 2048).
+fn pool3(cx: &mut Cx, p: &InceptionParams, x: &Fmap) -> Result<Tensor> {
+    let mut x = p.stem[0].apply(cx, x)?;
+    x = p.stem[1].apply(cx, &x)?;
+    x = p.stem[2].apply(cx, &x)?;
+    x = pool(cx, &x, 3, 2, 0, PoolMode::Max)?;
+    x = p.stem[3].apply(cx, &x)?;
+    x = p.stem[4].apply(cx, &x)?;
+    x = pool(cx, &x, 3, 2, 0, PoolMode::Max)?;
+    for m in &p.mixed {
+        // Each block's branches are released once their concatenation is moved below them.
+        let mark = cx.arena.mark();
+        let y = m.forward(cx, &x)?;
+        cx.arena.release_all_to(mark);
+        let out = Fmap::alloc(cx.arena, y.batch, y.h, y.w, y.c)?;
+        cx.b.zero(&out.t)?;
+        cx.b.accumulate(&out.t, &y.t, y.numel())?;
+        x = out;
+    }
+    global_avg(cx, &x)
 }
 
 /// pytorch-fid's input for an 8-bit image (HWC, 1 or 3 channels): RGB ÷ 255, bilinear to 299×299,
 /// then 2x − 1.
-pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize) -> Act {
+pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize) -> Pixels {
     let rgb: Vec<f32> = pixels
         .chunks_exact(c)
         .flat_map(|p| {
@@ -264,5 +322,5 @@ pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize) -> Act {
         .collect();
     let mut x = bilinear_torch(&rgb, h, w, 3, INPUT_SIZE, INPUT_SIZE);
     x.iter_mut().for_each(|v| *v = 2.0 * *v - 1.0);
-    Act::new(INPUT_SIZE, INPUT_SIZE, 3, x)
+    Pixels::new(INPUT_SIZE, INPUT_SIZE, 3, x)
 }

@@ -2,12 +2,11 @@
 
 pub mod clip_vision;
 pub mod densenet;
-pub mod device;
 pub mod features;
 pub mod fid;
 pub mod frechet;
 pub mod inception;
 pub mod msssim;
-pub mod ops;
+pub mod net;
 pub mod resize;
 pub mod tensors;

@@ -1,8 +1,7 @@
 //! Operations as units: norms, convolution, attention, linear, the elementwise family (resize,
 //! embedding, timestep embedding, bias rows, concatenation, GEGLU, and the pointwise activations,
 //! add, accumulate, scale and lerp), the training reductions and AdamW, and the random family
-//! (Philox normals, DDPM noise), and pooling (the evaluation networks'; Inception still runs on its
-//! own CPU blocks in src/eval/ops.rs).
+//! (Philox normals, DDPM noise), and pooling (the evaluation networks').
 //!
 //! Each operation family is one module named like its kernel file (`ops/norm.rs` ↔
 //! `kernels/norm.cu`). A parameter struct per operation owns what every backend shares: the shape

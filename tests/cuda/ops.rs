@@ -5,6 +5,7 @@ use anyhow::{ensure, Result};
 use roentgen::backend::cpu::CpuBackend;
 use roentgen::backend::cuda::CudaBackend;
 use roentgen::backend::{Activation, Backend, ElementwiseOps, OptimOps};
+use roentgen::ops::conv::Im2colParams;
 use roentgen::ops::elementwise::{
     BiasRowsParams, ConcatParams, EmbeddingBackward, EmbeddingForward, GegluParams, TimestepEmbeddingParams,
 };
@@ -149,6 +150,22 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
                 b.batch_norm_forward(&BatchNormParams { rows, channels: c, relu }, &t)
             });
         }
+    }
+
+    // im2col: Inception's rectangular kernels (1×7 / 7×1 with their padding, 1×3 / 3×1) and an odd
+    // strided one; (batch, h, w, c, kernel h, kernel w, stride, [top, bottom, left, right])
+    for &(n, h, w, c, kh, kw, st, pad) in &[
+        (2, 17, 17, 128, 1, 7, 1, [0, 0, 3, 3]),
+        (2, 17, 17, 160, 7, 1, 1, [3, 3, 0, 0]),
+        (1, 8, 8, 384, 1, 3, 1, [0, 0, 1, 1]),
+        (1, 8, 8, 384, 3, 1, 1, [1, 1, 0, 0]),
+        (3, 9, 7, 5, 3, 2, 2, [1, 0, 0, 1]),
+    ] {
+        let p = Im2colParams { batch: n, h, w, channels: c, kernel_h: kh, kernel_w: kw, stride: st, pad };
+        let ins = vec![vec![0.0; p.rows() * p.patch_len()], rng.normal(n * h * w * c)];
+        g(format!("im2col_forward {n}x{h}x{w}x{c} {kh}x{kw}/{st} pad {pad:?}"), ins, &[0], &|b, t| {
+            b.im2col_forward(&p, &t[0], &t[1])
+        });
     }
 
     // pooling: (batch, h, w, c, kernel h, kernel w, stride, pad) — DenseNet's stem max pool and

@@ -302,7 +302,7 @@ pub fn densenet_case(r: &mut Runner) {
     r.case("f32/densenet features: cuda vs cpu", || {
         use roentgen::backend::cpu::CpuBackend;
         use roentgen::eval::densenet::{DenseNet, DenseNetConfig};
-        use roentgen::eval::ops::Act;
+        use roentgen::eval::net::Pixels;
         use roentgen::eval::tensors::{MapSource, Weights};
         let config = DenseNetConfig {
             growth_rate: 4,
@@ -327,7 +327,7 @@ pub fn densenet_case(r: &mut Runner) {
             })
             .collect();
         let src = MapSource { label: "seeded densenet".into(), tensors };
-        let images: Vec<Act> = (0..2).map(|_| Act::new(32, 32, 1, rng.scaled(32 * 32, 500.0))).collect();
+        let images: Vec<Pixels> = (0..2).map(|_| Pixels::new(32, 32, 1, rng.scaled(32 * 32, 500.0))).collect();
         let features = |backend: Box<dyn Backend>| -> Result<Vec<f32>> {
             let mut net = DenseNet::load(backend, &Weights { src: &src, network: "densenet" }, config.clone())?;
             Ok(net.forward(&images)?.concat())
@@ -336,6 +336,51 @@ pub fn densenet_case(r: &mut Runner) {
         let got = features(Box::new(CudaBackend::new(0, Precision::F32)?))?;
         ensure!(
             got.len() == want.len() && got.len() == 2 * config.dims(),
+            "{} features, cpu {}",
+            got.len(),
+            want.len()
+        );
+        let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        ensure!(err <= F32_PARITY * scale, "max |cuda − cpu| {err:.2e} > {:.1e}", F32_PARITY * scale);
+        Ok(format!("max abs {err:.1e} of {} features (scale {scale:.2})", got.len()))
+    });
+}
+
+/// pytorch-fid's InceptionV3 with seeded weights on the CUDA backend in f32 at its smallest input
+/// (75×75), against the CPU backend: the rectangular kernels (im2col), the padding-excluding and
+/// max pools, the four- and six-way concatenations.
+pub fn inception_case(r: &mut Runner) {
+    r.case("f32/inception features: cuda vs cpu", || {
+        use roentgen::backend::cpu::CpuBackend;
+        use roentgen::eval::inception::{expected_tensors, InceptionV3, MIN_SIZE};
+        use roentgen::eval::net::Pixels;
+        use roentgen::eval::tensors::{MapSource, Weights};
+        let mut rng = Rng(75);
+        let tensors = expected_tensors()
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let fan_in = shape[1..].iter().product::<usize>().max(1) as f32;
+                let v: Vec<f32> = match name.rsplit('.').next() {
+                    Some("running_var") => rng.normal(n).iter().map(|x| 0.5 + x.abs()).collect(),
+                    Some("weight") if shape.len() == 4 => rng.scaled(n, 1.5 / fan_in.sqrt()),
+                    _ => rng.scaled(n, 0.3),
+                };
+                (name, (shape, v))
+            })
+            .collect();
+        let src = MapSource { label: "seeded inception".into(), tensors };
+        let side = MIN_SIZE;
+        let image = Pixels::new(side, side, 3, rng.scaled(side * side * 3, 0.6));
+        let features = |backend: Box<dyn Backend>| -> Result<Vec<f32>> {
+            let mut net = InceptionV3::load(backend, &Weights { src: &src, network: "inception" })?;
+            Ok(net.forward(std::slice::from_ref(&image))?.concat())
+        };
+        let want = features(Box::new(CpuBackend::new()))?;
+        let got = features(Box::new(CudaBackend::new(0, Precision::F32)?))?;
+        ensure!(
+            got.len() == want.len() && want.iter().any(|v| *v != want[0]),
             "{} features, cpu {}",
             got.len(),
             want.len()

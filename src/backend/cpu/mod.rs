@@ -6,7 +6,7 @@ pub mod gemm;
 use super::{Activation, Backend};
 use crate::backend::{AttentionOps, ConvOps, ElementwiseOps, LinearOps, NormOps, OptimOps, PoolOps, RandomOps};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
-use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams, Im2colParams};
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, Pointwise, UpsampleParams};
@@ -169,6 +169,13 @@ impl ConvOps for CpuBackend {
         p.check_backward(t)?;
         let (dinp, dweight, dbias, ins) = self.weighted_grad_views(t);
         p.cpu_backward(dinp, dweight, dbias, ins);
+        Ok(())
+    }
+
+    fn im2col_forward(&self, p: &Im2colParams, out: &Tensor, inp: &Tensor) -> Result<()> {
+        p.check_forward(out, inp)?;
+        let ([out], [inp]) = self.views([out], [inp]);
+        p.cpu_forward(out, inp);
         Ok(())
     }
 }

@@ -17,9 +17,9 @@
 //! * bias gradient: `conv2d_bias_grad`, column sums of dout.
 
 use super::launch::*;
-use super::{to_i32, CudaBackend};
+use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::backend::ConvOps;
-use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
+use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams, Im2colParams};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
@@ -357,5 +357,29 @@ impl ConvOps for CudaBackend {
             }
         }
         Ok(())
+    }
+
+    fn im2col_forward(&self, p: &Im2colParams, out: &Tensor, inp: &Tensor) -> Result<()> {
+        p.check_forward(out, inp)?;
+        let n = p.rows() * p.patch_len();
+        to_i32("im2col inp", p.batch * p.h * p.w * p.channels)?;
+        let Some(_) = nonempty_i32("im2col", n)? else { return Ok(()) };
+        let i = |v: usize| v as i32;
+        let k = Conv2dIm2col {
+            out: self.dptr(out),
+            inp: self.dptr(inp),
+            h: i(p.h),
+            w: i(p.w),
+            c: i(p.channels),
+            oh: i(p.out_h()),
+            ow: i(p.out_w()),
+            kh: i(p.kernel_h),
+            kw: i(p.kernel_w),
+            stride: i(p.stride),
+            pt: i(p.pad[0]),
+            pl: i(p.pad[2]),
+            n: i(n),
+        };
+        self.ops_launch1(n, k)
     }
 }
