@@ -6,17 +6,18 @@
 #include "common.cuh"
 #include <math_constants.h>
 
-// pool2d_forward: out (batch, oh, ow, c) from inp (batch, h, w, c); mode 0 max, 1 average over the
+// pool2d_forward: out (batch, oh, ow, c) from inp (batch, h, w, c), windows starting at (oy·stride −
+// pt, ox·stride − pl); mode 0 max, 1 average over the
 // whole window, 2 average over its positions inside the map. Launch: 1-D grid-stride over
 // batch·oh·ow·c (one output element per thread; adjacent threads read adjacent channels).
 extern "C" __global__ void pool2d_fwd(float* out, const float* inp, int batch, int h, int w, int c, int oh, int ow,
-                                      int kh, int kw, int stride, int pad, int mode) {
+                                      int kh, int kw, int stride, int pt, int pl, int mode) {
     GRID_STRIDE(i, (long long)batch * oh * ow * c) {
         const unsigned ui = (unsigned)i;
         const unsigned pix = ui / (unsigned)c, ch = ui - pix * (unsigned)c;
         const unsigned t = pix / (unsigned)ow, ox = pix - t * (unsigned)ow;
         const unsigned b = t / (unsigned)oh, oy = t - b * (unsigned)oh;
-        const int ys = (int)oy * stride - pad, xs = (int)ox * stride - pad;
+        const int ys = (int)oy * stride - pt, xs = (int)ox * stride - pl;
         const int y0 = max(ys, 0), y1 = min(ys + kh, h), x0 = max(xs, 0), x1 = min(xs + kw, w);
         const float* base = inp + (size_t)b * h * w * c + ch;
         if (mode == 0) {

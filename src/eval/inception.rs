@@ -26,6 +26,7 @@ use crate::models::allocate;
 use crate::nn::{Conv2d, Cx, Fmap, Linear};
 use crate::ops::conv::Im2colParams;
 use crate::ops::pool::PoolMode;
+use crate::ops::Window2d;
 use crate::tensor::{Layout, Tensor};
 use anyhow::Result;
 
@@ -180,21 +181,13 @@ impl Basic {
         let y = if kh == kw {
             Conv2d { weight: self.weight, bias: None, c_in, c_out, kernel: kh, stride, pad }.apply(cx, x)?
         } else {
-            let p = Im2colParams {
-                batch: x.batch,
-                h: x.h,
-                w: x.w,
-                channels: c_in,
-                kernel_h: kh,
-                kernel_w: kw,
-                stride,
-                pad,
-            };
+            let window = Window2d { h: x.h, w: x.w, kernel: [kh, kw], stride, pad };
+            let p = Im2colParams { batch: x.batch, channels: c_in, window };
             let cols = cx.arena.alloc([p.rows(), p.patch_len()])?;
             cx.b.im2col_forward(&p, &cols, &x.t)?;
             let weight = self.weight.reshape([c_out, p.patch_len()]);
             let t = Linear { weight, bias: None, in_f: p.patch_len(), out_f: c_out }.apply(cx, &cols, p.rows())?;
-            Fmap { t, batch: x.batch, h: p.out_h(), w: p.out_w(), c: c_out }
+            Fmap { t, batch: x.batch, h: window.out_h(), w: window.out_w(), c: c_out }
         };
         self.norm.apply_relu(cx, &y)
     }

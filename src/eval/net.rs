@@ -130,7 +130,7 @@ pub fn load_folding_norms(b: &dyn Backend, w: &Weights, table: &Layout, eps: f64
 /// `mode` pooling of x with a square window.
 pub fn pool(cx: &mut Cx, x: &Fmap, kernel: usize, stride: usize, pad: usize, mode: PoolMode) -> Result<Fmap> {
     let p = Pool2dParams::square(x.batch, [x.h, x.w, x.c], kernel, stride, pad, mode);
-    let out = Fmap::alloc(cx.arena, x.batch, p.out_h(), p.out_w(), x.c)?;
+    let out = Fmap::alloc(cx.arena, x.batch, p.window.out_h(), p.window.out_w(), x.c)?;
     cx.b.pool2d_forward(&p, &out.t, &x.t)?;
     Ok(out)
 }

@@ -3,6 +3,7 @@
 //! rectangular kernel for a linear layer to convolve (inference only). Kernels: kernels/conv.cu.
 
 use super::linear::{column_sums_into, LinearParams, WeightedBackward, WeightedForward};
+use super::Window2d;
 use crate::backend::cpu::gemm::{self, Mat};
 use crate::backend::{check_disjoint, check_len};
 use crate::tensor::Tensor;
@@ -214,7 +215,7 @@ impl Conv2dParams {
 }
 
 /// The 2-D convolution on a backend.
-/// The patches of a convolution with a rectangular `kernel_h` × `kernel_w` window (Inception's
+/// The patches of a convolution with a rectangular kernel `window` (Inception's
 /// 1×7, 7×1, 1×3 and 3×1 convolutions), laid out as rows: out (batch · out_h · out_w,
 /// channels · kernel_h · kernel_w), column (ci · kernel_h + ky) · kernel_w + kx, padding zeros. A
 /// linear layer with the convolution's (c_out, c_in, kh, kw) weight seen as (c_out, c_in · kh · kw)
@@ -222,58 +223,41 @@ impl Conv2dParams {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Im2colParams {
     pub batch: usize,
-    pub h: usize,
-    pub w: usize,
     pub channels: usize,
-    pub kernel_h: usize,
-    pub kernel_w: usize,
-    pub stride: usize,
-    /// [top, bottom, left, right]
-    pub pad: [usize; 4],
+    pub window: Window2d,
 }
 
 impl Im2colParams {
-    pub fn out_h(&self) -> usize {
-        (self.h + self.pad[0] + self.pad[1] - self.kernel_h) / self.stride + 1
-    }
-
-    pub fn out_w(&self) -> usize {
-        (self.w + self.pad[2] + self.pad[3] - self.kernel_w) / self.stride + 1
-    }
-
     /// Rows of the output: output pixels over the batch.
     pub fn rows(&self) -> usize {
-        self.batch * self.out_h() * self.out_w()
+        self.batch * self.window.out_h() * self.window.out_w()
     }
 
     /// Columns of the output: one patch.
     pub fn patch_len(&self) -> usize {
-        self.channels * self.kernel_h * self.kernel_w
+        self.channels * self.window.kernel[0] * self.window.kernel[1]
     }
 
     pub fn check_forward(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
-        let Im2colParams { h, w, kernel_h: kh, kernel_w: kw, stride, pad, .. } = *self;
-        ensure!(
-            stride >= 1 && kh >= 1 && kw >= 1 && h + pad[0] + pad[1] >= kh && w + pad[2] + pad[3] >= kw,
-            "im2col: a {kh}×{kw} kernel (stride {stride}) does not fit {h}×{w} with padding {pad:?}"
-        );
+        self.window.check_fits("im2col")?;
         check_len("im2col out", out, self.rows() * self.patch_len())?;
-        check_len("im2col inp", inp, self.batch * h * w * self.channels)?;
+        check_len("im2col inp", inp, self.batch * self.window.h * self.window.w * self.channels)?;
         check_disjoint("im2col", &[out], &[inp])
     }
 
     /// The CPU reference: one task per output row.
     pub fn cpu_forward(&self, out: &mut [f32], inp: &[f32]) {
-        let Im2colParams { h, w, channels: c, kernel_h: kh, kernel_w: kw, stride, pad, .. } = *self;
-        let (oh, ow) = (self.out_h(), self.out_w());
+        let (win, c) = (self.window, self.channels);
+        let [kh, kw] = win.kernel;
+        let (oh, ow) = (win.out_h(), win.out_w());
         out[..self.rows() * self.patch_len()].par_chunks_mut(self.patch_len()).enumerate().for_each(|(r, row)| {
             let (b, oy, ox) = (r / (oh * ow), (r / ow) % oh, r % ow);
             for ky in 0..kh {
-                let iy = (oy * stride + ky) as isize - pad[0] as isize;
+                let iy = win.row0(oy) + ky as isize;
                 for kx in 0..kw {
-                    let ix = (ox * stride + kx) as isize - pad[2] as isize;
-                    let inside = iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w;
-                    let base = ((b * h + iy.max(0) as usize) * w + ix.max(0) as usize) * c;
+                    let ix = win.col0(ox) + kx as isize;
+                    let inside = iy >= 0 && (iy as usize) < win.h && ix >= 0 && (ix as usize) < win.w;
+                    let base = ((b * win.h + iy.max(0) as usize) * win.w + ix.max(0) as usize) * c;
                     for ci in 0..c {
                         row[(ci * kh + ky) * kw + kx] = if inside { inp[base + ci] } else { 0.0 };
                     }

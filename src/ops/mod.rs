@@ -21,6 +21,47 @@ pub mod optim;
 pub mod pool;
 pub mod random;
 
+/// A window moved over a map of h × w positions (an im2col kernel, a pooling window): `kernel`
+/// [height, width], `stride`, and `pad` [top, bottom, left, right]; floor mode, as PyTorch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window2d {
+    pub h: usize,
+    pub w: usize,
+    pub kernel: [usize; 2],
+    pub stride: usize,
+    pub pad: [usize; 4],
+}
+
+impl Window2d {
+    pub fn out_h(&self) -> usize {
+        (self.h + self.pad[0] + self.pad[1] - self.kernel[0]) / self.stride + 1
+    }
+
+    pub fn out_w(&self) -> usize {
+        (self.w + self.pad[2] + self.pad[3] - self.kernel[1]) / self.stride + 1
+    }
+
+    /// The window fits the padded map (`what` names the operation in the message).
+    pub fn check_fits(&self, what: &str) -> anyhow::Result<()> {
+        let Window2d { h, w, kernel: [kh, kw], stride, pad } = *self;
+        anyhow::ensure!(
+            stride >= 1 && kh >= 1 && kw >= 1 && h + pad[0] + pad[1] >= kh && w + pad[2] + pad[3] >= kw,
+            "{what}: a {kh}×{kw} window (stride {stride}) does not fit {h}×{w} with padding {pad:?}"
+        );
+        Ok(())
+    }
+
+    /// The first map row of output row `oy`'s window, which may lie in the padding (negative).
+    pub fn row0(&self, oy: usize) -> isize {
+        (oy * self.stride) as isize - self.pad[0] as isize
+    }
+
+    /// The first map column of output column `ox`'s window.
+    pub fn col0(&self, ox: usize) -> isize {
+        (ox * self.stride) as isize - self.pad[2] as isize
+    }
+}
+
 /// The exact (erf) GELU, evaluated in f64.
 pub(crate) fn gelu(x: f32) -> f32 {
     (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32

@@ -3,6 +3,7 @@
 //! the whole map). Forward only: pooling serves the evaluation networks (TorchXRayVision's
 //! DenseNet), which run inference. Kernels: kernels/pool.cu.
 
+use super::Window2d;
 use crate::backend::{check_disjoint, check_len};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -19,23 +20,17 @@ pub enum PoolMode {
     AvgExcludePad,
 }
 
-/// One pooling: `batch` maps of h × w × `channels`, a `kernel_h` × `kernel_w` window moved by
-/// `stride`, `pad` zeros (or −∞) on every side.
+/// One pooling: `batch` maps of `channels` channels, each pooled by `window`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pool2dParams {
     pub batch: usize,
-    pub h: usize,
-    pub w: usize,
     pub channels: usize,
-    pub kernel_h: usize,
-    pub kernel_w: usize,
-    pub stride: usize,
-    pub pad: usize,
+    pub window: Window2d,
     pub mode: PoolMode,
 }
 
 impl Pool2dParams {
-    /// A square window.
+    /// A square window with the same padding on every side.
     pub fn square(
         batch: usize,
         [h, w, channels]: [usize; 3],
@@ -44,59 +39,57 @@ impl Pool2dParams {
         pad: usize,
         mode: PoolMode,
     ) -> Pool2dParams {
-        Pool2dParams { batch, h, w, channels, kernel_h: kernel, kernel_w: kernel, stride, pad, mode }
+        Pool2dParams { batch, channels, window: Window2d { h, w, kernel: [kernel; 2], stride, pad: [pad; 4] }, mode }
     }
 
     /// The global average of each channel (the output is batch × 1 × 1 × channels).
     pub fn global_avg(batch: usize, [h, w, channels]: [usize; 3]) -> Pool2dParams {
-        Pool2dParams { batch, h, w, channels, kernel_h: h, kernel_w: w, stride: 1, pad: 0, mode: PoolMode::Avg }
-    }
-
-    pub fn out_h(&self) -> usize {
-        (self.h + 2 * self.pad - self.kernel_h) / self.stride + 1
-    }
-
-    pub fn out_w(&self) -> usize {
-        (self.w + 2 * self.pad - self.kernel_w) / self.stride + 1
+        Pool2dParams {
+            batch,
+            channels,
+            window: Window2d { h, w, kernel: [h, w], stride: 1, pad: [0; 4] },
+            mode: PoolMode::Avg,
+        }
     }
 
     pub fn in_elements(&self) -> usize {
-        self.batch * self.h * self.w * self.channels
+        self.batch * self.window.h * self.window.w * self.channels
     }
 
     pub fn out_elements(&self) -> usize {
-        self.batch * self.out_h() * self.out_w() * self.channels
+        self.batch * self.window.out_h() * self.window.out_w() * self.channels
     }
 
     /// What every backend checks before a forward: the window fits the padded map, padding at most
     /// half the window (PyTorch's rule), the tensors' lengths, and that out does not overlap inp.
     pub fn check_forward(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
-        let Pool2dParams { h, w, kernel_h: kh, kernel_w: kw, stride, pad, .. } = *self;
+        let win = self.window;
+        win.check_fits("pool2d")?;
+        let [kh, kw] = win.kernel;
+        let [t, b, l, r] = win.pad;
         ensure!(
-            stride >= 1 && kh >= 1 && kw >= 1 && h + 2 * pad >= kh && w + 2 * pad >= kw,
-            "pool2d: a {kh}×{kw} window (stride {stride}) does not fit {h}×{w} with padding {pad}"
+            2 * t.max(b) <= kh && 2 * l.max(r) <= kw,
+            "pool2d: padding {:?} is more than half the {kh}×{kw} window",
+            win.pad
         );
-        ensure!(2 * pad <= kh.min(kw), "pool2d: padding {pad} is more than half the {kh}×{kw} window");
         check_len("pool2d out", out, self.out_elements())?;
         check_len("pool2d inp", inp, self.in_elements())?;
         check_disjoint("pool2d", &[out], &[inp])
     }
 
-    /// The window of output row `oy` (or column): [start, end) of the padded axis, clipped to the map.
-    fn window(o: usize, stride: usize, pad: usize, k: usize, size: usize) -> (usize, usize) {
-        let start = (o * stride) as isize - pad as isize;
-        (start.max(0) as usize, ((start + k as isize) as usize).min(size))
-    }
-
     /// The CPU reference: one task per output position, averages accumulated in f64.
     pub fn cpu_forward(&self, out: &mut [f32], inp: &[f32]) {
-        let Pool2dParams { h, w, channels: c, kernel_h: kh, kernel_w: kw, stride, pad, mode, .. } = *self;
-        let (oh, ow) = (self.out_h(), self.out_w());
+        let (win, c, mode) = (self.window, self.channels, self.mode);
+        let (oh, ow) = (win.out_h(), win.out_w());
+        // A window's [start, end) along an axis of `size`, clipped to the map.
+        let clip = |start: isize, k: usize, size: usize| {
+            (start.max(0) as usize, ((start + k as isize).max(0) as usize).min(size))
+        };
         out[..self.out_elements()].par_chunks_mut(c).enumerate().for_each(|(r, o)| {
             let (b, oy, ox) = (r / (oh * ow), (r / ow) % oh, r % ow);
-            let (y0, y1) = Self::window(oy, stride, pad, kh, h);
-            let (x0, x1) = Self::window(ox, stride, pad, kw, w);
-            let at = |y: usize, x: usize| &inp[((b * h + y) * w + x) * c..][..c];
+            let (y0, y1) = clip(win.row0(oy), win.kernel[0], win.h);
+            let (x0, x1) = clip(win.col0(ox), win.kernel[1], win.w);
+            let at = |y: usize, x: usize| &inp[((b * win.h + y) * win.w + x) * c..][..c];
             match mode {
                 PoolMode::Max => {
                     o.fill(f32::NEG_INFINITY);
@@ -117,16 +110,11 @@ impl Pool2dParams {
                             acc.iter_mut().zip(at(y, x)).for_each(|(a, &v)| *a += v as f64);
                         }
                     }
-                    let n = if mode == PoolMode::Avg { kh * kw } else { (y1 - y0) * (x1 - x0) };
+                    let n = if mode == PoolMode::Avg { win.kernel[0] * win.kernel[1] } else { (y1 - y0) * (x1 - x0) };
                     o.iter_mut().zip(&acc).for_each(|(o, a)| *o = (a / n as f64) as f32);
                 }
             }
         });
-    }
-
-    /// FLOPs of a forward (one per window element read).
-    pub fn flops(&self) -> u64 {
-        (self.out_elements() * self.kernel_h * self.kernel_w) as u64
     }
 }
 
@@ -148,20 +136,9 @@ mod tests {
         let (b, t) = cpu_pool(64);
         let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         b.upload(&t(0, 6), &x).unwrap();
-        let p = |mode| Pool2dParams {
-            batch: 1,
-            h: 2,
-            w: 3,
-            channels: 1,
-            kernel_h: 2,
-            kernel_w: 2,
-            stride: 1,
-            pad: 1,
-            mode,
-        };
         let run = |mode| {
-            let p = p(mode);
-            assert_eq!((p.out_h(), p.out_w()), (3, 4));
+            let p = Pool2dParams::square(1, [2, 3, 1], 2, 1, 1, mode);
+            assert_eq!((p.window.out_h(), p.window.out_w()), (3, 4));
             b.pool2d_forward(&p, &t(16, 12), &t(0, 6)).unwrap();
             b.download(&t(16, 12)).unwrap()
         };

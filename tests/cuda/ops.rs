@@ -11,6 +11,7 @@ use roentgen::ops::elementwise::{
 };
 use roentgen::ops::norm::{BatchNormForward, BatchNormParams};
 use roentgen::ops::pool::{Pool2dParams, PoolMode};
+use roentgen::ops::Window2d;
 use roentgen::tensor::Tensor;
 
 const ACTS: [Activation; 4] = [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Silu];
@@ -161,7 +162,7 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         (1, 8, 8, 384, 3, 1, 1, [1, 1, 0, 0]),
         (3, 9, 7, 5, 3, 2, 2, [1, 0, 0, 1]),
     ] {
-        let p = Im2colParams { batch: n, h, w, channels: c, kernel_h: kh, kernel_w: kw, stride: st, pad };
+        let p = Im2colParams { batch: n, channels: c, window: Window2d { h, w, kernel: [kh, kw], stride: st, pad } };
         let ins = vec![vec![0.0; p.rows() * p.patch_len()], rng.normal(n * h * w * c)];
         g(format!("im2col_forward {n}x{h}x{w}x{c} {kh}x{kw}/{st} pad {pad:?}"), ins, &[0], &|b, t| {
             b.im2col_forward(&p, &t[0], &t[1])
@@ -179,7 +180,8 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         (3, 10, 11, 4, 3, 2, 2, 1),
     ] {
         for mode in [PoolMode::Max, PoolMode::Avg, PoolMode::AvgExcludePad] {
-            let p = Pool2dParams { batch: n, h, w, channels: c, kernel_h: kh, kernel_w: kw, stride: st, pad, mode };
+            let window = Window2d { h, w, kernel: [kh, kw], stride: st, pad: [pad; 4] };
+            let p = Pool2dParams { batch: n, channels: c, window, mode };
             let ins = vec![vec![0.0; p.out_elements()], rng.normal(p.in_elements())];
             g(format!("pool2d_forward {n}x{h}x{w}x{c} {kh}x{kw}/{st} pad {pad} {mode:?}"), ins, &[0], &|b, t| {
                 b.pool2d_forward(&p, &t[0], &t[1])

@@ -300,7 +300,6 @@ pub fn clip_tower_case(r: &mut Runner) {
 /// concatenation, global average) on two images at once.
 pub fn densenet_case(r: &mut Runner) {
     r.case("f32/densenet features: cuda vs cpu", || {
-        use roentgen::backend::cpu::CpuBackend;
         use roentgen::eval::densenet::{DenseNet, DenseNetConfig};
         use roentgen::eval::net::Pixels;
         use roentgen::eval::tensors::{MapSource, Weights};
@@ -332,18 +331,7 @@ pub fn densenet_case(r: &mut Runner) {
             let mut net = DenseNet::load(backend, &Weights { src: &src, network: "densenet" }, config.clone())?;
             Ok(net.forward(&images)?.concat())
         };
-        let want = features(Box::new(CpuBackend::new()))?;
-        let got = features(Box::new(CudaBackend::new(0, Precision::F32)?))?;
-        ensure!(
-            got.len() == want.len() && got.len() == 2 * config.dims(),
-            "{} features, cpu {}",
-            got.len(),
-            want.len()
-        );
-        let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
-        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        ensure!(err <= F32_PARITY * scale, "max |cuda − cpu| {err:.2e} > {:.1e}", F32_PARITY * scale);
-        Ok(format!("max abs {err:.1e} of {} features (scale {scale:.2})", got.len()))
+        features_agree(&features, 2 * config.dims())
     });
 }
 
@@ -352,8 +340,7 @@ pub fn densenet_case(r: &mut Runner) {
 /// max pools, the four- and six-way concatenations.
 pub fn inception_case(r: &mut Runner) {
     r.case("f32/inception features: cuda vs cpu", || {
-        use roentgen::backend::cpu::CpuBackend;
-        use roentgen::eval::inception::{expected_tensors, InceptionV3, MIN_SIZE};
+        use roentgen::eval::inception::{expected_tensors, InceptionV3, DIMS, MIN_SIZE};
         use roentgen::eval::net::Pixels;
         use roentgen::eval::tensors::{MapSource, Weights};
         let mut rng = Rng(75);
@@ -377,19 +364,21 @@ pub fn inception_case(r: &mut Runner) {
             let mut net = InceptionV3::load(backend, &Weights { src: &src, network: "inception" })?;
             Ok(net.forward(std::slice::from_ref(&image))?.concat())
         };
-        let want = features(Box::new(CpuBackend::new()))?;
-        let got = features(Box::new(CudaBackend::new(0, Precision::F32)?))?;
-        ensure!(
-            got.len() == want.len() && want.iter().any(|v| *v != want[0]),
-            "{} features, cpu {}",
-            got.len(),
-            want.len()
-        );
-        let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
-        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        ensure!(err <= F32_PARITY * scale, "max |cuda − cpu| {err:.2e} > {:.1e}", F32_PARITY * scale);
-        Ok(format!("max abs {err:.1e} of {} features (scale {scale:.2})", got.len()))
+        features_agree(&features, DIMS)
     });
+}
+
+/// An evaluation network's `len` features from the CPU backend and from the CUDA backend in f32,
+/// compared at the f32 parity bar (the CPU's not constant).
+fn features_agree(features: &dyn Fn(Box<dyn Backend>) -> Result<Vec<f32>>, len: usize) -> Result<String> {
+    let want = features(Box::new(roentgen::backend::cpu::CpuBackend::new()))?;
+    let got = features(Box::new(CudaBackend::new(0, Precision::F32)?))?;
+    ensure!(got.len() == len && want.len() == len, "{} features, cpu {}, expected {len}", got.len(), want.len());
+    ensure!(want.iter().any(|v| *v != want[0]), "the CPU's features are constant");
+    let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+    let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    ensure!(err <= F32_PARITY * scale, "max |cuda − cpu| {err:.2e} > {:.1e}", F32_PARITY * scale);
+    Ok(format!("max abs {err:.1e} of {len} features (scale {scale:.2})"))
 }
 
 fn rel_l2_at_most(got: &[f32], want: &[f32], bar: f64) -> Result<String> {

@@ -362,24 +362,11 @@ impl ConvOps for CudaBackend {
     fn im2col_forward(&self, p: &Im2colParams, out: &Tensor, inp: &Tensor) -> Result<()> {
         p.check_forward(out, inp)?;
         let n = p.rows() * p.patch_len();
-        to_i32("im2col inp", p.batch * p.h * p.w * p.channels)?;
-        let Some(_) = nonempty_i32("im2col", n)? else { return Ok(()) };
-        let i = |v: usize| v as i32;
-        let k = Conv2dIm2col {
-            out: self.dptr(out),
-            inp: self.dptr(inp),
-            h: i(p.h),
-            w: i(p.w),
-            c: i(p.channels),
-            oh: i(p.out_h()),
-            ow: i(p.out_w()),
-            kh: i(p.kernel_h),
-            kw: i(p.kernel_w),
-            stride: i(p.stride),
-            pt: i(p.pad[0]),
-            pl: i(p.pad[2]),
-            n: i(n),
-        };
+        to_i32("im2col inp", p.batch * p.window.h * p.window.w * p.channels)?;
+        let Some(ni) = nonempty_i32("im2col", n)? else { return Ok(()) };
+        let [h, w, oh, ow, kh, kw, stride, pt, pl] = super::pool::window_args(&p.window);
+        let (out, inp, c) = (self.dptr(out), self.dptr(inp), p.channels as i32);
+        let k = Conv2dIm2col { out, inp, h, w, c, oh, ow, kh, kw, stride, pt, pl, n: ni };
         self.ops_launch1(n, k)
     }
 }
