@@ -291,7 +291,10 @@ fn pool3(cx: &mut Cx, p: &InceptionParams, x: &Fmap) -> Result<Tensor> {
     x = p.stem[4].apply(cx, &x)?;
     x = pool(cx, &x, 3, 2, 0, PoolMode::Max)?;
     for m in &p.mixed {
-        // Each block's branches are released once their concatenation is moved below them.
+        // Each block's branches are released once their concatenation is moved below them. The
+        // move cannot overlap: the concatenation was allocated after branch outputs whose sizes
+        // add up to its own, so it starts at least its own size above the mark (and the backends
+        // refuse an accumulate whose source and destination overlap).
         let mark = cx.arena.mark();
         let y = m.forward(cx, &x)?;
         cx.arena.release_all_to(mark);
