@@ -18,7 +18,9 @@ pub enum EvalCommand {
     /// Intra-prompt diversity: mean MS-SSIM over all image pairs sharing a prompt (paper, Figure 3).
     MsSsim(MsSsimArgs),
     /// Fréchet distance between the feature distributions of two image folders (InceptionV3,
-    /// TorchXRayVision DenseNet-121 or CLIP features; paper, Table 1).
+    /// TorchXRayVision DenseNet-121 or CLIP features; paper, Table 1). The network runs on
+    /// --device; on cuda, --precision f32 gives the features that match PyTorch's (bf16 is faster
+    /// and approximate).
     #[command(after_long_help = roentgen::eval::fid::CONVERT_HELP)]
     Fid(FidArgs),
     /// How often generated phantoms show the finding (and side) their prompt asked for, measured
