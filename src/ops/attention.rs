@@ -2,6 +2,7 @@
 //! encoder) and/or a key mask (BERT's padding). Kernels: kernels/attention.cu (flash kernels up to
 //! head dim 160, a materialised path above it).
 
+use crate::backend::cpu::gemm::{self, Mat};
 use crate::backend::{check_disjoint, check_key_mask, check_lens};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -124,103 +125,151 @@ impl AttentionParams {
         key_mask.is_none_or(|m| m[b * self.kv_len + j] != 0) && (!self.causal || j <= i)
     }
 
+    /// One softmax row in place, unnormalised: query `i` of batch `b`'s scores become
+    /// exp(score · scale − max), 0 for keys that take no part (key mask 0, or after the query when
+    /// causal). Returns (max, sum, keys taking part).
+    fn scale_and_exp_row(&self, s: &mut [f32], key_mask: Option<&[u32]>, b: usize, i: usize) -> (f32, f32, usize) {
+        let masked = key_mask.is_some() || self.causal;
+        let mut max = f32::NEG_INFINITY;
+        let mut kept = 0;
+        for (j, x) in s.iter_mut().enumerate() {
+            if masked && !self.allowed(key_mask, b, i, j) {
+                *x = f32::NEG_INFINITY;
+            } else {
+                *x *= self.scale;
+                max = max.max(*x);
+                kept += 1;
+            }
+        }
+        let mut sum = 0f32;
+        if kept > 0 {
+            for x in s.iter_mut() {
+                *x = (*x - max).exp(); // exp(−inf) = 0 for the keys left out
+                sum += *x;
+            }
+        }
+        (max, sum, kept)
+    }
+
     /// The CPU reference of the forward, on checked slices `[out, lse]`, `[q, k, v]`: one task per
-    /// (batch, query row), every head of that row. A key takes part when the key mask (if any) is
-    /// nonzero and, when causal, it is not after the query; the others are skipped, which equals
-    /// transformers' additive dtype-minimum mask (their probabilities underflow to exactly 0). A
-    /// row left with no key gets 0 and lse −inf (an empty sum), as PyTorch's softmax·V over zero
-    /// keys and the CUDA kernels give, not 0·(1/0) = NaN.
+    /// (batch, block of QUERY_BLOCK queries), every head in turn: S = Q·Kᵀ and O = P·V are matrix
+    /// products (so the scores of a block stay in L2: 64 × 4,096 keys × 4 B = 1 MiB at SD's 512²
+    /// self-attention), the softmax between them per row. A key takes part when the key mask (if
+    /// any) is nonzero and, when causal, it is not after the query; the others get probability 0,
+    /// which equals transformers' additive dtype-minimum mask (their probabilities underflow to
+    /// exactly 0). A row left with no key gets 0 and lse −inf (an empty sum), as PyTorch's
+    /// softmax·V over zero keys and the CUDA kernels give, not 0·(1/0) = NaN.
     pub fn cpu_forward(&self, [out, lse]: [&mut [f32]; 2], [q, k, v]: [&[f32]; 3], key_mask: Option<&[u32]>) {
-        let AttentionParams { batch, q_len, kv_len, heads, head_dim: hd, scale, .. } = *self;
+        let AttentionParams { batch, q_len, kv_len, heads, head_dim: hd, .. } = *self;
         let w = self.width();
-        out[..batch * q_len * w]
-            .par_chunks_mut(w)
-            .zip(lse[..batch * q_len * heads].par_chunks_mut(heads))
-            .enumerate()
-            .for_each_init(
-                || (vec![0f32; kv_len], Vec::with_capacity(kv_len)),
-                |(scores, keys), (row, (o, l))| {
-                    let (b, i) = (row / q_len, row % q_len);
-                    keys.clear();
-                    keys.extend((0..kv_len).filter(|&j| self.allowed(key_mask, b, i, j)));
+        if kv_len == 0 {
+            out[..batch * q_len * w].fill(0.0);
+            lse[..batch * q_len * heads].fill(f32::NEG_INFINITY);
+            return;
+        }
+        let per_batch = out[..batch * q_len * w]
+            .par_chunks_mut(q_len * w)
+            .zip(lse[..batch * q_len * heads].par_chunks_mut(q_len * heads));
+        per_batch.enumerate().for_each(|(b, (out_b, lse_b))| {
+            let blocks = out_b.par_chunks_mut(QUERY_BLOCK * w).zip(lse_b.par_chunks_mut(QUERY_BLOCK * heads));
+            blocks.enumerate().for_each_init(
+                || (vec![0f32; QUERY_BLOCK * kv_len], vec![0f32; QUERY_BLOCK * hd]),
+                |(scores, o_head), (blk, (o, l))| {
+                    let (i0, n) = (blk * QUERY_BLOCK, o.len() / w);
                     for h in 0..heads {
-                        let qh = &q[row * w + h * hd..][..hd];
-                        let mut max = f32::NEG_INFINITY;
-                        for (n, &j) in keys.iter().enumerate() {
-                            let kh = &k[(b * kv_len + j) * w + h * hd..][..hd];
-                            scores[n] = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
-                            max = max.max(scores[n]);
+                        let qm = Mat { data: &q[(b * q_len + i0) * w + h * hd..], row_stride: w, col_stride: 1 };
+                        let kt = Mat { data: &k[b * kv_len * w + h * hd..], row_stride: 1, col_stride: w };
+                        let vm = Mat { data: &v[b * kv_len * w + h * hd..], row_stride: w, col_stride: 1 };
+                        let s = &mut scores[..n * kv_len];
+                        gemm::sgemm(n, hd, kv_len, qm, kt, s, 0.0);
+                        let mut inv = [0f32; QUERY_BLOCK];
+                        for (r, row) in s.chunks_mut(kv_len).enumerate() {
+                            let (max, sum, kept) = self.scale_and_exp_row(row, key_mask, b, i0 + r);
+                            inv[r] = if kept == 0 { 0.0 } else { 1.0 / sum };
+                            l[r * heads + h] = max + sum.ln();
                         }
-                        let mut sum = 0f32;
-                        for s in &mut scores[..keys.len()] {
-                            *s = (*s - max).exp();
-                            sum += *s;
+                        let pm = Mat { data: s, row_stride: kv_len, col_stride: 1 };
+                        gemm::sgemm(n, kv_len, hd, pm, vm, &mut o_head[..n * hd], 0.0);
+                        for r in 0..n {
+                            let dst = &mut o[r * w + h * hd..][..hd];
+                            dst.iter_mut().zip(&o_head[r * hd..][..hd]).for_each(|(d, x)| *d = x * inv[r]);
                         }
-                        let oh = &mut o[h * hd..(h + 1) * hd];
-                        oh.fill(0.0);
-                        for (n, &j) in keys.iter().enumerate() {
-                            let vh = &v[(b * kv_len + j) * w + h * hd..][..hd];
-                            for d in 0..hd {
-                                oh[d] += scores[n] * vh[d];
-                            }
-                        }
-                        let inv = if keys.is_empty() { 0.0 } else { 1.0 / sum };
-                        oh.iter_mut().for_each(|x| *x *= inv);
-                        l[h] = max + sum.ln();
                     }
                 },
             );
+        });
     }
 
     /// The CPU reference of the backward, on checked slices `[dq, dk, dv]` (accumulated into),
-    /// `[dout, q, k, v, out, lse]`: per (batch, head), the softmax rows recomputed from the saved
-    /// log-sum-exp.
+    /// `[dout, q, k, v, out, lse]`: one task per (batch, head), by blocks of queries, the softmax
+    /// rows recomputed from the saved log-sum-exp; every step a matrix product: S = Q·Kᵀ,
+    /// dP = dO·Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)) · scale, dV += Pᵀ·dO, dQ = dS·K, dK += dSᵀ·Q.
     pub fn cpu_backward(&self, [dq, dk, dv]: [&mut [f32]; 3], ins: [&[f32]; 6], key_mask: Option<&[u32]>) {
         let [dout, q, k, v, out, lse] = ins;
         let AttentionParams { batch, q_len, kv_len, heads, head_dim: hd, scale, .. } = *self;
         let w = self.width();
+        let masked = key_mask.is_some() || self.causal;
+        if kv_len == 0 {
+            return; // no keys: the output is a constant 0, every gradient 0
+        }
         let (dq, dk, dv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
         (0..batch * heads).into_par_iter().for_each(|bh| {
             let (b, h) = (bh / heads, bh % heads);
-            let mut p = vec![0f32; kv_len];
-            let mut dp = vec![0f32; kv_len];
-            let mut keys = Vec::with_capacity(kv_len);
-            for i in 0..q_len {
-                let row = b * q_len + i;
-                keys.clear();
-                keys.extend((0..kv_len).filter(|&j| self.allowed(key_mask, b, i, j)));
-                let qi = &q[row * w + h * hd..][..hd];
-                let doi = &dout[row * w + h * hd..][..hd];
-                let oi = &out[row * w + h * hd..][..hd];
-                let l = lse[row * heads + h];
-                // D_i = dO_i · O_i = Σ_j P_ij dP_ij (excluded keys have P = 0)
-                let d: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
-                for (n, &j) in keys.iter().enumerate() {
-                    let kj = &k[(b * kv_len + j) * w + h * hd..][..hd];
-                    let vj = &v[(b * kv_len + j) * w + h * hd..][..hd];
-                    let s: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    p[n] = (s - l).exp();
-                    dp[n] = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
-                }
-                // SAFETY: this task is the only writer of head h of batch b in dq, dk and dv, and
-                // the slices hold every index written (checked lengths).
-                unsafe {
-                    let dqi = std::slice::from_raw_parts_mut(dq.at(row * w + h * hd), hd);
-                    for (n, &j) in keys.iter().enumerate() {
-                        let ds = p[n] * (dp[n] - d) * scale;
-                        let base = (b * kv_len + j) * w + h * hd;
-                        let kj = &k[base..][..hd];
-                        let dkj = std::slice::from_raw_parts_mut(dk.at(base), hd);
-                        let dvj = std::slice::from_raw_parts_mut(dv.at(base), hd);
-                        for t in 0..hd {
-                            dqi[t] += ds * kj[t];
-                            dkj[t] += ds * qi[t];
-                            dvj[t] += p[n] * doi[t];
-                        }
+            let (mut p, mut dp) = (vec![0f32; QUERY_BLOCK * kv_len], vec![0f32; QUERY_BLOCK * kv_len]);
+            let (mut dk_h, mut dv_h) = (vec![0f32; kv_len * hd], vec![0f32; kv_len * hd]);
+            let mut dq_blk = vec![0f32; QUERY_BLOCK * hd];
+            let kv0 = b * kv_len * w + h * hd;
+            let kt = Mat { data: &k[kv0..], row_stride: 1, col_stride: w };
+            let km = Mat { data: &k[kv0..], row_stride: w, col_stride: 1 };
+            let vt = Mat { data: &v[kv0..], row_stride: 1, col_stride: w };
+            for i0 in (0..q_len).step_by(QUERY_BLOCK) {
+                let n = QUERY_BLOCK.min(q_len - i0);
+                let q0 = (b * q_len + i0) * w + h * hd;
+                let qm = Mat { data: &q[q0..], row_stride: w, col_stride: 1 };
+                let dom = Mat { data: &dout[q0..], row_stride: w, col_stride: 1 };
+                let (p, dp) = (&mut p[..n * kv_len], &mut dp[..n * kv_len]);
+                gemm::sgemm(n, hd, kv_len, qm, kt, p, 0.0);
+                gemm::sgemm(n, hd, kv_len, dom, vt, dp, 0.0);
+                for (r, (pr, dpr)) in p.chunks_mut(kv_len).zip(dp.chunks_mut(kv_len)).enumerate() {
+                    let (i, row) = (i0 + r, (b * q_len + i0 + r));
+                    let l = lse[row * heads + h];
+                    // D_i = dO_i · O_i = Σ_j P_ij dP_ij (excluded keys have P = 0)
+                    let (doi, oi) = (&dout[row * w + h * hd..][..hd], &out[row * w + h * hd..][..hd]);
+                    let d: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
+                    for (j, (x, g)) in pr.iter_mut().zip(dpr.iter_mut()).enumerate() {
+                        *x = if masked && !self.allowed(key_mask, b, i, j) { 0.0 } else { (*x * scale - l).exp() };
+                        *g = *x * (*g - d) * scale; // dS
                     }
                 }
+                let pt = Mat { data: p, row_stride: 1, col_stride: kv_len };
+                let dst = Mat { data: dp, row_stride: 1, col_stride: kv_len };
+                let ds = Mat { data: dp, row_stride: kv_len, col_stride: 1 };
+                gemm::sgemm(kv_len, n, hd, pt, dom, &mut dv_h, 1.0);
+                gemm::sgemm(kv_len, n, hd, dst, qm, &mut dk_h, 1.0);
+                gemm::sgemm(n, kv_len, hd, ds, km, &mut dq_blk[..n * hd], 0.0);
+                // SAFETY: this task is the only writer of head h of batch b in dq, dk and dv, and
+                // the slices hold every index written (checked lengths).
+                unsafe { add_rows(dq.at(q0), w, &dq_blk[..n * hd], hd) };
+            }
+            unsafe {
+                add_rows(dk.at(kv0), w, &dk_h, hd);
+                add_rows(dv.at(kv0), w, &dv_h, hd);
             }
         });
+    }
+}
+
+/// Queries per task of the CPU attention: the block's scores (64 × keys) stay in L2.
+const QUERY_BLOCK: usize = 64;
+
+/// dst rows (stride `dst_stride`) += src rows (contiguous, `width` each).
+///
+/// # Safety
+/// dst must be valid for writes of every row, and no other thread may write them.
+unsafe fn add_rows(dst: *mut f32, dst_stride: usize, src: &[f32], width: usize) {
+    for (r, s) in src.chunks(width).enumerate() {
+        let d = std::slice::from_raw_parts_mut(dst.add(r * dst_stride), width);
+        d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
     }
 }
 

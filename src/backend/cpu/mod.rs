@@ -432,9 +432,12 @@ mod tests {
     /// softmax(QKᵀ·scale)V formula evaluated in f64, including the saved log-sum-exp.
     #[test]
     fn attention_matches_f64_formula_cross_and_causal() {
-        for &(batch, q_len, kv_len, heads, hd, causal) in
-            &[(2usize, 5usize, 7usize, 3usize, 8usize, false), (1, 6, 6, 2, 40, true)]
-        {
+        for &(batch, q_len, kv_len, heads, hd, causal) in &[
+            (2usize, 5usize, 7usize, 3usize, 8usize, false),
+            (1, 6, 6, 2, 40, true),
+            (2, 150, 77, 2, 8, false),
+            (1, 130, 130, 1, 8, true),
+        ] {
             let w = heads * hd;
             let mut rng = SplitMix64::new(3);
             let (q, k, v) = (
