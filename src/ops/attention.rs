@@ -2,7 +2,7 @@
 //! encoder) and/or a key mask (BERT's padding). Kernels: kernels/attention.cu (flash kernels up to
 //! head dim 160, a materialised path above it).
 
-use crate::backend::cpu::gemm::{self, Mat};
+use crate::backend::cpu::gemm::{self, Mat, PackedB, SharedMut};
 use crate::backend::{check_disjoint, check_key_mask, check_lens};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -42,22 +42,6 @@ pub struct AttentionBackward<'a> {
     pub dv: &'a Tensor,
     pub dout: &'a Tensor,
     pub forward: AttentionForward<'a>,
-}
-
-/// A pointer shared by tasks that write disjoint elements (each task owns a set of (batch, head)
-/// columns of a strided tensor, which slices cannot express).
-#[derive(Clone, Copy)]
-struct SharedMut(pub *mut f32);
-// SAFETY: only used where each task writes a disjoint set of elements (documented at each use).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// Through a method, so closures capture the Send + Sync wrapper and not the bare pointer.
-    fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: offsets stay within the tensor (checked by the caller's length checks).
-        unsafe { self.0.add(offset) }
-    }
 }
 
 impl AttentionParams {
@@ -171,6 +155,16 @@ impl AttentionParams {
             .par_chunks_mut(q_len * w)
             .zip(lse[..batch * q_len * heads].par_chunks_mut(q_len * heads));
         per_batch.enumerate().for_each(|(b, (out_b, lse_b))| {
+            // Each head's Kᵀ and V packed once for all its query blocks (packing per block cost
+            // more than the products: a 64-query block does only 2 · 64 FLOP per packed value).
+            let packed: Vec<(PackedB, PackedB)> = (0..heads)
+                .into_par_iter()
+                .map(|h| {
+                    let kt = Mat { data: &k[b * kv_len * w + h * hd..], row_stride: 1, col_stride: w };
+                    let vm = Mat { data: &v[b * kv_len * w + h * hd..], row_stride: w, col_stride: 1 };
+                    (PackedB::new(hd, kv_len, kt, false), PackedB::new(kv_len, hd, vm, false))
+                })
+                .collect();
             let blocks = out_b.par_chunks_mut(QUERY_BLOCK * w).zip(lse_b.par_chunks_mut(QUERY_BLOCK * heads));
             blocks.enumerate().for_each_init(
                 || (vec![0f32; QUERY_BLOCK * kv_len], vec![0f32; QUERY_BLOCK * hd]),
@@ -178,10 +172,9 @@ impl AttentionParams {
                     let (i0, n) = (blk * QUERY_BLOCK, o.len() / w);
                     for h in 0..heads {
                         let qm = Mat { data: &q[(b * q_len + i0) * w + h * hd..], row_stride: w, col_stride: 1 };
-                        let kt = Mat { data: &k[b * kv_len * w + h * hd..], row_stride: 1, col_stride: w };
-                        let vm = Mat { data: &v[b * kv_len * w + h * hd..], row_stride: w, col_stride: 1 };
+                        let (kt, vm) = &packed[h];
                         let s = &mut scores[..n * kv_len];
-                        gemm::sgemm(n, hd, kv_len, qm, kt, s, 0.0);
+                        gemm::sgemm_packed(n, qm, kt, s, 0.0, false);
                         let mut inv = [0f32; QUERY_BLOCK];
                         for (r, row) in s.chunks_mut(kv_len).enumerate() {
                             let (max, sum, kept) = self.scale_and_exp_row(row, key_mask, b, i0 + r);
@@ -189,7 +182,7 @@ impl AttentionParams {
                             l[r * heads + h] = max + sum.ln();
                         }
                         let pm = Mat { data: s, row_stride: kv_len, col_stride: 1 };
-                        gemm::sgemm(n, kv_len, hd, pm, vm, &mut o_head[..n * hd], 0.0);
+                        gemm::sgemm_packed(n, pm, vm, &mut o_head[..n * hd], 0.0, false);
                         for r in 0..n {
                             let dst = &mut o[r * w + h * hd..][..hd];
                             dst.iter_mut().zip(&o_head[r * hd..][..hd]).for_each(|(d, x)| *d = x * inv[r]);
@@ -219,17 +212,18 @@ impl AttentionParams {
             let (mut dk_h, mut dv_h) = (vec![0f32; kv_len * hd], vec![0f32; kv_len * hd]);
             let mut dq_blk = vec![0f32; QUERY_BLOCK * hd];
             let kv0 = b * kv_len * w + h * hd;
-            let kt = Mat { data: &k[kv0..], row_stride: 1, col_stride: w };
-            let km = Mat { data: &k[kv0..], row_stride: w, col_stride: 1 };
-            let vt = Mat { data: &v[kv0..], row_stride: 1, col_stride: w };
+            // Kᵀ, Vᵀ and K packed once for every query block of this head.
+            let kt = PackedB::new(hd, kv_len, Mat { data: &k[kv0..], row_stride: 1, col_stride: w }, false);
+            let km = PackedB::new(kv_len, hd, Mat { data: &k[kv0..], row_stride: w, col_stride: 1 }, false);
+            let vt = PackedB::new(hd, kv_len, Mat { data: &v[kv0..], row_stride: 1, col_stride: w }, false);
             for i0 in (0..q_len).step_by(QUERY_BLOCK) {
                 let n = QUERY_BLOCK.min(q_len - i0);
                 let q0 = (b * q_len + i0) * w + h * hd;
                 let qm = Mat { data: &q[q0..], row_stride: w, col_stride: 1 };
                 let dom = Mat { data: &dout[q0..], row_stride: w, col_stride: 1 };
                 let (p, dp) = (&mut p[..n * kv_len], &mut dp[..n * kv_len]);
-                gemm::sgemm(n, hd, kv_len, qm, kt, p, 0.0);
-                gemm::sgemm(n, hd, kv_len, dom, vt, dp, 0.0);
+                gemm::sgemm_packed(n, qm, &kt, p, 0.0, false);
+                gemm::sgemm_packed(n, dom, &vt, dp, 0.0, false);
                 for (r, (pr, dpr)) in p.chunks_mut(kv_len).zip(dp.chunks_mut(kv_len)).enumerate() {
                     let (i, row) = (i0 + r, (b * q_len + i0 + r));
                     let l = lse[row * heads + h];
@@ -246,7 +240,7 @@ impl AttentionParams {
                 let ds = Mat { data: dp, row_stride: kv_len, col_stride: 1 };
                 gemm::sgemm(kv_len, n, hd, pt, dom, &mut dv_h, 1.0);
                 gemm::sgemm(kv_len, n, hd, dst, qm, &mut dk_h, 1.0);
-                gemm::sgemm(n, kv_len, hd, ds, km, &mut dq_blk[..n * hd], 0.0);
+                gemm::sgemm_packed(n, ds, &km, &mut dq_blk[..n * hd], 0.0, false);
                 // SAFETY: this task is the only writer of head h of batch b in dq, dk and dv, and
                 // the slices hold every index written (checked lengths).
                 unsafe { add_rows(dq.at(q0), w, &dq_blk[..n * hd], hd) };

@@ -122,9 +122,9 @@ impl Conv2dParams {
         }
     }
 
-    /// The CPU reference of the forward, on checked slices: an implicit GEMM by tiles of 128 output
+    /// The CPU reference of the forward, on checked slices: an implicit GEMM by tiles of 144 output
     /// pixels (each task gathers its patches into a (tile, K) matrix and multiplies it by the
-    /// weight read transposed), the bias as the GEMM's starting value.
+    /// weight, packed once for every tile), the bias as the GEMM's starting value.
     pub fn cpu_forward(&self, out: &mut [f32], [x, wt]: [&[f32]; 2], bias: Option<&[f32]>) {
         let (rows, c_out, k) = (self.out_rows(), self.c_out, self.patch_len());
         let o = &mut out[..rows * c_out];
@@ -139,18 +139,28 @@ impl Conv2dParams {
             gemm::sgemm_par(rows, k, c_out, xm, wm, o, 1.0);
             return;
         }
-        const TILE: usize = 128;
-        o.par_chunks_mut(TILE * c_out).enumerate().for_each_init(
-            || vec![0f32; TILE * k],
-            |patch, (tile, o)| {
-                let n = o.len() / c_out;
-                for r in 0..n {
-                    self.gather_patch(&mut patch[r * k..(r + 1) * k], x, tile * TILE + r);
-                }
-                let pm = Mat { data: &patch[..n * k], row_stride: k, col_stride: 1 };
-                gemm::sgemm(n, k, c_out, pm, wm, o, 1.0);
-            },
-        );
+        const TILE: usize = 144; // one A block of the GEMM
+        gemm::with_packed_b(k, c_out, wm, true, |packed| {
+            if rows.div_ceil(TILE) < 2 * rayon::current_num_threads() {
+                // Too few tiles to keep every thread busy (the deep levels: 128 pixels of 1,280
+                // channels at 256²): all patches at once, the product split across threads.
+                let mut patch = vec![0f32; rows * k];
+                patch.par_chunks_mut(k).enumerate().for_each(|(r, p)| self.gather_patch(p, x, r));
+                let pm = Mat { data: &patch, row_stride: k, col_stride: 1 };
+                return gemm::sgemm_packed(rows, pm, packed, o, 1.0, true);
+            }
+            o.par_chunks_mut(TILE * c_out).enumerate().for_each_init(
+                || vec![0f32; TILE * k],
+                |patch, (tile, o)| {
+                    let n = o.len() / c_out;
+                    for r in 0..n {
+                        self.gather_patch(&mut patch[r * k..(r + 1) * k], x, tile * TILE + r);
+                    }
+                    let pm = Mat { data: &patch[..n * k], row_stride: k, col_stride: 1 };
+                    gemm::sgemm_packed(n, pm, packed, o, 1.0, false);
+                },
+            );
+        });
     }
 
     /// The CPU reference of the backward, on checked slices (gradients accumulated into): by tiles
@@ -280,4 +290,57 @@ pub trait ConvOps {
 
     /// out (rows, patch) = the patches of inp (batch, h, w, channels) (see [`Im2colParams`]).
     fn im2col_forward(&self, p: &Im2colParams, out: &Tensor, inp: &Tensor) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::splitmix::SplitMix64;
+
+    /// The textbook sum over the window, NHWC input, (c_out, c_in, ky, kx) weight.
+    fn direct(p: &Conv2dParams, x: &[f32], wt: &[f32], bias: &[f32]) -> Vec<f32> {
+        let (oh, ow, k) = (p.out_h(), p.out_w(), p.kernel);
+        let mut out = vec![0f32; p.batch * oh * ow * p.c_out];
+        for b in 0..p.batch {
+            for (oy, ox) in (0..oh).flat_map(|y| (0..ow).map(move |x| (y, x))) {
+                for co in 0..p.c_out {
+                    let mut acc = bias[co] as f64;
+                    for (ci, ky, kx) in
+                        (0..p.c_in).flat_map(|c| (0..k).flat_map(move |y| (0..k).map(move |x| (c, y, x))))
+                    {
+                        let (iy, ix) = (
+                            (oy * p.stride + ky) as isize - p.pad[0] as isize,
+                            (ox * p.stride + kx) as isize - p.pad[2] as isize,
+                        );
+                        if iy >= 0 && ix >= 0 && (iy as usize) < p.h && (ix as usize) < p.w {
+                            let xv = x[((b * p.h + iy as usize) * p.w + ix as usize) * p.c_in + ci];
+                            acc += xv as f64 * wt[((co * p.c_in + ci) * k + ky) * k + kx] as f64;
+                        }
+                    }
+                    out[((b * oh + oy) * ow + ox) * p.c_out + co] = acc as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// Both ways the forward splits its work: few output pixels (every patch at once, the product
+    /// across threads) and many (tiles of 144 pixels, one task each, a last partial tile).
+    #[test]
+    fn forward_matches_the_direct_sum_on_both_paths() {
+        let threads = rayon::current_num_threads();
+        let many = (2 * threads * 144 + 77) as f64;
+        for (h, w) in [(5, 7), (many.sqrt() as usize + 1, many.sqrt() as usize + 2)] {
+            let p = Conv2dParams { batch: 2, h, w, c_in: 3, c_out: 37, kernel: 3, stride: 1, pad: [1; 4] };
+            let mut rng = SplitMix64::new(h as u64);
+            let x: Vec<f32> = (0..2 * h * w * 3).map(|_| rng.next_normal()).collect();
+            let wt: Vec<f32> = (0..37 * 27).map(|_| rng.next_normal()).collect();
+            let bias: Vec<f32> = (0..37).map(|_| rng.next_normal()).collect();
+            let mut out = vec![f32::NAN; p.out_rows() * 37];
+            p.cpu_forward(&mut out, [&x, &wt], Some(&bias));
+            let want = direct(&p, &x, &wt, &bias);
+            let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{h}×{w}: max |gemm − direct| = {worst}");
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! The CPU reference backend: f32 everywhere, plain loops a reader can check against the paper or
-//! PyTorch, rayon for threads, and matrix products through `matrixmultiply` (see `gemm.rs`).
+//! PyTorch, rayon for threads, and matrix products through our packed SGEMM (see `gemm.rs`).
 
 pub mod gemm;
 
