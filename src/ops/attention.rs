@@ -3,6 +3,7 @@
 //! head dim 160, a materialised path above it).
 
 use crate::backend::cpu::gemm::{self, Mat, PackedB, SharedMut};
+use crate::backend::cpu::scratch;
 use crate::backend::{check_disjoint, check_key_mask, check_lens};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -158,17 +159,16 @@ impl AttentionParams {
             // Each head's Kᵀ and V packed once for all its query blocks (packing per block cost
             // more than the products: a 64-query block does only 2 · 64 FLOP per packed value).
             let packed: Vec<(PackedB, PackedB)> = (0..heads)
-                .into_par_iter()
                 .map(|h| {
                     let kt = Mat { data: &k[b * kv_len * w + h * hd..], row_stride: 1, col_stride: w };
                     let vm = Mat { data: &v[b * kv_len * w + h * hd..], row_stride: w, col_stride: 1 };
-                    (PackedB::new(hd, kv_len, kt, false), PackedB::new(kv_len, hd, vm, false))
+                    (PackedB::in_scratch(hd, kv_len, kt, false), PackedB::in_scratch(kv_len, hd, vm, false))
                 })
                 .collect();
             let blocks = out_b.par_chunks_mut(QUERY_BLOCK * w).zip(lse_b.par_chunks_mut(QUERY_BLOCK * heads));
-            blocks.enumerate().for_each_init(
-                || (vec![0f32; QUERY_BLOCK * kv_len], vec![0f32; QUERY_BLOCK * hd]),
-                |(scores, o_head), (blk, (o, l))| {
+            blocks.enumerate().for_each(|(blk, (o, l))| {
+                scratch::with_buffer(QUERY_BLOCK * (kv_len + hd), |buf| {
+                    let (scores, o_head) = buf.split_at_mut(QUERY_BLOCK * kv_len);
                     let (i0, n) = (blk * QUERY_BLOCK, o.len() / w);
                     for h in 0..heads {
                         let qm = Mat { data: &q[(b * q_len + i0) * w + h * hd..], row_stride: w, col_stride: 1 };
@@ -188,8 +188,12 @@ impl AttentionParams {
                             dst.iter_mut().zip(&o_head[r * hd..][..hd]).for_each(|(d, x)| *d = x * inv[r]);
                         }
                     }
-                },
-            );
+                })
+            });
+            packed.into_iter().for_each(|(kt, vm)| {
+                kt.recycle();
+                vm.recycle();
+            });
         });
     }
 
@@ -208,47 +212,55 @@ impl AttentionParams {
         let (dq, dk, dv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
         (0..batch * heads).into_par_iter().for_each(|bh| {
             let (b, h) = (bh / heads, bh % heads);
-            let (mut p, mut dp) = (vec![0f32; QUERY_BLOCK * kv_len], vec![0f32; QUERY_BLOCK * kv_len]);
-            let (mut dk_h, mut dv_h) = (vec![0f32; kv_len * hd], vec![0f32; kv_len * hd]);
-            let mut dq_blk = vec![0f32; QUERY_BLOCK * hd];
             let kv0 = b * kv_len * w + h * hd;
             // Kᵀ, Vᵀ and K packed once for every query block of this head.
-            let kt = PackedB::new(hd, kv_len, Mat { data: &k[kv0..], row_stride: 1, col_stride: w }, false);
-            let km = PackedB::new(kv_len, hd, Mat { data: &k[kv0..], row_stride: w, col_stride: 1 }, false);
-            let vt = PackedB::new(hd, kv_len, Mat { data: &v[kv0..], row_stride: 1, col_stride: w }, false);
-            for i0 in (0..q_len).step_by(QUERY_BLOCK) {
-                let n = QUERY_BLOCK.min(q_len - i0);
-                let q0 = (b * q_len + i0) * w + h * hd;
-                let qm = Mat { data: &q[q0..], row_stride: w, col_stride: 1 };
-                let dom = Mat { data: &dout[q0..], row_stride: w, col_stride: 1 };
-                let (p, dp) = (&mut p[..n * kv_len], &mut dp[..n * kv_len]);
-                gemm::sgemm_packed(n, qm, &kt, p, 0.0, false);
-                gemm::sgemm_packed(n, dom, &vt, dp, 0.0, false);
-                for (r, (pr, dpr)) in p.chunks_mut(kv_len).zip(dp.chunks_mut(kv_len)).enumerate() {
-                    let (i, row) = (i0 + r, (b * q_len + i0 + r));
-                    let l = lse[row * heads + h];
-                    // D_i = dO_i · O_i = Σ_j P_ij dP_ij (excluded keys have P = 0)
-                    let (doi, oi) = (&dout[row * w + h * hd..][..hd], &out[row * w + h * hd..][..hd]);
-                    let d: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
-                    for (j, (x, g)) in pr.iter_mut().zip(dpr.iter_mut()).enumerate() {
-                        *x = if masked && !self.allowed(key_mask, b, i, j) { 0.0 } else { (*x * scale - l).exp() };
-                        *g = *x * (*g - d) * scale; // dS
+            let kt = PackedB::in_scratch(hd, kv_len, Mat { data: &k[kv0..], row_stride: 1, col_stride: w }, false);
+            let km = PackedB::in_scratch(kv_len, hd, Mat { data: &k[kv0..], row_stride: w, col_stride: 1 }, false);
+            let vt = PackedB::in_scratch(hd, kv_len, Mat { data: &v[kv0..], row_stride: 1, col_stride: w }, false);
+            let (blk, kvh) = (QUERY_BLOCK * kv_len, kv_len * hd);
+            scratch::with_buffer(2 * blk + 2 * kvh + QUERY_BLOCK * hd, |buf| {
+                let (p, rest) = buf.split_at_mut(blk);
+                let (dp, rest) = rest.split_at_mut(blk);
+                let (dk_h, rest) = rest.split_at_mut(kvh);
+                let (dv_h, dq_blk) = rest.split_at_mut(kvh);
+                // dK and dV accumulate over the query blocks (P, dP and dQ are written before read).
+                dk_h.fill(0.0);
+                dv_h.fill(0.0);
+                for i0 in (0..q_len).step_by(QUERY_BLOCK) {
+                    let n = QUERY_BLOCK.min(q_len - i0);
+                    let q0 = (b * q_len + i0) * w + h * hd;
+                    let qm = Mat { data: &q[q0..], row_stride: w, col_stride: 1 };
+                    let dom = Mat { data: &dout[q0..], row_stride: w, col_stride: 1 };
+                    let (p, dp) = (&mut p[..n * kv_len], &mut dp[..n * kv_len]);
+                    gemm::sgemm_packed(n, qm, &kt, p, 0.0, false);
+                    gemm::sgemm_packed(n, dom, &vt, dp, 0.0, false);
+                    for (r, (pr, dpr)) in p.chunks_mut(kv_len).zip(dp.chunks_mut(kv_len)).enumerate() {
+                        let (i, row) = (i0 + r, (b * q_len + i0 + r));
+                        let l = lse[row * heads + h];
+                        // D_i = dO_i · O_i = Σ_j P_ij dP_ij (excluded keys have P = 0)
+                        let (doi, oi) = (&dout[row * w + h * hd..][..hd], &out[row * w + h * hd..][..hd]);
+                        let d: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
+                        for (j, (x, g)) in pr.iter_mut().zip(dpr.iter_mut()).enumerate() {
+                            *x = if masked && !self.allowed(key_mask, b, i, j) { 0.0 } else { (*x * scale - l).exp() };
+                            *g = *x * (*g - d) * scale; // dS
+                        }
                     }
+                    let pt = Mat { data: p, row_stride: 1, col_stride: kv_len };
+                    let dst = Mat { data: dp, row_stride: 1, col_stride: kv_len };
+                    let ds = Mat { data: dp, row_stride: kv_len, col_stride: 1 };
+                    gemm::sgemm(kv_len, n, hd, pt, dom, dv_h, 1.0);
+                    gemm::sgemm(kv_len, n, hd, dst, qm, dk_h, 1.0);
+                    gemm::sgemm_packed(n, ds, &km, &mut dq_blk[..n * hd], 0.0, false);
+                    // SAFETY: this task is the only writer of head h of batch b in dq, dk and dv, and
+                    // the slices hold every index written (checked lengths).
+                    unsafe { add_rows(dq.at(q0), w, &dq_blk[..n * hd], hd) };
                 }
-                let pt = Mat { data: p, row_stride: 1, col_stride: kv_len };
-                let dst = Mat { data: dp, row_stride: 1, col_stride: kv_len };
-                let ds = Mat { data: dp, row_stride: kv_len, col_stride: 1 };
-                gemm::sgemm(kv_len, n, hd, pt, dom, &mut dv_h, 1.0);
-                gemm::sgemm(kv_len, n, hd, dst, qm, &mut dk_h, 1.0);
-                gemm::sgemm_packed(n, ds, &km, &mut dq_blk[..n * hd], 0.0, false);
-                // SAFETY: this task is the only writer of head h of batch b in dq, dk and dv, and
-                // the slices hold every index written (checked lengths).
-                unsafe { add_rows(dq.at(q0), w, &dq_blk[..n * hd], hd) };
-            }
-            unsafe {
-                add_rows(dk.at(kv0), w, &dk_h, hd);
-                add_rows(dv.at(kv0), w, &dv_h, hd);
-            }
+                unsafe {
+                    add_rows(dk.at(kv0), w, dk_h, hd);
+                    add_rows(dv.at(kv0), w, dv_h, hd);
+                }
+            });
+            [kt, km, vt].into_iter().for_each(PackedB::recycle);
         });
     }
 }

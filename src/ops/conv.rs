@@ -5,6 +5,7 @@
 use super::linear::{column_sums_into, LinearParams, WeightedBackward, WeightedForward};
 use super::Window2d;
 use crate::backend::cpu::gemm::{self, Mat};
+use crate::backend::cpu::scratch;
 use crate::backend::{check_disjoint, check_len};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -144,22 +145,22 @@ impl Conv2dParams {
             if rows.div_ceil(TILE) < 2 * rayon::current_num_threads() {
                 // Too few tiles to keep every thread busy (the deep levels: 128 pixels of 1,280
                 // channels at 256²): all patches at once, the product split across threads.
-                let mut patch = vec![0f32; rows * k];
-                patch.par_chunks_mut(k).enumerate().for_each(|(r, p)| self.gather_patch(p, x, r));
-                let pm = Mat { data: &patch, row_stride: k, col_stride: 1 };
-                return gemm::sgemm_packed(rows, pm, packed, o, 1.0, true);
+                return scratch::with_buffer(rows * k, |patch| {
+                    patch.par_chunks_mut(k).enumerate().for_each(|(r, p)| self.gather_patch(p, x, r));
+                    let pm = Mat { data: patch, row_stride: k, col_stride: 1 };
+                    gemm::sgemm_packed(rows, pm, packed, o, 1.0, true);
+                });
             }
-            o.par_chunks_mut(TILE * c_out).enumerate().for_each_init(
-                || vec![0f32; TILE * k],
-                |patch, (tile, o)| {
-                    let n = o.len() / c_out;
+            o.par_chunks_mut(TILE * c_out).enumerate().for_each(|(tile, o)| {
+                let n = o.len() / c_out;
+                scratch::with_buffer(n * k, |patch| {
                     for r in 0..n {
                         self.gather_patch(&mut patch[r * k..(r + 1) * k], x, tile * TILE + r);
                     }
-                    let pm = Mat { data: &patch[..n * k], row_stride: k, col_stride: 1 };
+                    let pm = Mat { data: patch, row_stride: k, col_stride: 1 };
                     gemm::sgemm_packed(n, pm, packed, o, 1.0, false);
-                },
-            );
+                })
+            });
         });
     }
 
@@ -174,8 +175,8 @@ impl Conv2dParams {
         dbias: Option<&mut [f32]>,
         [dout, inp, weight]: [&[f32]; 3],
     ) {
-        let Conv2dParams { h, w, c_in, c_out, kernel, stride, pad, .. } = *self;
-        let (oh, ow, rows, k) = (self.out_h(), self.out_w(), self.out_rows(), self.patch_len());
+        let Conv2dParams { c_in, c_out, .. } = *self;
+        let (rows, k) = (self.out_rows(), self.patch_len());
         if let Some(db) = dbias {
             column_sums_into(db, dout, rows, c_out);
         }
@@ -185,39 +186,50 @@ impl Conv2dParams {
             return;
         }
         const TILE: usize = 1024;
-        let mut patch = vec![0f32; TILE.min(rows) * k];
-        for r0 in (0..rows).step_by(TILE) {
-            let n = TILE.min(rows - r0);
-            let dt = &dout[r0 * c_out..(r0 + n) * c_out];
-            patch[..n * k].par_chunks_mut(k).enumerate().for_each(|(r, p)| self.gather_patch(p, inp, r0 + r));
-            let a = Mat { data: dt, row_stride: 1, col_stride: c_out }; // doutᵀ tile (c_out × n)
-            let b = Mat { data: &patch, row_stride: k, col_stride: 1 };
-            gemm::sgemm_par(c_out, n, k, a, b, &mut dweight[..c_out * k], 1.0);
-            if let Some(di) = dinp.as_deref_mut() {
-                let a = Mat { data: dt, row_stride: c_out, col_stride: 1 };
-                let b = Mat { data: weight, row_stride: k, col_stride: 1 };
-                gemm::sgemm_par(n, c_out, k, a, b, &mut patch[..n * k], 0.0);
-                for r in 0..n {
-                    let (bb, rem) = ((r0 + r) / (oh * ow), (r0 + r) % (oh * ow));
-                    let (oy, ox) = (rem / ow, rem % ow);
-                    let p = &patch[r * k..(r + 1) * k];
-                    for ky in 0..kernel {
-                        let iy = (oy * stride + ky) as isize - pad[0] as isize;
-                        if iy < 0 || iy as usize >= h {
-                            continue;
-                        }
-                        for kx in 0..kernel {
-                            let ix = (ox * stride + kx) as isize - pad[2] as isize;
-                            if ix < 0 || ix as usize >= w {
-                                continue;
-                            }
-                            let base = ((bb * h + iy as usize) * w + ix as usize) * c_in;
-                            let kk = ky * kernel + kx;
-                            for ci in 0..c_in {
-                                di[base + ci] += p[ci * kernel * kernel + kk];
-                            }
+        // W (c_out × k) packed once for every tile's dpatches.
+        let wm = Mat { data: weight, row_stride: k, col_stride: 1 };
+        gemm::with_packed_b(c_out, k, wm, true, |w_packed| {
+            scratch::with_buffer(TILE.min(rows) * k, |patch| {
+                for r0 in (0..rows).step_by(TILE) {
+                    let n = TILE.min(rows - r0);
+                    let dt = &dout[r0 * c_out..(r0 + n) * c_out];
+                    patch[..n * k].par_chunks_mut(k).enumerate().for_each(|(r, p)| self.gather_patch(p, inp, r0 + r));
+                    let a = Mat { data: dt, row_stride: 1, col_stride: c_out }; // doutᵀ tile (c_out × n)
+                    let b = Mat { data: patch, row_stride: k, col_stride: 1 };
+                    gemm::sgemm_par(c_out, n, k, a, b, &mut dweight[..c_out * k], 1.0);
+                    if let Some(di) = dinp.as_deref_mut() {
+                        let a = Mat { data: dt, row_stride: c_out, col_stride: 1 };
+                        gemm::sgemm_packed(n, a, w_packed, &mut patch[..n * k], 0.0, true);
+                        for r in 0..n {
+                            self.scatter_add_patch(di, &patch[r * k..(r + 1) * k], r0 + r);
                         }
                     }
+                }
+            })
+        });
+    }
+
+    /// The inverse of `gather_patch` (col2im): output pixel `r`'s patch gradient `p` added into
+    /// the input gradient `di` at the pixels its window covers (padding dropped).
+    fn scatter_add_patch(&self, di: &mut [f32], p: &[f32], r: usize) {
+        let Conv2dParams { h, w, c_in, kernel, stride, pad, .. } = *self;
+        let (oh, ow) = (self.out_h(), self.out_w());
+        let (bb, rem) = (r / (oh * ow), r % (oh * ow));
+        let (oy, ox) = (rem / ow, rem % ow);
+        for ky in 0..kernel {
+            let iy = (oy * stride + ky) as isize - pad[0] as isize;
+            if iy < 0 || iy as usize >= h {
+                continue;
+            }
+            for kx in 0..kernel {
+                let ix = (ox * stride + kx) as isize - pad[2] as isize;
+                if ix < 0 || ix as usize >= w {
+                    continue;
+                }
+                let base = ((bb * h + iy as usize) * w + ix as usize) * c_in;
+                let kk = ky * kernel + kx;
+                for ci in 0..c_in {
+                    di[base + ci] += p[ci * kernel * kernel + kk];
                 }
             }
         }

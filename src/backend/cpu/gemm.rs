@@ -10,6 +10,7 @@
 //! (MC = 144 rows × 256 × 4 B = 144 KiB) in L2; NC = 4096 columns bound a packed B block to 4 MiB
 //! of L3.
 
+use super::scratch;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -125,6 +126,16 @@ impl PackedB {
     /// Packs b (k × n) for this CPU's kernel; `parallel` spreads the panels over rayon's threads.
     pub fn new(k: usize, n: usize, b: Mat, parallel: bool) -> PackedB {
         PackedB::with_isa(k, n, b, parallel, Isa::detected())
+    }
+
+    /// As `new`, into a buffer from the calling thread's scratch; `recycle` gives it back (for
+    /// packs that live through one operation, as attention's per-head K and V).
+    pub fn in_scratch(k: usize, n: usize, b: Mat, parallel: bool) -> PackedB {
+        PackedB::into_buffer(k, n, b, parallel, Isa::detected(), scratch::take())
+    }
+
+    pub fn recycle(self) {
+        scratch::give_back(self.data);
     }
 
     fn with_isa(k: usize, n: usize, b: Mat, parallel: bool, isa: Isa) -> PackedB {
@@ -271,10 +282,9 @@ pub fn sgemm_packed(m: usize, a: Mat, b: &PackedB, c: &mut [f32], beta: f32, par
         let (row_blocks, mc, groups) = split(m, mr, panels, parallel);
         // A task owns a block of rows and a group of column panels of C, and runs the whole
         // depth (every KC block) itself: one parallel region per call, not one per KC block.
-        let task = |apack: &mut Vec<f32>, t: usize| {
+        let task = |apack: &mut [f32], t: usize| {
             let (rb, g) = (t / groups, t % groups);
             let (i0, rows) = (rb * mc, mc.min(m - rb * mc));
-            apack.resize(MC * KC, 0.0);
             for (kb, k0) in (0..k).step_by(KC).enumerate() {
                 let kc = KC.min(k - k0);
                 let bblk = b.block(jb, kb);
@@ -302,26 +312,21 @@ pub fn sgemm_packed(m: usize, a: Mat, b: &PackedB, c: &mut [f32], beta: f32, par
             }
         };
         let tasks = row_blocks * groups;
-        // Each thread packs A into its own long-lived buffer (no task here re-enters rayon, so a
-        // thread never borrows it twice).
+        // Each task packs its A block into its thread's scratch (MC × KC values).
         if parallel && tasks > 1 {
-            (0..tasks).into_par_iter().for_each(|t| A_PACK.with_borrow_mut(|apack| task(apack, t)));
+            (0..tasks).into_par_iter().for_each(|t| scratch::with_buffer(MC * KC, |apack| task(apack, t)));
         } else {
-            A_PACK.with_borrow_mut(|apack| (0..tasks).for_each(|t| task(apack, t)));
+            scratch::with_buffer(MC * KC, |apack| (0..tasks).for_each(|t| task(apack, t)));
         }
     }
 }
 
-/// Runs `f` with b (k × n) packed into the calling thread's reused buffer: products that pack
-/// their B per call (`sgemm`, `sgemm_par`, the convolution's weight) do not allocate — a fresh
-/// multi-megabyte allocation per call costs more in page faults than the packing itself.
+/// Runs `f` with b (k × n) packed into the calling thread's scratch: products that pack their B
+/// per call (`sgemm`, `sgemm_par`, a weight not kept packed) do not allocate.
 pub fn with_packed_b<R>(k: usize, n: usize, b: Mat, parallel: bool, f: impl FnOnce(&PackedB) -> R) -> R {
-    // Taken out of the cell (not borrowed) so a nested call on this thread finds an empty buffer
-    // rather than a double borrow.
-    let buf = B_PACK.with_borrow_mut(std::mem::take);
-    let packed = PackedB::into_buffer(k, n, b, parallel, Isa::detected(), buf);
+    let packed = PackedB::in_scratch(k, n, b, parallel);
     let r = f(&packed);
-    B_PACK.with_borrow_mut(|slot| *slot = packed.data);
+    packed.recycle();
     r
 }
 
@@ -338,13 +343,6 @@ fn split(m: usize, mr: usize, panels: usize, parallel: bool) -> (usize, usize, u
     let mc = m.div_ceil(blocks).next_multiple_of(mr);
     let row_blocks = m.div_ceil(mc);
     (row_blocks, mc, threads.div_ceil(row_blocks).clamp(1, panels))
-}
-
-thread_local! {
-    /// Each thread's A panels (MC × KC), kept between calls.
-    static A_PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The calling thread's packed B for `with_packed_b`, kept between calls.
-    static B_PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A tile cut by the edge of C: through an MR × NR scratch tile.

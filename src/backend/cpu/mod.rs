@@ -2,6 +2,7 @@
 //! PyTorch, rayon for threads, and matrix products through our packed SGEMM (see `gemm.rs`).
 
 pub mod gemm;
+pub mod scratch;
 
 use super::{Activation, Backend};
 use crate::backend::{AttentionOps, ConvOps, ElementwiseOps, LinearOps, NormOps, OptimOps, PoolOps, RandomOps};
