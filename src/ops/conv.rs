@@ -4,7 +4,7 @@
 
 use super::linear::{column_sums_into, LinearParams, WeightedBackward, WeightedForward};
 use super::Window2d;
-use crate::backend::cpu::gemm::{self, Mat};
+use crate::backend::cpu::gemm::{self, Mat, PackedB};
 use crate::backend::cpu::scratch;
 use crate::backend::{check_disjoint, check_len};
 use crate::tensor::Tensor;
@@ -125,42 +125,38 @@ impl Conv2dParams {
 
     /// The CPU reference of the forward, on checked slices: an implicit GEMM by tiles of 144 output
     /// pixels (each task gathers its patches into a (tile, K) matrix and multiplies it by the
-    /// weight, packed once for every tile), the bias as the GEMM's starting value.
-    pub fn cpu_forward(&self, out: &mut [f32], [x, wt]: [&[f32]; 2], bias: Option<&[f32]>) {
+    /// weight, packed by the caller as Wᵀ (K × c_out)), the bias as the GEMM's starting value.
+    pub fn cpu_forward(&self, out: &mut [f32], x: &[f32], packed: &PackedB, bias: Option<&[f32]>) {
         let (rows, c_out, k) = (self.out_rows(), self.c_out, self.patch_len());
+        assert_eq!(packed.shape(), (k, c_out), "conv2d weight packed for another shape");
         let o = &mut out[..rows * c_out];
         match bias {
             Some(b) => o.par_chunks_mut(c_out).for_each(|row| row.copy_from_slice(&b[..c_out])),
             None => o.fill(0.0),
         }
-        // The weight (c_out, c_in·kh·kw) read transposed: element (k, n) at n·K + k.
-        let wm = Mat { data: wt, row_stride: 1, col_stride: k };
         if self.is_pointwise() {
             let xm = Mat { data: x, row_stride: self.c_in, col_stride: 1 };
-            gemm::sgemm_par(rows, k, c_out, xm, wm, o, 1.0);
-            return;
+            return gemm::sgemm_packed(rows, xm, packed, o, 1.0, true);
         }
         const TILE: usize = 144; // one A block of the GEMM
-        gemm::with_packed_b(k, c_out, wm, true, |packed| {
-            if rows.div_ceil(TILE) < 2 * rayon::current_num_threads() {
-                // Too few tiles to keep every thread busy (the deep levels: 128 pixels of 1,280
-                // channels at 256²): all patches at once, the product split across threads.
-                return scratch::with_buffer(rows * k, |patch| {
-                    patch.par_chunks_mut(k).enumerate().for_each(|(r, p)| self.gather_patch(p, x, r));
-                    let pm = Mat { data: patch, row_stride: k, col_stride: 1 };
-                    gemm::sgemm_packed(rows, pm, packed, o, 1.0, true);
-                });
-            }
-            o.par_chunks_mut(TILE * c_out).enumerate().for_each(|(tile, o)| {
-                let n = o.len() / c_out;
-                scratch::with_buffer(n * k, |patch| {
-                    for r in 0..n {
-                        self.gather_patch(&mut patch[r * k..(r + 1) * k], x, tile * TILE + r);
-                    }
-                    let pm = Mat { data: patch, row_stride: k, col_stride: 1 };
-                    gemm::sgemm_packed(n, pm, packed, o, 1.0, false);
-                })
+        if rows.div_ceil(TILE) < 2 * rayon::current_num_threads() {
+            // Too few tiles to keep every thread busy (the deep levels: 128 pixels of 1,280
+            // channels at 256²): all patches at once, the product split across threads.
+            return scratch::with_buffer(rows * k, |patch| {
+                patch.par_chunks_mut(k).enumerate().for_each(|(r, p)| self.gather_patch(p, x, r));
+                let pm = Mat { data: patch, row_stride: k, col_stride: 1 };
+                gemm::sgemm_packed(rows, pm, packed, o, 1.0, true);
             });
+        }
+        o.par_chunks_mut(TILE * c_out).enumerate().for_each(|(tile, o)| {
+            let n = o.len() / c_out;
+            scratch::with_buffer(n * k, |patch| {
+                for r in 0..n {
+                    self.gather_patch(&mut patch[r * k..(r + 1) * k], x, tile * TILE + r);
+                }
+                let pm = Mat { data: patch, row_stride: k, col_stride: 1 };
+                gemm::sgemm_packed(n, pm, packed, o, 1.0, false);
+            })
         });
     }
 
@@ -349,7 +345,8 @@ mod tests {
             let wt: Vec<f32> = (0..37 * 27).map(|_| rng.next_normal()).collect();
             let bias: Vec<f32> = (0..37).map(|_| rng.next_normal()).collect();
             let mut out = vec![f32::NAN; p.out_rows() * 37];
-            p.cpu_forward(&mut out, [&x, &wt], Some(&bias));
+            let packed = PackedB::new(27, 37, Mat { data: &wt, row_stride: 1, col_stride: 27 }, false);
+            p.cpu_forward(&mut out, &x, &packed, Some(&bias));
             let want = direct(&p, &x, &wt, &bias);
             let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst < 1e-4, "{h}×{w}: max |gemm − direct| = {worst}");

@@ -2,7 +2,7 @@
 //! in_features)). On CUDA the product is cuBLASLt's, the bias fused; kernels/linear.cu holds the
 //! bias fill and the bias gradient.
 
-use crate::backend::cpu::gemm::{self, Mat};
+use crate::backend::cpu::gemm::{self, Mat, PackedB};
 use crate::backend::{check_disjoint, check_len};
 use crate::tensor::Tensor;
 use anyhow::Result;
@@ -80,17 +80,17 @@ impl LinearParams {
     }
 
     /// The CPU reference of the forward, on checked slices: the bias as the GEMM's starting value,
-    /// then out += inp · wᵀ with wᵀ read in place (element (k, n) at n · in_features + k).
-    pub fn cpu_forward(&self, out: &mut [f32], [x, w]: [&[f32]; 2], bias: Option<&[f32]>) {
+    /// then out += inp · wᵀ, with wᵀ (in_features × out_features) packed by the caller.
+    pub fn cpu_forward(&self, out: &mut [f32], x: &[f32], w: &PackedB, bias: Option<&[f32]>) {
         let LinearParams { rows, in_features: i, out_features: o } = *self;
+        assert_eq!(w.shape(), (i, o), "linear weight packed for another shape");
         let out = &mut out[..rows * o];
         match bias {
             Some(b) => out.par_chunks_mut(o).for_each(|row| row.copy_from_slice(&b[..o])),
             None => out.fill(0.0),
         }
         let xm = Mat { data: x, row_stride: i, col_stride: 1 };
-        let wm = Mat { data: w, row_stride: 1, col_stride: i };
-        gemm::sgemm_par(rows, i, o, xm, wm, out, 1.0);
+        gemm::sgemm_packed(rows, xm, w, out, 1.0, true);
     }
 
     /// The CPU reference of the backward, on checked slices (accumulated into): dinp += dout · W;

@@ -134,6 +134,11 @@ impl PackedB {
         PackedB::into_buffer(k, n, b, parallel, Isa::detected(), scratch::take())
     }
 
+    /// (k, n): the shape of the B it holds.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
     pub fn recycle(self) {
         scratch::give_back(self.data);
     }

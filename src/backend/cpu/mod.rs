@@ -3,6 +3,7 @@
 
 pub mod gemm;
 pub mod scratch;
+mod weights;
 
 use super::{Activation, Backend};
 use crate::backend::{AttentionOps, ConvOps, ElementwiseOps, LinearOps, NormOps, OptimOps, PoolOps, RandomOps};
@@ -21,7 +22,9 @@ use crate::ops::pool::Pool2dParams;
 use crate::ops::random::{AddNoiseParams, RandnParams};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{ensure, Result};
+use gemm::{Mat, PackedB};
 use rayon::prelude::*;
+use weights::{PoolWrites, WeightCache, WeightKey};
 
 /// One allocation: an anonymous memory map (zero pages, page-aligned, transparent huge pages
 /// requested so that multi-GiB parameter pools do not cost a page fault per 4 KiB). Operations
@@ -34,11 +37,15 @@ struct CpuPool {
     label: String,
     /// None once freed (`Backend::free`): the pages are unmapped.
     map: Option<memmap2::MmapMut>,
+    /// Advanced by every mutable view: the kept packed weights check it.
+    writes: PoolWrites,
 }
 
 #[derive(Default)]
 pub struct CpuBackend {
     pools: Vec<CpuPool>,
+    /// Packed copies of the weights of Linear and Conv2d forwards, while unchanged.
+    weights: WeightCache,
 }
 
 impl CpuBackend {
@@ -66,8 +73,18 @@ impl CpuBackend {
     #[allow(clippy::mut_from_ref)]
     fn view_mut(&self, t: &Tensor) -> &mut [f32] {
         let p = self.pool(t);
+        p.writes.bump();
         // SAFETY: as in `view`; callers obtain it only through `views`, which rejects overlap.
         unsafe { std::slice::from_raw_parts_mut(p.ptr.add(t.offset), t.numel()) }
+    }
+
+    /// Runs `f` with a layer's weight (n × k, row-major: a Linear's (out, in), a Conv2d's
+    /// (c_out, c_in·kh·kw)) packed as the forward GEMM's B = Wᵀ (k × n): kept between calls while
+    /// the weight's pool is not written (see `weights.rs`).
+    fn with_packed_weight<R>(&self, t: &Tensor, w: &[f32], (k, n): (usize, usize), f: impl FnOnce(&PackedB) -> R) -> R {
+        let key = WeightKey { pool: t.pool.0, offset: t.offset, k, n };
+        let b = Mat { data: w, row_stride: 1, col_stride: k };
+        self.weights.with_packed(&self.pool(t).writes, key, b, f)
     }
 
     /// A weighted layer's backward (linear, conv2d) as slices: the gradients `dinp`, `dweight`,
@@ -114,7 +131,7 @@ impl Backend for CpuBackend {
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage); // a hint; without it the pool still works
         let ptr = map.as_mut_ptr() as *mut f32;
-        self.pools.push(CpuPool { ptr, len, label: label.to_string(), map: Some(map) });
+        self.pools.push(CpuPool { ptr, len, label: label.to_string(), map: Some(map), writes: PoolWrites::default() });
         Ok(PoolId(self.pools.len() - 1))
     }
 
@@ -123,6 +140,7 @@ impl Backend for CpuBackend {
         ensure!(p.map.is_some(), "free: pool '{}' was already freed", p.label);
         p.map = None;
         p.ptr = std::ptr::null_mut();
+        self.weights.forget_pool(pool.0);
         Ok(())
     }
 
@@ -145,8 +163,9 @@ impl Backend for CpuBackend {
 impl LinearOps for CpuBackend {
     fn linear_forward(&self, p: &LinearParams, t: &LinearForward) -> Result<()> {
         p.check_forward(t)?;
-        let ([out], ins) = self.views([t.out], [t.inp, t.weight]);
-        p.cpu_forward(out, ins, t.bias.map(|b| self.view(b)));
+        let ([out], [x, w]) = self.views([t.out], [t.inp, t.weight]);
+        let (k, n) = (p.in_features, p.out_features);
+        self.with_packed_weight(t.weight, w, (k, n), |w| p.cpu_forward(out, x, w, t.bias.map(|b| self.view(b))));
         Ok(())
     }
 
@@ -161,8 +180,9 @@ impl LinearOps for CpuBackend {
 impl ConvOps for CpuBackend {
     fn conv2d_forward(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()> {
         p.check_forward(t)?;
-        let ([out], ins) = self.views([t.out], [t.inp, t.weight]);
-        p.cpu_forward(out, ins, t.bias.map(|b| self.view(b)));
+        let ([out], [x, w]) = self.views([t.out], [t.inp, t.weight]);
+        let (k, n) = (p.patch_len(), p.c_out);
+        self.with_packed_weight(t.weight, w, (k, n), |w| p.cpu_forward(out, x, w, t.bias.map(|b| self.view(b))));
         Ok(())
     }
 
