@@ -138,26 +138,9 @@ impl Conv2dParams {
             let xm = Mat { data: x, row_stride: self.c_in, col_stride: 1 };
             return gemm::sgemm_packed(rows, xm, packed, o, 1.0, true);
         }
-        const TILE: usize = 144; // one A block of the GEMM
-        if rows.div_ceil(TILE) < 2 * rayon::current_num_threads() {
-            // Too few tiles to keep every thread busy (the deep levels: 128 pixels of 1,280
-            // channels at 256²): all patches at once, the product split across threads.
-            return scratch::with_buffer(rows * k, |patch| {
-                patch.par_chunks_mut(k).enumerate().for_each(|(r, p)| self.gather_patch(p, x, r));
-                let pm = Mat { data: patch, row_stride: k, col_stride: 1 };
-                gemm::sgemm_packed(rows, pm, packed, o, 1.0, true);
-            });
-        }
-        o.par_chunks_mut(TILE * c_out).enumerate().for_each(|(tile, o)| {
-            let n = o.len() / c_out;
-            scratch::with_buffer(n * k, |patch| {
-                for r in 0..n {
-                    self.gather_patch(&mut patch[r * k..(r + 1) * k], x, tile * TILE + r);
-                }
-                let pm = Mat { data: patch, row_stride: k, col_stride: 1 };
-                gemm::sgemm_packed(n, pm, packed, o, 1.0, false);
-            })
-        });
+        // An implicit GEMM: each task gathers its block of patches straight into the kernel's
+        // panels (no patch matrix in memory, no second copy to pack it).
+        gemm::sgemm_packed_a(rows, &Patches { conv: self, x }, packed, o, 1.0, true);
     }
 
     /// The CPU reference of the backward, on checked slices (gradients accumulated into): by tiles
@@ -226,6 +209,65 @@ impl Conv2dParams {
                 let kk = ky * kernel + kx;
                 for ci in 0..c_in {
                     di[base + ci] += p[ci * kernel * kernel + kk];
+                }
+            }
+        }
+    }
+}
+
+/// A convolution's patch matrix (output pixels × c_in·kh·kw, PyTorch's weight order) as a GEMM's
+/// A: blocks of it are gathered from the NHWC input straight into the micro-kernel's panels.
+struct Patches<'a> {
+    conv: &'a Conv2dParams,
+    x: &'a [f32],
+}
+
+impl gemm::PackA for Patches<'_> {
+    /// Tap by tap, channel by channel: the MR rows of a panel at one column are one contiguous run
+    /// of the panel, read from MR pixels' channel runs (each walked in order: MR prefetchable
+    /// streams); rows whose tap falls in the padding, or past the matrix, read zeros.
+    fn pack(&self, dst: &mut [f32], (i0, rows): (usize, usize), (k0, kc): (usize, usize), mr: usize) {
+        const MAX_MR: usize = 16;
+        static ZEROS: [f32; 4096] = [0.0; 4096];
+        let Conv2dParams { h, w, c_in, kernel, stride, pad, .. } = *self.conv;
+        let (oh, ow, taps) = (self.conv.out_h(), self.conv.out_w(), kernel * kernel);
+        assert!(mr <= MAX_MR);
+        let zeros_owned;
+        let zeros: &[f32] = if c_in <= ZEROS.len() {
+            &ZEROS[..c_in]
+        } else {
+            zeros_owned = vec![0f32; c_in];
+            &zeros_owned
+        };
+        for p in 0..rows.div_ceil(mr) {
+            let d = &mut dst[p * kc * mr..(p + 1) * kc * mr];
+            // Each row's image and the input position of its window's top-left tap.
+            let mut corner = [(0usize, 0isize, 0isize); MAX_MR];
+            let im = mr.min(rows - p * mr);
+            for (i, c) in corner.iter_mut().enumerate().take(im) {
+                let r = i0 + p * mr + i;
+                let (b, rem) = (r / (oh * ow), r % (oh * ow));
+                let (oy, ox) = (rem / ow, rem % ow);
+                *c = (b, (oy * stride) as isize - pad[0] as isize, (ox * stride) as isize - pad[2] as isize);
+            }
+            for tap in 0..taps {
+                let mut src = [zeros; MAX_MR];
+                for (s, &(b, y0, x0)) in src.iter_mut().zip(&corner).take(im) {
+                    let (iy, ix) = (y0 + (tap / kernel) as isize, x0 + (tap % kernel) as isize);
+                    if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
+                        let base = ((b * h + iy as usize) * w + ix as usize) * c_in;
+                        *s = &self.x[base..base + c_in];
+                    }
+                }
+                // Column ci·taps + tap lies in [k0, k0 + kc) for ci in [lo, hi).
+                let lo = k0.saturating_sub(tap).div_ceil(taps);
+                let hi = (k0 + kc).saturating_sub(tap).div_ceil(taps).min(c_in);
+                for ci in lo..hi {
+                    let o = (ci * taps + tap - k0) * mr;
+                    for (v, s) in d[o..o + mr].iter_mut().zip(&src) {
+                        // SAFETY: every source is a run of c_in values and ci < hi ≤ c_in.
+                        *v = unsafe { *s.get_unchecked(ci) };
+                    }
                 }
             }
         }
@@ -332,24 +374,27 @@ mod tests {
         out
     }
 
-    /// Both ways the forward splits its work: few output pixels (every patch at once, the product
-    /// across threads) and many (tiles of 144 pixels, one task each, a last partial tile).
+    /// The implicit GEMM's gathered panels against the textbook sum: many output pixels (several
+    /// row blocks, a short last one), a patch longer than one KC block (the column ranges of the
+    /// taps cut at a block edge), a strided convolution with the VAE encoder's asymmetric padding.
     #[test]
-    fn forward_matches_the_direct_sum_on_both_paths() {
-        let threads = rayon::current_num_threads();
-        let many = (2 * threads * 144 + 77) as f64;
-        for (h, w) in [(5, 7), (many.sqrt() as usize + 1, many.sqrt() as usize + 2)] {
-            let p = Conv2dParams { batch: 2, h, w, c_in: 3, c_out: 37, kernel: 3, stride: 1, pad: [1; 4] };
+    fn forward_matches_the_direct_sum() {
+        let many = ((2 * rayon::current_num_threads() * 144 + 77) as f64).sqrt() as usize;
+        for (h, w, c_in, stride, pad) in
+            [(5, 7, 31, 1, [1; 4]), (many + 1, many + 2, 3, 1, [1; 4]), (9, 11, 31, 2, [0, 1, 0, 1])]
+        {
+            let p = Conv2dParams { batch: 2, h, w, c_in, c_out: 37, kernel: 3, stride, pad };
+            let k = p.patch_len();
             let mut rng = SplitMix64::new(h as u64);
-            let x: Vec<f32> = (0..2 * h * w * 3).map(|_| rng.next_normal()).collect();
-            let wt: Vec<f32> = (0..37 * 27).map(|_| rng.next_normal()).collect();
+            let x: Vec<f32> = (0..2 * h * w * c_in).map(|_| rng.next_normal()).collect();
+            let wt: Vec<f32> = (0..37 * k).map(|_| rng.next_normal()).collect();
             let bias: Vec<f32> = (0..37).map(|_| rng.next_normal()).collect();
             let mut out = vec![f32::NAN; p.out_rows() * 37];
-            let packed = PackedB::new(27, 37, Mat { data: &wt, row_stride: 1, col_stride: 27 }, false);
+            let packed = PackedB::new(k, 37, Mat { data: &wt, row_stride: 1, col_stride: k }, false);
             p.cpu_forward(&mut out, &x, &packed, Some(&bias));
             let want = direct(&p, &x, &wt, &bias);
             let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(worst < 1e-4, "{h}×{w}: max |gemm − direct| = {worst}");
+            assert!(worst < 1e-4, "{h}×{w}×{c_in} stride {stride}: max |gemm − direct| = {worst}");
         }
     }
 }

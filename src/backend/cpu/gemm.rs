@@ -226,7 +226,21 @@ fn pack_b_panel(d: &mut [f32], b: Mat, (k0, kc): (usize, usize), (j0, jn): (usiz
     }
 }
 
-/// A (`rows` × kc at (i0, k0)) packed into MR-row panels, k-major, zero-padded past `rows`.
+/// A GEMM's A operand, by what packs a block of it into the micro-kernel's panels: a matrix in
+/// memory (`Mat`), or one that exists only as packed blocks (a convolution's patches, gathered
+/// straight from the input: an implicit GEMM).
+pub trait PackA: Sync {
+    /// A (`rows` × kc at (i0, k0)) into MR-row panels of `dst`, each k-major (MR values per k),
+    /// zero-padded past `rows`.
+    fn pack(&self, dst: &mut [f32], rows: (usize, usize), ks: (usize, usize), mr: usize);
+}
+
+impl PackA for Mat<'_> {
+    fn pack(&self, dst: &mut [f32], rows: (usize, usize), ks: (usize, usize), mr: usize) {
+        pack_a(dst, *self, rows, ks, mr)
+    }
+}
+
 fn pack_a(dst: &mut [f32], a: Mat, (i0, rows): (usize, usize), (k0, kc): (usize, usize), mr: usize) {
     for p in 0..rows.div_ceil(mr) {
         let d = &mut dst[p * kc * mr..(p + 1) * kc * mr];
@@ -264,9 +278,14 @@ impl SharedMut {
 
 /// c (m × n, row-major, contiguous) = a (m × k) · b + beta · c, with b packed.
 pub fn sgemm_packed(m: usize, a: Mat, b: &PackedB, c: &mut [f32], beta: f32, parallel: bool) {
+    a.check(m, b.k, "a");
+    sgemm_packed_a(m, &a, b, c, beta, parallel)
+}
+
+/// As `sgemm_packed`, with A given by what packs it (which must cover m × k).
+pub fn sgemm_packed_a(m: usize, a: &impl PackA, b: &PackedB, c: &mut [f32], beta: f32, parallel: bool) {
     let (k, n) = (b.k, b.n);
     assert!(c.len() >= m * n, "sgemm output too short");
-    a.check(m, k, "a");
     if k == 0 {
         let c = &mut c[..m * n];
         if beta == 0.0 {
@@ -294,7 +313,7 @@ pub fn sgemm_packed(m: usize, a: Mat, b: &PackedB, c: &mut [f32], beta: f32, par
                 let kc = KC.min(k - k0);
                 let bblk = b.block(jb, kb);
                 let beta = if kb == 0 { beta } else { 1.0 }; // the earlier blocks' sums are in c
-                pack_a(apack, a, (i0, rows), (k0, kc), mr);
+                a.pack(apack, (i0, rows), (k0, kc), mr);
                 for jp in g * panels / groups..(g + 1) * panels / groups {
                     let bp = &bblk[jp * kc * nr..(jp + 1) * kc * nr];
                     let cols = nr.min(nc - jp * nr);

@@ -140,7 +140,8 @@ mod tests {
         let mut b = CpuBackend::new();
         let (tw, _) = crate::models::allocate(&mut b, "params", |l| l.tensor("w", [o, i])).unwrap();
         let ((tx, tout), _) =
-            crate::models::allocate(&mut b, "acts", |l| (l.tensor("x", [rows, i]), l.tensor("out", [rows, o]))).unwrap();
+            crate::models::allocate(&mut b, "acts", |l| (l.tensor("x", [rows, i]), l.tensor("out", [rows, o])))
+                .unwrap();
         b.upload(&tx, &x).unwrap();
         let p = LinearParams { rows, in_features: i, out_features: o };
         let forward = |b: &CpuBackend| {
@@ -153,7 +154,10 @@ mod tests {
             let got = forward(&b);
             assert!(max_diff(&got, &want1) < 1e-4, "call {call} with the first weight: {}", max_diff(&got, &want1));
         }
-        assert!(b.weights.entries.lock().unwrap().values().any(|e| matches!(e, super::Entry::Packed(..))), "never kept");
+        assert!(
+            b.weights.entries.lock().unwrap().values().any(|e| matches!(e, super::Entry::Packed(..))),
+            "never kept"
+        );
         b.upload(&tw, &w2).unwrap();
         let got = forward(&b);
         let want2 = reference(&x, &w2, (rows, i, o));
