@@ -12,6 +12,8 @@ above 1 means roentgen is faster). roentgen has no training benchmark yet: its r
     python3 scripts/bench-peers.py --binary gpu-bin/roentgen --device cuda            # the GPU machine
     python3 scripts/bench-peers.py --binary target/release/roentgen --device cpu \\
         --height 64 --width 64 --iters 1 --warmup 0 --train-batch 1                  # a smoke run on a CPU
+    python3 scripts/bench-peers.py --binary target/release/roentgen --device cpu --precision f32 \
+        --stages unet --threads 2 --height 512 --width 512 --iters 3 --warmup 2      # one stage, 2 threads each
 
 Needs torch, diffusers and transformers (on the GPU machine diffusers travels as a wheel: see the
 device tool's README). Writes --json-out if given.
@@ -38,8 +40,15 @@ def main():
     ap.add_argument("--train-batch", type=int, default=8, help="images per training step")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--stages", default="unet,vae-decode,text-encoder,train-step",
+                    help="comma-separated subset of unet, vae-decode, text-encoder, train-step")
+    ap.add_argument("--threads", type=int, help="CPU threads for both engines (default: every core)")
     ap.add_argument("--json-out", help="write the results here as JSON")
     a = ap.parse_args()
+    stages = a.stages.split(",")
+    unknown = set(stages) - {"unet", "vae-decode", "text-encoder", "train-step"}
+    if unknown:
+        sys.exit(f"bench-peers: --stages: unknown stage(s) {', '.join(sorted(unknown))}")
 
     try:
         import torch
@@ -48,6 +57,8 @@ def main():
     except ImportError as e:
         sys.exit(f"bench-peers: {e}: needs torch, diffusers and transformers (carry diffusers as a wheel on the GPU machine)")
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
     model = Path(a.model)
@@ -85,13 +96,16 @@ def main():
         x = torch.randn(n, 4, lh, lw, device=dev, dtype=dtype).to(memory_format=torch.channels_last)
         t = torch.full((n,), 500, device=dev)
         ctx = torch.randn(n, 77, text.config.hidden_size, device=dev, dtype=dtype)
-        results["pytorch"]["unet"] = timed(lambda: u(x, t, encoder_hidden_states=ctx).sample)
+        if "unet" in stages:
+            results["pytorch"]["unet"] = timed(lambda: u(x, t, encoder_hidden_states=ctx).sample)
         v = vae.to(dev, dtype).to(memory_format=torch.channels_last).eval()
         z = torch.randn(a.batch, 4, lh, lw, device=dev, dtype=dtype)
-        results["pytorch"]["vae-decode"] = timed(lambda: v.decode(z).sample)
+        if "vae-decode" in stages:
+            results["pytorch"]["vae-decode"] = timed(lambda: v.decode(z).sample)
         te = text.to(dev, dtype).eval()
         ids = torch.randint(0, text.config.vocab_size, (n, 77), device=dev)
-        results["pytorch"]["text-encoder"] = timed(lambda: te(ids).last_hidden_state)
+        if "text-encoder" in stages:
+            results["pytorch"]["text-encoder"] = timed(lambda: te(ids).last_hidden_state)
 
     # Training: U-Net + text encoder, f32 master weights, bf16 autocast, fused AdamW where available.
     unet.float().train()
@@ -116,15 +130,18 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    ms = timed(train_step)
-    results["pytorch"]["train-step"] = ms
-    results["pytorch_train_images_per_s"] = b / (ms[0] / 1e3)
+    if "train-step" in stages:
+        ms = timed(train_step)
+        results["pytorch"]["train-step"] = ms
+        results["pytorch_train_images_per_s"] = b / (ms[0] / 1e3)
 
     # roentgen, same stages.
-    for stage in ["unet", "vae-decode", "text-encoder"]:
+    for stage in [s for s in ["unet", "vae-decode", "text-encoder"] if s in stages]:
         cmd = [a.binary, "--device", a.device, "--precision", a.precision, "bench", stage, "--model", str(model),
                "--random-weights", "--height", str(a.height), "--width", str(a.width), "--batch", str(a.batch),
                "--iters", str(max(a.iters, 1)), "--warmup", str(a.warmup), "--json"]
+        if a.threads:
+            cmd[3:3] = ["--threads", str(a.threads)]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             results["roentgen"][stage] = {"error": p.stderr.strip()[-500:]}
@@ -134,15 +151,16 @@ def main():
 
     print(f"{results['card']}, {a.precision}, {a.height}×{a.width}, batch {a.batch}; torch {torch.__version__}")
     print(f"{'stage':<14} {'pytorch ms':>11} {'roentgen ms':>12} {'speed-up':>9}   (min over {a.iters} calls)")
-    for stage in ["unet", "vae-decode", "text-encoder"]:
+    for stage in [s for s in ["unet", "vae-decode", "text-encoder"] if s in stages]:
         pt = results["pytorch"][stage][0]
         ro = results["roentgen"][stage]
         if isinstance(ro, dict):
             print(f"{stage:<14} {pt:>11.2f} {'error':>12}   {ro['error'].splitlines()[-1] if ro['error'] else ''}")
         else:
             print(f"{stage:<14} {pt:>11.2f} {ro[0]:>12.2f} {pt / ro[0]:>8.2f}×")
-    print(f"{'train-step':<14} {results['pytorch']['train-step'][0]:>11.2f} {'not built':>12}   "
-          f"(PyTorch: {results['pytorch_train_images_per_s']:.2f} images/s at batch {b}; roentgen has no training benchmark yet)")
+    if "train-step" in stages:
+        print(f"{'train-step':<14} {results['pytorch']['train-step'][0]:>11.2f} {'not built':>12}   "
+              f"(PyTorch: {results['pytorch_train_images_per_s']:.2f} images/s at batch {b}; roentgen has no training benchmark yet)")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(results, indent=2) + "\n")
 

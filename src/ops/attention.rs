@@ -3,7 +3,7 @@
 //! head dim 160, a materialised path above it).
 
 use crate::backend::cpu::gemm::{self, Mat, PackedB, SharedMut};
-use crate::backend::cpu::scratch;
+use crate::backend::cpu::{scratch, vmath};
 use crate::backend::{check_disjoint, check_key_mask, check_lens};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -115,6 +115,11 @@ impl AttentionParams {
     /// causal). Returns (max, sum, keys taking part).
     fn scale_and_exp_row(&self, s: &mut [f32], key_mask: Option<&[u32]>, b: usize, i: usize) -> (f32, f32, usize) {
         let masked = key_mask.is_some() || self.causal;
+        if !masked {
+            // Every key: vectorised passes (see vmath).
+            let max = vmath::scale_max(s, self.scale);
+            return (max, vmath::exp_scaled_sum(s, 1.0, max), s.len());
+        }
         let mut max = f32::NEG_INFINITY;
         let mut kept = 0;
         for (j, x) in s.iter_mut().enumerate() {
@@ -129,7 +134,7 @@ impl AttentionParams {
         let mut sum = 0f32;
         if kept > 0 {
             for x in s.iter_mut() {
-                *x = (*x - max).exp(); // exp(−inf) = 0 for the keys left out
+                *x = vmath::exp(*x - max); // exp(−inf) = 0 for the keys left out
                 sum += *x;
             }
         }
@@ -240,9 +245,15 @@ impl AttentionParams {
                         // D_i = dO_i · O_i = Σ_j P_ij dP_ij (excluded keys have P = 0)
                         let (doi, oi) = (&dout[row * w + h * hd..][..hd], &out[row * w + h * hd..][..hd]);
                         let d: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
-                        for (j, (x, g)) in pr.iter_mut().zip(dpr.iter_mut()).enumerate() {
-                            *x = if masked && !self.allowed(key_mask, b, i, j) { 0.0 } else { (*x * scale - l).exp() };
-                            *g = *x * (*g - d) * scale; // dS
+                        if masked {
+                            for (j, x) in pr.iter_mut().enumerate() {
+                                *x = if self.allowed(key_mask, b, i, j) { vmath::exp(*x * scale - l) } else { 0.0 };
+                            }
+                        } else {
+                            vmath::exp_scaled_sum(pr, scale, l);
+                        }
+                        for (x, g) in pr.iter().zip(dpr.iter_mut()) {
+                            *g = x * (*g - d) * scale; // dS
                         }
                     }
                     let pt = Mat { data: p, row_stride: 1, col_stride: kv_len };

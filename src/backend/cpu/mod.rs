@@ -3,6 +3,7 @@
 
 pub mod gemm;
 pub mod scratch;
+pub mod vmath;
 mod weights;
 
 use super::{Activation, Backend};
