@@ -102,13 +102,18 @@ impl Conv2dParams {
         check_disjoint("conv2d backward", &outs, &[t.dout, t.inp, t.weight])
     }
 
+    /// Output row `r` (a pixel of the NHWC output) as (image, y, x).
+    fn out_pixel(&self, r: usize) -> (usize, usize, usize) {
+        let (oh, ow) = (self.out_h(), self.out_w());
+        let (b, rem) = (r / (oh * ow), r % (oh * ow));
+        (b, rem / ow, rem % ow)
+    }
+
     /// Output pixel `r`'s input patch into `p` (patch_len values), ordered (c_in, ky, kx) as
     /// PyTorch's weight; 0 where the window hangs over the padding.
     fn gather_patch(&self, p: &mut [f32], x: &[f32], r: usize) {
         let Conv2dParams { h, w, c_in, kernel, stride, pad, .. } = *self;
-        let (oh, ow) = (self.out_h(), self.out_w());
-        let (b, rem) = (r / (oh * ow), r % (oh * ow));
-        let (oy, ox) = (rem / ow, rem % ow);
+        let (b, oy, ox) = self.out_pixel(r);
         for ky in 0..kernel {
             let iy = (oy * stride + ky) as isize - pad[0] as isize;
             for kx in 0..kernel {
@@ -192,9 +197,7 @@ impl Conv2dParams {
     /// the input gradient `di` at the pixels its window covers (padding dropped).
     fn scatter_add_patch(&self, di: &mut [f32], p: &[f32], r: usize) {
         let Conv2dParams { h, w, c_in, kernel, stride, pad, .. } = *self;
-        let (oh, ow) = (self.out_h(), self.out_w());
-        let (bb, rem) = (r / (oh * ow), r % (oh * ow));
-        let (oy, ox) = (rem / ow, rem % ow);
+        let (bb, oy, ox) = self.out_pixel(r);
         for ky in 0..kernel {
             let iy = (oy * stride + ky) as isize - pad[0] as isize;
             if iy < 0 || iy as usize >= h {
@@ -230,7 +233,7 @@ impl gemm::PackA for Patches<'_> {
         const MAX_MR: usize = 16;
         static ZEROS: [f32; 4096] = [0.0; 4096];
         let Conv2dParams { h, w, c_in, kernel, stride, pad, .. } = *self.conv;
-        let (oh, ow, taps) = (self.conv.out_h(), self.conv.out_w(), kernel * kernel);
+        let taps = kernel * kernel;
         assert!(mr <= MAX_MR);
         let zeros_owned;
         let zeros: &[f32] = if c_in <= ZEROS.len() {
@@ -245,9 +248,7 @@ impl gemm::PackA for Patches<'_> {
             let mut corner = [(0usize, 0isize, 0isize); MAX_MR];
             let im = mr.min(rows - p * mr);
             for (i, c) in corner.iter_mut().enumerate().take(im) {
-                let r = i0 + p * mr + i;
-                let (b, rem) = (r / (oh * ow), r % (oh * ow));
-                let (oy, ox) = (rem / ow, rem % ow);
+                let (b, oy, ox) = self.conv.out_pixel(i0 + p * mr + i);
                 *c = (b, (oy * stride) as isize - pad[0] as isize, (ox * stride) as isize - pad[2] as isize);
             }
             for tap in 0..taps {
