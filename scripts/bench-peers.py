@@ -14,6 +14,8 @@ above 1 means roentgen is faster). roentgen has no training benchmark yet: its r
         --height 64 --width 64 --iters 1 --warmup 0 --train-batch 1                  # a smoke run on a CPU
     python3 scripts/bench-peers.py --binary target/release/roentgen --device cpu --precision f32 \
         --stages unet --threads 2 --height 512 --width 512 --iters 3 --warmup 2      # one stage, 2 threads each
+    python3 scripts/bench-peers.py ... --stages sample --sample-model DIR --height 256 --width 256
+        # a whole sample, load included (DIR: a pipeline with weights, e.g. random ones saved by diffusers)
 
 Needs torch, diffusers and transformers (on the GPU machine diffusers travels as a wheel: see the
 device tool's README). Writes --json-out if given.
@@ -41,14 +43,18 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--stages", default="unet,vae-decode,text-encoder,train-step",
-                    help="comma-separated subset of unet, vae-decode, text-encoder, train-step")
+                    help="comma-separated subset of unet, vae-decode, text-encoder, train-step, sample")
+    ap.add_argument("--sample-model", help="for the sample stage: a pipeline folder with weights (diffusers layout)")
+    ap.add_argument("--sample-steps", type=int, default=20, help="sample stage: denoising steps (PNDM, guidance 4)")
     ap.add_argument("--threads", type=int, help="CPU threads for both engines (default: every core)")
     ap.add_argument("--json-out", help="write the results here as JSON")
     a = ap.parse_args()
     stages = a.stages.split(",")
-    unknown = set(stages) - {"unet", "vae-decode", "text-encoder", "train-step"}
+    unknown = set(stages) - {"unet", "vae-decode", "text-encoder", "train-step", "sample"}
     if unknown:
         sys.exit(f"bench-peers: --stages: unknown stage(s) {', '.join(sorted(unknown))}")
+    if "sample" in stages and not a.sample_model:
+        sys.exit("bench-peers: the sample stage needs --sample-model (a pipeline folder with weights)")
 
     try:
         import torch
@@ -161,8 +167,49 @@ def main():
     if "train-step" in stages:
         print(f"{'train-step':<14} {results['pytorch']['train-step'][0]:>11.2f} {'not built':>12}   "
               f"(PyTorch: {results['pytorch_train_images_per_s']:.2f} images/s at batch {b}; roentgen has no training benchmark yet)")
+    if "sample" in stages:
+        sample_both(a, results)
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def sample_both(a, results):
+    """The whole of one sample, load included: `roentgen sample` as a command against diffusers'
+    StableDiffusionPipeline (from_pretrained, then the call), same prompt, seed, steps, guidance 4,
+    size, threads; one run each (a sample is long)."""
+    import tempfile
+    import torch
+    from diffusers import StableDiffusionPipeline
+    prompt = "Small right pleural effusion."
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [a.binary, "--device", a.device, "sample", "--model", a.sample_model, "--prompt", prompt,
+               "--steps", str(a.sample_steps), "--guidance", "4", "--height", str(a.height), "--width", str(a.width),
+               "--seed", "0", "--out", out, "--json"]
+        if a.threads:
+            cmd[1:1] = ["--threads", str(a.threads)]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        ro_s = time.perf_counter() - t0
+    if p.returncode != 0:
+        results["roentgen"]["sample"] = {"error": p.stderr.strip()[-500:]}
+    else:
+        results["roentgen"]["sample"] = {"total_s": ro_s, **json.loads(p.stdout)["timings"]}
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(a.sample_model, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False,
+                                                   torch_dtype=torch.float32).to(a.device)
+    load_s = time.perf_counter() - t0
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe(prompt, num_inference_steps=a.sample_steps, guidance_scale=4.0, height=a.height, width=a.width,
+             generator=torch.Generator().manual_seed(0))
+    results["pytorch"]["sample"] = {"total_s": time.perf_counter() - t0, "load_s": load_s}
+    ro, pt = results["roentgen"]["sample"], results["pytorch"]["sample"]
+    if "error" in ro:
+        print(f"{'sample':<14} {pt['total_s'] * 1e3:>11.0f} {'error':>12}   {ro['error'].splitlines()[-1]}")
+    else:
+        print(f"{'sample':<14} {pt['total_s'] * 1e3:>11.0f} {ro['total_s'] * 1e3:>12.0f} {pt['total_s'] / ro['total_s']:>8.2f}×"
+              f"   (whole command, {a.sample_steps} PNDM steps; load {pt['load_s']:.1f} s vs {ro['load_s']:.1f} s)")
 
 
 if __name__ == "__main__":
