@@ -1,7 +1,8 @@
 //! Matrix products for the CPU backend: our own packed SGEMM, BLIS's loop nest. B is packed once
-//! into KC × NR panels (`PackedB`, reusable across calls: the convolution packs its weight once
-//! for all its tiles), A into MR × KC panels per row block, and a register-tile micro-kernel
-//! computes each MR × NR tile of C. The micro-kernel is picked at run time from the CPU's
+//! into KC × NR panels (`PackedB`, reusable across calls: layer weights are kept packed between
+//! calls by `weights.rs`, attention's K and V are packed once per head), A into MR × KC panels per
+//! row block by a `PackA` (a matrix in memory, or a convolution's patches gathered straight from
+//! its input), and a register-tile micro-kernel computes each MR × NR tile of C. The micro-kernel is picked at run time from the CPU's
 //! instruction sets: AVX-512 (12 × 32: 24 accumulators of the 32 zmm registers), AVX2 + FMA
 //! (6 × 16: 12 of the 16 ymm) or portable (4 × 16, plain arrays). The parallel entry points split
 //! C's tiles across rayon's threads, so the CPU backend has one thread pool.
