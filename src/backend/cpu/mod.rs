@@ -92,6 +92,9 @@ impl CpuBackend {
     /// `dbias` mutable, then `[dout, inp, weight]`. The op's `check_backward` must have run: it
     /// checks that the gradients are disjoint from each other and from the inputs.
     fn weighted_grad_views(&self, t: &WeightedBackward) -> WeightedGradViews<'_> {
+        // A weight with a gradient is being trained: keep no packed copy of its pool, not even
+        // between the forwards of accumulated micro-batches, which leave it unwritten.
+        self.weights.mark_trained(&self.pool(t.weight).writes, t.weight.pool.0);
         let ins = [t.dout, t.inp, t.weight].map(|x| self.view(x));
         (t.dinp.map(|d| self.view_mut(d)), self.view_mut(t.dweight), t.dbias.map(|d| self.view_mut(d)), ins)
     }

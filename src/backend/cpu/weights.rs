@@ -5,9 +5,9 @@
 //!
 //! Validity: every mutable view of a pool advances the pool's write count (`PoolWrites`), and a
 //! packed copy is used only while the count is the one it was packed at. A weight is kept packed
-//! on its second use at the same count, so a training run (the optimizer writes the weights
-//! between forwards) finds its weights changed at their second use, marks the pool as written,
-//! drops its copies and never keeps any again: memory stays at one copy of the weights there.
+//! on its second use at the same count; a pool whose weights get a gradient (a backward through
+//! the layer), or are found written between two uses, is marked trained, its copies dropped, and
+//! nothing of it is kept again: in training, memory stays at one copy of the weights.
 //! A copy costs the weight's size again (3.3 GB for SD v1.4's U-Net at f32); set
 //! `ROENTGEN_CPU_WEIGHT_CACHE=off` to pack per call instead.
 
@@ -101,6 +101,13 @@ impl WeightCache {
         }
     }
 
+    /// Keeps nothing of this pool from now on (its weights get gradients: a training run).
+    pub(super) fn mark_trained(&self, writes: &PoolWrites, pool: usize) {
+        if !writes.trained.swap(true, Relaxed) {
+            self.forget_pool(pool);
+        }
+    }
+
     /// Drops the copies of a freed pool's weights.
     pub(super) fn forget_pool(&self, pool: usize) {
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| k.pool != pool);
@@ -111,7 +118,7 @@ impl WeightCache {
 mod tests {
     use crate::backend::cpu::CpuBackend;
     use crate::backend::{Backend, LinearOps};
-    use crate::ops::linear::{LinearForward, LinearParams};
+    use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
     use crate::rng::splitmix::SplitMix64;
 
     /// out = x · wᵀ in f64, x (rows × i), w (o × i).
@@ -163,5 +170,36 @@ mod tests {
         let want2 = reference(&x, &w2, (rows, i, o));
         assert!(max_diff(&got, &want2) < 1e-4, "after the weight changed: off by {}", max_diff(&got, &want2));
         assert!(b.weights.entries.lock().unwrap().is_empty(), "a written pool's copies were kept");
+    }
+
+    /// A backward through the layer marks its weights trained: forwards after it (the next
+    /// micro-batch of an accumulated step, the weights unwritten) keep no copy.
+    #[test]
+    fn a_backward_marks_the_weights_trained() {
+        let (rows, i, o) = (5, 8, 6);
+        let mut rng = SplitMix64::new(12);
+        let mut randn = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_normal()).collect() };
+        let mut b = CpuBackend::new();
+        // Gradients in a pool of their own, as the trainer keeps them: the backward does not
+        // write the weights' pool.
+        let (tw, _) = crate::models::allocate(&mut b, "params", |l| l.tensor("w", [o, i])).unwrap();
+        let (tdw, _) = crate::models::allocate(&mut b, "grads", |l| l.tensor("dw", [o, i])).unwrap();
+        let ((tx, tout), _) =
+            crate::models::allocate(&mut b, "acts", |l| (l.tensor("x", [rows, i]), l.tensor("out", [rows, o])))
+                .unwrap();
+        b.upload(&tw, &randn(o * i)).unwrap();
+        b.upload(&tx, &randn(rows * i)).unwrap();
+        b.upload(&tout, &randn(rows * o)).unwrap();
+        let p = LinearParams { rows, in_features: i, out_features: o };
+        let forward = |b: &CpuBackend| {
+            b.linear_forward(&p, &LinearForward { out: &tout, inp: &tx, weight: &tw, bias: None }).unwrap()
+        };
+        forward(&b);
+        let back = LinearBackward { dinp: None, dweight: &tdw, dbias: None, dout: &tout, inp: &tx, weight: &tw };
+        b.linear_backward(&p, &back).unwrap();
+        for _ in 0..3 {
+            forward(&b);
+        }
+        assert!(b.weights.entries.lock().unwrap().is_empty(), "a trained pool's weight was kept");
     }
 }
