@@ -4,7 +4,7 @@
 //! inference (`torch.nn.BatchNorm2d` in eval mode, optionally followed by ReLU: the evaluation
 //! networks'). Kernels: kernels/norm.cu (`ln_*`, `gn_*`, `bn_*`).
 
-use super::silu;
+use crate::backend::cpu::vmath;
 use crate::backend::{check_disjoint, check_len, check_lens};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -241,11 +241,7 @@ impl GroupNormParams {
         }
         o[..n].par_chunks_mut(c).zip(x[..n].par_chunks(c)).enumerate().for_each(|(row, (o, x))| {
             let b = row / hw;
-            for ch in 0..c {
-                let (mu, rs) = stats[b * groups + ch / cpg];
-                let y = ((x[ch] as f64 - mu) * rs) as f32 * w[ch] + bi[ch];
-                o[ch] = if self.silu { silu(y) } else { y };
-            }
+            vmath::group_norm_row(o, x, &stats[b * groups..(b + 1) * groups], [w, bi], self.silu);
         });
     }
 

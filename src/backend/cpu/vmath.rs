@@ -61,6 +61,44 @@ pub fn scale_max(s: &mut [f32], scale: f32) -> f32 {
     max
 }
 
+/// One pixel's GroupNorm output: for each group g (stats[g] = (mean, 1/std) in f64) and each of
+/// its channels, y = ((x − mean) · rstd as f32) · w + b, then SiLU when `silu`. By group, so the
+/// inner loop runs over contiguous channels with one (mean, rstd) and vectorises.
+pub fn group_norm_row(o: &mut [f32], x: &[f32], stats: &[(f64, f64)], wb: [&[f32]; 2], silu: bool) {
+    #[cfg(target_arch = "x86_64")]
+    match Isa::detected() {
+        // SAFETY: the CPU has the features (detected at run time).
+        Isa::Avx512 => return unsafe { group_norm_row_avx512(o, x, stats, wb, silu) },
+        Isa::Avx2 => return unsafe { group_norm_row_avx2(o, x, stats, wb, silu) },
+        Isa::Portable => {}
+    }
+    group_norm_row_body(o, x, stats, wb, silu)
+}
+
+#[inline(always)]
+fn group_norm_row_body(o: &mut [f32], x: &[f32], stats: &[(f64, f64)], [w, b]: [&[f32]; 2], silu: bool) {
+    let cpg = x.len() / stats.len();
+    let groups = o.chunks_mut(cpg).zip(x.chunks(cpg)).zip(w.chunks(cpg).zip(b.chunks(cpg)));
+    for (((o, x), (w, b)), &(mu, rs)) in groups.zip(stats) {
+        for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+            let y = ((x as f64 - mu) * rs) as f32 * w + b;
+            *o = if silu { crate::ops::silu(y) } else { y };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn group_norm_row_avx512(o: &mut [f32], x: &[f32], stats: &[(f64, f64)], wb: [&[f32]; 2], silu: bool) {
+    group_norm_row_body(o, x, stats, wb, silu)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_norm_row_avx2(o: &mut [f32], x: &[f32], stats: &[(f64, f64)], wb: [&[f32]; 2], silu: bool) {
+    group_norm_row_body(o, x, stats, wb, silu)
+}
+
 /// Partial sums per lane: a sum the compiler may vectorise (a single running sum must stay in
 /// order, which forbids it).
 const LANES: usize = 16;
