@@ -102,22 +102,24 @@ impl Conv2dParams {
         check_disjoint("conv2d backward", &outs, &[t.dout, t.inp, t.weight])
     }
 
-    /// Output row `r` (a pixel of the NHWC output) as (image, y, x).
-    fn out_pixel(&self, r: usize) -> (usize, usize, usize) {
+    /// Output row `r` (a pixel of the NHWC output) as its image and the input row and column of
+    /// its window's top-left tap (negative in the padding).
+    fn window_corner(&self, r: usize) -> (usize, isize, isize) {
         let (oh, ow) = (self.out_h(), self.out_w());
         let (b, rem) = (r / (oh * ow), r % (oh * ow));
-        (b, rem / ow, rem % ow)
+        let (oy, ox) = (rem / ow, rem % ow);
+        (b, (oy * self.stride) as isize - self.pad[0] as isize, (ox * self.stride) as isize - self.pad[2] as isize)
     }
 
     /// Output pixel `r`'s input patch into `p` (patch_len values), ordered (c_in, ky, kx) as
     /// PyTorch's weight; 0 where the window hangs over the padding.
     fn gather_patch(&self, p: &mut [f32], x: &[f32], r: usize) {
-        let Conv2dParams { h, w, c_in, kernel, stride, pad, .. } = *self;
-        let (b, oy, ox) = self.out_pixel(r);
+        let Conv2dParams { h, w, c_in, kernel, .. } = *self;
+        let (b, y0, x0) = self.window_corner(r);
         for ky in 0..kernel {
-            let iy = (oy * stride + ky) as isize - pad[0] as isize;
+            let iy = y0 + ky as isize;
             for kx in 0..kernel {
-                let ix = (ox * stride + kx) as isize - pad[2] as isize;
+                let ix = x0 + kx as isize;
                 let inside = iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w;
                 let base = if inside { ((b * h + iy as usize) * w + ix as usize) * c_in } else { 0 };
                 let kk = ky * kernel + kx;
@@ -128,9 +130,9 @@ impl Conv2dParams {
         }
     }
 
-    /// The CPU reference of the forward, on checked slices: an implicit GEMM by tiles of 144 output
-    /// pixels (each task gathers its patches into a (tile, K) matrix and multiplies it by the
-    /// weight, packed by the caller as Wᵀ (K × c_out)), the bias as the GEMM's starting value.
+    /// The CPU reference of the forward, on checked slices: an implicit GEMM (the patches gathered
+    /// block by block straight into the kernel's panels, see `Patches`) against the weight packed
+    /// by the caller as Wᵀ (K × c_out), the bias as the GEMM's starting value.
     pub fn cpu_forward(&self, out: &mut [f32], x: &[f32], packed: &PackedB, bias: Option<&[f32]>) {
         let (rows, c_out, k) = (self.out_rows(), self.c_out, self.patch_len());
         assert_eq!(packed.shape(), (k, c_out), "conv2d weight packed for another shape");
@@ -196,15 +198,15 @@ impl Conv2dParams {
     /// The inverse of `gather_patch` (col2im): output pixel `r`'s patch gradient `p` added into
     /// the input gradient `di` at the pixels its window covers (padding dropped).
     fn scatter_add_patch(&self, di: &mut [f32], p: &[f32], r: usize) {
-        let Conv2dParams { h, w, c_in, kernel, stride, pad, .. } = *self;
-        let (bb, oy, ox) = self.out_pixel(r);
+        let Conv2dParams { h, w, c_in, kernel, .. } = *self;
+        let (bb, y0, x0) = self.window_corner(r);
         for ky in 0..kernel {
-            let iy = (oy * stride + ky) as isize - pad[0] as isize;
+            let iy = y0 + ky as isize;
             if iy < 0 || iy as usize >= h {
                 continue;
             }
             for kx in 0..kernel {
-                let ix = (ox * stride + kx) as isize - pad[2] as isize;
+                let ix = x0 + kx as isize;
                 if ix < 0 || ix as usize >= w {
                     continue;
                 }
@@ -232,7 +234,7 @@ impl gemm::PackA for Patches<'_> {
     fn pack(&self, dst: &mut [f32], (i0, rows): (usize, usize), (k0, kc): (usize, usize), mr: usize) {
         const MAX_MR: usize = 16;
         static ZEROS: [f32; 4096] = [0.0; 4096];
-        let Conv2dParams { h, w, c_in, kernel, stride, pad, .. } = *self.conv;
+        let Conv2dParams { h, w, c_in, kernel, .. } = *self.conv;
         let taps = kernel * kernel;
         assert!(mr <= MAX_MR);
         let zeros_owned;
@@ -248,8 +250,7 @@ impl gemm::PackA for Patches<'_> {
             let mut corner = [(0usize, 0isize, 0isize); MAX_MR];
             let im = mr.min(rows - p * mr);
             for (i, c) in corner.iter_mut().enumerate().take(im) {
-                let (b, oy, ox) = self.conv.out_pixel(i0 + p * mr + i);
-                *c = (b, (oy * stride) as isize - pad[0] as isize, (ox * stride) as isize - pad[2] as isize);
+                *c = self.conv.window_corner(i0 + p * mr + i);
             }
             for tap in 0..taps {
                 let mut src = [zeros; MAX_MR];

@@ -2,9 +2,9 @@
 //! into KC × NR panels (`PackedB`, reusable across calls: layer weights are kept packed between
 //! calls by `weights.rs`, attention's K and V are packed once per head), A into MR × KC panels per
 //! row block by a `PackA` (a matrix in memory, or a convolution's patches gathered straight from
-//! its input), and a register-tile micro-kernel computes each MR × NR tile of C. The micro-kernel is picked at run time from the CPU's
-//! instruction sets: AVX-512 (12 × 32: 24 accumulators of the 32 zmm registers), AVX2 + FMA
-//! (6 × 16: 12 of the 16 ymm) or portable (4 × 16, plain arrays). The parallel entry points split
+//! its input), and a register-tile micro-kernel computes each MR × NR tile of C. The micro-kernel
+//! is picked at run time from the CPU's instruction sets: AVX-512 (12 × 32: 24 accumulators of the
+//! 32 zmm registers), AVX2 + FMA (6 × 16: 12 of the 16 ymm) or portable (4 × 16, plain arrays). The parallel entry points split
 //! C's tiles across rayon's threads, so the CPU backend has one thread pool.
 //!
 //! Blocking: KC = 256 keeps a B panel (256 × 32 × 4 B = 32 KiB) in L1 and an A block
