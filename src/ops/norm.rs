@@ -154,6 +154,27 @@ pub struct GroupNormBackward<'a> {
     pub rstd: &'a Tensor,
 }
 
+/// Per-channel sums over the pixels of one NHWC image `xs` (pixels × c) in f64 — of x, or of
+/// (x − centre)² — by fixed blocks of pixels in parallel, the blocks' sums added in order: the
+/// activation is read once, contiguously (one task per group would read every cache line once per
+/// group), and the result does not depend on the thread count.
+fn pixel_sums(xs: &[f32], c: usize, centre: Option<&[f64]>) -> Vec<f64> {
+    const BLOCK: usize = 1024; // pixels
+    let blocks: Vec<Vec<f64>> = xs
+        .par_chunks(BLOCK * c)
+        .map(|blk| {
+            let mut acc = vec![0f64; c];
+            vmath::add_column_sums(&mut acc, blk, centre);
+            acc
+        })
+        .collect();
+    let mut sums = vec![0f64; c];
+    for b in &blocks {
+        sums.iter_mut().zip(b).for_each(|(s, &v)| *s += v);
+    }
+    sums
+}
+
 impl GroupNormParams {
     pub fn channels_per_group(&self) -> usize {
         self.channels / self.groups
@@ -209,32 +230,20 @@ impl GroupNormParams {
     }
 
     /// The CPU reference of the forward, on checked slices: `[out, mean, rstd]`, `[inp, weight,
-    /// bias]`. Statistics in f64, two passes (mean, then squared deviations), one task per
-    /// (image, group), as PyTorch's CPU kernel reaches the same values; then the affine map.
+    /// bias]`. Statistics in f64, two passes (mean, then squared deviations) as PyTorch's CPU
+    /// kernel reaches the same values; then the affine map.
     pub fn cpu_forward(&self, [o, m, r]: [&mut [f32]; 3], [x, w, bi]: [&[f32]; 3]) {
         let (hw, c, groups) = (self.hw, self.channels, self.groups);
         let (cpg, n) = (self.channels_per_group(), self.elements());
         let count = (hw * cpg) as f64;
-        let stats: Vec<(f64, f64)> = (0..self.batch * groups)
-            .into_par_iter()
-            .map(|bg| {
-                let (b, g) = (bg / groups, bg % groups);
-                let xs = &x[b * hw * c..(b + 1) * hw * c];
-                let mut sum = 0f64;
-                for p in 0..hw {
-                    sum += xs[p * c + g * cpg..p * c + (g + 1) * cpg].iter().map(|&v| v as f64).sum::<f64>();
-                }
-                let mu = sum / count;
-                let mut var = 0f64;
-                for p in 0..hw {
-                    var += xs[p * c + g * cpg..p * c + (g + 1) * cpg]
-                        .iter()
-                        .map(|&v| (v as f64 - mu).powi(2))
-                        .sum::<f64>();
-                }
-                (mu, 1.0 / (var / count + self.eps as f64).sqrt())
-            })
-            .collect();
+        let mut stats: Vec<(f64, f64)> = Vec::with_capacity(self.batch * groups);
+        for xs in x[..n].chunks(hw * c) {
+            let group_sums = |sums: Vec<f64>| sums.chunks(cpg).map(|s| s.iter().sum::<f64>()).collect::<Vec<f64>>();
+            let mean: Vec<f64> = group_sums(pixel_sums(xs, c, None)).iter().map(|s| s / count).collect();
+            let centre: Vec<f64> = (0..c).map(|ch| mean[ch / cpg]).collect();
+            let var = group_sums(pixel_sums(xs, c, Some(&centre)));
+            stats.extend(mean.iter().zip(&var).map(|(&mu, &v)| (mu, 1.0 / (v / count + self.eps as f64).sqrt())));
+        }
         for (i, &(mu, rs)) in stats.iter().enumerate() {
             m[i] = mu as f32;
             r[i] = rs as f32;

@@ -99,6 +99,47 @@ unsafe fn group_norm_row_avx2(o: &mut [f32], x: &[f32], stats: &[(f64, f64)], wb
     group_norm_row_body(o, x, stats, wb, silu)
 }
 
+/// acc[j] += Σ over the rows of x (rows × acc.len(), row-major) of x[r][j], or of
+/// (x[r][j] − centre[j])² when `centre` is given: per-channel sums in f64 for the normalisations'
+/// statistics. Row by row over contiguous channels, so it vectorises (f32 → f64 conversions, 8 lanes
+/// in AVX-512) and reads the activation once, in order.
+pub fn add_column_sums(acc: &mut [f64], x: &[f32], centre: Option<&[f64]>) {
+    #[cfg(target_arch = "x86_64")]
+    match Isa::detected() {
+        // SAFETY: the CPU has the features (detected at run time).
+        Isa::Avx512 => return unsafe { add_column_sums_avx512(acc, x, centre) },
+        Isa::Avx2 => return unsafe { add_column_sums_avx2(acc, x, centre) },
+        Isa::Portable => {}
+    }
+    add_column_sums_body(acc, x, centre)
+}
+
+#[inline(always)]
+fn add_column_sums_body(acc: &mut [f64], x: &[f32], centre: Option<&[f64]>) {
+    let c = acc.len();
+    for row in x.chunks_exact(c) {
+        match centre {
+            None => acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64),
+            Some(m) => acc.iter_mut().zip(row).zip(m).for_each(|((a, &v), &m)| {
+                let d = v as f64 - m;
+                *a += d * d
+            }),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_column_sums_avx512(acc: &mut [f64], x: &[f32], centre: Option<&[f64]>) {
+    add_column_sums_body(acc, x, centre)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_column_sums_avx2(acc: &mut [f64], x: &[f32], centre: Option<&[f64]>) {
+    add_column_sums_body(acc, x, centre)
+}
+
 /// Partial sums per lane: a sum the compiler may vectorise (a single running sum must stay in
 /// order, which forbids it).
 const LANES: usize = 16;
