@@ -130,9 +130,15 @@ impl Conv2dParams {
         }
     }
 
-    /// The CPU reference of the forward, on checked slices: an implicit GEMM (the patches gathered
-    /// block by block straight into the kernel's panels, see `Patches`) against the weight packed
-    /// by the caller as Wᵀ (K × c_out), the bias as the GEMM's starting value.
+    /// The weight (c_out × patch_len, PyTorch's order) as the forward GEMM's B: Wᵀ with its rows
+    /// tap-major, as `Patches` orders the patch's columns.
+    pub fn weight_as_b<'a>(&self, w: &'a [f32]) -> gemm::BSource<'a> {
+        gemm::BSource::TapMajor { w, taps: self.kernel * self.kernel, c_in: self.c_in }
+    }
+
+    /// The CPU reference of the forward, on checked slices: an implicit GEMM (the patches read in
+    /// place, see `Patches`) against the weight packed by the caller from `weight_as_b`, the bias as
+    /// the GEMM's starting value.
     pub fn cpu_forward(&self, out: &mut [f32], x: &[f32], packed: &PackedB, bias: Option<&[f32]>) {
         let (rows, c_out, k) = (self.out_rows(), self.c_out, self.patch_len());
         assert_eq!(packed.shape(), (k, c_out), "conv2d weight packed for another shape");
@@ -145,9 +151,9 @@ impl Conv2dParams {
             let xm = Mat { data: x, row_stride: self.c_in, col_stride: 1 };
             return gemm::sgemm_packed(rows, xm, packed, o, 1.0, true);
         }
-        // An implicit GEMM: each task gathers its block of patches straight into the kernel's
-        // panels (no patch matrix in memory, no second copy to pack it).
-        gemm::sgemm_packed_a(rows, &Patches { conv: self, x }, packed, o, 1.0, true);
+        // An implicit GEMM: the kernel reads each patch's tap runs where they lie in the input
+        // (no patch matrix in memory, nothing gathered; see `Patches`).
+        gemm::sgemm_rows(rows, &Patches::new(self, x), packed, o, 1.0, true);
     }
 
     /// The CPU reference of the backward, on checked slices (gradients accumulated into): by tiles
@@ -220,56 +226,40 @@ impl Conv2dParams {
     }
 }
 
-/// A convolution's patch matrix (output pixels × c_in·kh·kw, PyTorch's weight order) as a GEMM's
-/// A: blocks of it are gathered from the NHWC input straight into the micro-kernel's panels.
+/// A convolution's patch matrix (output pixels × taps·c_in: tap-major, see `BSource::TapMajor`)
+/// as a GEMM's A read in place: the run of a pixel's tap is the c_in channels of the input pixel
+/// under it, or zeros where the window hangs over the padding.
 struct Patches<'a> {
     conv: &'a Conv2dParams,
     x: &'a [f32],
+    zeros: std::borrow::Cow<'static, [f32]>,
 }
 
-impl gemm::PackA for Patches<'_> {
-    /// Tap by tap, channel by channel: the MR rows of a panel at one column are one contiguous run
-    /// of the panel, read from MR pixels' channel runs (each walked in order: MR prefetchable
-    /// streams); rows whose tap falls in the padding, or past the matrix, read zeros.
-    fn pack(&self, dst: &mut [f32], (i0, rows): (usize, usize), (k0, kc): (usize, usize), mr: usize) {
-        const MAX_MR: usize = 16;
+impl<'a> Patches<'a> {
+    fn new(conv: &'a Conv2dParams, x: &'a [f32]) -> Patches<'a> {
         static ZEROS: [f32; 4096] = [0.0; 4096];
-        let Conv2dParams { h, w, c_in, kernel, .. } = *self.conv;
-        let taps = kernel * kernel;
-        assert!(mr <= MAX_MR);
-        let zeros_owned;
-        let zeros: &[f32] = if c_in <= ZEROS.len() {
-            &ZEROS[..c_in]
-        } else {
-            zeros_owned = vec![0f32; c_in];
-            &zeros_owned
+        let zeros = match ZEROS.get(..conv.c_in) {
+            Some(z) => z.into(),
+            None => vec![0f32; conv.c_in].into(),
         };
-        for p in 0..rows.div_ceil(mr) {
-            let d = &mut dst[p * kc * mr..(p + 1) * kc * mr];
-            // Each row's image and the input position of its window's top-left tap.
-            let mut corner = [(0usize, 0isize, 0isize); MAX_MR];
-            let im = mr.min(rows - p * mr);
-            for (i, c) in corner.iter_mut().enumerate().take(im) {
-                *c = self.conv.window_corner(i0 + p * mr + i);
-            }
-            for tap in 0..taps {
-                let mut src = [zeros; MAX_MR];
-                for (s, &(b, y0, x0)) in src.iter_mut().zip(&corner).take(im) {
-                    let (iy, ix) = (y0 + (tap / kernel) as isize, x0 + (tap % kernel) as isize);
-                    if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
-                        let base = ((b * h + iy as usize) * w + ix as usize) * c_in;
-                        *s = &self.x[base..base + c_in];
-                    }
-                }
-                // Column ci·taps + tap lies in [k0, k0 + kc) for ci in [lo, hi).
-                let lo = k0.saturating_sub(tap).div_ceil(taps);
-                let hi = (k0 + kc).saturating_sub(tap).div_ceil(taps).min(c_in);
-                for ci in lo..hi {
-                    let o = (ci * taps + tap - k0) * mr;
-                    for (v, s) in d[o..o + mr].iter_mut().zip(&src) {
-                        // SAFETY: every source is a run of c_in values and ci < hi ≤ c_in.
-                        *v = unsafe { *s.get_unchecked(ci) };
-                    }
+        Patches { conv, x, zeros }
+    }
+}
+
+impl gemm::RowRuns for Patches<'_> {
+    fn run(&self) -> usize {
+        self.conv.c_in
+    }
+
+    fn starts(&self, out: &mut [*const f32], i0: usize, rows: usize, mr: usize) {
+        let Conv2dParams { h, w, c_in, kernel, .. } = *self.conv;
+        out.fill(self.zeros.as_ptr());
+        for i in 0..rows {
+            let (b, y0, x0) = self.conv.window_corner(i0 + i);
+            for tap in 0..kernel * kernel {
+                let (iy, ix) = (y0 + (tap / kernel) as isize, x0 + (tap % kernel) as isize);
+                if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
+                    out[tap * mr + i] = self.x[((b * h + iy as usize) * w + ix as usize) * c_in..][..c_in].as_ptr();
                 }
             }
         }
@@ -376,15 +366,19 @@ mod tests {
         out
     }
 
-    /// The implicit GEMM's gathered panels against the textbook sum: many output pixels (several
-    /// row blocks, a short last one), a patch longer than one KC block (the column ranges of the
-    /// taps cut at a block edge), a strided convolution with the VAE encoder's asymmetric padding.
+    /// The implicit GEMM (patches read in place, or packed from their runs when c_in is 3) against
+    /// the textbook sum: many output pixels (several row blocks, a short last one), a patch longer
+    /// than one KC block (taps cut at a block edge), a strided convolution with the VAE encoder's
+    /// asymmetric padding.
     #[test]
     fn forward_matches_the_direct_sum() {
         let many = ((2 * rayon::current_num_threads() * 144 + 77) as f64).sqrt() as usize;
-        for (h, w, c_in, stride, pad) in
-            [(5, 7, 31, 1, [1; 4]), (many + 1, many + 2, 3, 1, [1; 4]), (9, 11, 31, 2, [0, 1, 0, 1])]
-        {
+        for (h, w, c_in, stride, pad) in [
+            (5, 7, 31, 1, [1; 4]),
+            (many + 1, many + 2, 3, 1, [1; 4]),
+            (9, 11, 31, 2, [0, 1, 0, 1]),
+            (many, many, 40, 1, [1; 4]),
+        ] {
             let p = Conv2dParams { batch: 2, h, w, c_in, c_out: 37, kernel: 3, stride, pad };
             let k = p.patch_len();
             let mut rng = SplitMix64::new(h as u64);
@@ -392,7 +386,7 @@ mod tests {
             let wt: Vec<f32> = (0..37 * k).map(|_| rng.next_normal()).collect();
             let bias: Vec<f32> = (0..37).map(|_| rng.next_normal()).collect();
             let mut out = vec![f32::NAN; p.out_rows() * 37];
-            let packed = PackedB::new(k, 37, Mat { data: &wt, row_stride: 1, col_stride: k }, false);
+            let packed = PackedB::new(k, 37, p.weight_as_b(&wt), false);
             p.cpu_forward(&mut out, &x, &packed, Some(&bias));
             let want = direct(&p, &x, &wt, &bias);
             let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

@@ -23,7 +23,7 @@ use crate::ops::pool::Pool2dParams;
 use crate::ops::random::{AddNoiseParams, RandnParams};
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{ensure, Result};
-use gemm::{Mat, PackedB};
+use gemm::{BSource, Mat, PackedB};
 use rayon::prelude::*;
 use weights::{PoolWrites, WeightCache, WeightKey};
 
@@ -79,12 +79,17 @@ impl CpuBackend {
         unsafe { std::slice::from_raw_parts_mut(p.ptr.add(t.offset), t.numel()) }
     }
 
-    /// Runs `f` with a layer's weight (n × k, row-major: a Linear's (out, in), a Conv2d's
-    /// (c_out, c_in·kh·kw)) packed as the forward GEMM's B = Wᵀ (k × n): kept between calls while
-    /// the weight's pool is not written (see `weights.rs`).
-    fn with_packed_weight<R>(&self, t: &Tensor, w: &[f32], (k, n): (usize, usize), f: impl FnOnce(&PackedB) -> R) -> R {
-        let key = WeightKey { pool: t.pool.0, offset: t.offset, k, n };
-        let b = Mat { data: w, row_stride: 1, col_stride: k };
+    /// Runs `f` with a layer's weight `b` (the forward GEMM's B, k × n: a Linear's Wᵀ, a Conv2d's
+    /// tap-major Wᵀ) packed: kept between calls while the weight's pool is not written (see
+    /// `weights.rs`). `taps` tells a convolution's order of B's rows from a Linear's (1).
+    fn with_packed_weight<R>(
+        &self,
+        t: &Tensor,
+        b: BSource,
+        (k, n, taps): (usize, usize, usize),
+        f: impl FnOnce(&PackedB) -> R,
+    ) -> R {
+        let key = WeightKey { pool: t.pool.0, offset: t.offset, k, n, taps };
         self.weights.with_packed(&self.pool(t).writes, key, b, f)
     }
 
@@ -169,7 +174,10 @@ impl LinearOps for CpuBackend {
         p.check_forward(t)?;
         let ([out], [x, w]) = self.views([t.out], [t.inp, t.weight]);
         let (k, n) = (p.in_features, p.out_features);
-        self.with_packed_weight(t.weight, w, (k, n), |w| p.cpu_forward(out, x, w, t.bias.map(|b| self.view(b))));
+        let wt = Mat { data: w, row_stride: 1, col_stride: k };
+        self.with_packed_weight(t.weight, wt.into(), (k, n, 1), |w| {
+            p.cpu_forward(out, x, w, t.bias.map(|b| self.view(b)))
+        });
         Ok(())
     }
 
@@ -185,8 +193,10 @@ impl ConvOps for CpuBackend {
     fn conv2d_forward(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()> {
         p.check_forward(t)?;
         let ([out], [x, w]) = self.views([t.out], [t.inp, t.weight]);
-        let (k, n) = (p.patch_len(), p.c_out);
-        self.with_packed_weight(t.weight, w, (k, n), |w| p.cpu_forward(out, x, w, t.bias.map(|b| self.view(b))));
+        let (k, n, taps) = (p.patch_len(), p.c_out, p.kernel * p.kernel);
+        self.with_packed_weight(t.weight, p.weight_as_b(w), (k, n, taps), |w| {
+            p.cpu_forward(out, x, w, t.bias.map(|b| self.view(b)))
+        });
         Ok(())
     }
 

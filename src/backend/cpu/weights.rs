@@ -11,7 +11,7 @@
 //! A copy costs the weight's size again (3.3 GB for SD v1.4's U-Net at f32); set
 //! `ROENTGEN_CPU_WEIGHT_CACHE=off` to pack per call instead.
 
-use super::gemm::{self, Mat, PackedB};
+use super::gemm::{self, BSource, PackedB};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -30,13 +30,15 @@ impl PoolWrites {
     }
 }
 
-/// A weight: its pool, where it starts, and the product's shape (B is k × n).
+/// A weight: its pool, where it starts, the product's shape (B is k × n) and the order of B's rows
+/// (a convolution's `taps`; 1 for a Linear).
 #[derive(Clone, Copy, Hash, PartialEq, Eq)]
 pub(super) struct WeightKey {
     pub pool: usize,
     pub offset: usize,
     pub k: usize,
     pub n: usize,
+    pub taps: usize,
 }
 
 enum Entry {
@@ -64,7 +66,7 @@ impl WeightCache {
         &self,
         writes: &PoolWrites,
         key: WeightKey,
-        b: Mat,
+        b: BSource,
         f: impl FnOnce(&PackedB) -> R,
     ) -> R {
         match self.kept(writes, key, b) {
@@ -75,7 +77,7 @@ impl WeightCache {
 
     /// The kept copy of the weight, packing it now if this is its second use unchanged; None when
     /// it is to be packed per call.
-    fn kept(&self, writes: &PoolWrites, key: WeightKey, b: Mat) -> Option<Arc<PackedB>> {
+    fn kept(&self, writes: &PoolWrites, key: WeightKey, b: BSource) -> Option<Arc<PackedB>> {
         if !self.enabled || writes.trained.load(Relaxed) {
             return None;
         }

@@ -1,17 +1,22 @@
 //! Matrix products for the CPU backend: our own packed SGEMM, BLIS's loop nest. B is packed once
 //! into KC × NR panels (`PackedB`, reusable across calls: layer weights are kept packed between
-//! calls by `weights.rs`, attention's K and V are packed once per head), A into MR × KC panels per
-//! row block by a `PackA` (a matrix in memory, or a convolution's patches gathered straight from
-//! its input), and a register-tile micro-kernel computes each MR × NR tile of C. The micro-kernel
-//! is picked at run time from the CPU's instruction sets: AVX-512 (12 × 32: 24 accumulators of the
-//! 32 zmm registers), AVX2 + FMA (6 × 16: 12 of the 16 ymm) or portable (4 × 16, plain arrays). The parallel entry points split
+//! calls by `weights.rs`, attention's K and V are packed once per head). A is a matrix in memory,
+//! packed into MR × KC panels per row block, or a convolution's patches (`RowRuns`), which the
+//! AVX-512 kernel reads in place from the input — gathering them into panels had cost a sixth of
+//! the VAE decoder's time, as much per value as the product when c_out is 128. A register-tile
+//! micro-kernel (`kernels.rs`) computes each MR × NR tile of C, picked at run time from the CPU's
+//! instruction sets: AVX-512 (12 × 32: 24 accumulators of the 32 zmm registers), AVX2 + FMA
+//! (6 × 16: 12 of the 16 ymm) or portable (4 × 16, plain arrays). The parallel entry points split
 //! C's tiles across rayon's threads, so the CPU backend has one thread pool.
 //!
 //! Blocking: KC = 256 keeps a B panel (256 × 32 × 4 B = 32 KiB) in L1 and an A block
 //! (MC = 144 rows × 256 × 4 B = 144 KiB) in L2; NC = 4096 columns bound a packed B block to 4 MiB
-//! of L3.
+//! of L3. With A read in place the tile's 12 rows stay in L1 across the B panels instead.
+
+mod kernels;
 
 use super::scratch;
+use kernels::{kernel_avx512_rows, kernel_portable};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -106,10 +111,60 @@ impl Isa {
     fn kernel(self) -> Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => x86::kernel_avx512,
+            Isa::Avx512 => kernels::x86::kernel_avx512,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => x86::kernel_avx2,
+            Isa::Avx2 => kernels::x86::kernel_avx2,
             _ => kernel_portable,
+        }
+    }
+}
+
+/// A B operand to pack: a matrix, or a convolution's weight with its rows taken tap by tap.
+#[derive(Clone, Copy)]
+pub enum BSource<'a> {
+    Mat(Mat<'a>),
+    /// Wᵀ of a convolution weight `w` (c_out × c_in·taps, PyTorch's (c_out, c_in, kh, kw)) with
+    /// its rows reordered tap-major: row tap·c_in + ci of this B is row ci·taps + tap of Wᵀ. An
+    /// implicit GEMM's A then holds, for one tap, one contiguous run of an input pixel's channels,
+    /// which the kernel reads in place (`RowRuns`).
+    TapMajor {
+        w: &'a [f32],
+        taps: usize,
+        c_in: usize,
+    },
+}
+
+impl<'a> From<Mat<'a>> for BSource<'a> {
+    fn from(m: Mat<'a>) -> BSource<'a> {
+        BSource::Mat(m)
+    }
+}
+
+impl BSource<'_> {
+    /// Rows k0..k0 + kc, columns js of this B into a kernel panel `d` (see `pack_b_panel`).
+    fn pack_panel(&self, d: &mut [f32], (k0, kc): (usize, usize), js: (usize, usize), nr: usize) {
+        match *self {
+            BSource::Mat(b) => pack_b_panel(d, b, (k0, kc), js, nr),
+            BSource::TapMajor { w, taps, c_in } => {
+                // The panel's rows come in runs of one tap each, a strided column of Wᵀ's rows.
+                let mut r = k0;
+                while r < k0 + kc {
+                    let (tap, ci) = (r / c_in, r % c_in);
+                    let len = (c_in - ci).min(k0 + kc - r);
+                    let wt = Mat { data: &w[tap..], row_stride: taps, col_stride: c_in * taps };
+                    pack_b_panel(&mut d[(r - k0) * nr..(r - k0 + len) * nr], wt, (ci, len), js, nr);
+                    r += len;
+                }
+            }
+        }
+    }
+
+    fn check(&self, k: usize, n: usize) {
+        match *self {
+            BSource::Mat(b) => b.check(k, n, "b"),
+            BSource::TapMajor { w, taps, c_in } => {
+                assert!(taps * c_in == k && w.len() >= n * k, "sgemm operand b (a convolution weight) out of bounds")
+            }
         }
     }
 }
@@ -163,14 +218,14 @@ impl Storage {
 
 impl PackedB {
     /// Packs b (k × n) for this CPU's kernel; `parallel` spreads the panels over rayon's threads.
-    pub fn new(k: usize, n: usize, b: Mat, parallel: bool) -> PackedB {
-        PackedB::with_isa(k, n, b, parallel, Isa::detected())
+    pub fn new<'a>(k: usize, n: usize, b: impl Into<BSource<'a>>, parallel: bool) -> PackedB {
+        PackedB::with_isa(k, n, b.into(), parallel, Isa::detected())
     }
 
     /// As `new`, into a buffer from the calling thread's scratch; `recycle` gives it back (for
     /// packs that live through one operation, as attention's per-head K and V).
-    pub fn in_scratch(k: usize, n: usize, b: Mat, parallel: bool) -> PackedB {
-        PackedB::into_buffer(k, n, b, parallel, Isa::detected(), scratch::take())
+    pub fn in_scratch<'a>(k: usize, n: usize, b: impl Into<BSource<'a>>, parallel: bool) -> PackedB {
+        PackedB::into_buffer(k, n, b.into(), parallel, Isa::detected(), scratch::take())
     }
 
     /// (k, n): the shape of the B it holds.
@@ -185,7 +240,7 @@ impl PackedB {
         }
     }
 
-    fn with_isa(k: usize, n: usize, b: Mat, parallel: bool, isa: Isa) -> PackedB {
+    fn with_isa(k: usize, n: usize, b: BSource, parallel: bool, isa: Isa) -> PackedB {
         // Zeroed by the allocator or the OS, untouched until the packing writes it, so the page
         // faults of a large copy are taken by the packing threads in parallel, not by one memset.
         let mut data = Storage::zeroed(packed_len(k, n, isa));
@@ -194,7 +249,7 @@ impl PackedB {
     }
 
     /// Packs into `data`'s allocation (grown if short; see `with_packed_b`).
-    fn into_buffer(k: usize, n: usize, b: Mat, parallel: bool, isa: Isa, mut data: Vec<f32>) -> PackedB {
+    fn into_buffer(k: usize, n: usize, b: BSource, parallel: bool, isa: Isa, mut data: Vec<f32>) -> PackedB {
         // Every value is written by pack_b (padding included), so stale contents are harmless.
         data.resize(packed_len(k, n, isa), 0.0);
         pack_b(k, n, b, parallel, isa, &mut data);
@@ -217,8 +272,8 @@ fn packed_len(k: usize, n: usize, isa: Isa) -> usize {
 
 /// B (k × n) into `data` (`packed_len` values) in `PackedB`'s layout, one task per (column block,
 /// row block, panel), all in one parallel region when `parallel`.
-fn pack_b(k: usize, n: usize, b: Mat, parallel: bool, isa: Isa, data: &mut [f32]) {
-    b.check(k, n, "b");
+fn pack_b(k: usize, n: usize, b: BSource, parallel: bool, isa: Isa, data: &mut [f32]) {
+    b.check(k, n);
     let nr = isa.tile().1;
     let mut panels: Vec<(usize, usize, usize, &mut [f32])> = Vec::new();
     let mut rest = data;
@@ -233,8 +288,7 @@ fn pack_b(k: usize, n: usize, b: Mat, parallel: bool, isa: Isa, data: &mut [f32]
             }
         }
     }
-    let pack =
-        |(k0, kc, j0, d): (usize, usize, usize, &mut [f32])| pack_b_panel(d, b, (k0, kc), (j0, nr.min(n - j0)), nr);
+    let pack = |(k0, kc, j0, d): (usize, usize, usize, &mut [f32])| b.pack_panel(d, (k0, kc), (j0, nr.min(n - j0)), nr);
     if parallel {
         panels.into_par_iter().for_each(pack);
     } else {
@@ -282,19 +336,24 @@ fn pack_b_panel(d: &mut [f32], b: Mat, (k0, kc): (usize, usize), (j0, jn): (usiz
     }
 }
 
-/// A GEMM's A operand, by what packs a block of it into the micro-kernel's panels: a matrix in
-/// memory (`Mat`), or one that exists only as packed blocks (a convolution's patches, gathered
-/// straight from the input: an implicit GEMM).
-pub trait PackA: Sync {
-    /// A (`rows` × kc at (i0, k0)) into MR-row panels of `dst`, each k-major (MR values per k),
-    /// zero-padded past `rows`.
-    fn pack(&self, dst: &mut [f32], rows: (usize, usize), ks: (usize, usize), mr: usize);
+/// A GEMM's A read in place, row by row, as an implicit GEMM reads a convolution's patches: A's
+/// columns come in runs of `run()` (a tap's c_in channels), and within a run each row's values
+/// are contiguous in memory (one input pixel's channels, or a run of zeros in the padding). The
+/// AVX-512 kernel reads them where they are (`kernel_avx512_rows`); other kernels, and runs too
+/// short to amortise a kernel call, get them packed into panels from the same pointers.
+pub trait RowRuns: Sync {
+    /// Values per run; A has k / run runs.
+    fn run(&self) -> usize;
+    /// For rows i0..i0 + mr: `out[r · mr + i]` = where row i0 + i's values in run r start, for
+    /// every run r; rows at or past i0 + `rows` get a run of zeros.
+    fn starts(&self, out: &mut [*const f32], i0: usize, rows: usize, mr: usize);
 }
 
-impl PackA for Mat<'_> {
-    fn pack(&self, dst: &mut [f32], rows: (usize, usize), ks: (usize, usize), mr: usize) {
-        pack_a(dst, *self, rows, ks, mr)
-    }
+/// Where a product's A comes from.
+#[derive(Clone, Copy)]
+enum ASource<'a> {
+    Mat(Mat<'a>),
+    Rows(&'a dyn RowRuns),
 }
 
 fn pack_a(dst: &mut [f32], a: Mat, (i0, rows): (usize, usize), (k0, kc): (usize, usize), mr: usize) {
@@ -312,6 +371,32 @@ fn pack_a(dst: &mut [f32], a: Mat, (i0, rows): (usize, usize), (k0, kc): (usize,
             } else {
                 (0..kc).for_each(|kk| d[kk * mr + i] = a.at(r, k0 + kk));
             }
+        }
+    }
+}
+
+/// The pieces of columns k0..k0 + kc that lie in one run each: (run, offset in the run, length,
+/// offset in the block).
+fn run_pieces(run: usize, (k0, kc): (usize, usize)) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    let mut k = k0;
+    std::iter::from_fn(move || {
+        (k < k0 + kc).then(|| {
+            let (r, off) = (k / run, k % run);
+            let len = (run - off).min(k0 + kc - k);
+            let piece = (r, off, len, k - k0);
+            k += len;
+            piece
+        })
+    })
+}
+
+/// One MR-row panel (kc × MR, k-major) of row-run A from its tile's run starts (`RowRuns::starts`).
+fn pack_a_rows(d: &mut [f32], starts: &[*const f32], run: usize, ks: (usize, usize), mr: usize) {
+    for (r, off, len, q) in run_pieces(run, ks) {
+        for (i, &src) in starts[r * mr..(r + 1) * mr].iter().enumerate() {
+            // SAFETY: RowRuns promises `run` readable values from each start; off + len ≤ run.
+            let src = unsafe { std::slice::from_raw_parts(src.add(off), len) };
+            src.iter().enumerate().for_each(|(t, &x)| d[(q + t) * mr + i] = x);
         }
     }
 }
@@ -335,11 +420,16 @@ impl SharedMut {
 /// c (m × n, row-major, contiguous) = a (m × k) · b + beta · c, with b packed.
 pub fn sgemm_packed(m: usize, a: Mat, b: &PackedB, c: &mut [f32], beta: f32, parallel: bool) {
     a.check(m, b.k, "a");
-    sgemm_packed_a(m, &a, b, c, beta, parallel)
+    product(m, ASource::Mat(a), b, c, beta, parallel)
 }
 
-/// As `sgemm_packed`, with A given by what packs it (which must cover m × k).
-pub fn sgemm_packed_a(m: usize, a: &impl PackA, b: &PackedB, c: &mut [f32], beta: f32, parallel: bool) {
+/// As `sgemm_packed`, with A read in place by row runs (which must cover m × k).
+pub fn sgemm_rows(m: usize, a: &dyn RowRuns, b: &PackedB, c: &mut [f32], beta: f32, parallel: bool) {
+    assert!(a.run() > 0 && b.k.is_multiple_of(a.run()), "sgemm: A's runs do not tile its {} columns", b.k);
+    product(m, ASource::Rows(a), b, c, beta, parallel)
+}
+
+fn product(m: usize, a: ASource, b: &PackedB, c: &mut [f32], beta: f32, parallel: bool) {
     let (k, n) = (b.k, b.n);
     assert!(c.len() >= m * n, "sgemm output too short");
     if k == 0 {
@@ -355,6 +445,12 @@ pub fn sgemm_packed_a(m: usize, a: &impl PackA, b: &PackedB, c: &mut [f32], beta
     }
     let (mr, nr) = b.isa.tile();
     let kernel = b.isa.kernel();
+    // Runs of 16 and more are read in place by the AVX-512 kernel (shorter ones would pay a C
+    // tile's load and store every few k); everything else is packed.
+    let in_place = match a {
+        ASource::Rows(ra) if b.isa == Isa::Avx512 && ra.run() >= 16 => Some(ra),
+        _ => None,
+    };
     let cp = SharedMut(c.as_mut_ptr());
     for (jb, j0) in (0..n).step_by(NC).enumerate() {
         let nc = NC.min(n - j0);
@@ -365,26 +461,71 @@ pub fn sgemm_packed_a(m: usize, a: &impl PackA, b: &PackedB, c: &mut [f32], beta
         let task = |apack: &mut [f32], t: usize| {
             let (rb, g) = (t / groups, t % groups);
             let (i0, rows) = (rb * mc, mc.min(m - rb * mc));
+            let tiles = rows.div_ceil(mr);
+            // Row-run A: every tile's run starts, found once for the whole depth.
+            let mut starts: Vec<*const f32> = Vec::new();
+            if let ASource::Rows(ra) = a {
+                let per_tile = k / ra.run() * mr;
+                starts.resize(tiles * per_tile, std::ptr::null());
+                for (ip, s) in starts.chunks_mut(per_tile).enumerate() {
+                    ra.starts(s, i0 + ip * mr, mr.min(rows - ip * mr), mr);
+                }
+            }
+            let tile_starts = |ip: usize| &starts[ip * starts.len() / tiles..(ip + 1) * starts.len() / tiles];
+            let mut pieces: Vec<Vec<([*const f32; 12], usize)>> = vec![Vec::new(); tiles * in_place.is_some() as usize];
             for (kb, k0) in (0..k).step_by(KC).enumerate() {
                 let kc = KC.min(k - k0);
                 let bblk = b.block(jb, kb);
                 let beta = if kb == 0 { beta } else { 1.0 }; // the earlier blocks' sums are in c
-                a.pack(apack, (i0, rows), (k0, kc), mr);
-                for jp in g * panels / groups..(g + 1) * panels / groups {
+                match (a, in_place) {
+                    (_, Some(ra)) => {
+                        // Each tile's pieces of this block: its rows' pointers into the runs.
+                        pieces.iter_mut().enumerate().for_each(|(ip, tp)| {
+                            let st = tile_starts(ip);
+                            tp.clear();
+                            tp.extend(run_pieces(ra.run(), (k0, kc)).map(|(r, off, len, _)| {
+                                // SAFETY: off < run: inside each start's run.
+                                (std::array::from_fn(|i| unsafe { st[r * mr + i].add(off) }), len)
+                            }));
+                        })
+                    }
+                    (ASource::Mat(am), None) => pack_a(apack, am, (i0, rows), (k0, kc), mr),
+                    (ASource::Rows(ra), None) => (0..tiles).for_each(|ip| {
+                        pack_a_rows(&mut apack[ip * kc * mr..], tile_starts(ip), ra.run(), (k0, kc), mr)
+                    }),
+                }
+                // Packed A: a B panel stays in L1 across the tiles (BLIS's order). A read in place:
+                // a tile's rows stay in L1 across the B panels, which stream from L2 (one stream,
+                // not MR).
+                let (jps, ips) = (g * panels / groups..(g + 1) * panels / groups, 0..tiles);
+                let order: Box<dyn Iterator<Item = (usize, usize)>> = match in_place {
+                    None => Box::new(jps.flat_map(|jp| ips.clone().map(move |ip| (jp, ip)))),
+                    Some(_) => Box::new(ips.flat_map(|ip| jps.clone().map(move |jp| (jp, ip)))),
+                };
+                for (jp, ip) in order {
                     let bp = &bblk[jp * kc * nr..(jp + 1) * kc * nr];
                     let cols = nr.min(nc - jp * nr);
-                    for ip in 0..rows.div_ceil(mr) {
-                        let ap = &apack[ip * kc * mr..(ip + 1) * kc * mr];
+                    {
                         let tile_rows = mr.min(rows - ip * mr);
                         let c0 = (i0 + ip * mr) * n + j0 + jp * nr;
                         // SAFETY: the tile (tile_rows × cols at c0, row stride n) lies inside c
                         // (m × n) and belongs to this task alone; the panels hold kc × MR and
-                        // kc × NR values, as the kernel reads.
+                        // kc × NR values, and the run starts `run` values each, as the kernels read.
+                        let tile = |c: *mut f32, rs_c: usize| unsafe {
+                            match in_place {
+                                Some(_) => kernel_avx512_rows(&pieces[ip], bp.as_ptr(), c, rs_c, beta),
+                                None => {
+                                    let ap = &apack[ip * kc * mr..(ip + 1) * kc * mr];
+                                    kernel(kc, ap.as_ptr(), bp.as_ptr(), c, rs_c, beta)
+                                }
+                            }
+                        };
+                        // SAFETY: as above.
                         unsafe {
                             if tile_rows == mr && cols == nr {
-                                kernel(kc, ap.as_ptr(), bp.as_ptr(), cp.at(c0), n, beta);
+                                tile(cp.at(c0), n);
                             } else {
-                                edge_tile(kernel, (kc, ap, bp), (cp.at(c0), n), (tile_rows, cols, nr), beta);
+                                edge_tile(tile, (cp.at(c0), n), (tile_rows, cols, nr));
                             }
                         }
                     }
@@ -403,7 +544,13 @@ pub fn sgemm_packed_a(m: usize, a: &impl PackA, b: &PackedB, c: &mut [f32], beta
 
 /// Runs `f` with b (k × n) packed into the calling thread's scratch: products that pack their B
 /// per call (`sgemm`, `sgemm_par`, a weight not kept packed) do not allocate.
-pub fn with_packed_b<R>(k: usize, n: usize, b: Mat, parallel: bool, f: impl FnOnce(&PackedB) -> R) -> R {
+pub fn with_packed_b<'a, R>(
+    k: usize,
+    n: usize,
+    b: impl Into<BSource<'a>>,
+    parallel: bool,
+    f: impl FnOnce(&PackedB) -> R,
+) -> R {
     let packed = PackedB::in_scratch(k, n, b, parallel);
     let r = f(&packed);
     packed.recycle();
@@ -425,16 +572,15 @@ fn split(m: usize, mr: usize, panels: usize, parallel: bool) -> (usize, usize, u
     (row_blocks, mc, threads.div_ceil(row_blocks).clamp(1, panels))
 }
 
-/// A tile cut by the edge of C: through an MR × NR scratch tile.
+/// A tile cut by the edge of C: `tile` (which computes a full MR × NR tile at a C pointer and row
+/// stride) through a scratch tile holding C's values (for beta).
 ///
 /// # Safety
 /// `c` is valid for `rows` rows of `cols` values at row stride `rs_c`.
 unsafe fn edge_tile(
-    kernel: Kernel,
-    (kc, ap, bp): (usize, &[f32], &[f32]),
+    tile: impl FnOnce(*mut f32, usize),
     (c, rs_c): (*mut f32, usize),
     (rows, cols, nr): (usize, usize, usize),
-    beta: f32,
 ) {
     let mut tmp = [0f32; MAX_TILE];
     for i in 0..rows {
@@ -442,7 +588,7 @@ unsafe fn edge_tile(
             tmp[i * nr + j] = *c.add(i * rs_c + j);
         }
     }
-    kernel(kc, ap.as_ptr(), bp.as_ptr(), tmp.as_mut_ptr(), nr, beta);
+    tile(tmp.as_mut_ptr(), nr);
     for i in 0..rows {
         for j in 0..cols {
             *c.add(i * rs_c + j) = tmp[i * nr + j];
@@ -459,93 +605,6 @@ pub fn sgemm(m: usize, k: usize, n: usize, a: Mat, b: Mat, c: &mut [f32], beta: 
 /// As `sgemm`, with the packing and the tiles of c split across rayon's threads.
 pub fn sgemm_par(m: usize, k: usize, n: usize, a: Mat, b: Mat, c: &mut [f32], beta: f32) {
     with_packed_b(k, n, b, true, |b| sgemm_packed(m, a, b, c, beta, true));
-}
-
-/// The portable micro-kernel: plain arrays the compiler may vectorise.
-///
-/// # Safety
-/// a holds kc × 4 values, b kc × 16, c a 4 × 16 tile at row stride rs_c.
-unsafe fn kernel_portable(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rs_c: usize, beta: f32) {
-    const MR: usize = 4;
-    const NR: usize = 16;
-    let mut acc = [[0f32; NR]; MR];
-    for p in 0..kc {
-        let (ap, bp) = (a.add(p * MR), b.add(p * NR));
-        for (i, row) in acc.iter_mut().enumerate() {
-            let ai = *ap.add(i);
-            for (j, x) in row.iter_mut().enumerate() {
-                *x += ai * *bp.add(j);
-            }
-        }
-    }
-    for (i, row) in acc.iter().enumerate() {
-        for (j, x) in row.iter().enumerate() {
-            let dst = c.add(i * rs_c + j);
-            *dst = if beta == 0.0 { *x } else { x + beta * *dst };
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    /// 12 × 32: per k, two zmm loads of B and 12 broadcasts of A feed 24 FMAs (two FMA pipes
-    /// busy for 12 cycles against 14 loads).
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; a holds kc × 12 values, b kc × 32, c a 12 × 32 tile at row stride
-    /// rs_c.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel_avx512(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rs_c: usize, beta: f32) {
-        const MR: usize = 12;
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        for p in 0..kc {
-            let (b0, b1) = (_mm512_loadu_ps(b.add(p * 32)), _mm512_loadu_ps(b.add(p * 32 + 16)));
-            let ap = a.add(p * MR);
-            for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*ap.add(i));
-                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
-            }
-        }
-        let vbeta = _mm512_set1_ps(beta);
-        for (i, row) in acc.iter().enumerate() {
-            for (h, &x) in row.iter().enumerate() {
-                let dst = c.add(i * rs_c + h * 16);
-                let v = if beta == 0.0 { x } else { _mm512_fmadd_ps(vbeta, _mm512_loadu_ps(dst), x) };
-                _mm512_storeu_ps(dst, v);
-            }
-        }
-    }
-
-    /// 6 × 16: per k, two ymm loads of B and 6 broadcasts of A feed 12 FMAs.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; a holds kc × 6 values, b kc × 16, c a 6 × 16 tile at row
-    /// stride rs_c.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, rs_c: usize, beta: f32) {
-        const MR: usize = 6;
-        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-        for p in 0..kc {
-            let (b0, b1) = (_mm256_loadu_ps(b.add(p * 16)), _mm256_loadu_ps(b.add(p * 16 + 8)));
-            let ap = a.add(p * MR);
-            for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm256_set1_ps(*ap.add(i));
-                row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
-                row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
-            }
-        }
-        let vbeta = _mm256_set1_ps(beta);
-        for (i, row) in acc.iter().enumerate() {
-            for (h, &x) in row.iter().enumerate() {
-                let dst = c.add(i * rs_c + h * 8);
-                let v = if beta == 0.0 { x } else { _mm256_fmadd_ps(vbeta, _mm256_loadu_ps(dst), x) };
-                _mm256_storeu_ps(dst, v);
-            }
-        }
-    }
 }
 
 /// The textbook triple loop, for tests and for the benchmark's baseline.
@@ -597,12 +656,79 @@ mod tests {
                             if beta == 0.0 {
                                 got.fill(f32::NAN); // beta 0 must not read c
                             }
-                            sgemm_packed(m, am, &PackedB::with_isa(k, n, b, parallel, isa), &mut got, beta, parallel);
+                            sgemm_packed(
+                                m,
+                                am,
+                                &PackedB::with_isa(k, n, b.into(), parallel, isa),
+                                &mut got,
+                                beta,
+                                parallel,
+                            );
                             let err = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
                             let tol = 1e-5 * (k as f32).sqrt().max(1.0) * 4.0;
                             assert!(err < tol, "{isa:?} {m}x{k}x{n} beta {beta} parallel {parallel}: max err {err:e}");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// A matrix in memory seen as row runs (what `Patches` is for a convolution), zeros past m.
+    struct RunsOf<'a> {
+        a: &'a [f32],
+        k: usize,
+        run: usize,
+        m: usize,
+        zeros: Vec<f32>,
+    }
+
+    impl RowRuns for RunsOf<'_> {
+        fn run(&self) -> usize {
+            self.run
+        }
+        fn starts(&self, out: &mut [*const f32], i0: usize, rows: usize, mr: usize) {
+            assert!(i0 + rows <= self.m);
+            for r in 0..self.k / self.run {
+                for i in 0..mr {
+                    out[r * mr + i] = if i < rows {
+                        self.a[(i0 + i) * self.k + r * self.run..].as_ptr()
+                    } else {
+                        self.zeros.as_ptr()
+                    };
+                }
+            }
+        }
+    }
+
+    /// A read in place by row runs (the AVX-512 kernel for runs of 16 and more, panels packed
+    /// from the runs' pointers otherwise), on every kernel, against the triple loop: runs shorter
+    /// and longer than a KC block, runs that cut KC blocks, tiles cut by the edges of C.
+    #[test]
+    fn row_runs_match_triple_loop() {
+        let mut rng = SplitMix64::new(11);
+        for isa in Isa::available() {
+            for &(m, run, runs, n) in &[(157, 3, 9, 45), (150, 40, 9, 70), (29, 300, 2, 33), (300, 16, 3, 128)] {
+                let k = run * runs;
+                let a = normals(&mut rng, m * k);
+                let w = normals(&mut rng, n * k);
+                let am = Mat { data: &a, row_stride: k, col_stride: 1 };
+                let bm = Mat { data: &w, row_stride: 1, col_stride: k };
+                for (beta, parallel) in [(0.0, true), (0.5, false)] {
+                    let c0 = normals(&mut rng, m * n);
+                    let mut want = c0.clone();
+                    sgemm_naive(m, k, n, am, bm, &mut want, beta);
+                    let mut got = c0.clone();
+                    if beta == 0.0 {
+                        got.fill(f32::NAN);
+                    }
+                    let ra = RunsOf { a: &a, k, run, m, zeros: vec![0.0; run] };
+                    sgemm_rows(m, &ra, &PackedB::with_isa(k, n, bm.into(), parallel, isa), &mut got, beta, parallel);
+                    let err = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                    assert!(
+                        err < 1e-4 * (k as f32).sqrt(),
+                        "{isa:?} {m}x{k}x{n} run {run} beta {beta}: max err {err:e}"
+                    );
                 }
             }
         }
