@@ -1,36 +1,53 @@
 #!/usr/bin/env python3
-"""Side by side on the same machine (issue 9): diffusers/PyTorch and roentgen on SD v1.4's real
-architecture with random weights (configs from weights/sd-v1-4-config; no download).
+"""Side by side on the same machine (issues 9 and 19): diffusers/PyTorch and roentgen on SD v1.4's
+real architecture with random weights (the configs of --model; no download).
 
-Times, for PyTorch (channels-last, SDPA attention, bf16 weights or f32):
-  - one guided U-Net step (batch 2 × --batch), the VAE decoder, the CLIP text encoder (batch 2 × --batch);
-  - one training step of U-Net + text encoder jointly (cached latents, MSE on the noise, AdamW with f32
-    master weights, bf16 autocast), at --train-batch;
-then runs `roentgen bench` for the same stages and prints the ratios (PyTorch time / roentgen time:
-above 1 means roentgen is faster). roentgen has no training benchmark yet: its row says so.
+Stages (--stages):
+  unet          one guided U-Net step (batch 2 × prompts, 77 tokens), at every --batch;
+  vae-decode    the VAE decoder at the image size;
+  text-encoder  the CLIP text encoder (batch 2 × prompts);
+  train-step    one joint U-Net + text-encoder training step (MSE on the noise, AdamW, gradient norm
+                clipped at 1 as `roentgen train` does), at --train-batch; PyTorch autocasts to bf16
+                with --precision bf16;
+  sample        the whole `roentgen sample` command against diffusers' StableDiffusionPipeline
+                (from_pretrained, then the call), load included (--sample-model: a pipeline with weights).
 
-    python3 scripts/bench-peers.py --binary gpu-bin/roentgen --device cuda            # the GPU machine
-    python3 scripts/bench-peers.py --binary target/release/roentgen --device cpu \\
-        --height 64 --width 64 --iters 1 --warmup 0 --train-batch 1                  # a smoke run on a CPU
-    python3 scripts/bench-peers.py --binary target/release/roentgen --device cpu --precision f32 \
-        --stages unet --threads 2 --height 512 --width 512 --iters 3 --warmup 2      # one stage, 2 threads each
+Every measurement is a fresh process per engine (so each has its own peak resident memory), and the
+engines alternate: --rounds rounds of [PyTorch, roentgen] for each stage, batch and thread count;
+each round times --iters calls after --warmup. The table gives the median over every timed call of
+every round, the spread (min–max), the peak RSS, and PyTorch's median ÷ roentgen's (above 1:
+roentgen is faster).
+
+    python3 scripts/bench-peers.py --binary target/release/roentgen --device cpu --precision f32 \\
+        --model ../shared/reference-configs/sd-v1-4 --threads 2 --height 256 --width 256 \\
+        --stages unet,vae-decode,text-encoder,train-step --batch 1,2,4 --train-batch 1 --rounds 3
+    python3 scripts/bench-peers.py ... --stages unet,text-encoder --threads 1,2     # thread scaling
     python3 scripts/bench-peers.py ... --stages sample --sample-model DIR --height 256 --width 256
-        # a whole sample, load included (DIR: a pipeline with weights, e.g. random ones saved by diffusers)
+    python3 scripts/bench-peers.py --binary gpu-bin/roentgen --device cuda           # the GPU machine
 
 Needs torch, diffusers and transformers (on the GPU machine diffusers travels as a wheel: see the
 device tool's README). Writes --json-out if given.
 """
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["unet", "vae-decode", "text-encoder", "train-step", "sample"]
+PROMPT = "Small right pleural effusion."
 
 
-def main():
+def ints(s):
+    return [int(x) for x in str(s).split(",") if x]
+
+
+def parse():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", required=True, help="the roentgen binary (built with --features cuda for --device cuda)")
     ap.add_argument("--model", default=str(ROOT / "weights" / "sd-v1-4-config"), help="pipeline folder with the configs")
@@ -38,43 +55,54 @@ def main():
     ap.add_argument("--precision", default="bf16", choices=["bf16", "f32"])
     ap.add_argument("--height", type=int, default=512)
     ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=1, help="prompts per sampling call (guidance doubles it)")
+    ap.add_argument("--batch", default="1", help="prompts per sampling call, a comma list for the unet stage (guidance doubles it)")
     ap.add_argument("--train-batch", type=int, default=8, help="images per training step")
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=3, help="timed calls per round")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls first, per round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating [PyTorch, roentgen] rounds per measurement")
     ap.add_argument("--stages", default="unet,vae-decode,text-encoder,train-step",
-                    help="comma-separated subset of unet, vae-decode, text-encoder, train-step, sample")
+                    help="comma-separated subset of " + ", ".join(STAGES))
     ap.add_argument("--sample-model", help="for the sample stage: a pipeline folder with weights (diffusers layout)")
     ap.add_argument("--sample-steps", type=int, default=20, help="sample stage: denoising steps (PNDM, guidance 4)")
-    ap.add_argument("--threads", type=int, help="CPU threads for both engines (default: every core)")
+    ap.add_argument("--threads", default="", help="CPU threads for both engines, a comma list (default: every core)")
     ap.add_argument("--json-out", help="write the results here as JSON")
-    a = ap.parse_args()
-    stages = a.stages.split(",")
-    unknown = set(stages) - {"unet", "vae-decode", "text-encoder", "train-step", "sample"}
-    if unknown:
-        sys.exit(f"bench-peers: --stages: unknown stage(s) {', '.join(sorted(unknown))}")
-    if "sample" in stages and not a.sample_model:
-        sys.exit("bench-peers: the sample stage needs --sample-model (a pipeline folder with weights)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one PyTorch measurement in this process
+    ap.add_argument("--worker-batch", type=int, default=1, help=argparse.SUPPRESS)
+    return ap.parse_args()
 
-    try:
-        import torch
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
-    except ImportError as e:
-        sys.exit(f"bench-peers: {e}: needs torch, diffusers and transformers (carry diffusers as a wheel on the GPU machine)")
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
+def run_child(cmd):
+    """Runs cmd; returns (return code, stdout, stderr, peak RSS in bytes, wall seconds). The child's own
+    peak RSS comes from wait4's rusage (Linux reports ru_maxrss in KiB)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return p.returncode, out.read().decode(), err.read().decode(), ru.ru_maxrss * 1024, wall
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch, one measurement per process (`--worker STAGE`).
+
+def worker(a):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    threads = ints(a.threads)
+    if threads:
+        torch.set_num_threads(threads[0])
     dev = torch.device(a.device)
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
     model = Path(a.model)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model / "unet"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model / "vae"))
-    text = CLIPTextModel(CLIPTextConfig.from_pretrained(model / "text_encoder"))
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
-    lh, lw = a.height // f, a.width // f
-    n = 2 * a.batch
+    stage, batch = a.worker, a.worker_batch
+    lh, lw = a.height // 8, a.width // 8
+    n = 2 * batch
 
     def sync():
         if dev.type == "cuda":
@@ -90,32 +118,43 @@ def main():
             fn()
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
-        return min(times), sum(times) / len(times)
+        return times
 
-    results = {"device": a.device, "precision": a.precision, "height": a.height, "width": a.width,
-               "batch": a.batch, "torch": torch.__version__,
-               "card": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "pytorch": {}, "roentgen": {}}
-
-    # Sampling stages, no autograd, bf16 weights (or f32), channels-last, SDPA (diffusers' default).
+    if stage == "sample":
+        from diffusers import StableDiffusionPipeline
+        t0 = time.perf_counter()
+        pipe = StableDiffusionPipeline.from_pretrained(a.sample_model, safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False,
+                                                       torch_dtype=torch.float32).to(a.device)
+        load_s = time.perf_counter() - t0
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            pipe(PROMPT, num_inference_steps=a.sample_steps, guidance_scale=4.0, height=a.height, width=a.width,
+                 generator=torch.Generator().manual_seed(0))
+        return {"times_ms": [(time.perf_counter() - t0) * 1e3], "load_s": load_s}
+    if stage in ("unet", "train-step"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model / "unet"))
+    if stage in ("text-encoder", "train-step"):
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(model / "text_encoder"))
     with torch.no_grad():
-        u = unet.to(dev, dtype).to(memory_format=torch.channels_last).eval()
-        x = torch.randn(n, 4, lh, lw, device=dev, dtype=dtype).to(memory_format=torch.channels_last)
-        t = torch.full((n,), 500, device=dev)
-        ctx = torch.randn(n, 77, text.config.hidden_size, device=dev, dtype=dtype)
-        if "unet" in stages:
-            results["pytorch"]["unet"] = timed(lambda: u(x, t, encoder_hidden_states=ctx).sample)
-        v = vae.to(dev, dtype).to(memory_format=torch.channels_last).eval()
-        z = torch.randn(a.batch, 4, lh, lw, device=dev, dtype=dtype)
-        if "vae-decode" in stages:
-            results["pytorch"]["vae-decode"] = timed(lambda: v.decode(z).sample)
-        te = text.to(dev, dtype).eval()
-        ids = torch.randint(0, text.config.vocab_size, (n, 77), device=dev)
-        if "text-encoder" in stages:
-            results["pytorch"]["text-encoder"] = timed(lambda: te(ids).last_hidden_state)
-
-    # Training: U-Net + text encoder, f32 master weights, bf16 autocast, fused AdamW where available.
-    unet.float().train()
-    text.float().train()
+        if stage == "unet":
+            u = unet.to(dev, dtype).to(memory_format=torch.channels_last).eval()
+            x = torch.randn(n, 4, lh, lw, device=dev, dtype=dtype).to(memory_format=torch.channels_last)
+            t = torch.full((n,), 500, device=dev)
+            ctx = torch.randn(n, 77, u.config.cross_attention_dim, device=dev, dtype=dtype)
+            return {"times_ms": timed(lambda: u(x, t, encoder_hidden_states=ctx).sample)}
+        if stage == "vae-decode":
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model / "vae"))
+            v = vae.to(dev, dtype).to(memory_format=torch.channels_last).eval()
+            z = torch.randn(batch, 4, lh, lw, device=dev, dtype=dtype)
+            return {"times_ms": timed(lambda: v.decode(z).sample)}
+        if stage == "text-encoder":
+            te = text.to(dev, dtype).eval()
+            ids = torch.randint(0, text.config.vocab_size, (n, 77), device=dev)
+            return {"times_ms": timed(lambda: te(ids).last_hidden_state)}
+    # train-step: f32 master weights (bf16 autocast with --precision bf16), fused AdamW where available.
+    unet = unet.to(dev).to(memory_format=torch.channels_last).train()
+    text = text.to(dev).train()
     params = list(unet.parameters()) + list(text.parameters())
     try:
         opt = torch.optim.AdamW(params, lr=5e-5, fused=dev.type == "cuda")
@@ -133,83 +172,120 @@ def main():
             pred = unet(lat + noise, tt, encoder_hidden_states=enc).sample
             loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    if "train-step" in stages:
-        ms = timed(train_step)
-        results["pytorch"]["train-step"] = ms
-        results["pytorch_train_images_per_s"] = b / (ms[0] / 1e3)
+    return {"times_ms": timed(train_step)}
 
-    # roentgen, same stages.
-    for stage in [s for s in ["unet", "vae-decode", "text-encoder"] if s in stages]:
-        cmd = [a.binary, "--device", a.device, "--precision", a.precision, "bench", stage, "--model", str(model),
-               "--random-weights", "--height", str(a.height), "--width", str(a.width), "--batch", str(a.batch),
-               "--iters", str(max(a.iters, 1)), "--warmup", str(a.warmup), "--json"]
-        if a.threads:
-            cmd[3:3] = ["--threads", str(a.threads)]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            results["roentgen"][stage] = {"error": p.stderr.strip()[-500:]}
-            continue
-        r = json.loads(p.stdout)
-        results["roentgen"][stage] = (r["min_ms"], r["mean_ms"])
 
-    print(f"{results['card']}, {a.precision}, {a.height}×{a.width}, batch {a.batch}; torch {torch.__version__}")
-    print(f"{'stage':<14} {'pytorch ms':>11} {'roentgen ms':>12} {'speed-up':>9}   (min over {a.iters} calls)")
-    for stage in [s for s in ["unet", "vae-decode", "text-encoder"] if s in stages]:
-        pt = results["pytorch"][stage][0]
-        ro = results["roentgen"][stage]
-        if isinstance(ro, dict):
-            print(f"{stage:<14} {pt:>11.2f} {'error':>12}   {ro['error'].splitlines()[-1] if ro['error'] else ''}")
-        else:
-            print(f"{stage:<14} {pt:>11.2f} {ro[0]:>12.2f} {pt / ro[0]:>8.2f}×")
-    if "train-step" in stages:
-        print(f"{'train-step':<14} {results['pytorch']['train-step'][0]:>11.2f} {'not built':>12}   "
-              f"(PyTorch: {results['pytorch_train_images_per_s']:.2f} images/s at batch {b}; roentgen has no training benchmark yet)")
-    if "sample" in stages:
-        sample_both(a, results)
+# ---------------------------------------------------------------------------------------------
+# The driver: alternating fresh processes.
+
+def pytorch_round(a, stage, batch, threads):
+    cmd = [sys.executable, __file__, "--worker", stage, "--worker-batch", str(batch), "--binary", a.binary,
+           "--model", a.model, "--device", a.device, "--precision", a.precision, "--height", str(a.height),
+           "--width", str(a.width), "--train-batch", str(a.train_batch), "--iters", str(a.iters),
+           "--warmup", str(a.warmup), "--sample-steps", str(a.sample_steps)]
+    if a.sample_model:
+        cmd += ["--sample-model", a.sample_model]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    rc, out, err, rss, _ = run_child(cmd)
+    if rc != 0:
+        return {"error": err.strip()[-800:]}
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_bytes": rss}
+
+
+def roentgen_round(a, stage, batch, threads):
+    g = ["--threads", str(threads)] if threads else []
+    if stage == "sample":
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [a.binary, *g, "--device", a.device, "sample", "--model", a.sample_model, "--prompt", PROMPT,
+                   "--steps", str(a.sample_steps), "--guidance", "4", "--height", str(a.height), "--width",
+                   str(a.width), "--seed", "0", "--out", out, "--json"]
+            rc, stdout, err, rss, wall = run_child(cmd)
+        if rc != 0:
+            return {"error": err.strip()[-800:]}
+        return {"times_ms": [wall * 1e3], "peak_rss_bytes": rss, **json.loads(stdout)["timings"]}
+    cmd = [a.binary, *g, "--device", a.device, "--precision", a.precision, "bench", stage, "--model", a.model,
+           "--random-weights", "--height", str(a.height), "--width", str(a.width),
+           "--batch", str(a.train_batch if stage == "train-step" else batch),
+           "--iters", str(a.iters), "--warmup", str(a.warmup), "--json"]
+    rc, stdout, err, rss, _ = run_child(cmd)
+    if rc != 0:
+        return {"error": err.strip()[-800:]}
+    r = json.loads(stdout)
+    return {"times_ms": r["times_ms"], "peak_rss_bytes": rss, "gflop_per_call": r["gflop_per_call"]}
+
+
+def summary(rounds):
+    errors = [r["error"] for r in rounds if "error" in r]
+    if errors:
+        return {"error": errors[0]}
+    times = [t for r in rounds for t in r["times_ms"]]
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "calls": len(times), "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds)}
+
+
+def fmt(s):
+    if "error" in s:
+        return f"{'error':>28}"
+    return f"{s['median_ms']:>10.0f} ({s['min_ms']:.0f}–{s['max_ms']:.0f}) {s['peak_rss_bytes'] / 2**30:>5.1f}G"
+
+
+def main():
+    a = parse()
+    if a.worker:
+        print(json.dumps(worker(a)))
+        return
+    stages = a.stages.split(",")
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        sys.exit(f"bench-peers: --stages: unknown stage(s) {', '.join(sorted(unknown))}")
+    if "sample" in stages and not a.sample_model:
+        sys.exit("bench-peers: the sample stage needs --sample-model (a pipeline folder with weights)")
+    if a.rounds < 1 or a.iters < 1 or a.warmup < 0:
+        sys.exit("bench-peers: --rounds and --iters must be at least 1, --warmup at least 0")
+    try:
+        import torch
+    except ImportError as e:
+        sys.exit(f"bench-peers: {e}: needs torch, diffusers and transformers")
+    cpu = ""
+    if a.device == "cpu" and Path("/proc/cpuinfo").exists():
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    card = torch.cuda.get_device_name() if a.device == "cuda" else f"cpu ({cpu}, {os.cpu_count()} logical cores)"
+    results = {"device": a.device, "card": card, "precision": a.precision, "height": a.height, "width": a.width,
+               "torch": torch.__version__, "rounds": a.rounds, "iters": a.iters, "warmup": a.warmup,
+               "date": time.strftime("%Y-%m-%d"), "measurements": []}
+    print(f"{card}, {a.precision}, {a.height}×{a.width}; torch {torch.__version__}; {a.rounds} alternating rounds × "
+          f"{a.iters} calls after {a.warmup} warm-up, fresh processes")
+    print(f"{'stage':<13} {'batch':>5} {'thr':>3}  {'PyTorch ms median (spread) RSS':>30}  "
+          f"{'roentgen ms median (spread) RSS':>31}  {'speed-up':>8}")
+    for stage in stages:
+        batches = ints(a.batch) if stage == "unet" else [a.train_batch] if stage == "train-step" else ints(a.batch)[:1]
+        for batch in batches:
+            for threads in ints(a.threads) or [0]:
+                pt, ro = [], []
+                for _ in range(1 if stage == "sample" else a.rounds):
+                    pt.append(pytorch_round(a, stage, batch, threads))
+                    ro.append(roentgen_round(a, stage, batch, threads))
+                ps, rs = summary(pt), summary(ro)
+                m = {"stage": stage, "batch": batch, "threads": threads or os.cpu_count(), "pytorch": ps,
+                     "roentgen": rs, "pytorch_rounds": pt, "roentgen_rounds": ro}
+                ratio = ps["median_ms"] / rs["median_ms"] if "error" not in ps and "error" not in rs else None
+                m["speedup"] = ratio
+                results["measurements"].append(m)
+                line = f"{stage:<13} {batch:>5} {m['threads']:>3}  {fmt(ps):>30}  {fmt(rs):>31}  "
+                line += f"{ratio:>7.2f}×" if ratio else ""
+                print(line, flush=True)
+                for who, s in (("PyTorch", ps), ("roentgen", rs)):
+                    if "error" in s:
+                        print(f"  {who}: {s['error'].splitlines()[-1] if s['error'] else 'failed'}")
+                if stage == "sample" and ratio:
+                    print(f"  load: PyTorch {pt[0]['load_s']:.2f} s (from_pretrained), roentgen {ro[0]['load_s']:.2f} s")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(results, indent=2) + "\n")
-
-
-def sample_both(a, results):
-    """The whole of one sample, load included: `roentgen sample` as a command against diffusers'
-    StableDiffusionPipeline (from_pretrained, then the call), same prompt, seed, steps, guidance 4,
-    size, threads; one run each (a sample is long)."""
-    import tempfile
-    import torch
-    from diffusers import StableDiffusionPipeline
-    prompt = "Small right pleural effusion."
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [a.binary, "--device", a.device, "sample", "--model", a.sample_model, "--prompt", prompt,
-               "--steps", str(a.sample_steps), "--guidance", "4", "--height", str(a.height), "--width", str(a.width),
-               "--seed", "0", "--out", out, "--json"]
-        if a.threads:
-            cmd[1:1] = ["--threads", str(a.threads)]
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        ro_s = time.perf_counter() - t0
-    if p.returncode != 0:
-        results["roentgen"]["sample"] = {"error": p.stderr.strip()[-500:]}
-    else:
-        results["roentgen"]["sample"] = {"total_s": ro_s, **json.loads(p.stdout)["timings"]}
-    t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(a.sample_model, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False,
-                                                   torch_dtype=torch.float32).to(a.device)
-    load_s = time.perf_counter() - t0
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        pipe(prompt, num_inference_steps=a.sample_steps, guidance_scale=4.0, height=a.height, width=a.width,
-             generator=torch.Generator().manual_seed(0))
-    results["pytorch"]["sample"] = {"total_s": time.perf_counter() - t0, "load_s": load_s}
-    ro, pt = results["roentgen"]["sample"], results["pytorch"]["sample"]
-    if "error" in ro:
-        print(f"{'sample':<14} {pt['total_s'] * 1e3:>11.0f} {'error':>12}   {ro['error'].splitlines()[-1]}")
-    else:
-        print(f"{'sample':<14} {pt['total_s'] * 1e3:>11.0f} {ro['total_s'] * 1e3:>12.0f} {pt['total_s'] / ro['total_s']:>8.2f}×"
-              f"   (whole command, {a.sample_steps} PNDM steps; load {pt['load_s']:.1f} s vs {ro['load_s']:.1f} s)")
 
 
 if __name__ == "__main__":

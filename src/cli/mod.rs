@@ -107,8 +107,9 @@ enum Command {
     /// kernel for sm_80 and sm_90a, from ptxas) and which GPU `--device cuda` would use. Exits 1 when
     /// the binary was built without CUDA.
     CudaInfo(tools::CudaInfoArgs),
-    /// Time a model stage: one guided U-Net step (`unet`), the VAE decoder (`vae-decode`) or the
-    /// text encoder (`text-encoder`), with the FLOP counted from the shapes and the rate achieved.
+    /// Time a model stage: one guided U-Net step (`unet`), the VAE decoder (`vae-decode`), the
+    /// text encoder (`text-encoder`) or one joint training step (`train-step`), with the FLOP
+    /// counted from the shapes and the rate achieved.
     /// With --random-weights no weight files are needed, e.g.
     /// `roentgen bench unet --model weights/sd-v1-4-config --random-weights --height 512 --width 512`.
     Bench(tools::BenchArgs),

@@ -95,7 +95,7 @@ pub struct CudaInfoArgs {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// unet, vae-decode or text-encoder
+    /// unet, vae-decode, text-encoder or train-step
     pub stage: roentgen::tools::bench::Stage,
     /// A pipeline folder (or the stage's component folder).
     #[arg(long)]

@@ -25,6 +25,9 @@ word_enum!(
         VaeDecode = "vae-decode" | "vae",
         /// The CLIP text encoder on 77 tokens, batch 2 × prompts.
         TextEncoder = "text-encoder" | "clip",
+        /// One joint U-Net + text-encoder training step (f32, AdamW, the paper's settings) on
+        /// `batch` random latents and captions.
+        TrainStep = "train-step" | "train",
     }
 );
 
@@ -52,6 +55,12 @@ pub struct BenchReport {
     pub iters: usize,
     pub mean_ms: f64,
     pub min_ms: f64,
+    pub median_ms: f64,
+    pub max_ms: f64,
+    /// The process's peak resident memory so far (Linux's VmHWM: loading, warm-up and timed calls).
+    pub peak_rss_bytes: Option<u64>,
+    /// Every timed call, in order.
+    pub times_ms: Vec<f64>,
     pub gflop_per_call: f64,
     pub achieved_gflops: f64,
     /// Timed calls served by replaying a captured CUDA graph (the U-Net stage on CUDA).
@@ -64,16 +73,20 @@ pub struct BenchReport {
 impl BenchReport {
     pub fn render(&self) -> String {
         format!(
-            "{} on {}: {}\n  parameters {}, activation arena {:.1} MiB\n  {} iterations: mean {:.2} ms, min {:.2} ms\n  \
-             {:.2} GFLOP per call (matrix products, convolutions, attention) → {:.1} GFLOP/s at the min time",
+            "{} on {}: {}\n  parameters {}, activation arena {:.1} MiB{}\n  {} iterations: median {:.2} ms (min {:.2}, \
+             max {:.2}, mean {:.2})\n  {:.2} GFLOP per call (matrix products, convolutions, attention) → {:.1} GFLOP/s at \
+             the min time",
             self.stage,
             self.backend,
             self.shape,
             crate::tools::inspect::thousands(self.parameters as u64),
             self.activation_bytes as f64 / (1 << 20) as f64,
+            self.peak_rss_bytes.map_or(String::new(), |b| format!(", peak resident {:.2} GiB", b as f64 / (1u64 << 30) as f64)),
             self.iters,
-            self.mean_ms,
+            self.median_ms,
             self.min_ms,
+            self.max_ms,
+            self.mean_ms,
             self.gflop_per_call,
             self.achieved_gflops
         ) + &(if self.graph_replays > 0 {
@@ -96,11 +109,11 @@ impl BenchReport {
     }
 }
 
-/// ((mean, min) ms, per-kernel profile, timed calls that replayed a CUDA graph).
-type Timing = ((f64, f64), Vec<(String, usize, f64)>, usize);
+/// (every timed call's ms, per-kernel profile, timed calls that replayed a CUDA graph).
+type Timing = (Vec<f64>, Vec<(String, usize, f64)>, usize);
 
-/// (mean, min) milliseconds over `iters` calls after `warmup`, and with `profile` the per-kernel
-/// times of one more call.
+/// The milliseconds of `iters` calls after `warmup`, and with `profile` the per-kernel times of one
+/// more call.
 fn time_it(
     b: &dyn Backend,
     profile: bool,
@@ -119,8 +132,6 @@ fn time_it(
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let replays = b.graph_replays() - replays0;
-    let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
     let mut kernels = Vec::new();
     if profile {
         b.set_profiling(true);
@@ -129,7 +140,7 @@ fn time_it(
         b.set_profiling(false);
         r?;
     }
-    Ok(((mean, min), kernels, replays))
+    Ok((times, kernels, replays))
 }
 
 fn random_values(n: usize, seed: u64) -> Vec<f32> {
@@ -161,8 +172,13 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
                   params,
                   act: usize,
                   flops: u64,
-                  ((mean, min), kernels, graph_replays): Timing,
+                  (times, kernels, graph_replays): Timing,
                   b: &dyn Backend| {
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
+        let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
+        let median = (sorted[(sorted.len() - 1) / 2] + sorted[sorted.len() / 2]) / 2.0;
         BenchReport {
             stage: stage.into(),
             backend: b.name(),
@@ -172,6 +188,10 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             iters: o.iters,
             mean_ms: mean,
             min_ms: min,
+            median_ms: median,
+            max_ms: max,
+            peak_rss_bytes: peak_rss_bytes(),
+            times_ms: times.clone(),
             gflop_per_call: flops as f64 / 1e9,
             achieved_gflops: flops as f64 / 1e9 / (min / 1e3),
             graph_replays,
@@ -241,10 +261,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             let mut arena = clip.allocate_arena(b, n, seq, false)?;
             let ids: Vec<u32> = (0..n * seq).map(|i| (i as u32 * 7919) % clip.config.vocab_size as u32).collect();
             let c = &clip.config;
-            let d = c.hidden_size;
-            let flops = (n * seq) as u64
-                * c.num_hidden_layers as u64
-                * (2 * (4 * d * d + 2 * d * c.intermediate_size) + 4 * seq * d) as u64;
+            let flops = transformer_flops(n, seq, c.num_hidden_layers, c.hidden_size, c.intermediate_size);
             let times = time_it(b, o.profile, o.warmup, o.iters, || {
                 arena.release_all_to(0);
                 clip.forward(&mut Cx::new(b, &mut arena), &ids, n, seq)?;
@@ -254,7 +271,87 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             let shape = format!("batch {n} × {seq} tokens");
             Ok(report("text encoder", shape, clip.num_params(), act, flops, times, b))
         }
+        Stage::TrainStep => {
+            let (shape, params, act, flops, times) = train_step(b, o)?;
+            Ok(report("train step (U-Net + text encoder)", shape, params, act, flops, times, b))
+        }
     }
+}
+
+/// The process's peak resident set (VmHWM in /proc/self/status), where the OS reports it.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Multiply-adds ×2 of a transformer encoder's matrix products and attention on n × seq tokens.
+fn transformer_flops(n: usize, seq: usize, layers: usize, d: usize, ffn: usize) -> u64 {
+    (n * seq) as u64 * layers as u64 * (2 * (4 * d * d + 2 * d * ffn) + 4 * seq * d) as u64
+}
+
+/// One optimizer step of `roentgen train` (U-Net and text encoder jointly, AdamW, gradient
+/// clipping at 1, the paper's defaults) on `batch` random latents, noise, captions and timesteps.
+/// FLOP: 3 × the forward's (the backward's two products per forward product), the usual count.
+fn train_step(b: &mut dyn Backend, o: &BenchOptions) -> Result<(String, usize, usize, u64, Timing)> {
+    use crate::models::text::TextEncoder;
+    use crate::train::{Batch, MicroBatchShape, Noise, OptimOptions, PredictionType, Trainer};
+    let (unet, _) = load_component::<UNet>(b, o, "unet")?;
+    let text_dir = weights::component_dir(o.model, "text_encoder")?;
+    let text = if o.random_weights {
+        TextEncoder::random(b, &text_dir, 0)?
+    } else {
+        TextEncoder::load(b, &text_dir, o.variant)?.0
+    };
+    let vae_scale = vae_scale(o.model)?;
+    if o.height % vae_scale != 0 || o.width % vae_scale != 0 {
+        bail!("$height/$width must be multiples of {vae_scale} (the VAE's scale factor)");
+    }
+    let (n, h, w, seq) = (o.batch, o.height / vae_scale, o.width / vae_scale, 77);
+    let sched = crate::sample::schedulers::config_path(&weights::component_dir(o.model, "scheduler")?)?;
+    let alphas = crate::sample::schedulers::training_alphas_cumprod(&weights::read_json(&sched)?, &sched)?;
+    let shape = MicroBatchShape { size: n, h, w, seq };
+    let opts = OptimOptions::default();
+    let mut trainer = Trainer::new(b, &unet, &text, opts, alphas.clone(), PredictionType::Epsilon, shape)?;
+    let c = unet.config.in_channels;
+    let vocab = match &text {
+        TextEncoder::Clip(m) => m.config.vocab_size,
+        TextEncoder::Bert(m) => m.config.vocab_size,
+    };
+    let batch = Batch {
+        latents: random_values(n * c * h * w, 4),
+        latent_shape: [n, c, h, w],
+        input_ids: (0..n * seq).map(|i| (i * 7919 % vocab) as u32).collect(),
+        attention_mask: vec![1; n * seq],
+        noise: Noise::Given(random_values(n * c * h * w, 5)),
+        timesteps: (0..n).map(|i| (i * 389 + 500) % alphas.len()).collect(),
+    };
+    let text_flops = match &text {
+        TextEncoder::Clip(m) => {
+            let c = &m.config;
+            transformer_flops(n, seq, c.num_hidden_layers, c.hidden_size, c.intermediate_size)
+        }
+        TextEncoder::Bert(m) => {
+            let c = &m.config;
+            transformer_flops(n, seq, c.num_hidden_layers, c.hidden_size, c.intermediate_size)
+        }
+    };
+    let flops = 3 * (unet.plan(n, h, w, seq)?.1 + text_flops);
+    let params = unet.num_params() + text.num_params();
+    let bd: &dyn Backend = b;
+    let times = time_it(bd, o.profile, o.warmup, o.iters, || {
+        trainer.train_step(bd, &unet, &text, std::slice::from_ref(&batch), 1_000_000)?;
+        bd.synchronize()
+    })?;
+    let act: usize = bd
+        .pool_sizes()
+        .iter()
+        .filter(|(l, _)| l.ends_with(".training") || l.ends_with(".activations"))
+        .map(|p| p.1)
+        .sum();
+    let shape = format!("batch {n} × {h}×{w} latents ({}×{} px), {seq} caption tokens, AdamW", o.height, o.width);
+    Ok((shape, params, act / 4, flops, times))
 }
 
 /// The VAE's scale factor of a pipeline folder (8 when there is no VAE config to read).
