@@ -118,6 +118,10 @@ impl Pipeline {
         let (unet, _) = UNet::load(b, &dir.join(unet_dir), variant)?;
         let (vae, _) = AutoencoderKL::load(b, &dir.join("vae"), variant)?;
         check_scaling_factor(&vae, &dir.join("vae"))?;
+        // Sampling never changes the weights.
+        for pool in [text_encoder.table().pool(), unet.table.pool(), vae.table.pool()] {
+            b.mark_frozen(pool);
+        }
         if text_encoder.hidden_size() != unet.config.cross_attention_dim {
             bail!(
                 "{}: text_encoder hidden_size {} does not match unet cross_attention_dim {}",

@@ -201,6 +201,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
     match stage {
         Stage::Unet => {
             let (unet, _) = load_component::<UNet>(b, o, "unet")?;
+            b.mark_frozen(unet.table.pool()); // as the sampler: inference only
             let vae_scale = vae_scale(o.model)?;
             if o.height % vae_scale != 0 || o.width % vae_scale != 0 {
                 bail!("$height/$width must be multiples of {vae_scale} (the VAE's scale factor)");
@@ -235,6 +236,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
         }
         Stage::VaeDecode => {
             let (vae, _) = load_component::<AutoencoderKL>(b, o, "vae")?;
+            b.mark_frozen(vae.table.pool());
             let f = vae.config.scale_factor();
             if o.height % f != 0 || o.width % f != 0 {
                 bail!("$height/$width must be multiples of {f} (the VAE's scale factor)");
@@ -256,6 +258,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
         }
         Stage::TextEncoder => {
             let (clip, _) = load_component::<ClipTextModel>(b, o, "text_encoder")?;
+            b.mark_frozen(clip.table().pool());
             let n = 2 * o.batch;
             let seq = clip.config.max_position_embeddings.min(77);
             let mut arena = clip.allocate_arena(b, n, seq, false)?;

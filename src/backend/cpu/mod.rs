@@ -157,6 +157,12 @@ impl Backend for CpuBackend {
         self.pools.iter().filter(|p| p.map.is_some()).map(|p| (p.label.clone(), p.len * 4)).collect()
     }
 
+    fn mark_frozen(&self, pool: PoolId) {
+        if let Some(p) = self.pools.get(pool.0) {
+            p.writes.frozen.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     fn upload(&self, dst: &Tensor, src: &[f32]) -> Result<()> {
         ensure!(src.len() == dst.numel(), "upload of {} elements into a tensor of {}", src.len(), dst.numel());
         let ([d], []) = self.views([dst], []);
