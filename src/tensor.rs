@@ -182,6 +182,8 @@ pub struct Layout {
     next: usize,
     entries: Vec<LayoutEntry>,
     index: HashMap<String, usize>,
+    /// Fixed offsets by name (`Layout::placed`), instead of one tensor after another.
+    placement: Option<std::sync::Arc<HashMap<String, usize>>>,
 }
 
 /// Offsets are rounded up to this many elements (64 bytes in f32) so each tensor starts aligned.
@@ -189,7 +191,14 @@ const LAYOUT_ALIGN: usize = 16;
 
 impl Layout {
     pub fn new(pool: PoolId) -> Layout {
-        Layout { pool, next: 0, entries: Vec::new(), index: HashMap::new() }
+        Layout { pool, next: 0, entries: Vec::new(), index: HashMap::new(), placement: None }
+    }
+
+    /// A layout over a pool of `total` elements whose tensors already lie at known offsets (a
+    /// weight file mapped as the pool: see `models::allocate_mapped`). Reserving a tensor the
+    /// placement does not name is a bug in the caller, which checks the names first.
+    pub fn placed(pool: PoolId, placement: HashMap<String, usize>, total: usize) -> Layout {
+        Layout { next: total, placement: Some(placement.into()), ..Layout::new(pool) }
     }
 
     /// The same table placed in another pool of the same size (gradients, moments, EMA weights).
@@ -209,8 +218,14 @@ impl Layout {
     /// Reserves a tensor named `name`.
     pub fn tensor(&mut self, name: impl Into<String>, shape: impl Into<Shape>) -> Tensor {
         let (name, shape) = (name.into(), shape.into());
-        let offset = self.next;
-        self.next = (offset + shape.numel()).div_ceil(LAYOUT_ALIGN) * LAYOUT_ALIGN;
+        let offset = match &self.placement {
+            Some(p) => *p.get(&name).unwrap_or_else(|| panic!("layout: tensor '{name}' has no place in the placement")),
+            None => {
+                let offset = self.next;
+                self.next = (offset + shape.numel()).div_ceil(LAYOUT_ALIGN) * LAYOUT_ALIGN;
+                offset
+            }
+        };
         let previous = self.index.insert(name.clone(), self.entries.len());
         assert!(previous.is_none(), "layout: tensor name '{name}' used twice");
         self.entries.push(LayoutEntry { name, offset, shape });

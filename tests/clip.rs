@@ -11,10 +11,18 @@ use roentgen::nn::Cx;
 use std::path::Path;
 
 /// Loads `dir` (with `variant`), runs the fixture's ids and compares with `reference_key` of io.safetensors.
+/// Loaded frozen, as the sampler loads: a single f32 file is used in place (mapped as the
+/// parameter pool); shards and f16/bf16 variants are copied and converted.
 fn check_forward(what: &str, dir: &Path, variant: Option<&str>, io: &Path, reference_key: &str) {
     let mut b = CpuBackend::new();
-    let (model, report) = ClipTextModel::load(&mut b, dir, variant).unwrap();
+    let (model, report) = ClipTextModel::load_frozen(&mut b, dir, variant).unwrap();
     assert_eq!(report.tensors, model.table.entries().len());
+    let single_f32 = report.files.len() == 1 && report.dtypes.keys().all(|d| d == "f32");
+    assert_eq!(
+        report.mapped, single_f32,
+        "{what}: mapped {} for {:?} in {:?}",
+        report.mapped, report.dtypes, report.files
+    );
     let (shape, ids) = read_ids(io, "input_ids");
     let (want_shape, want) = read_f32(io, reference_key);
     let mut arena = model.allocate_arena(&mut b, shape[0], shape[1], false).unwrap();
@@ -67,6 +75,10 @@ fn known_buffer_position_ids_is_ignored() {
     let mut b = CpuBackend::new();
     let (_, report) = ClipTextModel::load(&mut b, &fixture("clip-a"), None).unwrap();
     assert_eq!(report.ignored, vec!["text_model.embeddings.position_ids".to_string()]);
+    assert!(!report.mapped, "loaded for training: copied into the table's layout");
+    let (_, report) = ClipTextModel::load_frozen(&mut b, &fixture("clip-a"), None).unwrap();
+    assert_eq!(report.ignored, vec!["text_model.embeddings.position_ids".to_string()]);
+    assert!(report.mapped, "a single f32 file with an ignored i64 buffer is used in place");
 }
 
 #[test]

@@ -138,6 +138,22 @@ pub trait Backend:
     /// the backend's end.
     fn alloc(&mut self, len: usize, label: &str) -> Result<PoolId>;
 
+    /// A pool holding the `len` f32 values of the file at `path` from byte `offset` on, mapped
+    /// copy-on-write (a write changes the pool, never the file), where the backend computes in
+    /// host memory; None where it does not (the caller then allocates and uploads). The CPU
+    /// backend maps: loading f32 weights then copies nothing, and the pages come in from the page
+    /// cache as the first forward reads them, as diffusers' lazily mapped safetensors do. (As for
+    /// any mapped file, truncating it while in use ends the process.)
+    fn map_file_pool(
+        &mut self,
+        _path: &std::path::Path,
+        _offset: usize,
+        _len: usize,
+        _label: &str,
+    ) -> Result<Option<PoolId>> {
+        Ok(None)
+    }
+
     /// Frees a pool: its memory goes back, and an operation on a tensor in it fails naming the pool
     /// (ids are not reused, so a stale tensor never aliases a newer pool). A long-lived process
     /// (a server, a loop over checkpoints) frees what each call allocated: `Pipeline::generate`

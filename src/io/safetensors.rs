@@ -35,6 +35,11 @@ impl SafetensorsFile {
         Ok(f)
     }
 
+    /// The whole file, as mapped.
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
     pub fn parse(&self) -> Result<SafeTensors<'_>> {
         SafeTensors::deserialize(&self.mmap).map_err(|e| {
             anyhow::anyhow!(

@@ -9,10 +9,10 @@
 
 use super::safetensors::{float_dtype, to_f32, SafetensorsFile};
 use crate::backend::Backend;
-use crate::tensor::Layout;
+use crate::tensor::{DType, Layout, LayoutEntry};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// Reads and parses a JSON file, naming it in every error.
@@ -216,6 +216,8 @@ pub struct LoadReport {
     /// dtype on disk → tensor count.
     pub dtypes: BTreeMap<String, usize>,
     pub ignored: Vec<String>,
+    /// The file is the parameter pool itself, mapped (`Backend::map_file_pool`), not copied.
+    pub mapped: bool,
 }
 
 /// Loads every tensor of `table` (a layout bound to the parameter pool) from `files`, converting
@@ -247,8 +249,7 @@ pub fn load_into(
         names.sort();
         for name in names {
             let view = st.tensor(&name).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
-            let entry = table.find(&name).or_else(|| alias(&name).and_then(|a| table.find(&a)));
-            let Some(entry) = entry else {
+            let Some(entry) = resolve(table, &name, alias) else {
                 if ignored(&name) {
                     report.ignored.push(name);
                 } else {
@@ -270,13 +271,7 @@ pub fn load_into(
                     view.dtype()
                 )
             })?;
-            // A 1×1 convolution stored where a linear layer is expected (or the reverse) has the
-            // same elements in the same order: compare shapes without trailing 1s.
-            let squeeze = |s: &[usize]| {
-                let n = s.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
-                s[..n].to_vec()
-            };
-            if squeeze(view.shape()) != squeeze(entry.shape.dims()) {
+            if !same_shape(view.shape(), entry.shape.dims()) {
                 bail!(
                     "{}: tensor '{name}' has shape {:?}, but the config implies {:?}",
                     path.display(),
@@ -310,6 +305,83 @@ pub fn load_into(
         );
     }
     Ok(report)
+}
+
+/// The table entry a file's tensor `name` fills: its own name, or the one `alias` gives.
+fn resolve<'a>(table: &'a Layout, name: &str, alias: &dyn Fn(&str) -> Option<String>) -> Option<&'a LayoutEntry> {
+    table.find(name).or_else(|| alias(name).and_then(|a| table.find(&a)))
+}
+
+/// Whether a file's shape fits a table shape. A 1×1 convolution stored where a linear layer is
+/// expected (or the reverse) has the same elements in the same order: shapes are compared
+/// without trailing 1s.
+fn same_shape(file: &[usize], table: &[usize]) -> bool {
+    let squeeze = |s: &[usize]| {
+        let n = s.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+        s[..n].to_vec()
+    };
+    squeeze(file) == squeeze(table)
+}
+
+/// A weight file that can serve as the parameter pool itself, mapped (`Backend::map_file_pool`):
+/// where its data section starts (bytes), its length in f32 elements, and each table tensor's
+/// offset in it (elements).
+pub struct Placement {
+    pub path: PathBuf,
+    pub data_start: usize,
+    pub len: usize,
+    pub offsets: HashMap<String, usize>,
+    pub report: LoadReport,
+}
+
+/// Where `table`'s tensors (a measured layout) lie in the checkpoint `files`, when they can be
+/// used in place: one file, every tensor the table needs present once, in f32, 4-byte aligned,
+/// with the table's shape, and every other tensor one that is ignored. None otherwise: the tensors
+/// are then copied by `load_into`, which also names whatever is wrong.
+pub fn placement(
+    table: &Layout,
+    files: &[PathBuf],
+    alias: &dyn Fn(&str) -> Option<String>,
+    ignored: &dyn Fn(&str) -> bool,
+) -> Result<Option<Placement>> {
+    let [path] = files else { return Ok(None) };
+    let file = SafetensorsFile::open(path)?;
+    let st = file.parse()?;
+    let bytes = file.bytes();
+    // The format: an 8-byte little-endian header length, the JSON header, then the data.
+    let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().expect("validated by parse")) as usize;
+    if data_start % 4 != 0 {
+        return Ok(None);
+    }
+    let mut report = LoadReport { files: files.to_vec(), mapped: true, ..Default::default() };
+    let mut offsets = HashMap::new();
+    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+    names.sort();
+    for name in names {
+        let view = st.tensor(&name).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
+        let Some(entry) = resolve(table, &name, alias) else {
+            if !ignored(&name) {
+                return Ok(None);
+            }
+            report.ignored.push(name);
+            continue;
+        };
+        let at = view.data().as_ptr() as usize - bytes.as_ptr() as usize - data_start;
+        let fits = float_dtype(view.dtype()) == Some(DType::F32) && at % 4 == 0;
+        if !fits
+            || !same_shape(view.shape(), entry.shape.dims())
+            || offsets.insert(entry.name.clone(), at / 4).is_some()
+        {
+            return Ok(None);
+        }
+    }
+    if offsets.len() != table.entries().len() {
+        return Ok(None);
+    }
+    report.tensors = offsets.len();
+    report.dtypes.insert(DType::F32.to_string(), offsets.len());
+    let len = (bytes.len() - data_start) / 4;
+    Ok(Some(Placement { path: path.clone(), data_start, len, offsets, report }))
 }
 
 fn table_pool(table: &Layout) -> Result<crate::tensor::PoolId> {

@@ -15,6 +15,17 @@ macro_rules! component_parts {
             let (params, table) = $alloc(backend, $label, |l| params_layout(l, &config))?;
             Ok(Self { config, params, table })
         }
+        fn measure(config: &$config) -> crate::tensor::Layout {
+            crate::tensor::Layout::measure(|l| params_layout(l, config))
+        }
+        fn allocate_mapped(
+            backend: &mut dyn crate::backend::Backend,
+            config: &$config,
+            placed: &crate::io::weights::Placement,
+        ) -> anyhow::Result<Option<Self>> {
+            let mapped = crate::models::allocate_mapped(backend, $label, placed, |l| params_layout(l, config))?;
+            Ok(mapped.map(|(params, table)| Self { config: config.clone(), params, table }))
+        }
         fn table(&self) -> &crate::tensor::Layout {
             &self.table
         }
@@ -46,6 +57,15 @@ pub trait Component: Sized {
     fn config_from_file(path: &Path) -> Result<Self::Config>;
     /// The parameter pool for `config`, uninitialised (zeros).
     fn allocate(backend: &mut dyn Backend, config: Self::Config) -> Result<Self>;
+    /// The parameter table for `config`, unbound (names, shapes, sizes).
+    fn measure(config: &Self::Config) -> Layout;
+    /// The parameter pool for `config` as a mapped weight file whose tensors lie as `placed`
+    /// says (`allocate_mapped`); None where the backend does not map files.
+    fn allocate_mapped(
+        backend: &mut dyn Backend,
+        config: &Self::Config,
+        placed: &weights::Placement,
+    ) -> Result<Option<Self>>;
     /// The parameter table: name → (offset, shape) in the parameter pool.
     fn table(&self) -> &Layout;
 
@@ -63,12 +83,45 @@ pub trait Component: Sized {
         randomize(backend, self.table(), seed)
     }
 
-    /// Loads a component folder (config.json + safetensors, `variant` e.g. "fp16").
+    /// Loads a component folder (config.json + safetensors, `variant` e.g. "fp16"): the tensors
+    /// copied (and converted to f32) into a pool laid out by the table, as training needs (its
+    /// optimizer state follows the table's layout).
     fn load(backend: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(Self, LoadReport)> {
+        Self::load_as(backend, dir, variant, false)
+    }
+    /// As `load`, for weights that will not change (sampling, benchmarks): an f32 checkpoint in
+    /// one file is used in place where the backend maps files (no copy, nothing read up front),
+    /// and the pool is declared frozen (`Backend::mark_frozen`).
+    fn load_frozen(backend: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(Self, LoadReport)> {
+        Self::load_as(backend, dir, variant, true)
+    }
+    /// `load` (frozen false) or `load_frozen`.
+    fn load_as(
+        backend: &mut dyn Backend,
+        dir: &Path,
+        variant: Option<&str>,
+        frozen: bool,
+    ) -> Result<(Self, LoadReport)> {
         let config = Self::config_from_file(&dir.join("config.json"))?;
         let files = weights::weight_files(dir, variant)?;
-        let model = Self::allocate(backend, config)?;
-        let report = weights::load_into(backend, model.table(), &files, &Self::alias, &Self::is_ignored)?;
+        let mut mapped = None;
+        if frozen {
+            if let Some(placed) = weights::placement(&Self::measure(&config), &files, &Self::alias, &Self::is_ignored)?
+            {
+                mapped = Self::allocate_mapped(backend, &config, &placed)?.map(|m| (m, placed.report));
+            }
+        }
+        let (model, report) = match mapped {
+            Some(m) => m,
+            None => {
+                let model = Self::allocate(backend, config)?;
+                let report = weights::load_into(backend, model.table(), &files, &Self::alias, &Self::is_ignored)?;
+                (model, report)
+            }
+        };
+        if frozen {
+            backend.mark_frozen(model.table().pool());
+        }
         Ok((model, report))
     }
     /// The real architecture with random weights (benchmarks, `inspect`/`bench` with random weights).
@@ -107,6 +160,24 @@ pub fn allocate<T>(backend: &mut dyn Backend, label: &str, build: impl Fn(&mut L
     let mut layout = Layout::new(pool);
     let typed = build(&mut layout);
     Ok((typed, layout))
+}
+
+/// As `allocate`, with the pool a weight file mapped by the backend (`Backend::map_file_pool`)
+/// and the tensors where `placed` found them in it; None where the backend does not map files.
+/// The pool is declared as parameters (`Backend::mark_params`) as `allocate_params` does.
+pub fn allocate_mapped<T>(
+    backend: &mut dyn Backend,
+    label: &str,
+    placed: &weights::Placement,
+    build: impl Fn(&mut Layout) -> T,
+) -> Result<Option<(T, Layout)>> {
+    let Some(pool) = backend.map_file_pool(&placed.path, placed.data_start, placed.len, label)? else {
+        return Ok(None);
+    };
+    let mut layout = Layout::placed(pool, placed.offsets.clone(), placed.len);
+    let typed = build(&mut layout);
+    backend.mark_params(pool)?;
+    Ok(Some((typed, layout)))
 }
 
 /// As `allocate`, for the parameters of a model with convolutions (U-Net, VAE): the pool is

@@ -104,12 +104,26 @@ fn is_bert(config: &serde_json::Value) -> bool {
 
 impl TextEncoder {
     pub fn load(b: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(TextEncoder, LoadReport)> {
+        Self::load_as(b, dir, variant, false)
+    }
+
+    /// As `load`, for weights that will not change (see `Component::load_frozen`).
+    pub fn load_frozen(b: &mut dyn Backend, dir: &Path, variant: Option<&str>) -> Result<(TextEncoder, LoadReport)> {
+        Self::load_as(b, dir, variant, true)
+    }
+
+    fn load_as(
+        b: &mut dyn Backend,
+        dir: &Path,
+        variant: Option<&str>,
+        frozen: bool,
+    ) -> Result<(TextEncoder, LoadReport)> {
         let cfg = weights::read_json(&dir.join("config.json"))?;
         Ok(if is_bert(&cfg) {
-            let (m, r) = BertModel::load(b, dir, variant)?;
+            let (m, r) = BertModel::load_as(b, dir, variant, frozen)?;
             (TextEncoder::Bert(m), r)
         } else {
-            let (m, r) = ClipTextModel::load(b, dir, variant)?;
+            let (m, r) = ClipTextModel::load_as(b, dir, variant, frozen)?;
             (TextEncoder::Clip(m), r)
         })
     }

@@ -114,14 +114,11 @@ impl Pipeline {
             weights::component_dir(dir, comp)?;
         }
         let tokenizer = TextTokenizer::from_dir(&dir.join("tokenizer"))?;
-        let (text_encoder, _) = TextEncoder::load(b, &dir.join("text_encoder"), variant)?;
-        let (unet, _) = UNet::load(b, &dir.join(unet_dir), variant)?;
-        let (vae, _) = AutoencoderKL::load(b, &dir.join("vae"), variant)?;
+        // Sampling never changes the weights: used in place where they can be.
+        let (text_encoder, _) = TextEncoder::load_frozen(b, &dir.join("text_encoder"), variant)?;
+        let (unet, _) = UNet::load_frozen(b, &dir.join(unet_dir), variant)?;
+        let (vae, _) = AutoencoderKL::load_frozen(b, &dir.join("vae"), variant)?;
         check_scaling_factor(&vae, &dir.join("vae"))?;
-        // Sampling never changes the weights.
-        for pool in [text_encoder.table().pool(), unet.table.pool(), vae.table.pool()] {
-            b.mark_frozen(pool);
-        }
         if text_encoder.hidden_size() != unet.config.cross_attention_dim {
             bail!(
                 "{}: text_encoder hidden_size {} does not match unet cross_attention_dim {}",

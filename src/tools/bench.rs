@@ -3,11 +3,10 @@
 
 use crate::backend::Backend;
 use crate::io::weights;
-use crate::io::weights::LoadReport;
 use crate::models::clip::ClipTextModel;
 use crate::models::unet::UNet;
 use crate::models::vae::{AutoencoderKL, VaeConfig};
-use crate::models::{load_or_random, Component};
+use crate::models::Component;
 use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::rng::splitmix::SplitMix64;
@@ -151,13 +150,18 @@ fn random_values(n: usize, seed: u64) -> Vec<f32> {
 /// Most timed (or warm-up) calls: every time is kept for the statistics.
 pub const MAX_ITERS: usize = 100_000;
 
-/// The pipeline's `component` folder as a model: random weights with `random_weights`, else loaded.
-fn load_component<C: Component>(
-    b: &mut dyn Backend,
-    o: &BenchOptions,
-    component: &str,
-) -> Result<(C, Option<LoadReport>)> {
-    load_or_random(b, &weights::component_dir(o.model, component)?, o.variant, o.random_weights)
+/// The pipeline's `component` folder as a model: random weights with `random_weights`, else
+/// loaded; `frozen` (the inference stages) as the sampler loads (`Component::load_frozen`).
+fn load_component<C: Component>(b: &mut dyn Backend, o: &BenchOptions, component: &str, frozen: bool) -> Result<C> {
+    let dir = weights::component_dir(o.model, component)?;
+    let model = match o.random_weights {
+        true => C::random(b, C::config_from_file(&dir.join("config.json"))?, 0)?,
+        false => C::load_as(b, &dir, o.variant, frozen)?.0,
+    };
+    if frozen {
+        b.mark_frozen(model.table().pool());
+    }
+    Ok(model)
 }
 
 pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchReport> {
@@ -200,8 +204,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
     };
     match stage {
         Stage::Unet => {
-            let (unet, _) = load_component::<UNet>(b, o, "unet")?;
-            b.mark_frozen(unet.table.pool()); // as the sampler: inference only
+            let unet = load_component::<UNet>(b, o, "unet", true)?;
             let vae_scale = vae_scale(o.model)?;
             if o.height % vae_scale != 0 || o.width % vae_scale != 0 {
                 bail!("$height/$width must be multiples of {vae_scale} (the VAE's scale factor)");
@@ -235,8 +238,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             Ok(report("unet (one guided step)", shape, unet.num_params(), arena.capacity(), flops, times, b))
         }
         Stage::VaeDecode => {
-            let (vae, _) = load_component::<AutoencoderKL>(b, o, "vae")?;
-            b.mark_frozen(vae.table.pool());
+            let vae = load_component::<AutoencoderKL>(b, o, "vae", true)?;
             let f = vae.config.scale_factor();
             if o.height % f != 0 || o.width % f != 0 {
                 bail!("$height/$width must be multiples of {f} (the VAE's scale factor)");
@@ -257,8 +259,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             Ok(report("vae decode", shape, dec, arena.capacity(), flops, times, b))
         }
         Stage::TextEncoder => {
-            let (clip, _) = load_component::<ClipTextModel>(b, o, "text_encoder")?;
-            b.mark_frozen(clip.table().pool());
+            let clip = load_component::<ClipTextModel>(b, o, "text_encoder", true)?;
             let n = 2 * o.batch;
             let seq = clip.config.max_position_embeddings.min(77);
             let mut arena = clip.allocate_arena(b, n, seq, false)?;
@@ -300,7 +301,7 @@ fn transformer_flops(n: usize, seq: usize, layers: usize, d: usize, ffn: usize) 
 fn train_step(b: &mut dyn Backend, o: &BenchOptions) -> Result<(String, usize, usize, u64, Timing)> {
     use crate::models::text::TextEncoder;
     use crate::train::{Batch, MicroBatchShape, Noise, OptimOptions, PredictionType, Trainer};
-    let (unet, _) = load_component::<UNet>(b, o, "unet")?;
+    let unet = load_component::<UNet>(b, o, "unet", false)?;
     let text_dir = weights::component_dir(o.model, "text_encoder")?;
     let text = if o.random_weights {
         TextEncoder::random(b, &text_dir, 0)?

@@ -171,9 +171,10 @@ fn inspect_component(
 
 fn describe_load(report: &weights::LoadReport) -> String {
     format!(
-        "loaded {} tensors from {} file(s) ({:?}); ignored buffers: {:?}",
+        "loaded {} tensors from {} file(s){} ({:?}); ignored buffers: {:?}",
         report.tensors,
         report.files.len(),
+        if report.mapped { ", mapped in place" } else { "" },
         report.dtypes,
         report.ignored
     )

@@ -144,6 +144,35 @@ impl Backend for CpuBackend {
         Ok(PoolId(self.pools.len() - 1))
     }
 
+    fn map_file_pool(
+        &mut self,
+        path: &std::path::Path,
+        offset: usize,
+        len: usize,
+        label: &str,
+    ) -> Result<Option<PoolId>> {
+        if std::env::var("ROENTGEN_CPU_MAP_WEIGHTS").is_ok_and(|v| v == "off") {
+            return Ok(None);
+        }
+        let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: cannot open ({e})", path.display()))?;
+        // SAFETY: a private (copy-on-write) mapping: our writes never reach the file. Another
+        // process changing the file under us changes the numbers read, as with any mapped file.
+        let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
+            .map_err(|e| anyhow::anyhow!("{}: cannot map ({e})", path.display()))?;
+        ensure!(
+            offset % 4 == 0 && offset + len * 4 <= map.len(),
+            "{}: {len} f32 values from byte {offset} do not fit in its {} bytes",
+            path.display(),
+            map.len()
+        );
+        #[cfg(unix)]
+        let _ = map.advise(memmap2::Advice::WillNeed); // read ahead in the background; a hint
+                                                       // SAFETY: in bounds (checked above); the mapping is page-aligned and offset a multiple of 4.
+        let ptr = unsafe { map.as_mut_ptr().add(offset) } as *mut f32;
+        self.pools.push(CpuPool { ptr, len, label: label.to_string(), map: Some(map), writes: PoolWrites::default() });
+        Ok(Some(PoolId(self.pools.len() - 1)))
+    }
+
     fn free(&mut self, pool: PoolId) -> Result<()> {
         let p = self.pools.get_mut(pool.0).ok_or_else(|| anyhow::anyhow!("free: no pool {}", pool.0))?;
         ensure!(p.map.is_some(), "free: pool '{}' was already freed", p.label);
@@ -467,6 +496,30 @@ mod tests {
 
     fn randn(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.next_normal()).collect()
+    }
+
+    /// A file mapped as a pool reads the file's values from the offset on; writing to the pool
+    /// changes the pool and never the file.
+    #[test]
+    fn a_mapped_file_pool_reads_the_file_and_writes_copies() {
+        let mut rng = SplitMix64::new(5);
+        let values = randn(&mut rng, 1000);
+        let mut bytes = vec![7u8; 12]; // a header of 12 bytes before the values
+        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.bin");
+        std::fs::write(&path, &bytes).unwrap();
+        let mut b = CpuBackend::new();
+        let pool = b.map_file_pool(&path, 12, 1000, "mapped").unwrap().expect("the CPU backend maps files");
+        let whole = Tensor { pool, offset: 0, shape: [1000].into() };
+        assert_eq!(b.download(&whole).unwrap(), values);
+        let part = Tensor { pool, offset: 100, shape: [50].into() };
+        b.upload(&part, &vec![1.5; 50]).unwrap();
+        let got = b.download(&whole).unwrap();
+        assert!(got[100..150].iter().all(|&v| v == 1.5) && got[..100] == values[..100] && got[150..] == values[150..]);
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "the write reached the file");
+        assert!(b.map_file_pool(&path, 12, 1001, "too long").is_err());
+        b.free(pool).unwrap();
     }
 
     /// Non-causal cross-attention (q_len ≠ kv_len, as the U-Net's text attention) against the
