@@ -267,7 +267,7 @@ def main():
         for batch in batches:
             for threads in ints(a.threads) or [0]:
                 pt, ro = [], []
-                for _ in range(1 if stage == "sample" else a.rounds):
+                for _ in range(a.rounds):
                     pt.append(pytorch_round(a, stage, batch, threads))
                     ro.append(roentgen_round(a, stage, batch, threads))
                 ps, rs = summary(pt), summary(ro)
@@ -283,7 +283,8 @@ def main():
                     if "error" in s:
                         print(f"  {who}: {s['error'].splitlines()[-1] if s['error'] else 'failed'}")
                 if stage == "sample" and ratio:
-                    print(f"  load: PyTorch {pt[0]['load_s']:.2f} s (from_pretrained), roentgen {ro[0]['load_s']:.2f} s")
+                    print(f"  load: PyTorch {[round(r['load_s'], 2) for r in pt]} s (from_pretrained), "
+                          f"roentgen {[round(r['load_s'], 2) for r in ro]} s")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(results, indent=2) + "\n")
 
