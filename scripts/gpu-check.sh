@@ -414,7 +414,7 @@ echo -e "\n## side by side with diffusers (scripts/bench-peers.py)" >>"$S"
 if (($(left) >= 20)) && timeout -k 1 20 python3 -c "import diffusers" >/dev/null 2>&1; then
   echo '```' >>"$S"
   if step "bench-peers" 150 "$R" env PYTHONUNBUFFERED=1 python3 scripts/bench-peers.py --binary "$BIN" \
-    --device cuda --json-out "$OUT/peers.json"; then
+    --device cuda --rounds 1 --iters 10 --warmup 3 --json-out "$OUT/peers.json"; then
     segment "$R" | grep -v '^== ' | tail -25 >>"$S"
     echo "[$STEP_STATUS, $STEP_SECS s]" >>"$S"
   else
