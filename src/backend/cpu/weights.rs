@@ -125,6 +125,7 @@ mod tests {
     use crate::backend::{Backend, LinearOps};
     use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
     use crate::rng::splitmix::SplitMix64;
+    use crate::tensor::Tensor;
 
     /// out = x · wᵀ in f64, x (rows × i), w (o × i).
     fn reference(x: &[f32], w: &[f32], (rows, i, o): (usize, usize, usize)) -> Vec<f32> {
@@ -141,6 +142,33 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
     }
 
+    /// A Linear layer on a backend: its weight alone in a "params" pool, its input (uploaded) and
+    /// output in an "acts" pool.
+    struct Layer {
+        weight: Tensor,
+        inp: Tensor,
+        out: Tensor,
+        p: LinearParams,
+    }
+
+    impl Layer {
+        fn forward(&self, b: &CpuBackend) -> Vec<f32> {
+            let t = LinearForward { out: &self.out, inp: &self.inp, weight: &self.weight, bias: None };
+            b.linear_forward(&self.p, &t).unwrap();
+            b.download(&self.out).unwrap()
+        }
+    }
+
+    fn linear_layer(x: &[f32], (rows, i, o): (usize, usize, usize)) -> (CpuBackend, Layer) {
+        let mut b = CpuBackend::new();
+        let (weight, _) = crate::models::allocate(&mut b, "params", |l| l.tensor("w", [o, i])).unwrap();
+        let ((inp, out), _) =
+            crate::models::allocate(&mut b, "acts", |l| (l.tensor("x", [rows, i]), l.tensor("out", [rows, o])))
+                .unwrap();
+        b.upload(&inp, x).unwrap();
+        (b, Layer { weight, inp, out, p: LinearParams { rows, in_features: i, out_features: o } })
+    }
+
     /// The kept copy is used from the second call on, and a write to the weight's pool (an
     /// optimizer step, a reload) is seen at the next call: the result follows the new weight.
     #[test]
@@ -149,17 +177,9 @@ mod tests {
         let mut rng = SplitMix64::new(11);
         let mut randn = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_normal()).collect() };
         let (x, w1, w2) = (randn(rows * i), randn(o * i), randn(o * i));
-        let mut b = CpuBackend::new();
-        let (tw, _) = crate::models::allocate(&mut b, "params", |l| l.tensor("w", [o, i])).unwrap();
-        let ((tx, tout), _) =
-            crate::models::allocate(&mut b, "acts", |l| (l.tensor("x", [rows, i]), l.tensor("out", [rows, o])))
-                .unwrap();
-        b.upload(&tx, &x).unwrap();
-        let p = LinearParams { rows, in_features: i, out_features: o };
-        let forward = |b: &CpuBackend| {
-            b.linear_forward(&p, &LinearForward { out: &tout, inp: &tx, weight: &tw, bias: None }).unwrap();
-            b.download(&tout).unwrap()
-        };
+        let (b, layer) = linear_layer(&x, (rows, i, o));
+        let tw = layer.weight;
+        let forward = |b: &CpuBackend| layer.forward(b);
         b.upload(&tw, &w1).unwrap();
         let want1 = reference(&x, &w1, (rows, i, o));
         for call in 0..3 {
@@ -184,19 +204,11 @@ mod tests {
         let mut rng = SplitMix64::new(13);
         let mut randn = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_normal()).collect() };
         let (x, w1, w2) = (randn(rows * i), randn(o * i), randn(o * i));
-        let mut b = CpuBackend::new();
-        let (tw, _) = crate::models::allocate(&mut b, "params", |l| l.tensor("w", [o, i])).unwrap();
-        let ((tx, tout), _) =
-            crate::models::allocate(&mut b, "acts", |l| (l.tensor("x", [rows, i]), l.tensor("out", [rows, o])))
-                .unwrap();
-        b.upload(&tx, &x).unwrap();
+        let (b, layer) = linear_layer(&x, (rows, i, o));
+        let tw = layer.weight;
         b.upload(&tw, &w1).unwrap();
         b.mark_frozen(tw.pool);
-        let p = LinearParams { rows, in_features: i, out_features: o };
-        let forward = |b: &CpuBackend| {
-            b.linear_forward(&p, &LinearForward { out: &tout, inp: &tx, weight: &tw, bias: None }).unwrap();
-            b.download(&tout).unwrap()
-        };
+        let forward = |b: &CpuBackend| layer.forward(b);
         let got = forward(&b);
         assert!(max_diff(&got, &reference(&x, &w1, (rows, i, o))) < 1e-4);
         assert!(
