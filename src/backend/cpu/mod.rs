@@ -40,6 +40,30 @@ struct CpuPool {
     map: Option<memmap2::MmapMut>,
     /// Advanced by every mutable view: the kept packed weights check it.
     writes: PoolWrites,
+    /// A file mapped copy-on-write (`map_file_pool`), not anonymous memory.
+    file_backed: bool,
+}
+
+impl CpuPool {
+    /// Lets the OS drop the resident pages wholly inside tensor `t` of a file-backed pool that was
+    /// never written: they hold nothing but the file's bytes, and a later read maps them from the
+    /// file (the page cache) again. Called once a weight is kept packed, so that a sampler holds
+    /// the packed copy, not both (3.3 GB less resident for SD v1.4's U-Net).
+    fn drop_file_pages(&self, t: &Tensor) {
+        let Some(map) = &self.map else { return };
+        if !self.file_backed || !self.writes.never_written() {
+            return;
+        }
+        const PAGE: usize = 4096;
+        let start = self.ptr as usize + t.offset * 4 - map.as_ptr() as usize;
+        let (from, to) = (start.next_multiple_of(PAGE), (start + t.numel() * 4) / PAGE * PAGE);
+        if to > from {
+            // SAFETY: a private file mapping whose pages were never written (no mutable view of the
+            // pool was ever taken, so none is a copy-on-write copy): dropping them loses nothing.
+            #[cfg(unix)]
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from) };
+        }
+    }
 }
 
 #[derive(Default)]
@@ -90,7 +114,12 @@ impl CpuBackend {
         f: impl FnOnce(&PackedB) -> R,
     ) -> R {
         let key = WeightKey { pool: t.pool.0, offset: t.offset, k, n, taps };
-        self.weights.with_packed(&self.pool(t).writes, key, b, f)
+        let pool = self.pool(t);
+        let (r, packed_now) = self.weights.with_packed(&pool.writes, key, b, f);
+        if packed_now {
+            pool.drop_file_pages(t);
+        }
+        r
     }
 
     /// A weighted layer's backward (linear, conv2d) as slices: the gradients `dinp`, `dweight`,
@@ -140,7 +169,14 @@ impl Backend for CpuBackend {
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage); // a hint; without it the pool still works
         let ptr = map.as_mut_ptr() as *mut f32;
-        self.pools.push(CpuPool { ptr, len, label: label.to_string(), map: Some(map), writes: PoolWrites::default() });
+        self.pools.push(CpuPool {
+            ptr,
+            len,
+            label: label.to_string(),
+            map: Some(map),
+            writes: PoolWrites::default(),
+            file_backed: false,
+        });
         Ok(PoolId(self.pools.len() - 1))
     }
 
@@ -169,7 +205,14 @@ impl Backend for CpuBackend {
         let _ = map.advise(memmap2::Advice::WillNeed); // read ahead in the background; a hint
                                                        // SAFETY: in bounds (checked above); the mapping is page-aligned and offset a multiple of 4.
         let ptr = unsafe { map.as_mut_ptr().add(offset) } as *mut f32;
-        self.pools.push(CpuPool { ptr, len, label: label.to_string(), map: Some(map), writes: PoolWrites::default() });
+        self.pools.push(CpuPool {
+            ptr,
+            len,
+            label: label.to_string(),
+            map: Some(map),
+            writes: PoolWrites::default(),
+            file_backed: true,
+        });
         Ok(Some(PoolId(self.pools.len() - 1)))
     }
 
@@ -520,6 +563,48 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "the write reached the file");
         assert!(b.map_file_pool(&path, 12, 1001, "too long").is_err());
         b.free(pool).unwrap();
+    }
+
+    /// A Linear weight in a mapped file pool, frozen: once kept packed its pages may be dropped
+    /// (`drop_file_pages`), and reading it again gives the file's values; in a pool written before
+    /// (a copy-on-write page holds the write), nothing is dropped and the written values stay.
+    #[test]
+    fn dropping_a_packed_file_weight_loses_nothing() {
+        use crate::ops::linear::{LinearForward, LinearParams};
+        let (rows, i, o) = (8, 64, 64); // a 16 KiB weight: whole pages inside it
+        let mut rng = SplitMix64::new(9);
+        let (w, x) = (randn(&mut rng, o * i), randn(&mut rng, rows * i));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.bin");
+        std::fs::write(&path, w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        for written in [false, true] {
+            let mut b = CpuBackend::new();
+            let pool = b.map_file_pool(&path, 0, o * i, "mapped").unwrap().unwrap();
+            let tw = Tensor { pool, offset: 0, shape: [o, i].into() };
+            let mut want_w = w.clone();
+            if written {
+                want_w[1000..3000].iter_mut().for_each(|v| *v = 0.25);
+                b.upload(&tw, &want_w).unwrap();
+            }
+            b.mark_frozen(pool);
+            let (acts, _) =
+                crate::models::allocate(&mut b, "acts", |l| (l.tensor("x", [rows, i]), l.tensor("out", [rows, o])))
+                    .unwrap();
+            let (tx, tout) = acts;
+            b.upload(&tx, &x).unwrap();
+            let p = LinearParams { rows, in_features: i, out_features: o };
+            for _ in 0..2 {
+                b.linear_forward(&p, &LinearForward { out: &tout, inp: &tx, weight: &tw, bias: None }).unwrap();
+            }
+            assert_eq!(b.download(&tw).unwrap(), want_w, "written {written}: the weight's values changed");
+            let got = b.download(&tout).unwrap();
+            for r in 0..rows {
+                for j in 0..o {
+                    let want: f64 = (0..i).map(|k| x[r * i + k] as f64 * want_w[j * i + k] as f64).sum();
+                    assert!((got[r * o + j] as f64 - want).abs() < 1e-3, "written {written}: out[{r}][{j}]");
+                }
+            }
+        }
     }
 
     /// Non-causal cross-attention (q_len ≠ kv_len, as the U-Net's text attention) against the

@@ -31,6 +31,11 @@ impl PoolWrites {
     pub(super) fn bump(&self) {
         self.count.fetch_add(1, Relaxed);
     }
+
+    /// Whether the pool was never written (no mutable view was ever taken).
+    pub(super) fn never_written(&self) -> bool {
+        self.count.load(Relaxed) == 0
+    }
 }
 
 /// A weight: its pool, where it starts, the product's shape (B is k × n) and the order of B's rows
@@ -65,29 +70,30 @@ impl Default for WeightCache {
 impl WeightCache {
     /// Runs `f` with the weight `b` (k × n, as `key` says) packed: the kept copy when it is still
     /// valid, else packed now (and kept, on its second use at an unchanged write count).
+    /// Also says whether this call made the kept copy.
     pub(super) fn with_packed<R>(
         &self,
         writes: &PoolWrites,
         key: WeightKey,
         b: BSource,
         f: impl FnOnce(&PackedB) -> R,
-    ) -> R {
+    ) -> (R, bool) {
         match self.kept(writes, key, b) {
-            Some(packed) => f(&packed),
-            None => gemm::with_packed_b(key.k, key.n, b, true, f),
+            Some((packed, now)) => (f(&packed), now),
+            None => (gemm::with_packed_b(key.k, key.n, b, true, f), false),
         }
     }
 
     /// The kept copy of the weight, packing it now if this is its second use unchanged (its first,
-    /// in a frozen pool); None when it is to be packed per call.
-    fn kept(&self, writes: &PoolWrites, key: WeightKey, b: BSource) -> Option<Arc<PackedB>> {
+    /// in a frozen pool), and whether it was packed now; None when it is to be packed per call.
+    fn kept(&self, writes: &PoolWrites, key: WeightKey, b: BSource) -> Option<(Arc<PackedB>, bool)> {
         if !self.enabled || writes.trained.load(Relaxed) {
             return None;
         }
         let now = writes.count.load(Relaxed);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let keep_now = match entries.get(&key) {
-            Some(Entry::Packed(at, p)) if *at == now => return Some(p.clone()),
+            Some(Entry::Packed(at, p)) if *at == now => return Some((p.clone(), false)),
             Some(Entry::Seen(at)) if *at == now => true,
             Some(_) => {
                 // Written since its last use: a pool being trained. Keep nothing of it.
@@ -103,7 +109,7 @@ impl WeightCache {
         }
         let p = Arc::new(PackedB::new(key.k, key.n, b, true));
         entries.insert(key, Entry::Packed(now, p.clone()));
-        Some(p)
+        Some((p, true))
     }
 
     /// Keeps nothing of this pool from now on (its weights get gradients: a training run).
