@@ -78,6 +78,13 @@ impl CpuBackend {
         CpuBackend::default()
     }
 
+    /// Registers a mapping holding `len` values from `ptr` as a new pool.
+    fn add_pool(&mut self, map: memmap2::MmapMut, ptr: *mut f32, len: usize, label: &str, file_backed: bool) -> PoolId {
+        let (writes, label, map) = (PoolWrites::default(), label.to_string(), Some(map));
+        self.pools.push(CpuPool { ptr, len, label, map, writes, file_backed });
+        PoolId(self.pools.len() - 1)
+    }
+
     fn pool(&self, t: &Tensor) -> &CpuPool {
         let p = self
             .pools
@@ -169,15 +176,7 @@ impl Backend for CpuBackend {
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage); // a hint; without it the pool still works
         let ptr = map.as_mut_ptr() as *mut f32;
-        self.pools.push(CpuPool {
-            ptr,
-            len,
-            label: label.to_string(),
-            map: Some(map),
-            writes: PoolWrites::default(),
-            file_backed: false,
-        });
-        Ok(PoolId(self.pools.len() - 1))
+        Ok(self.add_pool(map, ptr, len, label, false))
     }
 
     fn map_file_pool(
@@ -201,19 +200,12 @@ impl Backend for CpuBackend {
             path.display(),
             map.len()
         );
+        // Read ahead in the background (a hint).
         #[cfg(unix)]
-        let _ = map.advise(memmap2::Advice::WillNeed); // read ahead in the background; a hint
-                                                       // SAFETY: in bounds (checked above); the mapping is page-aligned and offset a multiple of 4.
+        let _ = map.advise(memmap2::Advice::WillNeed);
+        // SAFETY: in bounds (checked above); the mapping is page-aligned and offset a multiple of 4.
         let ptr = unsafe { map.as_mut_ptr().add(offset) } as *mut f32;
-        self.pools.push(CpuPool {
-            ptr,
-            len,
-            label: label.to_string(),
-            map: Some(map),
-            writes: PoolWrites::default(),
-            file_backed: true,
-        });
-        Ok(Some(PoolId(self.pools.len() - 1)))
+        Ok(Some(self.add_pool(map, ptr, len, label, true)))
     }
 
     fn free(&mut self, pool: PoolId) -> Result<()> {
