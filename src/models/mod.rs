@@ -136,17 +136,23 @@ pub trait Component: Sized {
 }
 
 /// The component of `dir`: with random weights (seed 0) from its config.json when `random`, else
-/// loaded (with the load report).
+/// loaded (with the load report); `frozen`: for inference only (`Component::load_frozen`; random
+/// weights declared frozen too).
 pub fn load_or_random<C: Component>(
     backend: &mut dyn Backend,
     dir: &Path,
     variant: Option<&str>,
     random: bool,
+    frozen: bool,
 ) -> Result<(C, Option<LoadReport>)> {
     if random {
-        Ok((C::random(backend, C::config_from_file(&dir.join("config.json"))?, 0)?, None))
+        let model = C::random(backend, C::config_from_file(&dir.join("config.json"))?, 0)?;
+        if frozen {
+            backend.mark_frozen(model.table().pool());
+        }
+        Ok((model, None))
     } else {
-        let (model, report) = C::load(backend, dir, variant)?;
+        let (model, report) = C::load_as(backend, dir, variant, frozen)?;
         Ok((model, Some(report)))
     }
 }

@@ -6,7 +6,7 @@ use crate::io::weights;
 use crate::models::clip::ClipTextModel;
 use crate::models::unet::UNet;
 use crate::models::vae::{AutoencoderKL, VaeConfig};
-use crate::models::Component;
+use crate::models::{load_or_random, Component};
 use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::rng::splitmix::SplitMix64;
@@ -154,14 +154,7 @@ pub const MAX_ITERS: usize = 100_000;
 /// loaded; `frozen` (the inference stages) as the sampler loads (`Component::load_frozen`).
 fn load_component<C: Component>(b: &mut dyn Backend, o: &BenchOptions, component: &str, frozen: bool) -> Result<C> {
     let dir = weights::component_dir(o.model, component)?;
-    let model = match o.random_weights {
-        true => C::random(b, C::config_from_file(&dir.join("config.json"))?, 0)?,
-        false => C::load_as(b, &dir, o.variant, frozen)?.0,
-    };
-    if frozen {
-        b.mark_frozen(model.table().pool());
-    }
-    Ok(model)
+    Ok(load_or_random(b, &dir, o.variant, o.random_weights, frozen)?.0)
 }
 
 pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchReport> {
@@ -178,7 +171,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
                   flops: u64,
                   (times, kernels, graph_replays): Timing,
                   b: &dyn Backend| {
-        let mut sorted = times.clone();
+        let mut sorted = times.clone(); // `times` stays in call order for the report
         sorted.sort_by(f64::total_cmp);
         let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
         let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
@@ -195,7 +188,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             median_ms: median,
             max_ms: max,
             peak_rss_bytes: peak_rss_bytes(),
-            times_ms: times.clone(),
+            times_ms: times,
             gflop_per_call: flops as f64 / 1e9,
             achieved_gflops: flops as f64 / 1e9 / (min / 1e3),
             graph_replays,

@@ -283,7 +283,7 @@ fn describe_model<C: Component>(
     if !opts.random_weights && weights::weight_files_if_any(dir, opts.variant)?.is_none() {
         return Ok(None);
     }
-    let (model, report) = load_or_random::<C>(backend, dir, opts.variant, opts.random_weights)?;
+    let (model, report) = load_or_random::<C>(backend, dir, opts.variant, opts.random_weights, false)?;
     v["parameters"] = json!(model.num_params());
     v["instantiated"] = json!(report.as_ref().map_or_else(|| "random weights".to_string(), describe_load));
     Ok(Some(model))

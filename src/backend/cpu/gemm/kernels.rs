@@ -45,16 +45,10 @@ pub(super) mod x86 {
         rs_c: usize,
         beta: f32,
     ) {
-        const MR: usize = 12;
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm512_setzero_ps(); 2]; 12];
         for p in 0..kc {
-            let (b0, b1) = (_mm512_loadu_ps(b.add(p * 32)), _mm512_loadu_ps(b.add(p * 32 + 16)));
-            let ap = a.add(p * MR);
-            for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*ap.add(i));
-                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
-            }
+            let ap = a.add(p * 12);
+            rank1_avx512(&mut acc, |i| *ap.add(i), b.add(p * 32));
         }
         store_avx512(&acc, c, rs_c, beta);
     }
@@ -77,16 +71,22 @@ pub(super) mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 2]; 12];
         for (a, len) in pieces {
             for p in 0..*len {
-                let (b0, b1) = (_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16)));
-                for (row, &ai) in acc.iter_mut().zip(a) {
-                    let ai = _mm512_set1_ps(*ai.add(p));
-                    row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-                    row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
-                }
+                rank1_avx512(&mut acc, |i| *a[i].add(p), b);
                 b = b.add(32);
             }
         }
         store_avx512(&acc, c, rs_c, beta);
+    }
+
+    /// acc += a · b for one k: row i's value a(i) broadcast against B's 32 values at b.
+    #[inline(always)]
+    unsafe fn rank1_avx512(acc: &mut [[__m512; 2]; 12], a: impl Fn(usize) -> f32, b: *const f32) {
+        let (b0, b1) = (_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16)));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm512_set1_ps(a(i));
+            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+        }
     }
 
     /// C tile = acc + beta · C tile (beta 0 never reads C).

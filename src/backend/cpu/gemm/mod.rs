@@ -463,15 +463,17 @@ fn product(m: usize, a: ASource, b: &PackedB, c: &mut [f32], beta: f32, parallel
             let (i0, rows) = (rb * mc, mc.min(m - rb * mc));
             let tiles = rows.div_ceil(mr);
             // Row-run A: every tile's run starts, found once for the whole depth.
-            let mut starts: Vec<*const f32> = Vec::new();
+            let per_tile = match a {
+                ASource::Rows(ra) => k / ra.run() * mr,
+                ASource::Mat(_) => 0,
+            };
+            let mut starts: Vec<*const f32> = vec![std::ptr::null(); tiles * per_tile];
             if let ASource::Rows(ra) = a {
-                let per_tile = k / ra.run() * mr;
-                starts.resize(tiles * per_tile, std::ptr::null());
                 for (ip, s) in starts.chunks_mut(per_tile).enumerate() {
                     ra.starts(s, i0 + ip * mr, mr.min(rows - ip * mr), mr);
                 }
             }
-            let tile_starts = |ip: usize| &starts[ip * starts.len() / tiles..(ip + 1) * starts.len() / tiles];
+            let tile_starts = |ip: usize| &starts[ip * per_tile..(ip + 1) * per_tile];
             let mut pieces: Vec<Vec<([*const f32; 12], usize)>> = vec![Vec::new(); tiles * in_place.is_some() as usize];
             for (kb, k0) in (0..k).step_by(KC).enumerate() {
                 let kc = KC.min(k - k0);
@@ -497,36 +499,30 @@ fn product(m: usize, a: ASource, b: &PackedB, c: &mut [f32], beta: f32, parallel
                 // Packed A: a B panel stays in L1 across the tiles (BLIS's order). A read in place:
                 // a tile's rows stay in L1 across the B panels, which stream from L2 (one stream,
                 // not MR).
-                let (jps, ips) = (g * panels / groups..(g + 1) * panels / groups, 0..tiles);
-                let order: Box<dyn Iterator<Item = (usize, usize)>> = match in_place {
-                    None => Box::new(jps.flat_map(|jp| ips.clone().map(move |ip| (jp, ip)))),
-                    Some(_) => Box::new(ips.flat_map(|ip| jps.clone().map(move |jp| (jp, ip)))),
-                };
-                for (jp, ip) in order {
+                let (jp0, nj) = (g * panels / groups, (g + 1) * panels / groups - g * panels / groups);
+                for t in 0..nj * tiles {
+                    let (jp, ip) = match in_place {
+                        None => (jp0 + t / tiles, t % tiles),
+                        Some(_) => (jp0 + t % nj, t / nj),
+                    };
                     let bp = &bblk[jp * kc * nr..(jp + 1) * kc * nr];
-                    let cols = nr.min(nc - jp * nr);
-                    {
-                        let tile_rows = mr.min(rows - ip * mr);
-                        let c0 = (i0 + ip * mr) * n + j0 + jp * nr;
-                        // SAFETY: the tile (tile_rows × cols at c0, row stride n) lies inside c
-                        // (m × n) and belongs to this task alone; the panels hold kc × MR and
-                        // kc × NR values, and the run starts `run` values each, as the kernels read.
-                        let tile = |c: *mut f32, rs_c: usize| unsafe {
-                            match in_place {
-                                Some(_) => kernel_avx512_rows(&pieces[ip], bp.as_ptr(), c, rs_c, beta),
-                                None => {
-                                    let ap = &apack[ip * kc * mr..(ip + 1) * kc * mr];
-                                    kernel(kc, ap.as_ptr(), bp.as_ptr(), c, rs_c, beta)
-                                }
-                            }
-                        };
-                        // SAFETY: as above.
-                        unsafe {
-                            if tile_rows == mr && cols == nr {
-                                tile(cp.at(c0), n);
-                            } else {
-                                edge_tile(tile, (cp.at(c0), n), (tile_rows, cols, nr));
-                            }
+                    let (tile_rows, cols) = (mr.min(rows - ip * mr), nr.min(nc - jp * nr));
+                    let c0 = (i0 + ip * mr) * n + j0 + jp * nr;
+                    // SAFETY: the tile (tile_rows × cols at c0, row stride n) lies inside c (m × n)
+                    // and belongs to this task alone; the panels hold kc × MR and kc × NR values,
+                    // and the run starts `run` values each, as the kernels read.
+                    let tile = |c: *mut f32, rs_c: usize| unsafe {
+                        match in_place {
+                            Some(_) => kernel_avx512_rows(&pieces[ip], bp.as_ptr(), c, rs_c, beta),
+                            None => kernel(kc, apack[ip * kc * mr..].as_ptr(), bp.as_ptr(), c, rs_c, beta),
+                        }
+                    };
+                    // SAFETY: as above.
+                    unsafe {
+                        if tile_rows == mr && cols == nr {
+                            tile(cp.at(c0), n);
+                        } else {
+                            edge_tile(tile, (cp.at(c0), n), (tile_rows, cols, nr));
                         }
                     }
                 }
