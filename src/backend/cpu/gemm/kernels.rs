@@ -30,14 +30,16 @@ pub(super) unsafe fn kernel_portable(kc: usize, a: *const f32, b: *const f32, c:
 pub(super) mod x86 {
     use std::arch::x86_64::*;
 
-    /// 12 × 32: per k, two zmm loads of B and 12 broadcasts of A feed 24 FMAs (two FMA pipes
-    /// busy for 12 cycles against 14 loads).
+    /// 12 × 16·H (H = 2: the full 12 × 32 tile; H = 1: a panel's first 16 columns, for an edge
+    /// panel of at most 16, so that n = 40 costs 48 columns of work, not 64). Per k, H zmm loads
+    /// of B and 12 broadcasts of A feed 12·H FMAs (H = 2: two FMA pipes busy for 12 cycles
+    /// against 14 loads).
     ///
     /// # Safety
-    /// The CPU has AVX-512F; a holds kc × 12 values, b kc × 32, c a 12 × 32 tile at row stride
-    /// rs_c.
+    /// The CPU has AVX-512F; a holds kc × 12 values, b kc × 32 (panels keep their NR = 32 stride
+    /// at either width), c a 12 × 16·H tile at row stride rs_c.
     #[target_feature(enable = "avx512f")]
-    pub(in crate::backend::cpu::gemm) unsafe fn kernel_avx512(
+    pub(in crate::backend::cpu::gemm) unsafe fn kernel_avx512<const H: usize>(
         kc: usize,
         a: *const f32,
         b: *const f32,
@@ -45,7 +47,7 @@ pub(super) mod x86 {
         rs_c: usize,
         beta: f32,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; 12];
+        let mut acc = [[_mm512_setzero_ps(); H]; 12];
         for p in 0..kc {
             let ap = a.add(p * 12);
             rank1_avx512(&mut acc, |i| *ap.add(i), b.add(p * 32));
@@ -58,17 +60,17 @@ pub(super) mod x86 {
     /// covers a whole KC block, so C is loaded and stored once per block, not once per piece.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; each piece's rows hold len values, b (Σ len) × 32, c a 12 × 32 tile
-    /// at row stride rs_c.
+    /// The CPU has AVX-512F; each piece's rows hold len values, b (Σ len) × 32, c a 12 × 16·H
+    /// tile at row stride rs_c.
     #[target_feature(enable = "avx512f")]
-    pub(in crate::backend::cpu::gemm) unsafe fn kernel_avx512_rows(
+    pub(in crate::backend::cpu::gemm) unsafe fn kernel_avx512_rows<const H: usize>(
         pieces: &[([*const f32; 12], usize)],
         mut b: *const f32,
         c: *mut f32,
         rs_c: usize,
         beta: f32,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; 12];
+        let mut acc = [[_mm512_setzero_ps(); H]; 12];
         for (a, len) in pieces {
             for p in 0..*len {
                 rank1_avx512(&mut acc, |i| *a[i].add(p), b);
@@ -78,20 +80,21 @@ pub(super) mod x86 {
         store_avx512(&acc, c, rs_c, beta);
     }
 
-    /// acc += a · b for one k: row i's value a(i) broadcast against B's 32 values at b.
+    /// acc += a · b for one k: row i's value a(i) broadcast against B's 16·H values at b.
     #[inline(always)]
-    unsafe fn rank1_avx512(acc: &mut [[__m512; 2]; 12], a: impl Fn(usize) -> f32, b: *const f32) {
-        let (b0, b1) = (_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16)));
+    unsafe fn rank1_avx512<const H: usize>(acc: &mut [[__m512; H]; 12], a: impl Fn(usize) -> f32, b: *const f32) {
+        let bv: [__m512; H] = std::array::from_fn(|h| _mm512_loadu_ps(b.add(16 * h)));
         for (i, row) in acc.iter_mut().enumerate() {
             let ai = _mm512_set1_ps(a(i));
-            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+            for (x, &bh) in row.iter_mut().zip(&bv) {
+                *x = _mm512_fmadd_ps(ai, bh, *x);
+            }
         }
     }
 
     /// C tile = acc + beta · C tile (beta 0 never reads C).
     #[inline(always)]
-    unsafe fn store_avx512(acc: &[[__m512; 2]; 12], c: *mut f32, rs_c: usize, beta: f32) {
+    unsafe fn store_avx512<const H: usize>(acc: &[[__m512; H]; 12], c: *mut f32, rs_c: usize, beta: f32) {
         let vbeta = _mm512_set1_ps(beta);
         for (i, row) in acc.iter().enumerate() {
             for (h, &x) in row.iter().enumerate() {
@@ -143,6 +146,12 @@ pub(super) use x86::kernel_avx512_rows;
 
 /// Never called: AVX-512 is detected only on x86-64.
 #[cfg(not(target_arch = "x86_64"))]
-pub(super) unsafe fn kernel_avx512_rows(_: &[([*const f32; 12], usize)], _: *const f32, _: *mut f32, _: usize, _: f32) {
+pub(super) unsafe fn kernel_avx512_rows<const H: usize>(
+    _: &[([*const f32; 12], usize)],
+    _: *const f32,
+    _: *mut f32,
+    _: usize,
+    _: f32,
+) {
     unreachable!("the AVX-512 kernel on a CPU without it")
 }

@@ -1,9 +1,10 @@
 //! Matrix products for the CPU backend: our own packed SGEMM, BLIS's loop nest. B is packed once
 //! into KC × NR panels (`PackedB`, reusable across calls: layer weights are kept packed between
-//! calls by `weights.rs`, attention's K and V are packed once per head). A is a matrix in memory,
-//! packed into MR × KC panels per row block, or a convolution's patches (`RowRuns`), which the
-//! AVX-512 kernel reads in place from the input — gathering them into panels had cost a sixth of
-//! the VAE decoder's time, as much per value as the product when c_out is 128. A register-tile
+//! calls by `weights.rs`, attention's K and V are packed once per head). A is a matrix in memory
+//! or a convolution's patches (`RowRuns`). The AVX-512 kernel reads A's rows in place (a
+//! row-major matrix's, or the patches' runs from the input) — gathering patches into panels had
+//! cost a sixth of the VAE decoder's time, as much per value as the product when c_out is 128;
+//! other kernels, and strided A, get MR × KC panels packed per row block. A register-tile
 //! micro-kernel (`kernels.rs`) computes each MR × NR tile of C, picked at run time from the CPU's
 //! instruction sets: AVX-512 (12 × 32: 24 accumulators of the 32 zmm registers), AVX2 + FMA
 //! (6 × 16: 12 of the 16 ymm) or portable (4 × 16, plain arrays). The parallel entry points split
@@ -47,6 +48,9 @@ const KC: usize = 256;
 const MC: usize = 144; // a multiple of every MR (12, 6, 4)
 const NC: usize = 4096; // a multiple of every NR (32, 16)
 const MAX_TILE: usize = 12 * 32;
+/// The shortest run the AVX-512 kernel reads in place: shorter ones would pay a C tile's load and
+/// store every few k, and are packed.
+const IN_PLACE_RUN: usize = 16;
 
 /// The micro-kernel family, chosen once per process from the CPU's features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,10 +112,14 @@ impl Isa {
         }
     }
 
-    fn kernel(self) -> Kernel {
+    /// The kernel for a tile of `cols` ≤ NR columns: AVX-512 computes a panel of at most 16 at
+    /// half width.
+    fn kernel(self, cols: usize) -> Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => kernels::x86::kernel_avx512,
+            Isa::Avx512 if cols <= 16 => kernels::x86::kernel_avx512::<1>,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => kernels::x86::kernel_avx512::<2>,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => kernels::x86::kernel_avx2,
             _ => kernel_portable,
@@ -345,8 +353,32 @@ pub trait RowRuns: Sync {
     /// Values per run; A has k / run runs.
     fn run(&self) -> usize;
     /// For rows i0..i0 + mr: `out[r · mr + i]` = where row i0 + i's values in run r start, for
-    /// every run r; rows at or past i0 + `rows` get a run of zeros.
+    /// every run r; rows at or past i0 + `rows` get any readable run (zeros, or a real row's):
+    /// they fill an edge tile's spare rows, whose products are discarded.
     fn starts(&self, out: &mut [*const f32], i0: usize, rows: usize, mr: usize);
+}
+
+/// A row-major matrix (column stride 1) as one run per row, so that the AVX-512 kernel reads it
+/// in place too: packing it would be a scalar transpose of every value, as costly per value as
+/// the product when n is small (attention's P·V with head dim 40 spent 9% of SD's 512² U-Net
+/// step in it).
+struct MatRows<'a> {
+    a: Mat<'a>,
+    k: usize,
+}
+
+impl RowRuns for MatRows<'_> {
+    fn run(&self) -> usize {
+        self.k
+    }
+
+    fn starts(&self, out: &mut [*const f32], i0: usize, rows: usize, mr: usize) {
+        for (i, s) in out[..mr].iter_mut().enumerate() {
+            // Spare rows read row i0 again (see `RowRuns::starts`).
+            let r = if i < rows { i0 + i } else { i0 };
+            *s = self.a.data[r * self.a.row_stride..].as_ptr();
+        }
+    }
 }
 
 /// Where a product's A comes from.
@@ -363,8 +395,18 @@ fn pack_a(dst: &mut [f32], a: Mat, (i0, rows): (usize, usize), (k0, kc): (usize,
         if im < mr {
             d.fill(0.0);
         }
+        let r0 = i0 + p * mr;
+        if a.row_stride == 1 {
+            // A transposed view (the backward's Pᵀ, dSᵀ, Xᵀ): a column's MR values are contiguous,
+            // so each k's panel row is one copy, not MR strided reads.
+            for kk in 0..kc {
+                let src = &a.data[r0 + (k0 + kk) * a.col_stride..][..im];
+                d[kk * mr..kk * mr + im].copy_from_slice(src);
+            }
+            continue;
+        }
         for i in 0..im {
-            let r = i0 + p * mr + i;
+            let r = r0 + i;
             if a.col_stride == 1 {
                 let src = &a.data[r * a.row_stride + k0..][..kc];
                 src.iter().enumerate().for_each(|(kk, &x)| d[kk * mr + i] = x);
@@ -420,6 +462,9 @@ impl SharedMut {
 /// c (m × n, row-major, contiguous) = a (m × k) · b + beta · c, with b packed.
 pub fn sgemm_packed(m: usize, a: Mat, b: &PackedB, c: &mut [f32], beta: f32, parallel: bool) {
     a.check(m, b.k, "a");
+    if b.isa == Isa::Avx512 && a.col_stride == 1 && b.k >= IN_PLACE_RUN {
+        return product(m, ASource::Rows(&MatRows { a, k: b.k }), b, c, beta, parallel);
+    }
     product(m, ASource::Mat(a), b, c, beta, parallel)
 }
 
@@ -444,11 +489,9 @@ fn product(m: usize, a: ASource, b: &PackedB, c: &mut [f32], beta: f32, parallel
         return;
     }
     let (mr, nr) = b.isa.tile();
-    let kernel = b.isa.kernel();
-    // Runs of 16 and more are read in place by the AVX-512 kernel (shorter ones would pay a C
-    // tile's load and store every few k); everything else is packed.
+    // Long enough runs are read in place by the AVX-512 kernel; everything else is packed.
     let in_place = match a {
-        ASource::Rows(ra) if b.isa == Isa::Avx512 && ra.run() >= 16 => Some(ra),
+        ASource::Rows(ra) if b.isa == Isa::Avx512 && ra.run() >= IN_PLACE_RUN => Some(ra),
         _ => None,
     };
     let cp = SharedMut(c.as_mut_ptr());
@@ -513,8 +556,9 @@ fn product(m: usize, a: ASource, b: &PackedB, c: &mut [f32], beta: f32, parallel
                     // and the run starts `run` values each, as the kernels read.
                     let tile = |c: *mut f32, rs_c: usize| unsafe {
                         match in_place {
-                            Some(_) => kernel_avx512_rows(&pieces[ip], bp.as_ptr(), c, rs_c, beta),
-                            None => kernel(kc, apack[ip * kc * mr..].as_ptr(), bp.as_ptr(), c, rs_c, beta),
+                            Some(_) if cols <= 16 => kernel_avx512_rows::<1>(&pieces[ip], bp.as_ptr(), c, rs_c, beta),
+                            Some(_) => kernel_avx512_rows::<2>(&pieces[ip], bp.as_ptr(), c, rs_c, beta),
+                            None => b.isa.kernel(cols)(kc, apack[ip * kc * mr..].as_ptr(), bp.as_ptr(), c, rs_c, beta),
                         }
                     };
                     // SAFETY: as above.
@@ -630,7 +674,7 @@ mod tests {
     #[test]
     fn every_kernel_matches_triple_loop() {
         let mut rng = SplitMix64::new(7);
-        let shapes = [(157, 63, 45), (13, 600, 4200), (1, 7, 1), (150, 257, 33), (5, 0, 9)];
+        let shapes = [(157, 63, 45), (13, 600, 4200), (1, 7, 1), (150, 257, 33), (25, 40, 58), (5, 0, 9)];
         for isa in Isa::available() {
             for &(m, k, n) in &shapes {
                 for a_transposed in [false, true] {
