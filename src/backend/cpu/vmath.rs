@@ -43,22 +43,52 @@ pub fn exp_scaled_sum(s: &mut [f32], scale: f32, shift: f32) -> f32 {
     exp_scaled_sum_body(s, scale, shift)
 }
 
-/// max over j of s[j] · scale, the scores scaled in place.
-pub fn scale_max(s: &mut [f32], scale: f32) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = s.chunks_exact_mut(LANES);
+/// max over j of s[j] · scale, in one read-only pass: max_j fl(s_j · scale) is fl(max_j s_j · scale)
+/// for scale ≥ 0, and the min's for scale < 0, because rounding is monotonic; so the scores need
+/// not be scaled in place before `exp_scaled_sum`, which scales them as it reads them. NaNs are
+/// passed over, as `f32::max` does.
+pub fn scaled_max(s: &[f32], scale: f32) -> f32 {
+    let largest = scale >= 0.0;
+    #[cfg(target_arch = "x86_64")]
+    match Isa::detected() {
+        // SAFETY: the CPU has the features (detected at run time).
+        Isa::Avx512 => return unsafe { extreme_avx512(s, largest) } * scale,
+        Isa::Avx2 => return unsafe { extreme_avx2(s, largest) } * scale,
+        Isa::Portable => {}
+    }
+    extreme_body(s, largest) * scale
+}
+
+/// The largest (or smallest) value of s, by `EXTREME_LANES` running values: four vectors of 16, so
+/// that the compare-selects (a 2-cycle latency each) do not wait on one another.
+#[inline(always)]
+fn extreme_body(s: &[f32], largest: bool) -> f32 {
+    // `if b > a` compiles to one vmaxps (f32::max's NaN rule costs a compare and a blend more).
+    let pick = |a: f32, b: f32| if (largest && b > a) || (!largest && b < a) { b } else { a };
+    let init = if largest { f32::NEG_INFINITY } else { f32::INFINITY };
+    let mut lanes = [init; EXTREME_LANES];
+    let mut chunks = s.chunks_exact(EXTREME_LANES);
     for c in &mut chunks {
-        for (m, x) in lanes.iter_mut().zip(c.iter_mut()) {
-            *x *= scale;
-            *m = m.max(*x);
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = pick(*m, x);
         }
     }
-    let mut max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    for x in chunks.into_remainder() {
-        *x *= scale;
-        max = max.max(*x);
-    }
-    max
+    let lanes = lanes.iter().fold(init, |a, &b| pick(a, b));
+    chunks.remainder().iter().fold(lanes, |a, &b| pick(a, b))
+}
+
+const EXTREME_LANES: usize = 64;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn extreme_avx512(s: &[f32], largest: bool) -> f32 {
+    extreme_body(s, largest)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn extreme_avx2(s: &[f32], largest: bool) -> f32 {
+    extreme_body(s, largest)
 }
 
 /// One pixel's GroupNorm output: for each group g (stats[g] = (mean, 1/std) in f64) and each of
@@ -194,6 +224,16 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(-100.0), 0.0);
         assert_eq!(exp(0.0), 1.0);
+    }
+
+    /// The read-only maximum equals the maximum of the scaled values, for either sign of scale.
+    #[test]
+    fn scaled_max_is_the_max_of_the_scaled_values() {
+        let base: Vec<f32> = (0..1003).map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 20.0).collect();
+        for scale in [0.158f32, 1.0 / 40f32.sqrt(), -0.37] {
+            let want = base.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b * scale));
+            assert_eq!(scaled_max(&base, scale), want, "scale {scale}");
+        }
     }
 
     /// Every instruction-set variant gives the scalar function's values and their sum.
