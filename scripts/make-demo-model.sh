@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled phantom demo model (issue 7) from nothing, with roentgen's own commands:
 # phantoms → train-vae (from scratch) → train (text encoder and U-Net from scratch) → eval phantom.
-# Everything is seeded; on a 2-core machine it takes about 1 h 45 min (see scripts/demo/README.md).
+# Everything is seeded; on a 2-core machine it takes about 40 min (see scripts/demo/README.md).
 # The CPU backend's sums are deterministic for a given thread count: the bundled model was made with
 # 2 threads, so THREADS defaults to 2 (another count gives a slightly different model).
 #
