@@ -1,5 +1,7 @@
-//! `roentgen eval`: MS-SSIM diversity and FID with three feature networks (issue 6).
+//! `roentgen eval`: MS-SSIM diversity and FID with three feature networks (issue 6); per-class AUROC
+//! (issue 16).
 
+pub mod auroc;
 pub mod clip_vision;
 pub mod densenet;
 pub mod features;
