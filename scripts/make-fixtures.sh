@@ -23,13 +23,15 @@ fi
 "$VENV/bin/pip" install -q pytorch_msssim==1.0.0 pillow==13.0.0 torchvision==0.29.2 scipy==1.17.1 \
   pytorch-fid==0.3.0 scikit-image==0.26.0
 "$VENV/bin/pip" install -q --no-deps torchxrayvision==1.5.7
-# The paper's other evaluations (issue 16): AUROC.
-"$VENV/bin/pip" install -q scikit-learn==1.9.1
+# The paper's other evaluations (issue 16): AUROC, and what torchxrayvision's dataset code imports
+# (its label policy is the reference of tests/xrv_labels.rs).
+"$VENV/bin/pip" install -q scikit-learn==1.9.1 pandas==3.1.1 imageio==2.38.2 requests==2.34.2 tqdm==4.70.1
 # generate.py: tokenizer, CLIP, U-Net, VAE, pipelines, parameter counts (parts: tokenizer | clip |
 # pipeline | unet | vae | sd-pipelines | counts | demo). generate_schedulers.py: torch randn per CPU
 # capability and every scheduler step by step (parts: randn | schedulers).
 # generate_msssim.py, generate_fid.py, iu-xray/make_sample.py: evaluation and report fixtures;
-# generate_bert.py: BERT models, WordPiece vocabularies and tokenizer cases.
+# generate_bert.py: BERT models, WordPiece vocabularies and tokenizer cases; generate_auroc.py and
+# generate_xrv_labels.py: sklearn AUROC and torchxrayvision label targets (issue 16).
 if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate.py
   "$VENV/bin/python" tests/fixtures/generate_schedulers.py
@@ -39,6 +41,7 @@ if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate_resize.py
   "$VENV/bin/python" tests/fixtures/generate_gemm_kat.py
   "$VENV/bin/python" tests/fixtures/generate_auroc.py
+  "$VENV/bin/python" tests/fixtures/generate_xrv_labels.py
   "$VENV/bin/python" tests/fixtures/iu-xray/make_sample.py
 else
   "$VENV/bin/python" tests/fixtures/generate.py "$@"
