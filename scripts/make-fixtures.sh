@@ -30,8 +30,9 @@ fi
 # pipeline | unet | vae | sd-pipelines | counts | demo). generate_schedulers.py: torch randn per CPU
 # capability and every scheduler step by step (parts: randn | schedulers).
 # generate_msssim.py, generate_fid.py, iu-xray/make_sample.py: evaluation and report fixtures;
-# generate_bert.py: BERT models, WordPiece vocabularies and tokenizer cases; generate_auroc.py and
-# generate_xrv_labels.py: sklearn AUROC and torchxrayvision label targets (issue 16).
+# generate_bert.py: BERT models, WordPiece vocabularies and tokenizer cases; generate_auroc.py,
+# generate_xrv_labels.py and generate_xrv_outputs.py: sklearn AUROC, torchxrayvision label targets and
+# output normalisation (issue 16).
 if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate.py
   "$VENV/bin/python" tests/fixtures/generate_schedulers.py
@@ -42,6 +43,7 @@ if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate_gemm_kat.py
   "$VENV/bin/python" tests/fixtures/generate_auroc.py
   "$VENV/bin/python" tests/fixtures/generate_xrv_labels.py
+  "$VENV/bin/python" tests/fixtures/generate_xrv_outputs.py
   "$VENV/bin/python" tests/fixtures/iu-xray/make_sample.py
 else
   "$VENV/bin/python" tests/fixtures/generate.py "$@"

@@ -1,6 +1,7 @@
 //! TorchXRayVision's DenseNet-121 (`xrv.models.DenseNet`, weights `densenet121-res224-all`) as a
 //! feature extractor: the 1024-d vector `model.features2(x)` returns — `features(x)` (ending with
-//! norm5), then ReLU and global average pooling; the classifier is not used.
+//! norm5), then ReLU and global average pooling. The classifier head is not run yet; its output
+//! normalisation (`op_norm_score`, with `OP_THRESHS_ALL`) is here for `eval classify` (issue 16).
 //!
 //! Preprocessing, TorchXRayVision's own (its README and `xrv.utils.load_image`): the 8-bit image
 //! scaled to [-1024, 1024] by `xrv.datasets.normalize(img, 255)` = (2·(v/255) − 1)·1024 in f32, one
@@ -239,6 +240,45 @@ fn features2(cx: &mut Cx, p: &DenseNetParams, gr: usize, x: &Fmap) -> Result<Ten
     // norm5, then features2's ReLU and global average.
     let x = p.norm5.apply_relu(cx, &x)?;
     global_avg(cx, &x)
+}
+
+/// The operating points of `densenet121-res224-all`, one per output in
+/// `labels::XRV_PATHOLOGIES`' order (torchxrayvision's `model_urls["all"]["op_threshs"]`): each
+/// output's probability at the point its authors chose, which `op_norm_score` maps to 0.5.
+pub const OP_THRESHS_ALL: [f32; 18] = [
+    0.074_228_72,
+    0.038_290_843,
+    0.098_147_56,
+    0.009_811_847_5,
+    0.023_601_074,
+    0.002_249_035_8,
+    0.010_060_724,
+    0.103_246_614,
+    0.056_810_737,
+    0.026_791_653,
+    0.050_318_155,
+    0.023_985_857,
+    0.019_395_03,
+    0.042_889_766,
+    0.053_369_623,
+    0.035_975_814,
+    0.202_046_92,
+    0.050_153_12,
+];
+
+/// What xrv's `DenseNet.forward` returns for a classifier logit when the model has operating
+/// points: p = sigmoid(logit), then `op_norm`: p / (2t) below the threshold t, 1 − (1 − p) / (2(1 − t))
+/// at or above it (so t maps to 0.5 and the order of scores is kept), and 0.5 where t is NaN (an
+/// output with no operating point). f32 throughout, as torch computes it.
+pub fn op_norm_score(logit: f32, thresh: f32) -> f32 {
+    let p = 1.0 / (1.0 + (-logit).exp());
+    if thresh.is_nan() {
+        0.5
+    } else if p < thresh {
+        p / (thresh * 2.0)
+    } else {
+        1.0 - (1.0 - p) / ((1.0 - thresh) * 2.0)
+    }
 }
 
 /// TorchXRayVision's input for an 8-bit image (HWC, 1 or 3 channels): one channel in [-1024, 1024],
