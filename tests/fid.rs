@@ -220,6 +220,42 @@ fn xrv_densenet_matches_torchxrayvision() {
     check_rows("xrv features2", &mut net, &pipeline_images(), &file, "features");
 }
 
+/// The classifier head on top of the same seeded network: logits against
+/// `model.classifier(model.features2(x))`, scores against `model(x)` with densenet121-res224-all's
+/// operating points (xrv-outputs/classify.json, by generate_xrv_outputs.py); weights without the
+/// head compute features only and say so when asked for logits.
+#[test]
+fn xrv_classifier_matches_torchxrayvision() {
+    use roentgen::eval::densenet::{op_norm_score, preprocess, DenseNet, DenseNetConfig, OP_THRESHS_ALL};
+    use roentgen::eval::tensors::Weights;
+    let config = DenseNetConfig::densenet121();
+    let mut specs = config.expected_tensors();
+    specs.push(("classifier.weight".into(), vec![18, config.dims()]));
+    specs.push(("classifier.bias".into(), vec![18]));
+    let src = seeded_source("seeded xrv", &specs);
+    let mut net = DenseNet::load(cpu(), &Weights { src: &src, network: "xrv" }, config.clone()).unwrap();
+    let path = fixture("xrv-outputs/classify.json");
+    let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let f32s = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    for p in pipeline_images() {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        let img = load_image(&p).unwrap();
+        let x = preprocess(&img.pixels, img.height, img.width, img.channels);
+        let features = net.forward(&[x]).unwrap();
+        let logits = net.logits(&features).unwrap().remove(0);
+        let want = &fx["images"][&name];
+        assert_close(&format!("xrv classifier logits {name}"), &logits, &f32s(&want["logits"]), F32_PARITY);
+        let scores: Vec<f32> = logits.iter().zip(OP_THRESHS_ALL).map(|(&l, t)| op_norm_score(l, t)).collect();
+        assert_close(&format!("xrv scores {name}"), &scores, &f32s(&want["scores"]), 1e-6);
+    }
+    let headless = seeded_source("seeded xrv", &config.expected_tensors());
+    let net = DenseNet::load(cpu(), &Weights { src: &headless, network: "xrv" }, config).unwrap();
+    let err = net.logits(&[vec![0.5; 1024]]).unwrap_err().to_string();
+    assert!(err.contains("no classifier head"), "{err}");
+}
+
 #[test]
 fn clip_tiny_matches_transformers() {
     use roentgen::eval::clip_vision::preprocess;

@@ -177,6 +177,9 @@ pub struct DenseNet {
     pub config: DenseNetConfig,
     params: DenseNetParams,
     device: NetDevice,
+    /// `classifier.weight` (outputs × features, row-major) and `classifier.bias`, on the host
+    /// (18 × 1,024 multiply-adds per image), when the weights have them.
+    classifier: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl DenseNet {
@@ -185,7 +188,34 @@ impl DenseNet {
     pub fn load(mut backend: Box<dyn Backend>, w: &Weights, config: DenseNetConfig) -> Result<DenseNet> {
         let (params, table) = allocate(backend.as_mut(), "densenet.params", |l| params_layout(l, &config))?;
         load_folding_norms(backend.as_ref(), w, &table, 1e-5)?;
-        Ok(DenseNet { config, params, device: NetDevice::new(backend) })
+        let classifier = match w.src.shape("classifier.weight") {
+            Some(s) if s.len() == 2 => {
+                let (outputs, dims) = (s[0], config.dims());
+                Some((w.get("classifier.weight", &[outputs, dims])?, w.get("classifier.bias", &[outputs])?))
+            }
+            _ => None,
+        };
+        Ok(DenseNet { config, params, device: NetDevice::new(backend), classifier })
+    }
+
+    /// The classifier head's logits for `features2` outputs: `classifier(features)`, one row of
+    /// outputs per image. An error when the weights had no `classifier.weight`.
+    pub fn logits(&self, features: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        let Some((weight, bias)) = &self.classifier else {
+            anyhow::bail!("these DenseNet weights have no classifier head (tensor 'classifier.weight'): only features can be computed")
+        };
+        let dims = self.config.dims();
+        let logits = features
+            .iter()
+            .map(|f| {
+                weight
+                    .chunks(dims)
+                    .zip(bias)
+                    .map(|(row, b)| b + row.iter().zip(f).map(|(w, x)| w * x).sum::<f32>())
+                    .collect()
+            })
+            .collect();
+        Ok(logits)
     }
 
     /// `features2` of each preprocessed image (1 channel): relu(features(x)) averaged over space.
