@@ -7,6 +7,7 @@
 //! the text context), text-encoder backward; then the global norm, clipping, AdamW over the flat
 //! parameter pools. Every pool is allocated once, before the first step.
 
+pub mod bce;
 pub mod checkpoint;
 pub mod data;
 pub mod job;
