@@ -25,6 +25,15 @@ pub struct ClassAuroc {
 /// e.g. CheXpert's blank or −1 under XRV's policy, takes no part). A NaN score is an error naming
 /// its row: sklearn refuses NaN input too.
 pub fn class_auroc(scores: &[f32], labels: &[Option<bool>]) -> Result<ClassAuroc> {
+    let mut known = known_pairs(scores, labels)?;
+    let n_pos = known.iter().filter(|(_, l)| *l).count();
+    let n_neg = known.len() - n_pos;
+    Ok(ClassAuroc { auroc: mann_whitney_auc(&mut known), n_pos, n_neg })
+}
+
+/// The (score, positive) pairs of the rows whose label is known, after the checks every AUROC
+/// makes: equal lengths, no NaN score.
+fn known_pairs(scores: &[f32], labels: &[Option<bool>]) -> Result<Vec<(f32, bool)>> {
     if scores.len() != labels.len() {
         bail!("AUROC: {} scores but {} labels", scores.len(), labels.len());
     }
@@ -37,9 +46,7 @@ pub fn class_auroc(scores: &[f32], labels: &[Option<bool>]) -> Result<ClassAuroc
             known.push((s, *l));
         }
     }
-    let n_pos = known.iter().filter(|(_, l)| *l).count();
-    let n_neg = known.len() - n_pos;
-    Ok(ClassAuroc { auroc: mann_whitney_auc(&mut known), n_pos, n_neg })
+    Ok(known)
 }
 
 /// The area from (score, positive) pairs, reordered in place; None without both classes.
@@ -79,8 +86,7 @@ pub fn bootstrap_interval(
     level: f64,
     seed: u64,
 ) -> Result<Option<(f64, f64)>> {
-    class_auroc(scores, labels)?; // the same checks: lengths, NaN scores
-    let known: Vec<(f32, bool)> = scores.iter().zip(labels).filter_map(|(&s, l)| l.map(|l| (s, l))).collect();
+    let known = known_pairs(scores, labels)?;
     if known.is_empty() || resamples == 0 {
         return Ok(None);
     }

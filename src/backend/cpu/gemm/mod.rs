@@ -51,6 +51,8 @@ const MAX_TILE: usize = 12 * 32;
 /// The shortest run the AVX-512 kernel reads in place: shorter ones would pay a C tile's load and
 /// store every few k, and are packed.
 const IN_PLACE_RUN: usize = 16;
+/// The widest edge panel the AVX-512 kernels compute at half width (one zmm per row, not two).
+const HALF_PANEL: usize = 16;
 
 /// The micro-kernel family, chosen once per process from the CPU's features.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,12 +114,12 @@ impl Isa {
         }
     }
 
-    /// The kernel for a tile of `cols` ≤ NR columns: AVX-512 computes a panel of at most 16 at
-    /// half width.
+    /// The kernel for a tile of `cols` ≤ NR columns: AVX-512 computes a panel of at most
+    /// `HALF_PANEL` at half width.
     fn kernel(self, cols: usize) -> Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if cols <= 16 => kernels::x86::kernel_avx512::<1>,
+            Isa::Avx512 if cols <= HALF_PANEL => kernels::x86::kernel_avx512::<1>,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => kernels::x86::kernel_avx512::<2>,
             #[cfg(target_arch = "x86_64")]
@@ -556,7 +558,9 @@ fn product(m: usize, a: ASource, b: &PackedB, c: &mut [f32], beta: f32, parallel
                     // and the run starts `run` values each, as the kernels read.
                     let tile = |c: *mut f32, rs_c: usize| unsafe {
                         match in_place {
-                            Some(_) if cols <= 16 => kernel_avx512_rows::<1>(&pieces[ip], bp.as_ptr(), c, rs_c, beta),
+                            Some(_) if cols <= HALF_PANEL => {
+                                kernel_avx512_rows::<1>(&pieces[ip], bp.as_ptr(), c, rs_c, beta)
+                            }
                             Some(_) => kernel_avx512_rows::<2>(&pieces[ip], bp.as_ptr(), c, rs_c, beta),
                             None => b.isa.kernel(cols)(kc, apack[ip * kc * mr..].as_ptr(), bp.as_ptr(), c, rs_c, beta),
                         }
