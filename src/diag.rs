@@ -49,6 +49,18 @@ pub fn progress(message: impl AsRef<str>) {
     emit(Level::Progress, message.as_ref());
 }
 
+/// A progress bar over `len` things of kind `unit` ("images"), labelled `message`, on stderr
+/// (hidden where stderr is not a terminal).
+pub fn progress_bar(len: u64, unit: &str, message: impl Into<String>) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    let template = format!("{{msg}} {{bar:40}} {{pos}}/{{len}} {unit} [{{elapsed_precise}} < {{eta_precise}}]");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(message.into());
+    bar
+}
+
 /// A field of a request or config (a `SampleRequest`, an `OptimOptions`) that the library refused,
 /// named as the struct names it (`height`, `num_images_per_prompt`), never as a front end spells
 /// it: the command line renders the fields as its flags (`--height`, `--num-images`), a server as

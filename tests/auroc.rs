@@ -72,15 +72,15 @@ fn bootstrap_interval_is_seeded_and_sensible() {
         .map(|&n| {
             let c = pick(n);
             let (s, l) = (f32s(&c["scores"]), labels(&c["labels"]));
-            let (lo, hi) = bootstrap_interval(&s, &l, 500, 0.95, 7).unwrap().unwrap();
-            assert_eq!(bootstrap_interval(&s, &l, 500, 0.95, 7).unwrap(), Some((lo, hi)), "n {n}: same seed");
-            assert_ne!(bootstrap_interval(&s, &l, 500, 0.95, 8).unwrap(), Some((lo, hi)), "n {n}: other seed");
+            let (lo, hi) = bootstrap_interval(&[(&s, &l)], 500, 0.95, 7).unwrap().unwrap();
+            assert_eq!(bootstrap_interval(&[(&s, &l)], 500, 0.95, 7).unwrap(), Some((lo, hi)), "n {n}: same seed");
+            assert_ne!(bootstrap_interval(&[(&s, &l)], 500, 0.95, 8).unwrap(), Some((lo, hi)), "n {n}: other seed");
             let auc = c["sklearn_auroc"].as_f64().unwrap();
             assert!(lo < auc && auc < hi, "n {n}: {auc} outside [{lo}, {hi}]");
             hi - lo
         })
         .collect();
     assert!(widths[1] < widths[0] / 2.0, "interval widths {widths:?}");
-    let one_class = bootstrap_interval(&[0.1, 0.9], &[Some(true), Some(true)], 100, 0.95, 1).unwrap();
+    let one_class = bootstrap_interval(&[(&[0.1, 0.9], &[Some(true), Some(true)])], 100, 0.95, 1).unwrap();
     assert_eq!(one_class, None);
 }

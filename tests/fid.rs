@@ -9,51 +9,11 @@
 
 mod common;
 
+use common::seeded::{seeded_source, uniform_f64};
 use common::{assert_close, fixture, read_f32, run_cli, F32_PARITY};
 use roentgen::eval::frechet::{frechet_distance, stats};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-// ---------------------------------------------------------------------------------------------
-// The shared generator (generate_fid.py: fnv1a64, splitmix_uniform, tensor_range)
-// ---------------------------------------------------------------------------------------------
-
-const WEIGHT_SEED: u64 = 0x524F_454E_5447_454E;
-
-fn fnv1a64(s: &str) -> u64 {
-    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100_0000_01B3);
-    }
-    h
-}
-
-fn uniform_f64(name: &str, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-    let mut r = roentgen::rng::splitmix::SplitMix64::new(fnv1a64(name) ^ WEIGHT_SEED);
-    (0..n).map(|_| lo + (hi - lo) * r.next_f64()).collect()
-}
-
-fn tensor_range(name: &str, shape: &[usize]) -> (f64, f64) {
-    match shape.len() {
-        4 => {
-            let a = (6.0 / (shape[1] * shape[2] * shape[3]) as f64).sqrt();
-            (-a, a)
-        }
-        2 => {
-            let a = (3.0 / shape[1] as f64).sqrt();
-            (-a, a)
-        }
-        _ if name.ends_with("running_var") => (0.5, 1.5),
-        _ if name.ends_with("weight") => (0.6, 1.4),
-        _ => (-0.2, 0.2),
-    }
-}
-
-fn seeded_tensor(name: &str, shape: &[usize]) -> Vec<f32> {
-    let (lo, hi) = tensor_range(name, shape);
-    uniform_f64(name, shape.iter().product(), lo, hi).into_iter().map(|x| x as f32).collect()
-}
 
 // ---------------------------------------------------------------------------------------------
 // Fréchet distance
@@ -155,17 +115,9 @@ fn skimage_resize_matches_xray_resizer() {
 // ---------------------------------------------------------------------------------------------
 
 use roentgen::eval::features::{load_image, FeatureKind, FeatureNet};
-use roentgen::eval::tensors::MapSource;
 
 fn cpu() -> Box<dyn roentgen::backend::Backend> {
     Box::new(roentgen::backend::cpu::CpuBackend::new())
-}
-
-/// The generator's weights for every tensor of `specs`, in memory.
-fn seeded_source(label: &str, specs: &[(String, Vec<usize>)]) -> MapSource {
-    let tensors: HashMap<String, (Vec<usize>, Vec<f32>)> =
-        specs.iter().map(|(n, s)| (n.clone(), (s.clone(), seeded_tensor(n, s)))).collect();
-    MapSource { label: label.into(), tensors }
 }
 
 fn pipeline_images() -> Vec<PathBuf> {
@@ -218,42 +170,6 @@ fn xrv_densenet_matches_torchxrayvision() {
     }
     let mut net = FeatureNet::from_source(FeatureKind::Xrv, &src, None, cpu()).unwrap();
     check_rows("xrv features2", &mut net, &pipeline_images(), &file, "features");
-}
-
-/// The classifier head on top of the same seeded network: logits against
-/// `model.classifier(model.features2(x))`, scores against `model(x)` with densenet121-res224-all's
-/// operating points (xrv-outputs/classify.json, by generate_xrv_outputs.py); weights without the
-/// head compute features only and say so when asked for logits.
-#[test]
-fn xrv_classifier_matches_torchxrayvision() {
-    use roentgen::eval::densenet::{op_norm_score, preprocess, DenseNet, DenseNetConfig, OP_THRESHS_ALL};
-    use roentgen::eval::tensors::Weights;
-    let config = DenseNetConfig::densenet121();
-    let mut specs = config.expected_tensors();
-    specs.push(("classifier.weight".into(), vec![18, config.dims()]));
-    specs.push(("classifier.bias".into(), vec![18]));
-    let src = seeded_source("seeded xrv", &specs);
-    let mut net = DenseNet::load(cpu(), &Weights { src: &src, network: "xrv" }, config.clone()).unwrap();
-    let path = fixture("xrv-outputs/classify.json");
-    let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let f32s = |v: &serde_json::Value| -> Vec<f32> {
-        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-    };
-    for p in pipeline_images() {
-        let name = p.file_name().unwrap().to_string_lossy().to_string();
-        let img = load_image(&p).unwrap();
-        let x = preprocess(&img.pixels, img.height, img.width, img.channels);
-        let features = net.forward(&[x]).unwrap();
-        let logits = net.logits(&features).unwrap().remove(0);
-        let want = &fx["images"][&name];
-        assert_close(&format!("xrv classifier logits {name}"), &logits, &f32s(&want["logits"]), F32_PARITY);
-        let scores: Vec<f32> = logits.iter().zip(OP_THRESHS_ALL).map(|(&l, t)| op_norm_score(l, t)).collect();
-        assert_close(&format!("xrv scores {name}"), &scores, &f32s(&want["scores"]), 1e-6);
-    }
-    let headless = seeded_source("seeded xrv", &config.expected_tensors());
-    let net = DenseNet::load(cpu(), &Weights { src: &headless, network: "xrv" }, config).unwrap();
-    let err = net.logits(&[vec![0.5; 1024]]).unwrap_err().to_string();
-    assert!(err.contains("no classifier head"), "{err}");
 }
 
 #[test]

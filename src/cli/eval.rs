@@ -1,14 +1,19 @@
-//! `roentgen eval`: MS-SSIM diversity, FID with three feature networks, and the phantom findings
-//! measure — their arguments and what they print.
+//! `roentgen eval`: MS-SSIM diversity, FID with three feature networks, the phantom findings
+//! measure and the classifier's AUROC — their arguments and what they print.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use roentgen::eval::classify;
+use roentgen::eval::densenet::{self, DenseNet, DenseNetConfig, Square};
 use roentgen::eval::features::{list_images, FeatureKind, FeatureNet};
 use roentgen::eval::fid::{cache_key, folder_features, FolderFeatures};
 use roentgen::eval::frechet::{frechet_distance, stats};
+use roentgen::eval::labels::LabelPolicy;
 use roentgen::eval::msssim::{
     evaluate as ms_ssim_report, groups_from_folder, groups_from_manifest, WIN_SIGMA, WIN_SIZE,
 };
+use roentgen::eval::tensors::{FileSource, Weights};
+use roentgen::io::safetensors::SafetensorsFile;
 use roentgen::text::bpe::ClipTokenizer;
 use roentgen::tools::phantom::eval::{evaluate as phantom_report, items_from_folder, items_from_manifest, EvalOptions};
 use std::path::{Path, PathBuf};
@@ -26,13 +31,42 @@ pub enum EvalCommand {
     /// How often generated phantoms show the finding (and side) their prompt asked for, measured
     /// with the phantom's own geometry, next to the same measure on real phantoms (issue 7).
     Phantom(EvalPhantomArgs),
+    /// Per-finding AUROC of a pretrained classifier (TorchXRayVision's DenseNet-121,
+    /// densenet121-res224-all) on labelled images, real or generated, with bootstrap intervals
+    /// and the paper's filtered average (paper, Table 3).
+    #[command(after_long_help = CLASSIFY_HELP)]
+    Classify(ClassifyArgs),
 }
+
+const CLASSIFY_HELP: &str = "\
+Preprocessing (the paper's): the longer side to 512 (Pillow bilinear; smaller images are enlarged),
+a 512×512 square (--square), then TorchXRayVision's own: levels to [-1024, 1024], one channel (the
+mean of R, G, B), 224×224 (skimage's resize). Scores are the classifier's sigmoid outputs through
+XRV's op_norm with the model's operating points (as torchxrayvision prints them; AUROC is the same
+either way).
+
+Labels: a manifest row's \"labels\" object, or a PNG's \"labels\" text chunk. Two kinds are read:
+  CheXpert names → 1 / 0 / -1 (blank: left out), as `prepare mimic` writes them. \"Pleural Effusion\"
+    is XRV's Effusion; No Finding, Pleural Other and Support Devices have no XRV output; XRV's
+    NIH-only outputs (Infiltration, Emphysema, Fibrosis, Pleural_Thickening, Nodule, Mass, Hernia)
+    have no label. --label-policy xrv (the default) is TorchXRayVision's own: a No Finding study is
+    negative for every finding, -1 is missing.
+  a phantom's labels (`roentgen phantom`): Cardiomegaly, Effusion, Pneumothorax and Consolidation,
+    each known in every image.
+A class whose known labels hold one class only has no AUROC and is listed as skipped.
+
+Weights: TorchXRayVision's densenet121-res224-all as safetensors, classifier head included:
+    import torchxrayvision as xrv, safetensors.torch
+    m = xrv.models.DenseNet(weights=\"densenet121-res224-all\")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, \"xrv-densenet121-res224-all.safetensors\")
+";
 
 pub fn run(g: &super::Global, cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::MsSsim(a) => ms_ssim(a),
         EvalCommand::Fid(a) => fid(g, a),
         EvalCommand::Phantom(a) => phantom(a),
+        EvalCommand::Classify(a) => classify(g, a),
     }
 }
 
@@ -40,12 +74,14 @@ pub fn run(g: &super::Global, cmd: EvalCommand) -> Result<()> {
 #[derive(Args, Debug, Clone)]
 pub struct ImageSetArgs {
     /// Folder of PNGs with their prompt in the "prompt" text chunk (from `roentgen sample` or
-    /// `roentgen phantom`). With --manifest, the folder that relative image paths resolve against.
+    /// `roentgen phantom`; for classify, their labels in the "labels" chunk, as `phantom` writes).
+    /// With --manifest, the folder that relative image paths resolve against.
     #[arg(long)]
     pub images: Option<PathBuf>,
     /// Manifest of (image, text) rows: JSONL {"image": path, "text": prompt} lines or a CSV with
     /// image and text columns (as `prepare` and `phantom` write and `train` reads); relative paths
-    /// resolve against --images, else the manifest's folder. PNG or JPEG images.
+    /// resolve against --images, else the manifest's folder. PNG or JPEG images. For classify,
+    /// each row also needs its "labels" object (as `prepare mimic` and `phantom` write).
     #[arg(long)]
     pub manifest: Option<PathBuf>,
 }
@@ -206,4 +242,103 @@ fn phantom(a: EvalPhantomArgs) -> Result<()> {
         print!("{}", report.render_table());
     }
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ClassifyArgs {
+    #[command(flatten)]
+    pub set: ImageSetArgs,
+    /// The classifier: TorchXRayVision's densenet121-res224-all as safetensors, with its classifier
+    /// head (see below for converting the public release).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// How CheXpert labels become targets: xrv (TorchXRayVision's: No Finding negative for all,
+    /// -1 missing), columns (-1 missing), u-ones (-1 positive), u-zeros (-1 negative).
+    #[arg(long, value_enum, default_value_t = LabelPolicy::Xrv)]
+    pub label_policy: LabelPolicy,
+    /// How a non-square image becomes 512×512 after its longer side is 512: pad (torchvision's
+    /// CenterCrop(512): black margins; the paper's words read literally) or crop (XRV's
+    /// XRayCenterCrop: the central square).
+    #[arg(long, value_enum, default_value_t = Square::Pad)]
+    pub square: Square,
+    /// Bootstrap draws of the images for the intervals (0: no intervals).
+    #[arg(long, default_value_t = 1000)]
+    pub resamples: usize,
+    /// The intervals' coverage.
+    #[arg(long, default_value_t = 0.95)]
+    pub level: f64,
+    /// Seed of the bootstrap draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// With --json, also list every image's 18 scores and targets.
+    #[arg(long)]
+    pub per_image: bool,
+}
+
+fn classify(g: &super::Global, a: ClassifyArgs) -> Result<()> {
+    if !(a.level > 0.0 && a.level < 1.0) {
+        bail!("--level {}: the interval's coverage is a fraction between 0 and 1 (e.g. 0.95)", a.level);
+    }
+    let policy = a.label_policy;
+    let items = a.set.read(
+        |m, base| classify::items_from_manifest(m, base, policy),
+        |dir| classify::items_from_folder(dir, policy),
+    )?;
+    if items.len() < 2 {
+        bail!("{} labelled image: an AUROC needs at least 2", items.len());
+    }
+    let file = SafetensorsFile::open(&a.weights).with_context(|| format!("--weights {}", a.weights.display()))?;
+    let src = FileSource::new(&file)?;
+    let weights = Weights { src: &src, network: densenet::NETWORK };
+    let mut net = DenseNet::load(super::open_backend(g)?, &weights, DenseNetConfig::densenet121())
+        .with_context(|| format!("--weights {}", a.weights.display()))?;
+    let paths: Vec<PathBuf> = items.iter().map(|i| i.path.clone()).collect();
+    let (scores, low) = classify::score_images(&mut net, &paths, a.square)?;
+    if !low.is_empty() {
+        let names: Vec<String> = low.iter().take(3).map(|p| p.display().to_string()).collect();
+        roentgen::diag::warn(format!(
+            "{} of {} images use a narrow or dark range of 8-bit levels (e.g. {}): the classifier expects 0–255 \
+             radiographs; a 12-bit image stored in 16 bits reads almost black",
+            low.len(),
+            items.len(),
+            names.join(", ")
+        ));
+    }
+    let targets: Vec<_> = items.iter().map(|i| i.targets).collect();
+    let boot = classify::BootstrapOptions { resamples: a.resamples, level: a.level, seed: a.seed };
+    let report = classify::report(&scores, &targets, boot)?;
+    if a.json {
+        let mut v = report.to_json();
+        v["weights"] = serde_json::json!(a.weights.display().to_string());
+        v["label_policy"] = serde_json::json!(flag_value(a.label_policy));
+        v["square"] = serde_json::json!(flag_value(a.square));
+        v["narrow_range_images"] = serde_json::json!(low.len());
+        if a.per_image {
+            let rows: Vec<_> = items
+                .iter()
+                .zip(&scores)
+                .map(|(i, s)| serde_json::json!({"image": i.path.display().to_string(), "scores": s, "targets": i.targets}))
+                .collect();
+            v["per_image"] = serde_json::json!(rows);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{} images, {} (label policy {}, square {})",
+            items.len(),
+            a.weights.display(),
+            flag_value(a.label_policy),
+            flag_value(a.square)
+        );
+        print!("{}", report.render_table());
+    }
+    Ok(())
+}
+
+/// A value as its flag spells it (`u-ones`, `pad`).
+fn flag_value(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value().map_or_else(String::new, |p| p.get_name().to_string())
 }

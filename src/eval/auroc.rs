@@ -75,38 +75,57 @@ fn mann_whitney_auc(pairs: &mut [(f32, bool)]) -> Option<f64> {
     Some((pos_rank_sum - p * (p + 1.0) / 2.0) / (p * n))
 }
 
-/// A percentile bootstrap interval of the AUROC: `resamples` draws of the known rows with
-/// replacement (SplitMix64 from `seed`, so a run is reproducible), each draw's AUROC, and the
-/// `level` interval's percentiles (numpy's linear rule). Draws holding one class only are
-/// skipped, as they have no AUROC. None when fewer than half the draws had both classes.
+/// One class's scores and labels, row for row (the rows are images, shared by every class).
+pub type ClassColumn<'a> = (&'a [f32], &'a [Option<bool>]);
+
+/// A percentile bootstrap interval of the AUROC of one class, or of the mean AUROC of several (the
+/// paper's filtered average): `resamples` draws of the images (rows) with replacement, the same
+/// draw for every class (SplitMix64 from `seed`: row = next_u64 mod n, so a run is reproducible
+/// and tests/classify.rs can redraw it in Python); in each draw, each class's AUROC over the drawn
+/// rows whose label is known, averaged over the classes; then the `level` interval's percentiles
+/// (numpy's linear rule). A draw in which some class holds one class of label only has no AUROC
+/// and is skipped. None when fewer than half the draws had one.
 pub fn bootstrap_interval(
-    scores: &[f32],
-    labels: &[Option<bool>],
+    classes: &[ClassColumn],
     resamples: usize,
     level: f64,
     seed: u64,
 ) -> Result<Option<(f64, f64)>> {
-    let known = known_pairs(scores, labels)?;
-    if known.is_empty() || resamples == 0 {
+    let n = classes.first().map_or(0, |(s, _)| s.len());
+    for (scores, labels) in classes {
+        if scores.len() != n {
+            bail!("AUROC bootstrap: classes over {} and {} rows", n, scores.len());
+        }
+        known_pairs(scores, labels)?;
+    }
+    if n == 0 || resamples == 0 {
         return Ok(None);
     }
     let mut rng = SplitMix64::new(seed);
-    let mut draw = vec![(0f32, false); known.len()];
-    let mut aucs = Vec::with_capacity(resamples);
-    for _ in 0..resamples {
-        for d in draw.iter_mut() {
-            *d = known[(rng.next_u64() % known.len() as u64) as usize];
+    let mut rows = vec![0usize; n];
+    let mut pairs = Vec::with_capacity(n);
+    let mut stats = Vec::with_capacity(resamples);
+    'draws: for _ in 0..resamples {
+        for r in rows.iter_mut() {
+            *r = (rng.next_u64() % n as u64) as usize;
         }
-        if let Some(a) = mann_whitney_auc(&mut draw) {
-            aucs.push(a);
+        let mut sum = 0.0;
+        for (scores, labels) in classes {
+            pairs.clear();
+            pairs.extend(rows.iter().filter_map(|&r| labels[r].map(|l| (scores[r], l))));
+            match mann_whitney_auc(&mut pairs) {
+                Some(a) => sum += a,
+                None => continue 'draws,
+            }
         }
+        stats.push(sum / classes.len() as f64);
     }
-    if aucs.len() * 2 < resamples {
+    if stats.len() * 2 < resamples {
         return Ok(None);
     }
-    aucs.sort_unstable_by(f64::total_cmp);
+    stats.sort_unstable_by(f64::total_cmp);
     let tail = (1.0 - level) / 2.0 * 100.0;
-    Ok(Some((percentile(&aucs, tail), percentile(&aucs, 100.0 - tail))))
+    Ok(Some((percentile(&stats, tail), percentile(&stats, 100.0 - tail))))
 }
 
 /// numpy's `percentile(values, q)` with its default (linear) rule, on sorted values: the value at

@@ -1,7 +1,8 @@
 //! TorchXRayVision's DenseNet-121 (`xrv.models.DenseNet`, weights `densenet121-res224-all`) as a
 //! feature extractor: the 1024-d vector `model.features2(x)` returns — `features(x)` (ending with
-//! norm5), then ReLU and global average pooling. The classifier head is not run yet; its output
-//! normalisation (`op_norm_score`, with `OP_THRESHS_ALL`) is here for `eval classify` (issue 16).
+//! norm5), then ReLU and global average pooling — and as the classifier of `eval classify`: the
+//! head's logits and their output normalisation (`op_norm_score`, with `OP_THRESHS_ALL`), on the
+//! paper's preprocessing ([`paper_preprocess`]).
 //!
 //! Preprocessing, TorchXRayVision's own (its README and `xrv.utils.load_image`): the 8-bit image
 //! scaled to [-1024, 1024] by `xrv.datasets.normalize(img, 255)` = (2·(v/255) − 1)·1024 in f32, one
@@ -23,7 +24,7 @@
 
 use super::net::Pixels;
 use super::net::{global_avg, load_folding_norms, pool, stack, FoldedNorm, NetDevice};
-use super::resize::skimage_resize;
+use super::resize::{pil_bilinear, skimage_resize};
 use super::tensors::Weights;
 use crate::backend::Backend;
 use crate::models::allocate;
@@ -314,15 +315,63 @@ pub fn op_norm_score(logit: f32, thresh: f32) -> f32 {
 /// TorchXRayVision's input for an 8-bit image (HWC, 1 or 3 channels): one channel in [-1024, 1024],
 /// centre-cropped to a square, resized to 224×224 (see the module comment).
 pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize) -> Pixels {
-    let norm = |v: u8| (2.0f32 * (v as f32 / 255.0) - 1.0) * 1024.0;
-    let gray: Vec<f32> = if c == 1 {
-        pixels.iter().map(|&v| norm(v)).collect()
-    } else {
-        pixels.chunks_exact(c).map(|p| (norm(p[0]) + norm(p[1]) + norm(p[2])) / 3.0).collect()
-    };
+    let gray = xrv_gray(pixels, c);
     let side = h.min(w);
     let (y0, x0) = (h / 2 - side / 2, w / 2 - side / 2);
     let crop: Vec<f32> = (0..side).flat_map(|y| gray[(y0 + y) * w + x0..][..side].iter().copied()).collect();
     let out = skimage_resize(&crop, side, side, INPUT_SIZE, INPUT_SIZE);
     Pixels::new(INPUT_SIZE, INPUT_SIZE, 1, out)
+}
+
+/// `xrv.datasets.normalize(img, 255)` in f32, then one channel (the mean of R, G, B).
+fn xrv_gray(pixels: &[u8], c: usize) -> Vec<f32> {
+    let norm = |v: u8| (2.0f32 * (v as f32 / 255.0) - 1.0) * 1024.0;
+    if c == 1 {
+        pixels.iter().map(|&v| norm(v)).collect()
+    } else {
+        pixels.chunks_exact(c).map(|p| (norm(p[0]) + norm(p[1]) + norm(p[2])) / 3.0).collect()
+    }
+}
+
+/// The side the paper's classifier preprocessing brings an image to before the classifier's own.
+pub const PAPER_SIDE: usize = 512;
+
+/// How the paper's "center cropping (512 px)" meets an image that is not square after its longer
+/// side was brought to 512 (the paper does not say; both readings are offered).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Square {
+    /// torchvision's `CenterCrop(512)`, the literal reading: the shorter side is padded with black
+    /// (0) to 512, half on each side (the extra pixel of an odd margin on the right/bottom).
+    #[default]
+    Pad,
+    /// TorchXRayVision's `XRayCenterCrop`: the central square of the shorter side; nothing of the
+    /// longer side's ends is kept.
+    Crop,
+}
+
+/// The paper's preprocessing for Table 3 ("downsizing to a maximum height or width of 512 px
+/// (preserving aspect ratio), center cropping (512 px) and downsizing to 224 x 224"), on an 8-bit
+/// image (HWC, 1 or 3 channels):
+/// 1. the longer side to 512 with Pillow's bilinear filter (torchvision's `Resize` on a PIL image),
+///    the shorter to `(short · 512 + long / 2) / long` (rounded half up); smaller images are
+///    enlarged, so 256² samples reach the same 512;
+/// 2. a square by `square` ([`Square::Pad`] by default);
+/// 3. TorchXRayVision's own input: `normalize(img, 255)`, one channel, and `XRayResizer(224)`
+///    ([`preprocess`]).
+pub fn paper_preprocess(pixels: &[u8], h: usize, w: usize, c: usize, square: Square) -> Pixels {
+    let long = h.max(w);
+    let scaled = |n: usize| (n * PAPER_SIDE + long / 2) / long;
+    let (oh, ow) = (scaled(h), scaled(w));
+    let resized = pil_bilinear(pixels, h, w, c, oh, ow);
+    match square {
+        Square::Crop => preprocess(&resized, oh, ow, c),
+        Square::Pad => {
+            let (top, left) = ((PAPER_SIDE - oh) / 2, (PAPER_SIDE - ow) / 2);
+            let mut padded = vec![0u8; PAPER_SIDE * PAPER_SIDE * c];
+            for (y, row) in resized.chunks_exact(ow * c).enumerate() {
+                padded[((top + y) * PAPER_SIDE + left) * c..][..ow * c].copy_from_slice(row);
+            }
+            preprocess(&padded, PAPER_SIDE, PAPER_SIDE, c)
+        }
+    }
 }

@@ -81,14 +81,11 @@ pub fn folder_features(
             None => todo.push(i),
         }
     }
-    let bar = indicatif::ProgressBar::new(todo.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} {bar:40} {pos}/{len} images [{elapsed_precise} < {eta_precise}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    let bar = crate::diag::progress_bar(
+        todo.len() as u64,
+        "images",
+        format!("{} features of {}", kind.name(), dir.display()),
     );
-    bar.set_message(format!("{} features of {}", kind.name(), dir.display()));
     // Batches of images: decoded and preprocessed in parallel, then through the network together.
     let mut computed: Vec<(usize, Vec<f32>)> = Vec::with_capacity(todo.len());
     let preprocess = net.preprocessor();

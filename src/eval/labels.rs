@@ -12,6 +12,10 @@
 //!   (Infiltration, Emphysema, Fibrosis, Pleural_Thickening, Nodule, Mass, Hernia) have no CheXpert
 //!   label and are always missing.
 //!
+//! Other policies (`LabelPolicy`: each column alone, uncertain as missing, positive or negative)
+//! are offered by `eval classify --label-policy`. A phantom's labels (`roentgen phantom`) state four
+//! findings exactly and are read as they are (`phantom_targets`).
+//!
 //! A missing target takes no part in that class's AUROC (`auroc::class_auroc`).
 
 use anyhow::{bail, Result};
@@ -57,10 +61,31 @@ pub const CHEXPERT_TO_XRV: [(&str, &str); 11] = [
 /// The CheXpert columns with no XRV output: read (so that a typo is caught) but not mapped.
 pub const CHEXPERT_UNMAPPED: [&str; 3] = ["No Finding", "Pleural Other", "Support Devices"];
 
+/// How CheXpert's values become targets. `Xrv` is TorchXRayVision's (the module comment); the
+/// others read each column alone, as the CheXpert paper's uncertainty policies do: `Columns` keeps
+/// −1 missing, `UOnes` makes it positive, `UZeros` negative. Under all of them a blank is missing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LabelPolicy {
+    /// XRV's: "No Finding" = 1 makes every pathology negative; −1 and blank are missing.
+    #[default]
+    Xrv,
+    /// Each column as it is: 1 positive, 0 negative, −1 missing.
+    Columns,
+    /// As `columns`, but −1 (uncertain) counts as positive.
+    UOnes,
+    /// As `columns`, but −1 (uncertain) counts as negative.
+    UZeros,
+}
+
 /// The 18 targets of one manifest row's `labels` object (CheXpert name → 1, 0 or −1; a blank is
 /// absent) under XRV's policy: `Some(true)` positive, `Some(false)` negative, `None` missing. A
 /// name that is not a CheXpert finding, or a value other than 1, 0 and −1, is an error naming it.
 pub fn xrv_targets(labels: &Map<String, Value>) -> Result<[Option<bool>; 18]> {
+    chexpert_targets(labels, LabelPolicy::Xrv)
+}
+
+/// [`xrv_targets`] under any policy.
+pub fn chexpert_targets(labels: &Map<String, Value>, policy: LabelPolicy) -> Result<[Option<bool>; 18]> {
     let mut values = Vec::with_capacity(labels.len());
     for (name, v) in labels {
         if !CHEXPERT_TO_XRV.iter().any(|(c, _)| c == name) && !CHEXPERT_UNMAPPED.contains(&name.as_str()) {
@@ -74,19 +99,68 @@ pub fn xrv_targets(labels: &Map<String, Value>) -> Result<[Option<bool>; 18]> {
         };
         values.push((name.as_str(), value));
     }
-    let healthy = values.iter().any(|&(n, v)| n == "No Finding" && v == 1.0);
+    let healthy = policy == LabelPolicy::Xrv && values.iter().any(|&(n, v)| n == "No Finding" && v == 1.0);
     let mut targets = [None; 18];
     for (chexpert, xrv) in CHEXPERT_TO_XRV {
-        let k = XRV_PATHOLOGIES.iter().position(|p| *p == xrv).expect("every mapped name is an XRV output");
         let value = values.iter().find(|(n, _)| *n == chexpert).map(|&(_, v)| v);
-        targets[k] = match (healthy, value) {
+        targets[xrv_index(xrv)] = match (healthy, value) {
             (true, _) => Some(false),
             (false, Some(v)) if v == 1.0 => Some(true),
             (false, Some(v)) if v == 0.0 => Some(false),
-            _ => None, // −1 (uncertain) or blank
+            (false, Some(_)) => match policy {
+                LabelPolicy::UOnes => Some(true),
+                LabelPolicy::UZeros => Some(false),
+                LabelPolicy::Xrv | LabelPolicy::Columns => None, // −1, uncertain
+            },
+            (false, None) => None, // blank
         };
     }
     Ok(targets)
+}
+
+fn xrv_index(name: &str) -> usize {
+    XRV_PATHOLOGIES.iter().position(|p| *p == name).expect("every mapped name is an XRV output")
+}
+
+/// The findings a phantom's labels (`roentgen phantom`'s "labels": `no_finding`, `cardiomegaly`,
+/// `pleural_effusion`, `pneumothorax`, `consolidation`) state, with their XRV output. A phantom's
+/// label is exact: each of these four is known, positive or negative, in every phantom; every
+/// other output is missing (a phantom neither has nor lacks, say, a fracture: it was never drawn).
+pub const PHANTOM_TO_XRV: [(&str, &str); 4] = [
+    ("cardiomegaly", "Cardiomegaly"),
+    ("pleural_effusion", "Effusion"),
+    ("pneumothorax", "Pneumothorax"),
+    ("consolidation", "Consolidation"),
+];
+
+/// The 18 targets of a phantom's labels object (see [`PHANTOM_TO_XRV`]): a finding is positive
+/// when its field is `true` or an object (the side and size), negative when `false` or null.
+pub fn phantom_targets(labels: &Map<String, Value>) -> Result<[Option<bool>; 18]> {
+    let mut targets = [None; 18];
+    for (field, xrv) in PHANTOM_TO_XRV {
+        let present = match labels.get(field) {
+            Some(Value::Bool(b)) => *b,
+            Some(Value::Object(_)) => true,
+            Some(Value::Null) => false,
+            Some(v) => bail!("phantom label {field:?} is {v}: expected true/false, null or an object"),
+            None => bail!("phantom labels have no {field:?} field (expected all of no_finding, cardiomegaly, pleural_effusion, pneumothorax, consolidation)"),
+        };
+        targets[xrv_index(xrv)] = Some(present);
+    }
+    Ok(targets)
+}
+
+/// The targets of any row's `labels`: a phantom's (it has a `no_finding` field) or CheXpert's
+/// (under `policy`; a phantom's labels have no uncertainty, so no policy applies to them).
+pub fn row_targets(labels: &Value, policy: LabelPolicy) -> Result<[Option<bool>; 18]> {
+    let Value::Object(map) = labels else {
+        bail!("labels are {labels}: expected an object (CheXpert names → 1/0/-1, or a phantom's labels)")
+    };
+    if map.contains_key("no_finding") {
+        phantom_targets(map)
+    } else {
+        chexpert_targets(map, policy)
+    }
 }
 
 #[cfg(test)]
@@ -106,5 +180,45 @@ mod tests {
         assert!(e.contains("\"Edema\" is 2.0"), "{e}");
         let e = xrv_targets(&obj(json!({"Edema": "yes"}))).unwrap_err().to_string();
         assert!(e.contains("1, 0 or -1"), "{e}");
+    }
+
+    /// The policies by their definitions, on one row: Edema uncertain, Effusion positive, Atelectasis
+    /// negative, No Finding set (contradicting Effusion, as labeller output can).
+    #[test]
+    fn policies_treat_uncertain_and_no_finding_as_defined() {
+        let row = obj(json!({"Edema": -1.0, "Pleural Effusion": 1.0, "Atelectasis": 0.0, "No Finding": 1.0}));
+        let at = |p, name| chexpert_targets(&row, p).unwrap()[xrv_index(name)];
+        for name in ["Edema", "Effusion", "Atelectasis", "Cardiomegaly"] {
+            assert_eq!(at(LabelPolicy::Xrv, name), Some(false), "{name}");
+        }
+        assert_eq!(at(LabelPolicy::Xrv, "Mass"), None);
+        let expect =
+            [(LabelPolicy::Columns, None), (LabelPolicy::UOnes, Some(true)), (LabelPolicy::UZeros, Some(false))];
+        for (p, edema) in expect {
+            assert_eq!(at(p, "Edema"), edema, "{p:?}");
+            assert_eq!(
+                (at(p, "Effusion"), at(p, "Atelectasis"), at(p, "Cardiomegaly")),
+                (Some(true), Some(false), None)
+            );
+        }
+    }
+
+    #[test]
+    fn phantom_labels_state_their_four_findings() {
+        let l = json!({"no_finding": false, "cardiomegaly": true, "cardiothoracic_ratio": 0.6,
+            "pleural_effusion": {"side": "left", "size": "small"}, "pneumothorax": null, "consolidation": null,
+            "classes": ["cardiomegaly", "effusion_left"]});
+        let t = row_targets(&l, LabelPolicy::Xrv).unwrap();
+        let known: Vec<_> = (0..18).filter_map(|k| t[k].map(|v| (XRV_PATHOLOGIES[k], v))).collect();
+        assert_eq!(
+            known,
+            [("Consolidation", false), ("Pneumothorax", false), ("Effusion", true), ("Cardiomegaly", true)]
+        );
+        let mut bad = l.clone();
+        bad.as_object_mut().unwrap().remove("pneumothorax");
+        let e = row_targets(&bad, LabelPolicy::Xrv).unwrap_err().to_string();
+        assert!(e.contains("no \"pneumothorax\" field"), "{e}");
+        let e = row_targets(&json!([1, 0]), LabelPolicy::Xrv).unwrap_err().to_string();
+        assert!(e.contains("expected an object"), "{e}");
     }
 }

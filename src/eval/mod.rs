@@ -1,7 +1,9 @@
-//! `roentgen eval`: MS-SSIM diversity and FID with three feature networks (issue 6); per-class AUROC
-//! and the CheXpert → TorchXRayVision label targets for the classifier evaluations (issue 16).
+//! `roentgen eval`: MS-SSIM diversity and FID with three feature networks (issue 6); the classifier
+//! evaluation of the paper's Table 3 (`classify`: per-class AUROC of TorchXRayVision's DenseNet on
+//! labelled images, the CheXpert → TorchXRayVision label targets; issue 16).
 
 pub mod auroc;
+pub mod classify;
 pub mod clip_vision;
 pub mod densenet;
 pub mod features;

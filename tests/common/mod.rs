@@ -2,6 +2,8 @@
 //! one place, as ARCHITECTURE.md asks).
 #![allow(dead_code)]
 
+pub mod seeded;
+
 use std::path::{Path, PathBuf};
 
 /// CPU vs PyTorch in f32: max |a − b| ≤ F32_PARITY · max(1, max |b|).
