@@ -1,6 +1,7 @@
 //! `roentgen eval`: MS-SSIM diversity, FID with three feature networks, the phantom findings
 //! measure and the classifier's AUROC — their arguments and what they print.
 
+use super::tools::{load_text_encoder, EncoderWeights};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use roentgen::eval::classify;
@@ -13,6 +14,8 @@ use roentgen::eval::msssim::{
     evaluate as ms_ssim_report, groups_from_folder, groups_from_manifest, WIN_SIGMA, WIN_SIZE,
 };
 use roentgen::eval::tensors::{FileSource, Weights};
+use roentgen::eval::text_knn::{self, Pooling};
+use roentgen::io::manifest::read_manifest_rows;
 use roentgen::io::safetensors::SafetensorsFile;
 use roentgen::text::bpe::ClipTokenizer;
 use roentgen::tools::phantom::eval::{evaluate as phantom_report, items_from_folder, items_from_manifest, EvalOptions};
@@ -36,7 +39,27 @@ pub enum EvalCommand {
     /// and the paper's filtered average (paper, Table 3).
     #[command(after_long_help = CLASSIFY_HELP)]
     Classify(ClassifyArgs),
+    /// How well a text encoder's embeddings group reports by finding: Precision@k of cosine
+    /// nearest neighbours per finding, macro-averaged (the paper's CheXpert@10, Table 6).
+    #[command(after_long_help = TEXT_KNN_HELP)]
+    TextKnn(TextKnnArgs),
 }
+
+const TEXT_KNN_HELP: &str = "\
+The score (the paper cites CheXpert@10 from Chambon et al. 2022 without defining it; this is the
+definition implemented): each report's k nearest other reports by cosine similarity of their
+embeddings; for each finding, over the reports that have it, the fraction of their neighbours that
+have it too; the macro average over findings with at least two reports. A report's findings are
+its CheXpert labels equal to 1, or a phantom's classes (effusion-right, ...) and their findings
+(effusion, ...): findings with a side get their own average. The chance column is the finding's
+share of the other reports, what random neighbours would score.
+
+Rows with the same text and findings are counted once (a MIMIC-CXR manifest lists each report once
+per image); --keep-duplicates keeps them.
+
+Baselines: --random-init (the same architecture, PyTorch's default initialisation: an encoder that
+learned nothing) and --tfidf (scikit-learn's TfidfVectorizer with its defaults; no model).
+";
 
 const CLASSIFY_HELP: &str = "\
 Preprocessing (the paper's): the longer side to 512 (Pillow bilinear; smaller images are enlarged),
@@ -67,6 +90,7 @@ pub fn run(g: &super::Global, cmd: EvalCommand) -> Result<()> {
         EvalCommand::Fid(a) => fid(g, a),
         EvalCommand::Phantom(a) => phantom(a),
         EvalCommand::Classify(a) => classify(g, a),
+        EvalCommand::TextKnn(a) => text_knn(g, a),
     }
 }
 
@@ -341,4 +365,90 @@ fn classify(g: &super::Global, a: ClassifyArgs) -> Result<()> {
 /// A value as its flag spells it (`u-ones`, `pad`).
 fn flag_value(v: impl clap::ValueEnum) -> String {
     v.to_possible_value().map_or_else(String::new, |p| p.get_name().to_string())
+}
+
+#[derive(Args, Debug)]
+pub struct TextKnnArgs {
+    /// Reports with labels: a manifest (JSONL or CSV) whose rows have "text" and "labels" (as
+    /// `prepare mimic` and `phantom` write).
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// A pipeline folder (text_encoder/ and tokenizer/) or a text encoder folder (then --tokenizer).
+    #[arg(long, required_unless_present = "tfidf")]
+    pub model: Option<PathBuf>,
+    /// Tokenizer folder, when --model is a text encoder folder.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// The text encoder's architecture with PyTorch's default initialisation from this seed,
+    /// instead of its weights (the control that learned nothing).
+    #[arg(long, value_name = "SEED")]
+    pub random_init: Option<u64>,
+    /// TF-IDF vectors instead of a text encoder (scikit-learn's TfidfVectorizer defaults).
+    #[arg(long, conflicts_with_all = ["model", "tokenizer", "random_init"])]
+    pub tfidf: bool,
+    /// How token states become one vector: pooled (CLIP's end-of-text token, BERT's [CLS]) or
+    /// mean (over the report's tokens).
+    #[arg(long, value_enum, default_value_t = Pooling::Pooled)]
+    pub pooling: Pooling,
+    /// Neighbours per report.
+    #[arg(long, short, default_value_t = 10)]
+    pub k: usize,
+    /// Keep rows whose text and findings repeat an earlier row's.
+    #[arg(long)]
+    pub keep_duplicates: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn text_knn(g: &super::Global, a: TextKnnArgs) -> Result<()> {
+    let rows = read_manifest_rows(&a.manifest, None)?;
+    let mut texts = Vec::with_capacity(rows.len());
+    let mut findings = Vec::with_capacity(rows.len());
+    let mut seen = std::collections::HashSet::new();
+    for row in rows {
+        let at = || format!("{}:{}", a.manifest.display(), row.line);
+        let Some(labels) = &row.labels else {
+            bail!("{}: no labels (each row needs a \"labels\" object, as `prepare mimic` and `phantom` write)", at())
+        };
+        let f = text_knn::report_findings(labels).with_context(at)?;
+        if a.keep_duplicates || seen.insert((row.text.clone(), f.clone())) {
+            texts.push(row.text);
+            findings.push(f);
+        }
+    }
+    if texts.len() <= a.k {
+        bail!(
+            "{} distinct reports: --k {} needs more than k (or --keep-duplicates to count repeated rows)",
+            texts.len(),
+            a.k
+        );
+    }
+    let (embeddings, source) = if a.tfidf {
+        (text_knn::tfidf(&texts), "TF-IDF".to_string())
+    } else {
+        let model = a.model.as_deref().expect("clap requires --model without --tfidf");
+        let mut b = super::open_backend(g)?;
+        let init = match a.random_init {
+            Some(seed) => EncoderWeights::DefaultInit(seed),
+            None => EncoderWeights::File(None),
+        };
+        let (encoder, tok) = load_text_encoder(b.as_mut(), model, a.tokenizer.as_deref(), init)?;
+        let e = text_knn::embed_texts(b.as_mut(), &encoder, &tok, &texts, a.pooling)?;
+        let what = match a.random_init {
+            Some(seed) => format!("{} (default initialisation, seed {seed})", model.display()),
+            None => model.display().to_string(),
+        };
+        (e, format!("{what}, pooling {}", flag_value(a.pooling)))
+    };
+    let report = text_knn::knn_precision(&embeddings, &findings, a.k)?;
+    if a.json {
+        let mut v = report.to_json();
+        v["embeddings"] = serde_json::json!(source);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{} reports, {source}", texts.len());
+        print!("{}", report.render_table());
+    }
+    Ok(())
 }

@@ -269,17 +269,24 @@ fn tokenize(model: &Path, input: Option<&Path>, prompts: &[String]) -> Result<()
     Ok(())
 }
 
-fn encode_text(
+/// Where a text encoder's weights come from.
+pub enum EncoderWeights<'a> {
+    /// Its weight file (of this variant, e.g. fp16).
+    File(Option<&'a str>),
+    /// roentgen's seeded random weights (for timing without a download).
+    Random,
+    /// PyTorch's default initialisation from this seed: an encoder that has learned nothing.
+    DefaultInit(u64),
+}
+
+/// A text encoder and its tokenizer: from a pipeline folder, or from a text encoder folder with
+/// `tokenizer` (`--tokenizer`).
+pub fn load_text_encoder(
     b: &mut dyn Backend,
     model: &Path,
     tokenizer: Option<&Path>,
-    prompts: &[String],
-    out: &Path,
-    variant: Option<&str>,
-    random_weights: bool,
-) -> Result<()> {
-    // The output path before the work (the write would otherwise fail after encoding, naming a temporary).
-    roentgen::io::files::check_output_file(out, roentgen::io::files::Existing::Replace, "out")?;
+    weights: EncoderWeights,
+) -> Result<(TextEncoder, TextTokenizer)> {
     let te_dir = weights::component_dir(model, "text_encoder")?;
     let tok_dir = match tokenizer {
         Some(t) => t.to_path_buf(),
@@ -293,8 +300,27 @@ fn encode_text(
         ),
         None => format!("--model {}: its tokenizer", model.display()),
     })?;
-    let clip =
-        if random_weights { TextEncoder::random(b, &te_dir, 0)? } else { TextEncoder::load(b, &te_dir, variant)?.0 };
+    let encoder = match weights {
+        EncoderWeights::File(variant) => TextEncoder::load(b, &te_dir, variant)?.0,
+        EncoderWeights::Random => TextEncoder::random(b, &te_dir, 0)?,
+        EncoderWeights::DefaultInit(seed) => TextEncoder::init_default(b, &te_dir, seed)?,
+    };
+    Ok((encoder, tok))
+}
+
+fn encode_text(
+    b: &mut dyn Backend,
+    model: &Path,
+    tokenizer: Option<&Path>,
+    prompts: &[String],
+    out: &Path,
+    variant: Option<&str>,
+    random_weights: bool,
+) -> Result<()> {
+    // The output path before the work (the write would otherwise fail after encoding, naming a temporary).
+    roentgen::io::files::check_output_file(out, roentgen::io::files::Existing::Replace, "out")?;
+    let init = if random_weights { EncoderWeights::Random } else { EncoderWeights::File(variant) };
+    let (clip, tok) = load_text_encoder(b, model, tokenizer, init)?;
     let seq = tok.max_length();
     let mut ids = Vec::with_capacity(prompts.len() * seq);
     let mut mask = Vec::with_capacity(prompts.len() * seq);

@@ -84,8 +84,9 @@ pub fn xrv_targets(labels: &Map<String, Value>) -> Result<[Option<bool>; 18]> {
     chexpert_targets(labels, LabelPolicy::Xrv)
 }
 
-/// [`xrv_targets`] under any policy.
-pub fn chexpert_targets(labels: &Map<String, Value>, policy: LabelPolicy) -> Result<[Option<bool>; 18]> {
+/// The (name, value) pairs of a row's CheXpert labels, checked: a name that is not one of the 14
+/// CheXpert findings, or a value other than 1, 0 and −1, is an error naming it.
+pub fn chexpert_values(labels: &Map<String, Value>) -> Result<Vec<(&str, f64)>> {
     let mut values = Vec::with_capacity(labels.len());
     for (name, v) in labels {
         if !CHEXPERT_TO_XRV.iter().any(|(c, _)| c == name) && !CHEXPERT_UNMAPPED.contains(&name.as_str()) {
@@ -99,6 +100,12 @@ pub fn chexpert_targets(labels: &Map<String, Value>, policy: LabelPolicy) -> Res
         };
         values.push((name.as_str(), value));
     }
+    Ok(values)
+}
+
+/// [`xrv_targets`] under any policy.
+pub fn chexpert_targets(labels: &Map<String, Value>, policy: LabelPolicy) -> Result<[Option<bool>; 18]> {
+    let values = chexpert_values(labels)?;
     let healthy = policy == LabelPolicy::Xrv && values.iter().any(|&(n, v)| n == "No Finding" && v == 1.0);
     let mut targets = [None; 18];
     for (chexpert, xrv) in CHEXPERT_TO_XRV {

@@ -15,3 +15,4 @@ pub mod msssim;
 pub mod net;
 pub mod resize;
 pub mod tensors;
+pub mod text_knn;
