@@ -357,3 +357,115 @@ extern "C" __global__ void bn_forward(float* out, const float* inp, const float*
         out[i] = relu ? fmaxf(y, 0.0f) : y;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// batch norm in training mode (ops/norm.rs `BatchNormTrainParams`): statistics and backward
+// ---------------------------------------------------------------------------------------------
+
+#define BN_ROWS 8  // blockDim.y of bn_train_partial
+
+// Per chunk of `rows_per_chunk` rows and per channel ch, two f64 partial sums: mode 0 (statistics)
+// Σx and Σx²; mode 1 (backward) Σg and Σg·x̂ with g = dout (0 where out ≤ 0 when relu) and
+// x̂ = (x − mean)·rstd. Mirrors `BatchNormTrainParams::cpu_stats` / `cpu_backward` (whose chunks are
+// 256 rows; these are the launcher's, so sums agree to rounding, not to the bit).
+// Launch: block (32, 8): threadIdx.x picks the channel (coalesced), threadIdx.y strides the rows;
+// grid (ceil(c/32), row chunks). Writes part[(chunk·c + ch)·2 + {0, 1}]. In mode 0, dout, out,
+// mean and rstd are unused (may be null).
+extern "C" __global__ void bn_train_partial(double* part, const float* inp, const float* dout, const float* out,
+                                            const float* mean, const float* rstd, int rows, int c,
+                                            int rows_per_chunk, int mode, int relu) {
+    __shared__ double s0[BN_ROWS][33];
+    __shared__ double s1[BN_ROWS][33];
+    const int ch = blockIdx.x * 32 + threadIdx.x;
+    const int r0 = blockIdx.y * rows_per_chunk;
+    const int r1 = (int)min((long long)rows, (long long)r0 + rows_per_chunk);
+    double a = 0.0, b = 0.0;
+    if (ch < c) {
+        const double m = mode ? (double)mean[ch] : 0.0, rs = mode ? (double)rstd[ch] : 0.0;
+        for (int r = r0 + threadIdx.y; r < r1; r += BN_ROWS) {
+            const size_t i = (size_t)r * c + ch;
+            const double x = (double)inp[i];
+            if (mode == 0) {
+                a += x;
+                b += x * x;
+            } else {
+                const double g = (relu && out[i] <= 0.0f) ? 0.0 : (double)dout[i];
+                a += g;
+                b += g * (x - m) * rs;
+            }
+        }
+    }
+    s0[threadIdx.y][threadIdx.x] = a;
+    s1[threadIdx.y][threadIdx.x] = b;
+    __syncthreads();
+    if (threadIdx.y == 0 && ch < c) {
+#pragma unroll
+        for (int y = 1; y < BN_ROWS; y++) {
+            a += s0[y][threadIdx.x];
+            b += s1[y][threadIdx.x];
+        }
+        const size_t o = ((size_t)blockIdx.y * c + ch) * 2;
+        part[o] = a;
+        part[o + 1] = b;
+    }
+}
+
+// batch_norm_stats, per channel from the chunks' Σx, Σx² (summed in chunk order): mean, biased var
+// (clamped at 0), rstd = 1/√(var + ε) rounded once from f64; scale = weight·rstd and shift =
+// bias − mean·scale in f32; running_mean/var ← (1 − m)·running + m·(mean, var·n/(n − 1)) in f64.
+// Launch: 1-D, one thread per channel.
+extern "C" __global__ void bn_train_stats(float* mean, float* rstd, float* scale, float* shift, float* running_mean,
+                                          float* running_var, const double* part, const float* weight,
+                                          const float* bias, int rows, int c, int chunks, float eps, float momentum) {
+    for (int ch = blockIdx.x * blockDim.x + threadIdx.x; ch < c; ch += gridDim.x * blockDim.x) {
+        double s = 0.0, s2 = 0.0;
+        for (int k = 0; k < chunks; k++) {
+            s += part[((size_t)k * c + ch) * 2];
+            s2 += part[((size_t)k * c + ch) * 2 + 1];
+        }
+        const double n = (double)rows, m = (double)momentum;
+        const double mu = s / n;
+        const double var = fmax(s2 / n - mu * mu, 0.0);
+        const float mf = (float)mu, rf = (float)(1.0 / sqrt(var + (double)eps));
+        mean[ch] = mf;
+        rstd[ch] = rf;
+        const float sc = __fmul_rn(weight[ch], rf);
+        scale[ch] = sc;
+        shift[ch] = __fsub_rn(bias[ch], __fmul_rn(mf, sc));
+        running_mean[ch] = (float)((1.0 - m) * (double)running_mean[ch] + m * mu);
+        running_var[ch] = (float)((1.0 - m) * (double)running_var[ch] + m * var * n / (n - 1.0));
+    }
+}
+
+// batch_norm_backward, per channel from the chunks' Σg, Σg·x̂: dweight += Σg·x̂, dbias += Σg (each
+// rounded once), and coef[2ch] = Σg / n, coef[2ch + 1] = Σg·x̂ / n for bn_train_dinp. Launch: 1-D,
+// one thread per channel.
+extern "C" __global__ void bn_train_dparams(float* dweight, float* dbias, double* coef, const double* part, int rows,
+                                            int c, int chunks) {
+    for (int ch = blockIdx.x * blockDim.x + threadIdx.x; ch < c; ch += gridDim.x * blockDim.x) {
+        double sg = 0.0, sgx = 0.0;
+        for (int k = 0; k < chunks; k++) {
+            sg += part[((size_t)k * c + ch) * 2];
+            sgx += part[((size_t)k * c + ch) * 2 + 1];
+        }
+        dweight[ch] = dweight[ch] + (float)sgx;
+        dbias[ch] = dbias[ch] + (float)sg;
+        coef[2 * ch] = sg / (double)rows;
+        coef[2 * ch + 1] = sgx / (double)rows;
+    }
+}
+
+// batch_norm_backward's input gradient: dinp += weight·rstd·(g − coef0 − x̂·coef1) in f64, rounded
+// once. Launch: 1-D grid-stride over rows·c.
+extern "C" __global__ void bn_train_dinp(float* dinp, const float* dout, const float* inp, const float* out,
+                                         const float* mean, const float* rstd, const float* weight,
+                                         const double* coef, int n, int c, int relu) {
+    GRID_STRIDE(i, n) {
+        const unsigned ch = (unsigned)i % (unsigned)c;
+        const double g = (relu && out[i] <= 0.0f) ? 0.0 : (double)dout[i];
+        const double rs = (double)rstd[ch];
+        const double xhat = ((double)inp[i] - (double)mean[ch]) * rs;
+        const double v = (double)weight[ch] * rs * (g - coef[2 * ch] - xhat * coef[2 * ch + 1]);
+        dinp[i] = (float)((double)dinp[i] + v);
+    }
+}

@@ -33,7 +33,8 @@ fi
 # generate_bert.py: BERT models, WordPiece vocabularies and tokenizer cases; generate_auroc.py,
 # generate_xrv_labels.py, generate_xrv_outputs.py and generate_bce.py: sklearn AUROC, torchxrayvision
 # label targets, output normalisation and `eval classify` end to end, the classifier's masked BCE;
-# generate_text_knn.py: `eval text-knn` with transformers and sklearn (issue 16).
+# generate_text_knn.py: `eval text-knn` with transformers and sklearn; generate_classifier_ops.py:
+# batch norm in training and pooling's backward (issue 16).
 if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate.py
   "$VENV/bin/python" tests/fixtures/generate_schedulers.py
@@ -47,6 +48,7 @@ if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate_xrv_outputs.py
   "$VENV/bin/python" tests/fixtures/generate_bce.py
   "$VENV/bin/python" tests/fixtures/generate_text_knn.py
+  "$VENV/bin/python" tests/fixtures/generate_classifier_ops.py
   "$VENV/bin/python" tests/fixtures/iu-xray/make_sample.py
 else
   "$VENV/bin/python" tests/fixtures/generate.py "$@"

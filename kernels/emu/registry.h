@@ -59,7 +59,12 @@ extern "C" void _ZTH13att_smem_bf16() {}
     K(gn_backward_finalize, 0) \
     K(gn_backward_dinp, 0) \
     K(bn_forward, 0) \
+    K(bn_train_partial, 0) \
+    K(bn_train_stats, 0) \
+    K(bn_train_dparams, 0) \
+    K(bn_train_dinp, 0) \
     K(pool2d_fwd, 0) \
+    K(pool2d_bwd, 0) \
     K(ew_activation_fwd, 0) \
     K(ew_activation_bwd, 0) \
     K(ew_add, 0) \

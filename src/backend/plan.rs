@@ -11,8 +11,8 @@ use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
 use crate::ops::norm::{
-    BatchNormForward, BatchNormParams, GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams,
-    NormForward,
+    BatchNormBackward, BatchNormForward, BatchNormParams, BatchNormStats, BatchNormTrainParams, GroupNormBackward,
+    GroupNormParams, LayerNormBackward, LayerNormParams, NormForward,
 };
 use crate::ops::optim::AdamWParams;
 use crate::ops::pool::Pool2dParams;
@@ -118,10 +118,22 @@ impl NormOps for PlanBackend {
     fn batch_norm_forward(&self, _: &BatchNormParams, _: &BatchNormForward) -> Result<()> {
         Ok(())
     }
+
+    fn batch_norm_stats(&self, _: &BatchNormTrainParams, _: &BatchNormStats) -> Result<()> {
+        Ok(())
+    }
+
+    fn batch_norm_backward(&self, _: &BatchNormTrainParams, _: &BatchNormBackward) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl PoolOps for PlanBackend {
     fn pool2d_forward(&self, _: &Pool2dParams, _: &Tensor, _: &Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    fn pool2d_backward(&self, _: &Pool2dParams, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<()> {
         Ok(())
     }
 }

@@ -2,7 +2,8 @@
 //! the transformer blocks'); group norm (`torch.nn.GroupNorm` over channels-last activations),
 //! optionally followed by SiLU as the U-Net's and the VAE's resnets apply it; batch norm at
 //! inference (`torch.nn.BatchNorm2d` in eval mode, optionally followed by ReLU: the evaluation
-//! networks'). Kernels: kernels/norm.cu (`ln_*`, `gn_*`, `bn_*`).
+//! networks') and in training (batch statistics, running statistics, backward: the classifier
+//! trained from scratch). Kernels: kernels/norm.cu (`ln_*`, `gn_*`, `bn_*`).
 
 use crate::backend::cpu::vmath;
 use crate::backend::{check_disjoint, check_len, check_lens};
@@ -373,6 +374,196 @@ impl BatchNormParams {
     }
 }
 
+/// Batch norm in training mode, as `F.batch_norm(x, running_mean, running_var, weight, bias,
+/// training=True, momentum, eps)` on `rows` positions × `channels`, then ReLU when `relu` (the
+/// DenseNet's norm → act pairs). The forward is two calls: [`NormOps::batch_norm_stats`] (the
+/// batch's statistics, the running statistics' update, and the batch's (scale, shift)), then the
+/// inference [`NormOps::batch_norm_forward`] with that (scale, shift), as PyTorch's CPU kernel
+/// applies `x · (invstd · γ) + (β − mean · invstd · γ)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormTrainParams {
+    pub rows: usize,
+    pub channels: usize,
+    pub eps: f32,
+    /// The running statistics' update weight (PyTorch's `momentum`, 0.1 by default).
+    pub momentum: f32,
+    pub relu: bool,
+}
+
+/// The tensors of [`NormOps::batch_norm_stats`]: `inp` (rows, channels), `weight` and `bias`; the
+/// running statistics, updated in place; and per channel, written: the batch `mean` and `rstd`
+/// (1 / √(biased variance + ε), what the backward reads) and the folded `scale` and `shift`.
+#[derive(Clone, Copy)]
+pub struct BatchNormStats<'a> {
+    pub inp: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
+    pub running_mean: &'a Tensor,
+    pub running_var: &'a Tensor,
+    pub mean: &'a Tensor,
+    pub rstd: &'a Tensor,
+    pub scale: &'a Tensor,
+    pub shift: &'a Tensor,
+}
+
+/// The tensors of [`NormOps::batch_norm_backward`]: the gradients `dinp` (rows, channels),
+/// `dweight` and `dbias` (accumulated into); `dout`; the forward's `inp`, its output `out` after
+/// the ReLU (read only when `relu`: where it is 0 no gradient passes), the saved `mean` and `rstd`,
+/// and `weight`.
+#[derive(Clone, Copy)]
+pub struct BatchNormBackward<'a> {
+    pub dinp: &'a Tensor,
+    pub dweight: &'a Tensor,
+    pub dbias: &'a Tensor,
+    pub dout: &'a Tensor,
+    pub inp: &'a Tensor,
+    pub out: &'a Tensor,
+    pub mean: &'a Tensor,
+    pub rstd: &'a Tensor,
+    pub weight: &'a Tensor,
+}
+
+/// Rows per partial sum of the CPU reference (the chunks are summed in order, so the result does
+/// not depend on the thread count).
+const BN_CHUNK_ROWS: usize = 256;
+
+impl BatchNormTrainParams {
+    fn check_rows(&self, what: &str) -> Result<()> {
+        ensure!(
+            self.rows >= 2,
+            "{what}: {} value(s) per channel; training statistics need more than 1 (PyTorch refuses too)",
+            self.rows
+        );
+        Ok(())
+    }
+
+    pub fn check_stats(&self, t: &BatchNormStats) -> Result<()> {
+        self.check_rows("batch_norm_stats")?;
+        let (n, c) = (self.rows * self.channels, self.channels);
+        check_lens(
+            "batch_norm_stats",
+            &[
+                ("inp", t.inp, n),
+                ("weight", t.weight, c),
+                ("bias", t.bias, c),
+                ("running_mean", t.running_mean, c),
+                ("running_var", t.running_var, c),
+                ("mean", t.mean, c),
+                ("rstd", t.rstd, c),
+                ("scale", t.scale, c),
+                ("shift", t.shift, c),
+            ],
+        )?;
+        check_disjoint(
+            "batch_norm_stats",
+            &[t.running_mean, t.running_var, t.mean, t.rstd, t.scale, t.shift],
+            &[t.inp, t.weight, t.bias],
+        )
+    }
+
+    pub fn check_backward(&self, t: &BatchNormBackward) -> Result<()> {
+        self.check_rows("batch_norm_backward")?;
+        let (n, c) = (self.rows * self.channels, self.channels);
+        check_lens(
+            "batch_norm_backward",
+            &[
+                ("dinp", t.dinp, n),
+                ("dweight", t.dweight, c),
+                ("dbias", t.dbias, c),
+                ("dout", t.dout, n),
+                ("inp", t.inp, n),
+                ("out", t.out, n),
+                ("mean", t.mean, c),
+                ("rstd", t.rstd, c),
+                ("weight", t.weight, c),
+            ],
+        )?;
+        check_disjoint(
+            "batch_norm_backward",
+            &[t.dinp, t.dweight, t.dbias],
+            &[t.dout, t.inp, t.out, t.mean, t.rstd, t.weight],
+        )
+    }
+
+    /// Per channel, two f64 column sums of `f(row, channel)` over all rows: partial sums by
+    /// chunks of [`BN_CHUNK_ROWS`] rows (in parallel), then the chunks in order.
+    fn column_sums(&self, f: impl Fn(usize, usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
+        let c = self.channels;
+        let chunks: Vec<Vec<(f64, f64)>> = (0..self.rows.div_ceil(BN_CHUNK_ROWS))
+            .into_par_iter()
+            .map(|k| {
+                let mut acc = vec![(0f64, 0f64); c];
+                for r in k * BN_CHUNK_ROWS..((k + 1) * BN_CHUNK_ROWS).min(self.rows) {
+                    for (ch, a) in acc.iter_mut().enumerate() {
+                        let (u, v) = f(r, ch);
+                        a.0 += u;
+                        a.1 += v;
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut total = vec![(0f64, 0f64); c];
+        for part in &chunks {
+            total.iter_mut().zip(part).for_each(|(t, p)| {
+                t.0 += p.0;
+                t.1 += p.1;
+            });
+        }
+        total
+    }
+
+    /// The CPU reference of the statistics: Σx and Σx² per channel in f64 (one pass; f64 keeps
+    /// E[x²] − mean² exact enough for f32 data); the biased variance normalises, the unbiased
+    /// (× n / (n − 1)) updates `running_var`. rstd is rounded once from f64; scale = weight · rstd
+    /// and shift = bias − mean · scale in f32; the running updates in f64, rounded once.
+    pub fn cpu_stats(&self, [rm, rv, mean, rstd, scale, shift]: [&mut [f32]; 6], [x, w, b]: [&[f32]; 3]) {
+        let c = self.channels;
+        let sums = self.column_sums(|r, ch| {
+            let v = x[r * c + ch] as f64;
+            (v, v * v)
+        });
+        let (n, m) = (self.rows as f64, self.momentum as f64);
+        for (ch, &(s, s2)) in sums.iter().enumerate() {
+            let mu = s / n;
+            let var = (s2 / n - mu * mu).max(0.0);
+            mean[ch] = mu as f32;
+            rstd[ch] = (1.0 / (var + self.eps as f64).sqrt()) as f32;
+            scale[ch] = w[ch] * rstd[ch];
+            shift[ch] = b[ch] - mean[ch] * scale[ch];
+            rm[ch] = ((1.0 - m) * rm[ch] as f64 + m * mu) as f32;
+            rv[ch] = ((1.0 - m) * rv[ch] as f64 + m * var * n / (n - 1.0)) as f32;
+        }
+    }
+
+    /// The CPU reference of the backward, with g = dout (× [out > 0] when `relu`) and x̂ = (x −
+    /// mean) · rstd: dweight += Σ g·x̂, dbias += Σ g, dinp += weight · rstd · (g − Σg / n − x̂ · Σg·x̂ / n)
+    /// (f64, rounded once).
+    pub fn cpu_backward(&self, [dinp, dw, db]: [&mut [f32]; 3], [dout, x, out, mean, rstd, w]: [&[f32]; 6]) {
+        let c = self.channels;
+        let g = |i: usize| if self.relu && out[i] <= 0.0 { 0.0 } else { dout[i] as f64 };
+        let xhat = |i: usize, ch: usize| (x[i] as f64 - mean[ch] as f64) * rstd[ch] as f64;
+        let sums = self.column_sums(|r, ch| {
+            let i = r * c + ch;
+            let gi = g(i);
+            (gi, gi * xhat(i, ch))
+        });
+        let n = self.rows as f64;
+        for (ch, &(sg, sgx)) in sums.iter().enumerate() {
+            dw[ch] += sgx as f32;
+            db[ch] += sg as f32;
+        }
+        dinp[..self.rows * c].par_chunks_mut(c).enumerate().for_each(|(r, d)| {
+            for (ch, d) in d.iter_mut().enumerate() {
+                let i = r * c + ch;
+                let (sg, sgx) = sums[ch];
+                let v = w[ch] as f64 * rstd[ch] as f64 * (g(i) - sg / n - xhat(i, ch) * sgx / n);
+                *d = (*d as f64 + v) as f32;
+            }
+        });
+    }
+}
+
 /// The layer, group and batch norms on a backend.
 pub trait NormOps {
     /// Layer norm over the last dimension: out, mean (rows), rstd (rows), inp (rows, cols).
@@ -389,8 +580,16 @@ pub trait NormOps {
     /// Of `group_norm_forward` (with its SiLU when `silu`, recomputed from the saved statistics).
     fn group_norm_backward(&self, p: &GroupNormParams, t: &GroupNormBackward) -> Result<()>;
 
-    /// Inference batch norm (and ReLU) on (rows, channels); forward only (the evaluation networks).
+    /// Inference batch norm (and ReLU) on (rows, channels): the evaluation networks', and the
+    /// application step of a training forward.
     fn batch_norm_forward(&self, p: &BatchNormParams, t: &BatchNormForward) -> Result<()>;
+
+    /// A training forward's statistics: the batch's mean and rstd, the running statistics'
+    /// update, and the (scale, shift) that `batch_norm_forward` then applies.
+    fn batch_norm_stats(&self, p: &BatchNormTrainParams, t: &BatchNormStats) -> Result<()>;
+
+    /// Of a training batch norm (and its ReLU), from the saved statistics.
+    fn batch_norm_backward(&self, p: &BatchNormTrainParams, t: &BatchNormBackward) -> Result<()>;
 }
 
 #[cfg(test)]

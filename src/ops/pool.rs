@@ -1,7 +1,7 @@
 //! Pooling over channels-last maps: max and average windows as `F.max_pool2d` and `F.avg_pool2d`
 //! compute them (floor mode), and the global average (`adaptive_avg_pool2d(x, 1)`: the window is
-//! the whole map). Forward only: pooling serves the evaluation networks (TorchXRayVision's
-//! DenseNet), which run inference. Kernels: kernels/pool.cu.
+//! the whole map), forward and backward (the classifier trained from scratch, issue 16). Kernels:
+//! kernels/pool.cu.
 
 use super::Window2d;
 use crate::backend::{check_disjoint, check_len};
@@ -118,10 +118,92 @@ impl Pool2dParams {
     }
 }
 
+/// Where a max window's gradient goes: the position (y, x) of its maximum, scanning rows then
+/// columns and keeping the first largest value (a later NaN replaces it, as PyTorch's CPU
+/// `max_pool2d_with_indices` scans); None for a window with nothing inside the map.
+fn window_argmax(
+    inp: &[f32],
+    [w, c]: [usize; 2],
+    [y0, y1, x0, x1]: [usize; 4],
+    base: usize,
+    ch: usize,
+) -> Option<(usize, usize)> {
+    let (mut best, mut at) = (f32::NEG_INFINITY, None);
+    for y in y0..y1 {
+        for x in x0..x1 {
+            let v = inp[base + (y * w + x) * c + ch];
+            if v > best || v.is_nan() || at.is_none() {
+                best = v;
+                at = Some((y, x));
+            }
+        }
+    }
+    at
+}
+
+impl Pool2dParams {
+    /// What every backend checks before a backward: those of the forward, for dout and dinp.
+    pub fn check_backward(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()> {
+        self.check_forward(dout, inp)?;
+        check_len("pool2d dinp", dinp, self.in_elements())?;
+        check_disjoint("pool2d backward", &[dinp], &[dout, inp])
+    }
+
+    /// The CPU reference of the backward: dinp += the gradient of every window that holds each
+    /// input position (gathered per input position, so no two tasks write one value): for max, the
+    /// window's dout when the position is the window's maximum ([`window_argmax`]); for the
+    /// averages, dout divided by the window's count. Sums in f64, in (oy, ox) order.
+    pub fn cpu_backward(&self, dinp: &mut [f32], dout: &[f32], inp: &[f32]) {
+        let (win, c, mode) = (self.window, self.channels, self.mode);
+        let (oh, ow) = (win.out_h(), win.out_w());
+        let [kh, kw] = win.kernel;
+        let clip = |start: isize, k: usize, size: usize| {
+            (start.max(0) as usize, ((start + k as isize).max(0) as usize).min(size))
+        };
+        // The output rows (or columns) whose window covers map position `p` along an axis.
+        let covering = |p: usize, pad: usize, k: usize, n_out: usize| {
+            let hi = (p + pad) / win.stride; // the last window starting at or before p
+            let lo = (p + pad + 1).saturating_sub(k).div_ceil(win.stride);
+            lo..(hi + 1).min(n_out)
+        };
+        dinp[..self.in_elements()].par_chunks_mut(c).enumerate().for_each(|(r, d)| {
+            let (b, y, x) = (r / (win.h * win.w), (r / win.w) % win.h, r % win.w);
+            let base = b * win.h * win.w * c;
+            for (ch, d) in d.iter_mut().enumerate() {
+                let mut acc = 0f64;
+                for oy in covering(y, win.pad[0], kh, oh) {
+                    for ox in covering(x, win.pad[2], kw, ow) {
+                        let g = dout[((b * oh + oy) * ow + ox) * c + ch] as f64;
+                        let (y0, y1) = clip(win.row0(oy), kh, win.h);
+                        let (x0, x1) = clip(win.col0(ox), kw, win.w);
+                        acc += match mode {
+                            PoolMode::Max => {
+                                let at = window_argmax(inp, [win.w, c], [y0, y1, x0, x1], base, ch);
+                                if at == Some((y, x)) {
+                                    g
+                                } else {
+                                    0.0
+                                }
+                            }
+                            PoolMode::Avg => g / (kh * kw) as f64,
+                            PoolMode::AvgExcludePad => g / ((y1 - y0) * (x1 - x0)) as f64,
+                        };
+                    }
+                }
+                *d = (*d as f64 + acc) as f32;
+            }
+        });
+    }
+}
+
 /// The pooling family, implemented by each backend in its file of that family.
 pub trait PoolOps {
     /// out (batch, out_h, out_w, channels) = the pooled inp (batch, h, w, channels).
     fn pool2d_forward(&self, p: &Pool2dParams, out: &Tensor, inp: &Tensor) -> Result<()>;
+
+    /// dinp (batch, h, w, channels) += the gradient of `pool2d_forward` for dout; max windows
+    /// recompute their maximum from inp.
+    fn pool2d_backward(&self, p: &Pool2dParams, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()>;
 }
 
 #[cfg(test)]

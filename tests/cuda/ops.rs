@@ -9,7 +9,7 @@ use roentgen::ops::conv::Im2colParams;
 use roentgen::ops::elementwise::{
     BiasRowsParams, ConcatParams, EmbeddingBackward, EmbeddingForward, GegluParams, TimestepEmbeddingParams,
 };
-use roentgen::ops::norm::{BatchNormForward, BatchNormParams};
+use roentgen::ops::norm::{BatchNormBackward, BatchNormForward, BatchNormParams, BatchNormStats, BatchNormTrainParams};
 use roentgen::ops::pool::{Pool2dParams, PoolMode};
 use roentgen::ops::Window2d;
 use roentgen::tensor::Tensor;
@@ -153,6 +153,68 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         }
     }
 
+    // batch norm in training (the classifier trained from scratch): statistics with the running
+    // update, and the backward with and without the ReLU mask; (rows, channels) incl. DenseNet's
+    // stem (batch 2 at 112×112, 64 channels) and values far from 0
+    for &(rows, c, loc) in &[(7, 3, 0.0), (25088, 64, 0.0), (196, 1024, 5.0), (130, 33, -2.0)] {
+        for relu in [false, true] {
+            let p = BatchNormTrainParams { rows, channels: c, eps: 1e-5, momentum: 0.1, relu };
+            let x: Vec<f32> = rng.normal(rows * c).iter().map(|v| v * 3.0 + loc).collect();
+            let ins = vec![
+                rng.normal(c),
+                rng.normal(c).iter().map(|v| 1.0 + v.abs()).collect(),
+                vec![0.0; c],
+                vec![0.0; c],
+                vec![0.0; c],
+                vec![0.0; c],
+                x.clone(),
+                rng.normal(c),
+                rng.normal(c),
+            ];
+            if !relu {
+                g(format!("batch_norm_stats {rows}x{c} mean {loc}"), ins, &[0, 1, 2, 3, 4, 5], &|b, t| {
+                    let t = BatchNormStats {
+                        running_mean: &t[0],
+                        running_var: &t[1],
+                        mean: &t[2],
+                        rstd: &t[3],
+                        scale: &t[4],
+                        shift: &t[5],
+                        inp: &t[6],
+                        weight: &t[7],
+                        bias: &t[8],
+                    };
+                    b.batch_norm_stats(&p, &t)
+                });
+            }
+            let ins = vec![
+                rng.normal(rows * c),
+                rng.normal(c),
+                rng.normal(c),
+                rng.normal(rows * c),
+                x,
+                rng.normal(rows * c),
+                rng.normal(c).iter().map(|v| v + loc).collect(),
+                rng.normal(c).iter().map(|v| 0.5 + v.abs()).collect(),
+                rng.normal(c),
+            ];
+            g(format!("batch_norm_backward {rows}x{c} relu={relu}"), ins, &[0, 1, 2], &|b, t| {
+                let t = BatchNormBackward {
+                    dinp: &t[0],
+                    dweight: &t[1],
+                    dbias: &t[2],
+                    dout: &t[3],
+                    inp: &t[4],
+                    out: &t[5],
+                    mean: &t[6],
+                    rstd: &t[7],
+                    weight: &t[8],
+                };
+                b.batch_norm_backward(&p, &t)
+            });
+        }
+    }
+
     // im2col: Inception's rectangular kernels (1×7 / 7×1 with their padding, 1×3 / 3×1) and an odd
     // strided one; (batch, h, w, c, kernel h, kernel w, stride, [top, bottom, left, right])
     for &(n, h, w, c, kh, kw, st, pad) in &[
@@ -185,6 +247,12 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             let ins = vec![vec![0.0; p.out_elements()], rng.normal(p.in_elements())];
             g(format!("pool2d_forward {n}x{h}x{w}x{c} {kh}x{kw}/{st} pad {pad} {mode:?}"), ins, &[0], &|b, t| {
                 b.pool2d_forward(&p, &t[0], &t[1])
+            });
+            // The backward (accumulating into dinp); max windows on values with ties (halves).
+            let x: Vec<f32> = rng.normal(p.in_elements()).iter().map(|v| (v * 2.0).round() / 2.0).collect();
+            let ins = vec![rng.normal(p.in_elements()), rng.normal(p.out_elements()), x];
+            g(format!("pool2d_backward {n}x{h}x{w}x{c} {kh}x{kw}/{st} pad {pad} {mode:?}"), ins, &[0], &|b, t| {
+                b.pool2d_backward(&p, &t[0], &t[1], &t[2])
             });
         }
     }

@@ -15,8 +15,8 @@ use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, Pointwise, UpsampleParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearParams, WeightedBackward};
 use crate::ops::norm::{
-    BatchNormForward, BatchNormParams, GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams,
-    NormForward,
+    BatchNormBackward, BatchNormForward, BatchNormParams, BatchNormStats, BatchNormTrainParams, GroupNormBackward,
+    GroupNormParams, LayerNormBackward, LayerNormParams, NormForward,
 };
 use crate::ops::optim::{AdamWParams, Reduction};
 use crate::ops::pool::Pool2dParams;
@@ -320,6 +320,21 @@ impl NormOps for CpuBackend {
         p.cpu_forward(out, ins);
         Ok(())
     }
+
+    fn batch_norm_stats(&self, p: &BatchNormTrainParams, t: &BatchNormStats) -> Result<()> {
+        p.check_stats(t)?;
+        let outs = [t.running_mean, t.running_var, t.mean, t.rstd, t.scale, t.shift];
+        let (outs, ins) = self.views(outs, [t.inp, t.weight, t.bias]);
+        p.cpu_stats(outs, ins);
+        Ok(())
+    }
+
+    fn batch_norm_backward(&self, p: &BatchNormTrainParams, t: &BatchNormBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let (outs, ins) = self.views([t.dinp, t.dweight, t.dbias], [t.dout, t.inp, t.out, t.mean, t.rstd, t.weight]);
+        p.cpu_backward(outs, ins);
+        Ok(())
+    }
 }
 
 impl PoolOps for CpuBackend {
@@ -327,6 +342,13 @@ impl PoolOps for CpuBackend {
         p.check_forward(out, inp)?;
         let ([out], [inp]) = self.views([out], [inp]);
         p.cpu_forward(out, inp);
+        Ok(())
+    }
+
+    fn pool2d_backward(&self, p: &Pool2dParams, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()> {
+        p.check_backward(dinp, dout, inp)?;
+        let ([dinp], [dout, inp]) = self.views([dinp], [dout, inp]);
+        p.cpu_backward(dinp, dout, inp);
         Ok(())
     }
 }

@@ -1,16 +1,17 @@
-//! Layer norm and group norm on the GPU (ops/norm.rs; kernels/norm.cu). Statistics in f64 with
-//! two passes, as the CPU reference; no atomics, so results are deterministic. Workspace slot 0
-//! holds group norm's per-chunk partial sums and per-group statistics, slot 1 the per-chunk column
-//! sums of dweight/dbias.
+//! Layer norm, group norm and batch norm on the GPU (ops/norm.rs; kernels/norm.cu). Statistics in
+//! f64, as the CPU reference; no atomics, so results are deterministic. Workspace slot 0 holds
+//! group norm's per-chunk partial sums and per-group statistics, and batch norm's per-chunk column
+//! sums; slot 1 the per-chunk column sums of dweight/dbias, and batch norm's backward coefficients.
 
 use super::launch::*;
 use super::ops::{chunking, f64_at, BLOCK, COL_CHUNK_ROWS, COL_MAX_CHUNKS, MAX_GRID};
 use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::backend::NormOps;
 use crate::ops::norm::{
-    BatchNormForward, BatchNormParams, GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams,
-    NormForward,
+    BatchNormBackward, BatchNormForward, BatchNormParams, BatchNormStats, BatchNormTrainParams, GroupNormBackward,
+    GroupNormParams, LayerNormBackward, LayerNormParams, NormForward,
 };
+use crate::tensor::Tensor;
 use anyhow::Result;
 
 /// Group norm: elements per block aimed at by the statistics passes, and most chunks per group.
@@ -303,5 +304,84 @@ impl NormOps for CudaBackend {
         let (out, inp, scale, shift) = (self.dptr(t.out), self.dptr(t.inp), self.dptr(t.scale), self.dptr(t.shift));
         let k = BnForward { out, inp, scale, shift, n: ni, c: p.channels as i32, relu: p.relu as i32 };
         self.ops_launch1(n, k)
+    }
+
+    fn batch_norm_stats(&self, p: &BatchNormTrainParams, t: &BatchNormStats) -> Result<()> {
+        p.check_stats(t)?;
+        let Some(_) = nonempty_i32("batch_norm_stats", p.rows * p.channels)? else { return Ok(()) };
+        let (part, chunks) = self.bn_train_partial(p, t.inp, None)?;
+        let k = BnTrainStats {
+            mean: self.dptr(t.mean),
+            rstd: self.dptr(t.rstd),
+            scale: self.dptr(t.scale),
+            shift: self.dptr(t.shift),
+            running_mean: self.dptr(t.running_mean),
+            running_var: self.dptr(t.running_var),
+            part,
+            weight: self.dptr(t.weight),
+            bias: self.dptr(t.bias),
+            rows: p.rows as i32,
+            c: p.channels as i32,
+            chunks: chunks as i32,
+            eps: p.eps,
+            momentum: p.momentum,
+        };
+        self.ops_launch1(p.channels, k)
+    }
+
+    fn batch_norm_backward(&self, p: &BatchNormTrainParams, t: &BatchNormBackward) -> Result<()> {
+        p.check_backward(t)?;
+        let n = p.rows * p.channels;
+        let Some(ni) = nonempty_i32("batch_norm_backward", n)? else { return Ok(()) };
+        let (part, chunks) = self.bn_train_partial(p, t.inp, Some(t))?;
+        let coef = self.ops_workspace_f64(1, 2 * p.channels)?;
+        let (rows, c) = (p.rows as i32, p.channels as i32);
+        let (dweight, dbias) = (self.dptr(t.dweight), self.dptr(t.dbias));
+        self.ops_launch1(p.channels, BnTrainDparams { dweight, dbias, coef, part, rows, c, chunks: chunks as i32 })?;
+        let k = BnTrainDinp {
+            dinp: self.dptr(t.dinp),
+            dout: self.dptr(t.dout),
+            inp: self.dptr(t.inp),
+            out: self.dptr(t.out),
+            mean: self.dptr(t.mean),
+            rstd: self.dptr(t.rstd),
+            weight: self.dptr(t.weight),
+            coef,
+            n: ni,
+            c,
+            relu: p.relu as i32,
+        };
+        self.ops_launch1(n, k)
+    }
+}
+
+impl CudaBackend {
+    /// `bn_train_partial` over row chunks into workspace slot 0: the statistics' sums (`bwd` None)
+    /// or the backward's (its dout, out, mean and rstd). Returns the partials and the chunk count.
+    fn bn_train_partial(
+        &self,
+        p: &BatchNormTrainParams,
+        inp: &Tensor,
+        bwd: Option<&BatchNormBackward>,
+    ) -> Result<(u64, usize)> {
+        let (rows, c) = (p.rows, p.channels);
+        let (chunks, rpc) = chunking(rows, COL_CHUNK_ROWS, COL_MAX_CHUNKS);
+        let part = self.ops_workspace_f64(0, chunks * c * 2)?;
+        let ptr = |t: Option<&Tensor>| t.map_or(0, |t| self.dptr(t));
+        let k = BnTrainPartial {
+            part,
+            inp: self.dptr(inp),
+            dout: ptr(bwd.map(|b| b.dout)),
+            out: ptr(bwd.map(|b| b.out)),
+            mean: ptr(bwd.map(|b| b.mean)),
+            rstd: ptr(bwd.map(|b| b.rstd)),
+            rows: rows as i32,
+            c: c as i32,
+            rows_per_chunk: rpc as i32,
+            mode: bwd.is_some() as i32,
+            relu: p.relu as i32,
+        };
+        self.launch(k, (c.div_ceil(32) as u32, chunks as u32, 1), (32, 8, 1), 0)?;
+        Ok((part, chunks))
     }
 }
