@@ -123,3 +123,153 @@ fn pooling_backward_matches_pytorch() {
         assert_close(&format!("{name}: dx"), &got, &g("dx"), 1e-6);
     }
 }
+
+use roentgen::eval::densenet::DenseNetConfig;
+use roentgen::tensor::Layout;
+use roentgen::train::densenet::ClassifierPools;
+
+/// A layout entry's tensor.
+fn entry(l: &Layout, name: &str) -> Tensor {
+    let e = l.find(name).unwrap_or_else(|| panic!("no tensor {name}"));
+    Tensor { pool: l.pool(), offset: e.offset, shape: e.shape }
+}
+
+/// One training step of `config` on the CPU from weights `weight(name)`: the logits, the loss,
+/// and the pools (gradients and updated running statistics) to read.
+fn train_step(
+    b: &mut CpuBackend,
+    config: &DenseNetConfig,
+    outputs: usize,
+    weight: &dyn Fn(&str, &[usize]) -> Vec<f32>,
+    x: &[f32],
+    targets: &[Option<bool>],
+) -> (ClassifierPools, Vec<f32>, f32) {
+    let pools = ClassifierPools::allocate(b, config, outputs).unwrap();
+    pools.load_with(b, |name, shape| Ok(weight(name, shape))).unwrap();
+    pools.zero_grads(b).unwrap();
+    let batch = targets.len() / outputs;
+    let side = ((x.len() / batch) as f64).sqrt() as usize;
+    let mut arena = pools.training_arena(b, batch, side, side).unwrap();
+    let (logits, loss) = pools.forward_backward(b, &mut arena, [batch, side, side], x, targets).unwrap();
+    (pools, logits, loss)
+}
+
+/// Gradients are small, and a norm weight's gradient can cancel to far below its terms: the bar
+/// is 1e-4 of the tensor's own largest value plus 1e-6 of the largest gradient in the network
+/// (`global`), not 1e-4 absolute.
+fn assert_grad(what: &str, got: &[f32], want: &[f32], global: f32) {
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(scale > 0.0, "{what}: the reference gradient is zero");
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let err = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let bar = 1e-4 * scale + 1e-6 * global;
+    println!("{what}: max |ours - reference| = {err:.3e} (scale {scale:.3e}, bar {bar:.1e})");
+    assert!(err <= bar, "{what}: max error {err:e} exceeds {bar:e}");
+}
+
+fn targets_of(v: &Value) -> Vec<Option<bool>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()))
+        .map(|t| (t >= 0).then_some(t == 1))
+        .collect()
+}
+
+/// Every gradient and running statistic of one training step of a tiny DenseNet (growth 4,
+/// blocks 2-2) against torchvision's `loss.backward()`.
+#[test]
+fn tiny_densenet_training_step_matches_pytorch() {
+    let f = fixture("classifier-ops/tiny-densenet.safetensors");
+    let meta = &cases()["tiny_densenet"];
+    let config =
+        DenseNetConfig { growth_rate: 4, block_config: vec![2, 2], num_init_features: 8, bn_size: 2, in_channels: 1 };
+    let targets = targets_of(&meta["targets"]);
+    let mut b = CpuBackend::new();
+    let weight = |name: &str, _: &[usize]| read_f32(&f, &format!("w.{name}")).1;
+    let (pools, logits, loss) = train_step(&mut b, &config, 3, &weight, &read_f32(&f, "x").1, &targets);
+    assert_close("tiny DenseNet logits", &logits, &read_f32(&f, "logits").1, F32_PARITY);
+    let want_loss = read_f32(&f, "loss").1[0];
+    assert!((loss - want_loss).abs() <= 1e-6 * want_loss.abs().max(1.0), "loss {loss} vs {want_loss}");
+    let grads: Vec<(String, Vec<f32>, Vec<f32>)> = pools
+        .grad_table
+        .entries()
+        .iter()
+        .map(|e| {
+            let got = b.download(&entry(&pools.grad_table, &e.name)).unwrap();
+            (e.name.clone(), got, read_f32(&f, &format!("grad.{}", e.name)).1)
+        })
+        .collect();
+    let global = grads.iter().flat_map(|(_, _, w)| w.iter()).fold(0f32, |m, x| m.max(x.abs()));
+    for (name, got, want) in &grads {
+        assert_grad(&format!("grad {name}"), got, want, global);
+    }
+    let checked = grads.len();
+    for e in pools.buffers.entries() {
+        let got = b.download(&entry(&pools.buffers, &e.name)).unwrap();
+        assert_close(&format!("after step: {}", e.name), &got, &read_f32(&f, &format!("after.{}", e.name)).1, 1e-6);
+    }
+    // conv0, norm0 (2), 4 dense layers × (norm1 2, conv1, norm2 2, conv2), the transition (norm 2,
+    // conv), norm5 (2), the classifier (2).
+    assert_eq!(checked, 1 + 2 + 4 * 6 + 3 + 2 + 2, "parameters compared");
+}
+
+/// One training step of DenseNet-121 (18 outputs, 64×64 inputs, the shared generator's weights)
+/// against torchvision: the logits and loss, and every parameter's gradient and running statistic
+/// by its sum, L2 norm and 16 sampled values (the full tensors would be 28 MB of fixture).
+///
+/// The gradient bar is looser than ARCHITECTURE.md's 1e-4, for a reason that is not ours to fix:
+/// among the 1.5 million batch-norm outputs of this step, some lie within rounding of 0, where the
+/// ReLU after them decides whether a gradient passes; f32 results that differ in the last bits can
+/// decide differently. In this fixture one does (denseblock3.denselayer22.norm1, channel 519:
+/// −7.3e-7 in PyTorch), and its channel is denselayer9's output, so every gradient below that
+/// layer differs by up to 1.2e-2 of its tensor's largest value (those above agree to 3e-5). A
+/// wrong formula moves gradients by their own size, so 5e-2 of the tensor's largest sampled value
+/// still fails it; the forward (logits, running statistics) keeps the 1e-4 bar, and the tiny
+/// network above, with no such value, checks every gradient at the standard bar.
+#[test]
+fn densenet121_training_step_matches_pytorch() {
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("classifier-ops/densenet121-64px.json")).unwrap())
+            .unwrap();
+    let f32s = |v: &Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+    let config = DenseNetConfig::densenet121();
+    let targets = targets_of(&doc["targets"]);
+    let mut b = CpuBackend::new();
+    let weight = |name: &str, shape: &[usize]| common::seeded::seeded_tensor(name, shape);
+    let (pools, logits, loss) = train_step(&mut b, &config, 18, &weight, &f32s(&doc["x"]), &targets);
+    assert_close("DenseNet-121 logits", &logits, &f32s(&doc["logits"]), F32_PARITY);
+    let want_loss = doc["loss"].as_f64().unwrap();
+    assert!((loss as f64 - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0), "loss {loss} vs {want_loss}");
+    // (largest relative error seen, its tensor)
+    let check = |kind: &str, l: &Layout, want: &serde_json::Map<String, Value>, rel: f64| {
+        let mut worst = (0f64, String::new());
+        for e in l.entries() {
+            let w = &want[&e.name];
+            let got = b.download(&entry(l, &e.name)).unwrap();
+            let norm = got.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+            let wn = w["norm"].as_f64().unwrap();
+            let idx: Vec<usize> =
+                w["indices"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as usize).collect();
+            let want_sampled = f32s(&w["values"]);
+            let scale =
+                want_sampled.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(wn / (got.len() as f64).sqrt());
+            let err = idx.iter().zip(&want_sampled).fold(0f64, |m, (&i, &b)| m.max((got[i] - b).abs() as f64));
+            assert!((norm - wn).abs() <= rel * wn, "{kind} {}: L2 norm {norm} vs {wn}", e.name);
+            assert!(err <= rel * scale, "{kind} {}: sampled values differ by {err:e} (scale {scale:e})", e.name);
+            if err / scale > worst.0 {
+                worst = (err / scale, e.name.clone());
+            }
+        }
+        println!(
+            "{kind}: {} tensors within {rel:e}; largest relative error {:.1e} ({})",
+            l.entries().len(),
+            worst.0,
+            worst.1
+        );
+        l.entries().len()
+    };
+    let grads = check("gradients", &pools.grad_table, doc["grads"].as_object().unwrap(), 5e-2);
+    let stats = check("running statistics", &pools.buffers, doc["after"].as_object().unwrap(), 1e-4);
+    assert_eq!((grads, stats), (doc["grads"].as_object().unwrap().len(), doc["after"].as_object().unwrap().len()));
+}

@@ -125,6 +125,7 @@ fn main() {
     pipelines::training_allocation_case(&mut r);
     pipelines::clip_tower_case(&mut r);
     pipelines::densenet_case(&mut r);
+    pipelines::densenet_training_case(&mut r);
     pipelines::inception_case(&mut r);
     pipelines::end_to_end_cases(&mut r, "f32", 1e-4);
     // bf16 through a whole denoising loop / step: errors compound over ~20 layers and 6 steps, so

@@ -108,38 +108,48 @@ impl DenseNetConfig {
 }
 
 /// norm1 → relu → conv1 (1×1) → norm2 → relu → conv2 (3×3), its output concatenated to its input.
+/// `N` is how a batch norm is held: folded for inference ([`FoldedNorm`]) or trainable
+/// (`train::densenet::TrainNorm`).
 #[derive(Clone, Copy, Debug)]
-struct DenseLayer {
-    norm1: FoldedNorm,
-    conv1: Conv2d,
-    norm2: FoldedNorm,
-    conv2: Conv2d,
+pub struct DenseLayer<N> {
+    pub norm1: N,
+    pub conv1: Conv2d,
+    pub norm2: N,
+    pub conv2: Conv2d,
 }
 
 /// norm → relu → conv (1×1) → 2×2 average pool.
 #[derive(Clone, Copy, Debug)]
-struct Transition {
-    norm: FoldedNorm,
-    conv: Conv2d,
+pub struct Transition<N> {
+    pub norm: N,
+    pub conv: Conv2d,
 }
 
-/// The network's parameters on the backend, under the checkpoint's names (a norm's folded pair as
-/// `<norm>.scale` and `<norm>.shift`).
+/// The network's modules under torchvision's names (the architecture, in one place for inference
+/// and training).
 #[derive(Clone, Debug)]
-struct DenseNetParams {
-    conv0: Conv2d,
-    norm0: FoldedNorm,
-    blocks: Vec<Vec<DenseLayer>>,
-    transitions: Vec<Transition>,
-    norm5: FoldedNorm,
+pub struct DenseNetModules<N> {
+    pub conv0: Conv2d,
+    pub norm0: N,
+    pub blocks: Vec<Vec<DenseLayer<N>>>,
+    pub transitions: Vec<Transition<N>>,
+    pub norm5: N,
 }
 
-fn params_layout(l: &mut Layout, config: &DenseNetConfig) -> DenseNetParams {
+/// The inference network's parameters (a norm's folded pair as `<norm>.scale` and `<norm>.shift`).
+type DenseNetParams = DenseNetModules<FoldedNorm>;
+
+/// Lays out `config`'s modules in `l` (convolutions without bias, as torchvision's), each batch
+/// norm by `norm(l, name, channels)`.
+pub fn modules_layout<N>(
+    l: &mut Layout,
+    config: &DenseNetConfig,
+    mut norm: impl FnMut(&mut Layout, &str, usize) -> N,
+) -> DenseNetModules<N> {
     let conv = |l: &mut Layout, name: &str, [c_out, c_in, kernel]: [usize; 3], stride: usize, pad: usize| {
         let weight = l.tensor(format!("{name}.weight"), [c_out, c_in, kernel, kernel]);
         Conv2d { weight, bias: None, c_in, c_out, kernel, stride, pad: [pad; 4] }
     };
-    let norm = FoldedNorm::layout;
     let nif = config.num_init_features;
     let conv0 = conv(l, "features.conv0", [nif, config.in_channels, 7], 2, 3);
     let norm0 = norm(l, "features.norm0", nif);
@@ -147,17 +157,16 @@ fn params_layout(l: &mut Layout, config: &DenseNetConfig) -> DenseNetParams {
     let mut c = nif;
     let (mut blocks, mut transitions) = (Vec::new(), Vec::new());
     for (b, &n) in config.block_config.iter().enumerate() {
-        let layers = (0..n)
-            .map(|i| {
-                let p = format!("features.denseblock{}.denselayer{}", b + 1, i + 1);
-                DenseLayer {
-                    norm1: norm(l, &format!("{p}.norm1"), c + i * gr),
-                    conv1: conv(l, &format!("{p}.conv1"), [mid, c + i * gr, 1], 1, 0),
-                    norm2: norm(l, &format!("{p}.norm2"), mid),
-                    conv2: conv(l, &format!("{p}.conv2"), [gr, mid, 3], 1, 1),
-                }
-            })
-            .collect();
+        let mut layers = Vec::with_capacity(n);
+        for i in 0..n {
+            let p = format!("features.denseblock{}.denselayer{}", b + 1, i + 1);
+            layers.push(DenseLayer {
+                norm1: norm(l, &format!("{p}.norm1"), c + i * gr),
+                conv1: conv(l, &format!("{p}.conv1"), [mid, c + i * gr, 1], 1, 0),
+                norm2: norm(l, &format!("{p}.norm2"), mid),
+                conv2: conv(l, &format!("{p}.conv2"), [gr, mid, 3], 1, 1),
+            });
+        }
         blocks.push(layers);
         c += n * gr;
         if b + 1 < config.block_config.len() {
@@ -170,7 +179,7 @@ fn params_layout(l: &mut Layout, config: &DenseNetConfig) -> DenseNetParams {
         }
     }
     let norm5 = norm(l, "features.norm5", c);
-    DenseNetParams { conv0, norm0, blocks, transitions, norm5 }
+    DenseNetModules { conv0, norm0, blocks, transitions, norm5 }
 }
 
 /// TorchXRayVision's DenseNet, on the backend.
@@ -187,7 +196,8 @@ impl DenseNet {
     /// Loads the network onto `backend`: the convolutions' weights as they are, each batch norm's
     /// running statistics folded into (scale, shift) (ε 1e-5, torchvision's).
     pub fn load(mut backend: Box<dyn Backend>, w: &Weights, config: DenseNetConfig) -> Result<DenseNet> {
-        let (params, table) = allocate(backend.as_mut(), "densenet.params", |l| params_layout(l, &config))?;
+        let (params, table) =
+            allocate(backend.as_mut(), "densenet.params", |l| modules_layout(l, &config, FoldedNorm::layout))?;
         load_folding_norms(backend.as_ref(), w, &table, 1e-5)?;
         let classifier = match w.src.shape("classifier.weight") {
             Some(s) if s.len() == 2 => {

@@ -10,6 +10,7 @@
 pub mod bce;
 pub mod checkpoint;
 pub mod data;
+pub mod densenet;
 pub mod job;
 pub mod run;
 pub mod schedule;

@@ -335,6 +335,66 @@ pub fn densenet_case(r: &mut Runner) {
     });
 }
 
+/// One training step of a small DenseNet classifier (growth 4, blocks [2, 2], 3 outputs, two 32×32
+/// images, one label missing) on the CUDA backend in f32 against the CPU backend: the logits, the
+/// loss, every parameter's gradient and every running statistic after the step (batch norm in
+/// training mode and its backward, pooling's backward, convolution and linear backward through the
+/// dense concatenations).
+pub fn densenet_training_case(r: &mut Runner) {
+    r.case("f32/densenet classifier training step: cuda vs cpu", || {
+        use roentgen::eval::densenet::DenseNetConfig;
+        use roentgen::train::densenet::ClassifierPools;
+        let config = DenseNetConfig {
+            growth_rate: 4,
+            block_config: vec![2, 2],
+            num_init_features: 8,
+            bn_size: 2,
+            in_channels: 1,
+        };
+        let mut rng = Rng(78);
+        let pools = ClassifierPools::allocate(&mut roentgen::backend::cpu::CpuBackend::new(), &config, 3)?;
+        let weights: std::collections::HashMap<String, Vec<f32>> = [&pools.params, &pools.buffers]
+            .iter()
+            .flat_map(|l| l.entries().to_vec())
+            .map(|e| {
+                let n = e.shape.numel();
+                let v = if e.name.ends_with("running_var") {
+                    rng.normal(n).iter().map(|x| 0.5 + x.abs()).collect()
+                } else {
+                    rng.scaled(n, 0.3)
+                };
+                (e.name, v)
+            })
+            .collect();
+        let images = rng.normal(2 * 32 * 32);
+        let targets = [Some(true), Some(false), None, Some(false), Some(true), Some(true)];
+        let step = |mut b: Box<dyn Backend>| -> Result<Vec<(String, Vec<f32>)>> {
+            let pools = ClassifierPools::allocate(b.as_mut(), &config, 3)?;
+            pools.load_with(b.as_ref(), |name, _| Ok(weights[name].clone()))?;
+            pools.zero_grads(b.as_ref())?;
+            let mut arena = pools.training_arena(b.as_mut(), 2, 32, 32)?;
+            let (logits, loss) = pools.forward_backward(b.as_ref(), &mut arena, [2, 32, 32], &images, &targets)?;
+            let mut out = vec![("logits".to_string(), logits), ("loss".to_string(), vec![loss])];
+            for l in [&pools.grad_table, &pools.buffers] {
+                out.extend(pools.download(b.as_ref(), l)?.into_iter().map(|(n, _, v)| (n, v)));
+            }
+            Ok(out)
+        };
+        let want = step(Box::new(roentgen::backend::cpu::CpuBackend::new()))?;
+        let got = step(Box::new(CudaBackend::new(0, Precision::F32)?))?;
+        let mut worst = (0f32, String::new());
+        for ((name, g), (_, w)) in got.iter().zip(&want) {
+            let scale = w.iter().fold(1f32, |m, x| m.max(x.abs()));
+            let err = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            ensure!(err <= F32_PARITY * scale, "{name}: max |cuda − cpu| {err:.2e} > {:.1e}", F32_PARITY * scale);
+            if err / scale > worst.0 {
+                worst = (err / scale, name.clone());
+            }
+        }
+        Ok(format!("{} tensors; largest error {:.1e} ({})", got.len(), worst.0, worst.1))
+    });
+}
+
 /// pytorch-fid's InceptionV3 with seeded weights on the CUDA backend in f32 at its smallest input
 /// (75×75), against the CPU backend: the rectangular kernels (im2col), the padding-excluding and
 /// max pools, the four- and six-way concatenations.
