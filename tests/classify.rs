@@ -130,7 +130,7 @@ fn paper_preprocessing_and_scores_match_torchxrayvision() {
         let img = load_image(&path).unwrap();
         for (square, tag) in [(Square::Pad, "pad"), (Square::Crop, "crop")] {
             let want = &by_square[tag];
-            let x = paper_preprocess(&img.pixels, img.height, img.width, img.channels, square);
+            let x = paper_preprocess(&img.pixels, img.height, img.width, img.channels, square, 224);
             assert_eq!((x.h, x.w, x.c), (224, 224, 1));
             let sample: Vec<f32> = (0..224)
                 .step_by(11)

@@ -2,6 +2,7 @@
 //! progress bars and printing, one file per group of commands. src/main.rs only calls [`main`].
 //! Errors go to stderr as one line and exit with status 1; nothing a user types makes it panic.
 
+pub mod classifier;
 pub mod eval;
 pub mod phantom;
 pub mod prepare;
@@ -91,6 +92,10 @@ enum Command {
     /// VAE or pipeline folder (--model), or from scratch (--config vae_config.json). Writes
     /// OUTPUT/checkpoint-N VAE folders (config.json + diffusion_pytorch_model.safetensors).
     TrainVae(train::TrainVaeArgs),
+    /// Train a DenseNet classifier from scratch on labelled images (the paper's Table 5): AdamW,
+    /// cyclic learning rate, masked BCE, early stopping on the validation AUROC.
+    #[command(after_long_help = classifier::TRAIN_CLASSIFIER_HELP)]
+    TrainClassifier(classifier::TrainClassifierArgs),
     /// Draw synthetic chest-radiograph phantoms with findings, report sentences and a training
     /// manifest (deterministic per seed).
     Phantom(phantom::PhantomArgs),
@@ -214,6 +219,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::train(g, a),
         Command::TrainStep(a) => train::train_step(g, a),
         Command::TrainVae(a) => train::train_vae(g, a),
+        Command::TrainClassifier(a) => classifier::run(g, a),
         Command::Phantom(a) => phantom::run(a),
         Command::Prepare(cmd) => prepare::run(cmd),
         Command::Eval(cmd) => eval::run(g, cmd),

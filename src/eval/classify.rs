@@ -16,7 +16,7 @@
 //!   interval from the same draws.
 
 use super::auroc::{bootstrap_interval, class_auroc, ClassAuroc, ClassColumn};
-use super::densenet::{op_norm_score, paper_preprocess, DenseNet, Square, OP_THRESHS_ALL};
+use super::densenet::{op_norm_score, paper_preprocess, DenseNet, Square, INPUT_SIZE, OP_THRESHS_ALL};
 use super::features::{load_image, Image};
 use super::labels::{row_targets, LabelPolicy, XRV_PATHOLOGIES};
 use crate::io::images::png_files;
@@ -100,7 +100,7 @@ pub fn score_images(net: &mut DenseNet, paths: &[PathBuf], square: Square) -> Re
             .par_iter()
             .map(|p| {
                 let img = load_image(p)?;
-                let x = paper_preprocess(&img.pixels, img.height, img.width, img.channels, square);
+                let x = paper_preprocess(&img.pixels, img.height, img.width, img.channels, square, INPUT_SIZE);
                 Ok((x, low_range(&img)))
             })
             .collect::<Result<Vec<_>>>()?;

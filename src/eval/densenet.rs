@@ -325,12 +325,17 @@ pub fn op_norm_score(logit: f32, thresh: f32) -> f32 {
 /// TorchXRayVision's input for an 8-bit image (HWC, 1 or 3 channels): one channel in [-1024, 1024],
 /// centre-cropped to a square, resized to 224×224 (see the module comment).
 pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize) -> Pixels {
+    preprocess_to(pixels, h, w, c, INPUT_SIZE)
+}
+
+/// As [`preprocess`], resized to `size` × `size` (XRayResizer(size)).
+fn preprocess_to(pixels: &[u8], h: usize, w: usize, c: usize, size: usize) -> Pixels {
     let gray = xrv_gray(pixels, c);
     let side = h.min(w);
     let (y0, x0) = (h / 2 - side / 2, w / 2 - side / 2);
     let crop: Vec<f32> = (0..side).flat_map(|y| gray[(y0 + y) * w + x0..][..side].iter().copied()).collect();
-    let out = skimage_resize(&crop, side, side, INPUT_SIZE, INPUT_SIZE);
-    Pixels::new(INPUT_SIZE, INPUT_SIZE, 1, out)
+    let out = skimage_resize(&crop, side, side, size, size);
+    Pixels::new(size, size, 1, out)
 }
 
 /// `xrv.datasets.normalize(img, 255)` in f32, then one channel (the mean of R, G, B).
@@ -366,22 +371,23 @@ pub enum Square {
 ///    the shorter to `(short · 512 + long / 2) / long` (rounded half up); smaller images are
 ///    enlarged, so 256² samples reach the same 512;
 /// 2. a square by `square` ([`Square::Pad`] by default);
-/// 3. TorchXRayVision's own input: `normalize(img, 255)`, one channel, and `XRayResizer(224)`
-///    ([`preprocess`]).
-pub fn paper_preprocess(pixels: &[u8], h: usize, w: usize, c: usize, square: Square) -> Pixels {
+/// 3. TorchXRayVision's own input: `normalize(img, 255)`, one channel, and `XRayResizer(size)`
+///    ([`preprocess`]; `size` is 224, [`INPUT_SIZE`], for the public weights; a classifier trained
+///    by `train-classifier` may use another).
+pub fn paper_preprocess(pixels: &[u8], h: usize, w: usize, c: usize, square: Square, size: usize) -> Pixels {
     let long = h.max(w);
     let scaled = |n: usize| (n * PAPER_SIDE + long / 2) / long;
     let (oh, ow) = (scaled(h), scaled(w));
     let resized = pil_bilinear(pixels, h, w, c, oh, ow);
     match square {
-        Square::Crop => preprocess(&resized, oh, ow, c),
+        Square::Crop => preprocess_to(&resized, oh, ow, c, size),
         Square::Pad => {
             let (top, left) = ((PAPER_SIDE - oh) / 2, (PAPER_SIDE - ow) / 2);
             let mut padded = vec![0u8; PAPER_SIDE * PAPER_SIDE * c];
             for (y, row) in resized.chunks_exact(ow * c).enumerate() {
                 padded[((top + y) * PAPER_SIDE + left) * c..][..ow * c].copy_from_slice(row);
             }
-            preprocess(&padded, PAPER_SIDE, PAPER_SIDE, c)
+            preprocess_to(&padded, PAPER_SIDE, PAPER_SIDE, c, size)
         }
     }
 }

@@ -170,6 +170,65 @@ pub fn row_targets(labels: &Value, policy: LabelPolicy) -> Result<[Option<bool>;
     }
 }
 
+/// The phantom findings a classifier can be trained on (`roentgen phantom`'s classes and their
+/// findings without the side).
+pub const PHANTOM_FINDINGS: [&str; 5] = ["no-finding", "cardiomegaly", "effusion", "pneumothorax", "consolidation"];
+
+/// The paper's Table 5 label set (CheXpert names).
+pub const TABLE5_LABELS: [&str; 6] =
+    ["Cardiomegaly", "Edema", "Pleural Effusion", "Pneumonia", "Pneumothorax", "No Finding"];
+
+/// Whether a row's labels are a phantom's (they list its `classes`).
+pub fn is_phantom(labels: &Value) -> bool {
+    labels.get("classes").is_some_and(Value::is_array)
+}
+
+/// Targets for the label names `names` (a classifier's outputs) from one row's labels. CheXpert
+/// rows: each name's column under `policy` (XRV's: No Finding = 1 makes every other name negative;
+/// −1 and blank missing). Phantom rows: every name is known, positive when the phantom's findings
+/// (its classes, and their findings without the side, e.g. `effusion` for `effusion-left`) hold
+/// it. A name that is neither a CheXpert column nor a phantom finding is an error naming it.
+pub fn named_targets(labels: &Value, names: &[String], policy: LabelPolicy) -> Result<Vec<Option<bool>>> {
+    let Value::Object(map) = labels else {
+        bail!("labels are {labels}: expected an object (CheXpert names → 1/0/-1, or a phantom's labels)")
+    };
+    if is_phantom(labels) {
+        let findings = crate::eval::text_knn::report_findings(labels)?;
+        return names
+            .iter()
+            .map(|n| {
+                let sided = ["-right", "-left", "-bilateral"].iter().any(|s| n.ends_with(s));
+                if !PHANTOM_FINDINGS.contains(&n.as_str()) && !sided {
+                    bail!("label {n:?} is not a phantom finding (expected one of {}, or one with -right, -left or -bilateral)", PHANTOM_FINDINGS.join(", "));
+                }
+                Ok(Some(findings.contains(n)))
+            })
+            .collect();
+    }
+    let values = chexpert_values(map)?;
+    let healthy = policy == LabelPolicy::Xrv && values.iter().any(|&(n, v)| n == "No Finding" && v == 1.0);
+    names
+        .iter()
+        .map(|n| {
+            if !CHEXPERT_TO_XRV.iter().any(|(c, _)| c == n) && !CHEXPERT_UNMAPPED.contains(&n.as_str()) {
+                bail!("label {n:?} is not a CheXpert finding (expected one of the 14 columns of mimic-cxr-2.0.0-chexpert)");
+            }
+            let value = values.iter().find(|(c, _)| c == n).map(|&(_, v)| v);
+            Ok(match (healthy && n != "No Finding", value) {
+                (true, _) => Some(false),
+                (false, Some(v)) if v == 1.0 => Some(true),
+                (false, Some(v)) if v == 0.0 => Some(false),
+                (false, Some(_)) => match policy {
+                    LabelPolicy::UOnes => Some(true),
+                    LabelPolicy::UZeros => Some(false),
+                    LabelPolicy::Xrv | LabelPolicy::Columns => None,
+                },
+                (false, None) => None,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +267,19 @@ mod tests {
                 (Some(true), Some(false), None)
             );
         }
+    }
+
+    #[test]
+    fn named_targets_follow_the_policy_and_read_phantoms() {
+        let names: Vec<String> = ["Edema", "No Finding", "Pneumonia"].map(String::from).to_vec();
+        let row = json!({"Edema": -1.0, "No Finding": 1.0});
+        assert_eq!(named_targets(&row, &names, LabelPolicy::Xrv).unwrap(), [Some(false), Some(true), Some(false)]);
+        assert_eq!(named_targets(&row, &names, LabelPolicy::UOnes).unwrap(), [Some(true), Some(true), None]);
+        let phantom = json!({"no_finding": false, "classes": ["effusion-left"]});
+        let names: Vec<String> = ["effusion", "effusion-left", "cardiomegaly"].map(String::from).to_vec();
+        assert_eq!(named_targets(&phantom, &names, LabelPolicy::Xrv).unwrap(), [Some(true), Some(true), Some(false)]);
+        let e = named_targets(&phantom, &["Edema".to_string()], LabelPolicy::Xrv).unwrap_err().to_string();
+        assert!(e.contains("\"Edema\" is not a phantom finding"), "{e}");
     }
 
     #[test]

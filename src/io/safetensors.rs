@@ -160,6 +160,15 @@ pub type RawTensor = (String, Vec<usize>, StDtype, Vec<u8>);
 /// Writes raw tensors as one safetensors file, atomically as [`write_atomic`]; returns the bytes
 /// written.
 pub fn write_raw_atomic(path: &Path, tensors: &[RawTensor]) -> Result<u64> {
+    write_raw_atomic_with_metadata(path, tensors, None)
+}
+
+/// As [`write_raw_atomic`], with a `__metadata__` map in the header.
+pub fn write_raw_atomic_with_metadata(
+    path: &Path,
+    tensors: &[RawTensor],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<u64> {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(n, s, d, b)| {
@@ -168,7 +177,7 @@ pub fn write_raw_atomic(path: &Path, tensors: &[RawTensor]) -> Result<u64> {
                 .map_err(|e| anyhow::anyhow!("{}: tensor '{n}': {e}", path.display()))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     crate::io::files::write_bytes_atomic(path, &bytes)?;
     Ok(bytes.len() as u64)
 }

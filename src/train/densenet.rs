@@ -68,12 +68,12 @@ impl DenseNetClassifier {
     }
 }
 
-/// What a norm's training forward saves: its output after the ReLU, the batch mean and rstd.
+/// What a norm's forward saves: its output after the ReLU and, in training mode, the batch mean
+/// and rstd the backward reads.
 #[derive(Clone, Copy, Debug)]
 struct NormActs {
     out: Fmap,
-    mean: Tensor,
-    rstd: Tensor,
+    stats: Option<(Tensor, Tensor)>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -108,6 +108,8 @@ pub struct TrainActs {
     pub logits: Tensor,
 }
 
+type NormFn = dyn Fn(&mut Cx, &TrainNorm, &Fmap) -> Result<NormActs>;
+
 fn norm_params(x: &Fmap) -> BatchNormTrainParams {
     BatchNormTrainParams { rows: x.rows(), channels: x.c, eps: BN_EPS, momentum: BN_MOMENTUM, relu: true }
 }
@@ -132,7 +134,24 @@ fn norm_forward(cx: &mut Cx, n: &TrainNorm, x: &Fmap) -> Result<NormActs> {
     let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, c)?;
     let apply = BatchNormForward { out: &out.t, inp: &x.t, scale: &scale, shift: &shift };
     cx.b.batch_norm_forward(&BatchNormParams { rows: x.rows(), channels: c, relu: true }, &apply)?;
-    Ok(NormActs { out, mean, rstd })
+    Ok(NormActs { out, stats: Some((mean, rstd)) })
+}
+
+/// relu(batch_norm(x)) in eval mode: the running statistics folded (on the host: a few hundred
+/// values per norm) into the scale and shift of the inference kernel, as the evaluation network
+/// folds them at load.
+fn norm_eval(cx: &mut Cx, n: &TrainNorm, x: &Fmap) -> Result<NormActs> {
+    let b = cx.b;
+    let get = |t: &Tensor| b.download(t);
+    let (w, bias, m, v) = (get(&n.weight)?, get(&n.bias)?, get(&n.running_mean)?, get(&n.running_var)?);
+    let (scale_v, shift_v) = BatchNormParams::fold(&w, &bias, &m, &v, BN_EPS as f64);
+    let (scale, shift) = (cx.arena.alloc([x.c])?, cx.arena.alloc([x.c])?);
+    b.upload(&scale, &scale_v)?;
+    b.upload(&shift, &shift_v)?;
+    let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, x.c)?;
+    let apply = BatchNormForward { out: &out.t, inp: &x.t, scale: &scale, shift: &shift };
+    b.batch_norm_forward(&BatchNormParams { rows: x.rows(), channels: x.c, relu: true }, &apply)?;
+    Ok(NormActs { out, stats: None })
 }
 
 /// dinp += the gradient of relu(batch_norm(x)) for dout; the norm's parameter gradients into `g`.
@@ -145,6 +164,7 @@ fn norm_backward(
     dout: &Fmap,
     dinp: &Fmap,
 ) -> Result<()> {
+    let (mean, rstd) = a.stats.as_ref().ok_or_else(|| anyhow::anyhow!("internal: backward of an eval-mode forward"))?;
     let t = BatchNormBackward {
         dinp: &dinp.t,
         dweight: &g.weight,
@@ -152,8 +172,8 @@ fn norm_backward(
         dout: &dout.t,
         inp: &x.t,
         out: &a.out.t,
-        mean: &a.mean,
-        rstd: &a.rstd,
+        mean,
+        rstd,
         weight: &n.weight,
     };
     cx.b.batch_norm_backward(&norm_params(x), &t)
@@ -163,6 +183,16 @@ impl DenseNetClassifier {
     /// The forward in training mode on `x` (batch, h, w, in_channels), every activation kept in the
     /// arena; updates the running statistics.
     pub fn forward_train(&self, cx: &mut Cx, x: &Fmap) -> Result<TrainActs> {
+        self.forward(cx, x, &norm_forward)
+    }
+
+    /// The logits (batch, outputs) in eval mode (the running statistics, which stay unchanged).
+    pub fn forward_eval(&self, cx: &mut Cx, x: &Fmap) -> Result<Tensor> {
+        Ok(self.forward(cx, x, &norm_eval)?.logits)
+    }
+
+    /// The network on `x`, each batch norm (and its ReLU) applied by `norm`.
+    fn forward(&self, cx: &mut Cx, x: &Fmap, norm_forward: &NormFn) -> Result<TrainActs> {
         let m = &self.modules;
         let c0 = m.conv0.apply(cx, x)?;
         let n0 = norm_forward(cx, &m.norm0, &c0)?;
@@ -300,6 +330,36 @@ impl ClassifierPools {
             .collect()
     }
 
+    /// torchvision's initialisation of a new DenseNet, from `seed`: every convolution Kaiming-normal
+    /// (fan-in, gain √2: std √(2 / (c_in·k·k))), every batch norm weight 1 and bias 0 (running mean
+    /// 0, variance 1), the classifier's weight as `nn.Linear` draws it (uniform in ±1/√in) and its
+    /// bias 0. The draws are roentgen's (SplitMix64, Box–Muller), not torch's generator: the same
+    /// distributions, other values.
+    pub fn init_torchvision(&self, b: &dyn Backend, seed: u64) -> Result<()> {
+        let mut rng = crate::rng::splitmix::SplitMix64::new(seed);
+        for e in self.params.entries() {
+            let dims = e.shape.dims();
+            let n = e.shape.numel();
+            let v: Vec<f32> = if dims.len() == 4 {
+                let std = (2.0 / (dims[1] * dims[2] * dims[3]) as f64).sqrt() as f32;
+                (0..n).map(|_| rng.next_normal() * std).collect()
+            } else if e.name == "classifier.weight" {
+                let bound = 1.0 / (dims[1] as f64).sqrt();
+                (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect()
+            } else if e.name.ends_with(".weight") {
+                vec![1.0; n]
+            } else {
+                vec![0.0; n]
+            };
+            b.upload(&entry(&self.params, &e.name), &v)?;
+        }
+        for e in self.buffers.entries() {
+            let fill = if e.name.ends_with("running_var") { 1.0 } else { 0.0 };
+            b.upload(&entry(&self.buffers, &e.name), &vec![fill; e.shape.numel()])?;
+        }
+        Ok(())
+    }
+
     pub fn zero_grads(&self, b: &dyn Backend) -> Result<()> {
         b.zero(&whole(&self.grad_table))
     }
@@ -351,4 +411,59 @@ fn entry(l: &Layout, name: &str) -> Tensor {
 /// The whole of a layout's pool as one tensor.
 fn whole(l: &Layout) -> Tensor {
     Tensor { pool: l.pool(), offset: 0, shape: Shape::new(&[l.total()]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    /// torchvision's initialisation by its definition: conv weights with std √(2 / fan-in) and mean
+    /// 0, norms 1 and 0, running statistics 0 and 1, the classifier within ±1/√in and bias 0;
+    /// the same seed gives the same weights, another seed others.
+    #[test]
+    fn init_follows_torchvision() {
+        let config = DenseNetConfig {
+            growth_rate: 4,
+            block_config: vec![2, 2],
+            num_init_features: 8,
+            bn_size: 2,
+            in_channels: 1,
+        };
+        let mut b = CpuBackend::new();
+        let pools = ClassifierPools::allocate(&mut b, &config, 3).unwrap();
+        pools.init_torchvision(&b, 7).unwrap();
+        let get = |l: &Layout, n: &str| b.download(&entry(l, n)).unwrap();
+        // conv1 of the second block's second layer: 8 × (8 + 4 + 4 + 4 = 20) × 1 × 1 … pool all convs.
+        let conv: Vec<f32> = pools
+            .params
+            .entries()
+            .iter()
+            .filter(|e| e.shape.dims().len() == 4)
+            .flat_map(|e| {
+                let d = e.shape.dims();
+                let std = (2.0 / (d[1] * d[2] * d[3]) as f64).sqrt();
+                get(&pools.params, &e.name).into_iter().map(move |v| v as f64 / std).map(|z| z as f32)
+            })
+            .collect();
+        let n = conv.len() as f64;
+        let mean = conv.iter().map(|&z| z as f64).sum::<f64>() / n;
+        let var = conv.iter().map(|&z| (z as f64 - mean).powi(2)).sum::<f64>() / n;
+        assert!(
+            mean.abs() < 4.0 / n.sqrt() && (var - 1.0).abs() < 0.1,
+            "standardised conv weights: mean {mean}, var {var} over {n}"
+        );
+        assert!(get(&pools.params, "features.norm0.weight").iter().all(|&v| v == 1.0));
+        assert!(get(&pools.params, "features.norm5.bias").iter().all(|&v| v == 0.0));
+        assert!(get(&pools.buffers, "features.norm5.running_var").iter().all(|&v| v == 1.0));
+        let bound = 1.0 / (config.dims() as f32).sqrt();
+        let w = get(&pools.params, "classifier.weight");
+        assert!(w.iter().all(|v| v.abs() <= bound) && w.iter().any(|v| v.abs() > bound / 2.0));
+        assert!(get(&pools.params, "classifier.bias").iter().all(|&v| v == 0.0));
+        let first = get(&pools.params, "features.conv0.weight");
+        pools.init_torchvision(&b, 7).unwrap();
+        assert_eq!(get(&pools.params, "features.conv0.weight"), first);
+        pools.init_torchvision(&b, 8).unwrap();
+        assert_ne!(get(&pools.params, "features.conv0.weight"), first);
+    }
 }

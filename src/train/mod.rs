@@ -9,6 +9,7 @@
 
 pub mod bce;
 pub mod checkpoint;
+pub mod classifier;
 pub mod data;
 pub mod densenet;
 pub mod job;

@@ -47,6 +47,20 @@ impl LrSchedule {
     }
 }
 
+/// `torch.optim.lr_scheduler.CyclicLR(mode="triangular", step_size_down=None)` (the classifier's
+/// cyclic schedule): the rate of optimizer step k rises linearly from `base` to `max` over
+/// `step_size_up` steps, falls back over as many, and repeats. Computed as torch computes it (cycle,
+/// position in it, scale factor) in f64.
+pub fn cyclic_triangular(k: usize, base: f64, max: f64, step_size_up: usize) -> f64 {
+    let up = step_size_up.max(1) as f64;
+    let total = 2.0 * up;
+    let step_ratio = up / total;
+    let cycle = (1.0 + k as f64 / total).floor();
+    let x = 1.0 + k as f64 / total - cycle;
+    let scale = if x <= step_ratio { x / step_ratio } else { (x - 1.0) / (step_ratio - 1.0) };
+    base + (max - base) * scale
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

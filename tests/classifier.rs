@@ -1,9 +1,15 @@
-//! The operations a DenseNet classifier trains with (issue 16) against PyTorch's CPU kernels
-//! (fixture by tests/fixtures/generate_classifier_ops.py): batch norm in training mode (the batch's
-//! statistics, the running statistics' update with momentum 0.1 and the unbiased variance, the
-//! output with and without ReLU, and the backward), and pooling's backward (DenseNet's max 3/2/1
-//! with tied values, its 2×2 average, the global average, a padded average both ways). The CUDA
-//! kernels of the same operations are checked against these CPU references by tests/cuda.rs.
+//! The classifier of the paper's Table 5 (issue 16) against PyTorch (fixtures by
+//! tests/fixtures/generate_classifier_ops.py):
+//! - its operations against PyTorch's CPU kernels: batch norm in training mode (the batch's
+//!   statistics, the running update with momentum 0.1 and the unbiased variance, the output with
+//!   and without ReLU, the backward) and pooling's backward (DenseNet's max 3/2/1 with tied values,
+//!   its 2×2 average, the global average, a padded average both ways); the CUDA kernels of the same
+//!   operations are checked against these CPU references by tests/cuda.rs;
+//! - whole training steps of a tiny DenseNet and of DenseNet-121 against torchvision's
+//!   `loss.backward()`, and the eval-mode forward;
+//! - the cyclic learning rate against torch's CyclicLR;
+//! - `roentgen train-classifier` end to end on phantoms: it learns, resumes exactly, and refuses
+//!   what it must.
 
 mod common;
 
@@ -189,6 +195,21 @@ fn tiny_densenet_training_step_matches_pytorch() {
     let weight = |name: &str, _: &[usize]| read_f32(&f, &format!("w.{name}")).1;
     let (pools, logits, loss) = train_step(&mut b, &config, 3, &weight, &read_f32(&f, "x").1, &targets);
     assert_close("tiny DenseNet logits", &logits, &read_f32(&f, "logits").1, F32_PARITY);
+    // The eval-mode forward on the weights before the step.
+    let mut b0 = CpuBackend::new();
+    let fresh = ClassifierPools::allocate(&mut b0, &config, 3).unwrap();
+    fresh.load_with(&b0, |name, _| Ok(read_f32(&f, &format!("w.{name}")).1)).unwrap();
+    let mut arena = fresh.training_arena(&mut b0, 2, 32, 32).unwrap();
+    let mut cx = roentgen::nn::Cx::new(&b0, &mut arena);
+    let x = roentgen::nn::Fmap::alloc(cx.arena, 2, 32, 32, 1).unwrap();
+    cx.b.upload(&x.t, &read_f32(&f, "x").1).unwrap();
+    let eval = fresh.net.forward_eval(&mut cx, &x).unwrap();
+    assert_close(
+        "tiny DenseNet eval-mode logits",
+        &b0.download(&eval).unwrap(),
+        &read_f32(&f, "logits_eval").1,
+        F32_PARITY,
+    );
     let want_loss = read_f32(&f, "loss").1[0];
     assert!((loss - want_loss).abs() <= 1e-6 * want_loss.abs().max(1.0), "loss {loss} vs {want_loss}");
     let grads: Vec<(String, Vec<f32>, Vec<f32>)> = pools
@@ -272,4 +293,127 @@ fn densenet121_training_step_matches_pytorch() {
     let grads = check("gradients", &pools.grad_table, doc["grads"].as_object().unwrap(), 5e-2);
     let stats = check("running statistics", &pools.buffers, doc["after"].as_object().unwrap(), 1e-4);
     assert_eq!((grads, stats), (doc["grads"].as_object().unwrap().len(), doc["after"].as_object().unwrap().len()));
+}
+
+/// The classifier's cyclic learning rate against torch's CyclicLR (triangular), step by step.
+#[test]
+fn cyclic_learning_rate_matches_torch() {
+    use roentgen::train::schedule::cyclic_triangular;
+    for c in cases()["cyclic_lr"].as_array().unwrap() {
+        let (base, max) = (c["base"].as_f64().unwrap(), c["max"].as_f64().unwrap());
+        let up = c["step_size_up"].as_u64().unwrap() as usize;
+        for (k, want) in c["lrs"].as_array().unwrap().iter().enumerate() {
+            let (got, want) = (cyclic_triangular(k, base, max, up), want.as_f64().unwrap());
+            assert!(
+                (got - want).abs() <= 1e-15 * max,
+                "step {k} (base {base}, max {max}, up {up}): {got} vs torch {want}"
+            );
+        }
+    }
+}
+
+fn roentgen_json(args: &[&str]) -> Value {
+    let (code, out, err) = run_cli(args, None);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+fn tensors(path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    v.sort();
+    v
+}
+
+/// `train-classifier` on 160 phantoms (small DenseNet, 48 px): the loss falls; a run stopped after
+/// 2 epochs and resumed to 3 ends with exactly the weights, moments and best checkpoint of an
+/// uninterrupted 3-epoch run; a folder holding a run is not overwritten, and a resume with another
+/// architecture setting is refused by name; the checkpoint names its labels.
+#[test]
+fn train_classifier_learns_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = tmp.path().join("ph");
+    let (code, _, err) =
+        run_cli(&["phantom", "--out", ph.to_str().unwrap(), "--count", "160", "--size", "48", "--seed", "5"], None);
+    assert_eq!(code, 0, "{err}");
+    let manifest = ph.join("manifest.jsonl");
+    let m = manifest.to_str().unwrap().to_string();
+    let run = |out: &std::path::Path, epochs: &str, extra: &[&str]| {
+        let o = out.to_str().unwrap().to_string();
+        let mut args =
+            vec!["train-classifier", "--manifest", &m, "--arch", "small", "--resolution", "48", "--batch", "16"];
+        args.extend_from_slice(&["--epochs", epochs, "--output", &o, "--json"]);
+        args.extend_from_slice(extra);
+        roentgen_json(&args)
+    };
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let ra = run(&a, "3", &[]);
+    assert_eq!(
+        (ra["epochs"].as_u64(), ra["train_rows"].as_u64(), ra["val_rows"].as_u64()),
+        (Some(3), Some(144), Some(16))
+    );
+    let log: Vec<Value> = std::fs::read_to_string(a.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let losses: Vec<f64> = log.iter().map(|l| l["train_loss"].as_f64().unwrap()).collect();
+    println!(
+        "train losses {losses:?}, validation AUROC {:?}",
+        log.iter().map(|l| l["val_auroc"].clone()).collect::<Vec<_>>()
+    );
+    assert!(losses[2] < losses[0], "the training loss does not fall: {losses:?}");
+    run(&b, "2", &[]);
+    let (code, _, err) = run_cli(
+        &[
+            "train-classifier",
+            "--manifest",
+            &m,
+            "--arch",
+            "small",
+            "--resolution",
+            "48",
+            "--epochs",
+            "3",
+            "--output",
+            b.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("already holds a run") && err.contains("--resume"), "{err}");
+    let (code, _, err) = run_cli(
+        &[
+            "train-classifier",
+            "--manifest",
+            &m,
+            "--arch",
+            "small",
+            "--resolution",
+            "64",
+            "--batch",
+            "16",
+            "--epochs",
+            "3",
+            "--output",
+            b.to_str().unwrap(),
+            "--resume",
+        ],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("resolution was 48") && err.contains("is 64"), "{err}");
+    let rb = run(&b, "3", &["--resume"]);
+    assert_eq!(rb["best_val_auroc"], ra["best_val_auroc"]);
+    for name in ["last.safetensors", "best.safetensors"] {
+        assert!(
+            tensors(&a.join(name)) == tensors(&b.join(name)),
+            "{name}: the resumed run differs from the uninterrupted one"
+        );
+    }
+    let file = roentgen::io::safetensors::SafetensorsFile::open(&a.join("best.safetensors")).unwrap();
+    let meta: std::collections::HashMap<String, String> = file.metadata().unwrap().into_iter().collect();
+    assert_eq!(meta["labels"], r#"["no-finding","cardiomegaly","effusion","pneumothorax","consolidation"]"#);
+    assert_eq!((meta["arch"].as_str(), meta["resolution"].as_str()), ("small", "48"));
 }
