@@ -416,4 +416,46 @@ fn train_classifier_learns_and_resumes_exactly() {
     let meta: std::collections::HashMap<String, String> = file.metadata().unwrap().into_iter().collect();
     assert_eq!(meta["labels"], r#"["no-finding","cardiomegaly","effusion","pneumothorax","consolidation"]"#);
     assert_eq!((meta["arch"].as_str(), meta["resolution"].as_str()), ("small", "48"));
+    // eval classify reads the checkpoint (labels, architecture, size from its metadata): its
+    // scores are the sigmoid of the trained network's eval-mode logits.
+    let v = roentgen_json(&[
+        "eval",
+        "classify",
+        "--manifest",
+        &m,
+        "--weights",
+        a.join("best.safetensors").to_str().unwrap(),
+        "--resamples",
+        "20",
+        "--json",
+        "--per-image",
+    ]);
+    let names: Vec<&str> = v["classes"].as_array().unwrap().iter().map(|c| c["class"].as_str().unwrap()).collect();
+    assert_eq!(names, ["no-finding", "cardiomegaly", "effusion", "pneumothorax", "consolidation"]);
+    assert!(v["average"]["auroc"].as_f64().unwrap() > 0.5, "{}", v["average"]);
+    let first = &v["per_image"][0];
+    let img = roentgen::eval::features::load_image(std::path::Path::new(first["image"].as_str().unwrap())).unwrap();
+    let x = roentgen::eval::densenet::paper_preprocess(
+        &img.pixels,
+        img.height,
+        img.width,
+        img.channels,
+        roentgen::eval::densenet::Square::Pad,
+        48,
+    );
+    let mut cpu = CpuBackend::new();
+    let small = roentgen::train::classifier::Arch::Small.config();
+    let pools = ClassifierPools::allocate(&mut cpu, &small, 5).unwrap();
+    let file = roentgen::io::safetensors::SafetensorsFile::open(&a.join("best.safetensors")).unwrap();
+    let src = roentgen::eval::tensors::FileSource::new(&file).unwrap();
+    let w = roentgen::eval::tensors::Weights { src: &src, network: "best" };
+    pools.load_with(&cpu, |name, shape| w.get(name, shape)).unwrap();
+    let mut arena = pools.training_arena(&mut cpu, 1, 48, 48).unwrap();
+    let mut cx = roentgen::nn::Cx::new(&cpu, &mut arena);
+    let xs = roentgen::nn::Fmap::alloc(cx.arena, 1, 48, 48, 1).unwrap();
+    cx.b.upload(&xs.t, &x.data).unwrap();
+    let logits = cpu.download(&pools.net.forward_eval(&mut cx, &xs).unwrap()).unwrap();
+    let want: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+    let got: Vec<f32> = first["scores"].as_array().unwrap().iter().map(|s| s.as_f64().unwrap() as f32).collect();
+    assert_close("eval classify scores vs the trained network's eval forward", &got, &want, 1e-5);
 }

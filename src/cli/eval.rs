@@ -273,7 +273,8 @@ pub struct ClassifyArgs {
     #[command(flatten)]
     pub set: ImageSetArgs,
     /// The classifier: TorchXRayVision's densenet121-res224-all as safetensors, with its classifier
-    /// head (see below for converting the public release).
+    /// head (see below for converting the public release), or a `train-classifier` checkpoint
+    /// (best.safetensors: its labels, architecture and input size come from its metadata).
     #[arg(long)]
     pub weights: PathBuf,
     /// How CheXpert labels become targets: xrv (TorchXRayVision's: No Finding negative for all,
@@ -282,9 +283,10 @@ pub struct ClassifyArgs {
     pub label_policy: LabelPolicy,
     /// How a non-square image becomes 512×512 after its longer side is 512: pad (torchvision's
     /// CenterCrop(512): black margins; the paper's words read literally) or crop (XRV's
-    /// XRayCenterCrop: the central square).
-    #[arg(long, value_enum, default_value_t = Square::Pad)]
-    pub square: Square,
+    /// XRayCenterCrop: the central square). Default: pad, or what a train-classifier checkpoint
+    /// was trained with.
+    #[arg(long, value_enum)]
+    pub square: Option<Square>,
     /// Bootstrap draws of the images for the intervals (0: no intervals).
     #[arg(long, default_value_t = 1000)]
     pub resamples: usize,
@@ -307,20 +309,26 @@ fn classify(g: &super::Global, a: ClassifyArgs) -> Result<()> {
         bail!("--level {}: the interval's coverage is a fraction between 0 and 1 (e.g. 0.95)", a.level);
     }
     let policy = a.label_policy;
+    let file = SafetensorsFile::open(&a.weights).with_context(|| format!("--weights {}", a.weights.display()))?;
+    let meta: std::collections::HashMap<String, String> = file.metadata()?.into_iter().collect();
+    let (kind, config, square) =
+        match classify::trained_classifier(&meta).with_context(|| format!("--weights {}", a.weights.display()))? {
+            Some((kind, config, trained_square)) => (kind, config, a.square.unwrap_or(trained_square)),
+            None => (classify::ClassifierKind::xrv(), DenseNetConfig::densenet121(), a.square.unwrap_or(Square::Pad)),
+        };
     let items = a.set.read(
-        |m, base| classify::items_from_manifest(m, base, policy),
-        |dir| classify::items_from_folder(dir, policy),
+        |m, base| classify::items_from_manifest(m, base, &kind, policy),
+        |dir| classify::items_from_folder(dir, &kind, policy),
     )?;
     if items.len() < 2 {
         bail!("{} labelled image: an AUROC needs at least 2", items.len());
     }
-    let file = SafetensorsFile::open(&a.weights).with_context(|| format!("--weights {}", a.weights.display()))?;
     let src = FileSource::new(&file)?;
     let weights = Weights { src: &src, network: densenet::NETWORK };
-    let mut net = DenseNet::load(super::open_backend(g)?, &weights, DenseNetConfig::densenet121())
+    let mut net = DenseNet::load(super::open_backend(g)?, &weights, config)
         .with_context(|| format!("--weights {}", a.weights.display()))?;
     let paths: Vec<PathBuf> = items.iter().map(|i| i.path.clone()).collect();
-    let (scores, low) = classify::score_images(&mut net, &paths, a.square)?;
+    let (scores, low) = classify::score_images(&mut net, &kind, &paths, square)?;
     if !low.is_empty() {
         let names: Vec<String> = low.iter().take(3).map(|p| p.display().to_string()).collect();
         roentgen::diag::warn(format!(
@@ -331,14 +339,14 @@ fn classify(g: &super::Global, a: ClassifyArgs) -> Result<()> {
             names.join(", ")
         ));
     }
-    let targets: Vec<_> = items.iter().map(|i| i.targets).collect();
+    let targets: Vec<_> = items.iter().map(|i| i.targets.clone()).collect();
     let boot = classify::BootstrapOptions { resamples: a.resamples, level: a.level, seed: a.seed };
-    let report = classify::report(&scores, &targets, boot)?;
+    let report = classify::report(&kind, &scores, &targets, boot)?;
     if a.json {
         let mut v = report.to_json();
         v["weights"] = serde_json::json!(a.weights.display().to_string());
         v["label_policy"] = serde_json::json!(flag_value(a.label_policy));
-        v["square"] = serde_json::json!(flag_value(a.square));
+        v["square"] = serde_json::json!(flag_value(square));
         v["narrow_range_images"] = serde_json::json!(low.len());
         if a.per_image {
             let rows: Vec<_> = items
@@ -355,7 +363,7 @@ fn classify(g: &super::Global, a: ClassifyArgs) -> Result<()> {
             items.len(),
             a.weights.display(),
             flag_value(a.label_policy),
-            flag_value(a.square)
+            flag_value(square)
         );
         print!("{}", report.render_table());
     }

@@ -6,7 +6,8 @@
 //! The chain, each link tested against its reference (tests/classify.rs):
 //! - images and their labels from a manifest (`labels` of `prepare mimic` or `phantom` rows) or a
 //!   folder of PNGs with a `labels` text chunk (`roentgen phantom` writes one);
-//! - labels to XRV's 18 targets (`labels::row_targets`, XRV's policy by default);
+//! - labels to XRV's 18 targets (`labels::row_targets`, XRV's policy by default), or, for a
+//!   classifier `train-classifier` wrote, to its own labels (`labels::named_targets`);
 //! - the paper's preprocessing (`densenet::paper_preprocess`) and the classifier's scores: sigmoid
 //!   and XRV's `op_norm` with the model's operating points (a monotone map per class, so it changes
 //!   no AUROC; it makes the scores those torchxrayvision prints);
@@ -16,9 +17,9 @@
 //!   interval from the same draws.
 
 use super::auroc::{bootstrap_interval, class_auroc, ClassAuroc, ClassColumn};
-use super::densenet::{op_norm_score, paper_preprocess, DenseNet, Square, INPUT_SIZE, OP_THRESHS_ALL};
+use super::densenet::{op_norm_score, paper_preprocess, DenseNet, DenseNetConfig, Square, INPUT_SIZE, OP_THRESHS_ALL};
 use super::features::{load_image, Image};
-use super::labels::{row_targets, LabelPolicy, XRV_PATHOLOGIES};
+use super::labels::{named_targets, row_targets, LabelPolicy, XRV_PATHOLOGIES};
 use crate::io::images::png_files;
 use crate::io::manifest::read_manifest_rows;
 use crate::tools::phantom::eval::png_text;
@@ -33,16 +34,94 @@ pub const FILTERED_CLASSES: [&str; 5] = ["Atelectasis", "Cardiomegaly", "Edema",
 /// Images per classifier call (decoded and preprocessed in parallel, then run together).
 const CLASSIFY_BATCH: usize = 16;
 
-/// One image and its targets, one per XRV output.
+/// Which classifier scores the images: what its outputs are called, how a logit becomes a score,
+/// and which outputs the report's average takes.
+#[derive(Clone, Debug)]
+pub struct ClassifierKind {
+    pub names: Vec<String>,
+    /// XRV's operating points (`op_norm`) for the public model; None: the sigmoid.
+    pub op_threshs: Option<Vec<f32>>,
+    /// The outputs averaged (the paper's filtered five for XRV; all for a trained classifier).
+    pub averaged: Vec<String>,
+    /// The input side of the network.
+    pub size: usize,
+}
+
+impl ClassifierKind {
+    /// TorchXRayVision's densenet121-res224-all.
+    pub fn xrv() -> ClassifierKind {
+        ClassifierKind {
+            names: XRV_PATHOLOGIES.map(String::from).to_vec(),
+            op_threshs: Some(OP_THRESHS_ALL.to_vec()),
+            averaged: FILTERED_CLASSES.map(String::from).to_vec(),
+            size: INPUT_SIZE,
+        }
+    }
+
+    /// A classifier trained by `train-classifier` on `labels` at `size`.
+    pub fn trained(labels: Vec<String>, size: usize) -> ClassifierKind {
+        ClassifierKind { averaged: labels.clone(), names: labels, op_threshs: None, size }
+    }
+
+    fn is_xrv(&self) -> bool {
+        self.op_threshs.is_some()
+    }
+
+    /// One row's targets for this classifier's outputs.
+    pub fn targets(&self, labels: &Value, policy: LabelPolicy) -> Result<Vec<Option<bool>>> {
+        if self.is_xrv() {
+            Ok(row_targets(labels, policy)?.to_vec())
+        } else {
+            named_targets(labels, &self.names, policy)
+        }
+    }
+}
+
+/// What a weights file's metadata says of its classifier: for a `train-classifier` checkpoint
+/// (metadata "format" = "roentgen densenet classifier"), its labels, architecture, input side and
+/// square; None for any other file (TorchXRayVision's state dict has no metadata).
+pub fn trained_classifier(
+    meta: &std::collections::HashMap<String, String>,
+) -> Result<Option<(ClassifierKind, DenseNetConfig, Square)>> {
+    if meta.get("format").map(String::as_str) != Some("roentgen densenet classifier") {
+        return Ok(None);
+    }
+    let field = |k: &str| meta.get(k).with_context(|| format!("the classifier's metadata has no {k:?}"));
+    let number =
+        |k: &str| -> Result<usize> { field(k)?.parse().with_context(|| format!("metadata {k:?} is not a number")) };
+    let labels: Vec<String> =
+        serde_json::from_str(field("labels")?).context("metadata \"labels\" is not a JSON list")?;
+    let config = DenseNetConfig {
+        growth_rate: number("growth_rate")?,
+        block_config: serde_json::from_str(field("block_config")?)
+            .context("metadata \"block_config\" is not a JSON list")?,
+        num_init_features: number("num_init_features")?,
+        bn_size: number("bn_size")?,
+        in_channels: 1,
+    };
+    let square = match field("square")?.as_str() {
+        "pad" => Square::Pad,
+        "crop" => Square::Crop,
+        other => bail!("metadata \"square\" is {other:?}: expected pad or crop"),
+    };
+    Ok(Some((ClassifierKind::trained(labels, number("resolution")?), config, square)))
+}
+
+/// One image and its targets, one per classifier output.
 #[derive(Clone, Debug)]
 pub struct LabelledImage {
     pub path: PathBuf,
-    pub targets: [Option<bool>; 18],
+    pub targets: Vec<Option<bool>>,
 }
 
 /// The rows of a manifest, each with its `labels` turned into targets under `policy`. A row
 /// without labels, or with labels that do not read, is an error naming the manifest's line.
-pub fn items_from_manifest(manifest: &Path, base: Option<&Path>, policy: LabelPolicy) -> Result<Vec<LabelledImage>> {
+pub fn items_from_manifest(
+    manifest: &Path,
+    base: Option<&Path>,
+    kind: &ClassifierKind,
+    policy: LabelPolicy,
+) -> Result<Vec<LabelledImage>> {
     read_manifest_rows(manifest, base)?
         .into_iter()
         .map(|row| {
@@ -54,7 +133,7 @@ pub fn items_from_manifest(manifest: &Path, base: Option<&Path>, policy: LabelPo
                     row.image.display()
                 )
             };
-            let targets = row_targets(labels, policy).with_context(at)?;
+            let targets = kind.targets(labels, policy).with_context(at)?;
             Ok(LabelledImage { path: row.image, targets })
         })
         .collect()
@@ -62,7 +141,7 @@ pub fn items_from_manifest(manifest: &Path, base: Option<&Path>, policy: LabelPo
 
 /// The PNGs of a folder, each with the targets of its `labels` text chunk (JSON, as `roentgen
 /// phantom` writes it). An image without one is an error naming it.
-pub fn items_from_folder(dir: &Path, policy: LabelPolicy) -> Result<Vec<LabelledImage>> {
+pub fn items_from_folder(dir: &Path, kind: &ClassifierKind, policy: LabelPolicy) -> Result<Vec<LabelledImage>> {
     png_files(dir, "`roentgen phantom` (PNGs with a \"labels\" text chunk)")?
         .into_par_iter()
         .map(|path| {
@@ -74,7 +153,7 @@ pub fn items_from_folder(dir: &Path, policy: LabelPolicy) -> Result<Vec<Labelled
             })?;
             let labels: Value = serde_json::from_str(&text)
                 .with_context(|| format!("{}: the \"labels\" text chunk is not JSON", path.display()))?;
-            let targets = row_targets(&labels, policy).with_context(|| path.display().to_string())?;
+            let targets = kind.targets(&labels, policy).with_context(|| path.display().to_string())?;
             Ok(LabelledImage { path, targets })
         })
         .collect()
@@ -90,9 +169,14 @@ fn low_range(img: &Image) -> bool {
     hi < LOW_RANGE || hi - lo < LOW_RANGE
 }
 
-/// The classifier's scores of each image (18 per image, XRV's order), and the images whose level
-/// range looks wrong for XRV's normalisation.
-pub fn score_images(net: &mut DenseNet, paths: &[PathBuf], square: Square) -> Result<(Vec<Vec<f32>>, Vec<PathBuf>)> {
+/// The classifier's scores of each image (one per output, in `kind`'s order), and the images whose
+/// level range looks wrong for XRV's normalisation.
+pub fn score_images(
+    net: &mut DenseNet,
+    kind: &ClassifierKind,
+    paths: &[PathBuf],
+    square: Square,
+) -> Result<(Vec<Vec<f32>>, Vec<PathBuf>)> {
     let bar = crate::diag::progress_bar(paths.len() as u64, "images", "classifying");
     let (mut scores, mut low) = (Vec::with_capacity(paths.len()), Vec::new());
     for chunk in paths.chunks(CLASSIFY_BATCH) {
@@ -100,7 +184,7 @@ pub fn score_images(net: &mut DenseNet, paths: &[PathBuf], square: Square) -> Re
             .par_iter()
             .map(|p| {
                 let img = load_image(p)?;
-                let x = paper_preprocess(&img.pixels, img.height, img.width, img.channels, square, INPUT_SIZE);
+                let x = paper_preprocess(&img.pixels, img.height, img.width, img.channels, square, kind.size);
                 Ok((x, low_range(&img)))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -108,16 +192,25 @@ pub fn score_images(net: &mut DenseNet, paths: &[PathBuf], square: Square) -> Re
         let inputs: Vec<_> = loaded.into_iter().map(|(x, _)| x).collect();
         let features = net.forward(&inputs).with_context(|| format!("classifying {} images", chunk.len()))?;
         for (p, logits) in chunk.iter().zip(net.logits(&features)?) {
-            if logits.len() != OP_THRESHS_ALL.len() {
+            if logits.len() != kind.names.len() {
                 bail!(
-                    "the classifier has {} outputs; eval classify reads TorchXRayVision's 18 (densenet121-res224-all)",
-                    logits.len()
+                    "the classifier has {} outputs, but {} were expected ({})",
+                    logits.len(),
+                    kind.names.len(),
+                    if kind.is_xrv() {
+                        "TorchXRayVision's densenet121-res224-all"
+                    } else {
+                        "the labels its metadata names"
+                    }
                 );
             }
             if logits.iter().any(|v| !v.is_finite()) {
                 bail!("{}: the classifier's logits are not finite", p.display());
             }
-            scores.push(logits.iter().zip(OP_THRESHS_ALL).map(|(&l, t)| op_norm_score(l, t)).collect());
+            scores.push(match &kind.op_threshs {
+                Some(t) => logits.iter().zip(t).map(|(&l, &t)| op_norm_score(l, t)).collect(),
+                None => logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
+            });
         }
         bar.inc(chunk.len() as u64);
     }
@@ -128,17 +221,18 @@ pub fn score_images(net: &mut DenseNet, paths: &[PathBuf], square: Square) -> Re
 /// One class's line of the report.
 #[derive(Clone, Debug)]
 pub struct ClassLine {
-    pub name: &'static str,
+    pub name: String,
     pub auroc: ClassAuroc,
     pub interval: Option<(f64, f64)>,
 }
 
-/// The filtered average: the mean AUROC over those of [`FILTERED_CLASSES`] that have one.
+/// The average: the mean AUROC over the averaged classes that have one (XRV: the paper's
+/// filtered five, [`FILTERED_CLASSES`]).
 #[derive(Clone, Debug)]
 pub struct FilteredAverage {
-    pub classes: Vec<&'static str>,
-    /// Filtered classes without an AUROC (no labels, or one class only), left out of the mean.
-    pub missing: Vec<&'static str>,
+    pub classes: Vec<String>,
+    /// Averaged classes without an AUROC (no labels, or one class only), left out of the mean.
+    pub missing: Vec<String>,
     pub mean: Option<f64>,
     pub interval: Option<(f64, f64)>,
 }
@@ -158,32 +252,40 @@ pub struct ClassifyReport {
     pub classes: Vec<ClassLine>,
     pub filtered: FilteredAverage,
     pub bootstrap: BootstrapOptions,
+    /// Whether the average is XRV's filtered one (else over a trained classifier's labels).
+    pub xrv: bool,
 }
 
-/// Per-class AUROCs of `scores` (one row of 18 per image) against `targets`, with intervals.
-pub fn report(scores: &[Vec<f32>], targets: &[[Option<bool>; 18]], boot: BootstrapOptions) -> Result<ClassifyReport> {
+/// Per-class AUROCs of `scores` (one row per image, in `kind`'s order) against `targets`, with
+/// intervals, and the average over `kind.averaged`.
+pub fn report(
+    kind: &ClassifierKind,
+    scores: &[Vec<f32>],
+    targets: &[Vec<Option<bool>>],
+    boot: BootstrapOptions,
+) -> Result<ClassifyReport> {
     if scores.len() != targets.len() {
         bail!("{} images scored but {} labelled", scores.len(), targets.len());
     }
-    let columns: Vec<(Vec<f32>, Vec<Option<bool>>)> = (0..XRV_PATHOLOGIES.len())
+    let columns: Vec<(Vec<f32>, Vec<Option<bool>>)> = (0..kind.names.len())
         .map(|k| (scores.iter().map(|s| s[k]).collect(), targets.iter().map(|t| t[k]).collect()))
         .collect();
     let column = |k: usize| -> ClassColumn { (&columns[k].0, &columns[k].1) };
-    let mut classes = Vec::with_capacity(XRV_PATHOLOGIES.len());
-    for (k, name) in XRV_PATHOLOGIES.iter().enumerate() {
+    let mut classes = Vec::with_capacity(kind.names.len());
+    for (k, name) in kind.names.iter().enumerate() {
         let auroc = class_auroc(&columns[k].0, &columns[k].1)?;
         let interval = match auroc.auroc {
             Some(_) => bootstrap_interval(&[column(k)], boot.resamples, boot.level, boot.seed)?,
             None => None,
         };
-        classes.push(ClassLine { name, auroc, interval });
+        classes.push(ClassLine { name: name.clone(), auroc, interval });
     }
     let (mut used, mut missing) = (Vec::new(), Vec::new());
-    for name in FILTERED_CLASSES {
-        let k = XRV_PATHOLOGIES.iter().position(|p| *p == name).expect("filtered classes are XRV outputs");
+    for name in &kind.averaged {
+        let k = kind.names.iter().position(|p| p == name).expect("averaged classes are outputs");
         match classes[k].auroc.auroc {
             Some(_) => used.push(k),
-            None => missing.push(name),
+            None => missing.push(name.clone()),
         }
     }
     let mean = (!used.is_empty()).then(|| {
@@ -196,8 +298,8 @@ pub fn report(scores: &[Vec<f32>], targets: &[[Option<bool>; 18]], boot: Bootstr
         bootstrap_interval(&cols, boot.resamples, boot.level, boot.seed)?
     };
     let filtered =
-        FilteredAverage { classes: used.iter().map(|&k| XRV_PATHOLOGIES[k]).collect(), missing, mean, interval };
-    Ok(ClassifyReport { images: scores.len(), classes, filtered, bootstrap: boot })
+        FilteredAverage { classes: used.iter().map(|&k| kind.names[k].clone()).collect(), missing, mean, interval };
+    Ok(ClassifyReport { images: scores.len(), classes, filtered, bootstrap: boot, xrv: kind.is_xrv() })
 }
 
 fn interval_json(i: Option<(f64, f64)>) -> Value {
@@ -218,7 +320,7 @@ impl ClassifyReport {
         json!({
             "images": self.images,
             "classes": classes,
-            "filtered_average": {"auroc": f.mean, "interval": interval_json(f.interval), "classes": f.classes,
+            (if self.xrv { "filtered_average" } else { "average" }): {"auroc": f.mean, "interval": interval_json(f.interval), "classes": f.classes,
                 "missing": f.missing},
             "bootstrap": {"resamples": self.bootstrap.resamples, "level": self.bootstrap.level, "seed": self.bootstrap.seed},
         })
@@ -234,19 +336,20 @@ impl ClassifyReport {
             let (p, n) = (c.auroc.n_pos, c.auroc.n_neg);
             match c.auroc.auroc {
                 Some(a) => out += &format!("{:<28} {p:>6} {n:>6}  {a:>6.4}  {}\n", c.name, ci(c.interval)),
-                None if p + n == 0 => unlabelled.push(c.name),
+                None if p + n == 0 => unlabelled.push(c.name.as_str()),
                 None => one_class.push(format!("{} ({p} positive, {n} negative)", c.name)),
             }
         }
+        let label = if self.xrv { "filtered average" } else { "average" };
         let f = &self.filtered;
         match f.mean {
             Some(m) => {
-                out += &format!("filtered average ({}): {m:.4} {}\n", f.classes.join(", "), ci(f.interval));
+                out += &format!("{label} ({}): {m:.4} {}\n", f.classes.join(", "), ci(f.interval));
                 if !f.missing.is_empty() {
                     out += &format!("  (without {}: no AUROC)\n", f.missing.join(", "));
                 }
             }
-            None => out += "filtered average: none of its classes has an AUROC\n",
+            None => out += &format!("{label}: none of its classes has an AUROC\n"),
         }
         if !one_class.is_empty() {
             out += &format!("skipped, one class of label only: {}\n", one_class.join(", "));
