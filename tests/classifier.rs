@@ -188,8 +188,7 @@ fn targets_of(v: &Value) -> Vec<Option<bool>> {
 fn tiny_densenet_training_step_matches_pytorch() {
     let f = fixture("classifier-ops/tiny-densenet.safetensors");
     let meta = &cases()["tiny_densenet"];
-    let config =
-        DenseNetConfig { growth_rate: 4, block_config: vec![2, 2], num_init_features: 8, bn_size: 2, in_channels: 1 };
+    let config = DenseNetConfig::tiny();
     let targets = targets_of(&meta["targets"]);
     let mut b = CpuBackend::new();
     let weight = |name: &str, _: &[usize]| read_f32(&f, &format!("w.{name}")).1;

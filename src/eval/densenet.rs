@@ -60,6 +60,12 @@ impl DenseNetConfig {
         }
     }
 
+    /// The smallest DenseNet the tests train and compare (growth 4, blocks 2-2, 8 initial
+    /// features, bn_size 2, one input channel).
+    pub fn tiny() -> DenseNetConfig {
+        DenseNetConfig { growth_rate: 4, block_config: vec![2, 2], num_init_features: 8, bn_size: 2, in_channels: 1 }
+    }
+
     /// Feature size (channels after norm5): 1024 for DenseNet-121.
     pub fn dims(&self) -> usize {
         let mut c = self.num_init_features;

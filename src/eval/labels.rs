@@ -110,19 +110,23 @@ pub fn chexpert_targets(labels: &Map<String, Value>, policy: LabelPolicy) -> Res
     let mut targets = [None; 18];
     for (chexpert, xrv) in CHEXPERT_TO_XRV {
         let value = values.iter().find(|(n, _)| *n == chexpert).map(|&(_, v)| v);
-        targets[xrv_index(xrv)] = match (healthy, value) {
-            (true, _) => Some(false),
-            (false, Some(v)) if v == 1.0 => Some(true),
-            (false, Some(v)) if v == 0.0 => Some(false),
-            (false, Some(_)) => match policy {
-                LabelPolicy::UOnes => Some(true),
-                LabelPolicy::UZeros => Some(false),
-                LabelPolicy::Xrv | LabelPolicy::Columns => None, // −1, uncertain
-            },
-            (false, None) => None, // blank
-        };
+        targets[xrv_index(xrv)] = if healthy { Some(false) } else { column_target(value, policy) };
     }
     Ok(targets)
+}
+
+/// One CheXpert column's target: 1 positive, 0 negative, −1 (uncertain) by `policy`, blank missing.
+fn column_target(value: Option<f64>, policy: LabelPolicy) -> Option<bool> {
+    match value {
+        Some(v) if v == 1.0 => Some(true),
+        Some(v) if v == 0.0 => Some(false),
+        Some(_) => match policy {
+            LabelPolicy::UOnes => Some(true),
+            LabelPolicy::UZeros => Some(false),
+            LabelPolicy::Xrv | LabelPolicy::Columns => None,
+        },
+        None => None,
+    }
 }
 
 fn xrv_index(name: &str) -> usize {
@@ -214,17 +218,7 @@ pub fn named_targets(labels: &Value, names: &[String], policy: LabelPolicy) -> R
                 bail!("label {n:?} is not a CheXpert finding (expected one of the 14 columns of mimic-cxr-2.0.0-chexpert)");
             }
             let value = values.iter().find(|(c, _)| c == n).map(|&(_, v)| v);
-            Ok(match (healthy && n != "No Finding", value) {
-                (true, _) => Some(false),
-                (false, Some(v)) if v == 1.0 => Some(true),
-                (false, Some(v)) if v == 0.0 => Some(false),
-                (false, Some(_)) => match policy {
-                    LabelPolicy::UOnes => Some(true),
-                    LabelPolicy::UZeros => Some(false),
-                    LabelPolicy::Xrv | LabelPolicy::Columns => None,
-                },
-                (false, None) => None,
-            })
+            Ok(if healthy && n != "No Finding" { Some(false) } else { column_target(value, policy) })
         })
         .collect()
 }

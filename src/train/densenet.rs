@@ -423,13 +423,7 @@ mod tests {
     /// the same seed gives the same weights, another seed others.
     #[test]
     fn init_follows_torchvision() {
-        let config = DenseNetConfig {
-            growth_rate: 4,
-            block_config: vec![2, 2],
-            num_init_features: 8,
-            bn_size: 2,
-            in_channels: 1,
-        };
+        let config = DenseNetConfig::tiny();
         let mut b = CpuBackend::new();
         let pools = ClassifierPools::allocate(&mut b, &config, 3).unwrap();
         pools.init_torchvision(&b, 7).unwrap();

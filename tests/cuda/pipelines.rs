@@ -303,13 +303,7 @@ pub fn densenet_case(r: &mut Runner) {
         use roentgen::eval::densenet::{DenseNet, DenseNetConfig};
         use roentgen::eval::net::Pixels;
         use roentgen::eval::tensors::{MapSource, Weights};
-        let config = DenseNetConfig {
-            growth_rate: 4,
-            block_config: vec![2, 2],
-            num_init_features: 8,
-            bn_size: 2,
-            in_channels: 1,
-        };
+        let config = DenseNetConfig::tiny();
         let mut rng = Rng(77);
         let tensors = config
             .expected_tensors()
@@ -344,13 +338,7 @@ pub fn densenet_training_case(r: &mut Runner) {
     r.case("f32/densenet classifier training step: cuda vs cpu", || {
         use roentgen::eval::densenet::DenseNetConfig;
         use roentgen::train::densenet::ClassifierPools;
-        let config = DenseNetConfig {
-            growth_rate: 4,
-            block_config: vec![2, 2],
-            num_init_features: 8,
-            bn_size: 2,
-            in_channels: 1,
-        };
+        let config = DenseNetConfig::tiny();
         let mut rng = Rng(78);
         let pools = ClassifierPools::allocate(&mut roentgen::backend::cpu::CpuBackend::new(), &config, 3)?;
         let weights: std::collections::HashMap<String, Vec<f32>> = [&pools.params, &pools.buffers]
