@@ -34,7 +34,7 @@ fi
 # generate_xrv_labels.py, generate_xrv_outputs.py and generate_bce.py: sklearn AUROC, torchxrayvision
 # label targets, output normalisation and `eval classify` end to end, the classifier's masked BCE;
 # generate_text_knn.py: `eval text-knn` with transformers and sklearn; generate_classifier_ops.py:
-# batch norm in training and pooling's backward (issue 16).
+# batch norm in training and pooling's backward; generate_retrieval.py: `eval retrieval` (issue 16).
 if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate.py
   "$VENV/bin/python" tests/fixtures/generate_schedulers.py
@@ -49,6 +49,7 @@ if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate_bce.py
   "$VENV/bin/python" tests/fixtures/generate_text_knn.py
   "$VENV/bin/python" tests/fixtures/generate_classifier_ops.py
+  "$VENV/bin/python" tests/fixtures/generate_retrieval.py
   "$VENV/bin/python" tests/fixtures/iu-xray/make_sample.py
 else
   "$VENV/bin/python" tests/fixtures/generate.py "$@"

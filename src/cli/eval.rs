@@ -43,6 +43,10 @@ pub enum EvalCommand {
     /// nearest neighbours per finding, macro-averaged (the paper's CheXpert@10, Table 6).
     #[command(after_long_help = TEXT_KNN_HELP)]
     TextKnn(TextKnnArgs),
+    /// Image→image retrieval precision (the paper's Table 4): each query image's k most similar
+    /// candidate images by an image encoder's features; Precision@k of the same finding.
+    #[command(after_long_help = roentgen::eval::fid::CONVERT_HELP)]
+    Retrieval(RetrievalArgs),
 }
 
 const TEXT_KNN_HELP: &str = "\
@@ -91,6 +95,7 @@ pub fn run(g: &super::Global, cmd: EvalCommand) -> Result<()> {
         EvalCommand::Phantom(a) => phantom(a),
         EvalCommand::Classify(a) => classify(g, a),
         EvalCommand::TextKnn(a) => text_knn(g, a),
+        EvalCommand::Retrieval(a) => retrieval(g, a),
     }
 }
 
@@ -456,6 +461,98 @@ fn text_knn(g: &super::Global, a: TextKnnArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{} reports, {source}", texts.len());
+        print!("{}", report.render_table());
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct RetrievalArgs {
+    /// Query images with labels (e.g. generated ones): a manifest whose rows have "labels".
+    #[arg(long)]
+    pub queries: PathBuf,
+    /// Candidate images with labels (e.g. real ones): a manifest whose rows have "labels".
+    #[arg(long)]
+    pub candidates: PathBuf,
+    /// Image encoder: clip (pooled), clip-proj (projected), xrv or inception, as eval fid's.
+    #[arg(long)]
+    pub features: FeatureKind,
+    /// The encoder's weights (safetensors; see below).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// transformers config.json of the CLIP model, for towers other than ViT-B/32.
+    #[arg(long)]
+    pub clip_config: Option<PathBuf>,
+    /// The classes, comma-separated; only images with exactly one of them take part (default: the
+    /// paper's eight CheXpert findings, or the four phantom findings for phantom rows).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Vec<String>,
+    /// How CheXpert values become labels (as eval classify).
+    #[arg(long, value_enum, default_value_t = LabelPolicy::Xrv)]
+    pub label_policy: LabelPolicy,
+    /// Neighbours to score, comma-separated (the paper's 5, 10, 50).
+    #[arg(short, long, value_delimiter = ',', default_value = "5,10,50")]
+    pub k: Vec<usize>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn retrieval(g: &super::Global, a: RetrievalArgs) -> Result<()> {
+    use roentgen::eval::features::features_of;
+    use roentgen::eval::labels::{is_phantom, named_targets};
+    use roentgen::eval::retrieval::{cosine_neighbours, precision_at_k, single_class, PAPER_CLASSES, PHANTOM_CLASSES};
+    let q_rows = read_manifest_rows(&a.queries, None)?;
+    let c_rows = read_manifest_rows(&a.candidates, None)?;
+    let classes: Vec<String> = if a.classes.is_empty() {
+        match q_rows.iter().find_map(|r| r.labels.as_ref()) {
+            Some(l) if is_phantom(l) => PHANTOM_CLASSES.map(String::from).to_vec(),
+            _ => PAPER_CLASSES.map(String::from).to_vec(),
+        }
+    } else {
+        a.classes.iter().map(|c| c.trim().to_string()).collect()
+    };
+    // (image, class) of the single-label rows of a manifest.
+    let single = |path: &Path, rows: Vec<roentgen::io::manifest::Example>| -> Result<Vec<(PathBuf, usize)>> {
+        let mut out = Vec::new();
+        for r in rows {
+            let at = || format!("{}:{}", path.display(), r.line);
+            let Some(l) = &r.labels else { bail!("{}: no labels for image {}", at(), r.image.display()) };
+            if let Some(c) = single_class(&named_targets(l, &classes, a.label_policy).with_context(at)?) {
+                out.push((r.image, c));
+            }
+        }
+        Ok(out)
+    };
+    let (nq, nc) = (q_rows.len(), c_rows.len());
+    let queries = single(&a.queries, q_rows)?;
+    let candidates = single(&a.candidates, c_rows)?;
+    roentgen::diag::progress(format!(
+        "{} of {nq} queries and {} of {nc} candidates have exactly one of {}",
+        queries.len(),
+        candidates.len(),
+        classes.join(", ")
+    ));
+    let backend = super::open_backend(g)?;
+    let mut net = FeatureNet::load(a.features, &a.weights, a.clip_config.as_deref(), backend)?;
+    let paths = |v: &[(PathBuf, usize)]| v.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
+    let qf = features_of(&mut net, &paths(&queries))?;
+    let cf = features_of(&mut net, &paths(&candidates))?;
+    let kmax = a.k.iter().copied().max().unwrap_or(0);
+    let neighbours = cosine_neighbours(&qf, &cf, kmax, false);
+    let class_of = |v: &[(PathBuf, usize)]| v.iter().map(|(_, c)| *c).collect::<Vec<_>>();
+    let report = precision_at_k(&classes, &class_of(&queries), &class_of(&candidates), &neighbours, &a.k)?;
+    if a.json {
+        let mut v = report.to_json();
+        v["features"] = serde_json::json!(a.features.name());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "image→image retrieval, {} features: {} queries, {} candidates",
+            a.features.name(),
+            queries.len(),
+            candidates.len()
+        );
         print!("{}", report.render_table());
     }
     Ok(())

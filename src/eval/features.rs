@@ -217,3 +217,22 @@ impl FeatureNet {
         Ok(self.forward(std::slice::from_ref(&input))?.remove(0))
     }
 }
+
+/// Images per feature-network call when a list of images is featurised.
+const LIST_BATCH: usize = 16;
+
+/// The features of each image of `paths` (decoded and preprocessed in parallel, in batches), one
+/// vector per image, in order.
+pub fn features_of(net: &mut FeatureNet, paths: &[PathBuf]) -> Result<Vec<Vec<f32>>> {
+    use rayon::prelude::*;
+    let preprocess = net.preprocessor();
+    let bar = crate::diag::progress_bar(paths.len() as u64, "images", "features");
+    let mut out = Vec::with_capacity(paths.len());
+    for chunk in paths.chunks(LIST_BATCH) {
+        let inputs = chunk.par_iter().map(|p| Ok(preprocess.apply(&load_image(p)?))).collect::<Result<Vec<_>>>()?;
+        out.extend(net.forward(&inputs)?);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}

@@ -14,5 +14,6 @@ pub mod labels;
 pub mod msssim;
 pub mod net;
 pub mod resize;
+pub mod retrieval;
 pub mod tensors;
 pub mod text_knn;

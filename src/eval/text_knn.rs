@@ -28,7 +28,6 @@ use crate::backend::Backend;
 use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::nn::Cx;
 use anyhow::{bail, Result};
-use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
@@ -205,25 +204,7 @@ pub fn knn_precision(embeddings: &[Vec<f32>], findings: &[Vec<String>], k: usize
     if k == 0 || k >= n {
         bail!("k = {k}: the neighbours must number at least 1 and fewer than the {n} reports");
     }
-    // Unit vectors in f64, so a similarity is one dot product.
-    let unit: Vec<Vec<f64>> = embeddings
-        .iter()
-        .map(|e| {
-            let norm = e.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-            e.iter().map(|&x| if norm > 0.0 { x as f64 / norm } else { 0.0 }).collect()
-        })
-        .collect();
-    let neighbours: Vec<Vec<usize>> = (0..n)
-        .into_par_iter()
-        .map(|q| {
-            let mut sims: Vec<(f64, usize)> = (0..n)
-                .filter(|&j| j != q)
-                .map(|j| (unit[q].iter().zip(&unit[j]).map(|(a, b)| a * b).sum(), j))
-                .collect();
-            sims.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            sims[..k].iter().map(|&(_, j)| j).collect()
-        })
-        .collect();
+    let neighbours = super::retrieval::cosine_neighbours(embeddings, embeddings, k, true);
     let mut names: Vec<&String> = findings.iter().flatten().collect();
     names.sort();
     names.dedup();
