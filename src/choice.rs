@@ -67,3 +67,10 @@ mod tests {
         assert_eq!(err, "unknown device \"tpu\" (expected one of cpu, cuda)");
     }
 }
+
+/// The word of a value of a `clap::ValueEnum` setting, as its flag spells it (`u-ones`, `pad`):
+/// the settings declared with clap's derive rather than [`word_enum!`] (those whose values carry
+/// their own help in `--help`).
+pub fn value_name(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value().map_or_else(String::new, |p| p.get_name().to_string())
+}

@@ -10,7 +10,7 @@
 //! The command line (src/cli) is a thin layer over this library.
 
 #[macro_use]
-mod choice;
+pub mod choice;
 
 pub mod backend;
 pub mod diag;

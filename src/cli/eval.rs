@@ -4,6 +4,7 @@
 use super::tools::{load_text_encoder, EncoderWeights};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use roentgen::choice::value_name;
 use roentgen::eval::classify;
 use roentgen::eval::densenet::{self, DenseNet, DenseNetConfig, Square};
 use roentgen::eval::features::{list_images, FeatureKind, FeatureNet};
@@ -172,14 +173,9 @@ fn ms_ssim(a: MsSsimArgs) -> Result<()> {
     Ok(())
 }
 
+/// A feature network and its weights (eval fid's and eval retrieval's).
 #[derive(Args, Debug)]
-pub struct FidArgs {
-    /// Folder of real images (PNG 8/16-bit gray or RGB, JPEG; not recursive).
-    #[arg(long)]
-    pub real: PathBuf,
-    /// Folder of generated images.
-    #[arg(long)]
-    pub fake: PathBuf,
+pub struct FeatureNetArgs {
     /// Feature network: inception (2048-d pool3), xrv (1024-d), clip (pooled, 768-d for ViT-B/32),
     /// clip-proj (projected, 512-d).
     #[arg(long)]
@@ -190,6 +186,24 @@ pub struct FidArgs {
     /// transformers config.json of the CLIP model, for towers other than ViT-B/32.
     #[arg(long)]
     pub clip_config: Option<PathBuf>,
+}
+
+impl FeatureNetArgs {
+    fn load(&self, backend: Box<dyn roentgen::backend::Backend>) -> Result<FeatureNet> {
+        FeatureNet::load(self.features, &self.weights, self.clip_config.as_deref(), backend)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct FidArgs {
+    /// Folder of real images (PNG 8/16-bit gray or RGB, JPEG; not recursive).
+    #[arg(long)]
+    pub real: PathBuf,
+    /// Folder of generated images.
+    #[arg(long)]
+    pub fake: PathBuf,
+    #[command(flatten)]
+    pub net: FeatureNetArgs,
     /// Neither read nor write the per-folder feature cache.
     #[arg(long)]
     pub no_cache: bool,
@@ -213,11 +227,11 @@ fn fid(g: &super::Global, a: FidArgs) -> Result<()> {
         }
     }
     let backend = super::open_backend(g)?;
-    let mut net = FeatureNet::load(a.features, &a.weights, a.clip_config.as_deref(), backend)?;
-    let key = if a.no_cache { 0 } else { cache_key(&a.weights, a.clip_config.as_deref())? };
-    let real = folder_features(&a.real, &mut net, a.features, key, !a.no_cache)?;
-    let fake = folder_features(&a.fake, &mut net, a.features, key, !a.no_cache)?;
-    let (d, name) = (real.dims, a.features.name());
+    let mut net = a.net.load(backend)?;
+    let key = if a.no_cache { 0 } else { cache_key(&a.net.weights, a.net.clip_config.as_deref())? };
+    let real = folder_features(&a.real, &mut net, a.net.features, key, !a.no_cache)?;
+    let fake = folder_features(&a.fake, &mut net, a.net.features, key, !a.no_cache)?;
+    let (d, name) = (real.dims, a.net.features.name());
     let fid = frechet_distance(&stats(&real.features, real.n, d)?, &stats(&fake.features, fake.n, d)?)?;
     let secs = t0.elapsed().as_secs_f64();
     if a.json {
@@ -226,7 +240,7 @@ fn fid(g: &super::Global, a: FidArgs) -> Result<()> {
                 "computed": f.computed, "cache": f.cache.as_ref().map(|p| p.display().to_string())})
         };
         let v = serde_json::json!({"fid": fid, "features": name, "dims": d,
-            "weights": a.weights.display().to_string(), "real": folder(&real), "fake": folder(&fake), "seconds": secs});
+            "weights": a.net.weights.display().to_string(), "real": folder(&real), "fake": folder(&fake), "seconds": secs});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("FID {fid:.6} ({name}, {d}-d features; real: {} images, fake: {} images)", real.n, fake.n);
@@ -350,8 +364,8 @@ fn classify(g: &super::Global, a: ClassifyArgs) -> Result<()> {
     if a.json {
         let mut v = report.to_json();
         v["weights"] = serde_json::json!(a.weights.display().to_string());
-        v["label_policy"] = serde_json::json!(flag_value(a.label_policy));
-        v["square"] = serde_json::json!(flag_value(square));
+        v["label_policy"] = serde_json::json!(value_name(a.label_policy));
+        v["square"] = serde_json::json!(value_name(square));
         v["narrow_range_images"] = serde_json::json!(low.len());
         if a.per_image {
             let rows: Vec<_> = items
@@ -367,17 +381,12 @@ fn classify(g: &super::Global, a: ClassifyArgs) -> Result<()> {
             "{} images, {} (label policy {}, square {})",
             items.len(),
             a.weights.display(),
-            flag_value(a.label_policy),
-            flag_value(square)
+            value_name(a.label_policy),
+            value_name(square)
         );
         print!("{}", report.render_table());
     }
     Ok(())
-}
-
-/// A value as its flag spells it (`u-ones`, `pad`).
-fn flag_value(v: impl clap::ValueEnum) -> String {
-    v.to_possible_value().map_or_else(String::new, |p| p.get_name().to_string())
 }
 
 #[derive(Args, Debug)]
@@ -452,7 +461,7 @@ fn text_knn(g: &super::Global, a: TextKnnArgs) -> Result<()> {
             Some(seed) => format!("{} (default initialisation, seed {seed})", model.display()),
             None => model.display().to_string(),
         };
-        (e, format!("{what}, pooling {}", flag_value(a.pooling)))
+        (e, format!("{what}, pooling {}", value_name(a.pooling)))
     };
     let report = text_knn::knn_precision(&embeddings, &findings, a.k)?;
     if a.json {
@@ -474,15 +483,8 @@ pub struct RetrievalArgs {
     /// Candidate images with labels (e.g. real ones): a manifest whose rows have "labels".
     #[arg(long)]
     pub candidates: PathBuf,
-    /// Image encoder: clip (pooled), clip-proj (projected), xrv or inception, as eval fid's.
-    #[arg(long)]
-    pub features: FeatureKind,
-    /// The encoder's weights (safetensors; see below).
-    #[arg(long)]
-    pub weights: PathBuf,
-    /// transformers config.json of the CLIP model, for towers other than ViT-B/32.
-    #[arg(long)]
-    pub clip_config: Option<PathBuf>,
+    #[command(flatten)]
+    pub net: FeatureNetArgs,
     /// The classes, comma-separated; only images with exactly one of them take part (default: the
     /// paper's eight CheXpert findings, or the four phantom findings for phantom rows).
     #[arg(long, value_delimiter = ',')]
@@ -534,7 +536,7 @@ fn retrieval(g: &super::Global, a: RetrievalArgs) -> Result<()> {
         classes.join(", ")
     ));
     let backend = super::open_backend(g)?;
-    let mut net = FeatureNet::load(a.features, &a.weights, a.clip_config.as_deref(), backend)?;
+    let mut net = a.net.load(backend)?;
     let paths = |v: &[(PathBuf, usize)]| v.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
     let qf = features_of(&mut net, &paths(&queries))?;
     let cf = features_of(&mut net, &paths(&candidates))?;
@@ -544,12 +546,12 @@ fn retrieval(g: &super::Global, a: RetrievalArgs) -> Result<()> {
     let report = precision_at_k(&classes, &class_of(&queries), &class_of(&candidates), &neighbours, &a.k)?;
     if a.json {
         let mut v = report.to_json();
-        v["features"] = serde_json::json!(a.features.name());
+        v["features"] = serde_json::json!(a.net.features.name());
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
             "image→image retrieval, {} features: {} queries, {} candidates",
-            a.features.name(),
+            a.net.features.name(),
             queries.len(),
             candidates.len()
         );

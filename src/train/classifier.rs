@@ -18,9 +18,10 @@
 //! Every file is written to a temporary name and renamed into place; nothing in the folder is
 //! overwritten by a run that did not start from it (`--resume`).
 
-use super::densenet::ClassifierPools;
+use super::densenet::{flat, ClassifierPools};
 use super::schedule::cyclic_triangular;
 use crate::backend::Backend;
+use crate::choice::value_name;
 use crate::eval::auroc::class_auroc;
 use crate::eval::densenet::{paper_preprocess, DenseNetConfig, Square};
 use crate::eval::features::load_image;
@@ -30,7 +31,7 @@ use crate::io::safetensors::{write_raw_atomic_with_metadata, RawTensor};
 use crate::nn::{Cx, Fmap};
 use crate::ops::optim::AdamWParams;
 use crate::rng::splitmix::SplitMix64;
-use crate::tensor::{Arena, Shape, Tensor};
+use crate::tensor::{Arena, Tensor};
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use safetensors::Dtype;
@@ -103,8 +104,8 @@ impl ClassifierOptions {
             "manifest": self.manifest.display().to_string(),
             "val_manifest": self.val_manifest.as_ref().map(|p| p.display().to_string()),
             "val_fraction": self.val_fraction, "labels": self.labels,
-            "label_policy": format!("{:?}", self.policy).to_lowercase(), "arch": self.arch.name(),
-            "resolution": self.resolution, "square": format!("{:?}", self.square).to_lowercase(),
+            "label_policy": value_name(self.policy), "arch": self.arch.name(),
+            "resolution": self.resolution, "square": value_name(self.square),
             "batch": self.batch, "max_epochs": self.max_epochs, "patience": self.patience, "lr": self.lr,
             "lr_base": self.lr_base, "cycle_steps": self.cycle_steps, "weight_decay": self.weight_decay,
             "seed": self.seed, "augmentation": "none", "optimizer": "AdamW (betas 0.9, 0.999, eps 1e-8)",
@@ -208,11 +209,6 @@ fn state_dict(pools: &ClassifierPools, b: &dyn Backend, steps: usize) -> Result<
     Ok(out)
 }
 
-/// A pool's whole extent.
-fn whole(pool: crate::tensor::PoolId, n: usize) -> Tensor {
-    Tensor { pool, offset: 0, shape: Shape::new(&[n]) }
-}
-
 /// What `state.json` records between epochs.
 #[derive(Clone, Debug)]
 struct Progress {
@@ -266,8 +262,8 @@ pub fn train_classifier(b: &mut dyn Backend, o: &ClassifierOptions) -> Result<Cl
     let pools = ClassifierPools::allocate(b, &config, outputs)?;
     let n_params = pools.params.total();
     let (m_pool, v_pool) = (b.alloc(n_params, "classifier.adam_m")?, b.alloc(n_params, "classifier.adam_v")?);
-    let (m, v) = (whole(m_pool, n_params), whole(v_pool, n_params));
-    let (params, grads) = (whole(pools.params.pool(), n_params), whole(pools.grad_table.pool(), n_params));
+    let (m, v) = (flat(m_pool, n_params), flat(v_pool, n_params));
+    let (params, grads) = (flat(pools.params.pool(), n_params), flat(pools.grad_table.pool(), n_params));
     std::fs::create_dir_all(&o.output)
         .with_context(|| format!("{}: cannot create the output folder", o.output.display()))?;
     let state_path = o.output.join("state.json");
@@ -388,7 +384,7 @@ fn metadata(o: &ClassifierOptions, epoch: usize, auroc: Option<f64>) -> std::col
         ("num_init_features", c.num_init_features.to_string()),
         ("bn_size", c.bn_size.to_string()),
         ("resolution", o.resolution.to_string()),
-        ("square", format!("{:?}", o.square).to_lowercase()),
+        ("square", value_name(o.square)),
         ("epoch", epoch.to_string()),
         ("val_auroc", auroc.map_or("none".into(), |a| a.to_string())),
     ]

@@ -21,7 +21,7 @@ use crate::nn::{zeros, zeros_like, Cx, Fmap, Linear};
 use crate::ops::elementwise::ConcatParams;
 use crate::ops::norm::{BatchNormBackward, BatchNormForward, BatchNormParams, BatchNormStats, BatchNormTrainParams};
 use crate::ops::pool::{Pool2dParams, PoolMode};
-use crate::tensor::{Arena, Layout, Shape, Tensor};
+use crate::tensor::{Arena, Layout, PoolId, Shape, Tensor};
 use anyhow::Result;
 
 /// torchvision's `BatchNorm2d` defaults.
@@ -408,9 +408,14 @@ fn entry(l: &Layout, name: &str) -> Tensor {
     Tensor { pool: l.pool(), offset: e.offset, shape: e.shape }
 }
 
+/// The first `n` elements of `pool` as one flat tensor (a whole parameter, gradient or moment pool).
+pub(crate) fn flat(pool: PoolId, n: usize) -> Tensor {
+    Tensor { pool, offset: 0, shape: Shape::new(&[n]) }
+}
+
 /// The whole of a layout's pool as one tensor.
 fn whole(l: &Layout) -> Tensor {
-    Tensor { pool: l.pool(), offset: 0, shape: Shape::new(&[l.total()]) }
+    flat(l.pool(), l.total())
 }
 
 #[cfg(test)]
