@@ -174,7 +174,7 @@ fn xrv_densenet_matches_torchxrayvision() {
 
 #[test]
 fn clip_tiny_matches_transformers() {
-    use roentgen::eval::clip_vision::preprocess;
+    use roentgen::eval::clip_vision::{preprocess, PixelNorm};
     let dir = fid_fixture("clip-tiny");
     let cfg = dir.join("config.json");
     let file = fid_fixture("clip.safetensors");
@@ -182,7 +182,7 @@ fn clip_tiny_matches_transformers() {
     let (_, want) = read_f32(&file, "tiny_pixels");
     for (i, p) in pipeline_images().iter().enumerate() {
         let img = load_image(p).unwrap();
-        let x = preprocess(&img.pixels, img.height, img.width, img.channels, 32);
+        let x = preprocess(&img.pixels, img.height, img.width, img.channels, 32, PixelNorm::Openai);
         let got = common::nhwc_to_nchw(&x.data, 1, 3, 32, 32);
         assert_close(&format!("clip pixels {}", p.display()), &got, &want[i * 3072..(i + 1) * 3072], 1e-6);
     }
@@ -343,6 +343,12 @@ fn cli_fid_matches_pytorch_fid_and_caches() {
         (v3["real"]["images"].as_u64(), v3["real"]["computed"].as_u64(), v3["real"]["cached"].as_u64()),
         (Some(24), Some(1), Some(23))
     );
+    // Another pixel normalisation is another input: nothing from the cache, another value.
+    let mut cxr = args.clone();
+    cxr.extend(["--pixel-norm", "cxr-repair"]);
+    let vc = json_run(&cxr);
+    assert_eq!((vc["real"]["computed"].as_u64(), vc["real"]["cached"].as_u64()), (Some(24), Some(0)));
+    assert_ne!(vc["fid"], v3["fid"]);
     // --no-cache computes everything and gives the same value.
     let mut nc = args.clone();
     nc.push("--no-cache");

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use roentgen::choice::value_name;
 use roentgen::eval::classify;
+use roentgen::eval::clip_vision::PixelNorm;
 use roentgen::eval::densenet::{self, DenseNet, DenseNetConfig, Square};
 use roentgen::eval::features::{list_images, FeatureKind, FeatureNet};
 use roentgen::eval::fid::{cache_key, folder_features, FolderFeatures};
@@ -16,7 +17,7 @@ use roentgen::eval::msssim::{
 };
 use roentgen::eval::tensors::{FileSource, Weights};
 use roentgen::eval::text_knn::{self, Pooling};
-use roentgen::io::manifest::read_manifest_rows;
+use roentgen::io::manifest::{read_manifest_rows, Example};
 use roentgen::io::safetensors::SafetensorsFile;
 use roentgen::text::bpe::ClipTokenizer;
 use roentgen::tools::phantom::eval::{evaluate as phantom_report, items_from_folder, items_from_manifest, EvalOptions};
@@ -44,8 +45,9 @@ pub enum EvalCommand {
     /// nearest neighbours per finding, macro-averaged (the paper's CheXpert@10, Table 6).
     #[command(after_long_help = TEXT_KNN_HELP)]
     TextKnn(TextKnnArgs),
-    /// Image→image retrieval precision (the paper's Table 4): each query image's k most similar
-    /// candidate images by an image encoder's features; Precision@k of the same finding.
+    /// Retrieval precision (the paper's Table 4): each query image's k most similar candidate
+    /// images (by an image encoder's features) or reports (by CLIP's joint image–text
+    /// embeddings, --reports); Precision@k of the same finding.
     #[command(after_long_help = roentgen::eval::fid::CONVERT_HELP)]
     Retrieval(RetrievalArgs),
 }
@@ -186,11 +188,17 @@ pub struct FeatureNetArgs {
     /// transformers config.json of the CLIP model, for towers other than ViT-B/32.
     #[arg(long)]
     pub clip_config: Option<PathBuf>,
+    /// CLIP's pixel normalisation: openai (the released CLIP's) or cxr-repair (the chest X-ray
+    /// statistics of CXR-RePaiR and CheXzero, for CLIP models fine-tuned on MIMIC-CXR).
+    #[arg(long, value_enum, default_value_t = PixelNorm::Openai)]
+    pub pixel_norm: PixelNorm,
 }
 
 impl FeatureNetArgs {
     fn load(&self, backend: Box<dyn roentgen::backend::Backend>) -> Result<FeatureNet> {
-        FeatureNet::load(self.features, &self.weights, self.clip_config.as_deref(), backend)
+        let mut net = FeatureNet::load(self.features, &self.weights, self.clip_config.as_deref(), backend)?;
+        net.set_pixel_norm(self.pixel_norm).context("--pixel-norm")?;
+        Ok(net)
     }
 }
 
@@ -228,7 +236,7 @@ fn fid(g: &super::Global, a: FidArgs) -> Result<()> {
     }
     let backend = super::open_backend(g)?;
     let mut net = a.net.load(backend)?;
-    let key = if a.no_cache { 0 } else { cache_key(&a.net.weights, a.net.clip_config.as_deref())? };
+    let key = if a.no_cache { 0 } else { cache_key(&a.net.weights, a.net.clip_config.as_deref(), a.net.pixel_norm)? };
     let real = folder_features(&a.real, &mut net, a.net.features, key, !a.no_cache)?;
     let fake = folder_features(&a.fake, &mut net, a.net.features, key, !a.no_cache)?;
     let (d, name) = (real.dims, a.net.features.name());
@@ -480,9 +488,19 @@ pub struct RetrievalArgs {
     /// Query images with labels (e.g. generated ones): a manifest whose rows have "labels".
     #[arg(long)]
     pub queries: PathBuf,
-    /// Candidate images with labels (e.g. real ones): a manifest whose rows have "labels".
+    /// Candidate images with labels (e.g. real ones): a manifest whose rows have "labels"
+    /// (image→image retrieval).
+    #[arg(long, required_unless_present = "reports", conflicts_with = "reports")]
+    pub candidates: Option<PathBuf>,
+    /// Candidate reports with labels: a manifest whose rows have "text" and "labels" (image→text
+    /// retrieval, with --features clip-proj and a whole CLIPModel file as --weights: each tower
+    /// projected into CLIP's joint space).
     #[arg(long)]
-    pub candidates: PathBuf,
+    pub reports: Option<PathBuf>,
+    /// CLIP's tokenizer folder (vocab.json, merges.txt) for --reports; default: the folder of
+    /// --weights (a transformers CLIP repository holds both).
+    #[arg(long, requires = "reports")]
+    pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
     pub net: FeatureNetArgs,
     /// The classes, comma-separated; only images with exactly one of them take part (default: the
@@ -501,11 +519,23 @@ pub struct RetrievalArgs {
 }
 
 fn retrieval(g: &super::Global, a: RetrievalArgs) -> Result<()> {
+    use roentgen::eval::clip_text::ClipTextTower;
     use roentgen::eval::features::features_of;
     use roentgen::eval::labels::{is_phantom, named_targets};
     use roentgen::eval::retrieval::{cosine_neighbours, precision_at_k, single_class, PAPER_CLASSES, PHANTOM_CLASSES};
+    if a.reports.is_some() && a.net.features != FeatureKind::ClipProj {
+        bail!(
+            "--reports: image→text retrieval compares CLIP's image and text embeddings in their joint space; \
+             use --features clip-proj with a whole CLIPModel file as --weights"
+        );
+    }
+    let (cand_path, to_text) = match (&a.candidates, &a.reports) {
+        (Some(c), None) => (c.clone(), false),
+        (None, Some(r)) => (r.clone(), true),
+        _ => unreachable!("clap requires exactly one of --candidates and --reports"),
+    };
     let q_rows = read_manifest_rows(&a.queries, None)?;
-    let c_rows = read_manifest_rows(&a.candidates, None)?;
+    let c_rows = read_manifest_rows(&cand_path, None)?;
     let classes: Vec<String> = if a.classes.is_empty() {
         match q_rows.iter().find_map(|r| r.labels.as_ref()) {
             Some(l) if is_phantom(l) => PHANTOM_CLASSES.map(String::from).to_vec(),
@@ -514,43 +544,72 @@ fn retrieval(g: &super::Global, a: RetrievalArgs) -> Result<()> {
     } else {
         a.classes.iter().map(|c| c.trim().to_string()).collect()
     };
-    // (image, class) of the single-label rows of a manifest.
-    let single = |path: &Path, rows: Vec<roentgen::io::manifest::Example>| -> Result<Vec<(PathBuf, usize)>> {
+    // The single-label rows of a manifest, with their class.
+    let single = |path: &Path, rows: Vec<Example>, needs_text: bool| -> Result<Vec<(Example, usize)>> {
         let mut out = Vec::new();
         for r in rows {
             let at = || format!("{}:{}", path.display(), r.line);
             let Some(l) = &r.labels else { bail!("{}: no labels for image {}", at(), r.image.display()) };
             if let Some(c) = single_class(&named_targets(l, &classes, a.label_policy).with_context(at)?) {
-                out.push((r.image, c));
+                if needs_text && r.text.trim().is_empty() {
+                    bail!("{}: an empty report text (each row of --reports needs a \"text\")", at());
+                }
+                out.push((r, c));
             }
         }
         Ok(out)
     };
     let (nq, nc) = (q_rows.len(), c_rows.len());
-    let queries = single(&a.queries, q_rows)?;
-    let candidates = single(&a.candidates, c_rows)?;
+    let queries = single(&a.queries, q_rows, false)?;
+    let candidates = single(&cand_path, c_rows, to_text)?;
+    let (what, direction) = if to_text { ("reports", "image→text") } else { ("candidates", "image→image") };
     roentgen::diag::progress(format!(
-        "{} of {nq} queries and {} of {nc} candidates have exactly one of {}",
+        "{} of {nq} queries and {} of {nc} {what} have exactly one of {}",
         queries.len(),
         candidates.len(),
         classes.join(", ")
     ));
+    let paths = |v: &[(Example, usize)]| v.iter().map(|(r, _)| r.image.clone()).collect::<Vec<_>>();
+    // The text tower first, on a backend of its own, given back before the image tower loads.
+    let candidate_features = if to_text {
+        let mut b = super::open_backend(g)?;
+        let tok_dir = match &a.tokenizer {
+            Some(t) => t.clone(),
+            None => a.net.weights.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        };
+        let tower = ClipTextTower::load(b.as_mut(), &a.net.weights, a.net.clip_config.as_deref(), &tok_dir)?;
+        let texts: Vec<String> = candidates.iter().map(|(r, _)| r.text.clone()).collect();
+        Some(tower.embed(b.as_mut(), &texts)?)
+    } else {
+        None
+    };
     let backend = super::open_backend(g)?;
     let mut net = a.net.load(backend)?;
-    let paths = |v: &[(PathBuf, usize)]| v.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
     let qf = features_of(&mut net, &paths(&queries))?;
-    let cf = features_of(&mut net, &paths(&candidates))?;
+    let cf = match candidate_features {
+        Some(t) => t,
+        None => features_of(&mut net, &paths(&candidates))?,
+    };
+    if qf.first().map(Vec::len) != cf.first().map(Vec::len) {
+        bail!(
+            "the image embedding has {} dimensions and the text embedding {}: not one CLIP model's towers",
+            qf.first().map_or(0, Vec::len),
+            cf.first().map_or(0, Vec::len)
+        );
+    }
     let kmax = a.k.iter().copied().max().unwrap_or(0);
     let neighbours = cosine_neighbours(&qf, &cf, kmax, false);
-    let class_of = |v: &[(PathBuf, usize)]| v.iter().map(|(_, c)| *c).collect::<Vec<_>>();
+    let class_of = |v: &[(Example, usize)]| v.iter().map(|(_, c)| *c).collect::<Vec<_>>();
     let report = precision_at_k(&classes, &class_of(&queries), &class_of(&candidates), &neighbours, &a.k)?;
     if a.json {
         let mut v = report.to_json();
         v["features"] = serde_json::json!(a.net.features.name());
+        v["direction"] = serde_json::json!(direction);
+        v["pixel_norm"] = serde_json::json!(value_name(a.net.pixel_norm));
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "image→image retrieval, {} features: {} queries, {} candidates",
+            "{direction} retrieval, {} features: {} queries, {} {what}",
             a.net.features.name(),
             queries.len(),
             candidates.len()

@@ -41,6 +41,33 @@ pub const NETWORK: &str = "CLIP's vision tower (transformers CLIPVisionModelWith
 const MEAN: [f32; 3] = [0.48145466f64 as f32, 0.4578275f64 as f32, 0.40821073f64 as f32];
 const STD: [f32; 3] = [0.26862954f64 as f32, 0.26130258f64 as f32, 0.27577711f64 as f32];
 
+/// CXR-RePaiR's (and CheXzero's) pixel statistics of MIMIC-CXR on the 0–255 scale, divided by 255
+/// (through f64, as numpy converts Python floats).
+const CXR_REPAIR_MEAN: f32 = (101.48761f64 / 255.0) as f32;
+const CXR_REPAIR_STD: f32 = (83.43944f64 / 255.0) as f32;
+
+/// The mean and standard deviation the pixels are normalised with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PixelNorm {
+    /// OpenAI CLIP's per-channel statistics (of its web images): the released checkpoints'.
+    #[default]
+    Openai,
+    /// CXR-RePaiR's chest X-ray statistics (mean 101.48761, std 83.43944 of 255, every channel),
+    /// for CLIP models fine-tuned on MIMIC-CXR as CXR-RePaiR and CheXzero were. CLIP's resize and
+    /// crop stay: CXR-RePaiR normalises at 320 px and then resizes, which differs from normalising
+    /// after the resize only by the rounding of 8-bit resized levels (the resize is linear).
+    CxrRepair,
+}
+
+impl PixelNorm {
+    fn mean_std(self) -> ([f32; 3], [f32; 3]) {
+        match self {
+            PixelNorm::Openai => (MEAN, STD),
+            PixelNorm::CxrRepair => ([CXR_REPAIR_MEAN; 3], [CXR_REPAIR_STD; 3]),
+        }
+    }
+}
+
 /// The fields of transformers' `CLIPVisionConfig` the forward needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClipVisionConfig {
@@ -193,6 +220,8 @@ pub struct ClipVision {
     /// this, which adds the same two numbers in each element.
     token_bias: Tensor,
     device: NetDevice,
+    /// The preprocessing's normalisation (OpenAI's unless the caller sets another).
+    pub pixel_norm: PixelNorm,
 }
 
 impl ClipVision {
@@ -237,7 +266,7 @@ impl ClipVision {
             l.tensor("token_bias", [config.num_positions(), d])
         })?;
         backend.upload(&token_bias, &bias)?;
-        Ok(ClipVision { config, params, token_bias, device: NetDevice::new(backend) })
+        Ok(ClipVision { config, params, token_bias, device: NetDevice::new(backend), pixel_norm: PixelNorm::Openai })
     }
 
     /// The length of the output: the projection's, else the hidden size.
@@ -326,7 +355,7 @@ fn run(
 }
 
 /// CLIP's input for an 8-bit image (HWC, 1 or 3 channels), at the config's image size.
-pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize, size: usize) -> Pixels {
+pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize, size: usize, norm: PixelNorm) -> Pixels {
     let rgb: Vec<u8> = if c == 1 { pixels.iter().flat_map(|&v| [v, v, v]).collect() } else { pixels.to_vec() };
     // transformers' get_resize_output_image_size(default_to_square=False): the short side becomes
     // `size`, the long side int(size · long / short) (computed in f64, truncated).
@@ -337,6 +366,7 @@ pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize, size: usize) -> P
     };
     let r = pil_bicubic(&rgb, h, w, 3, oh, ow);
     let (top, left) = ((oh - size) / 2, (ow - size) / 2);
+    let (mean, std) = norm.mean_std();
     let mut out = Vec::with_capacity(size * size * 3);
     for y in 0..size {
         for x in 0..size {
@@ -344,7 +374,7 @@ pub fn preprocess(pixels: &[u8], h: usize, w: usize, c: usize, size: usize) -> P
                 let v = r[((top + y) * ow + left + x) * 3 + ch];
                 // rescale: uint8 → f64 · (1/255) → f32; normalise in f32.
                 let v = (v as f64 * (1.0 / 255.0)) as f32;
-                out.push((v - MEAN[ch]) / STD[ch]);
+                out.push((v - mean[ch]) / std[ch]);
             }
         }
     }

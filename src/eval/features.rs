@@ -120,7 +120,7 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
 pub enum Preprocess {
     Inception,
     Xrv,
-    Clip { size: usize },
+    Clip { size: usize, norm: clip_vision::PixelNorm },
 }
 
 impl Preprocess {
@@ -129,7 +129,7 @@ impl Preprocess {
         match self {
             Preprocess::Inception => inception::preprocess(p, h, w, c),
             Preprocess::Xrv => densenet::preprocess(p, h, w, c),
-            Preprocess::Clip { size } => clip_vision::preprocess(p, h, w, c, size),
+            Preprocess::Clip { size, norm } => clip_vision::preprocess(p, h, w, c, size, norm),
         }
     }
 }
@@ -185,6 +185,16 @@ impl FeatureNet {
         })
     }
 
+    /// CLIP's pixel normalisation (`PixelNorm::Openai` unless set); an error for other networks.
+    pub fn set_pixel_norm(&mut self, norm: clip_vision::PixelNorm) -> Result<()> {
+        match self {
+            FeatureNet::Clip(m) => m.pixel_norm = norm,
+            _ if norm == clip_vision::PixelNorm::Openai => {}
+            _ => bail!("a CLIP pixel normalisation applies to the CLIP features only"),
+        }
+        Ok(())
+    }
+
     pub fn dims(&self) -> usize {
         match self {
             FeatureNet::Inception(_) => inception::DIMS,
@@ -198,7 +208,7 @@ impl FeatureNet {
         match self {
             FeatureNet::Inception(_) => Preprocess::Inception,
             FeatureNet::Xrv(_) => Preprocess::Xrv,
-            FeatureNet::Clip(m) => Preprocess::Clip { size: m.config.image_size },
+            FeatureNet::Clip(m) => Preprocess::Clip { size: m.config.image_size, norm: m.pixel_norm },
         }
     }
 

@@ -193,8 +193,13 @@ fn write_cache(path: &Path, kind: FeatureKind, key: u64, entries: &[Entry], feat
 }
 
 /// The cache key: a hash of the weights file's bytes (and of the CLIP config, which changes the
-/// network), so other weights never reuse these features.
-pub fn cache_key(weights: &Path, clip_config: Option<&Path>) -> Result<u64> {
+/// network, and of a pixel normalisation other than OpenAI's, which changes the input), so other
+/// weights or preprocessing never reuse these features.
+pub fn cache_key(
+    weights: &Path,
+    clip_config: Option<&Path>,
+    pixel_norm: crate::eval::clip_vision::PixelNorm,
+) -> Result<u64> {
     let f = std::fs::File::open(weights).with_context(|| format!("{}: cannot open", weights.display()))?;
     // SAFETY: read-only map; a concurrent writer could only change the hash.
     let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("{}: cannot map", weights.display()))?;
@@ -202,6 +207,9 @@ pub fn cache_key(weights: &Path, clip_config: Option<&Path>) -> Result<u64> {
     if let Some(c) = clip_config {
         let b = std::fs::read(c).with_context(|| format!("{}: cannot read", c.display()))?;
         h = mix(h ^ hash_bytes(&b).rotate_left(17));
+    }
+    if pixel_norm != crate::eval::clip_vision::PixelNorm::Openai {
+        h = mix(h ^ hash_bytes(format!("{pixel_norm:?}").as_bytes()).rotate_left(31));
     }
     Ok(h)
 }

@@ -4,6 +4,7 @@
 
 pub mod auroc;
 pub mod classify;
+pub mod clip_text;
 pub mod clip_vision;
 pub mod densenet;
 pub mod features;

@@ -1,14 +1,14 @@
-//! `roentgen eval retrieval`, the reachable part of the paper's Table 4: image→image retrieval
-//! precision. Each query image (a generated one) retrieves its k most similar candidate images (real
-//! ones) by cosine similarity of an image encoder's features (any of `eval fid`'s networks: CLIP's
-//! tower as the paper's retrieval baselines use, XRV's DenseNet, Inception); a retrieved candidate
-//! scores when it has the query's finding. As the paper does, only images whose labels hold exactly
-//! one of the classes take part (a report with several findings has no single right answer).
+//! `roentgen eval retrieval`, the reachable part of the paper's Table 4: retrieval precision. Each
+//! query image (a generated one) retrieves its k most similar candidates by cosine similarity: real
+//! images, by an image encoder's features (any of `eval fid`'s networks: CLIP's tower as the
+//! paper's retrieval baselines use, XRV's DenseNet, Inception), or reports, by CLIP's joint
+//! image–text embeddings (`clip_text` for the text side). A retrieved candidate scores when it has
+//! the query's finding. As the paper does, only images and reports whose labels hold exactly one of
+//! the classes take part (a report with several findings has no single right answer).
 //! Precision@k: the mean over queries of the share of their k neighbours that score, overall and
 //! per class.
 //!
-//! Not built: image→text retrieval (the paper's second half of Table 4, which needs a CLIP text
-//! tower with its projection) and report generation with its NLP metrics.
+//! Not built: report generation with its NLP metrics (the rest of Table 4).
 
 use anyhow::{bail, Result};
 
