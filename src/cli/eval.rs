@@ -89,6 +89,12 @@ Weights: TorchXRayVision's densenet121-res224-all as safetensors, classifier hea
     import torchxrayvision as xrv, safetensors.torch
     m = xrv.models.DenseNet(weights=\"densenet121-res224-all\")
     safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, \"xrv-densenet121-res224-all.safetensors\")
+The public file torchxrayvision downloads for it (its v1 release,
+nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt,
+28,382,008 bytes as one public project records it) has SHA-256
+    56524913dd16a906422e8d8b66a7a5c46be1d82eb7ac012d8103776f1aa68899
+as two public projects record it independently (roentgen could not download it to check, nor hash the
+converted file, whose bytes depend on the safetensors version that writes it).
 ";
 
 pub fn run(g: &super::Global, cmd: EvalCommand) -> Result<()> {
