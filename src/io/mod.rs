@@ -7,4 +7,5 @@ pub mod files;
 pub mod images;
 pub mod manifest;
 pub mod safetensors;
+pub mod torch;
 pub mod weights;
