@@ -530,3 +530,67 @@ fn fuzz_mutator_reaches_the_named_values() {
     }
     assert_eq!(seen.len(), 8, "mutations never produced some of the values: saw only {seen:?}");
 }
+
+// ---- PyTorch checkpoints ----
+
+/// Mutations of a torch.save file: byte flips anywhere or in the pickle's region, truncations,
+/// and (zip) corrupted directory sizes and offsets.
+fn mutate_torch(rng: &mut Rng, orig: &[u8]) -> (String, Vec<u8>) {
+    let mut b = orig.to_vec();
+    match rng.below(4) {
+        0 => {
+            let k = 1 + rng.below(6);
+            for _ in 0..k {
+                let i = rng.below(b.len());
+                b[i] ^= 1 << rng.below(8);
+            }
+            (format!("{k} byte flips"), b)
+        }
+        1 => {
+            // Flips in the first 1 KiB: the pickle of a zip (after its local header) or of a
+            // legacy file, where opcodes, lengths and memo indices are.
+            let i = rng.below(b.len().min(1024));
+            b[i] = rng.next() as u8;
+            (format!("byte {i} set"), b)
+        }
+        2 => {
+            let n = rng.below(b.len());
+            b.truncate(n);
+            (format!("truncated to {n}"), b)
+        }
+        _ => {
+            // A 4- or 8-byte little-endian field near the end (the zip directory) set to an edge value.
+            let v = *rng.pick(&[0u64, 1, 0xFFFF_FFFF, u64::MAX, b.len() as u64, 1 << 40]);
+            let i = b.len().saturating_sub(1 + rng.below(b.len().min(400)));
+            let w = if rng.below(2) == 0 { 4 } else { 8 };
+            let end = (i + w).min(b.len());
+            b[i..end].copy_from_slice(&v.to_le_bytes()[..end - i]);
+            (format!("field at {i} = {v:#x}"), b)
+        }
+    }
+}
+
+#[test]
+fn fuzz_torch_checkpoints() {
+    use roentgen::io::torch::TorchFile;
+    let (mut rng, mut found, tmp) = fuzz_start(0x5EED_0003);
+    let dir = fixture("torch-files");
+    let sources = ["dtypes.pt", "views-legacy.pt", "module.pt", "xrv-legacy.pt", "lightning.pt", "views-deflated.pt"];
+    let originals: Vec<(&str, Vec<u8>)> = sources.iter().map(|s| (*s, std::fs::read(dir.join(s)).unwrap())).collect();
+    let path = tmp.path().join("fuzzed.pt");
+    let path_str = path.display().to_string();
+    for i in 0..iters(1500) {
+        let (src, orig) = rng.pick(&originals);
+        let (what, bytes) = mutate_torch(&mut rng, orig);
+        std::fs::write(&path, &bytes).unwrap();
+        found.check(&format!("{src} ({what}, case {i})"), &path_str, || {
+            let f = TorchFile::open(&path)?;
+            // Every tensor the file claims must read (or fail with an error), never panic.
+            for (_, t) in f.tensors() {
+                f.read_f32(t)?;
+            }
+            Ok(())
+        });
+    }
+    found.assert_clean("torch checkpoints");
+}

@@ -161,6 +161,9 @@ impl TorchTensor {
     }
 }
 
+/// The largest expanded view (more elements than its storage) read.
+const MAX_EXPANDED_BYTES: usize = 1 << 30;
+
 /// Where a storage's bytes are.
 enum Span {
     /// In the mapped file.
@@ -247,6 +250,15 @@ impl TorchFile {
         let elems = bytes.len() / t.dtype.size();
         let offset = t.offset.checked_add(t.storage.elem_offset).context("offset overflows")?;
         let numel = t.shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n)).context("size overflows")?;
+        // A view with a zero stride (an expanded tensor) can address more elements than its
+        // storage holds, which reading materialises: bounded, so a hostile size cannot exhaust
+        // memory.
+        if numel > elems && numel.checked_mul(t.dtype.size()).is_none_or(|b| b > MAX_EXPANDED_BYTES) {
+            bail!(
+                "an expanded view of {numel} elements from a storage of {elems}: more than {} MiB to materialise",
+                MAX_EXPANDED_BYTES >> 20
+            );
+        }
         if numel > 0 {
             let last =
                 t.shape.iter().zip(&t.stride).try_fold(offset, |a, (&n, &s)| a.checked_add((n - 1).checked_mul(s)?));
@@ -275,6 +287,10 @@ impl TorchFile {
     pub fn bytes(&self, t: &TorchTensor) -> Result<std::borrow::Cow<'_, [u8]>> {
         let s = self.storage(&t.storage)?;
         let e = t.dtype.size();
+        if t.numel() == 0 {
+            // An empty view's offset is never checked against the storage (nothing is read).
+            return Ok(std::borrow::Cow::Borrowed(&[]));
+        }
         if t.is_contiguous() {
             return Ok(std::borrow::Cow::Borrowed(&s[t.offset * e..(t.offset + t.numel()) * e]));
         }

@@ -127,8 +127,11 @@ pub fn read<'a>(data: &'a [u8], entry: &Entry) -> Result<Cow<'a, [u8]>> {
             Ok(Cow::Borrowed(raw))
         }
         8 => {
-            let cap = usize::try_from(entry.size).context("entry too large")?;
-            let mut out = Vec::with_capacity(cap.min(1 << 30));
+            // Deflate expands at most 1032:1: a larger claimed size is a damaged directory.
+            if entry.size > entry.compressed.saturating_mul(1032) {
+                bail!("zip entry '{}' claims {} bytes from {} compressed", entry.name, entry.size, entry.compressed);
+            }
+            let mut out = Vec::with_capacity(usize::try_from(entry.size).context("entry too large")?);
             flate2::read::DeflateDecoder::new(raw)
                 .take(entry.size)
                 .read_to_end(&mut out)
@@ -139,5 +142,78 @@ pub fn read<'a>(data: &'a [u8], entry: &Entry) -> Result<Cow<'a, [u8]>> {
             Ok(Cow::Owned(out))
         }
         m => bail!("zip entry '{}' uses compression method {m}; only stored (0) and deflate (8) are read", entry.name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stored-entries archive written by hand as a zip64 writer lays it out past 4 GiB: the
+    /// 32-bit sizes and offset all ones in the central record, the real values in its zip64 extra
+    /// field, and the counts in the zip64 end record (APPNOTE 4.3.14, 4.5.3).
+    fn zip64_archive(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut central = Vec::new();
+        for (name, data) in entries {
+            let offset = out.len() as u64;
+            out.extend(LOCAL.to_le_bytes());
+            out.extend([45, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // version, flags, method 0, time, date, crc
+            out.extend(u32::MAX.to_le_bytes()); // sizes in the extra field
+            out.extend(u32::MAX.to_le_bytes());
+            out.extend((name.len() as u16).to_le_bytes());
+            out.extend(20u16.to_le_bytes());
+            out.extend(name.as_bytes());
+            out.extend(1u16.to_le_bytes());
+            out.extend(16u16.to_le_bytes());
+            out.extend((data.len() as u64).to_le_bytes());
+            out.extend((data.len() as u64).to_le_bytes());
+            out.extend(*data);
+            central.extend(CENTRAL.to_le_bytes());
+            central.extend([45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            central.extend(u32::MAX.to_le_bytes());
+            central.extend(u32::MAX.to_le_bytes());
+            central.extend((name.len() as u16).to_le_bytes());
+            central.extend(28u16.to_le_bytes());
+            central.extend([0u8; 6]); // comment length, disk, internal attributes
+            central.extend([0u8; 4]); // external attributes
+            central.extend(u32::MAX.to_le_bytes());
+            central.extend(name.as_bytes());
+            central.extend(1u16.to_le_bytes());
+            central.extend(24u16.to_le_bytes());
+            central.extend((data.len() as u64).to_le_bytes());
+            central.extend((data.len() as u64).to_le_bytes());
+            central.extend(offset.to_le_bytes());
+        }
+        let dir_offset = out.len() as u64;
+        out.extend(&central);
+        let z64 = out.len() as u64;
+        out.extend(ZIP64_EOCD.to_le_bytes());
+        out.extend(44u64.to_le_bytes());
+        out.extend([45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend((entries.len() as u64).to_le_bytes());
+        out.extend((entries.len() as u64).to_le_bytes());
+        out.extend((central.len() as u64).to_le_bytes());
+        out.extend(dir_offset.to_le_bytes());
+        out.extend(ZIP64_LOCATOR.to_le_bytes());
+        out.extend(0u32.to_le_bytes());
+        out.extend(z64.to_le_bytes());
+        out.extend(1u32.to_le_bytes());
+        out.extend(EOCD.to_le_bytes());
+        out.extend([0u8; 4]);
+        out.extend([0xff; 16]); // counts, size, offset: all in the zip64 record
+        out.extend([0u8; 2]);
+        out
+    }
+
+    #[test]
+    fn zip64_records_are_followed() {
+        let archive = zip64_archive(&[("a/data.pkl", b"pickle"), ("a/data/0", &[1, 2, 3, 4, 5])]);
+        let e = entries(&archive).unwrap();
+        assert_eq!(e.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["a/data.pkl", "a/data/0"]);
+        assert_eq!(read(&archive, &e[1]).unwrap().as_ref(), [1, 2, 3, 4, 5]);
+        assert_eq!(read(&archive, &e[0]).unwrap().as_ref(), b"pickle");
+        // The same archive cut short is refused, not misread.
+        assert!(entries(&archive[..archive.len() - 30]).is_err());
     }
 }
