@@ -80,3 +80,111 @@ fn pickles_that_call_code_are_refused_by_name() {
         assert!(err.contains(&format!("refuses to call {global}")) && err.contains(file), "{file}: {err}");
     }
 }
+
+/// The published form of TorchXRayVision's weights (a whole pickled DenseNet) feeds our DenseNet
+/// directly: its state_dict() names are the ones the network loads, and the features equal what
+/// torchxrayvision computes from the same file (tiny DenseNet: growth 4, blocks 1-1).
+#[test]
+fn xrv_module_file_gives_torchxrayvision_features() {
+    use roentgen::eval::densenet::{preprocess, DenseNet, DenseNetConfig};
+    use roentgen::eval::features::load_image;
+    use roentgen::eval::tensors::{TensorSource, Weights, WeightsFile};
+    let file = WeightsFile::open(&dir().join("xrv.pt")).unwrap();
+    let src = file.source().unwrap();
+    assert!(src.describe().contains("a whole module (torchxrayvision.models.DenseNet)"), "{}", src.describe());
+    let config =
+        DenseNetConfig { growth_rate: 4, block_config: vec![1, 1], num_init_features: 8, bn_size: 4, in_channels: 1 };
+    let weights = Weights { src: src.as_ref(), network: "tiny xrv" };
+    let mut net = DenseNet::load(Box::new(roentgen::backend::cpu::CpuBackend::new()), &weights, config).unwrap();
+    let inputs: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            let img = load_image(&fixture(&format!("fid/images/{n}.png"))).unwrap();
+            preprocess(&img.pixels, img.height, img.width, img.channels)
+        })
+        .collect();
+    let got: Vec<f32> = net.forward(&inputs).unwrap().concat();
+    let (shape, want) = read_f32(&dir().join("xrv-features.safetensors"), "features");
+    assert_eq!(shape, [3, 10]);
+    assert_close("tiny xrv features2 from xrv.pt", &got, &want, F32_PARITY);
+}
+
+/// `eval fid` takes transformers' pytorch_model.bin (torch.save of a state dict) as it takes the
+/// safetensors file: the same FID.
+#[test]
+fn eval_fid_reads_a_pytorch_weights_file() {
+    let fid = |weights: std::path::PathBuf| -> Value {
+        let (out, _) = CliArgs::new(&["eval", "fid", "--json", "--no-cache", "--features", "clip"])
+            .opt("--real", fixture("fid/e2e/real"))
+            .opt("--fake", fixture("fid/e2e/fake"))
+            .opt("--weights", weights)
+            .opt("--clip-config", fixture("fid/clip-tiny/config.json"))
+            .run_ok();
+        serde_json::from_str(&out).unwrap()
+    };
+    let a = fid(fixture("fid/clip-tiny/model.safetensors"));
+    let b = fid(dir().join("clip-tiny-vision.bin"));
+    println!("FID from safetensors {}, from pytorch_model.bin {}", a["fid"], b["fid"]);
+    assert_eq!(a["fid"], b["fid"]);
+    assert!(a["fid"].as_f64().unwrap() > 0.0);
+}
+
+/// A PyTorch file given for a network with a published release is hashed: another file gets a
+/// warning naming both hashes (here before the error that it holds no Inception tensors).
+#[test]
+fn published_hash_mismatch_is_a_warning_naming_both() {
+    let path = dir().join("dtypes.pt");
+    let got = roentgen::io::published::sha256_file(&path).unwrap();
+    let (code, _, err) = CliArgs::new(&["eval", "fid", "--features", "inception", "--no-cache"])
+        .opt("--real", fixture("fid/e2e/real"))
+        .opt("--fake", fixture("fid/e2e/fake"))
+        .opt("--weights", &path)
+        .run();
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("SHA-256 {got} is not the published pt_inception-2015-12-05-6726825d.pth's (6726825d…")),
+        "{err}"
+    );
+    assert!(err.contains("tensor 'Conv2d_1a_3x3.conv.weight' is missing"), "{err}");
+    // FIPS 180-2's first test vector: SHA-256("abc").
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("abc"), b"abc").unwrap();
+    assert_eq!(
+        roentgen::io::published::sha256_file(&tmp.path().join("abc")).unwrap(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+}
+
+/// `roentgen convert`: the safetensors copy holds PyTorch's tensors byte for byte, with the
+/// source's name and SHA-256 in its metadata; an existing output is refused, a forbidden call too.
+#[test]
+fn convert_writes_pytorchs_tensors_to_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("xrv.safetensors");
+    let input = dir().join("xrv-legacy.pt");
+    let (stdout, _) =
+        CliArgs::new(&["convert", "--json"]).with(&[input.to_str().unwrap(), out.to_str().unwrap()]).run_ok();
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["tensors"], 43);
+    assert_eq!(v["dtypes"]["I64"], 7, "num_batches_tracked stays int64");
+    let bytes = std::fs::read(&out).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!(meta["source"], "xrv-legacy.pt");
+    assert_eq!(meta["source_sha256"], roentgen::io::published::sha256_file(&input).unwrap());
+    let got = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ref_bytes = std::fs::read(dir().join("expected.safetensors")).unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&ref_bytes).unwrap();
+    for name in got.names() {
+        let (g, r) = (got.tensor(name).unwrap(), reference.tensor(&format!("xrv-legacy/{name}")).unwrap());
+        assert_eq!((g.dtype(), g.shape(), g.data()), (r.dtype(), r.shape(), r.data()), "{name}");
+    }
+    let (code, _, err) = CliArgs::new(&["convert"]).with(&[input.to_str().unwrap(), out.to_str().unwrap()]).run();
+    assert!(code != 0 && err.contains("the file exists; pass --overwrite"), "{err}");
+    let evil = dir().join("evil-eval.pt");
+    let (code, _, err) = CliArgs::new(&["convert"])
+        .with(&[evil.to_str().unwrap(), tmp.path().join("e.safetensors").to_str().unwrap()])
+        .run();
+    assert!(code != 0 && err.contains("refuses to call builtins.eval"), "{err}");
+    assert!(!tmp.path().join("e.safetensors").exists());
+}

@@ -15,10 +15,9 @@ use roentgen::eval::labels::LabelPolicy;
 use roentgen::eval::msssim::{
     evaluate as ms_ssim_report, groups_from_folder, groups_from_manifest, WIN_SIGMA, WIN_SIZE,
 };
-use roentgen::eval::tensors::{FileSource, Weights};
+use roentgen::eval::tensors::{Weights, WeightsFile};
 use roentgen::eval::text_knn::{self, Pooling};
 use roentgen::io::manifest::{read_manifest_rows, Example};
-use roentgen::io::safetensors::SafetensorsFile;
 use roentgen::text::bpe::ClipTokenizer;
 use roentgen::tools::phantom::eval::{evaluate as phantom_report, items_from_folder, items_from_manifest, EvalOptions};
 use std::path::{Path, PathBuf};
@@ -31,7 +30,7 @@ pub enum EvalCommand {
     /// TorchXRayVision DenseNet-121 or CLIP features; paper, Table 1). The network runs on
     /// --device; on cuda, --precision f32 gives the features that match PyTorch's (bf16 is faster
     /// and approximate).
-    #[command(after_long_help = roentgen::eval::fid::CONVERT_HELP)]
+    #[command(after_long_help = roentgen::eval::fid::weights_help())]
     Fid(FidArgs),
     /// How often generated phantoms show the finding (and side) their prompt asked for, measured
     /// with the phantom's own geometry, next to the same measure on real phantoms (issue 7).
@@ -39,7 +38,7 @@ pub enum EvalCommand {
     /// Per-finding AUROC of a pretrained classifier (TorchXRayVision's DenseNet-121,
     /// densenet121-res224-all) on labelled images, real or generated, with bootstrap intervals
     /// and the paper's filtered average (paper, Table 3).
-    #[command(after_long_help = CLASSIFY_HELP)]
+    #[command(after_long_help = classify_help())]
     Classify(ClassifyArgs),
     /// How well a text encoder's embeddings group reports by finding: Precision@k of cosine
     /// nearest neighbours per finding, macro-averaged (the paper's CheXpert@10, Table 6).
@@ -48,7 +47,7 @@ pub enum EvalCommand {
     /// Retrieval precision (the paper's Table 4): each query image's k most similar candidate
     /// images (by an image encoder's features) or reports (by CLIP's joint image–text
     /// embeddings, --reports); Precision@k of the same finding.
-    #[command(after_long_help = roentgen::eval::fid::CONVERT_HELP)]
+    #[command(after_long_help = roentgen::eval::fid::weights_help())]
     Retrieval(RetrievalArgs),
 }
 
@@ -68,6 +67,10 @@ Baselines: --random-init (the same architecture, PyTorch's default initialisatio
 learned nothing) and --tfidf (scikit-learn's TfidfVectorizer with its defaults; no model).
 ";
 
+fn classify_help() -> String {
+    format!("{CLASSIFY_HELP}{}", roentgen::io::published::help("xrv"))
+}
+
 const CLASSIFY_HELP: &str = "\
 Preprocessing (the paper's): the longer side to 512 (Pillow bilinear; smaller images are enlarged),
 a 512×512 square (--square), then TorchXRayVision's own: levels to [-1024, 1024], one channel (the
@@ -85,16 +88,10 @@ Labels: a manifest row's \"labels\" object, or a PNG's \"labels\" text chunk. Tw
     each known in every image.
 A class whose known labels hold one class only has no AUROC and is listed as skipped.
 
-Weights: TorchXRayVision's densenet121-res224-all as safetensors, classifier head included:
-    import torchxrayvision as xrv, safetensors.torch
-    m = xrv.models.DenseNet(weights=\"densenet121-res224-all\")
-    safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, \"xrv-densenet121-res224-all.safetensors\")
-The public file torchxrayvision downloads for it (its v1 release,
-nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt,
-28,382,008 bytes as one public project records it) has SHA-256
-    56524913dd16a906422e8d8b66a7a5c46be1d82eb7ac012d8103776f1aa68899
-as two public projects record it independently (roentgen could not download it to check, nor hash the
-converted file, whose bytes depend on the safetensors version that writes it).
+Weights: TorchXRayVision's densenet121-res224-all with its classifier head, as published (the
+whole pickled DenseNet, read without Python and without running anything in it; its SHA-256 is
+compared with the published one, a mismatch warns), or a safetensors copy (`roentgen convert`),
+or a `train-classifier` checkpoint. The public file:
 ";
 
 pub fn run(g: &super::Global, cmd: EvalCommand) -> Result<()> {
@@ -342,8 +339,8 @@ fn classify(g: &super::Global, a: ClassifyArgs) -> Result<()> {
         bail!("--level {}: the interval's coverage is a fraction between 0 and 1 (e.g. 0.95)", a.level);
     }
     let policy = a.label_policy;
-    let file = SafetensorsFile::open(&a.weights).with_context(|| format!("--weights {}", a.weights.display()))?;
-    let meta: std::collections::HashMap<String, String> = file.metadata()?.into_iter().collect();
+    let file = WeightsFile::open(&a.weights).with_context(|| format!("--weights {}", a.weights.display()))?;
+    let meta = file.metadata()?;
     let (kind, config, square) =
         match classify::trained_classifier(&meta).with_context(|| format!("--weights {}", a.weights.display()))? {
             Some((kind, config, trained_square)) => (kind, config, a.square.unwrap_or(trained_square)),
@@ -356,8 +353,11 @@ fn classify(g: &super::Global, a: ClassifyArgs) -> Result<()> {
     if items.len() < 2 {
         bail!("{} labelled image: an AUROC needs at least 2", items.len());
     }
-    let src = FileSource::new(&file)?;
-    let weights = Weights { src: &src, network: densenet::NETWORK };
+    if matches!(file, WeightsFile::Torch(_)) {
+        roentgen::io::published::check(&a.weights, "xrv")?;
+    }
+    let src = file.source()?;
+    let weights = Weights { src: src.as_ref(), network: densenet::NETWORK };
     let mut net = DenseNet::load(super::open_backend(g)?, &weights, config)
         .with_context(|| format!("--weights {}", a.weights.display()))?;
     let paths: Vec<PathBuf> = items.iter().map(|i| i.path.clone()).collect();

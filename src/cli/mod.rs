@@ -108,6 +108,9 @@ enum Command {
     /// Copy a pipeline folder (e.g. a training checkpoint) into a clean one for sharing: configs,
     /// scheduler, tokenizer and weights (rewritten in f16 or f32), without the training state.
     Export(tools::ExportArgs),
+    /// Copy a PyTorch checkpoint (.pt/.pth/.bin/.ckpt, read without Python and without running
+    /// anything in it) to safetensors: names as state_dict() gives them, dtypes kept.
+    Convert(tools::ConvertArgs),
     /// What the CUDA kernels in this binary are (registers, shared memory, stack and spills of every
     /// kernel for sm_80 and sm_90a, from ptxas) and which GPU `--device cuda` would use. Exits 1 when
     /// the binary was built without CUDA.
@@ -210,6 +213,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::CudaInfo(a) => tools::cuda_info(a),
         Command::Inspect(a) => tools::inspect_command(g, a),
         Command::Export(a) => tools::export(a),
+        Command::Convert(a) => tools::convert(a),
         Command::Sample(args) => {
             let mut b = open_backend(g)?;
             sample::sample(b.as_mut(), args)?;

@@ -87,6 +87,43 @@ pub struct ExportArgs {
 }
 
 #[derive(Args)]
+pub struct ConvertArgs {
+    /// A PyTorch checkpoint (.pt, .pth, .bin, .ckpt; torch.save's zip or legacy format): a state
+    /// dict, a Lightning checkpoint's state_dict, or a whole pickled module. Nothing in it is run.
+    pub input: PathBuf,
+    /// The safetensors file to write.
+    pub output: PathBuf,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    let r = roentgen::tools::convert::convert(&a.input, &a.output, a.overwrite)?;
+    if a.json {
+        let v = serde_json::json!({"output": a.output, "tensors": r.tensors, "bytes": r.bytes, "dtypes": r.dtypes,
+            "read_from": r.root, "source_sha256": r.source_sha256});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let dtypes: Vec<String> = r.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
+        println!(
+            "wrote {}: {} tensors ({}), {:.2} MiB, from {} of {} (SHA-256 {})",
+            a.output.display(),
+            r.tensors,
+            dtypes.join(", "),
+            r.bytes as f64 / 1048576.0,
+            r.root,
+            a.input.display(),
+            r.source_sha256
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
 pub struct CudaInfoArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]

@@ -11,10 +11,9 @@
 //! for Stable Diffusion — padded to 77 without an attention mask — which leaves the pooled output
 //! unchanged: the mask is causal, so no token before the end-of-text token sees the padding.
 
-use super::tensors::{FileSource, Weights};
+use super::tensors::{Weights, WeightsFile};
 use super::text_knn::{embed_texts, Pooling};
 use crate::backend::Backend;
-use crate::io::safetensors::SafetensorsFile;
 use crate::io::weights;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::text::{TextEncoder, TextTokenizer};
@@ -45,9 +44,9 @@ impl ClipTextTower {
     /// ViT-B/32's text tower, transformers' `CLIPTextConfig` defaults); `tokenizer`: a folder with
     /// CLIP's tokenizer files.
     pub fn load(b: &mut dyn Backend, file: &Path, config: Option<&Path>, tokenizer: &Path) -> Result<ClipTextTower> {
-        let st = SafetensorsFile::open(file)?;
-        let src = FileSource::new(&st)?;
-        let w = Weights { src: &src, network: NETWORK };
+        let st = WeightsFile::open(file)?;
+        let src = st.source()?;
+        let w = Weights { src: src.as_ref(), network: NETWORK };
         if !w.has("text_model.embeddings.token_embedding.weight") {
             bail!(
                 "{}: no CLIP text tower (tensors 'text_model.*'): image→text retrieval needs a whole CLIPModel file, both towers",

@@ -12,9 +12,8 @@ use super::clip_vision::{self, ClipVision, ClipVisionConfig};
 use super::densenet::{self, DenseNet, DenseNetConfig};
 use super::inception::{self, InceptionV3};
 use super::net::Pixels;
-use super::tensors::{FileSource, TensorSource, Weights};
+use super::tensors::{TensorSource, Weights, WeightsFile};
 use crate::backend::Backend;
-use crate::io::safetensors::SafetensorsFile;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -150,9 +149,9 @@ impl FeatureNet {
         clip_config: Option<&Path>,
         backend: Box<dyn Backend>,
     ) -> Result<FeatureNet> {
-        let file = SafetensorsFile::open(weights)?;
-        let src = FileSource::new(&file)?;
-        FeatureNet::from_source(kind, &src, clip_config, backend)
+        let file = WeightsFile::open_for(weights, kind.name())?;
+        let src = file.source()?;
+        FeatureNet::from_source(kind, src.as_ref(), clip_config, backend)
     }
 
     pub fn from_source(

@@ -14,26 +14,28 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// How to obtain each network's weights as safetensors (shown by `--help`).
-pub const CONVERT_HELP: &str = "\
-Weights are safetensors files with the public releases' tensor names. To convert:
+/// Which weight files each network reads (shown by `--help`), the public ones from
+/// `io::published`.
+pub fn weights_help() -> String {
+    use crate::io::published::help;
+    format!(
+        "\
+Weights: the public releases as they are published — PyTorch files (.pth, .pt, .bin) are read
+without Python and without running anything in them, and their SHA-256 is compared with the
+published one (a mismatch warns) — or safetensors copies (`roentgen convert IN OUT.safetensors`).
 
-  inception (pytorch-fid's pt_inception-2015-12-05):
-    import torch, safetensors.torch; from pytorch_fid.inception import FID_WEIGHTS_URL
-    sd = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location=\"cpu\")
-    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, \"pt_inception-2015-12-05.safetensors\")
-
-  xrv (TorchXRayVision densenet121-res224-all):
-    import torchxrayvision as xrv, safetensors.torch
-    m = xrv.models.DenseNet(weights=\"densenet121-res224-all\")
-    safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, \"xrv-densenet121-res224-all.safetensors\")
-
-  clip, clip-proj (openai/clip-vit-base-patch32; a transformers CLIPModel or
-  CLIPVisionModelWithProjection model.safetensors also works as it is):
-    import safetensors.torch; from transformers import CLIPVisionModelWithProjection
-    m = CLIPVisionModelWithProjection.from_pretrained(\"openai/clip-vit-base-patch32\")
-    safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, \"clip-vit-base-patch32-vision.safetensors\")
-";
+  inception: pytorch-fid's FID Inception weights
+{}
+  xrv: TorchXRayVision's densenet121-res224-all, the whole pickled DenseNet (torchxrayvision
+  keeps a copy in ~/.torchxrayvision/models_data/)
+{}
+  clip, clip-proj: openai/clip-vit-base-patch32's model.safetensors or pytorch_model.bin (a
+  transformers CLIPModel or CLIPVisionModelWithProjection file works as it is).
+",
+        help("inception"),
+        help("xrv")
+    )
+}
 
 /// The features of one folder and where they came from.
 pub struct FolderFeatures {

@@ -1,8 +1,9 @@
-//! Named weights for the evaluation networks: a safetensors file (memory-mapped) or, for tests, an
-//! in-memory map. Every error names the file, the tensor and the network it was meant for, so a
+//! Named weights for the evaluation networks: a safetensors file (memory-mapped), a PyTorch
+//! checkpoint as published (read without Python), or, for tests, an in-memory map. Every error names the file, the tensor and the network it was meant for, so a
 //! wrong `--weights` file (another network, a truncated export) says what is wrong.
 
 use crate::io::safetensors::{float_dtype, to_f32, SafetensorsFile};
+use crate::io::torch::TorchFile;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
@@ -77,6 +78,71 @@ impl TensorSource for FileSource<'_> {
     }
 }
 
+/// A PyTorch checkpoint (read without Python, see `io::torch`).
+pub struct TorchSource<'a> {
+    pub file: &'a TorchFile,
+}
+
+impl TensorSource for TorchSource<'_> {
+    fn describe(&self) -> String {
+        format!("{} (PyTorch checkpoint, {})", self.file.path.display(), self.file.root)
+    }
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.file.tensors().iter().map(|(n, _)| n.clone()).collect();
+        v.sort();
+        v
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.file.get(name).map(|t| t.shape.clone())
+    }
+    fn read(&self, name: &str) -> Result<Vec<f32>> {
+        let t = self.file.get(name).ok_or_else(|| anyhow!("{}: no tensor '{name}'", self.describe()))?;
+        self.file.read_f32(t).with_context(|| format!("{}: tensor '{name}'", self.describe()))
+    }
+}
+
+/// A weights file of either format, told apart by its first bytes: safetensors, or a PyTorch
+/// checkpoint (`.pt`, `.pth`, `.bin`, `.ckpt`) as published.
+pub enum WeightsFile {
+    Safetensors(SafetensorsFile),
+    Torch(TorchFile),
+}
+
+impl WeightsFile {
+    pub fn open(path: &Path) -> Result<WeightsFile> {
+        Ok(if crate::io::torch::is_torch_file(path) {
+            WeightsFile::Torch(TorchFile::open(path)?)
+        } else {
+            WeightsFile::Safetensors(SafetensorsFile::open(path)?)
+        })
+    }
+
+    /// Opens `path` for `network` ("inception", "xrv", …): a PyTorch checkpoint's SHA-256 is
+    /// compared with the published file's (`io::published`; a mismatch warns).
+    pub fn open_for(path: &Path, network: &str) -> Result<WeightsFile> {
+        let f = WeightsFile::open(path)?;
+        if matches!(f, WeightsFile::Torch(_)) {
+            crate::io::published::check(path, network)?;
+        }
+        Ok(f)
+    }
+
+    pub fn source(&self) -> Result<Box<dyn TensorSource + '_>> {
+        Ok(match self {
+            WeightsFile::Safetensors(f) => Box::new(FileSource::new(f)?),
+            WeightsFile::Torch(file) => Box::new(TorchSource { file }),
+        })
+    }
+
+    /// The safetensors header's metadata (a PyTorch checkpoint has none).
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        Ok(match self {
+            WeightsFile::Safetensors(f) => f.metadata()?.into_iter().collect(),
+            WeightsFile::Torch(_) => HashMap::new(),
+        })
+    }
+}
+
 /// A source checked against what one network expects.
 pub struct Weights<'a> {
     pub src: &'a dyn TensorSource,
@@ -115,7 +181,7 @@ impl Weights<'_> {
             Some(first) => format!("it holds {} tensors, e.g. '{first}'", names.len()),
         };
         anyhow!(
-            "{}: tensor '{name}' is missing: these are not {} weights ({hint}); the README's evaluation section says how to convert the public release",
+            "{}: tensor '{name}' is missing: these are not {} weights ({hint}); `--help` names the public release, which is read as published",
             self.src.describe(),
             self.network
         )

@@ -6,6 +6,7 @@ pub mod export;
 pub mod files;
 pub mod images;
 pub mod manifest;
+pub mod published;
 pub mod safetensors;
 pub mod torch;
 pub mod weights;

@@ -3,6 +3,7 @@
 //! [`bench`] times model stages, [`inspect`] says what a file or folder holds.
 
 pub mod bench;
+pub mod convert;
 pub mod inspect;
 pub mod phantom;
 pub mod prepare;

@@ -450,7 +450,7 @@ fn collect(root: &Value) -> Result<(String, Vec<(String, TensorRef)>)> {
         }
         Value::Object(o) => {
             collect_value(root, "", &mut out, 0)?;
-            format!("a whole module, {}", o.borrow().class)
+            format!("a whole module ({})", o.borrow().class)
         }
         _ => bail!("the checkpoint holds no dict of tensors and no module"),
     };
