@@ -15,11 +15,17 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct SampleArgs {
-    /// A pipeline folder: model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/.
-    /// Without it, the bundled phantom demo model (weights/phantom-demo) is used: a small model
-    /// trained by roentgen on synthetic phantoms, not a medical model.
+    /// A pipeline folder: model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/;
+    /// or a single-file checkpoint (.ckpt, .safetensors in the original CompVis layout, as
+    /// A1111/ComfyUI use; read with --config's configs). Without it, the bundled phantom demo model
+    /// (weights/phantom-demo) is used: a small model trained by roentgen on synthetic phantoms, not
+    /// a medical model.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// For a single-file --model: a pipeline folder whose configs, tokenizer and scheduler describe
+    /// it (default: the bundled Stable Diffusion v1.4 configs, weights/sd-v1-4-config).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// A prompt (repeatable).
     #[arg(long)]
     prompt: Vec<String>,
@@ -82,7 +88,8 @@ pub struct SampleArgs {
     /// Weight file variant, e.g. fp16.
     #[arg(long)]
     variant: Option<String>,
-    /// Use the U-Net's EMA weights (unet_ema/, written by `roentgen train --ema`).
+    /// Use the U-Net's EMA weights (unet_ema/, written by `roentgen train --ema`; a single file's
+    /// model_ema.* tensors).
     #[arg(long)]
     ema: bool,
     /// Print a JSON summary (files, timings) on stdout.
@@ -123,18 +130,21 @@ fn output_paths(out: &Path, n: usize, stem: &str) -> Result<Vec<PathBuf>> {
     Ok((0..n).map(|i| out.join(format!("{stem}-{i:04}.png"))).collect())
 }
 
-/// The bundled demo pipeline: weights/phantom-demo next to the binary's source tree, or under the
-/// current folder.
-fn demo_model() -> Result<PathBuf> {
-    let candidates =
-        [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/phantom-demo"), PathBuf::from("weights/phantom-demo")];
+/// A bundled folder (`rel`, e.g. weights/phantom-demo): next to the binary's source tree, or under
+/// the current folder; `instead`: what to pass when it is not there.
+fn bundled(rel: &str, instead: &str) -> Result<PathBuf> {
+    let candidates = [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel), PathBuf::from(rel)];
     candidates.iter().find(|p| p.join("model_index.json").is_file()).cloned().with_context(|| {
         format!(
-            "no --model given and the bundled demo model is not at {} (a checkout of roentgen has it); \
-             pass --model DIR with a diffusers pipeline folder",
+            "the bundled {rel} is not at {} (a checkout of roentgen has it); pass {instead}",
             candidates[0].display()
         )
     })
+}
+
+/// The bundled demo pipeline.
+fn demo_model() -> Result<PathBuf> {
+    bundled("weights/phantom-demo", "--model DIR with a diffusers pipeline folder")
 }
 
 /// A1111's name for a scheduler (what its `parameters` chunk calls the sampler).
@@ -218,7 +228,18 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
         }
     };
     let t_load = std::time::Instant::now();
-    let pipe = Pipeline::load_with_unet(b, &model, a.variant.as_deref(), if a.ema { "unet_ema" } else { "unet" })?;
+    let pipe = if model.is_file() {
+        let config = match &a.config {
+            Some(c) => c.clone(),
+            None => bundled("weights/sd-v1-4-config", "--config DIR (a pipeline folder with the model's configs)")?,
+        };
+        Pipeline::load_single_file(b, &model, &config, a.ema)?
+    } else {
+        if a.config.is_some() {
+            bail!("--config applies to a single-file --model; {} is a folder with its own configs", model.display());
+        }
+        Pipeline::load_with_unet(b, &model, a.variant.as_deref(), if a.ema { "unet_ema" } else { "unet" })?
+    };
     let load_s = t_load.elapsed().as_secs_f64();
     // diffusers' default size: the U-Net config's sample_size ([h, w] or one number) × the VAE's
     // scale factor (64 latent pixels when the config has none).

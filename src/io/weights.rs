@@ -237,18 +237,97 @@ pub fn load_into(
     alias: &dyn Fn(&str) -> Option<String>,
     ignored: &dyn Fn(&str) -> bool,
 ) -> Result<LoadReport> {
-    let mut report = LoadReport { files: files.to_vec(), ..Default::default() };
+    let opened: Vec<SafetensorsFile> = files.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<_>>()?;
+    let parsed: Vec<SafetensorsContainer> =
+        opened.iter().map(|f| Ok(SafetensorsContainer { path: &f.path, st: f.parse()? })).collect::<Result<_>>()?;
+    let containers: Vec<&dyn TensorContainer> = parsed.iter().map(|c| c as &dyn TensorContainer).collect();
+    load_from(backend, table, &containers, alias, ignored)
+}
+
+/// One tensor as a container holds it: its type (None: not F32, F16 or BF16, with the type's
+/// name), shape and little-endian bytes (in place where the container allows).
+pub struct ContainedTensor<'a> {
+    pub dtype: std::result::Result<DType, String>,
+    pub shape: Vec<usize>,
+    pub data: std::borrow::Cow<'a, [u8]>,
+}
+
+/// Named tensors in a file: a safetensors file, or a PyTorch checkpoint (`io::torch`).
+pub trait TensorContainer {
+    /// The file, for messages.
+    fn path(&self) -> &Path;
+    /// Every tensor name, sorted.
+    fn names(&self) -> Vec<String>;
+    fn tensor(&self, name: &str) -> Result<ContainedTensor<'_>>;
+}
+
+/// A parsed safetensors file.
+pub struct SafetensorsContainer<'a> {
+    pub path: &'a Path,
+    pub st: safetensors::SafeTensors<'a>,
+}
+
+impl TensorContainer for SafetensorsContainer<'_> {
+    fn path(&self) -> &Path {
+        self.path
+    }
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.st.names().into_iter().map(|s| s.to_string()).collect();
+        names.sort();
+        names
+    }
+    fn tensor(&self, name: &str) -> Result<ContainedTensor<'_>> {
+        let view = self.st.tensor(name).with_context(|| format!("{}: tensor '{name}'", self.path.display()))?;
+        Ok(ContainedTensor {
+            dtype: float_dtype(view.dtype()).ok_or_else(|| format!("{:?}", view.dtype())),
+            shape: view.shape().to_vec(),
+            data: std::borrow::Cow::Borrowed(view.data()),
+        })
+    }
+}
+
+impl TensorContainer for super::torch::TorchFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors().iter().map(|(n, _)| n.clone()).collect();
+        names.sort();
+        names
+    }
+    fn tensor(&self, name: &str) -> Result<ContainedTensor<'_>> {
+        use super::torch::ElemType;
+        let t = self.get(name).with_context(|| format!("{}: no tensor '{name}'", self.path.display()))?;
+        Ok(ContainedTensor {
+            dtype: match t.dtype {
+                ElemType::F32 => Ok(DType::F32),
+                ElemType::F16 => Ok(DType::F16),
+                ElemType::BF16 => Ok(DType::BF16),
+                other => Err(other.name().to_string()),
+            },
+            shape: t.shape.clone(),
+            data: self.bytes(t)?,
+        })
+    }
+}
+
+/// As [`load_into`], from tensor containers of any format.
+pub fn load_from(
+    backend: &dyn Backend,
+    table: &Layout,
+    containers: &[&dyn TensorContainer],
+    alias: &dyn Fn(&str) -> Option<String>,
+    ignored: &dyn Fn(&str) -> bool,
+) -> Result<LoadReport> {
+    let files: Vec<PathBuf> = containers.iter().map(|c| c.path().to_path_buf()).collect();
+    let mut report = LoadReport { files: files.clone(), ..Default::default() };
     let mut loaded: HashSet<&str> = HashSet::new();
     let mut unexpected: Vec<String> = Vec::new();
     let mut scratch: Vec<f32> = Vec::new();
     let pool = table_pool(table)?;
-    for path in files {
-        let file = SafetensorsFile::open(path)?;
-        let st = file.parse()?;
-        let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
-        names.sort();
-        for name in names {
-            let view = st.tensor(&name).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
+    for c in containers {
+        let path = c.path();
+        for name in c.names() {
             let Some(entry) = resolve(table, &name, alias) else {
                 if ignored(&name) {
                     report.ignored.push(name);
@@ -264,23 +343,23 @@ pub fn load_into(
                     entry.name
                 );
             }
-            let dtype = float_dtype(view.dtype()).with_context(|| {
-                format!(
-                    "{}: tensor '{name}' has dtype {:?}; parameters must be F32, F16 or BF16",
-                    path.display(),
-                    view.dtype()
+            let view = c.tensor(&name)?;
+            let dtype = view.dtype.map_err(|other| {
+                anyhow::anyhow!(
+                    "{}: tensor '{name}' has dtype {other}; parameters must be F32, F16 or BF16",
+                    path.display()
                 )
             })?;
-            if !same_shape(view.shape(), entry.shape.dims()) {
+            if !same_shape(&view.shape, entry.shape.dims()) {
                 bail!(
                     "{}: tensor '{name}' has shape {:?}, but the config implies {:?}",
                     path.display(),
-                    view.shape(),
+                    view.shape,
                     entry.shape.dims()
                 );
             }
             scratch.resize(entry.shape.numel(), 0.0);
-            to_f32(dtype, view.data(), &mut scratch).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
+            to_f32(dtype, &view.data, &mut scratch).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
             let t = crate::tensor::Tensor { pool, offset: entry.offset, shape: entry.shape };
             backend.upload(&t, &scratch)?;
             loaded.insert(entry.name.as_str());

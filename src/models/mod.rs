@@ -34,6 +34,7 @@ macro_rules! component_parts {
 
 pub mod bert;
 pub mod clip;
+pub mod single_file;
 pub mod text;
 pub mod unet;
 pub mod unet_config;

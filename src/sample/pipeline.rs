@@ -118,7 +118,35 @@ impl Pipeline {
         let (text_encoder, _) = TextEncoder::load_frozen(b, &dir.join("text_encoder"), variant)?;
         let (unet, _) = UNet::load_frozen(b, &dir.join(unet_dir), variant)?;
         let (vae, _) = AutoencoderKL::load_frozen(b, &dir.join("vae"), variant)?;
-        check_scaling_factor(&vae, &dir.join("vae"))?;
+        Self::assemble(dir, dir, tokenizer, text_encoder, unet, vae)
+    }
+
+    /// Loads a single-file checkpoint (the CompVis layout of `.ckpt` releases and A1111/ComfyUI
+    /// files; see `io::single_file`), `.safetensors` or a PyTorch file, with the configs,
+    /// tokenizer and scheduler of the pipeline folder `config_dir` (its weights, if any, are not
+    /// read); `ema`: the U-Net's EMA weights (`model_ema.*`) instead of its own.
+    pub fn load_single_file(b: &mut dyn Backend, file: &Path, config_dir: &Path, ema: bool) -> Result<Pipeline> {
+        weights::check_folder(config_dir, "a pipeline folder of configs")?;
+        for comp in ["text_encoder", "tokenizer", "unet", "vae", "scheduler"] {
+            weights::component_dir(config_dir, comp)?;
+        }
+        let tokenizer = TextTokenizer::from_dir(&config_dir.join("tokenizer"))?;
+        let (text_encoder, unet, vae) = crate::models::single_file::load_models(b, file, config_dir, ema)?;
+        Self::assemble(file, config_dir, tokenizer, text_encoder, unet, vae)
+    }
+
+    /// The loaded components checked against each other, with the scheduler config of
+    /// `config_dir`; `source`: the folder or file the weights came from (for messages).
+    fn assemble(
+        source: &Path,
+        config_dir: &Path,
+        tokenizer: TextTokenizer,
+        text_encoder: TextEncoder,
+        unet: UNet,
+        vae: AutoencoderKL,
+    ) -> Result<Pipeline> {
+        let dir = source;
+        check_scaling_factor(&vae, &config_dir.join("vae"))?;
         if text_encoder.hidden_size() != unet.config.cross_attention_dim {
             bail!(
                 "{}: text_encoder hidden_size {} does not match unet cross_attention_dim {}",
@@ -145,7 +173,7 @@ impl Pipeline {
                 text_encoder.vocab_size()
             );
         }
-        let scheduler_config_path = schedulers::config_path(&dir.join("scheduler"))?;
+        let scheduler_config_path = schedulers::config_path(&config_dir.join("scheduler"))?;
         let scheduler_config = weights::read_json(&scheduler_config_path)?;
         Ok(Pipeline {
             dir: dir.to_path_buf(),
