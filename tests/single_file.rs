@@ -158,3 +158,83 @@ fn bad_single_files_are_refused_by_name() {
     // --config with a folder model.
     base(&cfg).expect_error(&["--config applies to a single-file --model"]);
 }
+
+/// The tensors of a safetensors file as f32 values (name → (shape, values)), optionally leaving
+/// some out. (The fixture's text encoder is stored in f16, the rest in f32; an f32 export holds the
+/// same values.)
+fn tensors(path: &Path, skip: &dyn Fn(&str) -> bool) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(n, _)| !skip(n))
+        .map(|(n, v)| {
+            let values: Vec<f32> = match v.dtype() {
+                safetensors::Dtype::F32 => {
+                    v.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+                }
+                safetensors::Dtype::F16 => {
+                    v.data().chunks(2).map(|b| half::f16::from_le_bytes(b.try_into().unwrap()).to_f32()).collect()
+                }
+                other => panic!("{n}: {other:?}"),
+            };
+            (n, (v.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+/// Two tensor maps hold the same names, shapes and values (bit for bit).
+fn assert_same(
+    got: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    want: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    what: &str,
+) {
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{what}: names");
+    for (n, (shape, v)) in want {
+        assert_eq!(&got[n].0, shape, "{what} {n}: shape");
+        assert!(got[n].1.iter().zip(v).all(|(a, b)| a.to_bits() == b.to_bits()), "{what} {n}: values");
+    }
+}
+
+/// `export --single-file` writes the fixture's single file (which diffusers' from_single_file loads
+/// exactly) bit for bit in f32, and single file → folder → single file is exact; `--ema` unpacks
+/// the EMA U-Net diffusers extracts.
+#[test]
+fn export_round_trips_between_the_layouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config_folder(tmp.path());
+    let no_ema = |n: &str| n.starts_with("model_ema.");
+    let want = tensors(&dir().join("pipe-a.safetensors"), &no_ema);
+    // folder → single file
+    let single = tmp.path().join("exported.safetensors");
+    CliArgs::new(&["export", "--single-file", "--dtype", "f32"]).opt("--model", &cfg).opt("--out", &single).run_ok();
+    let got = tensors(&single, &|_| false);
+    assert_same(&got, &want, "folder → single file");
+    println!("folder → single file: {} tensors equal the fixture's, bit for bit", got.len());
+    // single file (.ckpt) → folder → single file
+    let folder = tmp.path().join("unpacked");
+    CliArgs::new(&["export", "--dtype", "f32"])
+        .opt("--model", dir().join("pipe-a.ckpt"))
+        .opt("--config", &cfg)
+        .opt("--out", &folder)
+        .run_ok();
+    let again = tmp.path().join("again.safetensors");
+    CliArgs::new(&["export", "--single-file", "--dtype", "f32"]).opt("--model", &folder).opt("--out", &again).run_ok();
+    assert_same(&tensors(&again, &|_| false), &want, "single file → folder → single file");
+    // The unpacked folder samples as the original folder does.
+    let a = read_f32(&sample_run(&cfg, &[], tmp.path(), "orig"), "image").1;
+    let b = read_f32(&sample_run(&folder, &[], tmp.path(), "unpacked"), "image").1;
+    assert_eq!(a, b);
+    // --ema: the EMA U-Net, as diffusers extracts it.
+    let ema_folder = tmp.path().join("unpacked-ema");
+    CliArgs::new(&["export", "--dtype", "f32", "--ema"])
+        .opt("--model", dir().join("pipe-a.safetensors"))
+        .opt("--config", &cfg)
+        .opt("--out", &ema_folder)
+        .run_ok();
+    let ema_want = tensors(&dir().join("pipe-a-ema-unet.safetensors"), &|_| false);
+    let ema_got = tensors(&ema_folder.join("unet/diffusion_pytorch_model.safetensors"), &|_| false);
+    assert_same(&ema_got, &ema_want, "EMA U-Net");
+    // An existing output is refused.
+    CliArgs::new(&["export", "--single-file"]).opt("--model", &cfg).opt("--out", &single).expect_error(&["exists"]);
+}

@@ -132,7 +132,7 @@ fn output_paths(out: &Path, n: usize, stem: &str) -> Result<Vec<PathBuf>> {
 
 /// A bundled folder (`rel`, e.g. weights/phantom-demo): next to the binary's source tree, or under
 /// the current folder; `instead`: what to pass when it is not there.
-fn bundled(rel: &str, instead: &str) -> Result<PathBuf> {
+pub fn bundled(rel: &str, instead: &str) -> Result<PathBuf> {
     let candidates = [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel), PathBuf::from(rel)];
     candidates.iter().find(|p| p.join("model_index.json").is_file()).cloned().with_context(|| {
         format!(

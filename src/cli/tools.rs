@@ -69,19 +69,29 @@ pub struct EncodeTextArgs {
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// The pipeline folder to export (a `train` checkpoint works).
+    /// The pipeline folder to export (a `train` checkpoint works), or a single-file checkpoint
+    /// (.ckpt, .safetensors in the CompVis layout) to unpack into a pipeline folder.
     #[arg(long)]
     pub model: PathBuf,
-    /// The new pipeline folder (written to a temporary folder, then renamed into place).
+    /// The new pipeline folder (written to a temporary folder, then renamed into place), or with
+    /// --single-file the new single file.
     #[arg(long)]
     pub out: PathBuf,
     /// f16 (half the size; loads everywhere diffusers does) or f32.
     #[arg(long, default_value = "f16")]
     pub dtype: roentgen::io::export::ExportDtype,
-    /// Ship the U-Net's EMA weights (unet_ema/) as the U-Net.
+    /// Ship the U-Net's EMA weights (unet_ema/, or a single file's model_ema.*) as the U-Net.
     #[arg(long)]
     pub ema: bool,
-    /// Replace an existing --out folder.
+    /// Write one single-file checkpoint (the original CompVis layout, .safetensors) that A1111,
+    /// ComfyUI, stable-diffusion.cpp and diffusers' from_single_file load.
+    #[arg(long)]
+    pub single_file: bool,
+    /// For a single-file --model: the pipeline folder with its configs, tokenizer and scheduler
+    /// (default: the bundled Stable Diffusion v1.4 configs).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Replace an existing --out.
     #[arg(long)]
     pub overwrite: bool,
 }
@@ -198,8 +208,34 @@ pub fn inspect_command(g: &Global, a: InspectArgs) -> Result<()> {
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
-    let r = roentgen::io::export::export(&a.model, &a.out, a.dtype, a.ema, a.overwrite)?;
-    for (c, n, bytes) in &r.components {
+    use roentgen::io::files::{check_output_file, Existing};
+    use roentgen::models::single_file_export::{folder_to_single_file, single_file_to_folder};
+    let components = if a.single_file {
+        if a.model.is_file() {
+            bail!("--single-file: {} is already a single file", a.model.display());
+        }
+        check_output_file(&a.out, if a.overwrite { Existing::Replace } else { Existing::Refuse }, "out")?;
+        let (n, bytes) = folder_to_single_file(&a.model, &a.out, a.dtype, a.ema)?;
+        vec![("single file".to_string(), n, bytes)]
+    } else if a.model.is_file() {
+        if a.out.exists() && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) && !a.overwrite {
+            bail!("--out {}: exists and is not empty (pass --overwrite to replace it)", a.out.display());
+        }
+        let config = match &a.config {
+            Some(c) => c.clone(),
+            None => super::sample::bundled(
+                "weights/sd-v1-4-config",
+                "--config DIR (a pipeline folder with the model's configs)",
+            )?,
+        };
+        single_file_to_folder(&a.model, &config, &a.out, a.dtype, a.ema)?
+    } else {
+        if a.config.is_some() {
+            bail!("--config applies to a single-file --model; {} is a folder with its own configs", a.model.display());
+        }
+        roentgen::io::export::export(&a.model, &a.out, a.dtype, a.ema, a.overwrite)?.components
+    };
+    for (c, n, bytes) in &components {
         println!("{c:<13} {n:>5} tensors {:>9.2} MiB", *bytes as f64 / 1048576.0);
     }
     println!("wrote {}", a.out.display());

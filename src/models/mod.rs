@@ -35,6 +35,7 @@ macro_rules! component_parts {
 pub mod bert;
 pub mod clip;
 pub mod single_file;
+pub mod single_file_export;
 pub mod text;
 pub mod unet;
 pub mod unet_config;
