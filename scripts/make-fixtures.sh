@@ -34,7 +34,10 @@ fi
 # generate_xrv_labels.py, generate_xrv_outputs.py and generate_bce.py: sklearn AUROC, torchxrayvision
 # label targets, output normalisation and `eval classify` end to end, the classifier's masked BCE;
 # generate_text_knn.py: `eval text-knn` with transformers and sklearn; generate_classifier_ops.py:
-# batch norm in training and pooling's backward; generate_retrieval.py: `eval retrieval` (issue 16).
+# batch norm in training and pooling's backward; generate_retrieval.py: `eval retrieval` (issue 16);
+# generate_torch_files.py: PyTorch checkpoints in every form and what torch.load reads from them;
+# generate_single_file.py: SD single-file checkpoints checked by diffusers' own conversion (issue 22;
+# run after generate.py, it reads the pipe-a fixture).
 if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate.py
   "$VENV/bin/python" tests/fixtures/generate_schedulers.py
@@ -50,6 +53,8 @@ if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate_text_knn.py
   "$VENV/bin/python" tests/fixtures/generate_classifier_ops.py
   "$VENV/bin/python" tests/fixtures/generate_retrieval.py
+  "$VENV/bin/python" tests/fixtures/generate_torch_files.py
+  "$VENV/bin/python" tests/fixtures/generate_single_file.py
   "$VENV/bin/python" tests/fixtures/iu-xray/make_sample.py
 else
   "$VENV/bin/python" tests/fixtures/generate.py "$@"
