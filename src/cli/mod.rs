@@ -111,6 +111,11 @@ enum Command {
     /// Copy a PyTorch checkpoint (.pt/.pth/.bin/.ckpt, read without Python and without running
     /// anything in it) to safetensors: names as state_dict() gives them, dtypes kept.
     Convert(tools::ConvertArgs),
+    /// Compare roentgen with your own diffusers/transformers on your model, stage by stage: token
+    /// ids, text embeddings, single U-Net calls, VAE decode, every scheduler's trajectory, the
+    /// whole image from a seed. Prints max/relative errors against ARCHITECTURE.md's tolerances;
+    /// exits 1 when a stage fails. `--device cuda --precision bf16` checks the GPU path.
+    Parity(tools::ParityArgs),
     /// What the CUDA kernels in this binary are (registers, shared memory, stack and spills of every
     /// kernel for sm_80 and sm_90a, from ptxas) and which GPU `--device cuda` would use. Exits 1 when
     /// the binary was built without CUDA.
@@ -214,6 +219,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => tools::inspect_command(g, a),
         Command::Export(a) => tools::export(a),
         Command::Convert(a) => tools::convert(a),
+        Command::Parity(a) => tools::parity(g, a),
         Command::Sample(args) => {
             let mut b = open_backend(g)?;
             sample::sample(b.as_mut(), args)?;

@@ -134,6 +134,95 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
 }
 
 #[derive(Args)]
+pub struct ParityArgs {
+    /// The model: a pipeline folder, or a single-file checkpoint (with --config).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// For a single-file --model: the pipeline folder with its configs (default: the bundled SD
+    /// v1.4 configs).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The Python to run the reference with (torch, diffusers, transformers, safetensors);
+    /// default: python3.
+    #[arg(long, default_value = "python3")]
+    pub python: PathBuf,
+    /// Prompts (repeatable; default: two radiology impressions).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Denoising steps of the scheduler trajectories and the whole image.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Image height (default: the model's, 512 for SD v1).
+    #[arg(long)]
+    pub height: Option<usize>,
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long, default_value_t = 4.0)]
+    pub guidance: f32,
+    /// Timesteps of the single U-Net calls, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "999,500,1")]
+    pub timesteps: Vec<usize>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn parity(g: &Global, a: ParityArgs) -> Result<()> {
+    use roentgen::tools::parity;
+    let versions = parity::check_python(&a.python)?;
+    roentgen::diag::progress(format!("reference: {versions} ({})", a.python.display()));
+    let mut b = open_backend(g)?;
+    let single = a.model.is_file();
+    let config = match (&a.config, single) {
+        (Some(c), true) => Some(c.clone()),
+        (None, true) => Some(super::sample::bundled("weights/sd-v1-4-config", "--config DIR")?),
+        (Some(_), false) => bail!("--config applies to a single-file --model"),
+        (None, false) => None,
+    };
+    let pipe = match &config {
+        Some(c) => roentgen::sample::pipeline::Pipeline::load_single_file(b.as_mut(), &a.model, c, false)?,
+        None => roentgen::sample::pipeline::Pipeline::load(b.as_mut(), &a.model, None)?,
+    };
+    let (device, precision) = match g.device {
+        roentgen::backend::Device::Cpu => ("cpu", "f32"),
+        _ => ("cuda", if g.precision == roentgen::backend::Precision::Bf16 { "bf16" } else { "f32" }),
+    };
+    let prompts = if a.prompt.is_empty() {
+        vec!["Large left pleural effusion.".to_string(), "No acute cardiopulmonary process.".to_string()]
+    } else {
+        a.prompt.clone()
+    };
+    let o = parity::ParityOptions {
+        model: a.model.clone(),
+        config,
+        python: a.python.clone(),
+        prompts,
+        seed: a.seed,
+        steps: a.steps,
+        height: a.height,
+        width: a.width,
+        guidance: a.guidance,
+        timesteps: a.timesteps.clone(),
+        device: device.into(),
+        precision: precision.into(),
+    };
+    let (results, versions) = parity::run(b.as_mut(), &pipe, &o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&parity::to_json(&results, &versions))?);
+    } else {
+        println!("roentgen ({device}, {precision}) against {versions}");
+        print!("{}", parity::render_table(&results));
+    }
+    let failed = results.iter().filter(|r| !r.pass).count();
+    if failed > 0 {
+        bail!("{failed} of {} stages outside their tolerance", results.len());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
 pub struct CudaInfoArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]

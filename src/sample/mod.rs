@@ -3,3 +3,4 @@
 
 pub mod pipeline;
 pub mod schedulers;
+mod stages;

@@ -255,7 +255,12 @@ impl Pipeline {
     }
 
     /// Text embeddings of `texts` (each [77, hidden]), in one text-encoder batch.
-    fn encode_texts(&self, b: &mut dyn Backend, texts: &[String], warn: &mut dyn FnMut(String)) -> Result<Vec<f32>> {
+    pub(crate) fn encode_texts(
+        &self,
+        b: &mut dyn Backend,
+        texts: &[String],
+        warn: &mut dyn FnMut(String),
+    ) -> Result<Vec<f32>> {
         let seq = self.tokenizer.max_length();
         let mut ids = Vec::with_capacity(texts.len() * seq);
         let mut mask = Vec::with_capacity(texts.len() * seq);

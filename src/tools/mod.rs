@@ -5,5 +5,6 @@
 pub mod bench;
 pub mod convert;
 pub mod inspect;
+pub mod parity;
 pub mod phantom;
 pub mod prepare;
