@@ -90,7 +90,7 @@ fn missing_component_folder_is_named() {
 fn missing_weight_file_and_config_are_named() {
     let (_dir, pipe) = temp_pipeline();
     std::fs::remove_file(pipe.join("text_encoder/model.safetensors")).unwrap();
-    let line = encode(&pipe).expect_error(&["text_encoder", "no safetensors weights"]);
+    let line = encode(&pipe).expect_error(&["text_encoder", "no weights (", "pytorch_model.bin"]);
     assert!(line.contains("model.fp16.safetensors"), "the listing shows what is there: {line}");
     encode(&pipe).with(&["--variant", "fp32"]).expect_error(&["text_encoder", "no 'fp32' variant weights"]);
     std::fs::remove_file(pipe.join("text_encoder/config.json")).unwrap();

@@ -238,3 +238,12 @@ fn export_round_trips_between_the_layouts() {
     // An existing output is refused.
     CliArgs::new(&["export", "--single-file"]).opt("--model", &cfg).opt("--out", &single).expect_error(&["exists"]);
 }
+
+/// `train` reads pipeline folders only: a single file is refused with the command that unpacks it.
+#[test]
+fn training_from_a_single_file_says_how_to_unpack_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_dataset(tmp.path(), 2);
+    small_train_args(&dir().join("pipe-a.ckpt"), &data, &tmp.path().join("run"))
+        .expect_error(&["pipe-a.ckpt: a single file", "roentgen export --model"]);
+}

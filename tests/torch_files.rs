@@ -88,7 +88,7 @@ fn pickles_that_call_code_are_refused_by_name() {
 fn xrv_module_file_gives_torchxrayvision_features() {
     use roentgen::eval::densenet::{preprocess, DenseNet, DenseNetConfig};
     use roentgen::eval::features::load_image;
-    use roentgen::eval::tensors::{TensorSource, Weights, WeightsFile};
+    use roentgen::eval::tensors::{Weights, WeightsFile};
     let file = WeightsFile::open(&dir().join("xrv.pt")).unwrap();
     let src = file.source().unwrap();
     assert!(src.describe().contains("a whole module (torchxrayvision.models.DenseNet)"), "{}", src.describe());
@@ -187,4 +187,53 @@ fn convert_writes_pytorchs_tensors_to_safetensors() {
         .run();
     assert!(code != 0 && err.contains("refuses to call builtins.eval"), "{err}");
     assert!(!tmp.path().join("e.safetensors").exists());
+}
+
+/// A pipeline folder whose U-Net is `diffusion_pytorch_model.bin` (older diffusers repositories)
+/// loads it through the same reader and samples what the safetensors folder samples, bit for bit.
+#[test]
+fn a_component_folder_with_a_pytorch_bin_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let st = assemble_pipeline("pipe-a", &tmp.path().join("st"));
+    let bin = assemble_pipeline("pipe-a", &tmp.path().join("bin"));
+    std::fs::remove_file(bin.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::copy(dir().join("pipe-a-unet.bin"), bin.join("unet/diffusion_pytorch_model.bin")).unwrap();
+    let sample = |model: &std::path::Path, tag: &str| {
+        let dump = tmp.path().join(format!("{tag}.safetensors"));
+        CliArgs::new(&["sample", "--prompt", "Large left pleural effusion.", "--seed", "3", "--steps", "3"])
+            .with(&["--height", "16", "--width", "16"])
+            .opt("--model", model)
+            .opt("--out", tmp.path().join(tag))
+            .opt("--dump", &dump)
+            .run_ok();
+        read_f32(&dump, "image").1
+    };
+    assert_eq!(sample(&bin, "bin"), sample(&st, "st"));
+    let (out, _) = CliArgs::new(&["inspect", "--json"]).with(&[bin.join("unet").to_str().unwrap()]).run_ok();
+    assert!(out.contains("diffusion_pytorch_model.bin"), "{out}");
+}
+
+/// A safetensors file whose header length starts with the byte 0x80 (as a pickle does) is still
+/// read as safetensors.
+#[test]
+fn a_safetensors_file_is_not_taken_for_a_pickle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("w.safetensors");
+    // Pad the metadata until the header length's low byte is 0x80 and its next byte is 2.
+    let mut pad = String::new();
+    loop {
+        let meta: std::collections::HashMap<String, String> = [("pad".to_string(), pad.clone())].into();
+        let data = [1.5f32, -2.0].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &data).unwrap();
+        let bytes = safetensors::serialize(vec![("w", view)], Some(meta)).unwrap();
+        if bytes[0] == 0x80 && bytes[1] == 2 {
+            std::fs::write(&path, &bytes).unwrap();
+            break;
+        }
+        pad.push('x');
+        assert!(pad.len() < 1000);
+    }
+    assert!(!roentgen::io::torch::is_torch_file(&path));
+    let f = roentgen::eval::tensors::WeightsFile::open(&path).unwrap();
+    assert_eq!(f.source().unwrap().read("w").unwrap(), [1.5, -2.0]);
 }

@@ -353,7 +353,7 @@ fn classify(g: &super::Global, a: ClassifyArgs) -> Result<()> {
     if items.len() < 2 {
         bail!("{} labelled image: an AUROC needs at least 2", items.len());
     }
-    if matches!(file, WeightsFile::Torch(_)) {
+    if file.is_torch() {
         roentgen::io::published::check(&a.weights, "xrv")?;
     }
     let src = file.source()?;

@@ -4,6 +4,7 @@
 
 use crate::io::safetensors::{float_dtype, to_f32, SafetensorsFile};
 use crate::io::torch::TorchFile;
+use crate::io::weights::WeightFile;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
@@ -101,44 +102,41 @@ impl TensorSource for TorchSource<'_> {
     }
 }
 
-/// A weights file of either format, told apart by its first bytes: safetensors, or a PyTorch
-/// checkpoint (`.pt`, `.pth`, `.bin`, `.ckpt`) as published.
-pub enum WeightsFile {
-    Safetensors(SafetensorsFile),
-    Torch(TorchFile),
-}
+/// A weights file of either format (`io::weights::WeightFile`: safetensors, or a PyTorch
+/// checkpoint as published, `.pt`, `.pth`, `.bin`, `.ckpt`), as a source of named f32 tensors.
+pub struct WeightsFile(pub WeightFile);
 
 impl WeightsFile {
     pub fn open(path: &Path) -> Result<WeightsFile> {
-        Ok(if crate::io::torch::is_torch_file(path) {
-            WeightsFile::Torch(TorchFile::open(path)?)
-        } else {
-            WeightsFile::Safetensors(SafetensorsFile::open(path)?)
-        })
+        Ok(WeightsFile(WeightFile::open(path)?))
     }
 
     /// Opens `path` for `network` ("inception", "xrv", …): a PyTorch checkpoint's SHA-256 is
     /// compared with the published file's (`io::published`; a mismatch warns).
     pub fn open_for(path: &Path, network: &str) -> Result<WeightsFile> {
         let f = WeightsFile::open(path)?;
-        if matches!(f, WeightsFile::Torch(_)) {
+        if f.is_torch() {
             crate::io::published::check(path, network)?;
         }
         Ok(f)
     }
 
+    pub fn is_torch(&self) -> bool {
+        matches!(self.0, WeightFile::Torch(_))
+    }
+
     pub fn source(&self) -> Result<Box<dyn TensorSource + '_>> {
-        Ok(match self {
-            WeightsFile::Safetensors(f) => Box::new(FileSource::new(f)?),
-            WeightsFile::Torch(file) => Box::new(TorchSource { file }),
+        Ok(match &self.0 {
+            WeightFile::Safetensors(f) => Box::new(FileSource::new(f)?),
+            WeightFile::Torch(file) => Box::new(TorchSource { file }),
         })
     }
 
     /// The safetensors header's metadata (a PyTorch checkpoint has none).
     pub fn metadata(&self) -> Result<HashMap<String, String>> {
-        Ok(match self {
-            WeightsFile::Safetensors(f) => f.metadata()?.into_iter().collect(),
-            WeightsFile::Torch(_) => HashMap::new(),
+        Ok(match &self.0 {
+            WeightFile::Safetensors(f) => f.metadata()?.into_iter().collect(),
+            WeightFile::Torch(_) => HashMap::new(),
         })
     }
 }

@@ -110,12 +110,21 @@ pub fn component_dir(dir: &Path, component: &str) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-/// The safetensors files holding a component's weights, in the order to read them.
+/// The files holding a component's weights, in the order to read them: safetensors (single or
+/// sharded), else PyTorch `.bin` files (single or sharded).
 pub fn weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
-    for base in ["model", "diffusion_pytorch_model"] {
+    // PyTorch files (older repositories) come after safetensors; they are read without Python
+    // (`io::torch`).
+    let forms = [
+        ("model", "safetensors"),
+        ("diffusion_pytorch_model", "safetensors"),
+        ("pytorch_model", "bin"),
+        ("diffusion_pytorch_model", "bin"),
+    ];
+    for (base, ext) in forms {
         let (single, index) = match variant {
-            Some(v) => (format!("{base}.{v}.safetensors"), format!("{base}.safetensors.index.{v}.json")),
-            None => (format!("{base}.safetensors"), format!("{base}.safetensors.index.json")),
+            Some(v) => (format!("{base}.{v}.{ext}"), format!("{base}.{ext}.index.{v}.json")),
+            None => (format!("{base}.{ext}"), format!("{base}.{ext}.index.json")),
         };
         let single = dir.join(single);
         if single.is_file() {
@@ -129,18 +138,17 @@ pub fn weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
     let listing = list_weight_like(dir);
     let what = match variant {
         Some(v) => format!("no '{v}' variant weights"),
-        None => "no safetensors weights".to_string(),
+        None => "no weights".to_string(),
     };
-    let hint = if listing.iter().any(|f| f.ends_with(".bin") || f.ends_with(".ckpt") || f.ends_with(".pt")) {
-        " (PyTorch pickle files are not read: convert them to safetensors)"
-    } else if variant.is_none() && listing.iter().any(|f| f.contains(".fp16.")) {
+    let hint = if variant.is_none() && listing.iter().any(|f| f.contains(".fp16.")) {
         " (only an fp16 variant is present: pass $variant fp16)"
     } else {
         ""
     };
     bail!(
-        "{}: {what}{hint}; expected model.safetensors, diffusion_pytorch_model.safetensors or a \
-         *.safetensors.index.json (found: {})",
+        "{}: {what}{hint}; expected model.safetensors, diffusion_pytorch_model.safetensors, a \
+         *.safetensors.index.json, or their PyTorch forms (pytorch_model.bin, diffusion_pytorch_model.bin, \
+         *.bin.index.json) (found: {})",
         dir.display(),
         if listing.is_empty() { "nothing weight-like".to_string() } else { listing.join(", ") }
     )
@@ -237,11 +245,49 @@ pub fn load_into(
     alias: &dyn Fn(&str) -> Option<String>,
     ignored: &dyn Fn(&str) -> bool,
 ) -> Result<LoadReport> {
-    let opened: Vec<SafetensorsFile> = files.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<_>>()?;
-    let parsed: Vec<SafetensorsContainer> =
-        opened.iter().map(|f| Ok(SafetensorsContainer { path: &f.path, st: f.parse()? })).collect::<Result<_>>()?;
-    let containers: Vec<&dyn TensorContainer> = parsed.iter().map(|c| c as &dyn TensorContainer).collect();
+    let opened: Vec<WeightFile> = files.iter().map(|p| WeightFile::open(p)).collect::<Result<_>>()?;
+    let parsed: Vec<Box<dyn TensorContainer + '_>> = opened.iter().map(|f| f.container()).collect::<Result<_>>()?;
+    let containers: Vec<&dyn TensorContainer> = parsed.iter().map(|c| c.as_ref()).collect();
     load_from(backend, table, &containers, alias, ignored)
+}
+
+/// A weight file of either format, told apart by its first bytes.
+pub enum WeightFile {
+    Safetensors(SafetensorsFile),
+    Torch(super::torch::TorchFile),
+}
+
+impl WeightFile {
+    pub fn open(path: &Path) -> Result<WeightFile> {
+        Ok(if super::torch::is_torch_file(path) {
+            WeightFile::Torch(super::torch::TorchFile::open(path)?)
+        } else {
+            WeightFile::Safetensors(SafetensorsFile::open(path)?)
+        })
+    }
+
+    pub fn container(&self) -> Result<Box<dyn TensorContainer + '_>> {
+        Ok(match self {
+            WeightFile::Safetensors(f) => Box::new(SafetensorsContainer { path: &f.path, st: f.parse()? }),
+            WeightFile::Torch(t) => Box::new(TorchContainer(t)),
+        })
+    }
+
+    /// Name, dtype and shape of every tensor.
+    pub fn infos(&self) -> Result<Vec<super::safetensors::TensorInfo>> {
+        match self {
+            WeightFile::Safetensors(f) => f.infos(),
+            WeightFile::Torch(t) => Ok(t
+                .tensors()
+                .iter()
+                .map(|(n, x)| super::safetensors::TensorInfo {
+                    name: n.clone(),
+                    dtype: x.dtype.name().to_string(),
+                    shape: x.shape.clone(),
+                })
+                .collect()),
+        }
+    }
 }
 
 /// One tensor as a container holds it: its type (None: not F32, F16 or BF16, with the type's
@@ -286,18 +332,21 @@ impl TensorContainer for SafetensorsContainer<'_> {
     }
 }
 
-impl TensorContainer for super::torch::TorchFile {
+/// A PyTorch checkpoint as a tensor container.
+pub struct TorchContainer<'a>(pub &'a super::torch::TorchFile);
+
+impl TensorContainer for TorchContainer<'_> {
     fn path(&self) -> &Path {
-        &self.path
+        &self.0.path
     }
     fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.tensors().iter().map(|(n, _)| n.clone()).collect();
+        let mut names: Vec<String> = self.0.tensors().iter().map(|(n, _)| n.clone()).collect();
         names.sort();
         names
     }
     fn tensor(&self, name: &str) -> Result<ContainedTensor<'_>> {
         use super::torch::ElemType;
-        let t = self.get(name).with_context(|| format!("{}: no tensor '{name}'", self.path.display()))?;
+        let t = self.0.get(name).with_context(|| format!("{}: no tensor '{name}'", self.0.path.display()))?;
         Ok(ContainedTensor {
             dtype: match t.dtype {
                 ElemType::F32 => Ok(DType::F32),
@@ -306,7 +355,7 @@ impl TensorContainer for super::torch::TorchFile {
                 other => Err(other.name().to_string()),
             },
             shape: t.shape.clone(),
-            data: self.bytes(t)?,
+            data: self.0.bytes(t)?,
         })
     }
 }
@@ -424,6 +473,9 @@ pub fn placement(
     ignored: &dyn Fn(&str) -> bool,
 ) -> Result<Option<Placement>> {
     let [path] = files else { return Ok(None) };
+    if super::torch::is_torch_file(path) {
+        return Ok(None);
+    }
     let file = SafetensorsFile::open(path)?;
     let st = file.parse()?;
     let bytes = file.bytes();

@@ -221,30 +221,6 @@ pub fn check_unet_config(c: &UNetConfig) -> Result<()> {
     Ok(())
 }
 
-/// A single file opened as a tensor container: safetensors (mapped) or a PyTorch checkpoint.
-pub enum SingleFile {
-    Safetensors(crate::io::safetensors::SafetensorsFile),
-    Torch(crate::io::torch::TorchFile),
-}
-
-impl SingleFile {
-    pub fn open(path: &std::path::Path) -> Result<SingleFile> {
-        Ok(if crate::io::torch::is_torch_file(path) {
-            SingleFile::Torch(crate::io::torch::TorchFile::open(path)?)
-        } else {
-            SingleFile::Safetensors(crate::io::safetensors::SafetensorsFile::open(path)?)
-        })
-    }
-
-    /// Runs `f` on the file as a tensor container.
-    pub fn with_container<T>(&self, f: impl FnOnce(&dyn weights::TensorContainer) -> Result<T>) -> Result<T> {
-        match self {
-            SingleFile::Safetensors(st) => f(&weights::SafetensorsContainer { path: &st.path, st: st.parse()? }),
-            SingleFile::Torch(t) => f(t),
-        }
-    }
-}
-
 use crate::backend::Backend;
 use crate::io::weights;
 use crate::models::clip::ClipTextModel;
@@ -291,7 +267,7 @@ pub fn load_models(
     config_dir: &Path,
     ema: bool,
 ) -> Result<(TextEncoder, UNet, AutoencoderKL)> {
-    let single = SingleFile::open(file)?;
+    let single = weights::WeightFile::open(file)?;
     let text_config = ClipTextModel::config_from_file(&config_dir.join("text_encoder/config.json"))?;
     let unet_config = UNet::config_from_file(&config_dir.join("unet/config.json"))?;
     let vae_config = AutoencoderKL::config_from_file(&config_dir.join("vae/config.json"))?;
@@ -300,7 +276,9 @@ pub fn load_models(
     let unet = UNet::allocate(b, unet_config)?;
     let vae = AutoencoderKL::allocate(b, vae_config)?;
     let blocks = vae.config.block_out_channels.len();
-    single.with_container(|c| {
+    let container = single.container()?;
+    let c = container.as_ref();
+    {
         if ema && !c.names().iter().any(|n| n.starts_with(EMA_PREFIX)) {
             bail!("{}: --ema asks for EMA weights, but the file has no '{EMA_PREFIX}*' tensors", file.display());
         }
@@ -320,8 +298,7 @@ pub fn load_models(
         load_component(b, unet.table(), c, &unet_names, &unet_owned)?;
         let vae_names = |n: &str| -> Result<Vec<String>> { Ok(vec![format!("{VAE_PREFIX}{}", vae_name(n, blocks)?)]) };
         load_component(b, vae.table(), c, &vae_names, &|n| n.starts_with(VAE_PREFIX))?;
-        Ok(())
-    })?;
+    }
     for t in [text.table(), unet.table(), vae.table()] {
         b.mark_frozen(t.pool());
     }

@@ -156,7 +156,7 @@ fn inspect_component(
     if let Some(files) = weights::weight_files_if_any(dir, opts.variant)? {
         let mut tensors = Vec::new();
         for f in &files {
-            tensors.extend(SafetensorsFile::open(f)?.infos()?);
+            tensors.extend(weights::WeightFile::open(f)?.infos()?);
         }
         let elements: usize = tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum();
         v["files"] = json!(files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>());

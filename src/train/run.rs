@@ -141,6 +141,14 @@ impl Models {
         text_override: Option<&Path>,
         text_random: bool,
     ) -> Result<Models> {
+        if dir.is_file() {
+            bail!(
+                "$model {}: a single file; training reads a pipeline folder and writes pipeline checkpoints: \
+                 unpack it first with `roentgen export --model {} --out DIR --dtype f32`",
+                dir.display(),
+                dir.display()
+            );
+        }
         weights::check_folder(dir, "a pipeline folder")?;
         if !weights::is_pipeline_folder(dir) {
             bail!("{}: not a pipeline folder (no model_index.json); training needs the whole pipeline", dir.display());

@@ -193,11 +193,17 @@ pub struct TorchFile {
     tensors: Vec<(String, TorchTensor)>,
 }
 
-/// Whether `path` looks like a PyTorch checkpoint (a zip archive or a pickle), by its first bytes.
+/// Whether `path` looks like a PyTorch checkpoint, by its first bytes: a zip archive, or a pickle
+/// (PROTO 2–5). A safetensors file can begin with 0x80 too (its header length is little-endian),
+/// but its ninth byte opens the JSON header.
 pub fn is_torch_file(path: &Path) -> bool {
-    let mut head = [0u8; 4];
-    std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
-        && (head == *b"PK\x03\x04" || head[0] == 0x80)
+    let mut head = [0u8; 9];
+    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    let n = std::io::Read::read(&mut f, &mut head).unwrap_or(0);
+    if n >= 4 && head[..4] == *b"PK\x03\x04" {
+        return true;
+    }
+    n >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]) && !(n == 9 && head[8] == b'{')
 }
 
 impl TorchFile {
