@@ -83,8 +83,8 @@ fn ten_adamw_steps_match_pytorch() {
     println!("final weights: max relative error unet {wu:.2e}, text encoder {wt:.2e}");
 }
 
-/// Noise drawn on the backend (`Noise::Philox`, as `roentgen train` uses) is the Philox stream laid
-/// out channels-last: a step with it equals, bit for bit, a step given that stream reordered to NCHW
+/// Noise drawn on the backend (`Noise::Philox`, as `roentgen train` uses) is one Philox stream per
+/// sample laid out channels-last: a step with it equals, bit for bit, a step given that stream reordered to NCHW
 /// as host noise, for epsilon and v-prediction targets (both paths are the same f32 operations).
 #[test]
 fn backend_drawn_noise_equals_the_same_noise_given() {
@@ -94,7 +94,9 @@ fn backend_drawn_noise_equals_the_same_noise_given() {
             .unwrap();
     let ac = roentgen::sample::schedulers::training_alphas_cumprod(&cfg, std::path::Path::new("scheduler_config.json"))
         .unwrap();
-    let (seed, stream) = (0x5EED_0000_0000_0007u64, (3u64 << 32) | 1);
+    let seed = 0x5EED_0000_0000_0007u64;
+    let [n, c, h, w] = batch(&io, 0).latent_shape;
+    let streams: Vec<u64> = (0..n as u64).map(|i| (3u64 << 32) | (i + 1)).collect();
     for pt in [PredictionType::Epsilon, PredictionType::VPrediction] {
         let step = |noise: Noise| {
             let mut b = CpuBackend::new();
@@ -108,24 +110,26 @@ fn backend_drawn_noise_equals_the_same_noise_given() {
             let w = b.download(&Tensor { pool: unet.table.pool(), offset: 0, shape: [unet.table.total()].into() });
             (s.loss, s.grad_norm, w.unwrap())
         };
-        let [n, c, h, w] = batch(&io, 0).latent_shape;
-        let mut nhwc = vec![0f32; n * c * h * w];
-        roentgen::rng::philox::philox_normals(&mut nhwc, seed, stream);
-        // (n, h, w, c) → (n, c, h, w)
-        let mut nchw = vec![0f32; nhwc.len()];
-        for (i, &z) in nhwc.iter().enumerate() {
-            let (ch, rest) = (i % c, i / c);
-            let (x, rest) = (rest % w, rest / w);
-            let (y, s) = (rest % h, rest / h);
-            nchw[((s * c + ch) * h + y) * w + x] = z;
+        // Sample j's noise: its own stream, laid out (h, w, c) → reordered to (c, h, w).
+        let per = c * h * w;
+        let mut nchw = vec![0f32; n * per];
+        for (j, &stream) in streams.iter().enumerate() {
+            let mut hwc = vec![0f32; per];
+            roentgen::rng::philox::philox_normals(&mut hwc, seed, stream);
+            for (i, &z) in hwc.iter().enumerate() {
+                let (ch, rest) = (i % c, i / c);
+                let (x, y) = (rest % w, rest / w);
+                nchw[j * per + (ch * h + y) * w + x] = z;
+            }
         }
         let (l0, g0, w0) = step(Noise::Given(nchw));
-        let (l1, g1, w1) = step(Noise::Philox { seed, stream });
+        let (l1, g1, w1) = step(Noise::Philox { seed, streams: streams.clone() });
         println!("{pt:?}: loss {l1} (given {l0}), grad norm {g1} (given {g0})");
         assert_eq!((l1.to_bits(), g1.to_bits()), (l0.to_bits(), g0.to_bits()), "{pt:?}: loss / gradient norm differ");
         assert!(w0.iter().zip(&w1).all(|(a, b)| a.to_bits() == b.to_bits()), "{pt:?}: updated weights differ");
         // And the noise mattered: another stream gives another step.
-        let (l2, _, _) = step(Noise::Philox { seed, stream: stream + 1 });
+        let other: Vec<u64> = streams.iter().map(|s| s + 100).collect();
+        let (l2, _, _) = step(Noise::Philox { seed, streams: other });
         assert_ne!(l2, l1, "{pt:?}: a different noise stream gave the same loss");
     }
 }

@@ -205,6 +205,13 @@ pub fn check_resume_settings(
             (a, b) => a == b,
         };
         if !same {
+            if k == "rng_scheme" {
+                // Not a flag: the version of how samples draw their randomness (train::run).
+                diffs.push(format!(
+                    "randomness scheme {v} (checkpoint: {old}, written by an older roentgen; continuing would not reproduce its run)"
+                ));
+                continue;
+            }
             let flag = if k == "ema_decay" { "$ema/$ema_decay".to_string() } else { format!("${k}") };
             diffs.push(format!("{flag} {v} (checkpoint: {old})"));
         }

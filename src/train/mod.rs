@@ -133,10 +133,12 @@ pub enum Noise {
     /// [n, c, h, w] standard normal values from the caller (`train-step` batch files, and the
     /// parity tests, which feed PyTorch's); added on the host and uploaded.
     Given(Vec<f32>),
-    /// Drawn on the backend, where the U-Net runs (`Backend::randn`, Philox4x32-10): element i of
-    /// stream (`seed`, `stream`) is value i of the U-Net's input in its channels-last layout
-    /// (n, h, w, c). Nothing but the clean latents crosses to the device.
-    Philox { seed: u64, stream: u64 },
+    /// Drawn on the backend, where the U-Net runs (`Backend::randn`, Philox4x32-10), one stream per
+    /// sample: element i of stream (`seed`, `streams[j]`) is value i of sample j's U-Net input in
+    /// its channels-last layout (h, w, c). Nothing but the clean latents crosses to the device.
+    /// One stream per sample keys the noise by the sample, not by its place in a micro-batch (see
+    /// `run`: N ranks, or `--grad-accum N`, draw what one batch N times larger draws).
+    Philox { seed: u64, streams: Vec<u64> },
 }
 
 #[derive(Clone, Copy, Debug, serde::Serialize)]
@@ -452,13 +454,16 @@ impl Trainer {
                 b.upload(&sample.t, &nchw_to_nhwc(&noisy, n, c, h, w))?;
                 b.upload(&Tensor { shape: [n * per].into(), ..tgt }, &nchw_to_nhwc(&target, n, c, h, w))?;
             }
-            Noise::Philox { seed, stream } => {
+            Noise::Philox { seed, streams } => {
+                if streams.len() != n {
+                    bail!("train_step: {} noise streams for {n} samples", streams.len());
+                }
                 b.upload(&sample.t, &nchw_to_nhwc(&mb.latents, n, c, h, w))?;
-                b.randn(&tgt, n * per, *seed, *stream)?;
                 let v = self.prediction_type == PredictionType::VPrediction;
                 for (i, &t) in mb.timesteps.iter().enumerate() {
                     let (sa, s1a) = self.noise_coefs(t)?;
                     let at = |x: &Tensor| Tensor { pool: x.pool, offset: x.offset + i * per, shape: [per].into() };
+                    b.randn(&at(&tgt), per, *seed, streams[i])?;
                     let p = AddNoiseParams { n: per, sqrt_alpha: sa, sqrt_one_minus_alpha: s1a, v_prediction: v };
                     b.ddpm_add_noise(&p, &at(&sample.t), &at(&tgt))?;
                 }

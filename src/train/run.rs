@@ -1,10 +1,14 @@
 //! `roentgen train` and `roentgen train-step`: the loops around `Trainer`.
 //!
-//! Randomness is a function of (seed, step): the data order of each epoch, the timesteps and the
-//! VAE's latent samples of a step are drawn on the host from streams seeded by them, and the noise
-//! on the backend from the Philox stream (seed, step · 2³² + micro-batch), the same values on the
-//! CPU and the GPU; so a run resumed from a checkpoint reproduces the uninterrupted run exactly (the
-//! CPU backend's reductions are deterministic for a given thread count).
+//! Randomness is a function of (seed, step, sample), scheme [`RNG_SCHEME`]: a step's samples are
+//! numbered 0..global batch (micro-batch by micro-batch); sample i takes the data index at
+//! position (step − 1) · global batch + i of the epochs' permutations (seeded by (seed, epoch)),
+//! its VAE latent sample, caption dropout and timestep from a host stream seeded by (seed, step,
+//! i), and its noise from the Philox stream (seed, step · 2³² + i) on the backend, the same values
+//! on the CPU and the GPU. So where a sample is computed — which micro-batch, with `--grad-accum N`
+//! or one batch N times larger (or, later, which rank) — does not change what it draws; and a run
+//! resumed from a checkpoint reproduces the uninterrupted run exactly (the CPU backend's reductions
+//! are deterministic for a given thread count).
 
 use super::checkpoint::{self, CheckpointContents};
 use super::data::OnBadImage;
@@ -60,6 +64,16 @@ pub struct TrainConfig {
     pub verify_images: bool,
 }
 
+/// The version of the randomness scheme (module docs), recorded in checkpoints: 1 drew a step's
+/// host values from one stream in order and one noise stream per micro-batch; 2 keys both by the
+/// sample.
+pub const RNG_SCHEME: u64 = 2;
+
+/// The host stream of sample `i` of step `step`.
+fn sample_rng(seed: u64, step: u64, i: u64) -> SplitMix64 {
+    SplitMix64::new(seed ^ step.wrapping_mul(0xA24B_AED4_963E_E407) ^ i.wrapping_mul(0x9FB2_1C65_1E98_DF25))
+}
+
 impl TrainConfig {
     /// The settings that shape a run's results, keyed like their flags; recorded in every
     /// checkpoint and compared on `--resume`.
@@ -69,7 +83,8 @@ impl TrainConfig {
             "batch_size": self.batch_size, "grad_accum": o.grad_accum, "lr": o.lr, "adam_beta1": o.beta1,
             "adam_beta2": o.beta2, "adam_eps": o.eps, "weight_decay": o.weight_decay,
             "max_grad_norm": o.max_grad_norm.unwrap_or(0.0), "lr_schedule": format!("{:?}", o.schedule),
-            "train_text_encoder": o.train_text_encoder, "uncond_prob": self.uncond_prob, "ema_decay": self.ema_decay})
+            "train_text_encoder": o.train_text_encoder, "uncond_prob": self.uncond_prob, "ema_decay": self.ema_decay,
+            "rng_scheme": RNG_SCHEME})
     }
 
     /// Every number checked before any work, naming its field.
@@ -286,7 +301,11 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
     let out = OutputFolder::open(&cfg.output, cfg.resume, cfg.overwrite, "train")?;
     let resume_from = if cfg.resume { Some(checkpoint::latest(&out.dir)?) } else { None };
     if let Some(ckpt) = &resume_from {
-        let (state, _) = checkpoint::read_state(ckpt)?;
+        let (mut state, _) = checkpoint::read_state(ckpt)?;
+        // Checkpoints from before the scheme was recorded used scheme 1.
+        if state.get("rng_scheme").is_none() {
+            state["rng_scheme"] = 1.into();
+        }
         job::check_resume_settings(ckpt, &state, &cfg.settings(), cfg.allow_changed_settings)?;
     }
     let load_dir = resume_from.clone().unwrap_or_else(|| cfg.model.clone());
@@ -363,7 +382,6 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
         let mut perm: (u64, Vec<usize>) = (0, permutation(n, cfg.seed, 0));
         while trainer.step < cfg.steps {
             let step = trainer.step + 1;
-            let mut rng = SplitMix64::new(cfg.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407));
             let mut micro = Vec::with_capacity(cfg.optim.grad_accum);
             for a in 0..cfg.optim.grad_accum {
                 let mut mb = Batch {
@@ -371,17 +389,20 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                     latent_shape: [cfg.batch_size, z, lat, lat],
                     input_ids: Vec::with_capacity(cfg.batch_size * seq),
                     attention_mask: Vec::with_capacity(cfg.batch_size * seq),
-                    // Drawn where the U-Net runs (Philox): stream = (step, micro-batch).
-                    noise: Noise::Philox { seed: cfg.seed, stream: ((step as u64) << 32) | a as u64 },
+                    // Drawn where the U-Net runs (Philox): one stream per sample, (step, i).
+                    noise: Noise::Philox { seed: cfg.seed, streams: Vec::with_capacity(cfg.batch_size) },
                     timesteps: Vec::with_capacity(cfg.batch_size),
                 };
                 for k in 0..cfg.batch_size {
-                    let counter = (step - 1) * per_step + a * cfg.batch_size + k;
+                    // The sample's number in the step, and its place in the epochs' order.
+                    let i = a * cfg.batch_size + k;
+                    let counter = (step - 1) * per_step + i;
                     let epoch = (counter / n) as u64;
                     if perm.0 != epoch {
                         perm = (epoch, permutation(n, cfg.seed, epoch));
                     }
                     let idx = perm.1[counter % n];
+                    let mut rng = sample_rng(cfg.seed, step as u64, i as u64);
                     let (mean, logvar) = match &cache[idx] {
                         Some(m) => m.clone(),
                         None => {
@@ -400,6 +421,9 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                     mb.input_ids.extend_from_slice(&t.ids);
                     mb.attention_mask.extend_from_slice(&t.mask);
                     mb.timesteps.push((rng.next_u64() % models.alphas_cumprod.len() as u64) as usize);
+                    if let Noise::Philox { streams, .. } = &mut mb.noise {
+                        streams.push(((step as u64) << 32) | i as u64);
+                    }
                 }
                 micro.push(mb);
             }
