@@ -14,7 +14,8 @@
 #      leaves the others to run;
 #   4. PyTorch's ceilings on the same card (scripts/gpu-ceilings.py): GEMM, conv2d, attention;
 #   5. the rest: bench vae-decode and text-encoder (bf16), unet in f32 with the profile, unet in
-#      bf16 with --cuda-graphs off (launch overhead), and scripts/bench-peers.py if diffusers imports.
+#      bf16 with --cuda-graphs off (launch overhead), and scripts/bench-peers.py and `roentgen parity`
+#      (bf16 and f32, the fixture pipeline) if diffusers imports.
 # Then prints $OUT/summary.md.
 #
 # Deadline: everything ends within ROENTGEN_GPU_DEADLINE seconds (540) of the start: each step runs
@@ -421,6 +422,24 @@ if (($(left) >= 20)) && timeout -k 1 20 python3 -c "import diffusers" >/dev/null
     echo "not run: deadline" >>"$S"
   fi
   echo '```' >>"$S"
+  # roentgen parity (issue 22) on the fixture pipeline: this card's bf16 and f32 paths against
+  # diffusers on the same card, stage by stage.
+  P=/tmp/roentgen-parity-pipe
+  rm -rf "$P" && mkdir -p "$P" && cp -r tests/fixtures/pipe-a "$P/" \
+    && cp -r tests/fixtures/tiny-text-pipeline/text_encoder "$P/pipe-a/" \
+    && cp -r weights/sd-v1-4-config/tokenizer "$P/pipe-a/"
+  for prec in bf16 f32; do
+    echo -e "\n## roentgen parity, cuda $prec (fixture pipeline, 32 px)" >>"$S"
+    echo '```' >>"$S"
+    if step "parity $prec" 60 "$R" "$BIN" --device cuda --precision "$prec" parity --model "$P/pipe-a" \
+      --python python3 --height 32 --width 32 --steps 6; then
+      segment "$R" | grep -E '^(stage|token|text|U-Net|VAE|pndm|ddim|euler|dpm|image|roentgen|error)' >>"$S"
+      echo "[$STEP_STATUS, $STEP_SECS s]" >>"$S"
+    else
+      echo "not run: deadline" >>"$S"
+    fi
+    echo '```' >>"$S"
+  done
 else
   echo "skipped: diffusers is not importable here (carry it as a wheel), or no time was left" >>"$S"
 fi

@@ -247,3 +247,14 @@ fn training_from_a_single_file_says_how_to_unpack_it() {
     small_train_args(&dir().join("pipe-a.ckpt"), &data, &tmp.path().join("run"))
         .expect_error(&["pipe-a.ckpt: a single file", "roentgen export --model"]);
 }
+
+/// `inspect` reads a single file in either container and says what layout it holds.
+#[test]
+fn inspect_names_a_single_file() {
+    for file in ["pipe-a.ckpt", "pipe-a.safetensors"] {
+        let (out, _) = CliArgs::new(&["inspect", "--json"]).with(&[dir().join(file).to_str().unwrap()]).run_ok();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert!(v["layout"].as_str().unwrap().contains("Stable Diffusion single file"), "{file}: {}", v["layout"]);
+        assert!(v["tensor_count"].as_u64().unwrap() > 500, "{file}");
+    }
+}

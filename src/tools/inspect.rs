@@ -6,7 +6,7 @@ use crate::models::unet::UNet;
 use crate::models::vae::AutoencoderKL;
 use crate::models::{load_or_random, Component};
 use crate::text::bpe::ClipTokenizer;
-use crate::{io::safetensors::SafetensorsFile, io::weights};
+use crate::io::weights;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -72,21 +72,35 @@ pub fn inspect(backend: &mut dyn Backend, path: &Path, opts: &InspectOptions) ->
 }
 
 fn inspect_file(path: &Path, list: bool) -> Result<Value> {
-    let f = SafetensorsFile::open(path)?;
+    let f = weights::WeightFile::open(path)?;
     let infos = f.infos()?;
     let params: usize = infos.iter().map(|t| t.shape.iter().product::<usize>()).sum();
     let mut dtypes = std::collections::BTreeMap::<String, usize>::new();
     for t in &infos {
         *dtypes.entry(t.dtype.clone()).or_default() += 1;
     }
+    let (kind, metadata) = match &f {
+        weights::WeightFile::Safetensors(st) => {
+            ("safetensors".to_string(), st.metadata()?.into_iter().collect::<std::collections::BTreeMap<_, _>>())
+        }
+        // What the tensors were collected from (a state dict, a checkpoint's, a whole module).
+        weights::WeightFile::Torch(t) => {
+            (format!("PyTorch checkpoint ({:?} format): {}", t.format, t.root), Default::default())
+        }
+    };
+    // A Stable Diffusion single file (the CompVis layout) says so.
+    let single_file = infos.iter().any(|t| t.name.starts_with(crate::models::single_file::UNET_PREFIX));
     let mut v = json!({
         "path": path.display().to_string(),
-        "kind": "safetensors",
+        "kind": kind,
         "tensor_count": infos.len(),
         "elements": params,
         "dtypes": dtypes,
-        "metadata": f.metadata()?.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "metadata": metadata,
     });
+    if single_file {
+        v["layout"] = json!("Stable Diffusion single file (CompVis): sample/export/parity take it as --model");
+    }
     if list {
         v["tensors"] = serde_json::to_value(&infos)?;
     }
