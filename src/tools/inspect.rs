@@ -1,12 +1,12 @@
 //! `roentgen inspect`: what a safetensors file or model folder holds, and what the engine makes of it.
 
 use crate::backend::Backend;
+use crate::io::weights;
 use crate::models::clip::ClipTextModel;
 use crate::models::unet::UNet;
 use crate::models::vae::AutoencoderKL;
 use crate::models::{load_or_random, Component};
 use crate::text::bpe::ClipTokenizer;
-use crate::io::weights;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
