@@ -14,6 +14,7 @@ pub mod choice;
 
 pub mod backend;
 pub mod diag;
+pub mod dist;
 pub mod eval;
 pub mod io;
 pub mod models;

@@ -95,6 +95,10 @@ pub struct SampleArgs {
     /// Print a JSON summary (files, timings) on stdout.
     #[arg(long)]
     json: bool,
+    /// Join MPI even when no launcher says so (normally automatic under mpirun/srun). With N
+    /// ranks, rank r samples images r, r + N, …: the files and their bytes are those of one process.
+    #[arg(long)]
+    distributed: bool,
     /// Replace existing images (and --dump) at the output paths; without it a run never
     /// overwrites an earlier result.
     #[arg(long, conflicts_with = "skip_existing")]
@@ -164,6 +168,23 @@ fn a1111_sampler(kind: SchedulerKind, karras: bool) -> String {
 }
 
 pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
+    let dist = roentgen::dist::Dist::from_env(a.distributed)?;
+    if dist.size() == 1 {
+        return sample_ranked(b, a, &dist);
+    }
+    dist.install_abort_hook();
+    // A failing rank ends the job: the others must not wait for it at the closing barrier.
+    match sample_ranked(b, a, &dist) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            eprintln!("error (rank {} of {}): {e:#}", dist.rank(), dist.size());
+            dist.abort(1)
+        }
+    }
+}
+
+/// `sample` as rank `dist.rank()` of `dist.size()`: this rank's images only (all of them for one).
+fn sample_ranked(b: &mut dyn Backend, a: SampleArgs, dist: &roentgen::dist::Dist) -> Result<()> {
     let mut prompts = a.prompt.clone();
     if let Some(f) = &a.prompts {
         files::check_input_file(f).context("--prompts")?;
@@ -311,9 +332,15 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
     };
     let paths = output_paths(&a.out, n, &stem)?;
     let existing = if a.overwrite { Existing::Replace } else { Existing::Refuse };
+    let (rank, ranks) = (dist.rank(), dist.size());
+    if ranks > 1 && a.dump.is_some() {
+        bail!("--dump writes every image's tensors from one process; run it without mpirun");
+    }
+    // With several ranks, image i is rank (i mod ranks)'s: skipped here as an already written
+    // image would be, which leaves the others exactly as one process computes them.
     let mut skip = vec![false; n];
     for (i, p) in paths.iter().enumerate() {
-        if a.skip_existing && p.is_file() {
+        if i % ranks != rank || (a.skip_existing && p.is_file()) {
             skip[i] = true;
             continue;
         }
@@ -322,14 +349,20 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
     if let Some(d) = &a.dump {
         files::check_output_file(d, existing, "dump")?;
     }
-    files::clean_leftovers(files::parent_dir(&paths[0]), false)?;
+    // One rank cleans the folder, before anyone writes to it.
+    if dist.is_root() {
+        files::clean_leftovers(files::parent_dir(&paths[0]), false)?;
+    }
+    dist.barrier();
     let todo = skip.iter().filter(|s| !**s).count();
-    if todo == 0 {
+    let theirs = (0..n).filter(|i| i % ranks != rank).count();
+    if todo == 0 && ranks == 1 {
         eprintln!("all {n} image(s) already exist under {} (--skip-existing): nothing to do", a.out.display());
     }
     eprintln!(
-        "sampling {todo} image(s){} of {width}×{height} from {} on {}: {}{} steps, guidance {}",
-        if todo < n { format!(" ({} already written)", n - todo) } else { String::new() },
+        "{}sampling {todo} image(s){} of {width}×{height} from {} on {}: {}{} steps, guidance {}",
+        if ranks > 1 { format!("rank {rank} of {ranks}: ") } else { String::new() },
+        if todo + theirs < n { format!(" ({} already written)", n - todo - theirs) } else { String::new() },
         model.display(),
         b.name(),
         if seed_used {
@@ -418,6 +451,15 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
             ],
         )?;
     }
+    // Every rank's images are on disk before any rank reports.
+    dist.barrier();
+    let total = dist.sum_u64(written.len() as u64);
+    if ranks > 1 && !dist.is_root() {
+        return Ok(());
+    }
+    if ranks > 1 {
+        eprintln!("{ranks} ranks wrote {total} image(s) in all");
+    }
     let t = &summary.timings;
     eprintln!(
         "wrote {} image(s) to {}: load {load_s:.2} s, text encoding {:.2} s, denoising {:.2} s ({:.3} s per step, {} U-Net calls), VAE decode {:.2} s",
@@ -438,6 +480,7 @@ pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
             "denoising_s": t.denoising_s, "per_step_s": t.per_step_s, "vae_decode_s": t.vae_decode_s, "unet_calls": t.unet_calls,
             "graph_replays": t.graph_replays },
             "dump": a.dump.as_ref().map(|d| d.display().to_string()),
+            "ranks": ranks, "written_by_all_ranks": total,
         });
         crate::cli::print_stdout(&serde_json::to_string_pretty(&summary)?)?;
     }
