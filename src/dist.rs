@@ -10,7 +10,20 @@
 //! Built without the `mpi` feature, a process started as one of several ranks refuses to run
 //! (each would otherwise do the whole job and race the others for the same files).
 
+use crate::backend::Backend;
+use crate::tensor::Tensor;
 use anyhow::{bail, Result};
+
+/// Elements per host-staged reduction (16 MiB of f32): the scratch bound of [`Dist::sum_tensor`].
+pub const REDUCE_CHUNK: usize = 1 << 22;
+
+/// This process's index among the ranks on its node, as the launcher announced it (Open MPI,
+/// MPICH/Hydra, PMIx, Slurm), if any: the GPU a rank uses.
+pub fn launcher_local_rank() -> Option<usize> {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK", "PMI_LOCAL_RANK", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
 
 /// The ranks of this job.
 pub struct Dist {
@@ -107,6 +120,94 @@ impl Dist {
         x
     }
 
+    /// The sum over ranks of `x` (the same value on every rank).
+    pub fn sum_f64(&self, x: f64) -> f64 {
+        #[cfg(feature = "mpi")]
+        if let Some(u) = &self.universe {
+            use mpi::traits::CommunicatorCollectives;
+            let mut out = 0f64;
+            u.world().all_reduce_into(&x, &mut out, mpi::collective::SystemOperation::sum());
+            return out;
+        }
+        x
+    }
+
+    /// Sums `t` over ranks, in place, through the host: chunks of at most [`REDUCE_CHUNK`] elements
+    /// are downloaded, reduced by MPI (Allreduce) and uploaded back, so the scratch memory stays
+    /// bounded whatever the model's size. Every rank ends with the same values.
+    pub fn sum_tensor(&self, b: &dyn Backend, t: &Tensor) -> Result<()> {
+        #[cfg(feature = "mpi")]
+        if let Some(u) = &self.universe {
+            use mpi::traits::CommunicatorCollectives;
+            let world = u.world();
+            let n = t.numel();
+            let mut sum = vec![0f32; REDUCE_CHUNK.min(n)];
+            let mut at = 0;
+            while at < n {
+                let len = REDUCE_CHUNK.min(n - at);
+                let chunk = Tensor { pool: t.pool, offset: t.offset + at, shape: [len].into() };
+                let mine = b.download(&chunk)?;
+                world.all_reduce_into(&mine[..], &mut sum[..len], mpi::collective::SystemOperation::sum());
+                b.upload(&chunk, &sum[..len])?;
+                at += len;
+            }
+            return Ok(());
+        }
+        let _ = (b, t);
+        Ok(())
+    }
+
+    /// Every rank's `mine`, in rank order (all ranks pass slices of one length).
+    pub fn gather_u64s(&self, mine: &[u64]) -> Vec<Vec<u64>> {
+        #[cfg(feature = "mpi")]
+        if let Some(u) = &self.universe {
+            use mpi::traits::CommunicatorCollectives;
+            let mut all = vec![0u64; mine.len() * self.size];
+            u.world().all_gather_into(mine, &mut all[..]);
+            return all.chunks(mine.len().max(1)).map(|c| c.to_vec()).collect();
+        }
+        vec![mine.to_vec()]
+    }
+
+    /// Rank 0's `text`, on every rank.
+    pub fn broadcast_string(&self, text: &str) -> String {
+        #[cfg(feature = "mpi")]
+        if let Some(u) = &self.universe {
+            use mpi::traits::{Communicator, Root};
+            let world = u.world();
+            let root = world.process_at_rank(0);
+            let mut len = text.len() as u64;
+            root.broadcast_into(&mut len);
+            let mut bytes = if self.is_root() { text.as_bytes().to_vec() } else { vec![0u8; len as usize] };
+            root.broadcast_into(&mut bytes[..]);
+            return String::from_utf8_lossy(&bytes).into_owned();
+        }
+        text.to_string()
+    }
+
+    /// Checks that every rank holds the same `items` (name, fingerprint; the same names on every
+    /// rank), and says which differ between which ranks otherwise. Every rank sees the same
+    /// answer, so all stop together.
+    pub fn agree(&self, items: &[(String, u64)]) -> Result<()> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        let mine: Vec<u64> = items.iter().map(|(_, h)| *h).collect();
+        let all = self.gather_u64s(&mine);
+        let mut diffs = Vec::new();
+        for (k, (name, _)) in items.iter().enumerate() {
+            let others: Vec<String> =
+                (1..self.size).filter(|&r| all[r][k] != all[0][k]).map(|r| r.to_string()).collect();
+            if !others.is_empty() {
+                diffs.push(format!("{name} (rank 0 and rank {})", others.join(", ")));
+            }
+        }
+        if !diffs.is_empty() {
+            bail!("the ranks disagree on {}", diffs.join("; "));
+        }
+        Ok(())
+    }
+
     /// Ends the whole job (every rank) with `code`, after this rank's message is out.
     pub fn abort(&self, code: i32) -> ! {
         #[cfg(feature = "mpi")]
@@ -122,9 +223,16 @@ impl Dist {
     pub fn install_abort_hook(&self) {
         #[cfg(feature = "mpi")]
         if self.size > 1 {
-            let previous = std::panic::take_hook();
+            let (rank, size) = (self.rank, self.size);
             std::panic::set_hook(Box::new(move |info| {
-                previous(info);
+                // One write of the whole line (the launcher forwards output in pieces and its
+                // abort report must not land inside it).
+                let p = info.payload();
+                let what =
+                    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+                let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+                let line = format!("error (rank {rank} of {size}): panicked{at}: {}\n", what.unwrap_or_default());
+                let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
                 // SAFETY: MPI is initialised (size > 1 came from it); MPI_Abort does not return.
                 unsafe {
                     mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 101);
@@ -132,4 +240,32 @@ impl Dist {
             }));
         }
     }
+}
+
+/// A 64-bit fingerprint of `bytes` (FNV-1a over 8-byte words): equal inputs give equal values on
+/// every rank; not a cryptographic hash (it guards against mistakes, not adversaries).
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ bytes.len() as u64;
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        h = (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    for &x in words.remainder() {
+        h = (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The fingerprint of a tensor's values (their bits), read in chunks of [`REDUCE_CHUNK`].
+pub fn fingerprint_tensor(b: &dyn Backend, t: &Tensor) -> Result<u64> {
+    let n = t.numel();
+    let mut h = 0u64;
+    let mut at = 0;
+    while at < n {
+        let len = REDUCE_CHUNK.min(n - at);
+        let v = b.download(&Tensor { pool: t.pool, offset: t.offset + at, shape: [len].into() })?;
+        h = h.rotate_left(5) ^ fingerprint(bytemuck::cast_slice(&v));
+        at += len;
+    }
+    Ok(h)
 }

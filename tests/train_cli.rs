@@ -121,19 +121,6 @@ fn bad_training_input_is_refused_clearly() {
     assert!(!err.contains("panicked"));
 }
 
-fn read_all(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = st
-        .iter()
-        .map(|(n, t)| {
-            (n.to_string(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 #[test]
 fn ema_follows_diffusers_decay_and_samples() {
     let (dir, pipe, data) = pipe_a_and_dataset(4);

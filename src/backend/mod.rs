@@ -69,7 +69,15 @@ pub fn create(device: Device, precision: Precision) -> Result<Box<dyn Backend>> 
     match device {
         Device::Cpu => Ok(Box::new(cpu::CpuBackend::new())),
         #[cfg(feature = "cuda")]
-        Device::Cuda => Ok(Box::new(cuda::CudaBackend::new(0, precision)?)),
+        // Under an MPI launcher each rank takes the GPU of its index among the node's ranks.
+        Device::Cuda => match crate::dist::launcher_local_rank() {
+            Some(local) => Ok(Box::new(cuda::CudaBackend::new(local, precision).map_err(|e| {
+                e.context(format!(
+                    "this process is rank {local} of its node and uses GPU {local}: start at most one rank per GPU"
+                ))
+            })?)),
+            None => Ok(Box::new(cuda::CudaBackend::new(0, precision)?)),
+        },
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => {
             let _ = precision;

@@ -156,6 +156,33 @@ pub fn main() {
     }
 }
 
+/// Runs `body` as this process's rank of the job (MPI when a launcher started several ranks, or
+/// `force`; else the one and only rank). With several ranks, a rank that fails or panics ends
+/// the whole job after printing its own message: the others must not wait for it forever in a
+/// collective.
+pub(crate) fn as_rank<T>(force: bool, body: impl FnOnce(&roentgen::dist::Dist) -> Result<T>) -> Result<T> {
+    let dist = roentgen::dist::Dist::from_env(force)?;
+    if dist.size() == 1 {
+        return body(&dist);
+    }
+    dist.install_abort_hook();
+    // Fault injection for the test of the abort path (tests/mpi.rs): the named rank panics as a
+    // bug would, while the others go on into their first collective.
+    if std::env::var("ROENTGEN_FAULT_PANIC_RANK").ok().and_then(|r| r.parse().ok()) == Some(dist.rank()) {
+        panic!("ROENTGEN_FAULT_PANIC_RANK={}: a planted panic", dist.rank());
+    }
+    match body(&dist) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            // One write of the whole line: the launcher forwards output in pieces, and its own
+            // abort report must not land inside our message.
+            let line = format!("error (rank {} of {}): {}\n", dist.rank(), dist.size(), render_error(&e));
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            dist.abort(1)
+        }
+    }
+}
+
 /// `{e:#}` (the context chain joined by ": "), with the library's settings (refused ones, and
 /// `$field` references) named by their flags.
 fn render_error(e: &anyhow::Error) -> String {

@@ -168,19 +168,7 @@ fn a1111_sampler(kind: SchedulerKind, karras: bool) -> String {
 }
 
 pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
-    let dist = roentgen::dist::Dist::from_env(a.distributed)?;
-    if dist.size() == 1 {
-        return sample_ranked(b, a, &dist);
-    }
-    dist.install_abort_hook();
-    // A failing rank ends the job: the others must not wait for it at the closing barrier.
-    match sample_ranked(b, a, &dist) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            eprintln!("error (rank {} of {}): {e:#}", dist.rank(), dist.size());
-            dist.abort(1)
-        }
-    }
+    super::as_rank(a.distributed, |dist| sample_ranked(b, a, dist))
 }
 
 /// `sample` as rank `dist.rank()` of `dist.size()`: this rank's images only (all of them for one).

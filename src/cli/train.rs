@@ -3,6 +3,7 @@
 use super::{open_backend, report_pools, Global};
 use anyhow::{bail, Result};
 use clap::Args;
+use roentgen::backend::Backend;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -105,7 +106,8 @@ pub struct TrainArgs {
     /// Training resolution (shorter side resized, center crop); a multiple of 8.
     #[arg(long, default_value_t = 512)]
     pub resolution: usize,
-    /// Images per micro-batch.
+    /// Images per micro-batch (per rank, under MPI: the global batch is batch size × grad accum ×
+    /// ranks).
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
@@ -155,6 +157,12 @@ pub struct TrainArgs {
     /// --train-text-encoder false.
     #[arg(long)]
     pub freeze_text_encoder: bool,
+    /// Join MPI even when no launcher says so (normally automatic under mpirun/srun). N ranks
+    /// train one model data-parallel: each computes its share of every step's samples, the
+    /// gradients are summed over ranks, and rank 0 writes the checkpoints; the samples, noise and
+    /// results are those of one process with N× the batch.
+    #[arg(long)]
+    pub distributed: bool,
     #[command(flatten)]
     pub optim: OptimArgs,
     #[command(flatten)]
@@ -257,7 +265,21 @@ pub fn train(g: &Global, a: TrainArgs) -> Result<()> {
     if a.freeze_text_encoder {
         cfg.optim.train_text_encoder = false;
     }
+    super::as_rank(a.distributed, |dist| train_ranked(b.as_mut(), g, &a, &cfg, dist))
+}
+
+/// `train` as one of `dist`'s ranks; rank 0 alone shows progress and prints the result.
+fn train_ranked(
+    b: &mut dyn Backend,
+    g: &Global,
+    a: &TrainArgs,
+    cfg: &roentgen::train::run::TrainConfig,
+    dist: &roentgen::dist::Dist,
+) -> Result<()> {
     let bar = indicatif::ProgressBar::new(a.steps as u64);
+    if !dist.is_root() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -266,14 +288,20 @@ pub fn train(g: &Global, a: TrainArgs) -> Result<()> {
         bar.set_position(s.step as u64);
         bar.set_message(format!("loss {:.4} lr {:.2e} {:.2} img/s", s.loss, s.lr, ips));
     };
-    let last = roentgen::train::run::train(b.as_mut(), &cfg, &mut log)?;
+    let last = roentgen::train::run::train(b, cfg, &mut log, dist)?;
     bar.finish_and_clear();
+    if !dist.is_root() {
+        return Ok(());
+    }
+    if dist.size() > 1 {
+        eprintln!("{} ranks trained together", dist.size());
+    }
     eprintln!("training done: {} (a pipeline folder: roentgen sample --model {} ...)", last.display(), last.display());
     println!(
         "{}",
         serde_json::json!({"checkpoint": last.display().to_string(), "log": a.output.join("train_log.jsonl").display().to_string()})
     );
-    report_pools(b.as_ref(), g.verbose);
+    report_pools(b, g.verbose);
     Ok(())
 }
 

@@ -212,6 +212,14 @@ pub fn check_resume_settings(
                 ));
                 continue;
             }
+            if k == "global_batch" {
+                // Not a flag: $batch_size × $grad_accum × ranks; any split of the same total resumes.
+                diffs.push(format!(
+                    "global batch {v} (checkpoint: {old}; the global batch is $batch_size × $grad_accum × ranks, \
+                     and any split of the checkpoint's resumes it)"
+                ));
+                continue;
+            }
             let flag = if k == "ema_decay" { "$ema/$ema_decay".to_string() } else { format!("${k}") };
             diffs.push(format!("{flag} {v} (checkpoint: {old})"));
         }

@@ -19,6 +19,7 @@ pub mod vae;
 
 use crate::backend::Backend;
 use crate::diag::SettingError;
+use crate::dist::Dist;
 use crate::models::text::{TextEncoder, TextGrads};
 use crate::models::unet::{UNet, UNetParams};
 use crate::nn::Cx;
@@ -380,6 +381,23 @@ impl Trainer {
         micro_batches: &[Batch],
         total_steps: usize,
     ) -> Result<StepStats> {
+        self.train_step_ranked(b, unet, clip, micro_batches, total_steps, &Dist::single())
+    }
+
+    /// [`Trainer::train_step`] as one of `dist`'s ranks, each with its own `micro_batches` (the
+    /// same number on every rank): every micro-batch's gradient is scaled by 1/(micro-batches ×
+    /// ranks), the gradient pools are summed over ranks once, and the loss (whose sum is
+    /// non-finite on every rank when it is on one) is averaged over all; clipping, AdamW and EMA
+    /// then run on identical values on every rank.
+    pub fn train_step_ranked(
+        &mut self,
+        b: &dyn Backend,
+        unet: &UNet,
+        clip: &TextEncoder,
+        micro_batches: &[Batch],
+        total_steps: usize,
+        dist: &Dist,
+    ) -> Result<StepStats> {
         if micro_batches.is_empty() {
             bail!("train_step: no micro-batches");
         }
@@ -387,16 +405,20 @@ impl Trainer {
         if let Some(o) = &self.clip_opt {
             b.zero(&o.grads)?;
         }
-        let inv_accum = 1.0 / micro_batches.len() as f32;
+        let parts = micro_batches.len() * dist.size();
+        let inv_parts = 1.0 / parts as f32;
         let mut loss_sum = 0f64;
         for mb in micro_batches {
-            loss_sum += self.micro_step(b, unet, clip, mb, inv_accum)? as f64;
+            loss_sum += self.micro_step(b, unet, clip, mb, inv_parts)? as f64;
         }
-        let loss = (loss_sum / micro_batches.len() as f64) as f32;
+        let states: Vec<&OptState> = std::iter::once(&self.unet_opt).chain(self.clip_opt.as_ref()).collect();
+        let loss = (dist.sum_f64(loss_sum) / parts as f64) as f32;
         if !loss.is_finite() {
             bail!("the loss is {loss} at step {}: stopping", self.step + 1);
         }
-        let states: Vec<&OptState> = std::iter::once(&self.unet_opt).chain(self.clip_opt.as_ref()).collect();
+        for st in &states {
+            dist.sum_tensor(b, &st.grads)?;
+        }
         let (grad_norm, lr) =
             clip_and_step(b, &states, &self.side("sumsq"), &self.options, self.step + 1, total_steps)?;
         self.step += 1;
@@ -518,6 +540,19 @@ impl Trainer {
     }
 
     /// The AdamW moments of (U-Net, text encoder), for checkpoints.
+    /// The weights this trainer changes, by name: the U-Net's, the text encoder's when trained,
+    /// the EMA copy when kept (what must stay identical on every rank).
+    pub fn trained_weights(&self) -> Vec<(&'static str, Tensor)> {
+        let mut v = vec![("unet", self.unet_opt.params())];
+        if let Some(o) = &self.clip_opt {
+            v.push(("text_encoder", o.params()));
+        }
+        if let Some((table, _)) = &self.ema {
+            v.push(("unet_ema", Tensor { pool: table.pool(), offset: 0, shape: [table.total()].into() }));
+        }
+        v
+    }
+
     pub fn optimizer_pools(&self) -> Vec<(&'static str, Tensor, Tensor)> {
         let mut v = vec![("unet", self.unet_opt.m, self.unet_opt.v)];
         if let Some(o) = &self.clip_opt {

@@ -16,6 +16,7 @@ use super::job::{self, ImageDraw, OutputFolder, TrainLog};
 use super::{Batch, MicroBatchShape, Noise, OptimOptions, PredictionType, StepStats, Trainer};
 use crate::backend::Backend;
 use crate::diag::SettingError;
+use crate::dist::{fingerprint, fingerprint_tensor, Dist};
 use crate::io::manifest::read_manifest;
 use crate::io::weights;
 use crate::models::text::{TextEncoder, TextTokenizer};
@@ -75,16 +76,45 @@ fn sample_rng(seed: u64, step: u64, i: u64) -> SplitMix64 {
 }
 
 impl TrainConfig {
-    /// The settings that shape a run's results, keyed like their flags; recorded in every
-    /// checkpoint and compared on `--resume`.
-    pub fn settings(&self) -> serde_json::Value {
+    /// The settings that shape a run's results, keyed like their flags, for a run on `ranks`
+    /// ranks; recorded in every checkpoint and compared on `--resume`. The batch enters as the
+    /// global batch (`batch_size` × `grad_accum` × ranks): how it is split into micro-batches and
+    /// ranks does not change what is drawn (module docs), so a checkpoint resumes on any number of
+    /// ranks with the same global batch.
+    pub fn settings(&self, ranks: usize) -> serde_json::Value {
         let o = &self.optim;
         serde_json::json!({"seed": self.seed, "data": abs_path(&self.data), "resolution": self.resolution,
-            "batch_size": self.batch_size, "grad_accum": o.grad_accum, "lr": o.lr, "adam_beta1": o.beta1,
+            "global_batch": self.batch_size * o.grad_accum * ranks, "lr": o.lr, "adam_beta1": o.beta1,
             "adam_beta2": o.beta2, "adam_eps": o.eps, "weight_decay": o.weight_decay,
             "max_grad_norm": o.max_grad_norm.unwrap_or(0.0), "lr_schedule": format!("{:?}", o.schedule),
             "train_text_encoder": o.train_text_encoder, "uncond_prob": self.uncond_prob, "ema_decay": self.ema_decay,
             "rng_scheme": RNG_SCHEME})
+    }
+
+    /// Everything a rank was started with, by name, for the start-up check that all ranks agree
+    /// (the settings, and the options that do not shape results but must match across ranks).
+    fn rank_options(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = match self.settings(1) {
+            serde_json::Value::Object(m) => m.into_iter().map(|(k, v)| (format!("${k}"), v.to_string())).collect(),
+            _ => Vec::new(),
+        };
+        let more = [
+            ("$batch_size", self.batch_size.to_string()),
+            ("$grad_accum", self.optim.grad_accum.to_string()),
+            ("$steps", self.steps.to_string()),
+            ("$model", abs_path(&self.model)),
+            ("$output", abs_path(&self.output)),
+            ("$checkpoint_every", self.checkpoint_every.to_string()),
+            ("$resume", self.resume.to_string()),
+            ("$cache_latents", self.cache_latents.to_string()),
+            ("$on_bad_image", format!("{:?}", self.on_bad_image)),
+            ("$variant", format!("{:?}", self.variant)),
+            ("$text_encoder", format!("{:?}", self.text_encoder.as_deref().map(abs_path))),
+            ("$unet_init", self.unet_init_random.to_string()),
+            ("$text_encoder_init", self.text_encoder_init_random.to_string()),
+        ];
+        v.extend(more.into_iter().map(|(k, x)| (k.to_string(), x)));
+        v
     }
 
     /// Every number checked before any work, naming its field.
@@ -285,7 +315,7 @@ impl Encoder {
 }
 
 /// The epoch's order of example indices: Fisher–Yates with a stream of (seed, epoch).
-pub(crate) fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+pub fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut rng = SplitMix64::new(seed ^ 0xDA7A_0000_0000_0000 ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut v: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
@@ -295,18 +325,47 @@ pub(crate) fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     v
 }
 
-/// Runs `roentgen train`; returns the path of the last checkpoint.
-pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepStats, f64)) -> Result<PathBuf> {
+/// Runs `roentgen train` as one of `dist`'s ranks (data parallel: each rank computes its share
+/// of every step's samples, the gradients are summed over ranks before the optimizer step, and
+/// rank 0 alone writes the output folder); returns the path of the last checkpoint.
+pub fn train(
+    b: &mut dyn Backend,
+    cfg: &TrainConfig,
+    log: &mut dyn FnMut(&StepStats, f64),
+    dist: &Dist,
+) -> Result<PathBuf> {
     cfg.validate()?;
-    let out = OutputFolder::open(&cfg.output, cfg.resume, cfg.overwrite, "train")?;
-    let resume_from = if cfg.resume { Some(checkpoint::latest(&out.dir)?) } else { None };
+    let (rank, ranks) = (dist.rank(), dist.size());
+    dist.agree(&cfg.rank_options().into_iter().map(|(k, v)| (k, fingerprint(v.as_bytes()))).collect::<Vec<_>>())
+        .context("the ranks were started with different options")?;
+    // Rank 0 alone owns the output folder (lock, leftovers, log, checkpoints); the others wait.
+    let out =
+        if dist.is_root() { Some(OutputFolder::open(&cfg.output, cfg.resume, cfg.overwrite, "train")?) } else { None };
+    dist.barrier();
+    // Rank 0 chooses the checkpoint to resume; every rank reads that one.
+    let resume_from = if cfg.resume {
+        let chosen = match &out {
+            Some(o) => checkpoint::latest(&o.dir)?.display().to_string(),
+            None => String::new(),
+        };
+        Some(PathBuf::from(dist.broadcast_string(&chosen)))
+    } else {
+        None
+    };
     if let Some(ckpt) = &resume_from {
         let (mut state, _) = checkpoint::read_state(ckpt)?;
-        // Checkpoints from before the scheme was recorded used scheme 1.
+        // Checkpoints from before the scheme was recorded used scheme 1; from before ranks, they
+        // recorded the batch as batch_size × grad_accum on one process.
         if state.get("rng_scheme").is_none() {
             state["rng_scheme"] = 1.into();
         }
-        job::check_resume_settings(ckpt, &state, &cfg.settings(), cfg.allow_changed_settings)?;
+        if state.get("global_batch").is_none() {
+            let field = |k: &str| state.get(k).and_then(|v| v.as_u64());
+            if let (Some(bs), Some(acc)) = (field("batch_size"), field("grad_accum")) {
+                state["global_batch"] = (bs * acc).into();
+            }
+        }
+        job::check_resume_settings(ckpt, &state, &cfg.settings(ranks), cfg.allow_changed_settings)?;
     }
     let load_dir = resume_from.clone().unwrap_or_else(|| cfg.model.clone());
     let text_override = if resume_from.is_none() { cfg.text_encoder.as_deref() } else { None };
@@ -326,6 +385,17 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
         cfg.on_bad_image,
         cfg.verify_images.then_some(cfg.resolution),
     )?;
+    let global_batch = cfg.batch_size * cfg.optim.grad_accum * ranks;
+    if good.len() < global_batch {
+        bail!(
+            "$data {}: {} usable example(s), fewer than the global batch of {global_batch} ($batch_size {} × $grad_accum {} × {ranks} rank(s)): \
+             a step would train on some examples twice",
+            cfg.data.display(),
+            good.len(),
+            cfg.batch_size,
+            cfg.optim.grad_accum
+        );
+    }
     let seq = models.tokenizer.max_length();
     let empty = models.tokenizer.encode("");
     let tokens: Vec<crate::models::text::TextTokens> = good.iter().map(|e| models.tokenizer.encode(&e.text)).collect();
@@ -334,6 +404,9 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
     let mut draw = ImageDraw::new(&good, &cfg.data, cfg.on_bad_image, cfg.resolution);
     if cfg.cache_latents {
         let bar = indicatif::ProgressBar::new(good.len() as u64);
+        if !dist.is_root() {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
         bar.set_message("encoding latents");
         for i in 0..good.len() {
             // A row that does not decode caches its replacement's latents (as drawing it would).
@@ -366,14 +439,26 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                 .with_context(|| format!("{}: $ema needs the checkpoint's EMA weights", ckpt.display()))?;
             weights::load_into(b, table, &files, &weights::no_alias, &weights::is_known_buffer)?;
         }
-        crate::diag::progress(format!("resuming from {} at step {step}", ckpt.display()));
+        if dist.is_root() {
+            crate::diag::progress(format!("resuming from {} at step {step}", ckpt.display()));
+        }
     }
+    // Every rank must start from the same data and weights (a file changed between the ranks'
+    // reads, or nodes without a shared filesystem, would silently train different models).
+    let mut inputs = vec![(format!("the manifest {}", cfg.data.display()), fingerprint(&std::fs::read(&cfg.data)?))];
+    for (name, t) in trainer.trained_weights() {
+        inputs.push((format!("the loaded {name} weights"), fingerprint_tensor(b, &t)?));
+    }
+    dist.agree(&inputs)?;
     let n = good.len();
-    let per_step = cfg.batch_size * cfg.optim.grad_accum;
+    let per_step = global_batch;
     let z = models.vae.config.latent_channels;
     let per = z * lat * lat;
     let sf = models.vae.config.scaling_factor;
-    let mut log_file = TrainLog::open(&out.dir.join("train_log.jsonl"), trainer.step)?;
+    let mut log_file = match &out {
+        Some(o) => Some(TrainLog::open(&o.dir.join("train_log.jsonl"), trainer.step)?),
+        None => None,
+    };
     let mut last_ckpt = resume_from.clone();
     // The loop, as a closure so that its error can say what is on disk.
     let mut run = || -> Result<()> {
@@ -394,8 +479,9 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                     timesteps: Vec::with_capacity(cfg.batch_size),
                 };
                 for k in 0..cfg.batch_size {
-                    // The sample's number in the step, and its place in the epochs' order.
-                    let i = a * cfg.batch_size + k;
+                    // The sample's number in the step (micro-batch a of every rank, then the
+                    // next), and its place in the epochs' order.
+                    let i = (a * ranks + rank) * cfg.batch_size + k;
                     let counter = (step - 1) * per_step + i;
                     let epoch = (counter / n) as u64;
                     if perm.0 != epoch {
@@ -427,28 +513,43 @@ pub fn train(b: &mut dyn Backend, cfg: &TrainConfig, log: &mut dyn FnMut(&StepSt
                 }
                 micro.push(mb);
             }
-            let stats = trainer.train_step(b, &models.unet, &models.text, &micro, cfg.steps)?;
+            let stats = trainer.train_step_ranked(b, &models.unet, &models.text, &micro, cfg.steps, dist)?;
             let secs = t0.elapsed().as_secs_f64();
             let ips = ((stats.step - start) * per_step) as f64 / secs.max(1e-9);
-            if stats.step % cfg.log_every.max(1) == 0 || stats.step == cfg.steps {
+            if let Some(log_file) =
+                log_file.as_mut().filter(|_| stats.step % cfg.log_every.max(1) == 0 || stats.step == cfg.steps)
+            {
                 log_file.append(&serde_json::json!({"step": stats.step, "loss": stats.loss, "lr": stats.lr,
                 "grad_norm": stats.grad_norm, "images_per_s": ips, "elapsed_s": secs}))?;
             }
             log(&stats, ips);
             if (cfg.checkpoint_every > 0 && stats.step % cfg.checkpoint_every == 0) || stats.step == cfg.steps {
                 let dest = cfg.output.join(format!("checkpoint-{}", stats.step));
-                let mut state = cfg.settings();
-                state["step"] = stats.step.into();
-                state["steps"] = cfg.steps.into();
-                state["loss"] = serde_json::json!(stats.loss);
-                state["source_model"] = cfg.model.display().to_string().into();
-                checkpoint::save(
-                    b,
-                    &dest,
-                    &models.checkpoint(&load_dir, trainer.ema_table(), trainer.optimizer_pools(), state),
-                )?;
+                // The ranks' weights must not have drifted apart (they get identical updates).
+                let mut weights = Vec::new();
+                for (name, t) in trainer.trained_weights() {
+                    weights.push((format!("the {name} weights after step {}", stats.step), fingerprint_tensor(b, &t)?));
+                }
+                dist.agree(&weights)?;
+                if dist.is_root() {
+                    let mut state = cfg.settings(ranks);
+                    state["step"] = stats.step.into();
+                    state["steps"] = cfg.steps.into();
+                    state["loss"] = serde_json::json!(stats.loss);
+                    state["source_model"] = cfg.model.display().to_string().into();
+                    state["world_size"] = ranks.into();
+                    state["batch_size"] = cfg.batch_size.into();
+                    state["grad_accum"] = cfg.optim.grad_accum.into();
+                    checkpoint::save(
+                        b,
+                        &dest,
+                        &models.checkpoint(&load_dir, trainer.ema_table(), trainer.optimizer_pools(), state),
+                    )?;
+                    job::retain_checkpoints(&cfg.output, cfg.checkpoints_total_limit)?;
+                }
+                // Nobody runs ahead of a checkpoint that is not on disk yet.
+                dist.barrier();
                 last_ckpt = Some(dest);
-                job::retain_checkpoints(&cfg.output, cfg.checkpoints_total_limit)?;
             }
         }
         Ok(())

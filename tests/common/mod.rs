@@ -45,6 +45,20 @@ pub fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     (t.shape().to_vec(), data)
 }
 
+/// Every tensor of a safetensors file of f32, by name, sorted by name.
+pub fn read_all(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = st
+        .iter()
+        .map(|(n, t)| {
+            (n.to_string(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 pub fn read_ids(path: &Path, name: &str) -> (Vec<usize>, Vec<u32>) {
     let (shape, v) = read_f32(path, name);
     (shape, v.into_iter().map(|x| x as u32).collect())
