@@ -206,7 +206,7 @@ pub fn training_allocation_case(r: &mut Runner) {
                 allow_changed_settings: false,
                 verify_images: false,
             };
-            train(&mut gpu, &cfg, &mut |_, _| {})?;
+            train(&mut gpu, &cfg, &mut |_, _| {}, &roentgen::dist::Dist::single())?;
             Ok(gpu.allocation_count())
         };
         let (short, long) = (count(1)?, count(4)?);
