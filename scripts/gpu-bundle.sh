@@ -18,7 +18,8 @@ export CARGO_TARGET_DIR=target/gpu-bundle
 export ROENTGEN_CUDA_ARCHS=${ROENTGEN_CUDA_ARCHS:-sm_90a}
 LIMIT_MIB=60
 
-cargo build --release --features cuda --quiet
+# nccl: the data-parallel gradient sum (loaded at run time; gpu-check times it on one rank).
+cargo build --release --features cuda,nccl --quiet
 # The test binary's path is in cargo's JSON messages; its compiler errors go to the log shown on failure.
 LOG=$CARGO_TARGET_DIR/gpu-bundle-test-build.log
 TEST_BIN=$(cargo test --release --features cuda --test cuda --no-run --message-format=json 2>"$LOG" |

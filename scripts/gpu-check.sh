@@ -14,7 +14,7 @@
 #      leaves the others to run;
 #   4. PyTorch's ceilings on the same card (scripts/gpu-ceilings.py): GEMM, conv2d, attention;
 #   5. the rest: bench vae-decode and text-encoder (bf16), unet in f32 with the profile, unet in
-#      bf16 with --cuda-graphs off (launch overhead), and scripts/bench-peers.py and `roentgen parity`
+#      bf16 with --cuda-graphs off (launch overhead), bench allreduce (NCCL, one rank), and scripts/bench-peers.py and `roentgen parity`
 #      (bf16 and f32, the fixture pipeline) if diffusers imports.
 # Then prints $OUT/summary.md.
 #
@@ -409,6 +409,19 @@ bench "bench unet, f32, --profile" 120 15 --precision f32 bench unet --model "$M
 # The U-Net step launched kernel by kernel: against the graph replay of the headline, the launch cost.
 bench "bench unet, bf16, --cuda-graphs off (launch overhead: compare with the headline)" 60 0 \
   --precision bf16 --cuda-graphs off bench unet --model "$M" --random-weights --iters 10 --warmup 3
+
+# Data-parallel training's gradient sum (issue 17) on one rank: NCCL found by roentgen's own search
+# (libnccl.so.2, e.g. PyTorch's nvidia-nccl wheel), loaded, and summing SD v1.4's U-Net + text
+# encoder gradients in place on our stream, checked exact. Scaling needs several GPUs:
+# `mpirun -np N gpu-bin/roentgen --device cuda bench allreduce` on such a machine.
+bench "bench allreduce, NCCL, one rank (issue 17)" 40 0 bench allreduce --iters 5
+if segment "$R" | grep -q "NCCL not found"; then
+  NCCL_LIB=$(timeout -k 1 15 python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null || true)
+  if [ -n "$NCCL_LIB" ]; then
+    export ROENTGEN_NCCL=$NCCL_LIB
+    bench "bench allreduce, NCCL at $NCCL_LIB (our search missed it)" 40 0 bench allreduce --iters 5
+  fi
+fi
 
 # Side by side with diffusers/PyTorch (issue 9), where diffusers imports (carried as a wheel).
 echo -e "\n## side by side with diffusers (scripts/bench-peers.py)" >>"$S"

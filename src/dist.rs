@@ -132,10 +132,20 @@ impl Dist {
         x
     }
 
+    /// Sums `t` over ranks, in place: with the backend's own collective where it has one (NCCL
+    /// between GPUs), else through the host ([`Dist::sum_tensor_through_host`]). Every rank ends
+    /// with the same values.
+    pub fn sum_tensor(&self, b: &dyn Backend, t: &Tensor) -> Result<()> {
+        if self.size == 1 || b.sum_over_ranks(t, self)? {
+            return Ok(());
+        }
+        self.sum_tensor_through_host(b, t)
+    }
+
     /// Sums `t` over ranks, in place, through the host: chunks of at most [`REDUCE_CHUNK`] elements
     /// are downloaded, reduced by MPI (Allreduce) and uploaded back, so the scratch memory stays
-    /// bounded whatever the model's size. Every rank ends with the same values.
-    pub fn sum_tensor(&self, b: &dyn Backend, t: &Tensor) -> Result<()> {
+    /// bounded whatever the model's size.
+    pub fn sum_tensor_through_host(&self, b: &dyn Backend, t: &Tensor) -> Result<()> {
         #[cfg(feature = "mpi")]
         if let Some(u) = &self.universe {
             use mpi::traits::CommunicatorCollectives;
@@ -171,18 +181,23 @@ impl Dist {
 
     /// Rank 0's `text`, on every rank.
     pub fn broadcast_string(&self, text: &str) -> String {
+        String::from_utf8_lossy(&self.broadcast_bytes(text.as_bytes())).into_owned()
+    }
+
+    /// Rank 0's `bytes`, on every rank (the others' are ignored).
+    pub fn broadcast_bytes(&self, bytes: &[u8]) -> Vec<u8> {
         #[cfg(feature = "mpi")]
         if let Some(u) = &self.universe {
             use mpi::traits::{Communicator, Root};
             let world = u.world();
             let root = world.process_at_rank(0);
-            let mut len = text.len() as u64;
+            let mut len = bytes.len() as u64;
             root.broadcast_into(&mut len);
-            let mut bytes = if self.is_root() { text.as_bytes().to_vec() } else { vec![0u8; len as usize] };
-            root.broadcast_into(&mut bytes[..]);
-            return String::from_utf8_lossy(&bytes).into_owned();
+            let mut out = if self.is_root() { bytes.to_vec() } else { vec![0u8; len as usize] };
+            root.broadcast_into(&mut out[..]);
+            return out;
         }
-        text.to_string()
+        bytes.to_vec()
     }
 
     /// Checks that every rank holds the same `items` (name, fingerprint; the same names on every

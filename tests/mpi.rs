@@ -327,3 +327,20 @@ fn ranks_started_with_different_seeds_are_refused() {
     assert!(err.contains("the ranks disagree on --seed (rank 0 and rank 1)"), "{err}");
     assert!(!out_dir.join("checkpoint-1").exists(), "nothing was trained");
 }
+
+/// `bench allreduce` on 2 ranks sums through the host in 16 MiB chunks (5M elements: two chunks,
+/// the second partial) and checks every element exactly against N(N+1)/2 · pattern.
+#[cfg(feature = "mpi")]
+#[test]
+fn the_host_allreduce_sums_every_element_over_two_ranks() {
+    let Some(mpirun) = mpirun() else { return };
+    let args: Vec<String> =
+        ["bench", "allreduce", "--elements", "5000000", "--iters", "2", "--json"].map(String::from).to_vec();
+    let out = run_ranks(&mpirun, 2, &args);
+    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    println!("{v}");
+    assert_eq!((v["ranks"].as_u64(), v["elements"].as_u64()), (Some(2), Some(5_000_000)), "{v}");
+    assert!(v["path"].as_str().unwrap().starts_with("host"), "{v}");
+}

@@ -227,6 +227,14 @@ pub trait Backend:
         0
     }
 
+    /// Sums `t` over `ranks`' ranks in place with the device's own collective (NCCL between GPUs);
+    /// Ok(false) where this backend has none, and the caller reduces through the host. Collective:
+    /// every rank calls it for the same tensor, in the same order.
+    fn sum_over_ranks(&self, t: &Tensor, ranks: &crate::dist::Dist) -> Result<bool> {
+        let _ = (t, ranks);
+        Ok(false)
+    }
+
     /// Copies host data into `dst` (`src.len()` must equal `dst.numel()`).
     fn upload(&self, dst: &Tensor, src: &[f32]) -> Result<()>;
 

@@ -231,11 +231,18 @@ pub struct CudaInfoArgs {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// unet, vae-decode, text-encoder or train-step
+    /// unet, vae-decode, text-encoder, train-step or allreduce
     pub stage: roentgen::tools::bench::Stage,
-    /// A pipeline folder (or the stage's component folder).
+    /// A pipeline folder (or the stage's component folder); every stage but allreduce needs one.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
+    /// allreduce: f32 elements summed per step (default: SD v1.4's U-Net and CLIP text encoder,
+    /// 859,520,964 + 123,060,480 parameters, what joint fine-tuning reduces).
+    #[arg(long, default_value_t = 982_581_444)]
+    pub elements: usize,
+    /// allreduce: join MPI even when no launcher says so.
+    #[arg(long)]
+    pub distributed: bool,
     /// Use random weights with the config's architecture.
     #[arg(long)]
     pub random_weights: bool,
@@ -333,8 +340,20 @@ pub fn export(a: ExportArgs) -> Result<()> {
 
 pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
     let mut b = open_backend(g)?;
+    if a.stage == roentgen::tools::bench::Stage::Allreduce {
+        return super::as_rank(a.distributed, |dist| {
+            let r = roentgen::tools::bench_allreduce::run(b.as_mut(), dist, a.elements, a.warmup, a.iters)?;
+            if dist.is_root() {
+                print_stdout(&if a.json { serde_json::to_string_pretty(&r)? } else { r.render() })?;
+            }
+            Ok(())
+        });
+    }
+    let Some(model) = &a.model else {
+        bail!("bench {}: --model DIR (a pipeline folder) is required", a.stage.name());
+    };
     let opts = roentgen::tools::bench::BenchOptions {
-        model: &a.model,
+        model,
         variant: a.variant.as_deref(),
         random_weights: a.random_weights,
         height: a.height,

@@ -27,6 +27,9 @@ word_enum!(
         /// One joint U-Net + text-encoder training step (f32, AdamW, the paper's settings) on
         /// `batch` random latents and captions.
         TrainStep = "train-step" | "train",
+        /// The gradient sum of one data-parallel step over the job's ranks (NCCL or MPI through
+        /// the host), checked exact and timed: `mpirun -np N roentgen bench allreduce`.
+        Allreduce = "allreduce",
     }
 );
 
@@ -272,6 +275,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             let (shape, params, act, flops, times) = train_step(b, o)?;
             Ok(report("train step (U-Net + text encoder)", shape, params, act, flops, times, b))
         }
+        Stage::Allreduce => bail!("bench allreduce is run by tools::bench_allreduce, not with a model"),
     }
 }
 

@@ -3,6 +3,7 @@
 //! [`bench`] times model stages, [`inspect`] says what a file or folder holds.
 
 pub mod bench;
+pub mod bench_allreduce;
 pub mod convert;
 pub mod inspect;
 pub mod parity;

@@ -302,6 +302,13 @@ pub(crate) trait Device {
     fn lt_matmul(&self, plan: MatmulPlan, ops: &LtOperands) -> Result<(), DeviceError>;
     /// Destroys the plan's descriptor and layouts.
     fn lt_destroy_plan(&self, plan: MatmulPlan);
+
+    // ---- collectives --------------------------------------------------------------------------
+    /// The stream's handle (a CUstream) for libraries that queue work on it (NCCL); None for a
+    /// device without one (the emulation).
+    fn raw_stream(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// True when the CUDA driver library can be loaded on this machine.
@@ -470,6 +477,10 @@ fn destroy_real_plan(p: RealPlan) {
 impl Device for CudaDriver {
     fn device_name(&self) -> &str {
         &self.gpu
+    }
+
+    fn raw_stream(&self) -> Option<u64> {
+        Some(self.stream as u64)
     }
 
     fn compute_capability(&self) -> (i32, i32) {

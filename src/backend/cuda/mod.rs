@@ -30,6 +30,8 @@ mod graph;
 mod launch;
 mod linear;
 mod lt;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod norm;
 mod ops;
 mod params;
@@ -99,6 +101,9 @@ pub struct CudaBackend {
     blas_workspace: u64,
     /// params.rs: bf16 copies of parameter pools, by pool index.
     param_copies: RefCell<HashMap<usize, params::ParamCopy>>,
+    /// nccl.rs: the communicator over the job's ranks, made at the first reduction.
+    #[cfg(feature = "nccl")]
+    nccl: std::cell::OnceCell<nccl::NcclComm>,
 }
 
 fn driver<T>(r: Result<T, DeviceError>, what: &str) -> Result<T> {
@@ -169,6 +174,8 @@ impl CudaBackend {
             lt_declined_noted: Cell::new(false),
             blas_workspace: 0,
             param_copies: RefCell::new(HashMap::new()),
+            #[cfg(feature = "nccl")]
+            nccl: std::cell::OnceCell::new(),
         };
         // One workspace for cuBLAS and cuBLASLt, so that neither allocates by itself (an
         // allocation inside a CUDA-graph capture would fail it).
@@ -445,6 +452,32 @@ const LIN_BLOCK: u32 = 256;
 impl Backend for CudaBackend {
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    /// NCCL's all-reduce, in place on the backend's stream (a `nccl` build on a real GPU; the
+    /// emulated device has no NCCL and reduces through the host).
+    #[cfg(feature = "nccl")]
+    fn sum_over_ranks(&self, t: &Tensor, ranks: &crate::dist::Dist) -> Result<bool> {
+        let Some(stream) = self.dev.raw_stream() else { return Ok(false) };
+        ensure!(!self.capturing.get(), "NCCL: a reduction inside a CUDA-graph capture");
+        if self.nccl.get().is_none() {
+            let comm = nccl::NcclComm::new(ranks)?;
+            if ranks.is_root() {
+                let lib = comm.lib();
+                crate::diag::progress(format!(
+                    "NCCL {} ({}) joins {} rank(s)",
+                    lib.version(),
+                    lib.path().display(),
+                    comm.ranks()
+                ));
+            }
+            let _ = self.nccl.set(comm);
+        }
+        let comm = self.nccl.get().expect("set above");
+        ensure!(comm.ranks() == ranks.size(), "NCCL: a communicator of {} ranks for {}", comm.ranks(), ranks.size());
+        self.params_written(t);
+        comm.sum_f32_in_place(self.dptr(t), t.numel(), stream)?;
+        Ok(true)
     }
 
     fn alloc(&mut self, len: usize, label: &str) -> Result<PoolId> {
