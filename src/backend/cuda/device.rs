@@ -306,6 +306,7 @@ pub(crate) trait Device {
     // ---- collectives --------------------------------------------------------------------------
     /// The stream's handle (a CUstream) for libraries that queue work on it (NCCL); None for a
     /// device without one (the emulation).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     fn raw_stream(&self) -> Option<u64> {
         None
     }
