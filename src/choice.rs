@@ -57,7 +57,7 @@ mod tests {
         assert_eq!("GPU".parse::<Device>(), Ok(Device::Cuda));
         assert_eq!("vae".parse::<Stage>(), Ok(Stage::VaeDecode));
         assert_eq!(Stage::VaeDecode.to_string(), "vae-decode");
-        assert_eq!(Stage::ALL.len(), 4);
+        assert_eq!(Stage::ALL.len(), 5);
         assert_eq!("train".parse::<Stage>(), Ok(Stage::TrainStep));
     }
 

@@ -178,6 +178,7 @@ fn fifty_samples_from_one_loaded_pipeline_hold_memory_flat() {
         scheduler: None,
         scheduler_options: Default::default(),
         latents_in: None,
+        init_image: None,
     };
     let sample = |b: &mut CpuBackend| pipe.generate(b, &req, &mut |_, _| {}, &mut |_| {}).unwrap().images;
     let first = sample(&mut b);

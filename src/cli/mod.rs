@@ -202,12 +202,12 @@ fn render_error(e: &anyhow::Error) -> String {
 const PLAIN_FLAGS: &[&str] = &[
     // sample
     "height", "width", "steps", "guidance", "latents_in", "batch_size", "seed", "scheduler", "dump", "out",
-    "model", "variant", "device", "precision",
+    "model", "variant", "device", "precision", "init_image", "strength",
     // train, train-vae, train-step
     "lr", "weight_decay", "max_grad_norm", "grad_accum", "lr_schedule", "resolution", "uncond_prob", "ema",
     "ema_decay", "checkpoints_total_limit", "kl_weight", "output", "resume", "overwrite", "on_bad_image",
     "allow_changed_settings", "text_encoder", "unet_init", "unet_init_random", "text_encoder_init_random", "data", "config",
-    "log_every", "checkpoint_every", "train_text_encoder", "cache_latents",
+    "log_every", "checkpoint_every", "train_text_encoder", "cache_latents", "elements",
     // eval, phantom, bench
     "manifest", "features", "clip_config", "bin_width", "reference_size", "size", "count", "iters", "warmup",
     "batch",

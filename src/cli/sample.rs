@@ -72,8 +72,19 @@ pub struct SampleArgs {
     timestep_spacing: Option<String>,
     /// Initial noise from a safetensors file (tensor `latents`, [N, C, H/8, W/8]) instead of the seed,
     /// as diffusers' `latents=` argument.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "init_image")]
     latents_in: Option<PathBuf>,
+    /// img2img: start from this image (PNG or JPEG; gray is made RGB) instead of noise, as
+    /// diffusers' StableDiffusionImg2ImgPipeline. The size is --height/--width when given, else
+    /// the image's, each side rounded down to a multiple of the VAE's scale factor; an image of
+    /// another size is resized with Pillow's Lanczos filter, as diffusers' image processor does.
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// img2img: how much of the image to redraw, in (0, 1]: it is noised to the timestep where the
+    /// last int(steps × strength) steps begin, and those steps are run (diffusers' default 0.8;
+    /// 1 noises it to the first timestep).
+    #[arg(long, default_value_t = 0.8, requires = "init_image")]
+    strength: f64,
     /// Also write a safetensors file with `image` ([N, 3, H, W] in [0, 1], as diffusers'
     /// output_type="pt"), the final `latents` and the `prompt_embeds`.
     #[arg(long)]
@@ -254,7 +265,25 @@ fn sample_ranked(b: &mut dyn Backend, a: SampleArgs, dist: &roentgen::dist::Dist
     // scale factor (64 latent pixels when the config has none).
     let f = pipe.vae_scale_factor();
     let [dh, dw] = pipe.unet.config.sample_size.unwrap_or([64, 64]);
-    let (height, width) = (a.height.unwrap_or(dh * f), a.width.unwrap_or(dw * f));
+    let init = match &a.init_image {
+        Some(p) => {
+            let prepared = roentgen::sample::init_image::prepare(p, a.height, a.width, f, a.strength)?;
+            if let Some((h0, w0)) = prepared.resized_from {
+                eprintln!(
+                    "note: --init-image {}: {w0}×{h0} resized to {}×{} (Pillow's Lanczos filter, as diffusers)",
+                    p.display(),
+                    prepared.width,
+                    prepared.height
+                );
+            }
+            Some(prepared)
+        }
+        None => None,
+    };
+    let (height, width) = match &init {
+        Some(p) => (p.height, p.width),
+        None => (a.height.unwrap_or(dh * f), a.width.unwrap_or(dw * f)),
+    };
     let scheduler_options = SchedulerOptions {
         karras_sigmas: a.karras_sigmas.then_some(true),
         timestep_spacing: a.timestep_spacing.clone(),
@@ -289,6 +318,7 @@ fn sample_ranked(b: &mut dyn Backend, a: SampleArgs, dist: &roentgen::dist::Dist
         scheduler,
         scheduler_options,
         latents_in: None,
+        init_image: init.map(|p| p.init),
     };
     let req = match latents_in {
         Some((shape, v)) => {
@@ -372,11 +402,12 @@ fn sample_ranked(b: &mut dyn Backend, a: SampleArgs, dist: &roentgen::dist::Dist
             a1111.push_str(&format!("Negative prompt: {neg}\n"));
         }
         a1111.push_str(&format!(
-            "Steps: {}, Sampler: {}, CFG scale: {}, {}Size: {width}x{height}, Model: {model_name}",
+            "Steps: {}, Sampler: {}, CFG scale: {}, {}Size: {width}x{height}, Model: {model_name}{}",
             a.steps,
             a1111_sampler(kind, a.karras_sigmas),
             a.guidance,
             if seed_used { format!("Seed: {seed}, ") } else { String::new() },
+            if a.init_image.is_some() { format!(", Denoising strength: {}", a.strength) } else { String::new() },
         ));
         vec![
             ("prompt", prompt.clone()),
@@ -384,6 +415,8 @@ fn sample_ranked(b: &mut dyn Backend, a: SampleArgs, dist: &roentgen::dist::Dist
             ("seed", seed_note.clone()),
             ("rng", format!("{rng_variant:?}").to_lowercase()),
             ("latents_in", a.latents_in.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
+            ("init_image", a.init_image.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
+            ("strength", if a.init_image.is_some() { a.strength.to_string() } else { String::new() }),
             ("image_index", i.to_string()),
             ("width", width.to_string()),
             ("height", height.to_string()),

@@ -180,6 +180,25 @@ struct PilFilter {
 const PIL_BICUBIC: PilFilter = PilFilter { kernel: bicubic, support: 2.0 };
 /// Pillow's BILINEAR: the triangle, support 1.
 const PIL_BILINEAR: PilFilter = PilFilter { kernel: triangle, support: 1.0 };
+/// Pillow's LANCZOS: the 3-lobed truncated sinc, support 3 (what diffusers' image processor
+/// resizes with, its `resample="lanczos"`).
+const PIL_LANCZOS: PilFilter = PilFilter { kernel: lanczos, support: 3.0 };
+
+/// Pillow's `sinc_filter(x) · sinc_filter(x / 3)` on [−3, 3) (the interval is Pillow's, half open).
+fn lanczos(x: f64) -> f64 {
+    fn sinc(x: f64) -> f64 {
+        if x == 0.0 {
+            return 1.0;
+        }
+        let x = x * std::f64::consts::PI;
+        x.sin() / x
+    }
+    if (-3.0..3.0).contains(&x) {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
 
 /// Pillow's bicubic filter (a = −0.5).
 fn bicubic(x: f64) -> f64 {
@@ -239,6 +258,11 @@ fn clip8(v: i64) -> u8 {
 /// HWC 8-bit image (c channels) resized to (oh, ow) as Pillow's `Image.resize(..., BICUBIC)`.
 pub fn pil_bicubic(x: &[u8], h: usize, w: usize, c: usize, oh: usize, ow: usize) -> Vec<u8> {
     pil_resample(x, h, w, c, oh, ow, PIL_BICUBIC)
+}
+
+/// HWC 8-bit image (c channels) resized to (oh, ow) as Pillow's `Image.resize(..., LANCZOS)`.
+pub fn pil_lanczos(x: &[u8], h: usize, w: usize, c: usize, oh: usize, ow: usize) -> Vec<u8> {
+    pil_resample(x, h, w, c, oh, ow, PIL_LANCZOS)
 }
 
 /// HWC 8-bit image (c channels) resized to (oh, ow) as Pillow's `Image.resize(..., BILINEAR)`

@@ -579,3 +579,36 @@ impl AutoencoderKL {
         allocate(backend, "vae.grads", |l| params_layout(l, &c))
     }
 }
+
+/// Images to their latent distribution, one at a time, through an arena planned once for their
+/// size (training draws images one by one; img2img encodes its init image).
+pub struct LatentEncoder {
+    arena: Arena,
+    h: usize,
+    w: usize,
+}
+
+impl LatentEncoder {
+    pub fn new(b: &mut dyn Backend, vae: &AutoencoderKL, h: usize, w: usize) -> Result<LatentEncoder> {
+        Ok(LatentEncoder { arena: vae.allocate_encode_arena(b, 1, h, w)?, h, w })
+    }
+
+    /// One planar image [3, h, w] in [−1, 1] → (mean, logvar clamped to [−30, 20] as diffusers'
+    /// `DiagonalGaussianDistribution`), each [c, h/f, w/f].
+    pub fn encode(&mut self, b: &dyn Backend, vae: &AutoencoderKL, planar: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (h, w) = (self.h, self.w);
+        self.arena.reset();
+        let x = Fmap::alloc(&mut self.arena, 1, h, w, 3)?;
+        b.upload(&x.t, &crate::tensor::nchw_to_nhwc(planar, 1, 3, h, w))?;
+        let m = vae.encode(&mut Cx::new(b, &mut self.arena), &x)?;
+        let z = vae.config.latent_channels;
+        let (mean, logvar) = split_moments(&b.download(&m.t)?, z);
+        let to_chw = |v: &[f32]| crate::tensor::nhwc_to_nchw(v, 1, z, m.h, m.w);
+        Ok((to_chw(&mean), to_chw(&logvar)))
+    }
+
+    /// The arena's pool, to free when done.
+    pub fn pool(&self) -> crate::tensor::PoolId {
+        self.arena.pool()
+    }
+}

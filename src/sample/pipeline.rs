@@ -14,7 +14,7 @@ use crate::diag::SettingError;
 use crate::io::weights;
 use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::models::unet::UNet;
-use crate::models::vae::AutoencoderKL;
+use crate::models::vae::{AutoencoderKL, LatentEncoder};
 use crate::models::Component;
 use crate::nn::Cx;
 use crate::nn::Fmap;
@@ -64,6 +64,33 @@ pub struct SampleRequest {
     pub scheduler_options: SchedulerOptions,
     /// Initial noise [N, C, h, w] (NCHW, before `init_noise_sigma`), as diffusers' `latents=`.
     pub latents_in: Option<Vec<f32>>,
+    /// img2img: start from this image instead of noise.
+    pub init_image: Option<InitImage>,
+}
+
+/// img2img's start (diffusers' StableDiffusionImg2ImgPipeline): every image of the run begins
+/// from this one, encoded by the VAE and noised to the timestep `strength` selects.
+#[derive(Clone, Debug)]
+pub struct InitImage {
+    /// Planar RGB [3, height, width] in [−1, 1] (the request's size).
+    pub pixels: Vec<f32>,
+    /// In (0, 1]: the share of the steps run (int(steps · strength) of them, the last ones); 1
+    /// noises to the first timestep.
+    pub strength: f64,
+}
+
+/// img2img's first step (diffusers' `get_timesteps`): t_start = steps − min(int(steps · strength),
+/// steps), times the scheduler's order (1 for all five). Errors when no step is left.
+pub fn img2img_begin(steps: usize, strength: f64, timesteps: usize) -> Result<usize> {
+    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
+    let begin = steps - init_timestep;
+    if begin >= timesteps {
+        return Err(SettingError::fields(
+            &["strength", "steps"],
+            format!("int({steps} steps × strength {strength}) = {init_timestep}: no step left to denoise"),
+        ));
+    }
+    Ok(begin)
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -233,6 +260,17 @@ impl Pipeline {
         if !r.guidance.is_finite() {
             return Err(SettingError::fields(&["guidance"], "must be a finite number"));
         }
+        if let Some(init) = &r.init_image {
+            if !(init.strength > 0.0 && init.strength <= 1.0) {
+                return Err(SettingError::value("strength", init.strength, "must be in (0, 1]"));
+            }
+            if init.pixels.len() != 3 * r.height * r.width {
+                bail!("the init image has {} values; expected 3 × {} × {}", init.pixels.len(), r.height, r.width);
+            }
+            if r.latents_in.is_some() {
+                return Err(SettingError::fields(&["latents_in", "init_image"], "give one start, not both"));
+            }
+        }
         if let Some(l) = &r.latents_in {
             let want = self.latent_numel(r);
             if l.len() != want {
@@ -372,13 +410,22 @@ impl Pipeline {
         let probe = new_scheduler()?;
         let kind = probe.kind();
         let mut generator = TorchGenerator::with_variant(r.seed, r.rng_variant);
-        let mut initial = match &r.latents_in {
-            Some(l) => l.clone(),
-            None => generator.randn(n * per_image),
-        };
-        let sigma0 = probe.init_noise_sigma();
-        initial.iter_mut().for_each(|x| *x *= sigma0);
         let steps = probe.timesteps().len();
+        let (initial, begin) = match &r.init_image {
+            Some(init) => {
+                let begin = img2img_begin(r.steps, init.strength, steps)?;
+                (self.img2img_latents(b, init, [n, c, lh, lw], &probe, begin, &mut generator)?, begin)
+            }
+            None => {
+                let mut initial = match &r.latents_in {
+                    Some(l) => l.clone(),
+                    None => generator.randn(n * per_image),
+                };
+                let sigma0 = probe.init_noise_sigma();
+                initial.iter_mut().for_each(|x| *x *= sigma0);
+                (initial, 0)
+            }
+        };
         drop(probe);
 
         // 3. Groups of images denoised together (see above), and only the ones not skipped.
@@ -389,7 +436,7 @@ impl Pipeline {
         } else {
             active.chunks(chunk).map(|g| (g.to_vec(), g.to_vec())).collect()
         };
-        let total_calls: usize = steps * groups.iter().map(|(_, a)| a.len().div_ceil(chunk)).sum::<usize>();
+        let total_calls: usize = (steps - begin) * groups.iter().map(|(_, a)| a.len().div_ceil(chunk)).sum::<usize>();
         let mult = if cfg_on { 2 } else { 1 };
         let mut arena = self.unet.allocate_arena(b, mult * chunk, lh, lw, seq)?;
         let f = self.vae_scale_factor();
@@ -407,6 +454,7 @@ impl Pipeline {
         let mut denoise_and_decode = || -> Result<()> {
             for (members, act) in &groups {
                 let mut sched = new_scheduler()?;
+                sched.set_begin_index(begin)?;
                 let timesteps: Vec<f64> = sched.timesteps().to_vec();
                 // Image i's place in the group (members ascend): a search, not a scan, because Euler
                 // ancestral's one group holds every image of the run.
@@ -415,7 +463,7 @@ impl Pipeline {
                     members.iter().flat_map(|&i| initial[i * per_image..(i + 1) * per_image].iter().copied()).collect();
                 let mut noise = vec![0f32; latents.len()];
                 let t1 = Instant::now();
-                for (si, &t) in timesteps.iter().enumerate() {
+                for (si, &t) in timesteps.iter().enumerate().skip(begin) {
                     for part in act.chunks(chunk) {
                         let k = part.len();
                         let ub = mult * k;
@@ -514,7 +562,7 @@ impl Pipeline {
             Ok(())
         };
         let done = denoise_and_decode();
-        timings.per_step_s = timings.denoising_s / (steps * groups.len()).max(1) as f64;
+        timings.per_step_s = timings.denoising_s / ((steps - begin) * groups.len()).max(1) as f64;
         timings.unet_calls = calls;
         timings.graph_replays = b.graph_replays() - replays0;
         b.clear_graphs();
@@ -533,6 +581,39 @@ impl Pipeline {
             timings,
             scheduler: kind,
         })
+    }
+}
+
+impl Pipeline {
+    /// img2img's initial latents, as diffusers' `prepare_latents`: the init image's latent sample
+    /// (one draw from the generator, mean + std · ε) times the scaling factor, the same for every
+    /// image; then one draw of noise for all of them, added at `timesteps[begin]` by the
+    /// scheduler's `add_noise`. (No `init_noise_sigma`: the noise level is the timestep's.)
+    fn img2img_latents(
+        &self,
+        b: &mut dyn Backend,
+        init: &InitImage,
+        [n, c, lh, lw]: [usize; 4],
+        sched: &Scheduler,
+        begin: usize,
+        generator: &mut TorchGenerator,
+    ) -> Result<Vec<f32>> {
+        let f = self.vae_scale_factor();
+        let mut enc = LatentEncoder::new(b, &self.vae, lh * f, lw * f)?;
+        let encoded = enc.encode(b, &self.vae, &init.pixels);
+        b.free(enc.pool())?;
+        let (mean, logvar) = encoded?;
+        if mean.len() != c * lh * lw {
+            bail!("the VAE encodes to {} values per image; the U-Net takes {c} × {lh} × {lw}", mean.len());
+        }
+        check_finite(&mean, || "the VAE encoder's output for the init image".into())?;
+        let eps = generator.randn(mean.len());
+        let sf = self.vae.config.scaling_factor;
+        let z: Vec<f32> =
+            mean.iter().zip(&logvar).zip(&eps).map(|((&m, &lv), &e)| (m + (0.5 * lv).exp() * e) * sf).collect();
+        let noise = generator.randn(n * z.len());
+        let originals: Vec<f32> = z.iter().copied().cycle().take(n * z.len()).collect();
+        sched.add_noise(&originals, &noise, begin)
     }
 }
 

@@ -277,6 +277,7 @@ pub fn run(b: &mut dyn Backend, pipe: &Pipeline, o: &ParityOptions) -> Result<(V
         scheduler: None,
         scheduler_options: SchedulerOptions::default(),
         latents_in: None,
+        init_image: None,
     };
     pipe.validate(&req)?;
     let out = pipe.generate(b, &req, &mut |_, _| {}, &mut |w| crate::diag::warn(w))?;

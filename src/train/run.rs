@@ -21,10 +21,8 @@ use crate::io::manifest::read_manifest;
 use crate::io::weights;
 use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::models::unet::{UNet, UNetConfig};
-use crate::models::vae::{split_moments, AutoencoderKL};
+use crate::models::vae::{AutoencoderKL, LatentEncoder};
 use crate::models::Component;
-use crate::nn::Cx;
-use crate::nn::Fmap;
 use crate::rng::splitmix::SplitMix64;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -281,39 +279,6 @@ impl Models {
     }
 }
 
-/// Encodes images to the VAE's latent distribution, one image at a time, channels-first output.
-struct Encoder {
-    arena: crate::tensor::Arena,
-    res: usize,
-}
-
-impl Encoder {
-    fn new(b: &mut dyn Backend, vae: &AutoencoderKL, res: usize) -> Result<Encoder> {
-        Ok(Encoder { arena: vae.allocate_encode_arena(b, 1, res, res)?, res })
-    }
-
-    /// (mean, logvar), each [c, h, w].
-    fn encode(&mut self, b: &dyn Backend, vae: &AutoencoderKL, planar: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
-        let r = self.res;
-        self.arena.reset();
-        let x = Fmap::alloc(&mut self.arena, 1, r, r, 3)?;
-        b.upload(&x.t, &super::nchw_to_nhwc(planar, 1, 3, r, r))?;
-        let m = vae.encode(&mut Cx::new(b, &mut self.arena), &x)?;
-        let z = vae.config.latent_channels;
-        let (mean, logvar) = split_moments(&b.download(&m.t)?, z);
-        let to_chw = |v: &[f32]| {
-            let mut o = vec![0f32; v.len()];
-            for p in 0..m.h * m.w {
-                for c in 0..z {
-                    o[c * m.h * m.w + p] = v[p * z + c];
-                }
-            }
-            o
-        };
-        Ok((to_chw(&mean), to_chw(&logvar)))
-    }
-}
-
 /// The epoch's order of example indices: Fisher–Yates with a stream of (seed, epoch).
 pub fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut rng = SplitMix64::new(seed ^ 0xDA7A_0000_0000_0000 ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -399,7 +364,7 @@ pub fn train(
     let seq = models.tokenizer.max_length();
     let empty = models.tokenizer.encode("");
     let tokens: Vec<crate::models::text::TextTokens> = good.iter().map(|e| models.tokenizer.encode(&e.text)).collect();
-    let mut encoder = Encoder::new(b, &models.vae, cfg.resolution)?;
+    let mut encoder = LatentEncoder::new(b, &models.vae, cfg.resolution, cfg.resolution)?;
     let mut cache: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; good.len()];
     let mut draw = ImageDraw::new(&good, &cfg.data, cfg.on_bad_image, cfg.resolution);
     if cfg.cache_latents {
@@ -598,7 +563,7 @@ pub fn read_step_batch(path: &Path, models: &Models, b: &mut dyn Backend) -> Res
             if s.len() != 4 || s[1] != 3 || s[2] != s[3] {
                 bail!("{}: pixel_values has shape {s:?}; expected [n, 3, R, R]", path.display());
             }
-            let mut enc = Encoder::new(b, &models.vae, s[2])?;
+            let mut enc = LatentEncoder::new(b, &models.vae, s[2], s[3])?;
             let mut lat = Vec::new();
             let mut lshape = vec![s[0]];
             for i in 0..s[0] {

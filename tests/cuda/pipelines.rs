@@ -158,6 +158,7 @@ fn two_prompt_request(steps: usize, seed: u64) -> roentgen::sample::pipeline::Sa
         scheduler: None,
         scheduler_options: Default::default(),
         latents_in: None,
+        init_image: None,
     }
 }
 

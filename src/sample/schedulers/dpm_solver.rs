@@ -179,6 +179,10 @@ impl DpmSolverMultistep {
 }
 
 impl Method for DpmSolverMultistep {
+    fn set_begin_index(&mut self, begin: usize) {
+        self.next_step = begin;
+    }
+
     fn set_timesteps(&mut self, c: &mut Common) -> Result<()> {
         let (train, n) = (c.train.num_train_timesteps, c.num_inference_steps);
         // clipped_idx = searchsorted(flip(lambda_t), lambda_min_clipped): the number of λ below it.

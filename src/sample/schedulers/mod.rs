@@ -202,6 +202,10 @@ pub(crate) trait Method: Send {
 
     /// The previous sample; the input is checked (sizes, the index within the schedule).
     fn step(&mut self, c: &Common, s: StepInput, generator: &mut TorchGenerator) -> Result<Vec<f32>>;
+
+    /// The first step will be `timesteps[begin]` (img2img). Methods whose history counts steps
+    /// start it there; the others index by the step alone.
+    fn set_begin_index(&mut self, _begin: usize) {}
 }
 
 /// One step's input: the model output at `timesteps()[index]` and the sample it was run on.
@@ -249,6 +253,52 @@ impl Scheduler {
             let d = (self.common.sigmas[step_index].powi(2) + 1.0).sqrt();
             sample.iter_mut().for_each(|x| *x /= d);
         }
+    }
+
+    /// img2img: the denoising starts at `timesteps()[begin]` (diffusers' `set_begin_index`, which
+    /// its img2img pipeline calls with t_start · order; every order here is 1). Call after
+    /// `set_timesteps`; multistep histories start empty there, as in diffusers.
+    pub fn set_begin_index(&mut self, begin: usize) -> Result<()> {
+        let n = self.common.timesteps.len();
+        if begin >= n {
+            anyhow::bail!("{}: begin index {begin} is past the {n} timesteps", self.kind.class_name());
+        }
+        self.method.set_begin_index(begin);
+        Ok(())
+    }
+
+    /// diffusers' `add_noise(original, noise, timesteps[step_index])` with the begin index set: the
+    /// forward process to that step's noise level, in f32 as diffusers computes it. PNDM and
+    /// DDIM: √ᾱ_t · x + √(1 − ᾱ_t) · ε; Euler and Euler ancestral: x + ε · σ; DPM-Solver:
+    /// α · x + σ_t · ε with α = 1/√(σ² + 1), σ_t = σ · α.
+    pub fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {
+        let c = &self.common;
+        anyhow::ensure!(
+            original.len() == noise.len(),
+            "add_noise: {} samples, {} noise values",
+            original.len(),
+            noise.len()
+        );
+        anyhow::ensure!(step_index < c.timesteps.len(), "add_noise: step {step_index} of {}", c.timesteps.len());
+        let (a, s) = match self.kind {
+            SchedulerKind::Pndm | SchedulerKind::Ddim => {
+                let t = c.timesteps[step_index] as usize;
+                let ac = *c.train.alphas_cumprod.get(t).context("add_noise: timestep outside the training schedule")?;
+                (ac.sqrt(), (1.0 - ac).sqrt())
+            }
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral => (1.0, c.sigmas[step_index]),
+            SchedulerKind::DpmSolverMultistep => {
+                let sigma = c.sigmas[step_index];
+                let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+                (alpha, sigma * alpha)
+            }
+        };
+        // Two products and a sum, each rounded (torch's separate kernels; no fused multiply-add).
+        Ok(if a == 1.0 {
+            original.iter().zip(noise).map(|(&x, &e)| x + e * s).collect()
+        } else {
+            original.iter().zip(noise).map(|(&x, &e)| a * x + s * e).collect()
+        })
     }
 
     /// One denoising step: the previous (less noisy) sample from the model output at

@@ -24,6 +24,8 @@ pub(crate) struct Pndm {
     prk_timesteps: Vec<i64>,
     // Multistep state, reset by set_timesteps.
     counter: usize,
+    /// img2img: the index of the first step taken (the counter counts from there, as diffusers').
+    begin: usize,
     ets: Vec<Vec<f32>>,
     cur_model_output: Option<Vec<f32>>,
     cur_sample: Option<Vec<f32>>,
@@ -37,6 +39,7 @@ impl Pndm {
             skip_prk_steps: cfg.bool("skip_prk_steps", false)?,
             prk_timesteps: Vec::new(),
             counter: 0,
+            begin: 0,
             ets: Vec::new(),
             cur_model_output: None,
             cur_sample: None,
@@ -141,6 +144,10 @@ impl Pndm {
 }
 
 impl Method for Pndm {
+    fn set_begin_index(&mut self, begin: usize) {
+        self.begin = begin;
+    }
+
     fn set_timesteps(&mut self, c: &mut Common) -> Result<()> {
         let (train, n) = (c.train.num_train_timesteps, c.num_inference_steps);
         // `_timesteps`, ascending.
@@ -170,6 +177,7 @@ impl Method for Pndm {
         c.timesteps = prk.iter().chain(&plms).map(|&t| t as f64).collect();
         self.prk_timesteps = prk;
         self.counter = 0;
+        self.begin = 0;
         self.ets.clear();
         self.cur_model_output = None;
         self.cur_sample = None;
@@ -178,7 +186,7 @@ impl Method for Pndm {
 
     fn step(&mut self, c: &Common, s: StepInput, _generator: &mut TorchGenerator) -> Result<Vec<f32>> {
         let StepInput { model_output, index: step_index, sample } = s;
-        check_in_order("PNDMScheduler", self.counter, step_index)?;
+        check_in_order("PNDMScheduler", self.begin + self.counter, step_index)?;
         let t = c.timesteps[step_index] as i64;
         if self.counter < self.prk_timesteps.len() && !self.skip_prk_steps {
             self.step_prk(c, model_output, t, sample)

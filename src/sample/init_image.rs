@@ -1,0 +1,56 @@
+//! img2img's init image, prepared as diffusers' `VaeImageProcessor.preprocess` prepares a PIL
+//! image: its size by default (each side rounded down to a multiple of the VAE's scale factor), a
+//! resize with Pillow's Lanczos filter where the size differs (the processor's
+//! `resample="lanczos"`; Pillow returns the image itself when it does not), then /255 and
+//! 2x − 1. Gray images are made RGB first (diffusers refuses them; a user converts with
+//! `convert("RGB")`, which is what is done here); 16-bit images keep their high byte, as training
+//! images do (`train::data::decode_rgb8`).
+
+use super::pipeline::InitImage;
+use crate::eval::resize::pil_lanczos;
+use crate::train::data::decode_rgb8;
+use anyhow::{bail, Result};
+use std::path::Path;
+
+/// An init image at the run's size, and the size it had when that differs.
+pub struct PreparedInit {
+    pub init: InitImage,
+    pub height: usize,
+    pub width: usize,
+    /// (height, width) of the file when it was resized.
+    pub resized_from: Option<(usize, usize)>,
+}
+
+/// Reads `path` for a run of `height` × `width` (each None: the image's, rounded down to a
+/// multiple of `factor`).
+pub fn prepare(
+    path: &Path,
+    height: Option<usize>,
+    width: Option<usize>,
+    factor: usize,
+    strength: f64,
+) -> Result<PreparedInit> {
+    let (rgb, w0, h0) = decode_rgb8(path)?;
+    let round = |x: usize| x - x % factor.max(1);
+    let (h, w) = (height.unwrap_or(round(h0)), width.unwrap_or(round(w0)));
+    if h == 0 || w == 0 {
+        bail!(
+            "$init_image {}: {w0}×{h0} pixels is smaller than the VAE's scale factor {factor}; give $height and $width",
+            path.display()
+        );
+    }
+    let rgb = pil_lanczos(&rgb, h0, w0, 3, h, w);
+    let mut pixels = vec![0f32; 3 * h * w];
+    for (p, px) in rgb.chunks_exact(3).enumerate() {
+        for (ch, &v) in px.iter().enumerate() {
+            // numpy's x / 255 in f32, then torch's 2x − 1.
+            pixels[ch * h * w + p] = 2.0 * (v as f32 / 255.0) - 1.0;
+        }
+    }
+    Ok(PreparedInit {
+        init: InitImage { pixels, strength },
+        height: h,
+        width: w,
+        resized_from: (h != h0 || w != w0).then_some((h0, w0)),
+    })
+}
