@@ -1,9 +1,11 @@
-//! img2img (issue 21): `roentgen sample --init-image F --strength S` against diffusers'
+//! Editing (issue 21). img2img: `roentgen sample --init-image F --strength S` against diffusers'
 //! StableDiffusionImg2ImgPipeline (tests/fixtures/generate_img2img.py) on the small fixture
 //! pipelines: PNDM and DPM-Solver++ 2M at strengths 0.3, 0.75 and 1.0, DDIM, Euler and Euler
 //! ancestral at 0.75, and a gray 17×26 image that diffusers' processor resizes (Lanczos) to 16×24.
 //! Each run draws the init image's latent sample, then the noise (then Euler ancestral's step noise)
-//! from the seed's generator, as diffusers does.
+//! from the seed's generator, as diffusers does. Inpainting: `--mask M` against
+//! StableDiffusionInpaintPipeline (tests/fixtures/generate_inpaint.py) with pipe-a's 4-channel U-Net
+//! (blending) and a 9-channel inpainting U-Net.
 
 mod common;
 use common::*;
@@ -21,19 +23,35 @@ fn cli_scheduler(class: &str) -> &'static str {
 }
 
 fn check(run_name: &str) {
-    let fix = fixture("img2img");
+    check_in("img2img", run_name)
+}
+
+/// Runs `run_name` of the fixture folder `set` (img2img or inpaint) and compares with diffusers.
+fn check_in(set: &str, run_name: &str) {
+    let fix = fixture(set);
     let all: Value = serde_json::from_str(&std::fs::read_to_string(fix.join("runs.json")).unwrap()).unwrap();
     let run = all["runs"].as_array().unwrap().iter().find(|r| r["name"] == run_name).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let pipe = assemble_pipeline(run["pipeline"].as_str().unwrap(), dir.path());
+    let pipe = assemble_pipeline(run["pipeline"].as_str().unwrap_or("pipe-a"), dir.path());
+    if run["unet_channels"] == 9 {
+        std::fs::remove_dir_all(pipe.join("unet")).unwrap();
+        copy_dir(&fix.join("unet-9ch"), &pipe.join("unet"));
+    }
+    let image = match all["init_image"].as_str() {
+        Some(shared) => fixture(shared),
+        None => fix.join(run["image"].as_str().unwrap()),
+    };
     let dump = dir.path().join("dump.safetensors");
     let num = |k: &str| run[k].as_u64().unwrap().to_string();
     let mut args = CliArgs::new(&["sample"]).opt("--model", &pipe);
     for p in run["prompts"].as_array().unwrap() {
         args = args.opt("--prompt", p.as_str().unwrap());
     }
+    if let Some(m) = all["mask"].as_str() {
+        args = args.opt("--mask", fix.join(m));
+    }
     let args = args
-        .opt("--init-image", fix.join(run["image"].as_str().unwrap()))
+        .opt("--init-image", image)
         .opt("--strength", run["strength"].to_string())
         .opt("--scheduler", cli_scheduler(run["scheduler"].as_str().unwrap()))
         .opt("--num-images", num("num_images"))
@@ -117,4 +135,31 @@ fn lanczos_resize_matches_pillow_exactly() {
         println!("{}×{} → {}×{}: {diff} of {} bytes differ from Pillow", s[1], s[0], o[1], o[0], got.len());
         assert_eq!(diff, 0);
     }
+}
+
+#[test]
+fn inpainting_with_an_ordinary_unet_matches_diffusers() {
+    for name in ["unet4-pndm-1.0", "unet4-dpm-0.75", "unet4-euler-a-1.0"] {
+        check_in("inpaint", name);
+    }
+}
+
+#[test]
+fn inpainting_with_an_inpainting_unet_matches_diffusers() {
+    for name in ["unet9-pndm-1.0", "unet9-euler-0.6"] {
+        check_in("inpaint", name);
+    }
+}
+
+/// An inpainting U-Net without a mask is refused, naming what it needs.
+#[test]
+fn an_inpainting_unet_needs_an_image_and_a_mask() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    std::fs::remove_dir_all(pipe.join("unet")).unwrap();
+    copy_dir(&fixture("inpaint/unet-9ch"), &pipe.join("unet"));
+    let args = CliArgs::new(&["sample", "--prompt", "Large left pleural effusion.", "--seed", "1"])
+        .opt("--model", &pipe)
+        .opt("--out", dir.path().join("out"));
+    args.expect_error(&["inpainting", "9 input channels", "--mask"]);
 }

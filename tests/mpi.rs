@@ -40,17 +40,35 @@ fn sample_args(pipe: &Path, out: &Path, scheduler: &str) -> Vec<String> {
     v
 }
 
+/// `mpirun` with `mpirun_args` (its options, programs and their arguments), as root if need be.
 #[cfg(feature = "mpi")]
-fn run_ranks(mpirun: &Path, ranks: usize, args: &[String]) -> std::process::Output {
+fn launch(mpirun: &Path, mpirun_args: &[String]) -> std::process::Output {
     std::process::Command::new(mpirun)
-        .args(["--oversubscribe", "-np", &ranks.to_string()])
-        .arg(roentgen_bin())
-        .args(args)
+        .args(mpirun_args)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("RAYON_NUM_THREADS", "1")
         .output()
         .unwrap()
+}
+
+/// `ranks` ranks of `roentgen args`.
+#[cfg(feature = "mpi")]
+fn run_ranks(mpirun: &Path, ranks: usize, args: &[String]) -> std::process::Output {
+    let mut all: Vec<String> = vec!["--oversubscribe".into(), "-np".into(), ranks.to_string()];
+    all.push(roentgen_bin().display().to_string());
+    all.extend_from_slice(args);
+    launch(mpirun, &all)
+}
+
+/// The job failed within a minute of `started`, and its messages hold every one of `needles`.
+#[cfg(feature = "mpi")]
+fn assert_job_failed(out: &std::process::Output, started: std::time::Instant, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("{err}");
+    assert!(!out.status.success());
+    assert!(needles.iter().all(|n| err.contains(n)), "{err}");
+    assert!(started.elapsed().as_secs() < 60, "the job took {:?} to end", started.elapsed());
 }
 
 #[cfg(feature = "mpi")]
@@ -91,11 +109,7 @@ fn a_failing_rank_ends_the_job_with_its_message() {
     std::fs::create_dir_all(out_dir.join("4-0001.png")).unwrap();
     let t = std::time::Instant::now();
     let out = run_ranks(&mpirun, 2, &sample_args(&pipe, &out_dir, "pndm"));
-    let err = String::from_utf8_lossy(&out.stderr);
-    println!("{err}");
-    assert!(!out.status.success());
-    assert!(err.contains("error (rank 1 of 2)") && err.contains("4-0001.png"), "{err}");
-    assert!(t.elapsed().as_secs() < 60, "the job took {:?} to end", t.elapsed());
+    assert_job_failed(&out, t, &["error (rank 1 of 2)", "4-0001.png"]);
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -268,11 +282,7 @@ fn a_bad_image_seen_by_rank_1_only_ends_the_job_with_its_message() {
     let args = train_args(&pipe, &data, &dir.path().join("run"), "2", &["--batch-size", "1", "--on-bad-image", "fail"]);
     let t = std::time::Instant::now();
     let out = run_ranks(&mpirun, 2, &args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    println!("{err}");
-    assert!(!out.status.success());
-    assert!(err.contains("error (rank 1 of 2)") && err.contains(&format!("{bad}.png")), "{err}");
-    assert!(t.elapsed().as_secs() < 60, "the job took {:?} to end", t.elapsed());
+    assert_job_failed(&out, t, &["error (rank 1 of 2)", &format!("{bad}.png")]);
 }
 
 /// A rank that panics (a planted panic in rank 1) ends the job instead of leaving rank 0 in a
@@ -284,20 +294,12 @@ fn a_panicking_rank_ends_the_job() {
     let (dir, pipe, data) = pipe_a_and_dataset(4);
     let args = train_args(&pipe, &data, &dir.path().join("run"), "2", &["--batch-size", "1"]);
     let t = std::time::Instant::now();
-    let out = std::process::Command::new(&mpirun)
-        .args(["--oversubscribe", "-np", "2", "-x", "ROENTGEN_FAULT_PANIC_RANK=1"])
-        .arg(roentgen_bin())
-        .args(&args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    println!("{err}");
-    assert!(!out.status.success());
-    assert!(err.contains("error (rank 1 of 2): panicked") && err.contains("a planted panic"), "{err}");
-    assert!(t.elapsed().as_secs() < 60, "the job took {:?} to end", t.elapsed());
+    let mut all: Vec<String> =
+        ["--oversubscribe", "-np", "2", "-x", "ROENTGEN_FAULT_PANIC_RANK=1"].map(String::from).to_vec();
+    all.push(roentgen_bin().display().to_string());
+    all.extend(args);
+    let out = launch(&mpirun, &all);
+    assert_job_failed(&out, t, &["error (rank 1 of 2): panicked", "a planted panic"]);
 }
 
 /// Ranks started with different seeds (an MPMD launch) are refused before any work, naming the
@@ -314,17 +316,9 @@ fn ranks_started_with_different_seeds_are_refused() {
     args.extend([":", "-np", "1"].map(String::from));
     args.push(roentgen_bin().display().to_string());
     args.extend(with_seed(train_args(&pipe, &data, &out_dir, "2", &["--batch-size", "1"]), "6"));
-    let out = std::process::Command::new(&mpirun)
-        .args(&args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    println!("{err}");
-    assert!(!out.status.success());
-    assert!(err.contains("the ranks disagree on --seed (rank 0 and rank 1)"), "{err}");
+    let t = std::time::Instant::now();
+    let out = launch(&mpirun, &args);
+    assert_job_failed(&out, t, &["the ranks disagree on --seed (rank 0 and rank 1)"]);
     assert!(!out_dir.join("checkpoint-1").exists(), "nothing was trained");
 }
 

@@ -202,7 +202,7 @@ fn render_error(e: &anyhow::Error) -> String {
 const PLAIN_FLAGS: &[&str] = &[
     // sample
     "height", "width", "steps", "guidance", "latents_in", "batch_size", "seed", "scheduler", "dump", "out",
-    "model", "variant", "device", "precision", "init_image", "strength",
+    "model", "variant", "device", "precision", "init_image", "strength", "mask",
     // train, train-vae, train-step
     "lr", "weight_decay", "max_grad_norm", "grad_accum", "lr_schedule", "resolution", "uncond_prob", "ema",
     "ema_decay", "checkpoints_total_limit", "kl_weight", "output", "resume", "overwrite", "on_bad_image",

@@ -81,10 +81,16 @@ pub struct SampleArgs {
     #[arg(long)]
     init_image: Option<PathBuf>,
     /// img2img: how much of the image to redraw, in (0, 1]: it is noised to the timestep where the
-    /// last int(steps × strength) steps begin, and those steps are run (diffusers' default 0.8;
-    /// 1 noises it to the first timestep).
-    #[arg(long, default_value_t = 0.8, requires = "init_image")]
-    strength: f64,
+    /// last int(steps × strength) steps begin, and those steps are run (diffusers' defaults: 0.8,
+    /// and 1 with --mask, which then starts from pure noise).
+    #[arg(long, requires = "init_image")]
+    strength: Option<f64>,
+    /// Inpainting: repaint the white part of --init-image (gray from 0.5 up), keep the black, as
+    /// diffusers' StableDiffusionInpaintPipeline: with an inpainting U-Net (9 input channels) it
+    /// sees the mask and the masked image; with an ordinary one the kept part is the original,
+    /// re-noised to each step's level. Resized like the image when its size differs.
+    #[arg(long, requires = "init_image")]
+    mask: Option<PathBuf>,
     /// Also write a safetensors file with `image` ([N, 3, H, W] in [0, 1], as diffusers'
     /// output_type="pt"), the final `latents` and the `prompt_embeds`.
     #[arg(long)]
@@ -267,7 +273,8 @@ fn sample_ranked(b: &mut dyn Backend, a: SampleArgs, dist: &roentgen::dist::Dist
     let [dh, dw] = pipe.unet.config.sample_size.unwrap_or([64, 64]);
     let init = match &a.init_image {
         Some(p) => {
-            let prepared = roentgen::sample::init_image::prepare(p, a.height, a.width, f, a.strength)?;
+            let strength = a.strength.unwrap_or(if a.mask.is_some() { 1.0 } else { 0.8 });
+            let mut prepared = roentgen::sample::init_image::prepare(p, a.height, a.width, f, strength)?;
             if let Some((h0, w0)) = prepared.resized_from {
                 eprintln!(
                     "note: --init-image {}: {w0}×{h0} resized to {}×{} (Pillow's Lanczos filter, as diffusers)",
@@ -276,10 +283,23 @@ fn sample_ranked(b: &mut dyn Backend, a: SampleArgs, dist: &roentgen::dist::Dist
                     prepared.height
                 );
             }
+            if let Some(m) = &a.mask {
+                let (mask, resized) = roentgen::sample::init_image::prepare_mask(m, prepared.height, prepared.width)?;
+                if let Some((h0, w0)) = resized {
+                    eprintln!(
+                        "note: --mask {}: {w0}×{h0} resized to {}×{}",
+                        m.display(),
+                        prepared.width,
+                        prepared.height
+                    );
+                }
+                prepared.init.mask = Some(mask);
+            }
             Some(prepared)
         }
         None => None,
     };
+    let strength = init.as_ref().map(|p| p.init.strength);
     let (height, width) = match &init {
         Some(p) => (p.height, p.width),
         None => (a.height.unwrap_or(dh * f), a.width.unwrap_or(dw * f)),
@@ -407,7 +427,7 @@ fn sample_ranked(b: &mut dyn Backend, a: SampleArgs, dist: &roentgen::dist::Dist
             a1111_sampler(kind, a.karras_sigmas),
             a.guidance,
             if seed_used { format!("Seed: {seed}, ") } else { String::new() },
-            if a.init_image.is_some() { format!(", Denoising strength: {}", a.strength) } else { String::new() },
+            strength.map(|s| format!(", Denoising strength: {s}")).unwrap_or_default(),
         ));
         vec![
             ("prompt", prompt.clone()),
@@ -416,7 +436,8 @@ fn sample_ranked(b: &mut dyn Backend, a: SampleArgs, dist: &roentgen::dist::Dist
             ("rng", format!("{rng_variant:?}").to_lowercase()),
             ("latents_in", a.latents_in.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
             ("init_image", a.init_image.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
-            ("strength", if a.init_image.is_some() { a.strength.to_string() } else { String::new() }),
+            ("strength", strength.map(|s| s.to_string()).unwrap_or_default()),
+            ("mask", a.mask.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
             ("image_index", i.to_string()),
             ("width", width.to_string()),
             ("height", height.to_string()),

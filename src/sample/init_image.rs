@@ -1,4 +1,4 @@
-//! img2img's init image, prepared as diffusers' `VaeImageProcessor.preprocess` prepares a PIL
+//! The init image of img2img and inpainting, and inpainting's mask, prepared as diffusers' `VaeImageProcessor.preprocess` prepares a PIL
 //! image: its size by default (each side rounded down to a multiple of the VAE's scale factor), a
 //! resize with Pillow's Lanczos filter where the size differs (the processor's
 //! `resample="lanczos"`; Pillow returns the image itself when it does not), then /255 and
@@ -6,7 +6,7 @@
 //! `convert("RGB")`, which is what is done here); 16-bit images keep their high byte, as training
 //! images do (`train::data::decode_rgb8`).
 
-use super::pipeline::InitImage;
+use super::edit::InitImage;
 use crate::eval::resize::pil_lanczos;
 use crate::train::data::decode_rgb8;
 use anyhow::{bail, Result};
@@ -48,9 +48,24 @@ pub fn prepare(
         }
     }
     Ok(PreparedInit {
-        init: InitImage { pixels, strength },
+        init: InitImage { pixels, strength, mask: None },
         height: h,
         width: w,
         resized_from: (h != h0 || w != w0).then_some((h0, w0)),
     })
+}
+
+/// Inpainting's mask for a run of `height` × `width`, as diffusers' mask processor prepares it:
+/// gray (Pillow's `convert("L")`: (19595 R + 38470 G + 7471 B + 2¹⁵) >> 16), resized with Lanczos
+/// where the size differs, /255, then binarised: 1 (repaint) from 0.5 up, else 0 (keep).
+/// Returns the mask [height · width] and the file's (height, width) when it was resized.
+pub fn prepare_mask(path: &Path, height: usize, width: usize) -> Result<(Vec<f32>, Option<(usize, usize)>)> {
+    let (rgb, w0, h0) = decode_rgb8(path)?;
+    let gray: Vec<u8> = rgb
+        .chunks_exact(3)
+        .map(|p| ((19595 * p[0] as u32 + 38470 * p[1] as u32 + 7471 * p[2] as u32 + 0x8000) >> 16) as u8)
+        .collect();
+    let gray = pil_lanczos(&gray, h0, w0, 1, height, width);
+    let mask = gray.iter().map(|&v| if v as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 }).collect();
+    Ok((mask, (height != h0 || width != w0).then_some((h0, w0))))
 }

@@ -14,11 +14,12 @@ use crate::diag::SettingError;
 use crate::io::weights;
 use crate::models::text::{TextEncoder, TextTokenizer};
 use crate::models::unet::UNet;
-use crate::models::vae::{AutoencoderKL, LatentEncoder};
+use crate::models::vae::AutoencoderKL;
 use crate::models::Component;
 use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::rng::torch::{NormalVariant, TorchGenerator};
+use crate::sample::edit::{self, InitImage};
 use crate::sample::schedulers::{self, Scheduler, SchedulerKind, SchedulerOptions};
 use crate::tensor::{nchw_to_nhwc, nhwc_to_nchw};
 use anyhow::{bail, Context, Result};
@@ -64,33 +65,8 @@ pub struct SampleRequest {
     pub scheduler_options: SchedulerOptions,
     /// Initial noise [N, C, h, w] (NCHW, before `init_noise_sigma`), as diffusers' `latents=`.
     pub latents_in: Option<Vec<f32>>,
-    /// img2img: start from this image instead of noise.
+    /// img2img or inpainting: start from this image instead of noise (sample::edit).
     pub init_image: Option<InitImage>,
-}
-
-/// img2img's start (diffusers' StableDiffusionImg2ImgPipeline): every image of the run begins
-/// from this one, encoded by the VAE and noised to the timestep `strength` selects.
-#[derive(Clone, Debug)]
-pub struct InitImage {
-    /// Planar RGB [3, height, width] in [−1, 1] (the request's size).
-    pub pixels: Vec<f32>,
-    /// In (0, 1]: the share of the steps run (int(steps · strength) of them, the last ones); 1
-    /// noises to the first timestep.
-    pub strength: f64,
-}
-
-/// img2img's first step (diffusers' `get_timesteps`): t_start = steps − min(int(steps · strength),
-/// steps), times the scheduler's order (1 for all five). Errors when no step is left.
-pub fn img2img_begin(steps: usize, strength: f64, timesteps: usize) -> Result<usize> {
-    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
-    let begin = steps - init_timestep;
-    if begin >= timesteps {
-        return Err(SettingError::fields(
-            &["strength", "steps"],
-            format!("int({steps} steps × strength {strength}) = {init_timestep}: no step left to denoise"),
-        ));
-    }
-    Ok(begin)
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -182,10 +158,13 @@ impl Pipeline {
                 unet.config.cross_attention_dim
             );
         }
-        if vae.config.latent_channels != unet.config.in_channels || unet.config.out_channels != unet.config.in_channels
+        // An inpainting U-Net takes the latents, the mask and the masked image's latents.
+        let lat = vae.config.latent_channels;
+        if (unet.config.in_channels != lat && unet.config.in_channels != 2 * lat + 1) || unet.config.out_channels != lat
         {
             bail!(
-                "{}: vae latent_channels {} does not match unet in_channels {} / out_channels {}",
+                "{}: vae latent_channels {} does not match unet in_channels {} (the latents, or an inpainting U-Net's \
+                 latents + mask + masked-image latents) / out_channels {}",
                 dir.display(),
                 vae.config.latent_channels,
                 unet.config.in_channels,
@@ -243,7 +222,7 @@ impl Pipeline {
         if r.height > MAX_IMAGE_SIDE || r.width > MAX_IMAGE_SIDE {
             return Err(SettingError { fields: size(), problem: format!("at most {MAX_IMAGE_SIDE} pixels") }.into());
         }
-        let latent_bytes = n * self.unet.config.in_channels * (r.height / f) * (r.width / f) * 4;
+        let latent_bytes = n * self.vae.config.latent_channels * (r.height / f) * (r.width / f) * 4;
         if latent_bytes > MAX_LATENT_BYTES {
             bail!(
                 "{n} images of {}×{} need {:.1} GiB of initial latents (one draw, as diffusers); at most {} GiB: \
@@ -270,6 +249,25 @@ impl Pipeline {
             if r.latents_in.is_some() {
                 return Err(SettingError::fields(&["latents_in", "init_image"], "give one start, not both"));
             }
+            if init.mask.as_ref().is_some_and(|m| m.len() != r.height * r.width) {
+                bail!(
+                    "the mask has {} values; expected {} × {}",
+                    init.mask.as_ref().map_or(0, Vec::len),
+                    r.height,
+                    r.width
+                );
+            }
+        }
+        if self.unet.config.in_channels != self.vae.config.latent_channels
+            && !r.init_image.as_ref().is_some_and(|i| i.mask.is_some())
+        {
+            return Err(SettingError::fields(
+                &["init_image", "mask"],
+                format!(
+                    "this U-Net is an inpainting one ({} input channels): it needs an image and a mask to repaint",
+                    self.unet.config.in_channels
+                ),
+            ));
         }
         if let Some(l) = &r.latents_in {
             let want = self.latent_numel(r);
@@ -285,7 +283,7 @@ impl Pipeline {
 
     pub fn latent_shape(&self, r: &SampleRequest) -> [usize; 4] {
         let f = self.vae_scale_factor();
-        [r.prompts.len() * r.num_images_per_prompt, self.unet.config.in_channels, r.height / f, r.width / f]
+        [r.prompts.len() * r.num_images_per_prompt, self.vae.config.latent_channels, r.height / f, r.width / f]
     }
 
     fn latent_numel(&self, r: &SampleRequest) -> usize {
@@ -377,6 +375,7 @@ impl Pipeline {
         let mut timings = Timings::default();
         let cfg_on = r.guidance > 1.0;
         let [n, c, lh, lw] = self.latent_shape(r);
+        let c_in = self.unet.config.in_channels;
         let per_image = c * lh * lw;
         let seq = self.tokenizer.max_length();
         let hidden = self.text_encoder.hidden_size();
@@ -411,10 +410,11 @@ impl Pipeline {
         let kind = probe.kind();
         let mut generator = TorchGenerator::with_variant(r.seed, r.rng_variant);
         let steps = probe.timesteps().len();
-        let (initial, begin) = match &r.init_image {
+        let (initial, begin, inpaint) = match &r.init_image {
             Some(init) => {
-                let begin = img2img_begin(r.steps, init.strength, steps)?;
-                (self.img2img_latents(b, init, [n, c, lh, lw], &probe, begin, &mut generator)?, begin)
+                let begin = edit::begin_index(r.steps, init.strength, steps)?;
+                let s = edit::start(self, b, init, [n, c, lh, lw], &probe, begin, &mut generator)?;
+                (s.latents, s.begin, s.inpaint)
             }
             None => {
                 let mut initial = match &r.latents_in {
@@ -423,7 +423,7 @@ impl Pipeline {
                 };
                 let sigma0 = probe.init_noise_sigma();
                 initial.iter_mut().for_each(|x| *x *= sigma0);
-                (initial, 0)
+                (initial, 0, None)
             }
         };
         drop(probe);
@@ -472,6 +472,11 @@ impl Pipeline {
                             x.extend_from_slice(&latents[pos(i) * per_image..(pos(i) + 1) * per_image]);
                         }
                         sched.scale_model_input(&mut x, si);
+                        // An inpainting U-Net also sees the mask and the masked image, per image.
+                        if let (Some(ip), true) = (&inpaint, c_in != c) {
+                            let scaled = std::mem::take(&mut x);
+                            scaled.chunks(per_image).for_each(|one| ip.unet_input(one, &mut x));
+                        }
                         // U-Net batch: [uncond images..., cond images...] as diffusers' torch.cat.
                         let mut batch_in = Vec::with_capacity(ub * per_image);
                         let mut ctx = Vec::with_capacity(ub * row);
@@ -482,10 +487,10 @@ impl Pipeline {
                         batch_in.extend_from_slice(&x);
                         part.iter().for_each(|&i| ctx.extend_from_slice(cond_row(i)));
                         arena.reset();
-                        let xin = Fmap::alloc(&mut arena, ub, lh, lw, c)?;
+                        let xin = Fmap::alloc(&mut arena, ub, lh, lw, c_in)?;
                         let ctx_t = arena.alloc([ub * seq, hidden])?;
                         let ts = arena.alloc([ub])?;
-                        b.upload(&xin.t, &nchw_to_nhwc(&batch_in, ub, c, lh, lw))?;
+                        b.upload(&xin.t, &nchw_to_nhwc(&batch_in, ub, c_in, lh, lw))?;
                         b.upload(&ctx_t, &ctx)?;
                         self.unet.upload_timesteps(b, &ts, &[t as f32], ub)?;
                         let mark = arena.mark();
@@ -523,6 +528,12 @@ impl Pipeline {
                         progress(calls, total_calls);
                     }
                     latents = sched.step(&noise, si, &latents, &mut generator)?;
+                    if let Some(ip) = &inpaint {
+                        for &i in act {
+                            let one = &mut latents[pos(i) * per_image..(pos(i) + 1) * per_image];
+                            ip.blend(&sched, si, timesteps.len(), i, one)?;
+                        }
+                    }
                     for &i in act {
                         check_finite(&latents[pos(i) * per_image..(pos(i) + 1) * per_image], || {
                             format!("the latents after the scheduler's step {} (timestep {t})", si + 1)
@@ -581,39 +592,6 @@ impl Pipeline {
             timings,
             scheduler: kind,
         })
-    }
-}
-
-impl Pipeline {
-    /// img2img's initial latents, as diffusers' `prepare_latents`: the init image's latent sample
-    /// (one draw from the generator, mean + std · ε) times the scaling factor, the same for every
-    /// image; then one draw of noise for all of them, added at `timesteps[begin]` by the
-    /// scheduler's `add_noise`. (No `init_noise_sigma`: the noise level is the timestep's.)
-    fn img2img_latents(
-        &self,
-        b: &mut dyn Backend,
-        init: &InitImage,
-        [n, c, lh, lw]: [usize; 4],
-        sched: &Scheduler,
-        begin: usize,
-        generator: &mut TorchGenerator,
-    ) -> Result<Vec<f32>> {
-        let f = self.vae_scale_factor();
-        let mut enc = LatentEncoder::new(b, &self.vae, lh * f, lw * f)?;
-        let encoded = enc.encode(b, &self.vae, &init.pixels);
-        b.free(enc.pool())?;
-        let (mean, logvar) = encoded?;
-        if mean.len() != c * lh * lw {
-            bail!("the VAE encodes to {} values per image; the U-Net takes {c} × {lh} × {lw}", mean.len());
-        }
-        check_finite(&mean, || "the VAE encoder's output for the init image".into())?;
-        let eps = generator.randn(mean.len());
-        let sf = self.vae.config.scaling_factor;
-        let z: Vec<f32> =
-            mean.iter().zip(&logvar).zip(&eps).map(|((&m, &lv), &e)| (m + (0.5 * lv).exp() * e) * sf).collect();
-        let noise = generator.randn(n * z.len());
-        let originals: Vec<f32> = z.iter().copied().cycle().take(n * z.len()).collect();
-        sched.add_noise(&originals, &noise, begin)
     }
 }
 
