@@ -242,6 +242,28 @@ pub fn end_to_end_cases(r: &mut Runner, precision: &str, bar: f64) {
             rel_l2_at_most(&got, &want, bar)
         });
     }
+    // Inpainting with a 9-channel U-Net: the VAE encoder, a 9-channel conv_in and the mask input.
+    r.case(&format!("{precision}/inpaint with a 9-channel U-Net: cuda vs cpu"), || {
+        let dir = tempfile::tempdir()?;
+        let pipe = assemble_pipeline("pipe-a", dir.path());
+        std::fs::remove_dir_all(pipe.join("unet"))?;
+        copy_dir(&fixture("inpaint/unet-9ch"), &pipe.join("unet"));
+        let run = |device: &str| -> Result<Vec<f32>> {
+            let dump = dir.path().join(format!("inpaint-{device}.safetensors"));
+            let args = CliArgs::new(&["sample", "--prompt", "Large left pleural effusion.", "--seed", "5"])
+                .opt("--model", &pipe)
+                .opt("--init-image", fixture("img2img/rgb-16x16.png"))
+                .opt("--mask", fixture("inpaint/mask-16x16.png"))
+                .with(&["--steps", "4", "--strength", "0.75"])
+                .opt("--out", dir.path().join(format!("inpaint-{device}")))
+                .opt("--dump", &dump);
+            let (code, _, err) = args.globals(&["--device", device, "--precision", precision]).run();
+            ensure!(code == 0, "sample --mask --device {device}: {err}");
+            Ok(read_f32(&dump, "image").1)
+        };
+        let want = run("cpu")?;
+        rel_l2_at_most(&run("cuda")?, &want, bar)
+    });
     r.case(&format!("{precision}/train-step: cuda vs cpu"), || {
         let dir = tempfile::tempdir()?;
         let pipe = train_step_pipeline(dir.path().join("pipe"));
