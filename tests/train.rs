@@ -70,7 +70,7 @@ fn ten_adamw_steps_match_pytorch() {
     let want_losses = read_f32(&io, "losses").1;
     let want_norms = read_f32(&io, "grad_norms").1;
     for k in 0..10 {
-        let s = tr.train_step(&b, &unet, &clip, &[batch(&io, k)], 10).unwrap();
+        let s = tr.train_step(&b, &unet, &clip, &[batch(&io, k)], 10, &roentgen::dist::Dist::single()).unwrap();
         println!(
             "step {}: loss {:.6} (PyTorch {:.6}), grad norm {:.5} (PyTorch {:.5})",
             s.step, s.loss, want_losses[k], s.grad_norm, want_norms[k]
@@ -106,7 +106,7 @@ fn backend_drawn_noise_equals_the_same_noise_given() {
             let opts = OptimOptions { lr: 1e-3, ..OptimOptions::default() };
             let mut tr = Trainer::new(&mut b, &unet, &clip, opts, ac.clone(), pt, SHAPE).unwrap();
             let mb = Batch { noise, ..batch(&io, 0) };
-            let s = tr.train_step(&b, &unet, &clip, &[mb], 10).unwrap();
+            let s = tr.train_step(&b, &unet, &clip, &[mb], 10, &roentgen::dist::Dist::single()).unwrap();
             let w = b.download(&Tensor { pool: unet.table.pool(), offset: 0, shape: [unet.table.total()].into() });
             (s.loss, s.grad_norm, w.unwrap())
         };

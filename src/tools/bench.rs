@@ -342,7 +342,7 @@ fn train_step(b: &mut dyn Backend, o: &BenchOptions) -> Result<(String, usize, u
     let params = unet.num_params() + text.num_params();
     let bd: &dyn Backend = b;
     let times = time_it(bd, o.profile, o.warmup, o.iters, || {
-        trainer.train_step(bd, &unet, &text, std::slice::from_ref(&batch), 1_000_000)?;
+        trainer.train_step(bd, &unet, &text, std::slice::from_ref(&batch), 1_000_000, &crate::dist::Dist::single())?;
         bd.synchronize()
     })?;
     let act: usize = bd

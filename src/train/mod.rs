@@ -371,25 +371,14 @@ impl Trainer {
         Ok((noisy, target))
     }
 
-    /// One optimizer step over `micro_batches` (gradient accumulation: the loss is averaged).
-    /// Returns the mean loss, the gradient norm before clipping and the learning rate used.
+    /// One optimizer step over `micro_batches` (gradient accumulation: the loss is averaged), as
+    /// one of `dist`'s ranks (`Dist::single()` alone), each with its own `micro_batches` (the same
+    /// number on every rank): every micro-batch's gradient is scaled by 1/(micro-batches × ranks),
+    /// the gradient pools are summed over ranks once, and the loss (whose sum is non-finite on
+    /// every rank when it is on one) is averaged over all; clipping, AdamW and EMA then run on
+    /// identical values on every rank. Returns the mean loss, the gradient norm before clipping
+    /// and the learning rate used.
     pub fn train_step(
-        &mut self,
-        b: &dyn Backend,
-        unet: &UNet,
-        clip: &TextEncoder,
-        micro_batches: &[Batch],
-        total_steps: usize,
-    ) -> Result<StepStats> {
-        self.train_step_ranked(b, unet, clip, micro_batches, total_steps, &Dist::single())
-    }
-
-    /// [`Trainer::train_step`] as one of `dist`'s ranks, each with its own `micro_batches` (the
-    /// same number on every rank): every micro-batch's gradient is scaled by 1/(micro-batches ×
-    /// ranks), the gradient pools are summed over ranks once, and the loss (whose sum is
-    /// non-finite on every rank when it is on one) is averaged over all; clipping, AdamW and EMA
-    /// then run on identical values on every rank.
-    pub fn train_step_ranked(
         &mut self,
         b: &dyn Backend,
         unet: &UNet,

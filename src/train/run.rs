@@ -478,7 +478,7 @@ pub fn train(
                 }
                 micro.push(mb);
             }
-            let stats = trainer.train_step_ranked(b, &models.unet, &models.text, &micro, cfg.steps, dist)?;
+            let stats = trainer.train_step(b, &models.unet, &models.text, &micro, cfg.steps, dist)?;
             let secs = t0.elapsed().as_secs_f64();
             let ips = ((stats.step - start) * per_step) as f64 / secs.max(1e-9);
             if let Some(log_file) =
@@ -654,7 +654,7 @@ pub fn train_step(
         models.prediction_type,
         MicroBatchShape { size: n, h, w, seq },
     )?;
-    let stats = trainer.train_step(b, &models.unet, &models.text, &[batch], 1)?;
+    let stats = trainer.train_step(b, &models.unet, &models.text, &[batch], 1, &Dist::single())?;
     let state = serde_json::json!({"step": 1, "loss": stats.loss, "grad_norm": stats.grad_norm});
     checkpoint::save(b, output, &models.checkpoint(model, None, trainer.optimizer_pools(), state))?;
     Ok(stats)
