@@ -80,6 +80,10 @@ enum Command {
     /// (PNDM for SD v1.4). The same --seed gives the same initial noise as diffusers with
     /// `generator=torch.Generator().manual_seed(seed)`.
     Sample(sample::SampleArgs),
+    /// Serve a loaded pipeline over HTTP: AUTOMATIC1111's POST /sdapi/v1/txt2img and
+    /// /sdapi/v1/img2img (JSON with base64 PNGs), GET /health and /v1/models; one request on the
+    /// device at a time, a bounded queue (429 when full), loopback by default.
+    Serve(tools::ServeArgs),
     /// Fine-tune a pipeline on image/report pairs as RoentGen: U-Net and CLIP text encoder jointly,
     /// VAE frozen, MSE on the noise, AdamW (lr 5e-5). Writes OUTPUT/checkpoint-N pipeline folders
     /// (loadable by `roentgen sample` and diffusers) and OUTPUT/train_log.jsonl.
@@ -253,6 +257,7 @@ fn run(cli: Cli) -> Result<()> {
             report_pools(b.as_ref(), g.verbose);
             Ok(())
         }
+        Command::Serve(a) => tools::serve(g, a),
         Command::Train(a) => train::train(g, a),
         Command::TrainStep(a) => train::train_step(g, a),
         Command::TrainVae(a) => train::train_vae(g, a),

@@ -164,25 +164,11 @@ pub fn bundled(rel: &str, instead: &str) -> Result<PathBuf> {
 }
 
 /// The bundled demo pipeline.
-fn demo_model() -> Result<PathBuf> {
+pub(crate) fn demo_model() -> Result<PathBuf> {
     bundled("weights/phantom-demo", "--model DIR with a diffusers pipeline folder")
 }
 
 /// A1111's name for a scheduler (what its `parameters` chunk calls the sampler).
-fn a1111_sampler(kind: SchedulerKind, karras: bool) -> String {
-    let base = match kind {
-        SchedulerKind::Pndm => "PNDM",
-        SchedulerKind::Ddim => "DDIM",
-        SchedulerKind::Euler => "Euler",
-        SchedulerKind::EulerAncestral => "Euler a",
-        SchedulerKind::DpmSolverMultistep => "DPM++ 2M",
-    };
-    if karras {
-        format!("{base} Karras")
-    } else {
-        base.to_string()
-    }
-}
 
 pub fn sample(b: &mut dyn Backend, a: SampleArgs) -> Result<()> {
     super::as_rank(a.distributed, |dist| sample_ranked(b, a, dist))
@@ -424,7 +410,7 @@ fn sample_ranked(b: &mut dyn Backend, a: SampleArgs, dist: &roentgen::dist::Dist
         a1111.push_str(&format!(
             "Steps: {}, Sampler: {}, CFG scale: {}, {}Size: {width}x{height}, Model: {model_name}{}",
             a.steps,
-            a1111_sampler(kind, a.karras_sigmas),
+            kind.a1111_name(a.karras_sigmas),
             a.guidance,
             if seed_used { format!("Seed: {seed}, ") } else { String::new() },
             strength.map(|s| format!(", Denoising strength: {s}")).unwrap_or_default(),

@@ -541,3 +541,54 @@ fn encode_text(
     );
     Ok(())
 }
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The pipeline folder to serve (default: the bundled phantom demo).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Weight file variant, e.g. fp16.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// The address to listen on: loopback by default; 0.0.0.0 exposes the model to the network
+    /// (there is no authentication unless --api-key).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// The port (0: any free one; the chosen address is printed).
+    #[arg(long, default_value_t = 7860)]
+    pub port: u16,
+    /// Requests waiting beyond the running one; more are answered 429 (Retry-After: 5).
+    #[arg(long, default_value_t = 8)]
+    pub max_queue: usize,
+    /// Largest request body, in MiB (413 above).
+    #[arg(long, default_value_t = 32)]
+    pub max_body_mb: usize,
+    /// Seconds a request may wait in the queue before it is answered 503 instead of run.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Require `Authorization: Bearer KEY` on every request.
+    #[arg(long)]
+    pub api_key: Option<String>,
+}
+
+pub fn serve(g: &Global, a: ServeArgs) -> Result<()> {
+    let mut b = open_backend(g)?;
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => super::sample::demo_model()?,
+    };
+    if a.max_queue == 0 || a.max_body_mb == 0 {
+        bail!("--max-queue and --max-body-mb must be at least 1");
+    }
+    let pipe = roentgen::sample::pipeline::Pipeline::load(b.as_mut(), &model, a.variant.as_deref())?;
+    let o = roentgen::tools::serve::ServeOptions {
+        host: a.host,
+        port: a.port,
+        max_queue: a.max_queue,
+        max_body_bytes: a.max_body_mb << 20,
+        queue_timeout: std::time::Duration::from_secs(a.timeout),
+        api_key: a.api_key,
+        model_name: model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+    };
+    roentgen::tools::serve::serve(b.as_mut(), &pipe, &o)
+}

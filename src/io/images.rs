@@ -10,7 +10,7 @@ fn to_u8(x: f32) -> u8 {
 }
 
 /// Luminance as PIL's `convert("L")` computes it: (R·19595 + G·38470 + B·7471 + 2¹⁵) >> 16.
-fn luma(r: u8, g: u8, b: u8) -> u8 {
+pub fn luma(r: u8, g: u8, b: u8) -> u8 {
     ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
 }
 
@@ -24,6 +24,19 @@ pub fn write_png(
     gray: bool,
     text: &[(&str, String)],
 ) -> Result<()> {
+    let bytes = encode_png(planar, c, h, w, gray, text)?;
+    crate::io::files::write_atomic(path, |file| Ok(std::io::Write::write_all(file, &bytes)?))
+}
+
+/// The PNG bytes of [`write_png`].
+pub fn encode_png(
+    planar: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    gray: bool,
+    text: &[(&str, String)],
+) -> Result<Vec<u8>> {
     let px = |ch: usize, y: usize, x: usize| to_u8(planar[(ch * h + y) * w + x]);
     let (color, data): (png::ColorType, Vec<u8>) = if c == 1 {
         (png::ColorType::Grayscale, (0..h * w).map(|i| px(0, i / w, i % w)).collect())
@@ -41,18 +54,17 @@ pub fn write_png(
         }
         (png::ColorType::Rgb, v)
     };
-    crate::io::files::write_atomic(path, |file| {
-        let mut enc = png::Encoder::new(file, w as u32, h as u32);
-        enc.set_color(color);
-        enc.set_depth(png::BitDepth::Eight);
-        for (k, v) in text {
-            enc.add_itxt_chunk(k.to_string(), v.clone()).with_context(|| format!("text chunk '{k}'"))?;
-        }
-        let mut writer = enc.write_header()?;
-        writer.write_image_data(&data)?;
-        writer.finish()?;
-        Ok(())
-    })
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, w as u32, h as u32);
+    enc.set_color(color);
+    enc.set_depth(png::BitDepth::Eight);
+    for (k, v) in text {
+        enc.add_itxt_chunk(k.to_string(), v.clone()).with_context(|| format!("text chunk '{k}'"))?;
+    }
+    let mut writer = enc.write_header()?;
+    writer.write_image_data(&data)?;
+    writer.finish()?;
+    Ok(out)
 }
 
 /// Reads the 8-bit pixels and the text chunks of a PNG (for tests and `eval`).

@@ -8,8 +8,9 @@
 
 use super::edit::InitImage;
 use crate::eval::resize::pil_lanczos;
-use crate::train::data::decode_rgb8;
-use anyhow::{bail, Result};
+use crate::io::images::luma;
+use crate::train::data::decode_rgb8_bytes;
+use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 /// An init image at the run's size, and the size it had when that differs.
@@ -30,13 +31,25 @@ pub fn prepare(
     factor: usize,
     strength: f64,
 ) -> Result<PreparedInit> {
-    let (rgb, w0, h0) = decode_rgb8(path)?;
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    prepare_bytes(&bytes, &path.display().to_string(), height, width, factor, strength)
+}
+
+/// [`prepare`] of an image in memory (`name` names it in errors).
+pub fn prepare_bytes(
+    bytes: &[u8],
+    name: &str,
+    height: Option<usize>,
+    width: Option<usize>,
+    factor: usize,
+    strength: f64,
+) -> Result<PreparedInit> {
+    let (rgb, w0, h0) = decode_rgb8_bytes(bytes, name)?;
     let round = |x: usize| x - x % factor.max(1);
     let (h, w) = (height.unwrap_or(round(h0)), width.unwrap_or(round(w0)));
     if h == 0 || w == 0 {
         bail!(
-            "$init_image {}: {w0}×{h0} pixels is smaller than the VAE's scale factor {factor}; give $height and $width",
-            path.display()
+            "$init_image {name}: {w0}×{h0} pixels is smaller than the VAE's scale factor {factor}; give $height and $width"
         );
     }
     let rgb = pil_lanczos(&rgb, h0, w0, 3, h, w);
@@ -60,11 +73,19 @@ pub fn prepare(
 /// where the size differs, /255, then binarised: 1 (repaint) from 0.5 up, else 0 (keep).
 /// Returns the mask [height · width] and the file's (height, width) when it was resized.
 pub fn prepare_mask(path: &Path, height: usize, width: usize) -> Result<(Vec<f32>, Option<(usize, usize)>)> {
-    let (rgb, w0, h0) = decode_rgb8(path)?;
-    let gray: Vec<u8> = rgb
-        .chunks_exact(3)
-        .map(|p| ((19595 * p[0] as u32 + 38470 * p[1] as u32 + 7471 * p[2] as u32 + 0x8000) >> 16) as u8)
-        .collect();
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    prepare_mask_bytes(&bytes, &path.display().to_string(), height, width)
+}
+
+/// [`prepare_mask`] of an image in memory (`name` names it in errors).
+pub fn prepare_mask_bytes(
+    bytes: &[u8],
+    name: &str,
+    height: usize,
+    width: usize,
+) -> Result<(Vec<f32>, Option<(usize, usize)>)> {
+    let (rgb, w0, h0) = decode_rgb8_bytes(bytes, name)?;
+    let gray: Vec<u8> = rgb.chunks_exact(3).map(|p| luma(p[0], p[1], p[2])).collect();
     let gray = pil_lanczos(&gray, h0, w0, 1, height, width);
     let mask = gray.iter().map(|&v| if v as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 }).collect();
     Ok((mask, (height != h0 || width != w0).then_some((h0, w0))))

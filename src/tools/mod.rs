@@ -9,3 +9,4 @@ pub mod inspect;
 pub mod parity;
 pub mod phantom;
 pub mod prepare;
+pub mod serve;

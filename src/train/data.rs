@@ -56,37 +56,39 @@ pub fn load_image(path: &Path, res: usize) -> Result<Vec<f32>> {
 /// A header claiming more than [`MAX_IMAGE_PIXELS`] pixels is refused before any pixel buffer is
 /// allocated (Pillow's decompression-bomb rule, with its `max(1, w) · max(1, h)` count).
 pub fn decode_rgb8(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
-    use image::{DynamicImage as D, ImageDecoder, ImageFormat};
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    decode_rgb8_bytes(&bytes, &path.display().to_string())
+}
+
+/// [`decode_rgb8`] of an image already in memory; `name` names it in errors.
+pub fn decode_rgb8_bytes(bytes: &[u8], name: &str) -> Result<(Vec<u8>, usize, usize)> {
+    use image::{DynamicImage as D, ImageDecoder, ImageFormat};
     let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
         .with_guessed_format()
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+        .with_context(|| format!("{}: cannot read", name))?;
     let format = reader.format();
     // image's default allocation cap (512 MiB) would refuse 16-bit images Pillow accepts; the largest
     // buffer an image under the pixel limit needs is RGBA with 16-bit samples.
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
     reader.limits(limits);
-    let decoder = reader.into_decoder().with_context(|| format!("{}: cannot decode the image", path.display()))?;
+    let decoder = reader.into_decoder().with_context(|| format!("{}: cannot decode the image", name))?;
     let (w, h) = decoder.dimensions();
     let pixels = u64::from(w.max(1)) * u64::from(h.max(1));
     if pixels > MAX_IMAGE_PIXELS {
         bail!(
             "{}: image size {w}×{h} ({pixels} pixels) exceeds the limit of {MAX_IMAGE_PIXELS} pixels \
              (Pillow's decompression-bomb limit, 2 × Image.MAX_IMAGE_PIXELS); not decoding it",
-            path.display()
+            name
         );
     }
     if w == 0 || h == 0 {
-        bail!("{}: empty image ({w}×{h})", path.display());
+        bail!("{}: empty image ({w}×{h})", name);
     }
     if format == Some(ImageFormat::Jpeg) && !jpeg_has_end(&bytes) {
-        bail!(
-            "{}: cannot decode the image: truncated JPEG (no end-of-image marker after the last scan)",
-            path.display()
-        );
+        bail!("{}: cannot decode the image: truncated JPEG (no end-of-image marker after the last scan)", name);
     }
-    let img = D::from_decoder(decoder).with_context(|| format!("{}: cannot decode the image", path.display()))?;
+    let img = D::from_decoder(decoder).with_context(|| format!("{}: cannot decode the image", name))?;
     let hi = |v: u16| (v >> 8) as u8;
     let rgb = match img {
         D::ImageLuma8(b) => to_rgb(b.as_raw(), 1, |v| v),

@@ -77,6 +77,42 @@ impl SchedulerKind {
         }
     }
 
+    /// AUTOMATIC1111's sampler name (its infotext and API's `sampler_name`), "Karras" appended
+    /// with Karras sigmas.
+    pub fn a1111_name(self, karras: bool) -> String {
+        let base = match self {
+            SchedulerKind::Pndm => "PNDM",
+            SchedulerKind::Ddim => "DDIM",
+            SchedulerKind::Euler => "Euler",
+            SchedulerKind::EulerAncestral => "Euler a",
+            SchedulerKind::DpmSolverMultistep => "DPM++ 2M",
+        };
+        if karras {
+            format!("{base} Karras")
+        } else {
+            base.to_string()
+        }
+    }
+
+    /// The scheduler and Karras flag of an AUTOMATIC1111 `sampler_name` (its names for the five,
+    /// "PLMS" for PNDM's, with or without " Karras"), case-insensitive.
+    pub fn from_a1111(name: &str) -> Option<(SchedulerKind, bool)> {
+        let lower = name.trim().to_ascii_lowercase();
+        let (base, karras) = match lower.strip_suffix(" karras") {
+            Some(b) => (b.to_string(), true),
+            None => (lower, false),
+        };
+        let kind = match base.as_str() {
+            "pndm" | "plms" => SchedulerKind::Pndm,
+            "ddim" => SchedulerKind::Ddim,
+            "euler" => SchedulerKind::Euler,
+            "euler a" => SchedulerKind::EulerAncestral,
+            "dpm++ 2m" => SchedulerKind::DpmSolverMultistep,
+            _ => return None,
+        };
+        Some((kind, karras))
+    }
+
     /// The diffusers class (`_class_name` in a scheduler config).
     pub fn class_name(self) -> &'static str {
         match self {

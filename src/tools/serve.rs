@@ -1,0 +1,340 @@
+//! `roentgen serve`: a loaded pipeline answering AUTOMATIC1111's API (`POST /sdapi/v1/txt2img`,
+//! `/sdapi/v1/img2img`: JSON in, base64 PNGs out), the API most Stable Diffusion clients speak,
+//! plus `GET /health` and `GET /v1/models`.
+//!
+//! One thread accepts and parses requests; the calling thread owns the backend and runs one
+//! request at a time, in arrival order, from a bounded queue. A request that finds the queue full
+//! gets 429 with Retry-After at once; a malformed one gets a 4xx naming the problem, and the server
+//! goes on. Each generation frees its device memory when done (`Pipeline::generate`), so memory
+//! stays flat across requests.
+
+use crate::backend::Backend;
+use crate::sample::edit::InitImage;
+use crate::sample::init_image;
+use crate::sample::pipeline::{Pipeline, SampleRequest};
+use crate::sample::schedulers::{SchedulerKind, SchedulerOptions};
+use anyhow::{anyhow, Result};
+use base64::Engine;
+use serde_json::{json, Value};
+use std::io::Read;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct ServeOptions {
+    pub host: String,
+    pub port: u16,
+    /// Requests waiting beyond the one running; more get 429.
+    pub max_queue: usize,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+    /// A request that waited longer than this in the queue is answered 503 instead of run.
+    pub queue_timeout: Duration,
+    /// Required as `Authorization: Bearer KEY` when set.
+    pub api_key: Option<String>,
+    /// The name `/v1/models` and the PNGs give the model.
+    pub model_name: String,
+}
+
+/// Most images one request may ask for (batch_size × n_iter).
+pub const MAX_IMAGES_PER_REQUEST: usize = 16;
+
+/// The request fields the server reads; others are ignored and listed in the response's info.
+const KNOWN_FIELDS: &[&str] = &[
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "cfg_scale",
+    "width",
+    "height",
+    "batch_size",
+    "n_iter",
+    "sampler_name",
+    "sampler_index",
+    "init_images",
+    "denoising_strength",
+    "mask",
+];
+
+/// A parsed generation request, waiting for the device.
+struct Job {
+    http: tiny_http::Request,
+    sample: SampleRequest,
+    /// The JSON fields echoed back as A1111's `parameters`, and what `info` says.
+    parameters: Value,
+    info: Value,
+    queued: Instant,
+}
+
+/// The size a request defaults to, and the VAE's scale factor (for init images).
+#[derive(Clone, Copy)]
+struct Defaults {
+    width: usize,
+    height: usize,
+    factor: usize,
+}
+
+fn respond(req: tiny_http::Request, status: u16, body: &Value, extra: &[(&str, String)]) {
+    let mut r = tiny_http::Response::from_string(body.to_string()).with_status_code(status);
+    for (k, v) in std::iter::once(&("Content-Type", "application/json".to_string())).chain(extra) {
+        if let Ok(h) = tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()) {
+            r.add_header(h);
+        }
+    }
+    // The client may have gone away; nothing more to do for it.
+    let _ = req.respond(r);
+}
+
+fn error(req: tiny_http::Request, status: u16, message: impl std::fmt::Display) {
+    respond(req, status, &json!({"error": message.to_string()}), &[]);
+}
+
+/// Serves until the process is stopped.
+pub fn serve(b: &mut dyn Backend, pipe: &Pipeline, o: &ServeOptions) -> Result<()> {
+    let server = tiny_http::Server::http((o.host.as_str(), o.port))
+        .map_err(|e| anyhow!("$port: cannot listen on {}:{}: {e}", o.host, o.port))?;
+    let addr = server.server_addr().to_ip().map(|a| a.to_string()).unwrap_or_else(|| format!("{}:{}", o.host, o.port));
+    let f = pipe.vae_scale_factor();
+    let [dh, dw] = pipe.unet.config.sample_size.unwrap_or([64, 64]);
+    let defaults = Defaults { width: dw * f, height: dh * f, factor: f };
+    let inpainting = pipe.unet.config.in_channels != pipe.vae.config.latent_channels;
+    if o.host != "127.0.0.1" && o.host != "localhost" && o.host != "::1" && o.api_key.is_none() {
+        crate::diag::warn(format!(
+            "listening on {} without --api-key: anyone who can reach this address can use the model (there is no authentication)",
+            o.host
+        ));
+    }
+    eprintln!(
+        "listening on http://{addr} (model {}; queue {}; POST /sdapi/v1/txt2img, /sdapi/v1/img2img)",
+        o.model_name, o.max_queue
+    );
+    let (tx, rx) = sync_channel::<Job>(o.max_queue);
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let accept = {
+        let waiting = waiting.clone();
+        let (api_key, model, max_body, max_queue) =
+            (o.api_key.clone(), o.model_name.clone(), o.max_body_bytes, o.max_queue);
+        move || {
+            for req in server.incoming_requests() {
+                accept_one(req, &tx, &waiting, defaults, &api_key, &model, inpainting, max_body, max_queue);
+            }
+        }
+    };
+    std::thread::Builder::new().name("accept".into()).spawn(accept)?;
+    for job in rx {
+        waiting.fetch_sub(1, Ordering::SeqCst);
+        run_job(b, pipe, job, o);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn accept_one(
+    mut req: tiny_http::Request,
+    tx: &SyncSender<Job>,
+    waiting: &AtomicUsize,
+    defaults: Defaults,
+    api_key: &Option<String>,
+    model: &str,
+    inpainting: bool,
+    max_body: usize,
+    max_queue: usize,
+) {
+    if let Some(key) = api_key {
+        let want = format!("Bearer {key}");
+        if !req.headers().iter().any(|h| h.field.equiv("Authorization") && h.value.as_str() == want) {
+            return error(req, 401, "missing or wrong Authorization: Bearer <--api-key>");
+        }
+    }
+    let path = req.url().split('?').next().unwrap_or("").to_string();
+    let method = req.method().clone();
+    match (method, path.as_str()) {
+        (tiny_http::Method::Get, "/health") => {
+            let body = json!({"status": "ok", "queued": waiting.load(Ordering::SeqCst), "max_queue": max_queue});
+            respond(req, 200, &body, &[])
+        }
+        (tiny_http::Method::Get, "/v1/models") => {
+            respond(req, 200, &json!({"models": [{"id": model, "inpainting": inpainting}]}), &[])
+        }
+        (tiny_http::Method::Post, "/sdapi/v1/txt2img" | "/sdapi/v1/img2img") => {
+            if req.body_length().is_some_and(|n| n > max_body) {
+                return error(req, 413, format!("the body is larger than {max_body} bytes (--max-body-mb)"));
+            }
+            let mut body = Vec::new();
+            let read = req.as_reader().take(max_body as u64 + 1).read_to_end(&mut body);
+            if read.is_err() {
+                return error(req, 400, "could not read the request body");
+            }
+            if body.len() > max_body {
+                return error(req, 413, format!("the body is larger than {max_body} bytes (--max-body-mb)"));
+            }
+            let img2img = path.ends_with("img2img");
+            let parsed = serde_json::from_slice::<Value>(&body)
+                .map_err(|e| anyhow!("the body is not JSON: {e}"))
+                .and_then(|v| parse(&v, img2img, defaults));
+            let (sample, parameters, info) = match parsed {
+                Ok(p) => p,
+                Err(e) => return error(req, 400, format!("{e:#}").replace('$', "")),
+            };
+            waiting.fetch_add(1, Ordering::SeqCst);
+            match tx.try_send(Job { http: req, sample, parameters, info, queued: Instant::now() }) {
+                Ok(()) => {}
+                Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
+                    waiting.fetch_sub(1, Ordering::SeqCst);
+                    let body = json!({"error": format!("the queue is full ({max_queue} waiting): retry later")});
+                    respond(job.http, 429, &body, &[("Retry-After", "5".into())]);
+                }
+            }
+        }
+        (_, "/health" | "/v1/models" | "/sdapi/v1/txt2img" | "/sdapi/v1/img2img") => {
+            error(req, 405, "method not allowed")
+        }
+        _ => error(req, 404, format!("no such endpoint: {path}")),
+    }
+}
+
+/// A base64 image field (a data: URL prefix allowed) to its bytes.
+fn image_field(v: &Value, field: &str) -> Result<Vec<u8>> {
+    let s = v.as_str().ok_or_else(|| anyhow!("{field}: expected a base64 string"))?;
+    let s = s.split_once(";base64,").map(|(_, b)| b).unwrap_or(s);
+    base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|e| anyhow!("{field}: not base64: {e}"))
+}
+
+/// The A1111 fields of `v` as a sample request (our defaults where a field is absent), the
+/// parameters to echo and the info to return.
+fn parse(v: &Value, img2img: bool, d: Defaults) -> Result<(SampleRequest, Value, Value)> {
+    let obj = v.as_object().ok_or_else(|| anyhow!("the body must be a JSON object"))?;
+    let uint = |k: &str, default: usize| -> Result<usize> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(x) => {
+                x.as_u64().map(|n| n as usize).ok_or_else(|| anyhow!("{k}: expected a non-negative integer, got {x}"))
+            }
+        }
+    };
+    let text = |k: &str| -> Result<String> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(String::new()),
+            Some(x) => x.as_str().map(str::to_string).ok_or_else(|| anyhow!("{k}: expected a string")),
+        }
+    };
+    let number = |k: &str, default: f64| -> Result<f64> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(x) => x.as_f64().ok_or_else(|| anyhow!("{k}: expected a number, got {x}")),
+        }
+    };
+    let seed = match obj.get("seed").and_then(Value::as_i64) {
+        Some(s) if s >= 0 => s as u64,
+        _ => {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.as_nanos() as u64).unwrap_or(0)
+                % 1_000_000_007
+        }
+    };
+    let sampler = text("sampler_name").and_then(|s| if s.is_empty() { text("sampler_index") } else { Ok(s) })?;
+    let (scheduler, karras) = if sampler.is_empty() {
+        (None, false)
+    } else {
+        let (k, karras) = SchedulerKind::from_a1111(&sampler).ok_or_else(|| {
+            anyhow!("sampler_name {sampler:?}: expected one of Euler a, Euler, DDIM, PLMS (PNDM), DPM++ 2M, DPM++ 2M Karras")
+        })?;
+        (Some(k), karras)
+    };
+    let images = uint("batch_size", 1)? * uint("n_iter", 1)?;
+    if images == 0 || images > MAX_IMAGES_PER_REQUEST {
+        return Err(anyhow!("batch_size × n_iter = {images}: must be between 1 and {MAX_IMAGES_PER_REQUEST}"));
+    }
+    let (mut width, mut height) = (uint("width", d.width)?, uint("height", d.height)?);
+    let init_image = if img2img {
+        let list = obj
+            .get("init_images")
+            .and_then(Value::as_array)
+            .ok_or_else(|| anyhow!("init_images: expected a list of one base64 image"))?;
+        if list.len() != 1 {
+            return Err(anyhow!("init_images: {} images; one is supported", list.len()));
+        }
+        let bytes = image_field(&list[0], "init_images[0]")?;
+        let strength = number("denoising_strength", 0.75)?;
+        let (w, h) = (obj.get("width").map(|_| width), obj.get("height").map(|_| height));
+        let mut p = init_image::prepare_bytes(&bytes, "init_images[0]", h, w, d.factor, strength)?;
+        (width, height) = (p.width, p.height);
+        if let Some(m) = obj.get("mask").filter(|m| !m.is_null()) {
+            let mask = image_field(m, "mask")?;
+            p.init.mask = Some(init_image::prepare_mask_bytes(&mask, "mask", height, width)?.0);
+        }
+        Some(p.init)
+    } else {
+        None
+    };
+    let steps = uint("steps", 75)?;
+    let guidance = number("cfg_scale", 4.0)? as f32;
+    let ignored: Vec<&String> = obj.keys().filter(|k| !KNOWN_FIELDS.contains(&k.as_str())).collect();
+    let strength = init_image.as_ref().map(|i: &InitImage| i.strength);
+    let sample = SampleRequest {
+        prompts: vec![text("prompt")?],
+        negative_prompt: Some(text("negative_prompt")?).filter(|n| !n.is_empty()),
+        num_images_per_prompt: images,
+        batch_size: images.min(4),
+        seed,
+        // As `sample` (--rng native): the seed gives what torch gives on this CPU.
+        rng_variant: crate::rng::torch::NormalVariant::native(),
+        height,
+        width,
+        steps,
+        guidance,
+        scheduler,
+        scheduler_options: SchedulerOptions { karras_sigmas: karras.then_some(true), ..Default::default() },
+        latents_in: None,
+        init_image,
+    };
+    let mut parameters = v.clone();
+    if let Some(p) = parameters.as_object_mut() {
+        p.remove("init_images");
+        p.remove("mask");
+    }
+    let info = json!({"seed": seed, "width": width, "height": height, "steps": steps, "cfg_scale": guidance,
+        "sampler_name": sampler, "denoising_strength": strength, "images": images, "ignored_fields": ignored});
+    Ok((sample, parameters, info))
+}
+
+fn run_job(b: &mut dyn Backend, pipe: &Pipeline, job: Job, o: &ServeOptions) {
+    let Job { http, sample, parameters, mut info, queued } = job;
+    let waited = queued.elapsed();
+    if waited > o.queue_timeout {
+        return error(http, 503, format!("waited {:.0} s in the queue (--timeout): not run", waited.as_secs_f64()));
+    }
+    // Messages name fields as the library does ($steps): here they are JSON fields.
+    let plain = |e: &anyhow::Error| format!("{e:#}").replace('$', "");
+    if let Err(e) = pipe.validate(&sample) {
+        return error(http, 400, plain(&e));
+    }
+    let t0 = Instant::now();
+    let mut warnings = Vec::new();
+    let out = pipe.generate(b, &sample, &mut |_, _| {}, &mut |w| warnings.push(w));
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => return error(http, if e.is::<crate::diag::SettingError>() { 400 } else { 500 }, plain(&e)),
+    };
+    let [c, h, w] = [pipe.vae.config.out_channels, sample.height, sample.width];
+    let per = c * h * w;
+    let mut images = Vec::with_capacity(out.num_images);
+    for i in 0..out.num_images {
+        let text = [
+            ("prompt", sample.prompts[0].clone()),
+            ("seed", sample.seed.to_string()),
+            ("image_index", i.to_string()),
+            ("model", o.model_name.clone()),
+            ("software", format!("roentgen {} serve", env!("CARGO_PKG_VERSION"))),
+        ];
+        match crate::io::images::encode_png(&out.images[i * per..(i + 1) * per], c, h, w, false, &text) {
+            Ok(png) => images.push(base64::engine::general_purpose::STANDARD.encode(png)),
+            Err(e) => return error(http, 500, format!("encoding image {i}: {e:#}")),
+        }
+    }
+    info["warnings"] = json!(warnings);
+    info["seconds"] = json!(t0.elapsed().as_secs_f64());
+    info["queued_seconds"] = json!(waited.as_secs_f64());
+    respond(http, 200, &json!({"images": images, "parameters": parameters, "info": info.to_string()}), &[]);
+}
