@@ -194,3 +194,61 @@ fn a_full_queue_answers_429_and_bad_requests_get_4xx() {
     assert!(statuses.iter().filter(|&&s| s == 200).count() >= 1, "{statuses:?}");
     assert!(statuses.iter().all(|&s| s == 200 || s == 429), "{statuses:?}");
 }
+
+/// 100 requests leave the device pools exactly as loaded and the resident memory flat (after
+/// the first 20, which warm the allocator: at most 16 MiB more by the 100th).
+#[test]
+fn memory_stays_flat_over_100_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let srv = start(&["--model", pipe.to_str().unwrap()]);
+    let health = || -> Value { serde_json::from_str(&http(srv.port, "GET", "/health", b"").1).unwrap() };
+    let loaded = health()["device_pool_bytes"].as_u64().unwrap();
+    let mut rss20 = 0;
+    for k in 0..100u64 {
+        let req = json!({"prompt": "Large left pleural effusion.", "seed": k, "steps": 2, "width": 16, "height": 16});
+        assert_eq!(post(srv.port, "/sdapi/v1/txt2img", &req).0, 200);
+        if k == 19 {
+            rss20 = health()["rss_bytes"].as_u64().unwrap();
+        }
+    }
+    let h = health();
+    let (pools, rss) = (h["device_pool_bytes"].as_u64().unwrap(), h["rss_bytes"].as_u64().unwrap());
+    println!(
+        "device pools {loaded} bytes loaded, {pools} after 100 requests; resident {rss20} after 20, {rss} after 100"
+    );
+    assert_eq!(pools, loaded);
+    assert!(rss <= rss20 + (16 << 20), "resident memory grew from {rss20} to {rss}");
+}
+
+/// SIGTERM mid-request: the running request is answered, waiting ones get 503, no new connection
+/// is taken, and the process exits with status 0.
+#[test]
+fn sigterm_finishes_the_running_request_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let mut srv = start(&["--model", pipe.to_str().unwrap()]);
+    let port = srv.port;
+    // Seconds of work, so that the signal comes while it runs.
+    let slow = json!({"prompt": "x", "steps": 400, "width": 16, "height": 16, "batch_size": 4, "seed": 1});
+    let small = json!({"prompt": "x", "steps": 2, "width": 16, "height": 16, "seed": 2});
+    let running = std::thread::spawn(move || post(port, "/sdapi/v1/txt2img", &slow).0);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let waiting = std::thread::spawn(move || post(port, "/sdapi/v1/txt2img", &small).0);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let kill = std::process::Command::new("kill").args(["-TERM", &srv.child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let (first, second) = (running.join().unwrap(), waiting.join().unwrap());
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = srv.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed().as_secs() < 30, "the server did not exit after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    println!("running request {first}, waiting request {second}, exit {status}");
+    assert_eq!((first, second), (200, 503));
+    assert!(status.success(), "{status}");
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "still accepting connections");
+}

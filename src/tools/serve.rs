@@ -6,7 +6,9 @@
 //! request at a time, in arrival order, from a bounded queue. A request that finds the queue full
 //! gets 429 with Retry-After at once; a malformed one gets a 4xx naming the problem, and the server
 //! goes on. Each generation frees its device memory when done (`Pipeline::generate`), so memory
-//! stays flat across requests.
+//! stays flat across requests (`/health` reports the device pools and the process's resident
+//! memory). SIGTERM or SIGINT stops it cleanly: no new connection is accepted, the running request
+//! finishes and is answered, the waiting ones are answered 503, and the process exits with 0.
 
 use crate::backend::Backend;
 use crate::sample::edit::InitImage;
@@ -17,7 +19,7 @@ use anyhow::{anyhow, Result};
 use base64::Engine;
 use serde_json::{json, Value};
 use std::io::Read;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,8 +93,30 @@ fn error(req: tiny_http::Request, status: u16, message: impl std::fmt::Display) 
     respond(req, status, &json!({"error": message.to_string()}), &[]);
 }
 
-/// Serves until the process is stopped.
+/// Set by SIGTERM/SIGINT; the accept and run loops poll it.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst); // async-signal-safe: one atomic store
+}
+
+/// How often the loops look at [`STOP`].
+const POLL: Duration = Duration::from_millis(100);
+
+/// The process's resident memory (Linux VmRSS), bytes.
+fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Serves until SIGTERM or SIGINT.
 pub fn serve(b: &mut dyn Backend, pipe: &Pipeline, o: &ServeOptions) -> Result<()> {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+    }
     let server = tiny_http::Server::http((o.host.as_str(), o.port))
         .map_err(|e| anyhow!("$port: cannot listen on {}:{}: {e}", o.host, o.port))?;
     let addr = server.server_addr().to_ip().map(|a| a.to_string()).unwrap_or_else(|| format!("{}:{}", o.host, o.port));
@@ -112,36 +136,66 @@ pub fn serve(b: &mut dyn Backend, pipe: &Pipeline, o: &ServeOptions) -> Result<(
     );
     let (tx, rx) = sync_channel::<Job>(o.max_queue);
     let waiting = Arc::new(AtomicUsize::new(0));
+    let pools = Arc::new(AtomicUsize::new(pool_bytes(b)));
     let accept = {
-        let waiting = waiting.clone();
+        let (waiting, pools) = (waiting.clone(), pools.clone());
         let (api_key, model, max_body, max_queue) =
             (o.api_key.clone(), o.model_name.clone(), o.max_body_bytes, o.max_queue);
         move || {
-            for req in server.incoming_requests() {
-                accept_one(req, &tx, &waiting, defaults, &api_key, &model, inpainting, max_body, max_queue);
+            let ctx = Accept { tx, waiting, pools, defaults, api_key, model, inpainting, max_body, max_queue };
+            while !STOP.load(Ordering::SeqCst) {
+                if let Ok(Some(req)) = server.recv_timeout(POLL) {
+                    accept_one(req, &ctx);
+                }
             }
+            // Dropping the server closes the listening socket; dropping the sender ends the run
+            // loop once the queue is empty.
         }
     };
-    std::thread::Builder::new().name("accept".into()).spawn(accept)?;
-    for job in rx {
-        waiting.fetch_sub(1, Ordering::SeqCst);
-        run_job(b, pipe, job, o);
+    let acceptor = std::thread::Builder::new().name("accept".into()).spawn(accept)?;
+    let mut refused = 0;
+    loop {
+        match rx.recv_timeout(POLL) {
+            Ok(job) => {
+                waiting.fetch_sub(1, Ordering::SeqCst);
+                if STOP.load(Ordering::SeqCst) {
+                    error(job.http, 503, "the server is stopping: not run");
+                    refused += 1;
+                } else {
+                    run_job(b, pipe, job, o);
+                    pools.store(pool_bytes(b), Ordering::SeqCst);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
     }
+    let _ = acceptor.join();
+    eprintln!("stopped by a signal; {refused} waiting request(s) answered 503");
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn accept_one(
-    mut req: tiny_http::Request,
-    tx: &SyncSender<Job>,
-    waiting: &AtomicUsize,
+/// The bytes of the backend's pools (the loaded weights, and whatever a request left: nothing).
+fn pool_bytes(b: &dyn Backend) -> usize {
+    b.pool_sizes().iter().map(|(_, n)| n).sum()
+}
+
+/// What the accept thread needs.
+struct Accept {
+    tx: SyncSender<Job>,
+    waiting: Arc<AtomicUsize>,
+    pools: Arc<AtomicUsize>,
     defaults: Defaults,
-    api_key: &Option<String>,
-    model: &str,
+    api_key: Option<String>,
+    model: String,
     inpainting: bool,
     max_body: usize,
     max_queue: usize,
-) {
+}
+
+fn accept_one(mut req: tiny_http::Request, ctx: &Accept) {
+    let Accept { tx, waiting, pools, defaults, api_key, model, inpainting, max_body, max_queue } = ctx;
+    let (defaults, inpainting, max_body, max_queue) = (*defaults, *inpainting, *max_body, *max_queue);
     if let Some(key) = api_key {
         let want = format!("Bearer {key}");
         if !req.headers().iter().any(|h| h.field.equiv("Authorization") && h.value.as_str() == want) {
@@ -152,7 +206,8 @@ fn accept_one(
     let method = req.method().clone();
     match (method, path.as_str()) {
         (tiny_http::Method::Get, "/health") => {
-            let body = json!({"status": "ok", "queued": waiting.load(Ordering::SeqCst), "max_queue": max_queue});
+            let body = json!({"status": "ok", "queued": waiting.load(Ordering::SeqCst), "max_queue": max_queue,
+                "device_pool_bytes": pools.load(Ordering::SeqCst), "rss_bytes": rss_bytes()});
             respond(req, 200, &body, &[])
         }
         (tiny_http::Method::Get, "/v1/models") => {
