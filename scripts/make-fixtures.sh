@@ -37,7 +37,9 @@ fi
 # batch norm in training and pooling's backward; generate_retrieval.py: `eval retrieval` (issue 16);
 # generate_torch_files.py: PyTorch checkpoints in every form and what torch.load reads from them;
 # generate_single_file.py: SD single-file checkpoints checked by diffusers' own conversion (issue 22;
-# run after generate.py, it reads the pipe-a fixture).
+# run after generate.py, it reads the pipe-a fixture); generate_img2img.py and generate_inpaint.py:
+# diffusers' img2img and inpainting pipelines on pipe-a/pipe-b (issue 21; after generate.py, and
+# img2img before inpaint, whose init image it writes).
 if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate.py
   "$VENV/bin/python" tests/fixtures/generate_schedulers.py
@@ -55,6 +57,8 @@ if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate_retrieval.py
   "$VENV/bin/python" tests/fixtures/generate_torch_files.py
   "$VENV/bin/python" tests/fixtures/generate_single_file.py
+  "$VENV/bin/python" tests/fixtures/generate_img2img.py
+  "$VENV/bin/python" tests/fixtures/generate_inpaint.py
   "$VENV/bin/python" tests/fixtures/iu-xray/make_sample.py
 else
   "$VENV/bin/python" tests/fixtures/generate.py "$@"
