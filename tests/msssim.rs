@@ -192,7 +192,8 @@ fn table_output() {
 fn sample_png(path: &Path, w: usize, h: usize, seed: u64, prompt: &str) {
     let px: Vec<f32> = noise(seed, w, h).iter().map(|&v| v as f32 / 255.0).collect();
     let text = [("prompt", prompt.to_string()), ("seed", seed.to_string())];
-    roentgen::io::images::write_png(path, &px, 1, h, w, true, &text).unwrap();
+    roentgen::io::images::write_png(path, &roentgen::io::images::encode_png(&px, 1, h, w, true, &text).unwrap())
+        .unwrap();
 }
 
 #[test]
@@ -262,7 +263,11 @@ fn bad_input_gets_clear_errors() {
     let untagged = d("untagged");
     sample_png(&untagged.join("a.png"), 170, 170, 1, "Mild edema.");
     let px = vec![0.5f32; 170 * 170];
-    roentgen::io::images::write_png(&untagged.join("b.png"), &px, 1, 170, 170, true, &[]).unwrap();
+    roentgen::io::images::write_png(
+        &untagged.join("b.png"),
+        &roentgen::io::images::encode_png(&px, 1, 170, 170, true, &[]).unwrap(),
+    )
+    .unwrap();
     expect_error(&["--images", &s(&untagged)], &["b.png", "no \"prompt\" text chunk", "--manifest"]);
 
     let wide = d("sixteen");

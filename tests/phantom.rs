@@ -428,8 +428,12 @@ fn eval_counts_samples_by_prompt_with_rgb_and_unknown_prompts() {
         let prompt =
             if i == 3 { "A photograph of a cat.".to_string() } else { "Large left pleural effusion.".to_string() };
         let p = t.path().join(format!("42-{i:04}.png"));
-        roentgen::io::images::write_png(&p, &rgb, 3, 96, 96, false, &[("prompt", prompt), ("seed", "42".into())])
-            .unwrap();
+        roentgen::io::images::write_png(
+            &p,
+            &roentgen::io::images::encode_png(&rgb, 3, 96, 96, false, &[("prompt", prompt), ("seed", "42".into())])
+                .unwrap(),
+        )
+        .unwrap();
     }
     let items = items_from_folder(t.path()).unwrap();
     let report =
@@ -458,7 +462,11 @@ fn bad_input_gets_clear_errors() {
 
     let bare = t.path().join("bare");
     std::fs::create_dir(&bare).unwrap();
-    roentgen::io::images::write_png(&bare.join("a.png"), &vec![0.5; 64 * 64], 1, 64, 64, true, &[]).unwrap();
+    roentgen::io::images::write_png(
+        &bare.join("a.png"),
+        &roentgen::io::images::encode_png(&vec![0.5; 64 * 64], 1, 64, 64, true, &[]).unwrap(),
+    )
+    .unwrap();
     let e = format!("{:#}", items_from_folder(&bare).unwrap_err());
     assert!(e.contains("a.png") && e.contains("\"prompt\"") && e.contains("$manifest"), "{e}");
 

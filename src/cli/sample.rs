@@ -457,7 +457,10 @@ fn sample_ranked(b: &mut dyn Backend, a: SampleArgs, dist: &roentgen::dist::Dist
     let summary = pipe.generate_each(b, &req, &|i| skip[i], &mut progress, &mut warn, &mut |g| {
         let text = settings(g.index);
         let text: Vec<(&str, String)> = text.into_iter().filter(|(_, v)| !v.is_empty()).collect();
-        roentgen::io::images::write_png(&paths[g.index], g.image, channels, h, w, gray, &text)?;
+        roentgen::io::images::write_png(
+            &paths[g.index],
+            &roentgen::io::images::encode_png(g.image, channels, h, w, gray, &text)?,
+        )?;
         written.push(paths[g.index].clone());
         if let Some((img, lat)) = &mut dumped {
             img.extend_from_slice(g.image);

@@ -14,21 +14,13 @@ pub fn luma(r: u8, g: u8, b: u8) -> u8 {
     ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
 }
 
-/// Writes one image given planar [c, h, w] values in [0, 1] (c = 3, or 1 for a gray model).
-pub fn write_png(
-    path: &Path,
-    planar: &[f32],
-    c: usize,
-    h: usize,
-    w: usize,
-    gray: bool,
-    text: &[(&str, String)],
-) -> Result<()> {
-    let bytes = encode_png(planar, c, h, w, gray, text)?;
-    crate::io::files::write_atomic(path, |file| Ok(std::io::Write::write_all(file, &bytes)?))
+/// Writes a PNG (from [`encode_png`]) atomically.
+pub fn write_png(path: &Path, png: &[u8]) -> Result<()> {
+    crate::io::files::write_atomic(path, |file| Ok(std::io::Write::write_all(file, png)?))
 }
 
-/// The PNG bytes of [`write_png`].
+/// One image as PNG bytes, from planar [c, h, w] values in [0, 1] (c = 3, or 1 for a gray
+/// model; `gray` stores an RGB image as luminance), with `text` in UTF-8 text chunks.
 pub fn encode_png(
     planar: &[f32],
     c: usize,

@@ -115,7 +115,10 @@ pub fn write_phantoms(out: &Path, count: usize, size: usize, seed: u64) -> Resul
                 ("index", i.to_string()),
                 ("generator", "roentgen phantom".to_string()),
             ];
-            crate::io::images::write_png(&out.join(&name), &g.pixels, 1, size, size, true, &text)?;
+            crate::io::images::write_png(
+                &out.join(&name),
+                &crate::io::images::encode_png(&g.pixels, 1, size, size, true, &text)?,
+            )?;
             let row = json!({"image": name, "text": g.text, "labels": g.labels});
             Ok((row.to_string(), g.findings))
         })
