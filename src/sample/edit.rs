@@ -4,7 +4,7 @@
 //! latents (drawn from the seed's generator in diffusers' order), the inpainting U-Net's extra
 //! input channels, and the 4-channel U-Net's blending after every step.
 
-use super::pipeline::Pipeline;
+use super::pipeline::{check_finite, Pipeline};
 use super::schedulers::Scheduler;
 use crate::backend::Backend;
 use crate::diag::SettingError;
@@ -50,11 +50,9 @@ pub struct Inpaint {
     pub blend: Option<(Vec<f32>, Vec<f32>)>,
 }
 
-/// A run's start from an image: the initial latents [n, c, h, w], the first step, and what
-/// inpainting needs.
+/// A run's start from an image: the initial latents [n, c, h, w] and what inpainting needs.
 pub struct Start {
     pub latents: Vec<f32>,
-    pub begin: usize,
     pub inpaint: Option<Inpaint>,
 }
 
@@ -72,9 +70,7 @@ fn encode_sample(
     let encoded = enc.encode(b, &p.vae, pixels);
     b.free(enc.pool())?;
     let (mean, logvar) = encoded?;
-    if let Some(i) = mean.iter().position(|v| !v.is_finite()) {
-        bail!("the VAE encoder's output for the init image is not finite (value {i}: {})", mean[i]);
-    }
+    check_finite(&mean, || "the VAE encoder's output for the init image".into())?;
     let eps = g.randn(mean.len());
     let sf = p.vae.config.scaling_factor;
     Ok(mean.iter().zip(&logvar).zip(&eps).map(|((&m, &lv), &e)| (m + (0.5 * lv).exp() * e) * sf).collect())
@@ -115,14 +111,14 @@ pub fn start(
         (Some(z), false) => sched.add_noise(&repeat(z), &noise, begin)?,
         (None, false) => unreachable!("the image is encoded unless inpainting at strength 1"),
     };
-    let Some(mask) = &init.mask else { return Ok(Start { latents, begin, inpaint: None }) };
+    let Some(mask) = &init.mask else { return Ok(Start { latents, inpaint: None }) };
     // diffusers' masked image: init_image · (mask < 0.5), then its latent sample.
     let masked: Vec<f32> =
         init.pixels.iter().enumerate().map(|(i, &x)| x * (mask[i % (h * w)] < 0.5) as u8 as f32).collect();
     let masked_latents = encode_sample(p, b, &masked, h, w, g)?;
     let mask_lat: Vec<f32> = (0..lh * lw).map(|i| mask[(i / lw) * f * w + (i % lw) * f]).collect();
     let blend = if inpaint_unet { None } else { image_latents.map(|z| (z, noise)) };
-    Ok(Start { latents, begin, inpaint: Some(Inpaint { mask: mask_lat, masked_latents, blend }) })
+    Ok(Start { latents, inpaint: Some(Inpaint { mask: mask_lat, masked_latents, blend }) })
 }
 
 impl Inpaint {

@@ -414,7 +414,7 @@ impl Pipeline {
             Some(init) => {
                 let begin = edit::begin_index(r.steps, init.strength, steps)?;
                 let s = edit::start(self, b, init, [n, c, lh, lw], &probe, begin, &mut generator)?;
-                (s.latents, s.begin, s.inpaint)
+                (s.latents, begin, s.inpaint)
             }
             None => {
                 let mut initial = match &r.latents_in {
@@ -654,7 +654,7 @@ pub fn check_scaling_factor(vae: &AutoencoderKL, dir: &Path) -> Result<()> {
 
 /// Fails naming the stage whose values are not all finite (a broken weight file or setting turns
 /// an image black or gray without it).
-fn check_finite(v: &[f32], stage: impl FnOnce() -> String) -> Result<()> {
+pub(crate) fn check_finite(v: &[f32], stage: impl FnOnce() -> String) -> Result<()> {
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         bail!("{} is non-finite ({} at index {i}): the weights or settings are broken", stage(), v[i]);
     }
