@@ -39,7 +39,8 @@ fi
 # generate_single_file.py: SD single-file checkpoints checked by diffusers' own conversion (issue 22;
 # run after generate.py, it reads the pipe-a fixture); generate_img2img.py and generate_inpaint.py:
 # diffusers' img2img and inpainting pipelines on pipe-a/pipe-b (issue 21; after generate.py, and
-# img2img before inpaint, whose init image it writes).
+# img2img before inpaint, whose init image it writes); generate_train_inpaint.py: training an
+# inpainting U-Net (after generate.py's train10 and generate_inpaint.py's unet-9ch).
 if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate.py
   "$VENV/bin/python" tests/fixtures/generate_schedulers.py
@@ -59,6 +60,7 @@ if [ "$#" -eq 0 ]; then
   "$VENV/bin/python" tests/fixtures/generate_single_file.py
   "$VENV/bin/python" tests/fixtures/generate_img2img.py
   "$VENV/bin/python" tests/fixtures/generate_inpaint.py
+  "$VENV/bin/python" tests/fixtures/generate_train_inpaint.py
   "$VENV/bin/python" tests/fixtures/iu-xray/make_sample.py
 else
   "$VENV/bin/python" tests/fixtures/generate.py "$@"

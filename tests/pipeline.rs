@@ -180,7 +180,7 @@ fn fifty_samples_from_one_loaded_pipeline_hold_memory_flat() {
         latents_in: None,
         init_image: None,
     };
-    let sample = |b: &mut CpuBackend| pipe.generate(b, &req, &mut |_, _| {}, &mut |_| {}).unwrap().images;
+    let sample = |b: &mut CpuBackend| pipe.generate(b, &req, &mut |_, _| Ok(()), &mut |_| {}).unwrap().images;
     let first = sample(&mut b);
     let after_one = held(&b);
     let mut last = Vec::new();

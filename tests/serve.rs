@@ -1,6 +1,7 @@
 //! `roentgen serve` on loopback (issue 21): A1111's txt2img and img2img give the images `sample`
 //! gives with the same settings; concurrent clients all get theirs; a full queue answers 429; bad
-//! requests get a 4xx with a message and the server goes on serving; device memory stays flat.
+//! requests get a 4xx with a message and the server goes on serving; device memory stays flat; a
+//! request whose client leaves is stopped.
 
 mod common;
 use base64::Engine;
@@ -14,6 +15,8 @@ use std::path::Path;
 struct Server {
     child: std::process::Child,
     port: u16,
+    /// Its stderr lines after "listening on".
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Server {
@@ -39,8 +42,10 @@ fn start(args: &[&str]) -> Server {
         }
     };
     // Keep draining its messages so that it never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Server { child, port }
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| sink.lock().unwrap().push(l)));
+    Server { child, port, log }
 }
 
 /// One HTTP/1.1 request (Connection: close): (status, body).
@@ -193,6 +198,46 @@ fn a_full_queue_answers_429_and_bad_requests_get_4xx() {
     assert!(statuses.iter().any(|&s| s == 429), "{statuses:?}");
     assert!(statuses.iter().filter(|&&s| s == 200).count() >= 1, "{statuses:?}");
     assert!(statuses.iter().all(|&s| s == 200 || s == 429), "{statuses:?}");
+}
+
+/// A client that goes away mid-request stops its run between two U-Net calls (the server says
+/// how far it got), and the device memory of the run is freed.
+#[test]
+fn a_request_whose_client_goes_away_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let srv = start(&["--model", pipe.to_str().unwrap()]);
+    let port = srv.port;
+    let health = || -> Value { serde_json::from_str(&http(port, "GET", "/health", b"").1).unwrap() };
+    let loaded = health()["device_pool_bytes"].as_u64().unwrap();
+    // Thousands of U-Net calls, asked on a connection that is then closed without reading.
+    let slow = json!({"prompt": "x", "steps": 1000, "width": 16, "height": 16, "batch_size": 8, "seed": 1,
+        "sampler_name": "Euler"})
+    .to_string();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let head = format!(
+        "POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        slow.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(slow.as_bytes()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    drop(s);
+    let t = std::time::Instant::now();
+    let stopped = loop {
+        let found = srv.log.lock().unwrap().iter().find(|l| l.contains("went away: stopped after")).cloned();
+        if let Some(line) = found {
+            break line;
+        }
+        assert!(t.elapsed().as_secs() < 20, "no stop was logged: {:?}", srv.log.lock().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    println!("{stopped} ({:.2} s after the client left)", t.elapsed().as_secs_f64());
+    let words: Vec<usize> = stopped.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert!(words.len() == 2 && words[0] < words[1], "{stopped}");
+    let small = json!({"prompt": "x", "steps": 2, "width": 16, "height": 16, "seed": 2});
+    assert_eq!(post(port, "/sdapi/v1/txt2img", &small).0, 200);
+    assert_eq!(health()["device_pool_bytes"].as_u64().unwrap(), loaded, "the stopped run left device memory");
 }
 
 /// 100 requests leave the device pools exactly as loaded and the resident memory flat (after

@@ -38,6 +38,31 @@ fn training_lowers_the_loss_and_its_checkpoint_samples() {
     assert!(png.is_file());
 }
 
+/// A pipeline whose U-Net is an inpainting one (9 input channels) learns from random masks: the
+/// loss falls, and its checkpoint inpaints with `sample --init-image --mask`.
+#[test]
+fn training_an_inpainting_unet_lowers_the_loss_and_its_checkpoint_inpaints() {
+    let (dir, pipe, data) = pipe_a_and_dataset(12);
+    std::fs::remove_dir_all(pipe.join("unet")).unwrap();
+    copy_dir(&fixture("inpaint/unet-9ch"), &pipe.join("unet"));
+    let out = dir.path().join("run");
+    let (_, err) = train_args(&pipe, &data, &out, "60", &["--cache-latents"]).run_ok();
+    assert!(err.contains("inpainting one"), "the run does not say it trains an inpainting U-Net: {err}");
+    let l = losses(&out);
+    let first: f64 = l[..10].iter().sum::<f64>() / 10.0;
+    let last: f64 = l[50..].iter().sum::<f64>() / 10.0;
+    println!("inpainting U-Net: mean loss of steps 1-10: {first:.4}, of steps 51-60: {last:.4}");
+    assert!(last < 0.9 * first, "the loss did not fall: {first} → {last}");
+    let png = dir.path().join("inpainted.png");
+    sample_16px_args(&out.join("checkpoint-60"), "3", &png)
+        .opt("--prompt", "Large left pleural effusion.")
+        .opt("--init-image", fixture("img2img/rgb-16x16.png"))
+        .opt("--mask", fixture("inpaint/mask-16x16.png"))
+        .opt("--seed", "1")
+        .run_ok();
+    assert!(png.is_file());
+}
+
 #[test]
 fn resumed_training_reproduces_the_uninterrupted_run_exactly() {
     let (dir, pipe, data) = pipe_a_and_dataset(5);
@@ -77,6 +102,26 @@ fn train_step_matches_the_first_pytorch_step() {
     let (code, _, err) = train_step_args(&pipe, &batch, &out).run();
     assert_eq!(code, 1);
     assert!(err.contains("--overwrite"), "{err}");
+}
+
+/// `train-step` on an inpainting U-Net's batch file (with `mask` and `masked_latents`) takes
+/// PyTorch's first step of generate_train_inpaint.py; a file with only one of them is refused.
+#[test]
+fn train_step_of_an_inpainting_unet_matches_the_first_pytorch_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = train_step_pipeline_with(dir.path().join("pipe"), "inpaint/unet-9ch");
+    let io = fixture("train-inpaint/io.safetensors");
+    let batch = dir.path().join("batch.safetensors");
+    write_f32_tensors(&batch, &train_inpaint_first_batch());
+    let (stdout, _) = train_step_args(&pipe, &batch, &dir.path().join("stepped")).opt("--lr", "1e-3").run_ok();
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let (loss, norm) = (v["loss"].as_f64().unwrap() as f32, v["grad_norm"].as_f64().unwrap() as f32);
+    let (wl, wn) = (read_f32(&io, "losses").1[0], read_f32(&io, "grad_norms").1[0]);
+    println!("inpainting train-step: loss {loss} (PyTorch {wl}), grad norm {norm} (PyTorch {wn})");
+    assert!((loss - wl).abs() <= F32_PARITY * wl.max(1.0) && (norm - wn).abs() <= F32_PARITY * wn.max(1.0));
+    let half: Vec<_> = train_inpaint_first_batch().into_iter().filter(|(n, _, _)| n != "masked_latents").collect();
+    write_f32_tensors(&batch, &half);
+    train_step_args(&pipe, &batch, &dir.path().join("o2")).expect_error(&["needs both 'mask' and 'masked_latents'"]);
 }
 
 #[test]

@@ -448,6 +448,7 @@ fn sample_ranked(b: &mut dyn Backend, a: SampleArgs, dist: &roentgen::dist::Dist
     let mut progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
+        Ok(())
     };
     let mut warn = |m: String| bar.suspend(|| eprintln!("warning: {m}"));
     let (gray, channels) = (a.gray, pipe.vae.config.out_channels);

@@ -4,6 +4,7 @@
 //! latents (drawn from the seed's generator in diffusers' order), the inpainting U-Net's extra
 //! input channels, and the 4-channel U-Net's blending after every step.
 
+use super::init_image::{mask_to_latent, masked_image};
 use super::pipeline::{check_finite, Pipeline};
 use super::schedulers::Scheduler;
 use crate::backend::Backend;
@@ -113,10 +114,8 @@ pub fn start(
     };
     let Some(mask) = &init.mask else { return Ok(Start { latents, inpaint: None }) };
     // diffusers' masked image: init_image · (mask < 0.5), then its latent sample.
-    let masked: Vec<f32> =
-        init.pixels.iter().enumerate().map(|(i, &x)| x * (mask[i % (h * w)] < 0.5) as u8 as f32).collect();
-    let masked_latents = encode_sample(p, b, &masked, h, w, g)?;
-    let mask_lat: Vec<f32> = (0..lh * lw).map(|i| mask[(i / lw) * f * w + (i % lw) * f]).collect();
+    let masked_latents = encode_sample(p, b, &masked_image(&init.pixels, mask), h, w, g)?;
+    let mask_lat = mask_to_latent(mask, w, f);
     let blend = if inpaint_unet { None } else { image_latents.map(|z| (z, noise)) };
     Ok(Start { latents, inpaint: Some(Inpaint { mask: mask_lat, masked_latents, blend }) })
 }

@@ -90,3 +90,16 @@ pub fn prepare_mask_bytes(
     let mask = gray.iter().map(|&v| if v as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 }).collect();
     Ok((mask, (height != h0 || width != w0).then_some((h0, w0))))
 }
+
+/// The mask at latent resolution (`factor` pixels per latent), nearest as torch's `interpolate`
+/// (mode "nearest": source index ⌊i · factor⌋).
+pub fn mask_to_latent(mask: &[f32], width: usize, factor: usize) -> Vec<f32> {
+    let (lw, lh) = (width / factor, mask.len() / width / factor);
+    (0..lh * lw).map(|i| mask[(i / lw) * factor * width + (i % lw) * factor]).collect()
+}
+
+/// diffusers' masked image: the planar image [c, h, w] times (mask < 0.5).
+pub fn masked_image(planar: &[f32], mask: &[f32]) -> Vec<f32> {
+    let hw = mask.len();
+    planar.iter().enumerate().map(|(i, &x)| x * (mask[i % hw] < 0.5) as u8 as f32).collect()
+}

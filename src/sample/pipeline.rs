@@ -330,7 +330,7 @@ impl Pipeline {
         &self,
         b: &mut dyn Backend,
         r: &SampleRequest,
-        progress: &mut dyn FnMut(usize, usize),
+        progress: &mut dyn FnMut(usize, usize) -> Result<()>,
         warn: &mut dyn FnMut(String),
     ) -> Result<SampleOutput> {
         let (mut images, mut latents) = (Vec::new(), Vec::new());
@@ -352,7 +352,9 @@ impl Pipeline {
     }
 
     /// Runs the whole pipeline, calling `on_image` with each image as soon as it is decoded (in
-    /// index order), so a long job keeps what it made when it is stopped. Images for which
+    /// index order), so a long job keeps what it made when it is stopped. `progress(done, total)`
+    /// follows the U-Net calls; an error from it stops the run there (cancellation), the device
+    /// memory of the run freed as on every way out. Images for which
     /// `skip(i)` holds are not computed (a resumed batch job); the others come out exactly as in a
     /// run that computes all of them.
     ///
@@ -367,7 +369,7 @@ impl Pipeline {
         b: &mut dyn Backend,
         r: &SampleRequest,
         skip: &dyn Fn(usize) -> bool,
-        progress: &mut dyn FnMut(usize, usize),
+        progress: &mut dyn FnMut(usize, usize) -> Result<()>,
         warn: &mut dyn FnMut(String),
         on_image: &mut dyn FnMut(GeneratedImage) -> Result<()>,
     ) -> Result<SampleSummary> {
@@ -525,7 +527,7 @@ impl Pipeline {
                             }
                         }
                         calls += 1;
-                        progress(calls, total_calls);
+                        progress(calls, total_calls)?;
                     }
                     latents = sched.step(&noise, si, &latents, &mut generator)?;
                     if let Some(ip) = &inpaint {

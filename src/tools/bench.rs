@@ -297,7 +297,7 @@ fn transformer_flops(n: usize, seq: usize, layers: usize, d: usize, ffn: usize) 
 /// FLOP: 3 × the forward's (the backward's two products per forward product), the usual count.
 fn train_step(b: &mut dyn Backend, o: &BenchOptions) -> Result<(String, usize, usize, u64, Timing)> {
     use crate::models::text::TextEncoder;
-    use crate::train::{Batch, MicroBatchShape, Noise, OptimOptions, PredictionType, Trainer};
+    use crate::train::{Batch, InpaintInputs, MicroBatchShape, Noise, OptimOptions, PredictionType, Trainer};
     let unet = load_component::<UNet>(b, o, "unet", false)?;
     let text_dir = weights::component_dir(o.model, "text_encoder")?;
     let text = if o.random_weights {
@@ -315,7 +315,7 @@ fn train_step(b: &mut dyn Backend, o: &BenchOptions) -> Result<(String, usize, u
     let shape = MicroBatchShape { size: n, h, w, seq };
     let opts = OptimOptions::default();
     let mut trainer = Trainer::new(b, &unet, &text, opts, alphas.clone(), PredictionType::Epsilon, shape)?;
-    let c = unet.config.in_channels;
+    let c = unet.config.out_channels;
     let vocab = match &text {
         TextEncoder::Clip(m) => m.config.vocab_size,
         TextEncoder::Bert(m) => m.config.vocab_size,
@@ -327,6 +327,11 @@ fn train_step(b: &mut dyn Backend, o: &BenchOptions) -> Result<(String, usize, u
         attention_mask: vec![1; n * seq],
         noise: Noise::Given(random_values(n * c * h * w, 5)),
         timesteps: (0..n).map(|i| (i * 389 + 500) % alphas.len()).collect(),
+        // An inpainting U-Net trains on a mask and masked-image latents beside the noisy latents.
+        inpaint: (unet.config.in_channels != c).then(|| InpaintInputs {
+            mask: (0..n * h * w).map(|i| ((i % w) * 2 < w) as u8 as f32).collect(),
+            masked_latents: random_values(n * c * h * w, 6),
+        }),
     };
     let text_flops = match &text {
         TextEncoder::Clip(m) => {

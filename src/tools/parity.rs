@@ -280,7 +280,7 @@ pub fn run(b: &mut dyn Backend, pipe: &Pipeline, o: &ParityOptions) -> Result<(V
         init_image: None,
     };
     pipe.validate(&req)?;
-    let out = pipe.generate(b, &req, &mut |_, _| {}, &mut |w| crate::diag::warn(w))?;
+    let out = pipe.generate(b, &req, &mut |_, _| Ok(()), &mut |w| crate::diag::warn(w))?;
     let (shape, want) = get("image")?;
     results.push(compare(
         &format!("image ({} steps, guidance {})", o.steps, o.guidance),

@@ -13,6 +13,7 @@ pub mod classifier;
 pub mod data;
 pub mod densenet;
 pub mod job;
+pub mod masks;
 pub mod run;
 pub mod schedule;
 pub mod vae;
@@ -24,6 +25,7 @@ use crate::models::text::{TextEncoder, TextGrads};
 use crate::models::unet::{UNet, UNetParams};
 use crate::nn::Cx;
 use crate::nn::Fmap;
+use crate::ops::elementwise::ConcatParams;
 use crate::ops::optim::AdamWParams;
 use crate::ops::random::AddNoiseParams;
 pub use crate::tensor::nchw_to_nhwc;
@@ -126,6 +128,19 @@ pub struct Batch {
     pub noise: Noise,
     /// n training timesteps in [0, num_train_timesteps).
     pub timesteps: Vec<usize>,
+    /// An inpainting U-Net's extra inputs; None for an ordinary U-Net.
+    pub inpaint: Option<InpaintInputs>,
+}
+
+/// What an inpainting U-Net (in_channels = 2 · latent channels + 1) sees beside the noisy
+/// latents, concatenated as diffusers' inpainting training (and its inpainting pipeline) does:
+/// `torch.cat([noisy_latents, mask, masked_latents], dim=1)`. NCHW, on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InpaintInputs {
+    /// [n, 1, h, w] at latent resolution: 1 where the image is repainted, 0 where it is kept.
+    pub mask: Vec<f32>,
+    /// [n, c, h, w]: the masked image's latents (scaled, like `Batch::latents`).
+    pub masked_latents: Vec<f32>,
 }
 
 /// Where a micro-batch's noise comes from.
@@ -259,6 +274,13 @@ impl Trainer {
         shape: MicroBatchShape,
     ) -> Result<Trainer> {
         let MicroBatchShape { size: micro_batch, h, w, seq } = shape;
+        let (c_in, c_out) = (unet.config.in_channels, unet.config.out_channels);
+        if c_in != c_out && c_in != 2 * c_out + 1 {
+            bail!(
+                "the U-Net takes {c_in} input channels and predicts {c_out}: training needs in_channels equal to \
+                 out_channels, or 2 × out_channels + 1 (an inpainting U-Net: latents, mask, masked-image latents)"
+            );
+        }
         if clip.hidden_size() != unet.config.cross_attention_dim {
             bail!(
                 "text encoder hidden_size {} does not match the U-Net's cross_attention_dim {}",
@@ -281,12 +303,19 @@ impl Trainer {
         let ctx = arena.alloc([micro_batch * seq, unet.config.cross_attention_dim])?;
         let dctx = arena.alloc(ctx.shape)?;
         let dout = Fmap::alloc(&mut arena, micro_batch, h, w, unet.config.out_channels)?;
-        let n = sample.numel();
-        let side_pool = b.alloc(n + 64, "train.side")?;
+        let n = dout.numel();
+        // An inpainting U-Net's input is assembled from the noisy latents and the conditioning
+        // (mask, masked-image latents), each kept here, then concatenated by channel.
+        let cond = sample.numel() - n;
+        let side_pool = b.alloc(n + if cond > 0 { n + cond } else { 0 } + 64, "train.side")?;
         let mut side = Layout::new(side_pool);
         side.tensor("target", [n]);
         side.tensor("loss", [1]);
         side.tensor("sumsq", [1]);
+        if cond > 0 {
+            side.tensor("noisy", [n]);
+            side.tensor("inpaint_cond", [cond]);
+        }
         Ok(Trainer {
             options,
             alphas_cumprod,
@@ -425,15 +454,32 @@ impl Trainer {
     ) -> Result<f32> {
         let [n, c, h, w] = mb.latent_shape;
         let (sample, ctx, dctx, dout) = self.io;
-        if n != self.micro_batch || (h, w, c) != (sample.h, sample.w, sample.c) {
+        if n != self.micro_batch || (h, w, c) != (sample.h, sample.w, dout.c) {
             bail!(
                 "micro-batch of shape {:?}; the trainer was built for [{}, {}, {}, {}]",
                 mb.latent_shape,
                 self.micro_batch,
-                sample.c,
+                dout.c,
                 sample.h,
                 sample.w
             );
+        }
+        let inpainting = sample.c != c;
+        match &mb.inpaint {
+            None if inpainting => bail!(
+                "this U-Net is an inpainting one ({} input channels): each micro-batch needs a mask and the masked \
+                 image's latents",
+                sample.c
+            ),
+            Some(_) if !inpainting => {
+                bail!("a micro-batch carries inpainting inputs, but the U-Net is not an inpainting one")
+            }
+            Some(ip) if ip.mask.len() != n * h * w || ip.masked_latents.len() != n * c * h * w => bail!(
+                "micro-batch: {} mask values and {} masked-latent values for {n} samples of [{c}, {h}, {w}]",
+                ip.mask.len(),
+                ip.masked_latents.len()
+            ),
+            _ => {}
         }
         let seq = self.seq;
         let given = match &mb.noise {
@@ -459,26 +505,40 @@ impl Trainer {
         let hidden = clip.last_hidden_state(&clip_acts)?;
         let tgt = self.side("target");
         let per = c * h * w;
+        // Where the noisy latents go: the U-Net's input itself, or beside it for an inpainting one.
+        let noisy_t = if inpainting { self.side("noisy") } else { sample.t };
         match &mb.noise {
             Noise::Given(_) => {
                 let (noisy, target) = self.noisy_and_target(mb)?;
-                b.upload(&sample.t, &nchw_to_nhwc(&noisy, n, c, h, w))?;
-                b.upload(&Tensor { shape: [n * per].into(), ..tgt }, &nchw_to_nhwc(&target, n, c, h, w))?;
+                b.upload(&noisy_t, &nchw_to_nhwc(&noisy, n, c, h, w))?;
+                b.upload(&tgt, &nchw_to_nhwc(&target, n, c, h, w))?;
             }
             Noise::Philox { seed, streams } => {
                 if streams.len() != n {
                     bail!("train_step: {} noise streams for {n} samples", streams.len());
                 }
-                b.upload(&sample.t, &nchw_to_nhwc(&mb.latents, n, c, h, w))?;
+                b.upload(&noisy_t, &nchw_to_nhwc(&mb.latents, n, c, h, w))?;
                 let v = self.prediction_type == PredictionType::VPrediction;
                 for (i, &t) in mb.timesteps.iter().enumerate() {
                     let (sa, s1a) = self.noise_coefs(t)?;
                     let at = |x: &Tensor| Tensor { pool: x.pool, offset: x.offset + i * per, shape: [per].into() };
                     b.randn(&at(&tgt), per, *seed, streams[i])?;
                     let p = AddNoiseParams { n: per, sqrt_alpha: sa, sqrt_one_minus_alpha: s1a, v_prediction: v };
-                    b.ddpm_add_noise(&p, &at(&sample.t), &at(&tgt))?;
+                    b.ddpm_add_noise(&p, &at(&noisy_t), &at(&tgt))?;
                 }
             }
+        }
+        if let Some(ip) = &mb.inpaint {
+            // [mask | masked latents] per sample, then channels-last, then [noisy | that].
+            let mut cond = Vec::with_capacity(n * (c + 1) * h * w);
+            for i in 0..n {
+                cond.extend_from_slice(&ip.mask[i * h * w..(i + 1) * h * w]);
+                cond.extend_from_slice(&ip.masked_latents[i * per..(i + 1) * per]);
+            }
+            let cond_t = self.side("inpaint_cond");
+            b.upload(&cond_t, &nchw_to_nhwc(&cond, n, c + 1, h, w))?;
+            let p = ConcatParams { rows: n * h * w, a_channels: c, b_channels: c + 1 };
+            b.concat_channels_forward(&p, &sample.t, &noisy_t, &cond_t)?;
         }
         b.zero(&ctx)?;
         b.accumulate(&ctx, &hidden, ctx.numel())?;

@@ -13,7 +13,8 @@
 use super::checkpoint::{self, CheckpointContents};
 use super::data::OnBadImage;
 use super::job::{self, ImageDraw, OutputFolder, TrainLog};
-use super::{Batch, MicroBatchShape, Noise, OptimOptions, PredictionType, StepStats, Trainer};
+use super::masks;
+use super::{Batch, InpaintInputs, MicroBatchShape, Noise, OptimOptions, PredictionType, StepStats, Trainer};
 use crate::backend::Backend;
 use crate::diag::SettingError;
 use crate::dist::{fingerprint, fingerprint_tensor, Dist};
@@ -24,6 +25,7 @@ use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::{AutoencoderKL, LatentEncoder};
 use crate::models::Component;
 use crate::rng::splitmix::SplitMix64;
+use crate::sample::init_image::{mask_to_latent, masked_image};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -420,6 +422,11 @@ pub fn train(
     let z = models.vae.config.latent_channels;
     let per = z * lat * lat;
     let sf = models.vae.config.scaling_factor;
+    // An inpainting U-Net (9 input channels) learns to repaint random masks (`masks`).
+    let inpainting = models.unet.config.in_channels != z;
+    if inpainting && dist.is_root() {
+        crate::diag::progress("the U-Net is an inpainting one: training it on random masks (rectangles and ellipses)");
+    }
     let mut log_file = match &out {
         Some(o) => Some(TrainLog::open(&o.dir.join("train_log.jsonl"), trainer.step)?),
         None => None,
@@ -442,6 +449,10 @@ pub fn train(
                     // Drawn where the U-Net runs (Philox): one stream per sample, (step, i).
                     noise: Noise::Philox { seed: cfg.seed, streams: Vec::with_capacity(cfg.batch_size) },
                     timesteps: Vec::with_capacity(cfg.batch_size),
+                    inpaint: inpainting.then(|| InpaintInputs {
+                        mask: Vec::with_capacity(cfg.batch_size * lat * lat),
+                        masked_latents: Vec::with_capacity(cfg.batch_size * per),
+                    }),
                 };
                 for k in 0..cfg.batch_size {
                     // The sample's number in the step (micro-batch a of every rank, then the
@@ -454,12 +465,12 @@ pub fn train(
                     }
                     let idx = perm.1[counter % n];
                     let mut rng = sample_rng(cfg.seed, step as u64, i as u64);
-                    let (mean, logvar) = match &cache[idx] {
-                        Some(m) => m.clone(),
-                        None => {
-                            let (_, px) = draw.load(idx)?;
-                            encoder.encode(b, &models.vae, &px)?
-                        }
+                    // The image itself: to encode when not cached, and to mask for inpainting.
+                    let pixels = if cache[idx].is_none() || inpainting { Some(draw.load(idx)?.1) } else { None };
+                    let (mean, logvar) = match (&cache[idx], &pixels) {
+                        (Some(m), _) => m.clone(),
+                        (None, Some(px)) => encoder.encode(b, &models.vae, px)?,
+                        (None, None) => unreachable!("the image is loaded when its latents are not cached"),
                     };
                     // latent_dist.sample() · scaling_factor
                     for (m, lv) in mean.iter().zip(&logvar) {
@@ -474,6 +485,16 @@ pub fn train(
                     mb.timesteps.push((rng.next_u64() % models.alphas_cumprod.len() as u64) as usize);
                     if let Noise::Philox { streams, .. } = &mut mb.noise {
                         streams.push(((step as u64) << 32) | i as u64);
+                    }
+                    // Inpainting U-Net: a random mask and the masked image's latent sample, drawn
+                    // after the rest so that other runs keep their streams.
+                    if let (Some(ip), Some(px)) = (&mut mb.inpaint, &pixels) {
+                        let mask = masks::random_mask(cfg.resolution, cfg.resolution, &mut rng);
+                        let (mean, logvar) = encoder.encode(b, &models.vae, &masked_image(px, &mask))?;
+                        for (m, lv) in mean.iter().zip(&logvar) {
+                            ip.masked_latents.push((m + (0.5 * lv).exp() * rng.next_normal()) * sf);
+                        }
+                        ip.mask.extend(mask_to_latent(&mask, cfg.resolution, f));
                     }
                 }
                 micro.push(mb);
@@ -529,7 +550,8 @@ pub fn train(
 
 /// Reads a `train-step` batch file: `latents` [n, c, h, w] (scaled, what the U-Net sees) or
 /// `pixel_values` [n, 3, H, W] in [−1, 1] (encoded with the VAE's mean), `input_ids` [n, seq],
-/// `noise` like the latents, `timesteps` [n].
+/// `noise` like the latents, `timesteps` [n]; for an inpainting U-Net also `mask` [n, 1, h, w]
+/// and `masked_latents` like the latents.
 pub fn read_step_batch(path: &Path, models: &Models, b: &mut dyn Backend) -> Result<Batch> {
     let f = crate::io::safetensors::SafetensorsFile::open(path)?;
     let st = f.parse()?;
@@ -612,6 +634,30 @@ pub fn read_step_batch(path: &Path, models: &Models, b: &mut dyn Backend) -> Res
         Some((s, _)) => bail!("{}: attention_mask has shape {s:?}; expected {ishape:?}", path.display()),
         None => vec![1; ids.len()],
     };
+    // An inpainting U-Net's inputs: both tensors, at the latents' resolution.
+    let inpaint = match (get("mask")?, get("masked_latents")?) {
+        (None, None) => None,
+        (Some((ms, mask)), Some((ls, masked_latents))) => {
+            let [n, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
+            if ms != [n, 1, h, w] || ls != shape {
+                bail!(
+                    "{}: mask has shape {ms:?} and masked_latents {ls:?}; with latents {shape:?} they must be \
+                     [{n}, 1, {h}, {w}] and [{n}, {c}, {h}, {w}]",
+                    path.display()
+                );
+            }
+            if let Some(i) = masked_latents.iter().position(|x| !x.is_finite()) {
+                bail!("{}: tensor 'masked_latents' holds a non-finite value at index {i}", path.display());
+            }
+            if let Some(&m) = mask.iter().find(|&&m| !(0.0..=1.0).contains(&m)) {
+                bail!("{}: tensor 'mask' holds {m}; expected values in [0, 1] (1 repaints)", path.display());
+            }
+            Some(InpaintInputs { mask, masked_latents })
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            bail!("{}: an inpainting batch needs both 'mask' and 'masked_latents'", path.display())
+        }
+    };
     Ok(Batch {
         latents,
         latent_shape: [shape[0], shape[1], shape[2], shape[3]],
@@ -619,6 +665,7 @@ pub fn read_step_batch(path: &Path, models: &Models, b: &mut dyn Backend) -> Res
         input_ids: ids.iter().map(|&x| x as u32).collect(),
         noise: Noise::Given(noise),
         timesteps: ts.iter().map(|&t| t as usize).collect(),
+        inpaint,
     })
 }
 

@@ -383,7 +383,12 @@ pub fn write_f32_tensors<N: AsRef<str>>(path: &Path, tensors: &[(N, Vec<usize>, 
 /// A pipeline folder for `train-step` at `pipe`: the grads fixture's U-Net, the train10 text
 /// encoder, pipe-a's VAE and model_index.json, SD v1.4's scheduler and tokenizer.
 pub fn train_step_pipeline(pipe: PathBuf) -> PathBuf {
-    copy_dir(&fixture("grads/unet"), &pipe.join("unet"));
+    train_step_pipeline_with(pipe, "grads/unet")
+}
+
+/// [`train_step_pipeline`] with the U-Net of fixture folder `unet`.
+pub fn train_step_pipeline_with(pipe: PathBuf, unet: &str) -> PathBuf {
+    copy_dir(&fixture(unet), &pipe.join("unet"));
     copy_dir(&fixture("train10/text_encoder"), &pipe.join("text_encoder"));
     copy_dir(&fixture("pipe-a/vae"), &pipe.join("vae"));
     copy_dir(&sd14_config().join("scheduler"), &pipe.join("scheduler"));
@@ -395,9 +400,20 @@ pub fn train_step_pipeline(pipe: PathBuf) -> PathBuf {
 /// The first batch of the train10 fixture (PyTorch's first training step) as train-step reads it:
 /// (name, shape, values) of latents, noise, input_ids and timesteps.
 pub fn train10_first_batch() -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let io = fixture("train10/io.safetensors");
-    ["latents", "noise", "input_ids", "timesteps"]
-        .into_iter()
+    first_batch("train10/io.safetensors", &["latents", "noise", "input_ids", "timesteps"])
+}
+
+/// The first batch of the train-inpaint fixture: train10's tensors and the inpainting U-Net's mask
+/// and masked latents.
+pub fn train_inpaint_first_batch() -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let names = ["latents", "noise", "input_ids", "timesteps", "mask", "masked_latents"];
+    first_batch("train-inpaint/io.safetensors", &names)
+}
+
+fn first_batch(io: &str, names: &[&str]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let io = fixture(io);
+    names
+        .iter()
         .map(|name| {
             let (shape, v) = read_f32(&io, &format!("b0.{name}"));
             (name.to_string(), shape, v)

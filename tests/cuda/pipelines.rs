@@ -20,7 +20,7 @@ pub fn denoising_allocation_case(r: &mut Runner) {
             let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
             let pipe = Pipeline::load(&mut gpu, &pipe_dir, None)?;
             let req = two_prompt_request(steps, 5);
-            let out = pipe.generate(&mut gpu, &req, &mut |_, _| {}, &mut |_| {})?;
+            let out = pipe.generate(&mut gpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
             ensure!(out.images.iter().all(|v| v.is_finite()), "non-finite pixels after {steps} steps");
             Ok(gpu.allocation_count())
         };
@@ -44,7 +44,7 @@ pub fn sampling_frees_case(r: &mut Runner) {
         let req = two_prompt_request(3, 5);
         let mut images = Vec::new();
         for call in 0..3 {
-            images.push(pipe.generate(&mut gpu, &req, &mut |_, _| {}, &mut |_| {})?.images);
+            images.push(pipe.generate(&mut gpu, &req, &mut |_, _| Ok(()), &mut |_| {})?.images);
             ensure!(held(&gpu) == loaded, "call {}: {} bytes of pools, {loaded} after loading", call + 1, held(&gpu));
         }
         ensure!(images[0] == images[2], "the same request gave other images on its third call");
@@ -126,7 +126,7 @@ pub fn graph_case(r: &mut Runner) {
             gpu.set_graphs(graphs);
             let pipe = Pipeline::load(&mut gpu, &pipe_dir, None)?;
             let req = two_prompt_request(steps, 11);
-            let out = pipe.generate(&mut gpu, &req, &mut |_, _| {}, &mut |_| {})?;
+            let out = pipe.generate(&mut gpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
             Ok((out.images, out.timings.graph_replays, out.timings.unet_calls))
         };
         let (direct, r0, _) = run(false)?;
@@ -264,27 +264,35 @@ pub fn end_to_end_cases(r: &mut Runner, precision: &str, bar: f64) {
         let want = run("cpu")?;
         rel_l2_at_most(&run("cuda")?, &want, bar)
     });
-    r.case(&format!("{precision}/train-step: cuda vs cpu"), || {
-        let dir = tempfile::tempdir()?;
-        let pipe = train_step_pipeline(dir.path().join("pipe"));
-        let batch = dir.path().join("batch.safetensors");
-        write_f32_tensors(&batch, &train10_first_batch());
-        let step = |device: &str| -> Result<(f64, f64, Vec<f32>)> {
-            let out = dir.path().join(format!("stepped-{device}"));
-            let args = train_step_args(&pipe, &batch, &out).opt("--lr", "1e-3");
-            let (code, stdout, err) = args.globals(&["--device", device, "--precision", precision]).run();
-            ensure!(code == 0, "train-step --device {device}: {err}");
-            let v: serde_json::Value = serde_json::from_str(stdout.trim())?;
-            let w = read_all_f32(&out.join("unet/diffusion_pytorch_model.safetensors"));
-            Ok((v["loss"].as_f64().unwrap_or(f64::NAN), v["grad_norm"].as_f64().unwrap_or(f64::NAN), w))
-        };
-        let (l0, n0, w0) = step("cpu")?;
-        let (l1, n1, w1) = step("cuda")?;
-        ensure!((l1 - l0).abs() <= bar * l0.abs().max(1.0), "loss {l1} vs cpu {l0}");
-        ensure!((n1 - n0).abs() <= bar * n0.abs().max(1.0), "grad norm {n1} vs cpu {n0}");
-        let w = rel_l2_at_most(&w1, &w0, bar)?;
-        Ok(format!("loss {l1:.6} (cpu {l0:.6}), grad norm {n1:.5} (cpu {n0:.5}), updated U-Net {w}"))
-    });
+    // An ordinary U-Net, and an inpainting one (its input assembled from the noisy latents, the
+    // mask and the masked latents on the device).
+    let batches: [(&str, &str, fn() -> Vec<(String, Vec<usize>, Vec<f32>)>); 2] = [
+        ("train-step", "grads/unet", train10_first_batch),
+        ("train-step of an inpainting U-Net", "inpaint/unet-9ch", train_inpaint_first_batch),
+    ];
+    for (what, unet, batch_of) in batches {
+        r.case(&format!("{precision}/{what}: cuda vs cpu"), || {
+            let dir = tempfile::tempdir()?;
+            let pipe = train_step_pipeline_with(dir.path().join("pipe"), unet);
+            let batch = dir.path().join("batch.safetensors");
+            write_f32_tensors(&batch, &batch_of());
+            let step = |device: &str| -> Result<(f64, f64, Vec<f32>)> {
+                let out = dir.path().join(format!("stepped-{device}"));
+                let args = train_step_args(&pipe, &batch, &out).opt("--lr", "1e-3");
+                let (code, stdout, err) = args.globals(&["--device", device, "--precision", precision]).run();
+                ensure!(code == 0, "train-step --device {device}: {err}");
+                let v: serde_json::Value = serde_json::from_str(stdout.trim())?;
+                let w = read_all_f32(&out.join("unet/diffusion_pytorch_model.safetensors"));
+                Ok((v["loss"].as_f64().unwrap_or(f64::NAN), v["grad_norm"].as_f64().unwrap_or(f64::NAN), w))
+            };
+            let (l0, n0, w0) = step("cpu")?;
+            let (l1, n1, w1) = step("cuda")?;
+            ensure!((l1 - l0).abs() <= bar * l0.abs().max(1.0), "loss {l1} vs cpu {l0}");
+            ensure!((n1 - n0).abs() <= bar * n0.abs().max(1.0), "grad norm {n1} vs cpu {n0}");
+            let w = rel_l2_at_most(&w1, &w0, bar)?;
+            Ok(format!("loss {l1:.6} (cpu {l0:.6}), grad norm {n1:.5} (cpu {n0:.5}), updated U-Net {w}"))
+        });
+    }
 }
 
 /// The CLIP image tower (the FID feature network that runs on the backend) on the CUDA backend in

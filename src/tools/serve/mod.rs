@@ -7,8 +7,12 @@
 //! gets 429 with Retry-After at once; a malformed one gets a 4xx naming the problem, and the server
 //! goes on. Each generation frees its device memory when done (`Pipeline::generate`), so memory
 //! stays flat across requests (`/health` reports the device pools and the process's resident
-//! memory). SIGTERM or SIGINT stops it cleanly: no new connection is accepted, the running request
-//! finishes and is answered, the waiting ones are answered 503, and the process exits with 0.
+//! memory). A request whose client has gone away (closed or reset its connection) is not run, or
+//! is stopped between two U-Net calls when it is running ([`peer::client_gone`]). SIGTERM or
+//! SIGINT stops it cleanly: no new connection is accepted, the running request finishes and is
+//! answered, the waiting ones are answered 503, and the process exits with 0.
+
+mod peer;
 
 use crate::backend::Backend;
 use crate::sample::edit::InitImage;
@@ -63,6 +67,8 @@ const KNOWN_FIELDS: &[&str] = &[
 /// A parsed generation request, waiting for the device.
 struct Job {
     http: tiny_http::Request,
+    /// The client's address, to notice when it goes away.
+    peer: Option<std::net::SocketAddr>,
     sample: SampleRequest,
     /// The JSON fields echoed back as A1111's `parameters`, and what `info` says.
     parameters: Value,
@@ -119,7 +125,9 @@ pub fn serve(b: &mut dyn Backend, pipe: &Pipeline, o: &ServeOptions) -> Result<(
     }
     let server = tiny_http::Server::http((o.host.as_str(), o.port))
         .map_err(|e| anyhow!("$port: cannot listen on {}:{}: {e}", o.host, o.port))?;
-    let addr = server.server_addr().to_ip().map(|a| a.to_string()).unwrap_or_else(|| format!("{}:{}", o.host, o.port));
+    let bound = server.server_addr().to_ip();
+    let addr = bound.map(|a| a.to_string()).unwrap_or_else(|| format!("{}:{}", o.host, o.port));
+    let port = bound.map(|a| a.port()).unwrap_or(o.port);
     let f = pipe.vae_scale_factor();
     let [dh, dw] = pipe.unet.config.sample_size.unwrap_or([64, 64]);
     let defaults = Defaults { width: dw * f, height: dh * f, factor: f };
@@ -162,7 +170,7 @@ pub fn serve(b: &mut dyn Backend, pipe: &Pipeline, o: &ServeOptions) -> Result<(
                     error(job.http, 503, "the server is stopping: not run");
                     refused += 1;
                 } else {
-                    run_job(b, pipe, job, o);
+                    run_job(b, pipe, job, o, port);
                     pools.store(pool_bytes(b), Ordering::SeqCst);
                 }
             }
@@ -234,7 +242,8 @@ fn accept_one(mut req: tiny_http::Request, ctx: &Accept) {
                 Err(e) => return error(req, 400, format!("{e:#}").replace('$', "")),
             };
             waiting.fetch_add(1, Ordering::SeqCst);
-            match tx.try_send(Job { http: req, sample, parameters, info, queued: Instant::now() }) {
+            let peer = req.remote_addr().copied();
+            match tx.try_send(Job { http: req, peer, sample, parameters, info, queued: Instant::now() }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
                     waiting.fetch_sub(1, Ordering::SeqCst);
@@ -354,8 +363,27 @@ fn parse(v: &Value, img2img: bool, d: Defaults) -> Result<(SampleRequest, Value,
     Ok((sample, parameters, info))
 }
 
-fn run_job(b: &mut dyn Backend, pipe: &Pipeline, job: Job, o: &ServeOptions) {
-    let Job { http, sample, parameters, mut info, queued } = job;
+/// Why a run stopped early: its client went away.
+#[derive(Debug)]
+struct ClientGone;
+
+impl std::fmt::Display for ClientGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the client went away")
+    }
+}
+
+impl std::error::Error for ClientGone {}
+
+/// How often a running request looks for its client (a read of the kernel's TCP table).
+const CLIENT_CHECK: Duration = Duration::from_millis(200);
+
+fn run_job(b: &mut dyn Backend, pipe: &Pipeline, job: Job, o: &ServeOptions, port: u16) {
+    let Job { http, peer, sample, parameters, mut info, queued } = job;
+    let gone = || peer.is_some_and(|a| peer::client_gone(a, port));
+    if gone() {
+        return eprintln!("a request's client went away while it waited: not run");
+    }
     let waited = queued.elapsed();
     if waited > o.queue_timeout {
         return error(http, 503, format!("waited {:.0} s in the queue (--timeout): not run", waited.as_secs_f64()));
@@ -367,9 +395,21 @@ fn run_job(b: &mut dyn Backend, pipe: &Pipeline, job: Job, o: &ServeOptions) {
     }
     let t0 = Instant::now();
     let mut warnings = Vec::new();
-    let out = pipe.generate(b, &sample, &mut |_, _| {}, &mut |w| warnings.push(w));
+    let mut last_check = Instant::now();
+    let mut progress = |done: usize, total: usize| -> Result<()> {
+        if last_check.elapsed() >= CLIENT_CHECK {
+            last_check = Instant::now();
+            if gone() {
+                eprintln!("a request's client went away: stopped after {done} of {total} U-Net calls");
+                return Err(ClientGone.into());
+            }
+        }
+        Ok(())
+    };
+    let out = pipe.generate(b, &sample, &mut progress, &mut |w| warnings.push(w));
     let out = match out {
         Ok(o) => o,
+        Err(e) if e.is::<ClientGone>() => return,
         Err(e) => return error(http, if e.is::<crate::diag::SettingError>() { 400 } else { 500 }, plain(&e)),
     };
     let [c, h, w] = [pipe.vae.config.out_channels, sample.height, sample.width];
