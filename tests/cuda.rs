@@ -122,6 +122,8 @@ fn main() {
     pipelines::sampling_frees_case(&mut r);
     pipelines::graph_case(&mut r);
     pipelines::param_copy_case(&mut r);
+    pipelines::newest_kernel_versions_case(&mut r);
+    pipelines::autotune_case(&mut r);
     pipelines::training_allocation_case(&mut r);
     pipelines::clip_tower_case(&mut r);
     pipelines::densenet_case(&mut r);

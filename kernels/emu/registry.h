@@ -55,6 +55,8 @@ extern "C" void _ZTH13att_smem_bf16() {}
     K(gn_forward_sqdev, 0) \
     K(gn_forward_finalize, 0) \
     K(gn_forward_apply, 0) \
+    K(gn_forward_moments_v2, 0) \
+    K(gn_forward_apply_v2, 0) \
     K(gn_backward_reduce, 0) \
     K(gn_backward_finalize, 0) \
     K(gn_backward_dinp, 0) \

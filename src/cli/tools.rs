@@ -231,8 +231,19 @@ pub struct CudaInfoArgs {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// unet, vae-decode, text-encoder, train-step or allreduce
-    pub stage: roentgen::tools::bench::Stage,
+    /// unet, vae-decode, text-encoder, train-step or allreduce (not with --autotune)
+    #[arg(required_unless_present = "autotune")]
+    pub stage: Option<roentgen::tools::bench::Stage>,
+    /// CUDA: run the model's U-Net, VAE decoder and a training step once to find the shapes of
+    /// every kernel family with several versions (ROENTGEN_KERNELS), time each version at each
+    /// shape after checking it against version 1 there, and write the fastest correct one per
+    /// shape to the kernel cache ($ROENTGEN_KERNEL_CACHE, else ~/.cache/roentgen/
+    /// kernel-versions.json), which `sample` and `train` read.
+    #[arg(long, conflicts_with = "stage")]
+    pub autotune: bool,
+    /// --autotune: timed calls per version and shape.
+    #[arg(long, default_value_t = 50)]
+    pub autotune_iters: usize,
     /// A pipeline folder (or the stage's component folder); every stage but allreduce needs one.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -339,8 +350,9 @@ pub fn export(a: ExportArgs) -> Result<()> {
 }
 
 pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
+    let Some(stage) = a.stage else { return autotune(g, &a) };
     let mut b = open_backend(g)?;
-    if a.stage == roentgen::tools::bench::Stage::Allreduce {
+    if stage == roentgen::tools::bench::Stage::Allreduce {
         return super::as_rank(a.distributed, |dist| {
             let r = roentgen::tools::bench_allreduce::run(b.as_mut(), dist, a.elements, a.warmup, a.iters)?;
             if dist.is_root() {
@@ -350,7 +362,7 @@ pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
         });
     }
     let Some(model) = &a.model else {
-        bail!("bench {}: --model DIR (a pipeline folder) is required", a.stage.name());
+        bail!("bench {}: --model DIR (a pipeline folder) is required", stage.name());
     };
     let opts = roentgen::tools::bench::BenchOptions {
         model,
@@ -363,7 +375,7 @@ pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
         iters: a.iters,
         profile: a.profile,
     };
-    let r = roentgen::tools::bench::run(b.as_mut(), a.stage, &opts)?;
+    let r = roentgen::tools::bench::run(b.as_mut(), stage, &opts)?;
     if a.json {
         print_stdout(&serde_json::to_string_pretty(&r)?)?;
     } else {
@@ -371,6 +383,64 @@ pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
     }
     report_pools(b.as_ref(), g.verbose);
     Ok(())
+}
+
+/// `bench --autotune` (backend/cuda/autotune.rs).
+#[cfg(feature = "cuda")]
+fn autotune(g: &Global, a: &BenchArgs) -> Result<()> {
+    use roentgen::backend::cuda::{autotune, CudaBackend};
+    use roentgen::tools::bench::Stage;
+    if g.device != roentgen::backend::Device::Cuda {
+        bail!("bench --autotune times CUDA kernel versions: add --device cuda");
+    }
+    let Some(model) = &a.model else { bail!("bench --autotune: --model DIR (a pipeline folder) is required") };
+    let mut gpu = CudaBackend::new(0, g.precision)?;
+    let opts = roentgen::tools::bench::BenchOptions {
+        model,
+        variant: a.variant.as_deref(),
+        random_weights: a.random_weights,
+        height: a.height,
+        width: a.width,
+        batch: a.batch,
+        warmup: 0,
+        iters: 1,
+        profile: false,
+    };
+    let mut ops: Vec<autotune::TunableOp> = Vec::new();
+    for stage in [Stage::Unet, Stage::VaeDecode, Stage::TrainStep] {
+        roentgen::diag::progress(format!("autotune: running {} to find its shapes", stage.name()));
+        let found = autotune::record(&mut gpu, &mut |b| roentgen::tools::bench::run(b, stage, &opts).map(drop))
+            .with_context(|| format!("bench --autotune: running {} to find its kernel shapes", stage.name()))?;
+        for op in found {
+            if !ops.iter().any(|o| o.family() == op.family() && o.key() == op.key()) {
+                ops.push(op);
+            }
+        }
+    }
+    roentgen::diag::progress(format!("autotune: timing every version at {} shape(s)", ops.len()));
+    let rows = autotune::tune(&mut gpu, &ops, a.autotune_iters)?;
+    let path = autotune::save_cache(&gpu, &rows)?;
+    if a.json {
+        let v = serde_json::json!({"device": gpu.name(), "cache": path.display().to_string(), "rows": rows});
+        print_stdout(&serde_json::to_string_pretty(&v)?)?;
+    } else {
+        print_stdout(&format!(
+            "{}
+{}written to {}",
+            gpu.name(),
+            autotune::render(&rows),
+            path.display()
+        ))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn autotune(_: &Global, _: &BenchArgs) -> Result<()> {
+    bail!(
+        "bench --autotune times CUDA kernel versions: CUDA support was not compiled into this binary; rebuild with \
+         `cargo build --release --features cuda`"
+    )
 }
 
 pub fn encode_text_command(g: &Global, a: EncodeTextArgs) -> Result<()> {

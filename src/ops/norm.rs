@@ -186,6 +186,13 @@ impl GroupNormParams {
         self.batch * self.hw * self.channels
     }
 
+    /// "batch×hw×channels/groups" (+ " silu"): what the speed of a kernel depends on, the key of
+    /// autotuned versions (backend/cuda/autotune.rs).
+    pub fn shape_key(&self) -> String {
+        let silu = if self.silu { " silu" } else { "" };
+        format!("{}x{}x{}/{}{silu}", self.batch, self.hw, self.channels, self.groups)
+    }
+
     fn check_groups(&self) -> Result<()> {
         ensure!(
             self.groups > 0 && self.channels % self.groups == 0,

@@ -3,6 +3,7 @@
 use super::harness::*;
 use anyhow::{ensure, Result};
 use roentgen::backend::cpu::CpuBackend;
+use roentgen::backend::cuda::versions::KernelFamily;
 use roentgen::backend::cuda::CudaBackend;
 use roentgen::backend::{Activation, Backend, ElementwiseOps, OptimOps};
 use roentgen::ops::conv::Im2colParams;
@@ -41,8 +42,24 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
     // Elements left unused before every tensor of the next cases (see `place_skewed`); 0 but for
     // the convolution whose tensors are 4-byte aligned only.
     let skew = std::cell::Cell::new(0);
+    // A kernel version other than 1 for the next cases (versions.rs): set for the case, then back.
+    let version: std::cell::Cell<Option<(KernelFamily, u32)>> = std::cell::Cell::new(None);
     let mut g = |name: String, inputs: Vec<Vec<f32>>, outs: &[usize], op: Op| {
-        r.case(&format!("{tag}/{name}"), || compare_skewed(gpu, bf16, &inputs, outs, op, skew.get()));
+        let chosen = version.get();
+        let name = match chosen {
+            Some((f, v)) => format!("{name} ({}={v})", f.name()),
+            None => name,
+        };
+        r.case(&format!("{tag}/{name}"), || {
+            if let Some((f, v)) = chosen {
+                gpu.set_kernel_version(f, v)?;
+            }
+            let out = compare_skewed(gpu, bf16, &inputs, outs, op, skew.get());
+            if let Some((f, _)) = chosen {
+                gpu.set_kernel_version(f, 1)?;
+            }
+            out
+        });
     };
 
     // linear: (rows, in, out) incl. SD's 4096×320 → 320 and odd sizes
@@ -113,9 +130,14 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
                 rng.normal(c),
                 rng.normal(c),
             ];
-            g(format!("group_norm_forward {n}x{hw}x{c}/{gr} silu={silu}"), ins, &[0, 1, 2], &|b, t| {
-                group_norm_forward(b, group_norm(n, hw, c, gr, silu), t)
-            });
+            // Every version of the forward (versions.rs), each against the CPU.
+            for &(v, _) in KernelFamily::GroupNorm.versions() {
+                version.set((v != 1).then_some((KernelFamily::GroupNorm, v)));
+                g(format!("group_norm_forward {n}x{hw}x{c}/{gr} silu={silu}"), ins.clone(), &[0, 1, 2], &|b, t| {
+                    group_norm_forward(b, group_norm(n, hw, c, gr, silu), t)
+                });
+            }
+            version.set(None);
             let mut cpu = CpuBackend::new();
             let (w, bi) = (rng.normal(c), rng.normal(c));
             let st = place(

@@ -52,6 +52,132 @@ pub fn sampling_frees_case(r: &mut Runner) {
     });
 }
 
+/// Every kernel family at its newest version (versions.rs) composed through a whole f32 denoising
+/// loop and VAE decode, and through a training step of U-Net and text encoder, against the CPU.
+pub fn newest_kernel_versions_case(r: &mut Runner) {
+    use roentgen::backend::cuda::versions::KernelFamily;
+    let newest = |gpu: &CudaBackend| -> Result<String> {
+        for f in KernelFamily::ALL {
+            gpu.set_kernel_version(f, f.versions().last().expect("a family has versions").0)?;
+        }
+        Ok(gpu.kernel_choice().describe())
+    };
+    r.case("f32/sample pipe-a, every kernel family at its newest version: cuda vs cpu", || {
+        use roentgen::sample::pipeline::Pipeline;
+        let dir = tempfile::tempdir()?;
+        let pipe_dir = assemble_pipeline("pipe-a", dir.path());
+        let req = two_prompt_request(4, 5);
+        let mut cpu = roentgen::backend::cpu::CpuBackend::new();
+        let want =
+            Pipeline::load(&mut cpu, &pipe_dir, None)?.generate(&mut cpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
+        let mut gpu = CudaBackend::new(0, Precision::F32)?;
+        let chosen = newest(&gpu)?;
+        let got =
+            Pipeline::load(&mut gpu, &pipe_dir, None)?.generate(&mut gpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
+        Ok(format!("{chosen}: images {}", rel_l2_at_most(&got.images, &want.images, 1e-4)?))
+    });
+    r.case("f32/training step, every kernel family at its newest version: cuda vs cpu", || {
+        use roentgen::models::clip::ClipTextModel;
+        use roentgen::models::text::TextEncoder;
+        use roentgen::models::unet::UNet;
+        use roentgen::models::Component;
+        use roentgen::train::{Batch, MicroBatchShape, Noise, OptimOptions, PredictionType, Trainer};
+        let io = fixture("train10/io.safetensors");
+        let cfg = sd14_config().join("scheduler/scheduler_config.json");
+        let ac = roentgen::sample::schedulers::training_alphas_cumprod(
+            &serde_json::from_str(&std::fs::read_to_string(&cfg)?)?,
+            &cfg,
+        )?;
+        let step = |b: &mut dyn Backend| -> Result<(f32, f32, Vec<f32>)> {
+            let (unet, _) = UNet::load(b, &fixture("grads/unet"), None)?;
+            let (clip, _) = ClipTextModel::load(b, &fixture("train10/text_encoder"), None)?;
+            let clip = TextEncoder::Clip(clip);
+            let opts = OptimOptions { lr: 1e-3, ..OptimOptions::default() };
+            let shape = MicroBatchShape { size: 2, h: 8, w: 6, seq: 8 };
+            let mut tr = Trainer::new(b, &unet, &clip, opts, ac.clone(), PredictionType::Epsilon, shape)?;
+            let (s, latents) = read_f32(&io, "b0.latents");
+            let batch = Batch {
+                latents,
+                latent_shape: [s[0], s[1], s[2], s[3]],
+                input_ids: read_f32(&io, "b0.input_ids").1.iter().map(|&x| x as u32).collect(),
+                attention_mask: vec![1; 16],
+                noise: Noise::Given(read_f32(&io, "b0.noise").1),
+                timesteps: read_f32(&io, "b0.timesteps").1.iter().map(|&t| t as usize).collect(),
+                inpaint: None,
+            };
+            let st = tr.train_step(b, &unet, &clip, &[batch], 1, &roentgen::dist::Dist::single())?;
+            let w = b.download(&Tensor { pool: unet.table.pool(), offset: 0, shape: [unet.table.total()].into() })?;
+            Ok((st.loss, st.grad_norm, w))
+        };
+        let (l0, n0, w0) = step(&mut roentgen::backend::cpu::CpuBackend::new())?;
+        let mut gpu = CudaBackend::new(0, Precision::F32)?;
+        let chosen = newest(&gpu)?;
+        let (l1, n1, w1) = step(&mut gpu)?;
+        ensure!((l1 - l0).abs() <= 1e-4 * l0.abs().max(1.0), "loss {l1} vs cpu {l0}");
+        ensure!((n1 - n0).abs() <= 1e-4 * n0.abs().max(1.0), "grad norm {n1} vs cpu {n0}");
+        Ok(format!("{chosen}: loss {l1:.6} (cpu {l0:.6}), updated U-Net {}", rel_l2_at_most(&w1, &w0, 1e-4)?))
+    });
+}
+
+/// `bench --autotune` on the emulated device: every shape of a versioned kernel that pipe-a's U-Net,
+/// VAE decoder and training step run is timed in every version, each version checked against
+/// version 1 first; one fastest correct version per shape goes to the cache, and a backend started
+/// afterwards runs the tuned versions. (The emulation's times mean nothing; the mechanics and the
+/// gate run.)
+pub fn autotune_case(r: &mut Runner) {
+    r.case("f32/bench --autotune: shapes recorded, versions gated and timed, cache written and read", || {
+        use roentgen::backend::cuda::versions::KernelFamily;
+        let dir = tempfile::tempdir()?;
+        let pipe = assemble_pipeline("pipe-a", dir.path());
+        let cache = dir.path().join("cache/kernel-versions.json");
+        let args = ["--device", "cuda", "--precision", "f32", "bench", "--autotune", "--autotune-iters", "2", "--json"];
+        let out = std::process::Command::new(roentgen_bin())
+            .args(args)
+            .args(["--height", "16", "--width", "16", "--model"])
+            .arg(&pipe)
+            .env("ROENTGEN_KERNEL_CACHE", &cache)
+            .env_remove("ROENTGEN_KERNELS")
+            .output()?;
+        ensure!(out.status.success(), "bench --autotune: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let rows = v["rows"].as_array().cloned().unwrap_or_default();
+        let shapes: std::collections::BTreeSet<String> =
+            rows.iter().filter_map(|r| r["shape"].as_str().map(str::to_string)).collect();
+        let versions = KernelFamily::GroupNorm.versions().len();
+        ensure!(!shapes.is_empty(), "no group norm shape was recorded: {v}");
+        ensure!(
+            rows.len() == shapes.len() * versions,
+            "{} rows for {} shapes × {versions} versions",
+            rows.len(),
+            shapes.len()
+        );
+        for shape in &shapes {
+            let of: Vec<&serde_json::Value> = rows.iter().filter(|r| r["shape"] == shape.as_str()).collect();
+            ensure!(of.iter().all(|r| r["correct"] == true), "{shape}: a version failed the gate: {of:?}");
+            ensure!(of.iter().filter(|r| r["chosen"] == true).count() == 1, "{shape}: not one chosen version");
+        }
+        // The U-Net's resnet norms (with SiLU) and the VAE's are among them.
+        ensure!(shapes.iter().any(|s| s.ends_with(" silu")), "no group norm + SiLU shape: {shapes:?}");
+        let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cache)?)?;
+        let tables = written["devices"].as_object().cloned().unwrap_or_default();
+        ensure!(tables.len() == 1, "cache tables: {tables:?}");
+        let entries = tables.values().next().and_then(|t| t["entries"].as_array().cloned()).unwrap_or_default();
+        ensure!(entries.len() == shapes.len(), "{} cache entries for {} shapes", entries.len(), shapes.len());
+        // A backend started now reads the table (and an explicit choice still overrides it).
+        std::env::set_var("ROENTGEN_KERNEL_CACHE", &cache);
+        let gpu = CudaBackend::new(0, Precision::F32);
+        std::env::remove_var("ROENTGEN_KERNEL_CACHE");
+        let gpu = gpu?;
+        let choice = gpu.kernel_choice();
+        ensure!(choice.tuned_shapes() == shapes.len(), "the new backend holds {} tuned shapes", choice.tuned_shapes());
+        for e in &entries {
+            let (shape, want) = (e["shape"].as_str().unwrap_or_default(), e["version"].as_u64().unwrap_or(0) as u32);
+            ensure!(choice.version_for(KernelFamily::GroupNorm, shape) == want, "{shape}: tuned {want} not used");
+        }
+        Ok(format!("{} shapes × {versions} versions, all through the gate; cache read back", shapes.len()))
+    });
+}
+
 /// bf16: a convolution whose weight lies in a parameter pool reads the pool's bf16 copy and
 /// must give bit for bit what the same weight gives in an ordinary pool, before and after an
 /// AdamW step (which updates the copy in the same pass) and after a new upload.

@@ -22,6 +22,7 @@
 //! can run on the real driver (`CudaDriver`) or on an emulated device (issue 14).
 
 mod attention;
+pub mod autotune;
 mod conv;
 mod device;
 #[cfg(feature = "cuda-emu")]
@@ -40,6 +41,7 @@ mod pool;
 // use it.
 #[cfg_attr(not(any(test, feature = "cuda-emu")), allow(dead_code))]
 mod reference_gemm;
+pub mod versions;
 
 use super::{Backend, Precision};
 use crate::tensor::{PoolId, Tensor};
@@ -104,6 +106,10 @@ pub struct CudaBackend {
     /// nccl.rs: the communicator over the job's ranks, made at the first reduction.
     #[cfg(feature = "nccl")]
     nccl: std::cell::OnceCell<nccl::NcclComm>,
+    /// versions.rs: which version of each kernel family runs.
+    kernel_choice: RefCell<versions::KernelChoice>,
+    /// autotune.rs: the calls of versioned kernels seen while recording (one per shape).
+    tunable_seen: RefCell<Option<Vec<autotune::TunableOp>>>,
 }
 
 fn driver<T>(r: Result<T, DeviceError>, what: &str) -> Result<T> {
@@ -176,7 +182,10 @@ impl CudaBackend {
             param_copies: RefCell::new(HashMap::new()),
             #[cfg(feature = "nccl")]
             nccl: std::cell::OnceCell::new(),
+            kernel_choice: RefCell::new(versions::KernelChoice::from_env()?),
+            tunable_seen: RefCell::new(None),
         };
+        autotune::load_cache(&backend);
         // One workspace for cuBLAS and cuBLASLt, so that neither allocates by itself (an
         // allocation inside a CUDA-graph capture would fail it).
         backend.blas_workspace = backend.raw_alloc(lt::WORKSPACE_BYTES, "cuBLAS workspace")?;
@@ -189,6 +198,32 @@ impl CudaBackend {
 
     pub fn compute_capability(&self) -> (i32, i32) {
         self.cc
+    }
+
+    /// The kernel versions this backend runs (versions.rs).
+    pub fn kernel_choice(&self) -> versions::KernelChoice {
+        self.kernel_choice.borrow().clone()
+    }
+
+    /// Runs version `v` of `family` from now on (refused when it does not exist).
+    pub fn set_kernel_version(&self, family: versions::KernelFamily, v: u32) -> Result<()> {
+        self.kernel_choice.borrow_mut().set(family, v)
+    }
+
+    /// The version of `family` that runs at shape `key`; `op` is that call, recorded while
+    /// autotune.rs collects the shapes a model runs.
+    fn kernel_version_for(
+        &self,
+        family: versions::KernelFamily,
+        key: &str,
+        op: impl FnOnce() -> autotune::TunableOp,
+    ) -> u32 {
+        if let Some(seen) = self.tunable_seen.borrow_mut().as_mut() {
+            if !seen.iter().any(|o| o.key() == key) {
+                seen.push(op());
+            }
+        }
+        self.kernel_choice.borrow().version_for(family, key)
     }
 
     /// The device's name as the driver gives it.
@@ -451,7 +486,10 @@ const LIN_BLOCK: u32 = 256;
 
 impl Backend for CudaBackend {
     fn name(&self) -> String {
-        self.name.clone()
+        match self.kernel_choice.borrow().describe() {
+            chosen if chosen.is_empty() => self.name.clone(),
+            chosen => format!("{} [kernels {chosen}]", self.name),
+        }
     }
 
     /// NCCL's all-reduce, in place on the backend's stream (a `nccl` build on a real GPU; the

@@ -3,8 +3,10 @@
 //! group norm's per-chunk partial sums and per-group statistics, and batch norm's per-chunk column
 //! sums; slot 1 the per-chunk column sums of dweight/dbias, and batch norm's backward coefficients.
 
+use super::autotune::TunableOp;
 use super::launch::*;
 use super::ops::{chunking, f64_at, BLOCK, COL_CHUNK_ROWS, COL_MAX_CHUNKS, MAX_GRID};
+use super::versions::KernelFamily;
 use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::backend::NormOps;
 use crate::ops::norm::{
@@ -123,8 +125,9 @@ impl NormOps for CudaBackend {
         )
     }
 
-    /// Group norm forward in four launches: per-chunk sums, per-chunk squared deviations about the
-    /// mean, per-group statistics (f64, two passes as the CPU), then the normalisation (+ SiLU).
+    /// Group norm forward. Version 1 in four launches: per-chunk sums, per-chunk squared deviations
+    /// about the mean, per-group statistics (f64, two passes as the CPU), then the normalisation (+
+    /// SiLU); version 2 (versions.rs) in one or two.
     fn group_norm_forward(&self, p: &GroupNormParams, t: &NormForward) -> Result<()> {
         p.check_forward(t)?;
         let GroupNormParams { batch, hw, channels: c, groups, eps, silu } = *p;
@@ -137,6 +140,42 @@ impl NormOps for CudaBackend {
         let (hw_i, c_i, g_i, nc_i, rpc_i) = (hw as i32, c as i32, groups as i32, nchunks as i32, rpc as i32);
         let x = self.dptr(inp);
         let grid = (blocks, 1, 1);
+        if self.kernel_version_for(KernelFamily::GroupNorm, &p.shape_key(), || TunableOp::GroupNorm(*p)) == 2 {
+            // kernels/norm.cu "version 2": one-pass moments (skipped when a group is one chunk),
+            // then statistics and normalisation per block. psum/psq: the plan's two partial arrays.
+            if nchunks > 1 {
+                let (nc, rpc) = (nc_i, rpc_i);
+                let moments = GnForwardMomentsV2 {
+                    psum,
+                    psq,
+                    inp: x,
+                    hw: hw_i,
+                    c: c_i,
+                    groups: g_i,
+                    nchunks: nc,
+                    rows_per_chunk: rpc,
+                };
+                self.launch(moments, grid, (BLOCK, 1, 1), 0)?;
+            }
+            let apply = GnForwardApplyV2 {
+                out: self.dptr(out),
+                mean: self.dptr(mean),
+                rstd: self.dptr(rstd),
+                inp: x,
+                weight: self.dptr(weight),
+                bias: self.dptr(bias),
+                psum,
+                psq,
+                hw: hw_i,
+                c: c_i,
+                groups: g_i,
+                nchunks: nc_i,
+                rows_per_chunk: rpc_i,
+                eps,
+                silu: silu as i32,
+            };
+            return self.launch(apply, grid, (BLOCK, 1, 1), 0);
+        }
         self.launch(
             GnForwardSum { psum, inp: x, hw: hw_i, c: c_i, groups: g_i, nchunks: nc_i, rows_per_chunk: rpc_i },
             grid,

@@ -1,0 +1,261 @@
+//! Autotuning the kernel versions (issue 18; versions.rs): `roentgen bench --autotune` runs a model
+//! once on the device while recording every call of a versioned kernel family with its shape; then,
+//! shape by shape, it runs every version on the same seeded inputs, keeps only the versions whose
+//! outputs agree with version 1's there (the correctness gate), times them, and keeps the fastest.
+//! The table goes to the kernel cache, one table per device, which every CUDA backend reads when it
+//! starts: `sample` and `train` then run the tuned version of each shape they meet (versions.rs
+//! says what overrides it). On the emulated device the mechanics and the gate run; its times mean
+//! nothing.
+
+use super::versions::KernelFamily;
+use super::CudaBackend;
+use crate::backend::{Backend, NormOps};
+use crate::ops::norm::{GroupNormParams, NormForward};
+use crate::rng::splitmix::SplitMix64;
+use crate::tensor::{PoolId, Tensor};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// One call of a versioned kernel family, with the shape that keys its tuned version.
+#[derive(Clone, Copy, Debug)]
+pub enum TunableOp {
+    GroupNorm(GroupNormParams),
+}
+
+impl TunableOp {
+    pub fn family(&self) -> KernelFamily {
+        match self {
+            TunableOp::GroupNorm(_) => KernelFamily::GroupNorm,
+        }
+    }
+
+    /// The shape, as the table keys it.
+    pub fn key(&self) -> String {
+        match self {
+            TunableOp::GroupNorm(p) => p.shape_key(),
+        }
+    }
+
+    /// Bytes a call must move at least (inputs read once, outputs written once), for GB/s.
+    fn min_bytes(&self) -> usize {
+        match self {
+            TunableOp::GroupNorm(p) => 4 * (2 * p.elements() + 2 * p.channels),
+        }
+    }
+}
+
+/// One version at one shape, as measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct TuneRow {
+    pub family: &'static str,
+    pub shape: String,
+    pub version: u32,
+    /// Mean time of one call (host clock around `iters` calls and a synchronisation).
+    pub ms: f64,
+    /// `min_bytes` / time: the bandwidth a single pass over the data would need.
+    pub gb_per_s: f64,
+    /// Largest |output − version 1's output| over the largest |version 1 output| (0 for v1).
+    pub rel_err: f64,
+    /// Passed the gate (rel_err ≤ [`GATE`]).
+    pub correct: bool,
+    /// The fastest correct version at this shape.
+    pub chosen: bool,
+}
+
+/// Most relative difference from version 1 a version may show and be kept: f32 rounding in
+/// another order, nothing more (the versions compute the same function).
+pub const GATE: f64 = 1e-5;
+
+/// Runs `f` on `gpu`, returning one call per shape of every versioned kernel it made.
+pub fn record(gpu: &mut CudaBackend, f: &mut dyn FnMut(&mut dyn Backend) -> Result<()>) -> Result<Vec<TunableOp>> {
+    *gpu.tunable_seen.borrow_mut() = Some(Vec::new());
+    let r = f(gpu);
+    let seen = gpu.tunable_seen.borrow_mut().take().unwrap_or_default();
+    r.map(|_| seen)
+}
+
+/// Seeded standard-normal values (the inputs every version of a shape sees).
+fn normals(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| rng.next_normal() as f32).collect()
+}
+
+/// Times every version of every op at its shape (`iters` calls each after one warm-up) and marks
+/// the fastest correct one. The backend's version choice is restored afterwards.
+pub fn tune(gpu: &mut CudaBackend, ops: &[TunableOp], iters: usize) -> Result<Vec<TuneRow>> {
+    let saved = gpu.kernel_choice();
+    let r = tune_all(gpu, ops, iters.max(1));
+    *gpu.kernel_choice.borrow_mut() = saved;
+    r
+}
+
+fn tune_all(gpu: &mut CudaBackend, ops: &[TunableOp], iters: usize) -> Result<Vec<TuneRow>> {
+    let mut rows = Vec::new();
+    for op in ops {
+        let TunableOp::GroupNorm(p) = *op;
+        let (n, bg, c) = (p.elements(), p.batch * p.groups, p.channels);
+        let sizes = [n, bg, bg, n, c, c];
+        let mut pools: Vec<PoolId> = Vec::new();
+        let mut run_op = || -> Result<Vec<TuneRow>> {
+            let mut t = Vec::new();
+            for &len in &sizes {
+                let pool = gpu.alloc(len.max(1), "autotune")?;
+                pools.push(pool);
+                t.push(Tensor { pool, offset: 0, shape: [len].into() });
+            }
+            for (i, tensor) in t.iter().enumerate().skip(3) {
+                gpu.upload(tensor, &normals(sizes[i], 0xA070 + i as u64))?;
+            }
+            let fwd = NormForward { out: &t[0], mean: &t[1], rstd: &t[2], inp: &t[3], weight: &t[4], bias: &t[5] };
+            let outputs = |gpu: &CudaBackend| -> Result<Vec<f32>> {
+                let mut v = gpu.download(&t[0])?;
+                v.extend(gpu.download(&t[1])?);
+                v.extend(gpu.download(&t[2])?);
+                Ok(v)
+            };
+            let mut found: Vec<TuneRow> = Vec::new();
+            let mut reference: Option<Vec<f32>> = None;
+            for &(v, _) in op.family().versions() {
+                gpu.kernel_choice.borrow_mut().set(op.family(), v)?;
+                gpu.group_norm_forward(&p, &fwd)?;
+                let got = outputs(gpu)?;
+                let want = reference.get_or_insert_with(|| got.clone());
+                let scale = want.iter().fold(0f64, |m, x| m.max(x.abs() as f64)).max(1e-30);
+                let err = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs() as f64).fold(0f64, f64::max) / scale;
+                let correct = got.iter().all(|x| x.is_finite()) && err <= GATE;
+                gpu.synchronize()?;
+                let t0 = Instant::now();
+                for _ in 0..iters {
+                    gpu.group_norm_forward(&p, &fwd)?;
+                }
+                gpu.synchronize()?;
+                let ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+                found.push(TuneRow {
+                    family: op.family().name(),
+                    shape: op.key(),
+                    version: v,
+                    ms,
+                    gb_per_s: op.min_bytes() as f64 / (ms * 1e-3) / 1e9,
+                    rel_err: err,
+                    correct,
+                    chosen: false,
+                });
+            }
+            let best = found
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.correct)
+                .min_by(|a, b| a.1.ms.total_cmp(&b.1.ms))
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                found[i].chosen = true;
+            }
+            Ok(found)
+        };
+        let found = run_op();
+        for pool in pools {
+            gpu.free(pool)?;
+        }
+        rows.extend(found.with_context(|| format!("autotune {} {}", op.family().name(), op.key()))?);
+    }
+    Ok(rows)
+}
+
+/// The kernel cache file: $ROENTGEN_KERNEL_CACHE, else $XDG_CACHE_HOME/roentgen/kernel-versions.json,
+/// else ~/.cache/roentgen/kernel-versions.json.
+pub fn cache_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ROENTGEN_KERNEL_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    let base = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(x) if !x.is_empty() => PathBuf::from(x),
+        _ => PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
+    };
+    Some(base.join("roentgen").join("kernel-versions.json"))
+}
+
+/// The key of this device's table in the cache: its name and compute capability.
+fn device_key(gpu: &CudaBackend) -> String {
+    let (major, minor) = gpu.cc;
+    format!("{} (sm_{major}{minor})", gpu.gpu)
+}
+
+/// Writes the chosen version of every shape in `rows` to this device's table in the cache (other
+/// devices' tables are kept), through a temporary file renamed into place. Returns the path.
+pub fn save_cache(gpu: &CudaBackend, rows: &[TuneRow]) -> Result<PathBuf> {
+    let path = cache_path().context("no cache folder: set ROENTGEN_KERNEL_CACHE or HOME")?;
+    let mut all: serde_json::Value = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({})),
+        Err(_) => serde_json::json!({}),
+    };
+    let entries: Vec<serde_json::Value> = rows
+        .iter()
+        .filter(|r| r.chosen)
+        .map(|r| {
+            let times: serde_json::Map<String, serde_json::Value> = rows
+                .iter()
+                .filter(|o| o.family == r.family && o.shape == r.shape)
+                .map(|o| (o.version.to_string(), serde_json::json!(o.ms)))
+                .collect();
+            serde_json::json!({"family": r.family, "shape": r.shape, "version": r.version, "times_ms": times})
+        })
+        .collect();
+    if !all.is_object() {
+        all = serde_json::json!({});
+    }
+    all["devices"][device_key(gpu)] = serde_json::json!({
+        "written_by": format!("roentgen {}", env!("CARGO_PKG_VERSION")),
+        "entries": entries,
+    });
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the folder", dir.display()))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&all)?)
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(path)
+}
+
+/// Takes this device's table from the cache into the backend's choice. A missing cache is
+/// nothing; an unreadable one is said once and ignored (version 1 runs).
+pub(super) fn load_cache(gpu: &CudaBackend) {
+    let Some(path) = cache_path() else { return };
+    let Ok(text) = std::fs::read_to_string(&path) else { return };
+    let parsed: Result<serde_json::Value, _> = serde_json::from_str(&text);
+    let Ok(all) = parsed else {
+        crate::diag::warn(format!(
+            "{}: not JSON; the kernel cache is ignored (rerun `roentgen bench --autotune`)",
+            path.display()
+        ));
+        return;
+    };
+    let Some(entries) = all["devices"][device_key(gpu)]["entries"].as_array() else { return };
+    let mut choice = gpu.kernel_choice.borrow_mut();
+    for e in entries {
+        let family = e["family"].as_str().and_then(KernelFamily::from_name);
+        if let (Some(f), Some(shape), Some(v)) = (family, e["shape"].as_str(), e["version"].as_u64()) {
+            choice.set_tuned(f, shape, v as u32);
+        }
+    }
+}
+
+/// The table as text: per shape, every version's time and bandwidth, the gate, the choice.
+pub fn render(rows: &[TuneRow]) -> String {
+    let mut s =
+        format!("{:<12} {:<28} {:>3} {:>10} {:>9} {:>9}  {}\n", "family", "shape", "v", "ms", "GB/s", "rel err", "");
+    for r in rows {
+        let mark = match (r.correct, r.chosen) {
+            (_, true) => "chosen",
+            (false, _) => "WRONG: not kept",
+            _ => "",
+        };
+        s.push_str(&format!(
+            "{:<12} {:<28} {:>3} {:>10.4} {:>9.1} {:>9.1e}  {mark}\n",
+            r.family, r.shape, r.version, r.ms, r.gb_per_s, r.rel_err
+        ));
+    }
+    s
+}
