@@ -13,7 +13,9 @@
 #      bf16/wide, ...; from `cuda-tests --list`), so that a sticky CUDA error or a hang in one part
 #      leaves the others to run;
 #   4. PyTorch's ceilings on the same card (scripts/gpu-ceilings.py): GEMM, conv2d, attention;
-#   5. the rest: bench vae-decode and text-encoder (bf16), unet in f32 with the profile, unet in
+#   5. the rest: bench --autotune (issue 18: every kernel version gated against v1 and timed at
+#      SD v1.4's shapes; kernel-versions.json) and the headline again with the tuned versions,
+#      bench vae-decode and text-encoder (bf16), unet in f32 with the profile, unet in
 #      bf16 with --cuda-graphs off (launch overhead), bench allreduce (NCCL, one rank), and scripts/bench-peers.py and `roentgen parity`
 #      (bf16 and f32, the fixture pipeline) if diffusers imports.
 # Then prints $OUT/summary.md.
@@ -31,6 +33,7 @@
 #   ceilings.txt   PyTorch's ceilings: the table and a "json: {...}" line
 #   rest.txt       the other benches' full output
 #   peers.json     bench-peers.py's numbers (only when diffusers imports)
+#   kernel-versions.json  the autotuned table (issue 18)
 #   summary.md     the short version of all of it, printed at the end
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -402,6 +405,26 @@ bench() {
   fi
   echo '```' >>"$S"
 }
+# Kernel versions (issue 18): every version of every versioned family (ROENTGEN_KERNELS) at the
+# shapes SD v1.4's U-Net (64×64 latents, guidance batch 2), VAE decoder (512²) and a training step
+# (batch 1) run, each checked against version 1 on that shape before it is timed; the fastest
+# correct one per shape goes to kernel-versions.json. Then the headline again with those versions.
+CACHE=$OUT/kernel-versions.json
+rm -f "$CACHE"
+echo -e "\n## bench --autotune, bf16 (issue 18): every kernel version, gated against v1, timed per shape" >>"$S"
+echo '```' >>"$S"
+if step "bench --autotune" 150 "$R" env ROENTGEN_KERNEL_CACHE="$CACHE" "$BIN" --device cuda --precision bf16 \
+  bench --autotune --model "$M" --random-weights --autotune-iters 50; then
+  segment "$R" | grep -vE '^(== |autotune: )' | tail -60 >>"$S"
+  echo "[$STEP_STATUS, $STEP_SECS s; the table in kernel-versions.json]" >>"$S"
+else
+  echo "not run: deadline" >>"$S"
+fi
+echo '```' >>"$S"
+if [ -s "$CACHE" ]; then
+  ROENTGEN_KERNEL_CACHE=$CACHE bench "bench unet, bf16, autotuned kernel versions (compare with the headline)" 60 0 \
+    --precision bf16 bench unet --model "$M" --random-weights --iters 10 --warmup 3
+fi
 bench "bench vae-decode, bf16" 60 0 --precision bf16 bench vae-decode --model "$M" --random-weights
 bench "bench text-encoder, bf16" 30 0 --precision bf16 bench text-encoder --model "$M" --random-weights
 bench "bench unet, f32, --profile" 120 15 --precision f32 bench unet --model "$M" --random-weights \
