@@ -384,19 +384,17 @@ extern "C" __global__ void __launch_bounds__(256)
     });
 }
 
-/// bf16 tensor-core version (same parameters and result, operands rounded to bf16; the weight
-/// arrives in bf16, from conv2d_weight_permute_bf16*).
-/// Launch: grid (⌈M/128⌉, ⌈N/64⌉), block (256), no dynamic shared memory (15 KiB static).
-/// Warp w computes rows (w % 4)·32.., columns (w / 4)·32.. of the 128×64 tile.
-extern "C" __global__ void __launch_bounds__(256)
-    conv2d_igemm_bf16(float* __restrict__ dst, const float* __restrict__ src, const __nv_bfloat16* __restrict__ wt,
-                      const float* __restrict__ bias, int M, int RH, int RW, int N, int C, int SH, int SW, int ss,
-                      int sy0, int sx0, int tys, int txs, int nty, int ntx, int tap0, int tapys, int tapxs, int bs_n,
-                      int bs_t, int DH, int DW, int os, int dy0, int dx0, int accumulate) {
-    __shared__ __align__(16) uint32_t As[H_BM][H_LDW];  // As[m][k-pair]
-    __shared__ __align__(16) uint32_t Bs[H_BN][H_LDW];  // Bs[n][k-pair]
+// The bf16 tensor-core GEMM of one 128×64 block tile (rows m0.., columns n0..) over reduction tiles
+// [kt_begin, kt_end), each H_BK channels of one tap, in order; each result element goes to
+// store(m, n, v). As/Bs: the block's shared tiles. Shared by conv2d_igemm_bf16 (all tiles) and
+// conv2d_igemm_bf16_splitk (a range per grid.z).
+template <class Store>
+__device__ __forceinline__ void igemm_bf16_tiles(uint32_t (*As)[H_LDW], uint32_t (*Bs)[H_LDW], int m0, int n0,
+                                                 const float* __restrict__ src, const __nv_bfloat16* __restrict__ wt,
+                                                 int M, int RH, int RW, int N, int C, int SH, int SW, int ss, int sy0,
+                                                 int sx0, int tys, int txs, int ntx, int tap0, int tapys, int tapxs,
+                                                 int bs_n, int bs_t, int kt_begin, int kt_end, Store store) {
     const int tid = threadIdx.x;
-    const int m0 = blockIdx.x * H_BM, n0 = blockIdx.y * H_BN;
 
     // Loader: thread loads k-quad lq (channels 4·lq..4·lq+3 of the tile) of A rows lrow + 32r (r < 4)
     // and of B rows lrow + 32r (r < 2); 8 consecutive threads cover one row's 32 channels.
@@ -406,9 +404,9 @@ extern "C" __global__ void __launch_bounds__(256)
     for (int r = 0; r < 4; ++r) ag[r] = row_geo(m0 + lrow + 32 * r, M, RH, RW, SH, ss, sy0, sx0);
     const bool a_vec = (C % 4 == 0) && aligned16(src);
     const bool b_vec = (C % 4 == 0) && (bs_n % 4 == 0) && (bs_t % 4 == 0) && aligned8(wt);
-    const int ktiles = nty * ntx * CEIL_DIV(C, H_BK);
-
-    KPos kp = {0, 0, 0};
+    // Tile kt is (tap kt / ctiles, channels (kt mod ctiles)·H_BK..): start at kt_begin.
+    const int ctiles = CEIL_DIV(C, H_BK), tap_begin = kt_begin / ctiles;
+    KPos kp = {tap_begin / ntx, tap_begin % ntx, (kt_begin - tap_begin * ctiles) * H_BK};
     float4 ra[4];
     uint2 rb[2];
     auto load = [&]() {
@@ -432,22 +430,84 @@ extern "C" __global__ void __launch_bounds__(256)
     const int wm0 = (warp & 3) * 32, wn0 = (warp >> 2) * 32;
     float acc[2][4][4] = {};
 
-    if (ktiles > 0) load();
-    for (int kt = 0; kt < ktiles; ++kt) {
+    if (kt_begin < kt_end) load();
+    for (int kt = kt_begin; kt < kt_end; ++kt) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) store_bf16x4(As, lrow + 32 * r, lq, ra[r]);
 #pragma unroll
         for (int r = 0; r < 2; ++r) store_bf16x4_packed(Bs, lrow + 32 * r, lq, rb[r]);
         __syncthreads();
-        if (kt + 1 < ktiles) load();  // the next tile's global loads overlap this tile's math
+        if (kt + 1 < kt_end) load();  // the next tile's global loads overlap this tile's math
 #pragma unroll
         for (int ks = 0; ks < H_BK / 16; ++ks) warp_mma_32x32(acc, As, Bs, wm0, wn0, ks * 8, g, t);
         __syncthreads();
     }
 
-    warp_tile_32x32_store(acc, m0 + wm0, n0 + wn0, M, N, g, t, [&](int m, int n, float v) {
-        put(dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N) + n, v + (bias ? bias[n] : 0.f), accumulate);
-    });
+    warp_tile_32x32_store(acc, m0 + wm0, n0 + wn0, M, N, g, t, store);
+}
+
+/// bf16 tensor-core version (same parameters and result, operands rounded to bf16; the weight
+/// arrives in bf16, from conv2d_weight_permute_bf16*).
+/// Launch: grid (⌈M/128⌉, ⌈N/64⌉), block (256), no dynamic shared memory (15 KiB static).
+/// Warp w computes rows (w % 4)·32.., columns (w / 4)·32.. of the 128×64 tile.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_igemm_bf16(float* __restrict__ dst, const float* __restrict__ src, const __nv_bfloat16* __restrict__ wt,
+                      const float* __restrict__ bias, int M, int RH, int RW, int N, int C, int SH, int SW, int ss,
+                      int sy0, int sx0, int tys, int txs, int nty, int ntx, int tap0, int tapys, int tapxs, int bs_n,
+                      int bs_t, int DH, int DW, int os, int dy0, int dx0, int accumulate) {
+    __shared__ __align__(16) uint32_t As[H_BM][H_LDW];  // As[m][k-pair]
+    __shared__ __align__(16) uint32_t Bs[H_BN][H_LDW];  // Bs[n][k-pair]
+    igemm_bf16_tiles(As, Bs, blockIdx.x * H_BM, blockIdx.y * H_BN, src, wt, M, RH, RW, N, C, SH, SW, ss, sy0, sx0, tys,
+                     txs, ntx, tap0, tapys, tapxs, bs_n, bs_t, 0, nty * ntx * CEIL_DIV(C, H_BK),
+                     [&](int m, int n, float v) {
+                         put(dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N) + n, v + (bias ? bias[n] : 0.f),
+                             accumulate);
+                     });
+}
+
+// ---- split-K, version 2 of the conv family (issue 18: ROENTGEN_KERNELS=conv=2) -------------------
+// What it changes: where fewer than 2 × SM-count blocks of 128×64 would launch (SD's 16×16 and 8×8
+// U-Net levels at 512²: batch 2 × 8×8 × 1280 channels is 1 × 20 = 20 blocks on 132 SMs), the
+// reduction (taps × channels) is split over grid.z: block z computes tiles
+// [z·kt_per_split, (z+1)·kt_per_split) into its own slice of a f32 workspace, and
+// conv2d_splitk_reduce adds the slices in z order (deterministic, no atomics), then the bias, the
+// store and the accumulate flag as the one-pass kernel does.
+// Roofline: the 8×8×1280 → 1280 3×3 conv at batch 2 is 2·128·1280·11520 = 3.8 GFLOP; on 20 of 132
+// SMs it cannot exceed 15% of the tensor cores (~0.1 ms at the ~25% issue-bound rate of v1's inner
+// loop). Split 14 ways it fills 280 blocks (all SMs, two waves) for an extra 2 × 14·128·1280·4 B =
+// 18 MB of workspace traffic (~6 µs at 3.35 TB/s): expected 3–5× on those layers, ≈1–2 ms of the
+// step. Numerics: the same products, summed per split then across splits (f32): a different
+// rounding order, within the autotune gate.
+
+/// part[z][m][n] = Σ over block z's reduction tiles (row-major M×N slices, no bias).
+/// Launch: grid (⌈M/128⌉, ⌈N/64⌉, splits), block (256).
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_igemm_bf16_splitk(float* __restrict__ part, const float* __restrict__ src,
+                             const __nv_bfloat16* __restrict__ wt, int M, int RH, int RW, int N, int C, int SH, int SW,
+                             int ss, int sy0, int sx0, int tys, int txs, int nty, int ntx, int tap0, int tapys,
+                             int tapxs, int bs_n, int bs_t, int kt_per_split) {
+    __shared__ __align__(16) uint32_t As[H_BM][H_LDW];
+    __shared__ __align__(16) uint32_t Bs[H_BN][H_LDW];
+    const int ktiles = nty * ntx * CEIL_DIV(C, H_BK);
+    const int kt_begin = min(ktiles, (int)blockIdx.z * kt_per_split);
+    const int kt_end = min(ktiles, kt_begin + kt_per_split);
+    float* out = part + (size_t)blockIdx.z * M * N;
+    igemm_bf16_tiles(As, Bs, blockIdx.x * H_BM, blockIdx.y * H_BN, src, wt, M, RH, RW, N, C, SH, SW, ss, sy0, sx0, tys,
+                     txs, ntx, tap0, tapys, tapxs, bs_n, bs_t, kt_begin, kt_end,
+                     [&](int m, int n, float v) { out[(size_t)m * N + n] = v; });
+}
+
+/// dst row m (as conv2d_igemm_*) = Σ_z part[z][m] (z in order) + bias, stored or accumulated.
+/// Launch: 1-D grid-stride over M·N, block 256.
+extern "C" __global__ void conv2d_splitk_reduce(float* __restrict__ dst, const float* __restrict__ part,
+                                                const float* __restrict__ bias, int splits, int M, int RH, int RW,
+                                                int N, int DH, int DW, int os, int dy0, int dx0, int accumulate) {
+    GRID_STRIDE(i, (long long)M * N) {
+        const int m = (int)(i / N), n = (int)(i - (long long)m * N);
+        float s = 0.f;
+        for (int z = 0; z < splits; ++z) s += part[(size_t)z * M * N + i];
+        put(dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N) + n, s + (bias ? bias[n] : 0.f), accumulate);
+    }
 }
 
 // ---- weight gradient ----------------------------------------------------------------------------

@@ -301,12 +301,20 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         let (ins, bwd_ins) = conv2d_inputs(&mut rng, &conv2d((n, h, w, ci, co, k, s, pad)));
         let aligned = if sk > 0 { format!(", tensors {sk} elements off alignment") } else { String::new() };
         let name = format!("{n}x{h}x{w}x{ci}->{co} k{k} s{s} pad{pad:?}{aligned}");
-        g(format!("conv2d_forward {name}"), ins, &[0], &|b, t| {
-            conv2d_forward(b, conv2d((n, h, w, ci, co, k, s, pad)), t)
-        });
-        g(format!("conv2d_backward {name}"), bwd_ins.clone(), &[0, 1, 2], &|b, t| {
-            conv2d_backward(b, conv2d((n, h, w, ci, co, k, s, pad)), t, true)
-        });
+        // Every version of the bf16 implicit GEMM (versions.rs; split-K takes these small grids on
+        // the emulated device's 108 SMs), forward and data gradient; f32 has one version.
+        let versions: Vec<u32> =
+            if bf16 { KernelFamily::Conv.versions().iter().map(|&(v, _)| v).collect() } else { vec![1] };
+        for &v in &versions {
+            version.set((v != 1).then_some((KernelFamily::Conv, v)));
+            g(format!("conv2d_forward {name}"), ins.clone(), &[0], &|b, t| {
+                conv2d_forward(b, conv2d((n, h, w, ci, co, k, s, pad)), t)
+            });
+            g(format!("conv2d_backward {name}"), bwd_ins.clone(), &[0, 1, 2], &|b, t| {
+                conv2d_backward(b, conv2d((n, h, w, ci, co, k, s, pad)), t, true)
+            });
+        }
+        version.set(None);
         g(format!("conv2d_backward (no dinp, no bias) {name}"), bwd_ins, &[1], &|b, t| {
             conv2d_backward(b, conv2d((n, h, w, ci, co, k, s, pad)), t, false)
         });

@@ -62,20 +62,23 @@ pub fn newest_kernel_versions_case(r: &mut Runner) {
         }
         Ok(gpu.kernel_choice().describe())
     };
-    r.case("f32/sample pipe-a, every kernel family at its newest version: cuda vs cpu", || {
-        use roentgen::sample::pipeline::Pipeline;
-        let dir = tempfile::tempdir()?;
-        let pipe_dir = assemble_pipeline("pipe-a", dir.path());
-        let req = two_prompt_request(4, 5);
-        let mut cpu = roentgen::backend::cpu::CpuBackend::new();
-        let want =
-            Pipeline::load(&mut cpu, &pipe_dir, None)?.generate(&mut cpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
-        let mut gpu = CudaBackend::new(0, Precision::F32)?;
-        let chosen = newest(&gpu)?;
-        let got =
-            Pipeline::load(&mut gpu, &pipe_dir, None)?.generate(&mut gpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
-        Ok(format!("{chosen}: images {}", rel_l2_at_most(&got.images, &want.images, 1e-4)?))
-    });
+    // f32 (the parity bar) and bf16 (where the conv family's versions differ; the end-to-end bf16 bar).
+    for (precision, tag, bar) in [(Precision::F32, "f32", 1e-4), (Precision::Bf16, "bf16", 5e-2)] {
+        r.case(&format!("{tag}/sample pipe-a, every kernel family at its newest version: cuda vs cpu"), || {
+            use roentgen::sample::pipeline::Pipeline;
+            let dir = tempfile::tempdir()?;
+            let pipe_dir = assemble_pipeline("pipe-a", dir.path());
+            let req = two_prompt_request(4, 5);
+            let mut cpu = roentgen::backend::cpu::CpuBackend::new();
+            let want =
+                Pipeline::load(&mut cpu, &pipe_dir, None)?.generate(&mut cpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
+            let mut gpu = CudaBackend::new(0, precision)?;
+            let chosen = newest(&gpu)?;
+            let got =
+                Pipeline::load(&mut gpu, &pipe_dir, None)?.generate(&mut gpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
+            Ok(format!("{chosen}: images {}", rel_l2_at_most(&got.images, &want.images, bar)?))
+        });
+    }
     r.case("f32/training step, every kernel family at its newest version: cuda vs cpu", || {
         use roentgen::models::clip::ClipTextModel;
         use roentgen::models::text::TextEncoder;
@@ -125,12 +128,14 @@ pub fn newest_kernel_versions_case(r: &mut Runner) {
 /// afterwards runs the tuned versions. (The emulation's times mean nothing; the mechanics and the
 /// gate run.)
 pub fn autotune_case(r: &mut Runner) {
-    r.case("f32/bench --autotune: shapes recorded, versions gated and timed, cache written and read", || {
+    r.case("bf16/bench --autotune: shapes recorded, versions gated and timed, cache written and read", || {
         use roentgen::backend::cuda::versions::KernelFamily;
         let dir = tempfile::tempdir()?;
         let pipe = assemble_pipeline("pipe-a", dir.path());
         let cache = dir.path().join("cache/kernel-versions.json");
-        let args = ["--device", "cuda", "--precision", "f32", "bench", "--autotune", "--autotune-iters", "2", "--json"];
+        // bf16: the path on which the conv family has several versions.
+        let args =
+            ["--device", "cuda", "--precision", "bf16", "bench", "--autotune", "--autotune-iters", "2", "--json"];
         let out = std::process::Command::new(roentgen_bin())
             .args(args)
             .args(["--height", "16", "--width", "16", "--model"])
@@ -141,40 +146,50 @@ pub fn autotune_case(r: &mut Runner) {
         ensure!(out.status.success(), "bench --autotune: {}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         let rows = v["rows"].as_array().cloned().unwrap_or_default();
-        let shapes: std::collections::BTreeSet<String> =
-            rows.iter().filter_map(|r| r["shape"].as_str().map(str::to_string)).collect();
-        let versions = KernelFamily::GroupNorm.versions().len();
-        ensure!(!shapes.is_empty(), "no group norm shape was recorded: {v}");
-        ensure!(
-            rows.len() == shapes.len() * versions,
-            "{} rows for {} shapes × {versions} versions",
-            rows.len(),
-            shapes.len()
-        );
-        for shape in &shapes {
-            let of: Vec<&serde_json::Value> = rows.iter().filter(|r| r["shape"] == shape.as_str()).collect();
-            ensure!(of.iter().all(|r| r["correct"] == true), "{shape}: a version failed the gate: {of:?}");
-            ensure!(of.iter().filter(|r| r["chosen"] == true).count() == 1, "{shape}: not one chosen version");
+        let mut report = Vec::new();
+        let mut all_shapes = 0;
+        for family in KernelFamily::ALL {
+            let of_family: Vec<&serde_json::Value> = rows.iter().filter(|r| r["family"] == family.name()).collect();
+            let shapes: std::collections::BTreeSet<&str> =
+                of_family.iter().filter_map(|r| r["shape"].as_str()).collect();
+            let versions = family.versions().len();
+            ensure!(!shapes.is_empty(), "no {} shape was recorded", family.name());
+            ensure!(
+                of_family.len() == shapes.len() * versions,
+                "{}: {} rows for {} shapes × {versions} versions",
+                family.name(),
+                of_family.len(),
+                shapes.len()
+            );
+            for shape in &shapes {
+                let of: Vec<&&serde_json::Value> = of_family.iter().filter(|r| r["shape"] == *shape).collect();
+                ensure!(of.iter().all(|r| r["correct"] == true), "{shape}: a version failed the gate: {of:?}");
+                ensure!(of.iter().filter(|r| r["chosen"] == true).count() == 1, "{shape}: not one chosen version");
+            }
+            // The resnets' group norm + SiLU, and the data gradients' accumulating convolutions.
+            let needle = if family == KernelFamily::GroupNorm { " silu" } else { " acc" };
+            ensure!(shapes.iter().any(|s| s.ends_with(needle)), "no{needle} shape among {shapes:?}");
+            report.push(format!("{} {} shapes × {versions} versions", family.name(), shapes.len()));
+            all_shapes += shapes.len();
         }
-        // The U-Net's resnet norms (with SiLU) and the VAE's are among them.
-        ensure!(shapes.iter().any(|s| s.ends_with(" silu")), "no group norm + SiLU shape: {shapes:?}");
         let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cache)?)?;
         let tables = written["devices"].as_object().cloned().unwrap_or_default();
         ensure!(tables.len() == 1, "cache tables: {tables:?}");
         let entries = tables.values().next().and_then(|t| t["entries"].as_array().cloned()).unwrap_or_default();
-        ensure!(entries.len() == shapes.len(), "{} cache entries for {} shapes", entries.len(), shapes.len());
-        // A backend started now reads the table (and an explicit choice still overrides it).
+        ensure!(entries.len() == all_shapes, "{} cache entries for {all_shapes} shapes", entries.len());
+        // A backend started now reads the table.
         std::env::set_var("ROENTGEN_KERNEL_CACHE", &cache);
-        let gpu = CudaBackend::new(0, Precision::F32);
+        let gpu = CudaBackend::new(0, Precision::Bf16);
         std::env::remove_var("ROENTGEN_KERNEL_CACHE");
         let gpu = gpu?;
         let choice = gpu.kernel_choice();
-        ensure!(choice.tuned_shapes() == shapes.len(), "the new backend holds {} tuned shapes", choice.tuned_shapes());
+        ensure!(choice.tuned_shapes() == all_shapes, "the new backend holds {} tuned shapes", choice.tuned_shapes());
         for e in &entries {
+            let family = e["family"].as_str().and_then(KernelFamily::from_name).unwrap_or(KernelFamily::GroupNorm);
             let (shape, want) = (e["shape"].as_str().unwrap_or_default(), e["version"].as_u64().unwrap_or(0) as u32);
-            ensure!(choice.version_for(KernelFamily::GroupNorm, shape) == want, "{shape}: tuned {want} not used");
+            ensure!(choice.version_for(family, shape) == want, "{shape}: tuned {want} not used");
         }
-        Ok(format!("{} shapes × {versions} versions, all through the gate; cache read back", shapes.len()))
+        Ok(format!("{}; every version through the gate; cache read back", report.join(", ")))
     });
 }
 

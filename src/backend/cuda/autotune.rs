@@ -7,6 +7,7 @@
 //! says what overrides it). On the emulated device the mechanics and the gate run; its times mean
 //! nothing.
 
+use super::conv::IgemmShape;
 use super::versions::KernelFamily;
 use super::CudaBackend;
 use crate::backend::{Backend, NormOps};
@@ -22,12 +23,14 @@ use std::time::Instant;
 #[derive(Clone, Copy, Debug)]
 pub enum TunableOp {
     GroupNorm(GroupNormParams),
+    Conv(IgemmShape),
 }
 
 impl TunableOp {
     pub fn family(&self) -> KernelFamily {
         match self {
             TunableOp::GroupNorm(_) => KernelFamily::GroupNorm,
+            TunableOp::Conv(_) => KernelFamily::Conv,
         }
     }
 
@@ -35,6 +38,7 @@ impl TunableOp {
     pub fn key(&self) -> String {
         match self {
             TunableOp::GroupNorm(p) => p.shape_key(),
+            TunableOp::Conv(s) => s.key(),
         }
     }
 
@@ -42,6 +46,10 @@ impl TunableOp {
     fn min_bytes(&self) -> usize {
         match self {
             TunableOp::GroupNorm(p) => 4 * (2 * p.elements() + 2 * p.channels),
+            TunableOp::Conv(s) => {
+                let (src, wt, dst) = s.extents();
+                4 * (src + dst) + 2 * wt
+            }
         }
     }
 }
@@ -91,36 +99,92 @@ pub fn tune(gpu: &mut CudaBackend, ops: &[TunableOp], iters: usize) -> Result<Ve
     r
 }
 
+/// An op's buffers on the device, with seeded contents: `inputs` are uploaded again before every
+/// run (an accumulating op adds to its output), `outputs` compared between versions.
+#[derive(Default)]
+struct Prepared {
+    pools: Vec<PoolId>,
+    inputs: Vec<(Tensor, Vec<f32>)>,
+    outputs: Vec<Tensor>,
+}
+
+/// Allocates and fills `op`'s buffers into `p` (whose pools the caller frees, also after an error).
+fn prepare(gpu: &mut CudaBackend, op: &TunableOp, p: &mut Prepared) -> Result<()> {
+    let alloc = |gpu: &mut CudaBackend, p: &mut Prepared, len: usize| -> Result<Tensor> {
+        let pool = gpu.alloc(len.max(1), "autotune")?;
+        p.pools.push(pool);
+        Ok(Tensor { pool, offset: 0, shape: [len].into() })
+    };
+    match op {
+        TunableOp::GroupNorm(g) => {
+            let (n, bg, c) = (g.elements(), g.batch * g.groups, g.channels);
+            for len in [n, bg, bg] {
+                let t = alloc(gpu, p, len)?;
+                p.outputs.push(t);
+            }
+            for (i, len) in [n, c, c].into_iter().enumerate() {
+                let t = alloc(gpu, p, len)?;
+                p.inputs.push((t, normals(len, 0xA070 + i as u64)));
+            }
+        }
+        TunableOp::Conv(s) => {
+            let (src, wt, dst) = s.extents();
+            let d = alloc(gpu, p, dst)?;
+            p.outputs.push(d);
+            p.inputs.push((d, normals(dst, 0xC0)));
+            let x = alloc(gpu, p, src)?;
+            p.inputs.push((x, normals(src, 0xC1)));
+            // The bf16 path reads a bf16 weight: pairs of bf16 values in f32-sized words.
+            let w: Vec<f32> = if gpu.use_bf16() {
+                let v = normals(wt + 1, 0xC2);
+                v.chunks(2)
+                    .map(|p| {
+                        let bf = |x: f32| (half::bf16::from_f32(x * 0.05).to_bits()) as u32;
+                        f32::from_bits(bf(p[0]) | (bf(*p.get(1).unwrap_or(&0.0)) << 16))
+                    })
+                    .collect()
+            } else {
+                normals(wt, 0xC2).iter().map(|x| x * 0.05).collect()
+            };
+            let wt_t = alloc(gpu, p, w.len())?;
+            p.inputs.push((wt_t, w));
+        }
+    }
+    Ok(())
+}
+
+/// One run of `op` on its prepared buffers.
+fn run_once(gpu: &CudaBackend, op: &TunableOp, p: &Prepared) -> Result<()> {
+    let at = |t: &Tensor| gpu.dptr(t);
+    match op {
+        TunableOp::GroupNorm(g) => {
+            let (o, i) = (&p.outputs, &p.inputs);
+            let fwd =
+                NormForward { out: &o[0], mean: &o[1], rstd: &o[2], inp: &i[0].0, weight: &i[1].0, bias: &i[2].0 };
+            gpu.group_norm_forward(g, &fwd)
+        }
+        TunableOp::Conv(s) => gpu.conv_igemm_replay(s, at(&p.outputs[0]), at(&p.inputs[1].0), at(&p.inputs[2].0)),
+    }
+}
+
 fn tune_all(gpu: &mut CudaBackend, ops: &[TunableOp], iters: usize) -> Result<Vec<TuneRow>> {
     let mut rows = Vec::new();
     for op in ops {
-        let TunableOp::GroupNorm(p) = *op;
-        let (n, bg, c) = (p.elements(), p.batch * p.groups, p.channels);
-        let sizes = [n, bg, bg, n, c, c];
-        let mut pools: Vec<PoolId> = Vec::new();
-        let mut run_op = || -> Result<Vec<TuneRow>> {
-            let mut t = Vec::new();
-            for &len in &sizes {
-                let pool = gpu.alloc(len.max(1), "autotune")?;
-                pools.push(pool);
-                t.push(Tensor { pool, offset: 0, shape: [len].into() });
-            }
-            for (i, tensor) in t.iter().enumerate().skip(3) {
-                gpu.upload(tensor, &normals(sizes[i], 0xA070 + i as u64))?;
-            }
-            let fwd = NormForward { out: &t[0], mean: &t[1], rstd: &t[2], inp: &t[3], weight: &t[4], bias: &t[5] };
-            let outputs = |gpu: &CudaBackend| -> Result<Vec<f32>> {
-                let mut v = gpu.download(&t[0])?;
-                v.extend(gpu.download(&t[1])?);
-                v.extend(gpu.download(&t[2])?);
-                Ok(v)
-            };
+        let mut p = Prepared::default();
+        let prepared = prepare(gpu, op, &mut p);
+        let measure = |gpu: &mut CudaBackend, p: &Prepared| -> Result<Vec<TuneRow>> {
             let mut found: Vec<TuneRow> = Vec::new();
             let mut reference: Option<Vec<f32>> = None;
             for &(v, _) in op.family().versions() {
                 gpu.kernel_choice.borrow_mut().set(op.family(), v)?;
-                gpu.group_norm_forward(&p, &fwd)?;
-                let got = outputs(gpu)?;
+                for (t, values) in &p.inputs {
+                    gpu.upload(t, values)?;
+                }
+                run_once(gpu, op, p)?;
+                let mut got = Vec::new();
+                for t in &p.outputs {
+                    got.extend(gpu.download(t)?);
+                }
                 let want = reference.get_or_insert_with(|| got.clone());
                 let scale = want.iter().fold(0f64, |m, x| m.max(x.abs() as f64)).max(1e-30);
                 let err = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs() as f64).fold(0f64, f64::max) / scale;
@@ -128,7 +192,7 @@ fn tune_all(gpu: &mut CudaBackend, ops: &[TunableOp], iters: usize) -> Result<Ve
                 gpu.synchronize()?;
                 let t0 = Instant::now();
                 for _ in 0..iters {
-                    gpu.group_norm_forward(&p, &fwd)?;
+                    run_once(gpu, op, p)?;
                 }
                 gpu.synchronize()?;
                 let ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
@@ -154,10 +218,14 @@ fn tune_all(gpu: &mut CudaBackend, ops: &[TunableOp], iters: usize) -> Result<Ve
             }
             Ok(found)
         };
-        let found = run_op();
-        for pool in pools {
+        let found = match &prepared {
+            Ok(()) => measure(gpu, &p),
+            Err(_) => Ok(Vec::new()),
+        };
+        for &pool in &p.pools {
             gpu.free(pool)?;
         }
+        prepared.with_context(|| format!("autotune {} {}: allocating its buffers", op.family().name(), op.key()))?;
         rows.extend(found.with_context(|| format!("autotune {} {}", op.family().name(), op.key()))?);
     }
     Ok(rows)

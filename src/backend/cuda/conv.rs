@@ -16,7 +16,9 @@
 //!   grid.z with atomicAdd.
 //! * bias gradient: `conv2d_bias_grad`, column sums of dout.
 
+use super::autotune::TunableOp;
 use super::launch::*;
+use super::versions::KernelFamily;
 use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::backend::ConvOps;
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams, Im2colParams};
@@ -25,6 +27,8 @@ use anyhow::{ensure, Result};
 
 /// The workspace slot holding the permuted weight (valid only during one call).
 const WS_SLOT: usize = 0;
+/// Workspace slot of split-K's partial sums (version 2).
+const SPLIT_SLOT: usize = 1;
 
 /// Tile sizes of kernels/conv.cu (must match F_BM/F_BN/F_BK and H_BM/H_BN/H_BK there).
 const F_BM: usize = 64;
@@ -41,6 +45,7 @@ fn int(what: &str, v: usize) -> Result<i32> {
 }
 
 /// Arguments of one conv2d_igemm_* launch (see the comment above those kernels in conv.cu).
+#[derive(Clone, Copy)]
 struct Igemm {
     dst: u64,
     src: u64,
@@ -72,6 +77,196 @@ struct Igemm {
     dy0: usize,
     dx0: usize,
     accumulate: bool,
+}
+
+impl Igemm {
+    /// The launch without its addresses: what its speed depends on (the autotune key, and what
+    /// autotune.rs replays on buffers of its own).
+    fn shape(&self) -> IgemmShape {
+        let Igemm {
+            batch,
+            rh,
+            rw,
+            n,
+            c,
+            sh,
+            sw,
+            ss,
+            sy0,
+            sx0,
+            tys,
+            txs,
+            nty,
+            ntx,
+            tap0,
+            tapys,
+            tapxs,
+            bs_n,
+            bs_t,
+            dh,
+            dw,
+            os,
+            dy0,
+            dx0,
+            accumulate,
+            ..
+        } = *self;
+        IgemmShape {
+            batch,
+            rh,
+            rw,
+            n,
+            c,
+            sh,
+            sw,
+            ss,
+            sy0,
+            sx0,
+            tys,
+            txs,
+            nty,
+            ntx,
+            tap0,
+            tapys,
+            tapxs,
+            bs_n,
+            bs_t,
+            dh,
+            dw,
+            os,
+            dy0,
+            dx0,
+            accumulate,
+        }
+    }
+}
+
+/// An implicit-GEMM convolution launch without its buffers (see [`Igemm`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IgemmShape {
+    batch: usize,
+    rh: usize,
+    rw: usize,
+    n: usize,
+    c: usize,
+    sh: usize,
+    sw: usize,
+    ss: usize,
+    sy0: i64,
+    sx0: i64,
+    tys: i64,
+    txs: i64,
+    nty: usize,
+    ntx: usize,
+    tap0: usize,
+    tapys: usize,
+    tapxs: usize,
+    bs_n: usize,
+    bs_t: usize,
+    dh: usize,
+    dw: usize,
+    os: usize,
+    dy0: usize,
+    dx0: usize,
+    accumulate: bool,
+}
+
+impl IgemmShape {
+    /// "M×N×C taps a×b" (+ " acc"): rows, columns, channels per tap and the taps walked.
+    pub fn key(&self) -> String {
+        let m = self.batch * self.rh * self.rw;
+        let acc = if self.accumulate { " acc" } else { "" };
+        format!("{m}x{}x{} taps {}x{}{acc}", self.n, self.c, self.nty, self.ntx)
+    }
+
+    /// (source, weight, destination) elements the launch reads and writes.
+    pub fn extents(&self) -> (usize, usize, usize) {
+        let src = self.batch * self.sh * self.sw * self.c;
+        let last_tap = self.tap0 + (self.nty - 1) * self.tapys + (self.ntx - 1) * self.tapxs;
+        let wt = (self.n - 1) * self.bs_n + last_tap * self.bs_t + self.c;
+        (src, wt, self.batch * self.dh * self.dw * self.n)
+    }
+}
+
+impl CudaBackend {
+    /// Runs the launch `s` on buffers `dst`, `src`, `wt` (bf16 on the bf16 path) without a bias:
+    /// autotune.rs's replay of a recorded convolution.
+    pub(crate) fn conv_igemm_replay(&self, s: &IgemmShape, dst: u64, src: u64, wt: u64) -> Result<()> {
+        let IgemmShape {
+            batch,
+            rh,
+            rw,
+            n,
+            c,
+            sh,
+            sw,
+            ss,
+            sy0,
+            sx0,
+            tys,
+            txs,
+            nty,
+            ntx,
+            tap0,
+            tapys,
+            tapxs,
+            bs_n,
+            bs_t,
+            dh,
+            dw,
+            os,
+            dy0,
+            dx0,
+            accumulate,
+        } = *s;
+        self.conv_igemm(&Igemm {
+            dst,
+            src,
+            wt,
+            bias: 0,
+            batch,
+            rh,
+            rw,
+            n,
+            c,
+            sh,
+            sw,
+            ss,
+            sy0,
+            sx0,
+            tys,
+            txs,
+            nty,
+            ntx,
+            tap0,
+            tapys,
+            tapxs,
+            bs_n,
+            bs_t,
+            dh,
+            dw,
+            os,
+            dy0,
+            dx0,
+            accumulate,
+        })
+    }
+}
+
+/// Split-K for `blocks` output tiles of `ktiles` reduction tiles on `sms` multiprocessors: when
+/// fewer than 2 × sms blocks would launch, enough splits to reach that (at least 4 reduction tiles
+/// each, at most 32 splits), as (splits, tiles per split) with no empty split; None otherwise.
+fn split_k(blocks: usize, ktiles: usize, sms: usize) -> Option<(usize, usize)> {
+    const MIN_TILES: usize = 4;
+    const MAX_SPLITS: usize = 32;
+    let target = 2 * sms;
+    if blocks == 0 || blocks >= target || ktiles < 2 * MIN_TILES {
+        return None;
+    }
+    let want = target.div_ceil(blocks).min(ktiles / MIN_TILES).min(MAX_SPLITS);
+    let per_split = ktiles.div_ceil(want);
+    let splits = ktiles.div_ceil(per_split);
+    (splits >= 2).then_some((splits, per_split))
 }
 
 fn small(what: &str, v: i64) -> Result<i32> {
@@ -173,11 +368,62 @@ impl CudaBackend {
             accumulate: g.accumulate as i32,
         };
         let grid = (grid_x as u32, grid_y as u32, 1);
-        if bf16 {
-            self.launch(Conv2dIgemmBf16::from(k), grid, (THREADS, 1, 1), 0)
-        } else {
-            self.launch(k, grid, (THREADS, 1, 1), 0)
+        if !bf16 {
+            return self.launch(k, grid, (THREADS, 1, 1), 0);
         }
+        let ktiles = g.nty * g.ntx * g.c.div_ceil(H_BK);
+        let shape = g.shape();
+        if self.kernel_version_for(KernelFamily::Conv, &shape.key(), || TunableOp::Conv(shape)) == 2 {
+            if let Some((splits, per_split)) = split_k(grid_x * grid_y, ktiles, self.dev.multiprocessor_count()) {
+                // kernels/conv.cu "split-K, version 2": slices in workspace slot SPLIT_SLOT (the
+                // weight is in WS_SLOT), summed in order by the reduce kernel.
+                let part = self.workspace(SPLIT_SLOT, splits * m * g.n)?;
+                let split = Conv2dIgemmBf16Splitk {
+                    part,
+                    src: k.src,
+                    wt: k.wt,
+                    M: k.M,
+                    RH: k.RH,
+                    RW: k.RW,
+                    N: k.N,
+                    C: k.C,
+                    SH: k.SH,
+                    SW: k.SW,
+                    ss: k.ss,
+                    sy0: k.sy0,
+                    sx0: k.sx0,
+                    tys: k.tys,
+                    txs: k.txs,
+                    nty: k.nty,
+                    ntx: k.ntx,
+                    tap0: k.tap0,
+                    tapys: k.tapys,
+                    tapxs: k.tapxs,
+                    bs_n: k.bs_n,
+                    bs_t: k.bs_t,
+                    kt_per_split: int("reduction tiles per split", per_split)?,
+                };
+                self.launch(split, (grid_x as u32, grid_y as u32, splits as u32), (THREADS, 1, 1), 0)?;
+                let reduce = Conv2dSplitkReduce {
+                    dst: k.dst,
+                    part,
+                    bias: k.bias,
+                    splits: splits as i32,
+                    M: k.M,
+                    RH: k.RH,
+                    RW: k.RW,
+                    N: k.N,
+                    DH: k.DH,
+                    DW: k.DW,
+                    os: k.os,
+                    dy0: k.dy0,
+                    dx0: k.dx0,
+                    accumulate: k.accumulate,
+                };
+                return self.ops_launch1(m * g.n, reduce);
+            }
+        }
+        self.launch(Conv2dIgemmBf16::from(k), grid, (THREADS, 1, 1), 0)
     }
 }
 
@@ -368,5 +614,26 @@ impl ConvOps for CudaBackend {
         let (out, inp, c) = (self.dptr(out), self.dptr(inp), p.channels as i32);
         let k = Conv2dIm2col { out, inp, h, w, c, oh, ow, kh, kw, stride, pt, pl, n: ni };
         self.ops_launch1(n, k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_k;
+
+    #[test]
+    fn split_k_fills_the_device_only_where_the_grid_is_small() {
+        // SD's 8×8×1280 3×3 conv at batch 2: 20 tiles of 360 reduction tiles on 132 SMs.
+        assert_eq!(split_k(20, 360, 132), Some((14, 26)));
+        // Enough blocks already, or too short a reduction: none.
+        assert_eq!(split_k(264, 360, 132), None);
+        assert_eq!(split_k(20, 7, 132), None);
+        // Never an empty split, never more than 32, at least 4 tiles each.
+        for (blocks, ktiles) in [(1, 9), (1, 1000), (3, 37), (100, 50), (7, 8)] {
+            if let Some((splits, per)) = split_k(blocks, ktiles, 132) {
+                assert!(splits >= 2 && splits <= 32 && per >= 4, "{blocks} {ktiles}: {splits} × {per}");
+                assert!((splits - 1) * per < ktiles && splits * per >= ktiles, "{blocks} {ktiles}: {splits} × {per}");
+            }
+        }
     }
 }

@@ -211,6 +211,9 @@ pub(crate) trait Device {
     fn device_name(&self) -> &str;
     /// (major, minor) compute capability.
     fn compute_capability(&self) -> (i32, i32);
+    /// Streaming multiprocessors (CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT): how many blocks fill
+    /// the device, for kernels that size their grid by it (conv's split-K).
+    fn multiprocessor_count(&self) -> usize;
     /// (free, total) device memory in bytes (cuMemGetInfo).
     fn memory_info(&self) -> Result<(usize, usize), DeviceError>;
 
@@ -330,6 +333,7 @@ struct RealPlan {
 pub(crate) struct CudaDriver {
     gpu: String,
     cc: (i32, i32),
+    sms: usize,
     ctx: sys::CUcontext,
     stream: sys::CUstream,
     modules: Vec<sys::CUmodule>,
@@ -363,6 +367,7 @@ impl CudaDriver {
         let attr = |a| unsafe { cu::device::get_attribute(dev, a) };
         let major = driver(attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR), "attribute")?;
         let minor = driver(attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR), "attribute")?;
+        let sms = driver(attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT), "attribute")?;
         ensure!(
             major >= 8,
             "$device cuda: {gpu} has compute capability {major}.{minor}; the kernels need 8.0 or newer (A100, H100)"
@@ -372,6 +377,7 @@ impl CudaDriver {
         Ok(CudaDriver {
             gpu,
             cc: (major, minor),
+            sms: sms.max(1) as usize,
             ctx,
             stream,
             modules: Vec::new(),
@@ -486,6 +492,10 @@ impl Device for CudaDriver {
 
     fn compute_capability(&self) -> (i32, i32) {
         self.cc
+    }
+
+    fn multiprocessor_count(&self) -> usize {
+        self.sms
     }
 
     fn memory_info(&self) -> Result<(usize, usize), DeviceError> {

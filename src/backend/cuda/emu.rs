@@ -240,6 +240,11 @@ impl Device for EmuDevice {
         (8, 0)
     }
 
+    fn multiprocessor_count(&self) -> usize {
+        // An A100's 108, so that grids sized by it take the paths they take on a GPU.
+        108
+    }
+
     fn memory_info(&self) -> Result<(usize, usize), DeviceError> {
         let used: usize = self.allocs.borrow().values().sum();
         Ok((TOTAL_BYTES.saturating_sub(used), TOTAL_BYTES))

@@ -20,15 +20,19 @@ pub const ENV: &str = "ROENTGEN_KERNELS";
 pub enum KernelFamily {
     /// Group norm forward (± SiLU): kernels/norm.cu `gn_forward_*`.
     GroupNorm,
+    /// The bf16 implicit-GEMM convolution (forward and data gradient): kernels/conv.cu
+    /// `conv2d_igemm_bf16*`. (The f32 path is the parity path and has one version.)
+    Conv,
 }
 
 impl KernelFamily {
-    pub const ALL: [KernelFamily; 1] = [KernelFamily::GroupNorm];
+    pub const ALL: [KernelFamily; 2] = [KernelFamily::GroupNorm, KernelFamily::Conv];
 
     /// The name used in `ROENTGEN_KERNELS` and in reports.
     pub fn name(self) -> &'static str {
         match self {
             KernelFamily::GroupNorm => "group_norm",
+            KernelFamily::Conv => "conv",
         }
     }
 
@@ -38,6 +42,10 @@ impl KernelFamily {
             KernelFamily::GroupNorm => &[
                 (1, "four launches: Σx, Σ(x − μ)², statistics, normalise (x read 3 times)"),
                 (2, "one-pass moments, statistics combined by each normalising block (x read twice, 1–2 launches)"),
+            ],
+            KernelFamily::Conv => &[
+                (1, "one 128×64 block per output tile, the whole reduction in each block"),
+                (2, "split-K over grid.z when fewer than 2 × SM-count blocks would launch, slices summed in order"),
             ],
         }
     }
@@ -141,7 +149,11 @@ mod tests {
         assert_eq!(KernelChoice::parse("").unwrap(), KernelChoice::default());
         assert_eq!(KernelChoice::parse("group_norm=1").unwrap().describe(), "");
         let err = |s: &str| format!("{:#}", KernelChoice::parse(s).unwrap_err());
-        assert!(err("conv=2").contains("no kernel family \"conv\"") && err("conv=2").contains("group_norm"));
+        assert!(
+            err("attention=2").contains("no kernel family \"attention\"")
+                && err("attention=2").contains("group_norm, conv")
+        );
+        assert_eq!(KernelChoice::parse("conv=2, group_norm=2").unwrap().describe(), "group_norm=2,conv=2");
         assert!(err("group_norm=9").contains("no version 9; its versions: 1, 2"));
         assert!(err("group_norm").contains("not family=version"));
         assert!(err("group_norm=x").contains("not a version number"));
