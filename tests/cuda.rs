@@ -124,6 +124,7 @@ fn main() {
     pipelines::param_copy_case(&mut r);
     pipelines::newest_kernel_versions_case(&mut r);
     pipelines::autotune_case(&mut r);
+    pipelines::train_step_memory_case(&mut r);
     pipelines::training_allocation_case(&mut r);
     pipelines::clip_tower_case(&mut r);
     pipelines::densenet_case(&mut r);

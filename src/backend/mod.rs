@@ -188,6 +188,13 @@ pub trait Backend:
     /// (label, bytes) of every pool, for `--verbose` reports.
     fn pool_sizes(&self) -> Vec<(String, usize)>;
 
+    /// A device backend: (bytes of device memory it holds now, the most it has held at once):
+    /// pools, parameter copies, workspaces and library scratch. None on the CPU, whose memory is
+    /// the process's.
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        None
+    }
+
     /// Waits until every queued operation has finished (a no-op on the CPU, whose operations are
     /// synchronous); timings call it before reading the clock.
     fn synchronize(&self) -> Result<()> {

@@ -61,6 +61,9 @@ pub struct BenchReport {
     pub max_ms: f64,
     /// The process's peak resident memory so far (Linux's VmHWM: loading, warm-up and timed calls).
     pub peak_rss_bytes: Option<u64>,
+    /// A device backend's most device memory held at once (weights, gradients, optimizer state,
+    /// arenas, parameter copies, workspaces), from loading to the last call.
+    pub peak_device_bytes: Option<u64>,
     /// Every timed call, in order.
     pub times_ms: Vec<f64>,
     pub gflop_per_call: f64,
@@ -83,7 +86,8 @@ impl BenchReport {
             self.shape,
             crate::tools::inspect::thousands(self.parameters as u64),
             self.activation_bytes as f64 / (1 << 20) as f64,
-            self.peak_rss_bytes.map_or(String::new(), |b| format!(", peak resident {:.2} GiB", b as f64 / (1u64 << 30) as f64)),
+            self.peak_rss_bytes.map_or(String::new(), |b| format!(", peak resident {:.2} GiB", b as f64 / (1u64 << 30) as f64))
+                + &self.peak_device_bytes.map_or(String::new(), |b| format!(", peak device memory {:.2} GiB", b as f64 / (1u64 << 30) as f64)),
             self.iters,
             self.median_ms,
             self.min_ms,
@@ -191,6 +195,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             median_ms: median,
             max_ms: max,
             peak_rss_bytes: peak_rss_bytes(),
+            peak_device_bytes: b.device_memory().map(|(_, peak)| peak as u64),
             times_ms: times,
             gflop_per_call: flops as f64 / 1e9,
             achieved_gflops: flops as f64 / 1e9 / (min / 1e3),

@@ -193,6 +193,28 @@ pub fn autotune_case(r: &mut Runner) {
     });
 }
 
+/// `bench train-step` reports the most device memory held: at least the U-Net's and text encoder's
+/// weights, gradients and two AdamW moments (4 × 4 bytes per parameter) plus the activation arena.
+pub fn train_step_memory_case(r: &mut Runner) {
+    r.case("bf16/bench train-step reports the peak device memory", || {
+        let dir = tempfile::tempdir()?;
+        let pipe = assemble_pipeline("pipe-a", dir.path());
+        let args = CliArgs::new(&["bench", "train-step", "--height", "16", "--width", "16", "--iters", "1"])
+            .opt("--model", &pipe)
+            .with(&["--warmup", "0", "--json"])
+            .globals(&["--device", "cuda", "--precision", "bf16"]);
+        let (code, stdout, err) = args.run();
+        ensure!(code == 0, "bench train-step: {err}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim())?;
+        let (params, act) = (v["parameters"].as_u64().unwrap_or(0), v["activation_bytes"].as_u64().unwrap_or(0));
+        let peak = v["peak_device_bytes"].as_u64().unwrap_or(0);
+        let floor = 16 * params + act;
+        ensure!(peak >= floor, "peak device memory {peak} B below weights + gradients + moments + arena {floor} B");
+        ensure!(peak < 64 * floor + (256 << 20), "peak device memory {peak} B implausibly above {floor} B");
+        Ok(format!("peak {peak} B for {params} parameters and a {act} B arena"))
+    });
+}
+
 /// bf16: a convolution whose weight lies in a parameter pool reads the pool's bf16 copy and
 /// must give bit for bit what the same weight gives in an ordinary pool, before and after an
 /// AdamW step (which updates the copy in the same pass) and after a new upload.

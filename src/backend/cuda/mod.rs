@@ -87,6 +87,8 @@ pub struct CudaBackend {
     f32_scratch: RefCell<[Scratch; SLOTS]>,
     allocations: Cell<usize>,
     allocated_bytes: Cell<usize>,
+    /// The most `allocated_bytes` has been.
+    peak_bytes: Cell<usize>,
     /// attention.rs: most elements of one score-matrix chunk (head_dim > 160).
     attn_ws_limit: Cell<usize>,
     /// Per-kernel (calls, milliseconds) while profiling is on.
@@ -169,6 +171,7 @@ impl CudaBackend {
             f32_scratch: RefCell::new([Scratch::default(); SLOTS]),
             allocations: Cell::new(0),
             allocated_bytes: Cell::new(0),
+            peak_bytes: Cell::new(0),
             attn_ws_limit: Cell::new(attention::WIDE_WORKSPACE_ELEMS),
             profile: RefCell::new(None),
             graphs: RefCell::new(HashMap::new()),
@@ -264,6 +267,7 @@ impl CudaBackend {
         driver(self.dev.memset_d8(p, 0, bytes), "memset")?;
         self.allocations.set(self.allocations.get() + 1);
         self.allocated_bytes.set(self.allocated_bytes.get() + bytes);
+        self.peak_bytes.set(self.peak_bytes.get().max(self.allocated_bytes.get()));
         Ok(p)
     }
 
@@ -378,6 +382,7 @@ impl CudaBackend {
                 // Forgotten before the new allocation: should that fail, the slot must not keep a
                 // freed address (a later smaller request would be handed it; Drop would free it again).
                 driver(self.dev.free(old.ptr), "free")?;
+                self.allocated_bytes.set(self.allocated_bytes.get().saturating_sub(old.bytes));
             }
             let grow = bytes.next_power_of_two().max(1024);
             t[slot] = Scratch { ptr: self.raw_alloc(grow, what)?, bytes: grow };
@@ -553,6 +558,10 @@ impl Backend for CudaBackend {
             self.profile.borrow().iter().flatten().map(|(k, (c, ms))| (k.clone(), *c, *ms)).collect();
         v.sort_by(|a, b| b.2.total_cmp(&a.2));
         v
+    }
+
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        Some((self.allocated_bytes.get(), self.peak_bytes.get()))
     }
 
     fn pool_sizes(&self) -> Vec<(String, usize)> {
