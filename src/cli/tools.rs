@@ -364,7 +364,19 @@ pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
     let Some(model) = &a.model else {
         bail!("bench {}: --model DIR (a pipeline folder) is required", stage.name());
     };
-    let opts = roentgen::tools::bench::BenchOptions {
+    let r = roentgen::tools::bench::run(b.as_mut(), stage, &bench_options(&a, model))?;
+    if a.json {
+        print_stdout(&serde_json::to_string_pretty(&r)?)?;
+    } else {
+        print_stdout(&r.render())?;
+    }
+    report_pools(b.as_ref(), g.verbose);
+    Ok(())
+}
+
+/// The stage options the flags give.
+fn bench_options<'a>(a: &'a BenchArgs, model: &'a Path) -> roentgen::tools::bench::BenchOptions<'a> {
+    roentgen::tools::bench::BenchOptions {
         model,
         variant: a.variant.as_deref(),
         random_weights: a.random_weights,
@@ -374,15 +386,7 @@ pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
         warmup: a.warmup,
         iters: a.iters,
         profile: a.profile,
-    };
-    let r = roentgen::tools::bench::run(b.as_mut(), stage, &opts)?;
-    if a.json {
-        print_stdout(&serde_json::to_string_pretty(&r)?)?;
-    } else {
-        print_stdout(&r.render())?;
     }
-    report_pools(b.as_ref(), g.verbose);
-    Ok(())
 }
 
 /// `bench --autotune` (backend/cuda/autotune.rs).
@@ -395,17 +399,8 @@ fn autotune(g: &Global, a: &BenchArgs) -> Result<()> {
     }
     let Some(model) = &a.model else { bail!("bench --autotune: --model DIR (a pipeline folder) is required") };
     let mut gpu = CudaBackend::new(0, g.precision)?;
-    let opts = roentgen::tools::bench::BenchOptions {
-        model,
-        variant: a.variant.as_deref(),
-        random_weights: a.random_weights,
-        height: a.height,
-        width: a.width,
-        batch: a.batch,
-        warmup: 0,
-        iters: 1,
-        profile: false,
-    };
+    // One untimed call of each stage is enough to see its shapes.
+    let opts = roentgen::tools::bench::BenchOptions { warmup: 0, iters: 1, profile: false, ..bench_options(a, model) };
     let mut ops: Vec<autotune::TunableOp> = Vec::new();
     for stage in [Stage::Unet, Stage::VaeDecode, Stage::TrainStep] {
         roentgen::diag::progress(format!("autotune: running {} to find its shapes", stage.name()));

@@ -44,106 +44,21 @@ fn int(what: &str, v: usize) -> Result<i32> {
     to_i32(&format!("conv2d {what}"), v)
 }
 
-/// Arguments of one conv2d_igemm_* launch (see the comment above those kernels in conv.cu).
+/// Arguments of one conv2d_igemm_* launch (see the comment above those kernels in conv.cu): its
+/// buffers and its shape.
 #[derive(Clone, Copy)]
 struct Igemm {
     dst: u64,
     src: u64,
     wt: u64,
     bias: u64,
-    /// Rows: a (batch, rh, rw) grid.
-    batch: usize,
-    rh: usize,
-    rw: usize,
-    n: usize,
-    c: usize,
-    sh: usize,
-    sw: usize,
-    ss: usize,
-    sy0: i64,
-    sx0: i64,
-    tys: i64,
-    txs: i64,
-    nty: usize,
-    ntx: usize,
-    tap0: usize,
-    tapys: usize,
-    tapxs: usize,
-    bs_n: usize,
-    bs_t: usize,
-    dh: usize,
-    dw: usize,
-    os: usize,
-    dy0: usize,
-    dx0: usize,
-    accumulate: bool,
-}
-
-impl Igemm {
-    /// The launch without its addresses: what its speed depends on (the autotune key, and what
-    /// autotune.rs replays on buffers of its own).
-    fn shape(&self) -> IgemmShape {
-        let Igemm {
-            batch,
-            rh,
-            rw,
-            n,
-            c,
-            sh,
-            sw,
-            ss,
-            sy0,
-            sx0,
-            tys,
-            txs,
-            nty,
-            ntx,
-            tap0,
-            tapys,
-            tapxs,
-            bs_n,
-            bs_t,
-            dh,
-            dw,
-            os,
-            dy0,
-            dx0,
-            accumulate,
-            ..
-        } = *self;
-        IgemmShape {
-            batch,
-            rh,
-            rw,
-            n,
-            c,
-            sh,
-            sw,
-            ss,
-            sy0,
-            sx0,
-            tys,
-            txs,
-            nty,
-            ntx,
-            tap0,
-            tapys,
-            tapxs,
-            bs_n,
-            bs_t,
-            dh,
-            dw,
-            os,
-            dy0,
-            dx0,
-            accumulate,
-        }
-    }
+    shape: IgemmShape,
 }
 
 /// An implicit-GEMM convolution launch without its buffers (see [`Igemm`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct IgemmShape {
+    /// Rows: a (batch, rh, rw) grid.
     batch: usize,
     rh: usize,
     rw: usize,
@@ -192,64 +107,7 @@ impl CudaBackend {
     /// Runs the launch `s` on buffers `dst`, `src`, `wt` (bf16 on the bf16 path) without a bias:
     /// autotune.rs's replay of a recorded convolution.
     pub(crate) fn conv_igemm_replay(&self, s: &IgemmShape, dst: u64, src: u64, wt: u64) -> Result<()> {
-        let IgemmShape {
-            batch,
-            rh,
-            rw,
-            n,
-            c,
-            sh,
-            sw,
-            ss,
-            sy0,
-            sx0,
-            tys,
-            txs,
-            nty,
-            ntx,
-            tap0,
-            tapys,
-            tapxs,
-            bs_n,
-            bs_t,
-            dh,
-            dw,
-            os,
-            dy0,
-            dx0,
-            accumulate,
-        } = *s;
-        self.conv_igemm(&Igemm {
-            dst,
-            src,
-            wt,
-            bias: 0,
-            batch,
-            rh,
-            rw,
-            n,
-            c,
-            sh,
-            sw,
-            ss,
-            sy0,
-            sx0,
-            tys,
-            txs,
-            nty,
-            ntx,
-            tap0,
-            tapys,
-            tapxs,
-            bs_n,
-            bs_t,
-            dh,
-            dw,
-            os,
-            dy0,
-            dx0,
-            accumulate,
-        })
+        self.conv_igemm(&Igemm { dst, src, wt, bias: 0, shape: *s })
     }
 }
 
@@ -323,7 +181,9 @@ impl CudaBackend {
         Ok(ws)
     }
 
-    fn conv_igemm(&self, g: &Igemm) -> Result<()> {
+    fn conv_igemm(&self, launch: &Igemm) -> Result<()> {
+        let Igemm { dst, src, wt, bias, shape } = *launch;
+        let g = &shape;
         let m = g.batch * g.rh * g.rw;
         if m == 0 || g.n == 0 {
             return Ok(());
@@ -337,10 +197,10 @@ impl CudaBackend {
         let grid_y = g.n.div_ceil(bn);
         ensure!(grid_x <= i32::MAX as usize && grid_y <= 65535, "conv2d: grid {grid_x}×{grid_y} too large");
         let k = Conv2dIgemmF32 {
-            dst: g.dst,
-            src: g.src,
-            wt: g.wt,
-            bias: g.bias,
+            dst,
+            src,
+            wt,
+            bias,
             M: int("rows", m)?,
             RH: int("rh", g.rh)?,
             RW: int("rw", g.rw)?,
@@ -372,7 +232,6 @@ impl CudaBackend {
             return self.launch(k, grid, (THREADS, 1, 1), 0);
         }
         let ktiles = g.nty * g.ntx * g.c.div_ceil(H_BK);
-        let shape = g.shape();
         if self.kernel_version_for(KernelFamily::Conv, &shape.key(), || TunableOp::Conv(shape)) == 2 {
             if let Some((splits, per_split)) = split_k(grid_x * grid_y, ktiles, self.dev.multiprocessor_count()) {
                 // kernels/conv.cu "split-K, version 2": slices in workspace slot SPLIT_SLOT (the
@@ -453,31 +312,33 @@ impl ConvOps for CudaBackend {
             src: self.dptr(inp),
             wt,
             bias: bias_ptr,
-            batch,
-            rh: oh,
-            rw: ow,
-            n: c_out,
-            c: c_in,
-            sh: h,
-            sw: w,
-            ss: stride,
-            sy0: -(pt as i64),
-            sx0: -(pl as i64),
-            tys: 1,
-            txs: 1,
-            nty: kernel,
-            ntx: kernel,
-            tap0: 0,
-            tapys: kernel,
-            tapxs: 1,
-            bs_n: taps * c_in,
-            bs_t: c_in,
-            dh: oh,
-            dw: ow,
-            os: 1,
-            dy0: 0,
-            dx0: 0,
-            accumulate: false,
+            shape: IgemmShape {
+                batch,
+                rh: oh,
+                rw: ow,
+                n: c_out,
+                c: c_in,
+                sh: h,
+                sw: w,
+                ss: stride,
+                sy0: -(pt as i64),
+                sx0: -(pl as i64),
+                tys: 1,
+                txs: 1,
+                nty: kernel,
+                ntx: kernel,
+                tap0: 0,
+                tapys: kernel,
+                tapxs: 1,
+                bs_n: taps * c_in,
+                bs_t: c_in,
+                dh: oh,
+                dw: ow,
+                os: 1,
+                dy0: 0,
+                dx0: 0,
+                accumulate: false,
+            },
         })
     }
 
@@ -574,31 +435,33 @@ impl ConvOps for CudaBackend {
                     src: self.dptr(dout),
                     wt,
                     bias: 0,
-                    batch,
-                    rh: (h - py).div_ceil(s),
-                    rw: (w - px).div_ceil(s),
-                    n: c_in,
-                    c: c_out,
-                    sh: oh,
-                    sw: ow,
-                    ss: 1,
-                    sy0: ((py + pt - ky0) / s) as i64,
-                    sx0: ((px + pl - kx0) / s) as i64,
-                    tys: -1,
-                    txs: -1,
-                    nty,
-                    ntx,
-                    tap0: ky0 * kernel + kx0,
-                    tapys: s * kernel,
-                    tapxs: s,
-                    bs_n: c_out,
-                    bs_t: c_in * c_out,
-                    dh: h,
-                    dw: w,
-                    os: s,
-                    dy0: py,
-                    dx0: px,
-                    accumulate: true,
+                    shape: IgemmShape {
+                        batch,
+                        rh: (h - py).div_ceil(s),
+                        rw: (w - px).div_ceil(s),
+                        n: c_in,
+                        c: c_out,
+                        sh: oh,
+                        sw: ow,
+                        ss: 1,
+                        sy0: ((py + pt - ky0) / s) as i64,
+                        sx0: ((px + pl - kx0) / s) as i64,
+                        tys: -1,
+                        txs: -1,
+                        nty,
+                        ntx,
+                        tap0: ky0 * kernel + kx0,
+                        tapys: s * kernel,
+                        tapxs: s,
+                        bs_n: c_out,
+                        bs_t: c_in * c_out,
+                        dh: h,
+                        dw: w,
+                        os: s,
+                        dy0: py,
+                        dx0: px,
+                        accumulate: true,
+                    },
                 })?;
             }
         }
