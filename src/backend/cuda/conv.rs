@@ -18,7 +18,6 @@
 
 use super::autotune::TunableOp;
 use super::launch::*;
-use super::versions::KernelFamily;
 use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::backend::ConvOps;
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams, Im2colParams};
@@ -232,7 +231,7 @@ impl CudaBackend {
             return self.launch(k, grid, (THREADS, 1, 1), 0);
         }
         let ktiles = g.nty * g.ntx * g.c.div_ceil(H_BK);
-        if self.kernel_version_for(KernelFamily::Conv, &shape.key(), || TunableOp::Conv(shape)) == 2 {
+        if self.kernel_version(TunableOp::Conv(shape)) == 2 {
             if let Some((splits, per_split)) = split_k(grid_x * grid_y, ktiles, self.dev.multiprocessor_count()) {
                 // kernels/conv.cu "split-K, version 2": slices in workspace slot SPLIT_SLOT (the
                 // weight is in WS_SLOT), summed in order by the reduce kernel.

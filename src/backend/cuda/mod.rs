@@ -213,20 +213,18 @@ impl CudaBackend {
         self.kernel_choice.borrow_mut().set(family, v)
     }
 
-    /// The version of `family` that runs at shape `key`; `op` is that call, recorded while
-    /// autotune.rs collects the shapes a model runs.
-    fn kernel_version_for(
-        &self,
-        family: versions::KernelFamily,
-        key: &str,
-        op: impl FnOnce() -> autotune::TunableOp,
-    ) -> u32 {
+    /// The version that runs `op` (a call of a versioned kernel family at its shape), which is
+    /// recorded while autotune.rs collects the shapes a model runs. The shape's key is formatted
+    /// only when a table has to be looked up.
+    fn kernel_version(&self, op: autotune::TunableOp) -> u32 {
+        let family = op.family();
         if let Some(seen) = self.tunable_seen.borrow_mut().as_mut() {
-            if !seen.iter().any(|o| o.key() == key) {
-                seen.push(op());
+            if !seen.iter().any(|o| o.family() == family && o.key() == op.key()) {
+                seen.push(op);
             }
         }
-        self.kernel_choice.borrow().version_for(family, key)
+        let choice = self.kernel_choice.borrow();
+        choice.fixed_version(family).unwrap_or_else(|| choice.version_for(family, &op.key()))
     }
 
     /// The device's name as the driver gives it.

@@ -6,7 +6,6 @@
 use super::autotune::TunableOp;
 use super::launch::*;
 use super::ops::{chunking, f64_at, BLOCK, COL_CHUNK_ROWS, COL_MAX_CHUNKS, MAX_GRID};
-use super::versions::KernelFamily;
 use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::backend::NormOps;
 use crate::ops::norm::{
@@ -140,7 +139,7 @@ impl NormOps for CudaBackend {
         let (hw_i, c_i, g_i, nc_i, rpc_i) = (hw as i32, c as i32, groups as i32, nchunks as i32, rpc as i32);
         let x = self.dptr(inp);
         let grid = (blocks, 1, 1);
-        if self.kernel_version_for(KernelFamily::GroupNorm, &p.shape_key(), || TunableOp::GroupNorm(*p)) == 2 {
+        if self.kernel_version(TunableOp::GroupNorm(*p)) == 2 {
             // kernels/norm.cu "version 2": one-pass moments (skipped when a group is one chunk),
             // then statistics and normalisation per block. psum/psq: the plan's two partial arrays.
             if nchunks > 1 {

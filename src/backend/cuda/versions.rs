@@ -116,6 +116,16 @@ impl KernelChoice {
         }
     }
 
+    /// The version of `family` when it does not depend on the shape (chosen for the family, or no
+    /// shape of it tuned); None when the tuned table must be asked.
+    pub fn fixed_version(&self, family: KernelFamily) -> Option<u32> {
+        match self.chosen.get(&family) {
+            Some(&v) => Some(v),
+            None if !self.tuned.keys().any(|(f, _)| *f == family) => Some(1),
+            None => None,
+        }
+    }
+
     /// Takes the autotuned version of `family` at shape `key` (ignored when it does not exist:
     /// a table written by another roentgen).
     pub fn set_tuned(&mut self, family: KernelFamily, key: &str, v: u32) {
@@ -154,6 +164,15 @@ mod tests {
                 && err("attention=2").contains("group_norm, conv")
         );
         assert_eq!(KernelChoice::parse("conv=2, group_norm=2").unwrap().describe(), "group_norm=2,conv=2");
+        // A tuned shape is looked up; a chosen family overrides the table.
+        let mut t = KernelChoice::default();
+        t.set_tuned(KernelFamily::Conv, "128x1280x1280 taps 3x3", 2);
+        assert_eq!(t.fixed_version(KernelFamily::GroupNorm), Some(1));
+        assert_eq!(t.fixed_version(KernelFamily::Conv), None);
+        assert_eq!(t.version_for(KernelFamily::Conv, "128x1280x1280 taps 3x3"), 2);
+        assert_eq!(t.version_for(KernelFamily::Conv, "8x8x8 taps 1x1"), 1);
+        t.set(KernelFamily::Conv, 1).unwrap();
+        assert_eq!(t.fixed_version(KernelFamily::Conv), Some(1));
         assert!(err("group_norm=9").contains("no version 9; its versions: 1, 2"));
         assert!(err("group_norm").contains("not family=version"));
         assert!(err("group_norm=x").contains("not a version number"));
