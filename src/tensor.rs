@@ -348,6 +348,11 @@ impl Arena {
         self.keep = keep;
     }
 
+    /// Whether `release` keeps everything (see `set_keep`).
+    pub fn keeps(&self) -> bool {
+        self.keep
+    }
+
     pub fn pool(&self) -> PoolId {
         self.pool
     }

@@ -48,8 +48,10 @@ fn load_fixture<C: Component>(component: &str, io: &str) -> (CpuBackend, C, Path
     (b, model, dir.join(io))
 }
 
-#[test]
-fn unet_gradients_match_pytorch_backward() {
+/// The small U-Net's gradients against PyTorch's; with `recompute`, the forward keeps only block
+/// inputs and outputs (gradient checkpointing). Returns every gradient the step wrote (parameters,
+/// sample, context), in order, and the planned arena peak.
+fn unet_gradients(recompute: bool) -> (Vec<f32>, usize) {
     let (mut b, unet, io) = load_fixture::<UNet>("unet", "unet-io.safetensors");
     let (grads, gtable) = unet.allocate_grads(&mut b).unwrap();
     let (sshape, sample) = read_f32(&io, "sample");
@@ -59,7 +61,7 @@ fn unet_gradients_match_pytorch_backward() {
     let (_, timesteps) = read_f32(&io, "timesteps");
     let (_, target) = read_f32(&io, "target");
 
-    let cap = unet.plan_training(n, h, w, ctx_len).unwrap();
+    let cap = unet.plan_training(n, h, w, ctx_len, recompute).unwrap();
     let pool = b.alloc(cap, "train.arena").unwrap();
     let mut arena = Arena::new(pool, cap);
     let x = Fmap::alloc(&mut arena, n, h, w, c).unwrap();
@@ -69,9 +71,10 @@ fn unet_gradients_match_pytorch_backward() {
     b.upload(&x.t, &nchw_to_nhwc(&sample, n, c, h, w)).unwrap();
     b.upload(&ctx_t, &ctx).unwrap();
     b.zero(&dctx).unwrap();
-    arena.set_keep(true);
+    arena.set_keep(!recompute);
     let saved = unet.forward_saved(&mut Cx::new(&b, &mut arena), &x, &timesteps, &ctx_t, ctx_len).unwrap();
     arena.set_keep(false);
+    assert_eq!(saved.recompute, recompute);
     // loss = mean((pred − target)²), in channels-last order (the mean does not care).
     let side = b.alloc(2 * x.numel() + 16, "test.side").unwrap();
     let mut l = Layout::new(side);
@@ -90,12 +93,30 @@ fn unet_gradients_match_pytorch_backward() {
     check_all_grads("unet", &b, &gtable, &io, &|n| n.to_string());
     let ds = nhwc_to_nchw(&b.download(&dsample.t).unwrap(), n, c, h, w);
     assert_close("d loss / d sample", &ds, &read_f32(&io, "grad.sample").1, F32_PARITY);
-    assert_close(
-        "d loss / d context",
-        &b.download(&dctx).unwrap(),
-        &read_f32(&io, "grad.encoder_hidden_states").1,
-        F32_PARITY,
-    );
+    let dc = b.download(&dctx).unwrap();
+    assert_close("d loss / d context", &dc, &read_f32(&io, "grad.encoder_hidden_states").1, F32_PARITY);
+    let whole = Tensor { pool: gtable.pool(), offset: 0, shape: [gtable.total()].into() };
+    let mut all = b.download(&whole).unwrap();
+    all.extend(ds);
+    all.extend(dc);
+    (all, cap)
+}
+
+#[test]
+fn unet_gradients_match_pytorch_backward() {
+    unet_gradients(false);
+}
+
+/// Gradient checkpointing recomputes each block's internals from its kept input: the same
+/// arithmetic in the same order, so the same gradients to the bit, in a smaller arena.
+#[test]
+fn unet_gradients_with_recomputation_match_pytorch_and_the_kept_forward() {
+    let (kept, kept_peak) = unet_gradients(false);
+    let (recomputed, recomputed_peak) = unet_gradients(true);
+    let differing = kept.iter().zip(&recomputed).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differing, 0, "{differing} of {} gradient values differ with recomputation", kept.len());
+    println!("planned arena: {kept_peak} elements keeping every activation, {recomputed_peak} recomputing");
+    assert!(recomputed_peak < kept_peak, "recomputation planned {recomputed_peak} ≥ {kept_peak} elements");
 }
 
 #[test]

@@ -73,13 +73,18 @@ fn sd14_alphas_cumprod() -> Vec<f32> {
 
 /// Runs the fixture `io`'s steps from the U-Net in `unet_dir` and train10's text encoder, each
 /// batch made by `batch_of`, and compares every step's loss and gradient norm and the final
-/// weights with PyTorch's.
-fn steps_match_pytorch(io: &std::path::Path, unet_dir: &str, batch_of: fn(&std::path::Path, usize) -> Batch) {
+/// weights with PyTorch's; `opts` on top of the fixture's learning rate.
+fn steps_match_pytorch(
+    io: &std::path::Path,
+    unet_dir: &str,
+    batch_of: fn(&std::path::Path, usize) -> Batch,
+    opts: OptimOptions,
+) {
     let mut b = CpuBackend::new();
     let (unet, _) = UNet::load(&mut b, &fixture(unet_dir), None).unwrap();
     let (clip, _) = ClipTextModel::load(&mut b, &fixture("train10/text_encoder"), None).unwrap();
     let clip = roentgen::models::text::TextEncoder::Clip(clip);
-    let opts = OptimOptions { lr: 1e-3, ..OptimOptions::default() };
+    let opts = OptimOptions { lr: 1e-3, ..opts };
     let mut tr =
         Trainer::new(&mut b, &unet, &clip, opts, sd14_alphas_cumprod(), PredictionType::Epsilon, SHAPE).unwrap();
     let want_losses = read_f32(io, "losses").1;
@@ -101,7 +106,15 @@ fn steps_match_pytorch(io: &std::path::Path, unet_dir: &str, batch_of: fn(&std::
 
 #[test]
 fn ten_adamw_steps_match_pytorch() {
-    steps_match_pytorch(&fixture("train10/io.safetensors"), "grads/unet", batch);
+    steps_match_pytorch(&fixture("train10/io.safetensors"), "grads/unet", batch, OptimOptions::default());
+}
+
+/// `--gradient-checkpointing` (the forward keeps block inputs and outputs only; the backward
+/// recomputes the rest) trains the same ten steps as PyTorch's run, which kept everything.
+#[test]
+fn ten_adamw_steps_with_gradient_checkpointing_match_pytorch() {
+    let opts = OptimOptions { gradient_checkpointing: true, ..OptimOptions::default() };
+    steps_match_pytorch(&fixture("train10/io.safetensors"), "grads/unet", batch, opts);
 }
 
 /// An inpainting U-Net (9 input channels) learns from [noisy latents | mask | masked latents].
@@ -110,7 +123,12 @@ fn ten_adamw_steps_match_pytorch() {
 /// differs from its f64 run by 1.2e-4 on that tensor (measured with the fixture's batches).
 #[test]
 fn inpainting_unet_steps_match_pytorch() {
-    steps_match_pytorch(&fixture("train-inpaint/io.safetensors"), "inpaint/unet-9ch", inpaint_batch);
+    steps_match_pytorch(
+        &fixture("train-inpaint/io.safetensors"),
+        "inpaint/unet-9ch",
+        inpaint_batch,
+        OptimOptions::default(),
+    );
 }
 
 /// The trainer refuses an inpainting U-Net's batch without its inputs, and an ordinary U-Net's

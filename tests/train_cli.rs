@@ -364,3 +364,55 @@ fn resuming_a_checkpoint_of_another_randomness_scheme_is_refused() {
     let (_, err) = train_args(&pipe, &data, &out, "2", &["--resume", "--allow-changed-settings"]).run_ok();
     assert!(err.contains("resuming with a changed setting: randomness scheme 2"), "{err}");
 }
+
+/// `train --gradient-checkpointing` recomputes each U-Net block's internals in the backward: on
+/// the CPU the same arithmetic in the same order, so the same losses to the last bit.
+#[test]
+fn gradient_checkpointing_trains_the_same_steps() {
+    let (dir, pipe, data) = pipe_a_and_dataset(4);
+    let (kept, recomputed) = (dir.path().join("kept"), dir.path().join("recomputed"));
+    train_args(&pipe, &data, &kept, "3", &[]).run_ok();
+    train_args(&pipe, &data, &recomputed, "3", &["--gradient-checkpointing"]).run_ok();
+    let (a, b) = (losses(&kept), losses(&recomputed));
+    assert_eq!(a.len(), 3);
+    assert_eq!(a, b, "losses keeping every activation vs recomputing");
+}
+
+/// `bench train-step --plan-only` lists what a real training step allocates, pool for pool: the
+/// CPU backend's pools after loading pipe-a and building its trainer, in both modes.
+#[test]
+fn training_memory_plan_lists_what_the_trainer_allocates() {
+    use roentgen::backend::Backend;
+    use roentgen::train::{MicroBatchShape, OptimOptions, PredictionType, Trainer};
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = assemble_pipeline("pipe-a", dir.path());
+    let (stdout, _) = CliArgs::new(&["bench", "train-step", "--plan-only", "--json"])
+        .opt("--model", &pipe)
+        .with(&["--batch", "3", "--height", "48", "--width", "32"])
+        .run_ok();
+    let plan: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let cfg = pipe.join("scheduler/scheduler_config.json");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let alphas = roentgen::sample::schedulers::training_alphas_cumprod(&json, &cfg).unwrap();
+    for (mode, key) in [(false, "keeping_bytes"), (true, "recomputing_bytes")] {
+        let mut b = roentgen::backend::cpu::CpuBackend::new();
+        let (unet, _) = roentgen::models::unet::UNet::load(&mut b, &pipe.join("unet"), None).unwrap();
+        let text = roentgen::models::text::TextEncoder::load(&mut b, &pipe.join("text_encoder"), None).unwrap().0;
+        let opts = OptimOptions { gradient_checkpointing: mode, ..OptimOptions::default() };
+        // pipe-a's VAE halves the image (two blocks): 48×32 px are 24×16 latents.
+        let shape = MicroBatchShape { size: 3, h: 24, w: 16, seq: 77 };
+        Trainer::new(&mut b, &unet, &text, opts, alphas.clone(), PredictionType::Epsilon, shape).unwrap();
+        let want: Vec<(String, u64)> = b.pool_sizes().into_iter().map(|(l, n)| (l, n as u64)).collect();
+        let got: Vec<(String, u64)> = plan["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["label"].as_str().unwrap().to_string(), p[key].as_u64().unwrap()))
+            .collect();
+        assert_eq!(got, want, "{key}");
+    }
+    let (keeping, recomputing) =
+        (plan["total_keeping_bytes"].as_u64().unwrap(), plan["total_recomputing_bytes"].as_u64().unwrap());
+    println!("pipe-a, batch 3 at 48×32 px: {keeping} B keeping every activation, {recomputing} B recomputing");
+    assert!(recomputing < keeping);
+}

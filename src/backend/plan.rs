@@ -23,10 +23,14 @@ use anyhow::Result;
 /// Counts the floating-point work of what runs on it (2 per multiply-add of the matrix products,
 /// convolutions and attention; elementwise work is not counted), so benchmarks can report achieved
 /// FLOP/s from the shapes.
+/// It also lists the pools allocated on it (`pool_sizes`): models, optimizer state and arenas
+/// allocated on a `PlanBackend` give the memory a real run would take, without taking it.
 #[derive(Default)]
 pub struct PlanBackend {
     /// FLOP of convolutions, linear layers, attention.
     flops: [std::cell::Cell<u64>; 3],
+    /// (label, f32 elements) of every `alloc`.
+    pools: Vec<(String, usize)>,
 }
 
 impl PlanBackend {
@@ -52,14 +56,15 @@ impl Backend for PlanBackend {
     fn name(&self) -> String {
         "plan".into()
     }
-    fn alloc(&mut self, _len: usize, _label: &str) -> Result<PoolId> {
+    fn alloc(&mut self, len: usize, label: &str) -> Result<PoolId> {
+        self.pools.push((label.to_string(), len));
         Ok(PoolId::UNBOUND)
     }
     fn free(&mut self, _pool: PoolId) -> Result<()> {
         Ok(())
     }
     fn pool_sizes(&self) -> Vec<(String, usize)> {
-        Vec::new()
+        self.pools.iter().map(|(label, len)| (label.clone(), len * 4)).collect()
     }
     fn upload(&self, _dst: &Tensor, _src: &[f32]) -> Result<()> {
         Ok(())

@@ -279,6 +279,15 @@ pub struct BenchArgs {
     /// kernel and grid, and per GEMM shape.
     #[arg(long)]
     pub profile: bool,
+    /// train-step: recompute each U-Net block's internals in the backward (as `train
+    /// --gradient-checkpointing`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// train-step: print the memory a step at --batch, --height and --width takes (weights,
+    /// gradients, AdamW moments, activation arenas), keeping every activation and recomputing, from
+    /// a planning pass over the configs: nothing is loaded, allocated or run.
+    #[arg(long)]
+    pub plan_only: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -351,6 +360,14 @@ pub fn export(a: ExportArgs) -> Result<()> {
 
 pub fn bench(g: &Global, a: BenchArgs) -> Result<()> {
     let Some(stage) = a.stage else { return autotune(g, &a) };
+    if a.plan_only {
+        // A planning pass over the configs: no backend, no weights.
+        let (roentgen::tools::bench::Stage::TrainStep, Some(model)) = (stage, &a.model) else {
+            bail!("bench --plan-only: plans `train-step --model DIR` only");
+        };
+        let plan = roentgen::tools::train_memory::plan(&bench_options(&a, model))?;
+        return print_stdout(&if a.json { serde_json::to_string_pretty(&plan)? } else { plan.render() });
+    }
     let mut b = open_backend(g)?;
     if stage == roentgen::tools::bench::Stage::Allreduce {
         return super::as_rank(a.distributed, |dist| {
@@ -386,6 +403,7 @@ fn bench_options<'a>(a: &'a BenchArgs, model: &'a Path) -> roentgen::tools::benc
         warmup: a.warmup,
         iters: a.iters,
         profile: a.profile,
+        gradient_checkpointing: a.gradient_checkpointing,
     }
 }
 

@@ -142,15 +142,21 @@ impl TextEncoder {
     /// The architecture of `dir/config.json` with PyTorch's default initialisation, for a text
     /// encoder trained from scratch.
     pub fn init_default(b: &mut dyn Backend, dir: &Path, seed: u64) -> Result<TextEncoder> {
+        let te = TextEncoder::allocate(b, dir)?;
+        super::init_default(b, te.table(), seed)?;
+        Ok(te)
+    }
+
+    /// The architecture of `dir/config.json`, its parameters allocated and not filled (zeros; or
+    /// nothing at all on the planning backend).
+    pub fn allocate(b: &mut dyn Backend, dir: &Path) -> Result<TextEncoder> {
         let path = dir.join("config.json");
         let cfg = weights::read_json(&path)?;
-        let te = if is_bert(&cfg) {
+        Ok(if is_bert(&cfg) {
             TextEncoder::Bert(BertModel::allocate(b, BertConfig::from_json(&cfg, &path)?)?)
         } else {
             TextEncoder::Clip(ClipTextModel::allocate(b, ClipTextConfig::from_json(&cfg, &path)?)?)
-        };
-        super::init_default(b, te.table(), seed)?;
-        Ok(te)
+        })
     }
 
     pub fn hidden_size(&self) -> usize {

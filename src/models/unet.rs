@@ -167,17 +167,18 @@ impl UNet {
         Ok((arena.peak(), plan.flops_by_kind()))
     }
 
-    /// Peak arena elements of a training step at (batch, h, w, ctx_len): the forward keeping every
-    /// activation, the loss gradient, and the backward's temporaries on top. The caller allocates,
-    /// in this order, the sample, the context, the context gradient and the output gradient first.
-    pub fn plan_training(&self, batch: usize, h: usize, w: usize, ctx_len: usize) -> Result<usize> {
+    /// Peak arena elements of a training step at (batch, h, w, ctx_len): the forward (keeping every
+    /// activation, or with `recompute` only the blocks' inputs and outputs), the loss gradient, and
+    /// the backward's temporaries on top. The caller allocates, in this order, the sample, the
+    /// context, the context gradient and the output gradient first.
+    pub fn plan_training(&self, batch: usize, h: usize, w: usize, ctx_len: usize, recompute: bool) -> Result<usize> {
         let plan = PlanBackend::new();
         let mut arena = Arena::planning();
         let sample = Fmap::alloc(&mut arena, batch, h, w, self.config.in_channels)?;
         let ctx = arena.alloc([batch * ctx_len, self.config.cross_attention_dim])?;
         let dctx = arena.alloc(ctx.shape)?;
         let dout = Fmap::alloc(&mut arena, batch, h, w, self.config.out_channels)?;
-        arena.set_keep(true);
+        arena.set_keep(!recompute);
         let saved = self.forward_saved(&mut Cx::new(&plan, &mut arena), &sample, &[0.0], &ctx, ctx_len)?;
         arena.set_keep(false);
         self.backward(&self.params, &mut Cx::new(&plan, &mut arena), &saved, &dout, &dctx, None)?;
@@ -225,9 +226,12 @@ impl UNet {
         Ok(s.out)
     }
 
-    /// The forward pass, returning everything the backward pass reads (valid while the arena keeps
-    /// its tensors: call `arena.set_keep(true)` first when training). `timesteps` holds one value
-    /// for the whole batch or one per sample (training draws one per sample).
+    /// The forward pass, returning what the backward pass reads. With `arena.set_keep(true)` every
+    /// activation is kept; without it only the blocks' inputs and outputs are (what inference keeps
+    /// anyway), and the backward recomputes each resnet's and transformer's internals from its
+    /// input just before its own backward: gradient checkpointing, diffusers' granularity (one
+    /// resnet or one Transformer2D at a time), for one more forward's work. `timesteps` holds one
+    /// value for the whole batch or one per sample (training draws one per sample).
     pub fn forward_saved(
         &self,
         cx: &mut Cx,
@@ -270,6 +274,7 @@ impl UNet {
         if sample.c != c.in_channels {
             bail!("unet: sample has {} channels, config in_channels is {}", sample.c, c.in_channels);
         }
+        let recompute = !cx.arena.keeps();
         let mut probes = Vec::new();
         let ctx = (context, ctx_len);
         // Time embedding: sinusoidal → linear → SiLU → linear; every resnet uses SiLU of it.
@@ -351,6 +356,7 @@ impl UNet {
             sample: *sample,
             context: *context,
             ctx_len,
+            recompute,
             t_emb,
             e1,
             e1s,
@@ -411,11 +417,11 @@ impl UNet {
             for (j, unit) in bs.units.iter().enumerate().rev() {
                 if let (Some(a), Some(asaved)) = (blk.attentions.get(j), &unit.attn) {
                     let dres = zeros_like(cx, &unit.res.out)?;
-                    a.backward(&gblk.attentions[j], cx, asaved, &dx, &dres, dctx)?;
+                    s.transformer_backward(a, &gblk.attentions[j], cx, asaved, &dx, &dres, dctx)?;
                     dx = dres;
                 }
                 let dcat = zeros_like(cx, &unit.cat)?;
-                blk.resnets[j].backward(&gblk.resnets[j], cx, &unit.res, &dx, &dcat, dtemb_opt)?;
+                s.resnet_backward(&blk.resnets[j], &gblk.resnets[j], cx, &unit.res, &dx, &dcat, dtemb_opt)?;
                 let dprev = zeros_like(cx, &unit.hidden_in)?;
                 let skip = &dskips[unit.skip_index];
                 let concat = ConcatParams { rows: unit.cat.rows(), a_channels: unit.hidden_in.c, b_channels: skip.c };
@@ -427,10 +433,10 @@ impl UNet {
         let (mid0, mid_attn, mid1) = &s.mid;
         let dr1 = zeros_like(cx, &mid0.out)?;
         let da = zeros_like(cx, &mid0.out)?;
-        p.mid_resnets[1].backward(&g.mid_resnets[1], cx, mid1, &dx, &dr1, dtemb_opt)?;
-        p.mid_attention.backward(&g.mid_attention, cx, mid_attn, &dr1, &da, dctx)?;
+        s.resnet_backward(&p.mid_resnets[1], &g.mid_resnets[1], cx, mid1, &dx, &dr1, dtemb_opt)?;
+        s.transformer_backward(&p.mid_attention, &g.mid_attention, cx, mid_attn, &dr1, &da, dctx)?;
         let last = dskips.len() - 1;
-        p.mid_resnets[0].backward(&g.mid_resnets[0], cx, mid0, &da, &dskips[last], dtemb_opt)?;
+        s.resnet_backward(&p.mid_resnets[0], &g.mid_resnets[0], cx, mid0, &da, &dskips[last], dtemb_opt)?;
 
         for (i, unit) in s.down.iter().enumerate().rev() {
             let (dout_i, dinp_i) = (&dskips[i + 1], &dskips[i]);
@@ -440,12 +446,13 @@ impl UNet {
                     let dres = match attn {
                         Some(asaved) => {
                             let dr = zeros_like(cx, &res.out)?;
-                            blk.attentions[*index].backward(&gblk.attentions[*index], cx, asaved, dout_i, &dr, dctx)?;
+                            let (a, ga) = (&blk.attentions[*index], &gblk.attentions[*index]);
+                            s.transformer_backward(a, ga, cx, asaved, dout_i, &dr, dctx)?;
                             dr
                         }
                         None => *dout_i,
                     };
-                    blk.resnets[*index].backward(&gblk.resnets[*index], cx, res, &dres, dinp_i, dtemb_opt)?;
+                    s.resnet_backward(&blk.resnets[*index], &gblk.resnets[*index], cx, res, &dres, dinp_i, dtemb_opt)?;
                 }
                 DownUnitSaved::Down { block, input, .. } => {
                     let (d, gd) = (p.down[*block].downsampler.as_ref(), g.down[*block].downsampler.as_ref());
@@ -467,6 +474,70 @@ impl UNet {
         cx.arena.release_all_to(mark);
         Ok(())
     }
+}
+
+impl UNetSaved {
+    /// A resnet's backward from what its forward saved, or, when the forward kept only inputs and
+    /// outputs, from its internals recomputed here from its input (kept: an earlier block's
+    /// output) and released after its backward.
+    #[allow(clippy::too_many_arguments)]
+    fn resnet_backward(
+        &self,
+        res: &ResnetBlock2D,
+        g: &ResnetBlock2D,
+        cx: &mut Cx,
+        saved: &ResnetSaved,
+        dout: &Fmap,
+        dx: &Fmap,
+        dtemb_act: Option<&Tensor>,
+    ) -> Result<()> {
+        let mark = cx.arena.mark();
+        let recomputed;
+        let saved = if self.recompute {
+            recomputed = keeping(cx, |cx| res.forward_saved(cx, &saved.x, saved.temb_act.as_ref()))?;
+            &recomputed
+        } else {
+            saved
+        };
+        res.backward(g, cx, saved, dout, dx, dtemb_act)?;
+        cx.arena.release_all_to(mark);
+        Ok(())
+    }
+
+    /// As `resnet_backward`, for a transformer (whose input is the resnet's output before it).
+    #[allow(clippy::too_many_arguments)]
+    fn transformer_backward(
+        &self,
+        a: &Transformer2D,
+        g: &Transformer2D,
+        cx: &mut Cx,
+        saved: &Transformer2DSaved,
+        dout: &Fmap,
+        dx: &Fmap,
+        dctx: &Tensor,
+    ) -> Result<()> {
+        let mark = cx.arena.mark();
+        let recomputed;
+        let saved = if self.recompute {
+            recomputed = keeping(cx, |cx| a.forward_saved(cx, &saved.x, (&self.context, self.ctx_len)))?;
+            &recomputed
+        } else {
+            saved
+        };
+        a.backward(g, cx, saved, dout, dx, dctx)?;
+        cx.arena.release_all_to(mark);
+        Ok(())
+    }
+}
+
+/// Runs a forward with the arena keeping every tensor it allocates (a recomputation for the
+/// backward right after), then restores the arena's setting.
+fn keeping<T>(cx: &mut Cx, forward: impl FnOnce(&mut Cx) -> Result<T>) -> Result<T> {
+    let keep = cx.arena.keeps();
+    cx.arena.set_keep(true);
+    let out = forward(cx);
+    cx.arena.set_keep(keep);
+    out
 }
 
 /// One step of the U-Net's down path: a resnet (and its transformer) or a downsampler; each output
@@ -501,6 +572,9 @@ pub struct UNetSaved {
     pub sample: Fmap,
     pub context: Tensor,
     pub ctx_len: usize,
+    /// The forward kept only the blocks' inputs and outputs: the backward recomputes each
+    /// resnet's and transformer's internals (`UNet::forward_saved`).
+    pub recompute: bool,
     pub t_emb: Tensor,
     pub e1: Tensor,
     pub e1s: Tensor,

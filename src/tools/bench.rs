@@ -45,6 +45,8 @@ pub struct BenchOptions<'a> {
     pub iters: usize,
     /// After timing, run once more with per-kernel timing (`Backend::set_profiling`).
     pub profile: bool,
+    /// train-step: recompute each U-Net block's internals in the backward (`--gradient-checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -297,28 +299,63 @@ fn transformer_flops(n: usize, seq: usize, layers: usize, d: usize, ffn: usize) 
     (n * seq) as u64 * layers as u64 * (2 * (4 * d * d + 2 * d * ffn) + 4 * seq * d) as u64
 }
 
-/// One optimizer step of `roentgen train` (U-Net and text encoder jointly, AdamW, gradient
-/// clipping at 1, the paper's defaults) on `batch` random latents, noise, captions and timesteps.
-/// FLOP: 3 × the forward's (the backward's two products per forward product), the usual count.
-fn train_step(b: &mut dyn Backend, o: &BenchOptions) -> Result<(String, usize, usize, u64, Timing)> {
+/// The models and settings of a train-step bench: the U-Net, the text encoder, the scheduler's
+/// training alphas and the micro-batch (`o.batch` latents at the image size, 77 caption tokens).
+pub(crate) struct TrainSetup {
+    pub unet: UNet,
+    pub text: crate::models::text::TextEncoder,
+    pub alphas: Vec<f32>,
+    pub shape: crate::train::MicroBatchShape,
+}
+
+/// Where the models' parameters come from.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Weights {
+    /// As `o.random_weights` says: loaded, or random with the config's architecture.
+    AsOptions,
+    /// Allocated and not filled: a planning pass (`backend::plan`) reads only the shapes.
+    Unfilled,
+}
+
+pub(crate) fn train_setup(b: &mut dyn Backend, o: &BenchOptions, weights_from: Weights) -> Result<TrainSetup> {
     use crate::models::text::TextEncoder;
-    use crate::train::{Batch, InpaintInputs, MicroBatchShape, Noise, OptimOptions, PredictionType, Trainer};
-    let unet = load_component::<UNet>(b, o, "unet", false)?;
+    let unet_dir = weights::component_dir(o.model, "unet")?;
     let text_dir = weights::component_dir(o.model, "text_encoder")?;
-    let text = if o.random_weights {
-        TextEncoder::random(b, &text_dir, 0)?
-    } else {
-        TextEncoder::load(b, &text_dir, o.variant)?.0
+    let (unet, text) = match weights_from {
+        Weights::Unfilled => (
+            UNet::allocate(b, UNet::config_from_file(&unet_dir.join("config.json"))?)?,
+            TextEncoder::allocate(b, &text_dir)?,
+        ),
+        Weights::AsOptions if o.random_weights => {
+            (load_or_random::<UNet>(b, &unet_dir, o.variant, true, false)?.0, TextEncoder::random(b, &text_dir, 0)?)
+        }
+        Weights::AsOptions => (
+            load_or_random::<UNet>(b, &unet_dir, o.variant, false, false)?.0,
+            TextEncoder::load(b, &text_dir, o.variant)?.0,
+        ),
     };
     let vae_scale = vae_scale(o.model)?;
     if o.height % vae_scale != 0 || o.width % vae_scale != 0 {
         bail!("$height/$width must be multiples of {vae_scale} (the VAE's scale factor)");
     }
-    let (n, h, w, seq) = (o.batch, o.height / vae_scale, o.width / vae_scale, 77);
     let sched = crate::sample::schedulers::config_path(&weights::component_dir(o.model, "scheduler")?)?;
     let alphas = crate::sample::schedulers::training_alphas_cumprod(&weights::read_json(&sched)?, &sched)?;
-    let shape = MicroBatchShape { size: n, h, w, seq };
-    let opts = OptimOptions::default();
+    let shape =
+        crate::train::MicroBatchShape { size: o.batch, h: o.height / vae_scale, w: o.width / vae_scale, seq: 77 };
+    Ok(TrainSetup { unet, text, alphas, shape })
+}
+
+/// One optimizer step of `roentgen train` (U-Net and text encoder jointly, AdamW, gradient
+/// clipping at 1, the paper's defaults; recomputing block internals with `o.gradient_checkpointing`)
+/// on `batch` random latents, noise, captions and timesteps.
+/// FLOP: 3 × the forward's (the backward's two products per forward product), the usual count;
+/// recomputation's extra forward is not counted (the rate stays comparable).
+fn train_step(b: &mut dyn Backend, o: &BenchOptions) -> Result<(String, usize, usize, u64, Timing)> {
+    use crate::models::text::TextEncoder;
+    use crate::train::{Batch, InpaintInputs, Noise, OptimOptions, PredictionType, Trainer};
+    let TrainSetup { unet, text, alphas, shape } = train_setup(b, o, Weights::AsOptions)?;
+    let (n, h, w, seq) = (shape.size, shape.h, shape.w, shape.seq);
+    let opts = OptimOptions { gradient_checkpointing: o.gradient_checkpointing, ..OptimOptions::default() };
     let mut trainer = Trainer::new(b, &unet, &text, opts, alphas.clone(), PredictionType::Epsilon, shape)?;
     let c = unet.config.out_channels;
     let vocab = match &text {
@@ -361,7 +398,9 @@ fn train_step(b: &mut dyn Backend, o: &BenchOptions) -> Result<(String, usize, u
         .filter(|(l, _)| l.ends_with(".training") || l.ends_with(".activations"))
         .map(|p| p.1)
         .sum();
-    let shape = format!("batch {n} × {h}×{w} latents ({}×{} px), {seq} caption tokens, AdamW", o.height, o.width);
+    let recompute = if o.gradient_checkpointing { ", recomputing block internals" } else { "" };
+    let shape =
+        format!("batch {n} × {h}×{w} latents ({}×{} px), {seq} caption tokens, AdamW{recompute}", o.height, o.width);
     Ok((shape, params, act / 4, flops, times))
 }
 

@@ -10,3 +10,4 @@ pub mod parity;
 pub mod phantom;
 pub mod prepare;
 pub mod serve;
+pub mod train_memory;

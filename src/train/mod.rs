@@ -53,6 +53,9 @@ pub struct OptimOptions {
     pub train_text_encoder: bool,
     pub grad_accum: usize,
     pub schedule: LrSchedule,
+    /// Recompute each U-Net block's internals in the backward instead of keeping them from the
+    /// forward (`UNet::forward_saved`): less memory, the same gradients.
+    pub gradient_checkpointing: bool,
 }
 
 impl OptimOptions {
@@ -109,6 +112,7 @@ impl Default for OptimOptions {
             train_text_encoder: true,
             grad_accum: 1,
             schedule: LrSchedule::Constant,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -297,7 +301,7 @@ impl Trainer {
             (None, None)
         };
         let clip_arena = clip.allocate_arena(b, micro_batch, seq, options.train_text_encoder)?;
-        let cap = unet.plan_training(micro_batch, h, w, seq)?;
+        let cap = unet.plan_training(micro_batch, h, w, seq, options.gradient_checkpointing)?;
         let mut arena = Arena::new(b.alloc(cap, "unet.training")?, cap);
         let sample = Fmap::alloc(&mut arena, micro_batch, h, w, unet.config.in_channels)?;
         let ctx = arena.alloc([micro_batch * seq, unet.config.cross_attention_dim])?;
@@ -544,7 +548,7 @@ impl Trainer {
         b.accumulate(&ctx, &hidden, ctx.numel())?;
         b.zero(&dctx)?;
         let base = self.arena.mark();
-        self.arena.set_keep(true);
+        self.arena.set_keep(!self.options.gradient_checkpointing);
         let ts: Vec<f32> = mb.timesteps.iter().map(|&t| t as f32).collect();
         let saved = unet.forward_saved(&mut Cx::new(b, &mut self.arena), &sample, &ts, &ctx, seq);
         self.arena.set_keep(false);

@@ -79,7 +79,18 @@ pub fn newest_kernel_versions_case(r: &mut Runner) {
             Ok(format!("{chosen}: images {}", rel_l2_at_most(&got.images, &want.images, bar)?))
         });
     }
-    r.case("f32/training step, every kernel family at its newest version: cuda vs cpu", || {
+    // With recomputation the device recomputes every block's internals in the backward; the CPU
+    // reference keeps them (the same gradients, so the same step within the bar).
+    for recompute in [false, true] {
+        let with = if recompute { " with gradient checkpointing" } else { "" };
+        r.case(&format!("f32/training step{with}, every kernel family at its newest version: cuda vs cpu"), || {
+            newest_training_step(recompute, &newest)
+        });
+    }
+}
+
+fn newest_training_step(recompute: bool, newest: &dyn Fn(&CudaBackend) -> Result<String>) -> Result<String> {
+    {
         use roentgen::models::clip::ClipTextModel;
         use roentgen::models::text::TextEncoder;
         use roentgen::models::unet::UNet;
@@ -91,11 +102,11 @@ pub fn newest_kernel_versions_case(r: &mut Runner) {
             &serde_json::from_str(&std::fs::read_to_string(&cfg)?)?,
             &cfg,
         )?;
-        let step = |b: &mut dyn Backend| -> Result<(f32, f32, Vec<f32>)> {
+        let step = |b: &mut dyn Backend, gradient_checkpointing: bool| -> Result<(f32, f32, Vec<f32>)> {
             let (unet, _) = UNet::load(b, &fixture("grads/unet"), None)?;
             let (clip, _) = ClipTextModel::load(b, &fixture("train10/text_encoder"), None)?;
             let clip = TextEncoder::Clip(clip);
-            let opts = OptimOptions { lr: 1e-3, ..OptimOptions::default() };
+            let opts = OptimOptions { lr: 1e-3, gradient_checkpointing, ..OptimOptions::default() };
             let shape = MicroBatchShape { size: 2, h: 8, w: 6, seq: 8 };
             let mut tr = Trainer::new(b, &unet, &clip, opts, ac.clone(), PredictionType::Epsilon, shape)?;
             let (s, latents) = read_f32(&io, "b0.latents");
@@ -112,14 +123,14 @@ pub fn newest_kernel_versions_case(r: &mut Runner) {
             let w = b.download(&Tensor { pool: unet.table.pool(), offset: 0, shape: [unet.table.total()].into() })?;
             Ok((st.loss, st.grad_norm, w))
         };
-        let (l0, n0, w0) = step(&mut roentgen::backend::cpu::CpuBackend::new())?;
+        let (l0, n0, w0) = step(&mut roentgen::backend::cpu::CpuBackend::new(), false)?;
         let mut gpu = CudaBackend::new(0, Precision::F32)?;
         let chosen = newest(&gpu)?;
-        let (l1, n1, w1) = step(&mut gpu)?;
+        let (l1, n1, w1) = step(&mut gpu, recompute)?;
         ensure!((l1 - l0).abs() <= 1e-4 * l0.abs().max(1.0), "loss {l1} vs cpu {l0}");
         ensure!((n1 - n0).abs() <= 1e-4 * n0.abs().max(1.0), "grad norm {n1} vs cpu {n0}");
         Ok(format!("{chosen}: loss {l1:.6} (cpu {l0:.6}), updated U-Net {}", rel_l2_at_most(&w1, &w0, 1e-4)?))
-    });
+    }
 }
 
 /// `bench --autotune` on the emulated device: every shape of a versioned kernel that pipe-a's U-Net,
@@ -195,23 +206,34 @@ pub fn autotune_case(r: &mut Runner) {
 
 /// `bench train-step` reports the most device memory held: at least the U-Net's and text encoder's
 /// weights, gradients and two AdamW moments (4 × 4 bytes per parameter) plus the activation arena.
+/// With --gradient-checkpointing the step runs in a smaller arena and holds less at its peak.
 pub fn train_step_memory_case(r: &mut Runner) {
-    r.case("bf16/bench train-step reports the peak device memory", || {
+    r.case("bf16/bench train-step reports the peak device memory, lower with gradient checkpointing", || {
         let dir = tempfile::tempdir()?;
         let pipe = assemble_pipeline("pipe-a", dir.path());
-        let args = CliArgs::new(&["bench", "train-step", "--height", "16", "--width", "16", "--iters", "1"])
-            .opt("--model", &pipe)
-            .with(&["--warmup", "0", "--json"])
-            .globals(&["--device", "cuda", "--precision", "bf16"]);
-        let (code, stdout, err) = args.run();
-        ensure!(code == 0, "bench train-step: {err}");
-        let v: serde_json::Value = serde_json::from_str(stdout.trim())?;
-        let (params, act) = (v["parameters"].as_u64().unwrap_or(0), v["activation_bytes"].as_u64().unwrap_or(0));
-        let peak = v["peak_device_bytes"].as_u64().unwrap_or(0);
-        let floor = 16 * params + act;
-        ensure!(peak >= floor, "peak device memory {peak} B below weights + gradients + moments + arena {floor} B");
-        ensure!(peak < 64 * floor + (256 << 20), "peak device memory {peak} B implausibly above {floor} B");
-        Ok(format!("peak {peak} B for {params} parameters and a {act} B arena"))
+        let bench = |recompute: &[&str]| -> Result<(u64, u64, u64)> {
+            let args = CliArgs::new(&["bench", "train-step", "--height", "32", "--width", "32", "--iters", "1"])
+                .opt("--model", &pipe)
+                .with(&["--warmup", "0", "--json"])
+                .with(recompute)
+                .globals(&["--device", "cuda", "--precision", "bf16"]);
+            let (code, stdout, err) = args.run();
+            ensure!(code == 0, "bench train-step {recompute:?}: {err}");
+            let v: serde_json::Value = serde_json::from_str(stdout.trim())?;
+            let (params, act) = (v["parameters"].as_u64().unwrap_or(0), v["activation_bytes"].as_u64().unwrap_or(0));
+            let peak = v["peak_device_bytes"].as_u64().unwrap_or(0);
+            let floor = 16 * params + act;
+            ensure!(peak >= floor, "peak device memory {peak} B below weights + gradients + moments + arena {floor} B");
+            ensure!(peak < 64 * floor + (256 << 20), "peak device memory {peak} B implausibly above {floor} B");
+            Ok((params, act, peak))
+        };
+        let (params, act, peak) = bench(&[])?;
+        let (_, act_r, peak_r) = bench(&["--gradient-checkpointing"])?;
+        ensure!(act_r < act, "recomputing: activation arena {act_r} B, keeping {act} B");
+        ensure!(peak_r < peak, "recomputing: peak device memory {peak_r} B, keeping {peak} B");
+        Ok(format!(
+            "{params} parameters; keeping: arena {act} B, peak {peak} B; recomputing: arena {act_r} B, peak {peak_r} B"
+        ))
     });
 }
 
