@@ -58,6 +58,70 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// ---- asynchronous copies and matrix loads (sm_80+), each with its emulation (kernels/emu/emu.h) ----
+// cp.async.cg: 16 bytes global → shared without passing through registers; the copy completes at a
+// later cp_async_wait. `src_bytes` < 16 zero-fills the rest (0: nothing read, all zeros: a padding
+// row). Both addresses 16-byte aligned.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes = 16) {
+#ifdef ROENTGEN_EMU
+    ::emu::cp_async(smem, gmem, 16, src_bytes);
+#else
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+#endif
+}
+// Closes the group of this thread's copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef ROENTGEN_EMU
+    ::emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most `Pending` of this thread's newest committed groups are in flight. Other
+// threads' copies need a __syncthreads after their wait before this thread reads them.
+template <int Pending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef ROENTGEN_EMU
+    ::emu::cp_async_wait(Pending);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+#endif
+}
+// ldmatrix .x4: four 8×8 b16 matrices; lane l gives the address of row l%8 of matrix l/8 (16
+// bytes, aligned) and receives in r[i] row l/4, columns 2(l%4), 2(l%4)+1 of matrix i — the A
+// fragment of mma.m16n8k16 for a row-major 16×16 tile when the matrices are its four 8×8 quarters.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
+#ifdef ROENTGEN_EMU
+    emu_ldmatrix(r, 4, false, row);
+#else
+    const unsigned s = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+#endif
+}
+// ldmatrix .x2.trans: two 8×8 matrices (lanes 0–15 give row addresses), each transposed: from a
+// row-major k×n tile (rows k), the B fragment of mma.m16n8k16 (b[0] = k 0–7, b[1] = k 8–15).
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t r[2], const void* row) {
+#ifdef ROENTGEN_EMU
+    emu_ldmatrix(r, 2, true, row);
+#else
+    const unsigned s = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+#endif
+}
+// ldmatrix .x2: two 8×8 matrices, not transposed: from an n×k tile stored k-contiguous (a
+// weight row per output channel), the B fragment of mma.m16n8k16 (b[0] = k 0–7, b[1] = k 8–15).
+__device__ __forceinline__ void ldmatrix_x2(uint32_t r[2], const void* row) {
+#ifdef ROENTGEN_EMU
+    emu_ldmatrix(r, 2, false, row);
+#else
+    const unsigned s = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+#endif
+}
+
 // D = A·B + C for one m16n8k16 tile: bf16 operands, f32 accumulators (PTX ISA, "Matrix Fragments
 // for mma.m16n8k16"): a[4] and b[2] are bf16x2 registers, c/d four floats per lane.
 __device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {

@@ -29,6 +29,10 @@
 //  * bf16 conversions round to nearest even (NaN → canonical NaN) like __float2bfloat16_rn; the
 //    m16n8k16 bf16 MMA takes the PTX fragment layout and computes D = A·B + C exactly (f64 sum,
 //    rounded to f32 once); floating-point is IEEE f32 without contraction (-ffp-contract=off).
+//  * cp.async lands its bytes only when cp.async.wait_group retires its group (a read before the
+//    wait sees stale shared memory); ldmatrix (x1/x2/x4, .trans) is a warp collective returning
+//    the PTX fragments; both check alignment and that shared addresses are shared memory, and a
+//    thread exiting with copies in flight is an error.
 #pragma once
 #define ROENTGEN_EMU 1
 
@@ -204,6 +208,16 @@ emu_ctx_switch:
 
 enum FiberState { READY, WAIT_BAR, WAIT_WARP, DONE };
 
+// One cp.async copy in flight: the source bytes as they were at issue (a bad source address faults
+// in the issuing thread, as on hardware the copy's fault names it), written to `dst` only when a
+// cp.async.wait_group retires its group — so shared memory read before the wait still holds the
+// previous contents (the 0xFF garbage of a fresh block), as it may on hardware.
+struct AsyncCopy {
+    unsigned char* dst;
+    unsigned char bytes[16];
+    int n;
+};
+
 struct Fiber {
 #ifdef EMU_ASM_SWITCH
     void* sp = nullptr;
@@ -214,6 +228,8 @@ struct Fiber {
     int linear = 0, lane = 0, warp = 0;
     FiberState state = READY;
     unsigned wait_gen = 0;  // warp generation this fiber waits on / collected in
+    std::vector<AsyncCopy> async_open;                 // issued since the last cp.async.commit_group
+    std::deque<std::vector<AsyncCopy>> async_groups;   // committed, not yet retired; oldest first
 };
 
 // Warp collectives: every participating lane deposits its operands in buf[gen & 1][lane]; the last
@@ -226,7 +242,7 @@ struct WarpSlot {
     float c[4];
     uint64_t v;
 };
-enum CollKind { COLL_NONE, COLL_SHFL, COLL_MMA, COLL_SYNCWARP };
+enum CollKind { COLL_NONE, COLL_SHFL, COLL_MMA, COLL_SYNCWARP, COLL_LDMATRIX };
 
 struct Warp {
     int exists = 0;         // lanes present in the block
@@ -548,6 +564,10 @@ inline void fiber_exit() {
     w.exited |= 1u << f->lane;
     if (w.arrived && (w.mask >> f->lane & 1u))
         fail("lane %d exited while lanes of its warp wait for it in a warp collective (mask %#x)", f->lane, w.mask);
+    if (!f->async_open.empty() || !f->async_groups.empty())
+        fail("a thread exited with cp.async copies it never waited for (%zu uncommitted, %zu groups committed): "
+             "end with cp.async.wait_group 0",
+             f->async_open.size(), f->async_groups.size());
     if (g.bar_arrived > 0 && g.bar_arrived == g.live) release_barrier();
 }
 
@@ -638,6 +658,8 @@ inline void run_block() {
     for (int i = 0; i < n; i++) {
         Fiber& f = g.fibers[i];
         f.state = READY;
+        f.async_open.clear();
+        f.async_groups.clear();
         init_fiber(f, i);
     }
     fill_shared();
@@ -963,3 +985,71 @@ __attribute__((noinline)) inline void mma_m16n8k16_bf16(float d[4], const uint32
 }  // namespace emu
 // Called by common.cuh's mma_bf16_16816 under ROENTGEN_EMU.
 #define emu_mma_bf16_16816(d, a, b, c) ::emu::mma_m16n8k16_bf16((d), (a), (b), (c), EMU_SITE_)
+
+// ---- cp.async (sm_80): global → shared copies that complete at cp.async.wait_group ------------------
+// PTX ISA "cp.async", "cp.async.commit_group", "cp.async.wait_group": a thread's copies since its last
+// commit form one group; wait_group N returns once at most N of its newest groups are pending.
+// Emulated strictly: a copy lands in shared memory only when a wait retires its group (see
+// AsyncCopy), so a read before the wait sees stale bytes; __syncthreads does not complete copies
+// (it does not on hardware either); a thread that exits with copies pending is an error.
+// `src_bytes` < `n` zero-fills the rest (the src-size operand: padding and out-of-range rows).
+namespace emu {
+inline bool in_shared(const void* p, size_t n) {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    return !g.tls_lo || (c >= g.tls_lo && c + n <= g.tls_hi);
+}
+inline void cp_async(void* dst, const void* src, int n, int src_bytes) {
+    if (n != 4 && n != 8 && n != 16) fail("cp.async of %d bytes (4, 8 or 16)", n);
+    if (src_bytes < 0 || src_bytes > n) fail("cp.async src-size %d outside [0, %d]", src_bytes, n);
+    if (reinterpret_cast<uintptr_t>(dst) % n || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % n))
+        fail("misaligned %d-byte cp.async (shared %p, global %p)", n, dst, src);
+    if (!in_shared(dst, n)) fail("cp.async destination %p is not shared memory", dst);
+    AsyncCopy c{static_cast<unsigned char*>(dst), {0}, n};
+    if (src_bytes > 0) memcpy(c.bytes, src, src_bytes);
+    g.cur->async_open.push_back(c);
+}
+inline void cp_async_commit() {
+    Fiber* f = g.cur;
+    f->async_groups.push_back(std::move(f->async_open));
+    f->async_open.clear();
+}
+inline void cp_async_wait(int pending) {
+    Fiber* f = g.cur;
+    while ((int)f->async_groups.size() > pending) {
+        for (const AsyncCopy& c : f->async_groups.front()) memcpy(c.dst, c.bytes, c.n);
+        f->async_groups.pop_front();
+    }
+}
+
+// ---- ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{,.trans}.shared.b16 ----------------------------------------
+// PTX ISA "ldmatrix": matrix i (of `count`) has its 8 rows at the addresses of lanes 8i..8i+7, each
+// row 8 b16 elements (16 bytes, 16-byte aligned, in shared memory). Register i of lane l holds
+// row l/4, elements 2(l%4) and 2(l%4)+1 of matrix i (lower element in the low half); with .trans,
+// elements (2(l%4), l/4) and (2(l%4)+1, l/4): the matrix transposed. A warp collective: every lane
+// takes part, even those whose address is not used.
+__attribute__((noinline)) inline void ldmatrix(uint32_t* r, int count, bool trans, const void* row, Site site) {
+    if (count != 1 && count != 2 && count != 4) fail("ldmatrix .x%d (x1, x2 or x4)", count);
+    WarpSlot s{};
+    s.v = reinterpret_cast<uintptr_t>(row);
+    const unsigned gen = warp_collective(COLL_LDMATRIX, 0xFFFFFFFFu, count * 2 + trans, site, s);
+    const WarpSlot* all = g.warps[g.cur->warp].buf[gen & 1];
+    const int lane = g.cur->lane;
+    for (int m = 0; m < count; m++)
+        for (int q = 0; q < 8; q++) {
+            const void* p = reinterpret_cast<const void*>(all[8 * m + q].v);
+            if (reinterpret_cast<uintptr_t>(p) % 16) fail("ldmatrix row address %p (lane %d) is not 16-byte aligned", p, 8 * m + q);
+            if (!in_shared(p, 16)) fail("ldmatrix row address %p (lane %d) is not shared memory", p, 8 * m + q);
+        }
+    auto elem = [&](int m, int rr, int cc) -> uint32_t {
+        uint16_t v;
+        memcpy(&v, reinterpret_cast<const unsigned char*>(all[8 * m + rr].v) + 2 * cc, 2);
+        return v;
+    };
+    const int a = lane >> 2, b = 2 * (lane & 3);
+    for (int m = 0; m < count; m++)
+        r[m] = trans ? (elem(m, b, a) | elem(m, b + 1, a) << 16) : (elem(m, a, b) | elem(m, a, b + 1) << 16);
+}
+}  // namespace emu
+// Called by common.cuh's cp_async_* and ldmatrix_* under ROENTGEN_EMU (a macro: the call site names
+// the collective for the divergence check).
+#define emu_ldmatrix(r, count, trans, row) ::emu::ldmatrix((r), (count), (trans), (row), EMU_SITE_)

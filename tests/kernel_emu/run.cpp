@@ -1,5 +1,7 @@
 // The CPU emulation of the CUDA subset our kernels use (kernels/emu/emu.h), tested on its own: its
 // self-tests (bf16 rounding, barriers, warp shuffles, mma fragments, garbage-filled shared memory),
+// known answers of cp.async (groups, zero-fill, bytes landing only at the wait) and ldmatrix (the
+// PTX fragment table; its fragments feeding mma against the naive product),
 // the Philox device function against Random123's known answers, and negative tests ("emu check: …")
 // that pass only when the emulator reports a planted error (a divergent barrier, a shuffle naming
 // an exited lane, out-of-bounds and misaligned accesses, wrong argument kinds and counts,
@@ -314,6 +316,150 @@ static Report emu_selftest() {
     return r;
 }
 
+// ---- cp.async and ldmatrix (common.cuh's helpers) --------------------------------------------------
+// ldmatrix .x4, .x2 and .x2.trans of four 8×8 b16 matrices whose element (i, r, c) is i·64 + 8r + c:
+// every register of every lane, for the host to compare with the PTX ISA's fragment table.
+__global__ void emu_kat_ldmatrix(uint32_t* out) {
+    __shared__ __align__(16) uint16_t m[4][8][8];
+    const int lane = threadIdx.x;
+    for (int e = lane; e < 256; e += 32) (&m[0][0][0])[e] = (uint16_t)e;
+    __syncthreads();
+    uint32_t r4[4], r2[2], t2[2];
+    ldmatrix_x4(r4, &m[lane / 8][lane % 8][0]);
+    ldmatrix_x2(r2, &m[(lane / 8) % 2][lane % 8][0]);
+    ldmatrix_x2_trans(t2, &m[(lane / 8) % 2][lane % 8][0]);
+    for (int i = 0; i < 4; i++) out[lane * 8 + i] = r4[i];
+    for (int i = 0; i < 2; i++) out[lane * 8 + 4 + i] = r2[i];
+    for (int i = 0; i < 2; i++) out[lane * 8 + 6 + i] = t2[i];
+}
+
+// What a kernel does with them: A (16×16, row-major) and B staged in shared memory by cp.async as
+// bf16, fragments by ldmatrix (A: .x4; B: .x2.trans from k×n rows, and .x2 from the same B stored
+// n×k), two mma.m16n8k16 into d_out[0..128) and d_out[128..256).
+__global__ void emu_kat_ldmatrix_mma(float* d_out, const uint16_t* A, const uint16_t* B, const uint16_t* Bt) {
+    __shared__ __align__(16) uint16_t As[16][16], Bs[16][8], Bts[8][16];
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    // 16-byte chunks: A 32, B 16, Bᵀ 16; one A chunk and one of B or Bᵀ per lane.
+    cp_async_16(&As[lane / 2][8 * (lane % 2)], A + 8 * lane);
+    if (lane < 16)
+        cp_async_16(&Bs[lane][0], B + 8 * lane);
+    else
+        cp_async_16(&Bts[(lane - 16) / 2][8 * (lane % 2)], Bt + 8 * (lane - 16));
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    uint32_t a[4], b[2], bt[2];
+    ldmatrix_x4(a, &As[(lane % 8) + 8 * ((lane / 8) % 2)][8 * (lane / 16)]);
+    ldmatrix_x2_trans(b, &Bs[lane % 16][0]);
+    ldmatrix_x2(bt, &Bts[lane % 8][8 * ((lane / 8) % 2)]);
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float d[4], e[4];
+    mma_bf16_16816(d, a, b, zero);
+    mma_bf16_16816(e, a, bt, zero);
+    for (int q = 0; q < 4; q++) {
+        const int row = g + (q >= 2 ? 8 : 0), col = 2 * t + (q & 1);
+        d_out[row * 8 + col] = d[q];
+        d_out[128 + row * 8 + col] = e[q];
+    }
+}
+
+// cp.async groups: thread t copies 16 bytes into each of three stages, one commit per stage, then
+// reads its own bytes after wait_group 2, 1 and 0; plus zero-filled copies (src-size 8 and 0).
+// out[t·24 + 4k + j]: stage k after wait 2 (k = 0, 1), after wait 1 (k = 2, 3: stages 1, 2), after
+// wait 0 (k = 4: stage 2), and the zero-filled copy (k = 5: 8 bytes then 0 bytes read).
+__global__ void emu_kat_cp_async(float* out, const float* in) {
+    __shared__ __align__(16) float s[4][32][4];
+    const int t = threadIdx.x;
+    for (int k = 0; k < 3; k++) {
+        cp_async_16(&s[k][t][0], in + (k * 32 + t) * 4);
+        cp_async_commit();
+    }
+    cp_async_wait<2>();
+    for (int j = 0; j < 4; j++) out[t * 24 + j] = s[0][t][j], out[t * 24 + 4 + j] = s[1][t][j];
+    cp_async_wait<1>();
+    for (int j = 0; j < 4; j++) out[t * 24 + 8 + j] = s[1][t][j], out[t * 24 + 12 + j] = s[2][t][j];
+    cp_async_wait<0>();
+    for (int j = 0; j < 4; j++) out[t * 24 + 16 + j] = s[2][t][j];
+    cp_async_16(&s[3][t][0], in + t * 4, t % 2 ? 0 : 8);
+    cp_async_commit();
+    cp_async_wait<0>();
+    for (int j = 0; j < 4; j++) out[t * 24 + 20 + j] = s[3][t][j];
+}
+
+static uint16_t bf16_bits(float f) { return __float2bfloat16_rn(f).__x; }
+
+static Report emu_kat_async_and_ldmatrix() {
+    Report r;
+    {
+        vector<uint32_t> got(256, 0xDEADBEEFu);
+        uint32_t* o = static_cast<uint32_t*>(dev_alloc(256 * 4, 0xFF));
+        emu::launch_args("emu_kat_ldmatrix", &emu_kat_ldmatrix, 0, dim3(1), dim3(32), 0, {emu::P(o)});
+        memcpy(got.data(), o, 256 * 4);
+        // PTX ISA, "Warp-level matrix load instruction: ldmatrix", fragment figure: lane l holds
+        // row l/4, columns 2(l%4) and 2(l%4)+1 of each matrix; .trans the element at (column, row).
+        int bad = 0;
+        for (int l = 0; l < 32; l++)
+            for (int i = 0; i < 8; i++) {
+                const int mat = i < 4 ? i : (i - 4) % 2, row = l / 4, col = 2 * (l % 4);
+                uint32_t want;
+                if (i < 6)
+                    want = (uint32_t)(mat * 64 + row * 8 + col) | (uint32_t)(mat * 64 + row * 8 + col + 1) << 16;
+                else
+                    want = (uint32_t)(mat * 64 + col * 8 + row) | (uint32_t)(mat * 64 + (col + 1) * 8 + row) << 16;
+                if (got[l * 8 + i] != want && bad++ < 3)
+                    r.failure(fmt("ldmatrix lane %d register %d: %08x, want %08x", l, i, got[l * 8 + i], want));
+            }
+    }
+    {
+        Rng rng(11);
+        auto A = rng.randn(256), B = rng.randn(128);
+        vector<uint16_t> a(256), b(128), bt(128);
+        for (int i = 0; i < 256; i++) a[i] = bf16_bits(A[i]);
+        for (int k = 0; k < 16; k++)
+            for (int n = 0; n < 8; n++) b[k * 8 + n] = bt[n * 16 + k] = bf16_bits(B[k * 8 + n]);
+        auto dev16 = [](const vector<uint16_t>& v) {
+            uint16_t* p = static_cast<uint16_t*>(dev_alloc(v.size() * 2, 0));
+            memcpy(p, v.data(), v.size() * 2);
+            return p;
+        };
+        T d(256);
+        emu::launch_args("emu_kat_ldmatrix_mma", &emu_kat_ldmatrix_mma, 0, dim3(1), dim3(32), 0,
+                         {emu::P(d.p), emu::P(dev16(a)), emu::P(dev16(b)), emu::P(dev16(bt))});
+        vector<double> ref(256);
+        for (int i = 0; i < 16; i++)
+            for (int n = 0; n < 8; n++) {
+                double acc = 0.0;
+                for (int k = 0; k < 16; k++)
+                    acc += (double)__bfloat162float(__nv_bfloat16{a[i * 16 + k]}) *
+                           (double)__bfloat162float(__nv_bfloat16{b[k * 8 + n]});
+                ref[i * 8 + n] = ref[128 + i * 8 + n] = acc;
+            }
+        compare(r, "cp.async + ldmatrix + mma", false, dbl(d.get()), ref);
+    }
+    {
+        Rng rng(12);
+        auto in = rng.randn(3 * 128);
+        T tin(in), o(32 * 24);
+        emu::launch_args("emu_kat_cp_async", &emu_kat_cp_async, 0, dim3(1), dim3(32), 0, {emu::P(o.p), emu::P(tin.p)});
+        const char* when[6] = {"stage 0 after wait 2", "stage 1 after wait 2", "stage 1 after wait 1",
+                               "stage 2 after wait 1", "stage 2 after wait 0", "zero-filled copy"};
+        int bad = 0;
+        for (int t = 0; t < 32; t++)
+            for (int k = 0; k < 6; k++)
+                for (int j = 0; j < 4; j++) {
+                    const float got = o.p[t * 24 + 4 * k + j];
+                    // Retired groups hold the source; pending ones the block's 0xFF garbage (NaN).
+                    const int stage[6] = {0, -1, 1, -1, 2, 0};
+                    float want = stage[k] < 0 ? NAN : in[(stage[k] * 32 + t) * 4 + j];
+                    if (k == 5 && (t % 2 || j >= 2)) want = 0.0f;
+                    const bool same = std::isnan(want) ? std::isnan(got) : got == want;
+                    if (!same && bad++ < 3) r.failure(fmt("thread %d, %s, float %d: %g, want %g", t, when[k], j, got, want));
+                }
+    }
+    if (r.ok) r.note("ldmatrix fragments (x4, x2, x2.trans), cp.async + ldmatrix feeding mma, cp.async groups and zero-fill");
+    return r;
+}
+
 struct Case {
     string name;
     std::function<Report()> fn;
@@ -351,7 +497,45 @@ __global__ void emu_bad_race(float* out) {
     out[threadIdx.x] = s[(threadIdx.x + 32) % 64];
 }
 
+__global__ void emu_bad_cp_async_not_waited(float* out, const float* in) {
+    __shared__ __align__(16) float s[32][4];
+    cp_async_16(&s[threadIdx.x][0], in + 4 * threadIdx.x);
+    cp_async_commit();
+    out[threadIdx.x] = 0.0f;
+}
+__global__ void emu_bad_cp_async_to_global(float* out, const float* in) {
+    cp_async_16(out + 4 * threadIdx.x, in + 4 * threadIdx.x);
+    cp_async_commit();
+    cp_async_wait<0>();
+}
+__global__ void emu_bad_ldmatrix_misaligned(uint32_t* out) {
+    __shared__ __align__(16) uint16_t m[8][9];  // rows of 18 bytes: row 1 is not 16-byte aligned
+    for (int e = threadIdx.x; e < 72; e += 32) (&m[0][0])[e] = 0;
+    __syncthreads();
+    uint32_t r[2];
+    ldmatrix_x2(r, &m[threadIdx.x % 8][0]);
+    out[threadIdx.x] = r[0];
+}
+
 static void negative_cases(vector<Case>& v) {
+    v.push_back({"emu check: cp.async never waited for", [] {
+                     T o(32), in(128);
+                     emu::launch_args("emu_bad_cp_async_not_waited", &emu_bad_cp_async_not_waited, 0, dim3(1), dim3(32),
+                                      0, {emu::P(o.p), emu::P(in.p)});
+                     return Report{};
+                 }, "never waited for"});
+    v.push_back({"emu check: cp.async into global memory", [] {
+                     T o(128), in(128);
+                     emu::launch_args("emu_bad_cp_async_to_global", &emu_bad_cp_async_to_global, 0, dim3(1), dim3(32),
+                                      0, {emu::P(o.p), emu::P(in.p)});
+                     return Report{};
+                 }, "is not shared memory"});
+    v.push_back({"emu check: misaligned ldmatrix row", [] {
+                     uint32_t* o = static_cast<uint32_t*>(dev_alloc(32 * 4, 0));
+                     emu::launch_args("emu_bad_ldmatrix_misaligned", &emu_bad_ldmatrix_misaligned, 0, dim3(1), dim3(32),
+                                      0, {emu::P(o)});
+                     return Report{};
+                 }, "not 16-byte aligned"});
     v.push_back({"emu check: divergent __syncthreads", [] {
                      T o(32);
                      emu::launch_args("emu_bad_divergent_barrier", &emu_bad_divergent_barrier, 0, dim3(1), dim3(32), 0,
@@ -420,6 +604,7 @@ static void negative_cases(vector<Case>& v) {
 static vector<Case> all_cases() {
     vector<Case> v;
     v.push_back({"emu self-test", emu_selftest});
+    v.push_back({"emu known answers: cp.async groups, ldmatrix fragments, both feeding mma", emu_kat_async_and_ldmatrix});
     v.push_back({"philox device function: Random123 known answers", philox_case});
     negative_cases(v);
     return v;
