@@ -166,10 +166,22 @@ pub fn generate(dir: &Path, out: &Path) {
         let _ = writeln!(code, "    fn params(&self) -> Vec<u64> {{\n        vec![{}]\n    }}\n}}", slots.join(", "));
     }
     // Precision variants of one kernel (`NAME`/`NAME_f32` and `NAME_bf16`, `NAME_bf16_copy`) take
-    // the same parameters (names and launch types; the pointee may be bf16 instead of f32): each variant converts from the first, so a launch builds its arguments
-    // once and picks the variant. A variant whose parameters differ fails the build.
+    // the same parameters (names and launch types; the pointee may be bf16 instead of f32): each
+    // variant converts from the first, so a launch builds its arguments once and picks the
+    // variant. A variant whose parameters differ fails the build. A numbered version (`NAME_v3`,
+    // issue 18's versioned kernels) converts likewise when it takes the same parameters; one with
+    // other parameters (group norm's v2) has its own launch code and no conversion.
+    let unversioned = |name: &str| -> Option<String> {
+        match name.rsplit_once("_v") {
+            Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => Some(base.to_string()),
+            _ => None,
+        }
+    };
     let family = |name: &str| {
-        let base = ["_bf16_copy", "_bf16", "_f32"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+        let unversioned = unversioned(name).unwrap_or_else(|| name.to_string());
+        let unversioned = unversioned.as_str();
+        let base =
+            ["_bf16_copy", "_bf16", "_f32"].iter().find_map(|s| unversioned.strip_suffix(s)).unwrap_or(unversioned);
         base.to_string()
     };
     let plain: Vec<&Kernel> = kernels.iter().filter(|k| !k.name.contains('#')).collect();
@@ -183,6 +195,9 @@ pub fn generate(dir: &Path, out: &Path) {
             let shape = |k: &Kernel| -> Vec<(String, &'static str)> {
                 k.params.iter().map(|(ty, n)| (n.clone(), rust_type(k, ty, n).0)).collect()
             };
+            if shape(other) != shape(first) && unversioned(&other.name).is_some() {
+                continue;
+            }
             assert!(
                 shape(other) == shape(first),
                 "{}: kernel {}: parameters differ from {}'s, its precision variant",

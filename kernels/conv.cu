@@ -384,32 +384,42 @@ extern "C" __global__ void __launch_bounds__(256)
     });
 }
 
-// The bf16 tensor-core GEMM of one 128×64 block tile (rows m0.., columns n0..) over reduction tiles
-// [kt_begin, kt_end), each H_BK channels of one tap, in order; each result element goes to
-// store(m, n, v). As/Bs: the block's shared tiles. Shared by conv2d_igemm_bf16 (all tiles) and
-// conv2d_igemm_bf16_splitk (a range per grid.z).
-template <class Store>
-__device__ __forceinline__ void igemm_bf16_tiles(uint32_t (*As)[H_LDW], uint32_t (*Bs)[H_LDW], int m0, int n0,
-                                                 const float* __restrict__ src, const __nv_bfloat16* __restrict__ wt,
-                                                 int M, int RH, int RW, int N, int C, int SH, int SW, int ss, int sy0,
-                                                 int sx0, int tys, int txs, int ntx, int tap0, int tapys, int tapxs,
-                                                 int bs_n, int bs_t, int kt_begin, int kt_end, Store store) {
-    const int tid = threadIdx.x;
-
-    // Loader: thread loads k-quad lq (channels 4·lq..4·lq+3 of the tile) of A rows lrow + 32r (r < 4)
-    // and of B rows lrow + 32r (r < 2); 8 consecutive threads cover one row's 32 channels.
-    const int lrow = tid >> 3, lq = tid & 7;
+// The global → register → shared staging of the bf16 GEMM's reduction tiles, shared by every
+// version: thread tid loads k-quad lq (channels 4·lq..4·lq+3 of the tile) of A rows lrow + 32r
+// (r < 4) and of B rows lrow + 32r (r < 2); 8 consecutive threads cover one row's 32 channels.
+// `load` reads tile `kp` into registers (A rounded to bf16 only at `store`) and steps kp on;
+// `store` writes the registers into a stage's shared tiles.
+struct IgemmBf16Loader {
+    const float* __restrict__ src;
+    const __nv_bfloat16* __restrict__ wt;
+    int SH, SW, C, N, n0, tys, txs, ntx, tap0, tapys, tapxs, bs_n, bs_t;
+    int lrow, lq;
+    bool a_vec, b_vec;
     RowGeo ag[4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) ag[r] = row_geo(m0 + lrow + 32 * r, M, RH, RW, SH, ss, sy0, sx0);
-    const bool a_vec = (C % 4 == 0) && aligned16(src);
-    const bool b_vec = (C % 4 == 0) && (bs_n % 4 == 0) && (bs_t % 4 == 0) && aligned8(wt);
-    // Tile kt is (tap kt / ctiles, channels (kt mod ctiles)·H_BK..): start at kt_begin.
-    const int ctiles = CEIL_DIV(C, H_BK), tap_begin = kt_begin / ctiles;
-    KPos kp = {tap_begin / ntx, tap_begin % ntx, (kt_begin - tap_begin * ctiles) * H_BK};
+    KPos kp;
     float4 ra[4];
     uint2 rb[2];
-    auto load = [&]() {
+
+    __device__ __forceinline__ IgemmBf16Loader(int m0, int n0_, const float* __restrict__ src_,
+                                               const __nv_bfloat16* __restrict__ wt_, int M, int RH, int RW, int N_,
+                                               int C_, int SH_, int SW_, int ss, int sy0, int sx0, int tys_, int txs_,
+                                               int ntx_, int tap0_, int tapys_, int tapxs_, int bs_n_, int bs_t_,
+                                               int kt_begin)
+        : src(src_), wt(wt_), SH(SH_), SW(SW_), C(C_), N(N_), n0(n0_), tys(tys_), txs(txs_), ntx(ntx_), tap0(tap0_),
+          tapys(tapys_), tapxs(tapxs_), bs_n(bs_n_), bs_t(bs_t_) {
+        const int tid = threadIdx.x;
+        lrow = tid >> 3;
+        lq = tid & 7;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) ag[r] = row_geo(m0 + lrow + 32 * r, M, RH, RW, SH, ss, sy0, sx0);
+        a_vec = (C % 4 == 0) && aligned16(src);
+        b_vec = (C % 4 == 0) && (bs_n % 4 == 0) && (bs_t % 4 == 0) && aligned8(wt);
+        // Tile kt is (tap kt / ctiles, channels (kt mod ctiles)·H_BK..): start at kt_begin.
+        const int ctiles = CEIL_DIV(C, H_BK), tap_begin = kt_begin / ctiles;
+        kp = KPos{tap_begin / ntx, tap_begin % ntx, (kt_begin - tap_begin * ctiles) * H_BK};
+    }
+
+    __device__ __forceinline__ void load() {
         const int c = kp.c0 + 4 * lq;
         const int dy = kp.jy * tys, dx = kp.jx * txs;
 #pragma unroll
@@ -424,20 +434,37 @@ __device__ __forceinline__ void igemm_bf16_tiles(uint32_t (*As)[H_LDW], uint32_t
             rb[r] = load4_bf16(n < N ? wt + (size_t)n * bs_n + wtap : wt, n < N ? C - c : 0, b_vec);
         }
         kpos_next(kp, H_BK, C, ntx);
-    };
+    }
 
-    const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int wm0 = (warp & 3) * 32, wn0 = (warp >> 2) * 32;
-    float acc[2][4][4] = {};
-
-    if (kt_begin < kt_end) load();
-    for (int kt = kt_begin; kt < kt_end; ++kt) {
+    __device__ __forceinline__ void store(uint32_t (*As)[H_LDW], uint32_t (*Bs)[H_LDW]) const {
 #pragma unroll
         for (int r = 0; r < 4; ++r) store_bf16x4(As, lrow + 32 * r, lq, ra[r]);
 #pragma unroll
         for (int r = 0; r < 2; ++r) store_bf16x4_packed(Bs, lrow + 32 * r, lq, rb[r]);
+    }
+};
+
+// The bf16 tensor-core GEMM of one 128×64 block tile (rows m0.., columns n0..) over reduction tiles
+// [kt_begin, kt_end), each H_BK channels of one tap, in order; each result element goes to
+// store(m, n, v). As/Bs: the block's shared tiles. Shared by conv2d_igemm_bf16 (all tiles) and
+// conv2d_igemm_bf16_splitk (a range per grid.z).
+template <class Store>
+__device__ __forceinline__ void igemm_bf16_tiles(uint32_t (*As)[H_LDW], uint32_t (*Bs)[H_LDW], int m0, int n0,
+                                                 const float* __restrict__ src, const __nv_bfloat16* __restrict__ wt,
+                                                 int M, int RH, int RW, int N, int C, int SH, int SW, int ss, int sy0,
+                                                 int sx0, int tys, int txs, int ntx, int tap0, int tapys, int tapxs,
+                                                 int bs_n, int bs_t, int kt_begin, int kt_end, Store store) {
+    IgemmBf16Loader ld(m0, n0, src, wt, M, RH, RW, N, C, SH, SW, ss, sy0, sx0, tys, txs, ntx, tap0, tapys, tapxs,
+                       bs_n, bs_t, kt_begin);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int wm0 = (warp & 3) * 32, wn0 = (warp >> 2) * 32;
+    float acc[2][4][4] = {};
+
+    if (kt_begin < kt_end) ld.load();
+    for (int kt = kt_begin; kt < kt_end; ++kt) {
+        ld.store(As, Bs);
         __syncthreads();
-        if (kt + 1 < kt_end) load();  // the next tile's global loads overlap this tile's math
+        if (kt + 1 < kt_end) ld.load();  // the next tile's global loads overlap this tile's math
 #pragma unroll
         for (int ks = 0; ks < H_BK / 16; ++ks) warp_mma_32x32(acc, As, Bs, wm0, wn0, ks * 8, g, t);
         __syncthreads();
@@ -508,6 +535,115 @@ extern "C" __global__ void conv2d_splitk_reduce(float* __restrict__ dst, const f
         for (int z = 0; z < splits; ++z) s += part[(size_t)z * M * N + i];
         put(dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N) + n, s + (bias ? bias[n] : 0.f), accumulate);
     }
+}
+
+// ---- ldmatrix operands and two shared stages: version 3 of the conv family -----------------------
+// What it changes (on top of version 2's split-K choice, which it keeps):
+//  * fragments by ldmatrix.x4: per warp and 16-deep step, 2 instructions for A's two m16 tiles and
+//    2 for B's four n8 tiles, instead of 16 scalar LDS.32 with their address arithmetic (v1's
+//    warp_mma_32x32). The tiles keep v1's layout: rows of H_LDW = 20 words (80 bytes) put the 8
+//    row addresses of each 8×8 matrix on 8 distinct 4-bank groups (0, 20, 8, 28, 16, 4, 24, 12 mod
+//    32 words): conflict-free, and every row address 16-byte aligned as ldmatrix requires;
+//  * two shared stages (30 KiB static): tile kt+1's registers go to the other stage while tile kt's
+//    mmas run, so one __syncthreads per tile instead of two.
+// Roofline: v1's inner loop issues ≈16 LDS + 8 HMMA + ≈20 integer instructions per warp per
+// 16-deep step (issue-bound near a quarter of the tensor-core peak by the issue's reading); v3
+// issues 4 LDSM + 8 HMMA + ≈6: expected ≈1.5–2× on the large convolutions (64×64 and 32×32
+// latents), where the grid already fills the device. 30 KiB of shared memory and ≈96 registers
+// still allow two blocks per SM.
+// Numerics: the same products in the same order as v1 (and as v2 where it splits): bit for bit
+// the same results, which the emulated cases check.
+
+// One m16n8k16 step of a warp's 32×32 tile as warp_mma_32x32, the fragments by ldmatrix. Matrix q
+// = lane / 8 of each .x4 takes its row address from lanes 8q..8q+7: for A, (rows +8·(q&1), words
+// +4·(q>>1)) gives a[0..3] in the PTX order; for B, (rows n +8·(q>>1), words +4·(q&1)) gives
+// b[0..1] of the n8 tile j and then of tile j+1.
+__device__ __forceinline__ void warp_mma_32x32_ldsm(float acc[2][4][4], const uint32_t (*As)[H_LDW],
+                                                    const uint32_t (*Bs)[H_LDW], int wm0, int wn0, int kw0,
+                                                    int lane) {
+    uint32_t af[2][4], bfr[4][2];
+    const int r8 = lane & 7, q = lane >> 3;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) ldmatrix_x4(af[i], &As[wm0 + i * 16 + r8 + 8 * (q & 1)][kw0 + 4 * (q >> 1)]);
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+        uint32_t r[4];
+        ldmatrix_x4(r, &Bs[wn0 + jj * 16 + r8 + 8 * (q >> 1)][kw0 + 4 * (q & 1)]);
+        bfr[2 * jj][0] = r[0];
+        bfr[2 * jj][1] = r[1];
+        bfr[2 * jj + 1][0] = r[2];
+        bfr[2 * jj + 1][1] = r[3];
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], af[i], bfr[j], acc[i][j]);
+}
+
+// As igemm_bf16_tiles, with two stages As[2], Bs[2] and ldmatrix fragments.
+template <class Store>
+__device__ __forceinline__ void igemm_bf16_tiles_v3(uint32_t (*As)[H_BM][H_LDW], uint32_t (*Bs)[H_BN][H_LDW], int m0,
+                                                    int n0, const float* __restrict__ src,
+                                                    const __nv_bfloat16* __restrict__ wt, int M, int RH, int RW, int N,
+                                                    int C, int SH, int SW, int ss, int sy0, int sx0, int tys, int txs,
+                                                    int ntx, int tap0, int tapys, int tapxs, int bs_n, int bs_t,
+                                                    int kt_begin, int kt_end, Store store) {
+    IgemmBf16Loader ld(m0, n0, src, wt, M, RH, RW, N, C, SH, SW, ss, sy0, sx0, tys, txs, ntx, tap0, tapys, tapxs,
+                       bs_n, bs_t, kt_begin);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int wm0 = (warp & 3) * 32, wn0 = (warp >> 2) * 32;
+    float acc[2][4][4] = {};
+
+    if (kt_begin < kt_end) {
+        ld.load();
+        ld.store(As[0], Bs[0]);
+    }
+    __syncthreads();
+    for (int kt = kt_begin; kt < kt_end; ++kt) {
+        const int s = (kt - kt_begin) & 1;
+        const bool more = kt + 1 < kt_end;
+        if (more) ld.load();  // global loads of tile kt+1 in flight during tile kt's mmas
+#pragma unroll
+        for (int ks = 0; ks < H_BK / 16; ++ks) warp_mma_32x32_ldsm(acc, As[s], Bs[s], wm0, wn0, ks * 8, lane);
+        // Stage s^1 was last read in iteration kt−1, before its closing barrier: free to refill.
+        if (more) ld.store(As[s ^ 1], Bs[s ^ 1]);
+        __syncthreads();
+    }
+
+    warp_tile_32x32_store(acc, m0 + wm0, n0 + wn0, M, N, g, t, store);
+}
+
+/// Version 3 of conv2d_igemm_bf16 (same parameters, launch and result).
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_igemm_bf16_v3(float* __restrict__ dst, const float* __restrict__ src, const __nv_bfloat16* __restrict__ wt,
+                         const float* __restrict__ bias, int M, int RH, int RW, int N, int C, int SH, int SW, int ss,
+                         int sy0, int sx0, int tys, int txs, int nty, int ntx, int tap0, int tapys, int tapxs, int bs_n,
+                         int bs_t, int DH, int DW, int os, int dy0, int dx0, int accumulate) {
+    __shared__ __align__(16) uint32_t As[2][H_BM][H_LDW];
+    __shared__ __align__(16) uint32_t Bs[2][H_BN][H_LDW];
+    igemm_bf16_tiles_v3(As, Bs, blockIdx.x * H_BM, blockIdx.y * H_BN, src, wt, M, RH, RW, N, C, SH, SW, ss, sy0, sx0,
+                        tys, txs, ntx, tap0, tapys, tapxs, bs_n, bs_t, 0, nty * ntx * CEIL_DIV(C, H_BK),
+                        [&](int m, int n, float v) {
+                            put(dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N) + n, v + (bias ? bias[n] : 0.f),
+                                accumulate);
+                        });
+}
+
+/// Version 3 of conv2d_igemm_bf16_splitk (same parameters, launch and result).
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_igemm_bf16_splitk_v3(float* __restrict__ part, const float* __restrict__ src,
+                                const __nv_bfloat16* __restrict__ wt, int M, int RH, int RW, int N, int C, int SH,
+                                int SW, int ss, int sy0, int sx0, int tys, int txs, int nty, int ntx, int tap0,
+                                int tapys, int tapxs, int bs_n, int bs_t, int kt_per_split) {
+    __shared__ __align__(16) uint32_t As[2][H_BM][H_LDW];
+    __shared__ __align__(16) uint32_t Bs[2][H_BN][H_LDW];
+    const int ktiles = nty * ntx * CEIL_DIV(C, H_BK);
+    const int kt_begin = min(ktiles, (int)blockIdx.z * kt_per_split);
+    const int kt_end = min(ktiles, kt_begin + kt_per_split);
+    float* out = part + (size_t)blockIdx.z * M * N;
+    igemm_bf16_tiles_v3(As, Bs, blockIdx.x * H_BM, blockIdx.y * H_BN, src, wt, M, RH, RW, N, C, SH, SW, ss, sy0, sx0,
+                        tys, txs, ntx, tap0, tapys, tapxs, bs_n, bs_t, kt_begin, kt_end,
+                        [&](int m, int n, float v) { out[(size_t)m * N + n] = v; });
 }
 
 // ---- weight gradient ----------------------------------------------------------------------------

@@ -38,6 +38,8 @@ extern "C" void _ZTH13att_smem_bf16() {}
     K(conv2d_igemm_f32, 256) \
     K(conv2d_igemm_bf16, 256) \
     K(conv2d_igemm_bf16_splitk, 256) \
+    K(conv2d_igemm_bf16_v3, 256) \
+    K(conv2d_igemm_bf16_splitk_v3, 256) \
     K(conv2d_splitk_reduce, 0) \
     K(conv2d_wgrad_f32, 256) \
     K(conv2d_wgrad_bf16, 256) \

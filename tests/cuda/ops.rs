@@ -695,3 +695,45 @@ pub fn allocation_case(r: &mut Runner, gpu: &mut CudaBackend) {
         Ok(format!("{before} allocations, flat over 3 rounds"))
     });
 }
+
+/// Version 3 of the bf16 convolution only changes how operands reach the tensor cores (ldmatrix,
+/// two shared stages): the same products in the same order as version 2 (which splits the same
+/// shapes), so forward outputs and data gradients equal to the bit, on shapes that split, that do
+/// not, with strides, channel tails and 4-byte-aligned tensors.
+pub fn conv_versions_agree_case(r: &mut Runner, gpu: &mut CudaBackend) {
+    r.case("bf16/conv2d version 3 gives version 2's bits (forward, data gradient)", || {
+        let p1 = [1, 1, 1, 1];
+        let shapes: &[(usize, usize, usize, usize, usize, usize, usize, [usize; 4], usize)] = &[
+            (1, 4, 5, 320, 192, 3, 1, p1, 0), // 180 K tiles: split
+            (2, 9, 8, 8, 12, 3, 2, p1, 0),    // stride 2: four data-gradient phases
+            (1, 9, 8, 40, 70, 3, 1, p1, 0),   // N tiles and a K tail
+            (2, 7, 6, 5, 9, 3, 1, p1, 0),     // c_in 5
+            (2, 9, 9, 48, 24, 1, 1, [0; 4], 0),
+            (1, 7, 9, 8, 16, 3, 1, p1, 1), // 4-byte aligned only
+        ];
+        let mut rng = Rng(0xB175);
+        let mut checked = 0usize;
+        for &(n, h, w, ci, co, k, s, pad, skew) in shapes {
+            let p = conv2d((n, h, w, ci, co, k, s, pad));
+            let (fwd, bwd) = conv2d_inputs(&mut rng, &p);
+            let run = |gpu: &mut CudaBackend, v: u32| -> Result<(Vec<f32>, Vec<f32>)> {
+                gpu.set_kernel_version(KernelFamily::Conv, v)?;
+                let t = place_skewed(gpu, &fwd, skew)?;
+                conv2d_forward(gpu, p, &t)?;
+                let tb = place_skewed(gpu, &bwd, skew)?;
+                conv2d_backward(gpu, p, &tb, true)?;
+                let out = (gpu.download(&t[0])?, gpu.download(&tb[0])?);
+                gpu.set_kernel_version(KernelFamily::Conv, 1)?;
+                Ok(out)
+            };
+            let (f2, d2) = run(gpu, 2)?;
+            let (f3, d3) = run(gpu, 3)?;
+            for (what, a, b) in [("forward", &f2, &f3), ("data gradient", &d2, &d3)] {
+                let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+                ensure!(differ == 0, "{n}x{h}x{w}x{ci}->{co} k{k} s{s}: {what}: {differ} of {} values differ", a.len());
+                checked += a.len();
+            }
+        }
+        Ok(format!("{checked} values over {} shapes, equal to the bit", shapes.len()))
+    });
+}

@@ -231,7 +231,10 @@ impl CudaBackend {
             return self.launch(k, grid, (THREADS, 1, 1), 0);
         }
         let ktiles = g.nty * g.ntx * g.c.div_ceil(H_BK);
-        if self.kernel_version(TunableOp::Conv(shape)) == 2 {
+        // kernels/conv.cu: version 2 splits the reduction where the grid is small; version 3 does
+        // too, and runs the ldmatrix / two-stage tile loop (the `_v3` kernels) either way.
+        let version = self.kernel_version(TunableOp::Conv(shape));
+        if version >= 2 {
             if let Some((splits, per_split)) = split_k(grid_x * grid_y, ktiles, self.dev.multiprocessor_count()) {
                 // kernels/conv.cu "split-K, version 2": slices in workspace slot SPLIT_SLOT (the
                 // weight is in WS_SLOT), summed in order by the reduce kernel.
@@ -261,7 +264,12 @@ impl CudaBackend {
                     bs_t: k.bs_t,
                     kt_per_split: int("reduction tiles per split", per_split)?,
                 };
-                self.launch(split, (grid_x as u32, grid_y as u32, splits as u32), (THREADS, 1, 1), 0)?;
+                let split_grid = (grid_x as u32, grid_y as u32, splits as u32);
+                if version >= 3 {
+                    self.launch(Conv2dIgemmBf16SplitkV3::from(split), split_grid, (THREADS, 1, 1), 0)?;
+                } else {
+                    self.launch(split, split_grid, (THREADS, 1, 1), 0)?;
+                }
                 let reduce = Conv2dSplitkReduce {
                     dst: k.dst,
                     part,
@@ -280,6 +288,9 @@ impl CudaBackend {
                 };
                 return self.ops_launch1(m * g.n, reduce);
             }
+        }
+        if version >= 3 {
+            return self.launch(Conv2dIgemmBf16V3::from(k), grid, (THREADS, 1, 1), 0);
         }
         self.launch(Conv2dIgemmBf16::from(k), grid, (THREADS, 1, 1), 0)
     }

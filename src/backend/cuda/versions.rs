@@ -46,6 +46,7 @@ impl KernelFamily {
             KernelFamily::Conv => &[
                 (1, "one 128×64 block per output tile, the whole reduction in each block"),
                 (2, "split-K over grid.z when fewer than 2 × SM-count blocks would launch, slices summed in order"),
+                (3, "version 2 with ldmatrix operand loads and two shared stages (one barrier per reduction tile)"),
             ],
         }
     }
