@@ -74,6 +74,20 @@ fn a_precision_variant_with_other_parameters_is_refused() {
     assert!(generate(&dir).unwrap().contains("impl From<ScaleF32> for ScaleBf16"));
 }
 
+/// A numbered version (`NAME_v3`) converts from its version 1 when it takes the same parameters;
+/// one with other parameters is a kernel of its own (no conversion, no refusal).
+#[test]
+fn a_numbered_version_converts_from_version_one_when_its_parameters_match() {
+    let same = "extern \"C\" __global__ void mm_f32(float* x, int n) {}\n\
+                extern \"C\" __global__ void mm_bf16_v3(__nv_bfloat16* x, int n) {}\n\
+                extern \"C\" __global__ void nrm(float* x, int n) {}\n\
+                extern \"C\" __global__ void nrm_v2(float* x, double* m, int n) {}\n";
+    let code = generate(&scratch("versions", &[("k.cu", same)])).unwrap();
+    assert!(code.contains("impl From<MmF32> for MmBf16V3"), "{code}");
+    assert!(code.contains("impl Kernel for NrmV2"));
+    assert!(!code.contains("for NrmV2 {\n    fn from"), "{code}");
+}
+
 #[test]
 fn a_parameter_type_without_a_launch_mapping_is_refused() {
     let dir =
