@@ -147,6 +147,22 @@ __device__ __forceinline__ void put(float* p, float v, int accumulate) {
         *p = v;
 }
 
+// Element (m, n) of a conv2d_igemm result into dst: v + bias[n], then + batch_bias[image of m][n]
+// (the time embedding a U-Net resnet adds after its first convolution), then + the residual at
+// the same element (the shortcut a resnet adds after its second), each when given (non-null;
+// the data gradient passes none). That is the order of the separate layers this replaces, so
+// fused and unfused results agree to the bit. Stored, or added with `accumulate`.
+__device__ __forceinline__ void put_out(float* __restrict__ dst, float v, const float* __restrict__ bias,
+                                        const float* __restrict__ batch_bias, const float* __restrict__ residual,
+                                        int m, int n, int RH, int RW, int DH, int DW, int os, int dy0, int dx0, int N,
+                                        int accumulate) {
+    const long long o = dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N) + n;
+    v = v + (bias ? bias[n] : 0.f);
+    if (batch_bias) v += batch_bias[(size_t)(m / (RH * RW)) * N + n];
+    if (residual) v += residual[o];
+    put(dst + o, v, accumulate);
+}
+
 // Tile shapes.
 // f32 SIMT: 64×64 block tile, 16-deep reduction tile, 256 threads, 4×4 outputs per thread.
 constexpr int F_BM = 64, F_BN = 64, F_BK = 16, F_PAD = 4;
@@ -315,8 +331,9 @@ extern "C" __global__ void __launch_bounds__(256)
 //
 // Parameters (both precisions):
 //   dst    (batch, DH, DW, N); row m = (b, qy, qx) of a (batch, RH, RW) grid (M rows) goes to pixel
-//          (qy·os + dy0, qx·os + dx0); overwritten (accumulate = 0, + bias[n] when bias ≠ null) or
-//          added to (accumulate = 1).
+//          (qy·os + dy0, qx·os + dx0); overwritten (accumulate = 0) or added to (accumulate = 1),
+//          after the epilogue of put_out: + bias[n], + batch_bias[b][n], + residual (laid out as
+//          dst), each when non-null.
 //   src    (batch, SH, SW, C); row m's source pixel for tap (jy, jx), jy < nty, jx < ntx, is
 //          (qy·ss + sy0 + jy·tys, qx·ss + sx0 + jx·txs); pixels outside the image read as zero.
 //   wt     element (n, tap, c) at n·bs_n + tap·bs_t + c, tap = tap0 + jy·tapys + jx·tapxs.
@@ -332,7 +349,8 @@ extern "C" __global__ void __launch_bounds__(256)
 /// Thread (ty, tx) = (tid / 16, tid % 16) computes rows ty·4.., columns tx·4.. of the 64×64 tile.
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_igemm_f32(float* __restrict__ dst, const float* __restrict__ src, const float* __restrict__ wt,
-                     const float* __restrict__ bias, int M, int RH, int RW, int N, int C, int SH, int SW, int ss,
+                     const float* __restrict__ bias, const float* __restrict__ batch_bias,
+                     const float* __restrict__ residual, int M, int RH, int RW, int N, int C, int SH, int SW, int ss,
                      int sy0, int sx0, int tys, int txs, int nty, int ntx, int tap0, int tapys, int tapxs, int bs_n,
                      int bs_t, int DH, int DW, int os, int dy0, int dx0, int accumulate) {
     // Tiles stored k-major: As[k][m], Bs[k][n] (the compute loop reads 4 consecutive m / n).
@@ -380,7 +398,7 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 
     f_tile_store(acc, m0 + ty * 4, n0 + tx * 4, M, N, [&](int m, int n, float v) {
-        put(dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N) + n, v + (bias ? bias[n] : 0.f), accumulate);
+        put_out(dst, v, bias, batch_bias, residual, m, n, RH, RW, DH, DW, os, dy0, dx0, N, accumulate);
     });
 }
 
@@ -479,7 +497,8 @@ __device__ __forceinline__ void igemm_bf16_tiles(uint32_t (*As)[H_LDW], uint32_t
 /// Warp w computes rows (w % 4)·32.., columns (w / 4)·32.. of the 128×64 tile.
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_igemm_bf16(float* __restrict__ dst, const float* __restrict__ src, const __nv_bfloat16* __restrict__ wt,
-                      const float* __restrict__ bias, int M, int RH, int RW, int N, int C, int SH, int SW, int ss,
+                      const float* __restrict__ bias, const float* __restrict__ batch_bias,
+                     const float* __restrict__ residual, int M, int RH, int RW, int N, int C, int SH, int SW, int ss,
                       int sy0, int sx0, int tys, int txs, int nty, int ntx, int tap0, int tapys, int tapxs, int bs_n,
                       int bs_t, int DH, int DW, int os, int dy0, int dx0, int accumulate) {
     __shared__ __align__(16) uint32_t As[H_BM][H_LDW];  // As[m][k-pair]
@@ -487,8 +506,7 @@ extern "C" __global__ void __launch_bounds__(256)
     igemm_bf16_tiles(As, Bs, blockIdx.x * H_BM, blockIdx.y * H_BN, src, wt, M, RH, RW, N, C, SH, SW, ss, sy0, sx0, tys,
                      txs, ntx, tap0, tapys, tapxs, bs_n, bs_t, 0, nty * ntx * CEIL_DIV(C, H_BK),
                      [&](int m, int n, float v) {
-                         put(dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N) + n, v + (bias ? bias[n] : 0.f),
-                             accumulate);
+                         put_out(dst, v, bias, batch_bias, residual, m, n, RH, RW, DH, DW, os, dy0, dx0, N, accumulate);
                      });
 }
 
@@ -524,16 +542,19 @@ extern "C" __global__ void __launch_bounds__(256)
                      [&](int m, int n, float v) { out[(size_t)m * N + n] = v; });
 }
 
-/// dst row m (as conv2d_igemm_*) = Σ_z part[z][m] (z in order) + bias, stored or accumulated.
+/// dst row m (as conv2d_igemm_*) = Σ_z part[z][m] (z in order), then put_out's epilogue (bias,
+/// batch bias, residual), stored or accumulated.
 /// Launch: 1-D grid-stride over M·N, block 256.
 extern "C" __global__ void conv2d_splitk_reduce(float* __restrict__ dst, const float* __restrict__ part,
-                                                const float* __restrict__ bias, int splits, int M, int RH, int RW,
+                                                const float* __restrict__ bias,
+                                                const float* __restrict__ batch_bias,
+                                                const float* __restrict__ residual, int splits, int M, int RH, int RW,
                                                 int N, int DH, int DW, int os, int dy0, int dx0, int accumulate) {
     GRID_STRIDE(i, (long long)M * N) {
         const int m = (int)(i / N), n = (int)(i - (long long)m * N);
         float s = 0.f;
         for (int z = 0; z < splits; ++z) s += part[(size_t)z * M * N + i];
-        put(dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N) + n, s + (bias ? bias[n] : 0.f), accumulate);
+        put_out(dst, s, bias, batch_bias, residual, m, n, RH, RW, DH, DW, os, dy0, dx0, N, accumulate);
     }
 }
 
@@ -616,7 +637,8 @@ __device__ __forceinline__ void igemm_bf16_tiles_v3(uint32_t (*As)[H_BM][H_LDW],
 /// Version 3 of conv2d_igemm_bf16 (same parameters, launch and result).
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_igemm_bf16_v3(float* __restrict__ dst, const float* __restrict__ src, const __nv_bfloat16* __restrict__ wt,
-                         const float* __restrict__ bias, int M, int RH, int RW, int N, int C, int SH, int SW, int ss,
+                         const float* __restrict__ bias, const float* __restrict__ batch_bias,
+                     const float* __restrict__ residual, int M, int RH, int RW, int N, int C, int SH, int SW, int ss,
                          int sy0, int sx0, int tys, int txs, int nty, int ntx, int tap0, int tapys, int tapxs, int bs_n,
                          int bs_t, int DH, int DW, int os, int dy0, int dx0, int accumulate) {
     __shared__ __align__(16) uint32_t As[2][H_BM][H_LDW];
@@ -624,8 +646,7 @@ extern "C" __global__ void __launch_bounds__(256)
     igemm_bf16_tiles_v3(As, Bs, blockIdx.x * H_BM, blockIdx.y * H_BN, src, wt, M, RH, RW, N, C, SH, SW, ss, sy0, sx0,
                         tys, txs, ntx, tap0, tapys, tapxs, bs_n, bs_t, 0, nty * ntx * CEIL_DIV(C, H_BK),
                         [&](int m, int n, float v) {
-                            put(dst + dst_offset(m, RH, RW, DH, DW, os, dy0, dx0, N) + n, v + (bias ? bias[n] : 0.f),
-                                accumulate);
+                            put_out(dst, v, bias, batch_bias, residual, m, n, RH, RW, DH, DW, os, dy0, dx0, N, accumulate);
                         });
 }
 

@@ -126,6 +126,7 @@ fn main() {
     pipelines::graph_case(&mut r);
     pipelines::param_copy_case(&mut r);
     pipelines::newest_kernel_versions_case(&mut r);
+    pipelines::resnet_fusion_case(&mut r);
     pipelines::autotune_case(&mut r);
     pipelines::train_step_memory_case(&mut r);
     pipelines::training_allocation_case(&mut r);

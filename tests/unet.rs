@@ -90,3 +90,13 @@ fn sd14_guided_step_flop_count_matches_pytorch_flop_counter() {
     );
     assert_eq!(flops, want, "ours {flops}, PyTorch {want}");
 }
+
+/// A resnet adds the time embedding and the shortcut in its convolutions' epilogues: the same
+/// sums in the same order as the separate layers, so every output bit is theirs.
+#[test]
+fn fused_resnet_epilogues_equal_the_separate_layers_to_the_bit() {
+    let (resnets, differ) = resnet_fusion_mismatches(&mut roentgen::backend::cpu::CpuBackend::new()).unwrap();
+    println!("{resnets} resnets, {differ} values differ");
+    assert!(resnets >= 5);
+    assert_eq!(differ, 0);
+}

@@ -242,15 +242,44 @@ impl Conv2d {
     }
 
     pub fn apply(&self, cx: &mut Cx, x: &Fmap) -> Result<Fmap> {
-        let b = cx.b;
-        anyhow::ensure!(x.c == self.c_in, "conv2d: input has {} channels, weight expects {}", x.c, self.c_in);
+        self.apply_fused(cx, x, None, None)
+    }
+
+    /// The convolution with more added in its epilogue after the bias: `batch_bias` (batch,
+    /// c_out), one row per image, then `residual` (shaped as the output); what a separate
+    /// add_bias_rows and add would compute, to the bit, without their launches and the extra map.
+    pub fn apply_fused(
+        &self,
+        cx: &mut Cx,
+        x: &Fmap,
+        batch_bias: Option<&Tensor>,
+        residual: Option<&Fmap>,
+    ) -> Result<Fmap> {
         let (oh, ow) = self.out_size(x.h, x.w);
         let out = Fmap::alloc(cx.arena, x.batch, oh, ow, self.c_out)?;
-        b.conv2d_forward(
-            &self.params(x),
-            &Conv2dForward { out: &out.t, inp: &x.t, weight: &self.weight, bias: self.bias.as_ref() },
-        )?;
+        self.apply_into(cx.b, &out, x, batch_bias, residual)?;
         Ok(out)
+    }
+
+    /// As `apply_fused`, into `out` (allocated by the caller).
+    pub fn apply_into(
+        &self,
+        b: &dyn Backend,
+        out: &Fmap,
+        x: &Fmap,
+        batch_bias: Option<&Tensor>,
+        residual: Option<&Fmap>,
+    ) -> Result<()> {
+        anyhow::ensure!(x.c == self.c_in, "conv2d: input has {} channels, weight expects {}", x.c, self.c_in);
+        let t = Conv2dForward {
+            out: &out.t,
+            inp: &x.t,
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            batch_bias,
+            residual: residual.map(|r| &r.t),
+        };
+        b.conv2d_forward(&self.params(x), &t)
     }
 
     /// `dout` is the gradient of this layer's output for input `x`; accumulates into `g` and `dx`.

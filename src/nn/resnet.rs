@@ -46,27 +46,25 @@ impl ResnetBlock2D {
     }
 
     pub fn forward_saved(&self, cx: &mut Cx, x: &Fmap, temb_act: Option<&Tensor>) -> Result<ResnetSaved> {
-        let b = cx.b;
         let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, self.conv2.c_out)?;
         let mark = cx.arena.mark();
         let n1 = self.norm1.apply_saved(cx, x, true)?;
-        let h1 = self.conv1.apply(cx, &n1.out)?;
-        let mut h1t = h1;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb_act) {
-            let t = proj.apply(cx, temb, x.batch)?;
-            h1t = Fmap::alloc(cx.arena, h1.batch, h1.h, h1.w, h1.c)?;
-            let rows = BiasRowsParams { batch: h1.batch, rows: h1.h * h1.w, channels: h1.c };
-            b.add_bias_rows_forward(&rows, &h1t.t, &h1.t, &t)?;
-        }
+        // conv1 + the projected time embedding, one row per image, in conv1's epilogue; then
+        // conv2 + the shortcut in conv2's: diffusers' (h1 + temb) and (shortcut + h2), the same
+        // sums to the bit, without two elementwise launches and two intermediate maps.
+        let t = match (&self.time_emb_proj, temb_act) {
+            (Some(proj), Some(temb)) => Some(proj.apply(cx, temb, x.batch)?),
+            _ => None,
+        };
+        let h1t = self.conv1.apply_fused(cx, &n1.out, t.as_ref(), None)?;
         let n2 = self.norm2.apply_saved(cx, &h1t, true)?;
-        let h2 = self.conv2.apply(cx, &n2.out)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.apply(cx, x)?,
             None => *x,
         };
-        b.add_forward(&out.t, &shortcut.t, &h2.t, out.numel())?;
+        self.conv2.apply_into(cx.b, &out, &n2.out, None, Some(&shortcut))?;
         cx.arena.release(mark);
-        Ok(ResnetSaved { x: *x, temb_act: temb_act.copied(), n1, h1, h1t, n2, out })
+        Ok(ResnetSaved { x: *x, temb_act: temb_act.copied(), n1, h1t, n2, out })
     }
 
     /// Accumulates parameter gradients into `g`, the input gradient into `dx` and the gradient of
@@ -95,7 +93,7 @@ impl ResnetBlock2D {
         {
             // h1t = h1 + proj(temb)[b]: h1 receives dh1 unchanged; the projection the row sums.
             let dt = zeros(cx, [s.x.batch, proj.out_f])?;
-            let rows = BiasRowsParams { batch: s.x.batch, rows: s.h1.h * s.h1.w, channels: s.h1.c };
+            let rows = BiasRowsParams { batch: s.x.batch, rows: s.h1t.h * s.h1t.w, channels: s.h1t.c };
             b.add_bias_rows_backward(&rows, &dt, &dh1.t)?;
             proj.backward(gproj, b, Some(dtemb), &dt, temb, s.x.batch)?;
         }
@@ -114,8 +112,8 @@ pub struct ResnetSaved {
     /// SiLU(time embedding) as the forward received it (the U-Net's resnets; none in the VAE).
     pub temb_act: Option<Tensor>,
     pub n1: GroupNormOut,
-    pub h1: Fmap,
-    /// h1 plus the projected time embedding (h1 itself without one).
+    /// conv1's output plus the projected time embedding (fused in conv1's epilogue; conv1's
+    /// output alone without one).
     pub h1t: Fmap,
     pub n2: GroupNormOut,
     pub out: Fmap,

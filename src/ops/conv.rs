@@ -2,7 +2,7 @@
 //! weight), with the asymmetric padding the VAE's downsamplers use; and im2col, the patches of a
 //! rectangular kernel for a linear layer to convolve (inference only). Kernels: kernels/conv.cu.
 
-use super::linear::{column_sums_into, LinearParams, WeightedBackward, WeightedForward};
+use super::linear::{column_sums_into, LinearParams, WeightedBackward};
 use super::Window2d;
 use crate::backend::cpu::gemm::{self, Mat, PackedB};
 use crate::backend::cpu::scratch;
@@ -26,8 +26,26 @@ pub struct Conv2dParams {
 }
 
 /// A convolution's forward tensors: `out` (batch, out_h, out_w, c_out), `inp` (batch, h, w, c_in),
-/// `weight` (c_out, c_in, kernel, kernel), `bias` (c_out), if any.
-pub type Conv2dForward<'a> = WeightedForward<'a>;
+/// `weight` (c_out, c_in, kernel, kernel), and what the epilogue adds to each output element, in
+/// this order, each if given: `bias` (c_out), `batch_bias` (batch, c_out: one row per image, a
+/// U-Net resnet's projected time embedding) and `residual` (shaped as `out`: a resnet's shortcut).
+/// Added in the order the separate layers would add them, so fusing changes no bit.
+#[derive(Clone, Copy)]
+pub struct Conv2dForward<'a> {
+    pub out: &'a Tensor,
+    pub inp: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub batch_bias: Option<&'a Tensor>,
+    pub residual: Option<&'a Tensor>,
+}
+
+impl<'a> Conv2dForward<'a> {
+    /// A convolution with an optional bias and nothing else in its epilogue.
+    pub fn new(out: &'a Tensor, inp: &'a Tensor, weight: &'a Tensor, bias: Option<&'a Tensor>) -> Conv2dForward<'a> {
+        Conv2dForward { out, inp, weight, bias, batch_bias: None, residual: None }
+    }
+}
 /// A convolution's backward tensors (shapes as [`Conv2dForward`]).
 pub type Conv2dBackward<'a> = WeightedBackward<'a>;
 
@@ -79,8 +97,31 @@ impl Conv2dParams {
         if let Some(b) = t.bias {
             check_len("conv2d bias", b, self.c_out)?;
         }
-        let ins: Vec<&Tensor> = [t.inp, t.weight].into_iter().chain(t.bias).collect();
+        if let Some(b) = t.batch_bias {
+            check_len("conv2d batch bias", b, self.batch * self.c_out)?;
+        }
+        if let Some(r) = t.residual {
+            check_len("conv2d residual", r, self.out_rows() * self.c_out)?;
+        }
+        let ins: Vec<&Tensor> =
+            [t.inp, t.weight].into_iter().chain(t.bias).chain(t.batch_bias).chain(t.residual).collect();
         check_disjoint("conv2d", &[t.out], &ins)
+    }
+
+    /// The CPU reference of the epilogue after bias: out += batch_bias[image] then += residual,
+    /// element by element (the separate layers' order).
+    pub fn cpu_epilogue(&self, out: &mut [f32], batch_bias: Option<&[f32]>, residual: Option<&[f32]>) {
+        let (c, per_image) = (self.c_out, self.out_h() * self.out_w());
+        let rows = self.out_rows();
+        out[..rows * c].par_chunks_mut(c).enumerate().for_each(|(r, row)| {
+            if let Some(bb) = batch_bias {
+                let b = &bb[(r / per_image) * c..][..c];
+                row.iter_mut().zip(b).for_each(|(o, v)| *o += v);
+            }
+            if let Some(res) = residual {
+                row.iter_mut().zip(&res[r * c..][..c]).for_each(|(o, v)| *o += v);
+            }
+        });
     }
 
     /// As [`Conv2dParams::check_forward`], for a backward: no gradient may alias another or an

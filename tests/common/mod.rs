@@ -473,3 +473,57 @@ pub fn synthetic_dataset(dir: &Path, n: usize) -> PathBuf {
     std::fs::write(&m, manifest).unwrap();
     m
 }
+
+/// Every resnet of the grads fixture's U-Net on `b`, as `ResnetBlock2D::forward` runs it (the time
+/// embedding and the shortcut added in the convolutions' epilogues) and as the separate layers
+/// compute it (conv, add_bias_rows, conv, add), on random inputs: (resnets run, output values
+/// whose bits differ between the two).
+#[allow(dead_code)]
+pub fn resnet_fusion_mismatches(b: &mut dyn roentgen::backend::Backend) -> anyhow::Result<(usize, usize)> {
+    use roentgen::models::unet::UNet;
+    use roentgen::models::Component;
+    use roentgen::nn::{Cx, Fmap};
+    use roentgen::ops::elementwise::BiasRowsParams;
+    use roentgen::tensor::Arena;
+    let (unet, _) = UNet::load(b, &fixture("grads/unet"), None)?;
+    let p = &unet.params;
+    let resnets: Vec<_> = p
+        .down
+        .iter()
+        .flat_map(|d| &d.resnets)
+        .chain(&p.mid_resnets)
+        .chain(p.up.iter().flat_map(|u| &u.resnets))
+        .collect();
+    let mut rng = roentgen::rng::splitmix::SplitMix64::new(0xF05E);
+    let (batch, h, w, cap) = (2, 5, 6, 1 << 20);
+    let mut differ = 0;
+    for res in &resnets {
+        let pool = b.alloc(cap, "test.arena")?;
+        let mut arena = Arena::new(pool, cap);
+        let proj = res.time_emb_proj.as_ref().expect("a U-Net resnet projects the time embedding");
+        let x = Fmap::alloc(&mut arena, batch, h, w, res.conv1.c_in)?;
+        let temb = arena.alloc([batch, proj.in_f])?;
+        b.upload(&x.t, &(0..x.numel()).map(|_| rng.next_normal()).collect::<Vec<_>>())?;
+        b.upload(&temb, &(0..temb.numel()).map(|_| rng.next_normal()).collect::<Vec<_>>())?;
+        let bd: &dyn roentgen::backend::Backend = b;
+        let mut cx = Cx::new(bd, &mut arena);
+        let fused = res.forward(&mut cx, &x, Some(&temb))?;
+        let n1 = res.norm1.apply_saved(&mut cx, &x, true)?;
+        let h1 = res.conv1.apply(&mut cx, &n1.out)?;
+        let t = proj.apply(&mut cx, &temb, batch)?;
+        let h1t = Fmap::alloc(cx.arena, batch, h, w, h1.c)?;
+        let rows = BiasRowsParams { batch, rows: h * w, channels: h1.c };
+        bd.add_bias_rows_forward(&rows, &h1t.t, &h1.t, &t)?;
+        let n2 = res.norm2.apply_saved(&mut cx, &h1t, true)?;
+        let h2 = res.conv2.apply(&mut cx, &n2.out)?;
+        let shortcut = match &res.conv_shortcut {
+            Some(c) => c.apply(&mut cx, &x)?,
+            None => x,
+        };
+        let unfused = Fmap::alloc(cx.arena, batch, h, w, h2.c)?;
+        bd.add_forward(&unfused.t, &shortcut.t, &h2.t, unfused.numel())?;
+        let (a, u) = (bd.download(&fused.t)?, bd.download(&unfused.t)?);
+        differ += a.iter().zip(&u).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    }
+    Ok((resnets.len(), differ))
+}

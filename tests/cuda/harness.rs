@@ -257,9 +257,11 @@ pub fn conv2d_inputs(rng: &mut Rng, p: &Conv2dParams) -> (Vec<Vec<f32>>, Vec<Vec
     (fwd, bwd)
 }
 
-/// `conv2d_forward` on tensors in the order out, inp, weight[, bias].
+/// `conv2d_forward` on tensors in the order out, inp, weight[, bias[, batch bias, residual]].
 pub fn conv2d_forward(b: &dyn Backend, p: Conv2dParams, t: &[Tensor]) -> Result<()> {
-    b.conv2d_forward(&p, &Conv2dForward { out: &t[0], inp: &t[1], weight: &t[2], bias: t.get(3) })
+    let fused =
+        Conv2dForward { batch_bias: t.get(4), residual: t.get(5), ..Conv2dForward::new(&t[0], &t[1], &t[2], t.get(3)) };
+    b.conv2d_forward(&p, &fused)
 }
 
 /// `conv2d_backward` on tensors in the order dinp, dweight, dbias, dout, inp, weight; without

@@ -315,6 +315,19 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
             });
         }
         version.set(None);
+        // The fused epilogue (batch bias and residual after the bias) at the first shapes.
+        if ci <= 8 {
+            let mut fused = ins.clone();
+            fused.push(rng.normal(n * co));
+            fused.push(rng.normal(ins[0].len()));
+            for &v in &versions {
+                version.set((v != 1).then_some((KernelFamily::Conv, v)));
+                g(format!("conv2d_forward + batch bias + residual {name}"), fused.clone(), &[0], &|b, t| {
+                    conv2d_forward(b, conv2d((n, h, w, ci, co, k, s, pad)), t)
+                });
+            }
+            version.set(None);
+        }
         g(format!("conv2d_backward (no dinp, no bias) {name}"), bwd_ins, &[1], &|b, t| {
             conv2d_backward(b, conv2d((n, h, w, ci, co, k, s, pad)), t, false)
         });

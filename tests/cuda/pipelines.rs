@@ -675,3 +675,25 @@ fn read_all_f32(path: &std::path::Path) -> Vec<f32> {
     }
     out
 }
+
+/// The fused resnet epilogues (time embedding after conv1, shortcut after conv2) on the device:
+/// every output bit equals the separate layers', in f32 and bf16, at every conv version.
+pub fn resnet_fusion_case(r: &mut Runner) {
+    use roentgen::backend::cuda::versions::KernelFamily;
+    for (precision, tag) in [(Precision::F32, "f32"), (Precision::Bf16, "bf16")] {
+        r.case(
+            &format!("{tag}/resnet epilogue fusion equals the separate layers to the bit, every conv version"),
+            || {
+                let mut report = Vec::new();
+                for &(v, _) in KernelFamily::Conv.versions() {
+                    let mut gpu = CudaBackend::new(0, precision)?;
+                    gpu.set_kernel_version(KernelFamily::Conv, v)?;
+                    let (resnets, differ) = resnet_fusion_mismatches(&mut gpu)?;
+                    ensure!(differ == 0, "conv={v}: {differ} values differ over {resnets} resnets");
+                    report.push(format!("conv={v}: {resnets} resnets"));
+                }
+                Ok(report.join(", "))
+            },
+        );
+    }
+}

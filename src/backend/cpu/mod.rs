@@ -267,6 +267,10 @@ impl ConvOps for CpuBackend {
         self.with_packed_weight(t.weight, p.weight_as_b(w), (k, n, taps), |w| {
             p.cpu_forward(out, x, w, t.bias.map(|b| self.view(b)))
         });
+        if t.batch_bias.is_some() || t.residual.is_some() {
+            let ([out], _) = self.views::<1, 0>([t.out], []);
+            p.cpu_epilogue(out, t.batch_bias.map(|b| self.view(b)), t.residual.map(|r| self.view(r)));
+        }
         Ok(())
     }
 

@@ -44,13 +44,17 @@ fn int(what: &str, v: usize) -> Result<i32> {
 }
 
 /// Arguments of one conv2d_igemm_* launch (see the comment above those kernels in conv.cu): its
-/// buffers and its shape.
+/// buffers (0 for an epilogue input not given) and its shape.
 #[derive(Clone, Copy)]
 struct Igemm {
     dst: u64,
     src: u64,
     wt: u64,
     bias: u64,
+    /// (batch, n): added per image after the bias (the forward only).
+    batch_bias: u64,
+    /// Laid out as dst: added last (the forward only).
+    residual: u64,
     shape: IgemmShape,
 }
 
@@ -106,7 +110,7 @@ impl CudaBackend {
     /// Runs the launch `s` on buffers `dst`, `src`, `wt` (bf16 on the bf16 path) without a bias:
     /// autotune.rs's replay of a recorded convolution.
     pub(crate) fn conv_igemm_replay(&self, s: &IgemmShape, dst: u64, src: u64, wt: u64) -> Result<()> {
-        self.conv_igemm(&Igemm { dst, src, wt, bias: 0, shape: *s })
+        self.conv_igemm(&Igemm { dst, src, wt, bias: 0, batch_bias: 0, residual: 0, shape: *s })
     }
 }
 
@@ -181,7 +185,7 @@ impl CudaBackend {
     }
 
     fn conv_igemm(&self, launch: &Igemm) -> Result<()> {
-        let Igemm { dst, src, wt, bias, shape } = *launch;
+        let Igemm { dst, src, wt, bias, batch_bias, residual, shape } = *launch;
         let g = &shape;
         let m = g.batch * g.rh * g.rw;
         if m == 0 || g.n == 0 {
@@ -200,6 +204,8 @@ impl CudaBackend {
             src,
             wt,
             bias,
+            batch_bias,
+            residual,
             M: int("rows", m)?,
             RH: int("rh", g.rh)?,
             RW: int("rw", g.rw)?,
@@ -274,6 +280,8 @@ impl CudaBackend {
                     dst: k.dst,
                     part,
                     bias: k.bias,
+                    batch_bias: k.batch_bias,
+                    residual: k.residual,
                     splits: splits as i32,
                     M: k.M,
                     RH: k.RH,
@@ -300,7 +308,7 @@ impl ConvOps for CudaBackend {
     fn conv2d_forward(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()> {
         p.check_forward(t)?;
         let Conv2dParams { batch, h, w, c_in, c_out, kernel, stride, pad } = *p;
-        let Conv2dForward { out, inp, weight, bias } = *t;
+        let Conv2dForward { out, inp, weight, bias, batch_bias, residual } = *t;
         let [pt, _, pl, _] = pad;
         let (oh, ow, taps) = (p.out_h(), p.out_w(), kernel * kernel);
         let bias_ptr = bias.map_or(0, |b| self.dptr(b));
@@ -322,6 +330,8 @@ impl ConvOps for CudaBackend {
             src: self.dptr(inp),
             wt,
             bias: bias_ptr,
+            batch_bias: batch_bias.map_or(0, |b| self.dptr(b)),
+            residual: residual.map_or(0, |r| self.dptr(r)),
             shape: IgemmShape {
                 batch,
                 rh: oh,
@@ -445,6 +455,8 @@ impl ConvOps for CudaBackend {
                     src: self.dptr(dout),
                     wt,
                     bias: 0,
+                    batch_bias: 0,
+                    residual: 0,
                     shape: IgemmShape {
                         batch,
                         rh: (h - py).div_ceil(s),
