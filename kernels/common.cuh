@@ -101,24 +101,20 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
                  : "r"(s));
 #endif
 }
-// ldmatrix .x2.trans: two 8×8 matrices (lanes 0–15 give row addresses), each transposed: from a
-// row-major k×n tile (rows k), the B fragment of mma.m16n8k16 (b[0] = k 0–7, b[1] = k 8–15).
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t r[2], const void* row) {
-#ifdef ROENTGEN_EMU
-    emu_ldmatrix(r, 2, true, row);
-#else
-    const unsigned s = (unsigned)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
-#endif
-}
-// ldmatrix .x2: two 8×8 matrices, not transposed: from an n×k tile stored k-contiguous (a
-// weight row per output channel), the B fragment of mma.m16n8k16 (b[0] = k 0–7, b[1] = k 8–15).
+// ldmatrix .x2 (Trans: .x2.trans): two 8×8 matrices, lanes 0–15 giving the row addresses. From an
+// n×k tile stored k-contiguous (a weight row per output channel), not transposed; from a row-major
+// k×n tile (rows k), transposed: either way the B fragment of mma.m16n8k16 (b[0] = k 0–7, b[1] =
+// k 8–15).
+template <bool Trans>
 __device__ __forceinline__ void ldmatrix_x2(uint32_t r[2], const void* row) {
 #ifdef ROENTGEN_EMU
-    emu_ldmatrix(r, 2, false, row);
+    emu_ldmatrix(r, 2, Trans, row);
 #else
     const unsigned s = (unsigned)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+    if constexpr (Trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
 #endif
 }
 

@@ -15,7 +15,8 @@
 #   4. PyTorch's ceilings on the same card (scripts/gpu-ceilings.py): GEMM, conv2d, attention;
 #   5. the rest: bench --autotune (issue 18: every kernel version gated against v1 and timed at
 #      SD v1.4's shapes; kernel-versions.json) and the headline again with the tuned versions,
-#      bench vae-decode and text-encoder (bf16), unet in f32 with the profile, unet in
+#      bench vae-decode and text-encoder (bf16), a training step at 512² with and without
+#      --gradient-checkpointing (peak device memory) and the planned memory at batch 32, unet in f32 with the profile, unet in
 #      bf16 with --cuda-graphs off (launch overhead), bench allreduce (NCCL, one rank), and scripts/bench-peers.py and `roentgen parity`
 #      (bf16 and f32, the fixture pipeline) if diffusers imports.
 # Then prints $OUT/summary.md.
@@ -427,6 +428,14 @@ if [ -s "$CACHE" ]; then
 fi
 bench "bench vae-decode, bf16" 60 0 --precision bf16 bench vae-decode --model "$M" --random-weights
 bench "bench text-encoder, bf16" 30 0 --precision bf16 bench text-encoder --model "$M" --random-weights
+# One joint U-Net + text-encoder AdamW step at 512² (issue 18), keeping every activation and with
+# recomputation, each with its peak device memory; then the planning pass's memory at batch 32.
+bench "bench train-step, bf16, 512², batch 2" 60 0 --precision bf16 bench train-step --model "$M" \
+  --random-weights --batch 2 --iters 3 --warmup 1
+bench "bench train-step, bf16, 512², batch 2, --gradient-checkpointing" 60 0 --precision bf16 bench train-step \
+  --model "$M" --random-weights --batch 2 --iters 3 --warmup 1 --gradient-checkpointing
+echo -e "\n## training step memory at batch 32, 512² (planning pass, no GPU)" >>"$S"
+{ echo '```'; timeout -k 1 30 "$BIN" bench train-step --plan-only --model "$M" --batch 32 2>&1; echo '```'; } >>"$S"
 bench "bench unet, f32, --profile" 120 15 --precision f32 bench unet --model "$M" --random-weights \
   --iters 10 --warmup 3 --profile
 # The U-Net step launched kernel by kernel: against the graph replay of the headline, the launch cost.

@@ -477,9 +477,29 @@ impl UNet {
 }
 
 impl UNetSaved {
-    /// A resnet's backward from what its forward saved, or, when the forward kept only inputs and
-    /// outputs, from its internals recomputed here from its input (kept: an earlier block's
-    /// output) and released after its backward.
+    /// A block's backward from what its forward saved, or, when the forward kept only inputs and
+    /// outputs, from its internals recomputed by `forward` (from the block's input, kept: an
+    /// earlier block's output) just before, and released after.
+    fn block_backward<S>(
+        &self,
+        cx: &mut Cx,
+        saved: &S,
+        forward: impl FnOnce(&mut Cx) -> Result<S>,
+        backward: impl FnOnce(&mut Cx, &S) -> Result<()>,
+    ) -> Result<()> {
+        let mark = cx.arena.mark();
+        let recomputed;
+        let saved = if self.recompute {
+            recomputed = keeping(cx, forward)?;
+            &recomputed
+        } else {
+            saved
+        };
+        backward(cx, saved)?;
+        cx.arena.release_all_to(mark);
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn resnet_backward(
         &self,
@@ -491,20 +511,10 @@ impl UNetSaved {
         dx: &Fmap,
         dtemb_act: Option<&Tensor>,
     ) -> Result<()> {
-        let mark = cx.arena.mark();
-        let recomputed;
-        let saved = if self.recompute {
-            recomputed = keeping(cx, |cx| res.forward_saved(cx, &saved.x, saved.temb_act.as_ref()))?;
-            &recomputed
-        } else {
-            saved
-        };
-        res.backward(g, cx, saved, dout, dx, dtemb_act)?;
-        cx.arena.release_all_to(mark);
-        Ok(())
+        let forward = |cx: &mut Cx| res.forward_saved(cx, &saved.x, saved.temb_act.as_ref());
+        self.block_backward(cx, saved, forward, |cx, s| res.backward(g, cx, s, dout, dx, dtemb_act))
     }
 
-    /// As `resnet_backward`, for a transformer (whose input is the resnet's output before it).
     #[allow(clippy::too_many_arguments)]
     fn transformer_backward(
         &self,
@@ -516,17 +526,8 @@ impl UNetSaved {
         dx: &Fmap,
         dctx: &Tensor,
     ) -> Result<()> {
-        let mark = cx.arena.mark();
-        let recomputed;
-        let saved = if self.recompute {
-            recomputed = keeping(cx, |cx| a.forward_saved(cx, &saved.x, (&self.context, self.ctx_len)))?;
-            &recomputed
-        } else {
-            saved
-        };
-        a.backward(g, cx, saved, dout, dx, dctx)?;
-        cx.arena.release_all_to(mark);
-        Ok(())
+        let forward = |cx: &mut Cx| a.forward_saved(cx, &saved.x, (&self.context, self.ctx_len));
+        self.block_backward(cx, saved, forward, |cx, s| a.backward(g, cx, s, dout, dx, dctx))
     }
 }
 

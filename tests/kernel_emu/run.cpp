@@ -326,8 +326,8 @@ __global__ void emu_kat_ldmatrix(uint32_t* out) {
     __syncthreads();
     uint32_t r4[4], r2[2], t2[2];
     ldmatrix_x4(r4, &m[lane / 8][lane % 8][0]);
-    ldmatrix_x2(r2, &m[(lane / 8) % 2][lane % 8][0]);
-    ldmatrix_x2_trans(t2, &m[(lane / 8) % 2][lane % 8][0]);
+    ldmatrix_x2<false>(r2, &m[(lane / 8) % 2][lane % 8][0]);
+    ldmatrix_x2<true>(t2, &m[(lane / 8) % 2][lane % 8][0]);
     for (int i = 0; i < 4; i++) out[lane * 8 + i] = r4[i];
     for (int i = 0; i < 2; i++) out[lane * 8 + 4 + i] = r2[i];
     for (int i = 0; i < 2; i++) out[lane * 8 + 6 + i] = t2[i];
@@ -350,8 +350,8 @@ __global__ void emu_kat_ldmatrix_mma(float* d_out, const uint16_t* A, const uint
     __syncthreads();
     uint32_t a[4], b[2], bt[2];
     ldmatrix_x4(a, &As[(lane % 8) + 8 * ((lane / 8) % 2)][8 * (lane / 16)]);
-    ldmatrix_x2_trans(b, &Bs[lane % 16][0]);
-    ldmatrix_x2(bt, &Bts[lane % 8][8 * ((lane / 8) % 2)]);
+    ldmatrix_x2<true>(b, &Bs[lane % 16][0]);
+    ldmatrix_x2<false>(bt, &Bts[lane % 8][8 * ((lane / 8) % 2)]);
     const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     float d[4], e[4];
     mma_bf16_16816(d, a, b, zero);
@@ -513,7 +513,7 @@ __global__ void emu_bad_ldmatrix_misaligned(uint32_t* out) {
     for (int e = threadIdx.x; e < 72; e += 32) (&m[0][0])[e] = 0;
     __syncthreads();
     uint32_t r[2];
-    ldmatrix_x2(r, &m[threadIdx.x % 8][0]);
+    ldmatrix_x2<false>(r, &m[threadIdx.x % 8][0]);
     out[threadIdx.x] = r[0];
 }
 

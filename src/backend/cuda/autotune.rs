@@ -1,11 +1,11 @@
 //! Autotuning the kernel versions (issue 18; versions.rs): `roentgen bench --autotune` runs a model
 //! once on the device while recording every call of a versioned kernel family with its shape; then,
 //! shape by shape, it runs every version on the same seeded inputs, keeps only the versions whose
-//! outputs agree with version 1's there (the correctness gate), times them, and keeps the fastest.
-//! The table goes to the kernel cache, one table per device, which every CUDA backend reads when it
-//! starts: `sample` and `train` then run the tuned version of each shape they meet (versions.rs
-//! says what overrides it). On the emulated device the mechanics and the gate run; its times mean
-//! nothing.
+//! outputs agree with version 1's there (the correctness gate), times them (events on the stream
+//! around `iters` calls), and keeps the fastest. The table goes to the kernel cache, one table per
+//! device, which every CUDA backend reads when it starts: `sample` and `train` then run the tuned
+//! version of each shape they meet (versions.rs says what overrides it). On the emulated device
+//! the mechanics and the gate run; its times mean nothing.
 
 use super::conv::IgemmShape;
 use super::versions::KernelFamily;
@@ -17,7 +17,6 @@ use crate::tensor::{PoolId, Tensor};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// One call of a versioned kernel family, with the shape that keys its tuned version.
 #[derive(Clone, Copy, Debug)]
@@ -189,13 +188,9 @@ fn tune_all(gpu: &mut CudaBackend, ops: &[TunableOp], iters: usize) -> Result<Ve
                 let scale = want.iter().fold(0f64, |m, x| m.max(x.abs() as f64)).max(1e-30);
                 let err = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs() as f64).fold(0f64, f64::max) / scale;
                 let correct = got.iter().all(|x| x.is_finite()) && err <= GATE;
-                gpu.synchronize()?;
-                let t0 = Instant::now();
-                for _ in 0..iters {
-                    run_once(gpu, op, p)?;
-                }
-                gpu.synchronize()?;
-                let ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+                // Timed by events on the stream: the kernels' own time, as the profile measures it.
+                let gpu_ref: &CudaBackend = gpu;
+                let ms = gpu_ref.device_ms(|| (0..iters).try_for_each(|_| run_once(gpu_ref, op, p)))? / iters as f64;
                 found.push(TuneRow {
                     family: op.family().name(),
                     shape: op.key(),

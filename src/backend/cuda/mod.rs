@@ -335,6 +335,22 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Device milliseconds of the work `f` queues: an event recorded before and one after, waited
+    /// for (the stream's own clock: no host launch latency or synchronisation in the figure).
+    pub(crate) fn device_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+        let (start, end) = (driver(self.dev.event_create(), "event")?, driver(self.dev.event_create(), "event")?);
+        let timed = (|| {
+            driver(self.dev.event_record(start), "event record")?;
+            f()?;
+            driver(self.dev.event_record(end), "event record")?;
+            driver(self.dev.event_synchronize(end), "event synchronize")?;
+            Ok(driver(self.dev.event_elapsed_ms(start, end), "event elapsed")? as f64)
+        })();
+        let _ = self.dev.event_destroy(start);
+        let _ = self.dev.event_destroy(end);
+        timed
+    }
+
     /// With profiling on: an event recorded before the launch.
     fn profile_start(&self) -> Result<Option<Event>> {
         if self.profile.borrow().is_none() {
