@@ -101,6 +101,9 @@ fn main() {
         ops::op_cases(&mut r, &mut gpu, bf16, tag);
         ops::wide_attention_chunk_cases(&mut r, &mut gpu, bf16, tag);
         ops::no_key_cases(&mut r, &mut gpu, tag);
+        if !bf16 {
+            ops::group_norm_backward_versions_agree_case(&mut r, &mut gpu);
+        }
         if bf16 {
             ops::conv_versions_agree_case(&mut r, &mut gpu);
         }

@@ -64,6 +64,7 @@ extern "C" void _ZTH13att_smem_bf16() {}
     K(gn_backward_reduce, 0) \
     K(gn_backward_finalize, 0) \
     K(gn_backward_dinp, 0) \
+    K(gn_backward_dinp_v2, 0) \
     K(bn_forward, 0) \
     K(bn_train_partial, 0) \
     K(bn_train_stats, 0) \

@@ -158,9 +158,14 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
                 mean,
                 rstd,
             ];
-            g(format!("group_norm_backward {n}x{hw}x{c}/{gr} silu={silu}"), ins, &[0, 1, 2], &|b, t| {
-                group_norm_backward(b, group_norm(n, hw, c, gr, silu), t)
-            });
+            // Every version of the backward, each against the CPU.
+            for &(v, _) in KernelFamily::GroupNormBackward.versions() {
+                version.set((v != 1).then_some((KernelFamily::GroupNormBackward, v)));
+                g(format!("group_norm_backward {n}x{hw}x{c}/{gr} silu={silu}"), ins.clone(), &[0, 1, 2], &|b, t| {
+                    group_norm_backward(b, group_norm(n, hw, c, gr, silu), t)
+                });
+            }
+            version.set(None);
         }
     }
 
@@ -748,5 +753,44 @@ pub fn conv_versions_agree_case(r: &mut Runner, gpu: &mut CudaBackend) {
             }
         }
         Ok(format!("{checked} values over {} shapes, equal to the bit", shapes.len()))
+    });
+}
+
+/// Version 2 of the group norm backward computes v1's formula per element with v1's statistics
+/// (summed in the same order): the input gradient equal to the bit, with and without SiLU, one
+/// chunk per group and several.
+pub fn group_norm_backward_versions_agree_case(r: &mut Runner, gpu: &mut CudaBackend) {
+    r.case("group_norm_backward version 2 gives version 1's bits", || {
+        let mut rng = Rng(0x6B2);
+        let mut checked = 0usize;
+        for &(n, hw, c, gr) in &[(2, 16, 64, 32), (2, 600, 96, 3), (1, 4096, 320, 32)] {
+            for silu in [false, true] {
+                let p = group_norm(n, hw, c, gr, silu);
+                let (bg, elems) = (n * gr, n * hw * c);
+                let ins = vec![
+                    rng.normal(elems),
+                    rng.normal(c),
+                    rng.normal(c),
+                    rng.normal(elems),
+                    rng.normal(elems),
+                    rng.normal(c),
+                    rng.normal(c),
+                    rng.normal(bg),
+                    rng.normal(bg).iter().map(|v| 0.5 + v.abs()).collect(),
+                ];
+                let mut run = |v: u32| -> Result<Vec<f32>> {
+                    gpu.set_kernel_version(KernelFamily::GroupNormBackward, v)?;
+                    let t = place(gpu, &ins)?;
+                    group_norm_backward(gpu, p, &t)?;
+                    gpu.set_kernel_version(KernelFamily::GroupNormBackward, 1)?;
+                    gpu.download(&t[0])
+                };
+                let (a, b) = (run(1)?, run(2)?);
+                let differ = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+                ensure!(differ == 0, "{n}x{hw}x{c}/{gr} silu={silu}: {differ} of {} values differ", a.len());
+                checked += a.len();
+            }
+        }
+        Ok(format!("{checked} input-gradient values over 6 shapes, equal to the bit"))
     });
 }

@@ -11,7 +11,7 @@ use super::conv::IgemmShape;
 use super::versions::KernelFamily;
 use super::CudaBackend;
 use crate::backend::{Backend, NormOps};
-use crate::ops::norm::{GroupNormParams, NormForward};
+use crate::ops::norm::{GroupNormBackward, GroupNormParams, NormForward};
 use crate::rng::splitmix::SplitMix64;
 use crate::tensor::{PoolId, Tensor};
 use anyhow::{Context, Result};
@@ -22,6 +22,7 @@ use std::path::PathBuf;
 #[derive(Clone, Copy, Debug)]
 pub enum TunableOp {
     GroupNorm(GroupNormParams),
+    GroupNormBackward(GroupNormParams),
     Conv(IgemmShape),
 }
 
@@ -29,6 +30,7 @@ impl TunableOp {
     pub fn family(&self) -> KernelFamily {
         match self {
             TunableOp::GroupNorm(_) => KernelFamily::GroupNorm,
+            TunableOp::GroupNormBackward(_) => KernelFamily::GroupNormBackward,
             TunableOp::Conv(_) => KernelFamily::Conv,
         }
     }
@@ -36,7 +38,7 @@ impl TunableOp {
     /// The shape, as the table keys it.
     pub fn key(&self) -> String {
         match self {
-            TunableOp::GroupNorm(p) => p.shape_key(),
+            TunableOp::GroupNorm(p) | TunableOp::GroupNormBackward(p) => p.shape_key(),
             TunableOp::Conv(s) => s.key(),
         }
     }
@@ -45,6 +47,8 @@ impl TunableOp {
     fn min_bytes(&self) -> usize {
         match self {
             TunableOp::GroupNorm(p) => 4 * (2 * p.elements() + 2 * p.channels),
+            // dout and x read twice (reduce, update), dinp read and written.
+            TunableOp::GroupNormBackward(p) => 4 * (6 * p.elements() + 4 * p.channels),
             TunableOp::Conv(s) => {
                 let (src, wt, dst) = s.extents();
                 4 * (src + dst) + 2 * wt
@@ -59,7 +63,7 @@ pub struct TuneRow {
     pub family: &'static str,
     pub shape: String,
     pub version: u32,
-    /// Mean time of one call (host clock around `iters` calls and a synchronisation).
+    /// Mean time of one call (events on the stream around `iters` calls).
     pub ms: f64,
     /// `min_bytes` / time: the bandwidth a single pass over the data would need.
     pub gb_per_s: f64,
@@ -126,6 +130,22 @@ fn prepare(gpu: &mut CudaBackend, op: &TunableOp, p: &mut Prepared) -> Result<()
                 p.inputs.push((t, normals(len, 0xA070 + i as u64)));
             }
         }
+        TunableOp::GroupNormBackward(g) => {
+            let (n, bg, c) = (g.elements(), g.batch * g.groups, g.channels);
+            // Outputs (accumulated into: uploaded before every run): dinp, dweight, dbias.
+            for (i, len) in [n, c, c].into_iter().enumerate() {
+                let t = alloc(gpu, p, len)?;
+                p.outputs.push(t);
+                p.inputs.push((t, normals(len, 0xB070 + i as u64)));
+            }
+            // dout, inp, weight, bias, mean, and an rstd of plausible size (positive).
+            for (i, len) in [n, n, c, c, bg].into_iter().enumerate() {
+                let t = alloc(gpu, p, len)?;
+                p.inputs.push((t, normals(len, 0xB080 + i as u64)));
+            }
+            let rstd = alloc(gpu, p, bg)?;
+            p.inputs.push((rstd, normals(bg, 0xB090).iter().map(|v| 0.5 + v.abs()).collect()));
+        }
         TunableOp::Conv(s) => {
             let (src, wt, dst) = s.extents();
             let d = alloc(gpu, p, dst)?;
@@ -161,6 +181,21 @@ fn run_once(gpu: &CudaBackend, op: &TunableOp, p: &Prepared) -> Result<()> {
             let fwd =
                 NormForward { out: &o[0], mean: &o[1], rstd: &o[2], inp: &i[0].0, weight: &i[1].0, bias: &i[2].0 };
             gpu.group_norm_forward(g, &fwd)
+        }
+        TunableOp::GroupNormBackward(g) => {
+            let (o, i) = (&p.outputs, &p.inputs);
+            let bwd = GroupNormBackward {
+                dinp: &o[0],
+                dweight: &o[1],
+                dbias: &o[2],
+                dout: &i[3].0,
+                inp: &i[4].0,
+                weight: &i[5].0,
+                bias: &i[6].0,
+                mean: &i[7].0,
+                rstd: &i[8].0,
+            };
+            gpu.group_norm_backward(g, &bwd)
         }
         TunableOp::Conv(s) => gpu.conv_igemm_replay(s, at(&p.outputs[0]), at(&p.inputs[1].0), at(&p.inputs[2].0)),
     }

@@ -295,30 +295,52 @@ impl NormOps for CudaBackend {
             (BLOCK, 1, 1),
             0,
         )?;
-        self.launch(
-            GnBackwardFinalize { stats, p1, p2, hw: hw_i, cpg: cpg as i32, nchunks: nc_i },
-            (bg as u32, 1, 1),
-            (32, 1, 1),
-            0,
-        )?;
-        self.ops_launch1(
-            n,
-            GnBackwardDinp {
+        if self.kernel_version(TunableOp::GroupNormBackward(*p)) >= 2 {
+            // kernels/norm.cu "group_norm_backward version 2": statistics and update per chunk.
+            let v2 = GnBackwardDinpV2 {
                 dinp: self.dptr(dinp),
+                p1,
+                p2,
                 dout: dy,
                 inp: x,
                 weight: w,
                 bias: b,
                 mean: m,
                 rstd: r,
-                stats,
-                batch: batch as i32,
                 hw: hw_i,
                 c: c_i,
                 groups: g_i,
+                nchunks: nc_i,
+                rows_per_chunk: rpc as i32,
                 silu: silu as i32,
-            },
-        )?;
+            };
+            self.launch(v2, (blocks, 1, 1), (BLOCK, 1, 1), 0)?;
+        } else {
+            self.launch(
+                GnBackwardFinalize { stats, p1, p2, hw: hw_i, cpg: cpg as i32, nchunks: nc_i },
+                (bg as u32, 1, 1),
+                (32, 1, 1),
+                0,
+            )?;
+            self.ops_launch1(
+                n,
+                GnBackwardDinp {
+                    dinp: self.dptr(dinp),
+                    dout: dy,
+                    inp: x,
+                    weight: w,
+                    bias: b,
+                    mean: m,
+                    rstd: r,
+                    stats,
+                    batch: batch as i32,
+                    hw: hw_i,
+                    c: c_i,
+                    groups: g_i,
+                    silu: silu as i32,
+                },
+            )?;
+        }
         let s = NormDparams {
             dout: dy,
             inp: x,

@@ -20,18 +20,21 @@ pub const ENV: &str = "ROENTGEN_KERNELS";
 pub enum KernelFamily {
     /// Group norm forward (± SiLU): kernels/norm.cu `gn_forward_*`.
     GroupNorm,
+    /// Group norm backward's input gradient: kernels/norm.cu `gn_backward_*`.
+    GroupNormBackward,
     /// The bf16 implicit-GEMM convolution (forward and data gradient): kernels/conv.cu
     /// `conv2d_igemm_bf16*`. (The f32 path is the parity path and has one version.)
     Conv,
 }
 
 impl KernelFamily {
-    pub const ALL: [KernelFamily; 2] = [KernelFamily::GroupNorm, KernelFamily::Conv];
+    pub const ALL: [KernelFamily; 3] = [KernelFamily::GroupNorm, KernelFamily::GroupNormBackward, KernelFamily::Conv];
 
     /// The name used in `ROENTGEN_KERNELS` and in reports.
     pub fn name(self) -> &'static str {
         match self {
             KernelFamily::GroupNorm => "group_norm",
+            KernelFamily::GroupNormBackward => "group_norm_backward",
             KernelFamily::Conv => "conv",
         }
     }
@@ -42,6 +45,10 @@ impl KernelFamily {
             KernelFamily::GroupNorm => &[
                 (1, "four launches: Σx, Σ(x − μ)², statistics, normalise (x read 3 times)"),
                 (2, "one-pass moments, statistics combined by each normalising block (x read twice, 1–2 launches)"),
+            ],
+            KernelFamily::GroupNormBackward => &[
+                (1, "partial sums, statistics in BG small blocks, then a grid-stride pass over the input gradient"),
+                (2, "statistics combined by each chunk's block, which then updates its chunk (one launch fewer)"),
             ],
             KernelFamily::Conv => &[
                 (1, "one 128×64 block per output tile, the whole reduction in each block"),
