@@ -53,6 +53,20 @@ static __device__ __forceinline__ float nrm_gn_dy(float dout, float x, float w, 
     return __fmul_rn(__fmul_rn(dout, s), __fadd_rn(1.0f, __fmul_rn(y, __fsub_rn(1.0f, s))));
 }
 
+// Element i (channel ch) of a group norm backward in f64: dxhat = dy·w (dy through the SiLU when
+// fused) and xhat = (x − μ)·rstd from the saved f32 statistics: what the reduction sums and the
+// input-gradient update reads (ops/norm.rs `GroupNormParams::cpu_backward`).
+struct NrmGnGrad {
+    double dxh, xhat;
+};
+static __device__ __forceinline__ NrmGnGrad nrm_gn_grad(const float* dout, const float* inp, const float* weight,
+                                                        const float* bias, size_t i, int ch, float m, float rs,
+                                                        int silu) {
+    const float x = inp[i], w = weight[ch];
+    const float dy = nrm_gn_dy(dout[i], x, w, silu ? bias[ch] : 0.0f, m, rs, silu);
+    return NrmGnGrad{(double)dy * (double)w, ((double)x - (double)m) * (double)rs};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Layer norm
 // ---------------------------------------------------------------------------------------------
@@ -386,13 +400,9 @@ extern "C" __global__ void gn_backward_reduce(double* p1, double* p2, const floa
     for (int k = threadIdx.x; k < ck.count; k += blockDim.x) {
         const int p = k / cpg, j = k - p * cpg;
         const int ch = g * cpg + j;
-        const size_t i = ck.base + (size_t)p * c + j;
-        const float x = inp[i], w = weight[ch];
-        const float dy = nrm_gn_dy(dout[i], x, w, silu ? bias[ch] : 0.0f, m, rs, silu);
-        const double dxh = (double)dy * (double)w;
-        const double xhat = ((double)x - (double)m) * (double)rs;
-        m1 += dxh;
-        m2 += dxh * xhat;
+        const NrmGnGrad d = nrm_gn_grad(dout, inp, weight, bias, ck.base + (size_t)p * c + j, ch, m, rs, silu);
+        m1 += d.dxh;
+        m2 += d.dxh * d.xhat;
     }
     m1 = block_sum_d(m1, scratch);
     m2 = block_sum_d(m2, scratch);
@@ -425,12 +435,9 @@ extern "C" __global__ void gn_backward_dinp(float* dinp, const float* dout, cons
     GRID_STRIDE(i, (long long)batch * hw * c) {
         const NrmGnIndex at = nrm_gn_index(i, hw, c, groups);
         const unsigned ch = at.ch, bg = at.bg;
-        const float m = mean[bg], rs = rstd[bg];
-        const float x = inp[i], w = weight[ch];
-        const float dy = nrm_gn_dy(dout[i], x, w, silu ? bias[ch] : 0.0f, m, rs, silu);
-        const double dxh = (double)dy * (double)w;
-        const double xhat = ((double)x - (double)m) * (double)rs;
-        dinp[i] = dinp[i] + (float)((dxh - stats[2 * bg] - xhat * stats[2 * bg + 1]) * (double)rs);
+        const float rs = rstd[bg];
+        const NrmGnGrad d = nrm_gn_grad(dout, inp, weight, bias, (size_t)i, (int)ch, mean[bg], rs, silu);
+        dinp[i] = dinp[i] + (float)((d.dxh - stats[2 * bg] - d.xhat * stats[2 * bg + 1]) * (double)rs);
     }
 }
 
@@ -470,11 +477,8 @@ extern "C" __global__ void gn_backward_dinp_v2(float* dinp, const double* p1, co
         const int p = k / cpg, j = k - p * cpg;
         const int ch = g * cpg + j;
         const size_t i = ck.base + (size_t)p * c + j;
-        const float x = inp[i], w = weight[ch];
-        const float dy = nrm_gn_dy(dout[i], x, w, silu ? bias[ch] : 0.0f, m, rs, silu);
-        const double dxh = (double)dy * (double)w;
-        const double xhat = ((double)x - (double)m) * (double)rs;
-        dinp[i] = dinp[i] + (float)((dxh - m1 - xhat * m2) * (double)rs);
+        const NrmGnGrad d = nrm_gn_grad(dout, inp, weight, bias, i, ch, m, rs, silu);
+        dinp[i] = dinp[i] + (float)((d.dxh - m1 - d.xhat * m2) * (double)rs);
     }
 }
 
