@@ -169,7 +169,7 @@ mod tests {
         let err = |s: &str| format!("{:#}", KernelChoice::parse(s).unwrap_err());
         assert!(
             err("attention=2").contains("no kernel family \"attention\"")
-                && err("attention=2").contains("group_norm, conv")
+                && err("attention=2").contains("group_norm, group_norm_backward, conv")
         );
         assert_eq!(KernelChoice::parse("conv=2, group_norm=2").unwrap().describe(), "group_norm=2,conv=2");
         // A tuned shape is looked up; a chosen family overrides the table.
