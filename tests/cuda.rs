@@ -15,7 +15,9 @@
 //! Usage: `cargo test --release --features cuda-emu --test cuda [-- FILTER] [-- --list]`. FILTER
 //! keeps the cases whose name contains it; `--list` prints the case names and runs none (the GPU
 //! check runs the suite part by part, in separate processes, from that list). The closing line
-//! counts passed, failed, skipped (could not run here) and filtered-out cases.
+//! counts passed, failed, skipped (could not run here) and filtered-out cases. On the emulated
+//! device the cases run in interleaved shards, one process per core (up to 4; ROENTGEN_CUDA_SHARDS=N
+//! sets the count, 1 runs everything in this process; `--shard I/N` runs one shard alone).
 //! ROENTGEN_REQUIRE_CUDA=1 fails the run when any case is skipped; ROENTGEN_CUDA_SKIP_E2E=1 skips
 //! the end-to-end cases (quick runs while working on one kernel); ROENTGEN_CUDA_FUZZ=N adds N
 //! random shapes per operation family and precision (ROENTGEN_CUDA_FUZZ_SEED varies them).
@@ -64,7 +66,15 @@ fn main() {
 
     let args: Vec<String> = std::env::args().skip(1).collect();
     let list = args.iter().any(|a| a == "--list");
-    let filter = args.iter().find(|a| !a.starts_with('-')).cloned();
+    let shard_arg = args.iter().position(|a| a == "--shard").map(|i| {
+        let v = args.get(i + 1).unwrap_or_else(|| panic!("--shard needs I/N"));
+        harness::Shard::parse(v).unwrap_or_else(|e| panic!("{e:#}"))
+    });
+    let filter = args
+        .iter()
+        .enumerate()
+        .find(|(i, a)| !a.starts_with('-') && !(*i > 0 && args[i - 1] == "--shard"))
+        .map(|(_, a)| a.clone());
     if !list {
         println!(
             "running the CUDA parity suite (CUDA vs the CPU reference){}",
@@ -88,7 +98,26 @@ fn main() {
         }
         return;
     }
-    let mut r = Runner::new(filter, list);
+    // The emulated device runs one kernel at a time on one core: the suite is split into
+    // interleaved shards, each in a process of its own (this one runs shard 0), one per core up to
+    // 4, or ROENTGEN_CUDA_SHARDS of them. On a GPU one process (the default there) owns the device.
+    let shard = shard_arg.unwrap_or_else(|| {
+        let count = env_number("ROENTGEN_CUDA_SHARDS").map(|n| n as usize).unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if emulate() {
+                cores.min(4)
+            } else {
+                1
+            }
+        });
+        harness::Shard { index: 0, count: if list { 1 } else { count.max(1) } }
+    });
+    let children: Vec<_> = if shard_arg.is_none() {
+        (1..shard.count).map(|i| start_shard(&args, i, shard.count)).collect()
+    } else {
+        Vec::new()
+    };
+    let mut r = Runner::new(filter, list, shard);
     let mut device = String::new();
     for (prec, tag, bf16) in [(Precision::F32, "f32", false), (Precision::Bf16, "bf16", true)] {
         let mut gpu = CudaBackend::new(0, prec).expect("CUDA backend");
@@ -141,7 +170,59 @@ fn main() {
     // bf16 through a whole denoising loop / step: errors compound over ~20 layers and 6 steps, so
     // the end-to-end bar is 5e-2 relative L2 (per operation it is 2e-2).
     pipelines::end_to_end_cases(&mut r, "bf16", 5e-2);
-    if !list && r.finish(&device, required()) {
+    for (i, child) in children.into_iter().enumerate() {
+        merge_shard(&mut r, i + 1, shard.count, child);
+    }
+    if list {
+        return;
+    }
+    if shard_arg.is_some() {
+        print!("{}", r.shard_report());
+    }
+    if r.finish(&device, required()) {
         std::process::exit(1);
+    }
+}
+
+/// A shard's process, started with this one's arguments and `--shard I/N`, its output read by a
+/// thread (so that a full pipe never stalls it) until it ends.
+#[cfg(feature = "cuda")]
+struct ShardProcess {
+    child: std::process::Child,
+    output: std::thread::JoinHandle<String>,
+}
+
+#[cfg(feature = "cuda")]
+fn start_shard(args: &[String], index: usize, count: usize) -> ShardProcess {
+    use std::io::Read;
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut child = std::process::Command::new(exe)
+        .args(args)
+        .args(["--shard", &format!("{index}/{count}")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting shard {index}/{count} of the suite: {e}"));
+    let mut out = child.stdout.take().expect("piped stdout");
+    let output = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    ShardProcess { child, output }
+}
+
+/// Waits for shard `index`'s process, prints its cases' lines and adds its counts to `r`; a
+/// process that ended without its summary is a failure of the run, named with its exit status.
+#[cfg(feature = "cuda")]
+fn merge_shard(r: &mut harness::Runner, index: usize, count: usize, mut p: ShardProcess) {
+    let status = p.child.wait().expect("waiting for a shard of the suite");
+    let output = p.output.join().unwrap_or_default();
+    println!("== shard {index}/{count} (a process of its own) ==");
+    for line in output.lines().filter(|l| !l.starts_with('@')) {
+        println!("{line}");
+    }
+    match harness::ShardReport::parse(&output) {
+        Some(rep) => r.merge(&rep),
+        None => r.failed.push(format!("shard {index}/{count}: its process ended ({status}) before its summary")),
     }
 }

@@ -131,22 +131,63 @@ pub struct Runner {
     pub filter: Option<String>,
     /// `--list`: print the names of the cases that would run, run none.
     pub list: bool,
+    /// `--shard I/N`: of the cases the filter keeps, this process runs those whose index is I
+    /// mod N (tests/cuda.rs starts the other shards as processes of their own).
+    pub shard: Shard,
+    /// Cases the filter kept so far (the index that picks a case's shard).
+    kept: usize,
     /// Set while the cases that follow cannot run here: the reason they are skipped.
     pub skip_reason: Option<String>,
     pub passed: usize,
     pub failed: Vec<String>,
     pub skipped: usize,
     pub filtered_out: usize,
+    /// Cases left to the other shards.
+    pub other_shards: usize,
+}
+
+/// One of `count` interleaved parts of the suite: case i (counted over the cases the filter
+/// keeps) belongs to part i mod count.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// "I/N" with I < N.
+    pub fn parse(s: &str) -> Result<Shard> {
+        let (i, n) = s.split_once('/').ok_or_else(|| anyhow::anyhow!("--shard {s:?}: expected I/N"))?;
+        let (index, count): (usize, usize) = (i.trim().parse()?, n.trim().parse()?);
+        ensure!(index < count, "--shard {s:?}: the index must be below the count");
+        Ok(Shard { index, count })
+    }
 }
 
 impl Runner {
-    pub fn new(filter: Option<String>, list: bool) -> Runner {
-        Runner { filter, list, skip_reason: None, passed: 0, failed: Vec::new(), skipped: 0, filtered_out: 0 }
+    pub fn new(filter: Option<String>, list: bool, shard: Shard) -> Runner {
+        Runner {
+            filter,
+            list,
+            shard,
+            kept: 0,
+            skip_reason: None,
+            passed: 0,
+            failed: Vec::new(),
+            skipped: 0,
+            filtered_out: 0,
+            other_shards: 0,
+        }
     }
 
     pub fn case(&mut self, name: &str, f: impl FnOnce() -> Result<String>) {
         if self.filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
             self.filtered_out += 1;
+            return;
+        }
+        self.kept += 1;
+        if (self.kept - 1) % self.shard.count != self.shard.index {
+            self.other_shards += 1;
             return;
         }
         if self.list {
@@ -158,9 +199,10 @@ impl Runner {
             self.skipped += 1;
             return;
         }
+        let start = std::time::Instant::now();
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
             Ok(Ok(msg)) => {
-                println!("test {name} ... ok ({msg})");
+                println!("test {name} ... ok ({msg}) [{:.1} s]", start.elapsed().as_secs_f64());
                 self.passed += 1;
             }
             Ok(Err(e)) => {
@@ -174,12 +216,35 @@ impl Runner {
         }
     }
 
+    /// Adds what another shard's process reported (its [`Runner::shard_report`] lines, read back
+    /// by `merge_report`).
+    pub fn merge(&mut self, other: &ShardReport) {
+        self.passed += other.passed;
+        self.skipped += other.skipped;
+        self.failed.extend(other.failed.iter().cloned());
+        self.other_shards = self.other_shards.saturating_sub(other.passed + other.skipped + other.failed.len());
+    }
+
+    /// The machine-readable lines a shard's process ends with, for the process that started it.
+    pub fn shard_report(&self) -> String {
+        let mut s = format!("{SHARD_REPORT} {} {}\n", self.passed, self.skipped);
+        for f in &self.failed {
+            s += &format!("{SHARD_FAILED} {f}\n");
+        }
+        s
+    }
+
     /// Prints the closing line (and the failures) and returns whether the run failed: a failed
     /// case, or a skipped one when `required` (ROENTGEN_REQUIRE_CUDA).
     pub fn finish(&self, device: &str, required: bool) -> bool {
         let bad = !self.failed.is_empty() || (required && self.skipped > 0);
+        let shard = if self.shard.count > 1 && self.other_shards > 0 {
+            format!("; shard {}/{}, {} cases left to the others", self.shard.index, self.shard.count, self.other_shards)
+        } else {
+            String::new()
+        };
         println!(
-            "test result: {}. {} passed; {} failed; {} skipped; {} filtered out (device: {device})",
+            "test result: {}. {} passed; {} failed; {} skipped; {} filtered out (device: {device}{shard})",
             if bad { "FAILED" } else { "ok" },
             self.passed,
             self.failed.len(),
@@ -193,6 +258,37 @@ impl Runner {
             println!("ROENTGEN_REQUIRE_CUDA is set and {} cases were skipped", self.skipped);
         }
         bad
+    }
+}
+
+/// The first word of a shard's summary line (passed, skipped) and of each of its failures' lines.
+pub const SHARD_REPORT: &str = "@shard-report";
+pub const SHARD_FAILED: &str = "@shard-failed";
+
+/// What a shard's process reported; `None` from `parse` when its output has no summary line (it
+/// died before the end).
+#[derive(Debug, Default, PartialEq)]
+pub struct ShardReport {
+    pub passed: usize,
+    pub skipped: usize,
+    pub failed: Vec<String>,
+}
+
+impl ShardReport {
+    pub fn parse(output: &str) -> Option<ShardReport> {
+        let mut r: Option<ShardReport> = None;
+        let mut failed = Vec::new();
+        for line in output.lines() {
+            if let Some(rest) = line.strip_prefix(SHARD_REPORT) {
+                let n: Vec<usize> = rest.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+                if let [passed, skipped] = n[..] {
+                    r = Some(ShardReport { passed, skipped, failed: Vec::new() });
+                }
+            } else if let Some(name) = line.strip_prefix(SHARD_FAILED) {
+                failed.push(name.trim().to_string());
+            }
+        }
+        r.map(|r| ShardReport { failed, ..r })
     }
 }
 
