@@ -86,8 +86,7 @@ struct Worker {
 
     Worker() {
         thread = std::thread([this] {
-            emu::register_dynamic_smem(att_smem_f32, sizeof att_smem_f32);
-            emu::register_dynamic_smem(att_smem_bf16, sizeof att_smem_bf16);
+            register_kernel_dynamic_smem();
             for (;;) {
                 std::unique_lock<std::mutex> lk(mu);
                 cv.wait(lk, [this] { return busy && !done; });

@@ -12,15 +12,24 @@
 constexpr size_t DYN_SMEM_CAP = 232 * 1024;
 thread_local __attribute__((aligned(4096))) float att_smem_f32[DYN_SMEM_CAP / 4];
 thread_local __attribute__((aligned(4096))) unsigned char att_smem_bf16[DYN_SMEM_CAP];
+thread_local __attribute__((aligned(4096))) unsigned char conv_smem[DYN_SMEM_CAP];
 // Their (Itanium ABI) TLS init functions, which have nothing to do: a block-scope `extern
 // thread_local` makes the compiler call the weak symbol, and g++ 12 calls it without checking that
 // it exists inside template instances (a call to address 0). -fno-extern-tls-init avoids it too.
 extern "C" void _ZTH12att_smem_f32() {}
 extern "C" void _ZTH13att_smem_bf16() {}
+extern "C" void _ZTH9conv_smem() {}
+// Registers the arrays above with the emulator, in each thread that runs kernels.
+inline void register_kernel_dynamic_smem() {
+    emu::register_dynamic_smem(att_smem_f32, sizeof att_smem_f32);
+    emu::register_dynamic_smem(att_smem_bf16, sizeof att_smem_bf16);
+    emu::register_dynamic_smem(conv_smem, sizeof conv_smem);
+}
 
 #include "../common.cuh"
 #include "../attention.cu"
 #include "../conv.cu"
+#include "../conv_pipeline.cu"
 #include "../elementwise.cu"
 #include "../linear.cu"
 #include "../norm.cu"
@@ -40,6 +49,12 @@ extern "C" void _ZTH13att_smem_bf16() {}
     K(conv2d_igemm_bf16_splitk, 256) \
     K(conv2d_igemm_bf16_v3, 256) \
     K(conv2d_igemm_bf16_splitk_v3, 256) \
+    K(conv2d_igemm_bf16_v4, 256) \
+    K(conv2d_igemm_bf16_splitk_v4, 256) \
+    K(conv2d_igemm_bf16_v5, 256) \
+    K(conv2d_igemm_bf16_splitk_v5, 256) \
+    K(conv2d_igemm_bf16_v6, 256) \
+    K(conv2d_igemm_bf16_splitk_v6, 256) \
     K(conv2d_splitk_reduce, 0) \
     K(conv2d_wgrad_f32, 256) \
     K(conv2d_wgrad_bf16, 256) \

@@ -6,7 +6,8 @@ use super::common::*;
 use super::harness::*;
 use anyhow::{ensure, Result};
 use roentgen::backend::cuda::CudaBackend;
-use roentgen::backend::{Backend, OptimOps, Precision};
+use roentgen::backend::{Backend, ConvOps, ElementwiseOps, OptimOps, Precision};
+use roentgen::ops::conv::Conv2dBackward;
 use roentgen::tensor::Tensor;
 
 /// The whole denoising loop allocates nothing per step: a fresh backend that samples 2 steps and
@@ -239,8 +240,11 @@ pub fn train_step_memory_case(r: &mut Runner) {
 }
 
 /// bf16: a convolution whose weight lies in a parameter pool reads the pool's bf16 copy and
-/// must give bit for bit what the same weight gives in an ordinary pool, before and after an
-/// AdamW step (which updates the copy in the same pass) and after a new upload.
+/// must give bit for bit what the same weight gives in an ordinary pool: twice in a row (the
+/// second from the permutation the copy keeps), after a new upload (which must make the
+/// permutation again), through the data gradient (the other layout), and after AdamW steps (which
+/// update the copy in the same pass, and from which no permutation is kept). The permute launches
+/// are counted: the kept permutations must actually be reused, and remade when the weights change.
 pub fn param_copy_case(r: &mut Runner) {
     // (batch, h, w, c_in, c_out, kernel, stride): a 1×1 reads the copy directly; c_in 5 is unaligned.
     for (b, h, w, ci, co, k, stride) in
@@ -250,12 +254,18 @@ pub fn param_copy_case(r: &mut Runner) {
         let (oh, ow) = ((h + 2 * pad[0] - k) / stride + 1, (w + 2 * pad[2] - k) / stride + 1);
         let name = format!("{b}x{h}x{w}x{ci}->{co} k{k} s{stride}");
         r.case(
-            &format!("bf16/conv2d {name} through a parameter pool's bf16 copy (upload, AdamW) equals the plain path"),
+            &format!(
+                "bf16/conv2d {name} through a parameter pool's bf16 copy and its kept permutations (repeat, \
+                 upload, data gradient, AdamW) equals the plain path"
+            ),
             || {
                 let mut rng = Rng(0xC0FFEE + ci as u64);
                 let nw = co * ci * k * k;
                 let (x, wt, g) = (rng.normal(b * h * w * ci), rng.scaled(nw, 0.05), rng.scaled(nw, 0.1));
-                let run = |params: bool| -> Result<Vec<f32>> {
+                let dout = rng.normal(b * oh * ow * co);
+                let wt2: Vec<f32> = x.iter().map(|v| v * 0.01).chain(std::iter::repeat(0.0)).take(nw).collect();
+                // (outputs of every phase, permute launches made)
+                let run = |params: bool| -> Result<(Vec<f32>, usize)> {
                     let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
                     // The weight at a nonzero offset of its pool (as a parameter among others).
                     let wp = gpu.alloc(nw + 48, "weight")?;
@@ -264,35 +274,69 @@ pub fn param_copy_case(r: &mut Runner) {
                     }
                     let t = place(
                         &mut gpu,
-                        &[x.clone(), vec![0.0; b * oh * ow * co], g.clone(), vec![0.0; nw], vec![0.0; nw]],
+                        &[
+                            x.clone(),
+                            vec![0.0; b * oh * ow * co],
+                            g.clone(),
+                            vec![0.0; nw],
+                            vec![0.0; nw],
+                            dout.clone(),
+                            vec![0.0; x.len()],
+                            vec![0.0; nw],
+                        ],
                     )?;
                     let wt_t = Tensor { pool: wp, offset: 48, shape: [nw].into() };
                     gpu.upload(&wt_t, &wt)?;
+                    gpu.set_profiling(true);
+                    let p = conv2d((b, h, w, ci, co, k, stride, pad));
                     let mut outs = Vec::new();
                     let conv = |gpu: &CudaBackend, outs: &mut Vec<f32>| -> Result<()> {
-                        conv2d_forward(gpu, conv2d((b, h, w, ci, co, k, stride, pad)), &[t[1], t[0], wt_t])?;
+                        conv2d_forward(gpu, p, &[t[1], t[0], wt_t])?;
                         outs.extend(gpu.download(&t[1])?);
                         Ok(())
                     };
+                    let data_grad = |gpu: &CudaBackend, outs: &mut Vec<f32>| -> Result<()> {
+                        gpu.zero(&t[6])?;
+                        let bw = Conv2dBackward {
+                            dinp: Some(&t[6]),
+                            dweight: &t[7],
+                            dbias: None,
+                            dout: &t[5],
+                            inp: &t[0],
+                            weight: &wt_t,
+                        };
+                        gpu.conv2d_backward(&p, &bw)?;
+                        outs.extend(gpu.download(&t[6])?);
+                        Ok(())
+                    };
                     conv(&gpu, &mut outs)?;
-                    gpu.adamw_step(&adamw(nw, 1e-2, 1), &wt_t, &t[2], &t[3], &t[4])?;
                     conv(&gpu, &mut outs)?;
-                    gpu.upload(
-                        &wt_t,
-                        &x[..nw.min(x.len())]
-                            .iter()
-                            .map(|v| v * 0.01)
-                            .chain(std::iter::repeat(0.0))
-                            .take(nw)
-                            .collect::<Vec<_>>(),
-                    )?;
+                    gpu.upload(&wt_t, &wt2)?;
                     conv(&gpu, &mut outs)?;
-                    Ok(outs)
+                    data_grad(&gpu, &mut outs)?;
+                    data_grad(&gpu, &mut outs)?;
+                    for _ in 0..2 {
+                        gpu.adamw_step(&adamw(nw, 1e-2, 1), &wt_t, &t[2], &t[3], &t[4])?;
+                        conv(&gpu, &mut outs)?;
+                        data_grad(&gpu, &mut outs)?;
+                    }
+                    let permutes = gpu
+                        .kernel_profile()
+                        .iter()
+                        .filter(|(name, _, _)| name.starts_with("conv2d_weight_permute"))
+                        .map(|(_, n, _)| n)
+                        .sum();
+                    Ok((outs, permutes))
                 };
-                let (plain, copy) = (run(false)?, run(true)?);
+                let ((plain, _), (copy, permutes)) = (run(false)?, run(true)?);
                 let differ = plain.iter().zip(&copy).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
                 ensure!(differ == 0, "{differ} of {} outputs differ through the bf16 copy", plain.len());
-                Ok(format!("{} outputs over 3 phases bit-identical", plain.len()))
+                // Kept: the forward layout once per weight (a 1×1 forward reads the copy as it is)
+                // and the data gradient's once; after AdamW, both per call.
+                let forward = usize::from(k > 1);
+                let want = 2 * forward + 1 + 2 * (forward + 1);
+                ensure!(permutes == want, "{permutes} weight permutations launched; the kept ones make it {want}");
+                Ok(format!("{} outputs over 9 phases bit-identical, {permutes} permutations", plain.len()))
             },
         );
     }

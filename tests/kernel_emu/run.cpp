@@ -613,8 +613,7 @@ static vector<Case> all_cases() {
 static void run_child(const Case& c, int fd) {
     dup2(fd, 1);
     close(fd);
-    emu::register_dynamic_smem(att_smem_f32, sizeof att_smem_f32);
-    emu::register_dynamic_smem(att_smem_bf16, sizeof att_smem_bf16);
+    register_kernel_dynamic_smem();
     const char* to = getenv("EMU_CASE_TIMEOUT");
     alarm(to ? (unsigned)atoi(to) : 300);
     // Under both schedules (emu.h): round-robin, then warp-greedy; EMU_SCHED=0 or 1 picks one.
@@ -649,8 +648,7 @@ int main(int argc, char** argv) {
     for (auto& c : all_cases())
         if (!filter || c.name.find(filter) != string::npos) cases.push_back(c);
     if (getenv("EMU_NOFORK")) {  // debugging (gdb): the cases in this process, stop at the first failure
-        emu::register_dynamic_smem(att_smem_f32, sizeof att_smem_f32);
-        emu::register_dynamic_smem(att_smem_bf16, sizeof att_smem_bf16);
+        register_kernel_dynamic_smem();
         for (auto& c : cases) {
             const char* se = getenv("EMU_SCHED");
             emu::g.policy = se ? atoi(se) : 0;

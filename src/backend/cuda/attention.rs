@@ -58,8 +58,6 @@ const F32_BLOCK_ROWS: usize = 16;
 const BF16_BLOCK_ROWS: usize = 64;
 /// (row, head) items per block of `attention_bwd_delta` (8 warps of 256 threads, one warp each).
 const DELTA_ITEMS_PER_BLOCK: usize = 8;
-/// Above this, a kernel must opt in to more dynamic shared memory.
-const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 
 /// Q rows [16][hd] + K tile [32][hd+1] + V tile [32][hd], f32 (attention_fwd_f32).
 fn f32_fwd_smem(hd: usize) -> usize {
@@ -206,13 +204,9 @@ fn wide_int(what: &str, v: usize) -> Result<i32> {
 }
 
 impl CudaBackend {
-    /// Launches an attention kernel with 128 threads, opting in to large dynamic shared memory.
+    /// Launches an attention kernel with 128 threads and `smem` bytes of dynamic shared memory.
     fn attn_launch(&self, k: impl Kernel, grid: (u32, u32, u32), smem: usize) -> Result<()> {
-        let smem = smem as u32;
-        if smem as usize > DEFAULT_SMEM_LIMIT {
-            self.set_max_dynamic_shared(&k.name(), smem)?;
-        }
-        self.launch(k, grid, (THREADS, 1, 1), smem)
+        self.launch(k, grid, (THREADS, 1, 1), smem as u32)
     }
 
     /// The materialised forward (head_dim > 160): per chunk, S = Q·Kᵀ per pair piece (cuBLAS), the

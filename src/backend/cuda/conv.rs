@@ -8,7 +8,8 @@
 //! * forward: `conv2d_igemm_{f32,bf16}` over output pixels × c_out, reducing tap by tap over c_in,
 //!   with the weight permuted to (c_out, k·k, c_in) in workspace slot `WS_SLOT` (for k = 1 that is
 //!   the weight itself). The bf16 kernel reads bf16 weights: permuted from the bf16 copy the
-//!   backend keeps of a parameter pool (params.rs), or rounded from f32 while permuting.
+//!   backend keeps of a parameter pool (params.rs; that permutation is kept while the copy is
+//!   unchanged, not made again per call), or rounded from f32 while permuting.
 //! * data gradient: the same kernel over input pixels × c_in, once per stride phase (py, px) (the
 //!   input pixels with iy ≡ py, ix ≡ px mod stride), visiting only the taps whose output pixel
 //!   (iy + pt − ky)/stride is whole, with the weight permuted to (k·k, c_in, c_out).
@@ -114,6 +115,14 @@ impl CudaBackend {
     }
 }
 
+/// Dynamic shared memory of kernels/conv_pipeline.cu's `Smem<stages>`: per stage the f32
+/// activation tile (H_BM × H_BK) and the bf16 weight tile (H_BN rows of H_LDW words), then two bf16
+/// activation tiles (H_BM rows of H_LDW words).
+fn pipeline_smem(stages: usize) -> u32 {
+    const H_LDW_BYTES: usize = (H_BK / 2 + 4) * 4;
+    (stages * (H_BM * H_BK * 4 + H_BN * H_LDW_BYTES) + 2 * H_BM * H_LDW_BYTES) as u32
+}
+
 /// Split-K for `blocks` output tiles of `ktiles` reduction tiles on `sms` multiprocessors: when
 /// fewer than 2 × sms blocks would launch, enough splits to reach that (at least 4 reduction tiles
 /// each, at most 32 splits), as (splits, tiles per split) with no empty split; None otherwise.
@@ -136,8 +145,10 @@ fn small(what: &str, v: i64) -> Result<i32> {
 }
 
 impl CudaBackend {
-    /// Permutes the PyTorch weight (c_out, c_in, taps) into the workspace with element (co, ci, t)
-    /// at co·s_co + ci·s_ci + t·s_t; returns the workspace address.
+    /// Permutes the PyTorch weight (c_out, c_in, taps) with element (co, ci, t) at
+    /// co·s_co + ci·s_ci + t·s_t: into the workspace, or for a parameter in bf16 into the
+    /// permutation its copy keeps (params.rs), made only when the copy has changed since. Returns
+    /// the permuted weight's address.
     fn conv_permute_weight(
         &self,
         weight: &Tensor,
@@ -165,17 +176,24 @@ impl CudaBackend {
         };
         let ws;
         if self.use_bf16() {
-            ws = self.workspace(WS_SLOT, total.div_ceil(2).max(1))?;
             match self.param_bf16(weight)? {
                 Some(copy) => {
-                    self.launch(Conv2dWeightPermuteBf16Copy::from(permute(ws, copy)?), grid, (THREADS, 1, 1), 0)?
+                    // A parameter's permutation is kept while its copy is unchanged (params.rs).
+                    let launch = |out: u64| {
+                        self.launch(Conv2dWeightPermuteBf16Copy::from(permute(out, copy)?), grid, (THREADS, 1, 1), 0)
+                    };
+                    let layout = (weight.offset, total, c_in, taps, strides);
+                    if let Some(kept) = self.permuted_param(weight, layout, 2 * total, launch)? {
+                        return Ok(kept);
+                    }
+                    ws = self.workspace(WS_SLOT, total.div_ceil(2).max(1))?;
+                    launch(ws)?
                 }
-                None => self.launch(
-                    Conv2dWeightPermuteBf16::from(permute(ws, self.dptr(weight))?),
-                    grid,
-                    (THREADS, 1, 1),
-                    0,
-                )?,
+                None => {
+                    ws = self.workspace(WS_SLOT, total.div_ceil(2).max(1))?;
+                    let k = Conv2dWeightPermuteBf16::from(permute(ws, self.dptr(weight))?);
+                    self.launch(k, grid, (THREADS, 1, 1), 0)?
+                }
             }
         } else {
             ws = self.workspace(WS_SLOT, total.max(1))?;
@@ -237,8 +255,9 @@ impl CudaBackend {
             return self.launch(k, grid, (THREADS, 1, 1), 0);
         }
         let ktiles = g.nty * g.ntx * g.c.div_ceil(H_BK);
-        // kernels/conv.cu: version 2 splits the reduction where the grid is small; version 3 does
-        // too, and runs the ldmatrix / two-stage tile loop (the `_v3` kernels) either way.
+        // kernels/conv.cu: version 2 splits the reduction where the grid is small; every later
+        // version does too, with its own tile loop: 3 the ldmatrix / two-stage one (`_v3`),
+        // kernels/conv_pipeline.cu's 4, 5 and 6 the cp.async pipeline of 2, 3 and 4 stages.
         let version = self.kernel_version(TunableOp::Conv(shape));
         if version >= 2 {
             if let Some((splits, per_split)) = split_k(grid_x * grid_y, ktiles, self.dev.multiprocessor_count()) {
@@ -271,10 +290,13 @@ impl CudaBackend {
                     kt_per_split: int("reduction tiles per split", per_split)?,
                 };
                 let split_grid = (grid_x as u32, grid_y as u32, splits as u32);
-                if version >= 3 {
-                    self.launch(Conv2dIgemmBf16SplitkV3::from(split), split_grid, (THREADS, 1, 1), 0)?;
-                } else {
-                    self.launch(split, split_grid, (THREADS, 1, 1), 0)?;
+                let block = (THREADS, 1, 1);
+                match version {
+                    2 => self.launch(split, split_grid, block, 0)?,
+                    3 => self.launch(Conv2dIgemmBf16SplitkV3::from(split), split_grid, block, 0)?,
+                    4 => self.launch(Conv2dIgemmBf16SplitkV4::from(split), split_grid, block, pipeline_smem(2))?,
+                    5 => self.launch(Conv2dIgemmBf16SplitkV5::from(split), split_grid, block, pipeline_smem(3))?,
+                    _ => self.launch(Conv2dIgemmBf16SplitkV6::from(split), split_grid, block, pipeline_smem(4))?,
                 }
                 let reduce = Conv2dSplitkReduce {
                     dst: k.dst,
@@ -297,10 +319,14 @@ impl CudaBackend {
                 return self.ops_launch1(m * g.n, reduce);
             }
         }
-        if version >= 3 {
-            return self.launch(Conv2dIgemmBf16V3::from(k), grid, (THREADS, 1, 1), 0);
+        let block = (THREADS, 1, 1);
+        match version {
+            1 | 2 => self.launch(Conv2dIgemmBf16::from(k), grid, block, 0),
+            3 => self.launch(Conv2dIgemmBf16V3::from(k), grid, block, 0),
+            4 => self.launch(Conv2dIgemmBf16V4::from(k), grid, block, pipeline_smem(2)),
+            5 => self.launch(Conv2dIgemmBf16V5::from(k), grid, block, pipeline_smem(3)),
+            _ => self.launch(Conv2dIgemmBf16V6::from(k), grid, block, pipeline_smem(4)),
         }
-        self.launch(Conv2dIgemmBf16::from(k), grid, (THREADS, 1, 1), 0)
     }
 }
 
@@ -504,7 +530,13 @@ impl ConvOps for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::split_k;
+    use super::{pipeline_smem, split_k};
+
+    #[test]
+    fn pipeline_smem_is_the_kernels_smem_size() {
+        // kernels/conv_pipeline.cu static_asserts sizeof(Smem<2/3/4>) to these numbers.
+        assert_eq!([pipeline_smem(2), pipeline_smem(3), pipeline_smem(4)], [63488, 84992, 106496]);
+    }
 
     #[test]
     fn split_k_fills_the_device_only_where_the_grid_is_small() {

@@ -123,6 +123,9 @@ pub fn driver_present() -> bool {
     device::driver_present()
 }
 
+/// The dynamic shared memory a launch gets without opting in (cuFuncSetAttribute) to more.
+pub(crate) const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
+
 /// Whether `CudaBackend::new` opens the emulated device: in a `cuda-emu` build, when
 /// ROENTGEN_CUDA_EMU=1, or when no CUDA driver is present (ROENTGEN_CUDA_EMU=0 forbids it).
 pub fn emulate() -> bool {
@@ -291,8 +294,9 @@ impl CudaBackend {
         bail!("CUDA: no kernel named '{kernel}' in the embedded modules (a build/backend mismatch)")
     }
 
-    /// Opts `kernel` in to more than 48 KiB of dynamic shared memory.
-    pub(crate) fn set_max_dynamic_shared(&self, kernel: &str, bytes: u32) -> Result<()> {
+    /// Opts `kernel` in to more than 48 KiB of dynamic shared memory (`launch` does, for a launch
+    /// that asks for more than [`DEFAULT_SMEM_LIMIT`]).
+    fn set_max_dynamic_shared(&self, kernel: &str, bytes: u32) -> Result<()> {
         // A driver call once per kernel and size, not before every launch.
         if self.smem_opt_in.borrow().get(kernel).is_some_and(|&b| b >= bytes) {
             return Ok(());
@@ -318,6 +322,9 @@ impl CudaBackend {
         }
         let kernel = k.name();
         let f = self.function(&kernel)?;
+        if shared_bytes as usize > DEFAULT_SMEM_LIMIT {
+            self.set_max_dynamic_shared(&kernel, shared_bytes)?;
+        }
         let timer = self.profile_start()?;
         // One 64-bit slot per parameter, as cuLaunchKernel reads them (device.rs `launch`).
         let vals = k.params();
@@ -473,9 +480,7 @@ impl Drop for CudaBackend {
         for p in self.pools.iter().filter(|p| p.ptr != 0) {
             let _ = self.dev.free(p.ptr);
         }
-        for c in self.param_copies.borrow().values() {
-            let _ = self.dev.free(c.ptr.get());
-        }
+        self.free_param_copies();
         for s in self.u32_scratch.borrow().iter().chain(self.f32_scratch.borrow().iter()) {
             if s.ptr != 0 {
                 let _ = self.dev.free(s.ptr);
@@ -549,13 +554,11 @@ impl Backend for CudaBackend {
         // Captured graphs may hold the pool's addresses, and queued work may still use it.
         self.clear_graphs_impl();
         self.synchronize()?;
-        if let Some(copy) = self.param_copies.borrow_mut().remove(&pool.0) {
-            driver(self.dev.free(copy.ptr.get()), "free")?;
-        }
+        let copy_bytes = self.free_param_copy(pool)?;
         driver(self.dev.free(p.ptr), "free")?;
         let p = &mut self.pools[pool.0];
         p.ptr = 0;
-        self.allocated_bytes.set(self.allocated_bytes.get().saturating_sub(p.len * 4));
+        self.allocated_bytes.set(self.allocated_bytes.get().saturating_sub(p.len * 4 + copy_bytes));
         Ok(())
     }
 
@@ -585,7 +588,11 @@ impl Backend for CudaBackend {
         let mut ids: Vec<&usize> = copies.keys().collect();
         ids.sort();
         for id in ids {
-            v.push((format!("{} (bf16 copy)", self.pools[*id].label), copies[id].len * 2));
+            let (copy, permuted) = copies[id].bytes();
+            v.push((format!("{} (bf16 copy)", self.pools[*id].label), copy));
+            if permuted > 0 {
+                v.push((format!("{} (permuted conv weights)", self.pools[*id].label), permuted));
+            }
         }
         v
     }

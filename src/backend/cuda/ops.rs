@@ -446,7 +446,7 @@ impl OptimOps for CudaBackend {
         let AdamWScalars { decay, bc2_sqrt, step_size } = p.scalars();
         // The bf16 copy of a parameter pool is updated in the same pass (fresh when the step
         // covers the whole pool, as the optimizer's steps do).
-        let copy = self.param_copy_for_update(param, n);
+        let copy = self.param_copy_for_update(param, n)?;
         self.ops_launch1(
             n,
             OptAdamw {

@@ -22,8 +22,8 @@ pub enum KernelFamily {
     GroupNorm,
     /// Group norm backward's input gradient: kernels/norm.cu `gn_backward_*`.
     GroupNormBackward,
-    /// The bf16 implicit-GEMM convolution (forward and data gradient): kernels/conv.cu
-    /// `conv2d_igemm_bf16*`. (The f32 path is the parity path and has one version.)
+    /// The bf16 implicit-GEMM convolution (forward and data gradient): kernels/conv.cu and
+    /// kernels/conv_pipeline.cu `conv2d_igemm_bf16*`. (The f32 path is the parity path and has one version.)
     Conv,
 }
 
@@ -54,6 +54,9 @@ impl KernelFamily {
                 (1, "one 128×64 block per output tile, the whole reduction in each block"),
                 (2, "split-K over grid.z when fewer than 2 × SM-count blocks would launch, slices summed in order"),
                 (3, "version 2 with ldmatrix operand loads and two shared stages (one barrier per reduction tile)"),
+                (4, "version 3's tiles fed by a cp.async pipeline of 2 stages (kernels/conv_pipeline.cu)"),
+                (5, "the cp.async pipeline with 3 stages (two reduction tiles in flight)"),
+                (6, "the cp.async pipeline with 4 stages (three reduction tiles in flight)"),
             ],
         }
     }
