@@ -181,8 +181,9 @@ pub trait Backend:
     /// Declares that the weights in `pool` will not change from now on (sampling, evaluation,
     /// benchmarks of inference): the CPU backend then keeps its layers' packed weights from their
     /// first use rather than their second (which tells a model being trained from one being
-    /// used). A later write to the pool is still noticed, and the copies dropped. Other backends
-    /// ignore it.
+    /// used); the CUDA backend in bf16 keeps its conv weights permuted from their bf16 copy (made
+    /// per call otherwise). A later write to the pool is still noticed, and the copies dropped or
+    /// made again. Other backends ignore it.
     fn mark_frozen(&self, _pool: PoolId) {}
 
     /// (label, bytes) of every pool, for `--verbose` reports.

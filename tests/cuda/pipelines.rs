@@ -40,16 +40,30 @@ pub fn sampling_frees_case(r: &mut Runner) {
         let pipe_dir = assemble_pipeline("pipe-a", dir.path());
         let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
         let pipe = Pipeline::load(&mut gpu, &pipe_dir, None)?;
-        let held = |g: &CudaBackend| -> usize { g.pool_sizes().iter().map(|(_, n)| n).sum() };
-        let loaded = held(&gpu);
+        // (pools and copies, the conv-weight permutations the frozen models keep (params.rs))
+        let held = |g: &CudaBackend| -> (usize, usize) {
+            let kept = |label: &str| label.ends_with("(permuted conv weights)");
+            let sizes = g.pool_sizes();
+            let sum = |keep: bool| sizes.iter().filter(|(l, _)| kept(l) == keep).map(|(_, n)| n).sum();
+            (sum(false), sum(true))
+        };
+        let (loaded, none) = held(&gpu);
+        ensure!(none == 0, "{none} bytes of permuted conv weights before the first call");
         let req = two_prompt_request(3, 5);
         let mut images = Vec::new();
+        let mut permuted = Vec::new();
         for call in 0..3 {
             images.push(pipe.generate(&mut gpu, &req, &mut |_, _| Ok(()), &mut |_| {})?.images);
-            ensure!(held(&gpu) == loaded, "call {}: {} bytes of pools, {loaded} after loading", call + 1, held(&gpu));
+            let (pools, kept) = held(&gpu);
+            ensure!(pools == loaded, "call {}: {pools} bytes of pools, {loaded} after loading", call + 1);
+            permuted.push(kept);
         }
         ensure!(images[0] == images[2], "the same request gave other images on its third call");
-        Ok(format!("{loaded} bytes of pools before and after each call"))
+        ensure!(
+            permuted[0] > 0 && permuted.iter().all(|&k| k == permuted[0]),
+            "permuted conv weights kept after each call: {permuted:?} bytes (made at the first, then constant)"
+        );
+        Ok(format!("{loaded} bytes of pools before and after each call, {} of kept permutations", permuted[0]))
     });
 }
 
@@ -241,10 +255,11 @@ pub fn train_step_memory_case(r: &mut Runner) {
 
 /// bf16: a convolution whose weight lies in a parameter pool reads the pool's bf16 copy and
 /// must give bit for bit what the same weight gives in an ordinary pool: twice in a row (the
-/// second from the permutation the copy keeps), after a new upload (which must make the
-/// permutation again), through the data gradient (the other layout), and after AdamW steps (which
-/// update the copy in the same pass, and from which no permutation is kept). The permute launches
-/// are counted: the kept permutations must actually be reused, and remade when the weights change.
+/// second, in a frozen pool, from the permutation the copy keeps), after a new upload (which must
+/// make the permutation again), through the data gradient (the other layout), and after AdamW
+/// steps (which update the copy in the same pass and unfreeze the pool). The permute launches are
+/// counted: a frozen pool's permutations must actually be reused, and remade when the weights
+/// change; a pool not frozen (a model being trained) keeps none.
 pub fn param_copy_case(r: &mut Runner) {
     // (batch, h, w, c_in, c_out, kernel, stride): a 1×1 reads the copy directly; c_in 5 is unaligned.
     for (b, h, w, ci, co, k, stride) in
@@ -256,7 +271,7 @@ pub fn param_copy_case(r: &mut Runner) {
         r.case(
             &format!(
                 "bf16/conv2d {name} through a parameter pool's bf16 copy and its kept permutations (repeat, \
-                 upload, data gradient, AdamW) equals the plain path"
+                 upload, data gradient, AdamW; frozen or not) equals the plain path"
             ),
             || {
                 let mut rng = Rng(0xC0FFEE + ci as u64);
@@ -265,12 +280,15 @@ pub fn param_copy_case(r: &mut Runner) {
                 let dout = rng.normal(b * oh * ow * co);
                 let wt2: Vec<f32> = x.iter().map(|v| v * 0.01).chain(std::iter::repeat(0.0)).take(nw).collect();
                 // (outputs of every phase, permute launches made)
-                let run = |params: bool| -> Result<(Vec<f32>, usize)> {
+                let run = |params: bool, frozen: bool| -> Result<(Vec<f32>, usize)> {
                     let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
                     // The weight at a nonzero offset of its pool (as a parameter among others).
                     let wp = gpu.alloc(nw + 48, "weight")?;
                     if params {
                         gpu.mark_params(wp)?;
+                    }
+                    if frozen {
+                        gpu.mark_frozen(wp);
                     }
                     let t = place(
                         &mut gpu,
@@ -328,15 +346,21 @@ pub fn param_copy_case(r: &mut Runner) {
                         .sum();
                     Ok((outs, permutes))
                 };
-                let ((plain, _), (copy, permutes)) = (run(false)?, run(true)?);
-                let differ = plain.iter().zip(&copy).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                ensure!(differ == 0, "{differ} of {} outputs differ through the bf16 copy", plain.len());
-                // Kept: the forward layout once per weight (a 1×1 forward reads the copy as it is)
-                // and the data gradient's once; after AdamW, both per call.
+                let (plain, _) = run(false, false)?;
+                // A 1×1 forward reads the copy as it is: no permutation.
                 let forward = usize::from(k > 1);
-                let want = 2 * forward + 1 + 2 * (forward + 1);
-                ensure!(permutes == want, "{permutes} weight permutations launched; the kept ones make it {want}");
-                Ok(format!("{} outputs over 9 phases bit-identical, {permutes} permutations", plain.len()))
+                let mut report = Vec::new();
+                for (frozen, what) in [(false, "not frozen"), (true, "frozen")] {
+                    let (copy, permutes) = run(true, frozen)?;
+                    let differ = plain.iter().zip(&copy).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                    ensure!(differ == 0, "{what}: {differ} of {} outputs differ through the bf16 copy", plain.len());
+                    // Frozen: the forward layout once per weight values, the data gradient's once,
+                    // then (AdamW unfreezes) both per call. Not frozen: every call.
+                    let want = if frozen { 2 * forward + 1 + 2 * (forward + 1) } else { 5 * forward + 4 };
+                    ensure!(permutes == want, "{what}: {permutes} weight permutations launched, not {want}");
+                    report.push(format!("{what} {permutes} permutations"));
+                }
+                Ok(format!("{} outputs over 9 phases bit-identical; {}", plain.len(), report.join(", ")))
             },
         );
     }

@@ -601,6 +601,10 @@ impl Backend for CudaBackend {
         self.mark_params_impl(pool)
     }
 
+    fn mark_frozen(&self, pool: PoolId) {
+        self.mark_frozen_impl(pool)
+    }
+
     fn set_graphs(&self, on: bool) {
         if !on {
             self.clear_graphs_impl();

@@ -14,10 +14,13 @@
 //! Convolution weights permuted once (issue 18): the implicit GEMMs read a conv weight in a
 //! permuted layout (conv.rs), which used to be written into the workspace from the copy before
 //! every call: for SD's U-Net ≈0.7 GB of bf16 reads and writes per evaluation, ≈0.3 ms of an
-//! H100's bandwidth per denoising step (estimate). A copy now keeps each permutation it served,
-//! made again only when the copy's values have changed since (its generation). A pool that AdamW
-//! updates changes every step, so the saving would be nil and the memory a second copy: from its
-//! first update its permutations are freed and none is kept. Permutations are made outside graph
+//! H100's bandwidth per denoising step (estimate). The copy of a pool declared frozen
+//! (`Backend::mark_frozen`: sampling, evaluation, inference benchmarks) now keeps each
+//! permutation it served, made again only when the copy's values have changed since (its
+//! generation: an upload into the pool). Other pools keep none: a model being trained changes
+//! every step, so the saving would be nil and the memory (a second bf16 copy of the conv weights)
+//! would come on top of the training peak; an AdamW step on a frozen pool unfreezes it, frees its
+//! permutations and drops the graphs, which may read them. Permutations are made outside graph
 //! capture only (a capture may not allocate); a capture that finds none runs the per-call permute,
 //! which the graph then replays.
 
@@ -37,8 +40,9 @@ pub(crate) struct ParamCopy {
     stale: Cell<bool>,
     /// Counts the changes of the copy's values (refreshes, AdamW steps).
     generation: Cell<u64>,
-    /// AdamW has updated the pool: no permutation is kept (see the top of this file).
-    trained: Cell<bool>,
+    /// Declared frozen (`Backend::mark_frozen`), and not updated by AdamW since: permutations
+    /// are kept (see the top of this file).
+    frozen: Cell<bool>,
     /// The conv-weight permutations made from this copy.
     permuted: RefCell<HashMap<Layout, Permuted>>,
 }
@@ -89,11 +93,18 @@ impl CudaBackend {
                 len,
                 stale: Cell::new(true),
                 generation: Cell::new(0),
-                trained: Cell::new(false),
+                frozen: Cell::new(false),
                 permuted: RefCell::new(HashMap::new()),
             },
         );
         Ok(())
+    }
+
+    /// `Backend::mark_frozen`: the pool's copy (if it has one) keeps its permutations from now on.
+    pub(crate) fn mark_frozen_impl(&self, pool: PoolId) {
+        if let Some(c) = self.param_copies.borrow().get(&pool.0) {
+            c.frozen.set(true);
+        }
     }
 
     /// Frees pool `pool`'s copy and its permutations, if it has one (the pool is being freed);
@@ -115,8 +126,8 @@ impl CudaBackend {
 
     /// The permutation `layout` of weight `t` (in a parameter pool with a copy, which `param_bf16`
     /// has just made current), kept from an earlier call when the copy has not changed since,
-    /// else made now by `permute(destination)`. None where none is kept: no copy, a pool that
-    /// AdamW updates, or a miss during graph capture (which may not allocate).
+    /// else made now by `permute(destination)`. None where none is kept: no copy, a pool not
+    /// frozen, or a miss during graph capture (which may not allocate).
     pub(crate) fn permuted_param(
         &self,
         t: &Tensor,
@@ -126,7 +137,7 @@ impl CudaBackend {
     ) -> Result<Option<u64>> {
         let copies = self.param_copies.borrow();
         let Some(copy) = copies.get(&t.pool.0) else { return Ok(None) };
-        if copy.trained.get() {
+        if !copy.frozen.get() {
             return Ok(None);
         }
         let generation = copy.generation.get();
@@ -188,9 +199,9 @@ impl CudaBackend {
     }
 
     /// For `opt_adamw`: the address of the copy of `param`'s n elements (0: no copy). A step over
-    /// the whole pool leaves the copy fresh; a partial one leaves its state as it was. The first
-    /// update of a pool frees its permutations (none is kept from then on), and drops the graphs,
-    /// which may read them.
+    /// the whole pool leaves the copy fresh; a partial one leaves its state as it was. An update
+    /// of a frozen pool unfreezes it, frees its permutations (none is kept from then on) and drops
+    /// the graphs, which may read them.
     pub(crate) fn param_copy_for_update(&self, param: &Tensor, n: usize) -> Result<u64> {
         let copies = self.param_copies.borrow();
         let Some(c) = copies.get(&param.pool.0) else { return Ok(0) };
@@ -198,7 +209,7 @@ impl CudaBackend {
             c.stale.set(false);
         }
         c.generation.set(c.generation.get() + 1);
-        if !c.trained.replace(true) && !c.permuted.borrow().is_empty() {
+        if c.frozen.replace(false) && !c.permuted.borrow().is_empty() {
             anyhow::ensure!(
                 !self.capturing.get(),
                 "AdamW on a parameter pool with permuted conv weights while capturing a graph"
