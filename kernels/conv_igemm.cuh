@@ -76,6 +76,12 @@ struct KPos {
     int jy, jx, c0;
 };
 
+// The position of reduction tile kt of a BK-deep walk: tap kt / ⌈C/BK⌉, channels (kt mod ⌈C/BK⌉)·BK.. .
+__device__ __forceinline__ KPos kpos_at(int kt, int BK, int C, int ntx) {
+    const int ctiles = CEIL_DIV(C, BK), tap = kt / ctiles;
+    return KPos{tap / ntx, tap % ntx, (kt - tap * ctiles) * BK};
+}
+
 __device__ __forceinline__ void kpos_next(KPos& k, int BK, int C, int ntx) {
     k.c0 += BK;
     if (k.c0 >= C) {
@@ -269,39 +275,43 @@ __device__ __forceinline__ uint2 load4_bf16(const __nv_bfloat16* p, int n, bool 
 }
 
 
-// The global → register → shared staging of the bf16 GEMM's reduction tiles, shared by every
-// version: thread tid loads k-quad lq (channels 4·lq..4·lq+3 of the tile) of A rows lrow + 32r
-// (r < 4) and of B rows lrow + 32r (r < 2); 8 consecutive threads cover one row's 32 channels.
-// `load` reads tile `kp` into registers (A rounded to bf16 only at `store`) and steps kp on;
-// `store` writes the registers into a stage's shared tiles.
-struct IgemmBf16Loader {
+// A block's walk over its reduction tiles, as every bf16 loader sees it: the operands and their
+// geometry, this thread's A rows lrow + 32r (r < 4) and channel quad lq (lrow = tid / 8,
+// lq = tid % 8: 8 consecutive threads cover one row's 32 channels), their source geometry, and
+// the position kp of the next tile to load (from kt_begin).
+struct IgemmWalk {
     const float* __restrict__ src;
     const __nv_bfloat16* __restrict__ wt;
     int SH, SW, C, N, n0, tys, txs, ntx, tap0, tapys, tapxs, bs_n, bs_t;
     int lrow, lq;
-    bool a_vec, b_vec;
     RowGeo ag[4];
     KPos kp;
+
+    __device__ __forceinline__ IgemmWalk(int m0, int n0_, const float* __restrict__ src_,
+                                         const __nv_bfloat16* __restrict__ wt_, int M, int RH, int RW, int N_, int C_,
+                                         int SH_, int SW_, int ss, int sy0, int sx0, int tys_, int txs_, int ntx_,
+                                         int tap0_, int tapys_, int tapxs_, int bs_n_, int bs_t_, int kt_begin)
+        : src(src_), wt(wt_), SH(SH_), SW(SW_), C(C_), N(N_), n0(n0_), tys(tys_), txs(txs_), ntx(ntx_), tap0(tap0_),
+          tapys(tapys_), tapxs(tapxs_), bs_n(bs_n_), bs_t(bs_t_), lrow(threadIdx.x >> 3), lq(threadIdx.x & 7),
+          kp(kpos_at(kt_begin, H_BK, C_, ntx_)) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) ag[r] = row_geo(m0 + lrow + 32 * r, M, RH, RW, SH, ss, sy0, sx0);
+    }
+};
+
+// The global → register → shared staging of the bf16 GEMM's reduction tiles, shared by versions
+// 1–3: thread tid loads k-quad lq (channels 4·lq..4·lq+3 of the tile) of A rows lrow + 32r
+// (r < 4) and of B rows lrow + 32r (r < 2). `load` reads tile `kp` into registers (A rounded to
+// bf16 only at `store`) and steps kp on; `store` writes the registers into a stage's shared tiles.
+struct IgemmBf16Loader : IgemmWalk {
+    bool a_vec, b_vec;
     float4 ra[4];
     uint2 rb[2];
 
-    __device__ __forceinline__ IgemmBf16Loader(int m0, int n0_, const float* __restrict__ src_,
-                                               const __nv_bfloat16* __restrict__ wt_, int M, int RH, int RW, int N_,
-                                               int C_, int SH_, int SW_, int ss, int sy0, int sx0, int tys_, int txs_,
-                                               int ntx_, int tap0_, int tapys_, int tapxs_, int bs_n_, int bs_t_,
-                                               int kt_begin)
-        : src(src_), wt(wt_), SH(SH_), SW(SW_), C(C_), N(N_), n0(n0_), tys(tys_), txs(txs_), ntx(ntx_), tap0(tap0_),
-          tapys(tapys_), tapxs(tapxs_), bs_n(bs_n_), bs_t(bs_t_) {
-        const int tid = threadIdx.x;
-        lrow = tid >> 3;
-        lq = tid & 7;
-#pragma unroll
-        for (int r = 0; r < 4; ++r) ag[r] = row_geo(m0 + lrow + 32 * r, M, RH, RW, SH, ss, sy0, sx0);
+    template <class... Args>
+    __device__ __forceinline__ IgemmBf16Loader(Args... args) : IgemmWalk(args...) {
         a_vec = (C % 4 == 0) && aligned16(src);
         b_vec = (C % 4 == 0) && (bs_n % 4 == 0) && (bs_t % 4 == 0) && aligned8(wt);
-        // Tile kt is (tap kt / ctiles, channels (kt mod ctiles)·H_BK..): start at kt_begin.
-        const int ctiles = CEIL_DIV(C, H_BK), tap_begin = kt_begin / ctiles;
-        kp = KPos{tap_begin / ntx, tap_begin % ntx, (kt_begin - tap_begin * ctiles) * H_BK};
     }
 
     __device__ __forceinline__ void load() {

@@ -54,34 +54,18 @@ static_assert(sizeof(Smem<2>) == 63488 && sizeof(Smem<3>) == 84992 && sizeof(Sme
               "conv.rs pipeline_smem");
 
 // Issues the copies of one reduction tile `kp` into stage (a32, b), then steps kp on. Thread tid
-// copies channels 4·lq.. of A rows lrow + 32r (r < 4) (lrow = tid / 8, lq = tid % 8, as
-// IgemmBf16Loader) and channels 8·bq.. of B row brow (brow = tid / 4, bq = tid % 4).
-struct PipeLoader {
-    const float* __restrict__ src;
-    const __nv_bfloat16* __restrict__ wt;
-    int SH, SW, C, N, n0, tys, txs, ntx, tap0, tapys, tapxs, bs_n, bs_t;
-    int lrow, lq, brow, bq;
+// copies channels 4·lq.. of A rows lrow + 32r (r < 4) (IgemmWalk's) and channels 8·bq.. of B row
+// brow (brow = tid / 4, bq = tid % 4).
+struct PipeLoader : IgemmWalk {
+    int brow, bq;
     bool a_async, b_async;
-    RowGeo ag[4];
-    KPos kp;
 
-    __device__ __forceinline__ PipeLoader(int m0, int n0_, const float* __restrict__ src_,
-                                          const __nv_bfloat16* __restrict__ wt_, int M, int RH, int RW, int N_, int C_,
-                                          int SH_, int SW_, int ss, int sy0, int sx0, int tys_, int txs_, int ntx_,
-                                          int tap0_, int tapys_, int tapxs_, int bs_n_, int bs_t_, int kt_begin)
-        : src(src_), wt(wt_), SH(SH_), SW(SW_), C(C_), N(N_), n0(n0_), tys(tys_), txs(txs_), ntx(ntx_), tap0(tap0_),
-          tapys(tapys_), tapxs(tapxs_), bs_n(bs_n_), bs_t(bs_t_) {
-        const int tid = threadIdx.x;
-        lrow = tid >> 3;
-        lq = tid & 7;
-        brow = tid >> 2;
-        bq = tid & 3;
-#pragma unroll
-        for (int r = 0; r < 4; ++r) ag[r] = row_geo(m0 + lrow + 32 * r, M, RH, RW, SH, ss, sy0, sx0);
+    template <class... Args>
+    __device__ __forceinline__ PipeLoader(Args... args) : IgemmWalk(args...) {
+        brow = threadIdx.x >> 2;
+        bq = threadIdx.x & 3;
         a_async = (C % 4 == 0) && aligned16(src);
         b_async = (C % 8 == 0) && (bs_n % 8 == 0) && (bs_t % 8 == 0) && aligned16(wt);
-        const int ctiles = CEIL_DIV(C, H_BK), tap_begin = kt_begin / ctiles;
-        kp = KPos{tap_begin / ntx, tap_begin % ntx, (kt_begin - tap_begin * ctiles) * H_BK};
     }
 
     __device__ __forceinline__ void issue(AStage& a32, BTile& b) {
