@@ -9,7 +9,7 @@
 //!
 //! Kernels instantiated by a macro as `NAME_bf16_d##H` (the bf16 attention kernels, one per head-dim
 //! bucket H) must take exactly the parameters of their twin `NAME_f32`; they launch as the twin's
-//! struct with `.bf16(H)`.
+//! struct with `.bf16(H)`, and a numbered version `NAME_bf16_v2_d##H` with `.bf16_v2(H)`.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -124,8 +124,13 @@ pub fn generate(dir: &Path, out: &Path) {
     for k in &kernels {
         if let Some(base) = k.name.strip_suffix("_d##H") {
             // A bucketed bf16 kernel takes exactly its f32 twin's parameters: it is launched as the
-            // twin's struct `.bf16(head_bucket)`.
-            let twin_name = base.replace("_bf16", "_f32");
+            // twin's struct `.bf16(head_bucket)`; a numbered version of it (`NAME_bf16_v2_d##H`)
+            // as `.bf16_v2(head_bucket)`.
+            let (unversioned, method) = match base.rsplit_once("_v") {
+                Some((b, n)) if !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) => (b, format!("bf16_v{n}")),
+                _ => (base, "bf16".to_string()),
+            };
+            let twin_name = unversioned.replace("_bf16", "_f32");
             let twin = kernels.iter().find(|t| t.name == twin_name).unwrap_or_else(|| {
                 panic!("{}: kernel {}: no f32 twin {twin_name} to take its parameters from", k.file, k.name)
             });
@@ -137,7 +142,7 @@ pub fn generate(dir: &Path, out: &Path) {
             );
             let _ = writeln!(
                 code,
-                "\nimpl {} {{\n    /// `{}` at head-dim bucket H, which takes the same parameters (build.rs checks).\n    pub fn bf16(self, head_bucket: usize) -> Bf16Bucket<Self> {{\n        Bf16Bucket {{ base: \"{base}\", head_bucket, kernel: self }}\n    }}\n}}",
+                "\nimpl {} {{\n    /// `{}` at head-dim bucket H, which takes the same parameters (build.rs checks).\n    pub fn {method}(self, head_bucket: usize) -> Bf16Bucket<Self> {{\n        Bf16Bucket {{ base: \"{base}\", head_bucket, kernel: self }}\n    }}\n}}",
                 camel(&twin_name),
                 k.name
             );

@@ -29,15 +29,7 @@
 // Head dims above 160 (the VAE's one head of 512) take a materialised path instead: the score
 // matrix in a workspace, the products through cuBLAS, and the row kernels attention_wide_* at the
 // end of this file (see there and src/backend/cuda/attention.rs).
-#include "common.cuh"
-#include <math_constants.h>
-
-#define ATT_NEG_INF (-CUDART_INF_F)
-
-// Whether key j of sequence b takes part (j < kv_len and not masked).
-__device__ __forceinline__ bool att_key_ok(const unsigned* __restrict__ key_mask, int b, int kv_len, int j) {
-    return j < kv_len && (key_mask == nullptr || key_mask[(size_t)b * kv_len + j] != 0u);
-}
+#include "attention.cuh"
 
 // ============================================================================================
 // D_i = dO_i · O_i (the backward's row correction), one warp per (row, head).
@@ -394,24 +386,12 @@ attention_bwd_dkdv_f32(float* __restrict__ dk, float* __restrict__ dv, const flo
 // ============================================================================================
 // bf16 tensor-core path
 // ============================================================================================
-// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (mma_bf16_16816 in common.cuh), fragment
-// layouts from the PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"; with
-// g = lane >> 2 (groupID) and t = lane & 3 (threadID_in_group), each .b32 register holding two bf16
-// with the lower column/k index in the low 16 bits:
-//   A (16×16, row-major, M×K):  a[0] = A[g  ][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]
-//                               a[2] = A[g  ][2t+8, 2t+9] a[3] = A[g+8][2t+8, 2t+9]
-//   B (16×8, K×N, "col"):       b[0] = B[2t, 2t+1][g]     b[1] = B[2t+8, 2t+9][g]
-//   C/D (16×8 f32):             c[0], c[1] = C[g][2t, 2t+1]   c[2], c[3] = C[g+8][2t, 2t+1]
-// So the C fragments of two adjacent n8 tiles (columns 16kk..16kk+15) are, element for element, the
-// A fragment of a k16 step over those columns: A[g][2t,2t+1] = C_{2kk}[0,1], A[g+8][2t,2t+1] =
-// C_{2kk}[2,3], A[g][2t+8,2t+9] = C_{2kk+1}[0,1], A[g+8][2t+8,2t+9] = C_{2kk+1}[2,3]. That is how P
-// (and dS) feed the second product without leaving registers (as FlashAttention-2).
+// Fragment layouts, the C → A register reuse and the forward's online-softmax step: attention.cuh.
 //
 // Shared-memory tiles are bf16, row stride H + 8 elements (H/2 + 4 words ≡ 4 mod 8 words), so the 8
 // groups of a fragment load hit distinct 4-bank groups: conflict-free 32-bit loads, and the
 // "transposed" loads below (two 16-bit loads from rows 2t, 2t+1) conflict-free too.
 // Each warp owns 16 rows (queries in forward/dq, keys in dk/dv); a block is 4 warps = 64 rows.
-typedef __nv_bfloat16 bf16;
 
 #define AB_THREADS 128
 #define AB_ROWS 64  // rows per block: 4 warps × 16
@@ -479,14 +459,6 @@ __device__ __forceinline__ void ab_frag_b_kn(uint32_t bb[2], const bf16* tile, i
     bb[0] = ab_ld_pair_t(p, S);
     bb[1] = ab_ld_pair_t(p + 8 * S, S);
 }
-// The A fragment of k-step kk from the C fragments c[2kk], c[2kk+1] of a 16 × (16·steps) product
-// (see the layout note above), rounded to bf16.
-__device__ __forceinline__ void ab_c_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
-    a[0] = pack_bf16x2(c0[0], c0[1]);
-    a[1] = pack_bf16x2(c0[2], c0[3]);
-    a[2] = pack_bf16x2(c1[0], c1[1]);
-    a[3] = pack_bf16x2(c1[2], c1[3]);
-}
 
 // ---- forward ----
 // Shared memory (bytes), mirrored by the host (attention.rs, `bf16_fwd_smem`):
@@ -541,45 +513,7 @@ __device__ __forceinline__ void attn_fwd_bf16(float* __restrict__ out, float* __
                 mma_bf16_16816(sacc[nt], a, bb, sacc[nt]);
             }
         }
-        // Scale, mask, online softmax. Element e of tile nt: row (e < 2 ? g : g+8), key nt·8 + 2t + (e&1).
-        float mx[2] = {ATT_NEG_INF, ATT_NEG_INF};
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int col = nt * 8 + 2 * t + (e & 1), i = (e < 2) ? i_lo : i_hi;
-                const bool ok = sOk[col] && (!causal || j0 + col <= i);
-                const float s = ok ? sacc[nt][e] * scale : ATT_NEG_INF;
-                sacc[nt][e] = s;
-                mx[e >> 1] = fmaxf(mx[e >> 1], s);
-            }
-        float mu[2], alpha[2];
-#pragma unroll
-        for (int hh = 0; hh < 2; hh++) {
-            // The quad (4 lanes, same g) holds the row's BN columns.
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-            const float mnew = fmaxf(m[hh], mx[hh]);
-            mu[hh] = mnew == ATT_NEG_INF ? 0.0f : mnew;  // no allowed key yet: avoid inf − inf
-            alpha[hh] = __expf(m[hh] - mu[hh]);
-            m[hh] = mnew;
-            l[hh] *= alpha[hh];
-        }
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float p = __expf(sacc[nt][e] - mu[e >> 1]);  // exp(-inf) = 0 for excluded keys
-                l[e >> 1] += p;
-                sacc[nt][e] = p;
-            }
-#pragma unroll
-        for (int dt = 0; dt < DT; dt++) {
-            o[dt][0] *= alpha[0];
-            o[dt][1] *= alpha[0];
-            o[dt][2] *= alpha[1];
-            o[dt][3] *= alpha[1];
-        }
+        ab_softmax_tile<NT, DT>(sacc, o, m, l, sOk, j0, i_lo, i_hi, t, scale, causal);
         // O += P·V: P from registers (C → A), V from the transposed tile (B[key][d] = sVt[d][key]).
 #pragma unroll
         for (int kk = 0; kk < BN / 16; kk++) {
@@ -593,26 +527,7 @@ __device__ __forceinline__ void attn_fwd_bf16(float* __restrict__ out, float* __
             }
         }
     }
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
-        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
-    }
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-        const int i = hh ? i_hi : i_lo;
-        if (i < q_len) {
-            const float inv = l[hh] > 0.0f ? 1.0f / l[hh] : 0.0f;
-            float* orow = out + ((size_t)b * q_len + i) * w + (size_t)h * hd;
-#pragma unroll
-            for (int dt = 0; dt < DT; dt++) {
-                const int d = dt * 8 + 2 * t;
-                if (d < hd) orow[d] = o[dt][2 * hh] * inv;
-                if (d + 1 < hd) orow[d + 1] = o[dt][2 * hh + 1] * inv;
-            }
-            if (t == 0) lse[((size_t)b * q_len + i) * heads + h] = l[hh] > 0.0f ? m[hh] + logf(l[hh]) : ATT_NEG_INF;
-        }
-    }
+    ab_store_rows<DT>(out, lse, o, m, l, b, h, i_lo, i_hi, q_len, heads, hd, t);
 }
 
 // ---- backward, query side: dq += dS·K ----

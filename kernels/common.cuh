@@ -91,14 +91,22 @@ __device__ __forceinline__ void cp_async_wait() {
 // ldmatrix .x4: four 8×8 b16 matrices; lane l gives the address of row l%8 of matrix l/8 (16
 // bytes, aligned) and receives in r[i] row l/4, columns 2(l%4), 2(l%4)+1 of matrix i — the A
 // fragment of mma.m16n8k16 for a row-major 16×16 tile when the matrices are its four 8×8 quarters.
+// With Trans (.x4.trans), matrix i transposed: rows 2(l%4), 2(l%4)+1 of column l/4, the B
+// fragments of two n8 tiles from a row-major k×n tile (see ldmatrix_x2).
+template <bool Trans = false>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
 #ifdef ROENTGEN_EMU
-    emu_ldmatrix(r, 4, false, row);
+    emu_ldmatrix(r, 4, Trans, row);
 #else
     const unsigned s = (unsigned)__cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
+    if constexpr (Trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(s));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(s));
 #endif
 }
 // ldmatrix .x2 (Trans: .x2.trans): two 8×8 matrices, lanes 0–15 giving the row addresses. From an
@@ -130,5 +138,21 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], 
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
           "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+// D = A·B + C for one m16n8k8 tile (half the k of the above): a[0] = A[g][2t, 2t+1], a[1] =
+// A[g+8][2t, 2t+1] (the first two registers of the k16 layout), b = B[2t, 2t+1][g]. A k-tail of 8
+// (head dim 40 = 2·16 + 8) takes one of these instead of a k16 step over zero padding.
+__device__ __forceinline__ void mma_bf16_1688(float d[4], const uint32_t a[2], uint32_t b, const float c[4]) {
+#ifdef ROENTGEN_EMU  // the k16 instruction with the upper half of k zero: the same sum
+    const uint32_t a4[4] = {a[0], a[1], 0u, 0u}, b2[2] = {b, 0u};
+    emu_mma_bf16_16816(d, a4, b2, c);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%8,%9,%10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 #endif
 }

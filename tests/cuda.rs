@@ -135,6 +135,7 @@ fn main() {
         }
         if bf16 {
             ops::conv_versions_agree_case(&mut r, &mut gpu);
+            ops::attention_versions_agree_case(&mut r, &mut gpu);
         }
         if let Some(n) = env_number("ROENTGEN_CUDA_FUZZ") {
             fuzz::fuzz_cases(

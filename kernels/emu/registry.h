@@ -28,6 +28,7 @@ inline void register_kernel_dynamic_smem() {
 
 #include "../common.cuh"
 #include "../attention.cu"
+#include "../attention_v2.cu"
 #include "../conv.cu"
 #include "../conv_pipeline.cu"
 #include "../elementwise.cu"
@@ -65,6 +66,18 @@ inline void register_kernel_dynamic_smem() {
     K(attention_bwd_dq_f32, AF_THREADS) \
     K(attention_bwd_dkdv_f32, AF_THREADS) \
     K(attention_wide_softmax, AW_THREADS) \
+    K(attention_fwd_bf16_v2_d8, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v2_d16, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v2_d24, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v2_d32, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v2_d40, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v2_d48, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v2_d56, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v2_d64, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v2_d72, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v2_d80, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v2_d88, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v2_d96, attn_v2::THREADS) \
     K(attention_wide_bwd_ds, AW_THREADS) \
     K(ln_forward, 0) \
     K(ln_backward_dinp, 0) \

@@ -386,9 +386,17 @@ pub fn op_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: bool, tag: &str) {
         };
         let (q, k, v) = (rng.normal(bt * ql * d), rng.normal(bt * kl * d), rng.normal(bt * kl * d));
         let ins = vec![vec![0.0; bt * ql * d], vec![0.0; bt * ql * hd], q, k, v];
-        g(format!("{op}_forward {name}"), ins.clone(), &[0, 1], &|b, t| {
-            attention_forward(b, p, [&t[0], &t[1], &t[2], &t[3], &t[4]], mask.as_deref())
-        });
+        // Every version of the bf16 forward (versions.rs; version 2 holds head dims ≤ 96 and runs
+        // version 1 past them); f32 has one version.
+        let versions: Vec<u32> =
+            if bf16 { KernelFamily::Attention.versions().iter().map(|&(v, _)| v).collect() } else { vec![1] };
+        for &v in &versions {
+            version.set((v != 1).then_some((KernelFamily::Attention, v)));
+            g(format!("{op}_forward {name}"), ins.clone(), &[0, 1], &|b, t| {
+                attention_forward(b, p, [&t[0], &t[1], &t[2], &t[3], &t[4]], mask.as_deref())
+            });
+        }
+        version.set(None);
         if ql * kl > 1 << 22 {
             continue; // the backward at 4096×77 is covered by the smaller shapes; keep the CPU time sane
         }
@@ -769,6 +777,67 @@ pub fn conv_versions_agree_case(r: &mut Runner, gpu: &mut CudaBackend) {
                     checked += a.len();
                 }
             }
+        }
+        Ok(format!("{checked} values over {} shapes, equal to the bit", shapes.len()))
+    });
+}
+
+/// Version 2 of the bf16 attention forward changes how Q, K and V reach the tensor cores (Q in
+/// registers, K/V by cp.async into double-buffered tiles read by ldmatrix, 128 queries a block, an
+/// m16n8k8 tail at head dims ≡ 8 mod 16) but keeps version 1's key tiles, roundings, products and
+/// softmax: outputs and log-sum-exps equal to the bit. Shapes: SD's head dims 40, 80 and 160 (past
+/// version 2's 96: version 1 runs), CLIP's causal 64, BERT's masked 64, odd head dims (not a
+/// multiple of 4: the synchronous loads), 4-byte aligned tensors (the same), causal blocks past
+/// the first, partial key tiles, fewer queries than a block, no keys.
+pub fn attention_versions_agree_case(r: &mut Runner, gpu: &mut CudaBackend) {
+    r.case("bf16/attention_forward version 2 gives version 1's bits (output, log-sum-exp)", || {
+        // (batch, q_len, kv_len, heads, head_dim, causal, masked, skew)
+        let shapes: &[(usize, usize, usize, usize, usize, bool, bool, usize)] = &[
+            (2, 300, 77, 2, 40, false, false, 0), // SD cross-attention: k8 tail, partial key tile
+            (1, 200, 200, 2, 40, false, false, 0), // self-attention, several key tiles
+            (1, 150, 130, 2, 80, false, false, 0), // SD 32×32's head dim
+            (1, 70, 70, 2, 160, false, false, 0), // SD 8×8's: version 1 runs
+            (2, 77, 77, 3, 64, true, false, 0),   // CLIP: causal
+            (1, 260, 260, 1, 24, true, false, 0), // causal past the first 128-query block
+            (2, 77, 77, 2, 64, false, true, 0),   // BERT: a key mask
+            (1, 45, 70, 2, 33, false, false, 0),  // head dim 33: synchronous loads, tail 40
+            (1, 50, 90, 2, 96, false, false, 0),  // the largest version-2 bucket
+            (1, 40, 66, 1, 8, false, false, 0),   // the smallest: k8 only
+            (1, 33, 40, 2, 16, false, false, 1),  // 4-byte aligned tensors: synchronous loads
+            (1, 20, 0, 2, 40, false, false, 0),   // no keys
+        ];
+        let mut rng = Rng(0xA772);
+        let mut checked = 0usize;
+        for &(bt, ql, kl, hd, dh, causal, masked, skew) in shapes {
+            let p = attn((bt, ql, kl, hd, dh, 1.0 / (dh as f32).sqrt(), causal));
+            let d = hd * dh;
+            let mask: Option<Vec<u32>> =
+                masked.then(|| (0..bt * kl).map(|i| u32::from(i % kl < kl - 3 * (i / kl) - 1)).collect());
+            let ins = vec![
+                vec![0.0; bt * ql * d],
+                vec![0.0; bt * ql * hd],
+                rng.normal(bt * ql * d),
+                rng.normal(bt * kl * d),
+                rng.normal(bt * kl * d),
+            ];
+            let run = |gpu: &mut CudaBackend, v: u32| -> Result<Vec<f32>> {
+                gpu.set_kernel_version(KernelFamily::Attention, v)?;
+                let t = place_skewed(gpu, &ins, skew)?;
+                attention_forward(gpu, p, [&t[0], &t[1], &t[2], &t[3], &t[4]], mask.as_deref())?;
+                let mut out = gpu.download(&t[0])?;
+                out.extend(gpu.download(&t[1])?);
+                gpu.set_kernel_version(KernelFamily::Attention, 1)?;
+                Ok(out)
+            };
+            let (a, b) = (run(gpu, 1)?, run(gpu, 2)?);
+            let differ = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            ensure!(
+                differ == 0,
+                "b{bt} q{ql} kv{kl} h{hd} d{dh} causal={causal} masked={masked}: {differ} of {} values differ",
+                a.len()
+            );
+            ensure!(a.iter().any(|x| *x != 0.0) || kl == 0, "b{bt} q{ql} kv{kl} d{dh}: an all-zero output");
+            checked += a.len();
         }
         Ok(format!("{checked} values over {} shapes, equal to the bit", shapes.len()))
     });

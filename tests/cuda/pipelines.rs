@@ -192,9 +192,13 @@ pub fn autotune_case(r: &mut Runner) {
                 ensure!(of.iter().all(|r| r["correct"] == true), "{shape}: a version failed the gate: {of:?}");
                 ensure!(of.iter().filter(|r| r["chosen"] == true).count() == 1, "{shape}: not one chosen version");
             }
-            // The resnets' group norm + SiLU (forward and backward), and the data gradients'
-            // accumulating convolutions.
-            let needle = if family == KernelFamily::Conv { " acc" } else { " silu" };
+            // The resnets' group norm + SiLU (forward and backward), the data gradients'
+            // accumulating convolutions, and the text encoder's causal attention.
+            let needle = match family {
+                KernelFamily::Conv => " acc",
+                KernelFamily::Attention => " causal",
+                KernelFamily::GroupNorm | KernelFamily::GroupNormBackward => " silu",
+            };
             ensure!(shapes.iter().any(|s| s.ends_with(needle)), "no{needle} shape among {shapes:?}");
             report.push(format!("{} {} shapes × {versions} versions", family.name(), shapes.len()));
             all_shapes += shapes.len();

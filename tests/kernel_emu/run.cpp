@@ -249,6 +249,21 @@ __global__ void emu_selftest_mma(float* d_out, const float* A, const float* B, c
     d_out[(g + 8) * 8 + 2 * t + 1] = d[3];
 }
 
+// mma.m16n8k8: A (16×8) and B (8×8) into the first two registers of the k16 layout and one.
+__global__ void emu_selftest_mma8(float* d_out, const float* A, const float* B, const float* C) {
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    const uint32_t a[2] = {pack_bf16x2(A[g * 8 + 2 * t], A[g * 8 + 2 * t + 1]),
+                           pack_bf16x2(A[(g + 8) * 8 + 2 * t], A[(g + 8) * 8 + 2 * t + 1])};
+    const uint32_t b = pack_bf16x2(B[(2 * t) * 8 + g], B[(2 * t + 1) * 8 + g]);
+    float c[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]};
+    float d[4];
+    mma_bf16_1688(d, a, b, c);
+    d_out[g * 8 + 2 * t] = d[0];
+    d_out[g * 8 + 2 * t + 1] = d[1];
+    d_out[(g + 8) * 8 + 2 * t] = d[2];
+    d_out[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
 // Shared memory starts as garbage (0xFF bytes: NaN), static and dynamic.
 __global__ void emu_selftest_uninit(float* out) {
     __shared__ float u[8];
@@ -312,25 +327,44 @@ static Report emu_selftest() {
             ref[i * 8 + n] = s;
         }
     compare(r, "mma", false, dbl(tD.get()), ref);
-    if (r.ok) r.note("bf16 rounding, barriers, shuffles, mma fragments");
+    {
+        auto A8 = rng.randn(128), B8 = rng.randn(64), C8 = rng.randn(128);
+        T tA8(A8), tB8(B8), tC8(C8), tD8(128);
+        emu::launch_args("emu_selftest_mma8", &emu_selftest_mma8, 0, dim3(1), dim3(32), 0,
+                         {emu::P(tD8.p), emu::P(tA8.p), emu::P(tB8.p), emu::P(tC8.p)});
+        vector<double> ref8(128);
+        for (int i = 0; i < 16; i++)
+            for (int n = 0; n < 8; n++) {
+                double s = C8[i * 8 + n];
+                for (int k = 0; k < 8; k++)
+                    s += (double)__bfloat162float(__float2bfloat16_rn(A8[i * 8 + k])) *
+                         (double)__bfloat162float(__float2bfloat16_rn(B8[k * 8 + n]));
+                ref8[i * 8 + n] = s;
+            }
+        compare(r, "mma m16n8k8", false, dbl(tD8.get()), ref8);
+    }
+    if (r.ok) r.note("bf16 rounding, barriers, shuffles, mma fragments (k16 and k8)");
     return r;
 }
 
 // ---- cp.async and ldmatrix (common.cuh's helpers) --------------------------------------------------
-// ldmatrix .x4, .x2 and .x2.trans of four 8×8 b16 matrices whose element (i, r, c) is i·64 + 8r + c:
-// every register of every lane, for the host to compare with the PTX ISA's fragment table.
+// ldmatrix .x4, .x2, .x2.trans and .x4.trans of four 8×8 b16 matrices whose element (i, r, c) is
+// i·64 + 8r + c: every register of every lane, for the host to compare with the PTX ISA's fragment
+// table.
 __global__ void emu_kat_ldmatrix(uint32_t* out) {
     __shared__ __align__(16) uint16_t m[4][8][8];
     const int lane = threadIdx.x;
     for (int e = lane; e < 256; e += 32) (&m[0][0][0])[e] = (uint16_t)e;
     __syncthreads();
-    uint32_t r4[4], r2[2], t2[2];
+    uint32_t r4[4], r2[2], t2[2], t4[4];
     ldmatrix_x4(r4, &m[lane / 8][lane % 8][0]);
     ldmatrix_x2<false>(r2, &m[(lane / 8) % 2][lane % 8][0]);
     ldmatrix_x2<true>(t2, &m[(lane / 8) % 2][lane % 8][0]);
-    for (int i = 0; i < 4; i++) out[lane * 8 + i] = r4[i];
-    for (int i = 0; i < 2; i++) out[lane * 8 + 4 + i] = r2[i];
-    for (int i = 0; i < 2; i++) out[lane * 8 + 6 + i] = t2[i];
+    ldmatrix_x4<true>(t4, &m[lane / 8][lane % 8][0]);
+    for (int i = 0; i < 4; i++) out[lane * 12 + i] = r4[i];
+    for (int i = 0; i < 2; i++) out[lane * 12 + 4 + i] = r2[i];
+    for (int i = 0; i < 2; i++) out[lane * 12 + 6 + i] = t2[i];
+    for (int i = 0; i < 4; i++) out[lane * 12 + 8 + i] = t4[i];
 }
 
 // What a kernel does with them: A (16×16, row-major) and B staged in shared memory by cp.async as
@@ -391,23 +425,23 @@ static uint16_t bf16_bits(float f) { return __float2bfloat16_rn(f).__x; }
 static Report emu_kat_async_and_ldmatrix() {
     Report r;
     {
-        vector<uint32_t> got(256, 0xDEADBEEFu);
-        uint32_t* o = static_cast<uint32_t*>(dev_alloc(256 * 4, 0xFF));
+        vector<uint32_t> got(384, 0xDEADBEEFu);
+        uint32_t* o = static_cast<uint32_t*>(dev_alloc(384 * 4, 0xFF));
         emu::launch_args("emu_kat_ldmatrix", &emu_kat_ldmatrix, 0, dim3(1), dim3(32), 0, {emu::P(o)});
-        memcpy(got.data(), o, 256 * 4);
+        memcpy(got.data(), o, 384 * 4);
         // PTX ISA, "Warp-level matrix load instruction: ldmatrix", fragment figure: lane l holds
         // row l/4, columns 2(l%4) and 2(l%4)+1 of each matrix; .trans the element at (column, row).
         int bad = 0;
         for (int l = 0; l < 32; l++)
-            for (int i = 0; i < 8; i++) {
-                const int mat = i < 4 ? i : (i - 4) % 2, row = l / 4, col = 2 * (l % 4);
+            for (int i = 0; i < 12; i++) {
+                const int mat = i < 4 ? i : i < 8 ? (i - 4) % 2 : i - 8, row = l / 4, col = 2 * (l % 4);
                 uint32_t want;
                 if (i < 6)
                     want = (uint32_t)(mat * 64 + row * 8 + col) | (uint32_t)(mat * 64 + row * 8 + col + 1) << 16;
                 else
                     want = (uint32_t)(mat * 64 + col * 8 + row) | (uint32_t)(mat * 64 + (col + 1) * 8 + row) << 16;
-                if (got[l * 8 + i] != want && bad++ < 3)
-                    r.failure(fmt("ldmatrix lane %d register %d: %08x, want %08x", l, i, got[l * 8 + i], want));
+                if (got[l * 12 + i] != want && bad++ < 3)
+                    r.failure(fmt("ldmatrix lane %d register %d: %08x, want %08x", l, i, got[l * 12 + i], want));
             }
     }
     {
@@ -456,7 +490,7 @@ static Report emu_kat_async_and_ldmatrix() {
                     if (!same && bad++ < 3) r.failure(fmt("thread %d, %s, float %d: %g, want %g", t, when[k], j, got, want));
                 }
     }
-    if (r.ok) r.note("ldmatrix fragments (x4, x2, x2.trans), cp.async + ldmatrix feeding mma, cp.async groups and zero-fill");
+    if (r.ok) r.note("ldmatrix fragments (x4, x2, x2.trans, x4.trans), cp.async + ldmatrix feeding mma, cp.async groups and zero-fill");
     return r;
 }
 

@@ -4,7 +4,9 @@
 //!
 //! Paths: `use_bf16()` selects the tensor-core kernels `attention_*_bf16_d<H>` (H = head_dim rounded
 //! up to a multiple of 16, one instantiation per bucket); otherwise the exact f32 SIMT kernels
-//! `attention_*_f32`. Both hold head_dim 1..=160.
+//! `attention_*_f32`. Both hold head_dim 1..=160. The bf16 forward has a version 2
+//! (kernels/attention_v2.cu, `attention_fwd_bf16_v2_d<D>`, D = head_dim rounded up to 8, up to 96),
+//! chosen as versions.rs says; it gives version 1's results bit for bit.
 //!
 //! Wider heads (the VAE's mid-block attention: one head of 512) take the materialised path
 //! (`wide_forward` / `wide_backward`): per (batch, head) pair, S = Q·Kᵀ through cuBLAS into a
@@ -32,6 +34,7 @@
 //! The shared-memory sizes below mirror the tile layouts documented above each kernel in
 //! attention.cu; a change to one must be made in the other.
 
+use super::autotune::TunableOp;
 use super::device::Gemm;
 use super::launch::*;
 use super::CudaBackend;
@@ -58,6 +61,10 @@ const F32_BLOCK_ROWS: usize = 16;
 const BF16_BLOCK_ROWS: usize = 64;
 /// (row, head) items per block of `attention_bwd_delta` (8 warps of 256 threads, one warp each).
 const DELTA_ITEMS_PER_BLOCK: usize = 8;
+/// The bf16 forward's version 2: 8 warps × 16 query rows per block, head-dim buckets up to 96.
+const V2_THREADS: u32 = 256;
+const V2_BLOCK_ROWS: usize = 128;
+const V2_MAX_BUCKET: usize = 96;
 
 /// Q rows [16][hd] + K tile [32][hd+1] + V tile [32][hd], f32 (attention_fwd_f32).
 fn f32_fwd_smem(hd: usize) -> usize {
@@ -78,6 +85,19 @@ fn bf16_bucket(hd: usize) -> usize {
 fn bf16_fwd_smem(h: usize) -> usize {
     let s = h + 8;
     (64 * s + 64 * s + h * (64 + 8)) * 2 + 64 * 4
+}
+
+/// Version 2's head-dim bucket: head_dim rounded up to 8 (8, 16, …, 96).
+fn v2_bucket(hd: usize) -> usize {
+    hd.div_ceil(8) * 8
+}
+
+/// attn_v2::forward<D> (kernels/attention_v2.cu): bf16 K and V tiles [2 buffers][2][64][H + 8]
+/// (H = D rounded up to 16), key flags [2][64] int, then the f32 staging [2 stages][2][64][hd4]
+/// (hd4 = head_dim rounded up to 4).
+fn bf16_fwd_v2_smem(d: usize, hd: usize) -> usize {
+    let s = d.div_ceil(16) * 16 + 8;
+    2 * 2 * 64 * s * 2 + 2 * 64 * 4 + 2 * 2 * 64 * hd.div_ceil(4) * 4 * 4
 }
 
 /// attn_bwd_dq_bf16<H>: Q, dO [64][H+8] + K, V [BN][H+8] bf16, then BN int key flags;
@@ -449,6 +469,11 @@ impl AttentionOps for CudaBackend {
         let args = AttentionFwdF32 { out, lse, q, k, v, key_mask, q_len, kv_len, heads, hd, scale, causal };
         let bh = (d.batch * d.heads) as u32;
         if self.use_bf16() {
+            let v2 = v2_bucket(d.hd);
+            if v2 <= V2_MAX_BUCKET && self.kernel_version(TunableOp::Attention(*p)) >= 2 {
+                let grid = (blocks(d.q_len, V2_BLOCK_ROWS), bh, 1);
+                return self.launch(args.bf16_v2(v2), grid, (V2_THREADS, 1, 1), bf16_fwd_v2_smem(v2, d.hd) as u32);
+            }
             let h = bf16_bucket(d.hd);
             let grid = (blocks(d.q_len, BF16_BLOCK_ROWS), bh, 1);
             self.attn_launch(args.bf16(h), grid, bf16_fwd_smem(h))
@@ -563,6 +588,14 @@ mod tests {
             }
         }
         assert!(f32_bwd_smem(MAX_HEAD_DIM) <= 163 * 1024 && f32_fwd_smem(MAX_HEAD_DIM) <= 163 * 1024);
+        for hd in 1..=V2_MAX_BUCKET {
+            let s = bf16_fwd_v2_smem(v2_bucket(hd), hd);
+            assert!(s <= 163 * 1024, "version 2, head dim {hd}: {s} B");
+        }
+        // The sizes the kernel's header states: 68.5 KiB at head dim 40, 148.5 KiB at 96.
+        assert_eq!(bf16_fwd_v2_smem(40, 40), 70_144);
+        assert_eq!(bf16_fwd_v2_smem(96, 96), 152_064);
+        assert_eq!((v2_bucket(40), v2_bucket(33), v2_bucket(8), v2_bucket(1)), (40, 40, 8, 8));
         assert_eq!(bf16_bucket(40), 48);
         assert_eq!(bf16_bucket(8), 16);
         assert_eq!(bf16_bucket(160), 160);

@@ -10,7 +10,8 @@
 use super::conv::IgemmShape;
 use super::versions::KernelFamily;
 use super::CudaBackend;
-use crate::backend::{Backend, NormOps};
+use crate::backend::{AttentionOps, Backend, NormOps};
+use crate::ops::attention::{AttentionForward, AttentionParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, NormForward};
 use crate::rng::splitmix::SplitMix64;
 use crate::tensor::{PoolId, Tensor};
@@ -24,6 +25,8 @@ pub enum TunableOp {
     GroupNorm(GroupNormParams),
     GroupNormBackward(GroupNormParams),
     Conv(IgemmShape),
+    /// The bf16 attention forward (no key mask: a mask changes which keys count, not the work).
+    Attention(AttentionParams),
 }
 
 impl TunableOp {
@@ -32,6 +35,7 @@ impl TunableOp {
             TunableOp::GroupNorm(_) => KernelFamily::GroupNorm,
             TunableOp::GroupNormBackward(_) => KernelFamily::GroupNormBackward,
             TunableOp::Conv(_) => KernelFamily::Conv,
+            TunableOp::Attention(_) => KernelFamily::Attention,
         }
     }
 
@@ -40,6 +44,10 @@ impl TunableOp {
         match self {
             TunableOp::GroupNorm(p) | TunableOp::GroupNormBackward(p) => p.shape_key(),
             TunableOp::Conv(s) => s.key(),
+            TunableOp::Attention(p) => {
+                let causal = if p.causal { " causal" } else { "" };
+                format!("b{} q{} kv{} h{} d{}{causal}", p.batch, p.q_len, p.kv_len, p.heads, p.head_dim)
+            }
         }
     }
 
@@ -52,6 +60,11 @@ impl TunableOp {
             TunableOp::Conv(s) => {
                 let (src, wt, dst) = s.extents();
                 4 * (src + dst) + 2 * wt
+            }
+            // q, k, v read; out and lse written.
+            TunableOp::Attention(p) => {
+                let w = p.heads * p.head_dim;
+                4 * (2 * p.batch * p.q_len * w + 2 * p.batch * p.kv_len * w + p.batch * p.q_len * p.heads)
             }
         }
     }
@@ -168,6 +181,19 @@ fn prepare(gpu: &mut CudaBackend, op: &TunableOp, p: &mut Prepared) -> Result<()
             let wt_t = alloc(gpu, p, w.len())?;
             p.inputs.push((wt_t, w));
         }
+        TunableOp::Attention(a) => {
+            let w = a.heads * a.head_dim;
+            for len in [a.batch * a.q_len * w, a.batch * a.q_len * a.heads] {
+                let t = alloc(gpu, p, len)?;
+                p.outputs.push(t);
+            }
+            for (i, len) in
+                [a.batch * a.q_len * w, a.batch * a.kv_len * w, a.batch * a.kv_len * w].into_iter().enumerate()
+            {
+                let t = alloc(gpu, p, len)?;
+                p.inputs.push((t, normals(len, 0xA770 + i as u64)));
+            }
+        }
     }
     Ok(())
 }
@@ -198,6 +224,11 @@ fn run_once(gpu: &CudaBackend, op: &TunableOp, p: &Prepared) -> Result<()> {
             gpu.group_norm_backward(g, &bwd)
         }
         TunableOp::Conv(s) => gpu.conv_igemm_replay(s, at(&p.outputs[0]), at(&p.inputs[1].0), at(&p.inputs[2].0)),
+        TunableOp::Attention(a) => {
+            let (o, i) = (&p.outputs, &p.inputs);
+            let fwd = AttentionForward { out: &o[0], lse: &o[1], q: &i[0].0, k: &i[1].0, v: &i[2].0, key_mask: None };
+            gpu.attention_forward(a, &fwd)
+        }
     }
 }
 

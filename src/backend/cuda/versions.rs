@@ -25,10 +25,15 @@ pub enum KernelFamily {
     /// The bf16 implicit-GEMM convolution (forward and data gradient): kernels/conv.cu and
     /// kernels/conv_pipeline.cu `conv2d_igemm_bf16*`. (The f32 path is the parity path and has one version.)
     Conv,
+    /// The bf16 fused attention forward: kernels/attention.cu `attention_fwd_bf16_d*` (version 1)
+    /// and kernels/attention_v2.cu. (The f32 path is the parity path and has one version; the
+    /// backward has one version so far.)
+    Attention,
 }
 
 impl KernelFamily {
-    pub const ALL: [KernelFamily; 3] = [KernelFamily::GroupNorm, KernelFamily::GroupNormBackward, KernelFamily::Conv];
+    pub const ALL: [KernelFamily; 4] =
+        [KernelFamily::GroupNorm, KernelFamily::GroupNormBackward, KernelFamily::Conv, KernelFamily::Attention];
 
     /// The name used in `ROENTGEN_KERNELS` and in reports.
     pub fn name(self) -> &'static str {
@@ -36,6 +41,7 @@ impl KernelFamily {
             KernelFamily::GroupNorm => "group_norm",
             KernelFamily::GroupNormBackward => "group_norm_backward",
             KernelFamily::Conv => "conv",
+            KernelFamily::Attention => "attention",
         }
     }
 
@@ -57,6 +63,14 @@ impl KernelFamily {
                 (4, "version 3's tiles fed by a cp.async pipeline of 2 stages (kernels/conv_pipeline.cu)"),
                 (5, "the cp.async pipeline with 3 stages (two reduction tiles in flight)"),
                 (6, "the cp.async pipeline with 4 stages (three reduction tiles in flight)"),
+            ],
+            KernelFamily::Attention => &[
+                (1, "64 queries per block, Q, K and Vᵀ staged synchronously in shared memory, head dim padded to 16"),
+                (
+                    2,
+                    "128 queries per block, Q in registers, K/V by cp.async one tile ahead, ldmatrix(.trans), \
+                     head dim padded to 8 only (head dims ≤ 96; version 1 beyond)",
+                ),
             ],
         }
     }
@@ -171,8 +185,8 @@ mod tests {
         assert_eq!(KernelChoice::parse("group_norm=1").unwrap().describe(), "");
         let err = |s: &str| format!("{:#}", KernelChoice::parse(s).unwrap_err());
         assert!(
-            err("attention=2").contains("no kernel family \"attention\"")
-                && err("attention=2").contains("group_norm, group_norm_backward, conv")
+            err("softmax=2").contains("no kernel family \"softmax\"")
+                && err("softmax=2").contains("group_norm, group_norm_backward, conv, attention")
         );
         assert_eq!(KernelChoice::parse("conv=2, group_norm=2").unwrap().describe(), "group_norm=2,conv=2");
         // A tuned shape is looked up; a chosen family overrides the table.
