@@ -462,7 +462,7 @@ __device__ __forceinline__ void ab_frag_b_kn(uint32_t bb[2], const bf16* tile, i
 
 // ---- forward ----
 // Shared memory (bytes), mirrored by the host (attention.rs, `bf16_fwd_smem`):
-//   (64·(H+8) [Q] + 64·(H+8) [K tile] + H·(64+8) [Vᵀ tile]) · 2 + 64 · 4 [key flags].
+//   (64·(H+8) [Q] + 64·(H+8) [K tile] + H·(64+8) [Vᵀ tile]) · 2 + 2 · 4 [allowed-key bits].
 #define AB_FWD_BN 64
 template <int H>
 __device__ __forceinline__ void attn_fwd_bf16(float* __restrict__ out, float* __restrict__ lse,
@@ -474,7 +474,7 @@ __device__ __forceinline__ void attn_fwd_bf16(float* __restrict__ out, float* __
     bf16* sQ = reinterpret_cast<bf16*>(att_smem_bf16);  // [BM][S]
     bf16* sK = sQ + BM * S;                              // [BN][S]
     bf16* sVt = sK + BN * S;                             // [H][VS]
-    int* sOk = reinterpret_cast<int*>(sVt + H * VS);     // [BN] key allowed (mask and kv_len)
+    uint32_t* sOk = reinterpret_cast<uint32_t*>(sVt + H * VS);  // [2] allowed-key bits (ab_key_bits)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int b = blockIdx.y / heads, h = blockIdx.y - b * heads;
     const int q0 = blockIdx.x * BM;
@@ -495,7 +495,7 @@ __device__ __forceinline__ void attn_fwd_bf16(float* __restrict__ out, float* __
         __syncthreads();  // Q staged (first tile); previous K/V tile consumed
         ab_stage<BN, H>(sK, kb, w, j0, kv_len, hd);
         ab_stage_t<BN, H>(sVt, vb, w, j0, kv_len, hd);
-        for (int jj = threadIdx.x; jj < BN; jj += blockDim.x) sOk[jj] = att_key_ok(key_mask, b, kv_len, j0 + jj);
+        ab_key_bits(sOk, key_mask, b, kv_len, j0);
         __syncthreads();
 
         // S = Q·Kᵀ for the warp's 16 rows × BN keys.

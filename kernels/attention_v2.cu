@@ -1,6 +1,6 @@
-// The bf16 attention forward, version 2 (ROENTGEN_KERNELS=attention=2): version 1's products and
-// softmax (attention.cu `attn_fwd_bf16`, whose semantics are at the top of attention.cu), fed
-// differently.
+// The bf16 attention forward, versions 2 and 3 (ROENTGEN_KERNELS=attention=2|3). Version 2:
+// version 1's products and softmax (attention.cu `attn_fwd_bf16`, whose semantics are at the top of
+// attention.cu), fed differently. Version 3: version 2 with FlashAttention-2's exp2 softmax.
 //
 // What it changes, for head-dim buckets H ≤ 96 (past them version 1 runs: see the smem note):
 //  * 128 query rows per block (8 warps of 16) instead of 64: each K/V tile brought to shared memory
@@ -20,9 +20,14 @@
 //    mmas at hd 40).
 // Kept from version 1, so that the results are bit for bit version 1's (the emulated cases check
 // it): the key tile of 64, the bf16 roundings, each accumulator's products in the same order, and
-// the softmax step itself (attention.cuh `ab_softmax_tile`). The exp2 form with the scale folded
-// into one FFMA (FlashAttention-2's) would save two f32 operations per score but changes the
-// rounding of every probability: a later version, gated by the bf16 tolerance rather than by bits.
+// the softmax step itself (attention.cuh `ab_softmax_tile`).
+//
+// Version 3 (EXP2): the scale and log2 e folded into one FFMA per score before the ex2, the
+// maximum taken over the raw scores (ab_softmax_tile<…, true>): two f32 operations fewer per score
+// (≈25 % of the softmax's FMA-pipe work at hd 40, where the softmax bounds the kernel: see below),
+// expected ≈1.1–1.2× over version 2 there. Its probabilities equal version 1's up to f32 rounding,
+// so their bf16 roundings may differ in the last bit: it is gated against version 1 by the bf16
+// tolerance (versions.rs `gate`), not by bits.
 //
 // Roofline (H100 SXM, estimates): SD's 64×64 self-attention (4096 × 4096, hd 40, 8 heads, batch 2)
 // is 43 GFLOP of mma, ≈45 µs at the dense bf16 peak, but each of its 268 M scores also costs one
@@ -35,9 +40,9 @@
 // Shared memory (dynamic; mirrored by the host's `bf16_fwd_v2_smem`, attention.rs), in order:
 //   bf16 tiles [2 buffers][K, V][64][H + 8]   (row stride (H + 8)·2 bytes, an odd number of 16-byte
 //                                              units: ldmatrix's 8 rows hit distinct bank groups)
-//   key flags  [2 buffers][64] int
+//   key bits   [2 buffers][2] u32             (ab_key_bits)
 //   f32 staging [2 stages][K, V][64][hd4]     (hd4 = hd rounded up to 4; only with cp.async)
-// 68.5 KiB at hd 40 (two blocks per SM on an A100, up to three on an H100), 148.5 KiB at hd 96,
+// 68 KiB at hd 40 (two blocks per SM on an A100, up to three on an H100), 148 KiB at hd 96,
 // the largest bucket that fits an A100's 163 KiB per block; larger buckets run version 1.
 // cp.async needs hd a multiple of 4 and K, V 16-byte aligned; otherwise the tiles are loaded
 // synchronously (the staging is not used), with the same values.
@@ -66,7 +71,7 @@ __device__ __forceinline__ void store4(bf16* dst, float x0, float x1, float x2, 
     *reinterpret_cast<uint2*>(dst) = make_uint2(pack_bf16x2(x0, x1), pack_bf16x2(x2, x3));
 }
 
-template <int D>
+template <int D, bool EXP2>
 __device__ __forceinline__ void forward(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,
                                         const float* __restrict__ k, const float* __restrict__ v,
                                         const unsigned* __restrict__ key_mask, int q_len, int kv_len, int heads, int hd,
@@ -84,12 +89,13 @@ __device__ __forceinline__ void forward(float* __restrict__ out, float* __restri
     const float* vb = v + (size_t)b * kv_len * w + (size_t)h * hd;
     const int hd4 = (hd + 3) & ~3, c4 = hd4 / 4, chunks = 2 * BN * c4;
     // cp.async copies 16-byte chunks: whole rows of 4-float groups from 16-byte aligned bases.
+    const float scale_exp = EXP2 ? scale * 1.44269504088896341f : scale;  // see ab_softmax_tile
     const bool async = (hd & 3) == 0 && (reinterpret_cast<uintptr_t>(k) & 15) == 0 &&
                        (reinterpret_cast<uintptr_t>(v) & 15) == 0;
 
     bf16* tiles = reinterpret_cast<bf16*>(att_smem_bf16);         // [2][2][BN][S]
-    int* ok_flags = reinterpret_cast<int*>(tiles + 2 * 2 * BN * S);  // [2][BN]
-    float* staging = reinterpret_cast<float*>(ok_flags + 2 * BN);   // [2][2][BN][hd4]
+    uint32_t* ok_bits = reinterpret_cast<uint32_t*>(tiles + 2 * 2 * BN * S);  // [2][2]
+    float* staging = reinterpret_cast<float*>(ok_bits + 2 * 2);                // [2][2][BN][hd4]
     auto tile = [&](int buf, int tensor) { return tiles + (buf * 2 + tensor) * BN * S; };
     auto stage = [&](int slot, int tensor) { return staging + (slot * 2 + tensor) * BN * hd4; };
 
@@ -129,6 +135,7 @@ __device__ __forceinline__ void forward(float* __restrict__ out, float* __restri
     const int ntiles = (kv_end + BN - 1) / BN;
     // Tile j's chunks into staging slot j & 1 (rows past kv_len zero-filled: src-size 0).
     auto copy_tile = [&](int j) {
+#pragma unroll 1
         for (int c = threadIdx.x; c < chunks; c += THREADS) {
             const Chunk ch = chunk_at(c, c4);
             const int row = j * BN + ch.row;
@@ -147,6 +154,8 @@ __device__ __forceinline__ void forward(float* __restrict__ out, float* __restri
             cp_async_wait<1>();  // this thread's copies of tile j have landed
         }
         // Tile j into bf16 buffer buf: from this thread's staged chunks, or read synchronously.
+        // (Not unrolled: the products' registers are live here, and unrolled copies would spill.)
+#pragma unroll 1
         for (int c = threadIdx.x; c < chunks; c += THREADS) {
             const Chunk ch = chunk_at(c, c4);
             bf16* dst = tile(buf, ch.tensor) + ch.row * S + ch.col;
@@ -162,8 +171,8 @@ __device__ __forceinline__ void forward(float* __restrict__ out, float* __restri
                 store4(dst, x[0], x[1], x[2], x[3]);
             }
         }
-        int* ok = ok_flags + buf * BN;
-        for (int jj = threadIdx.x; jj < BN; jj += THREADS) ok[jj] = att_key_ok(key_mask, b, kv_len, j0 + jj);
+        uint32_t* ok = ok_bits + buf * 2;
+        ab_key_bits(ok, key_mask, b, kv_len, j0);
         // Tile j complete for every warp; and every warp is past tile j − 1's products, so the
         // next iteration may overwrite buffer buf ^ 1 (tile j − 1's) and its staging slot.
         __syncthreads();
@@ -197,7 +206,7 @@ __device__ __forceinline__ void forward(float* __restrict__ out, float* __restri
                 for (int i = 0; i < 4; i++) mma_bf16_1688(sacc[n4 * 4 + i], qa[KC], bb[i], sacc[n4 * 4 + i]);
             }
         }
-        ab_softmax_tile<NT, DT>(sacc, o, m, l, ok, j0, i_lo, i_hi, t, scale, causal);
+        ab_softmax_tile<NT, DT, EXP2>(sacc, o, m, l, ok, j0, i_lo, i_hi, t, scale_exp, causal);
         // O += P·V: P from registers (C → A); B[key][d] = V[key][d], V row-major, so ldmatrix.trans
         // of the 8×8 blocks (keys 16·kk.., columns d0..) gives b[0] (keys + 0) and b[1] (keys + 8).
 #pragma unroll
@@ -222,7 +231,7 @@ __device__ __forceinline__ void forward(float* __restrict__ out, float* __restri
         }
     }
     cp_async_wait<0>();  // nothing is left in flight (the last group committed is empty)
-    ab_store_rows<DT>(out, lse, o, m, l, b, h, i_lo, i_hi, q_len, heads, hd, t);
+    ab_store_rows<DT, EXP2>(out, lse, o, m, l, b, h, i_lo, i_hi, q_len, heads, hd, t);
 }
 
 }  // namespace attn_v2
@@ -236,20 +245,29 @@ __device__ __forceinline__ void forward(float* __restrict__ out, float* __restri
         float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q, const float* __restrict__ k, \
         const float* __restrict__ v, const unsigned* __restrict__ key_mask, int q_len, int kv_len, int heads,      \
         int hd, float scale, int causal) {                                                                         \
-        attn_v2::forward<H>(out, lse, q, k, v, key_mask, q_len, kv_len, heads, hd, scale, causal);                 \
+        attn_v2::forward<H, false>(out, lse, q, k, v, key_mask, q_len, kv_len, heads, hd, scale, causal);          \
     }
+// attention_fwd_bf16_v3_d<D>: version 3, the same launch.
+#define AB3_INSTANTIATE(H, MIN_BLOCKS)                                                                             \
+    extern "C" __global__ void __launch_bounds__(attn_v2::THREADS, MIN_BLOCKS) attention_fwd_bf16_v3_d##H(        \
+        float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q, const float* __restrict__ k, \
+        const float* __restrict__ v, const unsigned* __restrict__ key_mask, int q_len, int kv_len, int heads,      \
+        int hd, float scale, int causal) {                                                                         \
+        attn_v2::forward<H, true>(out, lse, q, k, v, key_mask, q_len, kv_len, heads, hd, scale, causal);           \
+    }
+#define AB23_INSTANTIATE(H, MIN_BLOCKS) AB2_INSTANTIATE(H, MIN_BLOCKS) AB3_INSTANTIATE(H, MIN_BLOCKS)
 
 // Buckets (mirrored by the host's V2_MAX_BUCKET): every multiple of 8 from 8 to 96. Up to 40 two
 // blocks per SM (≤ 128 registers, no spills); from 48 one (≤ 255: at 128 they would spill).
-AB2_INSTANTIATE(8, 2)
-AB2_INSTANTIATE(16, 2)
-AB2_INSTANTIATE(24, 2)
-AB2_INSTANTIATE(32, 2)
-AB2_INSTANTIATE(40, 2)
-AB2_INSTANTIATE(48, 1)
-AB2_INSTANTIATE(56, 1)
-AB2_INSTANTIATE(64, 1)
-AB2_INSTANTIATE(72, 1)
-AB2_INSTANTIATE(80, 1)
-AB2_INSTANTIATE(88, 1)
-AB2_INSTANTIATE(96, 1)
+AB23_INSTANTIATE(8, 2)
+AB23_INSTANTIATE(16, 2)
+AB23_INSTANTIATE(24, 2)
+AB23_INSTANTIATE(32, 2)
+AB23_INSTANTIATE(40, 2)
+AB23_INSTANTIATE(48, 1)
+AB23_INSTANTIATE(56, 1)
+AB23_INSTANTIATE(64, 1)
+AB23_INSTANTIATE(72, 1)
+AB23_INSTANTIATE(80, 1)
+AB23_INSTANTIATE(88, 1)
+AB23_INSTANTIATE(96, 1)

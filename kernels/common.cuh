@@ -58,6 +58,18 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// 2^x by the special-function unit (ex2.approx.ftz.f32: ≤ 2 ulp, denormal results flushed to 0),
+// the instruction __expf itself uses after multiplying by log2 e; emulated by exp2f.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef ROENTGEN_EMU
+    return exp2f(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
 // ---- asynchronous copies and matrix loads (sm_80+), each with its emulation (kernels/emu/emu.h) ----
 // cp.async.cg: 16 bytes global → shared without passing through registers; the copy completes at a
 // later cp_async_wait. `src_bytes` < 16 zero-fills the rest (0: nothing read, all zeros: a padding

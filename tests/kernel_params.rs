@@ -49,8 +49,11 @@ fn every_kernel_of_the_real_sources_gets_a_typed_struct() {
         .collect();
     let entry_points = sources.matches("extern \"C\" __global__").count();
     let structs = code.matches("impl Kernel for ").count();
-    let bucketed = code.matches("pub fn bf16(").count();
+    // A bucketed kernel (`NAME_bf16_d##H`, and its numbered versions `NAME_bf16_vN_d##H`) is a
+    // method of its f32 twin's struct.
+    let bucketed = code.matches(") -> Bf16Bucket<Self>").count();
     assert_eq!(structs + bucketed, entry_points, "one struct (or bf16 instance) per kernel");
+    assert!(code.contains("pub fn bf16_v2(self, head_bucket: usize) -> Bf16Bucket<Self>"));
     // Fields keep the kernel's names and map the C types.
     assert!(code.contains(
         "pub(crate) struct EwAdd {\n    pub out: u64,\n    pub a: u64,\n    pub b: u64,\n    pub n: i32,\n}"

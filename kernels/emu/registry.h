@@ -78,6 +78,18 @@ inline void register_kernel_dynamic_smem() {
     K(attention_fwd_bf16_v2_d80, attn_v2::THREADS) \
     K(attention_fwd_bf16_v2_d88, attn_v2::THREADS) \
     K(attention_fwd_bf16_v2_d96, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v3_d8, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v3_d16, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v3_d24, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v3_d32, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v3_d40, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v3_d48, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v3_d56, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v3_d64, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v3_d72, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v3_d80, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v3_d88, attn_v2::THREADS) \
+    K(attention_fwd_bf16_v3_d96, attn_v2::THREADS) \
     K(attention_wide_bwd_ds, AW_THREADS) \
     K(ln_forward, 0) \
     K(ln_backward_dinp, 0) \

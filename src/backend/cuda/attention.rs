@@ -4,9 +4,10 @@
 //!
 //! Paths: `use_bf16()` selects the tensor-core kernels `attention_*_bf16_d<H>` (H = head_dim rounded
 //! up to a multiple of 16, one instantiation per bucket); otherwise the exact f32 SIMT kernels
-//! `attention_*_f32`. Both hold head_dim 1..=160. The bf16 forward has a version 2
-//! (kernels/attention_v2.cu, `attention_fwd_bf16_v2_d<D>`, D = head_dim rounded up to 8, up to 96),
-//! chosen as versions.rs says; it gives version 1's results bit for bit.
+//! `attention_*_f32`. Both hold head_dim 1..=160. The bf16 forward has versions 2 and 3
+//! (kernels/attention_v2.cu, `attention_fwd_bf16_v{2,3}_d<D>`, D = head_dim rounded up to 8, up to
+//! 96), chosen as versions.rs says; version 2 gives version 1's results bit for bit, version 3 up
+//! to the bf16 rounding of the probabilities.
 //!
 //! Wider heads (the VAE's mid-block attention: one head of 512) take the materialised path
 //! (`wide_forward` / `wide_backward`): per (batch, head) pair, S = Q·Kᵀ through cuBLAS into a
@@ -81,10 +82,11 @@ fn bf16_bucket(hd: usize) -> usize {
     hd.div_ceil(16) * 16
 }
 
-/// attn_fwd_bf16<H>: Q [64][H+8] + K [64][H+8] + Vᵀ [H][64+8] bf16, then 64 int key flags.
+/// attn_fwd_bf16<H>: Q [64][H+8] + K [64][H+8] + Vᵀ [H][64+8] bf16, then the tile's two words of
+/// allowed-key bits.
 fn bf16_fwd_smem(h: usize) -> usize {
     let s = h + 8;
-    (64 * s + 64 * s + h * (64 + 8)) * 2 + 64 * 4
+    (64 * s + 64 * s + h * (64 + 8)) * 2 + 2 * 4
 }
 
 /// Version 2's head-dim bucket: head_dim rounded up to 8 (8, 16, …, 96).
@@ -93,11 +95,11 @@ fn v2_bucket(hd: usize) -> usize {
 }
 
 /// attn_v2::forward<D> (kernels/attention_v2.cu): bf16 K and V tiles [2 buffers][2][64][H + 8]
-/// (H = D rounded up to 16), key flags [2][64] int, then the f32 staging [2 stages][2][64][hd4]
-/// (hd4 = head_dim rounded up to 4).
+/// (H = D rounded up to 16), allowed-key bits [2 buffers][2] u32, then the f32 staging
+/// [2 stages][2][64][hd4] (hd4 = head_dim rounded up to 4).
 fn bf16_fwd_v2_smem(d: usize, hd: usize) -> usize {
     let s = d.div_ceil(16) * 16 + 8;
-    2 * 2 * 64 * s * 2 + 2 * 64 * 4 + 2 * 2 * 64 * hd.div_ceil(4) * 4 * 4
+    2 * 2 * 64 * s * 2 + 2 * 2 * 4 + 2 * 2 * 64 * hd.div_ceil(4) * 4 * 4
 }
 
 /// attn_bwd_dq_bf16<H>: Q, dO [64][H+8] + K, V [BN][H+8] bf16, then BN int key flags;
@@ -470,9 +472,12 @@ impl AttentionOps for CudaBackend {
         let bh = (d.batch * d.heads) as u32;
         if self.use_bf16() {
             let v2 = v2_bucket(d.hd);
-            if v2 <= V2_MAX_BUCKET && self.kernel_version(TunableOp::Attention(*p)) >= 2 {
+            let version = if v2 <= V2_MAX_BUCKET { self.kernel_version(TunableOp::Attention(*p)) } else { 1 };
+            if version >= 2 {
+                // Versions 2 and 3 share a launch (kernels/attention_v2.cu).
+                let kernel = if version == 3 { args.bf16_v3(v2) } else { args.bf16_v2(v2) };
                 let grid = (blocks(d.q_len, V2_BLOCK_ROWS), bh, 1);
-                return self.launch(args.bf16_v2(v2), grid, (V2_THREADS, 1, 1), bf16_fwd_v2_smem(v2, d.hd) as u32);
+                return self.launch(kernel, grid, (V2_THREADS, 1, 1), bf16_fwd_v2_smem(v2, d.hd) as u32);
             }
             let h = bf16_bucket(d.hd);
             let grid = (blocks(d.q_len, BF16_BLOCK_ROWS), bh, 1);
@@ -592,9 +597,9 @@ mod tests {
             let s = bf16_fwd_v2_smem(v2_bucket(hd), hd);
             assert!(s <= 163 * 1024, "version 2, head dim {hd}: {s} B");
         }
-        // The sizes the kernel's header states: 68.5 KiB at head dim 40, 148.5 KiB at 96.
-        assert_eq!(bf16_fwd_v2_smem(40, 40), 70_144);
-        assert_eq!(bf16_fwd_v2_smem(96, 96), 152_064);
+        // The sizes the kernel's header states: 68 KiB at head dim 40, 148 KiB at 96.
+        assert_eq!(bf16_fwd_v2_smem(40, 40), 68 * 1024 + 16);
+        assert_eq!(bf16_fwd_v2_smem(96, 96), 148 * 1024 + 16);
         assert_eq!((v2_bucket(40), v2_bucket(33), v2_bucket(8), v2_bucket(1)), (40, 40, 8, 8));
         assert_eq!(bf16_bucket(40), 48);
         assert_eq!(bf16_bucket(8), 16);

@@ -80,9 +80,10 @@ pub struct TuneRow {
     pub ms: f64,
     /// `min_bytes` / time: the bandwidth a single pass over the data would need.
     pub gb_per_s: f64,
-    /// Largest |output − version 1's output| over the largest |version 1 output| (0 for v1).
+    /// Largest |output − version 1's output| over the largest |version 1 output|, the worst of the
+    /// op's outputs (0 for v1).
     pub rel_err: f64,
-    /// Passed the gate (rel_err ≤ [`GATE`]).
+    /// Passed the gate (rel_err ≤ [`gate`]: [`GATE`] but for a version that rounds differently).
     pub correct: bool,
     /// The fastest correct version at this shape.
     pub chosen: bool,
@@ -91,6 +92,27 @@ pub struct TuneRow {
 /// Most relative difference from version 1 a version may show and be kept: f32 rounding in
 /// another order, nothing more (the versions compute the same function).
 pub const GATE: f64 = 1e-5;
+
+/// The gate of attention's version 3, whose probabilities are version 1's up to f32 rounding
+/// before they are rounded to bf16 for P·V: a last-bit flip of some of them (2⁻⁸ relative each),
+/// nothing more. Measured on the emulated device: at most 1.6e-4 of the output's scale over the
+/// agree case's 12 shapes; a wrong scale (log2 e left out) shows 5e-1. Well
+/// inside the bf16 path's own distance from the f32 reference (relative L2 2e-2).
+pub const BF16_PROBABILITY_GATE: f64 = 2e-3;
+
+/// max |got − want| / max |want| (0 when both are empty).
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs() as f64)).max(1e-30);
+    got.iter().zip(want).map(|(a, b)| (a - b).abs() as f64).fold(0f64, f64::max) / scale
+}
+
+/// The gate of `version` of `family`.
+pub fn gate(family: KernelFamily, version: u32) -> f64 {
+    match (family, version) {
+        (KernelFamily::Attention, 3) => BF16_PROBABILITY_GATE,
+        _ => GATE,
+    }
+}
 
 /// Runs `f` on `gpu`, returning one call per shape of every versioned kernel it made.
 pub fn record(gpu: &mut CudaBackend, f: &mut dyn FnMut(&mut dyn Backend) -> Result<()>) -> Result<Vec<TunableOp>> {
@@ -239,21 +261,19 @@ fn tune_all(gpu: &mut CudaBackend, ops: &[TunableOp], iters: usize) -> Result<Ve
         let prepared = prepare(gpu, op, &mut p);
         let measure = |gpu: &mut CudaBackend, p: &Prepared| -> Result<Vec<TuneRow>> {
             let mut found: Vec<TuneRow> = Vec::new();
-            let mut reference: Option<Vec<f32>> = None;
+            let mut reference: Option<Vec<Vec<f32>>> = None;
             for &(v, _) in op.family().versions() {
                 gpu.kernel_choice.borrow_mut().set(op.family(), v)?;
                 for (t, values) in &p.inputs {
                     gpu.upload(t, values)?;
                 }
                 run_once(gpu, op, p)?;
-                let mut got = Vec::new();
-                for t in &p.outputs {
-                    got.extend(gpu.download(t)?);
-                }
+                let got = p.outputs.iter().map(|t| gpu.download(t)).collect::<Result<Vec<Vec<f32>>>>()?;
                 let want = reference.get_or_insert_with(|| got.clone());
-                let scale = want.iter().fold(0f64, |m, x| m.max(x.abs() as f64)).max(1e-30);
-                let err = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs() as f64).fold(0f64, f64::max) / scale;
-                let correct = got.iter().all(|x| x.is_finite()) && err <= GATE;
+                // Per output (attention's out and lse, group norm's out, mean and rstd), each against
+                // its own scale: a small output's error is not hidden behind a large one's values.
+                let err = got.iter().zip(want.iter()).map(|(g, w)| rel_err(g, w)).fold(0f64, f64::max);
+                let correct = got.iter().flatten().all(|x| x.is_finite()) && err <= gate(op.family(), v);
                 // Timed by events on the stream: the kernels' own time, as the profile measures it.
                 let gpu_ref: &CudaBackend = gpu;
                 let ms = gpu_ref.device_ms(|| (0..iters).try_for_each(|_| run_once(gpu_ref, op, p)))? / iters as f64;

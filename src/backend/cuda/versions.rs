@@ -71,6 +71,11 @@ impl KernelFamily {
                     "128 queries per block, Q in registers, K/V by cp.async one tile ahead, ldmatrix(.trans), \
                      head dim padded to 8 only (head dims ≤ 96; version 1 beyond)",
                 ),
+                (
+                    3,
+                    "version 2 with the exp2 softmax (scale · log2 e folded into one FFMA per score): \
+                     equal to version 1 up to the bf16 rounding of the probabilities",
+                ),
             ],
         }
     }
