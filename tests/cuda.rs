@@ -35,6 +35,9 @@ mod ops;
 #[cfg(feature = "cuda")]
 #[path = "cuda/pipelines.rs"]
 mod pipelines;
+#[cfg(feature = "cuda")]
+#[path = "cuda/versions.rs"]
+mod versions;
 
 /// A whole number from the environment; a malformed one ends the run with its name.
 #[cfg(feature = "cuda")]
@@ -131,11 +134,11 @@ fn main() {
         ops::wide_attention_chunk_cases(&mut r, &mut gpu, bf16, tag);
         ops::no_key_cases(&mut r, &mut gpu, tag);
         if !bf16 {
-            ops::group_norm_backward_versions_agree_case(&mut r, &mut gpu);
+            versions::group_norm_backward_versions_agree_case(&mut r, &mut gpu);
         }
         if bf16 {
-            ops::conv_versions_agree_case(&mut r, &mut gpu);
-            ops::attention_versions_agree_case(&mut r, &mut gpu);
+            versions::conv_versions_agree_case(&mut r, &mut gpu);
+            versions::attention_versions_agree_case(&mut r, &mut gpu);
         }
         if let Some(n) = env_number("ROENTGEN_CUDA_FUZZ") {
             fuzz::fuzz_cases(
