@@ -70,6 +70,22 @@ impl TunableOp {
     }
 }
 
+impl TunableOp {
+    /// The arithmetic of a call, for TFLOP/s (None for the memory-bound families): a convolution's
+    /// 2·M·N·K; attention's four products per score (Q·Kᵀ and P·V, 2·d each), halved when causal
+    /// (the keys past the diagonal are skipped tile by tile, FlashAttention's convention).
+    fn flops(&self) -> Option<f64> {
+        match self {
+            TunableOp::GroupNorm(_) | TunableOp::GroupNormBackward(_) => None,
+            TunableOp::Conv(s) => Some(s.flops() as f64),
+            TunableOp::Attention(p) => {
+                let dense = 4.0 * (p.batch * p.heads * p.q_len * p.kv_len * p.head_dim) as f64;
+                Some(if p.causal { dense / 2.0 } else { dense })
+            }
+        }
+    }
+}
+
 /// One version at one shape, as measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct TuneRow {
@@ -80,6 +96,8 @@ pub struct TuneRow {
     pub ms: f64,
     /// `min_bytes` / time: the bandwidth a single pass over the data would need.
     pub gb_per_s: f64,
+    /// [`TunableOp::flops`] / time, for the compute-bound families (conv, attention).
+    pub tflop_per_s: Option<f64>,
     /// Largest |output − version 1's output| over the largest |version 1 output|, the worst of the
     /// op's outputs (0 for v1).
     pub rel_err: f64,
@@ -283,6 +301,7 @@ fn tune_all(gpu: &mut CudaBackend, ops: &[TunableOp], iters: usize) -> Result<Ve
                     version: v,
                     ms,
                     gb_per_s: op.min_bytes() as f64 / (ms * 1e-3) / 1e9,
+                    tflop_per_s: op.flops().map(|f| f / (ms * 1e-3) / 1e12),
                     rel_err: err,
                     correct,
                     chosen: false,
@@ -391,20 +410,59 @@ pub(super) fn load_cache(gpu: &CudaBackend) {
     }
 }
 
-/// The table as text: per shape, every version's time and bandwidth, the gate, the choice.
+/// The table as text: per shape, every version's time, bandwidth and (conv, attention) TFLOP/s, the
+/// gate, the choice.
 pub fn render(rows: &[TuneRow]) -> String {
-    let mut s =
-        format!("{:<12} {:<28} {:>3} {:>10} {:>9} {:>9}  {}\n", "family", "shape", "v", "ms", "GB/s", "rel err", "");
+    let mut s = format!(
+        "{:<12} {:<28} {:>3} {:>10} {:>9} {:>8} {:>9}  {}\n",
+        "family", "shape", "v", "ms", "GB/s", "TFLOP/s", "rel err", ""
+    );
     for r in rows {
         let mark = match (r.correct, r.chosen) {
             (_, true) => "chosen",
             (false, _) => "WRONG: not kept",
             _ => "",
         };
+        let tflops = r.tflop_per_s.map_or_else(|| "-".to_string(), |t| format!("{t:.1}"));
         s.push_str(&format!(
-            "{:<12} {:<28} {:>3} {:>10.4} {:>9.1} {:>9.1e}  {mark}\n",
-            r.family, r.shape, r.version, r.ms, r.gb_per_s, r.rel_err
+            "{:<12} {:<28} {:>3} {:>10.4} {:>9.1} {:>8} {:>9.1e}  {mark}\n",
+            r.family, r.shape, r.version, r.ms, r.gb_per_s, tflops, r.rel_err
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attention's arithmetic counts its two products (halved when causal); the table prints
+    /// TFLOP/s where there is arithmetic to count and "-" for group norm.
+    #[test]
+    fn attention_flops_and_the_table() {
+        let p =
+            AttentionParams { batch: 2, q_len: 4096, kv_len: 4096, heads: 8, head_dim: 40, scale: 0.1, causal: false };
+        // SD's 64×64 self-attention: 4 · 2 · 8 · 4096² · 40 = 42.9 GFLOP.
+        assert_eq!(TunableOp::Attention(p).flops(), Some(42_949_672_960.0));
+        assert_eq!(TunableOp::Attention(AttentionParams { causal: true, ..p }).flops(), Some(21_474_836_480.0));
+        let row = |family, shape: &str, tflop_per_s| TuneRow {
+            family,
+            shape: shape.into(),
+            version: 2,
+            ms: 0.25,
+            gb_per_s: 100.0,
+            tflop_per_s,
+            rel_err: 0.0,
+            correct: true,
+            chosen: true,
+        };
+        let text = render(&[
+            row("attention", "b2 q4096 kv4096 h8 d40", Some(171.8)),
+            row("group_norm", "2x4096x320/32", None),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains("TFLOP/s"), "{text}");
+        assert!(lines[1].contains(" 171.8 ") && lines[1].ends_with("chosen"), "{text}");
+        assert!(lines[2].contains(" - "), "{text}");
+    }
 }

@@ -98,6 +98,11 @@ impl IgemmShape {
         format!("{m}x{}x{} taps {}x{}{acc}", self.n, self.c, self.nty, self.ntx)
     }
 
+    /// The launch's multiply-adds × 2: rows × output channels × (channels × taps) × 2.
+    pub fn flops(&self) -> usize {
+        2 * self.batch * self.rh * self.rw * self.n * self.c * self.nty * self.ntx
+    }
+
     /// (source, weight, destination) elements the launch reads and writes.
     pub fn extents(&self) -> (usize, usize, usize) {
         let src = self.batch * self.sh * self.sw * self.c;
