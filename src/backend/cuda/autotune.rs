@@ -68,9 +68,7 @@ impl TunableOp {
             }
         }
     }
-}
 
-impl TunableOp {
     /// The arithmetic of a call, for TFLOP/s (None for the memory-bound families): a convolution's
     /// 2·M·N·K; attention's four products per score (Q·Kᵀ and P·V, 2·d each), halved when causal
     /// (the keys past the diagonal are skipped tile by tile, FlashAttention's convention).
@@ -118,8 +116,8 @@ pub const GATE: f64 = 1e-5;
 /// inside the bf16 path's own distance from the f32 reference (relative L2 2e-2).
 pub const BF16_PROBABILITY_GATE: f64 = 2e-3;
 
-/// max |got − want| / max |want| (0 when both are empty).
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+/// max |got − want| / max |want| (0 when both are empty): the distance the gate measures, per output.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     let scale = want.iter().fold(0f64, |m, x| m.max(x.abs() as f64)).max(1e-30);
     got.iter().zip(want).map(|(a, b)| (a - b).abs() as f64).fold(0f64, f64::max) / scale
 }
