@@ -9,7 +9,7 @@ use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams, Im2colParams
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, UpsampleParams};
-use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
+use crate::ops::linear::{LinearBackward, LinearForward, LinearGroupBackward, LinearGroupForward, LinearParams};
 use crate::ops::norm::{
     BatchNormBackward, BatchNormForward, BatchNormParams, BatchNormStats, BatchNormTrainParams, GroupNormBackward,
     GroupNormParams, LayerNormBackward, LayerNormParams, NormForward,
@@ -77,6 +77,16 @@ impl Backend for PlanBackend {
 impl LinearOps for PlanBackend {
     fn linear_forward(&self, p: &LinearParams, _: &LinearForward) -> Result<()> {
         self.count(1, p.flops());
+        Ok(())
+    }
+
+    fn linear_group_forward(&self, p: &LinearParams, group: usize, _: &LinearGroupForward) -> Result<()> {
+        self.count(1, p.flops() * group);
+        Ok(())
+    }
+
+    fn linear_group_backward(&self, p: &LinearParams, group: usize, t: &LinearGroupBackward) -> Result<()> {
+        self.count(1, p.flops() * group * (1 + t.dinp.is_some() as usize));
         Ok(())
     }
 

@@ -2,7 +2,10 @@
 //! `Transformer2DModel` (the U-Net's spatial transformer) and the VAE's single-head
 //! `Attention` with group norm and residual.
 
-use super::{add, zeros, zeros_like, Cx, Fmap, GroupNorm, GroupNormOut, LayerNorm, LayerNormActs, Linear};
+use super::{
+    apply_group, backward_group, zeros, zeros_group, zeros_like, Cx, Fmap, GroupNorm, GroupNormOut, LayerNorm,
+    LayerNormActs, Linear,
+};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::ops::elementwise::GegluParams;
 use crate::tensor::{Layout, Tensor};
@@ -41,18 +44,8 @@ impl Attention {
     }
 
     /// x (batch · seq, query_dim); `context` (batch · ctx_len, context_dim, ctx_len) for cross
-    /// attention. Returns (batch · seq, query_dim) after the output projection.
-    pub fn forward(
-        &self,
-        cx: &mut Cx,
-        x: &Tensor,
-        batch: usize,
-        seq: usize,
-        context: Option<(&Tensor, usize)>,
-    ) -> Result<Tensor> {
-        Ok(self.forward_saved(cx, x, batch, seq, context)?.out)
-    }
-
+    /// attention. Returns (batch · seq, query_dim) after the output projection, written and
+    /// summed as `proj` says.
     pub fn forward_saved(
         &self,
         cx: &mut Cx,
@@ -60,17 +53,28 @@ impl Attention {
         batch: usize,
         seq: usize,
         context: Option<(&Tensor, usize)>,
+        proj: ProjectionOut,
     ) -> Result<AttentionSaved> {
         let b = cx.b;
         let (ctx, kv_len) = context.unwrap_or((x, seq));
-        let q = self.to_q.apply(cx, x, batch * seq)?;
-        let k = self.to_k.apply(cx, ctx, batch * kv_len)?;
-        let v = self.to_v.apply(cx, ctx, batch * kv_len)?;
+        // Projections of one input in one call where their weights allow (`apply_group`).
+        let [q, k, v] = match context {
+            None => apply_group(cx, [&self.to_q, &self.to_k, &self.to_v], x, batch * seq)?,
+            Some(_) => {
+                let q = self.to_q.apply(cx, x, batch * seq)?;
+                let [k, v] = apply_group(cx, [&self.to_k, &self.to_v], ctx, batch * kv_len)?;
+                [q, k, v]
+            }
+        };
         let o = cx.arena.alloc([batch * seq, self.heads * self.head_dim])?;
         let lse = cx.arena.alloc([batch * seq, self.heads])?;
         let t = AttentionForward { out: &o, lse: &lse, q: &q, k: &k, v: &v, key_mask: None };
         b.attention_forward(&self.params(batch, seq, kv_len), &t)?;
-        let out = self.to_out.apply(cx, &o, batch * seq)?;
+        let out = match proj.into {
+            Some(out) => *out,
+            None => cx.arena.alloc([batch * seq, self.to_out.out_f])?,
+        };
+        self.to_out.forward_into(b, &out, &o, batch * seq, proj.residual)?;
         Ok(AttentionSaved { x: *x, ctx: *ctx, batch, seq, kv_len, q, k, v, o, lse, out })
     }
 
@@ -96,19 +100,40 @@ impl Attention {
         let (rows, kv_rows, inner) = (s.batch * s.seq, s.batch * s.kv_len, self.heads * self.head_dim);
         let d_o = zeros(cx, [rows, inner])?;
         self.to_out.backward(&g.to_out, b, Some(&d_o), dout, &s.o, rows)?;
-        let dq = zeros(cx, [rows, inner])?;
-        let dk = zeros(cx, [kv_rows, inner])?;
-        let dv = zeros(cx, [kv_rows, inner])?;
+        // The projections' gradients as their forward ran them (`apply_group`): q, k and v of
+        // one input together, else q alone and k, v of the text together.
+        // (Self-attention has no context gradient: its k and v gradients go to dx.)
+        let [dq, dk, dv] = match dctx {
+            None => zeros_group(cx, rows, inner)?,
+            Some(_) => {
+                let [dq] = zeros_group(cx, rows, inner)?;
+                let [dk, dv] = zeros_group(cx, kv_rows, inner)?;
+                [dq, dk, dv]
+            }
+        };
         let forward = AttentionForward { out: &s.o, lse: &s.lse, q: &s.q, k: &s.k, v: &s.v, key_mask: None };
         let t = AttentionBackward { dq: &dq, dk: &dk, dv: &dv, dout: &d_o, forward };
         b.attention_backward(&self.params(s.batch, s.seq, s.kv_len), &t)?;
-        self.to_q.backward(&g.to_q, b, Some(dx), &dq, &s.x, rows)?;
-        let dkv_in = dctx.unwrap_or(dx);
-        self.to_k.backward(&g.to_k, b, Some(dkv_in), &dk, &s.ctx, kv_rows)?;
-        self.to_v.backward(&g.to_v, b, Some(dkv_in), &dv, &s.ctx, kv_rows)?;
+        let (qkv, gqkv) = ([&self.to_q, &self.to_k, &self.to_v], [&g.to_q, &g.to_k, &g.to_v]);
+        match dctx {
+            None => backward_group(b, qkv, gqkv, Some(dx), [&dq, &dk, &dv], &s.x, rows)?,
+            Some(dctx) => {
+                self.to_q.backward(&g.to_q, b, Some(dx), &dq, &s.x, rows)?;
+                backward_group(b, [qkv[1], qkv[2]], [gqkv[1], gqkv[2]], Some(dctx), [&dk, &dv], &s.ctx, kv_rows)?;
+            }
+        }
         cx.arena.release_all_to(mark);
         Ok(())
     }
+}
+
+/// Where an attention layer's output projection writes, and what it adds there.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProjectionOut<'a> {
+    /// The caller's output tensor (else a new arena tensor).
+    pub into: Option<&'a Tensor>,
+    /// A residual connection (shaped as the output) summed in the projection's epilogue.
+    pub residual: Option<&'a Tensor>,
 }
 
 /// What an attention layer's backward reads.
@@ -167,18 +192,19 @@ impl BasicTransformerBlock {
         let b = cx.b;
         let rows = batch * seq;
         let ln1 = self.norm1.apply(cx, x, rows)?;
-        let a1 = self.attn1.forward_saved(cx, &ln1.out, batch, seq, None)?;
-        let x1 = add(cx, x, &a1.out)?;
+        // Each residual connection is summed in the epilogue of the product before it.
+        let residual = |r| ProjectionOut { into: None, residual: Some(r) };
+        let a1 = self.attn1.forward_saved(cx, &ln1.out, batch, seq, None, residual(x))?;
+        let x1 = a1.out;
         let ln2 = self.norm2.apply(cx, &x1, rows)?;
-        let a2 = self.attn2.forward_saved(cx, &ln2.out, batch, seq, Some(context))?;
-        let x2 = add(cx, &x1, &a2.out)?;
+        let a2 = self.attn2.forward_saved(cx, &ln2.out, batch, seq, Some(context), residual(&x1))?;
+        let x2 = a2.out;
         let ln3 = self.norm3.apply(cx, &x2, rows)?;
         let f = self.ff_proj.apply(cx, &ln3.out, rows)?;
         let inner = self.ff_out.in_f;
         let g = cx.arena.alloc([rows, inner])?;
         b.geglu_forward(&GegluParams { rows, inner }, &g, &f)?;
-        let f2 = self.ff_out.apply(cx, &g, rows)?;
-        let out = add(cx, &x2, &f2)?;
+        let out = self.ff_out.apply_residual(cx, &g, rows, Some(&x2))?;
         Ok(BlockSaved { x: *x, rows, ln1, a1, x1, ln2, a2, x2, ln3, f, g, out })
     }
 
@@ -301,7 +327,6 @@ impl Transformer2D {
     }
 
     pub fn forward_saved(&self, cx: &mut Cx, x: &Fmap, context: (&Tensor, usize)) -> Result<Transformer2DSaved> {
-        let b = cx.b;
         let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, x.c)?;
         let mark = cx.arena.mark();
         let seq = x.h * x.w;
@@ -314,8 +339,7 @@ impl Transformer2D {
             h = s.out;
             blocks.push(s);
         }
-        let p = self.proj_out.apply(cx, &h, x.rows())?;
-        b.add_forward(&out.t, &p, &x.t, out.numel())?;
+        self.proj_out.forward_into(cx.b, &out.t, &h, x.rows(), Some(&x.t))?;
         cx.arena.release(mark);
         Ok(Transformer2DSaved { x: *x, norm, h0, blocks, h_last: h, out })
     }
@@ -382,12 +406,11 @@ impl VaeAttention {
     }
 
     pub fn forward_saved(&self, cx: &mut Cx, x: &Fmap) -> Result<VaeAttentionSaved> {
-        let b = cx.b;
         let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, x.c)?;
         let mark = cx.arena.mark();
         let norm = self.group_norm.apply_saved(cx, x, false)?;
-        let attn = self.attn.forward_saved(cx, &norm.out.t, x.batch, x.h * x.w, None)?;
-        b.add_forward(&out.t, &attn.out, &x.t, out.numel())?;
+        let proj = ProjectionOut { into: Some(&out.t), residual: Some(&x.t) };
+        let attn = self.attn.forward_saved(cx, &norm.out.t, x.batch, x.h * x.w, None, proj)?;
         cx.arena.release(mark);
         Ok(VaeAttentionSaved { x: *x, norm, attn, out })
     }

@@ -4,7 +4,7 @@
 
 use crate::backend::Backend;
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
-use crate::ops::linear::{LinearBackward, LinearForward, LinearParams};
+use crate::ops::linear::{LinearBackward, LinearForward, LinearGroupBackward, LinearGroupForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use crate::tensor::{Layout, Tensor};
 use anyhow::Result;
@@ -32,11 +32,100 @@ impl Linear {
 
     /// out (rows, out_f) = inp (rows, in_f) · Wᵀ + b.
     pub fn forward(&self, b: &dyn Backend, out: &Tensor, inp: &Tensor, rows: usize) -> Result<()> {
-        b.linear_forward(
-            &self.params(rows),
-            &LinearForward { out, inp, weight: &self.weight, bias: self.bias.as_ref() },
-        )
+        self.forward_into(b, out, inp, rows, None)
     }
+
+    /// out = (inp · Wᵀ + b) + residual (shaped as out) when given: a residual connection summed
+    /// in the product's epilogue, equal to `forward` then `add_forward` (to the bit on the CPU).
+    pub fn forward_into(
+        &self,
+        b: &dyn Backend,
+        out: &Tensor,
+        inp: &Tensor,
+        rows: usize,
+        residual: Option<&Tensor>,
+    ) -> Result<()> {
+        let t = LinearForward { out, inp, weight: &self.weight, bias: self.bias.as_ref(), residual };
+        b.linear_forward(&self.params(rows), &t)
+    }
+}
+
+/// Whether `layers` can run as one group (`linear_group_forward`/`_backward`): one shape, no
+/// biases, their weights back to back in one pool, in order (a U-Net attention's to_q, to_k and
+/// to_v; to_k and to_v of the text; and the same layers in the gradient pool).
+fn stacked(layers: &[&Linear]) -> bool {
+    let first = layers[0];
+    layers.iter().enumerate().all(|(g, l)| {
+        (l.in_f, l.out_f, l.bias.is_none()) == (first.in_f, first.out_f, true)
+            && l.weight.pool == first.weight.pool
+            && l.weight.offset == first.weight.offset + g * first.weight.numel()
+    })
+}
+
+/// The weights of stacked `layers` as one tensor (group · out_f, in_f).
+fn group_weight(layers: &[&Linear]) -> Tensor {
+    let first = layers[0];
+    Tensor { shape: [layers.len() * first.out_f, first.in_f].into(), ..first.weight }
+}
+
+/// Applies `layers` to one input: where they are stacked, in one call (`linear_group_forward`:
+/// one batched product on CUDA) whose outputs are the blocks of one arena tensor; else one
+/// `apply` each.
+pub fn apply_group<const N: usize>(
+    cx: &mut Cx,
+    layers: [&Linear; N],
+    inp: &Tensor,
+    rows: usize,
+) -> Result<[Tensor; N]> {
+    if !stacked(&layers) {
+        let mut out = [*inp; N];
+        for (o, l) in out.iter_mut().zip(layers) {
+            *o = l.apply(cx, inp, rows)?;
+        }
+        return Ok(out);
+    }
+    let p = layers[0].params(rows);
+    let out = cx.arena.alloc([N, rows, layers[0].out_f])?;
+    let t = LinearGroupForward { out: &out, inp, weight: &group_weight(&layers) };
+    cx.b.linear_group_forward(&p, N, &t)?;
+    Ok(std::array::from_fn(|g| p.group_out(g, &out)))
+}
+
+/// `n` zeroed (rows, cols) tensors, the blocks of one arena tensor (as `apply_group`'s outputs,
+/// so that their gradients can go to `backward_group` as one).
+pub fn zeros_group<const N: usize>(cx: &mut Cx, rows: usize, cols: usize) -> Result<[Tensor; N]> {
+    let all = zeros(cx, [N, rows, cols])?;
+    Ok(std::array::from_fn(|g| Tensor { offset: all.offset + g * rows * cols, shape: [rows, cols].into(), ..all }))
+}
+
+/// The backward of `layers` applied to one input `inp`, `douts` their output gradients:
+/// accumulates each layer's gradients into `grads` (the same layers in the gradient pool) and,
+/// if given, Σ douts_g · W_g into `dinp`, in the layers' order. One call where the layers, their
+/// gradients and `douts` are stacked (CUDA: the weight gradients in one batched product); else
+/// one `backward` each.
+pub fn backward_group<const N: usize>(
+    b: &dyn Backend,
+    layers: [&Linear; N],
+    grads: [&Linear; N],
+    dinp: Option<&Tensor>,
+    douts: [&Tensor; N],
+    inp: &Tensor,
+    rows: usize,
+) -> Result<()> {
+    let first = layers[0];
+    let block = rows * first.out_f;
+    let douts_stacked =
+        douts.iter().enumerate().all(|(g, d)| d.pool == douts[0].pool && d.offset == douts[0].offset + g * block);
+    if !(stacked(&layers) && stacked(&grads) && douts_stacked) {
+        for ((l, g), dout) in layers.iter().zip(grads).zip(douts) {
+            l.backward(g, b, dinp, dout, inp, rows)?;
+        }
+        return Ok(());
+    }
+    let dout = Tensor { shape: [N, rows, first.out_f].into(), ..*douts[0] };
+    let t =
+        LinearGroupBackward { dinp, dweight: &group_weight(&grads), dout: &dout, inp, weight: &group_weight(&layers) };
+    b.linear_group_backward(&first.params(rows), N, &t)
 }
 
 /// `torch.nn.LayerNorm` over the last dimension, with affine weight and bias.
@@ -140,9 +229,14 @@ impl Linear {
 
     /// As `forward`, with the output taken from the arena.
     pub fn apply(&self, cx: &mut Cx, inp: &Tensor, rows: usize) -> Result<Tensor> {
+        self.apply_residual(cx, inp, rows, None)
+    }
+
+    /// As `forward_into` (`residual` added when given), with the output taken from the arena.
+    pub fn apply_residual(&self, cx: &mut Cx, inp: &Tensor, rows: usize, residual: Option<&Tensor>) -> Result<Tensor> {
         let b = cx.b;
         let out = cx.arena.alloc([rows, self.out_f])?;
-        self.forward(b, &out, inp, rows)?;
+        self.forward_into(b, &out, inp, rows, residual)?;
         Ok(out)
     }
 
@@ -399,12 +493,4 @@ pub fn zeros(cx: &mut Cx, shape: impl Into<crate::tensor::Shape>) -> Result<Tens
 /// A zeroed feature map shaped like `like`.
 pub fn zeros_like(cx: &mut Cx, like: &Fmap) -> Result<Fmap> {
     Ok(Fmap { t: zeros(cx, like.t.shape)?, ..*like })
-}
-
-/// out = a + b as a new arena tensor.
-pub fn add(cx: &mut Cx, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let b = cx.b;
-    let out = cx.arena.alloc(x.shape)?;
-    b.add_forward(&out, x, y, x.numel())?;
-    Ok(out)
 }

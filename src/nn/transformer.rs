@@ -5,7 +5,7 @@
 //! checkpoint names and in the mask. The forward takes its activations from the arena and returns
 //! them; the backward reads them.
 
-use super::{add, zeros, Cx, LayerNorm, LayerNormActs, Linear};
+use super::{apply_group, backward_group, zeros, zeros_group, Cx, LayerNorm, LayerNormActs, Linear};
 use crate::backend::Activation;
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use crate::tensor::{Layout, Tensor};
@@ -106,14 +106,13 @@ pub struct LayerActs {
     pub v: Tensor,    // (rows, C)
     pub attn: Tensor, // (rows, C) heads concatenated
     pub lse: Tensor,  // (rows, heads)
-    pub attn_out: Tensor,
-    /// x + attn_out
+    /// x + attn_out(attn), the sum in the projection's epilogue.
     pub residual1: Tensor,
     pub mlp_norm: LayerNormActs,
     pub fc1: Tensor, // (rows, mlp_dim)
     pub act: Tensor, // (rows, mlp_dim)
-    pub fc2: Tensor, // (rows, C)
-    /// fc2 + the MLP's skip (residual1 pre-LN, the MLP's input post-LN).
+    /// fc2(act) + the MLP's skip (residual1 pre-LN, the MLP's input post-LN), summed in fc2's
+    /// epilogue.
     pub residual2: Tensor,
 }
 
@@ -155,41 +154,25 @@ impl TransformerLayer {
         let (rows, pre) = (tokens.rows(), norm == NormPlacement::Pre);
         let pre_norm = if pre { Some(self.attn_norm.apply(cx, x, rows)?) } else { None };
         let attn_in = pre_norm.map_or(*x, |n| n.out);
-        let (q, k, v) =
-            (self.q.apply(cx, &attn_in, rows)?, self.k.apply(cx, &attn_in, rows)?, self.v.apply(cx, &attn_in, rows)?);
+        let [q, k, v] = apply_group(cx, [&self.q, &self.k, &self.v], &attn_in, rows)?;
         let (attn, lse) = (cx.arena.alloc([rows, d])?, cx.arena.alloc([rows, heads])?);
         let fwd = AttentionForward { out: &attn, lse: &lse, q: &q, k: &k, v: &v, key_mask: tokens.key_mask };
         b.attention_forward(&self.attention(tokens), &fwd)?;
-        let attn_out = self.attn_out.apply(cx, &attn, rows)?;
-        let residual1 = add(cx, x, &attn_out)?;
+        let residual1 = self.attn_out.apply_residual(cx, &attn, rows, Some(x))?;
         // Both placements normalise residual1 into the MLP's input.
         let mid_norm = if pre { &self.mlp_norm } else { &self.attn_norm };
         let mlp_in = mid_norm.apply(cx, &residual1, rows)?;
         let fc1 = self.fc1.apply(cx, &mlp_in.out, rows)?;
         let act_out = cx.arena.alloc([rows, f])?;
         b.activation_forward(&act_out, &fc1, act, rows * f)?;
-        let fc2 = self.fc2.apply(cx, &act_out, rows)?;
         // The MLP's residual adds residual1 (pre-LN) or the MLP's input (post-LN).
-        let residual2 = add(cx, if pre { &residual1 } else { &mlp_in.out }, &fc2)?;
+        let skip = if pre { &residual1 } else { &mlp_in.out };
+        let residual2 = self.fc2.apply_residual(cx, &act_out, rows, Some(skip))?;
         let (attn_norm, mlp_norm) = match pre_norm {
             Some(n) => (n, mlp_in),
             None => (mlp_in, self.mlp_norm.apply(cx, &residual2, rows)?),
         };
-        Ok(LayerActs {
-            attn_norm,
-            q,
-            k,
-            v,
-            attn,
-            lse,
-            attn_out,
-            residual1,
-            mlp_norm,
-            fc1,
-            act: act_out,
-            fc2,
-            residual2,
-        })
+        Ok(LayerActs { attn_norm, q, k, v, attn, lse, residual1, mlp_norm, fc1, act: act_out, residual2 })
     }
 
     /// The MLP's input: residual1 normalised.
@@ -255,15 +238,14 @@ impl TransformerLayer {
         b.accumulate(&dx, &dres1, rows * d)?;
         let dattn = zeros(cx, [rows, d])?;
         self.attn_out.backward(&g.attn_out, b, Some(&dattn), &dres1, &a.attn, rows)?;
-        let (dq, dk, dv) = (zeros(cx, [rows, d])?, zeros(cx, [rows, d])?, zeros(cx, [rows, d])?);
+        let [dq, dk, dv] = zeros_group(cx, rows, d)?;
         let forward =
             AttentionForward { out: &a.attn, lse: &a.lse, q: &a.q, k: &a.k, v: &a.v, key_mask: tokens.key_mask };
         let grads = AttentionBackward { dq: &dq, dk: &dk, dv: &dv, dout: &dattn, forward };
         b.attention_backward(&self.attention(tokens), &grads)?;
         let (dattn_in, attn_in) = if pre { (zeros(cx, [rows, d])?, a.attn_norm.out) } else { (dx, *x) };
-        self.q.backward(&g.q, b, Some(&dattn_in), &dq, &attn_in, rows)?;
-        self.k.backward(&g.k, b, Some(&dattn_in), &dk, &attn_in, rows)?;
-        self.v.backward(&g.v, b, Some(&dattn_in), &dv, &attn_in, rows)?;
+        let (qkv, gqkv) = ([&self.q, &self.k, &self.v], [&g.q, &g.k, &g.v]);
+        backward_group(b, qkv, gqkv, Some(&dattn_in), [&dq, &dk, &dv], &attn_in, rows)?;
         if pre {
             self.attn_norm.backward(&g.attn_norm, b, &dx, &dattn_in, x, &a.attn_norm)?;
         }

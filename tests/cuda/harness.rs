@@ -9,7 +9,7 @@ use roentgen::backend::Backend;
 use roentgen::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
 use roentgen::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use roentgen::ops::elementwise::{EmbeddingParams, UpsampleParams};
-use roentgen::ops::linear::{LinearBackward, LinearForward, LinearParams};
+use roentgen::ops::linear::{LinearBackward, LinearForward, LinearGroupBackward, LinearGroupForward, LinearParams};
 use roentgen::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
 use roentgen::ops::optim::AdamWParams;
 use roentgen::ops::random::AddNoiseParams;
@@ -415,7 +415,30 @@ pub fn adamw(n: usize, lr: f32, step: usize) -> AdamWParams {
 /// `linear_forward` of (rows, in, out) on out, inp, weight[, bias].
 pub fn linear_forward(b: &dyn Backend, (rows, i, o): (usize, usize, usize), t: &[Tensor]) -> Result<()> {
     let p = LinearParams { rows, in_features: i, out_features: o };
-    b.linear_forward(&p, &LinearForward { out: &t[0], inp: &t[1], weight: &t[2], bias: t.get(3) })
+    b.linear_forward(&p, &LinearForward { out: &t[0], inp: &t[1], weight: &t[2], bias: t.get(3), residual: None })
+}
+
+/// `linear_forward` of (rows, in, out) on out, inp, weight, bias (used if `bias`), residual.
+pub fn linear_forward_residual(b: &dyn Backend, dims: (usize, usize, usize), t: &[Tensor], bias: bool) -> Result<()> {
+    let (rows, i, o) = dims;
+    let p = LinearParams { rows, in_features: i, out_features: o };
+    let bias = bias.then_some(&t[3]);
+    b.linear_forward(&p, &LinearForward { out: &t[0], inp: &t[1], weight: &t[2], bias, residual: Some(&t[4]) })
+}
+
+/// `linear_group_forward` of `group` layers of (rows, in, out) on out, inp, weight.
+pub fn linear_group_forward(b: &dyn Backend, dims: (usize, usize, usize), group: usize, t: &[Tensor]) -> Result<()> {
+    let (rows, i, o) = dims;
+    let p = LinearParams { rows, in_features: i, out_features: o };
+    b.linear_group_forward(&p, group, &LinearGroupForward { out: &t[0], inp: &t[1], weight: &t[2] })
+}
+
+/// `linear_group_backward` of `group` layers of (rows, in, out) on dinp, dweight, dout, inp, weight.
+pub fn linear_group_backward(b: &dyn Backend, dims: (usize, usize, usize), group: usize, t: &[Tensor]) -> Result<()> {
+    let (rows, i, o) = dims;
+    let p = LinearParams { rows, in_features: i, out_features: o };
+    let [dinp, dweight, dout, inp, weight] = &t[..5] else { unreachable!() };
+    b.linear_group_backward(&p, group, &LinearGroupBackward { dinp: Some(dinp), dweight, dout, inp, weight })
 }
 
 /// `linear_backward` of (rows, in, out) on dinp, dweight, dbias, dout, inp, weight.

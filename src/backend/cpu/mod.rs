@@ -246,7 +246,7 @@ impl LinearOps for CpuBackend {
         let (k, n) = (p.in_features, p.out_features);
         let wt = Mat { data: w, row_stride: 1, col_stride: k };
         self.with_packed_weight(t.weight, wt.into(), (k, n, 1), |w| {
-            p.cpu_forward(out, x, w, t.bias.map(|b| self.view(b)))
+            p.cpu_forward(out, x, w, t.bias.map(|b| self.view(b)), t.residual.map(|r| self.view(r)))
         });
         Ok(())
     }
@@ -612,7 +612,8 @@ mod tests {
             b.upload(&tx, &x).unwrap();
             let p = LinearParams { rows, in_features: i, out_features: o };
             for _ in 0..2 {
-                b.linear_forward(&p, &LinearForward { out: &tout, inp: &tx, weight: &tw, bias: None }).unwrap();
+                b.linear_forward(&p, &LinearForward { out: &tout, inp: &tx, weight: &tw, bias: None, residual: None })
+                    .unwrap();
             }
             assert_eq!(b.download(&tw).unwrap(), want_w, "written {written}: the weight's values changed");
             let got = b.download(&tout).unwrap();
@@ -708,6 +709,40 @@ mod tests {
             .unwrap();
         assert!(b.download(&out).unwrap().iter().all(|&x| x == 0.0), "outputs over no keys must be 0");
         assert!(b.download(&lse).unwrap().iter().all(|&x| x == f32::NEG_INFINITY), "lse over no keys must be -inf");
+    }
+
+    /// A linear layer's residual summed in its forward (the transformers' fused residual
+    /// connections) is the unfused layer then `add_forward`, to the bit, with and without a bias;
+    /// and a residual overlapping the output is refused.
+    #[test]
+    fn linear_residual_equals_the_separate_add() {
+        let (rows, i, o) = (37, 48, 24);
+        let mut rng = SplitMix64::new(11);
+        let mut b = CpuBackend::new();
+        let sizes = [rows * i, o * i, o, rows * o, rows * o, rows * o, rows * o];
+        let pool = b.alloc(sizes.iter().sum(), "t").unwrap();
+        let mut at = 0;
+        let [x, w, bias, res, fused, plain, sum] = sizes.map(|n| {
+            let t = Tensor { pool, offset: at, shape: crate::tensor::Shape::new(&[n]) };
+            at += n;
+            t
+        });
+        for t in [&x, &w, &bias, &res] {
+            b.upload(t, &randn(&mut rng, t.numel())).unwrap();
+        }
+        let p = LinearParams { rows, in_features: i, out_features: o };
+        for with_bias in [Some(&bias), None] {
+            let t = LinearForward { out: &fused, inp: &x, weight: &w, bias: with_bias, residual: Some(&res) };
+            b.linear_forward(&p, &t).unwrap();
+            b.linear_forward(&p, &LinearForward { out: &plain, residual: None, ..t }).unwrap();
+            b.add_forward(&sum, &plain, &res, rows * o).unwrap();
+            let (got, want) = (b.download(&fused).unwrap(), b.download(&sum).unwrap());
+            let differ = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "bias {}: {differ} of {} outputs differ", with_bias.is_some(), got.len());
+        }
+        let overlapping = Tensor { pool, offset: fused.offset + 1, shape: fused.shape };
+        let t = LinearForward { out: &fused, inp: &x, weight: &w, bias: None, residual: Some(&overlapping) };
+        assert!(b.linear_forward(&p, &t).is_err(), "a residual overlapping the output must be refused");
     }
 
     #[test]

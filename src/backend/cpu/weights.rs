@@ -159,7 +159,7 @@ mod tests {
 
     impl Layer {
         fn forward(&self, b: &CpuBackend) -> Vec<f32> {
-            let t = LinearForward { out: &self.out, inp: &self.inp, weight: &self.weight, bias: None };
+            let t = LinearForward { out: &self.out, inp: &self.inp, weight: &self.weight, bias: None, residual: None };
             b.linear_forward(&self.p, &t).unwrap();
             b.download(&self.out).unwrap()
         }
@@ -246,7 +246,8 @@ mod tests {
         b.upload(&tout, &randn(rows * o)).unwrap();
         let p = LinearParams { rows, in_features: i, out_features: o };
         let forward = |b: &CpuBackend| {
-            b.linear_forward(&p, &LinearForward { out: &tout, inp: &tx, weight: &tw, bias: None }).unwrap()
+            b.linear_forward(&p, &LinearForward { out: &tout, inp: &tx, weight: &tw, bias: None, residual: None })
+                .unwrap()
         };
         forward(&b);
         let back = LinearBackward { dinp: None, dweight: &tdw, dbias: None, dout: &tout, inp: &tx, weight: &tw };

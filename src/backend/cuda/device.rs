@@ -164,16 +164,33 @@ pub(crate) struct GemmShape {
 }
 
 /// The shape of a cuBLASLt product, what a plan is made for: D = alpha·op(A)·op(B) + beta·C
-/// (+ bias), f32 matrices and scale type, column-major, C and D the same matrix (layout C), shapes
-/// and leading dimensions as in [`Gemm`]. `bias`: the BIAS epilogue (D[i][j] += bias[i], one f32 per
-/// row of D, its address set per call with `lt_set_bias`). `align`: the alignments in bytes of A,
-/// B and C/D promised to the heuristic (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES, D
-/// taking C's); the call's addresses must honour them.
+/// (+ bias), f32 matrices and scale type, column-major, C and D one layout (the same matrix, or
+/// D beside a C that is only read), shapes and leading dimensions as in [`Gemm`]. `bias`: the
+/// BIAS epilogue (D[i][j] += bias[i], one f32 per row of D, its address set per call with
+/// `lt_set_bias`). `align`: the alignments in bytes of A, B, C and D promised to the heuristic
+/// (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES); the call's addresses must honour them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct LtMatmul {
     pub shape: GemmShape,
     pub bias: bool,
-    pub align: [u32; 3],
+    pub align: [u32; 4],
+    pub batch: LtBatch,
+}
+
+/// A strided batch of products of one shape (CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT and
+/// _STRIDED_BATCH_OFFSET on every layout): product `i` reads A + i·stride_a, B + i·stride_b and
+/// C + i·stride_c and writes D + i·stride_c (strides in elements; 0 shares an operand). `count` 1
+/// is a single product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct LtBatch {
+    pub count: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+}
+
+impl LtBatch {
+    pub(crate) const SINGLE: LtBatch = LtBatch { count: 1, stride_a: 0, stride_b: 0, stride_c: 0 };
 }
 
 /// The per-call operands of `lt_matmul`: scalars, addresses, and the workspace cuBLASLt may use
@@ -185,6 +202,9 @@ pub(crate) struct LtOperands {
     pub a: u64,
     pub b: u64,
     pub c: u64,
+    /// Where the product is written: `c` (in place) or another matrix of C's layout (C is then
+    /// only read: a linear layer's residual).
+    pub d: u64,
     pub workspace: u64,
     pub workspace_bytes: usize,
 }
@@ -418,10 +438,25 @@ impl CudaDriver {
         // Stored shapes: op(A) is m×k, so A is k×m when transposed; op(B) is k×n.
         let (ar, ac) = if key.shape.ta { (key.shape.k, key.shape.m) } else { (key.shape.m, key.shape.k) };
         let (br, bc) = if key.shape.tb { (key.shape.n, key.shape.k) } else { (key.shape.k, key.shape.n) };
-        for (r, c, ld) in [(ar, ac, key.shape.lda), (br, bc, key.shape.ldb), (key.shape.m, key.shape.n, key.shape.ldc)]
-        {
+        let LtBatch { count, stride_a, stride_b, stride_c } = key.batch;
+        for (r, c, ld, stride) in [
+            (ar, ac, key.shape.lda, stride_a),
+            (br, bc, key.shape.ldb, stride_b),
+            (key.shape.m, key.shape.n, key.shape.ldc, stride_c),
+        ] {
             let l = lt::create_matrix_layout(f32t, r as u64, c as u64, ld as i64)?;
             parts.layouts.push(l);
+            if count > 1 {
+                use lts::cublasLtMatrixLayoutAttribute_t as L;
+                set_attr(
+                    lt::set_matrix_layout_attribute,
+                    l,
+                    L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                    &(count as i32).to_ne_bytes(),
+                )?;
+                let offset = (stride as i64).to_ne_bytes();
+                set_attr(lt::set_matrix_layout_attribute, l, L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &offset)?;
+            }
         }
         let pref = lt::create_matmul_pref()?;
         parts.pref = Some(pref);
@@ -436,7 +471,7 @@ impl CudaDriver {
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align[0]),
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align[1]),
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align[2]),
-            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align[2]),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align[3]),
         ] {
             set_attr(lt::set_matmul_pref_attribute, pref, attr, &al.to_ne_bytes())?;
         }
@@ -714,7 +749,7 @@ impl Device for CudaDriver {
                 layouts[1],
                 ops.c as *const c_void,
                 layouts[2],
-                ops.c as *mut c_void,
+                ops.d as *mut c_void,
                 layouts[2],
                 &algo,
                 ops.workspace as *mut c_void,

@@ -18,7 +18,7 @@
 //! What is not emulated: timing (events read a host clock) and the vendor libraries' algorithms.
 
 use super::device::{
-    Device, DeviceError, Event, Function, Gemm, GemmShape, Graph, GraphExec, LaunchDims, LtMatmul, LtOperands,
+    Device, DeviceError, Event, Function, Gemm, GemmShape, Graph, GraphExec, LaunchDims, LtBatch, LtMatmul, LtOperands,
     MatmulPlan,
 };
 use super::reference_gemm::gemm;
@@ -176,20 +176,49 @@ impl EmuDevice {
             }
             Op::Lt { shape: s, bias, ops } => {
                 let shape = s.shape;
-                for (what, addr, align) in
-                    [("A", ops.a, s.align[0]), ("B", ops.b, s.align[1]), ("C", ops.c, s.align[2])]
-                {
-                    if align > 0 && addr % align as u64 != 0 {
-                        return Err(refuse(format!(
-                            "cublasLtMatmul: {what} at {addr:#x} breaks the plan's promised {align}-byte alignment"
-                        )));
+                // A batch's products one after another, each at its strides from the bases.
+                let LtBatch { count, stride_a, stride_b, stride_c } = s.batch;
+                for i in 0..count as u64 {
+                    let at = |base: u64, stride: usize| base + i * stride as u64 * 4;
+                    let (a, b) = (at(ops.a, stride_a), at(ops.b, stride_b));
+                    let (c, d) = (at(ops.c, stride_c), at(ops.d, stride_c));
+                    let named = [("A", a), ("B", b), ("C", c), ("D", d)];
+                    for ((what, addr), align) in named.into_iter().zip(s.align) {
+                        if align > 0 && addr % align as u64 != 0 {
+                            return Err(refuse(format!(
+                                "cublasLtMatmul: {what} at {addr:#x} (product {i}) breaks the plan's promised \
+                                 {align}-byte alignment"
+                            )));
+                        }
                     }
+                    if d != c {
+                        self.copy_matrix_c_to_d(&shape, c, d)?;
+                    }
+                    // With C copied into D, the product in place on D is D = op(A)·op(B) + beta·C.
+                    let o = Operands { alpha: ops.alpha, a, b, beta: ops.beta, c: d };
+                    self.gemm_on_device("cublasLtMatmul", &shape, o, s.bias.then_some(*bias))?;
                 }
-                let bias = s.bias.then_some(*bias);
-                let o = Operands { alpha: ops.alpha, a: ops.a, b: ops.b, beta: ops.beta, c: ops.c };
-                self.gemm_on_device("cublasLtMatmul", &shape, o, bias)
+                Ok(())
             }
         }
+    }
+
+    /// Copies C's m×n elements (leading dimension ldc) into D of the same layout, for a cuBLASLt
+    /// product whose D is not its C; the two may not overlap (cuBLASLt's out-of-place contract).
+    fn copy_matrix_c_to_d(&self, s: &GemmShape, c: u64, d: u64) -> Result<(), DeviceError> {
+        let (.., n_c) = s.spans();
+        self.check_range("cublasLtMatmul C", c, n_c * 4)?;
+        self.check_range("cublasLtMatmul D", d, n_c * 4)?;
+        let bytes = (n_c * 4) as u64;
+        if c < d + bytes && d < c + bytes {
+            return Err(refuse(format!("cublasLtMatmul: D at {d:#x} overlaps C at {c:#x} (out of place)")));
+        }
+        for j in 0..s.n {
+            let col = (j * s.ldc * 4) as u64;
+            // SAFETY: both spans lie in live allocations (checked above) and do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping((c + col) as *const f32, (d + col) as *mut f32, s.m) };
+        }
+        Ok(())
     }
 
     /// The reference GEMM on device memory, each operand's whole span checked first.

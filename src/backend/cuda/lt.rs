@@ -4,7 +4,7 @@
 //! cuBLASLt declines (no algorithm, a refused call, a bias vector not 16-byte aligned) go through
 //! cuBLAS `gemmEx` (`CudaBackend::gemm`, with the bias added by linear.cu), once noted.
 
-use super::device::{Compute, Gemm, GemmShape, LtMatmul, LtOperands, MatmulPlan};
+use super::device::{Compute, Gemm, GemmShape, LtBatch, LtMatmul, LtOperands, MatmulPlan};
 use super::CudaBackend;
 use anyhow::{anyhow, Result};
 
@@ -21,6 +21,20 @@ fn alignment(p: u64) -> u32 {
     }
 }
 
+/// What a cuBLASLt product may add to a [`Gemm`]: `bias` (m values, one per row of C, i.e. per
+/// output feature: the BIAS epilogue); `d`, the output when it is not C (in C's layout; C then
+/// only read: the residual a linear layer adds); `batch`, the products of one call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LtExtras {
+    pub bias: Option<u64>,
+    pub d: Option<u64>,
+    pub batch: LtBatch,
+}
+
+impl LtExtras {
+    pub(crate) const NONE: LtExtras = LtExtras { bias: None, d: None, batch: LtBatch::SINGLE };
+}
+
 /// A shape's plan, by `LtMatmul` (shape, compute type and the operands' alignments, up to 256
 /// bytes: cuBLASLt's heuristics assume 256-byte-aligned operands unless told, and our tensors sit
 /// at any f32 offset of a pool).
@@ -32,13 +46,16 @@ pub(crate) enum LtPlan {
 }
 
 impl CudaBackend {
-    /// C (col-major m×n, ldc) = op(A)·op(B) + beta·C, plus `bias` (m values, one per row of C,
-    /// i.e. per output feature) when given; f32 in memory, compute type as `gemm` (`g.alpha` must
-    /// be 1 and `g.compute` is the backend's to choose).
-    pub(crate) fn lt_gemm(&self, g: &Gemm, bias: Option<u64>) -> Result<bool> {
+    /// D = op(A)·op(B) + beta·C, f32 in memory, compute type as `gemm` (`g.alpha` must be 1
+    /// and `g.compute` is the backend's to choose), with what `x` adds: the bias, D beside C, a
+    /// batch. False where cuBLASLt declines (nothing ran: the caller goes through cuBLAS).
+    pub(crate) fn lt_gemm(&self, g: &Gemm, x: LtExtras) -> Result<bool> {
         let Gemm { ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc, .. } = *g;
+        let LtExtras { bias, d, batch } = x;
         debug_assert_eq!(g.alpha, 1.0, "lt_gemm runs alpha 1");
-        if m == 0 || n == 0 {
+        // One bias for every product of a batch is not what a caller of a batch would mean.
+        debug_assert!(bias.is_none() || batch.count == 1, "lt_gemm: a bias with a batch");
+        if m == 0 || n == 0 || batch.count == 0 {
             return Ok(true);
         }
         // The BIAS epilogue wants a 16-byte-aligned bias vector (as other users of it found): a
@@ -48,7 +65,13 @@ impl CudaBackend {
         }
         let compute = if self.use_bf16() { Compute::F32FastBf16 } else { Compute::F32 };
         let shape = GemmShape { ta, tb, m, n, k, lda, ldb, ldc, compute };
-        let key = LtMatmul { shape, bias: bias.is_some(), align: [alignment(a), alignment(b), alignment(c)] };
+        let d = d.unwrap_or(c);
+        // Every product of a batch must honour the promise: the base's alignment and the
+        // stride's, whichever is smaller.
+        let bytes = |stride: usize| if batch.count > 1 { stride as u64 * 4 } else { 0 };
+        let (sa, sb, sc) = (bytes(batch.stride_a), bytes(batch.stride_b), bytes(batch.stride_c));
+        let align = [a | sa, b | sb, c | sc, d | sc].map(alignment);
+        let key = LtMatmul { shape, bias: bias.is_some(), align, batch };
         if !self.lt_plans.borrow().contains_key(&key) {
             let plan = self.lt_plan(&key);
             if matches!(plan, LtPlan::Declined) && !self.lt_declined_noted.replace(true) {
@@ -74,6 +97,7 @@ impl CudaBackend {
                 a,
                 b,
                 c,
+                d,
                 workspace: self.blas_workspace,
                 workspace_bytes: WORKSPACE_BYTES,
             };
@@ -93,7 +117,10 @@ impl CudaBackend {
             }
             r.is_ok()
         };
-        self.profile_end(timer, || format!("cublaslt_matmul {m}×{n}×{k} (linear layers)"))?;
+        self.profile_end(timer, || match batch.count {
+            1 => format!("cublaslt_matmul {m}×{n}×{k} (linear layers)"),
+            count => format!("cublaslt_matmul {count}×({m}×{n}×{k}) (linear layers, batched)"),
+        })?;
         Ok(ran)
     }
 

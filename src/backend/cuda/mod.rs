@@ -435,7 +435,7 @@ impl CudaBackend {
 
     /// A linear layer's product: cuBLASLt, or `gemm` for a shape cuBLASLt declines.
     fn linear_gemm(&self, g: Gemm) -> Result<()> {
-        if self.lt_gemm(&g, None)? {
+        if self.lt_gemm(&g, lt::LtExtras::NONE)? {
             return Ok(());
         }
         self.gemm(g)
