@@ -109,7 +109,11 @@ impl BenchReport {
             return String::new();
         }
         let total: f64 = self.kernels.iter().map(|k| k.2).sum();
-        let mut s = format!("\n  per kernel (one call, serialised by the timing events; total {total:.2} ms):");
+        // Launches per call (kernels and library GEMMs): what the fusions reduce.
+        let launches: usize = self.kernels.iter().map(|k| k.1).sum();
+        let mut s = format!(
+            "\n  per kernel (one call: {launches} launches, serialised by the timing events; total {total:.2} ms):"
+        );
         for (name, calls, ms) in &self.kernels {
             s += &format!("\n    {name:<64} {calls:>5} calls {ms:>9.3} ms {:>5.1}%", 100.0 * ms / total.max(1e-12));
         }
