@@ -176,14 +176,15 @@ impl EmuDevice {
             }
             Op::Lt { shape: s, bias, ops } => {
                 let shape = s.shape;
-                // A batch's products one after another, each at its strides from the bases.
+                // A batch's products one after another, each at its strides from the bases; every
+                // product's alignment checked before any runs (a broken promise refuses the call).
                 let LtBatch { count, stride_a, stride_b, stride_c } = s.batch;
-                for i in 0..count as u64 {
-                    let at = |base: u64, stride: usize| base + i * stride as u64 * 4;
-                    let (a, b) = (at(ops.a, stride_a), at(ops.b, stride_b));
-                    let (c, d) = (at(ops.c, stride_c), at(ops.d, stride_c));
-                    let named = [("A", a), ("B", b), ("C", c), ("D", d)];
-                    for ((what, addr), align) in named.into_iter().zip(s.align) {
+                let product = |i: usize| {
+                    let at = |base: u64, stride: usize| base + (i * stride * 4) as u64;
+                    [at(ops.a, stride_a), at(ops.b, stride_b), at(ops.c, stride_c), at(ops.d, stride_c)]
+                };
+                for i in 0..count {
+                    for ((what, addr), align) in ["A", "B", "C", "D"].into_iter().zip(product(i)).zip(s.align) {
                         if align > 0 && addr % align as u64 != 0 {
                             return Err(refuse(format!(
                                 "cublasLtMatmul: {what} at {addr:#x} (product {i}) breaks the plan's promised \
@@ -191,6 +192,9 @@ impl EmuDevice {
                             )));
                         }
                     }
+                }
+                for i in 0..count {
+                    let [a, b, c, d] = product(i);
                     if d != c {
                         self.copy_matrix_c_to_d(&shape, c, d)?;
                     }
@@ -510,6 +514,7 @@ impl Device for EmuDevice {
 
 #[cfg(test)]
 mod tests {
+    use super::super::device::Compute;
     use super::*;
 
     fn message(e: DeviceError) -> String {
@@ -547,6 +552,55 @@ mod tests {
         let mut out = vec![0xAAu8; 64 * 4];
         d2.copy_dtoh(&mut out, b2).unwrap();
         assert!(out.iter().all(|&b| b == 0), "ew_zero after a fault left {:?}…", &out[..8]);
+    }
+
+    fn upload(d: &EmuDevice, v: &[f32]) -> u64 {
+        let p = d.alloc(v.len() * 4).unwrap();
+        d.copy_htod(p, &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        p
+    }
+
+    fn download(d: &EmuDevice, p: u64, n: usize) -> Vec<f32> {
+        let mut bytes = vec![0u8; n * 4];
+        d.copy_dtoh(&mut bytes, p).unwrap();
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    }
+
+    /// cuBLASLt's strided batch and out-of-place D as the emulator runs them, against the
+    /// documented definition (D_i = op(A_i)·op(B_i) + beta·C_i, X_i = X + i·stride, column-major),
+    /// on small integers so that f32 is exact: C stays as it was, B is shared (stride 0); and a
+    /// stride that breaks the promised alignment of a later product, or a D overlapping C, is refused.
+    #[test]
+    fn a_batched_out_of_place_lt_product_follows_the_definition() {
+        let d = EmuDevice::open();
+        let (m, n, k, count) = (3usize, 2usize, 4usize, 2usize);
+        let a: Vec<f32> = (0..count * m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 2.0).collect();
+        let c: Vec<f32> = (0..count * m * n).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let (pa, pb, pc) = (upload(&d, &a), upload(&d, &b), upload(&d, &c));
+        let pd = upload(&d, &vec![f32::NAN; count * m * n]);
+        let shape = GemmShape { ta: false, tb: false, m, n, k, lda: m, ldb: k, ldc: m, compute: Compute::F32 };
+        let batch = LtBatch { count, stride_a: m * k, stride_b: 0, stride_c: m * n };
+        let key = LtMatmul { shape, bias: false, align: [4; 4], batch };
+        let plan = d.lt_plan(&key, 0).unwrap();
+        let ops = LtOperands { alpha: 1.0, beta: 1.0, a: pa, b: pb, c: pc, d: pd, workspace: 0, workspace_bytes: 0 };
+        d.lt_matmul(plan, &ops).unwrap();
+        d.synchronize().unwrap();
+        let got = download(&d, pd, count * m * n);
+        for (p, j, i) in (0..count).flat_map(|p| (0..n).flat_map(move |j| (0..m).map(move |i| (p, j, i)))) {
+            let dot: f32 = (0..k).map(|q| a[p * m * k + i + q * m] * b[q + j * k]).sum();
+            let want = dot + c[p * m * n + i + j * m];
+            assert_eq!(got[p * m * n + i + j * m], want, "D of product {p} at ({i}, {j})");
+        }
+        assert_eq!(download(&d, pc, count * m * n), c, "C must only be read");
+        // A stride of 3 elements puts product 1's A 12 bytes past a 16-byte promise.
+        let key16 = LtMatmul { align: [16, 4, 4, 4], batch: LtBatch { stride_a: 3, ..batch }, ..key };
+        let a16 = d.alloc(64 * 4).unwrap();
+        let plan16 = d.lt_plan(&key16, 0).unwrap();
+        let e = message(d.lt_matmul(plan16, &LtOperands { a: a16, ..ops }).unwrap_err());
+        assert!(e.contains("(product 1)") && e.contains("16-byte"), "{e}");
+        let e = message(d.lt_matmul(plan, &LtOperands { d: pc + 4, ..ops }).unwrap_err());
+        assert!(e.contains("overlaps C"), "{e}");
     }
 
     #[test]
