@@ -220,5 +220,38 @@ pub fn generate(dir: &Path, out: &Path) {
             );
         }
     }
+    // A numbered version's bf16-activation twin (`NAME_bf16_vN` beside `NAME_vN`, kernels/common.cuh
+    // `ld_act`) converts from it likewise: the family rule above converts only from a family's
+    // first kernel, which a version with its own parameters is not.
+    for k in &plain {
+        let Some((base, n)) = k.name.rsplit_once("_v") else { continue };
+        let Some(base) = base.strip_suffix("_bf16") else { continue };
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let twin_name = format!("{base}_v{n}");
+        let Some(twin) = plain.iter().find(|t| t.name == twin_name) else { continue };
+        let first_of_family = plain.iter().find(|t| family(&t.name) == family(&twin.name)).unwrap();
+        if first_of_family.name == twin.name {
+            continue; // converted by the family rule
+        }
+        let types = |k: &Kernel| -> Vec<(String, &'static str)> {
+            k.params.iter().map(|(ty, n)| (n.clone(), rust_type(k, ty, n).0)).collect()
+        };
+        assert!(
+            types(k) == types(twin),
+            "{}: kernel {}: parameters differ from {twin_name}'s, its bf16-activation twin",
+            k.file,
+            k.name
+        );
+        let fields: Vec<String> = twin.params.iter().map(|(_, n)| format!("{0}: k.{0}", field(n))).collect();
+        let _ = writeln!(
+            code,
+            "\nimpl From<{a}> for {b} {{\n    fn from(k: {a}) -> {b} {{\n        {b} {{ {f} }}\n    }}\n}}",
+            a = camel(&twin.name),
+            b = camel(&k.name),
+            f = fields.join(", ")
+        );
+    }
     std::fs::write(out, code).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
 }

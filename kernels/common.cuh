@@ -52,6 +52,19 @@ __device__ __forceinline__ double block_sum_d(double v, double* scratch) {
 // f32 ↔ bf16 (round to nearest even, as PyTorch's .to(torch.bfloat16)).
 __device__ __forceinline__ __nv_bfloat16 f2bf(float x) { return __float2bfloat16_rn(x); }
 __device__ __forceinline__ float bf2f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Activations in memory are f32 or bf16 (issue 18: bf16 activations halve the bytes every
+// memory-bound kernel moves); kernels templated on the activation type T load them as f32 with
+// `ld_act`, compute in f32, and store with `st_act<T>` (bf16: round to nearest even, once).
+// Such a kernel's entry points are `NAME` (f32) and `NAME_bf16`, with the same parameters.
+__device__ __forceinline__ float ld_act(float x) { return x; }
+__device__ __forceinline__ float ld_act(__nv_bfloat16 x) { return bf2f(x); }
+template <typename T>
+__device__ __forceinline__ T st_act(float x);
+template <>
+__device__ __forceinline__ float st_act<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 st_act<__nv_bfloat16>(float x) { return f2bf(x); }
 // Two floats packed as a bf16x2 register (lo in the low half), the operand form of mma.sync.
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);

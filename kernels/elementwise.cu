@@ -68,8 +68,15 @@ static __device__ __forceinline__ float ew_act_grad(float x, int act) {
 
 
 // activation_forward: out = act(inp) (cpu/mod.rs `activation_forward`). Launch: 1-D grid-stride.
+template <typename T>
+__device__ void ew_activation_fwd_t(T* out, const T* inp, int n, int act) {
+    GRID_STRIDE(i, n) out[i] = st_act<T>(ew_act(ld_act(inp[i]), act));
+}
 extern "C" __global__ void ew_activation_fwd(float* out, const float* inp, int n, int act) {
-    GRID_STRIDE(i, n) out[i] = ew_act(inp[i], act);
+    ew_activation_fwd_t(out, inp, n, act);
+}
+extern "C" __global__ void ew_activation_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* inp, int n, int act) {
+    ew_activation_fwd_t(out, inp, n, act);
 }
 
 // activation_backward: dinp += dout·act'(inp) (ops/elementwise.rs `Pointwise::cpu_activation_backward`). Launch: 1-D grid-stride.
@@ -78,20 +85,34 @@ extern "C" __global__ void ew_activation_bwd(float* dinp, const float* dout, con
 }
 
 // add_forward: out = a + b (cpu/mod.rs `add_forward`). Launch: 1-D grid-stride.
-extern "C" __global__ void ew_add(float* out, const float* a, const float* b, int n) {
-    GRID_STRIDE(i, n) out[i] = a[i] + b[i];
+template <typename T>
+__device__ void ew_add_t(T* out, const T* a, const T* b, int n) {
+    GRID_STRIDE(i, n) out[i] = st_act<T>(ld_act(a[i]) + ld_act(b[i]));
+}
+extern "C" __global__ void ew_add(float* out, const float* a, const float* b, int n) { ew_add_t(out, a, b, n); }
+extern "C" __global__ void ew_add_bf16(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int n) {
+    ew_add_t(out, a, b, n);
 }
 
 // add_bias_rows_forward: out[b, r, ch] = inp[b, r, ch] + bias[b, ch], inp/out (batch, rows, c)
-// (cpu/mod.rs `add_bias_rows_forward`). Launch: 1-D grid-stride over batch·rows·c.
-extern "C" __global__ void ew_add_bias_rows(float* out, const float* inp, const float* bias, int batch, int rows,
-                                            int c) {
+// (cpu/mod.rs `add_bias_rows_forward`); the bias (the time embedding's projection) is f32 also
+// beside bf16 activations. Launch: 1-D grid-stride over batch·rows·c.
+template <typename T>
+__device__ void ew_add_bias_rows_t(T* out, const T* inp, const float* bias, int batch, int rows, int c) {
     const unsigned per_sample = (unsigned)rows * (unsigned)c;
     GRID_STRIDE(i, (long long)batch * rows * c) {
         const unsigned ui = (unsigned)i;
         const unsigned b = ui / per_sample, ch = ui % (unsigned)c;
-        out[i] = inp[i] + bias[(size_t)b * c + ch];
+        out[i] = st_act<T>(ld_act(inp[i]) + bias[(size_t)b * c + ch]);
     }
+}
+extern "C" __global__ void ew_add_bias_rows(float* out, const float* inp, const float* bias, int batch, int rows,
+                                            int c) {
+    ew_add_bias_rows_t(out, inp, bias, batch, rows, c);
+}
+extern "C" __global__ void ew_add_bias_rows_bf16(__nv_bfloat16* out, const __nv_bfloat16* inp, const float* bias,
+                                                 int batch, int rows, int c) {
+    ew_add_bias_rows_t(out, inp, bias, batch, rows, c);
 }
 
 #define EW_BR_ROWS 8  // blockDim.y of ew_bias_rows_bwd_partial
@@ -133,13 +154,21 @@ extern "C" __global__ void ew_bias_rows_bwd_finalize(float* dbias, const double*
 
 // concat_channels_forward: out (rows, ca + cb) = [a (rows, ca) | b (rows, cb)]
 // (cpu/mod.rs `concat_channels_forward`). Launch: 1-D grid-stride over rows·(ca + cb).
-extern "C" __global__ void ew_concat_fwd(float* out, const float* a, const float* b, int rows, int ca, int cb) {
+template <typename T>
+__device__ void ew_concat_fwd_t(T* out, const T* a, const T* b, int rows, int ca, int cb) {
     const unsigned cw = (unsigned)(ca + cb);
     GRID_STRIDE(i, (long long)rows * (ca + cb)) {
         const unsigned ui = (unsigned)i;
         const unsigned r = ui / cw, j = ui - r * cw;
         out[i] = j < (unsigned)ca ? a[(size_t)r * ca + j] : b[(size_t)r * cb + (j - ca)];
     }
+}
+extern "C" __global__ void ew_concat_fwd(float* out, const float* a, const float* b, int rows, int ca, int cb) {
+    ew_concat_fwd_t(out, a, b, rows, ca, cb);
+}
+extern "C" __global__ void ew_concat_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* b,
+                                              int rows, int ca, int cb) {
+    ew_concat_fwd_t(out, a, b, rows, ca, cb);
 }
 
 // concat_channels_backward: da += dout[:, :ca], db += dout[:, ca:] (cpu/mod.rs
@@ -162,13 +191,20 @@ extern "C" __global__ void ew_concat_bwd(float* da, float* db, const float* dout
 
 // geglu_forward: inp (rows, 2·inner) = [x | gate] → out (rows, inner) = x·gelu(gate), exact erf
 // GELU (cpu/mod.rs `geglu_forward`). Launch: 1-D grid-stride over rows·inner.
-extern "C" __global__ void ew_geglu_fwd(float* out, const float* inp, int rows, int inner) {
+template <typename T>
+__device__ void ew_geglu_fwd_t(T* out, const T* inp, int rows, int inner) {
     GRID_STRIDE(i, (long long)rows * inner) {
         const unsigned ui = (unsigned)i;
         const unsigned r = ui / (unsigned)inner, j = ui - r * (unsigned)inner;
-        const float* x = inp + (size_t)r * 2 * inner;
-        out[i] = x[j] * ew_gelu(x[inner + j]);
+        const T* x = inp + (size_t)r * 2 * inner;
+        out[i] = st_act<T>(ld_act(x[j]) * ew_gelu(ld_act(x[inner + j])));
     }
+}
+extern "C" __global__ void ew_geglu_fwd(float* out, const float* inp, int rows, int inner) {
+    ew_geglu_fwd_t(out, inp, rows, inner);
+}
+extern "C" __global__ void ew_geglu_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* inp, int rows, int inner) {
+    ew_geglu_fwd_t(out, inp, rows, inner);
 }
 
 // geglu_backward: dx += dout·gelu(gate), dgate += dout·x·gelu'(gate) (ops/elementwise.rs `GegluParams::cpu_backward`).
@@ -216,14 +252,23 @@ static __device__ __forceinline__ EwNhwc ew_nhwc(long long i, int h, int w, int 
 
 // upsample_nearest_forward: out (batch, oh, ow, c)[b, y, x] = inp (batch, ih, iw, c)[b, src(y),
 // src(x)] (cpu/mod.rs `upsample_nearest_forward`). Launch: 1-D grid-stride over batch·oh·ow·c.
-extern "C" __global__ void ew_upsample_fwd(float* out, const float* inp, int batch, int ih, int iw, int oh, int ow,
-                                           int c, float sy, float sx) {
+template <typename T>
+__device__ void ew_upsample_fwd_t(T* out, const T* inp, int batch, int ih, int iw, int oh, int ow, int c, float sy,
+                                  float sx) {
     GRID_STRIDE(i, (long long)batch * oh * ow * c) {
         const EwNhwc at = ew_nhwc(i, oh, ow, c);
         const unsigned b = at.b, oy = at.y, ox = at.x, ch = at.ch;
         const int iy = ew_src(oy, sy, ih), ix = ew_src(ox, sx, iw);
         out[i] = inp[(((size_t)b * ih + iy) * iw + ix) * c + ch];
     }
+}
+extern "C" __global__ void ew_upsample_fwd(float* out, const float* inp, int batch, int ih, int iw, int oh, int ow,
+                                           int c, float sy, float sx) {
+    ew_upsample_fwd_t(out, inp, batch, ih, iw, oh, ow, c, sy, sx);
+}
+extern "C" __global__ void ew_upsample_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* inp, int batch, int ih,
+                                                int iw, int oh, int ow, int c, float sy, float sx) {
+    ew_upsample_fwd_t(out, inp, batch, ih, iw, oh, ow, c, sy, sx);
 }
 
 // upsample_nearest_backward: each input element gathers the gradients of its copies,
@@ -286,13 +331,21 @@ extern "C" __global__ void ew_embedding_bwd(float* dwte, float* dwpe, const floa
 }
 
 // zero: t = 0. Launch: 1-D grid-stride.
-extern "C" __global__ void ew_zero(float* t, int n) {
-    GRID_STRIDE(i, n) t[i] = 0.0f;
+template <typename T>
+__device__ void ew_zero_t(T* t, int n) {
+    GRID_STRIDE(i, n) t[i] = st_act<T>(0.0f);
 }
+extern "C" __global__ void ew_zero(float* t, int n) { ew_zero_t(t, n); }
+extern "C" __global__ void ew_zero_bf16(__nv_bfloat16* t, int n) { ew_zero_t(t, n); }
 
 // accumulate: dst += src (cpu/mod.rs `accumulate`). Launch: 1-D grid-stride.
-extern "C" __global__ void ew_accumulate(float* dst, const float* src, int n) {
-    GRID_STRIDE(i, n) dst[i] = dst[i] + src[i];
+template <typename T>
+__device__ void ew_accumulate_t(T* dst, const T* src, int n) {
+    GRID_STRIDE(i, n) dst[i] = st_act<T>(ld_act(dst[i]) + ld_act(src[i]));
+}
+extern "C" __global__ void ew_accumulate(float* dst, const float* src, int n) { ew_accumulate_t(dst, src, n); }
+extern "C" __global__ void ew_accumulate_bf16(__nv_bfloat16* dst, const __nv_bfloat16* src, int n) {
+    ew_accumulate_t(dst, src, n);
 }
 
 // scale: t *= s (cpu/mod.rs `scale`). Launch: 1-D grid-stride.

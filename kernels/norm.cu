@@ -76,28 +76,35 @@ static __device__ __forceinline__ NrmGnGrad nrm_gn_grad(const float* dout, const
 // Mirrors cpu/mod.rs `layer_norm_forward`.
 // Launch: block 256 threads = 8 warps, one warp per row; grid ceil(rows/8) (capped; warps stride
 // over rows).
-extern "C" __global__ void ln_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
-                                      const float* bias, int rows, int cols, float eps) {
+template <typename T>
+__device__ void ln_forward_t(T* out, float* mean, float* rstd, const T* inp, const float* weight, const float* bias, int rows, int cols, float eps) {
     const int lane = threadIdx.x & 31;
     const long long wpb = blockDim.x >> 5;
     for (long long row = blockIdx.x * wpb + (threadIdx.x >> 5); row < rows; row += (long long)gridDim.x * wpb) {
-        const float* x = inp + row * cols;
-        float* o = out + row * cols;
+        const T* x = inp + row * cols;
+        T* o = out + row * cols;
         double s = 0.0;
-        for (int c = lane; c < cols; c += 32) s += (double)x[c];
+        for (int c = lane; c < cols; c += 32) s += (double)ld_act(x[c]);
         const double mu = warp_sum_d(s) / cols;
         double q = 0.0;
         for (int c = lane; c < cols; c += 32) {
-            const double d = (double)x[c] - mu;
+            const double d = (double)ld_act(x[c]) - mu;
             q += d * d;
         }
         const double rs = 1.0 / sqrt(warp_sum_d(q) / cols + (double)eps);
-        for (int c = lane; c < cols; c += 32) o[c] = nrm_affine(x[c], mu, rs, weight[c], bias[c]);
+        for (int c = lane; c < cols; c += 32) o[c] = st_act<T>(nrm_affine(ld_act(x[c]), mu, rs, weight[c], bias[c]));
         if (lane == 0) {
             mean[row] = (float)mu;
             rstd[row] = (float)rs;
         }
     }
+}
+extern "C" __global__ void ln_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
+                                      const float* bias, int rows, int cols, float eps) {
+    ln_forward_t(out, mean, rstd, inp, weight, bias, rows, cols, eps);
+}
+extern "C" __global__ void ln_forward_bf16(__nv_bfloat16* out, float* mean, float* rstd, const __nv_bfloat16* inp, const float* weight, const float* bias, int rows, int cols, float eps) {
+    ln_forward_t(out, mean, rstd, inp, weight, bias, rows, cols, eps);
 }
 
 // layer_norm_backward, the input part: with xhat = (x − μ)·rstd and g = dy·w (f64),
@@ -221,26 +228,33 @@ static __device__ __forceinline__ NrmChunk nrm_chunk(int blk, int nchunks, int h
 
 // group_norm_forward pass 1: psum[blk] = Σ x over the block's chunk (f64).
 // Mirrors the first loop of cpu/mod.rs `group_norm_forward`. Launch: 1-D grid BG·nchunks, block 256.
-extern "C" __global__ void gn_forward_sum(double* psum, const float* inp, int hw, int c, int groups, int nchunks,
-                                          int rows_per_chunk) {
+template <typename T>
+__device__ void gn_forward_sum_t(double* psum, const T* inp, int hw, int c, int groups, int nchunks, int rows_per_chunk) {
     __shared__ double scratch[32];
     const int cpg = c / groups;
     const NrmChunk ck = nrm_chunk(blockIdx.x, nchunks, hw, c, groups, rows_per_chunk);
-    const float* x = inp + ck.base;
+    const T* x = inp + ck.base;
     double s = 0.0;
     for (int k = threadIdx.x; k < ck.count; k += blockDim.x) {
         const int p = k / cpg, j = k - p * cpg;
-        s += (double)x[(size_t)p * c + j];
+        s += (double)ld_act(x[(size_t)p * c + j]);
     }
     s = block_sum_d(s, scratch);
     if (threadIdx.x == 0) psum[blockIdx.x] = s;
+}
+extern "C" __global__ void gn_forward_sum(double* psum, const float* inp, int hw, int c, int groups, int nchunks,
+                                          int rows_per_chunk) {
+    gn_forward_sum_t(psum, inp, hw, c, groups, nchunks, rows_per_chunk);
+}
+extern "C" __global__ void gn_forward_sum_bf16(double* psum, const __nv_bfloat16* inp, int hw, int c, int groups, int nchunks, int rows_per_chunk) {
+    gn_forward_sum_t(psum, inp, hw, c, groups, nchunks, rows_per_chunk);
 }
 
 // group_norm_forward pass 2: μ = Σ psum[bg·nchunks..] / (hw·cpg) (warp 0, fixed order: the same
 // value gn_forward_finalize computes), then psq[blk] = Σ (x − μ)² over the chunk (f64).
 // Mirrors the second loop of cpu/mod.rs `group_norm_forward`. Launch: as gn_forward_sum.
-extern "C" __global__ void gn_forward_sqdev(double* psq, const double* psum, const float* inp, int hw, int c,
-                                            int groups, int nchunks, int rows_per_chunk) {
+template <typename T>
+__device__ void gn_forward_sqdev_t(double* psq, const double* psum, const T* inp, int hw, int c, int groups, int nchunks, int rows_per_chunk) {
     __shared__ double scratch[32];
     __shared__ double mu_s;
     const int cpg = c / groups;
@@ -252,15 +266,22 @@ extern "C" __global__ void gn_forward_sqdev(double* psq, const double* psum, con
     __syncthreads();
     const double mu = mu_s;
     const NrmChunk ck = nrm_chunk(blockIdx.x, nchunks, hw, c, groups, rows_per_chunk);
-    const float* x = inp + ck.base;
+    const T* x = inp + ck.base;
     double q = 0.0;
     for (int k = threadIdx.x; k < ck.count; k += blockDim.x) {
         const int p = k / cpg, j = k - p * cpg;
-        const double d = (double)x[(size_t)p * c + j] - mu;
+        const double d = (double)ld_act(x[(size_t)p * c + j]) - mu;
         q += d * d;
     }
     q = block_sum_d(q, scratch);
     if (threadIdx.x == 0) psq[blockIdx.x] = q;
+}
+extern "C" __global__ void gn_forward_sqdev(double* psq, const double* psum, const float* inp, int hw, int c,
+                                            int groups, int nchunks, int rows_per_chunk) {
+    gn_forward_sqdev_t(psq, psum, inp, hw, c, groups, nchunks, rows_per_chunk);
+}
+extern "C" __global__ void gn_forward_sqdev_bf16(double* psq, const double* psum, const __nv_bfloat16* inp, int hw, int c, int groups, int nchunks, int rows_per_chunk) {
+    gn_forward_sqdev_t(psq, psum, inp, hw, c, groups, nchunks, rows_per_chunk);
 }
 
 // group_norm_forward pass 3: per (batch, group) μ = Σpsum / n, var = Σpsq / n (population),
@@ -285,15 +306,22 @@ extern "C" __global__ void gn_forward_finalize(float* mean, float* rstd, double*
 
 // group_norm_forward pass 4: out = ((x − μ)·rstd)·w[ch] + b[ch], then SiLU y/(1 + e^(−y)) when
 // `silu` (f32, as cpu/mod.rs `silu`). Launch: 1-D grid-stride over batch·hw·c (block 256).
-extern "C" __global__ void gn_forward_apply(float* out, const float* inp, const float* weight, const float* bias,
-                                            const double* stats, int batch, int hw, int c, int groups, int silu) {
+template <typename T>
+__device__ void gn_forward_apply_t(T* out, const T* inp, const float* weight, const float* bias, const double* stats, int batch, int hw, int c, int groups, int silu) {
     GRID_STRIDE(i, (long long)batch * hw * c) {
         const NrmGnIndex at = nrm_gn_index(i, hw, c, groups);
         const unsigned ch = at.ch, bg = at.bg;
-        float y = nrm_affine(inp[i], stats[2 * bg], stats[2 * bg + 1], weight[ch], bias[ch]);
+        float y = nrm_affine(ld_act(inp[i]), stats[2 * bg], stats[2 * bg + 1], weight[ch], bias[ch]);
         if (silu) y = y / (1.0f + expf(-y));
-        out[i] = y;
+        out[i] = st_act<T>(y);
     }
+}
+extern "C" __global__ void gn_forward_apply(float* out, const float* inp, const float* weight, const float* bias,
+                                            const double* stats, int batch, int hw, int c, int groups, int silu) {
+    gn_forward_apply_t(out, inp, weight, bias, stats, batch, hw, c, groups, silu);
+}
+extern "C" __global__ void gn_forward_apply_bf16(__nv_bfloat16* out, const __nv_bfloat16* inp, const float* weight, const float* bias, const double* stats, int batch, int hw, int c, int groups, int silu) {
+    gn_forward_apply_t(out, inp, weight, bias, stats, batch, hw, c, groups, silu);
 }
 
 // ---- group norm forward, version 2 (issue 18: ROENTGEN_KERNELS=group_norm=2) -------------------
@@ -312,13 +340,14 @@ extern "C" __global__ void gn_forward_apply(float* out, const float* inp, const 
 // bit for bit). Deterministic: fixed-order block and chunk sums, no atomics.
 
 // Σx and Σx² over the block's chunk (f64), by every thread of the block (each gets both sums).
-static __device__ __forceinline__ void nrm_gn_moments(const float* x, int count, int cpg, int c, double* scratch,
+template <typename T>
+static __device__ __forceinline__ void nrm_gn_moments(const T* x, int count, int cpg, int c, double* scratch,
                                                       double& s, double& q) {
     s = 0.0;
     q = 0.0;
     for (int k = threadIdx.x; k < count; k += blockDim.x) {
         const int p = k / cpg, j = k - p * cpg;
-        const double v = (double)x[(size_t)p * c + j];
+        const double v = (double)ld_act(x[(size_t)p * c + j]);
         s += v;
         q += v * v;
     }
@@ -328,8 +357,8 @@ static __device__ __forceinline__ void nrm_gn_moments(const float* x, int count,
 
 // v2 pass 1, launched only when a group spans several chunks: psum[blk] = Σx, psq[blk] = Σx².
 // Launch: 1-D grid BG·nchunks, block 256 (as gn_forward_sum).
-extern "C" __global__ void gn_forward_moments_v2(double* psum, double* psq, const float* inp, int hw, int c,
-                                                 int groups, int nchunks, int rows_per_chunk) {
+template <typename T>
+__device__ void gn_forward_moments_v2_t(double* psum, double* psq, const T* inp, int hw, int c, int groups, int nchunks, int rows_per_chunk) {
     __shared__ double scratch[32];
     const NrmChunk ck = nrm_chunk(blockIdx.x, nchunks, hw, c, groups, rows_per_chunk);
     double s, q;
@@ -339,20 +368,25 @@ extern "C" __global__ void gn_forward_moments_v2(double* psum, double* psq, cons
         psq[blockIdx.x] = q;
     }
 }
+extern "C" __global__ void gn_forward_moments_v2(double* psum, double* psq, const float* inp, int hw, int c,
+                                                 int groups, int nchunks, int rows_per_chunk) {
+    gn_forward_moments_v2_t(psum, psq, inp, hw, c, groups, nchunks, rows_per_chunk);
+}
+extern "C" __global__ void gn_forward_moments_bf16_v2(double* psum, double* psq, const __nv_bfloat16* inp, int hw, int c, int groups, int nchunks, int rows_per_chunk) {
+    gn_forward_moments_v2_t(psum, psq, inp, hw, c, groups, nchunks, rows_per_chunk);
+}
 
 // v2 pass 2: the group's μ and rstd (from this block's own moments when nchunks = 1, else from
 // the chunks' in a fixed order), mean/rstd written by the group's first block, then the chunk
 // normalised as gn_forward_apply does (+ SiLU). Launch: as gn_forward_moments_v2.
-extern "C" __global__ void gn_forward_apply_v2(float* out, float* mean, float* rstd, const float* inp,
-                                               const float* weight, const float* bias, const double* psum,
-                                               const double* psq, int hw, int c, int groups, int nchunks,
-                                               int rows_per_chunk, float eps, int silu) {
+template <typename T>
+__device__ void gn_forward_apply_v2_t(T* out, float* mean, float* rstd, const T* inp, const float* weight, const float* bias, const double* psum, const double* psq, int hw, int c, int groups, int nchunks, int rows_per_chunk, float eps, int silu) {
     __shared__ double scratch[32];
     __shared__ double stat[2];
     const int cpg = c / groups;
     const int bg = blockIdx.x / nchunks, g = bg % groups;
     const NrmChunk ck = nrm_chunk(blockIdx.x, nchunks, hw, c, groups, rows_per_chunk);
-    const float* x = inp + ck.base;
+    const T* x = inp + ck.base;
     double s = 0.0, q = 0.0;
     if (nchunks == 1) {
         nrm_gn_moments(x, ck.count, cpg, c, scratch, s, q);
@@ -375,13 +409,22 @@ extern "C" __global__ void gn_forward_apply_v2(float* out, float* mean, float* r
     const double mu = stat[0], rs = stat[1];
     const float* w = weight + g * cpg;
     const float* b = bias + g * cpg;
-    float* y = out + ck.base;
+    T* y = out + ck.base;
     for (int k = threadIdx.x; k < ck.count; k += blockDim.x) {
         const int p = k / cpg, j = k - p * cpg;
-        float v = nrm_affine(x[(size_t)p * c + j], mu, rs, w[j], b[j]);
+        float v = nrm_affine(ld_act(x[(size_t)p * c + j]), mu, rs, w[j], b[j]);
         if (silu) v = v / (1.0f + expf(-v));
-        y[(size_t)p * c + j] = v;
+        y[(size_t)p * c + j] = st_act<T>(v);
     }
+}
+extern "C" __global__ void gn_forward_apply_v2(float* out, float* mean, float* rstd, const float* inp,
+                                               const float* weight, const float* bias, const double* psum,
+                                               const double* psq, int hw, int c, int groups, int nchunks,
+                                               int rows_per_chunk, float eps, int silu) {
+    gn_forward_apply_v2_t(out, mean, rstd, inp, weight, bias, psum, psq, hw, c, groups, nchunks, rows_per_chunk, eps, silu);
+}
+extern "C" __global__ void gn_forward_apply_bf16_v2(__nv_bfloat16* out, float* mean, float* rstd, const __nv_bfloat16* inp, const float* weight, const float* bias, const double* psum, const double* psq, int hw, int c, int groups, int nchunks, int rows_per_chunk, float eps, int silu) {
+    gn_forward_apply_v2_t(out, mean, rstd, inp, weight, bias, psum, psq, hw, c, groups, nchunks, rows_per_chunk, eps, silu);
 }
 
 // group_norm_backward pass 1: over the block's chunk, with dy = nrm_gn_dy, dxhat = dy·w (f64) and

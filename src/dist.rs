@@ -155,7 +155,7 @@ impl Dist {
             let mut at = 0;
             while at < n {
                 let len = REDUCE_CHUNK.min(n - at);
-                let chunk = Tensor { pool: t.pool, offset: t.offset + at, shape: [len].into() };
+                let chunk = Tensor::new(t.pool, t.offset + at, [len].into());
                 let mine = b.download(&chunk)?;
                 world.all_reduce_into(&mine[..], &mut sum[..len], mpi::collective::SystemOperation::sum());
                 b.upload(&chunk, &sum[..len])?;
@@ -278,7 +278,7 @@ pub fn fingerprint_tensor(b: &dyn Backend, t: &Tensor) -> Result<u64> {
     let mut at = 0;
     while at < n {
         let len = REDUCE_CHUNK.min(n - at);
-        let v = b.download(&Tensor { pool: t.pool, offset: t.offset + at, shape: [len].into() })?;
+        let v = b.download(&Tensor::new(t.pool, t.offset + at, [len].into()))?;
         h = h.rotate_left(5) ^ fingerprint(bytemuck::cast_slice(&v));
         at += len;
     }

@@ -101,26 +101,44 @@ impl PoolId {
     pub const UNBOUND: PoolId = PoolId(usize::MAX);
 }
 
-/// A contiguous view: `shape.numel()` elements at `offset` in `pool`.
+/// A contiguous view: `shape.numel()` elements of type `dtype` from element `offset` of pool
+/// `pool` on (byte `offset × dtype.size_bytes()`). Pools are allocated in 4-byte units; every
+/// tensor the engine computes on is f32 except, on a backend that stores them so, activations in
+/// bf16 (`Arena::with_activations`), whose sub-views (`Tensor { offset: t.offset + k, ..t }`)
+/// count in bf16 elements like the tensor itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tensor {
     pub pool: PoolId,
     pub offset: usize,
     pub shape: Shape,
+    pub dtype: DType,
 }
 
 impl Tensor {
+    /// An f32 view (parameters, gradients, statistics and, by default, activations).
+    pub fn new(pool: PoolId, offset: usize, shape: Shape) -> Tensor {
+        Tensor { pool, offset, shape, dtype: DType::F32 }
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.numel()
     }
 
+    /// One past the last element, in elements of `dtype`.
     pub fn end(&self) -> usize {
         self.offset + self.numel()
     }
 
-    /// True when the two views share at least one element.
+    /// The bytes the view covers in its pool: [start, end).
+    pub fn byte_range(&self) -> std::ops::Range<usize> {
+        let size = self.dtype.size_bytes();
+        self.offset * size..self.end() * size
+    }
+
+    /// True when the two views share at least one byte.
     pub fn overlaps(&self, other: &Tensor) -> bool {
-        self.pool == other.pool && self.offset < other.end() && other.offset < self.end()
+        let (a, b) = (self.byte_range(), other.byte_range());
+        self.pool == other.pool && a.start < b.end && b.start < a.end
     }
 
     /// The same elements seen with another shape of equal size.
@@ -229,7 +247,7 @@ impl Layout {
         let previous = self.index.insert(name.clone(), self.entries.len());
         assert!(previous.is_none(), "layout: tensor name '{name}' used twice");
         self.entries.push(LayoutEntry { name, offset, shape });
-        Tensor { pool: self.pool, offset, shape }
+        Tensor::new(self.pool, offset, shape)
     }
 
     /// Elements needed for everything reserved so far.
@@ -263,6 +281,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_bf16_arena_packs_two_activations_a_slot_and_keeps_statistics_f32() {
+        let mut a = Arena::new(PoolId(1), 1 << 20).with_activations(DType::BF16);
+        let x = a.alloc([3, 11]).unwrap(); // 33 bf16 values: 17 slots, rounded up to 32
+        let stats = a.alloc_f32([5]).unwrap();
+        let y = a.alloc([2]).unwrap();
+        assert_eq!((x.dtype, x.offset), (DType::BF16, 0));
+        assert_eq!((stats.dtype, stats.offset), (DType::F32, 32));
+        assert_eq!((y.dtype, y.offset), (DType::BF16, 2 * 48), "bf16 offsets count bf16 elements");
+        assert_eq!(x.byte_range(), 0..66);
+        assert_eq!(y.byte_range(), 192..196);
+        assert_eq!(a.peak(), 64);
+        assert!(!x.overlaps(&stats) && !stats.overlaps(&y));
+        // The same bytes seen as f32 [0, 64) and as bf16 [62, 66) overlap.
+        let f = Tensor::new(PoolId(1), 0, [16].into());
+        assert!(f.overlaps(&Tensor { offset: 31, shape: [2].into(), ..x }));
+        assert!(!f.overlaps(&Tensor { offset: 32, shape: [2].into(), ..x }));
+        // An f32 arena is as before: activations f32, 16-element alignment.
+        let mut a = Arena::new(PoolId(1), 1 << 20);
+        let x = a.alloc([33]).unwrap();
+        assert_eq!((x.dtype, a.alloc([1]).unwrap().offset), (DType::F32, 48));
+    }
+
+    #[test]
     fn layout_places_tensors_aligned_and_disjoint() {
         let mut l = Layout::new(PoolId(3));
         let a = l.tensor("a", [3, 5]);
@@ -277,7 +318,7 @@ mod tests {
 
     #[test]
     fn overlap_detects_shared_elements() {
-        let t = |o, n| Tensor { pool: PoolId(0), offset: o, shape: Shape::new(&[n]) };
+        let t = |o, n| Tensor::new(PoolId(0), o, Shape::new(&[n]));
         assert!(t(0, 10).overlaps(&t(9, 2)));
         assert!(!t(0, 10).overlaps(&t(10, 2)));
         let other_pool = Tensor { pool: PoolId(1), ..t(0, 10) };
@@ -299,22 +340,50 @@ pub struct Arena {
     /// While set, `release` keeps everything: a training forward saves every activation for the
     /// backward pass.
     keep: bool,
+    /// The element type of `alloc`'s tensors (activations): f32, or bf16 on a backend that
+    /// computes on bf16 activations. `alloc_f32`'s (statistics) are f32 always.
+    activations: DType,
 }
 
 impl Arena {
     /// An unbounded, unbound arena that only measures.
     pub fn planning() -> Arena {
-        Arena { pool: PoolId::UNBOUND, top: 0, peak: 0, capacity: usize::MAX, keep: false }
+        Arena { pool: PoolId::UNBOUND, top: 0, peak: 0, capacity: usize::MAX, keep: false, activations: DType::F32 }
     }
 
     pub fn new(pool: PoolId, capacity: usize) -> Arena {
-        Arena { pool, top: 0, peak: 0, capacity, keep: false }
+        Arena { pool, top: 0, peak: 0, capacity, keep: false, activations: DType::F32 }
     }
 
+    /// The same arena handing out activations of type `dtype` (F32 or BF16). The planning run and
+    /// the real run must agree on it: bf16 activations take half the arena.
+    pub fn with_activations(self, dtype: DType) -> Arena {
+        assert!(matches!(dtype, DType::F32 | DType::BF16), "activations are stored in f32 or bf16, not {dtype}");
+        Arena { activations: dtype, ..self }
+    }
+
+    /// The element type of `alloc`'s tensors.
+    pub fn activations(&self) -> DType {
+        self.activations
+    }
+
+    /// An activation: a tensor of the arena's activation type.
     pub fn alloc(&mut self, shape: impl Into<Shape>) -> anyhow::Result<Tensor> {
-        let shape = shape.into();
-        let offset = self.top;
-        let end = (offset + shape.numel()).div_ceil(LAYOUT_ALIGN) * LAYOUT_ALIGN;
+        self.alloc_as(shape.into(), self.activations)
+    }
+
+    /// An f32 tensor whatever the activations' type: statistics saved for a backward pass (norm
+    /// means and reciprocal deviations, attention log-sum-exps), timesteps, losses.
+    pub fn alloc_f32(&mut self, shape: impl Into<Shape>) -> anyhow::Result<Tensor> {
+        self.alloc_as(shape.into(), DType::F32)
+    }
+
+    /// `top` and `capacity` count 4-byte slots, so a bf16 tensor of n elements takes n/2 of them
+    /// and starts at bf16 element 2 × top.
+    fn alloc_as(&mut self, shape: Shape, dtype: DType) -> anyhow::Result<Tensor> {
+        let per_slot = 4 / dtype.size_bytes();
+        let at = self.top;
+        let end = (at + shape.numel().div_ceil(per_slot)).div_ceil(LAYOUT_ALIGN) * LAYOUT_ALIGN;
         if end > self.capacity {
             anyhow::bail!(
                 "activation arena exhausted: {} elements needed, {} planned (the planning run and the real run differ)",
@@ -324,7 +393,7 @@ impl Arena {
         }
         self.top = end;
         self.peak = self.peak.max(end);
-        Ok(Tensor { pool: self.pool, offset, shape })
+        Ok(Tensor { dtype, ..Tensor::new(self.pool, at * per_slot, shape) })
     }
 
     pub fn mark(&self) -> usize {
@@ -361,7 +430,7 @@ impl Arena {
         self.top = 0;
     }
 
-    /// The most elements in use at once so far.
+    /// The most 4-byte slots (f32 elements) in use at once so far.
     pub fn peak(&self) -> usize {
         self.peak
     }

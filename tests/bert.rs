@@ -97,7 +97,7 @@ fn check_gradients(name: &str, masked: bool) {
     b.upload(&tgt, &target).unwrap();
     b.mse_loss(&dout, &loss, &hidden, &tgt, target.len()).unwrap();
     for e in gtable.entries() {
-        b.zero(&Tensor { pool: gtable.pool(), offset: e.offset, shape: e.shape }).unwrap();
+        b.zero(&Tensor::new(gtable.pool(), e.offset, e.shape)).unwrap();
     }
     model.backward(&mut Cx::new(&b, &mut arena), &grads, &acts, &dout, &ids, mask).unwrap();
     let (got_loss, want_loss) = (b.download(&loss).unwrap()[0], read_f32(&io, "loss").1[0]);
@@ -105,7 +105,7 @@ fn check_gradients(name: &str, masked: bool) {
     assert!((got_loss - want_loss).abs() <= F32_PARITY * want_loss.abs().max(1.0));
     let (mut worst, mut zero_err) = (0f32, 0f32);
     for e in gtable.entries() {
-        let got = b.download(&Tensor { pool: gtable.pool(), offset: e.offset, shape: e.shape }).unwrap();
+        let got = b.download(&Tensor::new(gtable.pool(), e.offset, e.shape)).unwrap();
         let (_, want) = read_f32(&io, &format!("grad.{}", e.name));
         let (err, scale) = assert_grad_close(&format!("{name} grad {}", e.name), &got, &want);
         if e.name.ends_with("attention.self.key.bias") {
@@ -126,7 +126,7 @@ fn check_gradients(name: &str, masked: bool) {
     assert!(ids.contains(&(pad as u32)));
     let e = gtable.find("embeddings.word_embeddings.weight").unwrap();
     let d = model.config.hidden_size;
-    let row = Tensor { pool: gtable.pool(), offset: e.offset + pad * d, shape: [d].into() };
+    let row = Tensor::new(gtable.pool(), e.offset + pad * d, [d].into());
     assert!(b.download(&row).unwrap().iter().all(|&x| x == 0.0));
 }
 

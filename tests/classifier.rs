@@ -32,7 +32,7 @@ fn get(name: &str) -> Vec<f32> {
 
 fn put(b: &mut CpuBackend, data: &[f32]) -> Tensor {
     let pool = b.alloc(data.len().max(1), "t").unwrap();
-    let t = Tensor { pool, offset: 0, shape: Shape::new(&[data.len()]) };
+    let t = Tensor::new(pool, 0, Shape::new(&[data.len()]));
     b.upload(&t, data).unwrap();
     t
 }
@@ -137,7 +137,7 @@ use roentgen::train::densenet::ClassifierPools;
 /// A layout entry's tensor.
 fn entry(l: &Layout, name: &str) -> Tensor {
     let e = l.find(name).unwrap_or_else(|| panic!("no tensor {name}"));
-    Tensor { pool: l.pool(), offset: e.offset, shape: e.shape }
+    Tensor::new(l.pool(), e.offset, e.shape)
 }
 
 /// One training step of `config` on the CPU from weights `weight(name)`: the logits, the loss,

@@ -22,6 +22,9 @@
 //! the end-to-end cases (quick runs while working on one kernel); ROENTGEN_CUDA_FUZZ=N adds N
 //! random shapes per operation family and precision (ROENTGEN_CUDA_FUZZ_SEED varies them).
 
+#[cfg(feature = "cuda")]
+#[path = "cuda/activations.rs"]
+mod activations;
 mod common;
 #[cfg(feature = "cuda")]
 #[path = "cuda/fuzz.rs"]
@@ -137,6 +140,8 @@ fn main() {
             versions::group_norm_backward_versions_agree_case(&mut r, &mut gpu);
         }
         if bf16 {
+            activations::bf16_storage_case(&mut r, &mut gpu);
+            activations::bf16_activation_cases(&mut r, &mut gpu);
             versions::conv_versions_agree_case(&mut r, &mut gpu);
             versions::attention_versions_agree_case(&mut r, &mut gpu);
         }

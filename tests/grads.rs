@@ -22,7 +22,7 @@ fn check_all_grads(what: &str, b: &CpuBackend, table: &Layout, io: &std::path::P
         let key = format!("grad.{}", e.name);
         let key = if st.tensor(&key).is_ok() { key } else { format!("grad.{}", alias(&e.name)) };
         let (_, want) = read_f32(io, &key);
-        let t = Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
+        let t = Tensor::new(table.pool(), e.offset, e.shape);
         let got = b.download(&t).unwrap();
         assert_grad_close(&format!("{what} {}", e.name), &got, &want);
         checked += 1;
@@ -95,7 +95,7 @@ fn unet_gradients(recompute: bool) -> (Vec<f32>, usize) {
     assert_close("d loss / d sample", &ds, &read_f32(&io, "grad.sample").1, F32_PARITY);
     let dc = b.download(&dctx).unwrap();
     assert_close("d loss / d context", &dc, &read_f32(&io, "grad.encoder_hidden_states").1, F32_PARITY);
-    let whole = Tensor { pool: gtable.pool(), offset: 0, shape: [gtable.total()].into() };
+    let whole = Tensor::new(gtable.pool(), 0, [gtable.total()].into());
     let mut all = b.download(&whole).unwrap();
     all.extend(ds);
     all.extend(dc);

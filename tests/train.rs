@@ -47,7 +47,7 @@ fn compare_weights(what: &str, b: &CpuBackend, table: &Layout, io: &std::path::P
             key = format!("{prefix}.{}", e.name.trim_start_matches("text_model."));
         }
         let want = read_f32(io, &key).1;
-        let got = b.download(&Tensor { pool: table.pool(), offset: e.offset, shape: e.shape }).unwrap();
+        let got = b.download(&Tensor::new(table.pool(), e.offset, e.shape)).unwrap();
         let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
         let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
         if e.name.ends_with("k_proj.bias") {
@@ -185,7 +185,7 @@ fn backend_drawn_noise_equals_the_same_noise_given() {
             let mut tr = Trainer::new(&mut b, &unet, &clip, opts, ac.clone(), pt, SHAPE).unwrap();
             let mb = Batch { noise, ..batch(&io, 0) };
             let s = tr.train_step(&b, &unet, &clip, &[mb], 10, &roentgen::dist::Dist::single()).unwrap();
-            let w = b.download(&Tensor { pool: unet.table.pool(), offset: 0, shape: [unet.table.total()].into() });
+            let w = b.download(&Tensor::new(unet.table.pool(), 0, [unet.table.total()].into()));
             (s.loss, s.grad_norm, w.unwrap())
         };
         // Sample j's noise: its own stream, laid out (h, w, c) → reordered to (c, h, w).

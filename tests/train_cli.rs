@@ -264,10 +264,8 @@ fn training_against_a_frozen_bert_encoder_with_a_random_unet() {
     let (saved, _) = roentgen::models::text::TextEncoder::load(&mut b, &ck.join("text_encoder"), None).unwrap();
     use roentgen::backend::Backend;
     for (e1, e2) in orig.table().entries().iter().zip(saved.table().entries()) {
-        let t = |tab: &roentgen::tensor::Layout, e: &roentgen::tensor::LayoutEntry| roentgen::tensor::Tensor {
-            pool: tab.pool(),
-            offset: e.offset,
-            shape: e.shape,
+        let t = |tab: &roentgen::tensor::Layout, e: &roentgen::tensor::LayoutEntry| {
+            roentgen::tensor::Tensor::new(tab.pool(), e.offset, e.shape)
         };
         assert_eq!(
             b.download(&t(orig.table(), e1)).unwrap(),

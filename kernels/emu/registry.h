@@ -92,15 +92,21 @@ inline void register_kernel_dynamic_smem() {
     K(attention_fwd_bf16_v3_d96, attn_v2::THREADS) \
     K(attention_wide_bwd_ds, AW_THREADS) \
     K(ln_forward, 0) \
+    K(ln_forward_bf16, 0) \
     K(ln_backward_dinp, 0) \
     K(nrm_dparams_partial, 0) \
     K(nrm_dparams_finalize, 0) \
     K(gn_forward_sum, 0) \
+    K(gn_forward_sum_bf16, 0) \
     K(gn_forward_sqdev, 0) \
+    K(gn_forward_sqdev_bf16, 0) \
     K(gn_forward_finalize, 0) \
     K(gn_forward_apply, 0) \
+    K(gn_forward_apply_bf16, 0) \
     K(gn_forward_moments_v2, 0) \
+    K(gn_forward_moments_bf16_v2, 0) \
     K(gn_forward_apply_v2, 0) \
+    K(gn_forward_apply_bf16_v2, 0) \
     K(gn_backward_reduce, 0) \
     K(gn_backward_finalize, 0) \
     K(gn_backward_dinp, 0) \
@@ -113,21 +119,29 @@ inline void register_kernel_dynamic_smem() {
     K(pool2d_fwd, 0) \
     K(pool2d_bwd, 0) \
     K(ew_activation_fwd, 0) \
+    K(ew_activation_fwd_bf16, 0) \
     K(ew_activation_bwd, 0) \
     K(ew_add, 0) \
+    K(ew_add_bf16, 0) \
     K(ew_add_bias_rows, 0) \
+    K(ew_add_bias_rows_bf16, 0) \
     K(ew_bias_rows_bwd_partial, 0) \
     K(ew_bias_rows_bwd_finalize, 0) \
     K(ew_concat_fwd, 0) \
+    K(ew_concat_fwd_bf16, 0) \
     K(ew_concat_bwd, 0) \
     K(ew_geglu_fwd, 0) \
+    K(ew_geglu_fwd_bf16, 0) \
     K(ew_geglu_bwd, 0) \
     K(ew_upsample_fwd, 0) \
+    K(ew_upsample_fwd_bf16, 0) \
     K(ew_upsample_bwd, 0) \
     K(ew_embedding_fwd, 0) \
     K(ew_embedding_bwd, 0) \
     K(ew_zero, 0) \
+    K(ew_zero_bf16, 0) \
     K(ew_accumulate, 0) \
+    K(ew_accumulate_bf16, 0) \
     K(ew_scale, 0) \
     K(ew_lerp, 0) \
     K(opt_mse_partial, 0) \

@@ -256,7 +256,7 @@ impl ClipVision {
         let (params, table) =
             allocate(backend.as_mut(), "clip_vision.params", |l| params_layout(l, &config, projection_dim))?;
         for e in table.entries() {
-            let t = Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
+            let t = Tensor::new(table.pool(), e.offset, e.shape);
             backend.upload(&t, &w.get(&e.name, e.shape.dims())?)?;
         }
         let class = w.get(CLASS_EMBEDDING, &[d])?;

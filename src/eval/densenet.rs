@@ -252,7 +252,7 @@ impl DenseNet {
 
 /// The map of `c` channels held at the start of `buf` (a dense block's concatenation buffer).
 fn prefix(buf: &Tensor, x: &Fmap, c: usize) -> Fmap {
-    let t = Tensor { pool: buf.pool, offset: buf.offset, shape: Shape::new(&[x.batch, x.h, x.w, c]) };
+    let t = Tensor::new(buf.pool, buf.offset, Shape::new(&[x.batch, x.h, x.w, c]));
     Fmap { t, c, ..*x }
 }
 

@@ -110,7 +110,7 @@ impl FoldedNorm {
 pub fn load_folding_norms(b: &dyn Backend, w: &Weights, table: &Layout, eps: f64) -> Result<()> {
     let at = |name: &str| {
         let e = table.find(name).with_context(|| format!("internal: '{name}' is not in the table"))?;
-        Ok::<_, anyhow::Error>(Tensor { pool: table.pool(), offset: e.offset, shape: e.shape })
+        Ok::<_, anyhow::Error>(Tensor::new(table.pool(), e.offset, e.shape))
     };
     for e in table.entries() {
         if let Some(norm) = e.name.strip_suffix(".scale") {

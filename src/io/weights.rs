@@ -409,7 +409,7 @@ pub fn load_from(
             }
             scratch.resize(entry.shape.numel(), 0.0);
             to_f32(dtype, &view.data, &mut scratch).with_context(|| format!("{}: tensor '{name}'", path.display()))?;
-            let t = crate::tensor::Tensor { pool, offset: entry.offset, shape: entry.shape };
+            let t = crate::tensor::Tensor::new(pool, entry.offset, entry.shape);
             backend.upload(&t, &scratch)?;
             loaded.insert(entry.name.as_str());
             report.tensors += 1;

@@ -178,7 +178,7 @@ pub struct BertActs {
 
 /// Row `row` of a (rows, width) tensor, as a tensor of its own.
 fn row_view(t: &Tensor, row: usize, width: usize) -> Tensor {
-    Tensor { pool: t.pool, offset: t.offset + row * width, shape: Shape::new(&[width]) }
+    Tensor::new(t.pool, t.offset + row * width, Shape::new(&[width]))
 }
 
 pub struct BertModel {
@@ -203,7 +203,7 @@ impl Component for BertModel {
         super::randomize(backend, &self.table, seed)?;
         // `randomize` recognises norms by a lower-case "norm"; BERT spells them "LayerNorm".
         for e in self.table.entries().iter().filter(|e| e.name.ends_with("LayerNorm.weight")) {
-            let t = Tensor { pool: self.table.pool(), offset: e.offset, shape: e.shape };
+            let t = Tensor::new(self.table.pool(), e.offset, e.shape);
             backend.upload(&t, &vec![1.0; e.shape.numel()])?;
         }
         Ok(())

@@ -277,7 +277,7 @@ fn initialise(backend: &dyn Backend, table: &Layout, seed: u64, rule: impl Fn(&L
             Init::Uniform(a) => random(&|rng| ((2.0 * rng.next_f64() - 1.0) * a) as f32, &mut buf),
             Init::Normal(std) => random(&|rng| std * rng.next_normal(), &mut buf),
         }
-        let t = crate::tensor::Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
+        let t = crate::tensor::Tensor::new(table.pool(), e.offset, e.shape);
         backend.upload(&t, &buf)?;
     }
     Ok(())

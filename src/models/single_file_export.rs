@@ -24,7 +24,7 @@ fn tensors_of(b: &dyn Backend, table: &Layout) -> Result<Vec<(String, Vec<usize>
         .entries()
         .iter()
         .map(|e| {
-            let t = Tensor { pool: table.pool(), offset: e.offset, shape: e.shape };
+            let t = Tensor::new(table.pool(), e.offset, e.shape);
             Ok((e.name.clone(), e.shape.dims().to_vec(), b.download(&t)?))
         })
         .collect()

@@ -67,7 +67,7 @@ impl Attention {
             }
         };
         let o = cx.arena.alloc([batch * seq, self.heads * self.head_dim])?;
-        let lse = cx.arena.alloc([batch * seq, self.heads])?;
+        let lse = cx.arena.alloc_f32([batch * seq, self.heads])?;
         let t = AttentionForward { out: &o, lse: &lse, q: &q, k: &k, v: &v, key_mask: None };
         b.attention_forward(&self.params(batch, seq, kv_len), &t)?;
         let out = match proj.into {

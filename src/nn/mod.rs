@@ -269,8 +269,8 @@ impl LayerNorm {
         let b = cx.b;
         let acts = LayerNormActs {
             out: cx.arena.alloc([rows, self.dim])?,
-            mean: cx.arena.alloc([rows])?,
-            rstd: cx.arena.alloc([rows])?,
+            mean: cx.arena.alloc_f32([rows])?,
+            rstd: cx.arena.alloc_f32([rows])?,
         };
         self.forward(b, &acts, inp, rows)?;
         Ok(acts)
@@ -454,8 +454,8 @@ impl GroupNorm {
     pub fn apply_saved(&self, cx: &mut Cx, x: &Fmap, silu: bool) -> Result<GroupNormOut> {
         let b = cx.b;
         let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, x.c)?;
-        let mean = cx.arena.alloc([x.batch, self.groups])?;
-        let rstd = cx.arena.alloc([x.batch, self.groups])?;
+        let mean = cx.arena.alloc_f32([x.batch, self.groups])?;
+        let rstd = cx.arena.alloc_f32([x.batch, self.groups])?;
         b.group_norm_forward(
             &self.params(x, silu),
             &NormForward { out: &out.t, mean: &mean, rstd: &rstd, inp: &x.t, weight: &self.weight, bias: &self.bias },

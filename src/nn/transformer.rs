@@ -155,7 +155,7 @@ impl TransformerLayer {
         let pre_norm = if pre { Some(self.attn_norm.apply(cx, x, rows)?) } else { None };
         let attn_in = pre_norm.map_or(*x, |n| n.out);
         let [q, k, v] = apply_group(cx, [&self.q, &self.k, &self.v], &attn_in, rows)?;
-        let (attn, lse) = (cx.arena.alloc([rows, d])?, cx.arena.alloc([rows, heads])?);
+        let (attn, lse) = (cx.arena.alloc([rows, d])?, cx.arena.alloc_f32([rows, heads])?);
         let fwd = AttentionForward { out: &attn, lse: &lse, q: &q, k: &k, v: &v, key_mask: tokens.key_mask };
         b.attention_forward(&self.attention(tokens), &fwd)?;
         let residual1 = self.attn_out.apply_residual(cx, &attn, rows, Some(x))?;

@@ -62,6 +62,24 @@ impl Window2d {
     }
 }
 
+/// The element type the activations of one call share: `tensors` (role, tensor) must all be of
+/// one type, f32 or bf16 (a backend computing on bf16 activations stores them so; statistics and
+/// parameters stay f32 and are not passed here). Names the first that differs.
+pub fn activation_dtype(op: &str, tensors: &[(&str, &crate::tensor::Tensor)]) -> anyhow::Result<crate::tensor::DType> {
+    use crate::tensor::DType;
+    let Some((first_role, first)) = tensors.first() else { return Ok(DType::F32) };
+    anyhow::ensure!(first.dtype != DType::F16, "{op}: {first_role} is f16; activations are f32 or bf16");
+    for (role, t) in &tensors[1..] {
+        anyhow::ensure!(
+            t.dtype == first.dtype,
+            "{op}: {role} is {} but {first_role} is {}: the activations of one call share a type",
+            t.dtype,
+            first.dtype
+        );
+    }
+    Ok(first.dtype)
+}
+
 /// The exact (erf) GELU, evaluated in f64.
 pub(crate) fn gelu(x: f32) -> f32 {
     (0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2))) as f32
@@ -72,6 +90,24 @@ pub(crate) fn gelu(x: f32) -> f32 {
 #[inline(always)]
 pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + crate::backend::cpu::vmath::exp(-x))
+}
+
+#[cfg(test)]
+mod activation_dtype_tests {
+    use super::activation_dtype;
+    use crate::tensor::{DType, PoolId, Tensor};
+
+    #[test]
+    fn the_activations_of_one_call_share_a_type() {
+        let f = Tensor::new(PoolId(0), 0, [4].into());
+        let h = Tensor { dtype: DType::BF16, ..f };
+        assert_eq!(activation_dtype("add", &[("out", &h), ("a", &h)]).unwrap(), DType::BF16);
+        assert_eq!(activation_dtype("add", &[("out", &f), ("a", &f)]).unwrap(), DType::F32);
+        let err = activation_dtype("add", &[("out", &f), ("a", &f), ("b", &h)]).unwrap_err().to_string();
+        assert_eq!(err, "add: b is bf16 but out is f32: the activations of one call share a type");
+        let half = Tensor { dtype: DType::F16, ..f };
+        assert!(activation_dtype("add", &[("out", &half)]).is_err());
+    }
 }
 
 /// What the ops' unit tests share.
@@ -86,6 +122,6 @@ pub(crate) mod test_support {
     pub fn cpu_pool(len: usize) -> (CpuBackend, impl Fn(usize, usize) -> Tensor) {
         let mut b = CpuBackend::new();
         let pool = b.alloc(len, "t").unwrap();
-        (b, move |offset, n| Tensor { pool, offset, shape: Shape::new(&[n]) })
+        (b, move |offset, n| Tensor::new(pool, offset, Shape::new(&[n])))
     }
 }

@@ -491,7 +491,7 @@ impl Pipeline {
                         arena.reset();
                         let xin = Fmap::alloc(&mut arena, ub, lh, lw, c_in)?;
                         let ctx_t = arena.alloc([ub * seq, hidden])?;
-                        let ts = arena.alloc([ub])?;
+                        let ts = arena.alloc_f32([ub])?;
                         b.upload(&xin.t, &nchw_to_nhwc(&batch_in, ub, c_in, lh, lw))?;
                         b.upload(&ctx_t, &ctx)?;
                         self.unet.upload_timesteps(b, &ts, &[t as f32], ub)?;

@@ -43,7 +43,7 @@ impl Pipeline {
         let run = |b: &mut dyn Backend, arena: &mut crate::tensor::Arena| -> Result<Vec<f32>> {
             let x = Fmap::alloc(arena, 1, lh, lw, c)?;
             let ctx = arena.alloc([seq, hidden])?;
-            let ts = arena.alloc([1])?;
+            let ts = arena.alloc_f32([1])?;
             b.upload(&x.t, &nchw_to_nhwc(latents, 1, c, lh, lw))?;
             b.upload(&ctx, context)?;
             self.unet.upload_timesteps(b, &ts, &[t], 1)?;

@@ -68,7 +68,7 @@ pub fn run(b: &mut dyn Backend, dist: &Dist, elements: usize, warmup: usize, ite
     }
     let ranks = dist.size();
     let pool = b.alloc(elements, "allreduce bench")?;
-    let t = Tensor { pool, offset: 0, shape: [elements].into() };
+    let t = Tensor::new(pool, 0, [elements].into());
     let pattern = |i: usize| (i % 13 + 1) as f32;
     let mine: Vec<f32> = (0..elements).map(|i| pattern(i) * (dist.rank() + 1) as f32).collect();
     b.upload(&t, &mine)?;

@@ -18,7 +18,7 @@ pub fn save_table(b: &dyn Backend, table: &Layout, path: &Path) -> Result<()> {
         data.push((
             e.name.clone(),
             e.shape.dims().to_vec(),
-            b.download(&Tensor { pool: table.pool(), offset: e.offset, shape: e.shape })?,
+            b.download(&Tensor::new(table.pool(), e.offset, e.shape))?,
         ));
     }
     let refs: Vec<(&str, Vec<usize>, OutTensor)> =

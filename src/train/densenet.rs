@@ -117,7 +117,7 @@ fn norm_params(x: &Fmap) -> BatchNormTrainParams {
 /// relu(batch_norm(x)) in training mode: batch statistics, the running statistics updated.
 fn norm_forward(cx: &mut Cx, n: &TrainNorm, x: &Fmap) -> Result<NormActs> {
     let c = x.c;
-    let [mean, rstd, scale, shift] = [(); 4].map(|_| cx.arena.alloc([c]));
+    let [mean, rstd, scale, shift] = [(); 4].map(|_| cx.arena.alloc_f32([c]));
     let (mean, rstd, scale, shift) = (mean?, rstd?, scale?, shift?);
     let stats = BatchNormStats {
         inp: &x.t,
@@ -145,7 +145,7 @@ fn norm_eval(cx: &mut Cx, n: &TrainNorm, x: &Fmap) -> Result<NormActs> {
     let get = |t: &Tensor| b.download(t);
     let (w, bias, m, v) = (get(&n.weight)?, get(&n.bias)?, get(&n.running_mean)?, get(&n.running_var)?);
     let (scale_v, shift_v) = BatchNormParams::fold(&w, &bias, &m, &v, BN_EPS as f64);
-    let (scale, shift) = (cx.arena.alloc([x.c])?, cx.arena.alloc([x.c])?);
+    let (scale, shift) = (cx.arena.alloc_f32([x.c])?, cx.arena.alloc_f32([x.c])?);
     b.upload(&scale, &scale_v)?;
     b.upload(&shift, &shift_v)?;
     let out = Fmap::alloc(cx.arena, x.batch, x.h, x.w, x.c)?;
@@ -405,12 +405,12 @@ impl ClassifierPools {
 /// A layout entry's tensor.
 fn entry(l: &Layout, name: &str) -> Tensor {
     let e = l.find(name).expect("the name comes from the layout");
-    Tensor { pool: l.pool(), offset: e.offset, shape: e.shape }
+    Tensor::new(l.pool(), e.offset, e.shape)
 }
 
 /// The first `n` elements of `pool` as one flat tensor (a whole parameter, gradient or moment pool).
 pub(crate) fn flat(pool: PoolId, n: usize) -> Tensor {
-    Tensor { pool, offset: 0, shape: Shape::new(&[n]) }
+    Tensor::new(pool, 0, Shape::new(&[n]))
 }
 
 /// The whole of a layout's pool as one tensor.

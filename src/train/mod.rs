@@ -223,14 +223,14 @@ pub(crate) struct OptState {
 impl OptState {
     pub(crate) fn new(b: &mut dyn Backend, table: &Layout, grads_pool: PoolId, label: &str) -> Result<OptState> {
         let len = table.total();
-        let whole = |pool| Tensor { pool, offset: 0, shape: [len].into() };
+        let whole = |pool| Tensor::new(pool, 0, [len].into());
         let m = b.alloc(len, &format!("{label}.adam_m"))?;
         let v = b.alloc(len, &format!("{label}.adam_v"))?;
         Ok(OptState { params_pool: table.pool(), len, grads: whole(grads_pool), m: whole(m), v: whole(v) })
     }
 
     pub(crate) fn params(&self) -> Tensor {
-        Tensor { pool: self.params_pool, offset: 0, shape: [self.len].into() }
+        Tensor::new(self.params_pool, 0, [self.len].into())
     }
 }
 
@@ -345,7 +345,7 @@ impl Trainer {
     pub fn enable_ema(&mut self, b: &mut dyn Backend, unet: &UNet, decay: f32) -> Result<()> {
         let pool = b.alloc(unet.table.total(), "unet.ema")?;
         let table = unet.table.rebind(pool);
-        let whole = Tensor { pool, offset: 0, shape: [unet.table.total()].into() };
+        let whole = Tensor::new(pool, 0, [unet.table.total()].into());
         b.zero(&whole)?;
         b.accumulate(&whole, &self.unet_opt.params(), unet.table.total())?;
         self.ema = Some((table, decay));
@@ -361,7 +361,7 @@ impl Trainer {
         if let Some((table, max_decay)) = &self.ema {
             let t = self.step.saturating_sub(1);
             let decay = if t == 0 { 0.0 } else { ((1.0 + t as f64) / (10.0 + t as f64)).min(*max_decay as f64) };
-            let whole = Tensor { pool: table.pool(), offset: 0, shape: [table.total()].into() };
+            let whole = Tensor::new(table.pool(), 0, [table.total()].into());
             b.lerp(&whole, &self.unet_opt.params(), table.total(), (1.0 - decay) as f32)?;
         }
         Ok(())
@@ -369,7 +369,7 @@ impl Trainer {
 
     fn side(&self, name: &str) -> Tensor {
         let e = self.side.find(name).expect("side buffer");
-        Tensor { pool: self.side.pool(), offset: e.offset, shape: e.shape }
+        Tensor::new(self.side.pool(), e.offset, e.shape)
     }
 
     /// (√ᾱ_t, √(1 − ᾱ_t)) in f32, as diffusers' `add_noise` computes them.
@@ -525,7 +525,7 @@ impl Trainer {
                 let v = self.prediction_type == PredictionType::VPrediction;
                 for (i, &t) in mb.timesteps.iter().enumerate() {
                     let (sa, s1a) = self.noise_coefs(t)?;
-                    let at = |x: &Tensor| Tensor { pool: x.pool, offset: x.offset + i * per, shape: [per].into() };
+                    let at = |x: &Tensor| Tensor::new(x.pool, x.offset + i * per, [per].into());
                     b.randn(&at(&tgt), per, *seed, streams[i])?;
                     let p = AddNoiseParams { n: per, sqrt_alpha: sa, sqrt_one_minus_alpha: s1a, v_prediction: v };
                     b.ddpm_add_noise(&p, &at(&noisy_t), &at(&tgt))?;
@@ -601,7 +601,7 @@ impl Trainer {
             v.push(("text_encoder", o.params()));
         }
         if let Some((table, _)) = &self.ema {
-            v.push(("unet_ema", Tensor { pool: table.pool(), offset: 0, shape: [table.total()].into() }));
+            v.push(("unet_ema", Tensor::new(table.pool(), 0, [table.total()].into())));
         }
         v
     }

@@ -81,7 +81,7 @@ impl VaeTrainer {
         let mut arena = Arena::new(b.alloc(cap, "vae.training")?, cap);
         let io = build(&mut arena)?;
         let side_pool = b.alloc(16, "vae.side")?;
-        let side = Tensor { pool: side_pool, offset: 0, shape: [2].into() };
+        let side = Tensor::new(side_pool, 0, [2].into());
         Ok(VaeTrainer { options, kl_weight, grads, grad_table, opt, arena, io, side, batch, step: 0 })
     }
 

@@ -57,7 +57,7 @@ pub fn place_skewed(b: &mut dyn Backend, inputs: &[Vec<f32>], skew: usize) -> Re
     let mut ts = Vec::new();
     for v in inputs {
         off += skew;
-        let t = Tensor { pool, offset: off, shape: [v.len().max(1)].into() };
+        let t = Tensor::new(pool, off, [v.len().max(1)].into());
         if !v.is_empty() {
             b.upload(&t, v)?;
         }

@@ -695,7 +695,7 @@ pub fn wide_attention_chunk_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: b
     r.case(&format!("{tag}/attention and conv2d refuse overlapping outputs"), || {
         let (dh, l) = (200, 6);
         let t = place(gpu, &[rng.normal(3 * l * dh), vec![0.0; l], rng.normal(16 * 9 * 4)])?;
-        let win = |off: usize, n: usize| Tensor { pool: t[0].pool, offset: t[0].offset + off, shape: [n].into() };
+        let win = |off: usize, n: usize| Tensor::new(t[0].pool, t[0].offset + off, [n].into());
         let (q, o) = (win(0, l * dh), win(l * dh / 2, l * dh));
         let e = attention_forward(gpu, attn((1, l, l, 1, dh, 0.1, false)), [&o, &t[1], &q, &q, &q], None).err();
         ensure!(
@@ -710,7 +710,7 @@ pub fn wide_attention_chunk_cases(r: &mut Runner, gpu: &mut CudaBackend, bf16: b
             "attention_backward with dq = dk = dv was accepted"
         );
         let w = &t[2];
-        let out = Tensor { pool: w.pool, offset: w.offset, shape: [4 * 4 * 4].into() };
+        let out = Tensor::new(w.pool, w.offset, [4 * 4 * 4].into());
         let e = conv2d_forward(gpu, conv2d((1, 4, 4, 4, 4, 3, 1, [1, 1, 1, 1])), &[out, q, *w]).err();
         ensure!(
             e.is_some_and(|e| e.to_string().contains("overlaps")),

@@ -135,7 +135,7 @@ fn newest_training_step(recompute: bool, newest: &dyn Fn(&CudaBackend) -> Result
                 inpaint: None,
             };
             let st = tr.train_step(b, &unet, &clip, &[batch], 1, &roentgen::dist::Dist::single())?;
-            let w = b.download(&Tensor { pool: unet.table.pool(), offset: 0, shape: [unet.table.total()].into() })?;
+            let w = b.download(&Tensor::new(unet.table.pool(), 0, [unet.table.total()].into()))?;
             Ok((st.loss, st.grad_norm, w))
         };
         let (l0, n0, w0) = step(&mut roentgen::backend::cpu::CpuBackend::new(), false)?;
@@ -307,7 +307,7 @@ pub fn param_copy_case(r: &mut Runner) {
                             vec![0.0; nw],
                         ],
                     )?;
-                    let wt_t = Tensor { pool: wp, offset: 48, shape: [nw].into() };
+                    let wt_t = Tensor::new(wp, 48, [nw].into());
                     gpu.upload(&wt_t, &wt)?;
                     gpu.set_profiling(true);
                     let p = conv2d((b, h, w, ci, co, k, stride, pad));

@@ -91,6 +91,8 @@ impl CpuBackend {
             .get(t.pool.0)
             .unwrap_or_else(|| panic!("tensor {t:?} refers to a pool this backend does not own"));
         assert!(p.map.is_some(), "tensor {t:?} refers to pool '{}', which was freed", p.label);
+        // The CPU reference computes on f32 activations only (its arenas are never bf16).
+        assert!(t.dtype == crate::tensor::DType::F32, "tensor {t:?}: the CPU backend stores f32 tensors only");
         assert!(t.end() <= p.len, "tensor {t:?} runs past the end of pool '{}' ({} elements)", p.label, p.len);
         p
     }
@@ -572,9 +574,9 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let mut b = CpuBackend::new();
         let pool = b.map_file_pool(&path, 12, 1000, "mapped").unwrap().expect("the CPU backend maps files");
-        let whole = Tensor { pool, offset: 0, shape: [1000].into() };
+        let whole = Tensor::new(pool, 0, [1000].into());
         assert_eq!(b.download(&whole).unwrap(), values);
-        let part = Tensor { pool, offset: 100, shape: [50].into() };
+        let part = Tensor::new(pool, 100, [50].into());
         b.upload(&part, &vec![1.5; 50]).unwrap();
         let got = b.download(&whole).unwrap();
         assert!(got[100..150].iter().all(|&v| v == 1.5) && got[..100] == values[..100] && got[150..] == values[150..]);
@@ -598,7 +600,7 @@ mod tests {
         for written in [false, true] {
             let mut b = CpuBackend::new();
             let pool = b.map_file_pool(&path, 0, o * i, "mapped").unwrap().unwrap();
-            let tw = Tensor { pool, offset: 0, shape: [o, i].into() };
+            let tw = Tensor::new(pool, 0, [o, i].into());
             let mut want_w = w.clone();
             if written {
                 want_w[1000..3000].iter_mut().for_each(|v| *v = 0.25);
@@ -700,7 +702,7 @@ mod tests {
         let (batch, q_len, heads, hd) = (2, 3, 2, 4);
         let (n, rows) = (batch * q_len * heads * hd, batch * q_len * heads);
         let pool = b.alloc(2 * n + rows + 1, "t").unwrap();
-        let t = |offset, len| Tensor { pool, offset, shape: crate::tensor::Shape::new(&[len]) };
+        let t = |offset, len| Tensor::new(pool, offset, crate::tensor::Shape::new(&[len]));
         let (out, lse, q, kv) = (t(0, n), t(n, rows), t(n + rows, n), t(2 * n + rows, 1));
         b.upload(&q, &randn(&mut SplitMix64::new(5), n)).unwrap();
         b.upload(&out, &vec![f32::NAN; n]).unwrap();
@@ -723,7 +725,7 @@ mod tests {
         let pool = b.alloc(sizes.iter().sum(), "t").unwrap();
         let mut at = 0;
         let [x, w, bias, res, fused, plain, sum] = sizes.map(|n| {
-            let t = Tensor { pool, offset: at, shape: crate::tensor::Shape::new(&[n]) };
+            let t = Tensor::new(pool, at, crate::tensor::Shape::new(&[n]));
             at += n;
             t
         });
@@ -740,7 +742,7 @@ mod tests {
             let differ = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
             assert_eq!(differ, 0, "bias {}: {differ} of {} outputs differ", with_bias.is_some(), got.len());
         }
-        let overlapping = Tensor { pool, offset: fused.offset + 1, shape: fused.shape };
+        let overlapping = Tensor::new(pool, fused.offset + 1, fused.shape);
         let t = LinearForward { out: &fused, inp: &x, weight: &w, bias: None, residual: Some(&overlapping) };
         assert!(b.linear_forward(&p, &t).is_err(), "a residual overlapping the output must be refused");
     }
@@ -749,7 +751,7 @@ mod tests {
     fn overlapping_output_and_input_is_refused() {
         let mut b = CpuBackend::new();
         let pool = b.alloc(64, "t").unwrap();
-        let t = |o, n| Tensor { pool, offset: o, shape: crate::tensor::Shape::new(&[n]) };
+        let t = |o, n| Tensor::new(pool, o, crate::tensor::Shape::new(&[n]));
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             b.add_forward(&t(0, 32), &t(16, 32), &t(32, 32), 32).unwrap();
         }));

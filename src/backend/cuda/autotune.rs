@@ -167,7 +167,7 @@ fn prepare(gpu: &mut CudaBackend, op: &TunableOp, p: &mut Prepared) -> Result<()
     let alloc = |gpu: &mut CudaBackend, p: &mut Prepared, len: usize| -> Result<Tensor> {
         let pool = gpu.alloc(len.max(1), "autotune")?;
         p.pools.push(pool);
-        Ok(Tensor { pool, offset: 0, shape: [len].into() })
+        Ok(Tensor::new(pool, 0, [len].into()))
     };
     match op {
         TunableOp::GroupNorm(g) => {

@@ -44,7 +44,7 @@ mod reference_gemm;
 pub mod versions;
 
 use super::{Backend, Precision};
-use crate::tensor::{PoolId, Tensor};
+use crate::tensor::{DType, PoolId, Tensor};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use device::{Compute, CudaDriver, Device, DeviceError, Event, Function, Gemm, LaunchDims};
 use launch::Kernel;
@@ -272,15 +272,35 @@ impl CudaBackend {
         Ok(p)
     }
 
-    /// Device address of the tensor's first element (bounds-checked against its pool).
+    /// Device address of an f32 tensor's first element (bounds-checked against its pool). Every
+    /// operation takes f32 tensors through it; those that also take bf16 activations use
+    /// [`CudaBackend::act_ptr`], so a bf16 tensor reaching an operation not written for it stops
+    /// here, naming the tensor.
     pub(crate) fn dptr(&self, t: &Tensor) -> u64 {
+        assert!(
+            t.dtype == DType::F32,
+            "tensor {t:?} is {}: this operation takes f32 tensors only on CUDA (a bf16 activation reached an op not written for it)",
+            t.dtype
+        );
+        self.act_ptr(t)
+    }
+
+    /// Device address of an activation's first element, f32 or bf16 (bounds-checked).
+    pub(crate) fn act_ptr(&self, t: &Tensor) -> u64 {
         let p = self
             .pools
             .get(t.pool.0)
             .unwrap_or_else(|| panic!("tensor {t:?} refers to a pool this backend does not own"));
         assert!(p.ptr != 0, "tensor {t:?} refers to pool '{}', which was freed", p.label);
-        assert!(t.end() <= p.len, "tensor {t:?} runs past the end of pool '{}' ({} elements)", p.label, p.len);
-        p.ptr + 4 * t.offset as u64
+        assert!(t.dtype != DType::F16, "tensor {t:?}: f16 is a file format here, never a device tensor's type");
+        let bytes = t.byte_range();
+        assert!(
+            bytes.end <= 4 * p.len,
+            "tensor {t:?} runs past the end of pool '{}' ({} f32 elements)",
+            p.label,
+            p.len
+        );
+        p.ptr + bytes.start as u64
     }
 
     fn function(&self, kernel: &str) -> Result<Function> {
@@ -307,6 +327,22 @@ impl CudaBackend {
             .map_err(|e| anyhow!("CUDA: {kernel}: {bytes} B of dynamic shared memory refused: {e:?}"))?;
         self.smem_opt_in.borrow_mut().insert(kernel.to_string(), bytes);
         Ok(())
+    }
+
+    /// `launch` of the f32 kernel `k`, or of its bf16-activation twin `B` (kernels/common.cuh
+    /// `ld_act`: the same arguments, the activations' pointers then to bf16) when `dtype` is bf16.
+    pub(crate) fn launch_act<K: Kernel, B: Kernel + From<K>>(
+        &self,
+        dtype: DType,
+        k: K,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+    ) -> Result<()> {
+        match dtype {
+            DType::BF16 => self.launch(B::from(k), grid, block, shared_bytes),
+            _ => self.launch(k, grid, block, shared_bytes),
+        }
     }
 
     /// Launches kernel `k` (a typed launch: see launch.rs) on the backend's stream.
@@ -624,18 +660,30 @@ impl Backend for CudaBackend {
         self.graph_replays.get()
     }
 
+    /// f32 values are copied as they are; a bf16 tensor receives them rounded to nearest even
+    /// (as `__float2bfloat16_rn`).
     fn upload(&self, dst: &Tensor, src: &[f32]) -> Result<()> {
         ensure!(src.len() == dst.numel(), "upload: {} values for a tensor of {}", src.len(), dst.numel());
         self.params_written(dst);
-        let p = self.dptr(dst);
+        let p = self.act_ptr(dst);
         self.synchronize()?;
+        if dst.dtype == DType::BF16 {
+            let bits: Vec<u16> = src.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+            return driver(self.dev.copy_htod(p, bytemuck::cast_slice(&bits)), "copy to device");
+        }
         driver(self.dev.copy_htod(p, bytemuck::cast_slice(src)), "copy to device")
     }
 
+    /// Always f32 on the host: a bf16 tensor's values widened exactly.
     fn download(&self, src: &Tensor) -> Result<Vec<f32>> {
-        let p = self.dptr(src);
-        let mut out = vec![0f32; src.numel()];
+        let p = self.act_ptr(src);
         self.synchronize()?;
+        if src.dtype == DType::BF16 {
+            let mut bits = vec![0u16; src.numel()];
+            driver(self.dev.copy_dtoh(bytemuck::cast_slice_mut(&mut bits), p), "copy to host")?;
+            return Ok(bits.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect());
+        }
+        let mut out = vec![0f32; src.numel()];
         driver(self.dev.copy_dtoh(bytemuck::cast_slice_mut(&mut out), p), "copy to host")?;
         Ok(out)
     }

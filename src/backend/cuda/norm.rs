@@ -8,6 +8,7 @@ use super::launch::*;
 use super::ops::{chunking, f64_at, BLOCK, COL_CHUNK_ROWS, COL_MAX_CHUNKS, MAX_GRID};
 use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::backend::NormOps;
+use crate::ops::activation_dtype;
 use crate::ops::norm::{
     BatchNormBackward, BatchNormForward, BatchNormParams, BatchNormStats, BatchNormTrainParams, GroupNormBackward,
     GroupNormParams, LayerNormBackward, LayerNormParams, NormForward,
@@ -105,13 +106,15 @@ impl NormOps for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
+        let dt = activation_dtype("layer_norm", &[("out", out), ("inp", inp)])?;
         // One warp per row, 8 rows per block.
-        self.launch(
+        self.launch_act::<_, LnForwardBf16>(
+            dt,
             LnForward {
-                out: self.dptr(out),
+                out: self.act_ptr(out),
                 mean: self.dptr(mean),
                 rstd: self.dptr(rstd),
-                inp: self.dptr(inp),
+                inp: self.act_ptr(inp),
                 weight: self.dptr(weight),
                 bias: self.dptr(bias),
                 rows: rows as i32,
@@ -137,7 +140,8 @@ impl NormOps for CudaBackend {
             return Ok(());
         };
         let (hw_i, c_i, g_i, nc_i, rpc_i) = (hw as i32, c as i32, groups as i32, nchunks as i32, rpc as i32);
-        let x = self.dptr(inp);
+        let dt = activation_dtype("group_norm", &[("out", out), ("inp", inp)])?;
+        let x = self.act_ptr(inp);
         let grid = (blocks, 1, 1);
         if self.kernel_version(TunableOp::GroupNorm(*p)) == 2 {
             // kernels/norm.cu "version 2": one-pass moments (skipped when a group is one chunk),
@@ -154,10 +158,10 @@ impl NormOps for CudaBackend {
                     nchunks: nc,
                     rows_per_chunk: rpc,
                 };
-                self.launch(moments, grid, (BLOCK, 1, 1), 0)?;
+                self.launch_act::<_, GnForwardMomentsBf16V2>(dt, moments, grid, (BLOCK, 1, 1), 0)?;
             }
             let apply = GnForwardApplyV2 {
-                out: self.dptr(out),
+                out: self.act_ptr(out),
                 mean: self.dptr(mean),
                 rstd: self.dptr(rstd),
                 inp: x,
@@ -173,15 +177,17 @@ impl NormOps for CudaBackend {
                 eps,
                 silu: silu as i32,
             };
-            return self.launch(apply, grid, (BLOCK, 1, 1), 0);
+            return self.launch_act::<_, GnForwardApplyBf16V2>(dt, apply, grid, (BLOCK, 1, 1), 0);
         }
-        self.launch(
+        self.launch_act::<_, GnForwardSumBf16>(
+            dt,
             GnForwardSum { psum, inp: x, hw: hw_i, c: c_i, groups: g_i, nchunks: nc_i, rows_per_chunk: rpc_i },
             grid,
             (BLOCK, 1, 1),
             0,
         )?;
-        self.launch(
+        self.launch_act::<_, GnForwardSqdevBf16>(
+            dt,
             GnForwardSqdev { psq, psum, inp: x, hw: hw_i, c: c_i, groups: g_i, nchunks: nc_i, rows_per_chunk: rpc_i },
             grid,
             (BLOCK, 1, 1),
@@ -203,10 +209,11 @@ impl NormOps for CudaBackend {
             (32, 1, 1),
             0,
         )?;
-        self.ops_launch1(
+        self.ops_launch1_act::<_, GnForwardApplyBf16>(
+            dt,
             n,
             GnForwardApply {
-                out: self.dptr(out),
+                out: self.act_ptr(out),
                 inp: x,
                 weight: self.dptr(weight),
                 bias: self.dptr(bias),

@@ -18,12 +18,13 @@ use super::launch::*;
 use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::backend::Activation;
 use crate::backend::{ElementwiseOps, OptimOps, RandomOps};
+use crate::ops::activation_dtype;
 use crate::ops::elementwise::TimestepEmbeddingParams;
 use crate::ops::elementwise::{BiasRowsParams, ConcatParams, GegluParams};
 use crate::ops::elementwise::{EmbeddingBackward, EmbeddingForward, EmbeddingParams, Pointwise, UpsampleParams};
 use crate::ops::optim::{AdamWParams, AdamWScalars, Reduction};
 use crate::ops::random::{AddNoiseParams, RandnParams};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};
 
 /// Threads per block of the 1-D kernels.
@@ -72,6 +73,12 @@ impl CudaBackend {
         self.launch(k, grid1(n), (BLOCK, 1, 1), 0)
     }
 
+    /// `ops_launch1` of the f32 kernel `k`, or of its bf16 twin `B` (same arguments, the
+    /// activations' pointers then to bf16) when the call's activations are bf16.
+    pub(super) fn ops_launch1_act<K: Kernel, B: Kernel + From<K>>(&self, dtype: DType, n: usize, k: K) -> Result<()> {
+        self.launch_act::<K, B>(dtype, k, grid1(n), (BLOCK, 1, 1), 0)
+    }
+
     /// An f64 workspace of `n` values in slot `slot`.
     pub(super) fn ops_workspace_f64(&self, slot: usize, n: usize) -> Result<u64> {
         let p = self.workspace(slot, 2 * n.max(1))?;
@@ -104,14 +111,18 @@ impl ElementwiseOps for CudaBackend {
 
     fn activation_forward(&self, out: &Tensor, inp: &Tensor, act: Activation, n: usize) -> Result<()> {
         Pointwise { n }.check_activation_forward(out, inp)?;
+        let dt = activation_dtype("activation", &[("out", out), ("inp", inp)])?;
         let Some(ni) = nonempty_i32("activation", n)? else { return Ok(()) };
-        self.ops_launch1(n, EwActivationFwd { out: self.dptr(out), inp: self.dptr(inp), n: ni, act: act_code(act) })
+        let k = EwActivationFwd { out: self.act_ptr(out), inp: self.act_ptr(inp), n: ni, act: act_code(act) };
+        self.ops_launch1_act::<_, EwActivationFwdBf16>(dt, n, k)
     }
 
     fn add_forward(&self, out: &Tensor, a: &Tensor, b: &Tensor, n: usize) -> Result<()> {
         Pointwise { n }.check_add(out, a, b)?;
+        let dt = activation_dtype("add", &[("out", out), ("a", a), ("b", b)])?;
         let Some(ni) = nonempty_i32("add", n)? else { return Ok(()) };
-        self.ops_launch1(n, EwAdd { out: self.dptr(out), a: self.dptr(a), b: self.dptr(b), n: ni })
+        let k = EwAdd { out: self.act_ptr(out), a: self.act_ptr(a), b: self.act_ptr(b), n: ni };
+        self.ops_launch1_act::<_, EwAddBf16>(dt, n, k)
     }
 
     fn upsample_nearest_forward(&self, p: &UpsampleParams, out: &Tensor, inp: &Tensor) -> Result<()> {
@@ -125,11 +136,13 @@ impl ElementwiseOps for CudaBackend {
         }
         // PyTorch: scale = in / out in f32 (the CPU computes the same).
         let (sy, sx) = (ih as f32 / oh as f32, iw as f32 / ow as f32);
-        self.ops_launch1(
+        let dt = activation_dtype("upsample_nearest", &[("out", out), ("inp", inp)])?;
+        self.ops_launch1_act::<_, EwUpsampleFwdBf16>(
+            dt,
             n_out,
             EwUpsampleFwd {
-                out: self.dptr(out),
-                inp: self.dptr(inp),
+                out: self.act_ptr(out),
+                inp: self.act_ptr(inp),
                 batch: batch as i32,
                 ih: ih as i32,
                 iw: iw as i32,
@@ -147,11 +160,13 @@ impl ElementwiseOps for CudaBackend {
         let BiasRowsParams { batch, rows, channels: c } = *p;
         let n = batch * rows * c;
         let Some(_) = nonempty_i32("add_bias_rows", n)? else { return Ok(()) };
-        self.ops_launch1(
+        let dt = activation_dtype("add_bias_rows", &[("out", out), ("inp", inp)])?;
+        self.ops_launch1_act::<_, EwAddBiasRowsBf16>(
+            dt,
             n,
             EwAddBiasRows {
-                out: self.dptr(out),
-                inp: self.dptr(inp),
+                out: self.act_ptr(out),
+                inp: self.act_ptr(inp),
                 bias: self.dptr(bias),
                 batch: batch as i32,
                 rows: rows as i32,
@@ -165,12 +180,14 @@ impl ElementwiseOps for CudaBackend {
         let ConcatParams { rows, a_channels: ca, b_channels: cb } = *p;
         let n = rows * (ca + cb);
         let Some(_) = nonempty_i32("concat", n)? else { return Ok(()) };
-        self.ops_launch1(
+        let dt = activation_dtype("concat", &[("out", out), ("a", a), ("b", b)])?;
+        self.ops_launch1_act::<_, EwConcatFwdBf16>(
+            dt,
             n,
             EwConcatFwd {
-                out: self.dptr(out),
-                a: self.dptr(a),
-                b: self.dptr(b),
+                out: self.act_ptr(out),
+                a: self.act_ptr(a),
+                b: self.act_ptr(b),
                 rows: rows as i32,
                 ca: ca as i32,
                 cb: cb as i32,
@@ -203,24 +220,29 @@ impl ElementwiseOps for CudaBackend {
         let GegluParams { rows, inner } = *p;
         let n = rows * inner;
         let Some(_) = nonempty_i32("geglu inp", 2 * n)? else { return Ok(()) };
-        self.ops_launch1(
-            n,
-            EwGegluFwd { out: self.dptr(out), inp: self.dptr(inp), rows: rows as i32, inner: inner as i32 },
-        )
+        let dt = activation_dtype("geglu", &[("out", out), ("inp", inp)])?;
+        let k = EwGegluFwd { out: self.act_ptr(out), inp: self.act_ptr(inp), rows: rows as i32, inner: inner as i32 };
+        self.ops_launch1_act::<_, EwGegluFwdBf16>(dt, n, k)
     }
 
     fn zero(&self, t: &Tensor) -> Result<()> {
         self.params_written(t);
         let n = t.numel();
         let Some(ni) = nonempty_i32("zero", n)? else { return Ok(()) };
-        self.ops_launch1(n, EwZero { t: self.dptr(t), n: ni })
+        let dt = activation_dtype("zero", &[("t", t)])?;
+        self.ops_launch1_act::<_, EwZeroBf16>(dt, n, EwZero { t: self.act_ptr(t), n: ni })
     }
 
     fn accumulate(&self, dst: &Tensor, src: &Tensor, n: usize) -> Result<()> {
         self.params_written(dst);
         Pointwise { n }.check_accumulate(dst, src)?;
         let Some(ni) = nonempty_i32("accumulate", n)? else { return Ok(()) };
-        self.ops_launch1(n, EwAccumulate { dst: self.dptr(dst), src: self.dptr(src), n: ni })
+        let dt = activation_dtype("accumulate", &[("dst", dst), ("src", src)])?;
+        self.ops_launch1_act::<_, EwAccumulateBf16>(
+            dt,
+            n,
+            EwAccumulate { dst: self.act_ptr(dst), src: self.act_ptr(src), n: ni },
+        )
     }
 
     fn scale(&self, t: &Tensor, s: f32, n: usize) -> Result<()> {

@@ -181,7 +181,7 @@ impl CudaBackend {
             Some(c) => (c.ptr.get(), c.len),
             None => return Ok(None),
         };
-        let base = self.dptr(&Tensor { pool: t.pool, offset: 0, shape: [len].into() });
+        let base = self.dptr(&Tensor::new(t.pool, 0, [len].into()));
         if self.param_copies.borrow().get(&t.pool.0).is_some_and(|c| c.stale.get()) {
             let n = super::to_i32("bf16 copy of a parameter pool", len)?;
             self.launch(
