@@ -3,10 +3,18 @@
 
 // out[r, j] = bias[j] for r < rows, j < cols: the GEMM then adds inp·Wᵀ with beta = 1.
 // Launch: 1-D, one thread per element (256 per block).
-extern "C" __global__ void linear_bias_fill(float* out, const float* bias, int rows, int cols) {
+// The bias stays f32 beside bf16 activations (rounded once, as it is stored).
+template <typename T>
+__device__ void linear_bias_fill_t(T* out, const float* bias, int rows, int cols) {
     const size_t n = (size_t)rows * cols;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = bias[i % cols];
+        out[i] = st_act<T>(bias[i % cols]);
+}
+extern "C" __global__ void linear_bias_fill(float* out, const float* bias, int rows, int cols) {
+    linear_bias_fill_t(out, bias, rows, cols);
+}
+extern "C" __global__ void linear_bias_fill_bf16(__nv_bfloat16* out, const float* bias, int rows, int cols) {
+    linear_bias_fill_t(out, bias, rows, cols);
 }
 
 // dbias[j] += Σ_r dout[r, j] (linear_backward's bias part, as the CPU reference).

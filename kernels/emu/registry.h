@@ -151,6 +151,7 @@ inline void register_kernel_dynamic_smem() {
     K(rand_philox_normal, 0) \
     K(rand_ddpm_add_noise, 0) \
     K(linear_bias_fill, 0) \
+    K(linear_bias_fill_bf16, 0) \
     K(linear_bias_grad, 0) \
     KAB(16) \
     KAB(32) \

@@ -21,6 +21,18 @@ fn bf16(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
+/// What an input of a case is: an activation (a bf16 tensor on CUDA), a parameter (f32 tensors
+/// whose values are bf16 numbers: what a product beside bf16 activations reads is their bf16 copy,
+/// so both backends then use the same values), or an f32 tensor (statistics, a bias row added in
+/// f32).
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Act,
+    Param,
+    F32,
+}
+use Kind::{Act, Param, F32};
+
 /// Places `inputs` in one new pool of `b`: those marked in `bf16` as bf16 tensors, the others f32,
 /// each starting at a 16-byte boundary.
 fn place_typed(b: &mut dyn Backend, inputs: &[Vec<f32>], bf16: &[bool]) -> Result<Vec<Tensor>> {
@@ -41,22 +53,29 @@ fn place_typed(b: &mut dyn Backend, inputs: &[Vec<f32>], bf16: &[bool]) -> Resul
 
 /// Runs `op` on the CPU (every tensor f32, the bf16 ones' values rounded to bf16) and on `gpu`
 /// (those tensors bf16), and checks outputs `outs` element by element as the module says.
+/// With `params_pool`, the GPU's pool is declared a parameter pool (`Backend::mark_params`), so a
+/// product reads its parameters from the pool's bf16 copy rather than from a copy made per call.
 fn compare_bf16(
     gpu: &mut CudaBackend,
     inputs: &[Vec<f32>],
-    bf16_in: &[bool],
+    kinds: &[Kind],
     outs: &[usize],
     op: Op,
+    params_pool: bool,
 ) -> Result<String> {
     let rounded: Vec<Vec<f32>> = inputs
         .iter()
-        .zip(bf16_in)
-        .map(|(v, &h)| if h { v.iter().map(|&x| bf16(x)).collect() } else { v.clone() })
+        .zip(kinds)
+        .map(|(v, &k)| if k == F32 { v.clone() } else { v.iter().map(|&x| bf16(x)).collect() })
         .collect();
+    let bf16_in: Vec<bool> = kinds.iter().map(|&k| k == Act).collect();
     let mut cpu = CpuBackend::new();
     let tc = place_typed(&mut cpu, &rounded, &vec![false; inputs.len()])?;
     op(&cpu, &tc)?;
-    let tg = place_typed(gpu, &rounded, bf16_in)?;
+    let tg = place_typed(gpu, &rounded, &bf16_in)?;
+    if params_pool {
+        gpu.mark_params(tg[0].pool)?;
+    }
     op(gpu, &tg)?;
     gpu.synchronize()?;
     let mut report = Vec::new();
@@ -101,62 +120,110 @@ pub fn bf16_storage_case(r: &mut Runner, gpu: &mut CudaBackend) {
     });
 }
 
+/// How a case runs besides its inputs (see `bf16_activation_cases`).
+struct Setup {
+    group_norm: u32,
+    params_pool: bool,
+}
+
 /// Every operation written for bf16 activations, at shapes with tails (sizes not multiples of 2, 8
 /// or 32), each group norm version with one and several chunks per group.
 pub fn bf16_activation_cases(r: &mut Runner, gpu: &mut CudaBackend) {
     let mut rng = Rng(0xBF16);
-    // `version`: the group norm version a case runs (set for the case, then back to 1).
-    let mut case = |name: String, inputs: Vec<Vec<f32>>, bf16_in: Vec<bool>, outs: &[usize], version: u32, op: Op| {
+    // Each case runs with `setup`: the group norm version (set for the case, then back to 1) and
+    // whether the GPU's pool is a parameter pool.
+    let mut g = |name: String, inputs: Vec<Vec<f32>>, kinds: Vec<Kind>, outs: &[usize], setup: Setup, op: Op| {
         r.case(&format!("bf16 activations/{name}"), || {
-            gpu.set_kernel_version(KernelFamily::GroupNorm, version)?;
-            let out = compare_bf16(gpu, &inputs, &bf16_in, outs, op);
+            gpu.set_kernel_version(KernelFamily::GroupNorm, setup.group_norm)?;
+            let out = compare_bf16(gpu, &inputs, &kinds, outs, op, setup.params_pool);
             gpu.set_kernel_version(KernelFamily::GroupNorm, 1)?;
             out
         });
     };
-    let mut g = |name: String, inputs: Vec<Vec<f32>>, bf16_in: Vec<bool>, outs: &[usize], op: Op| {
-        case(name, inputs, bf16_in, outs, 1, op)
-    };
+    const PLAIN: Setup = Setup { group_norm: 1, params_pool: false };
     let n = 1027;
     for act in [Activation::QuickGelu, Activation::Gelu, Activation::GeluTanh, Activation::Silu] {
         let ins = vec![rng.normal(n), rng.scaled(n, 3.0)];
-        g(format!("activation_forward {act:?} n{n}"), ins, vec![true, true], &[0], &move |b, t| {
+        g(format!("activation_forward {act:?} n{n}"), ins, vec![Act, Act], &[0], PLAIN, &move |b, t| {
             b.activation_forward(&t[0], &t[1], act, n)
         });
     }
-    g("add_forward n1027".into(), vec![rng.normal(n), rng.normal(n), rng.normal(n)], vec![true; 3], &[0], &|b, t| {
-        b.add_forward(&t[0], &t[1], &t[2], 1027)
-    });
-    g("accumulate n1027".into(), vec![rng.normal(n), rng.normal(n)], vec![true; 2], &[0], &|b, t| {
+    g(
+        "add_forward n1027".into(),
+        vec![rng.normal(n), rng.normal(n), rng.normal(n)],
+        vec![Act; 3],
+        &[0],
+        PLAIN,
+        &|b, t| b.add_forward(&t[0], &t[1], &t[2], 1027),
+    );
+    g("accumulate n1027".into(), vec![rng.normal(n), rng.normal(n)], vec![Act; 2], &[0], PLAIN, &|b, t| {
         b.accumulate(&t[0], &t[1], 1027)
     });
-    g("zero n1027".into(), vec![rng.normal(n)], vec![true], &[0], &|b, t| b.zero(&t[0]));
+    g("zero n1027".into(), vec![rng.normal(n)], vec![Act], &[0], PLAIN, &|b, t| b.zero(&t[0]));
     let bias_rows = BiasRowsParams { batch: 2, rows: 37, channels: 13 };
     let ins = vec![rng.normal(2 * 37 * 13), rng.normal(2 * 37 * 13), rng.normal(2 * 13)];
     // The bias (a time embedding's projection) stays f32 beside bf16 activations.
-    g("add_bias_rows_forward 2x37x13".into(), ins, vec![true, true, false], &[0], &move |b, t| {
+    g("add_bias_rows_forward 2x37x13".into(), ins, vec![Act, Act, F32], &[0], PLAIN, &move |b, t| {
         b.add_bias_rows_forward(&bias_rows, &t[0], &t[1], &t[2])
     });
     let concat = ConcatParams { rows: 45, a_channels: 7, b_channels: 12 };
     let ins = vec![rng.normal(45 * 19), rng.normal(45 * 7), rng.normal(45 * 12)];
-    g("concat_channels_forward 45x(7+12)".into(), ins, vec![true; 3], &[0], &move |b, t| {
+    g("concat_channels_forward 45x(7+12)".into(), ins, vec![Act; 3], &[0], PLAIN, &move |b, t| {
         b.concat_channels_forward(&concat, &t[0], &t[1], &t[2])
     });
     let geglu = GegluParams { rows: 33, inner: 21 };
     let ins = vec![rng.normal(33 * 21), rng.scaled(33 * 42, 2.0)];
-    g("geglu_forward 33x21".into(), ins, vec![true; 2], &[0], &move |b, t| b.geglu_forward(&geglu, &t[0], &t[1]));
+    g("geglu_forward 33x21".into(), ins, vec![Act; 2], &[0], PLAIN, &move |b, t| b.geglu_forward(&geglu, &t[0], &t[1]));
     let up = UpsampleParams { batch: 2, in_h: 5, in_w: 3, out_h: 10, out_w: 6, channels: 7 };
     let ins = vec![rng.normal(2 * 10 * 6 * 7), rng.normal(2 * 5 * 3 * 7)];
-    g("upsample_nearest_forward 5x3->10x6x7".into(), ins, vec![true; 2], &[0], &move |b, t| {
+    g("upsample_nearest_forward 5x3->10x6x7".into(), ins, vec![Act; 2], &[0], PLAIN, &move |b, t| {
         b.upsample_nearest_forward(&up, &t[0], &t[1])
+    });
+    // Linear layers: bf16 weights and biases (the parameter pool's copy, or one made per call)
+    // and bf16 activations in and out, accumulated in f32. At 7×5→3 the bias in the pool's copy
+    // lies 8 bytes past a 16-byte boundary, so cuBLASLt's bias epilogue cannot take it: the
+    // cuBLAS path with the bias-fill kernel runs.
+    for dims @ (rows, i, o) in [(7, 5, 3), (130, 33, 65), (77, 768, 320)] {
+        let w = rng.scaled(o * i, 1.0 / (i as f32).sqrt());
+        for (bias, params_pool) in [(false, false), (true, false), (true, true)] {
+            let mut ins = vec![rng.normal(rows * o), rng.normal(rows * i), w.clone()];
+            let mut kinds = vec![Act, Act, Param];
+            if bias {
+                ins.push(rng.normal(o));
+                kinds.push(Param);
+            }
+            let from = if params_pool { "the pool's bf16 copy" } else { "a bf16 copy per call" };
+            let name = format!("linear_forward {rows}x{i}->{o} bias={bias}, weights from {from}");
+            let setup = Setup { params_pool, ..PLAIN };
+            g(name, ins, kinds, &[0], setup, &move |b, t| linear_forward(b, dims, t));
+        }
+    }
+    for dims @ (rows, i, o) in [(7, 5, 3), (130, 33, 65)] {
+        for bias in [false, true] {
+            let w = rng.scaled(o * i, 1.0 / (i as f32).sqrt());
+            let ins = vec![rng.normal(rows * o), rng.normal(rows * i), w, rng.normal(o), rng.normal(rows * o)];
+            g(
+                format!("linear_forward {rows}x{i}->{o} bias={bias} + residual"),
+                ins,
+                vec![Act, Act, Param, Param, Act],
+                &[0],
+                PLAIN,
+                &move |b, t| linear_forward_residual(b, dims, t, bias),
+            );
+        }
+    }
+    let dims @ (rows, i, o) = (130, 33, 65);
+    let ins = vec![rng.normal(3 * rows * o), rng.normal(rows * i), rng.scaled(3 * o * i, 0.2)];
+    g(format!("linear_group_forward 3x({rows}x{i}->{o})"), ins, vec![Act, Act, Param], &[0], PLAIN, &move |b, t| {
+        linear_group_forward(b, dims, 3, t)
     });
     // Layer norm: out and inp bf16, the statistics and the affine parameters f32; a mean far from
     // zero so the two-pass statistics matter.
     let (rows, cols) = (19, 77);
     let x: Vec<f32> = rng.normal(rows * cols).into_iter().map(|v| v * 2.0 + 3.0).collect();
     let ins = vec![rng.normal(rows * cols), rng.normal(rows), rng.normal(rows), x, rng.normal(cols), rng.normal(cols)];
-    let types = vec![true, false, false, true, false, false];
-    g(format!("layer_norm_forward {rows}x{cols}"), ins, types, &[0, 1, 2], &move |b, t| {
+    let types = vec![Act, F32, F32, Act, F32, F32];
+    g(format!("layer_norm_forward {rows}x{cols}"), ins, types, &[0, 1, 2], PLAIN, &move |b, t| {
         layer_norm_forward(b, rows, cols, t)
     });
     // Group norm, every version, with groups of one chunk (15·5 and 256·20 elements, ≤ 8192) and
@@ -173,9 +240,10 @@ pub fn bf16_activation_cases(r: &mut Runner, gpu: &mut CudaBackend) {
         ];
         for &(v, _) in KernelFamily::GroupNorm.versions() {
             let p = group_norm(n, hw, c, groups, silu);
-            let types = vec![true, false, false, true, false, false];
+            let types = vec![Act, F32, F32, Act, F32, F32];
             let name = format!("group_norm_forward {n}x{hw}x{c}/{groups} silu={silu} (group_norm={v})");
-            case(name, ins.clone(), types, &[0, 1, 2], v, &move |b, t| group_norm_forward(b, p, t));
+            let setup = Setup { group_norm: v, ..PLAIN };
+            g(name, ins.clone(), types, &[0, 1, 2], setup, &move |b, t| group_norm_forward(b, p, t));
         }
     }
 }

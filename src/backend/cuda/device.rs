@@ -26,6 +26,7 @@
 //! prints as the binding's status (`DriverError(CUDA_ERROR_..., "...")`, `CublasError(...)`); the
 //! backend adds what it was doing, so its messages read exactly as before this layer.
 
+use crate::tensor::DType;
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::cublas::{result as cublas, sys as cublas_sys};
 use cudarc::cublaslt::{result as lt, sys as lts};
@@ -105,7 +106,27 @@ pub(crate) enum Compute {
     F32FastBf16,
 }
 
-/// One cuBLAS `cublasGemmEx` call, all matrices f32 (CUDA_R_32F), column-major, algorithm
+/// The element types of a product's A, B and C (D is C's type): f32 (CUDA_R_32F), or bf16
+/// (CUDA_R_16BF) activations and weight copies (issue 18). A and B share a type (cuBLAS and
+/// cuBLASLt pair them), and bf16 A/B compute as CUBLAS_COMPUTE_32F: they are bf16 already, and
+/// the products accumulate in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct GemmTypes {
+    pub a: DType,
+    pub b: DType,
+    pub c: DType,
+}
+
+impl GemmTypes {
+    pub(crate) const F32: GemmTypes = GemmTypes { a: DType::F32, b: DType::F32, c: DType::F32 };
+
+    /// (A, B, C) as they are stored: the bytes of one element each.
+    pub(crate) fn sizes(&self) -> [usize; 3] {
+        [self.a.size_bytes(), self.b.size_bytes(), self.c.size_bytes()]
+    }
+}
+
+/// One cuBLAS `cublasGemmEx` call, the matrices of `types` (all f32 unless bf16 activations), column-major, algorithm
 /// CUBLAS_GEMM_DEFAULT: C (m×n, ldc) = alpha·op(A)·op(B) + beta·C, where op(X) = Xᵀ when the
 /// flag is set; op(A) is m×k (A stored k×m, lda ≥ k, when `ta`; m×k, lda ≥ m, otherwise), op(B) is
 /// k×n (B stored n×k, ldb ≥ n, when `tb`; k×n, ldb ≥ k, otherwise); ldc ≥ m. Leading dimensions
@@ -126,6 +147,7 @@ pub(crate) struct Gemm {
     pub c: u64,
     pub ldc: usize,
     pub compute: Compute,
+    pub types: GemmTypes,
 }
 
 impl Gemm {
@@ -146,6 +168,7 @@ impl Gemm {
         c: 0,
         ldc: 0,
         compute: Compute::F32,
+        types: GemmTypes::F32,
     };
 }
 
@@ -161,6 +184,7 @@ pub(crate) struct GemmShape {
     pub ldb: usize,
     pub ldc: usize,
     pub compute: Compute,
+    pub types: GemmTypes,
 }
 
 /// The shape of a cuBLASLt product, what a plan is made for: D = alpha·op(A)·op(B) + beta·C
@@ -425,6 +449,11 @@ impl CudaDriver {
             Compute::F32 => lts::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         };
         let f32t = lts::cudaDataType::CUDA_R_32F;
+        let ty = |t: DType| match t {
+            DType::BF16 => lts::cudaDataType::CUDA_R_16BF,
+            _ => f32t,
+        };
+        // The scale type (alpha, beta) stays f32 whatever the matrices' types.
         let desc = lt::create_matmul_desc(compute, f32t)?;
         parts.desc = Some(desc);
         let set = |attr, v: &[u8]| set_attr(lt::set_matmul_desc_attribute, desc, attr, v);
@@ -439,12 +468,13 @@ impl CudaDriver {
         let (ar, ac) = if key.shape.ta { (key.shape.k, key.shape.m) } else { (key.shape.m, key.shape.k) };
         let (br, bc) = if key.shape.tb { (key.shape.n, key.shape.k) } else { (key.shape.k, key.shape.n) };
         let LtBatch { count, stride_a, stride_b, stride_c } = key.batch;
-        for (r, c, ld, stride) in [
-            (ar, ac, key.shape.lda, stride_a),
-            (br, bc, key.shape.ldb, stride_b),
-            (key.shape.m, key.shape.n, key.shape.ldc, stride_c),
+        let types = key.shape.types;
+        for (r, c, ld, stride, t) in [
+            (ar, ac, key.shape.lda, stride_a, types.a),
+            (br, bc, key.shape.ldb, stride_b, types.b),
+            (key.shape.m, key.shape.n, key.shape.ldc, stride_c, types.c),
         ] {
-            let l = lt::create_matrix_layout(f32t, r as u64, c as u64, ld as i64)?;
+            let l = lt::create_matrix_layout(ty(t), r as u64, c as u64, ld as i64)?;
             parts.layouts.push(l);
             if count > 1 {
                 use lts::cublasLtMatrixLayoutAttribute_t as L;
@@ -684,7 +714,10 @@ impl Device for CudaDriver {
             Compute::F32FastBf16 => cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
             Compute::F32 => cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         };
-        let f32t = cublas_sys::cudaDataType::CUDA_R_32F;
+        let ty = |t: DType| match t {
+            DType::BF16 => cublas_sys::cudaDataType::CUDA_R_16BF,
+            _ => cublas_sys::cudaDataType::CUDA_R_32F,
+        };
         // SAFETY: the caller's addresses are device buffers of the described shapes.
         unsafe {
             cublas::gemm_ex(
@@ -696,14 +729,14 @@ impl Device for CudaDriver {
                 g.k as i32,
                 &g.alpha as *const f32 as *const c_void,
                 g.a as *const c_void,
-                f32t,
+                ty(g.types.a),
                 g.lda as i32,
                 g.b as *const c_void,
-                f32t,
+                ty(g.types.b),
                 g.ldb as i32,
                 &g.beta as *const f32 as *const c_void,
                 g.c as *mut c_void,
-                f32t,
+                ty(g.types.c),
                 g.ldc as i32,
                 compute,
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

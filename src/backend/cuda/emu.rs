@@ -17,11 +17,13 @@
 //! `__syncthreads` shows under the latter); ROENTGEN_EMU_SCHEDULE=round-robin|warp-greedy pins one.
 //! What is not emulated: timing (events read a host clock) and the vendor libraries' algorithms.
 
+use super::device::Compute;
 use super::device::{
     Device, DeviceError, Event, Function, Gemm, GemmShape, Graph, GraphExec, LaunchDims, LtBatch, LtMatmul, LtOperands,
     MatmulPlan,
 };
 use super::reference_gemm::gemm;
+use crate::tensor::DType;
 use anyhow::Result;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -179,9 +181,10 @@ impl EmuDevice {
                 // A batch's products one after another, each at its strides from the bases; every
                 // product's alignment checked before any runs (a broken promise refuses the call).
                 let LtBatch { count, stride_a, stride_b, stride_c } = s.batch;
+                let [za, zb, zc] = shape.types.sizes();
                 let product = |i: usize| {
-                    let at = |base: u64, stride: usize| base + (i * stride * 4) as u64;
-                    [at(ops.a, stride_a), at(ops.b, stride_b), at(ops.c, stride_c), at(ops.d, stride_c)]
+                    let at = |base: u64, stride: usize, size: usize| base + (i * stride * size) as u64;
+                    [at(ops.a, stride_a, za), at(ops.b, stride_b, zb), at(ops.c, stride_c, zc), at(ops.d, stride_c, zc)]
                 };
                 for i in 0..count {
                     for ((what, addr), align) in ["A", "B", "C", "D"].into_iter().zip(product(i)).zip(s.align) {
@@ -211,41 +214,76 @@ impl EmuDevice {
     /// product whose D is not its C; the two may not overlap (cuBLASLt's out-of-place contract).
     fn copy_matrix_c_to_d(&self, s: &GemmShape, c: u64, d: u64) -> Result<(), DeviceError> {
         let (.., n_c) = s.spans();
-        self.check_range("cublasLtMatmul C", c, n_c * 4)?;
-        self.check_range("cublasLtMatmul D", d, n_c * 4)?;
-        let bytes = (n_c * 4) as u64;
+        let size = s.types.c.size_bytes();
+        self.check_range("cublasLtMatmul C", c, n_c * size)?;
+        self.check_range("cublasLtMatmul D", d, n_c * size)?;
+        let bytes = (n_c * size) as u64;
         if c < d + bytes && d < c + bytes {
             return Err(refuse(format!("cublasLtMatmul: D at {d:#x} overlaps C at {c:#x} (out of place)")));
         }
         for j in 0..s.n {
-            let col = (j * s.ldc * 4) as u64;
+            let col = (j * s.ldc * size) as u64;
             // SAFETY: both spans lie in live allocations (checked above) and do not overlap.
-            unsafe { std::ptr::copy_nonoverlapping((c + col) as *const f32, (d + col) as *mut f32, s.m) };
+            unsafe { std::ptr::copy_nonoverlapping((c + col) as *const u8, (d + col) as *mut u8, s.m * size) };
         }
         Ok(())
     }
 
     /// The reference GEMM on device memory, each operand's whole span checked first.
+    ///
+    /// Operands of bf16 type (`s.types`) are widened to f32 for the reference and C written back
+    /// rounded to nearest even; the bias has D's type, as cuBLASLt's BIAS epilogue reads it by
+    /// default. A and B of different types are refused, as cuBLAS refuses them.
     fn gemm_on_device(&self, what: &str, s: &GemmShape, o: Operands, bias: Option<u64>) -> Result<(), DeviceError> {
         let Operands { alpha, a, b, beta, c } = o;
+        let types = s.types;
+        if types.a != types.b {
+            return Err(refuse(format!(
+                "{what}: A is {} and B {} (CUBLAS_STATUS_NOT_SUPPORTED: A and B share a type)",
+                types.a, types.b
+            )));
+        }
+        if types.a == DType::BF16 && s.compute != Compute::F32 {
+            return Err(refuse(format!("{what}: bf16 A and B with compute {:?}: 32F expected", s.compute)));
+        }
         let (na, nb, nc) = s.spans();
-        for (name, addr, n) in [("A", a, na), ("B", b, nb), ("C", c, nc)] {
-            self.check_range(&format!("{what} {name}"), addr, n * 4)?;
+        let [za, zb, zc] = types.sizes();
+        for (name, addr, n, size) in [("A", a, na, za), ("B", b, nb, zb), ("C", c, nc, zc)] {
+            self.check_range(&format!("{what} {name}"), addr, n * size)?;
         }
         if let Some(p) = bias {
-            self.check_range(&format!("{what} bias"), p, s.m * 4)?;
+            self.check_range(&format!("{what} bias"), p, s.m * zc)?;
         }
         // SAFETY: each range lies in a live allocation of host memory (checked above); C may alias
-        // neither A nor B in a well-formed call, which the reference reads before writing C's element.
-        let (sa, sb, sc, sbias) = unsafe {
-            (
-                std::slice::from_raw_parts(a as *const f32, na),
-                std::slice::from_raw_parts(b as *const f32, nb),
-                std::slice::from_raw_parts_mut(c as *mut f32, nc),
-                bias.map(|p| std::slice::from_raw_parts(p as *const f32, s.m)),
-            )
+        // neither A nor B in a well-formed call, which the reference reads (widened) before
+        // writing C.
+        let read = |p: u64, n: usize, t: DType| -> Vec<f32> {
+            match t {
+                DType::BF16 => unsafe { std::slice::from_raw_parts(p as *const u16, n) }
+                    .iter()
+                    .map(|&h| half::bf16::from_bits(h).to_f32())
+                    .collect(),
+                _ => unsafe { std::slice::from_raw_parts(p as *const f32, n) }.to_vec(),
+            }
         };
-        gemm(s, alpha, sa, sb, beta, sc, sbias).map_err(|e| refuse(format!("{what}: {e}")))
+        let (sa, sb) = (read(a, na, types.a), read(b, nb, types.b));
+        let sbias = bias.map(|p| read(p, s.m, types.c));
+        let mut sc = read(c, nc, types.c);
+        gemm(s, alpha, &sa, &sb, beta, &mut sc, sbias.as_deref()).map_err(|e| refuse(format!("{what}: {e}")))?;
+        // Only C's m×n block is written (the padding between columns keeps its bytes).
+        for j in 0..s.n {
+            for i in 0..s.m {
+                let at = i + j * s.ldc;
+                // SAFETY: `at` < nc, within C's checked span.
+                unsafe {
+                    match types.c {
+                        DType::BF16 => *(c as *mut u16).add(at) = half::bf16::from_f32(sc[at]).to_bits(),
+                        _ => *(c as *mut f32).add(at) = sc[at],
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -514,7 +552,7 @@ impl Device for EmuDevice {
 
 #[cfg(test)]
 mod tests {
-    use super::super::device::Compute;
+    use super::super::device::GemmTypes;
     use super::*;
 
     fn message(e: DeviceError) -> String {
@@ -579,7 +617,18 @@ mod tests {
         let c: Vec<f32> = (0..count * m * n).map(|i| i as f32 * 0.5 - 1.0).collect();
         let (pa, pb, pc) = (upload(&d, &a), upload(&d, &b), upload(&d, &c));
         let pd = upload(&d, &vec![f32::NAN; count * m * n]);
-        let shape = GemmShape { ta: false, tb: false, m, n, k, lda: m, ldb: k, ldc: m, compute: Compute::F32 };
+        let shape = GemmShape {
+            ta: false,
+            tb: false,
+            m,
+            n,
+            k,
+            lda: m,
+            ldb: k,
+            ldc: m,
+            compute: Compute::F32,
+            types: GemmTypes::F32,
+        };
         let batch = LtBatch { count, stride_a: m * k, stride_b: 0, stride_c: m * n };
         let key = LtMatmul { shape, bias: false, align: [4; 4], batch };
         let plan = d.lt_plan(&key, 0).unwrap();

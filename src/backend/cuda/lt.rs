@@ -4,7 +4,7 @@
 //! cuBLASLt declines (no algorithm, a refused call, a bias vector not 16-byte aligned) go through
 //! cuBLAS `gemmEx` (`CudaBackend::gemm`, with the bias added by linear.cu), once noted.
 
-use super::device::{Compute, Gemm, GemmShape, LtBatch, LtMatmul, LtOperands, MatmulPlan};
+use super::device::{Gemm, GemmShape, LtBatch, LtMatmul, LtOperands, MatmulPlan};
 use super::CudaBackend;
 use anyhow::{anyhow, Result};
 
@@ -63,13 +63,14 @@ impl CudaBackend {
         if bias.is_some_and(|b| b % 16 != 0) {
             return Ok(false);
         }
-        let compute = if self.use_bf16() { Compute::F32FastBf16 } else { Compute::F32 };
-        let shape = GemmShape { ta, tb, m, n, k, lda, ldb, ldc, compute };
+        let types = g.types;
+        let shape = GemmShape { ta, tb, m, n, k, lda, ldb, ldc, compute: self.gemm_compute(&types), types };
         let d = d.unwrap_or(c);
         // Every product of a batch must honour the promise: the base's alignment and the
         // stride's, whichever is smaller.
-        let bytes = |stride: usize| if batch.count > 1 { stride as u64 * 4 } else { 0 };
-        let (sa, sb, sc) = (bytes(batch.stride_a), bytes(batch.stride_b), bytes(batch.stride_c));
+        let bytes = |stride: usize, size: usize| if batch.count > 1 { (stride * size) as u64 } else { 0 };
+        let [za, zb, zc] = types.sizes();
+        let (sa, sb, sc) = (bytes(batch.stride_a, za), bytes(batch.stride_b, zb), bytes(batch.stride_c, zc));
         let align = [a | sa, b | sb, c | sc, d | sc].map(alignment);
         let key = LtMatmul { shape, bias: bias.is_some(), align, batch };
         if !self.lt_plans.borrow().contains_key(&key) {

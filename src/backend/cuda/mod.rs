@@ -477,13 +477,23 @@ impl CudaBackend {
         self.gemm(g)
     }
 
+    /// The compute type of a product of `types`: f32 accumulation always; f32 operands may be
+    /// rounded to bf16 by the library in bf16 precision (32F_FAST_16BF), bf16 ones are bf16 already.
+    pub(crate) fn gemm_compute(&self, types: &device::GemmTypes) -> Compute {
+        if self.use_bf16() && types.a == DType::F32 {
+            Compute::F32FastBf16
+        } else {
+            Compute::F32
+        }
+    }
+
     /// As `gemm`, its time profiled under `label`. `g.compute` is the backend's to choose.
     pub(crate) fn gemm_for(&self, label: &str, g: Gemm) -> Result<()> {
         let Gemm { m, n, k, .. } = g;
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let compute = if self.use_bf16() { Compute::F32FastBf16 } else { Compute::F32 };
+        let compute = self.gemm_compute(&g.types);
         let timer = self.profile_start()?;
         // Pointers come from `dptr` of checked tensors; sizes were validated by the caller.
         let g = Gemm { compute, ..g };

@@ -13,6 +13,8 @@
 //! the emulation always does, the stricter reading. Products are summed in f64 and the result
 //! rounded to f32 once: a reference, which real GPUs match within their accumulation error.
 
+#[cfg(test)]
+use super::device::GemmTypes;
 use super::device::{Compute, Gemm, GemmShape};
 
 impl GemmShape {
@@ -53,8 +55,8 @@ impl GemmShape {
 
 impl From<&Gemm> for GemmShape {
     fn from(g: &Gemm) -> GemmShape {
-        let Gemm { ta, tb, m, n, k, lda, ldb, ldc, compute, .. } = *g;
-        GemmShape { ta, tb, m, n, k, lda, ldb, ldc, compute }
+        let Gemm { ta, tb, m, n, k, lda, ldb, ldc, compute, types, .. } = *g;
+        GemmShape { ta, tb, m, n, k, lda, ldb, ldc, compute, types }
     }
 }
 
@@ -140,6 +142,7 @@ mod tests {
                 ldb: u("ldb"),
                 ldc: u("ldc"),
                 compute: if case["bf16"].as_bool().unwrap() { Compute::F32FastBf16 } else { Compute::F32 },
+                types: GemmTypes::F32,
             };
             let (alpha, beta) = (case["alpha"].as_f64().unwrap() as f32, case["beta"].as_f64().unwrap() as f32);
             let bias = case["bias"].as_bool().unwrap().then(|| get(&format!("{name}.bias")));
@@ -171,7 +174,18 @@ mod tests {
 
     #[test]
     fn leading_dimensions_below_the_rows_are_refused() {
-        let s = GemmShape { ta: false, tb: false, m: 4, n: 2, k: 3, lda: 3, ldb: 3, ldc: 4, compute: Compute::F32 };
+        let s = GemmShape {
+            ta: false,
+            tb: false,
+            m: 4,
+            n: 2,
+            k: 3,
+            lda: 3,
+            ldb: 3,
+            ldc: 4,
+            compute: Compute::F32,
+            types: GemmTypes::F32,
+        };
         let e = gemm(&s, 1.0, &[1.0; 12], &[1.0; 6], 0.0, &mut [0.0; 8], None).unwrap_err();
         assert!(e.contains("lda 3"), "{e}");
         let s = GemmShape { lda: 4, ..s };
