@@ -369,24 +369,37 @@ extern "C" __global__ void ew_to_bf16(__nv_bfloat16* out, const float* in, int n
         out[i] = f2bf(in[i]);
 }
 
+// out[i] = in[i] widened (exact): the bf16 bridge (src/backend/cuda/bridge.rs) hands a bf16
+// activation to an operation that reads f32. Launch: 1-D grid-stride, block 256.
+extern "C" __global__ void ew_widen_bf16(float* out, const __nv_bfloat16* in, int n) {
+    GRID_STRIDE(i, n) out[i] = bf2f(in[i]);
+}
+
 // diffusers' get_timestep_embedding in f32, as src/backend/cpu `timestep_embedding`: out (batch,
 // dim), element (b, j): with half = dim/2 and i = j mod half, arg = t[b]·exp(log_period·i /
 // (half − freq_shift)), log_period = −ln 10000 rounded to f32 on the host; sin for the first half and
 // cos for the second (swapped with flip), 0 past 2·half (odd dim). Launch: 1-D grid-stride, block 256.
-extern "C" __global__ void ew_timestep_embedding(float* out, const float* t, int batch, int dim, int flip,
-                                                 float freq_shift, float log_period) {
+template <typename T>
+__device__ void ew_timestep_embedding_t(T* out, const float* t, int batch, int dim, int flip, float freq_shift, float log_period) {
     const int half = dim / 2;
     const long long n = (long long)batch * dim;
     GRID_STRIDE(k, n) {
         const int b = (int)(k / dim), j = (int)(k % dim);
         if (j >= 2 * half) {
-            out[k] = 0.0f;
+            out[k] = st_act<T>(0.0f);
             continue;
         }
         const bool first = j < half;
         const int i = first ? j : j - half;
         const float exponent = __fdiv_rn(__fmul_rn(log_period, (float)i), __fsub_rn((float)half, freq_shift));
         const float arg = __fmul_rn(t[b], expf(exponent));
-        out[k] = (first == (flip != 0)) ? cosf(arg) : sinf(arg);
+        out[k] = st_act<T>((first == (flip != 0)) ? cosf(arg) : sinf(arg));
     }
+}
+extern "C" __global__ void ew_timestep_embedding(float* out, const float* t, int batch, int dim, int flip,
+                                                 float freq_shift, float log_period) {
+    ew_timestep_embedding_t(out, t, batch, dim, flip, freq_shift, log_period);
+}
+extern "C" __global__ void ew_timestep_embedding_bf16(__nv_bfloat16* out, const float* t, int batch, int dim, int flip, float freq_shift, float log_period) {
+    ew_timestep_embedding_t(out, t, batch, dim, flip, freq_shift, log_period);
 }

@@ -166,6 +166,7 @@ fn main() {
     pipelines::sampling_frees_case(&mut r);
     pipelines::graph_case(&mut r);
     pipelines::param_copy_case(&mut r);
+    pipelines::bf16_activations_sample_case(&mut r);
     pipelines::newest_kernel_versions_case(&mut r);
     pipelines::resnet_fusion_case(&mut r);
     pipelines::autotune_case(&mut r);

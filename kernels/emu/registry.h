@@ -44,7 +44,9 @@ inline void register_kernel_dynamic_smem() {
     K(conv2d_weight_permute_bf16, 256) \
     K(conv2d_weight_permute_bf16_copy, 256) \
     K(ew_to_bf16, 0) \
+    K(ew_widen_bf16, 0) \
     K(ew_timestep_embedding, 0) \
+    K(ew_timestep_embedding_bf16, 0) \
     K(conv2d_igemm_f32, 256) \
     K(conv2d_igemm_bf16, 256) \
     K(conv2d_igemm_bf16_splitk, 256) \

@@ -23,7 +23,7 @@ pub use crate::ops::norm::NormOps;
 pub use crate::ops::optim::OptimOps;
 pub use crate::ops::pool::PoolOps;
 pub use crate::ops::random::RandomOps;
-use crate::tensor::{PoolId, Tensor};
+use crate::tensor::{DType, PoolId, Tensor};
 use anyhow::Result;
 
 /// Elementwise activation functions, named as in the configs that select them.
@@ -185,6 +185,23 @@ pub trait Backend:
     /// per call otherwise). A later write to the pool is still noticed, and the copies dropped or
     /// made again. Other backends ignore it.
     fn mark_frozen(&self, _pool: PoolId) {}
+
+    /// The element type the U-Net's activations are stored in on this backend (its arena:
+    /// `UNet::allocate_arena`): f32, or bf16 where `set_activations` asked for it.
+    fn activation_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    /// Stores the U-Net's activations as `dtype` from now on (`--activations`). Only the CUDA
+    /// backend in bf16 precision takes bf16; every backend takes f32.
+    fn set_activations(&mut self, dtype: DType) -> Result<()> {
+        anyhow::ensure!(
+            dtype == DType::F32,
+            "--activations {dtype}: the {} backend stores f32 activations only",
+            self.name()
+        );
+        Ok(())
+    }
 
     /// (label, bytes) of every pool, for `--verbose` reports.
     fn pool_sizes(&self) -> Vec<(String, usize)>;

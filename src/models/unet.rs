@@ -11,7 +11,7 @@ use crate::nn::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::sampling::{Downsample2D, Upsample2D};
 use crate::nn::{zeros, zeros_like, Conv2d, Cx, Fmap, GroupNorm, Linear};
 use crate::ops::elementwise::{ConcatParams, TimestepEmbeddingParams};
-use crate::tensor::{Arena, Layout, Tensor};
+use crate::tensor::{Arena, DType, Layout, Tensor};
 use anyhow::{bail, Context, Result};
 
 pub use super::unet_config::{DownBlockType, UNetConfig, UpBlockType};
@@ -159,7 +159,19 @@ impl UNet {
 
     /// As `plan`, with the FLOP split into (convolutions, linear layers, attention).
     pub fn plan_detailed(&self, batch: usize, h: usize, w: usize, ctx_len: usize) -> Result<(usize, [u64; 3])> {
-        let mut arena = Arena::planning();
+        self.plan_with(batch, h, w, ctx_len, DType::F32)
+    }
+
+    /// As `plan_detailed`, with the activations stored as `activations` (bf16: half the arena).
+    fn plan_with(
+        &self,
+        batch: usize,
+        h: usize,
+        w: usize,
+        ctx_len: usize,
+        activations: DType,
+    ) -> Result<(usize, [u64; 3])> {
+        let mut arena = Arena::planning().with_activations(activations);
         let plan = PlanBackend::new();
         let sample = Fmap::alloc(&mut arena, batch, h, w, self.config.in_channels)?;
         let ctx = arena.alloc([batch * ctx_len, self.config.cross_attention_dim])?;
@@ -201,9 +213,10 @@ impl UNet {
         w: usize,
         ctx_len: usize,
     ) -> Result<Arena> {
-        let (peak, _) = self.plan(batch, h, w, ctx_len)?;
+        let activations = backend.activation_dtype();
+        let (peak, _) = self.plan_with(batch, h, w, ctx_len, activations)?;
         let pool = backend.alloc(peak, "unet.activations")?;
-        Ok(Arena::new(pool, peak))
+        Ok(Arena::new(pool, peak).with_activations(activations))
     }
 
     /// The noise prediction for `sample` (batch, h, w, in_channels; channels-last) at `timestep`

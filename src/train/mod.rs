@@ -40,6 +40,18 @@ pub enum PredictionType {
     VPrediction,
 }
 
+/// Training keeps f32 activations: the backward kernels read f32 (issue 18: bf16 activations cover
+/// sampling so far). Refuses a backend asked for bf16 (`--activations bf16`) before anything is
+/// allocated, rather than training on f32 silently.
+pub fn check_activations_for_training(b: &dyn Backend) -> Result<()> {
+    anyhow::ensure!(
+        b.activation_dtype() == crate::tensor::DType::F32,
+        "training with --activations {}: not built yet (the backward passes read f32 activations); use --activations f32",
+        b.activation_dtype()
+    );
+    Ok(())
+}
+
 /// Optimizer and loss settings; defaults are diffusers' train_text_to_image and the paper's lr.
 #[derive(Clone, Debug)]
 pub struct OptimOptions {
@@ -292,6 +304,7 @@ impl Trainer {
                 unet.config.cross_attention_dim
             );
         }
+        check_activations_for_training(b)?;
         let (unet_grads, ugt) = unet.allocate_grads(b)?;
         let unet_opt = OptState::new(b, &unet.table, ugt.pool(), "unet")?;
         let (clip_grads, clip_opt) = if options.train_text_encoder {

@@ -69,6 +69,43 @@ pub fn sampling_frees_case(r: &mut Runner) {
 
 /// Every kernel family at its newest version (versions.rs) composed through a whole f32 denoising
 /// loop and VAE decode, and through a training step of U-Net and text encoder, against the CPU.
+/// bf16 activations (issue 18, `--activations bf16`): two guided prompts through pipe-a with the
+/// U-Net's arena in bf16 (every U-Net operation of sampling, the convolutions and attention through
+/// the bf16 bridge), against the CPU within the bf16 bar; the arena half as large; training refused.
+pub fn bf16_activations_sample_case(r: &mut Runner) {
+    r.case("bf16/sample pipe-a with bf16 activations: cuda vs cpu, half the U-Net arena", || {
+        use roentgen::sample::pipeline::Pipeline;
+        use roentgen::tensor::DType;
+        let dir = tempfile::tempdir()?;
+        let pipe_dir = assemble_pipeline("pipe-a", dir.path());
+        let req = two_prompt_request(4, 5);
+        let mut cpu = roentgen::backend::cpu::CpuBackend::new();
+        let want =
+            Pipeline::load(&mut cpu, &pipe_dir, None)?.generate(&mut cpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
+        let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
+        let pipe = Pipeline::load(&mut gpu, &pipe_dir, None)?;
+        let f32_arena = pipe.unet.allocate_arena(&mut gpu, 2, 2, 2, 77)?.capacity();
+        let f32_acts = pipe.generate(&mut gpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
+        gpu.set_activations(DType::BF16)?;
+        let bf16_arena = pipe.unet.allocate_arena(&mut gpu, 2, 2, 2, 77)?.capacity();
+        ensure!(
+            bf16_arena < f32_arena * 52 / 100,
+            "the bf16 U-Net arena holds {bf16_arena} f32 slots, the f32 one {f32_arena}: not about half"
+        );
+        let got = pipe.generate(&mut gpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
+        let vs_cpu = rel_l2_at_most(&got.images, &want.images, 5e-2)?;
+        let f32_vs_cpu = rel_l2_at_most(&f32_acts.images, &want.images, 5e-2)?;
+        let err = match roentgen::train::check_activations_for_training(&gpu) {
+            Ok(()) => anyhow::bail!("training was not refused with bf16 activations"),
+            Err(e) => format!("{e:#}"),
+        };
+        ensure!(err.contains("--activations f32"), "the refusal does not say what to do: {err}");
+        Ok(format!(
+            "images {vs_cpu} (f32 activations: {f32_vs_cpu}); arena {bf16_arena} slots against {f32_arena} in f32"
+        ))
+    });
+}
+
 pub fn newest_kernel_versions_case(r: &mut Runner) {
     use roentgen::backend::cuda::versions::KernelFamily;
     let newest = |gpu: &CudaBackend| -> Result<String> {

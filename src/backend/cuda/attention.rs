@@ -36,12 +36,13 @@
 //! attention.cu; a change to one must be made in the other.
 
 use super::autotune::TunableOp;
+use super::bridge::Role;
 use super::device::Gemm;
 use super::launch::*;
 use super::CudaBackend;
 use crate::backend::{AttentionOps, ElementwiseOps};
 use crate::ops::attention::{AttentionBackward, AttentionForward, AttentionParams};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};
 
 /// The largest head_dim the flash kernels hold (the f32 kernels keep 160 / 32 = 5 columns per lane;
@@ -449,8 +450,16 @@ impl CudaBackend {
 }
 
 impl AttentionOps for CudaBackend {
+    /// bf16 activations (out, q, k, v; the log-sum-exp stays f32) go through the bf16 bridge
+    /// (bridge.rs) until the kernels load bf16 operands themselves.
     fn attention_forward(&self, p: &AttentionParams, t: &AttentionForward) -> Result<()> {
         p.check_forward(t)?;
+        let acts = [(t.out, Role::Out), (t.q, Role::In), (t.k, Role::In), (t.v, Role::In)];
+        if acts.iter().any(|(a, _)| a.dtype == DType::BF16) {
+            return self.bridged(&acts, |v| {
+                self.attention_forward(p, &AttentionForward { out: &v[0], q: &v[1], k: &v[2], v: &v[3], ..*t })
+            });
+        }
         let AttentionForward { out, lse, q, k, v, key_mask } = *t;
         let (scale, causal) = (p.scale, p.causal);
         let d = Dims::of(p).check("attention")?;

@@ -18,11 +18,12 @@
 //! * bias gradient: `conv2d_bias_grad`, column sums of dout.
 
 use super::autotune::TunableOp;
+use super::bridge::Role;
 use super::launch::*;
 use super::{nonempty_i32, to_i32, CudaBackend};
 use crate::backend::ConvOps;
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams, Im2colParams};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use anyhow::{ensure, Result};
 
 /// The workspace slot holding the permuted weight (valid only during one call).
@@ -336,8 +337,22 @@ impl CudaBackend {
 }
 
 impl ConvOps for CudaBackend {
+    /// bf16 activations (out, inp, residual) go through the bf16 bridge (bridge.rs) until the
+    /// implicit GEMMs load bf16 operands themselves.
     fn conv2d_forward(&self, p: &Conv2dParams, t: &Conv2dForward) -> Result<()> {
         p.check_forward(t)?;
+        // The per-sample bias (a time embedding's projection) is an activation too.
+        let mut acts = vec![(t.out, Role::Out), (t.inp, Role::In)];
+        acts.extend(t.residual.map(|r| (r, Role::In)));
+        acts.extend(t.batch_bias.map(|r| (r, Role::In)));
+        if acts.iter().any(|(a, _)| a.dtype == DType::BF16) {
+            return self.bridged(&acts, |v| {
+                let mut rest = v[2..].iter();
+                let residual = t.residual.and_then(|_| rest.next());
+                let batch_bias = t.batch_bias.and_then(|_| rest.next());
+                self.conv2d_forward(p, &Conv2dForward { out: &v[0], inp: &v[1], residual, batch_bias, ..*t })
+            });
+        }
         let Conv2dParams { batch, h, w, c_in, c_out, kernel, stride, pad } = *p;
         let Conv2dForward { out, inp, weight, bias, batch_bias, residual } = *t;
         let [pt, _, pl, _] = pad;

@@ -23,6 +23,7 @@
 
 mod attention;
 pub mod autotune;
+mod bridge;
 mod conv;
 mod device;
 #[cfg(feature = "cuda-emu")]
@@ -81,10 +82,18 @@ pub struct CudaBackend {
     functions: RefCell<HashMap<String, Function>>,
     /// The dynamic shared memory each kernel has been allowed so far (bytes).
     smem_opt_in: RefCell<HashMap<String, u32>>,
-    pools: Vec<DevPool>,
+    /// Every pool, by `PoolId`; a RefCell because the bf16 bridge (bridge.rs) points its pools at
+    /// grown scratch from within operations.
+    pools: RefCell<Vec<DevPool>>,
     precision: Precision,
+    /// What the U-Net's activations are stored as (`Backend::set_activations`).
+    activations: DType,
     u32_scratch: RefCell<[Scratch; SLOTS]>,
     f32_scratch: RefCell<[Scratch; SLOTS]>,
+    /// bridge.rs: f32 scratch an f32-only operation reads bf16 activations through, and the pools
+    /// that name it (their memory is the scratch's, not theirs to free).
+    bridge_scratch: RefCell<[Scratch; SLOTS]>,
+    bridge_pools: RefCell<[Option<PoolId>; SLOTS]>,
     allocations: Cell<usize>,
     allocated_bytes: Cell<usize>,
     /// The most `allocated_bytes` has been.
@@ -168,10 +177,13 @@ impl CudaBackend {
             dev,
             functions: RefCell::new(HashMap::new()),
             smem_opt_in: RefCell::new(HashMap::new()),
-            pools: Vec::new(),
+            pools: RefCell::new(Vec::new()),
             precision,
             u32_scratch: RefCell::new([Scratch::default(); SLOTS]),
             f32_scratch: RefCell::new([Scratch::default(); SLOTS]),
+            activations: DType::F32,
+            bridge_scratch: RefCell::new([Scratch::default(); SLOTS]),
+            bridge_pools: RefCell::new([None; SLOTS]),
             allocations: Cell::new(0),
             allocated_bytes: Cell::new(0),
             peak_bytes: Cell::new(0),
@@ -287,10 +299,9 @@ impl CudaBackend {
 
     /// Device address of an activation's first element, f32 or bf16 (bounds-checked).
     pub(crate) fn act_ptr(&self, t: &Tensor) -> u64 {
-        let p = self
-            .pools
-            .get(t.pool.0)
-            .unwrap_or_else(|| panic!("tensor {t:?} refers to a pool this backend does not own"));
+        let pools = self.pools.borrow();
+        let p =
+            pools.get(t.pool.0).unwrap_or_else(|| panic!("tensor {t:?} refers to a pool this backend does not own"));
         assert!(p.ptr != 0, "tensor {t:?} refers to pool '{}', which was freed", p.label);
         assert!(t.dtype != DType::F16, "tensor {t:?}: f16 is a file format here, never a device tensor's type");
         let bytes = t.byte_range();
@@ -523,11 +534,15 @@ impl Drop for CudaBackend {
         if self.blas_workspace != 0 {
             let _ = self.dev.free(self.blas_workspace);
         }
-        for p in self.pools.iter().filter(|p| p.ptr != 0) {
-            let _ = self.dev.free(p.ptr);
+        let bridged = *self.bridge_pools.borrow();
+        for (i, p) in self.pools.borrow().iter().enumerate().filter(|(_, p)| p.ptr != 0) {
+            if !bridged.contains(&Some(PoolId(i))) {
+                let _ = self.dev.free(p.ptr);
+            }
         }
         self.free_param_copies();
-        for s in self.u32_scratch.borrow().iter().chain(self.f32_scratch.borrow().iter()) {
+        let (u, f, b) = (self.u32_scratch.borrow(), self.f32_scratch.borrow(), self.bridge_scratch.borrow());
+        for s in u.iter().chain(f.iter()).chain(b.iter()) {
             if s.ptr != 0 {
                 let _ = self.dev.free(s.ptr);
             }
@@ -590,19 +605,26 @@ impl Backend for CudaBackend {
 
     fn alloc(&mut self, len: usize, label: &str) -> Result<PoolId> {
         let ptr = self.raw_alloc(len * 4, &format!("pool '{label}'"))?;
-        self.pools.push(DevPool { ptr, len, label: label.to_string() });
-        Ok(PoolId(self.pools.len() - 1))
+        let mut pools = self.pools.borrow_mut();
+        pools.push(DevPool { ptr, len, label: label.to_string() });
+        Ok(PoolId(pools.len() - 1))
     }
 
     fn free(&mut self, pool: PoolId) -> Result<()> {
-        let p = self.pools.get(pool.0).ok_or_else(|| anyhow!("free: no pool {}", pool.0))?;
-        ensure!(p.ptr != 0, "free: pool '{}' was already freed", p.label);
+        let ptr = {
+            let pools = self.pools.borrow();
+            let p = pools.get(pool.0).ok_or_else(|| anyhow!("free: no pool {}", pool.0))?;
+            ensure!(p.ptr != 0, "free: pool '{}' was already freed", p.label);
+            ensure!(!self.bridge_pools.borrow().contains(&Some(pool)), "free: pool '{}' is the backend's own", p.label);
+            p.ptr
+        };
         // Captured graphs may hold the pool's addresses, and queued work may still use it.
         self.clear_graphs_impl();
         self.synchronize()?;
         let copy_bytes = self.free_param_copy(pool)?;
-        driver(self.dev.free(p.ptr), "free")?;
-        let p = &mut self.pools[pool.0];
+        driver(self.dev.free(ptr), "free")?;
+        let mut pools = self.pools.borrow_mut();
+        let p = &mut pools[pool.0];
         p.ptr = 0;
         self.allocated_bytes.set(self.allocated_bytes.get().saturating_sub(p.len * 4 + copy_bytes));
         Ok(())
@@ -628,19 +650,35 @@ impl Backend for CudaBackend {
     }
 
     fn pool_sizes(&self) -> Vec<(String, usize)> {
+        let pools = self.pools.borrow();
         let mut v: Vec<(String, usize)> =
-            self.pools.iter().filter(|p| p.ptr != 0).map(|p| (p.label.clone(), p.len * 4)).collect();
+            pools.iter().filter(|p| p.ptr != 0).map(|p| (p.label.clone(), p.len * 4)).collect();
         let copies = self.param_copies.borrow();
         let mut ids: Vec<&usize> = copies.keys().collect();
         ids.sort();
         for id in ids {
             let (copy, permuted) = copies[id].bytes();
-            v.push((format!("{} (bf16 copy)", self.pools[*id].label), copy));
+            v.push((format!("{} (bf16 copy)", pools[*id].label), copy));
             if permuted > 0 {
-                v.push((format!("{} (permuted conv weights)", self.pools[*id].label), permuted));
+                v.push((format!("{} (permuted conv weights)", pools[*id].label), permuted));
             }
         }
         v
+    }
+
+    fn activation_dtype(&self) -> DType {
+        self.activations
+    }
+
+    /// bf16 activations need bf16 precision: they are what the tensor cores read, and an f32
+    /// run is for parity.
+    fn set_activations(&mut self, dtype: DType) -> Result<()> {
+        ensure!(
+            dtype == DType::F32 || (dtype == DType::BF16 && self.use_bf16()),
+            "--activations {dtype}: bf16 activations need --precision bf16 (f32 precision is the exact path)"
+        );
+        self.activations = dtype;
+        Ok(())
     }
 
     fn mark_params(&mut self, pool: PoolId) -> Result<()> {

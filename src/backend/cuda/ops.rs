@@ -201,10 +201,13 @@ impl ElementwiseOps for CudaBackend {
         let n = batch * dim;
         let Some(_) = nonempty_i32("timestep_embedding", n)? else { return Ok(()) };
         let log_period = -(10000f64.ln()) as f32;
-        self.ops_launch1(
+        // The timesteps are f32 (`Arena::alloc_f32`); the embedding is an activation.
+        let dt = activation_dtype("timestep_embedding", &[("out", out)])?;
+        self.ops_launch1_act::<_, EwTimestepEmbeddingBf16>(
+            dt,
             n,
             EwTimestepEmbedding {
-                out: self.dptr(out),
+                out: self.act_ptr(out),
                 t: self.dptr(timesteps),
                 batch: batch as i32,
                 dim: dim as i32,

@@ -80,11 +80,13 @@ impl CudaBackend {
         if !self.use_bf16() || self.param_copies.borrow().contains_key(&pool.0) {
             return Ok(());
         }
-        let p = self
-            .pools
-            .get(pool.0)
-            .ok_or_else(|| anyhow::anyhow!("mark_params: pool {pool:?} is not one of this backend's"))?;
-        let (len, label) = (p.len, p.label.clone());
+        let (len, label) = {
+            let pools = self.pools.borrow();
+            let p = pools
+                .get(pool.0)
+                .ok_or_else(|| anyhow::anyhow!("mark_params: pool {pool:?} is not one of this backend's"))?;
+            (p.len, p.label.clone())
+        };
         let ptr = self.raw_alloc(len * 2, &format!("bf16 copy of '{label}'"))?;
         self.param_copies.borrow_mut().insert(
             pool.0,
