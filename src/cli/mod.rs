@@ -44,10 +44,11 @@ pub struct Global {
     /// accumulation) or f32 (exact, for parity checks). The CPU backend is always f32.
     #[arg(long, global = true, default_value = "bf16")]
     pub precision: backend::Precision,
-    /// CUDA with --precision bf16: how the U-Net stores its activations while sampling: f32, or
-    /// bf16 (half the activation memory; f32 arithmetic, each result rounded once). Issue 18's
-    /// work in progress: convolutions and attention still read bf16 activations through f32
-    /// scratch, so bf16 is not yet faster; training, the text encoder and the VAE keep f32.
+    /// CUDA with --precision bf16: how the U-Net and the VAE decoder store their activations
+    /// while sampling: f32, or bf16 (half the activation memory; f32 arithmetic, each result
+    /// rounded once). Issue 18's work in progress: convolutions and attention still read bf16
+    /// activations through f32 scratch, so bf16 is not yet faster; training refuses it, and the
+    /// text encoder and the VAE encoder keep f32.
     #[arg(long, global = true, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub activations: String,
     /// CPU threads (default: all cores).

@@ -9,7 +9,7 @@ use crate::io::weights;
 use crate::nn::attention::{VaeAttention, VaeAttentionSaved};
 use crate::nn::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::sampling::{Downsample2D, Upsample2D};
-use crate::nn::{planned_arena, zeros_like, Conv2d, Cx, Fmap, GroupNorm, GroupNormOut};
+use crate::nn::{planned_arena, planned_arena_as, zeros_like, Conv2d, Cx, Fmap, GroupNorm, GroupNormOut};
 use crate::tensor::{Arena, Layout};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -449,8 +449,10 @@ impl AutoencoderKL {
 
     /// An arena planned for `decode` of (batch, latent h, latent w); the latents are allocated in
     /// it first by the caller, as in the plan.
+    /// Its activations are stored as the backend stores the U-Net's (`Backend::activation_dtype`).
     pub fn allocate_decode_arena(&self, backend: &mut dyn Backend, batch: usize, h: usize, w: usize) -> Result<Arena> {
-        planned_arena(backend, "vae.decode.activations", |cx| {
+        let activations = backend.activation_dtype();
+        planned_arena_as(backend, "vae.decode.activations", activations, |cx| {
             let z = Fmap::alloc(cx.arena, batch, h, w, self.config.latent_channels)?;
             self.decode(cx, &z).map(|_| ())
         })

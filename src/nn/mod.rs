@@ -6,7 +6,7 @@ use crate::backend::Backend;
 use crate::ops::conv::{Conv2dBackward, Conv2dForward, Conv2dParams};
 use crate::ops::linear::{LinearBackward, LinearForward, LinearGroupBackward, LinearGroupForward, LinearParams};
 use crate::ops::norm::{GroupNormBackward, GroupNormParams, LayerNormBackward, LayerNormParams, NormForward};
-use crate::tensor::{Layout, Tensor};
+use crate::tensor::{DType, Layout, Tensor};
 use anyhow::Result;
 
 /// `torch.nn.Linear`: weight (out_f, in_f), optional bias (out_f).
@@ -476,10 +476,21 @@ pub struct GroupNormOut {
 /// An arena sized by a planning run: `run` on the planning backend over an unbounded arena, then a
 /// pool of exactly its peak (`label`), for the same calls on a real backend.
 pub fn planned_arena(backend: &mut dyn Backend, label: &str, run: impl FnOnce(&mut Cx) -> Result<()>) -> Result<Arena> {
-    let mut arena = Arena::planning();
+    planned_arena_as(backend, label, DType::F32, run)
+}
+
+/// As `planned_arena`, its activations stored as `activations` (`Arena::with_activations`), in the
+/// plan as in the real run.
+pub fn planned_arena_as(
+    backend: &mut dyn Backend,
+    label: &str,
+    activations: DType,
+    run: impl FnOnce(&mut Cx) -> Result<()>,
+) -> Result<Arena> {
+    let mut arena = Arena::planning().with_activations(activations);
     run(&mut Cx::new(&crate::backend::plan::PlanBackend::new(), &mut arena))?;
     let pool = backend.alloc(arena.peak(), label)?;
-    Ok(Arena::new(pool, arena.peak()))
+    Ok(Arena::new(pool, arena.peak()).with_activations(activations))
 }
 
 /// A zeroed arena tensor (gradient buffers: backward passes accumulate).

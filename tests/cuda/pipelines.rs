@@ -70,10 +70,11 @@ pub fn sampling_frees_case(r: &mut Runner) {
 /// Every kernel family at its newest version (versions.rs) composed through a whole f32 denoising
 /// loop and VAE decode, and through a training step of U-Net and text encoder, against the CPU.
 /// bf16 activations (issue 18, `--activations bf16`): two guided prompts through pipe-a with the
-/// U-Net's arena in bf16 (every U-Net operation of sampling, the convolutions and attention through
-/// the bf16 bridge), against the CPU within the bf16 bar; the arena half as large; training refused.
+/// U-Net's and the VAE decoder's arenas in bf16 (every operation of their sampling forwards, the
+/// convolutions and attention through the bf16 bridge), against the CPU within the bf16 bar; the
+/// arenas half as large; training refused.
 pub fn bf16_activations_sample_case(r: &mut Runner) {
-    r.case("bf16/sample pipe-a with bf16 activations: cuda vs cpu, half the U-Net arena", || {
+    r.case("bf16/sample pipe-a with bf16 activations: cuda vs cpu, half the arenas", || {
         use roentgen::sample::pipeline::Pipeline;
         use roentgen::tensor::DType;
         let dir = tempfile::tempdir()?;
@@ -84,14 +85,18 @@ pub fn bf16_activations_sample_case(r: &mut Runner) {
             Pipeline::load(&mut cpu, &pipe_dir, None)?.generate(&mut cpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
         let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
         let pipe = Pipeline::load(&mut gpu, &pipe_dir, None)?;
-        let f32_arena = pipe.unet.allocate_arena(&mut gpu, 2, 2, 2, 77)?.capacity();
+        let f32_arena = pipe.unet.allocate_arena(&mut gpu, 2, 8, 8, 77)?.capacity();
+        let f32_vae = pipe.vae.allocate_decode_arena(&mut gpu, 1, 8, 8)?.capacity();
         let f32_acts = pipe.generate(&mut gpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
         gpu.set_activations(DType::BF16)?;
-        let bf16_arena = pipe.unet.allocate_arena(&mut gpu, 2, 2, 2, 77)?.capacity();
-        ensure!(
-            bf16_arena < f32_arena * 52 / 100,
-            "the bf16 U-Net arena holds {bf16_arena} f32 slots, the f32 one {f32_arena}: not about half"
-        );
+        let bf16_arena = pipe.unet.allocate_arena(&mut gpu, 2, 8, 8, 77)?.capacity();
+        let bf16_vae = pipe.vae.allocate_decode_arena(&mut gpu, 1, 8, 8)?.capacity();
+        for (what, bf16, f32) in [("U-Net", bf16_arena, f32_arena), ("VAE decoder", bf16_vae, f32_vae)] {
+            ensure!(
+                bf16 < f32 * 52 / 100,
+                "the bf16 {what} arena holds {bf16} f32 slots, the f32 one {f32}: not about half"
+            );
+        }
         let got = pipe.generate(&mut gpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
         let vs_cpu = rel_l2_at_most(&got.images, &want.images, 5e-2)?;
         let f32_vs_cpu = rel_l2_at_most(&f32_acts.images, &want.images, 5e-2)?;
@@ -101,7 +106,8 @@ pub fn bf16_activations_sample_case(r: &mut Runner) {
         };
         ensure!(err.contains("--activations f32"), "the refusal does not say what to do: {err}");
         Ok(format!(
-            "images {vs_cpu} (f32 activations: {f32_vs_cpu}); arena {bf16_arena} slots against {f32_arena} in f32"
+            "images {vs_cpu} (f32 activations: {f32_vs_cpu}); arenas (U-Net, VAE decoder) {bf16_arena} and \
+             {bf16_vae} slots against {f32_arena} and {f32_vae} in f32"
         ))
     });
 }
