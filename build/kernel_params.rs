@@ -106,6 +106,24 @@ fn camel(name: &str) -> String {
     name.split('_').filter(|s| !s.is_empty()).map(|s| s[..1].to_uppercase() + &s[1..]).collect()
 }
 
+/// A kernel's parameters as a launch sees them: (name, Rust type); two kernels of one shape launch
+/// from each other's arguments (the pointee of a pointer may differ).
+fn launch_shape(k: &Kernel) -> Vec<(String, &'static str)> {
+    k.params.iter().map(|(ty, n)| (n.clone(), rust_type(k, ty, n).0)).collect()
+}
+
+/// `impl From<from's struct> for to's struct`, field by field (the callers check the shapes agree).
+fn write_from(code: &mut String, from: &Kernel, to: &Kernel) {
+    let fields: Vec<String> = from.params.iter().map(|(_, n)| format!("{0}: k.{0}", field(n))).collect();
+    let _ = writeln!(
+        code,
+        "\nimpl From<{a}> for {b} {{\n    fn from(k: {a}) -> {b} {{\n        {b} {{ {f} }}\n    }}\n}}",
+        a = camel(&from.name),
+        b = camel(&to.name),
+        f = fields.join(", ")
+    );
+}
+
 /// Writes `$OUT_DIR/kernel_params.rs` from the kernels under `dir`.
 pub fn generate(dir: &Path, out: &Path) {
     let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -197,9 +215,7 @@ pub fn generate(dir: &Path, out: &Path) {
         for other in plain[i + 1..].iter().filter(|k| family(&k.name) == family(&first.name)) {
             // The element type behind a pointer may differ (bf16 against f32 buffers); the
             // names and the launch types may not.
-            let shape = |k: &Kernel| -> Vec<(String, &'static str)> {
-                k.params.iter().map(|(ty, n)| (n.clone(), rust_type(k, ty, n).0)).collect()
-            };
+            let shape = launch_shape;
             if shape(other) != shape(first) && unversioned(&other.name).is_some() {
                 continue;
             }
@@ -210,14 +226,7 @@ pub fn generate(dir: &Path, out: &Path) {
                 other.name,
                 first.name
             );
-            let fields: Vec<String> = first.params.iter().map(|(_, n)| format!("{0}: k.{0}", field(n))).collect();
-            let _ = writeln!(
-                code,
-                "\nimpl From<{a}> for {b} {{\n    fn from(k: {a}) -> {b} {{\n        {b} {{ {f} }}\n    }}\n}}",
-                a = camel(&first.name),
-                b = camel(&other.name),
-                f = fields.join(", ")
-            );
+            write_from(&mut code, first, other);
         }
     }
     // A numbered version's bf16-activation twin (`NAME_bf16_vN` beside `NAME_vN`, kernels/common.cuh
@@ -235,23 +244,13 @@ pub fn generate(dir: &Path, out: &Path) {
         if first_of_family.name == twin.name {
             continue; // converted by the family rule
         }
-        let types = |k: &Kernel| -> Vec<(String, &'static str)> {
-            k.params.iter().map(|(ty, n)| (n.clone(), rust_type(k, ty, n).0)).collect()
-        };
         assert!(
-            types(k) == types(twin),
+            launch_shape(k) == launch_shape(twin),
             "{}: kernel {}: parameters differ from {twin_name}'s, its bf16-activation twin",
             k.file,
             k.name
         );
-        let fields: Vec<String> = twin.params.iter().map(|(_, n)| format!("{0}: k.{0}", field(n))).collect();
-        let _ = writeln!(
-            code,
-            "\nimpl From<{a}> for {b} {{\n    fn from(k: {a}) -> {b} {{\n        {b} {{ {f} }}\n    }}\n}}",
-            a = camel(&twin.name),
-            b = camel(&k.name),
-            f = fields.join(", ")
-        );
+        write_from(&mut code, twin, k);
     }
     std::fs::write(out, code).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
 }

@@ -426,6 +426,10 @@ if [ -s "$CACHE" ]; then
   ROENTGEN_KERNEL_CACHE=$CACHE bench "bench unet, bf16, autotuned kernel versions (compare with the headline)" 60 0 \
     --precision bf16 bench unet --model "$M" --random-weights --iters 10 --warmup 3
 fi
+# bf16 activations (issue 18, in progress): half the U-Net's activation memory; the convolutions
+# and attention still go through the f32 bridge, so this measures the bridge's cost for now.
+bench "bench unet, bf16, --activations bf16 (compare with the headline)" 60 0 \
+  --precision bf16 --activations bf16 bench unet --model "$M" --random-weights --iters 10 --warmup 3
 bench "bench vae-decode, bf16" 60 0 --precision bf16 bench vae-decode --model "$M" --random-weights
 bench "bench text-encoder, bf16" 30 0 --precision bf16 bench text-encoder --model "$M" --random-weights
 # One joint U-Net + text-encoder AdamW step at 512² (issue 18), keeping every activation and with

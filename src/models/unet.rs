@@ -254,7 +254,7 @@ impl UNet {
         ctx_len: usize,
     ) -> Result<UNetSaved> {
         let batch = sample.batch;
-        let ts = cx.arena.alloc([batch])?;
+        let ts = cx.arena.alloc_f32([batch])?;
         self.upload_timesteps(cx.b, &ts, timesteps, batch)?;
         self.forward_from_timesteps(cx, sample, &ts, context, ctx_len)
     }

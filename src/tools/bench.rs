@@ -222,7 +222,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             let mut arena = unet.allocate_arena(b, n, h, w, ctx_len)?;
             let x = Fmap::alloc(&mut arena, n, h, w, unet.config.in_channels)?;
             let ctx = arena.alloc([n * ctx_len, unet.config.cross_attention_dim])?;
-            let ts = arena.alloc([n])?;
+            let ts = arena.alloc_f32([n])?;
             b.upload(&x.t, &random_values(x.numel(), 1))?;
             b.upload(&ctx, &random_values(ctx.numel(), 2))?;
             let base = arena.mark();

@@ -69,6 +69,19 @@ pub fn sampling_frees_case(r: &mut Runner) {
 
 /// Every kernel family at its newest version (versions.rs) composed through a whole f32 denoising
 /// loop and VAE decode, and through a training step of U-Net and text encoder, against the CPU.
+/// pipe-a assembled in `dir`, the two-prompt request (4 steps, seed 5) and the CPU's result of it:
+/// the reference of the sampling cases below.
+fn pipe_a_on_the_cpu(
+    dir: &std::path::Path,
+) -> Result<(std::path::PathBuf, roentgen::sample::pipeline::SampleRequest, roentgen::sample::pipeline::SampleOutput)> {
+    use roentgen::sample::pipeline::Pipeline;
+    let pipe_dir = assemble_pipeline("pipe-a", dir);
+    let req = two_prompt_request(4, 5);
+    let mut cpu = roentgen::backend::cpu::CpuBackend::new();
+    let want = Pipeline::load(&mut cpu, &pipe_dir, None)?.generate(&mut cpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
+    Ok((pipe_dir, req, want))
+}
+
 /// bf16 activations (issue 18, `--activations bf16`): two guided prompts through pipe-a with the
 /// U-Net's and the VAE decoder's arenas in bf16 (every operation of their sampling forwards, the
 /// convolutions and attention through the bf16 bridge), against the CPU within the bf16 bar; the
@@ -78,11 +91,7 @@ pub fn bf16_activations_sample_case(r: &mut Runner) {
         use roentgen::sample::pipeline::Pipeline;
         use roentgen::tensor::DType;
         let dir = tempfile::tempdir()?;
-        let pipe_dir = assemble_pipeline("pipe-a", dir.path());
-        let req = two_prompt_request(4, 5);
-        let mut cpu = roentgen::backend::cpu::CpuBackend::new();
-        let want =
-            Pipeline::load(&mut cpu, &pipe_dir, None)?.generate(&mut cpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
+        let (pipe_dir, req, want) = pipe_a_on_the_cpu(dir.path())?;
         let mut gpu = CudaBackend::new(0, Precision::Bf16)?;
         let pipe = Pipeline::load(&mut gpu, &pipe_dir, None)?;
         let f32_arena = pipe.unet.allocate_arena(&mut gpu, 2, 8, 8, 77)?.capacity();
@@ -125,11 +134,7 @@ pub fn newest_kernel_versions_case(r: &mut Runner) {
         r.case(&format!("{tag}/sample pipe-a, every kernel family at its newest version: cuda vs cpu"), || {
             use roentgen::sample::pipeline::Pipeline;
             let dir = tempfile::tempdir()?;
-            let pipe_dir = assemble_pipeline("pipe-a", dir.path());
-            let req = two_prompt_request(4, 5);
-            let mut cpu = roentgen::backend::cpu::CpuBackend::new();
-            let want =
-                Pipeline::load(&mut cpu, &pipe_dir, None)?.generate(&mut cpu, &req, &mut |_, _| Ok(()), &mut |_| {})?;
+            let (pipe_dir, req, want) = pipe_a_on_the_cpu(dir.path())?;
             let mut gpu = CudaBackend::new(0, precision)?;
             let chosen = newest(&gpu)?;
             let got =
