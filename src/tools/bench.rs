@@ -10,6 +10,7 @@ use crate::models::{load_or_random, Component};
 use crate::nn::Cx;
 use crate::nn::Fmap;
 use crate::rng::splitmix::SplitMix64;
+use crate::tensor::DType;
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::path::Path;
@@ -56,6 +57,9 @@ pub struct BenchReport {
     pub shape: String,
     pub parameters: usize,
     pub activation_bytes: usize,
+    /// The element type of the arena's activations ("f32", or "bf16" under `--activations bf16`
+    /// for the U-Net and the VAE decoder).
+    pub activations: &'static str,
     pub iters: usize,
     pub mean_ms: f64,
     pub min_ms: f64,
@@ -80,7 +84,7 @@ pub struct BenchReport {
 impl BenchReport {
     pub fn render(&self) -> String {
         format!(
-            "{} on {}: {}\n  parameters {}, activation arena {:.1} MiB{}\n  {} iterations: median {:.2} ms (min {:.2}, \
+            "{} on {}: {}\n  parameters {}, activation arena {:.1} MiB ({} activations){}\n  {} iterations: median {:.2} ms (min {:.2}, \
              max {:.2}, mean {:.2})\n  {:.2} GFLOP per call (matrix products, convolutions, attention) → {:.1} GFLOP/s at \
              the min time",
             self.stage,
@@ -88,6 +92,7 @@ impl BenchReport {
             self.shape,
             crate::tools::inspect::thousands(self.parameters as u64),
             self.activation_bytes as f64 / (1 << 20) as f64,
+            self.activations,
             self.peak_rss_bytes.map_or(String::new(), |b| format!(", peak resident {:.2} GiB", b as f64 / (1u64 << 30) as f64))
                 + &self.peak_device_bytes.map_or(String::new(), |b| format!(", peak device memory {:.2} GiB", b as f64 / (1u64 << 30) as f64)),
             self.iters,
@@ -180,7 +185,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
     let report = |stage: &str,
                   shape: String,
                   params,
-                  act: usize,
+                  (act, activations): (usize, DType),
                   flops: u64,
                   (times, kernels, graph_replays): Timing,
                   b: &dyn Backend| {
@@ -194,7 +199,8 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             backend: b.name(),
             shape,
             parameters: params,
-            activation_bytes: act * 4,
+            activation_bytes: act * 4, // arenas count 4-byte slots
+            activations: activations.name(),
             iters: o.iters,
             mean_ms: mean,
             min_ms: min,
@@ -242,7 +248,15 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
                 "batch {n} (guided, {} prompt(s)) × {h}×{w} latents ({}×{} px), 77 text tokens",
                 o.batch, o.height, o.width
             );
-            Ok(report("unet (one guided step)", shape, unet.num_params(), arena.capacity(), flops, times, b))
+            Ok(report(
+                "unet (one guided step)",
+                shape,
+                unet.num_params(),
+                (arena.capacity(), arena.activations()),
+                flops,
+                times,
+                b,
+            ))
         }
         Stage::VaeDecode => {
             let vae = load_component::<AutoencoderKL>(b, o, "vae", true)?;
@@ -263,7 +277,7 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             })?;
             let shape = format!("batch {} × {}×{} latents → {}×{} px", o.batch, h, w, o.height, o.width);
             let (_, dec) = vae.split_params();
-            Ok(report("vae decode", shape, dec, arena.capacity(), flops, times, b))
+            Ok(report("vae decode", shape, dec, (arena.capacity(), arena.activations()), flops, times, b))
         }
         Stage::TextEncoder => {
             let clip = load_component::<ClipTextModel>(b, o, "text_encoder", true)?;
@@ -280,11 +294,11 @@ pub fn run(b: &mut dyn Backend, stage: Stage, o: &BenchOptions) -> Result<BenchR
             })?;
             let act = arena.capacity();
             let shape = format!("batch {n} × {seq} tokens");
-            Ok(report("text encoder", shape, clip.num_params(), act, flops, times, b))
+            Ok(report("text encoder", shape, clip.num_params(), (act, DType::F32), flops, times, b))
         }
         Stage::TrainStep => {
             let (shape, params, act, flops, times) = train_step(b, o)?;
-            Ok(report("train step (U-Net + text encoder)", shape, params, act, flops, times, b))
+            Ok(report("train step (U-Net + text encoder)", shape, params, (act, DType::F32), flops, times, b))
         }
         Stage::Allreduce => bail!("bench allreduce is run by tools::bench_allreduce, not with a model"),
     }
